@@ -1,0 +1,29 @@
+#include "hub/ratelimit.h"
+
+#include <math.h>
+
+void hub_bucket_init(hub_bucket *b, double burst, int64_t now_us)
+{
+	b->tokens = burst;
+	b->last_us = now_us;
+}
+
+int64_t hub_bucket_take(hub_bucket *b, double rate, double burst, double n,
+			int64_t now_us)
+{
+	if (rate <= 0)
+		return 0;
+	if (now_us > b->last_us) {
+		b->tokens += (double)(now_us - b->last_us) * rate / 1e6;
+		if (b->tokens > burst)
+			b->tokens = burst;
+		b->last_us = now_us;
+	}
+	if (b->tokens >= n) {
+		b->tokens -= n;
+		return 0;
+	}
+	double want = (n > burst ? burst : n) - b->tokens;
+	int64_t ms = (int64_t)ceil(want * 1000.0 / rate);
+	return ms < 1 ? 1 : ms;
+}

@@ -1,0 +1,203 @@
+#include "hub/util.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+int64_t hub_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t hub_now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t hub_mono_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+bool hub_id_valid(const char *s, size_t len)
+{
+	if (!s || !len || len > HUB_ID_MAX)
+		return false;
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		      (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+		      c == ':' || c == '-'))
+			return false;
+	}
+	return true;
+}
+
+static void oom(size_t n)
+{
+	fprintf(stderr, "iot-hub: out of memory allocating %zu bytes\n", n);
+	abort();
+}
+
+void *hub_xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+
+	if (!p)
+		oom(n);
+	return p;
+}
+
+void *hub_xcalloc(size_t n, size_t sz)
+{
+	void *p = calloc(n ? n : 1, sz ? sz : 1);
+
+	if (!p)
+		oom(n * sz);
+	return p;
+}
+
+void *hub_xrealloc(void *p, size_t n)
+{
+	void *q = realloc(p, n ? n : 1);
+
+	if (!q)
+		oom(n);
+	return q;
+}
+
+char *hub_xstrdup(const char *s)
+{
+	size_t n = strlen(s) + 1;
+
+	return memcpy(hub_xmalloc(n), s, n);
+}
+
+void hub_buf_reserve(hub_buf *b, size_t extra)
+{
+	size_t need = b->len + extra + 1;
+
+	if (need <= b->cap)
+		return;
+	size_t cap = b->cap ? b->cap : 256;
+	while (cap < need)
+		cap *= 2;
+	b->data = hub_xrealloc(b->data, cap);
+	b->cap = cap;
+}
+
+void hub_buf_append(hub_buf *b, const void *p, size_t n)
+{
+	hub_buf_reserve(b, n);
+	memcpy(b->data + b->len, p, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+}
+
+void hub_buf_puts(hub_buf *b, const char *s)
+{
+	hub_buf_append(b, s, strlen(s));
+}
+
+void hub_buf_printf(hub_buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	hub_buf_reserve(b, 64);
+	va_start(ap, fmt);
+	n = vsnprintf(b->data + b->len, b->cap - b->len, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= b->cap - b->len) {
+		hub_buf_reserve(b, (size_t)n);
+		va_start(ap, fmt);
+		vsnprintf(b->data + b->len, b->cap - b->len, fmt, ap);
+		va_end(ap);
+	}
+	b->len += (size_t)n;
+}
+
+void hub_buf_json_str(hub_buf *b, const char *s, size_t n)
+{
+	static const char hex[] = "0123456789abcdef";
+
+	hub_buf_reserve(b, n + 2);
+	b->data[b->len++] = '"';
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (c == '"' || c == '\\') {
+			char e[2] = { '\\', (char)c };
+			hub_buf_append(b, e, 2);
+		} else if (c < 0x20) {
+			char e[6] = { '\\', 'u', '0', '0', hex[c >> 4], hex[c & 15] };
+			hub_buf_append(b, e, 6);
+		} else {
+			hub_buf_reserve(b, 1);
+			b->data[b->len++] = (char)c;
+		}
+	}
+	hub_buf_reserve(b, 1);
+	b->data[b->len++] = '"';
+	b->data[b->len] = '\0';
+}
+
+void hub_buf_free(hub_buf *b)
+{
+	free(b->data);
+	b->data = NULL;
+	b->len = b->cap = 0;
+}
+
+char *hub_read_file(const char *path, size_t max, size_t *len_out)
+{
+	FILE *f = fopen(path, "rb");
+	char *buf = NULL;
+	size_t len = 0, cap = 0;
+
+	if (!f)
+		return NULL;
+	for (;;) {
+		if (cap - len < 4096) {
+			cap = cap ? cap * 2 : 8192;
+			buf = hub_xrealloc(buf, cap + 1);
+		}
+		size_t n = fread(buf + len, 1, cap - len, f);
+		len += n;
+		if (len > max) {
+			free(buf);
+			fclose(f);
+			errno = EFBIG;
+			return NULL;
+		}
+		if (n == 0)
+			break;
+	}
+	if (ferror(f)) {
+		int e = errno;
+		free(buf);
+		fclose(f);
+		errno = e ? e : EIO;
+		return NULL;
+	}
+	fclose(f);
+	buf[len] = '\0';
+	if (len_out)
+		*len_out = len;
+	return buf;
+}

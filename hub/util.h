@@ -1,0 +1,48 @@
+/*
+ * util.h - small helpers shared by the hub's modules: clocks, id checks,
+ * JSON string escaping, a growable byte buffer. No libwebsockets here.
+ */
+#ifndef HUB_UTIL_H
+#define HUB_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define HUB_ID_MAX 128
+
+/* Wall clock in milliseconds / microseconds since the epoch. */
+int64_t hub_now_ms(void);
+int64_t hub_now_us(void);
+/* Monotonic clock in microseconds. */
+int64_t hub_mono_us(void);
+
+/* True if s[0..len) matches [A-Za-z0-9._:-]{1,128} (CONTRACT ids). */
+bool hub_id_valid(const char *s, size_t len);
+
+/* Growable byte buffer. Aborts with a message on OOM (internal failure). */
+typedef struct hub_buf {
+	char *data;
+	size_t len, cap;
+} hub_buf;
+
+void hub_buf_reserve(hub_buf *b, size_t extra);
+void hub_buf_append(hub_buf *b, const void *p, size_t n);
+void hub_buf_puts(hub_buf *b, const char *s);
+void hub_buf_printf(hub_buf *b, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+/* Appends s[0..n) as a JSON string literal, quotes included. */
+void hub_buf_json_str(hub_buf *b, const char *s, size_t n);
+void hub_buf_free(hub_buf *b);
+
+/* malloc/calloc/strdup that abort on OOM. */
+void *hub_xmalloc(size_t n);
+void *hub_xcalloc(size_t n, size_t sz);
+void *hub_xrealloc(void *p, size_t n);
+char *hub_xstrdup(const char *s);
+
+/* Reads a whole file (at most max bytes) into a NUL-terminated heap buffer.
+ * Returns NULL with errno set (EFBIG when over max). */
+char *hub_read_file(const char *path, size_t max, size_t *len_out);
+
+#endif
