@@ -1,0 +1,445 @@
+#include "hub/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hub/log.h"
+#include "hub/util.h"
+
+enum opt_type { OPT_STR, OPT_INT, OPT_LONG, OPT_DBL };
+
+struct opt {
+	const char *name;
+	enum opt_type type;
+	size_t off;
+	const char *def;   /* NULL: unset */
+	double min, max;
+	const char *help;
+};
+
+#define O(n, t, f, d, lo, hi, h) { n, t, offsetof(struct hub_config, f), d, lo, hi, h }
+
+static const struct opt opts[] = {
+	O("listen", OPT_STR, listen, "127.0.0.1:8080", 0, 0, "address to serve ws/http on (HOST:PORT, port 0 = any free port)"),
+	O("redis", OPT_STR, redis, "embedded", 0, 0, "redis://HOST:PORT[/DB] (IP address), or embedded to start a private redis-server"),
+	O("redis-server", OPT_STR, redis_server, "redis-server", 0, 0, "redis-server binary used in embedded mode"),
+	O("schemas", OPT_STR, schemas, "deploy/device-types", 0, 0, "directory of device-type JSON files"),
+	O("jwt-alg", OPT_STR, jwt_alg, "HS256", 0, 0, "gateway JWT algorithm: HS256, RS256 or ES256"),
+	O("jwt-key", OPT_STR, jwt_key, NULL, 0, 0, "file with the HS256 secret or the PEM public key (unset: ephemeral dev secret)"),
+	O("jwt-issuer", OPT_STR, jwt_issuer, NULL, 0, 0, "required iss claim (unset: not checked)"),
+	O("jwt-audience", OPT_STR, jwt_audience, NULL, 0, 0, "required aud claim (unset: not checked)"),
+	O("jwt-leeway-s", OPT_INT, jwt_leeway_s, "30", 0, 3600, "clock tolerance for exp/nbf, seconds"),
+	O("api-keys", OPT_STR, api_keys, NULL, 0, 0, "JSON file of API keys (SHA-256 hashes, scopes, device patterns)"),
+	O("tls-cert", OPT_STR, tls_cert, NULL, 0, 0, "PEM server certificate (enables wss/https)"),
+	O("tls-key", OPT_STR, tls_key, NULL, 0, 0, "PEM server private key"),
+	O("tls-client-ca", OPT_STR, tls_client_ca, NULL, 0, 0, "PEM CA: gateways must present a cert it signed, CN = JWT sub"),
+	O("instance-id", OPT_STR, instance_id, NULL, 0, 0, "this hub instance's id (unset: hostname-pid)"),
+	O("log-level", OPT_STR, log_level, "info", 0, 0, "error, warn, info or debug"),
+	O("max-frame-bytes", OPT_INT, max_frame_bytes, "65536", 256, 16777216, "largest gateway message; over it the hub closes with 1009"),
+	O("max-readings-per-frame", OPT_INT, max_readings_per_frame, "1000", 1, 100000, "readings per telemetry frame; more is a bad_message"),
+	O("max-inflight-frames", OPT_INT, max_inflight_frames, "32", 1, 4096, "frames awaiting Redis per connection before the hub stops reading it"),
+	O("max-devices-per-gateway", OPT_INT, max_devices_per_gateway, "10000", 1, 1000000, "devices one gateway connection may announce"),
+	O("device-rate", OPT_DBL, device_rate, "100", 0, 1e9, "readings/s per device (token bucket rate; 0 = unlimited)"),
+	O("device-burst", OPT_DBL, device_burst, "200", 1, 1e9, "per-device bucket size"),
+	O("gateway-rate", OPT_DBL, gateway_rate, "20000", 0, 1e9, "readings/s per gateway (0 = unlimited)"),
+	O("gateway-burst", OPT_DBL, gateway_burst, "40000", 1, 1e9, "per-gateway bucket size"),
+	O("clock-skew-future-s", OPT_INT, clock_skew_future_s, "300", 0, 31536000, "how far ahead of the hub's clock a reading ts may be"),
+	O("clock-skew-past-s", OPT_INT, clock_skew_past_s, "604800", 0, 315360000, "how old a reading ts may be"),
+	O("device-stream-maxlen", OPT_LONG, device_stream_maxlen, "100000", 1, 1e12, "approximate entries kept per device stream (XADD MAXLEN ~)"),
+	O("feed-stream-maxlen", OPT_LONG, feed_stream_maxlen, "1000000", 0, 1e12, "approximate frames kept in the iot:feed stream (0 = no feed)"),
+	O("seq-window", OPT_INT, seq_window, "4096", 16, 1000000, "stored seqs remembered per gateway for idempotent resends"),
+	O("redis-timeout-ms", OPT_INT, redis_timeout_ms, "2000", 100, 600000, "a Redis reply later than this marks Redis down"),
+	O("redis-backoff-max-ms", OPT_INT, redis_backoff_max_ms, "2000", 50, 600000, "longest wait between Redis reconnect attempts"),
+	O("retry-after-ms", OPT_INT, retry_after_ms, "1000", 1, 600000, "retry_after_ms told to gateways while Redis is down"),
+	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "1024", 128, 65536, "lws receive buffer per connection (memory per connection)"),
+	O("max-connections", OPT_INT, max_connections, "19000", 1, 10000000, "accepted sockets beyond this are closed at once"),
+};
+
+#define NOPTS (sizeof(opts) / sizeof(opts[0]))
+
+static const struct opt *find_opt(const char *name, size_t len)
+{
+	for (size_t i = 0; i < NOPTS; i++)
+		if (strlen(opts[i].name) == len && !strncmp(opts[i].name, name, len))
+			return &opts[i];
+	return NULL;
+}
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+static int set_opt(struct hub_config *cfg, const struct opt *o, const char *val,
+		   const char *origin, char *err, size_t errlen)
+{
+	char *p = (char *)cfg + o->off;
+	char *end;
+
+	switch (o->type) {
+	case OPT_STR: {
+		char **s = (char **)(void *)p;
+		free(*s);
+		*s = val ? hub_xstrdup(val) : NULL;
+		return 0;
+	}
+	case OPT_INT:
+	case OPT_LONG: {
+		errno = 0;
+		long long v = strtoll(val, &end, 10);
+		if (errno || end == val || *end || (double)v < o->min || (double)v > o->max) {
+			seterr(err, errlen, "%s: %s must be an integer in [%.0f, %.0f], got \"%s\"",
+			       origin, o->name, o->min, o->max, val);
+			return -1;
+		}
+		if (o->type == OPT_INT)
+			*(int *)(void *)p = (int)v;
+		else
+			*(long *)(void *)p = (long)v;
+		return 0;
+	}
+	case OPT_DBL: {
+		errno = 0;
+		double v = strtod(val, &end);
+		if (errno || end == val || *end || v != v || v < o->min || v > o->max) {
+			seterr(err, errlen, "%s: %s must be a number in [%g, %g], got \"%s\"",
+			       origin, o->name, o->min, o->max, val);
+			return -1;
+		}
+		*(double *)(void *)p = v;
+		return 0;
+	}
+	}
+	return -1;
+}
+
+static char *trim(char *s)
+{
+	while (isspace((unsigned char)*s))
+		s++;
+	char *e = s + strlen(s);
+	while (e > s && isspace((unsigned char)e[-1]))
+		*--e = '\0';
+	return s;
+}
+
+static int load_file(struct hub_config *cfg, const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	char line[4096];
+	int lineno = 0;
+
+	if (!f) {
+		seterr(err, errlen, "config file %s: %s", path, strerror(errno));
+		return -1;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char origin[300];
+		lineno++;
+		if (!strchr(line, '\n') && !feof(f)) {
+			seterr(err, errlen, "%s:%d: line too long", path, lineno);
+			fclose(f);
+			return -1;
+		}
+		char *s = trim(line);
+		if (!*s || *s == '#')
+			continue;
+		size_t klen = strcspn(s, " \t=");
+		char *v = s + klen;
+		while (*v == ' ' || *v == '\t' || *v == '=')
+			v++;
+		/* Optional quotes around the value. */
+		size_t vlen = strlen(v);
+		if (vlen >= 2 && v[0] == '"' && v[vlen - 1] == '"') {
+			v[vlen - 1] = '\0';
+			v++;
+		}
+		const struct opt *o = find_opt(s, klen);
+		snprintf(origin, sizeof(origin), "%s:%d", path, lineno);
+		if (!o) {
+			seterr(err, errlen, "%s: unknown key \"%.*s\"", origin, (int)klen, s);
+			fclose(f);
+			return -1;
+		}
+		if (!*v) {
+			seterr(err, errlen, "%s: %s needs a value", origin, o->name);
+			fclose(f);
+			return -1;
+		}
+		if (set_opt(cfg, o, v, origin, err, errlen)) {
+			fclose(f);
+			return -1;
+		}
+	}
+	fclose(f);
+	return 0;
+}
+
+void hub_config_usage(FILE *out)
+{
+	fprintf(out,
+		"usage: iot-hub [--config FILE] [--KEY VALUE ...]\n"
+		"       iot-hub --help | --version | --print-config\n\n"
+		"Every key below may be set in the config file (`key value`), as a flag\n"
+		"(--key VALUE), or as the environment variable IOT_HUB_<KEY> (upper case,\n"
+		"'-' as '_'); the environment overrides flags, flags override the file.\n\n");
+	for (size_t i = 0; i < NOPTS; i++)
+		fprintf(out, "  --%-24s %s%s%s%s\n", opts[i].name, opts[i].help,
+			opts[i].def ? " [" : "", opts[i].def ? opts[i].def : "",
+			opts[i].def ? "]" : "");
+}
+
+void hub_config_dump(const struct hub_config *cfg, FILE *out)
+{
+	for (size_t i = 0; i < NOPTS; i++) {
+		const char *p = (const char *)cfg + opts[i].off;
+		switch (opts[i].type) {
+		case OPT_STR: {
+			const char *s = *(char *const *)(const void *)p;
+			if (s)
+				fprintf(out, "%s %s\n", opts[i].name, s);
+			else
+				fprintf(out, "# %s (unset)\n", opts[i].name);
+			break;
+		}
+		case OPT_INT:
+			fprintf(out, "%s %d\n", opts[i].name, *(const int *)(const void *)p);
+			break;
+		case OPT_LONG:
+			fprintf(out, "%s %ld\n", opts[i].name, *(const long *)(const void *)p);
+			break;
+		case OPT_DBL:
+			fprintf(out, "%s %g\n", opts[i].name, *(const double *)(const void *)p);
+			break;
+		}
+	}
+}
+
+static void env_name(const char *key, char *out, size_t outlen)
+{
+	size_t n = (size_t)snprintf(out, outlen, "IOT_HUB_");
+	for (; *key && n + 1 < outlen; key++)
+		out[n++] = *key == '-' ? '_' : (char)toupper((unsigned char)*key);
+	out[n] = '\0';
+}
+
+int hub_config_load(struct hub_config *cfg, int argc, char **argv,
+		    char *err, size_t errlen)
+{
+	const char *file = getenv("IOT_HUB_CONFIG");
+	bool print = false;
+
+	memset(cfg, 0, sizeof(*cfg));
+	for (size_t i = 0; i < NOPTS; i++)
+		if (opts[i].def && set_opt(cfg, &opts[i], opts[i].def, "default", err, errlen))
+			return -1;
+
+	/* First pass: --help, --version, --config. */
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+			hub_config_usage(stdout);
+			return 1;
+		}
+		if (!strcmp(argv[i], "--version")) {
+			printf("iot-hub %s\n", HUB_VERSION);
+			return 1;
+		}
+		if (!strcmp(argv[i], "--config") && i + 1 < argc && !getenv("IOT_HUB_CONFIG"))
+			file = argv[i + 1];
+		else if (!strncmp(argv[i], "--config=", 9) && !getenv("IOT_HUB_CONFIG"))
+			file = argv[i] + 9;
+	}
+	if (file) {
+		cfg->config_file = hub_xstrdup(file);
+		if (load_file(cfg, file, err, errlen))
+			return -1;
+	}
+
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i], *val;
+		if (!strcmp(a, "--print-config")) {
+			print = true;
+			continue;
+		}
+		if (strncmp(a, "--", 2)) {
+			seterr(err, errlen, "unexpected argument \"%s\" (see --help)", a);
+			return -1;
+		}
+		a += 2;
+		const char *eq = strchr(a, '=');
+		size_t klen = eq ? (size_t)(eq - a) : strlen(a);
+		if (klen == 6 && !strncmp(a, "config", 6)) {
+			if (!eq)
+				i++;
+			continue;
+		}
+		const struct opt *o = find_opt(a, klen);
+		if (!o) {
+			seterr(err, errlen, "unknown flag --%.*s (see --help)", (int)klen, a);
+			return -1;
+		}
+		if (eq) {
+			val = eq + 1;
+		} else {
+			if (i + 1 >= argc) {
+				seterr(err, errlen, "flag --%s needs a value", o->name);
+				return -1;
+			}
+			val = argv[++i];
+		}
+		if (set_opt(cfg, o, val, "command line", err, errlen))
+			return -1;
+	}
+
+	for (size_t i = 0; i < NOPTS; i++) {
+		char name[64];
+		env_name(opts[i].name, name, sizeof(name));
+		const char *v = getenv(name);
+		if (v && set_opt(cfg, &opts[i], *v || opts[i].type != OPT_STR ? v : NULL,
+				 name, err, errlen))
+			return -1;
+	}
+
+	if (hub_config_validate(cfg, err, errlen))
+		return -1;
+	if (print) {
+		hub_config_dump(cfg, stdout);
+		return 1;
+	}
+	return 0;
+}
+
+static int parse_hostport(const char *s, char *host, size_t hostlen, int *port)
+{
+	const char *colon;
+	size_t hl;
+
+	if (*s == '[') {
+		const char *rb = strchr(s, ']');
+		if (!rb || rb[1] != ':')
+			return -1;
+		hl = (size_t)(rb - s - 1);
+		s++;
+		colon = rb + 1;
+	} else {
+		colon = strrchr(s, ':');
+		if (!colon)
+			return -1;
+		hl = (size_t)(colon - s);
+	}
+	if (!hl || hl >= hostlen)
+		return -1;
+	memcpy(host, s, hl);
+	host[hl] = '\0';
+	char *end;
+	long p = strtol(colon + 1, &end, 10);
+	if (end == colon + 1 || *end || p < 0 || p > 65535)
+		return -1;
+	*port = (int)p;
+	return 0;
+}
+
+int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
+{
+	if (!cfg->listen || parse_hostport(cfg->listen, cfg->listen_host,
+					   sizeof(cfg->listen_host), &cfg->listen_port)) {
+		seterr(err, errlen, "listen: expected HOST:PORT, got \"%s\"",
+		       cfg->listen ? cfg->listen : "");
+		return -1;
+	}
+	cfg->redis_embedded = !cfg->redis || !strcmp(cfg->redis, "embedded");
+	free(cfg->redis_password);
+	cfg->redis_password = NULL;
+	if (!cfg->redis_embedded) {
+		const char *r = cfg->redis;
+		char hp[128];
+		if (!strncmp(r, "redis://", 8))
+			r += 8;
+		const char *at = strrchr(r, '@');
+		if (at) {
+			const char *pw = memchr(r, ':', (size_t)(at - r));
+			pw = pw ? pw + 1 : r;
+			cfg->redis_password = hub_xmalloc((size_t)(at - pw) + 1);
+			memcpy(cfg->redis_password, pw, (size_t)(at - pw));
+			cfg->redis_password[at - pw] = '\0';
+			r = at + 1;
+		}
+		size_t n = strcspn(r, "/");
+		cfg->redis_db = 0;
+		if (n >= sizeof(hp) || (snprintf(hp, sizeof(hp), "%.*s", (int)n, r),
+					parse_hostport(hp, cfg->redis_host,
+						       sizeof(cfg->redis_host), &cfg->redis_port)) ||
+		    cfg->redis_port == 0) {
+			seterr(err, errlen, "redis: expected redis://IP:PORT[/DB] or embedded, got \"%s\"",
+			       cfg->redis);
+			return -1;
+		}
+		if (r[n] == '/') {
+			char *end;
+			long db = strtol(r + n + 1, &end, 10);
+			if (end == r + n + 1 || *end || db < 0 || db > 1000) {
+				seterr(err, errlen, "redis: bad database number in \"%s\"", cfg->redis);
+				return -1;
+			}
+			cfg->redis_db = (int)db;
+		}
+	}
+	if (!cfg->jwt_alg || (strcmp(cfg->jwt_alg, "HS256") && strcmp(cfg->jwt_alg, "RS256") &&
+			      strcmp(cfg->jwt_alg, "ES256"))) {
+		seterr(err, errlen, "jwt-alg: expected HS256, RS256 or ES256, got \"%s\"",
+		       cfg->jwt_alg ? cfg->jwt_alg : "");
+		return -1;
+	}
+	if (strcmp(cfg->jwt_alg, "HS256") && !cfg->jwt_key) {
+		seterr(err, errlen, "jwt-alg %s needs jwt-key (the PEM public key)", cfg->jwt_alg);
+		return -1;
+	}
+	if (hub_log_parse_level(cfg->log_level) < 0) {
+		seterr(err, errlen, "log-level: expected error, warn, info or debug, got \"%s\"",
+		       cfg->log_level ? cfg->log_level : "");
+		return -1;
+	}
+	if (!cfg->tls_cert != !cfg->tls_key) {
+		seterr(err, errlen, "tls-cert and tls-key must be given together");
+		return -1;
+	}
+	if (cfg->tls_client_ca && !cfg->tls_cert) {
+		seterr(err, errlen, "tls-client-ca needs tls-cert and tls-key");
+		return -1;
+	}
+	if (cfg->instance_id && !hub_id_valid(cfg->instance_id, strlen(cfg->instance_id))) {
+		seterr(err, errlen, "instance-id: must match [A-Za-z0-9._:-]{1,128}");
+		return -1;
+	}
+	if (cfg->device_burst < 1 || cfg->gateway_burst < 1) {
+		seterr(err, errlen, "device-burst and gateway-burst must be >= 1");
+		return -1;
+	}
+	if (!cfg->schemas || !*cfg->schemas) {
+		seterr(err, errlen, "schemas: a directory is required");
+		return -1;
+	}
+	return 0;
+}
+
+void hub_config_free(struct hub_config *cfg)
+{
+	for (size_t i = 0; i < NOPTS; i++)
+		if (opts[i].type == OPT_STR) {
+			char **s = (char **)(void *)((char *)cfg + opts[i].off);
+			free(*s);
+			*s = NULL;
+		}
+	free(cfg->config_file);
+	free(cfg->redis_password);
+	cfg->config_file = cfg->redis_password = NULL;
+}

@@ -1,0 +1,80 @@
+/*
+ * config.h - the hub's configuration: one table of options with type, default,
+ * bounds and help. Sources apply in the order CONTRACT §5 fixes: defaults,
+ * then the config file, then command-line flags, then IOT_HUB_<KEY>
+ * environment variables. Every key is accepted in all three forms
+ * (`key value` in the file, `--key value` or `--key=value`, IOT_HUB_KEY).
+ */
+#ifndef HUB_CONFIG_H
+#define HUB_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+struct hub_config {
+	char *config_file;
+	char *listen;              /* HOST:PORT */
+	char *redis;               /* redis://HOST:PORT[/DB] or "embedded" */
+	char *redis_server;        /* redis-server binary for embedded mode */
+	char *schemas;
+	char *jwt_alg;
+	char *jwt_key;
+	char *jwt_issuer;
+	char *jwt_audience;
+	int jwt_leeway_s;
+	char *api_keys;
+	char *tls_cert;
+	char *tls_key;
+	char *tls_client_ca;
+	char *instance_id;
+	char *log_level;
+	int max_frame_bytes;
+	int max_readings_per_frame;
+	int max_inflight_frames;
+	int max_devices_per_gateway;
+	double device_rate;
+	double device_burst;
+	double gateway_rate;
+	double gateway_burst;
+	int clock_skew_future_s;
+	int clock_skew_past_s;
+	long device_stream_maxlen;
+	long feed_stream_maxlen;
+	int seq_window;
+	int redis_timeout_ms;
+	int redis_backoff_max_ms;
+	int retry_after_ms;
+	int rx_buffer_bytes;
+	int max_connections;
+
+	/* Derived by hub_config_validate(). */
+	char listen_host[64];
+	int listen_port;
+	char redis_host[64];
+	int redis_port;
+	int redis_db;
+	char *redis_password;
+	bool redis_embedded;
+};
+
+/* Fills cfg from defaults, the config file (--config or IOT_HUB_CONFIG),
+ * argv and the environment, then validates. Returns 0, 1 when the caller
+ * should exit 0 (--help / --version printed), or -1 with one line in err.
+ * Free with hub_config_free(). Start-up only (reads files). */
+int hub_config_load(struct hub_config *cfg, int argc, char **argv,
+		    char *err, size_t errlen);
+
+/* Checks values and cross-key rules and fills the derived fields.
+ * Returns 0 or -1 with one line in err. */
+int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen);
+
+void hub_config_free(struct hub_config *cfg);
+
+/* Writes every key with its current value as a config file. */
+void hub_config_dump(const struct hub_config *cfg, FILE *out);
+
+/* Writes the usage text (flags and keys with defaults). */
+void hub_config_usage(FILE *out);
+
+#endif
