@@ -1,0 +1,220 @@
+#include "protocols/gw_codec.h"
+
+#include <string.h>
+
+#include "protocols/schema.h"
+
+static bool json_int64(const json_t *v, int64_t *out)
+{
+	if (!json_is_integer(v))
+		return false;
+	*out = (int64_t)json_integer_value(v);
+	return true;
+}
+
+int gw_msg_parse(const char *buf, size_t len, size_t max_items, gw_msg *msg,
+		 char *why, size_t whylen)
+{
+	json_error_t jerr;
+	json_t *root, *t;
+	const char *type;
+
+	memset(msg, 0, sizeof(*msg));
+	root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+	if (!root) {
+		snprintf(why, whylen, "invalid JSON at byte %d: %s", jerr.position, jerr.text);
+		return GW_ERR_BAD_JSON;
+	}
+	if (!json_is_object(root)) {
+		json_decref(root);
+		snprintf(why, whylen, "a message must be a JSON object");
+		return GW_ERR_BAD_JSON;
+	}
+	msg->root = root;
+	t = json_object_get(root, "type");
+	type = json_string_value(t);
+	if (!type) {
+		snprintf(why, whylen, "missing string field \"type\"");
+		return GW_ERR_BAD_MESSAGE;
+	}
+	if (!strcmp(type, "telemetry")) {
+		json_t *seq = json_object_get(root, "seq");
+		msg->type = GW_MSG_TELEMETRY;
+		if (json_int64(seq, &msg->seq) && msg->seq >= 0)
+			msg->has_seq = true;
+		if (!msg->has_seq) {
+			snprintf(why, whylen, "\"seq\" must be a non-negative integer");
+			return GW_ERR_BAD_MESSAGE;
+		}
+		msg->items = json_object_get(root, "readings");
+		if (!json_is_array(msg->items)) {
+			snprintf(why, whylen, "\"readings\" must be an array");
+			return GW_ERR_BAD_MESSAGE;
+		}
+		if (json_array_size(msg->items) > max_items) {
+			snprintf(why, whylen, "too many readings: %zu > %zu per frame",
+				 json_array_size(msg->items), max_items);
+			return GW_ERR_BAD_MESSAGE;
+		}
+		return GW_OK;
+	}
+	if (!strcmp(type, "announce")) {
+		msg->type = GW_MSG_ANNOUNCE;
+		msg->items = json_object_get(root, "devices");
+		if (!json_is_array(msg->items)) {
+			snprintf(why, whylen, "\"devices\" must be an array");
+			return GW_ERR_BAD_MESSAGE;
+		}
+		if (json_array_size(msg->items) > max_items) {
+			snprintf(why, whylen, "too many devices: %zu > %zu per announce",
+				 json_array_size(msg->items), max_items);
+			return GW_ERR_BAD_MESSAGE;
+		}
+		return GW_OK;
+	}
+	if (!strcmp(type, "command_ack")) {
+		msg->type = GW_MSG_COMMAND_ACK;
+		return GW_OK;
+	}
+	snprintf(why, whylen, "unknown message type \"%.64s\"", type);
+	return GW_ERR_BAD_MESSAGE;
+}
+
+void gw_msg_clear(gw_msg *msg)
+{
+	if (msg && msg->root) {
+		json_decref(msg->root);
+		msg->root = NULL;
+		msg->items = NULL;
+	}
+}
+
+static void set_err(struct schema_error *err, const char *path, const char *code,
+		    const char *message)
+{
+	snprintf(err->path, sizeof(err->path), "%s", path);
+	err->code = code;
+	snprintf(err->message, sizeof(err->message), "%s", message);
+}
+
+int gw_reading_parse(json_t *r, gw_reading *out, struct schema_error *err)
+{
+	json_t *d, *ts;
+
+	memset(out, 0, sizeof(*out));
+	if (!json_is_object(r)) {
+		set_err(err, "", "type", "a reading must be an object");
+		return -1;
+	}
+	d = json_object_get(r, "device");
+	if (!json_is_string(d)) {
+		set_err(err, "device", d ? "type" : "required",
+			d ? "must be a string" : "is required");
+		return -1;
+	}
+	out->device = json_string_value(d);
+	out->device_len = json_string_length(d);
+	if (!hub_id_valid(out->device, out->device_len)) {
+		set_err(err, "device", "pattern", "must match [A-Za-z0-9._:-]{1,128}");
+		return -1;
+	}
+	ts = json_object_get(r, "ts");
+	if (ts && !json_is_null(ts)) {
+		if (!json_int64(ts, &out->ts) || out->ts < 0) {
+			set_err(err, "ts", "type", "must be a non-negative integer (ms since the epoch)");
+			return -1;
+		}
+		out->has_ts = true;
+	}
+	out->data = json_object_get(r, "data");
+	if (!json_is_object(out->data)) {
+		set_err(err, "data", out->data ? "type" : "required",
+			out->data ? "must be an object" : "is required");
+		return -1;
+	}
+	return 0;
+}
+
+int gw_announce_parse(json_t *e, gw_announce *out, const char **why)
+{
+	json_t *d, *t, *l;
+	const char *k;
+	json_t *v;
+
+	memset(out, 0, sizeof(*out));
+	if (!json_is_object(e)) {
+		*why = "an announced device must be an object";
+		return -1;
+	}
+	d = json_object_get(e, "device");
+	if (json_is_string(d)) {
+		out->device = json_string_value(d);
+		out->device_len = json_string_length(d);
+	}
+	if (!out->device) {
+		*why = "\"device\" must be a string";
+		return -1;
+	}
+	if (!hub_id_valid(out->device, out->device_len)) {
+		*why = "\"device\" must match [A-Za-z0-9._:-]{1,128}";
+		return -1;
+	}
+	t = json_object_get(e, "device_type");
+	if (!json_is_string(t)) {
+		*why = "\"device_type\" must be a string";
+		return -1;
+	}
+	out->device_type = json_string_value(t);
+	out->type_len = json_string_length(t);
+	l = json_object_get(e, "labels");
+	if (l && !json_is_null(l)) {
+		if (!json_is_object(l) || json_object_size(l) > 64) {
+			*why = "\"labels\" must be an object of at most 64 strings";
+			return -1;
+		}
+		json_object_foreach(l, k, v) {
+			if (!json_is_string(v) || strlen(k) > 128 || json_string_length(v) > 256) {
+				*why = "label values must be strings (keys <= 128, values <= 256 bytes)";
+				return -1;
+			}
+		}
+		out->labels = l;
+	}
+	return 0;
+}
+
+int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why)
+{
+	json_t *root = msg->root;
+
+	memset(out, 0, sizeof(*out));
+	out->id = json_string_value(json_object_get(root, "id"));
+	out->status = json_string_value(json_object_get(root, "status"));
+	if (!out->id || !out->status) {
+		*why = "command_ack needs string \"id\" and \"status\"";
+		return -1;
+	}
+	out->progress = json_object_get(root, "progress");
+	if (out->progress && !json_is_number(out->progress)) {
+		*why = "\"progress\" must be a number";
+		return -1;
+	}
+	out->message = json_string_value(json_object_get(root, "message"));
+	out->error = json_string_value(json_object_get(root, "error"));
+	out->result = json_object_get(root, "result");
+	return 0;
+}
+
+void gw_write_error(hub_buf *b, const char *code, int64_t seq,
+		    int64_t retry_after_ms, const char *message)
+{
+	hub_buf_puts(b, "{\"type\":\"error\",\"code\":");
+	hub_buf_json_str(b, code, strlen(code));
+	if (seq >= 0)
+		hub_buf_printf(b, ",\"seq\":%lld", (long long)seq);
+	if (retry_after_ms >= 0)
+		hub_buf_printf(b, ",\"retry_after_ms\":%lld", (long long)retry_after_ms);
+	hub_buf_puts(b, ",\"message\":");
+	hub_buf_json_str(b, message, strlen(message));
+	hub_buf_puts(b, "}");
+}

@@ -1,0 +1,89 @@
+/*
+ * gw_codec.h - the gateway wire protocol (CONTRACT §2) as bytes in, structs
+ * out, and the hub's replies as bytes. No libwebsockets here: parsed and
+ * fuzzed alone. Every limit is checked before anything is allocated for it.
+ */
+#ifndef HUB_GW_CODEC_H
+#define HUB_GW_CODEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <jansson.h>
+
+#include "hub/util.h"
+
+enum gw_msg_type {
+	GW_MSG_ANNOUNCE = 1,
+	GW_MSG_TELEMETRY,
+	GW_MSG_COMMAND_ACK,
+};
+
+enum gw_parse_result {
+	GW_OK = 0,
+	GW_ERR_BAD_JSON = -1,    /* not JSON, or not an object */
+	GW_ERR_BAD_MESSAGE = -2, /* JSON, but not a valid message */
+};
+
+typedef struct gw_msg {
+	enum gw_msg_type type;
+	json_t *root;      /* owned: gw_msg_clear() releases it */
+	json_t *items;     /* borrowed from root: readings or devices array */
+	int64_t seq;       /* telemetry */
+	bool has_seq;      /* a valid seq was present (even if the msg is bad) */
+} gw_msg;
+
+/* Parses one text frame. On GW_OK fills *msg (caller gw_msg_clear()s it).
+ * On error writes a short reason to why; msg->has_seq/seq still tell the seq
+ * of a bad telemetry frame so the error can name it. max_items caps readings
+ * per frame and devices per announce. */
+int gw_msg_parse(const char *buf, size_t len, size_t max_items, gw_msg *msg,
+		 char *why, size_t whylen);
+
+/* Releases msg->root. NULL-safe, idempotent. */
+void gw_msg_clear(gw_msg *msg);
+
+typedef struct gw_reading {
+	const char *device;   /* borrowed; NUL-terminated */
+	size_t device_len;
+	int64_t ts;
+	bool has_ts;
+	json_t *data;         /* borrowed object */
+} gw_reading;
+
+/* Structural check of readings[i]. Returns 0, or -1 with err filled (path,
+ * code, message) for a reading that is malformed (then it is `invalid`). */
+struct schema_error;
+int gw_reading_parse(json_t *r, gw_reading *out, struct schema_error *err);
+
+typedef struct gw_announce {
+	const char *device;   /* borrowed; NULL when missing/not a string */
+	size_t device_len;
+	const char *device_type;
+	size_t type_len;
+	json_t *labels;       /* borrowed object or NULL */
+} gw_announce;
+
+/* Structural check of devices[i]. Returns 0, or -1 with a static reason in
+ * *why (then the entry is rejected `invalid`). out->device is set whenever the
+ * entry had a string device, so the rejection can name it. */
+int gw_announce_parse(json_t *e, gw_announce *out, const char **why);
+
+/* A command_ack's fields (borrowed from the message). */
+typedef struct gw_command_ack {
+	const char *id;
+	const char *status;
+	json_t *progress;   /* may be NULL */
+	const char *message;
+	const char *error;
+	json_t *result;
+} gw_command_ack;
+
+int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why);
+
+/* Appends {"type":"error","code":code[,"seq":seq][,"retry_after_ms":n],
+ * "message":message} to b. seq < 0 and retry_after_ms < 0 are omitted. */
+void gw_write_error(hub_buf *b, const char *code, int64_t seq,
+		    int64_t retry_after_ms, const char *message);
+
+#endif
