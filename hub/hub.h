@@ -1,0 +1,63 @@
+/*
+ * hub.h - the one struct that owns the process's state, shared by the modules
+ * of hub/ and protocols/. Single-threaded: everything runs on the lws loop.
+ */
+#ifndef HUB_HUB_H
+#define HUB_HUB_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <libwebsockets.h>
+
+#include "hub/auth.h"
+#include "hub/config.h"
+#include "hub/metrics.h"
+#include "hub/strmap.h"
+#include "protocols/schema.h"
+
+struct hub_redis;
+struct hub_listener;
+struct hub_embedded_redis;
+
+struct hub {
+	struct hub_config cfg;
+	char instance_id[HUB_ID_MAX + 1];
+
+	struct lws_context *ctx;
+	struct lws_vhost *vh;
+	struct hub_listener *listener;
+	struct hub_redis *redis;
+	struct hub_embedded_redis *embedded;
+
+	schema_set *schemas;       /* current set; swapped whole on reload */
+	uint32_t schemas_gen;      /* bumped on every successful reload */
+	hub_auth *auth;            /* swapped whole on reload */
+	char *jwt_key;             /* bytes of jwt-key (or the ephemeral secret) */
+	size_t jwt_key_len;
+	bool jwt_ephemeral;
+
+	hub_strmap gateways;       /* gateway id -> struct gw_conn * (this instance) */
+	uint64_t next_serial;      /* connection serials */
+	unsigned connections;      /* sockets accepted and not yet closed */
+
+	struct hub_metrics metrics;
+
+	volatile sig_atomic_t sig_term, sig_hup;
+	lws_sorted_usec_list_t sul_signal;
+	lws_sorted_usec_list_t sul_drain;
+	bool draining;
+	int64_t drain_deadline_us;
+	bool exiting;
+	int exit_code;
+};
+
+/* Loads (or reloads) schemas and API keys. On a reload failure keeps the old
+ * sets and returns -1 after logging why. Start-up and SIGHUP only. */
+int hub_reload(struct hub *hub, bool initial);
+
+/* Starts a graceful shutdown (idempotent): stop accepting, drain gateways,
+ * disconnect Redis, then end the loop. */
+void hub_begin_shutdown(struct hub *hub);
+
+#endif
