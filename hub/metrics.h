@@ -1,0 +1,68 @@
+/*
+ * metrics.h - counters and histograms, rendered in Prometheus text format by
+ * GET /metrics. Plain integers bumped on the loop thread: no atomics needed.
+ */
+#ifndef HUB_METRICS_H
+#define HUB_METRICS_H
+
+#include <stdint.h>
+
+#include "hub/util.h"
+
+enum hub_reject_code {
+	HUB_REJ_INVALID,
+	HUB_REJ_UNKNOWN_DEVICE,
+	HUB_REJ_UNAUTHORIZED_DEVICE,
+	HUB_REJ_RATE_LIMITED,
+	HUB_REJ_CLOCK_SKEW,
+	HUB_REJ__COUNT
+};
+
+/* Wire names of the codes above ("invalid", "unknown_device", ...). */
+extern const char *const hub_reject_names[HUB_REJ__COUNT];
+
+enum hub_frame_result {
+	HUB_FRAME_ACKED,        /* ack sent after store (or nothing to store) */
+	HUB_FRAME_DUPLICATE,    /* seq already durable: acked again, not stored */
+	HUB_FRAME_BAD_JSON,
+	HUB_FRAME_BAD_MESSAGE,
+	HUB_FRAME_UNAVAILABLE,  /* Redis down: error sent, nothing acked */
+	HUB_FRAME__COUNT
+};
+
+#define HUB_HIST_NBOUNDS 15
+
+struct hub_histogram {
+	uint64_t counts[HUB_HIST_NBOUNDS + 1]; /* last = +Inf */
+	uint64_t count;
+	double sum;
+};
+
+/* Upper bounds, seconds: 100us .. 5s. */
+extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
+
+struct hub_metrics {
+	uint64_t connections_total;        /* gateway WebSockets established */
+	uint64_t auth_failures_total;      /* upgrades refused with 401 */
+	uint64_t frames[HUB_FRAME__COUNT];
+	uint64_t readings_accepted;
+	uint64_t readings_rejected[HUB_REJ__COUNT];
+	uint64_t acks_total;
+	uint64_t announces_total;
+	uint64_t devices_rejected_total;   /* announce entries refused */
+	uint64_t takeovers_total;
+	uint64_t frames_too_large_total;
+	uint64_t redis_reconnects_total;
+	uint64_t redis_errors_total;       /* error replies and failed commands */
+	uint64_t flow_paused_total;        /* times a gateway socket was paused */
+	struct hub_histogram redis_rtt;    /* command sent -> reply */
+	struct hub_histogram ack_latency;  /* frame received -> ack queued */
+};
+
+void hub_hist_observe(struct hub_histogram *h, double seconds);
+
+struct hub;
+/* Renders every metric (and the live gauges of hub) into out. */
+void hub_metrics_render(const struct hub *hub, hub_buf *out);
+
+#endif
