@@ -1,0 +1,542 @@
+#include "hub/redis.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <hiredis/async.h>
+#include <libwebsockets.h>
+#include <openssl/sha.h>
+
+#include "hub/hub.h"
+#include "hub/log.h"
+#include "hub/util.h"
+
+#define WATCHDOG_US       (200 * 1000)
+#define IDLE_PING_US      (1000 * 1000)
+#define BACKOFF_MIN_MS    100
+#define MAX_SCRIPTS       8
+
+struct pending {
+	hub_redis_cb cb;
+	void *arg;
+	int64_t t0;
+};
+
+enum rc_state { RC_DOWN, RC_CONNECTING, RC_UP };
+
+struct rconn {
+	struct hub_redis *r;
+	const char *name;
+	bool is_sub;
+	redisAsyncContext *ac;
+	struct lws *wsi;
+	enum rc_state state;
+	int64_t state_since_us;
+	int64_t last_reply_us;
+	int backoff_ms;
+	lws_sorted_usec_list_t sul_reconnect;
+	lws_sorted_usec_list_t sul_drop;
+	struct pending *ring;
+	size_t ring_cap, ring_head, ring_len;
+};
+
+struct channel {
+	struct channel *next;
+	struct hub_redis *r;
+	hub_redis_msg_cb cb;
+	void *arg;
+	char name[];
+};
+
+struct hub_redis {
+	struct hub *hub;
+	struct rconn cmd, sub;
+	lws_sorted_usec_list_t sul_watchdog;
+	bool started, stopping;
+	int nscripts;
+	char *scripts[MAX_SCRIPTS];
+	char shas[MAX_SCRIPTS][41];
+	struct channel *channels;
+};
+
+static void rconn_connect(struct rconn *rc);
+static void rconn_drop(struct rconn *rc, const char *why);
+static void sul_reconnect_cb(lws_sorted_usec_list_t *sul);
+static void sul_drop_cb(lws_sorted_usec_list_t *sul);
+
+/* ---- the pending ring ---------------------------------------------------- */
+
+static void ring_push(struct rconn *rc, hub_redis_cb cb, void *arg)
+{
+	if (rc->ring_len == rc->ring_cap) {
+		size_t ncap = rc->ring_cap ? rc->ring_cap * 2 : 64;
+		struct pending *n = hub_xmalloc(ncap * sizeof(*n));
+		for (size_t i = 0; i < rc->ring_len; i++)
+			n[i] = rc->ring[(rc->ring_head + i) & (rc->ring_cap - 1)];
+		free(rc->ring);
+		rc->ring = n;
+		rc->ring_cap = ncap;
+		rc->ring_head = 0;
+	}
+	struct pending *p = &rc->ring[(rc->ring_head + rc->ring_len) & (rc->ring_cap - 1)];
+	p->cb = cb;
+	p->arg = arg;
+	p->t0 = hub_mono_us();
+	rc->ring_len++;
+}
+
+static bool ring_pop(struct rconn *rc, struct pending *out)
+{
+	if (!rc->ring_len)
+		return false;
+	*out = rc->ring[rc->ring_head];
+	rc->ring_head = (rc->ring_head + 1) & (rc->ring_cap - 1);
+	rc->ring_len--;
+	return true;
+}
+
+/* hiredis calls this for every reply on a ring-tracked command, in order. */
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct rconn *rc = privdata;
+	struct pending p;
+	redisReply *rep = reply;
+
+	(void)ac;
+	if (!ring_pop(rc, &p)) {
+		hub_err("redis %s: reply with no pending command", rc->name);
+		return;
+	}
+	int64_t now = hub_mono_us();
+	if (rep) {
+		rc->last_reply_us = now;
+		hub_hist_observe(&rc->r->hub->metrics.redis_rtt, (double)(now - p.t0) / 1e6);
+		if (rep->type == REDIS_REPLY_ERROR)
+			rc->r->hub->metrics.redis_errors_total++;
+	}
+	if (p.cb)
+		p.cb(rep, p.arg);
+}
+
+static int rconn_send(struct rconn *rc, hub_redis_cb cb, void *arg, int argc,
+		      const char **argv, const size_t *argvlen)
+{
+	if (!rc->ac || rc->state == RC_DOWN)
+		return -1;
+	if (redisAsyncCommandArgv(rc->ac, on_reply, rc, argc, argv, argvlen) != REDIS_OK)
+		return -1;
+	ring_push(rc, cb, arg);
+	return 0;
+}
+
+/* ---- hiredis event hooks -> lws ------------------------------------------ */
+
+static void ev_noop(void *privdata)
+{
+	(void)privdata;
+}
+
+static void ev_add_write(void *privdata)
+{
+	struct rconn *rc = privdata;
+
+	if (rc->wsi)
+		lws_callback_on_writable(rc->wsi);
+}
+
+static void ev_cleanup(void *privdata)
+{
+	struct rconn *rc = privdata;
+
+	if (rc->wsi) {
+		lws_set_opaque_user_data(rc->wsi, NULL);
+		lws_set_timeout(rc->wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
+		rc->wsi = NULL;
+	}
+}
+
+static int redis_proto_cb(struct lws *wsi, enum lws_callback_reasons reason,
+			  void *user, void *in, size_t len)
+{
+	struct rconn *rc;
+
+	switch (reason) {
+	case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
+	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+		return 1; /* nobody may upgrade to this internal protocol */
+	case LWS_CALLBACK_RAW_RX_FILE:
+		rc = lws_get_opaque_user_data(wsi);
+		if (rc && rc->ac)
+			redisAsyncHandleRead(rc->ac);
+		break;
+	case LWS_CALLBACK_RAW_WRITEABLE_FILE:
+		rc = lws_get_opaque_user_data(wsi);
+		if (rc && rc->ac)
+			redisAsyncHandleWrite(rc->ac);
+		break;
+	case LWS_CALLBACK_RAW_CLOSE_FILE:
+		rc = lws_get_opaque_user_data(wsi);
+		if (rc && rc->wsi == wsi) {
+			/* lws closed it under us (POLLHUP/ERR): tell hiredis, but
+			 * from a timer, not from inside this callback chain. */
+			rc->wsi = NULL;
+			lws_sul_schedule(rc->r->hub->ctx, 0, &rc->sul_drop,
+					 sul_drop_cb, 1);
+		}
+		break;
+	default:
+		break;
+	}
+	return 0;
+}
+
+const struct lws_protocols hub_redis_protocol = {
+	"hub-redis-internal", redis_proto_cb, 0, 0, 0, NULL, 0
+};
+
+/* ---- connection lifecycle ------------------------------------------------ */
+
+static void set_state(struct rconn *rc, enum rc_state s)
+{
+	rc->state = s;
+	rc->state_since_us = hub_mono_us();
+}
+
+static void schedule_reconnect(struct rconn *rc)
+{
+	struct hub_redis *r = rc->r;
+
+	if (r->stopping)
+		return;
+	int ms = rc->backoff_ms ? rc->backoff_ms : BACKOFF_MIN_MS;
+	int jitter = ms / 4 ? rand() % (ms / 4 + 1) : 0;
+	rc->backoff_ms = ms * 2 > r->hub->cfg.redis_backoff_max_ms ?
+			 r->hub->cfg.redis_backoff_max_ms : ms * 2;
+	lws_sul_schedule(r->hub->ctx, 0, &rc->sul_reconnect,
+			 sul_reconnect_cb, (lws_usec_t)(ms + jitter) * 1000);
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+	struct rconn *rc = ac->data;
+
+	if (!rc)
+		return;
+	if (status != REDIS_OK) {
+		hub_warn("redis %s: connect to %s:%d failed: %s", rc->name,
+			 rc->r->hub->cfg.redis_host, rc->r->hub->cfg.redis_port,
+			 ac->errstr ? ac->errstr : "error");
+		rc->ac = NULL; /* hiredis frees it after this callback */
+		rc->wsi = NULL;
+		set_state(rc, RC_DOWN);
+		schedule_reconnect(rc);
+		return;
+	}
+	hub_info("redis %s: connected to %s:%d", rc->name, rc->r->hub->cfg.redis_host,
+		 rc->r->hub->cfg.redis_port);
+	set_state(rc, RC_UP);
+	rc->last_reply_us = hub_mono_us();
+	rc->backoff_ms = 0;
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+	struct rconn *rc = ac->data;
+
+	if (!rc)
+		return;
+	hub_warn("redis %s: disconnected%s%s", rc->name, status == REDIS_OK ? "" : ": ",
+		 status == REDIS_OK ? "" : (ac->errstr ? ac->errstr : "error"));
+	rc->ac = NULL;
+	rc->wsi = NULL;
+	set_state(rc, RC_DOWN);
+	schedule_reconnect(rc);
+}
+
+static void on_setup_reply(redisReply *reply, void *arg)
+{
+	struct rconn *rc = arg;
+
+	if (reply && reply->type == REDIS_REPLY_ERROR) {
+		hub_err("redis %s: setup command failed: %s", rc->name, reply->str);
+		/* Not from inside hiredis: drop on a timer. */
+		lws_sul_schedule(rc->r->hub->ctx, 0, &rc->sul_drop,
+				 sul_drop_cb, 1);
+	}
+}
+
+static void on_sub_message(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct channel *ch = privdata;
+	redisReply *rep = reply;
+
+	(void)ac;
+	if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements < 3)
+		return;
+	if (rep->element[0]->type != REDIS_REPLY_STRING ||
+	    strcmp(rep->element[0]->str, "message") ||
+	    rep->element[2]->type != REDIS_REPLY_STRING)
+		return;
+	ch->r->sub.last_reply_us = hub_mono_us();
+	ch->cb(ch->name, rep->element[2]->str, rep->element[2]->len, ch->arg);
+}
+
+static void send_subscribe(struct hub_redis *r, struct channel *ch)
+{
+	const char *argv[2] = { "SUBSCRIBE", ch->name };
+
+	if (r->sub.ac)
+		redisAsyncCommandArgv(r->sub.ac, on_sub_message, ch, 2, argv, NULL);
+}
+
+static void rconn_connect(struct rconn *rc)
+{
+	struct hub_redis *r = rc->r;
+	struct hub_config *cfg = &r->hub->cfg;
+	redisAsyncContext *ac;
+	lws_sock_file_fd_type fd;
+
+	if (r->stopping || rc->ac)
+		return;
+	ac = redisAsyncConnect(cfg->redis_host, cfg->redis_port);
+	if (!ac) {
+		hub_err("redis %s: out of memory", rc->name);
+		schedule_reconnect(rc);
+		return;
+	}
+	if (ac->err) {
+		hub_warn("redis %s: connect to %s:%d failed: %s", rc->name,
+			 cfg->redis_host, cfg->redis_port, ac->errstr);
+		redisAsyncFree(ac); /* no callback will ever run for it */
+		schedule_reconnect(rc);
+		return;
+	}
+	ac->data = rc;
+	ac->ev.data = rc;
+	ac->ev.addRead = ev_noop;   /* lws always polls adopted files for POLLIN */
+	ac->ev.delRead = ev_noop;
+	ac->ev.addWrite = ev_add_write;
+	ac->ev.delWrite = ev_noop;  /* lws writability requests are one-shot */
+	ac->ev.cleanup = ev_cleanup;
+	redisAsyncSetConnectCallback(ac, on_connect);
+	redisAsyncSetDisconnectCallback(ac, on_disconnect);
+
+	/* lws closes the fd it adopts; hiredis closes its own: adopt a dup. */
+	fd.filefd = dup(ac->c.fd);
+	rc->wsi = fd.filefd < 0 ? NULL :
+		  lws_adopt_descriptor_vhost(r->hub->vh, LWS_ADOPT_RAW_FILE_DESC, fd,
+					     hub_redis_protocol.name, NULL);
+	if (!rc->wsi) {
+		hub_err("redis %s: cannot adopt socket: %s", rc->name, strerror(errno));
+		if (fd.filefd >= 0)
+			close(fd.filefd);
+		ac->data = NULL;
+		ac->ev.cleanup = NULL;
+		redisAsyncFree(ac);
+		schedule_reconnect(rc);
+		return;
+	}
+	lws_set_opaque_user_data(rc->wsi, rc);
+	rc->ac = ac;
+	set_state(rc, RC_CONNECTING);
+	r->hub->metrics.redis_reconnects_total += rc->is_sub ? 0 : 1;
+
+	/* Pipelined ahead of anything else; replies come in order. */
+	if (cfg->redis_password) {
+		const char *argv[2] = { "AUTH", cfg->redis_password };
+		rconn_send(rc, on_setup_reply, rc, 2, argv, NULL);
+	}
+	if (!rc->is_sub) {
+		if (cfg->redis_db) {
+			char db[16];
+			snprintf(db, sizeof(db), "%d", cfg->redis_db);
+			const char *argv[2] = { "SELECT", db };
+			rconn_send(rc, on_setup_reply, rc, 2, argv, NULL);
+		}
+		for (int i = 0; i < r->nscripts; i++) {
+			const char *argv[3] = { "SCRIPT", "LOAD", r->scripts[i] };
+			rconn_send(rc, on_setup_reply, rc, 3, argv, NULL);
+		}
+	} else {
+		for (struct channel *ch = r->channels; ch; ch = ch->next)
+			send_subscribe(r, ch);
+	}
+}
+
+static void rconn_drop(struct rconn *rc, const char *why)
+{
+	redisAsyncContext *ac = rc->ac;
+	struct pending p;
+
+	if (!ac) {
+		set_state(rc, RC_DOWN);
+		return;
+	}
+	hub_warn("redis %s: dropping connection: %s", rc->name, why);
+	rc->ac = NULL;
+	ac->data = NULL; /* on_disconnect must not reschedule */
+	set_state(rc, RC_DOWN);
+	redisAsyncFree(ac); /* runs every pending callback with NULL */
+	while (ring_pop(rc, &p))
+		if (p.cb)
+			p.cb(NULL, p.arg);
+	ev_cleanup(rc);
+	schedule_reconnect(rc);
+}
+
+static void sul_reconnect_cb(lws_sorted_usec_list_t *sul)
+{
+	struct rconn *rc = lws_container_of(sul, struct rconn, sul_reconnect);
+
+	rconn_connect(rc);
+}
+
+static void sul_drop_cb(lws_sorted_usec_list_t *sul)
+{
+	struct rconn *rc = lws_container_of(sul, struct rconn, sul_drop);
+
+	rconn_drop(rc, "socket closed or setup failed");
+}
+
+static void watchdog_cb(lws_sorted_usec_list_t *sul)
+{
+	struct hub_redis *r = lws_container_of(sul, struct hub_redis, sul_watchdog);
+	int64_t now = hub_mono_us(), timeout = (int64_t)r->hub->cfg.redis_timeout_ms * 1000;
+	struct rconn *rc = &r->cmd;
+
+	if (r->stopping)
+		return;
+	if (rc->state == RC_CONNECTING && now - rc->state_since_us > timeout) {
+		rconn_drop(rc, "connect timed out");
+		rconn_drop(&r->sub, "command connection timed out");
+	} else if (rc->state == RC_UP && rc->ring_len &&
+		   now - rc->ring[rc->ring_head].t0 > timeout) {
+		char why[96];
+		snprintf(why, sizeof(why), "no reply for %d ms (%zu commands pending)",
+			 r->hub->cfg.redis_timeout_ms, rc->ring_len);
+		rconn_drop(rc, why);
+		rconn_drop(&r->sub, "command connection stalled");
+	} else if (rc->state == RC_UP && !rc->ring_len &&
+		   now - rc->last_reply_us > IDLE_PING_US) {
+		const char *argv[1] = { "PING" };
+		rconn_send(rc, NULL, NULL, 1, argv, NULL);
+	}
+	if (r->sub.state == RC_CONNECTING && now - r->sub.state_since_us > timeout)
+		rconn_drop(&r->sub, "connect timed out");
+	lws_sul_schedule(r->hub->ctx, 0, &r->sul_watchdog, watchdog_cb, WATCHDOG_US);
+}
+
+/* ---- public -------------------------------------------------------------- */
+
+struct hub_redis *hub_redis_new(struct hub *hub)
+{
+	struct hub_redis *r = hub_xcalloc(1, sizeof(*r));
+
+	r->hub = hub;
+	r->cmd.r = r;
+	r->cmd.name = "commands";
+	r->sub.r = r;
+	r->sub.name = "pubsub";
+	r->sub.is_sub = true;
+	return r;
+}
+
+int hub_redis_add_script(struct hub_redis *r, const char *lua)
+{
+	unsigned char md[SHA_DIGEST_LENGTH];
+
+	if (r->nscripts == MAX_SCRIPTS)
+		abort();
+	SHA1((const unsigned char *)lua, strlen(lua), md);
+	for (int i = 0; i < SHA_DIGEST_LENGTH; i++)
+		snprintf(&r->shas[r->nscripts][i * 2], 3, "%02x", md[i]);
+	r->scripts[r->nscripts] = hub_xstrdup(lua);
+	return r->nscripts++;
+}
+
+const char *hub_redis_script_sha(const struct hub_redis *r, int idx)
+{
+	return r->shas[idx];
+}
+
+void hub_redis_start(struct hub_redis *r)
+{
+	r->started = true;
+	rconn_connect(&r->cmd);
+	rconn_connect(&r->sub);
+	lws_sul_schedule(r->hub->ctx, 0, &r->sul_watchdog, watchdog_cb, WATCHDOG_US);
+}
+
+bool hub_redis_up(const struct hub_redis *r)
+{
+	return r && r->cmd.state == RC_UP;
+}
+
+size_t hub_redis_pending(const struct hub_redis *r)
+{
+	return r->cmd.ring_len;
+}
+
+int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
+			   int argc, const char **argv, const size_t *argvlen)
+{
+	if (r->cmd.state != RC_UP)
+		return -1;
+	return rconn_send(&r->cmd, cb, arg, argc, argv, argvlen);
+}
+
+void hub_redis_subscribe(struct hub_redis *r, const char *channel,
+			 hub_redis_msg_cb cb, void *arg)
+{
+	size_t n = strlen(channel);
+	struct channel *ch = hub_xmalloc(sizeof(*ch) + n + 1);
+
+	ch->r = r;
+	ch->cb = cb;
+	ch->arg = arg;
+	memcpy(ch->name, channel, n + 1);
+	ch->next = r->channels;
+	r->channels = ch;
+	if (r->sub.ac)
+		send_subscribe(r, ch);
+}
+
+void hub_redis_publish(struct hub_redis *r, const char *channel,
+		       const char *payload, size_t len)
+{
+	const char *argv[3] = { "PUBLISH", channel, payload };
+	size_t lens[3] = { 7, strlen(channel), len };
+
+	hub_redis_command_argv(r, NULL, NULL, 3, argv, lens);
+}
+
+void hub_redis_stop(struct hub_redis *r)
+{
+	if (!r || r->stopping)
+		return;
+	r->stopping = true;
+	lws_sul_cancel(&r->sul_watchdog);
+	lws_sul_cancel(&r->cmd.sul_reconnect);
+	lws_sul_cancel(&r->sub.sul_reconnect);
+	lws_sul_cancel(&r->cmd.sul_drop);
+	lws_sul_cancel(&r->sub.sul_drop);
+	rconn_drop(&r->cmd, "hub stopping");
+	rconn_drop(&r->sub, "hub stopping");
+}
+
+void hub_redis_free(struct hub_redis *r)
+{
+	if (!r)
+		return;
+	for (int i = 0; i < r->nscripts; i++)
+		free(r->scripts[i]);
+	while (r->channels) {
+		struct channel *next = r->channels->next;
+		free(r->channels);
+		r->channels = next;
+	}
+	free(r->cmd.ring);
+	free(r->sub.ring);
+	free(r);
+}

@@ -1,0 +1,75 @@
+/*
+ * redis.h - the hub's Redis bus: one connection for commands, one that only
+ * subscribes (NOTES: a subscribed hiredis context takes nothing else).
+ *
+ * hiredis 0.14.1 async contexts run on the lws loop: each socket is dup()ed
+ * and adopted into lws as a raw file (this file is the only adapter between
+ * the two libraries). hiredis has no timeouts or reconnect of its own, so this
+ * module adds them on lws_sul timers: a watchdog that declares Redis down when
+ * a reply is later than redis-timeout-ms (a SIGSTOPped Redis gives no error),
+ * a PING when idle, and reconnect with capped exponential backoff and jitter.
+ * Replies on the command connection arrive in order, so pending callbacks sit
+ * in a ring: no allocation per command.
+ */
+#ifndef HUB_REDIS_H
+#define HUB_REDIS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <hiredis/hiredis.h>
+
+struct hub;
+struct hub_redis;
+
+/* Called once per command: reply is borrowed (dies when the callback returns)
+ * and is NULL when the command failed for want of Redis (connection lost,
+ * timed out, or the hub is stopping). An error reply is REDIS_REPLY_ERROR. */
+typedef void (*hub_redis_cb)(redisReply *reply, void *arg);
+
+/* Called for each message on a subscribed channel; payload is borrowed. */
+typedef void (*hub_redis_msg_cb)(const char *channel, const char *payload,
+				 size_t len, void *arg);
+
+/* Creates the bus for hub->cfg's Redis address; connects on hub_redis_start(). */
+struct hub_redis *hub_redis_new(struct hub *hub);
+
+/* Registers a Lua script (before start); returns its index. The script is
+ * loaded with SCRIPT LOAD on every (re)connect, ahead of any other command. */
+int hub_redis_add_script(struct hub_redis *r, const char *lua);
+
+/* The 40-hex SHA1 of script idx (NUL-terminated, lives as long as r). */
+const char *hub_redis_script_sha(const struct hub_redis *r, int idx);
+
+void hub_redis_start(struct hub_redis *r);
+
+/* True while the command connection is established and answering. */
+bool hub_redis_up(const struct hub_redis *r);
+
+/* Commands in flight on the command connection. */
+size_t hub_redis_pending(const struct hub_redis *r);
+
+/* Queues a command. Returns 0 (cb will be called exactly once), or -1 when
+ * Redis is down (cb is NOT called). Safe from any callback, including a reply
+ * callback. argvlen may be NULL for NUL-terminated arguments. */
+int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
+			   int argc, const char **argv, const size_t *argvlen);
+
+/* Subscribes for the life of the bus (re-subscribed after reconnects). */
+void hub_redis_subscribe(struct hub_redis *r, const char *channel,
+			 hub_redis_msg_cb cb, void *arg);
+
+/* Publishes on the command connection, fire and forget (dropped while down). */
+void hub_redis_publish(struct hub_redis *r, const char *channel,
+		       const char *payload, size_t len);
+
+/* Disconnects both connections for shutdown; pending callbacks get NULL.
+ * Not from inside a hiredis callback. */
+void hub_redis_stop(struct hub_redis *r);
+
+/* NULL-safe; call after hub_redis_stop() once the loop is done with r. */
+void hub_redis_free(struct hub_redis *r);
+
+/* The lws protocol that carries the adopted Redis sockets. */
+extern const struct lws_protocols hub_redis_protocol;
+
+#endif
