@@ -1,0 +1,109 @@
+#include "hub/metrics.h"
+
+#include "hub/hub.h"
+#include "hub/redis.h"
+
+const char *const hub_reject_names[HUB_REJ__COUNT] = {
+	"invalid", "unknown_device", "unauthorized_device", "rate_limited", "clock_skew",
+};
+
+static const char *const frame_results[HUB_FRAME__COUNT] = {
+	"acked", "duplicate", "bad_json", "bad_message", "unavailable",
+};
+
+const double hub_hist_bounds[HUB_HIST_NBOUNDS] = {
+	0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+	0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+};
+
+void hub_hist_observe(struct hub_histogram *h, double seconds)
+{
+	int i = 0;
+
+	while (i < HUB_HIST_NBOUNDS && seconds > hub_hist_bounds[i])
+		i++;
+	h->counts[i]++;
+	h->count++;
+	h->sum += seconds;
+}
+
+static void counter(hub_buf *o, const char *name, const char *help, uint64_t v)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help,
+		       name, name, (unsigned long long)v);
+}
+
+static void gauge(hub_buf *o, const char *name, const char *help, double v)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s gauge\n%s %g\n", name, help, name,
+		       name, v);
+}
+
+static void histogram(hub_buf *o, const char *name, const char *help,
+		      const struct hub_histogram *h)
+{
+	uint64_t cum = 0;
+
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+	for (int i = 0; i < HUB_HIST_NBOUNDS; i++) {
+		cum += h->counts[i];
+		hub_buf_printf(o, "%s_bucket{le=\"%g\"} %llu\n", name, hub_hist_bounds[i],
+			       (unsigned long long)cum);
+	}
+	cum += h->counts[HUB_HIST_NBOUNDS];
+	hub_buf_printf(o, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n",
+		       name, (unsigned long long)cum, name, h->sum, name,
+		       (unsigned long long)h->count);
+}
+
+void hub_metrics_render(const struct hub *hub, hub_buf *o)
+{
+	const struct hub_metrics *m = &hub->metrics;
+
+	hub_buf_printf(o, "# HELP iot_hub_info Build and instance.\n# TYPE iot_hub_info gauge\n"
+		       "iot_hub_info{version=\"%s\",instance=\"%s\"} 1\n",
+		       HUB_VERSION, hub->instance_id);
+	hub_buf_printf(o, "# HELP iot_hub_connections Open connections by kind.\n"
+		       "# TYPE iot_hub_connections gauge\n"
+		       "iot_hub_connections{kind=\"gateway\"} %zu\n"
+		       "iot_hub_connections{kind=\"socket\"} %u\n",
+		       hub->gateways.count, hub->connections);
+	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
+		m->connections_total);
+	counter(o, "iot_hub_auth_failures_total", "Upgrades refused with 401.",
+		m->auth_failures_total);
+	hub_buf_puts(o, "# HELP iot_hub_frames_total Gateway frames by outcome.\n"
+		     "# TYPE iot_hub_frames_total counter\n");
+	for (int i = 0; i < HUB_FRAME__COUNT; i++)
+		hub_buf_printf(o, "iot_hub_frames_total{result=\"%s\"} %llu\n",
+			       frame_results[i], (unsigned long long)m->frames[i]);
+	counter(o, "iot_hub_readings_accepted_total", "Readings stored in Redis.",
+		m->readings_accepted);
+	hub_buf_puts(o, "# HELP iot_hub_readings_rejected_total Readings refused, by code.\n"
+		     "# TYPE iot_hub_readings_rejected_total counter\n");
+	for (int i = 0; i < HUB_REJ__COUNT; i++)
+		hub_buf_printf(o, "iot_hub_readings_rejected_total{code=\"%s\"} %llu\n",
+			       hub_reject_names[i], (unsigned long long)m->readings_rejected[i]);
+	counter(o, "iot_hub_acks_total", "Acks sent to gateways.", m->acks_total);
+	counter(o, "iot_hub_announces_total", "Announce messages handled.", m->announces_total);
+	counter(o, "iot_hub_announce_rejected_total", "Announced devices refused.",
+		m->devices_rejected_total);
+	counter(o, "iot_hub_takeovers_total", "Gateway connections closed by a takeover.",
+		m->takeovers_total);
+	counter(o, "iot_hub_frames_too_large_total", "Connections closed with 1009.",
+		m->frames_too_large_total);
+	counter(o, "iot_hub_flow_paused_total", "Times a gateway socket stopped being read.",
+		m->flow_paused_total);
+	counter(o, "iot_hub_redis_connects_total", "Redis command-connection attempts.",
+		m->redis_reconnects_total);
+	counter(o, "iot_hub_redis_errors_total", "Redis error replies.", m->redis_errors_total);
+	gauge(o, "iot_hub_redis_up", "1 while the Redis command connection is up.",
+	      hub_redis_up(hub->redis) ? 1 : 0);
+	gauge(o, "iot_hub_redis_pending", "Redis commands awaiting a reply.",
+	      hub->redis ? (double)hub_redis_pending(hub->redis) : 0);
+	gauge(o, "iot_hub_device_types", "Device types loaded.",
+	      hub->schemas ? (double)schema_set_count(hub->schemas) : 0);
+	histogram(o, "iot_hub_redis_rtt_seconds", "Redis command round trip.", &m->redis_rtt);
+	histogram(o, "iot_hub_ack_latency_seconds", "Gateway frame received to ack queued.",
+		  &m->ack_latency);
+}
