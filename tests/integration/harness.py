@@ -1,0 +1,1029 @@
+"""Shared helpers for the iot-hub black-box integration tests.
+
+Every test file starts its own servers: a redis-server on a free loopback port
+(Redis), the hub binary on port 0 (Hub, which parses the `listening on
+HOST:PORT` line), and talks to them with python-websockets 10.4 (Debian's, so
+run the tests with /usr/bin/python3), raw sockets and a tiny RESP client.
+
+Environment (set by tests/CMakeLists.txt; defaults point into ./build):
+  HUB_BIN, HUB_TOKEN_BIN, HUB_SIM_BIN, HUB_SOURCE_DIR, HUB_BUILD_DIR
+  HUB_TEST_KEEP=1   keep temp dirs and print where hub logs are.
+
+No fixed ports, no sleeps as readiness: every wait polls a condition or waits
+for a line, and every wait has a deadline.
+"""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+try:
+    import websockets
+    import websockets.exceptions
+except ImportError:  # pragma: no cover - reported clearly below
+    websockets = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE_DIR = os.environ.get("HUB_SOURCE_DIR") or os.path.dirname(os.path.dirname(HERE))
+BUILD_DIR = os.environ.get("HUB_BUILD_DIR") or os.path.join(SOURCE_DIR, "build")
+HUB_BIN = os.environ.get("HUB_BIN") or os.path.join(BUILD_DIR, "iot-hub")
+TOKEN_BIN = os.environ.get("HUB_TOKEN_BIN") or os.path.join(BUILD_DIR, "tools", "iot-token")
+SIM_BIN = os.environ.get("HUB_SIM_BIN") or os.path.join(BUILD_DIR, "tools", "gw-sim")
+SCHEMAS_DIR = os.path.join(SOURCE_DIR, "deploy", "device-types")
+CERT_SCRIPT = os.path.join(SOURCE_DIR, "certs", "gen-dev-certs.sh")
+SUBPROTOCOL = "iot-gateway.v1"
+GATEWAY_PATH = "/v1/gateway"
+KEEP = os.environ.get("HUB_TEST_KEEP") == "1"
+
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer")
+
+
+# --------------------------------------------------------------------------
+# small utilities
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+_uniq = itertools.count(1)
+
+
+def uniq(prefix):
+    """A fresh id matching [A-Za-z0-9._:-]{1,128}, unique within this run."""
+    return "%s-%d-%d" % (prefix, os.getpid(), next(_uniq))
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout, interval=0.02, what="condition"):
+    """Polls pred() until it returns a truthy value; returns it. Fails the
+    test with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # keep polling; report the last error
+            last_exc = e
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s%s" % (
+                timeout, what, (" (last error: %r)" % last_exc) if last_exc else ""))
+        time.sleep(interval)
+
+
+def mkdtemp(prefix="iot-hub-it-"):
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def rmtree(path):
+    if path and not KEEP:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_file(path, data, mode=0o600):
+    if isinstance(data, str):
+        data = data.encode()
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+    return path
+
+
+def require_bin(path, name):
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise AssertionError("%s not built: %s does not exist (cmake -S . -B build && "
+                             "cmake --build build)" % (name, path))
+
+
+def require_hub():
+    if websockets is None:
+        raise AssertionError("python3-websockets missing: run the tests with /usr/bin/python3")
+    require_bin(HUB_BIN, "HUB_BIN")
+
+
+def child_pids(pid):
+    """Direct children of pid (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                st = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...
+        rest = st[st.rfind(")") + 2:].split()
+        if len(rest) > 1 and int(rest[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def proc_cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            st = f.read()
+    except OSError:
+        return False
+    state = st[st.rfind(")") + 2:].split()[0]
+    return state != "Z"
+
+
+# --------------------------------------------------------------------------
+# Redis: a private redis-server and a tiny RESP2 client
+
+class RedisError(Exception):
+    pass
+
+
+class Resp:
+    """Minimal synchronous RESP2 client. cmd() returns str / int / list /
+    None; a Redis error reply raises RedisError."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=5.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(timeout)
+        self.f = self.sock.makefile("rb")
+
+    def close(self):
+        try:
+            self.f.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+    @staticmethod
+    def encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, bytes):
+                b = a
+            else:
+                b = str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(out)
+
+    def _line(self):
+        line = self.f.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("redis connection closed")
+        return line[:-2]
+
+    def _read(self):
+        line = self._line()
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode(errors="replace")
+        if t == b"-":
+            return RedisError(rest.decode(errors="replace"))
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.f.read(n + 2)
+            if len(data) != n + 2:
+                raise ConnectionError("redis connection closed")
+            return data[:-2].decode(errors="replace")
+        if t == b"*":
+            n = int(rest)
+            if n < 0:
+                return None
+            return [self._read() for _ in range(n)]
+        raise ConnectionError("bad RESP type %r" % t)
+
+    def cmd(self, *args):
+        self.sock.sendall(self.encode(args))
+        r = self._read()
+        if isinstance(r, RedisError):
+            raise r
+        return r
+
+
+class Redis:
+    """A redis-server of our own on a free loopback port, no persistence."""
+
+    def __init__(self, port=None):
+        self.dir = mkdtemp("iot-hub-redis-")
+        self.proc = None
+        self._client = None
+        self.paused = False
+        fixed = port is not None
+        for attempt in range(5):
+            self.port = port if fixed else free_port()
+            if self._start():
+                return
+            if fixed:
+                break
+        raise AssertionError("redis-server did not start: %s" % self.log_tail())
+
+    @property
+    def url(self):
+        return "redis://127.0.0.1:%d" % self.port
+
+    def _start(self, timeout=10):
+        self.log_path = os.path.join(self.dir, "redis-%d.log" % self.port)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--dir", self.dir, "--protected-mode", "no"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.paused = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                c = Resp(self.port, timeout=1)
+                try:
+                    if c.cmd("PING") == "PONG":
+                        return True
+                finally:
+                    c.close()
+            except (OSError, ConnectionError, RedisError):
+                pass
+            time.sleep(0.02)
+        return False
+
+    def log_tail(self, n=20):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def _drop_client(self):
+        if self._client:
+            self._client.close()
+            self._client = None
+
+    def cmd(self, *args):
+        """Runs one command on a cached connection (reconnecting once if the
+        server was restarted)."""
+        if self.paused:
+            raise AssertionError("test bug: Redis.cmd while redis is paused")
+        for attempt in (0, 1):
+            try:
+                if self._client is None:
+                    self._client = Resp(self.port)
+                return self._client.cmd(*args)
+            except (OSError, ConnectionError):
+                self._drop_client()
+                if attempt:
+                    raise
+
+    def ping(self):
+        try:
+            return self.cmd("PING") == "PONG"
+        except (OSError, ConnectionError):
+            return False
+
+    # convenience
+    def xlen(self, key):
+        return self.cmd("XLEN", key)
+
+    def xrange(self, key):
+        """[(id, {field: value})] oldest first."""
+        out = []
+        for eid, fields in self.cmd("XRANGE", key, "-", "+") or []:
+            out.append((eid, dict(zip(fields[0::2], fields[1::2]))))
+        return out
+
+    def hgetall(self, key):
+        r = self.cmd("HGETALL", key) or []
+        return dict(zip(r[0::2], r[1::2]))
+
+    def cli(self, *args):
+        """redis-cli --raw, for the odd command the RESP client is not handy for."""
+        return subprocess.run(["redis-cli", "-p", str(self.port), "--raw", *map(str, args)],
+                              capture_output=True, text=True, timeout=10).stdout
+
+    # process control
+    def pause(self):
+        self._drop_client()
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def kill(self):
+        self._drop_client()
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.paused = False
+
+    def restart(self):
+        """Kills (if running) and starts a fresh, empty server on the same port."""
+        self.kill()
+        deadline = time.monotonic() + 10
+        while True:
+            if self._start():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("redis-server did not restart on port %d: %s"
+                                     % (self.port, self.log_tail()))
+            time.sleep(0.1)
+
+    def stop(self):
+        self._drop_client()
+        if self.proc and self.proc.poll() is None:
+            if self.paused:
+                self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        rmtree(self.dir)
+
+
+# --------------------------------------------------------------------------
+# the hub process
+
+def clean_env(extra=None):
+    """The test's environment without any IOT_HUB_* variable, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_HUB_")}
+    env.setdefault("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+class Hub:
+    """Runs HUB_BIN with args. Collects stderr (and stdout) in background
+    threads so the pipes never fill, and waits for `listening on HOST:PORT`."""
+
+    LISTEN_RE = re.compile(r"listening on (\S+):(\d+)")
+
+    def __init__(self, args, env=None, wait=True, timeout=15, tls=False, bin=None):
+        self.args = [bin or HUB_BIN] + [str(a) for a in args]
+        self.tls = tls
+        self.lines = []       # stderr lines
+        self.out_lines = []   # stdout lines
+        self.cond = threading.Condition()
+        self.port = None
+        self.host = None
+        self.log_dir = mkdtemp("iot-hub-log-")
+        self.log_path = os.path.join(self.log_dir, "hub.stderr")
+        self._log = open(self.log_path, "w")
+        self._log.write("# %s\n" % " ".join(self.args))
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=clean_env(env))
+        self.pid = self.proc.pid
+        self._threads = [
+            threading.Thread(target=self._reader, args=(self.proc.stderr, self.lines), daemon=True),
+            threading.Thread(target=self._reader, args=(self.proc.stdout, self.out_lines), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        if wait:
+            m = self.wait_line(self.LISTEN_RE, timeout)
+            self.host, self.port = m.group(1), int(m.group(2))
+            if self.port == 0:
+                raise AssertionError("hub printed port 0 in %r" % m.group(0))
+
+    def _reader(self, pipe, sink):
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self.cond:
+                sink.append(line)
+                if sink is self.lines:
+                    self._log.write(line + "\n")
+                    self._log.flush()
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    # output
+    def stderr_text(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def tail(self, n=30):
+        with self.cond:
+            return "\n".join(self.lines[-n:])
+
+    def describe(self):
+        return "hub stderr (%s), last lines:\n%s" % (self.log_path, self.tail())
+
+    def wait_line(self, pattern, timeout=10, start=0):
+        """Waits for a stderr line (index >= start) matching regex pattern.
+        Returns the match. Fails if the deadline passes or the hub exits."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        i = start
+        with self.cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    i += 1
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                exited = self.proc.poll() is not None and not any(t.is_alive() for t in self._threads[:1])
+                if exited:
+                    raise AssertionError("hub exited (rc=%s) before printing /%s/; %s" % (
+                        self.proc.returncode, rx.pattern, self._describe_locked()))
+                if left <= 0:
+                    raise AssertionError("no hub stderr line /%s/ within %.1fs; %s" % (
+                        rx.pattern, timeout, self._describe_locked()))
+                self.cond.wait(min(left, 0.1))
+
+    def _describe_locked(self):
+        return "hub stderr (%s), last lines:\n%s" % (self.log_path, "\n".join(self.lines[-30:]))
+
+    def line_count(self):
+        with self.cond:
+            return len(self.lines)
+
+    def sanitizer_report(self):
+        text = self.stderr_text()
+        for m in SANITIZER_MARKERS:
+            if m in text:
+                return m
+        return None
+
+    def check_sanitizers(self):
+        m = self.sanitizer_report()
+        if m:
+            raise AssertionError("sanitizer report (%r) in hub stderr; %s" % (m, self.describe()))
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def check_alive(self):
+        if not self.alive():
+            raise AssertionError("hub died (rc=%s); %s" % (self.proc.returncode, self.describe()))
+        self.check_sanitizers()
+
+    # urls
+    def url(self, path=GATEWAY_PATH, scheme=None):
+        scheme = scheme or ("wss" if self.tls else "ws")
+        return "%s://127.0.0.1:%d%s" % (scheme, self.port, path)
+
+    def http_url(self, path):
+        return self.url(path, scheme="https" if self.tls else "http")
+
+    # signals
+    def sighup(self):
+        self.proc.send_signal(signal.SIGHUP)
+
+    def wait_exit(self, timeout=10):
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        for t in self._threads:
+            t.join(5)
+        return rc
+
+    def stop(self, timeout=10):
+        """SIGTERM; asserts exit code 0 within timeout and no sanitizer
+        report. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.wait_exit(timeout)
+        if rc is None:
+            self.proc.kill()
+            self.wait_exit(5)
+            self._close_log()
+            raise AssertionError("hub did not exit within %ss of SIGTERM; %s" % (timeout, self.describe()))
+        self._close_log()
+        self.check_sanitizers()
+        if rc != 0:
+            raise AssertionError("hub exit code %s after SIGTERM (expected 0); %s" % (rc, self.describe()))
+        return rc
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.wait_exit(5)
+        self._close_log()
+
+    def _close_log(self):
+        try:
+            self._log.close()
+        except Exception:
+            pass
+
+    def cleanup(self):
+        self.kill()
+        if not KEEP:
+            rmtree(self.log_dir)
+
+
+def hub_args(redis, jwt_key_file, schemas=SCHEMAS_DIR, alg="HS256", extra=()):
+    r = redis.url if isinstance(redis, Redis) else redis
+    args = ["--listen", "127.0.0.1:0", "--schemas", schemas,
+            "--jwt-alg", alg, "--jwt-key", jwt_key_file]
+    if r is not None:
+        args += ["--redis", r]
+    return args + [str(a) for a in extra]
+
+
+# --------------------------------------------------------------------------
+# JWTs
+
+def b64url(b):
+    if isinstance(b, str):
+        b = b.encode()
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def jwt_encode(header, claims, key=None, signature=None):
+    """Compact JWT. header/claims are dicts (or raw bytes for malformed
+    ones). With key (bytes) the signature is HMAC-SHA256 over the signing
+    input, whatever alg the header names; `signature` (bytes) overrides."""
+    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    c = claims if isinstance(claims, bytes) else json.dumps(claims, separators=(",", ":")).encode()
+    signing_input = b64url(h) + "." + b64url(c)
+    if signature is None:
+        signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest() if key is not None else b""
+    return signing_input + "." + b64url(signature)
+
+
+def gw_claims(sub, devices=("t-*",), ttl=600, **extra):
+    """Gateway claims: sub, devices (None = no devices claim), exp = now+ttl
+    (ttl None = no exp)."""
+    c = {"sub": sub, "iat": int(time.time())}
+    if ttl is not None:
+        c["exp"] = int(time.time()) + ttl
+    if devices is not None:
+        c["devices"] = list(devices)
+    c.update(extra)
+    return c
+
+
+def hs256(claims, secret, header=None):
+    return jwt_encode(header or {"alg": "HS256", "typ": "JWT"}, claims, secret)
+
+
+def mint_tool(alg, key_file, sub, devices="t-*", ttl=600, iss=None, aud=None, extra=()):
+    """Mints a token with the project's iot-token tool."""
+    require_bin(TOKEN_BIN, "HUB_TOKEN_BIN")
+    cmd = [TOKEN_BIN, "jwt", "--alg", alg, "--key", key_file, "--sub", sub,
+           "--devices", devices, "--ttl", str(ttl)]
+    if iss is not None:
+        cmd += ["--iss", iss]
+    if aud is not None:
+        cmd += ["--aud", aud]
+    cmd += list(extra)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    if p.returncode != 0:
+        raise AssertionError("%s failed (rc=%d): %s" % (" ".join(cmd), p.returncode, p.stderr.strip()))
+    tok = p.stdout.strip().splitlines()[-1].strip() if p.stdout.strip() else ""
+    if tok.count(".") != 2:
+        raise AssertionError("%s printed no JWT: %r" % (" ".join(cmd), p.stdout))
+    return tok
+
+
+def jwt_parts(token):
+    h, c, s = token.split(".")
+    pad = lambda x: x + "=" * (-len(x) % 4)
+    return (json.loads(base64.urlsafe_b64decode(pad(h))),
+            json.loads(base64.urlsafe_b64decode(pad(c))),
+            base64.urlsafe_b64decode(pad(s)))
+
+
+_certs_cache = {}
+
+
+def dev_certs(client_cn=None):
+    """Runs certs/gen-dev-certs.sh into a temp dir (once per process and CN)
+    and returns the dir."""
+    if client_cn in _certs_cache:
+        return _certs_cache[client_cn]
+    if not os.path.isfile(CERT_SCRIPT):
+        raise AssertionError("certs/gen-dev-certs.sh missing: %s" % CERT_SCRIPT)
+    out = mkdtemp("iot-hub-certs-")
+    cmd = ["bash", CERT_SCRIPT, out]
+    if client_cn:
+        cmd += ["--client-cn", client_cn]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        raise AssertionError("%s failed (rc=%d): %s" % (" ".join(cmd), p.returncode,
+                                                         (p.stderr or p.stdout).strip()[-2000:]))
+    for f in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key",
+              "foreign-ca.pem", "foreign-client.pem", "foreign-client.key",
+              "jwt-rs256.key", "jwt-rs256.pub.pem", "jwt-es256.key", "jwt-es256.pub.pem",
+              "jwt-hs256.secret"):
+        if not os.path.isfile(os.path.join(out, f)):
+            raise AssertionError("gen-dev-certs.sh did not make %s in %s" % (f, out))
+    _certs_cache[client_cn] = out
+    return out
+
+
+# --------------------------------------------------------------------------
+# raw HTTP (for 401s: lws answers them as HTTP/1.0, which websockets 10.4
+# reports as an invalid response)
+
+def raw_http(port, request, ssl_ctx=None, server_hostname="127.0.0.1", timeout=5.0, host="127.0.0.1"):
+    """Sends request bytes, reads the response head (and body up to
+    Content-Length or close, unless 101). Returns (status, headers, body);
+    status is None when the server closed without answering. TLS handshake
+    errors propagate as ssl.SSLError / OSError."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        if ssl_ctx is not None:
+            sock = ssl_ctx.wrap_socket(sock, server_hostname=server_hostname)
+        sock.settimeout(timeout)
+        sock.sendall(request)
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in buf:
+            if time.monotonic() > deadline:
+                raise AssertionError("no complete HTTP response head within %.1fs: %r" % (timeout, buf[:200]))
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                chunk = b""
+            if not chunk:
+                if not buf:
+                    return None, {}, b""
+                break
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        lines = head.decode(errors="replace").split("\r\n")
+        m = re.match(r"HTTP/\d\.\d (\d{3})", lines[0])
+        if not m:
+            raise AssertionError("not an HTTP response: %r" % lines[0])
+        status = int(m.group(1))
+        headers = {}
+        for l in lines[1:]:
+            k, _, v = l.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status == 101:
+            return status, headers, body
+        want = int(headers["content-length"]) if "content-length" in headers else None
+        while want is None or len(body) < want:
+            if time.monotonic() > deadline:
+                break
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, ConnectionResetError, ssl.SSLError, OSError):
+                break
+            if not chunk:
+                break
+            body += chunk
+        return status, headers, body
+    finally:
+        sock.close()
+
+
+def upgrade_request(port, token=None, path=GATEWAY_PATH, subprotocol=SUBPROTOCOL,
+                    auth_header=None, extra_headers=()):
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET %s HTTP/1.1" % path,
+             "Host: 127.0.0.1:%d" % port,
+             "Upgrade: websocket",
+             "Connection: Upgrade",
+             "Sec-WebSocket-Key: %s" % key,
+             "Sec-WebSocket-Version: 13"]
+    if subprotocol is not None:
+        lines.append("Sec-WebSocket-Protocol: %s" % subprotocol)
+    if auth_header is not None:
+        lines.append("Authorization: %s" % auth_header)
+    elif token is not None:
+        lines.append("Authorization: Bearer %s" % token)
+    lines.extend(extra_headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), key
+
+
+def try_upgrade(hub, token=None, ssl_ctx=None, **kw):
+    """Raw WebSocket upgrade. Returns (status, headers, body); for a 101 it
+    also checks Sec-WebSocket-Accept and the subprotocol."""
+    req, key = upgrade_request(hub.port, token, **kw)
+    st, hdrs, body = raw_http(hub.port, req, ssl_ctx=ssl_ctx)
+    if st == 101:
+        want = base64.b64encode(hashlib.sha1(
+            (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        if hdrs.get("sec-websocket-accept") != want:
+            raise AssertionError("101 with a wrong Sec-WebSocket-Accept: %r" % hdrs)
+    return st, hdrs, body
+
+
+def http_get(hub, path, ssl_ctx=None, timeout=5, headers=None):
+    """GET over urllib. Returns (status, headers, body text)."""
+    req = urllib.request.Request(hub.http_url(path), headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ssl_ctx) as r:
+            return r.status, dict((k.lower(), v) for k, v in r.headers.items()), r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, dict((k.lower(), v) for k, v in e.headers.items()), e.read().decode(errors="replace")
+
+
+def parse_metrics(text):
+    """Prometheus text -> {(name, ((label, value), ...)): float}."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)', line)
+        if not m:
+            raise AssertionError("unparsable metrics line: %r" % line)
+        labels = tuple(sorted(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or "")))
+        out[(m.group(1), labels)] = float(m.group(4))
+    return out
+
+
+def metric_value(metrics, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`; None if
+    there is no such sample."""
+    total, found = 0.0, False
+    for (n, ls), v in metrics.items():
+        if n != name:
+            continue
+        d = dict(ls)
+        if all(d.get(k) == v2 for k, v2 in labels.items()):
+            total += v
+            found = True
+    return total if found else None
+
+
+# --------------------------------------------------------------------------
+# WebSocket gateway client (python-websockets 10.4, asyncio)
+
+def client_ssl_ctx(ca=None, cert=None, key=None):
+    ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def connect_gateway(hub, token, subprotocols=(SUBPROTOCOL,), path=GATEWAY_PATH,
+                          ssl_ctx=None, headers=None, timeout=5, compression="deflate"):
+    """Opens a gateway WebSocket. Returns a Gateway."""
+    hdrs = dict(headers or {})
+    if token is not None:
+        hdrs["Authorization"] = "Bearer %s" % token
+    kw = {}
+    if ssl_ctx is not None:
+        kw["ssl"] = ssl_ctx
+    ws = await asyncio.wait_for(websockets.connect(
+        hub.url(path), subprotocols=list(subprotocols) if subprotocols else None,
+        extra_headers=hdrs, open_timeout=timeout, close_timeout=2, max_size=None,
+        ping_interval=None, compression=compression, **kw), timeout + 1)
+    return Gateway(ws)
+
+
+async def recv_json(ws, timeout=5):
+    """Next message as JSON; fails on timeout or close."""
+    try:
+        raw = await asyncio.wait_for(ws.recv(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError("no message from the hub within %.1fs" % timeout) from None
+    except websockets.exceptions.ConnectionClosed as e:
+        raise AssertionError("connection closed while waiting for a message: code=%s reason=%r"
+                             % (ws.close_code, ws.close_reason)) from None
+    if not isinstance(raw, str):
+        raise AssertionError("hub sent a binary frame: %r" % raw[:100])
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise AssertionError("hub sent invalid JSON: %r" % raw[:300]) from None
+
+
+class Gateway:
+    """A connected gateway: sends messages and matches replies. Messages
+    that arrive while waiting for something else are kept in self.pending."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.pending = []
+
+    @property
+    def subprotocol(self):
+        return self.ws.subprotocol
+
+    async def send(self, obj):
+        await self.ws.send(obj if isinstance(obj, str) else json.dumps(obj))
+
+    async def wait_for(self, pred, timeout=5, what="a matching message"):
+        for i, m in enumerate(self.pending):
+            if pred(m):
+                return self.pending.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no %s within %.1fs; other messages: %s" % (
+                    what, timeout, json.dumps(self.pending)[:1500]))
+            try:
+                m = await recv_json(self.ws, left)
+            except AssertionError as e:
+                if "no message" in str(e):
+                    raise AssertionError("no %s within %.1fs; other messages: %s" % (
+                        what, timeout, json.dumps(self.pending)[:1500])) from None
+                raise AssertionError("%s (while waiting for %s; other messages: %s)" % (
+                    e, what, json.dumps(self.pending)[:1500])) from None
+            if pred(m):
+                return m
+            self.pending.append(m)
+
+    async def collect(self, timeout):
+        """Everything received within timeout (for 'nothing must arrive')."""
+        got = list(self.pending)
+        self.pending.clear()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return got
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except asyncio.TimeoutError:
+                return got
+            except websockets.exceptions.ConnectionClosed:
+                return got
+            got.append(json.loads(raw) if isinstance(raw, str) else raw)
+
+    async def announce(self, devices, timeout=5):
+        """devices: list of dicts, or (device, device_type[, labels]) tuples."""
+        ds = []
+        for d in devices:
+            if isinstance(d, dict):
+                ds.append(d)
+            else:
+                e = {"device": d[0], "device_type": d[1]}
+                if len(d) > 2:
+                    e["labels"] = d[2]
+                ds.append(e)
+        await self.send({"type": "announce", "devices": ds})
+        return await self.wait_for(lambda m: m.get("type") == "announced", timeout, "announced reply")
+
+    async def reply_for(self, seq, timeout=5):
+        """The ack or error that names seq."""
+        return await self.wait_for(
+            lambda m: m.get("type") in ("ack", "error") and m.get("seq") == seq,
+            timeout, "ack/error for seq %s" % seq)
+
+    async def telemetry(self, seq, readings, timeout=5):
+        """Sends one telemetry frame and returns the reply that names seq."""
+        await self.send({"type": "telemetry", "seq": seq, "readings": readings})
+        return await self.reply_for(seq, timeout)
+
+    async def wait_closed(self, timeout=5):
+        try:
+            await asyncio.wait_for(self.ws.wait_closed(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError("connection not closed within %.1fs" % timeout) from None
+        return self.ws.close_code
+
+    async def close(self):
+        try:
+            await asyncio.wait_for(self.ws.close(), 5)
+        except Exception:
+            pass
+
+    @property
+    def close_code(self):
+        return self.ws.close_code
+
+
+def reading(device, temperature=21.5, ts="now", **data):
+    """A thermostat reading; ts="now" stamps now_ms(), ts=None omits it."""
+    r = {"device": device, "data": dict(temperature=temperature, **data)}
+    if temperature is None:
+        del r["data"]["temperature"]
+    if ts == "now":
+        r["ts"] = now_ms()
+    elif ts is not None:
+        r["ts"] = ts
+    return r
+
+
+# --------------------------------------------------------------------------
+# test case base
+
+class HubTestCase(unittest.IsolatedAsyncioTestCase):
+    """Base class: checks the binaries, makes a temp dir with an HS256 secret
+    (cls.secret / cls.secret_file), and gives start_redis / start_hub that
+    clean up after themselves. Hubs started with start_hub(shared=True) in
+    setUpClass are checked (alive, no sanitizer report) after every test."""
+
+    _shared_hubs = ()
+
+    @classmethod
+    def setUpClass(cls):
+        require_hub()
+        cls.tmp = mkdtemp()
+        cls.secret = hashlib.sha256(os.urandom(32)).hexdigest().encode()
+        cls.secret_file = write_file(os.path.join(cls.tmp, "hs256.secret"), cls.secret)
+        cls._class_cleanups_list = []
+        cls._shared_hubs = []
+
+    @classmethod
+    def tearDownClass(cls):
+        errors = []
+        for fn in reversed(cls._class_cleanups_list):
+            try:
+                fn()
+            except Exception as e:
+                errors.append(e)
+        rmtree(cls.tmp)
+        if errors:
+            raise errors[0]
+
+    @classmethod
+    def class_redis(cls):
+        r = Redis()
+        cls._class_cleanups_list.append(r.stop)
+        return r
+
+    @classmethod
+    def class_hub(cls, redis, extra=(), **kw):
+        """A hub shared by the class's tests; stopped (exit 0 asserted) in
+        tearDownClass."""
+        key = kw.pop("jwt_key_file", cls.secret_file)
+        schemas = kw.pop("schemas", SCHEMAS_DIR)
+        alg = kw.pop("alg", "HS256")
+        h = Hub(hub_args(redis, key, schemas=schemas, alg=alg, extra=extra), **kw)
+
+        def stop():
+            try:
+                h.stop()
+            finally:
+                h.cleanup()
+        cls._class_cleanups_list.append(stop)
+        cls._shared_hubs.append(h)
+        return h
+
+    def start_redis(self):
+        r = Redis()
+        self.addCleanup(r.stop)
+        return r
+
+    def start_hub(self, redis, extra=(), args=None, **kw):
+        """A hub for this test only; killed at cleanup (call .stop() in the
+        test to assert a clean exit)."""
+        key = kw.pop("jwt_key_file", self.secret_file)
+        schemas = kw.pop("schemas", SCHEMAS_DIR)
+        alg = kw.pop("alg", "HS256")
+        if args is None:
+            args = hub_args(redis, key, schemas=schemas, alg=alg, extra=extra)
+        h = Hub(args, **kw)
+        self.addCleanup(h.cleanup)
+        self.addCleanup(h.check_sanitizers)
+        return h
+
+    def token(self, sub, devices=("t-*",), ttl=600, secret=None, **extra):
+        return hs256(gw_claims(sub, devices, ttl, **extra), secret or self.secret)
+
+    async def gateway(self, hub, sub=None, devices=("t-*",), token=None, **kw):
+        """Connects a gateway (fresh sub unless given). Closed at cleanup."""
+        sub = sub or uniq("gw")
+        gw = await connect_gateway(hub, token or self.token(sub, devices), **kw)
+        gw.sub = sub
+        self.addAsyncCleanup(gw.close)
+        return gw
+
+    async def asyncTearDown(self):
+        for h in self._shared_hubs:
+            h.check_alive()
+
+
+def main():
+    if websockets is None:
+        sys.stderr.write("python3-websockets missing: run with /usr/bin/python3\n")
+        sys.exit(2)
+    unittest.main(verbosity=2)
