@@ -1,0 +1,184 @@
+#include "hub/registry.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hub/hub.h"
+#include "hub/util.h"
+
+/* KEYS[1] = iot:gw:<gw>:seqs, KEYS[2] = iot:feed
+ * ARGV = seq, gw, window, device maxlen, feed maxlen, now ms, feed payload, n,
+ *        then n x (device, ts, data). */
+static const char store_lua[] =
+	"local seq = tonumber(ARGV[1])\n"
+	"if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end\n"
+	"local window = tonumber(ARGV[3])\n"
+	"local card = redis.call('ZCARD', KEYS[1])\n"
+	"if card >= window then\n"
+	"  local lo = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')\n"
+	"  if lo[2] and seq < tonumber(lo[2]) then return {0} end\n"
+	"end\n"
+	"local n = tonumber(ARGV[8])\n"
+	"local seen = {}\n"
+	"for i = 0, n - 1 do\n"
+	"  local dev = ARGV[9 + 3 * i]\n"
+	"  redis.call('XADD', 'iot:tm:' .. dev, 'MAXLEN', '~', ARGV[4], '*',\n"
+	"             'ts', ARGV[10 + 3 * i], 'data', ARGV[11 + 3 * i],\n"
+	"             'gw', ARGV[2], 'seq', ARGV[1])\n"
+	"  seen[dev] = true\n"
+	"end\n"
+	"for dev in pairs(seen) do\n"
+	"  redis.call('HSET', 'iot:dev:' .. dev, 'last_seen', ARGV[6])\n"
+	"end\n"
+	"local id = ''\n"
+	"if tonumber(ARGV[5]) > 0 then\n"
+	"  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',\n"
+	"                  'gw', ARGV[2], 'seq', ARGV[1], 'readings', ARGV[7])\n"
+	"end\n"
+	"redis.call('ZADD', KEYS[1], seq, ARGV[1])\n"
+	"if card + 1 > window then\n"
+	"  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, card - window)\n"
+	"end\n"
+	"redis.call('EXPIRE', KEYS[1], 2592000)\n"
+	"return {1, id}\n";
+
+/* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels). */
+static const char announce_lua[] =
+	"local n = tonumber(ARGV[5])\n"
+	"for i = 0, n - 1 do\n"
+	"  local dev, typ = ARGV[6 + 3 * i], ARGV[7 + 3 * i]\n"
+	"  local key = 'iot:dev:' .. dev\n"
+	"  local old = redis.call('HGET', key, 'type')\n"
+	"  if old and old ~= typ then redis.call('SREM', 'iot:type:' .. old, dev) end\n"
+	"  redis.call('HSET', key, 'type', typ, 'labels', ARGV[8 + 3 * i],\n"
+	"             'gateway', ARGV[1], 'conn', ARGV[2], 'instance', ARGV[3],\n"
+	"             'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
+	"  redis.call('SADD', 'iot:devices', dev)\n"
+	"  redis.call('SADD', 'iot:type:' .. typ, dev)\n"
+	"end\n"
+	"return n\n";
+
+/* ARGV = conn, now ms, then devices. */
+static const char offline_lua[] =
+	"local c = 0\n"
+	"for i = 3, #ARGV do\n"
+	"  local key = 'iot:dev:' .. ARGV[i]\n"
+	"  if redis.call('HGET', key, 'conn') == ARGV[1] then\n"
+	"    redis.call('HSET', key, 'online', '0', 'last_seen', ARGV[2])\n"
+	"    c = c + 1\n"
+	"  end\n"
+	"end\n"
+	"return c\n";
+
+static int script_store, script_announce, script_offline;
+
+void hub_registry_init(struct hub *hub)
+{
+	script_store = hub_redis_add_script(hub->redis, store_lua);
+	script_announce = hub_redis_add_script(hub->redis, announce_lua);
+	script_offline = hub_redis_add_script(hub->redis, offline_lua);
+}
+
+int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
+			  const struct hub_announce_item *items, size_t n,
+			  hub_redis_cb cb, void *arg)
+{
+	size_t argc = 8 + 3 * n;
+	const char **argv = hub_xmalloc(argc * sizeof(*argv));
+	size_t *lens = hub_xmalloc(argc * sizeof(*lens));
+	char now[24], count[24];
+	int rc;
+
+	snprintf(now, sizeof(now), "%lld", (long long)hub_now_ms());
+	snprintf(count, sizeof(count), "%zu", n);
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(hub->redis, script_announce);
+	argv[2] = "0";
+	argv[3] = gateway;
+	argv[4] = conn;
+	argv[5] = hub->instance_id;
+	argv[6] = now;
+	argv[7] = count;
+	for (size_t i = 0; i < 8; i++)
+		lens[i] = strlen(argv[i]);
+	for (size_t i = 0; i < n; i++) {
+		argv[8 + 3 * i] = items[i].device;
+		lens[8 + 3 * i] = strlen(items[i].device);
+		argv[9 + 3 * i] = items[i].type;
+		lens[9 + 3 * i] = strlen(items[i].type);
+		argv[10 + 3 * i] = items[i].labels;
+		lens[10 + 3 * i] = items[i].labels_len;
+	}
+	rc = hub_redis_command_argv(hub->redis, cb, arg, (int)argc, argv, lens);
+	free(argv);
+	free(lens);
+	return rc;
+}
+
+void hub_registry_offline(struct hub *hub, const char *conn,
+			  const char *const *devices, size_t n)
+{
+	size_t argc = 5 + n;
+	const char **argv = hub_xmalloc(argc * sizeof(*argv));
+	char now[24];
+
+	snprintf(now, sizeof(now), "%lld", (long long)hub_now_ms());
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(hub->redis, script_offline);
+	argv[2] = "0";
+	argv[3] = conn;
+	argv[4] = now;
+	for (size_t i = 0; i < n; i++)
+		argv[5 + i] = devices[i];
+	hub_redis_command_argv(hub->redis, NULL, NULL, (int)argc, argv, NULL);
+	free(argv);
+}
+
+int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
+		    const struct hub_store_reading *r, size_t n,
+		    const char *feed, size_t feed_len,
+		    hub_redis_cb cb, void *arg)
+{
+	size_t argc = 13 + 3 * n;
+	const char **argv = hub_xmalloc(argc * sizeof(*argv));
+	size_t *lens = hub_xmalloc(argc * sizeof(*lens));
+	char seqkey[HUB_ID_MAX + 32], seqs[24], window[24], devmax[24], feedmax[24];
+	char now[24], count[24];
+	int rc;
+
+	snprintf(seqkey, sizeof(seqkey), "iot:gw:%s:seqs", gateway);
+	snprintf(seqs, sizeof(seqs), "%lld", (long long)seq);
+	snprintf(window, sizeof(window), "%d", hub->cfg.seq_window);
+	snprintf(devmax, sizeof(devmax), "%ld", hub->cfg.device_stream_maxlen);
+	snprintf(feedmax, sizeof(feedmax), "%ld", hub->cfg.feed_stream_maxlen);
+	snprintf(now, sizeof(now), "%lld", (long long)hub_now_ms());
+	snprintf(count, sizeof(count), "%zu", n);
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(hub->redis, script_store);
+	argv[2] = "2";
+	argv[3] = seqkey;
+	argv[4] = "iot:feed";
+	argv[5] = seqs;
+	argv[6] = gateway;
+	argv[7] = window;
+	argv[8] = devmax;
+	argv[9] = feedmax;
+	argv[10] = now;
+	argv[11] = feed;
+	argv[12] = count;
+	for (size_t i = 0; i < 13; i++)
+		lens[i] = i == 11 ? feed_len : strlen(argv[i]);
+	for (size_t i = 0; i < n; i++) {
+		argv[13 + 3 * i] = r[i].device;
+		lens[13 + 3 * i] = strlen(r[i].device);
+		argv[14 + 3 * i] = r[i].ts;
+		lens[14 + 3 * i] = r[i].ts_len;
+		argv[15 + 3 * i] = r[i].data;
+		lens[15 + 3 * i] = r[i].data_len;
+	}
+	rc = hub_redis_command_argv(hub->redis, cb, arg, (int)argc, argv, lens);
+	free(argv);
+	free(lens);
+	return rc;
+}

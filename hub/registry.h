@@ -1,0 +1,55 @@
+/*
+ * registry.h - what the hub writes to Redis for gateways: the device registry
+ * (announce, offline) and the telemetry store (one frame = one atomic Lua call
+ * that checks the gateway's seq window, XADDs every accepted reading and the
+ * frame's feed entry, and records the seq). Key layout: docs/streams.md.
+ * Each call queues one command on the bus and returns 0 (cb runs once) or -1
+ * when Redis is down (cb does not run).
+ */
+#ifndef HUB_REGISTRY_H
+#define HUB_REGISTRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hub/redis.h"
+
+struct hub;
+
+/* Registers the scripts; before hub_redis_start(). */
+void hub_registry_init(struct hub *hub);
+
+struct hub_announce_item {
+	const char *device;
+	const char *type;
+	const char *labels;   /* JSON object text */
+	size_t labels_len;
+};
+
+/* Marks devices online, owned by conn (a connection id), with type and labels.
+ * Reply: integer count. */
+int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
+			  const struct hub_announce_item *items, size_t n,
+			  hub_redis_cb cb, void *arg);
+
+/* Marks devices offline, but only those still owned by conn (a takeover on any
+ * instance moved the others). Fire and forget. */
+void hub_registry_offline(struct hub *hub, const char *conn,
+			  const char *const *devices, size_t n);
+
+struct hub_store_reading {
+	const char *device;
+	const char *ts;        /* decimal ms */
+	size_t ts_len;
+	const char *data;      /* compact JSON object */
+	size_t data_len;
+};
+
+/* Stores one telemetry frame. Reply: array {1, feed-id} when stored, {0} when
+ * the seq was already durable (nothing stored), or an error reply. */
+int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
+		    const struct hub_store_reading *r, size_t n,
+		    const char *feed, size_t feed_len,
+		    hub_redis_cb cb, void *arg);
+
+#endif
