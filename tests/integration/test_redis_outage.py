@@ -1,0 +1,158 @@
+"""Redis outages (CONTRACT §2): while Redis is unreachable the hub answers
+`unavailable` with the seq and retry_after_ms and never acks; it reconnects by
+itself when Redis is back on the same port, and resent frames are stored
+exactly once."""
+
+import asyncio
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import HubTestCase, Redis, free_port, http_get, main, reading, uniq, wait_until  # noqa: E402
+
+
+class RedisOutage(HubTestCase):
+    def readyz(self, hub):
+        try:
+            return http_get(hub, "/readyz", timeout=2)[0]
+        except OSError:
+            return None
+
+    async def wait_ready(self, hub, want=200, timeout=15):
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.readyz(hub)
+            if st == want:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("/readyz still %s after %ss (want %s); %s" % (st, timeout, want, hub.describe()))
+            await asyncio.sleep(0.05)
+
+    async def gw_dev(self, hub):
+        gw = await self.gateway(hub)
+        d = uniq("t")
+        rep = await gw.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        return gw, d
+
+    def assert_unavailable(self, m, seq):
+        self.assertEqual((m.get("type"), m.get("code"), m.get("seq")), ("error", "unavailable", seq), m)
+        ra = m.get("retry_after_ms")
+        self.assertTrue(isinstance(ra, int) and ra > 0, "unavailable without retry_after_ms: %r" % m)
+
+    async def resend_until_acked(self, gw, seq, readings, timeout=15):
+        deadline = time.monotonic() + timeout
+        while True:
+            rep = await gw.telemetry(seq, readings, timeout=max(1, deadline - time.monotonic()))
+            if rep.get("type") == "ack":
+                return rep
+            self.assert_unavailable(rep, seq)
+            if time.monotonic() > deadline:
+                raise AssertionError("seq %d still unavailable after %ss" % (seq, timeout))
+            await asyncio.sleep(0.05)
+
+    async def test_kill_mid_stream_and_restart(self):
+        redis = self.start_redis()
+        hub = self.start_hub(redis)
+        gw, d = await self.gw_dev(hub)
+        frames = {seq: [reading(d, float(seq))] for seq in range(1, 61)}
+        replies = {}
+        sent_at = {}
+        killed_at = []
+
+        async def sender():
+            for seq in range(1, 61):
+                sent_at[seq] = time.monotonic()
+                await gw.send({"type": "telemetry", "seq": seq, "readings": frames[seq]})
+                await asyncio.sleep(0.01)
+
+        async def receiver():
+            while len(replies) < 60:
+                m = await gw.wait_for(lambda m: m.get("type") in ("ack", "error"), 10, "ack/error")
+                self.assertNotIn(m.get("seq"), replies, "two replies for seq %s: %r then %r"
+                                 % (m.get("seq"), replies.get(m.get("seq")), m))
+                replies[m["seq"]] = m
+                if m["seq"] == 10 and m["type"] == "ack":
+                    redis.kill()
+                    killed_at.append(time.monotonic())
+
+        await asyncio.wait_for(asyncio.gather(sender(), receiver()), 40)
+        acked = sorted(s for s, m in replies.items() if m["type"] == "ack")
+        unavailable = sorted(s for s, m in replies.items() if m["type"] != "ack")
+        self.assertIn(10, acked)
+        self.assertGreater(len(unavailable), 0, "no unavailable after Redis was killed: %r" % replies)
+        for s in unavailable:
+            self.assert_unavailable(replies[s], s)
+        self.assertTrue(killed_at, "seq 10 was not acked: %r" % replies.get(10))
+        late = [s for s in acked if sent_at[s] > killed_at[0]]
+        self.assertEqual(late, [], "acks for frames sent after Redis was killed (they cannot be durable)")
+        self.assertEqual(self.readyz(hub), 503, "/readyz while Redis is down")
+
+        redis.restart()  # same port, empty
+        await self.wait_ready(hub, 200, 15)
+        self.assertIsNone(gw.close_code, "the gateway connection should survive the outage")
+        for s in unavailable:
+            rep = await self.resend_until_acked(gw, s, frames[s])
+            self.assertEqual(rep.get("accepted"), 1, rep)
+        for s in unavailable[:5]:  # and once more: acked, not stored again
+            rep = await gw.telemetry(s, frames[s])
+            self.assertEqual(rep.get("type"), "ack", rep)
+        stored = sorted(int(f["seq"]) for _, f in redis.xrange("iot:tm:" + d))
+        self.assertEqual(stored, unavailable, "resent frames should be stored exactly once")
+        hub.stop()
+
+    async def test_stall_timeout_then_resend_stored_once(self):
+        # Redis stalls (SIGSTOP) longer than redis-timeout-ms: the hub answers
+        # unavailable; on SIGCONT Redis may still run the stalled write, so the
+        # resend must not store the frame a second time.
+        redis = self.start_redis()
+        hub = self.start_hub(redis, extra=["--redis-timeout-ms", "300", "--redis-backoff-max-ms", "200"])
+        gw, d = await self.gw_dev(hub)
+        rep = await gw.telemetry(1, [reading(d, 1.0)])
+        self.assertEqual(rep.get("type"), "ack", rep)
+        feed0 = redis.xlen("iot:feed")
+        r2 = [reading(d, 2.0)]
+        redis.pause()
+        try:
+            t0 = time.monotonic()
+            rep = await gw.telemetry(2, r2, timeout=5)
+            took = time.monotonic() - t0
+            self.assert_unavailable(rep, 2)
+        finally:
+            redis.resume()
+        self.assertLess(took, 3, "unavailable took %.1fs with redis-timeout-ms 300" % took)
+        await self.wait_ready(hub, 200, 15)
+        rep = await self.resend_until_acked(gw, 2, r2)
+        stored = [int(f["seq"]) for _, f in redis.xrange("iot:tm:" + d)]
+        self.assertEqual(stored, [1, 2], "frame stored %d times after a stall + resend" % stored.count(2))
+        self.assertEqual(redis.xlen("iot:feed"), feed0 + 1)
+        hub.stop()
+
+    async def test_hub_starts_without_redis(self):
+        port = free_port()
+        hub = self.start_hub(None, extra=["--redis", "redis://127.0.0.1:%d" % port])
+        self.assertEqual(http_get(hub, "/healthz")[0], 200)
+        self.assertEqual(self.readyz(hub), 503)
+        gw = await self.gateway(hub)
+        d = uniq("t")
+        await gw.send({"type": "announce", "devices": [{"device": d, "device_type": "thermostat"}]})
+        ann = await gw.wait_for(lambda m: m.get("type") in ("announced", "error"), 10, "reply to announce")
+        await gw.send({"type": "telemetry", "seq": 1, "readings": [reading(d)]})
+        m = await gw.wait_for(lambda m: m.get("seq") == 1, 10, "reply for seq 1")
+        if d in (ann.get("accepted") or []):
+            self.assert_unavailable(m, 1)
+        else:  # the hub may refuse announces while Redis is down; it still must not store
+            self.assertFalse(m.get("type") == "ack" and m.get("accepted"), "ack without Redis: %r" % m)
+        redis = Redis(port=port)
+        self.addCleanup(redis.stop)
+        await self.wait_ready(hub, 200, 15)
+        rep = await gw.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        rep = await self.resend_until_acked(gw, 1, [reading(d, 3.0)])
+        self.assertEqual(redis.xlen("iot:tm:" + d), 1)
+        hub.stop()
+
+
+if __name__ == "__main__":
+    main()
