@@ -1,0 +1,858 @@
+#include "protocols/gateway.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "hub/hub.h"
+#include "hub/log.h"
+#include "hub/ratelimit.h"
+#include "hub/redis.h"
+#include "hub/registry.h"
+#include "hub/util.h"
+#include "protocols/gw_codec.h"
+#include "protocols/schema.h"
+
+#define TAKEOVER_CHANNEL "iot:ctl:takeover"
+#define MAX_FIELD_ERRORS 8
+#define RX_KEEP_BYTES    (16 * 1024)  /* reassembly buffer kept between frames */
+#define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
+#define CLOSE_TAKEOVER   4001
+
+struct gw_conn;
+
+/* A device announced on this connection. */
+struct gw_dev {
+	const schema_type *type;   /* valid while type_gen == hub->schemas_gen */
+	uint32_t type_gen;
+	hub_bucket bucket;
+	char type_name[HUB_ID_MAX + 1];
+};
+
+/* One message to the gateway, queued in order. `waiting` replies await Redis;
+ * the writer only sends from the head, so replies leave in arrival order. */
+struct gw_reply {
+	struct gw_reply *next;
+	struct gw_conn *conn;
+	bool waiting;
+	bool is_announce;
+	int64_t seq;
+	int64_t t0_us;
+	unsigned accepted;
+	hub_buf rejected;          /* JSON array entries, comma separated */
+	hub_buf out;               /* LWS_PRE headroom + message */
+};
+
+struct gw_conn {
+	struct lws *wsi;           /* NULL once closed */
+	struct hub *hub;
+	uint64_t serial;
+	char gw[HUB_ID_MAX + 1];
+	char conn_id[HUB_ID_MAX * 2 + 32];
+	auth_principal who;
+	hub_strmap devices;        /* device id -> struct gw_dev * */
+	hub_bucket bucket;
+	hub_buf rx;                /* fragment reassembly, capped */
+	struct gw_reply *head, *tail;
+	unsigned queued, waiting;
+	unsigned refs;             /* the wsi + replies awaiting Redis */
+	bool paused, closing, draining;
+	int close_code;
+	const char *close_reason;
+};
+
+struct gw_pss {
+	struct gw_conn *conn;
+};
+
+/* ---- connection and reply lifetime --------------------------------------- */
+
+static void free_dev(const char *key, void *value, void *arg)
+{
+	(void)key;
+	(void)arg;
+	free(value);
+}
+
+static void conn_unref(struct gw_conn *c)
+{
+	if (--c->refs)
+		return;
+	hub_strmap_foreach(&c->devices, free_dev, NULL);
+	hub_strmap_free(&c->devices);
+	hub_buf_free(&c->rx);
+	auth_principal_clear(&c->who);
+	free(c);
+}
+
+static struct gw_reply *reply_new(struct gw_conn *c)
+{
+	struct gw_reply *r = hub_xcalloc(1, sizeof(*r));
+
+	r->conn = c;
+	r->t0_us = hub_mono_us();
+	r->seq = -1;
+	hub_buf_reserve(&r->out, LWS_PRE + 160);
+	memset(r->out.data, 0, LWS_PRE);
+	r->out.len = LWS_PRE;
+	return r;
+}
+
+static void reply_free(struct gw_reply *r)
+{
+	hub_buf_free(&r->rejected);
+	hub_buf_free(&r->out);
+	free(r);
+}
+
+static void conn_update_flow(struct gw_conn *c)
+{
+	struct hub_config *cfg = &c->hub->cfg;
+	bool over = c->waiting >= (unsigned)cfg->max_inflight_frames ||
+		    c->queued >= (unsigned)cfg->max_inflight_frames + QUEUE_SLACK;
+
+	if (!c->wsi || c->draining || c->closing)
+		return;
+	if (over && !c->paused) {
+		c->paused = true;
+		c->hub->metrics.flow_paused_total++;
+		lws_rx_flow_control(c->wsi, 0);
+	} else if (!over && c->paused) {
+		c->paused = false;
+		lws_rx_flow_control(c->wsi, 1);
+	}
+}
+
+static void enqueue(struct gw_conn *c, struct gw_reply *r)
+{
+	if (c->tail)
+		c->tail->next = r;
+	else
+		c->head = r;
+	c->tail = r;
+	c->queued++;
+	if (r->waiting) {
+		c->waiting++;
+		c->refs++;
+	}
+	conn_update_flow(c);
+	if (!r->waiting && c->head == r)
+		lws_callback_on_writable(c->wsi);
+}
+
+/* A waiting reply got its answer: the writer may send it when it is at the
+ * head. Returns false when the connection is gone (the reply was freed). */
+static bool reply_ready(struct gw_reply *r)
+{
+	struct gw_conn *c = r->conn;
+
+	r->waiting = false;
+	c->waiting--;
+	if (!c->wsi) {
+		/* Closed meanwhile: nobody to tell. */
+		reply_free(r);
+		conn_unref(c);
+		return false;
+	}
+	conn_unref(c);
+	conn_update_flow(c);
+	if (c->head == r)
+		lws_callback_on_writable(c->wsi);
+	return true;
+}
+
+static void queue_error(struct gw_conn *c, const char *code, int64_t seq,
+			int64_t retry_after_ms, const char *message)
+{
+	struct gw_reply *r = reply_new(c);
+
+	gw_write_error(&r->out, code, seq, retry_after_ms, message);
+	enqueue(c, r);
+}
+
+static void conn_close(struct gw_conn *c, int code, const char *reason)
+{
+	if (!c->wsi || c->closing)
+		return;
+	c->closing = true;
+	c->close_code = code;
+	c->close_reason = reason;
+	lws_callback_on_writable(c->wsi);
+}
+
+/* ---- telemetry ----------------------------------------------------------- */
+
+static void finish_ack(struct gw_reply *r, bool duplicate)
+{
+	struct hub *hub = r->conn->hub;
+
+	hub_buf_printf(&r->out, "{\"type\":\"ack\",\"seq\":%lld,\"accepted\":%u,\"rejected\":[",
+		       (long long)r->seq, r->accepted);
+	if (r->rejected.len)
+		hub_buf_append(&r->out, r->rejected.data, r->rejected.len);
+	hub_buf_puts(&r->out, duplicate ? "],\"duplicate\":true}" : "]}");
+	hub->metrics.acks_total++;
+	hub->metrics.frames[duplicate ? HUB_FRAME_DUPLICATE : HUB_FRAME_ACKED]++;
+	hub_hist_observe(&hub->metrics.ack_latency,
+			 (double)(hub_mono_us() - r->t0_us) / 1e6);
+}
+
+static void on_stored(redisReply *reply, void *arg)
+{
+	struct gw_reply *r = arg;
+	struct hub *hub = r->conn->hub;
+
+	if (r->conn->wsi) {
+		if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1 &&
+		    reply->element[0]->type == REDIS_REPLY_INTEGER) {
+			bool dup = reply->element[0]->integer == 0;
+			if (!dup)
+				hub->metrics.readings_accepted += r->accepted;
+			finish_ack(r, dup);
+		} else {
+			if (reply && reply->type == REDIS_REPLY_ERROR)
+				hub_err("gateway %s: store failed: %s", r->conn->gw, reply->str);
+			hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
+			gw_write_error(&r->out, "unavailable", r->seq, hub->cfg.retry_after_ms,
+				       "telemetry store unavailable; resend this frame later");
+		}
+	}
+	reply_ready(r);
+}
+
+static void reject(hub_buf *b, size_t index, const gw_reading *rd, enum hub_reject_code code)
+{
+	if (b->len)
+		hub_buf_puts(b, ",");
+	hub_buf_printf(b, "{\"index\":%zu,", index);
+	if (rd->device) {
+		hub_buf_puts(b, "\"device\":");
+		hub_buf_json_str(b, rd->device, rd->device_len);
+		hub_buf_puts(b, ",");
+	}
+	hub_buf_printf(b, "\"code\":\"%s\"", hub_reject_names[code]);
+}
+
+static void reject_errors(hub_buf *b, const schema_error *errs, int n, int total)
+{
+	hub_buf_puts(b, ",\"errors\":[");
+	for (int i = 0; i < n; i++) {
+		hub_buf_puts(b, i ? ",{\"path\":" : "{\"path\":");
+		hub_buf_json_str(b, errs[i].path, strlen(errs[i].path));
+		hub_buf_puts(b, ",\"code\":");
+		hub_buf_json_str(b, errs[i].code, strlen(errs[i].code));
+		hub_buf_puts(b, ",\"message\":");
+		hub_buf_json_str(b, errs[i].message, strlen(errs[i].message));
+		hub_buf_puts(b, "}");
+	}
+	hub_buf_puts(b, "]");
+	if (total > n)
+		hub_buf_printf(b, ",\"more_errors\":%d", total - n);
+}
+
+static const schema_type *dev_type(struct hub *hub, struct gw_dev *d)
+{
+	if (d->type_gen != hub->schemas_gen) {
+		d->type = schema_set_find(hub->schemas, d->type_name, strlen(d->type_name));
+		d->type_gen = hub->schemas_gen;
+	}
+	return d->type;
+}
+
+struct stored_ref {
+	const char *device;
+	size_t ts_off, ts_len, data_off, data_len;
+};
+
+static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
+{
+	struct hub *hub = c->hub;
+	struct hub_config *cfg = &hub->cfg;
+	size_t n = json_array_size(msg->items);
+	int64_t now_ms = hub_now_ms(), now_us = hub_mono_us();
+	struct gw_reply *r = reply_new(c);
+	struct stored_ref *refs = NULL;
+	hub_buf vals = { 0 }, feed = { 0 };
+	size_t nacc = 0;
+
+	r->seq = msg->seq;
+	if (!hub_redis_up(hub->redis)) {
+		hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
+		gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
+			       "telemetry store unavailable; resend this frame later");
+		enqueue(c, r);
+		return;
+	}
+	if (n)
+		refs = hub_xmalloc(n * sizeof(*refs));
+	hub_buf_puts(&feed, "[");
+	for (size_t i = 0; i < n; i++) {
+		json_t *item = json_array_get(msg->items, i);
+		schema_error errs[MAX_FIELD_ERRORS];
+		gw_reading rd;
+		struct gw_dev *d;
+		const schema_type *t;
+		int64_t wait_ms;
+		int nerr;
+
+		if (gw_reading_parse(item, &rd, &errs[0])) {
+			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
+			reject_errors(&r->rejected, errs, 1, 1);
+			hub_buf_puts(&r->rejected, "}");
+			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
+			continue;
+		}
+		if (!auth_patterns_match(&c->who.devices, rd.device)) {
+			reject(&r->rejected, i, &rd, HUB_REJ_UNAUTHORIZED_DEVICE);
+			hub_buf_puts(&r->rejected, ",\"message\":\"device not allowed by the token's devices claim\"}");
+			hub->metrics.readings_rejected[HUB_REJ_UNAUTHORIZED_DEVICE]++;
+			continue;
+		}
+		d = hub_strmap_get(&c->devices, rd.device, rd.device_len);
+		if (!d) {
+			reject(&r->rejected, i, &rd, HUB_REJ_UNKNOWN_DEVICE);
+			hub_buf_puts(&r->rejected, ",\"message\":\"device not announced on this connection\"}");
+			hub->metrics.readings_rejected[HUB_REJ_UNKNOWN_DEVICE]++;
+			continue;
+		}
+		if (rd.has_ts && (rd.ts > now_ms + (int64_t)cfg->clock_skew_future_s * 1000 ||
+				  rd.ts < now_ms - (int64_t)cfg->clock_skew_past_s * 1000)) {
+			reject(&r->rejected, i, &rd, HUB_REJ_CLOCK_SKEW);
+			hub_buf_printf(&r->rejected, ",\"message\":\"ts is outside [now-%ds, now+%ds]\",\"hub_time\":%lld}",
+				       cfg->clock_skew_past_s, cfg->clock_skew_future_s,
+				       (long long)now_ms);
+			hub->metrics.readings_rejected[HUB_REJ_CLOCK_SKEW]++;
+			continue;
+		}
+		t = dev_type(hub, d);
+		if (!t) {
+			schema_error e = { .code = "device_type" };
+			snprintf(e.path, sizeof(e.path), "device_type");
+			snprintf(e.message, sizeof(e.message), "device type \"%.64s\" is no longer loaded",
+				 d->type_name);
+			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
+			reject_errors(&r->rejected, &e, 1, 1);
+			hub_buf_puts(&r->rejected, "}");
+			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
+			continue;
+		}
+		nerr = schema_validate(schema_type_telemetry(t), rd.data, "data", errs,
+				       MAX_FIELD_ERRORS);
+		if (nerr) {
+			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
+			reject_errors(&r->rejected, errs,
+				      nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS, nerr);
+			hub_buf_puts(&r->rejected, "}");
+			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
+			continue;
+		}
+		wait_ms = hub_bucket_take(&d->bucket, cfg->device_rate, cfg->device_burst, 1, now_us);
+		if (!wait_ms) {
+			wait_ms = hub_bucket_take(&c->bucket, cfg->gateway_rate, cfg->gateway_burst,
+						  1, now_us);
+			if (wait_ms)
+				d->bucket.tokens += 1; /* refund: the gateway bucket said no */
+		}
+		if (wait_ms) {
+			reject(&r->rejected, i, &rd, HUB_REJ_RATE_LIMITED);
+			hub_buf_printf(&r->rejected, ",\"retry_after_ms\":%lld}", (long long)wait_ms);
+			hub->metrics.readings_rejected[HUB_REJ_RATE_LIMITED]++;
+			continue;
+		}
+
+		/* Accepted: serialize once, for the device stream and the feed. */
+		struct stored_ref *s = &refs[nacc++];
+		int64_t ts = rd.has_ts ? rd.ts : now_ms;
+		s->device = rd.device;
+		s->ts_off = vals.len;
+		hub_buf_printf(&vals, "%lld", (long long)ts);
+		s->ts_len = vals.len - s->ts_off;
+		s->data_off = vals.len;
+		size_t need = json_dumpb(rd.data, NULL, 0, JSON_COMPACT);
+		hub_buf_reserve(&vals, need);
+		vals.len += json_dumpb(rd.data, vals.data + vals.len, need, JSON_COMPACT);
+		s->data_len = vals.len - s->data_off;
+		if (nacc > 1)
+			hub_buf_puts(&feed, ",");
+		hub_buf_puts(&feed, "{\"device\":");
+		hub_buf_json_str(&feed, rd.device, rd.device_len);
+		hub_buf_printf(&feed, ",\"ts\":%lld,\"data\":", (long long)ts);
+		hub_buf_append(&feed, vals.data + s->data_off, s->data_len);
+		hub_buf_puts(&feed, "}");
+	}
+	hub_buf_puts(&feed, "]");
+	r->accepted = (unsigned)nacc;
+
+	if (!nacc) {
+		/* Nothing to store: the ack can go at once (after earlier replies). */
+		finish_ack(r, false);
+		enqueue(c, r);
+	} else {
+		struct hub_store_reading *sr = hub_xmalloc(nacc * sizeof(*sr));
+		for (size_t i = 0; i < nacc; i++) {
+			sr[i].device = refs[i].device;
+			sr[i].ts = vals.data + refs[i].ts_off;
+			sr[i].ts_len = refs[i].ts_len;
+			sr[i].data = vals.data + refs[i].data_off;
+			sr[i].data_len = refs[i].data_len;
+		}
+		r->waiting = true;
+		if (hub_store_frame(hub, c->gw, msg->seq, sr, nacc, feed.data, feed.len,
+				    on_stored, r)) {
+			r->waiting = false;
+			hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
+			gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
+				       "telemetry store unavailable; resend this frame later");
+		}
+		enqueue(c, r);
+		free(sr);
+	}
+	free(refs);
+	hub_buf_free(&vals);
+	hub_buf_free(&feed);
+}
+
+/* ---- announce ------------------------------------------------------------ */
+
+static void on_announced(redisReply *reply, void *arg)
+{
+	struct gw_reply *r = arg;
+
+	if (r->conn->wsi) {
+		if (reply && reply->type == REDIS_REPLY_INTEGER) {
+			hub_buf_append(&r->out, r->rejected.data, r->rejected.len);
+		} else {
+			if (reply && reply->type == REDIS_REPLY_ERROR)
+				hub_err("gateway %s: announce failed: %s", r->conn->gw, reply->str);
+			gw_write_error(&r->out, "unavailable", -1, r->conn->hub->cfg.retry_after_ms,
+				       "device registry unavailable; announce again later");
+		}
+	}
+	reply_ready(r);
+}
+
+static void announce_reject(hub_buf *rej, const gw_announce *a, const char *code,
+			    const char *message)
+{
+	if (rej->len)
+		hub_buf_puts(rej, ",");
+	hub_buf_puts(rej, "{\"device\":");
+	if (a->device)
+		hub_buf_json_str(rej, a->device, a->device_len);
+	else
+		hub_buf_puts(rej, "null");
+	hub_buf_puts(rej, ",\"code\":");
+	hub_buf_json_str(rej, code, strlen(code));
+	hub_buf_puts(rej, ",\"message\":");
+	hub_buf_json_str(rej, message, strlen(message));
+	hub_buf_puts(rej, "}");
+}
+
+static void handle_announce(struct gw_conn *c, gw_msg *msg)
+{
+	struct hub *hub = c->hub;
+	size_t n = json_array_size(msg->items);
+	struct hub_announce_item *items = n ? hub_xmalloc(n * sizeof(*items)) : NULL;
+	char **labels = n ? hub_xcalloc(n, sizeof(*labels)) : NULL;
+	hub_buf acc = { 0 }, rej = { 0 };
+	struct gw_reply *r = reply_new(c);
+	size_t nacc = 0;
+
+	hub->metrics.announces_total++;
+	for (size_t i = 0; i < n; i++) {
+		gw_announce a;
+		const char *why;
+		const schema_type *t;
+		struct gw_dev *d;
+
+		if (gw_announce_parse(json_array_get(msg->items, i), &a, &why)) {
+			announce_reject(&rej, &a, "invalid", why);
+			continue;
+		}
+		if (!auth_patterns_match(&c->who.devices, a.device)) {
+			announce_reject(&rej, &a, "unauthorized_device",
+					"device not allowed by the token's devices claim");
+			continue;
+		}
+		t = schema_set_find(hub->schemas, a.device_type, a.type_len);
+		if (!t) {
+			announce_reject(&rej, &a, "unknown_device_type",
+					"no such device type is loaded");
+			continue;
+		}
+		d = hub_strmap_get(&c->devices, a.device, a.device_len);
+		if (!d && c->devices.count >= (size_t)hub->cfg.max_devices_per_gateway) {
+			announce_reject(&rej, &a, "too_many_devices",
+					"this connection announced max-devices-per-gateway devices");
+			continue;
+		}
+		if (!d) {
+			d = hub_xcalloc(1, sizeof(*d));
+			hub_bucket_init(&d->bucket, hub->cfg.device_burst, hub_mono_us());
+			hub_strmap_put(&c->devices, a.device, a.device_len, d);
+		}
+		snprintf(d->type_name, sizeof(d->type_name), "%s", schema_type_name(t));
+		d->type = t;
+		d->type_gen = hub->schemas_gen;
+
+		items[nacc].device = a.device;
+		items[nacc].type = schema_type_name(t);
+		labels[nacc] = a.labels ? json_dumps(a.labels, JSON_COMPACT | JSON_SORT_KEYS)
+					: NULL;
+		items[nacc].labels = labels[nacc] ? labels[nacc] : "{}";
+		items[nacc].labels_len = strlen(items[nacc].labels);
+		if (acc.len)
+			hub_buf_puts(&acc, ",");
+		hub_buf_json_str(&acc, a.device, a.device_len);
+		nacc++;
+	}
+	for (size_t i = 0; i < n - nacc; i++)
+		hub->metrics.devices_rejected_total++;
+
+	hub_buf_puts(&r->rejected, "{\"type\":\"announced\",\"accepted\":[");
+	if (acc.len)
+		hub_buf_append(&r->rejected, acc.data, acc.len);
+	hub_buf_puts(&r->rejected, "],\"rejected\":[");
+	if (rej.len)
+		hub_buf_append(&r->rejected, rej.data, rej.len);
+	hub_buf_puts(&r->rejected, "]}");
+	r->is_announce = true;
+
+	if (nacc) {
+		r->waiting = true;
+		if (hub_registry_announce(hub, c->gw, c->conn_id, items, nacc, on_announced, r)) {
+			r->waiting = false;
+			gw_write_error(&r->out, "unavailable", -1, hub->cfg.retry_after_ms,
+				       "device registry unavailable; announce again later");
+		}
+	} else {
+		hub_buf_append(&r->out, r->rejected.data, r->rejected.len);
+	}
+	enqueue(c, r);
+	for (size_t i = 0; i < nacc; i++)
+		free(labels[i]);
+	free(labels);
+	free(items);
+	hub_buf_free(&acc);
+	hub_buf_free(&rej);
+}
+
+/* ---- messages ------------------------------------------------------------ */
+
+static void handle_message(struct gw_conn *c, const char *buf, size_t len)
+{
+	struct hub *hub = c->hub;
+	char why[160];
+	gw_msg msg;
+	size_t max_items = (size_t)(hub->cfg.max_readings_per_frame >
+				    hub->cfg.max_devices_per_gateway ?
+				    hub->cfg.max_readings_per_frame :
+				    hub->cfg.max_devices_per_gateway);
+	int rc = gw_msg_parse(buf, len, max_items, &msg, why, sizeof(why));
+
+	if (rc == GW_OK && msg.type == GW_MSG_TELEMETRY &&
+	    json_array_size(msg.items) > (size_t)hub->cfg.max_readings_per_frame) {
+		snprintf(why, sizeof(why), "too many readings: %zu > max-readings-per-frame %d",
+			 json_array_size(msg.items), hub->cfg.max_readings_per_frame);
+		rc = GW_ERR_BAD_MESSAGE;
+	}
+	if (rc == GW_ERR_BAD_JSON) {
+		hub->metrics.frames[HUB_FRAME_BAD_JSON]++;
+		queue_error(c, "bad_json", -1, -1, why);
+	} else if (rc == GW_ERR_BAD_MESSAGE) {
+		hub->metrics.frames[HUB_FRAME_BAD_MESSAGE]++;
+		queue_error(c, "bad_message", msg.has_seq ? msg.seq : -1, -1, why);
+	} else if (msg.type == GW_MSG_TELEMETRY) {
+		handle_telemetry(c, &msg);
+	} else if (msg.type == GW_MSG_ANNOUNCE) {
+		handle_announce(c, &msg);
+	} else if (msg.type == GW_MSG_COMMAND_ACK) {
+		gw_command_ack ack;
+		const char *bad;
+		if (gw_command_ack_parse(&msg, &ack, &bad))
+			queue_error(c, "bad_message", -1, -1, bad);
+		else
+			queue_error(c, "unknown_command", -1, -1,
+				    "no command with this id is pending for this gateway");
+	}
+	gw_msg_clear(&msg);
+}
+
+static int on_receive(struct gw_conn *c, const char *in, size_t len)
+{
+	struct lws *wsi = c->wsi;
+	size_t max = (size_t)c->hub->cfg.max_frame_bytes;
+	size_t remaining = lws_remaining_packet_payload(wsi);
+	bool final = lws_is_final_fragment(wsi) && !remaining;
+
+	if (c->closing || c->draining)
+		return 0;
+	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
+		if (len > max)
+			goto too_large;
+		handle_message(c, in, len);
+		return 0;
+	}
+	if (c->rx.len + len + remaining > max)
+		goto too_large;
+	hub_buf_append(&c->rx, in, len);
+	if (final) {
+		handle_message(c, c->rx.data, c->rx.len);
+		if (c->rx.cap > RX_KEEP_BYTES)
+			hub_buf_free(&c->rx);
+		c->rx.len = 0;
+	}
+	return 0;
+
+too_large:
+	c->hub->metrics.frames_too_large_total++;
+	hub_warn("gateway %s #%llu: message over max-frame-bytes %zu: closing with 1009",
+		 c->gw, (unsigned long long)c->serial, max);
+	lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+			 (unsigned char *)"message too large", 17);
+	return -1;
+}
+
+static int on_writeable(struct gw_conn *c)
+{
+	struct gw_reply *r = c->head;
+
+	if (r && !r->waiting) {
+		size_t n = r->out.len - LWS_PRE;
+		int w = lws_write(c->wsi, (unsigned char *)r->out.data + LWS_PRE, n, LWS_WRITE_TEXT);
+		c->head = r->next;
+		if (!c->head)
+			c->tail = NULL;
+		c->queued--;
+		reply_free(r);
+		if (w < (int)n)
+			return -1;
+		conn_update_flow(c);
+		if (c->head && !c->head->waiting)
+			lws_callback_on_writable(c->wsi);
+		return 0;
+	}
+	if (!r && c->closing) {
+		lws_close_reason(c->wsi, (enum lws_close_status)c->close_code,
+				 (unsigned char *)c->close_reason, strlen(c->close_reason));
+		return -1;
+	}
+	if (!r && c->draining) {
+		lws_close_reason(c->wsi, LWS_CLOSE_STATUS_GOINGAWAY,
+				 (unsigned char *)"hub shutting down", 17);
+		return -1;
+	}
+	return 0;
+}
+
+/* ---- connection open / close / takeover ---------------------------------- */
+
+static void takeover_local(struct hub *hub, const char *gw, const char *new_conn)
+{
+	struct gw_conn *old = hub_strmap_get(&hub->gateways, gw, strlen(gw));
+
+	if (!old || !strcmp(old->conn_id, new_conn))
+		return;
+	hub_info("gateway %s #%llu: taken over by %s", gw,
+		 (unsigned long long)old->serial, new_conn);
+	hub->metrics.takeovers_total++;
+	hub_strmap_del(&hub->gateways, gw, strlen(gw));
+	/* Close now, even with replies queued: the new connection owns the
+	 * gateway; unacked frames are resent there and deduplicated by seq. */
+	old->closing = true;
+	old->close_code = CLOSE_TAKEOVER;
+	old->close_reason = "taken over by a new connection";
+	while (old->head && !old->head->waiting) {
+		struct gw_reply *r = old->head;
+		old->head = r->next;
+		old->queued--;
+		reply_free(r);
+	}
+	if (!old->head)
+		old->tail = NULL;
+	/* Waiting replies stay linked until Redis answers; the writer closes
+	 * first because `closing` skips them. */
+	lws_callback_on_writable(old->wsi);
+}
+
+static void on_takeover_msg(const char *channel, const char *payload, size_t len,
+			    void *arg)
+{
+	struct hub *hub = arg;
+	char gw[HUB_ID_MAX + 1], conn[HUB_ID_MAX * 2 + 32];
+	const char *sp = memchr(payload, ' ', len);
+
+	(void)channel;
+	if (!sp || (size_t)(sp - payload) > HUB_ID_MAX ||
+	    len - (size_t)(sp - payload) - 1 >= sizeof(conn))
+		return;
+	memcpy(gw, payload, (size_t)(sp - payload));
+	gw[sp - payload] = '\0';
+	memcpy(conn, sp + 1, len - (size_t)(sp - payload) - 1);
+	conn[len - (size_t)(sp - payload) - 1] = '\0';
+	takeover_local(hub, gw, conn);
+}
+
+void gw_init(struct hub *hub)
+{
+	hub_redis_subscribe(hub->redis, TAKEOVER_CHANNEL, on_takeover_msg, hub);
+}
+
+static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
+{
+	struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
+	struct gw_conn *c;
+	char msg[HUB_ID_MAX * 3 + 40];
+
+	if (!hs)
+		return -1; /* not authenticated by the upgrade handler */
+	lws_set_opaque_user_data(wsi, NULL);
+	c = hub_xcalloc(1, sizeof(*c));
+	c->wsi = wsi;
+	c->hub = hub;
+	c->refs = 1;
+	c->serial = ++hub->next_serial;
+	c->who = hs->who;  /* take ownership */
+	free(hs);
+	snprintf(c->gw, sizeof(c->gw), "%s", c->who.name);
+	snprintf(c->conn_id, sizeof(c->conn_id), "%s:%llu", hub->instance_id,
+		 (unsigned long long)c->serial);
+	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, hub_mono_us());
+	pss->conn = c;
+
+	takeover_local(hub, c->gw, c->conn_id);
+	hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), c);
+	snprintf(msg, sizeof(msg), "%s %s", c->gw, c->conn_id);
+	hub_redis_publish(hub->redis, TAKEOVER_CHANNEL, msg, strlen(msg));
+	hub->metrics.connections_total++;
+	hub_info("gateway %s #%llu: connected", c->gw, (unsigned long long)c->serial);
+	if (hub->draining) {
+		c->draining = true;
+		lws_callback_on_writable(wsi);
+	}
+	return 0;
+}
+
+struct offline_ctx {
+	const char **ids;
+	size_t n;
+};
+
+static void collect_dev(const char *key, void *value, void *arg)
+{
+	struct offline_ctx *o = arg;
+
+	(void)value;
+	o->ids[o->n++] = key;
+}
+
+static void on_closed(struct gw_pss *pss)
+{
+	struct gw_conn *c = pss->conn;
+	struct hub *hub;
+
+	if (!c)
+		return;
+	pss->conn = NULL;
+	hub = c->hub;
+	hub_info("gateway %s #%llu: disconnected", c->gw, (unsigned long long)c->serial);
+	if (hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw)) == c)
+		hub_strmap_del(&hub->gateways, c->gw, strlen(c->gw));
+	if (c->devices.count) {
+		struct offline_ctx o = { hub_xmalloc(c->devices.count * sizeof(char *)), 0 };
+		hub_strmap_foreach(&c->devices, collect_dev, &o);
+		hub_registry_offline(hub, c->conn_id, o.ids, o.n);
+		free(o.ids);
+	}
+	c->wsi = NULL;
+	/* Ready replies die now; waiting ones when Redis answers. */
+	struct gw_reply **pp = &c->head;
+	while (*pp) {
+		struct gw_reply *r = *pp;
+		if (!r->waiting) {
+			*pp = r->next;
+			reply_free(r);
+		} else {
+			pp = &r->next;
+		}
+	}
+	c->head = c->tail = NULL; /* the waiting ones are owned by their callbacks */
+	conn_unref(c);
+}
+
+static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
+		       void *user, void *in, size_t len)
+{
+	struct gw_pss *pss = user;
+	struct hub *hub = lws_context_user(lws_get_context(wsi));
+
+	switch (reason) {
+	case LWS_CALLBACK_ESTABLISHED:
+		return on_established(wsi, pss, hub);
+	case LWS_CALLBACK_RECEIVE:
+		if (!pss->conn)
+			return -1;
+		return on_receive(pss->conn, in, len);
+	case LWS_CALLBACK_SERVER_WRITEABLE:
+		if (!pss->conn)
+			return -1;
+		return on_writeable(pss->conn);
+	case LWS_CALLBACK_CLOSED:
+		on_closed(pss);
+		break;
+	case LWS_CALLBACK_WSI_DESTROY: {
+		struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
+		if (hs) {
+			lws_set_opaque_user_data(wsi, NULL);
+			auth_principal_clear(&hs->who);
+			free(hs);
+		}
+		if (pss)
+			on_closed(pss);
+		break;
+	}
+	default:
+		break;
+	}
+	return 0;
+}
+
+const struct lws_protocols gw_protocol = {
+	GW_SUBPROTOCOL, gw_callback, sizeof(struct gw_pss), 1024, 0, NULL, 0
+};
+
+/* ---- shutdown ------------------------------------------------------------ */
+
+struct drain_ctx {
+	bool force;
+	unsigned open;
+};
+
+static void drain_one(const char *key, void *value, void *arg)
+{
+	struct gw_conn *c = value;
+	struct drain_ctx *d = arg;
+
+	(void)key;
+	d->open++;
+	if (!c->wsi)
+		return;
+	if (!c->draining) {
+		c->draining = true;
+		if (!c->paused) {
+			c->paused = true;
+			lws_rx_flow_control(c->wsi, 0);
+		}
+	}
+	if (d->force || !c->waiting)
+		lws_callback_on_writable(c->wsi);
+	if (d->force && !c->closing)
+		conn_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "hub shutting down");
+}
+
+unsigned gw_drain(struct hub *hub, bool force)
+{
+	struct drain_ctx d = { force, 0 };
+
+	hub_strmap_foreach(&hub->gateways, drain_one, &d);
+	return d.open;
+}

@@ -1,0 +1,34 @@
+/*
+ * gateway.h - the `iot-gateway.v1` lws protocol (CONTRACT §2): announce,
+ * telemetry with per-reading validation, acks only after Redis made the
+ * readings durable, rate limits, flow control and takeover.
+ */
+#ifndef HUB_GATEWAY_H
+#define HUB_GATEWAY_H
+
+#include <libwebsockets.h>
+
+#include "hub/auth.h"
+
+struct hub;
+
+#define GW_SUBPROTOCOL "iot-gateway.v1"
+#define GW_PATH "/v1/gateway"
+
+/* What the HTTP upgrade handler verified, handed to the WebSocket through the
+ * wsi's opaque user data (the per-session data is reallocated on upgrade). */
+struct gw_handshake {
+	auth_principal who;
+};
+
+/* Subscribes to cross-instance control messages (takeover). Start-up. */
+void gw_init(struct hub *hub);
+
+/* Starts a graceful close of every gateway (shutdown): stop reading, close
+ * with 1001 once their in-flight frames are answered. Returns how many
+ * gateway connections are still open. */
+unsigned gw_drain(struct hub *hub, bool force);
+
+extern const struct lws_protocols gw_protocol;
+
+#endif
