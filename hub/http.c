@@ -1,0 +1,286 @@
+#include "hub/http.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "hub/hub.h"
+#include "hub/log.h"
+#include "hub/redis.h"
+#include "hub/util.h"
+#include "protocols/gateway.h"
+
+#define BODY_CHUNK 16384
+
+struct http_pss {
+	hub_buf body;   /* LWS_PRE headroom, then the body */
+	size_t sent;
+};
+
+static void json_error(hub_buf *b, const char *code, const char *message)
+{
+	hub_buf_puts(b, "{\"error\":{\"code\":");
+	hub_buf_json_str(b, code, strlen(code));
+	hub_buf_puts(b, ",\"message\":");
+	hub_buf_json_str(b, message, strlen(message));
+	hub_buf_puts(b, "}}");
+}
+
+static void body_init(hub_buf *b)
+{
+	hub_buf_reserve(b, LWS_PRE + 256);
+	memset(b->data, 0, LWS_PRE);
+	b->len = LWS_PRE;
+}
+
+/* Writes the status line and headers now and the body on WRITEABLE. */
+static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
+		   const char *ctype)
+{
+	uint8_t hdr[LWS_PRE + 1024], *start = hdr + LWS_PRE, *p = start,
+		*end = hdr + sizeof(hdr) - 1;
+	size_t blen = pss->body.len - LWS_PRE;
+
+	if (lws_add_http_common_headers(wsi, status, ctype, blen, &p, end) ||
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
+					(const unsigned char *)"no-store", 8, &p, end) ||
+	    lws_finalize_write_http_header(wsi, start, &p, end))
+		return -1;
+	pss->sent = 0;
+	lws_callback_on_writable(wsi);
+	return 0;
+}
+
+static int respond_error(struct lws *wsi, struct http_pss *pss, unsigned status,
+			 const char *code, const char *message)
+{
+	body_init(&pss->body);
+	json_error(&pss->body, code, message);
+	return respond(wsi, pss, status, "application/json");
+}
+
+static int write_body(struct lws *wsi, struct http_pss *pss)
+{
+	size_t blen = pss->body.len - LWS_PRE, left = blen - pss->sent;
+	size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
+	bool last = n == left;
+
+	/* lws_write needs LWS_PRE writable bytes before the data it sends. */
+	unsigned char *at = (unsigned char *)pss->body.data + LWS_PRE + pss->sent;
+	unsigned char save[LWS_PRE];
+	if (pss->sent)
+		memcpy(save, at - LWS_PRE, LWS_PRE);
+	int w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
+	if (pss->sent)
+		memcpy(at - LWS_PRE, save, LWS_PRE);
+	if (w < (int)n)
+		return -1;
+	pss->sent += n;
+	if (!last) {
+		lws_callback_on_writable(wsi);
+		return 0;
+	}
+	hub_buf_free(&pss->body);
+	return lws_http_transaction_completed(wsi) ? -1 : 0;
+}
+
+static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const char *path)
+{
+	bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
+
+	if (!strcmp(path, "/healthz") || !strcmp(path, "/readyz") ||
+	    !strcmp(path, "/metrics") || !strcmp(path, "/v1/device-types")) {
+		if (!get)
+			return respond_error(wsi, pss, 405, "method_not_allowed",
+					     "only GET is supported here");
+	} else {
+		return respond_error(wsi, pss, 404, "not_found", "no such route");
+	}
+
+	body_init(&pss->body);
+	if (!strcmp(path, "/healthz")) {
+		hub_buf_puts(&pss->body, "{\"status\":\"ok\"}");
+		return respond(wsi, pss, 200, "application/json");
+	}
+	if (!strcmp(path, "/readyz")) {
+		bool redis = hub_redis_up(hub->redis);
+		bool schemas = hub->schemas && schema_set_count(hub->schemas) > 0;
+		bool ready = redis && schemas && !hub->draining;
+		hub_buf_printf(&pss->body,
+			       "{\"status\":\"%s\",\"redis\":%s,\"schemas\":%zu,\"draining\":%s}",
+			       ready ? "ready" : "not_ready", redis ? "true" : "false",
+			       hub->schemas ? schema_set_count(hub->schemas) : 0,
+			       hub->draining ? "true" : "false");
+		return respond(wsi, pss, ready ? 200 : 503, "application/json");
+	}
+	if (!strcmp(path, "/metrics")) {
+		pss->body.len = LWS_PRE;
+		hub_metrics_render(hub, &pss->body);
+		return respond(wsi, pss, 200, "text/plain; version=0.0.4");
+	}
+	/* /v1/device-types */
+	hub_buf_puts(&pss->body, "{\"device_types\":[");
+	for (size_t i = 0; hub->schemas && i < schema_set_count(hub->schemas); i++) {
+		char *s = json_dumps(schema_type_json(schema_set_at(hub->schemas, i)),
+				     JSON_COMPACT);
+		if (i)
+			hub_buf_puts(&pss->body, ",");
+		hub_buf_puts(&pss->body, s ? s : "null");
+		free(s);
+	}
+	hub_buf_puts(&pss->body, "]}");
+	return respond(wsi, pss, 200, "application/json");
+}
+
+/* Refuses an upgrade with a real HTTP status (NOTES: returning non-zero from
+ * FILTER_PROTOCOL_CONNECTION only drops the TCP connection). */
+static int refuse_upgrade(struct lws *wsi, unsigned status, const char *code,
+			  const char *message)
+{
+	uint8_t buf[LWS_PRE + 1024], *start = buf + LWS_PRE, *p = start,
+		*end = buf + sizeof(buf) - 1;
+	hub_buf body = { 0 };
+
+	json_error(&body, code, message);
+	if (lws_add_http_common_headers(wsi, status, "application/json", body.len, &p, end))
+		goto out;
+	if (status == 401 &&
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
+					(const unsigned char *)"Bearer realm=\"iot-hub\"", 21,
+					&p, end))
+		goto out;
+	if (lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
+					(const unsigned char *)"close", 5, &p, end))
+		goto out;
+	if (lws_finalize_write_http_header(wsi, start, &p, end))
+		goto out;
+	if ((size_t)(end - p) > body.len + LWS_PRE) {
+		memcpy(p + LWS_PRE, body.data, body.len);
+		lws_write(wsi, p + LWS_PRE, body.len, LWS_WRITE_HTTP_FINAL);
+	}
+out:
+	hub_buf_free(&body);
+	return 1;
+}
+
+static bool protocol_requested(struct lws *wsi, const char *want)
+{
+	char list[256];
+	size_t wl = strlen(want);
+
+	if (lws_hdr_copy(wsi, list, sizeof(list), WSI_TOKEN_PROTOCOL) <= 0)
+		return false;
+	for (char *tok = strtok(list, ", "); tok; tok = strtok(NULL, ", "))
+		if (strlen(tok) == wl && !memcmp(tok, want, wl))
+			return true;
+	return false;
+}
+
+static int confirm_upgrade(struct lws *wsi, struct hub *hub)
+{
+	char uri[128], authz[8192 + 16];
+	auth_principal who;
+	int n, rc;
+
+	if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) <= 0)
+		return refuse_upgrade(wsi, 400, "bad_request", "upgrade needs a GET");
+	if (strcmp(uri, GW_PATH))
+		return refuse_upgrade(wsi, 404, "not_found", "no WebSocket endpoint at this path");
+	if (!protocol_requested(wsi, GW_SUBPROTOCOL))
+		return refuse_upgrade(wsi, 400, "bad_subprotocol",
+				      "the gateway endpoint needs subprotocol " GW_SUBPROTOCOL);
+	n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
+	if (n <= 7 || strncasecmp(authz, "Bearer ", 7)) {
+		hub->metrics.auth_failures_total++;
+		return refuse_upgrade(wsi, 401, "unauthorized", "missing Bearer token");
+	}
+	const char *tok = authz + 7;
+	while (*tok == ' ')
+		tok++;
+	rc = auth_verify_jwt(hub->auth, tok, strlen(tok), hub_now_ms() / 1000, &who);
+	if (rc != AUTH_OK) {
+		hub->metrics.auth_failures_total++;
+		hub_info("gateway upgrade refused: %s", auth_strerror(rc));
+		return refuse_upgrade(wsi, 401, "unauthorized", auth_strerror(rc));
+	}
+	if (hub->cfg.tls_client_ca) {
+		union lws_tls_cert_info_results *ci;
+		char big[sizeof(*ci) + 256];
+		ci = (union lws_tls_cert_info_results *)big;
+		if (lws_tls_peer_cert_info(wsi, LWS_TLS_CERT_INFO_COMMON_NAME, ci,
+					   sizeof(big) - sizeof(*ci) + sizeof(ci->ns.name)) ||
+		    strcmp(ci->ns.name, who.name)) {
+			hub->metrics.auth_failures_total++;
+			hub_info("gateway upgrade refused: client certificate CN does not match sub %s",
+				 who.name);
+			auth_principal_clear(&who);
+			return refuse_upgrade(wsi, 401, "unauthorized",
+					      "client certificate CN does not match the token's sub");
+		}
+	}
+	struct gw_handshake *hs = hub_xcalloc(1, sizeof(*hs));
+	hs->who = who;
+	lws_set_opaque_user_data(wsi, hs);
+	return 0;
+}
+
+static void free_handshake(struct lws *wsi)
+{
+	struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
+
+	if (hs) {
+		lws_set_opaque_user_data(wsi, NULL);
+		auth_principal_clear(&hs->who);
+		free(hs);
+	}
+}
+
+static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
+			 void *user, void *in, size_t len)
+{
+	struct http_pss *pss = user;
+	struct lws_context *ctx = lws_get_context(wsi);
+	struct hub *hub = ctx ? lws_context_user(ctx) : NULL;
+
+	switch (reason) {
+	case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+		/* A signal handler woke the loop: act on it from a timer. */
+		if (hub && (hub->sig_term || hub->sig_hup))
+			lws_sul_schedule(hub->ctx, 0, &hub->sul_signal,
+					 hub->sul_signal.cb, 1);
+		return 0;
+	case LWS_CALLBACK_OPENSSL_PERFORM_CLIENT_CERT_VERIFICATION:
+		/* `len` carries OpenSSL's preverify_ok; our return replaces it
+		 * (NOTES: the default handler accepts foreign certificates). */
+		return len ? 0 : 1;
+	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+		if (!in || strcmp((const char *)in, "websocket"))
+			return refuse_upgrade(wsi, 400, "bad_request", "only WebSocket upgrades");
+		return confirm_upgrade(wsi, hub);
+	case LWS_CALLBACK_HTTP:
+		return route(wsi, pss, hub, (const char *)in) ? -1 : 0;
+	case LWS_CALLBACK_HTTP_BODY:
+		return 0; /* bodies are ignored by the routes of this version */
+	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+		return 0;
+	case LWS_CALLBACK_HTTP_WRITEABLE:
+		if (!pss || !pss->body.data)
+			return 0;
+		return write_body(wsi, pss);
+	case LWS_CALLBACK_CLOSED_HTTP:
+		if (pss)
+			hub_buf_free(&pss->body);
+		break;
+	case LWS_CALLBACK_WSI_DESTROY:
+		free_handshake(wsi);
+		if (pss)
+			hub_buf_free(&pss->body);
+		break;
+	default:
+		break;
+	}
+	return lws_callback_http_dummy(wsi, reason, user, in, len);
+}
+
+const struct lws_protocols hub_http_protocol = {
+	"http", http_callback, sizeof(struct http_pss), 0, 0, NULL, 0
+};
