@@ -1,0 +1,147 @@
+"""HTTP on the gateway port (CONTRACT §4): /healthz, /readyz (503 with a JSON
+body while Redis is down), /metrics in Prometheus text with the ingest
+counters moving as traffic flows."""
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (HubTestCase, http_get, main, metric_value, parse_metrics, raw_http,  # noqa: E402
+                     reading, uniq)
+
+METRICS = ("iot_hub_connections", "iot_hub_frames_total", "iot_hub_readings_accepted_total",
+           "iot_hub_readings_rejected_total", "iot_hub_acks_total", "iot_hub_redis_rtt_seconds_bucket")
+
+
+class HTTP(HubTestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis)
+
+    def metrics(self, hub=None):
+        st, hdrs, body = http_get(hub or self.hub, "/metrics")
+        self.assertEqual(st, 200, body[:300])
+        return parse_metrics(body)
+
+    @staticmethod
+    def gateway_connections(m):
+        """iot_hub_connections; when it is split by kind, the gateway sample
+        (an HTTP scrape is a connection too)."""
+        v = metric_value(m, "iot_hub_connections", kind="gateway")
+        return v if v is not None else metric_value(m, "iot_hub_connections")
+
+    async def poll_connections(self, want, timeout=5):
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.gateway_connections(self.metrics())
+            if v == want:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("iot_hub_connections (gateways) is %r, expected %r" % (v, want))
+            await asyncio.sleep(0.05)
+
+    async def test_healthz(self):
+        st, _, body = http_get(self.hub, "/healthz")
+        self.assertEqual(st, 200, body)
+
+    async def test_readyz_ok(self):
+        st, _, body = http_get(self.hub, "/readyz")
+        self.assertEqual(st, 200, body)
+
+    async def test_metrics_format(self):
+        st, hdrs, body = http_get(self.hub, "/metrics")
+        self.assertEqual(st, 200)
+        self.assertTrue(hdrs.get("content-type", "").startswith("text/plain"),
+                        "metrics content-type %r" % hdrs.get("content-type"))
+        m = parse_metrics(body)  # every line parses
+        names = {n for n, _ in m}
+        for want in METRICS:
+            if want == "iot_hub_readings_rejected_total":
+                self.assertIn("# TYPE iot_hub_readings_rejected_total counter", body)
+                continue
+            self.assertIn(want, names, "metric %s missing from /metrics" % want)
+        for want in ("# TYPE iot_hub_frames_total counter", "# TYPE iot_hub_connections gauge",
+                     "# TYPE iot_hub_redis_rtt_seconds histogram"):
+            self.assertIn(want, body)
+        self.assertIsNotNone(metric_value(m, "iot_hub_redis_rtt_seconds_bucket", le="+Inf"),
+                             "histogram without an le=\"+Inf\" bucket")
+
+    async def test_metrics_follow_traffic(self):
+        m0 = self.metrics()
+        c0 = self.gateway_connections(m0) or 0
+        gw = await self.gateway(self.hub)
+        d = uniq("t")
+        await gw.announce([(d, "thermostat")])
+        await self.poll_connections(c0 + 1)
+        m1 = self.metrics()
+        rep = await gw.telemetry(1, [reading(d, 20.0), reading(d, 500.0), reading(uniq("t")), reading(d, 21.0)])
+        self.assertEqual((rep.get("accepted"), len(rep.get("rejected", []))), (2, 2), rep)
+        m2 = self.metrics()
+
+        def delta(name, **labels):
+            return (metric_value(m2, name, **labels) or 0) - (metric_value(m1, name, **labels) or 0)
+        self.assertEqual(delta("iot_hub_readings_accepted_total"), 2)
+        self.assertEqual(delta("iot_hub_readings_rejected_total", code="invalid"), 1)
+        self.assertEqual(delta("iot_hub_readings_rejected_total", code="unknown_device"), 1)
+        self.assertEqual(delta("iot_hub_readings_rejected_total"), 2)
+        self.assertGreaterEqual(delta("iot_hub_frames_total"), 1)
+        self.assertEqual(delta("iot_hub_acks_total"), 1)
+        self.assertGreater(metric_value(m2, "iot_hub_redis_rtt_seconds_bucket", le="+Inf") or 0, 0,
+                           "no Redis round trip observed after a stored frame")
+        await gw.close()
+        await self.poll_connections(c0)
+
+    async def test_unknown_path_404(self):
+        for path in ("/nope", "/v1/nothing-here", "/healthz/x"):
+            st, _, _ = http_get(self.hub, path)
+            self.assertEqual(st, 404, path)
+
+    async def test_gateway_path_without_upgrade(self):
+        st, _, _ = http_get(self.hub, "/v1/gateway")
+        self.assertTrue(400 <= st < 500, "plain GET /v1/gateway: %s" % st)
+
+    async def test_many_requests_and_malformed_http(self):
+        for _ in range(50):
+            self.assertEqual(http_get(self.hub, "/healthz")[0], 200)
+        for junk in (b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x00\x05hello",
+                     b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+            try:
+                raw_http(self.hub.port, junk, timeout=3)
+            except (AssertionError, OSError):
+                pass  # any refusal is fine; the hub must survive it
+        self.hub.check_alive()
+        self.assertEqual(http_get(self.hub, "/healthz")[0], 200)
+
+    async def test_readyz_503_when_redis_down(self):
+        redis = self.start_redis()
+        hub = self.start_hub(redis)
+        self.assertEqual(http_get(hub, "/readyz")[0], 200)
+        redis.kill()
+        deadline = time.monotonic() + 10
+        while True:
+            st, hdrs, body = http_get(hub, "/readyz")
+            if st == 503:
+                break
+            self.assertLess(time.monotonic(), deadline, "/readyz still %s 10 s after Redis died" % st)
+            await asyncio.sleep(0.05)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            self.fail("/readyz 503 body is not JSON: %r" % body[:200])
+        self.assertIsInstance(doc, dict, body)
+        self.assertEqual(http_get(hub, "/healthz")[0], 200, "/healthz must not depend on Redis")
+        redis.restart()
+        deadline = time.monotonic() + 15
+        while http_get(hub, "/readyz")[0] != 200:
+            self.assertLess(time.monotonic(), deadline, "/readyz not 200 again 15 s after Redis came back")
+            await asyncio.sleep(0.05)
+        hub.stop()
+
+
+if __name__ == "__main__":
+    main()
