@@ -55,7 +55,6 @@ static const struct opt opts[] = {
 	O("redis-backoff-max-ms", OPT_INT, redis_backoff_max_ms, "2000", 50, 600000, "longest wait between Redis reconnect attempts"),
 	O("retry-after-ms", OPT_INT, retry_after_ms, "1000", 1, 600000, "retry_after_ms told to gateways while Redis is down"),
 	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "1024", 128, 65536, "lws receive buffer per connection (memory per connection)"),
-	O("max-connections", OPT_INT, max_connections, "19000", 1, 10000000, "accepted sockets beyond this are closed at once"),
 };
 
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))

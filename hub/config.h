@@ -46,7 +46,6 @@ struct hub_config {
 	int redis_backoff_max_ms;
 	int retry_after_ms;
 	int rx_buffer_bytes;
-	int max_connections;
 
 	/* Derived by hub_config_validate(). */
 	char listen_host[64];

@@ -67,11 +67,9 @@ static int write_body(struct lws *wsi, struct http_pss *pss)
 	/* lws_write needs LWS_PRE writable bytes before the data it sends. */
 	unsigned char *at = (unsigned char *)pss->body.data + LWS_PRE + pss->sent;
 	unsigned char save[LWS_PRE];
-	if (pss->sent)
-		memcpy(save, at - LWS_PRE, LWS_PRE);
+	memcpy(save, at - LWS_PRE, LWS_PRE);
 	int w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
-	if (pss->sent)
-		memcpy(at - LWS_PRE, save, LWS_PRE);
+	memcpy(at - LWS_PRE, save, LWS_PRE);
 	if (w < (int)n)
 		return -1;
 	pss->sent += n;

@@ -39,7 +39,6 @@ struct hub {
 
 	hub_strmap gateways;       /* gateway id -> struct gw_conn * (this instance) */
 	uint64_t next_serial;      /* connection serials */
-	unsigned connections;      /* sockets accepted and not yet closed */
 
 	struct hub_metrics metrics;
 

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* accept4 */
 #include <libwebsockets.h>
 
 #include "hub/listener.h"
@@ -111,7 +112,7 @@ static void accept_some(struct hub_listener *l, int lfd)
 				hub_warn("accept: %s", strerror(errno));
 			return;
 		}
-		if (hub->draining || hub->connections >= (unsigned)hub->cfg.max_connections) {
+		if (hub->draining) {
 			close(fd);
 			continue;
 		}

@@ -61,7 +61,7 @@ void hub_log_lws_emit(int lws_level, const char *line)
 	/* lws: 1 = ERR, 2 = WARN, 4 = NOTICE, 8 = INFO, ... */
 	int level = lws_level & 1 ? HUB_LOG_ERROR :
 		    lws_level & 2 ? HUB_LOG_WARN :
-		    lws_level & 4 ? HUB_LOG_INFO : HUB_LOG_DEBUG;
+		    HUB_LOG_DEBUG;
 
 	if (level <= hub_log_threshold)
 		log_line(level, line, strlen(line));

@@ -65,9 +65,8 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		       HUB_VERSION, hub->instance_id);
 	hub_buf_printf(o, "# HELP iot_hub_connections Open connections by kind.\n"
 		       "# TYPE iot_hub_connections gauge\n"
-		       "iot_hub_connections{kind=\"gateway\"} %zu\n"
-		       "iot_hub_connections{kind=\"socket\"} %u\n",
-		       hub->gateways.count, hub->connections);
+		       "iot_hub_connections{kind=\"gateway\"} %zu\n",
+		       hub->gateways.count);
 	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
 		m->connections_total);
 	counter(o, "iot_hub_auth_failures_total", "Upgrades refused with 401.",

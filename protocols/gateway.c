@@ -631,7 +631,9 @@ static int on_writeable(struct gw_conn *c)
 			lws_callback_on_writable(c->wsi);
 		return 0;
 	}
-	if (!r && c->closing) {
+	if (c->closing) {
+		/* Replies still waiting on Redis are dropped with the socket; the
+		 * gateway resends those frames and the seq window dedupes them. */
 		lws_close_reason(c->wsi, (enum lws_close_status)c->close_code,
 				 (unsigned char *)c->close_reason, strlen(c->close_reason));
 		return -1;

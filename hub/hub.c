@@ -1,0 +1,120 @@
+#include "hub/hub.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hub/listener.h"
+#include "hub/log.h"
+#include "hub/loop.h"
+#include "hub/redis.h"
+#include "hub/util.h"
+#include "protocols/gateway.h"
+
+#define DRAIN_TICK_US   (50 * 1000)
+#define DRAIN_GRACE_US  (5 * 1000 * 1000)
+
+static int load_jwt_key(struct hub *hub, char **key, size_t *len, char *err, size_t errlen)
+{
+	if (!hub->cfg.jwt_key) {
+		*key = NULL;
+		*len = 0;
+		return 0;
+	}
+	*key = hub_read_file(hub->cfg.jwt_key, 65536, len);
+	if (!*key) {
+		snprintf(err, errlen, "jwt-key %s: %s", hub->cfg.jwt_key, strerror(errno));
+		return -1;
+	}
+	/* A secret file usually ends with a newline that is not part of it. */
+	if (!strcmp(hub->cfg.jwt_alg, "HS256"))
+		while (*len && ((*key)[*len - 1] == '\n' || (*key)[*len - 1] == '\r'))
+			(*key)[--*len] = '\0';
+	return 0;
+}
+
+int hub_reload(struct hub *hub, bool initial)
+{
+	char err[512] = "";
+	schema_set *set;
+	hub_auth *auth;
+	char *key = NULL;
+	size_t keylen = 0;
+
+	set = schema_set_load_dir(hub->cfg.schemas, err, sizeof(err));
+	if (!set)
+		goto fail;
+	if (!schema_set_count(set)) {
+		snprintf(err, sizeof(err), "schemas %s: no device types found", hub->cfg.schemas);
+		schema_set_free(set);
+		set = NULL;
+		goto fail;
+	}
+	if (hub->jwt_ephemeral) {
+		key = hub_xmalloc(hub->jwt_key_len + 1);
+		memcpy(key, hub->jwt_key, hub->jwt_key_len + 1);
+		keylen = hub->jwt_key_len;
+	} else if (load_jwt_key(hub, &key, &keylen, err, sizeof(err))) {
+		goto fail;
+	}
+	auth_config ac = {
+		.alg = !strcmp(hub->cfg.jwt_alg, "RS256") ? AUTH_ALG_RS256 :
+		       !strcmp(hub->cfg.jwt_alg, "ES256") ? AUTH_ALG_ES256 : AUTH_ALG_HS256,
+		.jwt_key = key,
+		.jwt_key_len = keylen,
+		.issuer = hub->cfg.jwt_issuer,
+		.audience = hub->cfg.jwt_audience,
+		.leeway_s = hub->cfg.jwt_leeway_s,
+		.api_keys_file = hub->cfg.api_keys,
+	};
+	auth = auth_new(&ac, err, sizeof(err));
+	if (!auth)
+		goto fail;
+
+	schema_set_free(hub->schemas);
+	hub->schemas = set;
+	hub->schemas_gen++;
+	auth_free(hub->auth);
+	hub->auth = auth;
+	free(hub->jwt_key);
+	hub->jwt_key = key;
+	hub->jwt_key_len = keylen;
+	hub_info("%s %zu device types from %s", initial ? "loaded" : "reloaded",
+		 schema_set_count(set), hub->cfg.schemas);
+	return 0;
+
+fail:
+	schema_set_free(set);
+	free(key);
+	if (initial)
+		fprintf(stderr, "iot-hub: %s\n", err);
+	else
+		hub_err("reload failed, keeping the previous configuration: %s", err);
+	return -1;
+}
+
+static void drain_tick(lws_sorted_usec_list_t *sul)
+{
+	struct hub *hub = lws_container_of(sul, struct hub, sul_drain);
+	bool late = hub_mono_us() > hub->drain_deadline_us;
+	unsigned open = gw_drain(hub, late);
+
+	if (open && hub_mono_us() < hub->drain_deadline_us + 1000000) {
+		lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, DRAIN_TICK_US);
+		return;
+	}
+	hub_info("drained; stopping");
+	hub_redis_stop(hub->redis);
+	hub_loop_stop(hub);
+}
+
+void hub_begin_shutdown(struct hub *hub)
+{
+	if (hub->draining)
+		return;
+	hub->draining = true;
+	hub_info("shutting down: draining %zu gateway connections", hub->gateways.count);
+	hub_listener_close(hub->listener);
+	hub->drain_deadline_us = hub_mono_us() + DRAIN_GRACE_US;
+	lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, 1);
+}

@@ -1,0 +1,128 @@
+#include "hub/loop.h"
+
+#include <signal.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "hub/hub.h"
+#include "hub/http.h"
+#include "hub/listener.h"
+#include "hub/log.h"
+#include "hub/redis.h"
+#include "protocols/gateway.h"
+
+static struct lws_context *signal_ctx;
+static struct hub *signal_hub;
+static struct lws_protocols protocols[5];
+
+static void on_signal(int sig)
+{
+	if (!signal_hub)
+		return;
+	if (sig == SIGHUP)
+		signal_hub->sig_hup = 1;
+	else
+		signal_hub->sig_term = 1;
+	if (signal_ctx)
+		lws_cancel_service(signal_ctx);
+}
+
+static void raise_nofile(void)
+{
+	struct rlimit rl;
+
+	if (!getrlimit(RLIMIT_NOFILE, &rl) && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
+int hub_loop_create(struct hub *hub, char *err, size_t errlen)
+{
+	struct lws_context_creation_info info;
+	struct sigaction sa;
+	bool tls = hub->cfg.tls_cert != NULL;
+
+	raise_nofile(); /* lws sizes its fd table from the limit */
+	lws_set_log_level(LLL_ERR | LLL_WARN | (hub_log_threshold >= HUB_LOG_DEBUG ? LLL_NOTICE : 0),
+			  hub_log_lws_emit);
+
+	protocols[0] = hub_http_protocol;
+	protocols[1] = gw_protocol;
+	protocols[1].rx_buffer_size = (size_t)hub->cfg.rx_buffer_bytes;
+	protocols[2] = hub_redis_protocol;
+	protocols[3] = hub_listener_protocol;
+	memset(&protocols[4], 0, sizeof(protocols[4]));
+
+	memset(&info, 0, sizeof(info));
+	info.options = LWS_SERVER_OPTION_EXPLICIT_VHOSTS | LWS_SERVER_OPTION_LIBEV |
+		       LWS_SERVER_OPTION_UV_NO_SIGSEGV_SIGFPE_SPIN;
+	if (tls)
+		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+	info.user = hub;
+	info.pt_serv_buf_size = 32768;
+	hub->ctx = lws_create_context(&info);
+	if (!hub->ctx) {
+		snprintf(err, errlen, "cannot create the lws context (is libwebsockets-evlib-ev installed?)");
+		return -1;
+	}
+
+	memset(&info, 0, sizeof(info));
+	info.port = CONTEXT_PORT_NO_LISTEN_SERVER; /* we own the listener */
+	info.protocols = protocols;
+	info.vhost_name = "iot-hub";
+	info.alpn = "http/1.1";
+	info.options = LWS_SERVER_OPTION_LIBEV;
+	if (tls) {
+		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+		info.ssl_cert_filepath = hub->cfg.tls_cert;
+		info.ssl_private_key_filepath = hub->cfg.tls_key;
+		if (hub->cfg.tls_client_ca) {
+			info.ssl_ca_filepath = hub->cfg.tls_client_ca;
+			info.options |= LWS_SERVER_OPTION_REQUIRE_VALID_OPENSSL_CLIENT_CERT;
+		}
+	}
+	hub->vh = lws_create_vhost(hub->ctx, &info);
+	if (!hub->vh) {
+		snprintf(err, errlen, "cannot create the vhost%s", tls ?
+			 " (check tls-cert, tls-key and tls-client-ca)" : "");
+		return -1;
+	}
+
+	/* After lws: its event-lib backends install handlers of their own
+	 * (SIGHUP would shut down). Ours only set a flag and wake the loop. */
+	signal_ctx = hub->ctx;
+	signal_hub = hub;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	sa.sa_handler = SIG_IGN;
+	sigaction(SIGPIPE, &sa, NULL);
+	return 0;
+}
+
+void hub_loop_run(struct hub *hub)
+{
+	while (!hub->exiting)
+		if (lws_service(hub->ctx, 0) < 0)
+			break;
+}
+
+void hub_loop_stop(struct hub *hub)
+{
+	hub->exiting = true;
+	/* With an event library the first destroy only breaks the loop. */
+	lws_context_destroy(hub->ctx);
+}
+
+void hub_loop_destroy(struct hub *hub)
+{
+	signal_ctx = NULL;
+	if (hub->ctx)
+		lws_context_destroy(hub->ctx);
+	hub->ctx = NULL;
+	signal_hub = NULL;
+}

@@ -1,0 +1,188 @@
+/*
+ * iot-hub: a WebSocket gateway hub. See README.md and docs/.
+ */
+#include <jwt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <openssl/rand.h>
+
+#include "hub/embedded_redis.h"
+#include "hub/hub.h"
+#include "hub/listener.h"
+#include "hub/log.h"
+#include "hub/loop.h"
+#include "hub/redis.h"
+#include "hub/registry.h"
+#include "protocols/gateway.h"
+
+#define STARTUP_TICK_US (10 * 1000)
+
+static lws_sorted_usec_list_t sul_startup;
+static int64_t startup_deadline_us;
+static struct hub *the_hub;
+
+static void on_signal_timer(lws_sorted_usec_list_t *sul)
+{
+	struct hub *hub = lws_container_of(sul, struct hub, sul_signal);
+
+	if (hub->sig_hup) {
+		hub->sig_hup = 0;
+		hub_info("SIGHUP: reloading device types and keys");
+		hub_reload(hub, false);
+	}
+	if (hub->sig_term) {
+		hub->sig_term = 0;
+		hub_begin_shutdown(hub);
+	}
+}
+
+static void print_dev_token(struct hub *hub)
+{
+	jwt_t *jwt = NULL;
+	char *tok = NULL;
+	int64_t exp = hub_now_ms() / 1000 + 86400;
+
+	if (jwt_new(&jwt) || jwt_add_grant(jwt, "sub", "dev-gw") ||
+	    jwt_add_grant_int(jwt, "exp", (long)exp) ||
+	    jwt_add_grants_json(jwt, "{\"devices\":[\"*\"]}") ||
+	    jwt_set_alg(jwt, JWT_ALG_HS256, (const unsigned char *)hub->jwt_key,
+			(int)hub->jwt_key_len) ||
+	    !(tok = jwt_encode_str(jwt))) {
+		hub_warn("could not mint the dev token");
+	} else {
+		printf("\nNo jwt-key configured: using an ephemeral HS256 secret for this run.\n"
+		       "Dev gateway token (sub dev-gw, all devices, valid 24 h):\n\n  %s\n\n"
+		       "Connect a gateway:  ws%s://%s:%d/v1/gateway  subprotocol iot-gateway.v1\n"
+		       "                    header  Authorization: Bearer <token>\n"
+		       "Simulate gateways:  build/gw-sim --url ws://%s:%d/v1/gateway --token <token>\n\n",
+		       tok, hub->cfg.tls_cert ? "s" : "", hub->cfg.listen_host,
+		       hub_listener_port(hub->listener), hub->cfg.listen_host,
+		       hub_listener_port(hub->listener));
+		fflush(stdout);
+	}
+	free(tok);
+	jwt_free(jwt);
+}
+
+/* Starts accepting once Redis answered (or redis-timeout-ms passed), so the
+ * first frames after `listening on` are not refused as unavailable. */
+static void startup_tick(lws_sorted_usec_list_t *sul)
+{
+	struct hub *hub = the_hub;
+
+	if (!hub_redis_up(hub->redis) && hub_mono_us() < startup_deadline_us) {
+		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
+		return;
+	}
+	if (!hub_redis_up(hub->redis))
+		hub_warn("Redis is not reachable yet: serving, telemetry answers unavailable");
+	if (hub_listener_start(hub->listener)) {
+		hub_err("cannot adopt the listening socket");
+		hub->exit_code = 1;
+		hub_begin_shutdown(hub);
+		return;
+	}
+	fprintf(stderr, "listening on %s:%d\n", hub->cfg.listen_host,
+		hub_listener_port(hub->listener));
+	fflush(stderr);
+	if (hub->jwt_ephemeral)
+		print_dev_token(hub);
+}
+
+static void hub_cleanup(struct hub *hub)
+{
+	hub_redis_free(hub->redis);
+	hub_listener_free(hub->listener);
+	hub_embedded_redis_stop(hub->embedded);
+	schema_set_free(hub->schemas);
+	auth_free(hub->auth);
+	free(hub->jwt_key);
+	hub_strmap_free(&hub->gateways);
+	hub_config_free(&hub->cfg);
+}
+
+int main(int argc, char **argv)
+{
+	static struct hub hub;
+	char err[512] = "";
+	int rc;
+
+	the_hub = &hub;
+	rc = hub_config_load(&hub.cfg, argc, argv, err, sizeof(err));
+	if (rc) {
+		if (rc < 0)
+			fprintf(stderr, "iot-hub: %s\n", err);
+		hub_config_free(&hub.cfg);
+		return rc < 0 ? 2 : 0;
+	}
+	hub_log_threshold = hub_log_parse_level(hub.cfg.log_level);
+	if (hub.cfg.instance_id) {
+		snprintf(hub.instance_id, sizeof(hub.instance_id), "%s", hub.cfg.instance_id);
+	} else {
+		char host[64] = "hub";
+		gethostname(host, sizeof(host) - 1);
+		for (char *p = host; *p; p++)
+			if (!hub_id_valid(p, 1))
+				*p = '-';
+		snprintf(hub.instance_id, sizeof(hub.instance_id), "%.64s-%d", host, (int)getpid());
+	}
+	hub_log_set_tag(hub.instance_id);
+	srand((unsigned)(hub_mono_us() ^ getpid()));
+
+	if (!hub.cfg.jwt_key) {
+		unsigned char raw[32];
+		if (RAND_bytes(raw, sizeof(raw)) != 1) {
+			fprintf(stderr, "iot-hub: no randomness for the ephemeral JWT secret\n");
+			return 1;
+		}
+		hub.jwt_key = hub_xmalloc(65);
+		for (int i = 0; i < 32; i++)
+			snprintf(hub.jwt_key + i * 2, 3, "%02x", raw[i]);
+		hub.jwt_key_len = 64;
+		hub.jwt_ephemeral = true;
+		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
+	}
+	if (hub_reload(&hub, true)) {
+		hub_cleanup(&hub);
+		return 1;
+	}
+	hub.listener = hub_listener_open(&hub, err, sizeof(err));
+	if (!hub.listener) {
+		fprintf(stderr, "iot-hub: %s\n", err);
+		hub_cleanup(&hub);
+		return 1;
+	}
+	if (hub.cfg.redis_embedded) {
+		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, &hub.cfg.redis_port,
+							err, sizeof(err));
+		if (!hub.embedded) {
+			fprintf(stderr, "iot-hub: %s\n", err);
+			hub_cleanup(&hub);
+			return 1;
+		}
+		snprintf(hub.cfg.redis_host, sizeof(hub.cfg.redis_host), "127.0.0.1");
+	}
+	if (hub_loop_create(&hub, err, sizeof(err))) {
+		fprintf(stderr, "iot-hub: %s\n", err);
+		hub_loop_destroy(&hub);
+		hub_cleanup(&hub);
+		return 1;
+	}
+	hub.sul_signal.cb = on_signal_timer;
+	hub.redis = hub_redis_new(&hub);
+	hub_registry_init(&hub);
+	gw_init(&hub);
+	hub_redis_start(hub.redis);
+	startup_deadline_us = hub_mono_us() + (int64_t)hub.cfg.redis_timeout_ms * 1000;
+	lws_sul_schedule(hub.ctx, 0, &sul_startup, startup_tick, 1);
+
+	hub_loop_run(&hub);
+
+	hub_loop_destroy(&hub);
+	rc = hub.exit_code;
+	hub_info("exiting with status %d", rc);
+	hub_cleanup(&hub);
+	return rc;
+}
