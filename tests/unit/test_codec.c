@@ -1,0 +1,203 @@
+/* Unit tests of the gateway wire codec. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "protocols/gw_codec.h"
+#include "protocols/schema.h"
+
+static int parse(const char *s, gw_msg *m, char *why)
+{
+	return gw_msg_parse(s, strlen(s), 10, m, why, 160);
+}
+
+static void test_telemetry_ok(void **state)
+{
+	gw_msg m;
+	char why[160];
+
+	(void)state;
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":42,\"readings\":[{\"device\":\"t-17\",\"data\":{}}]}",
+			       &m, why), GW_OK);
+	assert_int_equal(m.type, GW_MSG_TELEMETRY);
+	assert_true(m.has_seq);
+	assert_int_equal(m.seq, 42);
+	assert_int_equal(json_array_size(m.items), 1);
+	gw_msg_clear(&m);
+	gw_msg_clear(&m); /* idempotent */
+}
+
+static void test_bad_json(void **state)
+{
+	gw_msg m;
+	char why[160];
+
+	(void)state;
+	assert_int_equal(parse("{bad", &m, why), GW_ERR_BAD_JSON);
+	assert_non_null(strstr(why, "invalid JSON"));
+	assert_int_equal(parse("[1,2]", &m, why), GW_ERR_BAD_JSON);
+	assert_int_equal(parse("{\"a\":1,\"a\":2}", &m, why), GW_ERR_BAD_JSON);
+	/* Not NUL-terminated: only len bytes are read. */
+	assert_int_equal(gw_msg_parse("{\"type\":\"announce\",\"devices\":[]}garbage", 32, 10,
+				      &m, why, sizeof(why)), GW_OK);
+	gw_msg_clear(&m);
+}
+
+static void test_bad_message(void **state)
+{
+	gw_msg m;
+	char why[160];
+
+	(void)state;
+	assert_int_equal(parse("{\"seq\":1}", &m, why), GW_ERR_BAD_MESSAGE);
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"nope\"}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_string_equal(why, "unknown message type \"nope\"");
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"readings\":[]}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_false(m.has_seq);
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":-1,\"readings\":[]}", &m, why), GW_ERR_BAD_MESSAGE);
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1.5,\"readings\":[]}", &m, why), GW_ERR_BAD_MESSAGE);
+	gw_msg_clear(&m);
+	/* seq known even though readings is wrong: the error can name it. */
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":7,\"readings\":{}}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_true(m.has_seq);
+	assert_int_equal(m.seq, 7);
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":7,\"readings\":[1,2,3,4,5,6,7,8,9,10,11]}",
+			       &m, why), GW_ERR_BAD_MESSAGE);
+	assert_non_null(strstr(why, "too many readings"));
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"announce\",\"devices\":\"x\"}", &m, why), GW_ERR_BAD_MESSAGE);
+	gw_msg_clear(&m);
+}
+
+static void test_reading_parse(void **state)
+{
+	schema_error e;
+	gw_reading r;
+	json_t *j;
+
+	(void)state;
+	j = json_loads("{\"device\":\"t-1\",\"ts\":5,\"data\":{\"x\":1}}", 0, NULL);
+	assert_int_equal(gw_reading_parse(j, &r, &e), 0);
+	assert_string_equal(r.device, "t-1");
+	assert_true(r.has_ts);
+	assert_int_equal(r.ts, 5);
+	json_decref(j);
+
+	j = json_loads("{\"device\":\"t-1\",\"data\":{}}", 0, NULL);
+	assert_int_equal(gw_reading_parse(j, &r, &e), 0);
+	assert_false(r.has_ts);
+	json_decref(j);
+
+	j = json_loads("{\"data\":{}}", 0, NULL);
+	assert_int_equal(gw_reading_parse(j, &r, &e), -1);
+	assert_string_equal(e.path, "device");
+	assert_string_equal(e.code, "required");
+	json_decref(j);
+
+	j = json_loads("{\"device\":\"bad id\",\"data\":{}}", 0, NULL);
+	assert_int_equal(gw_reading_parse(j, &r, &e), -1);
+	assert_string_equal(e.code, "pattern");
+	json_decref(j);
+
+	j = json_loads("{\"device\":\"t\",\"ts\":\"now\",\"data\":{}}", 0, NULL);
+	assert_int_equal(gw_reading_parse(j, &r, &e), -1);
+	assert_string_equal(e.path, "ts");
+	json_decref(j);
+
+	j = json_loads("{\"device\":\"t\",\"data\":[1]}", 0, NULL);
+	assert_int_equal(gw_reading_parse(j, &r, &e), -1);
+	assert_string_equal(e.path, "data");
+	assert_string_equal(e.code, "type");
+	json_decref(j);
+
+	assert_int_equal(gw_reading_parse(NULL, &r, &e), -1);
+}
+
+static void test_announce_parse(void **state)
+{
+	gw_announce a;
+	const char *why = NULL;
+	json_t *j;
+
+	(void)state;
+	j = json_loads("{\"device\":\"t-17\",\"device_type\":\"thermostat\",\"labels\":{\"site\":\"b1\"}}", 0, NULL);
+	assert_int_equal(gw_announce_parse(j, &a, &why), 0);
+	assert_string_equal(a.device, "t-17");
+	assert_string_equal(a.device_type, "thermostat");
+	assert_non_null(a.labels);
+	json_decref(j);
+
+	j = json_loads("{\"device\":\"t-17\",\"device_type\":\"thermostat\",\"labels\":{\"site\":1}}", 0, NULL);
+	assert_int_equal(gw_announce_parse(j, &a, &why), -1);
+	assert_string_equal(a.device, "t-17"); /* still named in the rejection */
+	json_decref(j);
+
+	j = json_loads("{\"device\":\"t-17\"}", 0, NULL);
+	assert_int_equal(gw_announce_parse(j, &a, &why), -1);
+	assert_string_equal(why, "\"device_type\" must be a string");
+	json_decref(j);
+
+	j = json_loads("{\"device\":5}", 0, NULL);
+	assert_int_equal(gw_announce_parse(j, &a, &why), -1);
+	assert_null(a.device);
+	json_decref(j);
+}
+
+static void test_error_writer(void **state)
+{
+	hub_buf b = { 0 };
+
+	(void)state;
+	gw_write_error(&b, "unavailable", 42, 1000, "say \"again\"\n");
+	assert_string_equal(b.data, "{\"type\":\"error\",\"code\":\"unavailable\",\"seq\":42,"
+				    "\"retry_after_ms\":1000,\"message\":\"say \\\"again\\\"\\u000a\"}");
+	json_t *j = json_loadb(b.data, b.len, 0, NULL);
+	assert_non_null(j);
+	json_decref(j);
+	b.len = 0;
+	gw_write_error(&b, "bad_json", -1, -1, "x");
+	assert_string_equal(b.data, "{\"type\":\"error\",\"code\":\"bad_json\",\"message\":\"x\"}");
+	hub_buf_free(&b);
+}
+
+static void test_command_ack(void **state)
+{
+	gw_msg m;
+	gw_command_ack a;
+	const char *why;
+	char w[160];
+
+	(void)state;
+	assert_int_equal(parse("{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"in_progress\",\"progress\":40}",
+			       &m, w), GW_OK);
+	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
+	assert_string_equal(a.id, "c_1");
+	assert_string_equal(a.status, "in_progress");
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"x\",\"progress\":\"40\"}",
+			       &m, w), GW_OK);
+	assert_int_equal(gw_command_ack_parse(&m, &a, &why), -1);
+	gw_msg_clear(&m);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_telemetry_ok),
+		cmocka_unit_test(test_bad_json),
+		cmocka_unit_test(test_bad_message),
+		cmocka_unit_test(test_reading_parse),
+		cmocka_unit_test(test_announce_parse),
+		cmocka_unit_test(test_error_writer),
+		cmocka_unit_test(test_command_ack),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
