@@ -514,6 +514,11 @@ class Hub:
             return None
         for t in self._threads:
             t.join(5)
+        for p in (self.proc.stdout, self.proc.stderr):
+            try:
+                p.close()
+            except Exception:
+                pass
         return rc
 
     def stop(self, timeout=10):
@@ -650,6 +655,26 @@ def dev_certs(client_cn=None):
             raise AssertionError("gen-dev-certs.sh did not make %s in %s" % (f, out))
     _certs_cache[client_cn] = out
     return out
+
+
+def client_cert(certs_dir, cn, ca="ca"):
+    """An extra client certificate with CN=cn signed by certs_dir/<ca>.pem
+    (as gen-dev-certs.sh makes them), so that tests can use a fresh gateway
+    id per connection. Returns (cert path, key path)."""
+    out = os.path.join(certs_dir, "extra")
+    os.makedirs(out, exist_ok=True)
+    key, csr, pem, ext = (os.path.join(out, "%s-%s.%s" % (ca, cn, x)) for x in ("key", "csr", "pem", "ext"))
+    write_file(ext, "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=clientAuth\n")
+    for cmd in (["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key],
+                ["openssl", "req", "-new", "-key", key, "-subj", "/O=iot-hub test/CN=%s" % cn, "-out", csr],
+                ["openssl", "x509", "-req", "-in", csr, "-CA", os.path.join(certs_dir, ca + ".pem"),
+                 "-CAkey", os.path.join(certs_dir, ca + ".key"), "-set_serial", "0x" + os.urandom(16).hex(),
+                 "-days", "30", "-sha256", "-extfile", ext, "-out", pem]):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise AssertionError("%s failed: %s" % (" ".join(cmd), p.stderr.strip()))
+    return pem, key
 
 
 # --------------------------------------------------------------------------
@@ -878,16 +903,17 @@ class Gateway:
             got.append(json.loads(raw) if isinstance(raw, str) else raw)
 
     async def announce(self, devices, timeout=5):
-        """devices: list of dicts, or (device, device_type[, labels]) tuples."""
+        """devices: (device, device_type[, labels]) tuples, or entries sent as
+        they are (dicts, or anything else for malformed ones)."""
         ds = []
         for d in devices:
-            if isinstance(d, dict):
-                ds.append(d)
-            else:
+            if isinstance(d, tuple):
                 e = {"device": d[0], "device_type": d[1]}
                 if len(d) > 2:
                     e["labels"] = d[2]
                 ds.append(e)
+            else:  # a dict, or anything else for malformed entries
+                ds.append(d)
         await self.send({"type": "announce", "devices": ds})
         return await self.wait_for(lambda m: m.get("type") == "announced", timeout, "announced reply")
 
@@ -1016,6 +1042,11 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
         gw.sub = sub
         self.addAsyncCleanup(gw.close)
         return gw
+
+    async def asyncSetUp(self):
+        # IsolatedAsyncioTestCase runs the loop in debug mode: do not log
+        # every blocking helper call (Redis, subprocess) as a slow callback.
+        asyncio.get_running_loop().slow_callback_duration = 10
 
     async def asyncTearDown(self):
         for h in self._shared_hubs:

@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import websockets  # noqa: E402
-from harness import HubTestCase, main, now_ms, reading, uniq, wait_until  # noqa: E402
+from harness import HubTestCase, connect_gateway, main, now_ms, reading, try_upgrade, uniq, wait_until  # noqa: E402
 
 
 class Limits(HubTestCase):
@@ -193,6 +193,29 @@ class Limits(HubTestCase):
         self.assertEqual(await new.wait_closed(5), 4001)
         rep = await third.announce([(d, "thermostat")])
         self.assertEqual(rep.get("accepted"), [d], rep)
+
+    async def test_quick_reconnect_keeps_the_new_connection(self):
+        # A gateway whose connection dropped reconnects at once: the new
+        # connection must win, never be "taken over" by the dead one.
+        hub = self.start_hub(self.redis)
+        for i in range(10):
+            sub = uniq("gw")
+            tok = self.token(sub)
+            st = try_upgrade(hub, tok)[0]  # upgraded, then the socket closes
+            self.assertEqual(st, 101)
+            for attempt in ("after a raw upgrade", "after a clean close"):
+                gw = await connect_gateway(hub, tok)
+                try:
+                    d = uniq("t")
+                    rep = await gw.announce([(d, "thermostat")])
+                    self.assertEqual(rep.get("accepted"), [d], rep)
+                    rep = await gw.telemetry(1 if attempt.endswith("upgrade") else 2, [reading(d)])
+                    self.assertEqual(rep.get("type"), "ack", rep)
+                except AssertionError as e:
+                    raise AssertionError("round %d, reconnect %s: %s (close code %s, reason %r)"
+                                         % (i, attempt, e, gw.close_code, gw.ws.close_reason)) from None
+                finally:
+                    await gw.close()
 
     async def test_takeover_does_not_touch_other_gateways(self):
         hub = self.start_hub(self.redis)

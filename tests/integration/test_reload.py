@@ -29,6 +29,7 @@ class Reload(HubTestCase):
         cls.redis = cls.class_redis()
 
     async def asyncSetUp(self):
+        await super().asyncSetUp()
         self.dir = mkdtemp("iot-hub-schemas-")
         for f in glob.glob(os.path.join(SCHEMAS_DIR, "*.json")):
             shutil.copy(f, self.dir)

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import websockets  # noqa: E402
-from harness import (HubTestCase, client_ssl_ctx, connect_gateway, dev_certs, http_get, main,  # noqa: E402
+from harness import (HubTestCase, client_cert, client_ssl_ctx, connect_gateway, dev_certs, http_get, main,  # noqa: E402
                      raw_http, reading, try_upgrade, uniq, upgrade_request)
 
 CLIENT_CN = "dev-gw"  # gen-dev-certs.sh's default client CN
@@ -110,35 +110,59 @@ class MutualTLS(TLSBase):
                                 extra=["--tls-cert", cls.c("server.pem"), "--tls-key", cls.c("server.key"),
                                        "--tls-client-ca", cls.c("ca.pem")])
 
-    async def test_right_cert_accepted(self):
-        self.assertEqual(self.outcome(self.hub, self.token(CLIENT_CN), self.ctx("client")), 101)
+    def fresh(self, ca="ca"):
+        """A new gateway id and a client cert with that CN signed by `ca`."""
+        cn = uniq("gw")
+        pem, key = client_cert(self.certs, cn, ca=ca)
+        return cn, client_ssl_ctx(self.c("ca.pem"), pem, key)
+
+    async def test_script_client_cert_accepted(self):
         await self.roundtrip(self.hub, CLIENT_CN, self.ctx("client"))
 
+    async def test_right_cert_upgrades(self):
+        cn, ctx = self.fresh()
+        self.assertEqual(self.outcome(self.hub, self.token(cn), ctx), 101)
+
+    async def test_right_cert_roundtrip(self):
+        cn, ctx = self.fresh()
+        await self.roundtrip(self.hub, cn, ctx)
+
     async def test_no_client_cert_refused(self):
-        o = self.outcome(self.hub, self.token(CLIENT_CN), self.ctx())
+        cn = uniq("gw")
+        o = self.outcome(self.hub, self.token(cn), self.ctx())
         self.assertTrue(o == 401 or str(o).startswith("tls:"),
                         "upgrade without a client cert: expected 401 or a TLS failure, got %r" % o)
 
     async def test_foreign_cert_refused(self):
         o = self.outcome(self.hub, self.token(CLIENT_CN), self.ctx("foreign"))
         self.assertTrue(o == 401 or str(o).startswith("tls:"),
-                        "upgrade with a cert from a foreign CA: expected 401 or a TLS failure, got %r" % o)
+                        "cert from a foreign CA (CN %s = sub): expected 401 or a TLS failure, got %r"
+                        % (CLIENT_CN, o))
+        cn, ctx = self.fresh(ca="foreign-ca")
+        o = self.outcome(self.hub, self.token(cn), ctx)
+        self.assertTrue(o == 401 or str(o).startswith("tls:"),
+                        "cert from a foreign CA (fresh CN = sub): expected 401 or a TLS failure, got %r" % o)
 
     async def test_cn_must_equal_sub(self):
-        o = self.outcome(self.hub, self.token("other-gw"), self.ctx("client"))
+        cn, ctx = self.fresh()
+        o = self.outcome(self.hub, self.token(cn + "-other"), ctx)
         self.assertTrue(o == 401 or str(o).startswith("tls:"),
-                        "client CN %s with token sub other-gw: expected 401, got %r" % (CLIENT_CN, o))
+                        "client CN %s with token sub %s-other: expected 401, got %r" % (cn, cn, o))
+        o = self.outcome(self.hub, self.token(cn[:-1]), ctx)
+        self.assertTrue(o == 401 or str(o).startswith("tls:"), "sub a prefix of the CN: got %r" % o)
 
     async def test_bad_token_with_right_cert(self):
-        self.assertEqual(self.outcome(self.hub, None, self.ctx("client")), 401)
-        self.assertEqual(self.outcome(self.hub, "a.b.c", self.ctx("client")), 401)
+        cn, ctx = self.fresh()
+        self.assertEqual(self.outcome(self.hub, None, ctx), 401)
+        self.assertEqual(self.outcome(self.hub, "a.b.c", ctx), 401)
+        self.assertEqual(self.outcome(self.hub, self.token(cn, secret=b"wrong-secret-0123456789"), ctx), 401)
 
     async def test_refusals_do_not_break_the_hub(self):
         for _ in range(5):
             self.outcome(self.hub, self.token(CLIENT_CN), self.ctx("foreign"))
             self.outcome(self.hub, self.token(CLIENT_CN), self.ctx())
-        await self.roundtrip(self.hub, CLIENT_CN, self.ctx("client"))
-
+        cn, ctx = self.fresh()
+        await self.roundtrip(self.hub, cn, ctx)
 
 if __name__ == "__main__":
     main()
