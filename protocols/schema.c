@@ -33,6 +33,8 @@
 #define SCHEMA_MAX_FILE (1024 * 1024)
 #define SCHEMA_NAME_MAX 128          /* device_type and command names */
 #define SCHEMA_LOAD_PATH 256
+#define SCHEMA_PATTERN_COST 1000     /* regcomp parse-tree nodes, see below */
+#define SCHEMA_PATTERN_GROUPS 32     /* nested ( ) in a pattern */
 
 enum kind {
 	K_ANY = 0,
@@ -165,6 +167,25 @@ static size_t utf8_cut(const char *s, size_t n)
 	while (i > 0 && ((unsigned char)s[i] & 0xC0) == 0x80)
 		i--;
 	return i;
+}
+
+/* Drops a UTF-8 sequence left incomplete at the end of s by a truncating
+ * snprintf(), so load errors stay valid UTF-8 too. */
+static void utf8_trim_tail(char *s)
+{
+	size_t len = strlen(s), j = len, need;
+	unsigned char lead;
+
+	while (j > 0 && len - j < 3 && ((unsigned char)s[j - 1] & 0xC0) == 0x80)
+		j--;
+	if (j == 0)
+		return;
+	lead = (unsigned char)s[j - 1];
+	if (lead < 0xC0)
+		return;
+	need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : 2;
+	if (len - (j - 1) < need)
+		s[j - 1] = '\0';
 }
 
 /* Where a path ends: len bytes are in the buffer, vlen is what the full path
@@ -364,11 +385,13 @@ static void load_fail(struct loader *ld, struct ppos at, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	utf8_trim_tail(msg);
 	path_copy(path, sizeof(path), ld->path, at);
 	if (at.vlen)
 		snprintf(ld->err, ld->errlen, "%s: %s: %s", ld->file, path, msg);
 	else
 		snprintf(ld->err, ld->errlen, "%s: %s", ld->file, msg);
+	utf8_trim_tail(ld->err);
 }
 
 static schema_node *compile_node(struct loader *ld, const json_t *j,
@@ -494,12 +517,135 @@ static int compile_properties(struct loader *ld, schema_node *n,
 	return 0;
 }
 
+/* Parses the digits at s[*i], saturating; returns how many there were. */
+static size_t pattern_digits(const char *s, size_t *i, size_t *val)
+{
+	size_t start = *i;
+
+	*val = 0;
+	while (s[*i] >= '0' && s[*i] <= '9') {
+		if (*val < 1000000)
+			*val = *val * 10 + (size_t)(s[*i] - '0');
+		(*i)++;
+	}
+	return *i - start;
+}
+
+/* Index of the ']' closing the bracket expression opened at s[i] (or of the
+ * terminating NUL when there is none: regcomp() then refuses it). */
+static size_t pattern_bracket_end(const char *s, size_t i)
+{
+	i++;
+	if (s[i] == '^')
+		i++;
+	if (s[i] == ']')
+		i++;
+	for (; s[i] && s[i] != ']'; i++) {
+		if (s[i] == '[' && (s[i + 1] == ':' || s[i + 1] == '.' ||
+				    s[i + 1] == '=')) {
+			char close = s[i + 1];
+
+			for (i += 2; s[i] && !(s[i] == close && s[i + 1] == ']'); i++)
+				;
+			if (!s[i])
+				return i;
+			i++;
+		}
+	}
+	return i;
+}
+
+/* glibc's regcomp() copies the atom before `+` (twice) and `{m,n}` (up to n
+ * times), so nested repetitions multiply: "a++++..." or "((a{99}){99}){99}"
+ * would take gigabytes (found by fuzz_schema). This bounds the size of the
+ * parse tree regcomp builds; it also rejects back-references, whose matching
+ * is exponential. Returns NULL when s is acceptable, else why not. Other
+ * syntax errors are left to regcomp(). */
+static const char *pattern_check(const char *s)
+{
+	size_t total[SCHEMA_PATTERN_GROUPS + 1], last[SCHEMA_PATTERN_GROUPS + 1];
+	int depth = 0;
+
+	total[0] = last[0] = 0;
+	for (size_t i = 0; s[i]; i++) {
+		size_t factor = 0, atom = 1;
+
+		switch (s[i]) {
+		case '(':
+			if (depth == SCHEMA_PATTERN_GROUPS)
+				return "groups nested too deep";
+			depth++;
+			total[depth] = last[depth] = 0;
+			continue;
+		case ')':
+			if (depth == 0)
+				break;
+			atom = total[depth] + last[depth] + 1;
+			depth--;
+			break;
+		case '|':
+			total[depth] += last[depth] + 1;
+			last[depth] = 0;
+			atom = 0;
+			break;
+		case '*':
+		case '?':
+			factor = 1;
+			break;
+		case '+':
+			factor = 2;
+			break;
+		case '{': {
+			size_t j = i + 1, m = 0, n = 0, nm, nn = 0;
+			int comma = 0;
+
+			nm = pattern_digits(s, &j, &m);
+			if (s[j] == ',') {
+				comma = 1;
+				j++;
+				nn = pattern_digits(s, &j, &n);
+			}
+			if (s[j] != '}' || (nm == 0 && nn == 0))
+				break;   /* not an interval: a literal '{' */
+			factor = nn ? n : comma ? m + 1 : m;
+			if (factor == 0)
+				factor = 1;
+			i = j;
+			break;
+		}
+		case '\\':
+			if (s[i + 1] >= '1' && s[i + 1] <= '9')
+				return "back-references are not supported";
+			if (s[i + 1])
+				i++;
+			break;
+		case '[':
+			i = pattern_bracket_end(s, i);
+			if (!s[i])
+				return NULL;
+			break;
+		default:
+			break;
+		}
+		if (factor) {
+			last[depth] = last[depth] * factor + 1;
+		} else if (atom) {
+			total[depth] += last[depth];
+			last[depth] = atom;
+		}
+		if (total[depth] + last[depth] > SCHEMA_PATTERN_COST)
+			return "too complex (its repetitions expand too far)";
+	}
+	return NULL;
+}
+
 static int compile_pattern(struct loader *ld, schema_node *n, const json_t *v,
 			   struct ppos at)
 {
 	const char *s = json_string_value(v);
 	char msg[sizeof(((schema_error *)0)->message)];
 	char full[512];
+	const char *why;
 	size_t len;
 	int rc;
 
@@ -507,12 +653,17 @@ static int compile_pattern(struct loader *ld, schema_node *n, const json_t *v,
 		load_fail(ld, at, "must be a string");
 		return -1;
 	}
+	why = pattern_check(s);
+	if (why) {
+		load_fail(ld, at, "%s", why);
+		return -1;
+	}
 	rc = regcomp(&n->re, s, REG_EXTENDED | REG_NOSUB);
 	if (rc != 0) {
-		char why[128];
+		char reason[128];
 
-		regerror(rc, &n->re, why, sizeof(why));
-		load_fail(ld, at, "invalid regular expression: %s", why);
+		regerror(rc, &n->re, reason, sizeof(reason));
+		load_fail(ld, at, "invalid regular expression: %s", reason);
 		return -1;
 	}
 	n->flags |= F_PATTERN;
@@ -761,6 +912,7 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(err, errlen, fmt, ap);
 	va_end(ap);
+	utf8_trim_tail(err);
 }
 
 /* Builds a set from n documents named names[i] (borrowed). */
@@ -1118,9 +1270,12 @@ static void walk_string(struct vctx *c, const schema_node *n, const json_t *v,
 		add_error(c, at, "minLength", "must be at least %zu characters",
 			  n->min_len);
 	if ((n->flags & F_MAX_LEN) && len > n->max_len &&
-	    utf8_len(s, len) > n->max_len)
+	    utf8_len(s, len) > n->max_len) {
+		/* Already invalid: spare regexec() an over-long string. */
 		add_error(c, at, "maxLength", "must be at most %zu characters",
 			  n->max_len);
+		return;
+	}
 	if (n->flags & F_PATTERN) {
 		regmatch_t m[1];
 		int ok = 0;

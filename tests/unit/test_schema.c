@@ -514,6 +514,56 @@ static void test_nested_arrays(void **state)
 	schema_set_free(set);
 }
 
+static void test_pattern(void **state)
+{
+	(void)state;
+	schema_set *set = one_type("{\"type\":\"string\",\"maxLength\":3,"
+				   "\"pattern\":\"^a\"}");
+	const schema_node *n = telemetry_of(set, "t");
+	char msg[256];
+	const char *ok[] = {
+		"^[0-9a-f]{64}$",
+		"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,255}\\\\.[A-Za-z]{2,63}$",
+		"^[[:alpha:]][[:alnum:]_]{0,31}$",
+		"^[]a-]{3}(x|y|z)*$",
+		"^v[0-9]+\\\\.[0-9]+\\\\.[0-9]+(-[a-z0-9.]+)?$",
+		"a{999}",
+		"((a{1,10}){1,10}){1,8}",
+	};
+
+	expect_valid(n, "\"abc\"");
+	expect_one(n, "\"bbb\"", "data", "pattern", "must match pattern ^a");
+	/* A string over maxLength is not also matched against the pattern. */
+	expect_one(n, "\"bbbb\"", "data", "maxLength",
+		   "must be at most 3 characters");
+	schema_set_free(set);
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		snprintf(msg, sizeof(msg), "{\"pattern\":\"%s\"}", ok[i]);
+		schema_set_free(one_type(msg));
+	}
+
+	/* regcomp() would copy these into gigabytes (found by fuzzing). */
+	expect_schema_error("{\"pattern\":\"^,a++++++++++++++++++++++++++++++++"
+			    "++++++++++++++++++++++++++++++++++++++++++++++$\"}",
+			    "docs[0]: telemetry.pattern: too complex (its "
+			    "repetitions expand too far)");
+	expect_schema_error("{\"pattern\":\"((a{99}){99}){99}\"}",
+			    "docs[0]: telemetry.pattern: too complex (its "
+			    "repetitions expand too far)");
+	expect_schema_error("{\"pattern\":\"a{1000}\"}",
+			    "docs[0]: telemetry.pattern: too complex (its "
+			    "repetitions expand too far)");
+	expect_schema_error("{\"pattern\":\"(a)\\\\1\"}",
+			    "docs[0]: telemetry.pattern: back-references are not "
+			    "supported");
+	expect_schema_error("{\"pattern\":\"((((((((((((((((((((((((((((((((("
+			    "a)))))))))))))))))))))))))))))))))\"}",
+			    "docs[0]: telemetry.pattern: groups nested too deep");
+	expect_schema_error("{\"pattern\":\"a\\u0000b\"}",
+			    "docs[0]: telemetry.pattern: must be a string");
+}
+
 static void test_enum_mixed(void **state)
 {
 	(void)state;
@@ -878,6 +928,31 @@ static void test_load_errors_documents(void **state)
 	assert_null(schema_set_from_json(docs, NULL, 0));
 	json_decref(docs);
 
+	/* Cut messages stay valid UTF-8, whatever the buffer size. */
+	{
+		static const char *const chars[] = { "\xc3\xa9", "\xe2\x82\xac",
+						     "\xf0\x9f\x98\x80" };
+		char name[400] = "";
+
+		for (int i = 0; i < 90; i++)
+			strcat(name, chars[i % 3]);
+		docs = json_pack("[{s:s, s:{s:[s,s]}}]", "device_type", "t",
+				 "telemetry", "required", name, name);
+		assert_non_null(docs);
+		for (size_t size = 30; size < 300; size++) {
+			char buf[300];
+			json_t *str;
+
+			assert_null(schema_set_from_json(docs, buf, size));
+			assert_non_null(strstr(buf, "docs[0]: telemetry.required: "));
+			str = json_string(buf);
+			if (!str)
+				fail_msg("not UTF-8 with size %zu: %s", size, buf);
+			json_decref(str);
+		}
+		json_decref(docs);
+	}
+
 	/* A tiny err buffer is truncated, not overrun. */
 	{
 		char small[8];
@@ -1040,6 +1115,7 @@ int main(void)
 	const struct CMUnitTest inline_schemas[] = {
 		cmocka_unit_test(test_utf8_length),
 		cmocka_unit_test(test_nested_arrays),
+		cmocka_unit_test(test_pattern),
 		cmocka_unit_test(test_enum_mixed),
 		cmocka_unit_test(test_no_type_and_keyword_kinds),
 		cmocka_unit_test(test_number_formatting),
