@@ -1,0 +1,72 @@
+#!/bin/sh
+# shellcheck disable=SC2086 # flag and file lists are split on purpose
+# Builds every tests/fuzz/fuzz_*.c into build-fuzz/ with libFuzzer, ASan and
+# UBSan (clang). Usage: tests/fuzz/build.sh [fuzz_name ...]   (default: all)
+#
+# Each harness links the pure sources and pkg-config modules listed for it in
+# the table below, one line per harness:
+#   <harness name> | <sources, relative to the repo root> | <pkg-config modules>
+# A harness without a line fails the build: add its line when you add it.
+# Run one, e.g.:
+#   build-fuzz/fuzz_schema -max_total_time=60 build-fuzz/corpus/fuzz_schema \
+#       deploy/device-types
+HARNESSES='
+fuzz_schema | protocols/schema.c | jansson
+'
+
+set -eu
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out="$root/build-fuzz"
+CC=${CC:-clang}
+CFLAGS=${CFLAGS:-"-g -O1 -fno-omit-frame-pointer"}
+SAN="-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
+
+if ! command -v "$CC" >/dev/null 2>&1; then
+	echo "build.sh: $CC not found; on Debian 12:" \
+	     "apt-get install -y clang libclang-rt-14-dev" >&2
+	exit 1
+fi
+
+# Prints field $2 (1-based) of harness $1's table line, trimmed.
+field() {
+	printf '%s\n' "$HARNESSES" | awk -F'|' -v n="$1" -v f="$2" '
+		{ name = $1; gsub(/^[ \t]+|[ \t]+$/, "", name) }
+		name == n { v = $f; gsub(/^[ \t]+|[ \t]+$/, "", v); print v; found = 1 }
+		END { exit found ? 0 : 1 }'
+}
+
+if [ $# -gt 0 ]; then
+	names="$*"
+else
+	names=""
+	for f in "$root"/tests/fuzz/fuzz_*.c; do
+		[ -e "$f" ] || continue
+		f=${f##*/}
+		names="$names ${f%.c}"
+	done
+fi
+
+mkdir -p "$out"
+status=0
+for name in $names; do
+	if ! srcs=$(field "$name" 2); then
+		echo "build.sh: $name has no line in the HARNESSES table" >&2
+		status=1
+		continue
+	fi
+	pkgs=$(field "$name" 3)
+	flags=""
+	if [ -n "$pkgs" ]; then
+		flags=$(pkg-config --cflags --libs $pkgs)
+	fi
+	files="$root/tests/fuzz/$name.c"
+	for s in $srcs; do
+		files="$files $root/$s"
+	done
+	echo "CC $name"
+	$CC -std=gnu11 $CFLAGS $SAN -I"$root" $files $flags -o "$out/$name" ||
+		status=1
+	mkdir -p "$out/corpus/$name"
+done
+exit $status
