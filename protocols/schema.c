@@ -469,41 +469,48 @@ static int compile_properties(struct loader *ld, schema_node *n,
 		load_fail(ld, pat, "must be an array of strings");
 		return -1;
 	}
-	/* Names not in `properties` get an entry without a schema. */
+	/* Add an entry per required name, sort, then merge equal names: a
+	 * name not in `properties` keeps an entry without a schema. */
 	for (size_t i = 0; i < nr; i++) {
 		const json_t *r = json_array_get(req, i);
-		const char *s = json_string_value(r);
-		size_t len = json_string_length(r);
-		struct schema_prop *p;
+		struct schema_prop *p = &n->props[count];
 
-		if (!s) {
+		if (!json_is_string(r)) {
 			load_fail(ld, pat, "must be an array of strings");
 			return -1;
 		}
-		p = prop_find(n->props, np, s, len);
-		if (!p) {
-			for (size_t k = np; k < count; k++) {
-				if (prop_cmp(s, len, n->props[k].name,
-					     n->props[k].len) == 0) {
-					p = &n->props[k];
-					break;
-				}
-			}
+		p->len = json_string_length(r);
+		p->name = xstrndup(json_string_value(r), p->len);
+		p->required = 1;
+		n->nprops = ++count;
+	}
+	qsort(n->props, count, sizeof(*n->props), prop_qsort_cmp);
+	count = 0;
+	for (size_t i = 0; i < n->nprops; i++) {
+		struct schema_prop *p = &n->props[i], *q;
+
+		if (count == 0 || prop_cmp(p->name, p->len, n->props[count - 1].name,
+					   n->props[count - 1].len) != 0) {
+			n->props[count++] = *p;
+			continue;
 		}
-		if (!p) {
-			p = &n->props[count];
-			p->name = xstrndup(s, len);
-			p->len = len;
-			n->nprops = ++count;
-		}
-		if (p->required) {
-			load_fail(ld, pat, "duplicate name \"%s\"", s);
+		q = &n->props[count - 1];
+		if (p->required && q->required) {
+			/* Entries i.. stay owned by the table until the merge
+			 * ends: keep them there for node_free(). */
+			load_fail(ld, pat, "duplicate name \"%s\"", p->name);
+			memmove(&n->props[count], &n->props[i],
+				(n->nprops - i) * sizeof(*n->props));
+			n->nprops = count + (n->nprops - i);
 			return -1;
 		}
-		p->required = 1;
+		/* One is the `properties` entry, the other a required name. */
+		q->required = 1;
+		if (!q->node)
+			q->node = p->node;
+		free(p->name);
 	}
-	path_cut(buf, at);
-	qsort(n->props, count, sizeof(*n->props), prop_qsort_cmp);
+	n->nprops = count;
 	n->req = xcalloc(nr, sizeof(*n->req));
 	for (size_t i = 0; i < nr; i++) {
 		const json_t *r = json_array_get(req, i);

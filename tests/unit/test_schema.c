@@ -583,6 +583,30 @@ static void test_enum_mixed(void **state)
 	schema_set_free(set);
 }
 
+static void test_required_and_properties(void **state)
+{
+	/* Required names with and without a property schema, in any order. */
+	schema_set *set = one_type(
+		"{\"type\":\"object\",\"required\":[\"z\",\"a\",\"m\",\"b\"],"
+		"\"properties\":{\"m\":{\"type\":\"integer\"},\"a\":{\"type\":"
+		"\"string\"},\"q\":{\"type\":\"boolean\"}},"
+		"\"additionalProperties\":false}");
+	const schema_node *n = telemetry_of(set, "t");
+	schema_error errs[MAX_ERRS];
+
+	(void)state;
+	expect_valid(n, "{\"z\":[],\"a\":\"x\",\"m\":1,\"b\":null}");
+	expect_valid(n, "{\"z\":1,\"a\":\"\",\"m\":-1,\"b\":{},\"q\":true}");
+	assert_int_equal(check(n, "{\"a\":1,\"q\":0,\"y\":0}", errs), 6);
+	assert_error(&errs[0], "data.a", "type", "must be a string");
+	assert_error(&errs[1], "data.q", "type", "must be a boolean");
+	assert_error(&errs[2], "data.y", "additionalProperties", "is not allowed");
+	assert_error(&errs[3], "data.z", "required", "is required");
+	assert_error(&errs[4], "data.m", "required", "is required");
+	assert_error(&errs[5], "data.b", "required", "is required");
+	schema_set_free(set);
+}
+
 static void test_no_type_and_keyword_kinds(void **state)
 {
 	(void)state;
@@ -835,6 +859,12 @@ static void test_load_errors_keywords(void **state)
 			    "strings");
 	expect_schema_error("{\"required\":[\"a\",\"a\"]}",
 			    "docs[0]: telemetry.required: duplicate name \"a\"");
+	expect_schema_error("{\"properties\":{\"a\":{},\"c\":{\"type\":\"string\"}},"
+			    "\"required\":[\"c\",\"b\",\"a\",\"b\"]}",
+			    "docs[0]: telemetry.required: duplicate name \"b\"");
+	expect_schema_error("{\"properties\":{\"a\":{},\"c\":{\"type\":\"string\"}},"
+			    "\"required\":[\"c\",\"a\",\"c\"]}",
+			    "docs[0]: telemetry.required: duplicate name \"c\"");
 	expect_schema_error("{\"additionalProperties\":{}}",
 			    "docs[0]: telemetry.additionalProperties: must be a "
 			    "boolean");
@@ -1117,6 +1147,7 @@ int main(void)
 		cmocka_unit_test(test_nested_arrays),
 		cmocka_unit_test(test_pattern),
 		cmocka_unit_test(test_enum_mixed),
+		cmocka_unit_test(test_required_and_properties),
 		cmocka_unit_test(test_no_type_and_keyword_kinds),
 		cmocka_unit_test(test_number_formatting),
 		cmocka_unit_test(test_error_cap),
