@@ -17,6 +17,11 @@
  *    into a scratch buffer before every write.
  *  - lws_sul_schedule() does not re-arm the libev timer by itself; fd events and
  *    sul callbacks re-arm it, so the first timers are kicked with lws_cancel_service().
+ *  - After an fd event the ev glue re-arms its timer with ev_timer_set() and
+ *    ev_timer_start() on a watcher that is still active, which libev ignores: a sul
+ *    scheduled from a socket callback, earlier than the timer already armed, fired
+ *    up to 10 s late (measured). Only the timer's own callback re-arms it correctly,
+ *    so a 10 ms heartbeat sul bounds that error to 10 ms (see heartbeat_cb).
  *  - A sul callback runs with pt->inside_lws_service set: lws_context_destroy() from
  *    there is deferred until the loop breaks, then main() finishes it.
  *  - WSI_DESTROY reaches protocols[0] exactly once per wsi, also for connects that
@@ -55,7 +60,9 @@
 #define SIM_BACKOFF_MIN_MS   100
 #define SIM_BACKOFF_MAX_MS   5000
 #define SIM_DRAIN_MS         3000    /* grace for unacked frames at stop */
+#define SIM_HEARTBEAT_US     10000   /* bound on lws 4.1.6 + libev timer lateness */
 #define SIM_READING_MAX      (96u + 2u * SIM_ID_MAX) /* one reading's JSON, upper bound */
+#define SIM_SEQ_STRIDE       1000000000ull /* gateway i starts at seq0 + i * stride */
 
 /* ------------------------------------------------------------------------ */
 /* logging                                                                   */
@@ -469,7 +476,7 @@ static struct {
 	lws_sorted_usec_list_t sul_rate;
 
 	lws_sorted_usec_list_t sul_stats, sul_duration, sul_signal, sul_destroy,
-			       sul_drain, sul_watchdog;
+			       sul_drain, sul_watchdog, sul_heartbeat;
 
 	volatile sig_atomic_t sig_count;
 	int sig_handled;
@@ -970,6 +977,7 @@ cmd_step_cb(lws_sorted_usec_list_t *sul)
 	}
 	cmd_unlink(gw, c);
 	cmd_free(c);
+	gw_request_write(gw);
 }
 
 static void
@@ -1054,6 +1062,7 @@ gw_on_cancel(struct gw *gw, json_t *root)
 			    "stopped", gw->id, id, c->name);
 			cmd_unlink(gw, c);
 			cmd_free(c);
+			gw_request_write(gw);
 			return;
 		}
 	LOG(LOG_INFO, "%s: cancel for command %s, which is not in progress here",
@@ -1455,13 +1464,20 @@ gw_lost(struct gw *gw, const char *why)
 	lws_sul_schedule(g.ctx, 0, &gw->sul_backoff, backoff_cb, delay);
 }
 
+/* at stop, a gateway closes once nothing it owes the hub is outstanding */
+static int
+gw_drained(const struct gw *gw)
+{
+	return !gw->n_used && !gw->cq_len && !gw->n_cmds;
+}
+
 static void
 gw_request_write(struct gw *gw)
 {
 	if (!gw->wsi || (gw->state != GW_ANNOUNCING && gw->state != GW_READY))
 		return;
-	if (g.closing || gw->kill_reason ||
-	    (g.stopping && !gw->n_used && !gw->cq_len) || gw->n_pending || (gw->state == GW_READY && gw->cq_head) ||
+	if (g.closing || gw->kill_reason || (g.stopping && gw_drained(gw)) ||
+	    gw->n_pending || (gw->state == GW_READY && gw->cq_head) ||
 	    (gw->state == GW_ANNOUNCING && gw->ann_next < g.cfg.devices))
 		lws_callback_on_writable(gw->wsi);
 }
@@ -1509,7 +1525,7 @@ gw_writeable(struct gw *gw, struct lws *wsi)
 				 strlen(gw->kill_reason));
 		return -1;
 	}
-	if (g.closing || (g.stopping && !gw->n_used && !gw->cq_len) ||
+	if (g.closing || (g.stopping && gw_drained(gw)) ||
 	    (g.stopping && gw->state != GW_READY)) {
 		lws_close_reason(wsi, LWS_CLOSE_STATUS_NORMAL,
 				 (unsigned char *)"simulator stopping", 18);
@@ -1873,6 +1889,20 @@ watchdog_cb(lws_sorted_usec_list_t *sul)
 				 LWS_USEC_PER_SEC);
 }
 
+/*
+ * Runs from the ev timer's own callback, where lws re-arms the timer correctly:
+ * every 10 ms the timer is re-armed to the earliest sul, so a sul scheduled from
+ * a socket callback is at most 10 ms late (lws 4.1.6 ev glue, see the top).
+ */
+static void
+heartbeat_cb(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	if (!g.destroy_started)
+		lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb,
+				 SIM_HEARTBEAT_US);
+}
+
 static void
 duration_cb(lws_sorted_usec_list_t *sul)
 {
@@ -1906,6 +1936,7 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 	lws_sul_cancel(&g.sul_drain);
 	lws_sul_cancel(&g.sul_signal);
 	lws_sul_cancel(&g.sul_watchdog);
+	lws_sul_cancel(&g.sul_heartbeat);
 	/* from a sul, lws defers this until the loop unwinds; main() finishes it */
 	lws_context_destroy(g.ctx);
 }
@@ -1934,7 +1965,8 @@ drain_cb(lws_sorted_usec_list_t *sul)
 	(void)sul;
 	if (g.n_live)
 		LOG(LOG_WARN, "stop: %u connection(s) still had unacked frames "
-		    "after %d ms, closing", g.n_live, SIM_DRAIN_MS);
+		    "or commands in progress after %d ms, closing", g.n_live,
+		    SIM_DRAIN_MS);
 	g.closing = 1;
 	close_all();
 	/* backstop: if the hub never completes the closing handshakes */
@@ -2068,6 +2100,12 @@ print_summary(void)
 			"rate", g.cfg.rate,
 			"batch", (int)g.cfg.batch,
 			"inflight", (int)g.cfg.inflight);
+		/* headline numbers first: acks (frames acked) and errors (hub
+		 * errors other than unavailable, protocol errors, ack mismatches) */
+		json_object_set_new(o, "acks", JI(g.tot.frames_acked));
+		json_object_set_new(o, "errors", JI(g.tot.hub_errors +
+			g.tot.proto_errors + g.tot.ack_mismatch));
+		json_object_set_new(o, "readings_acked", JI(g.tot.readings_acked));
 		json_object_set_new(o, "connects", JI(g.tot.connects));
 		json_object_set_new(o, "connect_failures", JI(g.tot.connect_failures));
 		json_object_set_new(o, "auth_failures", JI(g.tot.auth_failures));
@@ -2085,7 +2123,6 @@ print_summary(void)
 		json_object_set_new(o, "open_loop_ticks_skipped",
 				    JI(g.tot.ticks_skipped));
 		json_object_set_new(o, "readings_sent", JI(g.tot.readings_sent));
-		json_object_set_new(o, "readings_acked", JI(g.tot.readings_acked));
 		json_object_set_new(o, "readings_rejected",
 				    JI(g.tot.readings_rejected));
 		json_object_set_new(o, "readings_bad_generated",
@@ -2165,7 +2202,8 @@ usage(FILE *f)
 "                       0 = wait forever)\n"
 "  --bad-ratio X        fraction of readings made invalid (temperature 500)\n"
 "  --idle               connect and announce, then send no telemetry\n"
-"  --seq-start N        first seq (default: Unix time in microseconds, so a restarted\n"
+"  --seq-start N        first seq of gateway 0; gateway i starts at N + i*1e9\n"
+"                       (default N: Unix time in microseconds, so a restarted\n"
 "                       simulator never reuses a seq the hub already stored)\n"
 "  --seed N             random seed (default: time and pid)\n"
 "  --max-frame BYTES    largest frame sent or accepted (default 65536)\n"
@@ -2448,7 +2486,7 @@ parse_args(int argc, char **argv)
 			break;
 		case O_SEQSTART:
 			c->seq_start = parse_u64("--seq-start", optarg, 0,
-						 (1ull << 62));
+						 (1ull << 52));
 			c->seq_start_set = 1;
 			break;
 		case O_SEED:
@@ -2478,6 +2516,11 @@ parse_args(int argc, char **argv)
 	parse_url(c);
 	if (!c->token == !c->token_cmd)
 		die_flag("give exactly one of --token and --token-cmd");
+	if (c->token && c->gateways > 1)
+		LOG(LOG_WARN, "--token is shared by %u gateways: the hub knows a "
+		    "gateway by its token's sub, so they will take each other over "
+		    "(close 4001); use --token-cmd to mint one token per gateway",
+		    c->gateways);
 	if (c->token_cmd && !strstr(c->token_cmd, "{sub}"))
 		LOG(LOG_WARN, "--token-cmd has no {sub}: every gateway gets the "
 		    "same kind of token");
@@ -2677,7 +2720,10 @@ setup_gateways(void)
 		gw->heap_pos = -1;
 		snprintf(gw->id, sizeof(gw->id), "%s-%04u", c->gw_prefix, i);
 		gw->win = xcalloc(c->inflight, sizeof(*gw->win));
-		gw->next_seq = gw->base_seq = gw->send_cursor = seq0;
+		/* disjoint seq ranges: gateways that share a sub (one --token)
+		 * must not have their frames deduplicated against each other */
+		gw->next_seq = gw->base_seq = gw->send_cursor =
+			seq0 + (uint64_t)i * SIM_SEQ_STRIDE;
 		gw->temp = g.temps + (size_t)i * c->devices;
 		gw->hum = g.hums + (size_t)i * c->devices;
 		gw->dev_cursor = c->devices ? (unsigned)(rng_next() % c->devices)
@@ -2826,6 +2872,8 @@ main(int argc, char **argv)
 	if (g.cfg.ack_timeout > 0)
 		lws_sul_schedule(g.ctx, 0, &g.sul_watchdog, watchdog_cb,
 				 LWS_USEC_PER_SEC);
+	lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb,
+			 SIM_HEARTBEAT_US);
 	/* lws_sul_schedule() does not arm the ev timer: wake the loop once */
 	lws_cancel_service(g.ctx);
 
