@@ -54,6 +54,24 @@ KEEP = os.environ.get("HUB_TEST_KEEP") == "1"
 
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer")
 
+# Hub logs are kept for post-mortems: $HUB_BUILD_DIR/itest-logs/<test file>/
+# (emptied when that test file starts), or a temp dir if the build dir is absent.
+_LOG_ROOT = None
+_hub_count = itertools.count(1)
+
+
+def log_root():
+    global _LOG_ROOT
+    if _LOG_ROOT is None:
+        stem = os.path.splitext(os.path.basename(sys.argv[0] or "itest"))[0] or "itest"
+        if os.path.isdir(BUILD_DIR) and os.access(BUILD_DIR, os.W_OK):
+            _LOG_ROOT = os.path.join(BUILD_DIR, "itest-logs", stem)
+            shutil.rmtree(_LOG_ROOT, ignore_errors=True)
+            os.makedirs(_LOG_ROOT, exist_ok=True)
+        else:
+            _LOG_ROOT = tempfile.mkdtemp(prefix="iot-hub-itest-logs-")
+    return _LOG_ROOT
+
 
 # --------------------------------------------------------------------------
 # small utilities
@@ -401,8 +419,7 @@ class Hub:
         self.cond = threading.Condition()
         self.port = None
         self.host = None
-        self.log_dir = mkdtemp("iot-hub-log-")
-        self.log_path = os.path.join(self.log_dir, "hub.stderr")
+        self.log_path = os.path.join(log_root(), "hub-%d.stderr" % next(_hub_count))
         self._log = open(self.log_path, "w")
         self._log.write("# %s\n" % " ".join(self.args))
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
@@ -485,7 +502,10 @@ class Hub:
     def check_sanitizers(self):
         m = self.sanitizer_report()
         if m:
-            raise AssertionError("sanitizer report (%r) in hub stderr; %s" % (m, self.describe()))
+            with self.cond:
+                i = next(i for i, l in enumerate(self.lines) if m in l)
+                excerpt = "\n".join(self.lines[max(0, i - 3):i + 40])
+            raise AssertionError("sanitizer report in hub stderr (full log %s):\n%s" % (self.log_path, excerpt))
 
     def alive(self):
         return self.proc.poll() is None
@@ -552,8 +572,6 @@ class Hub:
 
     def cleanup(self):
         self.kill()
-        if not KEEP:
-            rmtree(self.log_dir)
 
 
 def hub_args(redis, jwt_key_file, schemas=SCHEMAS_DIR, alg="HS256", extra=()):

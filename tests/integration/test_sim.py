@@ -47,10 +47,13 @@ class Sim(HubTestCase):
                 return out
 
     def assert_clean(self, s, expect_rejected=False):
+        for k in ("hub_errors", "protocol_errors", "frames_acked", "readings_acked", "readings_rejected"):
+            self.assertIn(k, s, "gw-sim summary without %s: %s" % (k, json.dumps(s)))
+        # Counters a given gw-sim version may not report count as 0.
         for k in ("hub_errors", "protocol_errors", "auth_failures", "connect_failures", "takeovers",
                   "ack_mismatch", "unexpected_acks", "announce_rejected_devices", "unavailable",
-                  "ack_timeouts", "frames_unacked_at_end", "frames_dropped"):
-            self.assertEqual(s.get(k), 0, "gw-sim summary %s = %r (want 0): %s" % (k, s.get(k), json.dumps(s)))
+                  "ack_timeouts", "frames_unacked_at_end", "frames_dropped", "disconnects"):
+            self.assertEqual(s.get(k, 0), 0, "gw-sim summary %s = %r (want 0): %s" % (k, s.get(k), json.dumps(s)))
         self.assertGreater(s.get("frames_acked", 0), 0, json.dumps(s))
         self.assertGreater(s.get("readings_acked", 0), 0, json.dumps(s))
         if not expect_rejected:
