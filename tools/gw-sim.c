@@ -26,6 +26,12 @@
  *    there is deferred until the loop breaks, then main() finishes it.
  *  - WSI_DESTROY reaches protocols[0] exactly once per wsi, also for connects that
  *    failed inside lws_client_connect_via_info(): it is the one "connection gone" hook.
+ *  - Returning non-zero from CLIENT_RECEIVE skips the parser's reset of its rx
+ *    buffer position, and lws keeps reading while it waits for the close ack: the
+ *    rest of the frame is written past rx_ubuf (heap overflow, seen as a SEGV
+ *    with an oversize message). The server-side parser resets it and guards
+ *    against this; the client's does not. So RECEIVE always returns 0, and a
+ *    connection is closed from WRITEABLE (gw->kill_*).
  *  - iface in lws_client_connect_info is bound (bind() before connect()) and may be
  *    an IPv4 literal; lws then forces that connection to IPv4.
  */
@@ -378,7 +384,9 @@ struct gw {
 	enum gw_state state;
 	unsigned backoff_attempt;
 	int last_close_code;
-	const char *kill_reason;  /* close at the next WRITEABLE */
+	const char *kill_reason;  /* close at the next WRITEABLE, with kill_code */
+	int kill_code;
+	int rx_discard;           /* dropping the rest of an oversize message */
 	lws_sorted_usec_list_t sul_backoff;
 	lws_sorted_usec_list_t sul_retry;
 	int64_t retry_armed_at;
@@ -1351,6 +1359,8 @@ gw_connect(struct gw *gw)
 	gw->wsi = NULL;
 	gw->last_close_code = 0;
 	gw->kill_reason = NULL;
+	gw->kill_code = 0;
+	gw->rx_discard = 0;
 	g.n_live++;
 	wsi = lws_client_connect_via_info(&ci);
 	/*
@@ -1464,6 +1474,17 @@ gw_lost(struct gw *gw, const char *why)
 	lws_sul_schedule(g.ctx, 0, &gw->sul_backoff, backoff_cb, delay);
 }
 
+/* close the connection from the next WRITEABLE (never from RECEIVE) */
+static void
+gw_kill(struct gw *gw, int code, const char *reason)
+{
+	if (gw->kill_reason)
+		return;
+	gw->kill_code = code;
+	gw->kill_reason = reason;
+	gw_request_write(gw);
+}
+
 /* at stop, a gateway closes once nothing it owes the hub is outstanding */
 static int
 gw_drained(const struct gw *gw)
@@ -1520,7 +1541,7 @@ gw_writeable(struct gw *gw, struct lws *wsi)
 	int n, announce = 0;
 
 	if (gw->kill_reason) {
-		lws_close_reason(wsi, LWS_CLOSE_STATUS_GOINGAWAY,
+		lws_close_reason(wsi, (enum lws_close_status)gw->kill_code,
 				 (unsigned char *)gw->kill_reason,
 				 strlen(gw->kill_reason));
 		return -1;
@@ -1609,11 +1630,14 @@ gw_established(struct gw *gw)
 	gw_request_write(gw);
 }
 
+/* must always return 0: see the lws 4.1.6 notes at the top */
 static int
 gw_receive(struct gw *gw, struct lws *wsi, const char *in, size_t len)
 {
 	int final = lws_is_final_fragment(wsi);
 
+	if (gw->rx_discard || gw->kill_reason)
+		return 0;
 	if (!gw->rx_len && final) {
 		gw_handle_msg(gw, in, len);
 		return 0;
@@ -1622,9 +1646,10 @@ gw_receive(struct gw *gw, struct lws *wsi, const char *in, size_t len)
 		LOG(LOG_WARN, "%s: hub message over --max-frame %zu bytes, closing "
 		    "1009", gw->id, g.cfg.max_frame);
 		CNT(proto_errors, 1);
-		lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-				 (unsigned char *)"message too large", 17);
-		return -1;
+		gw->rx_discard = 1;
+		gw->rx_len = 0;
+		gw_kill(gw, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
+		return 0;
 	}
 	if (gw->rx_len + len > gw->rx_cap) {
 		size_t nc = gw->rx_cap ? gw->rx_cap : 1024;
@@ -1878,8 +1903,7 @@ watchdog_cb(lws_sorted_usec_list_t *sul)
 				CNT(ack_timeouts, 1);
 				LOG(LOG_WARN, "%s: no ack for seq %" PRIu64 " in %.1f s, "
 				    "reconnecting", gw->id, s, g.cfg.ack_timeout);
-				gw->kill_reason = "ack timeout";
-				gw_request_write(gw);
+				gw_kill(gw, LWS_CLOSE_STATUS_GOINGAWAY, "ack timeout");
 			}
 			break;   /* the oldest in-flight frame decides */
 		}
@@ -1962,8 +1986,7 @@ close_all(void)
 static void
 drain_cb(lws_sorted_usec_list_t *sul)
 {
-	(void)sul;
-	if (g.n_live)
+	if (g.n_live && sul)
 		LOG(LOG_WARN, "stop: %u connection(s) still had unacked frames "
 		    "or commands in progress after %d ms, closing", g.n_live,
 		    SIM_DRAIN_MS);
