@@ -879,7 +879,14 @@ class Gateway:
         return self.ws.subprotocol
 
     async def send(self, obj):
-        await self.ws.send(obj if isinstance(obj, str) else json.dumps(obj))
+        try:
+            await asyncio.wait_for(self.ws.send(obj if isinstance(obj, str) else json.dumps(obj)), 10)
+        except websockets.exceptions.ConnectionClosed:
+            raise AssertionError("connection closed by the hub before a send: code=%s reason=%r; "
+                                 "messages received: %s" % (self.ws.close_code, self.ws.close_reason,
+                                                            json.dumps(self.pending)[:1000])) from None
+        except asyncio.TimeoutError:
+            raise AssertionError("send blocked for 10 s (hub not reading?)") from None
 
     async def wait_for(self, pred, timeout=5, what="a matching message"):
         for i, m in enumerate(self.pending):
