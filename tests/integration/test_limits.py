@@ -133,6 +133,16 @@ class Limits(HubTestCase):
         self.assertEqual(sorted(r["index"] for r in rep["rejected"]), list(range(acc, 30)), rep)
         self.assertEqual(sum(self.xlen(d) for d in devs), acc)
 
+    async def test_clock_skew_configured(self):
+        hub = self.start_hub(self.redis, extra=["--clock-skew-future-s", "10", "--clock-skew-past-s", "60"])
+        gw, (d,) = await self.gw_devs(hub, 1)
+        now = now_ms()
+        rep = await gw.telemetry(1, [reading(d, 1.0, ts=now + 30000), reading(d, 2.0, ts=now + 5000),
+                                     reading(d, 3.0, ts=now - 120000), reading(d, 4.0, ts=now - 30000)])
+        self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 2), rep)
+        self.assertEqual([(r.get("index"), r.get("code")) for r in rep.get("rejected", [])],
+                         [(0, "clock_skew"), (2, "clock_skew")], rep)
+
     async def test_max_readings_per_frame(self):
         hub = self.start_hub(self.redis, extra=["--max-readings-per-frame", "10"])
         gw, (d,) = await self.gw_devs(hub, 1)

@@ -107,7 +107,8 @@ class RedisOutage(HubTestCase):
         # unavailable; on SIGCONT Redis may still run the stalled write, so the
         # resend must not store the frame a second time.
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--redis-timeout-ms", "300", "--redis-backoff-max-ms", "200"])
+        hub = self.start_hub(redis, extra=["--redis-timeout-ms", "300", "--redis-backoff-max-ms", "200",
+                                           "--retry-after-ms", "1234"])
         gw, d = await self.gw_dev(hub)
         rep = await gw.telemetry(1, [reading(d, 1.0)])
         self.assertEqual(rep.get("type"), "ack", rep)
@@ -119,6 +120,7 @@ class RedisOutage(HubTestCase):
             rep = await gw.telemetry(2, r2, timeout=5)
             took = time.monotonic() - t0
             self.assert_unavailable(rep, 2)
+            self.assertEqual(rep.get("retry_after_ms"), 1234, "--retry-after-ms 1234: %r" % rep)
         finally:
             redis.resume()
         self.assertLess(took, 3, "unavailable took %.1fs with redis-timeout-ms 300" % took)
