@@ -137,8 +137,9 @@ static int listener_cb(struct lws *wsi, enum lws_callback_reasons reason,
 		return 1; /* internal protocol: never an upgrade target */
 	case LWS_CALLBACK_RAW_RX_FILE:
 		l = lws_get_opaque_user_data(wsi);
-		if (l && l->fd >= 0)
-			accept_some(l, lws_get_socket_fd(wsi));
+		if (!l || l->fd < 0)
+			return -1; /* closed by hub_listener_close() */
+		accept_some(l, lws_get_socket_fd(wsi));
 		break;
 	case LWS_CALLBACK_RAW_CLOSE_FILE:
 		l = lws_get_opaque_user_data(wsi);

@@ -11,6 +11,14 @@
 #include "hub/redis.h"
 #include "protocols/gateway.h"
 
+/* lws 4.1.6's libev backend arms its timer for lws_sul only from its own
+ * idle and timer callbacks: a sul scheduled while no I/O happens never fires,
+ * and one scheduled earlier than the armed time waits for it (ev_timer_start
+ * on an active watcher is a no-op). A heartbeat sul keeps that timer armed,
+ * so any sul fires at most HEARTBEAT_US late on an idle loop. */
+#define HEARTBEAT_US (20 * 1000)
+
+static lws_sorted_usec_list_t sul_heartbeat;
 static struct lws_context *signal_ctx;
 static struct hub *signal_hub;
 static struct lws_protocols protocols[5];
@@ -104,8 +112,15 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	return 0;
 }
 
+static void heartbeat(lws_sorted_usec_list_t *sul)
+{
+	lws_sul_schedule(signal_ctx, 0, sul, heartbeat, HEARTBEAT_US);
+}
+
 void hub_loop_run(struct hub *hub)
 {
+	heartbeat(&sul_heartbeat);
+	lws_cancel_service(hub->ctx); /* one I/O event arms the backend's timer */
 	while (!hub->exiting)
 		if (lws_service(hub->ctx, 0) < 0)
 			break;
@@ -114,6 +129,7 @@ void hub_loop_run(struct hub *hub)
 void hub_loop_stop(struct hub *hub)
 {
 	hub->exiting = true;
+	lws_sul_cancel(&sul_heartbeat);
 	/* With an event library the first destroy only breaks the loop. */
 	lws_context_destroy(hub->ctx);
 }

@@ -31,6 +31,7 @@ struct rconn {
 	bool is_sub;
 	redisAsyncContext *ac;
 	struct lws *wsi;
+	bool in_callback;          /* inside this connection's lws callback */
 	enum rc_state state;
 	int64_t state_since_us;
 	int64_t last_reply_us;
@@ -148,12 +149,17 @@ static void ev_add_write(void *privdata)
 static void ev_cleanup(void *privdata)
 {
 	struct rconn *rc = privdata;
+	struct lws *wsi = rc->wsi;
 
-	if (rc->wsi) {
-		lws_set_opaque_user_data(rc->wsi, NULL);
-		lws_set_timeout(rc->wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
-		rc->wsi = NULL;
-	}
+	if (!wsi)
+		return;
+	rc->wsi = NULL;
+	lws_set_opaque_user_data(wsi, NULL);
+	/* Inside this wsi's own callback the callback returns -1 and lws closes
+	 * it; from anywhere else close it now. (An async kill is a 0 s timer
+	 * that never runs while libev keeps reporting the dead fd.) */
+	if (!rc->in_callback)
+		lws_set_timeout(wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_SYNC);
 }
 
 static int redis_proto_cb(struct lws *wsi, enum lws_callback_reasons reason,
@@ -166,15 +172,28 @@ static int redis_proto_cb(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
 		return 1; /* nobody may upgrade to this internal protocol */
 	case LWS_CALLBACK_RAW_RX_FILE:
-		rc = lws_get_opaque_user_data(wsi);
-		if (rc && rc->ac)
-			redisAsyncHandleRead(rc->ac);
-		break;
 	case LWS_CALLBACK_RAW_WRITEABLE_FILE:
 		rc = lws_get_opaque_user_data(wsi);
+		if (rc && rc->ac) {
+			rc->in_callback = true;
+			if (reason == LWS_CALLBACK_RAW_RX_FILE)
+				redisAsyncHandleRead(rc->ac);
+			else
+				redisAsyncHandleWrite(rc->ac);
+			rc->in_callback = false;
+		}
+		/* Detached (hiredis freed its context, maybe just now): close
+		 * the dup at once. A HUP fd left open would be reported on every
+		 * loop turn and starve lws's idle work, timers included. */
+		rc = lws_get_opaque_user_data(wsi);
 		if (rc && rc->ac)
-			redisAsyncHandleWrite(rc->ac);
-		break;
+			return 0;
+		if (rc) {
+			lws_set_opaque_user_data(wsi, NULL);
+			if (rc->wsi == wsi)
+				rc->wsi = NULL;
+		}
+		return -1;
 	case LWS_CALLBACK_RAW_CLOSE_FILE:
 		rc = lws_get_opaque_user_data(wsi);
 		if (rc && rc->wsi == wsi) {
@@ -227,8 +246,7 @@ static void on_connect(const redisAsyncContext *ac, int status)
 		hub_warn("redis %s: connect to %s:%d failed: %s", rc->name,
 			 rc->r->hub->cfg.redis_host, rc->r->hub->cfg.redis_port,
 			 ac->errstr ? ac->errstr : "error");
-		rc->ac = NULL; /* hiredis frees it after this callback */
-		rc->wsi = NULL;
+		rc->ac = NULL; /* hiredis frees it (and calls ev_cleanup) after this */
 		set_state(rc, RC_DOWN);
 		schedule_reconnect(rc);
 		return;
@@ -248,8 +266,7 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
 		return;
 	hub_warn("redis %s: disconnected%s%s", rc->name, status == REDIS_OK ? "" : ": ",
 		 status == REDIS_OK ? "" : (ac->errstr ? ac->errstr : "error"));
-	rc->ac = NULL;
-	rc->wsi = NULL;
+	rc->ac = NULL; /* ev_cleanup already detached the wsi */
 	set_state(rc, RC_DOWN);
 	schedule_reconnect(rc);
 }
