@@ -1368,9 +1368,10 @@ gw_connect(struct gw *gw)
 	 * (lws suppresses CONNECTION_ERROR inside this call). If WSI_DESTROY
 	 * already ran, gw_lost() has moved the state on.
 	 */
-	if (!wsi && gw->state == GW_CONNECTING) {
+	if (!wsi) {
 		CNT(connect_failures, 1);
-		gw_lost(gw, "connect failed");
+		if (gw->state == GW_CONNECTING)
+			gw_lost(gw, "connect failed");
 	}
 }
 
@@ -2622,15 +2623,14 @@ make_auth(const char *token)
 	return a;
 }
 
-/* run --token-cmd for one gateway; returns "Bearer <token>" or NULL */
-static char *
-run_token_cmd(const char *tmpl, const char *sub)
+/* start --token-cmd for one gateway; returns the pipe or NULL */
+static FILE *
+token_cmd_start(const char *tmpl, const char *sub)
 {
-	size_t cap = strlen(tmpl) + 1, n = 0, r;
+	size_t cap = strlen(tmpl) + 1;
 	const char *p;
-	char *cmd, *out = NULL;
+	char *cmd;
 	FILE *f;
-	int st;
 
 	for (p = tmpl; (p = strstr(p, "{sub}")); p += 5)
 		cap += strlen(sub);
@@ -2649,11 +2649,21 @@ run_token_cmd(const char *tmpl, const char *sub)
 	}
 	f = popen(cmd, "r");
 	free(cmd);
-	if (!f) {
+	if (!f)
 		fprintf(stderr, "gw-sim: --token-cmd: cannot run: %s\n",
 			strerror(errno));
-		return NULL;
-	}
+	return f;
+}
+
+/* read and reap a --token-cmd; returns "Bearer <token>" or NULL */
+static char *
+token_cmd_finish(FILE *f, const char *sub)
+{
+	size_t n = 0, r;
+	const char *p;
+	char *out;
+	int st;
+
 	out = xmalloc(SIM_TOKEN_MAX + 1);
 	while (n < SIM_TOKEN_MAX && (r = fread(out + n, 1, SIM_TOKEN_MAX - n, f)))
 		n += r;
@@ -2720,12 +2730,52 @@ raise_nofile(void)
 	}
 }
 
+/*
+ * --token-cmd for every gateway, SIM_TOKEN_JOBS at a time: a token is far
+ * smaller than a pipe buffer, so the children never block on their output and
+ * are read in order. Process creation still dominates on slow hosts.
+ */
+#define SIM_TOKEN_JOBS 16
+static int
+mint_tokens(void)
+{
+	FILE *jobs[SIM_TOKEN_JOBS];
+	unsigned b, k, n, i;
+	int rc = 0;
+
+	for (b = 0; b < g.cfg.gateways; b += n) {
+		n = g.cfg.gateways - b < SIM_TOKEN_JOBS ? g.cfg.gateways - b
+							: SIM_TOKEN_JOBS;
+		for (k = 0; k < n; k++)
+			jobs[k] = token_cmd_start(g.cfg.token_cmd, g.gws[b + k].id);
+		for (k = 0; k < n; k++) {
+			struct gw *gw = &g.gws[b + k];
+			char *a = jobs[k] ? token_cmd_finish(jobs[k], gw->id) : NULL;
+
+			if (!a) {
+				rc = -1;
+				continue;
+			}
+			gw->auth = a;
+			gw->auth_len = strlen(a);
+			gw->auth_owned = 1;
+		}
+		if (rc)
+			return rc;
+		i = b + n;
+		if (g.cfg.gateways >= 1000 && (i % 1000 < n || i == g.cfg.gateways))
+			LOG(LOG_INFO, "tokens: %u/%u", i, g.cfg.gateways);
+	}
+	return 0;
+}
+
 static int
 setup_gateways(void)
 {
 	struct sim_cfg *c = &g.cfg;
 	uint64_t seq0;
 	unsigned i, d;
+	int rc = 0;
 
 	g.gws = xcalloc(c->gateways, sizeof(*g.gws));
 	g.temps = xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
@@ -2757,19 +2807,12 @@ setup_gateways(void)
 		}
 		if (c->token) {
 			gw->auth = g.shared_auth;
-		} else {
-			char *a = run_token_cmd(c->token_cmd, gw->id);
-
-			if (!a)
-				return -1;
-			gw->auth = a;
-			gw->auth_owned = 1;
+			gw->auth_len = strlen(gw->auth);
 		}
-		gw->auth_len = strlen(gw->auth);
-		if (i && !(i % 1000))
-			LOG(LOG_INFO, "tokens: %u/%u", i, c->gateways);
 	}
-	return 0;
+	if (c->token_cmd)
+		rc = mint_tokens();
+	return rc;
 }
 
 static void
