@@ -122,8 +122,6 @@ struct hub_embedded_redis *hub_embedded_redis_start(const char *binary,
 			int status;
 			if (!ping(e->port)) {
 				*port_out = e->port;
-				hub_info("embedded redis-server (pid %d) on 127.0.0.1:%d",
-					 (int)e->pid, e->port);
 				return e;
 			}
 			if (waitpid(e->pid, &status, WNOHANG) == e->pid) {

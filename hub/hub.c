@@ -79,8 +79,9 @@ int hub_reload(struct hub *hub, bool initial)
 	free(hub->jwt_key);
 	hub->jwt_key = key;
 	hub->jwt_key_len = keylen;
-	hub_info("%s %zu device types from %s", initial ? "loaded" : "reloaded",
-		 schema_set_count(set), hub->cfg.schemas);
+	if (!initial)
+		hub_info("reloaded %zu device types from %s", schema_set_count(set),
+			 hub->cfg.schemas);
 	return 0;
 
 fail:

@@ -6,7 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <openssl/err.h>
 #include <openssl/rand.h>
+#include <openssl/ssl.h>
 
 #include "hub/embedded_redis.h"
 #include "hub/hub.h"
@@ -84,11 +86,49 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 		hub_begin_shutdown(hub);
 		return;
 	}
+	hub_info("%zu device types from %s; instance %s; redis %s:%d%s",
+		 schema_set_count(hub->schemas), hub->cfg.schemas, hub->instance_id,
+		 hub->cfg.redis_host, hub->cfg.redis_port,
+		 hub->embedded ? " (embedded)" : "");
+	if (hub->jwt_ephemeral)
+		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
 	fprintf(stderr, "listening on %s:%d\n", hub->cfg.listen_host,
 		hub_listener_port(hub->listener));
 	fflush(stderr);
 	if (hub->jwt_ephemeral)
 		print_dev_token(hub);
+}
+
+/* Checks the TLS files up front so a bad one fails start-up with one line
+ * (lws would log several). */
+static int check_tls_files(const struct hub_config *cfg, char *err, size_t errlen)
+{
+	SSL_CTX *ctx;
+	int rc = -1;
+
+	if (!cfg->tls_cert)
+		return 0;
+	ctx = SSL_CTX_new(TLS_server_method());
+	if (!ctx) {
+		snprintf(err, errlen, "TLS: cannot create a context");
+		return -1;
+	}
+	if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert) != 1)
+		snprintf(err, errlen, "tls-cert %s: not a readable PEM certificate", cfg->tls_cert);
+	else if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key, SSL_FILETYPE_PEM) != 1)
+		snprintf(err, errlen, "tls-key %s: not a readable PEM private key", cfg->tls_key);
+	else if (SSL_CTX_check_private_key(ctx) != 1)
+		snprintf(err, errlen, "tls-key %s does not match tls-cert %s", cfg->tls_key,
+			 cfg->tls_cert);
+	else if (cfg->tls_client_ca &&
+		 SSL_CTX_load_verify_locations(ctx, cfg->tls_client_ca, NULL) != 1)
+		snprintf(err, errlen, "tls-client-ca %s: not a readable PEM CA certificate",
+			 cfg->tls_client_ca);
+	else
+		rc = 0;
+	ERR_clear_error();
+	SSL_CTX_free(ctx);
+	return rc;
 }
 
 static void hub_cleanup(struct hub *hub)
@@ -131,6 +171,11 @@ int main(int argc, char **argv)
 	hub_log_set_tag(hub.instance_id);
 	srand((unsigned)(hub_mono_us() ^ getpid()));
 
+	if (check_tls_files(&hub.cfg, err, sizeof(err))) {
+		fprintf(stderr, "iot-hub: %s\n", err);
+		hub_config_free(&hub.cfg);
+		return 1;
+	}
 	if (!hub.cfg.jwt_key) {
 		unsigned char raw[32];
 		if (RAND_bytes(raw, sizeof(raw)) != 1) {
@@ -142,7 +187,6 @@ int main(int argc, char **argv)
 			snprintf(hub.jwt_key + i * 2, 3, "%02x", raw[i]);
 		hub.jwt_key_len = 64;
 		hub.jwt_ephemeral = true;
-		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
 	}
 	if (hub_reload(&hub, true)) {
 		hub_cleanup(&hub);

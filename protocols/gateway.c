@@ -55,7 +55,10 @@ struct gw_conn {
 	struct gw_reply *head, *tail;
 	unsigned queued, waiting;
 	unsigned refs;             /* the wsi + replies awaiting Redis */
-	bool paused, closing, draining;
+	bool paused, closing, draining, discarding;
+	size_t discarded;          /* bytes of an oversized message dropped */
+	int64_t epoch;             /* takeover order (Redis INCR); 0 = not yet */
+	int64_t beaten_by;         /* highest foreign epoch seen before ours */
 	int close_code;
 	const char *close_reason;
 };
@@ -584,6 +587,18 @@ static int on_receive(struct gw_conn *c, const char *in, size_t len)
 	size_t remaining = lws_remaining_packet_payload(wsi);
 	bool final = lws_is_final_fragment(wsi) && !remaining;
 
+	if (c->discarding) {
+		/* Drop the rest of an oversized message, then close with 1009
+		 * once the peer has sent it all (closing earlier resets a socket
+		 * with unread data and the peer sees 1006). Bounded: a peer that
+		 * keeps going far past the limit is cut off at once. */
+		c->discarded += len;
+		if (final || c->discarded > 16 * max) {
+			c->discarding = false;
+			conn_close(c, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
+		}
+		return 0;
+	}
 	if (c->closing || c->draining)
 		return 0;
 	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
@@ -607,9 +622,14 @@ too_large:
 	c->hub->metrics.frames_too_large_total++;
 	hub_warn("gateway %s #%llu: message over max-frame-bytes %zu: closing with 1009",
 		 c->gw, (unsigned long long)c->serial, max);
-	lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-			 (unsigned char *)"message too large", 17);
-	return -1;
+	hub_buf_free(&c->rx);
+	c->discarding = true;
+	c->discarded = c->rx.len + len;
+	if (final) {
+		c->discarding = false;
+		conn_close(c, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
+	}
+	return 0;
 }
 
 static int on_writeable(struct gw_conn *c)
@@ -648,16 +668,18 @@ static int on_writeable(struct gw_conn *c)
 
 /* ---- connection open / close / takeover ---------------------------------- */
 
-static void takeover_local(struct hub *hub, const char *gw, const char *new_conn)
+static void takeover_close(struct gw_conn *old, const char *new_conn)
 {
-	struct gw_conn *old = hub_strmap_get(&hub->gateways, gw, strlen(gw));
+	struct hub *hub = old->hub;
+	const char *gw = old->gw;
 
-	if (!old || !strcmp(old->conn_id, new_conn))
+	if (old->closing || !old->wsi)
 		return;
 	hub_info("gateway %s #%llu: taken over by %s", gw,
 		 (unsigned long long)old->serial, new_conn);
 	hub->metrics.takeovers_total++;
-	hub_strmap_del(&hub->gateways, gw, strlen(gw));
+	if (hub_strmap_get(&hub->gateways, gw, strlen(gw)) == old)
+		hub_strmap_del(&hub->gateways, gw, strlen(gw));
 	/* Close now, even with replies queued: the new connection owns the
 	 * gateway; unacked frames are resent there and deduplicated by seq. */
 	old->closing = true;
@@ -676,22 +698,53 @@ static void takeover_local(struct hub *hub, const char *gw, const char *new_conn
 	lws_callback_on_writable(old->wsi);
 }
 
+/* "<gateway> <epoch> <conn id>" from any instance (this one included): a
+ * connection with a lower epoch than the message's has been superseded. */
 static void on_takeover_msg(const char *channel, const char *payload, size_t len,
 			    void *arg)
 {
 	struct hub *hub = arg;
-	char gw[HUB_ID_MAX + 1], conn[HUB_ID_MAX * 2 + 32];
-	const char *sp = memchr(payload, ' ', len);
+	char msg[HUB_ID_MAX * 4], gw[HUB_ID_MAX + 1], conn[HUB_ID_MAX * 2 + 32];
+	long long epoch;
+	struct gw_conn *c;
 
 	(void)channel;
-	if (!sp || (size_t)(sp - payload) > HUB_ID_MAX ||
-	    len - (size_t)(sp - payload) - 1 >= sizeof(conn))
+	if (len >= sizeof(msg))
 		return;
-	memcpy(gw, payload, (size_t)(sp - payload));
-	gw[sp - payload] = '\0';
-	memcpy(conn, sp + 1, len - (size_t)(sp - payload) - 1);
-	conn[len - (size_t)(sp - payload) - 1] = '\0';
-	takeover_local(hub, gw, conn);
+	memcpy(msg, payload, len);
+	msg[len] = '\0';
+	if (sscanf(msg, "%128s %lld %159s", gw, &epoch, conn) != 3)
+		return;
+	c = hub_strmap_get(&hub->gateways, gw, strlen(gw));
+	if (!c || !strcmp(c->conn_id, conn))
+		return;
+	if (!c->epoch) {
+		/* Our own INCR has not answered yet: decide when it does. */
+		if (epoch > c->beaten_by)
+			c->beaten_by = epoch;
+		return;
+	}
+	if (c->epoch < epoch)
+		takeover_close(c, conn);
+}
+
+static void on_epoch(redisReply *reply, void *arg)
+{
+	struct gw_conn *c = arg;
+	struct hub *hub = c->hub;
+	char msg[HUB_ID_MAX * 4];
+
+	if (c->wsi && reply && reply->type == REDIS_REPLY_INTEGER) {
+		c->epoch = reply->integer;
+		if (c->beaten_by > c->epoch) {
+			takeover_close(c, "a newer connection");
+		} else {
+			snprintf(msg, sizeof(msg), "%s %lld %s", c->gw, (long long)c->epoch,
+				 c->conn_id);
+			hub_redis_publish(hub->redis, TAKEOVER_CHANNEL, msg, strlen(msg));
+		}
+	}
+	conn_unref(c);
 }
 
 void gw_init(struct hub *hub)
@@ -721,10 +774,17 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, hub_mono_us());
 	pss->conn = c;
 
-	takeover_local(hub, c->gw, c->conn_id);
+	/* Same instance: the old connection goes at once. Other instances hear
+	 * of it through Redis, ordered by a per-gateway epoch (INCR), so a late
+	 * notice about an older connection never closes a newer one. */
+	struct gw_conn *old = hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw));
+	if (old)
+		takeover_close(old, c->conn_id);
 	hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), c);
-	snprintf(msg, sizeof(msg), "%s %s", c->gw, c->conn_id);
-	hub_redis_publish(hub->redis, TAKEOVER_CHANNEL, msg, strlen(msg));
+	snprintf(msg, sizeof(msg), "iot:gw:%s:epoch", c->gw);
+	const char *argv[2] = { "INCR", msg };
+	if (!hub_redis_command_argv(hub->redis, on_epoch, c, 2, argv, NULL))
+		c->refs++;
 	hub->metrics.connections_total++;
 	hub_info("gateway %s #%llu: connected", c->gw, (unsigned long long)c->serial);
 	if (hub->draining) {
