@@ -233,11 +233,17 @@ static void free_handshake(struct lws *wsi)
 }
 
 static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
+			 void *user, void *in, size_t len);
+
+static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			 void *user, void *in, size_t len)
 {
-	struct http_pss *pss = user;
 	struct lws_context *ctx = lws_get_context(wsi);
 	struct hub *hub = ctx ? lws_context_user(ctx) : NULL;
+	const struct lws_protocols *bound = lws_get_protocol(wsi);
+	/* lws also sends some callbacks (WSI_DESTROY of an upgraded connection)
+	 * here with another protocol's session data: only ours is an http_pss. */
+	struct http_pss *pss = bound && bound->callback == http_callback ? user : NULL;
 
 	switch (reason) {
 	case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
@@ -255,6 +261,8 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return refuse_upgrade(wsi, 400, "bad_request", "only WebSocket upgrades");
 		return confirm_upgrade(wsi, hub);
 	case LWS_CALLBACK_HTTP:
+		if (!pss)
+			return -1;
 		return route(wsi, pss, hub, (const char *)in) ? -1 : 0;
 	case LWS_CALLBACK_HTTP_BODY:
 		return 0; /* bodies are ignored by the routes of this version */

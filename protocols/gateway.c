@@ -842,13 +842,19 @@ static void on_closed(struct gw_pss *pss)
 }
 
 static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
+		       void *user, void *in, size_t len);
+
+static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		       void *user, void *in, size_t len)
 {
-	struct gw_pss *pss = user;
+	const struct lws_protocols *bound = lws_get_protocol(wsi);
+	struct gw_pss *pss = bound && bound->callback == gw_callback ? user : NULL;
 	struct hub *hub = lws_context_user(lws_get_context(wsi));
 
 	switch (reason) {
 	case LWS_CALLBACK_ESTABLISHED:
+		if (!pss)
+			return -1;
 		return on_established(wsi, pss, hub);
 	case LWS_CALLBACK_RECEIVE:
 		if (!pss->conn)
@@ -859,7 +865,8 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return -1;
 		return on_writeable(pss->conn);
 	case LWS_CALLBACK_CLOSED:
-		on_closed(pss);
+		if (pss)
+			on_closed(pss);
 		break;
 	case LWS_CALLBACK_WSI_DESTROY: {
 		struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
