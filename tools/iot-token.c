@@ -39,7 +39,7 @@ static const char usage_text[] =
 "                [--devices 't-*,x'] [--scope 'telemetry:read commands:write']\n"
 "                [--ttl SECONDS] [--exp UNIX] [--iss S] [--aud S]\n"
 "      Prints a compact JWT for a gateway (sub = gateway id). --key is the\n"
-"      HS256 secret file (its bytes as they are, at least 16) or, for\n"
+"      HS256 secret file (its bytes less a trailing newline, at least 16) or, for\n"
 "      RS256/ES256, the PEM private key. --devices: comma-separated device\n"
 "      patterns (an id, or a prefix ending in '*'); without it the token\n"
 "      speaks for no device. --ttl defaults to 3600; --exp sets exp itself.\n"
@@ -403,6 +403,10 @@ static int cmd_jwt(int argc, char **argv)
 
 	key = tok_read_file(key_path, &key_len);
 	if (alg == AUTH_ALG_HS256) {
+		/* Same rule as the hub (hub/hub.c): a secret file's trailing
+		 * newline is not part of the secret. */
+		while (key_len && (key[key_len - 1] == '\n' || key[key_len - 1] == '\r'))
+			key[--key_len] = '\0';
 		if (key_len < 16)
 			tok_fail("%s: HS256 secret is %zu bytes; at least 16 are "
 				 "required", key_path, key_len);
