@@ -394,7 +394,9 @@ struct gw {
 	/* announce */
 	unsigned ann_next;     /* next device index to put in an announce */
 	unsigned ann_sent;     /* announce messages sent on this connection */
-	unsigned ann_replies;  /* announced replies received */
+	unsigned ann_replies;  /* announced (or error) replies received */
+	int64_t ann_retry_ms;  /* > 0: an announce got `unavailable`: redo it */
+	lws_sorted_usec_list_t sul_announce;
 
 	/* telemetry window: slot of seq s is win[s % inflight] */
 	struct frame_slot *win;
@@ -440,6 +442,7 @@ struct counters {
 	uint64_t readings_sent, readings_acked, readings_rejected, readings_bad;
 	uint64_t rejected[RJ_COUNT];
 	uint64_t unavailable, hub_errors, proto_errors, ack_mismatch, unexpected_acks;
+	uint64_t duplicate_acks, announce_retries;
 	uint64_t ticks_skipped;
 	uint64_t connects, connect_failures, auth_failures, disconnects, takeovers;
 	uint64_t ack_timeouts;
@@ -1143,6 +1146,39 @@ str_or(const json_t *j, const char *dflt)
 }
 
 static void
+reannounce_cb(lws_sorted_usec_list_t *sul)
+{
+	struct gw *gw = lws_container_of(sul, struct gw, sul_announce);
+
+	if (gw->state != GW_ANNOUNCING)
+		return;
+	gw->ann_next = 0;
+	gw->ann_sent = 0;
+	gw->ann_replies = 0;
+	gw->ann_retry_ms = 0;
+	CNT(announce_retries, 1);
+	gw_request_write(gw);
+}
+
+/* one reply (announced or error) per announce message, in order */
+static void
+gw_announce_reply(struct gw *gw)
+{
+	gw->ann_replies++;
+	if (gw->ann_next < g.cfg.devices || gw->ann_replies < gw->ann_sent)
+		return;
+	if (gw->ann_retry_ms) {
+		/* Redis was down for part of it: announce everything again */
+		LOG(LOG_INFO, "%s: announce unavailable, again in %" PRId64 " ms",
+		    gw->id, gw->ann_retry_ms);
+		lws_sul_schedule(g.ctx, 0, &gw->sul_announce, reannounce_cb,
+				 gw->ann_retry_ms * 1000);
+		return;
+	}
+	gw_become_ready(gw);
+}
+
+static void
 gw_on_announced(struct gw *gw, json_t *root)
 {
 	json_t *rej = json_object_get(root, "rejected");
@@ -1161,9 +1197,7 @@ gw_on_announced(struct gw *gw, json_t *root)
 		    str_or(json_object_get(first, "device"), "?"),
 		    str_or(json_object_get(first, "code"), "?"));
 	}
-	gw->ann_replies++;
-	if (gw->ann_next >= g.cfg.devices && gw->ann_replies >= gw->ann_sent)
-		gw_become_ready(gw);
+	gw_announce_reply(gw);
 }
 
 static void
@@ -1216,6 +1250,8 @@ gw_on_ack(struct gw *gw, json_t *root)
 		hist_add(&g.h_tot, lat);
 		hist_add(&g.h_iv, lat);
 	}
+	if (json_is_true(json_object_get(root, "duplicate")))
+		CNT(duplicate_acks, 1);   /* a resend the hub had already stored */
 	CNT(frames_acked, 1);
 	CNT(readings_acked, accepted);
 	CNT(readings_rejected, nrej);
@@ -1231,17 +1267,36 @@ gw_on_error(struct gw *gw, json_t *root)
 	json_t *jseq = json_object_get(root, "seq");
 	struct frame_slot *fs = NULL;
 
+	json_t *jra = json_object_get(root, "retry_after_ms");
+	int64_t ra = json_is_integer(jra) ? json_integer_value(jra) : 1000;
+	int unavailable = code && !strcmp(code, "unavailable");
+
+	if (ra < 1)
+		ra = 1;
+	if (ra > 60000)
+		ra = 60000;
 	if (json_is_integer(jseq) && json_integer_value(jseq) >= 0)
 		fs = gw_slot(gw, (uint64_t)json_integer_value(jseq));
 
-	if (code && !strcmp(code, "unavailable")) {
-		json_t *jra = json_object_get(root, "retry_after_ms");
-		int64_t ra = json_is_integer(jra) ? json_integer_value(jra) : 1000;
+	/* while announcing, an error without a seq answers an announce */
+	if (!fs && !json_is_integer(jseq) && gw->state == GW_ANNOUNCING &&
+	    gw->ann_replies < gw->ann_sent) {
+		if (unavailable) {
+			CNT(unavailable, 1);
+			if (ra > gw->ann_retry_ms)
+				gw->ann_retry_ms = ra;
+		} else {
+			CNT(hub_errors, 1);
+			count_errcode(code ? code : "(none)");
+			LOG(LOG_WARN, "%s: hub error %s%s%s answering an announce",
+			    gw->id, code ? code : "(no code)", msg ? ": " : "",
+			    msg ? msg : "");
+		}
+		gw_announce_reply(gw);
+		return;
+	}
 
-		if (ra < 1)
-			ra = 1;
-		if (ra > 60000)
-			ra = 60000;
+	if (unavailable) {
 		CNT(unavailable, 1);
 		LOG(LOG_DEBUG, "%s: seq %" JSON_INTEGER_FORMAT " unavailable, "
 		    "retry in %" PRId64 " ms", gw->id,
@@ -1446,6 +1501,7 @@ gw_lost(struct gw *gw, const char *why)
 	gw->rx_len = 0;
 	heap_remove(gw);
 	lws_sul_cancel(&gw->sul_retry);
+	lws_sul_cancel(&gw->sul_announce);
 	gw->retry_armed_at = 0;
 	for (s = gw->base_seq; s < gw->next_seq; s++) {
 		struct frame_slot *fs = &gw->win[s % g.cfg.inflight];
@@ -1618,6 +1674,7 @@ gw_established(struct gw *gw)
 	gw->ann_next = 0;
 	gw->ann_sent = 0;
 	gw->ann_replies = 0;
+	gw->ann_retry_ms = 0;
 	gw->rx_len = 0;
 	LOG(LOG_DEBUG, "%s: connected", gw->id);
 	if (g.stopping) {
@@ -1951,6 +2008,7 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 
 		lws_sul_cancel(&gw->sul_backoff);
 		lws_sul_cancel(&gw->sul_retry);
+		lws_sul_cancel(&gw->sul_announce);
 		for (c = gw->cmds; c; c = c->next)
 			lws_sul_cancel(&c->sul);
 	}
@@ -2158,6 +2216,8 @@ print_summary(void)
 		json_object_set_new(o, "protocol_errors", JI(g.tot.proto_errors));
 		json_object_set_new(o, "ack_mismatch", JI(g.tot.ack_mismatch));
 		json_object_set_new(o, "unexpected_acks", JI(g.tot.unexpected_acks));
+		json_object_set_new(o, "duplicate_acks", JI(g.tot.duplicate_acks));
+		json_object_set_new(o, "announce_retries", JI(g.tot.announce_retries));
 		json_object_set_new(o, "commands", json_pack(
 			"{s:I, s:I, s:I, s:I}",
 			"received", (json_int_t)g.tot.cmds_received,
@@ -2169,6 +2229,18 @@ print_summary(void)
 			"frames_sent_per_s", (double)g.tot.frames_sent / el,
 			"frames_acked_per_s", (double)g.tot.frames_acked / el,
 			"readings_acked_per_s", (double)g.tot.readings_acked / el));
+		{
+			struct rusage ru;
+
+			if (!getrusage(RUSAGE_SELF, &ru)) {
+				json_object_set_new(o, "max_rss_kb", JI(ru.ru_maxrss));
+				json_object_set_new(o, "cpu_s", json_real(
+					(double)ru.ru_utime.tv_sec +
+					(double)ru.ru_utime.tv_usec / 1e6 +
+					(double)ru.ru_stime.tv_sec +
+					(double)ru.ru_stime.tv_usec / 1e6));
+			}
+		}
 		json_object_set_new(o, "latency_us", json_pack(
 			"{s:I, s:I, s:I, s:I, s:I, s:I, s:f}",
 			"count", (json_int_t)g.h_tot.count,
