@@ -411,8 +411,8 @@ class Hub:
 
     LISTEN_RE = re.compile(r"listening on (\S+):(\d+)")
 
-    def __init__(self, args, env=None, wait=True, timeout=15, tls=False, bin=None):
-        self.args = [bin or HUB_BIN] + [str(a) for a in args]
+    def __init__(self, args, env=None, wait=True, timeout=15, tls=False, binary=None):
+        self.args = [binary or HUB_BIN] + [str(a) for a in args]
         self.tls = tls
         self.lines = []       # stderr lines
         self.out_lines = []   # stdout lines
@@ -855,7 +855,7 @@ async def recv_json(ws, timeout=5):
         raw = await asyncio.wait_for(ws.recv(), timeout)
     except asyncio.TimeoutError:
         raise AssertionError("no message from the hub within %.1fs" % timeout) from None
-    except websockets.exceptions.ConnectionClosed as e:
+    except websockets.exceptions.ConnectionClosed:
         raise AssertionError("connection closed while waiting for a message: code=%s reason=%r"
                              % (ws.close_code, ws.close_reason)) from None
     if not isinstance(raw, str):

@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HubTestCase, b64url, dev_certs, gw_claims, hs256, jwt_encode,  # noqa: E402
-                     jwt_parts, main, mint_tool, try_upgrade, uniq, write_file)
+                     jwt_parts, main, mint_tool, try_upgrade, uniq)
 
 
 def pyjwt():

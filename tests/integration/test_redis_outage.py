@@ -9,7 +9,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, Redis, free_port, http_get, main, reading, uniq, wait_until  # noqa: E402
+from harness import HubTestCase, Redis, free_port, http_get, main, reading, uniq  # noqa: E402
 
 
 class RedisOutage(HubTestCase):
