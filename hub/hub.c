@@ -105,6 +105,7 @@ static void drain_tick(lws_sorted_usec_list_t *sul)
 		return;
 	}
 	hub_info("drained; stopping");
+	gw_stop(hub);
 	hub_redis_stop(hub->redis);
 	hub_loop_stop(hub);
 }

@@ -9,38 +9,31 @@
 
 /* KEYS[1] = iot:gw:<gw>:seqs, KEYS[2] = iot:feed
  * ARGV = seq, gw, window, device maxlen, feed maxlen, now ms, feed payload, n,
- *        then n x (device, ts, data). */
+ *        then n x (device, ts, data).
+ * Costs per frame: ZADD NX (the dedupe), ZREMRANGEBYRANK (the window), one
+ * XADD per reading and one for the feed; ZSCORE only when the window trimmed
+ * something, EXPIRE once every 256 seqs. last_seen is flushed separately. */
 static const char store_lua[] =
-	"local seq = tonumber(ARGV[1])\n"
-	"if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end\n"
+	"if redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[1]) == 0 then return {0} end\n"
 	"local window = tonumber(ARGV[3])\n"
-	"local card = redis.call('ZCARD', KEYS[1])\n"
-	"if card >= window then\n"
-	"  local lo = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')\n"
-	"  if lo[2] and seq < tonumber(lo[2]) then return {0} end\n"
+	"if redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -window - 1) > 0 and\n"
+	"   not redis.call('ZSCORE', KEYS[1], ARGV[1]) then\n"
+	"  return {0} -- older than the whole window: stored long ago\n"
 	"end\n"
 	"local n = tonumber(ARGV[8])\n"
-	"local seen = {}\n"
 	"for i = 0, n - 1 do\n"
-	"  local dev = ARGV[9 + 3 * i]\n"
-	"  redis.call('XADD', 'iot:tm:' .. dev, 'MAXLEN', '~', ARGV[4], '*',\n"
+	"  redis.call('XADD', 'iot:tm:' .. ARGV[9 + 3 * i], 'MAXLEN', '~', ARGV[4], '*',\n"
 	"             'ts', ARGV[10 + 3 * i], 'data', ARGV[11 + 3 * i],\n"
 	"             'gw', ARGV[2], 'seq', ARGV[1])\n"
-	"  seen[dev] = true\n"
-	"end\n"
-	"for dev in pairs(seen) do\n"
-	"  redis.call('HSET', 'iot:dev:' .. dev, 'last_seen', ARGV[6])\n"
 	"end\n"
 	"local id = ''\n"
 	"if tonumber(ARGV[5]) > 0 then\n"
 	"  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',\n"
 	"                  'gw', ARGV[2], 'seq', ARGV[1], 'readings', ARGV[7])\n"
 	"end\n"
-	"redis.call('ZADD', KEYS[1], seq, ARGV[1])\n"
-	"if card + 1 > window then\n"
-	"  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, card - window)\n"
+	"if tonumber(ARGV[1]) % 256 == 0 or redis.call('TTL', KEYS[1]) < 0 then\n"
+	"  redis.call('EXPIRE', KEYS[1], 2592000)\n"
 	"end\n"
-	"redis.call('EXPIRE', KEYS[1], 2592000)\n"
 	"return {1, id}\n";
 
 /* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels). */
@@ -71,13 +64,42 @@ static const char offline_lua[] =
 	"end\n"
 	"return c\n";
 
-static int script_store, script_announce, script_offline;
+/* ARGV = now ms, then devices: last_seen of devices that sent readings. */
+static const char seen_lua[] =
+	"for i = 2, #ARGV do\n"
+	"  redis.call('HSET', 'iot:dev:' .. ARGV[i], 'last_seen', ARGV[1])\n"
+	"end\n"
+	"return #ARGV - 1\n";
+
+static int script_store, script_announce, script_offline, script_seen;
 
 void hub_registry_init(struct hub *hub)
 {
 	script_store = hub_redis_add_script(hub->redis, store_lua);
 	script_announce = hub_redis_add_script(hub->redis, announce_lua);
 	script_offline = hub_redis_add_script(hub->redis, offline_lua);
+	script_seen = hub_redis_add_script(hub->redis, seen_lua);
+}
+
+void hub_registry_seen(struct hub *hub, int64_t now_ms,
+		       const char *const *devices, size_t n)
+{
+	size_t argc = 4 + n;
+	const char **argv;
+	char now[24];
+
+	if (!n)
+		return;
+	argv = hub_xmalloc(argc * sizeof(*argv));
+	snprintf(now, sizeof(now), "%lld", (long long)now_ms);
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(hub->redis, script_seen);
+	argv[2] = "0";
+	argv[3] = now;
+	for (size_t i = 0; i < n; i++)
+		argv[4 + i] = devices[i];
+	hub_redis_command_argv(hub->redis, NULL, NULL, (int)argc, argv, NULL);
+	free(argv);
 }
 
 int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,

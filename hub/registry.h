@@ -37,6 +37,12 @@ int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn
 void hub_registry_offline(struct hub *hub, const char *conn,
 			  const char *const *devices, size_t n);
 
+/* Sets last_seen = now_ms on devices (fire and forget). The owning hub calls
+ * it about once a second for devices that sent readings, instead of a write
+ * per frame. */
+void hub_registry_seen(struct hub *hub, int64_t now_ms,
+		       const char *const *devices, size_t n);
+
 struct hub_store_reading {
 	const char *device;
 	const char *ts;        /* decimal ms */

@@ -24,8 +24,10 @@ struct gw_conn;
 struct gw_dev {
 	const schema_type *type;   /* valid while type_gen == hub->schemas_gen */
 	uint32_t type_gen;
+	bool seen;                 /* readings since the last last_seen flush */
 	hub_bucket bucket;
 	char type_name[HUB_ID_MAX + 1];
+	char id[];
 };
 
 /* One message to the gateway, queued in order. `waiting` replies await Redis;
@@ -52,6 +54,8 @@ struct gw_conn {
 	hub_strmap devices;        /* device id -> struct gw_dev * */
 	hub_bucket bucket;
 	hub_buf rx;                /* fragment reassembly, capped */
+	const char **seen;         /* devices with readings since the last flush */
+	size_t nseen, seen_cap;
 	struct gw_reply *head, *tail;
 	unsigned queued, waiting;
 	unsigned refs;             /* the wsi + replies awaiting Redis */
@@ -83,6 +87,7 @@ static void conn_unref(struct gw_conn *c)
 	hub_strmap_foreach(&c->devices, free_dev, NULL);
 	hub_strmap_free(&c->devices);
 	hub_buf_free(&c->rx);
+	free(c->seen);
 	auth_principal_clear(&c->who);
 	free(c);
 }
@@ -362,6 +367,15 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 			continue;
 		}
 
+		if (!d->seen) {
+			d->seen = true;
+			if (c->nseen == c->seen_cap) {
+				c->seen_cap = c->seen_cap ? c->seen_cap * 2 : 8;
+				c->seen = hub_xrealloc(c->seen, c->seen_cap * sizeof(*c->seen));
+			}
+			c->seen[c->nseen++] = d->id;
+		}
+
 		/* Accepted: serialize once, for the device stream and the feed. */
 		struct stored_ref *s = &refs[nacc++];
 		int64_t ts = rd.has_ts ? rd.ts : now_ms;
@@ -489,7 +503,8 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 			continue;
 		}
 		if (!d) {
-			d = hub_xcalloc(1, sizeof(*d));
+			d = hub_xcalloc(1, sizeof(*d) + a.device_len + 1);
+			memcpy(d->id, a.device, a.device_len);
 			hub_bucket_init(&d->bucket, hub->cfg.device_burst, hub_mono_us());
 			hub_strmap_put(&c->devices, a.device, a.device_len, d);
 		}
@@ -747,9 +762,50 @@ static void on_epoch(redisReply *reply, void *arg)
 	conn_unref(c);
 }
 
+static void flush_seen_conn(struct gw_conn *c, int64_t now_ms)
+{
+	if (!c->nseen)
+		return;
+	hub_registry_seen(c->hub, now_ms, c->seen, c->nseen);
+	for (size_t i = 0; i < c->nseen; i++) {
+		struct gw_dev *d = hub_strmap_get(&c->devices, c->seen[i], strlen(c->seen[i]));
+		if (d)
+			d->seen = false;
+	}
+	c->nseen = 0;
+}
+
+static void flush_seen_one(const char *key, void *value, void *arg)
+{
+	(void)key;
+	flush_seen_conn(value, *(int64_t *)arg);
+}
+
+static lws_sorted_usec_list_t sul_seen;
+static struct hub *seen_hub;
+
+/* last_seen of devices with readings, once a second per connection, instead
+ * of a Redis write per frame. */
+static void flush_seen(lws_sorted_usec_list_t *sul)
+{
+	int64_t now = hub_now_ms();
+
+	if (hub_redis_up(seen_hub->redis))
+		hub_strmap_foreach(&seen_hub->gateways, flush_seen_one, &now);
+	lws_sul_schedule(seen_hub->ctx, 0, sul, flush_seen, 1000 * 1000);
+}
+
 void gw_init(struct hub *hub)
 {
 	hub_redis_subscribe(hub->redis, TAKEOVER_CHANNEL, on_takeover_msg, hub);
+	seen_hub = hub;
+	lws_sul_schedule(hub->ctx, 0, &sul_seen, flush_seen, 1000 * 1000);
+}
+
+void gw_stop(struct hub *hub)
+{
+	(void)hub;
+	lws_sul_cancel(&sul_seen);
 }
 
 static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)

@@ -21,8 +21,12 @@ struct gw_handshake {
 	auth_principal who;
 };
 
-/* Subscribes to cross-instance control messages (takeover). Start-up. */
+/* Subscribes to cross-instance control messages (takeover) and starts the
+ * last_seen flush timer. Start-up. */
 void gw_init(struct hub *hub);
+
+/* Stops the timers gw_init() started (shutdown). */
+void gw_stop(struct hub *hub);
 
 /* Starts a graceful close of every gateway (shutdown): stop reading, close
  * with 1001 once their in-flight frames are answered. Returns how many
