@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "hub/hub.h"
 #include "hub/log.h"
@@ -81,6 +82,33 @@ static int write_body(struct lws *wsi, struct http_pss *pss)
 	return lws_http_transaction_completed(wsi) ? -1 : 0;
 }
 
+/* Operator API auth (CONTRACT §4): `Authorization: Bearer <api key>`. Returns
+ * 0 when the key has the scope; otherwise answers 401/403 and returns 1. */
+static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
+			 unsigned scope, int *rc)
+{
+	char authz[512];
+	auth_principal who;
+	int n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
+
+	if (n <= 7 || strncasecmp(authz, "Bearer ", 7) ||
+	    auth_check_api_key(hub->auth, authz + 7, (size_t)n - 7, &who) != AUTH_OK) {
+		hub->metrics.auth_failures_total++;
+		*rc = respond_error(wsi, pss, 401, "unauthorized",
+				    n <= 7 ? "missing API key (Authorization: Bearer <key>)"
+					   : "unknown API key");
+		return 1;
+	}
+	bool ok = auth_has_scope(&who, scope);
+	auth_principal_clear(&who);
+	if (!ok) {
+		*rc = respond_error(wsi, pss, 403, "forbidden",
+				    "this API key lacks the scope this route needs");
+		return 1;
+	}
+	return 0;
+}
+
 static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const char *path)
 {
 	bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
@@ -116,6 +144,10 @@ static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const c
 		return respond(wsi, pss, 200, "text/plain; version=0.0.4");
 	}
 	/* /v1/device-types */
+	int rc;
+	if (require_scope(wsi, pss, hub, AUTH_SCOPE_TELEMETRY_READ, &rc))
+		return rc;
+	body_init(&pss->body);
 	hub_buf_puts(&pss->body, "{\"device_types\":[");
 	for (size_t i = 0; hub->schemas && i < schema_set_count(hub->schemas); i++) {
 		char *s = json_dumps(schema_type_json(schema_set_at(hub->schemas, i)),

@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HubTestCase, http_get, main, metric_value, parse_metrics, raw_http,  # noqa: E402
-                     reading, uniq)
+                     mkdtemp, reading, uniq)
 
 METRICS = ("iot_hub_connections", "iot_hub_frames_total", "iot_hub_readings_accepted_total",
            "iot_hub_readings_rejected_total", "iot_hub_acks_total", "iot_hub_redis_rtt_seconds_bucket")
@@ -141,6 +141,59 @@ class HTTP(HubTestCase):
             self.assertLess(time.monotonic(), deadline, "/readyz not 200 again 15 s after Redis came back")
             await asyncio.sleep(0.05)
         hub.stop()
+
+
+
+class OperatorAPIAuth(HubTestCase):
+    """API keys (CONTRACT §4): stored as SHA-256 hashes with scopes; missing or
+    unknown key 401, key without the scope 403, JSON errors."""
+
+    KEYS = {"reader": ("iotk_reader_key_0001", ["telemetry:read"]),
+            "writer": ("iotk_writer_key_0002", ["commands:write"]),
+            "admin": ("iotk_admin_key_00003", ["admin"])}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        import hashlib
+        d = mkdtemp("iot-hub-apikeys-")
+        path = os.path.join(d, "api-keys.json")
+        with open(path, "w") as f:
+            json.dump([{"name": n, "sha256": hashlib.sha256(k.encode()).hexdigest(), "scopes": s}
+                       for n, (k, s) in cls.KEYS.items()], f)
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", path])
+
+    def get(self, key):
+        headers = {"Authorization": "Bearer " + key} if key else None
+        st, hdrs, body = http_get(self.hub, "/v1/device-types", headers=headers)
+        return st, hdrs, body
+
+    async def test_missing_key_401(self):
+        st, hdrs, body = self.get(None)
+        self.assertEqual(st, 401, body)
+        self.assertEqual(json.loads(body)["error"]["code"], "unauthorized")
+
+    async def test_unknown_key_401(self):
+        st, _, body = self.get("iotk_not_a_key_at_all")
+        self.assertEqual(st, 401, body)
+
+    async def test_key_without_scope_403(self):
+        st, _, body = self.get(self.KEYS["writer"][0])
+        self.assertEqual(st, 403, body)
+        self.assertEqual(json.loads(body)["error"]["code"], "forbidden")
+
+    async def test_reader_and_admin_get_device_types(self):
+        for who in ("reader", "admin"):
+            st, _, body = self.get(self.KEYS[who][0])
+            self.assertEqual(st, 200, "%s: %s" % (who, body))
+            types = {t["device_type"] for t in json.loads(body)["device_types"]}
+            self.assertEqual(types, {"thermostat", "power-meter", "door-sensor"}, who)
+
+    async def test_health_routes_need_no_key(self):
+        for path in ("/healthz", "/readyz", "/metrics"):
+            st, _, body = http_get(self.hub, path)
+            self.assertEqual(st, 200, "%s: %s" % (path, body[:200]))
 
 
 if __name__ == "__main__":
