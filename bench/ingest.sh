@@ -40,7 +40,7 @@ start_hub() {
 stop_hub() { kill "$hub"; wait "$hub" || true; }
 sim() {  # extra gw-sim args...
   taskset -c 1 "$B/tools/gw-sim" --url "ws://127.0.0.1:$port/v1/gateway" -q \
-    --token-cmd "$B/tools/iot-token jwt --alg HS256 --key $tmp/secret --sub {sub} --devices '*' --ttl 3600" \
+    --jwt-secret "$tmp/secret" \
     --json-summary "$@"
 }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -53,7 +53,7 @@ echo "hub + redis-server on CPU 0, gw-sim on CPU 1; $SECS s per run."
 echo
 
 start_hub
-for batch in 1 10; do
+for batch in 1 10 100; do
   t0=$(cpu_ticks "$hub")
   out=$(sim --gateways 1000 --devices 2 --inflight 4 --batch "$batch" --duration "$SECS")
   t1=$(cpu_ticks "$hub")
@@ -71,9 +71,9 @@ stop_hub
 
 start_hub
 rss0=$(awk '/VmRSS/{print $2}' "/proc/$hub/status")
-sim --gateways "$IDLE" --devices 1 --idle --connect-rate 5000 --duration 30 > "$tmp/idle.json" &
+sim --gateways "$IDLE" --devices 1 --idle --connect-rate 5000 --duration 180 > "$tmp/idle.json" &
 simpid=$!
-for _ in $(seq 300); do
+for _ in $(seq 1200); do
   n=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^iot_hub_connections\{kind="gateway"\}/{print $2}')
   [[ ${n:-0} -ge $IDLE ]] && break
   sleep 0.1
