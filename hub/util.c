@@ -132,14 +132,49 @@ void hub_buf_printf(hub_buf *b, const char *fmt, ...)
 	b->len += (size_t)n;
 }
 
+/* Length of the valid UTF-8 sequence at s[0..n), or 0 if it is not one
+ * (overlong forms, surrogates and code points past U+10FFFF are invalid). */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+	size_t len;
+	unsigned cp;
+
+	if (s[0] < 0x80)
+		return 1;
+	if (s[0] >= 0xc2 && s[0] <= 0xdf) {
+		len = 2;
+		cp = s[0] & 0x1f;
+	} else if (s[0] >= 0xe0 && s[0] <= 0xef) {
+		len = 3;
+		cp = s[0] & 0x0f;
+	} else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+		len = 4;
+		cp = s[0] & 0x07;
+	} else {
+		return 0;
+	}
+	if (n < len)
+		return 0;
+	for (size_t i = 1; i < len; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = (cp << 6) | (s[i] & 0x3f);
+	}
+	if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+	    (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return len;
+}
+
 void hub_buf_json_str(hub_buf *b, const char *s, size_t n)
 {
 	static const char hex[] = "0123456789abcdef";
+	const unsigned char *u = (const unsigned char *)s;
 
 	hub_buf_reserve(b, n + 2);
 	b->data[b->len++] = '"';
 	for (size_t i = 0; i < n; i++) {
-		unsigned char c = (unsigned char)s[i];
+		unsigned char c = u[i];
 
 		if (c == '"' || c == '\\') {
 			char e[2] = { '\\', (char)c };
@@ -147,9 +182,19 @@ void hub_buf_json_str(hub_buf *b, const char *s, size_t n)
 		} else if (c < 0x20) {
 			char e[6] = { '\\', 'u', '0', '0', hex[c >> 4], hex[c & 15] };
 			hub_buf_append(b, e, 6);
-		} else {
+		} else if (c < 0x80) {
 			hub_buf_reserve(b, 1);
 			b->data[b->len++] = (char)c;
+		} else {
+			/* Text frames must be UTF-8: invalid bytes (e.g. a peer's
+			 * bytes quoted in a parser message) become U+FFFD. */
+			size_t len = utf8_seq(u + i, n - i);
+			if (len) {
+				hub_buf_append(b, s + i, len);
+				i += len - 1;
+			} else {
+				hub_buf_append(b, "\\ufffd", 6);
+			}
 		}
 	}
 	hub_buf_reserve(b, 1);

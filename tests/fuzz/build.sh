@@ -12,6 +12,8 @@
 #       deploy/device-types
 HARNESSES='
 fuzz_schema | protocols/schema.c | jansson
+fuzz_codec  | protocols/gw_codec.c hub/util.c | jansson
+fuzz_auth   | hub/auth.c | jansson libjwt openssl
 '
 
 set -eu

@@ -168,6 +168,23 @@ static void test_error_writer(void **state)
 	hub_buf_free(&b);
 }
 
+static void test_json_str_utf8(void **state)
+{
+	hub_buf b = { 0 };
+
+	(void)state;
+	/* Valid multi-byte sequences pass; invalid bytes become U+FFFD. */
+	hub_buf_json_str(&b, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 9);
+	assert_string_equal(b.data, "\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\"");
+	b.len = 0;
+	hub_buf_json_str(&b, "a\xd4\x9a\\\xff\xc0\xaf\xed\xa0\x80\xe2\x82", 12);
+	assert_string_equal(b.data, "\"a\xd4\x9a\\\\\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\"");
+	json_t *j = json_loadb(b.data, b.len, 0, NULL);
+	assert_non_null(j);
+	json_decref(j);
+	hub_buf_free(&b);
+}
+
 static void test_command_ack(void **state)
 {
 	gw_msg m;
@@ -197,6 +214,7 @@ int main(void)
 		cmocka_unit_test(test_reading_parse),
 		cmocka_unit_test(test_announce_parse),
 		cmocka_unit_test(test_error_writer),
+		cmocka_unit_test(test_json_str_utf8),
 		cmocka_unit_test(test_command_ack),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
