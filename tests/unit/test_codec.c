@@ -179,7 +179,7 @@ static void test_json_str_utf8(void **state)
 	b.len = 0;
 	hub_buf_json_str(&b, "a\xd4\x9a\\\xff\xc0\xaf\xed\xa0\x80\xe2\x82", 12);
 	assert_string_equal(b.data, "\"a\xd4\x9a\\\\\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd\"");
-	json_t *j = json_loadb(b.data, b.len, 0, NULL);
+	json_t *j = json_loadb(b.data, b.len, JSON_DECODE_ANY, NULL);
 	assert_non_null(j);
 	json_decref(j);
 	hub_buf_free(&b);
