@@ -33,6 +33,6 @@ for _ in $(seq 100); do
 done
 addr=$(grep -o "listening on [^ ]*" .dev/hub.log | awk '{print $3}')
 echo "dev-run: hub on $addr; starting 5 simulated gateways x 10 devices (Ctrl-C stops)" >&2
-./build/gw-sim --url "ws://$addr/v1/gateway" \
-  --token-cmd "./build/iot-token jwt --alg HS256 --key .dev/jwt-hs256.secret --sub {sub} --devices '*' --ttl 86400" \
+./build/tools/gw-sim --url "ws://$addr/v1/gateway" \
+  --token-cmd "./build/tools/iot-token jwt --alg HS256 --key .dev/jwt-hs256.secret --sub {sub} --devices '*' --ttl 86400" \
   --gateways 5 --devices 10 --rate 20 --stats-interval 5

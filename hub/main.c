@@ -58,7 +58,7 @@ static void print_dev_token(struct hub *hub)
 		       "Dev gateway token (sub dev-gw, all devices, valid 24 h):\n\n  %s\n\n"
 		       "Connect a gateway:  ws%s://%s:%d/v1/gateway  subprotocol iot-gateway.v1\n"
 		       "                    header  Authorization: Bearer <token>\n"
-		       "Simulate gateways:  build/gw-sim --url ws://%s:%d/v1/gateway --token <token>\n\n",
+		       "Simulate gateways:  build/tools/gw-sim --url ws://%s:%d/v1/gateway --token <token>\n\n",
 		       tok, hub->cfg.tls_cert ? "s" : "", hub->cfg.listen_host,
 		       hub_listener_port(hub->listener), hub->cfg.listen_host,
 		       hub_listener_port(hub->listener));
