@@ -55,6 +55,8 @@ static const struct opt opts[] = {
 	O("redis-backoff-max-ms", OPT_INT, redis_backoff_max_ms, "2000", 50, 600000, "longest wait between Redis reconnect attempts"),
 	O("retry-after-ms", OPT_INT, retry_after_ms, "1000", 1, 600000, "retry_after_ms told to gateways while Redis is down"),
 	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "1024", 128, 65536, "lws receive buffer per connection (memory per connection)"),
+	O("ping-interval-s", OPT_INT, ping_interval_s, "30", 1, 3600, "WebSocket PING sent to a gateway this long after its last PONG"),
+	O("ping-timeout-s", OPT_INT, ping_timeout_s, "75", 2, 7200, "a gateway that answered no PING for this long is disconnected"),
 };
 
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))
@@ -421,6 +423,10 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 	}
 	if (cfg->device_burst < 1 || cfg->gateway_burst < 1) {
 		seterr(err, errlen, "device-burst and gateway-burst must be >= 1");
+		return -1;
+	}
+	if (cfg->ping_timeout_s <= cfg->ping_interval_s) {
+		seterr(err, errlen, "ping-timeout-s must be greater than ping-interval-s");
 		return -1;
 	}
 	if (!cfg->schemas || !*cfg->schemas) {

@@ -46,6 +46,8 @@ struct hub_config {
 	int redis_backoff_max_ms;
 	int retry_after_ms;
 	int rx_buffer_bytes;
+	int ping_interval_s;
+	int ping_timeout_s;
 
 	/* Derived by hub_config_validate(). */
 	char listen_host[64];

@@ -22,6 +22,7 @@ static lws_sorted_usec_list_t sul_heartbeat;
 static struct lws_context *signal_ctx;
 static struct hub *signal_hub;
 static struct lws_protocols protocols[5];
+static lws_retry_bo_t idle_policy;
 
 static void on_signal(int sig)
 {
@@ -79,6 +80,12 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	info.port = CONTEXT_PORT_NO_LISTEN_SERVER; /* we own the listener */
 	info.protocols = protocols;
 	info.vhost_name = "iot-hub";
+	/* Dead peers (no FIN: power loss, NAT expiry) are found by PING/PONG:
+	 * lws pings ping-interval-s after the last PONG and hangs up when none
+	 * came for ping-timeout-s, so their devices go offline. */
+	idle_policy.secs_since_valid_ping = (uint16_t)hub->cfg.ping_interval_s;
+	idle_policy.secs_since_valid_hangup = (uint16_t)hub->cfg.ping_timeout_s;
+	info.retry_and_idle_policy = &idle_policy;
 	info.alpn = "http/1.1";
 	info.options = LWS_SERVER_OPTION_LIBEV;
 	if (tls) {

@@ -1,0 +1,81 @@
+"""Dead gateways are found: a peer that vanishes without closing (power loss,
+NAT expiry) answers no WebSocket PING, so the hub hangs up after
+ping-timeout-s and its devices go offline; a live client that answers PINGs
+stays connected."""
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import HubTestCase, main, upgrade_request, uniq, wait_until  # noqa: E402
+
+ARGS = ["--ping-interval-s", "1", "--ping-timeout-s", "3"]
+
+
+def masked_text(payload):
+    """One client->server text frame (clients must mask)."""
+    data = payload.encode()
+    mask = os.urandom(4)
+    head = bytes([0x81])
+    n = len(data)
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+class Liveness(HubTestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis, extra=ARGS)
+
+    async def test_silent_peer_is_dropped_and_its_devices_go_offline(self):
+        sub, d = uniq("gw"), uniq("t")
+        req, _ = upgrade_request(self.hub.port, self.token(sub))
+        s = socket.create_connection(("127.0.0.1", self.hub.port), timeout=10)
+        self.addCleanup(s.close)
+        s.sendall(req)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            self.assertTrue(chunk, "hub closed during the upgrade")
+            head += chunk
+        self.assertIn(b" 101 ", head.split(b"\r\n")[0])
+        s.sendall(masked_text(json.dumps({"type": "announce", "devices": [
+            {"device": d, "device_type": "thermostat"}]})))
+        wait_until(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "1", 5,
+                   what="device online after the raw announce")
+        # From now on the peer reads frames (PINGs arrive) but never answers.
+        t0 = time.monotonic()
+        got_ping = False
+        s.settimeout(0.5)
+        while time.monotonic() - t0 < 8:
+            try:
+                chunk = s.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break  # the hub hung up
+            got_ping = got_ping or b"\x89" in chunk
+        elapsed = time.monotonic() - t0
+        self.assertTrue(got_ping, "the hub sent no PING to an idle gateway")
+        self.assertLess(elapsed, 7.5, "a peer answering no PING was still connected after %.1f s" % elapsed)
+        wait_until(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5,
+                   what="device offline after its silent gateway was dropped")
+
+    async def test_live_client_stays(self):
+        gw = await self.gateway(self.hub)
+        await asyncio.sleep(4.5)  # longer than ping-timeout-s: websockets answers PINGs
+        self.assertIsNone(gw.close_code, "a client answering PINGs was disconnected")
+        d = uniq("t")
+        rep = await gw.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+
+
+if __name__ == "__main__":
+    main()
