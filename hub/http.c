@@ -1,9 +1,11 @@
 #include "hub/http.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
+#include "hub/api.h"
 #include "hub/hub.h"
 #include "hub/log.h"
 #include "hub/redis.h"
@@ -12,18 +14,33 @@
 
 #define BODY_CHUNK 16384
 
+/* A streamed response whose client stops reading is closed after this long
+ * without progress. */
+#define STREAM_IDLE_S 60
+
 struct http_pss {
 	hub_buf body;   /* LWS_PRE headroom, then the body */
 	size_t sent;
+	struct hub_req *rq; /* an asynchronous API request (hub/api.h) */
 };
 
-static void json_error(hub_buf *b, const char *code, const char *message)
+static void json_error_field(hub_buf *b, const char *code, const char *field,
+			     const char *message)
 {
 	hub_buf_puts(b, "{\"error\":{\"code\":");
 	hub_buf_json_str(b, code, strlen(code));
 	hub_buf_puts(b, ",\"message\":");
 	hub_buf_json_str(b, message, strlen(message));
+	if (field) {
+		hub_buf_puts(b, ",\"field\":");
+		hub_buf_json_str(b, field, strlen(field));
+	}
 	hub_buf_puts(b, "}}");
+}
+
+static void json_error(hub_buf *b, const char *code, const char *message)
+{
+	json_error_field(b, code, NULL, message);
 }
 
 static void body_init(hub_buf *b)
@@ -85,7 +102,7 @@ static int write_body(struct lws *wsi, struct http_pss *pss)
 /* Operator API auth (CONTRACT §4): `Authorization: Bearer <api key>`. Returns
  * 0 when the key has the scope; otherwise answers 401/403 and returns 1. */
 static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
-			 unsigned scope, int *rc)
+			 unsigned scope, int *rc, auth_principal *keep)
 {
 	char authz[512];
 	auth_principal who;
@@ -100,7 +117,10 @@ static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 		return 1;
 	}
 	bool ok = auth_has_scope(&who, scope);
-	auth_principal_clear(&who);
+	if (ok && keep)
+		*keep = who; /* the caller clears it */
+	else
+		auth_principal_clear(&who);
 	if (!ok) {
 		*rc = respond_error(wsi, pss, 403, "forbidden",
 				    "this API key lacks the scope this route needs");
@@ -109,10 +129,320 @@ static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 	return 0;
 }
 
+/* ---- asynchronous requests (hub/api.h) -------------------------------------
+ *
+ * A struct hub_req lives on the heap. The pss holds one reference while the
+ * connection is open; each pending Redis command holds one (taken by api.c).
+ * CLOSED_HTTP / WSI_DESTROY clear rq->wsi and drop the pss's reference, so a
+ * late reply finds hub_req_gone() true and never touches a closed wsi.
+ *
+ * Output is queued in rq->out (LWS_PRE headroom, then bytes not yet written)
+ * and written on HTTP_WRITEABLE: the headers in one callback, then at most
+ * BODY_CHUNK bytes per callback. A streamed response frames each part as one
+ * HTTP/1.1 chunk and asks its producer for the next part (drained) only when
+ * `out` has been written completely. */
+
+struct hub_req {
+	unsigned refs;
+	struct lws *wsi;            /* NULL once the client has gone */
+	struct hub *hub;
+	auth_principal who;
+	bool answered;              /* a response has been started */
+	bool headers_pending;
+	bool chunked, final, aborted;
+	unsigned status;
+	char ctype[64];
+	hub_buf out;                /* LWS_PRE headroom, then unsent bytes */
+	size_t sent;
+	hub_req_drained_cb drained;
+	void *ctx;
+	void (*ctx_free)(void *);
+};
+
+static struct hub_req *req_new(struct lws *wsi, struct hub *hub, auth_principal *who)
+{
+	struct hub_req *rq = hub_xcalloc(1, sizeof(*rq));
+
+	rq->refs = 1; /* the pss's */
+	rq->wsi = wsi;
+	rq->hub = hub;
+	rq->who = *who; /* takes ownership */
+	memset(who, 0, sizeof(*who));
+	body_init(&rq->out);
+	return rq;
+}
+
+struct hub *hub_req_hub(const struct hub_req *rq) { return rq->hub; }
+const auth_principal *hub_req_who(const struct hub_req *rq) { return &rq->who; }
+void *hub_req_ctx(const struct hub_req *rq) { return rq->ctx; }
+
+bool hub_req_gone(const struct hub_req *rq)
+{
+	return !rq->wsi || rq->aborted || (rq->answered && !rq->chunked) ||
+	       (rq->chunked && rq->final);
+}
+
+void hub_req_set_ctx(struct hub_req *rq, void *ctx, void (*ctx_free)(void *))
+{
+	rq->ctx = ctx;
+	rq->ctx_free = ctx_free;
+}
+
+void hub_req_ref(struct hub_req *rq)
+{
+	rq->refs++;
+}
+
+void hub_req_unref(struct hub_req *rq)
+{
+	if (!rq || --rq->refs)
+		return;
+	if (rq->ctx_free)
+		rq->ctx_free(rq->ctx);
+	auth_principal_clear(&rq->who);
+	hub_buf_free(&rq->out);
+	free(rq);
+}
+
+static void req_kick(struct hub_req *rq)
+{
+	if (rq->wsi)
+		lws_callback_on_writable(rq->wsi);
+}
+
+void hub_req_respond(struct hub_req *rq, unsigned status, const char *ctype,
+		     const char *body, size_t len)
+{
+	if (rq->answered || !rq->wsi)
+		return;
+	rq->answered = true;
+	rq->headers_pending = true;
+	rq->final = true;
+	rq->status = status;
+	snprintf(rq->ctype, sizeof(rq->ctype), "%s", ctype);
+	hub_buf_append(&rq->out, body, len);
+	req_kick(rq);
+}
+
+void hub_req_error(struct hub_req *rq, unsigned status, const char *code,
+		   const char *field, const char *message)
+{
+	hub_buf b = { 0 };
+
+	json_error_field(&b, code, field, message);
+	hub_req_respond(rq, status, "application/json", b.data, b.len);
+	hub_buf_free(&b);
+}
+
+void hub_req_stream_begin(struct hub_req *rq, unsigned status, const char *ctype,
+			  hub_req_drained_cb drained)
+{
+	if (rq->answered || !rq->wsi)
+		return;
+	rq->answered = true;
+	rq->headers_pending = true;
+	rq->chunked = true;
+	rq->status = status;
+	rq->drained = drained;
+	snprintf(rq->ctype, sizeof(rq->ctype), "%s", ctype);
+	req_kick(rq);
+}
+
+void hub_req_stream_write(struct hub_req *rq, const char *data, size_t len)
+{
+	if (!len || !rq->chunked || rq->final || !rq->wsi)
+		return;
+	hub_buf_printf(&rq->out, "%zx\r\n", len);
+	hub_buf_append(&rq->out, data, len);
+	hub_buf_puts(&rq->out, "\r\n");
+	req_kick(rq);
+}
+
+void hub_req_stream_end(struct hub_req *rq)
+{
+	if (!rq->chunked || rq->final || !rq->wsi)
+		return;
+	hub_buf_puts(&rq->out, "0\r\n\r\n");
+	rq->final = true;
+	req_kick(rq);
+}
+
+void hub_req_abort(struct hub_req *rq)
+{
+	rq->aborted = true;
+	req_kick(rq);
+}
+
+/* The connection is closing: the request can send nothing more. */
+static void req_detach(struct http_pss *pss)
+{
+	struct hub_req *rq = pss ? pss->rq : NULL;
+
+	if (!rq)
+		return;
+	pss->rq = NULL;
+	rq->wsi = NULL;
+	hub_req_unref(rq);
+}
+
+static int req_write_headers(struct lws *wsi, struct hub_req *rq)
+{
+	uint8_t hdr[LWS_PRE + 1024], *start = hdr + LWS_PRE, *p = start,
+		*end = hdr + sizeof(hdr) - 1;
+
+	if (rq->chunked) {
+		if (lws_add_http_header_status(wsi, rq->status, &p, end) ||
+		    lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_TYPE,
+						 (const unsigned char *)rq->ctype,
+						 (int)strlen(rq->ctype), &p, end) ||
+		    lws_add_http_header_by_name(wsi, (const unsigned char *)"transfer-encoding:",
+						(const unsigned char *)"chunked", 7, &p, end))
+			return -1;
+	} else if (lws_add_http_common_headers(wsi, rq->status, rq->ctype,
+					       rq->out.len - LWS_PRE, &p, end)) {
+		return -1;
+	}
+	if (lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
+					(const unsigned char *)"no-store", 8, &p, end) ||
+	    lws_finalize_write_http_header(wsi, start, &p, end))
+		return -1;
+	return 0;
+}
+
+static int req_writeable(struct lws *wsi, struct http_pss *pss)
+{
+	struct hub_req *rq = pss->rq;
+
+	if (rq->aborted)
+		return -1;
+	if (!rq->answered)
+		return 0;
+	if (rq->headers_pending) {
+		if (req_write_headers(wsi, rq))
+			return -1;
+		rq->headers_pending = false;
+		if (rq->out.len > LWS_PRE || rq->final || rq->drained) {
+			lws_callback_on_writable(wsi);
+			if (rq->chunked)
+				lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, STREAM_IDLE_S);
+		}
+		return 0;
+	}
+	size_t left = rq->out.len - LWS_PRE - rq->sent;
+	if (left) {
+		size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
+		bool last = n == left && rq->final;
+		unsigned char *at = (unsigned char *)rq->out.data + LWS_PRE + rq->sent;
+		unsigned char save[LWS_PRE];
+		memcpy(save, at - LWS_PRE, LWS_PRE);
+		int w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
+		memcpy(at - LWS_PRE, save, LWS_PRE);
+		if (w < (int)n)
+			return -1;
+		rq->sent += n;
+		if (rq->chunked)
+			lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, STREAM_IDLE_S);
+		if (n < left) {
+			lws_callback_on_writable(wsi);
+			return 0;
+		}
+	}
+	/* Everything queued is written. */
+	rq->out.len = LWS_PRE;
+	rq->sent = 0;
+	if (rq->final) {
+		lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
+		req_detach(pss);
+		return lws_http_transaction_completed(wsi) ? -1 : 0;
+	}
+	if (rq->out.cap > 4 * 1024 * 1024) { /* give a big page's memory back */
+		hub_buf_free(&rq->out);
+		body_init(&rq->out);
+	}
+	if (rq->drained) {
+		hub_req_ref(rq);
+		rq->drained(rq);
+		hub_req_unref(rq);
+	}
+	return 0;
+}
+
+/* Collects the URI arguments (lws URL-decodes them) into q, their bytes into
+ * mem. Returns 0, or -1 when there are more than HUB_QUERY_MAX. */
+static int collect_query(struct lws *wsi, struct hub_query *q, hub_buf *mem)
+{
+	int total = lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_URI_ARGS);
+	size_t offs[HUB_QUERY_MAX];
+
+	q->n = 0;
+	if (total <= 0)
+		return 0;
+	hub_buf_reserve(mem, (size_t)total + 2 * HUB_QUERY_MAX + 2);
+	for (int i = 0;; i++) {
+		int flen = lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i);
+		if (flen <= 0)
+			break;
+		if (q->n == HUB_QUERY_MAX)
+			return -1;
+		hub_buf_reserve(mem, (size_t)flen + 2);
+		int n = lws_hdr_copy_fragment(wsi, mem->data + mem->len, flen + 1,
+					      WSI_TOKEN_HTTP_URI_ARGS, i);
+		if (n < 0)
+			break;
+		offs[q->n++] = mem->len;
+		mem->len += (size_t)n + 1;
+	}
+	/* Pointers only after the last reallocation. */
+	for (size_t i = 0; i < q->n; i++) {
+		char *s = mem->data + offs[i], *eq = strchr(s, '=');
+		q->name[i] = s;
+		q->value[i] = "";
+		if (eq) {
+			*eq = '\0';
+			q->value[i] = eq + 1;
+		}
+	}
+	return 0;
+}
+
+static int route_api(struct lws *wsi, struct http_pss *pss, struct hub *hub,
+		     const char *path)
+{
+	auth_principal who;
+	struct hub_query q;
+	hub_buf mem = { 0 };
+	int rc;
+
+	if (require_scope(wsi, pss, hub, AUTH_SCOPE_TELEMETRY_READ, &rc, &who))
+		return rc;
+	if (collect_query(wsi, &q, &mem)) {
+		hub_buf_free(&mem);
+		auth_principal_clear(&who);
+		body_init(&pss->body);
+		json_error_field(&pss->body, "invalid", "query",
+				 "too many query parameters");
+		return respond(wsi, pss, 422, "application/json");
+	}
+	req_detach(pss); /* a previous request on this connection, if any */
+	pss->rq = req_new(wsi, hub, &who);
+	struct hub_req *rq = pss->rq;
+	hub_req_ref(rq);
+	hub_api_handle(rq, path, &q);
+	hub_req_unref(rq);
+	hub_buf_free(&mem);
+	return 0;
+}
+
 static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const char *path)
 {
 	bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
 
+	if (hub_api_handles(path)) {
+		if (!get)
+			return respond_error(wsi, pss, 405, "method_not_allowed",
+					     "only GET is supported here");
+		return route_api(wsi, pss, hub, path);
+	}
 	if (!strcmp(path, "/healthz") || !strcmp(path, "/readyz") ||
 	    !strcmp(path, "/metrics") || !strcmp(path, "/v1/device-types")) {
 		if (!get)
@@ -145,7 +475,7 @@ static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const c
 	}
 	/* /v1/device-types */
 	int rc;
-	if (require_scope(wsi, pss, hub, AUTH_SCOPE_TELEMETRY_READ, &rc))
+	if (require_scope(wsi, pss, hub, AUTH_SCOPE_TELEMETRY_READ, &rc, NULL))
 		return rc;
 	body_init(&pss->body);
 	hub_buf_puts(&pss->body, "{\"device_types\":[");
@@ -301,17 +631,23 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
 		return 0;
 	case LWS_CALLBACK_HTTP_WRITEABLE:
+		if (pss && pss->rq)
+			return req_writeable(wsi, pss);
 		if (!pss || !pss->body.data)
 			return 0;
 		return write_body(wsi, pss);
 	case LWS_CALLBACK_CLOSED_HTTP:
-		if (pss)
+		if (pss) {
 			hub_buf_free(&pss->body);
+			req_detach(pss);
+		}
 		break;
 	case LWS_CALLBACK_WSI_DESTROY:
 		free_handshake(wsi);
-		if (pss)
+		if (pss) {
 			hub_buf_free(&pss->body);
+			req_detach(pss);
+		}
 		break;
 	default:
 		break;

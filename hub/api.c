@@ -1,0 +1,820 @@
+/*
+ * api.c - GET /v1/devices, /v1/devices/{device}, /v1/devices/{device}/telemetry
+ * (CONTRACT §4; the Redis layout is docs/streams.md). See api.h.
+ *
+ * Every Redis command holds a reference on its request (cmd()); a reply
+ * callback does nothing but drop it once the request is gone. Replies on the
+ * command connection arrive in the order the commands were sent, which the
+ * pipelined HGETALLs of the device list rely on.
+ */
+#include "hub/api.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <jansson.h>
+
+#include "hub/hub.h"
+#include "hub/redis.h"
+#include "hub/util.h"
+
+#define LIST_MAX_IDS 10000    /* device ids considered by one list request */
+#define LIST_SCAN_COUNT 1000  /* SSCAN COUNT */
+#define LIST_BATCH 256        /* HGETALLs in flight per list request */
+#define LIST_LIMIT_DEFAULT 100
+#define LIST_LIMIT_MAX 1000
+#define LIST_MAX_LABELS 16
+#define TM_PAGE 500           /* XRANGE COUNT */
+#define TM_SKEW_MS 300000     /* stream ids scanned around [from, to] */
+#define TM_JSON_LIMIT_DEFAULT 1000
+#define TM_JSON_LIMIT_MAX 100000
+
+/* ---- helpers -------------------------------------------------------------- */
+
+static const char *qget(const struct hub_query *q, const char *name)
+{
+	for (size_t i = 0; i < q->n; i++)
+		if (!strcmp(q->name[i], name))
+			return q->value[i];
+	return NULL;
+}
+
+/* Strict decimal integer in [min, max]. Returns 0 or -1. */
+static int parse_ll(const char *s, long long min, long long max, long long *out)
+{
+	char *end;
+
+	if (!s || !(isdigit((unsigned char)s[0]) || (s[0] == '-' && isdigit((unsigned char)s[1]))))
+		return -1;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	if (errno || *end || v < min || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/* A stream id "<ms>-<seq>". */
+static bool pos_valid(const char *s)
+{
+	const char *d = strchr(s, '-');
+	size_t a = d ? (size_t)(d - s) : 0;
+
+	if (!d || !a || a > 20 || !d[1] || strlen(d + 1) > 20)
+		return false;
+	for (const char *p = s; *p; p++)
+		if (p != d && !isdigit((unsigned char)*p))
+			return false;
+	return true;
+}
+
+static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv)
+{
+	hub_req_ref(rq);
+	if (hub_redis_command_argv(hub_req_hub(rq)->redis, cb, rq, argc, argv, NULL)) {
+		hub_req_unref(rq);
+		return -1;
+	}
+	return 0;
+}
+
+static void unavailable(struct hub_req *rq)
+{
+	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+}
+
+static void redis_failed(struct hub_req *rq, const redisReply *r)
+{
+	if (!r)
+		unavailable(rq);
+	else
+		hub_req_error(rq, 500, "internal", NULL, "unexpected answer from Redis");
+}
+
+static bool visible(struct hub_req *rq, const char *device)
+{
+	return auth_patterns_match(&hub_req_who(rq)->devices, device);
+}
+
+static const redisReply *field(const redisReply *kv, const char *name)
+{
+	if (!kv || kv->type != REDIS_REPLY_ARRAY)
+		return NULL;
+	for (size_t i = 0; i + 1 < kv->elements; i += 2) {
+		const redisReply *k = kv->element[i];
+		if (k->type == REDIS_REPLY_STRING && !strcmp(k->str, name) &&
+		    kv->element[i + 1]->type == REDIS_REPLY_STRING)
+			return kv->element[i + 1];
+	}
+	return NULL;
+}
+
+static char *field_dup(const redisReply *kv, const char *name)
+{
+	const redisReply *v = field(kv, name);
+	return v ? hub_xstrdup(v->str) : NULL;
+}
+
+/* ---- one registry row ----------------------------------------------------- */
+
+struct dev_row {
+	char *id;
+	bool exists;
+	char *type, *gateway;
+	json_t *labels;   /* object (never NULL when exists) */
+	bool online;
+	long long last_seen;
+	bool has_last_seen;
+};
+
+static void row_clear(struct dev_row *r)
+{
+	free(r->id);
+	free(r->type);
+	free(r->gateway);
+	json_decref(r->labels);
+	memset(r, 0, sizeof(*r));
+}
+
+/* Fills r from an HGETALL reply (r->id set by the caller). */
+static void row_fill(struct dev_row *r, const redisReply *h)
+{
+	const redisReply *v;
+
+	r->exists = h && h->type == REDIS_REPLY_ARRAY && h->elements > 0;
+	if (!r->exists)
+		return;
+	r->type = field_dup(h, "type");
+	r->gateway = field_dup(h, "gateway");
+	v = field(h, "labels");
+	if (v)
+		r->labels = json_loadb(v->str, v->len, 0, NULL);
+	if (!json_is_object(r->labels)) {
+		json_decref(r->labels);
+		r->labels = json_object();
+	}
+	v = field(h, "online");
+	r->online = v && !strcmp(v->str, "1");
+	v = field(h, "last_seen");
+	r->has_last_seen = v && !parse_ll(v->str, 0, INT64_MAX, &r->last_seen);
+}
+
+static void row_json(hub_buf *o, const struct dev_row *r)
+{
+	hub_buf_puts(o, "{\"device\":");
+	hub_buf_json_str(o, r->id, strlen(r->id));
+	hub_buf_puts(o, ",\"device_type\":");
+	if (r->type)
+		hub_buf_json_str(o, r->type, strlen(r->type));
+	else
+		hub_buf_puts(o, "null");
+	hub_buf_puts(o, ",\"labels\":");
+	char *l = json_dumps(r->labels, JSON_COMPACT | JSON_SORT_KEYS);
+	hub_buf_puts(o, l ? l : "{}");
+	free(l);
+	hub_buf_puts(o, ",\"gateway\":");
+	if (r->gateway)
+		hub_buf_json_str(o, r->gateway, strlen(r->gateway));
+	else
+		hub_buf_puts(o, "null");
+	hub_buf_printf(o, ",\"online\":%s,\"last_seen\":", r->online ? "true" : "false");
+	if (r->has_last_seen)
+		hub_buf_printf(o, "%lld}", r->last_seen);
+	else
+		hub_buf_puts(o, "null}");
+}
+
+/* One stream entry [id, [k, v, ...]] as {"ts":..,"data":..,"pos":".."}; with
+ * csv, as `ts,pos,"data"` CRLF. Returns false (nothing written) when the entry
+ * is malformed or its ts is outside [from, to]. *ts_out gets its ts. */
+static bool entry_out(hub_buf *o, const redisReply *e, long long from, long long to,
+		      bool csv)
+{
+	if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+	    e->element[0]->type != REDIS_REPLY_STRING)
+		return false;
+	const redisReply *tsr = field(e->element[1], "ts"), *data = field(e->element[1], "data");
+	long long ts;
+	if (!tsr || parse_ll(tsr->str, 0, INT64_MAX, &ts) || ts < from || ts > to)
+		return false;
+	const char *pos = e->element[0]->str;
+	if (csv) {
+		hub_buf_printf(o, "%lld,%s,\"", ts, pos);
+		if (data) {
+			for (size_t i = 0; i < data->len; i++) {
+				if (data->str[i] == '"')
+					hub_buf_append(o, "\"", 1);
+				hub_buf_append(o, data->str + i, 1);
+			}
+		} else {
+			hub_buf_puts(o, "null");
+		}
+		hub_buf_puts(o, "\"\r\n");
+		return true;
+	}
+	hub_buf_printf(o, "{\"ts\":%lld,\"data\":", ts);
+	if (data && data->len)
+		hub_buf_append(o, data->str, data->len); /* compact JSON, as stored */
+	else
+		hub_buf_puts(o, "null");
+	hub_buf_puts(o, ",\"pos\":");
+	hub_buf_json_str(o, pos, strlen(pos));
+	hub_buf_puts(o, "}");
+	return true;
+}
+
+/* ---- GET /v1/devices ------------------------------------------------------ */
+
+struct list_ctx {
+	char *type;                    /* device_type filter or NULL */
+	int online;                    /* -1: any */
+	size_t nlabels;
+	char *lk[LIST_MAX_LABELS], *lv[LIST_MAX_LABELS];
+	long long limit;
+	char set_key[160];
+	char cursor[32];
+	size_t considered;
+	char **ids;
+	size_t nids, cap_ids, next;
+	bool truncated, failed;
+	size_t batch_n, batch_got;
+	struct dev_row rows[LIST_BATCH];
+	long long matched;
+	hub_buf out;
+};
+
+static void list_free(void *p)
+{
+	struct list_ctx *c = p;
+
+	free(c->type);
+	for (size_t i = 0; i < c->nlabels; i++) {
+		free(c->lk[i]);
+		free(c->lv[i]);
+	}
+	for (size_t i = 0; i < c->nids; i++)
+		free(c->ids[i]);
+	free(c->ids);
+	for (size_t i = 0; i < LIST_BATCH; i++)
+		row_clear(&c->rows[i]);
+	hub_buf_free(&c->out);
+	free(c);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void list_fail(struct hub_req *rq, struct list_ctx *c, const redisReply *r)
+{
+	c->failed = true;
+	redis_failed(rq, r);
+}
+
+static bool list_match(const struct list_ctx *c, const struct dev_row *r)
+{
+	if (!r->exists)
+		return false;
+	if (c->type && (!r->type || strcmp(r->type, c->type)))
+		return false;
+	if (c->online >= 0 && r->online != (c->online == 1))
+		return false;
+	for (size_t i = 0; i < c->nlabels; i++) {
+		const char *v = json_string_value(json_object_get(r->labels, c->lk[i]));
+		if (!v || strcmp(v, c->lv[i]))
+			return false;
+	}
+	return true;
+}
+
+static void list_finish(struct hub_req *rq, struct list_ctx *c)
+{
+	hub_buf_printf(&c->out, "],\"truncated\":%s}", c->truncated ? "true" : "false");
+	hub_req_respond(rq, 200, "application/json", c->out.data, c->out.len);
+}
+
+static void list_on_hgetall(redisReply *r, void *arg);
+
+static void list_next_batch(struct hub_req *rq, struct list_ctx *c)
+{
+	if (c->next >= c->nids) {
+		list_finish(rq, c);
+		return;
+	}
+	c->batch_n = c->nids - c->next < LIST_BATCH ? c->nids - c->next : LIST_BATCH;
+	c->batch_got = 0;
+	for (size_t i = 0; i < c->batch_n; i++) {
+		char key[160];
+		struct dev_row *row = &c->rows[i];
+		row_clear(row);
+		row->id = hub_xstrdup(c->ids[c->next + i]);
+		snprintf(key, sizeof(key), "iot:dev:%s", row->id);
+		const char *argv[] = { "HGETALL", key };
+		if (cmd(rq, list_on_hgetall, 2, argv)) {
+			/* Earlier commands of this batch still answer (with NULL). */
+			list_fail(rq, c, NULL);
+			return;
+		}
+	}
+	c->next += c->batch_n;
+}
+
+static void list_on_hgetall(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct list_ctx *c = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq) || c->failed)
+		goto out;
+	if (!r || (r->type != REDIS_REPLY_ARRAY)) {
+		list_fail(rq, c, r);
+		goto out;
+	}
+	row_fill(&c->rows[c->batch_got++], r); /* replies come in order */
+	if (c->batch_got < c->batch_n)
+		goto out;
+	for (size_t i = 0; i < c->batch_n; i++) {
+		if (!list_match(c, &c->rows[i]))
+			continue;
+		if (c->matched == c->limit) { /* one more than asked: say so */
+			c->truncated = true;
+			list_finish(rq, c);
+			goto out;
+		}
+		if (c->matched++)
+			hub_buf_puts(&c->out, ",");
+		row_json(&c->out, &c->rows[i]);
+	}
+	list_next_batch(rq, c);
+out:
+	hub_req_unref(rq);
+}
+
+static void list_on_sscan(redisReply *r, void *arg);
+
+static void list_scan(struct hub_req *rq, struct list_ctx *c)
+{
+	const char *argv[] = { "SSCAN", c->set_key, c->cursor, "COUNT", "1000" };
+
+	(void)LIST_SCAN_COUNT;
+	if (cmd(rq, list_on_sscan, 5, argv))
+		list_fail(rq, c, NULL);
+}
+
+static void list_on_sscan(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct list_ctx *c = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq) || c->failed)
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+	    r->element[0]->type != REDIS_REPLY_STRING ||
+	    r->element[1]->type != REDIS_REPLY_ARRAY) {
+		list_fail(rq, c, r);
+		goto out;
+	}
+	const redisReply *m = r->element[1];
+	for (size_t i = 0; i < m->elements; i++) {
+		const redisReply *e = m->element[i];
+		if (c->considered == LIST_MAX_IDS) {
+			c->truncated = true;
+			break;
+		}
+		c->considered++;
+		if (e->type != REDIS_REPLY_STRING || !hub_id_valid(e->str, e->len) ||
+		    !visible(rq, e->str))
+			continue;
+		if (c->nids == c->cap_ids) {
+			c->cap_ids = c->cap_ids ? 2 * c->cap_ids : 256;
+			c->ids = hub_xrealloc(c->ids, c->cap_ids * sizeof(*c->ids));
+		}
+		c->ids[c->nids++] = hub_xstrdup(e->str);
+	}
+	snprintf(c->cursor, sizeof(c->cursor), "%s", r->element[0]->str);
+	if (strcmp(c->cursor, "0") && !c->truncated) {
+		list_scan(rq, c);
+		goto out;
+	}
+	if (strcmp(c->cursor, "0"))
+		c->truncated = true;
+	/* Sorted by id; SSCAN may repeat a member: drop duplicates. */
+	qsort(c->ids, c->nids, sizeof(*c->ids), cmp_str);
+	size_t w = 0;
+	for (size_t i = 0; i < c->nids; i++) {
+		if (w && !strcmp(c->ids[w - 1], c->ids[i]))
+			free(c->ids[i]);
+		else
+			c->ids[w++] = c->ids[i];
+	}
+	c->nids = w;
+	list_next_batch(rq, c);
+out:
+	hub_req_unref(rq);
+}
+
+static void devices_list(struct hub_req *rq, const struct hub_query *q)
+{
+	struct list_ctx *c = hub_xcalloc(1, sizeof(*c));
+	const char *v;
+
+	hub_req_set_ctx(rq, c, list_free);
+	c->online = -1;
+	c->limit = LIST_LIMIT_DEFAULT;
+	if ((v = qget(q, "limit")) && parse_ll(v, 1, LIST_LIMIT_MAX, &c->limit)) {
+		hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
+		return;
+	}
+	if ((v = qget(q, "online"))) {
+		if (!strcmp(v, "true")) {
+			c->online = 1;
+		} else if (!strcmp(v, "false")) {
+			c->online = 0;
+		} else {
+			hub_req_error(rq, 422, "invalid", "online", "online must be true or false");
+			return;
+		}
+	}
+	if ((v = qget(q, "device_type"))) {
+		if (!hub_id_valid(v, strlen(v))) {
+			hub_req_error(rq, 422, "invalid", "device_type",
+				      "device_type must match [A-Za-z0-9._:-]{1,128}");
+			return;
+		}
+		c->type = hub_xstrdup(v);
+	}
+	for (size_t i = 0; i < q->n; i++) {
+		if (strncmp(q->name[i], "label.", 6))
+			continue;
+		const char *k = q->name[i] + 6;
+		if (!*k || strlen(k) > 128) {
+			hub_req_error(rq, 422, "invalid", q->name[i],
+				      "a label filter is label.<name>=<value> with a name of 1 to 128 bytes");
+			return;
+		}
+		if (c->nlabels == LIST_MAX_LABELS) {
+			hub_req_error(rq, 422, "invalid", q->name[i], "at most 16 label filters");
+			return;
+		}
+		c->lk[c->nlabels] = hub_xstrdup(k);
+		c->lv[c->nlabels++] = hub_xstrdup(q->value[i]);
+	}
+	if (c->type)
+		snprintf(c->set_key, sizeof(c->set_key), "iot:type:%s", c->type);
+	else
+		snprintf(c->set_key, sizeof(c->set_key), "iot:devices");
+	strcpy(c->cursor, "0");
+	hub_buf_puts(&c->out, "{\"devices\":[");
+	list_scan(rq, c);
+}
+
+/* ---- GET /v1/devices/{device} --------------------------------------------- */
+
+struct one_ctx {
+	struct dev_row row;
+	bool done;
+};
+
+static void one_free(void *p)
+{
+	struct one_ctx *c = p;
+
+	row_clear(&c->row);
+	free(c);
+}
+
+static void one_on_hgetall(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct one_ctx *c = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq) || c->done)
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		c->done = true;
+		redis_failed(rq, r);
+		goto out;
+	}
+	row_fill(&c->row, r);
+	if (!c->row.exists) {
+		c->done = true;
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static void one_on_last(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct one_ctx *c = hub_req_ctx(rq);
+	hub_buf o = { 0 };
+
+	if (hub_req_gone(rq) || c->done)
+		goto out;
+	c->done = true;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		redis_failed(rq, r);
+		goto out;
+	}
+	row_json(&o, &c->row);
+	o.len--; /* reopen the object */
+	hub_buf_puts(&o, ",\"last_reading\":");
+	if (!r->elements || !entry_out(&o, r->element[0], INT64_MIN, INT64_MAX, false))
+		hub_buf_puts(&o, "null");
+	hub_buf_puts(&o, "}");
+	hub_req_respond(rq, 200, "application/json", o.data, o.len);
+out:
+	hub_buf_free(&o);
+	hub_req_unref(rq);
+}
+
+static void device_one(struct hub_req *rq, const char *device)
+{
+	struct one_ctx *c = hub_xcalloc(1, sizeof(*c));
+	char hkey[160], skey[160];
+
+	hub_req_set_ctx(rq, c, one_free);
+	c->row.id = hub_xstrdup(device);
+	snprintf(hkey, sizeof(hkey), "iot:dev:%s", device);
+	snprintf(skey, sizeof(skey), "iot:tm:%s", device);
+	const char *a1[] = { "HGETALL", hkey };
+	const char *a2[] = { "XREVRANGE", skey, "+", "-", "COUNT", "1" };
+	if (cmd(rq, one_on_hgetall, 2, a1)) {
+		unavailable(rq);
+		return;
+	}
+	if (cmd(rq, one_on_last, 6, a2)) {
+		c->done = true;
+		unavailable(rq);
+	}
+}
+
+/* ---- GET /v1/devices/{device}/telemetry ----------------------------------- */
+
+enum tm_format { TM_JSON, TM_NDJSON, TM_CSV };
+
+struct tm_ctx {
+	char device[HUB_ID_MAX + 1];
+	char key[HUB_ID_MAX + 16];
+	long long from, to, limit; /* limit -1: none */
+	enum tm_format fmt;
+	char start[48];            /* next XRANGE start: "<ms>" or "(<id>" */
+	char end[24];
+	long long count;           /* readings emitted */
+	char last_pos[48];         /* last emitted */
+	bool done;
+	bool begun;                /* streams: headers queued */
+	hub_buf out;               /* json: the whole body; streams: one page */
+};
+
+static void tm_free(void *p)
+{
+	struct tm_ctx *c = p;
+
+	hub_buf_free(&c->out);
+	free(c);
+}
+
+static void tm_on_page(redisReply *r, void *arg);
+
+static int tm_fetch(struct hub_req *rq, struct tm_ctx *c)
+{
+	const char *argv[] = { "XRANGE", c->key, c->start, c->end, "COUNT", "500" };
+
+	(void)TM_PAGE;
+	return cmd(rq, tm_on_page, 6, argv);
+}
+
+static void tm_drained(struct hub_req *rq)
+{
+	struct tm_ctx *c = hub_req_ctx(rq);
+
+	if (!c->done && tm_fetch(rq, c)) {
+		c->done = true;
+		hub_req_abort(rq); /* Redis went away mid-stream */
+	}
+}
+
+static void tm_on_exists(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct tm_ctx *c = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq) || c->done)
+		goto out;
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
+		c->done = true;
+		redis_failed(rq, r);
+	} else if (!r->integer) {
+		c->done = true;
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static void tm_on_page(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct tm_ctx *c = hub_req_ctx(rq);
+	bool streaming = c->fmt != TM_JSON;
+
+	if (hub_req_gone(rq) || c->done)
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		c->done = true;
+		if (c->begun) /* headers are out */
+			hub_req_abort(rq);
+		else
+			redis_failed(rq, r);
+		goto out;
+	}
+	if (streaming && !c->begun) { /* the first page */
+		c->begun = true;
+		hub_req_stream_begin(rq, 200, c->fmt == TM_CSV ? "text/csv; charset=utf-8"
+							       : "application/x-ndjson",
+				     tm_drained);
+		if (c->fmt == TM_CSV)
+			hub_buf_puts(&c->out, "ts,pos,data\r\n");
+	}
+	bool limited = false;
+	for (size_t i = 0; i < r->elements; i++) {
+		if (c->limit >= 0 && c->count == c->limit) {
+			limited = true;
+			break;
+		}
+		size_t mark = c->out.len;
+		if (c->fmt == TM_JSON && c->count)
+			hub_buf_puts(&c->out, ",");
+		if (!entry_out(&c->out, r->element[i], c->from, c->to, c->fmt == TM_CSV)) {
+			c->out.len = mark;
+			continue;
+		}
+		if (c->fmt == TM_NDJSON)
+			hub_buf_puts(&c->out, "\n");
+		c->count++;
+		snprintf(c->last_pos, sizeof(c->last_pos), "%s", r->element[i]->element[0]->str);
+	}
+	const redisReply *last = r->elements ? r->element[r->elements - 1] : NULL;
+	bool more = !limited && r->elements == TM_PAGE && last &&
+		    last->type == REDIS_REPLY_ARRAY && last->elements == 2 &&
+		    last->element[0]->type == REDIS_REPLY_STRING;
+	if (more)
+		snprintf(c->start, sizeof(c->start), "(%s", last->element[0]->str);
+
+	if (!streaming) {
+		if (more) {
+			if (tm_fetch(rq, c)) {
+				c->done = true;
+				unavailable(rq);
+			}
+			goto out;
+		}
+		c->done = true;
+		hub_buf_puts(&c->out, "],\"next\":");
+		if (limited && c->count)
+			hub_buf_json_str(&c->out, c->last_pos, strlen(c->last_pos));
+		else
+			hub_buf_puts(&c->out, "null");
+		hub_buf_puts(&c->out, "}");
+		hub_req_respond(rq, 200, "application/json", c->out.data, c->out.len);
+		goto out;
+	}
+	hub_req_stream_write(rq, c->out.data, c->out.len);
+	c->out.len = 0;
+	if (!more) {
+		c->done = true;
+		hub_req_stream_end(rq);
+	}
+	/* else: the next page is fetched when this one is written (tm_drained) */
+out:
+	hub_req_unref(rq);
+}
+
+static void telemetry(struct hub_req *rq, const char *device, const struct hub_query *q)
+{
+	struct tm_ctx *c = hub_xcalloc(1, sizeof(*c));
+	const char *v, *after;
+
+	hub_req_set_ctx(rq, c, tm_free);
+	snprintf(c->device, sizeof(c->device), "%s", device);
+	snprintf(c->key, sizeof(c->key), "iot:tm:%s", device);
+	c->fmt = TM_JSON;
+	if ((v = qget(q, "format"))) {
+		if (!strcmp(v, "json")) {
+			c->fmt = TM_JSON;
+		} else if (!strcmp(v, "ndjson")) {
+			c->fmt = TM_NDJSON;
+		} else if (!strcmp(v, "csv")) {
+			c->fmt = TM_CSV;
+		} else {
+			hub_req_error(rq, 422, "invalid", "format", "format must be json, ndjson or csv");
+			return;
+		}
+	}
+	if (!(v = qget(q, "from"))) {
+		hub_req_error(rq, 422, "invalid", "from", "from (ms since the epoch) is required");
+		return;
+	}
+	if (parse_ll(v, 0, INT64_MAX / 2, &c->from)) {
+		hub_req_error(rq, 422, "invalid", "from", "from must be an integer (ms since the epoch)");
+		return;
+	}
+	if (!(v = qget(q, "to"))) {
+		hub_req_error(rq, 422, "invalid", "to", "to (ms since the epoch) is required");
+		return;
+	}
+	if (parse_ll(v, 0, INT64_MAX / 2, &c->to)) {
+		hub_req_error(rq, 422, "invalid", "to", "to must be an integer (ms since the epoch)");
+		return;
+	}
+	if (c->to < c->from) {
+		hub_req_error(rq, 422, "invalid", "to", "to must not be before from");
+		return;
+	}
+	if (c->to - c->from > HUB_HISTORY_MAX_RANGE_MS) {
+		char msg[96];
+		snprintf(msg, sizeof(msg), "to - from must be at most %lld ms (31 days)",
+			 (long long)HUB_HISTORY_MAX_RANGE_MS);
+		hub_req_error(rq, 422, "invalid", "to", msg);
+		return;
+	}
+	c->limit = c->fmt == TM_JSON ? TM_JSON_LIMIT_DEFAULT : -1;
+	if ((v = qget(q, "limit")) &&
+	    parse_ll(v, 1, c->fmt == TM_JSON ? TM_JSON_LIMIT_MAX : INT64_MAX / 2, &c->limit)) {
+		hub_req_error(rq, 422, "invalid", "limit",
+			      c->fmt == TM_JSON ? "limit must be an integer from 1 to 100000"
+						: "limit must be a positive integer");
+		return;
+	}
+	if ((after = qget(q, "after")) && !pos_valid(after)) {
+		hub_req_error(rq, 422, "invalid", "after",
+			      "after must be a position (\"<ms>-<n>\") from a previous answer's next");
+		return;
+	}
+	long long lo = c->from > TM_SKEW_MS ? c->from - TM_SKEW_MS : 0;
+	snprintf(c->start, sizeof(c->start), "%lld", lo);
+	if (after) {
+		/* Resume after `after`, but never before the scan's own start. */
+		long long ams = strtoll(after, NULL, 10);
+		if (ams >= lo)
+			snprintf(c->start, sizeof(c->start), "(%s", after);
+	}
+	snprintf(c->end, sizeof(c->end), "%lld", c->to + TM_SKEW_MS);
+	if (c->fmt == TM_JSON) {
+		hub_buf_puts(&c->out, "{\"device\":");
+		hub_buf_json_str(&c->out, device, strlen(device));
+		hub_buf_puts(&c->out, ",\"readings\":[");
+	}
+	char hkey[160];
+	snprintf(hkey, sizeof(hkey), "iot:dev:%s", device);
+	const char *argv[] = { "EXISTS", hkey };
+	if (cmd(rq, tm_on_exists, 2, argv)) {
+		unavailable(rq);
+		return;
+	}
+	if (tm_fetch(rq, c)) {
+		c->done = true;
+		unavailable(rq);
+	}
+}
+
+/* ---- routing -------------------------------------------------------------- */
+
+bool hub_api_handles(const char *path)
+{
+	return !strcmp(path, "/v1/devices") || !strncmp(path, "/v1/devices/", 12);
+}
+
+void hub_api_handle(struct hub_req *rq, const char *path, const struct hub_query *q)
+{
+	char device[HUB_ID_MAX + 1];
+
+	if (!strcmp(path, "/v1/devices")) {
+		devices_list(rq, q);
+		return;
+	}
+	const char *id = path + 12, *slash = strchr(id, '/');
+	size_t n = slash ? (size_t)(slash - id) : strlen(id);
+	const char *rest = slash ? slash : "";
+	if ((*rest && strcmp(rest, "/telemetry")) || !hub_id_valid(id, n)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such route");
+		return;
+	}
+	memcpy(device, id, n);
+	device[n] = '\0';
+	/* A device outside the key's patterns is answered exactly like one that
+	 * does not exist: the key learns nothing about it. */
+	if (!visible(rq, device)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		return;
+	}
+	if (*rest)
+		telemetry(rq, device, q);
+	else
+		device_one(rq, device);
+}
