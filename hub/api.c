@@ -26,7 +26,10 @@
 #define LIST_LIMIT_DEFAULT 100
 #define LIST_LIMIT_MAX 1000
 #define LIST_MAX_LABELS 16
-#define TM_PAGE 500           /* XRANGE COUNT */
+#define TM_PAGE 500           /* XRANGE COUNT at most */
+#define TM_PAGE_MIN 8
+#define TM_PAGE_BYTES (512 * 1024) /* a page's output above this halves COUNT */
+#define TM_JSON_MAX_BYTES (16 * 1024 * 1024) /* a json answer stops here (with next) */
 #define TM_SKEW_MS 300000     /* stream ids scanned around [from, to] */
 #define TM_JSON_LIMIT_DEFAULT 1000
 #define TM_JSON_LIMIT_MAX 100000
@@ -402,7 +405,8 @@ static void list_on_sscan(redisReply *r, void *arg)
 	if (strcmp(c->cursor, "0"))
 		c->truncated = true;
 	/* Sorted by id; SSCAN may repeat a member: drop duplicates. */
-	qsort(c->ids, c->nids, sizeof(*c->ids), cmp_str);
+	if (c->nids > 1)
+		qsort(c->ids, c->nids, sizeof(*c->ids), cmp_str);
 	size_t w = 0;
 	for (size_t i = 0; i < c->nids; i++) {
 		if (w && !strcmp(c->ids[w - 1], c->ids[i]))
@@ -568,6 +572,7 @@ struct tm_ctx {
 	char last_pos[48];         /* last emitted */
 	bool done;
 	bool begun;                /* streams: headers queued */
+	unsigned page;             /* XRANGE COUNT of the next page */
 	hub_buf out;               /* json: the whole body; streams: one page */
 };
 
@@ -583,9 +588,10 @@ static void tm_on_page(redisReply *r, void *arg);
 
 static int tm_fetch(struct hub_req *rq, struct tm_ctx *c)
 {
-	const char *argv[] = { "XRANGE", c->key, c->start, c->end, "COUNT", "500" };
+	char count[16];
+	const char *argv[] = { "XRANGE", c->key, c->start, c->end, "COUNT", count };
 
-	(void)TM_PAGE;
+	snprintf(count, sizeof(count), "%u", c->page);
 	return cmd(rq, tm_on_page, 6, argv);
 }
 
@@ -642,8 +648,10 @@ static void tm_on_page(redisReply *r, void *arg)
 			hub_buf_puts(&c->out, "ts,pos,data\r\n");
 	}
 	bool limited = false;
+	size_t page_start = c->out.len;
 	for (size_t i = 0; i < r->elements; i++) {
-		if (c->limit >= 0 && c->count == c->limit) {
+		if ((c->limit >= 0 && c->count == c->limit) ||
+		    (!streaming && c->out.len > TM_JSON_MAX_BYTES)) {
 			limited = true;
 			break;
 		}
@@ -660,11 +668,17 @@ static void tm_on_page(redisReply *r, void *arg)
 		snprintf(c->last_pos, sizeof(c->last_pos), "%s", r->element[i]->element[0]->str);
 	}
 	const redisReply *last = r->elements ? r->element[r->elements - 1] : NULL;
-	bool more = !limited && r->elements == TM_PAGE && last &&
+	bool more = !limited && r->elements == c->page && last &&
 		    last->type == REDIS_REPLY_ARRAY && last->elements == 2 &&
 		    last->element[0]->type == REDIS_REPLY_STRING;
 	if (more)
 		snprintf(c->start, sizeof(c->start), "(%s", last->element[0]->str);
+	/* Readings can be large (up to max-frame-bytes): keep one page's output
+	 * near TM_PAGE_BYTES by adapting COUNT. */
+	if (c->out.len - page_start > TM_PAGE_BYTES && c->page > TM_PAGE_MIN)
+		c->page /= 2;
+	else if (c->out.len - page_start < TM_PAGE_BYTES / 4 && c->page < TM_PAGE)
+		c->page = c->page * 2 > TM_PAGE ? TM_PAGE : c->page * 2;
 
 	if (!streaming) {
 		if (more) {
@@ -704,6 +718,7 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	snprintf(c->device, sizeof(c->device), "%s", device);
 	snprintf(c->key, sizeof(c->key), "iot:tm:%s", device);
 	c->fmt = TM_JSON;
+	c->page = TM_PAGE;
 	if ((v = qget(q, "format"))) {
 		if (!strcmp(v, "json")) {
 			c->fmt = TM_JSON;

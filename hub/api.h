@@ -69,7 +69,8 @@ void hub_req_error(struct hub_req *rq, unsigned status, const char *code,
 typedef void (*hub_req_drained_cb)(struct hub_req *rq);
 void hub_req_stream_begin(struct hub_req *rq, unsigned status, const char *ctype,
 			  hub_req_drained_cb drained);
-/* Queues data[0..len) as one chunk (len 0 is ignored). */
+/* Queues data[0..len) as one chunk. With len 0 it queues nothing, but
+ * drained is still called once the queue is (already) empty. */
 void hub_req_stream_write(struct hub_req *rq, const char *data, size_t len);
 /* Queues the last chunk; the request completes once it is written. */
 void hub_req_stream_end(struct hub_req *rq);

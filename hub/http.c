@@ -250,12 +250,14 @@ void hub_req_stream_begin(struct hub_req *rq, unsigned status, const char *ctype
 
 void hub_req_stream_write(struct hub_req *rq, const char *data, size_t len)
 {
-	if (!len || !rq->chunked || rq->final || !rq->wsi)
+	if (!rq->chunked || rq->final || !rq->wsi)
 		return;
-	hub_buf_printf(&rq->out, "%zx\r\n", len);
-	hub_buf_append(&rq->out, data, len);
-	hub_buf_puts(&rq->out, "\r\n");
-	req_kick(rq);
+	if (len) {
+		hub_buf_printf(&rq->out, "%zx\r\n", len);
+		hub_buf_append(&rq->out, data, len);
+		hub_buf_puts(&rq->out, "\r\n");
+	}
+	req_kick(rq); /* even for nothing: drained then asks for more */
 }
 
 void hub_req_stream_end(struct hub_req *rq)

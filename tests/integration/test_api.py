@@ -109,6 +109,19 @@ class DevicesAndHistory(APIBase):
             pos = r.cmd("XADD", "iot:tm:a-1", "%d-0" % (ts + 50), "ts", ts,
                         "data", json.dumps(data, separators=(",", ":")), "gw", "gw-1", "seq", i)
             cls.history.append({"ts": ts, "data": data, "pos": pos})
+        # a-2: 1,200 entries inside the scanned id window but with a ts outside
+        # [from, to] (pages that yield nothing), then 2 that match
+        c = Resp(r.port, timeout=30)
+        try:
+            cmds = [Resp.encode(["XADD", "iot:tm:a-2", "%d-0" % (cls.t0 + i), "ts", 5, "data", "{}"])
+                    for i in range(1200)]
+            c.sock.sendall(b"".join(cmds))
+            for _ in cmds:
+                c._read()
+        finally:
+            c.close()
+        for i in (0, 1):
+            r.cmd("XADD", "iot:tm:a-2", "%d-0" % (cls.t0 + 2000 + i), "ts", cls.t0 + i, "data", '{"w":%d}' % i)
         # a reading buffered for a long time: far outside the scanned window
         r.cmd("XADD", "iot:tm:a-1", "%d-0" % (cls.t0 + 40000), "ts", cls.t0 - 3 * DAY,
               "data", "{}", "gw", "gw-1", "seq", 99)
@@ -270,6 +283,17 @@ class DevicesAndHistory(APIBase):
         # nothing in range: the header row only
         st, _, body = self.get(self.tm(**{"from": 1, "to": 2, "format": "csv"}))
         self.assertEqual((st, body), (200, "ts,pos,data\r\n"))
+
+    async def test_pages_without_matches(self):
+        """Whole XRANGE pages outside [from, to] neither stall a stream nor end it early."""
+        q = {"from": self.t0, "to": self.t0 + 1}
+        self.assertEqual(self.get_json(self.tm("a-2", **q))["readings"],
+                         [{"ts": self.t0 + i, "data": {"w": i}, "pos": "%d-0" % (self.t0 + 2000 + i)}
+                          for i in (0, 1)])
+        st, _, body = self.get(self.tm("a-2", format="ndjson", **q))
+        self.assertEqual((st, [json.loads(l)["data"]["w"] for l in body.splitlines()]), (200, [0, 1]))
+        st, _, body = self.get(self.tm("a-2", format="csv", **q))
+        self.assertEqual((st, len(body.splitlines())), (200, 3))
 
     async def test_keep_alive_reuse(self):
         """Several API answers (sized and chunked) on one connection."""
