@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -372,6 +373,44 @@ class RedisDown(APIBase):
         hub.stop()
 
 
+class RedisDiesMidExport(APIBase):
+    async def test_truncated_not_short(self):
+        """Redis lost during a streamed export: the client sees an incomplete
+        chunked transfer (no terminating chunk), never a clean short answer."""
+        redis = self.start_redis()
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file()])
+        self.hub = hub
+        redis.cmd("HSET", "iot:dev:m-1", "type", "thermostat")
+        t0 = now_ms() - 100000
+        c = Resp(redis.port, timeout=30)
+        try:
+            cmds = [Resp.encode(["XADD", "iot:tm:m-1", "%d-0" % (t0 + i), "ts", t0 + i,
+                                 "data", '{"pad":"%s"}' % ("y" * 400)]) for i in range(30000)]
+            c.sock.sendall(b"".join(cmds))
+            for _ in cmds:
+                c._read()
+        finally:
+            c.close()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(20)
+        sock.connect(("127.0.0.1", hub.port))
+        conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=20)
+        conn.sock = sock
+        conn.request("GET", "/v1/devices/m-1/telemetry?from=%d&to=%d&format=ndjson" % (t0, t0 + 30000),
+                     headers={"Authorization": "Bearer " + KEYS["reader"][0]})
+        r = conn.getresponse()
+        self.assertEqual(r.status, 200)
+        first = r.read(100)
+        self.assertTrue(first.startswith(b'{"ts":'), first)
+        redis.kill()
+        with self.assertRaises(http.client.IncompleteRead):
+            r.read()
+        conn.close()
+        hub.check_alive()
+        hub.stop()
+
+
 class BigExport(APIBase):
     """100,000 readings of ~350 bytes (~35 MB of ndjson) stream out while the
     hub's RSS stays within a bound well under the export's size."""
@@ -493,6 +532,37 @@ class BigExport(APIBase):
         # then the client reads: the export resumes and completes correctly
         self.read_all_checked(conn)
         conn.close()
+
+    async def test_concurrent_exports_and_hangups(self):
+        """Exports in parallel, half of the clients hanging up midway: the
+        others complete, and nothing leaks (ASan) or crashes."""
+        errors = []
+
+        def worker(i):
+            try:
+                path = self.path() + "&limit=20000"
+                conn = http.client.HTTPConnection("127.0.0.1", self.hub.port, timeout=30)
+                conn.request("GET", path, headers={"Authorization": "Bearer " + KEYS["reader"][0]})
+                r = conn.getresponse()
+                if r.status != 200:
+                    raise AssertionError("status %d" % r.status)
+                if i % 2:
+                    r.read(1000 * i)
+                    conn.close()
+                    return
+                lines = r.read().splitlines()
+                if len(lines) != 20000 or json.loads(lines[-1])["data"]["i"] != 19999:
+                    raise AssertionError("worker %d: %d lines" % (i, len(lines)))
+                conn.close()
+            except Exception as e:  # reported below
+                errors.append(e)
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(self.get("/v1/devices/big-1")[0], 200)
 
     async def test_client_leaves_mid_export(self):
         conn = self.open_export(rcvbuf=4096)
