@@ -21,7 +21,7 @@
 #include "hub/util.h"
 
 #define LIST_MAX_IDS 10000    /* device ids considered by one list request */
-#define LIST_SCAN_COUNT 1000  /* SSCAN COUNT */
+#define LIST_SCAN_COUNT "1000" /* SSCAN COUNT */
 #define LIST_BATCH 256        /* HGETALLs in flight per list request */
 #define LIST_LIMIT_DEFAULT 100
 #define LIST_LIMIT_MAX 1000
@@ -191,7 +191,7 @@ static void row_json(hub_buf *o, const struct dev_row *r)
 
 /* One stream entry [id, [k, v, ...]] as {"ts":..,"data":..,"pos":".."}; with
  * csv, as `ts,pos,"data"` CRLF. Returns false (nothing written) when the entry
- * is malformed or its ts is outside [from, to]. *ts_out gets its ts. */
+ * is malformed or its ts is outside [from, to]. */
 static bool entry_out(hub_buf *o, const redisReply *e, long long from, long long to,
 		      bool csv)
 {
@@ -297,6 +297,7 @@ static void list_finish(struct hub_req *rq, struct list_ctx *c)
 {
 	hub_buf_printf(&c->out, "],\"truncated\":%s}", c->truncated ? "true" : "false");
 	hub_req_respond(rq, 200, "application/json", c->out.data, c->out.len);
+	hub_buf_free(&c->out);
 }
 
 static void list_on_hgetall(redisReply *r, void *arg);
@@ -360,9 +361,8 @@ static void list_on_sscan(redisReply *r, void *arg);
 
 static void list_scan(struct hub_req *rq, struct list_ctx *c)
 {
-	const char *argv[] = { "SSCAN", c->set_key, c->cursor, "COUNT", "1000" };
+	const char *argv[] = { "SSCAN", c->set_key, c->cursor, "COUNT", LIST_SCAN_COUNT };
 
-	(void)LIST_SCAN_COUNT;
 	if (cmd(rq, list_on_sscan, 5, argv))
 		list_fail(rq, c, NULL);
 }
@@ -696,6 +696,7 @@ static void tm_on_page(redisReply *r, void *arg)
 			hub_buf_puts(&c->out, "null");
 		hub_buf_puts(&c->out, "}");
 		hub_req_respond(rq, 200, "application/json", c->out.data, c->out.len);
+		hub_buf_free(&c->out); /* copied: do not hold a large body twice */
 		goto out;
 	}
 	hub_req_stream_write(rq, c->out.data, c->out.len);
