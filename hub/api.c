@@ -752,10 +752,11 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 		hub_req_error(rq, 422, "invalid", "to", "to must not be before from");
 		return;
 	}
-	if (c->to - c->from > HUB_HISTORY_MAX_RANGE_MS) {
+	int64_t max_range_ms = (int64_t)hub_req_hub(rq)->cfg.history_max_range_s * 1000;
+	if (c->to - c->from > max_range_ms) {
 		char msg[96];
-		snprintf(msg, sizeof(msg), "to - from must be at most %lld ms (31 days)",
-			 (long long)HUB_HISTORY_MAX_RANGE_MS);
+		snprintf(msg, sizeof(msg), "to - from must be at most %lld ms (history-max-range-s)",
+			 (long long)max_range_ms);
 		hub_req_error(rq, 422, "invalid", "to", msg);
 		return;
 	}

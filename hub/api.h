@@ -26,10 +26,6 @@
 struct hub;
 struct hub_req;
 
-/* Widest from..to of a telemetry query: 31 days. (To move to hub/config as a
- * `history-max-range-s` key.) */
-#define HUB_HISTORY_MAX_RANGE_MS (31LL * 24 * 60 * 60 * 1000)
-
 /* Query-string arguments, URL-decoded by lws, in request order. */
 #define HUB_QUERY_MAX 32
 struct hub_query {

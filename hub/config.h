@@ -47,6 +47,7 @@ struct hub_config {
 	int retry_after_ms;
 	int rx_buffer_bytes;
 	int ping_interval_s;
+	long history_max_range_s;
 	int ping_timeout_s;
 
 	/* Derived by hub_config_validate(). */
