@@ -17,6 +17,7 @@
 #define RX_KEEP_BYTES    (16 * 1024)  /* reassembly buffer kept between frames */
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
 #define CLOSE_TAKEOVER   4001
+#define DATA_DUMP_RESERVE 512         /* room for one reading's data JSON */
 
 struct gw_conn;
 
@@ -384,9 +385,17 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		hub_buf_printf(&vals, "%lld", (long long)ts);
 		s->ts_len = vals.len - s->ts_off;
 		s->data_off = vals.len;
-		size_t need = json_dumpb(rd.data, NULL, 0, JSON_COMPACT);
-		hub_buf_reserve(&vals, need);
-		vals.len += json_dumpb(rd.data, vals.data + vals.len, need, JSON_COMPACT);
+		/* Dump once into reserved space; only an object larger than
+		 * that is dumped a second time (json_dumpb returns the size it
+		 * needed, larger than the space means truncated). */
+		hub_buf_reserve(&vals, DATA_DUMP_RESERVE);
+		size_t room = vals.cap - vals.len - 1;
+		size_t need = json_dumpb(rd.data, vals.data + vals.len, room, JSON_COMPACT);
+		if (need > room) {
+			hub_buf_reserve(&vals, need);
+			need = json_dumpb(rd.data, vals.data + vals.len, need, JSON_COMPACT);
+		}
+		vals.len += need;
 		s->data_len = vals.len - s->data_off;
 		if (nacc > 1)
 			hub_buf_puts(&feed, ",");
