@@ -503,6 +503,19 @@ int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
 	return rconn_send(&r->cmd, cb, arg, argc, argv, argvlen);
 }
 
+int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
+				const char *cmd, size_t len)
+{
+	struct rconn *rc = &r->cmd;
+
+	if (rc->state != RC_UP || !rc->ac)
+		return -1;
+	if (redisAsyncFormattedCommand(rc->ac, on_reply, rc, cmd, len) != REDIS_OK)
+		return -1;
+	ring_push(rc, cb, arg);
+	return 0;
+}
+
 void hub_redis_subscribe(struct hub_redis *r, const char *channel,
 			 hub_redis_msg_cb cb, void *arg)
 {

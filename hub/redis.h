@@ -54,6 +54,12 @@ size_t hub_redis_pending(const struct hub_redis *r);
 int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
 			   int argc, const char **argv, const size_t *argvlen);
 
+/* As hub_redis_command_argv, for a command already in RESP form (an array of
+ * bulk strings; hiredis copies it). Saves hiredis's formatting, which
+ * allocates per argument, on the per-frame path. */
+int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
+				const char *cmd, size_t len);
+
 /* Subscribes for the life of the bus (re-subscribed after reconnects). */
 void hub_redis_subscribe(struct hub_redis *r, const char *channel,
 			 hub_redis_msg_cb cb, void *arg);
