@@ -272,6 +272,17 @@ struct stored_ref {
 	size_t ts_off, ts_len, data_off, data_len;
 };
 
+/* Per-frame scratch, reused across frames (the loop is single-threaded and
+ * hub_store_frame copies what it needs before returning). */
+static struct {
+	hub_buf vals, feed;
+	struct stored_ref *refs;
+	struct hub_store_reading *sr;
+	size_t cap;
+} scratch;
+
+#define SCRATCH_KEEP_BYTES (64 * 1024)  /* a bigger frame's buffers are freed */
+
 static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 {
 	struct hub *hub = c->hub;
@@ -279,8 +290,8 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 	size_t n = json_array_size(msg->items);
 	int64_t now_ms = hub_now_ms(), now_us = hub_mono_us();
 	struct gw_reply *r = reply_new(c);
-	struct stored_ref *refs = NULL;
-	hub_buf vals = { 0 }, feed = { 0 };
+	struct stored_ref *refs;
+	hub_buf vals = scratch.vals, feed = scratch.feed;
 	size_t nacc = 0;
 
 	r->seq = msg->seq;
@@ -291,8 +302,13 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		enqueue(c, r);
 		return;
 	}
-	if (n)
-		refs = hub_xmalloc(n * sizeof(*refs));
+	if (n > scratch.cap) {
+		scratch.cap = n;
+		scratch.refs = hub_xrealloc(scratch.refs, n * sizeof(*scratch.refs));
+		scratch.sr = hub_xrealloc(scratch.sr, n * sizeof(*scratch.sr));
+	}
+	refs = scratch.refs;
+	vals.len = feed.len = 0;
 	hub_buf_puts(&feed, "[");
 	for (size_t i = 0; i < n; i++) {
 		json_t *item = json_array_get(msg->items, i);
@@ -413,7 +429,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		finish_ack(r, false);
 		enqueue(c, r);
 	} else {
-		struct hub_store_reading *sr = hub_xmalloc(nacc * sizeof(*sr));
+		struct hub_store_reading *sr = scratch.sr;
 		for (size_t i = 0; i < nacc; i++) {
 			sr[i].device = refs[i].device;
 			sr[i].ts = vals.data + refs[i].ts_off;
@@ -430,11 +446,13 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 				       "telemetry store unavailable; resend this frame later");
 		}
 		enqueue(c, r);
-		free(sr);
 	}
-	free(refs);
-	hub_buf_free(&vals);
-	hub_buf_free(&feed);
+	if (vals.cap > SCRATCH_KEEP_BYTES)
+		hub_buf_free(&vals);
+	if (feed.cap > SCRATCH_KEEP_BYTES)
+		hub_buf_free(&feed);
+	scratch.vals = vals;
+	scratch.feed = feed;
 }
 
 /* ---- announce ------------------------------------------------------------ */
