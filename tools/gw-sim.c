@@ -320,6 +320,7 @@ struct sim_cfg {
 	double connect_rate;
 	double stats_interval;
 	double ack_timeout;  /* s; 0 = wait for acks forever */
+	double warmup;       /* s; frames sent earlier stay out of latency_us */
 	int json_summary;
 	int idle;
 
@@ -1254,7 +1255,9 @@ gw_on_ack(struct gw *gw, json_t *root)
 	if (fs->sent_us) {
 		uint64_t lat = (uint64_t)(mono_us() - fs->sent_us);
 
-		hist_add(&g.h_tot, lat);
+		/* --warmup: the run's latency starts after the connect ramp */
+		if (fs->sent_us - g.start_us >= (int64_t)(g.cfg.warmup * 1e6))
+			hist_add(&g.h_tot, lat);
 		hist_add(&g.h_iv, lat);
 	}
 	if (json_is_true(json_object_get(root, "duplicate")))
@@ -2248,6 +2251,7 @@ print_summary(void)
 					(double)ru.ru_stime.tv_usec / 1e6));
 			}
 		}
+		json_object_set_new(o, "warmup_s", json_real(g.cfg.warmup));
 		json_object_set_new(o, "latency_us", json_pack(
 			"{s:I, s:I, s:I, s:I, s:I, s:I, s:f}",
 			"count", (json_int_t)g.h_tot.count,
@@ -2325,6 +2329,8 @@ usage(FILE *f)
 "Output\n"
 "  --stats-interval S   one stats line per S seconds on stderr (default 0 = off)\n"
 "  --json-summary       final JSON summary on stdout\n"
+"  --warmup S           leave frames sent in the first S s out of the summary's\n"
+"                       latency_us (the connect ramp); default 0\n"
 "  -v, --verbose        more logs (twice: debug and lws notices)\n"
 "  -q, --quiet          errors only\n"
 "  -h, --help           this help\n");
@@ -2474,7 +2480,7 @@ parse_args(int argc, char **argv)
 		O_INFLIGHT, O_DURATION, O_FRAMES, O_BAD, O_CRATE, O_STATS, O_JSON,
 		O_IDLE, O_CMD_DELAY, O_CMD_FAIL, O_CMD_IGNORE, O_CMD_REJECT, O_SRC,
 		O_MAXFRAME, O_SEQSTART, O_SEED, O_ACKTO, O_JWT_SECRET, O_JWT_DEVICES,
-		O_TTL,
+		O_TTL, O_WARMUP,
 	};
 	static const struct option opts[] = {
 		{ "url", required_argument, NULL, O_URL },
@@ -2483,6 +2489,7 @@ parse_args(int argc, char **argv)
 		{ "jwt-secret", required_argument, NULL, O_JWT_SECRET },
 		{ "jwt-devices", required_argument, NULL, O_JWT_DEVICES },
 		{ "ttl", required_argument, NULL, O_TTL },
+		{ "warmup", required_argument, NULL, O_WARMUP },
 		{ "ca", required_argument, NULL, O_CA },
 		{ "cert", required_argument, NULL, O_CERT },
 		{ "key", required_argument, NULL, O_KEY },
@@ -2540,6 +2547,9 @@ parse_args(int argc, char **argv)
 		case O_TOKEN_CMD: c->token_cmd = optarg; break;
 		case O_JWT_SECRET: c->jwt_secret = optarg; break;
 		case O_JWT_DEVICES: c->jwt_devices = optarg; break;
+		case O_WARMUP:
+			c->warmup = parse_double("--warmup", optarg, 0, 1e6);
+			break;
 		case O_TTL:
 			c->ttl = parse_u64("--ttl", optarg, 1, 10ull * 366 * 24 * 3600);
 			break;
