@@ -112,6 +112,24 @@ void hub_buf_puts(hub_buf *b, const char *s)
 	hub_buf_append(b, s, strlen(s));
 }
 
+void hub_buf_i64(hub_buf *b, int64_t v)
+{
+	char tmp[24];
+	size_t n = 0;
+	uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+
+	do {
+		tmp[n++] = (char)('0' + u % 10);
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		tmp[n++] = '-';
+	hub_buf_reserve(b, n);
+	while (n)
+		b->data[b->len++] = tmp[--n];
+	b->data[b->len] = '\0';
+}
+
 void hub_buf_printf(hub_buf *b, const char *fmt, ...)
 {
 	va_list ap;

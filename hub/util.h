@@ -31,6 +31,8 @@ void hub_buf_append(hub_buf *b, const void *p, size_t n);
 void hub_buf_puts(hub_buf *b, const char *s);
 void hub_buf_printf(hub_buf *b, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
+/* Appends the decimal text of v (no printf: it is on the per-frame path). */
+void hub_buf_i64(hub_buf *b, int64_t v);
 /* Appends s[0..n) as a JSON string literal, quotes included. */
 void hub_buf_json_str(hub_buf *b, const char *s, size_t n);
 void hub_buf_free(hub_buf *b);

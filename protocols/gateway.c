@@ -194,8 +194,11 @@ static void finish_ack(struct gw_reply *r, bool duplicate)
 {
 	struct hub *hub = r->conn->hub;
 
-	hub_buf_printf(&r->out, "{\"type\":\"ack\",\"seq\":%lld,\"accepted\":%u,\"rejected\":[",
-		       (long long)r->seq, r->accepted);
+	hub_buf_puts(&r->out, "{\"type\":\"ack\",\"seq\":");
+	hub_buf_i64(&r->out, r->seq);
+	hub_buf_puts(&r->out, ",\"accepted\":");
+	hub_buf_i64(&r->out, r->accepted);
+	hub_buf_puts(&r->out, ",\"rejected\":[");
 	if (r->rejected.len)
 		hub_buf_append(&r->out, r->rejected.data, r->rejected.len);
 	hub_buf_puts(&r->out, duplicate ? "],\"duplicate\":true}" : "]}");
@@ -398,7 +401,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		int64_t ts = rd.has_ts ? rd.ts : now_ms;
 		s->device = rd.device;
 		s->ts_off = vals.len;
-		hub_buf_printf(&vals, "%lld", (long long)ts);
+		hub_buf_i64(&vals, ts);
 		s->ts_len = vals.len - s->ts_off;
 		s->data_off = vals.len;
 		/* Dump once into reserved space; only an object larger than
@@ -417,7 +420,9 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 			hub_buf_puts(&feed, ",");
 		hub_buf_puts(&feed, "{\"device\":");
 		hub_buf_json_str(&feed, rd.device, rd.device_len);
-		hub_buf_printf(&feed, ",\"ts\":%lld,\"data\":", (long long)ts);
+		hub_buf_puts(&feed, ",\"ts\":");
+		hub_buf_i64(&feed, ts);
+		hub_buf_puts(&feed, ",\"data\":");
 		hub_buf_append(&feed, vals.data + s->data_off, s->data_len);
 		hub_buf_puts(&feed, "}");
 	}
