@@ -390,7 +390,10 @@ static void rconn_drop(struct rconn *rc, const char *why)
 		set_state(rc, RC_DOWN);
 		return;
 	}
-	hub_warn("redis %s: dropping connection: %s", rc->name, why);
+	if (rc->r->stopping)
+		hub_info("redis %s: closing: %s", rc->name, why);
+	else
+		hub_warn("redis %s: dropping connection: %s", rc->name, why);
 	rc->ac = NULL;
 	ac->data = NULL; /* on_disconnect must not reschedule */
 	set_state(rc, RC_DOWN);

@@ -81,84 +81,8 @@ void hub_registry_init(struct hub *hub)
 	script_seen = hub_redis_add_script(hub->redis, seen_lua);
 }
 
-void hub_registry_seen(struct hub *hub, int64_t now_ms,
-		       const char *const *devices, size_t n)
-{
-	size_t argc = 4 + n;
-	const char **argv;
-	char now[24];
-
-	if (!n)
-		return;
-	argv = hub_xmalloc(argc * sizeof(*argv));
-	snprintf(now, sizeof(now), "%lld", (long long)now_ms);
-	argv[0] = "EVALSHA";
-	argv[1] = hub_redis_script_sha(hub->redis, script_seen);
-	argv[2] = "0";
-	argv[3] = now;
-	for (size_t i = 0; i < n; i++)
-		argv[4 + i] = devices[i];
-	hub_redis_command_argv(hub->redis, NULL, NULL, (int)argc, argv, NULL);
-	free(argv);
-}
-
-int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
-			  const struct hub_announce_item *items, size_t n,
-			  hub_redis_cb cb, void *arg)
-{
-	size_t argc = 8 + 3 * n;
-	const char **argv = hub_xmalloc(argc * sizeof(*argv));
-	size_t *lens = hub_xmalloc(argc * sizeof(*lens));
-	char now[24], count[24];
-	int rc;
-
-	snprintf(now, sizeof(now), "%lld", (long long)hub_now_ms());
-	snprintf(count, sizeof(count), "%zu", n);
-	argv[0] = "EVALSHA";
-	argv[1] = hub_redis_script_sha(hub->redis, script_announce);
-	argv[2] = "0";
-	argv[3] = gateway;
-	argv[4] = conn;
-	argv[5] = hub->instance_id;
-	argv[6] = now;
-	argv[7] = count;
-	for (size_t i = 0; i < 8; i++)
-		lens[i] = strlen(argv[i]);
-	for (size_t i = 0; i < n; i++) {
-		argv[8 + 3 * i] = items[i].device;
-		lens[8 + 3 * i] = strlen(items[i].device);
-		argv[9 + 3 * i] = items[i].type;
-		lens[9 + 3 * i] = strlen(items[i].type);
-		argv[10 + 3 * i] = items[i].labels;
-		lens[10 + 3 * i] = items[i].labels_len;
-	}
-	rc = hub_redis_command_argv(hub->redis, cb, arg, (int)argc, argv, lens);
-	free(argv);
-	free(lens);
-	return rc;
-}
-
-void hub_registry_offline(struct hub *hub, const char *conn,
-			  const char *const *devices, size_t n)
-{
-	size_t argc = 5 + n;
-	const char **argv = hub_xmalloc(argc * sizeof(*argv));
-	char now[24];
-
-	snprintf(now, sizeof(now), "%lld", (long long)hub_now_ms());
-	argv[0] = "EVALSHA";
-	argv[1] = hub_redis_script_sha(hub->redis, script_offline);
-	argv[2] = "0";
-	argv[3] = conn;
-	argv[4] = now;
-	for (size_t i = 0; i < n; i++)
-		argv[5 + i] = devices[i];
-	hub_redis_command_argv(hub->redis, NULL, NULL, (int)argc, argv, NULL);
-	free(argv);
-}
-
 /* ---- RESP built in place -------------------------------------------------
- * The store command is formatted here into one reused buffer (the loop is
+ * Every script call is formatted here into one reused buffer (the loop is
  * single-threaded) and queued as is: hiredis's argv formatting costs an
  * allocation and a printf-style pass per argument, about an eighth of the
  * hub's instructions per frame. */
@@ -218,18 +142,73 @@ static void resp_int(int64_t v)
 	resp_arg(num, fmt_i64(num, v));
 }
 
+/* Starts EVALSHA <script> <nkeys> followed by nargs more arguments. */
+static void resp_eval(struct hub *hub, int script, int nkeys, size_t nargs)
+{
+	resp_head(3 + nargs);
+	resp_arg("EVALSHA", 7);
+	resp_arg(hub_redis_script_sha(hub->redis, script), 40);
+	resp_int(nkeys);
+}
+
+static int resp_send(struct hub *hub, hub_redis_cb cb, void *arg)
+{
+	int rc = hub_redis_command_formatted(hub->redis, cb, arg, resp.data, resp.len);
+
+	if (resp.cap > 256 * 1024)
+		hub_buf_free(&resp); /* keep a huge command's buffer no longer */
+	return rc;
+}
+
+void hub_registry_seen(struct hub *hub, int64_t now_ms,
+		       const char *const *devices, size_t n)
+{
+	if (!n)
+		return;
+	resp_eval(hub, script_seen, 0, 1 + n);
+	resp_int(now_ms);
+	for (size_t i = 0; i < n; i++)
+		resp_str(devices[i]);
+	resp_send(hub, NULL, NULL);
+}
+
+int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
+			  const struct hub_announce_item *items, size_t n,
+			  hub_redis_cb cb, void *arg)
+{
+	resp_eval(hub, script_announce, 0, 5 + 3 * n);
+	resp_str(gateway);
+	resp_str(conn);
+	resp_str(hub->instance_id);
+	resp_int(hub_now_ms());
+	resp_int((int64_t)n);
+	for (size_t i = 0; i < n; i++) {
+		resp_str(items[i].device);
+		resp_str(items[i].type);
+		resp_arg(items[i].labels, items[i].labels_len);
+	}
+	return resp_send(hub, cb, arg);
+}
+
+void hub_registry_offline(struct hub *hub, const char *conn,
+			  const char *const *devices, size_t n)
+{
+	resp_eval(hub, script_offline, 0, 2 + n);
+	resp_str(conn);
+	resp_int(hub_now_ms());
+	for (size_t i = 0; i < n; i++)
+		resp_str(devices[i]);
+	resp_send(hub, NULL, NULL);
+}
+
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *feed, size_t feed_len,
 		    hub_redis_cb cb, void *arg)
 {
 	size_t glen = strlen(gateway);
-	int rc;
 
-	resp_head(13 + 3 * n);
-	resp_arg("EVALSHA", 7);
-	resp_arg(hub_redis_script_sha(hub->redis, script_store), 40);
-	resp_arg("2", 1);
+	resp_eval(hub, script_store, 2, 10 + 3 * n);
 	/* KEYS[1] = iot:gw:<gateway>:seqs */
 	hub_buf_reserve(&resp, glen + 48);
 	resp.data[resp.len++] = '$';
@@ -254,8 +233,5 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		resp_arg(r[i].ts, r[i].ts_len);
 		resp_arg(r[i].data, r[i].data_len);
 	}
-	rc = hub_redis_command_formatted(hub->redis, cb, arg, resp.data, resp.len);
-	if (resp.cap > 256 * 1024)
-		hub_buf_free(&resp); /* keep a huge frame's buffer no longer */
-	return rc;
+	return resp_send(hub, cb, arg);
 }

@@ -45,7 +45,6 @@
 
 #include <arpa/inet.h>
 #include <ctype.h>
-#include <dlfcn.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -2816,14 +2815,8 @@ fail:
  * instead of a process spawn per gateway. Header {"alg":"HS256","typ":"JWT"},
  * claims sub, iat, exp = iat + --ttl, devices (--jwt-devices, default ["*"]):
  * what `iot-token jwt --alg HS256` prints.
- *
- * HMAC and EVP_sha256 come from the libcrypto that libwebsockets already
- * loads (it is built with OpenSSL): gw-sim's link line does not name
- * libcrypto, so they are looked up at run time. Once gw-sim links OpenSSL
- * itself (PkgConfig::OPENSSL), the two pointers can be the functions.
+
  */
-typedef __typeof__(HMAC) sim_hmac_fn;
-typedef __typeof__(EVP_sha256) sim_sha256_fn;
 
 static void
 b64url(const unsigned char *in, size_t n, char *out)
@@ -2918,18 +2911,11 @@ static int
 mint_local(void)
 {
 	static const char hdr[] = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
-	sim_hmac_fn *hmac = (sim_hmac_fn *)dlsym(RTLD_DEFAULT, "HMAC");
-	sim_sha256_fn *sha256 = (sim_sha256_fn *)dlsym(RTLD_DEFAULT, "EVP_sha256");
 	int64_t t0 = mono_us(), iat = (int64_t)time(NULL), exp = iat + (int64_t)g.cfg.ttl;
 	size_t klen;
 	unsigned char *key;
 	unsigned i;
 
-	if (!hmac || !sha256) {
-		fprintf(stderr, "gw-sim: --jwt-secret: libcrypto's HMAC is not "
-			"loaded (libwebsockets built without OpenSSL?)\n");
-		return -1;
-	}
 	key = read_secret(g.cfg.jwt_secret, &klen);
 	for (i = 0; i < g.cfg.gateways; i++) {
 		struct gw *gw = &g.gws[i];
@@ -2955,7 +2941,7 @@ mint_local(void)
 		b64url((const unsigned char *)body, blen, a + n);
 		free(body);
 		n += strlen(a + n);
-		if (!hmac(sha256(), key, (int)klen, (const unsigned char *)a + 7,
+		if (!HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)a + 7,
 			  n - 7, mac, &maclen)) {
 			fprintf(stderr, "gw-sim: --jwt-secret: HMAC failed\n");
 			free(a);

@@ -185,6 +185,24 @@ static void test_json_str_utf8(void **state)
 	hub_buf_free(&b);
 }
 
+static void test_buf_i64(void **state)
+{
+	hub_buf b = { 0 };
+
+	(void)state;
+	hub_buf_i64(&b, 0);
+	hub_buf_puts(&b, ",");
+	hub_buf_i64(&b, 1732345678123LL);
+	hub_buf_puts(&b, ",");
+	hub_buf_i64(&b, -42);
+	hub_buf_puts(&b, ",");
+	hub_buf_i64(&b, INT64_MIN);
+	hub_buf_puts(&b, ",");
+	hub_buf_i64(&b, INT64_MAX);
+	assert_string_equal(b.data, "0,1732345678123,-42,-9223372036854775808,9223372036854775807");
+	hub_buf_free(&b);
+}
+
 static void test_command_ack(void **state)
 {
 	gw_msg m;
@@ -215,6 +233,7 @@ int main(void)
 		cmocka_unit_test(test_announce_parse),
 		cmocka_unit_test(test_error_writer),
 		cmocka_unit_test(test_json_str_utf8),
+		cmocka_unit_test(test_buf_i64),
 		cmocka_unit_test(test_command_ack),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
