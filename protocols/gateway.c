@@ -555,8 +555,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		hub_buf_json_str(&acc, a.device, a.device_len);
 		nacc++;
 	}
-	for (size_t i = 0; i < n - nacc; i++)
-		hub->metrics.devices_rejected_total++;
+	hub->metrics.devices_rejected_total += n - nacc;
 
 	hub_buf_puts(&r->rejected, "{\"type\":\"announced\",\"accepted\":[");
 	if (acc.len)
