@@ -76,19 +76,29 @@ static int respond_error(struct lws *wsi, struct http_pss *pss, unsigned status,
 	return respond(wsi, pss, status, "application/json");
 }
 
+/* Writes n body bytes at offset off of b (which starts with LWS_PRE bytes of
+ * headroom). lws_write needs LWS_PRE writable bytes before the data it
+ * sends: the bytes already sent there are saved and put back. Returns 0 or
+ * -1 on a failed write. */
+static int write_slice(struct lws *wsi, hub_buf *b, size_t off, size_t n, bool last)
+{
+	unsigned char *at = (unsigned char *)b->data + LWS_PRE + off;
+	unsigned char save[LWS_PRE];
+	int w;
+
+	memcpy(save, at - LWS_PRE, LWS_PRE);
+	w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
+	memcpy(at - LWS_PRE, save, LWS_PRE);
+	return w < (int)n ? -1 : 0;
+}
+
 static int write_body(struct lws *wsi, struct http_pss *pss)
 {
 	size_t blen = pss->body.len - LWS_PRE, left = blen - pss->sent;
 	size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
 	bool last = n == left;
 
-	/* lws_write needs LWS_PRE writable bytes before the data it sends. */
-	unsigned char *at = (unsigned char *)pss->body.data + LWS_PRE + pss->sent;
-	unsigned char save[LWS_PRE];
-	memcpy(save, at - LWS_PRE, LWS_PRE);
-	int w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
-	memcpy(at - LWS_PRE, save, LWS_PRE);
-	if (w < (int)n)
+	if (write_slice(wsi, &pss->body, pss->sent, n, last))
 		return -1;
 	pss->sent += n;
 	if (!last) {
@@ -334,12 +344,7 @@ static int req_writeable(struct lws *wsi, struct http_pss *pss)
 	if (left) {
 		size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
 		bool last = n == left && rq->final;
-		unsigned char *at = (unsigned char *)rq->out.data + LWS_PRE + rq->sent;
-		unsigned char save[LWS_PRE];
-		memcpy(save, at - LWS_PRE, LWS_PRE);
-		int w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
-		memcpy(at - LWS_PRE, save, LWS_PRE);
-		if (w < (int)n)
+		if (write_slice(wsi, &rq->out, rq->sent, n, last))
 			return -1;
 		rq->sent += n;
 		if (rq->chunked)

@@ -89,30 +89,12 @@ void hub_registry_init(struct hub *hub)
 
 static hub_buf resp;
 
-/* Decimal text of v into out (at least 21 bytes); returns its length. */
-static size_t fmt_i64(char *out, int64_t v)
-{
-	char tmp[24];
-	size_t n = 0, k = 0;
-	uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
-
-	do {
-		tmp[n++] = (char)('0' + u % 10);
-		u /= 10;
-	} while (u);
-	if (v < 0)
-		out[k++] = '-';
-	while (n)
-		out[k++] = tmp[--n];
-	return k;
-}
-
 static void resp_head(size_t argc)
 {
 	resp.len = 0;
 	hub_buf_reserve(&resp, 32);
 	resp.data[resp.len++] = '*';
-	resp.len += fmt_i64(resp.data + resp.len, (int64_t)argc);
+	resp.len += hub_fmt_i64(resp.data + resp.len, (int64_t)argc);
 	resp.data[resp.len++] = '\r';
 	resp.data[resp.len++] = '\n';
 }
@@ -121,7 +103,7 @@ static void resp_arg(const char *p, size_t n)
 {
 	hub_buf_reserve(&resp, n + 32);
 	resp.data[resp.len++] = '$';
-	resp.len += fmt_i64(resp.data + resp.len, (int64_t)n);
+	resp.len += hub_fmt_i64(resp.data + resp.len, (int64_t)n);
 	resp.data[resp.len++] = '\r';
 	resp.data[resp.len++] = '\n';
 	memcpy(resp.data + resp.len, p, n);
@@ -139,7 +121,7 @@ static void resp_int(int64_t v)
 {
 	char num[24];
 
-	resp_arg(num, fmt_i64(num, v));
+	resp_arg(num, hub_fmt_i64(num, v));
 }
 
 /* Starts EVALSHA <script> <nkeys> followed by nargs more arguments. */
@@ -212,7 +194,7 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 	/* KEYS[1] = iot:gw:<gateway>:seqs */
 	hub_buf_reserve(&resp, glen + 48);
 	resp.data[resp.len++] = '$';
-	resp.len += fmt_i64(resp.data + resp.len, (int64_t)(glen + 12));
+	resp.len += hub_fmt_i64(resp.data + resp.len, (int64_t)(glen + 12));
 	memcpy(resp.data + resp.len, "\r\niot:gw:", 9);
 	resp.len += 9;
 	memcpy(resp.data + resp.len, gateway, glen);

@@ -112,10 +112,10 @@ void hub_buf_puts(hub_buf *b, const char *s)
 	hub_buf_append(b, s, strlen(s));
 }
 
-void hub_buf_i64(hub_buf *b, int64_t v)
+size_t hub_fmt_i64(char *out, int64_t v)
 {
 	char tmp[24];
-	size_t n = 0;
+	size_t n = 0, k = 0;
 	uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
 
 	do {
@@ -123,10 +123,16 @@ void hub_buf_i64(hub_buf *b, int64_t v)
 		u /= 10;
 	} while (u);
 	if (v < 0)
-		tmp[n++] = '-';
-	hub_buf_reserve(b, n);
+		out[k++] = '-';
 	while (n)
-		b->data[b->len++] = tmp[--n];
+		out[k++] = tmp[--n];
+	return k;
+}
+
+void hub_buf_i64(hub_buf *b, int64_t v)
+{
+	hub_buf_reserve(b, 21);
+	b->len += hub_fmt_i64(b->data + b->len, v);
 	b->data[b->len] = '\0';
 }
 

@@ -33,6 +33,8 @@ void hub_buf_printf(hub_buf *b, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 /* Appends the decimal text of v (no printf: it is on the per-frame path). */
 void hub_buf_i64(hub_buf *b, int64_t v);
+/* Decimal text of v into out (room for 21 bytes; no NUL); returns its length. */
+size_t hub_fmt_i64(char *out, int64_t v);
 /* Appends s[0..n) as a JSON string literal, quotes included. */
 void hub_buf_json_str(hub_buf *b, const char *s, size_t n);
 void hub_buf_free(hub_buf *b);
