@@ -329,13 +329,15 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
 			continue;
 		}
-		if (!auth_patterns_match(&c->who.devices, rd.device)) {
+		/* An announced device passed this connection's token patterns at
+		 * announce; only an unknown one needs them, to pick the code. */
+		d = hub_strmap_get(&c->devices, rd.device, rd.device_len);
+		if (!d && !auth_patterns_match(&c->who.devices, rd.device)) {
 			reject(&r->rejected, i, &rd, HUB_REJ_UNAUTHORIZED_DEVICE);
 			hub_buf_puts(&r->rejected, ",\"message\":\"device not allowed by the token's devices claim\"}");
 			hub->metrics.readings_rejected[HUB_REJ_UNAUTHORIZED_DEVICE]++;
 			continue;
 		}
-		d = hub_strmap_get(&c->devices, rd.device, rd.device_len);
 		if (!d) {
 			reject(&r->rejected, i, &rd, HUB_REJ_UNKNOWN_DEVICE);
 			hub_buf_puts(&r->rejected, ",\"message\":\"device not announced on this connection\"}");
