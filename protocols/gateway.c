@@ -594,18 +594,9 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 	struct hub *hub = c->hub;
 	char why[160];
 	gw_msg msg;
-	size_t max_items = (size_t)(hub->cfg.max_readings_per_frame >
-				    hub->cfg.max_devices_per_gateway ?
-				    hub->cfg.max_readings_per_frame :
-				    hub->cfg.max_devices_per_gateway);
-	int rc = gw_msg_parse(buf, len, max_items, &msg, why, sizeof(why));
+	int rc = gw_msg_parse(buf, len, (size_t)hub->cfg.max_readings_per_frame,
+			      (size_t)hub->cfg.max_devices_per_gateway, &msg, why, sizeof(why));
 
-	if (rc == GW_OK && msg.type == GW_MSG_TELEMETRY &&
-	    json_array_size(msg.items) > (size_t)hub->cfg.max_readings_per_frame) {
-		snprintf(why, sizeof(why), "too many readings: %zu > max-readings-per-frame %d",
-			 json_array_size(msg.items), hub->cfg.max_readings_per_frame);
-		rc = GW_ERR_BAD_MESSAGE;
-	}
 	if (rc == GW_ERR_BAD_JSON) {
 		hub->metrics.frames[HUB_FRAME_BAD_JSON]++;
 		queue_error(c, "bad_json", -1, -1, why);

@@ -12,8 +12,25 @@ static bool json_int64(const json_t *v, int64_t *out)
 	return true;
 }
 
-int gw_msg_parse(const char *buf, size_t len, size_t max_items, gw_msg *msg,
-		 char *why, size_t whylen)
+/* msg->items = root[field], which must be an array of at most max entries. */
+static int take_items(gw_msg *msg, const char *field, size_t max,
+		      const char *limit_name, char *why, size_t whylen)
+{
+	msg->items = json_object_get(msg->root, field);
+	if (!json_is_array(msg->items)) {
+		snprintf(why, whylen, "\"%s\" must be an array", field);
+		return GW_ERR_BAD_MESSAGE;
+	}
+	if (json_array_size(msg->items) > max) {
+		snprintf(why, whylen, "too many %s: %zu > %s %zu", field,
+			 json_array_size(msg->items), limit_name, max);
+		return GW_ERR_BAD_MESSAGE;
+	}
+	return GW_OK;
+}
+
+int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
+		 size_t max_devices, gw_msg *msg, char *why, size_t whylen)
 {
 	json_error_t jerr;
 	json_t *root, *t;
@@ -46,31 +63,13 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_items, gw_msg *msg,
 			snprintf(why, whylen, "\"seq\" must be a non-negative integer");
 			return GW_ERR_BAD_MESSAGE;
 		}
-		msg->items = json_object_get(root, "readings");
-		if (!json_is_array(msg->items)) {
-			snprintf(why, whylen, "\"readings\" must be an array");
-			return GW_ERR_BAD_MESSAGE;
-		}
-		if (json_array_size(msg->items) > max_items) {
-			snprintf(why, whylen, "too many readings: %zu > %zu per frame",
-				 json_array_size(msg->items), max_items);
-			return GW_ERR_BAD_MESSAGE;
-		}
-		return GW_OK;
+		return take_items(msg, "readings", max_readings,
+				  "max-readings-per-frame", why, whylen);
 	}
 	if (!strcmp(type, "announce")) {
 		msg->type = GW_MSG_ANNOUNCE;
-		msg->items = json_object_get(root, "devices");
-		if (!json_is_array(msg->items)) {
-			snprintf(why, whylen, "\"devices\" must be an array");
-			return GW_ERR_BAD_MESSAGE;
-		}
-		if (json_array_size(msg->items) > max_items) {
-			snprintf(why, whylen, "too many devices: %zu > %zu per announce",
-				 json_array_size(msg->items), max_items);
-			return GW_ERR_BAD_MESSAGE;
-		}
-		return GW_OK;
+		return take_items(msg, "devices", max_devices,
+				  "max-devices-per-gateway", why, whylen);
 	}
 	if (!strcmp(type, "command_ack")) {
 		msg->type = GW_MSG_COMMAND_ACK;

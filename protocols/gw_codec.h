@@ -35,10 +35,10 @@ typedef struct gw_msg {
 
 /* Parses one text frame. On GW_OK fills *msg (caller gw_msg_clear()s it).
  * On error writes a short reason to why; msg->has_seq/seq still tell the seq
- * of a bad telemetry frame so the error can name it. max_items caps readings
- * per frame and devices per announce. */
-int gw_msg_parse(const char *buf, size_t len, size_t max_items, gw_msg *msg,
-		 char *why, size_t whylen);
+ * of a bad telemetry frame so the error can name it. max_readings caps
+ * readings per telemetry frame, max_devices devices per announce. */
+int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
+		 size_t max_devices, gw_msg *msg, char *why, size_t whylen);
 
 /* Releases msg->root. NULL-safe, idempotent. */
 void gw_msg_clear(gw_msg *msg);

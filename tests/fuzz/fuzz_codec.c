@@ -15,7 +15,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	char why[160];
 	gw_msg msg;
 	hub_buf out = { 0 };
-	int rc = gw_msg_parse((const char *)data, size, 1000, &msg, why, sizeof(why));
+	int rc = gw_msg_parse((const char *)data, size, 1000, 1000, &msg, why,
+			      sizeof(why));
 
 	if (rc == GW_OK && msg.type == GW_MSG_TELEMETRY) {
 		for (size_t i = 0; i < json_array_size(msg.items); i++) {

@@ -11,7 +11,7 @@
 
 static int parse(const char *s, gw_msg *m, char *why)
 {
-	return gw_msg_parse(s, strlen(s), 10, m, why, 160);
+	return gw_msg_parse(s, strlen(s), 10, 3, m, why, 160);
 }
 
 static void test_telemetry_ok(void **state)
@@ -41,7 +41,7 @@ static void test_bad_json(void **state)
 	assert_int_equal(parse("[1,2]", &m, why), GW_ERR_BAD_JSON);
 	assert_int_equal(parse("{\"a\":1,\"a\":2}", &m, why), GW_ERR_BAD_JSON);
 	/* Not NUL-terminated: only len bytes are read. */
-	assert_int_equal(gw_msg_parse("{\"type\":\"announce\",\"devices\":[]}garbage", 32, 10,
+	assert_int_equal(gw_msg_parse("{\"type\":\"announce\",\"devices\":[]}garbage", 32, 10, 3,
 				      &m, why, sizeof(why)), GW_OK);
 	gw_msg_clear(&m);
 }
@@ -71,7 +71,15 @@ static void test_bad_message(void **state)
 	gw_msg_clear(&m);
 	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":7,\"readings\":[1,2,3,4,5,6,7,8,9,10,11]}",
 			       &m, why), GW_ERR_BAD_MESSAGE);
-	assert_non_null(strstr(why, "too many readings"));
+	assert_string_equal(why, "too many readings: 11 > max-readings-per-frame 10");
+	gw_msg_clear(&m);
+	/* Each kind has its own limit. */
+	assert_int_equal(parse("{\"type\":\"announce\",\"devices\":[1,2,3,4]}", &m, why),
+			 GW_ERR_BAD_MESSAGE);
+	assert_string_equal(why, "too many devices: 4 > max-devices-per-gateway 3");
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1,\"readings\":[1,2,3,4]}", &m, why),
+			 GW_OK);
 	gw_msg_clear(&m);
 	assert_int_equal(parse("{\"type\":\"announce\",\"devices\":\"x\"}", &m, why), GW_ERR_BAD_MESSAGE);
 	gw_msg_clear(&m);
