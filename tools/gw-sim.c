@@ -91,15 +91,6 @@ mono_us(void)
 }
 
 static int64_t
-wall_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t
 wall_us(void)
 {
 	struct timespec ts;
@@ -320,6 +311,7 @@ struct sim_cfg {
 	double stats_interval;
 	double ack_timeout;  /* s; 0 = wait for acks forever */
 	double warmup;       /* s; frames sent earlier stay out of latency_us */
+	const char *stamp_field; /* data field set to wall-clock µs at generation */
 	int json_summary;
 	int idle;
 
@@ -775,7 +767,10 @@ gw_can_generate(const struct gw *gw)
 static size_t
 frame_bound(void)
 {
-	return 64 + (size_t)g.cfg.batch * SIM_READING_MAX;
+	/* --stamp-field adds ,"NAME":<up to 20 digits> to each reading */
+	size_t stamp = g.cfg.stamp_field ? strlen(g.cfg.stamp_field) + 24 : 0;
+
+	return 64 + (size_t)g.cfg.batch * (SIM_READING_MAX + stamp);
 }
 
 /* build the next telemetry frame into a free slot: random-walk thermostat data */
@@ -784,7 +779,7 @@ gw_generate(struct gw *gw)
 {
 	uint64_t seq = gw->next_seq++;
 	struct frame_slot *fs = &gw->win[seq % g.cfg.inflight];
-	int64_t ts = wall_ms();
+	int64_t now_us = wall_us(), ts = now_us / 1000;
 	size_t cap = frame_bound(), off;
 	unsigned r;
 
@@ -818,8 +813,12 @@ gw_generate(struct gw *gw)
 		}
 		off += (size_t)snprintf(fs->buf + off, cap - off,
 			"%s{\"device\":\"%s-d%u\",\"ts\":%" PRId64 ",\"data\":"
-			"{\"temperature\":%.2f,\"humidity\":%.2f}}",
+			"{\"temperature\":%.2f,\"humidity\":%.2f",
 			r ? "," : "", gw->id, d, ts, temp, (double)*h);
+		if (g.cfg.stamp_field)   /* the same instant as ts, in µs */
+			off += (size_t)snprintf(fs->buf + off, cap - off,
+				",\"%s\":%" PRId64, g.cfg.stamp_field, now_us);
+		off += (size_t)snprintf(fs->buf + off, cap - off, "}}");
 	}
 	off += (size_t)snprintf(fs->buf + off, cap - off, "]}");
 	if (off >= cap) {   /* cannot happen: frame_bound() is an upper bound */
@@ -2312,6 +2311,9 @@ usage(FILE *f)
 "  --ack-timeout S      reconnect when a frame waits S s for its ack (default 30,\n"
 "                       0 = wait forever)\n"
 "  --bad-ratio X        fraction of readings made invalid (temperature 500)\n"
+"  --stamp-field NAME   also put NAME: wall-clock Unix microseconds at generation\n"
+"                       in every reading's data (the device type must allow it,\n"
+"                       e.g. bench/device-types/bench.json: sent_us)\n"
 "  --idle               connect and announce, then send no telemetry\n"
 "  --seq-start N        first seq of gateway 0; gateway i starts at N + i*1e9\n"
 "                       (default N: Unix time in microseconds, so a restarted\n"
@@ -2479,7 +2481,7 @@ parse_args(int argc, char **argv)
 		O_INFLIGHT, O_DURATION, O_FRAMES, O_BAD, O_CRATE, O_STATS, O_JSON,
 		O_IDLE, O_CMD_DELAY, O_CMD_FAIL, O_CMD_IGNORE, O_CMD_REJECT, O_SRC,
 		O_MAXFRAME, O_SEQSTART, O_SEED, O_ACKTO, O_JWT_SECRET, O_JWT_DEVICES,
-		O_TTL, O_WARMUP,
+		O_TTL, O_WARMUP, O_STAMP,
 	};
 	static const struct option opts[] = {
 		{ "url", required_argument, NULL, O_URL },
@@ -2489,6 +2491,7 @@ parse_args(int argc, char **argv)
 		{ "jwt-devices", required_argument, NULL, O_JWT_DEVICES },
 		{ "ttl", required_argument, NULL, O_TTL },
 		{ "warmup", required_argument, NULL, O_WARMUP },
+		{ "stamp-field", required_argument, NULL, O_STAMP },
 		{ "ca", required_argument, NULL, O_CA },
 		{ "cert", required_argument, NULL, O_CERT },
 		{ "key", required_argument, NULL, O_KEY },
@@ -2549,6 +2552,7 @@ parse_args(int argc, char **argv)
 		case O_WARMUP:
 			c->warmup = parse_double("--warmup", optarg, 0, 1e6);
 			break;
+		case O_STAMP: c->stamp_field = optarg; break;
 		case O_TTL:
 			c->ttl = parse_u64("--ttl", optarg, 1, 10ull * 366 * 24 * 3600);
 			break;
@@ -2661,6 +2665,19 @@ parse_args(int argc, char **argv)
 	if (!id_ok(c->gw_prefix, SIM_ID_MAX - 24))
 		die_flag("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, "
 			 "got '%s'", c->gw_prefix);
+	if (c->stamp_field) {
+		const char *q = c->stamp_field;
+
+		while (*q && (isalnum((unsigned char)*q) || *q == '_'))
+			q++;
+		if (!*c->stamp_field || *q || q - c->stamp_field > 64)
+			die_flag("--stamp-field: must match [A-Za-z0-9_]{1,64}, "
+				 "got '%s'", c->stamp_field);
+		if (!strcmp(c->stamp_field, "temperature") ||
+		    !strcmp(c->stamp_field, "humidity"))
+			die_flag("--stamp-field: '%s' is already in every reading",
+				 c->stamp_field);
+	}
 	if (!*c->device_type || strlen(c->device_type) > SIM_ID_MAX)
 		die_flag("--device-type: 1 to %u characters", SIM_ID_MAX);
 	if (c->rate > 0 && c->rate / c->batch > 1e6)

@@ -1,0 +1,1520 @@
+/*
+ * dash-sub: dashboard-subscriber load client for iot-hub (the dashboard side of
+ * CONTRACT.md §3, docs/dashboard.md), for the fan-out benchmark (bench/fanout.sh).
+ *
+ * One process, one thread, one lws client context on the libev backend (like
+ * gw-sim). It opens N WebSocket connections to /v1/stream (subprotocol
+ * iot-dashboard.v1), authenticates each with an API key (Authorization header,
+ * or a first `auth` message), sends one `subscribe` per connection, and counts
+ * what arrives: `reading`s, `gap`s and their `dropped` counts, other messages,
+ * errors. For each reading it computes the delivery latency
+ *     now (wall clock, µs) - the send stamp in data.<--stamp-field>
+ * (gw-sim --stamp-field puts the wall-clock µs at which it generated the reading
+ * there), falling back to the reading's `ts` (ms) when the field is absent, into a
+ * log-bucketed histogram. After --duration seconds it closes every connection and
+ * prints one JSON line; readings received in the first --warmup seconds are
+ * counted apart and stay out of the rates and latencies.
+ *
+ * Messages are not parsed as JSON: the type, the stamp and `dropped` are found
+ * with short memmem() scans (the hub's messages are compact, and in JSON text an
+ * unescaped `"key":` can only be a key), so the client costs little per message.
+ *
+ * It connects to loopback addresses only. No reconnects: a connection that fails
+ * or is closed by the hub is counted and stays closed (a benchmark result, not
+ * something to hide).
+ *
+ * lws 4.1.6 rules followed here (see gw-sim.c for how each was found):
+ *  - CLIENT_RECEIVE always returns 0 (non-zero leaves the client parser's rx
+ *    buffer position un-reset, and the next bytes overflow it); connections are
+ *    closed from CLIENT_WRITEABLE.
+ *  - lws_write() masks client payload in place: messages are built into the
+ *    LWS_PRE-headed scratch buffer right before each write.
+ *  - The libev glue re-arms its timer wrongly after socket events: a 10 ms
+ *    heartbeat sul keeps every timer within ~10 ms of its due time, and the
+ *    first timers are kicked with lws_cancel_service().
+ *  - WSI_DESTROY reaches protocols[0] once per wsi, also for connects that failed
+ *    inside lws_client_connect_via_info(): the one "connection gone" hook.
+ */
+
+#define _GNU_SOURCE
+#include <libwebsockets.h>
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DS_SUBPROTOCOL   "iot-dashboard.v1"
+#define DS_HEARTBEAT_US  10000     /* bound on lws 4.1.6 + libev timer lateness */
+#define DS_CLOSE_GRACE_US 2000000  /* wait this long for closing handshakes */
+#define DS_TYPE_SCAN     160       /* "type" is looked for in the first bytes */
+#define DS_ERRCODES_MAX  16
+#define DS_PIDS_MAX      8
+
+/* ------------------------------------------------------------------------ */
+/* clocks, logging, allocation                                                */
+
+static int64_t
+mono_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int64_t
+wall_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+enum { LOG_ERR, LOG_WARN, LOG_INFO, LOG_DEBUG };
+static int g_log_level = LOG_WARN;
+static int64_t g_t0;
+
+static void ds_log(int lvl, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* lines other than errors: at most 20 per second (1,000 connections failing
+ * at once must not flood stderr) */
+static void
+ds_log(int lvl, const char *fmt, ...)
+{
+	static const char *names[] = { "error", "warn", "info", "debug" };
+	static int64_t win;
+	static unsigned lines, dropped;
+	int64_t now = mono_us();
+	va_list ap;
+
+	if (lvl > LOG_ERR) {
+		if (now - win >= 1000000) {
+			if (dropped)
+				fprintf(stderr, "[%8.3f] warn: %u log lines "
+					"suppressed\n", (double)(now - g_t0) / 1e6,
+					dropped);
+			win = now;
+			lines = 0;
+			dropped = 0;
+		}
+		if (++lines > 20) {
+			dropped++;
+			return;
+		}
+	}
+	fprintf(stderr, "[%8.3f] %s: ", (double)(now - g_t0) / 1e6, names[lvl]);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+#define LOG(lvl, ...) do { if ((lvl) <= g_log_level) ds_log(lvl, __VA_ARGS__); } \
+	while (0)
+
+static void
+lws_log_emit(int level, const char *line)
+{
+	(void)level;
+	if (g_log_level >= LOG_WARN)
+		fprintf(stderr, "lws: %s", line);
+}
+
+static void *
+xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+
+	if (!p) {
+		fputs("dash-sub: out of memory\n", stderr);
+		abort();
+	}
+	return p;
+}
+
+static void *
+xrealloc(void *o, size_t n)
+{
+	void *p = realloc(o, n ? n : 1);
+
+	if (!p) {
+		fputs("dash-sub: out of memory\n", stderr);
+		abort();
+	}
+	return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* latency histogram: log-linear (HDR style), 128 linear sub-buckets per power */
+/* of two (< 0.8 % relative error), microseconds up to 2^40, fixed arrays      */
+
+#define H_SUB_BITS 7u
+#define H_SUB      (1u << H_SUB_BITS)
+#define H_TOP_EXP  40u
+#define H_N        (H_SUB + (H_TOP_EXP - H_SUB_BITS) * H_SUB)
+
+struct hist {
+	uint64_t n, max;
+	double sum;
+	uint64_t b[H_N];
+};
+
+static unsigned
+h_idx(uint64_t v)
+{
+	unsigned e, sh;
+
+	if (v < H_SUB)
+		return (unsigned)v;
+	e = 63u - (unsigned)__builtin_clzll(v);
+	if (e >= H_TOP_EXP)
+		return H_N - 1;
+	sh = e - H_SUB_BITS;
+	return H_SUB + sh * H_SUB + (unsigned)((v >> sh) - H_SUB);
+}
+
+/* largest value of bucket i */
+static uint64_t
+h_top(unsigned i)
+{
+	unsigned sh, m;
+
+	if (i < H_SUB)
+		return i;
+	sh = (i - H_SUB) / H_SUB;
+	m = (i - H_SUB) % H_SUB + H_SUB;
+	return (((uint64_t)m + 1) << sh) - 1;
+}
+
+static void
+h_add(struct hist *h, uint64_t v)
+{
+	h->b[h_idx(v)]++;
+	h->n++;
+	h->sum += (double)v;
+	if (v > h->max)
+		h->max = v;
+}
+
+static uint64_t
+h_quantile(const struct hist *h, double q)
+{
+	uint64_t rank, seen = 0, v;
+	unsigned i;
+
+	if (!h->n)
+		return 0;
+	rank = (uint64_t)ceil(q * (double)h->n);
+	if (rank < 1)
+		rank = 1;
+	for (i = 0; i < H_N; i++) {
+		seen += h->b[i];
+		if (seen >= rank) {
+			v = h_top(i);
+			return v < h->max ? v : h->max;
+		}
+	}
+	return h->max;
+}
+
+/* ------------------------------------------------------------------------ */
+/* configuration and state                                                    */
+
+struct cfg {
+	const char *url;
+	char *host, *host_hdr, *path;
+	int port;
+	const char *token;
+	int auth_message;       /* token in a first {"type":"auth"} message */
+	unsigned connections;
+	const char *stream;
+	const char *device_type;
+	const char *devices;    /* comma-separated; {i} -> slice index */
+	const char *labels;     /* k=v,... */
+	const char *since;
+	unsigned slices;        /* {i} = connection index mod slices */
+	const char *stamp_field;
+	double duration, warmup, connect_rate, stats_interval;
+	size_t max_msg;
+	int pids[DS_PIDS_MAX];
+	unsigned n_pids;
+};
+
+enum conn_state { C_IDLE, C_CONNECTING, C_AUTHING, C_OPEN, C_SUBSCRIBED,
+		  C_GONE };
+
+struct conn {
+	unsigned idx;
+	struct lws *wsi;
+	enum conn_state state;
+	unsigned sub_sent:1, auth_sent:1, kill:1, rx_discard:1, established:1;
+	int close_code;
+	char *rx;
+	size_t rx_len, rx_cap;
+	uint64_t readings_win;  /* readings received in the window */
+};
+
+struct counters {
+	uint64_t readings, gaps, dropped, other, errors, bad_msgs;
+	uint64_t no_stamp, from_ts, negative;
+};
+
+struct errcode {
+	char name[32];
+	uint64_t n;
+};
+
+static struct {
+	struct cfg c;
+	struct lws_context *ctx;
+	struct conn *conns;
+	unsigned char *tx;
+	size_t tx_cap;
+	size_t stamp_key_len, pad;
+	char stamp_key[80];     /* "NAME": */
+
+	unsigned next_connect;
+	double tokens;
+	int64_t tokens_at;
+
+	unsigned n_live, n_established, n_subscribed, n_sub_failed;
+	unsigned subscribed_at_window, subscribed_at_end;
+	uint64_t connects, connect_failures, auth_failures, disconnects;
+	int closed_codes[8];
+	uint64_t closed_code_n[8];
+	unsigned n_closed_codes;
+
+	struct counters warm, win, iv;   /* before the window, in it, interval */
+	struct hist h_win, h_iv;
+	struct errcode errs[DS_ERRCODES_MAX];
+	unsigned n_errs;
+
+	int64_t start_us, win_start_us, win_end_us, last_stats_us;
+	int in_window, stopping, closing, destroying;
+	volatile sig_atomic_t sig;
+	int sig_seen;
+	long pid_ticks0[DS_PIDS_MAX], pid_ticks1[DS_PIDS_MAX];
+	struct rusage ru0;
+
+	lws_sorted_usec_list_t sul_connect, sul_heartbeat, sul_window, sul_stop,
+			       sul_stats, sul_destroy, sul_signal;
+} g;
+
+/* ------------------------------------------------------------------------ */
+/* message scanning                                                           */
+
+/* value after key (e.g. "\"dropped\":") as a non-negative integer, or -1 */
+static int64_t
+scan_int(const char *m, size_t n, const char *key, size_t klen)
+{
+	const char *p = memmem(m, n, key, klen), *e = m + n;
+	int64_t v = 0;
+	int digits = 0;
+
+	if (!p)
+		return -1;
+	p += klen;
+	while (p < e && *p == ' ')
+		p++;
+	while (p < e && *p >= '0' && *p <= '9' && digits < 19) {
+		v = v * 10 + (*p++ - '0');
+		digits++;
+	}
+	return digits ? v : -1;
+}
+
+/* string value after key (e.g. "\"code\":"): pointer and length, or NULL */
+static const char *
+scan_str(const char *m, size_t n, const char *key, size_t klen, size_t *len)
+{
+	const char *p = memmem(m, n, key, klen), *e = m + n, *q;
+
+	if (!p)
+		return NULL;
+	p += klen;
+	while (p < e && *p == ' ')
+		p++;
+	if (p >= e || *p++ != '"')
+		return NULL;
+	for (q = p; q < e && *q != '"'; q++)
+		if (*q == '\\' && q + 1 < e)
+			q++;
+	if (q >= e)
+		return NULL;
+	*len = (size_t)(q - p);
+	return p;
+}
+
+static void
+count_errcode(const char *code, size_t len)
+{
+	unsigned i;
+
+	if (len >= sizeof(g.errs[0].name))
+		len = sizeof(g.errs[0].name) - 1;
+	for (i = 0; i < g.n_errs; i++)
+		if (strlen(g.errs[i].name) == len &&
+		    !memcmp(g.errs[i].name, code, len)) {
+			g.errs[i].n++;
+			return;
+		}
+	if (g.n_errs == DS_ERRCODES_MAX)
+		i = DS_ERRCODES_MAX - 1;   /* last slot collects the rest */
+	else {
+		i = g.n_errs++;
+		memcpy(g.errs[i].name, code, len);
+		g.errs[i].name[len] = '\0';
+	}
+	g.errs[i].n++;
+}
+
+static struct counters *
+ctr(void)
+{
+	return g.in_window ? &g.win : &g.warm;
+}
+
+static void
+on_reading(struct conn *c, const char *m, size_t n)
+{
+	const char *data = memmem(m, n, "\"data\":", 7);
+	int64_t now = wall_us(), stamp = -1, lat;
+	struct counters *k = ctr();
+
+	k->readings++;
+	g.iv.readings++;
+	if (g.in_window)
+		c->readings_win++;
+	if (data)
+		stamp = scan_int(data, (size_t)(m + n - data), g.stamp_key,
+				 g.stamp_key_len);
+	if (stamp < 0) {
+		/* no stamp: the reading's ts (ms), before "data" */
+		int64_t ts = scan_int(m, data ? (size_t)(data - m) : n, "\"ts\":", 5);
+
+		if (ts < 0) {
+			k->no_stamp++;
+			return;
+		}
+		stamp = ts * 1000;
+		k->from_ts++;
+	}
+	lat = now - stamp;
+	if (lat < 0) {        /* clocks: the stamp is "later" than now */
+		k->negative++;
+		lat = 0;
+	}
+	if (g.in_window)
+		h_add(&g.h_win, (uint64_t)lat);
+	h_add(&g.h_iv, (uint64_t)lat);
+}
+
+static void request_write(struct conn *c);
+
+static void
+handle_msg(struct conn *c, const char *m, size_t n)
+{
+	size_t tl, l;
+	const char *t = scan_str(m, n < DS_TYPE_SCAN ? n : DS_TYPE_SCAN,
+				 "\"type\":", 7, &tl);
+	const char *code;
+
+	if (!t) {
+		ctr()->bad_msgs++;
+		LOG(LOG_WARN, "conn %u: message without a type: %.*s", c->idx,
+		    (int)(n < 120 ? n : 120), m);
+		return;
+	}
+#define IS(s) (tl == sizeof(s) - 1 && !memcmp(t, s, sizeof(s) - 1))
+	if (IS("reading")) {
+		on_reading(c, m, n);
+	} else if (IS("gap")) {
+		int64_t d = scan_int(m, n, "\"dropped\":", 10);
+
+		ctr()->gaps++;
+		g.iv.gaps++;
+		if (d > 0) {
+			ctr()->dropped += (uint64_t)d;
+			g.iv.dropped += (uint64_t)d;
+		}
+	} else if (IS("subscribed")) {
+		if (c->state == C_OPEN) {
+			c->state = C_SUBSCRIBED;
+			g.n_subscribed++;
+		}
+	} else if (IS("authenticated")) {
+		if (c->state == C_AUTHING) {
+			c->state = C_OPEN;
+			request_write(c);
+		}
+	} else if (IS("error")) {
+		ctr()->errors++;
+		code = scan_str(m, n, "\"code\":", 7, &l);
+		if (code)
+			count_errcode(code, l);
+		else
+			count_errcode("(none)", 6);
+		/* an error about our subscription (id "s") */
+		if (c->state == C_OPEN && c->sub_sent &&
+		    (code = scan_str(m, n, "\"id\":", 5, &l)) && l == 1 &&
+		    *code == 's')
+			g.n_sub_failed++;
+		LOG(LOG_WARN, "conn %u: hub error: %.*s", c->idx,
+		    (int)(n < 200 ? n : 200), m);
+	} else {
+		ctr()->other++;
+		g.iv.other++;
+	}
+#undef IS
+}
+
+/* ------------------------------------------------------------------------ */
+/* outgoing messages                                                          */
+
+static void
+ensure_tx(size_t n)
+{
+	if (g.tx_cap >= LWS_PRE + n)
+		return;
+	g.tx_cap = LWS_PRE + n;
+	g.tx = xrealloc(g.tx, g.tx_cap);
+}
+
+/* append s, JSON-escaped, as a string literal; returns new offset */
+static size_t
+put_jstr(char *o, size_t off, size_t cap, const char *s, size_t n)
+{
+	size_t i;
+
+	if (off < cap)
+		o[off] = '"';
+	off++;
+	for (i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+
+		if (ch == '"' || ch == '\\') {
+			if (off + 1 < cap) {
+				o[off] = '\\';
+				o[off + 1] = (char)ch;
+			}
+			off += 2;
+		} else if (ch < 0x20) {
+			if (off + 6 < cap)
+				snprintf(o + off, 7, "\\u%04x", ch);
+			off += 6;
+		} else {
+			if (off < cap)
+				o[off] = (char)ch;
+			off++;
+		}
+	}
+	if (off < cap)
+		o[off] = '"';
+	return off + 1;
+}
+
+static size_t
+put_raw(char *o, size_t off, size_t cap, const char *s)
+{
+	size_t n = strlen(s);
+
+	if (off + n <= cap)
+		memcpy(o + off, s, n);
+	return off + n;
+}
+
+/* one devices pattern with {i} replaced by the connection's slice index,
+ * zero-padded to the width of slices - 1 */
+static size_t
+put_pattern(char *o, size_t off, size_t cap, const char *p, size_t n,
+	    unsigned idx)
+{
+	char buf[512], num[16];
+	size_t k = 0, i = 0;
+	int w = snprintf(num, sizeof(num), "%u", g.c.slices - 1);
+
+	snprintf(num, sizeof(num), "%0*u", w, idx % g.c.slices);
+	while (i < n && k < sizeof(buf) - 16) {
+		if (n - i >= 3 && !memcmp(p + i, "{i}", 3)) {
+			k += (size_t)snprintf(buf + k, sizeof(buf) - k, "%s", num);
+			i += 3;
+		} else
+			buf[k++] = p[i++];
+	}
+	return put_jstr(o, off, cap, buf, k);
+}
+
+/* the subscribe message of connection c into o; returns its length (> cap:
+ * did not fit) */
+static size_t
+build_subscribe(const struct conn *c, char *o, size_t cap)
+{
+	size_t off = 0;
+	int nf = 0;
+
+	off = put_raw(o, off, cap, "{\"type\":\"subscribe\",\"id\":\"s\",\"stream\":");
+	off = put_jstr(o, off, cap, g.c.stream, strlen(g.c.stream));
+	off = put_raw(o, off, cap, ",\"filter\":{");
+	if (g.c.devices) {
+		const char *p = g.c.devices;
+		int first = 1;
+
+		off = put_raw(o, off, cap, "\"devices\":[");
+		for (;;) {
+			const char *e = strchr(p, ',');
+			size_t n = e ? (size_t)(e - p) : strlen(p);
+
+			if (n) {
+				if (!first)
+					off = put_raw(o, off, cap, ",");
+				off = put_pattern(o, off, cap, p, n, c->idx);
+				first = 0;
+			}
+			if (!e)
+				break;
+			p = e + 1;
+		}
+		off = put_raw(o, off, cap, "]");
+		nf++;
+	}
+	if (g.c.device_type) {
+		off = put_raw(o, off, cap, nf ? "," : "");
+		off = put_raw(o, off, cap, "\"device_type\":");
+		off = put_jstr(o, off, cap, g.c.device_type,
+			       strlen(g.c.device_type));
+		nf++;
+	}
+	if (g.c.labels) {
+		const char *p = g.c.labels;
+		int first = 1;
+
+		off = put_raw(o, off, cap, nf ? ",\"labels\":{" : "\"labels\":{");
+		for (;;) {
+			const char *e = strchr(p, ','), *eq;
+			size_t n = e ? (size_t)(e - p) : strlen(p);
+
+			eq = memchr(p, '=', n);
+			if (eq) {
+				if (!first)
+					off = put_raw(o, off, cap, ",");
+				off = put_jstr(o, off, cap, p, (size_t)(eq - p));
+				off = put_raw(o, off, cap, ":");
+				off = put_jstr(o, off, cap, eq + 1,
+					       n - (size_t)(eq - p) - 1);
+				first = 0;
+			}
+			if (!e)
+				break;
+			p = e + 1;
+		}
+		off = put_raw(o, off, cap, "}");
+	}
+	off = put_raw(o, off, cap, "}");
+	if (g.c.since) {
+		off = put_raw(o, off, cap, ",\"since\":");
+		off = put_jstr(o, off, cap, g.c.since, strlen(g.c.since));
+	}
+	off = put_raw(o, off, cap, "}");
+	return off;
+}
+
+static size_t
+build_auth(char *o, size_t cap)
+{
+	size_t off = put_raw(o, 0, cap, "{\"type\":\"auth\",\"token\":");
+
+	off = put_jstr(o, off, cap, g.c.token, strlen(g.c.token));
+	return put_raw(o, off, cap, "}");
+}
+
+/* ------------------------------------------------------------------------ */
+/* connections                                                                */
+
+static void destroy_cb(lws_sorted_usec_list_t *sul);
+
+static void
+request_write(struct conn *c)
+{
+	if (c->wsi && c->established)
+		lws_callback_on_writable(c->wsi);
+}
+
+static void
+close_code_count(int code)
+{
+	unsigned i;
+
+	for (i = 0; i < g.n_closed_codes; i++)
+		if (g.closed_codes[i] == code) {
+			g.closed_code_n[i]++;
+			return;
+		}
+	if (g.n_closed_codes < 8) {
+		g.closed_codes[g.n_closed_codes] = code;
+		g.closed_code_n[g.n_closed_codes++] = 1;
+	}
+}
+
+static void
+conn_gone(struct conn *c)
+{
+	if (c->state == C_GONE || c->state == C_IDLE)
+		return;
+	if (c->state == C_SUBSCRIBED)
+		g.n_subscribed--;
+	if (c->established) {
+		g.n_established--;
+		if (!g.stopping) {
+			g.disconnects++;
+			close_code_count(c->close_code);
+			LOG(LOG_WARN, "conn %u: lost (close code %d)", c->idx,
+			    c->close_code);
+		}
+	}
+	c->state = C_GONE;
+	c->wsi = NULL;
+	c->established = 0;
+	g.n_live--;
+	if (g.stopping && !g.n_live && !g.destroying)
+		lws_sul_schedule(g.ctx, 0, &g.sul_destroy, destroy_cb, 0);
+}
+
+static void
+conn_start(struct conn *c)
+{
+	struct lws_client_connect_info ci;
+
+	memset(&ci, 0, sizeof(ci));
+	ci.context = g.ctx;
+	ci.address = g.c.host;
+	ci.port = g.c.port;
+	ci.path = g.c.path;
+	ci.host = g.c.host_hdr;
+	ci.protocol = DS_SUBPROTOCOL;
+	ci.local_protocol_name = DS_SUBPROTOCOL;
+	ci.opaque_user_data = c;
+	ci.pwsi = &c->wsi;
+	c->state = C_CONNECTING;
+	g.n_live++;
+	if (!lws_client_connect_via_info(&ci) && c->state == C_CONNECTING) {
+		/* lws gave up before any callback */
+		g.connect_failures++;
+		conn_gone(c);
+	}
+}
+
+static void
+connect_cb(lws_sorted_usec_list_t *sul)
+{
+	int64_t now = mono_us();
+	double burst = g.c.connect_rate * 0.02;
+
+	(void)sul;
+	if (g.stopping)
+		return;
+	if (burst < 1)
+		burst = 1;
+	g.tokens += (double)(now - g.tokens_at) * g.c.connect_rate / 1e6;
+	if (g.tokens > burst)
+		g.tokens = burst;
+	g.tokens_at = now;
+	while (g.next_connect < g.c.connections && g.tokens >= 1.0) {
+		g.tokens -= 1.0;
+		conn_start(&g.conns[g.next_connect++]);
+	}
+	if (g.next_connect < g.c.connections)
+		lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_cb, 2000);
+}
+
+static int
+conn_writeable(struct conn *c, struct lws *wsi)
+{
+	size_t len, cap;
+	char *p;
+
+	if (c->kill || g.stopping) {
+		lws_close_reason(wsi, LWS_CLOSE_STATUS_NORMAL,
+				 (unsigned char *)"done", 4);
+		return -1;
+	}
+	if (c->state == C_AUTHING && !c->auth_sent) {
+		cap = strlen(g.c.token) * 2 + 64;
+		ensure_tx(cap);
+		p = (char *)g.tx + LWS_PRE;
+		len = build_auth(p, cap);
+		c->auth_sent = 1;
+	} else if (c->state == C_OPEN && !c->sub_sent) {
+		cap = 256;
+		for (;;) {
+			ensure_tx(cap);
+			p = (char *)g.tx + LWS_PRE;
+			len = build_subscribe(c, p, cap);
+			if (len <= cap)
+				break;
+			cap = len;
+		}
+		c->sub_sent = 1;
+	} else
+		return 0;
+	if (lws_write(wsi, (unsigned char *)p, len, LWS_WRITE_TEXT) < (int)len) {
+		LOG(LOG_WARN, "conn %u: write failed", c->idx);
+		return -1;
+	}
+	return 0;
+}
+
+/* always returns 0 (lws 4.1.6 client parser, see the top) */
+static int
+conn_receive(struct conn *c, struct lws *wsi, const char *in, size_t len)
+{
+	int final = lws_is_final_fragment(wsi);
+
+	if (c->rx_discard) {
+		if (final)
+			c->rx_discard = 0;
+		return 0;
+	}
+	if (!c->rx_len && final) {
+		handle_msg(c, in, len);
+		return 0;
+	}
+	if (c->rx_len + len > g.c.max_msg) {
+		ctr()->bad_msgs++;
+		LOG(LOG_WARN, "conn %u: message over --max-msg, dropped", c->idx);
+		c->rx_len = 0;
+		c->rx_discard = !final;
+		return 0;
+	}
+	if (c->rx_len + len > c->rx_cap) {
+		size_t nc = c->rx_cap ? c->rx_cap : 4096;
+
+		while (nc < c->rx_len + len)
+			nc *= 2;
+		c->rx = xrealloc(c->rx, nc);
+		c->rx_cap = nc;
+	}
+	memcpy(c->rx + c->rx_len, in, len);
+	c->rx_len += len;
+	if (final) {
+		size_t n = c->rx_len;
+
+		c->rx_len = 0;
+		handle_msg(c, c->rx, n);
+	}
+	return 0;
+}
+
+static void signal_cb(lws_sorted_usec_list_t *sul);
+
+static int
+callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
+	 void *in, size_t len)
+{
+	struct conn *c;
+
+	(void)user;
+	if (reason == LWS_CALLBACK_EVENT_WAIT_CANCELLED) {
+		if (g.sig != g.sig_seen && g.ctx && !g.destroying)
+			lws_sul_schedule(g.ctx, 0, &g.sul_signal, signal_cb, 0);
+		return 0;
+	}
+	switch (reason) {
+	case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER:
+	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
+	case LWS_CALLBACK_CLIENT_ESTABLISHED:
+	case LWS_CALLBACK_CLIENT_RECEIVE:
+	case LWS_CALLBACK_CLIENT_WRITEABLE:
+	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+	case LWS_CALLBACK_WSI_DESTROY:
+		break;
+	default:
+		return 0;
+	}
+	c = wsi ? lws_get_opaque_user_data(wsi) : NULL;
+	if (!c || (c->wsi && c->wsi != wsi))
+		return 0;
+
+	switch (reason) {
+	case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER: {
+		unsigned char **p = (unsigned char **)in, *end = *p + len;
+		char auth[2048];
+		int n;
+
+		if (!g.c.token || g.c.auth_message)
+			break;
+		n = snprintf(auth, sizeof(auth), "Bearer %s", g.c.token);
+		if (n >= (int)sizeof(auth) ||
+		    lws_add_http_header_by_name(wsi,
+				(const unsigned char *)"authorization:",
+				(const unsigned char *)auth, n, p, end)) {
+			LOG(LOG_ERR, "token does not fit in the handshake");
+			return -1;
+		}
+		break;
+	}
+	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR: {
+		const char *why = in ? (const char *)in : "unknown";
+
+		g.connect_failures++;
+		if (strstr(why, "401") || strstr(why, "403") ||
+		    strstr(why, "nauthori") || strstr(why, "orbidden"))
+			g.auth_failures++;
+		LOG(LOG_WARN, "conn %u: connection failed: %s", c->idx, why);
+		break;
+	}
+	case LWS_CALLBACK_CLIENT_ESTABLISHED:
+		c->wsi = wsi;
+		c->established = 1;
+		g.n_established++;
+		g.connects++;
+		c->state = g.c.auth_message && g.c.token ? C_AUTHING : C_OPEN;
+		lws_callback_on_writable(wsi);
+		break;
+	case LWS_CALLBACK_CLIENT_RECEIVE:
+		return conn_receive(c, wsi, in, len);
+	case LWS_CALLBACK_CLIENT_WRITEABLE:
+		return conn_writeable(c, wsi);
+	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+		if (len >= 2) {
+			const unsigned char *b = in;
+
+			c->close_code = (b[0] << 8) | b[1];
+		}
+		break;
+	case LWS_CALLBACK_WSI_DESTROY:
+		conn_gone(c);
+		break;
+	default:
+		break;
+	}
+	return 0;
+}
+
+static const struct lws_protocols protocols[] = {
+	{ DS_SUBPROTOCOL, callback, 0, 4096, 0, NULL, 0 },
+	{ NULL, NULL, 0, 0, 0, NULL, 0 }
+};
+
+/* ------------------------------------------------------------------------ */
+/* timers                                                                     */
+
+static long
+pid_ticks(int pid)
+{
+	char path[64], buf[1024], *p;
+	unsigned long ut, st;
+	FILE *f;
+	size_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	p = strrchr(buf, ')');   /* comm may contain spaces */
+	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+			 &ut, &st) != 2)
+		return -1;
+	return (long)(ut + st);
+}
+
+static void
+heartbeat_cb(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	if (!g.destroying)
+		lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb,
+				 DS_HEARTBEAT_US);
+}
+
+static void
+window_cb(lws_sorted_usec_list_t *sul)
+{
+	unsigned i;
+
+	(void)sul;
+	for (i = 0; i < g.c.n_pids; i++)
+		g.pid_ticks0[i] = pid_ticks(g.c.pids[i]);
+	getrusage(RUSAGE_SELF, &g.ru0);
+	g.win_start_us = mono_us();
+	g.in_window = 1;
+	g.subscribed_at_window = g.n_subscribed;
+	LOG(LOG_INFO, "window starts: %u of %u connections subscribed",
+	    g.n_subscribed, g.c.connections);
+}
+
+static void
+print_stats(int64_t now)
+{
+	double dt = (double)(now - g.last_stats_us) / 1e6;
+
+	if (dt <= 0)
+		dt = 1e-9;
+	fprintf(stderr, "[%7.1fs] conn %u/%u subscribed %u | readings %.0f/s | "
+		"gaps %" PRIu64 " dropped %" PRIu64 " | other %" PRIu64
+		" | p50 %.2f p99 %.2f max %.2f ms\n",
+		(double)(now - g.start_us) / 1e6, g.n_established,
+		g.c.connections, g.n_subscribed, (double)g.iv.readings / dt,
+		g.iv.gaps, g.iv.dropped, g.iv.other,
+		(double)h_quantile(&g.h_iv, 0.5) / 1e3,
+		(double)h_quantile(&g.h_iv, 0.99) / 1e3, (double)g.h_iv.max / 1e3);
+	memset(&g.iv, 0, sizeof(g.iv));
+	memset(&g.h_iv, 0, sizeof(g.h_iv));
+	g.last_stats_us = now;
+}
+
+static void
+stats_cb(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	print_stats(mono_us());
+	if (!g.stopping)
+		lws_sul_schedule(g.ctx, 0, &g.sul_stats, stats_cb,
+				 (lws_usec_t)(g.c.stats_interval * 1e6));
+}
+
+static void
+destroy_cb(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	if (g.destroying)
+		return;
+	g.destroying = 1;
+	lws_sul_cancel(&g.sul_connect);
+	lws_sul_cancel(&g.sul_heartbeat);
+	lws_sul_cancel(&g.sul_window);
+	lws_sul_cancel(&g.sul_stop);
+	lws_sul_cancel(&g.sul_stats);
+	lws_sul_cancel(&g.sul_signal);
+	lws_context_destroy(g.ctx);   /* deferred until the loop unwinds */
+}
+
+/* the window ends: freeze the figures, then close every connection */
+static void
+stop_cb(lws_sorted_usec_list_t *sul)
+{
+	unsigned i;
+
+	(void)sul;
+	if (g.stopping)
+		return;
+	if (!g.in_window)
+		window_cb(NULL);   /* stopped before the warmup ended */
+	g.win_end_us = mono_us();
+	g.subscribed_at_end = g.n_subscribed;
+	for (i = 0; i < g.c.n_pids; i++)
+		g.pid_ticks1[i] = pid_ticks(g.c.pids[i]);
+	g.in_window = 0;
+	g.stopping = 1;
+	lws_sul_cancel(&g.sul_connect);
+	lws_sul_cancel(&g.sul_stats);
+	for (i = 0; i < g.c.connections; i++) {
+		struct conn *c = &g.conns[i];
+
+		if (!c->wsi)
+			continue;
+		if (c->established)
+			lws_callback_on_writable(c->wsi);
+		else
+			lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK,
+					LWS_TO_KILL_ASYNC);
+	}
+	if (!g.n_live)
+		lws_sul_schedule(g.ctx, 0, &g.sul_destroy, destroy_cb, 0);
+	else
+		lws_sul_schedule(g.ctx, 0, &g.sul_destroy, destroy_cb,
+				 DS_CLOSE_GRACE_US);
+}
+
+static void
+signal_cb(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	if (g.sig == g.sig_seen)
+		return;
+	g.sig_seen = g.sig;
+	if (!g.stopping) {
+		LOG(LOG_INFO, "signal: stopping");
+		lws_sul_cancel(&g.sul_stop);
+		stop_cb(NULL);
+	} else {
+		lws_sul_cancel(&g.sul_destroy);
+		destroy_cb(NULL);
+	}
+}
+
+static void
+on_signal(int s)
+{
+	(void)s;
+	g.sig++;
+	if (g.ctx)
+		lws_cancel_service(g.ctx);
+}
+
+/* ------------------------------------------------------------------------ */
+/* summary                                                                    */
+
+static double
+tv_s(struct timeval t)
+{
+	return (double)t.tv_sec + (double)t.tv_usec / 1e6;
+}
+
+static void
+print_summary(void)
+{
+	double win = (double)(g.win_end_us - g.win_start_us) / 1e6;
+	uint64_t pmin = UINT64_MAX, pmax = 0, psum = 0;
+	struct rusage ru;
+	long hz = sysconf(_SC_CLK_TCK);
+	unsigned i, nsub = 0;
+
+	if (win <= 0)
+		win = 1e-9;
+	for (i = 0; i < g.c.connections; i++) {
+		uint64_t v = g.conns[i].readings_win;
+
+		if (v < pmin)
+			pmin = v;
+		if (v > pmax)
+			pmax = v;
+		psum += v;
+	}
+	for (i = 0; i < g.c.connections; i++)
+		nsub += g.conns[i].sub_sent;
+	getrusage(RUSAGE_SELF, &ru);
+
+	printf("{\"connections\":%u,\"connected_ok\":%" PRIu64 ",\"failed\":%" PRIu64
+	       ",\"auth_failures\":%" PRIu64 ",\"subscribe_sent\":%u"
+	       ",\"subscribed_at_window_start\":%u,\"subscribed_at_end\":%u"
+	       ",\"subscribe_failed\":%u,\"disconnects\":%" PRIu64,
+	       g.c.connections, g.connects, g.connect_failures, g.auth_failures,
+	       nsub, g.subscribed_at_window, g.subscribed_at_end, g.n_sub_failed,
+	       g.disconnects);
+	printf(",\"close_codes\":{");
+	for (i = 0; i < g.n_closed_codes; i++)
+		printf("%s\"%d\":%" PRIu64, i ? "," : "", g.closed_codes[i],
+		       g.closed_code_n[i]);
+	printf("},\"stream\":\"%s\",\"stamp_field\":\"%s\",\"warmup_s\":%.3f"
+	       ",\"window_s\":%.3f", g.c.stream, g.c.stamp_field, g.c.warmup, win);
+	printf(",\"messages\":%" PRIu64 ",\"msgs_per_s\":%.1f,\"gaps\":%" PRIu64
+	       ",\"dropped\":%" PRIu64 ",\"other\":%" PRIu64 ",\"errors\":%" PRIu64
+	       ",\"bad_messages\":%" PRIu64,
+	       g.win.readings, (double)g.win.readings / win, g.win.gaps,
+	       g.win.dropped, g.win.other, g.win.errors + g.warm.errors,
+	       g.win.bad_msgs + g.warm.bad_msgs);
+	printf(",\"warmup\":{\"messages\":%" PRIu64 ",\"gaps\":%" PRIu64
+	       ",\"dropped\":%" PRIu64 ",\"errors\":%" PRIu64 "}",
+	       g.warm.readings, g.warm.gaps, g.warm.dropped, g.warm.errors);
+	printf(",\"error_codes\":{");
+	for (i = 0; i < g.n_errs; i++)
+		printf("%s\"%s\":%" PRIu64, i ? "," : "", g.errs[i].name,
+		       g.errs[i].n);
+	printf("},\"per_conn_messages\":{\"min\":%" PRIu64 ",\"max\":%" PRIu64
+	       ",\"mean\":%.1f}", g.c.connections ? pmin : 0, pmax,
+	       g.c.connections ? (double)psum / g.c.connections : 0.0);
+	printf(",\"latency_ms\":{\"count\":%" PRIu64 ",\"p50\":%.3f,\"p90\":%.3f"
+	       ",\"p99\":%.3f,\"p99.9\":%.3f,\"max\":%.3f,\"mean\":%.3f"
+	       ",\"from_stamp\":%" PRIu64 ",\"from_ts\":%" PRIu64
+	       ",\"no_stamp\":%" PRIu64 ",\"negative\":%" PRIu64 "}",
+	       g.h_win.n, (double)h_quantile(&g.h_win, 0.5) / 1e3,
+	       (double)h_quantile(&g.h_win, 0.9) / 1e3,
+	       (double)h_quantile(&g.h_win, 0.99) / 1e3,
+	       (double)h_quantile(&g.h_win, 0.999) / 1e3,
+	       (double)g.h_win.max / 1e3,
+	       g.h_win.n ? g.h_win.sum / (double)g.h_win.n / 1e3 : 0.0,
+	       g.h_win.n - g.win.from_ts, g.win.from_ts, g.win.no_stamp,
+	       g.win.negative);
+	printf(",\"cpu_s\":%.3f,\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f"
+	       ",\"window_cpu_s\":%.3f,\"max_rss_kb\":%ld",
+	       tv_s(ru.ru_utime) + tv_s(ru.ru_stime), tv_s(ru.ru_utime),
+	       tv_s(ru.ru_stime),
+	       tv_s(ru.ru_utime) + tv_s(ru.ru_stime) -
+	       tv_s(g.ru0.ru_utime) - tv_s(g.ru0.ru_stime), ru.ru_maxrss);
+	if (g.c.n_pids) {
+		printf(",\"pid_cpu_s\":{");
+		for (i = 0; i < g.c.n_pids; i++) {
+			if (g.pid_ticks0[i] < 0 || g.pid_ticks1[i] < 0)
+				printf("%s\"%d\":null", i ? "," : "", g.c.pids[i]);
+			else
+				printf("%s\"%d\":%.2f", i ? "," : "", g.c.pids[i],
+				       (double)(g.pid_ticks1[i] - g.pid_ticks0[i]) /
+				       (double)hz);
+		}
+		printf("}");
+	}
+	printf("}\n");
+	fflush(stdout);
+}
+
+/* ------------------------------------------------------------------------ */
+/* command line                                                               */
+
+static void
+usage(FILE *f)
+{
+	fprintf(f,
+"usage: dash-sub [options]\n"
+"Opens N dashboard connections to an iot-hub /v1/stream endpoint, subscribes\n"
+"each once, and measures what arrives: readings/s, gaps, and the latency from\n"
+"the reading's send stamp (gw-sim --stamp-field) to its receipt. One JSON line\n"
+"on stdout at the end. Loopback addresses only.\n"
+"\n"
+"  --url URL            ws://HOST:PORT/v1/stream (default ws://127.0.0.1:8080/v1/stream)\n"
+"  --token KEY          API key or JWT, sent as Authorization: Bearer KEY\n"
+"  --auth-message       send the token as a first {\"type\":\"auth\"} message instead\n"
+"  --connections N      connections, one subscription each (default 1)\n"
+"  --connect-rate C     new connections per second (default 2000)\n"
+"  --stream S           raw, 1s, 10s, 1m, presence, commands (default raw)\n"
+"  --device-type T      filter.device_type\n"
+"  --devices LIST       filter.devices: comma-separated ids or prefixes ending in\n"
+"                       '*'; {i} is replaced by the connection's slice index\n"
+"                       (connection number mod --slices, zero-padded to the\n"
+"                       width of slices-1), e.g. 'gw-0{i}*'\n"
+"  --slices K           slice count for {i} (default: --connections)\n"
+"  --labels k=v,...     filter.labels\n"
+"  --since POS          since (raw stream)\n"
+"  --stamp-field NAME   data field holding the send time in Unix µs (default\n"
+"                       sent_us); readings without it use ts (ms)\n"
+"  --duration S         stop after S seconds (default 10)\n"
+"  --warmup S           readings in the first S seconds are not measured (default 0)\n"
+"  --cpu-pids P,P,...   also report these processes' CPU seconds (utime+stime\n"
+"                       from /proc) over the measured window\n"
+"  --max-msg BYTES      largest message accepted (default 1048576)\n"
+"  --stats-interval S   one stats line per S seconds on stderr (default 0 = off)\n"
+"  -v, -q, -h           more logs / errors only / this help\n");
+}
+
+static void die_flag(const char *fmt, ...) __attribute__((format(printf, 1, 2),
+							  noreturn));
+static void
+die_flag(const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("dash-sub: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputs(" (see --help)\n", stderr);
+	exit(2);
+}
+
+static double
+parse_num(const char *flag, const char *s, double lo, double hi)
+{
+	char *e;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &e);
+	if (errno || e == s || *e || !isfinite(v) || v < lo || v > hi)
+		die_flag("%s: expected a number in [%g, %g], got '%s'", flag, lo,
+			 hi, s);
+	return v;
+}
+
+/* ws://host[:port][/path]; the host must be a loopback address */
+static void
+parse_url(struct cfg *c)
+{
+	const char *h, *e, *pe;
+	struct in_addr a4;
+	struct in6_addr a6;
+	size_t hl;
+
+	if (strncmp(c->url, "ws://", 5))
+		die_flag("--url: must start with ws:// (loopback only), got '%s'",
+			 c->url);
+	h = c->url + 5;
+	pe = h + strcspn(h, "/?#");
+	if (*h == '[') {
+		e = memchr(h, ']', (size_t)(pe - h));
+		if (!e)
+			die_flag("--url: unterminated [ in '%s'", c->url);
+		c->host = strndup(h + 1, (size_t)(e - h - 1));
+		e++;
+	} else {
+		e = memchr(h, ':', (size_t)(pe - h));
+		if (!e)
+			e = pe;
+		c->host = strndup(h, (size_t)(e - h));
+	}
+	if (!c->host)
+		abort();
+	if (!strcmp(c->host, "localhost")) {
+		free(c->host);
+		c->host = strdup("127.0.0.1");
+	}
+	if (inet_pton(AF_INET, c->host, &a4) == 1) {
+		if ((ntohl(a4.s_addr) >> 24) != 127)
+			die_flag("--url: %s is not a loopback address", c->host);
+	} else if (inet_pton(AF_INET6, c->host, &a6) == 1) {
+		if (!IN6_IS_ADDR_LOOPBACK(&a6))
+			die_flag("--url: %s is not a loopback address", c->host);
+	} else
+		die_flag("--url: host must be a loopback IP literal or localhost, "
+			 "got '%s'", c->host);
+	c->port = 80;
+	if (*e == ':') {
+		char *ps = strndup(e + 1, (size_t)(pe - e - 1));
+
+		c->port = (int)parse_num("--url port", ps, 1, 65535);
+		free(ps);
+	} else if (e != pe)
+		die_flag("--url: bad host part in '%s'", c->url);
+	c->path = strdup(*pe == '/' ? pe : "/");
+	hl = strlen(c->host) + 16;
+	c->host_hdr = xmalloc(hl);
+	snprintf(c->host_hdr, hl, strchr(c->host, ':') ? "[%s]:%d" : "%s:%d",
+		 c->host, c->port);
+}
+
+static void
+parse_args(int argc, char **argv)
+{
+	enum { O_URL = 256, O_TOKEN, O_AUTHMSG, O_CONNS, O_CRATE, O_STREAM,
+	       O_DTYPE, O_DEVICES, O_SLICES, O_LABELS, O_SINCE, O_STAMP, O_DUR,
+	       O_WARMUP, O_PIDS, O_MAXMSG, O_STATS };
+	static const struct option opts[] = {
+		{ "url", required_argument, NULL, O_URL },
+		{ "token", required_argument, NULL, O_TOKEN },
+		{ "auth-message", no_argument, NULL, O_AUTHMSG },
+		{ "connections", required_argument, NULL, O_CONNS },
+		{ "connect-rate", required_argument, NULL, O_CRATE },
+		{ "stream", required_argument, NULL, O_STREAM },
+		{ "device-type", required_argument, NULL, O_DTYPE },
+		{ "devices", required_argument, NULL, O_DEVICES },
+		{ "slices", required_argument, NULL, O_SLICES },
+		{ "labels", required_argument, NULL, O_LABELS },
+		{ "since", required_argument, NULL, O_SINCE },
+		{ "stamp-field", required_argument, NULL, O_STAMP },
+		{ "duration", required_argument, NULL, O_DUR },
+		{ "warmup", required_argument, NULL, O_WARMUP },
+		{ "cpu-pids", required_argument, NULL, O_PIDS },
+		{ "max-msg", required_argument, NULL, O_MAXMSG },
+		{ "stats-interval", required_argument, NULL, O_STATS },
+		{ "verbose", no_argument, NULL, 'v' },
+		{ "quiet", no_argument, NULL, 'q' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 }
+	};
+	struct cfg *c = &g.c;
+	const char *pids = NULL;
+	int o;
+
+	c->url = "ws://127.0.0.1:8080/v1/stream";
+	c->connections = 1;
+	c->connect_rate = 2000;
+	c->stream = "raw";
+	c->stamp_field = "sent_us";
+	c->duration = 10;
+	c->max_msg = 1u << 20;
+
+	opterr = 0;
+	while ((o = getopt_long(argc, argv, ":vqh", opts, NULL)) != -1) {
+		switch (o) {
+		case O_URL: c->url = optarg; break;
+		case O_TOKEN: c->token = optarg; break;
+		case O_AUTHMSG: c->auth_message = 1; break;
+		case O_CONNS:
+			c->connections = (unsigned)parse_num("--connections",
+							     optarg, 1, 100000);
+			break;
+		case O_CRATE:
+			c->connect_rate = parse_num("--connect-rate", optarg, 1, 1e6);
+			break;
+		case O_STREAM: c->stream = optarg; break;
+		case O_DTYPE: c->device_type = optarg; break;
+		case O_DEVICES: c->devices = optarg; break;
+		case O_SLICES:
+			c->slices = (unsigned)parse_num("--slices", optarg, 1, 1e9);
+			break;
+		case O_LABELS: c->labels = optarg; break;
+		case O_SINCE: c->since = optarg; break;
+		case O_STAMP: c->stamp_field = optarg; break;
+		case O_DUR:
+			c->duration = parse_num("--duration", optarg, 0.1, 1e6);
+			break;
+		case O_WARMUP:
+			c->warmup = parse_num("--warmup", optarg, 0, 1e6);
+			break;
+		case O_PIDS: pids = optarg; break;
+		case O_MAXMSG:
+			c->max_msg = (size_t)parse_num("--max-msg", optarg, 1024,
+						       256 << 20);
+			break;
+		case O_STATS:
+			c->stats_interval = parse_num("--stats-interval", optarg,
+						      0, 86400);
+			if (c->stats_interval > 0 && c->stats_interval < 0.01)
+				die_flag("--stats-interval: at least 0.01 s");
+			break;
+		case 'v':
+			g_log_level = g_log_level < LOG_INFO ? LOG_INFO : LOG_DEBUG;
+			break;
+		case 'q': g_log_level = LOG_ERR; break;
+		case 'h': usage(stdout); exit(0);
+		case ':': die_flag("option '%s' needs a value", argv[optind - 1]);
+		default: die_flag("unknown option '%s'", argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		die_flag("unexpected argument '%s'", argv[optind]);
+	parse_url(c);
+	if (!c->slices)
+		c->slices = c->connections;
+	if (c->warmup >= c->duration)
+		die_flag("--warmup must be shorter than --duration");
+	if (c->auth_message && !c->token)
+		die_flag("--auth-message needs --token");
+	if (!*c->stamp_field || strlen(c->stamp_field) > 64 ||
+	    strpbrk(c->stamp_field, "\"\\"))
+		die_flag("--stamp-field: 1-64 characters, no quote or backslash");
+	if (c->token && strpbrk(c->token, " \t\r\n"))
+		die_flag("--token: no whitespace");
+	if (c->labels) {
+		const char *p = c->labels;
+
+		for (;;) {
+			const char *e = strchr(p, ','), *eq;
+			size_t n = e ? (size_t)(e - p) : strlen(p);
+
+			eq = memchr(p, '=', n);
+			if (!eq || eq == p)
+				die_flag("--labels: expected k=v[,k=v...], got '%s'",
+					 c->labels);
+			if (!e)
+				break;
+			p = e + 1;
+		}
+	}
+	if (pids) {
+		char *dup = strdup(pids), *save = NULL, *t;
+
+		for (t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+			if (c->n_pids == DS_PIDS_MAX)
+				die_flag("--cpu-pids: at most %d", DS_PIDS_MAX);
+			c->pids[c->n_pids++] = (int)parse_num("--cpu-pids", t, 1,
+							      4194304);
+		}
+		free(dup);
+	}
+	g.stamp_key_len = (size_t)snprintf(g.stamp_key, sizeof(g.stamp_key),
+					   "\"%s\":", c->stamp_field);
+}
+
+static void
+raise_nofile(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl))
+		return;
+	if (rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &rl))
+			LOG(LOG_WARN, "cannot raise RLIMIT_NOFILE: %s",
+			    strerror(errno));
+		getrlimit(RLIMIT_NOFILE, &rl);
+	}
+	if (rl.rlim_cur != RLIM_INFINITY &&
+	    (uint64_t)g.c.connections + 64 > (uint64_t)rl.rlim_cur) {
+		fprintf(stderr, "dash-sub: --connections %u needs about %u open "
+			"files, the limit is %llu\n", g.c.connections,
+			g.c.connections + 64, (unsigned long long)rl.rlim_cur);
+		exit(2);
+	}
+}
+
+int
+main(int argc, char **argv)
+{
+	struct lws_context_creation_info info;
+	struct sigaction sa;
+	unsigned i;
+
+	g_t0 = mono_us();
+	parse_args(argc, argv);
+	raise_nofile();
+	signal(SIGPIPE, SIG_IGN);
+
+	g.conns = calloc(g.c.connections, sizeof(*g.conns));
+	if (!g.conns)
+		abort();
+	for (i = 0; i < g.c.connections; i++)
+		g.conns[i].idx = i;
+
+	lws_set_log_level(g_log_level >= LOG_DEBUG ? LLL_ERR | LLL_WARN | LLL_NOTICE :
+			  g_log_level <= LOG_ERR ? LLL_ERR : LLL_ERR | LLL_WARN,
+			  lws_log_emit);
+	memset(&info, 0, sizeof(info));
+	info.port = CONTEXT_PORT_NO_LISTEN;
+	info.protocols = protocols;
+	info.options = LWS_SERVER_OPTION_LIBEV;
+	info.gid = -1;
+	info.uid = -1;
+	info.timeout_secs = 10;
+	/* no fd_limit_per_thread: in lws 4.1.6 setting it turns the fd -> wsi
+	 * lookup into a linear search (35 % of the CPU at 3,000 connections);
+	 * the default sizes the table from RLIMIT_NOFILE, raised above */
+	g.ctx = lws_create_context(&info);
+	if (!g.ctx) {
+		fprintf(stderr, "dash-sub: cannot create the lws context (is the "
+			"libev plugin, libwebsockets-evlib-ev, installed?)\n");
+		return 1;
+	}
+	/* after lws_create_context: the ev backend installs its own SIGINT watcher */
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+
+	g.start_us = g.last_stats_us = g.tokens_at = mono_us();
+	g.tokens = 1;
+	lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_cb, 0);
+	lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb, DS_HEARTBEAT_US);
+	lws_sul_schedule(g.ctx, 0, &g.sul_window, window_cb,
+			 (lws_usec_t)(g.c.warmup * 1e6));
+	lws_sul_schedule(g.ctx, 0, &g.sul_stop, stop_cb,
+			 (lws_usec_t)(g.c.duration * 1e6));
+	if (g.c.stats_interval > 0)
+		lws_sul_schedule(g.ctx, 0, &g.sul_stats, stats_cb,
+				 (lws_usec_t)(g.c.stats_interval * 1e6));
+	lws_cancel_service(g.ctx);   /* arm the ev timer for the suls above */
+
+	while (!g.destroying)
+		if (lws_service(g.ctx, 0) < 0)
+			break;
+	lws_context_destroy(g.ctx);
+	g.ctx = NULL;
+	if (g.c.stats_interval > 0)
+		print_stats(mono_us());
+	print_summary();
+	for (i = 0; i < g.c.connections; i++)
+		free(g.conns[i].rx);
+	free(g.conns);
+	free(g.tx);
+	free(g.c.host);
+	free(g.c.host_hdr);
+	free(g.c.path);
+	return 0;
+}
