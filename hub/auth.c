@@ -848,6 +848,7 @@ static int auth_check_claims(const hub_auth *a, const json_t *c, int64_t now,
 	memcpy(out->name, json_string_value(v), json_string_length(v) + 1);
 	out->scopes = scopes;
 	out->devices = devs;
+	out->has_devices_claim = e != NULL;
 	out->exp = exp;
 	out->is_api_key = false;
 	return AUTH_OK;

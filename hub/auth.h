@@ -37,6 +37,7 @@ typedef struct auth_principal {
 	unsigned scopes;        /* enum auth_scope bits */
 	auth_patterns devices;  /* JWT `devices` claim or the key's "devices" */
 	int64_t exp;            /* JWT exp (seconds), 0 for API keys */
+	bool has_devices_claim; /* JWT: the `devices` claim was present */
 	bool is_api_key;
 } auth_principal;
 

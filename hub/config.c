@@ -58,6 +58,14 @@ static const struct opt opts[] = {
 	O("history-max-range-s", OPT_LONG, history_max_range_s, "2678400", 1, 315360000, "longest from..to span of one telemetry history request (422 beyond)"),
 	O("ping-interval-s", OPT_INT, ping_interval_s, "30", 1, 3600, "WebSocket PING sent to a gateway this long after its last PONG"),
 	O("ping-timeout-s", OPT_INT, ping_timeout_s, "75", 2, 7200, "a gateway that answered no PING for this long is disconnected"),
+	O("stream-auth-timeout-ms", OPT_INT, stream_auth_timeout_ms, "5000", 100, 600000, "a dashboard without header auth must send its auth message within this time"),
+	O("stream-max-subscriptions", OPT_INT, stream_max_subscriptions, "64", 1, 10000, "subscriptions per dashboard connection"),
+	O("stream-queue-max", OPT_INT, stream_queue_max, "1024", 8, 10000000, "messages queued per dashboard connection before the oldest are dropped"),
+	O("stream-queue-max-bytes", OPT_LONG, stream_queue_max_bytes, "1048576", 4096, 1e10, "bytes queued per dashboard connection before the oldest are dropped"),
+	O("stream-slow-policy", OPT_STR, stream_slow_policy, "drop", 0, 0, "a dashboard whose queue overflows: drop (oldest, with gap) or close (4008)"),
+	O("stream-replay-page", OPT_INT, stream_replay_page, "256", 1, 100000, "feed entries per XRANGE page of a since replay"),
+	O("aggregate-grace-ms", OPT_INT, aggregate_grace_ms, "1000", 0, 600000, "how long after a window ends partial aggregates are awaited"),
+	O("web-root", OPT_STR, web_root, NULL, 0, 0, "directory of the browser dashboard served at / (unset: not served)"),
 };
 
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))
@@ -428,6 +436,12 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 	}
 	if (cfg->ping_timeout_s <= cfg->ping_interval_s) {
 		seterr(err, errlen, "ping-timeout-s must be greater than ping-interval-s");
+		return -1;
+	}
+	if (!cfg->stream_slow_policy ||
+	    (strcmp(cfg->stream_slow_policy, "drop") && strcmp(cfg->stream_slow_policy, "close"))) {
+		seterr(err, errlen, "stream-slow-policy: expected drop or close, got \"%s\"",
+		       cfg->stream_slow_policy ? cfg->stream_slow_policy : "");
 		return -1;
 	}
 	if (!cfg->schemas || !*cfg->schemas) {

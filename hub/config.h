@@ -49,6 +49,14 @@ struct hub_config {
 	int ping_interval_s;
 	long history_max_range_s;
 	int ping_timeout_s;
+	int stream_auth_timeout_ms;
+	int stream_max_subscriptions;
+	int stream_queue_max;
+	long stream_queue_max_bytes;
+	char *stream_slow_policy;
+	int stream_replay_page;
+	int aggregate_grace_ms;
+	char *web_root;
 
 	/* Derived by hub_config_validate(). */
 	char listen_host[64];

@@ -11,6 +11,7 @@
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
+#include "protocols/stream.h"
 
 #define BODY_CHUNK 16384
 
@@ -542,6 +543,47 @@ static bool protocol_requested(struct lws *wsi, const char *want)
 	return false;
 }
 
+/* Dashboards: the token may come in the Authorization header (checked here:
+ * 401/403 like the HTTP API) or, for browsers, in a first auth message. */
+static int confirm_stream_upgrade(struct lws *wsi, struct hub *hub)
+{
+	char authz[8192 + 16];
+	struct gw_handshake *hs;
+	const char *why;
+	int n;
+
+	if (!protocol_requested(wsi, STREAM_SUBPROTOCOL))
+		return refuse_upgrade(wsi, 400, "bad_subprotocol",
+				      "the stream endpoint needs subprotocol " STREAM_SUBPROTOCOL);
+	hs = hub_xcalloc(1, sizeof(*hs));
+	hs->stream = true;
+	n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
+	if (n <= 0) {
+		hs->anonymous = true;
+	} else {
+		const char *tok = authz + 7;
+		enum stream_auth rc;
+
+		if (n <= 7 || strncasecmp(authz, "Bearer ", 7)) {
+			free(hs);
+			hub->metrics.stream_auth_failures_total++;
+			return refuse_upgrade(wsi, 401, "unauthorized", "expected Authorization: Bearer <token>");
+		}
+		while (*tok == ' ')
+			tok++;
+		rc = stream_authenticate(hub, tok, strlen(tok), &hs->who, &why);
+		if (rc != STREAM_AUTH_OK) {
+			free(hs);
+			hub->metrics.stream_auth_failures_total++;
+			return refuse_upgrade(wsi, rc == STREAM_AUTH_FORBIDDEN ? 403 : 401,
+					      rc == STREAM_AUTH_FORBIDDEN ? "forbidden" : "unauthorized",
+					      why);
+		}
+	}
+	lws_set_opaque_user_data(wsi, hs);
+	return 0;
+}
+
 static int confirm_upgrade(struct lws *wsi, struct hub *hub)
 {
 	char uri[128], authz[8192 + 16];
@@ -550,6 +592,8 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub)
 
 	if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) <= 0)
 		return refuse_upgrade(wsi, 400, "bad_request", "upgrade needs a GET");
+	if (!strcmp(uri, STREAM_PATH))
+		return confirm_stream_upgrade(wsi, hub);
 	if (strcmp(uri, GW_PATH))
 		return refuse_upgrade(wsi, 404, "not_found", "no WebSocket endpoint at this path");
 	if (!protocol_requested(wsi, GW_SUBPROTOCOL))

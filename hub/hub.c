@@ -10,6 +10,7 @@
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
+#include "protocols/stream.h"
 
 #define DRAIN_TICK_US   (50 * 1000)
 #define DRAIN_GRACE_US  (5 * 1000 * 1000)
@@ -106,6 +107,7 @@ static void drain_tick(lws_sorted_usec_list_t *sul)
 	}
 	hub_info("drained; stopping");
 	gw_stop(hub);
+	stream_stop(hub);
 	hub_redis_stop(hub->redis);
 	hub_loop_stop(hub);
 }
@@ -117,6 +119,7 @@ void hub_begin_shutdown(struct hub *hub)
 	hub->draining = true;
 	hub_info("shutting down: draining %zu gateway connections", hub->gateways.count);
 	hub_listener_close(hub->listener);
+	stream_close_all(hub);
 	hub->drain_deadline_us = hub_mono_us() + DRAIN_GRACE_US;
 	lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, 1);
 }

@@ -39,6 +39,8 @@ struct hub {
 
 	hub_strmap gateways;       /* gateway id -> struct gw_conn * (this instance) */
 	uint64_t next_serial;      /* connection serials */
+	size_t stream_conns;       /* dashboard connections (this instance) */
+	size_t stream_subs;        /* their live subscriptions */
 
 	struct hub_metrics metrics;
 

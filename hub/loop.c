@@ -10,6 +10,7 @@
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "protocols/gateway.h"
+#include "protocols/stream.h"
 
 /* lws 4.1.6's libev backend arms its timer for lws_sul only from its own
  * idle and timer callbacks: a sul scheduled while no I/O happens never fires,
@@ -21,7 +22,7 @@
 static lws_sorted_usec_list_t sul_heartbeat;
 static struct lws_context *signal_ctx;
 static struct hub *signal_hub;
-static struct lws_protocols protocols[5];
+static struct lws_protocols protocols[6];
 static lws_retry_bo_t idle_policy;
 
 static void on_signal(int sig)
@@ -61,7 +62,8 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	protocols[1].rx_buffer_size = (size_t)hub->cfg.rx_buffer_bytes;
 	protocols[2] = hub_redis_protocol;
 	protocols[3] = hub_listener_protocol;
-	memset(&protocols[4], 0, sizeof(protocols[4]));
+	protocols[4] = stream_protocol;
+	memset(&protocols[5], 0, sizeof(protocols[5]));
 
 	memset(&info, 0, sizeof(info));
 	info.options = LWS_SERVER_OPTION_EXPLICIT_VHOSTS | LWS_SERVER_OPTION_LIBEV |

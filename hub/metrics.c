@@ -65,8 +65,9 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		       HUB_VERSION, hub->instance_id);
 	hub_buf_printf(o, "# HELP iot_hub_connections Open connections by kind.\n"
 		       "# TYPE iot_hub_connections gauge\n"
-		       "iot_hub_connections{kind=\"gateway\"} %zu\n",
-		       hub->gateways.count);
+		       "iot_hub_connections{kind=\"gateway\"} %zu\n"
+		       "iot_hub_connections{kind=\"dashboard\"} %zu\n",
+		       hub->gateways.count, hub->stream_conns);
 	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
 		m->connections_total);
 	counter(o, "iot_hub_auth_failures_total", "Upgrades refused with 401.",
@@ -93,6 +94,24 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->frames_too_large_total);
 	counter(o, "iot_hub_flow_paused_total", "Times a gateway socket stopped being read.",
 		m->flow_paused_total);
+	counter(o, "iot_hub_stream_connections_total", "Dashboard WebSockets established.",
+		m->stream_connections_total);
+	counter(o, "iot_hub_stream_auth_failures_total", "Dashboard auth refused (upgrade or first message).",
+		m->stream_auth_failures_total);
+	gauge(o, "iot_hub_stream_subscriptions", "Live dashboard subscriptions.",
+	      (double)hub->stream_subs);
+	counter(o, "iot_hub_stream_messages_total", "Messages written to dashboards.",
+		m->stream_messages_total);
+	counter(o, "iot_hub_stream_dropped_total", "Queued dashboard messages dropped (slow consumers).",
+		m->stream_dropped_total);
+	counter(o, "iot_hub_stream_slow_closed_total", "Dashboards closed for reading too slowly.",
+		m->stream_slow_closed_total);
+	counter(o, "iot_hub_stream_replayed_total", "Readings replayed from the feed for since.",
+		m->stream_replayed_total);
+	counter(o, "iot_hub_aggregate_late_readings_total", "Readings too old to aggregate.",
+		m->aggregate_late_readings_total);
+	counter(o, "iot_hub_aggregate_late_partials_total", "Partial aggregates that came after their window was emitted.",
+		m->aggregate_late_partials_total);
 	counter(o, "iot_hub_redis_connects_total", "Redis command-connection attempts.",
 		m->redis_reconnects_total);
 	counter(o, "iot_hub_redis_errors_total", "Redis error replies.", m->redis_errors_total);

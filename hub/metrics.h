@@ -55,6 +55,14 @@ struct hub_metrics {
 	uint64_t redis_reconnects_total;
 	uint64_t redis_errors_total;       /* error replies and failed commands */
 	uint64_t flow_paused_total;        /* times a gateway socket was paused */
+	uint64_t stream_connections_total; /* dashboard WebSockets established */
+	uint64_t stream_auth_failures_total;
+	uint64_t stream_messages_total;    /* messages written to dashboards */
+	uint64_t stream_dropped_total;     /* queued messages dropped (slow dashboards) */
+	uint64_t stream_slow_closed_total; /* dashboards closed by stream-slow-policy close */
+	uint64_t stream_replayed_total;    /* readings sent from the feed for `since` */
+	uint64_t aggregate_late_readings_total; /* too old to aggregate */
+	uint64_t aggregate_late_partials_total; /* partials after their window was emitted */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */
 };

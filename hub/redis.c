@@ -16,6 +16,7 @@
 #define IDLE_PING_US      (1000 * 1000)
 #define BACKOFF_MIN_MS    100
 #define MAX_SCRIPTS       8
+#define UNSUB_LINGER_US   (5 * 1000 * 1000)
 
 struct pending {
 	hub_redis_cb cb;
@@ -42,11 +43,23 @@ struct rconn {
 	size_t ring_cap, ring_head, ring_len;
 };
 
-struct channel {
-	struct channel *next;
+/* A channel or pattern the sub connection listens to. refs counts users;
+ * at zero the subscription lingers UNSUB_LINGER_US (a user often comes back)
+ * before UNSUBSCRIBE. Only one (UN)SUBSCRIBE per channel is ever in flight:
+ * hiredis 0.14 drops a channel's callback when an UNSUBSCRIBE reply arrives,
+ * even if a newer SUBSCRIBE for it was already sent. */
+enum ch_state { CH_IDLE, CH_SUBSCRIBING, CH_ACTIVE, CH_UNSUBSCRIBING };
+
+struct hub_redis_channel {
+	struct hub_redis_channel *next;
 	struct hub_redis *r;
 	hub_redis_msg_cb cb;
+	hub_redis_state_cb state_cb;
 	void *arg;
+	unsigned refs;
+	bool pattern;
+	enum ch_state state;
+	int64_t unused_since_us;
 	char name[];
 };
 
@@ -58,13 +71,14 @@ struct hub_redis {
 	int nscripts;
 	char *scripts[MAX_SCRIPTS];
 	char shas[MAX_SCRIPTS][41];
-	struct channel *channels;
+	struct hub_redis_channel *channels;
 };
 
 static void rconn_connect(struct rconn *rc);
 static void rconn_drop(struct rconn *rc, const char *why);
 static void sul_reconnect_cb(lws_sorted_usec_list_t *sul);
 static void sul_drop_cb(lws_sorted_usec_list_t *sul);
+static void send_subscribe(struct hub_redis *r, struct hub_redis_channel *ch);
 
 /* ---- the pending ring ---------------------------------------------------- */
 
@@ -256,6 +270,10 @@ static void on_connect(const redisAsyncContext *ac, int status)
 	set_state(rc, RC_UP);
 	rc->last_reply_us = hub_mono_us();
 	rc->backoff_ms = 0;
+	if (rc->is_sub)
+		for (struct hub_redis_channel *ch = rc->r->channels; ch; ch = ch->next)
+			if (ch->refs)
+				send_subscribe(rc->r, ch);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -283,28 +301,91 @@ static void on_setup_reply(redisReply *reply, void *arg)
 	}
 }
 
-static void on_sub_message(redisAsyncContext *ac, void *reply, void *privdata)
+static void channel_set_state(struct hub_redis_channel *ch, enum ch_state s)
 {
-	struct channel *ch = privdata;
-	redisReply *rep = reply;
+	bool was = ch->state == CH_ACTIVE;
 
-	(void)ac;
-	if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements < 3)
-		return;
-	if (rep->element[0]->type != REDIS_REPLY_STRING ||
-	    strcmp(rep->element[0]->str, "message") ||
-	    rep->element[2]->type != REDIS_REPLY_STRING)
-		return;
-	ch->r->sub.last_reply_us = hub_mono_us();
-	ch->cb(ch->name, rep->element[2]->str, rep->element[2]->len, ch->arg);
+	ch->state = s;
+	if (ch->state_cb && was != (s == CH_ACTIVE))
+		ch->state_cb(ch, s == CH_ACTIVE, ch->arg);
 }
 
-static void send_subscribe(struct hub_redis *r, struct channel *ch)
+/* Every reply for a channel: (p)subscribe confirmations, messages,
+ * unsubscribe confirmations, and NULL when the context goes away. */
+static void on_sub_message(redisAsyncContext *ac, void *reply, void *privdata)
 {
-	const char *argv[2] = { "SUBSCRIBE", ch->name };
+	struct hub_redis_channel *ch = privdata;
+	redisReply *rep = reply;
+	const char *kind;
+	size_t pi;
 
-	if (r->sub.ac)
-		redisAsyncCommandArgv(r->sub.ac, on_sub_message, ch, 2, argv, NULL);
+	(void)ac;
+	if (!rep) {
+		channel_set_state(ch, CH_IDLE); /* connection gone */
+		return;
+	}
+	if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 3 ||
+	    rep->element[0]->type != REDIS_REPLY_STRING)
+		return;
+	ch->r->sub.last_reply_us = hub_mono_us();
+	kind = rep->element[0]->str;
+	if (kind[0] == 'p')
+		kind++;
+	if (!strcmp(kind, "message")) {
+		pi = ch->pattern ? 3 : 2;
+		if (rep->elements > pi && rep->element[pi]->type == REDIS_REPLY_STRING &&
+		    rep->element[pi - 1]->type == REDIS_REPLY_STRING)
+			ch->cb(rep->element[pi - 1]->str, rep->element[pi]->str,
+			       rep->element[pi]->len, ch->arg);
+	} else if (!strcmp(kind, "subscribe")) {
+		if (ch->state == CH_SUBSCRIBING)
+			channel_set_state(ch, CH_ACTIVE);
+	} else if (!strcmp(kind, "unsubscribe")) {
+		channel_set_state(ch, CH_IDLE);
+		if (ch->refs)
+			send_subscribe(ch->r, ch); /* a user came back meanwhile */
+	}
+}
+
+static void send_subscribe(struct hub_redis *r, struct hub_redis_channel *ch)
+{
+	const char *argv[2] = { ch->pattern ? "PSUBSCRIBE" : "SUBSCRIBE", ch->name };
+
+	if (r->sub.ac && r->sub.state == RC_UP &&
+	    redisAsyncCommandArgv(r->sub.ac, on_sub_message, ch, 2, argv, NULL) == REDIS_OK)
+		channel_set_state(ch, CH_SUBSCRIBING);
+}
+
+static void send_unsubscribe(struct hub_redis *r, struct hub_redis_channel *ch)
+{
+	const char *argv[2] = { ch->pattern ? "PUNSUBSCRIBE" : "UNSUBSCRIBE", ch->name };
+
+	if (r->sub.ac && redisAsyncCommandArgv(r->sub.ac, NULL, NULL, 2, argv, NULL) == REDIS_OK)
+		channel_set_state(ch, CH_UNSUBSCRIBING);
+}
+
+/* Watchdog duty: unsubscribe channels unused for the linger time, free the
+ * idle ones nobody holds. */
+static void channels_sweep(struct hub_redis *r, int64_t now)
+{
+	for (struct hub_redis_channel **pp = &r->channels; *pp;) {
+		struct hub_redis_channel *ch = *pp;
+
+		if (ch->refs) {
+			if (ch->state == CH_IDLE)
+				send_subscribe(r, ch); /* connection is back */
+			pp = &ch->next;
+			continue;
+		}
+		if (ch->state == CH_ACTIVE && now - ch->unused_since_us > UNSUB_LINGER_US)
+			send_unsubscribe(r, ch);
+		if (ch->state == CH_IDLE) {
+			*pp = ch->next;
+			free(ch);
+			continue;
+		}
+		pp = &ch->next;
+	}
 }
 
 static void rconn_connect(struct rconn *rc)
@@ -355,6 +436,10 @@ static void rconn_connect(struct rconn *rc)
 		return;
 	}
 	lws_set_opaque_user_data(rc->wsi, rc);
+	/* hiredis learns that a non-blocking connect finished from its first
+	 * writable event; ask for one even with nothing queued (the pub/sub
+	 * connection subscribes only once connected). */
+	lws_callback_on_writable(rc->wsi);
 	rc->ac = ac;
 	set_state(rc, RC_CONNECTING);
 	r->hub->metrics.redis_reconnects_total += rc->is_sub ? 0 : 1;
@@ -375,9 +460,6 @@ static void rconn_connect(struct rconn *rc)
 			const char *argv[3] = { "SCRIPT", "LOAD", r->scripts[i] };
 			rconn_send(rc, on_setup_reply, rc, 3, argv, NULL);
 		}
-	} else {
-		for (struct channel *ch = r->channels; ch; ch = ch->next)
-			send_subscribe(r, ch);
 	}
 }
 
@@ -444,6 +526,7 @@ static void watchdog_cb(lws_sorted_usec_list_t *sul)
 	}
 	if (r->sub.state == RC_CONNECTING && now - r->sub.state_since_us > timeout)
 		rconn_drop(&r->sub, "connect timed out");
+	channels_sweep(r, now);
 	lws_sul_schedule(r->hub->ctx, 0, &r->sul_watchdog, watchdog_cb, WATCHDOG_US);
 }
 
@@ -519,20 +602,52 @@ int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
 	return 0;
 }
 
+struct hub_redis_channel *hub_redis_channel_get(struct hub_redis *r, const char *name,
+						bool pattern, hub_redis_msg_cb cb,
+						hub_redis_state_cb state_cb, void *arg)
+{
+	struct hub_redis_channel *ch;
+	size_t n = strlen(name);
+
+	for (ch = r->channels; ch; ch = ch->next)
+		if (ch->pattern == pattern && !strcmp(ch->name, name))
+			break;
+	if (!ch) {
+		ch = hub_xcalloc(1, sizeof(*ch) + n + 1);
+		ch->r = r;
+		ch->pattern = pattern;
+		memcpy(ch->name, name, n + 1);
+		ch->next = r->channels;
+		r->channels = ch;
+	}
+	ch->cb = cb;
+	ch->state_cb = state_cb;
+	ch->arg = arg;
+	if (!ch->refs++ && ch->state == CH_IDLE)
+		send_subscribe(r, ch);
+	return ch;
+}
+
+void hub_redis_channel_put(struct hub_redis_channel *ch)
+{
+	if (ch && !--ch->refs)
+		ch->unused_since_us = hub_mono_us();
+}
+
+bool hub_redis_channel_active(const struct hub_redis_channel *ch)
+{
+	return ch && ch->state == CH_ACTIVE;
+}
+
+const char *hub_redis_channel_name(const struct hub_redis_channel *ch)
+{
+	return ch->name;
+}
+
 void hub_redis_subscribe(struct hub_redis *r, const char *channel,
 			 hub_redis_msg_cb cb, void *arg)
 {
-	size_t n = strlen(channel);
-	struct channel *ch = hub_xmalloc(sizeof(*ch) + n + 1);
-
-	ch->r = r;
-	ch->cb = cb;
-	ch->arg = arg;
-	memcpy(ch->name, channel, n + 1);
-	ch->next = r->channels;
-	r->channels = ch;
-	if (r->sub.ac)
-		send_subscribe(r, ch);
+	hub_redis_channel_get(r, channel, false, cb, NULL, arg); /* never put */
 }
 
 void hub_redis_publish(struct hub_redis *r, const char *channel,
@@ -565,7 +680,7 @@ void hub_redis_free(struct hub_redis *r)
 	for (int i = 0; i < r->nscripts; i++)
 		free(r->scripts[i]);
 	while (r->channels) {
-		struct channel *next = r->channels->next;
+		struct hub_redis_channel *next = r->channels->next;
 		free(r->channels);
 		r->channels = next;
 	}

@@ -60,6 +60,24 @@ int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
 int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
 				const char *cmd, size_t len);
 
+/* Reference-counted subscriptions. hub_redis_channel_get() takes a reference
+ * on a channel (or a PSUBSCRIBE pattern), subscribing on first use; the bus
+ * re-subscribes after every reconnect. cb gets every message (channel is the
+ * one it was published on); state_cb (may be NULL) is told when the
+ * subscription becomes active (Redis confirmed it: from now on every message
+ * published reaches cb) and when it stops being active (connection lost).
+ * cb/state_cb/arg are per channel name: the latest get() sets them. After the
+ * last put() the subscription lingers a few seconds, then is dropped. */
+struct hub_redis_channel;
+typedef void (*hub_redis_state_cb)(struct hub_redis_channel *ch, bool active,
+				   void *arg);
+struct hub_redis_channel *hub_redis_channel_get(struct hub_redis *r, const char *name,
+						bool pattern, hub_redis_msg_cb cb,
+						hub_redis_state_cb state_cb, void *arg);
+void hub_redis_channel_put(struct hub_redis_channel *ch);
+bool hub_redis_channel_active(const struct hub_redis_channel *ch);
+const char *hub_redis_channel_name(const struct hub_redis_channel *ch);
+
 /* Subscribes for the life of the bus (re-subscribed after reconnects). */
 void hub_redis_subscribe(struct hub_redis *r, const char *channel,
 			 hub_redis_msg_cb cb, void *arg);

@@ -8,11 +8,15 @@
 #include "hub/util.h"
 
 /* KEYS[1] = iot:gw:<gw>:seqs, KEYS[2] = iot:feed
- * ARGV = seq, gw, window, device maxlen, feed maxlen, now ms, feed payload, n,
- *        then n x (device, ts, data).
+ * ARGV = seq, gw, window, device maxlen, feed maxlen, now ms, lines, n,
+ *        then n x (device, ts, data), then m, then m x (type, from, to):
+ *        lines[from..to] are the readings of that device type, published on
+ *        iot:live:raw:<type> behind the frame's feed position.
  * Costs per frame: ZADD NX (the dedupe), ZREMRANGEBYRANK (the window), one
- * XADD per reading and one for the feed; ZSCORE only when the window trimmed
- * something, EXPIRE once every 256 seqs. last_seen is flushed separately. */
+ * XADD per reading and one for the feed, one PUBLISH per device type; ZSCORE
+ * only when the window trimmed something, EXPIRE once every 256 seqs.
+ * last_seen is flushed separately. Publishing here, atomically with the
+ * XADDs, makes live order equal feed order (docs/dashboard.md). */
 static const char store_lua[] =
 	"if redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[1]) == 0 then return {0} end\n"
 	"local window = tonumber(ARGV[3])\n"
@@ -26,19 +30,28 @@ static const char store_lua[] =
 	"             'ts', ARGV[10 + 3 * i], 'data', ARGV[11 + 3 * i],\n"
 	"             'gw', ARGV[2], 'seq', ARGV[1])\n"
 	"end\n"
-	"local id = ''\n"
+	"local id = '0-0'\n"
 	"if tonumber(ARGV[5]) > 0 then\n"
 	"  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',\n"
 	"                  'gw', ARGV[2], 'seq', ARGV[1], 'readings', ARGV[7])\n"
+	"end\n"
+	"local b = 9 + 3 * n\n"
+	"for j = 0, tonumber(ARGV[b]) - 1 do\n"
+	"  local k = b + 1 + 3 * j\n"
+	"  redis.call('PUBLISH', 'iot:live:raw:' .. ARGV[k],\n"
+	"             id .. '\\n' .. string.sub(ARGV[7], tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])))\n"
 	"end\n"
 	"if tonumber(ARGV[1]) % 256 == 0 or redis.call('TTL', KEYS[1]) < 0 then\n"
 	"  redis.call('EXPIRE', KEYS[1], 2592000)\n"
 	"end\n"
 	"return {1, id}\n";
 
-/* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels). */
+/* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels).
+ * Publishes one presence event line per device (ids and type names are
+ * [A-Za-z0-9._:-], so they need no JSON escaping). */
 static const char announce_lua[] =
 	"local n = tonumber(ARGV[5])\n"
+	"local ev = {}\n"
 	"for i = 0, n - 1 do\n"
 	"  local dev, typ = ARGV[6 + 3 * i], ARGV[7 + 3 * i]\n"
 	"  local key = 'iot:dev:' .. dev\n"
@@ -49,20 +62,30 @@ static const char announce_lua[] =
 	"             'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
 	"  redis.call('SADD', 'iot:devices', dev)\n"
 	"  redis.call('SADD', 'iot:type:' .. typ, dev)\n"
+	"  ev[#ev + 1] = dev .. '\\t' .. typ .. '\\t' .. ARGV[8 + 3 * i] ..\n"
+	"    '\\t\"device\":\"' .. dev .. '\",\"online\":true,\"at\":' .. ARGV[4] ..\n"
+	"    ',\"gateway\":\"' .. ARGV[1] .. '\",\"device_type\":\"' .. typ .. '\"\\n'\n"
 	"end\n"
+	"redis.call('PUBLISH', 'iot:live:presence', '\\n' .. table.concat(ev))\n"
 	"return n\n";
 
-/* ARGV = conn, now ms, then devices. */
+/* ARGV = conn, now ms, then devices. Publishes presence for the devices it
+ * marks offline. */
 static const char offline_lua[] =
-	"local c = 0\n"
+	"local ev = {}\n"
 	"for i = 3, #ARGV do\n"
-	"  local key = 'iot:dev:' .. ARGV[i]\n"
-	"  if redis.call('HGET', key, 'conn') == ARGV[1] then\n"
+	"  local dev = ARGV[i]\n"
+	"  local key = 'iot:dev:' .. dev\n"
+	"  local h = redis.call('HMGET', key, 'conn', 'type', 'labels', 'gateway')\n"
+	"  if h[1] == ARGV[1] then\n"
 	"    redis.call('HSET', key, 'online', '0', 'last_seen', ARGV[2])\n"
-	"    c = c + 1\n"
+	"    ev[#ev + 1] = dev .. '\\t' .. h[2] .. '\\t' .. h[3] ..\n"
+	"      '\\t\"device\":\"' .. dev .. '\",\"online\":false,\"at\":' .. ARGV[2] ..\n"
+	"      ',\"gateway\":\"' .. h[4] .. '\",\"device_type\":\"' .. h[2] .. '\"\\n'\n"
 	"  end\n"
 	"end\n"
-	"return c\n";
+	"if #ev > 0 then redis.call('PUBLISH', 'iot:live:presence', '\\n' .. table.concat(ev)) end\n"
+	"return #ev\n";
 
 /* ARGV = now ms, then devices: last_seen of devices that sent readings. */
 static const char seen_lua[] =
@@ -185,12 +208,13 @@ void hub_registry_offline(struct hub *hub, const char *conn,
 
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
-		    const char *feed, size_t feed_len,
+		    const char *lines, size_t lines_len,
+		    const struct hub_store_group *g, size_t ng,
 		    hub_redis_cb cb, void *arg)
 {
 	size_t glen = strlen(gateway);
 
-	resp_eval(hub, script_store, 2, 10 + 3 * n);
+	resp_eval(hub, script_store, 2, 11 + 3 * n + 3 * ng);
 	/* KEYS[1] = iot:gw:<gateway>:seqs */
 	hub_buf_reserve(&resp, glen + 48);
 	resp.data[resp.len++] = '$';
@@ -208,12 +232,18 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 	resp_int(hub->cfg.device_stream_maxlen);
 	resp_int(hub->cfg.feed_stream_maxlen);
 	resp_int(hub_now_ms());
-	resp_arg(feed, feed_len);
+	resp_arg(lines, lines_len);
 	resp_int((int64_t)n);
 	for (size_t i = 0; i < n; i++) {
 		resp_str(r[i].device);
 		resp_arg(r[i].ts, r[i].ts_len);
 		resp_arg(r[i].data, r[i].data_len);
+	}
+	resp_int((int64_t)ng);
+	for (size_t i = 0; i < ng; i++) {
+		resp_str(g[i].type);
+		resp_int((int64_t)g[i].off + 1);            /* Lua: 1-based, inclusive */
+		resp_int((int64_t)(g[i].off + g[i].len));
 	}
 	return resp_send(hub, cb, arg);
 }

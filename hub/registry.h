@@ -51,11 +51,21 @@ struct hub_store_reading {
 	size_t data_len;
 };
 
-/* Stores one telemetry frame. Reply: array {1, feed-id} when stored, {0} when
- * the seq was already durable (nothing stored), or an error reply. */
+/* The readings of one device type: lines[off, off+len). */
+struct hub_store_group {
+	const char *type;
+	size_t off, len;
+};
+
+/* Stores one telemetry frame and publishes it live. lines holds one line per
+ * reading, `device\ttype\tlabels\tbody\n`, grouped by device type (g):
+ * it becomes the feed entry and, per group, the iot:live:raw:<type> message
+ * (docs/dashboard.md). Reply: array {1, feed-id} when stored, {0} when the
+ * seq was already durable (nothing stored or published), or an error. */
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
-		    const char *feed, size_t feed_len,
+		    const char *lines, size_t lines_len,
+		    const struct hub_store_group *g, size_t ng,
 		    hub_redis_cb cb, void *arg);
 
 #endif

@@ -9,6 +9,7 @@
 #include "hub/redis.h"
 #include "hub/registry.h"
 #include "hub/util.h"
+#include "protocols/agg.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 
@@ -27,6 +28,8 @@ struct gw_dev {
 	uint32_t type_gen;
 	bool seen;                 /* readings since the last last_seen flush */
 	hub_bucket bucket;
+	char *labels;              /* compact JSON object, keys sorted */
+	size_t labels_len;
 	char type_name[HUB_ID_MAX + 1];
 	char id[];
 };
@@ -43,6 +46,7 @@ struct gw_reply {
 	unsigned accepted;
 	hub_buf rejected;          /* JSON array entries, comma separated */
 	hub_buf out;               /* LWS_PRE headroom + message */
+	hub_buf agg;               /* numeric fields to aggregate once stored */
 };
 
 struct gw_conn {
@@ -76,9 +80,12 @@ struct gw_pss {
 
 static void free_dev(const char *key, void *value, void *arg)
 {
+	struct gw_dev *d = value;
+
 	(void)key;
 	(void)arg;
-	free(value);
+	free(d->labels);
+	free(d);
 }
 
 static void conn_unref(struct gw_conn *c)
@@ -110,6 +117,7 @@ static void reply_free(struct gw_reply *r)
 {
 	hub_buf_free(&r->rejected);
 	hub_buf_free(&r->out);
+	hub_buf_free(&r->agg);
 	free(r);
 }
 
@@ -208,15 +216,85 @@ static void finish_ack(struct gw_reply *r, bool duplicate)
 			 (double)(hub_mono_us() - r->t0_us) / 1e6);
 }
 
+/* ---- aggregates ----------------------------------------------------------
+ * The numeric fields of a frame's accepted readings are recorded in the
+ * reply (r->agg) and folded into the 1 s partials only once the frame is
+ * stored, so a resend is never counted twice. Record per reading:
+ * gw_dev pointer, ts, field count, then per field: name length (1 byte),
+ * name, value (double). The devices outlive the reply (it holds a reference
+ * on the connection, which owns them). */
+
+static void agg_record(hub_buf *b, struct gw_dev *d, int64_t ts, json_t *data)
+{
+	const char *k;
+	json_t *v;
+	size_t at, nf = 0;
+	uint16_t n16;
+
+	hub_buf_reserve(b, sizeof(d) + sizeof(ts) + sizeof(n16));
+	memcpy(b->data + b->len, &d, sizeof(d));
+	memcpy(b->data + b->len + sizeof(d), &ts, sizeof(ts));
+	b->len += sizeof(d) + sizeof(ts);
+	at = b->len;
+	b->len += sizeof(n16);
+	json_object_foreach(data, k, v) {
+		size_t kl = strlen(k);
+		double x;
+
+		if (!json_is_number(v) || kl > 255 || nf == UINT16_MAX)
+			continue;
+		x = json_number_value(v);
+		hub_buf_reserve(b, 1 + kl + sizeof(x));
+		b->data[b->len++] = (char)kl;
+		memcpy(b->data + b->len, k, kl);
+		memcpy(b->data + b->len + kl, &x, sizeof(x));
+		b->len += kl + sizeof(x);
+		nf++;
+	}
+	n16 = (uint16_t)nf;
+	memcpy(b->data + at, &n16, sizeof(n16));
+}
+
+static void agg_apply(struct hub *hub, const hub_buf *b)
+{
+	size_t off = 0;
+
+	while (off < b->len) {
+		struct gw_dev *d;
+		struct agg_state *st;
+		int64_t ts;
+		uint16_t nf;
+
+		memcpy(&d, b->data + off, sizeof(d));
+		memcpy(&ts, b->data + off + sizeof(d), sizeof(ts));
+		memcpy(&nf, b->data + off + sizeof(d) + sizeof(ts), sizeof(nf));
+		off += sizeof(d) + sizeof(ts) + sizeof(nf);
+		st = nf ? agg_partial(hub, d->id, d->type_name, d->labels, d->labels_len, ts) : NULL;
+		for (uint16_t i = 0; i < nf; i++) {
+			size_t kl = (unsigned char)b->data[off];
+			double x;
+
+			memcpy(&x, b->data + off + 1 + kl, sizeof(x));
+			if (st)
+				agg_state_add(st, b->data + off + 1, kl, x, ts);
+			off += 1 + kl + sizeof(x);
+		}
+	}
+}
+
 static void on_stored(redisReply *reply, void *arg)
 {
 	struct gw_reply *r = arg;
 	struct hub *hub = r->conn->hub;
 
+	bool stored = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1 &&
+		      reply->element[0]->type == REDIS_REPLY_INTEGER;
+	bool dup = stored && reply->element[0]->integer == 0;
+
+	if (stored && !dup)
+		agg_apply(hub, &r->agg); /* stored, even if the gateway left */
 	if (r->conn->wsi) {
-		if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1 &&
-		    reply->element[0]->type == REDIS_REPLY_INTEGER) {
-			bool dup = reply->element[0]->integer == 0;
+		if (stored) {
 			if (!dup)
 				hub->metrics.readings_accepted += r->accepted;
 			finish_ack(r, dup);
@@ -272,7 +350,11 @@ static const schema_type *dev_type(struct hub *hub, struct gw_dev *d)
 
 struct stored_ref {
 	const char *device;
+	size_t device_len;
+	struct gw_dev *dev;
+	int64_t ts;
 	size_t ts_off, ts_len, data_off, data_len;
+	bool grouped;
 };
 
 /* Per-frame scratch, reused across frames (the loop is single-threaded and
@@ -281,8 +363,59 @@ static struct {
 	hub_buf vals, feed;
 	struct stored_ref *refs;
 	struct hub_store_reading *sr;
+	struct hub_store_group *groups;
 	size_t cap;
 } scratch;
+
+/* One line of the frame's feed entry and live message (docs/dashboard.md):
+ * device TAB type TAB labels TAB "device":…,"ts":…,"data":{…} LF. */
+static void feed_line(hub_buf *feed, const hub_buf *vals, const struct stored_ref *s)
+{
+	struct gw_dev *d = s->dev;
+	size_t tl = strlen(d->type_name);
+
+	hub_buf_reserve(feed, s->device_len * 2 + tl + d->labels_len + s->data_len + 64);
+	hub_buf_append(feed, s->device, s->device_len);
+	hub_buf_append(feed, "\t", 1);
+	hub_buf_append(feed, d->type_name, tl);
+	hub_buf_append(feed, "\t", 1);
+	hub_buf_append(feed, d->labels, d->labels_len);
+	hub_buf_puts(feed, "\t\"device\":\"");
+	hub_buf_append(feed, s->device, s->device_len); /* [A-Za-z0-9._:-]: no escaping */
+	hub_buf_puts(feed, "\",\"ts\":");
+	hub_buf_append(feed, vals->data + s->ts_off, s->ts_len);
+	hub_buf_puts(feed, ",\"data\":");
+	hub_buf_append(feed, vals->data + s->data_off, s->data_len);
+	hub_buf_append(feed, "\n", 1);
+}
+
+/* Writes the accepted readings' lines grouped by device type (stable within
+ * a type); returns the number of groups. */
+static size_t feed_build(hub_buf *feed, const hub_buf *vals, struct stored_ref *refs,
+			 size_t n, struct hub_store_group *groups)
+{
+	size_t ng = 0;
+
+	feed->len = 0;
+	for (size_t i = 0; i < n; i++)
+		refs[i].grouped = false;
+	for (size_t i = 0; i < n; i++) {
+		if (refs[i].grouped)
+			continue;
+		struct hub_store_group *g = &groups[ng++];
+		g->type = refs[i].dev->type_name;
+		g->off = feed->len;
+		for (size_t j = i; j < n; j++) {
+			if (refs[j].grouped || (j > i && refs[j].dev->type_name != g->type &&
+						    strcmp(refs[j].dev->type_name, g->type)))
+				continue;
+			refs[j].grouped = true;
+			feed_line(feed, vals, &refs[j]);
+		}
+		g->len = feed->len - g->off;
+	}
+	return ng;
+}
 
 #define SCRATCH_KEEP_BYTES (64 * 1024)  /* a bigger frame's buffers are freed */
 
@@ -309,10 +442,10 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		scratch.cap = n;
 		scratch.refs = hub_xrealloc(scratch.refs, n * sizeof(*scratch.refs));
 		scratch.sr = hub_xrealloc(scratch.sr, n * sizeof(*scratch.sr));
+		scratch.groups = hub_xrealloc(scratch.groups, n * sizeof(*scratch.groups));
 	}
 	refs = scratch.refs;
-	vals.len = feed.len = 0;
-	hub_buf_puts(&feed, "[");
+	vals.len = 0;
 	for (size_t i = 0; i < n; i++) {
 		json_t *item = json_array_get(msg->items, i);
 		schema_error errs[MAX_FIELD_ERRORS];
@@ -402,6 +535,9 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		struct stored_ref *s = &refs[nacc++];
 		int64_t ts = rd.has_ts ? rd.ts : now_ms;
 		s->device = rd.device;
+		s->device_len = rd.device_len;
+		s->dev = d;
+		s->ts = ts;
 		s->ts_off = vals.len;
 		hub_buf_i64(&vals, ts);
 		s->ts_len = vals.len - s->ts_off;
@@ -418,17 +554,8 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		}
 		vals.len += need;
 		s->data_len = vals.len - s->data_off;
-		if (nacc > 1)
-			hub_buf_puts(&feed, ",");
-		hub_buf_puts(&feed, "{\"device\":");
-		hub_buf_json_str(&feed, rd.device, rd.device_len);
-		hub_buf_puts(&feed, ",\"ts\":");
-		hub_buf_i64(&feed, ts);
-		hub_buf_puts(&feed, ",\"data\":");
-		hub_buf_append(&feed, vals.data + s->data_off, s->data_len);
-		hub_buf_puts(&feed, "}");
+		agg_record(&r->agg, d, ts, rd.data);
 	}
-	hub_buf_puts(&feed, "]");
 	r->accepted = (unsigned)nacc;
 
 	if (!nacc) {
@@ -444,9 +571,10 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 			sr[i].data = vals.data + refs[i].data_off;
 			sr[i].data_len = refs[i].data_len;
 		}
+		size_t ng = feed_build(&feed, &vals, refs, nacc, scratch.groups);
 		r->waiting = true;
 		if (hub_store_frame(hub, c->gw, msg->seq, sr, nacc, feed.data, feed.len,
-				    on_stored, r)) {
+				    scratch.groups, ng, on_stored, r)) {
 			r->waiting = false;
 			hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
 			gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
@@ -552,6 +680,9 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 					: NULL;
 		items[nacc].labels = labels[nacc] ? labels[nacc] : "{}";
 		items[nacc].labels_len = strlen(items[nacc].labels);
+		free(d->labels);
+		d->labels = hub_xstrdup(items[nacc].labels);
+		d->labels_len = items[nacc].labels_len;
 		if (acc.len)
 			hub_buf_puts(&acc, ",");
 		hub_buf_json_str(&acc, a.device, a.device_len);
@@ -874,8 +1005,8 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	struct gw_conn *c;
 	char msg[HUB_ID_MAX * 3 + 40];
 
-	if (!hs)
-		return -1; /* not authenticated by the upgrade handler */
+	if (!hs || hs->stream)
+		return -1; /* not authenticated by the gateway upgrade handler */
 	lws_set_opaque_user_data(wsi, NULL);
 	c = hub_xcalloc(1, sizeof(*c));
 	c->wsi = wsi;

@@ -19,6 +19,9 @@ struct hub;
  * wsi's opaque user data (the per-session data is reallocated on upgrade). */
 struct gw_handshake {
 	auth_principal who;
+	bool stream;               /* upgraded at /v1/stream (else /v1/gateway): a client
+				    * listing both subprotocols must not cross over */
+	bool anonymous;            /* dashboard without Authorization: auth message expected */
 };
 
 /* Subscribes to cross-instance control messages (takeover) and starts the

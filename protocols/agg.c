@@ -1,0 +1,509 @@
+#include "protocols/agg.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <libwebsockets.h>
+
+#include "hub/hub.h"
+#include "hub/log.h"
+#include "hub/redis.h"
+#include "hub/strmap.h"
+#include "protocols/stream.h"
+
+#define AGG_CHANNEL      "iot:live:agg"
+#define TICK_US          (100 * 1000)
+#define FLUSH_DELAY_MS   100          /* after a second ends, before publishing */
+#define MSG_MAX_BYTES    (32 * 1024)  /* partials per published message */
+#define KEY_MAX          (HUB_ID_MAX + 32)
+
+const int64_t agg_window_ms[AGG__COUNT] = { 1000, 10000, 60000 };
+const char *const agg_window_names[AGG__COUNT] = { "1s", "10s", "1m" };
+
+/* Windows pending per map, keyed "<start>|<device>". */
+struct window_map {
+	hub_strmap states;
+	int64_t next_due;          /* earliest deadline of any state; INT64_MAX: none */
+};
+
+static struct {
+	struct hub *hub;
+	lws_sorted_usec_list_t sul;
+	struct window_map partials;          /* ingest: this instance's 1 s partials */
+	struct window_map merged[AGG__COUNT]; /* merge side, per window */
+	unsigned wants[AGG__COUNT];
+	int64_t want_since_ms[AGG__COUNT];   /* merging w since (earlier windows: incomplete) */
+	int64_t active_since_ms;             /* 0: iot:live:agg not active */
+	hub_buf msg;
+} A;
+
+/* ---- state --------------------------------------------------------------- */
+
+static struct agg_state *state_new(const char *device, const char *type, json_t *labels,
+				   int64_t start)
+{
+	struct agg_state *st = hub_xcalloc(1, sizeof(*st));
+
+	st->device = hub_xstrdup(device);
+	st->type = hub_xstrdup(type);
+	st->labels = labels ? json_incref(labels) : json_object();
+	st->start = start;
+	return st;
+}
+
+void agg_state_clear(struct agg_state *st)
+{
+	for (size_t i = 0; i < st->nfields; i++)
+		free(st->fields[i].name);
+	free(st->fields);
+	free(st->device);
+	free(st->type);
+	json_decref(st->labels);
+	memset(st, 0, sizeof(*st));
+}
+
+static void state_free(struct agg_state *st)
+{
+	agg_state_clear(st);
+	free(st);
+}
+
+static struct agg_field *field_get(struct agg_state *st, const char *name, size_t len)
+{
+	for (size_t i = 0; i < st->nfields; i++)
+		if (!strncmp(st->fields[i].name, name, len) && !st->fields[i].name[len])
+			return &st->fields[i];
+	if (st->nfields == st->cap) {
+		st->cap = st->cap ? st->cap * 2 : 4;
+		st->fields = hub_xrealloc(st->fields, st->cap * sizeof(*st->fields));
+	}
+	struct agg_field *f = &st->fields[st->nfields++];
+	memset(f, 0, sizeof(*f));
+	f->name = hub_xmalloc(len + 1);
+	memcpy(f->name, name, len);
+	f->name[len] = '\0';
+	return f;
+}
+
+/* Folds (count, min, max, sum, last@last_ts) into f. On equal timestamps
+ * the value folded later wins: "later stored" within one instance. */
+static void field_fold(struct agg_field *f, int64_t count, double min, double max,
+		       double sum, double last, int64_t last_ts)
+{
+	if (!f->count || min < f->min)
+		f->min = min;
+	if (!f->count || max > f->max)
+		f->max = max;
+	if (!f->count || last_ts >= f->last_ts) {
+		f->last = last;
+		f->last_ts = last_ts;
+	}
+	f->count += count;
+	f->sum += sum;
+}
+
+void agg_state_add(struct agg_state *st, const char *name, size_t len, double v, int64_t ts)
+{
+	if (!isfinite(v))
+		return;
+	field_fold(field_get(st, name, len), 1, v, v, v, v, ts);
+}
+
+void agg_state_merge(struct agg_state *dst, const struct agg_state *src)
+{
+	for (size_t i = 0; i < src->nfields; i++) {
+		const struct agg_field *s = &src->fields[i];
+		field_fold(field_get(dst, s->name, strlen(s->name)), s->count, s->min, s->max,
+			   s->sum, s->last, s->last_ts);
+	}
+}
+
+static void buf_double(hub_buf *b, double v)
+{
+	char num[32];
+	int n;
+
+	if (v == (double)(int64_t)v && fabs(v) < 9e15) {
+		hub_buf_i64(b, (int64_t)v);
+		return;
+	}
+	n = snprintf(num, sizeof(num), "%.17g", v);
+	hub_buf_append(b, num, (size_t)n);
+}
+
+void agg_metrics_json(const struct agg_state *st, hub_buf *out)
+{
+	hub_buf_puts(out, "\"metrics\":{");
+	for (size_t i = 0; i < st->nfields; i++) {
+		const struct agg_field *f = &st->fields[i];
+		if (i)
+			hub_buf_puts(out, ",");
+		hub_buf_json_str(out, f->name, strlen(f->name));
+		hub_buf_puts(out, ":{\"count\":");
+		hub_buf_i64(out, f->count);
+		hub_buf_puts(out, ",\"min\":");
+		buf_double(out, f->min);
+		hub_buf_puts(out, ",\"max\":");
+		buf_double(out, f->max);
+		hub_buf_puts(out, ",\"avg\":");
+		buf_double(out, f->sum / (double)f->count);
+		hub_buf_puts(out, ",\"last\":");
+		buf_double(out, f->last);
+		hub_buf_puts(out, "}");
+	}
+	hub_buf_puts(out, "}");
+}
+
+static size_t make_key(char *key, int64_t start, const char *device)
+{
+	return (size_t)snprintf(key, KEY_MAX, "%lld|%s", (long long)start, device);
+}
+
+static void map_init(struct window_map *m)
+{
+	memset(&m->states, 0, sizeof(m->states));
+	m->next_due = INT64_MAX;
+}
+
+static void free_state_cb(const char *key, void *value, void *arg)
+{
+	(void)key;
+	(void)arg;
+	state_free(value);
+}
+
+static void map_clear(struct window_map *m)
+{
+	hub_strmap_foreach(&m->states, free_state_cb, NULL);
+	hub_strmap_free(&m->states);
+	map_init(m);
+}
+
+/* Takes out every state whose deadline (start + span) is <= now into *out
+ * (caller frees); recomputes next_due. */
+struct due_ctx {
+	int64_t now, span;
+	struct agg_state **v;
+	size_t n, cap;
+	int64_t next_due;
+};
+
+static void collect_due_cb(const char *key, void *value, void *arg)
+{
+	struct due_ctx *d = arg;
+	struct agg_state *st = value;
+
+	(void)key;
+	if (st->start + d->span <= d->now) {
+		if (d->n == d->cap) {
+			d->cap = d->cap ? d->cap * 2 : 64;
+			d->v = hub_xrealloc(d->v, d->cap * sizeof(*d->v));
+		}
+		d->v[d->n++] = st;
+	} else if (st->start + d->span < d->next_due) {
+		d->next_due = st->start + d->span;
+	}
+}
+
+static void map_take_due(struct window_map *m, int64_t now, int64_t span, struct due_ctx *d)
+{
+	char key[KEY_MAX];
+
+	memset(d, 0, sizeof(*d));
+	d->now = now;
+	d->span = span;
+	d->next_due = INT64_MAX;
+	if (now < m->next_due)
+		return;
+	hub_strmap_foreach(&m->states, collect_due_cb, d);
+	for (size_t i = 0; i < d->n; i++)
+		hub_strmap_del(&m->states, key, make_key(key, d->v[i]->start, d->v[i]->device));
+	m->next_due = d->next_due;
+}
+
+static int cmp_start(const void *a, const void *b)
+{
+	const struct agg_state *x = *(struct agg_state *const *)a, *y = *(struct agg_state *const *)b;
+
+	return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* ---- ingest: this instance's 1 s partials -------------------------------- */
+
+static int64_t max_age_ms(void)
+{
+	return agg_window_ms[AGG_1M] + A.hub->cfg.aggregate_grace_ms + 1000;
+}
+
+struct agg_state *agg_partial(struct hub *hub, const char *device, const char *type,
+			      const char *labels, size_t labels_len, int64_t ts)
+{
+	char key[KEY_MAX];
+	int64_t start = ts - ((ts % 1000) + 1000) % 1000;
+	size_t kl;
+	struct agg_state *st;
+
+	if (ts < hub_now_ms() - max_age_ms()) {
+		hub->metrics.aggregate_late_readings_total++;
+		return NULL;
+	}
+	kl = make_key(key, start, device);
+	st = hub_strmap_get(&A.partials.states, key, kl);
+	if (!st) {
+		json_t *lj = json_loadb(labels ? labels : "{}", labels ? labels_len : 2, 0, NULL);
+		st = state_new(device, type, json_is_object(lj) ? lj : NULL, start);
+		json_decref(lj);
+		hub_strmap_put(&A.partials.states, key, kl, st);
+		if (start + 1000 + FLUSH_DELAY_MS < A.partials.next_due)
+			A.partials.next_due = start + 1000 + FLUSH_DELAY_MS;
+	}
+	return st;
+}
+
+static void msg_begin(void)
+{
+	A.msg.len = 0;
+	hub_buf_puts(&A.msg, "{\"instance\":");
+	hub_buf_json_str(&A.msg, A.hub->instance_id, strlen(A.hub->instance_id));
+	hub_buf_puts(&A.msg, ",\"partials\":[");
+}
+
+static void msg_send(void)
+{
+	hub_buf_puts(&A.msg, "]}");
+	hub_redis_publish(A.hub->redis, AGG_CHANNEL, A.msg.data, A.msg.len);
+}
+
+static void flush_partials(int64_t now)
+{
+	struct due_ctx d;
+	size_t in_msg = 0;
+
+	map_take_due(&A.partials, now, 1000 + FLUSH_DELAY_MS, &d);
+	if (!d.n)
+		return;
+	msg_begin();
+	for (size_t i = 0; i < d.n; i++) {
+		struct agg_state *st = d.v[i];
+		char *labels = json_dumps(st->labels, JSON_COMPACT | JSON_SORT_KEYS);
+
+		if (in_msg)
+			hub_buf_puts(&A.msg, ",");
+		hub_buf_puts(&A.msg, "{\"device\":");
+		hub_buf_json_str(&A.msg, st->device, strlen(st->device));
+		hub_buf_puts(&A.msg, ",\"type\":");
+		hub_buf_json_str(&A.msg, st->type, strlen(st->type));
+		hub_buf_puts(&A.msg, ",\"labels\":");
+		hub_buf_puts(&A.msg, labels ? labels : "{}");
+		hub_buf_puts(&A.msg, ",\"start\":");
+		hub_buf_i64(&A.msg, st->start);
+		hub_buf_puts(&A.msg, ",\"fields\":{");
+		for (size_t j = 0; j < st->nfields; j++) {
+			const struct agg_field *f = &st->fields[j];
+			if (j)
+				hub_buf_puts(&A.msg, ",");
+			hub_buf_json_str(&A.msg, f->name, strlen(f->name));
+			hub_buf_puts(&A.msg, ":[");
+			hub_buf_i64(&A.msg, f->count);
+			hub_buf_puts(&A.msg, ",");
+			buf_double(&A.msg, f->min);
+			hub_buf_puts(&A.msg, ",");
+			buf_double(&A.msg, f->max);
+			hub_buf_puts(&A.msg, ",");
+			buf_double(&A.msg, f->sum);
+			hub_buf_puts(&A.msg, ",");
+			buf_double(&A.msg, f->last);
+			hub_buf_puts(&A.msg, ",");
+			hub_buf_i64(&A.msg, f->last_ts);
+			hub_buf_puts(&A.msg, "]");
+		}
+		hub_buf_puts(&A.msg, "}}");
+		free(labels);
+		state_free(st);
+		in_msg++;
+		if (A.msg.len > MSG_MAX_BYTES && i + 1 < d.n) {
+			msg_send();
+			msg_begin();
+			in_msg = 0;
+		}
+	}
+	msg_send();
+	free(d.v);
+	if (A.msg.cap > 4 * MSG_MAX_BYTES)
+		hub_buf_free(&A.msg);
+}
+
+/* ---- merge side ---------------------------------------------------------- */
+
+static bool any_want(void)
+{
+	for (int w = 0; w < AGG__COUNT; w++)
+		if (A.wants[w])
+			return true;
+	return false;
+}
+
+void agg_want(struct hub *hub, enum agg_window w, bool want)
+{
+	(void)hub;
+	if (want) {
+		if (!A.wants[w]++)
+			A.want_since_ms[w] = hub_now_ms();
+	} else if (A.wants[w] && !--A.wants[w]) {
+		map_clear(&A.merged[w]);
+	}
+}
+
+void agg_set_active(struct hub *hub, bool active)
+{
+	if (active) {
+		A.active_since_ms = hub_now_ms();
+		return;
+	}
+	A.active_since_ms = 0;
+	for (int w = 0; w < AGG__COUNT; w++)
+		map_clear(&A.merged[w]); /* partials were lost: those windows are incomplete */
+	(void)hub;
+}
+
+static int parse_field(json_t *arr, struct agg_field *f)
+{
+	if (!json_is_array(arr) || json_array_size(arr) != 6)
+		return -1;
+	for (size_t i = 0; i < 6; i++)
+		if (!json_is_number(json_array_get(arr, i)))
+			return -1;
+	f->count = (int64_t)json_number_value(json_array_get(arr, 0));
+	f->min = json_number_value(json_array_get(arr, 1));
+	f->max = json_number_value(json_array_get(arr, 2));
+	f->sum = json_number_value(json_array_get(arr, 3));
+	f->last = json_number_value(json_array_get(arr, 4));
+	f->last_ts = (int64_t)json_number_value(json_array_get(arr, 5));
+	return f->count > 0 ? 0 : -1;
+}
+
+static void merge_partial(json_t *p, int64_t now)
+{
+	json_t *dev = json_object_get(p, "device"), *type = json_object_get(p, "type"),
+	       *labels = json_object_get(p, "labels"), *start = json_object_get(p, "start"),
+	       *fields = json_object_get(p, "fields");
+	int64_t s;
+	const char *k;
+	json_t *v;
+
+	if (!json_is_string(dev) || !json_is_string(type) || !json_is_integer(start) ||
+	    !json_is_object(fields) || (labels && !json_is_object(labels)))
+		return;
+	s = json_integer_value(start);
+	for (int w = 0; w < AGG__COUNT; w++) {
+		int64_t span = agg_window_ms[w], ws = s - ((s % span) + span) % span;
+		int64_t due = ws + span + A.hub->cfg.aggregate_grace_ms;
+		char key[KEY_MAX];
+		size_t kl;
+		struct agg_state *st;
+
+		if (!A.wants[w])
+			continue;
+		if (due <= now || ws < A.active_since_ms || ws < A.want_since_ms[w]) {
+			if (due <= now)
+				A.hub->metrics.aggregate_late_partials_total++;
+			continue;
+		}
+		kl = make_key(key, ws, json_string_value(dev));
+		st = hub_strmap_get(&A.merged[w].states, key, kl);
+		if (!st) {
+			st = state_new(json_string_value(dev), json_string_value(type), labels, ws);
+			hub_strmap_put(&A.merged[w].states, key, kl, st);
+			if (due < A.merged[w].next_due)
+				A.merged[w].next_due = due;
+		}
+		json_object_foreach(fields, k, v) {
+			struct agg_field f;
+			if (parse_field(v, &f))
+				continue;
+			field_fold(field_get(st, k, strlen(k)), f.count, f.min, f.max, f.sum,
+				   f.last, f.last_ts);
+		}
+	}
+}
+
+void agg_on_partials(struct hub *hub, const char *payload, size_t len)
+{
+	json_t *doc, *parts;
+	int64_t now = hub_now_ms();
+
+	(void)hub;
+	if (!any_want() || !A.active_since_ms)
+		return;
+	doc = json_loadb(payload, len, 0, NULL);
+	parts = json_object_get(doc, "partials");
+	for (size_t i = 0; i < json_array_size(parts); i++)
+		merge_partial(json_array_get(parts, i), now);
+	json_decref(doc);
+}
+
+static void emit_due(int64_t now)
+{
+	for (int w = 0; w < AGG__COUNT; w++) {
+		struct due_ctx d;
+
+		if (!A.wants[w])
+			continue;
+		map_take_due(&A.merged[w], now,
+			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, &d);
+		if (!d.n)
+			continue;
+		qsort(d.v, d.n, sizeof(*d.v), cmp_start);
+		for (size_t i = 0; i < d.n;) {
+			size_t j = i;
+			while (j < d.n && d.v[j]->start == d.v[i]->start)
+				j++;
+			stream_emit_aggregates(A.hub, (enum agg_window)w, d.v[i]->start,
+					       d.v + i, j - i);
+			i = j;
+		}
+		for (size_t i = 0; i < d.n; i++)
+			state_free(d.v[i]);
+		free(d.v);
+	}
+}
+
+/* ---- timer --------------------------------------------------------------- */
+
+static void tick_cb(lws_sorted_usec_list_t *sul)
+{
+	int64_t now = hub_now_ms();
+
+	(void)sul;
+	flush_partials(now);
+	emit_due(now);
+	lws_sul_schedule(A.hub->ctx, 0, &A.sul, tick_cb, TICK_US);
+}
+
+void agg_init(struct hub *hub)
+{
+	A.hub = hub;
+	map_init(&A.partials);
+	for (int w = 0; w < AGG__COUNT; w++)
+		map_init(&A.merged[w]);
+	lws_sul_schedule(hub->ctx, 0, &A.sul, tick_cb, TICK_US);
+}
+
+void agg_stop(struct hub *hub)
+{
+	(void)hub;
+	if (A.hub)
+		lws_sul_cancel(&A.sul);
+}
+
+void agg_free(struct hub *hub)
+{
+	(void)hub;
+	if (!A.hub)
+		return;
+	map_clear(&A.partials);
+	for (int w = 0; w < AGG__COUNT; w++)
+		map_clear(&A.merged[w]);
+	hub_buf_free(&A.msg);
+}

@@ -1,0 +1,86 @@
+/*
+ * agg.h - tumbling-window aggregates (1s, 10s, 1m) that merge across hub
+ * instances (docs/dashboard.md, "Aggregates").
+ *
+ * Ingest side: every instance folds the readings it stores into 1-second
+ * partial states per device and publishes them on iot:live:agg shortly after
+ * each second ends. Merge side: while this instance has aggregate
+ * subscribers, it merges the partials of every instance into the windows its
+ * subscribers asked for and, aggregate-grace-ms after a window ends, hands
+ * the merged per-device states to the dashboard stream for delivery.
+ *
+ * State per field is (count, min, max, sum, last, last_ts): every piece
+ * merges associatively, so 10s and 1m windows are merges of 1s partials.
+ */
+#ifndef HUB_AGG_H
+#define HUB_AGG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <jansson.h>
+
+#include "hub/util.h"
+
+struct hub;
+
+enum agg_window { AGG_1S, AGG_10S, AGG_1M, AGG__COUNT };
+
+extern const int64_t agg_window_ms[AGG__COUNT];
+extern const char *const agg_window_names[AGG__COUNT];
+
+struct agg_field {
+	char *name;
+	int64_t count;
+	double min, max, sum, last;
+	int64_t last_ts;
+};
+
+/* One device's state for one window. */
+struct agg_state {
+	char *device;
+	char *type;
+	json_t *labels;            /* object (owned reference) */
+	int64_t start;
+	size_t nfields, cap;
+	struct agg_field *fields;
+};
+
+void agg_init(struct hub *hub);
+void agg_stop(struct hub *hub);   /* timers; while the loop still exists */
+void agg_free(struct hub *hub);   /* memory; after the loop is gone */
+
+/* ---- ingest -------------------------------------------------------------- */
+
+/* The partial of device for the second holding ts (created on first use), or
+ * NULL when ts is too old to be aggregated. labels is the device's labels as
+ * compact JSON. The pointer is valid until the loop next runs. */
+struct agg_state *agg_partial(struct hub *hub, const char *device, const char *type,
+			      const char *labels, size_t labels_len, int64_t ts);
+
+/* Folds one value of field (name[0..len)) at time ts into st. */
+void agg_state_add(struct agg_state *st, const char *name, size_t len, double v, int64_t ts);
+
+/* ---- merge side ---------------------------------------------------------- */
+
+/* The dashboard stream takes (want = true) or drops a need for window w; the
+ * merge runs only for windows someone needs. */
+void agg_want(struct hub *hub, enum agg_window w, bool want);
+
+/* A message from iot:live:agg (the stream module owns that subscription). */
+void agg_on_partials(struct hub *hub, const char *payload, size_t len);
+
+/* The iot:live:agg subscription became active (or stopped being): windows
+ * that started before it was active are incomplete here and not emitted. */
+void agg_set_active(struct hub *hub, bool active);
+
+/* Appends `"metrics":{...}` for st's fields to out (JSON). */
+void agg_metrics_json(const struct agg_state *st, hub_buf *out);
+
+/* Merges src's fields into dst (same window). */
+void agg_state_merge(struct agg_state *dst, const struct agg_state *src);
+
+/* Frees what st owns (not st). */
+void agg_state_clear(struct agg_state *st);
+
+#endif

@@ -1,0 +1,1584 @@
+#include "protocols/stream.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <jansson.h>
+
+#include "hub/hub.h"
+#include "hub/log.h"
+#include "hub/redis.h"
+#include "hub/strmap.h"
+#include "hub/util.h"
+#include "protocols/gateway.h"
+
+#define RAW_PREFIX        "iot:live:raw:"
+#define PRESENCE_CHANNEL  "iot:live:presence"
+#define COMMANDS_CHANNEL  "iot:live:commands"
+#define AGG_CHANNEL       "iot:live:agg"
+#define FEED_KEY          "iot:feed"
+
+#define MAX_MESSAGE_BYTES (64 * 1024)  /* one dashboard message to the hub */
+#define MAX_ID_LEN        64
+#define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read */
+#define WRITES_PER_TURN   128
+#define CLOSE_UNAUTHORIZED 4401
+#define CLOSE_FORBIDDEN    4403
+#define CLOSE_AUTH_TIMEOUT 4408
+#define CLOSE_SLOW         4008
+
+/* ---- model ---------------------------------------------------------------
+ *
+ * A group is everything behind one Redis channel: raw readings of one device
+ * type (SUBSCRIBE iot:live:raw:<type>), raw readings of any type (PSUBSCRIBE
+ * iot:live:raw:*), presence, commands, aggregates. It holds one reference on
+ * its channel while it has subscriptions. Groups live until shutdown (a
+ * lingering channel may still deliver to an empty group).
+ *
+ * A message received from Redis is split into lines; a line's dashboard
+ * message body (everything after `"sub":"<id>",`) is built once, on the
+ * first subscription it matches, and shared by reference between queues.
+ */
+
+enum st_kind { K_RAW, K_1S, K_10S, K_1M, K_PRESENCE, K_COMMANDS, K__COUNT };
+static const char *const kind_names[K__COUNT] = {
+	"raw", "1s", "10s", "1m", "presence", "commands"
+};
+
+struct st_msg {
+	unsigned refs;
+	const char *type;          /* "reading", "aggregate", ... */
+	uint64_t pos_ms, pos_seq;  /* raw: feed position */
+	size_t len;
+	char body[];               /* `"device":…}` */
+};
+
+struct st_conn;
+struct st_group;
+
+enum phase {
+	PH_WAIT,      /* channel not active yet */
+	PH_POSITION,  /* asking the feed for the current position */
+	PH_REPLAY,    /* paging through the feed after `since` */
+	PH_LIVE,
+};
+
+struct st_sub {
+	struct st_sub *next;       /* in its connection */
+	struct st_sub *gprev, *gnext; /* in its group */
+	struct st_group *group;
+	struct st_conn *conn;      /* NULL once the connection is gone */
+	unsigned refs;             /* connection + queue entries + Redis ops */
+	bool dead;
+	enum st_kind kind;
+	char id[MAX_ID_LEN + 1];
+	size_t id_len;
+	/* filter */
+	auth_patterns devices;
+	bool has_devices;
+	char *type;
+	json_t *labels;
+	char *group_by;
+	/* raw positions */
+	bool has_since, resume, announced;
+	uint64_t last_ms, last_seq;  /* replay cursor, then last delivered */
+	uint64_t seam_ms, seam_seq;  /* live frames at or before this were replayed */
+	unsigned gen;                /* bumps when a Redis op becomes stale */
+	struct st_msg **pend;        /* live messages held during position/replay */
+	size_t npend, pend_cap;
+	bool pend_overflow;
+	bool replay_wait;            /* next page once the queue drains */
+	uint64_t dropped;            /* for the next `gap` */
+	enum phase phase;
+};
+
+struct st_group {
+	struct st_sub *head;
+	unsigned nsubs;
+	struct hub_redis_channel *ch;
+	bool raw, agg, pattern;
+	const char *msg_type;        /* presence/commands: message type */
+	char channel[];
+};
+
+struct st_qent {
+	struct st_msg *msg;
+	struct st_sub *sub;
+};
+
+struct ctrl {
+	struct ctrl *next;
+	size_t len;
+	char data[];                 /* LWS_PRE + message */
+};
+
+struct st_conn {
+	struct st_conn *prev, *next;
+	struct lws *wsi;
+	struct hub *hub;
+	auth_principal who;
+	bool authed, closing;
+	int close_code;
+	char close_reason[64];
+	lws_sorted_usec_list_t sul_auth;
+	struct st_sub *subs;
+	unsigned nsubs;
+	struct st_qent *q;
+	size_t qhead, qlen, qcap, qbytes;
+	struct ctrl *ctrl_head, *ctrl_tail;
+	size_t ctrl_bytes;
+	hub_buf rx, w;
+	bool discarding;
+};
+
+struct st_pss {
+	struct st_conn *conn;
+};
+
+static struct {
+	struct hub *hub;
+	hub_strmap raw_typed;        /* type -> struct st_group * */
+	struct st_group *raw_all, *presence, *commands, *agg;
+	struct st_conn *conns;
+} S;
+
+/* ---- messages ------------------------------------------------------------ */
+
+static struct st_msg *msg_new(const char *type, const char *body, size_t len,
+			      const char *tail, size_t tail_len)
+{
+	struct st_msg *m = hub_xmalloc(sizeof(*m) + len + tail_len + 1);
+
+	m->refs = 1;
+	m->type = type;
+	m->pos_ms = m->pos_seq = 0;
+	memcpy(m->body, body, len);
+	memcpy(m->body + len, tail, tail_len);
+	m->len = len + tail_len;
+	m->body[m->len] = '\0';
+	return m;
+}
+
+static void msg_unref(struct st_msg *m)
+{
+	if (m && !--m->refs)
+		free(m);
+}
+
+static int parse_pos(const char *s, size_t len, uint64_t *ms, uint64_t *seq)
+{
+	uint64_t a = 0, b = 0;
+	size_t i = 0;
+
+	if (!len || len > 41)
+		return -1;
+	for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
+		if (a > (UINT64_MAX - 9) / 10)
+			return -1;
+		a = a * 10 + (uint64_t)(s[i] - '0');
+	}
+	if (!i)
+		return -1;
+	if (i < len) {
+		size_t j;
+		if (s[i] != '-' || i + 1 == len)
+			return -1;
+		for (j = i + 1; j < len; j++) {
+			if (s[j] < '0' || s[j] > '9' || b > (UINT64_MAX - 9) / 10)
+				return -1;
+			b = b * 10 + (uint64_t)(s[j] - '0');
+		}
+	}
+	*ms = a;
+	*seq = b;
+	return 0;
+}
+
+static bool pos_after(uint64_t ms, uint64_t seq, uint64_t ms0, uint64_t seq0)
+{
+	return ms > ms0 || (ms == ms0 && seq > seq0);
+}
+
+static void buf_pos(hub_buf *b, uint64_t ms, uint64_t seq)
+{
+	hub_buf_printf(b, "%" PRIu64 "-%" PRIu64, ms, seq);
+}
+
+/* ---- connection queue and writer ----------------------------------------- */
+
+static void sub_unref(struct st_sub *s);
+
+static void conn_close(struct st_conn *c, int code, const char *reason)
+{
+	if (!c->wsi || c->closing)
+		return;
+	c->closing = true;
+	c->close_code = code;
+	snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+	lws_callback_on_writable(c->wsi);
+}
+
+/* Queues a control message (replies, errors): never dropped, written before
+ * data. A client that stops reading its replies is closed. */
+static void ctrl_push(struct st_conn *c, const char *data, size_t len)
+{
+	struct ctrl *m;
+
+	if (!c->wsi || c->closing)
+		return;
+	if (c->ctrl_bytes + len > CTRL_MAX_BYTES) {
+		conn_close(c, LWS_CLOSE_STATUS_POLICY_VIOLATION, "replies not read");
+		return;
+	}
+	m = hub_xmalloc(sizeof(*m) + LWS_PRE + len);
+	m->next = NULL;
+	m->len = len;
+	memcpy(m->data + LWS_PRE, data, len);
+	if (c->ctrl_tail)
+		c->ctrl_tail->next = m;
+	else
+		c->ctrl_head = m;
+	c->ctrl_tail = m;
+	c->ctrl_bytes += len;
+	lws_callback_on_writable(c->wsi);
+}
+
+static void ctrl_buf(struct st_conn *c, hub_buf *b)
+{
+	ctrl_push(c, b->data, b->len);
+	hub_buf_free(b);
+}
+
+static void send_error(struct st_conn *c, const char *id, const char *code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+static void send_error(struct st_conn *c, const char *id, const char *code, const char *fmt, ...)
+{
+	hub_buf b = { 0 };
+	char msg[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	hub_buf_puts(&b, "{\"type\":\"error\"");
+	if (id) {
+		hub_buf_puts(&b, ",\"id\":");
+		hub_buf_json_str(&b, id, strlen(id));
+	}
+	hub_buf_puts(&b, ",\"code\":");
+	hub_buf_json_str(&b, code, strlen(code));
+	hub_buf_puts(&b, ",\"message\":");
+	hub_buf_json_str(&b, msg, strlen(msg));
+	hub_buf_puts(&b, "}");
+	ctrl_buf(c, &b);
+}
+
+static void q_drop_head(struct st_conn *c)
+{
+	struct st_qent *e = &c->q[c->qhead];
+
+	c->qbytes -= e->msg->len;
+	if (!e->sub->dead)
+		e->sub->dropped++;
+	c->hub->metrics.stream_dropped_total++;
+	msg_unref(e->msg);
+	sub_unref(e->sub);
+	c->qhead = (c->qhead + 1) % c->qcap;
+	c->qlen--;
+}
+
+/* Queues msg for sub on its connection; the oldest go when it is full. */
+static void enqueue(struct st_sub *s, struct st_msg *m)
+{
+	struct st_conn *c = s->conn;
+	struct hub_config *cfg;
+
+	if (!c || !c->wsi || c->closing)
+		return;
+	cfg = &c->hub->cfg;
+	while (c->qlen && (c->qlen >= (size_t)cfg->stream_queue_max ||
+			   c->qbytes + m->len > (size_t)cfg->stream_queue_max_bytes)) {
+		if (cfg->stream_slow_policy[0] == 'c') {
+			c->hub->metrics.stream_slow_closed_total++;
+			conn_close(c, CLOSE_SLOW, "reading too slowly");
+			return;
+		}
+		q_drop_head(c);
+	}
+	if (c->qlen == c->qcap) {
+		size_t ncap = c->qcap ? c->qcap * 2 : 16;
+		struct st_qent *n = hub_xmalloc(ncap * sizeof(*n));
+		for (size_t i = 0; i < c->qlen; i++)
+			n[i] = c->q[(c->qhead + i) % c->qcap];
+		free(c->q);
+		c->q = n;
+		c->qcap = ncap;
+		c->qhead = 0;
+	}
+	c->q[(c->qhead + c->qlen) % c->qcap] = (struct st_qent){ m, s };
+	c->qlen++;
+	c->qbytes += m->len;
+	m->refs++;
+	s->refs++;
+	if (c->qlen == 1)
+		lws_callback_on_writable(c->wsi);
+}
+
+static int write_text(struct st_conn *c, hub_buf *w)
+{
+	size_t n = w->len - LWS_PRE;
+
+	if (lws_write(c->wsi, (unsigned char *)w->data + LWS_PRE, n, LWS_WRITE_TEXT) < (int)n)
+		return -1;
+	c->hub->metrics.stream_messages_total++;
+	return 0;
+}
+
+static void w_begin(hub_buf *w)
+{
+	w->len = 0;
+	hub_buf_reserve(w, LWS_PRE + 256);
+	memset(w->data, 0, LWS_PRE);
+	w->len = LWS_PRE;
+}
+
+static int write_gap(struct st_conn *c, struct st_sub *s)
+{
+	w_begin(&c->w);
+	hub_buf_puts(&c->w, "{\"type\":\"gap\",\"sub\":");
+	hub_buf_json_str(&c->w, s->id, s->id_len);
+	hub_buf_puts(&c->w, ",\"dropped\":");
+	hub_buf_i64(&c->w, (int64_t)s->dropped);
+	hub_buf_puts(&c->w, "}");
+	s->dropped = 0;
+	return write_text(c, &c->w);
+}
+
+static void replay_next(struct st_sub *s);
+
+static int conn_writeable(struct st_conn *c)
+{
+	int budget = WRITES_PER_TURN;
+
+	while (budget-- > 0 && !lws_send_pipe_choked(c->wsi)) {
+		if (c->ctrl_head) {
+			struct ctrl *m = c->ctrl_head;
+			c->ctrl_head = m->next;
+			if (!c->ctrl_head)
+				c->ctrl_tail = NULL;
+			c->ctrl_bytes -= m->len;
+			int rc = lws_write(c->wsi, (unsigned char *)m->data + LWS_PRE, m->len,
+					   LWS_WRITE_TEXT);
+			free(m);
+			if (rc < 0)
+				return -1;
+			continue;
+		}
+		if (c->closing)
+			break;
+		if (!c->qlen)
+			break;
+		struct st_qent e = c->q[c->qhead];
+		c->qhead = (c->qhead + 1) % c->qcap;
+		c->qlen--;
+		c->qbytes -= e.msg->len;
+		if (!e.sub->dead) {
+			if (e.sub->dropped && write_gap(c, e.sub)) {
+				msg_unref(e.msg);
+				sub_unref(e.sub);
+				return -1;
+			}
+			w_begin(&c->w);
+			hub_buf_reserve(&c->w, e.msg->len + e.sub->id_len + 48);
+			hub_buf_puts(&c->w, "{\"type\":\"");
+			hub_buf_puts(&c->w, e.msg->type);
+			hub_buf_puts(&c->w, "\",\"sub\":");
+			hub_buf_json_str(&c->w, e.sub->id, e.sub->id_len);
+			hub_buf_append(&c->w, ",", 1);
+			hub_buf_append(&c->w, e.msg->body, e.msg->len);
+			if (write_text(c, &c->w)) {
+				msg_unref(e.msg);
+				sub_unref(e.sub);
+				return -1;
+			}
+		}
+		msg_unref(e.msg);
+		sub_unref(e.sub);
+	}
+	if (c->closing && !c->ctrl_head) {
+		lws_close_reason(c->wsi, (enum lws_close_status)c->close_code,
+				 (unsigned char *)c->close_reason, strlen(c->close_reason));
+		return -1;
+	}
+	if (!c->qlen && !c->ctrl_head) {
+		/* Drained: tell subscriptions whose losses had no later message. */
+		for (struct st_sub *s = c->subs; s; s = s->next)
+			if (s->dropped && !lws_send_pipe_choked(c->wsi) && write_gap(c, s))
+				return -1;
+	}
+	if (c->qlen < (size_t)c->hub->cfg.stream_queue_max / 2)
+		for (struct st_sub *s = c->subs; s; s = s->next)
+			if (s->replay_wait)
+				replay_next(s);
+	if (c->qlen || c->ctrl_head)
+		lws_callback_on_writable(c->wsi);
+	if (c->w.cap > 64 * 1024)
+		hub_buf_free(&c->w);
+	return 0;
+}
+
+/* ---- subscriptions: lifetime --------------------------------------------- */
+
+static void pend_clear(struct st_sub *s)
+{
+	for (size_t i = 0; i < s->npend; i++)
+		msg_unref(s->pend[i]);
+	s->npend = 0;
+	s->pend_overflow = false;
+}
+
+static void sub_unref(struct st_sub *s)
+{
+	if (--s->refs)
+		return;
+	pend_clear(s);
+	free(s->pend);
+	for (size_t i = 0; i < s->devices.n; i++)
+		free(s->devices.items[i]);
+	free(s->devices.items);
+	free(s->type);
+	json_decref(s->labels);
+	free(s->group_by);
+	free(s);
+}
+
+static void group_acquire(struct st_group *g);
+static void group_release(struct st_group *g);
+
+/* Removes s from its group and connection (unsubscribe or close). */
+static void sub_kill(struct st_sub *s)
+{
+	struct st_group *g = s->group;
+	struct st_conn *c = s->conn;
+
+	if (s->dead)
+		return;
+	s->dead = true;
+	s->gen++;
+	if (s->gprev)
+		s->gprev->gnext = s->gnext;
+	else
+		g->head = s->gnext;
+	if (s->gnext)
+		s->gnext->gprev = s->gprev;
+	g->nsubs--;
+	if (s->kind >= K_1S && s->kind <= K_1M)
+		agg_want(S.hub, (enum agg_window)(s->kind - K_1S), false);
+	group_release(g);
+	if (c) {
+		for (struct st_sub **pp = &c->subs; *pp; pp = &(*pp)->next)
+			if (*pp == s) {
+				*pp = s->next;
+				break;
+			}
+		c->nsubs--;
+		S.hub->stream_subs--;
+	}
+	s->conn = NULL;
+	pend_clear(s);
+	sub_unref(s);
+}
+
+/* ---- groups and channels ------------------------------------------------- */
+
+static void sub_start(struct st_sub *s);
+static void on_group_message(const char *channel, const char *payload, size_t len, void *arg);
+
+static void on_group_state(struct hub_redis_channel *ch, bool active, void *arg)
+{
+	struct st_group *g = arg;
+	struct st_sub *s, *next;
+
+	(void)ch;
+	if (g->agg)
+		agg_set_active(S.hub, active);
+	for (s = g->head; s; s = next) {
+		next = s->gnext;
+		s->gen++; /* Redis ops in flight are stale either way */
+		if (active) {
+			if (s->phase == PH_WAIT)
+				sub_start(s);
+			continue;
+		}
+		/* Redis pub/sub lost: live messages are being missed. Raw
+		 * subscriptions resume from their last position (replayed from
+		 * the feed); the others are told. */
+		pend_clear(s);
+		s->replay_wait = false;
+		if (s->kind == K_RAW) {
+			if (s->phase == PH_LIVE || s->phase == PH_REPLAY)
+				s->resume = true;
+		} else if (s->phase == PH_LIVE && s->conn) {
+			hub_buf b = { 0 };
+			hub_buf_puts(&b, "{\"type\":\"gap\",\"sub\":");
+			hub_buf_json_str(&b, s->id, s->id_len);
+			hub_buf_puts(&b, ",\"dropped\":0,\"reason\":\"redis\"}");
+			ctrl_buf(s->conn, &b);
+		}
+		s->phase = PH_WAIT;
+	}
+}
+
+static struct st_group *group_new(const char *channel, bool pattern)
+{
+	size_t n = strlen(channel);
+	struct st_group *g = hub_xcalloc(1, sizeof(*g) + n + 1);
+
+	memcpy(g->channel, channel, n + 1);
+	g->pattern = pattern;
+	return g;
+}
+
+static void group_acquire(struct st_group *g)
+{
+	if (!g->ch)
+		g->ch = hub_redis_channel_get(S.hub->redis, g->channel, g->pattern,
+					      on_group_message, on_group_state, g);
+}
+
+static void group_release(struct st_group *g)
+{
+	if (!g->nsubs && g->ch) {
+		hub_redis_channel_put(g->ch);
+		g->ch = NULL;
+	}
+}
+
+static struct st_group *group_for(enum st_kind kind, const char *type)
+{
+	if (kind == K_RAW && !type)
+		return S.raw_all;
+	if (kind == K_RAW) {
+		struct st_group *g = hub_strmap_get(&S.raw_typed, type, strlen(type));
+		if (!g) {
+			char ch[sizeof(RAW_PREFIX) + HUB_ID_MAX + 1];
+			snprintf(ch, sizeof(ch), RAW_PREFIX "%s", type);
+			g = group_new(ch, false);
+			g->raw = true;
+			hub_strmap_put(&S.raw_typed, type, strlen(type), g);
+		}
+		return g;
+	}
+	if (kind == K_PRESENCE)
+		return S.presence;
+	if (kind == K_COMMANDS)
+		return S.commands;
+	return S.agg;
+}
+
+/* ---- filters ------------------------------------------------------------- */
+
+/* What a line from Redis says about its device. labels is parsed lazily. */
+struct meta {
+	const char *device, *type, *labels_text;
+	size_t device_len, type_len, labels_len;
+	json_t *labels;
+	bool labels_parsed;
+};
+
+static json_t *meta_labels(struct meta *m)
+{
+	if (!m->labels_parsed) {
+		m->labels_parsed = true;
+		m->labels = m->labels_text ? json_loadb(m->labels_text, m->labels_len, 0, NULL) : NULL;
+	}
+	return m->labels;
+}
+
+static bool labels_match(const json_t *want, const json_t *have)
+{
+	const char *k;
+	json_t *v;
+
+	json_object_foreach((json_t *)want, k, v) {
+		json_t *h = json_object_get(have, k);
+		if (!json_is_string(h) || strcmp(json_string_value(h), json_string_value(v)))
+			return false;
+	}
+	return true;
+}
+
+static bool sub_matches(struct st_sub *s, struct meta *m)
+{
+	char dev[HUB_ID_MAX + 1];
+
+	if (m->device_len > HUB_ID_MAX)
+		return false;
+	memcpy(dev, m->device, m->device_len);
+	dev[m->device_len] = '\0';
+	if (!s->conn->who.devices.all && !auth_patterns_match(&s->conn->who.devices, dev))
+		return false;
+	if (s->has_devices && !auth_patterns_match(&s->devices, dev))
+		return false;
+	if (s->type && (strlen(s->type) != m->type_len || memcmp(s->type, m->type, m->type_len)))
+		return false;
+	if (s->labels && !labels_match(s->labels, meta_labels(m)))
+		return false;
+	return true;
+}
+
+/* ---- delivery ------------------------------------------------------------ */
+
+static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
+{
+	switch (s->phase) {
+	case PH_WAIT:
+		return;
+	case PH_POSITION:
+	case PH_REPLAY:
+		if (s->npend >= (size_t)S.hub->cfg.stream_queue_max) {
+			s->pend_overflow = true; /* the feed has them: replay more */
+			return;
+		}
+		if (s->npend == s->pend_cap) {
+			s->pend_cap = s->pend_cap ? s->pend_cap * 2 : 16;
+			s->pend = hub_xrealloc(s->pend, s->pend_cap * sizeof(*s->pend));
+		}
+		s->pend[s->npend++] = m;
+		m->refs++;
+		return;
+	case PH_LIVE:
+		if (has_pos) {
+			/* Readings of one frame share a position: compare with the
+			 * seam, not with the last reading delivered. */
+			if (!pos_after(m->pos_ms, m->pos_seq, s->seam_ms, s->seam_seq))
+				return; /* at or before the seam: already sent */
+			s->last_ms = m->pos_ms;
+			s->last_seq = m->pos_seq;
+		}
+		enqueue(s, m);
+		return;
+	}
+}
+
+/* Splits one line `device\ttype\tlabels\tbody`; returns the body or NULL. */
+static const char *split_line(const char *p, const char *end, struct meta *m, size_t *body_len)
+{
+	const char *t1 = memchr(p, '\t', (size_t)(end - p)), *t2, *t3;
+
+	if (!t1 || !(t2 = memchr(t1 + 1, '\t', (size_t)(end - t1 - 1))) ||
+	    !(t3 = memchr(t2 + 1, '\t', (size_t)(end - t2 - 1))))
+		return NULL;
+	memset(m, 0, sizeof(*m));
+	m->device = p;
+	m->device_len = (size_t)(t1 - p);
+	m->type = t1 + 1;
+	m->type_len = (size_t)(t2 - t1 - 1);
+	m->labels_text = t2 + 1;
+	m->labels_len = (size_t)(t3 - t2 - 1);
+	*body_len = (size_t)(end - t3 - 1);
+	return t3 + 1;
+}
+
+/* Calls fn for every line of a payload `header\nline\nline\n...`. */
+typedef void (*line_fn)(struct meta *m, const char *body, size_t body_len, void *arg);
+
+static void for_lines(const char *p, const char *end, line_fn fn, void *arg)
+{
+	while (p < end) {
+		const char *nl = memchr(p, '\n', (size_t)(end - p));
+		const char *le = nl ? nl : end;
+		struct meta m;
+		size_t bl;
+		const char *body;
+
+		memset(&m, 0, sizeof(m));
+		body = split_line(p, le, &m, &bl);
+
+		if (body)
+			fn(&m, body, bl, arg);
+		json_decref(m.labels);
+		p = le + 1;
+	}
+}
+
+struct fanout {
+	struct st_group *g;
+	const char *msg_type;
+	bool has_pos;
+	uint64_t pos_ms, pos_seq;
+	const char *tail;
+	size_t tail_len;
+};
+
+static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
+{
+	struct fanout *f = arg;
+	struct st_msg *msg = NULL;
+	struct st_sub *s, *next;
+
+	for (s = f->g->head; s; s = next) {
+		next = s->gnext;
+		if (s->phase == PH_WAIT || !sub_matches(s, m))
+			continue;
+		if (!msg) {
+			msg = msg_new(f->msg_type, body, bl, f->tail, f->tail_len);
+			msg->pos_ms = f->pos_ms;
+			msg->pos_seq = f->pos_seq;
+		}
+		deliver(s, msg, f->has_pos);
+	}
+	msg_unref(msg);
+}
+
+static void on_group_message(const char *channel, const char *payload, size_t len, void *arg)
+{
+	struct st_group *g = arg;
+	const char *nl, *end = payload + len;
+	struct fanout f = { .g = g };
+	hub_buf tail = { 0 };
+
+	(void)channel;
+	if (g->agg) {
+		agg_on_partials(S.hub, payload, len);
+		return;
+	}
+	if (!g->head)
+		return;
+	nl = memchr(payload, '\n', len);
+	if (!nl)
+		return;
+	if (g->raw) {
+		if (parse_pos(payload, (size_t)(nl - payload), &f.pos_ms, &f.pos_seq))
+			return;
+		f.has_pos = true;
+		f.msg_type = "reading";
+		hub_buf_puts(&tail, ",\"pos\":\"");
+		hub_buf_append(&tail, payload, (size_t)(nl - payload));
+		hub_buf_puts(&tail, "\"}");
+	} else {
+		f.msg_type = g->msg_type;
+		hub_buf_puts(&tail, "}");
+	}
+	f.tail = tail.data;
+	f.tail_len = tail.len;
+	for_lines(nl + 1, end, fanout_line, &f);
+	hub_buf_free(&tail);
+}
+
+/* ---- raw: position and replay -------------------------------------------- */
+
+struct op {
+	struct st_sub *sub;
+	unsigned gen;
+};
+
+static struct op *op_new(struct st_sub *s)
+{
+	struct op *o = hub_xmalloc(sizeof(*o));
+
+	o->sub = s;
+	o->gen = s->gen;
+	s->refs++;
+	return o;
+}
+
+/* The sub the op was for, or NULL when it went stale. Frees the op. */
+static struct st_sub *op_take(struct op *o, bool *stale)
+{
+	struct st_sub *s = o->sub;
+
+	*stale = s->dead || o->gen != s->gen || !s->conn;
+	free(o);
+	return s;
+}
+
+static void sub_fail(struct st_sub *s, const char *why)
+{
+	struct st_conn *c = s->conn;
+
+	if (c) {
+		send_error(c, s->id, "unavailable", "%s; subscribe again later", why);
+		sub_kill(s);
+	}
+}
+
+static void send_subscribed(struct st_sub *s, bool with_pos, uint64_t ms, uint64_t seq)
+{
+	hub_buf b = { 0 };
+
+	hub_buf_puts(&b, "{\"type\":\"subscribed\",\"id\":");
+	hub_buf_json_str(&b, s->id, s->id_len);
+	if (with_pos) {
+		hub_buf_puts(&b, ",\"position\":\"");
+		buf_pos(&b, ms, seq);
+		hub_buf_puts(&b, "\"");
+	}
+	hub_buf_puts(&b, "}");
+	ctrl_buf(s->conn, &b);
+	s->announced = true;
+}
+
+/* Hands over from replay (or position) to live: the held live messages
+ * after the cursor go out, the rest were sent from the feed. */
+static void go_live(struct st_sub *s)
+{
+	size_t n = s->npend;
+	struct st_msg **v = s->pend;
+
+	s->phase = PH_LIVE;
+	s->seam_ms = s->last_ms;
+	s->seam_seq = s->last_seq;
+	s->pend = NULL;
+	s->npend = s->pend_cap = 0;
+	for (size_t i = 0; i < n; i++) {
+		deliver(s, v[i], true);
+		msg_unref(v[i]);
+	}
+	free(v);
+}
+
+struct replay_ctx {
+	struct st_sub *sub;
+	uint64_t ms, seq;
+	hub_buf tail;
+};
+
+static void replay_line(struct meta *m, const char *body, size_t bl, void *arg)
+{
+	struct replay_ctx *r = arg;
+	struct st_msg *msg;
+
+	if (!sub_matches(r->sub, m))
+		return;
+	msg = msg_new("reading", body, bl, r->tail.data, r->tail.len);
+	msg->pos_ms = r->ms;
+	msg->pos_seq = r->seq;
+	enqueue(r->sub, msg);
+	msg_unref(msg);
+	S.hub->metrics.stream_replayed_total++;
+}
+
+static void on_replay_page(redisReply *reply, void *arg)
+{
+	bool stale;
+	struct st_sub *s = op_take(arg, &stale);
+	size_t n;
+
+	if (stale)
+		goto out;
+	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
+		sub_fail(s, "the telemetry feed is unavailable");
+		goto out;
+	}
+	n = reply->elements;
+	for (size_t i = 0; i < n && s->conn; i++) {
+		redisReply *e = reply->element[i];
+		struct replay_ctx r = { .sub = s };
+
+		if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+		    e->element[0]->type != REDIS_REPLY_STRING ||
+		    parse_pos(e->element[0]->str, e->element[0]->len, &r.ms, &r.seq))
+			continue;
+		s->last_ms = r.ms;
+		s->last_seq = r.seq;
+		redisReply *f = e->element[1];
+		for (size_t j = 0; f->type == REDIS_REPLY_ARRAY && j + 1 < f->elements; j += 2) {
+			if (f->element[j]->type != REDIS_REPLY_STRING ||
+			    strcmp(f->element[j]->str, "readings") ||
+			    f->element[j + 1]->type != REDIS_REPLY_STRING)
+				continue;
+			hub_buf_puts(&r.tail, ",\"pos\":\"");
+			hub_buf_append(&r.tail, e->element[0]->str, e->element[0]->len);
+			hub_buf_puts(&r.tail, "\"}");
+			for_lines(f->element[j + 1]->str, f->element[j + 1]->str + f->element[j + 1]->len,
+				  replay_line, &r);
+		}
+		hub_buf_free(&r.tail);
+	}
+	if (!s->conn || s->dead)
+		goto out;
+	if (n >= (size_t)S.hub->cfg.stream_replay_page || s->pend_overflow) {
+		s->replay_wait = true;
+		if (s->conn->qlen < (size_t)S.hub->cfg.stream_queue_max / 2)
+			replay_next(s);
+	} else {
+		go_live(s);
+	}
+out:
+	sub_unref(s);
+}
+
+/* Asks for the feed page after the cursor. Live messages held so far are
+ * all in the feed at or before what this XRANGE will see: drop them. */
+static void replay_next(struct st_sub *s)
+{
+	char start[64];
+	const char *argv[6];
+
+	s->replay_wait = false;
+	if (s->dead || !s->conn)
+		return;
+	pend_clear(s);
+	snprintf(start, sizeof(start), "(%" PRIu64 "-%" PRIu64, s->last_ms, s->last_seq);
+	char count[16];
+	snprintf(count, sizeof(count), "%d", S.hub->cfg.stream_replay_page);
+	argv[0] = "XRANGE";
+	argv[1] = FEED_KEY;
+	argv[2] = start;
+	argv[3] = "+";
+	argv[4] = "COUNT";
+	argv[5] = count;
+	struct op *o = op_new(s);
+	if (hub_redis_command_argv(S.hub->redis, on_replay_page, o, 6, argv, NULL)) {
+		bool stale;
+		op_take(o, &stale);
+		sub_unref(s);
+		sub_fail(s, "Redis is unavailable");
+	}
+}
+
+static void on_position(redisReply *reply, void *arg)
+{
+	bool stale;
+	struct st_sub *s = op_take(arg, &stale);
+	uint64_t ms = 0, seq = 0;
+
+	if (stale)
+		goto out;
+	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
+		sub_fail(s, "the telemetry feed is unavailable");
+		goto out;
+	}
+	if (reply->elements && reply->element[0]->type == REDIS_REPLY_ARRAY &&
+	    reply->element[0]->elements >= 1 &&
+	    reply->element[0]->element[0]->type == REDIS_REPLY_STRING)
+		parse_pos(reply->element[0]->element[0]->str, reply->element[0]->element[0]->len,
+			  &ms, &seq);
+	send_subscribed(s, true, ms, seq);
+	if (s->has_since) {
+		s->phase = PH_REPLAY;
+		replay_next(s); /* from the cursor: since */
+	} else {
+		s->last_ms = ms;
+		s->last_seq = seq;
+		go_live(s);
+	}
+out:
+	sub_unref(s);
+}
+
+/* The group's channel is active: start delivering. */
+static void sub_start(struct st_sub *s)
+{
+	if (!s->conn)
+		return;
+	if (s->kind != K_RAW) {
+		s->phase = PH_LIVE;
+		if (!s->announced)
+			send_subscribed(s, false, 0, 0);
+		return;
+	}
+	if (s->resume) {
+		/* Back after a pub/sub loss: replay from the last position. */
+		s->resume = false;
+		s->phase = PH_REPLAY;
+		replay_next(s);
+		return;
+	}
+	const char *argv[6] = { "XREVRANGE", FEED_KEY, "+", "-", "COUNT", "1" };
+	struct op *o = op_new(s);
+	s->phase = PH_POSITION;
+	if (hub_redis_command_argv(S.hub->redis, on_position, o, 6, argv, NULL)) {
+		bool stale;
+		op_take(o, &stale);
+		sub_unref(s);
+		sub_fail(s, "Redis is unavailable");
+	}
+}
+
+/* ---- aggregates ---------------------------------------------------------- */
+
+struct group_acc {
+	char *value;               /* label value, NULL: no such label */
+	struct agg_state st;
+};
+
+static void emit_grouped(struct st_sub *s, enum agg_window w, int64_t start,
+			 struct agg_state **v, size_t n)
+{
+	struct group_acc *acc = NULL;
+	size_t nacc = 0, cap = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		struct meta m = {
+			.device = v[i]->device, .device_len = strlen(v[i]->device),
+			.type = v[i]->type, .type_len = strlen(v[i]->type),
+			.labels = v[i]->labels, .labels_parsed = true,
+		};
+		json_t *lv;
+		const char *val;
+		size_t k;
+
+		if (!sub_matches(s, &m))
+			continue;
+		lv = json_object_get(v[i]->labels, s->group_by);
+		val = json_is_string(lv) ? json_string_value(lv) : NULL;
+		for (k = 0; k < nacc; k++)
+			if ((!val && !acc[k].value) || (val && acc[k].value && !strcmp(val, acc[k].value)))
+				break;
+		if (k == nacc) {
+			if (nacc == cap) {
+				cap = cap ? cap * 2 : 8;
+				acc = hub_xrealloc(acc, cap * sizeof(*acc));
+			}
+			memset(&acc[k], 0, sizeof(acc[k]));
+			acc[k].value = val ? hub_xstrdup(val) : NULL;
+			nacc++;
+		}
+		agg_state_merge(&acc[k].st, v[i]);
+	}
+	for (size_t k = 0; k < nacc; k++) {
+		hub_buf b = { 0 };
+		struct st_msg *msg;
+
+		hub_buf_puts(&b, "\"window\":\"");
+		hub_buf_puts(&b, agg_window_names[w]);
+		hub_buf_puts(&b, "\",\"start\":");
+		hub_buf_i64(&b, start);
+		hub_buf_puts(&b, ",\"group\":{");
+		hub_buf_json_str(&b, s->group_by, strlen(s->group_by));
+		hub_buf_puts(&b, ":");
+		if (acc[k].value)
+			hub_buf_json_str(&b, acc[k].value, strlen(acc[k].value));
+		else
+			hub_buf_puts(&b, "null");
+		hub_buf_puts(&b, "},");
+		agg_metrics_json(&acc[k].st, &b);
+		msg = msg_new("aggregate", b.data, b.len, "}", 1);
+		enqueue(s, msg);
+		msg_unref(msg);
+		hub_buf_free(&b);
+		free(acc[k].value);
+		agg_state_clear(&acc[k].st);
+	}
+	free(acc);
+}
+
+void stream_emit_aggregates(struct hub *hub, enum agg_window w, int64_t start,
+			    struct agg_state **v, size_t n)
+{
+	struct st_msg **per_dev = NULL;
+	struct st_sub *s, *next;
+
+	(void)hub;
+	for (s = S.agg->head; s; s = next) {
+		next = s->gnext;
+		if ((int)s->kind != K_1S + (int)w || s->phase != PH_LIVE || !s->conn)
+			continue;
+		if (s->group_by) {
+			emit_grouped(s, w, start, v, n);
+			continue;
+		}
+		for (size_t i = 0; i < n; i++) {
+			struct meta m = {
+				.device = v[i]->device, .device_len = strlen(v[i]->device),
+				.type = v[i]->type, .type_len = strlen(v[i]->type),
+				.labels = v[i]->labels, .labels_parsed = true,
+			};
+			if (!sub_matches(s, &m))
+				continue;
+			if (!per_dev)
+				per_dev = hub_xcalloc(n, sizeof(*per_dev));
+			if (!per_dev[i]) {
+				hub_buf b = { 0 };
+				hub_buf_puts(&b, "\"window\":\"");
+				hub_buf_puts(&b, agg_window_names[w]);
+				hub_buf_puts(&b, "\",\"start\":");
+				hub_buf_i64(&b, start);
+				hub_buf_puts(&b, ",\"device\":\"");
+				hub_buf_puts(&b, v[i]->device);
+				hub_buf_puts(&b, "\",");
+				agg_metrics_json(v[i], &b);
+				per_dev[i] = msg_new("aggregate", b.data, b.len, "}", 1);
+				hub_buf_free(&b);
+			}
+			enqueue(s, per_dev[i]);
+		}
+	}
+	if (per_dev) {
+		for (size_t i = 0; i < n; i++)
+			msg_unref(per_dev[i]);
+		free(per_dev);
+	}
+}
+
+/* ---- client messages ----------------------------------------------------- */
+
+static bool pattern_valid(const char *p, size_t len)
+{
+	if (len && p[len - 1] == '*')
+		return len == 1 || hub_id_valid(p, len - 1);
+	return hub_id_valid(p, len);
+}
+
+static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *err,
+			size_t errlen, const char **code)
+{
+	json_t *v;
+
+	*code = "bad_filter";
+	if (!f || json_is_null(f))
+		return 0;
+	if (!json_is_object(f)) {
+		snprintf(err, errlen, "filter must be an object");
+		return -1;
+	}
+	v = json_object_get(f, "devices");
+	if (v && !json_is_null(v)) {
+		size_t n = json_array_size(v);
+		if (!json_is_array(v)) {
+			snprintf(err, errlen, "filter.devices must be an array of strings");
+			return -1;
+		}
+		s->has_devices = true;
+		s->devices.items = n ? hub_xcalloc(n, sizeof(char *)) : NULL;
+		for (size_t i = 0; i < n; i++) {
+			json_t *d = json_array_get(v, i);
+			const char *p = json_string_value(d);
+			size_t len = json_string_length(d);
+			if (!json_is_string(d) || !pattern_valid(p, len)) {
+				snprintf(err, errlen, "filter.devices[%zu] must be a device id or a prefix ending in '*'", i);
+				return -1;
+			}
+			if (p[len - 1] != '*' && !c->who.devices.all &&
+			    !auth_patterns_match(&c->who.devices, p)) {
+				*code = "forbidden";
+				snprintf(err, errlen, "device %.128s is not allowed by this token", p);
+				return -1;
+			}
+			s->devices.items[s->devices.n++] = hub_xstrdup(p);
+			if (len == 1)
+				s->devices.all = true;
+		}
+	}
+	v = json_object_get(f, "device_type");
+	if (v && !json_is_null(v)) {
+		if (!json_is_string(v) || !hub_id_valid(json_string_value(v), json_string_length(v))) {
+			snprintf(err, errlen, "filter.device_type must be a device type name");
+			return -1;
+		}
+		s->type = hub_xstrdup(json_string_value(v));
+	}
+	v = json_object_get(f, "labels");
+	if (v && !json_is_null(v)) {
+		const char *k;
+		json_t *lv;
+		if (!json_is_object(v)) {
+			snprintf(err, errlen, "filter.labels must be an object of strings");
+			return -1;
+		}
+		json_object_foreach(v, k, lv) {
+			if (!json_is_string(lv)) {
+				snprintf(err, errlen, "filter.labels.%.64s must be a string", k);
+				return -1;
+			}
+		}
+		if (json_object_size(v))
+			s->labels = json_incref(v);
+	}
+	return 0;
+}
+
+static struct st_sub *find_sub(struct st_conn *c, const char *id)
+{
+	for (struct st_sub *s = c->subs; s; s = s->next)
+		if (!strcmp(s->id, id))
+			return s;
+	return NULL;
+}
+
+static void handle_subscribe(struct st_conn *c, json_t *msg)
+{
+	json_t *jid = json_object_get(msg, "id"), *jstream = json_object_get(msg, "stream"),
+	       *jgb = json_object_get(msg, "group_by"), *jsince = json_object_get(msg, "since");
+	const char *id = json_string_value(jid), *code;
+	char err[256];
+	struct st_sub *s;
+	int kind;
+
+	if (!json_is_string(jid) || !json_string_length(jid) ||
+	    json_string_length(jid) > MAX_ID_LEN || strlen(id) != json_string_length(jid)) {
+		send_error(c, NULL, "bad_message", "subscribe needs an id: a string of 1 to %d characters",
+			   MAX_ID_LEN);
+		return;
+	}
+	if (find_sub(c, id)) {
+		send_error(c, id, "duplicate_id", "a subscription with this id exists on this connection");
+		return;
+	}
+	if (!json_is_string(jstream)) {
+		send_error(c, id, "bad_message", "subscribe needs a stream (a string)");
+		return;
+	}
+	for (kind = 0; kind < K__COUNT; kind++)
+		if (!strcmp(json_string_value(jstream), kind_names[kind]))
+			break;
+	if (kind == K__COUNT) {
+		send_error(c, id, "unknown_stream",
+			   "stream must be one of raw, 1s, 10s, 1m, presence, commands");
+		return;
+	}
+	if (c->nsubs >= (unsigned)c->hub->cfg.stream_max_subscriptions) {
+		send_error(c, id, "too_many_subscriptions", "at most %d subscriptions per connection",
+			   c->hub->cfg.stream_max_subscriptions);
+		return;
+	}
+	s = hub_xcalloc(1, sizeof(*s));
+	s->refs = 1;
+	s->kind = (enum st_kind)kind;
+	s->id_len = strlen(id);
+	memcpy(s->id, id, s->id_len + 1);
+	s->conn = c;
+	if (parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err), &code))
+		goto bad;
+	code = "bad_filter";
+	if (jgb && !json_is_null(jgb)) {
+		if (kind < K_1S || kind > K_1M) {
+			snprintf(err, sizeof(err), "group_by is only for the 1s, 10s and 1m streams");
+			goto bad;
+		}
+		if (!json_is_string(jgb) || !json_string_length(jgb) || json_string_length(jgb) > 128) {
+			snprintf(err, sizeof(err), "group_by must be a label name");
+			goto bad;
+		}
+		s->group_by = hub_xstrdup(json_string_value(jgb));
+	}
+	if (jsince && !json_is_null(jsince)) {
+		code = "bad_since";
+		if (kind != K_RAW) {
+			snprintf(err, sizeof(err), "since is only for the raw stream");
+			goto bad;
+		}
+		if (!json_is_string(jsince) ||
+		    parse_pos(json_string_value(jsince), json_string_length(jsince),
+			      &s->last_ms, &s->last_seq)) {
+			snprintf(err, sizeof(err), "since must be a position \"<ms>-<n>\" as in pos");
+			goto bad;
+		}
+		s->has_since = true;
+	}
+
+	/* Join the group (and its Redis channel), then start if it is active. */
+	s->group = group_for(s->kind, s->type);
+	s->gnext = s->group->head;
+	if (s->gnext)
+		s->gnext->gprev = s;
+	s->group->head = s;
+	s->group->nsubs++;
+	s->next = c->subs;
+	c->subs = s;
+	c->nsubs++;
+	c->hub->stream_subs++;
+	if (kind >= K_1S && kind <= K_1M)
+		agg_want(c->hub, (enum agg_window)(kind - K_1S), true);
+	group_acquire(s->group);
+	s->phase = PH_WAIT;
+	if (hub_redis_channel_active(s->group->ch))
+		sub_start(s);
+	return;
+bad:
+	send_error(c, id, code, "%s", err);
+	s->conn = NULL;
+	sub_unref(s);
+}
+
+static void handle_unsubscribe(struct st_conn *c, json_t *msg)
+{
+	json_t *jid = json_object_get(msg, "id");
+	struct st_sub *s;
+	hub_buf b = { 0 };
+
+	if (!json_is_string(jid)) {
+		send_error(c, NULL, "bad_message", "unsubscribe needs an id (a string)");
+		return;
+	}
+	s = find_sub(c, json_string_value(jid));
+	if (!s) {
+		send_error(c, json_string_value(jid), "unknown_id", "no subscription with this id");
+		return;
+	}
+	hub_buf_puts(&b, "{\"type\":\"unsubscribed\",\"id\":");
+	hub_buf_json_str(&b, s->id, s->id_len);
+	hub_buf_puts(&b, "}");
+	sub_kill(s);
+	ctrl_buf(c, &b);
+}
+
+enum stream_auth stream_authenticate(struct hub *hub, const char *token, size_t len,
+				     auth_principal *out, const char **why)
+{
+	int rc = auth_check_api_key(hub->auth, token, len, out);
+
+	if (rc == AUTH_ERR_UNKNOWN_KEY && memchr(token, '.', len)) {
+		rc = auth_verify_jwt(hub->auth, token, len, hub_now_ms() / 1000, out);
+		if (rc == AUTH_OK && !out->has_devices_claim)
+			out->devices.all = true; /* CONTRACT §3: the claim is an optional limit */
+	}
+	if (rc != AUTH_OK) {
+		*why = auth_strerror(rc);
+		return STREAM_AUTH_UNAUTHORIZED;
+	}
+	if (!auth_has_scope(out, AUTH_SCOPE_TELEMETRY_READ)) {
+		auth_principal_clear(out);
+		*why = "the token lacks the telemetry:read scope";
+		return STREAM_AUTH_FORBIDDEN;
+	}
+	*why = "ok";
+	return STREAM_AUTH_OK;
+}
+
+static void handle_auth(struct st_conn *c, json_t *msg)
+{
+	json_t *tok = json_object_get(msg, "token");
+	const char *why;
+	enum stream_auth rc;
+	hub_buf b = { 0 };
+
+	if (c->authed) {
+		send_error(c, NULL, "bad_message", "already authenticated");
+		return;
+	}
+	if (!json_is_string(tok)) {
+		send_error(c, NULL, "unauthorized", "auth needs a token (a string)");
+		conn_close(c, CLOSE_UNAUTHORIZED, "unauthorized");
+		c->hub->metrics.stream_auth_failures_total++;
+		return;
+	}
+	rc = stream_authenticate(c->hub, json_string_value(tok), json_string_length(tok),
+				 &c->who, &why);
+	if (rc != STREAM_AUTH_OK) {
+		bool forbidden = rc == STREAM_AUTH_FORBIDDEN;
+		send_error(c, NULL, forbidden ? "forbidden" : "unauthorized", "%s", why);
+		conn_close(c, forbidden ? CLOSE_FORBIDDEN : CLOSE_UNAUTHORIZED,
+			   forbidden ? "forbidden" : "unauthorized");
+		c->hub->metrics.stream_auth_failures_total++;
+		return;
+	}
+	c->authed = true;
+	lws_sul_cancel(&c->sul_auth);
+	hub_buf_puts(&b, "{\"type\":\"authenticated\",\"name\":");
+	hub_buf_json_str(&b, c->who.name, strlen(c->who.name));
+	hub_buf_puts(&b, "}");
+	ctrl_buf(c, &b);
+}
+
+static void handle_message(struct st_conn *c, const char *buf, size_t len)
+{
+	json_error_t jerr;
+	json_t *msg = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+	const char *type;
+
+	if (!msg) {
+		send_error(c, NULL, "bad_json", "%s", jerr.text);
+		if (!c->authed)
+			conn_close(c, CLOSE_UNAUTHORIZED, "unauthorized");
+		return;
+	}
+	type = json_string_value(json_object_get(msg, "type"));
+	if (!json_is_object(msg) || !type) {
+		send_error(c, NULL, "bad_message", "a message is an object with a string type");
+		if (!c->authed)
+			conn_close(c, CLOSE_UNAUTHORIZED, "unauthorized");
+	} else if (!strcmp(type, "auth")) {
+		handle_auth(c, msg);
+	} else if (!c->authed) {
+		send_error(c, NULL, "unauthorized", "the first message must be auth");
+		conn_close(c, CLOSE_UNAUTHORIZED, "unauthorized");
+		c->hub->metrics.stream_auth_failures_total++;
+	} else if (!strcmp(type, "subscribe")) {
+		handle_subscribe(c, msg);
+	} else if (!strcmp(type, "unsubscribe")) {
+		handle_unsubscribe(c, msg);
+	} else if (!strcmp(type, "ping")) {
+		ctrl_push(c, "{\"type\":\"pong\"}", 15);
+	} else {
+		send_error(c, NULL, "unknown_type", "unknown message type \"%.64s\"", type);
+	}
+	json_decref(msg);
+}
+
+/* ---- lws protocol -------------------------------------------------------- */
+
+static void auth_timeout_cb(lws_sorted_usec_list_t *sul)
+{
+	struct st_conn *c = lws_container_of(sul, struct st_conn, sul_auth);
+
+	if (c->authed || !c->wsi)
+		return;
+	c->hub->metrics.stream_auth_failures_total++;
+	send_error(c, NULL, "auth_timeout", "no auth message within %d ms",
+		   c->hub->cfg.stream_auth_timeout_ms);
+	conn_close(c, CLOSE_AUTH_TIMEOUT, "auth timeout");
+}
+
+static void conn_free(struct st_conn *c)
+{
+	while (c->subs)
+		sub_kill(c->subs);
+	while (c->qlen) {
+		struct st_qent *e = &c->q[c->qhead];
+		msg_unref(e->msg);
+		sub_unref(e->sub);
+		c->qhead = (c->qhead + 1) % c->qcap;
+		c->qlen--;
+	}
+	free(c->q);
+	while (c->ctrl_head) {
+		struct ctrl *m = c->ctrl_head;
+		c->ctrl_head = m->next;
+		free(m);
+	}
+	lws_sul_cancel(&c->sul_auth);
+	hub_buf_free(&c->rx);
+	hub_buf_free(&c->w);
+	auth_principal_clear(&c->who);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		S.conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	free(c);
+}
+
+static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
+			   void *user, void *in, size_t len)
+{
+	struct st_pss *pss = user;
+	struct st_conn *c = pss ? pss->conn : NULL;
+	struct hub *hub;
+
+	switch (reason) {
+	case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
+		return 0;
+	case LWS_CALLBACK_ESTABLISHED: {
+		struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
+
+		hub = lws_context_user(lws_get_context(wsi));
+		if (!hs || !hs->stream || hub->draining)
+			return -1; /* not from the /v1/stream upgrade handler */
+		lws_set_opaque_user_data(wsi, NULL);
+		c = hub_xcalloc(1, sizeof(*c));
+		c->wsi = wsi;
+		c->hub = hub;
+		c->who = hs->who; /* moved */
+		c->authed = !hs->anonymous;
+		free(hs);
+		if (!c->authed) {
+			lws_sul_schedule(hub->ctx, 0, &c->sul_auth, auth_timeout_cb,
+					 (lws_usec_t)hub->cfg.stream_auth_timeout_ms * 1000);
+		}
+		c->next = S.conns;
+		if (S.conns)
+			S.conns->prev = c;
+		S.conns = c;
+		pss->conn = c;
+		hub->stream_conns++;
+		hub->metrics.stream_connections_total++;
+		return 0;
+	}
+	case LWS_CALLBACK_RECEIVE:
+		if (!c || c->closing)
+			return 0;
+		if (c->discarding || c->rx.len + len > MAX_MESSAGE_BYTES) {
+			c->discarding = true;
+			lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+					 (unsigned char *)"message too large", 17);
+			return -1;
+		}
+		if (lws_is_first_fragment(wsi) && lws_is_final_fragment(wsi) &&
+		    !lws_remaining_packet_payload(wsi)) {
+			handle_message(c, in, len);
+			return 0;
+		}
+		hub_buf_append(&c->rx, in, len);
+		if (lws_is_final_fragment(wsi) && !lws_remaining_packet_payload(wsi)) {
+			handle_message(c, c->rx.data, c->rx.len);
+			c->rx.len = 0;
+			if (c->rx.cap > 16 * 1024)
+				hub_buf_free(&c->rx);
+		}
+		return 0;
+	case LWS_CALLBACK_SERVER_WRITEABLE:
+		if (!c)
+			return 0;
+		return conn_writeable(c);
+	case LWS_CALLBACK_CLOSED:
+		if (c) {
+			pss->conn = NULL;
+			c->wsi = NULL;
+			c->hub->stream_conns--;
+			conn_free(c);
+		}
+		return 0;
+	default:
+		return 0;
+	}
+}
+
+const struct lws_protocols stream_protocol = {
+	STREAM_SUBPROTOCOL, stream_callback, sizeof(struct st_pss), 1024, 0, NULL, 0
+};
+
+/* ---- start and stop ------------------------------------------------------ */
+
+void stream_init(struct hub *hub)
+{
+	S.hub = hub;
+	S.raw_all = group_new(RAW_PREFIX "*", true);
+	S.raw_all->raw = true;
+	S.presence = group_new(PRESENCE_CHANNEL, false);
+	S.presence->msg_type = "presence";
+	S.commands = group_new(COMMANDS_CHANNEL, false);
+	S.commands->msg_type = "command_status";
+	S.agg = group_new(AGG_CHANNEL, false);
+	S.agg->agg = true;
+	agg_init(hub);
+}
+
+void stream_close_all(struct hub *hub)
+{
+	(void)hub;
+	for (struct st_conn *c = S.conns; c; c = c->next)
+		conn_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "hub shutting down");
+}
+
+static void free_group_cb(const char *key, void *value, void *arg)
+{
+	(void)key;
+	(void)arg;
+	free(value);
+}
+
+void stream_stop(struct hub *hub)
+{
+	agg_stop(hub);
+}
+
+void stream_free(struct hub *hub)
+{
+	if (!S.hub)
+		return;
+	agg_free(hub);
+	hub_strmap_foreach(&S.raw_typed, free_group_cb, NULL);
+	hub_strmap_free(&S.raw_typed);
+	free(S.raw_all);
+	free(S.presence);
+	free(S.commands);
+	free(S.agg);
+	S.raw_all = S.presence = S.commands = S.agg = NULL;
+}
