@@ -493,7 +493,7 @@ function drawChart(ch, css, now) {
   const legend = [], spoken = [];
   ctx.save();
   ctx.beginPath(); ctx.rect(left, top - 2, right - left, bottom - top + 4); ctx.clip();
-  for (const [dev, pts] of series) {
+  for (const [dev, pts] of [...series].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
     const c = state.colors.get(dev) ?? 0;
     ctx.strokeStyle = css.colors[c]; ctx.lineWidth = 1.75; ctx.beginPath();
     let prev = -Infinity;
