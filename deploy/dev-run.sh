@@ -16,14 +16,24 @@ if [[ ${1:-} == --sim ]]; then sim=1; shift; fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j"$(nproc)" >/dev/null
 
+# A dev API key (telemetry:read + commands:write) for the browser dashboard
+# served at / and for the HTTP API; kept in .dev/ (git-ignored).
+mkdir -p .dev
+if [[ ! -s .dev/dashboard.key || ! -s .dev/api-keys.json ]]; then
+  ./build/tools/iot-token new-key --name dev --scopes telemetry:read,commands:write \
+    > .dev/dashboard.key 2> .dev/api-key-entry.json
+  echo "[$(cat .dev/api-key-entry.json)]" > .dev/api-keys.json
+fi
+echo "dev-run: dashboard at http://<listen address>/ - API key: $(cat .dev/dashboard.key)" >&2
+common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root web)
+
 if ((sim == 0)); then
-  exec ./build/iot-hub --schemas deploy/device-types "$@"
+  exec ./build/iot-hub "${common[@]}" "$@"
 fi
 
-# With the simulator: a dev secret in .dev/ (git-ignored) so both sides agree.
-mkdir -p .dev
+# With the simulator: a dev secret in .dev/ so both sides agree.
 [[ -s .dev/jwt-hs256.secret ]] || openssl rand -hex 32 > .dev/jwt-hs256.secret
-./build/iot-hub --schemas deploy/device-types --jwt-key .dev/jwt-hs256.secret "$@" \
+./build/iot-hub "${common[@]}" --jwt-key .dev/jwt-hs256.secret "$@" \
   2> >(tee .dev/hub.log >&2) &
 hub=$!
 trap 'kill $hub 2>/dev/null; wait $hub 2>/dev/null' EXIT INT TERM

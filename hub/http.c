@@ -51,6 +51,9 @@ static void body_init(hub_buf *b)
 	b->len = LWS_PRE;
 }
 
+/* The dashboard (web/) loads only its own files and talks only to this hub. */
+#define CSP "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'"
+
 /* Writes the status line and headers now and the body on WRITEABLE. */
 static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
 		   const char *ctype)
@@ -62,6 +65,10 @@ static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
 	if (lws_add_http_common_headers(wsi, status, ctype, blen, &p, end) ||
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
 					(const unsigned char *)"no-store", 8, &p, end) ||
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"x-content-type-options:",
+					(const unsigned char *)"nosniff", 7, &p, end) ||
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"content-security-policy:",
+					(const unsigned char *)CSP, sizeof(CSP) - 1, &p, end) ||
 	    lws_finalize_write_http_header(wsi, start, &p, end))
 		return -1;
 	pss->sent = 0;
@@ -441,6 +448,45 @@ static int route_api(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 	return 0;
 }
 
+/* The browser dashboard: files directly in web-root (no subdirectories, so
+ * no path can climb out), "/" = index.html. Small files, read per request. */
+static int serve_static(struct lws *wsi, struct http_pss *pss, struct hub *hub,
+			const char *path)
+{
+	static const struct { const char *ext, *type; } types[] = {
+		{ ".html", "text/html; charset=utf-8" },
+		{ ".js", "text/javascript; charset=utf-8" },
+		{ ".css", "text/css; charset=utf-8" },
+		{ ".svg", "image/svg+xml" },
+		{ ".png", "image/png" },
+		{ ".ico", "image/x-icon" },
+		{ ".json", "application/json" },
+	};
+	const char *name = path[0] == '/' && path[1] ? path + 1 : "index.html";
+	const char *ctype = NULL, *dot = strrchr(name, '.');
+	char file[1024];
+	size_t len;
+	char *data;
+
+	for (const char *c = name; *c; c++)
+		if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+		      (*c >= '0' && *c <= '9') || *c == '-' || *c == '_' || *c == '.'))
+			return respond_error(wsi, pss, 404, "not_found", "no such route");
+	for (size_t i = 0; dot && i < sizeof(types) / sizeof(types[0]); i++)
+		if (!strcmp(dot, types[i].ext))
+			ctype = types[i].type;
+	if (name[0] == '.' || !ctype ||
+	    (size_t)snprintf(file, sizeof(file), "%s/%s", hub->cfg.web_root, name) >= sizeof(file))
+		return respond_error(wsi, pss, 404, "not_found", "no such route");
+	data = hub_read_file(file, 4 * 1024 * 1024, &len);
+	if (!data)
+		return respond_error(wsi, pss, 404, "not_found", "no such file");
+	body_init(&pss->body);
+	hub_buf_append(&pss->body, data, len);
+	free(data);
+	return respond(wsi, pss, 200, ctype);
+}
+
 static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const char *path)
 {
 	bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
@@ -456,6 +502,8 @@ static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const c
 		if (!get)
 			return respond_error(wsi, pss, 405, "method_not_allowed",
 					     "only GET is supported here");
+	} else if (hub->cfg.web_root && get) {
+		return serve_static(wsi, pss, hub, path);
 	} else {
 		return respond_error(wsi, pss, 404, "not_found", "no such route");
 	}

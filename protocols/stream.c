@@ -95,7 +95,7 @@ struct st_sub {
 };
 
 struct st_group {
-	struct st_sub *head;
+	struct st_sub *head, *tail;  /* in subscription order */
 	unsigned nsubs;
 	struct hub_redis_channel *ch;
 	bool raw, agg, pattern;
@@ -474,6 +474,8 @@ static void sub_kill(struct st_sub *s)
 		g->head = s->gnext;
 	if (s->gnext)
 		s->gnext->gprev = s->gprev;
+	else
+		g->tail = s->gprev;
 	g->nsubs--;
 	if (s->kind >= K_1S && s->kind <= K_1M)
 		agg_want(S.hub, (enum agg_window)(s->kind - K_1S), false);
@@ -1274,10 +1276,14 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 
 	/* Join the group (and its Redis channel), then start if it is active. */
 	s->group = group_for(s->kind, s->type);
-	s->gnext = s->group->head;
-	if (s->gnext)
-		s->gnext->gprev = s;
-	s->group->head = s;
+	/* Appended: a message matching several subscriptions of one
+	 * connection goes out in subscription order. */
+	s->gprev = s->group->tail;
+	if (s->gprev)
+		s->gprev->gnext = s;
+	else
+		s->group->head = s;
+	s->group->tail = s;
 	s->group->nsubs++;
 	s->next = c->subs;
 	c->subs = s;

@@ -9,7 +9,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (HubTestCase, http_get, main, metric_value, parse_metrics, raw_http,  # noqa: E402
+from harness import (SOURCE_DIR, HubTestCase, http_get, main, metric_value, mkdtemp, parse_metrics, raw_http, write_file,  # noqa: E402
                      mkdtemp, reading, uniq)
 
 METRICS = ("iot_hub_connections", "iot_hub_frames_total", "iot_hub_readings_accepted_total",
@@ -194,6 +194,45 @@ class OperatorAPIAuth(HubTestCase):
         for path in ("/healthz", "/readyz", "/metrics"):
             st, _, body = http_get(self.hub, path)
             self.assertEqual(st, 200, "%s: %s" % (path, body[:200]))
+
+
+class WebRoot(HubTestCase):
+    """--web-root serves the browser dashboard (web/) at /, flat files only."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = cls.class_redis()
+        cls.web = mkdtemp("iot-hub-web-")
+        write_file(os.path.join(cls.web, "index.html"), "<!doctype html><title>hub</title>")
+        write_file(os.path.join(cls.web, "app.js"), "export const x = 1;\n")
+        write_file(os.path.join(cls.web, "notes.txt"), "not served")
+        cls.hub = cls.class_hub(cls.redis, extra=["--web-root", cls.web])
+
+    async def test_index_and_assets(self):
+        status, headers, body = http_get(self.hub, "/")
+        self.assertEqual((status, body), (200, "<!doctype html><title>hub</title>"))
+        self.assertTrue(headers["content-type"].startswith("text/html"), headers)
+        self.assertEqual(headers.get("x-content-type-options"), "nosniff")
+        self.assertIn("default-src 'self'", headers.get("content-security-policy", ""))
+        status, headers, body = http_get(self.hub, "/app.js")
+        self.assertEqual((status, body), (200, "export const x = 1;\n"))
+        self.assertTrue(headers["content-type"].startswith("text/javascript"), headers)
+
+    async def test_nothing_outside_or_unlisted(self):
+        for path in ("/notes.txt", "/missing.js", "/../etc/passwd", "/%2e%2e/etc/passwd",
+                     "/sub/app.js", "/.hidden.js"):
+            status, _, body = http_get(self.hub, path)
+            self.assertEqual(status, 404, path)
+            self.assertIn('"code"', body, path)
+
+    async def test_api_routes_still_win(self):
+        status, _, body = http_get(self.hub, "/healthz")
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+
+    async def test_repo_dashboard_files_exist(self):
+        for name in ("index.html", "app.js", "style.css"):
+            self.assertTrue(os.path.isfile(os.path.join(SOURCE_DIR, "web", name)), name)
 
 
 if __name__ == "__main__":
