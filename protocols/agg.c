@@ -13,6 +13,9 @@
 #include "protocols/stream.h"
 
 #define AGG_CHANNEL      "iot:live:agg"
+#define PARTIALS_KEY     "iot:agg:partials"
+#define CATCHUP_PAGE     "512"
+#define PEND_MAX         4096         /* live messages held during catch-up */
 #define TICK_US          (100 * 1000)
 #define FLUSH_DELAY_MS   100          /* after a second ends, before publishing */
 #define MSG_MAX_BYTES    (32 * 1024)  /* partials per published message */
@@ -33,8 +36,13 @@ static struct {
 	struct window_map partials;          /* ingest: this instance's 1 s partials */
 	struct window_map merged[AGG__COUNT]; /* merge side, per window */
 	unsigned wants[AGG__COUNT];
-	int64_t want_since_ms[AGG__COUNT];   /* merging w since (earlier windows: incomplete) */
-	int64_t active_since_ms;             /* 0: iot:live:agg not active */
+	bool active;                         /* iot:live:agg subscription active */
+	bool catching_up;                    /* reading iot:agg:partials after activation */
+	unsigned gen;                        /* bumps on every (de)activation */
+	uint64_t seen_ms, seen_seq;          /* newest partials message merged */
+	char **pend;                         /* live messages held during catch-up */
+	size_t npend;
+	bool pend_overflow;
 	hub_buf msg;
 } A;
 
@@ -269,10 +277,35 @@ static void msg_begin(void)
 	hub_buf_puts(&A.msg, ",\"partials\":[");
 }
 
+/* Keeps the partials a little over the longest window plus grace in a
+ * stream, so an instance that starts merging (first aggregate subscriber,
+ * restart, Redis reconnect) catches up on the windows in progress, and
+ * publishes them behind their stream id (the seam between the two). */
+static const char publish_lua[] =
+	"local id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[1], '*', 'p', ARGV[2])\n"
+	"redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[2])\n"
+	"return id\n";
+static int script_publish;
+
 static void msg_send(void)
 {
+	char minid[24];
+	const char *argv[6];
+	size_t lens[6];
+
 	hub_buf_puts(&A.msg, "]}");
-	hub_redis_publish(A.hub->redis, AGG_CHANNEL, A.msg.data, A.msg.len);
+	snprintf(minid, sizeof(minid), "%lld", (long long)(hub_now_ms() - 2 * max_age_ms()));
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(A.hub->redis, script_publish);
+	argv[2] = "2";
+	argv[3] = PARTIALS_KEY;
+	argv[4] = AGG_CHANNEL;
+	argv[5] = minid;
+	for (int i = 0; i < 6; i++)
+		lens[i] = strlen(argv[i]);
+	const char *full[7] = { argv[0], argv[1], argv[2], argv[3], argv[4], argv[5], A.msg.data };
+	size_t flens[7] = { lens[0], lens[1], lens[2], lens[3], lens[4], lens[5], A.msg.len };
+	hub_redis_command_argv(A.hub->redis, NULL, NULL, 7, full, flens); /* lost while down */
 }
 
 static void flush_partials(int64_t now)
@@ -336,35 +369,102 @@ static void flush_partials(int64_t now)
 
 /* ---- merge side ---------------------------------------------------------- */
 
-static bool any_want(void)
-{
-	for (int w = 0; w < AGG__COUNT; w++)
-		if (A.wants[w])
-			return true;
-	return false;
-}
-
 void agg_want(struct hub *hub, enum agg_window w, bool want)
 {
 	(void)hub;
-	if (want) {
-		if (!A.wants[w]++)
-			A.want_since_ms[w] = hub_now_ms();
-	} else if (A.wants[w] && !--A.wants[w]) {
-		map_clear(&A.merged[w]);
+	if (want)
+		A.wants[w]++;
+	else if (A.wants[w])
+		A.wants[w]--;
+}
+
+static void pend_clear(void)
+{
+	for (size_t i = 0; i < A.npend; i++)
+		free(A.pend[i]);
+	free(A.pend);
+	A.pend = NULL;
+	A.npend = 0;
+	A.pend_overflow = false;
+}
+
+static void catchup_next(void);
+static void merge_message(const char *payload, size_t len, int64_t now);
+
+static void on_catchup_page(redisReply *reply, void *arg)
+{
+	unsigned gen = (unsigned)(uintptr_t)arg;
+	int64_t now = hub_now_ms();
+	size_t n;
+
+	if (gen != A.gen || !A.catching_up)
+		return;
+	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
+		A.catching_up = false; /* Redis trouble: the pub/sub side will cycle */
+		pend_clear();
+		return;
 	}
+	n = reply->elements;
+	for (size_t i = 0; i < n; i++) {
+		redisReply *e = reply->element[i];
+		if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+		    e->element[0]->type != REDIS_REPLY_STRING ||
+		    e->element[1]->type != REDIS_REPLY_ARRAY || e->element[1]->elements != 2 ||
+		    e->element[1]->element[1]->type != REDIS_REPLY_STRING)
+			continue;
+		hub_buf b = { 0 };
+		hub_buf_append(&b, e->element[0]->str, e->element[0]->len);
+		hub_buf_append(&b, "\n", 1);
+		hub_buf_append(&b, e->element[1]->element[1]->str, e->element[1]->element[1]->len);
+		merge_message(b.data, b.len, now);
+		hub_buf_free(&b);
+	}
+	if (n >= (size_t)atoi(CATCHUP_PAGE) || A.pend_overflow) {
+		catchup_next();
+		return;
+	}
+	/* Caught up: what arrived live meanwhile, after the seam, then live. */
+	A.catching_up = false;
+	char **v = A.pend;
+	size_t np = A.npend;
+	A.pend = NULL;
+	A.npend = 0;
+	for (size_t i = 0; i < np; i++) {
+		merge_message(v[i], strlen(v[i]), now);
+		free(v[i]);
+	}
+	free(v);
+}
+
+static void catchup_next(void)
+{
+	char start[48];
+	const char *argv[6] = { "XRANGE", PARTIALS_KEY, start, "+", "COUNT", CATCHUP_PAGE };
+
+	pend_clear(); /* all of them are at or before what this page sees */
+	snprintf(start, sizeof(start), "(%llu-%llu", (unsigned long long)A.seen_ms,
+		 (unsigned long long)A.seen_seq);
+	if (hub_redis_command_argv(A.hub->redis, on_catchup_page, (void *)(uintptr_t)A.gen,
+				   6, argv, NULL))
+		A.catching_up = false;
 }
 
 void agg_set_active(struct hub *hub, bool active)
 {
-	if (active) {
-		A.active_since_ms = hub_now_ms();
-		return;
-	}
-	A.active_since_ms = 0;
-	for (int w = 0; w < AGG__COUNT; w++)
-		map_clear(&A.merged[w]); /* partials were lost: those windows are incomplete */
 	(void)hub;
+	A.gen++;
+	A.active = active;
+	A.catching_up = false;
+	pend_clear();
+	for (int w = 0; w < AGG__COUNT; w++)
+		map_clear(&A.merged[w]); /* rebuilt from the stream below */
+	if (!active)
+		return;
+	/* Every window still to be emitted started after this point. */
+	A.seen_ms = (uint64_t)(hub_now_ms() - max_age_ms());
+	A.seen_seq = 0;
+	A.catching_up = true;
+	catchup_next();
 }
 
 static int parse_field(json_t *arr, struct agg_field *f)
@@ -403,11 +503,8 @@ static void merge_partial(json_t *p, int64_t now)
 		size_t kl;
 		struct agg_state *st;
 
-		if (!A.wants[w])
-			continue;
-		if (due <= now || ws < A.active_since_ms || ws < A.want_since_ms[w]) {
-			if (due <= now)
-				A.hub->metrics.aggregate_late_partials_total++;
+		if (due <= now) {
+			A.hub->metrics.aggregate_late_partials_total++;
 			continue;
 		}
 		kl = make_key(key, ws, json_string_value(dev));
@@ -428,19 +525,50 @@ static void merge_partial(json_t *p, int64_t now)
 	}
 }
 
-void agg_on_partials(struct hub *hub, const char *payload, size_t len)
+/* payload: `<stream id>\n<JSON>`; merged once (ids only grow). */
+static void merge_message(const char *payload, size_t len, int64_t now)
 {
+	const char *nl = memchr(payload, '\n', len);
+	unsigned long long ms, seq;
+	char idbuf[48];
 	json_t *doc, *parts;
-	int64_t now = hub_now_ms();
+	size_t il;
 
-	(void)hub;
-	if (!any_want() || !A.active_since_ms)
+	if (!nl || (il = (size_t)(nl - payload)) >= sizeof(idbuf))
 		return;
-	doc = json_loadb(payload, len, 0, NULL);
+	memcpy(idbuf, payload, il);
+	idbuf[il] = '\0';
+	if (sscanf(idbuf, "%llu-%llu", &ms, &seq) != 2)
+		return;
+	if (ms < A.seen_ms || (ms == A.seen_ms && seq <= A.seen_seq))
+		return; /* merged already (the catch-up seam) */
+	A.seen_ms = ms;
+	A.seen_seq = seq;
+	doc = json_loadb(nl + 1, len - il - 1, 0, NULL);
 	parts = json_object_get(doc, "partials");
 	for (size_t i = 0; i < json_array_size(parts); i++)
 		merge_partial(json_array_get(parts, i), now);
 	json_decref(doc);
+}
+
+void agg_on_partials(struct hub *hub, const char *payload, size_t len)
+{
+	(void)hub;
+	if (!A.active)
+		return;
+	if (A.catching_up) {
+		if (A.npend >= PEND_MAX) {
+			A.pend_overflow = true; /* in the stream: the next page has it */
+			return;
+		}
+		A.pend = hub_xrealloc(A.pend, (A.npend + 1) * sizeof(*A.pend));
+		A.pend[A.npend] = hub_xmalloc(len + 1);
+		memcpy(A.pend[A.npend], payload, len);
+		A.pend[A.npend][len] = '\0';
+		A.npend++;
+		return;
+	}
+	merge_message(payload, len, hub_now_ms());
 }
 
 static void emit_due(int64_t now)
@@ -448,14 +576,14 @@ static void emit_due(int64_t now)
 	for (int w = 0; w < AGG__COUNT; w++) {
 		struct due_ctx d;
 
-		if (!A.wants[w])
-			continue;
+		if (!A.active || A.catching_up)
+			continue; /* windows wait for the catch-up (they are not due yet) */
 		map_take_due(&A.merged[w], now,
 			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, &d);
 		if (!d.n)
 			continue;
 		qsort(d.v, d.n, sizeof(*d.v), cmp_start);
-		for (size_t i = 0; i < d.n;) {
+		for (size_t i = 0; i < d.n && A.wants[w];) {
 			size_t j = i;
 			while (j < d.n && d.v[j]->start == d.v[i]->start)
 				j++;
@@ -484,6 +612,7 @@ static void tick_cb(lws_sorted_usec_list_t *sul)
 void agg_init(struct hub *hub)
 {
 	A.hub = hub;
+	script_publish = hub_redis_add_script(hub->redis, publish_lua);
 	map_init(&A.partials);
 	for (int w = 0; w < AGG__COUNT; w++)
 		map_init(&A.merged[w]);
@@ -506,4 +635,5 @@ void agg_free(struct hub *hub)
 	for (int w = 0; w < AGG__COUNT; w++)
 		map_clear(&A.merged[w]);
 	hub_buf_free(&A.msg);
+	pend_clear();
 }
