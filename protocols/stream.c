@@ -756,7 +756,7 @@ static void on_group_message(const char *channel, const char *payload, size_t le
 	if (g->raw) {
 		if (parse_pos(payload, (size_t)(nl - payload), &f.pos_ms, &f.pos_seq))
 			return;
-		f.has_pos = true;
+		f.has_pos = f.pos_ms || f.pos_seq; /* "0-0": no feed, no positions */
 		f.msg_type = "reading";
 		hub_buf_puts(&tail, ",\"pos\":\"");
 		hub_buf_append(&tail, payload, (size_t)(nl - payload));
@@ -837,7 +837,7 @@ static void go_live(struct st_sub *s)
 	s->pend = NULL;
 	s->npend = s->pend_cap = 0;
 	for (size_t i = 0; i < n; i++) {
-		deliver(s, v[i], true);
+		deliver(s, v[i], v[i]->pos_ms || v[i]->pos_seq);
 		msg_unref(v[i]);
 	}
 	free(v);
@@ -1232,6 +1232,10 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	if (kind == K__COUNT) {
 		send_error(c, id, "unknown_stream",
 			   "stream must be one of raw, 1s, 10s, 1m, presence, commands");
+		return;
+	}
+	if (!hub_redis_up(c->hub->redis)) {
+		send_error(c, id, "unavailable", "Redis is unavailable; subscribe again later");
 		return;
 	}
 	if (c->nsubs >= (unsigned)c->hub->cfg.stream_max_subscriptions) {
