@@ -683,6 +683,10 @@ class StreamSubscribe(StreamCase):
         d = await self.dashboard(self.hub)
         for i, s in enumerate(("yesterday", "12-ab", "-5", "1-2-3")):
             await d.subscribe("b%d" % i, since=s, expect="bad_since")
+        # since is for raw only
+        rep = await d.subscribe("agg", stream="1s", since="1-0", expect=None)
+        self.assertEqual(rep.get("type"), "error", rep)
+        self.assertIn(rep.get("code"), ("bad_since", "bad_message"), rep)
 
     async def test_unknown_id(self):
         d = await self.dashboard(self.hub)
@@ -940,6 +944,19 @@ class StreamRaw(StreamCase):
             self.assertEqual([m["device"] for m in ms if not m["device"].startswith("t-1")], [],
                              "key limited to t-1* saw other devices on %s" % sid)
 
+    async def test_key_patterns_limit_presence(self):
+        t1, t2 = "t-1" + uniq("kp"), "t-2" + uniq("kp")
+        d = await self.dashboard(self.hub, name="limited")
+        await d.subscribe("p", stream="presence", filter={})
+        gw = await self.gateway(self.hub)
+        for dv in (t2, t1):  # two announces: t2's event is published first
+            rep = await gw.announce([(dv, "thermostat")])
+            self.assertEqual(rep.get("accepted"), [dv], rep)
+        got = await d.until(lambda m: m.get("type") == "presence" and m.get("device") == t1, 5, "presence of t-1")
+        got += await d.collect(0.3)
+        self.assertEqual([m["device"] for m in got if m.get("type") == "presence" and not m["device"].startswith("t-1")],
+                         [], "key limited to t-1* saw presence of other devices")
+
     async def test_reading_fields_and_pos(self):
         a, b = uniq("t-c"), uniq("t-c")
         d = await self.dashboard(self.hub)
@@ -1039,8 +1056,33 @@ class StreamMulti(StreamCase):
         got = await dash.collect(0.3)
         self.assertEqual([m for m in got if m.get("type") == "presence"], [], "presence of a filtered-out device")
 
+    async def test_presence_offline_only_from_the_owner(self):
+        a, b = self.hubs(2)
+        dev = uniq("t-to")
+        dash = await self.dashboard(a)
+        await dash.subscribe("p", stream="presence", filter={"devices": [dev]})
+        first = await self.gateway(a)
+        rep = await first.announce([(dev, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [dev], rep)
+        second = await self.gateway(b)  # another gateway takes the device over
+        rep = await second.announce([(dev, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [dev], rep)
+        got = await dash.gather(lambda g: sum(m.get("type") == "presence" for m in g) >= 2, 5,
+                                "online from both gateways")
+        # the first gateway no longer owns the device: its close is not an offline
+        await first.close()
+        wait_until(lambda: self.redis.cmd("HGET", "iot:dev:" + dev, "gateway") == second.sub, 2,
+                   what="device owned by the second gateway")
+        got += await dash.collect(0.5)
+        await second.close()
+        got += await dash.until(lambda m: m.get("type") == "presence" and m.get("online") is False, 5,
+                                "offline after the owner closed")
+        got += await dash.collect(0.3)
+        self.assertEqual([(m["device"], m["online"], m.get("gateway")) for m in got if m.get("type") == "presence"],
+                         [(dev, True, first.sub), (dev, True, second.sub), (dev, False, second.sub)])
+
     async def test_aggregates_merged_across_instances(self):
-        grace = 300
+        grace = 600  # small to keep the test short; partials travel within ~100 ms
         a, b, c = self.hubs(3, extra=["--aggregate-grace-ms", str(grace)])
         p = uniq("t-g")
         devs = {p + "1": (a, "thermostat", {"site": "b1"}),
