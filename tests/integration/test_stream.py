@@ -582,6 +582,12 @@ class StreamAuth(StreamCase):
         m = await d.wait_for(lambda m: m.get("type") == "error", 5, "error")
         self.assertEqual(m.get("code"), "unauthorized", m)
         self.assertEqual(await d.wait_closed(5), 4401)
+        # not even JSON: closed the same way (the error code may say bad_json)
+        d = await self.dashboard(self.hub, token=False)
+        await d.send("hello")
+        m = await d.wait_for(lambda m: m.get("type") == "error", 5, "error")
+        self.assertIn(m.get("code"), ("unauthorized", "bad_json"), m)
+        self.assertEqual(await d.wait_closed(5), 4401)
 
     async def test_default_auth_timeout_not_early(self):
         d = await self.dashboard(self.hub, token=False)
