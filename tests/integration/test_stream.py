@@ -311,7 +311,6 @@ class Pump:
         self.sent = {}       # seq -> (monotonic send time, readings)
         self.acks = {}       # seq -> (monotonic ack time, msg)
         self.errors = []
-        self.done_sending = asyncio.Event()
 
     async def _send(self):
         t0 = time.monotonic()
@@ -324,7 +323,6 @@ class Pump:
             rs = self.make(i, now_ms())
             self.sent[seq] = (time.monotonic(), rs)
             await self.gw.send({"type": "telemetry", "seq": seq, "readings": rs})
-        self.done_sending.set()
 
     async def _recv(self, deadline):
         while len(self.acks) < self.n and time.monotonic() < deadline:
