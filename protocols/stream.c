@@ -92,11 +92,26 @@ struct st_sub {
 	bool replay_wait;            /* next page once the queue drains */
 	uint64_t dropped;            /* for the next `gap` */
 	enum phase phase;
+	uint64_t seq;                /* subscription order */
+	uint64_t mark;               /* last line it was a candidate for */
+};
+
+/* Subscriptions of a group found by device: every line from Redis looks up
+ * only the subscriptions that can match its device (exact ids, then each
+ * prefix length in use), plus those with no device filter. Fan-out cost per
+ * line then follows the matches, not the number of subscriptions. */
+struct sub_vec {
+	struct st_sub **v;
+	size_t n, cap;
 };
 
 struct st_group {
 	struct st_sub *head, *tail;  /* in subscription order */
 	unsigned nsubs;
+	hub_strmap index;            /* "=<id>" / "*<prefix>" -> struct sub_vec * */
+	struct sub_vec scan;         /* no device filter (or "*") */
+	unsigned prefix_lens[HUB_ID_MAX + 1];
+	int max_prefix_len;
 	struct hub_redis_channel *ch;
 	bool raw, agg, pattern;
 	const char *msg_type;        /* presence/commands: message type */
@@ -139,6 +154,8 @@ struct st_pss {
 
 static struct {
 	struct hub *hub;
+	uint64_t sub_seq, line_seq;
+	struct sub_vec cand;         /* fan-out scratch */
 	hub_strmap raw_typed;        /* type -> struct st_group * */
 	struct st_group *raw_all, *presence, *commands, *agg;
 	struct st_conn *conns;
@@ -457,6 +474,7 @@ static void sub_unref(struct st_sub *s)
 
 static void group_acquire(struct st_group *g);
 static void group_release(struct st_group *g);
+static void index_remove(struct st_group *g, struct st_sub *s);
 
 /* Removes s from its group and connection (unsubscribe or close). */
 static void sub_kill(struct st_sub *s)
@@ -477,6 +495,7 @@ static void sub_kill(struct st_sub *s)
 	else
 		g->tail = s->gprev;
 	g->nsubs--;
+	index_remove(g, s);
 	if (s->kind >= K_1S && s->kind <= K_1M)
 		agg_want(S.hub, (enum agg_window)(s->kind - K_1S), false);
 	group_release(g);
@@ -579,6 +598,140 @@ static struct st_group *group_for(enum st_kind kind, const char *type)
 	if (kind == K_COMMANDS)
 		return S.commands;
 	return S.agg;
+}
+
+/* ---- the device index ---------------------------------------------------- */
+
+static void vec_push(struct sub_vec *v, struct st_sub *s)
+{
+	if (v->n == v->cap) {
+		v->cap = v->cap ? v->cap * 2 : 8;
+		v->v = hub_xrealloc(v->v, v->cap * sizeof(*v->v));
+	}
+	v->v[v->n++] = s;
+}
+
+static void vec_remove(struct sub_vec *v, struct st_sub *s)
+{
+	for (size_t i = 0; i < v->n; i++)
+		if (v->v[i] == s) {
+			memmove(&v->v[i], &v->v[i + 1], (v->n - i - 1) * sizeof(*v->v));
+			v->n--;
+			return;
+		}
+}
+
+static size_t index_key(char *key, const char *pat, size_t len)
+{
+	bool prefix = len && pat[len - 1] == '*';
+
+	key[0] = prefix ? '*' : '=';
+	if (prefix)
+		len--;
+	memcpy(key + 1, pat, len);
+	return len + 1;
+}
+
+static void index_add(struct st_group *g, struct st_sub *s)
+{
+	if (!s->has_devices || s->devices.all) {
+		vec_push(&g->scan, s);
+		return;
+	}
+	for (size_t i = 0; i < s->devices.n; i++) {
+		char key[HUB_ID_MAX + 2];
+		size_t kl = index_key(key, s->devices.items[i], strlen(s->devices.items[i]));
+		struct sub_vec *v = hub_strmap_get(&g->index, key, kl);
+
+		if (!v) {
+			v = hub_xcalloc(1, sizeof(*v));
+			hub_strmap_put(&g->index, key, kl, v);
+		}
+		if (v->n && v->v[v->n - 1] == s)
+			continue; /* the same pattern twice */
+		vec_push(v, s);
+		if (key[0] == '*') {
+			g->prefix_lens[kl - 1]++;
+			if ((int)kl - 1 > g->max_prefix_len)
+				g->max_prefix_len = (int)kl - 1;
+		}
+	}
+}
+
+static void index_remove(struct st_group *g, struct st_sub *s)
+{
+	if (!s->has_devices || s->devices.all) {
+		vec_remove(&g->scan, s);
+		return;
+	}
+	for (size_t i = 0; i < s->devices.n; i++) {
+		char key[HUB_ID_MAX + 2];
+		size_t kl = index_key(key, s->devices.items[i], strlen(s->devices.items[i]));
+		struct sub_vec *v = hub_strmap_get(&g->index, key, kl);
+		size_t before;
+
+		if (!v)
+			continue;
+		before = v->n;
+		vec_remove(v, s);
+		if (v->n < before && key[0] == '*')
+			g->prefix_lens[kl - 1]--;
+		if (!v->n) {
+			hub_strmap_del(&g->index, key, kl);
+			free(v->v);
+			free(v);
+		}
+	}
+}
+
+static void cand_add(const struct sub_vec *v, uint64_t line)
+{
+	for (size_t i = 0; i < v->n; i++) {
+		struct st_sub *s = v->v[i];
+		if (s->mark == line)
+			continue; /* found through another of its patterns */
+		s->mark = line;
+		vec_push(&S.cand, s);
+	}
+}
+
+static int cmp_sub_seq(const void *a, const void *b)
+{
+	const struct st_sub *x = *(struct st_sub *const *)a, *y = *(struct st_sub *const *)b;
+
+	return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* The subscriptions of g that may match device, in subscription order. */
+static void candidates(struct st_group *g, const char *dev, size_t len)
+{
+	uint64_t line = ++S.line_seq;
+	char key[HUB_ID_MAX + 2];
+	struct sub_vec *v;
+	int sources = 0;
+
+	S.cand.n = 0;
+	if (g->scan.n) {
+		cand_add(&g->scan, line);
+		sources++;
+	}
+	if (len > HUB_ID_MAX || !g->index.count)
+		return;
+	key[0] = '=';
+	memcpy(key + 1, dev, len);
+	if ((v = hub_strmap_get(&g->index, key, len + 1))) {
+		cand_add(v, line);
+		sources++;
+	}
+	key[0] = '*';
+	for (size_t l = 0; l <= len && (int)l <= g->max_prefix_len; l++) {
+		if (!g->prefix_lens[l] || !(v = hub_strmap_get(&g->index, key, l + 1)))
+			continue;
+		cand_add(v, line);
+		sources++;
+	}
+	if (sources > 1 && S.cand.n > 1)
+		qsort(S.cand.v, S.cand.n, sizeof(*S.cand.v), cmp_sub_seq);
 }
 
 /* ---- filters ------------------------------------------------------------- */
@@ -720,10 +873,10 @@ static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
 {
 	struct fanout *f = arg;
 	struct st_msg *msg = NULL;
-	struct st_sub *s, *next;
 
-	for (s = f->g->head; s; s = next) {
-		next = s->gnext;
+	candidates(f->g, m->device, m->device_len);
+	for (size_t i = 0; i < S.cand.n; i++) {
+		struct st_sub *s = S.cand.v[i];
 		if (s->phase == PH_WAIT || !sub_matches(s, m))
 			continue;
 		if (!msg) {
@@ -1288,6 +1441,8 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	else
 		s->group->head = s;
 	s->group->tail = s;
+	s->seq = ++S.sub_seq;
+	index_add(s->group, s);
 	s->group->nsubs++;
 	s->next = c->subs;
 	c->subs = s;
@@ -1567,11 +1722,31 @@ void stream_close_all(struct hub *hub)
 		conn_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "hub shutting down");
 }
 
+static void free_vec_cb(const char *key, void *value, void *arg)
+{
+	struct sub_vec *v = value;
+
+	(void)key;
+	(void)arg;
+	free(v->v);
+	free(v);
+}
+
+static void group_free(struct st_group *g)
+{
+	if (!g)
+		return;
+	hub_strmap_foreach(&g->index, free_vec_cb, NULL);
+	hub_strmap_free(&g->index);
+	free(g->scan.v);
+	free(g);
+}
+
 static void free_group_cb(const char *key, void *value, void *arg)
 {
 	(void)key;
 	(void)arg;
-	free(value);
+	group_free(value);
 }
 
 void stream_stop(struct hub *hub)
@@ -1586,9 +1761,10 @@ void stream_free(struct hub *hub)
 	agg_free(hub);
 	hub_strmap_foreach(&S.raw_typed, free_group_cb, NULL);
 	hub_strmap_free(&S.raw_typed);
-	free(S.raw_all);
-	free(S.presence);
-	free(S.commands);
-	free(S.agg);
+	group_free(S.raw_all);
+	group_free(S.presence);
+	group_free(S.commands);
+	group_free(S.agg);
+	free(S.cand.v);
 	S.raw_all = S.presence = S.commands = S.agg = NULL;
 }
