@@ -6,6 +6,7 @@
 #include <strings.h>
 
 #include "hub/api.h"
+#include "commands/cmd_api.h"
 #include "hub/hub.h"
 #include "hub/log.h"
 #include "hub/redis.h"
@@ -19,10 +20,19 @@
  * without progress. */
 #define STREAM_IDLE_S 60
 
+#define MAX_REQUEST_BODY (64 * 1024)
+
 struct http_pss {
 	hub_buf body;   /* LWS_PRE headroom, then the body */
 	size_t sent;
 	struct hub_req *rq; /* an asynchronous API request (hub/api.h) */
+	/* A POST waiting for its body (commands API). */
+	bool collecting, too_large;
+	hub_buf reqbody;
+	hub_buf qmem;
+	struct hub_query q;
+	char path[256];
+	char idem[160];
 };
 
 static void json_error_field(hub_buf *b, const char *code, const char *field,
@@ -487,9 +497,72 @@ static int serve_static(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 	return respond(wsi, pss, 200, ctype);
 }
 
+/* Commands API (commands/cmd_api.h): any valid key gets this far, the routes
+ * check their scopes. A POST is dispatched once its body is complete. */
+static int route_commands(struct lws *wsi, struct http_pss *pss, struct hub *hub,
+			  const char *path, bool post)
+{
+	auth_principal who;
+	int rc, n;
+
+	if (require_scope(wsi, pss, hub, 0, &rc, &who))
+		return rc;
+	hub_buf_free(&pss->qmem);
+	if (collect_query(wsi, &pss->q, &pss->qmem) || strlen(path) >= sizeof(pss->path)) {
+		auth_principal_clear(&who);
+		body_init(&pss->body);
+		json_error_field(&pss->body, "invalid", "query", "too many query parameters");
+		return respond(wsi, pss, 422, "application/json");
+	}
+	snprintf(pss->path, sizeof(pss->path), "%s", path);
+	n = lws_hdr_custom_copy(wsi, pss->idem, sizeof(pss->idem), "idempotency-key:", 16);
+	if (n < 0)
+		pss->idem[0] = '\0';
+	req_detach(pss);
+	pss->rq = req_new(wsi, hub, &who);
+	if (post) {
+		pss->collecting = true;
+		pss->too_large = false;
+		pss->reqbody.len = 0;
+		return 0;
+	}
+	struct hub_req *rq = pss->rq;
+	hub_req_ref(rq);
+	cmd_api_handle(rq, "GET", pss->path, &pss->q, NULL, 0, NULL);
+	hub_req_unref(rq);
+	return 0;
+}
+
+static int body_done(struct lws *wsi, struct http_pss *pss)
+{
+	struct hub_req *rq = pss->rq;
+
+	(void)wsi;
+	if (!pss->collecting || !rq)
+		return 0;
+	pss->collecting = false;
+	hub_req_ref(rq);
+	if (pss->too_large)
+		hub_req_error(rq, 413, "too_large", NULL, "request bodies are limited to 64 KiB");
+	else
+		cmd_api_handle(rq, "POST", pss->path, &pss->q, pss->reqbody.data ? pss->reqbody.data : "",
+			       pss->reqbody.len, pss->idem[0] ? pss->idem : NULL);
+	hub_req_unref(rq);
+	hub_buf_free(&pss->reqbody);
+	return 0;
+}
+
 static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const char *path)
 {
 	bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
+	bool post = lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI) > 0;
+
+	if (cmd_api_handles(path)) {
+		if (!get && !post)
+			return respond_error(wsi, pss, 405, "method_not_allowed",
+					     "only GET and POST are supported here");
+		return route_commands(wsi, pss, hub, path, post);
+	}
 
 	if (hub_api_handles(path)) {
 		if (!get)
@@ -726,9 +799,16 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return -1;
 		return route(wsi, pss, hub, (const char *)in) ? -1 : 0;
 	case LWS_CALLBACK_HTTP_BODY:
-		return 0; /* bodies are ignored by the routes of this version */
-	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+		/* Kept only for a route that waits for one (commands API). */
+		if (pss && pss->collecting && !pss->too_large) {
+			if (pss->reqbody.len + len > MAX_REQUEST_BODY)
+				pss->too_large = true;
+			else
+				hub_buf_append(&pss->reqbody, in, len);
+		}
 		return 0;
+	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+		return pss ? body_done(wsi, pss) : 0;
 	case LWS_CALLBACK_HTTP_WRITEABLE:
 		if (pss && pss->rq)
 			return req_writeable(wsi, pss);
@@ -738,6 +818,8 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_CLOSED_HTTP:
 		if (pss) {
 			hub_buf_free(&pss->body);
+			hub_buf_free(&pss->reqbody);
+			hub_buf_free(&pss->qmem);
 			req_detach(pss);
 		}
 		break;
@@ -745,6 +827,8 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		free_handshake(wsi);
 		if (pss) {
 			hub_buf_free(&pss->body);
+			hub_buf_free(&pss->reqbody);
+			hub_buf_free(&pss->qmem);
 			req_detach(pss);
 		}
 		break;

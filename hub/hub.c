@@ -11,6 +11,7 @@
 #include "hub/util.h"
 #include "protocols/gateway.h"
 #include "protocols/stream.h"
+#include "commands/commands.h"
 
 #define DRAIN_TICK_US   (50 * 1000)
 #define DRAIN_GRACE_US  (5 * 1000 * 1000)
@@ -108,6 +109,7 @@ static void drain_tick(lws_sorted_usec_list_t *sul)
 	hub_info("drained; stopping");
 	gw_stop(hub);
 	stream_stop(hub);
+	cmd_stop(hub);
 	hub_redis_stop(hub->redis);
 	hub_loop_stop(hub);
 }

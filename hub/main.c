@@ -19,6 +19,7 @@
 #include "hub/registry.h"
 #include "protocols/gateway.h"
 #include "protocols/stream.h"
+#include "commands/commands.h"
 
 #define STARTUP_TICK_US (10 * 1000)
 
@@ -135,6 +136,8 @@ static int check_tls_files(const struct hub_config *cfg, char *err, size_t errle
 static void hub_cleanup(struct hub *hub)
 {
 	stream_free(hub);
+	cmd_free(hub);
+	gw_free_maps();
 	hub_redis_free(hub->redis);
 	hub_listener_free(hub->listener);
 	hub_embedded_redis_stop(hub->embedded);
@@ -221,6 +224,7 @@ int main(int argc, char **argv)
 	hub_registry_init(&hub);
 	gw_init(&hub);
 	stream_init(&hub);
+	cmd_init(&hub);
 	hub_redis_start(hub.redis);
 	startup_deadline_us = hub_mono_us() + (int64_t)hub.cfg.redis_timeout_ms * 1000;
 	lws_sul_schedule(hub.ctx, 0, &sul_startup, startup_tick, 1);

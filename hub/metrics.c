@@ -112,6 +112,12 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->aggregate_late_readings_total);
 	counter(o, "iot_hub_aggregate_late_partials_total", "Partial aggregates that came after their window was emitted.",
 		m->aggregate_late_partials_total);
+	counter(o, "iot_hub_commands_created_total", "Commands created over HTTP.",
+		m->commands_created_total);
+	counter(o, "iot_hub_commands_sent_total", "Command messages sent to gateways (resends included).",
+		m->commands_sent_total);
+	counter(o, "iot_hub_command_acks_total", "command_ack messages handled.",
+		m->command_acks_total);
 	counter(o, "iot_hub_redis_connects_total", "Redis command-connection attempts.",
 		m->redis_reconnects_total);
 	counter(o, "iot_hub_redis_errors_total", "Redis error replies.", m->redis_errors_total);

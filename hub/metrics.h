@@ -62,6 +62,9 @@ struct hub_metrics {
 	uint64_t stream_slow_closed_total; /* dashboards closed by stream-slow-policy close */
 	uint64_t stream_replayed_total;    /* readings sent from the feed for `since` */
 	uint64_t aggregate_late_readings_total; /* too old to aggregate */
+	uint64_t commands_created_total;
+	uint64_t commands_sent_total;      /* command messages written to gateways (with resends) */
+	uint64_t command_acks_total;
 	uint64_t aggregate_late_partials_total; /* partials after their window was emitted */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */

@@ -15,7 +15,7 @@
 #define WATCHDOG_US       (200 * 1000)
 #define IDLE_PING_US      (1000 * 1000)
 #define BACKOFF_MIN_MS    100
-#define MAX_SCRIPTS       8
+#define MAX_SCRIPTS       24
 #define UNSUB_LINGER_US   (5 * 1000 * 1000)
 
 struct pending {

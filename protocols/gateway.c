@@ -9,6 +9,7 @@
 #include "hub/redis.h"
 #include "hub/registry.h"
 #include "hub/util.h"
+#include "commands/commands.h"
 #include "protocols/agg.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
@@ -41,6 +42,8 @@ struct gw_reply {
 	struct gw_conn *conn;
 	bool waiting;
 	bool is_announce;
+	char **announced;          /* accepted devices: their commands go out once registered */
+	size_t nannounced;
 	int64_t seq;
 	int64_t t0_us;
 	unsigned accepted;
@@ -75,6 +78,10 @@ struct gw_conn {
 struct gw_pss {
 	struct gw_conn *conn;
 };
+
+/* device id -> the local connection that announced it last (commands are
+ * delivered to it). Entries go when their connection closes. */
+static hub_strmap dev_conns;
 
 /* ---- connection and reply lifetime --------------------------------------- */
 
@@ -118,6 +125,9 @@ static void reply_free(struct gw_reply *r)
 	hub_buf_free(&r->rejected);
 	hub_buf_free(&r->out);
 	hub_buf_free(&r->agg);
+	for (size_t i = 0; i < r->nannounced; i++)
+		free(r->announced[i]);
+	free(r->announced);
 	free(r);
 }
 
@@ -599,6 +609,12 @@ static void on_announced(redisReply *reply, void *arg)
 	if (r->conn->wsi) {
 		if (reply && reply->type == REDIS_REPLY_INTEGER) {
 			hub_buf_append(&r->out, r->rejected.data, r->rejected.len);
+			for (size_t i = 0; i < r->nannounced; i++)
+				hub_strmap_put(&dev_conns, r->announced[i], strlen(r->announced[i]),
+					       r->conn);
+			/* After `announced` in the queue: the devices' pending commands. */
+			cmd_on_announced(r->conn->hub, r->conn->conn_id,
+					 (const char *const *)r->announced, r->nannounced);
 		} else {
 			if (reply && reply->type == REDIS_REPLY_ERROR)
 				hub_err("gateway %s: announce failed: %s", r->conn->gw, reply->str);
@@ -686,6 +702,9 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		if (acc.len)
 			hub_buf_puts(&acc, ",");
 		hub_buf_json_str(&acc, a.device, a.device_len);
+		if (!r->announced)
+			r->announced = hub_xcalloc(n, sizeof(char *));
+		r->announced[r->nannounced++] = hub_xstrdup(d->id);
 		nacc++;
 	}
 	hub->metrics.devices_rejected_total += n - nacc;
@@ -743,9 +762,11 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 		const char *bad;
 		if (gw_command_ack_parse(&msg, &ack, &bad))
 			queue_error(c, "bad_message", -1, -1, bad);
+		else if (!cmd_status_valid(ack.status))
+			queue_error(c, "bad_message", -1, -1,
+				    "command_ack status must be received, in_progress, succeeded, failed or rejected");
 		else
-			queue_error(c, "unknown_command", -1, -1,
-				    "no command with this id is pending for this gateway");
+			cmd_on_ack(hub, c, c->conn_id, &ack);
 	}
 	gw_msg_clear(&msg);
 }
@@ -1069,6 +1090,9 @@ static void on_closed(struct gw_pss *pss)
 	if (c->devices.count) {
 		struct offline_ctx o = { hub_xmalloc(c->devices.count * sizeof(char *)), 0 };
 		hub_strmap_foreach(&c->devices, collect_dev, &o);
+		for (size_t i = 0; i < o.n; i++)
+			if (hub_strmap_get(&dev_conns, o.ids[i], strlen(o.ids[i])) == c)
+				hub_strmap_del(&dev_conns, o.ids[i], strlen(o.ids[i]));
 		hub_registry_offline(hub, c->conn_id, o.ids, o.n);
 		free(o.ids);
 	}
@@ -1171,4 +1195,55 @@ unsigned gw_drain(struct hub *hub, bool force)
 
 	hub_strmap_foreach(&hub->gateways, drain_one, &d);
 	return d.open;
+}
+
+/* ---- commands (commands/) ------------------------------------------------ */
+
+struct gw_conn *gw_conn_for_device(struct hub *hub, const char *device)
+{
+	struct gw_conn *c = hub_strmap_get(&dev_conns, device, strlen(device));
+
+	(void)hub;
+	return c && c->wsi && !c->closing && !c->draining ? c : NULL;
+}
+
+const char *gw_conn_id(const struct gw_conn *c)
+{
+	return c->conn_id;
+}
+
+bool gw_conn_has_device(const struct gw_conn *c, const char *device)
+{
+	return hub_strmap_get(&c->devices, device, strlen(device)) != NULL;
+}
+
+void gw_conn_send(struct gw_conn *c, const char *msg, size_t len)
+{
+	struct gw_reply *r;
+
+	if (!c->wsi || c->closing)
+		return;
+	r = reply_new(c);
+	hub_buf_append(&r->out, msg, len);
+	enqueue(c, r);
+}
+
+void gw_conn_hold(struct gw_conn *c)
+{
+	c->refs++;
+}
+
+void gw_conn_release(struct gw_conn *c)
+{
+	conn_unref(c);
+}
+
+bool gw_conn_open(const struct gw_conn *c)
+{
+	return c->wsi && !c->closing;
+}
+
+void gw_free_maps(void)
+{
+	hub_strmap_free(&dev_conns);
 }

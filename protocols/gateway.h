@@ -36,6 +36,20 @@ void gw_stop(struct hub *hub);
  * gateway connections are still open. */
 unsigned gw_drain(struct hub *hub, bool force);
 
+/* For the command channel: the local connection holding device (NULL when
+ * none), its id (instance:serial, as in the registry's `conn`), and queueing a
+ * hub -> gateway message on it (in order with its other replies). A holder
+ * that keeps a connection across callbacks takes a reference. */
+struct gw_conn;
+struct gw_conn *gw_conn_for_device(struct hub *hub, const char *device);
+const char *gw_conn_id(const struct gw_conn *c);
+bool gw_conn_has_device(const struct gw_conn *c, const char *device);
+void gw_conn_send(struct gw_conn *c, const char *msg, size_t len);
+void gw_conn_hold(struct gw_conn *c);
+void gw_conn_release(struct gw_conn *c);
+bool gw_conn_open(const struct gw_conn *c);
+void gw_free_maps(void);
+
 extern const struct lws_protocols gw_protocol;
 
 #endif

@@ -1,0 +1,546 @@
+#include "commands/cmd_api.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <jansson.h>
+
+#include "commands/commands.h"
+#include "hub/hub.h"
+#include "hub/redis.h"
+#include "hub/util.h"
+#include "protocols/schema.h"
+
+#define DEVICES_PREFIX "/v1/devices/"
+#define COMMANDS_PREFIX "/v1/commands/"
+#define MAX_ERRS 4
+
+/* ---- paths ----------------------------------------------------------------- */
+
+/* "/v1/devices/<device>/commands" -> device */
+static bool device_commands_path(const char *path, char *device)
+{
+	const char *p = path + strlen(DEVICES_PREFIX), *slash;
+
+	if (strncmp(path, DEVICES_PREFIX, strlen(DEVICES_PREFIX)))
+		return false;
+	slash = strchr(p, '/');
+	if (!slash || strcmp(slash, "/commands") || !hub_id_valid(p, (size_t)(slash - p)))
+		return false;
+	memcpy(device, p, (size_t)(slash - p));
+	device[slash - p] = '\0';
+	return true;
+}
+
+bool cmd_api_handles(const char *path)
+{
+	char dev[HUB_ID_MAX + 1];
+
+	return !strcmp(path, "/v1/commands") || !strncmp(path, COMMANDS_PREFIX, strlen(COMMANDS_PREFIX)) ||
+	       device_commands_path(path, dev);
+}
+
+/* ---- small helpers --------------------------------------------------------- */
+
+static bool has_scope(struct hub_req *rq, unsigned scope)
+{
+	return auth_has_scope(hub_req_who(rq), scope);
+}
+
+static bool visible(struct hub_req *rq, const char *device)
+{
+	return auth_patterns_match(&hub_req_who(rq)->devices, device);
+}
+
+static void unavailable(struct hub_req *rq)
+{
+	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+}
+
+static const redisReply *kv_get(const redisReply *kv, const char *name)
+{
+	if (!kv || kv->type != REDIS_REPLY_ARRAY)
+		return NULL;
+	for (size_t i = 0; i + 1 < kv->elements; i += 2)
+		if (kv->element[i]->type == REDIS_REPLY_STRING && !strcmp(kv->element[i]->str, name))
+			return kv->element[i + 1]->type == REDIS_REPLY_STRING ? kv->element[i + 1] : NULL;
+	return NULL;
+}
+
+/* A command as JSON from its hash (and its history when log is given). */
+static void render(hub_buf *o, const redisReply *h, const redisReply *log)
+{
+	static const struct { const char *key, *out; char kind; } fields[] = {
+		{ "id", "id", 's' }, { "device", "device", 's' }, { "type", "device_type", 's' },
+		{ "name", "name", 's' }, { "params", "params", 'j' }, { "status", "status", 's' },
+		{ "attempt", "attempt", 'n' }, { "max_attempts", "max_attempts", 'n' },
+		{ "ack_timeout_s", "ack_timeout_s", 'n' }, { "timeout_s", "timeout_s", 'n' },
+		{ "ttl_s", "ttl_s", 'n' }, { "created_at", "created_at", 'n' },
+		{ "updated_at", "updated_at", 'n' }, { "expires_at", "expires_at", 'n' },
+		{ "sent_at", "sent_at", 'n' }, { "deadline", "deadline", 'n' },
+		{ "progress", "progress", 'n' }, { "message", "message", 's' },
+		{ "result", "result", 'j' }, { "error", "error", 's' }, { "rollout", "rollout", 's' },
+	};
+
+	hub_buf_puts(o, "{");
+	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+		const redisReply *v = kv_get(h, fields[i].key);
+		if (i)
+			hub_buf_puts(o, ",");
+		hub_buf_printf(o, "\"%s\":", fields[i].out);
+		if (!v || (!v->len && fields[i].kind != 's') ||
+		    (!v->len && !strcmp(fields[i].key, "rollout")))
+			hub_buf_puts(o, fields[i].kind == 'j' && !strcmp(fields[i].key, "params") ? "{}" : "null");
+		else if (fields[i].kind == 's')
+			hub_buf_json_str(o, v->str, v->len);
+		else
+			hub_buf_append(o, v->str, v->len); /* stored as numbers / compact JSON */
+	}
+	if (log) {
+		hub_buf_puts(o, ",\"history\":[");
+		for (size_t i = 0; log->type == REDIS_REPLY_ARRAY && i < log->elements; i++) {
+			if (i)
+				hub_buf_puts(o, ",");
+			hub_buf_append(o, log->element[i]->str, log->element[i]->len);
+		}
+		hub_buf_puts(o, "]");
+	}
+	hub_buf_puts(o, "}");
+}
+
+/* ---- per-request context --------------------------------------------------- */
+
+struct ctx {
+	char device[HUB_ID_MAX + 1];
+	char id[40];
+	unsigned status;             /* to answer with after a get */
+	json_t *body;
+	struct cmd_spec spec;
+	char *params;
+	char name[129];
+	char idem[160];
+	char owner[129];
+	bool want_cancel;
+};
+
+static void ctx_free(void *p)
+{
+	struct ctx *c = p;
+
+	json_decref(c->body);
+	free(c->params);
+	free(c);
+}
+
+static struct ctx *ctx_new(struct hub_req *rq)
+{
+	struct ctx *c = hub_xcalloc(1, sizeof(*c));
+
+	hub_req_set_ctx(rq, c, ctx_free);
+	return c;
+}
+
+static void cancel_now(struct hub_req *rq);
+
+/* ---- GET /v1/commands/{id} and the answers of create/cancel ---------------- */
+
+static void on_get(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+	const redisReply *h, *dev;
+	hub_buf o = { 0 };
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+		unavailable(rq);
+		goto out;
+	}
+	h = r->element[0];
+	dev = kv_get(h, "device");
+	if (!h->elements || !dev || !visible(rq, dev->str)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such command");
+		goto out;
+	}
+	if (c->want_cancel) {
+		/* Visible: now cancel it. */
+		c->want_cancel = false;
+		snprintf(c->device, sizeof(c->device), "%s", dev->str);
+		cancel_now(rq);
+		goto out;
+	}
+	render(&o, h, r->element[1]);
+	hub_req_respond(rq, c->status ? c->status : 200, "application/json", o.data, o.len);
+	hub_buf_free(&o);
+out:
+	hub_req_unref(rq);
+}
+
+static void get_and_answer(struct hub_req *rq, const char *id, unsigned status)
+{
+	struct ctx *c = hub_req_ctx(rq);
+
+	c->status = status;
+	hub_req_ref(rq);
+	if (cmd_get(hub_req_hub(rq), id, on_get, rq)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+}
+
+/* ---- cancel ---------------------------------------------------------------- */
+
+static void on_canceled(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+	long long kind;
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY || !r->elements ||
+	    r->element[0]->type != REDIS_REPLY_INTEGER) {
+		unavailable(rq);
+		goto out;
+	}
+	kind = r->element[0]->integer;
+	if (kind == -1) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such command");
+	} else if (kind == 0) {
+		char msg[96];
+		snprintf(msg, sizeof(msg), "the command is already %s",
+			 r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING ? r->element[1]->str : "final");
+		hub_req_error(rq, 409, "conflict", NULL, msg);
+	} else {
+		const char *was = r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING ?
+				  r->element[1]->str : "";
+		if (strcmp(was, "queued"))
+			cmd_route_cancel(hub_req_hub(rq), c->id, c->device);
+		get_and_answer(rq, c->id, 200);
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static void cancel_now(struct hub_req *rq)
+{
+	struct ctx *c = hub_req_ctx(rq);
+
+	hub_req_ref(rq);
+	if (cmd_cancel(hub_req_hub(rq), c->id, on_canceled, rq)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+}
+
+/* ---- create ---------------------------------------------------------------- */
+
+static void on_created(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+	long long kind;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY || !r->elements ||
+	    r->element[0]->type != REDIS_REPLY_INTEGER) {
+		if (!hub_req_gone(rq))
+			unavailable(rq);
+		goto out;
+	}
+	kind = r->element[0]->integer;
+	if (kind == 1) {
+		struct hub *hub = hub_req_hub(rq);
+		const char *inst = r->elements > 3 && r->element[3]->type == REDIS_REPLY_STRING ?
+				   r->element[3]->str : "";
+		bool online = r->elements > 4 && r->element[4]->type == REDIS_REPLY_STRING &&
+			      !strcmp(r->element[4]->str, "1");
+		hub->metrics.commands_created_total++;
+		cmd_track(hub, c->id, r->elements > 2 && r->element[2]->type == REDIS_REPLY_INTEGER ?
+				      r->element[2]->integer : 0);
+		cmd_route(hub, c->id, c->device, inst, online);
+		if (!hub_req_gone(rq))
+			get_and_answer(rq, c->id, 201);
+	} else if (kind == 0 && r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING) {
+		if (!hub_req_gone(rq))
+			get_and_answer(rq, r->element[1]->str, 200); /* the first command */
+	} else if (!hub_req_gone(rq)) {
+		hub_req_error(rq, 404, "unknown_device", NULL,
+			      "no such device (it must have been announced at least once)");
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static void on_device_type(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+	struct hub *hub = hub_req_hub(rq);
+	const schema_type *t;
+	const schema_node *node;
+	schema_error errs[MAX_ERRS];
+	json_t *params;
+	int n;
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r) {
+		unavailable(rq);
+		goto out;
+	}
+	if (r->type != REDIS_REPLY_STRING) {
+		hub_req_error(rq, 404, "unknown_device", NULL,
+			      "no such device (it must have been announced at least once)");
+		goto out;
+	}
+	t = schema_set_find(hub->schemas, r->str, r->len);
+	if (!t) {
+		hub_req_error(rq, 422, "invalid", "name", "the device's type is not loaded on this hub");
+		goto out;
+	}
+	node = schema_type_command(t, c->name);
+	if (!node) {
+		char msg[256];
+		snprintf(msg, sizeof(msg), "device type %.64s has no command \"%.64s\"",
+			 schema_type_name(t), c->name);
+		hub_req_error(rq, 422, "invalid", "name", msg);
+		goto out;
+	}
+	params = json_object_get(c->body, "params");
+	if (!params || json_is_null(params))
+		params = json_object();
+	else
+		json_incref(params);
+	n = schema_validate(node, params, "params", errs, MAX_ERRS);
+	if (n) {
+		char msg[300];
+		snprintf(msg, sizeof(msg), "%s %s", errs[0].path, errs[0].message);
+		hub_req_error(rq, 422, "invalid", errs[0].path, msg);
+		json_decref(params);
+		goto out;
+	}
+	c->params = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
+	json_decref(params);
+	cmd_new_id(c->id, 'c');
+	c->spec.id = c->id;
+	c->spec.device = c->device;
+	c->spec.type = schema_type_name(t);
+	c->spec.name = c->name;
+	c->spec.params = c->params;
+	c->spec.idem = c->idem[0] ? c->idem : NULL;
+	c->spec.owner = c->owner;
+	hub_req_ref(rq);
+	if (cmd_create(hub, &c->spec, on_created, rq)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static int int_field(struct hub_req *rq, json_t *body, const char *name, int def, int min,
+		     int max, int *out)
+{
+	json_t *v = json_object_get(body, name);
+	char msg[128];
+
+	if (!v || json_is_null(v)) {
+		*out = def;
+		return 0;
+	}
+	if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
+		snprintf(msg, sizeof(msg), "%s must be an integer from %d to %d", name, min, max);
+		hub_req_error(rq, 422, "invalid", name, msg);
+		return -1;
+	}
+	*out = (int)json_integer_value(v);
+	return 0;
+}
+
+static void create(struct hub_req *rq, const char *device, const char *body, size_t len,
+		   const char *idem)
+{
+	struct ctx *c;
+	json_error_t jerr;
+	json_t *b, *name, *params;
+	char key[HUB_ID_MAX + 16];
+	const char *argv[3] = { "HGET", key, "type" };
+
+	if (!has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
+		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the commands:write scope");
+		return;
+	}
+	if (!visible(rq, device)) {
+		hub_req_error(rq, 404, "unknown_device", NULL, "no such device");
+		return;
+	}
+	if (idem && (strlen(idem) > 128 || !*idem)) {
+		hub_req_error(rq, 422, "invalid", "Idempotency-Key", "Idempotency-Key must be 1 to 128 characters");
+		return;
+	}
+	for (const char *p = idem; p && *p; p++)
+		if (*p < 0x21 || *p > 0x7e) {
+			hub_req_error(rq, 422, "invalid", "Idempotency-Key",
+				      "Idempotency-Key must be printable ASCII without spaces");
+			return;
+		}
+	b = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+	if (!json_is_object(b)) {
+		json_decref(b);
+		hub_req_error(rq, 422, "invalid", "body", "the body must be a JSON object");
+		return;
+	}
+	c = ctx_new(rq);
+	c->body = b;
+	snprintf(c->device, sizeof(c->device), "%s", device);
+	name = json_object_get(b, "name");
+	if (!json_is_string(name) || !json_string_length(name) || json_string_length(name) > 128) {
+		hub_req_error(rq, 422, "invalid", "name", "name must be the name of a command (a string)");
+		return;
+	}
+	snprintf(c->name, sizeof(c->name), "%s", json_string_value(name));
+	params = json_object_get(b, "params");
+	if (params && !json_is_object(params) && !json_is_null(params)) {
+		hub_req_error(rq, 422, "invalid", "params", "params must be an object");
+		return;
+	}
+	if (int_field(rq, b, "ack_timeout_s", 10, 1, 3600, &c->spec.ack_timeout_s) ||
+	    int_field(rq, b, "timeout_s", 300, 1, 604800, &c->spec.timeout_s) ||
+	    int_field(rq, b, "ttl_s", 3600, 1, 2592000, &c->spec.ttl_s) ||
+	    int_field(rq, b, "max_attempts", 3, 1, 100, &c->spec.max_attempts))
+		return;
+	snprintf(c->idem, sizeof(c->idem), "%s", idem ? idem : "");
+	snprintf(c->owner, sizeof(c->owner), "%s", hub_req_who(rq)->name);
+	snprintf(key, sizeof(key), "iot:dev:%s", device);
+	hub_req_ref(rq);
+	if (hub_redis_command_argv(hub_req_hub(rq)->redis, on_device_type, rq, 3, argv, NULL)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+}
+
+/* ---- list ------------------------------------------------------------------ */
+
+static void on_list(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	hub_buf o = { 0 };
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		unavailable(rq);
+		goto out;
+	}
+	hub_buf_puts(&o, "{\"commands\":[");
+	for (size_t i = 0; i < r->elements; i++) {
+		if (i)
+			hub_buf_puts(&o, ",");
+		render(&o, r->element[i], NULL);
+	}
+	hub_buf_puts(&o, "]}");
+	hub_req_respond(rq, 200, "application/json", o.data, o.len);
+	hub_buf_free(&o);
+out:
+	hub_req_unref(rq);
+}
+
+static const char *qget(const struct hub_query *q, const char *name)
+{
+	for (size_t i = 0; q && i < q->n; i++)
+		if (!strcmp(q->name[i], name))
+			return q->value[i];
+	return NULL;
+}
+
+static void list(struct hub_req *rq, const char *device, const struct hub_query *q)
+{
+	const char *status = qget(q, "status"), *lim = qget(q, "limit");
+	long limit = 100;
+	char *end;
+
+	if (!visible(rq, device)) {
+		hub_req_error(rq, 404, "unknown_device", NULL, "no such device");
+		return;
+	}
+	if (status && !cmd_state_valid(status)) {
+		hub_req_error(rq, 422, "invalid", "status", "status must be one of the ten command states");
+		return;
+	}
+	if (lim) {
+		limit = strtol(lim, &end, 10);
+		if (!*lim || *end || limit < 1 || limit > 1000) {
+			hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
+			return;
+		}
+	}
+	hub_req_ref(rq);
+	if (cmd_list(hub_req_hub(rq), device, status, (int)limit, on_list, rq)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+}
+
+/* ---- dispatch -------------------------------------------------------------- */
+
+void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
+		    const struct hub_query *q, const char *body, size_t len,
+		    const char *idem)
+{
+	char device[HUB_ID_MAX + 1];
+	bool post = !strcmp(method, "POST");
+
+	if (!hub_redis_up(hub_req_hub(rq)->redis)) {
+		unavailable(rq);
+		return;
+	}
+	if (device_commands_path(path, device)) {
+		if (post)
+			create(rq, device, body, len, idem);
+		else if (!has_scope(rq, AUTH_SCOPE_TELEMETRY_READ) &&
+			 !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE))
+			hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the scope this route needs");
+		else
+			list(rq, device, q);
+		return;
+	}
+	if (!strcmp(path, "/v1/commands")) {
+		if (!post) {
+			hub_req_error(rq, 405, "method_not_allowed", NULL, "POST a fleet command here");
+			return;
+		}
+		hub_req_error(rq, 501, "not_implemented", NULL,
+			      "fleet commands (rollouts) are not implemented yet");
+		return;
+	}
+	/* /v1/commands/{id}[/cancel] */
+	const char *id = path + strlen(COMMANDS_PREFIX), *slash = strchr(id, '/');
+	size_t idlen = slash ? (size_t)(slash - id) : strlen(id);
+	struct ctx *c;
+
+	if (!idlen || idlen >= sizeof(c->id) || !hub_id_valid(id, idlen) ||
+	    (slash && strcmp(slash, "/cancel"))) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such route");
+		return;
+	}
+	if (slash ? !post : post) {
+		hub_req_error(rq, 405, "method_not_allowed", NULL,
+			      slash ? "POST to cancel" : "GET a command");
+		return;
+	}
+	if (slash && !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
+		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the commands:write scope");
+		return;
+	}
+	if (!slash && !has_scope(rq, AUTH_SCOPE_TELEMETRY_READ) &&
+	    !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
+		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the scope this route needs");
+		return;
+	}
+	c = ctx_new(rq);
+	memcpy(c->id, id, idlen);
+	c->id[idlen] = '\0';
+	c->want_cancel = slash != NULL;
+	get_and_answer(rq, c->id, 200);
+}

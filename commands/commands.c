@@ -1,0 +1,792 @@
+#include "commands/commands.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <jansson.h>
+#include <libwebsockets.h>
+#include <openssl/rand.h>
+
+#include "hub/hub.h"
+#include "hub/log.h"
+#include "hub/redis.h"
+#include "hub/util.h"
+#include "protocols/gateway.h"
+#include "protocols/gw_codec.h"
+
+#define CTL_PREFIX     "iot:ctl:cmd:"
+#define SWEEP_US       (1000 * 1000)
+#define SWEEP_BATCH    "256"
+
+/* ---- the scripts -----------------------------------------------------------
+ * Every script gets the current time as ARGV[1] and shares this prelude:
+ * load a command, append a history entry, publish a status event on the
+ * dashboard `commands` stream (docs/dashboard.md line framing), and `set`,
+ * the one way a state changes (final states leave the timers and the
+ * device's queue, and expire after 30 days). */
+#define PRELUDE \
+	"local now = tonumber(ARGV[1])\n" \
+	"local FINAL = {succeeded=true, failed=true, rejected=true, timed_out=true, expired=true, canceled=true}\n" \
+	"local function load(id)\n" \
+	"  local a = redis.call('HGETALL', 'iot:cmd:' .. id)\n" \
+	"  if #a == 0 then return nil end\n" \
+	"  local c = {}\n" \
+	"  for i = 1, #a, 2 do c[a[i]] = a[i + 1] end\n" \
+	"  return c\n" \
+	"end\n" \
+	"local function hist(c, entry) redis.call('RPUSH', 'iot:cmd:' .. c.id .. ':log', entry) end\n" \
+	"local function event(c, status, extra)\n" \
+	"  local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'type', 'labels')\n" \
+	"  local body = '\"id\":' .. cjson.encode(c.id) .. ',\"device\":' .. cjson.encode(c.device) ..\n" \
+	"    ',\"name\":' .. cjson.encode(c.name) .. ',\"status\":\"' .. status .. '\",\"at\":' .. now ..\n" \
+	"    ',\"attempt\":' .. (c.attempt or '0') .. (extra or '')\n" \
+	"  redis.call('PUBLISH', 'iot:live:commands', '\\n' .. c.device .. '\\t' .. (d[1] or c.type) ..\n" \
+	"    '\\t' .. (d[2] or '{}') .. '\\t' .. body .. '\\n')\n" \
+	"end\n" \
+	"local function set(c, status, fields, extra)\n" \
+	"  c.status = status\n" \
+	"  local key = 'iot:cmd:' .. c.id\n" \
+	"  redis.call('HSET', key, 'status', status, 'updated_at', now)\n" \
+	"  if fields and #fields > 0 then redis.call('HSET', key, unpack(fields)) end\n" \
+	"  local a = ''\n" \
+	"  if status == 'sent' then a = ',\"attempt\":' .. c.attempt end\n" \
+	"  hist(c, '{\"status\":\"' .. status .. '\",\"at\":' .. now .. a .. (extra or '') .. '}')\n" \
+	"  event(c, status, extra)\n" \
+	"  if FINAL[status] then\n" \
+	"    redis.call('ZREM', 'iot:cmd:timers', c.id)\n" \
+	"    redis.call('ZREM', 'iot:dev:' .. c.device .. ':cmds', c.id)\n" \
+	"    redis.call('EXPIRE', key, 2592000)\n" \
+	"    redis.call('EXPIRE', key .. ':log', 2592000)\n" \
+	"  end\n" \
+	"end\n"
+
+/* ARGV: now, id, device, type, name, params, ack_timeout_s, timeout_s, ttl_s,
+ * max_attempts, idempotency key (''), owner, rollout ('').
+ * -> {1, id, expires_at, instance, online} | {0, first id} | {-1} */
+static const char create_lua[] = PRELUDE
+	"local id, dev = ARGV[2], ARGV[3]\n"
+	"local d = redis.call('HMGET', 'iot:dev:' .. dev, 'type', 'instance', 'online')\n"
+	"if not d[1] then return {-1} end\n"
+	"if ARGV[11] ~= '' then\n"
+	"  local k = 'iot:idem:' .. ARGV[12] .. ':' .. ARGV[11]\n"
+	"  local first = redis.call('GET', k)\n"
+	"  if first then return {0, first} end\n"
+	"  redis.call('SET', k, id, 'EX', 86400)\n"
+	"end\n"
+	"local exp = now + tonumber(ARGV[9]) * 1000\n"
+	"redis.call('HSET', 'iot:cmd:' .. id, 'id', id, 'device', dev, 'type', ARGV[4], 'name', ARGV[5],\n"
+	"  'params', ARGV[6], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[10],\n"
+	"  'ack_timeout_s', ARGV[7], 'timeout_s', ARGV[8], 'ttl_s', ARGV[9], 'created_at', now,\n"
+	"  'updated_at', now, 'expires_at', exp, 'owner', ARGV[12], 'rollout', ARGV[13])\n"
+	"local seq = redis.call('INCR', 'iot:cmd:seq')\n"
+	"redis.call('ZADD', 'iot:dev:' .. dev .. ':cmds', seq, id)\n"
+	"redis.call('ZADD', 'iot:dev:' .. dev .. ':cmdlog', seq, id)\n"
+	"redis.call('ZREMRANGEBYRANK', 'iot:dev:' .. dev .. ':cmdlog', 0, -1001)\n"
+	"redis.call('ZADD', 'iot:cmd:timers', exp, id)\n"
+	"local c = {id = id, device = dev, type = ARGV[4], name = ARGV[5], attempt = '0'}\n"
+	"hist(c, '{\"status\":\"queued\",\"at\":' .. now .. '}')\n"
+	"event(c, 'queued')\n"
+	"return {1, id, exp, d[2] or '', d[3] or '0'}\n";
+
+/* ARGV: now, id, conn. Sends (or resends) to the connection that owns the
+ * device right now. -> {1, device, name, params, attempt, expires_at, next
+ * deadline} | {0, why} */
+static const char send_lua[] = PRELUDE
+	"local c = load(ARGV[2])\n"
+	"if not c then return {0, 'unknown'} end\n"
+	"if c.status ~= 'queued' and c.status ~= 'sent' then return {0, c.status} end\n"
+	"if c.status == 'queued' and now >= tonumber(c.expires_at) then\n"
+	"  set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
+	"  return {0, 'expired'}\n"
+	"end\n"
+	"local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'conn', 'online')\n"
+	"if d[1] ~= ARGV[3] or d[2] ~= '1' then return {0, 'not_owner'} end\n"
+	"if c.status == 'sent' then\n"
+	"  if c.sent_conn == ARGV[3] and now < tonumber(c.ack_due) then return {0, 'not_due'} end\n"
+	"  if now >= tonumber(c.deadline) then\n"
+	"    set(c, 'timed_out', {'error', 'no final state within timeout_s'})\n"
+	"    return {0, 'timed_out'}\n"
+	"  end\n"
+	"end\n"
+	"local attempt = tonumber(c.attempt) + 1\n"
+	"if attempt > tonumber(c.max_attempts) then\n"
+	"  set(c, 'timed_out', {'error', 'no received after max_attempts sends'})\n"
+	"  return {0, 'timed_out'}\n"
+	"end\n"
+	"c.attempt = tostring(attempt)\n"
+	"local deadline = tonumber(c.deadline or (now + tonumber(c.timeout_s) * 1000))\n"
+	"local due = now + tonumber(c.ack_timeout_s) * 1000\n"
+	"redis.call('HSET', 'iot:cmd:' .. c.id, 'attempt', attempt, 'sent_at', c.sent_at or now,\n"
+	"  'last_sent_at', now, 'sent_conn', ARGV[3], 'ack_due', due, 'deadline', deadline)\n"
+	"local nxt = math.min(due, deadline)\n"
+	"redis.call('ZADD', 'iot:cmd:timers', nxt, c.id)\n"
+	"set(c, 'sent')\n"
+	"return {1, c.device, c.name, c.params, attempt, c.expires_at, nxt}\n";
+
+/* ARGV: now, id, conn, status, progress (''), message (''), result JSON (''),
+ * error (''). -> {1, status} applied | {0, current} no change | {-1} not a
+ * command of a device this connection owns. */
+static const char ack_lua[] = PRELUDE
+	"local c = load(ARGV[2])\n"
+	"if not c then return {-1} end\n"
+	"if redis.call('HGET', 'iot:dev:' .. c.device, 'conn') ~= ARGV[3] then return {-1} end\n"
+	"local st = ARGV[4]\n"
+	"local rank = {sent = 1, received = 2, in_progress = 3}\n"
+	"local cur = rank[c.status]\n"
+	"local ok = cur ~= nil and (st ~= 'received' or cur == 1)\n"
+	"local extra, f = '', {}\n"
+	"if ARGV[5] ~= '' then extra = extra .. ',\"progress\":' .. ARGV[5]; f[#f + 1] = 'progress'; f[#f + 1] = ARGV[5] end\n"
+	"if ARGV[6] ~= '' then extra = extra .. ',\"message\":' .. cjson.encode(ARGV[6]); f[#f + 1] = 'message'; f[#f + 1] = ARGV[6] end\n"
+	"if ARGV[7] ~= '' then extra = extra .. ',\"result\":' .. ARGV[7]; f[#f + 1] = 'result'; f[#f + 1] = ARGV[7] end\n"
+	"if ARGV[8] ~= '' then extra = extra .. ',\"error\":' .. cjson.encode(ARGV[8]); f[#f + 1] = 'error'; f[#f + 1] = ARGV[8] end\n"
+	"if not ok then\n"
+	"  hist(c, '{\"status\":\"' .. st .. '\",\"at\":' .. now .. extra .. ',\"applied\":false}')\n"
+	"  return {0, c.status}\n"
+	"end\n"
+	"if not FINAL[st] then redis.call('ZADD', 'iot:cmd:timers', c.deadline, c.id) end\n"
+	"set(c, st, f, extra)\n"
+	"return {1, st}\n";
+
+/* ARGV: now, id. -> {1, previous status, device} | {0, status} | {-1} */
+static const char cancel_lua[] = PRELUDE
+	"local c = load(ARGV[2])\n"
+	"if not c then return {-1} end\n"
+	"if FINAL[c.status] then return {0, c.status} end\n"
+	"local was = c.status\n"
+	"set(c, 'canceled')\n"
+	"return {1, was, c.device}\n";
+
+/* ARGV: now, id. A deadline came (or the sweep found it overdue).
+ * -> {0, next deadline} | {1, new state} | {2, device, instance, online,
+ * next deadline}: the ack timeout passed and attempts remain: resend. */
+static const char tick_lua[] = PRELUDE
+	"local c = load(ARGV[2])\n"
+	"if not c or FINAL[c.status] then redis.call('ZREM', 'iot:cmd:timers', ARGV[2]); return {0, 0} end\n"
+	"if c.status == 'queued' then\n"
+	"  if now >= tonumber(c.expires_at) then\n"
+	"    set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
+	"    return {1, 'expired'}\n"
+	"  end\n"
+	"  redis.call('ZADD', 'iot:cmd:timers', c.expires_at, c.id)\n"
+	"  return {0, tonumber(c.expires_at)}\n"
+	"end\n"
+	"local deadline = tonumber(c.deadline)\n"
+	"if now >= deadline then\n"
+	"  set(c, 'timed_out', {'error', 'no final state within timeout_s'})\n"
+	"  return {1, 'timed_out'}\n"
+	"end\n"
+	"if c.status == 'sent' and now >= tonumber(c.ack_due) then\n"
+	"  if tonumber(c.attempt) >= tonumber(c.max_attempts) then\n"
+	"    set(c, 'timed_out', {'error', 'no received after max_attempts sends'})\n"
+	"    return {1, 'timed_out'}\n"
+	"  end\n"
+	"  redis.call('ZADD', 'iot:cmd:timers', deadline, c.id)\n"
+	"  local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'instance', 'online')\n"
+	"  return {2, c.device, d[1] or '', d[2] or '0', deadline}\n"
+	"end\n"
+	"local nxt = deadline\n"
+	"if c.status == 'sent' then nxt = math.min(deadline, tonumber(c.ack_due)) end\n"
+	"redis.call('ZADD', 'iot:cmd:timers', nxt, c.id)\n"
+	"return {0, nxt}\n";
+
+/* ARGV: id -> {hash, log} */
+static const char get_lua[] =
+	"return {redis.call('HGETALL', 'iot:cmd:' .. ARGV[1]),\n"
+	"        redis.call('LRANGE', 'iot:cmd:' .. ARGV[1] .. ':log', 0, 999)}\n";
+
+/* ARGV: device, status (''), limit -> array of HGETALL arrays, newest first */
+static const char list_lua[] =
+	"local ids = redis.call('ZREVRANGE', 'iot:dev:' .. ARGV[1] .. ':cmdlog', 0, -1)\n"
+	"local out, limit = {}, tonumber(ARGV[3])\n"
+	"for _, id in ipairs(ids) do\n"
+	"  local k = 'iot:cmd:' .. id\n"
+	"  if ARGV[2] == '' or redis.call('HGET', k, 'status') == ARGV[2] then\n"
+	"    local h = redis.call('HGETALL', k)\n"
+	"    if #h > 0 then out[#out + 1] = h end\n"
+	"  end\n"
+	"  if #out >= limit then break end\n"
+	"end\n"
+	"return out\n";
+
+enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST, S__COUNT };
+static int scripts[S__COUNT];
+
+/* ---- engine state ---------------------------------------------------------- */
+
+struct timer_ent {
+	int64_t at;
+	char id[40];
+};
+
+static struct {
+	struct hub *hub;
+	lws_sorted_usec_list_t sul_timer, sul_sweep;
+	int64_t armed_at;            /* INT64_MAX: not armed */
+	struct timer_ent *heap;
+	size_t n, cap;
+	char ctl_channel[sizeof(CTL_PREFIX) + HUB_ID_MAX + 1];
+} E;
+
+static const char *const states[] = {
+	"queued", "sent", "received", "in_progress", "succeeded", "failed", "rejected",
+	"timed_out", "expired", "canceled",
+};
+
+bool cmd_state_valid(const char *s)
+{
+	for (size_t i = 0; i < sizeof(states) / sizeof(states[0]); i++)
+		if (!strcmp(s, states[i]))
+			return true;
+	return false;
+}
+
+bool cmd_state_final(const char *s)
+{
+	return !strcmp(s, "succeeded") || !strcmp(s, "failed") || !strcmp(s, "rejected") ||
+	       !strcmp(s, "timed_out") || !strcmp(s, "expired") || !strcmp(s, "canceled");
+}
+
+bool cmd_status_valid(const char *s)
+{
+	return !strcmp(s, "received") || !strcmp(s, "in_progress") || !strcmp(s, "succeeded") ||
+	       !strcmp(s, "failed") || !strcmp(s, "rejected");
+}
+
+void cmd_new_id(char out[35], char prefix)
+{
+	unsigned char b[16];
+
+	if (RAND_bytes(b, sizeof(b)) != 1)
+		abort();
+	out[0] = prefix;
+	out[1] = '_';
+	for (int i = 0; i < 16; i++)
+		snprintf(out + 2 + i * 2, 3, "%02x", b[i]);
+}
+
+/* Calls script s with `now` and argc more arguments. */
+static int eval(int s, hub_redis_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
+{
+	const char *av[16];
+	size_t al[16];
+	char now[24];
+
+	av[0] = "EVALSHA";
+	av[1] = hub_redis_script_sha(E.hub->redis, scripts[s]);
+	av[2] = "0";
+	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
+	av[3] = now;
+	for (int i = 0; i < 4; i++)
+		al[i] = strlen(av[i]);
+	for (int i = 0; i < argc; i++) {
+		av[4 + i] = argv[i];
+		al[4 + i] = lens ? lens[i] : strlen(argv[i]);
+	}
+	return hub_redis_command_argv(E.hub->redis, cb, arg, 4 + argc, av, al);
+}
+
+/* Same without `now` (read scripts). */
+static int eval_ro(int s, hub_redis_cb cb, void *arg, int argc, const char **argv)
+{
+	const char *av[8];
+
+	av[0] = "EVALSHA";
+	av[1] = hub_redis_script_sha(E.hub->redis, scripts[s]);
+	av[2] = "0";
+	for (int i = 0; i < argc; i++)
+		av[3 + i] = argv[i];
+	return hub_redis_command_argv(E.hub->redis, cb, arg, 3 + argc, av, NULL);
+}
+
+static const char *el_str(const redisReply *r, size_t i)
+{
+	if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements)
+		return NULL;
+	r = r->element[i];
+	return r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS ? r->str : NULL;
+}
+
+static long long el_int(const redisReply *r, size_t i)
+{
+	if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements)
+		return 0;
+	r = r->element[i];
+	if (r->type == REDIS_REPLY_INTEGER)
+		return r->integer;
+	if (r->type == REDIS_REPLY_STRING)
+		return strtoll(r->str, NULL, 10);
+	return 0;
+}
+
+/* ---- timers: a min-heap of deadlines on one lws timer ---------------------- */
+
+static void timer_cb(lws_sorted_usec_list_t *sul);
+
+static void heap_swap(size_t a, size_t b)
+{
+	struct timer_ent t = E.heap[a];
+
+	E.heap[a] = E.heap[b];
+	E.heap[b] = t;
+}
+
+static void arm(void)
+{
+	int64_t now = hub_now_ms();
+
+	if (!E.n)
+		return;
+	if (E.heap[0].at >= E.armed_at)
+		return; /* already armed earlier */
+	E.armed_at = E.heap[0].at;
+	lws_sul_schedule(E.hub->ctx, 0, &E.sul_timer, timer_cb,
+			 E.armed_at > now ? (lws_usec_t)(E.armed_at - now) * 1000 : 1);
+}
+
+void cmd_track(struct hub *hub, const char *id, int64_t at)
+{
+	size_t i;
+
+	(void)hub;
+	if (!E.hub || at <= 0 || strlen(id) >= sizeof(E.heap[0].id))
+		return;
+	if (E.n == E.cap) {
+		E.cap = E.cap ? E.cap * 2 : 64;
+		E.heap = hub_xrealloc(E.heap, E.cap * sizeof(*E.heap));
+	}
+	i = E.n++;
+	E.heap[i].at = at;
+	snprintf(E.heap[i].id, sizeof(E.heap[i].id), "%s", id);
+	while (i && E.heap[(i - 1) / 2].at > E.heap[i].at) {
+		heap_swap(i, (i - 1) / 2);
+		i = (i - 1) / 2;
+	}
+	arm();
+}
+
+static void heap_pop(void)
+{
+	size_t i = 0;
+
+	E.heap[0] = E.heap[--E.n];
+	for (;;) {
+		size_t l = 2 * i + 1, r = l + 1, m = i;
+		if (l < E.n && E.heap[l].at < E.heap[m].at)
+			m = l;
+		if (r < E.n && E.heap[r].at < E.heap[m].at)
+			m = r;
+		if (m == i)
+			break;
+		heap_swap(i, m);
+		i = m;
+	}
+}
+
+static void local_deliver(const char *id, const char *device);
+
+static void on_tick(redisReply *r, void *arg)
+{
+	char *id = arg;
+	long long kind = el_int(r, 0);
+
+	if (kind == 0 && el_int(r, 1) > 0) {
+		cmd_track(E.hub, id, el_int(r, 1));
+	} else if (kind == 2) {
+		const char *dev = el_str(r, 1), *inst = el_str(r, 2), *online = el_str(r, 3);
+		cmd_track(E.hub, id, el_int(r, 4));
+		if (dev && inst && !strcmp(inst, E.hub->instance_id)) {
+			local_deliver(id, dev);
+		} else if (dev && inst && online && !strcmp(online, "1")) {
+			char ch[sizeof(CTL_PREFIX) + HUB_ID_MAX + 1], msg[256];
+			snprintf(ch, sizeof(ch), CTL_PREFIX "%s", inst);
+			snprintf(msg, sizeof(msg), "deliver %s %s", id, dev);
+			hub_redis_publish(E.hub->redis, ch, msg, strlen(msg));
+		}
+	}
+	free(id);
+}
+
+static void tick(const char *id)
+{
+	char *copy = hub_xstrdup(id);
+	const char *argv[1] = { id };
+
+	if (eval(S_TICK, on_tick, copy, 1, argv, NULL))
+		free(copy);
+}
+
+static void timer_cb(lws_sorted_usec_list_t *sul)
+{
+	int64_t now = hub_now_ms();
+
+	(void)sul;
+	E.armed_at = INT64_MAX;
+	while (E.n && E.heap[0].at <= now) {
+		char id[40];
+		memcpy(id, E.heap[0].id, sizeof(id));
+		heap_pop();
+		tick(id);
+	}
+	arm();
+}
+
+static void on_sweep(redisReply *r, void *arg)
+{
+	(void)arg;
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
+		if (r->element[i]->type == REDIS_REPLY_STRING)
+			tick(r->element[i]->str);
+}
+
+/* Overdue deadlines of any instance (a crashed one's, or ours before a
+ * restart): one query a second, whatever the number of pending commands. */
+static void sweep_cb(lws_sorted_usec_list_t *sul)
+{
+	char now[24];
+	const char *argv[7] = { "ZRANGEBYSCORE", "iot:cmd:timers", "-inf", now, "LIMIT", "0",
+				SWEEP_BATCH };
+
+	(void)sul;
+	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
+	if (hub_redis_up(E.hub->redis))
+		hub_redis_command_argv(E.hub->redis, on_sweep, NULL, 7, argv, NULL);
+	lws_sul_schedule(E.hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
+}
+
+/* ---- delivery -------------------------------------------------------------- */
+
+struct send_ctx {
+	struct gw_conn *conn;
+	char id[40];
+};
+
+static void on_sent(redisReply *r, void *arg)
+{
+	struct send_ctx *s = arg;
+
+	if (el_int(r, 0) == 1 && gw_conn_open(s->conn)) {
+		hub_buf m = { 0 };
+		const char *dev = el_str(r, 1), *name = el_str(r, 2), *params = el_str(r, 3);
+
+		hub_buf_puts(&m, "{\"type\":\"command\",\"id\":");
+		hub_buf_json_str(&m, s->id, strlen(s->id));
+		hub_buf_puts(&m, ",\"device\":");
+		hub_buf_json_str(&m, dev ? dev : "", dev ? strlen(dev) : 0);
+		hub_buf_puts(&m, ",\"name\":");
+		hub_buf_json_str(&m, name ? name : "", name ? strlen(name) : 0);
+		hub_buf_puts(&m, ",\"params\":");
+		hub_buf_puts(&m, params && *params ? params : "{}");
+		hub_buf_puts(&m, ",\"attempt\":");
+		hub_buf_i64(&m, el_int(r, 4));
+		hub_buf_puts(&m, ",\"expires_at\":");
+		hub_buf_i64(&m, el_int(r, 5));
+		hub_buf_puts(&m, "}");
+		gw_conn_send(s->conn, m.data, m.len);
+		hub_buf_free(&m);
+		E.hub->metrics.commands_sent_total++;
+		cmd_track(E.hub, s->id, el_int(r, 6));
+	}
+	gw_conn_release(s->conn);
+	free(s);
+}
+
+static void send_to(struct gw_conn *c, const char *id)
+{
+	struct send_ctx *s = hub_xcalloc(1, sizeof(*s));
+	const char *argv[2] = { id, gw_conn_id(c) };
+
+	snprintf(s->id, sizeof(s->id), "%s", id);
+	s->conn = c;
+	gw_conn_hold(c);
+	if (eval(S_SEND, on_sent, s, 2, argv, NULL)) {
+		gw_conn_release(c);
+		free(s);
+	}
+}
+
+static void local_deliver(const char *id, const char *device)
+{
+	struct gw_conn *c = gw_conn_for_device(E.hub, device);
+
+	if (c)
+		send_to(c, id); /* else: it goes out when the device is next announced */
+}
+
+struct pending_ctx {
+	struct gw_conn *conn;
+};
+
+static void on_pending(redisReply *r, void *arg)
+{
+	struct pending_ctx *p = arg;
+
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
+		if (r->element[i]->type == REDIS_REPLY_STRING && gw_conn_open(p->conn))
+			send_to(p->conn, r->element[i]->str); /* in creation order */
+	gw_conn_release(p->conn);
+	free(p);
+}
+
+void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *devices,
+		      size_t n)
+{
+	(void)conn_id;
+	for (size_t i = 0; i < n; i++) {
+		struct gw_conn *c = gw_conn_for_device(hub, devices[i]);
+		char key[HUB_ID_MAX + 32];
+		const char *argv[4] = { "ZRANGE", key, "0", "-1" };
+		struct pending_ctx *p;
+
+		if (!c)
+			continue;
+		snprintf(key, sizeof(key), "iot:dev:%s:cmds", devices[i]);
+		p = hub_xcalloc(1, sizeof(*p));
+		p->conn = c;
+		gw_conn_hold(c);
+		if (hub_redis_command_argv(hub->redis, on_pending, p, 4, argv, NULL)) {
+			gw_conn_release(c);
+			free(p);
+		}
+	}
+}
+
+static void route_to(const char *instance, const char *verb, const char *id, const char *device)
+{
+	char ch[sizeof(CTL_PREFIX) + HUB_ID_MAX + 1], msg[256];
+
+	snprintf(ch, sizeof(ch), CTL_PREFIX "%s", instance);
+	snprintf(msg, sizeof(msg), "%s %s %s", verb, id, device);
+	hub_redis_publish(E.hub->redis, ch, msg, strlen(msg));
+}
+
+void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
+	       bool online)
+{
+	if (gw_conn_for_device(hub, device))
+		local_deliver(id, device);
+	else if (online && instance && *instance && strcmp(instance, hub->instance_id))
+		route_to(instance, "deliver", id, device);
+}
+
+/* ---- cancel ---------------------------------------------------------------- */
+
+static void send_cancel_local(const char *id, const char *device)
+{
+	struct gw_conn *c = gw_conn_for_device(E.hub, device);
+	hub_buf m = { 0 };
+
+	if (!c)
+		return;
+	hub_buf_puts(&m, "{\"type\":\"cancel\",\"id\":");
+	hub_buf_json_str(&m, id, strlen(id));
+	hub_buf_puts(&m, ",\"device\":");
+	hub_buf_json_str(&m, device, strlen(device));
+	hub_buf_puts(&m, "}");
+	gw_conn_send(c, m.data, m.len);
+	hub_buf_free(&m);
+}
+
+struct cancel_route {
+	char id[40];
+	char device[HUB_ID_MAX + 1];
+};
+
+static void on_cancel_where(redisReply *r, void *arg)
+{
+	struct cancel_route *cr = arg;
+	const char *inst = el_str(r, 0), *online = el_str(r, 1);
+
+	if (inst && online && !strcmp(online, "1") && strcmp(inst, E.hub->instance_id))
+		route_to(inst, "cancel", cr->id, cr->device);
+	free(cr);
+}
+
+void cmd_route_cancel(struct hub *hub, const char *id, const char *device)
+{
+	struct cancel_route *cr;
+	char key[HUB_ID_MAX + 16];
+	const char *argv[4] = { "HMGET", key, "instance", "online" };
+
+	if (gw_conn_for_device(hub, device)) {
+		send_cancel_local(id, device);
+		return;
+	}
+	cr = hub_xcalloc(1, sizeof(*cr));
+	snprintf(cr->id, sizeof(cr->id), "%s", id);
+	snprintf(cr->device, sizeof(cr->device), "%s", device);
+	snprintf(key, sizeof(key), "iot:dev:%s", device);
+	if (hub_redis_command_argv(hub->redis, on_cancel_where, cr, 4, argv, NULL))
+		free(cr);
+}
+
+/* ---- routed work from other instances -------------------------------------- */
+
+static void on_ctl(const char *channel, const char *payload, size_t len, void *arg)
+{
+	char buf[320], *verb, *id, *dev, *save = NULL;
+
+	(void)channel;
+	(void)arg;
+	if (len >= sizeof(buf))
+		return;
+	memcpy(buf, payload, len);
+	buf[len] = '\0';
+	verb = strtok_r(buf, " ", &save);
+	id = strtok_r(NULL, " ", &save);
+	dev = strtok_r(NULL, " ", &save);
+	if (!verb || !id || !dev)
+		return;
+	if (!strcmp(verb, "deliver"))
+		local_deliver(id, dev);
+	else if (!strcmp(verb, "cancel"))
+		send_cancel_local(id, dev);
+}
+
+/* ---- acks ------------------------------------------------------------------ */
+
+struct ack_ctx {
+	struct gw_conn *conn;
+	char id[160];
+};
+
+static void on_acked(redisReply *r, void *arg)
+{
+	struct ack_ctx *a = arg;
+
+	if (r && r->type == REDIS_REPLY_ARRAY && el_int(r, 0) == -1 && gw_conn_open(a->conn)) {
+		hub_buf m = { 0 };
+		hub_buf_puts(&m, "{\"type\":\"error\",\"code\":\"unknown_command\",\"id\":");
+		hub_buf_json_str(&m, a->id, strlen(a->id));
+		hub_buf_puts(&m, ",\"message\":\"no command with this id for a device announced on this connection\"}");
+		gw_conn_send(a->conn, m.data, m.len);
+		hub_buf_free(&m);
+	}
+	if (r && r->type == REDIS_REPLY_ARRAY)
+		E.hub->metrics.command_acks_total++;
+	gw_conn_release(a->conn);
+	free(a);
+}
+
+void cmd_on_ack(struct hub *hub, struct gw_conn *c, const char *conn_id,
+		const struct gw_command_ack *ack)
+{
+	struct ack_ctx *a = hub_xcalloc(1, sizeof(*a));
+	char progress[32] = "";
+	char *result = ack->result ? json_dumps(ack->result, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+	const char *argv[7];
+
+	(void)hub;
+	snprintf(a->id, sizeof(a->id), "%s", ack->id);
+	a->conn = c;
+	gw_conn_hold(c);
+	if (ack->progress && json_is_number(ack->progress)) {
+		double p = json_number_value(ack->progress);
+		if (p < 0)
+			p = 0;
+		if (p > 100)
+			p = 100;
+		snprintf(progress, sizeof(progress), "%g", p);
+	}
+	argv[0] = ack->id;
+	argv[1] = conn_id;
+	argv[2] = ack->status;
+	argv[3] = progress;
+	argv[4] = ack->message ? ack->message : "";
+	argv[5] = result ? result : "";
+	argv[6] = ack->error ? ack->error : "";
+	if (strlen(ack->id) >= sizeof(a->id) || eval(S_ACK, on_acked, a, 7, argv, NULL)) {
+		gw_conn_release(c);
+		free(a);
+	}
+	free(result);
+}
+
+/* ---- API entry points ------------------------------------------------------ */
+
+int cmd_create(struct hub *hub, const struct cmd_spec *sp, hub_redis_cb cb, void *arg)
+{
+	char n[4][16];
+	const char *argv[12];
+
+	(void)hub;
+	snprintf(n[0], 16, "%d", sp->ack_timeout_s);
+	snprintf(n[1], 16, "%d", sp->timeout_s);
+	snprintf(n[2], 16, "%d", sp->ttl_s);
+	snprintf(n[3], 16, "%d", sp->max_attempts);
+	argv[0] = sp->id;
+	argv[1] = sp->device;
+	argv[2] = sp->type;
+	argv[3] = sp->name;
+	argv[4] = sp->params;
+	argv[5] = n[0];
+	argv[6] = n[1];
+	argv[7] = n[2];
+	argv[8] = n[3];
+	argv[9] = sp->idem ? sp->idem : "";
+	argv[10] = sp->owner ? sp->owner : "";
+	argv[11] = sp->rollout ? sp->rollout : "";
+	return eval(S_CREATE, cb, arg, 12, argv, NULL);
+}
+
+int cmd_cancel(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
+{
+	const char *argv[1] = { id };
+
+	(void)hub;
+	return eval(S_CANCEL, cb, arg, 1, argv, NULL);
+}
+
+int cmd_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
+{
+	const char *argv[1] = { id };
+
+	(void)hub;
+	return eval_ro(S_GET, cb, arg, 1, argv);
+}
+
+int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
+	     hub_redis_cb cb, void *arg)
+{
+	char lim[16];
+	const char *argv[3] = { device, status ? status : "", lim };
+
+	(void)hub;
+	snprintf(lim, sizeof(lim), "%d", limit);
+	return eval_ro(S_LIST, cb, arg, 3, argv);
+}
+
+/* ---- start and stop -------------------------------------------------------- */
+
+void cmd_init(struct hub *hub)
+{
+	E.hub = hub;
+	E.armed_at = INT64_MAX;
+	scripts[S_CREATE] = hub_redis_add_script(hub->redis, create_lua);
+	scripts[S_SEND] = hub_redis_add_script(hub->redis, send_lua);
+	scripts[S_ACK] = hub_redis_add_script(hub->redis, ack_lua);
+	scripts[S_CANCEL] = hub_redis_add_script(hub->redis, cancel_lua);
+	scripts[S_TICK] = hub_redis_add_script(hub->redis, tick_lua);
+	scripts[S_GET] = hub_redis_add_script(hub->redis, get_lua);
+	scripts[S_LIST] = hub_redis_add_script(hub->redis, list_lua);
+	snprintf(E.ctl_channel, sizeof(E.ctl_channel), CTL_PREFIX "%s", hub->instance_id);
+	hub_redis_subscribe(hub->redis, E.ctl_channel, on_ctl, NULL);
+	lws_sul_schedule(hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
+}
+
+void cmd_stop(struct hub *hub)
+{
+	(void)hub;
+	if (!E.hub)
+		return;
+	lws_sul_cancel(&E.sul_sweep);
+	lws_sul_cancel(&E.sul_timer);
+}
+
+void cmd_free(struct hub *hub)
+{
+	(void)hub;
+	free(E.heap);
+	E.heap = NULL;
+	E.n = E.cap = 0;
+}

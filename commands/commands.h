@@ -1,0 +1,78 @@
+/*
+ * commands.h - the command lifecycle engine (docs/commands.md): state lives
+ * in Redis and every transition is one atomic Lua script; this module routes
+ * deliveries and cancels to the instance holding the device (pub/sub per
+ * instance), delivers a device's pending commands when it is announced, takes
+ * gateway acks, and runs the timers (ttl, ack timeout, overall timeout) on the
+ * event loop: one heap, one lws timer, plus a once-a-second sweep of overdue
+ * deadlines in Redis that covers restarted or crashed instances.
+ */
+#ifndef HUB_COMMANDS_H
+#define HUB_COMMANDS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hub/redis.h"
+
+struct hub;
+struct gw_conn;
+struct gw_command_ack;
+
+void cmd_init(struct hub *hub);   /* before hub_redis_start (registers scripts) */
+void cmd_stop(struct hub *hub);   /* timers, while the loop exists */
+void cmd_free(struct hub *hub);
+
+/* The ten states; final ones cannot change. */
+bool cmd_state_valid(const char *s);
+bool cmd_state_final(const char *s);
+/* Statuses a gateway may report in command_ack. */
+bool cmd_status_valid(const char *s);
+
+/* Gateway hooks. */
+void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *devices,
+		      size_t n);
+void cmd_on_ack(struct hub *hub, struct gw_conn *c, const char *conn_id,
+		const struct gw_command_ack *ack);
+
+/* ---- for the HTTP API (commands/cmd_api.c) -------------------------------- */
+
+struct cmd_spec {
+	const char *id, *device, *type, *name;
+	const char *params;          /* compact JSON */
+	int ack_timeout_s, timeout_s, ttl_s, max_attempts;
+	const char *idem;            /* NULL: none */
+	const char *owner;           /* API key name (idempotency scope) */
+	const char *rollout;         /* NULL: none */
+};
+
+/* Creates the command (reply: {1,id} created, {0,id} idempotent repeat,
+ * {-1} device unknown) and, once created, routes it to the device. */
+int cmd_create(struct hub *hub, const struct cmd_spec *spec, hub_redis_cb cb, void *arg);
+
+/* After a create reply: deliver to the device if it is online here, or hand
+ * it to the instance that holds it (instance/online from the create reply). */
+void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
+	       bool online);
+
+/* Reply: {1, was-status, device} canceled, {0, status} already final, {-1}. */
+int cmd_cancel(struct hub *hub, const char *id, hub_redis_cb cb, void *arg);
+
+/* After a cancel reply: tells the device's gateway (wherever it is). */
+void cmd_route_cancel(struct hub *hub, const char *id, const char *device);
+
+/* Reply: {hash fields..., log entries...} as two arrays; {} when unknown. */
+int cmd_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg);
+
+/* Reply: array of HGETALL arrays, newest first. */
+int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
+	     hub_redis_cb cb, void *arg);
+
+/* A random command id "c_<32 hex>" into out[35]. */
+void cmd_new_id(char out[35], char prefix);
+
+/* Tracks a deadline locally (the engine arms its timer). */
+void cmd_track(struct hub *hub, const char *id, int64_t deadline_ms);
+
+#endif
