@@ -7,6 +7,7 @@
 
 #include "commands/commands.h"
 #include "hub/hub.h"
+#include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/schema.h"
@@ -482,6 +483,215 @@ static void list(struct hub_req *rq, const char *device, const struct hub_query 
 	}
 }
 
+/* ---- fleet rollouts -------------------------------------------------------- */
+
+static void on_rollout(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+	const redisReply *h, *counts;
+	hub_buf o = { 0 };
+	static const struct { const char *key; char kind; } fields[] = {
+		{ "id", 's' }, { "status", 's' }, { "device_type", 's' }, { "labels", 'j' },
+		{ "name", 's' }, { "params", 'j' }, { "max_per_minute", 'n' },
+		{ "abort_failure_ratio", 'n' }, { "min_finished", 'n' }, { "total", 'n' },
+		{ "released", 'n' }, { "created_at", 'n' }, { "updated_at", 'n' },
+	};
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+		unavailable(rq);
+		goto out;
+	}
+	h = r->element[0];
+	counts = r->element[1];
+	if (!h->elements) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such rollout");
+		goto out;
+	}
+	hub_buf_puts(&o, "{");
+	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+		const redisReply *v = kv_get(h, fields[i].key);
+		if (i)
+			hub_buf_puts(&o, ",");
+		hub_buf_printf(&o, "\"%s\":", fields[i].key);
+		if (!v || !v->len)
+			hub_buf_puts(&o, "null");
+		else if (fields[i].kind == 's')
+			hub_buf_json_str(&o, v->str, v->len);
+		else
+			hub_buf_append(&o, v->str, v->len);
+	}
+	hub_buf_puts(&o, ",\"counts\":{");
+	for (size_t i = 0; counts->type == REDIS_REPLY_ARRAY && i + 1 < counts->elements; i += 2) {
+		if (i)
+			hub_buf_puts(&o, ",");
+		hub_buf_json_str(&o, counts->element[i]->str, counts->element[i]->len);
+		hub_buf_printf(&o, ":%lld", counts->element[i + 1]->integer);
+	}
+	hub_buf_puts(&o, "}}");
+	hub_req_respond(rq, c->status ? c->status : 200, "application/json", o.data, o.len);
+	hub_buf_free(&o);
+out:
+	hub_req_unref(rq);
+}
+
+static void rollout_answer(struct hub_req *rq, unsigned status)
+{
+	struct ctx *c = hub_req_ctx(rq);
+
+	c->status = status;
+	hub_req_ref(rq);
+	if (cmd_rollout_get(hub_req_hub(rq), c->id, on_rollout, rq)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+}
+
+static void on_rollout_created(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("rollout create failed: %s", r->str);
+		if (!hub_req_gone(rq))
+			unavailable(rq);
+		goto out;
+	}
+	hub_req_hub(rq)->metrics.commands_created_total += (uint64_t)r->integer;
+	cmd_rollout_kick(hub_req_hub(rq), c->id);
+	if (!hub_req_gone(rq))
+		rollout_answer(rq, 202);
+out:
+	hub_req_unref(rq);
+}
+
+static void fleet_create(struct hub_req *rq, const char *body, size_t len)
+{
+	struct hub *hub = hub_req_hub(rq);
+	const auth_principal *who = hub_req_who(rq);
+	json_error_t jerr;
+	json_t *b, *target, *type, *labels, *name, *params, *ro, *v;
+	const schema_type *t;
+	const schema_node *node;
+	schema_error errs[MAX_ERRS];
+	struct ctx *c;
+	int mpm = 60, min_finished = 1, n;
+	double ratio = 1.0;
+	char *labels_s = NULL, *pats_s = NULL;
+
+	if (!has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
+		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the commands:write scope");
+		return;
+	}
+	b = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+	if (!json_is_object(b)) {
+		json_decref(b);
+		hub_req_error(rq, 422, "invalid", "body", "the body must be a JSON object");
+		return;
+	}
+	c = ctx_new(rq);
+	c->body = b;
+	target = json_object_get(b, "target");
+	type = json_object_get(target, "device_type");
+	labels = json_object_get(target, "labels");
+	if (!json_is_object(target)) {
+		hub_req_error(rq, 422, "invalid", "target", "target must be an object with device_type");
+		return;
+	}
+	if (!json_is_string(type) || !(t = schema_set_find(hub->schemas, json_string_value(type),
+							   json_string_length(type)))) {
+		hub_req_error(rq, 422, "invalid", "target.device_type", "target.device_type must name a loaded device type");
+		return;
+	}
+	if (labels && !json_is_null(labels)) {
+		const char *k;
+		if (!json_is_object(labels)) {
+			hub_req_error(rq, 422, "invalid", "target.labels", "target.labels must be an object of strings");
+			return;
+		}
+		json_object_foreach(labels, k, v)
+			if (!json_is_string(v)) {
+				hub_req_error(rq, 422, "invalid", "target.labels", "target.labels must be an object of strings");
+				return;
+			}
+		if (json_object_size(labels))
+			labels_s = json_dumps(labels, JSON_COMPACT);
+	}
+	name = json_object_get(b, "name");
+	if (!json_is_string(name) || !(node = schema_type_command(t, json_string_value(name)))) {
+		hub_req_error(rq, 422, "invalid", "name", "name must be a command of the target device type");
+		free(labels_s);
+		return;
+	}
+	snprintf(c->name, sizeof(c->name), "%s", json_string_value(name));
+	params = json_object_get(b, "params");
+	params = params && !json_is_null(params) ? json_incref(params) : json_object();
+	n = schema_validate(node, params, "params", errs, MAX_ERRS);
+	if (n) {
+		char msg[300];
+		snprintf(msg, sizeof(msg), "%s %s", errs[0].path, errs[0].message);
+		hub_req_error(rq, 422, "invalid", errs[0].path, msg);
+		json_decref(params);
+		free(labels_s);
+		return;
+	}
+	c->params = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
+	json_decref(params);
+	if (int_field(rq, b, "ack_timeout_s", 10, 1, 3600, &c->spec.ack_timeout_s) ||
+	    int_field(rq, b, "timeout_s", 300, 1, 604800, &c->spec.timeout_s) ||
+	    int_field(rq, b, "ttl_s", 3600, 1, 2592000, &c->spec.ttl_s) ||
+	    int_field(rq, b, "max_attempts", 3, 1, 100, &c->spec.max_attempts)) {
+		free(labels_s);
+		return;
+	}
+	ro = json_object_get(b, "rollout");
+	if (ro && !json_is_null(ro)) {
+		if (!json_is_object(ro) ||
+		    int_field(rq, ro, "max_per_minute", 60, 1, 1000000, &mpm) ||
+		    int_field(rq, ro, "min_finished", 1, 1, 1000000, &min_finished)) {
+			if (!json_is_object(ro))
+				hub_req_error(rq, 422, "invalid", "rollout", "rollout must be an object");
+			free(labels_s);
+			return;
+		}
+		v = json_object_get(ro, "abort_failure_ratio");
+		if (v && !json_is_null(v)) {
+			if (!json_is_number(v) || json_number_value(v) < 0 || json_number_value(v) > 1) {
+				hub_req_error(rq, 422, "invalid", "rollout.abort_failure_ratio",
+					      "rollout.abort_failure_ratio must be a number from 0 to 1");
+				free(labels_s);
+				return;
+			}
+			ratio = json_number_value(v);
+		}
+	}
+	if (!who->devices.all) {
+		json_t *arr = json_array();
+		for (size_t i = 0; i < who->devices.n; i++)
+			json_array_append_new(arr, json_string(who->devices.items[i]));
+		pats_s = json_dumps(arr, JSON_COMPACT);
+		json_decref(arr);
+	}
+	cmd_new_id(c->id, 'r');
+	c->spec.id = c->id;
+	c->spec.type = schema_type_name(t);
+	c->spec.name = c->name;
+	c->spec.params = c->params;
+	c->spec.owner = who->name;
+	hub_req_ref(rq);
+	if (cmd_rollout_create(hub, &c->spec, labels_s, pats_s, mpm, ratio, min_finished,
+			       on_rollout_created, rq)) {
+		hub_req_unref(rq);
+		unavailable(rq);
+	}
+	free(labels_s);
+	free(pats_s);
+}
+
 /* ---- dispatch -------------------------------------------------------------- */
 
 void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
@@ -510,8 +720,7 @@ void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
 			hub_req_error(rq, 405, "method_not_allowed", NULL, "POST a fleet command here");
 			return;
 		}
-		hub_req_error(rq, 501, "not_implemented", NULL,
-			      "fleet commands (rollouts) are not implemented yet");
+		fleet_create(rq, body, len);
 		return;
 	}
 	/* /v1/commands/{id}[/cancel] */
@@ -541,6 +750,14 @@ void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
 	c = ctx_new(rq);
 	memcpy(c->id, id, idlen);
 	c->id[idlen] = '\0';
+	if (!strncmp(c->id, "r_", 2)) {
+		if (slash) {
+			hub_req_error(rq, 404, "not_found", NULL, "cancel a rollout's commands one by one");
+			return;
+		}
+		rollout_answer(rq, 200);
+		return;
+	}
 	c->want_cancel = slash != NULL;
 	get_and_answer(rq, c->id, 200);
 }

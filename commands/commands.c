@@ -96,6 +96,7 @@ static const char send_lua[] = PRELUDE
 	"local c = load(ARGV[2])\n"
 	"if not c then return {0, 'unknown'} end\n"
 	"if c.status ~= 'queued' and c.status ~= 'sent' then return {0, c.status} end\n"
+	"if c.held == '1' then return {0, 'held'} end\n"
 	"if c.status == 'queued' and now >= tonumber(c.expires_at) then\n"
 	"  set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
 	"  return {0, 'expired'}\n"
@@ -209,7 +210,141 @@ static const char list_lua[] =
 	"end\n"
 	"return out\n";
 
-enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST, S__COUNT };
+/* ---- fleet rollouts ---------------------------------------------------------
+ * One command per matching device is created up front, `held` (not in the
+ * device's queue, no timers) until the rollout releases it: released at
+ * max_per_minute, counting from the rollout's creation (the first at once).
+ * When failures (failed, rejected, timed_out, expired) among the finished
+ * released commands exceed abort_failure_ratio (once at least min_finished
+ * have finished), the held rest become canceled. */
+
+/* ARGV: now, rollout id, type, labels JSON (''), device patterns JSON (''),
+ * name, params, ack_timeout_s, timeout_s, ttl_s, max_attempts,
+ * max_per_minute, abort_failure_ratio, owner, min_finished -> count */
+static const char rollout_create_lua[] = PRELUDE
+	"local rid, typ = ARGV[2], ARGV[3]\n"
+	"local want = nil\n"
+	"if ARGV[4] ~= '' then want = cjson.decode(ARGV[4]) end\n"
+	"local pats = nil\n"
+	"if ARGV[5] ~= '' then pats = cjson.decode(ARGV[5]) end\n"
+	"local function allowed(dev)\n"
+	"  if not pats then return true end\n"
+	"  for _, p in ipairs(pats) do\n"
+	"    if p == '*' or p == dev then return true end\n"
+	"    if string.sub(p, -1) == '*' and string.sub(dev, 1, #p - 1) == string.sub(p, 1, -2) then return true end\n"
+	"  end\n"
+	"  return false\n"
+	"end\n"
+	"local devs = redis.call('SMEMBERS', 'iot:type:' .. typ)\n"
+	"table.sort(devs)\n"
+	"local n = 0\n"
+	"for _, dev in ipairs(devs) do\n"
+	"  local ok = allowed(dev)\n"
+	"  if ok and want then\n"
+	"    local l = redis.call('HGET', 'iot:dev:' .. dev, 'labels')\n"
+	"    local have = l and cjson.decode(l) or {}\n"
+	"    for k, v in pairs(want) do if have[k] ~= v then ok = false; break end end\n"
+	"  end\n"
+	"  if ok then\n"
+	"    n = n + 1\n"
+	"    local id = 'c_' .. string.sub(rid, 3) .. '_' .. n\n"
+	"    redis.call('HSET', 'iot:cmd:' .. id, 'id', id, 'device', dev, 'type', typ, 'name', ARGV[6],\n"
+	"      'params', ARGV[7], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[11],\n"
+	"      'ack_timeout_s', ARGV[8], 'timeout_s', ARGV[9], 'ttl_s', ARGV[10], 'created_at', now,\n"
+	"      'updated_at', now, 'owner', ARGV[14], 'rollout', rid, 'held', 1)\n"
+	"    redis.call('RPUSH', 'iot:rollout:' .. rid .. ':cmds', id)\n"
+	"    redis.call('ZADD', 'iot:dev:' .. dev .. ':cmdlog', redis.call('INCR', 'iot:cmd:seq'), id)\n"
+	"    local c = {id = id, device = dev, type = typ, name = ARGV[6], attempt = '0'}\n"
+	"    hist(c, '{\"status\":\"queued\",\"at\":' .. now .. '}')\n"
+	"    event(c, 'queued')\n"
+	"  end\n"
+	"end\n"
+	"redis.call('HSET', 'iot:rollout:' .. rid, 'id', rid, 'device_type', typ, 'labels', ARGV[4],\n"
+	"  'name', ARGV[6], 'params', ARGV[7], 'max_per_minute', ARGV[12], 'abort_failure_ratio', ARGV[13],\n"
+	"  'min_finished', ARGV[15], 'total', n, 'released', 0, 'status', n > 0 and 'running' or 'completed',\n"
+	"  'created_at', now, 'updated_at', now, 'owner', ARGV[14])\n"
+	"if n > 0 then redis.call('ZADD', 'iot:rollouts:active', now, rid) end\n"
+	"return n\n";
+
+/* ARGV: now, rollout id -> {1, (id, device, instance, online, expires_at)...}
+ * released now | {0} nothing to do | {2} aborted */
+static const char rollout_step_lua[] = PRELUDE
+	"local rid = ARGV[2]\n"
+	"local rk = 'iot:rollout:' .. rid\n"
+	"local r = {}\n"
+	"local a = redis.call('HGETALL', rk)\n"
+	"for i = 1, #a, 2 do r[a[i]] = a[i + 1] end\n"
+	"if r.status ~= 'running' then redis.call('ZREM', 'iot:rollouts:active', rid); return {0} end\n"
+	"local ids = redis.call('LRANGE', rk .. ':cmds', 0, -1)\n"
+	"local released = tonumber(r.released)\n"
+	"local fails, finished, open = 0, 0, 0\n"
+	"for i = 1, released do\n"
+	"  local st = redis.call('HGET', 'iot:cmd:' .. ids[i], 'status')\n"
+	"  if st and FINAL[st] then\n"
+	"    if st ~= 'canceled' then\n"
+	"      finished = finished + 1\n"
+	"      if st ~= 'succeeded' then fails = fails + 1 end\n"
+	"    end\n"
+	"  else open = open + 1 end\n"
+	"end\n"
+	"if finished >= tonumber(r.min_finished) and finished > 0 and\n"
+	"   fails / finished > tonumber(r.abort_failure_ratio) then\n"
+	"  for i = released + 1, #ids do\n"
+	"    local c = load(ids[i])\n"
+	"    if c and c.status == 'queued' then set(c, 'canceled', {'error', 'rollout aborted: failure ratio crossed'}) end\n"
+	"  end\n"
+	"  redis.call('HSET', rk, 'status', 'aborted', 'updated_at', now, 'released', #ids)\n"
+	"  redis.call('ZREM', 'iot:rollouts:active', rid)\n"
+	"  return {2}\n"
+	"end\n"
+	"local upto = math.min(#ids, math.floor((now - tonumber(r.created_at)) * tonumber(r.max_per_minute) / 60000) + 1)\n"
+	"local out = {1}\n"
+	"for i = released + 1, upto do\n"
+	"  local c = load(ids[i])\n"
+	"  if c and c.status == 'queued' then\n"
+	"    local exp = now + tonumber(c.ttl_s) * 1000\n"
+	"    redis.call('HSET', 'iot:cmd:' .. c.id, 'held', 0, 'expires_at', exp, 'released_at', now)\n"
+	"    redis.call('ZADD', 'iot:dev:' .. c.device .. ':cmds', redis.call('INCR', 'iot:cmd:seq'), c.id)\n"
+	"    redis.call('ZADD', 'iot:cmd:timers', exp, c.id)\n"
+	"    local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'instance', 'online')\n"
+	"    out[#out + 1] = c.id\n"
+	"    out[#out + 1] = c.device\n"
+	"    out[#out + 1] = d[1] or ''\n"
+	"    out[#out + 1] = d[2] or '0'\n"
+	"    out[#out + 1] = exp\n"
+	"    open = open + 1\n"
+	"  end\n"
+	"end\n"
+	"if upto > released then redis.call('HSET', rk, 'released', upto, 'updated_at', now) end\n"
+	"if upto == #ids and open == 0 then\n"
+	"  local done = true\n"
+	"  for i = released + 1, upto do\n"
+	"    local st = redis.call('HGET', 'iot:cmd:' .. ids[i], 'status')\n"
+	"    if not (st and FINAL[st]) then done = false; break end\n"
+	"  end\n"
+	"  if done then\n"
+	"    redis.call('HSET', rk, 'status', 'completed', 'updated_at', now)\n"
+	"    redis.call('ZREM', 'iot:rollouts:active', rid)\n"
+	"  end\n"
+	"end\n"
+	"return out\n";
+
+/* ARGV: rollout id -> {hash, {status, count, ...}} */
+static const char rollout_get_lua[] =
+	"local rk = 'iot:rollout:' .. ARGV[1]\n"
+	"local h = redis.call('HGETALL', rk)\n"
+	"if #h == 0 then return {{}, {}} end\n"
+	"local counts = {}\n"
+	"for _, id in ipairs(redis.call('LRANGE', rk .. ':cmds', 0, -1)) do\n"
+	"  local st = redis.call('HGET', 'iot:cmd:' .. id, 'status') or 'unknown'\n"
+	"  counts[st] = (counts[st] or 0) + 1\n"
+	"end\n"
+	"local out = {}\n"
+	"for k, v in pairs(counts) do out[#out + 1] = k; out[#out + 1] = v end\n"
+	"return {h, out}\n";
+
+enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
+       S_RCREATE, S_RSTEP, S_RGET, S__COUNT };
 static int scripts[S__COUNT];
 
 /* ---- engine state ---------------------------------------------------------- */
@@ -268,10 +403,12 @@ void cmd_new_id(char out[35], char prefix)
 /* Calls script s with `now` and argc more arguments. */
 static int eval(int s, hub_redis_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
 {
-	const char *av[16];
-	size_t al[16];
+	const char *av[24];
+	size_t al[24];
 	char now[24];
 
+	if (argc > 20)
+		abort(); /* a programming error: every call site passes a constant */
 	av[0] = "EVALSHA";
 	av[1] = hub_redis_script_sha(E.hub->redis, scripts[s]);
 	av[2] = "0";
@@ -439,8 +576,36 @@ static void on_sweep(redisReply *r, void *arg)
 			tick(r->element[i]->str);
 }
 
+static void on_step(redisReply *r, void *arg)
+{
+	(void)arg;
+	if (el_int(r, 0) != 1)
+		return;
+	for (size_t i = 1; i + 4 < r->elements; i += 5) {
+		const char *id = el_str(r, i), *dev = el_str(r, i + 1), *inst = el_str(r, i + 2),
+			   *online = el_str(r, i + 3);
+		if (!id || !dev)
+			continue;
+		cmd_track(E.hub, id, el_int(r, i + 4));
+		cmd_route(E.hub, id, dev, inst, online && !strcmp(online, "1"));
+	}
+}
+
+static void on_active_rollouts(redisReply *r, void *arg)
+{
+	(void)arg;
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+		const char *argv[1];
+		if (r->element[i]->type != REDIS_REPLY_STRING)
+			continue;
+		argv[0] = r->element[i]->str;
+		eval(S_RSTEP, on_step, NULL, 1, argv, NULL);
+	}
+}
+
 /* Overdue deadlines of any instance (a crashed one's, or ours before a
- * restart): one query a second, whatever the number of pending commands. */
+ * restart): one query a second, whatever the number of pending commands;
+ * and a release step for every running rollout (atomic: any instance may). */
 static void sweep_cb(lws_sorted_usec_list_t *sul)
 {
 	char now[24];
@@ -449,8 +614,11 @@ static void sweep_cb(lws_sorted_usec_list_t *sul)
 
 	(void)sul;
 	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
-	if (hub_redis_up(E.hub->redis))
+	if (hub_redis_up(E.hub->redis)) {
+		const char *ra[4] = { "ZRANGE", "iot:rollouts:active", "0", "-1" };
 		hub_redis_command_argv(E.hub->redis, on_sweep, NULL, 7, argv, NULL);
+		hub_redis_command_argv(E.hub->redis, on_active_rollouts, NULL, 4, ra, NULL);
+	}
 	lws_sul_schedule(E.hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
 }
 
@@ -769,6 +937,9 @@ void cmd_init(struct hub *hub)
 	scripts[S_TICK] = hub_redis_add_script(hub->redis, tick_lua);
 	scripts[S_GET] = hub_redis_add_script(hub->redis, get_lua);
 	scripts[S_LIST] = hub_redis_add_script(hub->redis, list_lua);
+	scripts[S_RCREATE] = hub_redis_add_script(hub->redis, rollout_create_lua);
+	scripts[S_RSTEP] = hub_redis_add_script(hub->redis, rollout_step_lua);
+	scripts[S_RGET] = hub_redis_add_script(hub->redis, rollout_get_lua);
 	snprintf(E.ctl_channel, sizeof(E.ctl_channel), CTL_PREFIX "%s", hub->instance_id);
 	hub_redis_subscribe(hub->redis, E.ctl_channel, on_ctl, NULL);
 	lws_sul_schedule(hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
@@ -789,4 +960,52 @@ void cmd_free(struct hub *hub)
 	free(E.heap);
 	E.heap = NULL;
 	E.n = E.cap = 0;
+}
+
+int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *labels,
+		       const char *patterns, int max_per_minute, double ratio, int min_finished,
+		       hub_redis_cb cb, void *arg)
+{
+	char n[7][32];
+	const char *argv[14];
+
+	(void)hub;
+	snprintf(n[0], 32, "%d", sp->ack_timeout_s);
+	snprintf(n[1], 32, "%d", sp->timeout_s);
+	snprintf(n[2], 32, "%d", sp->ttl_s);
+	snprintf(n[3], 32, "%d", sp->max_attempts);
+	snprintf(n[4], 32, "%d", max_per_minute);
+	snprintf(n[5], 32, "%.6f", ratio);
+	snprintf(n[6], 32, "%d", min_finished);
+	argv[0] = sp->id;
+	argv[1] = sp->type;
+	argv[2] = labels ? labels : "";
+	argv[3] = patterns ? patterns : "";
+	argv[4] = sp->name;
+	argv[5] = sp->params;
+	argv[6] = n[0];
+	argv[7] = n[1];
+	argv[8] = n[2];
+	argv[9] = n[3];
+	argv[10] = n[4];
+	argv[11] = n[5];
+	argv[12] = sp->owner ? sp->owner : "";
+	argv[13] = n[6];
+	return eval(S_RCREATE, cb, arg, 14, argv, NULL);
+}
+
+int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
+{
+	const char *argv[1] = { id };
+
+	(void)hub;
+	return eval_ro(S_RGET, cb, arg, 1, argv);
+}
+
+void cmd_rollout_kick(struct hub *hub, const char *id)
+{
+	const char *argv[1] = { id };
+
+	(void)hub;
+	eval(S_RSTEP, on_step, NULL, 1, argv, NULL);
 }

@@ -69,6 +69,18 @@ int cmd_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg);
 int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
 	     hub_redis_cb cb, void *arg);
 
+/* Fleet rollouts (docs/commands.md). sp->id is the rollout id "r_…", sp->type
+ * the target device type; labels (JSON object or NULL) and patterns (JSON
+ * array of the key's device patterns, NULL: all) narrow the target.
+ * Reply: integer, the number of commands created. */
+int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *labels,
+		       const char *patterns, int max_per_minute, double ratio, int min_finished,
+		       hub_redis_cb cb, void *arg);
+/* Reply: {hash, {status, count, ...}} ({}, {} when unknown). */
+int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg);
+/* Runs a release step now (after create: the first command goes at once). */
+void cmd_rollout_kick(struct hub *hub, const char *id);
+
 /* A random command id "c_<32 hex>" into out[35]. */
 void cmd_new_id(char out[35], char prefix);
 
