@@ -19,6 +19,8 @@
 #define TICK_US          (100 * 1000)
 #define FLUSH_DELAY_MS   100          /* after a second ends, before publishing */
 #define MSG_MAX_BYTES    (32 * 1024)  /* partials per published message */
+#define FLUSH_BUDGET     1000         /* partials published per loop turn */
+#define FLUSH_AGAIN_US   (2 * 1000)   /* next turn when more were due */
 #define KEY_MAX          (HUB_ID_MAX + 32)
 
 const int64_t agg_window_ms[AGG__COUNT] = { 1000, 10000, 60000 };
@@ -55,7 +57,7 @@ static struct agg_state *state_new(const char *device, const char *type, json_t 
 
 	st->device = hub_xstrdup(device);
 	st->type = hub_xstrdup(type);
-	st->labels = labels ? json_incref(labels) : json_object();
+	st->labels = labels ? json_incref(labels) : NULL;
 	st->start = start;
 	return st;
 }
@@ -67,6 +69,7 @@ void agg_state_clear(struct agg_state *st)
 	free(st->fields);
 	free(st->device);
 	free(st->type);
+	free(st->labels_text);
 	json_decref(st->labels);
 	memset(st, 0, sizeof(*st));
 }
@@ -136,7 +139,13 @@ static void buf_double(hub_buf *b, double v)
 		hub_buf_i64(b, (int64_t)v);
 		return;
 	}
-	n = snprintf(num, sizeof(num), "%.17g", v);
+	/* The shortest of %.15g/%.16g/%.17g that reads back as v: 23.47, not
+	 * 23.469999999999999. */
+	for (int prec = 15; prec <= 17; prec++) {
+		n = snprintf(num, sizeof(num), "%.*g", prec, v);
+		if (prec == 17 || strtod(num, NULL) == v)
+			break;
+	}
 	hub_buf_append(b, num, (size_t)n);
 }
 
@@ -193,7 +202,8 @@ static void map_clear(struct window_map *m)
 struct due_ctx {
 	int64_t now, span;
 	struct agg_state **v;
-	size_t n, cap;
+	size_t n, cap, max;        /* max: take at most this many (0: all) */
+	bool more;                 /* due ones left behind (max reached) */
 	int64_t next_due;
 };
 
@@ -204,6 +214,12 @@ static void collect_due_cb(const char *key, void *value, void *arg)
 
 	(void)key;
 	if (st->start + d->span <= d->now) {
+		if (d->max && d->n == d->max) {
+			d->more = true;
+			if (st->start + d->span < d->next_due)
+				d->next_due = st->start + d->span;
+			return;
+		}
 		if (d->n == d->cap) {
 			d->cap = d->cap ? d->cap * 2 : 64;
 			d->v = hub_xrealloc(d->v, d->cap * sizeof(*d->v));
@@ -214,11 +230,13 @@ static void collect_due_cb(const char *key, void *value, void *arg)
 	}
 }
 
-static void map_take_due(struct window_map *m, int64_t now, int64_t span, struct due_ctx *d)
+static void map_take_due(struct window_map *m, int64_t now, int64_t span, size_t max,
+			 struct due_ctx *d)
 {
 	char key[KEY_MAX];
 
 	memset(d, 0, sizeof(*d));
+	d->max = max;
 	d->now = now;
 	d->span = span;
 	d->next_due = INT64_MAX;
@@ -259,9 +277,12 @@ struct agg_state *agg_partial(struct hub *hub, const char *device, const char *t
 	kl = make_key(key, start, device);
 	st = hub_strmap_get(&A.partials.states, key, kl);
 	if (!st) {
-		json_t *lj = json_loadb(labels ? labels : "{}", labels ? labels_len : 2, 0, NULL);
-		st = state_new(device, type, json_is_object(lj) ? lj : NULL, start);
-		json_decref(lj);
+		/* Ingest partials keep the labels as the text they came in (already
+		 * compact JSON): no parse per device per second. */
+		st = state_new(device, type, NULL, start);
+		st->labels_text = hub_xmalloc(labels_len + 1);
+		memcpy(st->labels_text, labels ? labels : "", labels_len);
+		st->labels_text[labels_len] = '\0';
 		hub_strmap_put(&A.partials.states, key, kl, st);
 		if (start + 1000 + FLUSH_DELAY_MS < A.partials.next_due)
 			A.partials.next_due = start + 1000 + FLUSH_DELAY_MS;
@@ -308,18 +329,21 @@ static void msg_send(void)
 	hub_redis_command_argv(A.hub->redis, NULL, NULL, 7, full, flens); /* lost while down */
 }
 
-static void flush_partials(int64_t now)
+/* Publishes due partials, at most FLUSH_BUDGET per loop turn so a hub with
+ * many devices never stalls its loop for the whole set at once. Returns true
+ * when more are due. */
+static bool flush_partials(int64_t now)
 {
 	struct due_ctx d;
 	size_t in_msg = 0;
 
-	map_take_due(&A.partials, now, 1000 + FLUSH_DELAY_MS, &d);
+	map_take_due(&A.partials, now, 1000 + FLUSH_DELAY_MS, FLUSH_BUDGET, &d);
 	if (!d.n)
-		return;
+		return false;
 	msg_begin();
 	for (size_t i = 0; i < d.n; i++) {
 		struct agg_state *st = d.v[i];
-		char *labels = json_dumps(st->labels, JSON_COMPACT | JSON_SORT_KEYS);
+		const char *labels = st->labels_text && *st->labels_text ? st->labels_text : "{}";
 
 		if (in_msg)
 			hub_buf_puts(&A.msg, ",");
@@ -328,7 +352,7 @@ static void flush_partials(int64_t now)
 		hub_buf_puts(&A.msg, ",\"type\":");
 		hub_buf_json_str(&A.msg, st->type, strlen(st->type));
 		hub_buf_puts(&A.msg, ",\"labels\":");
-		hub_buf_puts(&A.msg, labels ? labels : "{}");
+		hub_buf_puts(&A.msg, labels);
 		hub_buf_puts(&A.msg, ",\"start\":");
 		hub_buf_i64(&A.msg, st->start);
 		hub_buf_puts(&A.msg, ",\"fields\":{");
@@ -352,7 +376,6 @@ static void flush_partials(int64_t now)
 			hub_buf_puts(&A.msg, "]");
 		}
 		hub_buf_puts(&A.msg, "}}");
-		free(labels);
 		state_free(st);
 		in_msg++;
 		if (A.msg.len > MSG_MAX_BYTES && i + 1 < d.n) {
@@ -365,6 +388,7 @@ static void flush_partials(int64_t now)
 	free(d.v);
 	if (A.msg.cap > 4 * MSG_MAX_BYTES)
 		hub_buf_free(&A.msg);
+	return d.more;
 }
 
 /* ---- merge side ---------------------------------------------------------- */
@@ -579,7 +603,7 @@ static void emit_due(int64_t now)
 		if (!A.active || A.catching_up)
 			continue; /* windows wait for the catch-up (they are not due yet) */
 		map_take_due(&A.merged[w], now,
-			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, &d);
+			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, 0, &d);
 		if (!d.n)
 			continue;
 		qsort(d.v, d.n, sizeof(*d.v), cmp_start);
@@ -604,9 +628,9 @@ static void tick_cb(lws_sorted_usec_list_t *sul)
 	int64_t now = hub_now_ms();
 
 	(void)sul;
-	flush_partials(now);
+	bool more = flush_partials(now);
 	emit_due(now);
-	lws_sul_schedule(A.hub->ctx, 0, &A.sul, tick_cb, TICK_US);
+	lws_sul_schedule(A.hub->ctx, 0, &A.sul, tick_cb, more ? FLUSH_AGAIN_US : TICK_US);
 }
 
 void agg_init(struct hub *hub)

@@ -40,7 +40,8 @@ struct agg_field {
 struct agg_state {
 	char *device;
 	char *type;
-	json_t *labels;            /* object (owned reference) */
+	json_t *labels;            /* merge side: object (owned reference) */
+	char *labels_text;         /* ingest side: compact JSON as announced */
 	int64_t start;
 	size_t nfields, cap;
 	struct agg_field *fields;
