@@ -22,6 +22,10 @@
 
 #define MAX_REQUEST_BODY (64 * 1024)
 
+/* docs/openapi.json, embedded at build time (cmake/embed.cmake). */
+extern const unsigned char hub_openapi_json[];
+extern const size_t hub_openapi_json_len;
+
 struct http_pss {
 	hub_buf body;   /* LWS_PRE headroom, then the body */
 	size_t sent;
@@ -569,6 +573,14 @@ static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const c
 			return respond_error(wsi, pss, 405, "method_not_allowed",
 					     "only GET is supported here");
 		return route_api(wsi, pss, hub, path);
+	}
+	if (!strcmp(path, "/v1/openapi.json")) {
+		if (!get)
+			return respond_error(wsi, pss, 405, "method_not_allowed",
+					     "only GET is supported here");
+		body_init(&pss->body);
+		hub_buf_append(&pss->body, hub_openapi_json, hub_openapi_json_len);
+		return respond(wsi, pss, 200, "application/json");
 	}
 	if (!strcmp(path, "/healthz") || !strcmp(path, "/readyz") ||
 	    !strcmp(path, "/metrics") || !strcmp(path, "/v1/device-types")) {
