@@ -23,7 +23,9 @@
 #define MAX_MESSAGE_BYTES (64 * 1024)  /* one dashboard message to the hub */
 #define MAX_ID_LEN        64
 #define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read */
-#define WRITES_PER_TURN   128
+#define WRITES_PER_TURN   32           /* socket writes per WRITEABLE callback */
+#define BATCH_BYTES       (16 * 1024)  /* data frames coalesced into one write */
+#define BATCH_MSGS        128
 #define CLOSE_UNAUTHORIZED 4401
 #define CLOSE_FORBIDDEN    4403
 #define CLOSE_AUTH_TIMEOUT 4408
@@ -75,6 +77,8 @@ struct st_sub {
 	enum st_kind kind;
 	char id[MAX_ID_LEN + 1];
 	size_t id_len;
+	char *id_json;             /* the id as a JSON string, for every message */
+	size_t id_json_len;
 	/* filter */
 	auth_patterns devices;
 	bool has_devices;
@@ -344,16 +348,6 @@ static void enqueue(struct st_sub *s, struct st_msg *m)
 		lws_callback_on_writable(c->wsi);
 }
 
-static int write_text(struct st_conn *c, hub_buf *w)
-{
-	size_t n = w->len - LWS_PRE;
-
-	if (lws_write(c->wsi, (unsigned char *)w->data + LWS_PRE, n, LWS_WRITE_TEXT) < (int)n)
-		return -1;
-	c->hub->metrics.stream_messages_total++;
-	return 0;
-}
-
 static void w_begin(hub_buf *w)
 {
 	w->len = 0;
@@ -362,25 +356,81 @@ static void w_begin(hub_buf *w)
 	w->len = LWS_PRE;
 }
 
-static int write_gap(struct st_conn *c, struct st_sub *s)
+static void replay_next(struct st_sub *s);
+
+/* Server-to-client WebSocket text frame header (unmasked, FIN). */
+static void frame_hdr(hub_buf *w, size_t len)
 {
-	w_begin(&c->w);
-	hub_buf_puts(&c->w, "{\"type\":\"gap\",\"sub\":");
-	hub_buf_json_str(&c->w, s->id, s->id_len);
-	hub_buf_puts(&c->w, ",\"dropped\":");
-	hub_buf_i64(&c->w, (int64_t)s->dropped);
-	hub_buf_puts(&c->w, "}");
-	s->dropped = 0;
-	return write_text(c, &c->w);
+	uint8_t h[10];
+	size_t n = 0;
+
+	h[n++] = 0x81;
+	if (len < 126) {
+		h[n++] = (uint8_t)len;
+	} else if (len <= 0xffff) {
+		h[n++] = 126;
+		h[n++] = (uint8_t)(len >> 8);
+		h[n++] = (uint8_t)len;
+	} else {
+		h[n++] = 127;
+		for (int i = 7; i >= 0; i--)
+			h[n++] = (uint8_t)((uint64_t)len >> (8 * i));
+	}
+	hub_buf_append(w, h, n);
 }
 
-static void replay_next(struct st_sub *s);
+/* `{"type":"<type>","sub":<id>,<body>` as one frame appended to w. */
+static void frame_msg(hub_buf *w, const struct st_sub *s, const struct st_msg *m)
+{
+	size_t tl = strlen(m->type);
+
+	frame_hdr(w, 9 + tl + 8 + s->id_json_len + 1 + m->len);
+	hub_buf_reserve(w, 24 + tl + s->id_json_len + m->len);
+	hub_buf_append(w, "{\"type\":\"", 9);
+	hub_buf_append(w, m->type, tl);
+	hub_buf_append(w, "\",\"sub\":", 8);
+	hub_buf_append(w, s->id_json, s->id_json_len);
+	hub_buf_append(w, ",", 1);
+	hub_buf_append(w, m->body, m->len);
+}
+
+static void frame_gap(hub_buf *w, struct st_sub *s)
+{
+	hub_buf g = { 0 };
+
+	hub_buf_puts(&g, "{\"type\":\"gap\",\"sub\":");
+	hub_buf_append(&g, s->id_json, s->id_json_len);
+	hub_buf_puts(&g, ",\"dropped\":");
+	hub_buf_i64(&g, (int64_t)s->dropped);
+	hub_buf_puts(&g, "}");
+	frame_hdr(w, g.len);
+	hub_buf_append(w, g.data, g.len);
+	hub_buf_free(&g);
+	s->dropped = 0;
+}
+
+/* Sends what w holds after LWS_PRE as raw bytes: complete frames built
+ * here, so one send() carries many messages (lws buffers a partial send and
+ * reports the pipe choked until it is out). */
+static int w_flush(struct st_conn *c, size_t msgs)
+{
+	size_t n = c->w.len - LWS_PRE;
+
+	if (!n)
+		return 0;
+	if (lws_write(c->wsi, (unsigned char *)c->w.data + LWS_PRE, n, LWS_WRITE_RAW) < (int)n)
+		return -1;
+	c->hub->metrics.stream_messages_total += msgs;
+	return 0;
+}
 
 static int conn_writeable(struct st_conn *c)
 {
 	int budget = WRITES_PER_TURN;
 
 	while (budget-- > 0 && !lws_send_pipe_choked(c->wsi)) {
+		size_t msgs = 0;
+
 		if (c->ctrl_head) {
 			struct ctrl *m = c->ctrl_head;
 			c->ctrl_head = m->next;
@@ -394,47 +444,44 @@ static int conn_writeable(struct st_conn *c)
 				return -1;
 			continue;
 		}
-		if (c->closing)
+		if (c->closing || !c->qlen)
 			break;
-		if (!c->qlen)
-			break;
-		struct st_qent e = c->q[c->qhead];
-		c->qhead = (c->qhead + 1) % c->qcap;
-		c->qlen--;
-		c->qbytes -= e.msg->len;
-		if (!e.sub->dead) {
-			if (e.sub->dropped && write_gap(c, e.sub)) {
-				msg_unref(e.msg);
-				sub_unref(e.sub);
-				return -1;
+		w_begin(&c->w);
+		while (c->qlen && msgs < BATCH_MSGS && c->w.len - LWS_PRE < BATCH_BYTES) {
+			struct st_qent e = c->q[c->qhead];
+			c->qhead = (c->qhead + 1) % c->qcap;
+			c->qlen--;
+			c->qbytes -= e.msg->len;
+			if (!e.sub->dead) {
+				if (e.sub->dropped) {
+					frame_gap(&c->w, e.sub);
+					msgs++;
+				}
+				frame_msg(&c->w, e.sub, e.msg);
+				msgs++;
 			}
-			w_begin(&c->w);
-			hub_buf_reserve(&c->w, e.msg->len + e.sub->id_len + 48);
-			hub_buf_puts(&c->w, "{\"type\":\"");
-			hub_buf_puts(&c->w, e.msg->type);
-			hub_buf_puts(&c->w, "\",\"sub\":");
-			hub_buf_json_str(&c->w, e.sub->id, e.sub->id_len);
-			hub_buf_append(&c->w, ",", 1);
-			hub_buf_append(&c->w, e.msg->body, e.msg->len);
-			if (write_text(c, &c->w)) {
-				msg_unref(e.msg);
-				sub_unref(e.sub);
-				return -1;
-			}
+			msg_unref(e.msg);
+			sub_unref(e.sub);
 		}
-		msg_unref(e.msg);
-		sub_unref(e.sub);
+		if (w_flush(c, msgs))
+			return -1;
 	}
 	if (c->closing && !c->ctrl_head) {
 		lws_close_reason(c->wsi, (enum lws_close_status)c->close_code,
 				 (unsigned char *)c->close_reason, strlen(c->close_reason));
 		return -1;
 	}
-	if (!c->qlen && !c->ctrl_head) {
+	if (!c->qlen && !c->ctrl_head && !lws_send_pipe_choked(c->wsi)) {
 		/* Drained: tell subscriptions whose losses had no later message. */
+		size_t msgs = 0;
+		w_begin(&c->w);
 		for (struct st_sub *s = c->subs; s; s = s->next)
-			if (s->dropped && !lws_send_pipe_choked(c->wsi) && write_gap(c, s))
-				return -1;
+			if (s->dropped) {
+				frame_gap(&c->w, s);
+				msgs++;
+			}
+		if (w_flush(c, msgs))
+			return -1;
 	}
 	if (c->qlen < (size_t)c->hub->cfg.stream_queue_max / 2)
 		for (struct st_sub *s = c->subs; s; s = s->next)
@@ -469,6 +516,7 @@ static void sub_unref(struct st_sub *s)
 	free(s->type);
 	json_decref(s->labels);
 	free(s->group_by);
+	free(s->id_json);
 	free(s);
 }
 
@@ -1401,6 +1449,15 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	s->kind = (enum st_kind)kind;
 	s->id_len = strlen(id);
 	memcpy(s->id, id, s->id_len + 1);
+	{
+		hub_buf j = { 0 };
+		hub_buf_json_str(&j, s->id, s->id_len);
+		s->id_json = hub_xmalloc(j.len + 1);
+		memcpy(s->id_json, j.data, j.len);
+		s->id_json[j.len] = '\0';
+		s->id_json_len = j.len;
+		hub_buf_free(&j);
+	}
 	s->conn = c;
 	if (parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err), &code))
 		goto bad;
