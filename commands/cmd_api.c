@@ -113,7 +113,7 @@ static void render(hub_buf *o, const redisReply *h, const redisReply *log)
 
 struct ctx {
 	char device[HUB_ID_MAX + 1];
-	char id[40];
+	char id[CMD_ID_MAX + 1];
 	unsigned status;             /* to answer with after a get */
 	json_t *body;
 	struct cmd_spec spec;
@@ -340,23 +340,31 @@ out:
 	hub_req_unref(rq);
 }
 
-static int int_field(struct hub_req *rq, json_t *body, const char *name, int def, int min,
-		     int max, int *out)
+static int int_field_in(struct hub_req *rq, json_t *body, const char *prefix, const char *name,
+			int def, int min, int max, int *out)
 {
 	json_t *v = json_object_get(body, name);
-	char msg[128];
+	char msg[160], field[64];
+
+	snprintf(field, sizeof(field), "%s%s", prefix, name);
 
 	if (!v || json_is_null(v)) {
 		*out = def;
 		return 0;
 	}
 	if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
-		snprintf(msg, sizeof(msg), "%s must be an integer from %d to %d", name, min, max);
-		hub_req_error(rq, 422, "invalid", name, msg);
+		snprintf(msg, sizeof(msg), "%s must be an integer from %d to %d", field, min, max);
+		hub_req_error(rq, 422, "invalid", field, msg);
 		return -1;
 	}
 	*out = (int)json_integer_value(v);
 	return 0;
+}
+
+static int int_field(struct hub_req *rq, json_t *body, const char *name, int def, int min,
+		     int max, int *out)
+{
+	return int_field_in(rq, body, "", name, def, min, max, out);
 }
 
 static void create(struct hub_req *rq, const char *device, const char *body, size_t len,
@@ -485,6 +493,15 @@ static void list(struct hub_req *rq, const char *device, const struct hub_query 
 
 /* ---- fleet rollouts -------------------------------------------------------- */
 
+/* A key limited to device patterns sees only the rollouts it created (their
+ * targets were narrowed to its patterns); an unrestricted key sees all. */
+static bool rollout_visible(struct hub_req *rq, const redisReply *owner)
+{
+	const auth_principal *who = hub_req_who(rq);
+
+	return who->devices.all || (owner && !strcmp(owner->str, who->name));
+}
+
 static void on_rollout(redisReply *r, void *arg)
 {
 	struct hub_req *rq = arg;
@@ -506,7 +523,7 @@ static void on_rollout(redisReply *r, void *arg)
 	}
 	h = r->element[0];
 	counts = r->element[1];
-	if (!h->elements) {
+	if (!h->elements || !rollout_visible(rq, kv_get(h, "owner"))) {
 		hub_req_error(rq, 404, "not_found", NULL, "no such rollout");
 		goto out;
 	}
@@ -651,8 +668,8 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	ro = json_object_get(b, "rollout");
 	if (ro && !json_is_null(ro)) {
 		if (!json_is_object(ro) ||
-		    int_field(rq, ro, "max_per_minute", 60, 1, 1000000, &mpm) ||
-		    int_field(rq, ro, "min_finished", 1, 1, 1000000, &min_finished)) {
+		    int_field_in(rq, ro, "rollout.", "max_per_minute", 60, 1, 1000000, &mpm) ||
+		    int_field_in(rq, ro, "rollout.", "min_finished", 1, 1, 1000000, &min_finished)) {
 			if (!json_is_object(ro))
 				hub_req_error(rq, 422, "invalid", "rollout", "rollout must be an object");
 			free(labels_s);
@@ -701,6 +718,15 @@ void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
 	char device[HUB_ID_MAX + 1];
 	bool post = !strcmp(method, "POST");
 
+	bool reader = has_scope(rq, AUTH_SCOPE_TELEMETRY_READ) || has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE);
+
+	/* Scope first (403 whatever Redis is doing), then Redis (503). */
+	if (post ? !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE) : !reader) {
+		hub_req_error(rq, 403, "forbidden", NULL, post ?
+			      "this API key lacks the commands:write scope" :
+			      "this API key lacks the scope this route needs");
+		return;
+	}
 	if (!hub_redis_up(hub_req_hub(rq)->redis)) {
 		unavailable(rq);
 		return;

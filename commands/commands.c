@@ -351,7 +351,7 @@ static int scripts[S__COUNT];
 
 struct timer_ent {
 	int64_t at;
-	char id[40];
+	char id[CMD_ID_MAX + 1];
 };
 
 static struct {
@@ -560,7 +560,7 @@ static void timer_cb(lws_sorted_usec_list_t *sul)
 	(void)sul;
 	E.armed_at = INT64_MAX;
 	while (E.n && E.heap[0].at <= now) {
-		char id[40];
+		char id[CMD_ID_MAX + 1];
 		memcpy(id, E.heap[0].id, sizeof(id));
 		heap_pop();
 		tick(id);
@@ -626,7 +626,7 @@ static void sweep_cb(lws_sorted_usec_list_t *sul)
 
 struct send_ctx {
 	struct gw_conn *conn;
-	char id[40];
+	char id[CMD_ID_MAX + 1];
 };
 
 static void on_sent(redisReply *r, void *arg)
@@ -756,7 +756,7 @@ static void send_cancel_local(const char *id, const char *device)
 }
 
 struct cancel_route {
-	char id[40];
+	char id[CMD_ID_MAX + 1];
 	char device[HUB_ID_MAX + 1];
 };
 

@@ -16,6 +16,10 @@
 
 #include "hub/redis.h"
 
+/* Longest command or rollout id the hub makes: "c_" + 32 hex + "_" + a
+ * rollout index. */
+#define CMD_ID_MAX 63
+
 struct hub;
 struct gw_conn;
 struct gw_command_ack;

@@ -82,8 +82,13 @@ static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"x-content-type-options:",
 					(const unsigned char *)"nosniff", 7, &p, end) ||
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"content-security-policy:",
-					(const unsigned char *)CSP, sizeof(CSP) - 1, &p, end) ||
-	    lws_finalize_write_http_header(wsi, start, &p, end))
+					(const unsigned char *)CSP, sizeof(CSP) - 1, &p, end))
+		return -1;
+	if (status == 401 &&
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
+					(const unsigned char *)"Bearer realm=\"iot-hub\"", 21, &p, end))
+		return -1;
+	if (lws_finalize_write_http_header(wsi, start, &p, end))
 		return -1;
 	pss->sent = 0;
 	lws_callback_on_writable(wsi);
