@@ -754,10 +754,18 @@ void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
 	size_t idlen = slash ? (size_t)(slash - id) : strlen(id);
 	struct ctx *c;
 
-	if (!idlen || idlen >= sizeof(c->id) || !hub_id_valid(id, idlen) ||
-	    (slash && strcmp(slash, "/cancel"))) {
+	if (!idlen || idlen >= sizeof(c->id) || (slash && strcmp(slash, "/cancel"))) {
 		hub_req_error(rq, 404, "not_found", NULL, "no such route");
 		return;
+	}
+	{
+		char idbuf[CMD_ID_MAX + 1];
+		memcpy(idbuf, id, idlen);
+		idbuf[idlen] = '\0';
+		if (!cmd_id_valid(idbuf)) {
+			hub_req_error(rq, 404, "not_found", NULL, "no such command");
+			return;
+		}
 	}
 	if (slash ? !post : post) {
 		hub_req_error(rq, 405, "method_not_allowed", NULL,

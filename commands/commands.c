@@ -110,6 +110,10 @@ static const char send_lua[] = PRELUDE
 	"    return {0, 'timed_out'}\n"
 	"  end\n"
 	"end\n"
+	"if c.status == 'sent' and tonumber(c.attempt) >= tonumber(c.max_attempts) and\n"
+	"   now < tonumber(c.ack_due) then\n"
+	"  return {0, 'not_due'} -- the last attempt still has its ack_timeout_s\n"
+	"end\n"
 	"local attempt = tonumber(c.attempt) + 1\n"
 	"if attempt > tonumber(c.max_attempts) then\n"
 	"  set(c, 'timed_out', {'error', 'no received after max_attempts sends'})\n"
@@ -156,6 +160,7 @@ static const char cancel_lua[] = PRELUDE
 	"if FINAL[c.status] then return {0, c.status} end\n"
 	"local was = c.status\n"
 	"set(c, 'canceled')\n"
+	"if was ~= 'queued' then redis.call('SADD', 'iot:dev:' .. c.device .. ':cancels', c.id) end\n"
 	"return {1, was, c.device}\n";
 
 /* ARGV: now, id. A deadline came (or the sweep found it overdue).
@@ -380,6 +385,25 @@ bool cmd_state_final(const char *s)
 {
 	return !strcmp(s, "succeeded") || !strcmp(s, "failed") || !strcmp(s, "rejected") ||
 	       !strcmp(s, "timed_out") || !strcmp(s, "expired") || !strcmp(s, "canceled");
+}
+
+bool cmd_id_valid(const char *id)
+{
+	size_t n = strlen(id), i;
+
+	if (n < 34 || n > CMD_ID_MAX || (id[0] != 'c' && id[0] != 'r') || id[1] != '_')
+		return false;
+	for (i = 2; i < 34; i++)
+		if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f')))
+			return false;
+	if (i == n)
+		return true;
+	if (id[0] != 'c' || id[i] != '_' || i + 1 == n)
+		return false; /* a rollout's command: c_<hex>_<n> */
+	for (i++; i < n; i++)
+		if (id[i] < '0' || id[i] > '9')
+			return false;
+	return true;
 }
 
 bool cmd_status_valid(const char *s)
@@ -696,10 +720,37 @@ static void on_pending(redisReply *r, void *arg)
 	free(p);
 }
 
+static void send_cancel_local(const char *id, const char *device);
+
+struct cancels_ctx {
+	char device[HUB_ID_MAX + 1];
+};
+
+static void on_owed_cancels(redisReply *r, void *arg)
+{
+	struct cancels_ctx *cc = arg;
+
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
+		if (r->element[i]->type == REDIS_REPLY_STRING)
+			send_cancel_local(r->element[i]->str, cc->device);
+	free(cc);
+}
+
 void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *devices,
 		      size_t n)
 {
 	(void)conn_id;
+	/* Cancels owed to devices that had a command when it was canceled. */
+	for (size_t i = 0; i < n; i++) {
+		char key[HUB_ID_MAX + 32];
+		const char *argv[2] = { "SMEMBERS", key };
+		struct cancels_ctx *cc = hub_xcalloc(1, sizeof(*cc));
+
+		snprintf(cc->device, sizeof(cc->device), "%s", devices[i]);
+		snprintf(key, sizeof(key), "iot:dev:%s:cancels", devices[i]);
+		if (hub_redis_command_argv(hub->redis, on_owed_cancels, cc, 2, argv, NULL))
+			free(cc);
+	}
 	for (size_t i = 0; i < n; i++) {
 		struct gw_conn *c = gw_conn_for_device(hub, devices[i]);
 		char key[HUB_ID_MAX + 32];
@@ -753,6 +804,11 @@ static void send_cancel_local(const char *id, const char *device)
 	hub_buf_puts(&m, "}");
 	gw_conn_send(c, m.data, m.len);
 	hub_buf_free(&m);
+	/* Told: no longer owed at the next announce. */
+	char key[HUB_ID_MAX + 32];
+	snprintf(key, sizeof(key), "iot:dev:%s:cancels", device);
+	const char *argv[3] = { "SREM", key, id };
+	hub_redis_command_argv(E.hub->redis, NULL, NULL, 3, argv, NULL);
 }
 
 struct cancel_route {
@@ -822,7 +878,8 @@ static void on_acked(redisReply *r, void *arg)
 {
 	struct ack_ctx *a = arg;
 
-	if (r && r->type == REDIS_REPLY_ARRAY && el_int(r, 0) == -1 && gw_conn_open(a->conn)) {
+	if (((r && r->type == REDIS_REPLY_ARRAY && el_int(r, 0) == -1) || (!r && !cmd_id_valid(a->id))) &&
+	    gw_conn_open(a->conn)) {
 		hub_buf m = { 0 };
 		hub_buf_puts(&m, "{\"type\":\"error\",\"code\":\"unknown_command\",\"id\":");
 		hub_buf_json_str(&m, a->id, strlen(a->id));
@@ -863,7 +920,9 @@ void cmd_on_ack(struct hub *hub, struct gw_conn *c, const char *conn_id,
 	argv[4] = ack->message ? ack->message : "";
 	argv[5] = result ? result : "";
 	argv[6] = ack->error ? ack->error : "";
-	if (strlen(ack->id) >= sizeof(a->id) || eval(S_ACK, on_acked, a, 7, argv, NULL)) {
+	if (!cmd_id_valid(ack->id)) {
+		on_acked(NULL, a); /* answers unknown_command, releases */
+	} else if (eval(S_ACK, on_acked, a, 7, argv, NULL)) {
 		gw_conn_release(c);
 		free(a);
 	}

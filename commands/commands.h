@@ -31,6 +31,8 @@ void cmd_free(struct hub *hub);
 /* The ten states; final ones cannot change. */
 bool cmd_state_valid(const char *s);
 bool cmd_state_final(const char *s);
+/* True for ids this hub makes: c_<32 hex>[_<n>] and r_<32 hex>. */
+bool cmd_id_valid(const char *id);
 /* Statuses a gateway may report in command_ack. */
 bool cmd_status_valid(const char *s);
 

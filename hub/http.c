@@ -506,6 +506,19 @@ static int serve_static(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 	return respond(wsi, pss, 200, ctype);
 }
 
+static int body_done(struct lws *wsi, struct http_pss *pss);
+
+/* True if the header value s contains word (ASCII, any case). */
+static bool has_token_ci(const char *s, const char *word)
+{
+	size_t n = strlen(word);
+
+	for (; *s; s++)
+		if (!strncasecmp(s, word, n))
+			return true;
+	return false;
+}
+
 /* Commands API (commands/cmd_api.h): any valid key gets this far, the routes
  * check their scopes. A POST is dispatched once its body is complete. */
 static int route_commands(struct lws *wsi, struct http_pss *pss, struct hub *hub,
@@ -530,10 +543,19 @@ static int route_commands(struct lws *wsi, struct http_pss *pss, struct hub *hub
 	req_detach(pss);
 	pss->rq = req_new(wsi, hub, &who);
 	if (post) {
-		pss->collecting = true;
+		char te[32];
 		pss->too_large = false;
 		pss->reqbody.len = 0;
-		return 0;
+		/* No Content-Length and not chunked: the body is empty (RFC 9112
+		 * 6.3) and lws will not report a completion: answer now. */
+		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0 ||
+		    (lws_hdr_copy(wsi, te, sizeof(te), WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0 &&
+		     has_token_ci(te, "chunked"))) {
+			pss->collecting = true;
+			return 0;
+		}
+		pss->collecting = true;
+		return body_done(wsi, pss);
 	}
 	struct hub_req *rq = pss->rq;
 	hub_req_ref(rq);
@@ -817,7 +839,7 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return route(wsi, pss, hub, (const char *)in) ? -1 : 0;
 	case LWS_CALLBACK_HTTP_BODY:
 		/* Kept only for a route that waits for one (commands API). */
-		if (pss && pss->collecting && !pss->too_large) {
+		if (pss && pss->collecting && !pss->too_large && in && len) {
 			if (pss->reqbody.len + len > MAX_REQUEST_BODY)
 				pss->too_large = true;
 			else
