@@ -546,11 +546,17 @@ static int route_commands(struct lws *wsi, struct http_pss *pss, struct hub *hub
 		char te[32];
 		pss->too_large = false;
 		pss->reqbody.len = 0;
-		/* No Content-Length and not chunked: the body is empty (RFC 9112
-		 * 6.3) and lws will not report a completion: answer now. */
-		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0 ||
-		    (lws_hdr_copy(wsi, te, sizeof(te), WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0 &&
-		     has_token_ci(te, "chunked"))) {
+		/* lws 4.1.6 does not deliver chunked request bodies: ask for a
+		 * Content-Length (RFC 9110 15.5.12) rather than wait forever. */
+		if (lws_hdr_copy(wsi, te, sizeof(te), WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0 &&
+		    has_token_ci(te, "chunked")) {
+			req_detach(pss);
+			return respond_error(wsi, pss, 411, "length_required",
+					     "send the body with a Content-Length (chunked bodies are not supported)");
+		}
+		/* With a Content-Length the body follows; without one it is empty
+		 * (RFC 9112 6.3) and lws reports no completion: answer now. */
+		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0) {
 			pss->collecting = true;
 			return 0;
 		}

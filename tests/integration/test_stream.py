@@ -1420,7 +1420,7 @@ class StreamSlow(StreamCase):
         return hub, gw, stalled, good, pump, total, marker
 
     async def test_stalled_subscriber_gets_gap(self):
-        hub, gw, stalled, good, pump, total, marker = await self.run_slow(None, ["--stream-queue-max", "64"])
+        hub, gw, stalled, good, pump, total, marker = await self.run_slow(None, ["--stream-queue-max", "256"])
         rep = await gw.telemetry(pump.first_seq + pump.n, [thermo(marker, 30.0)])
         self.assertEqual(rep.get("accepted"), 1, rep)
         await good.wait_for(lambda m: m.get("device") == marker, 5, "marker on the normal dashboard")
