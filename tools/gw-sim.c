@@ -315,8 +315,11 @@ struct sim_cfg {
 	int json_summary;
 	int idle;
 
-	unsigned cmd_delay_ms;
-	const char *cmd_fail, *cmd_ignore, *cmd_reject;
+	unsigned cmd_delay_ms;       /* before each step after `received` */
+	unsigned cmd_ack_delay_ms;   /* before `received` */
+	unsigned cmd_steps;          /* firmware_update progress steps */
+	const char *cmd_fail, *cmd_ignore, *cmd_reject;  /* name lists */
+	double cmd_fail_p, cmd_ignore_p;  /* or probabilities */
 
 	char **src_ips;
 	unsigned n_src_ips;
@@ -368,7 +371,7 @@ struct sim_cmd {
 	char *id;
 	char *name;
 	char *version;         /* firmware_update params.version, may be NULL */
-	int stage;
+	int stage;             /* 0: `received` not sent yet; 1..: steps after it */
 	int action;
 };
 
@@ -447,6 +450,8 @@ struct counters {
 	uint64_t ack_timeouts;
 	uint64_t announce_msgs, announce_rejected;
 	uint64_t cmds_received, cmd_acks_sent, cmd_acks_dropped, cancels;
+	uint64_t cmds_ignored, cmds_rejected, cmds_failed, cmds_succeeded;
+	uint64_t cmds_canceled;
 };
 
 #define ERRCODES_MAX 16
@@ -921,7 +926,7 @@ gw_ctrl_clear(struct gw *gw)
 
 static void
 send_cmd_ack(struct gw *gw, const char *id, const char *status,
-	     const char *error, int progress, json_t *result)
+	     const char *error, int progress, const char *message, json_t *result)
 {
 	json_t *m = json_pack("{s:s, s:s, s:s}", "type", "command_ack",
 			      "id", id, "status", status);
@@ -932,10 +937,10 @@ send_cmd_ack(struct gw *gw, const char *id, const char *status,
 	}
 	if (error)
 		json_object_set_new(m, "error", json_string(error));
-	if (progress >= 0) {
+	if (progress >= 0)
 		json_object_set_new(m, "progress", json_integer(progress));
-		json_object_set_new(m, "message", json_string("downloading"));
-	}
+	if (message)
+		json_object_set_new(m, "message", json_string(message));
 	if (result)
 		json_object_set_new(m, "result", result);
 	gw_ctrl_push(gw, m);
@@ -965,21 +970,40 @@ cmd_unlink(struct gw *gw, struct sim_cmd *c)
 		}
 }
 
+/*
+ * One step of a command in progress: stage 0 sends `received` (after
+ * --cmd-ack-delay-ms); firmware_update then reports in_progress with progress
+ * 0, 100/N, ..., 100 (N = --cmd-steps), one report per --cmd-delay-ms; the
+ * last step sends the final state.
+ */
 static void
 cmd_step_cb(lws_sorted_usec_list_t *sul)
 {
 	struct sim_cmd *c = lws_container_of(sul, struct sim_cmd, sul);
 	struct gw *gw = c->gw;
+	unsigned steps = g.cfg.cmd_steps;
 
-	if (!strcmp(c->name, "firmware_update") && c->stage == 0) {
-		send_cmd_ack(gw, c->id, "in_progress", NULL, 50, NULL);
+	if (c->stage == 0) {
+		send_cmd_ack(gw, c->id, "received", NULL, -1, NULL, NULL);
 		c->stage = 1;
 		lws_sul_schedule(g.ctx, 0, &c->sul, cmd_step_cb,
 				 (lws_usec_t)g.cfg.cmd_delay_ms * 1000);
 		return;
 	}
+	if (!strcmp(c->name, "firmware_update") &&
+	    (unsigned)c->stage <= steps + 1) {
+		unsigned k = (unsigned)c->stage - 1;
+
+		send_cmd_ack(gw, c->id, "in_progress", NULL, (int)(k * 100 / steps),
+			     k < steps ? "downloading" : "installing", NULL);
+		c->stage++;
+		lws_sul_schedule(g.ctx, 0, &c->sul, cmd_step_cb,
+				 (lws_usec_t)g.cfg.cmd_delay_ms * 1000);
+		return;
+	}
 	if (c->action == CMD_FAIL) {
-		send_cmd_ack(gw, c->id, "failed", "simulated failure", -1, NULL);
+		send_cmd_ack(gw, c->id, "failed", "simulated failure", -1, NULL, NULL);
+		CNT(cmds_failed, 1);
 		LOG(LOG_INFO, "%s: command %s (%s) -> failed", gw->id, c->id,
 		    c->name);
 	} else {
@@ -988,7 +1012,8 @@ cmd_step_cb(lws_sorted_usec_list_t *sul)
 		if (!strcmp(c->name, "firmware_update"))
 			res = json_pack("{s:s}", "version",
 					c->version ? c->version : "");
-		send_cmd_ack(gw, c->id, "succeeded", NULL, -1, res);
+		send_cmd_ack(gw, c->id, "succeeded", NULL, -1, NULL, res);
+		CNT(cmds_succeeded, 1);
 		LOG(LOG_INFO, "%s: command %s (%s) -> succeeded", gw->id,
 		    c->id, c->name);
 	}
@@ -1015,11 +1040,15 @@ gw_on_command(struct gw *gw, json_t *root)
 		return;
 	}
 	CNT(cmds_received, 1);
-	if (name_in_list(g.cfg.cmd_ignore, name))
+	/* a probability is drawn per delivery: an ignored send may be answered
+	 * when the hub resends it (attempt 2, ...) */
+	if (name_in_list(g.cfg.cmd_ignore, name) ||
+	    (g.cfg.cmd_ignore_p > 0 && rng_unit() < g.cfg.cmd_ignore_p))
 		action = CMD_IGNORE;
 	else if (name_in_list(g.cfg.cmd_reject, name))
 		action = CMD_REJECT;
-	else if (name_in_list(g.cfg.cmd_fail, name))
+	else if (name_in_list(g.cfg.cmd_fail, name) ||
+		 (g.cfg.cmd_fail_p > 0 && rng_unit() < g.cfg.cmd_fail_p))
 		action = CMD_FAIL;
 	LOG(LOG_INFO, "%s: command %s name=%s device=%s attempt=%" JSON_INTEGER_FORMAT
 	    "%s", gw->id, id, name, dev ? dev : "?",
@@ -1027,26 +1056,33 @@ gw_on_command(struct gw *gw, json_t *root)
 	    action == CMD_IGNORE ? " (ignored)" :
 	    action == CMD_REJECT ? " (rejected)" : "");
 
+	/* a redelivery (attempt > 1) of a command we are already working on:
+	 * confirm it again (unless `received` is still to come) */
+	for (c = gw->cmds; c; c = c->next)
+		if (!strcmp(c->id, id)) {
+			if (c->stage > 0)
+				send_cmd_ack(gw, id, "received", NULL, -1, NULL, NULL);
+			return;
+		}
+
 	switch (action) {
 	case CMD_IGNORE:
+		CNT(cmds_ignored, 1);
 		return;
 	case CMD_REJECT:
-		send_cmd_ack(gw, id, "rejected", "unsupported", -1, NULL);
+		CNT(cmds_rejected, 1);
+		send_cmd_ack(gw, id, "rejected", "unsupported", -1, NULL, NULL);
 		return;
 	}
 
-	/* a redelivery (attempt > 1) of a command we are already working on */
-	for (c = gw->cmds; c; c = c->next)
-		if (!strcmp(c->id, id)) {
-			send_cmd_ack(gw, id, "received", NULL, -1, NULL);
-			return;
-		}
 	if (gw->n_cmds >= SIM_CMDS_MAX) {
+		CNT(cmds_rejected, 1);
 		send_cmd_ack(gw, id, "rejected", "busy: too many commands in progress",
-			     -1, NULL);
+			     -1, NULL, NULL);
 		return;
 	}
-	send_cmd_ack(gw, id, "received", NULL, -1, NULL);
+	if (!g.cfg.cmd_ack_delay_ms)
+		send_cmd_ack(gw, id, "received", NULL, -1, NULL, NULL);
 
 	c = xcalloc(1, sizeof(*c));
 	c->gw = gw;
@@ -1055,11 +1091,12 @@ gw_on_command(struct gw *gw, json_t *root)
 	ver = json_string_value(json_object_get(params, "version"));
 	c->version = ver ? xstrdup(ver) : NULL;
 	c->action = action;
+	c->stage = g.cfg.cmd_ack_delay_ms ? 0 : 1;
 	c->next = gw->cmds;
 	gw->cmds = c;
 	gw->n_cmds++;
-	lws_sul_schedule(g.ctx, 0, &c->sul, cmd_step_cb,
-			 (lws_usec_t)g.cfg.cmd_delay_ms * 1000);
+	lws_sul_schedule(g.ctx, 0, &c->sul, cmd_step_cb, (lws_usec_t)1000 *
+			 (c->stage ? g.cfg.cmd_delay_ms : g.cfg.cmd_ack_delay_ms));
 }
 
 static void
@@ -1077,6 +1114,7 @@ gw_on_cancel(struct gw *gw, json_t *root)
 		if (!strcmp(c->id, id)) {
 			LOG(LOG_INFO, "%s: cancel for command %s (%s): progress "
 			    "stopped", gw->id, id, c->name);
+			CNT(cmds_canceled, 1);
 			cmd_unlink(gw, c);
 			cmd_free(c);
 			gw_request_write(gw);
@@ -2227,11 +2265,16 @@ print_summary(void)
 		json_object_set_new(o, "duplicate_acks", JI(g.tot.duplicate_acks));
 		json_object_set_new(o, "announce_retries", JI(g.tot.announce_retries));
 		json_object_set_new(o, "commands", json_pack(
-			"{s:I, s:I, s:I, s:I}",
+			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
 			"received", (json_int_t)g.tot.cmds_received,
 			"acks_sent", (json_int_t)g.tot.cmd_acks_sent,
 			"acks_dropped", (json_int_t)g.tot.cmd_acks_dropped,
-			"cancels", (json_int_t)g.tot.cancels));
+			"cancels", (json_int_t)g.tot.cancels,
+			"ignored", (json_int_t)g.tot.cmds_ignored,
+			"rejected", (json_int_t)g.tot.cmds_rejected,
+			"failed", (json_int_t)g.tot.cmds_failed,
+			"succeeded", (json_int_t)g.tot.cmds_succeeded,
+			"canceled", (json_int_t)g.tot.cmds_canceled));
 		json_object_set_new(o, "throughput", json_pack(
 			"{s:f, s:f, s:f}",
 			"frames_sent_per_s", (double)g.tot.frames_sent / el,
@@ -2322,9 +2365,14 @@ usage(FILE *f)
 "  --max-frame BYTES    largest frame sent or accepted (default 65536)\n"
 "\n"
 "Commands\n"
-"  --cmd-delay-ms MS    delay between command progress steps (default 200)\n"
-"  --cmd-fail NAMES     report these commands failed (comma-separated)\n"
-"  --cmd-ignore NAMES   send nothing at all for these commands\n"
+"  --cmd-ack-delay-ms MS delay before `received` (default 0)\n"
+"  --cmd-delay-ms MS    delay before each later step (default 200)\n"
+"  --cmd-steps N        firmware_update progress reports 0..100 in N steps\n"
+"                       (default 4: 0, 25, 50, 75, 100)\n"
+"  --cmd-fail NAMES|P   report these commands failed (comma-separated names),\n"
+"                       or any command with probability P (0..1)\n"
+"  --cmd-ignore NAMES|P send nothing at all for these commands, or for a\n"
+"                       delivery with probability P (0..1)\n"
 "  --cmd-reject NAMES   reject these commands as unsupported\n"
 "\n"
 "Output\n"
@@ -2382,6 +2430,28 @@ parse_u64(const char *flag, const char *s, uint64_t min, uint64_t max)
 		die_flag("%s: expected an integer in [%" PRIu64 ", %" PRIu64
 			 "], got '%s'", flag, min, max, s);
 	return v;
+}
+
+/* --cmd-fail / --cmd-ignore: a probability 0..1 (a number), else names */
+static void
+names_or_prob(const char *flag, const char *arg, const char **names, double *p)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(arg, &end);
+	if (*arg && !*end && !errno && (isdigit((unsigned char)*arg) || *arg == '.')) {
+		if (!(v >= 0 && v <= 1))
+			die_flag("%s: a probability is from 0 to 1, got '%s'", flag, arg);
+		*p = v;
+		*names = NULL;
+		return;
+	}
+	if (!*arg)
+		die_flag("%s: empty list", flag);
+	*names = arg;
+	*p = 0;
 }
 
 /* ws://host[:port][/path] or wss://...; [v6] literals allowed */
@@ -2480,6 +2550,7 @@ parse_args(int argc, char **argv)
 		O_GATEWAYS, O_DEVICES, O_PREFIX, O_DTYPE, O_LABELS, O_RATE, O_BATCH,
 		O_INFLIGHT, O_DURATION, O_FRAMES, O_BAD, O_CRATE, O_STATS, O_JSON,
 		O_IDLE, O_CMD_DELAY, O_CMD_FAIL, O_CMD_IGNORE, O_CMD_REJECT, O_SRC,
+		O_CMD_ACK_DELAY, O_CMD_STEPS,
 		O_MAXFRAME, O_SEQSTART, O_SEED, O_ACKTO, O_JWT_SECRET, O_JWT_DEVICES,
 		O_TTL, O_WARMUP, O_STAMP,
 	};
@@ -2512,6 +2583,8 @@ parse_args(int argc, char **argv)
 		{ "json-summary", no_argument, NULL, O_JSON },
 		{ "idle", no_argument, NULL, O_IDLE },
 		{ "cmd-delay-ms", required_argument, NULL, O_CMD_DELAY },
+		{ "cmd-ack-delay-ms", required_argument, NULL, O_CMD_ACK_DELAY },
+		{ "cmd-steps", required_argument, NULL, O_CMD_STEPS },
 		{ "cmd-fail", required_argument, NULL, O_CMD_FAIL },
 		{ "cmd-ignore", required_argument, NULL, O_CMD_IGNORE },
 		{ "cmd-reject", required_argument, NULL, O_CMD_REJECT },
@@ -2538,6 +2611,7 @@ parse_args(int argc, char **argv)
 	c->inflight = 1;
 	c->connect_rate = 1000;
 	c->cmd_delay_ms = 200;
+	c->cmd_steps = 4;
 	c->max_frame = 65536;
 	c->ack_timeout = 30;
 
@@ -2606,9 +2680,25 @@ parse_args(int argc, char **argv)
 			c->cmd_delay_ms = (unsigned)parse_u64("--cmd-delay-ms",
 							      optarg, 0, 3600000);
 			break;
-		case O_CMD_FAIL: c->cmd_fail = optarg; break;
-		case O_CMD_IGNORE: c->cmd_ignore = optarg; break;
-		case O_CMD_REJECT: c->cmd_reject = optarg; break;
+		case O_CMD_ACK_DELAY:
+			c->cmd_ack_delay_ms = (unsigned)parse_u64("--cmd-ack-delay-ms",
+								  optarg, 0, 3600000);
+			break;
+		case O_CMD_STEPS:
+			c->cmd_steps = (unsigned)parse_u64("--cmd-steps", optarg, 1, 100);
+			break;
+		case O_CMD_FAIL:
+			names_or_prob("--cmd-fail", optarg, &c->cmd_fail, &c->cmd_fail_p);
+			break;
+		case O_CMD_IGNORE:
+			names_or_prob("--cmd-ignore", optarg, &c->cmd_ignore,
+				      &c->cmd_ignore_p);
+			break;
+		case O_CMD_REJECT:
+			if (!*optarg)
+				die_flag("--cmd-reject: empty list");
+			c->cmd_reject = optarg;
+			break;
 		case O_SRC: src = optarg; break;
 		case O_MAXFRAME:
 			c->max_frame = (size_t)parse_u64("--max-frame", optarg, 1024,

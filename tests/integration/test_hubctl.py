@@ -1,0 +1,375 @@
+"""hubctl (tools/hubctl.c, docs/hubctl.md) against a real hub: a Python
+gateway announces devices and answers commands (received, then succeeded or
+failed, or nothing), and the built hubctl binary is run for send --wait
+(stream and polling), --json, show, cancel, list-commands, devices, tail, and
+every documented exit code (0 ok, 1 command failed, 2 usage, 3 HTTP 4xx,
+4 unreachable, 5 wait timed out). Loopback only; every run has a deadline."""
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (BUILD_DIR, HubTestCase, free_port, main, mkdtemp,  # noqa: E402
+                     require_bin, uniq, websockets, write_file)
+
+CTL_BIN = os.environ.get("HUB_CTL_BIN") or os.path.join(BUILD_DIR, "tools", "hubctl")
+
+KEYS = {"admin": ("iotk_ctl_admin_000001", ["admin"]),
+        "writer": ("iotk_ctl_writer_00002", ["commands:write"]),
+        "reader": ("iotk_ctl_reader_00003", ["telemetry:read"])}
+
+RUN_TIMEOUT = 30
+
+
+def api_keys_file():
+    d = mkdtemp("iot-hub-ctl-keys-")
+    entries = [{"name": n, "sha256": hashlib.sha256(k.encode()).hexdigest(), "scopes": s}
+               for n, (k, s) in KEYS.items()]
+    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
+
+
+class Device:
+    """A gateway connection that answers commands per device: 'succeed'
+    (received, in_progress 50, succeeded), 'fail' (received, failed) or
+    'ignore' (nothing). Records commands and cancels it gets."""
+
+    def __init__(self, gw, behavior):
+        self.gw = gw
+        self.behavior = behavior
+        self.commands = []
+        self.cancels = []
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _ack(self, cid, status, **kw):
+        await self.gw.ws.send(json.dumps(dict(type="command_ack", id=cid, status=status, **kw)))
+
+    async def _serve(self):
+        try:
+            async for raw in self.gw.ws:
+                m = json.loads(raw)
+                if m.get("type") == "cancel":
+                    self.cancels.append(m)
+                if m.get("type") != "command":
+                    continue
+                self.commands.append(m)
+                mode = self.behavior.get(m["device"], "succeed")
+                if mode == "ignore":
+                    continue
+                await self._ack(m["id"], "received")
+                await asyncio.sleep(0.1)
+                if mode == "fail":
+                    await self._ack(m["id"], "failed", error="disk full")
+                    continue
+                await self._ack(m["id"], "in_progress", progress=50, message="working")
+                await asyncio.sleep(0.1)
+                await self._ack(m["id"], "succeeded", result={"ok": True})
+        except websockets.exceptions.ConnectionClosed:
+            pass
+
+    async def stop(self):
+        self.task.cancel()
+        try:
+            await self.task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class HubctlTests(HubTestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        require_bin(CTL_BIN, "HUB_CTL_BIN")
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.url = "http://127.0.0.1:%d" % cls.hub.port
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.site = uniq("site")
+        p = uniq("t")
+        self.dev_ok, self.dev_fail, self.dev_ign = p + "-ok", p + "-fail", p + "-ign"
+        gw = await self.gateway(self.hub)
+        ann = await gw.announce([(d, "thermostat", {"site": self.site})
+                                 for d in (self.dev_ok, self.dev_fail, self.dev_ign)])
+        self.assertEqual(sorted(ann["accepted"]), sorted([self.dev_ok, self.dev_fail, self.dev_ign]), ann)
+        self.dev = Device(gw, {self.dev_fail: "fail", self.dev_ign: "ignore"})
+        self.addAsyncCleanup(self.dev.stop)
+
+    # -- running hubctl ------------------------------------------------------
+
+    def env(self, key="admin"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUBCTL_")}
+        env["HUBCTL_URL"] = self.url
+        if key:
+            env["HUBCTL_KEY"] = KEYS[key][0]
+        return env
+
+    async def start(self, *args, key="admin"):
+        return await asyncio.create_subprocess_exec(
+            CTL_BIN, *[str(a) for a in args], env=self.env(key),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+
+    async def finish(self, p, timeout=RUN_TIMEOUT):
+        try:
+            out, err = await asyncio.wait_for(p.communicate(), timeout)
+        except asyncio.TimeoutError:
+            p.kill()
+            await p.wait()
+            raise AssertionError("hubctl did not finish within %ss" % timeout) from None
+        return p.returncode, out.decode(), err.decode()
+
+    async def ctl(self, *args, key="admin", timeout=RUN_TIMEOUT):
+        """Runs hubctl; returns (exit code, stdout, stderr)."""
+        return await self.finish(await self.start(*args, key=key), timeout)
+
+    async def ctl_json(self, *args, key="admin", want=0):
+        rc, out, err = await self.ctl("--json", *args, key=key)
+        self.assertEqual(rc, want, "hubctl %s: rc %s\nstdout: %s\nstderr: %s" % (args, rc, out, err))
+        lines = [l for l in out.splitlines() if l.strip()]
+        self.assertTrue(lines, "hubctl --json %s printed nothing; stderr: %s" % (args, err))
+        return [json.loads(l) for l in lines]
+
+    async def wait_subscribed(self, p, timeout=10):
+        """Waits for tail -v's 'subscribed to' line on stderr."""
+        async def read():
+            while True:
+                line = await p.stderr.readline()
+                if not line:
+                    raise AssertionError("hubctl tail exited before subscribing (rc %s)" % await p.wait())
+                if b"subscribed to" in line:
+                    return
+        await asyncio.wait_for(read(), timeout)
+
+    def assert_order(self, seq, wanted, what):
+        """wanted appears in seq in this order (other items may be between)."""
+        it = iter(seq)
+        for w in wanted:
+            self.assertTrue(any(x == w for x in it), "%s: %r not in order %r" % (what, wanted, seq))
+
+    # -- send ------------------------------------------------------------------
+
+    async def test_send_wait_success(self):
+        rc, out, err = await self.ctl("send", self.dev_ok, "reboot", "--params", '{"delay_s":1}', "--wait")
+        self.assertEqual(rc, 0, "stdout: %s\nstderr: %s" % (out, err))
+        lines = out.splitlines()
+        states = [l.split()[1] for l in lines[1:-1]]
+        self.assertEqual(states, ["queued", "sent", "received", "in_progress", "succeeded"], out)
+        self.assertIn("(attempt 1)", lines[2])
+        self.assertIn("50%", lines[4])
+        self.assertRegex(lines[-1], r"^c_\S+ succeeded result \{\"ok\":\s?true\}$")
+        self.assertNotIn("polling", err)
+        self.assertEqual(self.dev.commands[-1]["params"], {"delay_s": 1})
+
+    async def test_send_wait_failed(self):
+        rc, out, err = await self.ctl("send", self.dev_fail, "reboot", "--wait")
+        self.assertEqual(rc, 1, "stdout: %s\nstderr: %s" % (out, err))
+        self.assert_order([l.split()[1] if len(l.split()) > 1 else "" for l in out.splitlines()],
+                          ["queued", "sent", "received", "failed:"], out)
+        self.assertIn("failed: disk full", out.splitlines()[-1])
+
+    async def test_send_wait_json(self):
+        docs = await self.ctl_json("send", self.dev_ok, "config", "--params", '{"setpoint":21}',
+                                   "--max-attempts", "2", "--wait")
+        first, events, last = docs[0], docs[1:-1], docs[-1]
+        cid = first["id"]
+        self.assertEqual((first["device"], first["name"], first["max_attempts"]),
+                         (self.dev_ok, "config", 2), first)
+        self.assertTrue(all(e["type"] == "command_status" and e["id"] == cid for e in events), events)
+        self.assertNotIn("sub", events[0])
+        self.assertEqual([e["status"] for e in events],
+                         ["queued", "sent", "received", "in_progress", "succeeded"], events)
+        self.assertEqual(events[3]["progress"], 50)
+        self.assertEqual((last["id"], last["status"], last["result"]), (cid, "succeeded", {"ok": True}))
+        self.assertEqual([h["status"] for h in last["history"]][-1], "succeeded")
+
+    async def test_send_wait_polls_without_stream_scope(self):
+        # commands:write only: the stream upgrade is 403, hubctl polls instead
+        rc, out, err = await self.ctl("--json", "send", self.dev_ok, "reboot", "--wait", key="writer")
+        self.assertEqual(rc, 0, "stdout: %s\nstderr: %s" % (out, err))
+        self.assertIn("polling", err)
+        docs = [json.loads(l) for l in out.splitlines()]
+        statuses = [d["status"] for d in docs if d.get("type") == "command_status"]
+        self.assertEqual(statuses[0], "queued", statuses)
+        self.assertEqual(statuses[-1], "succeeded", statuses)
+        self.assertEqual(len(statuses), len(set(statuses)), "a transition printed twice: %r" % statuses)
+        self.assertEqual(docs[-1]["status"], "succeeded")
+
+    async def test_send_wait_times_out(self):
+        rc, out, err = await self.ctl("--timeout", "1.5", "send", self.dev_ign, "reboot", "--wait")
+        self.assertEqual(rc, 5, "stdout: %s\nstderr: %s" % (out, err))
+        self.assertIn("gave up waiting", err)
+        self.assertIn("is sent", err)
+
+    async def test_send_wait_ignored_until_timed_out(self):
+        rc, out, err = await self.ctl("send", self.dev_ign, "reboot", "--ack-timeout", "1",
+                                      "--max-attempts", "2", "--wait")
+        self.assertEqual(rc, 1, "stdout: %s\nstderr: %s" % (out, err))
+        self.assertIn("sent (attempt 1)", out)
+        self.assertIn("sent (attempt 2)", out)
+        self.assertIn("timed_out", out.splitlines()[-1])
+        self.assertEqual(len(self.dev.commands), 2)
+
+    async def test_send_idempotency_key(self):
+        k = uniq("idem")
+        a = (await self.ctl_json("send", self.dev_ok, "reboot", "--idempotency-key", k))[0]
+        b = (await self.ctl_json("send", self.dev_ok, "reboot", "--idempotency-key", k))[0]
+        self.assertEqual(a["id"], b["id"])
+
+    # -- usage and errors ----------------------------------------------------
+
+    async def test_usage_errors_exit_2(self):
+        cases = [(), ("frobnicate",), ("send", self.dev_ok), ("send", self.dev_ok, "reboot", "--params", "{nope"),
+                 ("send", self.dev_ok, "reboot", "--max-attempts", "x"), ("send", "a", "b", "c"),
+                 ("show",), ("devices", "--online", "maybe"), ("list-commands", "d", "--status", "done"),
+                 ("tail", "--stream", "5m"), ("tail", "--since", "1-0", "--stream", "presence"),
+                 ("--url", "ftp://x", "devices"), ("--url", "http://127.0.0.1:99999", "devices"),
+                 ("devices", "--label", "nokv"), ("--bogus",), ("--timeout", "-1", "devices")]
+        for args in cases:
+            rc, out, err = await self.ctl(*args)
+            self.assertEqual(rc, 2, "hubctl %s: rc %s, stderr %r" % (args, rc, err))
+            self.assertEqual(out, "", args)
+            self.assertEqual(len(err.strip().splitlines()), 1, "%s: %r" % (args, err))
+            self.assertTrue(err.startswith("hubctl: "), err)
+
+    async def test_http_4xx_exit_3(self):
+        rc, out, err = await self.ctl("send", uniq("t-none"), "reboot")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("404 unknown_device", err)
+
+        rc, out, err = await self.ctl("send", self.dev_ok, "bogus")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("422 invalid", err)
+        self.assertIn("(field: name)", err)
+
+        rc, out, err = await self.ctl("send", self.dev_ok, "reboot", "--params", '{"delay_s":-1}')
+        self.assertEqual(rc, 3, err)
+        self.assertIn("(field: params.delay_s)", err)
+
+        doc = (await self.ctl_json("send", self.dev_ok, "reboot", "--ack-timeout", "0", want=3))[0]
+        self.assertEqual((doc["status"], doc["error"]["code"], doc["error"]["field"]),
+                         (422, "invalid", "ack_timeout_s"), doc)
+
+        rc, out, err = await self.ctl("show", "c_" + "0" * 32)
+        self.assertEqual(rc, 3, err)
+        self.assertIn("404 not_found", err)
+
+        rc, out, err = await self.ctl("devices", key=None)
+        self.assertEqual(rc, 3, err)
+        self.assertIn("401", err)
+
+        rc, out, err = await self.ctl("send", self.dev_ok, "reboot", key="reader")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("403 forbidden", err)
+
+    async def test_unreachable_exit_4(self):
+        url = "http://127.0.0.1:%d" % free_port()
+        rc, out, err = await self.ctl("--url", url, "devices")
+        self.assertEqual(rc, 4, err)
+        self.assertIn("cannot connect", err)
+        doc = (await self.ctl_json("--url", url, "show", "c_x", want=4))[0]
+        self.assertEqual(doc["error"]["code"], "unreachable", doc)
+        rc, out, err = await self.ctl("--url", url, "tail", "--count", "1")
+        self.assertEqual(rc, 4, err)
+
+    # -- show, cancel, list-commands, devices --------------------------------
+
+    async def test_show_cancel_list(self):
+        cid = (await self.ctl_json("send", self.dev_ign, "reboot"))[0]["id"]
+        rc, out, err = await self.ctl("show", cid)
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(out.startswith(cid + "  reboot on " + self.dev_ign), out)
+        self.assertIn("history", out)
+
+        doc = (await self.ctl_json("cancel", cid))[0]
+        self.assertEqual((doc["id"], doc["status"]), (cid, "canceled"))
+        await self.wait_cancel(cid)
+
+        rc, out, err = await self.ctl("cancel", cid)
+        self.assertEqual(rc, 3, err)
+        self.assertIn("409 conflict", err)
+
+        shown = (await self.ctl_json("show", cid))[0]
+        self.assertEqual([h["status"] for h in shown["history"]][-1], "canceled")
+
+        listed = (await self.ctl_json("list-commands", self.dev_ign, "--status", "canceled"))[0]
+        self.assertEqual([c["id"] for c in listed["commands"]], [cid])
+        listed = (await self.ctl_json("list-commands", self.dev_ign, "--status", "succeeded"))[0]
+        self.assertEqual(listed["commands"], [])
+        rc, out, err = await self.ctl("list-commands", self.dev_ign, "--limit", "5")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.splitlines()[0].split(), ["ID", "STATUS", "NAME", "ATTEMPT", "CREATED"])
+        self.assertIn(cid, out)
+        self.assertIn("canceled", out)
+
+    async def wait_cancel(self, cid, timeout=5):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not any(c["id"] == cid for c in self.dev.cancels):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("the gateway got no cancel for %s" % cid)
+            await asyncio.sleep(0.02)
+
+    async def test_devices(self):
+        doc = (await self.ctl_json("devices", "--type", "thermostat", "--label", "site=" + self.site))[0]
+        self.assertEqual(sorted(d["device"] for d in doc["devices"]),
+                         sorted([self.dev_ok, self.dev_fail, self.dev_ign]))
+        self.assertTrue(all(d["online"] for d in doc["devices"]), doc)
+        doc = (await self.ctl_json("devices", "--online", "false", "--label", "site=" + self.site))[0]
+        self.assertEqual(doc["devices"], [])
+        doc = (await self.ctl_json("devices", "--type", "door-sensor", "--label", "site=" + self.site))[0]
+        self.assertEqual(doc["devices"], [])
+        rc, out, err = await self.ctl("devices", "--label", "site=" + self.site)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(len(out.splitlines()), 4, out)
+        self.assertIn(self.dev_ok, out)
+
+    # -- tail ----------------------------------------------------------------
+
+    async def test_tail_presence(self):
+        prefix = uniq("t-pres")
+        p = await self.start("-v", "--json", "tail", "--stream", "presence", "--device", prefix + "*",
+                             "--count", "2")
+        await self.wait_subscribed(p)
+        gw = await self.gateway(self.hub)
+        await gw.announce([(prefix + "-a", "thermostat"), (prefix + "-b", "thermostat")])
+        rc, out, err = await self.finish(p)
+        self.assertEqual(rc, 0, err)
+        docs = [json.loads(l) for l in out.splitlines()]
+        self.assertEqual(sorted(d["device"] for d in docs), [prefix + "-a", prefix + "-b"], docs)
+        self.assertTrue(all(d["type"] == "presence" and d["online"] is True for d in docs), docs)
+
+    async def test_tail_commands(self):
+        p = await self.start("-v", "tail", "--stream", "commands", "--device", self.dev_ok, "--count", "5")
+        await self.wait_subscribed(p)
+        cid = (await self.ctl_json("send", self.dev_ok, "reboot"))[0]["id"]
+        rc, out, err = await self.finish(p)
+        self.assertEqual(rc, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 5, out)
+        self.assertTrue(all(cid in l and self.dev_ok in l for l in lines), out)
+        self.assertEqual([l.split()[4] for l in lines],
+                         ["queued", "sent", "received", "in_progress", "succeeded"], out)
+
+    async def test_tail_count_not_reached_exit_5(self):
+        rc, out, err = await self.ctl("tail", "--stream", "presence", "--device", uniq("t-quiet"),
+                                      "--count", "1", "--timeout", "1")
+        self.assertEqual(rc, 5, err)
+        self.assertEqual(out, "")
+        rc, out, err = await self.ctl("tail", "--stream", "presence", "--device", uniq("t-quiet"),
+                                      "--timeout", "0.5")
+        self.assertEqual(rc, 0, err)
+
+    async def test_tail_stream_errors(self):
+        rc, out, err = await self.ctl("tail", "--since", "garbage")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("bad_since", err)
+        rc, out, err = await self.ctl("tail", key="writer")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("403", err)
+
+
+if __name__ == "__main__":
+    main()
