@@ -46,6 +46,11 @@
 	"end\n" \
 	"local function set(c, status, fields, extra)\n" \
 	"  c.status = status\n" \
+	"  if not extra and fields then\n" \
+	"    for i = 1, #fields - 1, 2 do\n" \
+	"      if fields[i] == 'error' then extra = ',\"error\":' .. cjson.encode(fields[i + 1]) end\n" \
+	"    end\n" \
+	"  end\n" \
 	"  local key = 'iot:cmd:' .. c.id\n" \
 	"  redis.call('HSET', key, 'status', status, 'updated_at', now)\n" \
 	"  if fields and #fields > 0 then redis.call('HSET', key, unpack(fields)) end\n" \
