@@ -1460,7 +1460,7 @@ class StreamSlow(StreamCase):
         hub.stop()
 
     async def test_stalled_subscriber_closed_4008(self):
-        hub, gw, stalled, good, pump, total, marker = await self.run_slow("close", ["--stream-queue-max-bytes", "32768"])
+        hub, gw, stalled, good, pump, total, marker = await self.run_slow("close", ["--stream-queue-max-bytes", "262144"])
 
         def drain():
             n = 0
