@@ -58,6 +58,17 @@ static void unavailable(struct hub_req *rq)
 	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
 }
 
+/* The tail of every asynchronous step: the reply callback owns a reference on
+ * rq (taken here, after the call: callbacks never run before the loop does),
+ * or Redis refused the command and the client hears 503 now. */
+static void await_reply(struct hub_req *rq, int rc)
+{
+	if (rc)
+		unavailable(rq);
+	else
+		hub_req_ref(rq);
+}
+
 static const redisReply *kv_get(const redisReply *kv, const char *name)
 {
 	if (!kv || kv->type != REDIS_REPLY_ARRAY)
@@ -183,11 +194,7 @@ static void get_and_answer(struct hub_req *rq, const char *id, unsigned status)
 	struct ctx *c = hub_req_ctx(rq);
 
 	c->status = status;
-	hub_req_ref(rq);
-	if (cmd_get(hub_req_hub(rq), id, on_get, rq)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, cmd_get(hub_req_hub(rq), id, on_get, rq));
 }
 
 /* ---- cancel ---------------------------------------------------------------- */
@@ -228,11 +235,7 @@ static void cancel_now(struct hub_req *rq)
 {
 	struct ctx *c = hub_req_ctx(rq);
 
-	hub_req_ref(rq);
-	if (cmd_cancel(hub_req_hub(rq), c->id, on_canceled, rq)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, cmd_cancel(hub_req_hub(rq), c->id, on_canceled, rq));
 }
 
 /* ---- create ---------------------------------------------------------------- */
@@ -273,6 +276,27 @@ out:
 	hub_req_unref(rq);
 }
 
+/* Checks the body's params against the command's schema (422 naming the
+ * first bad field) and keeps them as compact JSON in c->params. */
+static int validate_params(struct hub_req *rq, const schema_node *node, struct ctx *c)
+{
+	json_t *params = json_object_get(c->body, "params");
+	schema_error errs[MAX_ERRS];
+	int n;
+
+	params = params && !json_is_null(params) ? json_incref(params) : json_object();
+	n = schema_validate(node, params, "params", errs, MAX_ERRS);
+	if (n) {
+		char msg[300];
+		snprintf(msg, sizeof(msg), "%s %s", errs[0].path, errs[0].message);
+		hub_req_error(rq, 422, "invalid", errs[0].path, msg);
+	} else {
+		c->params = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
+	}
+	json_decref(params);
+	return n ? -1 : 0;
+}
+
 static void on_device_type(redisReply *r, void *arg)
 {
 	struct hub_req *rq = arg;
@@ -280,9 +304,6 @@ static void on_device_type(redisReply *r, void *arg)
 	struct hub *hub = hub_req_hub(rq);
 	const schema_type *t;
 	const schema_node *node;
-	schema_error errs[MAX_ERRS];
-	json_t *params;
-	int n;
 
 	if (hub_req_gone(rq))
 		goto out;
@@ -308,21 +329,8 @@ static void on_device_type(redisReply *r, void *arg)
 		hub_req_error(rq, 422, "invalid", "name", msg);
 		goto out;
 	}
-	params = json_object_get(c->body, "params");
-	if (!params || json_is_null(params))
-		params = json_object();
-	else
-		json_incref(params);
-	n = schema_validate(node, params, "params", errs, MAX_ERRS);
-	if (n) {
-		char msg[300];
-		snprintf(msg, sizeof(msg), "%s %s", errs[0].path, errs[0].message);
-		hub_req_error(rq, 422, "invalid", errs[0].path, msg);
-		json_decref(params);
+	if (validate_params(rq, node, c))
 		goto out;
-	}
-	c->params = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
-	json_decref(params);
 	cmd_new_id(c->id, 'c');
 	c->spec.id = c->id;
 	c->spec.device = c->device;
@@ -331,11 +339,7 @@ static void on_device_type(redisReply *r, void *arg)
 	c->spec.params = c->params;
 	c->spec.idem = c->idem[0] ? c->idem : NULL;
 	c->spec.owner = c->owner;
-	hub_req_ref(rq);
-	if (cmd_create(hub, &c->spec, on_created, rq)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, cmd_create(hub, &c->spec, on_created, rq));
 out:
 	hub_req_unref(rq);
 }
@@ -422,11 +426,7 @@ static void create(struct hub_req *rq, const char *device, const char *body, siz
 	snprintf(c->idem, sizeof(c->idem), "%s", idem ? idem : "");
 	snprintf(c->owner, sizeof(c->owner), "%s", hub_req_who(rq)->name);
 	snprintf(key, sizeof(key), "iot:dev:%s", device);
-	hub_req_ref(rq);
-	if (hub_redis_command_argv(hub_req_hub(rq)->redis, on_device_type, rq, 3, argv, NULL)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, hub_redis_command_argv(hub_req_hub(rq)->redis, on_device_type, rq, 3, argv, NULL));
 }
 
 /* ---- list ------------------------------------------------------------------ */
@@ -484,11 +484,7 @@ static void list(struct hub_req *rq, const char *device, const struct hub_query 
 			return;
 		}
 	}
-	hub_req_ref(rq);
-	if (cmd_list(hub_req_hub(rq), device, status, (int)limit, on_list, rq)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, cmd_list(hub_req_hub(rq), device, status, (int)limit, on_list, rq));
 }
 
 /* ---- fleet rollouts -------------------------------------------------------- */
@@ -559,11 +555,7 @@ static void rollout_answer(struct hub_req *rq, unsigned status)
 	struct ctx *c = hub_req_ctx(rq);
 
 	c->status = status;
-	hub_req_ref(rq);
-	if (cmd_rollout_get(hub_req_hub(rq), c->id, on_rollout, rq)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, cmd_rollout_get(hub_req_hub(rq), c->id, on_rollout, rq));
 }
 
 static void on_rollout_created(redisReply *r, void *arg)
@@ -591,12 +583,11 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	struct hub *hub = hub_req_hub(rq);
 	const auth_principal *who = hub_req_who(rq);
 	json_error_t jerr;
-	json_t *b, *target, *type, *labels, *name, *params, *ro, *v;
+	json_t *b, *target, *type, *labels, *name, *ro, *v;
 	const schema_type *t;
 	const schema_node *node;
-	schema_error errs[MAX_ERRS];
 	struct ctx *c;
-	int mpm = 60, min_finished = 1, n;
+	int mpm = 60, min_finished = 1;
 	double ratio = 1.0;
 	char *labels_s = NULL, *pats_s = NULL;
 
@@ -645,19 +636,10 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 		return;
 	}
 	snprintf(c->name, sizeof(c->name), "%s", json_string_value(name));
-	params = json_object_get(b, "params");
-	params = params && !json_is_null(params) ? json_incref(params) : json_object();
-	n = schema_validate(node, params, "params", errs, MAX_ERRS);
-	if (n) {
-		char msg[300];
-		snprintf(msg, sizeof(msg), "%s %s", errs[0].path, errs[0].message);
-		hub_req_error(rq, 422, "invalid", errs[0].path, msg);
-		json_decref(params);
+	if (validate_params(rq, node, c)) {
 		free(labels_s);
 		return;
 	}
-	c->params = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
-	json_decref(params);
 	if (int_field(rq, b, "ack_timeout_s", 10, 1, 3600, &c->spec.ack_timeout_s) ||
 	    int_field(rq, b, "timeout_s", 300, 1, 604800, &c->spec.timeout_s) ||
 	    int_field(rq, b, "ttl_s", 3600, 1, 2592000, &c->spec.ttl_s) ||
@@ -699,12 +681,8 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	c->spec.name = c->name;
 	c->spec.params = c->params;
 	c->spec.owner = who->name;
-	hub_req_ref(rq);
-	if (cmd_rollout_create(hub, &c->spec, labels_s, pats_s, mpm, ratio, min_finished,
-			       on_rollout_created, rq)) {
-		hub_req_unref(rq);
-		unavailable(rq);
-	}
+	await_reply(rq, cmd_rollout_create(hub, &c->spec, labels_s, pats_s, mpm, ratio, min_finished,
+			       on_rollout_created, rq));
 	free(labels_s);
 	free(pats_s);
 }
