@@ -14,7 +14,9 @@
  * clean error, never a crash.
  *
  * Exit codes (docs/hubctl.md): 0 ok / command succeeded; 1 command ended
- * failed|rejected|timed_out|expired|canceled (--wait); 2 usage; 3 HTTP 4xx
+ * failed|rejected|timed_out|expired|canceled (--wait), or a rollout aborted
+ * or with any failed|rejected|timed_out|expired command (send-fleet
+ * --wait); 2 usage; 3 HTTP 4xx
  * (or a stream error answer); 4 hub unreachable, timed out or 5xx; 5 --wait
  * (or tail --count) timed out; 130 interrupted during --wait.
  */
@@ -2221,6 +2223,443 @@ cmd_send(int argc, char **argv, int i)
 }
 
 /* ------------------------------------------------------------------------ */
+/* send-fleet, show-rollout                                                   */
+
+#define CTL_FLEET_POLL_MS 1000     /* ms between GETs of a rollout (--wait) */
+
+static const char *const FAILED_STATES[] = {
+	"failed", "rejected", "timed_out", "expired", NULL
+};
+
+/* "succeeded 2, in_progress 1, queued 5": counts in lifecycle order (then
+ * any state this hubctl does not know), zero counts left out */
+static void
+sb_counts(struct sbuf *b, json_t *counts, const char *sep)
+{
+	const char *k;
+	json_t *v;
+	int n = 0;
+
+	for (int s = 0; ALL_STATES[s]; s++) {
+		v = json_object_get(counts, ALL_STATES[s]);
+		if (json_is_integer(v) && json_integer_value(v)) {
+			sb_printf(b, "%s%s %" PRId64, n++ ? sep : "", ALL_STATES[s],
+				  (int64_t)json_integer_value(v));
+		}
+	}
+	json_object_foreach(counts, k, v) {
+		int known = 0;
+
+		for (int s = 0; ALL_STATES[s]; s++)
+			known |= !strcmp(k, ALL_STATES[s]);
+		if (!known && json_is_integer(v))
+			sb_printf(b, "%s%s %" PRId64, n++ ? sep : "", k,
+				  (int64_t)json_integer_value(v));
+	}
+	if (!n)
+		sb_puts(b, "no commands");
+}
+
+/* "site=b1,floor=2" (or "-") */
+static void
+sb_labels(struct sbuf *b, json_t *labels)
+{
+	const char *k;
+	json_t *v;
+	int n = 0;
+
+	json_object_foreach(labels, k, v)
+		sb_printf(b, "%s%s=%s", n++ ? "," : "", k,
+			  json_is_string(v) ? json_string_value(v) : "?");
+	if (!n)
+		sb_puts(b, "-");
+}
+
+static int64_t
+count_of(json_t *r, const char *state)
+{
+	return jint(json_object_get(r, "counts"), state);
+}
+
+static int64_t
+failures_of(json_t *r)
+{
+	int64_t n = 0;
+
+	for (int s = 0; FAILED_STATES[s]; s++)
+		n += count_of(r, FAILED_STATES[s]);
+	return n;
+}
+
+/* 0: completed without failures; 1: aborted, or any failed/rejected/
+ * timed_out/expired command */
+static int
+rollout_exit(json_t *r)
+{
+	return !strcmp(jstr(r, "status"), "completed") && !failures_of(r) ?
+	       EX_OK : EX_CMD_FAILED;
+}
+
+/* the progress line (no newline): "HH:MM:SS  running  released 3/8  queued 5 ..." */
+static char *
+rollout_progress(json_t *r)
+{
+	struct sbuf b = { 0 };
+	char t[32];
+
+	fmt_ms(jint(r, "updated_at"), 0, t, sizeof(t));
+	sb_printf(&b, "%s  %-9s released %" PRId64 "/%" PRId64 "  ", t,
+		  jstr(r, "status"), jint(r, "released"), jint(r, "total"));
+	sb_counts(&b, json_object_get(r, "counts"), "  ");
+	return b.d;
+}
+
+static void
+print_rollout_human(json_t *r)
+{
+	struct sbuf b = { 0 };
+	json_t *params = json_object_get(r, "params");
+	char t[40];
+
+	sb_labels(&b, json_object_get(r, "labels"));
+	printf("%s  %s on %s devices (labels %s)\n", jstr(r, "id"), jstr(r, "name"),
+	       jstr(r, "device_type"), b.d);
+	sb_free(&b);
+	printf("  status    %s\n", jstr(r, "status"));
+	printf("  released  %" PRId64 "/%" PRId64 " at %" PRId64 "/min\n",
+	       jint(r, "released"), jint(r, "total"), jint(r, "max_per_minute"));
+	{
+		json_t *ratio = json_object_get(r, "abort_failure_ratio");
+		double q = json_is_number(ratio) ? json_number_value(ratio) : 1;
+
+		if (q >= 1)
+			printf("  abort     never (abort_failure_ratio 1)\n");
+		else
+			printf("  abort     when failures exceed %g of the finished "
+			       "(after %" PRId64 " finished)\n", q,
+			       jint(r, "min_finished"));
+	}
+	if (params && !(json_is_object(params) && !json_object_size(params))) {
+		char *s = jdump(params);
+
+		printf("  params    %s\n", s);
+		free(s);
+	}
+	memset(&b, 0, sizeof(b));
+	sb_counts(&b, json_object_get(r, "counts"), ", ");
+	printf("  counts    %s\n", b.d);
+	sb_free(&b);
+	fmt_ms(jint(r, "created_at"), 1, t, sizeof(t));
+	printf("  created   %s\n", t);
+	fmt_ms(jint(r, "updated_at"), 1, t, sizeof(t));
+	printf("  updated   %s\n", t);
+	fflush(stdout);
+}
+
+/* "r_… completed: succeeded 7, failed 1" */
+static void
+print_rollout_final(json_t *r)
+{
+	struct sbuf b = { 0 };
+
+	sb_counts(&b, json_object_get(r, "counts"), ", ");
+	printf("%s %s: %s\n", jstr(r, "id"), jstr(r, "status"), b.d);
+	fflush(stdout);
+	sb_free(&b);
+}
+
+static int
+fetch_rollout(const char *id, json_t **out)
+{
+	struct sbuf p = { 0 };
+	int ex;
+
+	sb_puts(&p, "/v1/commands/");
+	sb_urlenc(&p, id);
+	ex = api("GET", p.d, NULL, NULL, out, NULL);
+	sb_free(&p);
+	return ex;
+}
+
+/*
+ * Follows a rollout until completed or aborted: GET once a second; a line
+ * each time it changed (rewritten in place on a terminal), the rollout as
+ * JSON with --json. Takes r (the last document seen).
+ */
+static int
+follow_rollout(const char *id, json_t *r)
+{
+	int tty = !o.json && isatty(STDOUT_FILENO);
+	char *last = NULL;
+	int line_open = 0, ex = EX_OK;
+
+	for (;;) {
+		const char *st = jstr(r, "status");
+		char *now_s = o.json ? jdump(r) : rollout_progress(r);
+		int running = !strcmp(st, "running");
+
+		if (!last || strcmp(now_s, last)) {
+			if (o.json) {
+				fputs(now_s, stdout);
+				fputc('\n', stdout);
+			} else if (tty) {
+				printf("\r\033[K%s", now_s);
+				line_open = 1;
+			} else {
+				printf("%s\n", now_s);
+			}
+			fflush(stdout);
+			free(last);
+			last = now_s;
+		} else {
+			free(now_s);
+		}
+		if (!running) {
+			if (line_open)
+				putchar('\n');
+			if (!o.json)
+				print_rollout_final(r);
+			ex = rollout_exit(r);
+			break;
+		}
+		{
+			int64_t next = mono_ms() + CTL_FLEET_POLL_MS;
+
+			while (!g_interrupted && mono_ms() < next &&
+			       !(g_deadline && mono_ms() >= g_deadline)) {
+				int64_t dl = next, left;
+
+				if (g_deadline && g_deadline < dl)
+					dl = g_deadline;
+				left = dl - mono_ms();
+				poll(NULL, 0, (int)(left > CTL_POLL_SLICE_MS ?
+					CTL_POLL_SLICE_MS : left < 0 ? 0 : left));
+			}
+		}
+		if (g_interrupted) {
+			if (line_open)
+				putchar('\n');
+			fprintf(stderr, "hubctl: interrupted; rollout %s is %s "
+				"(released %" PRId64 "/%" PRId64 ")\n", id, st,
+				jint(r, "released"), jint(r, "total"));
+			ex = EX_INTERRUPTED;
+			break;
+		}
+		/* too close to --timeout for one more request: give up */
+		if (g_deadline && g_deadline - mono_ms() < 100) {
+			if (line_open)
+				putchar('\n');
+			fflush(stdout);
+			fprintf(stderr, "hubctl: gave up waiting after %.1fs: rollout "
+				"%s is %s (released %" PRId64 "/%" PRId64 ")\n",
+				o.timeout, id, st, jint(r, "released"), jint(r, "total"));
+			if (o.json) {
+				json_t *e = json_pack("{s:{s:s,s:s},s:s,s:s}", "error",
+						      "code", "wait_timeout", "message",
+						      "the rollout did not complete in time",
+						      "id", id, "status", st);
+
+				print_json_line(e);
+				json_decref(e);
+			}
+			ex = EX_WAIT_TIMEOUT;
+			break;
+		}
+		{
+			json_t *nr;
+
+			if (line_open) {
+				/* a diagnostic of the GET must not land mid-line */
+				fflush(stdout);
+			}
+			ex = fetch_rollout(id, &nr);
+			if (ex) {
+				if (line_open)
+					putchar('\n');
+				break;
+			}
+			json_decref(r);
+			r = nr;
+		}
+	}
+	free(last);
+	json_decref(r);
+	fflush(stdout);
+	return ex;
+}
+
+static int
+cmd_send_fleet(int argc, char **argv, int i)
+{
+	const char *type = NULL, *name = NULL, *params = NULL, *v;
+	json_t *body = json_object(), *labels = json_object(), *ro = json_object();
+	json_t *doc = NULL, *pj, *target;
+	int wait = 0, ex;
+	char *bs, *id;
+
+	for (; i < argc; i++) {
+		if (opt_val(argv, argc, &i, "type", &v)) {
+			type = v;
+		} else if (opt_val(argv, argc, &i, "label", &v)) {
+			add_label(labels, v);
+		} else if (opt_val(argv, argc, &i, "params", &v)) {
+			params = v;
+		} else if (opt_val(argv, argc, &i, "max-per-minute", &v)) {
+			json_object_set_new(ro, "max_per_minute", json_integer(
+				parse_int("--max-per-minute", v, 0, INT64_MAX / 2)));
+		} else if (opt_val(argv, argc, &i, "abort-failure-ratio", &v)) {
+			char *end;
+			double q;
+
+			errno = 0;
+			q = strtod(v, &end);
+			if (!*v || *end || errno || q != q || q < -1e9 || q > 1e9)
+				die_usage("--abort-failure-ratio: expected a number from 0 "
+					  "to 1, got '%s'", v);
+			json_object_set_new(ro, "abort_failure_ratio", json_real(q));
+		} else if (opt_val(argv, argc, &i, "min-finished", &v)) {
+			json_object_set_new(ro, "min_finished", json_integer(
+				parse_int("--min-finished", v, 0, INT64_MAX / 2)));
+		} else if (opt_val(argv, argc, &i, "ack-timeout", &v)) {
+			json_object_set_new(body, "ack_timeout_s", json_integer(
+				parse_int("--ack-timeout", v, 0, INT64_MAX / 2)));
+		} else if (opt_val(argv, argc, &i, "timeout", &v)) {
+			json_object_set_new(body, "timeout_s", json_integer(
+				parse_int("--timeout", v, 0, INT64_MAX / 2)));
+		} else if (opt_val(argv, argc, &i, "ttl", &v)) {
+			json_object_set_new(body, "ttl_s", json_integer(
+				parse_int("--ttl", v, 0, INT64_MAX / 2)));
+		} else if (opt_val(argv, argc, &i, "max-attempts", &v)) {
+			json_object_set_new(body, "max_attempts", json_integer(
+				parse_int("--max-attempts", v, 0, INT64_MAX / 2)));
+		} else if (opt_flag(argv[i], "wait")) {
+			wait = 1;
+		} else if (global_opt(argv, argc, &i)) {
+			/* taken */
+		} else if (argv[i][0] == '-' && argv[i][1]) {
+			die_usage("send-fleet: unknown option '%s'", argv[i]);
+		} else if (!name) {
+			name = argv[i];
+		} else {
+			die_usage("send-fleet: unexpected argument '%s'", argv[i]);
+		}
+	}
+	if (!type || !*type)
+		die_usage("send-fleet: --type T is required");
+	if (!name || !*name)
+		die_usage("send-fleet: expected NAME");
+	target = json_object();
+	json_object_set_new(target, "device_type", json_string(type));
+	if (!json_object_get(target, "device_type"))
+		die_usage("send-fleet: --type is not valid UTF-8");
+	if (json_object_size(labels))
+		json_object_set(target, "labels", labels);
+	json_decref(labels);
+	json_object_set_new(body, "target", target);
+	json_object_set_new(body, "name", json_string(name));
+	if (!json_object_get(body, "name"))
+		die_usage("send-fleet: NAME is not valid UTF-8");
+	if (params) {
+		json_error_t je;
+		char *text = NULL;
+
+		if (params[0] == '@')
+			text = read_small_file("--params", params + 1, CTL_PARAMS_MAX);
+		else if (strlen(params) > CTL_PARAMS_MAX)
+			die_usage("--params: over %u bytes", CTL_PARAMS_MAX);
+		pj = json_loads(text ? text : params, JSON_DECODE_ANY, &je);
+		free(text);
+		if (!pj)
+			die_usage("--params: not JSON: %s (line %d, column %d)", je.text,
+				  je.line, je.column);
+		json_object_set_new(body, "params", pj);
+	}
+	if (json_object_size(ro))
+		json_object_set(body, "rollout", ro);
+	json_decref(ro);
+	parse_url();
+	check_key();
+
+	bs = json_dumps(body, JSON_COMPACT);
+	json_decref(body);
+	ex = api("POST", "/v1/commands", bs, NULL, &doc, NULL);
+	free(bs);
+	if (ex)
+		return ex;
+	if (!json_is_string(json_object_get(doc, "id"))) {
+		fprintf(stderr, "hubctl: the hub's answer has no rollout id\n");
+		json_decref(doc);
+		return EX_UNREACHABLE;
+	}
+	if (o.json) {
+		print_json_line(doc);
+	} else if (!wait) {
+		printf("%s %s %" PRId64 " device(s)\n", jstr(doc, "id"), jstr(doc, "status"),
+		       jint(doc, "total"));
+	} else {
+		struct sbuf b = { 0 };
+
+		sb_labels(&b, json_object_get(doc, "labels"));
+		printf("%s  %s on %" PRId64 " %s device(s) (labels %s) at %" PRId64 "/min\n",
+		       jstr(doc, "id"), jstr(doc, "name"), jint(doc, "total"),
+		       jstr(doc, "device_type"), b.d, jint(doc, "max_per_minute"));
+		sb_free(&b);
+	}
+	fflush(stdout);
+	if (!wait) {
+		json_decref(doc);
+		return EX_OK;
+	}
+	id = strdup(jstr(doc, "id"));
+	if (o.json) {
+		/* the 202 body was printed; follow from the next GET */
+		json_t *r;
+
+		ex = fetch_rollout(id, &r);
+		json_decref(doc);
+		if (!ex)
+			ex = follow_rollout(id, r);
+	} else {
+		ex = follow_rollout(id, doc);
+	}
+	free(id);
+	return ex;
+}
+
+static int
+cmd_show_rollout(int argc, char **argv, int i)
+{
+	const char *id = NULL;
+	json_t *r;
+	int ex;
+
+	for (; i < argc; i++) {
+		if (global_opt(argv, argc, &i))
+			continue;
+		if (argv[i][0] == '-' && argv[i][1])
+			die_usage("show-rollout: unknown option '%s'", argv[i]);
+		if (id)
+			die_usage("show-rollout: unexpected argument '%s'", argv[i]);
+		id = argv[i];
+	}
+	if (!id || !*id)
+		die_usage("show-rollout: expected a rollout ID");
+	if (strncmp(id, "r_", 2))
+		die_usage("show-rollout: a rollout ID starts with r_ (show ID for a command)");
+	parse_url();
+	check_key();
+	ex = fetch_rollout(id, &r);
+	if (ex)
+		return ex;
+	if (o.json)
+		print_json_line(r);
+	else
+		print_rollout_human(r);
+	json_decref(r);
+	return EX_OK;
+}
+
+/* ------------------------------------------------------------------------ */
 /* show, cancel, list-commands, devices                                       */
 
 static int
@@ -2258,6 +2697,8 @@ cmd_show(int argc, char **argv, int i, int cancel)
 		print_json_line(c);
 	else if (cancel)
 		printf("%s %s\n", jstr(c, "id"), jstr(c, "status"));
+	else if (!strncmp(id, "r_", 2))
+		print_rollout_human(c);   /* a rollout: as show-rollout */
 	else
 		print_command_human(c, 1);
 	json_decref(c);
@@ -2622,7 +3063,8 @@ usage(FILE *f)
 	fputs(
 "usage: hubctl [global options] COMMAND [options]\n"
 "\n"
-"Global options (also accepted after COMMAND, except --timeout after send):\n"
+"Global options (also accepted after COMMAND, except --timeout after send\n"
+"and send-fleet):\n"
 "  --url URL          hub address (default $HUBCTL_URL or " CTL_DEFAULT_URL ")\n"
 "  --key KEY          API key (default $HUBCTL_KEY)\n"
 "  --key-file FILE    read the API key from the first line of FILE\n"
@@ -2635,7 +3077,11 @@ usage(FILE *f)
 "Commands:\n"
 "  send DEVICE NAME [--params JSON|@FILE] [--ack-timeout S] [--timeout S]\n"
 "       [--ttl S] [--max-attempts N] [--idempotency-key K] [--wait]\n"
+"  send-fleet --type T [--label k=v]... NAME [--params JSON|@FILE]\n"
+"       [--max-per-minute N] [--abort-failure-ratio R] [--min-finished N]\n"
+"       [--ack-timeout S] [--timeout S] [--ttl S] [--max-attempts N] [--wait]\n"
 "  show ID\n"
+"  show-rollout ID\n"
 "  cancel ID\n"
 "  list-commands DEVICE [--status S] [--limit N]\n"
 "  devices [--type T] [--online true|false] [--label k=v]... [--limit N]\n"
@@ -2643,7 +3089,9 @@ usage(FILE *f)
 "       [--label k=v]... [--since POS] [--group-by LABEL] [--count N] [--timeout S]\n"
 "\n"
 "Exit: 0 ok/succeeded, 1 command failed/rejected/timed_out/expired/canceled\n"
-"(--wait), 2 usage, 3 HTTP 4xx, 4 hub unreachable or 5xx, 5 wait timed out.\n",
+"(--wait; send-fleet --wait: rollout aborted or any command failed/rejected/\n"
+"timed_out/expired), 2 usage, 3 HTTP 4xx, 4 hub unreachable or 5xx, 5 wait\n"
+"timed out.\n",
 	      f);
 }
 
@@ -2696,8 +3144,12 @@ main(int argc, char **argv)
 
 	if (!strcmp(cmd, "send"))
 		ex = cmd_send(argc, argv, i);
+	else if (!strcmp(cmd, "send-fleet"))
+		ex = cmd_send_fleet(argc, argv, i);
 	else if (!strcmp(cmd, "show"))
 		ex = cmd_show(argc, argv, i, 0);
+	else if (!strcmp(cmd, "show-rollout"))
+		ex = cmd_show_rollout(argc, argv, i);
 	else if (!strcmp(cmd, "cancel"))
 		ex = cmd_show(argc, argv, i, 1);
 	else if (!strcmp(cmd, "list-commands"))

@@ -1,15 +1,20 @@
 """hubctl (tools/hubctl.c, docs/hubctl.md) against a real hub: a Python
 gateway announces devices and answers commands (received, then succeeded or
 failed, or nothing), and the built hubctl binary is run for send --wait
-(stream and polling), --json, show, cancel, list-commands, devices, tail, and
-every documented exit code (0 ok, 1 command failed, 2 usage, 3 HTTP 4xx,
-4 unreachable, 5 wait timed out). Loopback only; every run has a deadline."""
+(stream and polling), --json, show, cancel, list-commands, devices, tail,
+send-fleet (--wait: plain progress lines, in place on a terminal, --json
+lines) and show-rollout, and every documented exit code (0 ok, 1 command
+failed or rollout aborted, 2 usage, 3 HTTP 4xx, 4 unreachable, 5 wait timed
+out). Loopback only; every run has a deadline."""
 
 import asyncio
 import hashlib
 import json
 import os
+import pty
+import re
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (BUILD_DIR, HubTestCase, free_port, main, mkdtemp,  # noqa: E402
@@ -227,7 +232,15 @@ class HubctlTests(HubTestCase):
                  ("show",), ("devices", "--online", "maybe"), ("list-commands", "d", "--status", "done"),
                  ("tail", "--stream", "5m"), ("tail", "--since", "1-0", "--stream", "presence"),
                  ("--url", "ftp://x", "devices"), ("--url", "http://127.0.0.1:99999", "devices"),
-                 ("devices", "--label", "nokv"), ("--bogus",), ("--timeout", "-1", "devices")]
+                 ("devices", "--label", "nokv"), ("--bogus",), ("--timeout", "-1", "devices"),
+                 ("send-fleet", "reboot"), ("send-fleet", "--type", "thermostat"),
+                 ("send-fleet", "--type", "thermostat", "reboot", "extra"),
+                 ("send-fleet", "--type", "thermostat", "reboot", "--abort-failure-ratio", "x"),
+                 ("send-fleet", "--type", "thermostat", "reboot", "--max-per-minute", "1.5"),
+                 ("send-fleet", "--type", "thermostat", "--label", "nokv", "reboot"),
+                 ("send-fleet", "--type", "thermostat", "reboot", "--params", "{nope"),
+                 ("send-fleet", "--type", "thermostat", "reboot", "--bogus"),
+                 ("show-rollout",), ("show-rollout", "c_" + "0" * 32), ("show-rollout", "r_1", "r_2")]
         for args in cases:
             rc, out, err = await self.ctl(*args)
             self.assertEqual(rc, 2, "hubctl %s: rc %s, stderr %r" % (args, rc, err))
@@ -369,6 +382,194 @@ class HubctlTests(HubTestCase):
         rc, out, err = await self.ctl("tail", key="writer")
         self.assertEqual(rc, 3, err)
         self.assertIn("403", err)
+
+    # -- send-fleet, show-rollout ------------------------------------------------
+
+    async def fleet(self, behaviors):
+        """A gateway announcing one thermostat per behavior ('succeed', 'fail',
+        'ignore'), in that id order, labelled fleet=<fresh>. Returns the label
+        value, the device ids and the Device."""
+        label, p = uniq("fleet"), uniq("t")
+        devices = ["%s-%02d" % (p, i) for i in range(len(behaviors))]
+        gw = await self.gateway(self.hub)
+        ann = await gw.announce([(d, "thermostat", {"fleet": label}) for d in devices])
+        self.assertEqual(sorted(ann["accepted"]), devices, ann)
+        dev = Device(gw, dict(zip(devices, behaviors)))
+        self.addAsyncCleanup(dev.stop)
+        return label, devices, dev
+
+    def assert_counts(self, doc):
+        self.assertEqual(sum(doc["counts"].values()), doc["total"], doc)
+
+    async def test_send_fleet_wait_completed(self):
+        label, devices, dev = await self.fleet(["succeed"] * 3)
+        pf = write_file(os.path.join(mkdtemp("iot-hub-ctl-params-"), "p.json"), '{"delay_s":2}')
+        rc, out, err = await self.ctl("send-fleet", "--type", "thermostat", "--label", "fleet=" + label,
+                                      "reboot", "--params", "@" + pf, "--max-per-minute", "6000",
+                                      "--ack-timeout", "5", "--wait")
+        self.assertEqual(rc, 0, "stdout: %s\nstderr: %s" % (out, err))
+        lines = out.splitlines()
+        self.assertRegex(lines[0], r"^r_[0-9a-f]{32}  reboot on 3 thermostat device\(s\) \(labels fleet=%s\) "
+                         r"at 6000/min$" % re.escape(label))
+        rid = lines[0].split()[0]
+        self.assertNotIn("\r", out, "no in-place updates when stdout is not a terminal")
+        progress = lines[1:-1]
+        self.assertTrue(progress, out)
+        for l in progress:
+            self.assertRegex(l, r"^\d\d:\d\d:\d\d\.\d{3}  (running|completed) +released [0-3]/3  ", out)
+        self.assertEqual(len(progress), len(set(progress)), "unchanged lines repeated: %s" % out)
+        self.assertIn("completed", progress[-1])
+        self.assertIn("succeeded 3", progress[-1])
+        self.assertEqual(lines[-1], "%s completed: succeeded 3" % rid, out)
+        self.assertEqual(sorted(c["device"] for c in dev.commands), devices)
+        self.assertTrue(all(c["params"] == {"delay_s": 2} for c in dev.commands), dev.commands)
+
+        # show-rollout (and show) of the finished rollout
+        rc, out, err = await self.ctl("show-rollout", rid)
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(out.startswith("%s  reboot on thermostat devices (labels fleet=%s)" % (rid, label)), out)
+        self.assertRegex(out, r"\n  status    completed\n")
+        self.assertIn("released  3/3 at 6000/min", out)
+        self.assertIn("counts    succeeded 3", out)
+        self.assertIn('params    {"delay_s":2}', out)
+        rc, out2, err = await self.ctl("show", rid)
+        self.assertEqual((rc, out2), (0, out), err)
+        doc = (await self.ctl_json("show-rollout", rid))[0]
+        self.assertEqual((doc["id"], doc["status"], doc["total"], doc["counts"]),
+                         (rid, "completed", 3, {"succeeded": 3}), doc)
+
+    async def test_send_fleet_wait_json(self):
+        label, devices, dev = await self.fleet(["succeed"] * 4)
+        docs = await self.ctl_json("send-fleet", "--type", "thermostat", "--label", "fleet=" + label,
+                                   "config", "--params", '{"setpoint":20}', "--max-per-minute", "120",
+                                   "--min-finished", "2", "--abort-failure-ratio", "0.5", "--wait")
+        first, rest = docs[0], docs[1:]
+        rid = first["id"]
+        self.assertEqual((first["total"], first["name"], first["params"], first["max_per_minute"],
+                          first["min_finished"], first["abort_failure_ratio"], first["labels"]),
+                         (4, "config", {"setpoint": 20}, 120, 2, 0.5, {"fleet": label}), first)
+        self.assertTrue(rest, docs)
+        self.assertTrue(all(d["id"] == rid for d in rest), docs)
+        for d in docs:
+            self.assert_counts(d)
+        released = [d["released"] for d in rest]
+        self.assertEqual(released, sorted(released), "released only grows: %s" % released)
+        self.assertGreater(len(set(released)), 1, "4 at 120/min are not released at once: %s" % released)
+        self.assertTrue(all(d["status"] == "running" for d in rest[:-1]), docs)
+        self.assertEqual((rest[-1]["status"], rest[-1]["counts"]), ("completed", {"succeeded": 4}), rest[-1])
+        self.assertEqual(len(dev.commands), 4)
+
+    async def test_send_fleet_failures_exit_1(self):
+        # completed, but one command failed
+        label, devices, dev = await self.fleet(["succeed", "fail"])
+        rc, out, err = await self.ctl("send-fleet", "--type", "thermostat", "--label", "fleet=" + label,
+                                      "reboot", "--max-per-minute", "6000", "--wait")
+        self.assertEqual(rc, 1, "stdout: %s\nstderr: %s" % (out, err))
+        self.assertRegex(out.splitlines()[-1], r"^r_\S+ completed: succeeded 1, failed 1$")
+
+    async def test_send_fleet_aborted_exit_1(self):
+        label, devices, dev = await self.fleet(["fail", "succeed", "succeed", "succeed"])
+        rc, out, err = await self.ctl("send-fleet", "--type", "thermostat", "--label", "fleet=" + label,
+                                      "reboot", "--max-per-minute", "60", "--abort-failure-ratio", "0",
+                                      "--wait")
+        self.assertEqual(rc, 1, "stdout: %s\nstderr: %s" % (out, err))
+        last = out.splitlines()[-1]
+        self.assertRegex(last, r"^r_\S+ aborted: .*failed 1")
+        self.assertIn("canceled", last)
+        self.assertLess(len(dev.commands), 4, "aborted, yet every command was delivered")
+
+    async def test_send_fleet_wait_timeout_exit_5(self):
+        label, devices, dev = await self.fleet(["ignore"])
+        rc, out, err = await self.ctl("--timeout", "2", "send-fleet", "--type", "thermostat",
+                                      "--label", "fleet=" + label, "reboot", "--wait")
+        self.assertEqual(rc, 5, "stdout: %s\nstderr: %s" % (out, err))
+        self.assertIn("gave up waiting", err)
+        self.assertIn("is running (released 1/1)", err)
+        docs = await self.ctl_json("--timeout", "1.5", "send-fleet", "--type", "thermostat",
+                                   "--label", "fleet=" + label, "reboot", "--wait", want=5)
+        self.assertEqual(docs[-1]["error"]["code"], "wait_timeout", docs)
+        self.assertEqual((docs[-1]["id"], docs[-1]["status"]), (docs[0]["id"], "running"), docs)
+
+    async def test_send_fleet_no_wait_and_errors(self):
+        label, devices, dev = await self.fleet(["ignore", "ignore"])
+        rc, out, err = await self.ctl("send-fleet", "--type", "thermostat", "--label", "fleet=" + label,
+                                      "reboot", "--max-per-minute", "1")
+        self.assertEqual(rc, 0, err)
+        self.assertRegex(out, r"^r_[0-9a-f]{32} running 2 device\(s\)\n$")
+        rid = out.split()[0]
+        doc = (await self.ctl_json("show-rollout", rid))[0]
+        self.assert_counts(doc)
+        self.assertEqual((doc["total"], doc["max_per_minute"], doc["status"]), (2, 1, "running"), doc)
+        rc, out, err = await self.ctl("show-rollout", rid)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("  status    running\n", out)
+        self.assertRegex(out, r"released  [12]/2 at 1/min")
+        self.assertIn("abort     never", out)
+
+        base = ("send-fleet", "--type", "thermostat", "--label", "fleet=" + label, "reboot")
+        for extra, field in (((), None), (("--max-per-minute", "0"), "rollout.max_per_minute"),
+                             (("--abort-failure-ratio", "2"), "rollout.abort_failure_ratio"),
+                             (("--min-finished", "0"), "rollout.min_finished"),
+                             (("--max-attempts", "0"), "max_attempts"),
+                             (("--params", '{"delay_s":-1}'), "params.delay_s")):
+            if field is None:
+                continue
+            rc, out, err = await self.ctl(*(base + extra))
+            self.assertEqual(rc, 3, "%s: %s" % (extra, err))
+            self.assertIn("422 invalid", err)
+            self.assertIn("(field: %s)" % field, err)
+        rc, out, err = await self.ctl("send-fleet", "--type", "toaster", "reboot")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("(field: target.device_type)", err)
+        doc = (await self.ctl_json("send-fleet", "--type", "thermostat", "bogus", want=3))[0]
+        self.assertEqual((doc["status"], doc["error"]["field"]), (422, "name"), doc)
+        rc, out, err = await self.ctl(*base, key="reader")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("403 forbidden", err)
+        rc, out, err = await self.ctl("show-rollout", "r_" + "0" * 32)
+        self.assertEqual(rc, 3, err)
+        self.assertIn("404 not_found", err)
+
+    async def test_send_fleet_progress_in_place_on_a_terminal(self):
+        label, devices, dev = await self.fleet(["succeed"] * 3)
+        master, slave = pty.openpty()
+        p = await asyncio.create_subprocess_exec(
+            CTL_BIN, "send-fleet", "--type", "thermostat", "--label", "fleet=" + label, "reboot",
+            "--max-per-minute", "120", "--wait", env=self.env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=slave, stderr=asyncio.subprocess.PIPE)
+        os.close(slave)
+        chunks = []
+
+        def drain():
+            while True:
+                try:
+                    b = os.read(master, 4096)
+                except OSError:
+                    return
+                if not b:
+                    return
+                chunks.append(b)
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            try:
+                _, err = await asyncio.wait_for(p.communicate(), RUN_TIMEOUT)
+            except asyncio.TimeoutError:
+                p.kill()
+                await p.wait()
+                raise AssertionError("hubctl did not finish within %ss" % RUN_TIMEOUT) from None
+            rc, err = p.returncode, err.decode()
+            await asyncio.to_thread(reader.join, 5)
+        finally:
+            os.close(master)
+        out = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+        self.assertEqual(rc, 0, "output: %r\nstderr: %s" % (out, err))
+        updates = out.count("\r\x1b[K")
+        self.assertGreaterEqual(updates, 2, "progress not rewritten in place: %r" % out)
+        lines = out.split("\n")
+        self.assertEqual(len([l for l in lines if l]), 3, "header, one progress line, the result: %r" % out)
+        self.assertIn("completed", lines[1].split("\r\x1b[K")[-1], out)
+        self.assertRegex(lines[2], r"^r_\S+ completed: succeeded 3$")
 
 
 if __name__ == "__main__":
