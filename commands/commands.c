@@ -366,7 +366,7 @@ static const char rollout_get_lua[] =
 	"return {h, out}\n";
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
-       S_RCREATE, S_RSTEP, S_RGET, S__COUNT };
+       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S__COUNT };
 static int scripts[S__COUNT];
 
 /* ---- engine state ---------------------------------------------------------- */
@@ -722,69 +722,61 @@ static void local_deliver(const char *id, const char *device)
 		send_to(c, id); /* else: it goes out when the device is next announced */
 }
 
-struct pending_ctx {
-	struct gw_conn *conn;
-};
-
-static void on_pending(redisReply *r, void *arg)
-{
-	struct pending_ctx *p = arg;
-
-	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
-		if (r->element[i]->type == REDIS_REPLY_STRING && gw_conn_open(p->conn))
-			send_to(p->conn, r->element[i]->str); /* in creation order */
-	gw_conn_release(p->conn);
-	free(p);
-}
+/* What a device's gateway is owed when it is announced: cancels of commands
+ * it had, then its pending commands in creation order. One script for the
+ * whole announce message, however many devices it names.
+ * ARGV: devices -> {device, {cancel ids}, {pending ids}, ...} for devices
+ * with anything owed. */
+static const char owed_lua[] =
+	"local out = {}\n"
+	"for _, dev in ipairs(ARGV) do\n"
+	"  local cancels = redis.call('SMEMBERS', 'iot:dev:' .. dev .. ':cancels')\n"
+	"  local ids = redis.call('ZRANGE', 'iot:dev:' .. dev .. ':cmds', 0, -1)\n"
+	"  if #cancels > 0 or #ids > 0 then\n"
+	"    out[#out + 1] = dev\n"
+	"    out[#out + 1] = cancels\n"
+	"    out[#out + 1] = ids\n"
+	"  end\n"
+	"end\n"
+	"return out\n";
 
 static void send_cancel_local(const char *id, const char *device);
 
-struct cancels_ctx {
-	char device[HUB_ID_MAX + 1];
-};
-
-static void on_owed_cancels(redisReply *r, void *arg)
+static void on_owed(redisReply *r, void *arg)
 {
-	struct cancels_ctx *cc = arg;
+	(void)arg;
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i + 2 < r->elements; i += 3) {
+		const char *dev = el_str(r, i);
+		const redisReply *cancels = r->element[i + 1], *ids = r->element[i + 2];
+		struct gw_conn *c = dev ? gw_conn_for_device(E.hub, dev) : NULL;
 
-	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
-		if (r->element[i]->type == REDIS_REPLY_STRING)
-			send_cancel_local(r->element[i]->str, cc->device);
-	free(cc);
+		if (!c)
+			continue; /* gone again: its next announce asks again */
+		for (size_t j = 0; cancels->type == REDIS_REPLY_ARRAY && j < cancels->elements; j++)
+			if (cancels->element[j]->type == REDIS_REPLY_STRING)
+				send_cancel_local(cancels->element[j]->str, dev);
+		for (size_t j = 0; ids->type == REDIS_REPLY_ARRAY && j < ids->elements; j++)
+			if (ids->element[j]->type == REDIS_REPLY_STRING)
+				send_to(c, ids->element[j]->str); /* in creation order */
+	}
 }
 
 void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *devices,
 		      size_t n)
 {
+	const char **argv;
+
 	(void)conn_id;
-	/* Cancels owed to devices that had a command when it was canceled. */
-	for (size_t i = 0; i < n; i++) {
-		char key[HUB_ID_MAX + 32];
-		const char *argv[2] = { "SMEMBERS", key };
-		struct cancels_ctx *cc = hub_xcalloc(1, sizeof(*cc));
-
-		snprintf(cc->device, sizeof(cc->device), "%s", devices[i]);
-		snprintf(key, sizeof(key), "iot:dev:%s:cancels", devices[i]);
-		if (hub_redis_command_argv(hub->redis, on_owed_cancels, cc, 2, argv, NULL))
-			free(cc);
-	}
-	for (size_t i = 0; i < n; i++) {
-		struct gw_conn *c = gw_conn_for_device(hub, devices[i]);
-		char key[HUB_ID_MAX + 32];
-		const char *argv[4] = { "ZRANGE", key, "0", "-1" };
-		struct pending_ctx *p;
-
-		if (!c)
-			continue;
-		snprintf(key, sizeof(key), "iot:dev:%s:cmds", devices[i]);
-		p = hub_xcalloc(1, sizeof(*p));
-		p->conn = c;
-		gw_conn_hold(c);
-		if (hub_redis_command_argv(hub->redis, on_pending, p, 4, argv, NULL)) {
-			gw_conn_release(c);
-			free(p);
-		}
-	}
+	if (!n)
+		return;
+	argv = hub_xmalloc((n + 3) * sizeof(*argv));
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(hub->redis, scripts[S_OWED]);
+	argv[2] = "0";
+	for (size_t i = 0; i < n; i++)
+		argv[3 + i] = devices[i];
+	hub_redis_command_argv(hub->redis, on_owed, NULL, (int)(n + 3), argv, NULL);
+	free(argv);
 }
 
 static void route_to(const char *instance, const char *verb, const char *id, const char *device)
@@ -1016,6 +1008,7 @@ void cmd_init(struct hub *hub)
 	scripts[S_RCREATE] = hub_redis_add_script(hub->redis, rollout_create_lua);
 	scripts[S_RSTEP] = hub_redis_add_script(hub->redis, rollout_step_lua);
 	scripts[S_RGET] = hub_redis_add_script(hub->redis, rollout_get_lua);
+	scripts[S_OWED] = hub_redis_add_script(hub->redis, owed_lua);
 	snprintf(E.ctl_channel, sizeof(E.ctl_channel), CTL_PREFIX "%s", hub->instance_id);
 	hub_redis_subscribe(hub->redis, E.ctl_channel, on_ctl, NULL);
 	lws_sul_schedule(hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
