@@ -30,205 +30,42 @@
  *  - lws_write() masks client payload in place: messages are built into the
  *    LWS_PRE-headed scratch buffer right before each write.
  *  - The libev glue re-arms its timer wrongly after socket events: a 10 ms
- *    heartbeat sul keeps every timer within ~10 ms of its due time, and the
- *    first timers are kicked with lws_cancel_service().
+ *    heartbeat sul (lg_heartbeat_start, loadgen.h) keeps every timer within
+ *    ~10 ms of its due time, and the first timers are kicked with
+ *    lws_cancel_service().
  *  - WSI_DESTROY reaches protocols[0] once per wsi, also for connects that failed
  *    inside lws_client_connect_via_info(): the one "connection gone" hook.
  */
 
 #define _GNU_SOURCE
-#include <libwebsockets.h>
+#include "loadgen.h"
 
 #include <arpa/inet.h>
-#include <ctype.h>
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <math.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <time.h>
 #include <unistd.h>
 
 #define DS_SUBPROTOCOL   "iot-dashboard.v1"
-#define DS_HEARTBEAT_US  10000     /* bound on lws 4.1.6 + libev timer lateness */
 #define DS_CLOSE_GRACE_US 2000000  /* wait this long for closing handshakes */
 #define DS_TYPE_SCAN     160       /* "type" is looked for in the first bytes */
 #define DS_ERRCODES_MAX  16
 #define DS_PIDS_MAX      8
 
 /* ------------------------------------------------------------------------ */
-/* clocks, logging, allocation                                                */
-
-static int64_t
-mono_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-static int64_t
-wall_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-enum { LOG_ERR, LOG_WARN, LOG_INFO, LOG_DEBUG };
-static int g_log_level = LOG_WARN;
-static int64_t g_t0;
-
-static void ds_log(int lvl, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-/* lines other than errors: at most 20 per second (1,000 connections failing
- * at once must not flood stderr) */
-static void
-ds_log(int lvl, const char *fmt, ...)
-{
-	static const char *names[] = { "error", "warn", "info", "debug" };
-	static int64_t win;
-	static unsigned lines, dropped;
-	int64_t now = mono_us();
-	va_list ap;
-
-	if (lvl > LOG_ERR) {
-		if (now - win >= 1000000) {
-			if (dropped)
-				fprintf(stderr, "[%8.3f] warn: %u log lines "
-					"suppressed\n", (double)(now - g_t0) / 1e6,
-					dropped);
-			win = now;
-			lines = 0;
-			dropped = 0;
-		}
-		if (++lines > 20) {
-			dropped++;
-			return;
-		}
-	}
-	fprintf(stderr, "[%8.3f] %s: ", (double)(now - g_t0) / 1e6, names[lvl]);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-}
-
-#define LOG(lvl, ...) do { if ((lvl) <= g_log_level) ds_log(lvl, __VA_ARGS__); } \
-	while (0)
+/* lws logs                                                                   */
 
 static void
 lws_log_emit(int level, const char *line)
 {
 	(void)level;
-	if (g_log_level >= LOG_WARN)
+	if (lg_log_level >= LOG_WARN)
 		fprintf(stderr, "lws: %s", line);
-}
-
-static void *
-xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-
-	if (!p) {
-		fputs("dash-sub: out of memory\n", stderr);
-		abort();
-	}
-	return p;
-}
-
-static void *
-xrealloc(void *o, size_t n)
-{
-	void *p = realloc(o, n ? n : 1);
-
-	if (!p) {
-		fputs("dash-sub: out of memory\n", stderr);
-		abort();
-	}
-	return p;
-}
-
-/* ------------------------------------------------------------------------ */
-/* latency histogram: log-linear (HDR style), 128 linear sub-buckets per power */
-/* of two (< 0.8 % relative error), microseconds up to 2^40, fixed arrays      */
-
-#define H_SUB_BITS 7u
-#define H_SUB      (1u << H_SUB_BITS)
-#define H_TOP_EXP  40u
-#define H_N        (H_SUB + (H_TOP_EXP - H_SUB_BITS) * H_SUB)
-
-struct hist {
-	uint64_t n, max;
-	double sum;
-	uint64_t b[H_N];
-};
-
-static unsigned
-h_idx(uint64_t v)
-{
-	unsigned e, sh;
-
-	if (v < H_SUB)
-		return (unsigned)v;
-	e = 63u - (unsigned)__builtin_clzll(v);
-	if (e >= H_TOP_EXP)
-		return H_N - 1;
-	sh = e - H_SUB_BITS;
-	return H_SUB + sh * H_SUB + (unsigned)((v >> sh) - H_SUB);
-}
-
-/* largest value of bucket i */
-static uint64_t
-h_top(unsigned i)
-{
-	unsigned sh, m;
-
-	if (i < H_SUB)
-		return i;
-	sh = (i - H_SUB) / H_SUB;
-	m = (i - H_SUB) % H_SUB + H_SUB;
-	return (((uint64_t)m + 1) << sh) - 1;
-}
-
-static void
-h_add(struct hist *h, uint64_t v)
-{
-	h->b[h_idx(v)]++;
-	h->n++;
-	h->sum += (double)v;
-	if (v > h->max)
-		h->max = v;
-}
-
-static uint64_t
-h_quantile(const struct hist *h, double q)
-{
-	uint64_t rank, seen = 0, v;
-	unsigned i;
-
-	if (!h->n)
-		return 0;
-	rank = (uint64_t)ceil(q * (double)h->n);
-	if (rank < 1)
-		rank = 1;
-	for (i = 0; i < H_N; i++) {
-		seen += h->b[i];
-		if (seen >= rank) {
-			v = h_top(i);
-			return v < h->max ? v : h->max;
-		}
-	}
-	return h->max;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -236,8 +73,7 @@ h_quantile(const struct hist *h, double q)
 
 struct cfg {
 	const char *url;
-	char *host, *host_hdr, *path;
-	int port;
+	struct lg_endpoint ep;  /* from url */
 	const char *token;
 	int auth_message;       /* token in a first {"type":"auth"} message */
 	unsigned connections;
@@ -263,8 +99,7 @@ struct conn {
 	enum conn_state state;
 	unsigned sub_sent:1, auth_sent:1, kill:1, rx_discard:1, established:1;
 	int close_code;
-	char *rx;
-	size_t rx_len, rx_cap;
+	struct lg_rx rx;
 	uint64_t readings_win;  /* readings received in the window */
 };
 
@@ -288,8 +123,7 @@ static struct {
 	char stamp_key[80];     /* "NAME": */
 
 	unsigned next_connect;
-	double tokens;
-	int64_t tokens_at;
+	struct lg_bucket connect_bucket;
 
 	unsigned n_live, n_established, n_subscribed, n_sub_failed;
 	unsigned subscribed_at_window, subscribed_at_end;
@@ -299,19 +133,18 @@ static struct {
 	unsigned n_closed_codes;
 
 	struct counters warm, win, iv;   /* before the window, in it, interval */
-	struct hist h_win, h_iv;
+	struct lg_hist h_win, h_iv;
 	struct errcode errs[DS_ERRCODES_MAX];
 	unsigned n_errs;
 
 	int64_t start_us, win_start_us, win_end_us, last_stats_us;
 	int in_window, stopping, closing, destroying;
-	volatile sig_atomic_t sig;
 	int sig_seen;
 	long pid_ticks0[DS_PIDS_MAX], pid_ticks1[DS_PIDS_MAX];
 	struct rusage ru0;
 
-	lws_sorted_usec_list_t sul_connect, sul_heartbeat, sul_window, sul_stop,
-			       sul_stats, sul_destroy, sul_signal;
+	lws_sorted_usec_list_t sul_connect, sul_window, sul_stop, sul_destroy,
+			       sul_signal;
 } g;
 
 /* ------------------------------------------------------------------------ */
@@ -392,7 +225,7 @@ static void
 on_reading(struct conn *c, const char *m, size_t n)
 {
 	const char *data = memmem(m, n, "\"data\":", 7);
-	int64_t now = wall_us(), stamp = -1, lat;
+	int64_t now = lg_wall_us(), stamp = -1, lat;
 	struct counters *k = ctr();
 
 	k->readings++;
@@ -419,8 +252,8 @@ on_reading(struct conn *c, const char *m, size_t n)
 		lat = 0;
 	}
 	if (g.in_window)
-		h_add(&g.h_win, (uint64_t)lat);
-	h_add(&g.h_iv, (uint64_t)lat);
+		lg_hist_add(&g.h_win, (uint64_t)lat);
+	lg_hist_add(&g.h_iv, (uint64_t)lat);
 }
 
 static void request_write(struct conn *c);
@@ -491,7 +324,7 @@ ensure_tx(size_t n)
 	if (g.tx_cap >= LWS_PRE + n)
 		return;
 	g.tx_cap = LWS_PRE + n;
-	g.tx = xrealloc(g.tx, g.tx_cap);
+	g.tx = lg_xrealloc(g.tx, g.tx_cap);
 }
 
 /* append s, JSON-escaped, as a string literal; returns new offset */
@@ -698,16 +531,7 @@ conn_start(struct conn *c)
 {
 	struct lws_client_connect_info ci;
 
-	memset(&ci, 0, sizeof(ci));
-	ci.context = g.ctx;
-	ci.address = g.c.host;
-	ci.port = g.c.port;
-	ci.path = g.c.path;
-	ci.host = g.c.host_hdr;
-	ci.protocol = DS_SUBPROTOCOL;
-	ci.local_protocol_name = DS_SUBPROTOCOL;
-	ci.opaque_user_data = c;
-	ci.pwsi = &c->wsi;
+	lg_connect_info(&ci, g.ctx, &g.c.ep, DS_SUBPROTOCOL, c, &c->wsi);
 	c->state = C_CONNECTING;
 	g.n_live++;
 	if (!lws_client_connect_via_info(&ci) && c->state == C_CONNECTING) {
@@ -720,22 +544,13 @@ conn_start(struct conn *c)
 static void
 connect_cb(lws_sorted_usec_list_t *sul)
 {
-	int64_t now = mono_us();
-	double burst = g.c.connect_rate * 0.02;
-
 	(void)sul;
 	if (g.stopping)
 		return;
-	if (burst < 1)
-		burst = 1;
-	g.tokens += (double)(now - g.tokens_at) * g.c.connect_rate / 1e6;
-	if (g.tokens > burst)
-		g.tokens = burst;
-	g.tokens_at = now;
-	while (g.next_connect < g.c.connections && g.tokens >= 1.0) {
-		g.tokens -= 1.0;
+	lg_bucket_refill(&g.connect_bucket, lg_mono_us());
+	while (g.next_connect < g.c.connections &&
+	       lg_bucket_take(&g.connect_bucket))
 		conn_start(&g.conns[g.next_connect++]);
-	}
 	if (g.next_connect < g.c.connections)
 		lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_cb, 2000);
 }
@@ -781,40 +596,22 @@ conn_writeable(struct conn *c, struct lws *wsi)
 static int
 conn_receive(struct conn *c, struct lws *wsi, const char *in, size_t len)
 {
-	int final = lws_is_final_fragment(wsi);
+	int final = lws_is_final_fragment(wsi), r;
+	const char *m;
+	size_t n;
 
 	if (c->rx_discard) {
 		if (final)
 			c->rx_discard = 0;
 		return 0;
 	}
-	if (!c->rx_len && final) {
-		handle_msg(c, in, len);
-		return 0;
-	}
-	if (c->rx_len + len > g.c.max_msg) {
+	r = lg_rx_feed(&c->rx, in, len, final, g.c.max_msg, &m, &n);
+	if (r < 0) {
 		ctr()->bad_msgs++;
 		LOG(LOG_WARN, "conn %u: message over --max-msg, dropped", c->idx);
-		c->rx_len = 0;
 		c->rx_discard = !final;
-		return 0;
-	}
-	if (c->rx_len + len > c->rx_cap) {
-		size_t nc = c->rx_cap ? c->rx_cap : 4096;
-
-		while (nc < c->rx_len + len)
-			nc *= 2;
-		c->rx = xrealloc(c->rx, nc);
-		c->rx_cap = nc;
-	}
-	memcpy(c->rx + c->rx_len, in, len);
-	c->rx_len += len;
-	if (final) {
-		size_t n = c->rx_len;
-
-		c->rx_len = 0;
-		handle_msg(c, c->rx, n);
-	}
+	} else if (r)
+		handle_msg(c, m, n);
 	return 0;
 }
 
@@ -828,23 +625,11 @@ callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 
 	(void)user;
 	if (reason == LWS_CALLBACK_EVENT_WAIT_CANCELLED) {
-		if (g.sig != g.sig_seen && g.ctx && !g.destroying)
+		if (lg_signal_count() != g.sig_seen && g.ctx && !g.destroying)
 			lws_sul_schedule(g.ctx, 0, &g.sul_signal, signal_cb, 0);
 		return 0;
 	}
-	switch (reason) {
-	case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER:
-	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
-	case LWS_CALLBACK_CLIENT_ESTABLISHED:
-	case LWS_CALLBACK_CLIENT_RECEIVE:
-	case LWS_CALLBACK_CLIENT_WRITEABLE:
-	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-	case LWS_CALLBACK_WSI_DESTROY:
-		break;
-	default:
-		return 0;
-	}
-	c = wsi ? lws_get_opaque_user_data(wsi) : NULL;
+	c = lg_client_owner(wsi, reason);
 	if (!c || (c->wsi && c->wsi != wsi))
 		return 0;
 
@@ -935,15 +720,6 @@ pid_ticks(int pid)
 }
 
 static void
-heartbeat_cb(lws_sorted_usec_list_t *sul)
-{
-	(void)sul;
-	if (!g.destroying)
-		lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb,
-				 DS_HEARTBEAT_US);
-}
-
-static void
 window_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
@@ -952,7 +728,7 @@ window_cb(lws_sorted_usec_list_t *sul)
 	for (i = 0; i < g.c.n_pids; i++)
 		g.pid_ticks0[i] = pid_ticks(g.c.pids[i]);
 	getrusage(RUSAGE_SELF, &g.ru0);
-	g.win_start_us = mono_us();
+	g.win_start_us = lg_mono_us();
 	g.in_window = 1;
 	g.subscribed_at_window = g.n_subscribed;
 	LOG(LOG_INFO, "window starts: %u of %u connections subscribed",
@@ -972,21 +748,12 @@ print_stats(int64_t now)
 		(double)(now - g.start_us) / 1e6, g.n_established,
 		g.c.connections, g.n_subscribed, (double)g.iv.readings / dt,
 		g.iv.gaps, g.iv.dropped, g.iv.other,
-		(double)h_quantile(&g.h_iv, 0.5) / 1e3,
-		(double)h_quantile(&g.h_iv, 0.99) / 1e3, (double)g.h_iv.max / 1e3);
+		(double)lg_hist_quantile(&g.h_iv, 0.5) / 1e3,
+		(double)lg_hist_quantile(&g.h_iv, 0.99) / 1e3,
+		(double)g.h_iv.max / 1e3);
 	memset(&g.iv, 0, sizeof(g.iv));
-	memset(&g.h_iv, 0, sizeof(g.h_iv));
+	lg_hist_reset(&g.h_iv);
 	g.last_stats_us = now;
-}
-
-static void
-stats_cb(lws_sorted_usec_list_t *sul)
-{
-	(void)sul;
-	print_stats(mono_us());
-	if (!g.stopping)
-		lws_sul_schedule(g.ctx, 0, &g.sul_stats, stats_cb,
-				 (lws_usec_t)(g.c.stats_interval * 1e6));
 }
 
 static void
@@ -997,10 +764,10 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 		return;
 	g.destroying = 1;
 	lws_sul_cancel(&g.sul_connect);
-	lws_sul_cancel(&g.sul_heartbeat);
+	lg_heartbeat_stop();
 	lws_sul_cancel(&g.sul_window);
 	lws_sul_cancel(&g.sul_stop);
-	lws_sul_cancel(&g.sul_stats);
+	lg_stats_stop();
 	lws_sul_cancel(&g.sul_signal);
 	lws_context_destroy(g.ctx);   /* deferred until the loop unwinds */
 }
@@ -1016,14 +783,14 @@ stop_cb(lws_sorted_usec_list_t *sul)
 		return;
 	if (!g.in_window)
 		window_cb(NULL);   /* stopped before the warmup ended */
-	g.win_end_us = mono_us();
+	g.win_end_us = lg_mono_us();
 	g.subscribed_at_end = g.n_subscribed;
 	for (i = 0; i < g.c.n_pids; i++)
 		g.pid_ticks1[i] = pid_ticks(g.c.pids[i]);
 	g.in_window = 0;
 	g.stopping = 1;
 	lws_sul_cancel(&g.sul_connect);
-	lws_sul_cancel(&g.sul_stats);
+	lg_stats_stop();
 	for (i = 0; i < g.c.connections; i++) {
 		struct conn *c = &g.conns[i];
 
@@ -1046,9 +813,9 @@ static void
 signal_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
-	if (g.sig == g.sig_seen)
+	if (lg_signal_count() == g.sig_seen)
 		return;
-	g.sig_seen = g.sig;
+	g.sig_seen = lg_signal_count();
 	if (!g.stopping) {
 		LOG(LOG_INFO, "signal: stopping");
 		lws_sul_cancel(&g.sul_stop);
@@ -1059,23 +826,8 @@ signal_cb(lws_sorted_usec_list_t *sul)
 	}
 }
 
-static void
-on_signal(int s)
-{
-	(void)s;
-	g.sig++;
-	if (g.ctx)
-		lws_cancel_service(g.ctx);
-}
-
 /* ------------------------------------------------------------------------ */
 /* summary                                                                    */
-
-static double
-tv_s(struct timeval t)
-{
-	return (double)t.tv_sec + (double)t.tv_usec / 1e6;
-}
 
 static void
 print_summary(void)
@@ -1134,20 +886,19 @@ print_summary(void)
 	       ",\"p99\":%.3f,\"p99.9\":%.3f,\"max\":%.3f,\"mean\":%.3f"
 	       ",\"from_stamp\":%" PRIu64 ",\"from_ts\":%" PRIu64
 	       ",\"no_stamp\":%" PRIu64 ",\"negative\":%" PRIu64 "}",
-	       g.h_win.n, (double)h_quantile(&g.h_win, 0.5) / 1e3,
-	       (double)h_quantile(&g.h_win, 0.9) / 1e3,
-	       (double)h_quantile(&g.h_win, 0.99) / 1e3,
-	       (double)h_quantile(&g.h_win, 0.999) / 1e3,
-	       (double)g.h_win.max / 1e3,
-	       g.h_win.n ? g.h_win.sum / (double)g.h_win.n / 1e3 : 0.0,
-	       g.h_win.n - g.win.from_ts, g.win.from_ts, g.win.no_stamp,
+	       g.h_win.count, (double)lg_hist_quantile(&g.h_win, 0.5) / 1e3,
+	       (double)lg_hist_quantile(&g.h_win, 0.9) / 1e3,
+	       (double)lg_hist_quantile(&g.h_win, 0.99) / 1e3,
+	       (double)lg_hist_quantile(&g.h_win, 0.999) / 1e3,
+	       (double)g.h_win.max / 1e3, lg_hist_mean(&g.h_win) / 1e3,
+	       g.h_win.count - g.win.from_ts, g.win.from_ts, g.win.no_stamp,
 	       g.win.negative);
 	printf(",\"cpu_s\":%.3f,\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f"
 	       ",\"window_cpu_s\":%.3f,\"max_rss_kb\":%ld",
-	       tv_s(ru.ru_utime) + tv_s(ru.ru_stime), tv_s(ru.ru_utime),
-	       tv_s(ru.ru_stime),
-	       tv_s(ru.ru_utime) + tv_s(ru.ru_stime) -
-	       tv_s(g.ru0.ru_utime) - tv_s(g.ru0.ru_stime), ru.ru_maxrss);
+	       lg_tv_s(ru.ru_utime) + lg_tv_s(ru.ru_stime), lg_tv_s(ru.ru_utime),
+	       lg_tv_s(ru.ru_stime),
+	       lg_tv_s(ru.ru_utime) + lg_tv_s(ru.ru_stime) -
+	       lg_tv_s(g.ru0.ru_utime) - lg_tv_s(g.ru0.ru_stime), ru.ru_maxrss);
 	if (g.c.n_pids) {
 		printf(",\"pid_cpu_s\":{");
 		for (i = 0; i < g.c.n_pids; i++) {
@@ -1202,89 +953,46 @@ usage(FILE *f)
 "  -v, -q, -h           more logs / errors only / this help\n");
 }
 
-static void die_flag(const char *fmt, ...) __attribute__((format(printf, 1, 2),
-							  noreturn));
-static void
-die_flag(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("dash-sub: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputs(" (see --help)\n", stderr);
-	exit(2);
-}
-
-static double
-parse_num(const char *flag, const char *s, double lo, double hi)
-{
-	char *e;
-	double v;
-
-	errno = 0;
-	v = strtod(s, &e);
-	if (errno || e == s || *e || !isfinite(v) || v < lo || v > hi)
-		die_flag("%s: expected a number in [%g, %g], got '%s'", flag, lo,
-			 hi, s);
-	return v;
-}
-
 /* ws://host[:port][/path]; the host must be a loopback address */
 static void
 parse_url(struct cfg *c)
 {
+	struct lg_endpoint *ep = &c->ep;
 	const char *h, *e, *pe;
 	struct in_addr a4;
 	struct in6_addr a6;
-	size_t hl;
 
 	if (strncmp(c->url, "ws://", 5))
-		die_flag("--url: must start with ws:// (loopback only), got '%s'",
-			 c->url);
+		lg_die_flag("--url: must start with ws:// (loopback only), got '%s'",
+			    c->url);
 	h = c->url + 5;
 	pe = h + strcspn(h, "/?#");
-	if (*h == '[') {
-		e = memchr(h, ']', (size_t)(pe - h));
-		if (!e)
-			die_flag("--url: unterminated [ in '%s'", c->url);
-		c->host = strndup(h + 1, (size_t)(e - h - 1));
-		e++;
-	} else {
-		e = memchr(h, ':', (size_t)(pe - h));
-		if (!e)
-			e = pe;
-		c->host = strndup(h, (size_t)(e - h));
+	ep->host = lg_url_host(c->url, h, pe, &e);
+	if (!strcmp(ep->host, "localhost")) {
+		free(ep->host);
+		ep->host = lg_xstrdup("127.0.0.1");
 	}
-	if (!c->host)
-		abort();
-	if (!strcmp(c->host, "localhost")) {
-		free(c->host);
-		c->host = strdup("127.0.0.1");
-	}
-	if (inet_pton(AF_INET, c->host, &a4) == 1) {
+	if (inet_pton(AF_INET, ep->host, &a4) == 1) {
 		if ((ntohl(a4.s_addr) >> 24) != 127)
-			die_flag("--url: %s is not a loopback address", c->host);
-	} else if (inet_pton(AF_INET6, c->host, &a6) == 1) {
+			lg_die_flag("--url: %s is not a loopback address", ep->host);
+	} else if (inet_pton(AF_INET6, ep->host, &a6) == 1) {
 		if (!IN6_IS_ADDR_LOOPBACK(&a6))
-			die_flag("--url: %s is not a loopback address", c->host);
+			lg_die_flag("--url: %s is not a loopback address", ep->host);
 	} else
-		die_flag("--url: host must be a loopback IP literal or localhost, "
-			 "got '%s'", c->host);
-	c->port = 80;
+		lg_die_flag("--url: host must be a loopback IP literal or "
+			    "localhost, got '%s'", ep->host);
+	ep->port = 80;
 	if (*e == ':') {
 		char *ps = strndup(e + 1, (size_t)(pe - e - 1));
 
-		c->port = (int)parse_num("--url port", ps, 1, 65535);
+		if (!ps)
+			abort();
+		ep->port = (int)lg_parse_num("--url port", ps, 1, 65535);
 		free(ps);
 	} else if (e != pe)
-		die_flag("--url: bad host part in '%s'", c->url);
-	c->path = strdup(*pe == '/' ? pe : "/");
-	hl = strlen(c->host) + 16;
-	c->host_hdr = xmalloc(hl);
-	snprintf(c->host_hdr, hl, strchr(c->host, ':') ? "[%s]:%d" : "%s:%d",
-		 c->host, c->port);
+		lg_die_flag("--url: bad host part in '%s'", c->url);
+	ep->path = lg_xstrdup(*pe == '/' ? pe : "/");
+	ep->host_hdr = lg_host_header(ep->host, ep->port);
 }
 
 static void
@@ -1335,61 +1043,52 @@ parse_args(int argc, char **argv)
 		case O_TOKEN: c->token = optarg; break;
 		case O_AUTHMSG: c->auth_message = 1; break;
 		case O_CONNS:
-			c->connections = (unsigned)parse_num("--connections",
-							     optarg, 1, 100000);
+			c->connections = (unsigned)lg_parse_num(
+				"--connections", optarg, 1, 100000);
 			break;
 		case O_CRATE:
-			c->connect_rate = parse_num("--connect-rate", optarg, 1, 1e6);
+			c->connect_rate = lg_parse_num("--connect-rate", optarg, 1, 1e6);
 			break;
 		case O_STREAM: c->stream = optarg; break;
 		case O_DTYPE: c->device_type = optarg; break;
 		case O_DEVICES: c->devices = optarg; break;
 		case O_SLICES:
-			c->slices = (unsigned)parse_num("--slices", optarg, 1, 1e9);
+			c->slices = (unsigned)lg_parse_num("--slices", optarg, 1, 1e9);
 			break;
 		case O_LABELS: c->labels = optarg; break;
 		case O_SINCE: c->since = optarg; break;
 		case O_STAMP: c->stamp_field = optarg; break;
 		case O_DUR:
-			c->duration = parse_num("--duration", optarg, 0.1, 1e6);
+			c->duration = lg_parse_num("--duration", optarg, 0.1, 1e6);
 			break;
 		case O_WARMUP:
-			c->warmup = parse_num("--warmup", optarg, 0, 1e6);
+			c->warmup = lg_parse_num("--warmup", optarg, 0, 1e6);
 			break;
 		case O_PIDS: pids = optarg; break;
 		case O_MAXMSG:
-			c->max_msg = (size_t)parse_num("--max-msg", optarg, 1024,
-						       256 << 20);
+			c->max_msg = (size_t)lg_parse_num("--max-msg", optarg, 1024,
+							  256 << 20);
 			break;
 		case O_STATS:
-			c->stats_interval = parse_num("--stats-interval", optarg,
-						      0, 86400);
-			if (c->stats_interval > 0 && c->stats_interval < 0.01)
-				die_flag("--stats-interval: at least 0.01 s");
+			c->stats_interval = lg_parse_stats_interval(optarg);
 			break;
-		case 'v':
-			g_log_level = g_log_level < LOG_INFO ? LOG_INFO : LOG_DEBUG;
-			break;
-		case 'q': g_log_level = LOG_ERR; break;
-		case 'h': usage(stdout); exit(0);
-		case ':': die_flag("option '%s' needs a value", argv[optind - 1]);
-		default: die_flag("unknown option '%s'", argv[optind - 1]);
+		default: lg_common_option(o, argv, usage);
 		}
 	}
 	if (optind < argc)
-		die_flag("unexpected argument '%s'", argv[optind]);
+		lg_die_flag("unexpected argument '%s'", argv[optind]);
 	parse_url(c);
 	if (!c->slices)
 		c->slices = c->connections;
 	if (c->warmup >= c->duration)
-		die_flag("--warmup must be shorter than --duration");
+		lg_die_flag("--warmup must be shorter than --duration");
 	if (c->auth_message && !c->token)
-		die_flag("--auth-message needs --token");
+		lg_die_flag("--auth-message needs --token");
 	if (!*c->stamp_field || strlen(c->stamp_field) > 64 ||
 	    strpbrk(c->stamp_field, "\"\\"))
-		die_flag("--stamp-field: 1-64 characters, no quote or backslash");
+		lg_die_flag("--stamp-field: 1-64 characters, no quote or backslash");
 	if (c->token && strpbrk(c->token, " \t\r\n"))
-		die_flag("--token: no whitespace");
+		lg_die_flag("--token: no whitespace");
 	if (c->labels) {
 		const char *p = c->labels;
 
@@ -1399,8 +1098,8 @@ parse_args(int argc, char **argv)
 
 			eq = memchr(p, '=', n);
 			if (!eq || eq == p)
-				die_flag("--labels: expected k=v[,k=v...], got '%s'",
-					 c->labels);
+				lg_die_flag("--labels: expected k=v[,k=v...], got '%s'",
+					    c->labels);
 			if (!e)
 				break;
 			p = e + 1;
@@ -1411,9 +1110,9 @@ parse_args(int argc, char **argv)
 
 		for (t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
 			if (c->n_pids == DS_PIDS_MAX)
-				die_flag("--cpu-pids: at most %d", DS_PIDS_MAX);
-			c->pids[c->n_pids++] = (int)parse_num("--cpu-pids", t, 1,
-							      4194304);
+				lg_die_flag("--cpu-pids: at most %d", DS_PIDS_MAX);
+			c->pids[c->n_pids++] = (int)lg_parse_num("--cpu-pids", t, 1,
+								 4194304);
 		}
 		free(dup);
 	}
@@ -1421,100 +1120,51 @@ parse_args(int argc, char **argv)
 					   "\"%s\":", c->stamp_field);
 }
 
-static void
-raise_nofile(void)
-{
-	struct rlimit rl;
-
-	if (getrlimit(RLIMIT_NOFILE, &rl))
-		return;
-	if (rl.rlim_cur < rl.rlim_max) {
-		rl.rlim_cur = rl.rlim_max;
-		if (setrlimit(RLIMIT_NOFILE, &rl))
-			LOG(LOG_WARN, "cannot raise RLIMIT_NOFILE: %s",
-			    strerror(errno));
-		getrlimit(RLIMIT_NOFILE, &rl);
-	}
-	if (rl.rlim_cur != RLIM_INFINITY &&
-	    (uint64_t)g.c.connections + 64 > (uint64_t)rl.rlim_cur) {
-		fprintf(stderr, "dash-sub: --connections %u needs about %u open "
-			"files, the limit is %llu\n", g.c.connections,
-			g.c.connections + 64, (unsigned long long)rl.rlim_cur);
-		exit(2);
-	}
-}
-
 int
 main(int argc, char **argv)
 {
 	struct lws_context_creation_info info;
-	struct sigaction sa;
 	unsigned i;
 
-	g_t0 = mono_us();
+	lg_init("dash-sub");
 	parse_args(argc, argv);
-	raise_nofile();
+	if (lg_raise_nofile("--connections", g.c.connections))
+		exit(2);
 	signal(SIGPIPE, SIG_IGN);
 
-	g.conns = calloc(g.c.connections, sizeof(*g.conns));
-	if (!g.conns)
-		abort();
+	g.conns = lg_xcalloc(g.c.connections, sizeof(*g.conns));
 	for (i = 0; i < g.c.connections; i++)
 		g.conns[i].idx = i;
 
-	lws_set_log_level(g_log_level >= LOG_DEBUG ? LLL_ERR | LLL_WARN | LLL_NOTICE :
-			  g_log_level <= LOG_ERR ? LLL_ERR : LLL_ERR | LLL_WARN,
-			  lws_log_emit);
-	memset(&info, 0, sizeof(info));
-	info.port = CONTEXT_PORT_NO_LISTEN;
-	info.protocols = protocols;
-	info.options = LWS_SERVER_OPTION_LIBEV;
-	info.gid = -1;
-	info.uid = -1;
-	info.timeout_secs = 10;
-	/* no fd_limit_per_thread: in lws 4.1.6 setting it turns the fd -> wsi
-	 * lookup into a linear search (35 % of the CPU at 3,000 connections);
-	 * the default sizes the table from RLIMIT_NOFILE, raised above */
+	lws_set_log_level(lg_lws_log_levels(), lws_log_emit);
+	lg_context_info(&info, protocols);
 	g.ctx = lws_create_context(&info);
 	if (!g.ctx) {
 		fprintf(stderr, "dash-sub: cannot create the lws context (is the "
 			"libev plugin, libwebsockets-evlib-ev, installed?)\n");
 		return 1;
 	}
-	/* after lws_create_context: the ev backend installs its own SIGINT watcher */
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	lg_signals_install(g.ctx);
 
-	g.start_us = g.last_stats_us = g.tokens_at = mono_us();
-	g.tokens = 1;
+	g.start_us = g.last_stats_us = lg_mono_us();
+	lg_bucket_init(&g.connect_bucket, g.c.connect_rate, g.start_us);
 	lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_cb, 0);
-	lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb, DS_HEARTBEAT_US);
+	lg_heartbeat_start(g.ctx);
 	lws_sul_schedule(g.ctx, 0, &g.sul_window, window_cb,
 			 (lws_usec_t)(g.c.warmup * 1e6));
 	lws_sul_schedule(g.ctx, 0, &g.sul_stop, stop_cb,
 			 (lws_usec_t)(g.c.duration * 1e6));
 	if (g.c.stats_interval > 0)
-		lws_sul_schedule(g.ctx, 0, &g.sul_stats, stats_cb,
-				 (lws_usec_t)(g.c.stats_interval * 1e6));
-	lws_cancel_service(g.ctx);   /* arm the ev timer for the suls above */
-
-	while (!g.destroying)
-		if (lws_service(g.ctx, 0) < 0)
-			break;
-	lws_context_destroy(g.ctx);
+		lg_stats_start(g.ctx, g.c.stats_interval, print_stats);
+	lg_run(g.ctx, &g.destroying);
 	g.ctx = NULL;
 	if (g.c.stats_interval > 0)
-		print_stats(mono_us());
+		print_stats(lg_mono_us());
 	print_summary();
 	for (i = 0; i < g.c.connections; i++)
-		free(g.conns[i].rx);
+		free(g.conns[i].rx.buf);
 	free(g.conns);
 	free(g.tx);
-	free(g.c.host);
-	free(g.c.host_hdr);
-	free(g.c.path);
+	lg_endpoint_free(&g.c.ep);
 	return 0;
 }

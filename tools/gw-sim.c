@@ -21,7 +21,7 @@
  *    ev_timer_start() on a watcher that is still active, which libev ignores: a sul
  *    scheduled from a socket callback, earlier than the timer already armed, fired
  *    up to 10 s late (measured). Only the timer's own callback re-arms it correctly,
- *    so a 10 ms heartbeat sul bounds that error to 10 ms (see heartbeat_cb).
+ *    so a 10 ms heartbeat sul bounds that error to 10 ms (lg_heartbeat_start).
  *  - A sul callback runs with pt->inside_lws_service set: lws_context_destroy() from
  *    there is deferred until the loop breaks, then main() finishes it.
  *  - WSI_DESTROY reaches protocols[0] exactly once per wsi, also for connects that
@@ -37,7 +37,8 @@
  */
 
 #define _GNU_SOURCE
-#include <libwebsockets.h>
+#include "loadgen.h"
+
 #include <jansson.h>
 
 #include <openssl/evp.h>
@@ -50,7 +51,6 @@
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,77 +69,11 @@
 #define SIM_BACKOFF_MIN_MS   100
 #define SIM_BACKOFF_MAX_MS   5000
 #define SIM_DRAIN_MS         3000    /* grace for unacked frames at stop */
-#define SIM_HEARTBEAT_US     10000   /* bound on lws 4.1.6 + libev timer lateness */
 #define SIM_READING_MAX      (96u + 2u * SIM_ID_MAX) /* one reading's JSON, upper bound */
 #define SIM_SEQ_STRIDE       1000000000ull /* gateway i starts at seq0 + i * stride */
 
 /* ------------------------------------------------------------------------ */
-/* logging                                                                   */
-
-enum { LOG_ERR, LOG_WARN, LOG_INFO, LOG_DEBUG };
-
-static int g_log_level = LOG_WARN;
-static int64_t g_log_t0;
-
-static int64_t
-mono_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-static int64_t
-wall_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-static void sim_log(int lvl, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-/*
- * Per-connection events of 10k gateways can flood stderr: lines other than errors
- * are limited to 20 per second, and the number suppressed is reported.
- */
-static void
-sim_log(int lvl, const char *fmt, ...)
-{
-	static const char *names[] = { "error", "warn", "info", "debug" };
-	static int64_t win_start;
-	static unsigned win_lines, suppressed;
-	int64_t now = mono_us();
-	va_list ap;
-
-	if (lvl > LOG_ERR) {
-		if (now - win_start >= 1000000) {
-			if (suppressed)
-				fprintf(stderr, "[%8.3f] warn: %u log lines "
-					"suppressed\n",
-					(double)(now - g_log_t0) / 1e6,
-					suppressed);
-			win_start = now;
-			win_lines = 0;
-			suppressed = 0;
-		}
-		if (++win_lines > 20) {
-			suppressed++;
-			return;
-		}
-	}
-	fprintf(stderr, "[%8.3f] %s: ", (double)(now - g_log_t0) / 1e6,
-		names[lvl]);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-}
-
-#define LOG(lvl, ...) do { if ((lvl) <= g_log_level) sim_log(lvl, __VA_ARGS__); } while (0)
+/* lws logs                                                                   */
 
 static void
 lws_log_emit(int level, const char *line)
@@ -151,140 +85,12 @@ lws_log_emit(int level, const char *line)
 	LOG(level == LLL_ERR ? LOG_ERR : LOG_WARN, "lws: %.*s", (int)n, line);
 }
 
-static void *
-xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-
-	if (!p) {
-		fprintf(stderr, "gw-sim: out of memory (%zu bytes)\n", n);
-		abort();
-	}
-	return p;
-}
-
-static void *
-xcalloc(size_t n, size_t sz)
-{
-	void *p = calloc(n ? n : 1, sz ? sz : 1);
-
-	if (!p) {
-		fprintf(stderr, "gw-sim: out of memory (%zu x %zu bytes)\n", n, sz);
-		abort();
-	}
-	return p;
-}
-
-static void *
-xrealloc(void *o, size_t n)
-{
-	void *p = realloc(o, n ? n : 1);
-
-	if (!p) {
-		fprintf(stderr, "gw-sim: out of memory (%zu bytes)\n", n);
-		abort();
-	}
-	return p;
-}
-
-static char *
-xstrdup(const char *s)
-{
-	size_t n = strlen(s) + 1;
-
-	return memcpy(xmalloc(n), s, n);
-}
-
-/* ------------------------------------------------------------------------ */
-/* latency histogram: HDR-style log buckets, 128 linear sub-buckets per power  */
-/* of two (relative error < 0.8 %), values in microseconds up to 2^40.        */
-
-#define H_SUB_BITS 7u
-#define H_SUB      (1u << H_SUB_BITS)
-#define H_MAX_EXP  40u
-#define H_BUCKETS  (H_SUB + (H_MAX_EXP - H_SUB_BITS) * H_SUB)
-
-struct hist {
-	uint64_t count;
-	uint64_t max;
-	double sum;
-	uint64_t b[H_BUCKETS];
-};
-
-static unsigned
-hist_index(uint64_t v)
-{
-	unsigned e, shift;
-
-	if (v < H_SUB)
-		return (unsigned)v;
-	e = 63u - (unsigned)__builtin_clzll(v);
-	if (e >= H_MAX_EXP)
-		return H_BUCKETS - 1;
-	shift = e - H_SUB_BITS;
-	return H_SUB + shift * H_SUB + (unsigned)((v >> shift) - H_SUB);
-}
-
-/* highest value that lands in bucket idx */
-static uint64_t
-hist_bucket_top(unsigned idx)
-{
-	unsigned shift, m;
-
-	if (idx < H_SUB)
-		return idx;
-	shift = (idx - H_SUB) / H_SUB;
-	m = (idx - H_SUB) % H_SUB + H_SUB;
-	return (((uint64_t)m + 1) << shift) - 1;
-}
-
-static void
-hist_add(struct hist *h, uint64_t v)
-{
-	h->b[hist_index(v)]++;
-	h->count++;
-	h->sum += (double)v;
-	if (v > h->max)
-		h->max = v;
-}
-
-static void
-hist_reset(struct hist *h)
-{
-	memset(h, 0, sizeof(*h));
-}
-
-/* value at quantile q (0..1]; 0 when empty; never above the exact max */
-static uint64_t
-hist_quantile(const struct hist *h, double q)
-{
-	uint64_t rank, seen = 0, v;
-	unsigned i;
-
-	if (!h->count)
-		return 0;
-	rank = (uint64_t)ceil(q * (double)h->count);
-	if (rank < 1)
-		rank = 1;
-	for (i = 0; i < H_BUCKETS; i++) {
-		seen += h->b[i];
-		if (seen >= rank) {
-			v = hist_bucket_top(i);
-			return v < h->max ? v : h->max;
-		}
-	}
-	return h->max;
-}
-
 /* ------------------------------------------------------------------------ */
 /* configuration                                                              */
 
 struct sim_cfg {
 	const char *url;
-	char *host;          /* address to connect to (no brackets) */
-	char *host_hdr;      /* Host: header value */
-	char *path;          /* begins with '/' */
-	int port;
+	struct lg_endpoint ep;   /* from url */
 	int tls;
 	const char *ca, *cert, *key;
 	int insecure;
@@ -416,8 +222,7 @@ struct gw {
 	int heap_pos;          /* -1 when not in the rate heap */
 
 	/* rx reassembly */
-	char *rx;
-	size_t rx_len, rx_cap;
+	struct lg_rx rx;
 
 	/* control messages (command acks), bounded */
 	struct ctrl_msg *cq_head, *cq_tail;
@@ -478,8 +283,7 @@ static struct {
 	/* connect queue (ring of gateway indices) and its rate limiter */
 	unsigned *connq;
 	unsigned cq_head, cq_count;
-	double conn_tokens;
-	int64_t conn_last_us;
+	struct lg_bucket conn_bucket;
 	int connect_armed;
 	lws_sorted_usec_list_t sul_connect;
 
@@ -490,10 +294,9 @@ static struct {
 	int64_t rate_armed_ns;  /* 0 = not armed */
 	lws_sorted_usec_list_t sul_rate;
 
-	lws_sorted_usec_list_t sul_stats, sul_duration, sul_signal, sul_destroy,
-			       sul_drain, sul_watchdog, sul_heartbeat;
+	lws_sorted_usec_list_t sul_duration, sul_signal, sul_destroy, sul_drain,
+			       sul_watchdog;
 
-	volatile sig_atomic_t sig_count;
 	int sig_handled;
 	int stopping;        /* no new frames; drain the windows */
 	int closing;         /* close everything now */
@@ -506,7 +309,7 @@ static struct {
 	struct errcode errcodes[ERRCODES_MAX];
 	unsigned n_errcodes;
 	uint64_t errcodes_other;
-	struct hist h_tot, h_iv;
+	struct lg_hist h_tot, h_iv;
 	int64_t start_us, stop_us, last_stats_us;
 	uint64_t rng;
 } g;
@@ -583,7 +386,7 @@ ensure_tx(size_t payload)
 	if (LWS_PRE + payload <= g.tx_cap)
 		return;
 	g.tx_cap = LWS_PRE + payload;
-	g.tx = xrealloc(g.tx, g.tx_cap);
+	g.tx = lg_xrealloc(g.tx, g.tx_cap);
 }
 
 static void
@@ -665,7 +468,7 @@ rate_arm(void)
 	due = g.heap[0]->next_due_ns;
 	if (g.rate_armed_ns && g.rate_armed_ns <= due)
 		return;
-	now_ns = mono_us() * 1000;
+	now_ns = lg_mono_us() * 1000;
 	g.rate_armed_ns = due;
 	lws_sul_schedule(g.ctx, 0, &g.sul_rate, rate_cb,
 			 due > now_ns ? (due - now_ns) / 1000 : 0);
@@ -784,12 +587,12 @@ gw_generate(struct gw *gw)
 {
 	uint64_t seq = gw->next_seq++;
 	struct frame_slot *fs = &gw->win[seq % g.cfg.inflight];
-	int64_t now_us = wall_us(), ts = now_us / 1000;
+	int64_t now_us = lg_wall_us(), ts = now_us / 1000;
 	size_t cap = frame_bound(), off;
 	unsigned r;
 
 	if (fs->cap < cap) {
-		fs->buf = xrealloc(fs->buf, cap);
+		fs->buf = lg_xrealloc(fs->buf, cap);
 		fs->cap = (uint32_t)cap;
 	}
 	off = (size_t)snprintf(fs->buf, cap,
@@ -896,7 +699,7 @@ gw_ctrl_push(struct gw *gw, json_t *msg)
 		CNT(cmd_acks_dropped, 1);
 		return;
 	}
-	m = xmalloc(sizeof(*m) + n);
+	m = lg_xmalloc(sizeof(*m) + n);
 	m->len = json_dumpb(msg, m->data, n, JSON_COMPACT);
 	m->next = NULL;
 	if (gw->cq_tail)
@@ -1084,12 +887,12 @@ gw_on_command(struct gw *gw, json_t *root)
 	if (!g.cfg.cmd_ack_delay_ms)
 		send_cmd_ack(gw, id, "received", NULL, -1, NULL, NULL);
 
-	c = xcalloc(1, sizeof(*c));
+	c = lg_xcalloc(1, sizeof(*c));
 	c->gw = gw;
-	c->id = xstrdup(id);
-	c->name = xstrdup(name);
+	c->id = lg_xstrdup(id);
+	c->name = lg_xstrdup(name);
 	ver = json_string_value(json_object_get(params, "version"));
-	c->version = ver ? xstrdup(ver) : NULL;
+	c->version = ver ? lg_xstrdup(ver) : NULL;
 	c->action = action;
 	c->stage = g.cfg.cmd_ack_delay_ms ? 0 : 1;
 	c->next = gw->cmds;
@@ -1132,7 +935,7 @@ static void retry_cb(lws_sorted_usec_list_t *sul);
 static void
 gw_arm_retry(struct gw *gw, int64_t at_us)
 {
-	int64_t now = mono_us();
+	int64_t now = lg_mono_us();
 
 	if (gw->retry_armed_at && gw->retry_armed_at <= at_us)
 		return;
@@ -1145,7 +948,7 @@ static void
 retry_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_retry);
-	int64_t now = mono_us(), next = 0;
+	int64_t now = lg_mono_us(), next = 0;
 	uint64_t s;
 
 	gw->retry_armed_at = 0;
@@ -1174,7 +977,7 @@ gw_become_ready(struct gw *gw)
 	    gw->n_pending);
 	if (g.cfg.rate > 0 && !g.cfg.idle && !gw->done) {
 		/* random phase so that N gateways do not tick in lockstep */
-		gw->next_due_ns = mono_us() * 1000 +
+		gw->next_due_ns = lg_mono_us() * 1000 +
 			(int64_t)(rng_unit() * (double)g.interval_ns);
 		heap_push(gw);
 	}
@@ -1289,12 +1092,12 @@ gw_on_ack(struct gw *gw, json_t *root)
 		    fs->nreadings);
 	}
 	if (fs->sent_us) {
-		uint64_t lat = (uint64_t)(mono_us() - fs->sent_us);
+		uint64_t lat = (uint64_t)(lg_mono_us() - fs->sent_us);
 
 		/* --warmup: the run's latency starts after the connect ramp */
 		if (fs->sent_us - g.start_us >= (int64_t)(g.cfg.warmup * 1e6))
-			hist_add(&g.h_tot, lat);
-		hist_add(&g.h_iv, lat);
+			lg_hist_add(&g.h_tot, lat);
+		lg_hist_add(&g.h_iv, lat);
 	}
 	if (json_is_true(json_object_get(root, "duplicate")))
 		CNT(duplicate_acks, 1);   /* a resend the hub had already stored */
@@ -1352,7 +1155,7 @@ gw_on_error(struct gw *gw, json_t *root)
 		if (fs->state == SLOT_PENDING)
 			gw->n_pending--;
 		fs->state = SLOT_RETRY_WAIT;
-		fs->retry_at_us = mono_us() + ra * 1000;
+		fs->retry_at_us = lg_mono_us() + ra * 1000;
 		gw_arm_retry(gw, fs->retry_at_us);
 		return;
 	}
@@ -1436,16 +1239,7 @@ gw_connect(struct gw *gw)
 	struct lws_client_connect_info ci;
 	struct lws *wsi;
 
-	memset(&ci, 0, sizeof(ci));
-	ci.context = g.ctx;
-	ci.address = g.cfg.host;
-	ci.port = g.cfg.port;
-	ci.path = g.cfg.path;
-	ci.host = g.cfg.host_hdr;
-	ci.protocol = SIM_SUBPROTOCOL;
-	ci.local_protocol_name = SIM_SUBPROTOCOL;
-	ci.opaque_user_data = gw;
-	ci.pwsi = &gw->wsi;
+	lg_connect_info(&ci, g.ctx, &g.cfg.ep, SIM_SUBPROTOCOL, gw, &gw->wsi);
 	if (g.cfg.tls) {
 		ci.ssl_connection = LCCSCF_USE_SSL;
 		if (g.cfg.insecure)
@@ -1479,32 +1273,23 @@ gw_connect(struct gw *gw)
 static void
 connect_pump_cb(lws_sorted_usec_list_t *sul)
 {
-	int64_t now = mono_us();
-	double burst = g.cfg.connect_rate * 0.02;
-
 	(void)sul;
 	g.connect_armed = 0;
 	if (g.stopping)
 		return;
-	if (burst < 1)
-		burst = 1;
-	g.conn_tokens += (double)(now - g.conn_last_us) * g.cfg.connect_rate / 1e6;
-	if (g.conn_tokens > burst)
-		g.conn_tokens = burst;
-	g.conn_last_us = now;
+	lg_bucket_refill(&g.conn_bucket, lg_mono_us());
 
-	while (g.cq_count && g.conn_tokens >= 1.0) {
+	while (g.cq_count && lg_bucket_take(&g.conn_bucket)) {
 		struct gw *gw = &g.gws[g.connq[g.cq_head]];
 
 		g.cq_head = (g.cq_head + 1) % g.cfg.gateways;
 		g.cq_count--;
 		gw->in_connq = 0;
-		g.conn_tokens -= 1.0;
 		if (gw->state == GW_QUEUED)
 			gw_connect(gw);
 	}
 	if (g.cq_count) {
-		double wait = (1.0 - g.conn_tokens) / g.cfg.connect_rate * 1e6;
+		double wait = lg_bucket_wait_us(&g.conn_bucket);
 
 		connect_arm(wait < 1000 ? 1000 : (int64_t)wait);
 	}
@@ -1544,7 +1329,7 @@ gw_lost(struct gw *gw, const char *why)
 	}
 	g.n_live--;
 	gw->wsi = NULL;
-	gw->rx_len = 0;
+	gw->rx.len = 0;
 	heap_remove(gw);
 	lws_sul_cancel(&gw->sul_retry);
 	lws_sul_cancel(&gw->sul_announce);
@@ -1697,7 +1482,7 @@ gw_writeable(struct gw *gw, struct lws *wsi)
 		CNT(cmd_acks_sent, 1);
 	} else {
 		fs->state = SLOT_INFLIGHT;
-		fs->sent_us = mono_us();
+		fs->sent_us = lg_mono_us();
 		gw->n_pending--;
 		gw->send_cursor = fs->seq + 1;
 		CNT(frames_sent, 1);
@@ -1721,7 +1506,7 @@ gw_established(struct gw *gw)
 	gw->ann_sent = 0;
 	gw->ann_replies = 0;
 	gw->ann_retry_ms = 0;
-	gw->rx_len = 0;
+	gw->rx.len = 0;
 	LOG(LOG_DEBUG, "%s: connected", gw->id);
 	if (g.stopping) {
 		lws_callback_on_writable(gw->wsi);
@@ -1738,41 +1523,22 @@ gw_established(struct gw *gw)
 static int
 gw_receive(struct gw *gw, struct lws *wsi, const char *in, size_t len)
 {
-	int final = lws_is_final_fragment(wsi);
+	const char *m;
+	size_t n;
+	int r;
 
 	if (gw->rx_discard || gw->kill_reason)
 		return 0;
-	if (!gw->rx_len && final) {
-		gw_handle_msg(gw, in, len);
-		return 0;
-	}
-	if (gw->rx_len + len > g.cfg.max_frame) {
+	r = lg_rx_feed(&gw->rx, in, len, lws_is_final_fragment(wsi),
+		       g.cfg.max_frame, &m, &n);
+	if (r < 0) {
 		LOG(LOG_WARN, "%s: hub message over --max-frame %zu bytes, closing "
 		    "1009", gw->id, g.cfg.max_frame);
 		CNT(proto_errors, 1);
 		gw->rx_discard = 1;
-		gw->rx_len = 0;
 		gw_kill(gw, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
-		return 0;
-	}
-	if (gw->rx_len + len > gw->rx_cap) {
-		size_t nc = gw->rx_cap ? gw->rx_cap : 1024;
-
-		while (nc < gw->rx_len + len)
-			nc *= 2;
-		if (nc > g.cfg.max_frame)
-			nc = g.cfg.max_frame;
-		gw->rx = xrealloc(gw->rx, nc);
-		gw->rx_cap = nc;
-	}
-	memcpy(gw->rx + gw->rx_len, in, len);
-	gw->rx_len += len;
-	if (final) {
-		size_t n = gw->rx_len;
-
-		gw->rx_len = 0;
-		gw_handle_msg(gw, gw->rx, n);
-	}
+	} else if (r)
+		gw_handle_msg(gw, m, n);
 	return 0;
 }
 
@@ -1786,26 +1552,14 @@ sim_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 
 	(void)user;
 
-	switch (reason) {
-	case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
-		if (g.sig_count != g.sig_handled && !g.destroy_started)
+	if (reason == LWS_CALLBACK_EVENT_WAIT_CANCELLED) {
+		if (lg_signal_count() != g.sig_handled && !g.destroy_started)
 			lws_sul_schedule(g.ctx, 0, &g.sul_signal,
 					 signal_work_cb, 0);
 		return 0;
-	case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER:
-	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
-	case LWS_CALLBACK_CLIENT_ESTABLISHED:
-	case LWS_CALLBACK_CLIENT_RECEIVE:
-	case LWS_CALLBACK_CLIENT_WRITEABLE:
-	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-	case LWS_CALLBACK_CLIENT_CLOSED:
-	case LWS_CALLBACK_WSI_DESTROY:
-		break;
-	default:
-		return 0;
 	}
 	/* ignore lws-internal wsis and a gateway's stale wsi */
-	gw = wsi ? lws_get_opaque_user_data(wsi) : NULL;
+	gw = lg_client_owner(wsi, reason);
 	if (!gw || gw->wsi != wsi)
 		return 0;
 
@@ -1928,7 +1682,7 @@ gw_tick(struct gw *gw, int64_t now_ns)
 static void
 rate_cb(lws_sorted_usec_list_t *sul)
 {
-	int64_t now_ns = mono_us() * 1000;
+	int64_t now_ns = lg_mono_us() * 1000;
 
 	(void)sul;
 	g.rate_armed_ns = 0;
@@ -1966,21 +1720,11 @@ print_stats_line(int64_t now)
 		(double)g.iv.readings_acked / dt, unacked, g.iv.readings_rejected,
 		g.iv.hub_errors + g.iv.proto_errors, g.iv.unavailable,
 		g.iv.connect_failures, g.iv.disconnects,
-		(double)hist_quantile(&g.h_iv, 0.50) / 1000.0,
-		(double)hist_quantile(&g.h_iv, 0.99) / 1000.0);
+		(double)lg_hist_quantile(&g.h_iv, 0.50) / 1000.0,
+		(double)lg_hist_quantile(&g.h_iv, 0.99) / 1000.0);
 	memset(&g.iv, 0, sizeof(g.iv));
-	hist_reset(&g.h_iv);
+	lg_hist_reset(&g.h_iv);
 	g.last_stats_us = now;
-}
-
-static void
-stats_cb(lws_sorted_usec_list_t *sul)
-{
-	(void)sul;
-	print_stats_line(mono_us());
-	if (!g.stopping)
-		lws_sul_schedule(g.ctx, 0, &g.sul_stats, stats_cb,
-				 (lws_usec_t)(g.cfg.stats_interval * 1e6));
 }
 
 /* once a second: a connection whose oldest unacked frame is older than
@@ -1988,7 +1732,7 @@ stats_cb(lws_sorted_usec_list_t *sul)
 static void
 watchdog_cb(lws_sorted_usec_list_t *sul)
 {
-	int64_t now = mono_us(), limit = (int64_t)(g.cfg.ack_timeout * 1e6);
+	int64_t now = lg_mono_us(), limit = (int64_t)(g.cfg.ack_timeout * 1e6);
 	unsigned i;
 
 	(void)sul;
@@ -2015,20 +1759,6 @@ watchdog_cb(lws_sorted_usec_list_t *sul)
 	if (!g.stopping)
 		lws_sul_schedule(g.ctx, 0, &g.sul_watchdog, watchdog_cb,
 				 LWS_USEC_PER_SEC);
-}
-
-/*
- * Runs from the ev timer's own callback, where lws re-arms the timer correctly:
- * every 10 ms the timer is re-armed to the earliest sul, so a sul scheduled from
- * a socket callback is at most 10 ms late (lws 4.1.6 ev glue, see the top).
- */
-static void
-heartbeat_cb(lws_sorted_usec_list_t *sul)
-{
-	(void)sul;
-	if (!g.destroy_started)
-		lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb,
-				 SIM_HEARTBEAT_US);
 }
 
 static void
@@ -2060,12 +1790,12 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 	}
 	lws_sul_cancel(&g.sul_rate);
 	lws_sul_cancel(&g.sul_connect);
-	lws_sul_cancel(&g.sul_stats);
+	lg_stats_stop();
 	lws_sul_cancel(&g.sul_duration);
 	lws_sul_cancel(&g.sul_drain);
 	lws_sul_cancel(&g.sul_signal);
 	lws_sul_cancel(&g.sul_watchdog);
-	lws_sul_cancel(&g.sul_heartbeat);
+	lg_heartbeat_stop();
 	/* from a sul, lws defers this until the loop unwinds; main() finishes it */
 	lws_context_destroy(g.ctx);
 }
@@ -2115,12 +1845,12 @@ begin_stop(const char *why)
 		return;
 	g.stopping = 1;
 	g.stop_reason = why;
-	g.stop_us = mono_us();
+	g.stop_us = lg_mono_us();
 	LOG(LOG_INFO, "stopping: %s", why);
 	lws_sul_cancel(&g.sul_rate);
 	lws_sul_cancel(&g.sul_connect);
 	lws_sul_cancel(&g.sul_duration);
-	lws_sul_cancel(&g.sul_stats);
+	lg_stats_stop();
 	lws_sul_cancel(&g.sul_watchdog);
 	g.rate_armed_ns = 0;
 	g.connect_armed = 0;
@@ -2148,7 +1878,7 @@ begin_stop(const char *why)
 static void
 signal_work_cb(lws_sorted_usec_list_t *sul)
 {
-	int n = g.sig_count;
+	int n = lg_signal_count();
 
 	(void)sul;
 	if (n == g.sig_handled)
@@ -2163,22 +1893,13 @@ signal_work_cb(lws_sorted_usec_list_t *sul)
 	}
 }
 
-static void
-on_signal(int sig)
-{
-	(void)sig;
-	g.sig_count++;
-	if (g.ctx)
-		lws_cancel_service(g.ctx);
-}
-
 /* ------------------------------------------------------------------------ */
 /* summary                                                                    */
 
 static void
 print_summary(void)
 {
-	double el = (double)((g.stop_us ? g.stop_us : mono_us()) - g.start_us) / 1e6;
+	double el = (double)((g.stop_us ? g.stop_us : lg_mono_us()) - g.start_us) / 1e6;
 	uint64_t unacked = 0;
 	unsigned i;
 
@@ -2200,8 +1921,8 @@ print_summary(void)
 		(double)g.tot.readings_acked / el, g.tot.readings_rejected,
 		g.tot.unavailable, g.tot.hub_errors, g.tot.connects,
 		g.tot.connect_failures, g.tot.disconnects,
-		(double)hist_quantile(&g.h_tot, 0.5) / 1000.0,
-		(double)hist_quantile(&g.h_tot, 0.99) / 1000.0,
+		(double)lg_hist_quantile(&g.h_tot, 0.5) / 1000.0,
+		(double)lg_hist_quantile(&g.h_tot, 0.99) / 1000.0,
 		(double)g.h_tot.max / 1000.0);
 
 	if (g.cfg.json_summary) {
@@ -2286,23 +2007,20 @@ print_summary(void)
 			if (!getrusage(RUSAGE_SELF, &ru)) {
 				json_object_set_new(o, "max_rss_kb", JI(ru.ru_maxrss));
 				json_object_set_new(o, "cpu_s", json_real(
-					(double)ru.ru_utime.tv_sec +
-					(double)ru.ru_utime.tv_usec / 1e6 +
-					(double)ru.ru_stime.tv_sec +
-					(double)ru.ru_stime.tv_usec / 1e6));
+					lg_tv_s(ru.ru_utime) +
+					lg_tv_s(ru.ru_stime)));
 			}
 		}
 		json_object_set_new(o, "warmup_s", json_real(g.cfg.warmup));
 		json_object_set_new(o, "latency_us", json_pack(
 			"{s:I, s:I, s:I, s:I, s:I, s:I, s:f}",
 			"count", (json_int_t)g.h_tot.count,
-			"p50", (json_int_t)hist_quantile(&g.h_tot, 0.50),
-			"p90", (json_int_t)hist_quantile(&g.h_tot, 0.90),
-			"p99", (json_int_t)hist_quantile(&g.h_tot, 0.99),
-			"p99.9", (json_int_t)hist_quantile(&g.h_tot, 0.999),
+			"p50", (json_int_t)lg_hist_quantile(&g.h_tot, 0.50),
+			"p90", (json_int_t)lg_hist_quantile(&g.h_tot, 0.90),
+			"p99", (json_int_t)lg_hist_quantile(&g.h_tot, 0.99),
+			"p99.9", (json_int_t)lg_hist_quantile(&g.h_tot, 0.999),
 			"max", (json_int_t)g.h_tot.max,
-			"mean", g.h_tot.count ? g.h_tot.sum /
-					      (double)g.h_tot.count : 0.0));
+			"mean", lg_hist_mean(&g.h_tot)));
 #undef JI
 		json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER |
 			   JSON_REAL_PRECISION(6));
@@ -2385,53 +2103,6 @@ usage(FILE *f)
 "  -h, --help           this help\n");
 }
 
-static void
-die_flag(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
-static void
-die_flag(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("gw-sim: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputs(" (see --help)\n", stderr);
-	exit(2);
-}
-
-static double
-parse_double(const char *flag, const char *s, double min, double max)
-{
-	char *end;
-	double v;
-
-	errno = 0;
-	v = strtod(s, &end);
-	if (errno || end == s || *end || !isfinite(v) || v < min || v > max)
-		die_flag("%s: expected a number in [%g, %g], got '%s'", flag, min,
-			 max, s);
-	return v;
-}
-
-static uint64_t
-parse_u64(const char *flag, const char *s, uint64_t min, uint64_t max)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	if (!*s || *s == '-' || isspace((unsigned char)*s))
-		die_flag("%s: expected an integer in [%" PRIu64 ", %" PRIu64
-			 "], got '%s'", flag, min, max, s);
-	v = strtoull(s, &end, 10);
-	if (errno || *end || v < min || v > max)
-		die_flag("%s: expected an integer in [%" PRIu64 ", %" PRIu64
-			 "], got '%s'", flag, min, max, s);
-	return v;
-}
-
 /* --cmd-fail / --cmd-ignore: a probability 0..1 (a number), else names */
 static void
 names_or_prob(const char *flag, const char *arg, const char **names, double *p)
@@ -2443,13 +2114,13 @@ names_or_prob(const char *flag, const char *arg, const char **names, double *p)
 	v = strtod(arg, &end);
 	if (*arg && !*end && !errno && (isdigit((unsigned char)*arg) || *arg == '.')) {
 		if (!(v >= 0 && v <= 1))
-			die_flag("%s: a probability is from 0 to 1, got '%s'", flag, arg);
+			lg_die_flag("%s: a probability is from 0 to 1, got '%s'", flag, arg);
 		*p = v;
 		*names = NULL;
 		return;
 	}
 	if (!*arg)
-		die_flag("%s: empty list", flag);
+		lg_die_flag("%s: empty list", flag);
 	*names = arg;
 	*p = 0;
 }
@@ -2458,8 +2129,8 @@ names_or_prob(const char *flag, const char *arg, const char **names, double *p)
 static void
 parse_url(struct sim_cfg *c)
 {
+	struct lg_endpoint *ep = &c->ep;
 	const char *u = c->url, *h, *e, *pe;
-	size_t hl;
 	int port;
 
 	if (!strncmp(u, "ws://", 5)) {
@@ -2471,52 +2142,33 @@ parse_url(struct sim_cfg *c)
 		h = u + 6;
 		port = 443;
 	} else
-		die_flag("--url: must start with ws:// or wss://, got '%s'", u);
+		lg_die_flag("--url: must start with ws:// or wss://, got '%s'", u);
 
 	pe = h + strcspn(h, "/?#");
-	if (*h == '[') {
-		e = memchr(h, ']', (size_t)(pe - h));
-		if (!e)
-			die_flag("--url: unterminated [ in '%s'", u);
-		c->host = strndup(h + 1, (size_t)(e - h - 1));
-		e++;
-	} else {
-		e = memchr(h, ':', (size_t)(pe - h));
-		if (!e)
-			e = pe;
-		c->host = strndup(h, (size_t)(e - h));
-	}
-	if (!c->host)
-		abort();
-	if (!*c->host)
-		die_flag("--url: no host in '%s'", u);
+	ep->host = lg_url_host(u, h, pe, &e);
+	if (!*ep->host)
+		lg_die_flag("--url: no host in '%s'", u);
 	if (*e == ':') {
 		char *ps = strndup(e + 1, (size_t)(pe - e - 1));
 
 		if (!ps)
 			abort();
-		port = (int)parse_u64("--url port", ps, 1, 65535);
+		port = (int)lg_parse_u64("--url port", ps, 1, 65535);
 		free(ps);
 	} else if (e != pe)
-		die_flag("--url: bad host part in '%s'", u);
-	c->port = port;
+		lg_die_flag("--url: bad host part in '%s'", u);
+	ep->port = port;
 	if (*pe == '/') {
-		c->path = strndup(pe, strcspn(pe, "#"));
-		if (!c->path)
+		ep->path = strndup(pe, strcspn(pe, "#"));
+		if (!ep->path)
 			abort();
 	} else if (!*pe)
-		c->path = xstrdup("/");
+		ep->path = lg_xstrdup("/");
 	else
-		die_flag("--url: bad path in '%s'", u);
-
-	hl = strlen(c->host) + 16;
-	c->host_hdr = xmalloc(hl);
-	if (port == (c->tls ? 443 : 80))
-		snprintf(c->host_hdr, hl, strchr(c->host, ':') ? "[%s]" : "%s",
-			 c->host);
-	else
-		snprintf(c->host_hdr, hl, strchr(c->host, ':') ? "[%s]:%d" : "%s:%d",
-			 c->host, port);
+		lg_die_flag("--url: bad path in '%s'", u);
+	/* no port in Host: when it is the scheme's default */
+	ep->host_hdr = lg_host_header(ep->host, port == (c->tls ? 443 : 80) ? 0 :
+				      port);
 }
 
 /* "k=v,k=v" -> compact JSON object text, or NULL for none */
@@ -2524,16 +2176,16 @@ static char *
 parse_labels(const char *s)
 {
 	json_t *o = json_object();
-	char *dup = xstrdup(s), *save = NULL, *tok, *out;
+	char *dup = lg_xstrdup(s), *save = NULL, *tok, *out;
 
 	for (tok = strtok_r(dup, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
 		char *eq = strchr(tok, '=');
 
 		if (!eq || eq == tok)
-			die_flag("--labels: expected k=v[,k=v...], got '%s'", s);
+			lg_die_flag("--labels: expected k=v[,k=v...], got '%s'", s);
 		*eq = '\0';
 		if (json_object_set_new(o, tok, json_string(eq + 1)))
-			die_flag("--labels: not valid UTF-8: '%s'", s);
+			lg_die_flag("--labels: not valid UTF-8: '%s'", s);
 	}
 	free(dup);
 	out = json_object_size(o) ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER)
@@ -2624,68 +2276,65 @@ parse_args(int argc, char **argv)
 		case O_JWT_SECRET: c->jwt_secret = optarg; break;
 		case O_JWT_DEVICES: c->jwt_devices = optarg; break;
 		case O_WARMUP:
-			c->warmup = parse_double("--warmup", optarg, 0, 1e6);
+			c->warmup = lg_parse_num("--warmup", optarg, 0, 1e6);
 			break;
 		case O_STAMP: c->stamp_field = optarg; break;
 		case O_TTL:
-			c->ttl = parse_u64("--ttl", optarg, 1, 10ull * 366 * 24 * 3600);
+			c->ttl = lg_parse_u64("--ttl", optarg, 1, 10ull * 366 * 24 * 3600);
 			break;
 		case O_CA: c->ca = optarg; break;
 		case O_CERT: c->cert = optarg; break;
 		case O_KEY: c->key = optarg; break;
 		case O_INSECURE: c->insecure = 1; break;
 		case O_GATEWAYS:
-			c->gateways = (unsigned)parse_u64("--gateways", optarg, 1,
-							  1000000);
+			c->gateways = (unsigned)lg_parse_u64("--gateways", optarg, 1,
+							     1000000);
 			break;
 		case O_DEVICES:
-			c->devices = (unsigned)parse_u64("--devices", optarg, 0,
-							 1000000);
+			c->devices = (unsigned)lg_parse_u64("--devices", optarg, 0,
+							    1000000);
 			break;
 		case O_PREFIX: c->gw_prefix = optarg; break;
 		case O_DTYPE: c->device_type = optarg; break;
 		case O_LABELS: labels = optarg; break;
 		case O_RATE:
-			c->rate = parse_double("--rate", optarg, 0, 1e7);
+			c->rate = lg_parse_num("--rate", optarg, 0, 1e7);
 			break;
 		case O_BATCH:
-			c->batch = (unsigned)parse_u64("--batch", optarg, 1, 10000);
+			c->batch = (unsigned)lg_parse_u64("--batch", optarg, 1, 10000);
 			break;
 		case O_INFLIGHT:
-			c->inflight = (unsigned)parse_u64("--inflight", optarg, 1,
-							  100000);
+			c->inflight = (unsigned)lg_parse_u64("--inflight", optarg, 1,
+							     100000);
 			break;
 		case O_DURATION:
-			c->duration = parse_double("--duration", optarg, 0, 1e7);
+			c->duration = lg_parse_num("--duration", optarg, 0, 1e7);
 			break;
 		case O_FRAMES:
-			c->frames = parse_u64("--frames", optarg, 0, UINT64_MAX / 2);
+			c->frames = lg_parse_u64("--frames", optarg, 0, UINT64_MAX / 2);
 			break;
 		case O_BAD:
-			c->bad_ratio = parse_double("--bad-ratio", optarg, 0, 1);
+			c->bad_ratio = lg_parse_num("--bad-ratio", optarg, 0, 1);
 			break;
 		case O_CRATE:
-			c->connect_rate = parse_double("--connect-rate", optarg,
+			c->connect_rate = lg_parse_num("--connect-rate", optarg,
 						       0.01, 1e6);
 			break;
 		case O_STATS:
-			c->stats_interval = parse_double("--stats-interval", optarg,
-							 0, 86400);
-			if (c->stats_interval > 0 && c->stats_interval < 0.01)
-				die_flag("--stats-interval: at least 0.01 s");
+			c->stats_interval = lg_parse_stats_interval(optarg);
 			break;
 		case O_JSON: c->json_summary = 1; break;
 		case O_IDLE: c->idle = 1; break;
 		case O_CMD_DELAY:
-			c->cmd_delay_ms = (unsigned)parse_u64("--cmd-delay-ms",
-							      optarg, 0, 3600000);
+			c->cmd_delay_ms = (unsigned)lg_parse_u64(
+				"--cmd-delay-ms", optarg, 0, 3600000);
 			break;
 		case O_CMD_ACK_DELAY:
-			c->cmd_ack_delay_ms = (unsigned)parse_u64("--cmd-ack-delay-ms",
-								  optarg, 0, 3600000);
+			c->cmd_ack_delay_ms = (unsigned)lg_parse_u64(
+				"--cmd-ack-delay-ms", optarg, 0, 3600000);
 			break;
 		case O_CMD_STEPS:
-			c->cmd_steps = (unsigned)parse_u64("--cmd-steps", optarg, 1, 100);
+			c->cmd_steps = (unsigned)lg_parse_u64("--cmd-steps", optarg, 1, 100);
 			break;
 		case O_CMD_FAIL:
 			names_or_prob("--cmd-fail", optarg, &c->cmd_fail, &c->cmd_fail_p);
@@ -2696,48 +2345,38 @@ parse_args(int argc, char **argv)
 			break;
 		case O_CMD_REJECT:
 			if (!*optarg)
-				die_flag("--cmd-reject: empty list");
+				lg_die_flag("--cmd-reject: empty list");
 			c->cmd_reject = optarg;
 			break;
 		case O_SRC: src = optarg; break;
 		case O_MAXFRAME:
-			c->max_frame = (size_t)parse_u64("--max-frame", optarg, 1024,
-							 16u << 20);
+			c->max_frame = (size_t)lg_parse_u64("--max-frame", optarg, 1024,
+							    16u << 20);
 			break;
 		case O_SEQSTART:
-			c->seq_start = parse_u64("--seq-start", optarg, 0,
-						 (1ull << 52));
+			c->seq_start = lg_parse_u64("--seq-start", optarg, 0,
+						    (1ull << 52));
 			c->seq_start_set = 1;
 			break;
 		case O_SEED:
-			c->seed = parse_u64("--seed", optarg, 0, UINT64_MAX);
+			c->seed = lg_parse_u64("--seed", optarg, 0, UINT64_MAX);
 			break;
 		case O_ACKTO:
-			c->ack_timeout = parse_double("--ack-timeout", optarg, 0,
+			c->ack_timeout = lg_parse_num("--ack-timeout", optarg, 0,
 						      86400);
 			break;
-		case 'v':
-			g_log_level = g_log_level < LOG_DEBUG ? g_log_level + 1 :
-								LOG_DEBUG;
-			if (g_log_level < LOG_INFO)
-				g_log_level = LOG_INFO;
-			break;
-		case 'q': g_log_level = LOG_ERR; break;
-		case 'h': usage(stdout); exit(0);
-		case ':':
-			die_flag("option '%s' needs a value", argv[optind - 1]);
 		default:
-			die_flag("unknown option '%s'", argv[optind - 1]);
+			lg_common_option(o, argv, usage);
 		}
 	}
 	if (optind < argc)
-		die_flag("unexpected argument '%s'", argv[optind]);
+		lg_die_flag("unexpected argument '%s'", argv[optind]);
 
 	parse_url(c);
 	if (!!c->token + !!c->token_cmd + !!c->jwt_secret != 1)
-		die_flag("give exactly one of --token, --token-cmd and --jwt-secret");
+		lg_die_flag("give exactly one of --token, --token-cmd and --jwt-secret");
 	if ((c->jwt_devices || c->ttl) && !c->jwt_secret)
-		die_flag("--jwt-devices and --ttl need --jwt-secret");
+		lg_die_flag("--jwt-devices and --ttl need --jwt-secret");
 	if (!c->ttl)
 		c->ttl = 3600;
 	if (c->token && c->gateways > 1)
@@ -2749,49 +2388,49 @@ parse_args(int argc, char **argv)
 		LOG(LOG_WARN, "--token-cmd has no {sub}: every gateway gets the "
 		    "same kind of token");
 	if (!c->cert != !c->key)
-		die_flag("--cert and --key go together");
+		lg_die_flag("--cert and --key go together");
 	if ((c->ca || c->cert || c->insecure) && !c->tls)
-		die_flag("--ca, --cert, --key and --insecure need a wss:// --url");
+		lg_die_flag("--ca, --cert, --key and --insecure need a wss:// --url");
 	if (!id_ok(c->gw_prefix, SIM_ID_MAX - 24))
-		die_flag("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, "
-			 "got '%s'", c->gw_prefix);
+		lg_die_flag("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, "
+			    "got '%s'", c->gw_prefix);
 	if (c->stamp_field) {
 		const char *q = c->stamp_field;
 
 		while (*q && (isalnum((unsigned char)*q) || *q == '_'))
 			q++;
 		if (!*c->stamp_field || *q || q - c->stamp_field > 64)
-			die_flag("--stamp-field: must match [A-Za-z0-9_]{1,64}, "
-				 "got '%s'", c->stamp_field);
+			lg_die_flag("--stamp-field: must match [A-Za-z0-9_]{1,64}, "
+				    "got '%s'", c->stamp_field);
 		if (!strcmp(c->stamp_field, "temperature") ||
 		    !strcmp(c->stamp_field, "humidity"))
-			die_flag("--stamp-field: '%s' is already in every reading",
-				 c->stamp_field);
+			lg_die_flag("--stamp-field: '%s' is already in every reading",
+				    c->stamp_field);
 	}
 	if (!*c->device_type || strlen(c->device_type) > SIM_ID_MAX)
-		die_flag("--device-type: 1 to %u characters", SIM_ID_MAX);
+		lg_die_flag("--device-type: 1 to %u characters", SIM_ID_MAX);
 	if (c->rate > 0 && c->rate / c->batch > 1e6)
-		die_flag("--rate/--batch: more than 1e6 frames/s per gateway");
+		lg_die_flag("--rate/--batch: more than 1e6 frames/s per gateway");
 	if (c->idle && (c->rate > 0 || c->frames))
-		die_flag("--idle sends no telemetry: drop --rate/--frames");
+		lg_die_flag("--idle sends no telemetry: drop --rate/--frames");
 	if (labels) {
 		g.labels_json = parse_labels(labels);
 		if (g.labels_json && strlen(g.labels_json) > 256)
-			die_flag("--labels: at most 256 bytes of JSON");
+			lg_die_flag("--labels: at most 256 bytes of JSON");
 	}
 	{
 		json_t *js = json_string(c->device_type);
 
 		if (!js)
-			die_flag("--device-type: not valid UTF-8");
+			lg_die_flag("--device-type: not valid UTF-8");
 		g.dev_type_json = json_dumps(js, JSON_ENCODE_ANY);
 		json_decref(js);
 	}
 	if (frame_bound() > c->max_frame)
-		die_flag("--batch %u can make frames of %zu bytes, over --max-frame "
-			 "%zu", c->batch, frame_bound(), c->max_frame);
+		lg_die_flag("--batch %u can make frames of %zu bytes, over --max-frame "
+			    "%zu", c->batch, frame_bound(), c->max_frame);
 	if (src) {
-		char *dup = xstrdup(src), *save = NULL, *tok;
+		char *dup = lg_xstrdup(src), *save = NULL, *tok;
 
 		for (tok = strtok_r(dup, ",", &save); tok;
 		     tok = strtok_r(NULL, ",", &save)) {
@@ -2800,15 +2439,15 @@ parse_args(int argc, char **argv)
 
 			if (inet_pton(AF_INET, tok, &a4) != 1 &&
 			    inet_pton(AF_INET6, tok, &a6) != 1)
-				die_flag("--source-ips: '%s' is not an IP address",
-					 tok);
-			c->src_ips = xrealloc(c->src_ips, (c->n_src_ips + 1) *
-					      sizeof(char *));
-			c->src_ips[c->n_src_ips++] = xstrdup(tok);
+				lg_die_flag("--source-ips: '%s' is not an IP address",
+					    tok);
+			c->src_ips = lg_xrealloc(c->src_ips, (c->n_src_ips + 1) *
+						 sizeof(char *));
+			c->src_ips[c->n_src_ips++] = lg_xstrdup(tok);
 		}
 		free(dup);
 		if (!c->n_src_ips)
-			die_flag("--source-ips: empty list");
+			lg_die_flag("--source-ips: empty list");
 	}
 }
 
@@ -2830,7 +2469,7 @@ static char *
 make_auth(const char *token)
 {
 	size_t n = strlen(token) + 8;
-	char *a = xmalloc(n);
+	char *a = lg_xmalloc(n);
 
 	snprintf(a, n, "Bearer %s", token);
 	return a;
@@ -2847,7 +2486,7 @@ token_cmd_start(const char *tmpl, const char *sub)
 
 	for (p = tmpl; (p = strstr(p, "{sub}")); p += 5)
 		cap += strlen(sub);
-	cmd = xmalloc(cap);
+	cmd = lg_xmalloc(cap);
 	cmd[0] = '\0';
 	for (p = tmpl; *p;) {
 		if (!strncmp(p, "{sub}", 5)) {
@@ -2877,7 +2516,7 @@ token_cmd_finish(FILE *f, const char *sub)
 	char *out;
 	int st;
 
-	out = xmalloc(SIM_TOKEN_MAX + 1);
+	out = lg_xmalloc(SIM_TOKEN_MAX + 1);
 	while (n < SIM_TOKEN_MAX && (r = fread(out + n, 1, SIM_TOKEN_MAX - n, f)))
 		n += r;
 	while (fgetc(f) != EOF)     /* drain so the child never blocks */
@@ -2953,7 +2592,7 @@ b64url(const unsigned char *in, size_t n, char *out)
 static unsigned char *
 read_secret(const char *path, size_t *len)
 {
-	unsigned char *buf = xmalloc(64 * 1024 + 1);
+	unsigned char *buf = lg_xmalloc(64 * 1024 + 1);
 	FILE *f = fopen(path, "rb");
 	size_t n;
 
@@ -3018,7 +2657,7 @@ static int
 mint_local(void)
 {
 	static const char hdr[] = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
-	int64_t t0 = mono_us(), iat = (int64_t)time(NULL), exp = iat + (int64_t)g.cfg.ttl;
+	int64_t t0 = lg_mono_us(), iat = (int64_t)time(NULL), exp = iat + (int64_t)g.cfg.ttl;
 	size_t klen;
 	unsigned char *key;
 	unsigned i;
@@ -3043,7 +2682,7 @@ mint_local(void)
 		}
 		blen = strlen(body);
 		/* "Bearer " hdr "." body64 "." sig64 */
-		a = xmalloc(7 + sizeof(hdr) + 1 + (blen + 2) / 3 * 4 + 1 + 44 + 1);
+		a = lg_xmalloc(7 + sizeof(hdr) + 1 + (blen + 2) / 3 * 4 + 1 + 44 + 1);
 		n = (size_t)sprintf(a, "Bearer %s.", hdr);
 		b64url((const unsigned char *)body, blen, a + n);
 		free(body);
@@ -3063,35 +2702,12 @@ mint_local(void)
 	}
 	free(key);
 	LOG(LOG_INFO, "tokens: %u minted in %.1f ms", g.cfg.gateways,
-	    (double)(mono_us() - t0) / 1e3);
+	    (double)(lg_mono_us() - t0) / 1e3);
 	return 0;
 }
 
 /* ------------------------------------------------------------------------ */
 /* setup / teardown                                                           */
-
-static void
-raise_nofile(void)
-{
-	struct rlimit rl;
-
-	if (getrlimit(RLIMIT_NOFILE, &rl))
-		return;
-	if (rl.rlim_cur < rl.rlim_max) {
-		rl.rlim_cur = rl.rlim_max;
-		if (setrlimit(RLIMIT_NOFILE, &rl))
-			LOG(LOG_WARN, "cannot raise RLIMIT_NOFILE: %s",
-			    strerror(errno));
-	}
-	getrlimit(RLIMIT_NOFILE, &rl);
-	if (rl.rlim_cur != RLIM_INFINITY &&
-	    (uint64_t)g.cfg.gateways + 64 > (uint64_t)rl.rlim_cur) {
-		fprintf(stderr, "gw-sim: --gateways %u needs about %u open files, "
-			"the limit is %llu\n", g.cfg.gateways,
-			g.cfg.gateways + 64, (unsigned long long)rl.rlim_cur);
-		exit(2);
-	}
-}
 
 /*
  * --token-cmd for every gateway, SIM_TOKEN_JOBS at a time: a token is far
@@ -3140,12 +2756,12 @@ setup_gateways(void)
 	unsigned i, d;
 	int rc = 0;
 
-	g.gws = xcalloc(c->gateways, sizeof(*g.gws));
-	g.temps = xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
-	g.hums = xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
-	g.connq = xcalloc(c->gateways, sizeof(*g.connq));
-	g.heap = xcalloc(c->gateways, sizeof(*g.heap));
-	seq0 = c->seq_start_set ? c->seq_start : (uint64_t)wall_us();
+	g.gws = lg_xcalloc(c->gateways, sizeof(*g.gws));
+	g.temps = lg_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
+	g.hums = lg_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
+	g.connq = lg_xcalloc(c->gateways, sizeof(*g.connq));
+	g.heap = lg_xcalloc(c->gateways, sizeof(*g.heap));
+	seq0 = c->seq_start_set ? c->seq_start : (uint64_t)lg_wall_us();
 	if (c->token)
 		g.shared_auth = make_auth(c->token);
 
@@ -3155,7 +2771,7 @@ setup_gateways(void)
 		gw->idx = i;
 		gw->heap_pos = -1;
 		snprintf(gw->id, sizeof(gw->id), "%s-%04u", c->gw_prefix, i);
-		gw->win = xcalloc(c->inflight, sizeof(*gw->win));
+		gw->win = lg_xcalloc(c->inflight, sizeof(*gw->win));
 		/* disjoint seq ranges: gateways that share a sub (one --token)
 		 * must not have their frames deduplicated against each other */
 		gw->next_seq = gw->base_seq = gw->send_cursor =
@@ -3191,7 +2807,7 @@ free_all(void)
 		for (k = 0; gw->win && k < g.cfg.inflight; k++)
 			free(gw->win[k].buf);
 		free(gw->win);
-		free(gw->rx);
+		free(gw->rx.buf);
 		gw_ctrl_clear(gw);
 		while (gw->cmds) {
 			struct sim_cmd *c = gw->cmds;
@@ -3217,26 +2833,23 @@ free_all(void)
 	for (i = 0; i < g.cfg.n_src_ips; i++)
 		free(g.cfg.src_ips[i]);
 	free(g.cfg.src_ips);
-	free(g.cfg.host);
-	free(g.cfg.host_hdr);
-	free(g.cfg.path);
+	lg_endpoint_free(&g.cfg.ep);
 }
 
 int
 main(int argc, char **argv)
 {
 	struct lws_context_creation_info info;
-	struct sigaction sa;
 	unsigned i;
-	int lws_levels;
 
-	g_log_t0 = mono_us();
+	lg_init("gw-sim");
 	parse_args(argc, argv);
 	g.rng = g.cfg.seed ? g.cfg.seed :
-		((uint64_t)wall_us() ^ ((uint64_t)getpid() << 32));
+		((uint64_t)lg_wall_us() ^ ((uint64_t)getpid() << 32));
 	if (!g.rng)
 		g.rng = 0x9e3779b97f4a7c15ull;
-	raise_nofile();
+	if (lg_raise_nofile("--gateways", g.cfg.gateways))
+		exit(2);
 	signal(SIGPIPE, SIG_IGN);
 
 	if (setup_gateways()) {
@@ -3249,23 +2862,11 @@ main(int argc, char **argv)
 	if (g.cfg.rate > 0 && g.interval_ns < 1)
 		g.interval_ns = 1;
 
-	/* lws logs a NOTICE per event-loop io change on the ev backend: keep them off */
-	lws_levels = LLL_ERR | LLL_WARN;
-	if (g_log_level >= LOG_DEBUG)
-		lws_levels |= LLL_NOTICE;
-	if (g_log_level <= LOG_ERR)
-		lws_levels = LLL_ERR;
-	lws_set_log_level(lws_levels, lws_log_emit);
+	lws_set_log_level(lg_lws_log_levels(), lws_log_emit);
 
-	memset(&info, 0, sizeof(info));
-	info.port = CONTEXT_PORT_NO_LISTEN;
-	info.protocols = sim_protocols;
-	info.options = LWS_SERVER_OPTION_LIBEV;
+	lg_context_info(&info, sim_protocols);
 	if (g.cfg.tls)
 		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
-	info.gid = -1;
-	info.uid = -1;
-	info.timeout_secs = 10;
 	info.client_ssl_ca_filepath = g.cfg.ca;
 	info.client_ssl_cert_filepath = g.cfg.cert;
 	info.client_ssl_private_key_filepath = g.cfg.key;
@@ -3278,44 +2879,31 @@ main(int argc, char **argv)
 		return 1;
 	}
 
-	/* after lws_create_context: the ev backend installs its own SIGINT watcher */
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	lg_signals_install(g.ctx);
 
 	LOG(LOG_INFO, "%u gateway(s) x %u device(s) -> %s (%s loop%s)",
 	    g.cfg.gateways, g.cfg.devices, g.cfg.url,
 	    g.cfg.idle ? "idle" : g.cfg.rate > 0 ? "open" : "closed",
 	    g.cfg.n_src_ips ? ", bound source addresses" : "");
 
-	g.start_us = g.last_stats_us = g.conn_last_us = mono_us();
-	g.conn_tokens = 1;
+	g.start_us = g.last_stats_us = lg_mono_us();
+	lg_bucket_init(&g.conn_bucket, g.cfg.connect_rate, g.start_us);
 	for (i = 0; i < g.cfg.gateways; i++)
 		gw_enqueue_connect(&g.gws[i]);
 	if (g.cfg.stats_interval > 0)
-		lws_sul_schedule(g.ctx, 0, &g.sul_stats, stats_cb,
-				 (lws_usec_t)(g.cfg.stats_interval * 1e6));
+		lg_stats_start(g.ctx, g.cfg.stats_interval, print_stats_line);
 	if (g.cfg.duration > 0)
 		lws_sul_schedule(g.ctx, 0, &g.sul_duration, duration_cb,
 				 (lws_usec_t)(g.cfg.duration * 1e6));
 	if (g.cfg.ack_timeout > 0)
 		lws_sul_schedule(g.ctx, 0, &g.sul_watchdog, watchdog_cb,
 				 LWS_USEC_PER_SEC);
-	lws_sul_schedule(g.ctx, 0, &g.sul_heartbeat, heartbeat_cb,
-			 SIM_HEARTBEAT_US);
-	/* lws_sul_schedule() does not arm the ev timer: wake the loop once */
-	lws_cancel_service(g.ctx);
-
-	while (!g.destroy_started)
-		if (lws_service(g.ctx, 0) < 0)
-			break;
-	lws_context_destroy(g.ctx);
+	lg_heartbeat_start(g.ctx);
+	lg_run(g.ctx, &g.destroy_started);
 	g.ctx = NULL;
 
 	if (g.cfg.stats_interval > 0)
-		print_stats_line(mono_us());
+		print_stats_line(lg_mono_us());
 	print_summary();
 	free_all();
 	return 0;
