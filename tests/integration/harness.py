@@ -784,14 +784,58 @@ def try_upgrade(hub, token=None, ssl_ctx=None, **kw):
     return st, hdrs, body
 
 
-def http_get(hub, path, ssl_ctx=None, timeout=5, headers=None):
-    """GET over urllib. Returns (status, headers, body text)."""
-    req = urllib.request.Request(hub.http_url(path), headers=headers or {})
+def http_request(hub, method, path, body=None, key=None, headers=None, raw=None, timeout=10,
+                 ssl_ctx=None):
+    """One request over urllib. body: sent JSON-encoded; raw: bytes sent as
+    they are; a POST with neither sends an empty body (Content-Length: 0, as
+    urllib and curl -d '' do). Any body goes with Content-Type:
+    application/json unless headers name one. key: an API key or token for
+    `Authorization: Bearer`, or None (no header). Returns (status, headers
+    with lower-case names, body bytes); 4xx/5xx answers are returned too."""
+    hdrs = dict(headers or {})
+    if key is not None:
+        hdrs["Authorization"] = "Bearer " + key
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if method == "POST" and data is None:
+        data = b""
+    if data is not None:
+        hdrs.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(hub.http_url(path), data=data, method=method, headers=hdrs)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=ssl_ctx) as r:
-            return r.status, dict((k.lower(), v) for k, v in r.headers.items()), r.read().decode(errors="replace")
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict((k.lower(), v) for k, v in e.headers.items()), e.read().decode(errors="replace")
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def http_json(hub, method, path, body=None, key=None, headers=None, raw=None, timeout=10):
+    """http_request(); returns (status, parsed JSON body, or the body text
+    when it is not JSON)."""
+    st, _, data = http_request(hub, method, path, body, key, headers, raw, timeout)
+    text = data.decode(errors="replace")
+    try:
+        return st, json.loads(text)
+    except ValueError:
+        return st, text
+
+
+def http_get(hub, path, ssl_ctx=None, timeout=5, headers=None):
+    """GET over urllib. Returns (status, headers, body text)."""
+    st, hdrs, data = http_request(hub, "GET", path, headers=headers, timeout=timeout, ssl_ctx=ssl_ctx)
+    return st, hdrs, data.decode(errors="replace")
+
+
+def api_keys_file(keys, prefix="iot-hub-keys-"):
+    """Writes an --api-keys file into a fresh temp dir and returns its path.
+    keys: {name: (key, scopes[, device patterns or None])}; the file holds
+    each key's SHA-256, never the key."""
+    entries = []
+    for name, (key, scopes, *devices) in keys.items():
+        e = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "scopes": scopes}
+        if devices and devices[0] is not None:
+            e["devices"] = devices[0]
+        entries.append(e)
+    return write_file(os.path.join(mkdtemp(prefix), "api-keys.json"), json.dumps(entries))
 
 
 def parse_metrics(text):
@@ -969,6 +1013,142 @@ class Gateway:
     @property
     def close_code(self):
         return self.ws.close_code
+
+
+class CommandResponder:
+    """Serves a gateway's connection in a task: each message from the hub
+    goes to on_message() (subclasses answer commands there with ack()).
+    stop() ends the task; a closed connection ends it quietly."""
+
+    def __init__(self, gw):
+        self.gw = gw
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def ack(self, cid, status, **kw):
+        await self.gw.ws.send(json.dumps(dict(type="command_ack", id=cid, status=status, **kw)))
+
+    async def on_message(self, m):
+        pass
+
+    async def _serve(self):
+        try:
+            async for raw in self.gw.ws:
+                await self.on_message(json.loads(raw))
+        except websockets.exceptions.ConnectionClosed:
+            pass
+
+    async def stop(self):
+        self.task.cancel()
+        try:
+            await self.task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+# --------------------------------------------------------------------------
+# dashboard stream client (/v1/stream, docs/dashboard.md)
+
+STREAM_PATH = "/v1/stream"
+STREAM_PROTO = "iot-dashboard.v1"
+
+
+class Dashboard(Gateway):
+    """A dashboard WebSocket (python-websockets). Messages not asked for stay
+    in self.pending (see Gateway)."""
+
+    async def subscribe(self, sid, stream="raw", filter=None, since=None, group_by=None,
+                        expect="subscribed", timeout=5, extra=None):
+        msg = {"type": "subscribe", "id": sid, "stream": stream}
+        if filter is not None:
+            msg["filter"] = filter
+        if since is not None:
+            msg["since"] = since
+        if group_by is not None:
+            msg["group_by"] = group_by
+        if extra:
+            msg.update(extra)
+        await self.send(msg)
+        rep = await self.wait_for(lambda m: m.get("type") in ("subscribed", "error") and m.get("id") == sid,
+                                  timeout, "subscribed/error for %r" % sid)
+        if expect == "subscribed":
+            if rep.get("type") != "subscribed":
+                raise AssertionError("subscribe %s answered %s" % (json.dumps(msg), json.dumps(rep)))
+        elif expect is not None:
+            if (rep.get("type"), rep.get("code")) != ("error", expect):
+                raise AssertionError("subscribe %s: expected error %s, got %s"
+                                     % (json.dumps(msg), expect, json.dumps(rep)))
+        return rep
+
+    async def unsubscribe(self, sid, timeout=5):
+        await self.send({"type": "unsubscribe", "id": sid})
+        return await self.wait_for(lambda m: m.get("type") in ("unsubscribed", "error") and m.get("id") == sid,
+                                   timeout, "unsubscribed/error for %r" % sid)
+
+    async def auth(self, token, timeout=5):
+        await self.send({"type": "auth", "token": token})
+        return await self.wait_for(lambda m: m.get("type") in ("authenticated", "error"), timeout,
+                                   "authenticated/error")
+
+    async def _next(self, got, deadline, timeout, what, fail=True):
+        """The next message received before deadline; past it, None when
+        fail is false, else an AssertionError listing got."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if not fail:
+                    return None
+                raise AssertionError("no %s within %.1fs; received meanwhile (%d): %s" % (
+                    what, timeout, len(got), json.dumps(got[-20:])[:2000]))
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except asyncio.TimeoutError:
+                continue
+            except websockets.exceptions.ConnectionClosed:
+                raise AssertionError("connection closed (code=%s reason=%r) while waiting for %s; received: %s" % (
+                    self.ws.close_code, self.ws.close_reason, what, json.dumps(got[-20:])[:2000])) from None
+            return json.loads(raw)
+
+    async def gather(self, done, timeout=5, what="the expected messages", fail=True):
+        """Every message (pending first) until done(list so far) is true;
+        all of them are consumed. fail=False returns what came by the deadline."""
+        got = list(self.pending)
+        self.pending.clear()
+        deadline = time.monotonic() + timeout
+        while not done(got):
+            m = await self._next(got, deadline, timeout, what, fail)
+            if m is None:
+                return got
+            got.append(m)
+        return got
+
+    async def until(self, pred, timeout=5, what="a matching message"):
+        """Every message (pending first) up to and including the first one
+        matching pred; all of them are consumed."""
+        got = []
+        while self.pending:
+            m = self.pending.pop(0)
+            got.append(m)
+            if pred(m):
+                return got
+        deadline = time.monotonic() + timeout
+        while True:
+            m = await self._next(got, deadline, timeout, what)
+            got.append(m)
+            if pred(m):
+                return got
+
+
+async def connect_dashboard(hub, token=None, timeout=5, compression="deflate"):
+    """Opens a dashboard stream WebSocket (token: API key or JWT for the
+    upgrade's Authorization header, or None). Returns a Dashboard."""
+    hdrs = {}
+    if token is not None:
+        hdrs["Authorization"] = "Bearer %s" % token
+    ws = await asyncio.wait_for(websockets.connect(
+        hub.url(STREAM_PATH), subprotocols=[STREAM_PROTO], extra_headers=hdrs,
+        open_timeout=timeout, close_timeout=2, max_size=None, ping_interval=None,
+        compression=compression), timeout + 1)
+    return Dashboard(ws)
 
 
 def reading(device, temperature=21.5, ts="now", **data):

@@ -7,7 +7,6 @@ and bounded hub memory for a 100,000-row export and a client that stalls."""
 
 import asyncio
 import csv
-import hashlib
 import http.client
 import io
 import json
@@ -18,8 +17,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (HubTestCase, Resp, http_get, main, mkdtemp, now_ms, reading,  # noqa: E402
-                     uniq, write_file)
+from harness import (HubTestCase, Resp, api_keys_file, http_get, main, now_ms, reading,  # noqa: E402
+                     uniq)
 
 KEYS = {"reader": ("iotk_api_reader_0001", ["telemetry:read"], None),
         "writer": ("iotk_api_writer_0002", ["commands:write"], None),
@@ -27,17 +26,6 @@ KEYS = {"reader": ("iotk_api_reader_0001", ["telemetry:read"], None),
         "limited": ("iotk_api_limited_004", ["telemetry:read"], ["a-*", "c-1"])}
 
 DAY = 24 * 3600 * 1000
-
-
-def api_keys_file():
-    d = mkdtemp("iot-hub-api-keys-")
-    entries = []
-    for name, (key, scopes, devices) in KEYS.items():
-        e = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "scopes": scopes}
-        if devices is not None:
-            e["devices"] = devices
-        entries.append(e)
-    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
 
 
 def rss_kb(pid):
@@ -91,7 +79,7 @@ class DevicesAndHistory(APIBase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
         r = cls.redis
         for d, (typ, labels, gw, online, seen) in cls.DEVICES.items():
             r.cmd("HSET", "iot:dev:" + d, "type", typ, "labels", json.dumps(labels, sort_keys=True),
@@ -319,7 +307,7 @@ class RealGateway(APIBase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
 
     async def test_announce_then_read(self):
         gw = await self.gateway(self.hub)
@@ -352,7 +340,7 @@ class RealGateway(APIBase):
 class RedisDown(APIBase):
     async def test_503_while_redis_down(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file()])
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS)])
         self.hub = hub
         self.assertEqual(self.get("/v1/devices")[0], 200)
         redis.kill()
@@ -378,7 +366,7 @@ class RedisDiesMidExport(APIBase):
         """Redis lost during a streamed export: the client sees an incomplete
         chunked transfer (no terminating chunk), never a clean short answer."""
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file()])
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS)])
         self.hub = hub
         redis.cmd("HSET", "iot:dev:m-1", "type", "thermostat")
         t0 = now_ms() - 100000
@@ -424,7 +412,7 @@ class BigExport(APIBase):
         super().setUpClass()
         cls.redis = cls.class_redis()
         # A small ASan quarantine, or freed pages count as growth.
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(),
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS),
                                                   "--device-stream-maxlen", 200000],
                                 env={"ASAN_OPTIONS": "abort_on_error=0:detect_leaks=1:"
                                                      "quarantine_size_mb=4:malloc_context_size=5"})

@@ -10,17 +10,14 @@ restarted on the same Redis, command_status events on the dashboard
 `commands` stream, and the command counters in /metrics."""
 
 import asyncio
-import hashlib
 import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Gateway, HubTestCase, http_get, main, metric_value, mkdtemp, now_ms,  # noqa: E402
-                     parse_metrics, raw_http, uniq, websockets, write_file)
+from harness import (HubTestCase, api_keys_file, connect_dashboard, http_get, http_json, main,  # noqa: E402
+                     metric_value, now_ms, parse_metrics, raw_http, uniq)
 
 # name: (key, scopes, devices patterns or None)
 KEYS = {"writer": ("iotk_cmd_writer_00001", ["commands:write"], None),
@@ -36,43 +33,12 @@ COMMAND_FIELDS = ("id", "device", "device_type", "name", "params", "status", "at
                   "ack_timeout_s", "timeout_s", "ttl_s", "created_at", "updated_at", "expires_at",
                   "sent_at", "deadline", "progress", "message", "result", "error")
 SHA = "0123456789abcdef" * 4
-STREAM_PATH = "/v1/stream"
-STREAM_PROTO = "iot-dashboard.v1"
-
-
-def api_keys_file():
-    d = mkdtemp("iot-hub-cmd-keys-")
-    entries = []
-    for name, (key, scopes, devices) in KEYS.items():
-        e = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "scopes": scopes}
-        if devices is not None:
-            e["devices"] = devices
-        entries.append(e)
-    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
 
 
 def http(hub, method, path, body=None, key="writer", headers=None, raw=None, timeout=10):
-    """One request over urllib. body: JSON-encoded; raw: bytes as they are.
-    key: a KEYS name, a literal token (not in KEYS), or None (no header).
-    Returns (status, parsed JSON body or the text when it is not JSON)."""
-    hdrs = dict(headers or {})
-    if key is not None:
-        hdrs["Authorization"] = "Bearer " + (KEYS[key][0] if key in KEYS else key)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    if method == "POST" and data is None:
-        data = b""  # Content-Length: 0, as urllib and curl -d '' send it
-    if data is not None:
-        hdrs.setdefault("Content-Type", "application/json")
-    req = urllib.request.Request(hub.http_url(path), data=data, method=method, headers=hdrs)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            st, text = r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        st, text = e.code, e.read().decode(errors="replace")
-    try:
-        return st, json.loads(text)
-    except ValueError:
-        return st, text
+    """harness.http_json; key: a KEYS name, a literal token (not in KEYS), or
+    None (no header)."""
+    return http_json(hub, method, path, body, KEYS[key][0] if key in KEYS else key, headers, raw, timeout)
 
 
 def statuses(doc):
@@ -87,14 +53,6 @@ def applied(doc):
 def is_cmd(cid=None, device=None):
     return lambda m: (m.get("type") == "command" and (cid is None or m.get("id") == cid)
                       and (device is None or m.get("device") == device))
-
-
-async def connect_dashboard(hub, token, timeout=5):
-    ws = await asyncio.wait_for(websockets.connect(
-        hub.url(STREAM_PATH), subprotocols=[STREAM_PROTO],
-        extra_headers={"Authorization": "Bearer %s" % token}, open_timeout=timeout,
-        close_timeout=2, max_size=None, ping_interval=None), timeout + 1)
-    return Gateway(ws)
 
 
 class CommandCase(HubTestCase):
@@ -157,6 +115,10 @@ class CommandCase(HubTestCase):
                 self.fail("timed out after %.1fs waiting for %s" % (timeout, what))
             await asyncio.sleep(0.03)
 
+    async def wait_log(self, cid, n, what):
+        """Waits (5 s) until the command's history log in Redis has n entries."""
+        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= n, 5, what)
+
     async def ack(self, gw, cid, status, **extra):
         await gw.send(dict({"type": "command_ack", "id": cid, "status": status}, **extra))
 
@@ -186,7 +148,7 @@ class SharedHub(CommandCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(), "--instance-id", "cmd-1"])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS), "--instance-id", "cmd-1"])
 
 
 # --------------------------------------------------------------------------
@@ -544,8 +506,7 @@ class Lifecycle(SharedHub):
         await self.ack(gw, cid, "succeeded", result={"n": 2})
         await self.ack(gw, cid, "failed", error="late")
         await self.ack(gw, cid, "in_progress", progress=99)
-        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= 10, 5,
-                        "the late acks in the history")
+        await self.wait_log(cid, 10, "the late acks in the history")
         doc = await self.get(cid)
         self.assertEqual((doc["status"], doc["result"], doc["error"], doc["progress"]),
                          ("succeeded", {"n": 1}, None, 50), "late acks changed the command: %s" % doc)
@@ -613,8 +574,7 @@ class Lifecycle(SharedHub):
         await self.no_commands(gw, 0.5, "a third send after max_attempts")
         # a late received after timed_out changes nothing
         await self.ack(gw, cid, "received")
-        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= 5, 5,
-                        "the late ack in the history")
+        await self.wait_log(cid, 5, "the late ack in the history")
         doc = await self.get(cid)
         self.assertEqual(doc["status"], "timed_out", doc)
         self.assertEqual(doc["history"][-1].get("applied"), False, doc)
@@ -641,8 +601,7 @@ class Lifecycle(SharedHub):
         self.assertGreaterEqual(doc["history"][-1]["at"], doc["sent_at"] + 1000, doc)
         self.assertEqual(doc["deadline"], doc["sent_at"] + 1000, doc)
         await self.ack(gw, cid, "succeeded")
-        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= 6, 5,
-                        "the late succeeded in the history")
+        await self.wait_log(cid, 6, "the late succeeded in the history")
         self.assertEqual((await self.get(cid))["status"], "timed_out")
 
     async def test_ttl_expired_while_offline(self):
@@ -709,8 +668,7 @@ class Lifecycle(SharedHub):
         m = await gw.wait_for(lambda m: m.get("type") == "cancel", 5, "cancel on the gateway")
         self.assertEqual((m.get("id"), m.get("device")), (cid, d), m)
         await self.ack(gw, cid, "succeeded", result={"done": True})
-        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= 5, 5,
-                        "the report after cancel in the history")
+        await self.wait_log(cid, 5, "the report after cancel in the history")
         doc = await self.get(cid)
         self.assertEqual(doc["status"], "canceled", "a report after cancel undid it: %s" % doc)
         self.assertEqual(doc["history"][-1].get("status"), "succeeded", doc)
@@ -907,7 +865,7 @@ class PostBodies(CommandCase):
     def setUp(self):
         super().setUp()
         self.redis = self.start_redis()
-        self.hub = self.start_hub(self.redis, extra=["--api-keys", api_keys_file()])
+        self.hub = self.start_hub(self.redis, extra=["--api-keys", api_keys_file(KEYS)])
 
     def raw_post(self, path, headers=(), body=b""):
         req = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n%s\r\n"
@@ -970,7 +928,7 @@ class TwoInstances(CommandCase):
     def setUp(self):
         super().setUp()
         self.redis = self.start_redis()
-        keys = api_keys_file()
+        keys = api_keys_file(KEYS)
         self.a = self.start_hub(self.redis, extra=["--api-keys", keys, "--instance-id", "cmd-a"])
         self.b = self.start_hub(self.redis, extra=["--api-keys", keys, "--instance-id", "cmd-b"])
         self.hub = self.a
@@ -1047,7 +1005,7 @@ class Restart(CommandCase):
 
     async def restart(self, id1, id2):
         redis = self.start_redis()
-        keys = api_keys_file()
+        keys = api_keys_file(KEYS)
         hub1 = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", id1])
         self.hub = hub1
         d1, d2, sub = uniq("t"), uniq("t"), uniq("gw")

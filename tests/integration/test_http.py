@@ -9,8 +9,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (SOURCE_DIR, HubTestCase, http_get, main, metric_value, mkdtemp, parse_metrics, raw_http, write_file,  # noqa: E402
-                     mkdtemp, reading, uniq)
+from harness import (SOURCE_DIR, HubTestCase, api_keys_file, http_get, main, metric_value, mkdtemp,  # noqa: E402
+                     parse_metrics, raw_http, reading, uniq, write_file)
 
 METRICS = ("iot_hub_connections", "iot_hub_frames_total", "iot_hub_readings_accepted_total",
            "iot_hub_readings_rejected_total", "iot_hub_acks_total", "iot_hub_redis_rtt_seconds_bucket")
@@ -155,14 +155,8 @@ class OperatorAPIAuth(HubTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        import hashlib
-        d = mkdtemp("iot-hub-apikeys-")
-        path = os.path.join(d, "api-keys.json")
-        with open(path, "w") as f:
-            json.dump([{"name": n, "sha256": hashlib.sha256(k.encode()).hexdigest(), "scopes": s}
-                       for n, (k, s) in cls.KEYS.items()], f)
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", path])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(cls.KEYS)])
 
     def get(self, key):
         headers = {"Authorization": "Bearer " + key} if key else None

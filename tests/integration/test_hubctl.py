@@ -8,7 +8,6 @@ failed or rollout aborted, 2 usage, 3 HTTP 4xx, 4 unreachable, 5 wait timed
 out). Loopback only; every run has a deadline."""
 
 import asyncio
-import hashlib
 import json
 import os
 import pty
@@ -17,8 +16,8 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (BUILD_DIR, HubTestCase, free_port, main, mkdtemp,  # noqa: E402
-                     require_bin, uniq, websockets, write_file)
+from harness import (BUILD_DIR, CommandResponder, HubTestCase, api_keys_file, free_port, main,  # noqa: E402
+                     mkdtemp, require_bin, uniq, write_file)
 
 CTL_BIN = os.environ.get("HUB_CTL_BIN") or os.path.join(BUILD_DIR, "tools", "hubctl")
 
@@ -29,57 +28,34 @@ KEYS = {"admin": ("iotk_ctl_admin_000001", ["admin"]),
 RUN_TIMEOUT = 30
 
 
-def api_keys_file():
-    d = mkdtemp("iot-hub-ctl-keys-")
-    entries = [{"name": n, "sha256": hashlib.sha256(k.encode()).hexdigest(), "scopes": s}
-               for n, (k, s) in KEYS.items()]
-    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
-
-
-class Device:
+class Device(CommandResponder):
     """A gateway connection that answers commands per device: 'succeed'
     (received, in_progress 50, succeeded), 'fail' (received, failed) or
     'ignore' (nothing). Records commands and cancels it gets."""
 
     def __init__(self, gw, behavior):
-        self.gw = gw
         self.behavior = behavior
         self.commands = []
         self.cancels = []
-        self.task = asyncio.get_running_loop().create_task(self._serve())
+        super().__init__(gw)
 
-    async def _ack(self, cid, status, **kw):
-        await self.gw.ws.send(json.dumps(dict(type="command_ack", id=cid, status=status, **kw)))
-
-    async def _serve(self):
-        try:
-            async for raw in self.gw.ws:
-                m = json.loads(raw)
-                if m.get("type") == "cancel":
-                    self.cancels.append(m)
-                if m.get("type") != "command":
-                    continue
-                self.commands.append(m)
-                mode = self.behavior.get(m["device"], "succeed")
-                if mode == "ignore":
-                    continue
-                await self._ack(m["id"], "received")
-                await asyncio.sleep(0.1)
-                if mode == "fail":
-                    await self._ack(m["id"], "failed", error="disk full")
-                    continue
-                await self._ack(m["id"], "in_progress", progress=50, message="working")
-                await asyncio.sleep(0.1)
-                await self._ack(m["id"], "succeeded", result={"ok": True})
-        except websockets.exceptions.ConnectionClosed:
-            pass
-
-    async def stop(self):
-        self.task.cancel()
-        try:
-            await self.task
-        except (asyncio.CancelledError, Exception):
-            pass
+    async def on_message(self, m):
+        if m.get("type") == "cancel":
+            self.cancels.append(m)
+        if m.get("type") != "command":
+            return
+        self.commands.append(m)
+        mode = self.behavior.get(m["device"], "succeed")
+        if mode == "ignore":
+            return
+        await self.ack(m["id"], "received")
+        await asyncio.sleep(0.1)
+        if mode == "fail":
+            await self.ack(m["id"], "failed", error="disk full")
+            return
+        await self.ack(m["id"], "in_progress", progress=50, message="working")
+        await asyncio.sleep(0.1)
+        await self.ack(m["id"], "succeeded", result={"ok": True})
 
 
 class HubctlTests(HubTestCase):
@@ -88,7 +64,7 @@ class HubctlTests(HubTestCase):
         super().setUpClass()
         require_bin(CTL_BIN, "HUB_CTL_BIN")
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
         cls.url = "http://127.0.0.1:%d" % cls.hub.port
 
     async def asyncSetUp(self):
@@ -119,13 +95,15 @@ class HubctlTests(HubTestCase):
             stderr=asyncio.subprocess.PIPE)
 
     async def finish(self, p, timeout=RUN_TIMEOUT):
+        """Waits for hubctl p; returns (exit code, stdout, stderr), stdout ''
+        when it was not a pipe."""
         try:
             out, err = await asyncio.wait_for(p.communicate(), timeout)
         except asyncio.TimeoutError:
             p.kill()
             await p.wait()
             raise AssertionError("hubctl did not finish within %ss" % timeout) from None
-        return p.returncode, out.decode(), err.decode()
+        return p.returncode, (out or b"").decode(), err.decode()
 
     async def ctl(self, *args, key="admin", timeout=RUN_TIMEOUT):
         """Runs hubctl; returns (exit code, stdout, stderr)."""
@@ -552,13 +530,7 @@ class HubctlTests(HubTestCase):
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
         try:
-            try:
-                _, err = await asyncio.wait_for(p.communicate(), RUN_TIMEOUT)
-            except asyncio.TimeoutError:
-                p.kill()
-                await p.wait()
-                raise AssertionError("hubctl did not finish within %ss" % RUN_TIMEOUT) from None
-            rc, err = p.returncode, err.decode()
+            rc, _, err = await self.finish(p)
             await asyncio.to_thread(reader.join, 5)
         finally:
             os.close(master)

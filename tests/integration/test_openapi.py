@@ -14,12 +14,10 @@ import re
 import sys
 import time
 import unittest
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (SOURCE_DIR, HubTestCase, http_get, main, mkdtemp, now_ms,  # noqa: E402
-                     write_file)
+from harness import (SOURCE_DIR, HubTestCase, api_keys_file, http_get, http_request, main,  # noqa: E402
+                     now_ms)
 
 DOC_PATH = os.path.join(SOURCE_DIR, "docs", "openapi.json")
 
@@ -54,17 +52,6 @@ def load_doc():
     with open(DOC_PATH, "rb") as f:
         raw = f.read()
     return raw, json.loads(raw)
-
-
-def api_keys_file():
-    d = mkdtemp("iot-hub-openapi-keys-")
-    entries = []
-    for name, (key, scopes, devices) in KEYS.items():
-        e = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "scopes": scopes}
-        if devices is not None:
-            e["devices"] = devices
-        entries.append(e)
-    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
 
 
 # ------------------------------------------------------------------ schemas
@@ -352,19 +339,8 @@ class Document(unittest.TestCase):
 
 def request(hub, method, path, key=None, body=None, headers=None, timeout=10):
     """Returns (status, headers, body bytes). key: a KEYS name or None."""
-    hdrs = dict(headers or {})
-    if key is not None:
-        hdrs["Authorization"] = "Bearer " + KEYS[key][0]
-    data = None
-    if method == "POST":
-        data = json.dumps(body).encode() if body is not None else b""
-        hdrs.setdefault("Content-Type", "application/json")
-    req = urllib.request.Request(hub.http_url(path), data=data, method=method, headers=hdrs)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+    return http_request(hub, method, path, body, KEYS[key][0] if key is not None else None, headers,
+                        timeout=timeout)
 
 
 class Checks:
@@ -425,7 +401,7 @@ class Live(Checks, HubTestCase):
         super().setUpClass()
         cls.raw, cls.doc = load_doc()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
         r = cls.redis
         for d, (typ, labels, online, seen) in DEVICES.items():
             r.cmd("HSET", "iot:dev:" + d, "type", typ, "labels", json.dumps(labels), "gateway", "gw-1",
@@ -594,7 +570,7 @@ class RedisDown(Checks, HubTestCase):
     async def test_503_where_declared(self):
         raw, self.doc = load_doc()
         redis = self.start_redis()
-        hub = self.hub = self.start_hub(redis, extra=["--api-keys", api_keys_file()])
+        hub = self.hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS)])
         await self.wait_redis(hub, up=True)
         redis.kill()
         await self.wait_redis(hub, up=False)

@@ -12,17 +12,14 @@ hubs stepping the same rollout deliver each command once. Loopback only;
 every wait has a deadline."""
 
 import asyncio
-import hashlib
 import json
 import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, mkdtemp, now_ms, uniq, websockets, write_file  # noqa: E402
+from harness import CommandResponder, HubTestCase, api_keys_file, http_json, main, now_ms, uniq  # noqa: E402
 
 # name: (key, scopes, devices patterns or None)
 KEYS = {"writer": ("iotk_ro_writer_000001", ["commands:write"], None),
@@ -37,76 +34,41 @@ ROLLOUT_FIELDS = ("id", "status", "device_type", "labels", "name", "params", "ma
 RID = re.compile(r"^r_[0-9a-f]{32}$")
 
 
-def api_keys_file():
-    d = mkdtemp("iot-hub-ro-keys-")
-    entries = []
-    for name, (key, scopes, devices) in KEYS.items():
-        e = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "scopes": scopes}
-        if devices is not None:
-            e["devices"] = devices
-        entries.append(e)
-    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
-
-
 def http(hub, method, path, body=None, key="writer", raw=None, timeout=10):
-    """(status, JSON body or text). key: a KEYS name or None (no header)."""
-    hdrs = {}
-    if key is not None:
-        hdrs["Authorization"] = "Bearer " + KEYS[key][0]
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    if method == "POST" and data is None:
-        data = b""
-    req = urllib.request.Request(hub.http_url(path), data=data, method=method, headers=hdrs)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            st, text = r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        st, text = e.code, e.read().decode(errors="replace")
-    try:
-        return st, json.loads(text)
-    except ValueError:
-        return st, text
+    """harness.http_json; key: a KEYS name or None (no header)."""
+    return http_json(hub, method, path, body, KEYS[key][0] if key is not None else None, raw=raw, timeout=timeout)
 
 
-class Fleet:
+class Fleet(CommandResponder):
     """A gateway connection that announced devices and answers their
     commands by mode: 'succeed' (received, succeeded at once), 'fail'
     (received, failed), 'hold' (received; the test finishes it with
-    finish()). Records every command with its arrival time (monotonic)."""
+    ack()). Records every command with its arrival time (monotonic)."""
 
     def __init__(self, gw, devices, modes=None, default="succeed"):
-        self.gw = gw
         self.devices = list(devices)
         self.modes = dict(modes or {})
         self.default = default
         self.got = []
         self.cancels = []
         self.others = []
-        self.task = asyncio.get_running_loop().create_task(self._serve())
+        super().__init__(gw)
 
-    async def ack(self, cid, status, **kw):
-        await self.gw.ws.send(json.dumps(dict(type="command_ack", id=cid, status=status, **kw)))
-
-    async def _serve(self):
-        try:
-            async for raw in self.gw.ws:
-                m = json.loads(raw)
-                if m.get("type") == "cancel":
-                    self.cancels.append(m)
-                    continue
-                if m.get("type") != "command":
-                    self.others.append(m)
-                    continue
-                m["t"] = time.monotonic()
-                self.got.append(m)
-                mode = self.modes.get(m["device"], self.default)
-                await self.ack(m["id"], "received")
-                if mode == "succeed":
-                    await self.ack(m["id"], "succeeded", result={"ok": True})
-                elif mode == "fail":
-                    await self.ack(m["id"], "failed", error="flash write failed")
-        except websockets.exceptions.ConnectionClosed:
-            pass
+    async def on_message(self, m):
+        if m.get("type") == "cancel":
+            self.cancels.append(m)
+            return
+        if m.get("type") != "command":
+            self.others.append(m)
+            return
+        m["t"] = time.monotonic()
+        self.got.append(m)
+        mode = self.modes.get(m["device"], self.default)
+        await self.ack(m["id"], "received")
+        if mode == "succeed":
+            await self.ack(m["id"], "succeeded", result={"ok": True})
+        elif mode == "fail":
+            await self.ack(m["id"], "failed", error="flash write failed")
 
     def ids(self):
         return [m["id"] for m in self.got]
@@ -122,13 +84,6 @@ class Fleet:
                     len(self.got), n, what, timeout, [(m["device"], m["attempt"]) for m in self.got]))
             await asyncio.sleep(0.01)
         return self.got[:n]
-
-    async def stop(self):
-        self.task.cancel()
-        try:
-            await self.task
-        except (asyncio.CancelledError, Exception):
-            pass
 
 
 class RolloutCase(HubTestCase):
@@ -231,7 +186,7 @@ class SharedHub(RolloutCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(), "--instance-id", "ro-1"])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS), "--instance-id", "ro-1"])
 
 
 # --------------------------------------------------------------------------
@@ -581,7 +536,7 @@ class Abort(SharedHub):
 class Restart(RolloutCase):
     async def test_survives_sigkill(self):
         redis = self.start_redis()
-        keys = api_keys_file()
+        keys = api_keys_file(KEYS)
         hub1 = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "ro-k1"])
         self.hub = hub1
         batch, prefix = uniq("b"), uniq("t")
@@ -616,7 +571,7 @@ class Restart(RolloutCase):
 class TwoHubs(RolloutCase):
     async def test_releases_not_duplicated(self):
         redis = self.start_redis()
-        keys = api_keys_file()
+        keys = api_keys_file(KEYS)
         a = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "ro-a"])
         b = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "ro-b"])
         self.hub = a

@@ -11,7 +11,6 @@ pos; a Redis pub/sub reconnect loses nothing; a stalled subscriber gets `gap`
 keep their pace."""
 
 import asyncio
-import hashlib
 import json
 import os
 import re
@@ -21,12 +20,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Gateway, HubTestCase, hs256, http_get, main, metric_value, mkdtemp, now_ms,  # noqa: E402
-                     parse_metrics, reading, try_upgrade, uniq, upgrade_request, wait_until, websockets,
-                     write_file)
-
-STREAM_PATH = "/v1/stream"
-STREAM_PROTO = "iot-dashboard.v1"
+from harness import (STREAM_PATH, STREAM_PROTO, HubTestCase, api_keys_file, connect_dashboard,  # noqa: E402
+                     hs256, http_get, main, metric_value, now_ms, parse_metrics, reading, try_upgrade, uniq,
+                     upgrade_request, wait_until, websockets)
 
 # name: (key, scopes, devices patterns or None)
 KEYS = {"reader": ("iotk_stream_reader_0001", ["telemetry:read"], None),
@@ -35,17 +31,6 @@ KEYS = {"reader": ("iotk_stream_reader_0001", ["telemetry:read"], None),
         "limited": ("iotk_stream_limited_004", ["telemetry:read"], ["t-1*"])}
 
 POS_RE = re.compile(r"^\d+-\d+$")
-
-
-def api_keys_file():
-    d = mkdtemp("iot-hub-stream-keys-")
-    entries = []
-    for name, (key, scopes, devices) in KEYS.items():
-        e = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "scopes": scopes}
-        if devices is not None:
-            e["devices"] = devices
-        entries.append(e)
-    return write_file(os.path.join(d, "api-keys.json"), json.dumps(entries))
 
 
 def key(name):
@@ -86,108 +71,6 @@ def feed_entries(redis, start="-"):
     for eid, f in xrange_from(redis, "iot:feed", start):
         out.append((eid, f.get("gw"), int(f.get("seq", -1)), parse_feed_readings(f.get("readings", ""))))
     return out
-
-
-# --------------------------------------------------------------------------
-# dashboard clients
-
-class Dashboard(Gateway):
-    """A dashboard WebSocket (python-websockets). Messages not asked for stay
-    in self.pending (see harness.Gateway)."""
-
-    async def subscribe(self, sid, stream="raw", filter=None, since=None, group_by=None,
-                        expect="subscribed", timeout=5, extra=None):
-        msg = {"type": "subscribe", "id": sid, "stream": stream}
-        if filter is not None:
-            msg["filter"] = filter
-        if since is not None:
-            msg["since"] = since
-        if group_by is not None:
-            msg["group_by"] = group_by
-        if extra:
-            msg.update(extra)
-        await self.send(msg)
-        rep = await self.wait_for(lambda m: m.get("type") in ("subscribed", "error") and m.get("id") == sid,
-                                  timeout, "subscribed/error for %r" % sid)
-        if expect == "subscribed":
-            if rep.get("type") != "subscribed":
-                raise AssertionError("subscribe %s answered %s" % (json.dumps(msg), json.dumps(rep)))
-        elif expect is not None:
-            if (rep.get("type"), rep.get("code")) != ("error", expect):
-                raise AssertionError("subscribe %s: expected error %s, got %s"
-                                     % (json.dumps(msg), expect, json.dumps(rep)))
-        return rep
-
-    async def unsubscribe(self, sid, timeout=5):
-        await self.send({"type": "unsubscribe", "id": sid})
-        return await self.wait_for(lambda m: m.get("type") in ("unsubscribed", "error") and m.get("id") == sid,
-                                   timeout, "unsubscribed/error for %r" % sid)
-
-    async def auth(self, token, timeout=5):
-        await self.send({"type": "auth", "token": token})
-        return await self.wait_for(lambda m: m.get("type") in ("authenticated", "error"), timeout,
-                                   "authenticated/error")
-
-    async def gather(self, done, timeout=5, what="the expected messages", fail=True):
-        """Every message (pending first) until done(list so far) is true;
-        all of them are consumed. fail=False returns what came by the deadline."""
-        got = list(self.pending)
-        self.pending.clear()
-        deadline = time.monotonic() + timeout
-        while not done(got):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if not fail:
-                    return got
-                raise AssertionError("no %s within %.1fs; received meanwhile (%d): %s" % (
-                    what, timeout, len(got), json.dumps(got[-20:])[:2000]))
-            try:
-                raw = await asyncio.wait_for(self.ws.recv(), left)
-            except asyncio.TimeoutError:
-                continue
-            except websockets.exceptions.ConnectionClosed:
-                raise AssertionError("connection closed (code=%s reason=%r) while waiting for %s; received: %s" % (
-                    self.ws.close_code, self.ws.close_reason, what, json.dumps(got[-20:])[:2000])) from None
-            got.append(json.loads(raw))
-        return got
-
-    async def until(self, pred, timeout=5, what="a matching message"):
-        """Every message (pending first) up to and including the first one
-        matching pred; all of them are consumed."""
-        got = []
-        while self.pending:
-            m = self.pending.pop(0)
-            got.append(m)
-            if pred(m):
-                return got
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no %s within %.1fs; received meanwhile (%d): %s" % (
-                    what, timeout, len(got), json.dumps(got[-20:])[:2000]))
-            try:
-                raw = await asyncio.wait_for(self.ws.recv(), left)
-            except asyncio.TimeoutError:
-                continue
-            except websockets.exceptions.ConnectionClosed:
-                raise AssertionError("connection closed (code=%s reason=%r) while waiting for %s; received: %s" % (
-                    self.ws.close_code, self.ws.close_reason, what, json.dumps(got[-20:])[:2000])) from None
-            m = json.loads(raw)
-            got.append(m)
-            if pred(m):
-                return got
-
-
-async def connect_dashboard(hub, token=None, timeout=5, compression="deflate"):
-    hdrs = {}
-    if token is not None:
-        hdrs["Authorization"] = "Bearer %s" % token
-    ws = await asyncio.wait_for(websockets.connect(
-        hub.url(STREAM_PATH), subprotocols=[STREAM_PROTO], extra_headers=hdrs,
-        open_timeout=timeout, close_timeout=2, max_size=None, ping_interval=None,
-        compression=compression), timeout + 1)
-    return Dashboard(ws)
 
 
 class RawDashboard:
@@ -478,7 +361,7 @@ class StreamAuth(StreamCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
 
     async def test_header_api_key_subscribes(self):
         for name in ("reader", "admin"):
@@ -609,7 +492,7 @@ class StreamAuthTimeout(StreamCase):
 
     async def test_flag(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(), "--stream-auth-timeout-ms", "500"])
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--stream-auth-timeout-ms", "500"])
         await self.check_timeout(hub)
         # auth in time is not timed out later
         d = await self.dashboard(hub, token=False)
@@ -622,7 +505,7 @@ class StreamAuthTimeout(StreamCase):
 
     async def test_env(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file()],
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS)],
                              env={"IOT_HUB_STREAM_AUTH_TIMEOUT_MS": "500"})
         await self.check_timeout(hub)
         hub.stop()
@@ -636,7 +519,7 @@ class StreamSubscribe(StreamCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
 
     async def test_every_stream_name(self):
         d = await self.dashboard(self.hub)
@@ -741,7 +624,7 @@ class StreamSubscribe(StreamCase):
 
     async def test_max_subscriptions_flag(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(), "--stream-max-subscriptions", "3"])
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--stream-max-subscriptions", "3"])
         d = await self.dashboard(hub)
         for i in range(3):
             await d.subscribe("s%d" % i, stream="presence")
@@ -779,7 +662,7 @@ class StreamSubscribe(StreamCase):
 class StreamRedisDown(StreamCase):
     async def test_unavailable_while_redis_down(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file()])
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS)])
         d = await self.dashboard(hub)
         await d.subscribe("before", stream="presence")
         redis.kill()
@@ -811,7 +694,7 @@ class StreamRedisDown(StreamCase):
 class StreamRetention(StreamCase):
     async def test_since_older_than_retention_replays_what_is_left(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(), "--feed-stream-maxlen", "100",
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--feed-stream-maxlen", "100",
                                            "--device-rate", "0", "--stream-replay-page", "32"])
         dev = uniq("t-rt")
         gw = await self.gw_with(hub, [(dev, "thermostat")])
@@ -834,7 +717,7 @@ class StreamRetention(StreamCase):
 class StreamNoFeed(StreamCase):
     async def test_feed_maxlen_0_positions(self):
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(), "--feed-stream-maxlen", "0"])
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--feed-stream-maxlen", "0"])
         dev = uniq("t-nf")
         gw = await self.gw_with(hub, [(dev, "thermostat")])
         await self.frame(gw, [thermo(dev, 1.0)])
@@ -860,7 +743,7 @@ class StreamRaw(StreamCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file()])
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
 
     async def test_filters(self):
         p = uniq("t-f")
@@ -1010,7 +893,7 @@ class StreamMulti(StreamCase):
     def hubs(self, n, extra=()):
         out = []
         for i in range(n):
-            out.append(self.start_hub(self.redis, extra=["--api-keys", api_keys_file(),
+            out.append(self.start_hub(self.redis, extra=["--api-keys", api_keys_file(KEYS),
                                                          "--instance-id", "hub-%s" % "abc"[i]] + list(extra)))
         return out
 
@@ -1227,7 +1110,7 @@ class StreamRecovery(StreamCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(), "--stream-replay-page", "16",
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS), "--stream-replay-page", "16",
                                                          "--device-rate", "0"])
 
     def stored_after(self, gw_sub, after, devices):
@@ -1354,7 +1237,7 @@ class StreamSlow(StreamCase):
 
     async def run_slow(self, policy, limit):
         redis = self.start_redis()
-        extra = ["--api-keys", api_keys_file(), "--device-rate", "0"] + list(limit)
+        extra = ["--api-keys", api_keys_file(KEYS), "--device-rate", "0"] + list(limit)
         if policy:
             extra += ["--stream-slow-policy", policy]
         hub = self.start_hub(redis, extra=extra)
