@@ -371,19 +371,41 @@ static int int_field(struct hub_req *rq, json_t *body, const char *name, int def
 	return int_field_in(rq, body, "", name, def, min, max, out);
 }
 
+/* The request's JSON object body in a new request context, or NULL after
+ * answering 422. */
+static struct ctx *body_ctx(struct hub_req *rq, const char *body, size_t len)
+{
+	json_error_t jerr;
+	json_t *b = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+	struct ctx *c;
+
+	if (!json_is_object(b)) {
+		json_decref(b);
+		hub_req_error(rq, 422, "invalid", "body", "the body must be a JSON object");
+		return NULL;
+	}
+	c = ctx_new(rq);
+	c->body = b;
+	return c;
+}
+
+/* ack_timeout_s, timeout_s, ttl_s, max_attempts with their defaults. */
+static int timing_fields(struct hub_req *rq, json_t *b, struct cmd_spec *sp)
+{
+	return int_field(rq, b, "ack_timeout_s", 10, 1, 3600, &sp->ack_timeout_s) ||
+	       int_field(rq, b, "timeout_s", 300, 1, 604800, &sp->timeout_s) ||
+	       int_field(rq, b, "ttl_s", 3600, 1, 2592000, &sp->ttl_s) ||
+	       int_field(rq, b, "max_attempts", 3, 1, 100, &sp->max_attempts) ? -1 : 0;
+}
+
 static void create(struct hub_req *rq, const char *device, const char *body, size_t len,
 		   const char *idem)
 {
 	struct ctx *c;
-	json_error_t jerr;
 	json_t *b, *name, *params;
 	char key[HUB_ID_MAX + 16];
 	const char *argv[3] = { "HGET", key, "type" };
 
-	if (!has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
-		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the commands:write scope");
-		return;
-	}
 	if (!visible(rq, device)) {
 		hub_req_error(rq, 404, "unknown_device", NULL, "no such device");
 		return;
@@ -398,14 +420,9 @@ static void create(struct hub_req *rq, const char *device, const char *body, siz
 				      "Idempotency-Key must be printable ASCII without spaces");
 			return;
 		}
-	b = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (!json_is_object(b)) {
-		json_decref(b);
-		hub_req_error(rq, 422, "invalid", "body", "the body must be a JSON object");
+	if (!(c = body_ctx(rq, body, len)))
 		return;
-	}
-	c = ctx_new(rq);
-	c->body = b;
+	b = c->body;
 	snprintf(c->device, sizeof(c->device), "%s", device);
 	name = json_object_get(b, "name");
 	if (!json_is_string(name) || !json_string_length(name) || json_string_length(name) > 128) {
@@ -418,10 +435,7 @@ static void create(struct hub_req *rq, const char *device, const char *body, siz
 		hub_req_error(rq, 422, "invalid", "params", "params must be an object");
 		return;
 	}
-	if (int_field(rq, b, "ack_timeout_s", 10, 1, 3600, &c->spec.ack_timeout_s) ||
-	    int_field(rq, b, "timeout_s", 300, 1, 604800, &c->spec.timeout_s) ||
-	    int_field(rq, b, "ttl_s", 3600, 1, 2592000, &c->spec.ttl_s) ||
-	    int_field(rq, b, "max_attempts", 3, 1, 100, &c->spec.max_attempts))
+	if (timing_fields(rq, b, &c->spec))
 		return;
 	snprintf(c->idem, sizeof(c->idem), "%s", idem ? idem : "");
 	snprintf(c->owner, sizeof(c->owner), "%s", hub_req_who(rq)->name);
@@ -582,7 +596,6 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 {
 	struct hub *hub = hub_req_hub(rq);
 	const auth_principal *who = hub_req_who(rq);
-	json_error_t jerr;
 	json_t *b, *target, *type, *labels, *name, *ro, *v;
 	const schema_type *t;
 	const schema_node *node;
@@ -591,18 +604,9 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	double ratio = 1.0;
 	char *labels_s = NULL, *pats_s = NULL;
 
-	if (!has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
-		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the commands:write scope");
+	if (!(c = body_ctx(rq, body, len)))
 		return;
-	}
-	b = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (!json_is_object(b)) {
-		json_decref(b);
-		hub_req_error(rq, 422, "invalid", "body", "the body must be a JSON object");
-		return;
-	}
-	c = ctx_new(rq);
-	c->body = b;
+	b = c->body;
 	target = json_object_get(b, "target");
 	type = json_object_get(target, "device_type");
 	labels = json_object_get(target, "labels");
@@ -640,10 +644,7 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 		free(labels_s);
 		return;
 	}
-	if (int_field(rq, b, "ack_timeout_s", 10, 1, 3600, &c->spec.ack_timeout_s) ||
-	    int_field(rq, b, "timeout_s", 300, 1, 604800, &c->spec.timeout_s) ||
-	    int_field(rq, b, "ttl_s", 3600, 1, 2592000, &c->spec.ttl_s) ||
-	    int_field(rq, b, "max_attempts", 3, 1, 100, &c->spec.max_attempts)) {
+	if (timing_fields(rq, b, &c->spec)) {
 		free(labels_s);
 		return;
 	}
