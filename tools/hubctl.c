@@ -181,6 +181,25 @@ req_deadline(void)
 	return mono_ms() + (int64_t)(CTL_DEFAULT_TIMEOUT * 1000);
 }
 
+/* t (monotonic ms), or the --timeout deadline if that comes first */
+static int64_t
+until_deadline(int64_t t)
+{
+	return g_deadline && g_deadline < t ? g_deadline : t;
+}
+
+/* sleeps until t (monotonic ms), the --timeout deadline or Ctrl-C, whichever
+ * comes first */
+static void
+nap_until(int64_t t)
+{
+	int64_t left;
+
+	t = until_deadline(t);
+	while (!g_interrupted && (left = t - mono_ms()) > 0)
+		poll(NULL, 0, (int)(left > CTL_POLL_SLICE_MS ? CTL_POLL_SLICE_MS : left));
+}
+
 /* ------------------------------------------------------------------------ */
 /* growable string (aborts on OOM; callers cap what peers can make it hold)  */
 
@@ -1103,6 +1122,66 @@ api(const char *method, const char *path, const char *body, const char *idem,
 	return EX_OK;
 }
 
+/*
+ * POSTs body (taken) to path, to create what ("command", "rollout"): EX_OK
+ * with *doc (caller decrefs; it has a string "id") and *status (may be
+ * NULL), or the exit code after reporting the failure.
+ */
+static int
+create(const char *path, json_t *body, const char *idem, const char *what,
+       json_t **doc, int *status)
+{
+	char *bs = json_dumps(body, JSON_COMPACT);
+	int ex;
+
+	json_decref(body);
+	ex = api("POST", path, bs, idem, doc, status);
+	free(bs);
+	if (ex)
+		return ex;
+	if (!json_is_string(json_object_get(*doc, "id"))) {
+		fprintf(stderr, "hubctl: the hub's answer has no %s id\n", what);
+		json_decref(*doc);
+		*doc = NULL;
+		return EX_UNREACHABLE;
+	}
+	return EX_OK;
+}
+
+/*
+ * GET /v1/commands/{id} (a command, or a rollout: r_...), or with cancel
+ * POST /v1/commands/{id}/cancel. As api(): EX_OK with *out, or the exit code.
+ */
+static int
+command_api(const char *id, int cancel, json_t **out)
+{
+	struct sbuf p = { 0 };
+	int ex;
+
+	sb_puts(&p, "/v1/commands/");
+	sb_urlenc(&p, id);
+	if (cancel)
+		sb_puts(&p, "/cancel");
+	ex = api(cancel ? "POST" : "GET", p.d, cancel ? "{}" : NULL, NULL, out, NULL);
+	sb_free(&p);
+	return ex;
+}
+
+static int
+fetch_command(const char *id, json_t **out)
+{
+	return command_api(id, 0, out);
+}
+
+/* "/v1/devices/{device}/commands" */
+static void
+sb_device_commands(struct sbuf *p, const char *device)
+{
+	sb_puts(p, "/v1/devices/");
+	sb_urlenc(p, device);
+	sb_puts(p, "/commands");
+}
+
 /* ------------------------------------------------------------------------ */
 /* WebSocket client (RFC 6455, text frames, client side)                      */
 
@@ -1378,6 +1457,15 @@ err:
 /* ------------------------------------------------------------------------ */
 /* stream subscriptions                                                       */
 
+/* a transport failure r of the stream: reported (unless quiet); the exit code */
+static int
+stream_net_fail(int r, int quiet)
+{
+	if (!quiet)
+		return report_net(r);
+	return r == E_INTR ? EX_INTERRUPTED : EX_UNREACHABLE;
+}
+
 /*
  * Opens /v1/stream and subscribes. Returns the ws, or NULL with the exit
  * code in *ex (reported unless quiet).
@@ -1406,8 +1494,7 @@ stream_subscribe(json_t *sub, int quiet, int *ex)
 				*ex = report_http_error(&rs);
 			}
 		} else {
-			*ex = quiet ? (st == E_INTR ? EX_INTERRUPTED : EX_UNREACHABLE)
-				    : report_net(st);
+			*ex = stream_net_fail(st, quiet);
 		}
 		free(body);
 		return NULL;
@@ -1455,7 +1542,7 @@ stream_subscribe(json_t *sub, int quiet, int *ex)
 		json_decref(m);   /* anything else before subscribed: ignore */
 	}
 net:
-	*ex = quiet ? (r == E_INTR ? EX_INTERRUPTED : EX_UNREACHABLE) : report_net(r);
+	*ex = stream_net_fail(r, quiet);
 	ws_close(w);
 	return NULL;
 }
@@ -1556,6 +1643,78 @@ read_small_file(const char *flag, const char *path, size_t max)
 	}
 	b[n] = '\0';
 	return b;
+}
+
+/*
+ * If argv[*i] is --name N: 1 and obj[field] set to N (0 to INT64_MAX/2; the
+ * hub checks the real range and answers 422 naming the field); else 0.
+ */
+static int
+int_field_opt(char **argv, int argc, int *i, const char *name, json_t *obj,
+	      const char *field)
+{
+	const char *v;
+	char flag[64];
+
+	if (!opt_val(argv, argc, i, name, &v))
+		return 0;
+	snprintf(flag, sizeof(flag), "--%s", name);
+	json_object_set_new(obj, field, json_integer(parse_int(flag, v, 0,
+							       INT64_MAX / 2)));
+	return 1;
+}
+
+/*
+ * A command's limits, as send and send-fleet take them: --ack-timeout,
+ * --timeout (the command's timeout_s, not the global one), --ttl,
+ * --max-attempts into body. 1 if argv[*i] was one of them; else 0.
+ */
+static int
+limit_opt(char **argv, int argc, int *i, json_t *body)
+{
+	return int_field_opt(argv, argc, i, "ack-timeout", body, "ack_timeout_s") ||
+	       int_field_opt(argv, argc, i, "timeout", body, "timeout_s") ||
+	       int_field_opt(argv, argc, i, "ttl", body, "ttl_s") ||
+	       int_field_opt(argv, argc, i, "max-attempts", body, "max_attempts");
+}
+
+/* --params JSON or --params @FILE: the parsed value (caller owns it); a usage
+ * error when over CTL_PARAMS_MAX or not JSON */
+static json_t *
+parse_params(const char *params)
+{
+	json_error_t je;
+	char *text = NULL;
+	json_t *pj;
+
+	if (params[0] == '@')
+		text = read_small_file("--params", params + 1, CTL_PARAMS_MAX);
+	else if (strlen(params) > CTL_PARAMS_MAX)
+		die_usage("--params: over %u bytes", CTL_PARAMS_MAX);
+	pj = json_loads(text ? text : params, JSON_DECODE_ANY, &je);
+	free(text);
+	if (!pj)
+		die_usage("--params: not JSON: %s (line %d, column %d)", je.text,
+			  je.line, je.column);
+	return pj;
+}
+
+/*
+ * a, a positional argument of cmd, into the first empty one of slots[0..n-1];
+ * a usage error when a is an unknown option or one argument too many
+ */
+static void
+take_positional(const char *cmd, const char *a, const char **slots, int n)
+{
+	if (a[0] == '-' && a[1])
+		die_usage("%s: unknown option '%s'", cmd, a);
+	for (int k = 0; k < n; k++) {
+		if (!slots[k]) {
+			slots[k] = a;
+			return;
+		}
+	}
+	die_usage("%s: unexpected argument '%s'", cmd, a);
 }
 
 static int
@@ -1710,20 +1869,16 @@ static const char *const ALL_STATES[] = {
 	"rejected", "timed_out", "expired", "canceled", NULL
 };
 
-/* one transition line (human): "HH:MM:SS.mmm status details" */
+/* what follows the status in a transition line (send --wait, tail):
+ * " (attempt N)" when sent, " P%", " message", ": error" */
 static void
-print_transition_human(json_t *ev)
+print_status_details(json_t *ev)
 {
-	const char *st = jstr(ev, "status");
 	json_t *pr = json_object_get(ev, "progress");
 	const char *msg = json_string_value(json_object_get(ev, "message"));
 	const char *err = json_string_value(json_object_get(ev, "error"));
-	json_t *res = json_object_get(ev, "result");
-	char t[32];
 
-	fmt_ms(jint(ev, "at"), 0, t, sizeof(t));
-	printf("%s  %s", t, st);
-	if (!strcmp(st, "sent"))
+	if (!strcmp(jstr(ev, "status"), "sent"))
 		printf(" (attempt %" PRId64 ")", jint(ev, "attempt"));
 	if (json_is_number(pr))
 		printf(" %" PRId64 "%%", jint(ev, "progress"));
@@ -1731,14 +1886,46 @@ print_transition_human(json_t *ev)
 		printf(" %s", msg);
 	if (err)
 		printf(": %s", err);
+}
+
+/* lead and a command's result as JSON, when it has one */
+static void
+print_result(json_t *c, const char *lead)
+{
+	json_t *res = json_object_get(c, "result");
+
 	if (res && !json_is_null(res)) {
 		char *s = jdump(res);
 
-		printf(" %s", s);
+		printf("%s%s", lead, s);
 		free(s);
 	}
+}
+
+/* one transition line (human): "HH:MM:SS.mmm status details" */
+static void
+print_transition_human(json_t *ev)
+{
+	char t[32];
+
+	fmt_ms(jint(ev, "at"), 0, t, sizeof(t));
+	printf("%s  %s", t, jstr(ev, "status"));
+	print_status_details(ev);
+	print_result(ev, " ");
 	putchar('\n');
 	fflush(stdout);
+}
+
+/* the "created" and "updated" lines of show (a command or a rollout) */
+static void
+print_stamps(json_t *v)
+{
+	char t[40];
+
+	fmt_ms(jint(v, "created_at"), 1, t, sizeof(t));
+	printf("  created   %s\n", t);
+	fmt_ms(jint(v, "updated_at"), 1, t, sizeof(t));
+	printf("  updated   %s\n", t);
 }
 
 static void
@@ -1765,10 +1952,7 @@ print_command_human(json_t *c, int with_history)
 			free(s);
 		}
 	}
-	fmt_ms(jint(c, "created_at"), 1, t, sizeof(t));
-	printf("  created   %s\n", t);
-	fmt_ms(jint(c, "updated_at"), 1, t, sizeof(t));
-	printf("  updated   %s\n", t);
+	print_stamps(c);
 	printf("  limits    ack_timeout %" PRId64 "s, timeout %" PRId64 "s, ttl %"
 	       PRId64 "s\n", jint(c, "ack_timeout_s"), jint(c, "timeout_s"),
 	       jint(c, "ttl_s"));
@@ -1860,13 +2044,20 @@ track_event(struct tracker *t, json_t *ev)
 	}
 }
 
+/* a command_status event of command c, so far without its status */
+static json_t *
+status_event(json_t *c)
+{
+	return json_pack("{s:s,s:s,s:s,s:s}", "type", "command_status", "id",
+			 jstr(c, "id"), "device", jstr(c, "device"), "name",
+			 jstr(c, "name"));
+}
+
 /* an event from a history entry of command c */
 static json_t *
 event_from_history(json_t *c, json_t *h)
 {
-	json_t *ev = json_pack("{s:s,s:s,s:s,s:s}", "type", "command_status",
-			       "id", jstr(c, "id"), "device", jstr(c, "device"),
-			       "name", jstr(c, "name"));
+	json_t *ev = status_event(c);
 	const char *k;
 	json_t *v;
 
@@ -1901,13 +2092,11 @@ track_command(struct tracker *t, json_t *c)
 	}
 	/* the current state, whatever the history showed */
 	{
-		json_t *ev = json_pack("{s:s,s:s,s:s,s:s,s:s,s:I,s:I}", "type",
-				       "command_status", "id", jstr(c, "id"),
-				       "device", jstr(c, "device"), "name",
-				       jstr(c, "name"), "status", jstr(c, "status"),
-				       "at", (json_int_t)jint(c, "updated_at"),
-				       "attempt", (json_int_t)jint(c, "attempt"));
+		json_t *ev = status_event(c);
 
+		json_object_set_new(ev, "status", json_string(jstr(c, "status")));
+		json_object_set_new(ev, "at", json_integer(jint(c, "updated_at")));
+		json_object_set_new(ev, "attempt", json_integer(jint(c, "attempt")));
 		if (json_is_number(json_object_get(c, "progress")))
 			json_object_set(ev, "progress", json_object_get(c, "progress"));
 		track_event(t, ev);
@@ -1915,17 +2104,19 @@ track_command(struct tracker *t, json_t *c)
 	}
 }
 
+/* fetches the command and shows what it has that was not shown; 0 or the
+ * exit code */
 static int
-fetch_command(const char *id, json_t **out)
+catch_up(struct tracker *t)
 {
-	struct sbuf p = { 0 };
-	int ex;
+	json_t *c;
+	int ex = fetch_command(t->id, &c);
 
-	sb_puts(&p, "/v1/commands/");
-	sb_urlenc(&p, id);
-	ex = api("GET", p.d, NULL, NULL, out, NULL);
-	sb_free(&p);
-	return ex;
+	if (ex)
+		return ex;
+	track_command(t, c);
+	json_decref(c);
+	return EX_OK;
 }
 
 /* the end of --wait: the final command, printed; exit by its status */
@@ -1941,19 +2132,12 @@ finish_wait(struct tracker *t)
 	if (o.json) {
 		print_json_line(c);
 	} else {
-		const char *st = jstr(c, "status");
-		json_t *res = json_object_get(c, "result");
 		const char *err = json_string_value(json_object_get(c, "error"));
 
-		printf("%s %s", jstr(c, "id"), st);
+		printf("%s %s", jstr(c, "id"), jstr(c, "status"));
 		if (err)
 			printf(": %s", err);
-		if (res && !json_is_null(res)) {
-			char *s = jdump(res);
-
-			printf(" result %s", s);
-			free(s);
-		}
+		print_result(c, " result ");
 		putchar('\n');
 	}
 	ex = is_final(jstr(c, "status")) ? final_exit(jstr(c, "status")) : EX_WAIT_TIMEOUT;
@@ -1961,21 +2145,38 @@ finish_wait(struct tracker *t)
 	return ex;
 }
 
+/*
+ * A --wait (send, send-fleet) that gives up at the --timeout deadline: a line
+ * on stderr, "what id is status" and extra, and with --json the wait_timeout
+ * document with message. Returns EX_WAIT_TIMEOUT.
+ */
 static int
-wait_timed_out(struct tracker *t, double secs)
+wait_timed_out(const char *what, const char *id, const char *status,
+	       const char *extra, const char *message)
 {
-	fprintf(stderr, "hubctl: gave up waiting after %.1fs: command %s is %s\n",
-		secs, t->id, t->status);
+	fflush(stdout);
+	fprintf(stderr, "hubctl: gave up waiting after %.1fs: %s %s is %s%s\n",
+		o.timeout, what, id, status, extra);
 	if (o.json) {
 		json_t *e = json_pack("{s:{s:s,s:s},s:s,s:s}", "error", "code",
-				      "wait_timeout", "message", "the command did not "
-				      "reach a final state in time", "id", t->id,
-				      "status", t->status);
+				      "wait_timeout", "message", message, "id", id,
+				      "status", status);
 
 		print_json_line(e);
 		json_decref(e);
 	}
 	return EX_WAIT_TIMEOUT;
+}
+
+/* a --wait stopped by Ctrl-C: says where it was; EX_INTERRUPTED */
+static int
+wait_interrupted(const char *what, const char *id, const char *status,
+		 const char *extra)
+{
+	fflush(stdout);
+	fprintf(stderr, "hubctl: interrupted; %s %s is %s%s\n", what, id, status,
+		extra);
+	return EX_INTERRUPTED;
 }
 
 static int follow_loop(struct tracker *t, struct ws **wp);
@@ -2001,22 +2202,17 @@ follow_loop(struct tracker *t, struct ws **wp)
 	while (!t->final) {
 		int64_t now = mono_ms();
 
-		if (g_interrupted) {
-			fprintf(stderr, "hubctl: interrupted; command %s is %s\n", t->id,
-				t->status);
-			return EX_INTERRUPTED;
-		}
+		if (g_interrupted)
+			return wait_interrupted("command", t->id, t->status, "");
 		if (g_deadline && now >= g_deadline)
-			return wait_timed_out(t, o.timeout);
+			return wait_timed_out("command", t->id, t->status, "",
+					      "the command did not reach a final "
+					      "state in time");
 		if (w) {
 			char *msg;
 			size_t len;
-			int64_t dl = now + 1000;
-			int r;
+			int r = ws_recv(w, &msg, &len, until_deadline(now + 1000));
 
-			if (g_deadline && g_deadline < dl)
-				dl = g_deadline;
-			r = ws_recv(w, &msg, &len, dl);
 			if (r == E_TIMEOUT || r == E_INTR)
 				continue;
 			if (r <= 0) {
@@ -2037,40 +2233,24 @@ follow_loop(struct tracker *t, struct ws **wp)
 					track_event(t, m);
 				} else if (!strcmp(type, "gap")) {
 					/* events were lost: catch up from the command */
-					json_t *c;
-
-					ex = fetch_command(t->id, &c);
+					ex = catch_up(t);
 					if (ex) {
 						json_decref(m);
 						return ex;
 					}
-					track_command(t, c);
-					json_decref(c);
 				}
 				json_decref(m);
 			}
 			continue;
 		}
 		if (now < next_poll) {
-			int64_t dl = next_poll;
-
-			if (g_deadline && g_deadline < dl)
-				dl = g_deadline;
-			while (mono_ms() < dl && !g_interrupted)
-				poll(NULL, 0, (int)(dl - mono_ms() > CTL_POLL_SLICE_MS ?
-					CTL_POLL_SLICE_MS : dl - mono_ms()));
+			nap_until(next_poll);
 			continue;
 		}
-		{
-			json_t *c;
-
-			ex = fetch_command(t->id, &c);
-			if (ex)
-				return ex;
-			track_command(t, c);
-			json_decref(c);
-			next_poll = mono_ms() + CTL_POLL_INTERVAL;
-		}
+		ex = catch_up(t);
+		if (ex)
+			return ex;
+		next_poll = mono_ms() + CTL_POLL_INTERVAL;
 	}
 	return -1;
 }
@@ -2078,29 +2258,19 @@ follow_loop(struct tracker *t, struct ws **wp)
 static int
 cmd_send(int argc, char **argv, int i)
 {
-	const char *device = NULL, *name = NULL, *params = NULL, *idem = NULL, *v;
-	json_t *body = json_object(), *doc = NULL, *pj;
+	const char *args[2] = { NULL, NULL }, *device, *name, *params = NULL;
+	const char *idem = NULL, *v;
+	json_t *body = json_object(), *doc = NULL;
 	struct ws *w = NULL;
 	struct sbuf path = { 0 };
 	struct tracker t = { 0 };
 	int wait = 0, ex, status = 0;
-	char *bs;
 
 	for (; i < argc; i++) {
 		if (opt_val(argv, argc, &i, "params", &v)) {
 			params = v;
-		} else if (opt_val(argv, argc, &i, "ack-timeout", &v)) {
-			json_object_set_new(body, "ack_timeout_s", json_integer(
-				parse_int("--ack-timeout", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "timeout", &v)) {
-			json_object_set_new(body, "timeout_s", json_integer(
-				parse_int("--timeout", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "ttl", &v)) {
-			json_object_set_new(body, "ttl_s", json_integer(
-				parse_int("--ttl", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "max-attempts", &v)) {
-			json_object_set_new(body, "max_attempts", json_integer(
-				parse_int("--max-attempts", v, 0, INT64_MAX / 2)));
+		} else if (limit_opt(argv, argc, &i, body)) {
+			/* taken */
 		} else if (opt_val(argv, argc, &i, "idempotency-key", &v)) {
 			idem = v;
 			for (const char *q = idem; *q; q++)
@@ -2111,16 +2281,12 @@ cmd_send(int argc, char **argv, int i)
 			wait = 1;
 		} else if (global_opt(argv, argc, &i)) {
 			/* taken */
-		} else if (argv[i][0] == '-' && argv[i][1]) {
-			die_usage("send: unknown option '%s'", argv[i]);
-		} else if (!device) {
-			device = argv[i];
-		} else if (!name) {
-			name = argv[i];
 		} else {
-			die_usage("send: unexpected argument '%s'", argv[i]);
+			take_positional("send", argv[i], args, 2);
 		}
 	}
+	device = args[0];
+	name = args[1];
 	if (!device || !name)
 		die_usage("send: expected DEVICE NAME");
 	if (!*device || !*name)
@@ -2128,21 +2294,8 @@ cmd_send(int argc, char **argv, int i)
 	json_object_set_new(body, "name", json_string(name));
 	if (!json_object_get(body, "name"))
 		die_usage("send: NAME is not valid UTF-8");
-	if (params) {
-		json_error_t je;
-		char *text = NULL;
-
-		if (params[0] == '@')
-			text = read_small_file("--params", params + 1, CTL_PARAMS_MAX);
-		else if (strlen(params) > CTL_PARAMS_MAX)
-			die_usage("--params: over %u bytes", CTL_PARAMS_MAX);
-		pj = json_loads(text ? text : params, JSON_DECODE_ANY, &je);
-		free(text);
-		if (!pj)
-			die_usage("--params: not JSON: %s (line %d, column %d)", je.text,
-				  je.line, je.column);
-		json_object_set_new(body, "params", pj);
-	}
+	if (params)
+		json_object_set_new(body, "params", parse_params(params));
 	parse_url();
 	check_key();
 
@@ -2162,23 +2315,12 @@ cmd_send(int argc, char **argv, int i)
 		}
 	}
 
-	sb_puts(&path, "/v1/devices/");
-	sb_urlenc(&path, device);
-	sb_puts(&path, "/commands");
-	bs = json_dumps(body, JSON_COMPACT);
-	json_decref(body);
-	ex = api("POST", path.d, bs, idem, &doc, &status);
-	free(bs);
+	sb_device_commands(&path, device);
+	ex = create(path.d, body, idem, "command", &doc, &status);
 	sb_free(&path);
 	if (ex) {
 		ws_close(w);
 		return ex;
-	}
-	if (!json_is_string(json_object_get(doc, "id"))) {
-		fprintf(stderr, "hubctl: the hub's answer has no command id\n");
-		json_decref(doc);
-		ws_close(w);
-		return EX_UNREACHABLE;
 	}
 	if (o.json) {
 		print_json_line(doc);
@@ -2205,13 +2347,7 @@ cmd_send(int argc, char **argv, int i)
 		ex = EX_OK;
 	} else {
 		/* no history in the answer: the command's story from the hub */
-		json_t *c;
-
-		ex = fetch_command(t.id, &c);
-		if (!ex) {
-			track_command(&t, c);
-			json_decref(c);
-		}
+		ex = catch_up(&t);
 	}
 	json_decref(doc);
 	if (!ex)
@@ -2319,7 +2455,6 @@ print_rollout_human(json_t *r)
 {
 	struct sbuf b = { 0 };
 	json_t *params = json_object_get(r, "params");
-	char t[40];
 
 	sb_labels(&b, json_object_get(r, "labels"));
 	printf("%s  %s on %s devices (labels %s)\n", jstr(r, "id"), jstr(r, "name"),
@@ -2349,10 +2484,7 @@ print_rollout_human(json_t *r)
 	sb_counts(&b, json_object_get(r, "counts"), ", ");
 	printf("  counts    %s\n", b.d);
 	sb_free(&b);
-	fmt_ms(jint(r, "created_at"), 1, t, sizeof(t));
-	printf("  created   %s\n", t);
-	fmt_ms(jint(r, "updated_at"), 1, t, sizeof(t));
-	printf("  updated   %s\n", t);
+	print_stamps(r);
 	fflush(stdout);
 }
 
@@ -2368,19 +2500,6 @@ print_rollout_final(json_t *r)
 	sb_free(&b);
 }
 
-static int
-fetch_rollout(const char *id, json_t **out)
-{
-	struct sbuf p = { 0 };
-	int ex;
-
-	sb_puts(&p, "/v1/commands/");
-	sb_urlenc(&p, id);
-	ex = api("GET", p.d, NULL, NULL, out, NULL);
-	sb_free(&p);
-	return ex;
-}
-
 /*
  * Follows a rollout until completed or aborted: GET once a second; a line
  * each time it changed (rewritten in place on a terminal), the rollout as
@@ -2390,7 +2509,7 @@ static int
 follow_rollout(const char *id, json_t *r)
 {
 	int tty = !o.json && isatty(STDOUT_FILENO);
-	char *last = NULL;
+	char *last = NULL, released[64];
 	int line_open = 0, ex = EX_OK;
 
 	for (;;) {
@@ -2422,47 +2541,21 @@ follow_rollout(const char *id, json_t *r)
 			ex = rollout_exit(r);
 			break;
 		}
-		{
-			int64_t next = mono_ms() + CTL_FLEET_POLL_MS;
-
-			while (!g_interrupted && mono_ms() < next &&
-			       !(g_deadline && mono_ms() >= g_deadline)) {
-				int64_t dl = next, left;
-
-				if (g_deadline && g_deadline < dl)
-					dl = g_deadline;
-				left = dl - mono_ms();
-				poll(NULL, 0, (int)(left > CTL_POLL_SLICE_MS ?
-					CTL_POLL_SLICE_MS : left < 0 ? 0 : left));
-			}
-		}
+		nap_until(mono_ms() + CTL_FLEET_POLL_MS);
+		snprintf(released, sizeof(released), " (released %" PRId64 "/%" PRId64
+			 ")", jint(r, "released"), jint(r, "total"));
 		if (g_interrupted) {
 			if (line_open)
 				putchar('\n');
-			fprintf(stderr, "hubctl: interrupted; rollout %s is %s "
-				"(released %" PRId64 "/%" PRId64 ")\n", id, st,
-				jint(r, "released"), jint(r, "total"));
-			ex = EX_INTERRUPTED;
+			ex = wait_interrupted("rollout", id, st, released);
 			break;
 		}
 		/* too close to --timeout for one more request: give up */
 		if (g_deadline && g_deadline - mono_ms() < 100) {
 			if (line_open)
 				putchar('\n');
-			fflush(stdout);
-			fprintf(stderr, "hubctl: gave up waiting after %.1fs: rollout "
-				"%s is %s (released %" PRId64 "/%" PRId64 ")\n",
-				o.timeout, id, st, jint(r, "released"), jint(r, "total"));
-			if (o.json) {
-				json_t *e = json_pack("{s:{s:s,s:s},s:s,s:s}", "error",
-						      "code", "wait_timeout", "message",
-						      "the rollout did not complete in time",
-						      "id", id, "status", st);
-
-				print_json_line(e);
-				json_decref(e);
-			}
-			ex = EX_WAIT_TIMEOUT;
+			ex = wait_timed_out("rollout", id, st, released,
+					    "the rollout did not complete in time");
 			break;
 		}
 		{
@@ -2472,7 +2565,7 @@ follow_rollout(const char *id, json_t *r)
 				/* a diagnostic of the GET must not land mid-line */
 				fflush(stdout);
 			}
-			ex = fetch_rollout(id, &nr);
+			ex = fetch_command(id, &nr);
 			if (ex) {
 				if (line_open)
 					putchar('\n');
@@ -2493,9 +2586,9 @@ cmd_send_fleet(int argc, char **argv, int i)
 {
 	const char *type = NULL, *name = NULL, *params = NULL, *v;
 	json_t *body = json_object(), *labels = json_object(), *ro = json_object();
-	json_t *doc = NULL, *pj, *target;
+	json_t *doc = NULL, *target;
 	int wait = 0, ex;
-	char *bs, *id;
+	char *id;
 
 	for (; i < argc; i++) {
 		if (opt_val(argv, argc, &i, "type", &v)) {
@@ -2504,9 +2597,9 @@ cmd_send_fleet(int argc, char **argv, int i)
 			add_label(labels, v);
 		} else if (opt_val(argv, argc, &i, "params", &v)) {
 			params = v;
-		} else if (opt_val(argv, argc, &i, "max-per-minute", &v)) {
-			json_object_set_new(ro, "max_per_minute", json_integer(
-				parse_int("--max-per-minute", v, 0, INT64_MAX / 2)));
+		} else if (int_field_opt(argv, argc, &i, "max-per-minute", ro,
+					 "max_per_minute")) {
+			/* taken */
 		} else if (opt_val(argv, argc, &i, "abort-failure-ratio", &v)) {
 			char *end;
 			double q;
@@ -2517,31 +2610,16 @@ cmd_send_fleet(int argc, char **argv, int i)
 				die_usage("--abort-failure-ratio: expected a number from 0 "
 					  "to 1, got '%s'", v);
 			json_object_set_new(ro, "abort_failure_ratio", json_real(q));
-		} else if (opt_val(argv, argc, &i, "min-finished", &v)) {
-			json_object_set_new(ro, "min_finished", json_integer(
-				parse_int("--min-finished", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "ack-timeout", &v)) {
-			json_object_set_new(body, "ack_timeout_s", json_integer(
-				parse_int("--ack-timeout", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "timeout", &v)) {
-			json_object_set_new(body, "timeout_s", json_integer(
-				parse_int("--timeout", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "ttl", &v)) {
-			json_object_set_new(body, "ttl_s", json_integer(
-				parse_int("--ttl", v, 0, INT64_MAX / 2)));
-		} else if (opt_val(argv, argc, &i, "max-attempts", &v)) {
-			json_object_set_new(body, "max_attempts", json_integer(
-				parse_int("--max-attempts", v, 0, INT64_MAX / 2)));
+		} else if (int_field_opt(argv, argc, &i, "min-finished", ro,
+					 "min_finished") ||
+			   limit_opt(argv, argc, &i, body)) {
+			/* taken */
 		} else if (opt_flag(argv[i], "wait")) {
 			wait = 1;
 		} else if (global_opt(argv, argc, &i)) {
 			/* taken */
-		} else if (argv[i][0] == '-' && argv[i][1]) {
-			die_usage("send-fleet: unknown option '%s'", argv[i]);
-		} else if (!name) {
-			name = argv[i];
 		} else {
-			die_usage("send-fleet: unexpected argument '%s'", argv[i]);
+			take_positional("send-fleet", argv[i], &name, 1);
 		}
 	}
 	if (!type || !*type)
@@ -2559,38 +2637,17 @@ cmd_send_fleet(int argc, char **argv, int i)
 	json_object_set_new(body, "name", json_string(name));
 	if (!json_object_get(body, "name"))
 		die_usage("send-fleet: NAME is not valid UTF-8");
-	if (params) {
-		json_error_t je;
-		char *text = NULL;
-
-		if (params[0] == '@')
-			text = read_small_file("--params", params + 1, CTL_PARAMS_MAX);
-		else if (strlen(params) > CTL_PARAMS_MAX)
-			die_usage("--params: over %u bytes", CTL_PARAMS_MAX);
-		pj = json_loads(text ? text : params, JSON_DECODE_ANY, &je);
-		free(text);
-		if (!pj)
-			die_usage("--params: not JSON: %s (line %d, column %d)", je.text,
-				  je.line, je.column);
-		json_object_set_new(body, "params", pj);
-	}
+	if (params)
+		json_object_set_new(body, "params", parse_params(params));
 	if (json_object_size(ro))
 		json_object_set(body, "rollout", ro);
 	json_decref(ro);
 	parse_url();
 	check_key();
 
-	bs = json_dumps(body, JSON_COMPACT);
-	json_decref(body);
-	ex = api("POST", "/v1/commands", bs, NULL, &doc, NULL);
-	free(bs);
+	ex = create("/v1/commands", body, NULL, "rollout", &doc, NULL);
 	if (ex)
 		return ex;
-	if (!json_is_string(json_object_get(doc, "id"))) {
-		fprintf(stderr, "hubctl: the hub's answer has no rollout id\n");
-		json_decref(doc);
-		return EX_UNREACHABLE;
-	}
 	if (o.json) {
 		print_json_line(doc);
 	} else if (!wait) {
@@ -2615,7 +2672,7 @@ cmd_send_fleet(int argc, char **argv, int i)
 		/* the 202 body was printed; follow from the next GET */
 		json_t *r;
 
-		ex = fetch_rollout(id, &r);
+		ex = fetch_command(id, &r);
 		json_decref(doc);
 		if (!ex)
 			ex = follow_rollout(id, r);
@@ -2626,29 +2683,35 @@ cmd_send_fleet(int argc, char **argv, int i)
 	return ex;
 }
 
+/*
+ * The one argument of cmd (show, cancel, show-rollout), an ID of what
+ * ("command", "rollout"), among global options; a usage error without it.
+ */
+static const char *
+id_arg(int argc, char **argv, int i, const char *cmd, const char *what)
+{
+	const char *id = NULL;
+
+	for (; i < argc; i++)
+		if (!global_opt(argv, argc, &i))
+			take_positional(cmd, argv[i], &id, 1);
+	if (!id || !*id)
+		die_usage("%s: expected a %s ID", cmd, what);
+	return id;
+}
+
 static int
 cmd_show_rollout(int argc, char **argv, int i)
 {
-	const char *id = NULL;
+	const char *id = id_arg(argc, argv, i, "show-rollout", "rollout");
 	json_t *r;
 	int ex;
 
-	for (; i < argc; i++) {
-		if (global_opt(argv, argc, &i))
-			continue;
-		if (argv[i][0] == '-' && argv[i][1])
-			die_usage("show-rollout: unknown option '%s'", argv[i]);
-		if (id)
-			die_usage("show-rollout: unexpected argument '%s'", argv[i]);
-		id = argv[i];
-	}
-	if (!id || !*id)
-		die_usage("show-rollout: expected a rollout ID");
 	if (strncmp(id, "r_", 2))
 		die_usage("show-rollout: a rollout ID starts with r_ (show ID for a command)");
 	parse_url();
 	check_key();
-	ex = fetch_rollout(id, &r);
+	ex = fetch_command(id, &r);
 	if (ex)
 		return ex;
 	if (o.json)
@@ -2665,32 +2728,13 @@ cmd_show_rollout(int argc, char **argv, int i)
 static int
 cmd_show(int argc, char **argv, int i, int cancel)
 {
-	const char *id = NULL;
-	struct sbuf p = { 0 };
+	const char *id = id_arg(argc, argv, i, cancel ? "cancel" : "show", "command");
 	json_t *c;
 	int ex;
 
-	for (; i < argc; i++) {
-		if (global_opt(argv, argc, &i))
-			continue;
-		if (argv[i][0] == '-' && argv[i][1])
-			die_usage("%s: unknown option '%s'", cancel ? "cancel" : "show",
-				  argv[i]);
-		if (id)
-			die_usage("%s: unexpected argument '%s'", cancel ? "cancel" : "show",
-				  argv[i]);
-		id = argv[i];
-	}
-	if (!id || !*id)
-		die_usage("%s: expected a command ID", cancel ? "cancel" : "show");
 	parse_url();
 	check_key();
-	sb_puts(&p, "/v1/commands/");
-	sb_urlenc(&p, id);
-	if (cancel)
-		sb_puts(&p, "/cancel");
-	ex = api(cancel ? "POST" : "GET", p.d, cancel ? "{}" : NULL, NULL, &c, NULL);
-	sb_free(&p);
+	ex = command_api(id, cancel, &c);
 	if (ex)
 		return ex;
 	if (o.json)
@@ -2728,21 +2772,15 @@ cmd_list(int argc, char **argv, int i)
 			parse_int("--limit", limit, 1, 1000);
 		} else if (global_opt(argv, argc, &i)) {
 			/* taken */
-		} else if (argv[i][0] == '-' && argv[i][1]) {
-			die_usage("list-commands: unknown option '%s'", argv[i]);
-		} else if (!device) {
-			device = argv[i];
 		} else {
-			die_usage("list-commands: unexpected argument '%s'", argv[i]);
+			take_positional("list-commands", argv[i], &device, 1);
 		}
 	}
 	if (!device || !*device)
 		die_usage("list-commands: expected DEVICE");
 	parse_url();
 	check_key();
-	sb_puts(&p, "/v1/devices/");
-	sb_urlenc(&p, device);
-	sb_puts(&p, "/commands");
+	sb_device_commands(&p, device);
 	if (status || limit) {
 		sb_puts(&p, "?");
 		if (status) {
@@ -2884,21 +2922,10 @@ print_stream_human(json_t *m)
 			printf(" (%s)", jstr(m, "device_type"));
 		putchar('\n');
 	} else if (!strcmp(type, "command_status")) {
-		json_t *pr = json_object_get(m, "progress");
-		const char *err = json_string_value(json_object_get(m, "error"));
-		const char *msg = json_string_value(json_object_get(m, "message"));
-
 		fmt_ms(jint(m, "at"), 0, t, sizeof(t));
 		printf("%s  %-20s %s %s %s", t, jstr(m, "device"), jstr(m, "id"),
 		       jstr(m, "name"), jstr(m, "status"));
-		if (!strcmp(jstr(m, "status"), "sent"))
-			printf(" (attempt %" PRId64 ")", jint(m, "attempt"));
-		if (json_is_number(pr))
-			printf(" %" PRId64 "%%", jint(m, "progress"));
-		if (msg)
-			printf(" %s", msg);
-		if (err)
-			printf(": %s", err);
+		print_status_details(m);
 		putchar('\n');
 	} else if (!strcmp(type, "aggregate")) {
 		json_t *metrics = json_object_get(m, "metrics"), *mv;
