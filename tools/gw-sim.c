@@ -71,6 +71,10 @@
 #define SIM_DRAIN_MS         3000    /* grace for unacked frames at stop */
 #define SIM_READING_MAX      (96u + 2u * SIM_ID_MAX) /* one reading's JSON, upper bound */
 #define SIM_SEQ_STRIDE       1000000000ull /* gateway i starts at seq0 + i * stride */
+#define SIM_MQTT_SUBPROTOCOL "mqtt"
+#define SIM_MQTT_KEEPALIVE_S 60
+#define SIM_MQTT_PIDS        65535u  /* packet ids 1..65535 */
+#define SIM_MQTT_HDR_MAX     (5u + 2u + 5u + SIM_ID_MAX + 2u) /* PUBLISH header */
 
 /* ------------------------------------------------------------------------ */
 /* lws logs                                                                   */
@@ -120,6 +124,7 @@ struct sim_cfg {
 	const char *stamp_field; /* data field set to wall-clock µs at generation */
 	int json_summary;
 	int idle;
+	int mqtt;            /* --mqtt: MQTT 3.1.1 over WebSocket (Mosquitto) */
 
 	unsigned cmd_delay_ms;       /* before each step after `received` */
 	unsigned cmd_ack_delay_ms;   /* before `received` */
@@ -232,6 +237,7 @@ struct gw {
 
 	float *temp, *hum;     /* per-device random walk */
 	uint8_t in_connq;
+	uint8_t mqtt_ping;     /* --mqtt: a PINGREQ is owed */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -295,7 +301,7 @@ static struct {
 	lws_sorted_usec_list_t sul_rate;
 
 	lws_sorted_usec_list_t sul_duration, sul_signal, sul_destroy, sul_drain,
-			       sul_watchdog;
+			       sul_watchdog, sul_mqtt_ping;
 
 	int sig_handled;
 	int stopping;        /* no new frames; drain the windows */
@@ -1239,7 +1245,9 @@ gw_connect(struct gw *gw)
 	struct lws_client_connect_info ci;
 	struct lws *wsi;
 
-	lg_connect_info(&ci, g.ctx, &g.cfg.ep, SIM_SUBPROTOCOL, gw, &gw->wsi);
+	lg_connect_info(&ci, g.ctx, &g.cfg.ep,
+			g.cfg.mqtt ? SIM_MQTT_SUBPROTOCOL : SIM_SUBPROTOCOL, gw,
+			&gw->wsi);
 	if (g.cfg.tls) {
 		ci.ssl_connection = LCCSCF_USE_SSL;
 		if (g.cfg.insecure)
@@ -1387,7 +1395,8 @@ gw_request_write(struct gw *gw)
 		return;
 	if (g.closing || gw->kill_reason || (g.stopping && gw_drained(gw)) ||
 	    gw->n_pending || (gw->state == GW_READY && gw->cq_head) ||
-	    (gw->state == GW_ANNOUNCING && gw->ann_next < g.cfg.devices))
+	    (gw->state == GW_ANNOUNCING && (g.cfg.mqtt ? !gw->ann_sent :
+					     gw->ann_next < g.cfg.devices)))
 		lws_callback_on_writable(gw->wsi);
 }
 
@@ -1419,6 +1428,260 @@ build_announce(struct gw *gw, char *out, size_t cap)
 	return count ? off : 0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* --mqtt: MQTT 3.1.1 over WebSocket                                          */
+/*
+ * The same gateways, windows and latency histogram, another wire: the
+ * "announce" is CONNECT (answered by CONNACK), each telemetry frame's JSON is
+ * the payload of one PUBLISH QoS 1 to tele/<gateway>, and the PUBACK of its
+ * packet id is its ack (every reading counts as accepted: a broker does not
+ * validate). Packet id of seq s: s % 65535 + 1; the window is at most 65535
+ * frames wide, so a PUBACK names exactly one seq in it. MQTT packets may span
+ * or share WebSocket messages: gw->rx is a byte stream here.
+ */
+
+static size_t
+mqtt_varint(unsigned char *o, size_t v)
+{
+	size_t n = 0;
+
+	do {
+		unsigned char b = (unsigned char)(v % 128);
+
+		v /= 128;
+		o[n++] = v ? (unsigned char)(b | 0x80) : b;
+	} while (v);
+	return n;
+}
+
+static size_t
+mqtt_build_connect(const struct gw *gw, unsigned char *o)
+{
+	size_t idl = strlen(gw->id), n = 0;
+
+	o[n++] = 0x10;
+	n += mqtt_varint(o + n, 10 + 2 + idl);
+	memcpy(o + n, "\0\4MQTT\4\2", 8);   /* protocol name, level 4, clean session */
+	n += 8;
+	o[n++] = (unsigned char)(SIM_MQTT_KEEPALIVE_S >> 8);
+	o[n++] = (unsigned char)(SIM_MQTT_KEEPALIVE_S & 0xff);
+	o[n++] = (unsigned char)(idl >> 8);
+	o[n++] = (unsigned char)(idl & 0xff);
+	memcpy(o + n, gw->id, idl);
+	return n + idl;
+}
+
+/* PUBLISH QoS 1 of fs into o (room: SIM_MQTT_HDR_MAX + fs->len) */
+static size_t
+mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
+		   unsigned char *o)
+{
+	size_t idl = strlen(gw->id), tl = 5 + idl, n = 0;
+	unsigned pid = (unsigned)(fs->seq % SIM_MQTT_PIDS) + 1;
+
+	o[n++] = (unsigned char)(0x32 | (fs->written ? 0x08 : 0));  /* DUP */
+	n += mqtt_varint(o + n, 2 + tl + 2 + fs->len);
+	o[n++] = (unsigned char)(tl >> 8);
+	o[n++] = (unsigned char)(tl & 0xff);
+	memcpy(o + n, "tele/", 5);
+	memcpy(o + n + 5, gw->id, idl);
+	n += tl;
+	o[n++] = (unsigned char)(pid >> 8);
+	o[n++] = (unsigned char)(pid & 0xff);
+	memcpy(o + n, fs->buf, fs->len);
+	return n + fs->len;
+}
+
+static int
+mqtt_writeable(struct gw *gw, struct lws *wsi, unsigned char *p)
+{
+	struct frame_slot *fs = NULL;
+	size_t len;
+	int n, connect = 0;
+
+	if (gw->state == GW_ANNOUNCING) {
+		if (gw->ann_sent)
+			return 0;
+		len = mqtt_build_connect(gw, p);
+		connect = 1;
+	} else if (gw->state == GW_READY && gw->mqtt_ping) {
+		p[0] = 0xc0;   /* PINGREQ */
+		p[1] = 0;
+		len = 2;
+	} else if (gw->state == GW_READY && (fs = gw_next_pending(gw))) {
+		len = mqtt_build_publish(gw, fs, p);
+	} else
+		return 0;
+
+	n = lws_write(wsi, p, len, LWS_WRITE_BINARY);
+	if (n < (int)len) {
+		LOG(LOG_WARN, "%s: lws_write failed (%d of %zu)", gw->id, n, len);
+		return -1;
+	}
+	if (connect) {
+		gw->ann_sent++;
+		CNT(announce_msgs, 1);
+	} else if (!fs) {
+		gw->mqtt_ping = 0;
+	} else {
+		fs->state = SLOT_INFLIGHT;
+		fs->sent_us = lg_mono_us();
+		gw->n_pending--;
+		gw->send_cursor = fs->seq + 1;
+		CNT(frames_sent, 1);
+		if (fs->written)
+			CNT(frames_resent, 1);
+		else
+			CNT(readings_sent, fs->nreadings);
+		fs->written = 1;
+	}
+	gw_request_write(gw);
+	return 0;
+}
+
+static void
+mqtt_on_puback(struct gw *gw, unsigned pid)
+{
+	struct frame_slot *fs = NULL;
+
+	if (pid >= 1 && pid <= SIM_MQTT_PIDS && gw->base_seq < gw->next_seq) {
+		uint64_t off = ((uint64_t)(pid - 1) + SIM_MQTT_PIDS -
+				gw->base_seq % SIM_MQTT_PIDS) % SIM_MQTT_PIDS;
+
+		fs = gw_slot(gw, gw->base_seq + off);
+	}
+	if (!fs) {
+		CNT(unexpected_acks, 1);
+		LOG(LOG_DEBUG, "%s: PUBACK %u not in the window", gw->id, pid);
+		return;
+	}
+	if (fs->sent_us) {
+		uint64_t lat = (uint64_t)(lg_mono_us() - fs->sent_us);
+
+		if (fs->sent_us - g.start_us >= (int64_t)(g.cfg.warmup * 1e6))
+			lg_hist_add(&g.h_tot, lat);
+		lg_hist_add(&g.h_iv, lat);
+	}
+	CNT(frames_acked, 1);
+	CNT(readings_acked, fs->nreadings);
+	gw_slot_release(gw, fs);
+	gw_after_window_change(gw);
+}
+
+/* one whole MQTT packet from the broker: type byte, body */
+static void
+mqtt_packet(struct gw *gw, unsigned type, const unsigned char *b, size_t n)
+{
+	switch (type >> 4) {
+	case 2:   /* CONNACK: flags, return code */
+		if (gw->state != GW_ANNOUNCING || n < 2) {
+			CNT(proto_errors, 1);
+			return;
+		}
+		if (b[1]) {
+			CNT(hub_errors, 1);
+			if (b[1] == 4 || b[1] == 5)
+				CNT(auth_failures, 1);
+			count_errcode(b[1] == 4 || b[1] == 5 ? "connack_not_authorized"
+							     : "connack_refused");
+			LOG(LOG_WARN, "%s: broker refused CONNECT (return code %u)",
+			    gw->id, b[1]);
+			gw_kill(gw, LWS_CLOSE_STATUS_NORMAL, "connect refused");
+			return;
+		}
+		gw->ann_replies++;
+		gw_become_ready(gw);
+		break;
+	case 4:   /* PUBACK */
+		if (n < 2) {
+			CNT(proto_errors, 1);
+			return;
+		}
+		mqtt_on_puback(gw, ((unsigned)b[0] << 8) | b[1]);
+		break;
+	case 13:  /* PINGRESP */
+		break;
+	default:
+		LOG(LOG_DEBUG, "%s: ignoring MQTT packet type %u", gw->id, type >> 4);
+		break;
+	}
+}
+
+/* must always return 0: see the lws 4.1.6 notes at the top */
+static int
+mqtt_receive(struct gw *gw, const void *in, size_t len)
+{
+	struct lg_rx *rx = &gw->rx;
+	size_t off = 0;
+
+	if (gw->kill_reason)
+		return 0;
+	if (rx->len + len > rx->cap) {
+		rx->cap = rx->len + len > 4096 ? rx->len + len : 4096;
+		rx->buf = lg_xrealloc(rx->buf, rx->cap);
+	}
+	memcpy(rx->buf + rx->len, in, len);
+	rx->len += len;
+	for (;;) {
+		const unsigned char *b = (const unsigned char *)rx->buf + off;
+		size_t avail = rx->len - off, rl = 0, h = 1;
+		unsigned shift = 0;
+
+		if (avail < 2)
+			break;
+		while (h < avail && h <= 4) {
+			rl |= (size_t)(b[h] & 0x7f) << shift;
+			shift += 7;
+			if (!(b[h++] & 0x80))
+				break;
+		}
+		if (h > 4 && (b[4] & 0x80)) {
+			CNT(proto_errors, 1);
+			gw_kill(gw, LWS_CLOSE_STATUS_PROTOCOL_ERR, "bad MQTT length");
+			rx->len = 0;
+			return 0;
+		}
+		if ((b[h - 1] & 0x80) || avail - h < rl) {
+			if (rl > g.cfg.max_frame) {
+				CNT(proto_errors, 1);
+				gw->rx_discard = 1;
+				gw_kill(gw, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+					"message too large");
+				rx->len = 0;
+				return 0;
+			}
+			break;   /* the rest of the packet comes later */
+		}
+		mqtt_packet(gw, b[0], b + h, rl);
+		off += h + rl;
+	}
+	if (off) {
+		memmove(rx->buf, rx->buf + off, rx->len - off);
+		rx->len -= off;
+	}
+	return 0;
+}
+
+/* keepalive: a PINGREQ every 30 s (the broker drops a client silent 90 s) */
+static void
+mqtt_ping_cb(lws_sorted_usec_list_t *sul)
+{
+	unsigned i;
+
+	(void)sul;
+	for (i = 0; i < g.cfg.gateways; i++) {
+		struct gw *gw = &g.gws[i];
+
+		if (gw->state == GW_READY && gw->wsi) {
+			gw->mqtt_ping = 1;
+			lws_callback_on_writable(gw->wsi);
+		}
+	}
+	if (!g.stopping)
+		lws_sul_schedule(g.ctx, 0, &g.sul_mqtt_ping, mqtt_ping_cb,
+				 SIM_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
+}
+
 static int
 gw_writeable(struct gw *gw, struct lws *wsi)
 {
@@ -1441,8 +1704,10 @@ gw_writeable(struct gw *gw, struct lws *wsi)
 		return -1;
 	}
 
-	ensure_tx(g.cfg.max_frame);
+	ensure_tx(g.cfg.max_frame + SIM_MQTT_HDR_MAX);
 	p = g.tx + LWS_PRE;
+	if (g.cfg.mqtt)
+		return mqtt_writeable(gw, wsi, p);
 	if (gw->state == GW_ANNOUNCING) {
 		if (gw->ann_next >= g.cfg.devices)
 			return 0;
@@ -1512,11 +1777,11 @@ gw_established(struct gw *gw)
 		lws_callback_on_writable(gw->wsi);
 		return;
 	}
-	if (!g.cfg.devices) {
+	if (!g.cfg.devices && !g.cfg.mqtt) {
 		gw_become_ready(gw);
 		return;
 	}
-	gw_request_write(gw);
+	gw_request_write(gw);   /* --mqtt: CONNECT, then CONNACK makes it ready */
 }
 
 /* must always return 0: see the lws 4.1.6 notes at the top */
@@ -1567,6 +1832,8 @@ sim_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 	case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER: {
 		unsigned char **p = (unsigned char **)in, *end = *p + len;
 
+		if (!gw->auth)   /* --mqtt without a token */
+			break;
 		if (lws_add_http_header_by_name(wsi,
 				(const unsigned char *)"authorization:",
 				(const unsigned char *)gw->auth,
@@ -1593,6 +1860,8 @@ sim_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 		break;
 
 	case LWS_CALLBACK_CLIENT_RECEIVE:
+		if (g.cfg.mqtt)
+			return mqtt_receive(gw, in, len);
 		return gw_receive(gw, wsi, in, len);
 
 	case LWS_CALLBACK_CLIENT_WRITEABLE:
@@ -1644,6 +1913,7 @@ sim_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 
 static const struct lws_protocols sim_protocols[] = {
 	{ SIM_SUBPROTOCOL, sim_callback, 0, 1024, 0, NULL, 0 },
+	{ SIM_MQTT_SUBPROTOCOL, sim_callback, 0, 1024, 0, NULL, 0 },
 	{ NULL, NULL, 0, 0, 0, NULL, 0 }
 };
 
@@ -1795,6 +2065,7 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 	lws_sul_cancel(&g.sul_drain);
 	lws_sul_cancel(&g.sul_signal);
 	lws_sul_cancel(&g.sul_watchdog);
+	lws_sul_cancel(&g.sul_mqtt_ping);
 	lg_heartbeat_stop();
 	/* from a sul, lws defers this until the loop unwinds; main() finishes it */
 	lws_context_destroy(g.ctx);
@@ -1940,9 +2211,10 @@ print_summary(void)
 				json_integer((json_int_t)g.errcodes_other));
 
 #define JI(v) json_integer((json_int_t)(v))
-		o = json_pack("{s:s, s:s, s:f, s:i, s:i, s:f, s:i, s:i}",
+		o = json_pack("{s:s, s:s, s:s, s:f, s:i, s:i, s:f, s:i, s:i}",
 			"stop_reason", g.stop_reason ? g.stop_reason : "stopped",
 			"mode", g.cfg.idle ? "idle" : g.cfg.rate > 0 ? "open" : "closed",
+			"protocol", g.cfg.mqtt ? "mqtt" : "iot-gateway.v1",
 			"elapsed_s", el,
 			"gateways", (int)g.cfg.gateways,
 			"devices_per_gateway", (int)g.cfg.devices,
@@ -2055,6 +2327,12 @@ usage(FILE *f)
 "  --insecure           do not verify the hub's certificate\n"
 "  --source-ips A,B,..  bind connections round-robin to these local addresses\n"
 "  --connect-rate C     new connections per second, also reconnects (default 1000)\n"
+"  --mqtt               speak MQTT 3.1.1 over WebSocket (subprotocol mqtt, binary\n"
+"                       frames) to a broker such as Mosquitto instead: CONNECT\n"
+"                       (client id = gateway id, clean session, keepalive 60),\n"
+"                       then each frame's JSON as one PUBLISH QoS 1 to\n"
+"                       tele/<gateway>; its PUBACK is the ack. No token needed;\n"
+"                       no announce, no commands (docs/simulator.md)\n"
 "\n"
 "Fleet\n"
 "  --gateways N         gateways (default 1)\n"
@@ -2204,7 +2482,7 @@ parse_args(int argc, char **argv)
 		O_IDLE, O_CMD_DELAY, O_CMD_FAIL, O_CMD_IGNORE, O_CMD_REJECT, O_SRC,
 		O_CMD_ACK_DELAY, O_CMD_STEPS,
 		O_MAXFRAME, O_SEQSTART, O_SEED, O_ACKTO, O_JWT_SECRET, O_JWT_DEVICES,
-		O_TTL, O_WARMUP, O_STAMP,
+		O_TTL, O_WARMUP, O_STAMP, O_MQTT,
 	};
 	static const struct option opts[] = {
 		{ "url", required_argument, NULL, O_URL },
@@ -2215,6 +2493,7 @@ parse_args(int argc, char **argv)
 		{ "ttl", required_argument, NULL, O_TTL },
 		{ "warmup", required_argument, NULL, O_WARMUP },
 		{ "stamp-field", required_argument, NULL, O_STAMP },
+		{ "mqtt", no_argument, NULL, O_MQTT },
 		{ "ca", required_argument, NULL, O_CA },
 		{ "cert", required_argument, NULL, O_CERT },
 		{ "key", required_argument, NULL, O_KEY },
@@ -2279,6 +2558,7 @@ parse_args(int argc, char **argv)
 			c->warmup = lg_parse_num("--warmup", optarg, 0, 1e6);
 			break;
 		case O_STAMP: c->stamp_field = optarg; break;
+		case O_MQTT: c->mqtt = 1; break;
 		case O_TTL:
 			c->ttl = lg_parse_u64("--ttl", optarg, 1, 10ull * 366 * 24 * 3600);
 			break;
@@ -2373,13 +2653,18 @@ parse_args(int argc, char **argv)
 		lg_die_flag("unexpected argument '%s'", argv[optind]);
 
 	parse_url(c);
-	if (!!c->token + !!c->token_cmd + !!c->jwt_secret != 1)
-		lg_die_flag("give exactly one of --token, --token-cmd and --jwt-secret");
+	if (c->mqtt ? !!c->token + !!c->token_cmd + !!c->jwt_secret > 1 :
+	    !!c->token + !!c->token_cmd + !!c->jwt_secret != 1)
+		lg_die_flag("give exactly one of --token, --token-cmd and --jwt-secret%s",
+			    c->mqtt ? " (or none with --mqtt)" : "");
+	if (c->mqtt && c->inflight > SIM_MQTT_PIDS)
+		lg_die_flag("--inflight: at most %u with --mqtt (16-bit packet ids)",
+			    SIM_MQTT_PIDS);
 	if ((c->jwt_devices || c->ttl) && !c->jwt_secret)
 		lg_die_flag("--jwt-devices and --ttl need --jwt-secret");
 	if (!c->ttl)
 		c->ttl = 3600;
-	if (c->token && c->gateways > 1)
+	if (c->token && c->gateways > 1 && !c->mqtt)
 		LOG(LOG_WARN, "--token is shared by %u gateways: the hub knows a "
 		    "gateway by its token's sub, so they will take each other over "
 		    "(close 4001); use --token-cmd to mint one token per gateway",
@@ -2898,6 +3183,9 @@ main(int argc, char **argv)
 	if (g.cfg.ack_timeout > 0)
 		lws_sul_schedule(g.ctx, 0, &g.sul_watchdog, watchdog_cb,
 				 LWS_USEC_PER_SEC);
+	if (g.cfg.mqtt)
+		lws_sul_schedule(g.ctx, 0, &g.sul_mqtt_ping, mqtt_ping_cb,
+				 SIM_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
 	lg_heartbeat_start(g.ctx);
 	lg_run(g.ctx, &g.destroy_started);
 	g.ctx = NULL;
