@@ -147,6 +147,18 @@ static struct {
 } G;
 
 static volatile sig_atomic_t stop_flag;
+static int stopped;
+static lws_sorted_usec_list_t sul_stop;
+
+/* With an event-lib backend lws_service() runs the loop until the context is
+ * destroyed: from a sul (inside the service) lws defers the destroy until the
+ * loop unwinds, then main() finishes it. */
+static void stop_cb(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	stopped = 1;
+	lws_context_destroy(G.ctx);
+}
 
 /* ---- gateway connections ----------------------------------------------------- */
 
@@ -619,6 +631,8 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason, void
 {
 	switch (reason) {
 	case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+		if (stop_flag && !stopped)
+			lws_sul_schedule(G.ctx, 0, &sul_stop, stop_cb, 0);
 		if (G.bc_pending) {
 			G.bc_pending = false;
 			lws_callback_on_writable_all_protocol(G.ctx, &protocols[P_STREAM]);
@@ -845,7 +859,7 @@ int main(int argc, char **argv)
 	}
 	fprintf(stderr, "listening on %s:%d\n", G.host, G.port);
 
-	while (!stop_flag)
+	while (!stopped)
 		if (lws_service(G.ctx, 0) < 0)
 			break;
 	lws_context_destroy(G.ctx);
