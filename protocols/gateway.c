@@ -332,23 +332,6 @@ static void reject(hub_buf *b, size_t index, const gw_reading *rd, enum hub_reje
 	hub_buf_printf(b, "\"code\":\"%s\"", hub_reject_names[code]);
 }
 
-static void reject_errors(hub_buf *b, const schema_error *errs, int n, int total)
-{
-	hub_buf_puts(b, ",\"errors\":[");
-	for (int i = 0; i < n; i++) {
-		hub_buf_puts(b, i ? ",{\"path\":" : "{\"path\":");
-		hub_buf_json_str(b, errs[i].path, strlen(errs[i].path));
-		hub_buf_puts(b, ",\"code\":");
-		hub_buf_json_str(b, errs[i].code, strlen(errs[i].code));
-		hub_buf_puts(b, ",\"message\":");
-		hub_buf_json_str(b, errs[i].message, strlen(errs[i].message));
-		hub_buf_puts(b, "}");
-	}
-	hub_buf_puts(b, "]");
-	if (total > n)
-		hub_buf_printf(b, ",\"more_errors\":%d", total - n);
-}
-
 static const schema_type *dev_type(struct hub *hub, struct gw_dev *d)
 {
 	if (d->type_gen != hub->schemas_gen) {
@@ -467,7 +450,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 
 		if (gw_reading_parse(item, &rd, &errs[0])) {
 			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
-			reject_errors(&r->rejected, errs, 1, 1);
+			gw_write_field_errors(&r->rejected, errs, 1, 1);
 			hub_buf_puts(&r->rejected, "}");
 			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
 			continue;
@@ -503,7 +486,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 			snprintf(e.message, sizeof(e.message), "device type \"%.64s\" is no longer loaded",
 				 d->type_name);
 			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
-			reject_errors(&r->rejected, &e, 1, 1);
+			gw_write_field_errors(&r->rejected, &e, 1, 1);
 			hub_buf_puts(&r->rejected, "}");
 			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
 			continue;
@@ -512,7 +495,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 				       MAX_FIELD_ERRORS);
 		if (nerr) {
 			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
-			reject_errors(&r->rejected, errs,
+			gw_write_field_errors(&r->rejected, errs,
 				      nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS, nerr);
 			hub_buf_puts(&r->rejected, "}");
 			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;

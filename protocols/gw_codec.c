@@ -204,6 +204,23 @@ int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **wh
 	return 0;
 }
 
+void gw_write_field_errors(hub_buf *b, const schema_error *errs, int n, int total)
+{
+	hub_buf_puts(b, ",\"errors\":[");
+	for (int i = 0; i < n; i++) {
+		hub_buf_puts(b, i ? ",{\"path\":" : "{\"path\":");
+		hub_buf_json_str(b, errs[i].path, strlen(errs[i].path));
+		hub_buf_puts(b, ",\"code\":");
+		hub_buf_json_str(b, errs[i].code, strlen(errs[i].code));
+		hub_buf_puts(b, ",\"message\":");
+		hub_buf_json_str(b, errs[i].message, strlen(errs[i].message));
+		hub_buf_puts(b, "}");
+	}
+	hub_buf_puts(b, "]");
+	if (total > n)
+		hub_buf_printf(b, ",\"more_errors\":%d", total - n);
+}
+
 void gw_write_error(hub_buf *b, const char *code, int64_t seq,
 		    int64_t retry_after_ms, const char *message)
 {

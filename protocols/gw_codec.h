@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "hub/util.h"
+#include "protocols/schema.h"
 
 enum gw_msg_type {
 	GW_MSG_ANNOUNCE = 1,
@@ -80,6 +81,10 @@ typedef struct gw_command_ack {
 } gw_command_ack;
 
 int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why);
+
+/* Appends `,"errors":[{"path","code","message"},...]` for errs[0..n) and,
+ * when total > n, `,"more_errors":total-n` (a rejected reading's fields). */
+void gw_write_field_errors(hub_buf *b, const schema_error *errs, int n, int total);
 
 /* Appends {"type":"error","code":code[,"seq":seq][,"retry_after_ms":n],
  * "message":message} to b. seq < 0 and retry_after_ms < 0 are omitted. */

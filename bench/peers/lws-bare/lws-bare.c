@@ -215,23 +215,6 @@ static void reject(hub_buf *b, size_t index, const gw_reading *rd, const char *c
 	hub_buf_printf(b, "\"code\":\"%s\"", code);
 }
 
-static void reject_errors(hub_buf *b, const schema_error *errs, int n, int total)
-{
-	hub_buf_puts(b, ",\"errors\":[");
-	for (int i = 0; i < n; i++) {
-		hub_buf_puts(b, i ? ",{\"path\":" : "{\"path\":");
-		hub_buf_json_str(b, errs[i].path, strlen(errs[i].path));
-		hub_buf_puts(b, ",\"code\":");
-		hub_buf_json_str(b, errs[i].code, strlen(errs[i].code));
-		hub_buf_puts(b, ",\"message\":");
-		hub_buf_json_str(b, errs[i].message, strlen(errs[i].message));
-		hub_buf_puts(b, "}");
-	}
-	hub_buf_puts(b, "]");
-	if (total > n)
-		hub_buf_printf(b, ",\"more_errors\":%d", total - n);
-}
-
 /* One accepted reading into the shared ring (the part after "sub"). */
 static void ring_append(const gw_reading *rd, int64_t ts)
 {
@@ -282,7 +265,7 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 
 		if (gw_reading_parse(json_array_get(msg->items, i), &rd, &errs[0])) {
 			reject(&rej, i, &rd, "invalid");
-			reject_errors(&rej, errs, 1, 1);
+			gw_write_field_errors(&rej, errs, 1, 1);
 			hub_buf_puts(&rej, "}");
 			continue;
 		}
@@ -304,7 +287,7 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 				       MAX_FIELD_ERRORS);
 		if (nerr) {
 			reject(&rej, i, &rd, "invalid");
-			reject_errors(&rej, errs, nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS,
+			gw_write_field_errors(&rej, errs, nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS,
 				      nerr);
 			hub_buf_puts(&rej, "}");
 			continue;
