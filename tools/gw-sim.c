@@ -1492,6 +1492,23 @@ mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
 	return n + fs->len;
 }
 
+/* A frame (telemetry or MQTT PUBLISH) went out whole: it now waits for its
+ * ack; a second write of the same slot is a resend. */
+static void
+frame_written(struct gw *gw, struct frame_slot *fs)
+{
+	fs->state = SLOT_INFLIGHT;
+	fs->sent_us = lg_mono_us();
+	gw->n_pending--;
+	gw->send_cursor = fs->seq + 1;
+	CNT(frames_sent, 1);
+	if (fs->written)
+		CNT(frames_resent, 1);
+	else
+		CNT(readings_sent, fs->nreadings);
+	fs->written = 1;
+}
+
 static int
 mqtt_writeable(struct gw *gw, struct lws *wsi, unsigned char *p)
 {
@@ -1524,16 +1541,7 @@ mqtt_writeable(struct gw *gw, struct lws *wsi, unsigned char *p)
 	} else if (!fs) {
 		gw->mqtt_ping = 0;
 	} else {
-		fs->state = SLOT_INFLIGHT;
-		fs->sent_us = lg_mono_us();
-		gw->n_pending--;
-		gw->send_cursor = fs->seq + 1;
-		CNT(frames_sent, 1);
-		if (fs->written)
-			CNT(frames_resent, 1);
-		else
-			CNT(readings_sent, fs->nreadings);
-		fs->written = 1;
+		frame_written(gw, fs);
 	}
 	gw_request_write(gw);
 	return 0;
@@ -1746,16 +1754,7 @@ gw_writeable(struct gw *gw, struct lws *wsi)
 		free(cm);
 		CNT(cmd_acks_sent, 1);
 	} else {
-		fs->state = SLOT_INFLIGHT;
-		fs->sent_us = lg_mono_us();
-		gw->n_pending--;
-		gw->send_cursor = fs->seq + 1;
-		CNT(frames_sent, 1);
-		if (fs->written)
-			CNT(frames_resent, 1);
-		else
-			CNT(readings_sent, fs->nreadings);
-		fs->written = 1;
+		frame_written(gw, fs);
 	}
 	gw_request_write(gw);
 	return 0;
