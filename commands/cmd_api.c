@@ -69,6 +69,19 @@ static void await_reply(struct hub_req *rq, int rc)
 		hub_req_ref(rq);
 }
 
+/* The {hash, list} answer of the get scripts, or NULL when the client is
+ * gone or Redis failed (then answered 503). */
+static const redisReply *pair_reply(struct hub_req *rq, const redisReply *r)
+{
+	if (hub_req_gone(rq))
+		return NULL;
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+		unavailable(rq);
+		return NULL;
+	}
+	return r;
+}
+
 static const redisReply *kv_get(const redisReply *kv, const char *name)
 {
 	if (!kv || kv->type != REDIS_REPLY_ARRAY)
@@ -163,12 +176,8 @@ static void on_get(redisReply *r, void *arg)
 	const redisReply *h, *dev;
 	hub_buf o = { 0 };
 
-	if (hub_req_gone(rq))
+	if (!pair_reply(rq, r))
 		goto out;
-	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-		unavailable(rq);
-		goto out;
-	}
 	h = r->element[0];
 	dev = kv_get(h, "device");
 	if (!h->elements || !dev || !visible(rq, dev->str)) {
@@ -525,12 +534,8 @@ static void on_rollout(redisReply *r, void *arg)
 		{ "released", 'n' }, { "created_at", 'n' }, { "updated_at", 'n' },
 	};
 
-	if (hub_req_gone(rq))
+	if (!pair_reply(rq, r))
 		goto out;
-	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-		unavailable(rq);
-		goto out;
-	}
 	h = r->element[0];
 	counts = r->element[1];
 	if (!h->elements || !rollout_visible(rq, kv_get(h, "owner"))) {
