@@ -32,10 +32,19 @@ struct window_map {
 	int64_t next_due;          /* earliest deadline of any state; INT64_MAX: none */
 };
 
+/* The ingest partials of one second, in creation order: flushing takes them
+ * from the front without scanning the map. */
+struct due_second {
+	int64_t start;
+	struct agg_state *head, **tail;
+	struct due_second *next;   /* later seconds */
+};
+
 static struct {
 	struct hub *hub;
 	lws_sorted_usec_list_t sul;
 	struct window_map partials;          /* ingest: this instance's 1 s partials */
+	struct due_second *seconds;          /* the same partials by second, oldest first */
 	struct window_map merged[AGG__COUNT]; /* merge side, per window */
 	unsigned wants[AGG__COUNT];
 	bool active;                         /* iot:live:agg subscription active */
@@ -76,8 +85,18 @@ void agg_state_clear(struct agg_state *st)
 
 static void state_free(struct agg_state *st)
 {
+	if (st->cache)
+		*st->cache = NULL;
 	agg_state_clear(st);
 	free(st);
+}
+
+void agg_cache_drop(struct agg_state **cache)
+{
+	if (*cache) {
+		(*cache)->cache = NULL;
+		*cache = NULL;
+	}
 }
 
 static struct agg_field *field_get(struct agg_state *st, const char *name, size_t len)
@@ -149,6 +168,18 @@ static void buf_double(hub_buf *b, double v)
 	hub_buf_append(b, num, (size_t)n);
 }
 
+/* Partials travel between hubs only: exact in one pass (%.17g reads back as
+ * the same double), not the shortest form. */
+static void buf_double_exact(hub_buf *b, double v)
+{
+	if (v == (double)(int64_t)v && fabs(v) < 9e15) {
+		hub_buf_i64(b, (int64_t)v);
+		return;
+	}
+	hub_buf_reserve(b, 32);
+	b->len += (size_t)snprintf(b->data + b->len, 32, "%.17g", v);
+}
+
 void agg_metrics_json(const struct agg_state *st, hub_buf *out)
 {
 	hub_buf_puts(out, "\"metrics\":{");
@@ -174,7 +205,14 @@ void agg_metrics_json(const struct agg_state *st, hub_buf *out)
 
 static size_t make_key(char *key, int64_t start, const char *device)
 {
-	return (size_t)snprintf(key, KEY_MAX, "%lld|%s", (long long)start, device);
+	size_t n = hub_fmt_i64(key, start), dl = strlen(device);
+
+	if (dl > KEY_MAX - n - 2)
+		dl = KEY_MAX - n - 2;
+	key[n++] = '|';
+	memcpy(key + n, device, dl);
+	key[n + dl] = '\0';
+	return n + dl;
 }
 
 static void map_init(struct window_map *m)
@@ -202,8 +240,7 @@ static void map_clear(struct window_map *m)
 struct due_ctx {
 	int64_t now, span;
 	struct agg_state **v;
-	size_t n, cap, max;        /* max: take at most this many (0: all) */
-	bool more;                 /* due ones left behind (max reached) */
+	size_t n, cap;
 	int64_t next_due;
 };
 
@@ -214,12 +251,6 @@ static void collect_due_cb(const char *key, void *value, void *arg)
 
 	(void)key;
 	if (st->start + d->span <= d->now) {
-		if (d->max && d->n == d->max) {
-			d->more = true;
-			if (st->start + d->span < d->next_due)
-				d->next_due = st->start + d->span;
-			return;
-		}
 		if (d->n == d->cap) {
 			d->cap = d->cap ? d->cap * 2 : 64;
 			d->v = hub_xrealloc(d->v, d->cap * sizeof(*d->v));
@@ -230,13 +261,11 @@ static void collect_due_cb(const char *key, void *value, void *arg)
 	}
 }
 
-static void map_take_due(struct window_map *m, int64_t now, int64_t span, size_t max,
-			 struct due_ctx *d)
+static void map_take_due(struct window_map *m, int64_t now, int64_t span, struct due_ctx *d)
 {
 	char key[KEY_MAX];
 
 	memset(d, 0, sizeof(*d));
-	d->max = max;
 	d->now = now;
 	d->span = span;
 	d->next_due = INT64_MAX;
@@ -262,14 +291,35 @@ static int64_t max_age_ms(void)
 	return agg_window_ms[AGG_1M] + A.hub->cfg.aggregate_grace_ms + 1000;
 }
 
+static void due_append(struct agg_state *st)
+{
+	struct due_second **pp = &A.seconds, *sec;
+
+	while (*pp && (*pp)->start < st->start)
+		pp = &(*pp)->next;
+	sec = *pp;
+	if (!sec || sec->start != st->start) {
+		sec = hub_xcalloc(1, sizeof(*sec));
+		sec->start = st->start;
+		sec->tail = &sec->head;
+		sec->next = *pp;
+		*pp = sec;
+	}
+	*sec->tail = st;
+	sec->tail = &st->due_next;
+}
+
 struct agg_state *agg_partial(struct hub *hub, const char *device, const char *type,
-			      const char *labels, size_t labels_len, int64_t ts)
+			      const char *labels, size_t labels_len, int64_t ts,
+			      struct agg_state **cache)
 {
 	char key[KEY_MAX];
 	int64_t start = ts - ((ts % 1000) + 1000) % 1000;
 	size_t kl;
 	struct agg_state *st;
 
+	if (cache && *cache && (*cache)->start == start)
+		return *cache;
 	if (ts < hub_now_ms() - max_age_ms()) {
 		hub->metrics.aggregate_late_readings_total++;
 		return NULL;
@@ -284,8 +334,16 @@ struct agg_state *agg_partial(struct hub *hub, const char *device, const char *t
 		memcpy(st->labels_text, labels ? labels : "", labels_len);
 		st->labels_text[labels_len] = '\0';
 		hub_strmap_put(&A.partials.states, key, kl, st);
+		due_append(st);
 		if (start + 1000 + FLUSH_DELAY_MS < A.partials.next_due)
 			A.partials.next_due = start + 1000 + FLUSH_DELAY_MS;
+	}
+	/* One slot per state: a second connection holding the same device (a
+	 * takeover in progress) looks it up instead. */
+	if (cache && !st->cache) {
+		agg_cache_drop(cache);
+		*cache = st;
+		st->cache = cache;
 	}
 	return st;
 }
@@ -334,15 +392,27 @@ static void msg_send(void)
  * when more are due. */
 static bool flush_partials(int64_t now)
 {
-	struct due_ctx d;
-	size_t in_msg = 0;
+	size_t in_msg = 0, taken = 0;
+	char key[KEY_MAX];
 
-	map_take_due(&A.partials, now, 1000 + FLUSH_DELAY_MS, FLUSH_BUDGET, &d);
-	if (!d.n)
+	if (!A.seconds || A.seconds->start + 1000 + FLUSH_DELAY_MS > now)
 		return false;
 	msg_begin();
-	for (size_t i = 0; i < d.n; i++) {
-		struct agg_state *st = d.v[i];
+	while (A.seconds && A.seconds->start + 1000 + FLUSH_DELAY_MS <= now &&
+	       taken < FLUSH_BUDGET) {
+		struct due_second *sec = A.seconds;
+		struct agg_state *st = sec->head;
+
+		if (!st) {
+			A.seconds = sec->next;
+			free(sec);
+			continue;
+		}
+		sec->head = st->due_next;
+		if (!sec->head)
+			sec->tail = &sec->head;
+		hub_strmap_del(&A.partials.states, key, make_key(key, st->start, st->device));
+		taken++;
 		const char *labels = st->labels_text && *st->labels_text ? st->labels_text : "{}";
 
 		if (in_msg)
@@ -364,13 +434,13 @@ static bool flush_partials(int64_t now)
 			hub_buf_puts(&A.msg, ":[");
 			hub_buf_i64(&A.msg, f->count);
 			hub_buf_puts(&A.msg, ",");
-			buf_double(&A.msg, f->min);
+			buf_double_exact(&A.msg, f->min);
 			hub_buf_puts(&A.msg, ",");
-			buf_double(&A.msg, f->max);
+			buf_double_exact(&A.msg, f->max);
 			hub_buf_puts(&A.msg, ",");
-			buf_double(&A.msg, f->sum);
+			buf_double_exact(&A.msg, f->sum);
 			hub_buf_puts(&A.msg, ",");
-			buf_double(&A.msg, f->last);
+			buf_double_exact(&A.msg, f->last);
 			hub_buf_puts(&A.msg, ",");
 			hub_buf_i64(&A.msg, f->last_ts);
 			hub_buf_puts(&A.msg, "]");
@@ -378,17 +448,23 @@ static bool flush_partials(int64_t now)
 		hub_buf_puts(&A.msg, "}}");
 		state_free(st);
 		in_msg++;
-		if (A.msg.len > MSG_MAX_BYTES && i + 1 < d.n) {
+		if (A.msg.len > MSG_MAX_BYTES) {
 			msg_send();
 			msg_begin();
 			in_msg = 0;
 		}
 	}
-	msg_send();
-	free(d.v);
+	if (in_msg)
+		msg_send();
 	if (A.msg.cap > 4 * MSG_MAX_BYTES)
 		hub_buf_free(&A.msg);
-	return d.more;
+	while (A.seconds && !A.seconds->head) {
+		struct due_second *sec = A.seconds;
+		A.seconds = sec->next;
+		free(sec);
+	}
+	A.partials.next_due = A.seconds ? A.seconds->start + 1000 + FLUSH_DELAY_MS : INT64_MAX;
+	return A.partials.next_due <= now;
 }
 
 /* ---- merge side ---------------------------------------------------------- */
@@ -603,7 +679,7 @@ static void emit_due(int64_t now)
 		if (!A.active || A.catching_up)
 			continue; /* windows wait for the catch-up (they are not due yet) */
 		map_take_due(&A.merged[w], now,
-			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, 0, &d);
+			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, &d);
 		if (!d.n)
 			continue;
 		qsort(d.v, d.n, sizeof(*d.v), cmp_start);
@@ -656,6 +732,11 @@ void agg_free(struct hub *hub)
 	if (!A.hub)
 		return;
 	map_clear(&A.partials);
+	while (A.seconds) {
+		struct due_second *sec = A.seconds;
+		A.seconds = sec->next;
+		free(sec);
+	}
 	for (int w = 0; w < AGG__COUNT; w++)
 		map_clear(&A.merged[w]);
 	hub_buf_free(&A.msg);

@@ -45,6 +45,8 @@ struct agg_state {
 	int64_t start;
 	size_t nfields, cap;
 	struct agg_field *fields;
+	struct agg_state **cache;  /* ingest: the one caller slot pointing here */
+	struct agg_state *due_next; /* ingest: next partial of the same second */
 };
 
 void agg_init(struct hub *hub);
@@ -55,9 +57,14 @@ void agg_free(struct hub *hub);   /* memory; after the loop is gone */
 
 /* The partial of device for the second holding ts (created on first use), or
  * NULL when ts is too old to be aggregated. labels is the device's labels as
- * compact JSON. The pointer is valid until the loop next runs. */
+ * compact JSON. The pointer is valid until the loop next runs.
+ * cache (may be NULL) is the caller's slot for the device's current partial:
+ * a hit skips the map lookup. The slot is cleared when the partial is
+ * flushed; a caller that frees its slot calls agg_cache_drop first. */
 struct agg_state *agg_partial(struct hub *hub, const char *device, const char *type,
-			      const char *labels, size_t labels_len, int64_t ts);
+			      const char *labels, size_t labels_len, int64_t ts,
+			      struct agg_state **cache);
+void agg_cache_drop(struct agg_state **cache);
 
 /* Folds one value of field (name[0..len)) at time ts into st. */
 void agg_state_add(struct agg_state *st, const char *name, size_t len, double v, int64_t ts);

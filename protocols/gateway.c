@@ -29,6 +29,7 @@ struct gw_dev {
 	uint32_t type_gen;
 	bool seen;                 /* readings since the last last_seen flush */
 	hub_bucket bucket;
+	struct agg_state *agg;     /* its current 1 s partial (agg_partial's cache) */
 	char *labels;              /* compact JSON object, keys sorted */
 	size_t labels_len;
 	char type_name[HUB_ID_MAX + 1];
@@ -91,6 +92,7 @@ static void free_dev(const char *key, void *value, void *arg)
 
 	(void)key;
 	(void)arg;
+	agg_cache_drop(&d->agg);
 	free(d->labels);
 	free(d);
 }
@@ -279,7 +281,8 @@ static void agg_apply(struct hub *hub, const hub_buf *b)
 		memcpy(&ts, b->data + off + sizeof(d), sizeof(ts));
 		memcpy(&nf, b->data + off + sizeof(d) + sizeof(ts), sizeof(nf));
 		off += sizeof(d) + sizeof(ts) + sizeof(nf);
-		st = nf ? agg_partial(hub, d->id, d->type_name, d->labels, d->labels_len, ts) : NULL;
+		st = nf ? agg_partial(hub, d->id, d->type_name, d->labels, d->labels_len, ts,
+					  &d->agg) : NULL;
 		for (uint16_t i = 0; i < nf; i++) {
 			size_t kl = (unsigned char)b->data[off];
 			double x;
