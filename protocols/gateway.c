@@ -360,6 +360,7 @@ static struct {
 	struct stored_ref *refs;
 	struct hub_store_reading *sr;
 	struct hub_store_group *groups;
+	gw_span *spans;
 	size_t cap;
 } scratch;
 
@@ -439,9 +440,13 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		scratch.refs = hub_xrealloc(scratch.refs, n * sizeof(*scratch.refs));
 		scratch.sr = hub_xrealloc(scratch.sr, n * sizeof(*scratch.sr));
 		scratch.groups = hub_xrealloc(scratch.groups, n * sizeof(*scratch.groups));
+		scratch.spans = hub_xrealloc(scratch.spans, n * sizeof(*scratch.spans));
 	}
 	refs = scratch.refs;
 	vals.len = 0;
+	/* Each reading's data is stored as the gateway wrote it (compacted),
+	 * found in the frame's text; serialized again only when it cannot be. */
+	bool raw = n && !gw_data_spans(msg, scratch.spans, n);
 	for (size_t i = 0; i < n; i++) {
 		json_t *item = json_array_get(msg->items, i);
 		schema_error errs[MAX_FIELD_ERRORS];
@@ -538,17 +543,24 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		hub_buf_i64(&vals, ts);
 		s->ts_len = vals.len - s->ts_off;
 		s->data_off = vals.len;
-		/* Dump once into reserved space; only an object larger than
-		 * that is dumped a second time (json_dumpb returns the size it
-		 * needed, larger than the space means truncated). */
-		hub_buf_reserve(&vals, DATA_DUMP_RESERVE);
-		size_t room = vals.cap - vals.len - 1;
-		size_t need = json_dumpb(rd.data, vals.data + vals.len, room, JSON_COMPACT);
-		if (need > room) {
-			hub_buf_reserve(&vals, need);
-			need = json_dumpb(rd.data, vals.data + vals.len, need, JSON_COMPACT);
+		if (raw && scratch.spans[i].len) {
+			gw_append_compact(&vals, msg->text + scratch.spans[i].off,
+					  scratch.spans[i].len);
+		} else {
+			/* Dump once into reserved space; only an object larger
+			 * than that is dumped a second time (json_dumpb returns
+			 * the size it needed, larger than the space means
+			 * truncated). */
+			hub_buf_reserve(&vals, DATA_DUMP_RESERVE);
+			size_t room = vals.cap - vals.len - 1;
+			size_t need = json_dumpb(rd.data, vals.data + vals.len, room, JSON_COMPACT);
+			if (need > room) {
+				hub_buf_reserve(&vals, need);
+				need = json_dumpb(rd.data, vals.data + vals.len, need,
+						  JSON_COMPACT);
+			}
+			vals.len += need;
 		}
-		vals.len += need;
 		s->data_len = vals.len - s->data_off;
 		agg_record(&r->agg, d, ts, rd.data);
 	}

@@ -48,6 +48,8 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
 		return GW_ERR_BAD_JSON;
 	}
 	msg->root = root;
+	msg->text = buf;
+	msg->text_len = len;
 	t = json_object_get(root, "type");
 	type = json_string_value(t);
 	if (!type) {
@@ -86,6 +88,165 @@ void gw_msg_clear(gw_msg *msg)
 		msg->root = NULL;
 		msg->items = NULL;
 	}
+}
+
+/* ---- raw spans of a parsed frame ------------------------------------------
+ * The text is known to be valid JSON (jansson parsed it), so the scanner only
+ * has to find token boundaries: strings end at an unescaped quote, containers
+ * at the matching bracket, scalars at a delimiter. */
+
+struct scan {
+	const char *p, *end;
+};
+
+static void skip_ws(struct scan *s)
+{
+	while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+		s->p++;
+}
+
+/* s->p at the opening quote; leaves it after the closing one. *escaped tells
+ * whether the string had a backslash (its raw bytes are not its value). */
+static void skip_string(struct scan *s, bool *escaped)
+{
+	s->p++;
+	while (s->p < s->end && *s->p != '"') {
+		if (*s->p == '\\') {
+			*escaped = true;
+			s->p++;
+		}
+		s->p++;
+	}
+	s->p++;
+}
+
+static void skip_value(struct scan *s)
+{
+	bool esc = false;
+	int depth = 0;
+
+	skip_ws(s);
+	if (s->p >= s->end)
+		return;
+	if (*s->p == '"') {
+		skip_string(s, &esc);
+		return;
+	}
+	if (*s->p != '{' && *s->p != '[') {
+		while (s->p < s->end && !strchr(",}] \t\n\r", *s->p))
+			s->p++;
+		return;
+	}
+	do {
+		if (*s->p == '"') {
+			skip_string(s, &esc);
+			continue;
+		}
+		if (*s->p == '{' || *s->p == '[')
+			depth++;
+		else if (*s->p == '}' || *s->p == ']')
+			depth--;
+		s->p++;
+	} while (depth && s->p < s->end);
+}
+
+/* At an object member (or its closing brace): reads the key. Returns 1 with
+ * key/klen set, 0 at the end of the object, -1 for an escaped key. */
+static int next_key(struct scan *s, const char **key, size_t *klen)
+{
+	bool esc = false;
+
+	skip_ws(s);
+	if (s->p < s->end && *s->p == ',')
+		s->p++;
+	skip_ws(s);
+	if (s->p >= s->end || *s->p != '"')
+		return 0;
+	*key = s->p + 1;
+	skip_string(s, &esc);
+	*klen = (size_t)(s->p - 1 - *key);
+	skip_ws(s);
+	s->p++; /* ':' */
+	skip_ws(s);
+	return esc ? -1 : 1;
+}
+
+static bool key_is(const char *k, size_t kl, const char *name)
+{
+	return kl == strlen(name) && !memcmp(k, name, kl);
+}
+
+int gw_data_spans(const gw_msg *msg, gw_span *spans, size_t n)
+{
+	struct scan s = { msg->text, msg->text + msg->text_len };
+	const char *k;
+	size_t kl, i = 0;
+	int r;
+
+	skip_ws(&s);
+	if (!msg->text || s.p >= s.end || *s.p != '{')
+		return -1;
+	s.p++;
+	while ((r = next_key(&s, &k, &kl)) == 1 && !key_is(k, kl, "readings"))
+		skip_value(&s);
+	if (r != 1 || *s.p != '[')
+		return -1;
+	s.p++;
+	for (;;) {
+		skip_ws(&s);
+		if (s.p < s.end && *s.p == ',')
+			s.p++;
+		skip_ws(&s);
+		if (s.p >= s.end || *s.p == ']')
+			break;
+		if (i == n)
+			return -1;
+		spans[i].off = spans[i].len = 0;
+		if (*s.p != '{') {
+			skip_value(&s);
+			i++;
+			continue;
+		}
+		s.p++;
+		while ((r = next_key(&s, &k, &kl)) == 1) {
+			const char *v = s.p;
+			skip_value(&s);
+			if (key_is(k, kl, "data")) {
+				spans[i].off = (size_t)(v - msg->text);
+				spans[i].len = (size_t)(s.p - v);
+			}
+		}
+		if (r < 0)
+			return -1;
+		s.p++; /* '}' */
+		i++;
+	}
+	return i == n ? 0 : -1;
+}
+
+void gw_append_compact(hub_buf *b, const char *json, size_t len)
+{
+	char *o;
+	bool in_str = false;
+
+	hub_buf_reserve(b, len + 1);
+	o = b->data + b->len;
+	for (size_t i = 0; i < len; i++) {
+		char ch = json[i];
+		if (in_str) {
+			*o++ = ch;
+			if (ch == '\\' && i + 1 < len)
+				*o++ = json[++i];
+			else if (ch == '"')
+				in_str = false;
+		} else if (ch == '"') {
+			in_str = true;
+			*o++ = ch;
+		} else if (ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r') {
+			*o++ = ch;
+		}
+	}
+	b->len = (size_t)(o - b->data);
 }
 
 static void set_err(struct schema_error *err, const char *path, const char *code,

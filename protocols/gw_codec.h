@@ -32,6 +32,8 @@ typedef struct gw_msg {
 	json_t *items;     /* borrowed from root: readings or devices array */
 	int64_t seq;       /* telemetry */
 	bool has_seq;      /* a valid seq was present (even if the msg is bad) */
+	const char *text;  /* the frame parsed (borrowed: valid while it is) */
+	size_t text_len;
 } gw_msg;
 
 /* Parses one text frame. On GW_OK fills *msg (caller gw_msg_clear()s it).
@@ -43,6 +45,22 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
 
 /* Releases msg->root. NULL-safe, idempotent. */
 void gw_msg_clear(gw_msg *msg);
+
+/* Where each reading's `data` value is in the text of a parsed telemetry
+ * frame: spans[i] = {offset, length} for readings[i], {0, 0} when it has
+ * none. Lets the hub store `data` as the gateway wrote it (numbers keep their
+ * digits) instead of serializing the parsed object again. Returns 0, or -1
+ * when the text cannot be mapped with certainty (an escaped key where
+ * "readings" or "data" could be, or a count that differs from n): then the
+ * caller serializes. Relies on msg->text being valid JSON (gw_msg_parse). */
+typedef struct gw_span {
+	size_t off, len;
+} gw_span;
+int gw_data_spans(const gw_msg *msg, gw_span *spans, size_t n);
+
+/* Appends json (valid JSON text) to b without the whitespace between tokens:
+ * the compact form, byte for byte otherwise. */
+void gw_append_compact(hub_buf *b, const char *json, size_t len);
 
 typedef struct gw_reading {
 	const char *device;   /* borrowed; NUL-terminated */

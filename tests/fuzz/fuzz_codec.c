@@ -3,6 +3,7 @@
  * apart as the gateway protocol would, and the error writer gets the reason. */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "protocols/gw_codec.h"
@@ -19,7 +20,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			      sizeof(why));
 
 	if (rc == GW_OK && msg.type == GW_MSG_TELEMETRY) {
-		for (size_t i = 0; i < json_array_size(msg.items); i++) {
+		size_t n = json_array_size(msg.items);
+		gw_span *spans = n ? malloc(n * sizeof(*spans)) : NULL;
+		/* A mapped data span, compacted, is the parsed data exactly. */
+		if (n && !gw_data_spans(&msg, spans, n)) {
+			for (size_t i = 0; i < n; i++) {
+				json_t *d = json_object_get(json_array_get(msg.items, i), "data");
+				if (!spans[i].len) {
+					if (d)
+						__builtin_trap();
+					continue;
+				}
+				out.len = 0;
+				gw_append_compact(&out, msg.text + spans[i].off, spans[i].len);
+				json_t *back = json_loadb(out.data, out.len, JSON_DECODE_ANY, NULL);
+				if (!back || !json_equal(back, d))
+					__builtin_trap();
+				json_decref(back);
+			}
+			out.len = 0;
+		}
+		free(spans);
+		for (size_t i = 0; i < n; i++) {
 			schema_error e;
 			gw_reading r;
 			if (gw_reading_parse(json_array_get(msg.items, i), &r, &e))

@@ -62,6 +62,27 @@ class Telemetry(HubTestCase):
         seqs = self.redis.cmd("ZRANGE", "iot:gw:%s:seqs" % gw.sub, 0, -1, "WITHSCORES")
         self.assertTrue("1" in seqs, "seq 1 not in iot:gw:%s:seqs: %r" % (gw.sub, seqs))
 
+    async def test_data_stored_as_written(self):
+        # data is stored as the gateway wrote it, compacted: 21.50 keeps its
+        # digits, 0.1 is not 0.10000000000000001, escapes stay escapes.
+        gw, (d,) = await self.gw_with()
+        ts = now_ms()
+        await gw.send('{ "type" : "telemetry", "seq" : 7, "readings" : [ { "data" : '
+                      '{ "temperature" : 21.50 , "humidity" : 0.1 } , "device" : "%s", "ts" : %d } ] }'
+                      % (d, ts))
+        rep = await gw.reply_for(7)
+        self.assert_ack(rep, 7, 1)
+        (eid, f), = self.stream(d)
+        self.assertEqual(f.get("data"), '{"temperature":21.50,"humidity":0.1}', f)
+        # A key the hub cannot map from the text (escaped) falls back to the
+        # parsed object, serialized: the same value.
+        await gw.send(json.dumps({"type": "telemetry", "seq": 8, "readings": [
+            {"device": d, "ts": ts, "data": {"temperature": 22.25}}]}).replace('"data"', '"d\\u0061ta"'))
+        rep = await gw.reply_for(8)
+        self.assert_ack(rep, 8, 1)
+        entries = self.stream(d)
+        self.assertEqual(json.loads(entries[-1][1]["data"]), {"temperature": 22.25}, entries)
+
     async def test_ts_optional_hub_stamps_arrival(self):
         gw, (d,) = await self.gw_with()
         t0 = now_ms()

@@ -231,6 +231,81 @@ static void test_command_ack(void **state)
 	gw_msg_clear(&m);
 }
 
+/* Each reading's data span, compacted, is exactly its data: same value as
+ * jansson parsed, no whitespace between tokens, digits as written. */
+static void check_spans(const char *frame, const char *const *want, size_t nwant)
+{
+	gw_msg m;
+	char why[160];
+	gw_span spans[10];
+	hub_buf b = { 0 };
+
+	assert_int_equal(parse(frame, &m, why), GW_OK);
+	assert_int_equal(json_array_size(m.items), nwant);
+	assert_int_equal(gw_data_spans(&m, spans, nwant), 0);
+	for (size_t i = 0; i < nwant; i++) {
+		json_t *data = json_object_get(json_array_get(m.items, i), "data");
+		b.len = 0;
+		if (!want[i]) {
+			assert_int_equal(spans[i].len, 0);
+			continue;
+		}
+		gw_append_compact(&b, m.text + spans[i].off, spans[i].len);
+		assert_int_equal(b.len, strlen(want[i]));
+		assert_memory_equal(b.data, want[i], b.len);
+		json_t *back = json_loadb(b.data, b.len, 0, NULL);
+		assert_non_null(back);
+		assert_true(json_equal(back, data));
+		json_decref(back);
+	}
+	gw_msg_clear(&m);
+	hub_buf_free(&b);
+}
+
+static void test_data_spans(void **state)
+{
+	(void)state;
+	const char *w1[] = { "{\"t\":21.50,\"h\":4e1}" };
+	check_spans("{\"type\":\"telemetry\",\"seq\":1,\"readings\":[{\"device\":\"d\",\"data\":{\"t\":21.50,\"h\":4e1}}]}",
+		    w1, 1);
+	/* whitespace everywhere, readings before type, data before device,
+	 * strings holding brackets, quotes, escapes and spaces */
+	const char *w2[] = { "{\"s\":\"a } \\\" ] {\",\"n\":[1,{\"x\":null}],\"b\":true}",
+			     NULL, "{}", NULL };
+	check_spans(" {\n \"readings\" : [ { \"data\" : { \"s\" : \"a } \\\" ] {\" ,\n\t\"n\": [ 1 , { \"x\" : null } ] , \"b\" : true } ,"
+		    " \"device\" : \"d\" } , { \"device\" : \"e\" } , {\"device\":\"f\",\"data\":{}} , 7 ] ,"
+		    " \"seq\" : 2 , \"type\" : \"telemetry\" , \"extra\" : { \"readings\" : 1 } }",
+		    w2, 4);
+	const char *w3[] = { "{\"u\":\"\\u00e9\\/\\\\\"}" };
+	check_spans("{\"type\":\"telemetry\",\"seq\":3,\"readings\":[{\"device\":\"d\",\"data\":{\"u\":\"\\u00e9\\/\\\\\"}}]}",
+		    w3, 1);
+}
+
+static void test_data_spans_fallback(void **state)
+{
+	gw_msg m;
+	char why[160];
+	gw_span spans[4];
+
+	(void)state;
+	/* an escaped key could be "data" or "readings": not mapped */
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1,\"readings\":[{\"device\":\"d\",\"d\\u0061ta\":{\"t\":1}}]}",
+			       &m, why), GW_OK);
+	assert_int_equal(gw_data_spans(&m, spans, 1), -1);
+	gw_msg_clear(&m);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1,\"r\\u0065adings\":[{\"device\":\"d\",\"data\":{}}]}",
+			       &m, why), GW_OK);
+	assert_int_equal(gw_data_spans(&m, spans, 1), -1);
+	gw_msg_clear(&m);
+	/* a count that differs from the caller's */
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1,\"readings\":[{\"data\":{}},{\"data\":{}}]}",
+			       &m, why), GW_OK);
+	assert_int_equal(gw_data_spans(&m, spans, 1), -1);
+	assert_int_equal(gw_data_spans(&m, spans, 3), -1);
+	assert_int_equal(gw_data_spans(&m, spans, 2), 0);
+	gw_msg_clear(&m);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -243,6 +318,8 @@ int main(void)
 		cmocka_unit_test(test_json_str_utf8),
 		cmocka_unit_test(test_buf_i64),
 		cmocka_unit_test(test_command_ack),
+		cmocka_unit_test(test_data_spans),
+		cmocka_unit_test(test_data_spans_fallback),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
