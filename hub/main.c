@@ -12,6 +12,7 @@
 
 #include "hub/embedded_redis.h"
 #include "hub/hub.h"
+#include "hub/jarena.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
@@ -155,6 +156,7 @@ int main(int argc, char **argv)
 	int rc;
 
 	the_hub = &hub;
+	hub_jarena_install();
 	rc = hub_config_load(&hub.cfg, argc, argv, err, sizeof(err));
 	if (rc) {
 		if (rc < 0)

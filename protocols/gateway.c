@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "hub/hub.h"
+#include "hub/jarena.h"
 #include "hub/log.h"
 #include "hub/ratelimit.h"
 #include "hub/redis.h"
@@ -742,8 +743,14 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 	struct hub *hub = c->hub;
 	char why[160];
 	gw_msg msg;
-	int rc = gw_msg_parse(buf, len, (size_t)hub->cfg.max_readings_per_frame,
-			      (size_t)hub->cfg.max_devices_per_gateway, &msg, why, sizeof(why));
+	int rc;
+
+	/* The frame's document lives until gw_msg_clear below: parsed into the
+	 * reused arena (hub/jarena.h). Nothing here keeps a json_t past that. */
+	hub_jarena_begin();
+	rc = gw_msg_parse(buf, len, (size_t)hub->cfg.max_readings_per_frame,
+			  (size_t)hub->cfg.max_devices_per_gateway, &msg, why, sizeof(why));
+	hub_jarena_end();
 
 	if (rc == GW_ERR_BAD_JSON) {
 		hub->metrics.frames[HUB_FRAME_BAD_JSON]++;
