@@ -54,7 +54,7 @@ static const struct opt opts[] = {
 	O("redis-timeout-ms", OPT_INT, redis_timeout_ms, "2000", 100, 600000, "a Redis reply later than this marks Redis down"),
 	O("redis-backoff-max-ms", OPT_INT, redis_backoff_max_ms, "2000", 50, 600000, "longest wait between Redis reconnect attempts"),
 	O("retry-after-ms", OPT_INT, retry_after_ms, "1000", 1, 600000, "retry_after_ms told to gateways while Redis is down"),
-	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "1024", 128, 65536, "lws receive buffer per connection (memory per connection)"),
+	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "512", 128, 65536, "lws receive buffer per connection (memory per connection; larger frames are reassembled)"),
 	O("history-max-range-s", OPT_LONG, history_max_range_s, "2678400", 1, 315360000, "longest from..to span of one telemetry history request (422 beyond)"),
 	O("ping-interval-s", OPT_INT, ping_interval_s, "30", 1, 3600, "WebSocket PING sent to a gateway this long after its last PONG"),
 	O("ping-timeout-s", OPT_INT, ping_timeout_s, "75", 2, 7200, "a gateway that answered no PING for this long is disconnected"),

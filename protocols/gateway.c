@@ -33,7 +33,7 @@ struct gw_dev {
 	struct agg_state *agg;     /* its current 1 s partial (agg_partial's cache) */
 	char *labels;              /* compact JSON object, keys sorted */
 	size_t labels_len;
-	char type_name[HUB_ID_MAX + 1];
+	const char *type_name;     /* interned (type_name_intern): compared by pointer */
 	char id[];
 };
 
@@ -58,8 +58,8 @@ struct gw_conn {
 	struct lws *wsi;           /* NULL once closed */
 	struct hub *hub;
 	uint64_t serial;
-	char gw[HUB_ID_MAX + 1];
-	char conn_id[HUB_ID_MAX * 2 + 32];
+	const char *gw;            /* who.name: the gateway id */
+	char *conn_id;             /* "<instance>:<serial>" */
 	auth_principal who;
 	hub_strmap devices;        /* device id -> struct gw_dev * */
 	hub_bucket bucket;
@@ -85,6 +85,23 @@ struct gw_pss {
  * delivered to it). Entries go when their connection closes. */
 static hub_strmap dev_conns;
 
+/* Device type names, one copy each for the life of the process (a handful,
+ * kept across schema reloads): a device holds a pointer, not a 129-byte
+ * array, and devices of one type share it. */
+static hub_strmap type_names;
+
+static const char *type_name_intern(const char *name)
+{
+	size_t len = strlen(name);
+	char *s = hub_strmap_get(&type_names, name, len);
+
+	if (!s) {
+		s = hub_xstrdup(name);
+		hub_strmap_put(&type_names, name, len, s);
+	}
+	return s;
+}
+
 /* ---- connection and reply lifetime --------------------------------------- */
 
 static void free_dev(const char *key, void *value, void *arg)
@@ -106,6 +123,7 @@ static void conn_unref(struct gw_conn *c)
 	hub_strmap_free(&c->devices);
 	hub_buf_free(&c->rx);
 	free(c->seen);
+	free(c->conn_id);
 	auth_principal_clear(&c->who);
 	free(c);
 }
@@ -685,7 +703,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 			hub_bucket_init(&d->bucket, hub->cfg.device_burst, hub_mono_us());
 			hub_strmap_put(&c->devices, a.device, a.device_len, d);
 		}
-		snprintf(d->type_name, sizeof(d->type_name), "%s", schema_type_name(t));
+		d->type_name = type_name_intern(schema_type_name(t));
 		d->type = t;
 		d->type_gen = hub->schemas_gen;
 
@@ -1041,9 +1059,10 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	c->serial = ++hub->next_serial;
 	c->who = hs->who;  /* take ownership */
 	free(hs);
-	snprintf(c->gw, sizeof(c->gw), "%s", c->who.name);
-	snprintf(c->conn_id, sizeof(c->conn_id), "%s:%llu", hub->instance_id,
-		 (unsigned long long)c->serial);
+	c->gw = c->who.name;
+	size_t idl = strlen(hub->instance_id) + 24;
+	c->conn_id = hub_xmalloc(idl);
+	snprintf(c->conn_id, idl, "%s:%llu", hub->instance_id, (unsigned long long)c->serial);
 	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, hub_mono_us());
 	pss->conn = c;
 
@@ -1248,7 +1267,16 @@ bool gw_conn_open(const struct gw_conn *c)
 	return c->wsi && !c->closing;
 }
 
+static void free_value(const char *key, void *value, void *arg)
+{
+	(void)key;
+	(void)arg;
+	free(value);
+}
+
 void gw_free_maps(void)
 {
 	hub_strmap_free(&dev_conns);
+	hub_strmap_foreach(&type_names, free_value, NULL);
+	hub_strmap_free(&type_names);
 }
