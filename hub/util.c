@@ -1,6 +1,7 @@
 #include "hub/util.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -127,6 +128,49 @@ size_t hub_fmt_i64(char *out, int64_t v)
 	while (n)
 		out[k++] = tmp[--n];
 	return k;
+}
+
+size_t hub_fmt_decimal(char *out, double v)
+{
+	static const double pow10[] = { 1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8 };
+
+	/* v = m / 10^k with m an integer below 2^53: both m and 10^k are exact
+	 * doubles, so m / 10^k is the correctly rounded value of the decimal
+	 * m * 10^-k, and so is strtod of its text. Equal to v means the text
+	 * reads back as v. */
+	for (size_t k = 0; k < sizeof(pow10) / sizeof(pow10[0]); k++) {
+		double m = v * pow10[k];
+		if (!(fabs(m) < 9007199254740992.0))
+			return 0;
+		if (m != (double)(int64_t)m || (double)(int64_t)m / pow10[k] != v)
+			continue;
+		int64_t im = (int64_t)m;
+		while (k && im % 10 == 0) {    /* 0.07 * 1000 == 70 exactly */
+			im /= 10;
+			k--;
+		}
+		char digits[24];
+		size_t nd = hub_fmt_i64(digits, im < 0 ? -im : im), n = 0;
+		if (v < 0)
+			out[n++] = '-';
+		if (nd <= k) {                          /* 0.00ddd */
+			out[n++] = '0';
+			out[n++] = '.';
+			for (size_t z = nd; z < k; z++)
+				out[n++] = '0';
+			memcpy(out + n, digits, nd);
+			return n + nd;
+		}
+		memcpy(out + n, digits, nd - k);
+		n += nd - k;
+		if (k) {
+			out[n++] = '.';
+			memcpy(out + n, digits + nd - k, k);
+			n += k;
+		}
+		return n;
+	}
+	return 0;
 }
 
 void hub_buf_i64(hub_buf *b, int64_t v)

@@ -35,6 +35,11 @@ void hub_buf_printf(hub_buf *b, const char *fmt, ...)
 void hub_buf_i64(hub_buf *b, int64_t v);
 /* Decimal text of v into out (room for 21 bytes; no NUL); returns its length. */
 size_t hub_fmt_i64(char *out, int64_t v);
+/* v as a plain decimal with at most 8 fraction digits ("21.5", "-0.125",
+ * "40") that reads back (strtod) as exactly v, into out (>= 32 bytes); 0 when
+ * v has no such form (then use %.17g). No printf: the fast path for
+ * sensor-like values. */
+size_t hub_fmt_decimal(char *out, double v);
 /* Appends s[0..n) as a JSON string literal, quotes included. */
 void hub_buf_json_str(hub_buf *b, const char *s, size_t n);
 void hub_buf_free(hub_buf *b);

@@ -154,8 +154,9 @@ static void buf_double(hub_buf *b, double v)
 	char num[32];
 	int n;
 
-	if (v == (double)(int64_t)v && fabs(v) < 9e15) {
-		hub_buf_i64(b, (int64_t)v);
+	hub_buf_reserve(b, 32);
+	if ((n = (int)hub_fmt_decimal(b->data + b->len, v))) {
+		b->len += (size_t)n;
 		return;
 	}
 	/* The shortest of %.15g/%.16g/%.17g that reads back as v: 23.47, not
@@ -172,12 +173,11 @@ static void buf_double(hub_buf *b, double v)
  * the same double), not the shortest form. */
 static void buf_double_exact(hub_buf *b, double v)
 {
-	if (v == (double)(int64_t)v && fabs(v) < 9e15) {
-		hub_buf_i64(b, (int64_t)v);
-		return;
-	}
+	size_t n;
+
 	hub_buf_reserve(b, 32);
-	b->len += (size_t)snprintf(b->data + b->len, 32, "%.17g", v);
+	n = hub_fmt_decimal(b->data + b->len, v);
+	b->len += n ? n : (size_t)snprintf(b->data + b->len, 32, "%.17g", v);
 }
 
 void agg_metrics_json(const struct agg_state *st, hub_buf *out)

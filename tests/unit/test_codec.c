@@ -3,6 +3,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
 
@@ -231,6 +232,40 @@ static void test_command_ack(void **state)
 	gw_msg_clear(&m);
 }
 
+static void test_fmt_decimal(void **state)
+{
+	static const struct { double v; const char *want; } cases[] = {
+		{ 21.5, "21.5" }, { -0.125, "-0.125" }, { 40, "40" }, { 0, "0" },
+		{ 0.1, "0.1" }, { 0.07, "0.07" }, { -3.00000001, "-3.00000001" },
+		{ 123456.78, "123456.78" }, { 1e15, "1000000000000000" },
+		{ 0.1 + 0.2, NULL }, { 1e-9, NULL }, { 1e300, NULL }, { 1.0 / 3, NULL },
+	};
+	char out[32];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		size_t n = hub_fmt_decimal(out, cases[i].v);
+		if (!cases[i].want) {
+			assert_int_equal(n, 0);
+			continue;
+		}
+		out[n] = '\0';
+		assert_string_equal(out, cases[i].want);
+	}
+	/* Whatever it writes reads back as the same double. */
+	srand(7);
+	for (int i = 0; i < 200000; i++) {
+		double v = (double)(rand() - RAND_MAX / 2) / (double)(1 + rand() % 100000);
+		if (i % 2)
+			v = (double)(rand() % 2000000 - 1000000) / 100.0;
+		size_t n = hub_fmt_decimal(out, v);
+		if (!n)
+			continue;
+		out[n] = '\0';
+		assert_true(strtod(out, NULL) == v);
+	}
+}
+
 /* Each reading's data span, compacted, is exactly its data: same value as
  * jansson parsed, no whitespace between tokens, digits as written. */
 static void check_spans(const char *frame, const char *const *want, size_t nwant)
@@ -318,6 +353,7 @@ int main(void)
 		cmocka_unit_test(test_json_str_utf8),
 		cmocka_unit_test(test_buf_i64),
 		cmocka_unit_test(test_command_ack),
+		cmocka_unit_test(test_fmt_decimal),
 		cmocka_unit_test(test_data_spans),
 		cmocka_unit_test(test_data_spans_fallback),
 	};
