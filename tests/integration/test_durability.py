@@ -119,5 +119,39 @@ class Durability(HubTestCase):
                          "a duplicate sent while the first copy was in flight was stored twice")
 
 
+
+class SeqWindow(HubTestCase):
+    """The seq window holds seq-window..seq-window+64 seqs (trimmed when a seq
+    is a multiple of 64): resends inside it are duplicates, a seq older than
+    the whole window is stored again (at least once)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis, extra=["--seq-window", "16"])
+
+    async def test_window_bounds_and_old_resend(self):
+        gw = await self.gateway(self.hub)
+        d = uniq("t")
+        rep = await gw.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        for seq in range(1, 201):
+            rep = await gw.telemetry(seq, [reading(d, 20.0)])
+            self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
+        key = "iot:gw:%s:seqs" % gw.sub
+        card = int(self.redis.cmd("ZCARD", key))
+        self.assertTrue(16 <= card <= 16 + 64, "window of %d seqs" % card)
+        self.assertEqual(self.redis.xlen("iot:tm:" + d), 200)
+        for seq in (200, 190, 185):  # inside the last 16: acked again, not stored
+            rep = await gw.telemetry(seq, [reading(d, 20.0)])
+            self.assertTrue(rep.get("duplicate"), "seq %d: %r" % (seq, rep))
+        self.assertEqual(self.redis.xlen("iot:tm:" + d), 200)
+        rep = await gw.telemetry(3, [reading(d, 20.0)])  # far below the window
+        self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
+        self.assertFalse(rep.get("duplicate"), rep)
+        self.assertEqual(self.redis.xlen("iot:tm:" + d), 201)
+
+
 if __name__ == "__main__":
     main()
