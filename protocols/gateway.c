@@ -170,6 +170,41 @@ static void conn_update_flow(struct gw_conn *c)
 	}
 }
 
+static void conn_close(struct gw_conn *c, int code, const char *reason);
+
+/* Sends the ready replies at the head of the queue now, from whatever
+ * callback made them ready (the frame's receive, the Redis reply), instead
+ * of asking for a WRITEABLE callback: that costs two epoll_ctl calls and a
+ * loop turn per ack. lws buffers what the socket does not take; while such
+ * a partial send is pending, the WRITEABLE path takes over. Returns -1 when
+ * the connection failed (lws closes it). */
+static int write_ready(struct gw_conn *c)
+{
+	while (c->head && !c->head->waiting && c->wsi && !c->closing) {
+		struct gw_reply *r = c->head;
+		size_t n = r->out.len - LWS_PRE;
+
+		if (lws_partial_buffered(c->wsi)) {
+			lws_callback_on_writable(c->wsi);
+			return 0;
+		}
+		int w = lws_write(c->wsi, (unsigned char *)r->out.data + LWS_PRE, n,
+				  LWS_WRITE_TEXT);
+		c->head = r->next;
+		if (!c->head)
+			c->tail = NULL;
+		c->queued--;
+		reply_free(r);
+		if (w < (int)n)
+			return -1;
+		conn_update_flow(c);
+	}
+	if (c->wsi && (c->closing || (c->head && !c->head->waiting) ||
+		       (!c->head && c->draining)))
+		lws_callback_on_writable(c->wsi);
+	return 0;
+}
+
 static void enqueue(struct gw_conn *c, struct gw_reply *r)
 {
 	if (c->tail)
@@ -183,8 +218,8 @@ static void enqueue(struct gw_conn *c, struct gw_reply *r)
 		c->refs++;
 	}
 	conn_update_flow(c);
-	if (!r->waiting && c->head == r)
-		lws_callback_on_writable(c->wsi);
+	if (!r->waiting && c->head == r && write_ready(c))
+		conn_close(c, LWS_CLOSE_STATUS_ABNORMAL_CLOSE, "write failed");
 }
 
 /* A waiting reply got its answer: the writer may send it when it is at the
@@ -203,8 +238,8 @@ static bool reply_ready(struct gw_reply *r)
 	}
 	conn_unref(c);
 	conn_update_flow(c);
-	if (c->head == r)
-		lws_callback_on_writable(c->wsi);
+	if (c->head == r && write_ready(c))
+		conn_close(c, LWS_CLOSE_STATUS_ABNORMAL_CLOSE, "write failed");
 	return true;
 }
 
