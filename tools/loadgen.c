@@ -433,12 +433,25 @@ lg_endpoint_free(struct lg_endpoint *ep)
 	memset(ep, 0, sizeof(*ep));
 }
 
+/*
+ * No lws validity (idle PING) timer on client connections. In lws 4.1.6 every
+ * connection otherwise gets the context's default policy (PING after 300 s):
+ * a sul inserted into one sorted list when the connection is established,
+ * at the far end of it, so each insert walks all the others. At 18,000
+ * connections that walk was 72 % of gw-sim's CPU and held the connect ramp to
+ * ~1,500 connections/s (perf, lws_dll2_add_sorted). A policy with
+ * secs_since_valid_hangup 0 makes lws skip the timer; the tools do not need
+ * it (the hub PINGs gateways, --mqtt sends its own PINGREQs).
+ */
+static const lws_retry_bo_t lg_no_idle_policy = { 0 };
+
 void
 lg_connect_info(struct lws_client_connect_info *ci, struct lws_context *ctx,
 		const struct lg_endpoint *ep, const char *proto, void *opaque,
 		struct lws **pwsi)
 {
 	memset(ci, 0, sizeof(*ci));
+	ci->retry_and_idle_policy = &lg_no_idle_policy;
 	ci->context = ctx;
 	ci->address = ep->host;
 	ci->port = ep->port;
