@@ -23,6 +23,14 @@
  * or is closed by the hub is counted and stays closed (a benchmark result, not
  * something to hide).
  *
+ * --mqtt measures a broker (Mosquitto) the same way: subprotocol mqtt, binary
+ * MQTT 3.1.1 (the wire of gw-sim --mqtt, written again here for the other
+ * direction): CONNECT (clean session, client id dash-sub-<pid>-<n>, keepalive
+ * 60 s, a PINGREQ every 30 s), SUBSCRIBE --topic at QoS 0, then every PUBLISH
+ * payload is a gateway's telemetry frame; each reading in it ({"device":…,
+ * "ts":…,"data":{…}}) is counted and timed exactly like a hub `reading`.
+ * CONNACK plays the part of `authenticated`, SUBACK of `subscribed`.
+ *
  * lws 4.1.6 rules followed here (see gw-sim.c for how each was found):
  *  - CLIENT_RECEIVE always returns 0 (non-zero leaves the client parser's rx
  *    buffer position un-reset, and the next bytes overflow it); connections are
@@ -52,6 +60,9 @@
 #include <unistd.h>
 
 #define DS_SUBPROTOCOL   "iot-dashboard.v1"
+#define DS_MQTT_SUBPROTOCOL "mqtt"
+#define DS_MQTT_KEEPALIVE_S 60     /* CONNECT keepalive; PINGREQ every half */
+#define DS_MQTT_SUB_PID  1         /* the one SUBSCRIBE's packet id */
 #define DS_CLOSE_GRACE_US 2000000  /* wait this long for closing handshakes */
 #define DS_TYPE_SCAN     160       /* "type" is looked for in the first bytes */
 #define DS_ERRCODES_MAX  16
@@ -88,6 +99,8 @@ struct cfg {
 	size_t max_msg;
 	int pids[DS_PIDS_MAX];
 	unsigned n_pids;
+	int mqtt;               /* --mqtt: MQTT 3.1.1 subscriber to a broker */
+	const char *topic;      /* --topic: MQTT topic filter */
 };
 
 enum conn_state { C_IDLE, C_CONNECTING, C_AUTHING, C_OPEN, C_SUBSCRIBED,
@@ -98,6 +111,7 @@ struct conn {
 	struct lws *wsi;
 	enum conn_state state;
 	unsigned sub_sent:1, auth_sent:1, kill:1, rx_discard:1, established:1;
+	unsigned mqtt_ping:1, mqtt_bye:1;  /* --mqtt: PINGREQ owed, DISCONNECT sent */
 	int close_code;
 	struct lg_rx rx;
 	uint64_t readings_win;  /* readings received in the window */
@@ -105,6 +119,7 @@ struct conn {
 
 struct counters {
 	uint64_t readings, gaps, dropped, other, errors, bad_msgs;
+	uint64_t publishes;     /* --mqtt: PUBLISH packets (readings are inside) */
 	uint64_t no_stamp, from_ts, negative;
 };
 
@@ -144,7 +159,7 @@ static struct {
 	struct rusage ru0;
 
 	lws_sorted_usec_list_t sul_connect, sul_window, sul_stop, sul_destroy,
-			       sul_signal;
+			       sul_signal, sul_mqtt_ping;
 } g;
 
 /* ------------------------------------------------------------------------ */
@@ -313,6 +328,244 @@ handle_msg(struct conn *c, const char *m, size_t n)
 		g.iv.other++;
 	}
 #undef IS
+}
+
+/* ------------------------------------------------------------------------ */
+/* --mqtt: MQTT 3.1.1 over WebSocket                                          */
+
+/* MQTT's remaining length (7 bits a byte, low first) into o; its size */
+static size_t
+mqtt_varint(unsigned char *o, size_t v)
+{
+	size_t n = 0;
+
+	do {
+		unsigned char b = (unsigned char)(v % 128);
+
+		v /= 128;
+		o[n++] = v ? (unsigned char)(b | 0x80) : b;
+	} while (v);
+	return n;
+}
+
+/* CONNECT: MQTT level 4, clean session, keepalive, client id
+ * dash-sub-<pid>-<n> (at most 23 bytes, the length every broker must take) */
+static size_t
+mqtt_build_connect(const struct conn *c, unsigned char *o)
+{
+	char id[32];
+	size_t idl = (size_t)snprintf(id, sizeof(id), "dash-sub-%d-%u",
+				      (int)getpid() % 10000000, c->idx);
+	size_t n = 0;
+
+	o[n++] = 0x10;
+	n += mqtt_varint(o + n, 10 + 2 + idl);
+	memcpy(o + n, "\0\4MQTT\4\2", 8);
+	n += 8;
+	o[n++] = (unsigned char)(DS_MQTT_KEEPALIVE_S >> 8);
+	o[n++] = (unsigned char)(DS_MQTT_KEEPALIVE_S & 0xff);
+	o[n++] = (unsigned char)(idl >> 8);
+	o[n++] = (unsigned char)(idl & 0xff);
+	memcpy(o + n, id, idl);
+	return n + idl;
+}
+
+/* SUBSCRIBE --topic at QoS 0 (room: --topic is at most 1024 bytes) */
+static size_t
+mqtt_build_subscribe(unsigned char *o)
+{
+	size_t tl = strlen(g.c.topic), n = 0;
+
+	o[n++] = 0x82;
+	n += mqtt_varint(o + n, 2 + 2 + tl + 1);
+	o[n++] = 0;
+	o[n++] = DS_MQTT_SUB_PID;
+	o[n++] = (unsigned char)(tl >> 8);
+	o[n++] = (unsigned char)(tl & 0xff);
+	memcpy(o + n, g.c.topic, tl);
+	n += tl;
+	o[n++] = 0;   /* requested QoS 0 */
+	return n;
+}
+
+/* A PUBLISH payload is a gateway's telemetry frame,
+ * {"type":"telemetry","seq":…,"readings":[{"device":…,"ts":…,"data":{…}},…]}:
+ * each reading is the span from one "device" key to the next. */
+static void
+on_publish_payload(struct conn *c, const char *p, size_t n)
+{
+	const char *e = p + n, *r = memmem(p, n, "\"device\":", 9), *next;
+
+	ctr()->publishes++;
+	if (!r) {
+		ctr()->bad_msgs++;
+		LOG(LOG_WARN, "conn %u: PUBLISH without readings: %.*s", c->idx,
+		    (int)(n < 120 ? n : 120), p);
+		return;
+	}
+	while (r) {
+		next = memmem(r + 9, (size_t)(e - r - 9), "\"device\":", 9);
+		on_reading(c, r, (size_t)((next ? next : e) - r));
+		r = next;
+	}
+}
+
+static void
+mqtt_kill(struct conn *c)
+{
+	c->kill = 1;
+	request_write(c);
+}
+
+/* one whole packet from the broker: its first byte and its body */
+static void
+mqtt_packet(struct conn *c, unsigned b0, const unsigned char *b, size_t n)
+{
+	switch (b0 >> 4) {
+	case 3: {   /* PUBLISH: topic, packet id if QoS > 0, payload */
+		unsigned qos = (b0 >> 1) & 3;
+		size_t off;
+
+		if (n < 2)
+			goto bad;
+		off = 2 + (((size_t)b[0] << 8) | b[1]) + (qos ? 2 : 0);
+		if (off > n)
+			goto bad;
+		/* a QoS 0 subscription gets QoS 0 whatever the publisher used;
+		 * anything else is counted, never acknowledged */
+		if (qos)
+			ctr()->other++;
+		on_publish_payload(c, (const char *)b + off, n - off);
+		break;
+	}
+	case 2:     /* CONNACK: flags, return code */
+		if (n < 2 || c->state != C_AUTHING)
+			goto bad;
+		if (b[1]) {
+			ctr()->errors++;
+			if (b[1] == 4 || b[1] == 5) {
+				g.auth_failures++;
+				count_errcode("connack_not_authorized", 22);
+			} else
+				count_errcode("connack_refused", 15);
+			LOG(LOG_WARN, "conn %u: broker refused CONNECT (return code %u)",
+			    c->idx, b[1]);
+			mqtt_kill(c);
+			return;
+		}
+		c->state = C_OPEN;
+		request_write(c);
+		break;
+	case 9:     /* SUBACK: packet id, the granted QoS or 0x80 */
+		if (n < 3 || c->state != C_OPEN || !c->sub_sent)
+			goto bad;
+		if (b[2] & 0x80) {
+			ctr()->errors++;
+			count_errcode("suback_failure", 14);
+			g.n_sub_failed++;
+			LOG(LOG_WARN, "conn %u: SUBSCRIBE %s refused", c->idx,
+			    g.c.topic);
+		} else {
+			c->state = C_SUBSCRIBED;
+			g.n_subscribed++;
+		}
+		break;
+	case 13:    /* PINGRESP */
+		break;
+	default:
+		ctr()->other++;
+		g.iv.other++;
+		break;
+	}
+	return;
+bad:
+	ctr()->bad_msgs++;
+	LOG(LOG_WARN, "conn %u: unexpected or short MQTT packet (type %u, %zu "
+	    "bytes)", c->idx, b0 >> 4, n);
+}
+
+/* Handles the whole packets at the start of b; returns the bytes they took,
+ * or (size_t)-1 when the stream cannot be followed (a length over 4 bytes or
+ * a packet over --max-msg). */
+static size_t
+mqtt_packets(struct conn *c, const unsigned char *b, size_t n)
+{
+	size_t off = 0;
+
+	while (n - off >= 2) {
+		const unsigned char *p = b + off;
+		size_t avail = n - off, rl = 0, h = 1;
+		unsigned shift = 0;
+		int whole = 0;
+
+		while (h < avail && h <= 4) {
+			rl |= (size_t)(p[h] & 0x7f) << shift;
+			shift += 7;
+			if (!(p[h++] & 0x80)) {
+				whole = 1;
+				break;
+			}
+		}
+		if (!whole) {
+			if (h > 4)
+				return (size_t)-1;
+			break;        /* the length goes on in the next message */
+		}
+		if (rl > g.c.max_msg)
+			return (size_t)-1;
+		if (avail - h < rl)
+			break;        /* the body goes on in the next message */
+		mqtt_packet(c, p[0], p + h, rl);
+		off += h + rl;
+	}
+	return off;
+}
+
+static void
+rx_keep(struct lg_rx *rx, const unsigned char *p, size_t n)
+{
+	if (rx->len + n > rx->cap) {
+		size_t nc = rx->cap ? rx->cap : 1024;
+
+		while (nc < rx->len + n)
+			nc *= 2;
+		rx->buf = lg_xrealloc(rx->buf, nc);
+		rx->cap = nc;
+	}
+	memcpy(rx->buf + rx->len, p, n);
+	rx->len += n;
+}
+
+/* MQTT packets may span or share WebSocket messages: a byte stream. Bytes
+ * are parsed where they arrived; only a packet's unfinished start is kept. */
+static void
+mqtt_receive(struct conn *c, const unsigned char *in, size_t len)
+{
+	struct lg_rx *rx = &c->rx;
+	const unsigned char *b = in;
+	size_t n = len, used;
+
+	if (c->kill)
+		return;
+	if (rx->len) {
+		rx_keep(rx, in, len);
+		b = (const unsigned char *)rx->buf;
+		n = rx->len;
+	}
+	used = mqtt_packets(c, b, n);
+	if (used == (size_t)-1) {
+		ctr()->bad_msgs++;
+		LOG(LOG_WARN, "conn %u: MQTT stream broken (bad length, or a packet "
+		    "over --max-msg): closing", c->idx);
+		rx->len = 0;
+		mqtt_kill(c);
+		return;
+	}
+	if (b != in) {
+		memmove(rx->buf, rx->buf + used, n - used);
+		rx->len = n - used;
+	} else if (used < n)
+		rx_keep(rx, in + used, n - used);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -531,7 +784,8 @@ conn_start(struct conn *c)
 {
 	struct lws_client_connect_info ci;
 
-	lg_connect_info(&ci, g.ctx, &g.c.ep, DS_SUBPROTOCOL, c, &c->wsi);
+	lg_connect_info(&ci, g.ctx, &g.c.ep, g.c.mqtt ? DS_MQTT_SUBPROTOCOL :
+			DS_SUBPROTOCOL, c, &c->wsi);
 	c->state = C_CONNECTING;
 	g.n_live++;
 	if (!lws_client_connect_via_info(&ci) && c->state == C_CONNECTING) {
@@ -555,6 +809,38 @@ connect_cb(lws_sorted_usec_list_t *sul)
 		lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_cb, 2000);
 }
 
+/* --mqtt: CONNECT, then (after CONNACK) SUBSCRIBE, then PINGREQs */
+static int
+mqtt_writeable(struct conn *c, struct lws *wsi)
+{
+	unsigned char *o;
+	size_t len;
+
+	ensure_tx(64 + 1024);   /* CONNECT or SUBSCRIBE (--topic <= 1024) */
+	o = g.tx + LWS_PRE;
+	if (c->state == C_AUTHING && !c->auth_sent) {
+		len = mqtt_build_connect(c, o);
+		c->auth_sent = 1;
+	} else if (c->state == C_OPEN && !c->sub_sent) {
+		len = mqtt_build_subscribe(o);
+		c->sub_sent = 1;
+	} else if (c->mqtt_ping &&
+		   (c->state == C_OPEN || c->state == C_SUBSCRIBED)) {
+		o[0] = 0xc0;   /* PINGREQ */
+		o[1] = 0;
+		len = 2;
+		c->mqtt_ping = 0;
+	} else
+		return 0;
+	if (lws_write(wsi, o, len, LWS_WRITE_BINARY) < (int)len) {
+		LOG(LOG_WARN, "conn %u: write failed", c->idx);
+		return -1;
+	}
+	if (c->mqtt_ping)
+		lws_callback_on_writable(wsi);
+	return 0;
+}
+
 static int
 conn_writeable(struct conn *c, struct lws *wsi)
 {
@@ -562,10 +848,26 @@ conn_writeable(struct conn *c, struct lws *wsi)
 	char *p;
 
 	if (c->kill || g.stopping) {
+		if (g.c.mqtt && !c->mqtt_bye &&
+		    (c->state == C_OPEN || c->state == C_SUBSCRIBED)) {
+			unsigned char *o;
+
+			ensure_tx(16);
+			o = g.tx + LWS_PRE;
+			o[0] = 0xe0;   /* DISCONNECT first, the close next time */
+			o[1] = 0;
+			c->mqtt_bye = 1;
+			if (lws_write(wsi, o, 2, LWS_WRITE_BINARY) < 2)
+				return -1;
+			lws_callback_on_writable(wsi);
+			return 0;
+		}
 		lws_close_reason(wsi, LWS_CLOSE_STATUS_NORMAL,
 				 (unsigned char *)"done", 4);
 		return -1;
 	}
+	if (g.c.mqtt)
+		return mqtt_writeable(c, wsi);
 	if (c->state == C_AUTHING && !c->auth_sent) {
 		cap = strlen(g.c.token) * 2 + 64;
 		ensure_tx(cap);
@@ -600,6 +902,10 @@ conn_receive(struct conn *c, struct lws *wsi, const char *in, size_t len)
 	const char *m;
 	size_t n;
 
+	if (g.c.mqtt) {
+		mqtt_receive(c, (const unsigned char *)in, len);
+		return 0;
+	}
 	if (c->rx_discard) {
 		if (final)
 			c->rx_discard = 0;
@@ -639,7 +945,7 @@ callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 		char auth[2048];
 		int n;
 
-		if (!g.c.token || g.c.auth_message)
+		if (!g.c.token || g.c.auth_message || g.c.mqtt)
 			break;
 		n = snprintf(auth, sizeof(auth), "Bearer %s", g.c.token);
 		if (n >= (int)sizeof(auth) ||
@@ -666,7 +972,9 @@ callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 		c->established = 1;
 		g.n_established++;
 		g.connects++;
-		c->state = g.c.auth_message && g.c.token ? C_AUTHING : C_OPEN;
+		/* --mqtt: C_AUTHING until CONNACK */
+		c->state = g.c.mqtt || (g.c.auth_message && g.c.token) ?
+			   C_AUTHING : C_OPEN;
 		lws_callback_on_writable(wsi);
 		break;
 	case LWS_CALLBACK_CLIENT_RECEIVE:
@@ -691,6 +999,7 @@ callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
 
 static const struct lws_protocols protocols[] = {
 	{ DS_SUBPROTOCOL, callback, 0, 4096, 0, NULL, 0 },
+	{ DS_MQTT_SUBPROTOCOL, callback, 0, 4096, 0, NULL, 0 },
 	{ NULL, NULL, 0, 0, 0, NULL, 0 }
 };
 
@@ -735,6 +1044,29 @@ window_cb(lws_sorted_usec_list_t *sul)
 	    g.n_subscribed, g.c.connections);
 }
 
+/* --mqtt keepalive: a PINGREQ from every connection every 30 s (a broker
+ * drops a client silent for 1.5 keepalives) */
+static void
+mqtt_ping_cb(lws_sorted_usec_list_t *sul)
+{
+	unsigned i;
+
+	(void)sul;
+	if (g.stopping)
+		return;
+	for (i = 0; i < g.c.connections; i++) {
+		struct conn *c = &g.conns[i];
+
+		if (c->wsi && c->established &&
+		    (c->state == C_OPEN || c->state == C_SUBSCRIBED)) {
+			c->mqtt_ping = 1;
+			lws_callback_on_writable(c->wsi);
+		}
+	}
+	lws_sul_schedule(g.ctx, 0, &g.sul_mqtt_ping, mqtt_ping_cb,
+			 DS_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
+}
+
 static void
 print_stats(int64_t now)
 {
@@ -769,6 +1101,7 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 	lws_sul_cancel(&g.sul_stop);
 	lg_stats_stop();
 	lws_sul_cancel(&g.sul_signal);
+	lws_sul_cancel(&g.sul_mqtt_ping);
 	lws_context_destroy(g.ctx);   /* deferred until the loop unwinds */
 }
 
@@ -790,6 +1123,7 @@ stop_cb(lws_sorted_usec_list_t *sul)
 	g.in_window = 0;
 	g.stopping = 1;
 	lws_sul_cancel(&g.sul_connect);
+	lws_sul_cancel(&g.sul_mqtt_ping);
 	lg_stats_stop();
 	for (i = 0; i < g.c.connections; i++) {
 		struct conn *c = &g.conns[i];
@@ -829,6 +1163,19 @@ signal_cb(lws_sorted_usec_list_t *sul)
 /* ------------------------------------------------------------------------ */
 /* summary                                                                    */
 
+/* s as a JSON string on stdout */
+static void
+print_jstr(const char *s)
+{
+	char buf[2 * 1024 + 16];
+	size_t n = put_jstr(buf, 0, sizeof(buf), s, strlen(s));
+
+	if (n <= sizeof(buf))
+		fwrite(buf, 1, n, stdout);
+	else
+		fputs("\"?\"", stdout);
+}
+
 static void
 print_summary(void)
 {
@@ -864,8 +1211,16 @@ print_summary(void)
 	for (i = 0; i < g.n_closed_codes; i++)
 		printf("%s\"%d\":%" PRIu64, i ? "," : "", g.closed_codes[i],
 		       g.closed_code_n[i]);
-	printf("},\"stream\":\"%s\",\"stamp_field\":\"%s\",\"warmup_s\":%.3f"
-	       ",\"window_s\":%.3f", g.c.stream, g.c.stamp_field, g.c.warmup, win);
+	printf("},\"protocol\":\"%s\"", g.c.mqtt ? DS_MQTT_SUBPROTOCOL :
+	       DS_SUBPROTOCOL);
+	if (g.c.mqtt) {
+		printf(",\"topic\":");
+		print_jstr(g.c.topic);
+		printf(",\"publishes\":%" PRIu64, g.win.publishes);
+	} else
+		printf(",\"stream\":\"%s\"", g.c.stream);
+	printf(",\"stamp_field\":\"%s\",\"warmup_s\":%.3f"
+	       ",\"window_s\":%.3f", g.c.stamp_field, g.c.warmup, win);
 	printf(",\"messages\":%" PRIu64 ",\"msgs_per_s\":%.1f,\"gaps\":%" PRIu64
 	       ",\"dropped\":%" PRIu64 ",\"other\":%" PRIu64 ",\"errors\":%" PRIu64
 	       ",\"bad_messages\":%" PRIu64,
@@ -929,6 +1284,12 @@ usage(FILE *f)
 "on stdout at the end. Loopback addresses only.\n"
 "\n"
 "  --url URL            ws://HOST:PORT/v1/stream (default ws://127.0.0.1:8080/v1/stream)\n"
+"  --mqtt               subscribe to an MQTT 3.1.1 broker over WebSocket instead\n"
+"                       (subprotocol mqtt; --url ws://HOST:PORT/): each PUBLISH\n"
+"                       payload is a gateway telemetry frame, each reading in\n"
+"                       it counted and timed; --stream and the filters do not\n"
+"                       apply\n"
+"  --topic FILTER       --mqtt topic filter, subscribed at QoS 0 (default tele/#)\n"
 "  --token KEY          API key or JWT, sent as Authorization: Bearer KEY\n"
 "  --auth-message       send the token as a first {\"type\":\"auth\"} message instead\n"
 "  --connections N      connections, one subscription each (default 1)\n"
@@ -1000,7 +1361,7 @@ parse_args(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_AUTHMSG, O_CONNS, O_CRATE, O_STREAM,
 	       O_DTYPE, O_DEVICES, O_SLICES, O_LABELS, O_SINCE, O_STAMP, O_DUR,
-	       O_WARMUP, O_PIDS, O_MAXMSG, O_STATS };
+	       O_WARMUP, O_PIDS, O_MAXMSG, O_STATS, O_MQTT, O_TOPIC };
 	static const struct option opts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
@@ -1019,6 +1380,8 @@ parse_args(int argc, char **argv)
 		{ "cpu-pids", required_argument, NULL, O_PIDS },
 		{ "max-msg", required_argument, NULL, O_MAXMSG },
 		{ "stats-interval", required_argument, NULL, O_STATS },
+		{ "mqtt", no_argument, NULL, O_MQTT },
+		{ "topic", required_argument, NULL, O_TOPIC },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "quiet", no_argument, NULL, 'q' },
 		{ "help", no_argument, NULL, 'h' },
@@ -1072,6 +1435,8 @@ parse_args(int argc, char **argv)
 		case O_STATS:
 			c->stats_interval = lg_parse_stats_interval(optarg);
 			break;
+		case O_MQTT: c->mqtt = 1; break;
+		case O_TOPIC: c->topic = optarg; break;
 		default: lg_common_option(o, argv, usage);
 		}
 	}
@@ -1084,6 +1449,16 @@ parse_args(int argc, char **argv)
 		lg_die_flag("--warmup must be shorter than --duration");
 	if (c->auth_message && !c->token)
 		lg_die_flag("--auth-message needs --token");
+	if (c->topic && !c->mqtt)
+		lg_die_flag("--topic needs --mqtt");
+	if (!c->topic)
+		c->topic = "tele/#";
+	if (!*c->topic || strlen(c->topic) > 1024)
+		lg_die_flag("--topic: 1 to 1024 bytes");
+	if (c->mqtt && (c->auth_message || c->devices || c->device_type ||
+			c->labels || c->since || strcmp(c->stream, "raw")))
+		lg_die_flag("--mqtt: --auth-message, --stream and the filters do "
+			    "not apply (the broker's filter is --topic)");
 	if (!*c->stamp_field || strlen(c->stamp_field) > 64 ||
 	    strpbrk(c->stamp_field, "\"\\"))
 		lg_die_flag("--stamp-field: 1-64 characters, no quote or backslash");
@@ -1156,6 +1531,9 @@ main(int argc, char **argv)
 			 (lws_usec_t)(g.c.duration * 1e6));
 	if (g.c.stats_interval > 0)
 		lg_stats_start(g.ctx, g.c.stats_interval, print_stats);
+	if (g.c.mqtt)
+		lws_sul_schedule(g.ctx, 0, &g.sul_mqtt_ping, mqtt_ping_cb,
+				 DS_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
 	lg_run(g.ctx, &g.destroying);
 	g.ctx = NULL;
 	if (g.c.stats_interval > 0)
