@@ -67,6 +67,7 @@
 #define DS_TYPE_SCAN     160       /* "type" is looked for in the first bytes */
 #define DS_ERRCODES_MAX  16
 #define DS_PIDS_MAX      8
+#define DS_SETTLE_MAX_S  30        /* --settle waits at most this past --warmup */
 
 /* ------------------------------------------------------------------------ */
 /* lws logs                                                                   */
@@ -96,6 +97,7 @@ struct cfg {
 	unsigned slices;        /* {i} = connection index mod slices */
 	const char *stamp_field;
 	double duration, warmup, connect_rate, stats_interval;
+	double settle;          /* --settle: < 0 off */
 	size_t max_msg;
 	int pids[DS_PIDS_MAX];
 	unsigned n_pids;
@@ -153,6 +155,7 @@ static struct {
 	unsigned n_errs;
 
 	int64_t start_us, win_start_us, win_end_us, last_stats_us;
+	int64_t all_sub_us;     /* --settle: when every connection was subscribed */
 	int in_window, stopping, closing, destroying;
 	int sig_seen;
 	long pid_ticks0[DS_PIDS_MAX], pid_ticks1[DS_PIDS_MAX];
@@ -1028,12 +1031,30 @@ pid_ticks(int pid)
 	return (long)(ut + st);
 }
 
+static void stop_cb(lws_sorted_usec_list_t *sul);
+
 static void
 window_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
-	(void)sul;
+	if (sul && g.c.settle >= 0) {
+		/* --settle: not before every connection has been subscribed for
+		 * settle s (checked every 20 ms), not later than DS_SETTLE_MAX_S
+		 * past --warmup; the window then lasts duration - warmup */
+		int64_t now = lg_mono_us();
+
+		if (!g.all_sub_us && g.next_connect == g.c.connections &&
+		    g.n_live && g.n_subscribed == g.n_live)
+			g.all_sub_us = now;
+		if (now - g.start_us < (int64_t)((g.c.warmup + DS_SETTLE_MAX_S) * 1e6) &&
+		    (!g.all_sub_us || now < g.all_sub_us + (int64_t)(g.c.settle * 1e6))) {
+			lws_sul_schedule(g.ctx, 0, &g.sul_window, window_cb, 20000);
+			return;
+		}
+		lws_sul_schedule(g.ctx, 0, &g.sul_stop, stop_cb,
+				 (lws_usec_t)((g.c.duration - g.c.warmup) * 1e6));
+	}
 	for (i = 0; i < g.c.n_pids; i++)
 		g.pid_ticks0[i] = pid_ticks(g.c.pids[i]);
 	getrusage(RUSAGE_SELF, &g.ru0);
@@ -1220,7 +1241,8 @@ print_summary(void)
 	} else
 		printf(",\"stream\":\"%s\"", g.c.stream);
 	printf(",\"stamp_field\":\"%s\",\"warmup_s\":%.3f"
-	       ",\"window_s\":%.3f", g.c.stamp_field, g.c.warmup, win);
+	       ",\"window_start_s\":%.3f,\"window_s\":%.3f", g.c.stamp_field,
+	       g.c.warmup, (double)(g.win_start_us - g.start_us) / 1e6, win);
 	printf(",\"messages\":%" PRIu64 ",\"msgs_per_s\":%.1f,\"gaps\":%" PRIu64
 	       ",\"dropped\":%" PRIu64 ",\"other\":%" PRIu64 ",\"errors\":%" PRIu64
 	       ",\"bad_messages\":%" PRIu64,
@@ -1307,6 +1329,9 @@ usage(FILE *f)
 "                       sent_us); readings without it use ts (ms)\n"
 "  --duration S         stop after S seconds (default 10)\n"
 "  --warmup S           readings in the first S seconds are not measured (default 0)\n"
+"  --settle S           the window starts only S seconds after every connection\n"
+"                       is subscribed (not before --warmup, at most 30 s after\n"
+"                       it) and lasts duration - warmup seconds from there\n"
 "  --cpu-pids P,P,...   also report these processes' CPU seconds (utime+stime\n"
 "                       from /proc) over the measured window\n"
 "  --max-msg BYTES      largest message accepted (default 1048576)\n"
@@ -1361,7 +1386,7 @@ parse_args(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_AUTHMSG, O_CONNS, O_CRATE, O_STREAM,
 	       O_DTYPE, O_DEVICES, O_SLICES, O_LABELS, O_SINCE, O_STAMP, O_DUR,
-	       O_WARMUP, O_PIDS, O_MAXMSG, O_STATS, O_MQTT, O_TOPIC };
+	       O_WARMUP, O_PIDS, O_MAXMSG, O_STATS, O_MQTT, O_TOPIC, O_SETTLE };
 	static const struct option opts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
@@ -1377,6 +1402,7 @@ parse_args(int argc, char **argv)
 		{ "stamp-field", required_argument, NULL, O_STAMP },
 		{ "duration", required_argument, NULL, O_DUR },
 		{ "warmup", required_argument, NULL, O_WARMUP },
+		{ "settle", required_argument, NULL, O_SETTLE },
 		{ "cpu-pids", required_argument, NULL, O_PIDS },
 		{ "max-msg", required_argument, NULL, O_MAXMSG },
 		{ "stats-interval", required_argument, NULL, O_STATS },
@@ -1398,6 +1424,7 @@ parse_args(int argc, char **argv)
 	c->stamp_field = "sent_us";
 	c->duration = 10;
 	c->max_msg = 1u << 20;
+	c->settle = -1;
 
 	opterr = 0;
 	while ((o = getopt_long(argc, argv, ":vqh", opts, NULL)) != -1) {
@@ -1426,6 +1453,9 @@ parse_args(int argc, char **argv)
 			break;
 		case O_WARMUP:
 			c->warmup = lg_parse_num("--warmup", optarg, 0, 1e6);
+			break;
+		case O_SETTLE:
+			c->settle = lg_parse_num("--settle", optarg, 0, 3600);
 			break;
 		case O_PIDS: pids = optarg; break;
 		case O_MAXMSG:
@@ -1527,8 +1557,9 @@ main(int argc, char **argv)
 	lg_heartbeat_start(g.ctx);
 	lws_sul_schedule(g.ctx, 0, &g.sul_window, window_cb,
 			 (lws_usec_t)(g.c.warmup * 1e6));
-	lws_sul_schedule(g.ctx, 0, &g.sul_stop, stop_cb,
-			 (lws_usec_t)(g.c.duration * 1e6));
+	if (g.c.settle < 0)   /* else window_cb schedules the stop */
+		lws_sul_schedule(g.ctx, 0, &g.sul_stop, stop_cb,
+				 (lws_usec_t)(g.c.duration * 1e6));
 	if (g.c.stats_interval > 0)
 		lg_stats_start(g.ctx, g.c.stats_interval, print_stats);
 	if (g.c.mqtt)
