@@ -8,6 +8,7 @@
 #include "hub/log.h"
 #include "hub/loop.h"
 #include "hub/redis.h"
+#include "hub/registry.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
 #include "protocols/stream.h"
@@ -110,6 +111,7 @@ static void drain_tick(lws_sorted_usec_list_t *sul)
 	gw_stop(hub);
 	stream_stop(hub);
 	cmd_stop(hub);
+	hub_registry_stop(hub);
 	hub_redis_stop(hub->redis);
 	hub_loop_stop(hub);
 }

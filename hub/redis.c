@@ -66,6 +66,8 @@ struct hub_redis_channel {
 struct hub_redis {
 	struct hub *hub;
 	struct rconn cmd, sub;
+	void (*flush)(void *);     /* hub_redis_set_flush: runs before each write */
+	void *flush_arg;
 	lws_sorted_usec_list_t sul_watchdog;
 	bool started, stopping;
 	int nscripts;
@@ -190,10 +192,14 @@ static int redis_proto_cb(struct lws *wsi, enum lws_callback_reasons reason,
 		rc = lws_get_opaque_user_data(wsi);
 		if (rc && rc->ac) {
 			rc->in_callback = true;
-			if (reason == LWS_CALLBACK_RAW_RX_FILE)
+			if (reason == LWS_CALLBACK_RAW_RX_FILE) {
 				redisAsyncHandleRead(rc->ac);
-			else
-				redisAsyncHandleWrite(rc->ac);
+			} else {
+				if (rc == &rc->r->cmd && rc->r->flush)
+					rc->r->flush(rc->r->flush_arg);
+				if (rc->ac)
+					redisAsyncHandleWrite(rc->ac);
+			}
 			rc->in_callback = false;
 		}
 		/* Detached (hiredis freed its context, maybe just now): close
@@ -569,6 +575,18 @@ void hub_redis_start(struct hub_redis *r)
 	rconn_connect(&r->cmd);
 	rconn_connect(&r->sub);
 	lws_sul_schedule(r->hub->ctx, 0, &r->sul_watchdog, watchdog_cb, WATCHDOG_US);
+}
+
+void hub_redis_set_flush(struct hub_redis *r, void (*fn)(void *), void *arg)
+{
+	r->flush = fn;
+	r->flush_arg = arg;
+}
+
+void hub_redis_want_flush(struct hub_redis *r)
+{
+	if (r->cmd.wsi)
+		lws_callback_on_writable(r->cmd.wsi);
 }
 
 bool hub_redis_up(const struct hub_redis *r)

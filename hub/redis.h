@@ -45,6 +45,12 @@ void hub_redis_start(struct hub_redis *r);
 /* True while the command connection is established and answering. */
 bool hub_redis_up(const struct hub_redis *r);
 
+/* Batching: fn runs in the command connection's writeable callback, right
+ * before hiredis writes its buffer (the end of the loop turn that asked for
+ * it with hub_redis_want_flush), and may queue commands then. */
+void hub_redis_set_flush(struct hub_redis *r, void (*fn)(void *), void *arg);
+void hub_redis_want_flush(struct hub_redis *r);
+
 /* Commands in flight on the command connection. */
 size_t hub_redis_pending(const struct hub_redis *r);
 

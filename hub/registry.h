@@ -18,6 +18,8 @@ struct hub;
 
 /* Registers the scripts; before hub_redis_start(). */
 void hub_registry_init(struct hub *hub);
+/* Stores what is batched and cancels the batch timer (before the loop goes). */
+void hub_registry_stop(struct hub *hub);
 
 struct hub_announce_item {
 	const char *device;
@@ -61,7 +63,9 @@ struct hub_store_group {
  * reading, `device\ttype\tlabels\tbody\n`, grouped by device type (g):
  * it becomes the feed entry and, per group, the iot:live:raw:<type> message
  * (docs/dashboard.md). Reply: array {1, feed-id} when stored, {0} when the
- * seq was already durable (nothing stored or published), or an error. */
+ * seq was already durable (nothing stored or published), or an error.
+ * Frames are batched: stored together at the end of the loop turn, by one
+ * script call (hub/registry.c). */
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *lines, size_t lines_len,
