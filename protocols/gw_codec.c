@@ -2,6 +2,7 @@
 
 #include <string.h>
 
+#include "protocols/jparse.h"
 #include "protocols/schema.h"
 
 static bool json_int64(const json_t *v, int64_t *out)
@@ -37,7 +38,7 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
 	const char *type;
 
 	memset(msg, 0, sizeof(*msg));
-	root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+	root = jparse(buf, len, &jerr); /* json_loadb with JSON_REJECT_DUPLICATES, faster */
 	if (!root) {
 		snprintf(why, whylen, "invalid JSON at byte %d: %s", jerr.position, jerr.text);
 		return GW_ERR_BAD_JSON;

@@ -12,7 +12,7 @@
 #       deploy/device-types
 HARNESSES='
 fuzz_schema | protocols/schema.c | jansson
-fuzz_codec  | protocols/gw_codec.c hub/util.c | jansson
+fuzz_codec  | protocols/gw_codec.c protocols/jparse.c hub/util.c | jansson
 fuzz_auth   | hub/auth.c | jansson libjwt openssl
 fuzz_jparse | protocols/jparse.c | jansson
 '
