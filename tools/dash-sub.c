@@ -159,7 +159,7 @@ static struct {
 	int in_window, stopping, closing, destroying;
 	int sig_seen;
 	long pid_ticks0[DS_PIDS_MAX], pid_ticks1[DS_PIDS_MAX];
-	struct rusage ru0;
+	struct rusage ru0, ru1;  /* at the window's start and end */
 
 	lws_sorted_usec_list_t sul_connect, sul_window, sul_stop, sul_destroy,
 			       sul_signal, sul_mqtt_ping;
@@ -1138,6 +1138,7 @@ stop_cb(lws_sorted_usec_list_t *sul)
 	if (!g.in_window)
 		window_cb(NULL);   /* stopped before the warmup ended */
 	g.win_end_us = lg_mono_us();
+	getrusage(RUSAGE_SELF, &g.ru1);
 	g.subscribed_at_end = g.n_subscribed;
 	for (i = 0; i < g.c.n_pids; i++)
 		g.pid_ticks1[i] = pid_ticks(g.c.pids[i]);
@@ -1274,7 +1275,7 @@ print_summary(void)
 	       ",\"window_cpu_s\":%.3f,\"max_rss_kb\":%ld",
 	       lg_tv_s(ru.ru_utime) + lg_tv_s(ru.ru_stime), lg_tv_s(ru.ru_utime),
 	       lg_tv_s(ru.ru_stime),
-	       lg_tv_s(ru.ru_utime) + lg_tv_s(ru.ru_stime) -
+	       lg_tv_s(g.ru1.ru_utime) + lg_tv_s(g.ru1.ru_stime) -
 	       lg_tv_s(g.ru0.ru_utime) - lg_tv_s(g.ru0.ru_stime), ru.ru_maxrss);
 	if (g.c.n_pids) {
 		printf(",\"pid_cpu_s\":{");
