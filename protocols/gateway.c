@@ -178,26 +178,33 @@ static void conn_close(struct gw_conn *c, int code, const char *reason);
  * loop turn per ack. lws buffers what the socket does not take; while such
  * a partial send is pending, the WRITEABLE path takes over. Returns -1 when
  * the connection failed (lws closes it). */
+/* Writes the ready reply at the head and takes it off the queue. */
+static int write_head(struct gw_conn *c)
+{
+	struct gw_reply *r = c->head;
+	size_t n = r->out.len - LWS_PRE;
+	int w = lws_write(c->wsi, (unsigned char *)r->out.data + LWS_PRE, n, LWS_WRITE_TEXT);
+
+	c->head = r->next;
+	if (!c->head)
+		c->tail = NULL;
+	c->queued--;
+	reply_free(r);
+	if (w < (int)n)
+		return -1;
+	conn_update_flow(c);
+	return 0;
+}
+
 static int write_ready(struct gw_conn *c)
 {
 	while (c->head && !c->head->waiting && c->wsi && !c->closing) {
-		struct gw_reply *r = c->head;
-		size_t n = r->out.len - LWS_PRE;
-
 		if (lws_partial_buffered(c->wsi)) {
 			lws_callback_on_writable(c->wsi);
 			return 0;
 		}
-		int w = lws_write(c->wsi, (unsigned char *)r->out.data + LWS_PRE, n,
-				  LWS_WRITE_TEXT);
-		c->head = r->next;
-		if (!c->head)
-			c->tail = NULL;
-		c->queued--;
-		reply_free(r);
-		if (w < (int)n)
+		if (write_head(c))
 			return -1;
-		conn_update_flow(c);
 	}
 	if (c->wsi && (c->closing || (c->head && !c->head->waiting) ||
 		       (!c->head && c->draining)))
@@ -886,16 +893,8 @@ static int on_writeable(struct gw_conn *c)
 	struct gw_reply *r = c->head;
 
 	if (r && !r->waiting) {
-		size_t n = r->out.len - LWS_PRE;
-		int w = lws_write(c->wsi, (unsigned char *)r->out.data + LWS_PRE, n, LWS_WRITE_TEXT);
-		c->head = r->next;
-		if (!c->head)
-			c->tail = NULL;
-		c->queued--;
-		reply_free(r);
-		if (w < (int)n)
+		if (write_head(c))
 			return -1;
-		conn_update_flow(c);
 		if (c->head && !c->head->waiting)
 			lws_callback_on_writable(c->wsi);
 		return 0;
