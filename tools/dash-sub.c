@@ -336,21 +336,6 @@ handle_msg(struct conn *c, const char *m, size_t n)
 /* ------------------------------------------------------------------------ */
 /* --mqtt: MQTT 3.1.1 over WebSocket                                          */
 
-/* MQTT's remaining length (7 bits a byte, low first) into o; its size */
-static size_t
-mqtt_varint(unsigned char *o, size_t v)
-{
-	size_t n = 0;
-
-	do {
-		unsigned char b = (unsigned char)(v % 128);
-
-		v /= 128;
-		o[n++] = v ? (unsigned char)(b | 0x80) : b;
-	} while (v);
-	return n;
-}
-
 /* CONNECT: MQTT level 4, clean session, keepalive, client id
  * dash-sub-<pid>-<n> (at most 23 bytes, the length every broker must take) */
 static size_t
@@ -359,18 +344,8 @@ mqtt_build_connect(const struct conn *c, unsigned char *o)
 	char id[32];
 	size_t idl = (size_t)snprintf(id, sizeof(id), "dash-sub-%d-%u",
 				      (int)getpid() % 10000000, c->idx);
-	size_t n = 0;
 
-	o[n++] = 0x10;
-	n += mqtt_varint(o + n, 10 + 2 + idl);
-	memcpy(o + n, "\0\4MQTT\4\2", 8);
-	n += 8;
-	o[n++] = (unsigned char)(DS_MQTT_KEEPALIVE_S >> 8);
-	o[n++] = (unsigned char)(DS_MQTT_KEEPALIVE_S & 0xff);
-	o[n++] = (unsigned char)(idl >> 8);
-	o[n++] = (unsigned char)(idl & 0xff);
-	memcpy(o + n, id, idl);
-	return n + idl;
+	return lg_mqtt_connect(o, id, idl, DS_MQTT_KEEPALIVE_S);
 }
 
 /* SUBSCRIBE --topic at QoS 0 (room: --topic is at most 1024 bytes) */
@@ -380,7 +355,7 @@ mqtt_build_subscribe(unsigned char *o)
 	size_t tl = strlen(g.c.topic), n = 0;
 
 	o[n++] = 0x82;
-	n += mqtt_varint(o + n, 2 + 2 + tl + 1);
+	n += lg_mqtt_varint(o + n, 2 + 2 + tl + 1);
 	o[n++] = 0;
 	o[n++] = DS_MQTT_SUB_PID;
 	o[n++] = (unsigned char)(tl >> 8);

@@ -1441,34 +1441,9 @@ build_announce(struct gw *gw, char *out, size_t cap)
  */
 
 static size_t
-mqtt_varint(unsigned char *o, size_t v)
-{
-	size_t n = 0;
-
-	do {
-		unsigned char b = (unsigned char)(v % 128);
-
-		v /= 128;
-		o[n++] = v ? (unsigned char)(b | 0x80) : b;
-	} while (v);
-	return n;
-}
-
-static size_t
 mqtt_build_connect(const struct gw *gw, unsigned char *o)
 {
-	size_t idl = strlen(gw->id), n = 0;
-
-	o[n++] = 0x10;
-	n += mqtt_varint(o + n, 10 + 2 + idl);
-	memcpy(o + n, "\0\4MQTT\4\2", 8);   /* protocol name, level 4, clean session */
-	n += 8;
-	o[n++] = (unsigned char)(SIM_MQTT_KEEPALIVE_S >> 8);
-	o[n++] = (unsigned char)(SIM_MQTT_KEEPALIVE_S & 0xff);
-	o[n++] = (unsigned char)(idl >> 8);
-	o[n++] = (unsigned char)(idl & 0xff);
-	memcpy(o + n, gw->id, idl);
-	return n + idl;
+	return lg_mqtt_connect(o, gw->id, strlen(gw->id), SIM_MQTT_KEEPALIVE_S);
 }
 
 /* PUBLISH QoS 1 of fs into o (room: SIM_MQTT_HDR_MAX + fs->len) */
@@ -1480,7 +1455,7 @@ mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
 	unsigned pid = (unsigned)(fs->seq % SIM_MQTT_PIDS) + 1;
 
 	o[n++] = (unsigned char)(0x32 | (fs->written ? 0x08 : 0));  /* DUP */
-	n += mqtt_varint(o + n, 2 + tl + 2 + fs->len);
+	n += lg_mqtt_varint(o + n, 2 + tl + 2 + fs->len);
 	o[n++] = (unsigned char)(tl >> 8);
 	o[n++] = (unsigned char)(tl & 0xff);
 	memcpy(o + n, "tele/", 5);

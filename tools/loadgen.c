@@ -629,3 +629,32 @@ lg_run(struct lws_context *ctx, const int *done)
 	lg_signals_detach();
 	lws_context_destroy(ctx);
 }
+
+size_t lg_mqtt_varint(unsigned char *o, size_t v)
+{
+	size_t n = 0;
+
+	do {
+		unsigned char b = (unsigned char)(v % 128);
+
+		v /= 128;
+		o[n++] = v ? (unsigned char)(b | 0x80) : b;
+	} while (v);
+	return n;
+}
+
+size_t lg_mqtt_connect(unsigned char *o, const char *id, size_t idl, unsigned keepalive_s)
+{
+	size_t n = 0;
+
+	o[n++] = 0x10;
+	n += lg_mqtt_varint(o + n, 10 + 2 + idl);
+	memcpy(o + n, "\0\4MQTT\4\2", 8);   /* protocol name, level 4, clean session */
+	n += 8;
+	o[n++] = (unsigned char)(keepalive_s >> 8);
+	o[n++] = (unsigned char)(keepalive_s & 0xff);
+	o[n++] = (unsigned char)(idl >> 8);
+	o[n++] = (unsigned char)(idl & 0xff);
+	memcpy(o + n, id, idl);
+	return n + idl;
+}

@@ -258,4 +258,10 @@ int lg_signal_count(void);
  */
 void lg_run(struct lws_context *ctx, const int *done);
 
+/* MQTT 3.1.1 (gw-sim --mqtt, dash-sub --mqtt): the remaining-length varint
+ * (7 bits a byte, low first) into o, its size; and a CONNECT packet (level
+ * 4, clean session, keepalive_s, client id id[0..idl)) into o, its size. */
+size_t lg_mqtt_varint(unsigned char *o, size_t v);
+size_t lg_mqtt_connect(unsigned char *o, const char *id, size_t idl, unsigned keepalive_s);
+
 #endif
