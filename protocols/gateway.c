@@ -385,15 +385,7 @@ static void on_stored(redisReply *reply, void *arg)
 
 static void reject(hub_buf *b, size_t index, const gw_reading *rd, enum hub_reject_code code)
 {
-	if (b->len)
-		hub_buf_puts(b, ",");
-	hub_buf_printf(b, "{\"index\":%zu,", index);
-	if (rd->device) {
-		hub_buf_puts(b, "\"device\":");
-		hub_buf_json_str(b, rd->device, rd->device_len);
-		hub_buf_puts(b, ",");
-	}
-	hub_buf_printf(b, "\"code\":\"%s\"", hub_reject_names[code]);
+	gw_write_reading_reject(b, index, rd, hub_reject_names[code]);
 }
 
 static const schema_type *dev_type(struct hub *hub, struct gw_dev *d)
@@ -684,23 +676,6 @@ static void on_announced(redisReply *reply, void *arg)
 	reply_ready(r);
 }
 
-static void announce_reject(hub_buf *rej, const gw_announce *a, const char *code,
-			    const char *message)
-{
-	if (rej->len)
-		hub_buf_puts(rej, ",");
-	hub_buf_puts(rej, "{\"device\":");
-	if (a->device)
-		hub_buf_json_str(rej, a->device, a->device_len);
-	else
-		hub_buf_puts(rej, "null");
-	hub_buf_puts(rej, ",\"code\":");
-	hub_buf_json_str(rej, code, strlen(code));
-	hub_buf_puts(rej, ",\"message\":");
-	hub_buf_json_str(rej, message, strlen(message));
-	hub_buf_puts(rej, "}");
-}
-
 static void handle_announce(struct gw_conn *c, gw_msg *msg)
 {
 	struct hub *hub = c->hub;
@@ -719,23 +694,23 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		struct gw_dev *d;
 
 		if (gw_announce_parse(json_array_get(msg->items, i), &a, &why)) {
-			announce_reject(&rej, &a, "invalid", why);
+			gw_write_announce_reject(&rej, &a, "invalid", why);
 			continue;
 		}
 		if (!auth_patterns_match(&c->who.devices, a.device)) {
-			announce_reject(&rej, &a, "unauthorized_device",
+			gw_write_announce_reject(&rej, &a, "unauthorized_device",
 					"device not allowed by the token's devices claim");
 			continue;
 		}
 		t = schema_set_find(hub->schemas, a.device_type, a.type_len);
 		if (!t) {
-			announce_reject(&rej, &a, "unknown_device_type",
+			gw_write_announce_reject(&rej, &a, "unknown_device_type",
 					"no such device type is loaded");
 			continue;
 		}
 		d = hub_strmap_get(&c->devices, a.device, a.device_len);
 		if (!d && c->devices.count >= (size_t)hub->cfg.max_devices_per_gateway) {
-			announce_reject(&rej, &a, "too_many_devices",
+			gw_write_announce_reject(&rej, &a, "too_many_devices",
 					"this connection announced max-devices-per-gateway devices");
 			continue;
 		}

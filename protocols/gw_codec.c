@@ -366,6 +366,36 @@ int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **wh
 	return 0;
 }
 
+void gw_write_reading_reject(hub_buf *b, size_t index, const gw_reading *rd, const char *code)
+{
+	if (b->len)
+		hub_buf_puts(b, ",");
+	hub_buf_printf(b, "{\"index\":%zu,", index);
+	if (rd->device) {
+		hub_buf_puts(b, "\"device\":");
+		hub_buf_json_str(b, rd->device, rd->device_len);
+		hub_buf_puts(b, ",");
+	}
+	hub_buf_printf(b, "\"code\":\"%s\"", code);
+}
+
+void gw_write_announce_reject(hub_buf *b, const gw_announce *a, const char *code,
+			      const char *message)
+{
+	if (b->len)
+		hub_buf_puts(b, ",");
+	hub_buf_puts(b, "{\"device\":");
+	if (a->device)
+		hub_buf_json_str(b, a->device, a->device_len);
+	else
+		hub_buf_puts(b, "null");
+	hub_buf_puts(b, ",\"code\":");
+	hub_buf_json_str(b, code, strlen(code));
+	hub_buf_puts(b, ",\"message\":");
+	hub_buf_json_str(b, message, strlen(message));
+	hub_buf_puts(b, "}");
+}
+
 void gw_write_field_errors(hub_buf *b, const schema_error *errs, int n, int total)
 {
 	hub_buf_puts(b, ",\"errors\":[");

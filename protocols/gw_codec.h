@@ -100,6 +100,16 @@ typedef struct gw_command_ack {
 
 int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why);
 
+/* Appends (after a comma when b is not empty) the opening of a rejected
+ * reading's entry: {"index":i[,"device":…],"code":"code" — the caller adds
+ * what the code needs and the closing brace. */
+void gw_write_reading_reject(hub_buf *b, size_t index, const gw_reading *rd, const char *code);
+
+/* Appends (after a comma when b is not empty) a rejected announce entry:
+ * {"device":…|null,"code":…,"message":…}. */
+void gw_write_announce_reject(hub_buf *b, const gw_announce *a, const char *code,
+			      const char *message);
+
 /* Appends `,"errors":[{"path","code","message"},...]` for errs[0..n) and,
  * when total > n, `,"more_errors":total-n` (a rejected reading's fields). */
 void gw_write_field_errors(hub_buf *b, const schema_error *errs, int n, int total);

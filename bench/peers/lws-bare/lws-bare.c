@@ -202,19 +202,6 @@ static void gw_send(struct lws *wsi, struct gw_conn *c, struct out_msg *m)
 	gw_flow(wsi, c);
 }
 
-static void reject(hub_buf *b, size_t index, const gw_reading *rd, const char *code)
-{
-	if (b->len)
-		hub_buf_puts(b, ",");
-	hub_buf_printf(b, "{\"index\":%zu,", index);
-	if (rd->device) {
-		hub_buf_puts(b, "\"device\":");
-		hub_buf_json_str(b, rd->device, rd->device_len);
-		hub_buf_puts(b, ",");
-	}
-	hub_buf_printf(b, "\"code\":\"%s\"", code);
-}
-
 /* One accepted reading into the shared ring (the part after "sub"). */
 static void ring_append(const gw_reading *rd, int64_t ts)
 {
@@ -264,20 +251,20 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 		int nerr;
 
 		if (gw_reading_parse(json_array_get(msg->items, i), &rd, &errs[0])) {
-			reject(&rej, i, &rd, "invalid");
+			gw_write_reading_reject(&rej, i, &rd, "invalid");
 			gw_write_field_errors(&rej, errs, 1, 1);
 			hub_buf_puts(&rej, "}");
 			continue;
 		}
 		t = hub_strmap_get(&c->devices, rd.device, rd.device_len);
 		if (!t) {
-			reject(&rej, i, &rd, "unknown_device");
+			gw_write_reading_reject(&rej, i, &rd, "unknown_device");
 			hub_buf_puts(&rej, ",\"message\":\"device not announced on this connection\"}");
 			continue;
 		}
 		if (rd.has_ts && (rd.ts > now_ms + SKEW_FUTURE_MS ||
 				  rd.ts < now_ms - SKEW_PAST_MS)) {
-			reject(&rej, i, &rd, "clock_skew");
+			gw_write_reading_reject(&rej, i, &rd, "clock_skew");
 			hub_buf_printf(&rej, ",\"message\":\"ts is outside [now-%llds, now+%llds]\",\"hub_time\":%lld}",
 				       SKEW_PAST_MS / 1000, SKEW_FUTURE_MS / 1000,
 				       (long long)now_ms);
@@ -286,7 +273,7 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 		nerr = schema_validate(schema_type_telemetry(t), rd.data, "data", errs,
 				       MAX_FIELD_ERRORS);
 		if (nerr) {
-			reject(&rej, i, &rd, "invalid");
+			gw_write_reading_reject(&rej, i, &rd, "invalid");
 			gw_write_field_errors(&rej, errs, nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS,
 				      nerr);
 			hub_buf_puts(&rej, "}");
@@ -317,23 +304,6 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 	}
 }
 
-static void announce_reject(hub_buf *rej, const gw_announce *a, const char *code,
-			    const char *message)
-{
-	if (rej->len)
-		hub_buf_puts(rej, ",");
-	hub_buf_puts(rej, "{\"device\":");
-	if (a->device)
-		hub_buf_json_str(rej, a->device, a->device_len);
-	else
-		hub_buf_puts(rej, "null");
-	hub_buf_puts(rej, ",\"code\":");
-	hub_buf_json_str(rej, code, strlen(code));
-	hub_buf_puts(rej, ",\"message\":");
-	hub_buf_json_str(rej, message, strlen(message));
-	hub_buf_puts(rej, "}");
-}
-
 static void handle_announce(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 {
 	size_t n = json_array_size(msg->items);
@@ -346,12 +316,12 @@ static void handle_announce(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 		const schema_type *t;
 
 		if (gw_announce_parse(json_array_get(msg->items, i), &a, &why)) {
-			announce_reject(&rej, &a, "invalid", why);
+			gw_write_announce_reject(&rej, &a, "invalid", why);
 			continue;
 		}
 		t = schema_set_find(G.schemas, a.device_type, a.type_len);
 		if (!t) {
-			announce_reject(&rej, &a, "unknown_device_type",
+			gw_write_announce_reject(&rej, &a, "unknown_device_type",
 					"no such device type is loaded");
 			continue;
 		}
