@@ -286,6 +286,7 @@ static void store_flush(void *unused)
 	(void)unused;
 	if (!B.nframes)
 		return;
+	lws_sul_cancel(&B.sul);
 	bs = hub_xmalloc(sizeof(*bs) + B.nframes * sizeof(bs->cbs[0]));
 	bs->n = B.nframes;
 	memcpy(bs->cbs, B.cbs, B.nframes * sizeof(bs->cbs[0]));
@@ -325,24 +326,20 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    hub_redis_cb cb, void *arg)
 {
 	size_t glen = strlen(gateway);
-	hub_buf *k = &B.keys, *a = &B.args;
+	hub_buf *a = &B.args;
 
-	if (!hub_redis_up(hub->redis))
+	if (!hub_redis_up(hub->redis) || glen > HUB_ID_MAX)
 		return -1;
 	if (!B.hub) {
 		B.hub = hub;
 		hub_redis_set_flush(hub->redis, store_flush, NULL);
 	}
 	/* KEYS[1 + f] = iot:gw:<gateway>:seqs */
-	hub_buf_reserve(k, glen + 48);
-	k->data[k->len++] = '$';
-	k->len += hub_fmt_i64(k->data + k->len, (int64_t)(glen + 12));
-	memcpy(k->data + k->len, "\r\niot:gw:", 9);
-	k->len += 9;
-	memcpy(k->data + k->len, gateway, glen);
-	k->len += glen;
-	memcpy(k->data + k->len, ":seqs\r\n", 7);
-	k->len += 7;
+	char key[HUB_ID_MAX + 16];   /* gateway ids are at most HUB_ID_MAX */
+	memcpy(key, "iot:gw:", 7);
+	memcpy(key + 7, gateway, glen);
+	memcpy(key + 7 + glen, ":seqs", 5);
+	buf_arg(&B.keys, key, glen + 12);
 	buf_int(a, seq);
 	buf_arg(a, gateway, glen);
 	buf_arg(a, lines, lines_len);

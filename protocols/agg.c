@@ -335,8 +335,6 @@ struct agg_state *agg_partial(struct hub *hub, const char *device, const char *t
 		st->labels_text[labels_len] = '\0';
 		hub_strmap_put(&A.partials.states, key, kl, st);
 		due_append(st);
-		if (start + 1000 + FLUSH_DELAY_MS < A.partials.next_due)
-			A.partials.next_due = start + 1000 + FLUSH_DELAY_MS;
 	}
 	/* One slot per state: a second connection holding the same device (a
 	 * takeover in progress) looks it up instead. */
@@ -463,8 +461,7 @@ static bool flush_partials(int64_t now)
 		A.seconds = sec->next;
 		free(sec);
 	}
-	A.partials.next_due = A.seconds ? A.seconds->start + 1000 + FLUSH_DELAY_MS : INT64_MAX;
-	return A.partials.next_due <= now;
+	return A.seconds && A.seconds->start + 1000 + FLUSH_DELAY_MS <= now;
 }
 
 /* ---- merge side ---------------------------------------------------------- */
