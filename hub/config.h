@@ -56,6 +56,9 @@ struct hub_config {
 	char *stream_slow_policy;
 	int stream_replay_page;
 	int aggregate_grace_ms;
+	int http_header_timeout_s;
+	int http_body_timeout_s;
+	int http_keepalive_timeout_s;
 	char *web_root;
 
 	/* Derived by hub_config_validate(). */

@@ -1,5 +1,6 @@
 #include "hub/http.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +10,7 @@
 #include "commands/cmd_api.h"
 #include "hub/hub.h"
 #include "hub/log.h"
+#include "hub/lws_quirks.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
@@ -22,14 +24,32 @@
 
 #define MAX_REQUEST_BODY (64 * 1024)
 
+/* What a refused upgrade and an early error write before closing. */
+#define CSP_HEADER_ROOM 1024
+
 /* docs/openapi.json, embedded at build time (cmake/embed.cmake). */
 extern const unsigned char hub_openapi_json[];
 extern const size_t hub_openapi_json_len;
 
+/* Per request (lws frees and reallocates it for every keep-alive
+ * transaction: HTTP_DROP_PROTOCOL is its end). */
 struct http_pss {
+	struct lws *wsi;
+	/* A synchronous response: status, type and body are set by respond();
+	 * the headers and the body are written on HTTP_WRITEABLE only. */
 	hub_buf body;   /* LWS_PRE headroom, then the body */
 	size_t sent;
+	unsigned status;
+	const char *ctype;
+	bool resp_pending, headers_sent;
+	bool close_after;   /* close the connection once the response is out */
 	struct hub_req *rq; /* an asynchronous API request (hub/api.h) */
+	/* The request body. */
+	char method[8];
+	bool has_body;      /* Content-Length > 0 */
+	bool body_seen, body_completed, body_timer;
+	bool paused;        /* not read since the body's end (on_body_completion) */
+	lws_sorted_usec_list_t sul_body;
 	/* A POST waiting for its body (commands API). */
 	bool collecting, too_large;
 	hub_buf reqbody;
@@ -67,16 +87,31 @@ static void body_init(hub_buf *b)
 
 /* The dashboard (web/) loads only its own files and talks only to this hub. */
 #define CSP "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'"
+#define WWW_AUTHENTICATE "Bearer realm=\"iot-hub\""
 
-/* Writes the status line and headers now and the body on WRITEABLE. */
+/* Queues a response: the status line and headers go out on the next
+ * HTTP_WRITEABLE, then the body. Nothing is written from the HTTP callback
+ * itself, so a request that lws then refuses (a pipelined body it would
+ * misread, below) has written nothing and its connection closes cleanly. */
 static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
 		   const char *ctype)
 {
-	uint8_t hdr[LWS_PRE + 1024], *start = hdr + LWS_PRE, *p = start,
+	pss->status = status;
+	pss->ctype = ctype;
+	pss->resp_pending = true;
+	pss->headers_sent = false;
+	pss->sent = 0;
+	lws_callback_on_writable(wsi);
+	return 0;
+}
+
+static int write_head(struct lws *wsi, struct http_pss *pss)
+{
+	uint8_t hdr[LWS_PRE + CSP_HEADER_ROOM], *start = hdr + LWS_PRE, *p = start,
 		*end = hdr + sizeof(hdr) - 1;
 	size_t blen = pss->body.len - LWS_PRE;
 
-	if (lws_add_http_common_headers(wsi, status, ctype, blen, &p, end) ||
+	if (lws_add_http_common_headers(wsi, pss->status, pss->ctype, blen, &p, end) ||
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
 					(const unsigned char *)"no-store", 8, &p, end) ||
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"x-content-type-options:",
@@ -84,15 +119,16 @@ static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"content-security-policy:",
 					(const unsigned char *)CSP, sizeof(CSP) - 1, &p, end))
 		return -1;
-	if (status == 401 &&
+	if (pss->status == 401 &&
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
-					(const unsigned char *)"Bearer realm=\"iot-hub\"", 21, &p, end))
+					(const unsigned char *)WWW_AUTHENTICATE,
+					sizeof(WWW_AUTHENTICATE) - 1, &p, end))
 		return -1;
-	if (lws_finalize_write_http_header(wsi, start, &p, end))
+	if (pss->close_after &&
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
+					(const unsigned char *)"close", 5, &p, end))
 		return -1;
-	pss->sent = 0;
-	lws_callback_on_writable(wsi);
-	return 0;
+	return lws_finalize_write_http_header(wsi, start, &p, end) ? -1 : 0;
 }
 
 static int respond_error(struct lws *wsi, struct http_pss *pss, unsigned status,
@@ -101,6 +137,21 @@ static int respond_error(struct lws *wsi, struct http_pss *pss, unsigned status,
 	body_init(&pss->body);
 	json_error(&pss->body, code, message);
 	return respond(wsi, pss, status, "application/json");
+}
+
+/* The end of a response: the next request on a keep-alive connection, or
+ * the close the response announced (once lws has flushed what it
+ * buffered). Returns -1 to close. */
+static int transaction_end(struct lws *wsi, bool close_after)
+{
+	if (close_after) {
+		if (lws_partial_buffered(wsi)) {
+			lws_callback_on_writable(wsi);
+			return 0;
+		}
+		return -1;
+	}
+	return lws_http_transaction_completed(wsi) ? -1 : 0;
 }
 
 /* Writes n body bytes at offset off of b (which starts with LWS_PRE bytes of
@@ -121,6 +172,16 @@ static int write_slice(struct lws *wsi, hub_buf *b, size_t off, size_t n, bool l
 
 static int write_body(struct lws *wsi, struct http_pss *pss)
 {
+	if (!pss->resp_pending)
+		/* Written completely; a close waits for lws's buffered rest. */
+		return pss->close_after ? transaction_end(wsi, true) : 0;
+	if (!pss->headers_sent) {
+		if (write_head(wsi, pss))
+			return -1;
+		pss->headers_sent = true;
+		lws_callback_on_writable(wsi);
+		return 0;
+	}
 	size_t blen = pss->body.len - LWS_PRE, left = blen - pss->sent;
 	size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
 	bool last = n == left;
@@ -133,7 +194,8 @@ static int write_body(struct lws *wsi, struct http_pss *pss)
 		return 0;
 	}
 	hub_buf_free(&pss->body);
-	return lws_http_transaction_completed(wsi) ? -1 : 0;
+	pss->resp_pending = false;
+	return transaction_end(wsi, pss->close_after);
 }
 
 /* Operator API auth (CONTRACT §4): `Authorization: Bearer <api key>`. Returns
@@ -147,7 +209,7 @@ static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 
 	if (n <= 7 || strncasecmp(authz, "Bearer ", 7) ||
 	    auth_check_api_key(hub->auth, authz + 7, (size_t)n - 7, &who) != AUTH_OK) {
-		hub->metrics.auth_failures_total++;
+		hub->metrics.api_auth_failures_total++;
 		*rc = respond_error(wsi, pss, 401, "unauthorized",
 				    n <= 7 ? "missing API key (Authorization: Bearer <key>)"
 					   : "unknown API key");
@@ -194,6 +256,7 @@ struct hub_req {
 	hub_req_drained_cb drained;
 	void *ctx;
 	void (*ctx_free)(void *);
+	bool in_place;              /* its connection is paused: write at once */
 };
 
 static struct hub_req *req_new(struct lws *wsi, struct hub *hub, auth_principal *who)
@@ -241,9 +304,32 @@ void hub_req_unref(struct hub_req *rq)
 	free(rq);
 }
 
+static int req_write_headers(struct lws *wsi, struct hub_req *rq);
+
+/* The answer to a request with a body, on a connection that no longer
+ * reads (on_body_completion): written at once, whole, then the connection
+ * closes. Such answers are small (they are all JSON from the commands API);
+ * lws keeps what the socket does not take and flushes it before closing. */
+static void req_write_in_place(struct hub_req *rq)
+{
+	struct lws *wsi = rq->wsi;
+
+	if (!rq->answered || rq->chunked || !rq->final || rq->aborted)
+		return;
+	if (!req_write_headers(wsi, rq))
+		(void)write_slice(wsi, &rq->out, 0, rq->out.len - LWS_PRE, true);
+	rq->out.len = LWS_PRE;
+	rq->aborted = true; /* nothing more goes out */
+	lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, LWS_TO_KILL_ASYNC);
+}
+
 static void req_kick(struct hub_req *rq)
 {
-	if (rq->wsi)
+	if (!rq->wsi)
+		return;
+	if (rq->in_place)
+		req_write_in_place(rq);
+	else
 		lws_callback_on_writable(rq->wsi);
 }
 
@@ -387,7 +473,7 @@ static int req_writeable(struct lws *wsi, struct http_pss *pss)
 	if (rq->final) {
 		lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
 		req_detach(pss);
-		return lws_http_transaction_completed(wsi) ? -1 : 0;
+		return transaction_end(wsi, pss->close_after);
 	}
 	if (rq->out.cap > 4 * 1024 * 1024) { /* give a big page's memory back */
 		hub_buf_free(&rq->out);
@@ -508,17 +594,6 @@ static int serve_static(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 
 static int body_done(struct lws *wsi, struct http_pss *pss);
 
-/* True if the header value s contains word (ASCII, any case). */
-static bool has_token_ci(const char *s, const char *word)
-{
-	size_t n = strlen(word);
-
-	for (; *s; s++)
-		if (!strncasecmp(s, word, n))
-			return true;
-	return false;
-}
-
 /* Commands API (commands/cmd_api.h): any valid key gets this far, the routes
  * check their scopes. A POST is dispatched once its body is complete. */
 static int route_commands(struct lws *wsi, struct http_pss *pss, struct hub *hub,
@@ -543,25 +618,13 @@ static int route_commands(struct lws *wsi, struct http_pss *pss, struct hub *hub
 	req_detach(pss);
 	pss->rq = req_new(wsi, hub, &who);
 	if (post) {
-		char te[32];
 		pss->too_large = false;
 		pss->reqbody.len = 0;
-		/* lws 4.1.6 does not deliver chunked request bodies: ask for a
-		 * Content-Length (RFC 9110 15.5.12) rather than wait forever. */
-		if (lws_hdr_copy(wsi, te, sizeof(te), WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0 &&
-		    has_token_ci(te, "chunked")) {
-			req_detach(pss);
-			return respond_error(wsi, pss, 411, "length_required",
-					     "send the body with a Content-Length (chunked bodies are not supported)");
-		}
-		/* With a Content-Length the body follows; without one it is empty
-		 * (RFC 9112 6.3) and lws reports no completion: answer now. */
-		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0) {
-			pss->collecting = true;
-			return 0;
-		}
 		pss->collecting = true;
-		return body_done(wsi, pss);
+		/* With a Content-Length the body follows (body_done runs at
+		 * HTTP_BODY_COMPLETION); without one it is empty (RFC 9112 6.3)
+		 * and lws reports no completion: answer now. */
+		return pss->has_body ? 0 : body_done(wsi, pss);
 	}
 	struct hub_req *rq = pss->rq;
 	hub_req_ref(rq);
@@ -665,48 +728,88 @@ static int route(struct lws *wsi, struct http_pss *pss, struct hub *hub, const c
 	return respond(wsi, pss, 200, "application/json");
 }
 
-/* Refuses an upgrade with a real HTTP status (NOTES: returning non-zero from
- * FILTER_PROTOCOL_CONNECTION only drops the TCP connection). */
+static const char *status_text(unsigned status)
+{
+	switch (status) {
+	case 400: return "Bad Request";
+	case 401: return "Unauthorized";
+	case 403: return "Forbidden";
+	case 404: return "Not Found";
+	default: return "Error";
+	}
+}
+
+/* Refuses an upgrade with a real HTTP status, from CONFIRM_UPGRADE (the
+ * one place lws 4.1.6 lets a refused upgrade answer at all; returning
+ * non-zero from FILTER_PROTOCOL_CONNECTION only drops the TCP connection).
+ * lws would write the status line as HTTP/1.0 here (it learns the request's
+ * version only for requests that are not upgrades), which WebSocket clients
+ * reject as a bad response: the status line is written by hand. */
 static int refuse_upgrade(struct lws *wsi, unsigned status, const char *code,
 			  const char *message)
 {
 	uint8_t buf[LWS_PRE + 1024], *start = buf + LWS_PRE, *p = start,
 		*end = buf + sizeof(buf) - 1;
 	hub_buf body = { 0 };
+	char clen[24];
+	int n;
 
 	json_error(&body, code, message);
-	if (lws_add_http_common_headers(wsi, status, "application/json", body.len, &p, end))
+	n = snprintf((char *)p, (size_t)(end - p), "HTTP/1.1 %u %s\r\n", status,
+		     status_text(status));
+	p += n;
+	n = snprintf(clen, sizeof(clen), "%zu", body.len);
+	if (lws_add_http_header_by_name(wsi, (const unsigned char *)"content-type:",
+					(const unsigned char *)"application/json", 16, &p, end) ||
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"content-length:",
+					(const unsigned char *)clen, n, &p, end) ||
+	    (status == 401 &&
+	     lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
+					 (const unsigned char *)WWW_AUTHENTICATE,
+					 sizeof(WWW_AUTHENTICATE) - 1, &p, end)) ||
+	    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
+					(const unsigned char *)"close", 5, &p, end) ||
+	    lws_finalize_http_header(wsi, &p, end) ||
+	    (size_t)(end - p) < body.len)
 		goto out;
-	if (status == 401 &&
-	    lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
-					(const unsigned char *)"Bearer realm=\"iot-hub\"", 21,
-					&p, end))
-		goto out;
-	if (lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
-					(const unsigned char *)"close", 5, &p, end))
-		goto out;
-	if (lws_finalize_write_http_header(wsi, start, &p, end))
-		goto out;
-	if ((size_t)(end - p) > body.len + LWS_PRE) {
-		memcpy(p + LWS_PRE, body.data, body.len);
-		lws_write(wsi, p + LWS_PRE, body.len, LWS_WRITE_HTTP_FINAL);
-	}
+	memcpy(p, body.data, body.len);
+	p += body.len;
+	lws_write(wsi, start, (size_t)(p - start), LWS_WRITE_HTTP_HEADERS);
 out:
 	hub_buf_free(&body);
 	return 1;
 }
 
-static bool protocol_requested(struct lws *wsi, const char *want)
+/* The subprotocol lws will bind: the first name in the client's list that
+ * names any protocol of the vhost, internal ones included (lws 4.1.6 picks
+ * it exactly so, with these tokenizer flags). The upgrade is confirmed only
+ * when that is the path's own protocol, so a list such as
+ * "http, iot-dashboard.v1" cannot bind the HTTP handler (which would hold
+ * the connection with no deadline). */
+static bool protocol_selected(struct lws *wsi, const char *want)
 {
-	char list[256];
-	size_t wl = strlen(want);
+	char list[512], name[64];
+	struct lws_tokenize ts;
+	int n = lws_hdr_copy(wsi, list, sizeof(list), WSI_TOKEN_PROTOCOL);
 
-	if (lws_hdr_copy(wsi, list, sizeof(list), WSI_TOKEN_PROTOCOL) <= 0)
+	if (n <= 0)
 		return false;
-	for (char *tok = strtok(list, ", "); tok; tok = strtok(NULL, ", "))
-		if (strlen(tok) == wl && !memcmp(tok, want, wl))
-			return true;
-	return false;
+	lws_tokenize_init(&ts, list, LWS_TOKENIZE_F_COMMA_SEP_LIST |
+				     LWS_TOKENIZE_F_MINUS_NONTERM |
+				     LWS_TOKENIZE_F_DOT_NONTERM |
+				     LWS_TOKENIZE_F_RFC7230_DELIMS);
+	ts.len = (size_t)n;
+	for (;;) {
+		lws_tokenize_elem e = lws_tokenize(&ts);
+		if (e == LWS_TOKZE_TOKEN) {
+			if (lws_tokenize_cstr(&ts, name, sizeof(name)))
+				return false; /* lws refuses a name this long */
+			if (lws_vhost_name_to_protocol(lws_get_vhost(wsi), name))
+				return !strcmp(name, want);
+		} else if (e != LWS_TOKZE_DELIMITER) {
+			return false; /* the end, or a list lws calls malformed */
+		}
+	}
 }
 
 /* Dashboards: the token may come in the Authorization header (checked here:
@@ -718,9 +821,10 @@ static int confirm_stream_upgrade(struct lws *wsi, struct hub *hub)
 	const char *why;
 	int n;
 
-	if (!protocol_requested(wsi, STREAM_SUBPROTOCOL))
+	if (!protocol_selected(wsi, STREAM_SUBPROTOCOL))
 		return refuse_upgrade(wsi, 400, "bad_subprotocol",
-				      "the stream endpoint needs subprotocol " STREAM_SUBPROTOCOL);
+				      "the stream endpoint needs subprotocol " STREAM_SUBPROTOCOL
+				      " (first among the names this hub serves)");
 	hs = hub_xcalloc(1, sizeof(*hs));
 	hs->stream = true;
 	n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
@@ -762,9 +866,10 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub)
 		return confirm_stream_upgrade(wsi, hub);
 	if (strcmp(uri, GW_PATH))
 		return refuse_upgrade(wsi, 404, "not_found", "no WebSocket endpoint at this path");
-	if (!protocol_requested(wsi, GW_SUBPROTOCOL))
+	if (!protocol_selected(wsi, GW_SUBPROTOCOL))
 		return refuse_upgrade(wsi, 400, "bad_subprotocol",
-				      "the gateway endpoint needs subprotocol " GW_SUBPROTOCOL);
+				      "the gateway endpoint needs subprotocol " GW_SUBPROTOCOL
+				      " (first among the names this hub serves)");
 	n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
 	if (n <= 7 || strncasecmp(authz, "Bearer ", 7)) {
 		hub->metrics.auth_failures_total++;
@@ -811,8 +916,254 @@ static void free_handshake(struct lws *wsi)
 	}
 }
 
-static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
-			 void *user, void *in, size_t len);
+/* ---- the request's life ------------------------------------------------
+ *
+ * lws 4.1.6 mishandles pipelined requests with bodies in two ways. Bytes
+ * read behind a completed body are handed to the body's completion again
+ * and again while the response is pending (on_body_completion stops reading
+ * until the transaction is over). And a request that carries a body, when
+ * its bytes were already buffered behind an earlier request:
+ * after the HTTP callback it feeds the buffered request to itself again as
+ * its own body, then loops forever calling HTTP_BODY_COMPLETION without
+ * consuming anything (the process spins and never sees a signal). The first
+ * "body" bytes it hands over are then the request's own request line. So a
+ * body whose first bytes are the request's method and a space closes the
+ * connection (no JSON body the API takes starts that way), and so does a
+ * second completion of the same body. Nothing is written before that,
+ * because responses go out on HTTP_WRITEABLE only: the client sees every
+ * earlier response complete, then the close. Pipelined requests without a
+ * body are answered in order. docs/protocol.md lists the limits. */
+
+static const struct {
+	enum lws_token_indexes tok;
+	const char *name;
+} methods[] = {
+	{ WSI_TOKEN_GET_URI, "GET" }, { WSI_TOKEN_POST_URI, "POST" },
+	{ WSI_TOKEN_PUT_URI, "PUT" }, { WSI_TOKEN_PATCH_URI, "PATCH" },
+	{ WSI_TOKEN_DELETE_URI, "DELETE" }, { WSI_TOKEN_OPTIONS_URI, "OPTIONS" },
+	{ WSI_TOKEN_HEAD_URI, "HEAD" },
+};
+
+/* The length of the request's path, or 0 when lws saw no method. */
+static int request_method(struct lws *wsi, char out[8])
+{
+	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
+		int n = lws_hdr_total_length(wsi, methods[i].tok);
+		if (n > 0) {
+			snprintf(out, 8, "%s", methods[i].name);
+			return n;
+		}
+	}
+	out[0] = '\0';
+	return 0;
+}
+
+/* True if the first body bytes are this request's own request line. */
+static bool body_is_request_line(const char *in, size_t len, const char *method)
+{
+	size_t ml = strlen(method), n;
+
+	while (len && (*in == '\r' || *in == '\n' || *in == ' ' || *in == '\t')) {
+		in++;
+		len--;
+	}
+	if (!ml || !len)
+		return false;
+	n = len < ml + 1 ? len : ml + 1;
+	return !memcmp(in, method, n < ml ? n : ml) && (n <= ml || in[ml] == ' ');
+}
+
+static void body_deadline(lws_sorted_usec_list_t *sul)
+{
+	struct http_pss *pss = lws_container_of(sul, struct http_pss, sul_body);
+	struct hub *hub = lws_context_user(lws_get_context(pss->wsi));
+
+	pss->body_timer = false;
+	hub->metrics.http_refused[HUB_HTTP_BODY_TIMEOUT]++;
+	hub_info("http: request body not complete within %d s: closing",
+		 hub->cfg.http_body_timeout_s);
+	lws_set_timeout(pss->wsi, PENDING_TIMEOUT_HTTP_CONTENT, LWS_TO_KILL_ASYNC);
+}
+
+/* Frees what the request holds; called when lws drops the request (its
+ * transaction ended, or the connection closed). Idempotent. */
+static void pss_release(struct http_pss *pss)
+{
+	if (pss->body_timer) {
+		lws_sul_cancel(&pss->sul_body);
+		pss->body_timer = false;
+	}
+	hub_buf_free(&pss->body);
+	hub_buf_free(&pss->reqbody);
+	hub_buf_free(&pss->qmem);
+	req_detach(pss);
+}
+
+static unsigned long long content_length(struct lws *wsi, bool *bad)
+{
+	char v[32], *end;
+	unsigned long long n;
+	int l = lws_hdr_copy(wsi, v, sizeof(v), WSI_TOKEN_HTTP_CONTENT_LENGTH);
+
+	*bad = false;
+	if (l == 0)
+		return 0;
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (l < 0 || end == v || *end || errno || v[0] == '-') {
+		*bad = true;
+		return 0;
+	}
+	return n;
+}
+
+/* A request has arrived (headers complete): checks what no route accepts,
+ * then routes it. */
+static int on_request(struct lws *wsi, struct http_pss *pss, struct hub *hub,
+		      const char *path)
+{
+	bool bad_length;
+	unsigned long long clen;
+	int plen;
+
+	pss->wsi = wsi;
+	plen = request_method(wsi, pss->method);
+	if (plen > HUB_HTTP_URI_MAX ||
+	    lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_URI_ARGS) > HUB_HTTP_URI_MAX) {
+		hub->metrics.http_refused[HUB_HTTP_URI_TOO_LONG]++;
+		pss->close_after = true;
+		return respond_error(wsi, pss, 414, "uri_too_long",
+				     "the URL path and the query are limited to 4096 bytes each");
+	}
+	if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
+		/* lws 4.1.6 does not deliver chunked request bodies (it would
+		 * read them as the next request): ask for a Content-Length
+		 * (RFC 9110 15.5.12) and close. */
+		hub->metrics.http_refused[HUB_HTTP_CHUNKED_BODY]++;
+		pss->close_after = true;
+		return respond_error(wsi, pss, 411, "length_required",
+				     "send the body with a Content-Length (chunked bodies are not supported)");
+	}
+	clen = content_length(wsi, &bad_length);
+	if (bad_length) {
+		pss->close_after = true;
+		return respond_error(wsi, pss, 400, "bad_request", "malformed Content-Length");
+	}
+	if (clen > MAX_REQUEST_BODY) {
+		hub->metrics.http_refused[HUB_HTTP_BODY_TOO_LARGE]++;
+		pss->close_after = true;
+		return respond_error(wsi, pss, 413, "too_large",
+				     "request bodies are limited to 64 KiB");
+	}
+	if (clen) {
+		/* A request with a body is the last on its connection: lws 4.1.6
+		 * cannot be trusted with what follows a body (above). */
+		pss->has_body = true;
+		pss->close_after = true;
+		if (strcmp(pss->method, "POST"))
+			return respond_error(wsi, pss, 400, "bad_request",
+					     "only POST requests may carry a body here");
+		pss->body_timer = true;
+		lws_sul_schedule(hub->ctx, 0, &pss->sul_body, body_deadline,
+				 (lws_usec_t)hub->cfg.http_body_timeout_s * LWS_US_PER_SEC);
+	}
+	return route(wsi, pss, hub, path);
+}
+
+static int on_body(struct lws *wsi, struct http_pss *pss, struct hub *hub,
+		   const char *in, size_t len)
+{
+	if (!pss->body_seen) {
+		pss->body_seen = true;
+		if (in && body_is_request_line(in, len, pss->method)) {
+			hub->metrics.http_refused[HUB_HTTP_PIPELINE_CLOSED]++;
+			hub_info("http: a pipelined request with a body: closing the connection");
+			return -1;
+		}
+	}
+	if (pss->collecting && !pss->too_large && in && len) {
+		if (pss->reqbody.len + len > MAX_REQUEST_BODY)
+			pss->too_large = true;
+		else
+			hub_buf_append(&pss->reqbody, in, len);
+	}
+	return 0;
+}
+
+static int on_body_completion(struct lws *wsi, struct http_pss *pss, struct hub *hub)
+{
+	if (pss->body_completed) {
+		/* lws's loop over a pipelined body (above): never act twice. */
+		hub->metrics.http_refused[HUB_HTTP_PIPELINE_CLOSED]++;
+		return -1;
+	}
+	pss->body_completed = true;
+	if (pss->body_timer) {
+		lws_sul_cancel(&pss->sul_body);
+		pss->body_timer = false;
+	}
+	/* lws 4.1.6 stays in its body state after the completion: bytes
+	 * already read behind the body would be handed to the completion
+	 * again and again (a spin). Stop reading: the connection ends with
+	 * this request's answer, written in place (lws does not call
+	 * WRITEABLE for a connection that does not read). */
+	lws_rx_flow_control(wsi, 0);
+	pss->paused = true;
+	if (pss->resp_pending) {
+		/* Answered before the body ended (an error): the rest now. */
+		if (!pss->headers_sent && write_head(wsi, pss))
+			return -1;
+		size_t off = pss->sent, left = pss->body.len - LWS_PRE - off;
+		(void)write_slice(wsi, &pss->body, off, left, true);
+		pss->resp_pending = false;
+		return -1; /* lws flushes what it buffered, then closes */
+	}
+	if (pss->rq) {
+		/* Its answer is written by req_kick, or now if it is ready
+		 * (POST with Content-Length: 0 is answered before lws reports
+		 * the empty body's completion). */
+		pss->rq->in_place = true;
+		req_write_in_place(pss->rq);
+	}
+	return body_done(wsi, pss);
+}
+
+/* ---- requests whose headers lws could not hold ------------------------------
+ * A request line and headers over HUB_HTTP_HEADER_MAX make lws 4.1.6 log an
+ * error and close the connection with no status and no callback. Its log
+ * line is the only sign: hub_http_lws_log() sees it and arms a 431 that the
+ * socket shutdown following on the same call stack writes first
+ * (hub/lws_quirks.c). */
+
+static struct hub *log_hub;
+
+int hub_http_lws_log(const char *line)
+{
+	if (strstr(line, "Ran out of header data space") ||
+	    strstr(line, "More hdr frags than we can deal with")) {
+		char msg[384], body[160];
+		int bl, n;
+
+		bl = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"headers_too_large\","
+			      "\"message\":\"the request line and headers are limited to %d bytes\"}}",
+			      HUB_HTTP_HEADER_MAX);
+		n = snprintf(msg, sizeof(msg), "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+			     "content-type: application/json\r\ncontent-length: %d\r\n"
+			     "connection: close\r\n\r\n%s", bl, body);
+		hub_quirk_answer_next_close(msg, (size_t)n);
+		if (log_hub)
+			log_hub->metrics.http_refused[HUB_HTTP_HEADERS_TOO_LARGE]++;
+		hub_info("http: request line and headers over %d bytes: 431", HUB_HTTP_HEADER_MAX);
+		return 1;
+	}
+	/* a URL token over its limit: answered 414 by on_request */
+	return strstr(line, "exceeds limit") != NULL;
+}
+
+void hub_http_init(struct hub *hub)
+{
+	log_hub = hub;
+}
 
 static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			 void *user, void *in, size_t len)
@@ -833,7 +1184,7 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return 0;
 	case LWS_CALLBACK_OPENSSL_PERFORM_CLIENT_CERT_VERIFICATION:
 		/* `len` carries OpenSSL's preverify_ok; our return replaces it
-		 * (NOTES: the default handler accepts foreign certificates). */
+		 * (the default handler accepts foreign certificates). */
 		return len ? 0 : 1;
 	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
 		if (!in || strcmp((const char *)in, "websocket"))
@@ -842,40 +1193,29 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_HTTP:
 		if (!pss)
 			return -1;
-		return route(wsi, pss, hub, (const char *)in) ? -1 : 0;
+		return on_request(wsi, pss, hub, (const char *)in) ? -1 : 0;
 	case LWS_CALLBACK_HTTP_BODY:
-		/* Kept only for a route that waits for one (commands API). */
-		if (pss && pss->collecting && !pss->too_large && in && len) {
-			if (pss->reqbody.len + len > MAX_REQUEST_BODY)
-				pss->too_large = true;
-			else
-				hub_buf_append(&pss->reqbody, in, len);
-		}
-		return 0;
+		return pss ? on_body(wsi, pss, hub, in, len) : 0;
 	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
-		return pss ? body_done(wsi, pss) : 0;
+		return pss ? on_body_completion(wsi, pss, hub) : 0;
 	case LWS_CALLBACK_HTTP_WRITEABLE:
 		if (pss && pss->rq)
 			return req_writeable(wsi, pss);
-		if (!pss || !pss->body.data)
+		if (!pss)
 			return 0;
 		return write_body(wsi, pss);
+	case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
+		if (pss)
+			pss_release(pss);
+		break;
 	case LWS_CALLBACK_CLOSED_HTTP:
-		if (pss) {
-			hub_buf_free(&pss->body);
-			hub_buf_free(&pss->reqbody);
-			hub_buf_free(&pss->qmem);
-			req_detach(pss);
-		}
+		if (pss)
+			pss_release(pss);
 		break;
 	case LWS_CALLBACK_WSI_DESTROY:
 		free_handshake(wsi);
-		if (pss) {
-			hub_buf_free(&pss->body);
-			hub_buf_free(&pss->reqbody);
-			hub_buf_free(&pss->qmem);
-			req_detach(pss);
-		}
+		if (pss)
+			pss_release(pss);
 		break;
 	default:
 		break;

@@ -8,6 +8,7 @@
 #include "hub/http.h"
 #include "hub/listener.h"
 #include "hub/log.h"
+#include "hub/lws_quirks.h"
 #include "hub/redis.h"
 #include "protocols/gateway.h"
 #include "protocols/stream.h"
@@ -24,6 +25,16 @@ static struct lws_context *signal_ctx;
 static struct hub *signal_hub;
 static struct lws_protocols protocols[6];
 static lws_retry_bo_t idle_policy;
+static struct lws_token_limits token_limits;
+
+/* lws's log lines go through the HTTP module first (it acts on one). */
+static void lws_emit(int level, const char *line)
+{
+	if (hub_http_lws_log(line))
+		hub_debug("lws: %s", line);
+	else
+		hub_log_lws_emit(level, line);
+}
 
 static void on_signal(int sig)
 {
@@ -54,9 +65,10 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	bool tls = hub->cfg.tls_cert != NULL;
 
 	raise_nofile(); /* lws sizes its fd table from the limit */
-	lws_set_log_level(LLL_ERR | LLL_WARN | (hub_log_threshold >= HUB_LOG_DEBUG ? LLL_NOTICE : 0),
-			  hub_log_lws_emit);
+	lws_set_log_level(LLL_ERR | LLL_WARN | (hub_log_threshold >= HUB_LOG_DEBUG ? LLL_NOTICE|LLL_INFO|LLL_DEBUG : 0),
+			  lws_emit);
 
+	hub_http_init(hub);
 	protocols[0] = hub_http_protocol;
 	protocols[1] = gw_protocol;
 	protocols[1].rx_buffer_size = (size_t)hub->cfg.rx_buffer_bytes;
@@ -72,6 +84,21 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
 	info.user = hub;
 	info.pt_serv_buf_size = 32768;
+	/* Room for the documented header limits (an 8 KiB token and the
+	 * rest); a larger header block is answered 431 (hub/http.c). The URL
+	 * tokens are cut one byte past their limit, so a longer one is seen
+	 * and answered 414 instead of overflowing the block. */
+	info.max_http_header_data = HUB_HTTP_HEADER_MAX;
+	static const enum lws_token_indexes url_tokens[] = {
+		WSI_TOKEN_GET_URI, WSI_TOKEN_POST_URI, WSI_TOKEN_PUT_URI,
+		WSI_TOKEN_PATCH_URI, WSI_TOKEN_DELETE_URI, WSI_TOKEN_OPTIONS_URI,
+		WSI_TOKEN_HEAD_URI, WSI_TOKEN_HTTP_URI_ARGS,
+	};
+	for (size_t i = 0; i < sizeof(url_tokens) / sizeof(url_tokens[0]); i++)
+		token_limits.token_limit[url_tokens[i]] = HUB_HTTP_URI_MAX + 1;
+	info.token_limits = &token_limits;
+	/* Handshakes (TLS included) and per-chunk body waits. */
+	info.timeout_secs = (unsigned)hub->cfg.http_header_timeout_s;
 	hub->ctx = lws_create_context(&info);
 	if (!hub->ctx) {
 		snprintf(err, errlen, "cannot create the lws context (is libwebsockets-evlib-ev installed?)");
@@ -88,6 +115,11 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	idle_policy.secs_since_valid_ping = (uint16_t)hub->cfg.ping_interval_s;
 	idle_policy.secs_since_valid_hangup = (uint16_t)hub->cfg.ping_timeout_s;
 	info.retry_and_idle_policy = &idle_policy;
+	/* Every connection that has not been upgraded has a deadline: its
+	 * request line and headers (slowloris), an idle keep-alive, a body
+	 * (hub/http.c). */
+	info.timeout_secs_ah_idle = (unsigned)hub->cfg.http_header_timeout_s;
+	info.keepalive_timeout = hub->cfg.http_keepalive_timeout_s;
 	info.alpn = "http/1.1";
 	info.options = LWS_SERVER_OPTION_LIBEV;
 	if (tls) {
@@ -123,6 +155,7 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 
 static void heartbeat(lws_sorted_usec_list_t *sul)
 {
+	hub_quirk_disarm();
 	lws_sul_schedule(signal_ctx, 0, sul, heartbeat, HEARTBEAT_US);
 }
 

@@ -7,6 +7,11 @@ const char *const hub_reject_names[HUB_REJ__COUNT] = {
 	"invalid", "unknown_device", "unauthorized_device", "rate_limited", "clock_skew",
 };
 
+static const char *const http_refusals[HUB_HTTP_REFUSAL__COUNT] = {
+	"headers_too_large", "uri_too_long", "body_too_large", "chunked_body",
+	"body_timeout", "pipelined_body",
+};
+
 static const char *const frame_results[HUB_FRAME__COUNT] = {
 	"acked", "duplicate", "bad_json", "bad_message", "unavailable",
 };
@@ -70,8 +75,15 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		       hub->gateways.count, hub->stream_conns);
 	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
 		m->connections_total);
-	counter(o, "iot_hub_auth_failures_total", "Upgrades refused with 401.",
+	counter(o, "iot_hub_auth_failures_total", "Gateway WebSocket upgrades refused with 401.",
 		m->auth_failures_total);
+	counter(o, "iot_hub_api_auth_failures_total", "HTTP API requests answered 401.",
+		m->api_auth_failures_total);
+	hub_buf_puts(o, "# HELP iot_hub_http_refused_total HTTP requests refused or cut before routing, by reason.\n"
+		     "# TYPE iot_hub_http_refused_total counter\n");
+	for (int i = 0; i < HUB_HTTP_REFUSAL__COUNT; i++)
+		hub_buf_printf(o, "iot_hub_http_refused_total{reason=\"%s\"} %llu\n",
+			       http_refusals[i], (unsigned long long)m->http_refused[i]);
 	hub_buf_puts(o, "# HELP iot_hub_frames_total Gateway frames by outcome.\n"
 		     "# TYPE iot_hub_frames_total counter\n");
 	for (int i = 0; i < HUB_FRAME__COUNT; i++)

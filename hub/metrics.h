@@ -30,6 +30,17 @@ enum hub_frame_result {
 	HUB_FRAME__COUNT
 };
 
+/* HTTP requests refused or cut before a route saw them. */
+enum hub_http_refusal {
+	HUB_HTTP_HEADERS_TOO_LARGE,  /* 431 */
+	HUB_HTTP_URI_TOO_LONG,       /* 414 */
+	HUB_HTTP_BODY_TOO_LARGE,     /* 413 */
+	HUB_HTTP_CHUNKED_BODY,       /* 411 */
+	HUB_HTTP_BODY_TIMEOUT,       /* closed: body not complete in time */
+	HUB_HTTP_PIPELINE_CLOSED,    /* closed: a pipelined request with a body */
+	HUB_HTTP_REFUSAL__COUNT
+};
+
 #define HUB_HIST_NBOUNDS 15
 
 struct hub_histogram {
@@ -43,7 +54,9 @@ extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
 struct hub_metrics {
 	uint64_t connections_total;        /* gateway WebSockets established */
-	uint64_t auth_failures_total;      /* upgrades refused with 401 */
+	uint64_t auth_failures_total;      /* gateway upgrades refused with 401 */
+	uint64_t api_auth_failures_total;  /* HTTP API requests answered 401 */
+	uint64_t http_refused[HUB_HTTP_REFUSAL__COUNT];
 	uint64_t frames[HUB_FRAME__COUNT];
 	uint64_t readings_accepted;
 	uint64_t readings_rejected[HUB_REJ__COUNT];

@@ -143,12 +143,12 @@ class HostileCase(HubTestCase):
         return {"rss": rss_kib(hub.pid), "redis": redis_used_memory(redis) if redis else 0,
                 "fds": open_fds(hub.pid)}
 
-    async def normal_gateway_ack(self, hub, bound=ACK_BOUND_S):
+    async def normal_gateway_ack(self, hub, bound=ACK_BOUND_S, ssl_ctx=None):
         """A fresh gateway announces a device and stores one reading; returns
         the seconds from the frame to its ack (fails over bound)."""
         sub = uniq("canary")
         dev = uniq("t")
-        gw = await connect_gateway(hub, self.token(sub, ("t-*",)))
+        gw = await connect_gateway(hub, self.token(sub, ("t-*",)), ssl_ctx=ssl_ctx)
         try:
             rep = await gw.announce([(dev, "thermostat")], timeout=bound + 3)
             self.assertEqual(rep.get("accepted"), [dev], "canary announce: %r" % rep)
@@ -163,18 +163,19 @@ class HostileCase(HubTestCase):
             await gw.close()
 
     async def assert_unharmed(self, hub, redis=None, base=None, rss_mib=64, redis_mib=8,
-                              ack_bound=ACK_BOUND_S):
+                              ack_bound=ACK_BOUND_S, ssl_ctx=None):
         """The after-attack checks (module docstring). rss_mib: absolute
         bound on the hub's RSS; redis_mib: bound on Redis's growth since
-        base (a baseline() taken before the attack)."""
+        base (a baseline() taken before the attack); ssl_ctx: a client
+        context for a TLS hub."""
         hub.check_alive()
         t0 = time.monotonic()
         st, _, body = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: http_get(hub, "/healthz", timeout=HEALTH_BOUND_S + 3))
+            None, lambda: http_get(hub, "/healthz", timeout=HEALTH_BOUND_S + 3, ssl_ctx=ssl_ctx))
         took = time.monotonic() - t0
         self.assertEqual(st, 200, "/healthz after the attack: %s %r" % (st, body))
         self.assertLess(took, HEALTH_BOUND_S, "/healthz took %.3f s" % took)
-        await self.normal_gateway_ack(hub, ack_bound)
+        await self.normal_gateway_ack(hub, ack_bound, ssl_ctx)
         rss = rss_kib(hub.pid)
         bound = rss_mib * 1024 * SAN_FACTOR
         self.assertLess(rss, bound, "hub RSS %.1f MiB over the bound %.1f MiB"
