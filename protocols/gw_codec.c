@@ -366,6 +366,24 @@ int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **wh
 	return 0;
 }
 
+int gw_command_ack_check(const gw_command_ack *a, size_t max_result, const char **why)
+{
+	if (strlen(a->id) > GW_ACK_ID_MAX) {
+		*why = "\"id\" is longer than any command id";
+		return -1;
+	}
+	if ((a->message && strlen(a->message) > GW_ACK_TEXT_MAX) ||
+	    (a->error && strlen(a->error) > GW_ACK_TEXT_MAX)) {
+		*why = "\"message\" and \"error\" are limited to 1024 bytes";
+		return -1;
+	}
+	if (a->result && json_dumpb(a->result, NULL, 0, JSON_COMPACT | JSON_ENCODE_ANY) > max_result) {
+		*why = "\"result\" is larger than max-command-result-bytes";
+		return -1;
+	}
+	return 0;
+}
+
 void gw_write_reading_reject(hub_buf *b, size_t index, const gw_reading *rd, const char *code)
 {
 	if (b->len)

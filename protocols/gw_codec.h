@@ -100,6 +100,14 @@ typedef struct gw_command_ack {
 
 int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why);
 
+/* Checks a parsed ack against the sizes the hub keeps: the id at most
+ * GW_ACK_ID_MAX bytes, `message` and `error` at most GW_ACK_TEXT_MAX,
+ * `result` at most max_result bytes as compact JSON. Returns 0, or -1 with
+ * a static reason in *why (the ack is refused, nothing of it is stored). */
+#define GW_ACK_ID_MAX   64
+#define GW_ACK_TEXT_MAX 1024
+int gw_command_ack_check(const gw_command_ack *a, size_t max_result, const char **why);
+
 /* Appends (after a comma when b is not empty) the opening of a rejected
  * reading's entry: {"index":i[,"device":…],"code":"code" — the caller adds
  * what the code needs and the closing brace. */

@@ -230,6 +230,35 @@ static void test_command_ack(void **state)
 			       &m, w), GW_OK);
 	assert_int_equal(gw_command_ack_parse(&m, &a, &why), -1);
 	gw_msg_clear(&m);
+
+	/* Sizes: a 30 KB result is refused under a 16 KiB cap, kept under a
+	 * larger one; long texts and ids are refused. */
+	char *big = malloc(40000);
+	int n = snprintf(big, 40000, "{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"succeeded\","
+			 "\"result\":{\"blob\":\"");
+	memset(big + n, 'x', 30000);
+	snprintf(big + n + 30000, 40000 - (size_t)n - 30000, "\"}}");
+	assert_int_equal(parse(big, &m, w), GW_OK);
+	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
+	assert_int_equal(gw_command_ack_check(&a, 16384, &why), -1);
+	assert_non_null(strstr(why, "result"));
+	assert_int_equal(gw_command_ack_check(&a, 65536, &why), 0);
+	gw_msg_clear(&m);
+	n = snprintf(big, 40000, "{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"failed\",\"error\":\"");
+	memset(big + n, 'e', 2000);
+	snprintf(big + n + 2000, 40000 - (size_t)n - 2000, "\"}");
+	assert_int_equal(parse(big, &m, w), GW_OK);
+	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
+	assert_int_equal(gw_command_ack_check(&a, 16384, &why), -1);
+	gw_msg_clear(&m);
+	n = snprintf(big, 40000, "{\"type\":\"command_ack\",\"id\":\"");
+	memset(big + n, 'i', 100);
+	snprintf(big + n + 100, 40000 - (size_t)n - 100, "\",\"status\":\"received\"}");
+	assert_int_equal(parse(big, &m, w), GW_OK);
+	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
+	assert_int_equal(gw_command_ack_check(&a, 16384, &why), -1);
+	gw_msg_clear(&m);
+	free(big);
 }
 
 static void test_fmt_decimal(void **state)

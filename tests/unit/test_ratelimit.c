@@ -56,12 +56,44 @@ static void test_unlimited_and_oversized(void **state)
 	assert_int_equal(hub_bucket_take(&b, 1, 1, 1, 0), 1000);
 }
 
+static void test_tat_round_trip_and_merge(void **state)
+{
+	hub_bucket a, b;
+	int64_t wall = 1700000000000LL;
+
+	(void)state;
+	/* Full: TAT is now. */
+	hub_bucket_init(&a, 10, 0);
+	assert_int_equal(hub_bucket_tat_ms(&a, 5, 10, 0, wall), wall);
+	/* 6 of 10 taken at 5/s: full again in 1.2 s. */
+	for (int i = 0; i < 6; i++)
+		assert_int_equal(hub_bucket_take(&a, 5, 10, 1, 0), 0);
+	assert_int_equal(hub_bucket_tat_ms(&a, 5, 10, 0, wall), wall + 1200);
+	/* A fresh bucket elsewhere (another connection, another instance),
+	 * merged with that TAT 200 ms later, holds what a holds: 4 + 1. */
+	hub_bucket_init(&b, 10, 500000);
+	hub_bucket_merge_tat(&b, wall + 1200, 5, 10, 500000, wall + 200);
+	for (int i = 0; i < 5; i++)
+		assert_int_equal(hub_bucket_take(&b, 5, 10, 1, 500000), 0);
+	assert_true(hub_bucket_take(&b, 5, 10, 1, 500000) > 0);
+	/* Merging an older (earlier) TAT never refills. */
+	hub_bucket_merge_tat(&b, wall, 5, 10, 500000, wall + 200);
+	assert_true(hub_bucket_take(&b, 5, 10, 1, 500000) > 0);
+	/* A TAT far in the future is a debt: the wait covers it. */
+	hub_bucket_init(&b, 10, 0);
+	hub_bucket_merge_tat(&b, wall + 10000, 5, 10, 0, wall);
+	assert_int_equal(hub_bucket_take(&b, 5, 10, 1, 0), 8200);
+	/* Unlimited: no TAT, merging does nothing. */
+	assert_int_equal(hub_bucket_tat_ms(&b, 0, 10, 0, wall), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_burst_then_limit),
 		cmocka_unit_test(test_refill_caps_at_burst),
 		cmocka_unit_test(test_unlimited_and_oversized),
+		cmocka_unit_test(test_tat_round_trip_and_merge),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
