@@ -7,6 +7,7 @@
 
 #include "commands/commands.h"
 #include "hub/hub.h"
+#include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/util.h"
@@ -412,7 +413,7 @@ static void create(struct hub_req *rq, const char *device, const char *body, siz
 {
 	struct ctx *c;
 	json_t *b, *name, *params;
-	char key[HUB_ID_MAX + 16];
+	char key[HUB_KEY_MAX];
 	const char *argv[3] = { "HGET", key, "type" };
 
 	if (!visible(rq, device)) {
@@ -448,7 +449,7 @@ static void create(struct hub_req *rq, const char *device, const char *body, siz
 		return;
 	snprintf(c->idem, sizeof(c->idem), "%s", idem ? idem : "");
 	snprintf(c->owner, sizeof(c->owner), "%s", hub_req_who(rq)->name);
-	snprintf(key, sizeof(key), "iot:dev:%s", device);
+	hub_key_dev(key, sizeof(key), device);   /* the route checked the id */
 	await_reply(rq, hub_redis_command_argv(hub_req_hub(rq)->redis, on_device_type, rq, 3, argv, NULL));
 }
 

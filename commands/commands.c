@@ -9,13 +9,13 @@
 #include <openssl/rand.h>
 
 #include "hub/hub.h"
+#include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
 #include "protocols/gw_codec.h"
 
-#define CTL_PREFIX     "iot:ctl:cmd:"
 #define SWEEP_US       (1000 * 1000)
 #define SWEEP_BATCH    "256"
 
@@ -24,24 +24,24 @@
  * load a command, append a history entry, publish a status event on the
  * dashboard `commands` stream (docs/dashboard.md line framing), and `set`,
  * the one way a state changes (final states leave the timers and the
- * device's queue, and expire after 30 days). */
-#define PRELUDE \
+ * device's queue, and expire after 30 days). Key names come from hub/keys.h. */
+#define PRELUDE HUB_LUA_KEYS \
 	"local now = tonumber(ARGV[1])\n" \
 	"local FINAL = {succeeded=true, failed=true, rejected=true, timed_out=true, expired=true, canceled=true}\n" \
 	"local function load(id)\n" \
-	"  local a = redis.call('HGETALL', 'iot:cmd:' .. id)\n" \
+	"  local a = redis.call('HGETALL', kcmd(id))\n" \
 	"  if #a == 0 then return nil end\n" \
 	"  local c = {}\n" \
 	"  for i = 1, #a, 2 do c[a[i]] = a[i + 1] end\n" \
 	"  return c\n" \
 	"end\n" \
-	"local function hist(c, entry) redis.call('RPUSH', 'iot:cmd:' .. c.id .. ':log', entry) end\n" \
+	"local function hist(c, entry) redis.call('RPUSH', kcmdhist(c.id), entry) end\n" \
 	"local function event(c, status, extra)\n" \
-	"  local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'type', 'labels')\n" \
+	"  local d = redis.call('HMGET', kdev(c.device), 'type', 'labels')\n" \
 	"  local body = '\"id\":' .. cjson.encode(c.id) .. ',\"device\":' .. cjson.encode(c.device) ..\n" \
 	"    ',\"name\":' .. cjson.encode(c.name) .. ',\"status\":\"' .. status .. '\",\"at\":' .. now ..\n" \
 	"    ',\"attempt\":' .. (c.attempt or '0') .. (extra or '')\n" \
-	"  redis.call('PUBLISH', 'iot:live:commands', '\\n' .. c.device .. '\\t' .. (d[1] or c.type) ..\n" \
+	"  redis.call('PUBLISH', CH_COMMANDS, '\\n' .. c.device .. '\\t' .. (d[1] or c.type) ..\n" \
 	"    '\\t' .. (d[2] or '{}') .. '\\t' .. body .. '\\n')\n" \
 	"end\n" \
 	"local function set(c, status, fields, extra)\n" \
@@ -51,7 +51,7 @@
 	"      if fields[i] == 'error' then extra = ',\"error\":' .. cjson.encode(fields[i + 1]) end\n" \
 	"    end\n" \
 	"  end\n" \
-	"  local key = 'iot:cmd:' .. c.id\n" \
+	"  local key = kcmd(c.id)\n" \
 	"  redis.call('HSET', key, 'status', status, 'updated_at', now)\n" \
 	"  if fields and #fields > 0 then redis.call('HSET', key, unpack(fields)) end\n" \
 	"  local a = ''\n" \
@@ -59,10 +59,10 @@
 	"  hist(c, '{\"status\":\"' .. status .. '\",\"at\":' .. now .. a .. (extra or '') .. '}')\n" \
 	"  event(c, status, extra)\n" \
 	"  if FINAL[status] then\n" \
-	"    redis.call('ZREM', 'iot:cmd:timers', c.id)\n" \
-	"    redis.call('ZREM', 'iot:dev:' .. c.device .. ':cmds', c.id)\n" \
+	"    redis.call('ZREM', K_TIMERS, c.id)\n" \
+	"    redis.call('ZREM', kcmds(c.device), c.id)\n" \
 	"    redis.call('EXPIRE', key, 2592000)\n" \
-	"    redis.call('EXPIRE', key .. ':log', 2592000)\n" \
+	"    redis.call('EXPIRE', kcmdhist(c.id), 2592000)\n" \
 	"  end\n" \
 	"end\n"
 
@@ -71,24 +71,24 @@
  * -> {1, id, expires_at, instance, online} | {0, first id} | {-1} */
 static const char create_lua[] = PRELUDE
 	"local id, dev = ARGV[2], ARGV[3]\n"
-	"local d = redis.call('HMGET', 'iot:dev:' .. dev, 'type', 'instance', 'online')\n"
+	"local d = redis.call('HMGET', kdev(dev), 'type', 'instance', 'online')\n"
 	"if not d[1] then return {-1} end\n"
 	"if ARGV[11] ~= '' then\n"
-	"  local k = 'iot:idem:' .. ARGV[12] .. ':' .. ARGV[11]\n"
+	"  local k = kidem(ARGV[12], ARGV[11])\n"
 	"  local first = redis.call('GET', k)\n"
 	"  if first then return {0, first} end\n"
 	"  redis.call('SET', k, id, 'EX', 86400)\n"
 	"end\n"
 	"local exp = now + tonumber(ARGV[9]) * 1000\n"
-	"redis.call('HSET', 'iot:cmd:' .. id, 'id', id, 'device', dev, 'type', ARGV[4], 'name', ARGV[5],\n"
+	"redis.call('HSET', kcmd(id), 'id', id, 'device', dev, 'type', ARGV[4], 'name', ARGV[5],\n"
 	"  'params', ARGV[6], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[10],\n"
 	"  'ack_timeout_s', ARGV[7], 'timeout_s', ARGV[8], 'ttl_s', ARGV[9], 'created_at', now,\n"
 	"  'updated_at', now, 'expires_at', exp, 'owner', ARGV[12], 'rollout', ARGV[13])\n"
-	"local seq = redis.call('INCR', 'iot:cmd:seq')\n"
-	"redis.call('ZADD', 'iot:dev:' .. dev .. ':cmds', seq, id)\n"
-	"redis.call('ZADD', 'iot:dev:' .. dev .. ':cmdlog', seq, id)\n"
-	"redis.call('ZREMRANGEBYRANK', 'iot:dev:' .. dev .. ':cmdlog', 0, -1001)\n"
-	"redis.call('ZADD', 'iot:cmd:timers', exp, id)\n"
+	"local seq = redis.call('INCR', K_CMDSEQ)\n"
+	"redis.call('ZADD', kcmds(dev), seq, id)\n"
+	"redis.call('ZADD', kcmdlog(dev), seq, id)\n"
+	"redis.call('ZREMRANGEBYRANK', kcmdlog(dev), 0, -1001)\n"
+	"redis.call('ZADD', K_TIMERS, exp, id)\n"
 	"local c = {id = id, device = dev, type = ARGV[4], name = ARGV[5], attempt = '0'}\n"
 	"hist(c, '{\"status\":\"queued\",\"at\":' .. now .. '}')\n"
 	"event(c, 'queued')\n"
@@ -106,7 +106,7 @@ static const char send_lua[] = PRELUDE
 	"  set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
 	"  return {0, 'expired'}\n"
 	"end\n"
-	"local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'conn', 'online')\n"
+	"local d = redis.call('HMGET', kdev(c.device), 'conn', 'online')\n"
 	"if d[1] ~= ARGV[3] or d[2] ~= '1' then return {0, 'not_owner'} end\n"
 	"if c.status == 'sent' then\n"
 	"  if c.sent_conn == ARGV[3] and now < tonumber(c.ack_due) then return {0, 'not_due'} end\n"
@@ -127,10 +127,10 @@ static const char send_lua[] = PRELUDE
 	"c.attempt = tostring(attempt)\n"
 	"local deadline = tonumber(c.deadline or (now + tonumber(c.timeout_s) * 1000))\n"
 	"local due = now + tonumber(c.ack_timeout_s) * 1000\n"
-	"redis.call('HSET', 'iot:cmd:' .. c.id, 'attempt', attempt, 'sent_at', c.sent_at or now,\n"
+	"redis.call('HSET', kcmd(c.id), 'attempt', attempt, 'sent_at', c.sent_at or now,\n"
 	"  'last_sent_at', now, 'sent_conn', ARGV[3], 'ack_due', due, 'deadline', deadline)\n"
 	"local nxt = math.min(due, deadline)\n"
-	"redis.call('ZADD', 'iot:cmd:timers', nxt, c.id)\n"
+	"redis.call('ZADD', K_TIMERS, nxt, c.id)\n"
 	"set(c, 'sent')\n"
 	"return {1, c.device, c.name, c.params, attempt, c.expires_at, nxt}\n";
 
@@ -140,7 +140,7 @@ static const char send_lua[] = PRELUDE
 static const char ack_lua[] = PRELUDE
 	"local c = load(ARGV[2])\n"
 	"if not c then return {-1} end\n"
-	"if redis.call('HGET', 'iot:dev:' .. c.device, 'conn') ~= ARGV[3] then return {-1} end\n"
+	"if redis.call('HGET', kdev(c.device), 'conn') ~= ARGV[3] then return {-1} end\n"
 	"local st = ARGV[4]\n"
 	"local rank = {sent = 1, received = 2, in_progress = 3}\n"
 	"local cur = rank[c.status]\n"
@@ -154,7 +154,7 @@ static const char ack_lua[] = PRELUDE
 	"  hist(c, '{\"status\":\"' .. st .. '\",\"at\":' .. now .. extra .. ',\"applied\":false}')\n"
 	"  return {0, c.status}\n"
 	"end\n"
-	"if not FINAL[st] then redis.call('ZADD', 'iot:cmd:timers', c.deadline, c.id) end\n"
+	"if not FINAL[st] then redis.call('ZADD', K_TIMERS, c.deadline, c.id) end\n"
 	"set(c, st, f, extra)\n"
 	"return {1, st}\n";
 
@@ -165,7 +165,7 @@ static const char cancel_lua[] = PRELUDE
 	"if FINAL[c.status] then return {0, c.status} end\n"
 	"local was = c.status\n"
 	"set(c, 'canceled')\n"
-	"if was ~= 'queued' then redis.call('SADD', 'iot:dev:' .. c.device .. ':cancels', c.id) end\n"
+	"if was ~= 'queued' then redis.call('SADD', kcancels(c.device), c.id) end\n"
 	"return {1, was, c.device}\n";
 
 /* ARGV: now, id. A deadline came (or the sweep found it overdue).
@@ -173,13 +173,13 @@ static const char cancel_lua[] = PRELUDE
  * next deadline}: the ack timeout passed and attempts remain: resend. */
 static const char tick_lua[] = PRELUDE
 	"local c = load(ARGV[2])\n"
-	"if not c or FINAL[c.status] then redis.call('ZREM', 'iot:cmd:timers', ARGV[2]); return {0, 0} end\n"
+	"if not c or FINAL[c.status] then redis.call('ZREM', K_TIMERS, ARGV[2]); return {0, 0} end\n"
 	"if c.status == 'queued' then\n"
 	"  if now >= tonumber(c.expires_at) then\n"
 	"    set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
 	"    return {1, 'expired'}\n"
 	"  end\n"
-	"  redis.call('ZADD', 'iot:cmd:timers', c.expires_at, c.id)\n"
+	"  redis.call('ZADD', K_TIMERS, c.expires_at, c.id)\n"
 	"  return {0, tonumber(c.expires_at)}\n"
 	"end\n"
 	"local deadline = tonumber(c.deadline)\n"
@@ -192,26 +192,26 @@ static const char tick_lua[] = PRELUDE
 	"    set(c, 'timed_out', {'error', 'no received after max_attempts sends'})\n"
 	"    return {1, 'timed_out'}\n"
 	"  end\n"
-	"  redis.call('ZADD', 'iot:cmd:timers', deadline, c.id)\n"
-	"  local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'instance', 'online')\n"
+	"  redis.call('ZADD', K_TIMERS, deadline, c.id)\n"
+	"  local d = redis.call('HMGET', kdev(c.device), 'instance', 'online')\n"
 	"  return {2, c.device, d[1] or '', d[2] or '0', deadline}\n"
 	"end\n"
 	"local nxt = deadline\n"
 	"if c.status == 'sent' then nxt = math.min(deadline, tonumber(c.ack_due)) end\n"
-	"redis.call('ZADD', 'iot:cmd:timers', nxt, c.id)\n"
+	"redis.call('ZADD', K_TIMERS, nxt, c.id)\n"
 	"return {0, nxt}\n";
 
 /* ARGV: id -> {hash, log} */
-static const char get_lua[] =
-	"return {redis.call('HGETALL', 'iot:cmd:' .. ARGV[1]),\n"
-	"        redis.call('LRANGE', 'iot:cmd:' .. ARGV[1] .. ':log', 0, 999)}\n";
+static const char get_lua[] = HUB_LUA_KCMD
+	"return {redis.call('HGETALL', kcmd(ARGV[1])),\n"
+	"        redis.call('LRANGE', kcmdhist(ARGV[1]), 0, 999)}\n";
 
 /* ARGV: device, status (''), limit -> array of HGETALL arrays, newest first */
-static const char list_lua[] =
-	"local ids = redis.call('ZREVRANGE', 'iot:dev:' .. ARGV[1] .. ':cmdlog', 0, -1)\n"
+static const char list_lua[] = HUB_LUA_KCMDLOG HUB_LUA_KCMD
+	"local ids = redis.call('ZREVRANGE', kcmdlog(ARGV[1]), 0, -1)\n"
 	"local out, limit = {}, tonumber(ARGV[3])\n"
 	"for _, id in ipairs(ids) do\n"
-	"  local k = 'iot:cmd:' .. id\n"
+	"  local k = kcmd(id)\n"
 	"  if ARGV[2] == '' or redis.call('HGET', k, 'status') == ARGV[2] then\n"
 	"    local h = redis.call('HGETALL', k)\n"
 	"    if #h > 0 then out[#out + 1] = h end\n"
@@ -245,51 +245,51 @@ static const char rollout_create_lua[] = PRELUDE
 	"  end\n"
 	"  return false\n"
 	"end\n"
-	"local devs = redis.call('SMEMBERS', 'iot:type:' .. typ)\n"
+	"local devs = redis.call('SMEMBERS', ktype(typ))\n"
 	"table.sort(devs)\n"
 	"local n = 0\n"
 	"for _, dev in ipairs(devs) do\n"
 	"  local ok = allowed(dev)\n"
 	"  if ok and want then\n"
-	"    local l = redis.call('HGET', 'iot:dev:' .. dev, 'labels')\n"
+	"    local l = redis.call('HGET', kdev(dev), 'labels')\n"
 	"    local have = l and cjson.decode(l) or {}\n"
 	"    for k, v in pairs(want) do if have[k] ~= v then ok = false; break end end\n"
 	"  end\n"
 	"  if ok then\n"
 	"    n = n + 1\n"
 	"    local id = 'c_' .. string.sub(rid, 3) .. '_' .. n\n"
-	"    redis.call('HSET', 'iot:cmd:' .. id, 'id', id, 'device', dev, 'type', typ, 'name', ARGV[6],\n"
+	"    redis.call('HSET', kcmd(id), 'id', id, 'device', dev, 'type', typ, 'name', ARGV[6],\n"
 	"      'params', ARGV[7], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[11],\n"
 	"      'ack_timeout_s', ARGV[8], 'timeout_s', ARGV[9], 'ttl_s', ARGV[10], 'created_at', now,\n"
 	"      'updated_at', now, 'owner', ARGV[14], 'rollout', rid, 'held', 1)\n"
-	"    redis.call('RPUSH', 'iot:rollout:' .. rid .. ':cmds', id)\n"
-	"    redis.call('ZADD', 'iot:dev:' .. dev .. ':cmdlog', redis.call('INCR', 'iot:cmd:seq'), id)\n"
+	"    redis.call('RPUSH', krolloutcmds(rid), id)\n"
+	"    redis.call('ZADD', kcmdlog(dev), redis.call('INCR', K_CMDSEQ), id)\n"
 	"    local c = {id = id, device = dev, type = typ, name = ARGV[6], attempt = '0'}\n"
 	"    hist(c, '{\"status\":\"queued\",\"at\":' .. now .. '}')\n"
 	"    event(c, 'queued')\n"
 	"  end\n"
 	"end\n"
-	"redis.call('HSET', 'iot:rollout:' .. rid, 'id', rid, 'device_type', typ, 'labels', ARGV[4],\n"
+	"redis.call('HSET', krollout(rid), 'id', rid, 'device_type', typ, 'labels', ARGV[4],\n"
 	"  'name', ARGV[6], 'params', ARGV[7], 'max_per_minute', ARGV[12], 'abort_failure_ratio', ARGV[13],\n"
 	"  'min_finished', ARGV[15], 'total', n, 'released', 0, 'status', n > 0 and 'running' or 'completed',\n"
 	"  'created_at', now, 'updated_at', now, 'owner', ARGV[14])\n"
-	"if n > 0 then redis.call('ZADD', 'iot:rollouts:active', now, rid) end\n"
+	"if n > 0 then redis.call('ZADD', K_ROLLOUTS, now, rid) end\n"
 	"return n\n";
 
 /* ARGV: now, rollout id -> {1, (id, device, instance, online, expires_at)...}
  * released now | {0} nothing to do | {2} aborted */
 static const char rollout_step_lua[] = PRELUDE
 	"local rid = ARGV[2]\n"
-	"local rk = 'iot:rollout:' .. rid\n"
+	"local rk = krollout(rid)\n"
 	"local r = {}\n"
 	"local a = redis.call('HGETALL', rk)\n"
 	"for i = 1, #a, 2 do r[a[i]] = a[i + 1] end\n"
-	"if r.status ~= 'running' then redis.call('ZREM', 'iot:rollouts:active', rid); return {0} end\n"
-	"local ids = redis.call('LRANGE', rk .. ':cmds', 0, -1)\n"
+	"if r.status ~= 'running' then redis.call('ZREM', K_ROLLOUTS, rid); return {0} end\n"
+	"local ids = redis.call('LRANGE', krolloutcmds(rid), 0, -1)\n"
 	"local released = tonumber(r.released)\n"
 	"local fails, finished, open = 0, 0, 0\n"
 	"for i = 1, released do\n"
-	"  local st = redis.call('HGET', 'iot:cmd:' .. ids[i], 'status')\n"
+	"  local st = redis.call('HGET', kcmd(ids[i]), 'status')\n"
 	"  if st and FINAL[st] then\n"
 	"    if st ~= 'canceled' then\n"
 	"      finished = finished + 1\n"
@@ -304,9 +304,9 @@ static const char rollout_step_lua[] = PRELUDE
 	"    if c and c.status == 'queued' then set(c, 'canceled', {'error', 'rollout aborted: failure ratio crossed'}) end\n"
 	"  end\n"
 	"  redis.call('HSET', rk, 'status', 'aborted', 'updated_at', now)\n"
-	"  redis.call('ZREM', 'iot:rollouts:active', rid)\n"
+	"  redis.call('ZREM', K_ROLLOUTS, rid)\n"
 	"  redis.call('EXPIRE', rk, 2592000)\n"
-	"  redis.call('EXPIRE', rk .. ':cmds', 2592000)\n"
+	"  redis.call('EXPIRE', krolloutcmds(rid), 2592000)\n"
 	"  return {2}\n"
 	"end\n"
 	"-- The rate: release_clock advances by 60000/max_per_minute per release and\n"
@@ -323,10 +323,10 @@ static const char rollout_step_lua[] = PRELUDE
 	"  local c = load(ids[i])\n"
 	"  if c and c.status == 'queued' then\n"
 	"    local exp = now + tonumber(c.ttl_s) * 1000\n"
-	"    redis.call('HSET', 'iot:cmd:' .. c.id, 'held', 0, 'expires_at', exp, 'released_at', now)\n"
-	"    redis.call('ZADD', 'iot:dev:' .. c.device .. ':cmds', redis.call('INCR', 'iot:cmd:seq'), c.id)\n"
-	"    redis.call('ZADD', 'iot:cmd:timers', exp, c.id)\n"
-	"    local d = redis.call('HMGET', 'iot:dev:' .. c.device, 'instance', 'online')\n"
+	"    redis.call('HSET', kcmd(c.id), 'held', 0, 'expires_at', exp, 'released_at', now)\n"
+	"    redis.call('ZADD', kcmds(c.device), redis.call('INCR', K_CMDSEQ), c.id)\n"
+	"    redis.call('ZADD', K_TIMERS, exp, c.id)\n"
+	"    local d = redis.call('HMGET', kdev(c.device), 'instance', 'online')\n"
 	"    out[#out + 1] = c.id\n"
 	"    out[#out + 1] = c.device\n"
 	"    out[#out + 1] = d[1] or ''\n"
@@ -339,26 +339,26 @@ static const char rollout_step_lua[] = PRELUDE
 	"if upto == #ids and open == 0 then\n"
 	"  local done = true\n"
 	"  for i = released + 1, upto do\n"
-	"    local st = redis.call('HGET', 'iot:cmd:' .. ids[i], 'status')\n"
+	"    local st = redis.call('HGET', kcmd(ids[i]), 'status')\n"
 	"    if not (st and FINAL[st]) then done = false; break end\n"
 	"  end\n"
 	"  if done then\n"
 	"    redis.call('HSET', rk, 'status', 'completed', 'updated_at', now)\n"
-	"    redis.call('ZREM', 'iot:rollouts:active', rid)\n"
+	"    redis.call('ZREM', K_ROLLOUTS, rid)\n"
 	"    redis.call('EXPIRE', rk, 2592000)\n"
-	"    redis.call('EXPIRE', rk .. ':cmds', 2592000)\n"
+	"    redis.call('EXPIRE', krolloutcmds(rid), 2592000)\n"
 	"  end\n"
 	"end\n"
 	"return out\n";
 
 /* ARGV: rollout id -> {hash, {status, count, ...}} */
-static const char rollout_get_lua[] =
-	"local rk = 'iot:rollout:' .. ARGV[1]\n"
+static const char rollout_get_lua[] = HUB_LUA_KROLLOUT HUB_LUA_KCMD
+	"local rk = krollout(ARGV[1])\n"
 	"local h = redis.call('HGETALL', rk)\n"
 	"if #h == 0 then return {{}, {}} end\n"
 	"local counts = {}\n"
-	"for _, id in ipairs(redis.call('LRANGE', rk .. ':cmds', 0, -1)) do\n"
-	"  local st = redis.call('HGET', 'iot:cmd:' .. id, 'status') or 'unknown'\n"
+	"for _, id in ipairs(redis.call('LRANGE', krolloutcmds(ARGV[1]), 0, -1)) do\n"
+	"  local st = redis.call('HGET', kcmd(id), 'status') or 'unknown'\n"
 	"  counts[st] = (counts[st] or 0) + 1\n"
 	"end\n"
 	"local out = {}\n"
@@ -382,7 +382,7 @@ static struct {
 	int64_t armed_at;            /* INT64_MAX: not armed */
 	struct timer_ent *heap;
 	size_t n, cap;
-	char ctl_channel[sizeof(CTL_PREFIX) + HUB_ID_MAX + 1];
+	char ctl_channel[HUB_KEY_MAX];
 } E;
 
 static const char *const states[] = {
@@ -562,6 +562,7 @@ static void heap_pop(void)
 }
 
 static void local_deliver(const char *id, const char *device);
+static void route_to(const char *instance, const char *verb, const char *id, const char *device);
 
 static void on_tick(redisReply *r, void *arg)
 {
@@ -576,10 +577,7 @@ static void on_tick(redisReply *r, void *arg)
 		if (dev && inst && !strcmp(inst, E.hub->instance_id)) {
 			local_deliver(id, dev);
 		} else if (dev && inst && online && !strcmp(online, "1")) {
-			char ch[sizeof(CTL_PREFIX) + HUB_ID_MAX + 1], msg[256];
-			snprintf(ch, sizeof(ch), CTL_PREFIX "%s", inst);
-			snprintf(msg, sizeof(msg), "deliver %s %s", id, dev);
-			hub_redis_publish(E.hub->redis, ch, msg, strlen(msg));
+			route_to(inst, "deliver", id, dev);
 		}
 	}
 	free(id);
@@ -650,13 +648,13 @@ static void on_active_rollouts(redisReply *r, void *arg)
 static void sweep_cb(lws_sorted_usec_list_t *sul)
 {
 	char now[24];
-	const char *argv[7] = { "ZRANGEBYSCORE", "iot:cmd:timers", "-inf", now, "LIMIT", "0",
+	const char *argv[7] = { "ZRANGEBYSCORE", HUB_KEY_CMD_TIMERS, "-inf", now, "LIMIT", "0",
 				SWEEP_BATCH };
 
 	(void)sul;
 	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
 	if (hub_redis_up(E.hub->redis)) {
-		const char *ra[4] = { "ZRANGE", "iot:rollouts:active", "0", "-1" };
+		const char *ra[4] = { "ZRANGE", HUB_KEY_ROLLOUTS_ACTIVE, "0", "-1" };
 		hub_redis_command_argv(E.hub->redis, on_sweep, NULL, 7, argv, NULL);
 		hub_redis_command_argv(E.hub->redis, on_active_rollouts, NULL, 4, ra, NULL);
 	}
@@ -727,11 +725,11 @@ static void local_deliver(const char *id, const char *device)
  * whole announce message, however many devices it names.
  * ARGV: devices -> {device, {cancel ids}, {pending ids}, ...} for devices
  * with anything owed. */
-static const char owed_lua[] =
+static const char owed_lua[] = HUB_LUA_KCANCELS HUB_LUA_KCMDS
 	"local out = {}\n"
 	"for _, dev in ipairs(ARGV) do\n"
-	"  local cancels = redis.call('SMEMBERS', 'iot:dev:' .. dev .. ':cancels')\n"
-	"  local ids = redis.call('ZRANGE', 'iot:dev:' .. dev .. ':cmds', 0, -1)\n"
+	"  local cancels = redis.call('SMEMBERS', kcancels(dev))\n"
+	"  local ids = redis.call('ZRANGE', kcmds(dev), 0, -1)\n"
 	"  if #cancels > 0 or #ids > 0 then\n"
 	"    out[#out + 1] = dev\n"
 	"    out[#out + 1] = cancels\n"
@@ -781,9 +779,10 @@ void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *d
 
 static void route_to(const char *instance, const char *verb, const char *id, const char *device)
 {
-	char ch[sizeof(CTL_PREFIX) + HUB_ID_MAX + 1], msg[256];
+	char ch[HUB_KEY_MAX], msg[256];
 
-	snprintf(ch, sizeof(ch), CTL_PREFIX "%s", instance);
+	if (!hub_ch_ctl_cmd(ch, sizeof(ch), instance))
+		return;
 	snprintf(msg, sizeof(msg), "%s %s %s", verb, id, device);
 	hub_redis_publish(E.hub->redis, ch, msg, strlen(msg));
 }
@@ -814,10 +813,10 @@ static void send_cancel_local(const char *id, const char *device)
 	gw_conn_send(c, m.data, m.len);
 	hub_buf_free(&m);
 	/* Told: no longer owed at the next announce. */
-	char key[HUB_ID_MAX + 32];
-	snprintf(key, sizeof(key), "iot:dev:%s:cancels", device);
+	char key[HUB_KEY_MAX];
 	const char *argv[3] = { "SREM", key, id };
-	hub_redis_command_argv(E.hub->redis, NULL, NULL, 3, argv, NULL);
+	if (hub_key_dev_cancels(key, sizeof(key), device))
+		hub_redis_command_argv(E.hub->redis, NULL, NULL, 3, argv, NULL);
 }
 
 struct cancel_route {
@@ -838,17 +837,18 @@ static void on_cancel_where(redisReply *r, void *arg)
 void cmd_route_cancel(struct hub *hub, const char *id, const char *device)
 {
 	struct cancel_route *cr;
-	char key[HUB_ID_MAX + 16];
+	char key[HUB_KEY_MAX];
 	const char *argv[4] = { "HMGET", key, "instance", "online" };
 
 	if (gw_conn_for_device(hub, device)) {
 		send_cancel_local(id, device);
 		return;
 	}
+	if (!hub_key_dev(key, sizeof(key), device))
+		return;
 	cr = hub_xcalloc(1, sizeof(*cr));
 	snprintf(cr->id, sizeof(cr->id), "%s", id);
 	snprintf(cr->device, sizeof(cr->device), "%s", device);
-	snprintf(key, sizeof(key), "iot:dev:%s", device);
 	if (hub_redis_command_argv(hub->redis, on_cancel_where, cr, 4, argv, NULL))
 		free(cr);
 }
@@ -1009,7 +1009,7 @@ void cmd_init(struct hub *hub)
 	scripts[S_RSTEP] = hub_redis_add_script(hub->redis, rollout_step_lua);
 	scripts[S_RGET] = hub_redis_add_script(hub->redis, rollout_get_lua);
 	scripts[S_OWED] = hub_redis_add_script(hub->redis, owed_lua);
-	snprintf(E.ctl_channel, sizeof(E.ctl_channel), CTL_PREFIX "%s", hub->instance_id);
+	hub_ch_ctl_cmd(E.ctl_channel, sizeof(E.ctl_channel), hub->instance_id);
 	hub_redis_subscribe(hub->redis, E.ctl_channel, on_ctl, NULL);
 	lws_sul_schedule(hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
 }

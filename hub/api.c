@@ -17,6 +17,7 @@
 #include <jansson.h>
 
 #include "hub/hub.h"
+#include "hub/keys.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 
@@ -236,7 +237,7 @@ struct list_ctx {
 	size_t nlabels;
 	char *lk[LIST_MAX_LABELS], *lv[LIST_MAX_LABELS];
 	long long limit;
-	char set_key[160];
+	char set_key[HUB_KEY_MAX];
 	char cursor[32];
 	size_t considered;
 	char **ids;
@@ -311,11 +312,11 @@ static void list_next_batch(struct hub_req *rq, struct list_ctx *c)
 	c->batch_n = c->nids - c->next < LIST_BATCH ? c->nids - c->next : LIST_BATCH;
 	c->batch_got = 0;
 	for (size_t i = 0; i < c->batch_n; i++) {
-		char key[160];
+		char key[HUB_KEY_MAX];
 		struct dev_row *row = &c->rows[i];
 		row_clear(row);
 		row->id = hub_xstrdup(c->ids[c->next + i]);
-		snprintf(key, sizeof(key), "iot:dev:%s", row->id);
+		hub_key_dev(key, sizeof(key), row->id);   /* ids were checked when listed */
 		const char *argv[] = { "HGETALL", key };
 		if (cmd(rq, list_on_hgetall, 2, argv)) {
 			/* Earlier commands of this batch still answer (with NULL). */
@@ -467,9 +468,9 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 		c->lv[c->nlabels++] = hub_xstrdup(q->value[i]);
 	}
 	if (c->type)
-		snprintf(c->set_key, sizeof(c->set_key), "iot:type:%s", c->type);
+		hub_key_type(c->set_key, sizeof(c->set_key), c->type);   /* checked above */
 	else
-		snprintf(c->set_key, sizeof(c->set_key), "iot:devices");
+		snprintf(c->set_key, sizeof(c->set_key), HUB_KEY_DEVICES);
 	strcpy(c->cursor, "0");
 	hub_buf_puts(&c->out, "{\"devices\":[");
 	list_scan(rq, c);
@@ -539,12 +540,12 @@ out:
 static void device_one(struct hub_req *rq, const char *device)
 {
 	struct one_ctx *c = hub_xcalloc(1, sizeof(*c));
-	char hkey[160], skey[160];
+	char hkey[HUB_KEY_MAX], skey[HUB_KEY_MAX];
 
 	hub_req_set_ctx(rq, c, one_free);
 	c->row.id = hub_xstrdup(device);
-	snprintf(hkey, sizeof(hkey), "iot:dev:%s", device);
-	snprintf(skey, sizeof(skey), "iot:tm:%s", device);
+	hub_key_dev(hkey, sizeof(hkey), device);   /* the route checked the id */
+	hub_key_tm(skey, sizeof(skey), device);
 	const char *a1[] = { "HGETALL", hkey };
 	const char *a2[] = { "XREVRANGE", skey, "+", "-", "COUNT", "1" };
 	if (cmd(rq, one_on_hgetall, 2, a1)) {
@@ -563,7 +564,7 @@ enum tm_format { TM_JSON, TM_NDJSON, TM_CSV };
 
 struct tm_ctx {
 	char device[HUB_ID_MAX + 1];
-	char key[HUB_ID_MAX + 16];
+	char key[HUB_KEY_MAX];
 	long long from, to, limit; /* limit -1: none */
 	enum tm_format fmt;
 	char start[48];            /* next XRANGE start: "<ms>" or "(<id>" */
@@ -717,7 +718,7 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 
 	hub_req_set_ctx(rq, c, tm_free);
 	snprintf(c->device, sizeof(c->device), "%s", device);
-	snprintf(c->key, sizeof(c->key), "iot:tm:%s", device);
+	hub_key_tm(c->key, sizeof(c->key), device);   /* the route checked the id */
 	c->fmt = TM_JSON;
 	c->page = TM_PAGE;
 	if ((v = qget(q, "format"))) {
@@ -787,8 +788,8 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 		hub_buf_json_str(&c->out, device, strlen(device));
 		hub_buf_puts(&c->out, ",\"readings\":[");
 	}
-	char hkey[160];
-	snprintf(hkey, sizeof(hkey), "iot:dev:%s", device);
+	char hkey[HUB_KEY_MAX];
+	hub_key_dev(hkey, sizeof(hkey), device);
 	const char *argv[] = { "EXISTS", hkey };
 	if (cmd(rq, tm_on_exists, 2, argv)) {
 		unavailable(rq);

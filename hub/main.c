@@ -13,6 +13,7 @@
 #include "hub/embedded_redis.h"
 #include "hub/hub.h"
 #include "hub/jarena.h"
+#include "hub/keys.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
@@ -69,6 +70,63 @@ static void print_dev_token(struct hub *hub)
 	}
 	free(tok);
 	jwt_free(jwt);
+}
+
+/* The key layout (hub/keys.h) is checked on every (re)connect, before any
+ * other command (a gate of the Redis bus): iot:layout is set to ours when
+ * absent and Redis holds no hub data; data of layout 1 (iot:layout absent
+ * while iot:devices or iot:cmd:seq exists) or another version is refused.
+ * -> {1, version} ours | {0, version, or '' for layout 1} */
+static const char layout_lua[] =
+	"local v = redis.call('GET', KEYS[1])\n"
+	"if not v then\n"
+	"  if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {0, ''} end\n"
+	"  redis.call('SET', KEYS[1], ARGV[1], 'NX')\n"
+	"  return {1, ARGV[1]}\n"
+	"end\n"
+	"if v == ARGV[1] then return {1, v} end\n"
+	"return {0, v}\n";
+
+static bool layout_refused;
+
+static void refuse_tick(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	the_hub->exit_code = 1;
+	hub_begin_shutdown(the_hub);
+}
+
+static bool layout_gate(redisReply *r, void *arg)
+{
+	struct hub *hub = arg;
+	const redisReply *ok, *v;
+
+	if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+	    (ok = r->element[0])->type != REDIS_REPLY_INTEGER ||
+	    (v = r->element[1])->type != REDIS_REPLY_STRING) {
+		hub_err("redis: the key layout check failed: %s",
+			r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+		return false; /* retried on the next connection */
+	}
+	if (ok->integer == 1)
+		return true;
+	if (!layout_refused) {
+		layout_refused = true;
+		if (*v->str)
+			hub_err("Redis %s:%d db %d holds key layout %.32s (" HUB_LAYOUT_KEY "), this "
+				"hub writes layout " HUB_LAYOUT_VERSION ": not running beside it "
+				"(tools/migrate-layout converts layout 1 only)", hub->cfg.redis_host,
+				hub->cfg.redis_port, hub->cfg.redis_db, v->str);
+		else
+			hub_err("Redis %s:%d db %d holds iot-hub data in the old key layout (no "
+				HUB_LAYOUT_KEY "): stop every hub, run tools/migrate-layout --redis "
+				"redis://%s:%d/%d, then start again (docs/streams.md)",
+				hub->cfg.redis_host, hub->cfg.redis_port, hub->cfg.redis_db,
+				hub->cfg.redis_host, hub->cfg.redis_port, hub->cfg.redis_db);
+		lws_sul_cancel(&sul_startup);
+		lws_sul_schedule(hub->ctx, 0, &sul_startup, refuse_tick, 1);
+	}
+	return false;
 }
 
 /* Starts accepting once Redis answered (or redis-timeout-ms passed), so the
@@ -223,6 +281,9 @@ int main(int argc, char **argv)
 	}
 	hub.sul_signal.cb = on_signal_timer;
 	hub.redis = hub_redis_new(&hub);
+	const char *gate[] = { "EVAL", layout_lua, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
+			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
+	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);
 	hub_registry_init(&hub);
 	gw_init(&hub);
 	stream_init(&hub);

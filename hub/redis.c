@@ -39,6 +39,7 @@ struct rconn {
 	int backoff_ms;
 	lws_sorted_usec_list_t sul_reconnect;
 	lws_sorted_usec_list_t sul_drop;
+	const char *drop_why;      /* for sul_drop: NULL = socket closed or setup failed */
 	struct pending *ring;
 	size_t ring_cap, ring_head, ring_len;
 };
@@ -74,6 +75,10 @@ struct hub_redis {
 	char *scripts[MAX_SCRIPTS];
 	char shas[MAX_SCRIPTS][41];
 	struct hub_redis_channel *channels;
+	int gate_argc;             /* hub_redis_set_gate: 0 = none */
+	char **gate_argv;
+	hub_redis_gate_cb gate_check;
+	void *gate_arg;
 };
 
 static void rconn_connect(struct rconn *rc);
@@ -273,8 +278,10 @@ static void on_connect(const redisAsyncContext *ac, int status)
 	}
 	hub_info("redis %s: connected to %s:%d", rc->name, rc->r->hub->cfg.redis_host,
 		 rc->r->hub->cfg.redis_port);
-	set_state(rc, RC_UP);
 	rc->last_reply_us = hub_mono_us();
+	if (!rc->is_sub && rc->r->gate_argc)
+		return; /* up when the gate's reply passes (on_gate_reply) */
+	set_state(rc, RC_UP);
 	rc->backoff_ms = 0;
 	if (rc->is_sub)
 		for (struct hub_redis_channel *ch = rc->r->channels; ch; ch = ch->next)
@@ -305,6 +312,22 @@ static void on_setup_reply(redisReply *reply, void *arg)
 		lws_sul_schedule(rc->r->hub->ctx, 0, &rc->sul_drop,
 				 sul_drop_cb, 1);
 	}
+}
+
+static void on_gate_reply(redisReply *reply, void *arg)
+{
+	struct rconn *rc = arg;
+
+	if (!reply || rc->state != RC_CONNECTING)
+		return; /* lost meanwhile: the next connection asks again */
+	if (!rc->r->gate_check(reply, rc->r->gate_arg)) {
+		/* Not from inside hiredis: drop on a timer. */
+		rc->drop_why = "refused by the connect check";
+		lws_sul_schedule(rc->r->hub->ctx, 0, &rc->sul_drop, sul_drop_cb, 1);
+		return;
+	}
+	set_state(rc, RC_UP);
+	rc->backoff_ms = 0;
 }
 
 static void channel_set_state(struct hub_redis_channel *ch, enum ch_state s)
@@ -466,6 +489,9 @@ static void rconn_connect(struct rconn *rc)
 			const char *argv[3] = { "SCRIPT", "LOAD", r->scripts[i] };
 			rconn_send(rc, on_setup_reply, rc, 3, argv, NULL);
 		}
+		if (r->gate_argc)
+			rconn_send(rc, on_gate_reply, rc, r->gate_argc,
+				   (const char **)r->gate_argv, NULL);
 	}
 }
 
@@ -503,8 +529,10 @@ static void sul_reconnect_cb(lws_sorted_usec_list_t *sul)
 static void sul_drop_cb(lws_sorted_usec_list_t *sul)
 {
 	struct rconn *rc = lws_container_of(sul, struct rconn, sul_drop);
+	const char *why = rc->drop_why ? rc->drop_why : "socket closed or setup failed";
 
-	rconn_drop(rc, "socket closed or setup failed");
+	rc->drop_why = NULL;
+	rconn_drop(rc, why);
 }
 
 static void watchdog_cb(lws_sorted_usec_list_t *sul)
@@ -567,6 +595,17 @@ int hub_redis_add_script(struct hub_redis *r, const char *lua)
 const char *hub_redis_script_sha(const struct hub_redis *r, int idx)
 {
 	return r->shas[idx];
+}
+
+void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
+			hub_redis_gate_cb check, void *arg)
+{
+	r->gate_argv = hub_xcalloc((size_t)argc, sizeof(*r->gate_argv));
+	for (int i = 0; i < argc; i++)
+		r->gate_argv[i] = hub_xstrdup(argv[i]);
+	r->gate_argc = argc;
+	r->gate_check = check;
+	r->gate_arg = arg;
 }
 
 void hub_redis_start(struct hub_redis *r)
@@ -697,6 +736,9 @@ void hub_redis_free(struct hub_redis *r)
 		return;
 	for (int i = 0; i < r->nscripts; i++)
 		free(r->scripts[i]);
+	for (int i = 0; i < r->gate_argc; i++)
+		free(r->gate_argv[i]);
+	free(r->gate_argv);
 	while (r->channels) {
 		struct hub_redis_channel *next = r->channels->next;
 		free(r->channels);

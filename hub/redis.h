@@ -40,6 +40,16 @@ int hub_redis_add_script(struct hub_redis *r, const char *lua);
 /* The 40-hex SHA1 of script idx (NUL-terminated, lives as long as r). */
 const char *hub_redis_script_sha(const struct hub_redis *r, int idx);
 
+/* A gate: argv (copied) is sent on every (re)connect of the command
+ * connection, after the setup commands and before anything else, and the
+ * connection counts as up (hub_redis_up(), commands accepted) only once
+ * check(reply, arg) returned true. False drops the connection; it is retried
+ * with the usual backoff. reply is borrowed and never NULL (check is not
+ * called when the connection is lost first). Before hub_redis_start() only. */
+typedef bool (*hub_redis_gate_cb)(redisReply *reply, void *arg);
+void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
+			hub_redis_gate_cb check, void *arg);
+
 void hub_redis_start(struct hub_redis *r);
 
 /* True while the command connection is established and answering. */

@@ -6,10 +6,11 @@
 #include <libwebsockets.h>
 
 #include "hub/hub.h"
+#include "hub/keys.h"
 #include "hub/util.h"
 
 /* Stores a batch of telemetry frames (the frames of one loop turn).
- * KEYS[1] = iot:feed, KEYS[1 + f] = iot:gw:<gateway of frame f>:seqs
+ * KEYS[1] = iot:feed, KEYS[1 + f] = iot:gw:{<gateway of frame f>}:seqs
  * ARGV = window, device maxlen, feed maxlen, k, then per frame:
  *        seq, gw, lines, n, n x (device, ts, data), m, m x (type, from, to):
  *        lines[from..to] are the readings of that device type, published on
@@ -28,7 +29,10 @@
  * older than the whole window is stored again (at least once: a frame
  * resent that late was more likely never stored than acked and lost).
  * last_seen is flushed separately. Publishing here, atomically with the
- * XADDs, makes live order equal feed order (docs/dashboard.md). */
+ * XADDs, makes live order equal feed order (docs/dashboard.md). Key names
+ * are hub/keys.h's, spliced in place rather than through its Lua helpers:
+ * this script runs per frame batch and builds a key per reading, so it makes
+ * no closure and no call for them. */
 static const char store_lua[] =
 	"local window, dmax, fmax = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])\n"
 	"local out, p = {}, 5\n"
@@ -46,7 +50,7 @@ static const char store_lua[] =
 	"      redis.call('ZREMRANGEBYRANK', key, 0, -window - 1)\n"
 	"    end\n"
 	"    for i = r, b - 1, 3 do\n"
-	"      redis.call('XADD', 'iot:tm:' .. ARGV[i], 'MAXLEN', '~', dmax, '*',\n"
+	"      redis.call('XADD', '" HUB_KEY_TM "{' .. ARGV[i] .. '}', 'MAXLEN', '~', dmax, '*',\n"
 	"                 'ts', ARGV[i + 1], 'data', ARGV[i + 2], 'gw', gw, 'seq', seq)\n"
 	"    end\n"
 	"    local id = '0-0'\n"
@@ -55,7 +59,7 @@ static const char store_lua[] =
 	"                      'gw', gw, 'seq', seq, 'readings', lines)\n"
 	"    end\n"
 	"    for k = b + 1, p - 1, 3 do\n"
-	"      redis.call('PUBLISH', 'iot:live:raw:' .. ARGV[k],\n"
+	"      redis.call('PUBLISH', '" HUB_CH_RAW "' .. ARGV[k],\n"
 	"                 id .. '\\n' .. string.sub(lines, tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])))\n"
 	"    end\n"
 	"    if tonumber(seq) % 256 == 0 or redis.call('TTL', key) < 0 then\n"
@@ -69,33 +73,33 @@ static const char store_lua[] =
 /* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels).
  * Publishes one presence event line per device (ids and type names are
  * [A-Za-z0-9._:-], so they need no JSON escaping). */
-static const char announce_lua[] =
+static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_FIXED
 	"local n = tonumber(ARGV[5])\n"
 	"local ev = {}\n"
 	"for i = 0, n - 1 do\n"
 	"  local dev, typ = ARGV[6 + 3 * i], ARGV[7 + 3 * i]\n"
-	"  local key = 'iot:dev:' .. dev\n"
+	"  local key = kdev(dev)\n"
 	"  local old = redis.call('HGET', key, 'type')\n"
-	"  if old and old ~= typ then redis.call('SREM', 'iot:type:' .. old, dev) end\n"
+	"  if old and old ~= typ then redis.call('SREM', ktype(old), dev) end\n"
 	"  redis.call('HSET', key, 'type', typ, 'labels', ARGV[8 + 3 * i],\n"
 	"             'gateway', ARGV[1], 'conn', ARGV[2], 'instance', ARGV[3],\n"
 	"             'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
-	"  redis.call('SADD', 'iot:devices', dev)\n"
-	"  redis.call('SADD', 'iot:type:' .. typ, dev)\n"
+	"  redis.call('SADD', K_DEVICES, dev)\n"
+	"  redis.call('SADD', ktype(typ), dev)\n"
 	"  ev[#ev + 1] = dev .. '\\t' .. typ .. '\\t' .. ARGV[8 + 3 * i] ..\n"
 	"    '\\t\"device\":\"' .. dev .. '\",\"online\":true,\"at\":' .. ARGV[4] ..\n"
 	"    ',\"gateway\":\"' .. ARGV[1] .. '\",\"device_type\":\"' .. typ .. '\"\\n'\n"
 	"end\n"
-	"redis.call('PUBLISH', 'iot:live:presence', '\\n' .. table.concat(ev))\n"
+	"redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev))\n"
 	"return n\n";
 
 /* ARGV = conn, now ms, then devices. Publishes presence for the devices it
  * marks offline. */
-static const char offline_lua[] =
+static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_FIXED
 	"local ev = {}\n"
 	"for i = 3, #ARGV do\n"
 	"  local dev = ARGV[i]\n"
-	"  local key = 'iot:dev:' .. dev\n"
+	"  local key = kdev(dev)\n"
 	"  local h = redis.call('HMGET', key, 'conn', 'type', 'labels', 'gateway')\n"
 	"  if h[1] == ARGV[1] then\n"
 	"    redis.call('HSET', key, 'online', '0', 'last_seen', ARGV[2])\n"
@@ -104,13 +108,13 @@ static const char offline_lua[] =
 	"      ',\"gateway\":\"' .. h[4] .. '\",\"device_type\":\"' .. h[2] .. '\"\\n'\n"
 	"  end\n"
 	"end\n"
-	"if #ev > 0 then redis.call('PUBLISH', 'iot:live:presence', '\\n' .. table.concat(ev)) end\n"
+	"if #ev > 0 then redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev)) end\n"
 	"return #ev\n";
 
 /* ARGV = now ms, then devices: last_seen of devices that sent readings. */
-static const char seen_lua[] =
+static const char seen_lua[] = HUB_LUA_KDEV
 	"for i = 2, #ARGV do\n"
-	"  redis.call('HSET', 'iot:dev:' .. ARGV[i], 'last_seen', ARGV[1])\n"
+	"  redis.call('HSET', kdev(ARGV[i]), 'last_seen', ARGV[1])\n"
 	"end\n"
 	"return #ARGV - 1\n";
 
@@ -291,7 +295,7 @@ static void store_flush(void *unused)
 	bs->n = B.nframes;
 	memcpy(bs->cbs, B.cbs, B.nframes * sizeof(bs->cbs[0]));
 	resp_eval(hub, script_store, (int)(1 + B.nframes), 1 + B.nframes + 4 + B.nargs);
-	resp_arg("iot:feed", 8);
+	resp_arg(HUB_KEY_FEED, sizeof(HUB_KEY_FEED) - 1);
 	hub_buf_append(&resp, B.keys.data, B.keys.len);
 	resp_int(hub->cfg.seq_window);
 	resp_int(hub->cfg.device_stream_maxlen);
@@ -325,21 +329,17 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_group *g, size_t ng,
 		    hub_redis_cb cb, void *arg)
 {
-	size_t glen = strlen(gateway);
+	size_t glen = strlen(gateway), klen;
 	hub_buf *a = &B.args;
+	char key[HUB_KEY_MAX];
 
-	if (!hub_redis_up(hub->redis) || glen > HUB_ID_MAX)
+	if (!hub_redis_up(hub->redis) || !(klen = hub_key_gw_seqs(key, sizeof(key), gateway)))
 		return -1;
 	if (!B.hub) {
 		B.hub = hub;
 		hub_redis_set_flush(hub->redis, store_flush, NULL);
 	}
-	/* KEYS[1 + f] = iot:gw:<gateway>:seqs */
-	char key[HUB_ID_MAX + 16];   /* gateway ids are at most HUB_ID_MAX */
-	memcpy(key, "iot:gw:", 7);
-	memcpy(key + 7, gateway, glen);
-	memcpy(key + 7 + glen, ":seqs", 5);
-	buf_arg(&B.keys, key, glen + 12);
+	buf_arg(&B.keys, key, klen);   /* KEYS[1 + f] */
 	buf_int(a, seq);
 	buf_arg(a, gateway, glen);
 	buf_arg(a, lines, lines_len);

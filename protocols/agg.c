@@ -7,13 +7,12 @@
 #include <libwebsockets.h>
 
 #include "hub/hub.h"
+#include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
 #include "protocols/stream.h"
 
-#define AGG_CHANNEL      "iot:live:agg"
-#define PARTIALS_KEY     "iot:agg:partials"
 #define CATCHUP_PAGE     "512"
 #define PEND_MAX         4096         /* live messages held during catch-up */
 #define TICK_US          (100 * 1000)
@@ -375,8 +374,8 @@ static void msg_send(void)
 	argv[0] = "EVALSHA";
 	argv[1] = hub_redis_script_sha(A.hub->redis, script_publish);
 	argv[2] = "2";
-	argv[3] = PARTIALS_KEY;
-	argv[4] = AGG_CHANNEL;
+	argv[3] = HUB_KEY_AGG_PARTIALS;
+	argv[4] = HUB_CH_AGG;
 	argv[5] = minid;
 	for (int i = 0; i < 6; i++)
 		lens[i] = strlen(argv[i]);
@@ -536,7 +535,7 @@ static void on_catchup_page(redisReply *reply, void *arg)
 static void catchup_next(void)
 {
 	char start[48];
-	const char *argv[6] = { "XRANGE", PARTIALS_KEY, start, "+", "COUNT", CATCHUP_PAGE };
+	const char *argv[6] = { "XRANGE", HUB_KEY_AGG_PARTIALS, start, "+", "COUNT", CATCHUP_PAGE };
 
 	pend_clear(); /* all of them are at or before what this page sees */
 	snprintf(start, sizeof(start), "(%llu-%llu", (unsigned long long)A.seen_ms,

@@ -5,6 +5,7 @@
 
 #include "hub/hub.h"
 #include "hub/jarena.h"
+#include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/ratelimit.h"
 #include "hub/redis.h"
@@ -15,7 +16,6 @@
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 
-#define TAKEOVER_CHANNEL "iot:ctl:takeover"
 #define MAX_FIELD_ERRORS 8
 #define RX_KEEP_BYTES    (16 * 1024)  /* reassembly buffer kept between frames */
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
@@ -964,7 +964,7 @@ static void on_epoch(redisReply *reply, void *arg)
 		} else {
 			snprintf(msg, sizeof(msg), "%s %lld %s", c->gw, (long long)c->epoch,
 				 c->conn_id);
-			hub_redis_publish(hub->redis, TAKEOVER_CHANNEL, msg, strlen(msg));
+			hub_redis_publish(hub->redis, HUB_CH_TAKEOVER, msg, strlen(msg));
 		}
 	}
 	conn_unref(c);
@@ -1041,7 +1041,7 @@ static void flush_seen(lws_sorted_usec_list_t *sul)
 
 void gw_init(struct hub *hub)
 {
-	hub_redis_subscribe(hub->redis, TAKEOVER_CHANNEL, on_takeover_msg, hub);
+	hub_redis_subscribe(hub->redis, HUB_CH_TAKEOVER, on_takeover_msg, hub);
 	seen_hub = hub;
 	lws_sul_schedule(hub->ctx, 0, &sul_seen, flush_seen, 1000 * 1000 / SEEN_SLICES);
 }
@@ -1056,7 +1056,7 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 {
 	struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
 	struct gw_conn *c;
-	char msg[HUB_ID_MAX * 3 + 40];
+	char key[HUB_KEY_MAX];
 
 	if (!hs || hs->stream)
 		return -1; /* not authenticated by the gateway upgrade handler */
@@ -1082,9 +1082,9 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	if (old)
 		takeover_close(old, c->conn_id);
 	hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), c);
-	snprintf(msg, sizeof(msg), "iot:gw:%s:epoch", c->gw);
-	const char *argv[2] = { "INCR", msg };
-	if (!hub_redis_command_argv(hub->redis, on_epoch, c, 2, argv, NULL))
+	const char *argv[2] = { "INCR", key };
+	if (hub_key_gw_epoch(key, sizeof(key), c->gw) &&   /* auth checked the id */
+	    !hub_redis_command_argv(hub->redis, on_epoch, c, 2, argv, NULL))
 		c->refs++;
 	hub->metrics.connections_total++;
 	hub_info("gateway %s #%llu: connected", c->gw, (unsigned long long)c->serial);

@@ -8,17 +8,13 @@
 #include <jansson.h>
 
 #include "hub/hub.h"
+#include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
 
-#define RAW_PREFIX        "iot:live:raw:"
-#define PRESENCE_CHANNEL  "iot:live:presence"
-#define COMMANDS_CHANNEL  "iot:live:commands"
-#define AGG_CHANNEL       "iot:live:agg"
-#define FEED_KEY          "iot:feed"
 
 #define MAX_MESSAGE_BYTES (64 * 1024)  /* one dashboard message to the hub */
 #define MAX_ID_LEN        64
@@ -637,8 +633,8 @@ static struct st_group *group_for(enum st_kind kind, const char *type)
 	if (kind == K_RAW) {
 		struct st_group *g = hub_strmap_get(&S.raw_typed, type, strlen(type));
 		if (!g) {
-			char ch[sizeof(RAW_PREFIX) + HUB_ID_MAX + 1];
-			snprintf(ch, sizeof(ch), RAW_PREFIX "%s", type);
+			char ch[HUB_KEY_MAX];
+			hub_ch_raw(ch, sizeof(ch), type);   /* subscribe checked the type */
 			g = group_new(ch, false);
 			g->raw = true;
 			hub_strmap_put(&S.raw_typed, type, strlen(type), g);
@@ -1134,7 +1130,7 @@ static void replay_next(struct st_sub *s)
 	char count[16];
 	snprintf(count, sizeof(count), "%d", S.hub->cfg.stream_replay_page);
 	argv[0] = "XRANGE";
-	argv[1] = FEED_KEY;
+	argv[1] = HUB_KEY_FEED;
 	argv[2] = start;
 	argv[3] = "+";
 	argv[4] = "COUNT";
@@ -1196,7 +1192,7 @@ static void sub_start(struct st_sub *s)
 		replay_next(s);
 		return;
 	}
-	const char *argv[6] = { "XREVRANGE", FEED_KEY, "+", "-", "COUNT", "1" };
+	const char *argv[6] = { "XREVRANGE", HUB_KEY_FEED, "+", "-", "COUNT", "1" };
 	struct op *o = op_new(s);
 	s->phase = PH_POSITION;
 	if (hub_redis_command_argv(S.hub->redis, on_position, o, 6, argv, NULL)) {
@@ -1765,13 +1761,13 @@ const struct lws_protocols stream_protocol = {
 void stream_init(struct hub *hub)
 {
 	S.hub = hub;
-	S.raw_all = group_new(RAW_PREFIX "*", true);
+	S.raw_all = group_new(HUB_CH_RAW "*", true);
 	S.raw_all->raw = true;
-	S.presence = group_new(PRESENCE_CHANNEL, false);
+	S.presence = group_new(HUB_CH_PRESENCE, false);
 	S.presence->msg_type = "presence";
-	S.commands = group_new(COMMANDS_CHANNEL, false);
+	S.commands = group_new(HUB_CH_COMMANDS, false);
 	S.commands->msg_type = "command_status";
-	S.agg = group_new(AGG_CHANNEL, false);
+	S.agg = group_new(HUB_CH_AGG, false);
 	S.agg->agg = true;
 	agg_init(hub);
 }

@@ -179,6 +179,52 @@ def pid_alive(pid):
 
 
 # --------------------------------------------------------------------------
+# Redis key names (docs/streams.md, "Key names"), spelled here independently
+# of hub/keys.h so that a test catches a change of the layout: every
+# user-chosen name in a key is wrapped in braces.
+
+class rkeys:
+    LAYOUT = "iot:layout"
+    VERSION = "2"
+
+    @staticmethod
+    def dev(device):
+        return "iot:dev:{%s}" % device
+
+    @staticmethod
+    def cmds(device):
+        return "iot:dev:{%s}:cmds" % device
+
+    @staticmethod
+    def cmdlog(device):
+        return "iot:dev:{%s}:cmdlog" % device
+
+    @staticmethod
+    def cancels(device):
+        return "iot:dev:{%s}:cancels" % device
+
+    @staticmethod
+    def tm(device):
+        return "iot:tm:{%s}" % device
+
+    @staticmethod
+    def gw_seqs(gateway):
+        return "iot:gw:{%s}:seqs" % gateway
+
+    @staticmethod
+    def gw_epoch(gateway):
+        return "iot:gw:{%s}:epoch" % gateway
+
+    @staticmethod
+    def type(device_type):
+        return "iot:type:{%s}" % device_type
+
+    @staticmethod
+    def idem(owner, idempotency_key):
+        return "iot:idem:{%s}:%s" % (owner, idempotency_key)
+
+
+# --------------------------------------------------------------------------
 # Redis: a private redis-server and a tiny RESP2 client
 
 class RedisError(Exception):

@@ -1,5 +1,5 @@
 """Device announce (CONTRACT §2): accepted devices, each rejection code, the
-registry in Redis (iot:dev:<device>, iot:devices) and presence after a
+registry in Redis (iot:dev:{<device>}, iot:devices) and presence after a
 disconnect."""
 
 import json
@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, now_ms, uniq, wait_until  # noqa: E402
+from harness import HubTestCase, main, now_ms, rkeys, uniq, wait_until  # noqa: E402
 
 
 class Announce(HubTestCase):
@@ -32,9 +32,9 @@ class Announce(HubTestCase):
             self.assertIsInstance(r.get("message"), str, "rejection without a message: %r" % r)
 
     def wait_online(self, device, want, timeout=5):
-        return wait_until(lambda: self.redis.hgetall("iot:dev:" + device).get("online") == want,
-                          timeout, what="iot:dev:%s online == %r (now %r)" % (
-                              device, want, self.redis.hgetall("iot:dev:" + device)))
+        return wait_until(lambda: self.redis.hgetall(rkeys.dev(device)).get("online") == want,
+                          timeout, what="%s online == %r (now %r)" % (
+                              rkeys.dev(device), want, self.redis.hgetall(rkeys.dev(device))))
 
     async def test_accepted_and_registry(self):
         d = self.dev()
@@ -46,7 +46,7 @@ class Announce(HubTestCase):
         self.assert_announced_shape(rep)
         self.assertEqual(rep["accepted"], [d], rep)
         self.assertEqual(rep["rejected"], [], rep)
-        h = self.redis.hgetall("iot:dev:" + d)
+        h = self.redis.hgetall(rkeys.dev(d))
         self.assertEqual(h.get("type"), "thermostat", h)
         self.assertEqual(json.loads(h.get("labels", "null")), labels, h)
         self.assertEqual(h.get("gateway"), gw.sub, h)
@@ -63,7 +63,7 @@ class Announce(HubTestCase):
         self.assert_announced_shape(rep)
         self.assertEqual(sorted(rep["accepted"]), sorted(d for d, _ in ds), rep)
         for d, t in ds:
-            h = self.redis.hgetall("iot:dev:" + d)
+            h = self.redis.hgetall(rkeys.dev(d))
             self.assertEqual(h.get("type"), t, h)
             self.assertEqual(h.get("online"), "1", h)
             self.assertIn(json.loads(h.get("labels", "{}")), ({}, None), h)
@@ -80,7 +80,7 @@ class Announce(HubTestCase):
         for d in bad:
             self.assertEqual(codes.get(d), "invalid", "id %r: %r" % (d, rep))
         for d in bad:
-            self.assertEqual(self.redis.cmd("EXISTS", "iot:dev:" + d), 0, "registry entry for bad id %r" % d)
+            self.assertEqual(self.redis.cmd("EXISTS", rkeys.dev(d)), 0, "registry entry for bad id %r" % d)
 
     async def test_unauthorized_device(self):
         gw = await self.gateway(self.hub, devices=["t-*", "e-1"])
@@ -92,7 +92,7 @@ class Announce(HubTestCase):
         self.assertEqual(self.rejected_codes(rep), {
             x: "unauthorized_device", "xt-1": "unauthorized_device",
             "e-10": "unauthorized_device", "T-1": "unauthorized_device"}, rep)
-        self.assertEqual(self.redis.cmd("EXISTS", "iot:dev:" + x), 0)
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.dev(x)), 0)
         self.assertEqual(self.redis.cmd("SISMEMBER", "iot:devices", x), 0)
 
     async def test_star_pattern_allows_all(self):
@@ -108,7 +108,7 @@ class Announce(HubTestCase):
         self.assert_announced_shape(rep)
         self.assertEqual(rep["accepted"], [], rep)
         self.assertEqual(self.rejected_codes(rep), {d: "unknown_device_type"}, rep)
-        self.assertEqual(self.redis.cmd("EXISTS", "iot:dev:" + d), 0)
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.dev(d)), 0)
 
     async def test_invalid_labels_and_fields(self):
         gw = await self.gateway(self.hub)
@@ -181,7 +181,7 @@ class Announce(HubTestCase):
         await gw.announce([(d, "thermostat", {"site": "b1"})])
         rep = await gw.announce([(d, "thermostat", {"site": "b2", "floor": "3"})])
         self.assertEqual(rep.get("accepted"), [d], rep)
-        h = self.redis.hgetall("iot:dev:" + d)
+        h = self.redis.hgetall(rkeys.dev(d))
         self.assertEqual(json.loads(h["labels"]), {"site": "b2", "floor": "3"}, h)
         self.assertEqual(h.get("online"), "1", h)
 
@@ -190,12 +190,12 @@ class Announce(HubTestCase):
         gw = await self.gateway(self.hub)
         rep = await gw.announce([(d1, "thermostat"), (d2, "door-sensor")])
         self.assertEqual(sorted(rep.get("accepted", [])), sorted([d1, d2]), rep)
-        self.assertEqual(self.redis.hgetall("iot:dev:" + d1).get("online"), "1")
+        self.assertEqual(self.redis.hgetall(rkeys.dev(d1)).get("online"), "1")
         t0 = now_ms()
         await gw.close()
         self.wait_online(d1, "0")
         self.wait_online(d2, "0")
-        h = self.redis.hgetall("iot:dev:" + d1)
+        h = self.redis.hgetall(rkeys.dev(d1))
         self.assertEqual(h.get("type"), "thermostat", "registry entry kept after disconnect: %r" % h)
         self.assertEqual(self.redis.cmd("SISMEMBER", "iot:devices", d1), 1)
         self.assertGreaterEqual(int(h.get("last_seen", 0)), t0 - 5000, h)
@@ -210,7 +210,7 @@ class Announce(HubTestCase):
         gw2 = await self.gateway(self.hub, sub=sub)
         rep = await gw2.announce([(d, "thermostat")])
         self.assertEqual(rep.get("accepted"), [d], rep)
-        self.assertEqual(self.redis.hgetall("iot:dev:" + d).get("online"), "1")
+        self.assertEqual(self.redis.hgetall(rkeys.dev(d)).get("online"), "1")
 
     async def test_device_moved_to_other_gateway_stays_online(self):
         d, marker = self.dev(), self.dev()
@@ -219,12 +219,12 @@ class Announce(HubTestCase):
         self.assertEqual(sorted((await g1.announce([(d, "thermostat"), (marker, "thermostat")]))["accepted"]),
                          sorted([d, marker]))
         self.assertEqual((await g2.announce([(d, "thermostat")]))["accepted"], [d])
-        h = self.redis.hgetall("iot:dev:" + d)
+        h = self.redis.hgetall(rkeys.dev(d))
         self.assertEqual((h.get("gateway"), h.get("online")), (g2.sub, "1"), h)
         await g1.close()
         # marker lived only on g1: once it is offline the hub has handled g1's close.
         self.wait_online(marker, "0")
-        h = self.redis.hgetall("iot:dev:" + d)
+        h = self.redis.hgetall(rkeys.dev(d))
         self.assertEqual((h.get("gateway"), h.get("online")), (g2.sub, "1"),
                          "device taken over by another gateway went offline with the old one: %r" % h)
 

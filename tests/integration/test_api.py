@@ -17,7 +17,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (HubTestCase, Resp, api_keys_file, http_get, main, now_ms, reading,  # noqa: E402
+from harness import (HubTestCase, Resp, api_keys_file, http_get, main, now_ms, reading, rkeys,  # noqa: E402
                      uniq)
 
 KEYS = {"reader": ("iotk_api_reader_0001", ["telemetry:read"], None),
@@ -82,11 +82,11 @@ class DevicesAndHistory(APIBase):
         cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
         r = cls.redis
         for d, (typ, labels, gw, online, seen) in cls.DEVICES.items():
-            r.cmd("HSET", "iot:dev:" + d, "type", typ, "labels", json.dumps(labels, sort_keys=True),
+            r.cmd("HSET", rkeys.dev(d), "type", typ, "labels", json.dumps(labels, sort_keys=True),
                   "gateway", gw, "conn", "x:1", "instance", "x", "online", "1" if online else "0",
                   "last_seen", seen, "announced_at", seen)
             r.cmd("SADD", "iot:devices", d)
-            r.cmd("SADD", "iot:type:" + typ, d)
+            r.cmd("SADD", rkeys.type(typ), d)
         # a member without a hash (e.g. deleted by hand) is not listed
         r.cmd("SADD", "iot:devices", "ghost-1")
         # history of a-1: 30 readings 1 s apart (stream id = arrival = ts + 50 ms)
@@ -95,14 +95,14 @@ class DevicesAndHistory(APIBase):
         for i in range(30):
             ts = cls.t0 + 1000 * i
             data = {"temperature": 20 + i / 10, "note": 'q"u,o\nte' if i == 3 else "n%d" % i}
-            pos = r.cmd("XADD", "iot:tm:a-1", "%d-0" % (ts + 50), "ts", ts,
+            pos = r.cmd("XADD", rkeys.tm("a-1"), "%d-0" % (ts + 50), "ts", ts,
                         "data", json.dumps(data, separators=(",", ":")), "gw", "gw-1", "seq", i)
             cls.history.append({"ts": ts, "data": data, "pos": pos})
         # a-2: 1,200 entries inside the scanned id window but with a ts outside
         # [from, to] (pages that yield nothing), then 2 that match
         c = Resp(r.port, timeout=30)
         try:
-            cmds = [Resp.encode(["XADD", "iot:tm:a-2", "%d-0" % (cls.t0 + i), "ts", 5, "data", "{}"])
+            cmds = [Resp.encode(["XADD", rkeys.tm("a-2"), "%d-0" % (cls.t0 + i), "ts", 5, "data", "{}"])
                     for i in range(1200)]
             c.sock.sendall(b"".join(cmds))
             for _ in cmds:
@@ -110,9 +110,9 @@ class DevicesAndHistory(APIBase):
         finally:
             c.close()
         for i in (0, 1):
-            r.cmd("XADD", "iot:tm:a-2", "%d-0" % (cls.t0 + 2000 + i), "ts", cls.t0 + i, "data", '{"w":%d}' % i)
+            r.cmd("XADD", rkeys.tm("a-2"), "%d-0" % (cls.t0 + 2000 + i), "ts", cls.t0 + i, "data", '{"w":%d}' % i)
         # a reading buffered for a long time: far outside the scanned window
-        r.cmd("XADD", "iot:tm:a-1", "%d-0" % (cls.t0 + 40000), "ts", cls.t0 - 3 * DAY,
+        r.cmd("XADD", rkeys.tm("a-1"), "%d-0" % (cls.t0 + 40000), "ts", cls.t0 - 3 * DAY,
               "data", "{}", "gw", "gw-1", "seq", 99)
 
     def tm(self, device="a-1", **q):
@@ -368,11 +368,11 @@ class RedisDiesMidExport(APIBase):
         redis = self.start_redis()
         hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS)])
         self.hub = hub
-        redis.cmd("HSET", "iot:dev:m-1", "type", "thermostat")
+        redis.cmd("HSET", rkeys.dev("m-1"), "type", "thermostat")
         t0 = now_ms() - 100000
         c = Resp(redis.port, timeout=30)
         try:
-            cmds = [Resp.encode(["XADD", "iot:tm:m-1", "%d-0" % (t0 + i), "ts", t0 + i,
+            cmds = [Resp.encode(["XADD", rkeys.tm("m-1"), "%d-0" % (t0 + i), "ts", t0 + i,
                                  "data", '{"pad":"%s"}' % ("y" * 400)]) for i in range(30000)]
             c.sock.sendall(b"".join(cmds))
             for _ in cmds:
@@ -418,7 +418,7 @@ class BigExport(APIBase):
                                                      "quarantine_size_mb=4:malloc_context_size=5"})
         cls.device = "big-1"
         r = cls.redis
-        r.cmd("HSET", "iot:dev:big-1", "type", "thermostat", "labels", "{}", "online", "0")
+        r.cmd("HSET", rkeys.dev("big-1"), "type", "thermostat", "labels", "{}", "online", "0")
         r.cmd("SADD", "iot:devices", "big-1")
         cls.t0 = now_ms() - 2 * cls.ROWS
         c = Resp(r.port, timeout=60)
@@ -428,7 +428,7 @@ class BigExport(APIBase):
                 buf = []
                 for i in range(b, b + step):
                     ts = cls.t0 + i
-                    buf.append(Resp.encode(["XADD", "iot:tm:big-1", "%d-0" % ts, "ts", ts, "data",
+                    buf.append(Resp.encode(["XADD", rkeys.tm("big-1"), "%d-0" % ts, "ts", ts, "data",
                                             '{"temperature":%d,"i":%d,"pad":"%s"}' % (i % 100, i, cls.PAD),
                                             "gw", "gw-big", "seq", i]))
                 c.sock.sendall(b"".join(buf))
@@ -438,7 +438,7 @@ class BigExport(APIBase):
                         raise AssertionError("XADD failed: %r" % rep)
         finally:
             c.close()
-        assert r.xlen("iot:tm:big-1") == cls.ROWS
+        assert r.xlen(rkeys.tm("big-1")) == cls.ROWS
 
     def path(self, fmt="ndjson"):
         return "/v1/devices/%s/telemetry?from=%d&to=%d&format=%s" % (

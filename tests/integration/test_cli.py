@@ -9,9 +9,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (HUB_BIN, SCHEMAS_DIR, HubTestCase, Resp, child_pids, clean_env, dev_certs, hs256,  # noqa: E402
-                     gw_claims, main, pid_alive, proc_cmdline, reading, try_upgrade, uniq, wait_until,
-                     write_file)
+from harness import (HUB_BIN, SCHEMAS_DIR, HubTestCase, Resp, child_pids, clean_env, dev_certs,  # noqa: E402
+                     hs256, gw_claims, main, pid_alive, proc_cmdline, reading, rkeys, try_upgrade, uniq,
+                     wait_until, write_file)
 
 
 class CLI(HubTestCase):
@@ -112,7 +112,7 @@ class CLI(HubTestCase):
             port = int(m.group(1) or m.group(2))
             c = Resp(port)
             try:
-                self.assertEqual(c.cmd("XLEN", "iot:tm:" + d), 2)
+                self.assertEqual(c.cmd("XLEN", rkeys.tm(d)), 2)
             finally:
                 c.close()
         await gw.close()
@@ -153,7 +153,7 @@ class CLI(HubTestCase):
         rep = await gw.telemetry(2, [reading(d) for _ in range(4)])
         self.assertFalse(rep.get("type") == "ack" and rep.get("accepted") == 4,
                          "max-readings-per-frame 3 from the config file ignored: %r" % rep)
-        self.assertEqual(self.redis.xlen("iot:tm:" + d), 3 + (rep.get("accepted") or 0))
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 3 + (rep.get("accepted") or 0))
         hub.stop()
 
     async def test_flag_overrides_file_and_env_overrides_both(self):

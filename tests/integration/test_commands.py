@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HubTestCase, api_keys_file, connect_dashboard, http_get, http_json, main,  # noqa: E402
-                     metric_value, now_ms, parse_metrics, raw_http, uniq)
+                     metric_value, now_ms, parse_metrics, raw_http, rkeys, uniq)
 
 # name: (key, scopes, devices patterns or None)
 KEYS = {"writer": ("iotk_cmd_writer_00001", ["commands:write"], None),
@@ -105,7 +105,7 @@ class CommandCase(HubTestCase):
         waits until the registry says offline."""
         gw = await self.gw_with(hub, [device])
         await gw.close()
-        await self.poll(lambda: redis.hgetall("iot:dev:" + device).get("online") == "0", 5,
+        await self.poll(lambda: redis.hgetall(rkeys.dev(device)).get("online") == "0", 5,
                         "%s offline in the registry" % device)
 
     async def poll(self, pred, timeout, what):
@@ -616,7 +616,7 @@ class Lifecycle(SharedHub):
         self.assertEqual((doc["attempt"], doc["sent_at"]), (0, None), doc)
         gw = await self.gw_with(self.hub, [d])
         await self.no_commands(gw, 0.5, "an expired command was delivered on announce")
-        self.assertEqual(self.redis.cmd("ZCARD", "iot:dev:%s:cmds" % d), 0)
+        self.assertEqual(self.redis.cmd("ZCARD", rkeys.cmds(d)), 0)
 
     async def test_queued_while_offline_then_delivered_on_announce(self):
         d = uniq("t")
@@ -636,7 +636,7 @@ class Lifecycle(SharedHub):
         cid = (await self.create(d, {"name": "reboot", "ack_timeout_s": 1, "max_attempts": 2}))["id"]
         await gw.wait_for(is_cmd(cid), 5, "attempt 1")
         await gw.close()
-        await self.poll(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5, "offline")
+        await self.poll(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5, "offline")
         await asyncio.sleep(2.2)  # past the ack timeout: no attempt while offline
         doc = await self.get(cid)
         self.assertEqual((doc["status"], doc["attempt"]), ("sent", 1),
@@ -706,14 +706,14 @@ class Lifecycle(SharedHub):
         await gw.wait_for(is_cmd(cid), 5, "the command")
         await self.ack_and_wait(gw, cid, "received")
         await gw.close()
-        await self.poll(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5, "offline")
+        await self.poll(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5, "offline")
         await self.cancel(cid)
         gw = await self.gw_with(self.hub, [d], sub=sub)
         m = await gw.wait_for(lambda m: m.get("type") == "cancel", 2, "cancel after the next announce")
         self.assertEqual((m.get("id"), m.get("device")), (cid, d), m)
         await self.no_commands(gw, 0.3, "a second cancel, or the canceled command")
         await gw.close()
-        await self.poll(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5, "offline")
+        await self.poll(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5, "offline")
         gw = await self.gw_with(self.hub, [d], sub=sub)
         await self.no_commands(gw, 0.5, "the owed cancel sent again after a second announce")
         self.assertEqual((await self.get(cid))["status"], "canceled")
@@ -730,7 +730,7 @@ class Lifecycle(SharedHub):
         await gw.wait_for(is_cmd(cid), 5, "the command")
         await gw.wait_for(is_cmd(short), 5, "the short one")
         await gw.close()
-        await self.poll(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5, "offline")
+        await self.poll(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5, "offline")
         gw = await self.gw_with(self.hub, [d], sub=sub)
         await self.no_commands(gw, 0.3, "a resend beyond max_attempts after the reconnect")
         for c in (cid, short):
@@ -958,7 +958,7 @@ class TwoInstances(CommandCase):
     async def test_created_on_a_delivered_by_b_once(self):
         d = uniq("t")
         gw = await self.gw_with(self.b, [d])
-        self.assertEqual(self.redis.hgetall("iot:dev:" + d).get("instance"), "cmd-b")
+        self.assertEqual(self.redis.hgetall(rkeys.dev(d)).get("instance"), "cmd-b")
         cid = (await self.create(d, hub=self.a))["id"]
         m = await gw.wait_for(is_cmd(cid), 5, "the command created on A, from B")
         self.assertEqual(m["attempt"], 1, m)

@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, reading, uniq  # noqa: E402
+from harness import HubTestCase, main, reading, rkeys, uniq  # noqa: E402
 
 
 class Durability(HubTestCase):
@@ -27,7 +27,7 @@ class Durability(HubTestCase):
         return gw, d
 
     def xlen(self, d):
-        return self.redis.xlen("iot:tm:" + d)
+        return self.redis.xlen(rkeys.tm(d))
 
     async def test_no_ack_while_redis_stalled(self):
         gw, d = await self.gw_dev()
@@ -54,7 +54,7 @@ class Durability(HubTestCase):
             rep = await gw.telemetry(5, again)
             self.assertEqual((rep.get("type"), rep.get("seq")), ("ack", 5), "resend of seq 5: %r" % rep)
         self.assertEqual(self.xlen(d), 1, "resent frame stored twice")
-        self.assertEqual([json.loads(f["data"])["temperature"] for _, f in self.redis.xrange("iot:tm:" + d)],
+        self.assertEqual([json.loads(f["data"])["temperature"] for _, f in self.redis.xrange(rkeys.tm(d))],
                          [21.0])
         self.assertEqual(self.redis.xlen("iot:feed"), feed0 + 1, "resent frame added to iot:feed again")
 
@@ -81,7 +81,7 @@ class Durability(HubTestCase):
         self.assertEqual(self.xlen(d), 3, "frames resent after a reconnect were stored again")
         rep = await gw2.telemetry(4, [reading(d, 4.0)])
         self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
-        self.assertEqual([int(f["seq"]) for _, f in self.redis.xrange("iot:tm:" + d)], [1, 2, 3, 4])
+        self.assertEqual([int(f["seq"]) for _, f in self.redis.xrange(rkeys.tm(d))], [1, 2, 3, 4])
 
     async def test_resend_across_hub_restart(self):
         # The seq window lives in Redis: a new hub process on the same Redis
@@ -115,7 +115,7 @@ class Durability(HubTestCase):
         self.assertEqual(rep.get("type"), "ack", rep)
         rep = await gw.reply_for(2, 10)
         self.assertEqual(rep.get("type"), "ack", rep)
-        self.assertEqual(sorted(int(f["seq"]) for _, f in self.redis.xrange("iot:tm:" + d)), [1, 2],
+        self.assertEqual(sorted(int(f["seq"]) for _, f in self.redis.xrange(rkeys.tm(d))), [1, 2],
                          "a duplicate sent while the first copy was in flight was stored twice")
 
 
@@ -139,18 +139,18 @@ class SeqWindow(HubTestCase):
         for seq in range(1, 201):
             rep = await gw.telemetry(seq, [reading(d, 20.0)])
             self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
-        key = "iot:gw:%s:seqs" % gw.sub
+        key = rkeys.gw_seqs(gw.sub)
         card = int(self.redis.cmd("ZCARD", key))
         self.assertTrue(16 <= card <= 16 + 64, "window of %d seqs" % card)
-        self.assertEqual(self.redis.xlen("iot:tm:" + d), 200)
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 200)
         for seq in (200, 190, 185):  # inside the last 16: acked again, not stored
             rep = await gw.telemetry(seq, [reading(d, 20.0)])
             self.assertTrue(rep.get("duplicate"), "seq %d: %r" % (seq, rep))
-        self.assertEqual(self.redis.xlen("iot:tm:" + d), 200)
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 200)
         rep = await gw.telemetry(3, [reading(d, 20.0)])  # far below the window
         self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
         self.assertFalse(rep.get("duplicate"), rep)
-        self.assertEqual(self.redis.xlen("iot:tm:" + d), 201)
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 201)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import websockets  # noqa: E402
-from harness import HubTestCase, connect_gateway, main, now_ms, reading, try_upgrade, uniq, wait_until  # noqa: E402
+from harness import (HubTestCase, connect_gateway, main, now_ms, reading, rkeys, try_upgrade,  # noqa: E402
+                     uniq, wait_until)
 
 
 class Limits(HubTestCase):
@@ -28,7 +29,7 @@ class Limits(HubTestCase):
         return gw, devs
 
     def xlen(self, d):
-        return self.redis.xlen("iot:tm:" + d)
+        return self.redis.xlen(rkeys.tm(d))
 
     async def send_expect_close(self, gw, payload, code, what):
         try:
@@ -175,7 +176,7 @@ class Limits(HubTestCase):
         for seq in range(1, 21):
             rep = await gw.reply_for(seq, 10)
             self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), "seq %d: %r" % (seq, rep))
-        self.assertEqual(sorted(int(f["seq"]) for _, f in self.redis.xrange("iot:tm:" + d)), list(range(1, 21)))
+        self.assertEqual(sorted(int(f["seq"]) for _, f in self.redis.xrange(rkeys.tm(d))), list(range(1, 21)))
 
     async def test_takeover(self):
         hub = self.start_hub(self.redis)
@@ -193,9 +194,9 @@ class Limits(HubTestCase):
         self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
         self.assertEqual(self.xlen(d), 2)
         # marker was only on the old connection: it goes offline; d, taken over, stays online.
-        wait_until(lambda: self.redis.hgetall("iot:dev:" + marker).get("online") == "0", 5,
+        wait_until(lambda: self.redis.hgetall(rkeys.dev(marker)).get("online") == "0", 5,
                    what="device of the closed connection going offline")
-        h = self.redis.hgetall("iot:dev:" + d)
+        h = self.redis.hgetall(rkeys.dev(d))
         self.assertEqual((h.get("online"), h.get("gateway")), ("1", sub),
                          "device re-announced on the new connection: %r" % h)
         # A third connection takes over from the second one in turn.

@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, upgrade_request, uniq, wait_until  # noqa: E402
+from harness import HubTestCase, main, rkeys, upgrade_request, uniq, wait_until  # noqa: E402
 
 ARGS = ["--ping-interval-s", "1", "--ping-timeout-s", "3"]
 
@@ -48,7 +48,7 @@ class Liveness(HubTestCase):
         self.assertIn(b" 101 ", head.split(b"\r\n")[0])
         s.sendall(masked_text(json.dumps({"type": "announce", "devices": [
             {"device": d, "device_type": "thermostat"}]})))
-        wait_until(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "1", 5,
+        wait_until(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "1", 5,
                    what="device online after the raw announce")
         # From now on the peer reads frames (PINGs arrive) but never answers.
         t0 = time.monotonic()
@@ -65,7 +65,7 @@ class Liveness(HubTestCase):
         elapsed = time.monotonic() - t0
         self.assertTrue(got_ping, "the hub sent no PING to an idle gateway")
         self.assertLess(elapsed, 7.5, "a peer answering no PING was still connected after %.1f s" % elapsed)
-        wait_until(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5,
+        wait_until(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5,
                    what="device offline after its silent gateway was dropped")
 
     async def test_live_client_stays(self):

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, reading, uniq, wait_until  # noqa: E402
+from harness import HubTestCase, main, reading, rkeys, uniq, wait_until  # noqa: E402
 
 
 class MultiInstance(HubTestCase):
@@ -31,12 +31,12 @@ class MultiInstance(HubTestCase):
             rep = await gw.telemetry(1, [reading(d)])
             self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
             devices.append(d)
-        owners = {self.redis.hgetall("iot:dev:" + d).get("instance") for d in devices}
+        owners = {self.redis.hgetall(rkeys.dev(d)).get("instance") for d in devices}
         # The kernel spreads connections by address hash: with 40 of them both
         # processes serve some (all on one has probability 2^-39).
         self.assertEqual(owners, {"hub-a", "hub-b"}, "instances that served gateways: %r" % owners)
         for d in devices:
-            self.assertEqual(self.redis.xlen("iot:tm:" + d), 1, d)
+            self.assertEqual(self.redis.xlen(rkeys.tm(d)), 1, d)
 
     async def test_takeover_across_instances(self):
         a = self.start_hub(self.redis, extra=["--instance-id", "hub-a"])
@@ -59,14 +59,14 @@ class MultiInstance(HubTestCase):
         self.assertEqual((rep.get("type"), rep.get("duplicate")), ("ack", True), rep)
         rep = await new.telemetry(2, [reading(d, 21.0)])
         self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
-        self.assertEqual(self.redis.xlen("iot:tm:" + d), 2)
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 2)
         # A's disconnect must not mark the device offline: B owns it now.
         await asyncio.sleep(0.3)
-        h = self.redis.hgetall("iot:dev:" + d)
+        h = self.redis.hgetall(rkeys.dev(d))
         self.assertEqual((h.get("instance"), h.get("online")), ("hub-b", "1"), h)
         # And B's disconnect does.
         await new.close()
-        wait_until(lambda: self.redis.hgetall("iot:dev:" + d).get("online") == "0", 5,
+        wait_until(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5,
                    what="device offline after its gateway left instance B")
 
 

@@ -16,8 +16,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (SOURCE_DIR, HubTestCase, api_keys_file, http_get, http_request, main,  # noqa: E402
-                     now_ms)
+from harness import (SOURCE_DIR, HubTestCase, api_keys_file, http_get, http_request, main, now_ms,  # noqa: E402
+                     rkeys)
 
 DOC_PATH = os.path.join(SOURCE_DIR, "docs", "openapi.json")
 
@@ -404,14 +404,14 @@ class Live(Checks, HubTestCase):
         cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
         r = cls.redis
         for d, (typ, labels, online, seen) in DEVICES.items():
-            r.cmd("HSET", "iot:dev:" + d, "type", typ, "labels", json.dumps(labels), "gateway", "gw-1",
+            r.cmd("HSET", rkeys.dev(d), "type", typ, "labels", json.dumps(labels), "gateway", "gw-1",
                   "conn", "x:1", "instance", "x", "online", "1" if online else "0",
                   "last_seen", seen, "announced_at", seen)
             r.cmd("SADD", "iot:devices", d)
-            r.cmd("SADD", "iot:type:" + typ, d)
+            r.cmd("SADD", rkeys.type(typ), d)
         cls.t0 = now_ms() - 10000
         for i in range(3):
-            r.cmd("XADD", "iot:tm:t-1", "%d-0" % (cls.t0 + 1000 * i), "ts", cls.t0 + 1000 * i,
+            r.cmd("XADD", rkeys.tm("t-1"), "%d-0" % (cls.t0 + 1000 * i), "ts", cls.t0 + 1000 * i,
                   "data", json.dumps({"temperature": 20 + i}), "gw", "gw-1", "seq", i)
 
     # -- the document itself

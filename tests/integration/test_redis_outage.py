@@ -9,7 +9,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, Redis, free_port, http_get, main, reading, uniq  # noqa: E402
+from harness import HubTestCase, Redis, free_port, http_get, main, reading, rkeys, uniq  # noqa: E402
 
 
 class RedisOutage(HubTestCase):
@@ -98,7 +98,7 @@ class RedisOutage(HubTestCase):
         for s in unavailable[:5]:  # and once more: acked, not stored again
             rep = await gw.telemetry(s, frames[s])
             self.assertEqual(rep.get("type"), "ack", rep)
-        stored = sorted(int(f["seq"]) for _, f in redis.xrange("iot:tm:" + d))
+        stored = sorted(int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d)))
         self.assertEqual(stored, unavailable, "resent frames should be stored exactly once")
         hub.stop()
 
@@ -126,7 +126,7 @@ class RedisOutage(HubTestCase):
         self.assertLess(took, 3, "unavailable took %.1fs with redis-timeout-ms 300" % took)
         await self.wait_ready(hub, 200, 15)
         rep = await self.resend_until_acked(gw, 2, r2)
-        stored = [int(f["seq"]) for _, f in redis.xrange("iot:tm:" + d)]
+        stored = [int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d))]
         self.assertEqual(stored, [1, 2], "frame stored %d times after a stall + resend" % stored.count(2))
         self.assertEqual(redis.xlen("iot:feed"), feed0 + 1)
         hub.stop()
@@ -152,7 +152,7 @@ class RedisOutage(HubTestCase):
         rep = await gw.announce([(d, "thermostat")])
         self.assertEqual(rep.get("accepted"), [d], rep)
         rep = await self.resend_until_acked(gw, 1, [reading(d, 3.0)])
-        self.assertEqual(redis.xlen("iot:tm:" + d), 1)
+        self.assertEqual(redis.xlen(rkeys.tm(d)), 1)
         hub.stop()
 
 

@@ -19,7 +19,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import CommandResponder, HubTestCase, api_keys_file, http_json, main, now_ms, uniq  # noqa: E402
+from harness import (CommandResponder, HubTestCase, api_keys_file, http_json, main, now_ms, rkeys,  # noqa: E402
+                     uniq)
 
 # name: (key, scopes, devices patterns or None)
 KEYS = {"writer": ("iotk_ro_writer_000001", ["commands:write"], None),
@@ -155,7 +156,7 @@ class RolloutCase(HubTestCase):
         self.assertEqual(sorted(rep.get("accepted", [])), sorted(devices), rep)
         await gw.close()
         deadline = time.monotonic() + 5
-        while any(redis.hgetall("iot:dev:" + d).get("online") != "0" for d in devices):
+        while any(redis.hgetall(rkeys.dev(d)).get("online") != "0" for d in devices):
             if time.monotonic() > deadline:
                 self.fail("devices not offline in the registry")
             await asyncio.sleep(0.03)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SIM_BIN, TOKEN_BIN, HubTestCase, main, require_bin, uniq, wait_until  # noqa: E402
+from harness import SIM_BIN, TOKEN_BIN, HubTestCase, main, require_bin, rkeys, uniq, wait_until  # noqa: E402
 
 
 class Sim(HubTestCase):
@@ -37,12 +37,12 @@ class Sim(HubTestCase):
             shlex.quote(TOKEN_BIN), shlex.quote(self.secret_file), prefix)
 
     def stored(self, prefix):
-        """{device: XLEN} of every iot:tm:<prefix>* stream."""
+        """{device: XLEN} of the telemetry stream of every device <prefix>*."""
         out, cursor = {}, "0"
         while True:
-            cursor, keys = self.redis.cmd("SCAN", cursor, "MATCH", "iot:tm:%s*" % prefix, "COUNT", 1000)
-            for k in keys:
-                out[k[len("iot:tm:"):]] = self.redis.xlen(k)
+            cursor, found = self.redis.cmd("SCAN", cursor, "MATCH", rkeys.tm(prefix + "*"), "COUNT", 1000)
+            for k in found:
+                out[k[len("iot:tm:{"):-1]] = self.redis.xlen(k)
             if cursor == "0":
                 return out
 
@@ -67,11 +67,11 @@ class Sim(HubTestCase):
         stored = self.stored(prefix)
         self.assertEqual(len(stored), 15, "streams for 5 x 3 devices: %r" % stored)
         self.assertEqual(sum(stored.values()), s["readings_acked"],
-                         "readings in iot:tm:%s-* %r differ from the %d gw-sim saw acked"
+                         "readings in the streams of %s-* %r differ from the %d gw-sim saw acked"
                          % (prefix, stored, s["readings_acked"]))
         self.assertGreaterEqual(s["readings_acked"], 5 * 50 * 3 // 2,
                                 "far fewer readings than 5 gateways x 50/s x 3 s: %s" % json.dumps(s))
-        wait_until(lambda: self.redis.hgetall("iot:dev:%s-0004-d2" % prefix).get("online") == "0", 5,
+        wait_until(lambda: self.redis.hgetall(rkeys.dev("%s-0004-d2" % prefix)).get("online") == "0", 5,
                    what="devices offline once gw-sim has gone")
 
     async def test_single_gateway_shared_token(self):

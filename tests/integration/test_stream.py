@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (STREAM_PATH, STREAM_PROTO, HubTestCase, api_keys_file, connect_dashboard,  # noqa: E402
-                     hs256, http_get, main, metric_value, now_ms, parse_metrics, reading, try_upgrade, uniq,
-                     upgrade_request, wait_until, websockets)
+                     hs256, http_get, main, metric_value, now_ms, parse_metrics, reading, rkeys, try_upgrade,
+                     uniq, upgrade_request, wait_until, websockets)
 
 # name: (key, scopes, devices patterns or None)
 KEYS = {"reader": ("iotk_stream_reader_0001", ["telemetry:read"], None),
@@ -875,7 +875,7 @@ class StreamRaw(StreamCase):
                 if "ts" in r:
                     self.assertEqual(m["ts"], r["ts"], m)
                 else:  # hub-stamped: the stored ts
-                    stored = stored or xrange_from(self.redis, "iot:tm:" + r["device"])
+                    stored = stored or xrange_from(self.redis, rkeys.tm(r["device"]))
                     self.assertEqual(m["ts"], int(stored[-1][1]["ts"]), (m, stored[-1]))
                     self.assertLess(abs(m["ts"] - now_ms()), 60000, m)
                 self.assertEqual(m["pos"], pos, "reading of frame %d: pos %s, iot:feed id %s" % (seq, m["pos"], pos))
@@ -958,7 +958,7 @@ class StreamMulti(StreamCase):
                                 "online from both gateways")
         # the first gateway no longer owns the device: its close is not an offline
         await first.close()
-        wait_until(lambda: self.redis.cmd("HGET", "iot:dev:" + dev, "gateway") == second.sub, 2,
+        wait_until(lambda: self.redis.cmd("HGET", rkeys.dev(dev), "gateway") == second.sub, 2,
                    what="device owned by the second gateway")
         got += await dash.collect(0.5)
         await second.close()

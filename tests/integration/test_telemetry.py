@@ -1,4 +1,4 @@
-"""Telemetry ingest (CONTRACT §2): valid readings stored in iot:tm:<device>
+"""Telemetry ingest (CONTRACT §2): valid readings stored in iot:tm:{<device>}
 and iot:feed, each per-reading rejection with its exact fields and index,
 hub-stamped ts, bad_json / bad_message errors that keep the connection."""
 
@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, now_ms, reading, uniq  # noqa: E402
+from harness import HubTestCase, main, now_ms, reading, rkeys, uniq  # noqa: E402
 
 DAY_MS = 86400 * 1000
 
@@ -29,10 +29,10 @@ class Telemetry(HubTestCase):
         return gw, devs
 
     def stream(self, device):
-        return self.redis.xrange("iot:tm:" + device)
+        return self.redis.xrange(rkeys.tm(device))
 
     def xlen(self, device):
-        return self.redis.xlen("iot:tm:" + device)
+        return self.redis.xlen(rkeys.tm(device))
 
     def assert_ack(self, rep, seq, accepted, nrejected=0):
         self.assertEqual(rep.get("type"), "ack", "expected an ack for seq %s, got %r" % (seq, rep))
@@ -59,8 +59,8 @@ class Telemetry(HubTestCase):
         self.assertEqual(f.get("gw"), gw.sub, f)
         self.assertEqual(f.get("seq"), "1", f)
         self.assertEqual(self.redis.xlen("iot:feed"), feed0 + 1, "iot:feed should get one entry per stored frame")
-        seqs = self.redis.cmd("ZRANGE", "iot:gw:%s:seqs" % gw.sub, 0, -1, "WITHSCORES")
-        self.assertTrue("1" in seqs, "seq 1 not in iot:gw:%s:seqs: %r" % (gw.sub, seqs))
+        seqs = self.redis.cmd("ZRANGE", rkeys.gw_seqs(gw.sub), 0, -1, "WITHSCORES")
+        self.assertTrue("1" in seqs, "seq 1 not in %s: %r" % (rkeys.gw_seqs(gw.sub), seqs))
 
     async def test_data_stored_as_written(self):
         # data is stored as the gateway wrote it, compacted: 21.50 keeps its

@@ -8,8 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import websockets  # noqa: E402
-from harness import (HubTestCase, client_cert, client_ssl_ctx, connect_gateway, dev_certs, http_get, main,  # noqa: E402
-                     raw_http, reading, try_upgrade, uniq, upgrade_request)
+from harness import (HubTestCase, client_cert, client_ssl_ctx, connect_gateway, dev_certs,  # noqa: E402
+                     http_get, main, raw_http, reading, rkeys, try_upgrade, uniq, upgrade_request)
 
 CLIENT_CN = "dev-gw"  # gen-dev-certs.sh's default client CN
 
@@ -50,7 +50,7 @@ class TLSBase(HubTestCase):
         self.assertEqual(rep.get("accepted"), [d], rep)
         rep = await gw.telemetry(1, [reading(d)])
         self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
-        self.assertEqual(self.redis.xlen("iot:tm:" + d), 1)
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 1)
         return gw
 
 

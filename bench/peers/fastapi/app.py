@@ -184,7 +184,7 @@ async def telemetry(gw: str, devices: dict, m: dict) -> dict:
         try:
             async with REDIS.pipeline(transaction=False) as pipe:
                 for r in ok:
-                    pipe.xadd(f"iot:tm:{r['device']}",
+                    pipe.xadd(f"iot:tm:{{{r['device']}}}",
                               {"ts": r.get("ts") if r.get("ts") is not None else now,
                                "data": json.dumps(r["data"], separators=(",", ":")),
                                "gw": gw, "seq": seq},

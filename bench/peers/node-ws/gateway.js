@@ -144,7 +144,7 @@ function createGateway({ types, redis }) {
         continue;
       }
       if (!pipe) pipe = redis.pipeline();
-      pipe.xadd(`iot:tm:${r.device}`, 'MAXLEN', '~', MAXLEN, '*',
+      pipe.xadd(`iot:tm:{${r.device}}`, 'MAXLEN', '~', MAXLEN, '*',
         'ts', String(r.ts != null ? r.ts : now), 'data', JSON.stringify(r.data),
         'gw', st.gw, 'seq', sseq);
       accepted++;
