@@ -106,6 +106,7 @@ static void render(hub_buf *o, const redisReply *h, const redisReply *log)
 		{ "sent_at", "sent_at", 'n' }, { "deadline", "deadline", 'n' },
 		{ "progress", "progress", 'n' }, { "message", "message", 's' },
 		{ "result", "result", 'j' }, { "error", "error", 's' }, { "rollout", "rollout", 's' },
+		{ "ignored_acks", "ignored_acks", 'c' }, { "last_ignored_ack", "last_ignored_ack", 'j' },
 	};
 
 	hub_buf_puts(o, "{");
@@ -114,7 +115,9 @@ static void render(hub_buf *o, const redisReply *h, const redisReply *log)
 		if (i)
 			hub_buf_puts(o, ",");
 		hub_buf_printf(o, "\"%s\":", fields[i].out);
-		if (!v || (!v->len && fields[i].kind != 's') ||
+		if (fields[i].kind == 'c' && (!v || !v->len))
+			hub_buf_puts(o, "0");
+		else if (!v || (!v->len && fields[i].kind != 's') ||
 		    (!v->len && !strcmp(fields[i].key, "rollout")))
 			hub_buf_puts(o, fields[i].kind == 'j' && !strcmp(fields[i].key, "params") ? "{}" : "null");
 		else if (fields[i].kind == 's')

@@ -18,13 +18,18 @@
 
 #define SWEEP_US       (1000 * 1000)
 #define SWEEP_BATCH    "256"
+#define CMD_HISTORY_MAX_S "100"   /* docs/commands.md */
 
 /* ---- the scripts -----------------------------------------------------------
  * Every script gets the current time as ARGV[1] and shares this prelude:
  * load a command, append a history entry, publish a status event on the
  * dashboard `commands` stream (docs/dashboard.md line framing), and `set`,
  * the one way a state changes (final states leave the timers and the
- * device's queue, and expire after 30 days). Key names come from hub/keys.h. */
+ * device's queue, and expire after 30 days). Key names come from hub/keys.h.
+ * A history keeps CMD_HISTORY_MAX entries: past that, the oldest after the
+ * first (`queued`) goes, so the newest transitions and the final state are
+ * always there. Acks that change nothing are not history: they only bump
+ * `ignored_acks` and overwrite `last_ignored_ack` (nothing grows). */
 #define PRELUDE HUB_LUA_KEYS \
 	"local now = tonumber(ARGV[1])\n" \
 	"local FINAL = {succeeded=true, failed=true, rejected=true, timed_out=true, expired=true, canceled=true}\n" \
@@ -35,7 +40,13 @@
 	"  for i = 1, #a, 2 do c[a[i]] = a[i + 1] end\n" \
 	"  return c\n" \
 	"end\n" \
-	"local function hist(c, entry) redis.call('RPUSH', kcmdhist(c.id), entry) end\n" \
+	"local function hist(c, entry)\n" \
+	"  local k = kcmdhist(c.id)\n" \
+	"  if redis.call('RPUSH', k, entry) > " CMD_HISTORY_MAX_S " then\n" \
+	"    redis.call('LSET', k, 1, '')\n" \
+	"    redis.call('LREM', k, 1, '')\n" \
+	"  end\n" \
+	"end\n" \
 	"local function event(c, status, extra)\n" \
 	"  local d = redis.call('HMGET', kdev(c.device), 'type', 'labels')\n" \
 	"  local body = '\"id\":' .. cjson.encode(c.id) .. ',\"device\":' .. cjson.encode(c.device) ..\n" \
@@ -151,7 +162,8 @@ static const char ack_lua[] = PRELUDE
 	"if ARGV[7] ~= '' then extra = extra .. ',\"result\":' .. ARGV[7]; f[#f + 1] = 'result'; f[#f + 1] = ARGV[7] end\n"
 	"if ARGV[8] ~= '' then extra = extra .. ',\"error\":' .. cjson.encode(ARGV[8]); f[#f + 1] = 'error'; f[#f + 1] = ARGV[8] end\n"
 	"if not ok then\n"
-	"  hist(c, '{\"status\":\"' .. st .. '\",\"at\":' .. now .. extra .. ',\"applied\":false}')\n"
+	"  redis.call('HINCRBY', kcmd(c.id), 'ignored_acks', 1)\n"
+	"  redis.call('HSET', kcmd(c.id), 'last_ignored_ack', '{\"status\":\"' .. st .. '\",\"at\":' .. now .. '}')\n"
 	"  return {0, c.status}\n"
 	"end\n"
 	"if not FINAL[st] then redis.call('ZADD', K_TIMERS, c.deadline, c.id) end\n"

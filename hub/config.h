@@ -37,6 +37,13 @@ struct hub_config {
 	double device_burst;
 	double gateway_rate;
 	double gateway_burst;
+	double announce_rate;
+	double announce_burst;
+	double command_ack_rate;
+	double command_ack_burst;
+	double gateway_connect_rate;
+	double gateway_connect_burst;
+	int max_command_result_bytes;
 	int clock_skew_future_s;
 	int clock_skew_past_s;
 	long device_stream_maxlen;

@@ -44,7 +44,7 @@
 /* Prefixes of keys around a braced user-chosen name. */
 #define HUB_KEY_DEV              "iot:dev:"      /* {device}, {device}:cmds, :cmdlog, :cancels */
 #define HUB_KEY_TM               "iot:tm:"       /* {device} */
-#define HUB_KEY_GW               "iot:gw:"       /* {gateway}:seqs, {gateway}:epoch */
+#define HUB_KEY_GW               "iot:gw:"       /* {gateway}:seqs, :epoch, :limits */
 #define HUB_KEY_TYPE             "iot:type:"     /* {device type} */
 #define HUB_KEY_IDEM             "iot:idem:"     /* {owner}:<Idempotency-Key> */
 
@@ -58,6 +58,7 @@
 #define HUB_CH_COMMANDS          "iot:live:commands"
 #define HUB_CH_AGG               "iot:live:agg"
 #define HUB_CH_TAKEOVER          "iot:ctl:takeover"
+#define HUB_CH_DEVTAKE           "iot:ctl:devtake"   /* devices that changed connection */
 #define HUB_CH_CTL_CMD           "iot:ctl:cmd:"  /* + instance id */
 
 /* Longest key or channel built from one id: "iot:dev:{" + 128 + "}:cancels"
@@ -117,6 +118,13 @@ static inline size_t hub_key_gw_epoch(char *buf, size_t n, const char *gateway)
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_GW, gateway, ":epoch");
 }
 
+/* iot:gw:{<gateway>}:limits: the gateway's rate limits between
+ * connections (hash of theoretical arrival times, ms). */
+static inline size_t hub_key_gw_limits(char *buf, size_t n, const char *gateway)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_GW, gateway, ":limits");
+}
+
 /* iot:type:{<type>}: the devices of a type. */
 static inline size_t hub_key_type(char *buf, size_t n, const char *type)
 {
@@ -165,6 +173,8 @@ static inline size_t hub_ch_ctl_cmd(char *buf, size_t n, const char *instance)
 	"local function kcmdlog(d) return '" HUB_KEY_DEV "{' .. d .. '}:cmdlog' end\n"
 #define HUB_LUA_KCANCELS \
 	"local function kcancels(d) return '" HUB_KEY_DEV "{' .. d .. '}:cancels' end\n"
+#define HUB_LUA_KGW \
+	"local function kgw(g, suffix) return '" HUB_KEY_GW "{' .. g .. '}' .. suffix end\n"
 #define HUB_LUA_KTYPE \
 	"local function ktype(t) return '" HUB_KEY_TYPE "{' .. t .. '}' end\n"
 #define HUB_LUA_KIDEM \

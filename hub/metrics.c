@@ -130,6 +130,14 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->commands_sent_total);
 	counter(o, "iot_hub_command_acks_total", "command_ack messages handled.",
 		m->command_acks_total);
+	counter(o, "iot_hub_command_acks_limited_total", "command_acks answered rate_limited.",
+		m->command_acks_limited_total);
+	counter(o, "iot_hub_gateway_connects_refused_total",
+		"Gateway connections closed with 4029 (gateway-connect-rate).",
+		m->gateway_connects_refused_total);
+	counter(o, "iot_hub_devices_taken_total",
+		"Devices of this instance's connections announced by another connection.",
+		m->devices_taken_total);
 	counter(o, "iot_hub_redis_connects_total", "Redis command-connection attempts.",
 		m->redis_reconnects_total);
 	counter(o, "iot_hub_redis_errors_total", "Redis error replies.", m->redis_errors_total);

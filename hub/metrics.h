@@ -78,6 +78,9 @@ struct hub_metrics {
 	uint64_t commands_created_total;
 	uint64_t commands_sent_total;      /* command messages written to gateways (with resends) */
 	uint64_t command_acks_total;
+	uint64_t command_acks_limited_total; /* answered rate_limited */
+	uint64_t gateway_connects_refused_total; /* closed 4029 */
+	uint64_t devices_taken_total;      /* local devices announced by another connection */
 	uint64_t aggregate_late_partials_total; /* partials after their window was emitted */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */

@@ -70,34 +70,98 @@ static const char store_lua[] =
 	"end\n"
 	"return out\n";
 
+/* Rate limits kept between connections (docs/protocol.md "Limits"): each
+ * is a theoretical arrival time (TAT, wall-clock ms; hub/ratelimit.h), and
+ * a save keeps the later of the stored and the new one, so an older or
+ * concurrent write never refills a bucket. The gateway's are fields of
+ * iot:gw:{g}:limits (which expires once every TAT is past), a device's the
+ * field `rl` of its registry hash. */
+#define LUA_MAXSET \
+	"local function maxset(key, field, v)\n" \
+	"  v = tonumber(v)\n" \
+	"  if v and v > 0 and v > tonumber(redis.call('HGET', key, field) or 0) then\n" \
+	"    redis.call('HSET', key, field, v)\n" \
+	"  end\n" \
+	"end\n"
+
+/* ARGV = gateway, now ms, connect rate (per s, 0 = unlimited), connect
+ * burst. A new connection of the gateway: its epoch (INCR, orders takeovers
+ * across instances), whether the connect rate allows it (GCRA on the
+ * `connect` TAT), and the gateway's stored TATs.
+ * -> {epoch, allowed 1|0, retry ms, telemetry TAT, announce TAT, ack TAT} */
+static const char connect_lua[] = HUB_LUA_KGW
+	"local g, now = ARGV[1], tonumber(ARGV[2])\n"
+	"local rate, burst = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+	"local epoch = redis.call('INCR', kgw(g, ':epoch'))\n"
+	"local lk = kgw(g, ':limits')\n"
+	"local h = redis.call('HMGET', lk, 'connect', 'telemetry', 'announce', 'ack')\n"
+	"local ok, retry = 1, 0\n"
+	"if rate > 0 then\n"
+	"  local t = 1000 / rate\n"
+	"  local tat = math.max(tonumber(h[1] or 0), now) + t\n"
+	"  if tat - now > burst * t then\n"
+	"    ok, retry = 0, math.ceil(tat - now - burst * t)\n"
+	"  else\n"
+	"    redis.call('HSET', lk, 'connect', tat)\n"
+	"    redis.call('PEXPIRE', lk, math.ceil(tat - now) + 60000)\n"
+	"  end\n"
+	"end\n"
+	"return {epoch, ok, retry, h[2] or '0', h[3] or '0', h[4] or '0'}\n";
+
+/* ARGV = gateway, now ms, telemetry TAT, announce TAT, ack TAT (0 = none). */
+static const char limits_lua[] = HUB_LUA_KGW LUA_MAXSET
+	"local lk, now = kgw(ARGV[1], ':limits'), tonumber(ARGV[2])\n"
+	"maxset(lk, 'telemetry', ARGV[3])\n"
+	"maxset(lk, 'announce', ARGV[4])\n"
+	"maxset(lk, 'ack', ARGV[5])\n"
+	"local h = redis.call('HVALS', lk)\n"
+	"local last = now\n"
+	"for _, v in ipairs(h) do last = math.max(last, tonumber(v) or 0) end\n"
+	"redis.call('PEXPIRE', lk, math.ceil(last - now) + 60000)\n"
+	"return 1\n";
+
 /* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels).
- * Publishes one presence event line per device (ids and type names are
- * [A-Za-z0-9._:-], so they need no JSON escaping). */
+ * Registers the devices as owned by conn. Presence is published only for a
+ * device whose state changed (it was offline or owned by another
+ * connection, or its type or labels changed), so re-announcing changes
+ * nothing and costs the dashboards nothing; devices taken from another
+ * connection are named on HUB_CH_DEVTAKE ("device conn" lines) so that
+ * connection stops storing their readings. Ids and type names are
+ * [A-Za-z0-9._:-]: no JSON escaping. -> each device's stored rate-limit
+ * TAT, in order. */
 static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_FIXED
-	"local n = tonumber(ARGV[5])\n"
-	"local ev = {}\n"
+	"local n, conn = tonumber(ARGV[5]), ARGV[2]\n"
+	"local ev, taken, tats = {}, {}, {}\n"
 	"for i = 0, n - 1 do\n"
-	"  local dev, typ = ARGV[6 + 3 * i], ARGV[7 + 3 * i]\n"
+	"  local dev, typ, labels = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]\n"
 	"  local key = kdev(dev)\n"
-	"  local old = redis.call('HGET', key, 'type')\n"
-	"  if old and old ~= typ then redis.call('SREM', ktype(old), dev) end\n"
-	"  redis.call('HSET', key, 'type', typ, 'labels', ARGV[8 + 3 * i],\n"
-	"             'gateway', ARGV[1], 'conn', ARGV[2], 'instance', ARGV[3],\n"
+	"  local old = redis.call('HMGET', key, 'type', 'labels', 'conn', 'online', 'rl')\n"
+	"  if old[1] and old[1] ~= typ then redis.call('SREM', ktype(old[1]), dev) end\n"
+	"  if old[3] and old[3] ~= conn and old[4] == '1' then\n"
+	"    taken[#taken + 1] = dev .. ' ' .. conn .. '\\n'\n"
+	"  end\n"
+	"  redis.call('HSET', key, 'type', typ, 'labels', labels,\n"
+	"             'gateway', ARGV[1], 'conn', conn, 'instance', ARGV[3],\n"
 	"             'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
 	"  redis.call('SADD', K_DEVICES, dev)\n"
 	"  redis.call('SADD', ktype(typ), dev)\n"
-	"  ev[#ev + 1] = dev .. '\\t' .. typ .. '\\t' .. ARGV[8 + 3 * i] ..\n"
-	"    '\\t\"device\":\"' .. dev .. '\",\"online\":true,\"at\":' .. ARGV[4] ..\n"
-	"    ',\"gateway\":\"' .. ARGV[1] .. '\",\"device_type\":\"' .. typ .. '\"\\n'\n"
+	"  if old[3] ~= conn or old[4] ~= '1' or old[1] ~= typ or old[2] ~= labels then\n"
+	"    ev[#ev + 1] = dev .. '\\t' .. typ .. '\\t' .. labels ..\n"
+	"      '\\t\"device\":\"' .. dev .. '\",\"online\":true,\"at\":' .. ARGV[4] ..\n"
+	"      ',\"gateway\":\"' .. ARGV[1] .. '\",\"device_type\":\"' .. typ .. '\"\\n'\n"
+	"  end\n"
+	"  tats[i + 1] = old[5] or '0'\n"
 	"end\n"
-	"redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev))\n"
-	"return n\n";
+	"if #ev > 0 then redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev)) end\n"
+	"if #taken > 0 then redis.call('PUBLISH', '" HUB_CH_DEVTAKE "', table.concat(taken)) end\n"
+	"return tats\n";
 
-/* ARGV = conn, now ms, then devices. Publishes presence for the devices it
- * marks offline. */
-static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_FIXED
+/* ARGV = conn, now ms, then devices and their rate-limit TATs. Marks
+ * offline (and publishes presence for) the devices still owned by conn;
+ * keeps every TAT. */
+static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_FIXED LUA_MAXSET
 	"local ev = {}\n"
-	"for i = 3, #ARGV do\n"
+	"for i = 3, #ARGV, 2 do\n"
 	"  local dev = ARGV[i]\n"
 	"  local key = kdev(dev)\n"
 	"  local h = redis.call('HMGET', key, 'conn', 'type', 'labels', 'gateway')\n"
@@ -107,18 +171,32 @@ static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_FIXED
 	"      '\\t\"device\":\"' .. dev .. '\",\"online\":false,\"at\":' .. ARGV[2] ..\n"
 	"      ',\"gateway\":\"' .. h[4] .. '\",\"device_type\":\"' .. h[2] .. '\"\\n'\n"
 	"  end\n"
+	"  if h[2] then maxset(key, 'rl', ARGV[i + 1]) end\n"
 	"end\n"
 	"if #ev > 0 then redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev)) end\n"
 	"return #ev\n";
 
-/* ARGV = now ms, then devices: last_seen of devices that sent readings. */
-static const char seen_lua[] = HUB_LUA_KDEV
-	"for i = 2, #ARGV do\n"
-	"  redis.call('HSET', kdev(ARGV[i]), 'last_seen', ARGV[1])\n"
+/* ARGV = now ms, then (device, conn, TAT) triples: last_seen and the
+ * rate-limit TAT of devices that sent readings. -> the 0-based indexes of
+ * the triples whose device another connection owns (its takeover notice was
+ * missed: the hub drops them now, within a second). A device with no
+ * registry entry (Redis lost it) is left alone: no partial record. */
+static const char seen_lua[] = HUB_LUA_KDEV LUA_MAXSET
+	"local lost = {}\n"
+	"for i = 2, #ARGV, 3 do\n"
+	"  local key = kdev(ARGV[i])\n"
+	"  local owner = redis.call('HGET', key, 'conn')\n"
+	"  if owner == ARGV[i + 1] then\n"
+	"    redis.call('HSET', key, 'last_seen', ARGV[1])\n"
+	"    maxset(key, 'rl', ARGV[i + 2])\n"
+	"  elseif owner then\n"
+	"    lost[#lost + 1] = (i - 2) / 3\n"
+	"  end\n"
 	"end\n"
-	"return #ARGV - 1\n";
+	"return lost\n";
 
-static int script_store, script_announce, script_offline, script_seen;
+static int script_store, script_announce, script_offline, script_seen, script_connect,
+	   script_limits;
 
 void hub_registry_init(struct hub *hub)
 {
@@ -126,6 +204,8 @@ void hub_registry_init(struct hub *hub)
 	script_announce = hub_redis_add_script(hub->redis, announce_lua);
 	script_offline = hub_redis_add_script(hub->redis, offline_lua);
 	script_seen = hub_redis_add_script(hub->redis, seen_lua);
+	script_connect = hub_redis_add_script(hub->redis, connect_lua);
+	script_limits = hub_redis_add_script(hub->redis, limits_lua);
 }
 
 /* ---- RESP built in place -------------------------------------------------
@@ -199,15 +279,44 @@ static int resp_send(struct hub *hub, hub_redis_cb cb, void *arg)
 	return rc;
 }
 
-void hub_registry_seen(struct hub *hub, int64_t now_ms,
-		       const char *const *devices, size_t n)
+int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_item *items,
+		      size_t n, hub_redis_cb cb, void *arg)
 {
-	if (!n)
-		return;
-	resp_eval(hub, script_seen, 0, 1 + n);
+	resp_eval(hub, script_seen, 0, 1 + 3 * n);
 	resp_int(now_ms);
-	for (size_t i = 0; i < n; i++)
-		resp_str(devices[i]);
+	for (size_t i = 0; i < n; i++) {
+		resp_str(items[i].device);
+		resp_str(items[i].conn);
+		resp_int(items[i].tat_ms);
+	}
+	return resp_send(hub, cb, arg);
+}
+
+int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
+			 hub_redis_cb cb, void *arg)
+{
+	char num[32];
+	int n;
+
+	resp_eval(hub, script_connect, 0, 4);
+	resp_str(gateway);
+	resp_int(hub_now_ms());
+	n = snprintf(num, sizeof(num), "%.17g", rate);
+	resp_arg(num, (size_t)n);
+	n = snprintf(num, sizeof(num), "%.17g", burst);
+	resp_arg(num, (size_t)n);
+	return resp_send(hub, cb, arg);
+}
+
+void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t telemetry_tat,
+			      int64_t announce_tat, int64_t ack_tat)
+{
+	resp_eval(hub, script_limits, 0, 5);
+	resp_str(gateway);
+	resp_int(hub_now_ms());
+	resp_int(telemetry_tat);
+	resp_int(announce_tat);
+	resp_int(ack_tat);
 	resp_send(hub, NULL, NULL);
 }
 
@@ -229,14 +338,16 @@ int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn
 	return resp_send(hub, cb, arg);
 }
 
-void hub_registry_offline(struct hub *hub, const char *conn,
-			  const char *const *devices, size_t n)
+void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,
+			  const int64_t *tats, size_t n)
 {
-	resp_eval(hub, script_offline, 0, 2 + n);
+	resp_eval(hub, script_offline, 0, 2 + 2 * n);
 	resp_str(conn);
 	resp_int(hub_now_ms());
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		resp_str(devices[i]);
+		resp_int(tats[i]);
+	}
 	resp_send(hub, NULL, NULL);
 }
 

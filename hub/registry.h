@@ -28,22 +28,44 @@ struct hub_announce_item {
 	size_t labels_len;
 };
 
-/* Marks devices online, owned by conn (a connection id), with type and labels.
- * Reply: integer count. */
+/* Marks devices online, owned by conn (a connection id), with type and labels;
+ * presence only for devices whose state changed; devices taken from another
+ * connection are named on the takeover channel (keys.h HUB_CH_DEVTAKE).
+ * Reply: an array with each device's stored rate-limit TAT (ms, "0": none). */
 int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
 			  const struct hub_announce_item *items, size_t n,
 			  hub_redis_cb cb, void *arg);
 
 /* Marks devices offline, but only those still owned by conn (a takeover on any
- * instance moved the others). Fire and forget. */
-void hub_registry_offline(struct hub *hub, const char *conn,
-			  const char *const *devices, size_t n);
+ * instance moved the others), and keeps each device's rate-limit TAT (tats[i],
+ * ms; 0 = none). Fire and forget. */
+void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,
+			  const int64_t *tats, size_t n);
 
-/* Sets last_seen = now_ms on devices (fire and forget). The owning hub calls
- * it about once a second for devices that sent readings, instead of a write
- * per frame. */
-void hub_registry_seen(struct hub *hub, int64_t now_ms,
-		       const char *const *devices, size_t n);
+struct hub_seen_item {
+	const char *device;
+	const char *conn;      /* the connection that thinks it owns it */
+	int64_t tat_ms;        /* its rate-limit TAT, 0 = none */
+};
+
+/* Sets last_seen = now_ms and keeps the TAT of devices still owned by their
+ * item's conn. The owning hub calls it about once a second for devices that
+ * sent readings, instead of a write per frame. Reply: an array of the
+ * 0-based indexes of items whose device conn no longer owns. cb may be NULL. */
+int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_item *items,
+		      size_t n, hub_redis_cb cb, void *arg);
+
+/* A new connection of gateway: INCRs its epoch, applies the connect rate
+ * (rate/s, burst; rate 0 = unlimited) and reads its stored rate limits.
+ * Reply: {epoch, allowed 1|0, retry ms, telemetry TAT, announce TAT, ack
+ * TAT} (TATs as strings, "0" = none). */
+int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
+			 hub_redis_cb cb, void *arg);
+
+/* Keeps the gateway's rate-limit TATs (ms; 0 = none): a later stored value
+ * wins. Fire and forget. */
+void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t telemetry_tat,
+			      int64_t announce_tat, int64_t ack_tat);
 
 struct hub_store_reading {
 	const char *device;

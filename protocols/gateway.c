@@ -20,6 +20,7 @@
 #define RX_KEEP_BYTES    (16 * 1024)  /* reassembly buffer kept between frames */
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
 #define CLOSE_TAKEOVER   4001
+#define CLOSE_CONNECT_RATE 4029       /* reconnecting faster than gateway-connect-rate */
 #define DATA_DUMP_RESERVE 512         /* room for one reading's data JSON */
 
 struct gw_conn;
@@ -29,6 +30,7 @@ struct gw_dev {
 	const schema_type *type;   /* valid while type_gen == hub->schemas_gen */
 	uint32_t type_gen;
 	bool seen;                 /* readings since the last last_seen flush */
+	bool lost;                 /* announced since by another connection */
 	hub_bucket bucket;
 	struct agg_state *agg;     /* its current 1 s partial (agg_partial's cache) */
 	char *labels;              /* compact JSON object, keys sorted */
@@ -44,6 +46,7 @@ struct gw_reply {
 	struct gw_conn *conn;
 	bool waiting;
 	bool is_announce;
+	bool holds;                /* the connection is not read until it is ready */
 	char **announced;          /* accepted devices: their commands go out once registered */
 	size_t nannounced;
 	int64_t seq;
@@ -62,7 +65,14 @@ struct gw_conn {
 	char *conn_id;             /* "<instance>:<serial>" */
 	auth_principal who;
 	hub_strmap devices;        /* device id -> struct gw_dev * */
-	hub_bucket bucket;
+	hub_bucket bucket;         /* readings */
+	hub_bucket announce_bucket, ack_bucket;
+	bool limits_dirty;         /* a bucket changed since its TATs were saved */
+	unsigned holds;            /* not read while Redis has yet to answer: the
+				    * connect (limits, epoch), an announce (the
+				    * devices' limits) */
+	struct gw_conn *displaced; /* the local connection of the gateway this one
+				    * replaces once its connect is allowed */
 	hub_buf rx;                /* fragment reassembly, capped */
 	const char **seen;         /* devices with readings since the last flush */
 	size_t nseen, seen_cap;
@@ -75,6 +85,7 @@ struct gw_conn {
 	int64_t beaten_by;         /* highest foreign epoch seen before ours */
 	int close_code;
 	const char *close_reason;
+	char close_reason_buf[96];
 };
 
 struct gw_pss {
@@ -155,14 +166,15 @@ static void reply_free(struct gw_reply *r)
 static void conn_update_flow(struct gw_conn *c)
 {
 	struct hub_config *cfg = &c->hub->cfg;
-	bool over = c->waiting >= (unsigned)cfg->max_inflight_frames ||
+	bool over = c->holds || c->waiting >= (unsigned)cfg->max_inflight_frames ||
 		    c->queued >= (unsigned)cfg->max_inflight_frames + QUEUE_SLACK;
 
 	if (!c->wsi || c->draining || c->closing)
 		return;
 	if (over && !c->paused) {
 		c->paused = true;
-		c->hub->metrics.flow_paused_total++;
+		if (!c->holds)
+			c->hub->metrics.flow_paused_total++;
 		lws_rx_flow_control(c->wsi, 0);
 	} else if (!over && c->paused) {
 		c->paused = false;
@@ -256,6 +268,23 @@ static void queue_error(struct gw_conn *c, const char *code, int64_t seq,
 	struct gw_reply *r = reply_new(c);
 
 	gw_write_error(&r->out, code, seq, retry_after_ms, message);
+	enqueue(c, r);
+}
+
+/* An error about a command_ack, naming its id (ids are at most
+ * GW_ACK_ID_MAX bytes by now, or the reason says they were not). */
+static void queue_ack_error(struct gw_conn *c, const char *code, const char *id,
+			    int64_t retry_after_ms, const char *message)
+{
+	struct gw_reply *r = reply_new(c);
+
+	hub_buf_printf(&r->out, "{\"type\":\"error\",\"code\":\"%s\",\"id\":", code);
+	hub_buf_json_str(&r->out, id, strnlen(id, GW_ACK_ID_MAX));
+	if (retry_after_ms > 0)
+		hub_buf_printf(&r->out, ",\"retry_after_ms\":%lld", (long long)retry_after_ms);
+	hub_buf_puts(&r->out, ",\"message\":");
+	hub_buf_json_str(&r->out, message, strlen(message));
+	hub_buf_puts(&r->out, "}");
 	enqueue(c, r);
 }
 
@@ -519,6 +548,12 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		/* An announced device passed this connection's token patterns at
 		 * announce; only an unknown one needs them, to pick the code. */
 		d = hub_strmap_get(&c->devices, rd.device, rd.device_len);
+		if (d && d->lost) {
+			reject(&r->rejected, i, &rd, HUB_REJ_UNKNOWN_DEVICE);
+			hub_buf_puts(&r->rejected, ",\"message\":\"device announced since by another connection; announce it again to take it back\"}");
+			hub->metrics.readings_rejected[HUB_REJ_UNKNOWN_DEVICE]++;
+			continue;
+		}
 		if (!d && !auth_patterns_match(&c->who.devices, rd.device)) {
 			reject(&r->rejected, i, &rd, HUB_REJ_UNAUTHORIZED_DEVICE);
 			hub_buf_puts(&r->rejected, ",\"message\":\"device not allowed by the token's devices claim\"}");
@@ -568,6 +603,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 						  1, now_us);
 			if (wait_ms)
 				d->bucket.tokens += 1; /* refund: the gateway bucket said no */
+			c->limits_dirty = true;
 		}
 		if (wait_ms) {
 			reject(&r->rejected, i, &rd, HUB_REJ_RATE_LIMITED);
@@ -656,13 +692,30 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 static void on_announced(redisReply *reply, void *arg)
 {
 	struct gw_reply *r = arg;
+	struct gw_conn *c = r->conn;
 
-	if (r->conn->wsi) {
-		if (reply && reply->type == REDIS_REPLY_INTEGER) {
+	if (r->holds) {
+		r->holds = false;
+		c->holds--;
+	}
+	if (c->wsi) {
+		if (reply && reply->type == REDIS_REPLY_ARRAY) {
+			struct hub_config *cfg = &c->hub->cfg;
+			int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
+
 			hub_buf_append(&r->out, r->rejected.data, r->rejected.len);
-			for (size_t i = 0; i < r->nannounced; i++)
-				hub_strmap_put(&dev_conns, r->announced[i], strlen(r->announced[i]),
-					       r->conn);
+			for (size_t i = 0; i < r->nannounced; i++) {
+				const char *id = r->announced[i];
+				struct gw_dev *d = hub_strmap_get(&c->devices, id, strlen(id));
+				const redisReply *t = i < reply->elements ? reply->element[i] : NULL;
+
+				/* The device's limit as its last holder left it. */
+				if (d && t && t->type == REDIS_REPLY_STRING)
+					hub_bucket_merge_tat(&d->bucket, strtoll(t->str, NULL, 10),
+							     cfg->device_rate, cfg->device_burst,
+							     now_us, now_ms);
+				hub_strmap_put(&dev_conns, id, strlen(id), c);
+			}
 			/* After `announced` in the queue: the devices' pending commands. */
 			cmd_on_announced(r->conn->hub, r->conn->conn_id,
 					 (const char *const *)r->announced, r->nannounced);
@@ -685,6 +738,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 	hub_buf acc = { 0 }, rej = { 0 };
 	struct gw_reply *r = reply_new(c);
 	size_t nacc = 0;
+	int64_t now_us = hub_mono_us();
 
 	hub->metrics.announces_total++;
 	for (size_t i = 0; i < n; i++) {
@@ -714,6 +768,19 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 					"this connection announced max-devices-per-gateway devices");
 			continue;
 		}
+		/* Each device announced costs a token of the gateway's announce
+		 * bucket (kept across reconnects): an announce loop cannot flood
+		 * Redis or the dashboards' presence streams. */
+		int64_t wait_ms = hub_bucket_take(&c->announce_bucket, hub->cfg.announce_rate,
+						  hub->cfg.announce_burst, 1, now_us);
+		c->limits_dirty = true;
+		if (wait_ms) {
+			gw_write_announce_reject(&rej, &a, "rate_limited",
+					"announcing faster than announce-rate");
+			rej.len--; /* its closing brace */
+			hub_buf_printf(&rej, ",\"retry_after_ms\":%lld}", (long long)wait_ms);
+			continue;
+		}
 		if (!d) {
 			d = hub_xcalloc(1, sizeof(*d) + a.device_len + 1);
 			memcpy(d->id, a.device, a.device_len);
@@ -723,6 +790,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		d->type_name = type_name_intern(schema_type_name(t));
 		d->type = t;
 		d->type_gen = hub->schemas_gen;
+		d->lost = false; /* announced again: this connection takes it back */
 
 		items[nacc].device = a.device;
 		items[nacc].type = schema_type_name(t);
@@ -754,8 +822,14 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 
 	if (nacc) {
 		r->waiting = true;
+		/* Not read until Redis answers: the devices' limits are merged
+		 * in before any of their readings is counted. */
+		r->holds = true;
+		c->holds++;
 		if (hub_registry_announce(hub, c->gw, c->conn_id, items, nacc, on_announced, r)) {
 			r->waiting = false;
+			r->holds = false;
+			c->holds--;
 			gw_write_error(&r->out, "unavailable", -1, hub->cfg.retry_after_ms,
 				       "device registry unavailable; announce again later");
 		}
@@ -800,13 +874,24 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 	} else if (msg.type == GW_MSG_COMMAND_ACK) {
 		gw_command_ack ack;
 		const char *bad;
+		int64_t wait_ms;
 		if (gw_command_ack_parse(&msg, &ack, &bad))
 			queue_error(c, "bad_message", -1, -1, bad);
 		else if (!cmd_status_valid(ack.status))
-			queue_error(c, "bad_message", -1, -1,
+			queue_ack_error(c, "bad_message", ack.id, 0,
 				    "command_ack status must be received, in_progress, succeeded, failed or rejected");
-		else
+		else if (gw_command_ack_check(&ack, (size_t)hub->cfg.max_command_result_bytes, &bad))
+			queue_ack_error(c, "bad_message", ack.id, 0, bad);
+		else if ((wait_ms = hub_bucket_take(&c->ack_bucket, hub->cfg.command_ack_rate,
+						    hub->cfg.command_ack_burst, 1, hub_mono_us()))) {
+			c->limits_dirty = true;
+			hub->metrics.command_acks_limited_total++;
+			queue_ack_error(c, "rate_limited", ack.id, wait_ms,
+					"command_acks faster than command-ack-rate; send this one again later");
+		} else {
+			c->limits_dirty = true;
 			cmd_on_ack(hub, c, c->conn_id, &ack);
+		}
 	}
 	gw_msg_clear(&msg);
 }
@@ -951,14 +1036,86 @@ static void on_takeover_msg(const char *channel, const char *payload, size_t len
 		takeover_close(c, conn);
 }
 
-static void on_epoch(redisReply *reply, void *arg)
+static const char *reply_str(const redisReply *r, size_t i)
+{
+	if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements)
+		return NULL;
+	r = r->element[i];
+	return r->type == REDIS_REPLY_STRING ? r->str : NULL;
+}
+
+static long long reply_int(const redisReply *r, size_t i)
+{
+	if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements)
+		return 0;
+	r = r->element[i];
+	return r->type == REDIS_REPLY_INTEGER ? r->integer : 0;
+}
+
+/* The gateway's local connection this one replaces goes now (the connect
+ * was allowed, or could not be checked), or stays (refused). */
+static void settle_displaced(struct gw_conn *c, bool allowed)
+{
+	struct gw_conn *old = c->displaced;
+	struct hub *hub = c->hub;
+
+	if (!old)
+		return;
+	c->displaced = NULL;
+	if (allowed) {
+		takeover_close(old, c->conn_id);
+	} else if (old->wsi && !old->closing) {
+		struct gw_conn *cur = hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw));
+		if (!cur || cur == c)
+			hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), old);
+	}
+	conn_unref(old);
+}
+
+/* The connect script's answer: {epoch, allowed, retry ms, TATs}. */
+static void on_connect(redisReply *reply, void *arg)
 {
 	struct gw_conn *c = arg;
 	struct hub *hub = c->hub;
+	struct hub_config *cfg = &hub->cfg;
 	char msg[HUB_ID_MAX * 4];
 
-	if (c->wsi && reply && reply->type == REDIS_REPLY_INTEGER) {
-		c->epoch = reply->integer;
+	c->holds--;
+	if (!c->wsi) {
+		settle_displaced(c, false); /* gone before it counted */
+		conn_unref(c);
+		return;
+	}
+	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements < 6) {
+		/* Redis is down: nothing to check against; frames get
+		 * `unavailable` until it is back. */
+		settle_displaced(c, true);
+	} else if (!reply_int(reply, 1)) {
+		long long retry = reply_int(reply, 2);
+		snprintf(c->close_reason_buf, sizeof(c->close_reason_buf),
+			 "reconnecting faster than gateway-connect-rate; retry after %lld ms", retry);
+		hub->metrics.gateway_connects_refused_total++;
+		hub_info("gateway %s #%llu: refused: %s", c->gw, (unsigned long long)c->serial,
+			 c->close_reason_buf);
+		settle_displaced(c, false);
+		if (hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw)) == c)
+			hub_strmap_del(&hub->gateways, c->gw, strlen(c->gw));
+		conn_close(c, CLOSE_CONNECT_RATE, c->close_reason_buf);
+	} else {
+		int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
+		const char *t;
+
+		settle_displaced(c, true);
+		if ((t = reply_str(reply, 3)))
+			hub_bucket_merge_tat(&c->bucket, strtoll(t, NULL, 10), cfg->gateway_rate,
+					     cfg->gateway_burst, now_us, now_ms);
+		if ((t = reply_str(reply, 4)))
+			hub_bucket_merge_tat(&c->announce_bucket, strtoll(t, NULL, 10),
+					     cfg->announce_rate, cfg->announce_burst, now_us, now_ms);
+		if ((t = reply_str(reply, 5)))
+			hub_bucket_merge_tat(&c->ack_bucket, strtoll(t, NULL, 10),
+					     cfg->command_ack_rate, cfg->command_ack_burst, now_us, now_ms);
+		c->epoch = reply_int(reply, 0);
 		if (c->beaten_by > c->epoch) {
 			takeover_close(c, "a newer connection");
 		} else {
@@ -967,7 +1124,38 @@ static void on_epoch(redisReply *reply, void *arg)
 			hub_redis_publish(hub->redis, HUB_CH_TAKEOVER, msg, strlen(msg));
 		}
 	}
+	conn_update_flow(c);
 	conn_unref(c);
+}
+
+/* "<device> <conn>" lines from any instance: those devices now belong to
+ * conn. A local connection that had one stops storing its readings (they
+ * are refused as unknown_device until it announces the device again) and no
+ * longer gets its commands. */
+static void on_devtake_msg(const char *channel, const char *payload, size_t len, void *arg)
+{
+	struct hub *hub = arg;
+	const char *p = payload, *end = payload + len;
+
+	(void)channel;
+	while (p < end) {
+		const char *nl = memchr(p, '\n', (size_t)(end - p)), *sp;
+		const char *le = nl ? nl : end;
+		sp = memchr(p, ' ', (size_t)(le - p));
+		if (sp && sp > p && (size_t)(sp - p) <= HUB_ID_MAX) {
+			struct gw_conn *c = hub_strmap_get(&dev_conns, p, (size_t)(sp - p));
+			size_t cl = (size_t)(le - sp - 1);
+			if (c && (strlen(c->conn_id) != cl || memcmp(c->conn_id, sp + 1, cl))) {
+				struct gw_dev *d = hub_strmap_get(&c->devices, p, (size_t)(sp - p));
+				if (d && !d->lost) {
+					d->lost = true;
+					hub->metrics.devices_taken_total++;
+				}
+				hub_strmap_del(&dev_conns, p, (size_t)(sp - p));
+			}
+		}
+		p = le + 1;
+	}
 }
 
 /* last_seen flushes: each connection once a second, the connections spread
@@ -979,36 +1167,98 @@ static void on_epoch(redisReply *reply, void *arg)
 #define SEEN_SLICES 10
 #define SEEN_BATCH  256
 
-static struct {
-	const char *ids[SEEN_BATCH];
+struct seen_ent {
+	struct gw_conn *c;         /* a reference is held while in flight */
+	struct gw_dev *d;          /* owned by c */
+};
+
+struct seen_sent {
 	size_t n;
-	int64_t now_ms;
+	struct seen_ent e[];
+};
+
+static struct {
+	struct seen_ent e[SEEN_BATCH];
+	struct hub_seen_item items[SEEN_BATCH];
+	size_t n;
+	int64_t now_ms, now_us;
 	unsigned slice;
 } seen_batch;
 
+/* Devices the seen script found owned by another connection: their takeover
+ * notice was missed (pub/sub down, or raced); drop them now. */
+static void on_seen(redisReply *reply, void *arg)
+{
+	struct seen_sent *ss = arg;
+
+	for (size_t i = 0; reply && reply->type == REDIS_REPLY_ARRAY && i < reply->elements; i++) {
+		const redisReply *x = reply->element[i];
+		if (x->type != REDIS_REPLY_INTEGER || x->integer < 0 || (size_t)x->integer >= ss->n)
+			continue;
+		struct seen_ent *e = &ss->e[x->integer];
+		if (e->c->wsi && !e->d->lost) {
+			e->d->lost = true;
+			e->c->hub->metrics.devices_taken_total++;
+			if (hub_strmap_get(&dev_conns, e->d->id, strlen(e->d->id)) == e->c)
+				hub_strmap_del(&dev_conns, e->d->id, strlen(e->d->id));
+		}
+	}
+	for (size_t i = 0; i < ss->n; i++)
+		conn_unref(ss->e[i].c);
+	free(ss);
+}
+
 static void seen_batch_send(struct hub *hub)
 {
-	if (seen_batch.n)
-		hub_registry_seen(hub, seen_batch.now_ms, seen_batch.ids, seen_batch.n);
+	size_t n = seen_batch.n;
+	struct seen_sent *ss;
+
+	if (!n)
+		return;
 	seen_batch.n = 0;
+	ss = hub_xmalloc(sizeof(*ss) + n * sizeof(ss->e[0]));
+	ss->n = n;
+	memcpy(ss->e, seen_batch.e, n * sizeof(ss->e[0]));
+	for (size_t i = 0; i < n; i++)
+		ss->e[i].c->refs++;
+	if (hub_registry_seen(hub, seen_batch.now_ms, seen_batch.items, n, on_seen, ss))
+		on_seen(NULL, ss);
+}
+
+static void save_limits(struct gw_conn *c, int64_t now_us, int64_t now_ms)
+{
+	struct hub_config *cfg = &c->hub->cfg;
+
+	if (!c->limits_dirty)
+		return;
+	c->limits_dirty = false;
+	hub_registry_save_limits(c->hub, c->gw,
+		hub_bucket_tat_ms(&c->bucket, cfg->gateway_rate, cfg->gateway_burst, now_us, now_ms),
+		hub_bucket_tat_ms(&c->announce_bucket, cfg->announce_rate, cfg->announce_burst,
+				  now_us, now_ms),
+		hub_bucket_tat_ms(&c->ack_bucket, cfg->command_ack_rate, cfg->command_ack_burst,
+				  now_us, now_ms));
 }
 
 static void flush_seen_conn(struct gw_conn *c, int64_t now_ms)
 {
-	if (!c->nseen)
-		return;
+	struct hub_config *cfg = &c->hub->cfg;
+
 	seen_batch.now_ms = now_ms;
-	for (size_t i = 0; i < c->nseen; i++) {
-		/* c->seen[i] is the device's id, alive until the batch is sent
-		 * (below, or at the end of this tick: no callback in between) */
-		seen_batch.ids[seen_batch.n++] = c->seen[i];
-		if (seen_batch.n == SEEN_BATCH)
-			seen_batch_send(c->hub);
-	}
+	save_limits(c, seen_batch.now_us, now_ms);
 	for (size_t i = 0; i < c->nseen; i++) {
 		struct gw_dev *d = hub_strmap_get(&c->devices, c->seen[i], strlen(c->seen[i]));
-		if (d)
-			d->seen = false;
+		if (!d)
+			continue;
+		d->seen = false;
+		seen_batch.e[seen_batch.n] = (struct seen_ent){ c, d };
+		seen_batch.items[seen_batch.n] = (struct hub_seen_item){
+			d->id, c->conn_id,
+			hub_bucket_tat_ms(&d->bucket, cfg->device_rate, cfg->device_burst,
+					  seen_batch.now_us, now_ms),
+		};
+		if (++seen_batch.n == SEEN_BATCH)
+			seen_batch_send(c->hub);
 	}
 	c->nseen = 0;
 }
@@ -1032,6 +1282,7 @@ static void flush_seen(lws_sorted_usec_list_t *sul)
 	int64_t now = hub_now_ms();
 
 	seen_batch.slice = (seen_batch.slice + 1) % SEEN_SLICES;
+	seen_batch.now_us = hub_mono_us();
 	if (hub_redis_up(seen_hub->redis)) {
 		hub_strmap_foreach(&seen_hub->gateways, flush_seen_one, &now);
 		seen_batch_send(seen_hub);
@@ -1042,6 +1293,7 @@ static void flush_seen(lws_sorted_usec_list_t *sul)
 void gw_init(struct hub *hub)
 {
 	hub_redis_subscribe(hub->redis, HUB_CH_TAKEOVER, on_takeover_msg, hub);
+	hub_redis_subscribe(hub->redis, HUB_CH_DEVTAKE, on_devtake_msg, hub);
 	seen_hub = hub;
 	lws_sul_schedule(hub->ctx, 0, &sul_seen, flush_seen, 1000 * 1000 / SEEN_SLICES);
 }
@@ -1056,7 +1308,6 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 {
 	struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
 	struct gw_conn *c;
-	char key[HUB_KEY_MAX];
 
 	if (!hs || hs->stream)
 		return -1; /* not authenticated by the gateway upgrade handler */
@@ -1072,20 +1323,34 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	size_t idl = strlen(hub->instance_id) + 24;
 	c->conn_id = hub_xmalloc(idl);
 	snprintf(c->conn_id, idl, "%s:%llu", hub->instance_id, (unsigned long long)c->serial);
-	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, hub_mono_us());
+	int64_t now_us = hub_mono_us();
+	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, now_us);
+	hub_bucket_init(&c->announce_bucket, hub->cfg.announce_burst, now_us);
+	hub_bucket_init(&c->ack_bucket, hub->cfg.command_ack_burst, now_us);
 	pss->conn = c;
 
-	/* Same instance: the old connection goes at once. Other instances hear
-	 * of it through Redis, ordered by a per-gateway epoch (INCR), so a late
-	 * notice about an older connection never closes a newer one. */
+	/* The connect script (hub/registry.c) orders the gateway's connections
+	 * across instances by a per-gateway epoch, so a late notice about an
+	 * older connection never closes a newer one; applies the connect rate;
+	 * and returns the limits the gateway's earlier connections left. The
+	 * connection is not read until it answers. A local connection of the
+	 * same gateway goes once the connect is allowed (settle_displaced);
+	 * other instances hear of it through Redis. */
 	struct gw_conn *old = hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw));
-	if (old)
-		takeover_close(old, c->conn_id);
+	if (old && old->wsi && !old->closing) {
+		c->displaced = old;
+		old->refs++;
+	}
 	hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), c);
-	const char *argv[2] = { "INCR", key };
-	if (hub_key_gw_epoch(key, sizeof(key), c->gw) &&   /* auth checked the id */
-	    !hub_redis_command_argv(hub->redis, on_epoch, c, 2, argv, NULL))
+	c->holds++;
+	if (!hub_registry_connect(hub, c->gw, hub->cfg.gateway_connect_rate,
+				  hub->cfg.gateway_connect_burst, on_connect, c)) {
 		c->refs++;
+	} else {
+		c->holds--;
+		settle_displaced(c, true);
+	}
+	conn_update_flow(c);
 	hub->metrics.connections_total++;
 	hub_info("gateway %s #%llu: connected", c->gw, (unsigned long long)c->serial);
 	if (hub->draining) {
@@ -1097,15 +1362,20 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 
 struct offline_ctx {
 	const char **ids;
+	int64_t *tats;
 	size_t n;
+	const struct hub_config *cfg;
+	int64_t now_us, now_ms;
 };
 
 static void collect_dev(const char *key, void *value, void *arg)
 {
 	struct offline_ctx *o = arg;
+	struct gw_dev *d = value;
 
-	(void)value;
-	o->ids[o->n++] = key;
+	o->ids[o->n] = key;
+	o->tats[o->n++] = hub_bucket_tat_ms(&d->bucket, o->cfg->device_rate, o->cfg->device_burst,
+					    o->now_us, o->now_ms);
 }
 
 static void on_closed(struct gw_pss *pss)
@@ -1120,14 +1390,20 @@ static void on_closed(struct gw_pss *pss)
 	hub_info("gateway %s #%llu: disconnected", c->gw, (unsigned long long)c->serial);
 	if (hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw)) == c)
 		hub_strmap_del(&hub->gateways, c->gw, strlen(c->gw));
+	int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
+	save_limits(c, now_us, now_ms);
 	if (c->devices.count) {
-		struct offline_ctx o = { hub_xmalloc(c->devices.count * sizeof(char *)), 0 };
+		struct offline_ctx o = {
+			hub_xmalloc(c->devices.count * sizeof(char *)),
+			hub_xmalloc(c->devices.count * sizeof(int64_t)), 0, &hub->cfg, now_us, now_ms,
+		};
 		hub_strmap_foreach(&c->devices, collect_dev, &o);
 		for (size_t i = 0; i < o.n; i++)
 			if (hub_strmap_get(&dev_conns, o.ids[i], strlen(o.ids[i])) == c)
 				hub_strmap_del(&dev_conns, o.ids[i], strlen(o.ids[i]));
-		hub_registry_offline(hub, c->conn_id, o.ids, o.n);
+		hub_registry_offline(hub, c->conn_id, o.ids, o.tats, o.n);
 		free(o.ids);
+		free(o.tats);
 	}
 	c->wsi = NULL;
 	/* Ready replies die now; waiting ones when Redis answers. */
@@ -1247,7 +1523,9 @@ const char *gw_conn_id(const struct gw_conn *c)
 
 bool gw_conn_has_device(const struct gw_conn *c, const char *device)
 {
-	return hub_strmap_get(&c->devices, device, strlen(device)) != NULL;
+	const struct gw_dev *d = hub_strmap_get(&c->devices, device, strlen(device));
+
+	return d && !d->lost;
 }
 
 void gw_conn_send(struct gw_conn *c, const char *msg, size_t len)

@@ -175,16 +175,23 @@ class HostileCase(HubTestCase):
         took = time.monotonic() - t0
         self.assertEqual(st, 200, "/healthz after the attack: %s %r" % (st, body))
         self.assertLess(took, HEALTH_BOUND_S, "/healthz took %.3f s" % took)
-        await self.normal_gateway_ack(hub, ack_bound, ssl_ctx)
+        ack_s = await self.normal_gateway_ack(hub, ack_bound, ssl_ctx)
         rss = rss_kib(hub.pid)
         bound = rss_mib * 1024 * SAN_FACTOR
         self.assertLess(rss, bound, "hub RSS %.1f MiB over the bound %.1f MiB"
                         % (rss / 1024, bound / 1024))
+        grown = None
         if redis is not None and base is not None:
             grown = redis_used_memory(redis) - base["redis"]
             self.assertLess(grown, redis_mib * 1024 * 1024,
                             "Redis used_memory grew by %.1f MiB (bound %d MiB)"
                             % (grown / 1048576, redis_mib))
+        # The measured numbers, for the record (ctest -V shows them).
+        print("  [%s] unharmed: canary ack %.1f ms (bound %.0f), /healthz %.1f ms, RSS %.1f MiB "
+              "(bound %.0f)%s" % (self._testMethodName, ack_s * 1000, ack_bound * 1000, took * 1000,
+                                  rss / 1024, bound / 1024,
+                                  "" if grown is None else ", Redis %+.1f KiB (bound %d MiB)"
+                                  % (grown / 1024, redis_mib)))
         hub.check_alive()
         hub.check_sanitizers()
 
