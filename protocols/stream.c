@@ -21,6 +21,7 @@
 #define FEED_KEY          "iot:feed"
 
 #define MAX_MESSAGE_BYTES (64 * 1024)  /* one dashboard message to the hub */
+#define DISCARD_MAX_BYTES (16 * MAX_MESSAGE_BYTES) /* of a refused message, then cut off */
 #define MAX_ID_LEN        64
 #define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read */
 #define WRITES_PER_TURN   32           /* socket writes per WRITEABLE callback */
@@ -150,6 +151,9 @@ struct st_conn {
 	size_t ctrl_bytes;
 	hub_buf rx, w;
 	bool discarding;
+	size_t discarded;            /* bytes of a refused message dropped */
+	int discard_code;            /* the close code once it is dropped */
+	const char *discard_reason;
 };
 
 struct st_pss {
@@ -1681,6 +1685,65 @@ static void conn_free(struct st_conn *c)
 	free(c);
 }
 
+/* Refuses the message being received: its rest is read and dropped, then the
+ * connection is closed with code (closing at once resets a socket with
+ * unread data and the peer sees 1006 instead). */
+static void refuse_message(struct st_conn *c, size_t got, bool final, int code,
+			   const char *reason)
+{
+	hub_buf_free(&c->rx);
+	c->discard_code = code;
+	c->discard_reason = reason;
+	c->discarding = !final;
+	c->discarded = got;
+	if (final)
+		conn_close(c, code, reason);
+}
+
+/* One piece of a client message: reassembled (at most MAX_MESSAGE_BYTES),
+ * handled when complete. */
+static void on_receive(struct st_conn *c, const char *in, size_t len)
+{
+	struct lws *wsi = c->wsi;
+	size_t remaining = lws_remaining_packet_payload(wsi);
+	bool final = lws_is_final_fragment(wsi) && !remaining;
+
+	if (c->discarding) {
+		/* Bounded: a message that never ends is cut off. */
+		c->discarded += len;
+		if (final || c->discarded > DISCARD_MAX_BYTES) {
+			c->discarding = false;
+			conn_close(c, c->discard_code, c->discard_reason);
+		}
+		return;
+	}
+	if (c->closing)
+		return;
+	if (lws_frame_is_binary(wsi)) {
+		/* Text frames only (lws marks every fragment of a binary message). */
+		c->hub->metrics.binary_closed[HUB_WS_DASHBOARD]++;
+		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE,
+			       "binary messages are not supported");
+		return;
+	}
+	if (c->rx.len + len + remaining > MAX_MESSAGE_BYTES) {
+		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+			       "message too large");
+		return;
+	}
+	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
+		handle_message(c, in, len);
+		return;
+	}
+	hub_buf_append(&c->rx, in, len);
+	if (final) {
+		handle_message(c, c->rx.data, c->rx.len);
+		c->rx.len = 0;
+		if (c->rx.cap > 16 * 1024)
+			hub_buf_free(&c->rx);
+	}
+}
+
 static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			   void *user, void *in, size_t len)
 {
@@ -1718,26 +1781,9 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return 0;
 	}
 	case LWS_CALLBACK_RECEIVE:
-		if (!c || c->closing)
+		if (!c)
 			return 0;
-		if (c->discarding || c->rx.len + len > MAX_MESSAGE_BYTES) {
-			c->discarding = true;
-			lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-					 (unsigned char *)"message too large", 17);
-			return -1;
-		}
-		if (lws_is_first_fragment(wsi) && lws_is_final_fragment(wsi) &&
-		    !lws_remaining_packet_payload(wsi)) {
-			handle_message(c, in, len);
-			return 0;
-		}
-		hub_buf_append(&c->rx, in, len);
-		if (lws_is_final_fragment(wsi) && !lws_remaining_packet_payload(wsi)) {
-			handle_message(c, c->rx.data, c->rx.len);
-			c->rx.len = 0;
-			if (c->rx.cap > 16 * 1024)
-				hub_buf_free(&c->rx);
-		}
+		on_receive(c, in, len);
 		return 0;
 	case LWS_CALLBACK_SERVER_WRITEABLE:
 		if (!c)

@@ -1,0 +1,195 @@
+"""Hostile dashboard clients (/v1/stream, docs/dashboard.md "Limits and
+hostile input"): binary messages (1003), unmasked frames (the lws 4.1.6
+limitation), oversized and fragmented messages (1009), the filter caps and
+the per-connection memory bound they give, subscribe/unsubscribe floods
+(made-up device types included), and auth floods before auth. After each
+attack: assert_unharmed() (tests/hostile/hostile.py) with the bounds below.
+
+Bounds (normal build; the ASan build scales RSS by SAN_FACTOR):
+  RSS_MIB = 32: hub resident memory after an attack. Idle: about 7.8 MiB;
+      measured at most 22.9 MiB, after the memory-bound test's 8 maximal
+      dashboards (1.8 MiB each); the other attacks leave it under 11 MiB.
+  REDIS_MIB = 2: Redis growth during an attack (dashboards write nothing;
+      the canary's reading and connection counters): measured at most
+      0.32 MiB.
+  CONN_FILTER_MIB = 2.5: hub memory per dashboard connection whose 64
+      subscriptions hold the whole default filter budget (4,096 entries) in
+      the costliest shape (128-byte ids, 128/256-byte labels); measured
+      1.8 MiB. Before the caps, 64 subscriptions of 4,000 ids cost
+      51 MiB and 64 of ~7,800 short ids (64 KiB messages) 100 MiB.
+"""
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostile import (OP_BINARY, OP_CONT, OP_TEXT, SAN_FACTOR, HostileCase, RawWs,  # noqa: E402
+                     connect_gateway, http_get, main, rss_kib, ws_frame)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "integration"))
+from harness import SCHEMAS_DIR, api_keys_file, connect_dashboard, mkdtemp, now_ms, write_file  # noqa: E402
+
+RSS_MIB = 32
+REDIS_MIB = 2
+CONN_FILTER_MIB = 2.5
+READER = "iotk_hostile_reader_0001"
+KEYS = {"reader": (READER, ["telemetry:read"], None)}
+# Defaults of the filter caps (hub/config.c).
+MAX_DEVICES, MAX_LABELS, MAX_ENTRIES, MAX_SUBS = 1000, 16, 4096, 64
+
+
+def compact(obj):
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def sub_msg(sid, stream="raw", **filt):
+    return compact({"type": "subscribe", "id": sid, "stream": stream, "filter": filt})
+
+
+def long_id(n, tag=""):
+    """A distinct 128-character device id."""
+    s = "%s%d-" % (tag, n)
+    return s + "x" * (128 - len(s))
+
+
+def metric(hub, line_prefix):
+    _, _, text = http_get(hub, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.split()[-1])
+    raise AssertionError("no %s in /metrics" % line_prefix)
+
+
+class Stream(HostileCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
+
+    def raw(self, token=READER):
+        ws = RawWs.dashboard(self.hub, token)
+        self.addCleanup(ws.close)
+        return ws
+
+    def reply(self, ws, timeout=5):
+        m = ws.recv_json(timeout)
+        self.assertIsNotNone(m, "no reply (closed: %r %r)" % (ws.close_code, ws.close_reason))
+        return m
+
+    def assert_closed(self, ws, codes, what, timeout=10):
+        cc, reason, got = ws.wait_close(timeout)
+        codes = codes if isinstance(codes, tuple) else (codes,)
+        self.assertIn(cc, codes, "%s: expected close %s, got %s (reason %r; %d messages)"
+                      % (what, codes, cc, reason, len(got)))
+        return reason
+
+    async def test_binary_messages_close_1003(self):
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        before = metric(hub, 'iot_hub_binary_closed_total{protocol="dashboard"}')
+        # After auth (header), a binary message that is a valid ping.
+        ws = self.raw()
+        ws.send(OP_BINARY, b'{"type":"ping"}')
+        reason = self.assert_closed(ws, 1003, "a binary ping")
+        self.assertIn("binary", reason)
+        # Before auth (no header): a binary auth message.
+        ws = self.raw(token=None)
+        ws.send(OP_BINARY, compact({"type": "auth", "token": READER}))
+        self.assert_closed(ws, 1003, "a binary auth message")
+        # Fragmented, and larger than the 64 KiB message limit.
+        ws = self.raw()
+        ws.send(OP_BINARY, b'{"type":', fin=False)
+        ws.send(OP_CONT, b'"ping"}', fin=True)
+        self.assert_closed(ws, 1003, "a fragmented binary message")
+        ws = self.raw()
+        ws.send(OP_BINARY, os.urandom(200 * 1024))
+        self.assert_closed(ws, 1003, "a 200 KiB binary message")
+        self.assertEqual(metric(hub, 'iot_hub_binary_closed_total{protocol="dashboard"}') - before, 4)
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
+    async def test_unmasked_frames_lws_limitation(self):
+        """lws 4.1.6 handles an unmasked client frame like a masked one
+        (docs/protocol.md): pinned here for the dashboard protocol."""
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        ws = self.raw(token=None)
+        ws.send_text(compact({"type": "auth", "token": READER}), mask=False)
+        self.assertEqual(self.reply(ws).get("type"), "authenticated")
+        ws.send_text('{"type":"ping"}', mask=False)
+        self.assertEqual(self.reply(ws), {"type": "pong"})
+        ws.send(OP_BINARY, b"\x00", mask=False)
+        self.assert_closed(ws, 1003, "an unmasked binary frame")
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
+    async def test_oversized_and_fragmented_messages(self):
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        # Just under 64 KiB in 64 fragments: reassembled and handled.
+        ws = self.raw()
+        text = sub_msg("frag", devices=[long_id(i) for i in range(480)]).encode()
+        self.assertLess(len(text), 65536)
+        pieces = [text[i:i + 1024] for i in range(0, len(text), 1024)]
+        ws.send(OP_TEXT, pieces[0], fin=False)
+        for p in pieces[1:-1]:
+            ws.send(OP_CONT, p, fin=False)
+        ws.send(OP_CONT, pieces[-1], fin=True)
+        m = self.reply(ws)
+        self.assertEqual((m.get("type"), m.get("id")), ("subscribed", "frag"), m)
+        # Over 64 KiB: one frame, then fragments.
+        ws = self.raw()
+        ws.send_text(compact({"type": "ping", "pad": "x" * 70000}))
+        self.assert_closed(ws, 1009, "a 70 KB message")
+        ws = self.raw()
+        ws.send(OP_TEXT, b'{"type":"ping","pad":"', fin=False)
+        for _ in range(69):
+            ws.send(OP_CONT, b"x" * 1024, fin=False)
+        ws.send(OP_CONT, b'"}', fin=True)
+        self.assert_closed(ws, 1009, "a fragmented 70 KB message")
+        # A message that never ends: cut off after at most 1 MiB (16 x 64 KiB).
+        ws = self.raw()
+        frames = itertools.chain([ws_frame(OP_TEXT, b'{"type":"ping","pad":"', fin=False)],
+                                 itertools.repeat(ws_frame(OP_CONT, b"x" * 4096, fin=False)))
+        sent = ws.flood(frames, 8, read=True)
+        self.assertTrue(ws.eof, "a never-ending message was read for 8 s")
+        ws.wait_close(1)
+        # A client still sending may get a reset instead of the close frame.
+        self.assertIn(ws.close_code, (1009, None), "never-ending message: %r" % ws.close_code)
+        self.assertLess(sent * 4096 / 1048576, 16, "%d KiB sent before the hub closed" % (sent * 4))
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
+    async def test_auth_floods_before_auth(self):
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        bad = ws_frame(OP_TEXT, compact({"type": "auth", "token": "iotk_not_a_key_0000000"}))
+        good = ws_frame(OP_TEXT, compact({"type": "auth", "token": READER}))
+        ping = ws_frame(OP_TEXT, '{"type":"ping"}')
+        # Bad tokens: the first one closes the connection (4401).
+        for frame in (bad, ping):
+            ws = self.raw(token=None)
+            ws.flood(itertools.repeat(frame), 2, read=True)
+            self.assert_closed(ws, (4401, None), "an auth flood before auth")
+        # A good token, then more auth messages: each is an error, in order.
+        ws = self.raw(token=None)
+        got = []
+        sent = ws.flood(itertools.repeat(good), 2, read=True,
+                        on_message=lambda op, p: got.append(json.loads(p)))
+        while len(got) < sent:
+            m = ws.recv_json(5)
+            self.assertIsNotNone(m, "%d of %d replies" % (len(got), sent))
+            got.append(m)
+        self.assertEqual(got[0].get("type"), "authenticated", got[0])
+        self.assertTrue(all(m.get("code") == "bad_message" for m in got[1:]), got[1:4])
+        # Many connections that never authenticate: closed at the deadline.
+        idle = [self.raw(token=None) for _ in range(50)]
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+        for ws in idle:
+            ws.close()
+
+if __name__ == "__main__":
+    main()
