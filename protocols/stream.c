@@ -23,6 +23,8 @@
 #define MAX_MESSAGE_BYTES (64 * 1024)  /* one dashboard message to the hub */
 #define DISCARD_MAX_BYTES (16 * MAX_MESSAGE_BYTES) /* of a refused message, then cut off */
 #define MAX_ID_LEN        64
+#define LABEL_KEY_MAX     128          /* as announced by gateways (gw_codec) */
+#define LABEL_VALUE_MAX   256
 #define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read */
 #define WRITES_PER_TURN   32           /* socket writes per WRITEABLE callback */
 #define BATCH_BYTES       (16 * 1024)  /* data frames coalesced into one write */
@@ -86,6 +88,7 @@ struct st_sub {
 	char *type;
 	json_t *labels;
 	char *group_by;
+	size_t filter_entries;       /* devices + labels: its share of the budget */
 	/* raw positions */
 	bool has_since, resume, announced;
 	uint64_t last_ms, last_seq;  /* replay cursor, then last delivered */
@@ -145,6 +148,7 @@ struct st_conn {
 	lws_sorted_usec_list_t sul_auth;
 	struct st_sub *subs;
 	unsigned nsubs;
+	size_t filter_entries;       /* of all subs: at most stream-max-filter-entries */
 	struct st_qent *q;
 	size_t qhead, qlen, qcap, qbytes;
 	struct ctrl *ctrl_head, *ctrl_tail;
@@ -562,6 +566,7 @@ static void sub_kill(struct st_sub *s)
 				break;
 			}
 		c->nsubs--;
+		c->filter_entries -= s->filter_entries;
 		S.hub->stream_subs--;
 	}
 	s->conn = NULL;
@@ -1397,9 +1402,52 @@ static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *er
 				snprintf(err, errlen, "filter.labels.%.64s must be a string", k);
 				return -1;
 			}
+			if (strlen(k) > LABEL_KEY_MAX || json_string_length(lv) > LABEL_VALUE_MAX) {
+				/* No device can have it (gateways announce no longer). */
+				snprintf(err, errlen, "filter.labels.%.64s: a label name is at most %d "
+					 "bytes, a value at most %d", k, LABEL_KEY_MAX, LABEL_VALUE_MAX);
+				return -1;
+			}
 		}
 		if (json_object_size(v))
 			s->labels = json_incref(v);
+	}
+	return 0;
+}
+
+/* The caps on a filter's size, checked before anything is allocated for the
+ * subscription: ids and prefixes per filter, labels per filter, and the
+ * connection's budget of entries over all its subscriptions (so 64 maximal
+ * subscriptions stay within a stated memory bound; docs/dashboard.md).
+ * Malformed parts are left to parse_filter. Returns 0 with the filter's
+ * entries in *entries, or -1 with the error code and message. */
+static int filter_caps(struct st_conn *c, json_t *f, size_t *entries, char *err,
+		       size_t errlen, const char **code)
+{
+	const struct hub_config *cfg = &c->hub->cfg;
+	json_t *d = json_object_get(f, "devices"), *l = json_object_get(f, "labels");
+	size_t nd = json_is_array(d) ? json_array_size(d) : 0;
+	size_t nl = json_is_object(l) ? json_object_size(l) : 0;
+
+	*entries = nd + nl;
+	*code = "filter_too_large";
+	if (nd > (size_t)cfg->stream_max_filter_devices) {
+		snprintf(err, errlen, "filter.devices has %zu entries; at most %d "
+			 "(stream-max-filter-devices): use prefixes ending in '*'",
+			 nd, cfg->stream_max_filter_devices);
+		return -1;
+	}
+	if (nl > (size_t)cfg->stream_max_filter_labels) {
+		snprintf(err, errlen, "filter.labels has %zu labels; at most %d "
+			 "(stream-max-filter-labels)", nl, cfg->stream_max_filter_labels);
+		return -1;
+	}
+	if (c->filter_entries + *entries > (size_t)cfg->stream_max_filter_entries) {
+		*code = "filter_budget_exceeded";
+		snprintf(err, errlen, "this connection's filters would hold %zu device "
+			 "ids, prefixes and labels; at most %d (stream-max-filter-entries)",
+			 c->filter_entries + *entries, cfg->stream_max_filter_entries);
+		return -1;
 	}
 	return 0;
 }
@@ -1419,6 +1467,7 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	const char *id = json_string_value(jid), *code;
 	char err[256];
 	struct st_sub *s;
+	size_t entries;
 	int kind;
 
 	if (!json_is_string(jid) || !json_string_length(jid) ||
@@ -1450,6 +1499,10 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	if (c->nsubs >= (unsigned)c->hub->cfg.stream_max_subscriptions) {
 		send_error(c, id, "too_many_subscriptions", "at most %d subscriptions per connection",
 			   c->hub->cfg.stream_max_subscriptions);
+		return;
+	}
+	if (filter_caps(c, json_object_get(msg, "filter"), &entries, err, sizeof(err), &code)) {
+		send_error(c, id, code, "%s", err);
 		return;
 	}
 	s = hub_xcalloc(1, sizeof(*s));
@@ -1512,6 +1565,8 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	s->next = c->subs;
 	c->subs = s;
 	c->nsubs++;
+	s->filter_entries = entries;
+	c->filter_entries += entries;
 	c->hub->stream_subs++;
 	if (kind >= K_1S && kind <= K_1M)
 		agg_want(c->hub, (enum agg_window)(kind - K_1S), true);

@@ -163,6 +163,109 @@ class Stream(HostileCase):
         self.assertLess(sent * 4096 / 1048576, 16, "%d KiB sent before the hub closed" % (sent * 4))
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
 
+    async def test_filter_caps(self):
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        ws = self.raw()
+
+        def subscribe(sid, **filt):
+            ws.send_text(sub_msg(sid, **filt))
+            m = self.reply(ws)
+            self.assertEqual(m.get("id"), sid, m)
+            return m
+
+        def refused(m, code, limit):
+            self.assertEqual((m.get("type"), m.get("code")), ("error", code), m)
+            self.assertIn(limit, m.get("message", ""), m)
+
+        refused(subscribe("d", devices=["t-%d" % i for i in range(MAX_DEVICES + 1)]),
+                "filter_too_large", "stream-max-filter-devices")
+        refused(subscribe("l", labels={"k%d" % i: "v" for i in range(MAX_LABELS + 1)}),
+                "filter_too_large", "stream-max-filter-labels")
+        m = subscribe("lv", labels={"site": "x" * 257})
+        self.assertEqual((m.get("type"), m.get("code")), ("error", "bad_filter"), m)
+        m = subscribe("lk", labels={"k" * 129: "v"})
+        self.assertEqual((m.get("type"), m.get("code")), ("error", "bad_filter"), m)
+        # At the caps: accepted.
+        for k in range(4):
+            m = subscribe("full%d" % k, devices=["t-%d-%d" % (k, i) for i in range(MAX_DEVICES)])
+            self.assertEqual(m.get("type"), "subscribed", m)
+        left = MAX_ENTRIES - 4 * MAX_DEVICES
+        refused(subscribe("over", devices=["u-%d" % i for i in range(left - MAX_LABELS + 1)],
+                          labels={"k%d" % i: "v" for i in range(MAX_LABELS)}),
+                "filter_budget_exceeded", "stream-max-filter-entries")
+        m = subscribe("last", devices=["u-%d" % i for i in range(left - MAX_LABELS)],
+                      labels={"k%d" % i: "v" for i in range(MAX_LABELS)})
+        self.assertEqual(m.get("type"), "subscribed", m)
+        refused(subscribe("one-more", devices=["t-1"]), "filter_budget_exceeded",
+                "stream-max-filter-entries")
+        # An unfiltered subscription costs nothing; unsubscribing gives back.
+        self.assertEqual(subscribe("all").get("type"), "subscribed")
+        ws.send_text(compact({"type": "unsubscribe", "id": "full0"}))
+        self.assertEqual(self.reply(ws).get("type"), "unsubscribed")
+        m = subscribe("again", devices=["t-%d" % i for i in range(MAX_DEVICES)])
+        self.assertEqual(m.get("type"), "subscribed", m)
+        # Refused subscribes allocate nothing: a flood of them leaves RSS flat.
+        rss0 = rss_kib(hub.pid)
+        big = sub_msg("x", devices=["t-%d" % i for i in range(MAX_DEVICES)])
+        got = []
+        sent = ws.flood(itertools.repeat(ws_frame(OP_TEXT, big)), 2, read=True,
+                        on_message=lambda op, p: got.append(p))
+        while len(got) < sent:
+            m = ws.recv_frame(5)
+            self.assertIsNotNone(m, "%d of %d replies" % (len(got), sent))
+            got.append(m[1])
+        self.assertTrue(all(b'"filter_budget_exceeded"' in p for p in got), got[:3])
+        grown = rss_kib(hub.pid) - rss0
+        self.assertLess(grown, 2048, "%d refused subscribes grew RSS by %d KiB" % (sent, grown))
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
+    async def fill_budget(self, d, tag):
+        """64 subscriptions holding the whole default budget (4,096 entries)
+        in the costliest shape: 128-byte ids and 16 labels with 128-byte
+        names and 256-byte values each, over several streams (each its own
+        index). Returns the number of entries."""
+        streams = ["raw", "presence", "commands", "1s", "10s", "1m"]
+        per_sub = MAX_ENTRIES // MAX_SUBS
+        total, n = 0, 0
+        for k in range(MAX_SUBS):
+            labels = {("%s%d-%d-" % (tag, k, i)).ljust(128, "k"): "v" * 256 for i in range(MAX_LABELS)}
+            devs = [long_id(n + i, tag) for i in range(per_sub - MAX_LABELS)]
+            n += len(devs)
+            f = {"devices": devs, "labels": labels}
+            if k % 3 == 1:
+                f["device_type"] = ["thermostat", "door-sensor", "power-meter"][k % 9 // 3]
+            msg = {"type": "subscribe", "id": "m%d" % k, "stream": streams[k % len(streams)],
+                   "filter": f}
+            await d.send(compact(msg))
+            rep = await d.wait_for(lambda m: m.get("id") == "m%d" % k, 10)
+            self.assertEqual(rep.get("type"), "subscribed", rep)
+            total += len(devs) + len(labels)
+        return total
+
+    async def test_maximal_filters_memory_bound(self):
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        conns = 8
+        dashboards = [await connect_dashboard(hub, READER) for _ in range(conns)]
+        rss0 = rss_kib(hub.pid)
+        for i, d in enumerate(dashboards):
+            self.assertEqual(await self.fill_budget(d, "c%d-" % i), MAX_ENTRIES)
+        per_conn = (rss_kib(hub.pid) - rss0) / conns
+        sys.stderr.write("maximal filters: %.2f MiB per dashboard connection (bound %.1f)\n"
+                         % (per_conn / 1024, CONN_FILTER_MIB * SAN_FACTOR))
+        self.assertLess(per_conn, CONN_FILTER_MIB * 1024 * SAN_FACTOR,
+                        "%.2f MiB per connection" % (per_conn / 1024))
+        # And nothing more fits.
+        d = dashboards[0]
+        await d.send(compact({"type": "subscribe", "id": "more", "stream": "raw",
+                              "filter": {"devices": ["t-1"]}}))
+        rep = await d.wait_for(lambda m: m.get("id") == "more", 5)
+        self.assertEqual(rep.get("code"), "too_many_subscriptions", rep)
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+        for d in dashboards:
+            await d.close()
+
     async def test_auth_floods_before_auth(self):
         hub, redis = self.hub, self.redis
         base = self.baseline(hub, redis)
