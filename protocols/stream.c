@@ -13,6 +13,7 @@
 #include "hub/strmap.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
+#include "protocols/schema.h"
 
 #define RAW_PREFIX        "iot:live:raw:"
 #define PRESENCE_CHANNEL  "iot:live:presence"
@@ -646,6 +647,12 @@ static struct st_group *group_for(enum st_kind kind, const char *type)
 	if (kind == K_RAW) {
 		struct st_group *g = hub_strmap_get(&S.raw_typed, type, strlen(type));
 		if (!g) {
+			/* A group (kept for the process's life) and a channel per
+			 * loaded device type only: any name a client makes up
+			 * would grow the hub for good. Such a subscription listens
+			 * on the pattern; its filter still picks the type. */
+			if (!schema_set_find(S.hub->schemas, type, strlen(type)))
+				return S.raw_all;
 			char ch[sizeof(RAW_PREFIX) + HUB_ID_MAX + 1];
 			snprintf(ch, sizeof(ch), RAW_PREFIX "%s", type);
 			g = group_new(ch, false);

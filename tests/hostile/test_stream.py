@@ -266,6 +266,64 @@ class Stream(HostileCase):
         for d in dashboards:
             await d.close()
 
+    async def sub_unsub_flood(self, make_filter, seconds=3):
+        """Subscribe + unsubscribe pairs back to back for `seconds`, reading
+        meanwhile; every unsubscribe is answered, in order. Returns pairs."""
+        ws = self.raw()
+        unsubscribed = []
+
+        def on_message(op, p):
+            m = json.loads(p)
+            if m.get("type") == "unsubscribed":
+                unsubscribed.append(m["id"])
+            elif m.get("type") == "error":
+                self.fail("flood: %r" % m)
+
+        def frames():
+            for i in itertools.count(1):
+                yield ws_frame(OP_TEXT, compact({"type": "subscribe", "id": "s%d" % i,
+                                                 "stream": "raw", "filter": make_filter(i)}))
+                yield ws_frame(OP_TEXT, compact({"type": "unsubscribe", "id": "s%d" % i}))
+        sent = ws.flood(frames(), seconds, read=True, on_message=on_message)
+        pairs = sent // 2
+        deadline = time.monotonic() + 20
+        while len(unsubscribed) < pairs and time.monotonic() < deadline:
+            m = ws.recv_json(max(0.1, deadline - time.monotonic()))
+            if m is None:
+                break
+            on_message(OP_TEXT, json.dumps(m).encode())
+        self.assertEqual(unsubscribed, ["s%d" % i for i in range(1, pairs + 1)],
+                         "unsubscribed replies missing or out of order")
+        ws.send_text('{"type":"ping"}')
+        while True:
+            m = self.reply(ws)
+            if m.get("type") == "pong":
+                break
+        ws.close()
+        return pairs
+
+    async def test_subscribe_unsubscribe_floods(self):
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        # Device types nobody loaded: each used to create a group and a Redis
+        # channel kept for the life of the process (+25 MiB in 5 s).
+        rss0 = rss_kib(hub.pid)
+        pairs = await self.sub_unsub_flood(lambda i: {"device_type": "made-up-%d" % i})
+        grown = rss_kib(hub.pid) - rss0
+        self.assertGreater(pairs, 2000, "flood too slow to mean anything")
+        self.assertLess(grown, 4096, "%d subscriptions to made-up device types grew RSS by "
+                        "%.1f MiB" % (pairs, grown / 1024))
+        # Loaded type, a device filter, and none: a feed position per subscribe.
+        for f in (lambda i: {"device_type": "thermostat"},
+                  lambda i: {"devices": ["t-%d" % i, "t-%d*" % i]},
+                  lambda i: {}):
+            await self.sub_unsub_flood(f, 2)
+        wait_for = time.monotonic() + 5
+        while metric(hub, "iot_hub_stream_subscriptions") and time.monotonic() < wait_for:
+            await asyncio.sleep(0.05)
+        self.assertEqual(metric(hub, "iot_hub_stream_subscriptions"), 0)
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
     async def test_auth_floods_before_auth(self):
         hub, redis = self.hub, self.redis
         base = self.baseline(hub, redis)
