@@ -21,6 +21,7 @@
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
 #define CLOSE_TAKEOVER   4001
 #define DISCARD_FACTOR   16           /* bytes dropped before closing, x max-frame-bytes */
+#define CLOSE_GRACE_S    5            /* to write the close, then cut off */
 #define DATA_DUMP_RESERVE 512         /* room for one reading's data JSON */
 
 struct gw_conn;
@@ -262,6 +263,9 @@ static void queue_error(struct gw_conn *c, const char *code, int64_t seq,
 	enqueue(c, r);
 }
 
+/* Closes with code once the ready replies are written. A peer that does not
+ * read (the socket never becomes writeable) is cut off after CLOSE_GRACE_S
+ * instead of holding the connection open until the ping timeout. */
 static void conn_close(struct gw_conn *c, int code, const char *reason)
 {
 	if (!c->wsi || c->closing)
@@ -269,6 +273,7 @@ static void conn_close(struct gw_conn *c, int code, const char *reason)
 	c->closing = true;
 	c->close_code = code;
 	c->close_reason = reason;
+	lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_S);
 	lws_callback_on_writable(c->wsi);
 }
 
@@ -929,6 +934,7 @@ static void takeover_close(struct gw_conn *old, const char *new_conn)
 	old->closing = true;
 	old->close_code = CLOSE_TAKEOVER;
 	old->close_reason = "taken over by a new connection";
+	lws_set_timeout(old->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_S);
 	while (old->head && !old->head->waiting) {
 		struct gw_reply *r = old->head;
 		old->head = r->next;

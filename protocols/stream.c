@@ -26,7 +26,7 @@
 #define MAX_ID_LEN        64
 #define LABEL_KEY_MAX     128          /* as announced by gateways (gw_codec) */
 #define LABEL_VALUE_MAX   256
-#define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read */
+#define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read (allocated) */
 #define WRITES_PER_TURN   32           /* socket writes per WRITEABLE callback */
 #define BATCH_BYTES       (16 * 1024)  /* data frames coalesced into one write */
 #define BATCH_MSGS        128
@@ -34,6 +34,7 @@
 #define CLOSE_FORBIDDEN    4403
 #define CLOSE_AUTH_TIMEOUT 4408
 #define CLOSE_SLOW         4008
+#define CLOSE_GRACE_S      5            /* to write the close, then cut off */
 
 /* ---- model ---------------------------------------------------------------
  *
@@ -240,6 +241,9 @@ static void buf_pos(hub_buf *b, uint64_t ms, uint64_t seq)
 
 static void sub_unref(struct st_sub *s);
 
+/* Closes with code once the replies queued before it are written. A peer
+ * that does not read (the socket never becomes writeable) is cut off after
+ * CLOSE_GRACE_S instead of holding the connection open. */
 static void conn_close(struct st_conn *c, int code, const char *reason)
 {
 	if (!c->wsi || c->closing)
@@ -247,8 +251,13 @@ static void conn_close(struct st_conn *c, int code, const char *reason)
 	c->closing = true;
 	c->close_code = code;
 	snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+	lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_S);
 	lws_callback_on_writable(c->wsi);
 }
+
+/* Bytes a queued control message of len bytes holds: its allocation, so a
+ * flood of tiny replies (a 15-byte pong) is counted for what it costs. */
+#define CTRL_COST(len) (sizeof(struct ctrl) + LWS_PRE + (len))
 
 /* Queues a control message (replies, errors): never dropped, written before
  * data. A client that stops reading its replies is closed. */
@@ -258,7 +267,7 @@ static void ctrl_push(struct st_conn *c, const char *data, size_t len)
 
 	if (!c->wsi || c->closing)
 		return;
-	if (c->ctrl_bytes + len > CTRL_MAX_BYTES) {
+	if (c->ctrl_bytes + CTRL_COST(len) > CTRL_MAX_BYTES) {
 		conn_close(c, LWS_CLOSE_STATUS_POLICY_VIOLATION, "replies not read");
 		return;
 	}
@@ -271,7 +280,7 @@ static void ctrl_push(struct st_conn *c, const char *data, size_t len)
 	else
 		c->ctrl_head = m;
 	c->ctrl_tail = m;
-	c->ctrl_bytes += len;
+	c->ctrl_bytes += CTRL_COST(len);
 	lws_callback_on_writable(c->wsi);
 }
 
@@ -449,7 +458,7 @@ static int conn_writeable(struct st_conn *c)
 			c->ctrl_head = m->next;
 			if (!c->ctrl_head)
 				c->ctrl_tail = NULL;
-			c->ctrl_bytes -= m->len;
+			c->ctrl_bytes -= CTRL_COST(m->len);
 			int rc = lws_write(c->wsi, (unsigned char *)m->data + LWS_PRE, m->len,
 					   LWS_WRITE_TEXT);
 			free(m);

@@ -1,9 +1,10 @@
 """Hostile gateway clients (/v1/gateway, docs/protocol.md "Frames a gateway
 may not send"): binary messages (closed with 1003), unmasked frames (an lws
 4.1.6 limitation: accepted as if masked), oversized messages single and
-fragmented, a fragmented message that never ends, 100k-deep JSON, and floods of
-bad_json and bad_message frames sent as fast as the socket takes them. After
-each attack the hub must still serve everyone else: assert_unharmed()
+fragmented, a fragmented message that never ends, 100k-deep JSON, floods of
+bad_json and bad_message frames sent as fast as the socket takes them, and a
+gateway that reads nothing while the hub closes it. After each attack the
+hub must still serve everyone else: assert_unharmed()
 (tests/hostile/hostile.py) with the bounds stated here.
 
 Bounds (normal build; the ASan build scales RSS by SAN_FACTOR):
@@ -282,6 +283,28 @@ class Frames(HostileCase):
             self.assertLess(peak, RSS_MIB * 1024 * (3 if os.environ.get("HUB_SANITIZE") == "1" else 1),
                             "RSS peaked at %.1f MiB during the flood" % (peak / 1024))
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
+    async def test_closing_a_gateway_that_does_not_read(self):
+        """A gateway that floods and never reads (its socket full both ways)
+        is taken over by a new connection: the hub cannot write it the 4001
+        close, so it cuts it off after 5 s instead of holding it until the
+        ping timeout (75 s)."""
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        sub = uniq("stuck")
+        ws = RawWs.gateway(hub, self.token(sub), rcvbuf=4096)
+        self.addCleanup(ws.close)
+        ws.flood(itertools.repeat(ws_frame(OP_TEXT, "x")), 2, read=False)
+        fds = open_fds(hub.pid)
+        t0 = time.monotonic()
+        taker = RawWs.gateway(hub, self.token(sub))
+        self.addCleanup(taker.close)
+        wait_until(lambda: open_fds(hub.pid) <= fds, 10,
+                   what="the stuck connection to be closed (fds back to %d)" % fds)
+        took = time.monotonic() - t0
+        self.assertLess(took, 9, "the stuck connection was closed after %.1f s" % took)
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
 
 if __name__ == "__main__":
     main()

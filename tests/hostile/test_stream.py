@@ -324,6 +324,42 @@ class Stream(HostileCase):
         self.assertEqual(metric(hub, "iot_hub_stream_subscriptions"), 0)
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
 
+    async def test_flood_without_reading_is_cut_off(self):
+        """A client that floods and never reads its replies: replies beyond
+        256 KiB unread (counted as allocated: a 15-byte reply holds ~50
+        bytes; counting only the payload let 256 KiB of pongs hold about
+        1 MiB) close the connection with 1008. The hub cannot write that
+        close to a client that reads nothing: it cuts the connection off 5 s
+        later (before, it stayed open, the hub reading and dropping its
+        frames, until the client read or the 75 s ping timeout)."""
+        hub, redis = self.hub, self.redis
+        base = self.baseline(hub, redis)
+        ws = RawWs.dashboard(hub, READER, rcvbuf=4096)
+        self.addCleanup(ws.close)
+        # 1 byte of junk: a ~100-byte bad_json error each, so the replies
+        # outgrow the socket buffers (the hub's send buffer grows to 4 MiB)
+        # and then the 256 KiB the hub holds, whatever the machine's speed.
+        frame = ws_frame(OP_TEXT, "x")
+        peak = [0]
+
+        def frames():
+            for i in itertools.count():
+                if i % 2000 == 0:
+                    peak[0] = max(peak[0], rss_kib(hub.pid))
+                yield frame
+        t0 = time.monotonic()
+        sent = ws.flood(frames(), 30, read=False)  # stops when the hub closes
+        took = time.monotonic() - t0
+        self.assertTrue(ws.eof, "still open after 30 s of flooding without reading")
+        self.assertLess(took, 20, "cut off after %.1f s" % took)
+        reason = self.assert_closed(ws, (1008, None), "a junk flood that reads nothing (%d frames)"
+                                    % sent, timeout=20)
+        sys.stderr.write("flood without reading: %d frames, close %r %r, RSS peak %+d KiB\n"
+                         % (sent, ws.close_code, reason, peak[0] - base["rss"]))
+        self.assertLess(peak[0] - base["rss"], 600 * SAN_FACTOR,
+                        "unread replies held %d KiB" % (peak[0] - base["rss"]))
+        await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
+
     async def test_auth_floods_before_auth(self):
         hub, redis = self.hub, self.redis
         base = self.baseline(hub, redis)
