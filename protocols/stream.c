@@ -97,7 +97,7 @@ struct st_sub {
 	uint64_t seam_ms, seam_seq;  /* live frames at or before this were replayed */
 	unsigned gen;                /* bumps when a Redis op becomes stale */
 	struct st_msg **pend;        /* live messages held during position/replay */
-	size_t npend, pend_cap;
+	size_t npend, pend_cap, pend_bytes;
 	bool pend_overflow;
 	bool replay_wait;            /* next page once the queue drains */
 	uint64_t dropped;            /* for the next `gap` */
@@ -151,6 +151,7 @@ struct st_conn {
 	struct st_sub *subs;
 	unsigned nsubs;
 	size_t filter_entries;       /* of all subs: at most stream-max-filter-entries */
+	size_t npend, pend_bytes;    /* held by all subs' pend: the queue's limits */
 	struct st_qent *q;
 	size_t qhead, qlen, qcap, qbytes;
 	struct ctrl *ctrl_head, *ctrl_tail;
@@ -522,7 +523,11 @@ static void pend_clear(struct st_sub *s)
 {
 	for (size_t i = 0; i < s->npend; i++)
 		msg_unref(s->pend[i]);
-	s->npend = 0;
+	if (s->conn) {
+		s->conn->npend -= s->npend;
+		s->conn->pend_bytes -= s->pend_bytes;
+	}
+	s->npend = s->pend_bytes = 0;
 	s->pend_overflow = false;
 }
 
@@ -579,8 +584,8 @@ static void sub_kill(struct st_sub *s)
 		c->filter_entries -= s->filter_entries;
 		S.hub->stream_subs--;
 	}
-	s->conn = NULL;
 	pend_clear(s);
+	s->conn = NULL;
 	sub_unref(s);
 }
 
@@ -870,8 +875,14 @@ static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 	case PH_WAIT:
 		return;
 	case PH_POSITION:
-	case PH_REPLAY:
-		if (s->npend >= (size_t)S.hub->cfg.stream_queue_max) {
+	case PH_REPLAY: {
+		/* Held for the seam, within the connection's queue limits
+		 * (all its subscriptions together): a replay the client does
+		 * not read must not pile up live traffic. */
+		struct st_conn *c = s->conn;
+		const struct hub_config *cfg = &S.hub->cfg;
+		if (c->npend >= (size_t)cfg->stream_queue_max ||
+		    c->pend_bytes + m->len > (size_t)cfg->stream_queue_max_bytes) {
 			s->pend_overflow = true; /* the feed has them: replay more */
 			return;
 		}
@@ -880,8 +891,12 @@ static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 			s->pend = hub_xrealloc(s->pend, s->pend_cap * sizeof(*s->pend));
 		}
 		s->pend[s->npend++] = m;
+		s->pend_bytes += m->len;
+		c->npend++;
+		c->pend_bytes += m->len;
 		m->refs++;
 		return;
+	}
 	case PH_LIVE:
 		if (has_pos) {
 			/* Readings of one frame share a position: compare with the
@@ -1064,8 +1079,10 @@ static void go_live(struct st_sub *s)
 	s->phase = PH_LIVE;
 	s->seam_ms = s->last_ms;
 	s->seam_seq = s->last_seq;
+	s->conn->npend -= n;
+	s->conn->pend_bytes -= s->pend_bytes;
 	s->pend = NULL;
-	s->npend = s->pend_cap = 0;
+	s->npend = s->pend_cap = s->pend_bytes = 0;
 	for (size_t i = 0; i < n; i++) {
 		deliver(s, v[i], v[i]->pos_ms || v[i]->pos_seq);
 		msg_unref(v[i]);
@@ -1194,6 +1211,13 @@ static void on_position(redisReply *reply, void *arg)
 	if (s->has_since) {
 		s->phase = PH_REPLAY;
 		replay_next(s); /* from the cursor: since */
+	} else if (s->pend_overflow) {
+		/* Live messages after the position were not all held: read
+		 * them from the feed, from the position on. */
+		s->last_ms = ms;
+		s->last_seq = seq;
+		s->phase = PH_REPLAY;
+		replay_next(s);
 	} else {
 		s->last_ms = ms;
 		s->last_seq = seq;
