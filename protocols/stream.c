@@ -199,33 +199,10 @@ static void msg_unref(struct st_msg *m)
 		free(m);
 }
 
+/* "<ms>-<n>" or "<ms>": a feed position (hub/util.h). */
 static int parse_pos(const char *s, size_t len, uint64_t *ms, uint64_t *seq)
 {
-	uint64_t a = 0, b = 0;
-	size_t i = 0;
-
-	if (!len || len > 41)
-		return -1;
-	for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
-		if (a > (UINT64_MAX - 9) / 10)
-			return -1;
-		a = a * 10 + (uint64_t)(s[i] - '0');
-	}
-	if (!i)
-		return -1;
-	if (i < len) {
-		size_t j;
-		if (s[i] != '-' || i + 1 == len)
-			return -1;
-		for (j = i + 1; j < len; j++) {
-			if (s[j] < '0' || s[j] > '9' || b > (UINT64_MAX - 9) / 10)
-				return -1;
-			b = b * 10 + (uint64_t)(s[j] - '0');
-		}
-	}
-	*ms = a;
-	*seq = b;
-	return 0;
+	return hub_parse_pos(s, len, false, ms, seq);
 }
 
 static bool pos_after(uint64_t ms, uint64_t seq, uint64_t ms0, uint64_t seq0)
