@@ -7,7 +7,8 @@ gateway that reads nothing while the hub closes it. After each attack the
 hub must still serve everyone else: assert_unharmed()
 (tests/hostile/hostile.py) with the bounds stated here.
 
-Bounds (normal build; the ASan build scales RSS by SAN_FACTOR):
+Bounds (normal build; under ASan, hostile.san_kib() scales them and adds
+the quarantine):
   RSS_MIB = 24: hub resident memory after any attack here (and its peak
       during the floods). An idle hub is about 7.7 MiB; measured at most
       10.7 MiB (40 connections each holding a 32 KiB unfinished message).
@@ -27,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostile import (OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs, http_get, main,  # noqa: E402
-                     open_fds, reading, rss_kib, uniq, wait_until, ws_frame)
+                     open_fds, reading, rss_kib, san_kib, uniq, wait_until, ws_frame)
 
 RSS_MIB = 24
 REDIS_MIB = 2
@@ -263,7 +264,7 @@ class Frames(HostileCase):
         for read in (True, False):
             sent, peak = await self.flood_in_order(hub, lambda i: "{bad json %d" % i, expect, 3, read)
             self.assertGreater(sent, 1000, "flood too slow to mean anything")
-            self.assertLess(peak, RSS_MIB * 1024 * (3 if os.environ.get("HUB_SANITIZE") == "1" else 1),
+            self.assertLess(peak, san_kib(RSS_MIB * 1024),
                             "RSS peaked at %.1f MiB during the flood" % (peak / 1024))
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
 
@@ -280,7 +281,7 @@ class Frames(HostileCase):
         for read in (True, False):
             sent, peak = await self.flood_in_order(hub, make, expect, 3, read)
             self.assertGreater(sent, 1000, "flood too slow to mean anything")
-            self.assertLess(peak, RSS_MIB * 1024 * (3 if os.environ.get("HUB_SANITIZE") == "1" else 1),
+            self.assertLess(peak, san_kib(RSS_MIB * 1024),
                             "RSS peaked at %.1f MiB during the flood" % (peak / 1024))
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
 

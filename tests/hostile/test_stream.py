@@ -5,7 +5,8 @@ the per-connection memory bound they give, subscribe/unsubscribe floods
 (made-up device types included), and auth floods before auth. After each
 attack: assert_unharmed() (tests/hostile/hostile.py) with the bounds below.
 
-Bounds (normal build; the ASan build scales RSS by SAN_FACTOR):
+Bounds (normal build; under ASan, hostile.san_kib() scales them and adds
+the quarantine):
   RSS_MIB = 32: hub resident memory after an attack. Idle: about 7.8 MiB;
       measured at most 22.9 MiB, after the memory-bound test's 8 maximal
       dashboards (1.8 MiB each); the other attacks leave it under 11 MiB.
@@ -28,8 +29,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostile import (OP_BINARY, OP_CONT, OP_TEXT, SAN_FACTOR, HostileCase, RawWs,  # noqa: E402
-                     connect_gateway, http_get, main, rss_kib, ws_frame)
+from hostile import (OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs,  # noqa: E402
+                     connect_gateway, http_get, main, rss_kib, san_kib, ws_frame)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "integration"))
 from harness import SCHEMAS_DIR, api_keys_file, connect_dashboard, mkdtemp, now_ms, write_file  # noqa: E402
@@ -217,7 +218,7 @@ class Stream(HostileCase):
             got.append(m[1])
         self.assertTrue(all(b'"filter_budget_exceeded"' in p for p in got), got[:3])
         grown = rss_kib(hub.pid) - rss0
-        self.assertLess(grown, 2048, "%d refused subscribes grew RSS by %d KiB" % (sent, grown))
+        self.assertLess(grown, san_kib(2048), "%d refused subscribes grew RSS by %d KiB" % (sent, grown))
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
 
     async def fill_budget(self, d, tag):
@@ -252,10 +253,10 @@ class Stream(HostileCase):
         for i, d in enumerate(dashboards):
             self.assertEqual(await self.fill_budget(d, "c%d-" % i), MAX_ENTRIES)
         per_conn = (rss_kib(hub.pid) - rss0) / conns
-        sys.stderr.write("maximal filters: %.2f MiB per dashboard connection (bound %.1f)\n"
-                         % (per_conn / 1024, CONN_FILTER_MIB * SAN_FACTOR))
-        self.assertLess(per_conn, CONN_FILTER_MIB * 1024 * SAN_FACTOR,
-                        "%.2f MiB per connection" % (per_conn / 1024))
+        bound = san_kib(CONN_FILTER_MIB * 1024 * conns) / conns
+        sys.stderr.write("maximal filters: %.2f MiB per dashboard connection (bound %.2f)\n"
+                         % (per_conn / 1024, bound / 1024))
+        self.assertLess(per_conn, bound, "%.2f MiB per connection" % (per_conn / 1024))
         # And nothing more fits.
         d = dashboards[0]
         await d.send(compact({"type": "subscribe", "id": "more", "stream": "raw",
@@ -311,7 +312,7 @@ class Stream(HostileCase):
         pairs = await self.sub_unsub_flood(lambda i: {"device_type": "made-up-%d" % i})
         grown = rss_kib(hub.pid) - rss0
         self.assertGreater(pairs, 2000, "flood too slow to mean anything")
-        self.assertLess(grown, 4096, "%d subscriptions to made-up device types grew RSS by "
+        self.assertLess(grown, san_kib(4096), "%d subscriptions to made-up device types grew RSS by "
                         "%.1f MiB" % (pairs, grown / 1024))
         # Loaded type, a device filter, and none: a feed position per subscribe.
         for f in (lambda i: {"device_type": "thermostat"},
@@ -356,7 +357,7 @@ class Stream(HostileCase):
                                     % sent, timeout=20)
         sys.stderr.write("flood without reading: %d frames, close %r %r, RSS peak %+d KiB\n"
                          % (sent, ws.close_code, reason, peak[0] - base["rss"]))
-        self.assertLess(peak[0] - base["rss"], 600 * SAN_FACTOR,
+        self.assertLess(peak[0] - base["rss"], san_kib(600),
                         "unread replies held %d KiB" % (peak[0] - base["rss"]))
         await self.assert_unharmed(hub, redis, base, rss_mib=RSS_MIB, redis_mib=REDIS_MIB)
 
@@ -434,7 +435,7 @@ class Stream(HostileCase):
         grown = rss_kib(hub.pid) - rss0
         sys.stderr.write("stalled replay: RSS %+.1f MiB while 14 MB of live readings came\n"
                          % (grown / 1024))
-        self.assertLess(grown, 4096, "a stalled replay held %.1f MiB of live readings"
+        self.assertLess(grown, san_kib(4096), "a stalled replay held %.1f MiB of live readings"
                         % (grown / 1024))
         # Redis holds the legitimate gateway's 15 MB: not counted here.
         await self.assert_unharmed(hub, None, None, rss_mib=RSS_MIB)
