@@ -493,8 +493,7 @@ static const char *qget(const struct hub_query *q, const char *name)
 static void list(struct hub_req *rq, const char *device, const struct hub_query *q)
 {
 	const char *status = qget(q, "status"), *lim = qget(q, "limit");
-	long limit = 100;
-	char *end;
+	int64_t limit = 100;
 
 	if (!visible(rq, device)) {
 		hub_req_error(rq, 404, "unknown_device", NULL, "no such device");
@@ -504,12 +503,9 @@ static void list(struct hub_req *rq, const char *device, const struct hub_query 
 		hub_req_error(rq, 422, "invalid", "status", "status must be one of the ten command states");
 		return;
 	}
-	if (lim) {
-		limit = strtol(lim, &end, 10);
-		if (!*lim || *end || limit < 1 || limit > 1000) {
-			hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
-			return;
-		}
+	if (lim && hub_parse_i64(lim, strlen(lim), 1, 1000, &limit)) {
+		hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
+		return;
 	}
 	await_reply(rq, cmd_list(hub_req_hub(rq), device, status, (int)limit, on_list, rq));
 }

@@ -9,6 +9,7 @@ pkgs=(
   libjwt-dev libssl-dev libcmocka-dev
   redis-server redis-tools
   python3-websockets curl openssl
+  clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
 )
 
 missing=()

@@ -9,8 +9,7 @@
  */
 #include "hub/api.h"
 
-#include <ctype.h>
-#include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,33 +44,16 @@ static const char *qget(const struct hub_query *q, const char *name)
 	return NULL;
 }
 
-/* Strict decimal integer in [min, max]. Returns 0 or -1. */
+/* Strict decimal integer in [min, max] (hub_parse_i64: no sign '+', no
+ * spaces, no overflow). Returns 0 or -1. */
 static int parse_ll(const char *s, long long min, long long max, long long *out)
 {
-	char *end;
+	int64_t v;
 
-	if (!s || !(isdigit((unsigned char)s[0]) || (s[0] == '-' && isdigit((unsigned char)s[1]))))
-		return -1;
-	errno = 0;
-	long long v = strtoll(s, &end, 10);
-	if (errno || *end || v < min || v > max)
+	if (!s || hub_parse_i64(s, strlen(s), min, max, &v))
 		return -1;
 	*out = v;
 	return 0;
-}
-
-/* A stream id "<ms>-<seq>". */
-static bool pos_valid(const char *s)
-{
-	const char *d = strchr(s, '-');
-	size_t a = d ? (size_t)(d - s) : 0;
-
-	if (!d || !a || a > 20 || !d[1] || strlen(d + 1) > 20)
-		return false;
-	for (const char *p = s; *p; p++)
-		if (p != d && !isdigit((unsigned char)*p))
-			return false;
-	return true;
 }
 
 static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv)
@@ -769,20 +751,25 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 						: "limit must be a positive integer");
 		return;
 	}
-	if ((after = qget(q, "after")) && !pos_valid(after)) {
+	uint64_t ams = 0, aseq = 0;
+	if ((after = qget(q, "after")) &&
+	    hub_parse_pos(after, strlen(after), true, &ams, &aseq)) {
 		hub_req_error(rq, 422, "invalid", "after",
 			      "after must be a position (\"<ms>-<n>\") from a previous answer's next");
 		return;
 	}
 	long long lo = c->from > TM_SKEW_MS ? c->from - TM_SKEW_MS : 0;
+	long long hi = c->to + TM_SKEW_MS;
 	snprintf(c->start, sizeof(c->start), "%lld", lo);
-	if (after) {
+	if (after && ams > (uint64_t)hi) {
+		/* Nothing of the range comes after it: an empty scan (Redis
+		 * refuses an exclusive start at the largest id). */
+		snprintf(c->start, sizeof(c->start), "%lld", hi + 1);
+	} else if (after && ams >= (uint64_t)lo) {
 		/* Resume after `after`, but never before the scan's own start. */
-		long long ams = strtoll(after, NULL, 10);
-		if (ams >= lo)
-			snprintf(c->start, sizeof(c->start), "(%s", after);
+		snprintf(c->start, sizeof(c->start), "(%" PRIu64 "-%" PRIu64, ams, aseq);
 	}
-	snprintf(c->end, sizeof(c->end), "%lld", c->to + TM_SKEW_MS);
+	snprintf(c->end, sizeof(c->end), "%lld", hi);
 	if (c->fmt == TM_JSON) {
 		hub_buf_puts(&c->out, "{\"device\":");
 		hub_buf_json_str(&c->out, device, strlen(device));

@@ -58,6 +58,9 @@ struct hub_config {
 	int ping_timeout_s;
 	int stream_auth_timeout_ms;
 	int stream_max_subscriptions;
+	int stream_max_filter_devices;
+	int stream_max_filter_labels;
+	int stream_max_filter_entries;
 	int stream_queue_max;
 	long stream_queue_max_bytes;
 	char *stream_slow_policy;

@@ -104,6 +104,13 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->takeovers_total);
 	counter(o, "iot_hub_frames_too_large_total", "Connections closed with 1009.",
 		m->frames_too_large_total);
+	hub_buf_puts(o, "# HELP iot_hub_binary_closed_total Connections closed with 1003 for "
+		     "sending a binary message, by protocol.\n"
+		     "# TYPE iot_hub_binary_closed_total counter\n");
+	for (int i = 0; i < HUB_WS__COUNT; i++)
+		hub_buf_printf(o, "iot_hub_binary_closed_total{protocol=\"%s\"} %llu\n",
+			       i == HUB_WS_GATEWAY ? "gateway" : "dashboard",
+			       (unsigned long long)m->binary_closed[i]);
 	counter(o, "iot_hub_flow_paused_total", "Times a gateway socket stopped being read.",
 		m->flow_paused_total);
 	counter(o, "iot_hub_stream_connections_total", "Dashboard WebSockets established.",

@@ -41,6 +41,9 @@ enum hub_http_refusal {
 	HUB_HTTP_REFUSAL__COUNT
 };
 
+/* The two WebSocket protocols, for per-protocol counters. */
+enum hub_ws_proto { HUB_WS_GATEWAY, HUB_WS_DASHBOARD, HUB_WS__COUNT };
+
 #define HUB_HIST_NBOUNDS 15
 
 struct hub_histogram {
@@ -65,6 +68,7 @@ struct hub_metrics {
 	uint64_t devices_rejected_total;   /* announce entries refused */
 	uint64_t takeovers_total;
 	uint64_t frames_too_large_total;
+	uint64_t binary_closed[HUB_WS__COUNT]; /* connections closed with 1003 */
 	uint64_t redis_reconnects_total;
 	uint64_t redis_errors_total;       /* error replies and failed commands */
 	uint64_t flow_paused_total;        /* times a gateway socket was paused */

@@ -32,6 +32,59 @@ int64_t hub_mono_us(void)
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* Digits of s[0..len) as an unsigned value; -1 on empty, junk or overflow. */
+static int parse_u64(const char *s, size_t len, uint64_t *out)
+{
+	uint64_t v = 0;
+
+	if (!len)
+		return -1;
+	for (size_t i = 0; i < len; i++) {
+		unsigned d = (unsigned char)s[i] - '0';
+		if (d > 9 || v > (UINT64_MAX - d) / 10)
+			return -1;
+		v = v * 10 + d;
+	}
+	*out = v;
+	return 0;
+}
+
+int hub_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *out)
+{
+	bool neg = len && s[0] == '-';
+	uint64_t u;
+	int64_t v;
+
+	if (!s || parse_u64(s + neg, len - neg, &u))
+		return -1;
+	if (neg ? u > (uint64_t)INT64_MAX + 1 : u > (uint64_t)INT64_MAX)
+		return -1;
+	v = neg ? (int64_t)(0 - u) : (int64_t)u;
+	if (v < min || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+int hub_parse_pos(const char *s, size_t len, bool need_seq, uint64_t *ms, uint64_t *seq)
+{
+	const char *d = s ? memchr(s, '-', len) : NULL;
+	uint64_t a, b = 0;
+
+	if (!s || (!d && need_seq))
+		return -1;
+	if (d) {
+		if (parse_u64(s, (size_t)(d - s), &a) ||
+		    parse_u64(d + 1, len - (size_t)(d - s) - 1, &b))
+			return -1;
+	} else if (parse_u64(s, len, &a)) {
+		return -1;
+	}
+	*ms = a;
+	*seq = b;
+	return 0;
+}
+
 bool hub_id_valid(const char *s, size_t len)
 {
 	if (!s || !len || len > HUB_ID_MAX)

@@ -20,6 +20,17 @@ int64_t hub_mono_us(void);
 /* True if s[0..len) matches [A-Za-z0-9._:-]{1,128} (CONTRACT ids). */
 bool hub_id_valid(const char *s, size_t len);
 
+/* Strict decimal integer: s[0..len) is an optional '-' and decimal digits,
+ * nothing else (no '+', no spaces, no hex), in [min, max]. Returns 0 and
+ * sets *out, or -1 (empty, junk, overflow, out of range); *out is then left
+ * alone. For numbers from a peer (query parameters). */
+int hub_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *out);
+
+/* A Redis stream position "<ms>-<seq>" (or "<ms>" alone unless need_seq):
+ * parts of decimal digits only, each at most UINT64_MAX, as Redis reads
+ * stream ids. Returns 0 and sets *ms, *seq (0 when absent), or -1. */
+int hub_parse_pos(const char *s, size_t len, bool need_seq, uint64_t *ms, uint64_t *seq);
+
 /* Growable byte buffer. Aborts with a message on OOM (internal failure). */
 typedef struct hub_buf {
 	char *data;

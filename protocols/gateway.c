@@ -21,6 +21,8 @@
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
 #define CLOSE_TAKEOVER   4001
 #define CLOSE_CONNECT_RATE 4029       /* reconnecting faster than gateway-connect-rate */
+#define DISCARD_FACTOR   16           /* bytes dropped before closing, x max-frame-bytes */
+#define CLOSE_GRACE_S    5            /* to write the close, then cut off */
 #define DATA_DUMP_RESERVE 512         /* room for one reading's data JSON */
 
 struct gw_conn;
@@ -80,7 +82,9 @@ struct gw_conn {
 	unsigned queued, waiting;
 	unsigned refs;             /* the wsi + replies awaiting Redis */
 	bool paused, closing, draining, discarding;
-	size_t discarded;          /* bytes of an oversized message dropped */
+	size_t discarded;          /* bytes of a refused message dropped */
+	int discard_code;          /* the close code once it is dropped */
+	const char *discard_reason;
 	int64_t epoch;             /* takeover order (Redis INCR); 0 = not yet */
 	int64_t beaten_by;         /* highest foreign epoch seen before ours */
 	int close_code;
@@ -288,6 +292,9 @@ static void queue_ack_error(struct gw_conn *c, const char *code, const char *id,
 	enqueue(c, r);
 }
 
+/* Closes with code once the ready replies are written. A peer that does not
+ * read (the socket never becomes writeable) is cut off after CLOSE_GRACE_S
+ * instead of holding the connection open until the ping timeout. */
 static void conn_close(struct gw_conn *c, int code, const char *reason)
 {
 	if (!c->wsi || c->closing)
@@ -295,6 +302,7 @@ static void conn_close(struct gw_conn *c, int code, const char *reason)
 	c->closing = true;
 	c->close_code = code;
 	c->close_reason = reason;
+	lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_S);
 	lws_callback_on_writable(c->wsi);
 }
 
@@ -896,6 +904,21 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 	gw_msg_clear(&msg);
 }
 
+/* Refuses the message being received: its rest is read and dropped, then the
+ * connection is closed with code (closing at once resets a socket with
+ * unread data and the peer sees 1006 instead). */
+static void refuse_message(struct gw_conn *c, size_t got, bool final, int code,
+			   const char *reason)
+{
+	hub_buf_free(&c->rx);
+	c->discard_code = code;
+	c->discard_reason = reason;
+	c->discarding = !final;
+	c->discarded = got;
+	if (final)
+		conn_close(c, code, reason);
+}
+
 static int on_receive(struct gw_conn *c, const char *in, size_t len)
 {
 	struct lws *wsi = c->wsi;
@@ -904,19 +927,27 @@ static int on_receive(struct gw_conn *c, const char *in, size_t len)
 	bool final = lws_is_final_fragment(wsi) && !remaining;
 
 	if (c->discarding) {
-		/* Drop the rest of an oversized message, then close with 1009
-		 * once the peer has sent it all (closing earlier resets a socket
-		 * with unread data and the peer sees 1006). Bounded: a peer that
-		 * keeps going far past the limit is cut off at once. */
+		/* Bounded: a peer that keeps going far past the limit (a
+		 * message that never ends) is cut off at once. */
 		c->discarded += len;
-		if (final || c->discarded > 16 * max) {
+		if (final || c->discarded > DISCARD_FACTOR * max) {
 			c->discarding = false;
-			conn_close(c, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
+			conn_close(c, c->discard_code, c->discard_reason);
 		}
 		return 0;
 	}
 	if (c->closing || c->draining)
 		return 0;
+	if (lws_frame_is_binary(wsi)) {
+		/* Text frames only: a binary message is not read, whatever it
+		 * holds (lws marks every fragment of a binary message). */
+		c->hub->metrics.binary_closed[HUB_WS_GATEWAY]++;
+		hub_warn("gateway %s #%llu: binary message: closing with 1003",
+			 c->gw, (unsigned long long)c->serial);
+		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE,
+			       "binary messages are not supported");
+		return 0;
+	}
 	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
 		if (len > max)
 			goto too_large;
@@ -938,13 +969,8 @@ too_large:
 	c->hub->metrics.frames_too_large_total++;
 	hub_warn("gateway %s #%llu: message over max-frame-bytes %zu: closing with 1009",
 		 c->gw, (unsigned long long)c->serial, max);
-	hub_buf_free(&c->rx);
-	c->discarding = true;
-	c->discarded = c->rx.len + len;
-	if (final) {
-		c->discarding = false;
-		conn_close(c, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
-	}
+	refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+		       "message too large");
 	return 0;
 }
 
@@ -993,6 +1019,7 @@ static void takeover_close(struct gw_conn *old, const char *new_conn)
 	old->closing = true;
 	old->close_code = CLOSE_TAKEOVER;
 	old->close_reason = "taken over by a new connection";
+	lws_set_timeout(old->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_S);
 	while (old->head && !old->head->waiting) {
 		struct gw_reply *r = old->head;
 		old->head = r->next;

@@ -14,11 +14,15 @@
 #include "hub/strmap.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
+#include "protocols/schema.h"
 
 
 #define MAX_MESSAGE_BYTES (64 * 1024)  /* one dashboard message to the hub */
+#define DISCARD_MAX_BYTES (16 * MAX_MESSAGE_BYTES) /* of a refused message, then cut off */
 #define MAX_ID_LEN        64
-#define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read */
+#define LABEL_KEY_MAX     128          /* as announced by gateways (gw_codec) */
+#define LABEL_VALUE_MAX   256
+#define CTRL_MAX_BYTES    (256 * 1024) /* replies the client has not read (allocated) */
 #define WRITES_PER_TURN   32           /* socket writes per WRITEABLE callback */
 #define BATCH_BYTES       (16 * 1024)  /* data frames coalesced into one write */
 #define BATCH_MSGS        128
@@ -26,6 +30,7 @@
 #define CLOSE_FORBIDDEN    4403
 #define CLOSE_AUTH_TIMEOUT 4408
 #define CLOSE_SLOW         4008
+#define CLOSE_GRACE_S      5            /* to write the close, then cut off */
 
 /* ---- model ---------------------------------------------------------------
  *
@@ -81,13 +86,14 @@ struct st_sub {
 	char *type;
 	json_t *labels;
 	char *group_by;
+	size_t filter_entries;       /* devices + labels: its share of the budget */
 	/* raw positions */
 	bool has_since, resume, announced;
 	uint64_t last_ms, last_seq;  /* replay cursor, then last delivered */
 	uint64_t seam_ms, seam_seq;  /* live frames at or before this were replayed */
 	unsigned gen;                /* bumps when a Redis op becomes stale */
 	struct st_msg **pend;        /* live messages held during position/replay */
-	size_t npend, pend_cap;
+	size_t npend, pend_cap, pend_bytes;
 	bool pend_overflow;
 	bool replay_wait;            /* next page once the queue drains */
 	uint64_t dropped;            /* for the next `gap` */
@@ -140,12 +146,17 @@ struct st_conn {
 	lws_sorted_usec_list_t sul_auth;
 	struct st_sub *subs;
 	unsigned nsubs;
+	size_t filter_entries;       /* of all subs: at most stream-max-filter-entries */
+	size_t npend, pend_bytes;    /* held by all subs' pend: the queue's limits */
 	struct st_qent *q;
 	size_t qhead, qlen, qcap, qbytes;
 	struct ctrl *ctrl_head, *ctrl_tail;
 	size_t ctrl_bytes;
 	hub_buf rx, w;
 	bool discarding;
+	size_t discarded;            /* bytes of a refused message dropped */
+	int discard_code;            /* the close code once it is dropped */
+	const char *discard_reason;
 };
 
 struct st_pss {
@@ -184,33 +195,10 @@ static void msg_unref(struct st_msg *m)
 		free(m);
 }
 
+/* "<ms>-<n>" or "<ms>": a feed position (hub/util.h). */
 static int parse_pos(const char *s, size_t len, uint64_t *ms, uint64_t *seq)
 {
-	uint64_t a = 0, b = 0;
-	size_t i = 0;
-
-	if (!len || len > 41)
-		return -1;
-	for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
-		if (a > (UINT64_MAX - 9) / 10)
-			return -1;
-		a = a * 10 + (uint64_t)(s[i] - '0');
-	}
-	if (!i)
-		return -1;
-	if (i < len) {
-		size_t j;
-		if (s[i] != '-' || i + 1 == len)
-			return -1;
-		for (j = i + 1; j < len; j++) {
-			if (s[j] < '0' || s[j] > '9' || b > (UINT64_MAX - 9) / 10)
-				return -1;
-			b = b * 10 + (uint64_t)(s[j] - '0');
-		}
-	}
-	*ms = a;
-	*seq = b;
-	return 0;
+	return hub_parse_pos(s, len, false, ms, seq);
 }
 
 static bool pos_after(uint64_t ms, uint64_t seq, uint64_t ms0, uint64_t seq0)
@@ -227,6 +215,9 @@ static void buf_pos(hub_buf *b, uint64_t ms, uint64_t seq)
 
 static void sub_unref(struct st_sub *s);
 
+/* Closes with code once the replies queued before it are written. A peer
+ * that does not read (the socket never becomes writeable) is cut off after
+ * CLOSE_GRACE_S instead of holding the connection open. */
 static void conn_close(struct st_conn *c, int code, const char *reason)
 {
 	if (!c->wsi || c->closing)
@@ -234,8 +225,13 @@ static void conn_close(struct st_conn *c, int code, const char *reason)
 	c->closing = true;
 	c->close_code = code;
 	snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+	lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_S);
 	lws_callback_on_writable(c->wsi);
 }
+
+/* Bytes a queued control message of len bytes holds: its allocation, so a
+ * flood of tiny replies (a 15-byte pong) is counted for what it costs. */
+#define CTRL_COST(len) (sizeof(struct ctrl) + LWS_PRE + (len))
 
 /* Queues a control message (replies, errors): never dropped, written before
  * data. A client that stops reading its replies is closed. */
@@ -245,7 +241,7 @@ static void ctrl_push(struct st_conn *c, const char *data, size_t len)
 
 	if (!c->wsi || c->closing)
 		return;
-	if (c->ctrl_bytes + len > CTRL_MAX_BYTES) {
+	if (c->ctrl_bytes + CTRL_COST(len) > CTRL_MAX_BYTES) {
 		conn_close(c, LWS_CLOSE_STATUS_POLICY_VIOLATION, "replies not read");
 		return;
 	}
@@ -258,7 +254,7 @@ static void ctrl_push(struct st_conn *c, const char *data, size_t len)
 	else
 		c->ctrl_head = m;
 	c->ctrl_tail = m;
-	c->ctrl_bytes += len;
+	c->ctrl_bytes += CTRL_COST(len);
 	lws_callback_on_writable(c->wsi);
 }
 
@@ -436,7 +432,7 @@ static int conn_writeable(struct st_conn *c)
 			c->ctrl_head = m->next;
 			if (!c->ctrl_head)
 				c->ctrl_tail = NULL;
-			c->ctrl_bytes -= m->len;
+			c->ctrl_bytes -= CTRL_COST(m->len);
 			int rc = lws_write(c->wsi, (unsigned char *)m->data + LWS_PRE, m->len,
 					   LWS_WRITE_TEXT);
 			free(m);
@@ -500,7 +496,11 @@ static void pend_clear(struct st_sub *s)
 {
 	for (size_t i = 0; i < s->npend; i++)
 		msg_unref(s->pend[i]);
-	s->npend = 0;
+	if (s->conn) {
+		s->conn->npend -= s->npend;
+		s->conn->pend_bytes -= s->pend_bytes;
+	}
+	s->npend = s->pend_bytes = 0;
 	s->pend_overflow = false;
 }
 
@@ -554,10 +554,11 @@ static void sub_kill(struct st_sub *s)
 				break;
 			}
 		c->nsubs--;
+		c->filter_entries -= s->filter_entries;
 		S.hub->stream_subs--;
 	}
-	s->conn = NULL;
 	pend_clear(s);
+	s->conn = NULL;
 	sub_unref(s);
 }
 
@@ -633,6 +634,12 @@ static struct st_group *group_for(enum st_kind kind, const char *type)
 	if (kind == K_RAW) {
 		struct st_group *g = hub_strmap_get(&S.raw_typed, type, strlen(type));
 		if (!g) {
+			/* A group (kept for the process's life) and a channel per
+			 * loaded device type only: any name a client makes up
+			 * would grow the hub for good. Such a subscription listens
+			 * on the pattern; its filter still picks the type. */
+			if (!schema_set_find(S.hub->schemas, type, strlen(type)))
+				return S.raw_all;
 			char ch[HUB_KEY_MAX];
 			hub_ch_raw(ch, sizeof(ch), type);   /* subscribe checked the type */
 			g = group_new(ch, false);
@@ -841,8 +848,14 @@ static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 	case PH_WAIT:
 		return;
 	case PH_POSITION:
-	case PH_REPLAY:
-		if (s->npend >= (size_t)S.hub->cfg.stream_queue_max) {
+	case PH_REPLAY: {
+		/* Held for the seam, within the connection's queue limits
+		 * (all its subscriptions together): a replay the client does
+		 * not read must not pile up live traffic. */
+		struct st_conn *c = s->conn;
+		const struct hub_config *cfg = &S.hub->cfg;
+		if (c->npend >= (size_t)cfg->stream_queue_max ||
+		    c->pend_bytes + m->len > (size_t)cfg->stream_queue_max_bytes) {
 			s->pend_overflow = true; /* the feed has them: replay more */
 			return;
 		}
@@ -851,8 +864,12 @@ static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 			s->pend = hub_xrealloc(s->pend, s->pend_cap * sizeof(*s->pend));
 		}
 		s->pend[s->npend++] = m;
+		s->pend_bytes += m->len;
+		c->npend++;
+		c->pend_bytes += m->len;
 		m->refs++;
 		return;
+	}
 	case PH_LIVE:
 		if (has_pos) {
 			/* Readings of one frame share a position: compare with the
@@ -1035,8 +1052,10 @@ static void go_live(struct st_sub *s)
 	s->phase = PH_LIVE;
 	s->seam_ms = s->last_ms;
 	s->seam_seq = s->last_seq;
+	s->conn->npend -= n;
+	s->conn->pend_bytes -= s->pend_bytes;
 	s->pend = NULL;
-	s->npend = s->pend_cap = 0;
+	s->npend = s->pend_cap = s->pend_bytes = 0;
 	for (size_t i = 0; i < n; i++) {
 		deliver(s, v[i], v[i]->pos_ms || v[i]->pos_seq);
 		msg_unref(v[i]);
@@ -1165,6 +1184,13 @@ static void on_position(redisReply *reply, void *arg)
 	if (s->has_since) {
 		s->phase = PH_REPLAY;
 		replay_next(s); /* from the cursor: since */
+	} else if (s->pend_overflow) {
+		/* Live messages after the position were not all held: read
+		 * them from the feed, from the position on. */
+		s->last_ms = ms;
+		s->last_seq = seq;
+		s->phase = PH_REPLAY;
+		replay_next(s);
 	} else {
 		s->last_ms = ms;
 		s->last_seq = seq;
@@ -1389,9 +1415,52 @@ static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *er
 				snprintf(err, errlen, "filter.labels.%.64s must be a string", k);
 				return -1;
 			}
+			if (strlen(k) > LABEL_KEY_MAX || json_string_length(lv) > LABEL_VALUE_MAX) {
+				/* No device can have it (gateways announce no longer). */
+				snprintf(err, errlen, "filter.labels.%.64s: a label name is at most %d "
+					 "bytes, a value at most %d", k, LABEL_KEY_MAX, LABEL_VALUE_MAX);
+				return -1;
+			}
 		}
 		if (json_object_size(v))
 			s->labels = json_incref(v);
+	}
+	return 0;
+}
+
+/* The caps on a filter's size, checked before anything is allocated for the
+ * subscription: ids and prefixes per filter, labels per filter, and the
+ * connection's budget of entries over all its subscriptions (so 64 maximal
+ * subscriptions stay within a stated memory bound; docs/dashboard.md).
+ * Malformed parts are left to parse_filter. Returns 0 with the filter's
+ * entries in *entries, or -1 with the error code and message. */
+static int filter_caps(struct st_conn *c, json_t *f, size_t *entries, char *err,
+		       size_t errlen, const char **code)
+{
+	const struct hub_config *cfg = &c->hub->cfg;
+	json_t *d = json_object_get(f, "devices"), *l = json_object_get(f, "labels");
+	size_t nd = json_is_array(d) ? json_array_size(d) : 0;
+	size_t nl = json_is_object(l) ? json_object_size(l) : 0;
+
+	*entries = nd + nl;
+	*code = "filter_too_large";
+	if (nd > (size_t)cfg->stream_max_filter_devices) {
+		snprintf(err, errlen, "filter.devices has %zu entries; at most %d "
+			 "(stream-max-filter-devices): use prefixes ending in '*'",
+			 nd, cfg->stream_max_filter_devices);
+		return -1;
+	}
+	if (nl > (size_t)cfg->stream_max_filter_labels) {
+		snprintf(err, errlen, "filter.labels has %zu labels; at most %d "
+			 "(stream-max-filter-labels)", nl, cfg->stream_max_filter_labels);
+		return -1;
+	}
+	if (c->filter_entries + *entries > (size_t)cfg->stream_max_filter_entries) {
+		*code = "filter_budget_exceeded";
+		snprintf(err, errlen, "this connection's filters would hold %zu device "
+			 "ids, prefixes and labels; at most %d (stream-max-filter-entries)",
+			 c->filter_entries + *entries, cfg->stream_max_filter_entries);
+		return -1;
 	}
 	return 0;
 }
@@ -1411,6 +1480,7 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	const char *id = json_string_value(jid), *code;
 	char err[256];
 	struct st_sub *s;
+	size_t entries;
 	int kind;
 
 	if (!json_is_string(jid) || !json_string_length(jid) ||
@@ -1442,6 +1512,10 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	if (c->nsubs >= (unsigned)c->hub->cfg.stream_max_subscriptions) {
 		send_error(c, id, "too_many_subscriptions", "at most %d subscriptions per connection",
 			   c->hub->cfg.stream_max_subscriptions);
+		return;
+	}
+	if (filter_caps(c, json_object_get(msg, "filter"), &entries, err, sizeof(err), &code)) {
+		send_error(c, id, code, "%s", err);
 		return;
 	}
 	s = hub_xcalloc(1, sizeof(*s));
@@ -1504,6 +1578,8 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	s->next = c->subs;
 	c->subs = s;
 	c->nsubs++;
+	s->filter_entries = entries;
+	c->filter_entries += entries;
 	c->hub->stream_subs++;
 	if (kind >= K_1S && kind <= K_1M)
 		agg_want(c->hub, (enum agg_window)(kind - K_1S), true);
@@ -1677,6 +1753,65 @@ static void conn_free(struct st_conn *c)
 	free(c);
 }
 
+/* Refuses the message being received: its rest is read and dropped, then the
+ * connection is closed with code (closing at once resets a socket with
+ * unread data and the peer sees 1006 instead). */
+static void refuse_message(struct st_conn *c, size_t got, bool final, int code,
+			   const char *reason)
+{
+	hub_buf_free(&c->rx);
+	c->discard_code = code;
+	c->discard_reason = reason;
+	c->discarding = !final;
+	c->discarded = got;
+	if (final)
+		conn_close(c, code, reason);
+}
+
+/* One piece of a client message: reassembled (at most MAX_MESSAGE_BYTES),
+ * handled when complete. */
+static void on_receive(struct st_conn *c, const char *in, size_t len)
+{
+	struct lws *wsi = c->wsi;
+	size_t remaining = lws_remaining_packet_payload(wsi);
+	bool final = lws_is_final_fragment(wsi) && !remaining;
+
+	if (c->discarding) {
+		/* Bounded: a message that never ends is cut off. */
+		c->discarded += len;
+		if (final || c->discarded > DISCARD_MAX_BYTES) {
+			c->discarding = false;
+			conn_close(c, c->discard_code, c->discard_reason);
+		}
+		return;
+	}
+	if (c->closing)
+		return;
+	if (lws_frame_is_binary(wsi)) {
+		/* Text frames only (lws marks every fragment of a binary message). */
+		c->hub->metrics.binary_closed[HUB_WS_DASHBOARD]++;
+		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE,
+			       "binary messages are not supported");
+		return;
+	}
+	if (c->rx.len + len + remaining > MAX_MESSAGE_BYTES) {
+		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+			       "message too large");
+		return;
+	}
+	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
+		handle_message(c, in, len);
+		return;
+	}
+	hub_buf_append(&c->rx, in, len);
+	if (final) {
+		handle_message(c, c->rx.data, c->rx.len);
+		c->rx.len = 0;
+		if (c->rx.cap > 16 * 1024)
+			hub_buf_free(&c->rx);
+	}
+}
+
 static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			   void *user, void *in, size_t len)
 {
@@ -1714,26 +1849,9 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return 0;
 	}
 	case LWS_CALLBACK_RECEIVE:
-		if (!c || c->closing)
+		if (!c)
 			return 0;
-		if (c->discarding || c->rx.len + len > MAX_MESSAGE_BYTES) {
-			c->discarding = true;
-			lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-					 (unsigned char *)"message too large", 17);
-			return -1;
-		}
-		if (lws_is_first_fragment(wsi) && lws_is_final_fragment(wsi) &&
-		    !lws_remaining_packet_payload(wsi)) {
-			handle_message(c, in, len);
-			return 0;
-		}
-		hub_buf_append(&c->rx, in, len);
-		if (lws_is_final_fragment(wsi) && !lws_remaining_packet_payload(wsi)) {
-			handle_message(c, c->rx.data, c->rx.len);
-			c->rx.len = 0;
-			if (c->rx.cap > 16 * 1024)
-				hub_buf_free(&c->rx);
-		}
+		on_receive(c, in, len);
 		return 0;
 	case LWS_CALLBACK_SERVER_WRITEABLE:
 		if (!c)

@@ -1,15 +1,15 @@
 #!/bin/sh
 # shellcheck disable=SC2086 # flag and file lists are split on purpose
-# Builds every tests/fuzz/fuzz_*.c into build-fuzz/ with libFuzzer, ASan and
-# UBSan (clang). Usage: tests/fuzz/build.sh [fuzz_name ...]   (default: all)
+# Builds every tests/fuzz/fuzz_*.c into build-fuzz/ (or $FUZZ_OUT) with
+# libFuzzer, ASan and UBSan (clang), the harnesses in parallel.
+# Usage: tests/fuzz/build.sh [fuzz_name ...]   (default: all)
 #
 # Each harness links the pure sources and pkg-config modules listed for it in
 # the table below, one line per harness:
 #   <harness name> | <sources, relative to the repo root> | <pkg-config modules>
 # A harness without a line fails the build: add its line when you add it.
-# Run one, e.g.:
-#   build-fuzz/fuzz_schema -max_total_time=60 build-fuzz/corpus/fuzz_schema \
-#       deploy/device-types
+# Run one for S seconds on its seeds (what CTest's fuzz.<name> tests do):
+#   tests/fuzz/run.sh fuzz_schema 60
 HARNESSES='
 fuzz_schema | protocols/schema.c | jansson
 fuzz_codec  | protocols/gw_codec.c protocols/jparse.c hub/util.c | jansson
@@ -20,7 +20,7 @@ fuzz_jparse | protocols/jparse.c | jansson
 set -eu
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-out="$root/build-fuzz"
+out=${FUZZ_OUT:-"$root/build-fuzz"}
 CC=${CC:-clang}
 CFLAGS=${CFLAGS:-"-g -O1 -fno-omit-frame-pointer"}
 SAN="-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
@@ -52,6 +52,7 @@ fi
 
 mkdir -p "$out"
 status=0
+pids=""
 for name in $names; do
 	if ! srcs=$(field "$name" 2); then
 		echo "build.sh: $name has no line in the HARNESSES table" >&2
@@ -68,8 +69,11 @@ for name in $names; do
 		files="$files $root/$s"
 	done
 	echo "CC $name"
-	$CC -std=gnu11 $CFLAGS $SAN -I"$root" $files $flags -o "$out/$name" ||
-		status=1
+	$CC -std=gnu11 $CFLAGS $SAN -I"$root" $files $flags -o "$out/$name" &
+	pids="$pids $!"
 	mkdir -p "$out/corpus/$name"
+done
+for pid in $pids; do
+	wait "$pid" || status=1
 done
 exit $status

@@ -217,6 +217,40 @@ class DevicesAndHistory(APIBase):
         st, _, _ = self.get(self.tm(**{"from": f, "to": t, "format": "ndjson", "limit": 1000000}))
         self.assertEqual(st, 200)
 
+    async def test_numbers_and_positions_422(self):
+        """Every numeric or position parameter refuses overflow, negatives,
+        junk and empty values with 422 naming it (never a 500 from Redis)."""
+        f, t = self.t0, self.t0 + 1000
+        big = "99999999999999999999"
+        junk = [big, "-" + big, "%205", "5%20", "+5", "0x10", "1e3", "5.0", "5-", "", "-"]
+        cases = [("/v1/devices?limit=%s" % v, "limit") for v in junk + ["-1"]]
+        for name in ("from", "to"):
+            for v in junk + ["-1", "9223372036854775807"]:
+                q = {"from": f, "to": t}
+                q[name] = v
+                cases.append((self.tm(**q), name))
+        for fmt in ("json", "ndjson", "csv"):
+            cases += [(self.tm(**{"from": f, "to": t, "format": fmt, "limit": v}), "limit")
+                      for v in junk + ["-1"]]
+        for v in [big + "-" + big, big + "-0", "0-" + big, "18446744073709551616-0",
+                  "0-18446744073709551616", "-1-0", "1--1", "1-2-3", "1-", "-1", "12", "",
+                  "%201-0", "1-0%20", "+1-0", "1-+0", "0x1-0", "1.0-0", "a-b"]:
+            cases.append((self.tm(**{"from": f, "to": t, "after": v}), "after"))
+        cases += [("/v1/devices?limit", "limit"), (self.tm(**{"to": t}) + "&from", "from"),
+                  (self.tm(**{"from": f, "to": t}) + "&after", "after")]
+        for path, field in cases:
+            self.assert_error(path, 422, "invalid", field)
+        # The largest positions are valid: nothing comes after them.
+        h = self.history
+        for after in ("18446744073709551615-18446744073709551615", "18446744073709551615-0",
+                      "%d-18446744073709551615" % (h[24]["ts"] + 50)):
+            doc = self.get_json(self.tm(**{"from": h[5]["ts"], "to": h[24]["ts"], "after": after}))
+            self.assertEqual((doc["readings"], doc["next"]), ([], None), after)
+        # Leading zeros are still the number.
+        doc = self.get_json(self.tm(**{"from": "000%d" % h[5]["ts"], "to": h[6]["ts"],
+                                       "after": "0" + h[5]["pos"]}))
+        self.assertEqual(doc["readings"], h[6:7])
+
     # history
 
     async def test_json_limit_and_next(self):

@@ -245,7 +245,10 @@ class CommandsHTTP(SharedHub):
         self.assertEqual((await lst("", key="reader"))[0], ids[::-1], "telemetry:read may list")
         for q, field in (("?status=bogus", "status"), ("?status=", "status"), ("?limit=0", "limit"),
                          ("?limit=1001", "limit"), ("?limit=abc", "limit"), ("?limit=", "limit"),
-                         ("?limit=-1", "limit")):
+                         ("?limit=-1", "limit"), ("?limit=%205", "limit"), ("?limit=5%20", "limit"),
+                         ("?limit=+5", "limit"), ("?limit=0x10", "limit"), ("?limit=1e2", "limit"),
+                         ("?limit=5.0", "limit"), ("?limit=99999999999999999999", "limit"),
+                         ("?limit=-99999999999999999999", "limit"), ("?limit", "limit")):
             st, doc = await self.call("GET", "/v1/devices/%s/commands%s" % (d, q))
             self.assert_error(st, doc, 422, "invalid", field, "list %s" % q)
         self.assertEqual(len((await lst("?limit=1000"))[0]), 3)
