@@ -198,21 +198,57 @@ static int write_body(struct lws *wsi, struct http_pss *pss)
 	return transaction_end(wsi, pss->close_after);
 }
 
-/* Operator API auth (CONTRACT §4): `Authorization: Bearer <api key>`. Returns
- * 0 when the key has the scope; otherwise answers 401/403 and returns 1. */
+/* The credentials of `Authorization: Bearer <credential>`, copied into
+ * buf (AUTHZ_MAX + 16 bytes). Returns BEARER_OK with *cred and *len set,
+ * BEARER_NONE (no header), BEARER_TOO_LONG (over AUTHZ_MAX: a JWT is at most
+ * 8 KiB) or BEARER_BAD (another scheme, or empty). */
+#define AUTHZ_MAX 8192
+enum bearer { BEARER_OK, BEARER_NONE, BEARER_TOO_LONG, BEARER_BAD };
+
+static enum bearer bearer(struct lws *wsi, char *buf, size_t size, const char **cred,
+			  size_t *len)
+{
+	int n = lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_AUTHORIZATION);
+	const char *p;
+
+	if (n <= 0)
+		return BEARER_NONE;
+	if (n > AUTHZ_MAX + 7 + 8 || lws_hdr_copy(wsi, buf, (int)size, WSI_TOKEN_HTTP_AUTHORIZATION) < 0)
+		return BEARER_TOO_LONG;
+	if (strncasecmp(buf, "Bearer ", 7))
+		return BEARER_BAD;
+	for (p = buf + 7; *p == ' '; p++)
+		;
+	*cred = p;
+	*len = strlen(p);
+	if (!*len)
+		return BEARER_BAD;
+	return *len > AUTHZ_MAX ? BEARER_TOO_LONG : BEARER_OK;
+}
+
+static const char *bearer_problem(enum bearer b)
+{
+	return b == BEARER_NONE ? "missing credentials (Authorization: Bearer <key or token>)" :
+	       b == BEARER_TOO_LONG ? "credentials longer than 8192 bytes" :
+	       "expected Authorization: Bearer <key or token>";
+}
+
+/* Operator API auth (docs/protocol.md): `Authorization: Bearer <api key>`.
+ * Returns 0 when the key has the scope; otherwise answers 401/403 and
+ * returns 1. */
 static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 			 unsigned scope, int *rc, auth_principal *keep)
 {
-	char authz[512];
+	char authz[AUTHZ_MAX + 16];
+	const char *cred;
+	size_t clen;
 	auth_principal who;
-	int n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
+	enum bearer b = bearer(wsi, authz, sizeof(authz), &cred, &clen);
 
-	if (n <= 7 || strncasecmp(authz, "Bearer ", 7) ||
-	    auth_check_api_key(hub->auth, authz + 7, (size_t)n - 7, &who) != AUTH_OK) {
+	if (b != BEARER_OK || auth_check_api_key(hub->auth, cred, clen, &who) != AUTH_OK) {
 		hub->metrics.api_auth_failures_total++;
 		*rc = respond_error(wsi, pss, 401, "unauthorized",
-				    n <= 7 ? "missing API key (Authorization: Bearer <key>)"
-					   : "unknown API key");
+				    b != BEARER_OK ? bearer_problem(b) : "unknown API key");
 		return 1;
 	}
 	bool ok = auth_has_scope(&who, scope);
@@ -816,32 +852,29 @@ static bool protocol_selected(struct lws *wsi, const char *want)
  * 401/403 like the HTTP API) or, for browsers, in a first auth message. */
 static int confirm_stream_upgrade(struct lws *wsi, struct hub *hub)
 {
-	char authz[8192 + 16];
+	char authz[AUTHZ_MAX + 16];
 	struct gw_handshake *hs;
-	const char *why;
-	int n;
+	const char *why, *tok;
+	size_t tlen;
+	enum bearer b;
 
 	if (!protocol_selected(wsi, STREAM_SUBPROTOCOL))
 		return refuse_upgrade(wsi, 400, "bad_subprotocol",
 				      "the stream endpoint needs subprotocol " STREAM_SUBPROTOCOL
 				      " (first among the names this hub serves)");
+	b = bearer(wsi, authz, sizeof(authz), &tok, &tlen);
+	if (b != BEARER_OK && b != BEARER_NONE) {
+		hub->metrics.stream_auth_failures_total++;
+		return refuse_upgrade(wsi, 401, "unauthorized", bearer_problem(b));
+	}
 	hs = hub_xcalloc(1, sizeof(*hs));
 	hs->stream = true;
-	n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
-	if (n <= 0) {
+	if (b == BEARER_NONE) {
 		hs->anonymous = true;
 	} else {
-		const char *tok = authz + 7;
 		enum stream_auth rc;
 
-		if (n <= 7 || strncasecmp(authz, "Bearer ", 7)) {
-			free(hs);
-			hub->metrics.stream_auth_failures_total++;
-			return refuse_upgrade(wsi, 401, "unauthorized", "expected Authorization: Bearer <token>");
-		}
-		while (*tok == ' ')
-			tok++;
-		rc = stream_authenticate(hub, tok, strlen(tok), &hs->who, &why);
+		rc = stream_authenticate(hub, tok, tlen, &hs->who, &why);
 		if (rc != STREAM_AUTH_OK) {
 			free(hs);
 			hub->metrics.stream_auth_failures_total++;
@@ -856,12 +889,17 @@ static int confirm_stream_upgrade(struct lws *wsi, struct hub *hub)
 
 static int confirm_upgrade(struct lws *wsi, struct hub *hub)
 {
-	char uri[128], authz[8192 + 16];
+	char uri[128], authz[AUTHZ_MAX + 16];
+	const char *tok;
+	size_t tlen;
 	auth_principal who;
-	int n, rc;
+	enum bearer b;
+	int rc;
 
-	if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) <= 0)
+	if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
 		return refuse_upgrade(wsi, 400, "bad_request", "upgrade needs a GET");
+	if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) < 0)
+		return refuse_upgrade(wsi, 404, "not_found", "no WebSocket endpoint at this path");
 	if (!strcmp(uri, STREAM_PATH))
 		return confirm_stream_upgrade(wsi, hub);
 	if (strcmp(uri, GW_PATH))
@@ -870,15 +908,12 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub)
 		return refuse_upgrade(wsi, 400, "bad_subprotocol",
 				      "the gateway endpoint needs subprotocol " GW_SUBPROTOCOL
 				      " (first among the names this hub serves)");
-	n = lws_hdr_copy(wsi, authz, sizeof(authz), WSI_TOKEN_HTTP_AUTHORIZATION);
-	if (n <= 7 || strncasecmp(authz, "Bearer ", 7)) {
+	b = bearer(wsi, authz, sizeof(authz), &tok, &tlen);
+	if (b != BEARER_OK) {
 		hub->metrics.auth_failures_total++;
-		return refuse_upgrade(wsi, 401, "unauthorized", "missing Bearer token");
+		return refuse_upgrade(wsi, 401, "unauthorized", bearer_problem(b));
 	}
-	const char *tok = authz + 7;
-	while (*tok == ' ')
-		tok++;
-	rc = auth_verify_jwt(hub->auth, tok, strlen(tok), hub_now_ms() / 1000, &who);
+	rc = auth_verify_jwt(hub->auth, tok, tlen, hub_now_ms() / 1000, &who);
 	if (rc != AUTH_OK) {
 		hub->metrics.auth_failures_total++;
 		hub_info("gateway upgrade refused: %s", auth_strerror(rc));

@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostile import (OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs, http_get, main,  # noqa: E402
                      open_fds, reading, rss_kib, san_kib, uniq, wait_until, ws_frame)
+from harness import rkeys  # noqa: E402
 
 RSS_MIB = 24
 REDIS_MIB = 2
@@ -84,7 +85,7 @@ class Frames(HostileCase):
                                        "readings": [reading(dev)]}))
         reason = self.assert_closed(ws, 1003, "a binary telemetry frame")
         self.assertIn("binary", reason)
-        self.assertEqual(redis.xlen("iot:tm:" + dev), 0, "a binary frame's reading was stored")
+        self.assertEqual(redis.xlen(rkeys.tm(dev)), 0, "a binary frame's reading was stored")
         # Fragmented: a binary first frame, text-looking continuations.
         ws = self.raw_gateway()
         ws.send(OP_BINARY, b'{"type":', fin=False)
@@ -127,7 +128,7 @@ class Frames(HostileCase):
         for seq in (2, 3):
             rep = ws.recv_json(5)
             self.assertEqual(((rep or {}).get("type"), rep.get("seq")), ("ack", seq), rep)
-        self.assertEqual(redis.xlen("iot:tm:" + dev), 3)
+        self.assertEqual(redis.xlen(rkeys.tm(dev)), 3)
         # Unmasked junk is answered as junk; an unmasked binary frame is 1003.
         ws.send_text("{not json", mask=False)
         rep = ws.recv_json(5)

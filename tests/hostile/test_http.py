@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostile import (HostileCase, main, open_fds, raw_connect, recv_until_closed,  # noqa: E402
-                     split_responses, wait_until)
+                     split_responses, uniq, wait_until)
 from harness import (api_keys_file, client_ssl_ctx, dev_certs, http_get, metric_value,  # noqa: E402
                      parse_metrics, upgrade_request)
 
@@ -253,6 +253,42 @@ class HostileHTTP(HostileCase):
         await self.assert_unharmed(self.hub)
 
     # ---- upgrades ---------------------------------------------------------
+
+    async def test_token_size_edges(self):
+        """A gateway JWT of exactly 8192 bytes (the documented maximum) is
+        verified and upgraded; one byte more is refused with a 401 that
+        says why; API keys and dashboard tokens the same."""
+        from harness import gw_claims, hs256, try_upgrade
+
+        sub = uniq("gw")
+
+        def token_of(n):
+            lo, hi = 0, n  # the smallest pad giving a token of >= n bytes
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(hs256(gw_claims(sub, ("t-*",), 600, pad="p" * mid), self.secret)) >= n:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            t = hs256(gw_claims(sub, ("t-*",), 600, pad="p" * lo), self.secret)
+            return t if len(t) == n else None
+        edge = next(t for t in (token_of(8192), token_of(8191)) if t)
+        over = next(t for t in (token_of(8193), token_of(8194), token_of(8195)) if t)
+        self.assertLessEqual(len(edge), 8192)
+        self.assertGreater(len(over), 8192)
+        st, _, body = try_upgrade(self.hub, edge)
+        self.assertEqual(st, 101, "an 8 KiB token must fit: %s %r" % (st, body[:200]))
+        st, hdrs, body = try_upgrade(self.hub, over)
+        self.assertEqual(st, 401, body[:200])
+        self.assertIn(b"longer than 8192", body)
+        for path, proto in (("/v1/stream", "iot-dashboard.v1"),):
+            data, _ = upgrade_request(self.hub.port, over, path=path, subprotocol=proto)
+            resps, _ = self.exchange(data, timeout=3)
+            self.assertEqual([r[0] for r in resps], [401], resps)
+            self.assertIn(b"longer than 8192", resps[0][2])
+        resps, _ = self.exchange(req("GET", "/v1/devices", None, key="k" * 9000), timeout=3, expect=1)
+        self.assertEqual([r[0] for r in resps], [401])
+        self.assertIn(b"longer than 8192", resps[0][2])
 
     async def test_refused_upgrade_is_http11_with_quoted_realm(self):
         for path, proto in (("/v1/gateway", "iot-gateway.v1"), ("/v1/stream", "iot-dashboard.v1")):

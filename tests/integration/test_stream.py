@@ -1336,9 +1336,16 @@ class StreamSlow(StreamCase):
             if m.get("type") == "gap":
                 self.assertEqual([x.get("type") for x in msgs[i + 1:i + 2]], ["reading"], msgs[i:i + 2])
         # what arrived is in order (oldest dropped, never reordered)
-        order = {(r["device"], r["ts"]): k for k, r in enumerate(
-            r for seq in sorted(pump.sent) for r in pump.sent[seq][1])}
-        idx = [order.get((m["device"], m["ts"]), len(order)) for m in readings]
+        # (device, ts) -> the send positions of the readings with it, in
+        # order (two readings of a device may share a ms); the marker sorts last.
+        order = {}
+        for k, r in enumerate(r for seq in sorted(pump.sent) for r in pump.sent[seq][1]):
+            order.setdefault((r["device"], r["ts"]), []).append(k)
+        idx, last = [], -1
+        for m in readings:  # the first position after the previous one that fits
+            ks = [k for k in order.get((m["device"], m["ts"]), []) if k > last]
+            last = ks[0] if ks else (1 << 62 if (m["device"], m["ts"]) not in order else -1)
+            idx.append(last)
         self.assertEqual(idx, sorted(idx), "stalled dashboard's readings out of order")
         hub.stop()
 
