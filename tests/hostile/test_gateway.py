@@ -184,6 +184,54 @@ class HostileGateway(HostileCase):
         self.assertEqual((m.get("code"), m.get("id")), ("rate_limited", cid), m)
         self.assertGreater(m.get("retry_after_ms", 0), 0, m)
 
+    # ---- telemetry floods -------------------------------------------------
+
+    async def test_telemetry_flood_does_not_slow_others(self):
+        """One gateway sends 500-reading frames as fast as the hub reads
+        them for 3 s. Readings past its gateway-rate are rate_limited (nothing
+        stored for them); a canary gateway connecting during the flood gets
+        its ack within the bound; Redis grows only by what the rate allows."""
+        hub = self.hub_with("--gateway-rate", "2000", "--gateway-burst", "2000")
+        devs = [uniq("t") for _ in range(50)]
+        gw = await self.announced(hub, devs)
+        base = self.baseline(hub, self.redis)
+        counts = {"accepted": 0, "limited": 0, "acks": 0}
+        stop = asyncio.Event()
+
+        async def reader():
+            try:
+                async for raw in gw.ws:
+                    m = json.loads(raw)
+                    if m.get("type") == "ack":
+                        counts["acks"] += 1
+                        counts["accepted"] += m.get("accepted", 0)
+                        counts["limited"] += sum(1 for r in m.get("rejected", [])
+                                                 if r.get("code") == "rate_limited")
+            except Exception:
+                pass
+
+        async def flood():
+            seq = 1
+            while not stop.is_set():
+                frame = {"type": "telemetry", "seq": seq,
+                         "readings": [reading(devs[i % 50], float(i)) for i in range(500)]}
+                await gw.ws.send(json.dumps(frame))
+                seq += 1
+        rt = asyncio.get_running_loop().create_task(reader())
+        ft = asyncio.get_running_loop().create_task(flood())
+        await asyncio.sleep(1.0)
+        took = await self.normal_gateway_ack(hub, 2.0)  # during the flood
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.wait_for(ft, 10)
+        await asyncio.sleep(0.5)
+        rt.cancel()
+        self.assertGreater(counts["acks"], 5, counts)
+        self.assertGreater(counts["limited"], 0, counts)
+        self.assertLessEqual(counts["accepted"], 2000 + 2000 * 5, counts)
+        sys.stderr.write("telemetry flood: %s; canary ack during it %.0f ms\n" % (counts, took * 1000))
+        await self.assert_unharmed(hub, self.redis, base, redis_mib=16)
+
     # ---- announce and presence floods ------------------------------------
 
     async def test_announce_flood_is_bounded(self):
