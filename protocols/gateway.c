@@ -15,6 +15,7 @@
 #include "protocols/agg.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
+#include "protocols/ws_rx.h"
 
 #define MAX_FIELD_ERRORS 8
 #define RX_KEEP_BYTES    (16 * 1024)  /* reassembly buffer kept between frames */
@@ -75,16 +76,13 @@ struct gw_conn {
 				    * devices' limits) */
 	struct gw_conn *displaced; /* the local connection of the gateway this one
 				    * replaces once its connect is allowed */
-	hub_buf rx;                /* fragment reassembly, capped */
+	struct ws_rx rx;           /* message reassembly, capped */
 	const char **seen;         /* devices with readings since the last flush */
 	size_t nseen, seen_cap;
 	struct gw_reply *head, *tail;
 	unsigned queued, waiting;
 	unsigned refs;             /* the wsi + replies awaiting Redis */
-	bool paused, closing, draining, discarding;
-	size_t discarded;          /* bytes of a refused message dropped */
-	int discard_code;          /* the close code once it is dropped */
-	const char *discard_reason;
+	bool paused, closing, draining;
 	int64_t epoch;             /* takeover order (Redis INCR); 0 = not yet */
 	int64_t beaten_by;         /* highest foreign epoch seen before ours */
 	int close_code;
@@ -136,7 +134,7 @@ static void conn_unref(struct gw_conn *c)
 		return;
 	hub_strmap_foreach(&c->devices, free_dev, NULL);
 	hub_strmap_free(&c->devices);
-	hub_buf_free(&c->rx);
+	ws_rx_free(&c->rx);
 	free(c->seen);
 	free(c->conn_id);
 	auth_principal_clear(&c->who);
@@ -904,73 +902,45 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 	gw_msg_clear(&msg);
 }
 
-/* Refuses the message being received: its rest is read and dropped, then the
- * connection is closed with code (closing at once resets a socket with
- * unread data and the peer sees 1006 instead). */
-static void refuse_message(struct gw_conn *c, size_t got, bool final, int code,
-			   const char *reason)
-{
-	hub_buf_free(&c->rx);
-	c->discard_code = code;
-	c->discard_reason = reason;
-	c->discarding = !final;
-	c->discarded = got;
-	if (final)
-		conn_close(c, code, reason);
-}
-
 static int on_receive(struct gw_conn *c, const char *in, size_t len)
 {
 	struct lws *wsi = c->wsi;
 	size_t max = (size_t)c->hub->cfg.max_frame_bytes;
-	size_t remaining = lws_remaining_packet_payload(wsi);
-	bool final = lws_is_final_fragment(wsi) && !remaining;
+	struct ws_piece p = {
+		in, len, lws_is_first_fragment(wsi) != 0, false, lws_frame_is_binary(wsi) != 0,
+		lws_remaining_packet_payload(wsi),
+	};
+	const char *msg, *reason;
+	size_t msglen;
+	int code;
 
-	if (c->discarding) {
-		/* Bounded: a peer that keeps going far past the limit (a
-		 * message that never ends) is cut off at once. */
-		c->discarded += len;
-		if (final || c->discarded > DISCARD_FACTOR * max) {
-			c->discarding = false;
-			conn_close(c, c->discard_code, c->discard_reason);
+	p.final = lws_is_final_fragment(wsi) && !p.remaining;
+	if (!c->rx.discarding && (c->closing || c->draining))
+		return 0;
+	switch (ws_rx_feed(&c->rx, &p, max, DISCARD_FACTOR * max, &msg, &msglen, &code, &reason)) {
+	case WS_RX_MORE:
+		break;
+	case WS_RX_MESSAGE:
+		handle_message(c, msg, msglen);
+		ws_rx_done(&c->rx, RX_KEEP_BYTES);
+		break;
+	case WS_RX_REFUSED:
+		if (code == WS_CLOSE_UNSUPPORTED) {
+			c->hub->metrics.binary_closed[HUB_WS_GATEWAY]++;
+			hub_warn("gateway %s #%llu: binary message: closing with 1003",
+				 c->gw, (unsigned long long)c->serial);
+		} else {
+			c->hub->metrics.frames_too_large_total++;
+			hub_warn("gateway %s #%llu: message over max-frame-bytes %zu: closing with 1009",
+				 c->gw, (unsigned long long)c->serial, max);
 		}
-		return 0;
+		if (!c->rx.discarding)
+			conn_close(c, code, reason);
+		break;
+	case WS_RX_CLOSE:
+		conn_close(c, code, reason);
+		break;
 	}
-	if (c->closing || c->draining)
-		return 0;
-	if (lws_frame_is_binary(wsi)) {
-		/* Text frames only: a binary message is not read, whatever it
-		 * holds (lws marks every fragment of a binary message). */
-		c->hub->metrics.binary_closed[HUB_WS_GATEWAY]++;
-		hub_warn("gateway %s #%llu: binary message: closing with 1003",
-			 c->gw, (unsigned long long)c->serial);
-		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE,
-			       "binary messages are not supported");
-		return 0;
-	}
-	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
-		if (len > max)
-			goto too_large;
-		handle_message(c, in, len);
-		return 0;
-	}
-	if (c->rx.len + len + remaining > max)
-		goto too_large;
-	hub_buf_append(&c->rx, in, len);
-	if (final) {
-		handle_message(c, c->rx.data, c->rx.len);
-		if (c->rx.cap > RX_KEEP_BYTES)
-			hub_buf_free(&c->rx);
-		c->rx.len = 0;
-	}
-	return 0;
-
-too_large:
-	c->hub->metrics.frames_too_large_total++;
-	hub_warn("gateway %s #%llu: message over max-frame-bytes %zu: closing with 1009",
-		 c->gw, (unsigned long long)c->serial, max);
-	refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-		       "message too large");
 	return 0;
 }
 

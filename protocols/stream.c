@@ -14,6 +14,7 @@
 #include "hub/strmap.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
+#include "protocols/ws_rx.h"
 #include "protocols/schema.h"
 
 
@@ -152,11 +153,8 @@ struct st_conn {
 	size_t qhead, qlen, qcap, qbytes;
 	struct ctrl *ctrl_head, *ctrl_tail;
 	size_t ctrl_bytes;
-	hub_buf rx, w;
-	bool discarding;
-	size_t discarded;            /* bytes of a refused message dropped */
-	int discard_code;            /* the close code once it is dropped */
-	const char *discard_reason;
+	struct ws_rx rx;             /* message reassembly, capped */
+	hub_buf w;
 };
 
 struct st_pss {
@@ -1741,7 +1739,7 @@ static void conn_free(struct st_conn *c)
 		free(m);
 	}
 	lws_sul_cancel(&c->sul_auth);
-	hub_buf_free(&c->rx);
+	ws_rx_free(&c->rx);
 	hub_buf_free(&c->w);
 	auth_principal_clear(&c->who);
 	if (c->prev)
@@ -1753,62 +1751,39 @@ static void conn_free(struct st_conn *c)
 	free(c);
 }
 
-/* Refuses the message being received: its rest is read and dropped, then the
- * connection is closed with code (closing at once resets a socket with
- * unread data and the peer sees 1006 instead). */
-static void refuse_message(struct st_conn *c, size_t got, bool final, int code,
-			   const char *reason)
-{
-	hub_buf_free(&c->rx);
-	c->discard_code = code;
-	c->discard_reason = reason;
-	c->discarding = !final;
-	c->discarded = got;
-	if (final)
-		conn_close(c, code, reason);
-}
-
 /* One piece of a client message: reassembled (at most MAX_MESSAGE_BYTES),
- * handled when complete. */
+ * handled when complete (protocols/ws_rx.h). */
 static void on_receive(struct st_conn *c, const char *in, size_t len)
 {
 	struct lws *wsi = c->wsi;
-	size_t remaining = lws_remaining_packet_payload(wsi);
-	bool final = lws_is_final_fragment(wsi) && !remaining;
+	struct ws_piece p = {
+		in, len, lws_is_first_fragment(wsi) != 0, false, lws_frame_is_binary(wsi) != 0,
+		lws_remaining_packet_payload(wsi),
+	};
+	const char *msg, *reason;
+	size_t msglen;
+	int code;
 
-	if (c->discarding) {
-		/* Bounded: a message that never ends is cut off. */
-		c->discarded += len;
-		if (final || c->discarded > DISCARD_MAX_BYTES) {
-			c->discarding = false;
-			conn_close(c, c->discard_code, c->discard_reason);
-		}
+	p.final = lws_is_final_fragment(wsi) && !p.remaining;
+	if (!c->rx.discarding && c->closing)
 		return;
-	}
-	if (c->closing)
-		return;
-	if (lws_frame_is_binary(wsi)) {
-		/* Text frames only (lws marks every fragment of a binary message). */
-		c->hub->metrics.binary_closed[HUB_WS_DASHBOARD]++;
-		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE,
-			       "binary messages are not supported");
-		return;
-	}
-	if (c->rx.len + len + remaining > MAX_MESSAGE_BYTES) {
-		refuse_message(c, c->rx.len + len, final, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-			       "message too large");
-		return;
-	}
-	if (!c->rx.len && lws_is_first_fragment(wsi) && final) {
-		handle_message(c, in, len);
-		return;
-	}
-	hub_buf_append(&c->rx, in, len);
-	if (final) {
-		handle_message(c, c->rx.data, c->rx.len);
-		c->rx.len = 0;
-		if (c->rx.cap > 16 * 1024)
-			hub_buf_free(&c->rx);
+	switch (ws_rx_feed(&c->rx, &p, MAX_MESSAGE_BYTES, DISCARD_MAX_BYTES, &msg, &msglen,
+			   &code, &reason)) {
+	case WS_RX_MORE:
+		break;
+	case WS_RX_MESSAGE:
+		handle_message(c, msg, msglen);
+		ws_rx_done(&c->rx, 16 * 1024);
+		break;
+	case WS_RX_REFUSED:
+		if (code == WS_CLOSE_UNSUPPORTED)
+			c->hub->metrics.binary_closed[HUB_WS_DASHBOARD]++;
+		if (!c->rx.discarding)
+			conn_close(c, code, reason);
+		break;
+	case WS_RX_CLOSE:
+		conn_close(c, code, reason);
+		break;
 	}
 }
 
