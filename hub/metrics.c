@@ -7,6 +7,8 @@ const char *const hub_reject_names[HUB_REJ__COUNT] = {
 	"invalid", "unknown_device", "unauthorized_device", "rate_limited", "clock_skew",
 };
 
+static const char *const ws_protocols[HUB_WS__COUNT] = { "gateway", "dashboard" };
+
 static const char *const http_refusals[HUB_HTTP_REFUSAL__COUNT] = {
 	"headers_too_large", "uri_too_long", "body_too_large", "chunked_body",
 	"body_timeout", "pipelined_body",
@@ -36,6 +38,16 @@ static void counter(hub_buf *o, const char *name, const char *help, uint64_t v)
 {
 	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help,
 		       name, name, (unsigned long long)v);
+}
+
+/* One counter with a label: a sample per value of the label. */
+static void counters(hub_buf *o, const char *name, const char *help, const char *label,
+		     const char *const *values, const uint64_t *v, int n)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+	for (int i = 0; i < n; i++)
+		hub_buf_printf(o, "%s{%s=\"%s\"} %llu\n", name, label, values[i],
+			       (unsigned long long)v[i]);
 }
 
 static void gauge(hub_buf *o, const char *name, const char *help, double v)
@@ -79,23 +91,15 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->auth_failures_total);
 	counter(o, "iot_hub_api_auth_failures_total", "HTTP API requests answered 401.",
 		m->api_auth_failures_total);
-	hub_buf_puts(o, "# HELP iot_hub_http_refused_total HTTP requests refused or cut before routing, by reason.\n"
-		     "# TYPE iot_hub_http_refused_total counter\n");
-	for (int i = 0; i < HUB_HTTP_REFUSAL__COUNT; i++)
-		hub_buf_printf(o, "iot_hub_http_refused_total{reason=\"%s\"} %llu\n",
-			       http_refusals[i], (unsigned long long)m->http_refused[i]);
-	hub_buf_puts(o, "# HELP iot_hub_frames_total Gateway frames by outcome.\n"
-		     "# TYPE iot_hub_frames_total counter\n");
-	for (int i = 0; i < HUB_FRAME__COUNT; i++)
-		hub_buf_printf(o, "iot_hub_frames_total{result=\"%s\"} %llu\n",
-			       frame_results[i], (unsigned long long)m->frames[i]);
+	counters(o, "iot_hub_http_refused_total",
+		 "HTTP requests refused or cut before routing, by reason.", "reason",
+		 http_refusals, m->http_refused, HUB_HTTP_REFUSAL__COUNT);
+	counters(o, "iot_hub_frames_total", "Gateway frames by outcome.", "result",
+		 frame_results, m->frames, HUB_FRAME__COUNT);
 	counter(o, "iot_hub_readings_accepted_total", "Readings stored in Redis.",
 		m->readings_accepted);
-	hub_buf_puts(o, "# HELP iot_hub_readings_rejected_total Readings refused, by code.\n"
-		     "# TYPE iot_hub_readings_rejected_total counter\n");
-	for (int i = 0; i < HUB_REJ__COUNT; i++)
-		hub_buf_printf(o, "iot_hub_readings_rejected_total{code=\"%s\"} %llu\n",
-			       hub_reject_names[i], (unsigned long long)m->readings_rejected[i]);
+	counters(o, "iot_hub_readings_rejected_total", "Readings refused, by code.", "code",
+		 hub_reject_names, m->readings_rejected, HUB_REJ__COUNT);
 	counter(o, "iot_hub_acks_total", "Acks sent to gateways.", m->acks_total);
 	counter(o, "iot_hub_announces_total", "Announce messages handled.", m->announces_total);
 	counter(o, "iot_hub_announce_rejected_total", "Announced devices refused.",
@@ -104,13 +108,9 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->takeovers_total);
 	counter(o, "iot_hub_frames_too_large_total", "Connections closed with 1009.",
 		m->frames_too_large_total);
-	hub_buf_puts(o, "# HELP iot_hub_binary_closed_total Connections closed with 1003 for "
-		     "sending a binary message, by protocol.\n"
-		     "# TYPE iot_hub_binary_closed_total counter\n");
-	for (int i = 0; i < HUB_WS__COUNT; i++)
-		hub_buf_printf(o, "iot_hub_binary_closed_total{protocol=\"%s\"} %llu\n",
-			       i == HUB_WS_GATEWAY ? "gateway" : "dashboard",
-			       (unsigned long long)m->binary_closed[i]);
+	counters(o, "iot_hub_binary_closed_total",
+		 "Connections closed with 1003 for sending a binary message, by protocol.",
+		 "protocol", ws_protocols, m->binary_closed, HUB_WS__COUNT);
 	counter(o, "iot_hub_flow_paused_total", "Times a gateway socket stopped being read.",
 		m->flow_paused_total);
 	counter(o, "iot_hub_stream_connections_total", "Dashboard WebSockets established.",

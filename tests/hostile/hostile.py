@@ -95,6 +95,16 @@ def redis_used_memory(redis):
     raise AssertionError("no used_memory in INFO memory")
 
 
+def metric(hub, line_prefix):
+    """The value of the /metrics sample whose line starts with line_prefix
+    (a name, or a name with its labels)."""
+    _, _, text = http_get(hub, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.split()[-1])
+    raise AssertionError("no %s in /metrics" % line_prefix)
+
+
 def raw_connect(port, host="127.0.0.1", timeout=5.0, rcvbuf=None):
     """A TCP connection; rcvbuf sets SO_RCVBUF before connecting (a small
     one makes the hub's writes back up as soon as the client stops reading)."""

@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostile import (OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs, http_get, main,  # noqa: E402
+from hostile import (metric, OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs, http_get, main,  # noqa: E402
                      open_fds, reading, rss_kib, san_kib, uniq, wait_until, ws_frame)
 from harness import rkeys  # noqa: E402
 
@@ -35,14 +35,6 @@ RSS_MIB = 24
 REDIS_MIB = 2
 MAX_FRAME = 65536
 
-
-def metric(hub, line_prefix):
-    """The value of the /metrics sample whose line starts with line_prefix."""
-    _, _, text = http_get(hub, "/metrics")
-    for line in text.splitlines():
-        if line.startswith(line_prefix + " "):
-            return float(line.split()[-1])
-    raise AssertionError("no %s in /metrics" % line_prefix)
 
 
 class Frames(HostileCase):

@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostile import (OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs,  # noqa: E402
+from hostile import (metric, OP_BINARY, OP_CONT, OP_TEXT, HostileCase, RawWs,  # noqa: E402
                      connect_gateway, http_get, main, rss_kib, san_kib, ws_frame)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "integration"))
@@ -57,13 +57,6 @@ def long_id(n, tag=""):
     s = "%s%d-" % (tag, n)
     return s + "x" * (128 - len(s))
 
-
-def metric(hub, line_prefix):
-    _, _, text = http_get(hub, "/metrics")
-    for line in text.splitlines():
-        if line.startswith(line_prefix + " "):
-            return float(line.split()[-1])
-    raise AssertionError("no %s in /metrics" % line_prefix)
 
 
 class Stream(HostileCase):
