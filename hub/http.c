@@ -1,6 +1,9 @@
 #include "hub/http.h"
 
 #include <errno.h>
+#include <sys/socket.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,11 +41,18 @@ struct http_pss {
 	/* A synchronous response: status, type and body are set by respond();
 	 * the headers and the body are written on HTTP_WRITEABLE only. */
 	hub_buf body;   /* LWS_PRE headroom, then the body */
-	size_t sent;
 	unsigned status;
 	const char *ctype;
-	bool resp_pending, headers_sent;
+	bool resp_pending;  /* a synchronous answer is in `wire` */
 	bool close_after;   /* close the connection once the response is out */
+	/* What goes to the socket (http_flush). */
+	hub_buf wire;
+	size_t off;
+	int ssl_retry;      /* length of an SSL_write to repeat, 0 = none */
+	bool flush_armed;
+	lws_usec_t backoff_us;
+	int64_t progress_us;
+	lws_sorted_usec_list_t sul_flush;
 	struct hub_req *rq; /* an asynchronous API request (hub/api.h) */
 	/* The request body. */
 	char method[8];
@@ -57,6 +67,22 @@ struct http_pss {
 	struct hub_query q;
 	char path[256];
 	char idem[160];
+};
+
+struct hub_req {
+	unsigned refs;
+	struct lws *wsi;            /* NULL once the client has gone */
+	struct hub *hub;
+	auth_principal who;
+	bool answered;              /* a response has been started */
+	bool headers_pending;
+	bool chunked, final, aborted;
+	unsigned status;
+	char ctype[64];
+	hub_buf out;                /* LWS_PRE headroom, then bytes not yet queued */
+	hub_req_drained_cb drained;
+	void *ctx;
+	void (*ctx_free)(void *);
 };
 
 static void json_error_field(hub_buf *b, const char *code, const char *field,
@@ -89,37 +115,66 @@ static void body_init(hub_buf *b)
 #define CSP "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'"
 #define WWW_AUTHENTICATE "Bearer realm=\"iot-hub\""
 
-/* Queues a response: the status line and headers go out on the next
- * HTTP_WRITEABLE, then the body. Nothing is written from the HTTP callback
- * itself, so a request that lws then refuses (a pipelined body it would
- * misread, below) has written nothing and its connection closes cleanly. */
-static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
-		   const char *ctype)
+/* ---- writing answers ---------------------------------------------------------
+ *
+ * libwebsockets 4.1.6 spins on an HTTP/1.1 connection whose client sends
+ * anything while a request is being answered (pipelining, or one stray
+ * byte): it neither reads the bytes (POLLIN stays ready) nor stops offering
+ * those it has buffered to itself, and the process sits at 100 % CPU for as
+ * long as the answer takes (a throttled export: minutes). Only rx flow
+ * control stops that, and with it on lws 4.1.6 never services POLLOUT for an
+ * HTTP/1.1 connection. So a connection is not read from the moment its
+ * request is complete until its answer is out (the next request is read
+ * after that, exactly as HTTP/1.1 orders them), and answers bypass lws's
+ * writer: http_flush() sends the bytes to the socket (or the TLS session)
+ * itself, from a timer, and a send that would block is tried again with a
+ * backoff of 1 to 64 ms. The end of an answer ends the transaction
+ * (lws_http_transaction_completed, then reading resumes) or the connection. */
+
+#define RETRY_MIN_US   1000
+#define RETRY_MAX_US   (64 * 1000)
+
+static void flush_cb(lws_sorted_usec_list_t *sul);
+
+static void want_flush(struct http_pss *pss, lws_usec_t after_us)
 {
-	pss->status = status;
-	pss->ctype = ctype;
-	pss->resp_pending = true;
-	pss->headers_sent = false;
-	pss->sent = 0;
-	lws_callback_on_writable(wsi);
-	return 0;
+	struct hub *hub = lws_context_user(lws_get_context(pss->wsi));
+
+	pss->flush_armed = true;
+	lws_sul_schedule(hub->ctx, 0, &pss->sul_flush, flush_cb, after_us);
 }
 
-static int write_head(struct lws *wsi, struct http_pss *pss)
+/* Stops reading the connection until its answer is out. */
+static void stop_reading(struct lws *wsi)
 {
-	uint8_t hdr[LWS_PRE + CSP_HEADER_ROOM], *start = hdr + LWS_PRE, *p = start,
-		*end = hdr + sizeof(hdr) - 1;
-	size_t blen = pss->body.len - LWS_PRE;
+	lws_rx_flow_control(wsi, 0);
+}
 
-	if (lws_add_http_common_headers(wsi, pss->status, pss->ctype, blen, &p, end) ||
-	    lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
+/* The response's status line and headers, into wire. */
+static int build_head(struct lws *wsi, struct http_pss *pss, unsigned status, const char *ctype,
+		      size_t len, bool chunked)
+{
+	uint8_t hdr[CSP_HEADER_ROOM + 256], *p = hdr, *end = hdr + sizeof(hdr) - 1;
+
+	if (chunked) {
+		if (lws_add_http_header_status(wsi, status, &p, end) ||
+		    lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_TYPE,
+						 (const unsigned char *)ctype, (int)strlen(ctype),
+						 &p, end) ||
+		    lws_add_http_header_by_name(wsi, (const unsigned char *)"transfer-encoding:",
+						(const unsigned char *)"chunked", 7, &p, end))
+			return -1;
+	} else if (lws_add_http_common_headers(wsi, status, ctype, len, &p, end)) {
+		return -1;
+	}
+	if (lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
 					(const unsigned char *)"no-store", 8, &p, end) ||
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"x-content-type-options:",
 					(const unsigned char *)"nosniff", 7, &p, end) ||
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"content-security-policy:",
 					(const unsigned char *)CSP, sizeof(CSP) - 1, &p, end))
 		return -1;
-	if (pss->status == 401 &&
+	if (status == 401 &&
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
 					(const unsigned char *)WWW_AUTHENTICATE,
 					sizeof(WWW_AUTHENTICATE) - 1, &p, end))
@@ -128,7 +183,29 @@ static int write_head(struct lws *wsi, struct http_pss *pss)
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
 					(const unsigned char *)"close", 5, &p, end))
 		return -1;
-	return lws_finalize_write_http_header(wsi, start, &p, end) ? -1 : 0;
+	if (lws_finalize_http_header(wsi, &p, end))
+		return -1;
+	hub_buf_append(&pss->wire, hdr, (size_t)(p - hdr));
+	return 0;
+}
+
+/* Queues a synchronous answer: headers and body go to the socket from the
+ * next flush (never from the HTTP callback itself, so a request that lws
+ * then refuses, a pipelined body below, has written nothing). */
+static int respond(struct lws *wsi, struct http_pss *pss, unsigned status,
+		   const char *ctype)
+{
+	size_t blen = pss->body.len - LWS_PRE;
+
+	pss->status = status;
+	pss->ctype = ctype;
+	if (build_head(wsi, pss, status, ctype, blen, false))
+		return -1;
+	hub_buf_append(&pss->wire, pss->body.data + LWS_PRE, blen);
+	hub_buf_free(&pss->body);
+	pss->resp_pending = true;
+	want_flush(pss, 0);
+	return 0;
 }
 
 static int respond_error(struct lws *wsi, struct http_pss *pss, unsigned status,
@@ -139,63 +216,126 @@ static int respond_error(struct lws *wsi, struct http_pss *pss, unsigned status,
 	return respond(wsi, pss, status, "application/json");
 }
 
-/* The end of a response: the next request on a keep-alive connection, or
- * the close the response announced (once lws has flushed what it
- * buffered). Returns -1 to close. */
-static int transaction_end(struct lws *wsi, bool close_after)
+/* Sends what the socket takes of wire. Returns 1 when all of it is sent,
+ * 0 when the socket is full, -1 when the connection failed. */
+static int send_wire(struct lws *wsi, struct http_pss *pss)
 {
-	if (close_after) {
-		if (lws_partial_buffered(wsi)) {
-			lws_callback_on_writable(wsi);
-			return 0;
-		}
-		return -1;
-	}
-	return lws_http_transaction_completed(wsi) ? -1 : 0;
-}
+	SSL *ssl = lws_get_ssl(wsi);
+	int fd = lws_get_socket_fd(wsi);
 
-/* Writes n body bytes at offset off of b (which starts with LWS_PRE bytes of
- * headroom). lws_write needs LWS_PRE writable bytes before the data it
- * sends: the bytes already sent there are saved and put back. Returns 0 or
- * -1 on a failed write. */
-static int write_slice(struct lws *wsi, hub_buf *b, size_t off, size_t n, bool last)
-{
-	unsigned char *at = (unsigned char *)b->data + LWS_PRE + off;
-	unsigned char save[LWS_PRE];
-	int w;
+	while (pss->off < pss->wire.len) {
+		size_t left = pss->wire.len - pss->off;
 
-	memcpy(save, at - LWS_PRE, LWS_PRE);
-	w = lws_write(wsi, at, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP);
-	memcpy(at - LWS_PRE, save, LWS_PRE);
-	return w < (int)n ? -1 : 0;
-}
-
-static int write_body(struct lws *wsi, struct http_pss *pss)
-{
-	if (!pss->resp_pending)
-		/* Written completely; a close waits for lws's buffered rest. */
-		return pss->close_after ? transaction_end(wsi, true) : 0;
-	if (!pss->headers_sent) {
-		if (write_head(wsi, pss))
+		if (ssl) {
+			/* A write that wanted to write is repeated with its length
+			 * (lws sets SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER). */
+			int n = pss->ssl_retry ? pss->ssl_retry : left > BODY_CHUNK ? BODY_CHUNK : (int)left;
+			ERR_clear_error();
+			int w = SSL_write(ssl, pss->wire.data + pss->off, n);
+			if (w > 0) {
+				pss->off += (size_t)w;
+				pss->ssl_retry = 0;
+				continue;
+			}
+			if (SSL_get_error(ssl, w) == SSL_ERROR_WANT_WRITE) {
+				pss->ssl_retry = n;
+				return 0;
+			}
 			return -1;
-		pss->headers_sent = true;
-		lws_callback_on_writable(wsi);
-		return 0;
-	}
-	size_t blen = pss->body.len - LWS_PRE, left = blen - pss->sent;
-	size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
-	bool last = n == left;
-
-	if (write_slice(wsi, &pss->body, pss->sent, n, last))
+		}
+		ssize_t w = send(fd, pss->wire.data + pss->off, left, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w > 0) {
+			pss->off += (size_t)w;
+			continue;
+		}
+		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+			return 0;
 		return -1;
-	pss->sent += n;
-	if (!last) {
-		lws_callback_on_writable(wsi);
-		return 0;
 	}
-	hub_buf_free(&pss->body);
-	pss->resp_pending = false;
-	return transaction_end(wsi, pss->close_after);
+	return 1;
+}
+
+static void kill_conn(struct lws *wsi)
+{
+	lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, LWS_TO_KILL_ASYNC);
+}
+
+/* The answer is out: the next request (reading resumes) or the close it
+ * announced. The pss is gone afterwards (lws frees it for the next
+ * transaction). */
+static void transaction_end(struct lws *wsi, struct http_pss *pss)
+{
+	if (pss->close_after || lws_http_transaction_completed(wsi)) {
+		kill_conn(wsi);
+		return;
+	}
+	lws_rx_flow_control(wsi, 1);
+	lws_callback_on_writable(wsi); /* lws moves to reading on POLLOUT */
+}
+
+static void req_gather(struct http_pss *pss);
+static void req_detach(struct http_pss *pss);
+
+/* Sends the queued answer; called from its timer only. */
+static void http_flush(struct http_pss *pss)
+{
+	struct lws *wsi = pss->wsi;
+	struct hub_req *rq = pss->rq;
+	int64_t now = hub_mono_us();
+	int r;
+
+	pss->flush_armed = false;
+	if (rq && rq->aborted) {
+		kill_conn(wsi);
+		return;
+	}
+	if (rq)
+		req_gather(pss);
+	size_t before = pss->off;
+	r = send_wire(wsi, pss);
+	if (r < 0) {
+		kill_conn(wsi);
+		return;
+	}
+	if (pss->off != before || !pss->progress_us) {
+		pss->progress_us = now;
+		pss->backoff_us = RETRY_MIN_US;
+	}
+	if (!r) {
+		/* The client reads slowly or not at all: try again later; a
+		 * client that took nothing for STREAM_IDLE_S is let go. */
+		if (now - pss->progress_us > (int64_t)STREAM_IDLE_S * 1000000) {
+			kill_conn(wsi);
+			return;
+		}
+		want_flush(pss, pss->backoff_us);
+		if (pss->backoff_us < RETRY_MAX_US)
+			pss->backoff_us *= 2;
+		return;
+	}
+	pss->wire.len = pss->off = 0;
+	if (pss->wire.cap > 4 * 1024 * 1024)
+		hub_buf_free(&pss->wire); /* give a big page's memory back */
+	if (rq) {
+		if (rq->answered && rq->final) {
+			req_detach(pss);
+			transaction_end(wsi, pss);
+		} else if (rq->answered && rq->drained) {
+			hub_req_ref(rq);
+			rq->drained(rq);   /* may queue more (hub_req_stream_write) */
+			hub_req_unref(rq);
+		}
+		return;
+	}
+	if (pss->resp_pending) {
+		pss->resp_pending = false;
+		transaction_end(wsi, pss);
+	}
+}
+
+static void flush_cb(lws_sorted_usec_list_t *sul)
+{
+	http_flush(lws_container_of(sul, struct http_pss, sul_flush));
 }
 
 /* The credentials of `Authorization: Bearer <credential>`, copied into
@@ -277,23 +417,6 @@ static int require_scope(struct lws *wsi, struct http_pss *pss, struct hub *hub,
  * HTTP/1.1 chunk and asks its producer for the next part (drained) only when
  * `out` has been written completely. */
 
-struct hub_req {
-	unsigned refs;
-	struct lws *wsi;            /* NULL once the client has gone */
-	struct hub *hub;
-	auth_principal who;
-	bool answered;              /* a response has been started */
-	bool headers_pending;
-	bool chunked, final, aborted;
-	unsigned status;
-	char ctype[64];
-	hub_buf out;                /* LWS_PRE headroom, then unsent bytes */
-	size_t sent;
-	hub_req_drained_cb drained;
-	void *ctx;
-	void (*ctx_free)(void *);
-	bool in_place;              /* its connection is paused: write at once */
-};
 
 static struct hub_req *req_new(struct lws *wsi, struct hub *hub, auth_principal *who)
 {
@@ -340,33 +463,12 @@ void hub_req_unref(struct hub_req *rq)
 	free(rq);
 }
 
-static int req_write_headers(struct lws *wsi, struct hub_req *rq);
-
-/* The answer to a request with a body, on a connection that no longer
- * reads (on_body_completion): written at once, whole, then the connection
- * closes. Such answers are small (they are all JSON from the commands API);
- * lws keeps what the socket does not take and flushes it before closing. */
-static void req_write_in_place(struct hub_req *rq)
-{
-	struct lws *wsi = rq->wsi;
-
-	if (!rq->answered || rq->chunked || !rq->final || rq->aborted)
-		return;
-	if (!req_write_headers(wsi, rq))
-		(void)write_slice(wsi, &rq->out, 0, rq->out.len - LWS_PRE, true);
-	rq->out.len = LWS_PRE;
-	rq->aborted = true; /* nothing more goes out */
-	lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, LWS_TO_KILL_ASYNC);
-}
-
 static void req_kick(struct hub_req *rq)
 {
-	if (!rq->wsi)
-		return;
-	if (rq->in_place)
-		req_write_in_place(rq);
-	else
-		lws_callback_on_writable(rq->wsi);
+	struct http_pss *pss = rq->wsi ? lws_wsi_user(rq->wsi) : NULL;
+
+	if (pss && !pss->flush_armed)
+		want_flush(pss, 0);
 }
 
 void hub_req_respond(struct hub_req *rq, unsigned status, const char *ctype,
@@ -446,81 +548,29 @@ static void req_detach(struct http_pss *pss)
 	hub_req_unref(rq);
 }
 
-static int req_write_headers(struct lws *wsi, struct hub_req *rq)
-{
-	uint8_t hdr[LWS_PRE + 1024], *start = hdr + LWS_PRE, *p = start,
-		*end = hdr + sizeof(hdr) - 1;
-
-	if (rq->chunked) {
-		if (lws_add_http_header_status(wsi, rq->status, &p, end) ||
-		    lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_TYPE,
-						 (const unsigned char *)rq->ctype,
-						 (int)strlen(rq->ctype), &p, end) ||
-		    lws_add_http_header_by_name(wsi, (const unsigned char *)"transfer-encoding:",
-						(const unsigned char *)"chunked", 7, &p, end))
-			return -1;
-	} else if (lws_add_http_common_headers(wsi, rq->status, rq->ctype,
-					       rq->out.len - LWS_PRE, &p, end)) {
-		return -1;
-	}
-	if (lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
-					(const unsigned char *)"no-store", 8, &p, end) ||
-	    lws_finalize_write_http_header(wsi, start, &p, end))
-		return -1;
-	return 0;
-}
-
-static int req_writeable(struct lws *wsi, struct http_pss *pss)
+/* Moves what the request has queued (its headers first) onto the wire. */
+static void req_gather(struct http_pss *pss)
 {
 	struct hub_req *rq = pss->rq;
+	size_t n = rq->out.len - LWS_PRE;
 
-	if (rq->aborted)
-		return -1;
 	if (!rq->answered)
-		return 0;
+		return;
 	if (rq->headers_pending) {
-		if (req_write_headers(wsi, rq))
-			return -1;
+		if (build_head(pss->wsi, pss, rq->status, rq->ctype, n, rq->chunked)) {
+			rq->aborted = true;
+			return;
+		}
 		rq->headers_pending = false;
-		if (rq->out.len > LWS_PRE || rq->final || rq->drained) {
-			lws_callback_on_writable(wsi);
-			if (rq->chunked)
-				lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, STREAM_IDLE_S);
-		}
-		return 0;
 	}
-	size_t left = rq->out.len - LWS_PRE - rq->sent;
-	if (left) {
-		size_t n = left > BODY_CHUNK ? BODY_CHUNK : left;
-		bool last = n == left && rq->final;
-		if (write_slice(wsi, &rq->out, rq->sent, n, last))
-			return -1;
-		rq->sent += n;
-		if (rq->chunked)
-			lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, STREAM_IDLE_S);
-		if (n < left) {
-			lws_callback_on_writable(wsi);
-			return 0;
+	if (n) {
+		hub_buf_append(&pss->wire, rq->out.data + LWS_PRE, n);
+		rq->out.len = LWS_PRE;
+		if (rq->out.cap > 4 * 1024 * 1024) { /* give a big page's memory back */
+			hub_buf_free(&rq->out);
+			body_init(&rq->out);
 		}
 	}
-	/* Everything queued is written. */
-	rq->out.len = LWS_PRE;
-	rq->sent = 0;
-	if (rq->final) {
-		lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
-		req_detach(pss);
-		return transaction_end(wsi, pss->close_after);
-	}
-	if (rq->out.cap > 4 * 1024 * 1024) { /* give a big page's memory back */
-		hub_buf_free(&rq->out);
-		body_init(&rq->out);
-	}
-	if (rq->drained) {
-		hub_req_ref(rq);
-		rq->drained(rq);
-		hub_req_unref(rq);
-	}
-	return 0;
 }
 
 /* Collects the URI arguments (lws URL-decodes them) into q, their bytes into
@@ -1028,7 +1078,10 @@ static void pss_release(struct http_pss *pss)
 		lws_sul_cancel(&pss->sul_body);
 		pss->body_timer = false;
 	}
+	lws_sul_cancel(&pss->sul_flush);
+	pss->flush_armed = false;
 	hub_buf_free(&pss->body);
+	hub_buf_free(&pss->wire);
 	hub_buf_free(&pss->reqbody);
 	hub_buf_free(&pss->qmem);
 	req_detach(pss);
@@ -1090,6 +1143,8 @@ static int on_request(struct lws *wsi, struct http_pss *pss, struct hub *hub,
 		return respond_error(wsi, pss, 413, "too_large",
 				     "request bodies are limited to 64 KiB");
 	}
+	if (!clen)
+		stop_reading(wsi); /* complete: not read until answered (above) */
 	if (clen) {
 		/* A request with a body is the last on its connection: lws 4.1.6
 		 * cannot be trusted with what follows a body (above). */
@@ -1137,29 +1192,10 @@ static int on_body_completion(struct lws *wsi, struct http_pss *pss, struct hub 
 		lws_sul_cancel(&pss->sul_body);
 		pss->body_timer = false;
 	}
-	/* lws 4.1.6 stays in its body state after the completion: bytes
-	 * already read behind the body would be handed to the completion
-	 * again and again (a spin). Stop reading: the connection ends with
-	 * this request's answer, written in place (lws does not call
-	 * WRITEABLE for a connection that does not read). */
-	lws_rx_flow_control(wsi, 0);
-	pss->paused = true;
-	if (pss->resp_pending) {
-		/* Answered before the body ended (an error): the rest now. */
-		if (!pss->headers_sent && write_head(wsi, pss))
-			return -1;
-		size_t off = pss->sent, left = pss->body.len - LWS_PRE - off;
-		(void)write_slice(wsi, &pss->body, off, left, true);
-		pss->resp_pending = false;
-		return -1; /* lws flushes what it buffered, then closes */
-	}
-	if (pss->rq) {
-		/* Its answer is written by req_kick, or now if it is ready
-		 * (POST with Content-Length: 0 is answered before lws reports
-		 * the empty body's completion). */
-		pss->rq->in_place = true;
-		req_write_in_place(pss->rq);
-	}
+	/* The request is complete: not read again until it is answered (lws
+	 * would also hand bytes read behind the body to this completion again
+	 * and again). */
+	stop_reading(wsi);
 	return body_done(wsi, pss);
 }
 
@@ -1234,11 +1270,7 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
 		return pss ? on_body_completion(wsi, pss, hub) : 0;
 	case LWS_CALLBACK_HTTP_WRITEABLE:
-		if (pss && pss->rq)
-			return req_writeable(wsi, pss);
-		if (!pss)
-			return 0;
-		return write_body(wsi, pss);
+		return 0; /* answers are sent by http_flush */
 	case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
 		if (pss)
 			pss_release(pss);

@@ -118,6 +118,55 @@ class HostileHTTP(HostileCase):
                     self.assert_not_spinning(self.hub, 0.3)
         await self.assert_unharmed(self.hub, self.redis, base)
 
+    async def test_bytes_during_a_slow_answer_do_not_spin(self):
+        """A client that sends anything while its request is still being
+        answered (a pipelined request, or bytes sent later) made lws 4.1.6
+        spin at 100 % CPU for as long as the answer took. Here the answer is
+        a 100,000-reading export (7 MB, more than the kernel buffers hold) to a client that does not read for 2 s: the
+        hub stays idle, then the export completes and the pipelined request
+        is answered after it, in order."""
+        from harness import rkeys
+        dev = uniq("t")
+        now = int(time.time() * 1000)
+        self.redis.cmd("HSET", rkeys.dev(dev), "type", "thermostat", "labels", "{}",
+                       "gateway", "g", "conn", "x", "online", "0")
+        self.redis.cmd("EVAL", "for i = 1, 100000 do redis.call('XADD', KEYS[1], '*', 'ts', ARGV[1], "
+                       "'data', '{\"temperature\":21.5}', 'gw', 'g', 'seq', i) end", 1,
+                       rkeys.tm(dev), str(now))
+        export = req("GET", "/v1/devices/%s/telemetry?from=%d&to=%d&format=ndjson"
+                     % (dev, now - 60000, now + 60000), None, key=KEY)
+        for late in (False, True):
+            with self.subTest(late=late):
+                s = raw_connect(self.hub.port, rcvbuf=4096)
+                try:
+                    if late:
+                        s.sendall(export)
+                        time.sleep(0.3)
+                        s.sendall(req("GET", "/healthz"))
+                    else:
+                        s.sendall(export + req("GET", "/healthz"))
+                    self.assert_not_spinning(self.hub, 2.0, 0.3)
+                    parts, closed = [], False
+                    deadline = time.monotonic() + 20
+                    s.settimeout(0.5)
+                    while time.monotonic() < deadline:
+                        try:
+                            d = s.recv(1 << 20)
+                        except socket.timeout:
+                            continue
+                        if not d:
+                            break
+                        parts.append(d)
+                        if d.endswith(b'{"status":"ok"}'):
+                            break
+                    got = b"".join(parts)
+                finally:
+                    s.close()
+                resps = split_responses(got)
+                self.assertEqual([r[0] for r in resps], [200, 200], got[-300:])
+                self.assertEqual(resps[0][2].count(b"\n"), 100000, "the export was cut short")
+                self.assertEqual(resps[1][2], b'{"status":"ok"}')
+
     async def test_pipelined_gets_answered_in_order(self):
         paths = ["/healthz", "/readyz", "/v1/openapi.json", "/nope", "/healthz"]
         data = b"".join(req("GET", p) for p in paths)
