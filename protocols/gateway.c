@@ -70,10 +70,6 @@ struct gw_conn {
 	hub_strmap devices;        /* device id -> struct gw_dev * */
 	hub_bucket bucket;         /* readings */
 	hub_bucket announce_bucket, ack_bucket;
-	bool limits_dirty;         /* a bucket changed since its TATs were saved */
-	unsigned holds;            /* not read while Redis has yet to answer: the
-				    * connect (limits, epoch), an announce (the
-				    * devices' limits) */
 	struct gw_conn *displaced; /* the local connection of the gateway this one
 				    * replaces once its connect is allowed */
 	struct ws_rx rx;           /* message reassembly, capped */
@@ -82,12 +78,16 @@ struct gw_conn {
 	struct gw_reply *head, *tail;
 	unsigned queued, waiting;
 	unsigned refs;             /* the wsi + replies awaiting Redis */
+	unsigned holds;            /* not read while Redis has yet to answer: the
+				    * connect (limits, epoch), an announce (the
+				    * devices' limits) */
 	bool paused, closing, draining;
+	bool limits_dirty;         /* a bucket changed since its TATs were saved */
+	int close_code;
 	int64_t epoch;             /* takeover order (Redis INCR); 0 = not yet */
 	int64_t beaten_by;         /* highest foreign epoch seen before ours */
-	int close_code;
 	const char *close_reason;
-	char close_reason_buf[96];
+	char *close_reason_owned;  /* a close reason made for this connection */
 };
 
 struct gw_pss {
@@ -137,6 +137,7 @@ static void conn_unref(struct gw_conn *c)
 	ws_rx_free(&c->rx);
 	free(c->seen);
 	free(c->conn_id);
+	free(c->close_reason_owned);
 	auth_principal_clear(&c->who);
 	free(c);
 }
@@ -1089,15 +1090,18 @@ static void on_connect(redisReply *reply, void *arg)
 		settle_displaced(c, true);
 	} else if (!reply_int(reply, 1)) {
 		long long retry = reply_int(reply, 2);
-		snprintf(c->close_reason_buf, sizeof(c->close_reason_buf),
+		char why[96];
+		snprintf(why, sizeof(why),
 			 "reconnecting faster than gateway-connect-rate; retry after %lld ms", retry);
+		free(c->close_reason_owned);
+		c->close_reason_owned = hub_xstrdup(why);
 		hub->metrics.gateway_connects_refused_total++;
 		hub_info("gateway %s #%llu: refused: %s", c->gw, (unsigned long long)c->serial,
-			 c->close_reason_buf);
+			 c->close_reason_owned);
 		settle_displaced(c, false);
 		if (hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw)) == c)
 			hub_strmap_del(&hub->gateways, c->gw, strlen(c->gw));
-		conn_close(c, CLOSE_CONNECT_RATE, c->close_reason_buf);
+		conn_close(c, CLOSE_CONNECT_RATE, c->close_reason_owned);
 	} else {
 		int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
 		const char *t;

@@ -17,10 +17,10 @@
 
 struct ws_rx {
 	hub_buf buf;               /* a message's pieces so far */
-	bool discarding;           /* dropping the rest of a refused message */
 	size_t discarded;
-	int code;                  /* the close code once it is dropped */
 	const char *reason;        /* static */
+	int code;                  /* the close code once it is dropped */
+	bool discarding;           /* dropping the rest of a refused message */
 };
 
 /* What lws says of one received piece. */
