@@ -6,6 +6,7 @@
 #include <jansson.h>
 
 #include "commands/commands.h"
+#include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
@@ -13,41 +14,9 @@
 #include "hub/util.h"
 #include "protocols/schema.h"
 
-#define DEVICES_PREFIX "/v1/devices/"
-#define COMMANDS_PREFIX "/v1/commands/"
 #define MAX_ERRS 4
 
-/* ---- paths ----------------------------------------------------------------- */
-
-/* "/v1/devices/<device>/commands" -> device */
-static bool device_commands_path(const char *path, char *device)
-{
-	const char *p = path + strlen(DEVICES_PREFIX), *slash;
-
-	if (strncmp(path, DEVICES_PREFIX, strlen(DEVICES_PREFIX)))
-		return false;
-	slash = strchr(p, '/');
-	if (!slash || strcmp(slash, "/commands") || !hub_id_valid(p, (size_t)(slash - p)))
-		return false;
-	memcpy(device, p, (size_t)(slash - p));
-	device[slash - p] = '\0';
-	return true;
-}
-
-bool cmd_api_handles(const char *path)
-{
-	char dev[HUB_ID_MAX + 1];
-
-	return !strcmp(path, "/v1/commands") || !strncmp(path, COMMANDS_PREFIX, strlen(COMMANDS_PREFIX)) ||
-	       device_commands_path(path, dev);
-}
-
 /* ---- small helpers --------------------------------------------------------- */
-
-static bool has_scope(struct hub_req *rq, unsigned scope)
-{
-	return auth_has_scope(hub_req_who(rq), scope);
-}
 
 static bool visible(struct hub_req *rq, const char *device)
 {
@@ -693,89 +662,108 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	free(pats_s);
 }
 
-/* ---- dispatch -------------------------------------------------------------- */
+/* ---- routes ------------------------------------------------------------------
+ * hub/http.c has checked the key's scope; each route checks Redis (503
+ * while it is down), then its ids (an invalid one is answered like one that
+ * does not exist). */
 
-void cmd_api_handle(struct hub_req *rq, const char *method, const char *path,
-		    const struct hub_query *q, const char *body, size_t len,
-		    const char *idem)
+static bool redis_up(struct hub_req *rq)
 {
-	char device[HUB_ID_MAX + 1];
-	bool post = !strcmp(method, "POST");
+	if (hub_redis_up(hub_req_hub(rq)->redis))
+		return true;
+	unavailable(rq);
+	return false;
+}
 
-	bool reader = has_scope(rq, AUTH_SCOPE_TELEMETRY_READ) || has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE);
+static const char *route_device(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const char *id = a->param[0];
 
-	/* Scope first (403 whatever Redis is doing), then Redis (503). */
-	if (post ? !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE) : !reader) {
-		hub_req_error(rq, 403, "forbidden", NULL, post ?
-			      "this API key lacks the commands:write scope" :
-			      "this API key lacks the scope this route needs");
-		return;
+	if (!redis_up(rq))
+		return NULL;
+	if (!hub_id_valid(id, strlen(id)) || !visible(rq, id)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		return NULL;
 	}
-	if (!hub_redis_up(hub_req_hub(rq)->redis)) {
-		unavailable(rq);
-		return;
-	}
-	if (device_commands_path(path, device)) {
-		if (post)
-			create(rq, device, body, len, idem);
-		else if (!has_scope(rq, AUTH_SCOPE_TELEMETRY_READ) &&
-			 !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE))
-			hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the scope this route needs");
-		else
-			list(rq, device, q);
-		return;
-	}
-	if (!strcmp(path, "/v1/commands")) {
-		if (!post) {
-			hub_req_error(rq, 405, "method_not_allowed", NULL, "POST a fleet command here");
-			return;
-		}
-		fleet_create(rq, body, len);
-		return;
-	}
-	/* /v1/commands/{id}[/cancel] */
-	const char *id = path + strlen(COMMANDS_PREFIX), *slash = strchr(id, '/');
-	size_t idlen = slash ? (size_t)(slash - id) : strlen(id);
+	return id;
+}
+
+/* The command (or rollout) of the route, in a new ctx; NULL when answered. */
+static struct ctx *route_command(struct hub_req *rq, const struct hub_route_args *a)
+{
 	struct ctx *c;
 
-	if (!idlen || idlen >= sizeof(c->id) || (slash && strcmp(slash, "/cancel"))) {
-		hub_req_error(rq, 404, "not_found", NULL, "no such route");
-		return;
-	}
-	{
-		char idbuf[CMD_ID_MAX + 1];
-		memcpy(idbuf, id, idlen);
-		idbuf[idlen] = '\0';
-		if (!cmd_id_valid(idbuf)) {
-			hub_req_error(rq, 404, "not_found", NULL, "no such command");
-			return;
-		}
-	}
-	if (slash ? !post : post) {
-		hub_req_error(rq, 405, "method_not_allowed", NULL,
-			      slash ? "POST to cancel" : "GET a command");
-		return;
-	}
-	if (slash && !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
-		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the commands:write scope");
-		return;
-	}
-	if (!slash && !has_scope(rq, AUTH_SCOPE_TELEMETRY_READ) &&
-	    !has_scope(rq, AUTH_SCOPE_COMMANDS_WRITE)) {
-		hub_req_error(rq, 403, "forbidden", NULL, "this API key lacks the scope this route needs");
-		return;
+	if (!redis_up(rq))
+		return NULL;
+	if (!cmd_id_valid(a->param[0])) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such command");
+		return NULL;
 	}
 	c = ctx_new(rq);
-	memcpy(c->id, id, idlen);
-	c->id[idlen] = '\0';
-	if (!strncmp(c->id, "r_", 2)) {
-		if (slash) {
-			hub_req_error(rq, 404, "not_found", NULL, "cancel a rollout's commands one by one");
-			return;
-		}
+	snprintf(c->id, sizeof(c->id), "%s", a->param[0]);
+	return c;
+}
+
+static void on_device_create(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const char *device = route_device(rq, a);
+
+	if (device)
+		create(rq, device, a->body, a->body_len, a->idempotency_key);
+}
+
+static void on_device_list(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const char *device = route_device(rq, a);
+
+	if (device)
+		list(rq, device, a->query);
+}
+
+static void on_fleet_create(struct hub_req *rq, const struct hub_route_args *a)
+{
+	if (redis_up(rq))
+		fleet_create(rq, a->body, a->body_len);
+}
+
+static void on_get_one(struct hub_req *rq, const struct hub_route_args *a)
+{
+	struct ctx *c = route_command(rq, a);
+
+	if (!c)
+		return;
+	if (!strncmp(c->id, "r_", 2))
 		rollout_answer(rq, 200);
+	else
+		get_and_answer(rq, c->id, 200);
+}
+
+static void on_cancel(struct hub_req *rq, const struct hub_route_args *a)
+{
+	struct ctx *c = route_command(rq, a);
+
+	if (!c)
+		return;
+	if (!strncmp(c->id, "r_", 2)) {
+		hub_req_error(rq, 404, "not_found", NULL, "cancel a rollout's commands one by one");
 		return;
 	}
-	c->want_cancel = slash != NULL;
+	c->want_cancel = true;
 	get_and_answer(rq, c->id, 200);
+}
+
+#define READ (AUTH_SCOPE_TELEMETRY_READ | AUTH_SCOPE_COMMANDS_WRITE)
+#define WRITE AUTH_SCOPE_COMMANDS_WRITE
+
+static const struct hub_route routes[] = {
+	{ "POST", "/v1/devices/{}/commands", HUB_ROUTE_KEY, WRITE, on_device_create },
+	{ "GET", "/v1/devices/{}/commands", HUB_ROUTE_KEY, READ, on_device_list },
+	{ "POST", "/v1/commands", HUB_ROUTE_KEY, WRITE, on_fleet_create },
+	{ "GET", "/v1/commands/{}", HUB_ROUTE_KEY, READ, on_get_one },
+	{ "POST", "/v1/commands/{}/cancel", HUB_ROUTE_KEY, WRITE, on_cancel },
+};
+
+void cmd_api_register(void)
+{
+	hub_http_add_routes(routes, sizeof(routes) / sizeof(routes[0]), NULL);
 }

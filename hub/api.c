@@ -788,38 +788,50 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	}
 }
 
-/* ---- routing -------------------------------------------------------------- */
+/* ---- routes ---------------------------------------------------------------- */
 
-bool hub_api_handles(const char *path)
+/* The device named by the route's {} segment, or a 404 answered: an invalid
+ * id and a device outside the key's patterns are answered exactly like one
+ * that does not exist (the key learns nothing about it). */
+static const char *route_device(struct hub_req *rq, const struct hub_route_args *a)
 {
-	return !strcmp(path, "/v1/devices") || !strncmp(path, "/v1/devices/", 12);
+	const char *id = a->param[0];
+
+	if (!hub_id_valid(id, strlen(id)) || !visible(rq, id)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		return NULL;
+	}
+	return id;
 }
 
-void hub_api_handle(struct hub_req *rq, const char *path, const struct hub_query *q)
+static void on_list(struct hub_req *rq, const struct hub_route_args *a)
 {
-	char device[HUB_ID_MAX + 1];
+	devices_list(rq, a->query);
+}
 
-	if (!strcmp(path, "/v1/devices")) {
-		devices_list(rq, q);
-		return;
-	}
-	const char *id = path + 12, *slash = strchr(id, '/');
-	size_t n = slash ? (size_t)(slash - id) : strlen(id);
-	const char *rest = slash ? slash : "";
-	if ((*rest && strcmp(rest, "/telemetry")) || !hub_id_valid(id, n)) {
-		hub_req_error(rq, 404, "not_found", NULL, "no such route");
-		return;
-	}
-	memcpy(device, id, n);
-	device[n] = '\0';
-	/* A device outside the key's patterns is answered exactly like one that
-	 * does not exist: the key learns nothing about it. */
-	if (!visible(rq, device)) {
-		hub_req_error(rq, 404, "not_found", NULL, "no such device");
-		return;
-	}
-	if (*rest)
-		telemetry(rq, device, q);
-	else
+static void on_one(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const char *device = route_device(rq, a);
+
+	if (device)
 		device_one(rq, device);
+}
+
+static void on_telemetry(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const char *device = route_device(rq, a);
+
+	if (device)
+		telemetry(rq, device, a->query);
+}
+
+static const struct hub_route routes[] = {
+	{ "GET", "/v1/devices", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_list },
+	{ "GET", "/v1/devices/{}", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_one },
+	{ "GET", "/v1/devices/{}/telemetry", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_telemetry },
+};
+
+void hub_api_register(void)
+{
+	hub_http_add_routes(routes, sizeof(routes) / sizeof(routes[0]), NULL);
 }

@@ -10,13 +10,17 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
+#include "commands/cmd_api.h"
+#include "hub/api.h"
 #include "hub/embedded_redis.h"
+#include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
+#include "hub/ops.h"
 #include "hub/redis.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
@@ -194,6 +198,7 @@ static int check_tls_files(const struct hub_config *cfg, char *err, size_t errle
 
 static void hub_cleanup(struct hub *hub)
 {
+	hub_http_free();
 	stream_free(hub);
 	cmd_free(hub);
 	gw_free_maps();
@@ -284,6 +289,11 @@ int main(int argc, char **argv)
 	const char *gate[] = { "EVAL", layout_lua, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);
+	hub_ops_register(&hub);
+	hub_api_register();
+	cmd_api_register();
+	gw_register();
+	stream_register();
 	hub_registry_init(&hub);
 	gw_init(&hub);
 	stream_init(&hub);

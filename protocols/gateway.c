@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
@@ -1305,21 +1306,64 @@ void gw_stop(struct hub *hub)
 	lws_sul_cancel(&sul_seen);
 }
 
+/* The upgrade at GW_PATH: a JWT in the Authorization header (401 without
+ * one, or with one that does not verify) and, with mTLS, a client
+ * certificate whose CN is the token's sub. */
+static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshake *hs, void *ctx)
+{
+	char authz[HUB_AUTHZ_MAX + 16];
+	const char *tok;
+	size_t tlen;
+	enum hub_bearer b = hub_http_bearer(wsi, authz, sizeof(authz), &tok, &tlen);
+	int rc;
+
+	(void)ctx;
+	if (b != HUB_BEARER_OK) {
+		hub->metrics.auth_failures_total++;
+		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", hub_http_bearer_problem(b));
+	}
+	rc = auth_verify_jwt(hub->auth, tok, tlen, hub_now_ms() / 1000, &hs->who);
+	if (rc != AUTH_OK) {
+		hub->metrics.auth_failures_total++;
+		hub_info("gateway upgrade refused: %s", auth_strerror(rc));
+		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", auth_strerror(rc));
+	}
+	if (hub->cfg.tls_client_ca) {
+		union lws_tls_cert_info_results *ci;
+		char big[sizeof(*ci) + 256];
+
+		ci = (union lws_tls_cert_info_results *)big;
+		if (lws_tls_peer_cert_info(wsi, LWS_TLS_CERT_INFO_COMMON_NAME, ci,
+					   sizeof(big) - sizeof(*ci) + sizeof(ci->ns.name)) ||
+		    strcmp(ci->ns.name, hs->who.name)) {
+			hub->metrics.auth_failures_total++;
+			hub_info("gateway upgrade refused: client certificate CN does not match sub %s",
+				 hs->who.name);
+			return hub_http_refuse_upgrade(wsi, 401, "unauthorized",
+						       "client certificate CN does not match the token's sub");
+		}
+	}
+	return 0;
+}
+
+void gw_register(void)
+{
+	hub_http_add_upgrade(GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
+}
+
 static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 {
-	struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
+	struct hub_handshake hs;
 	struct gw_conn *c;
 
-	if (!hs || hs->stream)
-		return -1; /* not authenticated by the gateway upgrade handler */
-	lws_set_opaque_user_data(wsi, NULL);
+	if (!hub_http_take_handshake(wsi, GW_PATH, &hs))
+		return -1; /* not authenticated by the gateway upgrade */
 	c = hub_xcalloc(1, sizeof(*c));
 	c->wsi = wsi;
 	c->hub = hub;
 	c->refs = 1;
 	c->serial = ++hub->next_serial;
-	c->who = hs->who;  /* take ownership */
-	free(hs);
+	c->who = hs.who;  /* take ownership */
 	c->gw = c->who.name;
 	size_t idl = strlen(hub->instance_id) + 24;
 	c->conn_id = hub_xmalloc(idl);
@@ -1449,17 +1493,10 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (pss)
 			on_closed(pss);
 		break;
-	case LWS_CALLBACK_WSI_DESTROY: {
-		struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
-		if (hs) {
-			lws_set_opaque_user_data(wsi, NULL);
-			auth_principal_clear(&hs->who);
-			free(hs);
-		}
+	case LWS_CALLBACK_WSI_DESTROY:
 		if (pss)
 			on_closed(pss);
 		break;
-	}
 	default:
 		break;
 	}

@@ -15,14 +15,8 @@ struct hub;
 #define GW_SUBPROTOCOL "iot-gateway.v1"
 #define GW_PATH "/v1/gateway"
 
-/* What the HTTP upgrade handler verified, handed to the WebSocket through the
- * wsi's opaque user data (the per-session data is reallocated on upgrade). */
-struct gw_handshake {
-	auth_principal who;
-	bool stream;               /* upgraded at /v1/stream (else /v1/gateway): a client
-				    * listing both subprotocols must not cross over */
-	bool anonymous;            /* dashboard without Authorization: auth message expected */
-};
+/* Registers the WebSocket endpoint (GW_PATH) with hub/http.c. Start-up. */
+void gw_register(void);
 
 /* Subscribes to cross-instance control messages (takeover) and starts the
  * last_seen flush timer. Start-up. */

@@ -7,13 +7,13 @@
 #include <string.h>
 #include <jansson.h>
 
+#include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
 #include "hub/util.h"
-#include "protocols/gateway.h"
 #include "protocols/ws_rx.h"
 #include "protocols/schema.h"
 
@@ -1614,8 +1614,16 @@ static void handle_unsubscribe(struct st_conn *c, json_t *msg)
 	ctrl_buf(c, &b);
 }
 
-enum stream_auth stream_authenticate(struct hub *hub, const char *token, size_t len,
-				     auth_principal *out, const char **why)
+enum stream_auth {
+	STREAM_AUTH_OK,
+	STREAM_AUTH_UNAUTHORIZED,   /* unknown key, bad token */
+	STREAM_AUTH_FORBIDDEN,      /* valid, but without telemetry:read */
+};
+
+/* Checks a dashboard token (API key, or JWT with scope telemetry:read). On
+ * STREAM_AUTH_OK fills *out (caller clears it); *why gets a static reason. */
+static enum stream_auth stream_authenticate(struct hub *hub, const char *token, size_t len,
+					    auth_principal *out, const char **why)
 {
 	int rc = auth_check_api_key(hub->auth, token, len, out);
 
@@ -1787,6 +1795,41 @@ static void on_receive(struct st_conn *c, const char *in, size_t len)
 	}
 }
 
+/* The upgrade at STREAM_PATH: the token may come in the Authorization
+ * header (checked here: 401/403 like the HTTP API) or, for browsers, in a
+ * first auth message. */
+static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshake *hs, void *ctx)
+{
+	char authz[HUB_AUTHZ_MAX + 16];
+	const char *why, *tok;
+	size_t tlen;
+	enum hub_bearer b = hub_http_bearer(wsi, authz, sizeof(authz), &tok, &tlen);
+	enum stream_auth rc;
+
+	(void)ctx;
+	if (b == HUB_BEARER_NONE) {
+		hs->anonymous = true;
+		return 0;
+	}
+	if (b != HUB_BEARER_OK) {
+		hub->metrics.stream_auth_failures_total++;
+		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", hub_http_bearer_problem(b));
+	}
+	rc = stream_authenticate(hub, tok, tlen, &hs->who, &why);
+	if (rc != STREAM_AUTH_OK) {
+		hub->metrics.stream_auth_failures_total++;
+		return hub_http_refuse_upgrade(wsi, rc == STREAM_AUTH_FORBIDDEN ? 403 : 401,
+					       rc == STREAM_AUTH_FORBIDDEN ? "forbidden" : "unauthorized",
+					       why);
+	}
+	return 0;
+}
+
+void stream_register(void)
+{
+	hub_http_add_upgrade(STREAM_PATH, STREAM_SUBPROTOCOL, confirm_upgrade, NULL);
+}
+
 static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			   void *user, void *in, size_t len)
 {
@@ -1798,18 +1841,20 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
 		return 0;
 	case LWS_CALLBACK_ESTABLISHED: {
-		struct gw_handshake *hs = lws_get_opaque_user_data(wsi);
+		struct hub_handshake hs;
 
 		hub = lws_context_user(lws_get_context(wsi));
-		if (!hs || !hs->stream || hub->draining)
-			return -1; /* not from the /v1/stream upgrade handler */
-		lws_set_opaque_user_data(wsi, NULL);
+		if (!hub_http_take_handshake(wsi, STREAM_PATH, &hs))
+			return -1; /* not from the /v1/stream upgrade */
+		if (hub->draining) {
+			auth_principal_clear(&hs.who);
+			return -1;
+		}
 		c = hub_xcalloc(1, sizeof(*c));
 		c->wsi = wsi;
 		c->hub = hub;
-		c->who = hs->who; /* moved */
-		c->authed = !hs->anonymous;
-		free(hs);
+		c->who = hs.who; /* moved */
+		c->authed = !hs.anonymous;
 		if (!c->authed) {
 			lws_sul_schedule(hub->ctx, 0, &c->sul_auth, auth_timeout_cb,
 					 (lws_usec_t)hub->cfg.stream_auth_timeout_ms * 1000);

@@ -19,16 +19,8 @@ struct hub;
 #define STREAM_SUBPROTOCOL "iot-dashboard.v1"
 #define STREAM_PATH "/v1/stream"
 
-enum stream_auth {
-	STREAM_AUTH_OK,
-	STREAM_AUTH_UNAUTHORIZED,   /* unknown key, bad token */
-	STREAM_AUTH_FORBIDDEN,      /* valid, but without telemetry:read */
-};
-
-/* Checks a dashboard token (API key, or JWT with scope telemetry:read). On
- * STREAM_AUTH_OK fills *out (caller clears it); *why gets a static reason. */
-enum stream_auth stream_authenticate(struct hub *hub, const char *token, size_t len,
-				     auth_principal *out, const char **why);
+/* Registers the WebSocket endpoint (STREAM_PATH) with hub/http.c. Start-up. */
+void stream_register(void);
 
 void stream_init(struct hub *hub);
 void stream_stop(struct hub *hub);  /* timers: in the drain, before the loop ends */

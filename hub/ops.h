@@ -1,0 +1,16 @@
+/*
+ * ops.h - what operators and their tools read without touching devices:
+ * GET /healthz, /readyz, /metrics, /v1/openapi.json (public), the schema
+ * registry at /v1/device-types (telemetry:read), and the browser dashboard's
+ * files from web-root for any other GET.
+ */
+#ifndef HUB_OPS_H
+#define HUB_OPS_H
+
+struct hub;
+
+/* Registers the routes (and the web-root fallback when web-root is set)
+ * with hub/http.c. Start-up only. */
+void hub_ops_register(struct hub *hub);
+
+#endif
