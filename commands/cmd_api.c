@@ -763,7 +763,7 @@ static const struct hub_route routes[] = {
 	{ "POST", "/v1/commands/{}/cancel", HUB_ROUTE_KEY, WRITE, on_cancel },
 };
 
-void cmd_api_register(void)
+void cmd_api_register(struct hub *hub)
 {
-	hub_http_add_routes(routes, sizeof(routes) / sizeof(routes[0]), NULL);
+	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), NULL);
 }

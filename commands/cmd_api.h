@@ -6,7 +6,9 @@
 #ifndef HUB_CMD_API_H
 #define HUB_CMD_API_H
 
-/* Registers the routes with hub/http.c. Start-up only. */
-void cmd_api_register(void);
+struct hub;
+
+/* Registers the routes with hub/http.c (the commands module's start). */
+void cmd_api_register(struct hub *hub);
 
 #endif

@@ -11,6 +11,8 @@
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
+#include "hub/module.h"
+#include "commands/cmd_api.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/gateway.h"
@@ -1090,3 +1092,21 @@ void cmd_rollout_kick(struct hub *hub, const char *id)
 	(void)hub;
 	eval(S_RSTEP, on_step, NULL, 1, argv, NULL);
 }
+
+/* ---- the module ---------------------------------------------------------- */
+
+static int cmd_module_start(struct hub *hub, char *err, size_t errlen)
+{
+	(void)err;
+	(void)errlen;
+	cmd_init(hub);
+	cmd_api_register(hub);
+	return 0;
+}
+
+const struct hub_module cmd_module = {
+	.name = "commands",
+	.start = cmd_module_start,
+	.stop = cmd_stop,
+	.free = cmd_free,
+};

@@ -24,6 +24,10 @@ struct hub;
 struct gw_conn;
 struct gw_command_ack;
 
+/* The module (hub/module.h): the engine and its HTTP routes (cmd_api.h). */
+struct hub_module;
+extern const struct hub_module cmd_module;
+
 void cmd_init(struct hub *hub);   /* before hub_redis_start (registers scripts) */
 void cmd_stop(struct hub *hub);   /* timers, while the loop exists */
 void cmd_free(struct hub *hub);

@@ -17,6 +17,7 @@
 
 #include "hub/hub.h"
 #include "hub/keys.h"
+#include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 
@@ -831,7 +832,15 @@ static const struct hub_route routes[] = {
 	{ "GET", "/v1/devices/{}/telemetry", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_telemetry },
 };
 
-void hub_api_register(void)
+static int api_start(struct hub *hub, char *err, size_t errlen)
 {
-	hub_http_add_routes(routes, sizeof(routes) / sizeof(routes[0]), NULL);
+	(void)err;
+	(void)errlen;
+	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), NULL);
+	return 0;
 }
+
+const struct hub_module hub_api_module = {
+	.name = "api",
+	.start = api_start,
+};

@@ -9,7 +9,7 @@
 
 #include "hub/http.h"
 
-/* Registers the routes with hub/http.c. Start-up only. */
-void hub_api_register(void);
+/* The module (hub/module.h): registers the routes. */
+extern const struct hub_module hub_api_module;
 
 #endif

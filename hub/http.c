@@ -19,6 +19,7 @@
 #include "hub/hub.h"
 #include "hub/log.h"
 #include "hub/lws_quirks.h"
+#include "hub/module.h"
 #include "hub/util.h"
 
 #define BODY_CHUNK 16384
@@ -47,40 +48,41 @@ struct upgrade {
 	void *ctx;
 };
 
-static struct {
+/* The module: what the other modules registered. */
+struct hub_http {
+	struct hub *hub;
 	struct route_table *tables;
 	size_t ntables;
 	struct upgrade *upgrades;
 	size_t nupgrades;
 	hub_route_fn fallback;
 	void *fallback_ctx;
-	struct hub *hub;
-} R;
+};
 
-void hub_http_add_routes(const struct hub_route *routes, size_t n, void *ctx)
+/* lws's log callback has no context: the hub whose log lines it reads. */
+static struct hub *log_hub;
+
+void hub_http_add_routes(struct hub *hub, const struct hub_route *routes, size_t n, void *ctx)
 {
-	R.tables = hub_xrealloc(R.tables, (R.ntables + 1) * sizeof(*R.tables));
-	R.tables[R.ntables++] = (struct route_table){ routes, n, ctx };
+	struct hub_http *h = hub->http;
+
+	h->tables = hub_xrealloc(h->tables, (h->ntables + 1) * sizeof(*h->tables));
+	h->tables[h->ntables++] = (struct route_table){ routes, n, ctx };
 }
 
-void hub_http_set_fallback(hub_route_fn fn, void *ctx)
+void hub_http_set_fallback(struct hub *hub, hub_route_fn fn, void *ctx)
 {
-	R.fallback = fn;
-	R.fallback_ctx = ctx;
+	hub->http->fallback = fn;
+	hub->http->fallback_ctx = ctx;
 }
 
-void hub_http_add_upgrade(const char *path, const char *subprotocol, hub_upgrade_fn confirm,
-			  void *ctx)
+void hub_http_add_upgrade(struct hub *hub, const char *path, const char *subprotocol,
+			  hub_upgrade_fn confirm, void *ctx)
 {
-	R.upgrades = hub_xrealloc(R.upgrades, (R.nupgrades + 1) * sizeof(*R.upgrades));
-	R.upgrades[R.nupgrades++] = (struct upgrade){ path, subprotocol, confirm, ctx };
-}
+	struct hub_http *h = hub->http;
 
-void hub_http_free(void)
-{
-	free(R.tables);
-	free(R.upgrades);
-	memset(&R, 0, sizeof(R));
+	h->upgrades = hub_xrealloc(h->upgrades, (h->nupgrades + 1) * sizeof(*h->upgrades));
+	h->upgrades[h->nupgrades++] = (struct upgrade){ path, subprotocol, confirm, ctx };
 }
 
 /* ---- the request ------------------------------------------------------------- */
@@ -104,6 +106,7 @@ struct hub_req {
 /* Per request (lws frees and reallocates it for every keep-alive
  * transaction: HTTP_DROP_PROTOCOL is its end). */
 struct http_pss {
+	struct hub_http *h;
 	struct lws *wsi;
 	struct hub_req *rq;
 	bool close_after;   /* close the connection once the answer is out */
@@ -170,7 +173,7 @@ static void flush_cb(lws_sorted_usec_list_t *sul);
 static void want_flush(struct http_pss *pss, lws_usec_t after_us)
 {
 	pss->flush_armed = true;
-	lws_sul_schedule(R.hub->ctx, 0, &pss->sul_flush, flush_cb, after_us);
+	lws_sul_schedule(pss->h->hub->ctx, 0, &pss->sul_flush, flush_cb, after_us);
 }
 
 /* Stops reading the connection until its answer is out. */
@@ -522,7 +525,7 @@ static int authorize(struct http_pss *pss, const struct hub_route *route)
 	char authz[HUB_AUTHZ_MAX + 16];
 	const char *cred;
 	size_t clen;
-	struct hub *hub = R.hub;
+	struct hub *hub = pss->h->hub;
 	struct hub_req *rq = pss->rq;
 	enum hub_bearer b = hub_http_bearer(pss->wsi, authz, sizeof(authz), &cred, &clen);
 
@@ -609,21 +612,22 @@ static bool match(const char *pattern, const char *path, size_t params[][2], siz
 
 /* The route for method and path, with its table's ctx; NULL when none.
  * *path_known is true when a route has this path with another method. */
-static const struct hub_route *find_route(const char *method, const char *path,
+static const struct hub_route *find_route(const struct hub_http *h, const char *method,
+					  const char *path,
 					  void **ctx, size_t params[][2], size_t *np,
 					  bool *path_known)
 {
 	*path_known = false;
-	for (size_t t = 0; t < R.ntables; t++) {
-		for (size_t i = 0; i < R.tables[t].n; i++) {
-			const struct hub_route *r = &R.tables[t].routes[i];
+	for (size_t t = 0; t < h->ntables; t++) {
+		for (size_t i = 0; i < h->tables[t].n; i++) {
+			const struct hub_route *r = &h->tables[t].routes[i];
 			if (!match(r->pattern, path, params, np))
 				continue;
 			if (strcmp(r->method, method)) {
 				*path_known = true;
 				continue;
 			}
-			*ctx = R.tables[t].ctx;
+			*ctx = h->tables[t].ctx;
 			return r;
 		}
 	}
@@ -662,14 +666,15 @@ static void route(struct http_pss *pss, const char *path)
 		return;
 	}
 	snprintf(pss->path, sizeof(pss->path), "%s", path);
-	r = find_route(pss->method, path, &pss->route_ctx, params, &np, &path_known);
+	r = find_route(pss->h, pss->method, path, &pss->route_ctx, params, &np, &path_known);
 	if (!r) {
 		if (path_known)
 			hub_req_error(rq, 405, "method_not_allowed", NULL,
 				      "this route does not take that method");
-		else if (R.fallback && !strcmp(pss->method, "GET")) {
-			struct hub_route_args a = { { path, NULL }, NULL, "", 0, NULL, R.fallback_ctx };
-			R.fallback(rq, &a);
+		else if (pss->h->fallback && !strcmp(pss->method, "GET")) {
+			struct hub_route_args a = { { path, NULL }, NULL, "", 0, NULL,
+						    pss->h->fallback_ctx };
+			pss->h->fallback(rq, &a);
 		} else
 			hub_req_error(rq, 404, "not_found", NULL, "no such route");
 		return;
@@ -756,7 +761,7 @@ static bool body_is_request_line(const char *in, size_t len, const char *method)
 static void body_deadline(lws_sorted_usec_list_t *sul)
 {
 	struct http_pss *pss = lws_container_of(sul, struct http_pss, sul_body);
-	struct hub *hub = R.hub;
+	struct hub *hub = pss->h->hub;
 
 	pss->body_timer = false;
 	hub->metrics.http_refused[HUB_HTTP_BODY_TIMEOUT]++;
@@ -801,13 +806,14 @@ static unsigned long long content_length(struct lws *wsi, bool *bad)
 
 /* A request's head has arrived: answers what no route accepts (the
  * connection closes after such an answer), then routes it. */
-static void on_request(struct lws *wsi, struct http_pss *pss, const char *path)
+static void on_request(struct lws *wsi, struct hub *hub, struct http_pss *pss,
+		       const char *path)
 {
-	struct hub *hub = R.hub;
 	bool bad_length;
 	unsigned long long clen;
 	int plen;
 
+	pss->h = hub->http;
 	pss->wsi = wsi;
 	pss->rq = req_new(wsi, hub);
 	plen = request_method(wsi, pss->method);
@@ -856,7 +862,7 @@ static int on_body(struct http_pss *pss, const char *in, size_t len)
 	if (!pss->body_seen) {
 		pss->body_seen = true;
 		if (in && body_is_request_line(in, len, pss->method)) {
-			R.hub->metrics.http_refused[HUB_HTTP_PIPELINE_CLOSED]++;
+			pss->h->hub->metrics.http_refused[HUB_HTTP_PIPELINE_CLOSED]++;
 			hub_info("http: a pipelined request with a body: closing the connection");
 			return -1;
 		}
@@ -874,7 +880,7 @@ static int on_body_completion(struct lws *wsi, struct http_pss *pss)
 {
 	if (pss->body_completed) {
 		/* lws's loop over a pipelined body (above): never act twice. */
-		R.hub->metrics.http_refused[HUB_HTTP_PIPELINE_CLOSED]++;
+		pss->h->hub->metrics.http_refused[HUB_HTTP_PIPELINE_CLOSED]++;
 		return -1;
 	}
 	pss->body_completed = true;
@@ -1009,8 +1015,9 @@ bool hub_http_take_handshake(struct lws *wsi, const char *path, struct hub_hands
 	return true;
 }
 
-static int confirm_upgrade(struct lws *wsi, const char *kind)
+static int confirm_upgrade(struct lws *wsi, struct hub *hub, const char *kind)
 {
+	const struct hub_http *h = hub->http;
 	char uri[128];
 	const struct upgrade *up = NULL;
 
@@ -1019,9 +1026,9 @@ static int confirm_upgrade(struct lws *wsi, const char *kind)
 	if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
 		return hub_http_refuse_upgrade(wsi, 400, "bad_request", "upgrade needs a GET");
 	if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) >= 0)
-		for (size_t i = 0; i < R.nupgrades && !up; i++)
-			if (!strcmp(uri, R.upgrades[i].path))
-				up = &R.upgrades[i];
+		for (size_t i = 0; i < h->nupgrades && !up; i++)
+			if (!strcmp(uri, h->upgrades[i].path))
+				up = &h->upgrades[i];
 	if (!up)
 		return hub_http_refuse_upgrade(wsi, 404, "not_found", "no WebSocket endpoint at this path");
 	if (!protocol_selected(wsi, up->subprotocol)) {
@@ -1030,16 +1037,16 @@ static int confirm_upgrade(struct lws *wsi, const char *kind)
 			 "names this hub serves)", up->subprotocol);
 		return hub_http_refuse_upgrade(wsi, 400, "bad_subprotocol", msg);
 	}
-	struct handshake *h = hub_xcalloc(1, sizeof(*h));
-	int rc = up->confirm(wsi, R.hub, &h->hs, up->ctx);
+	struct handshake *hs = hub_xcalloc(1, sizeof(*hs));
+	int rc = up->confirm(wsi, hub, &hs->hs, up->ctx);
 	if (rc) {
-		auth_principal_clear(&h->hs.who);
-		free(h);
+		auth_principal_clear(&hs->hs.who);
+		free(hs);
 		return rc;
 	}
-	h->up = up;
+	hs->up = up;
 	free_handshake(wsi);
-	lws_set_opaque_user_data(wsi, h);
+	lws_set_opaque_user_data(wsi, hs);
 	return 0;
 }
 
@@ -1064,8 +1071,8 @@ int hub_http_lws_log(const char *line)
 			     "content-type: application/json\r\ncontent-length: %d\r\n"
 			     "connection: close\r\n\r\n%s", bl, body);
 		hub_quirk_answer_next_close(msg, (size_t)n);
-		if (R.hub)
-			R.hub->metrics.http_refused[HUB_HTTP_HEADERS_TOO_LARGE]++;
+		if (log_hub)
+			log_hub->metrics.http_refused[HUB_HTTP_HEADERS_TOO_LARGE]++;
 		hub_info("http: request line and headers over %d bytes: 431", HUB_HTTP_HEADER_MAX);
 		return 1;
 	}
@@ -1073,15 +1080,8 @@ int hub_http_lws_log(const char *line)
 	return strstr(line, "exceeds limit") != NULL;
 }
 
-void hub_http_init(struct hub *hub)
-{
-	R.hub = hub;
-}
 
 /* ---- the protocol ------------------------------------------------------------ */
-
-static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
-			 void *user, void *in, size_t len);
 
 static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			 void *user, void *in, size_t len)
@@ -1105,11 +1105,11 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		 * (the default handler accepts foreign certificates). */
 		return len ? 0 : 1;
 	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
-		return confirm_upgrade(wsi, in);
+		return hub ? confirm_upgrade(wsi, hub, in) : -1;
 	case LWS_CALLBACK_HTTP:
 		if (!pss)
 			return -1;
-		on_request(wsi, pss, (const char *)in);
+		on_request(wsi, hub, pss, (const char *)in);
 		return 0;
 	case LWS_CALLBACK_HTTP_BODY:
 		return pss ? on_body(pss, in, len) : 0;
@@ -1133,6 +1133,39 @@ static int http_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
-const struct lws_protocols hub_http_protocol = {
-	"http", http_callback, sizeof(struct http_pss), 0, 0, NULL, 0
+/* ---- the module ------------------------------------------------------------- */
+
+static void http_protocol(const struct hub *hub, struct lws_protocols *out)
+{
+	(void)hub;
+	*out = (struct lws_protocols){ "http", http_callback, sizeof(struct http_pss), 0, 0,
+				       NULL, 0 };
+}
+
+static int http_start(struct hub *hub, char *err, size_t errlen)
+{
+	(void)err;
+	(void)errlen;
+	hub->http = hub_xcalloc(1, sizeof(*hub->http));
+	hub->http->hub = hub;
+	log_hub = hub;
+	return 0;
+}
+
+static void http_free(struct hub *hub)
+{
+	if (!hub->http)
+		return;
+	free(hub->http->tables);
+	free(hub->http->upgrades);
+	free(hub->http);
+	hub->http = NULL;
+	log_hub = NULL;
+}
+
+const struct hub_module hub_http_module = {
+	.name = "http",
+	.protocol = http_protocol,
+	.start = http_start,
+	.free = http_free,
 };

@@ -31,9 +31,11 @@
 #include "hub/auth.h"
 
 struct hub;
+struct hub_module;
 struct hub_req;
 
-extern const struct lws_protocols hub_http_protocol;
+/* The module (hub/module.h): first in the table, protocols[0]. */
+extern const struct hub_module hub_http_module;
 
 /* Request line plus headers: lws holds at most this much of a request's
  * header block (max_http_header_data); a larger one is answered 431. */
@@ -82,11 +84,12 @@ struct hub_route {
 
 /* Registers a module's routes (the table is borrowed: static) with the ctx
  * its handlers get. At start-up, before the loop runs. */
-void hub_http_add_routes(const struct hub_route *routes, size_t n, void *ctx);
+void hub_http_add_routes(struct hub *hub, const struct hub_route *routes, size_t n,
+			 void *ctx);
 
 /* The handler of GET requests no route matched (the browser dashboard's
  * files), or NULL. */
-void hub_http_set_fallback(hub_route_fn fn, void *ctx);
+void hub_http_set_fallback(struct hub *hub, hub_route_fn fn, void *ctx);
 
 /* ---- WebSocket upgrades -------------------------------------------------- */
 
@@ -103,8 +106,8 @@ typedef int (*hub_upgrade_fn)(struct lws *wsi, struct hub *hub, struct hub_hands
 			      void *ctx);
 
 /* path and subprotocol are borrowed (static). Start-up only. */
-void hub_http_add_upgrade(const char *path, const char *subprotocol, hub_upgrade_fn confirm,
-			  void *ctx);
+void hub_http_add_upgrade(struct hub *hub, const char *path, const char *subprotocol,
+			  hub_upgrade_fn confirm, void *ctx);
 
 /* From the protocol's LWS_CALLBACK_ESTABLISHED: moves the handshake of
  * wsi's upgrade into out when that upgrade was to path. False otherwise
@@ -173,10 +176,5 @@ void hub_req_abort(struct hub_req *rq);
  * when the line is one the HTTP module acts on and should not be logged as
  * an lws error (a request whose headers lws could not hold). */
 int hub_http_lws_log(const char *line);
-
-/* Before the loop starts. */
-void hub_http_init(struct hub *hub);
-/* Forgets the registrations (after the loop ended). */
-void hub_http_free(void);
 
 #endif

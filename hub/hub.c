@@ -7,12 +7,9 @@
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
+#include "hub/module.h"
 #include "hub/redis.h"
-#include "hub/registry.h"
 #include "hub/util.h"
-#include "protocols/gateway.h"
-#include "protocols/stream.h"
-#include "commands/commands.h"
 
 #define DRAIN_TICK_US   (50 * 1000)
 #define DRAIN_GRACE_US  (5 * 1000 * 1000)
@@ -97,21 +94,57 @@ fail:
 	return -1;
 }
 
+/* ---- the modules' lifecycle ---------------------------------------------- */
+
+int hub_modules_start(struct hub *hub, char *err, size_t errlen)
+{
+	for (size_t i = 0; i < hub->nmodules; i++) {
+		const struct hub_module *m = hub->modules[i];
+		char why[256] = "";
+
+		if (!m->start || !m->start(hub, why, sizeof(why)))
+			continue;
+		snprintf(err, errlen, "%s: %s", m->name, why);
+		while (i--) {
+			m = hub->modules[i];
+			if (m->stop)
+				m->stop(hub);
+		}
+		hub_modules_free(hub);
+		return -1;
+	}
+	return 0;
+}
+
+void hub_modules_free(struct hub *hub)
+{
+	for (size_t i = hub->nmodules; i--;)
+		if (hub->modules[i]->free)
+			hub->modules[i]->free(hub);
+}
+
+static void modules_stop(struct hub *hub)
+{
+	for (size_t i = hub->nmodules; i--;)
+		if (hub->modules[i]->stop)
+			hub->modules[i]->stop(hub);
+}
+
 static void drain_tick(lws_sorted_usec_list_t *sul)
 {
 	struct hub *hub = lws_container_of(sul, struct hub, sul_drain);
 	bool late = hub_mono_us() > hub->drain_deadline_us;
-	unsigned open = gw_drain(hub, late);
+	unsigned open = 0;
 
+	for (size_t i = 0; i < hub->nmodules; i++)
+		if (hub->modules[i]->drain)
+			open += hub->modules[i]->drain(hub, late);
 	if (open && hub_mono_us() < hub->drain_deadline_us + 1000000) {
 		lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, DRAIN_TICK_US);
 		return;
 	}
 	hub_info("drained; stopping");
-	gw_stop(hub);
-	stream_stop(hub);
-	cmd_stop(hub);
-	hub_registry_stop(hub);
+	modules_stop(hub);
 	hub_redis_stop(hub->redis);
 	hub_loop_stop(hub);
 }
@@ -123,7 +156,9 @@ void hub_begin_shutdown(struct hub *hub)
 	hub->draining = true;
 	hub_info("shutting down: draining %zu gateway connections", hub->gateways.count);
 	hub_listener_close(hub->listener);
-	stream_close_all(hub);
+	for (size_t i = 0; i < hub->nmodules; i++)
+		if (hub->modules[i]->quiesce)
+			hub->modules[i]->quiesce(hub);
 	hub->drain_deadline_us = hub_mono_us() + DRAIN_GRACE_US;
 	lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, 1);
 }

@@ -19,6 +19,10 @@
 struct hub_redis;
 struct hub_listener;
 struct hub_embedded_redis;
+struct hub_module;
+struct hub_http;
+struct agg;
+struct stream;
 
 struct hub {
 	struct hub_config cfg;
@@ -39,8 +43,13 @@ struct hub {
 
 	hub_strmap gateways;       /* gateway id -> struct gw_conn * (this instance) */
 	uint64_t next_serial;      /* connection serials */
-	size_t stream_conns;       /* dashboard connections (this instance) */
-	size_t stream_subs;        /* their live subscriptions */
+
+	/* The modules (hub/module.h), in start order, and their objects. */
+	const struct hub_module *const *modules;
+	size_t nmodules;
+	struct hub_http *http;
+	struct agg *agg;
+	struct stream *stream;
 
 	struct hub_metrics metrics;
 
@@ -56,6 +65,13 @@ struct hub {
 /* Loads (or reloads) schemas and API keys. On a reload failure keeps the old
  * sets and returns -1 after logging why. Start-up and SIGHUP only. */
 int hub_reload(struct hub *hub, bool initial);
+
+/* Starts the modules in table order. On a failure, stops and frees those
+ * already started and returns -1 with err. */
+int hub_modules_start(struct hub *hub, char *err, size_t errlen);
+
+/* Frees the modules' objects, in reverse order (after the loop is gone). */
+void hub_modules_free(struct hub *hub);
 
 /* Starts a graceful shutdown (idempotent): stop accepting, drain gateways,
  * disconnect Redis, then end the loop. */

@@ -9,9 +9,8 @@
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/lws_quirks.h"
+#include "hub/module.h"
 #include "hub/redis.h"
-#include "protocols/gateway.h"
-#include "protocols/stream.h"
 
 /* lws 4.1.6's libev backend arms its timer for lws_sul only from its own
  * idle and timer callbacks: a sul scheduled while no I/O happens never fires,
@@ -23,7 +22,8 @@
 static lws_sorted_usec_list_t sul_heartbeat;
 static struct lws_context *signal_ctx;
 static struct hub *signal_hub;
-static struct lws_protocols protocols[6];
+#define MAX_PROTOCOLS 16
+static struct lws_protocols protocols[MAX_PROTOCOLS];
 static lws_retry_bo_t idle_policy;
 static struct lws_token_limits token_limits;
 
@@ -68,14 +68,15 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	lws_set_log_level(LLL_ERR | LLL_WARN | (hub_log_threshold >= HUB_LOG_DEBUG ? LLL_NOTICE|LLL_INFO|LLL_DEBUG : 0),
 			  lws_emit);
 
-	hub_http_init(hub);
-	protocols[0] = hub_http_protocol;
-	protocols[1] = gw_protocol;
-	protocols[1].rx_buffer_size = (size_t)hub->cfg.rx_buffer_bytes;
-	protocols[2] = hub_redis_protocol;
-	protocols[3] = hub_listener_protocol;
-	protocols[4] = stream_protocol;
-	memset(&protocols[5], 0, sizeof(protocols[5]));
+	/* The modules' protocols in table order (the HTTP module's first:
+	 * lws binds new connections to protocols[0]), then the services'. */
+	size_t np = 0;
+	memset(protocols, 0, sizeof(protocols));
+	for (size_t i = 0; i < hub->nmodules; i++)
+		if (hub->modules[i]->protocol && np < MAX_PROTOCOLS - 3)
+			hub->modules[i]->protocol(hub, &protocols[np++]);
+	protocols[np++] = hub_redis_protocol;
+	protocols[np++] = hub_listener_protocol;
 
 	memset(&info, 0, sizeof(info));
 	info.options = LWS_SERVER_OPTION_EXPLICIT_VHOSTS | LWS_SERVER_OPTION_LIBEV |

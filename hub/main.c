@@ -20,10 +20,12 @@
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
+#include "hub/module.h"
 #include "hub/ops.h"
 #include "hub/redis.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
+#include "protocols/agg.h"
 #include "protocols/stream.h"
 #include "commands/commands.h"
 
@@ -196,12 +198,21 @@ static int check_tls_files(const struct hub_config *cfg, char *err, size_t errle
 	return rc;
 }
 
+/* The hub, in start order (stopped in reverse): see hub/module.h. */
+static const struct hub_module *const modules[] = {
+	&hub_http_module,      /* HTTP on the port; routes and upgrades register here */
+	&hub_registry_module,  /* the device registry and the reading store */
+	&agg_module,           /* 1 s partials out, merged windows in */
+	&gw_module,            /* gateways: /v1/gateway */
+	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
+	&cmd_module,           /* the command lifecycle and its routes */
+	&hub_api_module,       /* device and telemetry routes */
+	&hub_ops_module,       /* health, readiness, metrics, API document, web-root */
+};
+
 static void hub_cleanup(struct hub *hub)
 {
-	hub_http_free();
-	stream_free(hub);
-	cmd_free(hub);
-	gw_free_maps();
+	hub_modules_free(hub);
 	hub_redis_free(hub->redis);
 	hub_listener_free(hub->listener);
 	hub_embedded_redis_stop(hub->embedded);
@@ -219,6 +230,8 @@ int main(int argc, char **argv)
 	int rc;
 
 	the_hub = &hub;
+	hub.modules = modules;
+	hub.nmodules = sizeof(modules) / sizeof(modules[0]);
 	hub_jarena_install();
 	rc = hub_config_load(&hub.cfg, argc, argv, err, sizeof(err));
 	if (rc) {
@@ -289,15 +302,13 @@ int main(int argc, char **argv)
 	const char *gate[] = { "EVAL", layout_lua, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);
-	hub_ops_register(&hub);
-	hub_api_register();
-	cmd_api_register();
-	gw_register();
-	stream_register();
-	hub_registry_init(&hub);
-	gw_init(&hub);
-	stream_init(&hub);
-	cmd_init(&hub);
+	if (hub_modules_start(&hub, err, sizeof(err))) {
+		fprintf(stderr, "iot-hub: %s\n", err);
+		hub_loop_destroy(&hub);
+		hub.nmodules = 0; /* freed */
+		hub_cleanup(&hub);
+		return 1;
+	}
 	hub_redis_start(hub.redis);
 	startup_deadline_us = hub_mono_us() + (int64_t)hub.cfg.redis_timeout_ms * 1000;
 	lws_sul_schedule(hub.ctx, 0, &sul_startup, startup_tick, 1);

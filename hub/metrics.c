@@ -84,7 +84,7 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		       "# TYPE iot_hub_connections gauge\n"
 		       "iot_hub_connections{kind=\"gateway\"} %zu\n"
 		       "iot_hub_connections{kind=\"dashboard\"} %zu\n",
-		       hub->gateways.count, hub->stream_conns);
+		       hub->gateways.count, hub->metrics.stream_connections);
 	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
 		m->connections_total);
 	counter(o, "iot_hub_auth_failures_total", "Gateway WebSocket upgrades refused with 401.",
@@ -118,7 +118,7 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	counter(o, "iot_hub_stream_auth_failures_total", "Dashboard auth refused (upgrade or first message).",
 		m->stream_auth_failures_total);
 	gauge(o, "iot_hub_stream_subscriptions", "Live dashboard subscriptions.",
-	      (double)hub->stream_subs);
+	      (double)hub->metrics.stream_subscriptions);
 	counter(o, "iot_hub_stream_messages_total", "Messages written to dashboards.",
 		m->stream_messages_total);
 	counter(o, "iot_hub_stream_dropped_total", "Queued dashboard messages dropped (slow consumers).",

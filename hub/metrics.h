@@ -56,6 +56,10 @@ struct hub_histogram {
 extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
 struct hub_metrics {
+	/* gauges */
+	size_t stream_connections;         /* dashboard WebSockets open */
+	size_t stream_subscriptions;       /* their live subscriptions */
+	/* counters */
 	uint64_t connections_total;        /* gateway WebSockets established */
 	uint64_t auth_failures_total;      /* gateway upgrades refused with 401 */
 	uint64_t api_auth_failures_total;  /* HTTP API requests answered 401 */

@@ -11,6 +11,7 @@
 #include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/metrics.h"
+#include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/schema.h"
@@ -132,9 +133,17 @@ static const struct hub_route routes[] = {
 	{ "GET", "/v1/device-types", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_device_types },
 };
 
-void hub_ops_register(struct hub *hub)
+static int ops_start(struct hub *hub, char *err, size_t errlen)
 {
-	hub_http_add_routes(routes, sizeof(routes) / sizeof(routes[0]), hub);
+	(void)err;
+	(void)errlen;
+	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), hub);
 	if (hub->cfg.web_root)
-		hub_http_set_fallback(serve_static, hub);
+		hub_http_set_fallback(hub, serve_static, hub);
+	return 0;
 }
+
+const struct hub_module hub_ops_module = {
+	.name = "ops",
+	.start = ops_start,
+};

@@ -7,10 +7,8 @@
 #ifndef HUB_OPS_H
 #define HUB_OPS_H
 
-struct hub;
-
-/* Registers the routes (and the web-root fallback when web-root is set)
- * with hub/http.c. Start-up only. */
-void hub_ops_register(struct hub *hub);
+/* The module (hub/module.h): registers the routes (and the web-root
+ * fallback when web-root is set). */
+extern const struct hub_module hub_ops_module;
 
 #endif

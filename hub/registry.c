@@ -7,6 +7,7 @@
 
 #include "hub/hub.h"
 #include "hub/keys.h"
+#include "hub/module.h"
 #include "hub/util.h"
 
 /* Stores a batch of telemetry frames (the frames of one loop turn).
@@ -483,3 +484,19 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		store_flush(NULL);
 	return 0;
 }
+
+/* ---- the module ---------------------------------------------------------- */
+
+static int registry_module_start(struct hub *hub, char *err, size_t errlen)
+{
+	(void)err;
+	(void)errlen;
+	hub_registry_init(hub);
+	return 0;
+}
+
+const struct hub_module hub_registry_module = {
+	.name = "registry",
+	.start = registry_module_start,
+	.stop = hub_registry_stop,
+};

@@ -17,6 +17,10 @@
 struct hub;
 
 /* Registers the scripts; before hub_redis_start(). */
+/* The module (hub/module.h). */
+struct hub_module;
+extern const struct hub_module hub_registry_module;
+
 void hub_registry_init(struct hub *hub);
 /* Stores what is batched and cancels the batch timer (before the loop goes). */
 void hub_registry_stop(struct hub *hub);

@@ -9,9 +9,9 @@
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
+#include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
-#include "protocols/stream.h"
 
 #define CATCHUP_PAGE     "512"
 #define PEND_MAX         4096         /* live messages held during catch-up */
@@ -39,8 +39,11 @@ struct due_second {
 	struct due_second *next;   /* later seconds */
 };
 
-static struct {
+struct agg {
 	struct hub *hub;
+	agg_emit_fn emit;                    /* the merged windows go here */
+	void *emit_ctx;
+	int script_publish;
 	lws_sorted_usec_list_t sul;
 	struct window_map partials;          /* ingest: this instance's 1 s partials */
 	struct due_second *seconds;          /* the same partials by second, oldest first */
@@ -54,7 +57,7 @@ static struct {
 	size_t npend;
 	bool pend_overflow;
 	hub_buf msg;
-} A;
+};
 
 /* ---- state --------------------------------------------------------------- */
 
@@ -285,14 +288,14 @@ static int cmp_start(const void *a, const void *b)
 
 /* ---- ingest: this instance's 1 s partials -------------------------------- */
 
-static int64_t max_age_ms(void)
+static int64_t max_age_ms(const struct agg *ag)
 {
-	return agg_window_ms[AGG_1M] + A.hub->cfg.aggregate_grace_ms + 1000;
+	return agg_window_ms[AGG_1M] + ag->hub->cfg.aggregate_grace_ms + 1000;
 }
 
-static void due_append(struct agg_state *st)
+static void due_append(struct agg *ag, struct agg_state *st)
 {
-	struct due_second **pp = &A.seconds, *sec;
+	struct due_second **pp = &ag->seconds, *sec;
 
 	while (*pp && (*pp)->start < st->start)
 		pp = &(*pp)->next;
@@ -308,7 +311,7 @@ static void due_append(struct agg_state *st)
 	sec->tail = &st->due_next;
 }
 
-struct agg_state *agg_partial(struct hub *hub, const char *device, const char *type,
+struct agg_state *agg_partial(struct agg *ag, const char *device, const char *type,
 			      const char *labels, size_t labels_len, int64_t ts,
 			      struct agg_state **cache)
 {
@@ -319,12 +322,12 @@ struct agg_state *agg_partial(struct hub *hub, const char *device, const char *t
 
 	if (cache && *cache && (*cache)->start == start)
 		return *cache;
-	if (ts < hub_now_ms() - max_age_ms()) {
-		hub->metrics.aggregate_late_readings_total++;
+	if (ts < hub_now_ms() - max_age_ms(ag)) {
+		ag->hub->metrics.aggregate_late_readings_total++;
 		return NULL;
 	}
 	kl = make_key(key, start, device);
-	st = hub_strmap_get(&A.partials.states, key, kl);
+	st = hub_strmap_get(&ag->partials.states, key, kl);
 	if (!st) {
 		/* Ingest partials keep the labels as the text they came in (already
 		 * compact JSON): no parse per device per second. */
@@ -332,8 +335,8 @@ struct agg_state *agg_partial(struct hub *hub, const char *device, const char *t
 		st->labels_text = hub_xmalloc(labels_len + 1);
 		memcpy(st->labels_text, labels ? labels : "", labels_len);
 		st->labels_text[labels_len] = '\0';
-		hub_strmap_put(&A.partials.states, key, kl, st);
-		due_append(st);
+		hub_strmap_put(&ag->partials.states, key, kl, st);
+		due_append(ag, st);
 	}
 	/* One slot per state: a second connection holding the same device (a
 	 * takeover in progress) looks it up instead. */
@@ -345,12 +348,12 @@ struct agg_state *agg_partial(struct hub *hub, const char *device, const char *t
 	return st;
 }
 
-static void msg_begin(void)
+static void msg_begin(struct agg *ag)
 {
-	A.msg.len = 0;
-	hub_buf_puts(&A.msg, "{\"instance\":");
-	hub_buf_json_str(&A.msg, A.hub->instance_id, strlen(A.hub->instance_id));
-	hub_buf_puts(&A.msg, ",\"partials\":[");
+	ag->msg.len = 0;
+	hub_buf_puts(&ag->msg, "{\"instance\":");
+	hub_buf_json_str(&ag->msg, ag->hub->instance_id, strlen(ag->hub->instance_id));
+	hub_buf_puts(&ag->msg, ",\"partials\":[");
 }
 
 /* Keeps the partials a little over the longest window plus grace in a
@@ -361,143 +364,150 @@ static const char publish_lua[] =
 	"local id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[1], '*', 'p', ARGV[2])\n"
 	"redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[2])\n"
 	"return id\n";
-static int script_publish;
 
-static void msg_send(void)
+static void msg_send(struct agg *ag)
 {
 	char minid[24];
 	const char *argv[6];
 	size_t lens[6];
 
-	hub_buf_puts(&A.msg, "]}");
-	snprintf(minid, sizeof(minid), "%lld", (long long)(hub_now_ms() - 2 * max_age_ms()));
+	hub_buf_puts(&ag->msg, "]}");
+	snprintf(minid, sizeof(minid), "%lld", (long long)(hub_now_ms() - 2 * max_age_ms(ag)));
 	argv[0] = "EVALSHA";
-	argv[1] = hub_redis_script_sha(A.hub->redis, script_publish);
+	argv[1] = hub_redis_script_sha(ag->hub->redis, ag->script_publish);
 	argv[2] = "2";
 	argv[3] = HUB_KEY_AGG_PARTIALS;
 	argv[4] = HUB_CH_AGG;
 	argv[5] = minid;
 	for (int i = 0; i < 6; i++)
 		lens[i] = strlen(argv[i]);
-	const char *full[7] = { argv[0], argv[1], argv[2], argv[3], argv[4], argv[5], A.msg.data };
-	size_t flens[7] = { lens[0], lens[1], lens[2], lens[3], lens[4], lens[5], A.msg.len };
-	hub_redis_command_argv(A.hub->redis, NULL, NULL, 7, full, flens); /* lost while down */
+	const char *full[7] = { argv[0], argv[1], argv[2], argv[3], argv[4], argv[5], ag->msg.data };
+	size_t flens[7] = { lens[0], lens[1], lens[2], lens[3], lens[4], lens[5], ag->msg.len };
+	hub_redis_command_argv(ag->hub->redis, NULL, NULL, 7, full, flens); /* lost while down */
 }
 
 /* Publishes due partials, at most FLUSH_BUDGET per loop turn so a hub with
  * many devices never stalls its loop for the whole set at once. Returns true
  * when more are due. */
-static bool flush_partials(int64_t now)
+static bool flush_partials(struct agg *ag, int64_t now)
 {
 	size_t in_msg = 0, taken = 0;
 	char key[KEY_MAX];
 
-	if (!A.seconds || A.seconds->start + 1000 + FLUSH_DELAY_MS > now)
+	if (!ag->seconds || ag->seconds->start + 1000 + FLUSH_DELAY_MS > now)
 		return false;
-	msg_begin();
-	while (A.seconds && A.seconds->start + 1000 + FLUSH_DELAY_MS <= now &&
+	msg_begin(ag);
+	while (ag->seconds && ag->seconds->start + 1000 + FLUSH_DELAY_MS <= now &&
 	       taken < FLUSH_BUDGET) {
-		struct due_second *sec = A.seconds;
+		struct due_second *sec = ag->seconds;
 		struct agg_state *st = sec->head;
 
 		if (!st) {
-			A.seconds = sec->next;
+			ag->seconds = sec->next;
 			free(sec);
 			continue;
 		}
 		sec->head = st->due_next;
 		if (!sec->head)
 			sec->tail = &sec->head;
-		hub_strmap_del(&A.partials.states, key, make_key(key, st->start, st->device));
+		hub_strmap_del(&ag->partials.states, key, make_key(key, st->start, st->device));
 		taken++;
 		const char *labels = st->labels_text && *st->labels_text ? st->labels_text : "{}";
 
 		if (in_msg)
-			hub_buf_puts(&A.msg, ",");
-		hub_buf_puts(&A.msg, "{\"device\":");
-		hub_buf_json_str(&A.msg, st->device, strlen(st->device));
-		hub_buf_puts(&A.msg, ",\"type\":");
-		hub_buf_json_str(&A.msg, st->type, strlen(st->type));
-		hub_buf_puts(&A.msg, ",\"labels\":");
-		hub_buf_puts(&A.msg, labels);
-		hub_buf_puts(&A.msg, ",\"start\":");
-		hub_buf_i64(&A.msg, st->start);
-		hub_buf_puts(&A.msg, ",\"fields\":{");
+			hub_buf_puts(&ag->msg, ",");
+		hub_buf_puts(&ag->msg, "{\"device\":");
+		hub_buf_json_str(&ag->msg, st->device, strlen(st->device));
+		hub_buf_puts(&ag->msg, ",\"type\":");
+		hub_buf_json_str(&ag->msg, st->type, strlen(st->type));
+		hub_buf_puts(&ag->msg, ",\"labels\":");
+		hub_buf_puts(&ag->msg, labels);
+		hub_buf_puts(&ag->msg, ",\"start\":");
+		hub_buf_i64(&ag->msg, st->start);
+		hub_buf_puts(&ag->msg, ",\"fields\":{");
 		for (size_t j = 0; j < st->nfields; j++) {
 			const struct agg_field *f = &st->fields[j];
 			if (j)
-				hub_buf_puts(&A.msg, ",");
-			hub_buf_json_str(&A.msg, f->name, strlen(f->name));
-			hub_buf_puts(&A.msg, ":[");
-			hub_buf_i64(&A.msg, f->count);
-			hub_buf_puts(&A.msg, ",");
-			buf_double_exact(&A.msg, f->min);
-			hub_buf_puts(&A.msg, ",");
-			buf_double_exact(&A.msg, f->max);
-			hub_buf_puts(&A.msg, ",");
-			buf_double_exact(&A.msg, f->sum);
-			hub_buf_puts(&A.msg, ",");
-			buf_double_exact(&A.msg, f->last);
-			hub_buf_puts(&A.msg, ",");
-			hub_buf_i64(&A.msg, f->last_ts);
-			hub_buf_puts(&A.msg, "]");
+				hub_buf_puts(&ag->msg, ",");
+			hub_buf_json_str(&ag->msg, f->name, strlen(f->name));
+			hub_buf_puts(&ag->msg, ":[");
+			hub_buf_i64(&ag->msg, f->count);
+			hub_buf_puts(&ag->msg, ",");
+			buf_double_exact(&ag->msg, f->min);
+			hub_buf_puts(&ag->msg, ",");
+			buf_double_exact(&ag->msg, f->max);
+			hub_buf_puts(&ag->msg, ",");
+			buf_double_exact(&ag->msg, f->sum);
+			hub_buf_puts(&ag->msg, ",");
+			buf_double_exact(&ag->msg, f->last);
+			hub_buf_puts(&ag->msg, ",");
+			hub_buf_i64(&ag->msg, f->last_ts);
+			hub_buf_puts(&ag->msg, "]");
 		}
-		hub_buf_puts(&A.msg, "}}");
+		hub_buf_puts(&ag->msg, "}}");
 		state_free(st);
 		in_msg++;
-		if (A.msg.len > MSG_MAX_BYTES) {
-			msg_send();
-			msg_begin();
+		if (ag->msg.len > MSG_MAX_BYTES) {
+			msg_send(ag);
+			msg_begin(ag);
 			in_msg = 0;
 		}
 	}
 	if (in_msg)
-		msg_send();
-	if (A.msg.cap > 4 * MSG_MAX_BYTES)
-		hub_buf_free(&A.msg);
-	while (A.seconds && !A.seconds->head) {
-		struct due_second *sec = A.seconds;
-		A.seconds = sec->next;
+		msg_send(ag);
+	if (ag->msg.cap > 4 * MSG_MAX_BYTES)
+		hub_buf_free(&ag->msg);
+	while (ag->seconds && !ag->seconds->head) {
+		struct due_second *sec = ag->seconds;
+		ag->seconds = sec->next;
 		free(sec);
 	}
-	return A.seconds && A.seconds->start + 1000 + FLUSH_DELAY_MS <= now;
+	return ag->seconds && ag->seconds->start + 1000 + FLUSH_DELAY_MS <= now;
 }
 
 /* ---- merge side ---------------------------------------------------------- */
 
-void agg_want(struct hub *hub, enum agg_window w, bool want)
+void agg_want(struct agg *ag, enum agg_window w, bool want)
 {
-	(void)hub;
 	if (want)
-		A.wants[w]++;
-	else if (A.wants[w])
-		A.wants[w]--;
+		ag->wants[w]++;
+	else if (ag->wants[w])
+		ag->wants[w]--;
 }
 
-static void pend_clear(void)
+static void pend_clear(struct agg *ag)
 {
-	for (size_t i = 0; i < A.npend; i++)
-		free(A.pend[i]);
-	free(A.pend);
-	A.pend = NULL;
-	A.npend = 0;
-	A.pend_overflow = false;
+	for (size_t i = 0; i < ag->npend; i++)
+		free(ag->pend[i]);
+	free(ag->pend);
+	ag->pend = NULL;
+	ag->npend = 0;
+	ag->pend_overflow = false;
 }
 
-static void catchup_next(void);
-static void merge_message(const char *payload, size_t len, int64_t now);
+static void catchup_next(struct agg *ag);
+static void merge_message(struct agg *ag, const char *payload, size_t len, int64_t now);
+
+/* A catch-up page in flight: stale once the subscription cycled. */
+struct catchup {
+	struct agg *ag;
+	unsigned gen;
+};
 
 static void on_catchup_page(redisReply *reply, void *arg)
 {
-	unsigned gen = (unsigned)(uintptr_t)arg;
+	struct catchup *cu = arg;
+	struct agg *ag = cu->ag;
+	bool stale = cu->gen != ag->gen;
 	int64_t now = hub_now_ms();
 	size_t n;
 
-	if (gen != A.gen || !A.catching_up)
+	free(cu);
+	if (stale || !ag->catching_up)
 		return;
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
-		A.catching_up = false; /* Redis trouble: the pub/sub side will cycle */
-		pend_clear();
+		ag->catching_up = false; /* Redis trouble: the pub/sub side will cycle */
+		pend_clear(ag);
 		return;
 	}
 	n = reply->elements;
@@ -512,55 +522,57 @@ static void on_catchup_page(redisReply *reply, void *arg)
 		hub_buf_append(&b, e->element[0]->str, e->element[0]->len);
 		hub_buf_append(&b, "\n", 1);
 		hub_buf_append(&b, e->element[1]->element[1]->str, e->element[1]->element[1]->len);
-		merge_message(b.data, b.len, now);
+		merge_message(ag, b.data, b.len, now);
 		hub_buf_free(&b);
 	}
-	if (n >= (size_t)atoi(CATCHUP_PAGE) || A.pend_overflow) {
-		catchup_next();
+	if (n >= (size_t)atoi(CATCHUP_PAGE) || ag->pend_overflow) {
+		catchup_next(ag);
 		return;
 	}
 	/* Caught up: what arrived live meanwhile, after the seam, then live. */
-	A.catching_up = false;
-	char **v = A.pend;
-	size_t np = A.npend;
-	A.pend = NULL;
-	A.npend = 0;
+	ag->catching_up = false;
+	char **v = ag->pend;
+	size_t np = ag->npend;
+	ag->pend = NULL;
+	ag->npend = 0;
 	for (size_t i = 0; i < np; i++) {
-		merge_message(v[i], strlen(v[i]), now);
+		merge_message(ag, v[i], strlen(v[i]), now);
 		free(v[i]);
 	}
 	free(v);
 }
 
-static void catchup_next(void)
+static void catchup_next(struct agg *ag)
 {
 	char start[48];
 	const char *argv[6] = { "XRANGE", HUB_KEY_AGG_PARTIALS, start, "+", "COUNT", CATCHUP_PAGE };
 
-	pend_clear(); /* all of them are at or before what this page sees */
-	snprintf(start, sizeof(start), "(%llu-%llu", (unsigned long long)A.seen_ms,
-		 (unsigned long long)A.seen_seq);
-	if (hub_redis_command_argv(A.hub->redis, on_catchup_page, (void *)(uintptr_t)A.gen,
-				   6, argv, NULL))
-		A.catching_up = false;
+	pend_clear(ag); /* all of them are at or before what this page sees */
+	snprintf(start, sizeof(start), "(%llu-%llu", (unsigned long long)ag->seen_ms,
+		 (unsigned long long)ag->seen_seq);
+	struct catchup *cu = hub_xmalloc(sizeof(*cu));
+	*cu = (struct catchup){ ag, ag->gen };
+	if (hub_redis_command_argv(ag->hub->redis, on_catchup_page, cu, 6, argv, NULL)) {
+		free(cu);
+		ag->catching_up = false;
+	}
 }
 
-void agg_set_active(struct hub *hub, bool active)
+void agg_set_active(struct agg *ag, bool active)
 {
-	(void)hub;
-	A.gen++;
-	A.active = active;
-	A.catching_up = false;
-	pend_clear();
+	ag->gen++;
+	ag->active = active;
+	ag->catching_up = false;
+	pend_clear(ag);
 	for (int w = 0; w < AGG__COUNT; w++)
-		map_clear(&A.merged[w]); /* rebuilt from the stream below */
+		map_clear(&ag->merged[w]); /* rebuilt from the stream below */
 	if (!active)
 		return;
 	/* Every window still to be emitted started after this point. */
-	A.seen_ms = (uint64_t)(hub_now_ms() - max_age_ms());
-	A.seen_seq = 0;
-	A.catching_up = true;
-	catchup_next();
+	ag->seen_ms = (uint64_t)(hub_now_ms() - max_age_ms(ag));
+	ag->seen_seq = 0;
+	ag->catching_up = true;
+	catchup_next(ag);
 }
 
 static int parse_field(json_t *arr, struct agg_field *f)
@@ -579,7 +591,7 @@ static int parse_field(json_t *arr, struct agg_field *f)
 	return f->count > 0 ? 0 : -1;
 }
 
-static void merge_partial(json_t *p, int64_t now)
+static void merge_partial(struct agg *ag, json_t *p, int64_t now)
 {
 	json_t *dev = json_object_get(p, "device"), *type = json_object_get(p, "type"),
 	       *labels = json_object_get(p, "labels"), *start = json_object_get(p, "start"),
@@ -594,22 +606,22 @@ static void merge_partial(json_t *p, int64_t now)
 	s = json_integer_value(start);
 	for (int w = 0; w < AGG__COUNT; w++) {
 		int64_t span = agg_window_ms[w], ws = s - ((s % span) + span) % span;
-		int64_t due = ws + span + A.hub->cfg.aggregate_grace_ms;
+		int64_t due = ws + span + ag->hub->cfg.aggregate_grace_ms;
 		char key[KEY_MAX];
 		size_t kl;
 		struct agg_state *st;
 
 		if (due <= now) {
-			A.hub->metrics.aggregate_late_partials_total++;
+			ag->hub->metrics.aggregate_late_partials_total++;
 			continue;
 		}
 		kl = make_key(key, ws, json_string_value(dev));
-		st = hub_strmap_get(&A.merged[w].states, key, kl);
+		st = hub_strmap_get(&ag->merged[w].states, key, kl);
 		if (!st) {
 			st = state_new(json_string_value(dev), json_string_value(type), labels, ws);
-			hub_strmap_put(&A.merged[w].states, key, kl, st);
-			if (due < A.merged[w].next_due)
-				A.merged[w].next_due = due;
+			hub_strmap_put(&ag->merged[w].states, key, kl, st);
+			if (due < ag->merged[w].next_due)
+				ag->merged[w].next_due = due;
 		}
 		json_object_foreach(fields, k, v) {
 			struct agg_field f;
@@ -622,7 +634,7 @@ static void merge_partial(json_t *p, int64_t now)
 }
 
 /* payload: `<stream id>\n<JSON>`; merged once (ids only grow). */
-static void merge_message(const char *payload, size_t len, int64_t now)
+static void merge_message(struct agg *ag, const char *payload, size_t len, int64_t now)
 {
 	const char *nl = memchr(payload, '\n', len);
 	unsigned long long ms, seq;
@@ -636,55 +648,55 @@ static void merge_message(const char *payload, size_t len, int64_t now)
 	idbuf[il] = '\0';
 	if (sscanf(idbuf, "%llu-%llu", &ms, &seq) != 2)
 		return;
-	if (ms < A.seen_ms || (ms == A.seen_ms && seq <= A.seen_seq))
+	if (ms < ag->seen_ms || (ms == ag->seen_ms && seq <= ag->seen_seq))
 		return; /* merged already (the catch-up seam) */
-	A.seen_ms = ms;
-	A.seen_seq = seq;
+	ag->seen_ms = ms;
+	ag->seen_seq = seq;
 	doc = json_loadb(nl + 1, len - il - 1, 0, NULL);
 	parts = json_object_get(doc, "partials");
 	for (size_t i = 0; i < json_array_size(parts); i++)
-		merge_partial(json_array_get(parts, i), now);
+		merge_partial(ag, json_array_get(parts, i), now);
 	json_decref(doc);
 }
 
-void agg_on_partials(struct hub *hub, const char *payload, size_t len)
+void agg_on_partials(struct agg *ag, const char *payload, size_t len)
 {
-	(void)hub;
-	if (!A.active)
+	if (!ag->active)
 		return;
-	if (A.catching_up) {
-		if (A.npend >= PEND_MAX) {
-			A.pend_overflow = true; /* in the stream: the next page has it */
+	if (ag->catching_up) {
+		if (ag->npend >= PEND_MAX) {
+			ag->pend_overflow = true; /* in the stream: the next page has it */
 			return;
 		}
-		A.pend = hub_xrealloc(A.pend, (A.npend + 1) * sizeof(*A.pend));
-		A.pend[A.npend] = hub_xmalloc(len + 1);
-		memcpy(A.pend[A.npend], payload, len);
-		A.pend[A.npend][len] = '\0';
-		A.npend++;
+		ag->pend = hub_xrealloc(ag->pend, (ag->npend + 1) * sizeof(*ag->pend));
+		ag->pend[ag->npend] = hub_xmalloc(len + 1);
+		memcpy(ag->pend[ag->npend], payload, len);
+		ag->pend[ag->npend][len] = '\0';
+		ag->npend++;
 		return;
 	}
-	merge_message(payload, len, hub_now_ms());
+	merge_message(ag, payload, len, hub_now_ms());
 }
 
-static void emit_due(int64_t now)
+static void emit_due(struct agg *ag, int64_t now)
 {
 	for (int w = 0; w < AGG__COUNT; w++) {
 		struct due_ctx d;
 
-		if (!A.active || A.catching_up)
+		if (!ag->active || ag->catching_up)
 			continue; /* windows wait for the catch-up (they are not due yet) */
-		map_take_due(&A.merged[w], now,
-			     agg_window_ms[w] + A.hub->cfg.aggregate_grace_ms, &d);
+		map_take_due(&ag->merged[w], now,
+			     agg_window_ms[w] + ag->hub->cfg.aggregate_grace_ms, &d);
 		if (!d.n)
 			continue;
 		qsort(d.v, d.n, sizeof(*d.v), cmp_start);
-		for (size_t i = 0; i < d.n && A.wants[w];) {
+		for (size_t i = 0; i < d.n && ag->wants[w];) {
 			size_t j = i;
 			while (j < d.n && d.v[j]->start == d.v[i]->start)
 				j++;
-			stream_emit_aggregates(A.hub, (enum agg_window)w, d.v[i]->start,
-					       d.v + i, j - i);
+			if (ag->emit)
+				ag->emit(ag->emit_ctx, (enum agg_window)w, d.v[i]->start,
+					 d.v + i, j - i);
 			i = j;
 		}
 		for (size_t i = 0; i < d.n; i++)
@@ -697,44 +709,80 @@ static void emit_due(int64_t now)
 
 static void tick_cb(lws_sorted_usec_list_t *sul)
 {
+	struct agg *ag = lws_container_of(sul, struct agg, sul);
 	int64_t now = hub_now_ms();
+	bool more = flush_partials(ag, now);
 
-	(void)sul;
-	bool more = flush_partials(now);
-	emit_due(now);
-	lws_sul_schedule(A.hub->ctx, 0, &A.sul, tick_cb, more ? FLUSH_AGAIN_US : TICK_US);
+	emit_due(ag, now);
+	lws_sul_schedule(ag->hub->ctx, 0, &ag->sul, tick_cb, more ? FLUSH_AGAIN_US : TICK_US);
 }
 
-void agg_init(struct hub *hub)
+struct agg *agg_new(struct hub *hub)
 {
-	A.hub = hub;
-	script_publish = hub_redis_add_script(hub->redis, publish_lua);
-	map_init(&A.partials);
+	struct agg *ag = hub_xcalloc(1, sizeof(*ag));
+
+	ag->hub = hub;
+	ag->script_publish = hub_redis_add_script(hub->redis, publish_lua);
+	map_init(&ag->partials);
 	for (int w = 0; w < AGG__COUNT; w++)
-		map_init(&A.merged[w]);
-	lws_sul_schedule(hub->ctx, 0, &A.sul, tick_cb, TICK_US);
+		map_init(&ag->merged[w]);
+	lws_sul_schedule(hub->ctx, 0, &ag->sul, tick_cb, TICK_US);
+	return ag;
 }
 
-void agg_stop(struct hub *hub)
+void agg_set_emit(struct agg *ag, agg_emit_fn emit, void *ctx)
 {
-	(void)hub;
-	if (A.hub)
-		lws_sul_cancel(&A.sul);
+	ag->emit = emit;
+	ag->emit_ctx = ctx;
 }
 
-void agg_free(struct hub *hub)
+void agg_stop(struct agg *ag)
 {
-	(void)hub;
-	if (!A.hub)
+	if (ag)
+		lws_sul_cancel(&ag->sul);
+}
+
+void agg_free(struct agg *ag)
+{
+	if (!ag)
 		return;
-	map_clear(&A.partials);
-	while (A.seconds) {
-		struct due_second *sec = A.seconds;
-		A.seconds = sec->next;
+	map_clear(&ag->partials);
+	while (ag->seconds) {
+		struct due_second *sec = ag->seconds;
+		ag->seconds = sec->next;
 		free(sec);
 	}
 	for (int w = 0; w < AGG__COUNT; w++)
-		map_clear(&A.merged[w]);
-	hub_buf_free(&A.msg);
-	pend_clear();
+		map_clear(&ag->merged[w]);
+	hub_buf_free(&ag->msg);
+	pend_clear(ag);
+	free(ag);
 }
+
+/* ---- the module ---------------------------------------------------------- */
+
+static int agg_module_start(struct hub *hub, char *err, size_t errlen)
+{
+	(void)err;
+	(void)errlen;
+	hub->agg = agg_new(hub);
+	return 0;
+}
+
+static void agg_module_stop(struct hub *hub)
+{
+	agg_stop(hub->agg);
+}
+
+static void agg_module_free(struct hub *hub)
+{
+	agg_free(hub->agg);
+	hub->agg = NULL;
+}
+
+const struct hub_module agg_module = {
+	.name = "agg",
+	.start = agg_module_start,
+	.stop = agg_module_stop,
+	.free = agg_module_free,
+};

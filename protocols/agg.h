@@ -7,7 +7,7 @@
  * each second ends. Merge side: while this instance has aggregate
  * subscribers, it merges the partials of every instance into the windows its
  * subscribers asked for and, aggregate-grace-ms after a window ends, hands
- * the merged per-device states to the dashboard stream for delivery.
+ * the merged per-device states to its emit callback (the dashboard stream).
  *
  * State per field is (count, min, max, sum, last, last_ts): every piece
  * merges associatively, so 10s and 1m windows are merges of 1s partials.
@@ -23,6 +23,7 @@
 #include "hub/util.h"
 
 struct hub;
+struct agg;
 
 enum agg_window { AGG_1S, AGG_10S, AGG_1M, AGG__COUNT };
 
@@ -49,9 +50,20 @@ struct agg_state {
 	struct agg_state *due_next; /* ingest: next partial of the same second */
 };
 
-void agg_init(struct hub *hub);
-void agg_stop(struct hub *hub);   /* timers; while the loop still exists */
-void agg_free(struct hub *hub);   /* memory; after the loop is gone */
+/* Merged windows: the states of window w starting at start, one per device
+ * (borrowed for the call). */
+typedef void (*agg_emit_fn)(void *ctx, enum agg_window w, int64_t start,
+			    struct agg_state **v, size_t n);
+
+/* The module (hub/module.h): creates hub->agg. */
+struct hub_module;
+extern const struct hub_module agg_module;
+
+/* Needs the hub's loop and Redis adapter (not yet connected). */
+struct agg *agg_new(struct hub *hub);
+void agg_set_emit(struct agg *ag, agg_emit_fn emit, void *ctx);
+void agg_stop(struct agg *ag);   /* timers; while the loop still exists */
+void agg_free(struct agg *ag);   /* memory; after the loop is gone */
 
 /* ---- ingest -------------------------------------------------------------- */
 
@@ -61,7 +73,7 @@ void agg_free(struct hub *hub);   /* memory; after the loop is gone */
  * cache (may be NULL) is the caller's slot for the device's current partial:
  * a hit skips the map lookup. The slot is cleared when the partial is
  * flushed; a caller that frees its slot calls agg_cache_drop first. */
-struct agg_state *agg_partial(struct hub *hub, const char *device, const char *type,
+struct agg_state *agg_partial(struct agg *ag, const char *device, const char *type,
 			      const char *labels, size_t labels_len, int64_t ts,
 			      struct agg_state **cache);
 void agg_cache_drop(struct agg_state **cache);
@@ -73,14 +85,14 @@ void agg_state_add(struct agg_state *st, const char *name, size_t len, double v,
 
 /* The dashboard stream takes (want = true) or drops a need for window w; the
  * merge runs only for windows someone needs. */
-void agg_want(struct hub *hub, enum agg_window w, bool want);
+void agg_want(struct agg *ag, enum agg_window w, bool want);
 
 /* A message from iot:live:agg (the stream module owns that subscription). */
-void agg_on_partials(struct hub *hub, const char *payload, size_t len);
+void agg_on_partials(struct agg *ag, const char *payload, size_t len);
 
 /* The iot:live:agg subscription became active (or stopped being): windows
  * that started before it was active are incomplete here and not emitted. */
-void agg_set_active(struct hub *hub, bool active);
+void agg_set_active(struct agg *ag, bool active);
 
 /* Appends `"metrics":{...}` for st's fields to out (JSON). */
 void agg_metrics_json(const struct agg_state *st, hub_buf *out);

@@ -8,6 +8,7 @@
 #include "hub/jarena.h"
 #include "hub/keys.h"
 #include "hub/log.h"
+#include "hub/module.h"
 #include "hub/ratelimit.h"
 #include "hub/redis.h"
 #include "hub/registry.h"
@@ -379,7 +380,7 @@ static void agg_apply(struct hub *hub, const hub_buf *b)
 		memcpy(&ts, b->data + off + sizeof(d), sizeof(ts));
 		memcpy(&nf, b->data + off + sizeof(d) + sizeof(ts), sizeof(nf));
 		off += sizeof(d) + sizeof(ts) + sizeof(nf);
-		st = nf ? agg_partial(hub, d->id, d->type_name, d->labels, d->labels_len, ts,
+		st = nf ? agg_partial(hub->agg, d->id, d->type_name, d->labels, d->labels_len, ts,
 					  &d->agg) : NULL;
 		for (uint16_t i = 0; i < nf; i++) {
 			size_t kl = (unsigned char)b->data[off];
@@ -1346,11 +1347,6 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 	return 0;
 }
 
-void gw_register(void)
-{
-	hub_http_add_upgrade(GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
-}
-
 static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 {
 	struct hub_handshake hs;
@@ -1605,3 +1601,35 @@ void gw_free_maps(void)
 	hub_strmap_foreach(&type_names, free_value, NULL);
 	hub_strmap_free(&type_names);
 }
+
+/* ---- the module ---------------------------------------------------------- */
+
+static void gw_module_protocol(const struct hub *hub, struct lws_protocols *out)
+{
+	*out = gw_protocol;
+	out->rx_buffer_size = (size_t)hub->cfg.rx_buffer_bytes;
+}
+
+static int gw_module_start(struct hub *hub, char *err, size_t errlen)
+{
+	(void)err;
+	(void)errlen;
+	hub_http_add_upgrade(hub, GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
+	gw_init(hub);
+	return 0;
+}
+
+static void gw_module_free(struct hub *hub)
+{
+	(void)hub;
+	gw_free_maps();
+}
+
+const struct hub_module gw_module = {
+	.name = "gateway",
+	.protocol = gw_module_protocol,
+	.start = gw_module_start,
+	.drain = gw_drain,
+	.stop = gw_stop,
+	.free = gw_module_free,
+};

@@ -15,8 +15,9 @@ struct hub;
 #define GW_SUBPROTOCOL "iot-gateway.v1"
 #define GW_PATH "/v1/gateway"
 
-/* Registers the WebSocket endpoint (GW_PATH) with hub/http.c. Start-up. */
-void gw_register(void);
+/* The module (hub/module.h): the WebSocket endpoint GW_PATH. */
+struct hub_module;
+extern const struct hub_module gw_module;
 
 /* Subscribes to cross-instance control messages (takeover) and starts the
  * last_seen flush timer. Start-up. */

@@ -11,9 +11,11 @@
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
+#include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
 #include "hub/util.h"
+#include "protocols/agg.h"
 #include "protocols/ws_rx.h"
 #include "protocols/schema.h"
 
@@ -113,6 +115,7 @@ struct sub_vec {
 };
 
 struct st_group {
+	struct stream *st;
 	struct st_sub *head, *tail;  /* in subscription order */
 	unsigned nsubs;
 	hub_strmap index;            /* "=<id>" / "*<prefix>" -> struct sub_vec * */
@@ -140,6 +143,7 @@ struct st_conn {
 	struct st_conn *prev, *next;
 	struct lws *wsi;
 	struct hub *hub;
+	struct stream *st;
 	auth_principal who;
 	bool authed, closing;
 	int close_code;
@@ -161,14 +165,16 @@ struct st_pss {
 	struct st_conn *conn;
 };
 
-static struct {
+/* The module: its groups, its connections, the fan-out scratch. */
+struct stream {
 	struct hub *hub;
+	struct agg *agg;             /* aggregate windows are merged there */
 	uint64_t sub_seq, line_seq;
 	struct sub_vec cand;         /* fan-out scratch */
 	hub_strmap raw_typed;        /* type -> struct st_group * */
-	struct st_group *raw_all, *presence, *commands, *agg;
+	struct st_group *raw_all, *presence, *commands, *agg_group;
 	struct st_conn *conns;
-} S;
+};
 
 /* ---- messages ------------------------------------------------------------ */
 
@@ -525,6 +531,7 @@ static void index_remove(struct st_group *g, struct st_sub *s);
 /* Removes s from its group and connection (unsubscribe or close). */
 static void sub_kill(struct st_sub *s)
 {
+	struct stream *st = s->group->st;
 	struct st_group *g = s->group;
 	struct st_conn *c = s->conn;
 
@@ -543,7 +550,7 @@ static void sub_kill(struct st_sub *s)
 	g->nsubs--;
 	index_remove(g, s);
 	if (s->kind >= K_1S && s->kind <= K_1M)
-		agg_want(S.hub, (enum agg_window)(s->kind - K_1S), false);
+		agg_want(st->agg, (enum agg_window)(s->kind - K_1S), false);
 	group_release(g);
 	if (c) {
 		for (struct st_sub **pp = &c->subs; *pp; pp = &(*pp)->next)
@@ -553,7 +560,7 @@ static void sub_kill(struct st_sub *s)
 			}
 		c->nsubs--;
 		c->filter_entries -= s->filter_entries;
-		S.hub->stream_subs--;
+		st->hub->metrics.stream_subscriptions--;
 	}
 	pend_clear(s);
 	s->conn = NULL;
@@ -572,7 +579,7 @@ static void on_group_state(struct hub_redis_channel *ch, bool active, void *arg)
 
 	(void)ch;
 	if (g->agg)
-		agg_set_active(S.hub, active);
+		agg_set_active(g->st->agg, active);
 	for (s = g->head; s; s = next) {
 		next = s->gnext;
 		s->gen++; /* Redis ops in flight are stale either way */
@@ -600,12 +607,13 @@ static void on_group_state(struct hub_redis_channel *ch, bool active, void *arg)
 	}
 }
 
-static struct st_group *group_new(const char *channel, bool pattern)
+static struct st_group *group_new(struct stream *st, const char *channel, bool pattern)
 {
 	size_t n = strlen(channel);
 	struct st_group *g = hub_xcalloc(1, sizeof(*g) + n + 1);
 
 	memcpy(g->channel, channel, n + 1);
+	g->st = st;
 	g->pattern = pattern;
 	return g;
 }
@@ -613,7 +621,7 @@ static struct st_group *group_new(const char *channel, bool pattern)
 static void group_acquire(struct st_group *g)
 {
 	if (!g->ch)
-		g->ch = hub_redis_channel_get(S.hub->redis, g->channel, g->pattern,
+		g->ch = hub_redis_channel_get(g->st->hub->redis, g->channel, g->pattern,
 					      on_group_message, on_group_state, g);
 }
 
@@ -625,32 +633,32 @@ static void group_release(struct st_group *g)
 	}
 }
 
-static struct st_group *group_for(enum st_kind kind, const char *type)
+static struct st_group *group_for(struct stream *st, enum st_kind kind, const char *type)
 {
 	if (kind == K_RAW && !type)
-		return S.raw_all;
+		return st->raw_all;
 	if (kind == K_RAW) {
-		struct st_group *g = hub_strmap_get(&S.raw_typed, type, strlen(type));
+		struct st_group *g = hub_strmap_get(&st->raw_typed, type, strlen(type));
 		if (!g) {
 			/* A group (kept for the process's life) and a channel per
 			 * loaded device type only: any name a client makes up
 			 * would grow the hub for good. Such a subscription listens
 			 * on the pattern; its filter still picks the type. */
-			if (!schema_set_find(S.hub->schemas, type, strlen(type)))
-				return S.raw_all;
+			if (!schema_set_find(st->hub->schemas, type, strlen(type)))
+				return st->raw_all;
 			char ch[HUB_KEY_MAX];
 			hub_ch_raw(ch, sizeof(ch), type);   /* subscribe checked the type */
-			g = group_new(ch, false);
+			g = group_new(st, ch, false);
 			g->raw = true;
-			hub_strmap_put(&S.raw_typed, type, strlen(type), g);
+			hub_strmap_put(&st->raw_typed, type, strlen(type), g);
 		}
 		return g;
 	}
 	if (kind == K_PRESENCE)
-		return S.presence;
+		return st->presence;
 	if (kind == K_COMMANDS)
-		return S.commands;
-	return S.agg;
+		return st->commands;
+	return st->agg_group;
 }
 
 /* ---- the device index ---------------------------------------------------- */
@@ -737,14 +745,14 @@ static void index_remove(struct st_group *g, struct st_sub *s)
 	}
 }
 
-static void cand_add(const struct sub_vec *v, uint64_t line)
+static void cand_add(struct stream *st, const struct sub_vec *v, uint64_t line)
 {
 	for (size_t i = 0; i < v->n; i++) {
 		struct st_sub *s = v->v[i];
 		if (s->mark == line)
 			continue; /* found through another of its patterns */
 		s->mark = line;
-		vec_push(&S.cand, s);
+		vec_push(&st->cand, s);
 	}
 }
 
@@ -758,14 +766,15 @@ static int cmp_sub_seq(const void *a, const void *b)
 /* The subscriptions of g that may match device, in subscription order. */
 static void candidates(struct st_group *g, const char *dev, size_t len)
 {
-	uint64_t line = ++S.line_seq;
+	struct stream *st = g->st;
+	uint64_t line = ++st->line_seq;
 	char key[HUB_ID_MAX + 2];
 	struct sub_vec *v;
 	int sources = 0;
 
-	S.cand.n = 0;
+	st->cand.n = 0;
 	if (g->scan.n) {
-		cand_add(&g->scan, line);
+		cand_add(st, &g->scan, line);
 		sources++;
 	}
 	if (len > HUB_ID_MAX || !g->index.count)
@@ -773,18 +782,18 @@ static void candidates(struct st_group *g, const char *dev, size_t len)
 	key[0] = '=';
 	memcpy(key + 1, dev, len);
 	if ((v = hub_strmap_get(&g->index, key, len + 1))) {
-		cand_add(v, line);
+		cand_add(st, v, line);
 		sources++;
 	}
 	key[0] = '*';
 	for (size_t l = 0; l <= len && (int)l <= g->max_prefix_len; l++) {
 		if (!g->prefix_lens[l] || !(v = hub_strmap_get(&g->index, key, l + 1)))
 			continue;
-		cand_add(v, line);
+		cand_add(st, v, line);
 		sources++;
 	}
-	if (sources > 1 && S.cand.n > 1)
-		qsort(S.cand.v, S.cand.n, sizeof(*S.cand.v), cmp_sub_seq);
+	if (sources > 1 && st->cand.n > 1)
+		qsort(st->cand.v, st->cand.n, sizeof(*st->cand.v), cmp_sub_seq);
 }
 
 /* ---- filters ------------------------------------------------------------- */
@@ -842,6 +851,7 @@ static bool sub_matches(struct st_sub *s, struct meta *m)
 
 static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 {
+	struct stream *st = s->group->st;
 	switch (s->phase) {
 	case PH_WAIT:
 		return;
@@ -851,7 +861,7 @@ static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 		 * (all its subscriptions together): a replay the client does
 		 * not read must not pile up live traffic. */
 		struct st_conn *c = s->conn;
-		const struct hub_config *cfg = &S.hub->cfg;
+		const struct hub_config *cfg = &st->hub->cfg;
 		if (c->npend >= (size_t)cfg->stream_queue_max ||
 		    c->pend_bytes + m->len > (size_t)cfg->stream_queue_max_bytes) {
 			s->pend_overflow = true; /* the feed has them: replay more */
@@ -935,11 +945,12 @@ struct fanout {
 static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
 {
 	struct fanout *f = arg;
+	struct stream *st = f->g->st;
 	struct st_msg *msg = NULL;
 
 	candidates(f->g, m->device, m->device_len);
-	for (size_t i = 0; i < S.cand.n; i++) {
-		struct st_sub *s = S.cand.v[i];
+	for (size_t i = 0; i < st->cand.n; i++) {
+		struct st_sub *s = st->cand.v[i];
 		if (s->phase == PH_WAIT || !sub_matches(s, m))
 			continue;
 		if (!msg) {
@@ -961,7 +972,7 @@ static void on_group_message(const char *channel, const char *payload, size_t le
 
 	(void)channel;
 	if (g->agg) {
-		agg_on_partials(S.hub, payload, len);
+		agg_on_partials(g->st->agg, payload, len);
 		return;
 	}
 	if (!g->head)
@@ -1079,7 +1090,7 @@ static void replay_line(struct meta *m, const char *body, size_t bl, void *arg)
 	msg->pos_seq = r->seq;
 	enqueue(r->sub, msg);
 	msg_unref(msg);
-	S.hub->metrics.stream_replayed_total++;
+	r->sub->group->st->hub->metrics.stream_replayed_total++;
 }
 
 static void on_replay_page(redisReply *reply, void *arg)
@@ -1121,9 +1132,9 @@ static void on_replay_page(redisReply *reply, void *arg)
 	}
 	if (!s->conn || s->dead)
 		goto out;
-	if (n >= (size_t)S.hub->cfg.stream_replay_page || s->pend_overflow) {
+	if (n >= (size_t)s->group->st->hub->cfg.stream_replay_page || s->pend_overflow) {
 		s->replay_wait = true;
-		if (s->conn->qlen < (size_t)S.hub->cfg.stream_queue_max / 2)
+		if (s->conn->qlen < (size_t)s->group->st->hub->cfg.stream_queue_max / 2)
 			replay_next(s);
 	} else {
 		go_live(s);
@@ -1136,6 +1147,7 @@ out:
  * all in the feed at or before what this XRANGE will see: drop them. */
 static void replay_next(struct st_sub *s)
 {
+	struct stream *st = s->group->st;
 	char start[64];
 	const char *argv[6];
 
@@ -1145,7 +1157,7 @@ static void replay_next(struct st_sub *s)
 	pend_clear(s);
 	snprintf(start, sizeof(start), "(%" PRIu64 "-%" PRIu64, s->last_ms, s->last_seq);
 	char count[16];
-	snprintf(count, sizeof(count), "%d", S.hub->cfg.stream_replay_page);
+	snprintf(count, sizeof(count), "%d", st->hub->cfg.stream_replay_page);
 	argv[0] = "XRANGE";
 	argv[1] = HUB_KEY_FEED;
 	argv[2] = start;
@@ -1153,7 +1165,7 @@ static void replay_next(struct st_sub *s)
 	argv[4] = "COUNT";
 	argv[5] = count;
 	struct op *o = op_new(s);
-	if (hub_redis_command_argv(S.hub->redis, on_replay_page, o, 6, argv, NULL)) {
+	if (hub_redis_command_argv(st->hub->redis, on_replay_page, o, 6, argv, NULL)) {
 		bool stale;
 		op_take(o, &stale);
 		sub_unref(s);
@@ -1201,6 +1213,7 @@ out:
 /* The group's channel is active: start delivering. */
 static void sub_start(struct st_sub *s)
 {
+	struct stream *st = s->group->st;
 	if (!s->conn)
 		return;
 	if (s->kind != K_RAW) {
@@ -1219,7 +1232,7 @@ static void sub_start(struct st_sub *s)
 	const char *argv[6] = { "XREVRANGE", HUB_KEY_FEED, "+", "-", "COUNT", "1" };
 	struct op *o = op_new(s);
 	s->phase = PH_POSITION;
-	if (hub_redis_command_argv(S.hub->redis, on_position, o, 6, argv, NULL)) {
+	if (hub_redis_command_argv(st->hub->redis, on_position, o, 6, argv, NULL)) {
 		bool stale;
 		op_take(o, &stale);
 		sub_unref(s);
@@ -1295,14 +1308,15 @@ static void emit_grouped(struct st_sub *s, enum agg_window w, int64_t start,
 	free(acc);
 }
 
-void stream_emit_aggregates(struct hub *hub, enum agg_window w, int64_t start,
+/* agg's emit callback: the merged window w starting at start. */
+static void emit_aggregates(void *ctx, enum agg_window w, int64_t start,
 			    struct agg_state **v, size_t n)
 {
+	struct stream *st = ctx;
 	struct st_msg **per_dev = NULL;
 	struct st_sub *s, *next;
 
-	(void)hub;
-	for (s = S.agg->head; s; s = next) {
+	for (s = st->agg_group->head; s; s = next) {
 		next = s->gnext;
 		if ((int)s->kind != K_1S + (int)w || s->phase != PH_LIVE || !s->conn)
 			continue;
@@ -1473,6 +1487,7 @@ static struct st_sub *find_sub(struct st_conn *c, const char *id)
 
 static void handle_subscribe(struct st_conn *c, json_t *msg)
 {
+	struct stream *st = c->st;
 	json_t *jid = json_object_get(msg, "id"), *jstream = json_object_get(msg, "stream"),
 	       *jgb = json_object_get(msg, "group_by"), *jsince = json_object_get(msg, "since");
 	const char *id = json_string_value(jid), *code;
@@ -1561,7 +1576,7 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	}
 
 	/* Join the group (and its Redis channel), then start if it is active. */
-	s->group = group_for(s->kind, s->type);
+	s->group = group_for(c->st, s->kind, s->type);
 	/* Appended: a message matching several subscriptions of one
 	 * connection goes out in subscription order. */
 	s->gprev = s->group->tail;
@@ -1570,7 +1585,7 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	else
 		s->group->head = s;
 	s->group->tail = s;
-	s->seq = ++S.sub_seq;
+	s->seq = ++st->sub_seq;
 	index_add(s->group, s);
 	s->group->nsubs++;
 	s->next = c->subs;
@@ -1578,9 +1593,9 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	c->nsubs++;
 	s->filter_entries = entries;
 	c->filter_entries += entries;
-	c->hub->stream_subs++;
+	c->hub->metrics.stream_subscriptions++;
 	if (kind >= K_1S && kind <= K_1M)
-		agg_want(c->hub, (enum agg_window)(kind - K_1S), true);
+		agg_want(st->agg, (enum agg_window)(kind - K_1S), true);
 	group_acquire(s->group);
 	s->phase = PH_WAIT;
 	if (hub_redis_channel_active(s->group->ch))
@@ -1731,6 +1746,7 @@ static void auth_timeout_cb(lws_sorted_usec_list_t *sul)
 
 static void conn_free(struct st_conn *c)
 {
+	struct stream *st = c->st;
 	while (c->subs)
 		sub_kill(c->subs);
 	while (c->qlen) {
@@ -1753,7 +1769,7 @@ static void conn_free(struct st_conn *c)
 	if (c->prev)
 		c->prev->next = c->next;
 	else
-		S.conns = c->next;
+		st->conns = c->next;
 	if (c->next)
 		c->next->prev = c->prev;
 	free(c);
@@ -1825,11 +1841,6 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 	return 0;
 }
 
-void stream_register(void)
-{
-	hub_http_add_upgrade(STREAM_PATH, STREAM_SUBPROTOCOL, confirm_upgrade, NULL);
-}
-
 static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			   void *user, void *in, size_t len)
 {
@@ -1853,18 +1864,19 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		c = hub_xcalloc(1, sizeof(*c));
 		c->wsi = wsi;
 		c->hub = hub;
+		c->st = hub->stream;
 		c->who = hs.who; /* moved */
 		c->authed = !hs.anonymous;
 		if (!c->authed) {
 			lws_sul_schedule(hub->ctx, 0, &c->sul_auth, auth_timeout_cb,
 					 (lws_usec_t)hub->cfg.stream_auth_timeout_ms * 1000);
 		}
-		c->next = S.conns;
-		if (S.conns)
-			S.conns->prev = c;
-		S.conns = c;
+		c->next = c->st->conns;
+		if (c->st->conns)
+			c->st->conns->prev = c;
+		c->st->conns = c;
 		pss->conn = c;
-		hub->stream_conns++;
+		hub->metrics.stream_connections++;
 		hub->metrics.stream_connections_total++;
 		return 0;
 	}
@@ -1881,7 +1893,7 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (c) {
 			pss->conn = NULL;
 			c->wsi = NULL;
-			c->hub->stream_conns--;
+			c->hub->metrics.stream_connections--;
 			conn_free(c);
 		}
 		return 0;
@@ -1890,30 +1902,33 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	}
 }
 
-const struct lws_protocols stream_protocol = {
+static const struct lws_protocols stream_protocol = {
 	STREAM_SUBPROTOCOL, stream_callback, sizeof(struct st_pss), 1024, 0, NULL, 0
 };
 
 /* ---- start and stop ------------------------------------------------------ */
 
-void stream_init(struct hub *hub)
+static struct stream *stream_new(struct hub *hub, struct agg *agg)
 {
-	S.hub = hub;
-	S.raw_all = group_new(HUB_CH_RAW "*", true);
-	S.raw_all->raw = true;
-	S.presence = group_new(HUB_CH_PRESENCE, false);
-	S.presence->msg_type = "presence";
-	S.commands = group_new(HUB_CH_COMMANDS, false);
-	S.commands->msg_type = "command_status";
-	S.agg = group_new(HUB_CH_AGG, false);
-	S.agg->agg = true;
-	agg_init(hub);
+	struct stream *st = hub_xcalloc(1, sizeof(*st));
+
+	st->hub = hub;
+	st->agg = agg;
+	st->raw_all = group_new(st, HUB_CH_RAW "*", true);
+	st->raw_all->raw = true;
+	st->presence = group_new(st, HUB_CH_PRESENCE, false);
+	st->presence->msg_type = "presence";
+	st->commands = group_new(st, HUB_CH_COMMANDS, false);
+	st->commands->msg_type = "command_status";
+	st->agg_group = group_new(st, HUB_CH_AGG, false);
+	st->agg_group->agg = true;
+	agg_set_emit(agg, emit_aggregates, st);
+	return st;
 }
 
-void stream_close_all(struct hub *hub)
+static void stream_close_all(struct stream *st)
 {
-	(void)hub;
-	for (struct st_conn *c = S.conns; c; c = c->next)
+	for (struct st_conn *c = st->conns; c; c = c->next)
 		conn_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "hub shutting down");
 }
 
@@ -1944,22 +1959,52 @@ static void free_group_cb(const char *key, void *value, void *arg)
 	group_free(value);
 }
 
-void stream_stop(struct hub *hub)
+static void stream_free(struct stream *st)
 {
-	agg_stop(hub);
+	if (!st)
+		return;
+	hub_strmap_foreach(&st->raw_typed, free_group_cb, NULL);
+	hub_strmap_free(&st->raw_typed);
+	group_free(st->raw_all);
+	group_free(st->presence);
+	group_free(st->commands);
+	group_free(st->agg_group);
+	free(st->cand.v);
+	free(st);
 }
 
-void stream_free(struct hub *hub)
+/* ---- the module ---------------------------------------------------------- */
+
+static void stream_module_protocol(const struct hub *hub, struct lws_protocols *out)
 {
-	if (!S.hub)
-		return;
-	agg_free(hub);
-	hub_strmap_foreach(&S.raw_typed, free_group_cb, NULL);
-	hub_strmap_free(&S.raw_typed);
-	group_free(S.raw_all);
-	group_free(S.presence);
-	group_free(S.commands);
-	group_free(S.agg);
-	free(S.cand.v);
-	S.raw_all = S.presence = S.commands = S.agg = NULL;
+	(void)hub;
+	*out = stream_protocol;
 }
+
+static int stream_module_start(struct hub *hub, char *err, size_t errlen)
+{
+	(void)err;
+	(void)errlen;
+	hub->stream = stream_new(hub, hub->agg);
+	hub_http_add_upgrade(hub, STREAM_PATH, STREAM_SUBPROTOCOL, confirm_upgrade, NULL);
+	return 0;
+}
+
+static void stream_module_quiesce(struct hub *hub)
+{
+	stream_close_all(hub->stream);
+}
+
+static void stream_module_free(struct hub *hub)
+{
+	stream_free(hub->stream);
+	hub->stream = NULL;
+}
+
+const struct hub_module stream_module = {
+	.name = "stream",
+	.protocol = stream_module_protocol,
+	.start = stream_module_start,
+	.quiesce = stream_module_quiesce,
+	.free = stream_module_free,
+};
