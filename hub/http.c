@@ -325,6 +325,15 @@ static void http_flush(struct http_pss *pss)
 		kill_conn(wsi);
 		return;
 	}
+	if (!pss->progress_us) {
+		/* lws 4.1.6 put a deadline of timeout_secs (the header
+		 * timeout) on the request when it was routed and keeps it until
+		 * the transaction completes, which would cut any answer that
+		 * takes longer to send (a large export to a slow reader). From
+		 * its first byte an answer's deadline is STREAM_IDLE_S without
+		 * progress (below). */
+		lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
+	}
 	if (pss->off != before || !pss->progress_us) {
 		pss->progress_us = now;
 		pss->backoff_us = RETRY_MIN_US;
