@@ -23,6 +23,9 @@ struct hub_embedded_redis;
 struct hub {
 	struct hub_config cfg;
 	char instance_id[HUB_ID_MAX + 1];
+	char run_token[16];        /* HUB_RUN_TOKEN_LEN random hex digits (hub/keys.h):
+				    * tells this process from earlier runs of the
+				    * same instance id */
 
 	struct lws_context *ctx;
 	struct lws_vhost *vh;

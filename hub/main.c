@@ -235,6 +235,16 @@ int main(int argc, char **argv)
 	}
 	hub_log_set_tag(hub.instance_id);
 	srand((unsigned)(hub_mono_us() ^ getpid()));
+	{
+		unsigned char raw[HUB_RUN_TOKEN_LEN / 2];
+		if (RAND_bytes(raw, sizeof(raw)) != 1) {
+			fprintf(stderr, "iot-hub: no randomness for the run token\n");
+			hub_config_free(&hub.cfg);
+			return 1;
+		}
+		for (size_t i = 0; i < sizeof(raw); i++)
+			snprintf(hub.run_token + 2 * i, 3, "%02x", raw[i]);
+	}
 
 	if (check_tls_files(&hub.cfg, err, sizeof(err))) {
 		fprintf(stderr, "iot-hub: %s\n", err);

@@ -126,11 +126,14 @@ static const char limits_lua[] = HUB_LUA_KGW LUA_MAXSET
  * connection, or its type or labels changed), so re-announcing changes
  * nothing and costs the dashboards nothing; devices taken from another
  * connection are named on HUB_CH_DEVTAKE ("device conn" lines) so that
- * connection stops storing their readings. Ids and type names are
- * [A-Za-z0-9._:-]: no JSON escaping. -> each device's stored rate-limit
- * TAT, in order. */
-static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_FIXED
+ * connection stops storing their readings. Each device is added to the set
+ * of its connection's run and taken out of its previous owner's run's set
+ * (keys.h HUB_LUA_KRUN: what a reaper marks offline if the run dies). Ids
+ * and type names are [A-Za-z0-9._:-]: no JSON escaping. -> each device's
+ * stored rate-limit TAT, in order. */
+static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_KRUN HUB_LUA_FIXED
 	"local n, conn = tonumber(ARGV[5]), ARGV[2]\n"
+	"local run = runof(conn)\n"
 	"local ev, taken, tats = {}, {}, {}\n"
 	"for i = 0, n - 1 do\n"
 	"  local dev, typ, labels = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]\n"
@@ -140,6 +143,9 @@ static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_FIXED
 	"  if old[3] and old[3] ~= conn and old[4] == '1' then\n"
 	"    taken[#taken + 1] = dev .. ' ' .. conn .. '\\n'\n"
 	"  end\n"
+	"  local orun = runof(old[3])\n"
+	"  if orun and orun ~= run then redis.call('SREM', krun(orun), dev) end\n"
+	"  if run then redis.call('SADD', krun(run), dev) end\n"
 	"  redis.call('HSET', key, 'type', typ, 'labels', labels,\n"
 	"             'gateway', ARGV[1], 'conn', conn, 'instance', ARGV[3],\n"
 	"             'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
@@ -157,16 +163,19 @@ static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_FIXED
 	"return tats\n";
 
 /* ARGV = conn, now ms, then devices and their rate-limit TATs. Marks
- * offline (and publishes presence for) the devices still owned by conn;
- * keeps every TAT. */
-static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_FIXED LUA_MAXSET
+ * offline (and publishes presence for) the devices still owned by conn and
+ * takes them out of its run's set; keeps every TAT. The lease reaper
+ * (hub/lease.c) publishes the same event for the devices of a dead run. */
+static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_KRUN HUB_LUA_FIXED LUA_MAXSET
 	"local ev = {}\n"
+	"local run = runof(ARGV[1])\n"
 	"for i = 3, #ARGV, 2 do\n"
 	"  local dev = ARGV[i]\n"
 	"  local key = kdev(dev)\n"
 	"  local h = redis.call('HMGET', key, 'conn', 'type', 'labels', 'gateway')\n"
 	"  if h[1] == ARGV[1] then\n"
 	"    redis.call('HSET', key, 'online', '0', 'last_seen', ARGV[2])\n"
+	"    if run then redis.call('SREM', krun(run), dev) end\n"
 	"    ev[#ev + 1] = dev .. '\\t' .. h[2] .. '\\t' .. h[3] ..\n"
 	"      '\\t\"device\":\"' .. dev .. '\",\"online\":false,\"at\":' .. ARGV[2] ..\n"
 	"      ',\"gateway\":\"' .. h[4] .. '\",\"device_type\":\"' .. h[2] .. '\"\\n'\n"

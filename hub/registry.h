@@ -28,9 +28,11 @@ struct hub_announce_item {
 	size_t labels_len;
 };
 
-/* Marks devices online, owned by conn (a connection id), with type and labels;
- * presence only for devices whose state changed; devices taken from another
- * connection are named on the takeover channel (keys.h HUB_CH_DEVTAKE).
+/* Marks devices online, owned by conn (a connection id), with type and labels,
+ * and adds them to the set of conn's run (docs/streams.md "Instance
+ * leases"); presence only for devices whose state changed; devices taken
+ * from another connection are named on the takeover channel (keys.h
+ * HUB_CH_DEVTAKE).
  * Reply: an array with each device's stored rate-limit TAT (ms, "0": none). */
 int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
 			  const struct hub_announce_item *items, size_t n,

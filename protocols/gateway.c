@@ -65,7 +65,7 @@ struct gw_conn {
 	struct hub *hub;
 	uint64_t serial;
 	const char *gw;            /* who.name: the gateway id */
-	char *conn_id;             /* "<instance>:<serial>" */
+	char *conn_id;             /* "<instance>:<run token>:<serial>" */
 	auth_principal who;
 	hub_strmap devices;        /* device id -> struct gw_dev * */
 	hub_bucket bucket;         /* readings */
@@ -1019,7 +1019,8 @@ static void on_takeover_msg(const char *channel, const char *payload, size_t len
 		return;
 	memcpy(msg, payload, len);
 	msg[len] = '\0';
-	if (sscanf(msg, "%128s %lld %159s", gw, &epoch, conn) != 3)
+	/* conn: "<instance>:<run token>:<serial>", up to 128 + 14 + 20 bytes */
+	if (sscanf(msg, "%128s %lld %287s", gw, &epoch, conn) != 3)
 		return;
 	c = hub_strmap_get(&hub->gateways, gw, strlen(gw));
 	if (!c || !strcmp(c->conn_id, conn))
@@ -1321,9 +1322,10 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	c->who = hs->who;  /* take ownership */
 	free(hs);
 	c->gw = c->who.name;
-	size_t idl = strlen(hub->instance_id) + 24;
+	size_t idl = strlen(hub->instance_id) + sizeof(hub->run_token) + 24;
 	c->conn_id = hub_xmalloc(idl);
-	snprintf(c->conn_id, idl, "%s:%llu", hub->instance_id, (unsigned long long)c->serial);
+	snprintf(c->conn_id, idl, "%s:%s:%llu", hub->instance_id, hub->run_token,
+		 (unsigned long long)c->serial);
 	int64_t now_us = hub_mono_us();
 	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, now_us);
 	hub_bucket_init(&c->announce_bucket, hub->cfg.announce_burst, now_us);
