@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hub/lease.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
@@ -105,6 +106,13 @@ static void drain_tick(lws_sorted_usec_list_t *sul)
 
 	if (open && hub_mono_us() < hub->drain_deadline_us + 1000000) {
 		lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, DRAIN_TICK_US);
+		return;
+	}
+	/* Give the lease up, and let it and the last offline scripts reach
+	 * Redis before the connection goes (a few ms; capped). */
+	if (hub_lease_stop(hub) ||
+	    (hub_redis_pending(hub->redis) && hub_mono_us() < hub->drain_deadline_us + 1000000)) {
+		lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, DRAIN_TICK_US / 5);
 		return;
 	}
 	hub_info("drained; stopping");

@@ -41,6 +41,8 @@
 #define HUB_KEY_CMD_SEQ          "iot:cmd:seq"
 #define HUB_KEY_ROLLOUTS_ACTIVE  "iot:rollouts:active"
 #define HUB_KEY_AGG_PARTIALS     "iot:agg:partials"
+#define HUB_KEY_LEASES           "iot:leases"    /* run id -> lease expiry (ms) */
+#define HUB_KEY_EPOCH            "iot:epoch"     /* this Redis's data generation */
 
 /* Prefixes of keys around a braced user-chosen name. */
 #define HUB_KEY_DEV              "iot:dev:"      /* {device}, {device}:cmds, :cmdlog, :cancels */
@@ -216,7 +218,8 @@ static inline size_t hub_ch_ctl_cmd(char *buf, size_t n, const char *instance)
 	"local K_DEVICES, K_TIMERS, K_CMDSEQ = '" HUB_KEY_DEVICES "', '" HUB_KEY_CMD_TIMERS "', '" \
 	HUB_KEY_CMD_SEQ "'\n" \
 	"local K_ROLLOUTS, CH_PRESENCE, CH_COMMANDS = '" HUB_KEY_ROLLOUTS_ACTIVE "', '" \
-	HUB_CH_PRESENCE "', '" HUB_CH_COMMANDS "'\n"
+	HUB_CH_PRESENCE "', '" HUB_CH_COMMANDS "'\n" \
+	"local K_LEASES, K_EPOCH = '" HUB_KEY_LEASES "', '" HUB_KEY_EPOCH "'\n"
 
 /* Every helper (the command scripts' prelude). */
 #define HUB_LUA_KEYS \

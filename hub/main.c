@@ -14,6 +14,7 @@
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
+#include "hub/lease.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
@@ -108,8 +109,10 @@ static bool layout_gate(redisReply *r, void *arg)
 			r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
 		return false; /* retried on the next connection */
 	}
-	if (ok->integer == 1)
+	if (ok->integer == 1) {
+		hub_lease_connected(hub);
 		return true;
+	}
 	if (!layout_refused) {
 		layout_refused = true;
 		if (*v->str)
@@ -295,6 +298,7 @@ int main(int argc, char **argv)
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);
 	hub_registry_init(&hub);
+	hub_lease_init(&hub);
 	gw_init(&hub);
 	stream_init(&hub);
 	cmd_init(&hub);

@@ -38,6 +38,18 @@ int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn
 			  const struct hub_announce_item *items, size_t n,
 			  hub_redis_cb cb, void *arg);
 
+/* The same for devices this hub already holds (hub/lease.c rebuilds the
+ * registry after Redis lost it, or after this instance's lease was reaped):
+ * a device another connection holds online is left alone and its reply
+ * element is "-1" (it moved meanwhile; the local connection drops it). */
+int hub_registry_reannounce(struct hub *hub, const char *gateway, const char *conn,
+			    const struct hub_announce_item *items, size_t n,
+			    hub_redis_cb cb, void *arg);
+
+/* Raises iot:gw:{gateway}:epoch to at least epoch (a live connection's,
+ * after Redis lost it). Fire and forget. */
+void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoch);
+
 /* Marks devices offline, but only those still owned by conn (a takeover on any
  * instance moved the others), and keeps each device's rate-limit TAT (tats[i],
  * ms; 0 = none). Fire and forget. */

@@ -6,6 +6,7 @@
 #ifndef HUB_GATEWAY_H
 #define HUB_GATEWAY_H
 
+#include <stdbool.h>
 #include <libwebsockets.h>
 
 #include "hub/auth.h"
@@ -35,6 +36,15 @@ void gw_stop(struct hub *hub);
  * with 1001 once their in-flight frames are answered. Returns how many
  * gateway connections are still open. */
 unsigned gw_drain(struct hub *hub, bool force);
+
+/* Re-announces the devices of every live gateway connection of this hub
+ * (hub/lease.c: Redis lost the registry, or this instance's lease was
+ * reaped), paced, through the announce script in rebuild mode; their
+ * pending commands go out as after an announce. A call while one runs
+ * starts over. gw_reannounce_failed() is true when a re-announce got no
+ * answer since the last start (Redis went down meanwhile): call again. */
+void gw_reannounce_all(struct hub *hub);
+bool gw_reannounce_failed(void);
 
 /* For the command channel: the local connection holding device (NULL when
  * none), its id (<instance>:<run token>:<serial>, as in the registry's
