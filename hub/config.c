@@ -60,6 +60,8 @@ static const struct opt opts[] = {
 	O("seq-window", OPT_INT, seq_window, "4096", 16, 1000000, "stored seqs remembered per gateway for idempotent resends"),
 	O("redis-timeout-ms", OPT_INT, redis_timeout_ms, "2000", 100, 600000, "a Redis reply later than this marks Redis down"),
 	O("redis-backoff-max-ms", OPT_INT, redis_backoff_max_ms, "2000", 50, 600000, "longest wait between Redis reconnect attempts"),
+	O("lease-ttl-ms", OPT_INT, lease_ttl_ms, "8000", 1000, 600000, "an instance whose lease in Redis was not renewed for this long is dead: another marks its devices offline"),
+	O("lease-renew-ms", OPT_INT, lease_renew_ms, "2000", 100, 300000, "how often the hub renews its lease (and checks that Redis still holds its data); at most lease-ttl-ms / 2"),
 	O("retry-after-ms", OPT_INT, retry_after_ms, "1000", 1, 600000, "retry_after_ms told to gateways while Redis is down"),
 	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "512", 128, 65536, "lws receive buffer per connection (memory per connection; larger frames are reassembled)"),
 	O("history-max-range-s", OPT_LONG, history_max_range_s, "2678400", 1, 315360000, "longest from..to span of one telemetry history request (422 beyond)"),
@@ -445,6 +447,10 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 	}
 	if (cfg->device_burst < 1 || cfg->gateway_burst < 1) {
 		seterr(err, errlen, "device-burst and gateway-burst must be >= 1");
+		return -1;
+	}
+	if (cfg->lease_renew_ms * 2 > cfg->lease_ttl_ms) {
+		seterr(err, errlen, "lease-renew-ms must be at most half of lease-ttl-ms");
 		return -1;
 	}
 	if (cfg->ping_timeout_s <= cfg->ping_interval_s) {

@@ -51,6 +51,8 @@ struct hub_config {
 	int seq_window;
 	int redis_timeout_ms;
 	int redis_backoff_max_ms;
+	int lease_ttl_ms;
+	int lease_renew_ms;
 	int retry_after_ms;
 	int rx_buffer_bytes;
 	int ping_interval_s;

@@ -143,8 +143,18 @@ static void drain_tick(lws_sorted_usec_list_t *sul)
 		lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, DRAIN_TICK_US);
 		return;
 	}
-	hub_info("drained; stopping");
-	modules_stop(hub);
+	/* Stop the modules (the lease is given up, the last offline scripts
+	 * queued), then let what they queued reach Redis before the
+	 * connection goes (a few ms; capped). */
+	if (!hub->modules_stopped) {
+		hub_info("drained; stopping");
+		hub->modules_stopped = true;
+		modules_stop(hub);
+	}
+	if (hub_redis_pending(hub->redis) && hub_mono_us() < hub->drain_deadline_us + 1000000) {
+		lws_sul_schedule(hub->ctx, 0, &hub->sul_drain, drain_tick, DRAIN_TICK_US / 5);
+		return;
+	}
 	hub_redis_stop(hub->redis);
 	hub_loop_stop(hub);
 }

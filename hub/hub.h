@@ -12,6 +12,7 @@
 
 #include "hub/auth.h"
 #include "hub/config.h"
+#include "hub/events.h"
 #include "hub/metrics.h"
 #include "hub/strmap.h"
 #include "protocols/schema.h"
@@ -21,12 +22,16 @@ struct hub_listener;
 struct hub_embedded_redis;
 struct hub_module;
 struct hub_http;
+struct hub_lease;
 struct agg;
 struct stream;
 
 struct hub {
 	struct hub_config cfg;
 	char instance_id[HUB_ID_MAX + 1];
+	char run_token[16];        /* HUB_RUN_TOKEN_LEN random hex digits (hub/keys.h):
+				    * tells this process from earlier runs of the
+				    * same instance id */
 
 	struct lws_context *ctx;
 	struct lws_vhost *vh;
@@ -47,7 +52,9 @@ struct hub {
 	/* The modules (hub/module.h), in start order, and their objects. */
 	const struct hub_module *const *modules;
 	size_t nmodules;
+	struct hub_observers observers;
 	struct hub_http *http;
+	struct hub_lease *lease;
 	struct agg *agg;
 	struct stream *stream;
 
@@ -57,6 +64,7 @@ struct hub {
 	lws_sorted_usec_list_t sul_signal;
 	lws_sorted_usec_list_t sul_drain;
 	bool draining;
+	bool modules_stopped;
 	int64_t drain_deadline_us;
 	bool exiting;
 	int exit_code;

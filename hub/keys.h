@@ -3,14 +3,15 @@
  * one place, for C and for the Lua scripts (docs/streams.md "Key names").
  *
  * The rule: a user-chosen name inside a key (device, gateway, device type,
- * API key or token name) is wrapped in braces, `<prefix>{<name>}<suffix>`:
+ * API key or token name, hub instance id) is wrapped in braces, `<prefix>{<name>}<suffix>`:
  * iot:dev:{kc-1}:cmds. Those names match [A-Za-z0-9._:-]{1,128} (hub_id_valid,
  * the schema loader, auth), so they never hold '{' or '}' and the first '}'
  * after the prefix ends the name: no two (name, suffix) pairs give the same
  * key, whatever ':' the names hold. Before (layout 1) the device `kc-1:cmds`
  * had the hash iot:dev:kc-1:cmds, which is device kc-1's command queue.
- * Names the hub generates itself (command and rollout ids: hex, no ':') and
- * the fixed names below stay unbraced.
+ * Names the hub generates itself (command and rollout ids: hex, no ':'; run
+ * tokens: HUB_RUN_TOKEN_LEN hex digits) and the fixed names below stay
+ * unbraced.
  *
  * The layout version is kept in HUB_LAYOUT_KEY: a hub refuses to run on data
  * of another layout (tools/migrate-layout converts layout 1).
@@ -40,6 +41,8 @@
 #define HUB_KEY_CMD_SEQ          "iot:cmd:seq"
 #define HUB_KEY_ROLLOUTS_ACTIVE  "iot:rollouts:active"
 #define HUB_KEY_AGG_PARTIALS     "iot:agg:partials"
+#define HUB_KEY_LEASES           "iot:leases"    /* run id -> lease expiry (ms) */
+#define HUB_KEY_EPOCH            "iot:epoch"     /* this Redis's data generation */
 
 /* Prefixes of keys around a braced user-chosen name. */
 #define HUB_KEY_DEV              "iot:dev:"      /* {device}, {device}:cmds, :cmdlog, :cancels */
@@ -47,6 +50,7 @@
 #define HUB_KEY_GW               "iot:gw:"       /* {gateway}:seqs, :epoch, :limits */
 #define HUB_KEY_TYPE             "iot:type:"     /* {device type} */
 #define HUB_KEY_IDEM             "iot:idem:"     /* {owner}:<Idempotency-Key> */
+#define HUB_KEY_INST             "iot:inst:"     /* {instance}:<run>, :<run>:reaper */
 
 /* Prefixes of keys around a hub-generated id (never holds ':'). */
 #define HUB_KEY_CMD              "iot:cmd:"      /* <id>, <id>:log */
@@ -60,6 +64,12 @@
 #define HUB_CH_TAKEOVER          "iot:ctl:takeover"
 #define HUB_CH_DEVTAKE           "iot:ctl:devtake"   /* devices that changed connection */
 #define HUB_CH_CTL_CMD           "iot:ctl:cmd:"  /* + instance id */
+
+/* A hub process's run token: this many lowercase hex digits, random per
+ * process. Its run id is "<instance>:<token>", its connections are
+ * "<instance>:<token>:<serial>", so a restarted instance with the same
+ * instance id never shares a connection id with its dead predecessor. */
+#define HUB_RUN_TOKEN_LEN        12
 
 /* Longest key or channel built from one id: "iot:dev:{" + 128 + "}:cancels"
  * + NUL (147 bytes). */
@@ -185,12 +195,31 @@ static inline size_t hub_ch_ctl_cmd(char *buf, size_t n, const char *instance)
 #define HUB_LUA_KROLLOUT \
 	"local function krollout(id) return '" HUB_KEY_ROLLOUT "' .. id end\n" \
 	"local function krolloutcmds(id) return '" HUB_KEY_ROLLOUT "' .. id .. ':cmds' end\n"
+/* A run's keys from its run id "<instance>:<token>" (docs/streams.md
+ * "Instance leases"): krun(r) is the set of devices the run holds online,
+ * kreaper(r) the claim of the instance reaping it. runof(conn) is the run id
+ * of a connection id "<run id>:<serial>", or nil for a connection id of
+ * another shape (layout-2 data written before runs existed). */
+#define HUB_LUA_KRUN \
+	"local TOKEN_LEN = " HUB_KEYS_STR(HUB_RUN_TOKEN_LEN) "\n" \
+	"local function krun(r)\n" \
+	"  return '" HUB_KEY_INST "{' .. string.sub(r, 1, -TOKEN_LEN - 2) .. '}:' ..\n" \
+	"    string.sub(r, -TOKEN_LEN)\n" \
+	"end\n" \
+	"local function kreaper(r) return krun(r) .. ':reaper' end\n" \
+	"local function runof(conn)\n" \
+	"  return string.match(conn or '', '^(.+:' .. string.rep('%x', TOKEN_LEN) .. '):%d+$')\n" \
+	"end\n"
+#define HUB_KEYS_STR_(x) #x
+#define HUB_KEYS_STR(x) HUB_KEYS_STR_(x)
+
 /* Fixed names as Lua locals. */
 #define HUB_LUA_FIXED \
 	"local K_DEVICES, K_TIMERS, K_CMDSEQ = '" HUB_KEY_DEVICES "', '" HUB_KEY_CMD_TIMERS "', '" \
 	HUB_KEY_CMD_SEQ "'\n" \
 	"local K_ROLLOUTS, CH_PRESENCE, CH_COMMANDS = '" HUB_KEY_ROLLOUTS_ACTIVE "', '" \
-	HUB_CH_PRESENCE "', '" HUB_CH_COMMANDS "'\n"
+	HUB_CH_PRESENCE "', '" HUB_CH_COMMANDS "'\n" \
+	"local K_LEASES, K_EPOCH = '" HUB_KEY_LEASES "', '" HUB_KEY_EPOCH "'\n"
 
 /* Every helper (the command scripts' prelude). */
 #define HUB_LUA_KEYS \

@@ -17,6 +17,7 @@
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
+#include "hub/lease.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
@@ -114,8 +115,10 @@ static bool layout_gate(redisReply *r, void *arg)
 			r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
 		return false; /* retried on the next connection */
 	}
-	if (ok->integer == 1)
+	if (ok->integer == 1) {
+		hub_emit(hub, HUB_EV_REDIS_READY, NULL);
 		return true;
+	}
 	if (!layout_refused) {
 		layout_refused = true;
 		if (*v->str)
@@ -202,6 +205,7 @@ static int check_tls_files(const struct hub_config *cfg, char *err, size_t errle
 static const struct hub_module *const modules[] = {
 	&hub_http_module,      /* HTTP on the port; routes and upgrades register here */
 	&hub_registry_module,  /* the device registry and the reading store */
+	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&gw_module,            /* gateways: /v1/gateway */
 	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
@@ -253,6 +257,16 @@ int main(int argc, char **argv)
 	}
 	hub_log_set_tag(hub.instance_id);
 	srand((unsigned)(hub_mono_us() ^ getpid()));
+	{
+		unsigned char raw[HUB_RUN_TOKEN_LEN / 2];
+		if (RAND_bytes(raw, sizeof(raw)) != 1) {
+			fprintf(stderr, "iot-hub: no randomness for the run token\n");
+			hub_config_free(&hub.cfg);
+			return 1;
+		}
+		for (size_t i = 0; i < sizeof(raw); i++)
+			snprintf(hub.run_token + 2 * i, 3, "%02x", raw[i]);
+	}
 
 	if (check_tls_files(&hub.cfg, err, sizeof(err))) {
 		fprintf(stderr, "iot-hub: %s\n", err);

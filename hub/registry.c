@@ -121,53 +121,79 @@ static const char limits_lua[] = HUB_LUA_KGW LUA_MAXSET
 	"redis.call('PEXPIRE', lk, math.ceil(last - now) + 60000)\n"
 	"return 1\n";
 
-/* ARGV = gateway, conn, instance, now ms, n, then n x (device, type, labels).
- * Registers the devices as owned by conn. Presence is published only for a
+/* ARGV = gateway, epoch. After Redis lost its data (hub/lease.c), a live
+ * connection's gateway epoch is put back, so a later connection of the
+ * gateway still counts as newer than it. */
+static const char epoch_floor_lua[] = HUB_LUA_KGW
+	"local k = kgw(ARGV[1], ':epoch')\n"
+	"if tonumber(redis.call('GET', k) or 0) < tonumber(ARGV[2]) then\n"
+	"  redis.call('SET', k, ARGV[2])\n"
+	"end\n"
+	"return 1\n";
+
+/* ARGV = gateway, conn, instance, now ms, mode, n, then n x (device, type,
+ * labels). Registers the devices as owned by conn. Mode `rebuild` (the hub
+ * re-announcing its own connections' devices, hub/lease.c) leaves a device
+ * alone that another connection holds online and answers "-1" for it: it
+ * moved while this hub could not hear of it. Presence is published only for a
  * device whose state changed (it was offline or owned by another
  * connection, or its type or labels changed), so re-announcing changes
  * nothing and costs the dashboards nothing; devices taken from another
  * connection are named on HUB_CH_DEVTAKE ("device conn" lines) so that
- * connection stops storing their readings. Ids and type names are
- * [A-Za-z0-9._:-]: no JSON escaping. -> each device's stored rate-limit
- * TAT, in order. */
-static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_FIXED
-	"local n, conn = tonumber(ARGV[5]), ARGV[2]\n"
+ * connection stops storing their readings. Each device is added to the set
+ * of its connection's run and taken out of its previous owner's run's set
+ * (keys.h HUB_LUA_KRUN: what a reaper marks offline if the run dies). Ids
+ * and type names are [A-Za-z0-9._:-]: no JSON escaping. -> each device's
+ * stored rate-limit TAT, in order. */
+static const char announce_lua[] = HUB_LUA_KDEV HUB_LUA_KTYPE HUB_LUA_KRUN HUB_LUA_FIXED
+	"local n, conn, rebuild = tonumber(ARGV[6]), ARGV[2], ARGV[5] == 'rebuild'\n"
+	"local run = runof(conn)\n"
 	"local ev, taken, tats = {}, {}, {}\n"
 	"for i = 0, n - 1 do\n"
-	"  local dev, typ, labels = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]\n"
+	"  local dev, typ, labels = ARGV[7 + 3 * i], ARGV[8 + 3 * i], ARGV[9 + 3 * i]\n"
 	"  local key = kdev(dev)\n"
 	"  local old = redis.call('HMGET', key, 'type', 'labels', 'conn', 'online', 'rl')\n"
-	"  if old[1] and old[1] ~= typ then redis.call('SREM', ktype(old[1]), dev) end\n"
-	"  if old[3] and old[3] ~= conn and old[4] == '1' then\n"
-	"    taken[#taken + 1] = dev .. ' ' .. conn .. '\\n'\n"
+	"  if rebuild and old[3] and old[3] ~= conn and old[4] == '1' then\n"
+	"    tats[i + 1] = '-1'\n"
+	"  else\n"
+	"    if old[1] and old[1] ~= typ then redis.call('SREM', ktype(old[1]), dev) end\n"
+	"    if old[3] and old[3] ~= conn and old[4] == '1' then\n"
+	"      taken[#taken + 1] = dev .. ' ' .. conn .. '\\n'\n"
+	"    end\n"
+	"    local orun = runof(old[3])\n"
+	"    if orun and orun ~= run then redis.call('SREM', krun(orun), dev) end\n"
+	"    if run then redis.call('SADD', krun(run), dev) end\n"
+	"    redis.call('HSET', key, 'type', typ, 'labels', labels,\n"
+	"               'gateway', ARGV[1], 'conn', conn, 'instance', ARGV[3],\n"
+	"               'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
+	"    redis.call('SADD', K_DEVICES, dev)\n"
+	"    redis.call('SADD', ktype(typ), dev)\n"
+	"    if old[3] ~= conn or old[4] ~= '1' or old[1] ~= typ or old[2] ~= labels then\n"
+	"      ev[#ev + 1] = dev .. '\\t' .. typ .. '\\t' .. labels ..\n"
+	"        '\\t\"device\":\"' .. dev .. '\",\"online\":true,\"at\":' .. ARGV[4] ..\n"
+	"        ',\"gateway\":\"' .. ARGV[1] .. '\",\"device_type\":\"' .. typ .. '\"\\n'\n"
+	"    end\n"
+	"    tats[i + 1] = old[5] or '0'\n"
 	"  end\n"
-	"  redis.call('HSET', key, 'type', typ, 'labels', labels,\n"
-	"             'gateway', ARGV[1], 'conn', conn, 'instance', ARGV[3],\n"
-	"             'online', '1', 'last_seen', ARGV[4], 'announced_at', ARGV[4])\n"
-	"  redis.call('SADD', K_DEVICES, dev)\n"
-	"  redis.call('SADD', ktype(typ), dev)\n"
-	"  if old[3] ~= conn or old[4] ~= '1' or old[1] ~= typ or old[2] ~= labels then\n"
-	"    ev[#ev + 1] = dev .. '\\t' .. typ .. '\\t' .. labels ..\n"
-	"      '\\t\"device\":\"' .. dev .. '\",\"online\":true,\"at\":' .. ARGV[4] ..\n"
-	"      ',\"gateway\":\"' .. ARGV[1] .. '\",\"device_type\":\"' .. typ .. '\"\\n'\n"
-	"  end\n"
-	"  tats[i + 1] = old[5] or '0'\n"
 	"end\n"
 	"if #ev > 0 then redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev)) end\n"
 	"if #taken > 0 then redis.call('PUBLISH', '" HUB_CH_DEVTAKE "', table.concat(taken)) end\n"
 	"return tats\n";
 
 /* ARGV = conn, now ms, then devices and their rate-limit TATs. Marks
- * offline (and publishes presence for) the devices still owned by conn;
- * keeps every TAT. */
-static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_FIXED LUA_MAXSET
+ * offline (and publishes presence for) the devices still owned by conn and
+ * takes them out of its run's set; keeps every TAT. The lease reaper
+ * (hub/lease.c) publishes the same event for the devices of a dead run. */
+static const char offline_lua[] = HUB_LUA_KDEV HUB_LUA_KRUN HUB_LUA_FIXED LUA_MAXSET
 	"local ev = {}\n"
+	"local run = runof(ARGV[1])\n"
 	"for i = 3, #ARGV, 2 do\n"
 	"  local dev = ARGV[i]\n"
 	"  local key = kdev(dev)\n"
 	"  local h = redis.call('HMGET', key, 'conn', 'type', 'labels', 'gateway')\n"
 	"  if h[1] == ARGV[1] then\n"
 	"    redis.call('HSET', key, 'online', '0', 'last_seen', ARGV[2])\n"
+	"    if run then redis.call('SREM', krun(run), dev) end\n"
 	"    ev[#ev + 1] = dev .. '\\t' .. h[2] .. '\\t' .. h[3] ..\n"
 	"      '\\t\"device\":\"' .. dev .. '\",\"online\":false,\"at\":' .. ARGV[2] ..\n"
 	"      ',\"gateway\":\"' .. h[4] .. '\",\"device_type\":\"' .. h[2] .. '\"\\n'\n"
@@ -197,7 +223,7 @@ static const char seen_lua[] = HUB_LUA_KDEV LUA_MAXSET
 	"return lost\n";
 
 static int script_store, script_announce, script_offline, script_seen, script_connect,
-	   script_limits;
+	   script_limits, script_epoch_floor;
 
 void hub_registry_init(struct hub *hub)
 {
@@ -207,6 +233,7 @@ void hub_registry_init(struct hub *hub)
 	script_seen = hub_redis_add_script(hub->redis, seen_lua);
 	script_connect = hub_redis_add_script(hub->redis, connect_lua);
 	script_limits = hub_redis_add_script(hub->redis, limits_lua);
+	script_epoch_floor = hub_redis_add_script(hub->redis, epoch_floor_lua);
 }
 
 /* ---- RESP built in place -------------------------------------------------
@@ -321,15 +348,15 @@ void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t tele
 	resp_send(hub, NULL, NULL);
 }
 
-int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
-			  const struct hub_announce_item *items, size_t n,
-			  hub_redis_cb cb, void *arg)
+static int announce(struct hub *hub, const char *mode, const char *gateway, const char *conn,
+		    const struct hub_announce_item *items, size_t n, hub_redis_cb cb, void *arg)
 {
-	resp_eval(hub, script_announce, 0, 5 + 3 * n);
+	resp_eval(hub, script_announce, 0, 6 + 3 * n);
 	resp_str(gateway);
 	resp_str(conn);
 	resp_str(hub->instance_id);
 	resp_int(hub_now_ms());
+	resp_str(mode);
 	resp_int((int64_t)n);
 	for (size_t i = 0; i < n; i++) {
 		resp_str(items[i].device);
@@ -337,6 +364,28 @@ int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn
 		resp_arg(items[i].labels, items[i].labels_len);
 	}
 	return resp_send(hub, cb, arg);
+}
+
+int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
+			  const struct hub_announce_item *items, size_t n,
+			  hub_redis_cb cb, void *arg)
+{
+	return announce(hub, "", gateway, conn, items, n, cb, arg);
+}
+
+int hub_registry_reannounce(struct hub *hub, const char *gateway, const char *conn,
+			    const struct hub_announce_item *items, size_t n,
+			    hub_redis_cb cb, void *arg)
+{
+	return announce(hub, "rebuild", gateway, conn, items, n, cb, arg);
+}
+
+void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoch)
+{
+	resp_eval(hub, script_epoch_floor, 0, 2);
+	resp_str(gateway);
+	resp_int(epoch);
+	resp_send(hub, NULL, NULL);
 }
 
 void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,

@@ -32,13 +32,27 @@ struct hub_announce_item {
 	size_t labels_len;
 };
 
-/* Marks devices online, owned by conn (a connection id), with type and labels;
- * presence only for devices whose state changed; devices taken from another
- * connection are named on the takeover channel (keys.h HUB_CH_DEVTAKE).
+/* Marks devices online, owned by conn (a connection id), with type and labels,
+ * and adds them to the set of conn's run (docs/streams.md "Instance
+ * leases"); presence only for devices whose state changed; devices taken
+ * from another connection are named on the takeover channel (keys.h
+ * HUB_CH_DEVTAKE).
  * Reply: an array with each device's stored rate-limit TAT (ms, "0": none). */
 int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
 			  const struct hub_announce_item *items, size_t n,
 			  hub_redis_cb cb, void *arg);
+
+/* The same for devices this hub already holds (hub/lease.c rebuilds the
+ * registry after Redis lost it, or after this instance's lease was reaped):
+ * a device another connection holds online is left alone and its reply
+ * element is "-1" (it moved meanwhile; the local connection drops it). */
+int hub_registry_reannounce(struct hub *hub, const char *gateway, const char *conn,
+			    const struct hub_announce_item *items, size_t n,
+			    hub_redis_cb cb, void *arg);
+
+/* Raises iot:gw:{gateway}:epoch to at least epoch (a live connection's,
+ * after Redis lost it). Fire and forget. */
+void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoch);
 
 /* Marks devices offline, but only those still owned by conn (a takeover on any
  * instance moved the others), and keeps each device's rate-limit TAT (tats[i],

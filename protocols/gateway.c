@@ -67,7 +67,7 @@ struct gw_conn {
 	struct hub *hub;
 	uint64_t serial;
 	const char *gw;            /* who.name: the gateway id */
-	char *conn_id;             /* "<instance>:<serial>" */
+	char *conn_id;             /* "<instance>:<run token>:<serial>" */
 	auth_principal who;
 	hub_strmap devices;        /* device id -> struct gw_dev * */
 	hub_bucket bucket;         /* readings */
@@ -1021,7 +1021,8 @@ static void on_takeover_msg(const char *channel, const char *payload, size_t len
 		return;
 	memcpy(msg, payload, len);
 	msg[len] = '\0';
-	if (sscanf(msg, "%128s %lld %159s", gw, &epoch, conn) != 3)
+	/* conn: "<instance>:<run token>:<serial>", up to 128 + 14 + 20 bytes */
+	if (sscanf(msg, "%128s %lld %287s", gw, &epoch, conn) != 3)
 		return;
 	c = hub_strmap_get(&hub->gateways, gw, strlen(gw));
 	if (!c || !strcmp(c->conn_id, conn))
@@ -1301,10 +1302,13 @@ void gw_init(struct hub *hub)
 	lws_sul_schedule(hub->ctx, 0, &sul_seen, flush_seen, 1000 * 1000 / SEEN_SLICES);
 }
 
+static void rebuild_drop(void);
+
 void gw_stop(struct hub *hub)
 {
 	(void)hub;
 	lws_sul_cancel(&sul_seen);
+	rebuild_drop();
 }
 
 /* The upgrade at GW_PATH: a JWT in the Authorization header (401 without
@@ -1361,9 +1365,10 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	c->serial = ++hub->next_serial;
 	c->who = hs.who;  /* take ownership */
 	c->gw = c->who.name;
-	size_t idl = strlen(hub->instance_id) + 24;
+	size_t idl = strlen(hub->instance_id) + sizeof(hub->run_token) + 24;
 	c->conn_id = hub_xmalloc(idl);
-	snprintf(c->conn_id, idl, "%s:%llu", hub->instance_id, (unsigned long long)c->serial);
+	snprintf(c->conn_id, idl, "%s:%s:%llu", hub->instance_id, hub->run_token,
+		 (unsigned long long)c->serial);
 	int64_t now_us = hub_mono_us();
 	hub_bucket_init(&c->bucket, hub->cfg.gateway_burst, now_us);
 	hub_bucket_init(&c->announce_bucket, hub->cfg.announce_burst, now_us);
@@ -1588,6 +1593,200 @@ bool gw_conn_open(const struct gw_conn *c)
 	return c->wsi && !c->closing;
 }
 
+/* ---- re-announcing after Redis lost the registry (hub/lease.c) ----------
+ * Every device of every live connection goes through the announce script
+ * again (mode rebuild), a connection at a time, with at most
+ * REBUILD_INFLIGHT devices at Redis, so that thousands of connections do
+ * not queue one burst ahead of the frames. */
+
+#define REBUILD_INFLIGHT 2048
+
+struct reannounce {
+	struct gw_conn *c;         /* a reference is held */
+	size_t n;
+	char *ids[];
+};
+
+static struct {
+	struct hub *hub;
+	struct gw_conn **todo;     /* the connections to go, references held */
+	size_t n, next;
+	size_t inflight;           /* devices at Redis */
+	bool failed;               /* a re-announce got no answer: do it again */
+	lws_sorted_usec_list_t sul;
+} RB;
+
+static void rebuild_step(lws_sorted_usec_list_t *sul);
+
+static void on_reannounced(redisReply *reply, void *arg)
+{
+	struct reannounce *ra = arg;
+	struct gw_conn *c = ra->c;
+	size_t nok = 0;
+
+	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
+		if (reply && reply->type == REDIS_REPLY_ERROR)
+			hub_err("gateway %s: re-announce failed: %s", c->gw, reply->str);
+		RB.failed = true;
+	} else {
+		for (size_t i = 0; i < ra->n; i++) {
+			const redisReply *t = i < reply->elements ? reply->element[i] : NULL;
+			const char *id = ra->ids[i];
+
+			if (t && t->type == REDIS_REPLY_STRING && !strcmp(t->str, "-1")) {
+				/* Another connection holds it now: as a missed devtake. */
+				struct gw_dev *d = hub_strmap_get(&c->devices, id, strlen(id));
+				if (d && !d->lost) {
+					d->lost = true;
+					c->hub->metrics.devices_taken_total++;
+				}
+				if (hub_strmap_get(&dev_conns, id, strlen(id)) == c)
+					hub_strmap_del(&dev_conns, id, strlen(id));
+				continue;
+			}
+			ra->ids[nok++] = ra->ids[i];
+		}
+		if (c->wsi && !c->closing)
+			cmd_on_announced(c->hub, c->conn_id, (const char *const *)ra->ids, nok);
+	}
+	RB.inflight -= ra->n;
+	for (size_t i = 0; i < ra->n; i++)
+		free(ra->ids[i]);
+	conn_unref(c);
+	free(ra);
+	if (RB.todo && !RB.hub->draining)
+		lws_sul_schedule(RB.hub->ctx, 0, &RB.sul, rebuild_step, 1);
+}
+
+struct rebuild_items {
+	struct hub_announce_item *items;
+	struct reannounce *ra;
+};
+
+static void collect_reannounce(const char *key, void *value, void *arg)
+{
+	struct rebuild_items *ri = arg;
+	struct gw_dev *d = value;
+	size_t i = ri->ra->n;
+
+	(void)key;
+	if (d->lost || !d->type_name)
+		return;
+	ri->items[i].device = d->id;
+	ri->items[i].type = d->type_name;
+	ri->items[i].labels = d->labels ? d->labels : "{}";
+	ri->items[i].labels_len = d->labels ? d->labels_len : 2;
+	ri->ra->ids[i] = hub_xstrdup(d->id);
+	ri->ra->n++;
+}
+
+/* Sends one connection's devices; takes over the reference on c. */
+static void reannounce_conn(struct gw_conn *c)
+{
+	struct hub *hub = c->hub;
+	struct rebuild_items ri;
+	size_t n = c->devices.count;
+
+	if (!c->wsi || c->closing || !n) {
+		conn_unref(c);
+		return;
+	}
+	ri.items = hub_xmalloc(n * sizeof(*ri.items));
+	ri.ra = hub_xcalloc(1, sizeof(*ri.ra) + n * sizeof(char *));
+	ri.ra->c = c;
+	hub_strmap_foreach(&c->devices, collect_reannounce, &ri);
+	if (c->epoch > 0)
+		hub_registry_epoch_floor(hub, c->gw, c->epoch);
+	if (!ri.ra->n) {
+		free(ri.items);
+		free(ri.ra);
+		conn_unref(c);
+		return;
+	}
+	if (hub_registry_reannounce(hub, c->gw, c->conn_id, ri.items, ri.ra->n,
+				    on_reannounced, ri.ra)) {
+		RB.failed = true;
+		for (size_t i = 0; i < ri.ra->n; i++)
+			free(ri.ra->ids[i]);
+		free(ri.ra);
+		conn_unref(c);
+	} else {
+		RB.inflight += ri.ra->n;
+	}
+	free(ri.items);
+}
+
+static void rebuild_step(lws_sorted_usec_list_t *sul)
+{
+	(void)sul;
+	while (RB.todo && RB.next < RB.n && RB.inflight < REBUILD_INFLIGHT)
+		reannounce_conn(RB.todo[RB.next++]);
+	if (RB.todo && RB.next == RB.n) {
+		free(RB.todo);
+		RB.todo = NULL;
+		RB.n = RB.next = 0;
+	}
+}
+
+static void rebuild_drop(void)
+{
+	lws_sul_cancel(&RB.sul);
+	while (RB.todo && RB.next < RB.n)
+		conn_unref(RB.todo[RB.next++]);
+	free(RB.todo);
+	RB.todo = NULL;
+	RB.n = RB.next = 0;
+}
+
+struct rebuild_count {
+	size_t conns, devices;
+};
+
+static void snapshot_conn(const char *key, void *value, void *arg)
+{
+	struct gw_conn *c = value;
+	struct rebuild_count *rc = arg;
+
+	(void)key;
+	if (!c->wsi || c->closing || !c->devices.count)
+		return;
+	c->refs++;
+	RB.todo[RB.n++] = c;
+	rc->conns++;
+	rc->devices += c->devices.count;
+}
+
+/* Re-announces the devices of every live gateway connection of this hub
+ * (Redis lost the registry, or this instance's lease was reaped), paced,
+ * through the announce script in rebuild mode; their pending commands go
+ * out as after an announce. A call while one runs starts over. */
+static void gw_reannounce_all(struct hub *hub)
+{
+	struct rebuild_count rc = { 0, 0 };
+
+	if (hub->draining)
+		return;
+	rebuild_drop(); /* a newer loss: start again from the top */
+	RB.hub = hub;
+	RB.failed = false;
+	RB.todo = hub_xmalloc((hub->gateways.count + 1) * sizeof(*RB.todo));
+	hub_strmap_foreach(&hub->gateways, snapshot_conn, &rc);
+	hub_info("re-announcing %zu devices of %zu gateway connections", rc.devices, rc.conns);
+	rebuild_step(NULL);
+}
+
+/* The lease was renewed: re-announce when Redis lost this run's devices,
+ * or when the last re-announce got no answer (Redis went down meanwhile). */
+static void on_lease_renewed(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
+{
+	const struct hub_ev_lease *l = payload;
+
+	(void)ev;
+	(void)ctx;
+	if (l->rebuild || RB.failed)
+		gw_reannounce_all(hub);
+}
+
 static void free_value(const char *key, void *value, void *arg)
 {
 	(void)key;
@@ -1615,6 +1814,7 @@ static int gw_module_start(struct hub *hub, char *err, size_t errlen)
 	(void)err;
 	(void)errlen;
 	hub_http_add_upgrade(hub, GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
+	hub_observe(hub, HUB_EV_LEASE_RENEWED, on_lease_renewed, NULL);
 	gw_init(hub);
 	return 0;
 }

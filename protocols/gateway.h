@@ -6,6 +6,7 @@
 #ifndef HUB_GATEWAY_H
 #define HUB_GATEWAY_H
 
+#include <stdbool.h>
 #include <libwebsockets.h>
 
 #include "hub/auth.h"
@@ -32,9 +33,10 @@ void gw_stop(struct hub *hub);
 unsigned gw_drain(struct hub *hub, bool force);
 
 /* For the command channel: the local connection holding device (NULL when
- * none), its id (instance:serial, as in the registry's `conn`), and queueing a
- * hub -> gateway message on it (in order with its other replies). A holder
- * that keeps a connection across callbacks takes a reference. */
+ * none), its id (<instance>:<run token>:<serial>, as in the registry's
+ * `conn`), and queueing a hub -> gateway message on it (in order with its
+ * other replies). A holder that keeps a connection across callbacks takes a
+ * reference. */
 struct gw_conn;
 struct gw_conn *gw_conn_for_device(struct hub *hub, const char *device);
 const char *gw_conn_id(const struct gw_conn *c);

@@ -35,6 +35,8 @@ static void test_defaults(void **state)
 	assert_true(c.redis_embedded);
 	assert_int_equal(c.max_frame_bytes, 65536);
 	assert_string_equal(c.jwt_alg, "HS256");
+	assert_int_equal(c.lease_ttl_ms, 8000);
+	assert_int_equal(c.lease_renew_ms, 2000);
 	hub_config_free(&c);
 }
 
@@ -79,6 +81,13 @@ static void test_errors(void **state)
 	hub_config_free(&c);
 	assert_int_equal(load(&c, err, 1, "--listen"), -1);
 	assert_string_equal(err, "flag --listen needs a value");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--lease-renew-ms", "5000"), -1);
+	assert_string_equal(err, "lease-renew-ms must be at most half of lease-ttl-ms");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 4, "--lease-renew-ms", "500", "--lease-ttl-ms", "1000"), 0);
+	assert_int_equal(c.lease_ttl_ms, 1000);
+	assert_int_equal(c.lease_renew_ms, 500);
 	hub_config_free(&c);
 }
 

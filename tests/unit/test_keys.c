@@ -87,6 +87,9 @@ static void test_lua_spelling(void **state)
 	assert_non_null(strstr(HUB_LUA_KCMD, "return 'iot:cmd:' .. id .. ':log' end"));
 	assert_non_null(strstr(HUB_LUA_KROLLOUT, "return 'iot:rollout:' .. id .. ':cmds' end"));
 	assert_non_null(strstr(HUB_LUA_FIXED, "'iot:cmd:timers'"));
+	assert_non_null(strstr(HUB_LUA_FIXED, "'iot:leases', 'iot:epoch'"));
+	assert_non_null(strstr(HUB_LUA_KRUN, "local TOKEN_LEN = 12\n"));
+	assert_non_null(strstr(HUB_LUA_KRUN, "return 'iot:inst:{' .. string.sub(r, 1, -TOKEN_LEN - 2)"));
 }
 
 int main(void)

@@ -1,0 +1,29 @@
+/*
+ * lease.h - this hub process's lease in Redis, the reaping of dead ones,
+ * and the rebuild of the registry after Redis lost it (docs/streams.md
+ * "Instance leases" and "When Redis comes back empty").
+ *
+ * Every lease-renew-ms the hub renews its lease (iot:leases: run id ->
+ * expiry, Redis's clock, lease-ttl-ms ahead) and checks iot:epoch, a token
+ * the first hub sets on an empty Redis. One script does both. When the
+ * token is not the one this hub saw last (Redis restarted empty, was
+ * flushed or replaced) or its own lease was gone or had expired (reaped by
+ * another instance after missed renewals), the hub re-announces the devices
+ * of all its live connections (HUB_EV_LEASE_RENEWED with rebuild, which the
+ * gateway module observes). When a lease has
+ * expired, this hub (if it has renewed its own without a gap for a whole
+ * lease-ttl-ms, so that an outage of its own is never taken for another
+ * instance's death) claims the dead run and marks its devices offline in
+ * batches: only those the dead run still owned, with the offline script's
+ * presence event.
+ *
+ */
+#ifndef HUB_LEASE_H
+#define HUB_LEASE_H
+
+/* The module (hub/module.h): hub->lease. Needs hub->run_token; renews on
+ * HUB_EV_REDIS_READY, gives the lease up in its stop hook. */
+struct hub_module;
+extern const struct hub_module hub_lease_module;
+
+#endif
