@@ -9,6 +9,7 @@
 #include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
+#include "hub/module.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/util.h"
@@ -763,7 +764,15 @@ static const struct hub_route routes[] = {
 	{ "POST", "/v1/commands/{}/cancel", HUB_ROUTE_KEY, WRITE, on_cancel },
 };
 
-void cmd_api_register(struct hub *hub)
+static int cmd_api_start(struct hub *hub, char *err, size_t errlen)
 {
+	(void)err;
+	(void)errlen;
 	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), NULL);
+	return 0;
 }
+
+const struct hub_module cmd_api_module = {
+	.name = "commands-api",
+	.start = cmd_api_start,
+};

@@ -6,9 +6,8 @@
 #ifndef HUB_CMD_API_H
 #define HUB_CMD_API_H
 
-struct hub;
-
-/* Registers the routes with hub/http.c (the commands module's start). */
-void cmd_api_register(struct hub *hub);
+/* The module (hub/module.h): registers the routes; after cmd_module. */
+struct hub_module;
+extern const struct hub_module cmd_api_module;
 
 #endif

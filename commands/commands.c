@@ -8,11 +8,11 @@
 #include <libwebsockets.h>
 #include <openssl/rand.h>
 
+#include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/module.h"
-#include "commands/cmd_api.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "hub/link.h"
@@ -1104,7 +1104,6 @@ static int cmd_module_start(struct hub *hub, char *err, size_t errlen)
 	(void)err;
 	(void)errlen;
 	cmd_init(hub);
-	cmd_api_register(hub);
 	hub_observe(hub, HUB_EV_DEVICES_ANNOUNCED, on_announced, NULL);
 	hub_observe(hub, HUB_EV_COMMAND_ACK, on_ack, NULL);
 	return 0;

@@ -22,7 +22,7 @@
 
 struct hub;
 
-/* The module (hub/module.h): the engine and its HTTP routes (cmd_api.h). */
+/* The module (hub/module.h): the engine (its HTTP routes are cmd_api.h). */
 struct hub_module;
 extern const struct hub_module cmd_module;
 

@@ -9,11 +9,14 @@
 #include "hub/hub.h"
 #include "hub/link.h"
 #include "hub/log.h"
+#include "hub/util.h"
 
 void hub_observe(struct hub *hub, enum hub_event ev, hub_observer_fn fn, void *ctx)
 {
-	struct hub_observers *o = &hub->observers;
+	struct hub_observers *o = hub->observers;
 
+	if (!o)
+		o = hub->observers = hub_xcalloc(1, sizeof(*o));
 	if (o->n[ev] == HUB_OBSERVERS_MAX) {
 		hub_err("events: more than %d observers of event %d", HUB_OBSERVERS_MAX, (int)ev);
 		abort();
@@ -24,9 +27,9 @@ void hub_observe(struct hub *hub, enum hub_event ev, hub_observer_fn fn, void *c
 
 void hub_emit(struct hub *hub, enum hub_event ev, const void *payload)
 {
-	const struct hub_observers *o = &hub->observers;
+	const struct hub_observers *o = hub->observers;
 
-	for (unsigned i = 0; i < o->n[ev]; i++)
+	for (unsigned i = 0; o && i < o->n[ev]; i++)
 		o->of[ev][i].fn(hub, ev, payload, o->of[ev][i].ctx);
 }
 
@@ -41,4 +44,10 @@ void hub_links_provide(struct hub *hub, hub_link_lookup_fn lookup, void *ctx)
 struct hub_link *hub_link_for_device(struct hub *hub, const char *device)
 {
 	return hub->link_lookup ? hub->link_lookup(hub->link_lookup_ctx, device) : NULL;
+}
+
+void hub_events_free(struct hub *hub)
+{
+	free(hub->observers);
+	hub->observers = NULL;
 }

@@ -111,4 +111,7 @@ void hub_observe(struct hub *hub, enum hub_event ev, hub_observer_fn fn, void *c
 
 void hub_emit(struct hub *hub, enum hub_event ev, const void *payload);
 
+/* Forgets every observer (after the modules are freed). */
+void hub_events_free(struct hub *hub);
+
 #endif

@@ -12,7 +12,6 @@
 
 #include "hub/auth.h"
 #include "hub/config.h"
-#include "hub/events.h"
 #include "hub/metrics.h"
 #include "hub/strmap.h"
 #include "protocols/schema.h"
@@ -21,6 +20,7 @@ struct hub_redis;
 struct hub_listener;
 struct hub_embedded_redis;
 struct hub_module;
+struct hub_observers;
 struct hub_http;
 struct hub_lease;
 struct agg;
@@ -51,7 +51,7 @@ struct hub {
 	/* The modules (hub/module.h), in start order, and their objects. */
 	const struct hub_module *const *modules;
 	size_t nmodules;
-	struct hub_observers observers;
+	struct hub_observers *observers;   /* hub/events.h */
 	struct hub_link *(*link_lookup)(void *ctx, const char *device); /* hub/link.h */
 	void *link_lookup_ctx;
 	struct hub_http *http;
@@ -75,16 +75,5 @@ struct hub {
 /* Loads (or reloads) schemas and API keys. On a reload failure keeps the old
  * sets and returns -1 after logging why. Start-up and SIGHUP only. */
 int hub_reload(struct hub *hub, bool initial);
-
-/* Starts the modules in table order. On a failure, stops and frees those
- * already started and returns -1 with err. */
-int hub_modules_start(struct hub *hub, char *err, size_t errlen);
-
-/* Frees the modules' objects, in reverse order (after the loop is gone). */
-void hub_modules_free(struct hub *hub);
-
-/* Starts a graceful shutdown (idempotent): stop accepting, drain gateways,
- * disconnect Redis, then end the loop. */
-void hub_begin_shutdown(struct hub *hub);
 
 #endif

@@ -7,6 +7,7 @@
 #include <libwebsockets.h>
 #include <openssl/rand.h>
 
+#include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"

@@ -10,13 +10,16 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
+#include "commands/cmd_api.h"
 #include "hub/api.h"
 #include "hub/embedded_redis.h"
 #include "hub/http.h"
+#include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
 #include "hub/lease.h"
+#include "hub/lifecycle.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/loop.h"
@@ -208,7 +211,8 @@ static const struct hub_module *const modules[] = {
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&gw_module,            /* gateways: /v1/gateway */
 	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
-	&cmd_module,           /* the command lifecycle and its routes */
+	&cmd_module,           /* the command lifecycle */
+	&cmd_api_module,       /* its routes */
 	&hub_api_module,       /* device and telemetry routes */
 	&hub_ops_module,       /* health, readiness, metrics, API document, web-root */
 };
@@ -216,6 +220,7 @@ static const struct hub_module *const modules[] = {
 static void hub_cleanup(struct hub *hub)
 {
 	hub_modules_free(hub);
+	hub_events_free(hub);
 	hub_redis_free(hub->redis);
 	hub_listener_free(hub->listener);
 	hub_embedded_redis_stop(hub->embedded);

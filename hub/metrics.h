@@ -1,6 +1,6 @@
 /*
- * metrics.h - counters and histograms, rendered in Prometheus text format by
- * GET /metrics. Plain integers bumped on the loop thread: no atomics needed.
+ * metrics.h - counters and histograms, rendered in the Prometheus text
+ * format by hub/exposition.c (GET /metrics). Plain integers bumped on the loop thread: no atomics needed.
  */
 #ifndef HUB_METRICS_H
 #define HUB_METRICS_H
@@ -86,8 +86,5 @@ struct hub_metrics {
 
 void hub_hist_observe(struct hub_histogram *h, double seconds);
 
-struct hub;
-/* Renders every metric (and the live gauges of hub) into out. */
-void hub_metrics_render(const struct hub *hub, hub_buf *out);
 
 #endif

@@ -10,7 +10,7 @@
 
 #include "hub/http.h"
 #include "hub/hub.h"
-#include "hub/metrics.h"
+#include "hub/exposition.h"
 #include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/util.h"

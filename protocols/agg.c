@@ -6,6 +6,7 @@
 #include <string.h>
 #include <libwebsockets.h>
 
+#include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "hub/http.h"
+#include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"

@@ -1,0 +1,145 @@
+/*
+ * exposition.c - GET /metrics: the counters of struct hub_metrics and the
+ * gauges of the hub's state in the Prometheus text format (0.0.4). Names:
+ * iot_hub_<what>[_<unit>][_total]; a label set is a fixed table here.
+ */
+#include "hub/exposition.h"
+
+#include "hub/hub.h"
+#include "hub/redis.h"
+
+static const char *const ws_protocols[HUB_WS__COUNT] = { "gateway", "dashboard" };
+
+static const char *const http_refusals[HUB_HTTP_REFUSAL__COUNT] = {
+	"headers_too_large", "uri_too_long", "body_too_large", "chunked_body",
+	"body_timeout", "pipelined_body",
+};
+
+static const char *const frame_results[HUB_FRAME__COUNT] = {
+	"acked", "duplicate", "bad_json", "bad_message", "unavailable",
+};
+
+static void counter(hub_buf *o, const char *name, const char *help, uint64_t v)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help,
+		       name, name, (unsigned long long)v);
+}
+
+/* One counter with a label: a sample per value of the label. */
+static void counters(hub_buf *o, const char *name, const char *help, const char *label,
+		     const char *const *values, const uint64_t *v, int n)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+	for (int i = 0; i < n; i++)
+		hub_buf_printf(o, "%s{%s=\"%s\"} %llu\n", name, label, values[i],
+			       (unsigned long long)v[i]);
+}
+
+static void gauge(hub_buf *o, const char *name, const char *help, double v)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s gauge\n%s %g\n", name, help, name,
+		       name, v);
+}
+
+static void histogram(hub_buf *o, const char *name, const char *help,
+		      const struct hub_histogram *h)
+{
+	uint64_t cum = 0;
+
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+	for (int i = 0; i < HUB_HIST_NBOUNDS; i++) {
+		cum += h->counts[i];
+		hub_buf_printf(o, "%s_bucket{le=\"%g\"} %llu\n", name, hub_hist_bounds[i],
+			       (unsigned long long)cum);
+	}
+	cum += h->counts[HUB_HIST_NBOUNDS];
+	hub_buf_printf(o, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n",
+		       name, (unsigned long long)cum, name, h->sum, name,
+		       (unsigned long long)h->count);
+}
+
+void hub_metrics_render(const struct hub *hub, hub_buf *o)
+{
+	const struct hub_metrics *m = &hub->metrics;
+
+	hub_buf_printf(o, "# HELP iot_hub_info Build and instance.\n# TYPE iot_hub_info gauge\n"
+		       "iot_hub_info{version=\"%s\",instance=\"%s\"} 1\n",
+		       HUB_VERSION, hub->instance_id);
+	hub_buf_printf(o, "# HELP iot_hub_connections Open connections by kind.\n"
+		       "# TYPE iot_hub_connections gauge\n"
+		       "iot_hub_connections{kind=\"gateway\"} %zu\n"
+		       "iot_hub_connections{kind=\"dashboard\"} %zu\n",
+		       hub->metrics.gateway_connections, hub->metrics.stream_connections);
+	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
+		m->connections_total);
+	counter(o, "iot_hub_auth_failures_total", "Gateway WebSocket upgrades refused with 401.",
+		m->auth_failures_total);
+	counter(o, "iot_hub_api_auth_failures_total", "HTTP API requests answered 401.",
+		m->api_auth_failures_total);
+	counters(o, "iot_hub_http_refused_total",
+		 "HTTP requests refused or cut before routing, by reason.", "reason",
+		 http_refusals, m->http_refused, HUB_HTTP_REFUSAL__COUNT);
+	counters(o, "iot_hub_frames_total", "Gateway frames by outcome.", "result",
+		 frame_results, m->frames, HUB_FRAME__COUNT);
+	counter(o, "iot_hub_readings_accepted_total", "Readings stored in Redis.",
+		m->readings_accepted);
+	counters(o, "iot_hub_readings_rejected_total", "Readings refused, by code.", "code",
+		 hub_reject_names, m->readings_rejected, HUB_REJ__COUNT);
+	counter(o, "iot_hub_acks_total", "Acks sent to gateways.", m->acks_total);
+	counter(o, "iot_hub_announces_total", "Announce messages handled.", m->announces_total);
+	counter(o, "iot_hub_announce_rejected_total", "Announced devices refused.",
+		m->devices_rejected_total);
+	counter(o, "iot_hub_takeovers_total", "Gateway connections closed by a takeover.",
+		m->takeovers_total);
+	counter(o, "iot_hub_frames_too_large_total", "Connections closed with 1009.",
+		m->frames_too_large_total);
+	counters(o, "iot_hub_binary_closed_total",
+		 "Connections closed with 1003 for sending a binary message, by protocol.",
+		 "protocol", ws_protocols, m->binary_closed, HUB_WS__COUNT);
+	counter(o, "iot_hub_flow_paused_total", "Times a gateway socket stopped being read.",
+		m->flow_paused_total);
+	counter(o, "iot_hub_stream_connections_total", "Dashboard WebSockets established.",
+		m->stream_connections_total);
+	counter(o, "iot_hub_stream_auth_failures_total", "Dashboard auth refused (upgrade or first message).",
+		m->stream_auth_failures_total);
+	gauge(o, "iot_hub_stream_subscriptions", "Live dashboard subscriptions.",
+	      (double)hub->metrics.stream_subscriptions);
+	counter(o, "iot_hub_stream_messages_total", "Messages written to dashboards.",
+		m->stream_messages_total);
+	counter(o, "iot_hub_stream_dropped_total", "Queued dashboard messages dropped (slow consumers).",
+		m->stream_dropped_total);
+	counter(o, "iot_hub_stream_slow_closed_total", "Dashboards closed for reading too slowly.",
+		m->stream_slow_closed_total);
+	counter(o, "iot_hub_stream_replayed_total", "Readings replayed from the feed for since.",
+		m->stream_replayed_total);
+	counter(o, "iot_hub_aggregate_late_readings_total", "Readings too old to aggregate.",
+		m->aggregate_late_readings_total);
+	counter(o, "iot_hub_aggregate_late_partials_total", "Partial aggregates that came after their window was emitted.",
+		m->aggregate_late_partials_total);
+	counter(o, "iot_hub_commands_created_total", "Commands created over HTTP.",
+		m->commands_created_total);
+	counter(o, "iot_hub_commands_sent_total", "Command messages sent to gateways (resends included).",
+		m->commands_sent_total);
+	counter(o, "iot_hub_command_acks_total", "command_ack messages handled.",
+		m->command_acks_total);
+	counter(o, "iot_hub_command_acks_limited_total", "command_acks answered rate_limited.",
+		m->command_acks_limited_total);
+	counter(o, "iot_hub_gateway_connects_refused_total",
+		"Gateway connections closed with 4029 (gateway-connect-rate).",
+		m->gateway_connects_refused_total);
+	counter(o, "iot_hub_devices_taken_total",
+		"Devices of this instance's connections announced by another connection.",
+		m->devices_taken_total);
+	counter(o, "iot_hub_redis_connects_total", "Redis command-connection attempts.",
+		m->redis_reconnects_total);
+	counter(o, "iot_hub_redis_errors_total", "Redis error replies.", m->redis_errors_total);
+	gauge(o, "iot_hub_redis_up", "1 while the Redis command connection is up.",
+	      hub_redis_up(hub->redis) ? 1 : 0);
+	gauge(o, "iot_hub_redis_pending", "Redis commands awaiting a reply.",
+	      hub->redis ? (double)hub_redis_pending(hub->redis) : 0);
+	gauge(o, "iot_hub_device_types", "Device types loaded.",
+	      hub->schemas ? (double)schema_set_count(hub->schemas) : 0);
+	histogram(o, "iot_hub_redis_rtt_seconds", "Redis command round trip.", &m->redis_rtt);
+	histogram(o, "iot_hub_ack_latency_seconds", "Gateway frame received to ack queued.",
+		  &m->ack_latency);
+}
