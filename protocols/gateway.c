@@ -803,15 +803,82 @@ static void on_announced(redisReply *reply, void *arg)
 	reply_ready(r);
 }
 
+/* The checks of one announced device, in order: well formed, allowed by the
+ * token's claim, a loaded type, room on the connection, the announce rate.
+ * Returns its type, or NULL with its rejection appended to rej. */
+static const schema_type *announce_check(struct gw_conn *c, const gw_announce *a, hub_buf *rej,
+					 int64_t now_us)
+{
+	struct hub *hub = c->hub;
+	const schema_type *t;
+	int64_t wait_ms;
+
+	if (!auth_patterns_match(&c->who.devices, a->device)) {
+		gw_write_announce_reject(rej, a, "unauthorized_device",
+					 "device not allowed by the token's devices claim");
+		return NULL;
+	}
+	t = schema_set_find(hub->schemas, a->device_type, a->type_len);
+	if (!t) {
+		gw_write_announce_reject(rej, a, "unknown_device_type", "no such device type is loaded");
+		return NULL;
+	}
+	if (!hub_strmap_get(&c->devices, a->device, a->device_len) &&
+	    c->devices.count >= (size_t)hub->cfg.max_devices_per_gateway) {
+		gw_write_announce_reject(rej, a, "too_many_devices",
+					 "this connection announced max-devices-per-gateway devices");
+		return NULL;
+	}
+	/* Each device announced costs a token of the gateway's announce bucket
+	 * (kept across reconnects): an announce loop cannot flood Redis or the
+	 * dashboards' presence streams. */
+	wait_ms = hub_bucket_take(&c->announce_bucket, hub->cfg.announce_rate,
+				  hub->cfg.announce_burst, 1, now_us);
+	c->limits_dirty = true;
+	if (wait_ms) {
+		gw_write_announce_reject(rej, a, "rate_limited", "announcing faster than announce-rate");
+		rej->len--; /* its closing brace */
+		hub_buf_printf(rej, ",\"retry_after_ms\":%lld}", (long long)wait_ms);
+		return NULL;
+	}
+	return t;
+}
+
+/* The connection's record of an accepted device (created on first
+ * announce), updated with its type and labels (compact JSON, keys sorted). */
+static struct gw_dev *announce_take(struct gw_conn *c, const gw_announce *a,
+				    const schema_type *t, const char *labels)
+{
+	struct hub *hub = c->hub;
+	struct gw_dev *d = hub_strmap_get(&c->devices, a->device, a->device_len);
+
+	if (!d) {
+		d = hub_xcalloc(1, sizeof(*d) + a->device_len + 1);
+		memcpy(d->id, a->device, a->device_len);
+		hub_bucket_init(&d->bucket, hub->cfg.device_burst, hub_mono_us());
+		hub_strmap_put(&c->devices, a->device, a->device_len, d);
+	}
+	d->type_name = type_name_intern(hub->gw, schema_type_name(t));
+	d->type = t;
+	d->type_gen = hub->schemas_gen;
+	d->lost = false; /* announced again: this connection takes it back */
+	free(d->labels);
+	d->labels = hub_xstrdup(labels);
+	d->labels_len = strlen(labels);
+	return d;
+}
+
+/* An announce: each device checked (announce_check), the accepted ones
+ * registered in one script call; the `announced` reply goes once Redis has
+ * them, and the connection is not read until then. */
 static void handle_announce(struct gw_conn *c, gw_msg *msg)
 {
 	struct hub *hub = c->hub;
-	size_t n = json_array_size(msg->items);
+	size_t n = json_array_size(msg->items), nacc = 0;
 	struct hub_announce_item *items = n ? hub_xmalloc(n * sizeof(*items)) : NULL;
 	char **labels = n ? hub_xcalloc(n, sizeof(*labels)) : NULL;
 	hub_buf acc = { 0 }, rej = { 0 };
 	struct gw_reply *r = reply_new(c);
-	size_t nacc = 0;
 	int64_t now_us = hub_mono_us();
 
 	hub->metrics.announces_total++;
@@ -825,56 +892,14 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 			gw_write_announce_reject(&rej, &a, "invalid", why);
 			continue;
 		}
-		if (!auth_patterns_match(&c->who.devices, a.device)) {
-			gw_write_announce_reject(&rej, &a, "unauthorized_device",
-					"device not allowed by the token's devices claim");
+		if (!(t = announce_check(c, &a, &rej, now_us)))
 			continue;
-		}
-		t = schema_set_find(hub->schemas, a.device_type, a.type_len);
-		if (!t) {
-			gw_write_announce_reject(&rej, &a, "unknown_device_type",
-					"no such device type is loaded");
-			continue;
-		}
-		d = hub_strmap_get(&c->devices, a.device, a.device_len);
-		if (!d && c->devices.count >= (size_t)hub->cfg.max_devices_per_gateway) {
-			gw_write_announce_reject(&rej, &a, "too_many_devices",
-					"this connection announced max-devices-per-gateway devices");
-			continue;
-		}
-		/* Each device announced costs a token of the gateway's announce
-		 * bucket (kept across reconnects): an announce loop cannot flood
-		 * Redis or the dashboards' presence streams. */
-		int64_t wait_ms = hub_bucket_take(&c->announce_bucket, hub->cfg.announce_rate,
-						  hub->cfg.announce_burst, 1, now_us);
-		c->limits_dirty = true;
-		if (wait_ms) {
-			gw_write_announce_reject(&rej, &a, "rate_limited",
-					"announcing faster than announce-rate");
-			rej.len--; /* its closing brace */
-			hub_buf_printf(&rej, ",\"retry_after_ms\":%lld}", (long long)wait_ms);
-			continue;
-		}
-		if (!d) {
-			d = hub_xcalloc(1, sizeof(*d) + a.device_len + 1);
-			memcpy(d->id, a.device, a.device_len);
-			hub_bucket_init(&d->bucket, hub->cfg.device_burst, hub_mono_us());
-			hub_strmap_put(&c->devices, a.device, a.device_len, d);
-		}
-		d->type_name = type_name_intern(hub->gw, schema_type_name(t));
-		d->type = t;
-		d->type_gen = hub->schemas_gen;
-		d->lost = false; /* announced again: this connection takes it back */
-
-		items[nacc].device = a.device;
-		items[nacc].type = schema_type_name(t);
-		labels[nacc] = a.labels ? json_dumps(a.labels, JSON_COMPACT | JSON_SORT_KEYS)
-					: NULL;
-		items[nacc].labels = labels[nacc] ? labels[nacc] : "{}";
-		items[nacc].labels_len = strlen(items[nacc].labels);
-		free(d->labels);
-		d->labels = hub_xstrdup(items[nacc].labels);
-		d->labels_len = items[nacc].labels_len;
+		/* The items own their labels: a device named twice in one
+		 * announce replaces its record's copy. */
+		labels[nacc] = a.labels ? json_dumps(a.labels, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+		const char *lb = labels[nacc] ? labels[nacc] : "{}";
+		d = announce_take(c, &a, t, lb);
+		items[nacc] = (struct hub_announce_item){ a.device, schema_type_name(t), lb, strlen(lb) };
 		if (acc.len)
 			hub_buf_puts(&acc, ",");
 		hub_buf_json_str(&acc, a.device, a.device_len);
