@@ -1485,98 +1485,97 @@ static struct st_sub *find_sub(struct st_conn *c, const char *id)
 	return NULL;
 }
 
-static void handle_subscribe(struct st_conn *c, json_t *msg)
+/* The subscribe message's id and stream, checked: the kind, or -1 with the
+ * error sent. */
+static int subscribe_kind(struct st_conn *c, json_t *msg, const char **idp)
 {
-	struct stream *st = c->st;
-	json_t *jid = json_object_get(msg, "id"), *jstream = json_object_get(msg, "stream"),
-	       *jgb = json_object_get(msg, "group_by"), *jsince = json_object_get(msg, "since");
-	const char *id = json_string_value(jid), *code;
-	char err[256];
-	struct st_sub *s;
-	size_t entries;
+	json_t *jid = json_object_get(msg, "id"), *jstream = json_object_get(msg, "stream");
+	const char *id = json_string_value(jid);
 	int kind;
 
 	if (!json_is_string(jid) || !json_string_length(jid) ||
 	    json_string_length(jid) > MAX_ID_LEN || strlen(id) != json_string_length(jid)) {
 		send_error(c, NULL, "bad_message", "subscribe needs an id: a string of 1 to %d characters",
 			   MAX_ID_LEN);
-		return;
+		return -1;
 	}
+	*idp = id;
 	if (find_sub(c, id)) {
 		send_error(c, id, "duplicate_id", "a subscription with this id exists on this connection");
-		return;
+		return -1;
 	}
 	if (!json_is_string(jstream)) {
 		send_error(c, id, "bad_message", "subscribe needs a stream (a string)");
-		return;
+		return -1;
 	}
 	for (kind = 0; kind < K__COUNT; kind++)
 		if (!strcmp(json_string_value(jstream), kind_names[kind]))
-			break;
-	if (kind == K__COUNT) {
-		send_error(c, id, "unknown_stream",
-			   "stream must be one of raw, 1s, 10s, 1m, presence, commands");
-		return;
-	}
-	if (!hub_redis_up(c->hub->redis)) {
-		send_error(c, id, "unavailable", "Redis is unavailable; subscribe again later");
-		return;
-	}
-	if (c->nsubs >= (unsigned)c->hub->cfg.stream_max_subscriptions) {
-		send_error(c, id, "too_many_subscriptions", "at most %d subscriptions per connection",
-			   c->hub->cfg.stream_max_subscriptions);
-		return;
-	}
-	if (filter_caps(c, json_object_get(msg, "filter"), &entries, err, sizeof(err), &code)) {
-		send_error(c, id, code, "%s", err);
-		return;
-	}
-	s = hub_xcalloc(1, sizeof(*s));
+			return kind;
+	send_error(c, id, "unknown_stream", "stream must be one of raw, 1s, 10s, 1m, presence, commands");
+	return -1;
+}
+
+static struct st_sub *sub_new(struct st_conn *c, const char *id, enum st_kind kind)
+{
+	struct st_sub *s = hub_xcalloc(1, sizeof(*s));
+	hub_buf j = { 0 };
+
 	s->refs = 1;
-	s->kind = (enum st_kind)kind;
+	s->kind = kind;
 	s->id_len = strlen(id);
 	memcpy(s->id, id, s->id_len + 1);
-	{
-		hub_buf j = { 0 };
-		hub_buf_json_str(&j, s->id, s->id_len);
-		s->id_json = hub_xmalloc(j.len + 1);
-		memcpy(s->id_json, j.data, j.len);
-		s->id_json[j.len] = '\0';
-		s->id_json_len = j.len;
-		hub_buf_free(&j);
-	}
+	hub_buf_json_str(&j, s->id, s->id_len);
+	s->id_json = hub_xmalloc(j.len + 1);
+	memcpy(s->id_json, j.data, j.len);
+	s->id_json[j.len] = '\0';
+	s->id_json_len = j.len;
+	hub_buf_free(&j);
 	s->conn = c;
-	if (parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err), &code))
-		goto bad;
-	code = "bad_filter";
+	return s;
+}
+
+/* group_by and since: 0, or -1 with the code and the reason in err. */
+static int subscribe_options(struct st_sub *s, json_t *msg, char *err, size_t errlen,
+			     const char **code)
+{
+	json_t *jgb = json_object_get(msg, "group_by"), *jsince = json_object_get(msg, "since");
+
+	*code = "bad_filter";
 	if (jgb && !json_is_null(jgb)) {
-		if (kind < K_1S || kind > K_1M) {
-			snprintf(err, sizeof(err), "group_by is only for the 1s, 10s and 1m streams");
-			goto bad;
+		if (s->kind < K_1S || s->kind > K_1M) {
+			snprintf(err, errlen, "group_by is only for the 1s, 10s and 1m streams");
+			return -1;
 		}
 		if (!json_is_string(jgb) || !json_string_length(jgb) || json_string_length(jgb) > 128) {
-			snprintf(err, sizeof(err), "group_by must be a label name");
-			goto bad;
+			snprintf(err, errlen, "group_by must be a label name");
+			return -1;
 		}
 		s->group_by = hub_xstrdup(json_string_value(jgb));
 	}
 	if (jsince && !json_is_null(jsince)) {
-		code = "bad_since";
-		if (kind != K_RAW) {
-			snprintf(err, sizeof(err), "since is only for the raw stream");
-			goto bad;
+		*code = "bad_since";
+		if (s->kind != K_RAW) {
+			snprintf(err, errlen, "since is only for the raw stream");
+			return -1;
 		}
 		if (!json_is_string(jsince) ||
 		    parse_pos(json_string_value(jsince), json_string_length(jsince),
 			      &s->last_ms, &s->last_seq)) {
-			snprintf(err, sizeof(err), "since must be a position \"<ms>-<n>\" as in pos");
-			goto bad;
+			snprintf(err, errlen, "since must be a position \"<ms>-<n>\" as in pos");
+			return -1;
 		}
 		s->has_since = true;
 	}
+	return 0;
+}
 
-	/* Join the group (and its Redis channel), then start if it is active. */
-	s->group = group_for(c->st, s->kind, s->type);
+/* Joins the subscription to its group (and the group's Redis channel) and
+ * to its connection, then starts it if the channel is active. */
+static void sub_join(struct st_conn *c, struct st_sub *s, size_t entries)
+{
+	struct stream *st = c->st;
+
+	s->group = group_for(st, s->kind, s->type);
 	/* Appended: a message matching several subscriptions of one
 	 * connection goes out in subscription order. */
 	s->gprev = s->group->tail;
@@ -1594,17 +1593,46 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 	s->filter_entries = entries;
 	c->filter_entries += entries;
 	c->hub->metrics.stream_subscriptions++;
-	if (kind >= K_1S && kind <= K_1M)
-		agg_want(st->agg, (enum agg_window)(kind - K_1S), true);
+	if (s->kind >= K_1S && s->kind <= K_1M)
+		agg_want(st->agg, (enum agg_window)(s->kind - K_1S), true);
 	group_acquire(s->group);
 	s->phase = PH_WAIT;
 	if (hub_redis_channel_active(s->group->ch))
 		sub_start(s);
-	return;
-bad:
-	send_error(c, id, code, "%s", err);
-	s->conn = NULL;
-	sub_unref(s);
+}
+
+static void handle_subscribe(struct st_conn *c, json_t *msg)
+{
+	const char *id = NULL, *code;
+	char err[256];
+	struct st_sub *s;
+	size_t entries;
+	int kind = subscribe_kind(c, msg, &id);
+
+	if (kind < 0)
+		return;
+	if (!hub_redis_up(c->hub->redis)) {
+		send_error(c, id, "unavailable", "Redis is unavailable; subscribe again later");
+		return;
+	}
+	if (c->nsubs >= (unsigned)c->hub->cfg.stream_max_subscriptions) {
+		send_error(c, id, "too_many_subscriptions", "at most %d subscriptions per connection",
+			   c->hub->cfg.stream_max_subscriptions);
+		return;
+	}
+	if (filter_caps(c, json_object_get(msg, "filter"), &entries, err, sizeof(err), &code)) {
+		send_error(c, id, code, "%s", err);
+		return;
+	}
+	s = sub_new(c, id, (enum st_kind)kind);
+	if (parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err), &code) ||
+	    subscribe_options(s, msg, err, sizeof(err), &code)) {
+		send_error(c, id, code, "%s", err);
+		s->conn = NULL;
+		sub_unref(s);
+		return;
+	}
+	sub_join(c, s, entries);
 }
 
 static void handle_unsubscribe(struct st_conn *c, json_t *msg)
