@@ -55,7 +55,8 @@ int opts_set(const struct opt *o, void *obj, const char *val, const char *origin
 		}
 		break;
 	case OPT_INT:
-	case OPT_LONG: {
+	case OPT_LONG:
+	case OPT_UINT: {
 		errno = 0;
 		long long v = strtoll(val, &end, 10);
 		if (errno || end == val || *end || (double)v < o->min || (double)v > o->max)
@@ -63,6 +64,8 @@ int opts_set(const struct opt *o, void *obj, const char *val, const char *origin
 				    w, o->min, o->max, val);
 		if (p && o->type == OPT_INT)
 			*(int *)(void *)p = (int)v;
+		else if (p && o->type == OPT_UINT)
+			*(unsigned *)(void *)p = (unsigned)v;
 		else if (p)
 			*(long *)(void *)p = (long)v;
 		break;
@@ -318,6 +321,9 @@ void opts_dump(const struct opt *t, size_t n, const void *obj, FILE *out)
 			break;
 		case OPT_LONG:
 			fprintf(out, "%s %ld\n", t[i].name, *(const long *)(const void *)p);
+			break;
+		case OPT_UINT:
+			fprintf(out, "%s %u\n", t[i].name, *(const unsigned *)(const void *)p);
 			break;
 		case OPT_U64:
 			fprintf(out, "%s %" PRIu64 "\n", t[i].name, *(const uint64_t *)(const void *)p);

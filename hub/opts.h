@@ -19,6 +19,7 @@ enum opt_type {
 	OPT_STR,   /* char *, owned: copied when set, freed by opts_free() */
 	OPT_INT,   /* int, an integer in [min, max] */
 	OPT_LONG,  /* long, an integer in [min, max] */
+	OPT_UINT,  /* unsigned, an integer in [min, max] (min >= 0) */
 	OPT_U64,   /* uint64_t, decimal digits only, in [min, max] */
 	OPT_DBL,   /* double, a number in [min, max] */
 	OPT_FLAG,  /* int set to 1; takes no value */

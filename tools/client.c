@@ -62,7 +62,7 @@ struct hc_conn {
 	struct lws *wsi;
 	const struct hc_cbs *cb;
 	void *user;
-	char *auth, *hname, *hvalue, *body;
+	const char *auth, *hname, *hvalue, *body;   /* borrowed (hc_conn_opts) */
 	size_t body_len, max;
 	hub_buf rx;                 /* a message in pieces, or a refused body */
 	struct hc_msg *q, *q_tail;
@@ -183,19 +183,10 @@ static void conn_free(struct hc_conn *c)
 		free(m);
 	}
 	hub_buf_free(&c->rx);
-	free(c->auth);
-	free(c->hname);
-	free(c->hvalue);
-	free(c->body);
 	free(c->error);
 	free(c->reason);
 	free(c->close_reason);
 	free(c);
-}
-
-static char *dup_or_null(const char *s)
-{
-	return s ? hub_xstrdup(s) : NULL;
 }
 
 /* No validity (idle PING) timer: see the top of the file. */
@@ -213,14 +204,11 @@ struct hc_conn *hc_connect(struct hc_ctx *x, const struct hc_conn_opts *o)
 	c->http = o->method != NULL;
 	c->raw = o->raw;
 	c->max = o->max_message ? o->max_message : 1u << 20;
-	c->auth = dup_or_null(o->auth);
-	c->hname = dup_or_null(o->header_name);
-	c->hvalue = dup_or_null(o->header_value);
-	if (o->body) {
-		c->body = hub_xmalloc(o->body_len);
-		memcpy(c->body, o->body, o->body_len);
-		c->body_len = o->body_len;
-	}
+	c->auth = o->auth;
+	c->hname = o->header_name;
+	c->hvalue = o->header_value;
+	c->body = o->body;
+	c->body_len = o->body_len;
 	/* url->path is a prefix: "/" + "/v1/x" is "/v1/x" */
 	if (o->path && !strcmp(o->url->path, "/"))
 		hub_buf_puts(&path, o->path);
@@ -318,7 +306,7 @@ void hc_close(struct hc_conn *c, int code, const char *reason)
 		return;
 	c->closing = 1;
 	c->close_status = code;
-	c->close_reason = dup_or_null(reason);
+	c->close_reason = reason ? hub_xstrdup(reason) : NULL;
 	if (c->opened && !c->http)
 		lws_callback_on_writable(c->wsi);
 	else
@@ -400,19 +388,21 @@ static int http_event(struct hc_conn *c, struct lws *wsi, enum lws_callback_reas
 		unsigned char **p = in, *end = *p + len;
 		char n[24];
 
+		snprintf(n, sizeof(n), "%zu", c->body_len);
 		if ((c->auth && lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_AUTHORIZATION,
 				(unsigned char *)c->auth, (int)strlen(c->auth), p, end)) ||
 		    (c->hname && lws_add_http_header_by_name(wsi, (unsigned char *)c->hname,
-				(unsigned char *)c->hvalue, (int)strlen(c->hvalue), p, end)))
+				(unsigned char *)c->hvalue, (int)strlen(c->hvalue), p, end)) ||
+		    (c->http && c->body &&
+		     (lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_TYPE,
+				(unsigned char *)"application/json", 16, p, end) ||
+		      lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH,
+				(unsigned char *)n, (int)strlen(n), p, end)))) {
+			c->error = hub_xstrdup("the request's headers do not fit lws's buffer");
 			return -1;
+		}
 		if (!c->http || !c->body)
 			return 0;
-		snprintf(n, sizeof(n), "%zu", c->body_len);
-		if (lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_TYPE,
-				(unsigned char *)"application/json", 16, p, end) ||
-		    lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH,
-				(unsigned char *)n, (int)strlen(n), p, end))
-			return -1;
 		lws_client_http_body_pending(wsi, 1);
 		lws_callback_on_writable(wsi);
 		return 0;
@@ -476,11 +466,17 @@ static void conn_gone(struct hc_conn *c)
 	c->wsi = NULL;
 	if (c->connecting)
 		return;   /* hc_connect() frees it and returns NULL */
-	if (!c->http && c->status && c->status != 101 && c->rx.len) {
-		end.body = c->rx.data;
+	if (!c->http && c->status && c->status != 101) {
+		hub_buf b = { 0 };
+
+		/* lws's words for it lose the status */
+		hub_buf_printf(&b, "the upgrade was refused with HTTP %d", c->status);
+		free(c->error);
+		end.error = c->error = b.data;
+		end.body = c->rx.len ? c->rx.data : NULL;
 		end.body_len = c->rx.len;
 	}
-	if (!end.error && (c->http ? !c->completed : !c->opened))
+	if (!end.error && !c->closing && (c->http ? !c->completed : !c->opened))
 		end.error = c->status ? "the answer ended early" : "connection lost";
 	if (!c->aborted && c->cb->on_close)
 		c->cb->on_close(c, &end, c->user);
@@ -513,6 +509,10 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
 	if (!c || c->gone)
 		return 0;
 	c->wsi = wsi;
+	if (c->aborted && reason != LWS_CALLBACK_WSI_DESTROY)   /* fail what it asks */
+		return reason == LWS_CALLBACK_CLIENT_WRITEABLE ||
+		       reason == LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER ||
+		       reason == LWS_CALLBACK_CLIENT_HTTP_WRITEABLE ? -1 : 0;
 	switch (reason) {
 	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
 		if (!c->error)   /* a certificate's verdict says more than lws */
@@ -530,18 +530,18 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
 		return 0;
 	case LWS_CALLBACK_CLIENT_ESTABLISHED:
 		c->opened = 1;
-		if (c->cb->on_open && !c->aborted)
+		if (c->cb->on_open)
 			c->cb->on_open(c, c->user);
 		if (c->q)
 			lws_callback_on_writable(wsi);
 		return 0;
 	case LWS_CALLBACK_CLIENT_RECEIVE:
 		/* always 0: see the top of the file */
-		if (!c->closing && !c->aborted)
+		if (!c->closing)
 			deliver(c, in, len, lws_is_final_fragment(wsi));
 		return 0;
 	case LWS_CALLBACK_CLIENT_WRITEABLE:
-		return c->aborted ? -1 : writeable(c, wsi);
+		return writeable(c, wsi);
 	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
 		if (len >= 2) {
 			const unsigned char *b = in;
@@ -555,8 +555,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
 		conn_gone(c);
 		return 0;
 	default:
-		return c->aborted && reason != LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER ? 0 :
-		       http_event(c, wsi, reason, in, len);
+		return http_event(c, wsi, reason, in, len);
 	}
 }
 
@@ -697,9 +696,11 @@ void hc_run(struct hc_ctx *x)
 	hc_ctx_free(x);
 }
 
+/* The deadline of hc_wait(). lws 4.1.6 polls right after running the ripe
+ * timers, without a timeout when none is left: wake that poll at once. */
 static void wait_cb(lws_sorted_usec_list_t *sul)
 {
-	(void)sul;   /* waking the loop was all */
+	lws_cancel_service(lws_container_of(sul, struct hc_ctx, sul_wait)->lws);
 }
 
 int hc_wait(struct hc_ctx *x, const int *done, int64_t deadline_us)

@@ -16,8 +16,9 @@
  * Ownership: the layer owns every struct hc_conn. A connection lives from
  * hc_connect() until its on_close returns (then it is freed); after
  * hc_abort() no callback of it runs again and it may be gone at once.
- * Strings given in hc_conn_opts are copied; the URL must outlive the
- * connection. Data handed to a callback dies when the callback returns.
+ * What hc_conn_opts points to (URL, strings, body) is borrowed: it must stay
+ * valid until on_close (or hc_abort()). Data handed to a callback dies when
+ * the callback returns.
  */
 #ifndef TOOLS_CLIENT_H
 #define TOOLS_CLIENT_H

@@ -459,7 +459,7 @@ struct wmsg {
 struct ws {
 	struct hc_conn *c;             /* NULL once closed */
 	struct wmsg *head, *tail;      /* received, not yet read */
-	int wake, opened, big, status, close_code;
+	int wake, opened, closed, big, status, close_code;
 	char *error, *body;            /* how it failed; a refused upgrade's body */
 };
 
@@ -498,7 +498,7 @@ static void ws_close_cb(struct hc_conn *c, const struct hc_end *e, void *user)
 	struct ws *w = user;
 
 	w->c = NULL;
-	w->wake = 1;
+	w->wake = w->closed = 1;
 	w->status = e->status;
 	w->close_code = e->close_code ? e->close_code : 1006;
 	w->error = e->error ? hub_xstrdup(e->error) : NULL;
@@ -526,10 +526,8 @@ static void ws_close(struct ws *w)
 	if (!w)
 		return;
 	if (w->c) {
-		static const int never;
-
 		hc_close(w->c, 1000, NULL);
-		hc_wait(o.x, &never, hub_mono_us() + 500000);
+		hc_wait(o.x, &w->closed, hub_mono_us() + 500000);
 		if (w->c)   /* hc_wait ends early after Ctrl-C */
 			hc_abort(w->c);
 	}
