@@ -1,3 +1,4 @@
+#define _GNU_SOURCE   /* program_invocation_short_name */
 #include "hub/opts.h"
 
 #include <ctype.h>
@@ -345,4 +346,33 @@ void opts_free(const struct opt *t, size_t n, void *obj)
 			free(*s);
 			*s = NULL;
 		}
+}
+
+void opts_die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "%s: ", program_invocation_short_name);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputs(" (see --help)\n", stderr);
+	exit(2);
+}
+
+int opts_argv_or_exit(const struct opts_cli *c, int argc, char **argv, int *i,
+		      void (*usage)(FILE *out))
+{
+	char err[512];
+	int r = opts_argv(c, argc, argv, i, err, sizeof(err));
+
+	if (r == OPTS_HELP) {
+		usage(stdout);
+		exit(0);
+	}
+	if (r < 0) {
+		fprintf(stderr, "%s: %s\n", program_invocation_short_name, err);
+		exit(2);
+	}
+	return r;
 }

@@ -117,4 +117,14 @@ void opts_dump(const struct opt *t, size_t n, const void *obj, FILE *out);
 /* Frees the table's OPT_STR fields and sets them NULL. */
 void opts_free(const struct opt *t, size_t n, void *obj);
 
+/* For programs' main(); these print and exit. PROG is the program's name. */
+
+/* "PROG: <message> (see --help)" on stderr, then exit(2). */
+void opts_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* opts_argv(); at -h or --help usage(stdout) and exit(0); on an error
+ * "PROG: <why>" on stderr and exit(2). Returns 0 or 1 as opts_argv(). */
+int opts_argv_or_exit(const struct opts_cli *c, int argc, char **argv, int *i,
+		      void (*usage)(FILE *out));
+
 #endif

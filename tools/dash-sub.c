@@ -1046,44 +1046,44 @@ check_args(void)
 	int64_t pid;
 
 	if (hc_url_parse(&c->u, c->url, HC_WS, err, sizeof(err)))
-		lg_die("--url: %s", err);
+		opts_die("--url: %s", err);
 	if (c->u.tls)
-		lg_die("--url: must start with ws:// (loopback only), got '%s'", c->url);
+		opts_die("--url: must start with ws:// (loopback only), got '%s'", c->url);
 	if (!strcmp(c->u.host, "localhost")) {
 		free(c->u.host);
 		c->u.host = hub_xstrdup("127.0.0.1");
 	}
 	if (inet_pton(AF_INET, c->u.host, &a6) == 1) {
 		if (*(unsigned char *)&a6 != 127)
-			lg_die("--url: %s is not a loopback address", c->u.host);
+			opts_die("--url: %s is not a loopback address", c->u.host);
 	} else if (inet_pton(AF_INET6, c->u.host, &a6) == 1) {
 		if (!IN6_IS_ADDR_LOOPBACK(&a6))
-			lg_die("--url: %s is not a loopback address", c->u.host);
+			opts_die("--url: %s is not a loopback address", c->u.host);
 	} else {
-		lg_die("--url: host must be a loopback IP literal or localhost, got '%s'",
+		opts_die("--url: host must be a loopback IP literal or localhost, got '%s'",
 		       c->u.host);
 	}
 	if (!c->slices)
 		c->slices = c->connections;
 	if (c->warmup >= c->duration)
-		lg_die("--warmup must be shorter than --duration");
+		opts_die("--warmup must be shorter than --duration");
 	if (c->auth_message && !c->token)
-		lg_die("--auth-message needs --token");
+		opts_die("--auth-message needs --token");
 	if (c->topic && !c->mqtt)
-		lg_die("--topic needs --mqtt");
+		opts_die("--topic needs --mqtt");
 	if (!c->topic)
 		c->topic = hub_xstrdup("tele/#");
 	if (!*c->topic || strlen(c->topic) > 1024)
-		lg_die("--topic: 1 to 1024 bytes");
+		opts_die("--topic: 1 to 1024 bytes");
 	if (c->mqtt && (c->auth_message || c->devices || c->device_type ||
 			c->labels || c->since || strcmp(c->stream, "raw")))
-		lg_die("--mqtt: --auth-message, --stream and the filters do "
+		opts_die("--mqtt: --auth-message, --stream and the filters do "
 		       "not apply (the broker's filter is --topic)");
 	if (!*c->stamp_field || strlen(c->stamp_field) > 64 ||
 	    strpbrk(c->stamp_field, "\"\\"))
-		lg_die("--stamp-field: 1-64 characters, no quote or backslash");
+		opts_die("--stamp-field: 1-64 characters, no quote or backslash");
 	if (c->token && strpbrk(c->token, " \t\r\n"))
-		lg_die("--token: no whitespace");
+		opts_die("--token: no whitespace");
 	if (c->token && !c->auth_message && !c->mqtt) {
 		hub_buf b = { 0 };
 
@@ -1094,14 +1094,14 @@ check_args(void)
 		size_t n = strcspn(p, ","), k = strcspn(p, "=");
 
 		if (!k || k >= n)
-			lg_die("--labels: expected k=v[,k=v...], got '%s'", c->labels);
+			opts_die("--labels: expected k=v[,k=v...], got '%s'", c->labels);
 	}
 	for (t = c->pids_s ? strtok_r(c->pids_s, ",", &save) : NULL; t;
 	     t = strtok_r(NULL, ",", &save)) {
 		if (c->n_pids == DS_PIDS_MAX)
-			lg_die("--cpu-pids: at most %d", DS_PIDS_MAX);
+			opts_die("--cpu-pids: at most %d", DS_PIDS_MAX);
 		if (hub_parse_i64(t, strlen(t), 1, 4194304, &pid))
-			lg_die("--cpu-pids: expected a process id, got '%s'", t);
+			opts_die("--cpu-pids: expected a process id, got '%s'", t);
 		c->pids[c->n_pids++] = (int)pid;
 	}
 	g.stamp_key_len = (size_t)snprintf(g.stamp_key, sizeof(g.stamp_key),

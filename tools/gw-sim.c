@@ -2181,10 +2181,10 @@ parse_labels(const char *s)
 		char *eq = strchr(tok, '=');
 
 		if (!eq || eq == tok)
-			lg_die("--labels: expected k=v[,k=v...], got '%s'", s);
+			opts_die("--labels: expected k=v[,k=v...], got '%s'", s);
 		*eq = '\0';
 		if (json_object_set_new(o, tok, json_string(eq + 1)))
-			lg_die("--labels: not valid UTF-8: '%s'", s);
+			opts_die("--labels: not valid UTF-8: '%s'", s);
 	}
 	free(dup);
 	out = json_object_size(o) ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
@@ -2201,15 +2201,15 @@ check_args(void)
 	json_t *js;
 
 	if (hc_url_parse(&c->u, c->url, HC_WS, err, sizeof(err)))
-		lg_die("--url: %s", err);
+		opts_die("--url: %s", err);
 	if (c->mqtt ? !!c->token + !!c->token_cmd + !!c->jwt_secret > 1 :
 	    !!c->token + !!c->token_cmd + !!c->jwt_secret != 1)
-		lg_die("give exactly one of --token, --token-cmd and --jwt-secret%s",
+		opts_die("give exactly one of --token, --token-cmd and --jwt-secret%s",
 		       c->mqtt ? " (or none with --mqtt)" : "");
 	if (c->mqtt && c->inflight > SIM_MQTT_PIDS)
-		lg_die("--inflight: at most %u with --mqtt (16-bit packet ids)", SIM_MQTT_PIDS);
+		opts_die("--inflight: at most %u with --mqtt (16-bit packet ids)", SIM_MQTT_PIDS);
 	if ((c->jwt_devices || c->ttl) && !c->jwt_secret)
-		lg_die("--jwt-devices and --ttl need --jwt-secret");
+		opts_die("--jwt-devices and --ttl need --jwt-secret");
 	if (!c->ttl)
 		c->ttl = 3600;
 	if (c->token && c->gateways > 1 && !c->mqtt)
@@ -2221,12 +2221,12 @@ check_args(void)
 		LOG(LOG_WARN, "--token-cmd has no {sub}: every gateway gets the "
 		    "same kind of token");
 	if (!c->cert != !c->key)
-		lg_die("--cert and --key go together");
+		opts_die("--cert and --key go together");
 	if ((c->ca || c->cert || c->insecure) && !c->u.tls)
-		lg_die("--ca, --cert, --key and --insecure need a wss:// --url");
+		opts_die("--ca, --cert, --key and --insecure need a wss:// --url");
 	if (strlen(c->gw_prefix) > SIM_ID_MAX - 24 ||
 	    !hub_id_valid(c->gw_prefix, strlen(c->gw_prefix)))
-		lg_die("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, got '%s'",
+		opts_die("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, got '%s'",
 		       c->gw_prefix);
 	if (c->stamp_field) {
 		const char *q = c->stamp_field;
@@ -2234,32 +2234,32 @@ check_args(void)
 		while (*q && (isalnum((unsigned char)*q) || *q == '_'))
 			q++;
 		if (!*c->stamp_field || *q || q - c->stamp_field > 64)
-			lg_die("--stamp-field: must match [A-Za-z0-9_]{1,64}, got '%s'",
+			opts_die("--stamp-field: must match [A-Za-z0-9_]{1,64}, got '%s'",
 			       c->stamp_field);
 		if (!strcmp(c->stamp_field, "temperature") ||
 		    !strcmp(c->stamp_field, "humidity"))
-			lg_die("--stamp-field: '%s' is already in every reading", c->stamp_field);
+			opts_die("--stamp-field: '%s' is already in every reading", c->stamp_field);
 	}
 	if (c->cmd_reject && !*c->cmd_reject)
-		lg_die("--cmd-reject: empty list");
+		opts_die("--cmd-reject: empty list");
 	if (!*c->device_type || strlen(c->device_type) > SIM_ID_MAX)
-		lg_die("--device-type: 1 to %u characters", SIM_ID_MAX);
+		opts_die("--device-type: 1 to %u characters", SIM_ID_MAX);
 	if (c->rate > 0 && c->rate / c->batch > 1e6)
-		lg_die("--rate/--batch: more than 1e6 frames/s per gateway");
+		opts_die("--rate/--batch: more than 1e6 frames/s per gateway");
 	if (c->idle && (c->rate > 0 || c->frames))
-		lg_die("--idle sends no telemetry: drop --rate/--frames");
+		opts_die("--idle sends no telemetry: drop --rate/--frames");
 	if (c->labels) {
 		g.labels_json = parse_labels(c->labels);
 		if (g.labels_json && strlen(g.labels_json) > 256)
-			lg_die("--labels: at most 256 bytes of JSON");
+			opts_die("--labels: at most 256 bytes of JSON");
 	}
 	js = json_string(c->device_type);
 	if (!js)
-		lg_die("--device-type: not valid UTF-8");
+		opts_die("--device-type: not valid UTF-8");
 	g.dev_type_json = json_dumps(js, JSON_ENCODE_ANY);
 	json_decref(js);
 	if (frame_bound() > c->max_frame)
-		lg_die("--batch %u can make frames of %zu bytes, over --max-frame %" PRIu64,
+		opts_die("--batch %u can make frames of %zu bytes, over --max-frame %" PRIu64,
 		       c->batch, frame_bound(), c->max_frame);
 	/* --source-ips: split in place */
 	for (tok = c->src ? strtok_r(c->src, ",", &save) : NULL; tok;
@@ -2267,12 +2267,12 @@ check_args(void)
 		struct in6_addr a6;
 
 		if (inet_pton(AF_INET, tok, &a6) != 1 && inet_pton(AF_INET6, tok, &a6) != 1)
-			lg_die("--source-ips: '%s' is not an IP address", tok);
+			opts_die("--source-ips: '%s' is not an IP address", tok);
 		c->src_ips = hub_xrealloc(c->src_ips, (c->n_src_ips + 1) * sizeof(char *));
 		c->src_ips[c->n_src_ips++] = tok;
 	}
 	if (c->src && !c->n_src_ips)
-		lg_die("--source-ips: empty list");
+		opts_die("--source-ips: empty list");
 }
 
 /* ------------------------------------------------------------------------ */

@@ -85,20 +85,7 @@ static struct ctl {
 	char err[512];                 /* the last transport error */
 } o;
 
-static void die_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 static void set_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void die_usage(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("hubctl: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputs(" (hubctl --help)\n", stderr);
-	exit(EX_USAGE);
-}
 
 static void set_err(const char *fmt, ...)
 {
@@ -1057,11 +1044,11 @@ static int cmd_send(void)
 	int ex, status = 0;
 
 	if (!device || !name)
-		die_usage("send: expected DEVICE NAME");
+		opts_die("send: expected DEVICE NAME");
 	if (!*device || !*name)
-		die_usage("send: DEVICE and NAME must not be empty");
+		opts_die("send: DEVICE and NAME must not be empty");
 	if (json_object_set_new(o.body, "name", json_string(name)))
-		die_usage("send: NAME is not valid UTF-8");
+		opts_die("send: NAME is not valid UTF-8");
 
 	if (o.wait) {
 		/* subscribe before creating, so no transition can be missed */
@@ -1301,14 +1288,14 @@ static json_t *parse_params(const char *params)
 	json_t *pj;
 
 	if (params[0] == '@' && !(text = hub_read_file(params + 1, CTL_PARAMS_MAX, &n)))
-		die_usage("--params %s: %s", params + 1, errno == EFBIG ? "over 64 KiB" :
+		opts_die("--params %s: %s", params + 1, errno == EFBIG ? "over 64 KiB" :
 			  strerror(errno));
 	if (!text && strlen(params) > CTL_PARAMS_MAX)
-		die_usage("--params: over %u bytes", CTL_PARAMS_MAX);
+		opts_die("--params: over %u bytes", CTL_PARAMS_MAX);
 	pj = json_loads(text ? text : params, JSON_DECODE_ANY, &je);
 	free(text);
 	if (!pj)
-		die_usage("--params: not JSON: %s (line %d, column %d)", je.text, je.line,
+		opts_die("--params: not JSON: %s (line %d, column %d)", je.text, je.line,
 			  je.column);
 	return pj;
 }
@@ -1321,16 +1308,16 @@ static int cmd_send_fleet(void)
 	char *id;
 
 	if (!o.type || !*o.type)
-		die_usage("send-fleet: --type T is required");
+		opts_die("send-fleet: --type T is required");
 	if (!name || !*name)
-		die_usage("send-fleet: expected NAME");
+		opts_die("send-fleet: expected NAME");
 	if (json_object_set_new(target, "device_type", json_string(o.type)))
-		die_usage("send-fleet: --type is not valid UTF-8");
+		opts_die("send-fleet: --type is not valid UTF-8");
 	if (o.labels)
 		json_object_set(target, "labels", o.labels);
 	json_object_set_new(o.body, "target", target);
 	if (json_object_set_new(o.body, "name", json_string(name)))
-		die_usage("send-fleet: NAME is not valid UTF-8");
+		opts_die("send-fleet: NAME is not valid UTF-8");
 	if (json_object_size(o.ro))
 		json_object_set(o.body, "rollout", o.ro);
 
@@ -1380,7 +1367,7 @@ static int cmd_show_cancel(int cancel)
 	int ex;
 
 	if (!id || !*id)
-		die_usage("%s: expected a command ID", o.cmd);
+		opts_die("%s: expected a command ID", o.cmd);
 	ex = command_api(id, cancel, &c);
 	if (ex)
 		return ex;
@@ -1409,9 +1396,9 @@ static int cmd_cancel(void)
 static int cmd_show_rollout(void)
 {
 	if (!o.pos[0] || !*o.pos[0])
-		die_usage("show-rollout: expected a rollout ID");
+		opts_die("show-rollout: expected a rollout ID");
 	if (strncmp(o.pos[0], "r_", 2))
-		die_usage("show-rollout: a rollout ID starts with r_ (show ID for a command)");
+		opts_die("show-rollout: a rollout ID starts with r_ (show ID for a command)");
 	return cmd_show_cancel(0);
 }
 
@@ -1470,7 +1457,7 @@ static int cmd_list(void)
 	char lim[24];
 
 	if (!o.pos[0] || !*o.pos[0])
-		die_usage("list-commands: expected DEVICE");
+		opts_die("list-commands: expected DEVICE");
 	device_commands(&p, o.pos[0]);
 	if (o.status)
 		query(&p, &sep, "status", o.status);
@@ -1590,13 +1577,13 @@ static int cmd_tail(void)
 	for (int s = 0; streams[s]; s++)
 		ok |= !strcmp(o.stream, streams[s]);
 	if (!ok)
-		die_usage("--stream: one of raw, 1s, 10s, 1m, presence, commands");
+		opts_die("--stream: one of raw, 1s, 10s, 1m, presence, commands");
 	agg = strcmp(o.stream, "raw") && strcmp(o.stream, "presence") &&
 	      strcmp(o.stream, "commands");
 	if (o.since && strcmp(o.stream, "raw"))
-		die_usage("--since: only with --stream raw");
+		opts_die("--since: only with --stream raw");
 	if (o.group_by && !agg)
-		die_usage("--group-by: only with --stream 1s, 10s or 1m");
+		opts_die("--group-by: only with --stream 1s, 10s or 1m");
 
 	if (o.devices)
 		json_object_set(filter, "devices", o.devices);
@@ -1890,20 +1877,6 @@ static int positional(void *ctx, const char *a, char *err, size_t errlen)
 	return -1;
 }
 
-static void parse(int argc, char **argv, const struct opts_cli *c, int *i)
-{
-	int r = opts_argv(c, argc, argv, i, o.err, sizeof(o.err));
-
-	if (r == OPTS_HELP) {
-		usage(stdout);
-		exit(EX_OK);
-	}
-	if (r < 0) {
-		fprintf(stderr, "hubctl: %s\n", o.err);
-		exit(EX_USAGE);
-	}
-}
-
 /* --url and the key: checked, then the client context */
 static void start(void)
 {
@@ -1913,17 +1886,17 @@ static void start(void)
 	struct hc_ctx_opts xo = { 0 };
 
 	if (strpbrk(o.url_s, "?#"))
-		die_usage("--url: no query or fragment, please: '%s'", o.url_s);
+		opts_die("--url: no query or fragment, please: '%s'", o.url_s);
 	if (hc_url_parse(&o.url, o.url_s, HC_HTTP | HC_WS, err, sizeof(err)))
-		die_usage("--url: %s", err);
+		opts_die("--url: %s", err);
 	/* the path is a prefix: no trailing '/' */
 	for (n = strlen(o.url.path); n > 1 && o.url.path[n - 1] == '/'; n--)
 		o.url.path[n - 1] = '\0';
 	if (o.key && !*o.key)
-		die_usage("the API key is empty");
+		opts_die("the API key is empty");
 	for (k = o.key; k && *k; k++)
 		if ((unsigned char)*k <= ' ' || *k == 0x7f)
-			die_usage("the API key contains spaces or control characters");
+			opts_die("the API key contains spaces or control characters");
 	if (o.key) {
 		hub_buf b = { 0 };
 
@@ -1962,9 +1935,9 @@ int main(int argc, char **argv)
 
 	const struct opts_tab gtab = { N(global_opts), &o };
 	const struct opts_cli gcli = { &gtab, 1, positional, NULL, NULL };
-	parse(argc, argv, &gcli, &i);
+	opts_argv_or_exit(&gcli, argc, argv, &i, usage);
 	if (i >= argc)
-		die_usage("no command given");
+		opts_die("no command given");
 	o.cmd = argv[i++];
 	if (!strcmp(o.cmd, "help")) {
 		usage(stdout);
@@ -1974,7 +1947,7 @@ int main(int argc, char **argv)
 		if (!strcmp(o.cmd, commands[k].name))
 			cmd = &commands[k];
 	if (!cmd)
-		die_usage("unknown command '%s'", o.cmd);
+		opts_die("unknown command '%s'", o.cmd);
 
 	/* the command's own options first: send's --timeout is its timeout_s */
 	const struct opts_tab tabs[] = { { cmd->opts, cmd->nopts, &o }, gtab };
@@ -1984,7 +1957,7 @@ int main(int argc, char **argv)
 	o.maxpos = cmd->maxpos;
 	if (opts_defaults(cmd->opts, cmd->nopts, &o, o.err, sizeof(o.err)))
 		return EX_USAGE;
-	parse(argc, argv, &cli, &i);
+	opts_argv_or_exit(&cli, argc, argv, &i, usage);
 	if (o.params)
 		json_object_set_new(o.body, "params", parse_params(o.params));
 	start();

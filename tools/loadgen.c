@@ -74,18 +74,6 @@ void lg_lws_logs(void)
 /* ------------------------------------------------------------------------ */
 /* command line                                                               */
 
-void lg_die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, "%s: ", lg_prog);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputs(" (see --help)\n", stderr);
-	exit(2);
-}
-
 int lg_opt_verbose(void *obj, const struct opt *o, const char *val, char *err, size_t errlen)
 {
 	lg_log_level = lg_log_level < LOG_INFO ? LOG_INFO : LOG_DEBUG;
@@ -109,26 +97,33 @@ int lg_opt_stats(void *obj, const struct opt *o, const char *val, char *err, siz
 	return 0;
 }
 
+static struct {
+	const char *head;
+	const struct opt *t;
+	size_t n;
+} help;
+
+static void usage(FILE *f)
+{
+	fputs(help.head, f);
+	opts_usage(help.t, help.n, f);
+	fprintf(f, "  %-26s this help\n", "-h, --help");
+}
+
 void lg_parse(const struct opt *t, size_t n, void *obj, int argc, char **argv,
 	      const char *head)
 {
 	const struct opts_tab tab = { t, n, obj };
 	const struct opts_cli cli = { &tab, 1, NULL, NULL, NULL };
 	char err[512];
-	int i = 1, r = opts_defaults(t, n, obj, err, sizeof(err));
+	int i = 1;
 
-	if (!r)
-		r = opts_argv(&cli, argc, argv, &i, err, sizeof(err));
-	if (r == OPTS_HELP) {
-		fputs(head, stdout);
-		opts_usage(t, n, stdout);
-		printf("  %-26s this help\n", "-h, --help");
-		exit(0);
-	}
-	if (r) {
-		fprintf(stderr, "%s: %s\n", lg_prog, err);
-		exit(2);
-	}
+	if (opts_defaults(t, n, obj, err, sizeof(err)))
+		abort();   /* a table's default is wrong: a bug */
+	help.head = head;
+	help.t = t;
+	help.n = n;
+	opts_argv_or_exit(&cli, argc, argv, &i, usage);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -79,9 +79,6 @@ int lg_opt_stats(void *obj, const struct opt *o, const char *val, char *err, siz
 void lg_parse(const struct opt *t, size_t n, void *obj, int argc, char **argv,
 	      const char *head);
 
-/* "PROG: <message> (see --help)" on stderr, then exit(2). */
-void lg_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
 /* ------------------------------------------------------------------------ */
 /* latency histogram                                                          */
 
