@@ -145,8 +145,7 @@ static struct {
 /* message scanning                                                           */
 
 /* value after key (e.g. "\"dropped\":") as a non-negative integer, or -1 */
-static int64_t
-scan_int(const char *m, size_t n, const char *key, size_t klen)
+static int64_t scan_int(const char *m, size_t n, const char *key, size_t klen)
 {
 	const char *p = memmem(m, n, key, klen), *e = m + n;
 	int64_t v = 0;
@@ -165,8 +164,7 @@ scan_int(const char *m, size_t n, const char *key, size_t klen)
 }
 
 /* string value after key (e.g. "\"code\":"): pointer and length, or NULL */
-static const char *
-scan_str(const char *m, size_t n, const char *key, size_t klen, size_t *len)
+static const char *scan_str(const char *m, size_t n, const char *key, size_t klen, size_t *len)
 {
 	const char *p = memmem(m, n, key, klen), *e = m + n, *q;
 
@@ -186,8 +184,7 @@ scan_str(const char *m, size_t n, const char *key, size_t klen, size_t *len)
 	return p;
 }
 
-static void
-count_errcode(const char *code, size_t len)
+static void count_errcode(const char *code, size_t len)
 {
 	unsigned i;
 
@@ -209,14 +206,12 @@ count_errcode(const char *code, size_t len)
 	g.errs[i].n++;
 }
 
-static struct counters *
-ctr(void)
+static struct counters *ctr(void)
 {
 	return g.in_window ? &g.win : &g.warm;
 }
 
-static void
-on_reading(struct conn *c, const char *m, size_t n)
+static void on_reading(struct conn *c, const char *m, size_t n)
 {
 	const char *data = memmem(m, n, "\"data\":", 7);
 	int64_t now = hub_now_us(), stamp = -1, lat;
@@ -252,8 +247,7 @@ on_reading(struct conn *c, const char *m, size_t n)
 
 static void request_write(struct conn *c);
 
-static void
-handle_msg(struct conn *c, const char *m, size_t n)
+static void handle_msg(struct conn *c, const char *m, size_t n)
 {
 	size_t tl, l;
 	const char *t = scan_str(m, n < DS_TYPE_SCAN ? n : DS_TYPE_SCAN,
@@ -314,8 +308,7 @@ handle_msg(struct conn *c, const char *m, size_t n)
 
 /* CONNECT: MQTT level 4, clean session, keepalive, client id
  * dash-sub-<pid>-<n> (at most 23 bytes, the length every broker must take) */
-static size_t
-mqtt_build_connect(const struct conn *c, unsigned char *o)
+static size_t mqtt_build_connect(const struct conn *c, unsigned char *o)
 {
 	char id[32];
 	size_t idl = (size_t)snprintf(id, sizeof(id), "dash-sub-%d-%u",
@@ -325,8 +318,7 @@ mqtt_build_connect(const struct conn *c, unsigned char *o)
 }
 
 /* SUBSCRIBE --topic at QoS 0 (room: --topic is at most 1024 bytes) */
-static size_t
-mqtt_build_subscribe(unsigned char *o)
+static size_t mqtt_build_subscribe(unsigned char *o)
 {
 	size_t tl = strlen(g.c.topic), n = 0;
 
@@ -345,8 +337,7 @@ mqtt_build_subscribe(unsigned char *o)
 /* A PUBLISH payload is a gateway's telemetry frame,
  * {"type":"telemetry","seq":…,"readings":[{"device":…,"ts":…,"data":{…}},…]}:
  * each reading is the span from one "device" key to the next. */
-static void
-on_publish_payload(struct conn *c, const char *p, size_t n)
+static void on_publish_payload(struct conn *c, const char *p, size_t n)
 {
 	const char *e = p + n, *r = memmem(p, n, "\"device\":", 9), *next;
 
@@ -364,16 +355,14 @@ on_publish_payload(struct conn *c, const char *p, size_t n)
 	}
 }
 
-static void
-mqtt_kill(struct conn *c)
+static void mqtt_kill(struct conn *c)
 {
 	c->kill = 1;
 	request_write(c);
 }
 
 /* one whole packet from the broker: its first byte and its body */
-static void
-mqtt_packet(void *ctx, unsigned b0, const unsigned char *b, size_t n)
+static void mqtt_packet(void *ctx, unsigned b0, const unsigned char *b, size_t n)
 {
 	struct conn *c = ctx;
 
@@ -440,8 +429,7 @@ bad:
 	    "bytes)", c->idx, b0 >> 4, n);
 }
 
-static void
-mqtt_receive(struct conn *c, const unsigned char *in, size_t len)
+static void mqtt_receive(struct conn *c, const unsigned char *in, size_t len)
 {
 	if (c->kill)
 		return;
@@ -458,8 +446,7 @@ mqtt_receive(struct conn *c, const unsigned char *in, size_t len)
 
 /* the subscribe message of connection c (--devices patterns with {i} as the
  * connection's slice index, zero-padded to the width of slices - 1) */
-static json_t *
-subscribe_msg(const struct conn *c)
+static json_t *subscribe_msg(const struct conn *c)
 {
 	json_t *f = json_object(), *m;
 	char num[16];
@@ -520,15 +507,13 @@ subscribe_msg(const struct conn *c)
 
 static void destroy_cb(lws_sorted_usec_list_t *sul);
 
-static void
-request_write(struct conn *c)
+static void request_write(struct conn *c)
 {
 	if (c->hc && c->established)
 		hc_want_write(c->hc);
 }
 
-static void
-close_code_count(int code)
+static void close_code_count(int code)
 {
 	unsigned i;
 
@@ -543,8 +528,7 @@ close_code_count(int code)
 	}
 }
 
-static void
-conn_gone(struct conn *c)
+static void conn_gone(struct conn *c)
 {
 	if (c->state == C_GONE || c->state == C_IDLE)
 		return;
@@ -569,8 +553,7 @@ conn_gone(struct conn *c)
 
 static const struct hc_cbs conn_cbs;
 
-static void
-conn_start(struct conn *c)
+static void conn_start(struct conn *c)
 {
 	const struct hc_conn_opts co = {
 		.url = &g.c.u, .subprotocol = g.c.mqtt ? DS_MQTT_SUBPROTOCOL : DS_SUBPROTOCOL,
@@ -587,8 +570,7 @@ conn_start(struct conn *c)
 	}
 }
 
-static void
-connect_cb(lws_sorted_usec_list_t *sul)
+static void connect_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
 	if (g.stopping)
@@ -601,8 +583,7 @@ connect_cb(lws_sorted_usec_list_t *sul)
 }
 
 /* --mqtt: CONNECT, then (after CONNACK) SUBSCRIBE, then PINGREQs */
-static void
-mqtt_writeable(struct conn *c)
+static void mqtt_writeable(struct conn *c)
 {
 	unsigned char *o = hc_txbuf(g.x, 64 + 1024);   /* --topic <= 1024 */
 	size_t len;
@@ -627,8 +608,7 @@ mqtt_writeable(struct conn *c)
 		hc_want_write(c->hc);
 }
 
-static void
-conn_writeable(struct hc_conn *hc, void *user)
+static void conn_writeable(struct hc_conn *hc, void *user)
 {
 	struct conn *c = user;
 	json_t *m;
@@ -666,8 +646,7 @@ conn_writeable(struct hc_conn *hc, void *user)
 	free(s);
 }
 
-static void
-conn_receive(struct hc_conn *hc, const char *m, size_t n, void *user)
+static void conn_receive(struct hc_conn *hc, const char *m, size_t n, void *user)
 {
 	struct conn *c = user;
 
@@ -681,8 +660,7 @@ conn_receive(struct hc_conn *hc, const char *m, size_t n, void *user)
 	}
 }
 
-static void
-conn_open(struct hc_conn *hc, void *user)
+static void conn_open(struct hc_conn *hc, void *user)
 {
 	struct conn *c = user;
 
@@ -694,8 +672,7 @@ conn_open(struct hc_conn *hc, void *user)
 	hc_want_write(hc);
 }
 
-static void
-conn_closed(struct hc_conn *hc, const struct hc_end *end, void *user)
+static void conn_closed(struct hc_conn *hc, const struct hc_end *end, void *user)
 {
 	struct conn *c = user;
 
@@ -714,8 +691,7 @@ static const struct hc_cbs conn_cbs = { conn_open, conn_receive, conn_writeable,
 /* ------------------------------------------------------------------------ */
 /* timers                                                                     */
 
-static long
-pid_ticks(int pid)
+static long pid_ticks(int pid)
 {
 	char path[64], buf[1024], *p;
 	unsigned long ut, st;
@@ -738,8 +714,7 @@ pid_ticks(int pid)
 
 static void stop_cb(lws_sorted_usec_list_t *sul);
 
-static void
-window_cb(lws_sorted_usec_list_t *sul)
+static void window_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -772,8 +747,7 @@ window_cb(lws_sorted_usec_list_t *sul)
 
 /* --mqtt keepalive: a PINGREQ from every connection every 30 s (a broker
  * drops a client silent for 1.5 keepalives) */
-static void
-mqtt_ping_cb(lws_sorted_usec_list_t *sul)
+static void mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -793,8 +767,7 @@ mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 			 DS_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
 }
 
-static void
-print_stats(int64_t now)
+static void print_stats(int64_t now)
 {
 	double dt = (double)(now - g.last_stats_us) / 1e6;
 
@@ -814,8 +787,7 @@ print_stats(int64_t now)
 	g.last_stats_us = now;
 }
 
-static void
-destroy_cb(lws_sorted_usec_list_t *sul)
+static void destroy_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
 	if (g.destroying)
@@ -830,8 +802,7 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 }
 
 /* the window ends: freeze the figures, then close every connection */
-static void
-stop_cb(lws_sorted_usec_list_t *sul)
+static void stop_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -866,8 +837,7 @@ stop_cb(lws_sorted_usec_list_t *sul)
 }
 
 /* SIGINT/SIGTERM: the first stops, the second closes at once */
-static void
-on_signal(struct hc_ctx *x, int n)
+static void on_signal(struct hc_ctx *x, int n)
 {
 	if (!g.stopping) {
 		LOG(LOG_INFO, "signal: stopping");
@@ -883,8 +853,7 @@ on_signal(struct hc_ctx *x, int n)
 /* summary                                                                    */
 
 /* s as a JSON string on stdout */
-static void
-print_jstr(const char *s)
+static void print_jstr(const char *s)
 {
 	json_t *j = json_string(s);
 
@@ -893,8 +862,7 @@ print_jstr(const char *s)
 	json_decref(j);
 }
 
-static void
-print_summary(void)
+static void print_summary(void)
 {
 	double win = (double)(g.win_end_us - g.win_start_us) / 1e6;
 	uint64_t pmin = UINT64_MAX, pmax = 0, psum = 0;
@@ -1037,8 +1005,7 @@ static const struct opt ds_opts[] = {
 #define NOPTS (sizeof(ds_opts) / sizeof(ds_opts[0]))
 
 /* what the flags mean together */
-static void
-check_args(void)
+static void check_args(void)
 {
 	struct cfg *c = &g.c;
 	char err[256], *save = NULL, *t;
@@ -1108,8 +1075,7 @@ check_args(void)
 					   "\"%s\":", c->stamp_field);
 }
 
-int
-main(int argc, char **argv)
+int main(int argc, char **argv)
 {
 	struct hc_ctx_opts xo = { .libev = 1, .rx_buffer = 4096, .signals = 1,
 				  .on_signal = on_signal };

@@ -288,8 +288,7 @@ static void gw_after_window_change(struct gw *gw);
 /* ------------------------------------------------------------------------ */
 /* random numbers: xorshift64*                                                */
 
-static uint64_t
-rng_next(void)
+static uint64_t rng_next(void)
 {
 	g.rng ^= g.rng >> 12;
 	g.rng ^= g.rng << 25;
@@ -297,8 +296,7 @@ rng_next(void)
 	return g.rng * 2685821657736338717ull;
 }
 
-static double
-rng_unit(void)
+static double rng_unit(void)
 {
 	return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0);
 }
@@ -307,8 +305,7 @@ rng_unit(void)
 /* small helpers                                                              */
 
 /* is name one of the comma-separated names in list? */
-static int
-name_in_list(const char *list, const char *name)
+static int name_in_list(const char *list, const char *name)
 {
 	size_t n = strlen(name);
 	const char *p = list;
@@ -328,8 +325,7 @@ name_in_list(const char *list, const char *name)
 	return 0;
 }
 
-static void
-count_errcode(const char *code)
+static void count_errcode(const char *code)
 {
 	unsigned i;
 
@@ -350,15 +346,13 @@ count_errcode(const char *code)
 /* ------------------------------------------------------------------------ */
 /* open-loop rate heap                                                        */
 
-static void
-heap_set(unsigned i, struct gw *gw)
+static void heap_set(unsigned i, struct gw *gw)
 {
 	g.heap[i] = gw;
 	gw->heap_pos = (int)i;
 }
 
-static void
-heap_up(unsigned i)
+static void heap_up(unsigned i)
 {
 	struct gw *gw = g.heap[i];
 
@@ -373,8 +367,7 @@ heap_up(unsigned i)
 	heap_set(i, gw);
 }
 
-static void
-heap_down(unsigned i)
+static void heap_down(unsigned i)
 {
 	struct gw *gw = g.heap[i];
 
@@ -397,8 +390,7 @@ heap_down(unsigned i)
 static void rate_cb(lws_sorted_usec_list_t *sul);
 
 /* make sure the rate sul fires no later than the heap's earliest due time */
-static void
-rate_arm(void)
+static void rate_arm(void)
 {
 	int64_t due, now_ns;
 
@@ -413,8 +405,7 @@ rate_arm(void)
 			 due > now_ns ? (due - now_ns) / 1000 : 0);
 }
 
-static void
-heap_push(struct gw *gw)
+static void heap_push(struct gw *gw)
 {
 	if (gw->heap_pos >= 0)
 		return;
@@ -424,8 +415,7 @@ heap_push(struct gw *gw)
 	rate_arm();
 }
 
-static void
-heap_remove(struct gw *gw)
+static void heap_remove(struct gw *gw)
 {
 	unsigned i = (unsigned)gw->heap_pos;
 	struct gw *last;
@@ -444,8 +434,7 @@ heap_remove(struct gw *gw)
 /* ------------------------------------------------------------------------ */
 /* telemetry window                                                           */
 
-static struct frame_slot *
-gw_slot(struct gw *gw, uint64_t seq)
+static struct frame_slot *gw_slot(struct gw *gw, uint64_t seq)
 {
 	struct frame_slot *fs;
 
@@ -457,8 +446,7 @@ gw_slot(struct gw *gw, uint64_t seq)
 	return fs;
 }
 
-static void
-gw_slot_release(struct gw *gw, struct frame_slot *fs)
+static void gw_slot_release(struct gw *gw, struct frame_slot *fs)
 {
 	if (fs->state == SLOT_PENDING)
 		gw->n_pending--;
@@ -471,8 +459,7 @@ gw_slot_release(struct gw *gw, struct frame_slot *fs)
 		gw->send_cursor = gw->base_seq;
 }
 
-static void
-gw_slot_make_pending(struct gw *gw, struct frame_slot *fs)
+static void gw_slot_make_pending(struct gw *gw, struct frame_slot *fs)
 {
 	if (fs->state == SLOT_PENDING)
 		return;
@@ -482,8 +469,7 @@ gw_slot_make_pending(struct gw *gw, struct frame_slot *fs)
 		gw->send_cursor = fs->seq;
 }
 
-static struct frame_slot *
-gw_next_pending(struct gw *gw)
+static struct frame_slot *gw_next_pending(struct gw *gw)
 {
 	uint64_t s;
 
@@ -502,8 +488,7 @@ gw_next_pending(struct gw *gw)
 	return NULL;
 }
 
-static int
-gw_can_generate(const struct gw *gw)
+static int gw_can_generate(const struct gw *gw)
 {
 	return gw->state == GW_READY && !g.stopping && !g.cfg.idle &&
 	       g.cfg.devices &&
@@ -511,8 +496,7 @@ gw_can_generate(const struct gw *gw)
 	       gw->next_seq - gw->base_seq < g.cfg.inflight;
 }
 
-static size_t
-frame_bound(void)
+static size_t frame_bound(void)
 {
 	/* --stamp-field adds ,"NAME":<up to 20 digits> to each reading */
 	size_t stamp = g.cfg.stamp_field ? strlen(g.cfg.stamp_field) + 24 : 0;
@@ -521,8 +505,7 @@ frame_bound(void)
 }
 
 /* build the next telemetry frame into a free slot: random-walk thermostat data */
-static void
-gw_generate(struct gw *gw)
+static void gw_generate(struct gw *gw)
 {
 	uint64_t seq = gw->next_seq++;
 	struct frame_slot *fs = &gw->win[seq % g.cfg.inflight];
@@ -584,8 +567,7 @@ gw_generate(struct gw *gw)
 }
 
 /* fill the window in closed loop: keep `inflight` frames outstanding */
-static void
-gw_fill_closed_loop(struct gw *gw)
+static void gw_fill_closed_loop(struct gw *gw)
 {
 	if (g.cfg.rate > 0)
 		return;
@@ -593,8 +575,7 @@ gw_fill_closed_loop(struct gw *gw)
 		gw_generate(gw);
 }
 
-static void
-check_done(struct gw *gw)
+static void check_done(struct gw *gw)
 {
 	if (gw->done || !g.cfg.frames || g.cfg.idle)
 		return;
@@ -609,8 +590,7 @@ check_done(struct gw *gw)
 }
 
 /* after an ack, a drop or a retry: generate, write, finish or close */
-static void
-gw_after_window_change(struct gw *gw)
+static void gw_after_window_change(struct gw *gw)
 {
 	check_done(gw);
 	gw_fill_closed_loop(gw);
@@ -620,8 +600,7 @@ gw_after_window_change(struct gw *gw)
 /* ------------------------------------------------------------------------ */
 /* control queue (command acks)                                               */
 
-static void
-gw_ctrl_push(struct gw *gw, json_t *msg)
+static void gw_ctrl_push(struct gw *gw, json_t *msg)
 {
 	struct ctrl_msg *m;
 	size_t n;
@@ -650,8 +629,7 @@ gw_ctrl_push(struct gw *gw, json_t *msg)
 	gw_request_write(gw);
 }
 
-static void
-gw_ctrl_clear(struct gw *gw)
+static void gw_ctrl_clear(struct gw *gw)
 {
 	while (gw->cq_head) {
 		struct ctrl_msg *m = gw->cq_head;
@@ -666,9 +644,8 @@ gw_ctrl_clear(struct gw *gw)
 /* ------------------------------------------------------------------------ */
 /* commands                                                                   */
 
-static void
-send_cmd_ack(struct gw *gw, const char *id, const char *status,
-	     const char *error, int progress, const char *message, json_t *result)
+static void send_cmd_ack(struct gw *gw, const char *id, const char *status,
+			 const char *error, int progress, const char *message, json_t *result)
 {
 	json_t *m = json_pack("{s:s, s:s, s:s}", "type", "command_ack",
 			      "id", id, "status", status);
@@ -689,8 +666,7 @@ send_cmd_ack(struct gw *gw, const char *id, const char *status,
 	json_decref(m);
 }
 
-static void
-cmd_free(struct sim_cmd *c)
+static void cmd_free(struct sim_cmd *c)
 {
 	lws_sul_cancel(&c->sul);
 	free(c->id);
@@ -699,8 +675,7 @@ cmd_free(struct sim_cmd *c)
 	free(c);
 }
 
-static void
-cmd_unlink(struct gw *gw, struct sim_cmd *c)
+static void cmd_unlink(struct gw *gw, struct sim_cmd *c)
 {
 	struct sim_cmd **pp;
 
@@ -718,8 +693,7 @@ cmd_unlink(struct gw *gw, struct sim_cmd *c)
  * 0, 100/N, ..., 100 (N = --cmd-steps), one report per --cmd-delay-ms; the
  * last step sends the final state.
  */
-static void
-cmd_step_cb(lws_sorted_usec_list_t *sul)
+static void cmd_step_cb(lws_sorted_usec_list_t *sul)
 {
 	struct sim_cmd *c = lws_container_of(sul, struct sim_cmd, sul);
 	struct gw *gw = c->gw;
@@ -764,8 +738,7 @@ cmd_step_cb(lws_sorted_usec_list_t *sul)
 	gw_request_write(gw);
 }
 
-static void
-gw_on_command(struct gw *gw, json_t *root)
+static void gw_on_command(struct gw *gw, json_t *root)
 {
 	const char *id = json_string_value(json_object_get(root, "id"));
 	const char *name = json_string_value(json_object_get(root, "name"));
@@ -841,8 +814,7 @@ gw_on_command(struct gw *gw, json_t *root)
 			 (c->stage ? g.cfg.cmd_delay_ms : g.cfg.cmd_ack_delay_ms));
 }
 
-static void
-gw_on_cancel(struct gw *gw, json_t *root)
+static void gw_on_cancel(struct gw *gw, json_t *root)
 {
 	const char *id = json_string_value(json_object_get(root, "id"));
 	struct sim_cmd *c;
@@ -871,8 +843,7 @@ gw_on_cancel(struct gw *gw, json_t *root)
 
 static void retry_cb(lws_sorted_usec_list_t *sul);
 
-static void
-gw_arm_retry(struct gw *gw, int64_t at_us)
+static void gw_arm_retry(struct gw *gw, int64_t at_us)
 {
 	int64_t now = hub_mono_us();
 
@@ -883,8 +854,7 @@ gw_arm_retry(struct gw *gw, int64_t at_us)
 			 at_us > now ? at_us - now : 0);
 }
 
-static void
-retry_cb(lws_sorted_usec_list_t *sul)
+static void retry_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_retry);
 	int64_t now = hub_mono_us(), next = 0;
@@ -906,8 +876,7 @@ retry_cb(lws_sorted_usec_list_t *sul)
 	gw_request_write(gw);
 }
 
-static void
-gw_become_ready(struct gw *gw)
+static void gw_become_ready(struct gw *gw)
 {
 	gw->state = GW_READY;
 	g.n_ready++;
@@ -923,16 +892,14 @@ gw_become_ready(struct gw *gw)
 	gw_after_window_change(gw);
 }
 
-static const char *
-str_or(const json_t *j, const char *dflt)
+static const char *str_or(const json_t *j, const char *dflt)
 {
 	const char *s = json_string_value(j);
 
 	return s ? s : dflt;
 }
 
-static void
-reannounce_cb(lws_sorted_usec_list_t *sul)
+static void reannounce_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_announce);
 
@@ -947,8 +914,7 @@ reannounce_cb(lws_sorted_usec_list_t *sul)
 }
 
 /* one reply (announced or error) per announce message, in order */
-static void
-gw_announce_reply(struct gw *gw)
+static void gw_announce_reply(struct gw *gw)
 {
 	gw->ann_replies++;
 	if (gw->ann_next < g.cfg.devices || gw->ann_replies < gw->ann_sent)
@@ -964,8 +930,7 @@ gw_announce_reply(struct gw *gw)
 	gw_become_ready(gw);
 }
 
-static void
-gw_on_announced(struct gw *gw, json_t *root)
+static void gw_on_announced(struct gw *gw, json_t *root)
 {
 	json_t *rej = json_object_get(root, "rejected");
 	size_t nrej = json_is_array(rej) ? json_array_size(rej) : 0;
@@ -986,8 +951,7 @@ gw_on_announced(struct gw *gw, json_t *root)
 	gw_announce_reply(gw);
 }
 
-static void
-gw_on_ack(struct gw *gw, json_t *root)
+static void gw_on_ack(struct gw *gw, json_t *root)
 {
 	json_t *jseq = json_object_get(root, "seq");
 	json_t *jacc = json_object_get(root, "accepted");
@@ -1047,8 +1011,7 @@ gw_on_ack(struct gw *gw, json_t *root)
 	gw_after_window_change(gw);
 }
 
-static void
-gw_on_error(struct gw *gw, json_t *root)
+static void gw_on_error(struct gw *gw, json_t *root)
 {
 	const char *code = json_string_value(json_object_get(root, "code"));
 	const char *msg = json_string_value(json_object_get(root, "message"));
@@ -1112,8 +1075,7 @@ gw_on_error(struct gw *gw, json_t *root)
 	}
 }
 
-static void
-gw_handle_msg(struct gw *gw, const char *buf, size_t len)
+static void gw_handle_msg(struct gw *gw, const char *buf, size_t len)
 {
 	json_error_t jerr;
 	json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
@@ -1150,8 +1112,7 @@ gw_handle_msg(struct gw *gw, const char *buf, size_t len)
 
 static void connect_pump_cb(lws_sorted_usec_list_t *sul);
 
-static void
-connect_arm(int64_t delay_us)
+static void connect_arm(int64_t delay_us)
 {
 	if (g.connect_armed || g.stopping)
 		return;
@@ -1159,8 +1120,7 @@ connect_arm(int64_t delay_us)
 	lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_pump_cb, delay_us);
 }
 
-static void
-gw_enqueue_connect(struct gw *gw)
+static void gw_enqueue_connect(struct gw *gw)
 {
 	if (gw->in_connq || g.stopping)
 		return;
@@ -1174,8 +1134,7 @@ static void gw_lost(struct gw *gw, const char *why);
 
 static const struct hc_cbs gw_cbs;
 
-static void
-gw_connect(struct gw *gw)
+static void gw_connect(struct gw *gw)
 {
 	const struct hc_conn_opts co = {
 		.url = &g.cfg.u,
@@ -1199,8 +1158,7 @@ gw_connect(struct gw *gw)
 	}
 }
 
-static void
-connect_pump_cb(lws_sorted_usec_list_t *sul)
+static void connect_pump_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
 	g.connect_armed = 0;
@@ -1223,8 +1181,7 @@ connect_pump_cb(lws_sorted_usec_list_t *sul)
 	}
 }
 
-static void
-backoff_cb(lws_sorted_usec_list_t *sul)
+static void backoff_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_backoff);
 
@@ -1239,8 +1196,7 @@ static void destroy_cb(lws_sorted_usec_list_t *sul);
  * destroy). Idempotent. Unacked frames become pending again so that they are
  * resent, with their original seq, before any new frame.
  */
-static void
-gw_lost(struct gw *gw, const char *why)
+static void gw_lost(struct gw *gw, const char *why)
 {
 	int64_t base, delay;
 	uint64_t s;
@@ -1291,8 +1247,7 @@ gw_lost(struct gw *gw, const char *why)
 }
 
 /* closes the connection from its next writeable turn */
-static void
-gw_kill(struct gw *gw, int code, const char *reason)
+static void gw_kill(struct gw *gw, int code, const char *reason)
 {
 	if (gw->killed || !gw->conn)
 		return;
@@ -1301,14 +1256,12 @@ gw_kill(struct gw *gw, int code, const char *reason)
 }
 
 /* at stop, a gateway closes once nothing it owes the hub is outstanding */
-static int
-gw_drained(const struct gw *gw)
+static int gw_drained(const struct gw *gw)
 {
 	return !gw->n_used && !gw->cq_len && !gw->n_cmds;
 }
 
-static void
-gw_request_write(struct gw *gw)
+static void gw_request_write(struct gw *gw)
 {
 	if (!gw->conn || (gw->state != GW_ANNOUNCING && gw->state != GW_READY))
 		return;
@@ -1320,8 +1273,7 @@ gw_request_write(struct gw *gw)
 }
 
 /* next announce message: up to 1000 devices and at most max_frame bytes */
-static size_t
-build_announce(struct gw *gw, char *out, size_t cap)
+static size_t build_announce(struct gw *gw, char *out, size_t cap)
 {
 	size_t off, n;
 	unsigned count = 0;
@@ -1359,16 +1311,14 @@ build_announce(struct gw *gw, char *out, size_t cap)
  * or share WebSocket messages: the connection is a byte stream here.
  */
 
-static size_t
-mqtt_build_connect(const struct gw *gw, unsigned char *o)
+static size_t mqtt_build_connect(const struct gw *gw, unsigned char *o)
 {
 	return lg_mqtt_connect(o, gw->id, strlen(gw->id), SIM_MQTT_KEEPALIVE_S);
 }
 
 /* PUBLISH QoS 1 of fs into o (room: SIM_MQTT_HDR_MAX + fs->len) */
-static size_t
-mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
-		   unsigned char *o)
+static size_t mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
+				 unsigned char *o)
 {
 	size_t idl = strlen(gw->id), tl = 5 + idl, n = 0;
 	unsigned pid = (unsigned)(fs->seq % SIM_MQTT_PIDS) + 1;
@@ -1388,8 +1338,7 @@ mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
 
 /* A frame (telemetry or MQTT PUBLISH) went out whole: it now waits for its
  * ack; a second write of the same slot is a resend. */
-static void
-frame_written(struct gw *gw, struct frame_slot *fs)
+static void frame_written(struct gw *gw, struct frame_slot *fs)
 {
 	fs->state = SLOT_INFLIGHT;
 	fs->sent_us = hub_mono_us();
@@ -1403,8 +1352,7 @@ frame_written(struct gw *gw, struct frame_slot *fs)
 	fs->written = 1;
 }
 
-static void
-mqtt_writeable(struct gw *gw, unsigned char *p)
+static void mqtt_writeable(struct gw *gw, unsigned char *p)
 {
 	struct frame_slot *fs = NULL;
 	size_t len;
@@ -1439,8 +1387,7 @@ mqtt_writeable(struct gw *gw, unsigned char *p)
 	gw_request_write(gw);
 }
 
-static void
-mqtt_on_puback(struct gw *gw, unsigned pid)
+static void mqtt_on_puback(struct gw *gw, unsigned pid)
 {
 	struct frame_slot *fs = NULL;
 
@@ -1469,8 +1416,7 @@ mqtt_on_puback(struct gw *gw, unsigned pid)
 }
 
 /* one whole MQTT packet from the broker: type byte, body */
-static void
-mqtt_packet(void *ctx, unsigned type, const unsigned char *b, size_t n)
+static void mqtt_packet(void *ctx, unsigned type, const unsigned char *b, size_t n)
 {
 	struct gw *gw = ctx;
 
@@ -1509,8 +1455,7 @@ mqtt_packet(void *ctx, unsigned type, const unsigned char *b, size_t n)
 	}
 }
 
-static void
-mqtt_receive(struct gw *gw, const void *in, size_t len)
+static void mqtt_receive(struct gw *gw, const void *in, size_t len)
 {
 	if (lg_mqtt_feed(&gw->mqtt_rx, in, len, g.cfg.max_frame, mqtt_packet, gw)) {
 		CNT(proto_errors, 1);
@@ -1519,8 +1464,7 @@ mqtt_receive(struct gw *gw, const void *in, size_t len)
 }
 
 /* keepalive: a PINGREQ every 30 s (the broker drops a client silent 90 s) */
-static void
-mqtt_ping_cb(lws_sorted_usec_list_t *sul)
+static void mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -1538,8 +1482,7 @@ mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 				 SIM_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
 }
 
-static void
-gw_writeable(struct hc_conn *conn, void *user)
+static void gw_writeable(struct hc_conn *conn, void *user)
 {
 	struct gw *gw = user;
 	unsigned char *p;
@@ -1601,8 +1544,7 @@ gw_writeable(struct hc_conn *conn, void *user)
 	gw_request_write(gw);
 }
 
-static void
-gw_established(struct hc_conn *conn, void *user)
+static void gw_established(struct hc_conn *conn, void *user)
 {
 	struct gw *gw = user;
 
@@ -1626,8 +1568,7 @@ gw_established(struct hc_conn *conn, void *user)
 	gw_request_write(gw);   /* --mqtt: CONNECT, then CONNACK makes it ready */
 }
 
-static void
-gw_receive(struct hc_conn *conn, const char *msg, size_t len, void *user)
+static void gw_receive(struct hc_conn *conn, const char *msg, size_t len, void *user)
 {
 	struct gw *gw = user;
 
@@ -1643,8 +1584,7 @@ gw_receive(struct hc_conn *conn, const char *msg, size_t len, void *user)
 	}
 }
 
-static void
-gw_closed(struct hc_conn *conn, const struct hc_end *end, void *user)
+static void gw_closed(struct hc_conn *conn, const struct hc_end *end, void *user)
 {
 	struct gw *gw = user;
 	char why[64];
@@ -1676,8 +1616,7 @@ static const struct hc_cbs gw_cbs = { gw_established, gw_receive, gw_writeable, 
 /* ------------------------------------------------------------------------ */
 /* timers: rate, stats, stop                                                  */
 
-static void
-gw_tick(struct gw *gw, int64_t now_ns)
+static void gw_tick(struct gw *gw, int64_t now_ns)
 {
 	int gen = 0;
 
@@ -1705,8 +1644,7 @@ gw_tick(struct gw *gw, int64_t now_ns)
 		gw_request_write(gw);
 }
 
-static void
-rate_cb(lws_sorted_usec_list_t *sul)
+static void rate_cb(lws_sorted_usec_list_t *sul)
 {
 	int64_t now_ns = hub_mono_us() * 1000;
 
@@ -1724,8 +1662,7 @@ rate_cb(lws_sorted_usec_list_t *sul)
 	rate_arm();
 }
 
-static void
-print_stats_line(int64_t now)
+static void print_stats_line(int64_t now)
 {
 	double dt = (double)(now - g.last_stats_us) / 1e6;
 	uint64_t unacked = 0;
@@ -1755,8 +1692,7 @@ print_stats_line(int64_t now)
 
 /* once a second: a connection whose oldest unacked frame is older than
  * --ack-timeout is closed; the reconnect resends the frame */
-static void
-watchdog_cb(lws_sorted_usec_list_t *sul)
+static void watchdog_cb(lws_sorted_usec_list_t *sul)
 {
 	int64_t now = hub_mono_us(), limit = (int64_t)(g.cfg.ack_timeout * 1e6);
 	unsigned i;
@@ -1787,15 +1723,13 @@ watchdog_cb(lws_sorted_usec_list_t *sul)
 				 LWS_USEC_PER_SEC);
 }
 
-static void
-duration_cb(lws_sorted_usec_list_t *sul)
+static void duration_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
 	begin_stop("--duration elapsed");
 }
 
-static void
-destroy_cb(lws_sorted_usec_list_t *sul)
+static void destroy_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -1824,8 +1758,7 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 	hc_stop(g.x);
 }
 
-static void
-close_all(void)
+static void close_all(void)
 {
 	unsigned i;
 
@@ -1839,8 +1772,7 @@ close_all(void)
 	}
 }
 
-static void
-drain_cb(lws_sorted_usec_list_t *sul)
+static void drain_cb(lws_sorted_usec_list_t *sul)
 {
 	if (g.n_live && sul)
 		LOG(LOG_WARN, "stop: %u connection(s) still had unacked frames "
@@ -1857,8 +1789,7 @@ drain_cb(lws_sorted_usec_list_t *sul)
  * others wait up to SIM_DRAIN_MS for their acks. The context is destroyed when
  * the last connection is gone.
  */
-static void
-begin_stop(const char *why)
+static void begin_stop(const char *why)
 {
 	unsigned i;
 
@@ -1897,8 +1828,7 @@ begin_stop(const char *why)
 }
 
 /* SIGINT/SIGTERM: the first stops, the second closes at once */
-static void
-on_signal(struct hc_ctx *x, int n)
+static void on_signal(struct hc_ctx *x, int n)
 {
 	if (!g.stopping)
 		begin_stop("signal");
@@ -1912,8 +1842,7 @@ on_signal(struct hc_ctx *x, int n)
 /* ------------------------------------------------------------------------ */
 /* summary                                                                    */
 
-static void
-print_summary(void)
+static void print_summary(void)
 {
 	double el = (double)((g.stop_us ? g.stop_us : hub_mono_us()) - g.start_us) / 1e6;
 	uint64_t unacked = 0;
@@ -2052,8 +1981,7 @@ print_summary(void)
 
 /* --cmd-fail / --cmd-ignore: a probability 0..1 (a number; op->data is where
  * it goes), else names */
-static int
-names_or_prob(void *obj, const struct opt *op, const char *arg, char *err, size_t errlen)
+static int names_or_prob(void *obj, const struct opt *op, const char *arg, char *err, size_t errlen)
 {
 	char **names = (char **)(void *)((char *)obj + op->off), *end;
 	double v;
@@ -2077,8 +2005,7 @@ names_or_prob(void *obj, const struct opt *op, const char *arg, char *err, size_
 	return 0;
 }
 
-static int
-seq_start_set(void *obj, const struct opt *op, const char *arg, char *err, size_t errlen)
+static int seq_start_set(void *obj, const struct opt *op, const char *arg, char *err, size_t errlen)
 {
 	g.cfg.seq_start_set = 1;
 	return 0;
@@ -2171,8 +2098,7 @@ static const struct opt sim_opts[] = {
 #define NOPTS (sizeof(sim_opts) / sizeof(sim_opts[0]))
 
 /* "k=v,k=v" -> compact JSON object text, or NULL for none */
-static char *
-parse_labels(const char *s)
+static char *parse_labels(const char *s)
 {
 	json_t *o = json_object();
 	char *dup = hub_xstrdup(s), *save = NULL, *tok, *out;
@@ -2193,8 +2119,7 @@ parse_labels(const char *s)
 }
 
 /* what the flags mean together */
-static void
-check_args(void)
+static void check_args(void)
 {
 	struct sim_cfg *c = &g.cfg;
 	char err[256], *save = NULL, *tok;
@@ -2279,8 +2204,7 @@ check_args(void)
 /* tokens                                                                     */
 
 /* tmpl[0..n) with every {sub} replaced by sub (an id, so shell-safe) */
-static char *
-subst(const char *tmpl, size_t n, const char *sub)
+static char *subst(const char *tmpl, size_t n, const char *sub)
 {
 	hub_buf b = { 0 };
 
@@ -2296,8 +2220,7 @@ subst(const char *tmpl, size_t n, const char *sub)
 	return b.data;
 }
 
-static char *
-make_auth(const char *token)
+static char *make_auth(const char *token)
 {
 	hub_buf b = { 0 };
 
@@ -2306,8 +2229,7 @@ make_auth(const char *token)
 }
 
 /* start --token-cmd for one gateway; returns the pipe or NULL */
-static FILE *
-token_cmd_start(const char *tmpl, const char *sub)
+static FILE *token_cmd_start(const char *tmpl, const char *sub)
 {
 	char *cmd = subst(tmpl, strlen(tmpl), sub);
 	FILE *f = popen(cmd, "r");
@@ -2319,8 +2241,7 @@ token_cmd_start(const char *tmpl, const char *sub)
 }
 
 /* one token: not empty, no spaces or control characters */
-static int
-token_ok(const char *t)
+static int token_ok(const char *t)
 {
 	if (!*t)
 		return 0;
@@ -2331,8 +2252,7 @@ token_ok(const char *t)
 }
 
 /* read and reap a --token-cmd; returns "Bearer <token>" or NULL */
-static char *
-token_cmd_finish(FILE *f, const char *sub)
+static char *token_cmd_finish(FILE *f, const char *sub)
 {
 	size_t n = 0, r;
 	char *out = hub_xmalloc(SIM_TOKEN_MAX + 1), *p, *a = NULL;
@@ -2369,8 +2289,7 @@ out:
 }
 
 /* the devices claim for gateway sub: --jwt-devices split on ',' */
-static json_t *
-devices_claim(const char *list, const char *sub)
+static json_t *devices_claim(const char *list, const char *sub)
 {
 	json_t *a = json_array();
 	const char *p = list ? list : "*";
@@ -2395,8 +2314,7 @@ devices_claim(const char *list, const char *sub)
  * HS256` prints. The secret is the file's bytes less trailing CR/LF (the
  * hub's rule), at least 16 of them.
  */
-static int
-mint_local(void)
+static int mint_local(void)
 {
 	int64_t t0 = hub_mono_us(), iat = (int64_t)time(NULL), exp = iat + (int64_t)g.cfg.ttl;
 	size_t klen = 0;
@@ -2452,8 +2370,7 @@ mint_local(void)
  * are read in order. Process creation still dominates on slow hosts.
  */
 #define SIM_TOKEN_JOBS 16
-static int
-mint_tokens(void)
+static int mint_tokens(void)
 {
 	FILE *jobs[SIM_TOKEN_JOBS];
 	unsigned b, k, n, i;
@@ -2484,8 +2401,7 @@ mint_tokens(void)
 	return 0;
 }
 
-static int
-setup_gateways(void)
+static int setup_gateways(void)
 {
 	struct sim_cfg *c = &g.cfg;
 	uint64_t seq0;
@@ -2530,8 +2446,7 @@ setup_gateways(void)
 	return rc;
 }
 
-static void
-free_all(void)
+static void free_all(void)
 {
 	unsigned i, k;
 
@@ -2568,8 +2483,7 @@ free_all(void)
 	opts_free(sim_opts, NOPTS, &g.cfg);
 }
 
-int
-main(int argc, char **argv)
+int main(int argc, char **argv)
 {
 	struct hc_ctx_opts xo = { .libev = 1, .rx_buffer = 1024, .signals = 1,
 				  .on_signal = on_signal };
