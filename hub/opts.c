@@ -24,7 +24,8 @@ static int fail(char *err, size_t errlen, const char *fmt, ...)
 	return -1;
 }
 
-const struct opt *opts_find(const struct opt *t, size_t n, const char *name, size_t len)
+/* the row named name[0..len), or NULL; headings are never found */
+static const struct opt *find(const struct opt *t, size_t n, const char *name, size_t len)
 {
 	for (size_t i = 0; i < n; i++)
 		if (t[i].name && strlen(t[i].name) == len && !strncmp(t[i].name, name, len))
@@ -41,8 +42,10 @@ static void who(char *out, size_t outlen, const struct opt *o, const char *origi
 		snprintf(out, outlen, "--%s", o->name);
 }
 
-int opts_set(const struct opt *o, void *obj, const char *val, const char *origin,
-	     char *err, size_t errlen)
+/* checks val against o, stores it (val NULL: an OPT_STR is unset) and runs
+ * o->fn; 0 or -1 with "<origin>: <name> must be ..." in err */
+static int set(const struct opt *o, void *obj, const char *val, const char *origin,
+	       char *err, size_t errlen)
 {
 	char *p = o->off == OPT_NO_FIELD ? NULL : (char *)obj + o->off, *end, w[300];
 
@@ -103,7 +106,7 @@ int opts_set(const struct opt *o, void *obj, const char *val, const char *origin
 int opts_defaults(const struct opt *t, size_t n, void *obj, char *err, size_t errlen)
 {
 	for (size_t i = 0; i < n; i++)
-		if (t[i].name && t[i].def && opts_set(&t[i], obj, t[i].def, "default", err, errlen))
+		if (t[i].name && t[i].def && set(&t[i], obj, t[i].def, "default", err, errlen))
 			return -1;
 	return 0;
 }
@@ -156,7 +159,7 @@ static int short_opts(const struct opts_cli *c, int argc, char **argv, int *i,
 			else
 				val = argv[++*i];
 		}
-		if (opts_set(o, obj, val, c->origin, err, errlen))
+		if (set(o, obj, val, c->origin, err, errlen))
 			return -1;
 		if (val)
 			break;
@@ -190,7 +193,7 @@ int opts_argv(const struct opts_cli *c, int argc, char **argv, int *i,
 				return fail(err, errlen, "flag --%s needs a value", o->name);
 			else if (o->type != OPT_FLAG)
 				val = argv[++*i];
-			if (opts_set(o, obj, val, c->origin, err, errlen))
+			if (set(o, obj, val, c->origin, err, errlen))
 				return -1;
 		} else if (a[0] == '-' && a[1] && a[1] != '-' && shorts) {
 			int r = short_opts(c, argc, argv, i, err, errlen);
@@ -220,7 +223,7 @@ int opts_env(const struct opt *t, size_t n, void *obj, const char *prefix,
 			name[k++] = *s == '-' ? '_' : (char)toupper((unsigned char)*s);
 		name[k] = '\0';
 		const char *v = getenv(name);
-		if (v && opts_set(&t[i], obj, *v || t[i].type != OPT_STR ? v : NULL, name,
+		if (v && set(&t[i], obj, *v || t[i].type != OPT_STR ? v : NULL, name,
 				  err, errlen))
 			return -1;
 	}
@@ -266,13 +269,13 @@ int opts_load_file(const struct opt *t, size_t n, void *obj, const char *path,
 			v[vlen - 1] = '\0';
 			v++;
 		}
-		const struct opt *o = opts_find(t, n, s, klen);
+		const struct opt *o = find(t, n, s, klen);
 		if (!o)
 			rc = fail(err, errlen, "%s: unknown key \"%.*s\"", origin, (int)klen, s);
 		else if (!*v)
 			rc = fail(err, errlen, "%s: %s needs a value", origin, o->name);
 		else
-			rc = opts_set(o, obj, v, origin, err, errlen);
+			rc = set(o, obj, v, origin, err, errlen);
 	}
 	fclose(f);
 	return rc;

@@ -52,19 +52,8 @@ struct opt {
 	const void *data;  /* anything fn wants (a JSON key, a limit, ...) */
 };
 
-/* Where a value came from, for error messages: "command line", "FILE:LINE",
- * "IOT_HUB_X", ... NULL: the flag itself ("--gateways must be ..."). */
-
 /* Sets every field that has a default. Returns 0 or -1 with err. */
 int opts_defaults(const struct opt *t, size_t n, void *obj, char *err, size_t errlen);
-
-/* The row named name[0..len), or NULL. Headings are never found. */
-const struct opt *opts_find(const struct opt *t, size_t n, const char *name, size_t len);
-
-/* Checks val against o, stores it (val NULL: an OPT_STR is unset) and runs
- * o->fn. Returns 0 or -1 with "<origin>: <name> must be ..." in err. */
-int opts_set(const struct opt *o, void *obj, const char *val, const char *origin,
-	     char *err, size_t errlen);
 
 /* One table and the object its offsets point into. */
 struct opts_tab {
@@ -82,7 +71,9 @@ struct opts_cli {
 	 * error ("unexpected argument"). */
 	int (*positional)(void *ctx, const char *arg, char *err, size_t errlen);
 	void *ctx;
-	const char *origin;           /* of value errors (see above) */
+	/* where values come from, for their errors ("command line: x must
+	 * be ..."); NULL: the flag ("--x must be ...") */
+	const char *origin;
 };
 
 #define OPTS_HELP 2   /* opts_argv() met -h or --help */

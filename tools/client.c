@@ -246,21 +246,6 @@ struct hc_conn *hc_connect(struct hc_ctx *x, const struct hc_conn_opts *o)
 	return c;
 }
 
-void *hc_user(const struct hc_conn *c)
-{
-	return c->user;
-}
-
-void hc_set_user(struct hc_conn *c, void *user)
-{
-	c->user = user;
-}
-
-int hc_status(const struct hc_conn *c)
-{
-	return c->status;
-}
-
 void hc_want_write(struct hc_conn *c)
 {
 	if (c->wsi && c->opened && !c->http)

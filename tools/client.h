@@ -117,7 +117,7 @@ struct hc_end {
 };
 
 struct hc_cbs {
-	/* WebSocket: established. HTTP: the answer's head is in (hc_status()). */
+	/* WebSocket: established. HTTP: the answer's head is in. */
 	void (*on_open)(struct hc_conn *c, void *user);
 	/* WebSocket: one whole message (or, with raw, bytes as they come);
 	 * msg NULL: a message over max_message was dropped (the rest of it is
@@ -152,12 +152,6 @@ struct hc_conn_opts {
 /* Starts a connection. Returns it, or NULL when lws refused at once (then
  * no callback ever runs for it). */
 struct hc_conn *hc_connect(struct hc_ctx *x, const struct hc_conn_opts *o);
-
-void *hc_user(const struct hc_conn *c);
-void hc_set_user(struct hc_conn *c, void *user);
-
-/* HTTP status of the answer (0 before on_open). */
-int hc_status(const struct hc_conn *c);
 
 /* Asks for on_writeable (WebSocket, once open; ignored before). */
 void hc_want_write(struct hc_conn *c);

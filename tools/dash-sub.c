@@ -52,7 +52,6 @@
 #define DS_MQTT_SUB_PID  1         /* the one SUBSCRIBE's packet id */
 #define DS_CLOSE_GRACE_US 2000000  /* wait this long for closing handshakes */
 #define DS_TYPE_SCAN     160       /* "type" is looked for in the first bytes */
-#define DS_ERRCODES_MAX  16
 #define DS_PIDS_MAX      8
 #define DS_SETTLE_MAX_S  30        /* --settle waits at most this past --warmup */
 
@@ -103,11 +102,6 @@ struct counters {
 	uint64_t no_stamp, from_ts, negative;
 };
 
-struct errcode {
-	char name[32];
-	uint64_t n;
-};
-
 static struct {
 	struct cfg c;
 	struct hc_ctx *x;
@@ -128,8 +122,7 @@ static struct {
 
 	struct counters warm, win, iv;   /* before the window, in it, interval */
 	struct lg_hist h_win, h_iv;
-	struct errcode errs[DS_ERRCODES_MAX];
-	unsigned n_errs;
+	struct lg_codes errs;   /* error codes */
 
 	int64_t start_us, win_start_us, win_end_us, last_stats_us;
 	int64_t all_sub_us;     /* --settle: when every connection was subscribed */
@@ -186,24 +179,7 @@ static const char *scan_str(const char *m, size_t n, const char *key, size_t kle
 
 static void count_errcode(const char *code, size_t len)
 {
-	unsigned i;
-
-	if (len >= sizeof(g.errs[0].name))
-		len = sizeof(g.errs[0].name) - 1;
-	for (i = 0; i < g.n_errs; i++)
-		if (strlen(g.errs[i].name) == len &&
-		    !memcmp(g.errs[i].name, code, len)) {
-			g.errs[i].n++;
-			return;
-		}
-	if (g.n_errs == DS_ERRCODES_MAX)
-		i = DS_ERRCODES_MAX - 1;   /* last slot collects the rest */
-	else {
-		i = g.n_errs++;
-		memcpy(g.errs[i].name, code, len);
-		g.errs[i].name[len] = '\0';
-	}
-	g.errs[i].n++;
+	lg_codes_add(&g.errs, code, len);
 }
 
 static struct counters *ctr(void)
@@ -868,7 +844,7 @@ static void print_summary(void)
 	uint64_t pmin = UINT64_MAX, pmax = 0, psum = 0;
 	struct rusage ru;
 	long hz = sysconf(_SC_CLK_TCK);
-	unsigned i, nsub = 0;
+	unsigned i, n, nsub = 0;
 
 	if (win <= 0)
 		win = 1e-9;
@@ -917,9 +893,10 @@ static void print_summary(void)
 	       ",\"dropped\":%" PRIu64 ",\"errors\":%" PRIu64 "}",
 	       g.warm.readings, g.warm.gaps, g.warm.dropped, g.warm.errors);
 	printf(",\"error_codes\":{");
-	for (i = 0; i < g.n_errs; i++)
-		printf("%s\"%s\":%" PRIu64, i ? "," : "", g.errs[i].name,
-		       g.errs[i].n);
+	for (i = 0, n = 0; i <= LG_CODES; i++)
+		if (i < g.errs.len || (i == LG_CODES && g.errs.n[i]))
+			printf("%s\"%s\":%" PRIu64, n++ ? "," : "", g.errs.name[i],
+			       g.errs.n[i]);
 	printf("},\"per_conn_messages\":{\"min\":%" PRIu64 ",\"max\":%" PRIu64
 	       ",\"mean\":%.1f}", g.c.connections ? pmin : 0, pmax,
 	       g.c.connections ? (double)psum / g.c.connections : 0.0);

@@ -212,26 +212,52 @@ static const char *const rj_names[RJ_COUNT] = {
 	"clock_skew", "other"
 };
 
+/* the counters: field, key in the JSON summary (in its order) */
+#define SIM_COUNTERS(X)                                                       \
+	X(readings_acked, "readings_acked")                                   \
+	X(connects, "connects")                                               \
+	X(connect_failures, "connect_failures")                               \
+	X(auth_failures, "auth_failures")                                     \
+	X(disconnects, "disconnects")                                         \
+	X(takeovers, "takeovers")                                             \
+	X(ack_timeouts, "ack_timeouts")                                       \
+	X(announce_msgs, "announce_messages")                                 \
+	X(announce_rejected, "announce_rejected_devices")                     \
+	X(frames_sent, "frames_sent")                                         \
+	X(frames_resent, "frames_resent")                                     \
+	X(frames_acked, "frames_acked")                                       \
+	X(frames_dropped, "frames_dropped")                                   \
+	X(ticks_skipped, "open_loop_ticks_skipped")                           \
+	X(readings_sent, "readings_sent")                                     \
+	X(readings_rejected, "readings_rejected")                             \
+	X(readings_bad, "readings_bad_generated")                             \
+	X(unavailable, "unavailable")                                         \
+	X(hub_errors, "hub_errors")                                           \
+	X(proto_errors, "protocol_errors")                                    \
+	X(ack_mismatch, "ack_mismatch")                                       \
+	X(unexpected_acks, "unexpected_acks")                                 \
+	X(duplicate_acks, "duplicate_acks")                                   \
+	X(announce_retries, "announce_retries")
+/* the "commands" object of the summary */
+#define SIM_CMD_COUNTERS(X)                                                   \
+	X(cmds_received, "received")                                          \
+	X(cmd_acks_sent, "acks_sent")                                         \
+	X(cmd_acks_dropped, "acks_dropped")                                   \
+	X(cancels, "cancels")                                                 \
+	X(cmds_ignored, "ignored")                                            \
+	X(cmds_rejected, "rejected")                                          \
+	X(cmds_failed, "failed")                                              \
+	X(cmds_succeeded, "succeeded")                                        \
+	X(cmds_canceled, "canceled")
+
 struct counters {
-	uint64_t frames_sent, frames_resent, frames_acked, frames_dropped;
-	uint64_t readings_sent, readings_acked, readings_rejected, readings_bad;
+#define X(f, k) uint64_t f;
+	SIM_COUNTERS(X)
+	SIM_CMD_COUNTERS(X)
+#undef X
 	uint64_t rejected[RJ_COUNT];
-	uint64_t unavailable, hub_errors, proto_errors, ack_mismatch, unexpected_acks;
-	uint64_t duplicate_acks, announce_retries;
-	uint64_t ticks_skipped;
-	uint64_t connects, connect_failures, auth_failures, disconnects, takeovers;
-	uint64_t ack_timeouts;
-	uint64_t announce_msgs, announce_rejected;
-	uint64_t cmds_received, cmd_acks_sent, cmd_acks_dropped, cancels;
-	uint64_t cmds_ignored, cmds_rejected, cmds_failed, cmds_succeeded;
-	uint64_t cmds_canceled;
 };
 
-#define ERRCODES_MAX 16
-struct errcode {
-	char name[32];
-	uint64_t count;
-};
 
 /* ------------------------------------------------------------------------ */
 /* global state (one simulator per process)                                   */
@@ -271,9 +297,7 @@ static struct {
 	unsigned n_live, n_connected, n_ready, n_done;
 
 	struct counters tot, iv;
-	struct errcode errcodes[ERRCODES_MAX];
-	unsigned n_errcodes;
-	uint64_t errcodes_other;
+	struct lg_codes errcodes;   /* hub errors by code */
 	struct lg_hist h_tot, h_iv;
 	int64_t start_us, stop_us, last_stats_us;
 	uint64_t rng;
@@ -327,20 +351,7 @@ static int name_in_list(const char *list, const char *name)
 
 static void count_errcode(const char *code)
 {
-	unsigned i;
-
-	for (i = 0; i < g.n_errcodes; i++)
-		if (!strcmp(g.errcodes[i].name, code)) {
-			g.errcodes[i].count++;
-			return;
-		}
-	if (g.n_errcodes < ERRCODES_MAX && strlen(code) < sizeof(g.errcodes[0].name)) {
-		snprintf(g.errcodes[g.n_errcodes].name,
-			 sizeof(g.errcodes[0].name), "%s", code);
-		g.errcodes[g.n_errcodes++].count = 1;
-		return;
-	}
-	g.errcodes_other++;
+	lg_codes_add(&g.errcodes, code, strlen(code));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1871,18 +1882,16 @@ static void print_summary(void)
 		(double)g.h_tot.max / 1000.0);
 
 	if (g.cfg.json_summary) {
-		json_t *rj = json_object(), *ec = json_object(), *o;
+		json_t *rj = json_object(), *ec = json_object(), *cmds = json_object(), *o;
 		int k;
 
 		for (k = 0; k < RJ_COUNT; k++)
 			json_object_set_new(rj, rj_names[k],
 					    json_integer((json_int_t)g.tot.rejected[k]));
-		for (i = 0; i < g.n_errcodes; i++)
-			json_object_set_new(ec, g.errcodes[i].name,
-				json_integer((json_int_t)g.errcodes[i].count));
-		if (g.errcodes_other)
-			json_object_set_new(ec, "(other)",
-				json_integer((json_int_t)g.errcodes_other));
+		for (i = 0; i <= LG_CODES; i++)
+			if (i < g.errcodes.len || (i == LG_CODES && g.errcodes.n[i]))
+				json_object_set_new(ec, g.errcodes.name[i],
+						    json_integer((json_int_t)g.errcodes.n[i]));
 
 #define JI(v) json_integer((json_int_t)(v))
 		o = json_pack("{s:s, s:s, s:s, s:f, s:i, s:i, s:f, s:i, s:i}",
@@ -1900,48 +1909,16 @@ static void print_summary(void)
 		json_object_set_new(o, "acks", JI(g.tot.frames_acked));
 		json_object_set_new(o, "errors", JI(g.tot.hub_errors +
 			g.tot.proto_errors + g.tot.ack_mismatch));
-		json_object_set_new(o, "readings_acked", JI(g.tot.readings_acked));
-		json_object_set_new(o, "connects", JI(g.tot.connects));
-		json_object_set_new(o, "connect_failures", JI(g.tot.connect_failures));
-		json_object_set_new(o, "auth_failures", JI(g.tot.auth_failures));
-		json_object_set_new(o, "disconnects", JI(g.tot.disconnects));
-		json_object_set_new(o, "takeovers", JI(g.tot.takeovers));
-		json_object_set_new(o, "ack_timeouts", JI(g.tot.ack_timeouts));
-		json_object_set_new(o, "announce_messages", JI(g.tot.announce_msgs));
-		json_object_set_new(o, "announce_rejected_devices",
-				    JI(g.tot.announce_rejected));
-		json_object_set_new(o, "frames_sent", JI(g.tot.frames_sent));
-		json_object_set_new(o, "frames_resent", JI(g.tot.frames_resent));
-		json_object_set_new(o, "frames_acked", JI(g.tot.frames_acked));
-		json_object_set_new(o, "frames_dropped", JI(g.tot.frames_dropped));
+#define X(f, k) json_object_set_new(o, k, JI(g.tot.f));
+		SIM_COUNTERS(X)
+#undef X
 		json_object_set_new(o, "frames_unacked_at_end", JI(unacked));
-		json_object_set_new(o, "open_loop_ticks_skipped",
-				    JI(g.tot.ticks_skipped));
-		json_object_set_new(o, "readings_sent", JI(g.tot.readings_sent));
-		json_object_set_new(o, "readings_rejected",
-				    JI(g.tot.readings_rejected));
-		json_object_set_new(o, "readings_bad_generated",
-				    JI(g.tot.readings_bad));
 		json_object_set_new(o, "rejected_by_code", rj);
-		json_object_set_new(o, "unavailable", JI(g.tot.unavailable));
-		json_object_set_new(o, "hub_errors", JI(g.tot.hub_errors));
 		json_object_set_new(o, "hub_errors_by_code", ec);
-		json_object_set_new(o, "protocol_errors", JI(g.tot.proto_errors));
-		json_object_set_new(o, "ack_mismatch", JI(g.tot.ack_mismatch));
-		json_object_set_new(o, "unexpected_acks", JI(g.tot.unexpected_acks));
-		json_object_set_new(o, "duplicate_acks", JI(g.tot.duplicate_acks));
-		json_object_set_new(o, "announce_retries", JI(g.tot.announce_retries));
-		json_object_set_new(o, "commands", json_pack(
-			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
-			"received", (json_int_t)g.tot.cmds_received,
-			"acks_sent", (json_int_t)g.tot.cmd_acks_sent,
-			"acks_dropped", (json_int_t)g.tot.cmd_acks_dropped,
-			"cancels", (json_int_t)g.tot.cancels,
-			"ignored", (json_int_t)g.tot.cmds_ignored,
-			"rejected", (json_int_t)g.tot.cmds_rejected,
-			"failed", (json_int_t)g.tot.cmds_failed,
-			"succeeded", (json_int_t)g.tot.cmds_succeeded,
-			"canceled", (json_int_t)g.tot.cmds_canceled));
+		json_object_set_new(o, "commands", cmds);
+#define X(f, k) json_object_set_new(cmds, k, JI(g.tot.f));
+		SIM_CMD_COUNTERS(X)
+#undef X
 		json_object_set_new(o, "throughput", json_pack(
 			"{s:f, s:f, s:f}",
 			"frames_sent_per_s", (double)g.tot.frames_sent / el,

@@ -193,6 +193,26 @@ double lg_hist_mean(const struct lg_hist *h)
 }
 
 /* ------------------------------------------------------------------------ */
+/* counts by name                                                             */
+
+void lg_codes_add(struct lg_codes *c, const char *name, size_t len)
+{
+	unsigned i;
+
+	for (i = 0; i < c->len; i++)
+		if (strlen(c->name[i]) == len && !memcmp(c->name[i], name, len))
+			break;
+	if (i == c->len && (i == LG_CODES || len >= sizeof(c->name[0])))
+		i = LG_CODES;
+	if (i == c->len && i < LG_CODES) {
+		memcpy(c->name[i], name, len);
+		c->len++;
+	}
+	snprintf(c->name[LG_CODES], sizeof(c->name[0]), "(other)");
+	c->n[i]++;
+}
+
+/* ------------------------------------------------------------------------ */
 /* connect-rate limiter                                                       */
 
 void lg_bucket_init(struct lg_bucket *b, double rate, int64_t now_us)

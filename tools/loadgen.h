@@ -110,6 +110,21 @@ uint64_t lg_hist_quantile(const struct lg_hist *h, double q);
 double lg_hist_mean(const struct lg_hist *h);
 
 /* ------------------------------------------------------------------------ */
+/* counts by name                                                             */
+
+/* Error codes a peer sent, counted by name: the first LG_CODES names apart,
+ * the rest (and names of 32 bytes or more) together as "(other)", the last
+ * entry. A plain value: zero it to empty it. */
+#define LG_CODES 16
+struct lg_codes {
+	char name[LG_CODES + 1][32];
+	uint64_t n[LG_CODES + 1];
+	unsigned len;              /* names in use, "(other)" not counted */
+};
+
+void lg_codes_add(struct lg_codes *c, const char *name, size_t len);
+
+/* ------------------------------------------------------------------------ */
 /* connect-rate limiter                                                       */
 
 /* A token bucket of rate tokens a second holding at most 20 ms of them (and
