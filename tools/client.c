@@ -114,9 +114,10 @@ int hc_url_parse(struct hc_url *u, const char *url, unsigned schemes,
 			u->tls = sch[i].tls;
 		}
 	if (!h) {
-		snprintf(err, errlen, "expected %s, got '%s'", schemes & HC_WS ?
-			 "ws://HOST[:PORT][/PATH] or wss://..." :
-			 "http://HOST[:PORT] or https://HOST[:PORT]", url);
+		const char *sc = schemes & HC_HTTP ? "http" : "ws";
+
+		snprintf(err, errlen, "expected %s://HOST[:PORT][/PATH] or %ss://..., got '%s'",
+			 sc, sc, url);
 		return -1;
 	}
 	pe = h + strcspn(h, "/?#");

@@ -155,7 +155,6 @@ struct gw {
 	unsigned idx;
 	char id[SIM_ID_MAX + 1];
 	const char *auth;      /* "Bearer <jwt>" */
-	size_t auth_len;
 	int auth_owned;
 
 	struct hc_conn *conn;
