@@ -7,20 +7,10 @@
 #include <string.h>
 
 #include "hub/log.h"
+#include "hub/opts.h"
 #include "hub/util.h"
 
-enum opt_type { OPT_STR, OPT_INT, OPT_LONG, OPT_DBL };
-
-struct opt {
-	const char *name;
-	enum opt_type type;
-	size_t off;
-	const char *def;   /* NULL: unset */
-	double min, max;
-	const char *help;
-};
-
-#define O(n, t, f, d, lo, hi, h) { n, t, offsetof(struct hub_config, f), d, lo, hi, h }
+#define O(n, t, f, d, lo, hi, h) { n, t, offsetof(struct hub_config, f), d, lo, hi, h, NULL, 0, NULL, NULL }
 
 static const struct opt opts[] = {
 	O("listen", OPT_STR, listen, "127.0.0.1:8080", 0, 0, "address to serve ws/http on (HOST:PORT, port 0 = any free port)"),
@@ -85,14 +75,6 @@ static const struct opt opts[] = {
 
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))
 
-static const struct opt *find_opt(const char *name, size_t len)
-{
-	for (size_t i = 0; i < NOPTS; i++)
-		if (strlen(opts[i].name) == len && !strncmp(opts[i].name, name, len))
-			return &opts[i];
-	return NULL;
-}
-
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
@@ -104,111 +86,6 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
 	va_end(ap);
 }
 
-static int set_opt(struct hub_config *cfg, const struct opt *o, const char *val,
-		   const char *origin, char *err, size_t errlen)
-{
-	char *p = (char *)cfg + o->off;
-	char *end;
-
-	switch (o->type) {
-	case OPT_STR: {
-		char **s = (char **)(void *)p;
-		free(*s);
-		*s = val ? hub_xstrdup(val) : NULL;
-		return 0;
-	}
-	case OPT_INT:
-	case OPT_LONG: {
-		errno = 0;
-		long long v = strtoll(val, &end, 10);
-		if (errno || end == val || *end || (double)v < o->min || (double)v > o->max) {
-			seterr(err, errlen, "%s: %s must be an integer in [%.0f, %.0f], got \"%s\"",
-			       origin, o->name, o->min, o->max, val);
-			return -1;
-		}
-		if (o->type == OPT_INT)
-			*(int *)(void *)p = (int)v;
-		else
-			*(long *)(void *)p = (long)v;
-		return 0;
-	}
-	case OPT_DBL: {
-		errno = 0;
-		double v = strtod(val, &end);
-		if (errno || end == val || *end || v != v || v < o->min || v > o->max) {
-			seterr(err, errlen, "%s: %s must be a number in [%g, %g], got \"%s\"",
-			       origin, o->name, o->min, o->max, val);
-			return -1;
-		}
-		*(double *)(void *)p = v;
-		return 0;
-	}
-	}
-	return -1;
-}
-
-static char *trim(char *s)
-{
-	while (isspace((unsigned char)*s))
-		s++;
-	char *e = s + strlen(s);
-	while (e > s && isspace((unsigned char)e[-1]))
-		*--e = '\0';
-	return s;
-}
-
-static int load_file(struct hub_config *cfg, const char *path, char *err, size_t errlen)
-{
-	FILE *f = fopen(path, "r");
-	char line[4096];
-	int lineno = 0;
-
-	if (!f) {
-		seterr(err, errlen, "config file %s: %s", path, strerror(errno));
-		return -1;
-	}
-	while (fgets(line, sizeof(line), f)) {
-		char origin[300];
-		lineno++;
-		if (!strchr(line, '\n') && !feof(f)) {
-			seterr(err, errlen, "%s:%d: line too long", path, lineno);
-			fclose(f);
-			return -1;
-		}
-		char *s = trim(line);
-		if (!*s || *s == '#')
-			continue;
-		size_t klen = strcspn(s, " \t=");
-		char *v = s + klen;
-		while (*v == ' ' || *v == '\t' || *v == '=')
-			v++;
-		/* Optional quotes around the value. */
-		size_t vlen = strlen(v);
-		if (vlen >= 2 && v[0] == '"' && v[vlen - 1] == '"') {
-			v[vlen - 1] = '\0';
-			v++;
-		}
-		const struct opt *o = find_opt(s, klen);
-		snprintf(origin, sizeof(origin), "%s:%d", path, lineno);
-		if (!o) {
-			seterr(err, errlen, "%s: unknown key \"%.*s\"", origin, (int)klen, s);
-			fclose(f);
-			return -1;
-		}
-		if (!*v) {
-			seterr(err, errlen, "%s: %s needs a value", origin, o->name);
-			fclose(f);
-			return -1;
-		}
-		if (set_opt(cfg, o, v, origin, err, errlen)) {
-			fclose(f);
-			return -1;
-		}
-	}
-	fclose(f);
-	return 0;
-}
-
 void hub_config_usage(FILE *out)
 {
 	fprintf(out,
@@ -217,56 +94,39 @@ void hub_config_usage(FILE *out)
 		"Every key below may be set in the config file (`key value`), as a flag\n"
 		"(--key VALUE), or as the environment variable IOT_HUB_<KEY> (upper case,\n"
 		"'-' as '_'); the environment overrides flags, flags override the file.\n\n");
-	for (size_t i = 0; i < NOPTS; i++)
-		fprintf(out, "  --%-24s %s%s%s%s\n", opts[i].name, opts[i].help,
-			opts[i].def ? " [" : "", opts[i].def ? opts[i].def : "",
-			opts[i].def ? "]" : "");
+	opts_usage(opts, NOPTS, out);
 }
 
 void hub_config_dump(const struct hub_config *cfg, FILE *out)
 {
-	for (size_t i = 0; i < NOPTS; i++) {
-		const char *p = (const char *)cfg + opts[i].off;
-		switch (opts[i].type) {
-		case OPT_STR: {
-			const char *s = *(char *const *)(const void *)p;
-			if (s)
-				fprintf(out, "%s %s\n", opts[i].name, s);
-			else
-				fprintf(out, "# %s (unset)\n", opts[i].name);
-			break;
-		}
-		case OPT_INT:
-			fprintf(out, "%s %d\n", opts[i].name, *(const int *)(const void *)p);
-			break;
-		case OPT_LONG:
-			fprintf(out, "%s %ld\n", opts[i].name, *(const long *)(const void *)p);
-			break;
-		case OPT_DBL:
-			fprintf(out, "%s %g\n", opts[i].name, *(const double *)(const void *)p);
-			break;
-		}
-	}
+	opts_dump(opts, NOPTS, cfg, out);
 }
 
-static void env_name(const char *key, char *out, size_t outlen)
+/* What only the command line says: --config (read in the first pass) and
+ * --print-config; neither is a key of the file or the environment. */
+struct cli_only {
+	int print;
+};
+
+static int ignore(void *obj, const struct opt *o, const char *val, char *err, size_t errlen)
 {
-	size_t n = (size_t)snprintf(out, outlen, "IOT_HUB_");
-	for (; *key && n + 1 < outlen; key++)
-		out[n++] = *key == '-' ? '_' : (char)toupper((unsigned char)*key);
-	out[n] = '\0';
+	return 0;
 }
+
+static const struct opt cli_opts[] = {
+	{ "config", OPT_STR, OPT_NO_FIELD, NULL, 0, 0, NULL, NULL, 0, ignore, NULL },
+	{ "print-config", OPT_FLAG, offsetof(struct cli_only, print), NULL, 0, 0, NULL, NULL, 0,
+	  NULL, NULL },
+};
 
 int hub_config_load(struct hub_config *cfg, int argc, char **argv,
 		    char *err, size_t errlen)
 {
 	const char *file = getenv("IOT_HUB_CONFIG");
-	bool print = false;
 
 	memset(cfg, 0, sizeof(*cfg));
-	for (size_t i = 0; i < NOPTS; i++)
-		if (opts[i].def && set_opt(cfg, &opts[i], opts[i].def, "default", err, errlen))
-			return -1;
+	if (opts_defaults(opts, NOPTS, cfg, err, errlen))
+		return -1;
 
 	/* First pass: --help, --version, --config. */
 	for (int i = 1; i < argc; i++) {
@@ -285,58 +145,21 @@ int hub_config_load(struct hub_config *cfg, int argc, char **argv,
 	}
 	if (file) {
 		cfg->config_file = hub_xstrdup(file);
-		if (load_file(cfg, file, err, errlen))
+		if (opts_load_file(opts, NOPTS, cfg, file, err, errlen))
 			return -1;
 	}
 
-	for (int i = 1; i < argc; i++) {
-		const char *a = argv[i], *val;
-		if (!strcmp(a, "--print-config")) {
-			print = true;
-			continue;
-		}
-		if (strncmp(a, "--", 2)) {
-			seterr(err, errlen, "unexpected argument \"%s\" (see --help)", a);
-			return -1;
-		}
-		a += 2;
-		const char *eq = strchr(a, '=');
-		size_t klen = eq ? (size_t)(eq - a) : strlen(a);
-		if (klen == 6 && !strncmp(a, "config", 6)) {
-			if (!eq)
-				i++;
-			continue;
-		}
-		const struct opt *o = find_opt(a, klen);
-		if (!o) {
-			seterr(err, errlen, "unknown flag --%.*s (see --help)", (int)klen, a);
-			return -1;
-		}
-		if (eq) {
-			val = eq + 1;
-		} else {
-			if (i + 1 >= argc) {
-				seterr(err, errlen, "flag --%s needs a value", o->name);
-				return -1;
-			}
-			val = argv[++i];
-		}
-		if (set_opt(cfg, o, val, "command line", err, errlen))
-			return -1;
-	}
-
-	for (size_t i = 0; i < NOPTS; i++) {
-		char name[64];
-		env_name(opts[i].name, name, sizeof(name));
-		const char *v = getenv(name);
-		if (v && set_opt(cfg, &opts[i], *v || opts[i].type != OPT_STR ? v : NULL,
-				 name, err, errlen))
-			return -1;
-	}
+	struct cli_only cli = { 0 };
+	const struct opts_tab tabs[] = { { opts, NOPTS, cfg }, { cli_opts, 2, &cli } };
+	const struct opts_cli c = { tabs, 2, NULL, NULL, "command line" };
+	int i = 1;
+	if (opts_argv(&c, argc, argv, &i, err, errlen) ||
+	    opts_env(opts, NOPTS, cfg, "IOT_HUB_", err, errlen))
+		return -1;
 
 	if (hub_config_validate(cfg, err, errlen))
 		return -1;
-	if (print) {
+	if (cli.print) {
 		hub_config_dump(cfg, stdout);
 		return 1;
 	}
@@ -472,12 +295,7 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 
 void hub_config_free(struct hub_config *cfg)
 {
-	for (size_t i = 0; i < NOPTS; i++)
-		if (opts[i].type == OPT_STR) {
-			char **s = (char **)(void *)((char *)cfg + opts[i].off);
-			free(*s);
-			*s = NULL;
-		}
+	opts_free(opts, NOPTS, cfg);
 	free(cfg->config_file);
 	free(cfg->redis_password);
 	cfg->config_file = cfg->redis_password = NULL;

@@ -1,53 +1,31 @@
 /*
- * gw-sim: gateway simulator for iot-hub (the gateway side of CONTRACT.md §2).
+ * gw-sim: the gateway simulator for iot-hub (docs/simulator.md). It opens N
+ * gateway connections to /v1/gateway (subprotocol iot-gateway.v1), announces M
+ * devices on each, then sends telemetry frames open loop (--rate) or closed
+ * loop, keeps every unacked frame in a bounded per-gateway window, resends
+ * unacked frames with their original seq after a reconnect or an `unavailable`
+ * error, answers hub commands, and measures frame->ack latency in a
+ * log-bucketed histogram. --mqtt drives an MQTT broker over WebSocket the same
+ * way. One process, one thread, one client context (client.h, libev backend)
+ * for all connections.
  *
- * One process, one thread, one lws client context on the libev backend. It opens
- * N gateway connections to /v1/gateway (subprotocol iot-gateway.v1), announces M
- * devices on each, then sends telemetry frames open loop (--rate) or closed loop,
- * keeps every unacked frame in a bounded per-gateway window, resends unacked frames
- * with their original seq after a reconnect or an `unavailable` error, answers hub
- * commands, and measures frame->ack latency in a log-bucketed histogram.
- *
- * Loop rules (STYLE.md): writes only in CLIENT_WRITEABLE, one lws_write per callback
- * with LWS_PRE headroom; every queue is bounded; all timers are lws_sul; the signal
- * handler only sets a flag and calls lws_cancel_service().
- *
- * lws 4.1.6 facts this file depends on (read off the v4.1.6 sources):
- *  - lws_write() masks client payload in place, so a frame kept for resend is copied
- *    into a scratch buffer before every write.
- *  - lws_sul_schedule() does not re-arm the libev timer by itself; fd events and
- *    sul callbacks re-arm it, so the first timers are kicked with lws_cancel_service().
- *  - After an fd event the ev glue re-arms its timer with ev_timer_set() and
- *    ev_timer_start() on a watcher that is still active, which libev ignores: a sul
- *    scheduled from a socket callback, earlier than the timer already armed, fired
- *    up to 10 s late (measured). Only the timer's own callback re-arms it correctly,
- *    so a 10 ms heartbeat sul bounds that error to 10 ms (lg_heartbeat_start).
- *  - A sul callback runs with pt->inside_lws_service set: lws_context_destroy() from
- *    there is deferred until the loop breaks, then main() finishes it.
- *  - WSI_DESTROY reaches protocols[0] exactly once per wsi, also for connects that
- *    failed inside lws_client_connect_via_info(): it is the one "connection gone" hook.
- *  - Returning non-zero from CLIENT_RECEIVE skips the parser's reset of its rx
- *    buffer position, and lws keeps reading while it waits for the close ack: the
- *    rest of the frame is written past rx_ubuf (heap overflow, seen as a SEGV
- *    with an oversize message). The server-side parser resets it and guards
- *    against this; the client's does not. So RECEIVE always returns 0, and a
- *    connection is closed from WRITEABLE (gw->kill_*).
- *  - iface in lws_client_connect_info is bound (bind() before connect()) and may be
- *    an IPv4 literal; lws then forces that connection to IPv4.
+ * Loop rules: one write per writeable turn; every queue is bounded; all timers
+ * are lws_sul on the client context; a connection closes from its writeable
+ * turn (hc_close()), never from a receive. iface (--source-ips) is bound
+ * before connect() and may be an IPv4 literal; lws then forces that
+ * connection to IPv4.
  */
 
 #define _GNU_SOURCE
-#include "loadgen.h"
+#include "tools/loadgen.h"
 
 #include <jansson.h>
 
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <jwt.h>
 
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
@@ -77,39 +55,25 @@
 #define SIM_MQTT_HDR_MAX     (5u + 2u + 5u + SIM_ID_MAX + 2u) /* PUBLISH header */
 
 /* ------------------------------------------------------------------------ */
-/* lws logs                                                                   */
-
-static void
-lws_log_emit(int level, const char *line)
-{
-	size_t n = strlen(line);
-
-	while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
-		n--;
-	LOG(level == LLL_ERR ? LOG_ERR : LOG_WARN, "lws: %.*s", (int)n, line);
-}
-
-/* ------------------------------------------------------------------------ */
 /* configuration                                                              */
 
 struct sim_cfg {
-	const char *url;
-	struct lg_endpoint ep;   /* from url */
-	int tls;
-	const char *ca, *cert, *key;
+	char *url;
+	struct hc_url u;          /* from url */
+	char *ca, *cert, *key;
 	int insecure;
 
-	const char *token;
-	const char *token_cmd;
-	const char *jwt_secret;   /* HS256 secret file: gw-sim mints the tokens */
-	const char *jwt_devices;  /* comma-separated patterns, {sub} expanded */
+	char *token;
+	char *token_cmd;
+	char *jwt_secret;         /* HS256 secret file: gw-sim mints the tokens */
+	char *jwt_devices;        /* comma-separated patterns, {sub} expanded */
 	uint64_t ttl;             /* s, exp = now + ttl */
 
 	unsigned gateways;
 	unsigned devices;
-	const char *gw_prefix;
-	const char *device_type;
-	const char *labels;
+	char *gw_prefix;
+	char *device_type;
+	char *labels;
 
 	double rate;         /* readings/s per gateway, 0 = closed loop */
 	unsigned batch;
@@ -121,7 +85,7 @@ struct sim_cfg {
 	double stats_interval;
 	double ack_timeout;  /* s; 0 = wait for acks forever */
 	double warmup;       /* s; frames sent earlier stay out of latency_us */
-	const char *stamp_field; /* data field set to wall-clock µs at generation */
+	char *stamp_field;   /* data field set to wall-clock µs at generation */
 	int json_summary;
 	int idle;
 	int mqtt;            /* --mqtt: MQTT 3.1.1 over WebSocket (Mosquitto) */
@@ -129,13 +93,14 @@ struct sim_cfg {
 	unsigned cmd_delay_ms;       /* before each step after `received` */
 	unsigned cmd_ack_delay_ms;   /* before `received` */
 	unsigned cmd_steps;          /* firmware_update progress steps */
-	const char *cmd_fail, *cmd_ignore, *cmd_reject;  /* name lists */
+	char *cmd_fail, *cmd_ignore, *cmd_reject;  /* name lists */
 	double cmd_fail_p, cmd_ignore_p;  /* or probabilities */
 
+	char *src;                   /* --source-ips, split into src_ips */
 	char **src_ips;
 	unsigned n_src_ips;
 
-	size_t max_frame;
+	uint64_t max_frame;
 	uint64_t seq_start;
 	int seq_start_set;
 	uint64_t seed;
@@ -190,16 +155,12 @@ struct gw {
 	unsigned idx;
 	char id[SIM_ID_MAX + 1];
 	const char *auth;      /* "Bearer <jwt>" */
-	size_t auth_len;
 	int auth_owned;
 
-	struct lws *wsi;
+	struct hc_conn *conn;
 	enum gw_state state;
 	unsigned backoff_attempt;
-	int last_close_code;
-	const char *kill_reason;  /* close at the next WRITEABLE, with kill_code */
-	int kill_code;
-	int rx_discard;           /* dropping the rest of an oversize message */
+	int killed;               /* hc_close()d: closes at its next writeable */
 	lws_sorted_usec_list_t sul_backoff;
 	lws_sorted_usec_list_t sul_retry;
 	int64_t retry_armed_at;
@@ -226,8 +187,8 @@ struct gw {
 	int64_t next_due_ns;
 	int heap_pos;          /* -1 when not in the rate heap */
 
-	/* rx reassembly */
-	struct lg_rx rx;
+	/* --mqtt: the unfinished start of a packet */
+	hub_buf mqtt_rx;
 
 	/* control messages (command acks), bounded */
 	struct ctrl_msg *cq_head, *cq_tail;
@@ -250,41 +211,65 @@ static const char *const rj_names[RJ_COUNT] = {
 	"clock_skew", "other"
 };
 
+/* the counters: field, key in the JSON summary (in its order) */
+#define SIM_COUNTERS(X)                                                       \
+	X(readings_acked, "readings_acked")                                   \
+	X(connects, "connects")                                               \
+	X(connect_failures, "connect_failures")                               \
+	X(auth_failures, "auth_failures")                                     \
+	X(disconnects, "disconnects")                                         \
+	X(takeovers, "takeovers")                                             \
+	X(ack_timeouts, "ack_timeouts")                                       \
+	X(announce_msgs, "announce_messages")                                 \
+	X(announce_rejected, "announce_rejected_devices")                     \
+	X(frames_sent, "frames_sent")                                         \
+	X(frames_resent, "frames_resent")                                     \
+	X(frames_acked, "frames_acked")                                       \
+	X(frames_dropped, "frames_dropped")                                   \
+	X(ticks_skipped, "open_loop_ticks_skipped")                           \
+	X(readings_sent, "readings_sent")                                     \
+	X(readings_rejected, "readings_rejected")                             \
+	X(readings_bad, "readings_bad_generated")                             \
+	X(unavailable, "unavailable")                                         \
+	X(hub_errors, "hub_errors")                                           \
+	X(proto_errors, "protocol_errors")                                    \
+	X(ack_mismatch, "ack_mismatch")                                       \
+	X(unexpected_acks, "unexpected_acks")                                 \
+	X(duplicate_acks, "duplicate_acks")                                   \
+	X(announce_retries, "announce_retries")
+/* the "commands" object of the summary */
+#define SIM_CMD_COUNTERS(X)                                                   \
+	X(cmds_received, "received")                                          \
+	X(cmd_acks_sent, "acks_sent")                                         \
+	X(cmd_acks_dropped, "acks_dropped")                                   \
+	X(cancels, "cancels")                                                 \
+	X(cmds_ignored, "ignored")                                            \
+	X(cmds_rejected, "rejected")                                          \
+	X(cmds_failed, "failed")                                              \
+	X(cmds_succeeded, "succeeded")                                        \
+	X(cmds_canceled, "canceled")
+
 struct counters {
-	uint64_t frames_sent, frames_resent, frames_acked, frames_dropped;
-	uint64_t readings_sent, readings_acked, readings_rejected, readings_bad;
+#define X(f, k) uint64_t f;
+	SIM_COUNTERS(X)
+	SIM_CMD_COUNTERS(X)
+#undef X
 	uint64_t rejected[RJ_COUNT];
-	uint64_t unavailable, hub_errors, proto_errors, ack_mismatch, unexpected_acks;
-	uint64_t duplicate_acks, announce_retries;
-	uint64_t ticks_skipped;
-	uint64_t connects, connect_failures, auth_failures, disconnects, takeovers;
-	uint64_t ack_timeouts;
-	uint64_t announce_msgs, announce_rejected;
-	uint64_t cmds_received, cmd_acks_sent, cmd_acks_dropped, cancels;
-	uint64_t cmds_ignored, cmds_rejected, cmds_failed, cmds_succeeded;
-	uint64_t cmds_canceled;
 };
 
-#define ERRCODES_MAX 16
-struct errcode {
-	char name[32];
-	uint64_t count;
-};
 
 /* ------------------------------------------------------------------------ */
 /* global state (one simulator per process)                                   */
 
 static struct {
 	struct sim_cfg cfg;
-	struct lws_context *ctx;
+	struct hc_ctx *x;
+	struct lws_context *ctx;   /* x's, for timers */
 	struct gw *gws;
 	float *temps, *hums;
 	char *shared_auth;
 	char *dev_type_json;
 	char *labels_json;
-
-	unsigned char *tx;   /* LWS_PRE + max_frame: every write is copied here */
-	size_t tx_cap;
 
 	/* connect queue (ring of gateway indices) and its rate limiter */
 	unsigned *connq;
@@ -300,10 +285,9 @@ static struct {
 	int64_t rate_armed_ns;  /* 0 = not armed */
 	lws_sorted_usec_list_t sul_rate;
 
-	lws_sorted_usec_list_t sul_duration, sul_signal, sul_destroy, sul_drain,
-			       sul_watchdog, sul_mqtt_ping;
+	lws_sorted_usec_list_t sul_duration, sul_destroy, sul_drain, sul_watchdog,
+			       sul_mqtt_ping;
 
-	int sig_handled;
 	int stopping;        /* no new frames; drain the windows */
 	int closing;         /* close everything now */
 	int destroy_started;
@@ -312,9 +296,7 @@ static struct {
 	unsigned n_live, n_connected, n_ready, n_done;
 
 	struct counters tot, iv;
-	struct errcode errcodes[ERRCODES_MAX];
-	unsigned n_errcodes;
-	uint64_t errcodes_other;
+	struct lg_codes errcodes;   /* hub errors by code */
 	struct lg_hist h_tot, h_iv;
 	int64_t start_us, stop_us, last_stats_us;
 	uint64_t rng;
@@ -329,8 +311,7 @@ static void gw_after_window_change(struct gw *gw);
 /* ------------------------------------------------------------------------ */
 /* random numbers: xorshift64*                                                */
 
-static uint64_t
-rng_next(void)
+static uint64_t rng_next(void)
 {
 	g.rng ^= g.rng >> 12;
 	g.rng ^= g.rng << 25;
@@ -338,8 +319,7 @@ rng_next(void)
 	return g.rng * 2685821657736338717ull;
 }
 
-static double
-rng_unit(void)
+static double rng_unit(void)
 {
 	return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0);
 }
@@ -347,26 +327,8 @@ rng_unit(void)
 /* ------------------------------------------------------------------------ */
 /* small helpers                                                              */
 
-static int
-id_char_ok(int c)
-{
-	return isalnum(c) || c == '.' || c == '_' || c == ':' || c == '-';
-}
-
-static int
-id_ok(const char *s, size_t maxlen)
-{
-	size_t n = 0;
-
-	for (; *s; s++, n++)
-		if (!id_char_ok((unsigned char)*s))
-			return 0;
-	return n >= 1 && n <= maxlen;
-}
-
 /* is name one of the comma-separated names in list? */
-static int
-name_in_list(const char *list, const char *name)
+static int name_in_list(const char *list, const char *name)
 {
 	size_t n = strlen(name);
 	const char *p = list;
@@ -386,46 +348,21 @@ name_in_list(const char *list, const char *name)
 	return 0;
 }
 
-static void
-ensure_tx(size_t payload)
+static void count_errcode(const char *code)
 {
-	if (LWS_PRE + payload <= g.tx_cap)
-		return;
-	g.tx_cap = LWS_PRE + payload;
-	g.tx = lg_xrealloc(g.tx, g.tx_cap);
-}
-
-static void
-count_errcode(const char *code)
-{
-	unsigned i;
-
-	for (i = 0; i < g.n_errcodes; i++)
-		if (!strcmp(g.errcodes[i].name, code)) {
-			g.errcodes[i].count++;
-			return;
-		}
-	if (g.n_errcodes < ERRCODES_MAX && strlen(code) < sizeof(g.errcodes[0].name)) {
-		snprintf(g.errcodes[g.n_errcodes].name,
-			 sizeof(g.errcodes[0].name), "%s", code);
-		g.errcodes[g.n_errcodes++].count = 1;
-		return;
-	}
-	g.errcodes_other++;
+	lg_codes_add(&g.errcodes, code, strlen(code));
 }
 
 /* ------------------------------------------------------------------------ */
 /* open-loop rate heap                                                        */
 
-static void
-heap_set(unsigned i, struct gw *gw)
+static void heap_set(unsigned i, struct gw *gw)
 {
 	g.heap[i] = gw;
 	gw->heap_pos = (int)i;
 }
 
-static void
-heap_up(unsigned i)
+static void heap_up(unsigned i)
 {
 	struct gw *gw = g.heap[i];
 
@@ -440,8 +377,7 @@ heap_up(unsigned i)
 	heap_set(i, gw);
 }
 
-static void
-heap_down(unsigned i)
+static void heap_down(unsigned i)
 {
 	struct gw *gw = g.heap[i];
 
@@ -464,8 +400,7 @@ heap_down(unsigned i)
 static void rate_cb(lws_sorted_usec_list_t *sul);
 
 /* make sure the rate sul fires no later than the heap's earliest due time */
-static void
-rate_arm(void)
+static void rate_arm(void)
 {
 	int64_t due, now_ns;
 
@@ -474,14 +409,13 @@ rate_arm(void)
 	due = g.heap[0]->next_due_ns;
 	if (g.rate_armed_ns && g.rate_armed_ns <= due)
 		return;
-	now_ns = lg_mono_us() * 1000;
+	now_ns = hub_mono_us() * 1000;
 	g.rate_armed_ns = due;
 	lws_sul_schedule(g.ctx, 0, &g.sul_rate, rate_cb,
 			 due > now_ns ? (due - now_ns) / 1000 : 0);
 }
 
-static void
-heap_push(struct gw *gw)
+static void heap_push(struct gw *gw)
 {
 	if (gw->heap_pos >= 0)
 		return;
@@ -491,8 +425,7 @@ heap_push(struct gw *gw)
 	rate_arm();
 }
 
-static void
-heap_remove(struct gw *gw)
+static void heap_remove(struct gw *gw)
 {
 	unsigned i = (unsigned)gw->heap_pos;
 	struct gw *last;
@@ -511,8 +444,7 @@ heap_remove(struct gw *gw)
 /* ------------------------------------------------------------------------ */
 /* telemetry window                                                           */
 
-static struct frame_slot *
-gw_slot(struct gw *gw, uint64_t seq)
+static struct frame_slot *gw_slot(struct gw *gw, uint64_t seq)
 {
 	struct frame_slot *fs;
 
@@ -524,8 +456,7 @@ gw_slot(struct gw *gw, uint64_t seq)
 	return fs;
 }
 
-static void
-gw_slot_release(struct gw *gw, struct frame_slot *fs)
+static void gw_slot_release(struct gw *gw, struct frame_slot *fs)
 {
 	if (fs->state == SLOT_PENDING)
 		gw->n_pending--;
@@ -538,8 +469,7 @@ gw_slot_release(struct gw *gw, struct frame_slot *fs)
 		gw->send_cursor = gw->base_seq;
 }
 
-static void
-gw_slot_make_pending(struct gw *gw, struct frame_slot *fs)
+static void gw_slot_make_pending(struct gw *gw, struct frame_slot *fs)
 {
 	if (fs->state == SLOT_PENDING)
 		return;
@@ -549,8 +479,7 @@ gw_slot_make_pending(struct gw *gw, struct frame_slot *fs)
 		gw->send_cursor = fs->seq;
 }
 
-static struct frame_slot *
-gw_next_pending(struct gw *gw)
+static struct frame_slot *gw_next_pending(struct gw *gw)
 {
 	uint64_t s;
 
@@ -569,8 +498,7 @@ gw_next_pending(struct gw *gw)
 	return NULL;
 }
 
-static int
-gw_can_generate(const struct gw *gw)
+static int gw_can_generate(const struct gw *gw)
 {
 	return gw->state == GW_READY && !g.stopping && !g.cfg.idle &&
 	       g.cfg.devices &&
@@ -578,8 +506,7 @@ gw_can_generate(const struct gw *gw)
 	       gw->next_seq - gw->base_seq < g.cfg.inflight;
 }
 
-static size_t
-frame_bound(void)
+static size_t frame_bound(void)
 {
 	/* --stamp-field adds ,"NAME":<up to 20 digits> to each reading */
 	size_t stamp = g.cfg.stamp_field ? strlen(g.cfg.stamp_field) + 24 : 0;
@@ -588,17 +515,16 @@ frame_bound(void)
 }
 
 /* build the next telemetry frame into a free slot: random-walk thermostat data */
-static void
-gw_generate(struct gw *gw)
+static void gw_generate(struct gw *gw)
 {
 	uint64_t seq = gw->next_seq++;
 	struct frame_slot *fs = &gw->win[seq % g.cfg.inflight];
-	int64_t now_us = lg_wall_us(), ts = now_us / 1000;
+	int64_t now_us = hub_now_us(), ts = now_us / 1000;
 	size_t cap = frame_bound(), off;
 	unsigned r;
 
 	if (fs->cap < cap) {
-		fs->buf = lg_xrealloc(fs->buf, cap);
+		fs->buf = hub_xrealloc(fs->buf, cap);
 		fs->cap = (uint32_t)cap;
 	}
 	off = (size_t)snprintf(fs->buf, cap,
@@ -651,8 +577,7 @@ gw_generate(struct gw *gw)
 }
 
 /* fill the window in closed loop: keep `inflight` frames outstanding */
-static void
-gw_fill_closed_loop(struct gw *gw)
+static void gw_fill_closed_loop(struct gw *gw)
 {
 	if (g.cfg.rate > 0)
 		return;
@@ -660,8 +585,7 @@ gw_fill_closed_loop(struct gw *gw)
 		gw_generate(gw);
 }
 
-static void
-check_done(struct gw *gw)
+static void check_done(struct gw *gw)
 {
 	if (gw->done || !g.cfg.frames || g.cfg.idle)
 		return;
@@ -676,8 +600,7 @@ check_done(struct gw *gw)
 }
 
 /* after an ack, a drop or a retry: generate, write, finish or close */
-static void
-gw_after_window_change(struct gw *gw)
+static void gw_after_window_change(struct gw *gw)
 {
 	check_done(gw);
 	gw_fill_closed_loop(gw);
@@ -687,8 +610,7 @@ gw_after_window_change(struct gw *gw)
 /* ------------------------------------------------------------------------ */
 /* control queue (command acks)                                               */
 
-static void
-gw_ctrl_push(struct gw *gw, json_t *msg)
+static void gw_ctrl_push(struct gw *gw, json_t *msg)
 {
 	struct ctrl_msg *m;
 	size_t n;
@@ -705,7 +627,7 @@ gw_ctrl_push(struct gw *gw, json_t *msg)
 		CNT(cmd_acks_dropped, 1);
 		return;
 	}
-	m = lg_xmalloc(sizeof(*m) + n);
+	m = hub_xmalloc(sizeof(*m) + n);
 	m->len = json_dumpb(msg, m->data, n, JSON_COMPACT);
 	m->next = NULL;
 	if (gw->cq_tail)
@@ -717,8 +639,7 @@ gw_ctrl_push(struct gw *gw, json_t *msg)
 	gw_request_write(gw);
 }
 
-static void
-gw_ctrl_clear(struct gw *gw)
+static void gw_ctrl_clear(struct gw *gw)
 {
 	while (gw->cq_head) {
 		struct ctrl_msg *m = gw->cq_head;
@@ -733,9 +654,8 @@ gw_ctrl_clear(struct gw *gw)
 /* ------------------------------------------------------------------------ */
 /* commands                                                                   */
 
-static void
-send_cmd_ack(struct gw *gw, const char *id, const char *status,
-	     const char *error, int progress, const char *message, json_t *result)
+static void send_cmd_ack(struct gw *gw, const char *id, const char *status,
+			 const char *error, int progress, const char *message, json_t *result)
 {
 	json_t *m = json_pack("{s:s, s:s, s:s}", "type", "command_ack",
 			      "id", id, "status", status);
@@ -756,8 +676,7 @@ send_cmd_ack(struct gw *gw, const char *id, const char *status,
 	json_decref(m);
 }
 
-static void
-cmd_free(struct sim_cmd *c)
+static void cmd_free(struct sim_cmd *c)
 {
 	lws_sul_cancel(&c->sul);
 	free(c->id);
@@ -766,8 +685,7 @@ cmd_free(struct sim_cmd *c)
 	free(c);
 }
 
-static void
-cmd_unlink(struct gw *gw, struct sim_cmd *c)
+static void cmd_unlink(struct gw *gw, struct sim_cmd *c)
 {
 	struct sim_cmd **pp;
 
@@ -785,8 +703,7 @@ cmd_unlink(struct gw *gw, struct sim_cmd *c)
  * 0, 100/N, ..., 100 (N = --cmd-steps), one report per --cmd-delay-ms; the
  * last step sends the final state.
  */
-static void
-cmd_step_cb(lws_sorted_usec_list_t *sul)
+static void cmd_step_cb(lws_sorted_usec_list_t *sul)
 {
 	struct sim_cmd *c = lws_container_of(sul, struct sim_cmd, sul);
 	struct gw *gw = c->gw;
@@ -831,8 +748,7 @@ cmd_step_cb(lws_sorted_usec_list_t *sul)
 	gw_request_write(gw);
 }
 
-static void
-gw_on_command(struct gw *gw, json_t *root)
+static void gw_on_command(struct gw *gw, json_t *root)
 {
 	const char *id = json_string_value(json_object_get(root, "id"));
 	const char *name = json_string_value(json_object_get(root, "name"));
@@ -893,12 +809,12 @@ gw_on_command(struct gw *gw, json_t *root)
 	if (!g.cfg.cmd_ack_delay_ms)
 		send_cmd_ack(gw, id, "received", NULL, -1, NULL, NULL);
 
-	c = lg_xcalloc(1, sizeof(*c));
+	c = hub_xcalloc(1, sizeof(*c));
 	c->gw = gw;
-	c->id = lg_xstrdup(id);
-	c->name = lg_xstrdup(name);
+	c->id = hub_xstrdup(id);
+	c->name = hub_xstrdup(name);
 	ver = json_string_value(json_object_get(params, "version"));
-	c->version = ver ? lg_xstrdup(ver) : NULL;
+	c->version = ver ? hub_xstrdup(ver) : NULL;
 	c->action = action;
 	c->stage = g.cfg.cmd_ack_delay_ms ? 0 : 1;
 	c->next = gw->cmds;
@@ -908,8 +824,7 @@ gw_on_command(struct gw *gw, json_t *root)
 			 (c->stage ? g.cfg.cmd_delay_ms : g.cfg.cmd_ack_delay_ms));
 }
 
-static void
-gw_on_cancel(struct gw *gw, json_t *root)
+static void gw_on_cancel(struct gw *gw, json_t *root)
 {
 	const char *id = json_string_value(json_object_get(root, "id"));
 	struct sim_cmd *c;
@@ -938,10 +853,9 @@ gw_on_cancel(struct gw *gw, json_t *root)
 
 static void retry_cb(lws_sorted_usec_list_t *sul);
 
-static void
-gw_arm_retry(struct gw *gw, int64_t at_us)
+static void gw_arm_retry(struct gw *gw, int64_t at_us)
 {
-	int64_t now = lg_mono_us();
+	int64_t now = hub_mono_us();
 
 	if (gw->retry_armed_at && gw->retry_armed_at <= at_us)
 		return;
@@ -950,11 +864,10 @@ gw_arm_retry(struct gw *gw, int64_t at_us)
 			 at_us > now ? at_us - now : 0);
 }
 
-static void
-retry_cb(lws_sorted_usec_list_t *sul)
+static void retry_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_retry);
-	int64_t now = lg_mono_us(), next = 0;
+	int64_t now = hub_mono_us(), next = 0;
 	uint64_t s;
 
 	gw->retry_armed_at = 0;
@@ -973,8 +886,7 @@ retry_cb(lws_sorted_usec_list_t *sul)
 	gw_request_write(gw);
 }
 
-static void
-gw_become_ready(struct gw *gw)
+static void gw_become_ready(struct gw *gw)
 {
 	gw->state = GW_READY;
 	g.n_ready++;
@@ -983,23 +895,21 @@ gw_become_ready(struct gw *gw)
 	    gw->n_pending);
 	if (g.cfg.rate > 0 && !g.cfg.idle && !gw->done) {
 		/* random phase so that N gateways do not tick in lockstep */
-		gw->next_due_ns = lg_mono_us() * 1000 +
+		gw->next_due_ns = hub_mono_us() * 1000 +
 			(int64_t)(rng_unit() * (double)g.interval_ns);
 		heap_push(gw);
 	}
 	gw_after_window_change(gw);
 }
 
-static const char *
-str_or(const json_t *j, const char *dflt)
+static const char *str_or(const json_t *j, const char *dflt)
 {
 	const char *s = json_string_value(j);
 
 	return s ? s : dflt;
 }
 
-static void
-reannounce_cb(lws_sorted_usec_list_t *sul)
+static void reannounce_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_announce);
 
@@ -1014,8 +924,7 @@ reannounce_cb(lws_sorted_usec_list_t *sul)
 }
 
 /* one reply (announced or error) per announce message, in order */
-static void
-gw_announce_reply(struct gw *gw)
+static void gw_announce_reply(struct gw *gw)
 {
 	gw->ann_replies++;
 	if (gw->ann_next < g.cfg.devices || gw->ann_replies < gw->ann_sent)
@@ -1031,8 +940,7 @@ gw_announce_reply(struct gw *gw)
 	gw_become_ready(gw);
 }
 
-static void
-gw_on_announced(struct gw *gw, json_t *root)
+static void gw_on_announced(struct gw *gw, json_t *root)
 {
 	json_t *rej = json_object_get(root, "rejected");
 	size_t nrej = json_is_array(rej) ? json_array_size(rej) : 0;
@@ -1053,8 +961,7 @@ gw_on_announced(struct gw *gw, json_t *root)
 	gw_announce_reply(gw);
 }
 
-static void
-gw_on_ack(struct gw *gw, json_t *root)
+static void gw_on_ack(struct gw *gw, json_t *root)
 {
 	json_t *jseq = json_object_get(root, "seq");
 	json_t *jacc = json_object_get(root, "accepted");
@@ -1098,7 +1005,7 @@ gw_on_ack(struct gw *gw, json_t *root)
 		    fs->nreadings);
 	}
 	if (fs->sent_us) {
-		uint64_t lat = (uint64_t)(lg_mono_us() - fs->sent_us);
+		uint64_t lat = (uint64_t)(hub_mono_us() - fs->sent_us);
 
 		/* --warmup: the run's latency starts after the connect ramp */
 		if (fs->sent_us - g.start_us >= (int64_t)(g.cfg.warmup * 1e6))
@@ -1114,8 +1021,7 @@ gw_on_ack(struct gw *gw, json_t *root)
 	gw_after_window_change(gw);
 }
 
-static void
-gw_on_error(struct gw *gw, json_t *root)
+static void gw_on_error(struct gw *gw, json_t *root)
 {
 	const char *code = json_string_value(json_object_get(root, "code"));
 	const char *msg = json_string_value(json_object_get(root, "message"));
@@ -1161,7 +1067,7 @@ gw_on_error(struct gw *gw, json_t *root)
 		if (fs->state == SLOT_PENDING)
 			gw->n_pending--;
 		fs->state = SLOT_RETRY_WAIT;
-		fs->retry_at_us = lg_mono_us() + ra * 1000;
+		fs->retry_at_us = hub_mono_us() + ra * 1000;
 		gw_arm_retry(gw, fs->retry_at_us);
 		return;
 	}
@@ -1179,8 +1085,7 @@ gw_on_error(struct gw *gw, json_t *root)
 	}
 }
 
-static void
-gw_handle_msg(struct gw *gw, const char *buf, size_t len)
+static void gw_handle_msg(struct gw *gw, const char *buf, size_t len)
 {
 	json_error_t jerr;
 	json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
@@ -1217,8 +1122,7 @@ gw_handle_msg(struct gw *gw, const char *buf, size_t len)
 
 static void connect_pump_cb(lws_sorted_usec_list_t *sul);
 
-static void
-connect_arm(int64_t delay_us)
+static void connect_arm(int64_t delay_us)
 {
 	if (g.connect_armed || g.stopping)
 		return;
@@ -1226,8 +1130,7 @@ connect_arm(int64_t delay_us)
 	lws_sul_schedule(g.ctx, 0, &g.sul_connect, connect_pump_cb, delay_us);
 }
 
-static void
-gw_enqueue_connect(struct gw *gw)
+static void gw_enqueue_connect(struct gw *gw)
 {
 	if (gw->in_connq || g.stopping)
 		return;
@@ -1239,54 +1142,39 @@ gw_enqueue_connect(struct gw *gw)
 
 static void gw_lost(struct gw *gw, const char *why);
 
-static void
-gw_connect(struct gw *gw)
-{
-	struct lws_client_connect_info ci;
-	struct lws *wsi;
+static const struct hc_cbs gw_cbs;
 
-	lg_connect_info(&ci, g.ctx, &g.cfg.ep,
-			g.cfg.mqtt ? SIM_MQTT_SUBPROTOCOL : SIM_SUBPROTOCOL, gw,
-			&gw->wsi);
-	if (g.cfg.tls) {
-		ci.ssl_connection = LCCSCF_USE_SSL;
-		if (g.cfg.insecure)
-			ci.ssl_connection |= LCCSCF_ALLOW_SELFSIGNED |
-				LCCSCF_SKIP_SERVER_CERT_HOSTNAME_CHECK |
-				LCCSCF_ALLOW_EXPIRED | LCCSCF_ALLOW_INSECURE;
-	}
-	if (g.cfg.n_src_ips)
-		ci.iface = g.cfg.src_ips[gw->idx % g.cfg.n_src_ips];
+static void gw_connect(struct gw *gw)
+{
+	const struct hc_conn_opts co = {
+		.url = &g.cfg.u,
+		.subprotocol = g.cfg.mqtt ? SIM_MQTT_SUBPROTOCOL : SIM_SUBPROTOCOL,
+		.auth = gw->auth,
+		.iface = g.cfg.n_src_ips ? g.cfg.src_ips[gw->idx % g.cfg.n_src_ips] : NULL,
+		.insecure = g.cfg.insecure,
+		.max_message = g.cfg.max_frame,
+		.raw = g.cfg.mqtt,
+		.cb = &gw_cbs,
+		.user = gw,
+	};
 
 	gw->state = GW_CONNECTING;
-	gw->wsi = NULL;
-	gw->last_close_code = 0;
-	gw->kill_reason = NULL;
-	gw->kill_code = 0;
-	gw->rx_discard = 0;
+	gw->killed = 0;
 	g.n_live++;
-	wsi = lws_client_connect_via_info(&ci);
-	/*
-	 * NULL with the state still CONNECTING: lws gave up before any callback
-	 * (lws suppresses CONNECTION_ERROR inside this call). If WSI_DESTROY
-	 * already ran, gw_lost() has moved the state on.
-	 */
-	if (!wsi) {
+	gw->conn = hc_connect(g.x, &co);
+	if (!gw->conn) {   /* lws gave up at once: no callback comes */
 		CNT(connect_failures, 1);
-		if (gw->state == GW_CONNECTING)
-			gw_lost(gw, "connect failed");
+		gw_lost(gw, "connect failed");
 	}
 }
 
-static void
-connect_pump_cb(lws_sorted_usec_list_t *sul)
+static void connect_pump_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
 	g.connect_armed = 0;
 	if (g.stopping)
 		return;
-	lg_bucket_refill(&g.conn_bucket, lg_mono_us());
-
+	lg_bucket_refill(&g.conn_bucket, hub_mono_us());
 	while (g.cq_count && lg_bucket_take(&g.conn_bucket)) {
 		struct gw *gw = &g.gws[g.connq[g.cq_head]];
 
@@ -1303,8 +1191,7 @@ connect_pump_cb(lws_sorted_usec_list_t *sul)
 	}
 }
 
-static void
-backoff_cb(lws_sorted_usec_list_t *sul)
+static void backoff_cb(lws_sorted_usec_list_t *sul)
 {
 	struct gw *gw = lws_container_of(sul, struct gw, sul_backoff);
 
@@ -1319,8 +1206,7 @@ static void destroy_cb(lws_sorted_usec_list_t *sul);
  * destroy). Idempotent. Unacked frames become pending again so that they are
  * resent, with their original seq, before any new frame.
  */
-static void
-gw_lost(struct gw *gw, const char *why)
+static void gw_lost(struct gw *gw, const char *why)
 {
 	int64_t base, delay;
 	uint64_t s;
@@ -1336,8 +1222,8 @@ gw_lost(struct gw *gw, const char *why)
 			CNT(disconnects, 1);
 	}
 	g.n_live--;
-	gw->wsi = NULL;
-	gw->rx.len = 0;
+	gw->conn = NULL;
+	gw->mqtt_rx.len = 0;
 	heap_remove(gw);
 	lws_sul_cancel(&gw->sul_retry);
 	lws_sul_cancel(&gw->sul_announce);
@@ -1370,39 +1256,34 @@ gw_lost(struct gw *gw, const char *why)
 	lws_sul_schedule(g.ctx, 0, &gw->sul_backoff, backoff_cb, delay);
 }
 
-/* close the connection from the next WRITEABLE (never from RECEIVE) */
-static void
-gw_kill(struct gw *gw, int code, const char *reason)
+/* closes the connection from its next writeable turn */
+static void gw_kill(struct gw *gw, int code, const char *reason)
 {
-	if (gw->kill_reason)
+	if (gw->killed || !gw->conn)
 		return;
-	gw->kill_code = code;
-	gw->kill_reason = reason;
-	gw_request_write(gw);
+	gw->killed = 1;
+	hc_close(gw->conn, code, reason);
 }
 
 /* at stop, a gateway closes once nothing it owes the hub is outstanding */
-static int
-gw_drained(const struct gw *gw)
+static int gw_drained(const struct gw *gw)
 {
 	return !gw->n_used && !gw->cq_len && !gw->n_cmds;
 }
 
-static void
-gw_request_write(struct gw *gw)
+static void gw_request_write(struct gw *gw)
 {
-	if (!gw->wsi || (gw->state != GW_ANNOUNCING && gw->state != GW_READY))
+	if (!gw->conn || (gw->state != GW_ANNOUNCING && gw->state != GW_READY))
 		return;
-	if (g.closing || gw->kill_reason || (g.stopping && gw_drained(gw)) ||
+	if (g.closing || (g.stopping && gw_drained(gw)) ||
 	    gw->n_pending || (gw->state == GW_READY && gw->cq_head) ||
 	    (gw->state == GW_ANNOUNCING && (g.cfg.mqtt ? !gw->ann_sent :
 					     gw->ann_next < g.cfg.devices)))
-		lws_callback_on_writable(gw->wsi);
+		hc_want_write(gw->conn);
 }
 
 /* next announce message: up to 1000 devices and at most max_frame bytes */
-static size_t
-build_announce(struct gw *gw, char *out, size_t cap)
+static size_t build_announce(struct gw *gw, char *out, size_t cap)
 {
 	size_t off, n;
 	unsigned count = 0;
@@ -1437,19 +1318,17 @@ build_announce(struct gw *gw, char *out, size_t cap)
  * packet id is its ack (every reading counts as accepted: a broker does not
  * validate). Packet id of seq s: s % 65535 + 1; the window is at most 65535
  * frames wide, so a PUBACK names exactly one seq in it. MQTT packets may span
- * or share WebSocket messages: gw->rx is a byte stream here.
+ * or share WebSocket messages: the connection is a byte stream here.
  */
 
-static size_t
-mqtt_build_connect(const struct gw *gw, unsigned char *o)
+static size_t mqtt_build_connect(const struct gw *gw, unsigned char *o)
 {
 	return lg_mqtt_connect(o, gw->id, strlen(gw->id), SIM_MQTT_KEEPALIVE_S);
 }
 
 /* PUBLISH QoS 1 of fs into o (room: SIM_MQTT_HDR_MAX + fs->len) */
-static size_t
-mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
-		   unsigned char *o)
+static size_t mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
+				 unsigned char *o)
 {
 	size_t idl = strlen(gw->id), tl = 5 + idl, n = 0;
 	unsigned pid = (unsigned)(fs->seq % SIM_MQTT_PIDS) + 1;
@@ -1469,11 +1348,10 @@ mqtt_build_publish(const struct gw *gw, const struct frame_slot *fs,
 
 /* A frame (telemetry or MQTT PUBLISH) went out whole: it now waits for its
  * ack; a second write of the same slot is a resend. */
-static void
-frame_written(struct gw *gw, struct frame_slot *fs)
+static void frame_written(struct gw *gw, struct frame_slot *fs)
 {
 	fs->state = SLOT_INFLIGHT;
-	fs->sent_us = lg_mono_us();
+	fs->sent_us = hub_mono_us();
 	gw->n_pending--;
 	gw->send_cursor = fs->seq + 1;
 	CNT(frames_sent, 1);
@@ -1484,16 +1362,15 @@ frame_written(struct gw *gw, struct frame_slot *fs)
 	fs->written = 1;
 }
 
-static int
-mqtt_writeable(struct gw *gw, struct lws *wsi, unsigned char *p)
+static void mqtt_writeable(struct gw *gw, unsigned char *p)
 {
 	struct frame_slot *fs = NULL;
 	size_t len;
-	int n, connect = 0;
+	int connect = 0;
 
 	if (gw->state == GW_ANNOUNCING) {
 		if (gw->ann_sent)
-			return 0;
+			return;
 		len = mqtt_build_connect(gw, p);
 		connect = 1;
 	} else if (gw->state == GW_READY && gw->mqtt_ping) {
@@ -1503,12 +1380,11 @@ mqtt_writeable(struct gw *gw, struct lws *wsi, unsigned char *p)
 	} else if (gw->state == GW_READY && (fs = gw_next_pending(gw))) {
 		len = mqtt_build_publish(gw, fs, p);
 	} else
-		return 0;
+		return;
 
-	n = lws_write(wsi, p, len, LWS_WRITE_BINARY);
-	if (n < (int)len) {
-		LOG(LOG_WARN, "%s: lws_write failed (%d of %zu)", gw->id, n, len);
-		return -1;
+	if (hc_write(gw->conn, p, len, 1)) {
+		LOG(LOG_WARN, "%s: write failed", gw->id);
+		return;
 	}
 	if (connect) {
 		gw->ann_sent++;
@@ -1519,11 +1395,9 @@ mqtt_writeable(struct gw *gw, struct lws *wsi, unsigned char *p)
 		frame_written(gw, fs);
 	}
 	gw_request_write(gw);
-	return 0;
 }
 
-static void
-mqtt_on_puback(struct gw *gw, unsigned pid)
+static void mqtt_on_puback(struct gw *gw, unsigned pid)
 {
 	struct frame_slot *fs = NULL;
 
@@ -1539,7 +1413,7 @@ mqtt_on_puback(struct gw *gw, unsigned pid)
 		return;
 	}
 	if (fs->sent_us) {
-		uint64_t lat = (uint64_t)(lg_mono_us() - fs->sent_us);
+		uint64_t lat = (uint64_t)(hub_mono_us() - fs->sent_us);
 
 		if (fs->sent_us - g.start_us >= (int64_t)(g.cfg.warmup * 1e6))
 			lg_hist_add(&g.h_tot, lat);
@@ -1552,9 +1426,10 @@ mqtt_on_puback(struct gw *gw, unsigned pid)
 }
 
 /* one whole MQTT packet from the broker: type byte, body */
-static void
-mqtt_packet(struct gw *gw, unsigned type, const unsigned char *b, size_t n)
+static void mqtt_packet(void *ctx, unsigned type, const unsigned char *b, size_t n)
 {
+	struct gw *gw = ctx;
+
 	switch (type >> 4) {
 	case 2:   /* CONNACK: flags, return code */
 		if (gw->state != GW_ANNOUNCING || n < 2) {
@@ -1590,64 +1465,16 @@ mqtt_packet(struct gw *gw, unsigned type, const unsigned char *b, size_t n)
 	}
 }
 
-/* must always return 0: see the lws 4.1.6 notes at the top */
-static int
-mqtt_receive(struct gw *gw, const void *in, size_t len)
+static void mqtt_receive(struct gw *gw, const void *in, size_t len)
 {
-	struct lg_rx *rx = &gw->rx;
-	size_t off = 0;
-
-	if (gw->kill_reason)
-		return 0;
-	if (rx->len + len > rx->cap) {
-		rx->cap = rx->len + len > 4096 ? rx->len + len : 4096;
-		rx->buf = lg_xrealloc(rx->buf, rx->cap);
+	if (lg_mqtt_feed(&gw->mqtt_rx, in, len, g.cfg.max_frame, mqtt_packet, gw)) {
+		CNT(proto_errors, 1);
+		gw_kill(gw, LWS_CLOSE_STATUS_PROTOCOL_ERR, "bad MQTT stream");
 	}
-	memcpy(rx->buf + rx->len, in, len);
-	rx->len += len;
-	for (;;) {
-		const unsigned char *b = (const unsigned char *)rx->buf + off;
-		size_t avail = rx->len - off, rl = 0, h = 1;
-		unsigned shift = 0;
-
-		if (avail < 2)
-			break;
-		while (h < avail && h <= 4) {
-			rl |= (size_t)(b[h] & 0x7f) << shift;
-			shift += 7;
-			if (!(b[h++] & 0x80))
-				break;
-		}
-		if (h > 4 && (b[4] & 0x80)) {
-			CNT(proto_errors, 1);
-			gw_kill(gw, LWS_CLOSE_STATUS_PROTOCOL_ERR, "bad MQTT length");
-			rx->len = 0;
-			return 0;
-		}
-		if ((b[h - 1] & 0x80) || avail - h < rl) {
-			if (rl > g.cfg.max_frame) {
-				CNT(proto_errors, 1);
-				gw->rx_discard = 1;
-				gw_kill(gw, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
-					"message too large");
-				rx->len = 0;
-				return 0;
-			}
-			break;   /* the rest of the packet comes later */
-		}
-		mqtt_packet(gw, b[0], b + h, rl);
-		off += h + rl;
-	}
-	if (off) {
-		memmove(rx->buf, rx->buf + off, rx->len - off);
-		rx->len -= off;
-	}
-	return 0;
 }
 
 /* keepalive: a PINGREQ every 30 s (the broker drops a client silent 90 s) */
-static void
-mqtt_ping_cb(lws_sorted_usec_list_t *sul)
+static void mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -1655,9 +1482,9 @@ mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 	for (i = 0; i < g.cfg.gateways; i++) {
 		struct gw *gw = &g.gws[i];
 
-		if (gw->state == GW_READY && gw->wsi) {
+		if (gw->state == GW_READY && gw->conn) {
 			gw->mqtt_ping = 1;
-			lws_callback_on_writable(gw->wsi);
+			hc_want_write(gw->conn);
 		}
 	}
 	if (!g.stopping)
@@ -1665,59 +1492,52 @@ mqtt_ping_cb(lws_sorted_usec_list_t *sul)
 				 SIM_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
 }
 
-static int
-gw_writeable(struct gw *gw, struct lws *wsi)
+static void gw_writeable(struct hc_conn *conn, void *user)
 {
+	struct gw *gw = user;
 	unsigned char *p;
 	struct frame_slot *fs = NULL;
 	struct ctrl_msg *cm = NULL;
+	const void *data;
 	size_t len = 0;
-	int n, announce = 0;
+	int announce = 0;
 
-	if (gw->kill_reason) {
-		lws_close_reason(wsi, (enum lws_close_status)gw->kill_code,
-				 (unsigned char *)gw->kill_reason,
-				 strlen(gw->kill_reason));
-		return -1;
-	}
 	if (g.closing || (g.stopping && gw_drained(gw)) ||
 	    (g.stopping && gw->state != GW_READY)) {
-		lws_close_reason(wsi, LWS_CLOSE_STATUS_NORMAL,
-				 (unsigned char *)"simulator stopping", 18);
-		return -1;
+		hc_close(conn, LWS_CLOSE_STATUS_NORMAL, "simulator stopping");
+		return;
 	}
-
-	ensure_tx(g.cfg.max_frame + SIM_MQTT_HDR_MAX);
-	p = g.tx + LWS_PRE;
-	if (g.cfg.mqtt)
-		return mqtt_writeable(gw, wsi, p);
+	p = hc_txbuf(g.x, g.cfg.max_frame + SIM_MQTT_HDR_MAX);
+	if (g.cfg.mqtt) {
+		mqtt_writeable(gw, p);
+		return;
+	}
 	if (gw->state == GW_ANNOUNCING) {
 		if (gw->ann_next >= g.cfg.devices)
-			return 0;
+			return;
 		len = build_announce(gw, (char *)p, g.cfg.max_frame);
 		if (!len) {
 			LOG(LOG_ERR, "%s: one device does not fit in --max-frame",
 			    gw->id);
-			return -1;
+			gw_kill(gw, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION, "announce too large");
+			return;
 		}
+		data = p;
 		announce = 1;
 	} else if (gw->state == GW_READY && gw->cq_head) {
 		cm = gw->cq_head;
-		memcpy(p, cm->data, cm->len);
+		data = cm->data;
 		len = cm->len;
 	} else if (gw->state == GW_READY && (fs = gw_next_pending(gw))) {
-		/* lws masks the payload in place: write a copy, keep the frame */
-		memcpy(p, fs->buf, fs->len);
+		data = fs->buf;   /* copied: lws masks what it writes in place */
 		len = fs->len;
 	} else
-		return 0;
+		return;
 
-	n = lws_write(wsi, p, len, LWS_WRITE_TEXT);
-	if (n < (int)len) {
-		LOG(LOG_WARN, "%s: lws_write failed (%d of %zu)", gw->id, n, len);
-		return -1;
+	if (hc_write(conn, data, len, 0)) {
+		LOG(LOG_WARN, "%s: write failed", gw->id);
+		return;
 	}
-
 	if (announce) {
 		gw->ann_sent++;
 		CNT(announce_msgs, 1);
@@ -1732,12 +1552,12 @@ gw_writeable(struct gw *gw, struct lws *wsi)
 		frame_written(gw, fs);
 	}
 	gw_request_write(gw);
-	return 0;
 }
 
-static void
-gw_established(struct gw *gw)
+static void gw_established(struct hc_conn *conn, void *user)
 {
+	struct gw *gw = user;
+
 	gw->state = GW_ANNOUNCING;
 	g.n_connected++;
 	CNT(connects, 1);
@@ -1745,10 +1565,10 @@ gw_established(struct gw *gw)
 	gw->ann_sent = 0;
 	gw->ann_replies = 0;
 	gw->ann_retry_ms = 0;
-	gw->rx.len = 0;
+	gw->mqtt_rx.len = 0;
 	LOG(LOG_DEBUG, "%s: connected", gw->id);
 	if (g.stopping) {
-		lws_callback_on_writable(gw->wsi);
+		hc_want_write(conn);
 		return;
 	}
 	if (!g.cfg.devices && !g.cfg.mqtt) {
@@ -1758,144 +1578,55 @@ gw_established(struct gw *gw)
 	gw_request_write(gw);   /* --mqtt: CONNECT, then CONNACK makes it ready */
 }
 
-/* must always return 0: see the lws 4.1.6 notes at the top */
-static int
-gw_receive(struct gw *gw, struct lws *wsi, const char *in, size_t len)
+static void gw_receive(struct hc_conn *conn, const char *msg, size_t len, void *user)
 {
-	const char *m;
-	size_t n;
-	int r;
+	struct gw *gw = user;
 
-	if (gw->rx_discard || gw->kill_reason)
-		return 0;
-	r = lg_rx_feed(&gw->rx, in, len, lws_is_final_fragment(wsi),
-		       g.cfg.max_frame, &m, &n);
-	if (r < 0) {
-		LOG(LOG_WARN, "%s: hub message over --max-frame %zu bytes, closing "
-		    "1009", gw->id, g.cfg.max_frame);
+	if (g.cfg.mqtt) {
+		mqtt_receive(gw, msg, len);
+	} else if (!msg) {
+		LOG(LOG_WARN, "%s: hub message over --max-frame %" PRIu64 " bytes, "
+		    "closing 1009", gw->id, g.cfg.max_frame);
 		CNT(proto_errors, 1);
-		gw->rx_discard = 1;
 		gw_kill(gw, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "message too large");
-	} else if (r)
-		gw_handle_msg(gw, m, n);
-	return 0;
+	} else {
+		gw_handle_msg(gw, msg, len);
+	}
 }
 
-static void signal_work_cb(lws_sorted_usec_list_t *sul);
-
-static int
-sim_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
-	     void *in, size_t len)
+static void gw_closed(struct hc_conn *conn, const struct hc_end *end, void *user)
 {
-	struct gw *gw;
+	struct gw *gw = user;
+	char why[64];
 
-	(void)user;
-
-	if (reason == LWS_CALLBACK_EVENT_WAIT_CANCELLED) {
-		if (lg_signal_count() != g.sig_handled && !g.destroy_started)
-			lws_sul_schedule(g.ctx, 0, &g.sul_signal,
-					 signal_work_cb, 0);
-		return 0;
-	}
-	/* ignore lws-internal wsis and a gateway's stale wsi */
-	gw = lg_client_owner(wsi, reason);
-	if (!gw || gw->wsi != wsi)
-		return 0;
-
-	switch (reason) {
-	case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER: {
-		unsigned char **p = (unsigned char **)in, *end = *p + len;
-
-		if (!gw->auth)   /* --mqtt without a token */
-			break;
-		if (lws_add_http_header_by_name(wsi,
-				(const unsigned char *)"authorization:",
-				(const unsigned char *)gw->auth,
-				(int)gw->auth_len, p, end)) {
-			LOG(LOG_ERR, "%s: token does not fit in the handshake "
-			    "buffer", gw->id);
-			return -1;
-		}
-		break;
-	}
-
-	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR: {
-		const char *why = in ? (const char *)in : "unknown";
-
+	if (end->error) {
 		CNT(connect_failures, 1);
-		if (strstr(why, "unauthorized"))
+		if (end->status == 401)
 			CNT(auth_failures, 1);
-		LOG(LOG_WARN, "%s: connection failed: %s", gw->id, why);
-		break;
+		LOG(LOG_WARN, "%s: connection failed: %s", gw->id, end->error);
 	}
-
-	case LWS_CALLBACK_CLIENT_ESTABLISHED:
-		gw_established(gw);
-		break;
-
-	case LWS_CALLBACK_CLIENT_RECEIVE:
-		if (g.cfg.mqtt)
-			return mqtt_receive(gw, in, len);
-		return gw_receive(gw, wsi, in, len);
-
-	case LWS_CALLBACK_CLIENT_WRITEABLE:
-		return gw_writeable(gw, wsi);
-
-	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-		if (len >= 2) {
-			const unsigned char *b = in;
-
-			gw->last_close_code = (b[0] << 8) | b[1];
-		}
-		if (gw->last_close_code == 4001) {
-			CNT(takeovers, 1);
-			LOG(LOG_WARN, "%s: taken over by another connection with "
-			    "the same sub (close 4001: %.*s)", gw->id,
-			    len > 2 ? (int)(len - 2) : 0,
-			    len > 2 ? (const char *)in + 2 : "");
-		} else
-			LOG(LOG_INFO, "%s: hub closed with %d: %.*s", gw->id,
-			    gw->last_close_code,
-			    len > 2 ? (int)(len - 2) : 0,
-			    len > 2 ? (const char *)in + 2 : "");
-		break;
-
-	case LWS_CALLBACK_CLIENT_CLOSED:
-		LOG(LOG_DEBUG, "%s: closed (code %d)", gw->id,
-		    gw->last_close_code);
-		break;
-
-	case LWS_CALLBACK_WSI_DESTROY: {
-		char why[64];
-
-		if (gw->last_close_code)
-			snprintf(why, sizeof(why), "closed with %d",
-				 gw->last_close_code);
-		else
-			snprintf(why, sizeof(why), "%s",
-				 gw->state == GW_CONNECTING ? "connect failed" :
-				 "connection lost");
-		gw_lost(gw, why);
-		break;
+	if (end->close_code == 4001) {
+		CNT(takeovers, 1);
+		LOG(LOG_WARN, "%s: taken over by another connection with the same "
+		    "sub (close 4001: %s)", gw->id, end->reason);
+	} else if (end->close_code) {
+		LOG(LOG_INFO, "%s: hub closed with %d: %s", gw->id, end->close_code,
+		    end->reason);
 	}
-
-	default:
-		break;
-	}
-	return 0;
+	if (end->close_code)
+		snprintf(why, sizeof(why), "closed with %d", end->close_code);
+	else
+		snprintf(why, sizeof(why), "%s", gw->state == GW_CONNECTING ?
+			 "connect failed" : "connection lost");
+	gw_lost(gw, why);
 }
 
-static const struct lws_protocols sim_protocols[] = {
-	{ SIM_SUBPROTOCOL, sim_callback, 0, 1024, 0, NULL, 0 },
-	{ SIM_MQTT_SUBPROTOCOL, sim_callback, 0, 1024, 0, NULL, 0 },
-	{ NULL, NULL, 0, 0, 0, NULL, 0 }
-};
+static const struct hc_cbs gw_cbs = { gw_established, gw_receive, gw_writeable, gw_closed };
 
 /* ------------------------------------------------------------------------ */
 /* timers: rate, stats, stop                                                  */
 
-static void
-gw_tick(struct gw *gw, int64_t now_ns)
+static void gw_tick(struct gw *gw, int64_t now_ns)
 {
 	int gen = 0;
 
@@ -1923,10 +1654,9 @@ gw_tick(struct gw *gw, int64_t now_ns)
 		gw_request_write(gw);
 }
 
-static void
-rate_cb(lws_sorted_usec_list_t *sul)
+static void rate_cb(lws_sorted_usec_list_t *sul)
 {
-	int64_t now_ns = lg_mono_us() * 1000;
+	int64_t now_ns = hub_mono_us() * 1000;
 
 	(void)sul;
 	g.rate_armed_ns = 0;
@@ -1942,8 +1672,7 @@ rate_cb(lws_sorted_usec_list_t *sul)
 	rate_arm();
 }
 
-static void
-print_stats_line(int64_t now)
+static void print_stats_line(int64_t now)
 {
 	double dt = (double)(now - g.last_stats_us) / 1e6;
 	uint64_t unacked = 0;
@@ -1973,10 +1702,9 @@ print_stats_line(int64_t now)
 
 /* once a second: a connection whose oldest unacked frame is older than
  * --ack-timeout is closed; the reconnect resends the frame */
-static void
-watchdog_cb(lws_sorted_usec_list_t *sul)
+static void watchdog_cb(lws_sorted_usec_list_t *sul)
 {
-	int64_t now = lg_mono_us(), limit = (int64_t)(g.cfg.ack_timeout * 1e6);
+	int64_t now = hub_mono_us(), limit = (int64_t)(g.cfg.ack_timeout * 1e6);
 	unsigned i;
 
 	(void)sul;
@@ -1984,7 +1712,7 @@ watchdog_cb(lws_sorted_usec_list_t *sul)
 		struct gw *gw = &g.gws[i];
 		uint64_t s;
 
-		if (gw->state != GW_READY || gw->kill_reason || !gw->n_used)
+		if (gw->state != GW_READY || gw->killed || !gw->n_used)
 			continue;
 		for (s = gw->base_seq; s < gw->next_seq; s++) {
 			struct frame_slot *fs = &gw->win[s % g.cfg.inflight];
@@ -2005,15 +1733,13 @@ watchdog_cb(lws_sorted_usec_list_t *sul)
 				 LWS_USEC_PER_SEC);
 }
 
-static void
-duration_cb(lws_sorted_usec_list_t *sul)
+static void duration_cb(lws_sorted_usec_list_t *sul)
 {
 	(void)sul;
 	begin_stop("--duration elapsed");
 }
 
-static void
-destroy_cb(lws_sorted_usec_list_t *sul)
+static void destroy_cb(lws_sorted_usec_list_t *sul)
 {
 	unsigned i;
 
@@ -2037,34 +1763,26 @@ destroy_cb(lws_sorted_usec_list_t *sul)
 	lg_stats_stop();
 	lws_sul_cancel(&g.sul_duration);
 	lws_sul_cancel(&g.sul_drain);
-	lws_sul_cancel(&g.sul_signal);
 	lws_sul_cancel(&g.sul_watchdog);
 	lws_sul_cancel(&g.sul_mqtt_ping);
-	lg_heartbeat_stop();
-	/* from a sul, lws defers this until the loop unwinds; main() finishes it */
-	lws_context_destroy(g.ctx);
+	hc_stop(g.x);
 }
 
-static void
-close_all(void)
+static void close_all(void)
 {
 	unsigned i;
 
 	for (i = 0; i < g.cfg.gateways; i++) {
 		struct gw *gw = &g.gws[i];
 
-		if (!gw->wsi)
-			continue;
-		if (gw->state == GW_CONNECTING)
-			lws_set_timeout(gw->wsi, PENDING_TIMEOUT_USER_OK,
-					LWS_TO_KILL_ASYNC);
-		else
-			lws_callback_on_writable(gw->wsi);
+		if (gw->conn && gw->state == GW_CONNECTING)
+			hc_close(gw->conn, 0, NULL);
+		else if (gw->conn)
+			hc_want_write(gw->conn);
 	}
 }
 
-static void
-drain_cb(lws_sorted_usec_list_t *sul)
+static void drain_cb(lws_sorted_usec_list_t *sul)
 {
 	if (g.n_live && sul)
 		LOG(LOG_WARN, "stop: %u connection(s) still had unacked frames "
@@ -2081,8 +1799,7 @@ drain_cb(lws_sorted_usec_list_t *sul)
  * others wait up to SIM_DRAIN_MS for their acks. The context is destroyed when
  * the last connection is gone.
  */
-static void
-begin_stop(const char *why)
+static void begin_stop(const char *why)
 {
 	unsigned i;
 
@@ -2090,7 +1807,7 @@ begin_stop(const char *why)
 		return;
 	g.stopping = 1;
 	g.stop_reason = why;
-	g.stop_us = lg_mono_us();
+	g.stop_us = hub_mono_us();
 	LOG(LOG_INFO, "stopping: %s", why);
 	lws_sul_cancel(&g.sul_rate);
 	lws_sul_cancel(&g.sul_connect);
@@ -2120,15 +1837,9 @@ begin_stop(const char *why)
 				 (lws_usec_t)SIM_DRAIN_MS * 1000);
 }
 
-static void
-signal_work_cb(lws_sorted_usec_list_t *sul)
+/* SIGINT/SIGTERM: the first stops, the second closes at once */
+static void on_signal(struct hc_ctx *x, int n)
 {
-	int n = lg_signal_count();
-
-	(void)sul;
-	if (n == g.sig_handled)
-		return;
-	g.sig_handled = n;
 	if (!g.stopping)
 		begin_stop("signal");
 	else if (!g.closing) {
@@ -2141,10 +1852,9 @@ signal_work_cb(lws_sorted_usec_list_t *sul)
 /* ------------------------------------------------------------------------ */
 /* summary                                                                    */
 
-static void
-print_summary(void)
+static void print_summary(void)
 {
-	double el = (double)((g.stop_us ? g.stop_us : lg_mono_us()) - g.start_us) / 1e6;
+	double el = (double)((g.stop_us ? g.stop_us : hub_mono_us()) - g.start_us) / 1e6;
 	uint64_t unacked = 0;
 	unsigned i;
 
@@ -2171,18 +1881,16 @@ print_summary(void)
 		(double)g.h_tot.max / 1000.0);
 
 	if (g.cfg.json_summary) {
-		json_t *rj = json_object(), *ec = json_object(), *o;
+		json_t *rj = json_object(), *ec = json_object(), *cmds = json_object(), *o;
 		int k;
 
 		for (k = 0; k < RJ_COUNT; k++)
 			json_object_set_new(rj, rj_names[k],
 					    json_integer((json_int_t)g.tot.rejected[k]));
-		for (i = 0; i < g.n_errcodes; i++)
-			json_object_set_new(ec, g.errcodes[i].name,
-				json_integer((json_int_t)g.errcodes[i].count));
-		if (g.errcodes_other)
-			json_object_set_new(ec, "(other)",
-				json_integer((json_int_t)g.errcodes_other));
+		for (i = 0; i <= LG_CODES; i++)
+			if (i < g.errcodes.len || (i == LG_CODES && g.errcodes.n[i]))
+				json_object_set_new(ec, g.errcodes.name[i],
+						    json_integer((json_int_t)g.errcodes.n[i]));
 
 #define JI(v) json_integer((json_int_t)(v))
 		o = json_pack("{s:s, s:s, s:s, s:f, s:i, s:i, s:f, s:i, s:i}",
@@ -2200,48 +1908,16 @@ print_summary(void)
 		json_object_set_new(o, "acks", JI(g.tot.frames_acked));
 		json_object_set_new(o, "errors", JI(g.tot.hub_errors +
 			g.tot.proto_errors + g.tot.ack_mismatch));
-		json_object_set_new(o, "readings_acked", JI(g.tot.readings_acked));
-		json_object_set_new(o, "connects", JI(g.tot.connects));
-		json_object_set_new(o, "connect_failures", JI(g.tot.connect_failures));
-		json_object_set_new(o, "auth_failures", JI(g.tot.auth_failures));
-		json_object_set_new(o, "disconnects", JI(g.tot.disconnects));
-		json_object_set_new(o, "takeovers", JI(g.tot.takeovers));
-		json_object_set_new(o, "ack_timeouts", JI(g.tot.ack_timeouts));
-		json_object_set_new(o, "announce_messages", JI(g.tot.announce_msgs));
-		json_object_set_new(o, "announce_rejected_devices",
-				    JI(g.tot.announce_rejected));
-		json_object_set_new(o, "frames_sent", JI(g.tot.frames_sent));
-		json_object_set_new(o, "frames_resent", JI(g.tot.frames_resent));
-		json_object_set_new(o, "frames_acked", JI(g.tot.frames_acked));
-		json_object_set_new(o, "frames_dropped", JI(g.tot.frames_dropped));
+#define X(f, k) json_object_set_new(o, k, JI(g.tot.f));
+		SIM_COUNTERS(X)
+#undef X
 		json_object_set_new(o, "frames_unacked_at_end", JI(unacked));
-		json_object_set_new(o, "open_loop_ticks_skipped",
-				    JI(g.tot.ticks_skipped));
-		json_object_set_new(o, "readings_sent", JI(g.tot.readings_sent));
-		json_object_set_new(o, "readings_rejected",
-				    JI(g.tot.readings_rejected));
-		json_object_set_new(o, "readings_bad_generated",
-				    JI(g.tot.readings_bad));
 		json_object_set_new(o, "rejected_by_code", rj);
-		json_object_set_new(o, "unavailable", JI(g.tot.unavailable));
-		json_object_set_new(o, "hub_errors", JI(g.tot.hub_errors));
 		json_object_set_new(o, "hub_errors_by_code", ec);
-		json_object_set_new(o, "protocol_errors", JI(g.tot.proto_errors));
-		json_object_set_new(o, "ack_mismatch", JI(g.tot.ack_mismatch));
-		json_object_set_new(o, "unexpected_acks", JI(g.tot.unexpected_acks));
-		json_object_set_new(o, "duplicate_acks", JI(g.tot.duplicate_acks));
-		json_object_set_new(o, "announce_retries", JI(g.tot.announce_retries));
-		json_object_set_new(o, "commands", json_pack(
-			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
-			"received", (json_int_t)g.tot.cmds_received,
-			"acks_sent", (json_int_t)g.tot.cmd_acks_sent,
-			"acks_dropped", (json_int_t)g.tot.cmd_acks_dropped,
-			"cancels", (json_int_t)g.tot.cancels,
-			"ignored", (json_int_t)g.tot.cmds_ignored,
-			"rejected", (json_int_t)g.tot.cmds_rejected,
-			"failed", (json_int_t)g.tot.cmds_failed,
-			"succeeded", (json_int_t)g.tot.cmds_succeeded,
-			"canceled", (json_int_t)g.tot.cmds_canceled));
+		json_object_set_new(o, "commands", cmds);
+#define X(f, k) json_object_set_new(cmds, k, JI(g.tot.f));
+		SIM_CMD_COUNTERS(X)
+#undef X
 		json_object_set_new(o, "throughput", json_pack(
 			"{s:f, s:f, s:f}",
 			"frames_sent_per_s", (double)g.tot.frames_sent / el,
@@ -2279,363 +1955,162 @@ print_summary(void)
 /* ------------------------------------------------------------------------ */
 /* command line                                                               */
 
-static void
-usage(FILE *f)
+/* --cmd-fail / --cmd-ignore: a probability 0..1 (a number; op->data is where
+ * it goes), else names */
+static int names_or_prob(void *obj, const struct opt *op, const char *arg, char *err, size_t errlen)
 {
-	fprintf(f,
-"usage: gw-sim [options]\n"
-"Simulates gateways against an iot-hub /v1/gateway endpoint (CONTRACT.md §2).\n"
-"\n"
-"Connection\n"
-"  --url URL            ws:// or wss:// endpoint (default ws://127.0.0.1:8080/v1/gateway)\n"
-"  --token JWT          bearer token used by every gateway\n"
-"  --token-cmd 'CMD'    run once per gateway at start; {sub} is replaced by the\n"
-"                       gateway id; stdout is the token\n"
-"  --jwt-secret FILE    mint each gateway's HS256 token in-process with this\n"
-"                       secret (the file's bytes less trailing CR/LF, as the hub)\n"
-"  --jwt-devices LIST   devices claim of minted tokens: comma-separated patterns,\n"
-"                       {sub} is replaced by the gateway id (default *)\n"
-"  --ttl S              minted tokens expire S seconds after start (default 3600)\n"
-"  --ca FILE            CA bundle to verify the hub (wss)\n"
-"  --cert FILE --key FILE  client certificate for mTLS\n"
-"  --insecure           do not verify the hub's certificate\n"
-"  --source-ips A,B,..  bind connections round-robin to these local addresses\n"
-"  --connect-rate C     new connections per second, also reconnects (default 1000)\n"
-"  --mqtt               speak MQTT 3.1.1 over WebSocket (subprotocol mqtt, binary\n"
-"                       frames) to a broker such as Mosquitto instead: CONNECT\n"
-"                       (client id = gateway id, clean session, keepalive 60),\n"
-"                       then each frame's JSON as one PUBLISH QoS 1 to\n"
-"                       tele/<gateway>; its PUBACK is the ack. No token needed;\n"
-"                       no announce, no commands (docs/simulator.md)\n"
-"\n"
-"Fleet\n"
-"  --gateways N         gateways (default 1)\n"
-"  --devices M          devices per gateway (default 10)\n"
-"  --gateway-prefix P   gateway ids P-0000, P-0001, ... (default gw)\n"
-"  --device-type T      device type announced (default thermostat)\n"
-"  --labels k=v,k=v     labels announced with every device\n"
-"\n"
-"Traffic\n"
-"  --rate R             readings/s per gateway, open loop; 0 = closed loop (default 0)\n"
-"  --batch B            readings per telemetry frame (default 1)\n"
-"  --inflight K         unacked frames per gateway (default 1)\n"
-"  --duration S         stop after S seconds (default 0 = until SIGINT/SIGTERM)\n"
-"  --frames F           stop each gateway after F frames, all acked\n"
-"  --ack-timeout S      reconnect when a frame waits S s for its ack (default 30,\n"
-"                       0 = wait forever)\n"
-"  --bad-ratio X        fraction of readings made invalid (temperature 500)\n"
-"  --stamp-field NAME   also put NAME: wall-clock Unix microseconds at generation\n"
-"                       in every reading's data (the device type must allow it,\n"
-"                       e.g. bench/device-types/bench.json: sent_us)\n"
-"  --idle               connect and announce, then send no telemetry\n"
-"  --seq-start N        first seq of gateway 0; gateway i starts at N + i*1e9\n"
-"                       (default N: Unix time in microseconds, so a restarted\n"
-"                       simulator never reuses a seq the hub already stored)\n"
-"  --seed N             random seed (default: time and pid)\n"
-"  --max-frame BYTES    largest frame sent or accepted (default 65536)\n"
-"\n"
-"Commands\n"
-"  --cmd-ack-delay-ms MS delay before `received` (default 0)\n"
-"  --cmd-delay-ms MS    delay before each later step (default 200)\n"
-"  --cmd-steps N        firmware_update progress reports 0..100 in N steps\n"
-"                       (default 4: 0, 25, 50, 75, 100)\n"
-"  --cmd-fail NAMES|P   report these commands failed (comma-separated names),\n"
-"                       or any command with probability P (0..1)\n"
-"  --cmd-ignore NAMES|P send nothing at all for these commands, or for a\n"
-"                       delivery with probability P (0..1)\n"
-"  --cmd-reject NAMES   reject these commands as unsupported\n"
-"\n"
-"Output\n"
-"  --stats-interval S   one stats line per S seconds on stderr (default 0 = off)\n"
-"  --json-summary       final JSON summary on stdout\n"
-"  --warmup S           leave frames sent in the first S s out of the summary's\n"
-"                       latency_us (the connect ramp); default 0\n"
-"  -v, --verbose        more logs (twice: debug and lws notices)\n"
-"  -q, --quiet          errors only\n"
-"  -h, --help           this help\n");
-}
-
-/* --cmd-fail / --cmd-ignore: a probability 0..1 (a number), else names */
-static void
-names_or_prob(const char *flag, const char *arg, const char **names, double *p)
-{
-	char *end;
+	char **names = (char **)(void *)((char *)obj + op->off), *end;
 	double v;
 
 	errno = 0;
 	v = strtod(arg, &end);
+	*(double *)(void *)op->data = 0;
 	if (*arg && !*end && !errno && (isdigit((unsigned char)*arg) || *arg == '.')) {
-		if (!(v >= 0 && v <= 1))
-			lg_die_flag("%s: a probability is from 0 to 1, got '%s'", flag, arg);
-		*p = v;
+		if (!(v >= 0 && v <= 1)) {
+			snprintf(err, errlen, "--%s: a probability is from 0 to 1, got '%s'",
+				 op->name, arg);
+			return -1;
+		}
+		*(double *)(void *)op->data = v;
+		free(*names);
 		*names = NULL;
-		return;
+	} else if (!*arg) {
+		snprintf(err, errlen, "--%s: empty list", op->name);
+		return -1;
 	}
-	if (!*arg)
-		lg_die_flag("%s: empty list", flag);
-	*names = arg;
-	*p = 0;
+	return 0;
 }
 
-/* ws://host[:port][/path] or wss://...; [v6] literals allowed */
-static void
-parse_url(struct sim_cfg *c)
+static int seq_start_set(void *obj, const struct opt *op, const char *arg, char *err, size_t errlen)
 {
-	struct lg_endpoint *ep = &c->ep;
-	const char *u = c->url, *h, *e, *pe;
-	int port;
-
-	if (!strncmp(u, "ws://", 5)) {
-		c->tls = 0;
-		h = u + 5;
-		port = 80;
-	} else if (!strncmp(u, "wss://", 6)) {
-		c->tls = 1;
-		h = u + 6;
-		port = 443;
-	} else
-		lg_die_flag("--url: must start with ws:// or wss://, got '%s'", u);
-
-	pe = h + strcspn(h, "/?#");
-	ep->host = lg_url_host(u, h, pe, &e);
-	if (!*ep->host)
-		lg_die_flag("--url: no host in '%s'", u);
-	if (*e == ':') {
-		char *ps = strndup(e + 1, (size_t)(pe - e - 1));
-
-		if (!ps)
-			abort();
-		port = (int)lg_parse_u64("--url port", ps, 1, 65535);
-		free(ps);
-	} else if (e != pe)
-		lg_die_flag("--url: bad host part in '%s'", u);
-	ep->port = port;
-	if (*pe == '/') {
-		ep->path = strndup(pe, strcspn(pe, "#"));
-		if (!ep->path)
-			abort();
-	} else if (!*pe)
-		ep->path = lg_xstrdup("/");
-	else
-		lg_die_flag("--url: bad path in '%s'", u);
-	/* no port in Host: when it is the scheme's default */
-	ep->host_hdr = lg_host_header(ep->host, port == (c->tls ? 443 : 80) ? 0 :
-				      port);
+	g.cfg.seq_start_set = 1;
+	return 0;
 }
+
+#define F(f) offsetof(struct sim_cfg, f)
+#define HEADING(h) { NULL, 0, 0, NULL, 0, 0, h }
+
+static const struct opt sim_opts[] = {
+	HEADING("Connection"),
+	{ "url", OPT_STR, F(url), "ws://127.0.0.1:8080/v1/gateway", 0, 0,
+	  "ws:// or wss:// endpoint ([v6] literals work)", "URL" },
+	{ "token", OPT_STR, F(token), NULL, 0, 0, "bearer token used by every gateway", "JWT" },
+	{ "token-cmd", OPT_STR, F(token_cmd), NULL, 0, 0, "run once per gateway at start; {sub} "
+	  "is replaced by the\ngateway id; stdout is the token", "'CMD'" },
+	{ "jwt-secret", OPT_STR, F(jwt_secret), NULL, 0, 0, "mint each gateway's HS256 token "
+	  "in-process with this\nsecret (the file's bytes less trailing CR/LF, as the hub)",
+	  "FILE" },
+	{ "jwt-devices", OPT_STR, F(jwt_devices), NULL, 0, 0, "devices claim of minted tokens: "
+	  "comma-separated patterns,\n{sub} is replaced by the gateway id (default *)", "LIST" },
+	{ "ttl", OPT_U64, F(ttl), NULL, 1, 10.0 * 366 * 24 * 3600, "minted tokens expire S "
+	  "seconds after start (default 3600)", "S" },
+	{ "ca", OPT_STR, F(ca), NULL, 0, 0, "CA bundle to verify the hub (wss)", "FILE" },
+	{ "cert", OPT_STR, F(cert), NULL, 0, 0, "client certificate for mTLS (with --key)", "FILE" },
+	{ "key", OPT_STR, F(key), NULL, 0, 0, "its private key", "FILE" },
+	{ "insecure", OPT_FLAG, F(insecure), NULL, 0, 0, "do not verify the hub's certificate" },
+	{ "source-ips", OPT_STR, F(src), NULL, 0, 0, "bind connections round-robin to these "
+	  "local addresses", "A,B,.." },
+	{ "connect-rate", OPT_DBL, F(connect_rate), "1000", 0.01, 1e6, "new connections per "
+	  "second, also reconnects", "C" },
+	{ "mqtt", OPT_FLAG, F(mqtt), NULL, 0, 0, "speak MQTT 3.1.1 over WebSocket (subprotocol mqtt, "
+	  "binary\nframes) to a broker such as Mosquitto instead: CONNECT\n(client id = gateway "
+	  "id, clean session, keepalive 60),\nthen each frame's JSON as one PUBLISH QoS 1 to\n"
+	  "tele/<gateway>; its PUBACK is the ack. No token needed;\nno announce, no commands "
+	  "(docs/simulator.md)" },
+	HEADING("Fleet"),
+	{ "gateways", OPT_UINT, F(gateways), "1", 1, 1000000, "gateways", "N" },
+	{ "devices", OPT_UINT, F(devices), "10", 0, 1000000, "devices per gateway", "M" },
+	{ "gateway-prefix", OPT_STR, F(gw_prefix), "gw", 0, 0, "gateway ids P-0000, P-0001, ...",
+	  "P" },
+	{ "device-type", OPT_STR, F(device_type), "thermostat", 0, 0, "device type announced", "T" },
+	{ "labels", OPT_STR, F(labels), NULL, 0, 0, "labels announced with every device",
+	  "k=v,k=v" },
+	HEADING("Traffic"),
+	{ "rate", OPT_DBL, F(rate), "0", 0, 1e7, "readings/s per gateway, open loop; 0 = closed "
+	  "loop", "R" },
+	{ "batch", OPT_UINT, F(batch), "1", 1, 10000, "readings per telemetry frame", "B" },
+	{ "inflight", OPT_UINT, F(inflight), "1", 1, 100000, "unacked frames per gateway", "K" },
+	{ "duration", OPT_DBL, F(duration), "0", 0, 1e7, "stop after S seconds (0 = until "
+	  "SIGINT/SIGTERM)", "S" },
+	{ "frames", OPT_U64, F(frames), NULL, 0, UINT64_MAX / 2, "stop each gateway after F "
+	  "frames, all acked", "F" },
+	{ "ack-timeout", OPT_DBL, F(ack_timeout), "30", 0, 86400, "reconnect when a frame waits S "
+	  "s for its ack (0 = wait\nforever)", "S" },
+	{ "bad-ratio", OPT_DBL, F(bad_ratio), NULL, 0, 1, "fraction of readings made invalid "
+	  "(temperature 500)", "X" },
+	{ "stamp-field", OPT_STR, F(stamp_field), NULL, 0, 0, "also put NAME: wall-clock Unix "
+	  "microseconds at generation\nin every reading's data (the device type must allow it,\n"
+	  "e.g. bench/device-types/bench.json: sent_us)", "NAME" },
+	{ "idle", OPT_FLAG, F(idle), NULL, 0, 0, "connect and announce, then send no telemetry" },
+	{ "seq-start", OPT_U64, F(seq_start), NULL, 0, 1ull << 52, "first seq of gateway 0; "
+	  "gateway i starts at N + i*1e9\n(default N: Unix time in microseconds, so a restarted\n"
+	  "simulator never reuses a seq the hub already stored)", "N", 0, seq_start_set },
+	{ "seed", OPT_U64, F(seed), NULL, 0, UINT64_MAX, "random seed (default: time and pid)",
+	  "N" },
+	{ "max-frame", OPT_U64, F(max_frame), "65536", 1024, 16u << 20, "largest frame sent or "
+	  "accepted", "BYTES" },
+	HEADING("Commands"),
+	{ "cmd-ack-delay-ms", OPT_UINT, F(cmd_ack_delay_ms), "0", 0, 3600000, "delay before "
+	  "`received`", "MS" },
+	{ "cmd-delay-ms", OPT_UINT, F(cmd_delay_ms), "200", 0, 3600000, "delay before each later "
+	  "step", "MS" },
+	{ "cmd-steps", OPT_UINT, F(cmd_steps), "4", 1, 100, "firmware_update progress reports "
+	  "0..100 in N steps\n(4: 0, 25, 50, 75, 100)", "N" },
+	{ "cmd-fail", OPT_STR, F(cmd_fail), NULL, 0, 0, "report these commands failed "
+	  "(comma-separated names),\nor any command with probability P (0..1)", "NAMES|P", 0,
+	  names_or_prob, &g.cfg.cmd_fail_p },
+	{ "cmd-ignore", OPT_STR, F(cmd_ignore), NULL, 0, 0, "send nothing at all for these "
+	  "commands, or for a\ndelivery with probability P (0..1)", "NAMES|P", 0, names_or_prob,
+	  &g.cfg.cmd_ignore_p },
+	{ "cmd-reject", OPT_STR, F(cmd_reject), NULL, 0, 0, "reject these commands as unsupported",
+	  "NAMES" },
+	HEADING("Output"),
+	{ "json-summary", OPT_FLAG, F(json_summary), NULL, 0, 0, "final JSON summary on stdout" },
+	{ "warmup", OPT_DBL, F(warmup), "0", 0, 1e6, "leave frames sent in the first S s out of "
+	  "the summary's\nlatency_us (the connect ramp)", "S" },
+	LG_OPTS(struct sim_cfg, stats_interval),
+};
+
+#define NOPTS (sizeof(sim_opts) / sizeof(sim_opts[0]))
 
 /* "k=v,k=v" -> compact JSON object text, or NULL for none */
-static char *
-parse_labels(const char *s)
+static char *parse_labels(const char *s)
 {
 	json_t *o = json_object();
-	char *dup = lg_xstrdup(s), *save = NULL, *tok, *out;
+	char *dup = hub_xstrdup(s), *save = NULL, *tok, *out;
 
 	for (tok = strtok_r(dup, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
 		char *eq = strchr(tok, '=');
 
 		if (!eq || eq == tok)
-			lg_die_flag("--labels: expected k=v[,k=v...], got '%s'", s);
+			opts_die("--labels: expected k=v[,k=v...], got '%s'", s);
 		*eq = '\0';
 		if (json_object_set_new(o, tok, json_string(eq + 1)))
-			lg_die_flag("--labels: not valid UTF-8: '%s'", s);
+			opts_die("--labels: not valid UTF-8: '%s'", s);
 	}
 	free(dup);
-	out = json_object_size(o) ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER)
-				  : NULL;
+	out = json_object_size(o) ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
 	json_decref(o);
 	return out;
 }
 
-static void
-parse_args(int argc, char **argv)
+/* what the flags mean together */
+static void check_args(void)
 {
-	enum {
-		O_URL = 256, O_TOKEN, O_TOKEN_CMD, O_CA, O_CERT, O_KEY, O_INSECURE,
-		O_GATEWAYS, O_DEVICES, O_PREFIX, O_DTYPE, O_LABELS, O_RATE, O_BATCH,
-		O_INFLIGHT, O_DURATION, O_FRAMES, O_BAD, O_CRATE, O_STATS, O_JSON,
-		O_IDLE, O_CMD_DELAY, O_CMD_FAIL, O_CMD_IGNORE, O_CMD_REJECT, O_SRC,
-		O_CMD_ACK_DELAY, O_CMD_STEPS,
-		O_MAXFRAME, O_SEQSTART, O_SEED, O_ACKTO, O_JWT_SECRET, O_JWT_DEVICES,
-		O_TTL, O_WARMUP, O_STAMP, O_MQTT,
-	};
-	static const struct option opts[] = {
-		{ "url", required_argument, NULL, O_URL },
-		{ "token", required_argument, NULL, O_TOKEN },
-		{ "token-cmd", required_argument, NULL, O_TOKEN_CMD },
-		{ "jwt-secret", required_argument, NULL, O_JWT_SECRET },
-		{ "jwt-devices", required_argument, NULL, O_JWT_DEVICES },
-		{ "ttl", required_argument, NULL, O_TTL },
-		{ "warmup", required_argument, NULL, O_WARMUP },
-		{ "stamp-field", required_argument, NULL, O_STAMP },
-		{ "mqtt", no_argument, NULL, O_MQTT },
-		{ "ca", required_argument, NULL, O_CA },
-		{ "cert", required_argument, NULL, O_CERT },
-		{ "key", required_argument, NULL, O_KEY },
-		{ "insecure", no_argument, NULL, O_INSECURE },
-		{ "gateways", required_argument, NULL, O_GATEWAYS },
-		{ "devices", required_argument, NULL, O_DEVICES },
-		{ "gateway-prefix", required_argument, NULL, O_PREFIX },
-		{ "device-type", required_argument, NULL, O_DTYPE },
-		{ "labels", required_argument, NULL, O_LABELS },
-		{ "rate", required_argument, NULL, O_RATE },
-		{ "batch", required_argument, NULL, O_BATCH },
-		{ "inflight", required_argument, NULL, O_INFLIGHT },
-		{ "duration", required_argument, NULL, O_DURATION },
-		{ "frames", required_argument, NULL, O_FRAMES },
-		{ "bad-ratio", required_argument, NULL, O_BAD },
-		{ "connect-rate", required_argument, NULL, O_CRATE },
-		{ "stats-interval", required_argument, NULL, O_STATS },
-		{ "json-summary", no_argument, NULL, O_JSON },
-		{ "idle", no_argument, NULL, O_IDLE },
-		{ "cmd-delay-ms", required_argument, NULL, O_CMD_DELAY },
-		{ "cmd-ack-delay-ms", required_argument, NULL, O_CMD_ACK_DELAY },
-		{ "cmd-steps", required_argument, NULL, O_CMD_STEPS },
-		{ "cmd-fail", required_argument, NULL, O_CMD_FAIL },
-		{ "cmd-ignore", required_argument, NULL, O_CMD_IGNORE },
-		{ "cmd-reject", required_argument, NULL, O_CMD_REJECT },
-		{ "source-ips", required_argument, NULL, O_SRC },
-		{ "max-frame", required_argument, NULL, O_MAXFRAME },
-		{ "seq-start", required_argument, NULL, O_SEQSTART },
-		{ "seed", required_argument, NULL, O_SEED },
-		{ "ack-timeout", required_argument, NULL, O_ACKTO },
-		{ "verbose", no_argument, NULL, 'v' },
-		{ "quiet", no_argument, NULL, 'q' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 }
-	};
 	struct sim_cfg *c = &g.cfg;
-	const char *labels = NULL, *src = NULL;
-	int o;
+	char err[256], *save = NULL, *tok;
+	json_t *js;
 
-	c->url = "ws://127.0.0.1:8080/v1/gateway";
-	c->gateways = 1;
-	c->devices = 10;
-	c->gw_prefix = "gw";
-	c->device_type = "thermostat";
-	c->batch = 1;
-	c->inflight = 1;
-	c->connect_rate = 1000;
-	c->cmd_delay_ms = 200;
-	c->cmd_steps = 4;
-	c->max_frame = 65536;
-	c->ack_timeout = 30;
-
-	opterr = 0;
-	while ((o = getopt_long(argc, argv, ":vqh", opts, NULL)) != -1) {
-		switch (o) {
-		case O_URL: c->url = optarg; break;
-		case O_TOKEN: c->token = optarg; break;
-		case O_TOKEN_CMD: c->token_cmd = optarg; break;
-		case O_JWT_SECRET: c->jwt_secret = optarg; break;
-		case O_JWT_DEVICES: c->jwt_devices = optarg; break;
-		case O_WARMUP:
-			c->warmup = lg_parse_num("--warmup", optarg, 0, 1e6);
-			break;
-		case O_STAMP: c->stamp_field = optarg; break;
-		case O_MQTT: c->mqtt = 1; break;
-		case O_TTL:
-			c->ttl = lg_parse_u64("--ttl", optarg, 1, 10ull * 366 * 24 * 3600);
-			break;
-		case O_CA: c->ca = optarg; break;
-		case O_CERT: c->cert = optarg; break;
-		case O_KEY: c->key = optarg; break;
-		case O_INSECURE: c->insecure = 1; break;
-		case O_GATEWAYS:
-			c->gateways = (unsigned)lg_parse_u64("--gateways", optarg, 1,
-							     1000000);
-			break;
-		case O_DEVICES:
-			c->devices = (unsigned)lg_parse_u64("--devices", optarg, 0,
-							    1000000);
-			break;
-		case O_PREFIX: c->gw_prefix = optarg; break;
-		case O_DTYPE: c->device_type = optarg; break;
-		case O_LABELS: labels = optarg; break;
-		case O_RATE:
-			c->rate = lg_parse_num("--rate", optarg, 0, 1e7);
-			break;
-		case O_BATCH:
-			c->batch = (unsigned)lg_parse_u64("--batch", optarg, 1, 10000);
-			break;
-		case O_INFLIGHT:
-			c->inflight = (unsigned)lg_parse_u64("--inflight", optarg, 1,
-							     100000);
-			break;
-		case O_DURATION:
-			c->duration = lg_parse_num("--duration", optarg, 0, 1e7);
-			break;
-		case O_FRAMES:
-			c->frames = lg_parse_u64("--frames", optarg, 0, UINT64_MAX / 2);
-			break;
-		case O_BAD:
-			c->bad_ratio = lg_parse_num("--bad-ratio", optarg, 0, 1);
-			break;
-		case O_CRATE:
-			c->connect_rate = lg_parse_num("--connect-rate", optarg,
-						       0.01, 1e6);
-			break;
-		case O_STATS:
-			c->stats_interval = lg_parse_stats_interval(optarg);
-			break;
-		case O_JSON: c->json_summary = 1; break;
-		case O_IDLE: c->idle = 1; break;
-		case O_CMD_DELAY:
-			c->cmd_delay_ms = (unsigned)lg_parse_u64(
-				"--cmd-delay-ms", optarg, 0, 3600000);
-			break;
-		case O_CMD_ACK_DELAY:
-			c->cmd_ack_delay_ms = (unsigned)lg_parse_u64(
-				"--cmd-ack-delay-ms", optarg, 0, 3600000);
-			break;
-		case O_CMD_STEPS:
-			c->cmd_steps = (unsigned)lg_parse_u64("--cmd-steps", optarg, 1, 100);
-			break;
-		case O_CMD_FAIL:
-			names_or_prob("--cmd-fail", optarg, &c->cmd_fail, &c->cmd_fail_p);
-			break;
-		case O_CMD_IGNORE:
-			names_or_prob("--cmd-ignore", optarg, &c->cmd_ignore,
-				      &c->cmd_ignore_p);
-			break;
-		case O_CMD_REJECT:
-			if (!*optarg)
-				lg_die_flag("--cmd-reject: empty list");
-			c->cmd_reject = optarg;
-			break;
-		case O_SRC: src = optarg; break;
-		case O_MAXFRAME:
-			c->max_frame = (size_t)lg_parse_u64("--max-frame", optarg, 1024,
-							    16u << 20);
-			break;
-		case O_SEQSTART:
-			c->seq_start = lg_parse_u64("--seq-start", optarg, 0,
-						    (1ull << 52));
-			c->seq_start_set = 1;
-			break;
-		case O_SEED:
-			c->seed = lg_parse_u64("--seed", optarg, 0, UINT64_MAX);
-			break;
-		case O_ACKTO:
-			c->ack_timeout = lg_parse_num("--ack-timeout", optarg, 0,
-						      86400);
-			break;
-		default:
-			lg_common_option(o, argv, usage);
-		}
-	}
-	if (optind < argc)
-		lg_die_flag("unexpected argument '%s'", argv[optind]);
-
-	parse_url(c);
+	if (hc_url_parse(&c->u, c->url, HC_WS, err, sizeof(err)))
+		opts_die("--url: %s", err);
 	if (c->mqtt ? !!c->token + !!c->token_cmd + !!c->jwt_secret > 1 :
 	    !!c->token + !!c->token_cmd + !!c->jwt_secret != 1)
-		lg_die_flag("give exactly one of --token, --token-cmd and --jwt-secret%s",
-			    c->mqtt ? " (or none with --mqtt)" : "");
+		opts_die("give exactly one of --token, --token-cmd and --jwt-secret%s",
+		       c->mqtt ? " (or none with --mqtt)" : "");
 	if (c->mqtt && c->inflight > SIM_MQTT_PIDS)
-		lg_die_flag("--inflight: at most %u with --mqtt (16-bit packet ids)",
-			    SIM_MQTT_PIDS);
+		opts_die("--inflight: at most %u with --mqtt (16-bit packet ids)", SIM_MQTT_PIDS);
 	if ((c->jwt_devices || c->ttl) && !c->jwt_secret)
-		lg_die_flag("--jwt-devices and --ttl need --jwt-secret");
+		opts_die("--jwt-devices and --ttl need --jwt-secret");
 	if (!c->ttl)
 		c->ttl = 3600;
 	if (c->token && c->gateways > 1 && !c->mqtt)
@@ -2647,74 +2122,102 @@ parse_args(int argc, char **argv)
 		LOG(LOG_WARN, "--token-cmd has no {sub}: every gateway gets the "
 		    "same kind of token");
 	if (!c->cert != !c->key)
-		lg_die_flag("--cert and --key go together");
-	if ((c->ca || c->cert || c->insecure) && !c->tls)
-		lg_die_flag("--ca, --cert, --key and --insecure need a wss:// --url");
-	if (!id_ok(c->gw_prefix, SIM_ID_MAX - 24))
-		lg_die_flag("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, "
-			    "got '%s'", c->gw_prefix);
+		opts_die("--cert and --key go together");
+	if ((c->ca || c->cert || c->insecure) && !c->u.tls)
+		opts_die("--ca, --cert, --key and --insecure need a wss:// --url");
+	if (strlen(c->gw_prefix) > SIM_ID_MAX - 24 ||
+	    !hub_id_valid(c->gw_prefix, strlen(c->gw_prefix)))
+		opts_die("--gateway-prefix: must match [A-Za-z0-9._:-]{1,104}, got '%s'",
+		       c->gw_prefix);
 	if (c->stamp_field) {
 		const char *q = c->stamp_field;
 
 		while (*q && (isalnum((unsigned char)*q) || *q == '_'))
 			q++;
 		if (!*c->stamp_field || *q || q - c->stamp_field > 64)
-			lg_die_flag("--stamp-field: must match [A-Za-z0-9_]{1,64}, "
-				    "got '%s'", c->stamp_field);
+			opts_die("--stamp-field: must match [A-Za-z0-9_]{1,64}, got '%s'",
+			       c->stamp_field);
 		if (!strcmp(c->stamp_field, "temperature") ||
 		    !strcmp(c->stamp_field, "humidity"))
-			lg_die_flag("--stamp-field: '%s' is already in every reading",
-				    c->stamp_field);
+			opts_die("--stamp-field: '%s' is already in every reading", c->stamp_field);
 	}
+	if (c->cmd_reject && !*c->cmd_reject)
+		opts_die("--cmd-reject: empty list");
 	if (!*c->device_type || strlen(c->device_type) > SIM_ID_MAX)
-		lg_die_flag("--device-type: 1 to %u characters", SIM_ID_MAX);
+		opts_die("--device-type: 1 to %u characters", SIM_ID_MAX);
 	if (c->rate > 0 && c->rate / c->batch > 1e6)
-		lg_die_flag("--rate/--batch: more than 1e6 frames/s per gateway");
+		opts_die("--rate/--batch: more than 1e6 frames/s per gateway");
 	if (c->idle && (c->rate > 0 || c->frames))
-		lg_die_flag("--idle sends no telemetry: drop --rate/--frames");
-	if (labels) {
-		g.labels_json = parse_labels(labels);
+		opts_die("--idle sends no telemetry: drop --rate/--frames");
+	if (c->labels) {
+		g.labels_json = parse_labels(c->labels);
 		if (g.labels_json && strlen(g.labels_json) > 256)
-			lg_die_flag("--labels: at most 256 bytes of JSON");
+			opts_die("--labels: at most 256 bytes of JSON");
 	}
-	{
-		json_t *js = json_string(c->device_type);
-
-		if (!js)
-			lg_die_flag("--device-type: not valid UTF-8");
-		g.dev_type_json = json_dumps(js, JSON_ENCODE_ANY);
-		json_decref(js);
-	}
+	js = json_string(c->device_type);
+	if (!js)
+		opts_die("--device-type: not valid UTF-8");
+	g.dev_type_json = json_dumps(js, JSON_ENCODE_ANY);
+	json_decref(js);
 	if (frame_bound() > c->max_frame)
-		lg_die_flag("--batch %u can make frames of %zu bytes, over --max-frame "
-			    "%zu", c->batch, frame_bound(), c->max_frame);
-	if (src) {
-		char *dup = lg_xstrdup(src), *save = NULL, *tok;
+		opts_die("--batch %u can make frames of %zu bytes, over --max-frame %" PRIu64,
+		       c->batch, frame_bound(), c->max_frame);
+	/* --source-ips: split in place */
+	for (tok = c->src ? strtok_r(c->src, ",", &save) : NULL; tok;
+	     tok = strtok_r(NULL, ",", &save)) {
+		struct in6_addr a6;
 
-		for (tok = strtok_r(dup, ",", &save); tok;
-		     tok = strtok_r(NULL, ",", &save)) {
-			struct in_addr a4;
-			struct in6_addr a6;
-
-			if (inet_pton(AF_INET, tok, &a4) != 1 &&
-			    inet_pton(AF_INET6, tok, &a6) != 1)
-				lg_die_flag("--source-ips: '%s' is not an IP address",
-					    tok);
-			c->src_ips = lg_xrealloc(c->src_ips, (c->n_src_ips + 1) *
-						 sizeof(char *));
-			c->src_ips[c->n_src_ips++] = lg_xstrdup(tok);
-		}
-		free(dup);
-		if (!c->n_src_ips)
-			lg_die_flag("--source-ips: empty list");
+		if (inet_pton(AF_INET, tok, &a6) != 1 && inet_pton(AF_INET6, tok, &a6) != 1)
+			opts_die("--source-ips: '%s' is not an IP address", tok);
+		c->src_ips = hub_xrealloc(c->src_ips, (c->n_src_ips + 1) * sizeof(char *));
+		c->src_ips[c->n_src_ips++] = tok;
 	}
+	if (c->src && !c->n_src_ips)
+		opts_die("--source-ips: empty list");
 }
 
 /* ------------------------------------------------------------------------ */
 /* tokens                                                                     */
 
-static int
-token_ok(const char *t)
+/* tmpl[0..n) with every {sub} replaced by sub (an id, so shell-safe) */
+static char *subst(const char *tmpl, size_t n, const char *sub)
+{
+	hub_buf b = { 0 };
+
+	hub_buf_reserve(&b, n);
+	for (size_t i = 0; i < n;) {
+		if (n - i >= 5 && !memcmp(tmpl + i, "{sub}", 5)) {
+			hub_buf_puts(&b, sub);
+			i += 5;
+		} else {
+			hub_buf_append(&b, tmpl + i++, 1);
+		}
+	}
+	return b.data;
+}
+
+static char *make_auth(const char *token)
+{
+	hub_buf b = { 0 };
+
+	hub_buf_printf(&b, "Bearer %s", token);
+	return b.data;
+}
+
+/* start --token-cmd for one gateway; returns the pipe or NULL */
+static FILE *token_cmd_start(const char *tmpl, const char *sub)
+{
+	char *cmd = subst(tmpl, strlen(tmpl), sub);
+	FILE *f = popen(cmd, "r");
+
+	free(cmd);
+	if (!f)
+		fprintf(stderr, "gw-sim: --token-cmd: cannot run: %s\n", strerror(errno));
+	return f;
+}
+
+/* one token: not empty, no spaces or control characters */
+static int token_ok(const char *t)
 {
 	if (!*t)
 		return 0;
@@ -2724,244 +2227,113 @@ token_ok(const char *t)
 	return 1;
 }
 
-static char *
-make_auth(const char *token)
-{
-	size_t n = strlen(token) + 8;
-	char *a = lg_xmalloc(n);
-
-	snprintf(a, n, "Bearer %s", token);
-	return a;
-}
-
-/* start --token-cmd for one gateway; returns the pipe or NULL */
-static FILE *
-token_cmd_start(const char *tmpl, const char *sub)
-{
-	size_t cap = strlen(tmpl) + 1;
-	const char *p;
-	char *cmd;
-	FILE *f;
-
-	for (p = tmpl; (p = strstr(p, "{sub}")); p += 5)
-		cap += strlen(sub);
-	cmd = lg_xmalloc(cap);
-	cmd[0] = '\0';
-	for (p = tmpl; *p;) {
-		if (!strncmp(p, "{sub}", 5)) {
-			strcat(cmd, sub);   /* sub matches [A-Za-z0-9._:-]: shell-safe */
-			p += 5;
-		} else {
-			size_t l = strlen(cmd);
-
-			cmd[l] = *p++;
-			cmd[l + 1] = '\0';
-		}
-	}
-	f = popen(cmd, "r");
-	free(cmd);
-	if (!f)
-		fprintf(stderr, "gw-sim: --token-cmd: cannot run: %s\n",
-			strerror(errno));
-	return f;
-}
-
 /* read and reap a --token-cmd; returns "Bearer <token>" or NULL */
-static char *
-token_cmd_finish(FILE *f, const char *sub)
+static char *token_cmd_finish(FILE *f, const char *sub)
 {
 	size_t n = 0, r;
-	const char *p;
-	char *out;
+	char *out = hub_xmalloc(SIM_TOKEN_MAX + 1), *p, *a = NULL;
 	int st;
 
-	out = lg_xmalloc(SIM_TOKEN_MAX + 1);
 	while (n < SIM_TOKEN_MAX && (r = fread(out + n, 1, SIM_TOKEN_MAX - n, f)))
 		n += r;
 	while (fgetc(f) != EOF)     /* drain so the child never blocks */
 		n = SIM_TOKEN_MAX + 1;
 	st = pclose(f);
 	if (n > SIM_TOKEN_MAX) {
-		fprintf(stderr, "gw-sim: --token-cmd for %s: output over %u bytes\n",
-			sub, SIM_TOKEN_MAX);
-		goto fail;
+		fprintf(stderr, "gw-sim: --token-cmd for %s: output over %u bytes\n", sub,
+			SIM_TOKEN_MAX);
+		goto out;
 	}
 	if (st == -1 || !WIFEXITED(st) || WEXITSTATUS(st)) {
-		fprintf(stderr, "gw-sim: --token-cmd for %s: command failed "
-			"(status %d)\n", sub, st == -1 ? -1 :
-			WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
-		goto fail;
+		fprintf(stderr, "gw-sim: --token-cmd for %s: command failed (status %d)\n",
+			sub, st == -1 ? -1 : WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+		goto out;
 	}
 	out[n] = '\0';
 	while (n && isspace((unsigned char)out[n - 1]))
 		out[--n] = '\0';
-	p = out;
-	while (isspace((unsigned char)*p))
-		p++;
-	if (!token_ok(p)) {
-		fprintf(stderr, "gw-sim: --token-cmd for %s: output is not one "
-			"token (empty, or contains spaces/control characters)\n",
-			sub);
-		goto fail;
-	}
-	{
-		char *a = make_auth(p);
-
-		free(out);
-		return a;
-	}
-fail:
+	for (p = out; isspace((unsigned char)*p); p++)
+		;
+	if (token_ok(p))
+		a = make_auth(p);
+	else
+		fprintf(stderr, "gw-sim: --token-cmd for %s: output is not one token (empty, "
+			"or contains spaces/control characters)\n", sub);
+out:
 	free(out);
-	return NULL;
-}
-
-/*
- * --jwt-secret: HS256 tokens minted in-process, a few microseconds each
- * instead of a process spawn per gateway. Header {"alg":"HS256","typ":"JWT"},
- * claims sub, iat, exp = iat + --ttl, devices (--jwt-devices, default ["*"]):
- * what `iot-token jwt --alg HS256` prints.
-
- */
-
-static void
-b64url(const unsigned char *in, size_t n, char *out)
-{
-	static const char a[] =
-		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-	size_t i;
-
-	for (i = 0; i + 2 < n; i += 3) {
-		*out++ = a[in[i] >> 2];
-		*out++ = a[((in[i] & 3) << 4) | (in[i + 1] >> 4)];
-		*out++ = a[((in[i + 1] & 15) << 2) | (in[i + 2] >> 6)];
-		*out++ = a[in[i + 2] & 63];
-	}
-	if (n - i == 1) {
-		*out++ = a[in[i] >> 2];
-		*out++ = a[(in[i] & 3) << 4];
-	} else if (n - i == 2) {
-		*out++ = a[in[i] >> 2];
-		*out++ = a[((in[i] & 3) << 4) | (in[i + 1] >> 4)];
-		*out++ = a[(in[i + 1] & 15) << 2];
-	}
-	*out = '\0';
-}
-
-/* the secret: the file's bytes less trailing CR/LF (the hub's rule) */
-static unsigned char *
-read_secret(const char *path, size_t *len)
-{
-	unsigned char *buf = lg_xmalloc(64 * 1024 + 1);
-	FILE *f = fopen(path, "rb");
-	size_t n;
-
-	if (!f) {
-		fprintf(stderr, "gw-sim: --jwt-secret %s: %s\n", path, strerror(errno));
-		exit(1);
-	}
-	n = fread(buf, 1, 64 * 1024 + 1, f);
-	fclose(f);
-	if (n > 64 * 1024) {
-		fprintf(stderr, "gw-sim: --jwt-secret %s: over 64 KiB\n", path);
-		exit(1);
-	}
-	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-		n--;
-	if (n < 16) {
-		fprintf(stderr, "gw-sim: --jwt-secret %s: HS256 secret is %zu bytes; "
-			"the hub requires at least 16\n", path, n);
-		exit(1);
-	}
-	*len = n;
-	return buf;
+	return a;
 }
 
 /* the devices claim for gateway sub: --jwt-devices split on ',' */
-static json_t *
-devices_claim(const char *list, const char *sub)
+static json_t *devices_claim(const char *list, const char *sub)
 {
 	json_t *a = json_array();
 	const char *p = list ? list : "*";
 
 	for (;;) {
-		const char *e = strchr(p, ',');
-		size_t n = e ? (size_t)(e - p) : strlen(p);
-		char pat[2 * SIM_ID_MAX + 8];
-		size_t k = 0;
+		size_t n = strcspn(p, ",");
+		char *pat = subst(p, n, sub);
 
-		for (size_t i = 0; i < n && k < sizeof(pat) - 1;) {
-			if (n - i >= 5 && !memcmp(p + i, "{sub}", 5)) {
-				size_t l = strlen(sub);
-
-				if (l > sizeof(pat) - 1 - k)
-					l = sizeof(pat) - 1 - k;
-				memcpy(pat + k, sub, l);
-				k += l;
-				i += 5;
-			} else {
-				pat[k++] = p[i++];
-			}
-		}
-		pat[k] = '\0';
-		if (k)
+		if (pat && *pat)
 			json_array_append_new(a, json_string(pat));
-		if (!e)
-			break;
-		p = e + 1;
+		free(pat);
+		if (!p[n])
+			return a;
+		p += n + 1;
 	}
-	return a;
 }
 
-static int
-mint_local(void)
+/*
+ * --jwt-secret: HS256 tokens minted in-process by libjwt, a few microseconds
+ * each instead of a process spawn per gateway: claims sub, iat, exp = iat +
+ * --ttl, devices (--jwt-devices, default ["*"]), what `iot-token jwt --alg
+ * HS256` prints. The secret is the file's bytes less trailing CR/LF (the
+ * hub's rule), at least 16 of them.
+ */
+static int mint_local(void)
 {
-	static const char hdr[] = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
-	int64_t t0 = lg_mono_us(), iat = (int64_t)time(NULL), exp = iat + (int64_t)g.cfg.ttl;
-	size_t klen;
-	unsigned char *key;
-	unsigned i;
+	int64_t t0 = hub_mono_us(), iat = (int64_t)time(NULL), exp = iat + (int64_t)g.cfg.ttl;
+	size_t klen = 0;
+	char *key = hub_read_file(g.cfg.jwt_secret, 64 * 1024, &klen);
 
-	key = read_secret(g.cfg.jwt_secret, &klen);
-	for (i = 0; i < g.cfg.gateways; i++) {
+	if (!key) {
+		fprintf(stderr, "gw-sim: --jwt-secret %s: %s\n", g.cfg.jwt_secret,
+			errno == EFBIG ? "over 64 KiB" : strerror(errno));
+		exit(1);
+	}
+	while (klen && (key[klen - 1] == '\n' || key[klen - 1] == '\r'))
+		klen--;
+	if (klen < 16) {
+		fprintf(stderr, "gw-sim: --jwt-secret %s: HS256 secret is %zu bytes; the hub "
+			"requires at least 16\n", g.cfg.jwt_secret, klen);
+		exit(1);
+	}
+	for (unsigned i = 0; i < g.cfg.gateways; i++) {
 		struct gw *gw = &g.gws[i];
 		json_t *claims = json_pack("{s:s, s:I, s:I, s:o}", "sub", gw->id,
 					   "iat", (json_int_t)iat, "exp", (json_int_t)exp,
-					   "devices",
-					   devices_claim(g.cfg.jwt_devices, gw->id));
-		char *body = claims ? json_dumps(claims, JSON_COMPACT) : NULL;
-		unsigned char mac[EVP_MAX_MD_SIZE];
-		unsigned maclen = 0;
-		size_t blen, n;
-		char *a;
+					   "devices", devices_claim(g.cfg.jwt_devices, gw->id));
+		char *body = json_dumps(claims, JSON_COMPACT), *tok = NULL;
+		jwt_t *j = NULL;
 
 		json_decref(claims);
-		if (!body) {
-			fprintf(stderr, "gw-sim: out of memory minting tokens\n");
-			abort();
-		}
-		blen = strlen(body);
-		/* "Bearer " hdr "." body64 "." sig64 */
-		a = lg_xmalloc(7 + sizeof(hdr) + 1 + (blen + 2) / 3 * 4 + 1 + 44 + 1);
-		n = (size_t)sprintf(a, "Bearer %s.", hdr);
-		b64url((const unsigned char *)body, blen, a + n);
+		if (body && !jwt_new(&j) && !jwt_add_grants_json(j, body) &&
+		    !jwt_set_alg(j, JWT_ALG_HS256, (unsigned char *)key, (int)klen))
+			tok = jwt_encode_str(j);
+		jwt_free(j);
 		free(body);
-		n += strlen(a + n);
-		if (!HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)a + 7,
-			  n - 7, mac, &maclen)) {
-			fprintf(stderr, "gw-sim: --jwt-secret: HMAC failed\n");
-			free(a);
+		if (!tok) {
+			fprintf(stderr, "gw-sim: --jwt-secret: libjwt could not sign a token\n");
 			free(key);
 			return -1;
 		}
-		a[n++] = '.';
-		b64url(mac, maclen, a + n);
-		gw->auth = a;
-		gw->auth_len = strlen(a);
+		gw->auth = make_auth(tok);
 		gw->auth_owned = 1;
+		free(tok);
 	}
 	free(key);
 	LOG(LOG_INFO, "tokens: %u minted in %.1f ms", g.cfg.gateways,
-	    (double)(lg_mono_us() - t0) / 1e3);
+	    (double)(hub_mono_us() - t0) / 1e3);
 	return 0;
 }
 
@@ -2974,8 +2346,7 @@ mint_local(void)
  * are read in order. Process creation still dominates on slow hosts.
  */
 #define SIM_TOKEN_JOBS 16
-static int
-mint_tokens(void)
+static int mint_tokens(void)
 {
 	FILE *jobs[SIM_TOKEN_JOBS];
 	unsigned b, k, n, i;
@@ -2995,7 +2366,6 @@ mint_tokens(void)
 				continue;
 			}
 			gw->auth = a;
-			gw->auth_len = strlen(a);
 			gw->auth_owned = 1;
 		}
 		if (rc)
@@ -3007,20 +2377,19 @@ mint_tokens(void)
 	return 0;
 }
 
-static int
-setup_gateways(void)
+static int setup_gateways(void)
 {
 	struct sim_cfg *c = &g.cfg;
 	uint64_t seq0;
 	unsigned i, d;
 	int rc = 0;
 
-	g.gws = lg_xcalloc(c->gateways, sizeof(*g.gws));
-	g.temps = lg_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
-	g.hums = lg_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
-	g.connq = lg_xcalloc(c->gateways, sizeof(*g.connq));
-	g.heap = lg_xcalloc(c->gateways, sizeof(*g.heap));
-	seq0 = c->seq_start_set ? c->seq_start : (uint64_t)lg_wall_us();
+	g.gws = hub_xcalloc(c->gateways, sizeof(*g.gws));
+	g.temps = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
+	g.hums = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
+	g.connq = hub_xcalloc(c->gateways, sizeof(*g.connq));
+	g.heap = hub_xcalloc(c->gateways, sizeof(*g.heap));
+	seq0 = c->seq_start_set ? c->seq_start : (uint64_t)hub_now_us();
 	if (c->token)
 		g.shared_auth = make_auth(c->token);
 
@@ -3030,7 +2399,7 @@ setup_gateways(void)
 		gw->idx = i;
 		gw->heap_pos = -1;
 		snprintf(gw->id, sizeof(gw->id), "%s-%04u", c->gw_prefix, i);
-		gw->win = lg_xcalloc(c->inflight, sizeof(*gw->win));
+		gw->win = hub_xcalloc(c->inflight, sizeof(*gw->win));
 		/* disjoint seq ranges: gateways that share a sub (one --token)
 		 * must not have their frames deduplicated against each other */
 		gw->next_seq = gw->base_seq = gw->send_cursor =
@@ -3043,10 +2412,8 @@ setup_gateways(void)
 			gw->temp[d] = (float)(18.0 + 6.0 * rng_unit());
 			gw->hum[d] = (float)(35.0 + 20.0 * rng_unit());
 		}
-		if (c->token) {
+		if (c->token)
 			gw->auth = g.shared_auth;
-			gw->auth_len = strlen(gw->auth);
-		}
 	}
 	if (c->token_cmd)
 		rc = mint_tokens();
@@ -3055,8 +2422,7 @@ setup_gateways(void)
 	return rc;
 }
 
-static void
-free_all(void)
+static void free_all(void)
 {
 	unsigned i, k;
 
@@ -3066,7 +2432,7 @@ free_all(void)
 		for (k = 0; gw->win && k < g.cfg.inflight; k++)
 			free(gw->win[k].buf);
 		free(gw->win);
-		free(gw->rx.buf);
+		hub_buf_free(&gw->mqtt_rx);
 		gw_ctrl_clear(gw);
 		while (gw->cmds) {
 			struct sim_cmd *c = gw->cmds;
@@ -3085,26 +2451,28 @@ free_all(void)
 	free(g.hums);
 	free(g.connq);
 	free(g.heap);
-	free(g.tx);
 	free(g.shared_auth);
 	free(g.dev_type_json);
 	free(g.labels_json);
-	for (i = 0; i < g.cfg.n_src_ips; i++)
-		free(g.cfg.src_ips[i]);
 	free(g.cfg.src_ips);
-	lg_endpoint_free(&g.cfg.ep);
+	hc_url_free(&g.cfg.u);
+	opts_free(sim_opts, NOPTS, &g.cfg);
 }
 
-int
-main(int argc, char **argv)
+int main(int argc, char **argv)
 {
-	struct lws_context_creation_info info;
+	struct hc_ctx_opts xo = { .libev = 1, .rx_buffer = 1024, .signals = 1,
+				  .on_signal = on_signal };
+	char err[300];
 	unsigned i;
 
 	lg_init("gw-sim");
-	parse_args(argc, argv);
+	lg_parse(sim_opts, NOPTS, &g.cfg, argc, argv, "usage: gw-sim [options]\n"
+		 "Simulates gateways against an iot-hub /v1/gateway endpoint "
+		 "(docs/simulator.md).\n");
+	check_args();
 	g.rng = g.cfg.seed ? g.cfg.seed :
-		((uint64_t)lg_wall_us() ^ ((uint64_t)getpid() << 32));
+		((uint64_t)hub_now_us() ^ ((uint64_t)getpid() << 32));
 	if (!g.rng)
 		g.rng = 0x9e3779b97f4a7c15ull;
 	if (lg_raise_nofile("--gateways", g.cfg.gateways))
@@ -3121,36 +2489,30 @@ main(int argc, char **argv)
 	if (g.cfg.rate > 0 && g.interval_ns < 1)
 		g.interval_ns = 1;
 
-	lws_set_log_level(lg_lws_log_levels(), lws_log_emit);
-
-	lg_context_info(&info, sim_protocols);
-	if (g.cfg.tls)
-		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
-	info.client_ssl_ca_filepath = g.cfg.ca;
-	info.client_ssl_cert_filepath = g.cfg.cert;
-	info.client_ssl_private_key_filepath = g.cfg.key;
-
-	g.ctx = lws_create_context(&info);
-	if (!g.ctx) {
-		fprintf(stderr, "gw-sim: cannot create the lws context (libev "
-			"plugin missing, or a bad --ca/--cert/--key?)\n");
+	lg_lws_logs();
+	xo.tls = g.cfg.u.tls;
+	xo.ca_file = g.cfg.ca;
+	xo.cert_file = g.cfg.cert;
+	xo.key_file = g.cfg.key;
+	g.x = hc_ctx_new(&xo, err, sizeof(err));
+	if (!g.x) {
+		fprintf(stderr, "gw-sim: %s\n", err);
 		free_all();
 		return 1;
 	}
-
-	lg_signals_install(g.ctx);
+	g.ctx = hc_lws(g.x);
 
 	LOG(LOG_INFO, "%u gateway(s) x %u device(s) -> %s (%s loop%s)",
 	    g.cfg.gateways, g.cfg.devices, g.cfg.url,
 	    g.cfg.idle ? "idle" : g.cfg.rate > 0 ? "open" : "closed",
 	    g.cfg.n_src_ips ? ", bound source addresses" : "");
 
-	g.start_us = g.last_stats_us = lg_mono_us();
+	g.start_us = g.last_stats_us = hub_mono_us();
 	lg_bucket_init(&g.conn_bucket, g.cfg.connect_rate, g.start_us);
 	for (i = 0; i < g.cfg.gateways; i++)
 		gw_enqueue_connect(&g.gws[i]);
 	if (g.cfg.stats_interval > 0)
-		lg_stats_start(g.ctx, g.cfg.stats_interval, print_stats_line);
+		lg_stats_start(g.x, g.cfg.stats_interval, print_stats_line);
 	if (g.cfg.duration > 0)
 		lws_sul_schedule(g.ctx, 0, &g.sul_duration, duration_cb,
 				 (lws_usec_t)(g.cfg.duration * 1e6));
@@ -3160,12 +2522,11 @@ main(int argc, char **argv)
 	if (g.cfg.mqtt)
 		lws_sul_schedule(g.ctx, 0, &g.sul_mqtt_ping, mqtt_ping_cb,
 				 SIM_MQTT_KEEPALIVE_S / 2 * LWS_USEC_PER_SEC);
-	lg_heartbeat_start(g.ctx);
-	lg_run(g.ctx, &g.destroy_started);
+	hc_run(g.x);
 	g.ctx = NULL;
 
 	if (g.cfg.stats_interval > 0)
-		print_stats_line(lg_mono_us());
+		print_stats_line(hub_mono_us());
 	print_summary();
 	free_all();
 	return 0;

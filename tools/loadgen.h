@@ -1,48 +1,37 @@
 /*
- * loadgen.h - what the two lws load clients, gw-sim and dash-sub, share: clocks,
- * rate-limited logging, allocation that aborts, option parsing, the latency
- * histogram, the connect-rate token bucket, RLIMIT_NOFILE, and the lws 4.1.6
- * client-context chores (context options, connect info, the libev heartbeat,
- * SIGINT/SIGTERM).
+ * loadgen.h - what the two load clients, gw-sim and dash-sub, share beyond
+ * their connections (which run on client.h): rate-limited logging, the
+ * options both take and their parsing, the latency histogram, the
+ * connect-rate token bucket, RLIMIT_NOFILE, the --stats-interval timer, and
+ * MQTT 3.1.1 framing for their --mqtt modes.
  *
- * One load client per process, one thread: the log level, the program name, the
- * heartbeat and the signal count are process-wide. Nothing here may be called
- * from a signal handler; everything else may be called from lws callbacks.
+ * One load client per process, one thread: the log level, the program name
+ * and the stats timer are process-wide. Everything here may be called from
+ * the client layer's callbacks, except lg_parse() and lg_raise_nofile()
+ * (start-up).
  */
 #ifndef LOADGEN_H
 #define LOADGEN_H
-
-#include <libwebsockets.h>
 
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/time.h>
 
-/* ------------------------------------------------------------------------ */
-/* start-up                                                                   */
+#include "hub/opts.h"
+#include "hub/util.h"
+#include "tools/client.h"
 
-/* Names the program in fatal messages ("gw-sim: ...") and starts the log clock.
+/* Names the program in messages ("gw-sim: ...") and starts the log clock.
  * Call first in main(); prog must outlive the process (a literal). */
 void lg_init(const char *prog);
 
 /* ------------------------------------------------------------------------ */
-/* clocks                                                                     */
-
-/* CLOCK_MONOTONIC in microseconds: intervals and timers. */
-int64_t lg_mono_us(void);
-
-/* CLOCK_REALTIME in microseconds: stamps compared across processes. */
-int64_t lg_wall_us(void);
-
-/* ------------------------------------------------------------------------ */
 /* logging                                                                    */
 
-/* The tools' level names; LOG() is the level-checked entry point. The short
- * names predate this header and are used at every call site of both tools. */
 enum { LOG_ERR, LOG_WARN, LOG_INFO, LOG_DEBUG };
 
-/* Threshold: LOG_WARN unless the command line changes it. */
+/* Threshold: LOG_WARN unless -v or -q change it. */
 extern int lg_log_level;
 
 #define LOG(lvl, ...)                                                         \
@@ -57,55 +46,38 @@ extern int lg_log_level;
 void lg_log_write(int lvl, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
-/* The lws_set_log_level() mask for lg_log_level: errors only with -q, notices
- * only at debug (the ev backend logs a notice per event-loop io change). */
-int lg_lws_log_levels(void);
-
-/* ------------------------------------------------------------------------ */
-/* allocation: out of memory aborts with a message; 0 bytes is 1 byte         */
-
-void *lg_xmalloc(size_t n);
-void *lg_xcalloc(size_t n, size_t sz);
-void *lg_xrealloc(void *o, size_t n);
-char *lg_xstrdup(const char *s);
+/* Routes lws's own log lines into LOG() ("lws: ..."), at the level -v/-q
+ * chose: errors only with -q, notices only at debug (the ev backend logs a
+ * notice per event-loop io change). Call after lg_parse(). */
+void lg_lws_logs(void);
 
 /* ------------------------------------------------------------------------ */
 /* command line                                                               */
 
-/* "PROG: <message> (see --help)" on stderr, then exit(2). */
-void lg_die_flag(const char *fmt, ...)
-	__attribute__((format(printf, 1, 2), noreturn));
+int lg_opt_verbose(void *obj, const struct opt *o, const char *val, char *err, size_t errlen);
+int lg_opt_quiet(void *obj, const struct opt *o, const char *val, char *err, size_t errlen);
+int lg_opt_stats(void *obj, const struct opt *o, const char *val, char *err, size_t errlen);
 
-/* s as a finite number in [lo, hi], else lg_die_flag() naming flag. */
-double lg_parse_num(const char *flag, const char *s, double lo, double hi);
-
-/* s as a decimal integer in [lo, hi] (no sign, no space), else lg_die_flag(). */
-uint64_t lg_parse_u64(const char *flag, const char *s, uint64_t lo, uint64_t hi);
-
-/*
- * The host of a ws:// or wss:// --url: h is the first byte after the scheme,
- * pe the end of the authority. A [v6] literal loses its brackets. Returns the
- * host (the caller frees it) and sets *rest to the byte after it: ':' before a
- * port, or pe. An unterminated '[' is lg_die_flag().
- */
-char *lg_url_host(const char *url, const char *h, const char *pe,
-		  const char **rest);
-
-/* --stats-interval S: 0 (off) or 0.01 to 86400 seconds, else lg_die_flag(). */
-double lg_parse_stats_interval(const char *s);
+/* The rows every load client's table ends with: --stats-interval S (0 off,
+ * else 0.01 to 86400 s, into the double field f of struct T), -v/--verbose
+ * (again: debug), -q/--quiet. */
+#define LG_OPTS(T, f)                                                         \
+	{ "stats-interval", OPT_DBL, offsetof(T, f), "0", 0, 86400,          \
+	  "one stats line per S seconds on stderr (0 = off)", "S", 0,        \
+	  lg_opt_stats, NULL },                                               \
+	{ "verbose", OPT_FLAG, OPT_NO_FIELD, NULL, 0, 0,                      \
+	  "more logs (twice: debug and lws notices)", NULL, 'v',             \
+	  lg_opt_verbose, NULL },                                             \
+	{ "quiet", OPT_FLAG, OPT_NO_FIELD, NULL, 0, 0, "errors only", NULL,   \
+	  'q', lg_opt_quiet, NULL }
 
 /*
- * The options every tool takes, for getopt_long() with opterr = 0 and an
- * optstring starting ":vqh": -v/--verbose (info, again: debug), -q/--quiet
- * (errors only), -h/--help (usage(stdout), exit 0); ':' (a value missing) and
- * anything else (unknown option) are lg_die_flag(). Call it from the default
- * case of the tool's own switch.
+ * Sets obj's defaults and parses argv with table t. -h/--help prints head,
+ * the table and "-h, --help" on stdout and exits 0; a bad flag or any
+ * non-option argument prints "PROG: <why>" and exits 2.
  */
-void lg_common_option(int o, char **argv, void (*usage)(FILE *));
-
-/* The Host: header for host and port ("[v6]:port" for an IPv6 literal), no
- * port when port is 0; the caller frees it. */
-char *lg_host_header(const char *host, int port);
+void lg_parse(const struct opt *t, size_t n, void *obj, int argc, char **argv,
+	      const char *head);
 
 /* ------------------------------------------------------------------------ */
 /* latency histogram                                                          */
@@ -138,6 +110,21 @@ uint64_t lg_hist_quantile(const struct lg_hist *h, double q);
 double lg_hist_mean(const struct lg_hist *h);
 
 /* ------------------------------------------------------------------------ */
+/* counts by name                                                             */
+
+/* Error codes a peer sent, counted by name: the first LG_CODES names apart,
+ * the rest (and names of 32 bytes or more) together as "(other)", the last
+ * entry. A plain value: zero it to empty it. */
+#define LG_CODES 16
+struct lg_codes {
+	char name[LG_CODES + 1][32];
+	uint64_t n[LG_CODES + 1];
+	unsigned len;              /* names in use, "(other)" not counted */
+};
+
+void lg_codes_add(struct lg_codes *c, const char *name, size_t len);
+
+/* ------------------------------------------------------------------------ */
 /* connect-rate limiter                                                       */
 
 /* A token bucket of rate tokens a second holding at most 20 ms of them (and
@@ -145,13 +132,15 @@ double lg_hist_mean(const struct lg_hist *h);
 struct lg_bucket {
 	double rate;
 	double tokens;
-	int64_t at_us;         /* lg_mono_us() of the last refill */
+	int64_t at_us;         /* hub_mono_us() of the last refill */
 };
 
 /* Starts with one token, so the first connection goes at once. */
 void lg_bucket_init(struct lg_bucket *b, double rate, int64_t now_us);
 
-/* Adds the tokens earned since the last refill. */
+/* Adds the tokens earned since the last refill. Once per pump: a loop that
+ * refilled before every take would never end while each connect costs more
+ * than a token's worth of time. */
 void lg_bucket_refill(struct lg_bucket *b, int64_t now_us);
 
 /* Takes one token: 1 if there was one, else 0. */
@@ -161,7 +150,7 @@ int lg_bucket_take(struct lg_bucket *b);
 double lg_bucket_wait_us(const struct lg_bucket *b);
 
 /* ------------------------------------------------------------------------ */
-/* process limits and CPU                                                     */
+/* process                                                                    */
 
 /* Raises RLIMIT_NOFILE to its hard limit. Returns 0, or -1 after saying on
  * stderr that "flag n" needs more open files than allowed (the caller exits). */
@@ -170,98 +159,30 @@ int lg_raise_nofile(const char *flag, unsigned n);
 /* A struct timeval in seconds. */
 double lg_tv_s(struct timeval t);
 
-/* ------------------------------------------------------------------------ */
-/* lws client context                                                         */
-
-/* Zeroes info and fills in what both tools use: no listener, protocols, the
- * libev backend, 10 s timeouts. The caller adds TLS and creates the context. */
-void lg_context_info(struct lws_context_creation_info *info,
-		     const struct lws_protocols *protocols);
-
-/* The part of a connection target that comes from --url. */
-struct lg_endpoint {
-	char *host;            /* address to connect to (no brackets) */
-	char *host_hdr;        /* Host: header value */
-	char *path;            /* begins with '/' */
-	int port;
-};
-
-/* Frees the endpoint's strings (NULL-safe) and clears it. */
-void lg_endpoint_free(struct lg_endpoint *ep);
-
-/* Zeroes ci and fills in a client connection to ep with subprotocol proto;
- * lws will store the wsi in *pwsi and hand back opaque from
- * lws_get_opaque_user_data(). */
-void lg_connect_info(struct lws_client_connect_info *ci, struct lws_context *ctx,
-		     const struct lg_endpoint *ep, const char *proto,
-		     void *opaque, struct lws **pwsi);
-
-/*
- * The connection object (the connect info's opaque) that a client callback is
- * about, or NULL: for the reasons the tools do not handle, and for lws-internal
- * wsis. The caller still checks that the wsi is the connection's current one.
- */
-void *lg_client_owner(struct lws *wsi, enum lws_callback_reasons reason);
-
-/* A message arriving in fragments (CLIENT_RECEIVE). Zeroed is empty; free buf. */
-struct lg_rx {
-	char *buf;
-	size_t len, cap;
-};
-
-/*
- * Feeds one CLIENT_RECEIVE: returns 1 with the whole message in *msg and *n
- * (an unfragmented one stays in place in `in`; either dies when the callback
- * returns), 0 while fragments are missing, -1 when the fragments so far would
- * be over max bytes: what was kept is dropped (the caller decides what to do
- * with the rest of that message).
- */
-int lg_rx_feed(struct lg_rx *rx, const char *in, size_t len, int final,
-	       size_t max, const char **msg, size_t *n);
-
-/*
- * The 10 ms heartbeat. In lws 4.1.6 the libev glue re-arms its timer with
- * ev_timer_set() + ev_timer_start() on a watcher that is still active after
- * an fd event, which libev ignores: a sul scheduled from a socket callback,
- * earlier than the timer already armed, fired up to 10 s late (measured). Only
- * the timer's own callback re-arms it correctly, so a sul that reschedules
- * itself every 10 ms bounds every timer's lateness to 10 ms.
- * Start it once the context exists; stop it before destroying the context.
- */
-void lg_heartbeat_start(struct lws_context *ctx);
-void lg_heartbeat_stop(void);
-
-/* --stats-interval: print(lg_mono_us()) every interval_s seconds from the loop
- * until lg_stats_stop(); the tool prints the last line itself at the end. */
-void lg_stats_start(struct lws_context *ctx, double interval_s,
-		    void (*print)(int64_t now_us));
+/* --stats-interval: print(hub_mono_us()) every interval_s seconds from the
+ * loop of x until lg_stats_stop(); the tool prints the last line itself. */
+void lg_stats_start(struct hc_ctx *x, double interval_s, void (*print)(int64_t now_us));
 void lg_stats_stop(void);
 
-/*
- * SIGINT and SIGTERM: the handler only counts and wakes the loop with
- * lws_cancel_service(), which lws reports as LWS_CALLBACK_EVENT_WAIT_CANCELLED;
- * the tool compares lg_signal_count() with the count it last handled there.
- * Install after lws_create_context() (the ev backend installs its own SIGINT
- * watcher); lg_signals_detach() before the context is destroyed.
- */
-void lg_signals_install(struct lws_context *ctx);
-void lg_signals_detach(void);
-int lg_signal_count(void);
+/* ------------------------------------------------------------------------ */
+/* MQTT 3.1.1 (gw-sim --mqtt, dash-sub --mqtt)                                */
 
-/*
- * Runs the loop: wakes it once, because lws_sul_schedule() does not arm the
- * libev timer by itself (fd events and sul callbacks do), so the timers
- * scheduled before this call would wait for the first fd event; services ctx
- * until *done (a sul sets it, then calls lws_context_destroy(), which lws
- * defers while inside the service) or lws fails; then lg_signals_detach() and
- * destroys ctx.
- */
-void lg_run(struct lws_context *ctx, const int *done);
-
-/* MQTT 3.1.1 (gw-sim --mqtt, dash-sub --mqtt): the remaining-length varint
- * (7 bits a byte, low first) into o, its size; and a CONNECT packet (level
- * 4, clean session, keepalive_s, client id id[0..idl)) into o, its size. */
+/* The remaining-length varint (7 bits a byte, low first) into o; its size. */
 size_t lg_mqtt_varint(unsigned char *o, size_t v);
+
+/* A CONNECT packet (level 4, clean session, keepalive_s, client id
+ * id[0..idl)) into o; its size. */
 size_t lg_mqtt_connect(unsigned char *o, const char *id, size_t idl, unsigned keepalive_s);
+
+/*
+ * MQTT packets may span or share WebSocket messages: a byte stream. Feeds
+ * in[0..len) (parsed where it lies when nothing is pending; only a packet's
+ * unfinished start is kept in rx) and calls pkt(ctx, first byte, body, body
+ * length) for each whole packet. Returns 0, or -1 when the stream cannot be
+ * followed (a length over 4 bytes, or a packet over max): rx is then emptied.
+ */
+int lg_mqtt_feed(hub_buf *rx, const unsigned char *in, size_t len, size_t max,
+		 void (*pkt)(void *ctx, unsigned b0, const unsigned char *b, size_t n),
+		 void *ctx);
 
 #endif
