@@ -10,7 +10,7 @@ the scenario (and every resend a real gateway would make) each test asserts
 lost = acked but not stored = 0 and duplicated = stored more than once = 0,
 and records a row (scenario, acked, stored, lost, duplicated, recovery time)
 that the file prints as a table at its end and appends to
-$HUB_BUILD_DIR/chaos-table.md.
+$HUB_BUILD_DIR/chaos-<test file>.md (rewritten by each run).
 """
 
 import asyncio
@@ -238,9 +238,10 @@ class ChaosCase(HubTestCase):
             sys.stderr.write("\n" + head + body)
             try:
                 san = "asan" if os.environ.get("HUB_SANITIZE") == "1" else "normal"
-                with open(os.path.join(BUILD_DIR, "chaos-table.md"), "a") as f:
-                    f.write("".join("| %s (%s) | %d | %d | %d | %d | %s |\n"
-                                    % ((r[0], san) + r[1:]) for r in cls.rows))
+                stem = os.path.splitext(os.path.basename(sys.argv[0] or "chaos"))[0]
+                with open(os.path.join(BUILD_DIR, "chaos-%s.md" % stem), "w") as f:
+                    f.write(head + "".join("| %s (%s) | %d | %d | %d | %d | %s |\n"
+                                           % ((r[0], san) + r[1:]) for r in cls.rows))
             except OSError:
                 pass
         super().tearDownClass()
