@@ -9,7 +9,7 @@ frame's ack arrived, as **stored** once it is in its device's stream. After
 the scenario (and every resend a real gateway would make) each test asserts
 lost = acked but not stored = 0 and duplicated = stored more than once = 0,
 and records a row (scenario, acked, stored, lost, duplicated, recovery time)
-that the file prints as a table at its end and appends to
+that the file prints as a table at its end and writes to
 $HUB_BUILD_DIR/chaos-<test file>.md (rewritten by each run).
 """
 
