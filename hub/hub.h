@@ -23,6 +23,7 @@ struct hub_embedded_redis;
 struct hub_module;
 struct hub_http;
 struct hub_lease;
+struct hub_registry;
 struct agg;
 struct stream;
 
@@ -54,6 +55,7 @@ struct hub {
 	size_t nmodules;
 	struct hub_observers observers;
 	struct hub_http *http;
+	struct hub_registry *registry;
 	struct hub_lease *lease;
 	struct agg *agg;
 	struct stream *stream;
