@@ -34,15 +34,16 @@ local window, dmax, fmax = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local frames = tonumber(ARGV[4])
 
 -- The shape first: a malformed call writes nothing.
-local p, k = 5, 2
-for _ = 1, frames or -1 do
+local p, k, seen = 5, 2, 0
+for _ = 1, frames or 0 do
   local n = tonumber(ARGV[p + 3])
   local m = n and tonumber(ARGV[p + 4 + 2 * n])
   if not m then break end
   k = k + 1 + n
   p = p + 5 + 2 * n + 3 * m
+  seen = seen + 1
 end
-if not (window and fmax and frames) or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
+if not (window and fmax) or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
   return redis.error_reply('ERR store: KEYS and ARGV do not match')
 end
 
