@@ -15,7 +15,7 @@
 #include "commands/cmd_api.h"
 #include "hub/redis.h"
 #include "hub/util.h"
-#include "protocols/gateway.h"
+#include "hub/link.h"
 #include "protocols/gw_codec.h"
 #include "hub_lua.h"
 
@@ -85,12 +85,6 @@ bool cmd_id_valid(const char *id)
 		if (id[i] < '0' || id[i] > '9')
 			return false;
 	return true;
-}
-
-bool cmd_status_valid(const char *s)
-{
-	return !strcmp(s, "received") || !strcmp(s, "in_progress") || !strcmp(s, "succeeded") ||
-	       !strcmp(s, "failed") || !strcmp(s, "rejected");
 }
 
 void cmd_new_id(char out[35], char prefix)
@@ -481,7 +475,7 @@ static void sweep_cb(lws_sorted_usec_list_t *sul)
 /* ---- delivery -------------------------------------------------------------- */
 
 struct send_ctx {
-	struct gw_conn *conn;
+	struct hub_link *conn;
 	char id[CMD_ID_MAX + 1];
 };
 
@@ -489,7 +483,7 @@ static void on_sent(redisReply *r, void *arg)
 {
 	struct send_ctx *s = arg;
 
-	if (el_int(r, 0) == 1 && gw_conn_open(s->conn)) {
+	if (el_int(r, 0) == 1 && hub_link_open(s->conn)) {
 		hub_buf m = { 0 };
 		const char *dev = el_str(r, 1), *name = el_str(r, 2), *params = el_str(r, 3);
 
@@ -506,38 +500,38 @@ static void on_sent(redisReply *r, void *arg)
 		hub_buf_puts(&m, ",\"expires_at\":");
 		hub_buf_i64(&m, el_int(r, 5));
 		hub_buf_puts(&m, "}");
-		gw_conn_send(s->conn, m.data, m.len);
+		hub_link_send(s->conn, m.data, m.len);
 		hub_buf_free(&m);
 		E.hub->metrics.commands_sent_total++;
 		cmd_track(E.hub, s->id, el_int(r, 6));
 	}
-	gw_conn_release(s->conn);
+	hub_link_release(s->conn);
 	free(s);
 }
 
-static void send_to(struct gw_conn *c, const char *id, const char *device)
+static void send_to(struct hub_link *c, const char *id, const char *device)
 {
 	struct send_ctx *s = hub_xcalloc(1, sizeof(*s));
 	hub_buf b = { 0 };
 
 	snprintf(s->id, sizeof(s->id), "%s", id);
 	s->conn = c;
-	gw_conn_hold(c);
+	hub_link_hold(c);
 	call_begin(&b, S_SEND, group_len(device), 3, true);
 	call_group(&b, id, device);
 	call_now(&b);
 	call_arg(&b, id);
-	call_arg(&b, gw_conn_id(c));
+	call_arg(&b, hub_link_id(c));
 	call_arg(&b, device);
 	if (call_send(&b, on_sent, s)) {
-		gw_conn_release(c);
+		hub_link_release(c);
 		free(s);
 	}
 }
 
 static void local_deliver(const char *id, const char *device)
 {
-	struct gw_conn *c = gw_conn_for_device(E.hub, device);
+	struct hub_link *c = hub_link_for_device(E.hub, device);
 
 	if (c)
 		send_to(c, id, device); /* else: it goes out when the device is next announced */
@@ -552,7 +546,7 @@ static void on_owed(redisReply *r, void *arg)
 	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i + 2 < r->elements; i += 3) {
 		const char *dev = el_str(r, i);
 		const redisReply *cancels = r->element[i + 1], *ids = r->element[i + 2];
-		struct gw_conn *c = dev ? gw_conn_for_device(E.hub, dev) : NULL;
+		struct hub_link *c = dev ? hub_link_for_device(E.hub, dev) : NULL;
 
 		if (!c)
 			continue; /* gone again: its next announce asks again */
@@ -565,14 +559,18 @@ static void on_owed(redisReply *r, void *arg)
 	}
 }
 
-void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *devices,
-		      size_t n)
+/* Devices were announced on a local link: what they are owed goes out. */
+static void on_announced(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
 {
+	const struct hub_ev_announced *a = payload;
+	const char *const *devices = a->devices;
+	size_t n = a->n;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 
 	(void)hub;
-	(void)conn_id;
+	(void)ev;
+	(void)ctx;
 	if (!n)
 		return;
 	call_begin(&b, S_OWED, 2 * n, n, false);
@@ -598,7 +596,7 @@ static void route_to(const char *instance, const char *verb, const char *id, con
 void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
 	       bool online)
 {
-	if (gw_conn_for_device(hub, device))
+	if (hub_link_for_device(hub, device))
 		local_deliver(id, device);
 	else if (online && instance && *instance && strcmp(instance, hub->instance_id))
 		route_to(instance, "deliver", id, device);
@@ -608,7 +606,7 @@ void cmd_route(struct hub *hub, const char *id, const char *device, const char *
 
 static void send_cancel_local(const char *id, const char *device)
 {
-	struct gw_conn *c = gw_conn_for_device(E.hub, device);
+	struct hub_link *c = hub_link_for_device(E.hub, device);
 	hub_buf m = { 0 };
 
 	if (!c)
@@ -618,7 +616,7 @@ static void send_cancel_local(const char *id, const char *device)
 	hub_buf_puts(&m, ",\"device\":");
 	hub_buf_json_str(&m, device, strlen(device));
 	hub_buf_puts(&m, "}");
-	gw_conn_send(c, m.data, m.len);
+	hub_link_send(c, m.data, m.len);
 	hub_buf_free(&m);
 	/* Told: no longer owed at the next announce. */
 	char key[HUB_KEY_MAX];
@@ -648,7 +646,7 @@ void cmd_route_cancel(struct hub *hub, const char *id, const char *device)
 	char key[HUB_KEY_MAX];
 	const char *argv[4] = { "HMGET", key, "instance", "online" };
 
-	if (gw_conn_for_device(hub, device)) {
+	if (hub_link_for_device(hub, device)) {
 		send_cancel_local(id, device);
 		return;
 	}
@@ -687,7 +685,7 @@ static void on_ctl(const char *channel, const char *payload, size_t len, void *a
 /* ---- acks ------------------------------------------------------------------ */
 
 struct ack_ctx {
-	struct gw_conn *conn;
+	struct hub_link *conn;
 	char id[160];
 	hub_buf args;              /* RESP of the ack's ARGV but the device */
 };
@@ -697,17 +695,17 @@ static void on_acked(redisReply *r, void *arg)
 	struct ack_ctx *a = arg;
 
 	if (((r && r->type == REDIS_REPLY_ARRAY && el_int(r, 0) == -1) || (!r && !cmd_id_valid(a->id))) &&
-	    gw_conn_open(a->conn)) {
+	    hub_link_open(a->conn)) {
 		hub_buf m = { 0 };
 		hub_buf_puts(&m, "{\"type\":\"error\",\"code\":\"unknown_command\",\"id\":");
 		hub_buf_json_str(&m, a->id, strlen(a->id));
 		hub_buf_puts(&m, ",\"message\":\"no command with this id for a device announced on this connection\"}");
-		gw_conn_send(a->conn, m.data, m.len);
+		hub_link_send(a->conn, m.data, m.len);
 		hub_buf_free(&m);
 	}
 	if (r && r->type == REDIS_REPLY_ARRAY)
 		E.hub->metrics.command_acks_total++;
-	gw_conn_release(a->conn);
+	hub_link_release(a->conn);
 	hub_buf_free(&a->args);
 	free(a);
 }
@@ -730,23 +728,29 @@ static void on_ack_device(redisReply *r, void *arg)
 	hub_buf_append(&b, a->args.data, a->args.len);
 	call_arg(&b, dev);
 	if (call_send(&b, on_acked, a)) {
-		gw_conn_release(a->conn);
+		hub_link_release(a->conn);
 		hub_buf_free(&a->args);
 		free(a);
 	}
 }
 
-void cmd_on_ack(struct hub *hub, struct gw_conn *c, const char *conn_id,
-		const struct gw_command_ack *ack)
+/* A gateway acknowledged a command. */
+static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
 {
+	const struct hub_ev_command_ack *e = payload;
+	struct hub_link *c = e->link;
+	const struct gw_command_ack *ack = e->ack;
+	const char *conn_id = hub_link_id(c);
 	struct ack_ctx *a = hub_xcalloc(1, sizeof(*a));
 	char progress[32] = "";
 	char *result = ack->result ? json_dumps(ack->result, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
 
 	(void)hub;
+	(void)ev;
+	(void)ctx;
 	snprintf(a->id, sizeof(a->id), "%s", ack->id);
 	a->conn = c;
-	gw_conn_hold(c);
+	hub_link_hold(c);
 	if (ack->progress && json_is_number(ack->progress)) {
 		double p = json_number_value(ack->progress);
 		if (p < 0)
@@ -765,7 +769,7 @@ void cmd_on_ack(struct hub *hub, struct gw_conn *c, const char *conn_id,
 	if (!cmd_id_valid(ack->id)) {
 		on_acked(NULL, a); /* answers unknown_command, releases */
 	} else if (read_device(ack->id, on_ack_device, a)) {
-		gw_conn_release(c);
+		hub_link_release(c);
 		hub_buf_free(&a->args);
 		free(a);
 	}
@@ -1095,6 +1099,8 @@ static int cmd_module_start(struct hub *hub, char *err, size_t errlen)
 	(void)errlen;
 	cmd_init(hub);
 	cmd_api_register(hub);
+	hub_observe(hub, HUB_EV_DEVICES_ANNOUNCED, on_announced, NULL);
+	hub_observe(hub, HUB_EV_COMMAND_ACK, on_ack, NULL);
 	return 0;
 }
 

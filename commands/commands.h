@@ -21,8 +21,6 @@
 #define CMD_ID_MAX 63
 
 struct hub;
-struct gw_conn;
-struct gw_command_ack;
 
 /* The module (hub/module.h): the engine and its HTTP routes (cmd_api.h). */
 struct hub_module;
@@ -37,14 +35,6 @@ bool cmd_state_valid(const char *s);
 bool cmd_state_final(const char *s);
 /* True for ids this hub makes: c_<32 hex>[_<n>] and r_<32 hex>. */
 bool cmd_id_valid(const char *id);
-/* Statuses a gateway may report in command_ack. */
-bool cmd_status_valid(const char *s);
-
-/* Gateway hooks. */
-void cmd_on_announced(struct hub *hub, const char *conn_id, const char *const *devices,
-		      size_t n);
-void cmd_on_ack(struct hub *hub, struct gw_conn *c, const char *conn_id,
-		const struct gw_command_ack *ack);
 
 /* ---- for the HTTP API (commands/cmd_api.c) -------------------------------- */
 

@@ -22,9 +22,11 @@ enum hub_event {
 	HUB_EV_REDIS_READY,
 	/* const struct hub_ev_lease *. This run's lease was renewed. */
 	HUB_EV_LEASE_RENEWED,
-	/* const struct hub_ev_announced *. A device was announced on a local
-	 * link and is now held by it (the registry says so). */
-	HUB_EV_DEVICE_ANNOUNCED,
+	/* const struct hub_ev_announced *. Devices were announced (or
+	 * re-announced after Redis lost them) on a local link and are held by
+	 * it: the registry says so, and the link's `announced` reply is queued
+	 * ahead of anything an observer sends. */
+	HUB_EV_DEVICES_ANNOUNCED,
 	/* const struct hub_ev_command_ack *. A gateway acknowledged a command. */
 	HUB_EV_COMMAND_ACK,
 	/* const struct hub_ev_readings *. Readings were stored (once per frame,
@@ -42,7 +44,8 @@ struct hub_ev_lease {
 
 struct hub_ev_announced {
 	struct hub_link *link;
-	const char *device;
+	const char *const *devices;
+	size_t n;
 };
 
 struct gw_command_ack;
@@ -58,11 +61,27 @@ struct hub_ev_field {
 	double value;
 };
 
+/* Per-device memory one observer may use as a cache (the aggregates keep
+ * the device's current partial there). The observer sets p and drop; the
+ * device's owner calls hub_slot_drop before it frees the slot. */
+struct hub_slot {
+	void *p;
+	void (*drop)(struct hub_slot *s);
+};
+
+static inline void hub_slot_drop(struct hub_slot *s)
+{
+	if (s->drop)
+		s->drop(s);
+	s->p = NULL;
+	s->drop = NULL;
+}
+
 struct hub_ev_reading {
 	const char *device, *type;
 	const char *labels;        /* compact JSON as announced */
 	size_t labels_len;
-	void **slot;               /* per device, for one observer's cache (agg) */
+	struct hub_slot *slot;     /* the device's, valid for the call */
 	int64_t ts;
 	const struct hub_ev_field *fields;
 	size_t nfields;

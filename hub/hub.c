@@ -164,7 +164,8 @@ void hub_begin_shutdown(struct hub *hub)
 	if (hub->draining)
 		return;
 	hub->draining = true;
-	hub_info("shutting down: draining %zu gateway connections", hub->gateways.count);
+	hub_info("shutting down: draining %zu gateway connections",
+		 hub->metrics.gateway_connections);
 	hub_listener_close(hub->listener);
 	for (size_t i = 0; i < hub->nmodules; i++)
 		if (hub->modules[i]->quiesce)

@@ -26,6 +26,7 @@ struct hub_lease;
 struct hub_registry;
 struct agg;
 struct stream;
+struct gateways;
 
 struct hub {
 	struct hub_config cfg;
@@ -47,17 +48,18 @@ struct hub {
 	size_t jwt_key_len;
 	bool jwt_ephemeral;
 
-	hub_strmap gateways;       /* gateway id -> struct gw_conn * (this instance) */
-	uint64_t next_serial;      /* connection serials */
 
 	/* The modules (hub/module.h), in start order, and their objects. */
 	const struct hub_module *const *modules;
 	size_t nmodules;
 	struct hub_observers observers;
+	struct hub_link *(*link_lookup)(void *ctx, const char *device); /* hub/link.h */
+	void *link_lookup_ctx;
 	struct hub_http *http;
 	struct hub_registry *registry;
 	struct hub_lease *lease;
 	struct agg *agg;
+	struct gateways *gw;
 	struct stream *stream;
 
 	struct hub_metrics metrics;

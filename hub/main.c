@@ -10,7 +10,6 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
-#include "commands/cmd_api.h"
 #include "hub/api.h"
 #include "hub/embedded_redis.h"
 #include "hub/http.h"
@@ -211,7 +210,6 @@ static void hub_cleanup(struct hub *hub)
 	schema_set_free(hub->schemas);
 	auth_free(hub->auth);
 	free(hub->jwt_key);
-	hub_strmap_free(&hub->gateways);
 	hub_config_free(&hub->cfg);
 }
 

@@ -3,10 +3,6 @@
 #include "hub/hub.h"
 #include "hub/redis.h"
 
-const char *const hub_reject_names[HUB_REJ__COUNT] = {
-	"invalid", "unknown_device", "unauthorized_device", "rate_limited", "clock_skew",
-};
-
 static const char *const ws_protocols[HUB_WS__COUNT] = { "gateway", "dashboard" };
 
 static const char *const http_refusals[HUB_HTTP_REFUSAL__COUNT] = {
@@ -84,7 +80,7 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		       "# TYPE iot_hub_connections gauge\n"
 		       "iot_hub_connections{kind=\"gateway\"} %zu\n"
 		       "iot_hub_connections{kind=\"dashboard\"} %zu\n",
-		       hub->gateways.count, hub->metrics.stream_connections);
+		       hub->metrics.gateway_connections, hub->metrics.stream_connections);
 	counter(o, "iot_hub_gateway_connections_total", "Gateway WebSockets established.",
 		m->connections_total);
 	counter(o, "iot_hub_auth_failures_total", "Gateway WebSocket upgrades refused with 401.",

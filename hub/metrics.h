@@ -8,18 +8,7 @@
 #include <stdint.h>
 
 #include "hub/util.h"
-
-enum hub_reject_code {
-	HUB_REJ_INVALID,
-	HUB_REJ_UNKNOWN_DEVICE,
-	HUB_REJ_UNAUTHORIZED_DEVICE,
-	HUB_REJ_RATE_LIMITED,
-	HUB_REJ_CLOCK_SKEW,
-	HUB_REJ__COUNT
-};
-
-/* Wire names of the codes above ("invalid", "unknown_device", ...). */
-extern const char *const hub_reject_names[HUB_REJ__COUNT];
+#include "protocols/admit.h"   /* enum hub_reject_code */
 
 enum hub_frame_result {
 	HUB_FRAME_ACKED,        /* ack sent after store (or nothing to store) */
@@ -57,6 +46,7 @@ extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
 struct hub_metrics {
 	/* gauges */
+	size_t gateway_connections;        /* gateway WebSockets open (one per gateway) */
 	size_t stream_connections;         /* dashboard WebSockets open */
 	size_t stream_subscriptions;       /* their live subscriptions */
 	/* counters */

@@ -88,18 +88,21 @@ void agg_state_clear(struct agg_state *st)
 
 static void state_free(struct agg_state *st)
 {
-	if (st->cache)
-		*st->cache = NULL;
+	if (st->cache) {
+		st->cache->p = NULL;
+		st->cache->drop = NULL;
+	}
 	agg_state_clear(st);
 	free(st);
 }
 
-void agg_cache_drop(struct agg_state **cache)
+/* The device's slot goes (hub_slot_drop): its partial forgets it. */
+static void slot_drop(struct hub_slot *slot)
 {
-	if (*cache) {
-		(*cache)->cache = NULL;
-		*cache = NULL;
-	}
+	struct agg_state *st = slot->p;
+
+	if (st)
+		st->cache = NULL;
 }
 
 static struct agg_field *field_get(struct agg_state *st, const char *name, size_t len)
@@ -312,17 +315,21 @@ static void due_append(struct agg *ag, struct agg_state *st)
 	sec->tail = &st->due_next;
 }
 
-struct agg_state *agg_partial(struct agg *ag, const char *device, const char *type,
-			      const char *labels, size_t labels_len, int64_t ts,
-			      struct agg_state **cache)
+/* The partial of device for the second holding ts (created on first use),
+ * or NULL when ts is too old to be aggregated. labels is the device's labels
+ * as compact JSON. slot (may be NULL) is the device's cache of its current
+ * partial: a hit skips the map lookup. */
+static struct agg_state *partial(struct agg *ag, const char *device, const char *type,
+				 const char *labels, size_t labels_len, int64_t ts,
+				 struct hub_slot *slot)
 {
 	char key[KEY_MAX];
 	int64_t start = ts - ((ts % 1000) + 1000) % 1000;
 	size_t kl;
 	struct agg_state *st;
 
-	if (cache && *cache && (*cache)->start == start)
-		return *cache;
+	if (slot && slot->p && ((struct agg_state *)slot->p)->start == start)
+		return slot->p;
 	if (ts < hub_now_ms() - max_age_ms(ag)) {
 		ag->hub->metrics.aggregate_late_readings_total++;
 		return NULL;
@@ -341,12 +348,36 @@ struct agg_state *agg_partial(struct agg *ag, const char *device, const char *ty
 	}
 	/* One slot per state: a second connection holding the same device (a
 	 * takeover in progress) looks it up instead. */
-	if (cache && !st->cache) {
-		agg_cache_drop(cache);
-		*cache = st;
-		st->cache = cache;
+	if (slot && !st->cache) {
+		hub_slot_drop(slot);
+		slot->p = st;
+		slot->drop = slot_drop;
+		st->cache = slot;
 	}
 	return st;
+}
+
+/* Stored readings: their numeric fields go into this instance's 1 s
+ * partials. */
+static void on_readings_stored(struct hub *hub, enum hub_event ev, const void *payload,
+			       void *ctx)
+{
+	const struct hub_ev_readings *rs = payload;
+	struct agg *ag = ctx;
+
+	(void)hub;
+	(void)ev;
+	for (size_t i = 0; i < rs->n; i++) {
+		const struct hub_ev_reading *r = &rs->v[i];
+		struct agg_state *st;
+
+		if (!r->nfields)
+			continue;
+		st = partial(ag, r->device, r->type, r->labels, r->labels_len, r->ts, r->slot);
+		for (size_t j = 0; st && j < r->nfields; j++)
+			agg_state_add(st, r->fields[j].name, r->fields[j].len, r->fields[j].value,
+				      r->ts);
+	}
 }
 
 static void msg_begin(struct agg *ag)
@@ -759,6 +790,7 @@ static int agg_module_start(struct hub *hub, char *err, size_t errlen)
 	(void)err;
 	(void)errlen;
 	hub->agg = agg_new(hub);
+	hub_observe(hub, HUB_EV_READINGS_STORED, on_readings_stored, hub->agg);
 	return 0;
 }
 

@@ -2,7 +2,8 @@
  * agg.h - tumbling-window aggregates (1s, 10s, 1m) that merge across hub
  * instances (docs/dashboard.md, "Aggregates").
  *
- * Ingest side: every instance folds the readings it stores into 1-second
+ * Ingest side: every instance folds the readings it stores (it observes
+ * HUB_EV_READINGS_STORED, hub/events.h) into 1-second
  * partial states per device and publishes them on iot:live:agg shortly after
  * each second ends. Merge side: while this instance has aggregate
  * subscribers, it merges the partials of every instance into the windows its
@@ -24,6 +25,7 @@
 
 struct hub;
 struct agg;
+struct hub_slot;
 
 enum agg_window { AGG_1S, AGG_10S, AGG_1M, AGG__COUNT };
 
@@ -46,7 +48,7 @@ struct agg_state {
 	int64_t start;
 	size_t nfields, cap;
 	struct agg_field *fields;
-	struct agg_state **cache;  /* ingest: the one caller slot pointing here */
+	struct hub_slot *cache;    /* ingest: the one device slot pointing here */
 	struct agg_state *due_next; /* ingest: next partial of the same second */
 };
 
@@ -66,17 +68,6 @@ void agg_stop(struct agg *ag);   /* timers; while the loop still exists */
 void agg_free(struct agg *ag);   /* memory; after the loop is gone */
 
 /* ---- ingest -------------------------------------------------------------- */
-
-/* The partial of device for the second holding ts (created on first use), or
- * NULL when ts is too old to be aggregated. labels is the device's labels as
- * compact JSON. The pointer is valid until the loop next runs.
- * cache (may be NULL) is the caller's slot for the device's current partial:
- * a hit skips the map lookup. The slot is cleared when the partial is
- * flushed; a caller that frees its slot calls agg_cache_drop first. */
-struct agg_state *agg_partial(struct agg *ag, const char *device, const char *type,
-			      const char *labels, size_t labels_len, int64_t ts,
-			      struct agg_state **cache);
-void agg_cache_drop(struct agg_state **cache);
 
 /* Folds one value of field (name[0..len)) at time ts into st. */
 void agg_state_add(struct agg_state *st, const char *name, size_t len, double v, int64_t ts);

@@ -7,19 +7,18 @@
 #include "hub/hub.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
+#include "hub/link.h"
 #include "hub/log.h"
 #include "hub/module.h"
 #include "hub/ratelimit.h"
 #include "hub/redis.h"
 #include "hub/registry.h"
 #include "hub/util.h"
-#include "commands/commands.h"
-#include "protocols/agg.h"
+#include "protocols/admit.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 #include "protocols/ws_rx.h"
 
-#define MAX_FIELD_ERRORS 8
 #define RX_KEEP_BYTES    (16 * 1024)  /* reassembly buffer kept between frames */
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
 #define CLOSE_TAKEOVER   4001
@@ -37,7 +36,7 @@ struct gw_dev {
 	bool seen;                 /* readings since the last last_seen flush */
 	bool lost;                 /* announced since by another connection */
 	hub_bucket bucket;
-	struct agg_state *agg;     /* its current 1 s partial (agg_partial's cache) */
+	struct hub_slot agg_slot;  /* an observer's cache (the aggregates' partial) */
 	char *labels;              /* compact JSON object, keys sorted */
 	size_t labels_len;
 	const char *type_name;     /* interned (type_name_intern): compared by pointer */
@@ -59,10 +58,11 @@ struct gw_reply {
 	unsigned accepted;
 	hub_buf rejected;          /* JSON array entries, comma separated */
 	hub_buf out;               /* LWS_PRE headroom + message */
-	hub_buf agg;               /* numeric fields to aggregate once stored */
+	hub_buf fields;            /* numeric fields, for the observers once stored */
 };
 
 struct gw_conn {
+	struct hub_link link;      /* what other modules see (hub/link.h) */
 	struct lws *wsi;           /* NULL once closed */
 	struct hub *hub;
 	uint64_t serial;
@@ -96,25 +96,95 @@ struct gw_pss {
 	struct gw_conn *conn;
 };
 
-/* device id -> the local connection that announced it last (commands are
- * delivered to it). Entries go when their connection closes. */
-static hub_strmap dev_conns;
+struct stored_ref {
+	const char *device;
+	size_t device_len;
+	struct gw_dev *dev;
+	int64_t ts;
+	size_t ts_off, ts_len, data_off, data_len;
+	bool grouped;
+};
 
-/* Device type names, one copy each for the life of the process (a handful,
- * kept across schema reloads): a device holds a pointer, not a 129-byte
- * array, and devices of one type share it. */
-static hub_strmap type_names;
+/* last_seen flushes: each connection once a second, the connections spread
+ * over SEEN_SLICES ticks by serial, and the devices of a tick batched into
+ * one script call per SEEN_BATCH. One EVALSHA per connection per second, all
+ * in the same loop turn, queued a burst of ~1,000 commands ahead of the
+ * frames every second (1,000 gateways): a 10-20 ms stall, most of the p99
+ * frame->ack latency at half load. */
+#define SEEN_SLICES 10
+#define SEEN_BATCH  256
 
-static const char *type_name_intern(const char *name)
+struct seen_ent {
+	struct gw_conn *c;         /* a reference is held while in flight */
+	struct gw_dev *d;          /* owned by c */
+};
+
+/* The module (hub->gw): every gateway connection of this process and what
+ * they share. */
+struct gateways {
+	struct hub *hub;
+	hub_strmap conns;          /* gateway id -> its current struct gw_conn * */
+	/* device id -> the local connection that announced it last (commands
+	 * are delivered to it). Entries go when their connection closes. */
+	hub_strmap dev_conns;
+	/* Device type names, one copy each for the life of the process (a
+	 * handful, kept across schema reloads): a device holds a pointer, not
+	 * a 129-byte array, and devices of one type share it. */
+	hub_strmap type_names;
+	uint64_t next_serial;      /* connection serials */
+
+	/* Per-frame scratch of handle_telemetry, reused across frames (the
+	 * store copies what it needs before returning). */
+	struct {
+		hub_buf vals, feed;
+		struct stored_ref *refs;
+		struct hub_store_reading *sr;
+		struct hub_store_group *groups;
+		gw_span *spans;
+		size_t cap;
+		struct hub_ev_reading *ev;   /* HUB_EV_READINGS_STORED */
+		struct hub_ev_field *fields;
+		size_t ev_cap, fields_cap;
+	} scratch;
+
+	/* The last_seen batch being filled. */
+	struct {
+		struct seen_ent e[SEEN_BATCH];
+		struct hub_seen_item items[SEEN_BATCH];
+		size_t n;
+		int64_t now_ms, now_us;
+		unsigned slice;
+	} seen;
+	lws_sorted_usec_list_t sul_seen;
+
+	/* The re-announce after Redis lost the registry. */
+	struct {
+		struct gw_conn **todo;     /* the connections to go, references held */
+		size_t n, next;
+		size_t inflight;           /* devices at Redis */
+		bool failed;               /* a re-announce got no answer: do it again */
+		lws_sorted_usec_list_t sul;
+	} rb;
+};
+
+static const char *type_name_intern(struct gateways *gws, const char *name)
 {
 	size_t len = strlen(name);
-	char *s = hub_strmap_get(&type_names, name, len);
+	char *s = hub_strmap_get(&gws->type_names, name, len);
 
 	if (!s) {
 		s = hub_xstrdup(name);
-		hub_strmap_put(&type_names, name, len, s);
+		hub_strmap_put(&gws->type_names, name, len, s);
 	}
 	return s;
+}
+
+static const struct hub_link_ops link_ops;
+
+/* The gauge of gateway connections follows the map. */
+static void conns_changed(struct gateways *gws)
+{
+	gws->hub->metrics.gateway_connections = gws->conns.count;
 }
 
 /* ---- connection and reply lifetime --------------------------------------- */
@@ -125,7 +195,7 @@ static void free_dev(const char *key, void *value, void *arg)
 
 	(void)key;
 	(void)arg;
-	agg_cache_drop(&d->agg);
+	hub_slot_drop(&d->agg_slot);
 	free(d->labels);
 	free(d);
 }
@@ -161,7 +231,7 @@ static void reply_free(struct gw_reply *r)
 {
 	hub_buf_free(&r->rejected);
 	hub_buf_free(&r->out);
-	hub_buf_free(&r->agg);
+	hub_buf_free(&r->fields);
 	for (size_t i = 0; i < r->nannounced; i++)
 		free(r->announced[i]);
 	free(r->announced);
@@ -327,15 +397,15 @@ static void finish_ack(struct gw_reply *r, bool duplicate)
 			 (double)(hub_mono_us() - r->t0_us) / 1e6);
 }
 
-/* ---- aggregates ----------------------------------------------------------
+/* ---- stored readings, for the observers ---------------------------------
  * The numeric fields of a frame's accepted readings are recorded in the
- * reply (r->agg) and folded into the 1 s partials only once the frame is
- * stored, so a resend is never counted twice. Record per reading:
- * gw_dev pointer, ts, field count, then per field: name length (1 byte),
- * name, value (double). The devices outlive the reply (it holds a reference
- * on the connection, which owns them). */
+ * reply (r->fields) and handed to the HUB_EV_READINGS_STORED observers (the
+ * aggregates) only once the frame is stored, so a resend is never counted
+ * twice. Record per reading: gw_dev pointer, ts, field count, then per
+ * field: name length (1 byte), name, value (double). The devices outlive the
+ * reply (it holds a reference on the connection, which owns them). */
 
-static void agg_record(hub_buf *b, struct gw_dev *d, int64_t ts, json_t *data)
+static void fields_record(hub_buf *b, struct gw_dev *d, int64_t ts, json_t *data)
 {
 	const char *k;
 	json_t *v;
@@ -366,31 +436,56 @@ static void agg_record(hub_buf *b, struct gw_dev *d, int64_t ts, json_t *data)
 	memcpy(b->data + at, &n16, sizeof(n16));
 }
 
-static void agg_apply(struct hub *hub, const hub_buf *b)
+/* Decodes the records of b into the scratch arrays and emits them. */
+static void emit_stored(struct hub *hub, const hub_buf *b)
 {
-	size_t off = 0;
+	struct gateways *gws = hub->gw;
+	size_t off = 0, n = 0, nf = 0;
 
 	while (off < b->len) {
 		struct gw_dev *d;
-		struct agg_state *st;
-		int64_t ts;
-		uint16_t nf;
+		struct hub_ev_reading *r;
+		uint16_t cnt;
 
-		memcpy(&d, b->data + off, sizeof(d));
-		memcpy(&ts, b->data + off + sizeof(d), sizeof(ts));
-		memcpy(&nf, b->data + off + sizeof(d) + sizeof(ts), sizeof(nf));
-		off += sizeof(d) + sizeof(ts) + sizeof(nf);
-		st = nf ? agg_partial(hub->agg, d->id, d->type_name, d->labels, d->labels_len, ts,
-					  &d->agg) : NULL;
-		for (uint16_t i = 0; i < nf; i++) {
-			size_t kl = (unsigned char)b->data[off];
-			double x;
-
-			memcpy(&x, b->data + off + 1 + kl, sizeof(x));
-			if (st)
-				agg_state_add(st, b->data + off + 1, kl, x, ts);
-			off += 1 + kl + sizeof(x);
+		if (n == gws->scratch.ev_cap) {
+			gws->scratch.ev_cap = gws->scratch.ev_cap ? 2 * gws->scratch.ev_cap : 64;
+			gws->scratch.ev = hub_xrealloc(gws->scratch.ev, gws->scratch.ev_cap *
+						       sizeof(*gws->scratch.ev));
 		}
+		r = &gws->scratch.ev[n++];
+		memcpy(&d, b->data + off, sizeof(d));
+		memcpy(&r->ts, b->data + off + sizeof(d), sizeof(r->ts));
+		memcpy(&cnt, b->data + off + sizeof(d) + sizeof(r->ts), sizeof(cnt));
+		off += sizeof(d) + sizeof(r->ts) + sizeof(cnt);
+		r->device = d->id;
+		r->type = d->type_name;
+		r->labels = d->labels;
+		r->labels_len = d->labels_len;
+		r->slot = &d->agg_slot;
+		r->nfields = cnt;
+		r->fields = NULL;
+		if (nf + cnt > gws->scratch.fields_cap) {
+			gws->scratch.fields_cap = 2 * (nf + cnt) + 64;
+			gws->scratch.fields = hub_xrealloc(gws->scratch.fields, gws->scratch.fields_cap *
+							   sizeof(*gws->scratch.fields));
+		}
+		for (uint16_t i = 0; i < cnt; i++) {
+			struct hub_ev_field *f = &gws->scratch.fields[nf + i];
+
+			f->len = (unsigned char)b->data[off];
+			f->name = b->data + off + 1;
+			memcpy(&f->value, b->data + off + 1 + f->len, sizeof(f->value));
+			off += 1 + f->len + sizeof(f->value);
+		}
+		/* Offsets now, pointers below: the fields array may still move. */
+		r->fields = (const struct hub_ev_field *)(uintptr_t)nf;
+		nf += cnt;
+	}
+	for (size_t i = 0; i < n; i++)
+		gws->scratch.ev[i].fields = gws->scratch.fields + (uintptr_t)gws->scratch.ev[i].fields;
+	if (n) {
+		struct hub_ev_readings rs = { gws->scratch.ev, n };
+		hub_emit(hub, HUB_EV_READINGS_STORED, &rs);
 	}
 }
 
@@ -404,7 +499,7 @@ static void on_stored(redisReply *reply, void *arg)
 	bool dup = stored && reply->element[0]->integer == 0;
 
 	if (stored && !dup)
-		agg_apply(hub, &r->agg); /* stored, even if the gateway left */
+		emit_stored(hub, &r->fields); /* stored, even if the gateway left */
 	if (r->conn->wsi) {
 		if (stored) {
 			if (!dup)
@@ -421,11 +516,6 @@ static void on_stored(redisReply *reply, void *arg)
 	reply_ready(r);
 }
 
-static void reject(hub_buf *b, size_t index, const gw_reading *rd, enum hub_reject_code code)
-{
-	gw_write_reading_reject(b, index, rd, hub_reject_names[code]);
-}
-
 static const schema_type *dev_type(struct hub *hub, struct gw_dev *d)
 {
 	if (d->type_gen != hub->schemas_gen) {
@@ -435,25 +525,20 @@ static const schema_type *dev_type(struct hub *hub, struct gw_dev *d)
 	return d->type;
 }
 
-struct stored_ref {
-	const char *device;
-	size_t device_len;
-	struct gw_dev *dev;
-	int64_t ts;
-	size_t ts_off, ts_len, data_off, data_len;
-	bool grouped;
-};
+/* What admission needs to know of a reading's device (protocols/admit.h). */
+static void admit_lookup(void *ctx, const char *device, size_t len, struct admit_device *out)
+{
+	struct gw_conn *c = ctx;
+	struct gw_dev *d = hub_strmap_get(&c->devices, device, len);
 
-/* Per-frame scratch, reused across frames (the loop is single-threaded and
- * hub_store_frame copies what it needs before returning). */
-static struct {
-	hub_buf vals, feed;
-	struct stored_ref *refs;
-	struct hub_store_reading *sr;
-	struct hub_store_group *groups;
-	gw_span *spans;
-	size_t cap;
-} scratch;
+	if (!d)
+		return;
+	out->announced = true;
+	out->lost = d->lost;
+	out->type = dev_type(c->hub, d);
+	out->type_name = d->type_name;
+	out->ref = d;
+}
 
 /* One line of the frame's feed entry and live message (docs/dashboard.md):
  * device TAB type TAB labels TAB "device":…,"ts":…,"data":{…} LF. */
@@ -507,16 +592,122 @@ static size_t feed_build(hub_buf *feed, const hub_buf *vals, struct stored_ref *
 
 #define SCRATCH_KEEP_BYTES (64 * 1024)  /* a bigger frame's buffers are freed */
 
+/* The reading's device and its gateway each give a token, or the wait until
+ * they can (ms). */
+static int64_t take_tokens(struct gw_conn *c, struct gw_dev *d, int64_t now_us)
+{
+	const struct hub_config *cfg = &c->hub->cfg;
+	int64_t wait_ms = hub_bucket_take(&d->bucket, cfg->device_rate, cfg->device_burst, 1,
+					  now_us);
+
+	if (!wait_ms) {
+		wait_ms = hub_bucket_take(&c->bucket, cfg->gateway_rate, cfg->gateway_burst, 1,
+					  now_us);
+		if (wait_ms)
+			d->bucket.tokens += 1; /* refund: the gateway bucket said no */
+		c->limits_dirty = true;
+	}
+	return wait_ms;
+}
+
+static void mark_seen(struct gw_conn *c, struct gw_dev *d)
+{
+	if (d->seen)
+		return;
+	d->seen = true;
+	if (c->nseen == c->seen_cap) {
+		c->seen_cap = c->seen_cap ? c->seen_cap * 2 : 8;
+		c->seen = hub_xrealloc(c->seen, c->seen_cap * sizeof(*c->seen));
+	}
+	c->seen[c->nseen++] = d->id;
+}
+
+/* An accepted reading's ts and data, serialized once into vals (for the
+ * device stream and the feed). Its data is stored as the gateway wrote it
+ * (compacted) when the frame's text maps it (span), else serialized. */
+static void serialize_reading(hub_buf *vals, struct stored_ref *s, const gw_reading *rd,
+			      struct gw_dev *d, int64_t ts, const gw_msg *msg, const gw_span *span)
+{
+	s->device = rd->device;
+	s->device_len = rd->device_len;
+	s->dev = d;
+	s->ts = ts;
+	s->ts_off = vals->len;
+	hub_buf_i64(vals, ts);
+	s->ts_len = vals->len - s->ts_off;
+	s->data_off = vals->len;
+	if (span && span->len) {
+		gw_append_compact(vals, msg->text + span->off, span->len);
+	} else {
+		/* Dump once into reserved space; only an object larger than
+		 * that is dumped a second time (json_dumpb returns the size it
+		 * needed, larger than the space means truncated). */
+		hub_buf_reserve(vals, DATA_DUMP_RESERVE);
+		size_t room = vals->cap - vals->len - 1;
+		size_t need = json_dumpb(rd->data, vals->data + vals->len, room, JSON_COMPACT);
+		if (need > room) {
+			hub_buf_reserve(vals, need);
+			need = json_dumpb(rd->data, vals->data + vals->len, need, JSON_COMPACT);
+		}
+		vals->len += need;
+	}
+	s->data_len = vals->len - s->data_off;
+}
+
+/* Sends the frame's accepted readings to Redis; the ack waits for it. */
+static void store_accepted(struct gw_conn *c, struct gw_reply *r, const hub_buf *vals,
+			   hub_buf *feed, size_t nacc)
+{
+	struct hub *hub = c->hub;
+	struct gateways *gws = hub->gw;
+	struct stored_ref *refs = gws->scratch.refs;
+	struct hub_store_reading *sr = gws->scratch.sr;
+
+	for (size_t i = 0; i < nacc; i++) {
+		sr[i].device = refs[i].device;
+		sr[i].ts = vals->data + refs[i].ts_off;
+		sr[i].ts_len = refs[i].ts_len;
+		sr[i].data = vals->data + refs[i].data_off;
+		sr[i].data_len = refs[i].data_len;
+	}
+	size_t ng = feed_build(feed, vals, refs, nacc, gws->scratch.groups);
+	r->waiting = true;
+	if (hub_store_frame(hub, c->gw, r->seq, sr, nacc, feed->data, feed->len,
+			    gws->scratch.groups, ng, on_stored, r)) {
+		r->waiting = false;
+		hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
+		gw_write_error(&r->out, "unavailable", r->seq, hub->cfg.retry_after_ms,
+			       "telemetry store unavailable; resend this frame later");
+	}
+}
+
+static void scratch_reserve(struct gateways *gws, size_t n)
+{
+	if (n <= gws->scratch.cap)
+		return;
+	gws->scratch.cap = n;
+	gws->scratch.refs = hub_xrealloc(gws->scratch.refs, n * sizeof(*gws->scratch.refs));
+	gws->scratch.sr = hub_xrealloc(gws->scratch.sr, n * sizeof(*gws->scratch.sr));
+	gws->scratch.groups = hub_xrealloc(gws->scratch.groups, n * sizeof(*gws->scratch.groups));
+	gws->scratch.spans = hub_xrealloc(gws->scratch.spans, n * sizeof(*gws->scratch.spans));
+}
+
+/* A telemetry frame: each reading admitted (protocols/admit.h) and rate
+ * limited, the accepted ones stored in one script call; the ack (accepted
+ * count and every refusal) goes once Redis has them. */
 static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 {
 	struct hub *hub = c->hub;
 	struct hub_config *cfg = &hub->cfg;
-	size_t n = json_array_size(msg->items);
+	struct gateways *gws = hub->gw;
+	size_t n = json_array_size(msg->items), nacc = 0;
 	int64_t now_ms = hub_now_ms(), now_us = hub_mono_us();
 	struct gw_reply *r = reply_new(c);
-	struct stored_ref *refs;
-	hub_buf vals = scratch.vals, feed = scratch.feed;
-	size_t nacc = 0;
+	hub_buf vals = gws->scratch.vals, feed = gws->scratch.feed;
+	struct admit_rules rules = {
+		now_ms, (int64_t)cfg->clock_skew_past_s * 1000,
+		(int64_t)cfg->clock_skew_future_s * 1000, &c->who.devices, admit_lookup, c,
+	};
 
 	r->seq = msg->seq;
 	if (!hub_redis_up(hub->redis)) {
@@ -526,174 +717,44 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		enqueue(c, r);
 		return;
 	}
-	if (n > scratch.cap) {
-		scratch.cap = n;
-		scratch.refs = hub_xrealloc(scratch.refs, n * sizeof(*scratch.refs));
-		scratch.sr = hub_xrealloc(scratch.sr, n * sizeof(*scratch.sr));
-		scratch.groups = hub_xrealloc(scratch.groups, n * sizeof(*scratch.groups));
-		scratch.spans = hub_xrealloc(scratch.spans, n * sizeof(*scratch.spans));
-	}
-	refs = scratch.refs;
+	scratch_reserve(gws, n);
 	vals.len = 0;
-	/* Each reading's data is stored as the gateway wrote it (compacted),
-	 * found in the frame's text; serialized again only when it cannot be. */
-	bool raw = n && !gw_data_spans(msg, scratch.spans, n);
+	bool raw = n && !gw_data_spans(msg, gws->scratch.spans, n);
 	for (size_t i = 0; i < n; i++) {
-		json_t *item = json_array_get(msg->items, i);
-		schema_error errs[MAX_FIELD_ERRORS];
+		struct admit_device ad;
 		gw_reading rd;
-		struct gw_dev *d;
-		const schema_type *t;
-		int64_t wait_ms;
-		int nerr;
+		enum hub_reject_code code = admit_reading(&rules, json_array_get(msg->items, i), i,
+							  &rd, &ad, &r->rejected);
+		struct gw_dev *d = ad.ref;
+		int64_t wait_ms, ts;
 
-		if (gw_reading_parse(item, &rd, &errs[0])) {
-			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
-			gw_write_field_errors(&r->rejected, errs, 1, 1);
-			hub_buf_puts(&r->rejected, "}");
-			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
+		if (code != HUB_REJ__COUNT) {
+			hub->metrics.readings_rejected[code]++;
 			continue;
 		}
-		/* An announced device passed this connection's token patterns at
-		 * announce; only an unknown one needs them, to pick the code. */
-		d = hub_strmap_get(&c->devices, rd.device, rd.device_len);
-		if (d && d->lost) {
-			reject(&r->rejected, i, &rd, HUB_REJ_UNKNOWN_DEVICE);
-			hub_buf_puts(&r->rejected, ",\"message\":\"device announced since by another connection; announce it again to take it back\"}");
-			hub->metrics.readings_rejected[HUB_REJ_UNKNOWN_DEVICE]++;
-			continue;
-		}
-		if (!d && !auth_patterns_match(&c->who.devices, rd.device)) {
-			reject(&r->rejected, i, &rd, HUB_REJ_UNAUTHORIZED_DEVICE);
-			hub_buf_puts(&r->rejected, ",\"message\":\"device not allowed by the token's devices claim\"}");
-			hub->metrics.readings_rejected[HUB_REJ_UNAUTHORIZED_DEVICE]++;
-			continue;
-		}
-		if (!d) {
-			reject(&r->rejected, i, &rd, HUB_REJ_UNKNOWN_DEVICE);
-			hub_buf_puts(&r->rejected, ",\"message\":\"device not announced on this connection\"}");
-			hub->metrics.readings_rejected[HUB_REJ_UNKNOWN_DEVICE]++;
-			continue;
-		}
-		if (rd.has_ts && (rd.ts > now_ms + (int64_t)cfg->clock_skew_future_s * 1000 ||
-				  rd.ts < now_ms - (int64_t)cfg->clock_skew_past_s * 1000)) {
-			reject(&r->rejected, i, &rd, HUB_REJ_CLOCK_SKEW);
-			hub_buf_printf(&r->rejected, ",\"message\":\"ts is outside [now-%ds, now+%ds]\",\"hub_time\":%lld}",
-				       cfg->clock_skew_past_s, cfg->clock_skew_future_s,
-				       (long long)now_ms);
-			hub->metrics.readings_rejected[HUB_REJ_CLOCK_SKEW]++;
-			continue;
-		}
-		t = dev_type(hub, d);
-		if (!t) {
-			schema_error e = { .code = "device_type" };
-			snprintf(e.path, sizeof(e.path), "device_type");
-			snprintf(e.message, sizeof(e.message), "device type \"%.64s\" is no longer loaded",
-				 d->type_name);
-			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
-			gw_write_field_errors(&r->rejected, &e, 1, 1);
-			hub_buf_puts(&r->rejected, "}");
-			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
-			continue;
-		}
-		nerr = schema_validate(schema_type_telemetry(t), rd.data, "data", errs,
-				       MAX_FIELD_ERRORS);
-		if (nerr) {
-			reject(&r->rejected, i, &rd, HUB_REJ_INVALID);
-			gw_write_field_errors(&r->rejected, errs,
-				      nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS, nerr);
-			hub_buf_puts(&r->rejected, "}");
-			hub->metrics.readings_rejected[HUB_REJ_INVALID]++;
-			continue;
-		}
-		wait_ms = hub_bucket_take(&d->bucket, cfg->device_rate, cfg->device_burst, 1, now_us);
-		if (!wait_ms) {
-			wait_ms = hub_bucket_take(&c->bucket, cfg->gateway_rate, cfg->gateway_burst,
-						  1, now_us);
-			if (wait_ms)
-				d->bucket.tokens += 1; /* refund: the gateway bucket said no */
-			c->limits_dirty = true;
-		}
-		if (wait_ms) {
-			reject(&r->rejected, i, &rd, HUB_REJ_RATE_LIMITED);
-			hub_buf_printf(&r->rejected, ",\"retry_after_ms\":%lld}", (long long)wait_ms);
+		if ((wait_ms = take_tokens(c, d, now_us))) {
+			admit_reject_rate_limited(&r->rejected, i, &rd, wait_ms);
 			hub->metrics.readings_rejected[HUB_REJ_RATE_LIMITED]++;
 			continue;
 		}
-
-		if (!d->seen) {
-			d->seen = true;
-			if (c->nseen == c->seen_cap) {
-				c->seen_cap = c->seen_cap ? c->seen_cap * 2 : 8;
-				c->seen = hub_xrealloc(c->seen, c->seen_cap * sizeof(*c->seen));
-			}
-			c->seen[c->nseen++] = d->id;
-		}
-
-		/* Accepted: serialize once, for the device stream and the feed. */
-		struct stored_ref *s = &refs[nacc++];
-		int64_t ts = rd.has_ts ? rd.ts : now_ms;
-		s->device = rd.device;
-		s->device_len = rd.device_len;
-		s->dev = d;
-		s->ts = ts;
-		s->ts_off = vals.len;
-		hub_buf_i64(&vals, ts);
-		s->ts_len = vals.len - s->ts_off;
-		s->data_off = vals.len;
-		if (raw && scratch.spans[i].len) {
-			gw_append_compact(&vals, msg->text + scratch.spans[i].off,
-					  scratch.spans[i].len);
-		} else {
-			/* Dump once into reserved space; only an object larger
-			 * than that is dumped a second time (json_dumpb returns
-			 * the size it needed, larger than the space means
-			 * truncated). */
-			hub_buf_reserve(&vals, DATA_DUMP_RESERVE);
-			size_t room = vals.cap - vals.len - 1;
-			size_t need = json_dumpb(rd.data, vals.data + vals.len, room, JSON_COMPACT);
-			if (need > room) {
-				hub_buf_reserve(&vals, need);
-				need = json_dumpb(rd.data, vals.data + vals.len, need,
-						  JSON_COMPACT);
-			}
-			vals.len += need;
-		}
-		s->data_len = vals.len - s->data_off;
-		agg_record(&r->agg, d, ts, rd.data);
+		mark_seen(c, d);
+		ts = rd.has_ts ? rd.ts : now_ms;
+		serialize_reading(&vals, &gws->scratch.refs[nacc++], &rd, d, ts, msg,
+				  raw ? &gws->scratch.spans[i] : NULL);
+		fields_record(&r->fields, d, ts, rd.data);
 	}
 	r->accepted = (unsigned)nacc;
-
-	if (!nacc) {
-		/* Nothing to store: the ack can go at once (after earlier replies). */
-		finish_ack(r, false);
-		enqueue(c, r);
-	} else {
-		struct hub_store_reading *sr = scratch.sr;
-		for (size_t i = 0; i < nacc; i++) {
-			sr[i].device = refs[i].device;
-			sr[i].ts = vals.data + refs[i].ts_off;
-			sr[i].ts_len = refs[i].ts_len;
-			sr[i].data = vals.data + refs[i].data_off;
-			sr[i].data_len = refs[i].data_len;
-		}
-		size_t ng = feed_build(&feed, &vals, refs, nacc, scratch.groups);
-		r->waiting = true;
-		if (hub_store_frame(hub, c->gw, msg->seq, sr, nacc, feed.data, feed.len,
-				    scratch.groups, ng, on_stored, r)) {
-			r->waiting = false;
-			hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
-			gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
-				       "telemetry store unavailable; resend this frame later");
-		}
-		enqueue(c, r);
-	}
+	if (nacc)
+		store_accepted(c, r, &vals, &feed, nacc);
+	else
+		finish_ack(r, false); /* nothing to store: acked at once, in order */
+	enqueue(c, r);
 	if (vals.cap > SCRATCH_KEEP_BYTES)
 		hub_buf_free(&vals);
 	if (feed.cap > SCRATCH_KEEP_BYTES)
 		hub_buf_free(&feed);
-	scratch.vals = vals;
-	scratch.feed = feed;
+	gws->scratch.vals = vals;
+	gws->scratch.feed = feed;
 }
 
 /* ---- announce ------------------------------------------------------------ */
@@ -702,6 +763,7 @@ static void on_announced(redisReply *reply, void *arg)
 {
 	struct gw_reply *r = arg;
 	struct gw_conn *c = r->conn;
+	struct hub *hub = c->hub;
 
 	if (r->holds) {
 		r->holds = false;
@@ -723,11 +785,13 @@ static void on_announced(redisReply *reply, void *arg)
 					hub_bucket_merge_tat(&d->bucket, strtoll(t->str, NULL, 10),
 							     cfg->device_rate, cfg->device_burst,
 							     now_us, now_ms);
-				hub_strmap_put(&dev_conns, id, strlen(id), c);
+				hub_strmap_put(&hub->gw->dev_conns, id, strlen(id), c);
 			}
-			/* After `announced` in the queue: the devices' pending commands. */
-			cmd_on_announced(r->conn->hub, r->conn->conn_id,
-					 (const char *const *)r->announced, r->nannounced);
+			/* After `announced` in the queue: what the observers send
+			 * (the devices' pending commands). */
+			struct hub_ev_announced ev = { &c->link, (const char *const *)r->announced,
+						       r->nannounced };
+			hub_emit(c->hub, HUB_EV_DEVICES_ANNOUNCED, &ev);
 		} else {
 			if (reply && reply->type == REDIS_REPLY_ERROR)
 				hub_err("gateway %s: announce failed: %s", r->conn->gw, reply->str);
@@ -796,7 +860,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 			hub_bucket_init(&d->bucket, hub->cfg.device_burst, hub_mono_us());
 			hub_strmap_put(&c->devices, a.device, a.device_len, d);
 		}
-		d->type_name = type_name_intern(schema_type_name(t));
+		d->type_name = type_name_intern(hub->gw, schema_type_name(t));
 		d->type = t;
 		d->type_gen = hub->schemas_gen;
 		d->lost = false; /* announced again: this connection takes it back */
@@ -886,7 +950,7 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 		int64_t wait_ms;
 		if (gw_command_ack_parse(&msg, &ack, &bad))
 			queue_error(c, "bad_message", -1, -1, bad);
-		else if (!cmd_status_valid(ack.status))
+		else if (!gw_ack_status_valid(ack.status))
 			queue_ack_error(c, "bad_message", ack.id, 0,
 				    "command_ack status must be received, in_progress, succeeded, failed or rejected");
 		else if (gw_command_ack_check(&ack, (size_t)hub->cfg.max_command_result_bytes, &bad))
@@ -898,8 +962,9 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 			queue_ack_error(c, "rate_limited", ack.id, wait_ms,
 					"command_acks faster than command-ack-rate; send this one again later");
 		} else {
+			struct hub_ev_command_ack ev = { &c->link, &ack };
 			c->limits_dirty = true;
-			cmd_on_ack(hub, c, c->conn_id, &ack);
+			hub_emit(hub, HUB_EV_COMMAND_ACK, &ev);
 		}
 	}
 	gw_msg_clear(&msg);
@@ -985,8 +1050,9 @@ static void takeover_close(struct gw_conn *old, const char *new_conn)
 	hub_info("gateway %s #%llu: taken over by %s", gw,
 		 (unsigned long long)old->serial, new_conn);
 	hub->metrics.takeovers_total++;
-	if (hub_strmap_get(&hub->gateways, gw, strlen(gw)) == old)
-		hub_strmap_del(&hub->gateways, gw, strlen(gw));
+	if (hub_strmap_get(&hub->gw->conns, gw, strlen(gw)) == old)
+		hub_strmap_del(&hub->gw->conns, gw, strlen(gw));
+	conns_changed(hub->gw);
 	/* Close now, even with replies queued: the new connection owns the
 	 * gateway; unacked frames are resent there and deduplicated by seq. */
 	old->closing = true;
@@ -1024,7 +1090,7 @@ static void on_takeover_msg(const char *channel, const char *payload, size_t len
 	/* conn: "<instance>:<run token>:<serial>", up to 128 + 14 + 20 bytes */
 	if (sscanf(msg, "%128s %lld %287s", gw, &epoch, conn) != 3)
 		return;
-	c = hub_strmap_get(&hub->gateways, gw, strlen(gw));
+	c = hub_strmap_get(&hub->gw->conns, gw, strlen(gw));
 	if (!c || !strcmp(c->conn_id, conn))
 		return;
 	if (!c->epoch) {
@@ -1066,9 +1132,10 @@ static void settle_displaced(struct gw_conn *c, bool allowed)
 	if (allowed) {
 		takeover_close(old, c->conn_id);
 	} else if (old->wsi && !old->closing) {
-		struct gw_conn *cur = hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw));
+		struct gw_conn *cur = hub_strmap_get(&hub->gw->conns, c->gw, strlen(c->gw));
 		if (!cur || cur == c)
-			hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), old);
+			hub_strmap_put(&hub->gw->conns, c->gw, strlen(c->gw), old);
+		conns_changed(hub->gw);
 	}
 	conn_unref(old);
 }
@@ -1102,8 +1169,9 @@ static void on_connect(redisReply *reply, void *arg)
 		hub_info("gateway %s #%llu: refused: %s", c->gw, (unsigned long long)c->serial,
 			 c->close_reason_owned);
 		settle_displaced(c, false);
-		if (hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw)) == c)
-			hub_strmap_del(&hub->gateways, c->gw, strlen(c->gw));
+		if (hub_strmap_get(&hub->gw->conns, c->gw, strlen(c->gw)) == c)
+			hub_strmap_del(&hub->gw->conns, c->gw, strlen(c->gw));
+		conns_changed(hub->gw);
 		conn_close(c, CLOSE_CONNECT_RATE, c->close_reason_owned);
 	} else {
 		int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
@@ -1147,7 +1215,7 @@ static void on_devtake_msg(const char *channel, const char *payload, size_t len,
 		const char *le = nl ? nl : end;
 		sp = memchr(p, ' ', (size_t)(le - p));
 		if (sp && sp > p && (size_t)(sp - p) <= HUB_ID_MAX) {
-			struct gw_conn *c = hub_strmap_get(&dev_conns, p, (size_t)(sp - p));
+			struct gw_conn *c = hub_strmap_get(&hub->gw->dev_conns, p, (size_t)(sp - p));
 			size_t cl = (size_t)(le - sp - 1);
 			if (c && (strlen(c->conn_id) != cl || memcmp(c->conn_id, sp + 1, cl))) {
 				struct gw_dev *d = hub_strmap_get(&c->devices, p, (size_t)(sp - p));
@@ -1155,39 +1223,17 @@ static void on_devtake_msg(const char *channel, const char *payload, size_t len,
 					d->lost = true;
 					hub->metrics.devices_taken_total++;
 				}
-				hub_strmap_del(&dev_conns, p, (size_t)(sp - p));
+				hub_strmap_del(&hub->gw->dev_conns, p, (size_t)(sp - p));
 			}
 		}
 		p = le + 1;
 	}
 }
 
-/* last_seen flushes: each connection once a second, the connections spread
- * over SEEN_SLICES ticks by serial, and the devices of a tick batched into
- * one script call per SEEN_BATCH. One EVALSHA per connection per second, all
- * in the same loop turn, queued a burst of ~1,000 commands ahead of the
- * frames every second (1,000 gateways): a 10-20 ms stall, most of the p99
- * frame->ack latency at half load. */
-#define SEEN_SLICES 10
-#define SEEN_BATCH  256
-
-struct seen_ent {
-	struct gw_conn *c;         /* a reference is held while in flight */
-	struct gw_dev *d;          /* owned by c */
-};
-
 struct seen_sent {
 	size_t n;
 	struct seen_ent e[];
 };
-
-static struct {
-	struct seen_ent e[SEEN_BATCH];
-	struct hub_seen_item items[SEEN_BATCH];
-	size_t n;
-	int64_t now_ms, now_us;
-	unsigned slice;
-} seen_batch;
 
 /* Devices the seen script found owned by another connection: their takeover
  * notice was missed (pub/sub down, or raced); drop them now. */
@@ -1202,9 +1248,10 @@ static void on_seen(redisReply *reply, void *arg)
 		struct seen_ent *e = &ss->e[x->integer];
 		if (e->c->wsi && !e->d->lost) {
 			e->d->lost = true;
+			struct gateways *gws = e->c->hub->gw;
 			e->c->hub->metrics.devices_taken_total++;
-			if (hub_strmap_get(&dev_conns, e->d->id, strlen(e->d->id)) == e->c)
-				hub_strmap_del(&dev_conns, e->d->id, strlen(e->d->id));
+			if (hub_strmap_get(&gws->dev_conns, e->d->id, strlen(e->d->id)) == e->c)
+				hub_strmap_del(&gws->dev_conns, e->d->id, strlen(e->d->id));
 		}
 	}
 	for (size_t i = 0; i < ss->n; i++)
@@ -1214,18 +1261,19 @@ static void on_seen(redisReply *reply, void *arg)
 
 static void seen_batch_send(struct hub *hub)
 {
-	size_t n = seen_batch.n;
+	struct gateways *gws = hub->gw;
+	size_t n = gws->seen.n;
 	struct seen_sent *ss;
 
 	if (!n)
 		return;
-	seen_batch.n = 0;
+	gws->seen.n = 0;
 	ss = hub_xmalloc(sizeof(*ss) + n * sizeof(ss->e[0]));
 	ss->n = n;
-	memcpy(ss->e, seen_batch.e, n * sizeof(ss->e[0]));
+	memcpy(ss->e, gws->seen.e, n * sizeof(ss->e[0]));
 	for (size_t i = 0; i < n; i++)
 		ss->e[i].c->refs++;
-	if (hub_registry_seen(hub, seen_batch.now_ms, seen_batch.items, n, on_seen, ss))
+	if (hub_registry_seen(hub, gws->seen.now_ms, gws->seen.items, n, on_seen, ss))
 		on_seen(NULL, ss);
 }
 
@@ -1246,22 +1294,23 @@ static void save_limits(struct gw_conn *c, int64_t now_us, int64_t now_ms)
 
 static void flush_seen_conn(struct gw_conn *c, int64_t now_ms)
 {
+	struct gateways *gws = c->hub->gw;
 	struct hub_config *cfg = &c->hub->cfg;
 
-	seen_batch.now_ms = now_ms;
-	save_limits(c, seen_batch.now_us, now_ms);
+	gws->seen.now_ms = now_ms;
+	save_limits(c, gws->seen.now_us, now_ms);
 	for (size_t i = 0; i < c->nseen; i++) {
 		struct gw_dev *d = hub_strmap_get(&c->devices, c->seen[i], strlen(c->seen[i]));
 		if (!d)
 			continue;
 		d->seen = false;
-		seen_batch.e[seen_batch.n] = (struct seen_ent){ c, d };
-		seen_batch.items[seen_batch.n] = (struct hub_seen_item){
+		gws->seen.e[gws->seen.n] = (struct seen_ent){ c, d };
+		gws->seen.items[gws->seen.n] = (struct hub_seen_item){
 			d->id, c->conn_id,
 			hub_bucket_tat_ms(&d->bucket, cfg->device_rate, cfg->device_burst,
-					  seen_batch.now_us, now_ms),
+					  gws->seen.now_us, now_ms),
 		};
-		if (++seen_batch.n == SEEN_BATCH)
+		if (++gws->seen.n == SEEN_BATCH)
 			seen_batch_send(c->hub);
 	}
 	c->nseen = 0;
@@ -1272,44 +1321,28 @@ static void flush_seen_one(const char *key, void *value, void *arg)
 	struct gw_conn *c = value;
 
 	(void)key;
-	if (c->serial % SEEN_SLICES == seen_batch.slice)
+	if (c->serial % SEEN_SLICES == c->hub->gw->seen.slice)
 		flush_seen_conn(c, *(int64_t *)arg);
 }
-
-static lws_sorted_usec_list_t sul_seen;
-static struct hub *seen_hub;
 
 /* last_seen of devices with readings, once a second per connection, instead
  * of a Redis write per frame. */
 static void flush_seen(lws_sorted_usec_list_t *sul)
 {
+	struct gateways *gws = lws_container_of(sul, struct gateways, sul_seen);
+	struct hub *hub = gws->hub;
 	int64_t now = hub_now_ms();
 
-	seen_batch.slice = (seen_batch.slice + 1) % SEEN_SLICES;
-	seen_batch.now_us = hub_mono_us();
-	if (hub_redis_up(seen_hub->redis)) {
-		hub_strmap_foreach(&seen_hub->gateways, flush_seen_one, &now);
-		seen_batch_send(seen_hub);
+	gws->seen.slice = (gws->seen.slice + 1) % SEEN_SLICES;
+	gws->seen.now_us = hub_mono_us();
+	if (hub_redis_up(hub->redis)) {
+		hub_strmap_foreach(&gws->conns, flush_seen_one, &now);
+		seen_batch_send(hub);
 	}
-	lws_sul_schedule(seen_hub->ctx, 0, sul, flush_seen, 1000 * 1000 / SEEN_SLICES);
+	lws_sul_schedule(hub->ctx, 0, sul, flush_seen, 1000 * 1000 / SEEN_SLICES);
 }
 
-void gw_init(struct hub *hub)
-{
-	hub_redis_subscribe(hub->redis, HUB_CH_TAKEOVER, on_takeover_msg, hub);
-	hub_redis_subscribe(hub->redis, HUB_CH_DEVTAKE, on_devtake_msg, hub);
-	seen_hub = hub;
-	lws_sul_schedule(hub->ctx, 0, &sul_seen, flush_seen, 1000 * 1000 / SEEN_SLICES);
-}
-
-static void rebuild_drop(void);
-
-void gw_stop(struct hub *hub)
-{
-	(void)hub;
-	lws_sul_cancel(&sul_seen);
-	rebuild_drop();
-}
+static void rebuild_drop(struct gateways *gws);
 
 /* The upgrade at GW_PATH: a JWT in the Authorization header (401 without
  * one, or with one that does not verify) and, with mTLS, a client
@@ -1359,10 +1392,11 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	if (!hub_http_take_handshake(wsi, GW_PATH, &hs))
 		return -1; /* not authenticated by the gateway upgrade */
 	c = hub_xcalloc(1, sizeof(*c));
+	c->link.ops = &link_ops;
 	c->wsi = wsi;
 	c->hub = hub;
 	c->refs = 1;
-	c->serial = ++hub->next_serial;
+	c->serial = ++hub->gw->next_serial;
 	c->who = hs.who;  /* take ownership */
 	c->gw = c->who.name;
 	size_t idl = strlen(hub->instance_id) + sizeof(hub->run_token) + 24;
@@ -1382,12 +1416,13 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	 * connection is not read until it answers. A local connection of the
 	 * same gateway goes once the connect is allowed (settle_displaced);
 	 * other instances hear of it through Redis. */
-	struct gw_conn *old = hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw));
+	struct gw_conn *old = hub_strmap_get(&hub->gw->conns, c->gw, strlen(c->gw));
 	if (old && old->wsi && !old->closing) {
 		c->displaced = old;
 		old->refs++;
 	}
-	hub_strmap_put(&hub->gateways, c->gw, strlen(c->gw), c);
+	hub_strmap_put(&hub->gw->conns, c->gw, strlen(c->gw), c);
+	conns_changed(hub->gw);
 	c->holds++;
 	if (!hub_registry_connect(hub, c->gw, hub->cfg.gateway_connect_rate,
 				  hub->cfg.gateway_connect_burst, on_connect, c)) {
@@ -1434,8 +1469,9 @@ static void on_closed(struct gw_pss *pss)
 	pss->conn = NULL;
 	hub = c->hub;
 	hub_info("gateway %s #%llu: disconnected", c->gw, (unsigned long long)c->serial);
-	if (hub_strmap_get(&hub->gateways, c->gw, strlen(c->gw)) == c)
-		hub_strmap_del(&hub->gateways, c->gw, strlen(c->gw));
+	if (hub_strmap_get(&hub->gw->conns, c->gw, strlen(c->gw)) == c)
+		hub_strmap_del(&hub->gw->conns, c->gw, strlen(c->gw));
+	conns_changed(hub->gw);
 	int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
 	save_limits(c, now_us, now_ms);
 	if (c->devices.count) {
@@ -1445,8 +1481,8 @@ static void on_closed(struct gw_pss *pss)
 		};
 		hub_strmap_foreach(&c->devices, collect_dev, &o);
 		for (size_t i = 0; i < o.n; i++)
-			if (hub_strmap_get(&dev_conns, o.ids[i], strlen(o.ids[i])) == c)
-				hub_strmap_del(&dev_conns, o.ids[i], strlen(o.ids[i]));
+			if (hub_strmap_get(&hub->gw->dev_conns, o.ids[i], strlen(o.ids[i])) == c)
+				hub_strmap_del(&hub->gw->dev_conns, o.ids[i], strlen(o.ids[i]));
 		hub_registry_offline(hub, c->conn_id, o.ids, o.tats, o.n);
 		free(o.ids);
 		free(o.tats);
@@ -1504,9 +1540,6 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	return 0;
 }
 
-const struct lws_protocols gw_protocol = {
-	GW_SUBPROTOCOL, gw_callback, sizeof(struct gw_pss), 1024, 0, NULL, 0
-};
 
 /* ---- shutdown ------------------------------------------------------------ */
 
@@ -1537,38 +1570,32 @@ static void drain_one(const char *key, void *value, void *arg)
 		conn_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "hub shutting down");
 }
 
-unsigned gw_drain(struct hub *hub, bool force)
-{
-	struct drain_ctx d = { force, 0 };
 
-	hub_strmap_foreach(&hub->gateways, drain_one, &d);
-	return d.open;
+/* ---- the link other modules see (hub/link.h) ---------------------------- */
+
+static const char *link_id(const struct hub_link *l)
+{
+	return ((const struct gw_conn *)l)->conn_id;
 }
 
-/* ---- commands (commands/) ------------------------------------------------ */
-
-struct gw_conn *gw_conn_for_device(struct hub *hub, const char *device)
+static bool link_has_device(const struct hub_link *l, const char *device)
 {
-	struct gw_conn *c = hub_strmap_get(&dev_conns, device, strlen(device));
-
-	(void)hub;
-	return c && c->wsi && !c->closing && !c->draining ? c : NULL;
-}
-
-const char *gw_conn_id(const struct gw_conn *c)
-{
-	return c->conn_id;
-}
-
-bool gw_conn_has_device(const struct gw_conn *c, const char *device)
-{
+	const struct gw_conn *c = (const struct gw_conn *)l;
 	const struct gw_dev *d = hub_strmap_get(&c->devices, device, strlen(device));
 
 	return d && !d->lost;
 }
 
-void gw_conn_send(struct gw_conn *c, const char *msg, size_t len)
+static bool link_open(const struct hub_link *l)
 {
+	const struct gw_conn *c = (const struct gw_conn *)l;
+
+	return c->wsi && !c->closing;
+}
+
+static void link_send(struct hub_link *l, const char *msg, size_t len)
+{
+	struct gw_conn *c = (struct gw_conn *)l;
 	struct gw_reply *r;
 
 	if (!c->wsi || c->closing)
@@ -1578,19 +1605,28 @@ void gw_conn_send(struct gw_conn *c, const char *msg, size_t len)
 	enqueue(c, r);
 }
 
-void gw_conn_hold(struct gw_conn *c)
+static void link_hold(struct hub_link *l)
 {
-	c->refs++;
+	((struct gw_conn *)l)->refs++;
 }
 
-void gw_conn_release(struct gw_conn *c)
+static void link_release(struct hub_link *l)
 {
-	conn_unref(c);
+	conn_unref((struct gw_conn *)l);
 }
 
-bool gw_conn_open(const struct gw_conn *c)
+static const struct hub_link_ops link_ops = {
+	link_id, link_has_device, link_open, link_send, link_hold, link_release,
+};
+
+/* The local connection that announced device last, if it can still take
+ * messages. */
+static struct hub_link *link_for_device(void *ctx, const char *device)
 {
-	return c->wsi && !c->closing;
+	struct gateways *gws = ctx;
+	struct gw_conn *c = hub_strmap_get(&gws->dev_conns, device, strlen(device));
+
+	return c && c->wsi && !c->closing && !c->draining ? &c->link : NULL;
 }
 
 /* ---- re-announcing after Redis lost the registry (hub/lease.c) ----------
@@ -1607,27 +1643,20 @@ struct reannounce {
 	char *ids[];
 };
 
-static struct {
-	struct hub *hub;
-	struct gw_conn **todo;     /* the connections to go, references held */
-	size_t n, next;
-	size_t inflight;           /* devices at Redis */
-	bool failed;               /* a re-announce got no answer: do it again */
-	lws_sorted_usec_list_t sul;
-} RB;
-
 static void rebuild_step(lws_sorted_usec_list_t *sul);
 
 static void on_reannounced(redisReply *reply, void *arg)
 {
 	struct reannounce *ra = arg;
 	struct gw_conn *c = ra->c;
+	struct hub *hub = c->hub;
+	struct gateways *gws = hub->gw;
 	size_t nok = 0;
 
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
 		if (reply && reply->type == REDIS_REPLY_ERROR)
 			hub_err("gateway %s: re-announce failed: %s", c->gw, reply->str);
-		RB.failed = true;
+		gws->rb.failed = true;
 	} else {
 		for (size_t i = 0; i < ra->n; i++) {
 			const redisReply *t = i < reply->elements ? reply->element[i] : NULL;
@@ -1638,24 +1667,26 @@ static void on_reannounced(redisReply *reply, void *arg)
 				struct gw_dev *d = hub_strmap_get(&c->devices, id, strlen(id));
 				if (d && !d->lost) {
 					d->lost = true;
-					c->hub->metrics.devices_taken_total++;
+					hub->metrics.devices_taken_total++;
 				}
-				if (hub_strmap_get(&dev_conns, id, strlen(id)) == c)
-					hub_strmap_del(&dev_conns, id, strlen(id));
+				if (hub_strmap_get(&gws->dev_conns, id, strlen(id)) == c)
+					hub_strmap_del(&gws->dev_conns, id, strlen(id));
 				continue;
 			}
 			ra->ids[nok++] = ra->ids[i];
 		}
-		if (c->wsi && !c->closing)
-			cmd_on_announced(c->hub, c->conn_id, (const char *const *)ra->ids, nok);
+		if (c->wsi && !c->closing) {
+			struct hub_ev_announced ev = { &c->link, (const char *const *)ra->ids, nok };
+			hub_emit(hub, HUB_EV_DEVICES_ANNOUNCED, &ev);
+		}
 	}
-	RB.inflight -= ra->n;
+	gws->rb.inflight -= ra->n;
 	for (size_t i = 0; i < ra->n; i++)
 		free(ra->ids[i]);
 	conn_unref(c);
 	free(ra);
-	if (RB.todo && !RB.hub->draining)
-		lws_sul_schedule(RB.hub->ctx, 0, &RB.sul, rebuild_step, 1);
+	if (gws->rb.todo && !hub->draining)
+		lws_sul_schedule(hub->ctx, 0, &gws->rb.sul, rebuild_step, 1);
 }
 
 struct rebuild_items {
@@ -1705,40 +1736,42 @@ static void reannounce_conn(struct gw_conn *c)
 	}
 	if (hub_registry_reannounce(hub, c->gw, c->conn_id, ri.items, ri.ra->n,
 				    on_reannounced, ri.ra)) {
-		RB.failed = true;
+		hub->gw->rb.failed = true;
 		for (size_t i = 0; i < ri.ra->n; i++)
 			free(ri.ra->ids[i]);
 		free(ri.ra);
 		conn_unref(c);
 	} else {
-		RB.inflight += ri.ra->n;
+		hub->gw->rb.inflight += ri.ra->n;
 	}
 	free(ri.items);
 }
 
 static void rebuild_step(lws_sorted_usec_list_t *sul)
 {
-	(void)sul;
-	while (RB.todo && RB.next < RB.n && RB.inflight < REBUILD_INFLIGHT)
-		reannounce_conn(RB.todo[RB.next++]);
-	if (RB.todo && RB.next == RB.n) {
-		free(RB.todo);
-		RB.todo = NULL;
-		RB.n = RB.next = 0;
+	struct gateways *gws = lws_container_of(sul, struct gateways, rb.sul);
+
+	while (gws->rb.todo && gws->rb.next < gws->rb.n && gws->rb.inflight < REBUILD_INFLIGHT)
+		reannounce_conn(gws->rb.todo[gws->rb.next++]);
+	if (gws->rb.todo && gws->rb.next == gws->rb.n) {
+		free(gws->rb.todo);
+		gws->rb.todo = NULL;
+		gws->rb.n = gws->rb.next = 0;
 	}
 }
 
-static void rebuild_drop(void)
+static void rebuild_drop(struct gateways *gws)
 {
-	lws_sul_cancel(&RB.sul);
-	while (RB.todo && RB.next < RB.n)
-		conn_unref(RB.todo[RB.next++]);
-	free(RB.todo);
-	RB.todo = NULL;
-	RB.n = RB.next = 0;
+	lws_sul_cancel(&gws->rb.sul);
+	while (gws->rb.todo && gws->rb.next < gws->rb.n)
+		conn_unref(gws->rb.todo[gws->rb.next++]);
+	free(gws->rb.todo);
+	gws->rb.todo = NULL;
+	gws->rb.n = gws->rb.next = 0;
 }
 
 struct rebuild_count {
+	struct gateways *gws;
 	size_t conns, devices;
 };
 
@@ -1751,7 +1784,7 @@ static void snapshot_conn(const char *key, void *value, void *arg)
 	if (!c->wsi || c->closing || !c->devices.count)
 		return;
 	c->refs++;
-	RB.todo[RB.n++] = c;
+	rc->gws->rb.todo[rc->gws->rb.n++] = c;
 	rc->conns++;
 	rc->devices += c->devices.count;
 }
@@ -1760,19 +1793,18 @@ static void snapshot_conn(const char *key, void *value, void *arg)
  * (Redis lost the registry, or this instance's lease was reaped), paced,
  * through the announce script in rebuild mode; their pending commands go
  * out as after an announce. A call while one runs starts over. */
-static void gw_reannounce_all(struct hub *hub)
+static void reannounce_all(struct gateways *gws)
 {
-	struct rebuild_count rc = { 0, 0 };
+	struct rebuild_count rc = { gws, 0, 0 };
 
-	if (hub->draining)
+	if (gws->hub->draining)
 		return;
-	rebuild_drop(); /* a newer loss: start again from the top */
-	RB.hub = hub;
-	RB.failed = false;
-	RB.todo = hub_xmalloc((hub->gateways.count + 1) * sizeof(*RB.todo));
-	hub_strmap_foreach(&hub->gateways, snapshot_conn, &rc);
+	rebuild_drop(gws); /* a newer loss: start again from the top */
+	gws->rb.failed = false;
+	gws->rb.todo = hub_xmalloc((gws->conns.count + 1) * sizeof(*gws->rb.todo));
+	hub_strmap_foreach(&gws->conns, snapshot_conn, &rc);
 	hub_info("re-announcing %zu devices of %zu gateway connections", rc.devices, rc.conns);
-	rebuild_step(NULL);
+	rebuild_step(&gws->rb.sul);
 }
 
 /* The lease was renewed: re-announce when Redis lost this run's devices,
@@ -1780,11 +1812,54 @@ static void gw_reannounce_all(struct hub *hub)
 static void on_lease_renewed(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
 {
 	const struct hub_ev_lease *l = payload;
+	struct gateways *gws = ctx;
 
+	(void)hub;
 	(void)ev;
-	(void)ctx;
-	if (l->rebuild || RB.failed)
-		gw_reannounce_all(hub);
+	if (l->rebuild || gws->rb.failed)
+		reannounce_all(gws);
+}
+
+/* ---- the module ---------------------------------------------------------- */
+
+static void gw_module_protocol(const struct hub *hub, struct lws_protocols *out)
+{
+	*out = (struct lws_protocols){ GW_SUBPROTOCOL, gw_callback, sizeof(struct gw_pss),
+				       (size_t)hub->cfg.rx_buffer_bytes, 0, NULL, 0 };
+}
+
+static int gw_module_start(struct hub *hub, char *err, size_t errlen)
+{
+	struct gateways *gws = hub_xcalloc(1, sizeof(*gws));
+
+	(void)err;
+	(void)errlen;
+	gws->hub = hub;
+	hub->gw = gws;
+	hub_http_add_upgrade(hub, GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
+	hub_links_provide(hub, link_for_device, gws);
+	hub_observe(hub, HUB_EV_LEASE_RENEWED, on_lease_renewed, gws);
+	hub_redis_subscribe(hub->redis, HUB_CH_TAKEOVER, on_takeover_msg, hub);
+	hub_redis_subscribe(hub->redis, HUB_CH_DEVTAKE, on_devtake_msg, hub);
+	lws_sul_schedule(hub->ctx, 0, &gws->sul_seen, flush_seen, 1000 * 1000 / SEEN_SLICES);
+	return 0;
+}
+
+/* Shutdown: stops reading every gateway and closes each with 1001 once its
+ * in-flight frames are answered (force: at once). Returns how many gateway
+ * connections are still open. */
+static unsigned gw_module_drain(struct hub *hub, bool force)
+{
+	struct drain_ctx d = { force, 0 };
+
+	hub_strmap_foreach(&hub->gw->conns, drain_one, &d);
+	return d.open;
+}
+
+static void gw_module_stop(struct hub *hub)
+{
+	lws_sul_cancel(&hub->gw->sul_seen);
+	rebuild_drop(hub->gw);
 }
 
 static void free_value(const char *key, void *value, void *arg)
@@ -1794,42 +1869,33 @@ static void free_value(const char *key, void *value, void *arg)
 	free(value);
 }
 
-void gw_free_maps(void)
-{
-	hub_strmap_free(&dev_conns);
-	hub_strmap_foreach(&type_names, free_value, NULL);
-	hub_strmap_free(&type_names);
-}
-
-/* ---- the module ---------------------------------------------------------- */
-
-static void gw_module_protocol(const struct hub *hub, struct lws_protocols *out)
-{
-	*out = gw_protocol;
-	out->rx_buffer_size = (size_t)hub->cfg.rx_buffer_bytes;
-}
-
-static int gw_module_start(struct hub *hub, char *err, size_t errlen)
-{
-	(void)err;
-	(void)errlen;
-	hub_http_add_upgrade(hub, GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
-	hub_observe(hub, HUB_EV_LEASE_RENEWED, on_lease_renewed, NULL);
-	gw_init(hub);
-	return 0;
-}
-
 static void gw_module_free(struct hub *hub)
 {
-	(void)hub;
-	gw_free_maps();
+	struct gateways *gws = hub->gw;
+
+	if (!gws)
+		return;
+	hub_strmap_free(&gws->conns);
+	hub_strmap_free(&gws->dev_conns);
+	hub_strmap_foreach(&gws->type_names, free_value, NULL);
+	hub_strmap_free(&gws->type_names);
+	hub_buf_free(&gws->scratch.vals);
+	hub_buf_free(&gws->scratch.feed);
+	free(gws->scratch.refs);
+	free(gws->scratch.sr);
+	free(gws->scratch.groups);
+	free(gws->scratch.spans);
+	free(gws->scratch.ev);
+	free(gws->scratch.fields);
+	free(gws);
+	hub->gw = NULL;
 }
 
 const struct hub_module gw_module = {
 	.name = "gateway",
 	.protocol = gw_module_protocol,
 	.start = gw_module_start,
-	.drain = gw_drain,
-	.stop = gw_stop,
+	.drain = gw_module_drain,
+	.stop = gw_module_stop,
 	.free = gw_module_free,
 };

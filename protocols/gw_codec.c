@@ -366,6 +366,12 @@ int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **wh
 	return 0;
 }
 
+bool gw_ack_status_valid(const char *s)
+{
+	return !strcmp(s, "received") || !strcmp(s, "in_progress") || !strcmp(s, "succeeded") ||
+	       !strcmp(s, "failed") || !strcmp(s, "rejected");
+}
+
 int gw_command_ack_check(const gw_command_ack *a, size_t max_result, const char **why)
 {
 	if (strlen(a->id) > GW_ACK_ID_MAX) {

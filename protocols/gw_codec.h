@@ -100,6 +100,10 @@ typedef struct gw_command_ack {
 
 int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why);
 
+/* The statuses a gateway may report: received, in_progress, succeeded,
+ * failed, rejected. */
+bool gw_ack_status_valid(const char *s);
+
 /* Checks a parsed ack against the sizes the hub keeps: the id at most
  * GW_ACK_ID_MAX bytes, `message` and `error` at most GW_ACK_TEXT_MAX,
  * `result` at most max_result bytes as compact JSON. Returns 0, or -1 with

@@ -52,13 +52,13 @@
 
 #include "hub/strmap.h"
 #include "hub/util.h"
+#include "protocols/admit.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 
 #define MAX_FRAME_BYTES      65536   /* hub default max-frame-bytes */
 #define MAX_READINGS         1000    /* hub default max-readings-per-frame */
 #define MAX_DEVICES          100000  /* per announce (bench runs set the hub's high too) */
-#define MAX_FIELD_ERRORS     8
 #define SKEW_FUTURE_MS       (300ll * 1000)         /* hub defaults */
 #define SKEW_PAST_MS         (604800ll * 1000)
 #define OUT_PAUSE            48      /* queued replies: stop reading the socket */
@@ -229,6 +229,19 @@ static void ring_append(const gw_reading *rd, int64_t ts)
 	G.ring_head++;
 }
 
+/* A device is known when announced on this connection, with its type. */
+static void admit_lookup(void *ctx, const char *device, size_t len, struct admit_device *out)
+{
+	struct gw_conn *c = ctx;
+	const schema_type *t = hub_strmap_get(&c->devices, device, len);
+
+	if (!t)
+		return;
+	out->announced = true;
+	out->type = t;
+	out->type_name = schema_type_name(t);
+}
+
 static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 {
 	size_t n = json_array_size(msg->items), nacc = 0;
@@ -244,41 +257,17 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 			G.pos_k = 0;
 		}
 	}
+	struct admit_rules rules = {
+		now_ms, SKEW_PAST_MS, SKEW_FUTURE_MS, NULL, admit_lookup, c,
+	};
 	for (size_t i = 0; i < n; i++) {
-		schema_error errs[MAX_FIELD_ERRORS];
+		struct admit_device ad;
 		gw_reading rd;
-		const schema_type *t;
-		int nerr;
 
-		if (gw_reading_parse(json_array_get(msg->items, i), &rd, &errs[0])) {
-			gw_write_reading_reject(&rej, i, &rd, "invalid");
-			gw_write_field_errors(&rej, errs, 1, 1);
-			hub_buf_puts(&rej, "}");
+		/* The hub's checks, without its rate limits and registry. */
+		if (admit_reading(&rules, json_array_get(msg->items, i), i, &rd, &ad, &rej) !=
+		    HUB_REJ__COUNT)
 			continue;
-		}
-		t = hub_strmap_get(&c->devices, rd.device, rd.device_len);
-		if (!t) {
-			gw_write_reading_reject(&rej, i, &rd, "unknown_device");
-			hub_buf_puts(&rej, ",\"message\":\"device not announced on this connection\"}");
-			continue;
-		}
-		if (rd.has_ts && (rd.ts > now_ms + SKEW_FUTURE_MS ||
-				  rd.ts < now_ms - SKEW_PAST_MS)) {
-			gw_write_reading_reject(&rej, i, &rd, "clock_skew");
-			hub_buf_printf(&rej, ",\"message\":\"ts is outside [now-%llds, now+%llds]\",\"hub_time\":%lld}",
-				       SKEW_PAST_MS / 1000, SKEW_FUTURE_MS / 1000,
-				       (long long)now_ms);
-			continue;
-		}
-		nerr = schema_validate(schema_type_telemetry(t), rd.data, "data", errs,
-				       MAX_FIELD_ERRORS);
-		if (nerr) {
-			gw_write_reading_reject(&rej, i, &rd, "invalid");
-			gw_write_field_errors(&rej, errs, nerr < MAX_FIELD_ERRORS ? nerr : MAX_FIELD_ERRORS,
-				      nerr);
-			hub_buf_puts(&rej, "}");
-			continue;
-		}
 		nacc++;
 		if (G.broadcast)
 			ring_append(&rd, rd.has_ts ? rd.ts : now_ms);
