@@ -17,370 +17,20 @@
 #include "hub/util.h"
 #include "hub/link.h"
 #include "protocols/gw_codec.h"
+#include "hub_lua.h"
 
 #define SWEEP_US       (1000 * 1000)
 #define SWEEP_BATCH    "256"
-#define CMD_HISTORY_MAX_S "100"   /* docs/commands.md */
 
-/* ---- the scripts -----------------------------------------------------------
- * Every script gets the current time as ARGV[1] and shares this prelude:
- * load a command, append a history entry, publish a status event on the
- * dashboard `commands` stream (docs/dashboard.md line framing), and `set`,
- * the one way a state changes (final states leave the timers and the
- * device's queue, and expire after 30 days). Key names come from hub/keys.h.
- * A history keeps CMD_HISTORY_MAX entries: past that, the oldest after the
- * first (`queued`) goes, so the newest transitions and the final state are
- * always there. Acks that change nothing are not history: they only bump
- * `ignored_acks` and overwrite `last_ignored_ack` (nothing grows). */
-#define PRELUDE HUB_LUA_KEYS \
-	"local now = tonumber(ARGV[1])\n" \
-	"local FINAL = {succeeded=true, failed=true, rejected=true, timed_out=true, expired=true, canceled=true}\n" \
-	"local function load(id)\n" \
-	"  local a = redis.call('HGETALL', kcmd(id))\n" \
-	"  if #a == 0 then return nil end\n" \
-	"  local c = {}\n" \
-	"  for i = 1, #a, 2 do c[a[i]] = a[i + 1] end\n" \
-	"  return c\n" \
-	"end\n" \
-	"local function hist(c, entry)\n" \
-	"  local k = kcmdhist(c.id)\n" \
-	"  if redis.call('RPUSH', k, entry) > " CMD_HISTORY_MAX_S " then\n" \
-	"    redis.call('LSET', k, 1, '')\n" \
-	"    redis.call('LREM', k, 1, '')\n" \
-	"  end\n" \
-	"end\n" \
-	"local function event(c, status, extra)\n" \
-	"  local d = redis.call('HMGET', kdev(c.device), 'type', 'labels')\n" \
-	"  local body = '\"id\":' .. cjson.encode(c.id) .. ',\"device\":' .. cjson.encode(c.device) ..\n" \
-	"    ',\"name\":' .. cjson.encode(c.name) .. ',\"status\":\"' .. status .. '\",\"at\":' .. now ..\n" \
-	"    ',\"attempt\":' .. (c.attempt or '0') .. (extra or '')\n" \
-	"  redis.call('PUBLISH', CH_COMMANDS, '\\n' .. c.device .. '\\t' .. (d[1] or c.type) ..\n" \
-	"    '\\t' .. (d[2] or '{}') .. '\\t' .. body .. '\\n')\n" \
-	"end\n" \
-	"local function set(c, status, fields, extra)\n" \
-	"  c.status = status\n" \
-	"  if not extra and fields then\n" \
-	"    for i = 1, #fields - 1, 2 do\n" \
-	"      if fields[i] == 'error' then extra = ',\"error\":' .. cjson.encode(fields[i + 1]) end\n" \
-	"    end\n" \
-	"  end\n" \
-	"  local key = kcmd(c.id)\n" \
-	"  redis.call('HSET', key, 'status', status, 'updated_at', now)\n" \
-	"  if fields and #fields > 0 then redis.call('HSET', key, unpack(fields)) end\n" \
-	"  local a = ''\n" \
-	"  if status == 'sent' then a = ',\"attempt\":' .. c.attempt end\n" \
-	"  hist(c, '{\"status\":\"' .. status .. '\",\"at\":' .. now .. a .. (extra or '') .. '}')\n" \
-	"  event(c, status, extra)\n" \
-	"  if FINAL[status] then\n" \
-	"    redis.call('ZREM', K_TIMERS, c.id)\n" \
-	"    redis.call('ZREM', kcmds(c.device), c.id)\n" \
-	"    redis.call('EXPIRE', key, 2592000)\n" \
-	"    redis.call('EXPIRE', kcmdhist(c.id), 2592000)\n" \
-	"  end\n" \
-	"end\n"
-
-/* ARGV: now, id, device, type, name, params, ack_timeout_s, timeout_s, ttl_s,
- * max_attempts, idempotency key (''), owner, rollout ('').
- * -> {1, id, expires_at, instance, online} | {0, first id} | {-1} */
-static const char create_lua[] = PRELUDE
-	"local id, dev = ARGV[2], ARGV[3]\n"
-	"local d = redis.call('HMGET', kdev(dev), 'type', 'instance', 'online')\n"
-	"if not d[1] then return {-1} end\n"
-	"if ARGV[11] ~= '' then\n"
-	"  local k = kidem(ARGV[12], ARGV[11])\n"
-	"  local first = redis.call('GET', k)\n"
-	"  if first then return {0, first} end\n"
-	"  redis.call('SET', k, id, 'EX', 86400)\n"
-	"end\n"
-	"local exp = now + tonumber(ARGV[9]) * 1000\n"
-	"redis.call('HSET', kcmd(id), 'id', id, 'device', dev, 'type', ARGV[4], 'name', ARGV[5],\n"
-	"  'params', ARGV[6], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[10],\n"
-	"  'ack_timeout_s', ARGV[7], 'timeout_s', ARGV[8], 'ttl_s', ARGV[9], 'created_at', now,\n"
-	"  'updated_at', now, 'expires_at', exp, 'owner', ARGV[12], 'rollout', ARGV[13])\n"
-	"local seq = redis.call('INCR', K_CMDSEQ)\n"
-	"redis.call('ZADD', kcmds(dev), seq, id)\n"
-	"redis.call('ZADD', kcmdlog(dev), seq, id)\n"
-	"redis.call('ZREMRANGEBYRANK', kcmdlog(dev), 0, -1001)\n"
-	"redis.call('ZADD', K_TIMERS, exp, id)\n"
-	"local c = {id = id, device = dev, type = ARGV[4], name = ARGV[5], attempt = '0'}\n"
-	"hist(c, '{\"status\":\"queued\",\"at\":' .. now .. '}')\n"
-	"event(c, 'queued')\n"
-	"return {1, id, exp, d[2] or '', d[3] or '0'}\n";
-
-/* ARGV: now, id, conn. Sends (or resends) to the connection that owns the
- * device right now. -> {1, device, name, params, attempt, expires_at, next
- * deadline} | {0, why} */
-static const char send_lua[] = PRELUDE
-	"local c = load(ARGV[2])\n"
-	"if not c then return {0, 'unknown'} end\n"
-	"if c.status ~= 'queued' and c.status ~= 'sent' then return {0, c.status} end\n"
-	"if c.held == '1' then return {0, 'held'} end\n"
-	"if c.status == 'queued' and now >= tonumber(c.expires_at) then\n"
-	"  set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
-	"  return {0, 'expired'}\n"
-	"end\n"
-	"local d = redis.call('HMGET', kdev(c.device), 'conn', 'online')\n"
-	"if d[1] ~= ARGV[3] or d[2] ~= '1' then return {0, 'not_owner'} end\n"
-	"if c.status == 'sent' then\n"
-	"  if c.sent_conn == ARGV[3] and now < tonumber(c.ack_due) then return {0, 'not_due'} end\n"
-	"  if now >= tonumber(c.deadline) then\n"
-	"    set(c, 'timed_out', {'error', 'no final state within timeout_s'})\n"
-	"    return {0, 'timed_out'}\n"
-	"  end\n"
-	"end\n"
-	"if c.status == 'sent' and tonumber(c.attempt) >= tonumber(c.max_attempts) and\n"
-	"   now < tonumber(c.ack_due) then\n"
-	"  return {0, 'not_due'} -- the last attempt still has its ack_timeout_s\n"
-	"end\n"
-	"local attempt = tonumber(c.attempt) + 1\n"
-	"if attempt > tonumber(c.max_attempts) then\n"
-	"  set(c, 'timed_out', {'error', 'no received after max_attempts sends'})\n"
-	"  return {0, 'timed_out'}\n"
-	"end\n"
-	"c.attempt = tostring(attempt)\n"
-	"local deadline = tonumber(c.deadline or (now + tonumber(c.timeout_s) * 1000))\n"
-	"local due = now + tonumber(c.ack_timeout_s) * 1000\n"
-	"redis.call('HSET', kcmd(c.id), 'attempt', attempt, 'sent_at', c.sent_at or now,\n"
-	"  'last_sent_at', now, 'sent_conn', ARGV[3], 'ack_due', due, 'deadline', deadline)\n"
-	"local nxt = math.min(due, deadline)\n"
-	"redis.call('ZADD', K_TIMERS, nxt, c.id)\n"
-	"set(c, 'sent')\n"
-	"return {1, c.device, c.name, c.params, attempt, c.expires_at, nxt}\n";
-
-/* ARGV: now, id, conn, status, progress (''), message (''), result JSON (''),
- * error (''). -> {1, status} applied | {0, current} no change | {-1} not a
- * command of a device this connection owns. */
-static const char ack_lua[] = PRELUDE
-	"local c = load(ARGV[2])\n"
-	"if not c then return {-1} end\n"
-	"if redis.call('HGET', kdev(c.device), 'conn') ~= ARGV[3] then return {-1} end\n"
-	"local st = ARGV[4]\n"
-	"local rank = {sent = 1, received = 2, in_progress = 3}\n"
-	"local cur = rank[c.status]\n"
-	"local ok = cur ~= nil and (st ~= 'received' or cur == 1)\n"
-	"local extra, f = '', {}\n"
-	"if ARGV[5] ~= '' then extra = extra .. ',\"progress\":' .. ARGV[5]; f[#f + 1] = 'progress'; f[#f + 1] = ARGV[5] end\n"
-	"if ARGV[6] ~= '' then extra = extra .. ',\"message\":' .. cjson.encode(ARGV[6]); f[#f + 1] = 'message'; f[#f + 1] = ARGV[6] end\n"
-	"if ARGV[7] ~= '' then extra = extra .. ',\"result\":' .. ARGV[7]; f[#f + 1] = 'result'; f[#f + 1] = ARGV[7] end\n"
-	"if ARGV[8] ~= '' then extra = extra .. ',\"error\":' .. cjson.encode(ARGV[8]); f[#f + 1] = 'error'; f[#f + 1] = ARGV[8] end\n"
-	"if not ok then\n"
-	"  redis.call('HINCRBY', kcmd(c.id), 'ignored_acks', 1)\n"
-	"  redis.call('HSET', kcmd(c.id), 'last_ignored_ack', '{\"status\":\"' .. st .. '\",\"at\":' .. now .. '}')\n"
-	"  return {0, c.status}\n"
-	"end\n"
-	"if not FINAL[st] then redis.call('ZADD', K_TIMERS, c.deadline, c.id) end\n"
-	"set(c, st, f, extra)\n"
-	"return {1, st}\n";
-
-/* ARGV: now, id. -> {1, previous status, device} | {0, status} | {-1} */
-static const char cancel_lua[] = PRELUDE
-	"local c = load(ARGV[2])\n"
-	"if not c then return {-1} end\n"
-	"if FINAL[c.status] then return {0, c.status} end\n"
-	"local was = c.status\n"
-	"set(c, 'canceled')\n"
-	"if was ~= 'queued' then redis.call('SADD', kcancels(c.device), c.id) end\n"
-	"return {1, was, c.device}\n";
-
-/* ARGV: now, id. A deadline came (or the sweep found it overdue).
- * -> {0, next deadline} | {1, new state} | {2, device, instance, online,
- * next deadline}: the ack timeout passed and attempts remain: resend. */
-static const char tick_lua[] = PRELUDE
-	"local c = load(ARGV[2])\n"
-	"if not c or FINAL[c.status] then redis.call('ZREM', K_TIMERS, ARGV[2]); return {0, 0} end\n"
-	"if c.status == 'queued' then\n"
-	"  if now >= tonumber(c.expires_at) then\n"
-	"    set(c, 'expired', {'error', 'ttl passed before the command could be sent'})\n"
-	"    return {1, 'expired'}\n"
-	"  end\n"
-	"  redis.call('ZADD', K_TIMERS, c.expires_at, c.id)\n"
-	"  return {0, tonumber(c.expires_at)}\n"
-	"end\n"
-	"local deadline = tonumber(c.deadline)\n"
-	"if now >= deadline then\n"
-	"  set(c, 'timed_out', {'error', 'no final state within timeout_s'})\n"
-	"  return {1, 'timed_out'}\n"
-	"end\n"
-	"if c.status == 'sent' and now >= tonumber(c.ack_due) then\n"
-	"  if tonumber(c.attempt) >= tonumber(c.max_attempts) then\n"
-	"    set(c, 'timed_out', {'error', 'no received after max_attempts sends'})\n"
-	"    return {1, 'timed_out'}\n"
-	"  end\n"
-	"  redis.call('ZADD', K_TIMERS, deadline, c.id)\n"
-	"  local d = redis.call('HMGET', kdev(c.device), 'instance', 'online')\n"
-	"  return {2, c.device, d[1] or '', d[2] or '0', deadline}\n"
-	"end\n"
-	"local nxt = deadline\n"
-	"if c.status == 'sent' then nxt = math.min(deadline, tonumber(c.ack_due)) end\n"
-	"redis.call('ZADD', K_TIMERS, nxt, c.id)\n"
-	"return {0, nxt}\n";
-
-/* ARGV: id -> {hash, log} */
-static const char get_lua[] = HUB_LUA_KCMD
-	"return {redis.call('HGETALL', kcmd(ARGV[1])),\n"
-	"        redis.call('LRANGE', kcmdhist(ARGV[1]), 0, 999)}\n";
-
-/* ARGV: device, status (''), limit -> array of HGETALL arrays, newest first */
-static const char list_lua[] = HUB_LUA_KCMDLOG HUB_LUA_KCMD
-	"local ids = redis.call('ZREVRANGE', kcmdlog(ARGV[1]), 0, -1)\n"
-	"local out, limit = {}, tonumber(ARGV[3])\n"
-	"for _, id in ipairs(ids) do\n"
-	"  local k = kcmd(id)\n"
-	"  if ARGV[2] == '' or redis.call('HGET', k, 'status') == ARGV[2] then\n"
-	"    local h = redis.call('HGETALL', k)\n"
-	"    if #h > 0 then out[#out + 1] = h end\n"
-	"  end\n"
-	"  if #out >= limit then break end\n"
-	"end\n"
-	"return out\n";
-
-/* ---- fleet rollouts ---------------------------------------------------------
- * One command per matching device is created up front, `held` (not in the
- * device's queue, no timers) until the rollout releases it: released at
- * max_per_minute, counting from the rollout's creation (the first at once).
- * When failures (failed, rejected, timed_out, expired) among the finished
- * released commands exceed abort_failure_ratio (once at least min_finished
- * have finished), the held rest become canceled. */
-
-/* ARGV: now, rollout id, type, labels JSON (''), device patterns JSON (''),
- * name, params, ack_timeout_s, timeout_s, ttl_s, max_attempts,
- * max_per_minute, abort_failure_ratio, owner, min_finished -> count */
-static const char rollout_create_lua[] = PRELUDE
-	"local rid, typ = ARGV[2], ARGV[3]\n"
-	"local want = nil\n"
-	"if ARGV[4] ~= '' then want = cjson.decode(ARGV[4]) end\n"
-	"local pats = nil\n"
-	"if ARGV[5] ~= '' then pats = cjson.decode(ARGV[5]) end\n"
-	"local function allowed(dev)\n"
-	"  if not pats then return true end\n"
-	"  for _, p in ipairs(pats) do\n"
-	"    if p == '*' or p == dev then return true end\n"
-	"    if string.sub(p, -1) == '*' and string.sub(dev, 1, #p - 1) == string.sub(p, 1, -2) then return true end\n"
-	"  end\n"
-	"  return false\n"
-	"end\n"
-	"local devs = redis.call('SMEMBERS', ktype(typ))\n"
-	"table.sort(devs)\n"
-	"local n = 0\n"
-	"for _, dev in ipairs(devs) do\n"
-	"  local ok = allowed(dev)\n"
-	"  if ok and want then\n"
-	"    local l = redis.call('HGET', kdev(dev), 'labels')\n"
-	"    local have = l and cjson.decode(l) or {}\n"
-	"    for k, v in pairs(want) do if have[k] ~= v then ok = false; break end end\n"
-	"  end\n"
-	"  if ok then\n"
-	"    n = n + 1\n"
-	"    local id = 'c_' .. string.sub(rid, 3) .. '_' .. n\n"
-	"    redis.call('HSET', kcmd(id), 'id', id, 'device', dev, 'type', typ, 'name', ARGV[6],\n"
-	"      'params', ARGV[7], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[11],\n"
-	"      'ack_timeout_s', ARGV[8], 'timeout_s', ARGV[9], 'ttl_s', ARGV[10], 'created_at', now,\n"
-	"      'updated_at', now, 'owner', ARGV[14], 'rollout', rid, 'held', 1)\n"
-	"    redis.call('RPUSH', krolloutcmds(rid), id)\n"
-	"    redis.call('ZADD', kcmdlog(dev), redis.call('INCR', K_CMDSEQ), id)\n"
-	"    local c = {id = id, device = dev, type = typ, name = ARGV[6], attempt = '0'}\n"
-	"    hist(c, '{\"status\":\"queued\",\"at\":' .. now .. '}')\n"
-	"    event(c, 'queued')\n"
-	"  end\n"
-	"end\n"
-	"redis.call('HSET', krollout(rid), 'id', rid, 'device_type', typ, 'labels', ARGV[4],\n"
-	"  'name', ARGV[6], 'params', ARGV[7], 'max_per_minute', ARGV[12], 'abort_failure_ratio', ARGV[13],\n"
-	"  'min_finished', ARGV[15], 'total', n, 'released', 0, 'status', n > 0 and 'running' or 'completed',\n"
-	"  'created_at', now, 'updated_at', now, 'owner', ARGV[14])\n"
-	"if n > 0 then redis.call('ZADD', K_ROLLOUTS, now, rid) end\n"
-	"return n\n";
-
-/* ARGV: now, rollout id -> {1, (id, device, instance, online, expires_at)...}
- * released now | {0} nothing to do | {2} aborted */
-static const char rollout_step_lua[] = PRELUDE
-	"local rid = ARGV[2]\n"
-	"local rk = krollout(rid)\n"
-	"local r = {}\n"
-	"local a = redis.call('HGETALL', rk)\n"
-	"for i = 1, #a, 2 do r[a[i]] = a[i + 1] end\n"
-	"if r.status ~= 'running' then redis.call('ZREM', K_ROLLOUTS, rid); return {0} end\n"
-	"local ids = redis.call('LRANGE', krolloutcmds(rid), 0, -1)\n"
-	"local released = tonumber(r.released)\n"
-	"local fails, finished, open = 0, 0, 0\n"
-	"for i = 1, released do\n"
-	"  local st = redis.call('HGET', kcmd(ids[i]), 'status')\n"
-	"  if st and FINAL[st] then\n"
-	"    if st ~= 'canceled' then\n"
-	"      finished = finished + 1\n"
-	"      if st ~= 'succeeded' then fails = fails + 1 end\n"
-	"    end\n"
-	"  else open = open + 1 end\n"
-	"end\n"
-	"if finished >= tonumber(r.min_finished) and finished > 0 and\n"
-	"   fails / finished > tonumber(r.abort_failure_ratio) then\n"
-	"  for i = released + 1, #ids do\n"
-	"    local c = load(ids[i])\n"
-	"    if c and c.status == 'queued' then set(c, 'canceled', {'error', 'rollout aborted: failure ratio crossed'}) end\n"
-	"  end\n"
-	"  redis.call('HSET', rk, 'status', 'aborted', 'updated_at', now)\n"
-	"  redis.call('ZREM', K_ROLLOUTS, rid)\n"
-	"  redis.call('EXPIRE', rk, 2592000)\n"
-	"  redis.call('EXPIRE', krolloutcmds(rid), 2592000)\n"
-	"  return {2}\n"
-	"end\n"
-	"-- The rate: release_clock advances by 60000/max_per_minute per release and\n"
-	"-- never lags now by more than a second, so a pause (no hub running, Redis\n"
-	"-- down) is not followed by a burst.\n"
-	"local gap = 60000 / tonumber(r.max_per_minute)\n"
-	"local clock = tonumber(r.release_clock or (tonumber(r.created_at) - gap))\n"
-	"if clock < now - 1000 - gap then clock = now - 1000 - gap end\n"
-	"local due = math.floor((now - clock) / gap)\n"
-	"local upto = math.min(#ids, released + math.max(due, 0))\n"
-	"redis.call('HSET', rk, 'release_clock', clock + (upto - released) * gap)\n"
-	"local out = {1}\n"
-	"for i = released + 1, upto do\n"
-	"  local c = load(ids[i])\n"
-	"  if c and c.status == 'queued' then\n"
-	"    local exp = now + tonumber(c.ttl_s) * 1000\n"
-	"    redis.call('HSET', kcmd(c.id), 'held', 0, 'expires_at', exp, 'released_at', now)\n"
-	"    redis.call('ZADD', kcmds(c.device), redis.call('INCR', K_CMDSEQ), c.id)\n"
-	"    redis.call('ZADD', K_TIMERS, exp, c.id)\n"
-	"    local d = redis.call('HMGET', kdev(c.device), 'instance', 'online')\n"
-	"    out[#out + 1] = c.id\n"
-	"    out[#out + 1] = c.device\n"
-	"    out[#out + 1] = d[1] or ''\n"
-	"    out[#out + 1] = d[2] or '0'\n"
-	"    out[#out + 1] = exp\n"
-	"    open = open + 1\n"
-	"  end\n"
-	"end\n"
-	"if upto > released then redis.call('HSET', rk, 'released', upto, 'updated_at', now) end\n"
-	"if upto == #ids and open == 0 then\n"
-	"  local done = true\n"
-	"  for i = released + 1, upto do\n"
-	"    local st = redis.call('HGET', kcmd(ids[i]), 'status')\n"
-	"    if not (st and FINAL[st]) then done = false; break end\n"
-	"  end\n"
-	"  if done then\n"
-	"    redis.call('HSET', rk, 'status', 'completed', 'updated_at', now)\n"
-	"    redis.call('ZREM', K_ROLLOUTS, rid)\n"
-	"    redis.call('EXPIRE', rk, 2592000)\n"
-	"    redis.call('EXPIRE', krolloutcmds(rid), 2592000)\n"
-	"  end\n"
-	"end\n"
-	"return out\n";
-
-/* ARGV: rollout id -> {hash, {status, count, ...}} */
-static const char rollout_get_lua[] = HUB_LUA_KROLLOUT HUB_LUA_KCMD
-	"local rk = krollout(ARGV[1])\n"
-	"local h = redis.call('HGETALL', rk)\n"
-	"if #h == 0 then return {{}, {}} end\n"
-	"local counts = {}\n"
-	"for _, id in ipairs(redis.call('LRANGE', krolloutcmds(ARGV[1]), 0, -1)) do\n"
-	"  local st = redis.call('HGET', kcmd(id), 'status') or 'unknown'\n"
-	"  counts[st] = (counts[st] or 0) + 1\n"
-	"end\n"
-	"local out = {}\n"
-	"for k, v in pairs(counts) do out[#out + 1] = k; out[#out + 1] = v end\n"
-	"return {h, out}\n";
+/* ---- the scripts ------------------------------------------------------------
+ * hub/lua/cmd_*.lua and rollout_*.lua (each file's top comment is its
+ * contract). Every key they touch comes in their KEYS, built below through
+ * hub/keys.h; where a key depends on what Redis holds (a command's device,
+ * a device's or a rollout's command ids, a type's devices), that is read
+ * first and the script called with it. */
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
-       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S__COUNT };
+       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S__COUNT };
 static int scripts[S__COUNT];
 
 /* ---- engine state ---------------------------------------------------------- */
@@ -449,40 +99,88 @@ void cmd_new_id(char out[35], char prefix)
 		snprintf(out + 2 + i * 2, 3, "%02x", b[i]);
 }
 
-/* Calls script s with `now` and argc more arguments. */
-static int eval(int s, hub_redis_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
-{
-	const char *av[24];
-	size_t al[24];
-	char now[24];
+/* ---- script calls, built in RESP form ---------------------------------------
+ * call_begin, then the KEYS (call_key, call_group), then the ARGV (call_now,
+ * call_arg ...), then call_send. */
 
-	if (argc > 20)
-		abort(); /* a programming error: every call site passes a constant */
-	av[0] = "EVALSHA";
-	av[1] = hub_redis_script_sha(E.hub->redis, scripts[s]);
-	av[2] = "0";
-	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
-	av[3] = now;
-	for (int i = 0; i < 4; i++)
-		al[i] = strlen(av[i]);
-	for (int i = 0; i < argc; i++) {
-		av[4 + i] = argv[i];
-		al[4 + i] = lens ? lens[i] : strlen(argv[i]);
-	}
-	return hub_redis_command_argv(E.hub->redis, cb, arg, 4 + argc, av, al);
+/* Starts a call of script s with nkeys KEYS and nargs ARGV. A script of
+ * hub/lua/_command.lua (with_now) has one key more first, the timers, and
+ * two arguments more first, `now` and the commands channel (call_now). */
+static void call_begin(hub_buf *b, int s, size_t nkeys, size_t nargs, bool with_now)
+{
+	b->len = 0;
+	hub_resp_head(b, 3 + nkeys + nargs + (with_now ? 3 : 0));
+	hub_resp_evalsha(b, E.hub->redis, scripts[s], nkeys + (with_now ? 1 : 0));
+	if (with_now)
+		hub_resp_arg(b, HUB_KEY_CMD_TIMERS, sizeof(HUB_KEY_CMD_TIMERS) - 1);
 }
 
-/* Same without `now` (read scripts). */
-static int eval_ro(int s, hub_redis_cb cb, void *arg, int argc, const char **argv)
+/* A key from its builder's length (0, an invalid name, gives "": the script
+ * finds it empty). */
+static void call_key(hub_buf *b, const char *key, size_t len)
 {
-	const char *av[8];
+	hub_resp_arg(b, key, len);
+}
 
-	av[0] = "EVALSHA";
-	av[1] = hub_redis_script_sha(E.hub->redis, scripts[s]);
-	av[2] = "0";
-	for (int i = 0; i < argc; i++)
-		av[3 + i] = argv[i];
-	return hub_redis_command_argv(E.hub->redis, cb, arg, 3 + argc, av, NULL);
+static void call_arg(hub_buf *b, const char *s)
+{
+	hub_resp_str(b, s);
+}
+
+/* How many keys a command's group has (hub/lua/_command.lua): cmd and log,
+ * and dev and cmds when its device is known. */
+static size_t group_len(const char *device)
+{
+	return device && *device ? 4 : 2;
+}
+
+static void call_group(hub_buf *b, const char *id, const char *device)
+{
+	char k[HUB_KEY_MAX];
+
+	call_key(b, k, hub_key_cmd(k, sizeof(k), id));
+	call_key(b, k, hub_key_cmd_log(k, sizeof(k), id));
+	if (group_len(device) == 4) {
+		call_key(b, k, hub_key_dev(k, sizeof(k), device));
+		call_key(b, k, hub_key_dev_cmds(k, sizeof(k), device));
+	}
+}
+
+/* `now` and the commands channel: the ARGV of a with_now call start with them. */
+static void call_now(hub_buf *b)
+{
+	hub_resp_int(b, hub_now_ms());
+	hub_resp_arg(b, HUB_CH_COMMANDS, sizeof(HUB_CH_COMMANDS) - 1);
+}
+
+/* Sends and frees b: 0 (cb runs once) or -1 (Redis is down). */
+static int call_send(hub_buf *b, hub_redis_cb cb, void *arg)
+{
+	int rc = hub_redis_command_formatted(E.hub->redis, cb, arg, b->data, b->len);
+
+	hub_buf_free(b);
+	return rc;
+}
+
+/* Reads a command's device (a read before a script that needs its keys):
+ * HGET, the reply to cb. */
+static int read_device(const char *id, hub_redis_cb cb, void *arg)
+{
+	char key[HUB_KEY_MAX];
+	const char *argv[3] = { "HGET", key, "device" };
+
+	if (!hub_key_cmd(key, sizeof(key), id))
+		return -1;
+	return hub_redis_command_argv(E.hub->redis, cb, arg, 3, argv, NULL);
+}
+
+/* The device of read_device's reply: "" when the command is gone, NULL when
+ * Redis did not answer. */
+static const char *device_of(const redisReply *r)
+{
+	if (!r || r->type == REDIS_REPLY_ERROR)
+		return NULL;
+	return r->type == REDIS_REPLY_STRING ? r->str : "";
 }
 
 static const char *el_str(const redisReply *r, size_t i)
@@ -591,13 +289,35 @@ static void on_tick(redisReply *r, void *arg)
 	free(id);
 }
 
+/* The command's device was read: the tick, with its keys. */
+static void on_tick_device(redisReply *r, void *arg)
+{
+	char *id = arg;
+	const char *dev = device_of(r);
+	hub_buf b = { 0 };
+
+	if (!dev) {
+		free(id); /* Redis did not answer: the sweep finds it again */
+		return;
+	}
+	call_begin(&b, S_TICK, group_len(dev), 2, true);
+	call_group(&b, id, dev);
+	call_now(&b);
+	call_arg(&b, id);
+	call_arg(&b, dev);
+	if (call_send(&b, on_tick, id))
+		free(id);
+}
+
 static void tick(const char *id)
 {
 	char *copy = hub_xstrdup(id);
-	const char *argv[1] = { id };
 
-	if (eval(S_TICK, on_tick, copy, 1, argv, NULL))
-		free(copy);
+	if (read_device(id, on_tick_device, copy)) {
+		const char *argv[3] = { "ZREM", HUB_KEY_CMD_TIMERS, id };
+		free(copy); /* not a command id: it only leaves the timers */
+		hub_redis_command_argv(E.hub->redis, NULL, NULL, 3, argv, NULL);
+	}
 }
 
 static void timer_cb(lws_sorted_usec_list_t *sul)
@@ -638,16 +358,99 @@ static void on_step(redisReply *r, void *arg)
 	}
 }
 
+/* A release step of a rollout: its command ids (LRANGE), their devices
+ * (cmd_devices), then rollout_step with the keys of them all. */
+struct step_ctx {
+	char rid[CMD_ID_MAX + 1];
+	hub_buf ids;               /* the command ids, each NUL-terminated */
+	size_t n;
+};
+
+static void step_free(struct step_ctx *st)
+{
+	hub_buf_free(&st->ids);
+	free(st);
+}
+
+/* Element i of an array reply as a string ("" when it is not one). */
+static const char *el_or_empty(const redisReply *r, size_t i)
+{
+	const char *v = el_str(r, i);
+
+	return v ? v : "";
+}
+
+static void on_step_devices(redisReply *r, void *arg)
+{
+	struct step_ctx *st = arg;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+	size_t nkeys = 4;
+	const char *id;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != st->n) {
+		step_free(st); /* the next sweep steps it */
+		return;
+	}
+	for (size_t i = 0; i < st->n; i++)
+		nkeys += group_len(el_or_empty(r, i));
+	call_begin(&b, S_RSTEP, nkeys, 1 + st->n, true);
+	call_key(&b, k, hub_key_rollout(k, sizeof(k), st->rid));
+	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), st->rid));
+	call_key(&b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
+	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
+	id = st->ids.data;
+	for (size_t i = 0; i < st->n; i++, id += strlen(id) + 1)
+		call_group(&b, id, el_or_empty(r, i));
+	call_now(&b);
+	call_arg(&b, st->rid);
+	for (size_t i = 0; i < st->n; i++)
+		call_arg(&b, el_or_empty(r, i));
+	call_send(&b, on_step, NULL);
+	step_free(st);
+}
+
+static void on_step_ids(redisReply *r, void *arg)
+{
+	struct step_ctx *st = arg;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		step_free(st);
+		return;
+	}
+	st->n = r->elements;
+	call_begin(&b, S_DEVICES, st->n, 0, false);
+	for (size_t i = 0; i < st->n; i++) {
+		const char *id = el_or_empty(r, i);
+		hub_buf_append(&st->ids, id, strlen(id) + 1);
+		call_key(&b, k, hub_key_cmd(k, sizeof(k), id));
+	}
+	if (call_send(&b, on_step_devices, st))
+		step_free(st);
+}
+
+static void rollout_step(const char *rid)
+{
+	struct step_ctx *st;
+	char key[HUB_KEY_MAX];
+	const char *argv[4] = { "LRANGE", key, "0", "-1" };
+
+	if (!hub_key_rollout_cmds(key, sizeof(key), rid) || strlen(rid) > CMD_ID_MAX)
+		return;
+	st = hub_xcalloc(1, sizeof(*st));
+	snprintf(st->rid, sizeof(st->rid), "%s", rid);
+	if (hub_redis_command_argv(E.hub->redis, on_step_ids, st, 4, argv, NULL))
+		step_free(st);
+}
+
 static void on_active_rollouts(redisReply *r, void *arg)
 {
 	(void)arg;
-	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
-		const char *argv[1];
-		if (r->element[i]->type != REDIS_REPLY_STRING)
-			continue;
-		argv[0] = r->element[i]->str;
-		eval(S_RSTEP, on_step, NULL, 1, argv, NULL);
-	}
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
+		if (r->element[i]->type == REDIS_REPLY_STRING)
+			rollout_step(r->element[i]->str);
 }
 
 /* Overdue deadlines of any instance (a crashed one's, or ours before a
@@ -706,15 +509,21 @@ static void on_sent(redisReply *r, void *arg)
 	free(s);
 }
 
-static void send_to(struct hub_link *c, const char *id)
+static void send_to(struct hub_link *c, const char *id, const char *device)
 {
 	struct send_ctx *s = hub_xcalloc(1, sizeof(*s));
-	const char *argv[2] = { id, hub_link_id(c) };
+	hub_buf b = { 0 };
 
 	snprintf(s->id, sizeof(s->id), "%s", id);
 	s->conn = c;
 	hub_link_hold(c);
-	if (eval(S_SEND, on_sent, s, 2, argv, NULL)) {
+	call_begin(&b, S_SEND, group_len(device), 3, true);
+	call_group(&b, id, device);
+	call_now(&b);
+	call_arg(&b, id);
+	call_arg(&b, hub_link_id(c));
+	call_arg(&b, device);
+	if (call_send(&b, on_sent, s)) {
 		hub_link_release(c);
 		free(s);
 	}
@@ -725,27 +534,10 @@ static void local_deliver(const char *id, const char *device)
 	struct hub_link *c = hub_link_for_device(E.hub, device);
 
 	if (c)
-		send_to(c, id); /* else: it goes out when the device is next announced */
+		send_to(c, id, device); /* else: it goes out when the device is next announced */
 }
 
-/* What a device's gateway is owed when it is announced: cancels of commands
- * it had, then its pending commands in creation order. One script for the
- * whole announce message, however many devices it names.
- * ARGV: devices -> {device, {cancel ids}, {pending ids}, ...} for devices
- * with anything owed. */
-static const char owed_lua[] = HUB_LUA_KCANCELS HUB_LUA_KCMDS
-	"local out = {}\n"
-	"for _, dev in ipairs(ARGV) do\n"
-	"  local cancels = redis.call('SMEMBERS', kcancels(dev))\n"
-	"  local ids = redis.call('ZRANGE', kcmds(dev), 0, -1)\n"
-	"  if #cancels > 0 or #ids > 0 then\n"
-	"    out[#out + 1] = dev\n"
-	"    out[#out + 1] = cancels\n"
-	"    out[#out + 1] = ids\n"
-	"  end\n"
-	"end\n"
-	"return out\n";
-
+/* What a device's gateway is owed when it is announced (hub/lua/cmd_owed.lua). */
 static void send_cancel_local(const char *id, const char *device);
 
 static void on_owed(redisReply *r, void *arg)
@@ -763,7 +555,7 @@ static void on_owed(redisReply *r, void *arg)
 				send_cancel_local(cancels->element[j]->str, dev);
 		for (size_t j = 0; ids->type == REDIS_REPLY_ARRAY && j < ids->elements; j++)
 			if (ids->element[j]->type == REDIS_REPLY_STRING)
-				send_to(c, ids->element[j]->str); /* in creation order */
+				send_to(c, ids->element[j]->str, dev); /* in creation order */
 	}
 }
 
@@ -773,20 +565,22 @@ static void on_announced(struct hub *hub, enum hub_event ev, const void *payload
 	const struct hub_ev_announced *a = payload;
 	const char *const *devices = a->devices;
 	size_t n = a->n;
-	const char **argv;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
 
+	(void)hub;
 	(void)ev;
 	(void)ctx;
 	if (!n)
 		return;
-	argv = hub_xmalloc((n + 3) * sizeof(*argv));
-	argv[0] = "EVALSHA";
-	argv[1] = hub_redis_script_sha(hub->redis, scripts[S_OWED]);
-	argv[2] = "0";
+	call_begin(&b, S_OWED, 2 * n, n, false);
+	for (size_t i = 0; i < n; i++) {
+		call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), devices[i]));
+		call_key(&b, k, hub_key_dev_cmds(k, sizeof(k), devices[i]));
+	}
 	for (size_t i = 0; i < n; i++)
-		argv[3 + i] = devices[i];
-	hub_redis_command_argv(hub->redis, on_owed, NULL, (int)(n + 3), argv, NULL);
-	free(argv);
+		call_arg(&b, devices[i]);
+	call_send(&b, on_owed, NULL);
 }
 
 static void route_to(const char *instance, const char *verb, const char *id, const char *device)
@@ -893,6 +687,7 @@ static void on_ctl(const char *channel, const char *payload, size_t len, void *a
 struct ack_ctx {
 	struct hub_link *conn;
 	char id[160];
+	hub_buf args;              /* RESP of the ack's ARGV but the device */
 };
 
 static void on_acked(redisReply *r, void *arg)
@@ -911,7 +706,32 @@ static void on_acked(redisReply *r, void *arg)
 	if (r && r->type == REDIS_REPLY_ARRAY)
 		E.hub->metrics.command_acks_total++;
 	hub_link_release(a->conn);
+	hub_buf_free(&a->args);
 	free(a);
+}
+
+/* The command's device was read: the ack, with its keys (none of the
+ * device's when the command is gone: the script answers {-1}). */
+static void on_ack_device(redisReply *r, void *arg)
+{
+	struct ack_ctx *a = arg;
+	const char *dev = device_of(r);
+	hub_buf b = { 0 };
+
+	if (!dev) {
+		on_acked(r, a);
+		return;
+	}
+	call_begin(&b, S_ACK, group_len(dev), 8, true);
+	call_group(&b, a->id, dev);
+	call_now(&b);
+	hub_buf_append(&b, a->args.data, a->args.len);
+	call_arg(&b, dev);
+	if (call_send(&b, on_acked, a)) {
+		hub_link_release(a->conn);
+		hub_buf_free(&a->args);
+		free(a);
+	}
 }
 
 /* A gateway acknowledged a command. */
@@ -924,7 +744,6 @@ static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void
 	struct ack_ctx *a = hub_xcalloc(1, sizeof(*a));
 	char progress[32] = "";
 	char *result = ack->result ? json_dumps(ack->result, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
-	const char *argv[7];
 
 	(void)hub;
 	(void)ev;
@@ -940,17 +759,18 @@ static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void
 			p = 100;
 		snprintf(progress, sizeof(progress), "%g", p);
 	}
-	argv[0] = ack->id;
-	argv[1] = conn_id;
-	argv[2] = ack->status;
-	argv[3] = progress;
-	argv[4] = ack->message ? ack->message : "";
-	argv[5] = result ? result : "";
-	argv[6] = ack->error ? ack->error : "";
+	call_arg(&a->args, ack->id);
+	call_arg(&a->args, conn_id);
+	call_arg(&a->args, ack->status);
+	call_arg(&a->args, progress);
+	call_arg(&a->args, ack->message ? ack->message : "");
+	call_arg(&a->args, result ? result : "");
+	call_arg(&a->args, ack->error ? ack->error : "");
 	if (!cmd_id_valid(ack->id)) {
 		on_acked(NULL, a); /* answers unknown_command, releases */
-	} else if (eval(S_ACK, on_acked, a, 7, argv, NULL)) {
+	} else if (read_device(ack->id, on_ack_device, a)) {
 		hub_link_release(c);
+		hub_buf_free(&a->args);
 		free(a);
 	}
 	free(result);
@@ -958,56 +778,164 @@ static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void
 
 /* ---- API entry points ------------------------------------------------------ */
 
+/* An API call whose script needs what Redis holds first: the caller's cb
+ * and arg (called exactly once), the name the read was about, and the
+ * script's ARGV known up front, in RESP form. */
+struct then_ctx {
+	hub_redis_cb cb;
+	void *arg;
+	char name[HUB_KEY_MAX];
+	hub_buf args;
+};
+
+static struct then_ctx *then_new(hub_redis_cb cb, void *arg, const char *name)
+{
+	struct then_ctx *t = hub_xcalloc(1, sizeof(*t));
+
+	t->cb = cb;
+	t->arg = arg;
+	snprintf(t->name, sizeof(t->name), "%s", name);
+	return t;
+}
+
+static void then_free(struct then_ctx *t)
+{
+	hub_buf_free(&t->args);
+	free(t);
+}
+
+/* The read failed (r NULL or an error): the caller gets that. */
+static void then_fail(struct then_ctx *t, redisReply *r)
+{
+	t->cb(r, t->arg);
+	then_free(t);
+}
+
+/* Sends the script call b; the caller's cb gets its reply (NULL when Redis
+ * went down meanwhile). */
+static void then_send(struct then_ctx *t, hub_buf *b)
+{
+	if (call_send(b, t->cb, t->arg))
+		t->cb(NULL, t->arg);
+	then_free(t);
+}
+
+/* Reads argv (a command on one key) and calls then with its reply. */
+static int then_read(struct then_ctx *t, hub_redis_cb then, int argc, const char **argv)
+{
+	if (hub_redis_command_argv(E.hub->redis, then, t, argc, argv, NULL)) {
+		then_free(t);
+		return -1;
+	}
+	return 0;
+}
+
 int cmd_create(struct hub *hub, const struct cmd_spec *sp, hub_redis_cb cb, void *arg)
 {
-	char n[4][16];
-	const char *argv[12];
+	hub_buf b = { 0 };
+	char k[HUB_KEY_IDEM_MAX];
+	size_t idem = sp->idem && *sp->idem;
 
 	(void)hub;
-	snprintf(n[0], 16, "%d", sp->ack_timeout_s);
-	snprintf(n[1], 16, "%d", sp->timeout_s);
-	snprintf(n[2], 16, "%d", sp->ttl_s);
-	snprintf(n[3], 16, "%d", sp->max_attempts);
-	argv[0] = sp->id;
-	argv[1] = sp->device;
-	argv[2] = sp->type;
-	argv[3] = sp->name;
-	argv[4] = sp->params;
-	argv[5] = n[0];
-	argv[6] = n[1];
-	argv[7] = n[2];
-	argv[8] = n[3];
-	argv[9] = sp->idem ? sp->idem : "";
-	argv[10] = sp->owner ? sp->owner : "";
-	argv[11] = sp->rollout ? sp->rollout : "";
-	return eval(S_CREATE, cb, arg, 12, argv, NULL);
+	call_begin(&b, S_CREATE, 4 + 2 + idem, 11, true);
+	call_group(&b, sp->id, sp->device);
+	call_key(&b, k, hub_key_dev_cmdlog(k, sizeof(k), sp->device));
+	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
+	if (idem)
+		call_key(&b, k, hub_key_idem(k, sizeof(k), sp->owner ? sp->owner : "", sp->idem));
+	call_now(&b);
+	call_arg(&b, sp->id);
+	call_arg(&b, sp->device);
+	call_arg(&b, sp->type);
+	call_arg(&b, sp->name);
+	call_arg(&b, sp->params);
+	hub_resp_int(&b, sp->ack_timeout_s);
+	hub_resp_int(&b, sp->timeout_s);
+	hub_resp_int(&b, sp->ttl_s);
+	hub_resp_int(&b, sp->max_attempts);
+	call_arg(&b, sp->owner ? sp->owner : "");
+	call_arg(&b, sp->rollout ? sp->rollout : "");
+	return call_send(&b, cb, arg);
+}
+
+static void on_cancel_device(redisReply *r, void *arg)
+{
+	struct then_ctx *t = arg;
+	const char *dev = device_of(r);
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	if (!dev) {
+		then_fail(t, r);
+		return;
+	}
+	call_begin(&b, S_CANCEL, group_len(dev) + (*dev ? 1 : 0), 2, true);
+	call_group(&b, t->name, dev);
+	if (*dev)
+		call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), dev));
+	call_now(&b);
+	call_arg(&b, t->name);
+	call_arg(&b, dev);
+	then_send(t, &b);
 }
 
 int cmd_cancel(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
-	const char *argv[1] = { id };
+	struct then_ctx *t;
 
 	(void)hub;
-	return eval(S_CANCEL, cb, arg, 1, argv, NULL);
+	t = then_new(cb, arg, id);
+	if (read_device(id, on_cancel_device, t)) {
+		then_free(t);
+		return -1;
+	}
+	return 0;
 }
 
 int cmd_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
-	const char *argv[1] = { id };
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
 
 	(void)hub;
-	return eval_ro(S_GET, cb, arg, 1, argv);
+	call_begin(&b, S_GET, 2, 0, false);
+	call_key(&b, k, hub_key_cmd(k, sizeof(k), id));
+	call_key(&b, k, hub_key_cmd_log(k, sizeof(k), id));
+	return call_send(&b, cb, arg);
+}
+
+/* The device's command ids were read, newest first: the list script. */
+static void on_list_ids(redisReply *r, void *arg)
+{
+	struct then_ctx *t = arg;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		then_fail(t, r);
+		return;
+	}
+	call_begin(&b, S_LIST, r->elements, 2, false);
+	for (size_t i = 0; i < r->elements; i++)
+		call_key(&b, k, hub_key_cmd(k, sizeof(k), el_or_empty(r, i)));
+	hub_buf_append(&b, t->args.data, t->args.len);
+	then_send(t, &b);
 }
 
 int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
 	     hub_redis_cb cb, void *arg)
 {
-	char lim[16];
-	const char *argv[3] = { device, status ? status : "", lim };
+	struct then_ctx *t;
+	char key[HUB_KEY_MAX];
+	const char *argv[4] = { "ZREVRANGE", key, "0", "-1" };
 
 	(void)hub;
-	snprintf(lim, sizeof(lim), "%d", limit);
-	return eval_ro(S_LIST, cb, arg, 3, argv);
+	if (!hub_key_dev_cmdlog(key, sizeof(key), device))
+		return -1;
+	t = then_new(cb, arg, device);
+	call_arg(&t->args, status ? status : "");
+	hub_resp_int(&t->args, limit);
+	return then_read(t, on_list_ids, 4, argv);
 }
 
 /* ---- start and stop -------------------------------------------------------- */
@@ -1016,17 +944,18 @@ void cmd_init(struct hub *hub)
 {
 	E.hub = hub;
 	E.armed_at = INT64_MAX;
-	scripts[S_CREATE] = hub_redis_add_script(hub->redis, create_lua);
-	scripts[S_SEND] = hub_redis_add_script(hub->redis, send_lua);
-	scripts[S_ACK] = hub_redis_add_script(hub->redis, ack_lua);
-	scripts[S_CANCEL] = hub_redis_add_script(hub->redis, cancel_lua);
-	scripts[S_TICK] = hub_redis_add_script(hub->redis, tick_lua);
-	scripts[S_GET] = hub_redis_add_script(hub->redis, get_lua);
-	scripts[S_LIST] = hub_redis_add_script(hub->redis, list_lua);
-	scripts[S_RCREATE] = hub_redis_add_script(hub->redis, rollout_create_lua);
-	scripts[S_RSTEP] = hub_redis_add_script(hub->redis, rollout_step_lua);
-	scripts[S_RGET] = hub_redis_add_script(hub->redis, rollout_get_lua);
-	scripts[S_OWED] = hub_redis_add_script(hub->redis, owed_lua);
+	scripts[S_CREATE] = hub_redis_add_script(hub->redis, hub_lua_cmd_create);
+	scripts[S_SEND] = hub_redis_add_script(hub->redis, hub_lua_cmd_send);
+	scripts[S_ACK] = hub_redis_add_script(hub->redis, hub_lua_cmd_ack);
+	scripts[S_CANCEL] = hub_redis_add_script(hub->redis, hub_lua_cmd_cancel);
+	scripts[S_TICK] = hub_redis_add_script(hub->redis, hub_lua_cmd_tick);
+	scripts[S_GET] = hub_redis_add_script(hub->redis, hub_lua_cmd_get);
+	scripts[S_LIST] = hub_redis_add_script(hub->redis, hub_lua_cmd_list);
+	scripts[S_RCREATE] = hub_redis_add_script(hub->redis, hub_lua_rollout_create);
+	scripts[S_RSTEP] = hub_redis_add_script(hub->redis, hub_lua_rollout_step);
+	scripts[S_RGET] = hub_redis_add_script(hub->redis, hub_lua_rollout_get);
+	scripts[S_OWED] = hub_redis_add_script(hub->redis, hub_lua_cmd_owed);
+	scripts[S_DEVICES] = hub_redis_add_script(hub->redis, hub_lua_cmd_devices);
 	hub_ch_ctl_cmd(E.ctl_channel, sizeof(E.ctl_channel), hub->instance_id);
 	hub_redis_subscribe(hub->redis, E.ctl_channel, on_ctl, NULL);
 	lws_sul_schedule(hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
@@ -1049,52 +978,117 @@ void cmd_free(struct hub *hub)
 	E.n = E.cap = 0;
 }
 
+/* Rollout arguments (ARGV[3..16] of hub/lua/rollout_create.lua). */
+#define RCREATE_ARGS 14
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The device type's devices were read: sorted, they are the candidates. */
+static void on_rollout_devices(redisReply *r, void *arg)
+{
+	struct then_ctx *t = arg;
+	const char *rid = t->name;
+	const char **devs;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX], id[HUB_KEY_MAX];
+	size_t n = 0;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		then_fail(t, r);
+		return;
+	}
+	devs = hub_xmalloc((r->elements + 1) * sizeof(*devs));
+	for (size_t i = 0; i < r->elements; i++)
+		if (r->element[i]->type == REDIS_REPLY_STRING)
+			devs[n++] = r->element[i]->str;
+	qsort(devs, n, sizeof(*devs), cmp_str);
+	call_begin(&b, S_RCREATE, 4 + 4 * n, RCREATE_ARGS + n, true);
+	call_key(&b, k, hub_key_rollout(k, sizeof(k), rid));
+	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), rid));
+	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
+	call_key(&b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
+	for (size_t i = 0; i < n; i++) {
+		/* The (i+1)-th match's command: c_<rollout id without r_>_<i+1>. */
+		snprintf(id, sizeof(id), "c_%s_%zu", strlen(rid) > 2 ? rid + 2 : "", i + 1);
+		call_key(&b, k, hub_key_dev(k, sizeof(k), devs[i]));
+		call_key(&b, k, hub_key_dev_cmdlog(k, sizeof(k), devs[i]));
+		call_key(&b, k, hub_key_cmd(k, sizeof(k), id));
+		call_key(&b, k, hub_key_cmd_log(k, sizeof(k), id));
+	}
+	call_now(&b);
+	hub_buf_append(&b, t->args.data, t->args.len);
+	for (size_t i = 0; i < n; i++)
+		call_arg(&b, devs[i]);
+	free(devs);
+	then_send(t, &b);
+}
+
 int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *labels,
 		       const char *patterns, int max_per_minute, double ratio, int min_finished,
 		       hub_redis_cb cb, void *arg)
 {
-	char n[7][32];
-	const char *argv[14];
+	struct then_ctx *t;
+	char key[HUB_KEY_MAX], num[32];
+	const char *argv[2] = { "SMEMBERS", key };
 
 	(void)hub;
-	snprintf(n[0], 32, "%d", sp->ack_timeout_s);
-	snprintf(n[1], 32, "%d", sp->timeout_s);
-	snprintf(n[2], 32, "%d", sp->ttl_s);
-	snprintf(n[3], 32, "%d", sp->max_attempts);
-	snprintf(n[4], 32, "%d", max_per_minute);
-	snprintf(n[5], 32, "%.6f", ratio);
-	snprintf(n[6], 32, "%d", min_finished);
-	argv[0] = sp->id;
-	argv[1] = sp->type;
-	argv[2] = labels ? labels : "";
-	argv[3] = patterns ? patterns : "";
-	argv[4] = sp->name;
-	argv[5] = sp->params;
-	argv[6] = n[0];
-	argv[7] = n[1];
-	argv[8] = n[2];
-	argv[9] = n[3];
-	argv[10] = n[4];
-	argv[11] = n[5];
-	argv[12] = sp->owner ? sp->owner : "";
-	argv[13] = n[6];
-	return eval(S_RCREATE, cb, arg, 14, argv, NULL);
+	if (!hub_key_type(key, sizeof(key), sp->type))
+		return -1;
+	t = then_new(cb, arg, sp->id);
+	call_arg(&t->args, sp->id);
+	call_arg(&t->args, sp->type);
+	call_arg(&t->args, labels ? labels : "");
+	call_arg(&t->args, patterns ? patterns : "");
+	call_arg(&t->args, sp->name);
+	call_arg(&t->args, sp->params);
+	hub_resp_int(&t->args, sp->ack_timeout_s);
+	hub_resp_int(&t->args, sp->timeout_s);
+	hub_resp_int(&t->args, sp->ttl_s);
+	hub_resp_int(&t->args, sp->max_attempts);
+	hub_resp_int(&t->args, max_per_minute);
+	snprintf(num, sizeof(num), "%.6f", ratio);
+	call_arg(&t->args, num);
+	call_arg(&t->args, sp->owner ? sp->owner : "");
+	hub_resp_int(&t->args, min_finished);
+	return then_read(t, on_rollout_devices, 2, argv);
+}
+
+/* The rollout's command ids were read: the counts of their statuses. */
+static void on_rollout_ids(redisReply *r, void *arg)
+{
+	struct then_ctx *t = arg;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		then_fail(t, r);
+		return;
+	}
+	call_begin(&b, S_RGET, 1 + r->elements, 0, false);
+	call_key(&b, k, hub_key_rollout(k, sizeof(k), t->name));
+	for (size_t i = 0; i < r->elements; i++)
+		call_key(&b, k, hub_key_cmd(k, sizeof(k), el_or_empty(r, i)));
+	then_send(t, &b);
 }
 
 int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
-	const char *argv[1] = { id };
+	char key[HUB_KEY_MAX];
+	const char *argv[4] = { "LRANGE", key, "0", "-1" };
 
 	(void)hub;
-	return eval_ro(S_RGET, cb, arg, 1, argv);
+	if (!hub_key_rollout_cmds(key, sizeof(key), id))
+		return -1;
+	return then_read(then_new(cb, arg, id), on_rollout_ids, 4, argv);
 }
 
 void cmd_rollout_kick(struct hub *hub, const char *id)
 {
-	const char *argv[1] = { id };
-
 	(void)hub;
-	eval(S_RSTEP, on_step, NULL, 1, argv, NULL);
+	rollout_step(id);
 }
 
 /* ---- the module ---------------------------------------------------------- */

@@ -23,6 +23,7 @@ struct hub_module;
 struct hub_observers;
 struct hub_http;
 struct hub_lease;
+struct hub_registry;
 struct agg;
 struct stream;
 struct gateways;
@@ -55,6 +56,7 @@ struct hub {
 	struct hub_link *(*link_lookup)(void *ctx, const char *device); /* hub/link.h */
 	void *link_lookup_ctx;
 	struct hub_http *http;
+	struct hub_registry *registry;
 	struct hub_lease *lease;
 	struct agg *agg;
 	struct gateways *gw;

@@ -21,6 +21,9 @@
  * to "") when the name is empty, longer than HUB_ID_MAX, or does not fit: a
  * name that long was never validated, so the caller treats 0 as an error.
  * Header only; no lws, no hiredis: usable anywhere, callbacks included.
+ *
+ * The Redis scripts (hub/lua/) build no name: every key they touch comes in
+ * their KEYS, every channel they publish on in their ARGV, built here.
  */
 #ifndef HUB_KEYS_H
 #define HUB_KEYS_H
@@ -71,8 +74,8 @@
  * instance id never shares a connection id with its dead predecessor. */
 #define HUB_RUN_TOKEN_LEN        12
 
-/* Longest key or channel built from one id: "iot:dev:{" + 128 + "}:cancels"
- * + NUL (147 bytes). */
+/* Longest key or channel built from one id: a run's reaper claim,
+ * "iot:inst:{" + 128 + "}:" + token + ":reaper" + NUL (160 bytes). */
 #define HUB_KEY_MAX              (HUB_ID_MAX + 32)
 
 /* <prefix>{<name>}<suffix> into buf (n bytes); see the top of this file. */
@@ -169,61 +172,151 @@ static inline size_t hub_ch_ctl_cmd(char *buf, size_t n, const char *instance)
 	return hub_key_plain(buf, n, HUB_CH_CTL_CMD, sizeof(HUB_CH_CTL_CMD) - 1, instance);
 }
 
-/* ---- the same names in Lua --------------------------------------------------
- * One local function per name, spelled from the prefixes above; a script
- * starts with the ones it uses (each is a closure made per call). The store
- * script (hub/registry.c), which builds a telemetry key per reading, splices
- * HUB_KEY_TM and HUB_CH_RAW in place instead. Ids reach the scripts validated
- * (the C side checks them first). */
-#define HUB_LUA_KDEV \
-	"local function kdev(d) return '" HUB_KEY_DEV "{' .. d .. '}' end\n"
-#define HUB_LUA_KCMDS \
-	"local function kcmds(d) return '" HUB_KEY_DEV "{' .. d .. '}:cmds' end\n"
-#define HUB_LUA_KCMDLOG \
-	"local function kcmdlog(d) return '" HUB_KEY_DEV "{' .. d .. '}:cmdlog' end\n"
-#define HUB_LUA_KCANCELS \
-	"local function kcancels(d) return '" HUB_KEY_DEV "{' .. d .. '}:cancels' end\n"
-#define HUB_LUA_KGW \
-	"local function kgw(g, suffix) return '" HUB_KEY_GW "{' .. g .. '}' .. suffix end\n"
-#define HUB_LUA_KTYPE \
-	"local function ktype(t) return '" HUB_KEY_TYPE "{' .. t .. '}' end\n"
-#define HUB_LUA_KIDEM \
-	"local function kidem(owner, key) return '" HUB_KEY_IDEM "{' .. owner .. '}:' .. key end\n"
-#define HUB_LUA_KCMD \
-	"local function kcmd(id) return '" HUB_KEY_CMD "' .. id end\n" \
-	"local function kcmdhist(id) return '" HUB_KEY_CMD "' .. id .. ':log' end\n"
-#define HUB_LUA_KROLLOUT \
-	"local function krollout(id) return '" HUB_KEY_ROLLOUT "' .. id end\n" \
-	"local function krolloutcmds(id) return '" HUB_KEY_ROLLOUT "' .. id .. ':cmds' end\n"
-/* A run's keys from its run id "<instance>:<token>" (docs/streams.md
- * "Instance leases"): krun(r) is the set of devices the run holds online,
- * kreaper(r) the claim of the instance reaping it. runof(conn) is the run id
- * of a connection id "<run id>:<serial>", or nil for a connection id of
- * another shape (layout-2 data written before runs existed). */
-#define HUB_LUA_KRUN \
-	"local TOKEN_LEN = " HUB_KEYS_STR(HUB_RUN_TOKEN_LEN) "\n" \
-	"local function krun(r)\n" \
-	"  return '" HUB_KEY_INST "{' .. string.sub(r, 1, -TOKEN_LEN - 2) .. '}:' ..\n" \
-	"    string.sub(r, -TOKEN_LEN)\n" \
-	"end\n" \
-	"local function kreaper(r) return krun(r) .. ':reaper' end\n" \
-	"local function runof(conn)\n" \
-	"  return string.match(conn or '', '^(.+:' .. string.rep('%x', TOKEN_LEN) .. '):%d+$')\n" \
-	"end\n"
-#define HUB_KEYS_STR_(x) #x
-#define HUB_KEYS_STR(x) HUB_KEYS_STR_(x)
+/* <prefix><name><suffix> (hub-generated ids): as hub_key_braced, unbraced. */
+static inline size_t hub_key_plain_sfx(char *buf, size_t n, const char *prefix, size_t plen,
+				       const char *name, const char *suffix, size_t slen)
+{
+	size_t len = strlen(name);
 
-/* Fixed names as Lua locals. */
-#define HUB_LUA_FIXED \
-	"local K_DEVICES, K_TIMERS, K_CMDSEQ = '" HUB_KEY_DEVICES "', '" HUB_KEY_CMD_TIMERS "', '" \
-	HUB_KEY_CMD_SEQ "'\n" \
-	"local K_ROLLOUTS, CH_PRESENCE, CH_COMMANDS = '" HUB_KEY_ROLLOUTS_ACTIVE "', '" \
-	HUB_CH_PRESENCE "', '" HUB_CH_COMMANDS "'\n" \
-	"local K_LEASES, K_EPOCH = '" HUB_KEY_LEASES "', '" HUB_KEY_EPOCH "'\n"
+	if (!len || len > HUB_ID_MAX || plen + len + slen + 1 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, prefix, plen);
+	memcpy(buf + plen, name, len);
+	memcpy(buf + plen + len, suffix, slen + 1);
+	return plen + len + slen;
+}
 
-/* Every helper (the command scripts' prelude). */
-#define HUB_LUA_KEYS \
-	HUB_LUA_KDEV HUB_LUA_KCMDS HUB_LUA_KCMDLOG HUB_LUA_KCANCELS HUB_LUA_KTYPE \
-	HUB_LUA_KIDEM HUB_LUA_KCMD HUB_LUA_KROLLOUT HUB_LUA_FIXED
+/* iot:dev:{<device>}:cmds: the device's pending commands (id by creation seq). */
+static inline size_t hub_key_dev_cmds(char *buf, size_t n, const char *device)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cmds");
+}
+
+/* iot:dev:{<device>}:cmdlog: the device's last commands, any state. */
+static inline size_t hub_key_dev_cmdlog(char *buf, size_t n, const char *device)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cmdlog");
+}
+
+/* iot:cmd:<id>: a command's hash. */
+static inline size_t hub_key_cmd(char *buf, size_t n, const char *id)
+{
+	return hub_key_plain_sfx(buf, n, HUB_KEY_CMD, sizeof(HUB_KEY_CMD) - 1, id, "", 0);
+}
+
+/* iot:cmd:<id>:log: a command's history. */
+static inline size_t hub_key_cmd_log(char *buf, size_t n, const char *id)
+{
+	return hub_key_plain_sfx(buf, n, HUB_KEY_CMD, sizeof(HUB_KEY_CMD) - 1, id, ":log", 4);
+}
+
+/* iot:rollout:<id>: a rollout's hash. */
+static inline size_t hub_key_rollout(char *buf, size_t n, const char *id)
+{
+	return hub_key_plain_sfx(buf, n, HUB_KEY_ROLLOUT, sizeof(HUB_KEY_ROLLOUT) - 1, id, "", 0);
+}
+
+/* iot:rollout:<id>:cmds: a rollout's command ids, in release order. */
+static inline size_t hub_key_rollout_cmds(char *buf, size_t n, const char *id)
+{
+	return hub_key_plain_sfx(buf, n, HUB_KEY_ROLLOUT, sizeof(HUB_KEY_ROLLOUT) - 1, id,
+				 ":cmds", 5);
+}
+
+/* Longest idempotency key: "iot:idem:{" + owner + "}:" + key + NUL, both
+ * at most HUB_ID_MAX bytes. */
+#define HUB_KEY_IDEM_MAX         (2 * HUB_ID_MAX + 16)
+
+/* iot:idem:{<owner>}:<key>: the first command created with an
+ * Idempotency-Key; buf holds HUB_KEY_IDEM_MAX. As hub_key_braced, but for
+ * an empty owner (a token without a subject): iot:idem:{}:<key>. */
+static inline size_t hub_key_idem(char *buf, size_t n, const char *owner, const char *key)
+{
+	size_t olen = strlen(owner), len = strlen(key);
+	size_t plen = sizeof(HUB_KEY_IDEM) - 1, k = plen + olen + 3 + len;
+
+	if (!len || len > HUB_ID_MAX || olen > HUB_ID_MAX || k + 1 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, HUB_KEY_IDEM, plen);
+	buf[plen] = '{';
+	memcpy(buf + plen + 1, owner, olen);
+	memcpy(buf + plen + 1 + olen, "}:", 2);
+	memcpy(buf + plen + 3 + olen, key, len + 1);
+	return k;
+}
+
+/* Length of the instance part of a run id "<instance>:<token>" (token:
+ * HUB_RUN_TOKEN_LEN lowercase hex digits), or 0 when run is not one. */
+static inline size_t hub_run_instance_len(const char *run, size_t len)
+{
+	if (len < HUB_RUN_TOKEN_LEN + 2 || len - HUB_RUN_TOKEN_LEN - 1 > HUB_ID_MAX ||
+	    run[len - HUB_RUN_TOKEN_LEN - 1] != ':')
+		return 0;
+	for (size_t i = len - HUB_RUN_TOKEN_LEN; i < len; i++)
+		if (!((run[i] >= '0' && run[i] <= '9') || (run[i] >= 'a' && run[i] <= 'f')))
+			return 0;
+	return len - HUB_RUN_TOKEN_LEN - 1;
+}
+
+/* The run id of a connection id "<run id>:<serial>" (decimal serial) into
+ * buf (n bytes); its length, or 0 (buf "") when conn is not of that shape
+ * (layout-2 data written before runs existed). */
+static inline size_t hub_run_of_conn(char *buf, size_t n, const char *conn)
+{
+	size_t len = strlen(conn), i = len;
+
+	while (i && conn[i - 1] >= '0' && conn[i - 1] <= '9')
+		i--;
+	if (i == len || i < 2 || conn[i - 1] != ':' || !hub_run_instance_len(conn, i - 1) ||
+	    i > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, conn, i - 1);
+	buf[i - 1] = '\0';
+	return i - 1;
+}
+
+/* iot:inst:{<instance>}:<token><suffix> from a run id: the run's set of
+ * online devices (suffix ""), or the claim of the instance reaping it
+ * (":reaper"). 0 when run is not a run id. */
+static inline size_t hub_key_run_(char *buf, size_t n, const char *run, const char *suffix,
+				  size_t slen)
+{
+	size_t len = strlen(run), ilen = hub_run_instance_len(run, len);
+	size_t plen = sizeof(HUB_KEY_INST) - 1, k = plen + ilen + 3 + HUB_RUN_TOKEN_LEN + slen;
+
+	if (!ilen || k + 1 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, HUB_KEY_INST, plen);
+	buf[plen] = '{';
+	memcpy(buf + plen + 1, run, ilen);
+	buf[plen + 1 + ilen] = '}';
+	memcpy(buf + plen + 2 + ilen, run + ilen, HUB_RUN_TOKEN_LEN + 1); /* ":<token>" */
+	memcpy(buf + plen + 3 + ilen + HUB_RUN_TOKEN_LEN, suffix, slen + 1);
+	return k;
+}
+
+/* iot:inst:{<instance>}:<token>: the devices a run holds online. */
+static inline size_t hub_key_run(char *buf, size_t n, const char *run)
+{
+	return hub_key_run_(buf, n, run, "", 0);
+}
+
+/* iot:inst:{<instance>}:<token>:reaper: which run reaps this (dead) run. */
+static inline size_t hub_key_run_reaper(char *buf, size_t n, const char *run)
+{
+	return hub_key_run_(buf, n, run, ":reaper", 7);
+}
 
 #endif

@@ -14,100 +14,30 @@
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "hub/module.h"
+#include "hub_lua.h"
 
-#define REAP_BATCH "500"       /* devices marked offline per reap script call */
-#define EPOCH_HEX  16
+#define REAP_BATCH  "500"      /* devices marked offline per reap script call */
+#define EPOCH_HEX   16
+#define MAX_DEAD    16         /* expired runs named per renewal (lease_renew.lua) */
+#define RUN_ID_MAX  (HUB_ID_MAX + 20)
 
-/* Redis's clock in ms, in every script: leases are compared on one clock,
- * whatever the hub hosts' clocks say. */
-#define LUA_NOW \
-	"local t = redis.call('TIME')\n" \
-	"local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-
-/* ARGV = mode, instance, run id, ttl ms, first, epoch candidate.
- * mode `renew`: the epoch (set to the candidate when absent, and then the
- * layout version too: this connection passed the layout check, so a missing
- * one was flushed under the running hubs), then this
- * run's lease renewed to now + ttl. On the first renewal of a process
- * (first = 1) the leases of earlier runs of the same instance id end now:
- * the instance was restarted, they are dead.
- * -> {epoch, had a lease 1|0, it had expired 1|0, expired leases}
- * mode `release`: the lease goes (kept, expired, while the run's set still
- * holds devices, so that a reaper marks them offline). -> 1 */
-static const char lease_lua[] = HUB_LUA_KRUN HUB_LUA_FIXED LUA_NOW
-	"local inst, me = ARGV[2], ARGV[3]\n"
-	"if ARGV[1] == 'release' then\n"
-	"  if redis.call('EXISTS', krun(me)) == 0 then redis.call('ZREM', K_LEASES, me)\n"
-	"  else redis.call('ZADD', K_LEASES, 'XX', 0, me) end\n"
-	"  return 1\n"
-	"end\n"
-	"local ep = redis.call('GET', K_EPOCH)\n"
-	"if not ep then\n"
-	"  ep = ARGV[6]\n"
-	"  redis.call('SET', K_EPOCH, ep)\n"
-	"  redis.call('SET', '" HUB_LAYOUT_KEY "', '" HUB_LAYOUT_VERSION "', 'NX')\n"
-	"end\n"
-	"local had = redis.call('ZSCORE', K_LEASES, me)\n"
-	"if ARGV[5] == '1' then\n"
-	"  local pre = inst .. ':'\n"
-	"  for _, m in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do\n"
-	"    if m ~= me and #m == #me and string.sub(m, 1, #pre) == pre then\n"
-	"      redis.call('ZADD', K_LEASES, 0, m)\n"
-	"    end\n"
-	"  end\n"
-	"end\n"
-	"redis.call('ZADD', K_LEASES, now + tonumber(ARGV[4]), me)\n"
-	"local expired = 0\n"
-	"if had and tonumber(had) < now then expired = 1 end\n"
-	"return {ep, had and 1 or 0, expired, redis.call('ZCOUNT', K_LEASES, '-inf', '(' .. now)}\n";
-
-/* ARGV = run id of the caller, claim ms, batch. Takes one expired lease
- * that no other live run is reaping (claim: <run set>:reaper, for claim ms,
- * renewed with every batch: a reaper that dies is replaced), pops up to
- * batch devices from the dead run's set and marks offline those the dead
- * run still owns (conn "<run id>:<serial>", online), publishing the offline
- * script's presence event for them. last_seen stays what the dead run last
- * flushed. When the set is empty the lease and the claim go.
- * -> {0} nothing to reap | {1, dead run id, devices marked offline, more 1|0} */
-static const char reap_lua[] = HUB_LUA_KDEV HUB_LUA_KRUN HUB_LUA_FIXED LUA_NOW
-	"local me, batch = ARGV[1], tonumber(ARGV[3])\n"
-	"local dead = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. now, 'LIMIT', 0, 16)\n"
-	"for _, r in ipairs(dead) do\n"
-	"  local ck = kreaper(r)\n"
-	"  local who = redis.call('GET', ck)\n"
-	"  if r ~= me and (not who or who == me) and runof(r .. ':0') == r then\n"
-	"    redis.call('SET', ck, me, 'PX', ARGV[2])\n"
-	"    local set, pre, ev = krun(r), r .. ':', {}\n"
-	"    for _, dev in ipairs(redis.call('SPOP', set, batch)) do\n"
-	"      local key = kdev(dev)\n"
-	"      local h = redis.call('HMGET', key, 'conn', 'online', 'type', 'labels', 'gateway')\n"
-	"      if h[2] == '1' and h[1] and string.sub(h[1], 1, #pre) == pre then\n"
-	"        redis.call('HSET', key, 'online', '0')\n"
-	"        ev[#ev + 1] = dev .. '\\t' .. (h[3] or '') .. '\\t' .. (h[4] or '{}') ..\n"
-	"          '\\t\"device\":\"' .. dev .. '\",\"online\":false,\"at\":' .. now ..\n"
-	"          ',\"gateway\":\"' .. (h[5] or '') .. '\",\"device_type\":\"' .. (h[3] or '') .. '\"\\n'\n"
-	"      end\n"
-	"    end\n"
-	"    if #ev > 0 then redis.call('PUBLISH', CH_PRESENCE, '\\n' .. table.concat(ev)) end\n"
-	"    if redis.call('EXISTS', set) == 1 then return {1, r, #ev, 1} end\n"
-	"    redis.call('ZREM', K_LEASES, r)\n"
-	"    redis.call('DEL', ck)\n"
-	"    return {1, r, #ev, 0}\n"
-	"  end\n"
-	"end\n"
-	"return {0}\n";
-
+/* The scripts: hub/lua/lease_renew.lua, lease_release.lua, reap.lua. A
+ * dead run is reaped in batches, each two calls: SRANDMEMBER of its online
+ * set (a device key must be in the script's KEYS, so the script cannot pop
+ * it), then reap.lua on those devices. */
 struct hub_lease {
 	struct hub *hub;
-	int script_lease, script_reap;
+	int script_renew, script_release, script_reap;
 	lws_sorted_usec_list_t sul_tick, sul_reap;
-	char run_id[HUB_ID_MAX + 20];       /* "<instance>:<run token>" */
+	char run_id[RUN_ID_MAX];       /* "<instance>:<run token>" */
 	char epoch[EPOCH_HEX + 1];     /* the Redis epoch last seen; "" = none yet */
 	bool ever_registered;          /* this process's lease was written once */
 	bool renewing, reaping, stopped;
 	int64_t ok_since_us;           /* renewed without a gap since; 0 = not */
 	uint64_t reconnects;           /* metrics.redis_reconnects_total then */
-	char reaping_run[HUB_ID_MAX + 20];
+	char dead[MAX_DEAD][RUN_ID_MAX]; /* expired runs to reap, the last first */
+	int ndead;
+	char reaping_run[RUN_ID_MAX];
 	long long reaped;              /* devices of reaping_run marked offline */
 };
 
@@ -129,16 +59,35 @@ static long long el_int(const redisReply *r, size_t i)
 	return r->element[i]->integer;
 }
 
-static int eval(struct hub_lease *L, int script, hub_redis_cb cb, int argc, const char **argv)
-{
-	const char *av[12];
+#define EVAL_ARGS_MAX 12
 
+/* EVALSHA script with nkeys keys, then argc arguments (at most
+ * EVAL_ARGS_MAX in all). */
+static int eval(struct hub_lease *L, int script, hub_redis_cb cb, int nkeys,
+		const char **keys, int argc, const char **argv)
+{
+	const char *av[3 + EVAL_ARGS_MAX];
+	char nk[8];
+
+	if (nkeys + argc > EVAL_ARGS_MAX)
+		abort(); /* a programming error: every call site passes constants */
+	snprintf(nk, sizeof(nk), "%d", nkeys);
 	av[0] = "EVALSHA";
 	av[1] = hub_redis_script_sha(L->hub->redis, script);
-	av[2] = "0";
+	av[2] = nk;
+	for (int i = 0; i < nkeys; i++)
+		av[3 + i] = keys[i];
 	for (int i = 0; i < argc; i++)
-		av[3 + i] = argv[i];
-	return hub_redis_command_argv(L->hub->redis, cb, L, 3 + argc, av, NULL);
+		av[3 + nkeys + i] = argv[i];
+	return hub_redis_command_argv(L->hub->redis, cb, L, 3 + nkeys + argc, av, NULL);
+}
+
+/* The run being reaped is done with (reaped, or not to be reaped by us). */
+static void dead_done(struct hub_lease *L, const char *run)
+{
+	if (L->ndead && !strcmp(L->dead[L->ndead - 1], run))
+		L->ndead--;
+	lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1); /* the next one */
 }
 
 static void on_reaped(redisReply *r, void *arg)
@@ -148,8 +97,17 @@ static void on_reaped(redisReply *r, void *arg)
 	long long n = el_int(r, 2);
 
 	L->reaping = false;
-	if (el_int(r, 0) != 1 || !run || L->stopped)
+	if (L->stopped || !L->ndead)
 		return;
+	if (el_int(r, 0) == 0) {
+		dead_done(L, L->dead[L->ndead - 1]); /* live again, or another reaps it */
+		return;
+	}
+	if (el_int(r, 0) != 1 || !run) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("lease: reaping failed: %s", r->str);
+		return; /* tried again after the next renewal */
+	}
 	if (strcmp(run, L->reaping_run)) {
 		snprintf(L->reaping_run, sizeof(L->reaping_run), "%s", run);
 		L->reaped = 0;
@@ -165,20 +123,87 @@ static void on_reaped(redisReply *r, void *arg)
 	hub_warn("hub run %s reaped: %lld devices marked offline", run, L->reaped);
 	L->reaping_run[0] = '\0';
 	L->reaped = 0;
-	lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1); /* another one? */
+	dead_done(L, run);
 }
 
+/* A batch of the dead run's devices was read: mark them offline. */
+static void on_members(redisReply *r, void *arg)
+{
+	struct hub_lease *L = arg;
+	const char *run = L->ndead ? L->dead[L->ndead - 1] : NULL;
+	char key[HUB_KEY_MAX], claim[24];
+	hub_buf b = { 0 };
+	size_t n;
+
+	L->reaping = false;
+	if (L->stopped || !run || !r || r->type != REDIS_REPLY_ARRAY)
+		return; /* tried again after the next renewal */
+	n = r->elements;
+	hub_resp_head(&b, 3 + 3 + n + 4 + n);
+	hub_resp_evalsha(&b, L->hub->redis, L->script_reap, 3 + n);
+	hub_resp_arg(&b, HUB_KEY_LEASES, sizeof(HUB_KEY_LEASES) - 1);
+	hub_resp_arg(&b, key, hub_key_run_reaper(key, sizeof(key), run));
+	hub_resp_arg(&b, key, hub_key_run(key, sizeof(key), run));
+	for (size_t i = 0; i < n; i++) {
+		const redisReply *d = r->element[i];
+		hub_resp_arg(&b, key, d->type == REDIS_REPLY_STRING ?
+			     hub_key_dev(key, sizeof(key), d->str) : 0);
+	}
+	hub_resp_str(&b, L->run_id);
+	hub_resp_str(&b, run);
+	snprintf(claim, sizeof(claim), "%d", L->hub->cfg.lease_ttl_ms);
+	hub_resp_str(&b, claim);
+	hub_resp_arg(&b, HUB_CH_PRESENCE, sizeof(HUB_CH_PRESENCE) - 1);
+	for (size_t i = 0; i < n; i++) {
+		const redisReply *d = r->element[i];
+		hub_resp_arg(&b, d->type == REDIS_REPLY_STRING ? d->str : "",
+			     d->type == REDIS_REPLY_STRING ? d->len : 0);
+	}
+	if (!hub_redis_command_formatted(L->hub->redis, on_reaped, L, b.data, b.len))
+		L->reaping = true;
+	hub_buf_free(&b);
+}
+
+/* Reaps the last of the expired runs the renewal named: reads a batch of
+ * the devices it held online, then on_members marks them offline. */
 static void reap(lws_sorted_usec_list_t *sul)
 {
 	struct hub_lease *L = lws_container_of(sul, struct hub_lease, sul_reap);
-	char claim[24];
-	const char *argv[3] = { L->run_id, claim, REAP_BATCH };
+	char key[HUB_KEY_MAX];
+	const char *argv[3] = { "SRANDMEMBER", key, REAP_BATCH };
 
-	if (L->reaping || L->stopped)
+	if (L->reaping || L->stopped || !L->ndead)
 		return;
-	snprintf(claim, sizeof(claim), "%d", L->hub->cfg.lease_ttl_ms);
-	if (!eval(L, L->script_reap, on_reaped, 3, argv))
+	if (!hub_key_run(key, sizeof(key), L->dead[L->ndead - 1])) {
+		L->ndead--; /* not a run id: not ours to reap */
+		lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1);
+		return;
+	}
+	if (!hub_redis_command_argv(L->hub->redis, on_members, L, 3, argv, NULL))
 		L->reaping = true;
+}
+
+/* The expired runs the renewal named (oldest first), kept in reverse so
+ * that the oldest is reaped first; a run being reaped now stays the one
+ * reaped next. */
+static void take_dead(struct hub_lease *L, const redisReply *runs)
+{
+	char cur[RUN_ID_MAX] = "";
+
+	if (L->ndead)
+		snprintf(cur, sizeof(cur), "%s", L->dead[L->ndead - 1]);
+	L->ndead = 0;
+	for (size_t i = runs->type == REDIS_REPLY_ARRAY ? runs->elements : 0;
+	     i > 0 && L->ndead < MAX_DEAD; i--) {
+		const redisReply *e = runs->element[i - 1];
+		if (e->type != REDIS_REPLY_STRING || e->len >= RUN_ID_MAX || !strcmp(e->str, cur) ||
+		    !strcmp(e->str, L->run_id))
+			continue;
+		memcpy(L->dead[L->ndead++], e->str, e->len + 1);
+	}
+	if (cur[0] && L->ndead < MAX_DEAD)
+		snprintf(L->dead[L->ndead++], RUN_ID_MAX, "%s", cur);
+	reap(&L->sul_reap);
 }
 
 static void on_renewed(redisReply *r, void *arg)
@@ -193,7 +218,7 @@ static void on_renewed(redisReply *r, void *arg)
 	L->renewing = false;
 	if (L->stopped)
 		return;
-	if (!ep || had < 0 || expired < 0 || dead < 0) {
+	if (!ep || had < 0 || expired < 0 || dead < 0 || r->elements < 5) {
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("lease: renewal failed: %s", r->str);
 		L->ok_since_us = 0;
@@ -222,15 +247,16 @@ static void on_renewed(redisReply *r, void *arg)
 	struct hub_ev_lease ev = { rebuild };
 	hub_emit(hub, HUB_EV_LEASE_RENEWED, &ev);
 	if (dead > 0 && now - L->ok_since_us >= (int64_t)hub->cfg.lease_ttl_ms * 1000)
-		reap(&L->sul_reap);
+		take_dead(L, r->element[4]);
 }
 
 static void renew(struct hub_lease *L)
 {
 	unsigned char raw[EPOCH_HEX / 2];
 	char ttl[24], cand[EPOCH_HEX + 1];
-	const char *argv[6] = { "renew", L->hub->instance_id, L->run_id, ttl,
-				L->ever_registered ? "0" : "1", cand };
+	const char *keys[3] = { HUB_KEY_LEASES, HUB_KEY_EPOCH, HUB_LAYOUT_KEY };
+	const char *argv[6] = { L->hub->instance_id, L->run_id, ttl,
+				L->ever_registered ? "0" : "1", cand, HUB_LAYOUT_VERSION };
 
 	if (L->renewing || L->stopped)
 		return;
@@ -245,7 +271,7 @@ static void renew(struct hub_lease *L)
 	for (size_t i = 0; i < sizeof(raw); i++)
 		snprintf(cand + 2 * i, 3, "%02x", raw[i]);
 	snprintf(ttl, sizeof(ttl), "%d", L->hub->cfg.lease_ttl_ms);
-	if (!eval(L, L->script_lease, on_renewed, 6, argv))
+	if (!eval(L, L->script_renew, on_renewed, 3, keys, 6, argv))
 		L->renewing = true;
 	else
 		L->ok_since_us = 0;
@@ -286,8 +312,9 @@ static int lease_start(struct hub *hub, char *err, size_t errlen)
 	hub->lease = L;
 	L->hub = hub;
 	snprintf(L->run_id, sizeof(L->run_id), "%s:%s", hub->instance_id, hub->run_token);
-	L->script_lease = hub_redis_add_script(hub->redis, lease_lua);
-	L->script_reap = hub_redis_add_script(hub->redis, reap_lua);
+	L->script_renew = hub_redis_add_script(hub->redis, hub_lua_lease_renew);
+	L->script_release = hub_redis_add_script(hub->redis, hub_lua_lease_release);
+	L->script_reap = hub_redis_add_script(hub->redis, hub_lua_reap);
 	hub_observe(hub, HUB_EV_REDIS_READY, on_redis_ready, L);
 	lws_sul_schedule(hub->ctx, 0, &L->sul_tick, tick,
 			 (lws_usec_t)hub->cfg.lease_renew_ms * 1000);
@@ -300,15 +327,18 @@ static int lease_start(struct hub *hub, char *err, size_t errlen)
 static void lease_stop(struct hub *hub)
 {
 	struct hub_lease *L = hub->lease;
-	const char *argv[6] = { "release", hub->instance_id, L ? L->run_id : "", "0", "0", "" };
+	char key[HUB_KEY_MAX];
+	const char *keys[2] = { HUB_KEY_LEASES, key };
+	const char *argv[1] = { L ? L->run_id : "" };
 
 	if (!L || L->stopped)
 		return;
 	L->stopped = true;
 	lws_sul_cancel(&L->sul_tick);
 	lws_sul_cancel(&L->sul_reap);
-	if (L->ever_registered && hub_redis_up(hub->redis))
-		eval(L, L->script_lease, NULL, 6, argv);
+	if (L->ever_registered && hub_redis_up(hub->redis) &&
+	    hub_key_run(key, sizeof(key), L->run_id))
+		eval(L, L->script_release, NULL, 2, keys, 1, argv);
 }
 
 static void lease_free(struct hub *hub)

@@ -31,6 +31,7 @@
 #include "protocols/agg.h"
 #include "protocols/stream.h"
 #include "commands/commands.h"
+#include "hub_lua.h"
 
 #define STARTUP_TICK_US (10 * 1000)
 
@@ -82,20 +83,7 @@ static void print_dev_token(struct hub *hub)
 }
 
 /* The key layout (hub/keys.h) is checked on every (re)connect, before any
- * other command (a gate of the Redis bus): iot:layout is set to ours when
- * absent and Redis holds no hub data; data of layout 1 (iot:layout absent
- * while iot:devices or iot:cmd:seq exists) or another version is refused.
- * -> {1, version} ours | {0, version, or '' for layout 1} */
-static const char layout_lua[] =
-	"local v = redis.call('GET', KEYS[1])\n"
-	"if not v then\n"
-	"  if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {0, ''} end\n"
-	"  redis.call('SET', KEYS[1], ARGV[1], 'NX')\n"
-	"  return {1, ARGV[1]}\n"
-	"end\n"
-	"if v == ARGV[1] then return {1, v} end\n"
-	"return {0, v}\n";
-
+ * other command (a gate of the Redis bus), by hub/lua/layout.lua. */
 static bool layout_refused;
 
 static void refuse_tick(lws_sorted_usec_list_t *sul)
@@ -316,7 +304,7 @@ int main(int argc, char **argv)
 	}
 	hub.sul_signal.cb = on_signal_timer;
 	hub.redis = hub_redis_new(&hub);
-	const char *gate[] = { "EVAL", layout_lua, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
+	const char *gate[] = { "EVAL", hub_lua_layout, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);
 	if (hub_modules_start(&hub, err, sizeof(err))) {

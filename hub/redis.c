@@ -11,11 +11,12 @@
 #include "hub/hub.h"
 #include "hub/log.h"
 #include "hub/util.h"
+#include "hub_lua.h"
 
 #define WATCHDOG_US       (200 * 1000)
 #define IDLE_PING_US      (1000 * 1000)
 #define BACKOFF_MIN_MS    100
-#define MAX_SCRIPTS       24
+#define MAX_SCRIPTS       HUB_LUA_COUNT   /* every embedded script, once */
 #define UNSUB_LINGER_US   (5 * 1000 * 1000)
 
 struct pending {
@@ -72,7 +73,7 @@ struct hub_redis {
 	lws_sorted_usec_list_t sul_watchdog;
 	bool started, stopping;
 	int nscripts;
-	char *scripts[MAX_SCRIPTS];
+	const char *scripts[MAX_SCRIPTS];  /* embedded texts (hub_lua.h) */
 	char shas[MAX_SCRIPTS][41];
 	struct hub_redis_channel *channels;
 	int gate_argc;             /* hub_redis_set_gate: 0 = none */
@@ -588,13 +589,54 @@ int hub_redis_add_script(struct hub_redis *r, const char *lua)
 	SHA1((const unsigned char *)lua, strlen(lua), md);
 	for (int i = 0; i < SHA_DIGEST_LENGTH; i++)
 		snprintf(&r->shas[r->nscripts][i * 2], 3, "%02x", md[i]);
-	r->scripts[r->nscripts] = hub_xstrdup(lua);
+	r->scripts[r->nscripts] = lua;
 	return r->nscripts++;
 }
 
 const char *hub_redis_script_sha(const struct hub_redis *r, int idx)
 {
 	return r->shas[idx];
+}
+
+void hub_resp_head(hub_buf *b, size_t argc)
+{
+	hub_buf_reserve(b, 32);
+	b->data[b->len++] = '*';
+	b->len += hub_fmt_i64(b->data + b->len, (int64_t)argc);
+	b->data[b->len++] = '\r';
+	b->data[b->len++] = '\n';
+}
+
+void hub_resp_arg(hub_buf *b, const char *p, size_t n)
+{
+	hub_buf_reserve(b, n + 32);
+	b->data[b->len++] = '$';
+	b->len += hub_fmt_i64(b->data + b->len, (int64_t)n);
+	b->data[b->len++] = '\r';
+	b->data[b->len++] = '\n';
+	memcpy(b->data + b->len, p, n);
+	b->len += n;
+	b->data[b->len++] = '\r';
+	b->data[b->len++] = '\n';
+}
+
+void hub_resp_str(hub_buf *b, const char *s)
+{
+	hub_resp_arg(b, s, strlen(s));
+}
+
+void hub_resp_int(hub_buf *b, int64_t v)
+{
+	char num[24];
+
+	hub_resp_arg(b, num, hub_fmt_i64(num, v));
+}
+
+void hub_resp_evalsha(hub_buf *b, const struct hub_redis *r, int script, size_t nkeys)
+{
+	hub_resp_arg(b, "EVALSHA", 7);
+	hub_resp_arg(b, r->shas[script], 40);
+	hub_resp_int(b, (int64_t)nkeys);
 }
 
 void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
@@ -734,8 +776,6 @@ void hub_redis_free(struct hub_redis *r)
 {
 	if (!r)
 		return;
-	for (int i = 0; i < r->nscripts; i++)
-		free(r->scripts[i]);
 	for (int i = 0; i < r->gate_argc; i++)
 		free(r->gate_argv[i]);
 	free(r->gate_argv);

@@ -16,7 +16,10 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <hiredis/hiredis.h>
+
+#include "hub/util.h"
 
 struct hub;
 struct hub_redis;
@@ -34,7 +37,9 @@ typedef void (*hub_redis_msg_cb)(const char *channel, const char *payload,
 struct hub_redis *hub_redis_new(struct hub *hub);
 
 /* Registers a Lua script (before start); returns its index. The script is
- * loaded with SCRIPT LOAD on every (re)connect, ahead of any other command. */
+ * loaded with SCRIPT LOAD on every (re)connect, ahead of any other command.
+ * lua is one of the embedded hub/lua scripts (hub_lua.h): at most
+ * HUB_LUA_COUNT of them, each registered once. */
 int hub_redis_add_script(struct hub_redis *r, const char *lua);
 
 /* The 40-hex SHA1 of script idx (NUL-terminated, lives as long as r). */
@@ -75,6 +80,18 @@ int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
  * allocates per argument, on the per-frame path. */
 int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
 				const char *cmd, size_t len);
+
+/* ---- commands built in RESP form ------------------------------------------
+ * An array of bulk strings, argument by argument into a hub_buf, sent with
+ * hub_redis_command_formatted: a script call whose KEYS and ARGV are
+ * counted up front. hub_resp_head starts it (argc arguments follow). */
+void hub_resp_head(hub_buf *b, size_t argc);
+void hub_resp_arg(hub_buf *b, const char *p, size_t n);
+void hub_resp_str(hub_buf *b, const char *s);
+void hub_resp_int(hub_buf *b, int64_t v);
+/* EVALSHA <sha of script> <nkeys>, after a hub_resp_head of 3 + nkeys +
+ * the number of ARGV. */
+void hub_resp_evalsha(hub_buf *b, const struct hub_redis *r, int script, size_t nkeys);
 
 /* Reference-counted subscriptions. hub_redis_channel_get() takes a reference
  * on a channel (or a PSUBSCRIBE pattern), subscribing on first use; the bus

@@ -16,12 +16,11 @@
 
 struct hub;
 
-/* Registers the scripts; before hub_redis_start(). */
-/* The module (hub/module.h). */
+/* The module (hub/module.h): hub->registry, its scripts and the store
+ * batch, created by its start hook (before hub_redis_start()). */
 struct hub_module;
 extern const struct hub_module hub_registry_module;
 
-void hub_registry_init(struct hub *hub);
 /* Stores what is batched and cancels the batch timer (before the loop goes). */
 void hub_registry_stop(struct hub *hub);
 
@@ -105,7 +104,7 @@ struct hub_store_group {
  * (docs/dashboard.md). Reply: array {1, feed-id} when stored, {0} when the
  * seq was already durable (nothing stored or published), or an error.
  * Frames are batched: stored together at the end of the loop turn, by one
- * script call (hub/registry.c). */
+ * call of hub/lua/store.lua. */
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *lines, size_t lines_len,

@@ -13,6 +13,7 @@
 #include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
+#include "hub_lua.h"
 
 #define CATCHUP_PAGE     "512"
 #define PEND_MAX         4096         /* live messages held during catch-up */
@@ -388,15 +389,7 @@ static void msg_begin(struct agg *ag)
 	hub_buf_puts(&ag->msg, ",\"partials\":[");
 }
 
-/* Keeps the partials a little over the longest window plus grace in a
- * stream, so an instance that starts merging (first aggregate subscriber,
- * restart, Redis reconnect) catches up on the windows in progress, and
- * publishes them behind their stream id (the seam between the two). */
-static const char publish_lua[] =
-	"local id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[1], '*', 'p', ARGV[2])\n"
-	"redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[2])\n"
-	"return id\n";
-
+/* Publishes the partials message (hub/lua/agg_publish.lua). */
 static void msg_send(struct agg *ag)
 {
 	char minid[24];
@@ -407,7 +400,7 @@ static void msg_send(struct agg *ag)
 	snprintf(minid, sizeof(minid), "%lld", (long long)(hub_now_ms() - 2 * max_age_ms(ag)));
 	argv[0] = "EVALSHA";
 	argv[1] = hub_redis_script_sha(ag->hub->redis, ag->script_publish);
-	argv[2] = "2";
+	argv[2] = "1";
 	argv[3] = HUB_KEY_AGG_PARTIALS;
 	argv[4] = HUB_CH_AGG;
 	argv[5] = minid;
@@ -754,7 +747,7 @@ struct agg *agg_new(struct hub *hub)
 	struct agg *ag = hub_xcalloc(1, sizeof(*ag));
 
 	ag->hub = hub;
-	ag->script_publish = hub_redis_add_script(hub->redis, publish_lua);
+	ag->script_publish = hub_redis_add_script(hub->redis, hub_lua_agg_publish);
 	map_init(&ag->partials);
 	for (int w = 0; w < AGG__COUNT; w++)
 		map_init(&ag->merged[w]);

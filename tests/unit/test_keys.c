@@ -74,22 +74,61 @@ static void test_limits(void **state)
 	assert_string_equal(small, "iot:tm:{abcdef}");
 }
 
-/* The Lua helpers spell the same names. */
-static void test_lua_spelling(void **state)
+/* The keys the scripts get in KEYS (hub/lua/). */
+static void test_script_keys(void **state)
 {
+	char k[HUB_KEY_MAX], run[HUB_KEY_MAX], idem[HUB_KEY_IDEM_MAX], id[HUB_ID_MAX + 1];
+
 	(void)state;
-	assert_non_null(strstr(HUB_LUA_KDEV, "return 'iot:dev:{' .. d .. '}' end"));
-	assert_non_null(strstr(HUB_LUA_KCMDS, "return 'iot:dev:{' .. d .. '}:cmds' end"));
-	assert_non_null(strstr(HUB_LUA_KCMDLOG, "return 'iot:dev:{' .. d .. '}:cmdlog' end"));
-	assert_non_null(strstr(HUB_LUA_KCANCELS, "return 'iot:dev:{' .. d .. '}:cancels' end"));
-	assert_non_null(strstr(HUB_LUA_KTYPE, "return 'iot:type:{' .. t .. '}' end"));
-	assert_non_null(strstr(HUB_LUA_KIDEM, "return 'iot:idem:{' .. owner .. '}:' .. key end"));
-	assert_non_null(strstr(HUB_LUA_KCMD, "return 'iot:cmd:' .. id .. ':log' end"));
-	assert_non_null(strstr(HUB_LUA_KROLLOUT, "return 'iot:rollout:' .. id .. ':cmds' end"));
-	assert_non_null(strstr(HUB_LUA_FIXED, "'iot:cmd:timers'"));
-	assert_non_null(strstr(HUB_LUA_FIXED, "'iot:leases', 'iot:epoch'"));
-	assert_non_null(strstr(HUB_LUA_KRUN, "local TOKEN_LEN = 12\n"));
-	assert_non_null(strstr(HUB_LUA_KRUN, "return 'iot:inst:{' .. string.sub(r, 1, -TOKEN_LEN - 2)"));
+	hub_key_dev_cmds(k, sizeof(k), "d:1");
+	assert_string_equal(k, "iot:dev:{d:1}:cmds");
+	hub_key_dev_cmdlog(k, sizeof(k), "d");
+	assert_string_equal(k, "iot:dev:{d}:cmdlog");
+	assert_int_equal(hub_key_cmd(k, sizeof(k), "c_ab"), strlen("iot:cmd:c_ab"));
+	assert_string_equal(k, "iot:cmd:c_ab");
+	assert_int_equal(hub_key_cmd_log(k, sizeof(k), "c_ab"), strlen("iot:cmd:c_ab:log"));
+	assert_string_equal(k, "iot:cmd:c_ab:log");
+	hub_key_rollout(k, sizeof(k), "r_1");
+	assert_string_equal(k, "iot:rollout:r_1");
+	hub_key_rollout_cmds(k, sizeof(k), "r_1");
+	assert_string_equal(k, "iot:rollout:r_1:cmds");
+	assert_int_equal(hub_key_cmd(k, sizeof(k), ""), 0);
+	assert_string_equal(k, "");
+
+	assert_int_equal(hub_key_idem(idem, sizeof(idem), "ops", "k-1"),
+			 strlen("iot:idem:{ops}:k-1"));
+	assert_string_equal(idem, "iot:idem:{ops}:k-1");
+	hub_key_idem(idem, sizeof(idem), "", "k");
+	assert_string_equal(idem, "iot:idem:{}:k");
+	assert_int_equal(hub_key_idem(idem, sizeof(idem), "ops", ""), 0);
+	memset(id, 'a', HUB_ID_MAX);
+	id[HUB_ID_MAX] = '\0';
+	/* Both at their longest fit HUB_KEY_IDEM_MAX. */
+	assert_int_equal(hub_key_idem(idem, sizeof(idem), id, id), 2 * HUB_ID_MAX + 12);
+
+	/* A connection id's run, and the run's keys. */
+	assert_int_equal(hub_run_of_conn(run, sizeof(run), "hub-1:0123456789ab:42"),
+			 strlen("hub-1:0123456789ab"));
+	assert_string_equal(run, "hub-1:0123456789ab");
+	assert_int_equal(hub_run_of_conn(run, sizeof(run), "a:b:0123456789ab:7"),
+			 strlen("a:b:0123456789ab"));
+	assert_int_equal(hub_run_of_conn(run, sizeof(run), "hub-1:42"), 0);
+	assert_string_equal(run, "");
+	assert_int_equal(hub_run_of_conn(run, sizeof(run), "hub-1:0123456789AB:1"), 0);
+	assert_int_equal(hub_run_of_conn(run, sizeof(run), "hub-1:0123456789ab:"), 0);
+	assert_int_equal(hub_run_of_conn(run, sizeof(run), ":0123456789ab:1"), 0);
+	assert_int_equal(hub_key_run(k, sizeof(k), "a:b:0123456789ab"),
+			 strlen("iot:inst:{a:b}:0123456789ab"));
+	assert_string_equal(k, "iot:inst:{a:b}:0123456789ab");
+	hub_key_run_reaper(k, sizeof(k), "hub-1:0123456789ab");
+	assert_string_equal(k, "iot:inst:{hub-1}:0123456789ab:reaper");
+	assert_int_equal(hub_key_run(k, sizeof(k), "hub-1"), 0);
+	assert_string_equal(k, "");
+	/* The longest: an instance id of HUB_ID_MAX, its reaper claim. */
+	memcpy(run, id, HUB_ID_MAX);
+	memcpy(run + HUB_ID_MAX, ":0123456789ab", 14);
+	assert_int_equal(hub_key_run_reaper(k, sizeof(k), run), HUB_KEY_MAX - 1);
+	assert_int_equal(hub_key_run_reaper(k, sizeof(k) - 1, run), 0);
 }
 
 int main(void)
@@ -98,7 +137,7 @@ int main(void)
 		cmocka_unit_test(test_names),
 		cmocka_unit_test(test_no_collision),
 		cmocka_unit_test(test_limits),
-		cmocka_unit_test(test_lua_spelling),
+		cmocka_unit_test(test_script_keys),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,86 @@
+-- store: stores a batch of telemetry frames (the frames of one loop turn of
+-- a hub, hub/registry.c) and publishes their readings live.
+--
+-- KEYS[1]      iot:feed                    HUB_KEY_FEED
+-- then, per frame f in order, 1 + n_f keys:
+--   seqs       iot:gw:{<gateway>}:seqs     hub_key_gw_seqs: the gateway's window of stored seqs
+--   n_f x tm   iot:tm:{<device>}           hub_key_tm: each reading's stream, in reading order
+-- ARGV[1] seq window (members kept in seqs), ARGV[2] device stream MAXLEN,
+-- ARGV[3] feed MAXLEN (0: no feed entry), ARGV[4] number of frames, then per
+-- frame: seq, gateway, lines, n, n x (ts, data), m, m x (channel, from, to).
+-- lines holds one line per reading (the feed entry's `readings`); the
+-- readings of a device type are lines[from..to] (1-based, inclusive),
+-- published on channel iot:live:raw:<type> (hub_ch_raw) behind the frame's
+-- feed id.
+--
+-- Reply: one element per frame, in order: {1, feed id} stored ('0-0' without
+-- a feed entry), or {0}: the seq was in the gateway's window already (a
+-- resend of a durable frame: nothing stored or published). A resend within
+-- the batch is a duplicate too: frames are stored one after the other.
+-- Errors: "ERR store: KEYS and ARGV do not match" (checked before any write);
+-- a key of the wrong type fails the script at that command, the frames
+-- before it stay stored.
+--
+-- Per frame: ZADD NX (the dedupe), one XADD per reading and one for the
+-- feed, one PUBLISH per device type, TTL (EXPIRE every TTL_EVERY seqs). The
+-- window is trimmed only when seq is a multiple of TRIM_EVERY (it holds
+-- window..window+TRIM_EVERY seqs): trimming a large sorted set per frame
+-- cost more than the rest of the dedupe. A seq older than the whole window
+-- is stored again (at least once). Publishing here, atomically with the
+-- XADDs, makes live order equal feed order (docs/dashboard.md).
+local TRIM_EVERY, TTL_EVERY, SEQS_TTL_S = 64, 256, 2592000
+
+local window, dmax, fmax = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local frames = tonumber(ARGV[4])
+
+-- The shape first: a malformed call writes nothing.
+local p, k, seen = 5, 2, 0
+for _ = 1, frames or 0 do
+  local n = tonumber(ARGV[p + 3])
+  local m = n and tonumber(ARGV[p + 4 + 2 * n])
+  if not m then break end
+  k = k + 1 + n
+  p = p + 5 + 2 * n + 3 * m
+  seen = seen + 1
+end
+if not (window and fmax) or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
+  return redis.error_reply('ERR store: KEYS and ARGV do not match')
+end
+
+local out = {}
+p, k = 5, 2
+for f = 1, frames do
+  local key, seq, gw, lines = KEYS[k], ARGV[p], ARGV[p + 1], ARGV[p + 2]
+  local n = tonumber(ARGV[p + 3])
+  local r = p + 4
+  local b = r + 2 * n
+  local t = k + 1
+  k = t + n
+  p = b + 1 + 3 * tonumber(ARGV[b])
+  if redis.call('ZADD', key, 'NX', seq, seq) == 0 then
+    out[f] = {0}
+  else
+    if tonumber(seq) % TRIM_EVERY == 0 then
+      redis.call('ZREMRANGEBYRANK', key, 0, -window - 1)
+    end
+    for i = r, b - 1, 2 do
+      redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                 'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq)
+      t = t + 1
+    end
+    local id = '0-0'
+    if fmax > 0 then
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
+                      'gw', gw, 'seq', seq, 'readings', lines)
+    end
+    for g = b + 1, p - 1, 3 do
+      redis.call('PUBLISH', ARGV[g],
+                 id .. '\n' .. string.sub(lines, tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])))
+    end
+    if tonumber(seq) % TTL_EVERY == 0 or redis.call('TTL', key) < 0 then
+      redis.call('EXPIRE', key, SEQS_TTL_S)
+    end
+    out[f] = {1, id}
+  end
+end
+return out
