@@ -1,6 +1,6 @@
 """The repository stands alone: no tracked file points at the specification,
 notes or style files the project was started from, which live outside the
-repository (a `../shared/` directory). docs/ is the reference; a comment or
+repository, next to it. docs/ is the reference; a comment or
 doc that needs a fact states it or points into docs/ (docs/README.md).
 
 Every tracked file is read (`git ls-files`; node_modules is never tracked and
