@@ -1,6 +1,7 @@
 /*
  * api.c - GET /v1/devices, /v1/devices/{device}, /v1/devices/{device}/telemetry
- * (CONTRACT §4; the Redis layout is docs/streams.md). See api.h.
+ * (docs/protocol.md "Devices and telemetry"; the Redis layout is
+ * docs/streams.md). See api.h.
  *
  * Every Redis command holds a reference on its request (cmd()); a reply
  * callback does nothing but drop it once the request is gone. Replies on the

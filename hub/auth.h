@@ -2,10 +2,11 @@
  * auth.h - gateway JWTs, API keys and device patterns.
  *
  * JWT verification pins the configured algorithm (libjwt 1.10.2 accepts
- * whatever alg the token names: see NOTES.md) and checks every claim itself:
- * exp (required, integer), nbf, iss and aud when configured. API keys are kept
- * only as SHA-256 hashes and compared in constant time. No libwebsockets here;
- * every function is cheap enough for an lws callback except auth_new().
+ * whatever alg the token names, none included: docs/pitfalls.md) and checks
+ * every claim itself, since libjwt checks none: exp (required, integer), nbf,
+ * iss and aud when configured. API keys are kept only as SHA-256 hashes and
+ * compared in constant time. No libwebsockets here; every function is cheap
+ * enough for an lws callback except auth_new().
  */
 #ifndef HUB_AUTH_H
 #define HUB_AUTH_H

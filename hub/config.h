@@ -1,7 +1,7 @@
 /*
  * config.h - the hub's configuration: one table of options with type, default,
- * bounds and help. Sources apply in the order CONTRACT §5 fixes: defaults,
- * then the config file, then command-line flags, then IOT_HUB_<KEY>
+ * bounds and help (docs/configuration.md). Sources apply in this order:
+ * defaults, then the config file, then command-line flags, then IOT_HUB_<KEY>
  * environment variables. Every key is accepted in all three forms
  * (`key value` in the file, `--key value` or `--key=value`, IOT_HUB_KEY).
  */

@@ -2,7 +2,7 @@
  * listener.h - the hub's own SO_REUSEPORT listening socket. Several iot-hub
  * processes on one port each own a listener and the kernel spreads
  * connections between them (lws 4.1.6 sets SO_REUSEPORT only for multi-thread
- * contexts, NOTES.md). The socket is adopted into lws as a raw file; on
+ * contexts: docs/pitfalls.md). The socket is adopted into lws as a raw file; on
  * readable the hub accept4()s and hands each socket to the vhost, which does
  * TLS and HTTP/WebSocket as if lws had accepted it.
  */

@@ -1,7 +1,8 @@
 /*
  * loop.h - the process's one event loop, owned by lws. The choice of backend
  * lives here and nowhere else: lws on its libev plugin (epoll), because lws's
- * default poll() backend collapsed with 10k idle connections (NOTES.md).
+ * default poll() backend collapsed with 10k idle connections
+ * (docs/pitfalls.md).
  * hiredis, timers and signals all run on this loop.
  */
 #ifndef HUB_LOOP_H

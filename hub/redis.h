@@ -1,6 +1,7 @@
 /*
  * redis.h - the hub's Redis bus: one connection for commands, one that only
- * subscribes (NOTES: a subscribed hiredis context takes nothing else).
+ * subscribes (a subscribed hiredis context takes nothing else:
+ * docs/pitfalls.md).
  *
  * hiredis 0.14.1 async contexts run on the lws loop: each socket is dup()ed
  * and adopted into lws as a raw file (this file is the only adapter between

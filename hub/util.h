@@ -17,7 +17,8 @@ int64_t hub_now_us(void);
 /* Monotonic clock in microseconds. */
 int64_t hub_mono_us(void);
 
-/* True if s[0..len) matches [A-Za-z0-9._:-]{1,128} (CONTRACT ids). */
+/* True if s[0..len) matches [A-Za-z0-9._:-]{1,128} (device, gateway and
+ * device-type ids: docs/protocol.md "Conventions"). */
 bool hub_id_valid(const char *s, size_t len);
 
 /* Strict decimal integer: s[0..len) is an optional '-' and decimal digits,

@@ -1,5 +1,5 @@
 /*
- * gw_codec.h - the gateway wire protocol (CONTRACT §2) as bytes in, structs
+ * gw_codec.h - the gateway wire protocol (docs/protocol.md) as bytes in, structs
  * out, and the hub's replies as bytes. No libwebsockets here: parsed and
  * fuzzed alone. Every limit is checked before anything is allocated for it.
  */

@@ -1,5 +1,5 @@
 /*
- * schema.c - device types and the JSON Schema subset of CONTRACT §1.
+ * schema.c - device types and the JSON Schema subset of docs/device-types.md.
  *
  * Every schema is compiled once, at load, into a tree of schema_node: the
  * keywords become flags, bounds, a regex_t, a sorted property table and a list

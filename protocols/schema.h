@@ -1,5 +1,5 @@
 /*
- * schema.h - device types and the JSON Schema subset of CONTRACT §1.
+ * schema.h - device types and the JSON Schema subset of docs/device-types.md.
  *
  * A schema_set is an immutable, compiled set of device types loaded from one
  * directory (one *.json file per type). The hub holds one current set and

@@ -1673,7 +1673,7 @@ static enum stream_auth stream_authenticate(struct hub *hub, const char *token, 
 	if (rc == AUTH_ERR_UNKNOWN_KEY && memchr(token, '.', len)) {
 		rc = auth_verify_jwt(hub->auth, token, len, hub_now_ms() / 1000, out);
 		if (rc == AUTH_OK && !out->has_devices_claim)
-			out->devices.all = true; /* CONTRACT §3: the claim is an optional limit */
+			out->devices.all = true; /* optional for dashboards (docs/dashboard.md) */
 	}
 	if (rc != AUTH_OK) {
 		*why = auth_strerror(rc);

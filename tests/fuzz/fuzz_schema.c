@@ -27,7 +27,7 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-/* CONTRACT §1, verbatim. */
+/* deploy/device-types/thermostat.json, verbatim. */
 static const char thermostat[] =
 	"[{\"device_type\": \"thermostat\","
 	" \"telemetry\": { \"type\": \"object\", \"required\": [\"temperature\"],"

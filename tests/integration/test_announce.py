@@ -1,4 +1,4 @@
-"""Device announce (CONTRACT §2): accepted devices, each rejection code, the
+"""Device announce (docs/protocol.md "Announce"): accepted devices, each rejection code, the
 registry in Redis (iot:dev:{<device>}, iot:devices) and presence after a
 disconnect."""
 

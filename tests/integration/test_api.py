@@ -1,4 +1,4 @@
-"""Operator read API (CONTRACT §4 device and telemetry rows): GET /v1/devices
+"""Operator read API (docs/protocol.md "Devices and telemetry"): GET /v1/devices
 with filters, GET /v1/devices/{device} with its last reading, and
 GET /v1/devices/{device}/telemetry as json (limit/next), ndjson and csv
 (chunked, paged from Redis as the client reads). API keys with scopes and

@@ -1,8 +1,9 @@
-"""Gateway auth on the WebSocket upgrade (CONTRACT §2): every 401 case for
+"""Gateway auth on the WebSocket upgrade (docs/protocol.md "Connecting"): every 401 case for
 HS256, RS256 and ES256, iss/aud checks, wrong path and subprotocol.
 
-401s are checked with raw HTTP upgrades: lws writes them as HTTP/1.0, which
-python-websockets 10.4 reports as an invalid response (NOTES.md)."""
+401s are checked with raw HTTP upgrades, which show the status line, headers
+and body exactly (python-websockets 10.4 turns a refused upgrade into an
+exception and drops the body)."""
 
 import hashlib
 import hmac

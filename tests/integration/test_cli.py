@@ -1,4 +1,4 @@
-"""Command line and config (CONTRACT §5): a bad flag, value or file exits
+"""Command line and config (docs/configuration.md): a bad flag, value or file exits
 non-zero with one line on stderr; SIGTERM exits 0; embedded Redis; the config
 file is read, flags override it and IOT_HUB_* variables override both."""
 

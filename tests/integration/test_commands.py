@@ -1,5 +1,5 @@
-"""Command channel (CONTRACT §2 command / cancel / command_ack, §4 command rows
-and lifecycle; docs/commands.md): the HTTP API (create, get with history,
+"""Command channel (docs/commands.md; the gateway side in docs/protocol.md
+"Commands"): the HTTP API (create, get with history,
 list, cancel; 401/403/404/422; Idempotency-Key), every state and transition
 seen by a real gateway (received, in_progress, succeeded, failed, rejected,
 ack timeouts with resends, timeout_s, ttl expiry, cancel before and after
@@ -730,7 +730,7 @@ class Lifecycle(SharedHub):
         await self.no_commands(gw, 0.5, "the owed cancel sent again after a second announce")
         self.assertEqual((await self.get(cid))["status"], "canceled")
 
-    # CONTRACT §4: timed_out after max_attempts sends spaced by ack_timeout_s.
+    # docs/commands.md: timed_out after max_attempts sends spaced by ack_timeout_s.
     # A reconnect during the last attempt's ack timeout neither resends nor
     # times out early; received on the new connection counts, and without it
     # the command times out when that ack timeout ends.

@@ -1,4 +1,5 @@
-"""Ack only after durable, and idempotent resends (CONTRACT §2): a stalled
+"""Ack only after durable, and idempotent resends (docs/protocol.md
+"Telemetry"): a stalled
 Redis (SIGSTOP) holds the ack back; a resent seq is acked again and never
 stored twice, on the same connection, after a reconnect and across a hub
 restart."""

@@ -1,4 +1,4 @@
-"""HTTP on the gateway port (CONTRACT §4): /healthz, /readyz (503 with a JSON
+"""HTTP on the gateway port (docs/protocol.md "HTTP on the same port"): /healthz, /readyz (503 with a JSON
 body while Redis is down), /metrics in Prometheus text with the ingest
 counters moving as traffic flows."""
 
@@ -145,7 +145,7 @@ class HTTP(HubTestCase):
 
 
 class OperatorAPIAuth(HubTestCase):
-    """API keys (CONTRACT §4): stored as SHA-256 hashes with scopes; missing or
+    """API keys (docs/configuration.md "The API keys file"): stored as SHA-256 hashes with scopes; missing or
     unknown key 401, key without the scope 403, JSON errors."""
 
     KEYS = {"reader": ("iotk_reader_key_0001", ["telemetry:read"]),

@@ -1,4 +1,4 @@
-"""Limits (CONTRACT §2), each on its own hub: frame size (close 1009),
+"""Limits (docs/protocol.md "Limits"), each on its own hub: frame size (close 1009),
 per-device and per-gateway token buckets (rate_limited + retry_after_ms),
 readings per frame, frames in flight, and takeover by a second connection
 with the same sub (old one closed with 4001)."""

@@ -1,4 +1,4 @@
-"""The OpenAPI document of the operator HTTP API (CONTRACT §4, docs/openapi.json):
+"""The OpenAPI document of the operator HTTP API (docs/openapi.json):
 the file is OpenAPI 3.0.x, describes every route with its scopes and error
 answers, and its examples match its schemas; GET /v1/openapi.json (no key)
 serves exactly the file's bytes; and live answers of a real hub match what the

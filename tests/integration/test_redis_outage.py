@@ -1,4 +1,4 @@
-"""Redis outages (CONTRACT §2): while Redis is unreachable the hub answers
+"""Redis outages (docs/protocol.md "Telemetry"): while Redis is unreachable the hub answers
 `unavailable` with the seq and retry_after_ms and never acks; it reconnects by
 itself when Redis is back on the same port, and resent frames are stored
 exactly once."""

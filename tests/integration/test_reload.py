@@ -1,4 +1,4 @@
-"""Schema reload on SIGHUP (CONTRACT §1): a changed schema applies without a
+"""Schema reload on SIGHUP (docs/device-types.md "Files"): a changed schema applies without a
 restart and without dropping gateways; a broken schema dir keeps the old set
 and logs "reload failed"."""
 

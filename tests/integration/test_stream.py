@@ -1,5 +1,4 @@
-"""Dashboard stream /v1/stream, subprotocol iot-dashboard.v1 (CONTRACT §3,
-docs/dashboard.md): auth on the upgrade (API key or JWT: 101/401/403) and by
+"""Dashboard stream /v1/stream, subprotocol iot-dashboard.v1 (docs/dashboard.md): auth on the upgrade (API key or JWT: 101/401/403) and by
 first message (authenticated, 4401, 4403, 4408 auth_timeout); subscribe and
 unsubscribe errors; raw filters and token device patterns; reading fields and
 pos = the frame's iot:feed id; fan-out and presence across instances;
@@ -428,8 +427,8 @@ class StreamAuth(StreamCase):
                          "a JWT limited to %s* saw: %s" % (p + "a", got))
 
     async def test_jwt_without_devices_claim_sees_every_device(self):
-        # docs/dashboard.md: the claim is an optional limit for dashboards
-        # (CONTRACT §3), unlike gateway tokens where absent means none
+        # docs/dashboard.md: the claim is an optional limit for dashboards,
+        # unlike gateway tokens where absent means none
         dev = uniq("t-n")
         d = await self.dashboard(self.hub, token=self.jwt(devices=None))
         await d.subscribe("s1", filter={"devices": [dev]})

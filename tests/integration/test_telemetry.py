@@ -1,4 +1,4 @@
-"""Telemetry ingest (CONTRACT §2): valid readings stored in iot:tm:{<device>}
+"""Telemetry ingest (docs/protocol.md "Telemetry"): valid readings stored in iot:tm:{<device>}
 and iot:feed, each per-reading rejection with its exact fields and index,
 hub-stamped ts, bad_json / bad_message errors that keep the connection."""
 

@@ -1,4 +1,4 @@
-"""TLS (CONTRACT §5): wss/https on the same port with the dev CA; mTLS with
+"""TLS (docs/configuration.md, docs/protocol.md "Connecting"): wss/https on the same port with the dev CA; mTLS with
 --tls-client-ca: no client cert, a cert from a foreign CA, or a cert whose CN
 is not the JWT sub are refused; the right cert is accepted."""
 
