@@ -21,12 +21,6 @@ FORBIDDEN = re.compile("|".join([
     r"\.\./" + "shared",
 ]))
 
-# Paths (prefixes) whose references are known and about to be fixed. Their
-# check below is an expected failure. FLIP: when `tools/` is clean, delete its
-# entry and the @unittest.expectedFailure line of test_pending_paths_are_clean
-# (until then an unexpected success makes this test fail, as a reminder).
-PENDING = ("tools/",)
-
 
 def tracked_files():
     out = subprocess.run(["git", "-C", SRC, "ls-files", "-z"], capture_output=True,
@@ -57,19 +51,12 @@ class Standalone(unittest.TestCase):
         except (OSError, subprocess.SubprocessError) as e:
             raise unittest.SkipTest(f"not a git checkout ({e}): nothing to list") from e
 
-    def test_no_reference_outside_pending_paths(self):
-        paths = [p for p in self.files if not p.startswith(PENDING)]
+    def test_no_reference_outside_the_repository(self):
+        paths = self.files
         self.assertGreater(len(paths), 50)
         hits = references(paths)
         self.assertEqual(hits, [], "references to files outside the repository:\n" +
                          "\n".join(hits))
-
-    @unittest.expectedFailure
-    def test_pending_paths_are_clean(self):
-        hits = references([p for p in self.files if p.startswith(PENDING)])
-        if hits:
-            print("\nknown, to be fixed:\n" + "\n".join(hits))
-        self.assertEqual(hits, [])
 
 
 if __name__ == "__main__":
