@@ -13,7 +13,14 @@
 #include "hub/util.h"
 
 #define WATCHDOG_US       (200 * 1000)
-#define IDLE_PING_US      (1000 * 1000)
+#define IDLE_PING_US      (500 * 1000)
+/* Up (hub_redis_up) means answering: while commands are pending, a reply
+ * (to any of them) within this of the last reply or of the oldest one's
+ * sending, whichever is later; while idle, a reply within IDLE_PING_US +
+ * WATCHDOG_US + this. A Redis working through a long queue keeps replying
+ * and stays up; a stalled one (SIGSTOP) is "down" within about 1.5 s,
+ * whatever redis-timeout-ms (which decides when the connection is dropped). */
+#define STALL_US          (750 * 1000)
 #define BACKOFF_MIN_MS    100
 #define MAX_SCRIPTS       24
 #define UNSUB_LINGER_US   (5 * 1000 * 1000)
@@ -79,6 +86,7 @@ struct hub_redis {
 	char **gate_argv;
 	hub_redis_gate_cb gate_check;
 	void *gate_arg;
+	bool stalled;              /* the watchdog saw hub_redis_up() false while RC_UP */
 };
 
 static void rconn_connect(struct rconn *rc);
@@ -86,6 +94,18 @@ static void rconn_drop(struct rconn *rc, const char *why);
 static void sul_reconnect_cb(lws_sorted_usec_list_t *sul);
 static void sul_drop_cb(lws_sorted_usec_list_t *sul);
 static void send_subscribe(struct hub_redis *r, struct hub_redis_channel *ch);
+
+/* How long the command connection has been silent while it owes a reply
+ * (since the last reply, or since the oldest pending command was sent if
+ * that is later), or while idle since the last reply. */
+static int64_t silence_us(const struct rconn *rc, int64_t now)
+{
+	int64_t since = rc->last_reply_us;
+
+	if (rc->ring_len && rc->ring[rc->ring_head].t0 > since)
+		since = rc->ring[rc->ring_head].t0;
+	return now - since;
+}
 
 /* ---- the pending ring ---------------------------------------------------- */
 
@@ -558,6 +578,18 @@ static void watchdog_cb(lws_sorted_usec_list_t *sul)
 		const char *argv[1] = { "PING" };
 		rconn_send(rc, NULL, NULL, 1, argv, NULL);
 	}
+	if (rc->state == RC_UP) {
+		bool up = hub_redis_up(r);
+		if (!up && !r->stalled)
+			hub_warn("redis %s: no reply for %lld ms (%zu commands pending): counted as "
+				 "down (not ready, telemetry answered unavailable) until it answers",
+				 rc->name, (long long)silence_us(rc, now) / 1000, rc->ring_len);
+		else if (up && r->stalled)
+			hub_info("redis %s: answering again", rc->name);
+		r->stalled = !up;
+	} else {
+		r->stalled = false;
+	}
 	if (r->sub.state == RC_CONNECTING && now - r->sub.state_since_us > timeout)
 		rconn_drop(&r->sub, "connect timed out");
 	channels_sweep(r, now);
@@ -630,7 +662,17 @@ void hub_redis_want_flush(struct hub_redis *r)
 
 bool hub_redis_up(const struct hub_redis *r)
 {
-	return r && r->cmd.state == RC_UP;
+	const struct rconn *rc;
+	int64_t now, allow;
+
+	if (!r || r->cmd.state != RC_UP)
+		return false;
+	rc = &r->cmd;
+	now = hub_mono_us();
+	allow = STALL_US;
+	if (!rc->ring_len)
+		allow += IDLE_PING_US + WATCHDOG_US;
+	return silence_us(rc, now) <= allow;
 }
 
 size_t hub_redis_pending(const struct hub_redis *r)

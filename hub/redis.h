@@ -5,9 +5,11 @@
  * hiredis 0.14.1 async contexts run on the lws loop: each socket is dup()ed
  * and adopted into lws as a raw file (this file is the only adapter between
  * the two libraries). hiredis has no timeouts or reconnect of its own, so this
- * module adds them on lws_sul timers: a watchdog that declares Redis down when
- * a reply is later than redis-timeout-ms (a SIGSTOPped Redis gives no error),
- * a PING when idle, and reconnect with capped exponential backoff and jitter.
+ * module adds them on lws_sul timers: a watchdog that drops the connection
+ * when a reply is later than redis-timeout-ms (a SIGSTOPped Redis gives no
+ * error), a PING when idle, and reconnect with capped exponential backoff and
+ * jitter. Well before that drop, a Redis that stops answering no longer
+ * counts as up (hub_redis_up).
  * Replies on the command connection arrive in order, so pending callbacks sit
  * in a ring: no allocation per command.
  */
@@ -52,7 +54,11 @@ void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
 
 void hub_redis_start(struct hub_redis *r);
 
-/* True while the command connection is established and answering. */
+/* True while the command connection is established, passed its gate, and
+ * answers: while it owes replies, one came within 750 ms of the last reply
+ * or of the oldest pending command's sending; while idle (PINGed every
+ * 500 ms), within about 1.5 s. /readyz, iot_hub_redis_up and the telemetry
+ * path all ask this, so they agree. */
 bool hub_redis_up(const struct hub_redis *r);
 
 /* Batching: fn runs in the command connection's writeable callback, right
