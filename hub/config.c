@@ -26,6 +26,7 @@ static const struct opt opts[] = {
 	O("listen", OPT_STR, listen, "127.0.0.1:8080", 0, 0, "address to serve ws/http on (HOST:PORT, port 0 = any free port)"),
 	O("redis", OPT_STR, redis, "embedded", 0, 0, "redis://HOST:PORT[/DB] (IP address), or embedded to start a private redis-server"),
 	O("redis-server", OPT_STR, redis_server, "redis-server", 0, 0, "redis-server binary used in embedded mode"),
+	O("data-dir", OPT_STR, data_dir, "./iot-hub-data", 0, 0, "embedded mode: the Redis data directory (append-only file), kept across restarts; one hub at a time (locked)"),
 	O("schemas", OPT_STR, schemas, "deploy/device-types", 0, 0, "directory of device-type JSON files"),
 	O("jwt-alg", OPT_STR, jwt_alg, "HS256", 0, 0, "gateway JWT algorithm: HS256, RS256 or ES256"),
 	O("jwt-key", OPT_STR, jwt_key, NULL, 0, 0, "file with the HS256 secret or the PEM public key (unset: ephemeral dev secret)"),
@@ -415,6 +416,10 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 			}
 			cfg->redis_db = (int)db;
 		}
+	}
+	if (cfg->redis_embedded && (!cfg->data_dir || !*cfg->data_dir)) {
+		seterr(err, errlen, "data-dir: a directory is required with redis embedded");
+		return -1;
 	}
 	if (!cfg->jwt_alg || (strcmp(cfg->jwt_alg, "HS256") && strcmp(cfg->jwt_alg, "RS256") &&
 			      strcmp(cfg->jwt_alg, "ES256"))) {

@@ -17,6 +17,7 @@ struct hub_config {
 	char *listen;              /* HOST:PORT */
 	char *redis;               /* redis://HOST:PORT[/DB] or "embedded" */
 	char *redis_server;        /* redis-server binary for embedded mode */
+	char *data_dir;            /* embedded mode: the Redis data directory */
 	char *schemas;
 	char *jwt_alg;
 	char *jwt_key;

@@ -147,10 +147,12 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 		hub_begin_shutdown(hub);
 		return;
 	}
-	hub_info("%zu device types from %s; instance %s; redis %s:%d%s",
+	hub_info("%zu device types from %s; instance %s; redis %s:%d%s%s%s",
 		 schema_set_count(hub->schemas), hub->cfg.schemas, hub->instance_id,
 		 hub->cfg.redis_host, hub->cfg.redis_port,
-		 hub->embedded ? " (embedded)" : "");
+		 hub->embedded ? " (embedded, data dir " : "",
+		 hub->embedded ? hub_embedded_redis_dir(hub->embedded) : "",
+		 hub->embedded ? ")" : "");
 	if (hub->jwt_ephemeral)
 		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
 	fprintf(stderr, "listening on %s:%d\n", hub->cfg.listen_host,
@@ -264,8 +266,8 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (hub.cfg.redis_embedded) {
-		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, &hub.cfg.redis_port,
-							err, sizeof(err));
+		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, hub.cfg.data_dir, false,
+							&hub.cfg.redis_port, err, sizeof(err));
 		if (!hub.embedded) {
 			fprintf(stderr, "iot-hub: %s\n", err);
 			hub_cleanup(&hub);
