@@ -10,6 +10,7 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
+#include "hub/durability.h"
 #include "hub/embedded_redis.h"
 #include "hub/hub.h"
 #include "hub/jarena.h"
@@ -135,6 +136,8 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 {
 	struct hub *hub = the_hub;
 
+	if (hub->draining)
+		return; /* refused (key layout, durability) before it listened */
 	if (!hub_redis_up(hub->redis) && hub_mono_us() < startup_deadline_us) {
 		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
 		return;
@@ -147,12 +150,12 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 		hub_begin_shutdown(hub);
 		return;
 	}
-	hub_info("%zu device types from %s; instance %s; redis %s:%d%s%s%s",
+	hub_info("%zu device types from %s; instance %s; redis %s:%d%s%s%s; ack-durability %s",
 		 schema_set_count(hub->schemas), hub->cfg.schemas, hub->instance_id,
 		 hub->cfg.redis_host, hub->cfg.redis_port,
 		 hub->embedded ? " (embedded, data dir " : "",
 		 hub->embedded ? hub_embedded_redis_dir(hub->embedded) : "",
-		 hub->embedded ? ")" : "");
+		 hub->embedded ? ")" : "", hub->cfg.ack_durability);
 	if (hub->jwt_ephemeral)
 		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
 	fprintf(stderr, "listening on %s:%d\n", hub->cfg.listen_host,
@@ -266,7 +269,8 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (hub.cfg.redis_embedded) {
-		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, hub.cfg.data_dir, false,
+		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, hub.cfg.data_dir,
+							hub.cfg.ack_mode == HUB_ACK_FSYNC,
 							&hub.cfg.redis_port, err, sizeof(err));
 		if (!hub.embedded) {
 			fprintf(stderr, "iot-hub: %s\n", err);
@@ -283,6 +287,7 @@ int main(int argc, char **argv)
 	}
 	hub.sul_signal.cb = on_signal_timer;
 	hub.redis = hub_redis_new(&hub);
+	hub_durability_init(&hub); /* its check runs before the layout script writes */
 	const char *gate[] = { "EVAL", layout_lua, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);

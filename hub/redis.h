@@ -45,20 +45,27 @@ const char *hub_redis_script_sha(const struct hub_redis *r, int idx);
 /* A gate: argv (copied) is sent on every (re)connect of the command
  * connection, after the setup commands and before anything else, and the
  * connection counts as up (hub_redis_up(), commands accepted) only once
- * check(reply, arg) returned true. False drops the connection; it is retried
- * with the usual backoff. reply is borrowed and never NULL (check is not
- * called when the connection is lost first). Before hub_redis_start() only. */
+ * check(reply, arg) returned true for every gate, in the order they were
+ * added (each sent once the one before passed). False drops the connection; it is retried with the usual backoff.
+ * With recheck_ms > 0 the gate is also sent every recheck_ms while the
+ * connection is up, and false then drops it too. reply is borrowed and never
+ * NULL (check is not called when the connection is lost first). At most 4
+ * gates; before hub_redis_start() only. hub_redis_set_gate adds one with no
+ * recheck. */
 typedef bool (*hub_redis_gate_cb)(redisReply *reply, void *arg);
+void hub_redis_add_gate(struct hub_redis *r, int argc, const char **argv,
+			hub_redis_gate_cb check, void *arg, int recheck_ms);
 void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
 			hub_redis_gate_cb check, void *arg);
 
 void hub_redis_start(struct hub_redis *r);
 
-/* True while the command connection is established, passed its gate, and
- * answers: while it owes replies, one came within 750 ms of the last reply
- * or of the oldest pending command's sending; while idle (PINGed every
- * 500 ms), within about 1.5 s. /readyz, iot_hub_redis_up and the telemetry
- * path all ask this, so they agree. */
+/* True while the command connection is established, passed its gates, and
+ * answers: while it owes replies, one came within 750 ms (plus ack-wait-ms
+ * while a WAIT is in flight) of the last reply or of the oldest pending
+ * command's sending; while idle (PINGed every 500 ms), within about 1.5 s.
+ * /readyz, iot_hub_redis_up and the telemetry path all ask this, so they
+ * agree. */
 bool hub_redis_up(const struct hub_redis *r);
 
 /* Batching: fn runs in the command connection's writeable callback, right
@@ -81,6 +88,17 @@ int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
  * allocates per argument, on the per-frame path. */
 int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
 				const char *cmd, size_t len);
+
+/* As hub_redis_command_formatted, for a write whose reply the caller will
+ * acknowledge to a client. With ack-durability replicated the bus follows
+ * it with WAIT ack-replicas ack-wait-ms on the same connection (at most one
+ * WAIT in flight: writes sent while one is pending share the next), and cb
+ * runs only once that WAIT answered: with the command's reply (a copy,
+ * borrowed as usual) when at least ack-replicas replicas confirmed or when
+ * it is an error reply, else with NULL (short, or the connection failed).
+ * In the other modes it is hub_redis_command_formatted. */
+int hub_redis_command_durable(struct hub_redis *r, hub_redis_cb cb, void *arg,
+			      const char *cmd, size_t len);
 
 /* Reference-counted subscriptions. hub_redis_channel_get() takes a reference
  * on a channel (or a PSUBSCRIBE pattern), subscribing on first use; the bus

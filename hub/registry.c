@@ -28,6 +28,10 @@
  * sorted set for every frame cost more than the rest of the dedupe. A seq
  * older than the whole window is stored again (at least once: a frame
  * resent that late was more likely never stored than acked and lost).
+ * A duplicate refreshes the window's expiry: a write, so that a WAIT after
+ * this call (ack-durability replicated) also covers the first copy's store,
+ * which may have been another connection's (WAIT only counts this
+ * connection's writes).
  * last_seen is flushed separately. Publishing here, atomically with the
  * XADDs, makes live order equal feed order (docs/dashboard.md). Key names
  * are hub/keys.h's, spliced in place rather than through its Lua helpers:
@@ -44,6 +48,7 @@ static const char store_lua[] =
 	"  local m = tonumber(ARGV[b])\n"
 	"  p = b + 1 + 3 * m\n"
 	"  if redis.call('ZADD', key, 'NX', seq, seq) == 0 then\n"
+	"    redis.call('EXPIRE', key, 2592000)\n"
 	"    out[f] = {0}\n"
 	"  else\n"
 	"    if tonumber(seq) % 64 == 0 then\n"
@@ -270,13 +275,19 @@ static void resp_eval(struct hub *hub, int script, int nkeys, size_t nargs)
 	resp_int(nkeys);
 }
 
-static int resp_send(struct hub *hub, hub_redis_cb cb, void *arg)
+static int resp_send_as(struct hub *hub, hub_redis_cb cb, void *arg, bool durable)
 {
-	int rc = hub_redis_command_formatted(hub->redis, cb, arg, resp.data, resp.len);
+	int rc = (durable ? hub_redis_command_durable : hub_redis_command_formatted)
+		 (hub->redis, cb, arg, resp.data, resp.len);
 
 	if (resp.cap > 256 * 1024)
 		hub_buf_free(&resp); /* keep a huge command's buffer no longer */
 	return rc;
+}
+
+static int resp_send(struct hub *hub, hub_redis_cb cb, void *arg)
+{
+	return resp_send_as(hub, cb, arg, false);
 }
 
 int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_item *items,
@@ -417,7 +428,8 @@ static void store_flush(void *unused)
 	B.keys.len = B.args.len = 0;
 	if (B.args.cap > 2 * BATCH_BYTES)
 		hub_buf_free(&B.args);
-	if (resp_send(hub, on_batch, bs))
+	/* Durable: with ack-durability replicated, answered after its WAIT. */
+	if (resp_send_as(hub, on_batch, bs, true))
 		on_batch(NULL, bs); /* down: every frame is answered `unavailable` */
 }
 

@@ -87,7 +87,9 @@ struct hub_store_group {
  * (docs/dashboard.md). Reply: array {1, feed-id} when stored, {0} when the
  * seq was already durable (nothing stored or published), or an error.
  * Frames are batched: stored together at the end of the loop turn, by one
- * script call (hub/registry.c). */
+ * script call (hub/registry.c). With ack-durability replicated, cb runs once
+ * the WAIT after that call answered, with NULL (answer `unavailable`) when
+ * too few replicas confirmed (hub_redis_command_durable). */
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *lines, size_t lines_len,
