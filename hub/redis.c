@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -758,7 +759,12 @@ bool hub_redis_up(const struct hub_redis *r)
 	allow = STALL_US + (r->wait_inflight ? (int64_t)r->hub->cfg.ack_wait_ms * 1000 : 0);
 	if (!rc->ring_len)
 		allow += IDLE_PING_US + WATCHDOG_US;
-	return silence_us(rc, now) <= allow;
+	if (silence_us(rc, now) <= allow)
+		return true;
+	/* Silent, or is it the hub that was not scheduled (replies waiting in
+	 * the socket, unread)? One poll(), only on this path. */
+	struct pollfd pfd = { rc->ac ? rc->ac->c.fd : -1, POLLIN, 0 };
+	return pfd.fd >= 0 && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN);
 }
 
 size_t hub_redis_pending(const struct hub_redis *r)

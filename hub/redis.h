@@ -63,8 +63,8 @@ void hub_redis_start(struct hub_redis *r);
 /* True while the command connection is established, passed its gates, and
  * answers: while it owes replies, one came within 750 ms (plus ack-wait-ms
  * while a WAIT is in flight) of the last reply or of the oldest pending
- * command's sending; while idle (PINGed every 500 ms), within about 1.5 s.
- * /readyz, iot_hub_redis_up and the telemetry path all ask this, so they
+ * command's sending; while idle (PINGed every 500 ms), within about 1.5 s
+ * (a reply waiting unread in the socket counts). /readyz, iot_hub_redis_up and the telemetry path all ask this, so they
  * agree. */
 bool hub_redis_up(const struct hub_redis *r);
 

@@ -168,14 +168,16 @@ class Replicated(AckCase):
         return primary, replica
 
     def hub(self, primary, replicas=1, wait_ms=300):
+        # A short wait where shortfalls are the point, a long one where acks
+        # are (a loaded machine must not turn a slow replica into a failure).
         return self.start_hub(primary, extra=["--ack-durability", "replicated", "--ack-replicas", replicas,
-                                              "--ack-wait-ms", wait_ms])
+                                              "--ack-wait-ms", wait_ms, "--redis-timeout-ms", max(2000, 3 * wait_ms)])
 
     async def test_acked_once_the_replica_has_it(self):
         primary, replica = self.primary_and_replica()
-        hub = self.hub(primary)
+        hub = self.hub(primary, wait_ms=3000)
         hub.wait_line(r"ack-durability replicated: a frame is acked once WAIT saw 1 replica confirm it "
-                      r"within 300 ms", 1)
+                      r"within 3000 ms", 1)
         gw, d = await self.gw_dev(hub)
         for seq in range(1, 21):
             rep = await gw.telemetry(seq, [reading(d, float(seq))])
@@ -197,8 +199,7 @@ class Replicated(AckCase):
         primary, replica = self.primary_and_replica()
         hub = self.hub(primary)
         gw, d = await self.gw_dev(hub)
-        rep = await gw.telemetry(1, [reading(d, 1.0)])
-        self.assertEqual(rep.get("type"), "ack", rep)
+        rep = await self.resend_until_acked(gw, 1, [reading(d, 1.0)])
         frames = {seq: [reading(d, float(seq))] for seq in range(2, 7)}
         replica.pause()
         try:
@@ -215,7 +216,8 @@ class Replicated(AckCase):
             replica.resume()
         m = parse_metrics(http_get(hub, "/metrics")[2])
         self.assertGreaterEqual(metric_value(m, "iot_hub_frames_total", result="unavailable"), 6)
-        self.assertEqual(metric_value(m, "iot_hub_frames_total", result="acked"), 1)
+        self.assertEqual(metric_value(m, "iot_hub_frames_total", result="acked") +
+                         metric_value(m, "iot_hub_frames_total", result="duplicate"), 1, "only seq 1 acked")
         self.assertGreater(metric_value(m, "iot_hub_redis_waits_short_total"), 0)
         hub.wait_line(r"W .*redis: WAIT 1 300: 0 replicas confirmed; what it covered is answered unavailable", 1)
         for seq, r in frames.items():
