@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a fresh Debian 12 machine: install dependencies, build, and
 # run the hub on its embedded defaults (a private redis-server on a free
-# loopback port, the repo's example device types, an ephemeral JWT secret and
-# a printed dev token). With --sim it also starts the gateway simulator so data
+# loopback port keeping its data in .dev/iot-hub-data, git-ignored, so a
+# restart keeps it; the repo's example device types, an ephemeral JWT secret
+# and a printed dev token). With --sim it also starts the gateway simulator so data
 # flows at once. Extra arguments go to iot-hub.
 #
 #   ./deploy/dev-run.sh [--sim] [iot-hub flags...]
@@ -25,7 +26,8 @@ if [[ ! -s .dev/dashboard.key || ! -s .dev/api-keys.json ]]; then
   echo "[$(cat .dev/api-key-entry.json)]" > .dev/api-keys.json
 fi
 echo "dev-run: dashboard at http://<listen address>/ - API key: $(cat .dev/dashboard.key)" >&2
-common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root web)
+common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root web
+        --data-dir .dev/iot-hub-data)
 
 if ((sim == 0)); then
   exec ./build/iot-hub "${common[@]}" "$@"

@@ -16,6 +16,10 @@ static const struct opt opts[] = {
 	O("listen", OPT_STR, listen, "127.0.0.1:8080", 0, 0, "address to serve ws/http on (HOST:PORT, port 0 = any free port)"),
 	O("redis", OPT_STR, redis, "embedded", 0, 0, "redis://HOST:PORT[/DB] (IP address), or embedded to start a private redis-server"),
 	O("redis-server", OPT_STR, redis_server, "redis-server", 0, 0, "redis-server binary used in embedded mode"),
+	O("data-dir", OPT_STR, data_dir, "./iot-hub-data", 0, 0, "embedded mode: the Redis data directory (append-only file), kept across restarts; one hub at a time (locked)"),
+	O("ack-durability", OPT_STR, ack_durability, "accepted", 0, 0, "what a telemetry ack promises: accepted (Redis took it), fsync (Redis must run appendonly yes + appendfsync always, checked) or replicated (WAIT for ack-replicas replicas)"),
+	O("ack-replicas", OPT_INT, ack_replicas, "1", 1, 64, "ack-durability replicated: replicas that must confirm a frame before it is acked"),
+	O("ack-wait-ms", OPT_INT, ack_wait_ms, "1000", 1, 300000, "ack-durability replicated: longest wait for them, then the frame is answered unavailable (at most half of redis-timeout-ms)"),
 	O("schemas", OPT_STR, schemas, "deploy/device-types", 0, 0, "directory of device-type JSON files"),
 	O("jwt-alg", OPT_STR, jwt_alg, "HS256", 0, 0, "gateway JWT algorithm: HS256, RS256 or ES256"),
 	O("jwt-key", OPT_STR, jwt_key, NULL, 0, 0, "file with the HS256 secret or the PEM public key (unset: ephemeral dev secret)"),
@@ -240,6 +244,33 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 			}
 			cfg->redis_db = (int)db;
 		}
+	}
+	if (cfg->redis_embedded && (!cfg->data_dir || !*cfg->data_dir)) {
+		seterr(err, errlen, "data-dir: a directory is required with redis embedded");
+		return -1;
+	}
+	if (cfg->ack_durability && !strcmp(cfg->ack_durability, "accepted")) {
+		cfg->ack_mode = HUB_ACK_ACCEPTED;
+	} else if (cfg->ack_durability && !strcmp(cfg->ack_durability, "fsync")) {
+		cfg->ack_mode = HUB_ACK_FSYNC;
+	} else if (cfg->ack_durability && !strcmp(cfg->ack_durability, "replicated")) {
+		cfg->ack_mode = HUB_ACK_REPLICATED;
+	} else {
+		seterr(err, errlen, "ack-durability: expected accepted, fsync or replicated, got \"%s\"",
+		       cfg->ack_durability ? cfg->ack_durability : "");
+		return -1;
+	}
+	if (cfg->ack_mode == HUB_ACK_REPLICATED && cfg->redis_embedded) {
+		seterr(err, errlen, "ack-durability replicated needs a Redis with replicas "
+		       "(redis redis://...); the embedded Redis has none");
+		return -1;
+	}
+	/* A WAIT holds the command connection; the watchdog must not take a
+	 * full wait (and the commands queued behind it) for a stalled Redis. */
+	if (cfg->ack_mode == HUB_ACK_REPLICATED && cfg->ack_wait_ms * 2 > cfg->redis_timeout_ms) {
+		seterr(err, errlen, "ack-wait-ms %d must be at most half of redis-timeout-ms %d",
+		       cfg->ack_wait_ms, cfg->redis_timeout_ms);
+		return -1;
 	}
 	if (!cfg->jwt_alg || (strcmp(cfg->jwt_alg, "HS256") && strcmp(cfg->jwt_alg, "RS256") &&
 			      strcmp(cfg->jwt_alg, "ES256"))) {

@@ -12,11 +12,22 @@
 #include <stddef.h>
 #include <stdio.h>
 
+/* ack-durability: what an ack to a gateway promises (docs/streams.md). */
+enum hub_ack_durability {
+	HUB_ACK_ACCEPTED,      /* Redis took the write */
+	HUB_ACK_FSYNC,         /* ... and Redis runs appendonly yes + appendfsync always */
+	HUB_ACK_REPLICATED,    /* ... and WAIT saw ack-replicas replicas confirm it */
+};
+
 struct hub_config {
 	char *config_file;
 	char *listen;              /* HOST:PORT */
 	char *redis;               /* redis://HOST:PORT[/DB] or "embedded" */
 	char *redis_server;        /* redis-server binary for embedded mode */
+	char *data_dir;            /* embedded mode: the Redis data directory */
+	char *ack_durability;      /* accepted | fsync | replicated */
+	int ack_replicas;
+	int ack_wait_ms;
 	char *schemas;
 	char *jwt_alg;
 	char *jwt_key;
@@ -81,6 +92,7 @@ struct hub_config {
 	int redis_db;
 	char *redis_password;
 	bool redis_embedded;
+	enum hub_ack_durability ack_mode;
 };
 
 /* Fills cfg from defaults, the config file (--config or IOT_HUB_CONFIG),

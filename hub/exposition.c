@@ -133,7 +133,14 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	counter(o, "iot_hub_redis_connects_total", "Redis command-connection attempts.",
 		m->redis_reconnects_total);
 	counter(o, "iot_hub_redis_errors_total", "Redis error replies.", m->redis_errors_total);
-	gauge(o, "iot_hub_redis_up", "1 while the Redis command connection is up.",
+	counter(o, "iot_hub_redis_waits_total",
+		"WAITs answered (ack-durability replicated: one covers the store batches sent before it).",
+		m->redis_waits_total);
+	counter(o, "iot_hub_redis_waits_short_total",
+		"WAITs that counted fewer than ack-replicas replicas: what they covered was answered unavailable.",
+		m->redis_waits_short_total);
+	gauge(o, "iot_hub_redis_up",
+	      "1 while the Redis command connection is up and answering (no reply pending for long).",
 	      hub_redis_up(hub->redis) ? 1 : 0);
 	gauge(o, "iot_hub_redis_pending", "Redis commands awaiting a reply.",
 	      hub->redis ? (double)hub_redis_pending(hub->redis) : 0);

@@ -23,6 +23,7 @@ struct hub_module;
 struct hub_observers;
 struct hub_http;
 struct hub_lease;
+struct hub_durability;
 struct hub_registry;
 struct agg;
 struct stream;
@@ -58,6 +59,7 @@ struct hub {
 	struct hub_http *http;
 	struct hub_registry *registry;
 	struct hub_lease *lease;
+	struct hub_durability *durability; /* hub/durability.c */
 	struct agg *agg;
 	struct gateways *gw;
 	struct stream *stream;

@@ -12,6 +12,7 @@
 
 #include "commands/cmd_api.h"
 #include "hub/api.h"
+#include "hub/durability.h"
 #include "hub/embedded_redis.h"
 #include "hub/http.h"
 #include "hub/events.h"
@@ -134,6 +135,8 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 {
 	struct hub *hub = the_hub;
 
+	if (hub->draining)
+		return; /* refused (key layout, durability) before it listened */
 	if (!hub_redis_up(hub->redis) && hub_mono_us() < startup_deadline_us) {
 		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
 		return;
@@ -146,10 +149,12 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 		hub_begin_shutdown(hub);
 		return;
 	}
-	hub_info("%zu device types from %s; instance %s; redis %s:%d%s",
+	hub_info("%zu device types from %s; instance %s; redis %s:%d%s%s%s; ack-durability %s",
 		 schema_set_count(hub->schemas), hub->cfg.schemas, hub->instance_id,
 		 hub->cfg.redis_host, hub->cfg.redis_port,
-		 hub->embedded ? " (embedded)" : "");
+		 hub->embedded ? " (embedded, data dir " : "",
+		 hub->embedded ? hub_embedded_redis_dir(hub->embedded) : "",
+		 hub->embedded ? ")" : "", hub->cfg.ack_durability);
 	if (hub->jwt_ephemeral)
 		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
 	fprintf(stderr, "listening on %s:%d\n", hub->cfg.listen_host,
@@ -210,6 +215,7 @@ static void hub_cleanup(struct hub *hub)
 	hub_modules_free(hub);
 	hub_events_free(hub);
 	hub_redis_free(hub->redis);
+	hub_durability_free(hub);
 	hub_listener_free(hub->listener);
 	hub_embedded_redis_stop(hub->embedded);
 	schema_set_free(hub->schemas);
@@ -287,8 +293,9 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (hub.cfg.redis_embedded) {
-		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, &hub.cfg.redis_port,
-							err, sizeof(err));
+		hub.embedded = hub_embedded_redis_start(hub.cfg.redis_server, hub.cfg.data_dir,
+							hub.cfg.ack_mode == HUB_ACK_FSYNC,
+							&hub.cfg.redis_port, err, sizeof(err));
 		if (!hub.embedded) {
 			fprintf(stderr, "iot-hub: %s\n", err);
 			hub_cleanup(&hub);
@@ -304,6 +311,7 @@ int main(int argc, char **argv)
 	}
 	hub.sul_signal.cb = on_signal_timer;
 	hub.redis = hub_redis_new(&hub);
+	hub_durability_init(&hub); /* its check runs before the layout script writes */
 	const char *gate[] = { "EVAL", hub_lua_layout, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);

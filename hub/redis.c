@@ -1,6 +1,8 @@
 #include "hub/redis.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -14,10 +16,20 @@
 #include "hub_lua.h"
 
 #define WATCHDOG_US       (200 * 1000)
-#define IDLE_PING_US      (1000 * 1000)
+#define IDLE_PING_US      (500 * 1000)
+/* Up (hub_redis_up) means answering: while commands are pending, a reply
+ * (to any of them) within this of the last reply or of the oldest one's
+ * sending, whichever is later; while idle, a reply within IDLE_PING_US +
+ * WATCHDOG_US + this. A Redis working through a long queue keeps replying
+ * and stays up; a stalled one (SIGSTOP) is "down" within about 1.5 s,
+ * whatever redis-timeout-ms (which decides when the connection is dropped). */
+#define STALL_US          (750 * 1000)
 #define BACKOFF_MIN_MS    100
 #define MAX_SCRIPTS       HUB_LUA_COUNT   /* every embedded script, once */
+#define MAX_GATES         4
 #define UNSUB_LINGER_US   (5 * 1000 * 1000)
+#define WAIT_PENDING      INT_MIN
+#define WAIT_WARN_US      (10 * 1000 * 1000)
 
 struct pending {
 	hub_redis_cb cb;
@@ -65,6 +77,34 @@ struct hub_redis_channel {
 	char name[];
 };
 
+/* A command that runs on every (re)connect before the connection counts as
+ * up, and every recheck_ms while it is (hub_redis_add_gate). */
+struct gate {
+	struct hub_redis *r;
+	int idx;
+	int argc;
+	char **argv;
+	hub_redis_gate_cb check;
+	void *arg;
+	int recheck_ms;            /* 0: on connect only */
+	int64_t last_us;           /* last sent */
+	bool inflight;             /* a recheck awaits its reply */
+};
+
+/* A command sent with hub_redis_command_durable in ack-durability
+ * replicated: its callback runs once both its own reply and the WAIT that
+ * covers it have answered. It sits in wait_next (no WAIT sent after it yet)
+ * or wait_sent (the WAIT in flight covers it) until that WAIT answers. */
+struct durable {
+	struct durable *next;
+	struct hub_redis *r;
+	hub_redis_cb cb;
+	void *arg;
+	redisReply *reply;         /* a copy of its reply; NULL: failed */
+	bool replied;
+	int wait_n;                /* replicas the WAIT counted, -1 failed, WAIT_PENDING */
+};
+
 struct hub_redis {
 	struct hub *hub;
 	struct rconn cmd, sub;
@@ -76,10 +116,13 @@ struct hub_redis {
 	const char *scripts[MAX_SCRIPTS];  /* embedded texts (hub_lua.h) */
 	char shas[MAX_SCRIPTS][41];
 	struct hub_redis_channel *channels;
-	int gate_argc;             /* hub_redis_set_gate: 0 = none */
-	char **gate_argv;
-	hub_redis_gate_cb gate_check;
-	void *gate_arg;
+	int ngates;
+	struct gate gates[MAX_GATES];
+	bool stalled;              /* the watchdog saw hub_redis_up() false while RC_UP */
+	bool wait_inflight;        /* a WAIT awaits its reply (at most one) */
+	struct durable *wait_sent; /* covered by that WAIT */
+	struct durable *wait_next, **wait_next_tail; /* waiting for the next WAIT */
+	int64_t wait_warned_us;
 };
 
 static void rconn_connect(struct rconn *rc);
@@ -87,6 +130,18 @@ static void rconn_drop(struct rconn *rc, const char *why);
 static void sul_reconnect_cb(lws_sorted_usec_list_t *sul);
 static void sul_drop_cb(lws_sorted_usec_list_t *sul);
 static void send_subscribe(struct hub_redis *r, struct hub_redis_channel *ch);
+
+/* How long the command connection has been silent while it owes a reply
+ * (since the last reply, or since the oldest pending command was sent if
+ * that is later), or while idle since the last reply. */
+static int64_t silence_us(const struct rconn *rc, int64_t now)
+{
+	int64_t since = rc->last_reply_us;
+
+	if (rc->ring_len && rc->ring[rc->ring_head].t0 > since)
+		since = rc->ring[rc->ring_head].t0;
+	return now - since;
+}
 
 /* ---- the pending ring ---------------------------------------------------- */
 
@@ -280,8 +335,8 @@ static void on_connect(const redisAsyncContext *ac, int status)
 	hub_info("redis %s: connected to %s:%d", rc->name, rc->r->hub->cfg.redis_host,
 		 rc->r->hub->cfg.redis_port);
 	rc->last_reply_us = hub_mono_us();
-	if (!rc->is_sub && rc->r->gate_argc)
-		return; /* up when the gate's reply passes (on_gate_reply) */
+	if (!rc->is_sub && rc->r->ngates)
+		return; /* up when the last gate's reply passes (on_gate_reply) */
 	set_state(rc, RC_UP);
 	rc->backoff_ms = 0;
 	if (rc->is_sub)
@@ -315,20 +370,45 @@ static void on_setup_reply(redisReply *reply, void *arg)
 	}
 }
 
+static void gate_refused(struct rconn *rc)
+{
+	/* Not from inside hiredis: drop on a timer. */
+	rc->drop_why = "refused by the connect check";
+	lws_sul_schedule(rc->r->hub->ctx, 0, &rc->sul_drop, sul_drop_cb, 1);
+}
+
 static void on_gate_reply(redisReply *reply, void *arg)
 {
-	struct rconn *rc = arg;
+	struct gate *g = arg;
+	struct rconn *rc = &g->r->cmd;
 
 	if (!reply || rc->state != RC_CONNECTING)
 		return; /* lost meanwhile: the next connection asks again */
-	if (!rc->r->gate_check(reply, rc->r->gate_arg)) {
-		/* Not from inside hiredis: drop on a timer. */
-		rc->drop_why = "refused by the connect check";
-		lws_sul_schedule(rc->r->hub->ctx, 0, &rc->sul_drop, sul_drop_cb, 1);
+	if (!g->check(reply, g->arg)) {
+		gate_refused(rc);
+		return;
+	}
+	if (g->idx < g->r->ngates - 1) {
+		/* One after the other: a gate that refuses stops the next ones
+		 * (the layout script writes) from running at all. */
+		struct gate *next = &g->r->gates[g->idx + 1];
+		next->last_us = hub_mono_us();
+		if (rconn_send(rc, on_gate_reply, next, next->argc, (const char **)next->argv, NULL))
+			gate_refused(rc);
 		return;
 	}
 	set_state(rc, RC_UP);
 	rc->backoff_ms = 0;
+}
+
+static void on_recheck_reply(redisReply *reply, void *arg)
+{
+	struct gate *g = arg;
+	struct rconn *rc = &g->r->cmd;
+
+	g->inflight = false;
+	if (reply && rc->state == RC_UP && !g->check(reply, g->arg))
+		gate_refused(rc);
 }
 
 static void channel_set_state(struct hub_redis_channel *ch, enum ch_state s)
@@ -490,9 +570,11 @@ static void rconn_connect(struct rconn *rc)
 			const char *argv[3] = { "SCRIPT", "LOAD", r->scripts[i] };
 			rconn_send(rc, on_setup_reply, rc, 3, argv, NULL);
 		}
-		if (r->gate_argc)
-			rconn_send(rc, on_gate_reply, rc, r->gate_argc,
-				   (const char **)r->gate_argv, NULL);
+		if (r->ngates) {
+			r->gates[0].last_us = hub_mono_us();
+			rconn_send(rc, on_gate_reply, &r->gates[0], r->gates[0].argc,
+				   (const char **)r->gates[0].argv, NULL);
+		}
 	}
 }
 
@@ -558,6 +640,27 @@ static void watchdog_cb(lws_sorted_usec_list_t *sul)
 		   now - rc->last_reply_us > IDLE_PING_US) {
 		const char *argv[1] = { "PING" };
 		rconn_send(rc, NULL, NULL, 1, argv, NULL);
+	}
+	if (rc->state == RC_UP) {
+		bool up = hub_redis_up(r);
+		if (!up && !r->stalled)
+			hub_warn("redis %s: no reply for %lld ms (%zu commands pending): counted as "
+				 "down (not ready, telemetry answered unavailable) until it answers",
+				 rc->name, (long long)silence_us(rc, now) / 1000, rc->ring_len);
+		else if (up && r->stalled)
+			hub_info("redis %s: answering again", rc->name);
+		r->stalled = !up;
+		for (int i = 0; i < r->ngates; i++) {
+			struct gate *g = &r->gates[i];
+			if (g->recheck_ms && !g->inflight &&
+			    now - g->last_us >= (int64_t)g->recheck_ms * 1000 &&
+			    !rconn_send(rc, on_recheck_reply, g, g->argc, (const char **)g->argv, NULL)) {
+				g->inflight = true;
+				g->last_us = now;
+			}
+		}
+	} else {
+		r->stalled = false;
 	}
 	if (r->sub.state == RC_CONNECTING && now - r->sub.state_since_us > timeout)
 		rconn_drop(&r->sub, "connect timed out");
@@ -639,15 +742,29 @@ void hub_resp_evalsha(hub_buf *b, const struct hub_redis *r, int script, size_t 
 	hub_resp_int(b, (int64_t)nkeys);
 }
 
+void hub_redis_add_gate(struct hub_redis *r, int argc, const char **argv,
+			hub_redis_gate_cb check, void *arg, int recheck_ms)
+{
+	struct gate *g;
+
+	if (r->ngates == MAX_GATES)
+		abort();
+	g = &r->gates[r->ngates];
+	g->r = r;
+	g->idx = r->ngates++;
+	g->argv = hub_xcalloc((size_t)argc, sizeof(*g->argv));
+	for (int i = 0; i < argc; i++)
+		g->argv[i] = hub_xstrdup(argv[i]);
+	g->argc = argc;
+	g->check = check;
+	g->arg = arg;
+	g->recheck_ms = recheck_ms;
+}
+
 void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
 			hub_redis_gate_cb check, void *arg)
 {
-	r->gate_argv = hub_xcalloc((size_t)argc, sizeof(*r->gate_argv));
-	for (int i = 0; i < argc; i++)
-		r->gate_argv[i] = hub_xstrdup(argv[i]);
-	r->gate_argc = argc;
-	r->gate_check = check;
-	r->gate_arg = arg;
+	hub_redis_add_gate(r, argc, argv, check, arg, 0);
 }
 
 void hub_redis_start(struct hub_redis *r)
@@ -672,7 +789,24 @@ void hub_redis_want_flush(struct hub_redis *r)
 
 bool hub_redis_up(const struct hub_redis *r)
 {
-	return r && r->cmd.state == RC_UP;
+	const struct rconn *rc;
+	int64_t now, allow;
+
+	if (!r || r->cmd.state != RC_UP)
+		return false;
+	rc = &r->cmd;
+	now = hub_mono_us();
+	/* A WAIT may hold the connection (and what is queued behind it) for
+	 * up to ack-wait-ms without Redis being stalled. */
+	allow = STALL_US + (r->wait_inflight ? (int64_t)r->hub->cfg.ack_wait_ms * 1000 : 0);
+	if (!rc->ring_len)
+		allow += IDLE_PING_US + WATCHDOG_US;
+	if (silence_us(rc, now) <= allow)
+		return true;
+	/* Silent, or is it the hub that was not scheduled (replies waiting in
+	 * the socket, unread)? One poll(), only on this path. */
+	struct pollfd pfd = { rc->ac ? rc->ac->c.fd : -1, POLLIN, 0 };
+	return pfd.fd >= 0 && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN);
 }
 
 size_t hub_redis_pending(const struct hub_redis *r)
@@ -698,6 +832,156 @@ int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
 	if (redisAsyncFormattedCommand(rc->ac, on_reply, rc, cmd, len) != REDIS_OK)
 		return -1;
 	ring_push(rc, cb, arg);
+	return 0;
+}
+
+/* ---- replication waits (ack-durability replicated) ------------------------
+ * WAIT n ms answers how many replicas have every earlier write of this
+ * connection. At most one is in flight: Redis blocks the connection until it
+ * answers, so a WAIT per batch would queue one full wait per batch behind a
+ * slow replica; one WAIT instead covers every durable command sent before
+ * it, and the next is sent when it answers (or right after the command,
+ * pipelined, when none is in flight). */
+
+static redisReply *reply_copy(const redisReply *r)
+{
+	redisReply *c = hub_xcalloc(1, sizeof(*c));
+
+	c->type = r->type;
+	c->integer = r->integer;
+	if (r->str) {
+		c->str = hub_xmalloc(r->len + 1);
+		memcpy(c->str, r->str, r->len);
+		c->str[r->len] = '\0';
+		c->len = r->len;
+	}
+	if (r->type == REDIS_REPLY_ARRAY && r->elements) {
+		c->element = hub_xcalloc(r->elements, sizeof(*c->element));
+		c->elements = r->elements;
+		for (size_t i = 0; i < r->elements; i++)
+			c->element[i] = reply_copy(r->element[i]);
+	}
+	return c;
+}
+
+static void reply_copy_free(redisReply *c)
+{
+	if (!c)
+		return;
+	for (size_t i = 0; i < c->elements; i++)
+		reply_copy_free(c->element[i]);
+	free(c->element);
+	free(c->str);
+	free(c);
+}
+
+/* Runs d's callback once its reply and its WAIT's count are both known:
+ * an error reply as is (nothing to acknowledge), a reply with NULL unless
+ * enough replicas confirmed. */
+static void durable_settle(struct durable *d)
+{
+	redisReply *rep = d->reply;
+	bool ok;
+
+	if (!d->replied || d->wait_n == WAIT_PENDING)
+		return;
+	ok = rep && (rep->type == REDIS_REPLY_ERROR || d->wait_n >= d->r->hub->cfg.ack_replicas);
+	d->cb(ok ? rep : NULL, d->arg);
+	reply_copy_free(rep);
+	free(d);
+}
+
+static void on_durable_reply(redisReply *reply, void *arg)
+{
+	struct durable *d = arg;
+
+	d->replied = true;
+	d->reply = reply ? reply_copy(reply) : NULL;
+	durable_settle(d); /* only when its WAIT already failed */
+}
+
+static void settle_list(struct durable *d, int n)
+{
+	while (d) {
+		struct durable *next = d->next;
+		d->next = NULL;
+		d->wait_n = n;
+		durable_settle(d);
+		d = next;
+	}
+}
+
+static void send_wait(struct hub_redis *r);
+
+static void on_wait_reply(redisReply *reply, void *arg)
+{
+	struct hub_redis *r = arg;
+	struct durable *list = r->wait_sent;
+	int n = reply && reply->type == REDIS_REPLY_INTEGER && reply->integer < INT_MAX ?
+		(int)reply->integer : -1;
+
+	r->wait_sent = NULL;
+	r->wait_inflight = false;
+	if (reply) {
+		r->hub->metrics.redis_waits_total++;
+		if (n < r->hub->cfg.ack_replicas) {
+			int64_t now = hub_mono_us();
+			r->hub->metrics.redis_waits_short_total++;
+			if (!r->wait_warned_us || now - r->wait_warned_us > WAIT_WARN_US) {
+				r->wait_warned_us = now;
+				hub_warn("redis: WAIT %d %d: %s%d replicas confirmed; what it covered is "
+					 "answered unavailable (counted in iot_hub_redis_waits_short_total)",
+					 r->hub->cfg.ack_replicas, r->hub->cfg.ack_wait_ms,
+					 n < 0 ? "error, " : "", n < 0 ? 0 : n);
+			}
+		}
+	}
+	settle_list(list, n);
+	if (r->wait_next)
+		send_wait(r);
+}
+
+static void send_wait(struct hub_redis *r)
+{
+	char n[16], ms[16];
+	const char *argv[3] = { "WAIT", n, ms };
+	struct durable *list = r->wait_next;
+
+	r->wait_next = NULL;
+	r->wait_next_tail = &r->wait_next;
+	snprintf(n, sizeof(n), "%d", r->hub->cfg.ack_replicas);
+	snprintf(ms, sizeof(ms), "%d", r->hub->cfg.ack_wait_ms);
+	if (rconn_send(&r->cmd, on_wait_reply, r, 3, argv, NULL)) {
+		/* The connection is going: each settles (NULL) with its own reply. */
+		settle_list(list, -1);
+		return;
+	}
+	r->wait_sent = list;
+	r->wait_inflight = true;
+}
+
+int hub_redis_command_durable(struct hub_redis *r, hub_redis_cb cb, void *arg,
+			      const char *cmd, size_t len)
+{
+	struct durable *d;
+
+	if (r->hub->cfg.ack_mode != HUB_ACK_REPLICATED)
+		return hub_redis_command_formatted(r, cb, arg, cmd, len);
+	d = hub_xcalloc(1, sizeof(*d));
+	d->r = r;
+	d->cb = cb;
+	d->arg = arg;
+	d->wait_n = WAIT_PENDING;
+	if (hub_redis_command_formatted(r, on_durable_reply, d, cmd, len)) {
+		free(d);
+		return -1;
+	}
+	if (!r->wait_next_tail)
+		r->wait_next_tail = &r->wait_next;
+	*r->wait_next_tail = d;
+	r->wait_next_tail = &d->next;
+	if (!r->wait_inflight)
+		send_wait(r);
 	return 0;
 }
 
@@ -776,9 +1060,11 @@ void hub_redis_free(struct hub_redis *r)
 {
 	if (!r)
 		return;
-	for (int i = 0; i < r->gate_argc; i++)
-		free(r->gate_argv[i]);
-	free(r->gate_argv);
+	for (int g = 0; g < r->ngates; g++) {
+		for (int i = 0; i < r->gates[g].argc; i++)
+			free(r->gates[g].argv[i]);
+		free(r->gates[g].argv);
+	}
 	while (r->channels) {
 		struct hub_redis_channel *next = r->channels->next;
 		free(r->channels);

@@ -6,9 +6,11 @@
  * hiredis 0.14.1 async contexts run on the lws loop: each socket is dup()ed
  * and adopted into lws as a raw file (this file is the only adapter between
  * the two libraries). hiredis has no timeouts or reconnect of its own, so this
- * module adds them on lws_sul timers: a watchdog that declares Redis down when
- * a reply is later than redis-timeout-ms (a SIGSTOPped Redis gives no error),
- * a PING when idle, and reconnect with capped exponential backoff and jitter.
+ * module adds them on lws_sul timers: a watchdog that drops the connection
+ * when a reply is later than redis-timeout-ms (a SIGSTOPped Redis gives no
+ * error), a PING when idle, and reconnect with capped exponential backoff and
+ * jitter. Well before that drop, a Redis that stops answering no longer
+ * counts as up (hub_redis_up).
  * Replies on the command connection arrive in order, so pending callbacks sit
  * in a ring: no allocation per command.
  */
@@ -49,16 +51,27 @@ const char *hub_redis_script_sha(const struct hub_redis *r, int idx);
 /* A gate: argv (copied) is sent on every (re)connect of the command
  * connection, after the setup commands and before anything else, and the
  * connection counts as up (hub_redis_up(), commands accepted) only once
- * check(reply, arg) returned true. False drops the connection; it is retried
- * with the usual backoff. reply is borrowed and never NULL (check is not
- * called when the connection is lost first). Before hub_redis_start() only. */
+ * check(reply, arg) returned true for every gate, in the order they were
+ * added (each sent once the one before passed). False drops the connection; it is retried with the usual backoff.
+ * With recheck_ms > 0 the gate is also sent every recheck_ms while the
+ * connection is up, and false then drops it too. reply is borrowed and never
+ * NULL (check is not called when the connection is lost first). At most 4
+ * gates; before hub_redis_start() only. hub_redis_set_gate adds one with no
+ * recheck. */
 typedef bool (*hub_redis_gate_cb)(redisReply *reply, void *arg);
+void hub_redis_add_gate(struct hub_redis *r, int argc, const char **argv,
+			hub_redis_gate_cb check, void *arg, int recheck_ms);
 void hub_redis_set_gate(struct hub_redis *r, int argc, const char **argv,
 			hub_redis_gate_cb check, void *arg);
 
 void hub_redis_start(struct hub_redis *r);
 
-/* True while the command connection is established and answering. */
+/* True while the command connection is established, passed its gates, and
+ * answers: while it owes replies, one came within 750 ms (plus ack-wait-ms
+ * while a WAIT is in flight) of the last reply or of the oldest pending
+ * command's sending; while idle (PINGed every 500 ms), within about 1.5 s
+ * (a reply waiting unread in the socket counts). /readyz, iot_hub_redis_up and the telemetry path all ask this, so they
+ * agree. */
 bool hub_redis_up(const struct hub_redis *r);
 
 /* Batching: fn runs in the command connection's writeable callback, right
@@ -93,6 +106,16 @@ void hub_resp_int(hub_buf *b, int64_t v);
 /* EVALSHA <sha of script> <nkeys>, after a hub_resp_head of 3 + nkeys +
  * the number of ARGV. */
 void hub_resp_evalsha(hub_buf *b, const struct hub_redis *r, int script, size_t nkeys);
+/* As hub_redis_command_formatted, for a write whose reply the caller will
+ * acknowledge to a client. With ack-durability replicated the bus follows
+ * it with WAIT ack-replicas ack-wait-ms on the same connection (at most one
+ * WAIT in flight: writes sent while one is pending share the next), and cb
+ * runs only once that WAIT answered: with the command's reply (a copy,
+ * borrowed as usual) when at least ack-replicas replicas confirmed or when
+ * it is an error reply, else with NULL (short, or the connection failed).
+ * In the other modes it is hub_redis_command_formatted. */
+int hub_redis_command_durable(struct hub_redis *r, hub_redis_cb cb, void *arg,
+			      const char *cmd, size_t len);
 
 /* Reference-counted subscriptions. hub_redis_channel_get() takes a reference
  * on a channel (or a PSUBSCRIBE pattern), subscribing on first use; the bus

@@ -83,14 +83,19 @@ static void resp_key(struct hub_registry *reg, const char *key, size_t len)
 	resp_arg(reg, key, len);
 }
 
-static int resp_send(struct hub_registry *reg, hub_redis_cb cb, void *arg)
+static int resp_send_as(struct hub_registry *reg, hub_redis_cb cb, void *arg, bool durable)
 {
-	int rc = hub_redis_command_formatted(reg->hub->redis, cb, arg, reg->resp.data,
-					     reg->resp.len);
+	int rc = (durable ? hub_redis_command_durable : hub_redis_command_formatted)
+		 (reg->hub->redis, cb, arg, reg->resp.data, reg->resp.len);
 
 	if (reg->resp.cap > RESP_KEEP_MAX)
 		hub_buf_free(&reg->resp);
 	return rc;
+}
+
+static int resp_send(struct hub_registry *reg, hub_redis_cb cb, void *arg)
+{
+	return resp_send_as(reg, cb, arg, false);
 }
 
 int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_item *items,
@@ -364,7 +369,8 @@ static void store_flush(void *arg)
 		hub_buf_free(&B->args);
 	if (B->keys.cap > 2 * BATCH_BYTES)
 		hub_buf_free(&B->keys);
-	if (resp_send(reg, on_batch, bs))
+	/* Durable: with ack-durability replicated, answered after its WAIT. */
+	if (resp_send_as(reg, on_batch, bs, true))
 		on_batch(NULL, bs); /* down: every frame is answered `unavailable` */
 }
 

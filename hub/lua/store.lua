@@ -58,6 +58,10 @@ for f = 1, frames do
   k = t + n
   p = b + 1 + 3 * tonumber(ARGV[b])
   if redis.call('ZADD', key, 'NX', seq, seq) == 0 then
+    -- A write even so: a WAIT after this call (ack-durability replicated)
+    -- then also covers the first copy's store, which may have been another
+    -- connection's (WAIT counts only its own connection's writes).
+    redis.call('EXPIRE', key, SEQS_TTL_S)
     out[f] = {0}
   else
     if tonumber(seq) % TRIM_EVERY == 0 then

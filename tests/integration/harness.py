@@ -297,10 +297,13 @@ class Resp:
 
 
 class Redis:
-    """A redis-server of our own on a free loopback port, no persistence."""
+    """A redis-server of our own on a free loopback port, no persistence
+    unless extra (more redis-server arguments, e.g. ["--appendonly", "yes"]
+    or ["--replicaof", "127.0.0.1", port]) says otherwise."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, extra=()):
         self.dir = mkdtemp("iot-hub-redis-")
+        self.extra = [str(a) for a in extra]
         self.proc = None
         self._client = None
         self.paused = False
@@ -323,7 +326,7 @@ class Redis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--daemonize", "no",
-             "--dir", self.dir, "--protected-mode", "no"],
+             "--dir", self.dir, "--protected-mode", "no"] + self.extra,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.paused = False
@@ -457,7 +460,7 @@ class Hub:
 
     LISTEN_RE = re.compile(r"listening on (\S+):(\d+)")
 
-    def __init__(self, args, env=None, wait=True, timeout=15, tls=False, binary=None):
+    def __init__(self, args, env=None, wait=True, timeout=15, tls=False, binary=None, cwd=None):
         self.args = [binary or HUB_BIN] + [str(a) for a in args]
         self.tls = tls
         self.lines = []       # stderr lines
@@ -470,7 +473,7 @@ class Hub:
         self._log.write("# %s\n" % " ".join(self.args))
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=clean_env(env))
+                                     env=clean_env(env), cwd=cwd)
         self.pid = self.proc.pid
         self._threads = [
             threading.Thread(target=self._reader, args=(self.proc.stderr, self.lines), daemon=True),
@@ -1265,8 +1268,8 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
         cls._shared_hubs.append(h)
         return h
 
-    def start_redis(self):
-        r = Redis()
+    def start_redis(self, extra=()):
+        r = Redis(extra=extra)
         self.addCleanup(r.stop)
         return r
 

@@ -98,7 +98,8 @@ class CLI(HubTestCase):
 
     async def test_embedded_redis(self):
         hub = self.start_hub(None, args=["--listen", "127.0.0.1:0", "--schemas", SCHEMAS_DIR,
-                                         "--jwt-alg", "HS256", "--jwt-key", self.secret_file], timeout=20)
+                                         "--jwt-alg", "HS256", "--jwt-key", self.secret_file], timeout=20,
+                             cwd=self.tmp)  # its data: ./iot-hub-data
         gw = await self.gateway(hub)
         d = uniq("t")
         rep = await gw.announce([(d, "thermostat")])
@@ -121,7 +122,8 @@ class CLI(HubTestCase):
                    what="embedded redis-server to exit with the hub")
 
     async def test_embedded_redis_explicit(self):
-        hub = self.start_hub(None, extra=["--redis", "embedded"], timeout=20)
+        hub = self.start_hub(None, extra=["--redis", "embedded", "--data-dir",
+                                          os.path.join(self.tmp, "explicit-data")], timeout=20)
         gw = await self.gateway(hub)
         d = uniq("t")
         await gw.announce([(d, "thermostat")])

@@ -9,7 +9,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, Redis, free_port, http_get, main, reading, rkeys, uniq  # noqa: E402
+from harness import (HubTestCase, Redis, free_port, http_get, main, metric_value, parse_metrics,  # noqa: E402
+                     reading, rkeys, uniq)
 
 
 class RedisOutage(HubTestCase):
@@ -129,6 +130,50 @@ class RedisOutage(HubTestCase):
         stored = [int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d))]
         self.assertEqual(stored, [1, 2], "frame stored %d times after a stall + resend" % stored.count(2))
         self.assertEqual(redis.xlen("iot:feed"), feed0 + 1)
+        hub.stop()
+
+    async def test_stalled_redis_is_not_ready_within_2s(self):
+        # Up means answering, not a connected socket: with a redis-timeout-ms
+        # far away the connection is kept through the stall, yet /readyz,
+        # iot_hub_redis_up and the telemetry path say "down" within about 2 s
+        # of SIGSTOP, idle or not, and "up" again as soon as Redis answers.
+        redis = self.start_redis()
+        hub = self.start_hub(redis, extra=["--redis-timeout-ms", "30000"])
+        gw, d = await self.gw_dev(hub)
+        rep = await gw.telemetry(1, [reading(d, 1.0)])
+        self.assertEqual(rep.get("type"), "ack", rep)
+        for busy in (False, True):
+            await self.wait_ready(hub, 200, 5)
+            await asyncio.sleep(1.2)  # idle: only the hub's PINGs talk to Redis
+            redis.pause()
+            try:
+                t0 = time.monotonic()
+                if busy:  # a frame in flight when Redis stops: held, neither acked nor refused
+                    await gw.send({"type": "telemetry", "seq": 10, "readings": [reading(d, 10.0)]})
+                await self.wait_ready(hub, 503, 5)
+                took = time.monotonic() - t0
+                up = metric_value(parse_metrics(http_get(hub, "/metrics")[2]), "iot_hub_redis_up")
+                if not busy:  # (busy, it would queue behind seq 10's answer: replies keep their order)
+                    t1 = time.monotonic()
+                    rep = await gw.telemetry(2, [reading(d, 2.0)], timeout=5)
+                    answered = time.monotonic() - t1
+                held = await gw.collect(0.1)
+            finally:
+                redis.resume()
+            self.assertLess(took, 2.0, "/readyz said ready for %.2f s of a stalled Redis (busy=%s)" % (took, busy))
+            self.assertEqual(up, 0, "iot_hub_redis_up while /readyz is 503")
+            if not busy:
+                self.assert_unavailable(rep, 2)
+                self.assertLess(answered, 0.5, "telemetry not refused at once while Redis is stalled")
+            self.assertEqual([m for m in held if m.get("seq") == 10], [], "seq 10 answered during the stall")
+            t2 = time.monotonic()
+            await self.wait_ready(hub, 200, 5)
+            self.assertLess(time.monotonic() - t2, 1.5, "ready again only %.2f s after SIGCONT" % (time.monotonic() - t2))
+            if busy:
+                rep = await gw.reply_for(10, 5)
+                self.assertEqual(rep.get("type"), "ack", "the held frame after SIGCONT: %r" % rep)
+        self.assertNotIn("dropping connection", hub.stderr_text(), "the stall is not an outage here")
+        self.assertEqual(metric_value(parse_metrics(http_get(hub, "/metrics")[2]), "iot_hub_redis_connects_total"), 1)
         hub.stop()
 
     async def test_hub_starts_without_redis(self):

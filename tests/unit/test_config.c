@@ -122,6 +122,44 @@ static void test_precedence(void **state)
 	unlink(path);
 }
 
+static void test_durability(void **state)
+{
+	struct hub_config c;
+	char err[256];
+
+	(void)state;
+	assert_int_equal(load(&c, err, 0), 0);
+	assert_string_equal(c.data_dir, "./iot-hub-data");
+	assert_int_equal(c.ack_mode, HUB_ACK_ACCEPTED);
+	assert_int_equal(c.ack_replicas, 1);
+	assert_int_equal(c.ack_wait_ms, 1000);
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 4, "--ack-durability", "fsync", "--data-dir", "/var/lib/x"), 0);
+	assert_int_equal(c.ack_mode, HUB_ACK_FSYNC);
+	assert_string_equal(c.data_dir, "/var/lib/x");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 8, "--ack-durability", "replicated", "--redis",
+			      "redis://127.0.0.1:6379", "--ack-replicas", "2", "--ack-wait-ms", "1000"), 0);
+	assert_int_equal(c.ack_mode, HUB_ACK_REPLICATED);
+	assert_int_equal(c.ack_replicas, 2);
+	hub_config_free(&c);
+	/* No replicas behind the embedded Redis. */
+	assert_int_equal(load(&c, err, 2, "--ack-durability", "replicated"), -1);
+	assert_non_null(strstr(err, "ack-durability replicated needs a Redis with replicas"));
+	hub_config_free(&c);
+	/* A WAIT must leave the watchdog room. */
+	assert_int_equal(load(&c, err, 6, "--ack-durability", "replicated", "--redis",
+			      "redis://127.0.0.1:6379", "--ack-wait-ms", "1001"), -1);
+	assert_string_equal(err, "ack-wait-ms 1001 must be at most half of redis-timeout-ms 2000");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--ack-durability", "Fsync"), -1);
+	assert_string_equal(err, "ack-durability: expected accepted, fsync or replicated, got \"Fsync\"");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--data-dir", ""), -1);
+	assert_string_equal(err, "data-dir: a directory is required with redis embedded");
+	hub_config_free(&c);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -129,6 +167,7 @@ int main(void)
 		cmocka_unit_test(test_flags_and_redis_url),
 		cmocka_unit_test(test_errors),
 		cmocka_unit_test(test_precedence),
+		cmocka_unit_test(test_durability),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
