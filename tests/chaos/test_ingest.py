@@ -8,14 +8,25 @@ durable."""
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chaos import ChaosCase, ChaosGateway, Ledger, PersistentRedis, main, sigkill, uniq  # noqa: E402
+from chaos import (ChaosCase, ChaosGateway, Ledger, PersistentRedis, RedisAt, main, sigkill,  # noqa: E402
+                   uniq, wait_until)  # noqa: E402
 
 FRAMES = 300
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class Ingest(ChaosCase):
@@ -71,6 +82,67 @@ class Ingest(ChaosCase):
         await self.finish(gws, tasks)
         self.assertTrue(any(g.reconnects for g in gws), "nobody noticed the kill")
         self.account("hub SIGKILL mid-ingest, restart, resend", redis, [g.l for g in gws], rec)
+        hub[0].stop()
+
+    def embedded_hub(self, cwd):
+        """A hub on the default: no --redis, its redis-server in
+        <cwd>/iot-hub-data. -> (hub, redis pid, redis port)."""
+        h = self.start_hub(None, cwd=cwd, timeout=40)
+        m = h.wait_line(r"redis-server pid (\d+) on 127\.0\.0\.1:(\d+)", 10)
+        return h, int(m.group(1)), int(m.group(2))
+
+    async def test_embedded_default_sigkill_hub_and_redis(self):
+        """The default a new user runs: the hub with its embedded Redis,
+        both SIGKILLed mid-ingest, the hub started again in the same
+        directory: it finds its data dir and the gateways' resends complete."""
+        cwd = tempfile.mkdtemp(prefix="iot-hub-chaos-embedded-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        h, rpid, _ = self.embedded_hub(cwd)
+        hub = [h]
+        gws, tasks = await self.gateways(hub)
+        await asyncio.sleep(0.8)
+        before = self.unacked(gws)
+        t0 = time.monotonic()
+        sigkill(rpid)
+        sigkill(hub[0].pid)
+        hub[0].wait_exit(5)
+        wait_until(lambda: not pid_alive(rpid), 10, what="the embedded redis-server to be gone")
+        hub[0], _, rport = self.embedded_hub(cwd)
+        await self.until_acked(gws, before)
+        rec = time.monotonic() - t0
+        await self.finish(gws, tasks)
+        self.assertTrue(any(g.reconnects for g in gws), "nobody noticed the kill")
+        self.account("embedded default: hub + its Redis SIGKILL, restart", RedisAt(rport),
+                     [g.l for g in gws], rec)
+        hub[0].stop(15)
+
+    async def test_replicated_primary_sigkill_failover(self):
+        """--ack-durability replicated on a primary without persistence and
+        one replica: the primary is SIGKILLed mid-ingest, the replica
+        promoted (REPLICAOF NO ONE) and a hub started on it, as an operator
+        or a failover manager would. Everything acked was on the replica."""
+        primary = PersistentRedis(None)
+        self.addCleanup(primary.stop)
+        replica = self.start_redis(["--replicaof", "127.0.0.1", primary.port])
+        wait_until(lambda: "master_link_status:up" in replica.cmd("INFO", "replication"), 15,
+                   what="the replica to be online")
+        durable = ["--ack-durability", "replicated", "--ack-replicas", "1", "--ack-wait-ms", "1500",
+                   "--redis-timeout-ms", "4000"]
+        hub = [self.start_hub(primary, extra=durable)]
+        gws, tasks = await self.gateways(hub)
+        await asyncio.sleep(0.8)
+        before = self.unacked(gws)
+        t0 = time.monotonic()
+        primary.kill()
+        sigkill(hub[0].pid)   # its Redis is gone for good: it is replaced
+        hub[0].wait_exit(5)
+        self.assertEqual(replica.cmd("REPLICAOF", "NO", "ONE"), "OK")
+        hub[0] = self.start_hub(replica, extra=["--ack-durability", "accepted"])
+        await self.until_acked(gws, before)
+        rec = time.monotonic() - t0
+        await self.finish(gws, tasks)
+        self.account("replicated (1 replica): primary SIGKILL, replica promoted", replica,
+                     [g.l for g in gws], rec)
         hub[0].stop()
 
     async def redis_kill(self, fsync):
