@@ -31,7 +31,6 @@
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
        S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S__COUNT };
-static int scripts[S__COUNT];
 
 /* ---- engine state ---------------------------------------------------------- */
 
@@ -40,14 +39,16 @@ struct timer_ent {
 	char id[CMD_ID_MAX + 1];
 };
 
-static struct {
+/* The engine: hub->cmd, created by the module's start. */
+struct cmd_engine {
 	struct hub *hub;
+	int scripts[S__COUNT];
 	lws_sorted_usec_list_t sul_timer, sul_sweep;
 	int64_t armed_at;            /* INT64_MAX: not armed */
-	struct timer_ent *heap;
+	struct timer_ent *heap;      /* a min-heap of deadlines */
 	size_t n, cap;
 	char ctl_channel[HUB_KEY_MAX];
-} E;
+};
 
 static const char *const states[] = {
 	"queued", "sent", "received", "in_progress", "succeeded", "failed", "rejected",
@@ -106,11 +107,11 @@ void cmd_new_id(char out[35], char prefix)
 /* Starts a call of script s with nkeys KEYS and nargs ARGV. A script of
  * hub/lua/_command.lua (with_now) has one key more first, the timers, and
  * two arguments more first, `now` and the commands channel (call_now). */
-static void call_begin(hub_buf *b, int s, size_t nkeys, size_t nargs, bool with_now)
+static void call_begin(struct cmd_engine *E, hub_buf *b, int s, size_t nkeys, size_t nargs, bool with_now)
 {
 	b->len = 0;
 	hub_resp_head(b, 3 + nkeys + nargs + (with_now ? 3 : 0));
-	hub_resp_evalsha(b, E.hub->redis, scripts[s], nkeys + (with_now ? 1 : 0));
+	hub_resp_evalsha(b, E->hub->redis, E->scripts[s], nkeys + (with_now ? 1 : 0));
 	if (with_now)
 		hub_resp_arg(b, HUB_KEY_CMD_TIMERS, sizeof(HUB_KEY_CMD_TIMERS) - 1);
 }
@@ -154,9 +155,9 @@ static void call_now(hub_buf *b)
 }
 
 /* Sends and frees b: 0 (cb runs once) or -1 (Redis is down). */
-static int call_send(hub_buf *b, hub_redis_cb cb, void *arg)
+static int call_send(struct cmd_engine *E, hub_buf *b, hub_redis_cb cb, void *arg)
 {
-	int rc = hub_redis_command_formatted(E.hub->redis, cb, arg, b->data, b->len);
+	int rc = hub_redis_command_formatted(E->hub->redis, cb, arg, b->data, b->len);
 
 	hub_buf_free(b);
 	return rc;
@@ -164,14 +165,14 @@ static int call_send(hub_buf *b, hub_redis_cb cb, void *arg)
 
 /* Reads a command's device (a read before a script that needs its keys):
  * HGET, the reply to cb. */
-static int read_device(const char *id, hub_redis_cb cb, void *arg)
+static int read_device(struct cmd_engine *E, const char *id, hub_redis_cb cb, void *arg)
 {
 	char key[HUB_KEY_MAX];
 	const char *argv[3] = { "HGET", key, "device" };
 
 	if (!hub_key_cmd(key, sizeof(key), id))
 		return -1;
-	return hub_redis_command_argv(E.hub->redis, cb, arg, 3, argv, NULL);
+	return hub_redis_command_argv(E->hub->redis, cb, arg, 3, argv, NULL);
 }
 
 /* The device of read_device's reply: "" when the command is gone, NULL when
@@ -207,145 +208,160 @@ static long long el_int(const redisReply *r, size_t i)
 
 static void timer_cb(lws_sorted_usec_list_t *sul);
 
-static void heap_swap(size_t a, size_t b)
+static void heap_swap(struct cmd_engine *E, size_t a, size_t b)
 {
-	struct timer_ent t = E.heap[a];
+	struct timer_ent t = E->heap[a];
 
-	E.heap[a] = E.heap[b];
-	E.heap[b] = t;
+	E->heap[a] = E->heap[b];
+	E->heap[b] = t;
 }
 
-static void arm(void)
+static void arm(struct cmd_engine *E)
 {
 	int64_t now = hub_now_ms();
 
-	if (!E.n)
+	if (!E->n)
 		return;
-	if (E.heap[0].at >= E.armed_at)
+	if (E->heap[0].at >= E->armed_at)
 		return; /* already armed earlier */
-	E.armed_at = E.heap[0].at;
-	lws_sul_schedule(E.hub->ctx, 0, &E.sul_timer, timer_cb,
-			 E.armed_at > now ? (lws_usec_t)(E.armed_at - now) * 1000 : 1);
+	E->armed_at = E->heap[0].at;
+	lws_sul_schedule(E->hub->ctx, 0, &E->sul_timer, timer_cb,
+			 E->armed_at > now ? (lws_usec_t)(E->armed_at - now) * 1000 : 1);
 }
 
 void cmd_track(struct hub *hub, const char *id, int64_t at)
 {
+	struct cmd_engine *E = hub->cmd;
 	size_t i;
 
-	(void)hub;
-	if (!E.hub || at <= 0 || strlen(id) >= sizeof(E.heap[0].id))
+	if (!E || at <= 0 || strlen(id) >= sizeof(E->heap[0].id))
 		return;
-	if (E.n == E.cap) {
-		E.cap = E.cap ? E.cap * 2 : 64;
-		E.heap = hub_xrealloc(E.heap, E.cap * sizeof(*E.heap));
+	if (E->n == E->cap) {
+		E->cap = E->cap ? E->cap * 2 : 64;
+		E->heap = hub_xrealloc(E->heap, E->cap * sizeof(*E->heap));
 	}
-	i = E.n++;
-	E.heap[i].at = at;
-	snprintf(E.heap[i].id, sizeof(E.heap[i].id), "%s", id);
-	while (i && E.heap[(i - 1) / 2].at > E.heap[i].at) {
-		heap_swap(i, (i - 1) / 2);
+	i = E->n++;
+	E->heap[i].at = at;
+	snprintf(E->heap[i].id, sizeof(E->heap[i].id), "%s", id);
+	while (i && E->heap[(i - 1) / 2].at > E->heap[i].at) {
+		heap_swap(E, i, (i - 1) / 2);
 		i = (i - 1) / 2;
 	}
-	arm();
+	arm(E);
 }
 
-static void heap_pop(void)
+static void heap_pop(struct cmd_engine *E)
 {
 	size_t i = 0;
 
-	E.heap[0] = E.heap[--E.n];
+	E->heap[0] = E->heap[--E->n];
 	for (;;) {
 		size_t l = 2 * i + 1, r = l + 1, m = i;
-		if (l < E.n && E.heap[l].at < E.heap[m].at)
+		if (l < E->n && E->heap[l].at < E->heap[m].at)
 			m = l;
-		if (r < E.n && E.heap[r].at < E.heap[m].at)
+		if (r < E->n && E->heap[r].at < E->heap[m].at)
 			m = r;
 		if (m == i)
 			break;
-		heap_swap(i, m);
+		heap_swap(E, i, m);
 		i = m;
 	}
 }
 
-static void local_deliver(const char *id, const char *device);
-static void route_to(const char *instance, const char *verb, const char *id, const char *device);
+static void local_deliver(struct cmd_engine *E, const char *id, const char *device);
+static void route_to(struct cmd_engine *E, const char *instance, const char *verb, const char *id,
+		     const char *device);
+
+/* A deadline of one command, on its way through its tick. */
+struct tick_ctx {
+	struct cmd_engine *E;
+	char id[CMD_ID_MAX + 1];
+};
 
 static void on_tick(redisReply *r, void *arg)
 {
-	char *id = arg;
+	struct tick_ctx *t = arg;
+	struct cmd_engine *E = t->E;
+	const char *id = t->id;
 	long long kind = el_int(r, 0);
 
 	if (kind == 0 && el_int(r, 1) > 0) {
-		cmd_track(E.hub, id, el_int(r, 1));
+		cmd_track(E->hub, id, el_int(r, 1));
 	} else if (kind == 2) {
 		const char *dev = el_str(r, 1), *inst = el_str(r, 2), *online = el_str(r, 3);
-		cmd_track(E.hub, id, el_int(r, 4));
-		if (dev && inst && !strcmp(inst, E.hub->instance_id)) {
-			local_deliver(id, dev);
+		cmd_track(E->hub, id, el_int(r, 4));
+		if (dev && inst && !strcmp(inst, E->hub->instance_id)) {
+			local_deliver(E, id, dev);
 		} else if (dev && inst && online && !strcmp(online, "1")) {
-			route_to(inst, "deliver", id, dev);
+			route_to(E, inst, "deliver", id, dev);
 		}
 	}
-	free(id);
+	free(t);
 }
 
 /* The command's device was read: the tick, with its keys. */
 static void on_tick_device(redisReply *r, void *arg)
 {
-	char *id = arg;
-	const char *dev = device_of(r);
+	struct tick_ctx *t = arg;
+	struct cmd_engine *E = t->E;
+	const char *id = t->id, *dev = device_of(r);
 	hub_buf b = { 0 };
 
 	if (!dev) {
-		free(id); /* Redis did not answer: the sweep finds it again */
+		free(t); /* Redis did not answer: the sweep finds it again */
 		return;
 	}
-	call_begin(&b, S_TICK, group_len(dev), 2, true);
+	call_begin(E, &b, S_TICK, group_len(dev), 2, true);
 	call_group(&b, id, dev);
 	call_now(&b);
 	call_arg(&b, id);
 	call_arg(&b, dev);
-	if (call_send(&b, on_tick, id))
-		free(id);
+	if (call_send(E, &b, on_tick, t))
+		free(t);
 }
 
-static void tick(const char *id)
+static void tick(struct cmd_engine *E, const char *id)
 {
-	char *copy = hub_xstrdup(id);
+	struct tick_ctx *t = hub_xcalloc(1, sizeof(*t));
 
-	if (read_device(id, on_tick_device, copy)) {
+	t->E = E;
+	if (strlen(id) < sizeof(t->id))
+		memcpy(t->id, id, strlen(id) + 1);
+	if (!*t->id || read_device(E, t->id, on_tick_device, t)) {
 		const char *argv[3] = { "ZREM", HUB_KEY_CMD_TIMERS, id };
-		free(copy); /* not a command id: it only leaves the timers */
-		hub_redis_command_argv(E.hub->redis, NULL, NULL, 3, argv, NULL);
+		free(t); /* not a command id: it only leaves the timers */
+		hub_redis_command_argv(E->hub->redis, NULL, NULL, 3, argv, NULL);
 	}
 }
 
 static void timer_cb(lws_sorted_usec_list_t *sul)
 {
+	struct cmd_engine *E = lws_container_of(sul, struct cmd_engine, sul_timer);
 	int64_t now = hub_now_ms();
 
-	(void)sul;
-	E.armed_at = INT64_MAX;
-	while (E.n && E.heap[0].at <= now) {
+	E->armed_at = INT64_MAX;
+	while (E->n && E->heap[0].at <= now) {
 		char id[CMD_ID_MAX + 1];
-		memcpy(id, E.heap[0].id, sizeof(id));
-		heap_pop();
-		tick(id);
+		memcpy(id, E->heap[0].id, sizeof(id));
+		heap_pop(E);
+		tick(E, id);
 	}
-	arm();
+	arm(E);
 }
 
 static void on_sweep(redisReply *r, void *arg)
 {
-	(void)arg;
+	struct cmd_engine *E = arg;
+
 	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
 		if (r->element[i]->type == REDIS_REPLY_STRING)
-			tick(r->element[i]->str);
+			tick(E, r->element[i]->str);
 }
 
 static void on_step(redisReply *r, void *arg)
 {
-	(void)arg;
+	struct cmd_engine *E = arg;
+
 	if (el_int(r, 0) != 1)
 		return;
 	for (size_t i = 1; i + 4 < r->elements; i += 5) {
@@ -353,14 +369,15 @@ static void on_step(redisReply *r, void *arg)
 			   *online = el_str(r, i + 3);
 		if (!id || !dev)
 			continue;
-		cmd_track(E.hub, id, el_int(r, i + 4));
-		cmd_route(E.hub, id, dev, inst, online && !strcmp(online, "1"));
+		cmd_track(E->hub, id, el_int(r, i + 4));
+		cmd_route(E->hub, id, dev, inst, online && !strcmp(online, "1"));
 	}
 }
 
 /* A release step of a rollout: its command ids (LRANGE), their devices
  * (cmd_devices), then rollout_step with the keys of them all. */
 struct step_ctx {
+	struct cmd_engine *E;
 	char rid[CMD_ID_MAX + 1];
 	hub_buf ids;               /* the command ids, each NUL-terminated */
 	size_t n;
@@ -383,6 +400,7 @@ static const char *el_or_empty(const redisReply *r, size_t i)
 static void on_step_devices(redisReply *r, void *arg)
 {
 	struct step_ctx *st = arg;
+	struct cmd_engine *E = st->E;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 	size_t nkeys = 4;
@@ -394,7 +412,7 @@ static void on_step_devices(redisReply *r, void *arg)
 	}
 	for (size_t i = 0; i < st->n; i++)
 		nkeys += group_len(el_or_empty(r, i));
-	call_begin(&b, S_RSTEP, nkeys, 1 + st->n, true);
+	call_begin(E, &b, S_RSTEP, nkeys, 1 + st->n, true);
 	call_key(&b, k, hub_key_rollout(k, sizeof(k), st->rid));
 	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), st->rid));
 	call_key(&b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
@@ -406,13 +424,14 @@ static void on_step_devices(redisReply *r, void *arg)
 	call_arg(&b, st->rid);
 	for (size_t i = 0; i < st->n; i++)
 		call_arg(&b, el_or_empty(r, i));
-	call_send(&b, on_step, NULL);
+	call_send(E, &b, on_step, E);
 	step_free(st);
 }
 
 static void on_step_ids(redisReply *r, void *arg)
 {
 	struct step_ctx *st = arg;
+	struct cmd_engine *E = st->E;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 
@@ -421,17 +440,17 @@ static void on_step_ids(redisReply *r, void *arg)
 		return;
 	}
 	st->n = r->elements;
-	call_begin(&b, S_DEVICES, st->n, 0, false);
+	call_begin(E, &b, S_DEVICES, st->n, 0, false);
 	for (size_t i = 0; i < st->n; i++) {
 		const char *id = el_or_empty(r, i);
 		hub_buf_append(&st->ids, id, strlen(id) + 1);
 		call_key(&b, k, hub_key_cmd(k, sizeof(k), id));
 	}
-	if (call_send(&b, on_step_devices, st))
+	if (call_send(E, &b, on_step_devices, st))
 		step_free(st);
 }
 
-static void rollout_step(const char *rid)
+static void rollout_step(struct cmd_engine *E, const char *rid)
 {
 	struct step_ctx *st;
 	char key[HUB_KEY_MAX];
@@ -440,17 +459,19 @@ static void rollout_step(const char *rid)
 	if (!hub_key_rollout_cmds(key, sizeof(key), rid) || strlen(rid) > CMD_ID_MAX)
 		return;
 	st = hub_xcalloc(1, sizeof(*st));
+	st->E = E;
 	snprintf(st->rid, sizeof(st->rid), "%s", rid);
-	if (hub_redis_command_argv(E.hub->redis, on_step_ids, st, 4, argv, NULL))
+	if (hub_redis_command_argv(E->hub->redis, on_step_ids, st, 4, argv, NULL))
 		step_free(st);
 }
 
 static void on_active_rollouts(redisReply *r, void *arg)
 {
-	(void)arg;
+	struct cmd_engine *E = arg;
+
 	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
 		if (r->element[i]->type == REDIS_REPLY_STRING)
-			rollout_step(r->element[i]->str);
+			rollout_step(E, r->element[i]->str);
 }
 
 /* Overdue deadlines of any instance (a crashed one's, or ours before a
@@ -461,20 +482,21 @@ static void sweep_cb(lws_sorted_usec_list_t *sul)
 	char now[24];
 	const char *argv[7] = { "ZRANGEBYSCORE", HUB_KEY_CMD_TIMERS, "-inf", now, "LIMIT", "0",
 				SWEEP_BATCH };
+	struct cmd_engine *E = lws_container_of(sul, struct cmd_engine, sul_sweep);
 
-	(void)sul;
 	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
-	if (hub_redis_up(E.hub->redis)) {
+	if (hub_redis_up(E->hub->redis)) {
 		const char *ra[4] = { "ZRANGE", HUB_KEY_ROLLOUTS_ACTIVE, "0", "-1" };
-		hub_redis_command_argv(E.hub->redis, on_sweep, NULL, 7, argv, NULL);
-		hub_redis_command_argv(E.hub->redis, on_active_rollouts, NULL, 4, ra, NULL);
+		hub_redis_command_argv(E->hub->redis, on_sweep, E, 7, argv, NULL);
+		hub_redis_command_argv(E->hub->redis, on_active_rollouts, E, 4, ra, NULL);
 	}
-	lws_sul_schedule(E.hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
+	lws_sul_schedule(E->hub->ctx, 0, &E->sul_sweep, sweep_cb, SWEEP_US);
 }
 
 /* ---- delivery -------------------------------------------------------------- */
 
 struct send_ctx {
+	struct cmd_engine *E;
 	struct hub_link *conn;
 	char id[CMD_ID_MAX + 1];
 };
@@ -502,60 +524,62 @@ static void on_sent(redisReply *r, void *arg)
 		hub_buf_puts(&m, "}");
 		hub_link_send(s->conn, m.data, m.len);
 		hub_buf_free(&m);
-		E.hub->metrics.commands_sent_total++;
-		cmd_track(E.hub, s->id, el_int(r, 6));
+		s->E->hub->metrics.commands_sent_total++;
+		cmd_track(s->E->hub, s->id, el_int(r, 6));
 	}
 	hub_link_release(s->conn);
 	free(s);
 }
 
-static void send_to(struct hub_link *c, const char *id, const char *device)
+static void send_to(struct cmd_engine *E, struct hub_link *c, const char *id, const char *device)
 {
 	struct send_ctx *s = hub_xcalloc(1, sizeof(*s));
 	hub_buf b = { 0 };
 
+	s->E = E;
 	snprintf(s->id, sizeof(s->id), "%s", id);
 	s->conn = c;
 	hub_link_hold(c);
-	call_begin(&b, S_SEND, group_len(device), 3, true);
+	call_begin(E, &b, S_SEND, group_len(device), 3, true);
 	call_group(&b, id, device);
 	call_now(&b);
 	call_arg(&b, id);
 	call_arg(&b, hub_link_id(c));
 	call_arg(&b, device);
-	if (call_send(&b, on_sent, s)) {
+	if (call_send(E, &b, on_sent, s)) {
 		hub_link_release(c);
 		free(s);
 	}
 }
 
-static void local_deliver(const char *id, const char *device)
+static void local_deliver(struct cmd_engine *E, const char *id, const char *device)
 {
-	struct hub_link *c = hub_link_for_device(E.hub, device);
+	struct hub_link *c = hub_link_for_device(E->hub, device);
 
 	if (c)
-		send_to(c, id, device); /* else: it goes out when the device is next announced */
+		send_to(E, c, id, device); /* else: it goes out when the device is next announced */
 }
 
 /* What a device's gateway is owed when it is announced (hub/lua/cmd_owed.lua). */
-static void send_cancel_local(const char *id, const char *device);
+static void send_cancel_local(struct cmd_engine *E, const char *id, const char *device);
 
 static void on_owed(redisReply *r, void *arg)
 {
-	(void)arg;
+	struct cmd_engine *E = arg;
+
 	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i + 2 < r->elements; i += 3) {
 		const char *dev = el_str(r, i);
 		const redisReply *cancels = r->element[i + 1], *ids = r->element[i + 2];
-		struct hub_link *c = dev ? hub_link_for_device(E.hub, dev) : NULL;
+		struct hub_link *c = dev ? hub_link_for_device(E->hub, dev) : NULL;
 
 		if (!c)
 			continue; /* gone again: its next announce asks again */
 		for (size_t j = 0; cancels->type == REDIS_REPLY_ARRAY && j < cancels->elements; j++)
 			if (cancels->element[j]->type == REDIS_REPLY_STRING)
-				send_cancel_local(cancels->element[j]->str, dev);
+				send_cancel_local(E, cancels->element[j]->str, dev);
 		for (size_t j = 0; ids->type == REDIS_REPLY_ARRAY && j < ids->elements; j++)
 			if (ids->element[j]->type == REDIS_REPLY_STRING)
-				send_to(c, ids->element[j]->str, dev); /* in creation order */
+				send_to(E, c, ids->element[j]->str, dev); /* in creation order */
 	}
 }
 
@@ -565,48 +589,53 @@ static void on_announced(struct hub *hub, enum hub_event ev, const void *payload
 	const struct hub_ev_announced *a = payload;
 	const char *const *devices = a->devices;
 	size_t n = a->n;
+	struct cmd_engine *E = hub->cmd;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 
-	(void)hub;
 	(void)ev;
 	(void)ctx;
 	if (!n)
 		return;
-	call_begin(&b, S_OWED, 2 * n, n, false);
+	call_begin(E, &b, S_OWED, 2 * n, n, false);
 	for (size_t i = 0; i < n; i++) {
 		call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), devices[i]));
 		call_key(&b, k, hub_key_dev_cmds(k, sizeof(k), devices[i]));
 	}
 	for (size_t i = 0; i < n; i++)
 		call_arg(&b, devices[i]);
-	call_send(&b, on_owed, NULL);
+	call_send(E, &b, on_owed, E);
 }
 
-static void route_to(const char *instance, const char *verb, const char *id, const char *device)
+static void route_to(struct cmd_engine *E, const char *instance, const char *verb, const char *id,
+		     const char *device)
 {
 	char ch[HUB_KEY_MAX], msg[256];
 
 	if (!hub_ch_ctl_cmd(ch, sizeof(ch), instance))
 		return;
 	snprintf(msg, sizeof(msg), "%s %s %s", verb, id, device);
-	hub_redis_publish(E.hub->redis, ch, msg, strlen(msg));
+	hub_redis_publish(E->hub->redis, ch, msg, strlen(msg));
 }
 
 void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
 	       bool online)
 {
+	struct cmd_engine *E = hub->cmd;
+
+	if (!E)
+		return;
 	if (hub_link_for_device(hub, device))
-		local_deliver(id, device);
+		local_deliver(E, id, device);
 	else if (online && instance && *instance && strcmp(instance, hub->instance_id))
-		route_to(instance, "deliver", id, device);
+		route_to(E, instance, "deliver", id, device);
 }
 
 /* ---- cancel ---------------------------------------------------------------- */
 
-static void send_cancel_local(const char *id, const char *device)
+static void send_cancel_local(struct cmd_engine *E, const char *id, const char *device)
 {
-	struct hub_link *c = hub_link_for_device(E.hub, device);
+	struct hub_link *c = hub_link_for_device(E->hub, device);
 	hub_buf m = { 0 };
 
 	if (!c)
@@ -622,10 +651,11 @@ static void send_cancel_local(const char *id, const char *device)
 	char key[HUB_KEY_MAX];
 	const char *argv[3] = { "SREM", key, id };
 	if (hub_key_dev_cancels(key, sizeof(key), device))
-		hub_redis_command_argv(E.hub->redis, NULL, NULL, 3, argv, NULL);
+		hub_redis_command_argv(E->hub->redis, NULL, NULL, 3, argv, NULL);
 }
 
 struct cancel_route {
+	struct cmd_engine *E;
 	char id[CMD_ID_MAX + 1];
 	char device[HUB_ID_MAX + 1];
 };
@@ -635,8 +665,8 @@ static void on_cancel_where(redisReply *r, void *arg)
 	struct cancel_route *cr = arg;
 	const char *inst = el_str(r, 0), *online = el_str(r, 1);
 
-	if (inst && online && !strcmp(online, "1") && strcmp(inst, E.hub->instance_id))
-		route_to(inst, "cancel", cr->id, cr->device);
+	if (inst && online && !strcmp(online, "1") && strcmp(inst, cr->E->hub->instance_id))
+		route_to(cr->E, inst, "cancel", cr->id, cr->device);
 	free(cr);
 }
 
@@ -646,13 +676,16 @@ void cmd_route_cancel(struct hub *hub, const char *id, const char *device)
 	char key[HUB_KEY_MAX];
 	const char *argv[4] = { "HMGET", key, "instance", "online" };
 
+	if (!hub->cmd)
+		return;
 	if (hub_link_for_device(hub, device)) {
-		send_cancel_local(id, device);
+		send_cancel_local(hub->cmd, id, device);
 		return;
 	}
 	if (!hub_key_dev(key, sizeof(key), device))
 		return;
 	cr = hub_xcalloc(1, sizeof(*cr));
+	cr->E = hub->cmd;
 	snprintf(cr->id, sizeof(cr->id), "%s", id);
 	snprintf(cr->device, sizeof(cr->device), "%s", device);
 	if (hub_redis_command_argv(hub->redis, on_cancel_where, cr, 4, argv, NULL))
@@ -663,10 +696,10 @@ void cmd_route_cancel(struct hub *hub, const char *id, const char *device)
 
 static void on_ctl(const char *channel, const char *payload, size_t len, void *arg)
 {
+	struct cmd_engine *E = arg;
 	char buf[320], *verb, *id, *dev, *save = NULL;
 
 	(void)channel;
-	(void)arg;
 	if (len >= sizeof(buf))
 		return;
 	memcpy(buf, payload, len);
@@ -677,14 +710,15 @@ static void on_ctl(const char *channel, const char *payload, size_t len, void *a
 	if (!verb || !id || !dev)
 		return;
 	if (!strcmp(verb, "deliver"))
-		local_deliver(id, dev);
+		local_deliver(E, id, dev);
 	else if (!strcmp(verb, "cancel"))
-		send_cancel_local(id, dev);
+		send_cancel_local(E, id, dev);
 }
 
 /* ---- acks ------------------------------------------------------------------ */
 
 struct ack_ctx {
+	struct cmd_engine *E;
 	struct hub_link *conn;
 	char id[160];
 	hub_buf args;              /* RESP of the ack's ARGV but the device */
@@ -704,7 +738,7 @@ static void on_acked(redisReply *r, void *arg)
 		hub_buf_free(&m);
 	}
 	if (r && r->type == REDIS_REPLY_ARRAY)
-		E.hub->metrics.command_acks_total++;
+		a->E->hub->metrics.command_acks_total++;
 	hub_link_release(a->conn);
 	hub_buf_free(&a->args);
 	free(a);
@@ -715,6 +749,7 @@ static void on_acked(redisReply *r, void *arg)
 static void on_ack_device(redisReply *r, void *arg)
 {
 	struct ack_ctx *a = arg;
+	struct cmd_engine *E = a->E;
 	const char *dev = device_of(r);
 	hub_buf b = { 0 };
 
@@ -722,12 +757,12 @@ static void on_ack_device(redisReply *r, void *arg)
 		on_acked(r, a);
 		return;
 	}
-	call_begin(&b, S_ACK, group_len(dev), 8, true);
+	call_begin(E, &b, S_ACK, group_len(dev), 8, true);
 	call_group(&b, a->id, dev);
 	call_now(&b);
 	hub_buf_append(&b, a->args.data, a->args.len);
 	call_arg(&b, dev);
-	if (call_send(&b, on_acked, a)) {
+	if (call_send(E, &b, on_acked, a)) {
 		hub_link_release(a->conn);
 		hub_buf_free(&a->args);
 		free(a);
@@ -744,10 +779,11 @@ static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void
 	struct ack_ctx *a = hub_xcalloc(1, sizeof(*a));
 	char progress[32] = "";
 	char *result = ack->result ? json_dumps(ack->result, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+	struct cmd_engine *E = hub->cmd;
 
-	(void)hub;
 	(void)ev;
 	(void)ctx;
+	a->E = E;
 	snprintf(a->id, sizeof(a->id), "%s", ack->id);
 	a->conn = c;
 	hub_link_hold(c);
@@ -768,7 +804,7 @@ static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void
 	call_arg(&a->args, ack->error ? ack->error : "");
 	if (!cmd_id_valid(ack->id)) {
 		on_acked(NULL, a); /* answers unknown_command, releases */
-	} else if (read_device(ack->id, on_ack_device, a)) {
+	} else if (read_device(E, ack->id, on_ack_device, a)) {
 		hub_link_release(c);
 		hub_buf_free(&a->args);
 		free(a);
@@ -782,16 +818,19 @@ static void on_ack(struct hub *hub, enum hub_event ev, const void *payload, void
  * and arg (called exactly once), the name the read was about, and the
  * script's ARGV known up front, in RESP form. */
 struct then_ctx {
+	struct cmd_engine *E;
 	hub_redis_cb cb;
 	void *arg;
 	char name[HUB_KEY_MAX];
 	hub_buf args;
 };
 
-static struct then_ctx *then_new(hub_redis_cb cb, void *arg, const char *name)
+static struct then_ctx *then_new(struct cmd_engine *E, hub_redis_cb cb, void *arg,
+				  const char *name)
 {
 	struct then_ctx *t = hub_xcalloc(1, sizeof(*t));
 
+	t->E = E;
 	t->cb = cb;
 	t->arg = arg;
 	snprintf(t->name, sizeof(t->name), "%s", name);
@@ -815,7 +854,7 @@ static void then_fail(struct then_ctx *t, redisReply *r)
  * went down meanwhile). */
 static void then_send(struct then_ctx *t, hub_buf *b)
 {
-	if (call_send(b, t->cb, t->arg))
+	if (call_send(t->E, b, t->cb, t->arg))
 		t->cb(NULL, t->arg);
 	then_free(t);
 }
@@ -823,7 +862,7 @@ static void then_send(struct then_ctx *t, hub_buf *b)
 /* Reads argv (a command on one key) and calls then with its reply. */
 static int then_read(struct then_ctx *t, hub_redis_cb then, int argc, const char **argv)
 {
-	if (hub_redis_command_argv(E.hub->redis, then, t, argc, argv, NULL)) {
+	if (hub_redis_command_argv(t->E->hub->redis, then, t, argc, argv, NULL)) {
 		then_free(t);
 		return -1;
 	}
@@ -832,12 +871,14 @@ static int then_read(struct then_ctx *t, hub_redis_cb then, int argc, const char
 
 int cmd_create(struct hub *hub, const struct cmd_spec *sp, hub_redis_cb cb, void *arg)
 {
+	struct cmd_engine *E = hub->cmd;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_IDEM_MAX];
 	size_t idem = sp->idem && *sp->idem;
 
-	(void)hub;
-	call_begin(&b, S_CREATE, 4 + 2 + idem, 11, true);
+	if (!E)
+		return -1;
+	call_begin(E, &b, S_CREATE, 4 + 2 + idem, 11, true);
 	call_group(&b, sp->id, sp->device);
 	call_key(&b, k, hub_key_dev_cmdlog(k, sizeof(k), sp->device));
 	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
@@ -855,12 +896,13 @@ int cmd_create(struct hub *hub, const struct cmd_spec *sp, hub_redis_cb cb, void
 	hub_resp_int(&b, sp->max_attempts);
 	call_arg(&b, sp->owner ? sp->owner : "");
 	call_arg(&b, sp->rollout ? sp->rollout : "");
-	return call_send(&b, cb, arg);
+	return call_send(E, &b, cb, arg);
 }
 
 static void on_cancel_device(redisReply *r, void *arg)
 {
 	struct then_ctx *t = arg;
+	struct cmd_engine *E = t->E;
 	const char *dev = device_of(r);
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
@@ -869,7 +911,7 @@ static void on_cancel_device(redisReply *r, void *arg)
 		then_fail(t, r);
 		return;
 	}
-	call_begin(&b, S_CANCEL, group_len(dev) + (*dev ? 1 : 0), 2, true);
+	call_begin(E, &b, S_CANCEL, group_len(dev) + (*dev ? 1 : 0), 2, true);
 	call_group(&b, t->name, dev);
 	if (*dev)
 		call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), dev));
@@ -881,11 +923,13 @@ static void on_cancel_device(redisReply *r, void *arg)
 
 int cmd_cancel(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
+	struct cmd_engine *E = hub->cmd;
 	struct then_ctx *t;
 
-	(void)hub;
-	t = then_new(cb, arg, id);
-	if (read_device(id, on_cancel_device, t)) {
+	if (!E)
+		return -1;
+	t = then_new(E, cb, arg, id);
+	if (read_device(E, id, on_cancel_device, t)) {
 		then_free(t);
 		return -1;
 	}
@@ -894,20 +938,23 @@ int cmd_cancel(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 
 int cmd_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
+	struct cmd_engine *E = hub->cmd;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 
-	(void)hub;
-	call_begin(&b, S_GET, 2, 0, false);
+	if (!E)
+		return -1;
+	call_begin(E, &b, S_GET, 2, 0, false);
 	call_key(&b, k, hub_key_cmd(k, sizeof(k), id));
 	call_key(&b, k, hub_key_cmd_log(k, sizeof(k), id));
-	return call_send(&b, cb, arg);
+	return call_send(E, &b, cb, arg);
 }
 
 /* The device's command ids were read, newest first: the list script. */
 static void on_list_ids(redisReply *r, void *arg)
 {
 	struct then_ctx *t = arg;
+	struct cmd_engine *E = t->E;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 
@@ -915,7 +962,7 @@ static void on_list_ids(redisReply *r, void *arg)
 		then_fail(t, r);
 		return;
 	}
-	call_begin(&b, S_LIST, r->elements, 2, false);
+	call_begin(E, &b, S_LIST, r->elements, 2, false);
 	for (size_t i = 0; i < r->elements; i++)
 		call_key(&b, k, hub_key_cmd(k, sizeof(k), el_or_empty(r, i)));
 	hub_buf_append(&b, t->args.data, t->args.len);
@@ -925,14 +972,16 @@ static void on_list_ids(redisReply *r, void *arg)
 int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
 	     hub_redis_cb cb, void *arg)
 {
+	struct cmd_engine *E = hub->cmd;
 	struct then_ctx *t;
 	char key[HUB_KEY_MAX];
 	const char *argv[4] = { "ZREVRANGE", key, "0", "-1" };
 
-	(void)hub;
+	if (!E)
+		return -1;
 	if (!hub_key_dev_cmdlog(key, sizeof(key), device))
 		return -1;
-	t = then_new(cb, arg, device);
+	t = then_new(E, cb, arg, device);
 	call_arg(&t->args, status ? status : "");
 	hub_resp_int(&t->args, limit);
 	return then_read(t, on_list_ids, 4, argv);
@@ -942,40 +991,45 @@ int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
 
 void cmd_init(struct hub *hub)
 {
-	E.hub = hub;
-	E.armed_at = INT64_MAX;
-	scripts[S_CREATE] = hub_redis_add_script(hub->redis, hub_lua_cmd_create);
-	scripts[S_SEND] = hub_redis_add_script(hub->redis, hub_lua_cmd_send);
-	scripts[S_ACK] = hub_redis_add_script(hub->redis, hub_lua_cmd_ack);
-	scripts[S_CANCEL] = hub_redis_add_script(hub->redis, hub_lua_cmd_cancel);
-	scripts[S_TICK] = hub_redis_add_script(hub->redis, hub_lua_cmd_tick);
-	scripts[S_GET] = hub_redis_add_script(hub->redis, hub_lua_cmd_get);
-	scripts[S_LIST] = hub_redis_add_script(hub->redis, hub_lua_cmd_list);
-	scripts[S_RCREATE] = hub_redis_add_script(hub->redis, hub_lua_rollout_create);
-	scripts[S_RSTEP] = hub_redis_add_script(hub->redis, hub_lua_rollout_step);
-	scripts[S_RGET] = hub_redis_add_script(hub->redis, hub_lua_rollout_get);
-	scripts[S_OWED] = hub_redis_add_script(hub->redis, hub_lua_cmd_owed);
-	scripts[S_DEVICES] = hub_redis_add_script(hub->redis, hub_lua_cmd_devices);
-	hub_ch_ctl_cmd(E.ctl_channel, sizeof(E.ctl_channel), hub->instance_id);
-	hub_redis_subscribe(hub->redis, E.ctl_channel, on_ctl, NULL);
-	lws_sul_schedule(hub->ctx, 0, &E.sul_sweep, sweep_cb, SWEEP_US);
+	static const char *const lua[S__COUNT] = {
+		[S_CREATE] = hub_lua_cmd_create, [S_SEND] = hub_lua_cmd_send,
+		[S_ACK] = hub_lua_cmd_ack, [S_CANCEL] = hub_lua_cmd_cancel,
+		[S_TICK] = hub_lua_cmd_tick, [S_GET] = hub_lua_cmd_get,
+		[S_LIST] = hub_lua_cmd_list, [S_RCREATE] = hub_lua_rollout_create,
+		[S_RSTEP] = hub_lua_rollout_step, [S_RGET] = hub_lua_rollout_get,
+		[S_OWED] = hub_lua_cmd_owed, [S_DEVICES] = hub_lua_cmd_devices,
+	};
+	struct cmd_engine *E = hub_xcalloc(1, sizeof(*E));
+
+	E->hub = hub;
+	E->armed_at = INT64_MAX;
+	for (int i = 0; i < S__COUNT; i++)
+		E->scripts[i] = hub_redis_add_script(hub->redis, lua[i]);
+	hub->cmd = E;
+	hub_ch_ctl_cmd(E->ctl_channel, sizeof(E->ctl_channel), hub->instance_id);
+	hub_redis_subscribe(hub->redis, E->ctl_channel, on_ctl, E);
+	lws_sul_schedule(hub->ctx, 0, &E->sul_sweep, sweep_cb, SWEEP_US);
 }
 
 void cmd_stop(struct hub *hub)
 {
-	(void)hub;
-	if (!E.hub)
+	struct cmd_engine *E = hub->cmd;
+
+	if (!E)
 		return;
-	lws_sul_cancel(&E.sul_sweep);
-	lws_sul_cancel(&E.sul_timer);
+	lws_sul_cancel(&E->sul_sweep);
+	lws_sul_cancel(&E->sul_timer);
 }
 
 void cmd_free(struct hub *hub)
 {
-	(void)hub;
-	free(E.heap);
-	E.heap = NULL;
-	E.n = E.cap = 0;
+	struct cmd_engine *E = hub->cmd;
+
+	if (!E)
+		return;
+	free(E->heap);
+	free(E);
+	hub->cmd = NULL;
 }
 
 /* Rollout arguments (ARGV[3..16] of hub/lua/rollout_create.lua). */
@@ -990,6 +1044,7 @@ static int cmp_str(const void *a, const void *b)
 static void on_rollout_devices(redisReply *r, void *arg)
 {
 	struct then_ctx *t = arg;
+	struct cmd_engine *E = t->E;
 	const char *rid = t->name;
 	const char **devs;
 	hub_buf b = { 0 };
@@ -1005,7 +1060,7 @@ static void on_rollout_devices(redisReply *r, void *arg)
 		if (r->element[i]->type == REDIS_REPLY_STRING)
 			devs[n++] = r->element[i]->str;
 	qsort(devs, n, sizeof(*devs), cmp_str);
-	call_begin(&b, S_RCREATE, 4 + 4 * n, RCREATE_ARGS + n, true);
+	call_begin(E, &b, S_RCREATE, 4 + 4 * n, RCREATE_ARGS + n, true);
 	call_key(&b, k, hub_key_rollout(k, sizeof(k), rid));
 	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), rid));
 	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
@@ -1030,14 +1085,16 @@ int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *l
 		       const char *patterns, int max_per_minute, double ratio, int min_finished,
 		       hub_redis_cb cb, void *arg)
 {
+	struct cmd_engine *E = hub->cmd;
 	struct then_ctx *t;
 	char key[HUB_KEY_MAX], num[32];
 	const char *argv[2] = { "SMEMBERS", key };
 
-	(void)hub;
+	if (!E)
+		return -1;
 	if (!hub_key_type(key, sizeof(key), sp->type))
 		return -1;
-	t = then_new(cb, arg, sp->id);
+	t = then_new(E, cb, arg, sp->id);
 	call_arg(&t->args, sp->id);
 	call_arg(&t->args, sp->type);
 	call_arg(&t->args, labels ? labels : "");
@@ -1060,6 +1117,7 @@ int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *l
 static void on_rollout_ids(redisReply *r, void *arg)
 {
 	struct then_ctx *t = arg;
+	struct cmd_engine *E = t->E;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
 
@@ -1067,7 +1125,7 @@ static void on_rollout_ids(redisReply *r, void *arg)
 		then_fail(t, r);
 		return;
 	}
-	call_begin(&b, S_RGET, 1 + r->elements, 0, false);
+	call_begin(E, &b, S_RGET, 1 + r->elements, 0, false);
 	call_key(&b, k, hub_key_rollout(k, sizeof(k), t->name));
 	for (size_t i = 0; i < r->elements; i++)
 		call_key(&b, k, hub_key_cmd(k, sizeof(k), el_or_empty(r, i)));
@@ -1076,19 +1134,21 @@ static void on_rollout_ids(redisReply *r, void *arg)
 
 int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
+	struct cmd_engine *E = hub->cmd;
 	char key[HUB_KEY_MAX];
 	const char *argv[4] = { "LRANGE", key, "0", "-1" };
 
-	(void)hub;
+	if (!E)
+		return -1;
 	if (!hub_key_rollout_cmds(key, sizeof(key), id))
 		return -1;
-	return then_read(then_new(cb, arg, id), on_rollout_ids, 4, argv);
+	return then_read(then_new(E, cb, arg, id), on_rollout_ids, 4, argv);
 }
 
 void cmd_rollout_kick(struct hub *hub, const char *id)
 {
-	(void)hub;
-	rollout_step(id);
+	if (hub->cmd)
+		rollout_step(hub->cmd, id);
 }
 
 /* ---- the module ---------------------------------------------------------- */

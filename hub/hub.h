@@ -24,6 +24,7 @@ struct hub_observers;
 struct hub_http;
 struct hub_lease;
 struct hub_durability;
+struct cmd_engine;
 struct hub_registry;
 struct agg;
 struct stream;
@@ -60,6 +61,7 @@ struct hub {
 	struct hub_registry *registry;
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
+	struct cmd_engine *cmd;            /* commands/commands.c */
 	struct agg *agg;
 	struct gateways *gw;
 	struct stream *stream;
