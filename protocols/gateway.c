@@ -729,7 +729,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		struct gw_dev *d = ad.ref;
 		int64_t wait_ms, ts;
 
-		if (code != HUB_REJ__COUNT) {
+		if (code != HUB_REJ_NONE) {
 			hub->metrics.readings_rejected[code]++;
 			continue;
 		}

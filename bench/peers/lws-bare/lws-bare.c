@@ -266,7 +266,7 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 
 		/* The hub's checks, without its rate limits and registry. */
 		if (admit_reading(&rules, json_array_get(msg->items, i), i, &rd, &ad, &rej) !=
-		    HUB_REJ__COUNT)
+		    HUB_REJ_NONE)
 			continue;
 		nacc++;
 		if (G.broadcast)
