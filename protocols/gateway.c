@@ -1379,7 +1379,7 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 	const char *tok;
 	size_t tlen;
 	enum hub_bearer b = hub_http_bearer(wsi, authz, sizeof(authz), &tok, &tlen);
-	int rc;
+	enum auth_result rc;
 
 	(void)ctx;
 	if (b != HUB_BEARER_OK) {

@@ -1664,34 +1664,34 @@ enum stream_auth {
 };
 
 /* Checks a dashboard token (API key, or JWT with scope telemetry:read). On
- * STREAM_AUTH_OK fills *out (caller clears it); *why gets a static reason. */
+ * STREAM_AUTH_OK fills *out (caller clears it); otherwise writes the reason,
+ * the message told to the client, to err (docs/hacking.md "Errors"). */
 static enum stream_auth stream_authenticate(struct hub *hub, const char *token, size_t len,
-					    auth_principal *out, const char **why)
+					    auth_principal *out, char *err, size_t errlen)
 {
-	int rc = auth_check_api_key(hub->auth, token, len, out);
+	enum auth_result rc = auth_check_api_key(hub->auth, token, len, out);
 
-	if (rc == AUTH_ERR_UNKNOWN_KEY && memchr(token, '.', len)) {
+	if (rc == AUTH_UNKNOWN_KEY && memchr(token, '.', len)) {
 		rc = auth_verify_jwt(hub->auth, token, len, hub_now_ms() / 1000, out);
 		if (rc == AUTH_OK && !out->has_devices_claim)
 			out->devices.all = true; /* optional for dashboards (docs/dashboard.md) */
 	}
 	if (rc != AUTH_OK) {
-		*why = auth_strerror(rc);
+		snprintf(err, errlen, "%s", auth_strerror(rc));
 		return STREAM_AUTH_UNAUTHORIZED;
 	}
 	if (!auth_has_scope(out, AUTH_SCOPE_TELEMETRY_READ)) {
 		auth_principal_clear(out);
-		*why = "the token lacks the telemetry:read scope";
+		snprintf(err, errlen, "the token lacks the telemetry:read scope");
 		return STREAM_AUTH_FORBIDDEN;
 	}
-	*why = "ok";
 	return STREAM_AUTH_OK;
 }
 
 static void handle_auth(struct st_conn *c, json_t *msg)
 {
 	json_t *tok = json_object_get(msg, "token");
-	const char *why;
+	char why[128];
 	enum stream_auth rc;
 	hub_buf b = { 0 };
 
@@ -1706,7 +1706,7 @@ static void handle_auth(struct st_conn *c, json_t *msg)
 		return;
 	}
 	rc = stream_authenticate(c->hub, json_string_value(tok), json_string_length(tok),
-				 &c->who, &why);
+				 &c->who, why, sizeof(why));
 	if (rc != STREAM_AUTH_OK) {
 		bool forbidden = rc == STREAM_AUTH_FORBIDDEN;
 		send_error(c, NULL, forbidden ? "forbidden" : "unauthorized", "%s", why);
@@ -1844,8 +1844,8 @@ static void on_receive(struct st_conn *c, const char *in, size_t len)
  * first auth message. */
 static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshake *hs, void *ctx)
 {
-	char authz[HUB_AUTHZ_MAX + 16];
-	const char *why, *tok;
+	char authz[HUB_AUTHZ_MAX + 16], why[128];
+	const char *tok;
 	size_t tlen;
 	enum hub_bearer b = hub_http_bearer(wsi, authz, sizeof(authz), &tok, &tlen);
 	enum stream_auth rc;
@@ -1859,7 +1859,7 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 		hub->metrics.stream_auth_failures_total++;
 		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", hub_http_bearer_problem(b));
 	}
-	rc = stream_authenticate(hub, tok, tlen, &hs->who, &why);
+	rc = stream_authenticate(hub, tok, tlen, &hs->who, why, sizeof(why));
 	if (rc != STREAM_AUTH_OK) {
 		hub->metrics.stream_auth_failures_total++;
 		return hub_http_refuse_upgrade(wsi, rc == STREAM_AUTH_FORBIDDEN ? 403 : 401,
