@@ -152,37 +152,31 @@ static void auth_patterns_free(auth_patterns *p)
 	memset(p, 0, sizeof(*p));
 }
 
-static int auth_patterns_copy(auth_patterns *dst, const auth_patterns *src)
+static void auth_patterns_copy(auth_patterns *dst, const auth_patterns *src)
 {
 	memset(dst, 0, sizeof(*dst));
 	dst->all = src->all;
 	if (!src->n)
-		return 0;
-	dst->items = calloc(src->n, sizeof(*dst->items));
-	if (!dst->items)
-		return -1;
+		return;
+	dst->items = auth_xcalloc(src->n, sizeof(*dst->items));
 	for (size_t i = 0; i < src->n; i++) {
-		dst->items[i] = strdup(src->items[i]);
-		if (!dst->items[i]) {
-			auth_patterns_free(dst);
-			return -1;
-		}
+		dst->items[i] = auth_xstrndup(src->items[i], strlen(src->items[i]));
 		dst->n++;
 	}
-	return 0;
 }
 
-/* Fills out from a JSON array of pattern strings. Returns 0, or -1 with
- * *bad = index of the offending element (SIZE_MAX: not an array). */
-static int auth_patterns_from_json(const json_t *arr, auth_patterns *out,
-				   size_t *bad)
+/* Fills out from a JSON array of pattern strings (the "devices" of a key
+ * or a token). Returns 0, or -1 with the reason in err (NULL: not wanted). */
+static int auth_patterns_from_json(const json_t *arr, auth_patterns *out, char *err,
+				   size_t errlen)
 {
 	size_t n;
 
 	memset(out, 0, sizeof(*out));
-	*bad = SIZE_MAX;
-	if (!json_is_array(arr))
+	if (!json_is_array(arr)) {
+		auth_seterr(err, errlen, "\"devices\" must be an array of device patterns");
 		return -1;
+	}
 	n = json_array_size(arr);
 	for (size_t i = 0; i < n; i++) {
 		const json_t *v = json_array_get(arr, i);
@@ -190,7 +184,8 @@ static int auth_patterns_from_json(const json_t *arr, auth_patterns *out,
 		if (!json_is_string(v) ||
 		    !auth_valid_pattern(json_string_value(v),
 					json_string_length(v))) {
-			*bad = i;
+			auth_seterr(err, errlen, "\"devices\"[%zu] must be a device id or a "
+				    "prefix ending in '*'", i);
 			return -1;
 		}
 	}
@@ -542,7 +537,8 @@ static int auth_parse_api_key(const json_t *e, size_t idx, const char *path,
 {
 	const char *field;
 	const json_t *v, *s;
-	size_t i, bad;
+	char why[96];
+	size_t i;
 
 	if (!json_is_object(e)) {
 		auth_seterr(err, errlen, "api keys file %s: entry %zu: must be "
@@ -610,16 +606,9 @@ static int auth_parse_api_key(const json_t *e, size_t idx, const char *path,
 		k->devices.all = true;
 		return 0;
 	}
-	if (auth_patterns_from_json(v, &k->devices, &bad)) {
-		if (bad == SIZE_MAX)
-			auth_seterr(err, errlen, "api keys file %s: entry %zu "
-				    "(%s): \"devices\" must be an array of device "
-				    "patterns", path, idx, k->name);
-		else
-			auth_seterr(err, errlen, "api keys file %s: entry %zu "
-				    "(%s): \"devices\"[%zu] must be a device id "
-				    "or a prefix ending in '*'", path, idx,
-				    k->name, bad);
+	if (auth_patterns_from_json(v, &k->devices, why, sizeof(why))) {
+		auth_seterr(err, errlen, "api keys file %s: entry %zu (%s): %s", path, idx,
+			    k->name, why);
 		return -1;
 	}
 	return 0;
@@ -716,21 +705,22 @@ void auth_free(hub_auth *a)
 	free(a);
 }
 
-const char *auth_strerror(int rc)
+const char *auth_strerror(enum auth_result r)
 {
-	switch (rc) {
+	switch (r) {
 	case AUTH_OK:			return "ok";
-	case AUTH_ERR_MALFORMED:	return "malformed token";
-	case AUTH_ERR_ALG:		return "token algorithm not accepted";
-	case AUTH_ERR_SIGNATURE:	return "bad token signature";
-	case AUTH_ERR_EXPIRED:		return "token expired or without integer exp";
-	case AUTH_ERR_NOT_YET:		return "token not yet valid (nbf)";
-	case AUTH_ERR_ISSUER:		return "token issuer not accepted";
-	case AUTH_ERR_AUDIENCE:		return "token audience not accepted";
-	case AUTH_ERR_CLAIMS:		return "token claims invalid";
-	case AUTH_ERR_UNKNOWN_KEY:	return "unknown API key";
-	default:			return "unknown auth error";
+	case AUTH_MALFORMED:		return "malformed token";
+	case AUTH_BAD_ALG:		return "token algorithm not accepted";
+	case AUTH_BAD_SIGNATURE:	return "bad token signature";
+	case AUTH_EXPIRED:		return "token expired or without integer exp";
+	case AUTH_NOT_YET:		return "token not yet valid (nbf)";
+	case AUTH_BAD_ISSUER:		return "token issuer not accepted";
+	case AUTH_BAD_AUDIENCE:		return "token audience not accepted";
+	case AUTH_BAD_CLAIMS:		return "token claims invalid";
+	case AUTH_UNKNOWN_KEY:		return "unknown API key";
+	case AUTH__COUNT:		break;
 	}
+	return "unknown auth result";
 }
 
 /* ---- JWT ---------------------------------------------------------------- */
@@ -753,17 +743,17 @@ static json_t *auth_segment_json(const char *seg, size_t len,
 	return o;
 }
 
-static int auth_check_header(const hub_auth *a, const char *seg, size_t len)
+static enum auth_result auth_check_header(const hub_auth *a, const char *seg, size_t len)
 {
 	unsigned char buf[AUTH_JWT_MAX_HEADER];
 	json_t *h, *alg, *typ;
-	int rc = AUTH_ERR_MALFORMED;
+	enum auth_result rc = AUTH_MALFORMED;
 
 	if (len > AUTH_JWT_MAX_HEADER)
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 	h = auth_segment_json(seg, len, buf, sizeof(buf));
 	if (!h)
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 	alg = json_object_get(h, "alg");
 	typ = json_object_get(h, "typ");
 	if (!json_is_string(alg))
@@ -774,7 +764,7 @@ static int auth_check_header(const hub_auth *a, const char *seg, size_t len)
 	if (json_object_get(h, "crit"))
 		goto out;
 	if (strcmp(json_string_value(alg), a->alg_name)) {
-		rc = AUTH_ERR_ALG;
+		rc = AUTH_BAD_ALG;
 		goto out;
 	}
 	rc = AUTH_OK;
@@ -783,31 +773,31 @@ out:
 	return rc;
 }
 
-static int auth_check_claims(const hub_auth *a, const json_t *c, int64_t now,
-			     auth_principal *out)
+static enum auth_result auth_check_claims(const hub_auth *a, const json_t *c, int64_t now,
+					  auth_principal *out)
 {
 	const json_t *v, *e;
 	json_int_t exp;
 	unsigned scopes;
-	size_t i, bad;
+	size_t i;
 	auth_patterns devs;
 
 	v = json_object_get(c, "exp");
 	if (!json_is_integer(v))
-		return AUTH_ERR_EXPIRED;
+		return AUTH_EXPIRED;
 	exp = json_integer_value(v);
 	if (exp < auth_sat_add(now, -a->leeway))
-		return AUTH_ERR_EXPIRED;
+		return AUTH_EXPIRED;
 
 	v = json_object_get(c, "nbf");
 	if (v && (!json_is_integer(v) ||
 		  json_integer_value(v) > auth_sat_add(now, a->leeway)))
-		return AUTH_ERR_NOT_YET;
+		return AUTH_NOT_YET;
 
 	if (a->issuer) {
 		v = json_object_get(c, "iss");
 		if (!json_is_string(v) || strcmp(json_string_value(v), a->issuer))
-			return AUTH_ERR_ISSUER;
+			return AUTH_BAD_ISSUER;
 	}
 
 	if (a->audience) {
@@ -824,21 +814,21 @@ static int auth_check_claims(const hub_auth *a, const json_t *c, int64_t now,
 			}
 		}
 		if (!found)
-			return AUTH_ERR_AUDIENCE;
+			return AUTH_BAD_AUDIENCE;
 	}
 
 	v = json_object_get(c, "sub");
 	if (!json_is_string(v) ||
 	    !auth_valid_id(json_string_value(v), json_string_length(v)))
-		return AUTH_ERR_CLAIMS;
+		return AUTH_BAD_CLAIMS;
 
 	if (auth_jwt_scopes(json_object_get(c, "scope"), &scopes))
-		return AUTH_ERR_CLAIMS;
+		return AUTH_BAD_CLAIMS;
 
 	memset(&devs, 0, sizeof(devs));
 	e = json_object_get(c, "devices");
-	if (e && auth_patterns_from_json(e, &devs, &bad))
-		return AUTH_ERR_CLAIMS;
+	if (e && auth_patterns_from_json(e, &devs, NULL, 0))
+		return AUTH_BAD_CLAIMS;
 
 	if (!out) {
 		auth_patterns_free(&devs);
@@ -854,8 +844,8 @@ static int auth_check_claims(const hub_auth *a, const json_t *c, int64_t now,
 	return AUTH_OK;
 }
 
-int auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
-		    int64_t now_s, auth_principal *out)
+enum auth_result auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
+				 int64_t now_s, auth_principal *out)
 {
 	char tok[AUTH_JWT_MAX_LEN + 1];
 	unsigned char pbuf[AUTH_JWT_MAX_LEN];
@@ -863,21 +853,22 @@ int auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
 	jwt_t *j = NULL;
 	json_t *claims;
 	char *grants;
-	int rc;
+	enum auth_result rc;
+	int jrc;
 
 	if (!a || !token || len == 0 || len > AUTH_JWT_MAX_LEN)
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 	for (size_t i = 0; i < len; i++) {
 		if (token[i] == '.') {
 			if (ndot == 2)
-				return AUTH_ERR_MALFORMED;
+				return AUTH_MALFORMED;
 			dot[ndot++] = i;
 		} else if (auth_b64url_val((unsigned char)token[i]) < 0) {
-			return AUTH_ERR_MALFORMED;
+			return AUTH_MALFORMED;
 		}
 	}
 	if (ndot != 2 || dot[0] == 0 || dot[1] == dot[0] + 1)
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 
 	rc = auth_check_header(a, token, dot[0]);
 	if (rc)
@@ -885,33 +876,33 @@ int auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
 	claims = auth_segment_json(token + dot[0] + 1, dot[1] - dot[0] - 1,
 				   pbuf, sizeof(pbuf));
 	if (!claims)
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 	json_decref(claims);
 	if (dot[1] + 1 == len || !a->jwt_key)
-		return AUTH_ERR_SIGNATURE;
+		return AUTH_BAD_SIGNATURE;
 
 	memcpy(tok, token, len);
 	tok[len] = '\0';
-	rc = jwt_decode(&j, tok, a->jwt_key, (int)a->jwt_key_len);
+	jrc = jwt_decode(&j, tok, a->jwt_key, (int)a->jwt_key_len);
 	OPENSSL_cleanse(tok, len);
 	ERR_clear_error();
-	if (rc || !j) {
+	if (jrc || !j) {
 		jwt_free(j);
-		return AUTH_ERR_SIGNATURE;
+		return AUTH_BAD_SIGNATURE;
 	}
 	if (jwt_get_alg(j) != a->jwt_alg) {
 		jwt_free(j);
-		return AUTH_ERR_ALG;
+		return AUTH_BAD_ALG;
 	}
 	grants = jwt_get_grants_json(j, NULL);
 	jwt_free(j);
 	if (!grants)
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 	claims = json_loads(grants, JSON_REJECT_DUPLICATES, NULL);
 	free(grants);
 	if (!json_is_object(claims)) {
 		json_decref(claims);
-		return AUTH_ERR_MALFORMED;
+		return AUTH_MALFORMED;
 	}
 	rc = auth_check_claims(a, claims, now_s, out);
 	json_decref(claims);
@@ -920,8 +911,8 @@ int auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
 
 /* ---- API keys ----------------------------------------------------------- */
 
-int auth_check_api_key(const hub_auth *a, const char *key, size_t len,
-		       auth_principal *out)
+enum auth_result auth_check_api_key(const hub_auth *a, const char *key, size_t len,
+				    auth_principal *out)
 {
 	unsigned char md[AUTH_SHA256_LEN];
 	size_t match = 0;
@@ -929,7 +920,7 @@ int auth_check_api_key(const hub_auth *a, const char *key, size_t len,
 	const struct auth_api_key *k;
 
 	if (!a || !key || len == 0 || len > AUTH_API_KEY_MAX_LEN)
-		return AUTH_ERR_UNKNOWN_KEY;
+		return AUTH_UNKNOWN_KEY;
 	auth_sha256(key, len, md);
 	/* Look at every entry, whatever matched, and select without a branch
 	 * on the comparison result. */
@@ -943,15 +934,14 @@ int auth_check_api_key(const hub_auth *a, const char *key, size_t len,
 	}
 	OPENSSL_cleanse(md, sizeof(md));
 	if (!found)
-		return AUTH_ERR_UNKNOWN_KEY;
+		return AUTH_UNKNOWN_KEY;
 	if (!out)
 		return AUTH_OK;
 	k = &a->keys[match];
 	memset(out, 0, sizeof(*out));
 	memcpy(out->name, k->name, sizeof(out->name));
 	out->scopes = k->scopes;
-	if (auth_patterns_copy(&out->devices, &k->devices))
-		auth_oom();
+	auth_patterns_copy(&out->devices, &k->devices);
 	out->exp = 0;
 	out->is_api_key = true;
 	return AUTH_OK;
@@ -967,19 +957,13 @@ void auth_principal_clear(auth_principal *p)
 	memset(p, 0, sizeof(*p));
 }
 
-int auth_principal_copy(auth_principal *dst, const auth_principal *src)
+void auth_principal_copy(auth_principal *dst, const auth_principal *src)
 {
 	auth_patterns devs;
 
-	if (!dst || !src)
-		return -1;
-	if (auth_patterns_copy(&devs, &src->devices)) {
-		memset(dst, 0, sizeof(*dst));
-		return -1;
-	}
+	auth_patterns_copy(&devs, &src->devices);
 	*dst = *src;
 	dst->devices = devs;
-	return 0;
 }
 
 bool auth_has_scope(const auth_principal *p, unsigned scope)

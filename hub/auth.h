@@ -58,39 +58,45 @@ typedef struct auth_config {
 hub_auth *auth_new(const auth_config *cfg, char *err, size_t errlen);
 void auth_free(hub_auth *a);
 
+/* The verdict on a token or key: AUTH_OK (0), or why it is refused
+ * (docs/hacking.md "Errors": a result, not an error of the function). */
 enum auth_result {
 	AUTH_OK = 0,
-	AUTH_ERR_MALFORMED = -1,   /* not a JWT / undecodable */
-	AUTH_ERR_ALG = -2,         /* alg differs from the pinned one (incl. none) */
-	AUTH_ERR_SIGNATURE = -3,
-	AUTH_ERR_EXPIRED = -4,     /* exp missing, not an integer, or past */
-	AUTH_ERR_NOT_YET = -5,     /* nbf in the future */
-	AUTH_ERR_ISSUER = -6,
-	AUTH_ERR_AUDIENCE = -7,
-	AUTH_ERR_CLAIMS = -8,      /* sub missing/invalid, devices not an array of strings, ... */
-	AUTH_ERR_UNKNOWN_KEY = -9, /* API key not configured */
+	AUTH_MALFORMED,            /* not a JWT / undecodable */
+	AUTH_BAD_ALG,              /* alg differs from the pinned one (incl. none) */
+	AUTH_BAD_SIGNATURE,
+	AUTH_EXPIRED,              /* exp missing, not an integer, or past */
+	AUTH_NOT_YET,              /* nbf in the future */
+	AUTH_BAD_ISSUER,
+	AUTH_BAD_AUDIENCE,
+	AUTH_BAD_CLAIMS,           /* sub missing/invalid, devices not an array of strings, ... */
+	AUTH_UNKNOWN_KEY,          /* API key not configured */
+	AUTH__COUNT
 };
 
-/* Short static description of an auth_result. */
-const char *auth_strerror(int rc);
+/* Short static description of r ("ok" for AUTH_OK), as told to the client. */
+const char *auth_strerror(enum auth_result r);
 
 /* Verifies a compact JWT (token[0..len), not NUL-terminated) at time now_s.
- * On AUTH_OK fills *out (caller must auth_principal_clear it): name = sub,
- * devices = `devices` claim (absent: no devices), scopes from the `scope`
- * claim (space-separated string or array of strings). */
-int auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
-		    int64_t now_s, auth_principal *out);
+ * On AUTH_OK fills *out when it is not NULL (caller must
+ * auth_principal_clear it): name = sub, devices = `devices` claim (absent:
+ * no devices), scopes from the `scope` claim (space-separated string or
+ * array of strings). */
+enum auth_result auth_verify_jwt(const hub_auth *a, const char *token, size_t len,
+				 int64_t now_s, auth_principal *out);
 
-/* Looks an API key up by the SHA-256 of its bytes. On AUTH_OK fills *out
+/* Looks an API key up by the SHA-256 of its bytes: AUTH_OK or
+ * AUTH_UNKNOWN_KEY. On AUTH_OK fills *out when it is not NULL
  * (devices.all when the key has no "devices"). */
-int auth_check_api_key(const hub_auth *a, const char *key, size_t len,
-		       auth_principal *out);
+enum auth_result auth_check_api_key(const hub_auth *a, const char *key, size_t len,
+				    auth_principal *out);
 
 /* Releases what a principal owns; leaves it zeroed. NULL-safe. */
 void auth_principal_clear(auth_principal *p);
 
-/* Deep copy; returns 0, or -1 on allocation failure. */
-int auth_principal_copy(auth_principal *dst, const auth_principal *src);
+/* Deep copy of src into dst (which it overwrites). Aborts when out of
+ * memory. */
+void auth_principal_copy(auth_principal *dst, const auth_principal *src);
 
 /* True if the principal has the scope (admin has all). */
 bool auth_has_scope(const auth_principal *p, unsigned scope);

@@ -83,8 +83,10 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		 frame_results, m->frames, HUB_FRAME__COUNT);
 	counter(o, "iot_hub_readings_accepted_total", "Readings stored in Redis.",
 		m->readings_accepted);
+	/* From HUB_REJ_INVALID: HUB_REJ_NONE is not a refusal. */
 	counters(o, "iot_hub_readings_rejected_total", "Readings refused, by code.", "code",
-		 hub_reject_names, m->readings_rejected, HUB_REJ__COUNT);
+		 hub_reject_names + HUB_REJ_INVALID, m->readings_rejected + HUB_REJ_INVALID,
+		 HUB_REJ__COUNT - HUB_REJ_INVALID);
 	counter(o, "iot_hub_acks_total", "Acks sent to gateways.", m->acks_total);
 	counter(o, "iot_hub_announces_total", "Announce messages handled.", m->announces_total);
 	counter(o, "iot_hub_announce_rejected_total", "Announced devices refused.",

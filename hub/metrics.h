@@ -56,7 +56,7 @@ struct hub_metrics {
 	uint64_t http_refused[HUB_HTTP_REFUSAL__COUNT];
 	uint64_t frames[HUB_FRAME__COUNT];
 	uint64_t readings_accepted;
-	uint64_t readings_rejected[HUB_REJ__COUNT];
+	uint64_t readings_rejected[HUB_REJ__COUNT]; /* by code; [HUB_REJ_NONE] unused */
 	uint64_t acks_total;
 	uint64_t announces_total;
 	uint64_t devices_rejected_total;   /* announce entries refused */

@@ -7,6 +7,7 @@
 #include <string.h>
 
 const char *const hub_reject_names[HUB_REJ__COUNT] = {
+	[HUB_REJ_NONE] = NULL,
 	[HUB_REJ_INVALID] = "invalid",
 	[HUB_REJ_UNKNOWN_DEVICE] = "unknown_device",
 	[HUB_REJ_UNAUTHORIZED_DEVICE] = "unauthorized_device",
@@ -77,7 +78,7 @@ enum hub_reject_code admit_reading(const struct admit_rules *rules, json_t *item
 			       ADMIT_MAX_FIELD_ERRORS);
 	if (nerr)
 		return refuse_fields(rejected, index, rd, errs, nerr);
-	return HUB_REJ__COUNT;
+	return HUB_REJ_NONE;
 }
 
 void admit_reject_rate_limited(hub_buf *rejected, size_t index, const gw_reading *rd,

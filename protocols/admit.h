@@ -29,8 +29,10 @@
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 
-/* Why a reading was refused; the wire names are hub_reject_names. */
+/* Why a reading was refused, or HUB_REJ_NONE (0) when it was not; the wire
+ * names are hub_reject_names (NULL for HUB_REJ_NONE). */
 enum hub_reject_code {
+	HUB_REJ_NONE,
 	HUB_REJ_INVALID,
 	HUB_REJ_UNKNOWN_DEVICE,
 	HUB_REJ_UNAUTHORIZED_DEVICE,
@@ -39,7 +41,7 @@ enum hub_reject_code {
 	HUB_REJ__COUNT
 };
 
-/* "invalid", "unknown_device", ... */
+/* "invalid", "unknown_device", ...; [HUB_REJ_NONE] is NULL. */
 extern const char *const hub_reject_names[HUB_REJ__COUNT];
 
 /* Field errors reported per refused reading, at most. */
@@ -66,10 +68,10 @@ struct admit_rules {
 	void *ctx;
 };
 
-/* Runs the checks on readings[index] (item). Returns HUB_REJ__COUNT when
- * the reading is admitted (rd and dev filled), else the code of the first
- * check it failed, with its entry appended to rejected (comma separated,
- * as gw_write_reading_reject). */
+/* Runs the checks on readings[index] (item). Returns HUB_REJ_NONE when the
+ * reading is admitted (rd and dev filled), else the code of the first check
+ * it failed, with its entry appended to rejected (comma separated, as
+ * gw_write_reading_reject). */
 enum hub_reject_code admit_reading(const struct admit_rules *rules, json_t *item, size_t index,
 				   gw_reading *rd, struct admit_device *dev, hub_buf *rejected);
 

@@ -729,7 +729,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		struct gw_dev *d = ad.ref;
 		int64_t wait_ms, ts;
 
-		if (code != HUB_REJ__COUNT) {
+		if (code != HUB_REJ_NONE) {
 			hub->metrics.readings_rejected[code]++;
 			continue;
 		}
@@ -884,11 +884,11 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 	hub->metrics.announces_total++;
 	for (size_t i = 0; i < n; i++) {
 		gw_announce a;
-		const char *why;
+		char why[128];
 		const schema_type *t;
 		struct gw_dev *d;
 
-		if (gw_announce_parse(json_array_get(msg->items, i), &a, &why)) {
+		if (gw_announce_parse(json_array_get(msg->items, i), &a, why, sizeof(why))) {
 			gw_write_announce_reject(&rej, &a, "invalid", why);
 			continue;
 		}
@@ -951,7 +951,7 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 	struct hub *hub = c->hub;
 	char why[160];
 	gw_msg msg;
-	int rc;
+	enum gw_parse_result rc;
 
 	/* The frame's document lives until gw_msg_clear below: parsed into the
 	 * reused arena (hub/jarena.h). Nothing here keeps a json_t past that. */
@@ -960,10 +960,10 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 			  (size_t)hub->cfg.max_devices_per_gateway, &msg, why, sizeof(why));
 	hub_jarena_end();
 
-	if (rc == GW_ERR_BAD_JSON) {
+	if (rc == GW_BAD_JSON) {
 		hub->metrics.frames[HUB_FRAME_BAD_JSON]++;
 		queue_error(c, "bad_json", -1, -1, why);
-	} else if (rc == GW_ERR_BAD_MESSAGE) {
+	} else if (rc == GW_BAD_MESSAGE) {
 		hub->metrics.frames[HUB_FRAME_BAD_MESSAGE]++;
 		queue_error(c, "bad_message", msg.has_seq ? msg.seq : -1, -1, why);
 	} else if (msg.type == GW_MSG_TELEMETRY) {
@@ -972,14 +972,15 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 		handle_announce(c, &msg);
 	} else if (msg.type == GW_MSG_COMMAND_ACK) {
 		gw_command_ack ack;
-		const char *bad;
+		char bad[128];
 		int64_t wait_ms;
-		if (gw_command_ack_parse(&msg, &ack, &bad))
+		if (gw_command_ack_parse(&msg, &ack, bad, sizeof(bad)))
 			queue_error(c, "bad_message", -1, -1, bad);
 		else if (!gw_ack_status_valid(ack.status))
 			queue_ack_error(c, "bad_message", ack.id, 0,
 				    "command_ack status must be received, in_progress, succeeded, failed or rejected");
-		else if (gw_command_ack_check(&ack, (size_t)hub->cfg.max_command_result_bytes, &bad))
+		else if (gw_command_ack_check(&ack, (size_t)hub->cfg.max_command_result_bytes,
+					      bad, sizeof(bad)))
 			queue_ack_error(c, "bad_message", ack.id, 0, bad);
 		else if ((wait_ms = hub_bucket_take(&c->ack_bucket, hub->cfg.command_ack_rate,
 						    hub->cfg.command_ack_burst, 1, hub_mono_us()))) {
@@ -1379,7 +1380,7 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 	const char *tok;
 	size_t tlen;
 	enum hub_bearer b = hub_http_bearer(wsi, authz, sizeof(authz), &tok, &tlen);
-	int rc;
+	enum auth_result rc;
 
 	(void)ctx;
 	if (b != HUB_BEARER_OK) {

@@ -14,24 +14,24 @@ static bool json_int64(const json_t *v, int64_t *out)
 }
 
 /* msg->items = root[field], which must be an array of at most max entries. */
-static int take_items(gw_msg *msg, const char *field, size_t max,
-		      const char *limit_name, char *why, size_t whylen)
+static enum gw_parse_result take_items(gw_msg *msg, const char *field, size_t max,
+				       const char *limit_name, char *err, size_t errlen)
 {
 	msg->items = json_object_get(msg->root, field);
 	if (!json_is_array(msg->items)) {
-		snprintf(why, whylen, "\"%s\" must be an array", field);
-		return GW_ERR_BAD_MESSAGE;
+		snprintf(err, errlen, "\"%s\" must be an array", field);
+		return GW_BAD_MESSAGE;
 	}
 	if (json_array_size(msg->items) > max) {
-		snprintf(why, whylen, "too many %s: %zu > %s %zu", field,
+		snprintf(err, errlen, "too many %s: %zu > %s %zu", field,
 			 json_array_size(msg->items), limit_name, max);
-		return GW_ERR_BAD_MESSAGE;
+		return GW_BAD_MESSAGE;
 	}
 	return GW_OK;
 }
 
-int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
-		 size_t max_devices, gw_msg *msg, char *why, size_t whylen)
+enum gw_parse_result gw_msg_parse(const char *buf, size_t len, size_t max_readings,
+				  size_t max_devices, gw_msg *msg, char *err, size_t errlen)
 {
 	json_error_t jerr;
 	json_t *root, *t;
@@ -40,13 +40,13 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
 	memset(msg, 0, sizeof(*msg));
 	root = jparse(buf, len, &jerr); /* json_loadb with JSON_REJECT_DUPLICATES, faster */
 	if (!root) {
-		snprintf(why, whylen, "invalid JSON at byte %d: %s", jerr.position, jerr.text);
-		return GW_ERR_BAD_JSON;
+		snprintf(err, errlen, "invalid JSON at byte %d: %s", jerr.position, jerr.text);
+		return GW_BAD_JSON;
 	}
 	if (!json_is_object(root)) {
 		json_decref(root);
-		snprintf(why, whylen, "a message must be a JSON object");
-		return GW_ERR_BAD_JSON;
+		snprintf(err, errlen, "a message must be a JSON object");
+		return GW_BAD_JSON;
 	}
 	msg->root = root;
 	msg->text = buf;
@@ -54,8 +54,8 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
 	t = json_object_get(root, "type");
 	type = json_string_value(t);
 	if (!type) {
-		snprintf(why, whylen, "missing string field \"type\"");
-		return GW_ERR_BAD_MESSAGE;
+		snprintf(err, errlen, "missing string field \"type\"");
+		return GW_BAD_MESSAGE;
 	}
 	if (!strcmp(type, "telemetry")) {
 		json_t *seq = json_object_get(root, "seq");
@@ -63,23 +63,23 @@ int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
 		if (json_int64(seq, &msg->seq) && msg->seq >= 0)
 			msg->has_seq = true;
 		if (!msg->has_seq) {
-			snprintf(why, whylen, "\"seq\" must be a non-negative integer");
-			return GW_ERR_BAD_MESSAGE;
+			snprintf(err, errlen, "\"seq\" must be a non-negative integer");
+			return GW_BAD_MESSAGE;
 		}
 		return take_items(msg, "readings", max_readings,
-				  "max-readings-per-frame", why, whylen);
+				  "max-readings-per-frame", err, errlen);
 	}
 	if (!strcmp(type, "announce")) {
 		msg->type = GW_MSG_ANNOUNCE;
 		return take_items(msg, "devices", max_devices,
-				  "max-devices-per-gateway", why, whylen);
+				  "max-devices-per-gateway", err, errlen);
 	}
 	if (!strcmp(type, "command_ack")) {
 		msg->type = GW_MSG_COMMAND_ACK;
 		return GW_OK;
 	}
-	snprintf(why, whylen, "unknown message type \"%.64s\"", type);
-	return GW_ERR_BAD_MESSAGE;
+	snprintf(err, errlen, "unknown message type \"%.64s\"", type);
+	return GW_BAD_MESSAGE;
 }
 
 void gw_msg_clear(gw_msg *msg)
@@ -296,7 +296,7 @@ int gw_reading_parse(json_t *r, gw_reading *out, struct schema_error *err)
 	return 0;
 }
 
-int gw_announce_parse(json_t *e, gw_announce *out, const char **why)
+int gw_announce_parse(json_t *e, gw_announce *out, char *err, size_t errlen)
 {
 	json_t *d, *t, *l;
 	const char *k;
@@ -304,7 +304,7 @@ int gw_announce_parse(json_t *e, gw_announce *out, const char **why)
 
 	memset(out, 0, sizeof(*out));
 	if (!json_is_object(e)) {
-		*why = "an announced device must be an object";
+		snprintf(err, errlen, "an announced device must be an object");
 		return -1;
 	}
 	d = json_object_get(e, "device");
@@ -313,16 +313,16 @@ int gw_announce_parse(json_t *e, gw_announce *out, const char **why)
 		out->device_len = json_string_length(d);
 	}
 	if (!out->device) {
-		*why = "\"device\" must be a string";
+		snprintf(err, errlen, "\"device\" must be a string");
 		return -1;
 	}
 	if (!hub_id_valid(out->device, out->device_len)) {
-		*why = "\"device\" must match [A-Za-z0-9._:-]{1,128}";
+		snprintf(err, errlen, "\"device\" must match [A-Za-z0-9._:-]{1,128}");
 		return -1;
 	}
 	t = json_object_get(e, "device_type");
 	if (!json_is_string(t)) {
-		*why = "\"device_type\" must be a string";
+		snprintf(err, errlen, "\"device_type\" must be a string");
 		return -1;
 	}
 	out->device_type = json_string_value(t);
@@ -330,12 +330,14 @@ int gw_announce_parse(json_t *e, gw_announce *out, const char **why)
 	l = json_object_get(e, "labels");
 	if (l && !json_is_null(l)) {
 		if (!json_is_object(l) || json_object_size(l) > 64) {
-			*why = "\"labels\" must be an object of at most 64 strings";
+			snprintf(err, errlen,
+				 "\"labels\" must be an object of at most 64 strings");
 			return -1;
 		}
 		json_object_foreach(l, k, v) {
 			if (!json_is_string(v) || strlen(k) > 128 || json_string_length(v) > 256) {
-				*why = "label values must be strings (keys <= 128, values <= 256 bytes)";
+				snprintf(err, errlen, "label values must be strings "
+					 "(keys <= 128, values <= 256 bytes)");
 				return -1;
 			}
 		}
@@ -344,7 +346,7 @@ int gw_announce_parse(json_t *e, gw_announce *out, const char **why)
 	return 0;
 }
 
-int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why)
+int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, char *err, size_t errlen)
 {
 	json_t *root = msg->root;
 
@@ -352,12 +354,12 @@ int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **wh
 	out->id = json_string_value(json_object_get(root, "id"));
 	out->status = json_string_value(json_object_get(root, "status"));
 	if (!out->id || !out->status) {
-		*why = "command_ack needs string \"id\" and \"status\"";
+		snprintf(err, errlen, "command_ack needs string \"id\" and \"status\"");
 		return -1;
 	}
 	out->progress = json_object_get(root, "progress");
 	if (out->progress && !json_is_number(out->progress)) {
-		*why = "\"progress\" must be a number";
+		snprintf(err, errlen, "\"progress\" must be a number");
 		return -1;
 	}
 	out->message = json_string_value(json_object_get(root, "message"));
@@ -372,19 +374,20 @@ bool gw_ack_status_valid(const char *s)
 	       !strcmp(s, "failed") || !strcmp(s, "rejected");
 }
 
-int gw_command_ack_check(const gw_command_ack *a, size_t max_result, const char **why)
+int gw_command_ack_check(const gw_command_ack *a, size_t max_result, char *err,
+			 size_t errlen)
 {
 	if (strlen(a->id) > GW_ACK_ID_MAX) {
-		*why = "\"id\" is longer than any command id";
+		snprintf(err, errlen, "\"id\" is longer than any command id");
 		return -1;
 	}
 	if ((a->message && strlen(a->message) > GW_ACK_TEXT_MAX) ||
 	    (a->error && strlen(a->error) > GW_ACK_TEXT_MAX)) {
-		*why = "\"message\" and \"error\" are limited to 1024 bytes";
+		snprintf(err, errlen, "\"message\" and \"error\" are limited to 1024 bytes");
 		return -1;
 	}
 	if (a->result && json_dumpb(a->result, NULL, 0, JSON_COMPACT | JSON_ENCODE_ANY) > max_result) {
-		*why = "\"result\" is larger than max-command-result-bytes";
+		snprintf(err, errlen, "\"result\" is larger than max-command-result-bytes");
 		return -1;
 	}
 	return 0;

@@ -20,10 +20,12 @@ enum gw_msg_type {
 	GW_MSG_COMMAND_ACK,
 };
 
+/* What a frame is (docs/hacking.md "Errors": a result the caller switches
+ * on, 0 = a message to handle). */
 enum gw_parse_result {
 	GW_OK = 0,
-	GW_ERR_BAD_JSON = -1,    /* not JSON, or not an object */
-	GW_ERR_BAD_MESSAGE = -2, /* JSON, but not a valid message */
+	GW_BAD_JSON,             /* not JSON, or not an object: `bad_json` */
+	GW_BAD_MESSAGE,          /* JSON, but not a valid message: `bad_message` */
 };
 
 typedef struct gw_msg {
@@ -37,11 +39,13 @@ typedef struct gw_msg {
 } gw_msg;
 
 /* Parses one text frame. On GW_OK fills *msg (caller gw_msg_clear()s it).
- * On error writes a short reason to why; msg->has_seq/seq still tell the seq
- * of a bad telemetry frame so the error can name it. max_readings caps
- * readings per telemetry frame, max_devices devices per announce. */
-int gw_msg_parse(const char *buf, size_t len, size_t max_readings,
-		 size_t max_devices, gw_msg *msg, char *why, size_t whylen);
+ * Otherwise writes the reason, the message of the error frame, to err (160
+ * bytes hold all but the longest of jansson's parse errors, which are cut);
+ * msg->has_seq/seq still tell the seq of a bad telemetry frame so the error
+ * can name it, and msg must still be cleared. max_readings caps readings per
+ * telemetry frame, max_devices devices per announce. */
+enum gw_parse_result gw_msg_parse(const char *buf, size_t len, size_t max_readings,
+				  size_t max_devices, gw_msg *msg, char *err, size_t errlen);
 
 /* Releases msg->root. NULL-safe, idempotent. */
 void gw_msg_clear(gw_msg *msg);
@@ -83,10 +87,11 @@ typedef struct gw_announce {
 	json_t *labels;       /* borrowed object or NULL */
 } gw_announce;
 
-/* Structural check of devices[i]. Returns 0, or -1 with a static reason in
- * *why (then the entry is rejected `invalid`). out->device is set whenever the
- * entry had a string device, so the rejection can name it. */
-int gw_announce_parse(json_t *e, gw_announce *out, const char **why);
+/* Structural check of devices[i]. Returns 0, or -1 with the reason in err
+ * (then the entry is rejected `invalid` with it as its message; 128 bytes
+ * hold every reason). out->device is set whenever the entry had a string
+ * device, so the rejection can name it. */
+int gw_announce_parse(json_t *e, gw_announce *out, char *err, size_t errlen);
 
 /* A command_ack's fields (borrowed from the message). */
 typedef struct gw_command_ack {
@@ -98,7 +103,10 @@ typedef struct gw_command_ack {
 	json_t *result;
 } gw_command_ack;
 
-int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, const char **why);
+/* Fills out from a parsed command_ack. Returns 0, or -1 with the reason in
+ * err (128 bytes hold every reason) when id or status is not a string or
+ * progress not a number. */
+int gw_command_ack_parse(const gw_msg *msg, gw_command_ack *out, char *err, size_t errlen);
 
 /* The statuses a gateway may report: received, in_progress, succeeded,
  * failed, rejected. */
@@ -107,10 +115,12 @@ bool gw_ack_status_valid(const char *s);
 /* Checks a parsed ack against the sizes the hub keeps: the id at most
  * GW_ACK_ID_MAX bytes, `message` and `error` at most GW_ACK_TEXT_MAX,
  * `result` at most max_result bytes as compact JSON. Returns 0, or -1 with
- * a static reason in *why (the ack is refused, nothing of it is stored). */
+ * the reason in err (the ack is refused, nothing of it is stored; 128 bytes
+ * hold every reason). */
 #define GW_ACK_ID_MAX   64
 #define GW_ACK_TEXT_MAX 1024
-int gw_command_ack_check(const gw_command_ack *a, size_t max_result, const char **why);
+int gw_command_ack_check(const gw_command_ack *a, size_t max_result, char *err,
+			 size_t errlen);
 
 /* Appends (after a comma when b is not empty) the opening of a rejected
  * reading's entry: {"index":i[,"device":…],"code":"code" — the caller adds

@@ -566,9 +566,9 @@ static size_t pattern_bracket_end(const char *s, size_t i)
  * times), so nested repetitions multiply: "a++++..." or "((a{99}){99}){99}"
  * would take gigabytes (found by fuzz_schema). This bounds the size of the
  * parse tree regcomp builds; it also rejects back-references, whose matching
- * is exponential. Returns NULL when s is acceptable, else why not. Other
- * syntax errors are left to regcomp(). */
-static const char *pattern_check(const char *s)
+ * is exponential. Returns 0 when s is acceptable, else -1 with why not in
+ * err. Other syntax errors are left to regcomp(). */
+static int pattern_check(const char *s, char *err, size_t errlen)
 {
 	size_t total[SCHEMA_PATTERN_GROUPS + 1], last[SCHEMA_PATTERN_GROUPS + 1];
 	int depth = 0;
@@ -579,8 +579,10 @@ static const char *pattern_check(const char *s)
 
 		switch (s[i]) {
 		case '(':
-			if (depth == SCHEMA_PATTERN_GROUPS)
-				return "groups nested too deep";
+			if (depth == SCHEMA_PATTERN_GROUPS) {
+				snprintf(err, errlen, "groups nested too deep");
+				return -1;
+			}
 			depth++;
 			total[depth] = last[depth] = 0;
 			continue;
@@ -621,15 +623,17 @@ static const char *pattern_check(const char *s)
 			break;
 		}
 		case '\\':
-			if (s[i + 1] >= '1' && s[i + 1] <= '9')
-				return "back-references are not supported";
+			if (s[i + 1] >= '1' && s[i + 1] <= '9') {
+				snprintf(err, errlen, "back-references are not supported");
+				return -1;
+			}
 			if (s[i + 1])
 				i++;
 			break;
 		case '[':
 			i = pattern_bracket_end(s, i);
 			if (!s[i])
-				return NULL;
+				return 0;
 			break;
 		default:
 			break;
@@ -640,10 +644,12 @@ static const char *pattern_check(const char *s)
 			total[depth] += last[depth];
 			last[depth] = atom;
 		}
-		if (total[depth] + last[depth] > SCHEMA_PATTERN_COST)
-			return "too complex (its repetitions expand too far)";
+		if (total[depth] + last[depth] > SCHEMA_PATTERN_COST) {
+			snprintf(err, errlen, "too complex (its repetitions expand too far)");
+			return -1;
+		}
 	}
-	return NULL;
+	return 0;
 }
 
 static int compile_pattern(struct loader *ld, schema_node *n, const json_t *v,
@@ -651,8 +657,7 @@ static int compile_pattern(struct loader *ld, schema_node *n, const json_t *v,
 {
 	const char *s = json_string_value(v);
 	char msg[sizeof(((schema_error *)0)->message)];
-	char full[512];
-	const char *why;
+	char full[512], why[64];
 	size_t len;
 	int rc;
 
@@ -660,8 +665,7 @@ static int compile_pattern(struct loader *ld, schema_node *n, const json_t *v,
 		load_fail(ld, at, "must be a string");
 		return -1;
 	}
-	why = pattern_check(s);
-	if (why) {
+	if (pattern_check(s, why, sizeof(why))) {
 		load_fail(ld, at, "%s", why);
 		return -1;
 	}

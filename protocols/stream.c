@@ -1366,24 +1366,47 @@ static bool pattern_valid(const char *p, size_t len)
 	return hub_id_valid(p, len);
 }
 
-static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *err,
-			size_t errlen, const char **code)
+/* Why a subscribe is refused, or SUB_OK (0); the wire codes are
+ * sub_refusal_codes. The message goes in the caller's buffer
+ * (docs/hacking.md "Errors"). */
+enum sub_refusal {
+	SUB_OK,
+	SUB_BAD_FILTER,
+	SUB_FORBIDDEN,
+	SUB_FILTER_TOO_LARGE,
+	SUB_FILTER_BUDGET_EXCEEDED,
+	SUB_BAD_SINCE,
+	SUB__COUNT
+};
+
+static const char *const sub_refusal_codes[SUB__COUNT] = {
+	[SUB_OK] = NULL,
+	[SUB_BAD_FILTER] = "bad_filter",
+	[SUB_FORBIDDEN] = "forbidden",
+	[SUB_FILTER_TOO_LARGE] = "filter_too_large",
+	[SUB_FILTER_BUDGET_EXCEEDED] = "filter_budget_exceeded",
+	[SUB_BAD_SINCE] = "bad_since",
+};
+
+/* The filter into s: SUB_OK, or SUB_BAD_FILTER / SUB_FORBIDDEN (a device
+ * the token may not read) with the reason in err. */
+static enum sub_refusal parse_filter(struct st_conn *c, struct st_sub *s, json_t *f,
+				     char *err, size_t errlen)
 {
 	json_t *v;
 
-	*code = "bad_filter";
 	if (!f || json_is_null(f))
-		return 0;
+		return SUB_OK;
 	if (!json_is_object(f)) {
 		snprintf(err, errlen, "filter must be an object");
-		return -1;
+		return SUB_BAD_FILTER;
 	}
 	v = json_object_get(f, "devices");
 	if (v && !json_is_null(v)) {
 		size_t n = json_array_size(v);
 		if (!json_is_array(v)) {
 			snprintf(err, errlen, "filter.devices must be an array of strings");
-			return -1;
+			return SUB_BAD_FILTER;
 		}
 		s->has_devices = true;
 		s->devices.items = n ? hub_xcalloc(n, sizeof(char *)) : NULL;
@@ -1393,13 +1416,12 @@ static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *er
 			size_t len = json_string_length(d);
 			if (!json_is_string(d) || !pattern_valid(p, len)) {
 				snprintf(err, errlen, "filter.devices[%zu] must be a device id or a prefix ending in '*'", i);
-				return -1;
+				return SUB_BAD_FILTER;
 			}
 			if (p[len - 1] != '*' && !c->who.devices.all &&
 			    !auth_patterns_match(&c->who.devices, p)) {
-				*code = "forbidden";
 				snprintf(err, errlen, "device %.128s is not allowed by this token", p);
-				return -1;
+				return SUB_FORBIDDEN;
 			}
 			s->devices.items[s->devices.n++] = hub_xstrdup(p);
 			if (len == 1)
@@ -1410,7 +1432,7 @@ static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *er
 	if (v && !json_is_null(v)) {
 		if (!json_is_string(v) || !hub_id_valid(json_string_value(v), json_string_length(v))) {
 			snprintf(err, errlen, "filter.device_type must be a device type name");
-			return -1;
+			return SUB_BAD_FILTER;
 		}
 		s->type = hub_xstrdup(json_string_value(v));
 	}
@@ -1420,34 +1442,35 @@ static int parse_filter(struct st_conn *c, struct st_sub *s, json_t *f, char *er
 		json_t *lv;
 		if (!json_is_object(v)) {
 			snprintf(err, errlen, "filter.labels must be an object of strings");
-			return -1;
+			return SUB_BAD_FILTER;
 		}
 		json_object_foreach(v, k, lv) {
 			if (!json_is_string(lv)) {
 				snprintf(err, errlen, "filter.labels.%.64s must be a string", k);
-				return -1;
+				return SUB_BAD_FILTER;
 			}
 			if (strlen(k) > LABEL_KEY_MAX || json_string_length(lv) > LABEL_VALUE_MAX) {
 				/* No device can have it (gateways announce no longer). */
 				snprintf(err, errlen, "filter.labels.%.64s: a label name is at most %d "
 					 "bytes, a value at most %d", k, LABEL_KEY_MAX, LABEL_VALUE_MAX);
-				return -1;
+				return SUB_BAD_FILTER;
 			}
 		}
 		if (json_object_size(v))
 			s->labels = json_incref(v);
 	}
-	return 0;
+	return SUB_OK;
 }
 
 /* The caps on a filter's size, checked before anything is allocated for the
  * subscription: ids and prefixes per filter, labels per filter, and the
  * connection's budget of entries over all its subscriptions (so 64 maximal
  * subscriptions stay within a stated memory bound; docs/dashboard.md).
- * Malformed parts are left to parse_filter. Returns 0 with the filter's
- * entries in *entries, or -1 with the error code and message. */
-static int filter_caps(struct st_conn *c, json_t *f, size_t *entries, char *err,
-		       size_t errlen, const char **code)
+ * Malformed parts are left to parse_filter. Returns SUB_OK with the
+ * filter's entries in *entries, or SUB_FILTER_TOO_LARGE /
+ * SUB_FILTER_BUDGET_EXCEEDED with the reason in err. */
+static enum sub_refusal filter_caps(struct st_conn *c, json_t *f, size_t *entries, char *err,
+				    size_t errlen)
 {
 	const struct hub_config *cfg = &c->hub->cfg;
 	json_t *d = json_object_get(f, "devices"), *l = json_object_get(f, "labels");
@@ -1455,26 +1478,24 @@ static int filter_caps(struct st_conn *c, json_t *f, size_t *entries, char *err,
 	size_t nl = json_is_object(l) ? json_object_size(l) : 0;
 
 	*entries = nd + nl;
-	*code = "filter_too_large";
 	if (nd > (size_t)cfg->stream_max_filter_devices) {
 		snprintf(err, errlen, "filter.devices has %zu entries; at most %d "
 			 "(stream-max-filter-devices): use prefixes ending in '*'",
 			 nd, cfg->stream_max_filter_devices);
-		return -1;
+		return SUB_FILTER_TOO_LARGE;
 	}
 	if (nl > (size_t)cfg->stream_max_filter_labels) {
 		snprintf(err, errlen, "filter.labels has %zu labels; at most %d "
 			 "(stream-max-filter-labels)", nl, cfg->stream_max_filter_labels);
-		return -1;
+		return SUB_FILTER_TOO_LARGE;
 	}
 	if (c->filter_entries + *entries > (size_t)cfg->stream_max_filter_entries) {
-		*code = "filter_budget_exceeded";
 		snprintf(err, errlen, "this connection's filters would hold %zu device "
 			 "ids, prefixes and labels; at most %d (stream-max-filter-entries)",
 			 c->filter_entries + *entries, cfg->stream_max_filter_entries);
-		return -1;
+		return SUB_FILTER_BUDGET_EXCEEDED;
 	}
-	return 0;
+	return SUB_OK;
 }
 
 static struct st_sub *find_sub(struct st_conn *c, const char *id)
@@ -1534,39 +1555,38 @@ static struct st_sub *sub_new(struct st_conn *c, const char *id, enum st_kind ki
 	return s;
 }
 
-/* group_by and since: 0, or -1 with the code and the reason in err. */
-static int subscribe_options(struct st_sub *s, json_t *msg, char *err, size_t errlen,
-			     const char **code)
+/* group_by and since: SUB_OK, or SUB_BAD_FILTER (group_by) / SUB_BAD_SINCE
+ * with the reason in err. */
+static enum sub_refusal subscribe_options(struct st_sub *s, json_t *msg, char *err,
+					  size_t errlen)
 {
 	json_t *jgb = json_object_get(msg, "group_by"), *jsince = json_object_get(msg, "since");
 
-	*code = "bad_filter";
 	if (jgb && !json_is_null(jgb)) {
 		if (s->kind < K_1S || s->kind > K_1M) {
 			snprintf(err, errlen, "group_by is only for the 1s, 10s and 1m streams");
-			return -1;
+			return SUB_BAD_FILTER;
 		}
 		if (!json_is_string(jgb) || !json_string_length(jgb) || json_string_length(jgb) > 128) {
 			snprintf(err, errlen, "group_by must be a label name");
-			return -1;
+			return SUB_BAD_FILTER;
 		}
 		s->group_by = hub_xstrdup(json_string_value(jgb));
 	}
 	if (jsince && !json_is_null(jsince)) {
-		*code = "bad_since";
 		if (s->kind != K_RAW) {
 			snprintf(err, errlen, "since is only for the raw stream");
-			return -1;
+			return SUB_BAD_SINCE;
 		}
 		if (!json_is_string(jsince) ||
 		    parse_pos(json_string_value(jsince), json_string_length(jsince),
 			      &s->last_ms, &s->last_seq)) {
 			snprintf(err, errlen, "since must be a position \"<ms>-<n>\" as in pos");
-			return -1;
+			return SUB_BAD_SINCE;
 		}
 		s->has_since = true;
 	}
-	return 0;
+	return SUB_OK;
 }
 
 /* Joins the subscription to its group (and the group's Redis channel) and
@@ -1603,8 +1623,9 @@ static void sub_join(struct st_conn *c, struct st_sub *s, size_t entries)
 
 static void handle_subscribe(struct st_conn *c, json_t *msg)
 {
-	const char *id = NULL, *code;
+	const char *id = NULL;
 	char err[256];
+	enum sub_refusal r;
 	struct st_sub *s;
 	size_t entries;
 	int kind = subscribe_kind(c, msg, &id);
@@ -1620,14 +1641,17 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 			   c->hub->cfg.stream_max_subscriptions);
 		return;
 	}
-	if (filter_caps(c, json_object_get(msg, "filter"), &entries, err, sizeof(err), &code)) {
-		send_error(c, id, code, "%s", err);
+	r = filter_caps(c, json_object_get(msg, "filter"), &entries, err, sizeof(err));
+	if (r != SUB_OK) {
+		send_error(c, id, sub_refusal_codes[r], "%s", err);
 		return;
 	}
 	s = sub_new(c, id, (enum st_kind)kind);
-	if (parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err), &code) ||
-	    subscribe_options(s, msg, err, sizeof(err), &code)) {
-		send_error(c, id, code, "%s", err);
+	r = parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err));
+	if (r == SUB_OK)
+		r = subscribe_options(s, msg, err, sizeof(err));
+	if (r != SUB_OK) {
+		send_error(c, id, sub_refusal_codes[r], "%s", err);
 		s->conn = NULL;
 		sub_unref(s);
 		return;
@@ -1664,34 +1688,34 @@ enum stream_auth {
 };
 
 /* Checks a dashboard token (API key, or JWT with scope telemetry:read). On
- * STREAM_AUTH_OK fills *out (caller clears it); *why gets a static reason. */
+ * STREAM_AUTH_OK fills *out (caller clears it); otherwise writes the reason,
+ * the message told to the client, to err (docs/hacking.md "Errors"). */
 static enum stream_auth stream_authenticate(struct hub *hub, const char *token, size_t len,
-					    auth_principal *out, const char **why)
+					    auth_principal *out, char *err, size_t errlen)
 {
-	int rc = auth_check_api_key(hub->auth, token, len, out);
+	enum auth_result rc = auth_check_api_key(hub->auth, token, len, out);
 
-	if (rc == AUTH_ERR_UNKNOWN_KEY && memchr(token, '.', len)) {
+	if (rc == AUTH_UNKNOWN_KEY && memchr(token, '.', len)) {
 		rc = auth_verify_jwt(hub->auth, token, len, hub_now_ms() / 1000, out);
 		if (rc == AUTH_OK && !out->has_devices_claim)
 			out->devices.all = true; /* optional for dashboards (docs/dashboard.md) */
 	}
 	if (rc != AUTH_OK) {
-		*why = auth_strerror(rc);
+		snprintf(err, errlen, "%s", auth_strerror(rc));
 		return STREAM_AUTH_UNAUTHORIZED;
 	}
 	if (!auth_has_scope(out, AUTH_SCOPE_TELEMETRY_READ)) {
 		auth_principal_clear(out);
-		*why = "the token lacks the telemetry:read scope";
+		snprintf(err, errlen, "the token lacks the telemetry:read scope");
 		return STREAM_AUTH_FORBIDDEN;
 	}
-	*why = "ok";
 	return STREAM_AUTH_OK;
 }
 
 static void handle_auth(struct st_conn *c, json_t *msg)
 {
 	json_t *tok = json_object_get(msg, "token");
-	const char *why;
+	char why[128];
 	enum stream_auth rc;
 	hub_buf b = { 0 };
 
@@ -1706,7 +1730,7 @@ static void handle_auth(struct st_conn *c, json_t *msg)
 		return;
 	}
 	rc = stream_authenticate(c->hub, json_string_value(tok), json_string_length(tok),
-				 &c->who, &why);
+				 &c->who, why, sizeof(why));
 	if (rc != STREAM_AUTH_OK) {
 		bool forbidden = rc == STREAM_AUTH_FORBIDDEN;
 		send_error(c, NULL, forbidden ? "forbidden" : "unauthorized", "%s", why);
@@ -1844,8 +1868,8 @@ static void on_receive(struct st_conn *c, const char *in, size_t len)
  * first auth message. */
 static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshake *hs, void *ctx)
 {
-	char authz[HUB_AUTHZ_MAX + 16];
-	const char *why, *tok;
+	char authz[HUB_AUTHZ_MAX + 16], why[128];
+	const char *tok;
 	size_t tlen;
 	enum hub_bearer b = hub_http_bearer(wsi, authz, sizeof(authz), &tok, &tlen);
 	enum stream_auth rc;
@@ -1859,7 +1883,7 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 		hub->metrics.stream_auth_failures_total++;
 		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", hub_http_bearer_problem(b));
 	}
-	rc = stream_authenticate(hub, tok, tlen, &hs->who, &why);
+	rc = stream_authenticate(hub, tok, tlen, &hs->who, why, sizeof(why));
 	if (rc != STREAM_AUTH_OK) {
 		hub->metrics.stream_auth_failures_total++;
 		return hub_http_refuse_upgrade(wsi, rc == STREAM_AUTH_FORBIDDEN ? 403 : 401,

@@ -230,7 +230,7 @@ static int cmd_jwt(int argc, char **argv)
 	jwt_t *j = NULL;
 	auth_config cfg = { 0 };
 	hub_auth *ha;
-	int rc;
+	enum auth_result rc;
 
 	parse(N(jwt_opts), argc, argv);
 	if (!t.alg)

@@ -16,8 +16,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	char why[160];
 	gw_msg msg;
 	hub_buf out = { 0 };
-	int rc = gw_msg_parse((const char *)data, size, 1000, 1000, &msg, why,
-			      sizeof(why));
+	enum gw_parse_result rc = gw_msg_parse((const char *)data, size, 1000, 1000, &msg, why,
+					       sizeof(why));
 
 	if (rc == GW_OK && msg.type == GW_MSG_TELEMETRY) {
 		size_t n = json_array_size(msg.items);
@@ -52,14 +52,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	} else if (rc == GW_OK && msg.type == GW_MSG_ANNOUNCE) {
 		for (size_t i = 0; i < json_array_size(msg.items); i++) {
 			gw_announce a;
-			const char *w;
-			if (gw_announce_parse(json_array_get(msg.items, i), &a, &w))
+			char w[128];
+			if (gw_announce_parse(json_array_get(msg.items, i), &a, w, sizeof(w)))
 				gw_write_error(&out, "invalid", -1, -1, w);
 		}
 	} else if (rc == GW_OK && msg.type == GW_MSG_COMMAND_ACK) {
 		gw_command_ack a;
-		const char *w;
-		if (gw_command_ack_parse(&msg, &a, &w))
+		char w[128];
+		if (gw_command_ack_parse(&msg, &a, w, sizeof(w)))
 			gw_write_error(&out, "bad_message", -1, -1, w);
 	} else if (rc != GW_OK) {
 		gw_write_error(&out, "bad_json", msg.has_seq ? msg.seq : -1, -1, why);

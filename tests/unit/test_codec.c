@@ -10,7 +10,7 @@
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 
-static int parse(const char *s, gw_msg *m, char *why)
+static enum gw_parse_result parse(const char *s, gw_msg *m, char *why)
 {
 	return gw_msg_parse(s, strlen(s), 10, 3, m, why, 160);
 }
@@ -37,10 +37,10 @@ static void test_bad_json(void **state)
 	char why[160];
 
 	(void)state;
-	assert_int_equal(parse("{bad", &m, why), GW_ERR_BAD_JSON);
+	assert_int_equal(parse("{bad", &m, why), GW_BAD_JSON);
 	assert_non_null(strstr(why, "invalid JSON"));
-	assert_int_equal(parse("[1,2]", &m, why), GW_ERR_BAD_JSON);
-	assert_int_equal(parse("{\"a\":1,\"a\":2}", &m, why), GW_ERR_BAD_JSON);
+	assert_int_equal(parse("[1,2]", &m, why), GW_BAD_JSON);
+	assert_int_equal(parse("{\"a\":1,\"a\":2}", &m, why), GW_BAD_JSON);
 	/* Not NUL-terminated: only len bytes are read. */
 	assert_int_equal(gw_msg_parse("{\"type\":\"announce\",\"devices\":[]}garbage", 32, 10, 3,
 				      &m, why, sizeof(why)), GW_OK);
@@ -53,36 +53,36 @@ static void test_bad_message(void **state)
 	char why[160];
 
 	(void)state;
-	assert_int_equal(parse("{\"seq\":1}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"seq\":1}", &m, why), GW_BAD_MESSAGE);
 	gw_msg_clear(&m);
-	assert_int_equal(parse("{\"type\":\"nope\"}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"type\":\"nope\"}", &m, why), GW_BAD_MESSAGE);
 	assert_string_equal(why, "unknown message type \"nope\"");
 	gw_msg_clear(&m);
-	assert_int_equal(parse("{\"type\":\"telemetry\",\"readings\":[]}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"readings\":[]}", &m, why), GW_BAD_MESSAGE);
 	assert_false(m.has_seq);
 	gw_msg_clear(&m);
-	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":-1,\"readings\":[]}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":-1,\"readings\":[]}", &m, why), GW_BAD_MESSAGE);
 	gw_msg_clear(&m);
-	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1.5,\"readings\":[]}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1.5,\"readings\":[]}", &m, why), GW_BAD_MESSAGE);
 	gw_msg_clear(&m);
 	/* seq known even though readings is wrong: the error can name it. */
-	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":7,\"readings\":{}}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":7,\"readings\":{}}", &m, why), GW_BAD_MESSAGE);
 	assert_true(m.has_seq);
 	assert_int_equal(m.seq, 7);
 	gw_msg_clear(&m);
 	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":7,\"readings\":[1,2,3,4,5,6,7,8,9,10,11]}",
-			       &m, why), GW_ERR_BAD_MESSAGE);
+			       &m, why), GW_BAD_MESSAGE);
 	assert_string_equal(why, "too many readings: 11 > max-readings-per-frame 10");
 	gw_msg_clear(&m);
 	/* Each kind has its own limit. */
 	assert_int_equal(parse("{\"type\":\"announce\",\"devices\":[1,2,3,4]}", &m, why),
-			 GW_ERR_BAD_MESSAGE);
+			 GW_BAD_MESSAGE);
 	assert_string_equal(why, "too many devices: 4 > max-devices-per-gateway 3");
 	gw_msg_clear(&m);
 	assert_int_equal(parse("{\"type\":\"telemetry\",\"seq\":1,\"readings\":[1,2,3,4]}", &m, why),
 			 GW_OK);
 	gw_msg_clear(&m);
-	assert_int_equal(parse("{\"type\":\"announce\",\"devices\":\"x\"}", &m, why), GW_ERR_BAD_MESSAGE);
+	assert_int_equal(parse("{\"type\":\"announce\",\"devices\":\"x\"}", &m, why), GW_BAD_MESSAGE);
 	gw_msg_clear(&m);
 }
 
@@ -133,29 +133,29 @@ static void test_reading_parse(void **state)
 static void test_announce_parse(void **state)
 {
 	gw_announce a;
-	const char *why = NULL;
+	char why[128];
 	json_t *j;
 
 	(void)state;
 	j = json_loads("{\"device\":\"t-17\",\"device_type\":\"thermostat\",\"labels\":{\"site\":\"b1\"}}", 0, NULL);
-	assert_int_equal(gw_announce_parse(j, &a, &why), 0);
+	assert_int_equal(gw_announce_parse(j, &a, why, sizeof(why)), 0);
 	assert_string_equal(a.device, "t-17");
 	assert_string_equal(a.device_type, "thermostat");
 	assert_non_null(a.labels);
 	json_decref(j);
 
 	j = json_loads("{\"device\":\"t-17\",\"device_type\":\"thermostat\",\"labels\":{\"site\":1}}", 0, NULL);
-	assert_int_equal(gw_announce_parse(j, &a, &why), -1);
+	assert_int_equal(gw_announce_parse(j, &a, why, sizeof(why)), -1);
 	assert_string_equal(a.device, "t-17"); /* still named in the rejection */
 	json_decref(j);
 
 	j = json_loads("{\"device\":\"t-17\"}", 0, NULL);
-	assert_int_equal(gw_announce_parse(j, &a, &why), -1);
+	assert_int_equal(gw_announce_parse(j, &a, why, sizeof(why)), -1);
 	assert_string_equal(why, "\"device_type\" must be a string");
 	json_decref(j);
 
 	j = json_loads("{\"device\":5}", 0, NULL);
-	assert_int_equal(gw_announce_parse(j, &a, &why), -1);
+	assert_int_equal(gw_announce_parse(j, &a, why, sizeof(why)), -1);
 	assert_null(a.device);
 	json_decref(j);
 }
@@ -216,19 +216,19 @@ static void test_command_ack(void **state)
 {
 	gw_msg m;
 	gw_command_ack a;
-	const char *why;
+	char why[128];
 	char w[160];
 
 	(void)state;
 	assert_int_equal(parse("{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"in_progress\",\"progress\":40}",
 			       &m, w), GW_OK);
-	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
+	assert_int_equal(gw_command_ack_parse(&m, &a, why, sizeof(why)), 0);
 	assert_string_equal(a.id, "c_1");
 	assert_string_equal(a.status, "in_progress");
 	gw_msg_clear(&m);
 	assert_int_equal(parse("{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"x\",\"progress\":\"40\"}",
 			       &m, w), GW_OK);
-	assert_int_equal(gw_command_ack_parse(&m, &a, &why), -1);
+	assert_int_equal(gw_command_ack_parse(&m, &a, why, sizeof(why)), -1);
 	gw_msg_clear(&m);
 
 	/* Sizes: a 30 KB result is refused under a 16 KiB cap, kept under a
@@ -239,24 +239,24 @@ static void test_command_ack(void **state)
 	memset(big + n, 'x', 30000);
 	snprintf(big + n + 30000, 40000 - (size_t)n - 30000, "\"}}");
 	assert_int_equal(parse(big, &m, w), GW_OK);
-	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
-	assert_int_equal(gw_command_ack_check(&a, 16384, &why), -1);
+	assert_int_equal(gw_command_ack_parse(&m, &a, why, sizeof(why)), 0);
+	assert_int_equal(gw_command_ack_check(&a, 16384, why, sizeof(why)), -1);
 	assert_non_null(strstr(why, "result"));
-	assert_int_equal(gw_command_ack_check(&a, 65536, &why), 0);
+	assert_int_equal(gw_command_ack_check(&a, 65536, why, sizeof(why)), 0);
 	gw_msg_clear(&m);
 	n = snprintf(big, 40000, "{\"type\":\"command_ack\",\"id\":\"c_1\",\"status\":\"failed\",\"error\":\"");
 	memset(big + n, 'e', 2000);
 	snprintf(big + n + 2000, 40000 - (size_t)n - 2000, "\"}");
 	assert_int_equal(parse(big, &m, w), GW_OK);
-	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
-	assert_int_equal(gw_command_ack_check(&a, 16384, &why), -1);
+	assert_int_equal(gw_command_ack_parse(&m, &a, why, sizeof(why)), 0);
+	assert_int_equal(gw_command_ack_check(&a, 16384, why, sizeof(why)), -1);
 	gw_msg_clear(&m);
 	n = snprintf(big, 40000, "{\"type\":\"command_ack\",\"id\":\"");
 	memset(big + n, 'i', 100);
 	snprintf(big + n + 100, 40000 - (size_t)n - 100, "\",\"status\":\"received\"}");
 	assert_int_equal(parse(big, &m, w), GW_OK);
-	assert_int_equal(gw_command_ack_parse(&m, &a, &why), 0);
-	assert_int_equal(gw_command_ack_check(&a, 16384, &why), -1);
+	assert_int_equal(gw_command_ack_parse(&m, &a, why, sizeof(why)), 0);
+	assert_int_equal(gw_command_ack_check(&a, 16384, why, sizeof(why)), -1);
 	gw_msg_clear(&m);
 	free(big);
 }

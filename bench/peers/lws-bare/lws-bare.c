@@ -266,7 +266,7 @@ static void handle_telemetry(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 
 		/* The hub's checks, without its rate limits and registry. */
 		if (admit_reading(&rules, json_array_get(msg->items, i), i, &rd, &ad, &rej) !=
-		    HUB_REJ__COUNT)
+		    HUB_REJ_NONE)
 			continue;
 		nacc++;
 		if (G.broadcast)
@@ -301,10 +301,10 @@ static void handle_announce(struct lws *wsi, struct gw_conn *c, gw_msg *msg)
 
 	for (size_t i = 0; i < n; i++) {
 		gw_announce a;
-		const char *why;
+		char why[128];
 		const schema_type *t;
 
-		if (gw_announce_parse(json_array_get(msg->items, i), &a, &why)) {
+		if (gw_announce_parse(json_array_get(msg->items, i), &a, why, sizeof(why))) {
 			gw_write_announce_reject(&rej, &a, "invalid", why);
 			continue;
 		}
@@ -335,13 +335,14 @@ static void gw_message(struct lws *wsi, struct gw_conn *c, const char *buf, size
 {
 	char why[160];
 	gw_msg msg;
-	int rc = gw_msg_parse(buf, len, MAX_READINGS, MAX_DEVICES, &msg, why, sizeof(why));
+	enum gw_parse_result rc = gw_msg_parse(buf, len, MAX_READINGS, MAX_DEVICES, &msg, why,
+					       sizeof(why));
 
-	if (rc == GW_ERR_BAD_JSON || rc == GW_ERR_BAD_MESSAGE) {
+	if (rc != GW_OK) {
 		struct out_msg *m = msg_new();
 
-		gw_write_error(&m->b, rc == GW_ERR_BAD_JSON ? "bad_json" : "bad_message",
-			       rc == GW_ERR_BAD_MESSAGE && msg.has_seq ? msg.seq : -1, -1, why);
+		gw_write_error(&m->b, rc == GW_BAD_JSON ? "bad_json" : "bad_message",
+			       rc == GW_BAD_MESSAGE && msg.has_seq ? msg.seq : -1, -1, why);
 		gw_send(wsi, c, m);
 	} else if (msg.type == GW_MSG_TELEMETRY) {
 		handle_telemetry(wsi, c, &msg);
