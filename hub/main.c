@@ -302,6 +302,8 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		snprintf(hub.cfg.redis_host, sizeof(hub.cfg.redis_host), "127.0.0.1");
+		hub.cfg.redis_seeds[0] = (struct hub_redis_seed){ "127.0.0.1", hub.cfg.redis_port };
+		hub.cfg.redis_nseeds = 1;
 	}
 	if (hub_loop_create(&hub, err, sizeof(err))) {
 		fprintf(stderr, "iot-hub: %s\n", err);

@@ -2,7 +2,9 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <netdb.h>
 #include <poll.h>
+#include <arpa/inet.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -42,6 +44,10 @@ enum rc_state { RC_DOWN, RC_CONNECTING, RC_UP };
 struct rconn {
 	struct hub_redis *r;
 	const char *name;
+	int seed;                  /* the seed it tries next (the seed connections) */
+	char host[HUB_REDIS_HOST_MAX]; /* where it connects: a seed's host, as configured */
+	int port;
+	char addr[INET6_ADDRSTRLEN]; /* host resolved at the last connect */
 	bool is_sub;
 	redisAsyncContext *ac;
 	struct lws *wsi;
@@ -324,16 +330,19 @@ static void on_connect(const redisAsyncContext *ac, int status)
 	if (!rc)
 		return;
 	if (status != REDIS_OK) {
-		hub_warn("redis %s: connect to %s:%d failed: %s", rc->name,
-			 rc->r->hub->cfg.redis_host, rc->r->hub->cfg.redis_port,
+		hub_warn("redis %s: connect to %s:%d failed: %s", rc->name, rc->host, rc->port,
 			 ac->errstr ? ac->errstr : "error");
+		rc->seed++;
 		rc->ac = NULL; /* hiredis frees it (and calls ev_cleanup) after this */
 		set_state(rc, RC_DOWN);
 		schedule_reconnect(rc);
 		return;
 	}
-	hub_info("redis %s: connected to %s:%d", rc->name, rc->r->hub->cfg.redis_host,
-		 rc->r->hub->cfg.redis_port);
+	if (strcmp(rc->host, rc->addr))
+		hub_info("redis %s: connected to %s:%d (%s)", rc->name, rc->host, rc->port,
+			 rc->addr);
+	else
+		hub_info("redis %s: connected to %s:%d", rc->name, rc->host, rc->port);
 	rc->last_reply_us = hub_mono_us();
 	if (!rc->is_sub && rc->r->ngates)
 		return; /* up when the last gate's reply passes (on_gate_reply) */
@@ -498,6 +507,35 @@ static void channels_sweep(struct hub_redis *r, int64_t now)
 	}
 }
 
+/* host as an address hiredis connects to without a lookup of its own:
+ * getaddrinfo, first address. A DNS name blocks the loop for the lookup
+ * (there is no asynchronous resolver here; docs/pitfalls.md); an IP
+ * address does not. */
+static int resolve(const char *host, char *addr, size_t n)
+{
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
+	struct addrinfo *res;
+	int rc = getaddrinfo(host, NULL, &hints, &res);
+
+	if (rc)
+		return rc;
+	rc = getnameinfo(res->ai_addr, res->ai_addrlen, addr, (socklen_t)n, NULL, 0,
+			 NI_NUMERICHOST);
+	freeaddrinfo(res);
+	return rc;
+}
+
+/* The seed connections (commands on one Redis, pub/sub) try the seed URLs
+ * in turn: the next one after each connect that failed or was lost. */
+static void rconn_pick_seed(struct rconn *rc)
+{
+	const struct hub_config *cfg = &rc->r->hub->cfg;
+	const struct hub_redis_seed *s = &cfg->redis_seeds[rc->seed % cfg->redis_nseeds];
+
+	snprintf(rc->host, sizeof(rc->host), "%s", s->host);
+	rc->port = s->port;
+}
+
 static void rconn_connect(struct rconn *rc)
 {
 	struct hub_redis *r = rc->r;
@@ -507,7 +545,15 @@ static void rconn_connect(struct rconn *rc)
 
 	if (r->stopping || rc->ac)
 		return;
-	ac = redisAsyncConnect(cfg->redis_host, cfg->redis_port);
+	rconn_pick_seed(rc);
+	int grc = resolve(rc->host, rc->addr, sizeof(rc->addr));
+	if (grc) {
+		hub_warn("redis %s: cannot resolve %s: %s", rc->name, rc->host, gai_strerror(grc));
+		rc->seed++;
+		schedule_reconnect(rc);
+		return;
+	}
+	ac = redisAsyncConnect(rc->addr, rc->port);
 	if (!ac) {
 		hub_err("redis %s: out of memory", rc->name);
 		schedule_reconnect(rc);
@@ -515,7 +561,8 @@ static void rconn_connect(struct rconn *rc)
 	}
 	if (ac->err) {
 		hub_warn("redis %s: connect to %s:%d failed: %s", rc->name,
-			 cfg->redis_host, cfg->redis_port, ac->errstr);
+			 rc->host, rc->port, ac->errstr);
+		rc->seed++;
 		redisAsyncFree(ac); /* no callback will ever run for it */
 		schedule_reconnect(rc);
 		return;
