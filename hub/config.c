@@ -1,5 +1,6 @@
 #include "hub/config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -14,7 +15,7 @@
 
 static const struct opt opts[] = {
 	O("listen", OPT_STR, listen, "127.0.0.1:8080", 0, 0, "address to serve ws/http on (HOST:PORT, port 0 = any free port)"),
-	O("redis", OPT_STR, redis, "embedded", 0, 0, "redis://HOST:PORT[/DB] (IP address), or embedded to start a private redis-server"),
+	O("redis", OPT_STR, redis, "embedded", 0, 0, "redis://HOST:PORT[/DB], or a comma-separated list of Redis Cluster seed URLs, or embedded to start a private redis-server"),
 	O("redis-server", OPT_STR, redis_server, "redis-server", 0, 0, "redis-server binary used in embedded mode"),
 	O("data-dir", OPT_STR, data_dir, "./iot-hub-data", 0, 0, "embedded mode: the Redis data directory (append-only file), kept across restarts; one hub at a time (locked)"),
 	O("ack-durability", OPT_STR, ack_durability, "accepted", 0, 0, "what a telemetry ack promises: accepted (Redis took it), fsync (Redis must run appendonly yes + appendfsync always, checked) or replicated (WAIT for ack-replicas replicas)"),
@@ -200,6 +201,129 @@ static int parse_hostport(const char *s, char *host, size_t hostlen, int *port)
 	return 0;
 }
 
+/* A host of a redis URL: an IP address, [IPv6], or a DNS name. Names are
+ * only checked for their characters here; the Redis bus resolves them. */
+static bool redis_host_ok(const char *h, bool bracketed)
+{
+	unsigned char a6[16];
+
+	if (bracketed)
+		return inet_pton(AF_INET6, h, a6) == 1;
+	for (const char *p = h; *p; p++)
+		if (!isalnum((unsigned char)*p) && *p != '.' && *p != '-' && *p != '_')
+			return false;
+	return true;
+}
+
+/* One URL of the redis key, [redis://][[USER]:PW@]HOST:PORT[/DB], n bytes
+ * of it: fills seed, *db (0 when absent) and *pw (NULL when absent; a
+ * pointer into u, *pwlen bytes). */
+static int parse_redis_url(const char *u, size_t n, struct hub_redis_seed *seed, int *db,
+			   const char **pw, size_t *pwlen)
+{
+	const char *end = u + n, *at, *slash;
+	char hp[HUB_REDIS_HOST_MAX + 16];
+
+	if (n >= 8 && !strncmp(u, "redis://", 8))
+		u += 8;
+	*pw = NULL;
+	*pwlen = 0;
+	at = NULL;
+	for (const char *q = u; q < end; q++)
+		if (*q == '@')
+			at = q;
+	if (at) {
+		const char *colon = memchr(u, ':', (size_t)(at - u));
+		*pw = colon ? colon + 1 : u;
+		*pwlen = (size_t)(at - *pw);
+		u = at + 1;
+	}
+	slash = memchr(u, '/', (size_t)(end - u));
+	if (!slash)
+		slash = end;
+	if ((size_t)(slash - u) >= sizeof(hp))
+		return -1;
+	memcpy(hp, u, (size_t)(slash - u));
+	hp[slash - u] = '\0';
+	if (parse_hostport(hp, seed->host, sizeof(seed->host), &seed->port) || !seed->port ||
+	    !redis_host_ok(seed->host, hp[0] == '['))
+		return -1;
+	*db = 0;
+	if (slash < end) {
+		char num[16], *e;
+		long v;
+
+		if ((size_t)(end - slash - 1) >= sizeof(num))
+			return -2;
+		memcpy(num, slash + 1, (size_t)(end - slash - 1));
+		num[end - slash - 1] = '\0';
+		v = strtol(num, &e, 10);
+		if (e == num || *e || v < 0 || v > 1000)
+			return -2;
+		*db = (int)v;
+	}
+	return 0;
+}
+
+/* The redis key: one URL, or seed URLs separated by commas (Redis Cluster:
+ * database 0 only, which the bus checks again once it knows the server is
+ * a cluster). */
+static int parse_redis(struct hub_config *cfg, char *err, size_t errlen)
+{
+	const char *p = cfg->redis;
+
+	for (;;) {
+		size_t n = strcspn(p, ",");
+		struct hub_redis_seed *seed = &cfg->redis_seeds[cfg->redis_nseeds];
+		const char *pw;
+		size_t pwlen;
+		int db, rc;
+
+		if (cfg->redis_nseeds == HUB_REDIS_SEEDS_MAX) {
+			seterr(err, errlen, "redis: at most %d seed URLs", HUB_REDIS_SEEDS_MAX);
+			return -1;
+		}
+		while (n && isspace((unsigned char)*p)) {
+			p++;
+			n--;
+		}
+		while (n && isspace((unsigned char)p[n - 1]))
+			n--;
+		rc = parse_redis_url(p, n, seed, &db, &pw, &pwlen);
+		if (rc) {
+			seterr(err, errlen, rc == -2 ? "redis: bad database number in \"%.*s\"" :
+			       "redis: expected redis://HOST:PORT[/DB] (or several, comma-separated) "
+			       "or embedded, got \"%.*s\"", (int)n, p);
+			return -1;
+		}
+		if (pw && cfg->redis_password && (strlen(cfg->redis_password) != pwlen ||
+						  memcmp(cfg->redis_password, pw, pwlen))) {
+			seterr(err, errlen, "redis: the seed URLs name different passwords");
+			return -1;
+		}
+		if (pw && !cfg->redis_password) {
+			cfg->redis_password = hub_xmalloc(pwlen + 1);
+			memcpy(cfg->redis_password, pw, pwlen);
+			cfg->redis_password[pwlen] = '\0';
+		}
+		if (db)
+			cfg->redis_db = db;
+		cfg->redis_nseeds++;
+		p += strcspn(p, ",");
+		if (!*p)
+			break;
+		p++;
+	}
+	if (cfg->redis_nseeds > 1 && cfg->redis_db) {
+		seterr(err, errlen, "redis: a database number (/%d) is refused with several seed "
+		       "URLs: a Redis Cluster has database 0 only", cfg->redis_db);
+		return -1;
+	}
+	snprintf(cfg->redis_host, sizeof(cfg->redis_host), "%s", cfg->redis_seeds[0].host);
+	cfg->redis_port = cfg->redis_seeds[0].port;
+	return 0;
+}
+
 int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 {
 	if (!cfg->listen || parse_hostport(cfg->listen, cfg->listen_host,
@@ -211,40 +335,10 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 	cfg->redis_embedded = !cfg->redis || !strcmp(cfg->redis, "embedded");
 	free(cfg->redis_password);
 	cfg->redis_password = NULL;
-	if (!cfg->redis_embedded) {
-		const char *r = cfg->redis;
-		char hp[128];
-		if (!strncmp(r, "redis://", 8))
-			r += 8;
-		const char *at = strrchr(r, '@');
-		if (at) {
-			const char *pw = memchr(r, ':', (size_t)(at - r));
-			pw = pw ? pw + 1 : r;
-			cfg->redis_password = hub_xmalloc((size_t)(at - pw) + 1);
-			memcpy(cfg->redis_password, pw, (size_t)(at - pw));
-			cfg->redis_password[at - pw] = '\0';
-			r = at + 1;
-		}
-		size_t n = strcspn(r, "/");
-		cfg->redis_db = 0;
-		if (n >= sizeof(hp) || (snprintf(hp, sizeof(hp), "%.*s", (int)n, r),
-					parse_hostport(hp, cfg->redis_host,
-						       sizeof(cfg->redis_host), &cfg->redis_port)) ||
-		    cfg->redis_port == 0) {
-			seterr(err, errlen, "redis: expected redis://IP:PORT[/DB] or embedded, got \"%s\"",
-			       cfg->redis);
-			return -1;
-		}
-		if (r[n] == '/') {
-			char *end;
-			long db = strtol(r + n + 1, &end, 10);
-			if (end == r + n + 1 || *end || db < 0 || db > 1000) {
-				seterr(err, errlen, "redis: bad database number in \"%s\"", cfg->redis);
-				return -1;
-			}
-			cfg->redis_db = (int)db;
-		}
-	}
+	cfg->redis_nseeds = 0;
+	cfg->redis_db = 0;
+	if (!cfg->redis_embedded && parse_redis(cfg, err, errlen))
+		return -1;
 	if (cfg->redis_embedded && (!cfg->data_dir || !*cfg->data_dir)) {
 		seterr(err, errlen, "data-dir: a directory is required with redis embedded");
 		return -1;

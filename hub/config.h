@@ -19,10 +19,21 @@ enum hub_ack_durability {
 	HUB_ACK_REPLICATED,    /* ... and WAIT saw ack-replicas replicas confirm it */
 };
 
+/* The redis key: one URL, or a comma-separated list of seed URLs of a Redis
+ * Cluster. A host is an IP address (IPv6 in brackets) or a DNS name; names
+ * are resolved by the Redis bus when it connects, never here. */
+#define HUB_REDIS_SEEDS_MAX   16
+#define HUB_REDIS_HOST_MAX    256      /* a DNS name is at most 253 bytes */
+
+struct hub_redis_seed {
+	char host[HUB_REDIS_HOST_MAX];
+	int port;
+};
+
 struct hub_config {
 	char *config_file;
 	char *listen;              /* HOST:PORT */
-	char *redis;               /* redis://HOST:PORT[/DB] or "embedded" */
+	char *redis;               /* redis://HOST:PORT[/DB][,redis://HOST:PORT...] or "embedded" */
 	char *redis_server;        /* redis-server binary for embedded mode */
 	char *data_dir;            /* embedded mode: the Redis data directory */
 	char *ack_durability;      /* accepted | fsync | replicated */
@@ -87,10 +98,12 @@ struct hub_config {
 	/* Derived by hub_config_validate(). */
 	char listen_host[64];
 	int listen_port;
-	char redis_host[64];
+	char redis_host[HUB_REDIS_HOST_MAX]; /* the first seed (logs; embedded: 127.0.0.1) */
 	int redis_port;
-	int redis_db;
-	char *redis_password;
+	struct hub_redis_seed redis_seeds[HUB_REDIS_SEEDS_MAX]; /* in the order given */
+	int redis_nseeds;          /* 1 unless a comma-separated list was given */
+	int redis_db;              /* 0 whenever redis_nseeds > 1 */
+	char *redis_password;      /* from any URL; every URL that names one names the same */
 	bool redis_embedded;
 	enum hub_ack_durability ack_mode;
 };

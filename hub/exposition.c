@@ -141,6 +141,14 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	counter(o, "iot_hub_redis_waits_short_total",
 		"WAITs that counted fewer than ack-replicas replicas: what they covered was answered unavailable.",
 		m->redis_waits_short_total);
+	counter(o, "iot_hub_redis_moved_total",
+		"Redis Cluster MOVED redirects followed (a slot had a new primary).",
+		m->redis_moved_total);
+	counter(o, "iot_hub_redis_ask_total",
+		"Redis Cluster ASK redirects followed (a key of a migrating slot).",
+		m->redis_ask_total);
+	counter(o, "iot_hub_redis_cluster_map_refreshes_total",
+		"Redis Cluster slot maps read.", m->redis_map_refreshes_total);
 	gauge(o, "iot_hub_redis_up",
 	      "1 while the Redis command connection is up and answering (no reply pending for long).",
 	      hub_redis_up(hub->redis) ? 1 : 0);

@@ -94,11 +94,33 @@ static void refuse_tick(lws_sorted_usec_list_t *sul)
 	hub_begin_shutdown(the_hub);
 }
 
+/* The Redis bus found a Redis this configuration cannot use (it logged why). */
+static void redis_fatal(void *arg)
+{
+	struct hub *hub = arg;
+
+	lws_sul_cancel(&sul_startup);
+	lws_sul_schedule(hub->ctx, 0, &sul_startup, refuse_tick, 1);
+}
+
 static bool layout_gate(redisReply *r, void *arg)
 {
 	struct hub *hub = arg;
 	const redisReply *ok, *v;
 
+	if (r->type == REDIS_REPLY_ERROR && !strncmp(r->str, "CROSSSLOT", 9)) {
+		/* The layout check itself reads keys of several slots: so does
+		 * most of key layout 2 (docs/streams.md "Redis Cluster"). */
+		if (!layout_refused) {
+			layout_refused = true;
+			hub_err("Redis at %s:%d is a Redis Cluster: key layout " HUB_LAYOUT_VERSION
+				" puts keys of one call in several hash slots (%s), so it does not run "
+				"on a cluster yet; use one Redis (docs/streams.md \"Redis Cluster\")",
+				hub->cfg.redis_host, hub->cfg.redis_port, r->str);
+			redis_fatal(hub);
+		}
+		return false;
+	}
 	if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    (ok = r->element[0])->type != REDIS_REPLY_INTEGER ||
 	    (v = r->element[1])->type != REDIS_REPLY_STRING) {
@@ -302,6 +324,8 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		snprintf(hub.cfg.redis_host, sizeof(hub.cfg.redis_host), "127.0.0.1");
+		hub.cfg.redis_seeds[0] = (struct hub_redis_seed){ "127.0.0.1", hub.cfg.redis_port };
+		hub.cfg.redis_nseeds = 1;
 	}
 	if (hub_loop_create(&hub, err, sizeof(err))) {
 		fprintf(stderr, "iot-hub: %s\n", err);
@@ -315,6 +339,7 @@ int main(int argc, char **argv)
 	const char *gate[] = { "EVAL", hub_lua_layout, "3", HUB_LAYOUT_KEY, HUB_KEY_DEVICES,
 			       HUB_KEY_CMD_SEQ, HUB_LAYOUT_VERSION };
 	hub_redis_set_gate(hub.redis, 7, gate, layout_gate, &hub);
+	hub_redis_set_fatal(hub.redis, redis_fatal, &hub);
 	if (hub_modules_start(&hub, err, sizeof(err))) {
 		fprintf(stderr, "iot-hub: %s\n", err);
 		hub_loop_destroy(&hub);

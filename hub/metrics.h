@@ -67,6 +67,9 @@ struct hub_metrics {
 	uint64_t redis_errors_total;       /* error replies and failed commands */
 	uint64_t redis_waits_total;        /* WAITs answered (ack-durability replicated) */
 	uint64_t redis_waits_short_total;  /* ... with fewer than ack-replicas replicas */
+	uint64_t redis_moved_total;        /* cluster: MOVED redirects followed */
+	uint64_t redis_ask_total;          /* cluster: ASK redirects followed */
+	uint64_t redis_map_refreshes_total; /* cluster: slot maps read (CLUSTER SLOTS) */
 	uint64_t flow_paused_total;        /* times a gateway socket was paused */
 	uint64_t stream_connections_total; /* dashboard WebSockets established */
 	uint64_t stream_auth_failures_total;

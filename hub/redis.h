@@ -1,7 +1,25 @@
 /*
  * redis.h - the hub's Redis bus: one connection for commands, one that only
  * subscribes (a subscribed hiredis context takes nothing else:
- * docs/pitfalls.md).
+ * docs/pitfalls.md); on a Redis Cluster, one command connection per primary
+ * (docs/streams.md "Redis Cluster").
+ *
+ * The mode is learnt, not configured: the first seed URL that answers
+ * INFO cluster says whether it is a cluster node. On one Redis everything
+ * runs as it always did (no copy, no slot lookup per command). On a cluster
+ * the bus reads the slot map (CLUSTER SLOTS), connects to every primary,
+ * sends each command to the primary of the slot of its routing key (KEYS[1]
+ * of a script, else the first key: hub/slot.h; or the slot the caller
+ * gives), keeps the command until its reply so that MOVED (the map is
+ * updated, read again soon, the command resent), ASK (ASKING + the command
+ * on the target, once) and NOSCRIPT (SCRIPT LOAD + the command, on that
+ * node) are followed without the caller knowing, at most 5 hops. The map is
+ * read again after a redirect, when a primary's connection is lost (every
+ * 0.5 s until it serves again, as a replica takes over) and every 5 s.
+ * Each primary's connection has its own pending ring, watchdog deadlines,
+ * scripts (SCRIPT LOAD on connect), gates and reconnect with backoff. A
+ * command that crosses slots is refused by Redis (CROSSSLOT, an error reply):
+ * the key layout must keep each call to one slot.
  *
  * hiredis 0.14.1 async contexts run on the lws loop: each socket is dup()ed
  * and adopted into lws as a raw file (this file is the only adapter between
@@ -38,6 +56,12 @@ typedef void (*hub_redis_msg_cb)(const char *channel, const char *payload,
 
 /* Creates the bus for hub->cfg's Redis address; connects on hub_redis_start(). */
 struct hub_redis *hub_redis_new(struct hub *hub);
+
+/* fn(arg) runs (once) when the Redis found can never be used with this
+ * configuration: a cluster with a database number in the URL, or a seed
+ * that turned from one Redis into a cluster node (or back). The bus logged
+ * why and stops connecting; the hub should exit. */
+void hub_redis_set_fatal(struct hub_redis *r, void (*fn)(void *), void *arg);
 
 /* Registers a Lua script (before start); returns its index. The script is
  * loaded with SCRIPT LOAD on every (re)connect, ahead of any other command.
@@ -80,8 +104,23 @@ bool hub_redis_up(const struct hub_redis *r);
 void hub_redis_set_flush(struct hub_redis *r, void (*fn)(void *), void *arg);
 void hub_redis_want_flush(struct hub_redis *r);
 
-/* Commands in flight on the command connection. */
+/* Commands in flight on the command connection(s). */
 size_t hub_redis_pending(const struct hub_redis *r);
+
+/* True once the seed said it is a Redis Cluster node (false before any
+ * seed answered). The key layout and the scripts' choice of PUBLISH or
+ * SPUBLISH may depend on it; nothing else should. */
+bool hub_redis_cluster(const struct hub_redis *r);
+
+/* Cluster mode: whether the primary of slot is connected and answering
+ * (hub_redis_up for the whole bus; on one Redis the same as it). */
+bool hub_redis_slot_up(const struct hub_redis *r, int slot);
+
+/* Primaries that serve slots (1 on one Redis): the shards a walk over every
+ * key (SCAN, a sharded index) visits with hub_redis_command_argv_shard.
+ * Their order changes when the map does: a walk that sees the count change
+ * starts over. */
+int hub_redis_shards(const struct hub_redis *r);
 
 /* Queues a command. Returns 0 (cb will be called exactly once), or -1 when
  * Redis is down (cb is NOT called). Safe from any callback, including a reply
@@ -94,6 +133,26 @@ int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
  * allocates per argument, on the per-frame path. */
 int hub_redis_command_formatted(struct hub_redis *r, hub_redis_cb cb, void *arg,
 				const char *cmd, size_t len);
+
+/* The same, sent to the primary of slot (hub_slot() of the key the caller
+ * built) instead of the slot of the command's routing key (hub/slot.h:
+ * KEYS[1] of a script, else the first key), which saves reading the
+ * command again; HUB_REDIS_SLOT_AUTO reads it, HUB_REDIS_SLOT_ANY sends a
+ * keyless command to any primary. The slot is ignored on one Redis. In
+ * cluster mode the command is copied (kept for a redirect) and -1 also
+ * means the slot's primary is not connected. */
+#define HUB_REDIS_SLOT_AUTO  (-1)
+#define HUB_REDIS_SLOT_ANY   (-2)
+int hub_redis_command_argv_slot(struct hub_redis *r, int slot, hub_redis_cb cb, void *arg,
+				int argc, const char **argv, const size_t *argvlen);
+int hub_redis_command_formatted_slot(struct hub_redis *r, int slot, hub_redis_cb cb, void *arg,
+				     const char *cmd, size_t len);
+
+/* A keyless command (SCAN, DBSIZE, ...) to shard i of hub_redis_shards()
+ * (0 on one Redis). Not redirected. -1 when that shard is not connected or
+ * does not exist. */
+int hub_redis_command_argv_shard(struct hub_redis *r, int shard, hub_redis_cb cb, void *arg,
+				 int argc, const char **argv, const size_t *argvlen);
 
 /* ---- commands built in RESP form ------------------------------------------
  * An array of bulk strings, argument by argument into a hub_buf, sent with
@@ -135,15 +194,36 @@ void hub_redis_channel_put(struct hub_redis_channel *ch);
 bool hub_redis_channel_active(const struct hub_redis_channel *ch);
 const char *hub_redis_channel_name(const struct hub_redis_channel *ch);
 
+/* A sharded channel (SSUBSCRIBE, Redis 7.0), for messages sent with
+ * SPUBLISH (hub_redis_spublish, or redis.call('SPUBLISH', ...) in a script
+ * whose keys share the channel's slot). The same reference counting and
+ * callbacks as hub_redis_channel_get; no patterns. On a cluster it is
+ * subscribed on the primary that serves the channel's slot (one pub/sub
+ * connection per primary that has channels) and moves with the slot:
+ * when Redis drops it (the slot left that primary) it is inactive until
+ * subscribed again where the map says, so a user that must not miss a
+ * message watches state_cb and recovers from a log (a stream). On one Redis
+ * a connection of its own carries every sharded channel. */
+struct hub_redis_channel *hub_redis_schannel_get(struct hub_redis *r, const char *name,
+						 hub_redis_msg_cb cb,
+						 hub_redis_state_cb state_cb, void *arg);
+
 /* Subscribes for the life of the bus (re-subscribed after reconnects). */
 void hub_redis_subscribe(struct hub_redis *r, const char *channel,
 			 hub_redis_msg_cb cb, void *arg);
 
-/* Publishes on the command connection, fire and forget (dropped while down). */
+/* Publishes on the command connection, fire and forget (dropped while down).
+ * On a cluster a classic PUBLISH reaches every node (it does not scale):
+ * prefer sharded channels there. */
 void hub_redis_publish(struct hub_redis *r, const char *channel,
 		       const char *payload, size_t len);
 
-/* Disconnects both connections for shutdown; pending callbacks get NULL.
+/* SPUBLISH on the primary of the channel's slot; cb (may be NULL) gets the
+ * number of subscribers reached. Returns as hub_redis_command_argv. */
+int hub_redis_spublish(struct hub_redis *r, const char *channel, const char *payload,
+		       size_t len, hub_redis_cb cb, void *arg);
+
+/* Disconnects every connection for shutdown; pending callbacks get NULL.
  * Not from inside a hiredis callback. */
 void hub_redis_stop(struct hub_redis *r);
 

@@ -442,6 +442,205 @@ class Redis:
         rmtree(self.dir)
 
 
+def free_cluster_port(avoid=(), lo=41000, hi=41999):
+    """A loopback port in [lo, hi] whose cluster bus port (port + 10000) is
+    free too."""
+    import random
+    for _ in range(500):
+        p = random.randint(lo, hi)
+        if p in avoid:
+            continue
+        try:
+            for q in (p, p + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        return p
+    raise AssertionError("no free port pair in %d-%d" % (lo, hi))
+
+
+class RedisCluster:
+    """A Redis Cluster of our own on loopback: `primaries` primaries with
+    `replicas` replicas each (redis-server --cluster-enabled yes, no
+    persistence; redis-cli --cluster create), on ports of 41000-41999 (bus
+    port = port + 10000). .seeds is the hub's --redis value, .nodes the
+    Redis objects (each with its own cached client: .cmd), in creation order
+    (the first `primaries` are the primaries at creation). Every server is
+    stopped by its PID in stop()."""
+
+    def __init__(self, primaries=3, replicas=0, node_timeout=2000, extra=()):
+        self.nodes = []
+        ports = []
+        try:
+            for _ in range(primaries * (1 + replicas)):
+                for attempt in range(5):
+                    port = free_cluster_port(avoid=ports)
+                    try:
+                        r = Redis(port=port, extra=[
+                            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                            "--cluster-node-timeout", str(node_timeout)] + list(extra))
+                    except AssertionError:
+                        continue
+                    break
+                else:
+                    raise AssertionError("a cluster node did not start")
+                ports.append(port)
+                self.nodes.append(r)
+            out = subprocess.run(
+                ["redis-cli", "--cluster", "create"] +
+                ["127.0.0.1:%d" % p for p in ports] +
+                ["--cluster-replicas", str(replicas), "--cluster-yes"],
+                capture_output=True, text=True, timeout=60)
+            if out.returncode:
+                raise AssertionError("redis-cli --cluster create failed: %s%s"
+                                     % (out.stdout[-2000:], out.stderr[-2000:]))
+            wait_until(lambda: sum("role:slave" in n.cmd("INFO", "replication")
+                                   for n in self.nodes) == primaries * replicas,
+                       30, interval=0.1, what="every replica attached")
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def seeds(self):
+        return ",".join(n.url for n in self.nodes)
+
+    def node(self, port):
+        for n in self.nodes:
+            if n.port == port:
+                return n
+        raise KeyError(port)
+
+    def myid(self, node):
+        return node.cmd("CLUSTER", "MYID")
+
+    def slot_of(self, key):
+        return self.any_node().cmd("CLUSTER", "KEYSLOT", key)
+
+    def any_node(self):
+        for n in self.nodes:
+            if n.proc.poll() is None and not n.paused and n.ping():
+                return n
+        raise AssertionError("no cluster node answers")
+
+    def slots_map(self, node=None):
+        """{slot range (lo, hi): primary port} as node sees it."""
+        node = node or self.any_node()
+        return {(int(e[0]), int(e[1])): int(e[2][1]) for e in node.cmd("CLUSTER", "SLOTS")}
+
+    def owner(self, slot, node=None):
+        """The port of the primary serving slot (as node sees it)."""
+        for (lo, hi), port in self.slots_map(node).items():
+            if lo <= slot <= hi:
+                return port
+        return None
+
+    def owner_of(self, key):
+        return self.node(self.owner(self.slot_of(key)))
+
+    def primaries(self):
+        """Ports of the primaries that serve slots."""
+        return sorted(set(self.slots_map().values()))
+
+    def _ok(self, live):
+        maps = []
+        for n in live:
+            info = n.cmd("CLUSTER", "INFO")
+            if "cluster_state:ok" not in info:
+                return False
+            # A replica that never synced with its primary would not take
+            # over (its data counts as too old): wait for the link.
+            repl = n.cmd("INFO", "replication")
+            if "role:slave" in repl and "master_link_status:up" not in repl:
+                return False
+            m = self.slots_map(n)
+            if sum(hi - lo + 1 for lo, hi in m) != 16384:
+                return False
+            maps.append(m)
+        return all(m == maps[0] for m in maps)
+
+    def wait_ok(self, timeout=30):
+        """Until every live node says cluster_state:ok and all agree on the
+        slot map."""
+        wait_until(lambda: self._ok([n for n in self.nodes
+                                     if n.proc.poll() is None and not n.paused]),
+                   timeout, interval=0.1, what="cluster_state:ok on every node")
+
+    def kill(self, node):
+        node.kill()
+
+    def wait_failover(self, dead, timeout=30):
+        """Until every live node maps no slot to dead (killed) and the
+        cluster is ok again: a replica took its slots."""
+        def done():
+            live = [n for n in self.nodes if n.proc.poll() is None and not n.paused]
+            return (all(dead.port not in self.slots_map(n).values() for n in live)
+                    and self._ok(live))
+        wait_until(done, timeout, interval=0.1, what="a replica promoted for %d" % dead.port)
+
+    def restart(self, node):
+        """Starts a killed node again on its port, with its nodes.conf (it
+        rejoins; no data, no persistence)."""
+        deadline = time.monotonic() + 10
+        while not node._start():
+            if time.monotonic() > deadline:
+                raise AssertionError("cluster node %d did not restart: %s"
+                                     % (node.port, node.log_tail()))
+            time.sleep(0.1)
+
+    # ---- moving slots: CLUSTER SETSLOT + MIGRATE, step by step -------------
+    def begin_migration(self, slot, src, dst):
+        """slot goes from src to dst (Redis objects): dst IMPORTING, src
+        MIGRATING. From now on src answers ASK for keys it no longer has."""
+        dst.cmd("CLUSTER", "SETSLOT", slot, "IMPORTING", self.myid(src))
+        src.cmd("CLUSTER", "SETSLOT", slot, "MIGRATING", self.myid(dst))
+
+    def migrate_keys(self, slot, src, dst, batch=100):
+        """Moves every key of slot from src to dst (MIGRATE ... KEYS)."""
+        while True:
+            keys = src.cmd("CLUSTER", "GETKEYSINSLOT", slot, batch)
+            if not keys:
+                return
+            src.cmd("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+
+    def end_migration(self, slot, dst):
+        """Assigns slot to dst on every live node (MOVED from now on)."""
+        dst_id = self.myid(dst)
+        dst.cmd("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for n in self.nodes:
+            if n is not dst and n.proc.poll() is None and not n.paused:
+                try:
+                    n.cmd("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                except RedisError:
+                    pass  # a replica: it learns from its primary
+
+    def reshard(self, slots, src, dst):
+        """Moves each slot of slots (with its keys) from src to dst."""
+        for slot in slots:
+            self.begin_migration(slot, src, dst)
+            self.migrate_keys(slot, src, dst)
+            self.end_migration(slot, dst)
+        self.wait_ok()
+
+    def reshard_cli(self, count, src, dst):
+        """redis-cli --cluster reshard: count slots from src to dst."""
+        out = subprocess.run(
+            ["redis-cli", "--cluster", "reshard", "127.0.0.1:%d" % src.port,
+             "--cluster-from", self.myid(src), "--cluster-to", self.myid(dst),
+             "--cluster-slots", str(count), "--cluster-yes"],
+            capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            raise AssertionError("redis-cli --cluster reshard failed: %s%s"
+                                 % (out.stdout[-2000:], out.stderr[-2000:]))
+        self.wait_ok()
+
+    def stop(self):
+        for n in self.nodes:
+            n.stop()
+
+
 # --------------------------------------------------------------------------
 # the hub process
 
@@ -1267,6 +1466,17 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
         cls._class_cleanups_list.append(stop)
         cls._shared_hubs.append(h)
         return h
+
+    @classmethod
+    def class_cluster(cls, **kw):
+        c = RedisCluster(**kw)
+        cls._class_cleanups_list.append(c.stop)
+        return c
+
+    def start_cluster(self, **kw):
+        c = RedisCluster(**kw)
+        self.addCleanup(c.stop)
+        return c
 
     def start_redis(self, extra=()):
         r = Redis(extra=extra)

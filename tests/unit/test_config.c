@@ -160,6 +160,96 @@ static void test_durability(void **state)
 	hub_config_free(&c);
 }
 
+static void test_redis_seeds(void **state)
+{
+	struct hub_config c;
+	char err[256], path[] = "/tmp/hubcfgXXXXXX";
+	int fd;
+	FILE *f;
+
+	(void)state;
+	/* One URL: one seed, the same as redis_host/redis_port. */
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://redis.example:6379/2"), 0);
+	assert_int_equal(c.redis_nseeds, 1);
+	assert_string_equal(c.redis_seeds[0].host, "redis.example");
+	assert_int_equal(c.redis_seeds[0].port, 6379);
+	assert_string_equal(c.redis_host, "redis.example");
+	assert_int_equal(c.redis_db, 2);
+	assert_null(c.redis_password);
+	hub_config_free(&c);
+	/* A seed list: names, IPv4, IPv6, with or without the scheme, spaces. */
+	assert_int_equal(load(&c, err, 2, "--redis",
+			      "redis://h1:7001,redis://10.0.0.2:7002, [::1]:7003 ,node-4.local:7004"), 0);
+	assert_int_equal(c.redis_nseeds, 4);
+	assert_string_equal(c.redis_seeds[0].host, "h1");
+	assert_int_equal(c.redis_seeds[0].port, 7001);
+	assert_string_equal(c.redis_seeds[1].host, "10.0.0.2");
+	assert_int_equal(c.redis_seeds[1].port, 7002);
+	assert_string_equal(c.redis_seeds[2].host, "::1");
+	assert_int_equal(c.redis_seeds[2].port, 7003);
+	assert_string_equal(c.redis_seeds[3].host, "node-4.local");
+	assert_int_equal(c.redis_seeds[3].port, 7004);
+	assert_string_equal(c.redis_host, "h1");
+	assert_int_equal(c.redis_port, 7001);
+	assert_int_equal(c.redis_db, 0);
+	hub_config_free(&c);
+	/* A password given once applies to every seed; given twice, the same. */
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:1,redis://:pw@h2:2"), 0);
+	assert_string_equal(c.redis_password, "pw");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://u:pw@h1:1,redis://:pw@h2:2"), 0);
+	assert_string_equal(c.redis_password, "pw");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://:a@h1:1,redis://:b@h2:2"), -1);
+	assert_string_equal(err, "redis: the seed URLs name different passwords");
+	hub_config_free(&c);
+	/* /DB: refused with several seeds (a cluster has database 0 only). */
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:1/3,redis://h2:2"), -1);
+	assert_string_equal(err, "redis: a database number (/3) is refused with several seed "
+			    "URLs: a Redis Cluster has database 0 only");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:1,redis://h2:2/0"), 0);
+	hub_config_free(&c);
+	/* Malformed seeds. */
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:1,"), -1);
+	assert_string_equal(err, "redis: expected redis://HOST:PORT[/DB] (or several, "
+			    "comma-separated) or embedded, got \"\"");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:1,redis://h_2"), -1);
+	assert_non_null(strstr(err, "got \"redis://h_2\""));
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:0"), -1);
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://bad/host:1"), -1);
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://[nope]:1"), -1);
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "redis://h1:1/x"), -1);
+	assert_string_equal(err, "redis: bad database number in \"redis://h1:1/x\"");
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 2, "--redis", "a:1,b:2,c:3,d:4,e:5,f:6,g:7,h:8,i:9,j:10,"
+			      "k:11,l:12,m:13,n:14,o:15,p:16,q:17"), -1);
+	assert_string_equal(err, "redis: at most 16 seed URLs");
+	hub_config_free(&c);
+	/* The config file and the environment take the same list. */
+	fd = mkstemp(path);
+	f = fdopen(fd, "w");
+	fprintf(f, "redis redis://127.0.0.1:41001,redis://127.0.0.1:41002\n");
+	fclose(f);
+	assert_int_equal(load(&c, err, 2, "--config", path), 0);
+	assert_int_equal(c.redis_nseeds, 2);
+	assert_int_equal(c.redis_seeds[1].port, 41002);
+	hub_config_free(&c);
+	setenv("IOT_HUB_REDIS", "redis://localhost:41003,redis://localhost:41004", 1);
+	assert_int_equal(load(&c, err, 2, "--config", path), 0);
+	assert_int_equal(c.redis_nseeds, 2);
+	assert_string_equal(c.redis_seeds[0].host, "localhost");
+	assert_int_equal(c.redis_seeds[1].port, 41004);
+	hub_config_free(&c);
+	unsetenv("IOT_HUB_REDIS");
+	unlink(path);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -168,6 +258,7 @@ int main(void)
 		cmocka_unit_test(test_errors),
 		cmocka_unit_test(test_precedence),
 		cmocka_unit_test(test_durability),
+		cmocka_unit_test(test_redis_seeds),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
