@@ -1496,6 +1496,25 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
         self.addCleanup(h.check_sanitizers)
         return h
 
+    def assert_unavailable(self, m, seq):
+        """m is the `unavailable` answer to frame seq, with a retry hint."""
+        self.assertEqual((m.get("type"), m.get("code"), m.get("seq")), ("error", "unavailable", seq), m)
+        ra = m.get("retry_after_ms")
+        self.assertTrue(isinstance(ra, int) and ra > 0, "unavailable without retry_after_ms: %r" % m)
+
+    async def resend_until_acked(self, gw, seq, readings, timeout=15):
+        """Sends frame seq again, as a gateway does, until it is acked;
+        every other answer must be `unavailable`. -> the ack."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rep = await gw.telemetry(seq, readings, timeout=min(5, max(1, deadline - time.monotonic())))
+            if rep.get("type") == "ack":
+                return rep
+            self.assert_unavailable(rep, seq)
+            if time.monotonic() > deadline:
+                raise AssertionError("seq %d still unavailable after %ss" % (seq, timeout))
+            await asyncio.sleep(0.05)
+
     def token(self, sub, devices=("t-*",), ttl=600, secret=None, **extra):
         return hs256(gw_claims(sub, devices, ttl, **extra), secret or self.secret)
 

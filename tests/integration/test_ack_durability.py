@@ -44,22 +44,6 @@ class AckCase(HubTestCase):
     def metric(self, hub, name):
         return metric_value(parse_metrics(http_get(hub, "/metrics")[2]), name)
 
-    def assert_unavailable(self, m, seq):
-        self.assertEqual((m.get("type"), m.get("code"), m.get("seq")), ("error", "unavailable", seq), m)
-        ra = m.get("retry_after_ms")
-        self.assertTrue(isinstance(ra, int) and ra > 0, "unavailable without retry_after_ms: %r" % m)
-
-    async def resend_until_acked(self, gw, seq, readings, timeout=15):
-        deadline = time.monotonic() + timeout
-        while True:
-            rep = await gw.telemetry(seq, readings, timeout=5)
-            if rep.get("type") == "ack":
-                return rep
-            self.assert_unavailable(rep, seq)
-            if time.monotonic() > deadline:
-                raise AssertionError("seq %d still unavailable after %ss" % (seq, timeout))
-            await asyncio.sleep(0.1)
-
     def refused(self, args, timeout=20):
         """Runs the hub expecting exit status 1 before it listens; returns
         its error lines."""

@@ -37,22 +37,6 @@ class RedisOutage(HubTestCase):
         self.assertEqual(rep.get("accepted"), [d], rep)
         return gw, d
 
-    def assert_unavailable(self, m, seq):
-        self.assertEqual((m.get("type"), m.get("code"), m.get("seq")), ("error", "unavailable", seq), m)
-        ra = m.get("retry_after_ms")
-        self.assertTrue(isinstance(ra, int) and ra > 0, "unavailable without retry_after_ms: %r" % m)
-
-    async def resend_until_acked(self, gw, seq, readings, timeout=15):
-        deadline = time.monotonic() + timeout
-        while True:
-            rep = await gw.telemetry(seq, readings, timeout=max(1, deadline - time.monotonic()))
-            if rep.get("type") == "ack":
-                return rep
-            self.assert_unavailable(rep, seq)
-            if time.monotonic() > deadline:
-                raise AssertionError("seq %d still unavailable after %ss" % (seq, timeout))
-            await asyncio.sleep(0.05)
-
     async def test_kill_mid_stream_and_restart(self):
         redis = self.start_redis()
         hub = self.start_hub(redis)
