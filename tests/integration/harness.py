@@ -1496,6 +1496,14 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
         self.addCleanup(h.check_sanitizers)
         return h
 
+    async def gw_dev(self, hub):
+        """A fresh gateway with one thermostat announced. -> (gw, device)"""
+        gw = await self.gateway(hub)
+        d = uniq("t")
+        rep = await gw.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        return gw, d
+
     def assert_unavailable(self, m, seq):
         """m is the `unavailable` answer to frame seq, with a retry hint."""
         self.assertEqual((m.get("type"), m.get("code"), m.get("seq")), ("error", "unavailable", seq), m)

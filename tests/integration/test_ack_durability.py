@@ -21,13 +21,6 @@ from harness import (HUB_BIN, SCHEMAS_DIR, Hub, HubTestCase, Resp, clean_env, ht
 
 
 class AckCase(HubTestCase):
-    async def gw_dev(self, hub):
-        gw = await self.gateway(hub)
-        d = uniq("t")
-        rep = await gw.announce([(d, "thermostat")])
-        self.assertEqual(rep.get("accepted"), [d], rep)
-        return gw, d
-
     def readyz(self, hub):
         try:
             return http_get(hub, "/readyz", timeout=2)[0]

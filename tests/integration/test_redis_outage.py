@@ -30,12 +30,6 @@ class RedisOutage(HubTestCase):
                 raise AssertionError("/readyz still %s after %ss (want %s); %s" % (st, timeout, want, hub.describe()))
             await asyncio.sleep(0.05)
 
-    async def gw_dev(self, hub):
-        gw = await self.gateway(hub)
-        d = uniq("t")
-        rep = await gw.announce([(d, "thermostat")])
-        self.assertEqual(rep.get("accepted"), [d], rep)
-        return gw, d
 
     async def test_kill_mid_stream_and_restart(self):
         redis = self.start_redis()
