@@ -5,6 +5,13 @@
  */
 #include "hub/exposition.h"
 
+#include <dirent.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/resource.h>
+
+#include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/redis.h"
 
@@ -13,6 +20,13 @@ static const char *const ws_protocols[HUB_WS__COUNT] = { "gateway", "dashboard" 
 static const char *const http_refusals[HUB_HTTP_REFUSAL__COUNT] = {
 	"headers_too_large", "uri_too_long", "body_too_large", "chunked_body",
 	"body_timeout", "pipelined_body",
+};
+
+static const char *const byte_protocols[HUB_WS__COUNT + 1] = { "gateway", "dashboard", "http" };
+
+static const char *const disconnect_reasons[HUB_DISC__COUNT] = {
+	"peer_close", "ping_timeout", "lost", "takeover", "connect_rate", "protocol_error",
+	"shutdown", "write_failed", "auth_expired",
 };
 
 static const char *const frame_results[HUB_FRAME__COUNT] = {
@@ -56,6 +70,105 @@ static void histogram(hub_buf *o, const char *name, const char *help,
 	hub_buf_printf(o, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n",
 		       name, (unsigned long long)cum, name, h->sum, name,
 		       (unsigned long long)h->count);
+}
+
+/* The buckets, sum and count of h under a label set (no HELP/TYPE). */
+static void histogram_samples(hub_buf *o, const char *name, const char *labels,
+			      const struct hub_histogram *h)
+{
+	uint64_t cum = 0;
+
+	for (int i = 0; i < HUB_HIST_NBOUNDS; i++) {
+		cum += h->counts[i];
+		hub_buf_printf(o, "%s_bucket{%s,le=\"%g\"} %llu\n", name, labels, hub_hist_bounds[i],
+			       (unsigned long long)cum);
+	}
+	cum += h->counts[HUB_HIST_NBOUNDS];
+	hub_buf_printf(o, "%s_bucket{%s,le=\"+Inf\"} %llu\n%s_sum{%s} %.9g\n%s_count{%s} %llu\n",
+		       name, labels, (unsigned long long)cum, name, labels, h->sum, name, labels,
+		       (unsigned long long)h->count);
+}
+
+static void route_answers(const struct hub_route_stat *s, void *arg)
+{
+	for (int i = 0; i <= HUB_HTTP_CODES; i++) {
+		if (!s->answers[i])
+			continue;
+		if (i < HUB_HTTP_CODES)
+			hub_buf_printf(arg, "iot_hub_http_requests_total{method=\"%s\",route=\"%s\","
+				       "code=\"%u\"} %llu\n", s->method, s->route, hub_http_codes[i],
+				       (unsigned long long)s->answers[i]);
+		else
+			hub_buf_printf(arg, "iot_hub_http_requests_total{method=\"%s\",route=\"%s\","
+				       "code=\"other\"} %llu\n", s->method, s->route,
+				       (unsigned long long)s->answers[i]);
+	}
+}
+
+static void route_latency(const struct hub_route_stat *s, void *arg)
+{
+	char labels[320];
+
+	if (!s->latency.count)
+		return;
+	snprintf(labels, sizeof(labels), "method=\"%s\",route=\"%s\"", s->method, s->route);
+	histogram_samples(arg, "iot_hub_http_request_duration_seconds", labels, &s->latency);
+}
+
+/* The standard process_* metrics, from /proc/self. */
+static void process_metrics(hub_buf *o)
+{
+	unsigned long utime = 0, stime = 0, vsize = 0;
+	unsigned long long start = 0;
+	long rss = 0, ticks = sysconf(_SC_CLK_TCK), page = sysconf(_SC_PAGESIZE);
+	double btime = 0;
+	char buf[1024], *p;
+	FILE *f;
+	size_t nfd = 0;
+	DIR *d;
+	struct rlimit rl;
+
+	if ((f = fopen("/proc/self/stat", "r"))) {
+		size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+		buf[n] = '\0';
+		fclose(f);
+		/* Fields after the command, which may hold spaces: from the last ')'. */
+		if ((p = strrchr(buf, ')')))
+			sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu "
+			       "%*d %*d %*d %*d %*d %*d %llu %lu %ld", &utime, &stime, &start,
+			       &vsize, &rss);
+	}
+	if ((f = fopen("/proc/stat", "r"))) {
+		while (fgets(buf, sizeof(buf), f))
+			if (sscanf(buf, "btime %lf", &btime) == 1)
+				break;
+		fclose(f);
+	}
+	if ((d = opendir("/proc/self/fd"))) {
+		while (readdir(d))
+			nfd++;
+		closedir(d);
+		nfd = nfd > 3 ? nfd - 3 : 0; /* ".", ".." and the directory's own */
+	}
+	if (getrlimit(RLIMIT_NOFILE, &rl))
+		rl.rlim_cur = 0;
+	hub_buf_printf(o, "# HELP process_cpu_seconds_total User and system CPU time spent.\n"
+		       "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total %.2f\n",
+		       ticks > 0 ? (double)(utime + stime) / (double)ticks : 0);
+	hub_buf_printf(o, "# HELP process_resident_memory_bytes Resident memory size.\n"
+		       "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %ld\n",
+		       rss * page);
+	hub_buf_printf(o, "# HELP process_virtual_memory_bytes Virtual memory size.\n"
+		       "# TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes %lu\n",
+		       vsize);
+	hub_buf_printf(o, "# HELP process_open_fds Open file descriptors.\n"
+		       "# TYPE process_open_fds gauge\nprocess_open_fds %zu\n", nfd);
+	hub_buf_printf(o, "# HELP process_max_fds The file descriptor limit.\n"
+		       "# TYPE process_max_fds gauge\nprocess_max_fds %llu\n",
+		       (unsigned long long)rl.rlim_cur);
+	hub_buf_printf(o, "# HELP process_start_time_seconds Start time since the epoch.\n"
+		       "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds %.2f\n",
+		       ticks > 0 ? btime + (double)start / (double)ticks : 0);
 }
 
 void hub_metrics_render(const struct hub *hub, hub_buf *o)
@@ -159,4 +272,22 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	histogram(o, "iot_hub_redis_rtt_seconds", "Redis command round trip.", &m->redis_rtt);
 	histogram(o, "iot_hub_ack_latency_seconds", "Gateway frame received to ack queued.",
 		  &m->ack_latency);
+	gauge(o, "iot_hub_devices_online", "Devices announced on this instance's gateway connections.",
+	      (double)m->devices_online);
+	counters(o, "iot_hub_gateway_disconnects_total", "Gateway connections ended, by reason.",
+		 "reason", disconnect_reasons, m->gateway_disconnects, HUB_DISC__COUNT);
+	counters(o, "iot_hub_received_bytes_total",
+		 "Bytes received: WebSocket message payloads, and HTTP request bodies.", "protocol",
+		 byte_protocols, m->bytes_received, HUB_WS__COUNT + 1);
+	counters(o, "iot_hub_sent_bytes_total",
+		 "Bytes sent: WebSocket message payloads, and whole HTTP answers.", "protocol",
+		 byte_protocols, m->bytes_sent, HUB_WS__COUNT + 1);
+	hub_buf_puts(o, "# HELP iot_hub_http_requests_total HTTP requests answered, by route and "
+		     "status code.\n# TYPE iot_hub_http_requests_total counter\n");
+	hub_http_each_route_stat(hub, route_answers, o);
+	hub_buf_puts(o, "# HELP iot_hub_http_request_duration_seconds Request head complete to "
+		     "answer started, by route.\n# TYPE iot_hub_http_request_duration_seconds "
+		     "histogram\n");
+	hub_http_each_route_stat(hub, route_latency, o);
+	process_metrics(o);
 }

@@ -40,6 +40,7 @@ struct route_table {
 	const struct hub_route *routes;
 	size_t n;
 	void *ctx;
+	struct hub_route_stat *stats;  /* one per route */
 };
 
 struct upgrade {
@@ -57,6 +58,7 @@ struct hub_http {
 	size_t nupgrades;
 	hub_route_fn fallback;
 	void *fallback_ctx;
+	struct hub_route_stat static_stat, unmatched_stat;
 };
 
 /* lws's log callback has no context: the hub whose log lines it reads. */
@@ -66,8 +68,28 @@ void hub_http_add_routes(struct hub *hub, const struct hub_route *routes, size_t
 {
 	struct hub_http *h = hub->http;
 
+	struct hub_route_stat *stats = hub_xcalloc(n, sizeof(*stats));
+
+	for (size_t i = 0; i < n; i++) {
+		stats[i].method = routes[i].method;
+		stats[i].route = routes[i].pattern;
+	}
 	h->tables = hub_xrealloc(h->tables, (h->ntables + 1) * sizeof(*h->tables));
-	h->tables[h->ntables++] = (struct route_table){ routes, n, ctx };
+	h->tables[h->ntables++] = (struct route_table){ routes, n, ctx, stats };
+}
+
+void hub_http_each_route_stat(const struct hub *hub,
+			      void (*fn)(const struct hub_route_stat *s, void *arg), void *arg)
+{
+	const struct hub_http *h = hub->http;
+
+	if (!h)
+		return;
+	for (size_t t = 0; t < h->ntables; t++)
+		for (size_t i = 0; i < h->tables[t].n; i++)
+			fn(&h->tables[t].stats[i], arg);
+	fn(&h->static_stat, arg);
+	fn(&h->unmatched_stat, arg);
 }
 
 void hub_http_set_fallback(struct hub *hub, hub_route_fn fn, void *ctx)
@@ -97,6 +119,8 @@ struct hub_req {
 	bool chunked, final, aborted;
 	unsigned status;
 	char ctype[64];
+	struct hub_route_stat *stat; /* where its answer is counted */
+	int64_t t0_us;              /* its head was complete */
 	hub_buf out;                /* bytes not yet on the wire */
 	hub_req_drained_cb drained;
 	void *ctx;
@@ -262,6 +286,7 @@ static int send_wire(struct lws *wsi, struct http_pss *pss)
 			if (w > 0) {
 				pss->off += (size_t)w;
 				pss->ssl_retry = 0;
+				pss->h->hub->metrics.bytes_sent[HUB_WS__COUNT] += (uint64_t)w;
 				continue;
 			}
 			if (SSL_get_error(ssl, w) == SSL_ERROR_WANT_WRITE) {
@@ -273,6 +298,7 @@ static int send_wire(struct lws *wsi, struct http_pss *pss)
 		ssize_t w = send(fd, pss->wire.data + pss->off, left, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w > 0) {
 			pss->off += (size_t)w;
+			pss->h->hub->metrics.bytes_sent[HUB_WS__COUNT] += (uint64_t)w;
 			continue;
 		}
 		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
@@ -411,6 +437,15 @@ void hub_req_unref(struct hub_req *rq)
 	free(rq);
 }
 
+/* Counts the answer under its route: status, and the time to its head
+ * (a stream's whole body comes later). */
+static void req_observe(struct hub_req *rq)
+{
+	if (rq->stat)
+		hub_route_stat_observe(rq->stat, rq->status,
+				       (double)(hub_mono_us() - rq->t0_us) / 1e6);
+}
+
 static void req_kick(struct hub_req *rq)
 {
 	struct http_pss *pss = rq->wsi ? lws_wsi_user(rq->wsi) : NULL;
@@ -428,6 +463,7 @@ void hub_req_respond(struct hub_req *rq, unsigned status, const char *ctype,
 	rq->headers_pending = true;
 	rq->final = true;
 	rq->status = status;
+	req_observe(rq);
 	snprintf(rq->ctype, sizeof(rq->ctype), "%s", ctype);
 	hub_buf_append(&rq->out, body, len);
 	req_kick(rq);
@@ -452,6 +488,7 @@ void hub_req_stream_begin(struct hub_req *rq, unsigned status, const char *ctype
 	rq->headers_pending = true;
 	rq->chunked = true;
 	rq->status = status;
+	req_observe(rq);
 	rq->drained = drained;
 	snprintf(rq->ctype, sizeof(rq->ctype), "%s", ctype);
 	req_kick(rq);
@@ -624,7 +661,7 @@ static bool match(const char *pattern, const char *path, size_t params[][2], siz
 static const struct hub_route *find_route(const struct hub_http *h, const char *method,
 					  const char *path,
 					  void **ctx, size_t params[][2], size_t *np,
-					  bool *path_known)
+					  bool *path_known, struct hub_route_stat **stat)
 {
 	*path_known = false;
 	for (size_t t = 0; t < h->ntables; t++) {
@@ -637,6 +674,7 @@ static const struct hub_route *find_route(const struct hub_http *h, const char *
 				continue;
 			}
 			*ctx = h->tables[t].ctx;
+			*stat = &h->tables[t].stats[i];
 			return r;
 		}
 	}
@@ -675,7 +713,8 @@ static void route(struct http_pss *pss, const char *path)
 		return;
 	}
 	snprintf(pss->path, sizeof(pss->path), "%s", path);
-	r = find_route(pss->h, pss->method, path, &pss->route_ctx, params, &np, &path_known);
+	r = find_route(pss->h, pss->method, path, &pss->route_ctx, params, &np, &path_known,
+		       &rq->stat);
 	if (!r) {
 		if (path_known)
 			hub_req_error(rq, 405, "method_not_allowed", NULL,
@@ -683,6 +722,7 @@ static void route(struct http_pss *pss, const char *path)
 		else if (pss->h->fallback && !strcmp(pss->method, "GET")) {
 			struct hub_route_args a = { { path, NULL }, NULL, "", 0, NULL,
 						    pss->h->fallback_ctx };
+			rq->stat = &pss->h->static_stat;
 			pss->h->fallback(rq, &a);
 		} else
 			hub_req_error(rq, 404, "not_found", NULL, "no such route");
@@ -825,6 +865,8 @@ static void on_request(struct lws *wsi, struct hub *hub, struct http_pss *pss,
 	pss->h = hub->http;
 	pss->wsi = wsi;
 	pss->rq = req_new(wsi, hub);
+	pss->rq->stat = &pss->h->unmatched_stat;
+	pss->rq->t0_us = hub_mono_us();
 	plen = request_method(wsi, pss->method);
 	clen = content_length(wsi, &bad_length);
 	if (!clen)
@@ -876,6 +918,7 @@ static int on_body(struct http_pss *pss, const char *in, size_t len)
 			return -1;
 		}
 	}
+	pss->h->hub->metrics.bytes_received[HUB_WS__COUNT] += len;
 	if (pss->collecting && !pss->too_large && in && len) {
 		if (pss->reqbody.len + len > HUB_HTTP_BODY_MAX)
 			pss->too_large = true;
@@ -1157,6 +1200,8 @@ static int http_start(struct hub *hub, char *err, size_t errlen)
 	(void)errlen;
 	hub->http = hub_xcalloc(1, sizeof(*hub->http));
 	hub->http->hub = hub;
+	hub->http->static_stat = (struct hub_route_stat){ .method = "GET", .route = "(static)" };
+	hub->http->unmatched_stat = (struct hub_route_stat){ .method = "any", .route = "(none)" };
 	log_hub = hub;
 	return 0;
 }
@@ -1165,6 +1210,8 @@ static void http_free(struct hub *hub)
 {
 	if (!hub->http)
 		return;
+	for (size_t t = 0; t < hub->http->ntables; t++)
+		free(hub->http->tables[t].stats);
 	free(hub->http->tables);
 	free(hub->http->upgrades);
 	free(hub->http);

@@ -91,6 +91,12 @@ void hub_http_add_routes(struct hub *hub, const struct hub_route *routes, size_t
  * files), or NULL. */
 void hub_http_set_fallback(struct hub *hub, hub_route_fn fn, void *ctx);
 
+/* Calls fn for the request counts of every route, then of the static files
+ * and of the requests no route took (GET /metrics). */
+struct hub_route_stat;
+void hub_http_each_route_stat(const struct hub *hub,
+			      void (*fn)(const struct hub_route_stat *s, void *arg), void *arg);
+
 /* ---- WebSocket upgrades -------------------------------------------------- */
 
 /* What an accepted upgrade hands to its protocol's ESTABLISHED. */

@@ -19,3 +19,18 @@ void hub_hist_observe(struct hub_histogram *h, double seconds)
 	h->count++;
 	h->sum += seconds;
 }
+
+const unsigned hub_http_codes[HUB_HTTP_CODES] = {
+	200, 201, 202, 204, 206, 304, 400, 401, 403, 404, 405, 409, 411, 413, 414, 422,
+	429, 500, 503,
+};
+
+void hub_route_stat_observe(struct hub_route_stat *s, unsigned status, double seconds)
+{
+	int i = 0;
+
+	while (i < HUB_HTTP_CODES && hub_http_codes[i] != status)
+		i++;
+	s->answers[i]++;
+	hub_hist_observe(&s->latency, seconds);
+}

@@ -44,11 +44,38 @@ struct hub_histogram {
 /* Upper bounds, seconds: 100us .. 5s. */
 extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
+/* HTTP requests of one route (hub/http.c keeps one per registered route,
+ * one for the static files and one for requests no route took): answers
+ * by status code, and the time from the request's head to its answer. */
+#define HUB_HTTP_CODES 19
+extern const unsigned hub_http_codes[HUB_HTTP_CODES]; /* the last slot counts any other */
+struct hub_route_stat {
+	const char *method, *route;
+	uint64_t answers[HUB_HTTP_CODES + 1];
+	struct hub_histogram latency;
+};
+void hub_route_stat_observe(struct hub_route_stat *s, unsigned status, double seconds);
+
+/* Why a gateway connection ended (iot_hub_gateway_disconnects_total). */
+enum hub_disconnect {
+	HUB_DISC_PEER_CLOSE,       /* the gateway sent a close frame */
+	HUB_DISC_PING_TIMEOUT,     /* no pong within ping-timeout-s */
+	HUB_DISC_LOST,             /* the socket ended without a close frame */
+	HUB_DISC_TAKEOVER,         /* 4001: the gateway connected again */
+	HUB_DISC_CONNECT_RATE,     /* 4029 */
+	HUB_DISC_PROTOCOL,         /* 1003 binary, 1009 too large, 1002/1007 */
+	HUB_DISC_SHUTDOWN,         /* 1001: the hub drained */
+	HUB_DISC_WRITE_FAILED,
+	HUB_DISC_AUTH_EXPIRED,     /* the token expired or was revoked */
+	HUB_DISC__COUNT
+};
+
 struct hub_metrics {
 	/* gauges */
 	size_t gateway_connections;        /* gateway WebSockets open (one per gateway) */
 	size_t stream_connections;         /* dashboard WebSockets open */
 	size_t stream_subscriptions;       /* their live subscriptions */
+	size_t devices_online;             /* devices announced on this instance's connections */
 	/* counters */
 	uint64_t connections_total;        /* gateway WebSockets established */
 	uint64_t auth_failures_total;      /* gateway upgrades refused with 401 */
@@ -85,6 +112,9 @@ struct hub_metrics {
 	uint64_t gateway_connects_refused_total; /* closed 4029 */
 	uint64_t devices_taken_total;      /* local devices announced by another connection */
 	uint64_t aggregate_late_partials_total; /* partials after their window was emitted */
+	uint64_t gateway_disconnects[HUB_DISC__COUNT];
+	uint64_t bytes_received[HUB_WS__COUNT + 1]; /* gateway, dashboard, http (bodies) */
+	uint64_t bytes_sent[HUB_WS__COUNT + 1];     /* ... http: whole answers */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */
 };

@@ -87,6 +87,8 @@ struct gw_conn {
 	bool paused, closing, draining;
 	bool limits_dirty;         /* a bucket changed since its TATs were saved */
 	int close_code;
+	bool peer_closed;          /* the gateway sent a close frame */
+	int64_t rx_us;             /* when it last sent anything (a pong too) */
 	int64_t epoch;             /* takeover order (Redis INCR); 0 = not yet */
 	int64_t beaten_by;         /* highest foreign epoch seen before ours */
 	const char *close_reason;
@@ -188,6 +190,19 @@ static void conns_changed(struct gateways *gws)
 	gws->hub->metrics.gateway_connections = gws->conns.count;
 }
 
+/* dev_conns, with the gauge of online devices following it. */
+static void dev_conn_put(struct gateways *gws, const char *id, size_t len, struct gw_conn *c)
+{
+	hub_strmap_put(&gws->dev_conns, id, len, c);
+	gws->hub->metrics.devices_online = gws->dev_conns.count;
+}
+
+static void dev_conn_del(struct gateways *gws, const char *id, size_t len)
+{
+	hub_strmap_del(&gws->dev_conns, id, len);
+	gws->hub->metrics.devices_online = gws->dev_conns.count;
+}
+
 /* ---- connection and reply lifetime --------------------------------------- */
 
 static void free_dev(const char *key, void *value, void *arg)
@@ -273,6 +288,8 @@ static int write_head(struct gw_conn *c)
 	size_t n = r->out.len - LWS_PRE;
 	int w = lws_write(c->wsi, (unsigned char *)r->out.data + LWS_PRE, n, LWS_WRITE_TEXT);
 
+	if (w > 0)
+		c->hub->metrics.bytes_sent[HUB_WS_GATEWAY] += (uint64_t)w;
 	c->head = r->next;
 	if (!c->head)
 		c->tail = NULL;
@@ -786,7 +803,7 @@ static void on_announced(redisReply *reply, void *arg)
 					hub_bucket_merge_tat(&d->bucket, strtoll(t->str, NULL, 10),
 							     cfg->device_rate, cfg->device_burst,
 							     now_us, now_ms);
-				hub_strmap_put(&hub->gw->dev_conns, id, strlen(id), c);
+				dev_conn_put(hub->gw, id, strlen(id), c);
 			}
 			/* After `announced` in the queue: what the observers send
 			 * (the devices' pending commands). */
@@ -1010,6 +1027,8 @@ static int on_receive(struct gw_conn *c, const char *in, size_t len)
 	int code;
 
 	p.final = lws_is_final_fragment(wsi) && !p.remaining;
+	c->rx_us = hub_mono_us();
+	c->hub->metrics.bytes_received[HUB_WS_GATEWAY] += len;
 	if (!c->rx.discarding && (c->closing || c->draining))
 		return 0;
 	switch (ws_rx_feed(&c->rx, &p, max, DISCARD_FACTOR * max, &msg, &msglen, &code, &reason)) {
@@ -1250,7 +1269,7 @@ static void on_devtake_msg(const char *channel, const char *payload, size_t len,
 					d->lost = true;
 					hub->metrics.devices_taken_total++;
 				}
-				hub_strmap_del(&hub->gw->dev_conns, p, (size_t)(sp - p));
+				dev_conn_del(hub->gw, p, (size_t)(sp - p));
 			}
 		}
 		p = le + 1;
@@ -1278,7 +1297,7 @@ static void on_seen(redisReply *reply, void *arg)
 			struct gateways *gws = e->c->hub->gw;
 			e->c->hub->metrics.devices_taken_total++;
 			if (hub_strmap_get(&gws->dev_conns, e->d->id, strlen(e->d->id)) == e->c)
-				hub_strmap_del(&gws->dev_conns, e->d->id, strlen(e->d->id));
+				dev_conn_del(gws, e->d->id, strlen(e->d->id));
 		}
 	}
 	for (size_t i = 0; i < ss->n; i++)
@@ -1424,6 +1443,7 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	c->hub = hub;
 	c->refs = 1;
 	c->serial = ++hub->gw->next_serial;
+	c->rx_us = hub_mono_us();
 	c->who = hs.who;  /* take ownership */
 	c->gw = c->who.name;
 	size_t idl = strlen(hub->instance_id) + sizeof(hub->run_token) + 24;
@@ -1486,6 +1506,34 @@ static void collect_dev(const char *key, void *value, void *arg)
 					    o->now_us, o->now_ms);
 }
 
+/* Why the connection ended, for iot_hub_gateway_disconnects_total: the
+ * close the hub started, else the gateway's close frame, else silence past
+ * the ping timeout (lws hung up), else a socket that just ended. */
+static enum hub_disconnect disconnect_reason(const struct gw_conn *c)
+{
+	if (c->closing) {
+		switch (c->close_code) {
+		case CLOSE_TAKEOVER:
+			return HUB_DISC_TAKEOVER;
+		case CLOSE_CONNECT_RATE:
+			return HUB_DISC_CONNECT_RATE;
+		case LWS_CLOSE_STATUS_GOINGAWAY:
+			return HUB_DISC_SHUTDOWN;
+		case LWS_CLOSE_STATUS_ABNORMAL_CLOSE:
+			return HUB_DISC_WRITE_FAILED;
+		default:
+			return HUB_DISC_PROTOCOL;
+		}
+	}
+	if (c->draining)
+		return HUB_DISC_SHUTDOWN;
+	if (c->peer_closed)
+		return HUB_DISC_PEER_CLOSE;
+	if (hub_mono_us() - c->rx_us >= ((int64_t)c->hub->cfg.ping_timeout_s - 1) * 1000000)
+		return HUB_DISC_PING_TIMEOUT;
+	return HUB_DISC_LOST;
+}
+
 static void on_closed(struct gw_pss *pss)
 {
 	struct gw_conn *c = pss->conn;
@@ -1495,6 +1543,7 @@ static void on_closed(struct gw_pss *pss)
 		return;
 	pss->conn = NULL;
 	hub = c->hub;
+	hub->metrics.gateway_disconnects[disconnect_reason(c)]++;
 	hub_info("gateway %s #%llu: disconnected", c->gw, (unsigned long long)c->serial);
 	if (hub_strmap_get(&hub->gw->conns, c->gw, strlen(c->gw)) == c)
 		hub_strmap_del(&hub->gw->conns, c->gw, strlen(c->gw));
@@ -1509,7 +1558,7 @@ static void on_closed(struct gw_pss *pss)
 		hub_strmap_foreach(&c->devices, collect_dev, &o);
 		for (size_t i = 0; i < o.n; i++)
 			if (hub_strmap_get(&hub->gw->dev_conns, o.ids[i], strlen(o.ids[i])) == c)
-				hub_strmap_del(&hub->gw->dev_conns, o.ids[i], strlen(o.ids[i]));
+				dev_conn_del(hub->gw, o.ids[i], strlen(o.ids[i]));
 		hub_registry_offline(hub, c->conn_id, o.ids, o.tats, o.n);
 		free(o.ids);
 		free(o.tats);
@@ -1553,6 +1602,14 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (!pss->conn)
 			return -1;
 		return on_writeable(pss->conn);
+	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+		if (pss && pss->conn)
+			pss->conn->peer_closed = true;
+		break;
+	case LWS_CALLBACK_RECEIVE_PONG:
+		if (pss && pss->conn)
+			pss->conn->rx_us = hub_mono_us();
+		break;
 	case LWS_CALLBACK_CLOSED:
 		if (pss)
 			on_closed(pss);
@@ -1697,7 +1754,7 @@ static void on_reannounced(redisReply *reply, void *arg)
 					hub->metrics.devices_taken_total++;
 				}
 				if (hub_strmap_get(&gws->dev_conns, id, strlen(id)) == c)
-					hub_strmap_del(&gws->dev_conns, id, strlen(id));
+					dev_conn_del(gws, id, strlen(id));
 				continue;
 			}
 			ra->ids[nok++] = ra->ids[i];

@@ -417,6 +417,7 @@ static int w_flush(struct st_conn *c, size_t msgs)
 	if (lws_write(c->wsi, (unsigned char *)c->w.data + LWS_PRE, n, LWS_WRITE_RAW) < (int)n)
 		return -1;
 	c->hub->metrics.stream_messages_total += msgs;
+	c->hub->metrics.bytes_sent[HUB_WS_DASHBOARD] += n;
 	return 0;
 }
 
@@ -442,6 +443,7 @@ static int conn_writeable(struct st_conn *c)
 			free(m);
 			if (rc < 0)
 				return -1;
+			c->hub->metrics.bytes_sent[HUB_WS_DASHBOARD] += (uint64_t)rc;
 			continue;
 		}
 		if (c->closing || !c->qlen)
@@ -1935,6 +1937,7 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_RECEIVE:
 		if (!c)
 			return 0;
+		c->hub->metrics.bytes_received[HUB_WS_DASHBOARD] += len;
 		on_receive(c, in, len);
 		return 0;
 	case LWS_CALLBACK_SERVER_WRITEABLE:

@@ -5,6 +5,7 @@ counters moving as traffic flows."""
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 
@@ -95,6 +96,61 @@ class HTTP(HubTestCase):
                            "no Redis round trip observed after a stored frame")
         await gw.close()
         await self.poll_connections(c0)
+
+    async def test_operator_metrics(self):
+        """Requests by route and status with their latency, bytes by
+        protocol, online devices, disconnects by reason and the process_*
+        metrics."""
+        m0 = self.metrics()
+        for _ in range(3):
+            self.assertEqual(http_get(self.hub, "/healthz")[0], 200)
+        self.assertEqual(http_get(self.hub, "/v1/no-such-route")[0], 404)
+        gw = await self.gateway(self.hub)
+        d = uniq("t")
+        await gw.announce([(d, "thermostat")])
+        rep = await gw.telemetry(1, [reading(d, 20.0)])
+        self.assertEqual(rep.get("accepted"), 1, rep)
+        m1 = self.metrics()
+
+        def delta(name, **labels):
+            return (metric_value(m1, name, **labels) or 0) - (metric_value(m0, name, **labels) or 0)
+        self.assertEqual(delta("iot_hub_http_requests_total", method="GET", route="/healthz", code="200"), 3)
+        self.assertEqual(delta("iot_hub_http_requests_total", route="(none)", code="404"), 1)
+        self.assertGreaterEqual(delta("iot_hub_http_request_duration_seconds_count", method="GET",
+                                      route="/healthz"), 3)
+        self.assertIsNotNone(metric_value(m1, "iot_hub_http_request_duration_seconds_bucket",
+                                          route="/healthz", le="+Inf"))
+        self.assertGreater(delta("iot_hub_received_bytes_total", protocol="gateway"), 50)
+        self.assertGreater(delta("iot_hub_sent_bytes_total", protocol="gateway"), 30)
+        self.assertGreater(delta("iot_hub_sent_bytes_total", protocol="http"), 100)
+        self.assertGreaterEqual(delta("iot_hub_devices_online"), 1)
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                     "process_open_fds", "process_max_fds", "process_start_time_seconds",
+                     "process_virtual_memory_bytes"):
+            self.assertGreater(metric_value(m1, name) or 0, 0, name)
+        self.assertLess(abs(metric_value(m1, "process_start_time_seconds") - time.time()), 3600 * 24 * 30)
+        await gw.close()
+        deadline = time.monotonic() + 5
+        while True:
+            m2 = self.metrics()
+            closed = (metric_value(m2, "iot_hub_gateway_disconnects_total", reason="peer_close") or 0) - \
+                (metric_value(m1, "iot_hub_gateway_disconnects_total", reason="peer_close") or 0)
+            if closed >= 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        self.assertGreaterEqual(closed, 1, "a gateway's close frame was not counted as peer_close")
+        self.assertLessEqual((metric_value(m2, "iot_hub_devices_online") or 0) -
+                             (metric_value(m1, "iot_hub_devices_online") or 0), -1)
+
+    async def test_metrics_documented(self):
+        """docs/metrics.md has a row for every metric family /metrics
+        exports, and no row for one it does not."""
+        body = http_get(self.hub, "/metrics")[2]
+        live = set(re.findall(r"^# HELP (\S+) ", body, re.M))
+        with open(os.path.join(SOURCE_DIR, "docs", "metrics.md")) as f:
+            documented = set(re.findall(r"^\| `([a-z_]+)` \|", f.read(), re.M))
+        self.assertEqual(sorted(live - documented), [], "exported but not in docs/metrics.md")
+        self.assertEqual(sorted(documented - live), [], "in docs/metrics.md but not exported")
 
     async def test_unknown_path_404(self):
         for path in ("/nope", "/v1/nothing-here", "/healthz/x"):

@@ -12,7 +12,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import HubTestCase, main, rkeys, upgrade_request, uniq, wait_until  # noqa: E402
+from harness import (HubTestCase, http_get, main, metric_value, parse_metrics, rkeys, upgrade_request,  # noqa: E402
+                     uniq, wait_until)
 
 ARGS = ["--ping-interval-s", "1", "--ping-timeout-s", "3"]
 
@@ -67,6 +68,9 @@ class Liveness(HubTestCase):
         self.assertLess(elapsed, 7.5, "a peer answering no PING was still connected after %.1f s" % elapsed)
         wait_until(lambda: self.redis.hgetall(rkeys.dev(d)).get("online") == "0", 5,
                    what="device offline after its silent gateway was dropped")
+        m = parse_metrics(http_get(self.hub, "/metrics")[2])
+        self.assertGreaterEqual(metric_value(m, "iot_hub_gateway_disconnects_total", reason="ping_timeout"), 1,
+                                "the hang-up was not counted as a ping timeout")
 
     async def test_live_client_stays(self):
         gw = await self.gateway(self.hub)
