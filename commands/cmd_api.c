@@ -6,6 +6,7 @@
 #include <jansson.h>
 
 #include "commands/commands.h"
+#include "hub/audit.h"
 #include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
@@ -131,6 +132,23 @@ static void ctx_free(void *p)
 	free(c);
 }
 
+/* The audit entry of an operator action on a command or rollout: its
+ * device (or the rollout's target) and name. */
+static void audit_command(struct hub_req *rq, const char *action, const struct ctx *c)
+{
+	json_t *d = json_object();
+	char *s;
+
+	if (c->device[0])
+		json_object_set_new(d, "device", json_string(c->device));
+	if (c->name[0])
+		json_object_set_new(d, "name", json_string(c->name));
+	s = json_dumps(d, JSON_COMPACT);
+	json_decref(d);
+	hub_audit(hub_req_hub(rq), rq, action, c->id, s);
+	free(s);
+}
+
 static struct ctx *ctx_new(struct hub_req *rq)
 {
 	struct ctx *c = hub_xcalloc(1, sizeof(*c));
@@ -208,6 +226,7 @@ static void on_canceled(redisReply *r, void *arg)
 				  r->element[1]->str : "";
 		if (strcmp(was, "queued"))
 			cmd_route_cancel(hub_req_hub(rq), c->id, c->device);
+		audit_command(rq, "command.cancel", c);
 		get_and_answer(rq, c->id, 200);
 	}
 out:
@@ -246,6 +265,7 @@ static void on_created(redisReply *r, void *arg)
 		cmd_track(hub, c->id, r->elements > 2 && r->element[2]->type == REDIS_REPLY_INTEGER ?
 				      r->element[2]->integer : 0);
 		cmd_route(hub, c->id, c->device, inst, online);
+		audit_command(rq, "command.create", c);
 		if (!hub_req_gone(rq))
 			get_and_answer(rq, c->id, 201);
 	} else if (kind == 0 && r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING) {
@@ -561,6 +581,7 @@ static void on_rollout_created(redisReply *r, void *arg)
 	}
 	hub_req_hub(rq)->metrics.commands_created_total += (uint64_t)r->integer;
 	cmd_rollout_kick(hub_req_hub(rq), c->id);
+	audit_command(rq, "rollout.create", c);
 	if (!hub_req_gone(rq))
 		rollout_answer(rq, 202);
 out:

@@ -841,6 +841,10 @@ static enum auth_result auth_check_claims(const hub_auth *a, const json_t *c, in
 	out->has_devices_claim = e != NULL;
 	out->exp = exp;
 	out->is_api_key = false;
+	v = json_object_get(c, "jti");
+	if (json_is_string(v) && json_string_length(v) > 0 &&
+	    json_string_length(v) < sizeof(out->jti))
+		memcpy(out->jti, json_string_value(v), json_string_length(v) + 1);
 	return AUTH_OK;
 }
 

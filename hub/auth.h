@@ -35,6 +35,7 @@ typedef struct auth_patterns {
 /* Who a verified token or key speaks for. Owns its strings. */
 typedef struct auth_principal {
 	char name[129];         /* JWT sub, or the API key's name */
+	char jti[65];           /* JWT jti when a string of 1..64 bytes, else "" */
 	unsigned scopes;        /* enum auth_scope bits */
 	auth_patterns devices;  /* JWT `devices` claim or the key's "devices" */
 	int64_t exp;            /* JWT exp (seconds), 0 for API keys */

@@ -75,6 +75,8 @@ static const struct opt opts[] = {
 	O("http-header-timeout-s", OPT_INT, http_header_timeout_s, "10", 1, 3600, "a connection must complete its request line and headers within this time"),
 	O("http-body-timeout-s", OPT_INT, http_body_timeout_s, "10", 1, 3600, "a request body must arrive completely within this time of its headers"),
 	O("http-keepalive-timeout-s", OPT_INT, http_keepalive_timeout_s, "5", 1, 3600, "an idle keep-alive HTTP connection is closed after this time"),
+	O("audit-max-entries", OPT_LONG, audit_max_entries, "100000", 1000, 1e8, "operator actions kept in the audit log (oldest trimmed first)"),
+	O("audit-retention-days", OPT_INT, audit_retention_days, "90", 1, 36500, "audit entries older than this are trimmed (checked every minute)"),
 	O("web-root", OPT_STR, web_root, NULL, 0, 0, "directory of the browser dashboard served at / (unset: not served)"),
 };
 

@@ -92,6 +92,8 @@ struct hub_config {
 	int aggregate_grace_ms;
 	int http_header_timeout_s;
 	int http_body_timeout_s;
+	long audit_max_entries;
+	int audit_retention_days;
 	int http_keepalive_timeout_s;
 	char *web_root;
 

@@ -32,6 +32,9 @@ enum hub_event {
 	/* const struct hub_ev_readings *. Readings were stored (once per frame,
 	 * never for a resend Redis already had). */
 	HUB_EV_READINGS_STORED,
+	/* const struct hub_ev_revoked *. Credentials were revoked (here or on
+	 * another instance): live connections they cover must close. */
+	HUB_EV_REVOKED,
 	HUB_EV__COUNT
 };
 
@@ -40,6 +43,11 @@ struct hub_ev_lease {
 	 * flushed, or the lease had expired): the devices of live links must
 	 * be announced again. */
 	bool rebuild;
+};
+
+struct hub_ev_revoked {
+	bool jti;                  /* value is a token id, else a token subject */
+	const char *value;
 };
 
 struct hub_ev_announced {

@@ -26,7 +26,7 @@ static const char *const byte_protocols[HUB_WS__COUNT + 1] = { "gateway", "dashb
 
 static const char *const disconnect_reasons[HUB_DISC__COUNT] = {
 	"peer_close", "ping_timeout", "lost", "takeover", "connect_rate", "protocol_error",
-	"shutdown", "write_failed", "auth_expired",
+	"shutdown", "write_failed", "revoked",
 };
 
 static const char *const frame_results[HUB_FRAME__COUNT] = {

@@ -120,6 +120,7 @@ struct hub_req {
 	unsigned status;
 	char ctype[64];
 	struct hub_route_stat *stat; /* where its answer is counted */
+	char peer[64];              /* the client's address */
 	int64_t t0_us;              /* its head was complete */
 	hub_buf out;                /* bytes not yet on the wire */
 	hub_req_drained_cb drained;
@@ -407,6 +408,7 @@ static struct hub_req *req_new(struct lws *wsi, struct hub *hub)
 
 struct hub *hub_req_hub(const struct hub_req *rq) { return rq->hub; }
 const auth_principal *hub_req_who(const struct hub_req *rq) { return &rq->who; }
+const char *hub_req_peer(const struct hub_req *rq) { return rq->peer; }
 void *hub_req_ctx(const struct hub_req *rq) { return rq->ctx; }
 
 bool hub_req_gone(const struct hub_req *rq)
@@ -867,6 +869,7 @@ static void on_request(struct lws *wsi, struct hub *hub, struct http_pss *pss,
 	pss->rq = req_new(wsi, hub);
 	pss->rq->stat = &pss->h->unmatched_stat;
 	pss->rq->t0_us = hub_mono_us();
+	lws_get_peer_simple(wsi, pss->rq->peer, sizeof(pss->rq->peer));
 	plen = request_method(wsi, pss->method);
 	clen = content_length(wsi, &bad_length);
 	if (!clen)

@@ -142,6 +142,8 @@ struct hub *hub_req_hub(const struct hub_req *rq);
 /* The API key the request was authorized with (owned by rq; empty for a
  * public route). */
 const auth_principal *hub_req_who(const struct hub_req *rq);
+/* The client's address as text ("" when unknown). */
+const char *hub_req_peer(const struct hub_req *rq);
 /* True once the client has gone (or the request was answered or aborted):
  * nothing more can be sent. */
 bool hub_req_gone(const struct hub_req *rq);

@@ -25,6 +25,8 @@ struct hub_http;
 struct hub_lease;
 struct hub_durability;
 struct cmd_engine;
+struct hub_audit;
+struct hub_revocations;
 struct hub_registry;
 struct agg;
 struct stream;
@@ -62,6 +64,8 @@ struct hub {
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */
+	struct hub_audit *audit;           /* hub/audit.c */
+	struct hub_revocations *revoked;   /* hub/revoke.c */
 	struct agg *agg;
 	struct gateways *gw;
 	struct stream *stream;

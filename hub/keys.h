@@ -319,4 +319,9 @@ static inline size_t hub_key_run_reaper(char *buf, size_t n, const char *run)
 	return hub_key_run_(buf, n, run, ":reaper", 7);
 }
 
+/* Operations (hub/audit.c, hub/revoke.c): low-rate keys of their own slot. */
+#define HUB_KEY_AUDIT            "iot:{ops}:audit"       /* stream of operator actions */
+#define HUB_KEY_REVOKED          "iot:{ops}:revoked"     /* "sub:<gateway>"/"jti:<id>" -> JSON */
+#define HUB_CH_REVOKED           "iot:{ops}:revocations" /* "add|lift <kind>:<value>" */
+
 #endif

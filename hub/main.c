@@ -12,6 +12,8 @@
 
 #include "commands/cmd_api.h"
 #include "hub/api.h"
+#include "hub/audit.h"
+#include "hub/revoke.h"
 #include "hub/durability.h"
 #include "hub/embedded_redis.h"
 #include "hub/http.h"
@@ -47,7 +49,8 @@ static void on_signal_timer(lws_sorted_usec_list_t *sul)
 	if (hub->sig_hup) {
 		hub->sig_hup = 0;
 		hub_info("SIGHUP: reloading device types and keys");
-		hub_reload(hub, false);
+		hub_audit(hub, NULL, "reload", "",
+			  hub_reload(hub, false) ? "{\"ok\":false}" : "{\"ok\":true}");
 	}
 	if (hub->sig_term) {
 		hub->sig_term = 0;
@@ -159,7 +162,10 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 
 	if (hub->draining)
 		return; /* refused (key layout, durability) before it listened */
-	if (!hub_redis_up(hub->redis) && hub_mono_us() < startup_deadline_us) {
+	/* Up, and the revocation list read: gateways are accepted from the
+	 * first connection on. */
+	if ((!hub_redis_up(hub->redis) || !hub_revocations_loaded(hub)) &&
+	    hub_mono_us() < startup_deadline_us) {
 		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
 		return;
 	}
@@ -229,6 +235,8 @@ static const struct hub_module *const modules[] = {
 	&cmd_module,           /* the command lifecycle */
 	&cmd_api_module,       /* its routes */
 	&hub_api_module,       /* device and telemetry routes */
+	&hub_audit_module,     /* the audit log of operator actions */
+	&hub_revoke_module,    /* revoked gateway credentials */
 	&hub_ops_module,       /* health, readiness, metrics, API document, web-root */
 };
 

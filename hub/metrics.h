@@ -66,7 +66,7 @@ enum hub_disconnect {
 	HUB_DISC_PROTOCOL,         /* 1003 binary, 1009 too large, 1002/1007 */
 	HUB_DISC_SHUTDOWN,         /* 1001: the hub drained */
 	HUB_DISC_WRITE_FAILED,
-	HUB_DISC_AUTH_EXPIRED,     /* the token expired or was revoked */
+	HUB_DISC_REVOKED,          /* 4401: its credentials were revoked */
 	HUB_DISC__COUNT
 };
 

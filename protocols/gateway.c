@@ -14,6 +14,7 @@
 #include "hub/ratelimit.h"
 #include "hub/redis.h"
 #include "hub/registry.h"
+#include "hub/revoke.h"
 #include "hub/util.h"
 #include "protocols/admit.h"
 #include "protocols/gw_codec.h"
@@ -24,6 +25,7 @@
 #define QUEUE_SLACK      16           /* ready replies beyond in-flight frames */
 #define CLOSE_TAKEOVER   4001
 #define CLOSE_CONNECT_RATE 4029       /* reconnecting faster than gateway-connect-rate */
+#define CLOSE_REVOKED    4401         /* its credentials were revoked */
 #define DISCARD_FACTOR   16           /* bytes dropped before closing, x max-frame-bytes */
 #define CLOSE_GRACE_S    5            /* to write the close, then cut off */
 #define DATA_DUMP_RESERVE 512         /* room for one reading's data JSON */
@@ -1412,6 +1414,16 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 		hub_info("gateway upgrade refused: %s", auth_strerror(rc));
 		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", auth_strerror(rc));
 	}
+	if (!hub_revocations_loaded(hub)) {
+		hub_info("gateway upgrade refused: the revocation list is not loaded yet");
+		return hub_http_refuse_upgrade(wsi, 503, "unavailable",
+					       "starting: the revocation list is not loaded yet");
+	}
+	if (hub_revoked(hub, &hs->who)) {
+		hub->metrics.auth_failures_total++;
+		hub_info("gateway upgrade refused: credentials of %s revoked", hs->who.name);
+		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", "credentials revoked");
+	}
 	if (hub->cfg.tls_client_ca) {
 		union lws_tls_cert_info_results *ci;
 		char big[sizeof(*ci) + 256];
@@ -1517,6 +1529,8 @@ static enum hub_disconnect disconnect_reason(const struct gw_conn *c)
 			return HUB_DISC_TAKEOVER;
 		case CLOSE_CONNECT_RATE:
 			return HUB_DISC_CONNECT_RATE;
+		case CLOSE_REVOKED:
+			return HUB_DISC_REVOKED;
 		case LWS_CLOSE_STATUS_GOINGAWAY:
 			return HUB_DISC_SHUTDOWN;
 		case LWS_CLOSE_STATUS_ABNORMAL_CLOSE:
@@ -1891,6 +1905,47 @@ static void reannounce_all(struct gateways *gws)
 	rebuild_step(&gws->rb.sul);
 }
 
+/* Credentials were revoked: the connections they cover close with 4401
+ * (their gateways cannot connect again with them: confirm_upgrade). */
+struct revoked_scan {
+	const struct hub_ev_revoked *ev;
+	struct gw_conn **hit;
+	size_t n, cap;
+};
+
+static void revoked_one(const char *key, void *value, void *arg)
+{
+	struct revoked_scan *rs = arg;
+	struct gw_conn *c = value;
+
+	(void)key;
+	if (!c->wsi || c->closing)
+		return;
+	if (rs->ev->jti ? strcmp(c->who.jti, rs->ev->value) : strcmp(c->who.name, rs->ev->value))
+		return;
+	if (rs->n == rs->cap) {
+		rs->cap = rs->cap ? 2 * rs->cap : 4;
+		rs->hit = hub_xrealloc(rs->hit, rs->cap * sizeof(*rs->hit));
+	}
+	rs->hit[rs->n++] = c;
+}
+
+static void on_revoked(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
+{
+	struct gateways *gws = ctx;
+	struct revoked_scan rs = { payload, NULL, 0, 0 };
+
+	(void)hub;
+	(void)ev;
+	hub_strmap_foreach(&gws->conns, revoked_one, &rs);
+	for (size_t i = 0; i < rs.n; i++) {
+		hub_info("gateway %s #%llu: credentials revoked: closing with 4401", rs.hit[i]->gw,
+			 (unsigned long long)rs.hit[i]->serial);
+		conn_close(rs.hit[i], CLOSE_REVOKED, "credentials revoked");
+	}
+	free(rs.hit);
+}
+
 /* The lease was renewed: re-announce when Redis lost this run's devices,
  * or when the last re-announce got no answer (Redis went down meanwhile). */
 static void on_lease_renewed(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
@@ -1923,6 +1978,7 @@ static int gw_module_start(struct hub *hub, char *err, size_t errlen)
 	hub_http_add_upgrade(hub, GW_PATH, GW_SUBPROTOCOL, confirm_upgrade, NULL);
 	hub_links_provide(hub, link_for_device, gws);
 	hub_observe(hub, HUB_EV_LEASE_RENEWED, on_lease_renewed, gws);
+	hub_observe(hub, HUB_EV_REVOKED, on_revoked, gws);
 	hub_redis_subscribe(hub->redis, HUB_CH_TAKEOVER, on_takeover_msg, hub);
 	hub_redis_subscribe(hub->redis, HUB_CH_DEVTAKE, on_devtake_msg, hub);
 	lws_sul_schedule(hub->ctx, 0, &gws->sul_seen, flush_seen, 1000 * 1000 / SEEN_SLICES);

@@ -30,6 +30,9 @@ OPERATIONS = [
     ("post", "/v1/devices/{device}/commands"), ("get", "/v1/devices/{device}/commands"),
     ("post", "/v1/commands"), ("get", "/v1/commands/{id}"),
     ("post", "/v1/commands/{id}/cancel"),
+    ("post", "/v1/revocations"), ("get", "/v1/revocations"),
+    ("delete", "/v1/revocations/sub/{sub}"), ("delete", "/v1/revocations/jti/{jti}"),
+    ("get", "/v1/audit"),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
 STATES = ["queued", "sent", "received", "in_progress", "succeeded", "failed", "rejected",
@@ -237,7 +240,7 @@ class Document(unittest.TestCase):
                 continue
             self.assertNotEqual(op.get("security"), [], where)
             scopes = op.get("x-required-scopes")
-            self.assertTrue(scopes and set(scopes) <= {"telemetry:read", "commands:write"}, where)
+            self.assertTrue(scopes and set(scopes) <= {"telemetry:read", "commands:write", "admin"}, where)
             for s in scopes:
                 self.assertIn(s, op["description"], where)
             for code in ("401", "403"):
@@ -385,7 +388,8 @@ class Checks:
         return hdrs, doc
 
     def sample_path(self, path):
-        return path.replace("{device}", "t-1").replace("{id}", "c_00000000000000000000000000000000")
+        return path.replace("{device}", "t-1").replace("{id}", "c_00000000000000000000000000000000") \
+            .replace("{sub}", "gw-1").replace("{jti}", "tok-1")
 
     async def wait_redis(self, hub, up):
         deadline = time.monotonic() + 15
@@ -455,13 +459,15 @@ class Live(Checks, HubTestCase):
                 keys.append("reader")
             if scopes == ["telemetry:read"]:
                 keys.append("writer")
+            if scopes == ["admin"]:
+                keys += ["reader", "writer"]
             body = {"name": "reboot"} if method == "post" else None
             for key in keys:
                 self.call(method.upper(), self.sample_path(path), 403, key=key, body=body,
                           code="forbidden")
             # any one of the listed scopes is enough (not 401/403)
             for scope in scopes:
-                key = {"telemetry:read": "reader", "commands:write": "writer"}[scope]
+                key = {"telemetry:read": "reader", "commands:write": "writer", "admin": "admin"}[scope]
                 st, _, raw = request(self.hub, method.upper(), self.sample_path(path), key, body)
                 self.assertNotIn(st, (401, 403), "%s %s with %s: %s" % (method, path, key, raw[:200]))
 
