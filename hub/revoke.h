@@ -20,9 +20,9 @@ struct hub;
 
 #define HUB_REVOKE_MAX 10000   /* revocations kept at most */
 
-/* False until the list was read from Redis once: until then no gateway
- * upgrade is accepted (a hub that just started must not let a revoked
- * gateway in). */
+/* False until the list was read from Redis once. The hub starts listening
+ * once it is (or when Redis stays unreachable past the start-up wait: then
+ * the first read closes whatever it covers). */
 bool hub_revocations_loaded(const struct hub *hub);
 
 /* True when who's sub or jti is revoked (as this instance last heard). */

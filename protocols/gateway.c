@@ -1414,11 +1414,6 @@ static int confirm_upgrade(struct lws *wsi, struct hub *hub, struct hub_handshak
 		hub_info("gateway upgrade refused: %s", auth_strerror(rc));
 		return hub_http_refuse_upgrade(wsi, 401, "unauthorized", auth_strerror(rc));
 	}
-	if (!hub_revocations_loaded(hub)) {
-		hub_info("gateway upgrade refused: the revocation list is not loaded yet");
-		return hub_http_refuse_upgrade(wsi, 503, "unavailable",
-					       "starting: the revocation list is not loaded yet");
-	}
 	if (hub_revoked(hub, &hs->who)) {
 		hub->metrics.auth_failures_total++;
 		hub_info("gateway upgrade refused: credentials of %s revoked", hs->who.name);
