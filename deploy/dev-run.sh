@@ -30,7 +30,7 @@ common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root w
         --data-dir .dev/iot-hub-data)
 
 if ((sim == 0)); then
-  exec ./build/iot-hub "${common[@]}" "$@"
+  exec ./build/iot-hub --dev "${common[@]}" "$@"
 fi
 
 # With the simulator: a dev secret in .dev/ so both sides agree.
