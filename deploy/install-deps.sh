@@ -10,6 +10,8 @@ pkgs=(
   redis-server redis-tools
   python3-websockets curl openssl
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
+  dpkg-dev                   # tools/make-deb (dpkg-shlibdeps), ctest -L package
+  python3-yaml prometheus    # ctest -L deploy: manifests, promtool, a real Prometheus
 )
 
 missing=()
