@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Installs what iot-hub needs to build, run and test on Debian 12 (bookworm).
 # Idempotent: only calls apt-get when a package is missing. Needs root (or sudo).
+#
+#   deploy/install-deps.sh           everything: build, run, test (CI, dev-run)
+#   deploy/install-deps.sh --build   only what building the hub and its .deb
+#                                    needs (deploy/docker/Dockerfile)
 set -euo pipefail
 
 pkgs=(
   build-essential cmake pkg-config
   libwebsockets-dev libwebsockets-evlib-ev libjansson-dev libhiredis-dev
-  libjwt-dev libssl-dev libcmocka-dev
+  libjwt-dev libssl-dev
+  dpkg-dev file              # tools/make-deb (dpkg-shlibdeps; CPack's DEB generator runs file)
+)
+if [[ ${1:-} != --build ]]; then pkgs+=(
+  libcmocka-dev
   redis-server redis-tools
   python3-websockets curl openssl
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
-  dpkg-dev                   # tools/make-deb (dpkg-shlibdeps), ctest -L package
   python3-yaml prometheus    # ctest -L deploy: manifests, promtool, a real Prometheus
-)
+); fi
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -98,7 +98,8 @@ class Package(unittest.TestCase):
     def test_install_run_purge(self):
         # the control data: Depends from shlibdeps, the conffile, scripts
         info = run("dpkg-deb", "-f", self.deb, "Depends").stdout
-        for lib in ("libwebsockets17", "libhiredis0.14", "libjansson4", "libjwt0", "libssl3", "adduser"):
+        for lib in ("libwebsockets17", "libhiredis0.14", "libjansson4", "libjwt0", "libssl3", "adduser",
+                    "libwebsockets-evlib-ev"):
             self.assertIn(lib, info, "Depends")
         ctl = os.path.join(BUILD, "deb", "control")
         shutil.rmtree(ctl, ignore_errors=True)
