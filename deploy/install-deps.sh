@@ -19,6 +19,7 @@ if [[ ${1:-} != --build ]]; then pkgs+=(
   python3-websockets curl openssl
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
   python3-yaml prometheus    # ctest -L deploy: manifests, promtool, a real Prometheus
+  strace                     # ctest -L package: the installed hub's calls against the unit's filter
 ); fi
 
 missing=()

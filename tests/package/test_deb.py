@@ -18,6 +18,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,40 @@ def user_exists(name):
         return False
 
 
+def syscall_group(name, seen=None):
+    """The system calls of a systemd-analyze syscall-filter group, nested
+    groups expanded."""
+    seen = seen if seen is not None else set()
+    if name in seen:
+        return set()
+    seen.add(name)
+    out = run("systemd-analyze", "syscall-filter", name).stdout.splitlines()[1:]
+    calls = set()
+    for line in out:
+        w = line.strip()
+        if not w or w.startswith("#"):
+            continue
+        calls |= syscall_group(w.split()[0], seen) if w.startswith("@") else {w.split()[0]}
+    return calls
+
+
+def unit_filter(path):
+    """(allowed system calls, allowed address families) of a unit file."""
+    allowed, families = None, None
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.strip().partition("=")
+            if k == "SystemCallFilter":
+                deny = v.startswith("~")
+                names = set()
+                for w in v.lstrip("~").split():
+                    names |= syscall_group(w) if w.startswith("@") else {w}
+                allowed = (allowed - names) if deny else ((allowed or set()) | names)
+            elif k == "RestrictAddressFamilies":
+                families = set(v.split())
+    return allowed, families
+
+
 def http_status(port, path):
     p = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3",
             "http://127.0.0.1:%d%s" % (port, path), check=False)
@@ -94,6 +129,28 @@ class Package(unittest.TestCase):
                     p.wait()
         if pkg_status():
             run("dpkg", "--purge", PKG, check=False)
+
+    def check_trace(self, trace):
+        """Every system call (after setpriv's exec of the hub) and socket
+        family in the strace is one the installed unit allows."""
+        allowed, families = unit_filter("/lib/systemd/system/iot-hub.service")
+        self.assertTrue(allowed and families)
+        used, fams, started = set(), set(), False
+        with open(trace) as f:
+            for line in f:
+                if not started:
+                    started = 'execve("/usr/bin/iot-hub"' in line
+                    continue
+                m = re.match(r"^\d+ +([a-z0-9_]+)\(", line)
+                if m:
+                    used.add(m.group(1))
+                fams.update(re.findall(r"socket\((AF_[A-Z0-9]+)", line))
+        self.assertTrue(started, "no exec of /usr/bin/iot-hub in the trace")
+        self.assertGreater(len(used), 20)
+        print("system calls of the installed hub: %d, all allowed: %s" % (len(used), used <= allowed),
+              flush=True)
+        self.assertEqual(sorted(used - allowed), [], "calls the unit's SystemCallFilter denies")
+        self.assertEqual(sorted(fams - families), [], "families RestrictAddressFamilies denies")
 
     def test_install_run_purge(self):
         # the control data: Depends from shlibdeps, the conffile, scripts
@@ -141,8 +198,12 @@ class Package(unittest.TestCase):
         self.addCleanup(redis.stop)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_HUB_")}
+        # under strace when there is one: the calls the installed hub makes
+        # must pass the unit's SystemCallFilter and RestrictAddressFamilies
+        trace = os.path.join(BUILD, "deb", "hub.strace")
+        tracer = ["strace", "-f", "-qq", "-o", trace] if shutil.which("strace") else []
         hub = subprocess.Popen(
-            ["setpriv", "--reuid=iot-hub", "--regid=iot-hub", "--init-groups", "--",
+            tracer + ["setpriv", "--reuid=iot-hub", "--regid=iot-hub", "--init-groups", "--",
              "/usr/bin/iot-hub", "--config", "/etc/iot-hub/iot-hub.conf",
              "--listen", "127.0.0.1:%d" % port, "--redis", redis.url],
             cwd="/var/lib/iot-hub", env=env, stdin=subprocess.DEVNULL,
@@ -167,9 +228,15 @@ class Package(unittest.TestCase):
                    "-H", "Sec-WebSocket-Protocol: iot-gateway.v1", "-H", "Authorization: Bearer " + tok,
                    "http://127.0.0.1:%d/v1/gateway" % port, check=False).stdout
         self.assertEqual(code, "101", "gateway upgrade with a token of the installed secret")
-        hub.terminate()
+        pid = int(run("pgrep", "-x", "-P", str(hub.pid), "iot-hub", check=False).stdout.split()[0]) \
+            if tracer else hub.pid
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGTERM)
         out, _ = hub.communicate(timeout=20)
         self.assertEqual(hub.returncode, 0, out[-3000:])
+        if tracer:
+            self.check_trace(trace)
 
         # an edited config survives a reinstall (a conffile); the secret too
         with open("/etc/iot-hub/iot-hub.conf", "a") as f:
