@@ -2,7 +2,7 @@
 # One command for a fresh Debian 12 machine: install dependencies, build, and
 # run the hub on its embedded defaults (a private redis-server on a free
 # loopback port keeping its data in .dev/iot-hub-data, git-ignored, so a
-# restart keeps it; the repo's example device types, an ephemeral JWT secret
+# restart keeps it; the repo's example device types, an ephemeral JWT secret (--dev)
 # and a printed dev token). With --sim it also starts the gateway simulator so data
 # flows at once. Extra arguments go to iot-hub.
 #
@@ -30,7 +30,7 @@ common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root w
         --data-dir .dev/iot-hub-data)
 
 if ((sim == 0)); then
-  exec ./build/iot-hub "${common[@]}" "$@"
+  exec ./build/iot-hub --dev "${common[@]}" "$@"
 fi
 
 # With the simulator: a dev secret in .dev/ so both sides agree.

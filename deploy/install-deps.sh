@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # Installs what iot-hub needs to build, run and test on Debian 12 (bookworm).
 # Idempotent: only calls apt-get when a package is missing. Needs root (or sudo).
+#
+#   deploy/install-deps.sh           everything: build, run, test (CI, dev-run)
+#   deploy/install-deps.sh --build   only what building the hub and its .deb
+#                                    needs (deploy/docker/Dockerfile)
 set -euo pipefail
 
 pkgs=(
   build-essential cmake pkg-config
   libwebsockets-dev libwebsockets-evlib-ev libjansson-dev libhiredis-dev
-  libjwt-dev libssl-dev libcmocka-dev
+  libjwt-dev libssl-dev
+  dpkg-dev file              # tools/make-deb (dpkg-shlibdeps; CPack's DEB generator runs file)
+)
+if [[ ${1:-} != --build ]]; then pkgs+=(
+  libcmocka-dev
   redis-server redis-tools
   python3-websockets curl openssl
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
-)
+  python3-yaml prometheus    # ctest -L deploy: manifests, promtool, a real Prometheus
+  strace                     # ctest -L package: the installed hub's calls against the unit's filter
+); fi
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -96,8 +96,10 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
 void hub_config_usage(FILE *out)
 {
 	fprintf(out,
-		"usage: iot-hub [--config FILE] [--KEY VALUE ...]\n"
+		"usage: iot-hub [--config FILE] [--dev] [--KEY VALUE ...]\n"
 		"       iot-hub --help | --version | --print-config\n\n"
+		"--dev allows development settings that a production hub refuses\n"
+		"(no jwt-key: an ephemeral JWT secret and a printed dev token).\n\n"
 		"Every key below may be set in the config file (`key value`), as a flag\n"
 		"(--key VALUE), or as the environment variable IOT_HUB_<KEY> (upper case,\n"
 		"'-' as '_'); the environment overrides flags, flags override the file.\n\n");
@@ -109,10 +111,11 @@ void hub_config_dump(const struct hub_config *cfg, FILE *out)
 	opts_dump(opts, NOPTS, cfg, out);
 }
 
-/* What only the command line says: --config (read in the first pass) and
- * --print-config; neither is a key of the file or the environment. */
+/* What only the command line says: --config (read in the first pass),
+ * --print-config and --dev; none is a key of the file or the environment. */
 struct cli_only {
 	int print;
+	int dev;
 };
 
 static int ignore(void *obj, const struct opt *o, const char *val, char *err, size_t errlen)
@@ -124,7 +127,78 @@ static const struct opt cli_opts[] = {
 	{ "config", OPT_STR, OPT_NO_FIELD, NULL, 0, 0, NULL, NULL, 0, ignore, NULL },
 	{ "print-config", OPT_FLAG, offsetof(struct cli_only, print), NULL, 0, 0, NULL, NULL, 0,
 	  NULL, NULL },
+	{ "dev", OPT_FLAG, offsetof(struct cli_only, dev), NULL, 0, 0, NULL, NULL, 0, NULL, NULL },
 };
+
+#define NCLI (sizeof(cli_opts) / sizeof(cli_opts[0]))
+
+/* Edit distance of a and b (both short: key names), for "did you mean". */
+static size_t distance(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b), row[160];
+
+	if (lb + 1 > sizeof(row) / sizeof(row[0]))
+		return (size_t)-1;
+	for (size_t j = 0; j <= lb; j++)
+		row[j] = j;
+	for (size_t i = 1; i <= la; i++) {
+		size_t diag = row[0];
+		row[0] = i;
+		for (size_t j = 1; j <= lb; j++) {
+			size_t up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+			if (up + 1 < best)
+				best = up + 1;
+			if (row[j - 1] + 1 < best)
+				best = row[j - 1] + 1;
+			row[j] = best;
+			diag = up;
+		}
+	}
+	return row[lb];
+}
+
+size_t hub_config_env_unknown(char **env, void (*report)(const char *var, const char *closest,
+							  void *arg), void *arg)
+{
+	static const char prefix[] = "IOT_HUB_";
+	size_t found = 0;
+
+	for (char **e = env; e && *e; e++) {
+		char key[160];
+		const char *name = *e + sizeof(prefix) - 1;
+		size_t len = strcspn(*e, "=");
+
+		if (strncmp(*e, prefix, sizeof(prefix) - 1) || len <= sizeof(prefix) - 1 ||
+		    len - (sizeof(prefix) - 1) >= sizeof(key))
+			continue;
+		len -= sizeof(prefix) - 1;
+		for (size_t i = 0; i < len; i++)
+			key[i] = name[i] == '_' ? '-' : (char)tolower((unsigned char)name[i]);
+		key[len] = '\0';
+		if (!strcmp(key, "config"))
+			continue;
+		const char *best = NULL;
+		size_t bestd = (size_t)-1;
+		for (size_t i = 0; i < NOPTS; i++) {
+			size_t d = distance(key, opts[i].name);
+			if (d < bestd) {
+				bestd = d;
+				best = opts[i].name;
+			}
+		}
+		if (bestd == 0)
+			continue;
+		char var[200], closest[200];
+		size_t k = (size_t)snprintf(closest, sizeof(closest), "%s", prefix);
+		for (const char *s = best; *s && k + 1 < sizeof(closest); s++)
+			closest[k++] = *s == '-' ? '_' : (char)toupper((unsigned char)*s);
+		closest[k] = '\0';
+		snprintf(var, sizeof(var), "%.*s", (int)(len + sizeof(prefix) - 1), *e);
+		report(var, closest, arg);
+		found++;
+	}
+	return found;
+}
 
 int hub_config_load(struct hub_config *cfg, int argc, char **argv,
 		    char *err, size_t errlen)
@@ -157,12 +231,13 @@ int hub_config_load(struct hub_config *cfg, int argc, char **argv,
 	}
 
 	struct cli_only cli = { 0 };
-	const struct opts_tab tabs[] = { { opts, NOPTS, cfg }, { cli_opts, 2, &cli } };
+	const struct opts_tab tabs[] = { { opts, NOPTS, cfg }, { cli_opts, NCLI, &cli } };
 	const struct opts_cli c = { tabs, 2, NULL, NULL, "command line" };
 	int i = 1;
 	if (opts_argv(&c, argc, argv, &i, err, errlen) ||
 	    opts_env(opts, NOPTS, cfg, "IOT_HUB_", err, errlen))
 		return -1;
+	cfg->dev = cli.dev != 0;
 
 	if (hub_config_validate(cfg, err, errlen))
 		return -1;

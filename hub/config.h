@@ -97,6 +97,9 @@ struct hub_config {
 	int http_keepalive_timeout_s;
 	char *web_root;
 
+	/* --dev (command line only): development settings are allowed. */
+	bool dev;
+
 	/* Derived by hub_config_validate(). */
 	char listen_host[64];
 	int listen_port;
@@ -128,5 +131,14 @@ void hub_config_dump(const struct hub_config *cfg, FILE *out);
 
 /* Writes the usage text (flags and keys with defaults). */
 void hub_config_usage(FILE *out);
+
+/* Calls report(var, closest, arg) for each IOT_HUB_* variable of env
+ * (NULL-terminated "NAME=value" strings, e.g. environ) that names no key
+ * (IOT_HUB_CONFIG is known), with the variable's name and the closest key's
+ * variable name; returns how many. A warning, not an error: the IOT_HUB_
+ * prefix is shared (Kubernetes service links of a Service named iot-hub
+ * define IOT_HUB_SERVICE_HOST, IOT_HUB_PORT, ...). */
+size_t hub_config_env_unknown(char **env, void (*report)(const char *var, const char *closest,
+							  void *arg), void *arg);
 
 #endif

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/lifecycle.h"
 #include "hub/log.h"
@@ -12,6 +13,8 @@
 
 #define FSYNC_RECHECK_MS  1000
 #define REPEAT_LOG_US     (30 * 1000 * 1000)
+#define PERSIST_RECHECK_MS (60 * 1000)
+#define PERSIST_RETRY_MS   200
 
 struct hub_durability {
 	struct hub *hub;
@@ -21,7 +24,142 @@ struct hub_durability {
 	char last_why[192];
 	int64_t logged_us;
 	lws_sorted_usec_list_t sul_exit;
+	/* Redis's own persistence (INFO persistence, CONFIG GET save):
+	 * HUB_PERSIST_UNCHECKED until the first answer. */
+	enum hub_persistence persist;
+	bool persist_inflight;
+	lws_sorted_usec_list_t sul_persist;
 };
+
+static const char *const persist_names[HUB__PERSIST_COUNT] = {
+	"unchecked", "unknown", "none", "rdb", "aof",
+};
+
+const char *hub_persistence_name(enum hub_persistence p)
+{
+	return p < HUB__PERSIST_COUNT ? persist_names[p] : "unknown";
+}
+
+enum hub_persistence hub_durability_persistence(const struct hub *hub)
+{
+	return hub->durability ? hub->durability->persist : HUB_PERSIST_UNCHECKED;
+}
+
+static void persist_set(struct hub_durability *D, enum hub_persistence p, const char *why)
+{
+	const struct hub_config *cfg = &D->hub->cfg;
+
+	if (p == D->persist)
+		return;
+	D->persist = p;
+	switch (p) {
+	case HUB_PERSIST_NONE:
+		hub_warn("Redis %s:%d has no persistence (appendonly no, no save points): a Redis "
+			 "restart loses every stored reading, command and registry entry; run it with "
+			 "appendonly yes (docs/operations.md \"Durability\")", cfg->redis_host,
+			 cfg->redis_port);
+		break;
+	case HUB_PERSIST_RDB:
+		hub_warn("Redis %s:%d persists by RDB snapshots only (save %s): a crash loses what "
+			 "was acked since the last snapshot; appendonly yes keeps it", cfg->redis_host,
+			 cfg->redis_port, why);
+		break;
+	case HUB_PERSIST_AOF:
+		hub_info("Redis %s:%d persistence: append-only file", cfg->redis_host,
+			 cfg->redis_port);
+		break;
+	default:
+		hub_info("Redis %s:%d persistence cannot be checked (%s)", cfg->redis_host,
+			 cfg->redis_port, why);
+		break;
+	}
+}
+
+static void persist_tick(lws_sorted_usec_list_t *sul);
+
+static void persist_schedule(struct hub_durability *D, int ms)
+{
+	lws_sul_schedule(D->hub->ctx, 0, &D->sul_persist, persist_tick, (lws_usec_t)ms * 1000);
+}
+
+static void save_cb(redisReply *r, void *arg)
+{
+	struct hub_durability *D = arg;
+
+	D->persist_inflight = false;
+	if (!r)
+		return; /* the connection went: checked again when it is back */
+	if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+	    r->element[1]->type == REDIS_REPLY_STRING) {
+		const char *save = r->element[1]->str;
+		persist_set(D, *save ? HUB_PERSIST_RDB : HUB_PERSIST_NONE, save);
+	} else {
+		persist_set(D, HUB_PERSIST_UNKNOWN, r->type == REDIS_REPLY_ERROR ? r->str :
+			    "unexpected CONFIG GET save reply");
+	}
+}
+
+/* The value of an INFO field ("name:value\r\n"), or -1. */
+static long info_field(const char *info, const char *name)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = info; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL)
+		if (!strncmp(p, name, n) && p[n] == ':')
+			return strtol(p + n + 1, NULL, 10);
+	return -1;
+}
+
+static void info_cb(redisReply *r, void *arg)
+{
+	struct hub_durability *D = arg;
+	const char *argv[] = { "CONFIG", "GET", "save" };
+
+	if (!r) {
+		D->persist_inflight = false;
+		return;
+	}
+	if (r->type != REDIS_REPLY_STRING) {
+		D->persist_inflight = false;
+		persist_set(D, HUB_PERSIST_UNKNOWN, r->type == REDIS_REPLY_ERROR ? r->str :
+			    "unexpected INFO reply");
+		return;
+	}
+	if (info_field(r->str, "aof_enabled") == 1) {
+		D->persist_inflight = false;
+		persist_set(D, HUB_PERSIST_AOF, NULL);
+		return;
+	}
+	/* No AOF: the save points say whether RDB snapshots are taken (INFO
+	 * does not show them; CONFIG may be refused, e.g. renamed away). */
+	if (hub_redis_command_argv_slot(D->hub->redis, HUB_REDIS_SLOT_ANY, save_cb, D, 3, argv,
+					NULL))
+		D->persist_inflight = false;
+}
+
+static void persist_tick(lws_sorted_usec_list_t *sul)
+{
+	struct hub_durability *D = lws_container_of(sul, struct hub_durability, sul_persist);
+	const char *argv[] = { "INFO", "persistence" };
+
+	if (D->hub->draining)
+		return;
+	if (D->persist_inflight || !hub_redis_up(D->hub->redis)) {
+		persist_schedule(D, PERSIST_RETRY_MS);
+		return;
+	}
+	if (!hub_redis_command_argv_slot(D->hub->redis, HUB_REDIS_SLOT_ANY, info_cb, D, 2, argv,
+					 NULL))
+		D->persist_inflight = true;
+	persist_schedule(D, D->persist_inflight ? PERSIST_RECHECK_MS : PERSIST_RETRY_MS);
+}
+
+/* Redis is (again) up: check its persistence soon (a gate's callback runs
+ * before the connection counts as up, so from a timer). */
+static void on_redis_ready(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
+{
+	persist_schedule(ctx, 1);
+}
 
 static void exit_tick(lws_sorted_usec_list_t *sul)
 {
@@ -97,6 +235,7 @@ void hub_durability_init(struct hub *hub)
 
 	D->hub = hub;
 	hub->durability = D;
+	hub_observe(hub, HUB_EV_REDIS_READY, on_redis_ready, D);
 	switch (cfg->ack_mode) {
 	case HUB_ACK_ACCEPTED:
 		hub_info("ack-durability accepted: a frame is acked once Redis took it");

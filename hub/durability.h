@@ -12,6 +12,22 @@
 
 struct hub;
 
+/* What Redis itself does to keep data across its restarts, as last checked
+ * (INFO persistence: aof_enabled; else CONFIG GET save) when the command
+ * connection came up and every minute: exported as
+ * iot_hub_redis_persistence{mode} and logged (a warning for none and rdb). */
+enum hub_persistence {
+	HUB_PERSIST_UNCHECKED,  /* no answer yet */
+	HUB_PERSIST_UNKNOWN,    /* no AOF, and CONFIG GET save was refused */
+	HUB_PERSIST_NONE,       /* appendonly no and no save points */
+	HUB_PERSIST_RDB,        /* save points only */
+	HUB_PERSIST_AOF,        /* appendonly yes */
+	HUB__PERSIST_COUNT
+};
+
+enum hub_persistence hub_durability_persistence(const struct hub *hub);
+const char *hub_persistence_name(enum hub_persistence p);
+
 /* Registers the checks the configured mode needs; before hub_redis_start().
  * Logs the mode. */
 void hub_durability_init(struct hub *hub);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <sys/resource.h>
 
+#include "hub/durability.h"
 #include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/redis.h"
@@ -265,6 +266,17 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	gauge(o, "iot_hub_redis_up",
 	      "1 while the Redis command connection is up and answering (no reply pending for long).",
 	      hub_redis_up(hub->redis) ? 1 : 0);
+	{
+		enum hub_persistence p = hub_durability_persistence(hub);
+
+		hub_buf_printf(o, "# HELP iot_hub_redis_persistence Redis's own persistence as last "
+			       "checked (INFO persistence, CONFIG GET save): 1 for the mode found "
+			       "(none: a Redis restart loses everything).\n"
+			       "# TYPE iot_hub_redis_persistence gauge\n");
+		for (int i = HUB_PERSIST_UNKNOWN; i < HUB__PERSIST_COUNT; i++)
+			hub_buf_printf(o, "iot_hub_redis_persistence{mode=\"%s\"} %d\n",
+				       hub_persistence_name((enum hub_persistence)i), (int)p == i);
+	}
 	gauge(o, "iot_hub_redis_pending", "Redis commands awaiting a reply.",
 	      hub->redis ? (double)hub_redis_pending(hub->redis) : 0);
 	gauge(o, "iot_hub_device_types", "Device types loaded.",

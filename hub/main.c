@@ -240,6 +240,31 @@ static const struct hub_module *const modules[] = {
 	&hub_ops_module,       /* health, readiness, metrics, API document, web-root */
 };
 
+/* ---- production guards (docs/configuration.md "Production and --dev") ---- */
+
+extern char **environ;
+
+static void report_env(const char *var, const char *closest, void *arg)
+{
+	(void)arg;
+	hub_warn("environment variable %s is not a configuration key and is ignored "
+		 "(closest key: %s)", var, closest);
+}
+
+/* Exit status 2 when the configuration is a development one without --dev. */
+static int production_guards(const struct hub_config *cfg)
+{
+	hub_config_env_unknown(environ, report_env, NULL);
+	if (!cfg->jwt_key && !cfg->dev) {
+		fprintf(stderr, "iot-hub: no jwt-key: refusing to start with an ephemeral JWT "
+			"secret (tokens would die with the process). Set jwt-key to a file holding "
+			"the HS256 secret (e.g. `openssl rand -hex 32 > /etc/iot-hub/jwt.secret`) "
+			"or the RS256/ES256 PEM public key, or pass --dev for a development run\n");
+		return 2;
+	}
+	return 0;
+}
+
 static void hub_cleanup(struct hub *hub)
 {
 	hub_modules_free(hub);
@@ -283,6 +308,11 @@ int main(int argc, char **argv)
 		snprintf(hub.instance_id, sizeof(hub.instance_id), "%.64s-%d", host, (int)getpid());
 	}
 	hub_log_set_tag(hub.instance_id);
+	rc = production_guards(&hub.cfg);
+	if (rc) {
+		hub_config_free(&hub.cfg);
+		return rc;
+	}
 	srand((unsigned)(hub_mono_us() ^ getpid()));
 	{
 		unsigned char raw[HUB_RUN_TOKEN_LEN / 2];

@@ -84,14 +84,27 @@ class ConfigurationDoc(unittest.TestCase):
             self.assertEqual(helped[name], dflt, f"--help default of {name}")
 
     def test_example_config_file_has_every_key(self):
-        seen = {}
+        """Every key is in deploy/iot-hub.conf (the shipped production
+        config). A key set to something else than its default says so in
+        the comment just above it: "(default: <default>)", "(default:
+        unset)" for a string key without one."""
+        seen, noted, comment = {}, {}, []
         for line in read("deploy/iot-hub.conf").splitlines():
-            m = re.match(r"^(#\s*)?([a-z0-9-]+)(?:\s+(.*))?$", line.strip())
+            stripped = line.strip()
+            m = re.match(r"^(#\s*)?([a-z0-9-]+)(?:\s+(.*))?$", stripped)
             if not m or m.group(2) not in self.c:
+                if stripped.startswith("#"):
+                    comment.append(stripped)
+                elif not stripped:
+                    comment = []
                 continue
             commented, name, value = m.groups()
             if commented and value and " " in value:
+                comment.append(stripped)
                 continue  # prose that starts with a key's name
+            d = re.search(r"\(default: ([^),]*)[),]", " ".join(c.lstrip("# ") for c in comment))
+            noted[name] = d.group(1).strip() if d else None
+            comment = []
             if commented:
                 seen.setdefault(name, None)  # "# key" or "# key example": unset
             else:
@@ -99,8 +112,17 @@ class ConfigurationDoc(unittest.TestCase):
         self.assertEqual(sorted(set(self.c) - set(seen)), [],
                          "keys missing from deploy/iot-hub.conf")
         for name, (_, dflt, _, _) in self.c.items():
-            self.assertEqual(seen[name], dflt, f"deploy/iot-hub.conf value of {name}")
-
+            if seen[name] == dflt:
+                continue
+            self.assertEqual(noted[name], dflt if dflt is not None else "unset",
+                             f"deploy/iot-hub.conf sets {name} to {seen[name]!r}, not its default "
+                             f"{dflt!r}: the comment above it must say (default: ...)")
+            if seen[name] is not None and "/" in seen[name] and name in ("schemas", "data-dir",
+                                                                        "jwt-key", "api-keys",
+                                                                        "web-root", "tls-cert",
+                                                                        "tls-key", "tls-client-ca"):
+                self.assertTrue(seen[name].startswith("/"),
+                                f"deploy/iot-hub.conf: {name} must be an absolute path")
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HUB_BIN, SCHEMAS_DIR, HubTestCase, Resp, child_pids, clean_env, dev_certs,  # noqa: E402
-                     hs256, gw_claims, main, pid_alive, proc_cmdline, reading, rkeys, try_upgrade, uniq,
+                     hs256, gw_claims, http_get, main, pid_alive, proc_cmdline, reading, rkeys, try_upgrade, uniq,
                      wait_until, write_file)
 
 
@@ -189,6 +189,36 @@ class CLI(HubTestCase):
                "IOT_HUB_SCHEMAS": SCHEMAS_DIR, "IOT_HUB_JWT_ALG": "HS256", "IOT_HUB_JWT_KEY": self.secret_file}
         hub = self.start_hub(None, args=[], env=env)
         self.assertEqual(self.status(hub, self.secret), 101)
+        hub.stop()
+
+    async def test_no_jwt_key_refused_without_dev(self):
+        args = ["--listen", "127.0.0.1:0", "--redis", self.redis.url, "--schemas", SCHEMAS_DIR]
+        p = subprocess.run([HUB_BIN] + args, capture_output=True, text=True, timeout=10,
+                           env=clean_env(), stdin=subprocess.DEVNULL)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("ephemeral JWT secret", p.stderr)
+        self.assertIn("--dev", p.stderr)
+        self.assertNotIn("listening on", p.stderr)
+        # --dev: the ephemeral secret and the printed dev token, as before
+        hub = self.start_hub(None, args=args + ["--dev"])
+        wait_until(lambda: any("Dev gateway token" in l for l in hub.out_lines), 5,
+                   what="the dev token on stdout")
+        hub.stop()
+
+    async def test_mistyped_env_variable_is_reported(self):
+        hub = self.start_hub(self.redis, env={"IOT_HUB_JWT_KYE": "/x", "IOT_HUB_MAX_FRAME_BYTE": "1"})
+        text = hub.stderr_text()
+        self.assertRegex(text, r"IOT_HUB_JWT_KYE .*not a configuration key.*closest key: IOT_HUB_JWT_KEY")
+        self.assertRegex(text, r"IOT_HUB_MAX_FRAME_BYTE .*closest key: IOT_HUB_MAX_FRAME_BYTES")
+        self.assertNotIn("IOT_HUB_CONFIG", text)
+        hub.stop()
+
+    async def test_redis_without_persistence_is_reported(self):
+        # the harness's Redis keeps nothing (no AOF, no save points)
+        hub = self.start_hub(self.redis)
+        hub.wait_line(r"has no persistence \(appendonly no, no save points\)", timeout=5)
+        wait_until(lambda: 'iot_hub_redis_persistence{mode="none"} 1' in http_get(hub, "/metrics")[2], 5,
+                   what="iot_hub_redis_persistence none")
         hub.stop()
 
     async def test_bad_env_value(self):

@@ -250,6 +250,48 @@ static void test_redis_seeds(void **state)
 	unlink(path);
 }
 
+struct reported {
+	int n;
+	char var[4][64], closest[4][64];
+};
+
+static void report(const char *var, const char *closest, void *arg)
+{
+	struct reported *r = arg;
+
+	if (r->n < 4) {
+		snprintf(r->var[r->n], sizeof(r->var[0]), "%s", var);
+		snprintf(r->closest[r->n], sizeof(r->closest[0]), "%s", closest);
+	}
+	r->n++;
+}
+
+static void test_dev_and_unknown_env(void **state)
+{
+	struct hub_config c;
+	char err[256];
+	char *env[] = { "PATH=/bin", "IOT_HUB_JWT_KYE=/x", "IOT_HUB_CONFIG=/etc/x.conf",
+			"IOT_HUB_MAX_FRAME_BYTES=1", "IOT_HUB_LISTN=1", "IOT_HUB_=", "iot_hub_lower=1",
+			NULL };
+	struct reported r = { 0 };
+
+	(void)state;
+	assert_int_equal(load(&c, err, 0), 0);
+	assert_false(c.dev);
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 1, "--dev"), 0);
+	assert_true(c.dev);
+	hub_config_free(&c);
+	assert_int_equal(load(&c, err, 1, "--dev=1"), -1); /* a flag takes no value */
+	hub_config_free(&c);
+
+	assert_int_equal(hub_config_env_unknown(env, report, &r), 2);
+	assert_string_equal(r.var[0], "IOT_HUB_JWT_KYE");
+	assert_string_equal(r.closest[0], "IOT_HUB_JWT_KEY");
+	assert_string_equal(r.var[1], "IOT_HUB_LISTN");
+	assert_string_equal(r.closest[1], "IOT_HUB_LISTEN");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -259,6 +301,7 @@ int main(void)
 		cmocka_unit_test(test_precedence),
 		cmocka_unit_test(test_durability),
 		cmocka_unit_test(test_redis_seeds),
+		cmocka_unit_test(test_dev_and_unknown_env),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
