@@ -26,6 +26,7 @@ struct hub_lease;
 struct hub_durability;
 struct cmd_engine;
 struct hub_registry;
+struct hub_ingest;
 struct agg;
 struct stream;
 struct gateways;
@@ -59,6 +60,7 @@ struct hub {
 	void *link_lookup_ctx;
 	struct hub_http *http;
 	struct hub_registry *registry;
+	struct hub_ingest *ingest;
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */

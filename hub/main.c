@@ -27,6 +27,7 @@
 #include "hub/module.h"
 #include "hub/ops.h"
 #include "hub/redis.h"
+#include "hub/ingest.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
 #include "protocols/agg.h"
@@ -159,7 +160,9 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 
 	if (hub->draining)
 		return; /* refused (key layout, durability) before it listened */
-	if (!hub_redis_up(hub->redis) && hub_mono_us() < startup_deadline_us) {
+	/* ... and told the ingest shard count (after the layout-2 migration). */
+	if ((!hub_redis_up(hub->redis) || !hub_ingest_shards(hub)) &&
+	    hub_mono_us() < startup_deadline_us) {
 		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
 		return;
 	}
@@ -221,7 +224,8 @@ static int check_tls_files(const struct hub_config *cfg, char *err, size_t errle
 /* The hub, in start order (stopped in reverse): see hub/module.h. */
 static const struct hub_module *const modules[] = {
 	&hub_http_module,      /* HTTP on the port; routes and upgrades register here */
-	&hub_registry_module,  /* the device registry and the reading store */
+	&hub_registry_module,  /* the device registry */
+	&hub_ingest_module,    /* the reading store, in ingest shards */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&gw_module,            /* gateways: /v1/gateway */
