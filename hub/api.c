@@ -633,6 +633,7 @@ struct tm_ctx {
 	} *sh;
 	struct tm_ent {
 		uint64_t ms, seq;
+		unsigned shard;
 		char *id, *ts, *data;
 		size_t data_len;
 	} *ents;
@@ -859,24 +860,29 @@ static void tm_merge(struct hub_req *rq, struct tm_ctx *c)
 	}
 	for (unsigned k = 0; k < c->nsh; k++) {
 		struct tm_shard *h = &c->sh[k];
-		if (!h->more)
+		if (!h->more || !h->full)
 			continue;
-		if (!h->full) {
-			h->more = false;
-			continue;
-		}
-		more = true;
 		if (h->last_ms < bms || (h->last_ms == bms && h->last_seq < bseq)) {
 			bms = h->last_ms;
 			bseq = h->last_seq;
 		}
 	}
+	/* a shard has more when its page was full or entries of it beyond
+	 * the bound are left (below); each resumes after the bound */
+	for (unsigned k = 0; k < c->nsh; k++) {
+		c->sh[k].more = c->sh[k].more && c->sh[k].full;
+		more |= c->sh[k].more;
+	}
 	qsort(c->ents, c->nents, sizeof(*c->ents), cmp_ent);
 	page_start = c->out.len;
 	for (i = 0; i < c->nents; i++) {
 		struct tm_ent *e = &c->ents[i];
-		if (e->ms > bms || (e->ms == bms && e->seq > bseq))
+		if (e->ms > bms || (e->ms == bms && e->seq > bseq)) {
+			for (size_t j = i; j < c->nents; j++)
+				c->sh[c->ents[j].shard].more = true;
+			more = true;
 			break;
+		}
 		/* Stop at the limit, but never between entries of one id (two
 		 * shards' Redis may give the same id): `after` skips the id. */
 		if (((c->limit >= 0 && c->count >= c->limit) ||
@@ -948,6 +954,7 @@ static void tm_on_shard_page(redisReply *r, void *arg)
 		t = &c->ents[c->nents++];
 		t->ms = ms;
 		t->seq = seq;
+		t->shard = (unsigned)(h - c->sh);
 		t->id = hub_xstrdup(e->element[0]->str);
 		t->ts = ts ? hub_xstrdup(ts->str) : NULL;
 		t->data = data ? hub_xmalloc(data->len + 1) : NULL;
