@@ -151,18 +151,30 @@ static inline unsigned hub_ingest_shard_of(const char *gateway, unsigned n)
 static inline size_t hub_key_shard_(char *buf, size_t n, const char *prefix, unsigned shard,
 				    const char *name, const char *suffix)
 {
-	size_t len = name ? strlen(name) : 0;
-	int k;
+	size_t len = name ? strlen(name) : 0, plen = strlen(prefix), slen = strlen(suffix), k;
 
 	if ((name && (!len || len > HUB_ID_MAX)) || shard >= HUB_FEED_SHARDS_MAX ||
-	    strlen(prefix) + len + strlen(suffix) + 8 > n) {
+	    plen + len + slen + 8 > n) {
 		if (n)
 			buf[0] = '\0';
 		return 0;
 	}
-	k = snprintf(buf, n, "%s{i%u}%s%s%s", prefix, shard, name ? ":" : "", name ? name : "",
-		     suffix);
-	return (size_t)k;
+	/* by hand: this runs per reading on the store path */
+	memcpy(buf, prefix, plen);
+	k = plen;
+	buf[k++] = '{';
+	buf[k++] = 'i';
+	if (shard >= 10)
+		buf[k++] = (char)('0' + shard / 10);
+	buf[k++] = (char)('0' + shard % 10);
+	buf[k++] = '}';
+	if (name) {
+		buf[k++] = ':';
+		memcpy(buf + k, name, len);
+		k += len;
+	}
+	memcpy(buf + k, suffix, slen + 1);
+	return k + slen;
 }
 
 /* iot:tm:{i<shard>}:<device>: the device's readings stored through
