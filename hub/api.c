@@ -873,7 +873,8 @@ static void tm_merge(struct hub_req *rq, struct tm_ctx *c)
 		c->sh[k].more = c->sh[k].more && c->sh[k].full;
 		more |= c->sh[k].more;
 	}
-	qsort(c->ents, c->nents, sizeof(*c->ents), cmp_ent);
+	if (c->nents)
+		qsort(c->ents, c->nents, sizeof(*c->ents), cmp_ent);
 	page_start = c->out.len;
 	for (i = 0; i < c->nents; i++) {
 		struct tm_ent *e = &c->ents[i];

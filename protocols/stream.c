@@ -94,6 +94,7 @@ struct st_sub {
 	size_t filter_entries;       /* devices + labels: its share of the budget */
 	/* raw positions: one per feed shard (docs/dashboard.md) */
 	bool has_since, resume, announced;
+	bool retry;                  /* resume once Redis answers again */
 	struct sh_pos {
 		uint64_t last_ms, last_seq;  /* replay cursor, then last delivered */
 		uint64_t seam_ms, seam_seq;  /* live frames at or before this were replayed */
@@ -186,6 +187,8 @@ struct stream {
 	hub_strmap raw_typed;        /* type -> struct st_group * */
 	struct st_group *raw_all, *presence, *commands, *agg_group;
 	struct st_conn *conns;
+	lws_sorted_usec_list_t sul_retry; /* raw subscriptions waiting for Redis */
+	bool retry_armed;
 	unsigned shards;             /* feed shards (0: not known yet) */
 	bool sharded;                /* SSUBSCRIBE per shard (a cluster) */
 	char feed[HUB_FEED_SHARDS_MAX][24];
@@ -227,7 +230,8 @@ static struct st_msg *msg_new(const char *type, const char *body, size_t len,
 	m->pos_ms = m->pos_seq = 0;
 	m->shard = 0;
 	memcpy(m->body, body, len);
-	memcpy(m->body + len, tail, tail_len);
+	if (tail_len) /* several shards: a raw body's tail is the subscriber's own */
+		memcpy(m->body + len, tail, tail_len);
 	m->len = len + tail_len;
 	m->body[m->len] = '\0';
 	return m;
@@ -1203,6 +1207,67 @@ static void sub_fail(struct st_sub *s, const char *why)
 	}
 }
 
+/* Raw subscriptions whose feed read failed for want of Redis (on a
+ * cluster: the shard's primary is failing over) resume from their position
+ * when it answers again, every RETRY_US: nothing is lost and the client
+ * is told nothing (it may see a pause). */
+#define RETRY_US (200 * 1000)
+
+static bool group_active(const struct st_group *g);
+static void sub_start(struct st_sub *s);
+
+static void retry_cb(lws_sorted_usec_list_t *sul)
+{
+	struct stream *st = lws_container_of(sul, struct stream, sul_retry);
+	bool again = false;
+
+	st->retry_armed = false;
+	for (struct st_conn *c = st->conns; c; c = c->next)
+		for (struct st_sub *s = c->subs, *next; s; s = next) {
+			next = s->next;
+			if (!s->retry || s->dead || !s->conn)
+				continue;
+			if (!hub_redis_up(st->hub->redis) || !group_active(s->group)) {
+				again = true;
+				continue;
+			}
+			s->retry = false;
+			if (s->phase == PH_WAIT)
+				sub_start(s);
+		}
+	if (again && !st->retry_armed) {
+		st->retry_armed = true;
+		lws_sul_schedule(st->hub->ctx, 0, &st->sul_retry, retry_cb, RETRY_US);
+	}
+}
+
+static void rents_clear(struct st_sub *s);
+
+/* A feed read failed for want of Redis (NULL reply, or refused): a raw
+ * subscription that already answered `subscribed` resumes later from its
+ * position; anything else fails as sub_fail. */
+static void sub_lost(struct st_sub *s, const char *why)
+{
+	struct stream *st;
+
+	if (s->kind != K_RAW || !s->announced || !s->conn || s->dead) {
+		sub_fail(s, why);
+		return;
+	}
+	st = s->group->st;
+	s->gen++;
+	pend_clear(s);
+	rents_clear(s);
+	s->replay_wait = false;
+	s->phase = PH_WAIT;
+	s->resume = true;
+	s->retry = true;
+	if (!st->retry_armed) {
+		st->retry_armed = true;
+		lws_sul_schedule(st->hub->ctx, 0, &st->sul_retry, retry_cb, RETRY_US);
+	}
+}
+
 /* with_pos: the position is the shards' tops (sh[].top_*). */
 static void send_subscribed(struct st_sub *s, bool with_pos)
 {
@@ -1279,7 +1344,7 @@ static void on_replay_page(redisReply *reply, void *arg)
 	if (stale)
 		goto out;
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
-		sub_fail(s, "the telemetry feed is unavailable");
+		(reply ? sub_fail : sub_lost)(s, "the telemetry feed is unavailable");
 		goto out;
 	}
 	n = reply->elements;
@@ -1350,7 +1415,7 @@ static void replay_next(struct st_sub *s)
 		bool stale;
 		op_take(o, &stale);
 		sub_unref(s);
-		sub_fail(s, "Redis is unavailable");
+		sub_lost(s, "Redis is unavailable");
 	}
 }
 
@@ -1408,7 +1473,7 @@ static void on_position(redisReply *reply, void *arg)
 		goto out;
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
 		s->gen++; /* the other shards' answers are moot */
-		sub_fail(s, "the telemetry feed is unavailable");
+		(reply ? sub_fail : sub_lost)(s, "the telemetry feed is unavailable");
 		goto out;
 	}
 	h->top_ms = h->top_seq = 0;
@@ -1470,7 +1535,8 @@ static void replay_merge(struct st_sub *s)
 		s->sh[k].more = s->sh[k].more && s->sh[k].full;
 		more |= s->sh[k].more;
 	}
-	qsort(s->rents, s->nrents, sizeof(*s->rents), cmp_rent);
+	if (s->nrents)
+		qsort(s->rents, s->nrents, sizeof(*s->rents), cmp_rent);
 	for (i = 0; i < s->nrents && s->conn; i++) {
 		struct rent *e = &s->rents[i];
 		struct replay_ctx r = { .sub = s, .ms = e->ms, .seq = e->seq, .shard = e->shard };
@@ -1518,7 +1584,7 @@ static void on_replay_shard(redisReply *reply, void *arg)
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
 		s->gen++;
 		rents_clear(s);
-		sub_fail(s, "the telemetry feed is unavailable");
+		(reply ? sub_fail : sub_lost)(s, "the telemetry feed is unavailable");
 		goto out;
 	}
 	for (size_t i = 0; i < reply->elements; i++) {
@@ -1582,7 +1648,7 @@ static void replay_round(struct st_sub *s)
 			free(o);
 			s->gen++;
 			sub_unref(s);
-			sub_fail(s, "Redis is unavailable");
+			sub_lost(s, "Redis is unavailable");
 			return;
 		}
 	}
@@ -1620,7 +1686,7 @@ static void sub_start(struct st_sub *s)
 			free(o);
 			s->gen++;
 			sub_unref(s);
-			sub_fail(s, "Redis is unavailable");
+			sub_lost(s, "Redis is unavailable");
 			return;
 		}
 	}
@@ -2436,6 +2502,12 @@ static void stream_module_quiesce(struct hub *hub)
 	stream_close_all(hub->stream);
 }
 
+static void stream_module_stop(struct hub *hub)
+{
+	if (hub->stream)
+		lws_sul_cancel(&hub->stream->sul_retry);
+}
+
 static void stream_module_free(struct hub *hub)
 {
 	stream_free(hub->stream);
@@ -2447,5 +2519,6 @@ const struct hub_module stream_module = {
 	.protocol = stream_module_protocol,
 	.start = stream_module_start,
 	.quiesce = stream_module_quiesce,
+	.stop = stream_module_stop,
 	.free = stream_module_free,
 };
