@@ -17,6 +17,7 @@
 #include <jansson.h>
 
 #include "hub/hub.h"
+#include "hub/ingest.h"
 #include "hub/keys.h"
 #include "hub/module.h"
 #include "hub/redis.h"
@@ -177,24 +178,19 @@ static void row_json(hub_buf *o, const struct dev_row *r)
 /* One stream entry [id, [k, v, ...]] as {"ts":..,"data":..,"pos":".."}; with
  * csv, as `ts,pos,"data"` CRLF. Returns false (nothing written) when the entry
  * is malformed or its ts is outside [from, to]. */
-static bool entry_out(hub_buf *o, const redisReply *e, long long from, long long to,
-		      bool csv)
+static bool entry_out_fields(hub_buf *o, const char *pos, const char *tss, const char *data,
+			     size_t data_len, long long from, long long to, bool csv)
 {
-	if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
-	    e->element[0]->type != REDIS_REPLY_STRING)
-		return false;
-	const redisReply *tsr = field(e->element[1], "ts"), *data = field(e->element[1], "data");
 	long long ts;
-	if (!tsr || parse_ll(tsr->str, 0, INT64_MAX, &ts) || ts < from || ts > to)
+	if (!tss || parse_ll(tss, 0, INT64_MAX, &ts) || ts < from || ts > to)
 		return false;
-	const char *pos = e->element[0]->str;
 	if (csv) {
 		hub_buf_printf(o, "%lld,%s,\"", ts, pos);
 		if (data) {
-			for (size_t i = 0; i < data->len; i++) {
-				if (data->str[i] == '"')
+			for (size_t i = 0; i < data_len; i++) {
+				if (data[i] == '"')
 					hub_buf_append(o, "\"", 1);
-				hub_buf_append(o, data->str + i, 1);
+				hub_buf_append(o, data + i, 1);
 			}
 		} else {
 			hub_buf_puts(o, "null");
@@ -203,14 +199,34 @@ static bool entry_out(hub_buf *o, const redisReply *e, long long from, long long
 		return true;
 	}
 	hub_buf_printf(o, "{\"ts\":%lld,\"data\":", ts);
-	if (data && data->len)
-		hub_buf_append(o, data->str, data->len); /* compact JSON, as stored */
+	if (data && data_len)
+		hub_buf_append(o, data, data_len); /* compact JSON, as stored */
 	else
 		hub_buf_puts(o, "null");
 	hub_buf_puts(o, ",\"pos\":");
 	hub_buf_json_str(o, pos, strlen(pos));
 	hub_buf_puts(o, "}");
 	return true;
+}
+
+static bool entry_out(hub_buf *o, const redisReply *e, long long from, long long to,
+		      bool csv)
+{
+	if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+	    e->element[0]->type != REDIS_REPLY_STRING)
+		return false;
+	const redisReply *tsr = field(e->element[1], "ts"), *data = field(e->element[1], "data");
+	return entry_out_fields(o, e->element[0]->str, tsr ? tsr->str : NULL,
+				data ? data->str : NULL, data ? data->len : 0, from, to, csv);
+}
+
+/* A stream entry's id "<ms>-<n>" as a pair (0-0 when it is not one). */
+static void entry_id(const redisReply *e, uint64_t *ms, uint64_t *seq)
+{
+	*ms = *seq = 0;
+	if (e->type == REDIS_REPLY_ARRAY && e->elements == 2 &&
+	    e->element[0]->type == REDIS_REPLY_STRING)
+		hub_parse_pos(e->element[0]->str, e->element[0]->len, false, ms, seq);
 }
 
 /* ---- GET /v1/devices ------------------------------------------------------ */
@@ -464,7 +480,11 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 
 struct one_ctx {
 	struct dev_row row;
-	bool done;
+	bool done, have_row;
+	unsigned waiting;          /* replies still to come: HGETALL + one per shard */
+	uint64_t best_ms, best_seq; /* the newest last reading so far */
+	bool have_best;
+	hub_buf best;              /* its JSON */
 };
 
 static void one_free(void *p)
@@ -472,7 +492,28 @@ static void one_free(void *p)
 	struct one_ctx *c = p;
 
 	row_clear(&c->row);
+	hub_buf_free(&c->best);
 	free(c);
+}
+
+/* Answers once the registry row and every shard's last reading are in. */
+static void one_finish(struct hub_req *rq, struct one_ctx *c)
+{
+	hub_buf o = { 0 };
+
+	if (c->done || c->waiting)
+		return;
+	c->done = true;
+	row_json(&o, &c->row);
+	o.len--; /* reopen the object */
+	hub_buf_puts(&o, ",\"last_reading\":");
+	if (c->have_best)
+		hub_buf_append(&o, c->best.data, c->best.len);
+	else
+		hub_buf_puts(&o, "null");
+	hub_buf_puts(&o, "}");
+	hub_req_respond(rq, 200, "application/json", o.data, o.len);
+	hub_buf_free(&o);
 }
 
 static void one_on_hgetall(redisReply *r, void *arg)
@@ -482,6 +523,7 @@ static void one_on_hgetall(redisReply *r, void *arg)
 
 	if (hub_req_gone(rq) || c->done)
 		goto out;
+	c->waiting--;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->done = true;
 		redis_failed(rq, r);
@@ -491,31 +533,41 @@ static void one_on_hgetall(redisReply *r, void *arg)
 	if (!c->row.exists) {
 		c->done = true;
 		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		goto out;
 	}
+	one_finish(rq, c);
 out:
 	hub_req_unref(rq);
 }
 
+/* XREVRANGE COUNT 1 of one shard's stream of the device. */
 static void one_on_last(redisReply *r, void *arg)
 {
 	struct hub_req *rq = arg;
 	struct one_ctx *c = hub_req_ctx(rq);
+	uint64_t ms, seq;
 	hub_buf o = { 0 };
 
 	if (hub_req_gone(rq) || c->done)
 		goto out;
-	c->done = true;
+	c->waiting--;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		c->done = true;
 		redis_failed(rq, r);
 		goto out;
 	}
-	row_json(&o, &c->row);
-	o.len--; /* reopen the object */
-	hub_buf_puts(&o, ",\"last_reading\":");
-	if (!r->elements || !entry_out(&o, r->element[0], INT64_MIN, INT64_MAX, false))
-		hub_buf_puts(&o, "null");
-	hub_buf_puts(&o, "}");
-	hub_req_respond(rq, 200, "application/json", o.data, o.len);
+	if (r->elements) {
+		entry_id(r->element[0], &ms, &seq);
+		if ((!c->have_best || ms > c->best_ms || (ms == c->best_ms && seq > c->best_seq)) &&
+		    entry_out(&o, r->element[0], INT64_MIN, INT64_MAX, false)) {
+			c->have_best = true;
+			c->best_ms = ms;
+			c->best_seq = seq;
+			c->best.len = 0;
+			hub_buf_append(&c->best, o.data, o.len);
+		}
+	}
+	one_finish(rq, c);
 out:
 	hub_buf_free(&o);
 	hub_req_unref(rq);
@@ -525,20 +577,32 @@ static void device_one(struct hub_req *rq, const char *device)
 {
 	struct one_ctx *c = hub_xcalloc(1, sizeof(*c));
 	char hkey[HUB_KEY_MAX], skey[HUB_KEY_MAX];
+	unsigned shards = hub_ingest_shards(hub_req_hub(rq));
 
 	hub_req_set_ctx(rq, c, one_free);
-	c->row.id = hub_xstrdup(device);
-	hub_key_dev(hkey, sizeof(hkey), device);   /* the route checked the id */
-	hub_key_tm(skey, sizeof(skey), device);
-	const char *a1[] = { "HGETALL", hkey };
-	const char *a2[] = { "XREVRANGE", skey, "+", "-", "COUNT", "1" };
-	if (cmd(rq, one_on_hgetall, 2, a1)) {
+	if (!shards) {
 		unavailable(rq);
 		return;
 	}
-	if (cmd(rq, one_on_last, 6, a2)) {
+	c->row.id = hub_xstrdup(device);
+	hub_key_dev(hkey, sizeof(hkey), device);   /* the route checked the id */
+	const char *a1[] = { "HGETALL", hkey };
+	c->waiting = 1 + shards;
+	if (cmd(rq, one_on_hgetall, 2, a1)) {
 		c->done = true;
 		unavailable(rq);
+		return;
+	}
+	/* The device's readings are in the stream of each shard it sent
+	 * through (its gateways'): the newest of their last entries. */
+	for (unsigned k = 0; k < shards; k++) {
+		hub_key_tm_shard(skey, sizeof(skey), k, device);
+		const char *a2[] = { "XREVRANGE", skey, "+", "-", "COUNT", "1" };
+		if (cmd(rq, one_on_last, 6, a2)) {
+			c->done = true;
+			unavailable(rq);
+			return;
+		}
 	}
 }
 
@@ -559,25 +623,88 @@ struct tm_ctx {
 	bool begun;                /* streams: headers queued */
 	unsigned page;             /* XRANGE COUNT of the next page */
 	hub_buf out;               /* json: the whole body; streams: one page */
+	/* Several ingest shards: the device's stream in each, merged by id. */
+	unsigned nsh, waiting;
+	struct tm_shard {
+		char key[HUB_KEY_MAX];
+		char start[48];
+		bool more, full;
+		uint64_t last_ms, last_seq;
+	} *sh;
+	struct tm_ent {
+		uint64_t ms, seq;
+		unsigned shard;
+		char *id, *ts, *data;
+		size_t data_len;
+	} *ents;
+	size_t nents, cap_ents;
 };
+
+static void tm_ents_clear(struct tm_ctx *c)
+{
+	for (size_t i = 0; i < c->nents; i++) {
+		free(c->ents[i].id);
+		free(c->ents[i].ts);
+		free(c->ents[i].data);
+	}
+	c->nents = 0;
+}
 
 static void tm_free(void *p)
 {
 	struct tm_ctx *c = p;
 
 	hub_buf_free(&c->out);
+	tm_ents_clear(c);
+	free(c->ents);
+	free(c->sh);
 	free(c);
 }
 
 static void tm_on_page(redisReply *r, void *arg);
+static void tm_on_shard_page(redisReply *r, void *arg);
+static void tm_page_done(struct hub_req *rq, struct tm_ctx *c, size_t page_start, bool limited,
+			 bool more);
 
+struct tm_op {
+	struct hub_req *rq;
+	unsigned shard;
+};
+
+/* The next page: one XRANGE (one shard), or one per shard whose stream has
+ * more, merged when all answered (tm_merge). */
 static int tm_fetch(struct hub_req *rq, struct tm_ctx *c)
 {
 	char count[16];
-	const char *argv[] = { "XRANGE", c->key, c->start, c->end, "COUNT", count };
 
 	snprintf(count, sizeof(count), "%u", c->page);
-	return cmd(rq, tm_on_page, 6, argv);
+	if (c->nsh <= 1) {
+		const char *argv[] = { "XRANGE", c->key, c->start, c->end, "COUNT", count };
+		return cmd(rq, tm_on_page, 6, argv);
+	}
+	c->waiting = 0;
+	for (unsigned k = 0; k < c->nsh; k++) {
+		struct tm_shard *h = &c->sh[k];
+		struct tm_op *op;
+
+		h->full = false;
+		if (!h->more)
+			continue;
+		const char *argv[] = { "XRANGE", h->key, h->start, c->end, "COUNT", count };
+		op = hub_xmalloc(sizeof(*op));
+		op->rq = rq;
+		op->shard = k;
+		hub_req_ref(rq);
+		if (hub_redis_command_argv(hub_req_hub(rq)->redis, tm_on_shard_page, op, 6, argv,
+					   NULL)) {
+			hub_req_unref(rq);
+			free(op);
+			c->waiting = 0;
+			return -1;
+		}
+		c->waiting++;
+	}
+	return 0;
 }
 
 static void tm_drained(struct hub_req *rq)
@@ -658,6 +785,18 @@ static void tm_on_page(redisReply *r, void *arg)
 		    last->element[0]->type == REDIS_REPLY_STRING;
 	if (more)
 		snprintf(c->start, sizeof(c->start), "(%s", last->element[0]->str);
+	tm_page_done(rq, c, page_start, limited, more);
+out:
+	hub_req_unref(rq);
+}
+
+/* After a page's readings were written to c->out: the next page, or the
+ * end of the answer. */
+static void tm_page_done(struct hub_req *rq, struct tm_ctx *c, size_t page_start, bool limited,
+			 bool more)
+{
+	bool streaming = c->fmt != TM_JSON;
+
 	/* Readings can be large (up to max-frame-bytes): keep one page's output
 	 * near TM_PAGE_BYTES by adapting COUNT. */
 	if (c->out.len - page_start > TM_PAGE_BYTES && c->page > TM_PAGE_MIN)
@@ -671,7 +810,7 @@ static void tm_on_page(redisReply *r, void *arg)
 				c->done = true;
 				unavailable(rq);
 			}
-			goto out;
+			return;
 		}
 		c->done = true;
 		hub_buf_puts(&c->out, "],\"next\":");
@@ -682,7 +821,7 @@ static void tm_on_page(redisReply *r, void *arg)
 		hub_buf_puts(&c->out, "}");
 		hub_req_respond(rq, 200, "application/json", c->out.data, c->out.len);
 		hub_buf_free(&c->out); /* copied: do not hold a large body twice */
-		goto out;
+		return;
 	}
 	hub_req_stream_write(rq, c->out.data, c->out.len);
 	c->out.len = 0;
@@ -691,6 +830,142 @@ static void tm_on_page(redisReply *r, void *arg)
 		hub_req_stream_end(rq);
 	}
 	/* else: the next page is fetched when this one is written (tm_drained) */
+}
+
+static int cmp_ent(const void *a, const void *b)
+{
+	const struct tm_ent *x = a, *y = b;
+
+	if (x->ms != y->ms)
+		return x->ms < y->ms ? -1 : 1;
+	return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Every shard answered its page: the entries up to the smallest last id of
+ * a full page (beyond it a shard may still hold earlier entries) go out in
+ * id order; each shard with more resumes after that id. */
+static void tm_merge(struct hub_req *rq, struct tm_ctx *c)
+{
+	bool streaming = c->fmt != TM_JSON, limited = false, more = false;
+	uint64_t bms = UINT64_MAX, bseq = UINT64_MAX;
+	size_t page_start, i;
+
+	if (streaming && !c->begun) {
+		c->begun = true;
+		hub_req_stream_begin(rq, 200, c->fmt == TM_CSV ? "text/csv; charset=utf-8"
+							       : "application/x-ndjson",
+				     tm_drained);
+		if (c->fmt == TM_CSV)
+			hub_buf_puts(&c->out, "ts,pos,data\r\n");
+	}
+	for (unsigned k = 0; k < c->nsh; k++) {
+		struct tm_shard *h = &c->sh[k];
+		if (!h->more || !h->full)
+			continue;
+		if (h->last_ms < bms || (h->last_ms == bms && h->last_seq < bseq)) {
+			bms = h->last_ms;
+			bseq = h->last_seq;
+		}
+	}
+	/* a shard has more when its page was full or entries of it beyond
+	 * the bound are left (below); each resumes after the bound */
+	for (unsigned k = 0; k < c->nsh; k++) {
+		c->sh[k].more = c->sh[k].more && c->sh[k].full;
+		more |= c->sh[k].more;
+	}
+	if (c->nents)
+		qsort(c->ents, c->nents, sizeof(*c->ents), cmp_ent);
+	page_start = c->out.len;
+	for (i = 0; i < c->nents; i++) {
+		struct tm_ent *e = &c->ents[i];
+		if (e->ms > bms || (e->ms == bms && e->seq > bseq)) {
+			for (size_t j = i; j < c->nents; j++)
+				c->sh[c->ents[j].shard].more = true;
+			more = true;
+			break;
+		}
+		/* Stop at the limit, but never between entries of one id (two
+		 * shards' Redis may give the same id): `after` skips the id. */
+		if (((c->limit >= 0 && c->count >= c->limit) ||
+		     (!streaming && c->out.len > TM_JSON_MAX_BYTES)) &&
+		    !(c->count && !strcmp(c->last_pos, e->id))) {
+			limited = true;
+			break;
+		}
+		size_t mark = c->out.len;
+		if (c->fmt == TM_JSON && c->count)
+			hub_buf_puts(&c->out, ",");
+		if (!entry_out_fields(&c->out, e->id, e->ts, e->data, e->data_len, c->from, c->to,
+				      c->fmt == TM_CSV)) {
+			c->out.len = mark;
+			continue;
+		}
+		if (c->fmt == TM_NDJSON)
+			hub_buf_puts(&c->out, "\n");
+		c->count++;
+		snprintf(c->last_pos, sizeof(c->last_pos), "%s", e->id);
+	}
+	tm_ents_clear(c);
+	if (limited)
+		more = false;
+	if (more)
+		for (unsigned k = 0; k < c->nsh; k++)
+			if (c->sh[k].more)
+				snprintf(c->sh[k].start, sizeof(c->sh[k].start),
+					 "(%" PRIu64 "-%" PRIu64, bms, bseq);
+	tm_page_done(rq, c, page_start, limited, more);
+}
+
+static void tm_on_shard_page(redisReply *r, void *arg)
+{
+	struct tm_op *op = arg;
+	struct hub_req *rq = op->rq;
+	struct tm_ctx *c = hub_req_ctx(rq);
+	struct tm_shard *h = &c->sh[op->shard];
+
+	free(op);
+	if (hub_req_gone(rq) || c->done)
+		goto out;
+	c->waiting--;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		c->done = true;
+		tm_ents_clear(c);
+		if (c->begun)
+			hub_req_abort(rq);
+		else
+			redis_failed(rq, r);
+		goto out;
+	}
+	for (size_t i = 0; i < r->elements; i++) {
+		const redisReply *e = r->element[i], *ts, *data;
+		struct tm_ent *t;
+		uint64_t ms, seq;
+
+		entry_id(e, &ms, &seq);
+		if (!ms && !seq)
+			continue;
+		h->last_ms = ms;
+		h->last_seq = seq;
+		ts = field(e->element[1], "ts");
+		data = field(e->element[1], "data");
+		if (c->nents == c->cap_ents) {
+			c->cap_ents = c->cap_ents ? c->cap_ents * 2 : 64;
+			c->ents = hub_xrealloc(c->ents, c->cap_ents * sizeof(*c->ents));
+		}
+		t = &c->ents[c->nents++];
+		t->ms = ms;
+		t->seq = seq;
+		t->shard = (unsigned)(h - c->sh);
+		t->id = hub_xstrdup(e->element[0]->str);
+		t->ts = ts ? hub_xstrdup(ts->str) : NULL;
+		t->data = data ? hub_xmalloc(data->len + 1) : NULL;
+		t->data_len = data ? data->len : 0;
+		if (data)
+			memcpy(t->data, data->str, data->len + 1);
+	}
+	h->full = r->elements == c->page;
+	if (!c->waiting)
+		tm_merge(rq, c);
 out:
 	hub_req_unref(rq);
 }
@@ -702,7 +977,11 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 
 	hub_req_set_ctx(rq, c, tm_free);
 	snprintf(c->device, sizeof(c->device), "%s", device);
-	hub_key_tm(c->key, sizeof(c->key), device);   /* the route checked the id */
+	if (!(c->nsh = hub_ingest_shards(hub_req_hub(rq)))) {
+		unavailable(rq);
+		return;
+	}
+	hub_key_tm_shard(c->key, sizeof(c->key), 0, device);   /* the route checked the id */
 	c->fmt = TM_JSON;
 	c->page = TM_PAGE;
 	if ((v = qget(q, "format"))) {
@@ -772,6 +1051,14 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 		snprintf(c->start, sizeof(c->start), "(%" PRIu64 "-%" PRIu64, ams, aseq);
 	}
 	snprintf(c->end, sizeof(c->end), "%lld", hi);
+	if (c->nsh > 1) {
+		c->sh = hub_xcalloc(c->nsh, sizeof(*c->sh));
+		for (unsigned k = 0; k < c->nsh; k++) {
+			hub_key_tm_shard(c->sh[k].key, sizeof(c->sh[k].key), k, device);
+			memcpy(c->sh[k].start, c->start, sizeof(c->start));
+			c->sh[k].more = true;
+		}
+	}
 	if (c->fmt == TM_JSON) {
 		hub_buf_puts(&c->out, "{\"device\":");
 		hub_buf_json_str(&c->out, device, strlen(device));

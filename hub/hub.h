@@ -28,6 +28,7 @@ struct cmd_engine;
 struct hub_audit;
 struct hub_revocations;
 struct hub_registry;
+struct hub_ingest;
 struct agg;
 struct stream;
 struct gateways;
@@ -61,6 +62,7 @@ struct hub {
 	void *link_lookup_ctx;
 	struct hub_http *http;
 	struct hub_registry *registry;
+	struct hub_ingest *ingest;
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */

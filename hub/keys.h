@@ -29,6 +29,8 @@
 #define HUB_KEYS_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "hub/util.h"
@@ -46,6 +48,7 @@
 #define HUB_KEY_AGG_PARTIALS     "iot:agg:partials"
 #define HUB_KEY_LEASES           "iot:leases"    /* run id -> lease expiry (ms) */
 #define HUB_KEY_EPOCH            "iot:epoch"     /* this Redis's data generation */
+#define HUB_KEY_INGEST           "iot:ingest"    /* hash: shards (the feed-shards in use), migrated */
 
 /* Prefixes of keys around a braced user-chosen name. */
 #define HUB_KEY_DEV              "iot:dev:"      /* {device}, {device}:cmds, :cmdlog, :cancels */
@@ -54,6 +57,17 @@
 #define HUB_KEY_TYPE             "iot:type:"     /* {device type} */
 #define HUB_KEY_IDEM             "iot:idem:"     /* {owner}:<Idempotency-Key> */
 #define HUB_KEY_INST             "iot:inst:"     /* {instance}:<run>, :<run>:reaper */
+
+/* Ingest shards (docs/streams.md "Ingest shards"): a gateway's frames go to
+ * shard k = hub_ingest_shard_of(gateway, N); every key a frame touches
+ * carries the shard's hash tag {i<k>}, the user-chosen name comes last,
+ * after the tag (it is the whole rest of the key, so it needs no
+ * delimiter): iot:tm:{i3}:kc-1, iot:seqs:{i3}:gw-1, iot:feed:{i3}. */
+#define HUB_KEY_TM_SHARD         "iot:tm:"       /* {i<k>}:<device> */
+#define HUB_KEY_SEQS             "iot:seqs:"     /* {i<k>}:<gateway> */
+#define HUB_KEY_FEED_SHARD       "iot:feed:"     /* {i<k>} */
+#define HUB_CH_LIVE              "iot:live:"     /* {i<k>}:raw:<type> (sharded, cluster) */
+#define HUB_FEED_SHARDS_MAX      64
 
 /* Prefixes of keys around a hub-generated id (never holds ':'). */
 #define HUB_KEY_CMD              "iot:cmd:"      /* <id>, <id>:log */
@@ -113,13 +127,92 @@ static inline size_t hub_key_dev_cancels(char *buf, size_t n, const char *device
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cancels");
 }
 
-/* iot:tm:{<device>}: the device's telemetry stream. */
+/* iot:tm:{<device>}: the device's telemetry stream in layout 2 (renamed to
+ * hub_key_tm_shard by the 2 -> 3 migration). */
 static inline size_t hub_key_tm(char *buf, size_t n, const char *device)
 {
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_TM, device, "");
 }
 
-/* iot:gw:{<gateway>}:seqs: the gateway's window of stored seqs. */
+/* The ingest shard of a gateway among n (1..HUB_FEED_SHARDS_MAX): FNV-1a
+ * (32 bits) of its id modulo n. Independent of Redis's slots, so it stays
+ * put when slots move; every hub computes the same. */
+static inline unsigned hub_ingest_shard_of(const char *gateway, unsigned n)
+{
+	uint32_t h = 2166136261u;
+
+	for (const unsigned char *p = (const unsigned char *)gateway; *p; p++)
+		h = (h ^ *p) * 16777619u;
+	return n > 1 ? h % n : 0;
+}
+
+/* <prefix>{i<shard>}[:<name>][<suffix>] into buf: the shard-tagged keys
+ * and channels. name may be NULL (the feed). 0 as hub_key_braced. */
+static inline size_t hub_key_shard_(char *buf, size_t n, const char *prefix, unsigned shard,
+				    const char *name, const char *suffix)
+{
+	size_t len = name ? strlen(name) : 0, plen = strlen(prefix), slen = strlen(suffix), k;
+
+	if ((name && (!len || len > HUB_ID_MAX)) || shard >= HUB_FEED_SHARDS_MAX ||
+	    plen + len + slen + 8 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	/* by hand: this runs per reading on the store path */
+	memcpy(buf, prefix, plen);
+	k = plen;
+	buf[k++] = '{';
+	buf[k++] = 'i';
+	if (shard >= 10)
+		buf[k++] = (char)('0' + shard / 10);
+	buf[k++] = (char)('0' + shard % 10);
+	buf[k++] = '}';
+	if (name) {
+		buf[k++] = ':';
+		memcpy(buf + k, name, len);
+		k += len;
+	}
+	memcpy(buf + k, suffix, slen + 1);
+	return k + slen;
+}
+
+/* iot:tm:{i<shard>}:<device>: the device's readings stored through
+ * gateways of that shard. */
+static inline size_t hub_key_tm_shard(char *buf, size_t n, unsigned shard, const char *device)
+{
+	return hub_key_shard_(buf, n, HUB_KEY_TM_SHARD, shard, device, "");
+}
+
+/* iot:seqs:{i<shard>}:<gateway>: the gateway's window of stored seqs. */
+static inline size_t hub_key_seqs(char *buf, size_t n, unsigned shard, const char *gateway)
+{
+	return hub_key_shard_(buf, n, HUB_KEY_SEQS, shard, gateway, "");
+}
+
+/* iot:feed:{i<shard>}: the shard's feed. */
+static inline size_t hub_key_feed(char *buf, size_t n, unsigned shard)
+{
+	return hub_key_shard_(buf, n, HUB_KEY_FEED_SHARD, shard, NULL, "");
+}
+
+/* iot:live:{i<shard>}:raw:<type>: the sharded channel of a device type's
+ * live readings of one shard (SPUBLISH, cluster mode). */
+static inline size_t hub_ch_raw_shard(char *buf, size_t n, unsigned shard, const char *type)
+{
+	size_t len = strlen(type);
+
+	if (!len || len > HUB_ID_MAX || shard >= HUB_FEED_SHARDS_MAX ||
+	    sizeof(HUB_CH_LIVE) + len + 16 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	return (size_t)snprintf(buf, n, HUB_CH_LIVE "{i%u}:raw:%s", shard, type);
+}
+
+/* iot:gw:{<gateway>}:seqs: the gateway's window of stored seqs in layout 2
+ * (renamed to hub_key_seqs by the 2 -> 3 migration). */
 static inline size_t hub_key_gw_seqs(char *buf, size_t n, const char *gateway)
 {
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_GW, gateway, ":seqs");

@@ -8,8 +8,7 @@
  * Every call is formatted into one reused RESP buffer (the loop is
  * single-threaded) and queued as is: hiredis's argv formatting costs an
  * allocation and a printf-style pass per argument, about an eighth of the
- * hub's instructions per frame. Telemetry frames are batched: the frames
- * of a loop turn are stored by one script call.
+ * hub's instructions per frame. The telemetry store is hub/ingest.c.
  */
 #include "hub/registry.h"
 
@@ -27,30 +26,11 @@
 
 #define RESP_KEEP_MAX   (256 * 1024)  /* a larger command's buffer is not kept */
 
-#define BATCH_FRAMES    64
-#define BATCH_READINGS  2048
-#define BATCH_BYTES     (512 * 1024)
-#define BATCH_LATE_US   1000          /* the writeable never came: flush anyway */
-
-struct batch_cb {
-	hub_redis_cb cb;
-	void *arg;
-};
-
-/* The frames waiting for the next store call. */
-struct store_batch {
-	hub_buf keys, args;        /* RESP of KEYS[2..] and of the frames' ARGV */
-	size_t nframes, nkeys, nargs, nreadings, cap;
-	struct batch_cb *cbs;
-	lws_sorted_usec_list_t sul;
-};
-
 struct hub_registry {
 	struct hub *hub;
-	int script_store, script_announce, script_detach, script_offline, script_seen,
+	int script_announce, script_detach, script_offline, script_seen,
 	    script_connect, script_limits, script_epoch_floor;
 	hub_buf resp;              /* the command being built */
-	struct store_batch batch;
 };
 
 /* Starts EVALSHA <script> <nkeys> followed by nargs more arguments. */
@@ -318,130 +298,6 @@ void hub_registry_offline(struct hub *hub, const char *conn, const char *const *
 	resp_send(reg, NULL, NULL);
 }
 
-/* ---- the store batch ------------------------------------------------------
- * Frames are appended to one batch and stored by one store call when the
- * command connection is next writeable: the end of the loop turn in which
- * they arrived (or at once when the batch is full). The batch's callbacks
- * get their own frame's answer. */
-
-struct batch_sent {
-	size_t n;
-	struct batch_cb cbs[];
-};
-
-static void on_batch(redisReply *reply, void *arg)
-{
-	struct batch_sent *bs = arg;
-
-	for (size_t i = 0; i < bs->n; i++) {
-		redisReply *one = reply;
-		if (reply && reply->type == REDIS_REPLY_ARRAY)
-			one = i < reply->elements ? reply->element[i] : NULL;
-		bs->cbs[i].cb(one, bs->cbs[i].arg);
-	}
-	free(bs);
-}
-
-static void store_flush(void *arg)
-{
-	struct hub_registry *reg = arg;
-	struct store_batch *B = &reg->batch;
-	struct hub *hub = reg->hub;
-	struct batch_sent *bs;
-
-	if (!B->nframes)
-		return;
-	lws_sul_cancel(&B->sul);
-	bs = hub_xmalloc(sizeof(*bs) + B->nframes * sizeof(bs->cbs[0]));
-	bs->n = B->nframes;
-	memcpy(bs->cbs, B->cbs, B->nframes * sizeof(bs->cbs[0]));
-	resp_eval(reg, reg->script_store, 1 + B->nkeys, 1 + B->nkeys + 4 + B->nargs);
-	resp_arg(reg, HUB_KEY_FEED, sizeof(HUB_KEY_FEED) - 1);
-	hub_buf_append(&reg->resp, B->keys.data, B->keys.len);
-	resp_int(reg, hub->cfg.seq_window);
-	resp_int(reg, hub->cfg.device_stream_maxlen);
-	resp_int(reg, hub->cfg.feed_stream_maxlen);
-	resp_int(reg, (int64_t)B->nframes);
-	hub_buf_append(&reg->resp, B->args.data, B->args.len);
-	B->nframes = B->nkeys = B->nargs = B->nreadings = 0;
-	B->keys.len = B->args.len = 0;
-	if (B->args.cap > 2 * BATCH_BYTES)
-		hub_buf_free(&B->args);
-	if (B->keys.cap > 2 * BATCH_BYTES)
-		hub_buf_free(&B->keys);
-	/* Durable: with ack-durability replicated, answered after its WAIT. */
-	if (resp_send_as(reg, on_batch, bs, true))
-		on_batch(NULL, bs); /* down: every frame is answered `unavailable` */
-}
-
-static void store_flush_late(lws_sorted_usec_list_t *sul)
-{
-	struct store_batch *B = lws_container_of(sul, struct store_batch, sul);
-
-	store_flush(lws_container_of(B, struct hub_registry, batch));
-}
-
-void hub_registry_stop(struct hub *hub)
-{
-	struct hub_registry *reg = hub->registry;
-
-	if (!reg)
-		return;
-	store_flush(reg);
-	lws_sul_cancel(&reg->batch.sul);
-}
-
-int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
-		    const struct hub_store_reading *r, size_t n,
-		    const char *lines, size_t lines_len,
-		    const struct hub_store_group *g, size_t ng,
-		    hub_redis_cb cb, void *arg)
-{
-	struct hub_registry *reg = hub->registry;
-	struct store_batch *B = &reg->batch;
-	hub_buf *a = &B->args, *k = &B->keys;
-	char key[HUB_KEY_MAX];
-	size_t klen;
-
-	if (!hub_redis_up(hub->redis) || !(klen = hub_key_gw_seqs(key, sizeof(key), gateway)))
-		return -1;
-	hub_resp_arg(k, key, klen);
-	for (size_t i = 0; i < n; i++)
-		hub_resp_arg(k, key, hub_key_tm(key, sizeof(key), r[i].device));
-	hub_resp_int(a, seq);
-	hub_resp_str(a, gateway);
-	hub_resp_arg(a, lines, lines_len);
-	hub_resp_int(a, (int64_t)n);
-	for (size_t i = 0; i < n; i++) {
-		hub_resp_arg(a, r[i].ts, r[i].ts_len);
-		hub_resp_arg(a, r[i].data, r[i].data_len);
-	}
-	hub_resp_int(a, (int64_t)ng);
-	for (size_t i = 0; i < ng; i++) {
-		hub_resp_arg(a, key, hub_ch_raw(key, sizeof(key), g[i].type));
-		hub_resp_int(a, (int64_t)g[i].off + 1);            /* Lua: 1-based, inclusive */
-		hub_resp_int(a, (int64_t)(g[i].off + g[i].len));
-	}
-	B->nkeys += 1 + n;
-	B->nargs += 4 + 2 * n + 1 + 3 * ng;
-	if (B->nframes == B->cap) {
-		B->cap = B->cap ? B->cap * 2 : 16;
-		B->cbs = hub_xrealloc(B->cbs, B->cap * sizeof(*B->cbs));
-	}
-	B->cbs[B->nframes].cb = cb;
-	B->cbs[B->nframes].arg = arg;
-	B->nframes++;
-	B->nreadings += n;
-	if (B->nframes == 1) {
-		hub_redis_want_flush(hub->redis);
-		lws_sul_schedule(hub->ctx, 0, &B->sul, store_flush_late, BATCH_LATE_US);
-	}
-	if (B->nframes >= BATCH_FRAMES || B->nreadings >= BATCH_READINGS ||
-	    a->len + k->len >= BATCH_BYTES)
-		store_flush(reg);
-	return 0;
-}
-
 /* ---- the module ---------------------------------------------------------- */
 
 static int registry_module_start(struct hub *hub, char *err, size_t errlen)
@@ -452,7 +308,6 @@ static int registry_module_start(struct hub *hub, char *err, size_t errlen)
 	(void)errlen;
 	hub->registry = reg;
 	reg->hub = hub;
-	reg->script_store = hub_redis_add_script(hub->redis, hub_lua_store);
 	reg->script_announce = hub_redis_add_script(hub->redis, hub_lua_announce);
 	reg->script_detach = hub_redis_add_script(hub->redis, hub_lua_detach);
 	reg->script_offline = hub_redis_add_script(hub->redis, hub_lua_offline);
@@ -460,7 +315,6 @@ static int registry_module_start(struct hub *hub, char *err, size_t errlen)
 	reg->script_connect = hub_redis_add_script(hub->redis, hub_lua_connect);
 	reg->script_limits = hub_redis_add_script(hub->redis, hub_lua_limits);
 	reg->script_epoch_floor = hub_redis_add_script(hub->redis, hub_lua_epoch_floor);
-	hub_redis_set_flush(hub->redis, store_flush, reg);
 	return 0;
 }
 
@@ -471,9 +325,6 @@ static void registry_module_free(struct hub *hub)
 	if (!reg)
 		return;
 	hub_buf_free(&reg->resp);
-	hub_buf_free(&reg->batch.keys);
-	hub_buf_free(&reg->batch.args);
-	free(reg->batch.cbs);
 	free(reg);
 	hub->registry = NULL;
 }
@@ -481,6 +332,5 @@ static void registry_module_free(struct hub *hub)
 const struct hub_module hub_registry_module = {
 	.name = "registry",
 	.start = registry_module_start,
-	.stop = hub_registry_stop,
 	.free = registry_module_free,
 };

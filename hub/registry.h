@@ -16,13 +16,9 @@
 
 struct hub;
 
-/* The module (hub/module.h): hub->registry, its scripts and the store
- * batch, created by its start hook (before hub_redis_start()). */
+/* The module (hub/module.h): hub->registry and its scripts, created by its start hook (before hub_redis_start()). */
 struct hub_module;
 extern const struct hub_module hub_registry_module;
-
-/* Stores what is batched and cancels the batch timer (before the loop goes). */
-void hub_registry_stop(struct hub *hub);
 
 struct hub_announce_item {
 	const char *device;
@@ -104,7 +100,9 @@ struct hub_store_group {
  * (docs/dashboard.md). Reply: array {1, feed-id} when stored, {0} when the
  * seq was already durable (nothing stored or published), or an error.
  * Frames are batched: stored together at the end of the loop turn, by one
- * call of hub/lua/store.lua. */
+ * call of hub/lua/store.lua per ingest shard (hub/ingest.c, which
+ * implements this). -1 (cb not called) while Redis is down or the shard
+ * count is not known yet. */
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *lines, size_t lines_len,

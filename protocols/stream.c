@@ -9,6 +9,7 @@
 
 #include "hub/http.h"
 #include "hub/hub.h"
+#include "hub/ingest.h"
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/module.h"
@@ -56,7 +57,8 @@ static const char *const kind_names[K__COUNT] = {
 struct st_msg {
 	unsigned refs;
 	const char *type;          /* "reading", "aggregate", ... */
-	uint64_t pos_ms, pos_seq;  /* raw: feed position */
+	uint64_t pos_ms, pos_seq;  /* raw: feed position (in feed shard `shard`) */
+	unsigned shard;
 	size_t len;
 	char body[];               /* `"device":…}` */
 };
@@ -90,10 +92,19 @@ struct st_sub {
 	json_t *labels;
 	char *group_by;
 	size_t filter_entries;       /* devices + labels: its share of the budget */
-	/* raw positions */
+	/* raw positions: one per feed shard (docs/dashboard.md) */
 	bool has_since, resume, announced;
-	uint64_t last_ms, last_seq;  /* replay cursor, then last delivered */
-	uint64_t seam_ms, seam_seq;  /* live frames at or before this were replayed */
+	bool retry;                  /* resume once Redis answers again */
+	struct sh_pos {
+		uint64_t last_ms, last_seq;  /* replay cursor, then last delivered */
+		uint64_t seam_ms, seam_seq;  /* live frames at or before this were replayed */
+		bool more, full;             /* a replay round (several shards) */
+		uint64_t top_ms, top_seq;    /* the round's last id of this shard */
+	} *sh;
+	unsigned nsh;
+	unsigned waiting;            /* replay / position replies still to come */
+	struct rent *rents;          /* a replay round's entries (several shards) */
+	size_t nrents, cap_rents;
 	unsigned gen;                /* bumps when a Redis op becomes stale */
 	struct st_msg **pend;        /* live messages held during position/replay */
 	size_t npend, pend_cap, pend_bytes;
@@ -122,7 +133,9 @@ struct st_group {
 	struct sub_vec scan;         /* no device filter (or "*") */
 	unsigned prefix_lens[HUB_ID_MAX + 1];
 	int max_prefix_len;
-	struct hub_redis_channel *ch;
+	struct hub_redis_channel **chs; /* one, or on a cluster one per shard (x type) */
+	unsigned nch;
+	char *type;                  /* raw: the device type (NULL: any) */
 	bool raw, agg, pattern;
 	const char *msg_type;        /* presence/commands: message type */
 	char channel[];
@@ -174,7 +187,36 @@ struct stream {
 	hub_strmap raw_typed;        /* type -> struct st_group * */
 	struct st_group *raw_all, *presence, *commands, *agg_group;
 	struct st_conn *conns;
+	lws_sorted_usec_list_t sul_retry; /* raw subscriptions waiting for Redis */
+	bool retry_armed;
+	unsigned shards;             /* feed shards (0: not known yet) */
+	bool sharded;                /* SSUBSCRIBE per shard (a cluster) */
+	char feed[HUB_FEED_SHARDS_MAX][24];
 };
+
+/* A feed entry of a replay round over several shards. */
+struct rent {
+	uint64_t ms, seq;
+	unsigned shard;
+	char *readings;
+	size_t len;
+};
+
+/* Learns the feed shard count (hub/ingest.h); false while it is unknown. */
+static bool stream_shards(struct stream *st)
+{
+	unsigned n;
+
+	if (st->shards)
+		return true;
+	if (!(n = hub_ingest_shards(st->hub)))
+		return false;
+	for (unsigned k = 0; k < n; k++)
+		hub_key_feed(st->feed[k], sizeof(st->feed[k]), k);
+	st->sharded = hub_ingest_sharded_pubsub(st->hub);
+	st->shards = n;
+	return true;
+}
 
 /* ---- messages ------------------------------------------------------------ */
 
@@ -186,8 +228,10 @@ static struct st_msg *msg_new(const char *type, const char *body, size_t len,
 	m->refs = 1;
 	m->type = type;
 	m->pos_ms = m->pos_seq = 0;
+	m->shard = 0;
 	memcpy(m->body, body, len);
-	memcpy(m->body + len, tail, tail_len);
+	if (tail_len) /* several shards: a raw body's tail is the subscriber's own */
+		memcpy(m->body + len, tail, tail_len);
 	m->len = len + tail_len;
 	m->body[m->len] = '\0';
 	return m;
@@ -213,6 +257,43 @@ static bool pos_after(uint64_t ms, uint64_t seq, uint64_t ms0, uint64_t seq0)
 static void buf_pos(hub_buf *b, uint64_t ms, uint64_t seq)
 {
 	hub_buf_printf(b, "%" PRIu64 "-%" PRIu64, ms, seq);
+}
+
+/* A subscription's position: with one feed shard the id itself, with
+ * several one id per shard, comma-separated, in shard order (opaque to
+ * clients: docs/dashboard.md). */
+static void buf_token(hub_buf *b, const struct st_sub *s)
+{
+	for (unsigned k = 0; k < s->nsh; k++) {
+		if (k)
+			hub_buf_puts(b, ",");
+		buf_pos(b, s->sh[k].last_ms, s->sh[k].last_seq);
+	}
+}
+
+/* since: a token of nsh ids, or one id (every shard from that id). */
+static int parse_token(const char *p, size_t len, struct st_sub *s)
+{
+	unsigned k = 0;
+	const char *end = p + len;
+
+	for (;;) {
+		const char *c = memchr(p, ',', (size_t)(end - p));
+		const char *e = c ? c : end;
+		if (k == s->nsh ||
+		    parse_pos(p, (size_t)(e - p), &s->sh[k].last_ms, &s->sh[k].last_seq))
+			return -1; /* more ids than shards, or not an id */
+		k++;
+		if (!c)
+			break;
+		p = c + 1;
+	}
+	if (k == 1)
+		for (unsigned j = 1; j < s->nsh; j++)
+			s->sh[j] = s->sh[0];
+	else if (k != s->nsh)
+		return -1;
+	return 0;
 }
 
 /* ---- connection queue and writer ----------------------------------------- */
@@ -353,6 +434,7 @@ static void w_begin(hub_buf *w)
 }
 
 static void replay_next(struct st_sub *s);
+static void replay_round(struct st_sub *s);
 
 /* Server-to-client WebSocket text frame header (unmasked, FIN). */
 static void frame_hdr(hub_buf *w, size_t len)
@@ -516,6 +598,10 @@ static void sub_unref(struct st_sub *s)
 		return;
 	pend_clear(s);
 	free(s->pend);
+	for (size_t i = 0; i < s->nrents; i++)
+		free(s->rents[i].readings);
+	free(s->rents);
+	free(s->sh);
 	for (size_t i = 0; i < s->devices.n; i++)
 		free(s->devices.items[i]);
 	free(s->devices.items);
@@ -582,6 +668,10 @@ static void on_group_state(struct hub_redis_channel *ch, bool active, void *arg)
 	(void)ch;
 	if (g->agg)
 		agg_set_active(g->st->agg, active);
+	if (active)
+		for (unsigned i = 0; i < g->nch; i++)
+			if (!hub_redis_channel_active(g->chs[i]))
+				return; /* the others follow: then start */
 	for (s = g->head; s; s = next) {
 		next = s->gnext;
 		s->gen++; /* Redis ops in flight are stale either way */
@@ -620,18 +710,59 @@ static struct st_group *group_new(struct stream *st, const char *channel, bool p
 	return g;
 }
 
+static void group_add_schannels(struct st_group *g, const char *type)
+{
+	struct stream *st = g->st;
+	char ch[HUB_KEY_MAX];
+
+	g->chs = hub_xrealloc(g->chs, (g->nch + st->shards) * sizeof(*g->chs));
+	for (unsigned k = 0; k < st->shards; k++) {
+		hub_ch_raw_shard(ch, sizeof(ch), k, type);
+		g->chs[g->nch++] = hub_redis_schannel_get(st->hub->redis, ch, on_group_message,
+							  on_group_state, g);
+	}
+}
+
+/* The group's channels: its one channel (or pattern); on a cluster, raw
+ * readings come on sharded channels, one per feed shard per device type
+ * (no patterns: readings of any type mean every loaded type's). */
 static void group_acquire(struct st_group *g)
 {
-	if (!g->ch)
-		g->ch = hub_redis_channel_get(g->st->hub->redis, g->channel, g->pattern,
-					      on_group_message, on_group_state, g);
+	struct stream *st = g->st;
+
+	if (g->nch)
+		return;
+	if (!g->raw || !st->sharded) {
+		g->chs = hub_xmalloc(sizeof(*g->chs));
+		g->chs[0] = hub_redis_channel_get(st->hub->redis, g->channel, g->pattern,
+						  on_group_message, on_group_state, g);
+		g->nch = 1;
+		return;
+	}
+	if (g->type) {
+		group_add_schannels(g, g->type);
+		return;
+	}
+	for (size_t i = 0; i < schema_set_count(st->hub->schemas); i++)
+		group_add_schannels(g, schema_type_name(schema_set_at(st->hub->schemas, i)));
+}
+
+static bool group_active(const struct st_group *g)
+{
+	for (unsigned i = 0; i < g->nch; i++)
+		if (!hub_redis_channel_active(g->chs[i]))
+			return false;
+	return g->nch > 0;
 }
 
 static void group_release(struct st_group *g)
 {
-	if (!g->nsubs && g->ch) {
-		hub_redis_channel_put(g->ch);
-		g->ch = NULL;
+	if (!g->nsubs && g->nch) {
+		for (unsigned i = 0; i < g->nch; i++)
+			hub_redis_channel_put(g->chs[i]);
+		free(g->chs);
+		g->chs = NULL;
+		g->nch = 0;
 	}
 }
 
@@ -652,6 +783,7 @@ static struct st_group *group_for(struct stream *st, enum st_kind kind, const ch
 			hub_ch_raw(ch, sizeof(ch), type);   /* subscribe checked the type */
 			g = group_new(st, ch, false);
 			g->raw = true;
+			g->type = hub_xstrdup(type);
 			hub_strmap_put(&st->raw_typed, type, strlen(type), g);
 		}
 		return g;
@@ -851,6 +983,26 @@ static bool sub_matches(struct st_sub *s, struct meta *m)
 
 /* ---- delivery ------------------------------------------------------------ */
 
+/* Several feed shards: a reading's `pos` is the subscription's whole
+ * position after it (one id per shard), so the message is the shared body
+ * (without its closing brace) plus this subscription's own tail. */
+static void enqueue_token(struct st_sub *s, struct st_msg *m)
+{
+	hub_buf b = { 0 };
+	struct st_msg *own;
+
+	hub_buf_puts(&b, ",\"pos\":\"");
+	buf_token(&b, s);
+	hub_buf_puts(&b, "\"}");
+	own = msg_new(m->type, m->body, m->len, b.data, b.len);
+	own->pos_ms = m->pos_ms;
+	own->pos_seq = m->pos_seq;
+	own->shard = m->shard;
+	enqueue(s, own);
+	msg_unref(own);
+	hub_buf_free(&b);
+}
+
 static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 {
 	struct stream *st = s->group->st;
@@ -884,10 +1036,15 @@ static void deliver(struct st_sub *s, struct st_msg *m, bool has_pos)
 		if (has_pos) {
 			/* Readings of one frame share a position: compare with the
 			 * seam, not with the last reading delivered. */
-			if (!pos_after(m->pos_ms, m->pos_seq, s->seam_ms, s->seam_seq))
+			struct sh_pos *h = &s->sh[m->shard < s->nsh ? m->shard : 0];
+			if (!pos_after(m->pos_ms, m->pos_seq, h->seam_ms, h->seam_seq))
 				return; /* at or before the seam: already sent */
-			s->last_ms = m->pos_ms;
-			s->last_seq = m->pos_seq;
+			h->last_ms = m->pos_ms;
+			h->last_seq = m->pos_seq;
+			if (s->nsh > 1) {
+				enqueue_token(s, m);
+				return;
+			}
 		}
 		enqueue(s, m);
 		return;
@@ -940,6 +1097,7 @@ struct fanout {
 	const char *msg_type;
 	bool has_pos;
 	uint64_t pos_ms, pos_seq;
+	unsigned shard;
 	const char *tail;
 	size_t tail_len;
 };
@@ -959,6 +1117,7 @@ static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
 			msg = msg_new(f->msg_type, body, bl, f->tail, f->tail_len);
 			msg->pos_ms = f->pos_ms;
 			msg->pos_seq = f->pos_seq;
+			msg->shard = f->shard;
 		}
 		deliver(s, msg, f->has_pos);
 	}
@@ -982,7 +1141,20 @@ static void on_group_message(const char *channel, const char *payload, size_t le
 	nl = memchr(payload, '\n', len);
 	if (!nl)
 		return;
-	if (g->raw) {
+	if (g->raw && g->st->shards > 1) {
+		/* "<shard>/<id>": the subscription adds its own pos */
+		const char *sl = memchr(payload, '/', (size_t)(nl - payload));
+		uint64_t k, unused;
+		if (!sl || parse_pos(payload, (size_t)(sl - payload), &k, &unused) ||
+		    k >= g->st->shards ||
+		    parse_pos(sl + 1, (size_t)(nl - sl - 1), &f.pos_ms, &f.pos_seq))
+			return;
+		f.shard = (unsigned)k;
+		f.has_pos = f.pos_ms || f.pos_seq;
+		f.msg_type = "reading";
+		if (!f.has_pos)
+			hub_buf_puts(&tail, ",\"pos\":\"0-0\"}");
+	} else if (g->raw) {
 		if (parse_pos(payload, (size_t)(nl - payload), &f.pos_ms, &f.pos_seq))
 			return;
 		f.has_pos = f.pos_ms || f.pos_seq; /* "0-0": no feed, no positions */
@@ -1037,7 +1209,69 @@ static void sub_fail(struct st_sub *s, const char *why)
 	}
 }
 
-static void send_subscribed(struct st_sub *s, bool with_pos, uint64_t ms, uint64_t seq)
+/* Raw subscriptions whose feed read failed for want of Redis (on a
+ * cluster: the shard's primary is failing over) resume from their position
+ * when it answers again, every RETRY_US: nothing is lost and the client
+ * is told nothing (it may see a pause). */
+#define RETRY_US (200 * 1000)
+
+static bool group_active(const struct st_group *g);
+static void sub_start(struct st_sub *s);
+
+static void retry_cb(lws_sorted_usec_list_t *sul)
+{
+	struct stream *st = lws_container_of(sul, struct stream, sul_retry);
+	bool again = false;
+
+	st->retry_armed = false;
+	for (struct st_conn *c = st->conns; c; c = c->next)
+		for (struct st_sub *s = c->subs, *next; s; s = next) {
+			next = s->next;
+			if (!s->retry || s->dead || !s->conn)
+				continue;
+			if (!hub_redis_up(st->hub->redis) || !group_active(s->group)) {
+				again = true;
+				continue;
+			}
+			s->retry = false;
+			if (s->phase == PH_WAIT)
+				sub_start(s);
+		}
+	if (again && !st->retry_armed) {
+		st->retry_armed = true;
+		lws_sul_schedule(st->hub->ctx, 0, &st->sul_retry, retry_cb, RETRY_US);
+	}
+}
+
+static void rents_clear(struct st_sub *s);
+
+/* A feed read failed for want of Redis (NULL reply, or refused): a raw
+ * subscription that already answered `subscribed` resumes later from its
+ * position; anything else fails as sub_fail. */
+static void sub_lost(struct st_sub *s, const char *why)
+{
+	struct stream *st;
+
+	if (s->kind != K_RAW || !s->announced || !s->conn || s->dead) {
+		sub_fail(s, why);
+		return;
+	}
+	st = s->group->st;
+	s->gen++;
+	pend_clear(s);
+	rents_clear(s);
+	s->replay_wait = false;
+	s->phase = PH_WAIT;
+	s->resume = true;
+	s->retry = true;
+	if (!st->retry_armed) {
+		st->retry_armed = true;
+		lws_sul_schedule(st->hub->ctx, 0, &st->sul_retry, retry_cb, RETRY_US);
+	}
+}
+
+/* with_pos: the position is the shards' tops (sh[].top_*). */
+static void send_subscribed(struct st_sub *s, bool with_pos)
 {
 	hub_buf b = { 0 };
 
@@ -1045,7 +1279,11 @@ static void send_subscribed(struct st_sub *s, bool with_pos, uint64_t ms, uint64
 	hub_buf_json_str(&b, s->id, s->id_len);
 	if (with_pos) {
 		hub_buf_puts(&b, ",\"position\":\"");
-		buf_pos(&b, ms, seq);
+		for (unsigned k = 0; k < s->nsh; k++) {
+			if (k)
+				hub_buf_puts(&b, ",");
+			buf_pos(&b, s->sh[k].top_ms, s->sh[k].top_seq);
+		}
 		hub_buf_puts(&b, "\"");
 	}
 	hub_buf_puts(&b, "}");
@@ -1061,8 +1299,10 @@ static void go_live(struct st_sub *s)
 	struct st_msg **v = s->pend;
 
 	s->phase = PH_LIVE;
-	s->seam_ms = s->last_ms;
-	s->seam_seq = s->last_seq;
+	for (unsigned k = 0; k < s->nsh; k++) {
+		s->sh[k].seam_ms = s->sh[k].last_ms;
+		s->sh[k].seam_seq = s->sh[k].last_seq;
+	}
 	s->conn->npend -= n;
 	s->conn->pend_bytes -= s->pend_bytes;
 	s->pend = NULL;
@@ -1077,6 +1317,7 @@ static void go_live(struct st_sub *s)
 struct replay_ctx {
 	struct st_sub *sub;
 	uint64_t ms, seq;
+	unsigned shard;
 	hub_buf tail;
 };
 
@@ -1090,6 +1331,7 @@ static void replay_line(struct meta *m, const char *body, size_t bl, void *arg)
 	msg = msg_new("reading", body, bl, r->tail.data, r->tail.len);
 	msg->pos_ms = r->ms;
 	msg->pos_seq = r->seq;
+	msg->shard = r->shard;
 	enqueue(r->sub, msg);
 	msg_unref(msg);
 	r->sub->group->st->hub->metrics.stream_replayed_total++;
@@ -1104,7 +1346,7 @@ static void on_replay_page(redisReply *reply, void *arg)
 	if (stale)
 		goto out;
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
-		sub_fail(s, "the telemetry feed is unavailable");
+		(reply ? sub_fail : sub_lost)(s, "the telemetry feed is unavailable");
 		goto out;
 	}
 	n = reply->elements;
@@ -1116,8 +1358,8 @@ static void on_replay_page(redisReply *reply, void *arg)
 		    e->element[0]->type != REDIS_REPLY_STRING ||
 		    parse_pos(e->element[0]->str, e->element[0]->len, &r.ms, &r.seq))
 			continue;
-		s->last_ms = r.ms;
-		s->last_seq = r.seq;
+		s->sh[0].last_ms = r.ms;
+		s->sh[0].last_seq = r.seq;
 		redisReply *f = e->element[1];
 		for (size_t j = 0; f->type == REDIS_REPLY_ARRAY && j + 1 < f->elements; j += 2) {
 			if (f->element[j]->type != REDIS_REPLY_STRING ||
@@ -1157,11 +1399,15 @@ static void replay_next(struct st_sub *s)
 	if (s->dead || !s->conn)
 		return;
 	pend_clear(s);
-	snprintf(start, sizeof(start), "(%" PRIu64 "-%" PRIu64, s->last_ms, s->last_seq);
+	if (s->nsh > 1) {
+		replay_round(s);
+		return;
+	}
+	snprintf(start, sizeof(start), "(%" PRIu64 "-%" PRIu64, s->sh[0].last_ms, s->sh[0].last_seq);
 	char count[16];
 	snprintf(count, sizeof(count), "%d", st->hub->cfg.stream_replay_page);
 	argv[0] = "XRANGE";
-	argv[1] = HUB_KEY_FEED;
+	argv[1] = st->feed[0];
 	argv[2] = start;
 	argv[3] = "+";
 	argv[4] = "COUNT";
@@ -1171,45 +1417,245 @@ static void replay_next(struct st_sub *s)
 		bool stale;
 		op_take(o, &stale);
 		sub_unref(s);
-		sub_fail(s, "Redis is unavailable");
+		sub_lost(s, "Redis is unavailable");
 	}
 }
 
+/* Every shard's top is known (sh[].top_*): subscribed, then replay or live. */
+static void position_known(struct st_sub *s)
+{
+	send_subscribed(s, true);
+	for (unsigned k = 0; k < s->nsh; k++)
+		s->sh[k].more = true;
+	if (s->has_since) {
+		s->phase = PH_REPLAY;
+		replay_next(s); /* from the cursor: since */
+		return;
+	}
+	for (unsigned k = 0; k < s->nsh; k++) {
+		s->sh[k].last_ms = s->sh[k].top_ms;
+		s->sh[k].last_seq = s->sh[k].top_seq;
+	}
+	if (s->pend_overflow) {
+		/* Live messages after the position were not all held: read
+		 * them from the feed, from the position on. */
+		s->phase = PH_REPLAY;
+		replay_next(s);
+	} else {
+		go_live(s);
+	}
+}
+
+struct shard_op {
+	struct st_sub *sub;
+	unsigned gen, shard;
+};
+
+static struct shard_op *shard_op_new(struct st_sub *s, unsigned shard)
+{
+	struct shard_op *o = hub_xmalloc(sizeof(*o));
+
+	o->sub = s;
+	o->gen = s->gen;
+	o->shard = shard;
+	s->refs++;
+	return o;
+}
+
+/* XREVRANGE <feed shard> + - COUNT 1: that shard's top. */
 static void on_position(redisReply *reply, void *arg)
 {
-	bool stale;
-	struct st_sub *s = op_take(arg, &stale);
-	uint64_t ms = 0, seq = 0;
+	struct shard_op *o = arg;
+	struct st_sub *s = o->sub;
+	bool stale = s->dead || o->gen != s->gen || !s->conn;
+	struct sh_pos *h = &s->sh[o->shard];
 
+	free(o);
 	if (stale)
 		goto out;
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
-		sub_fail(s, "the telemetry feed is unavailable");
+		s->gen++; /* the other shards' answers are moot */
+		(reply ? sub_fail : sub_lost)(s, "the telemetry feed is unavailable");
 		goto out;
 	}
+	h->top_ms = h->top_seq = 0;
 	if (reply->elements && reply->element[0]->type == REDIS_REPLY_ARRAY &&
 	    reply->element[0]->elements >= 1 &&
 	    reply->element[0]->element[0]->type == REDIS_REPLY_STRING)
 		parse_pos(reply->element[0]->element[0]->str, reply->element[0]->element[0]->len,
-			  &ms, &seq);
-	send_subscribed(s, true, ms, seq);
-	if (s->has_since) {
-		s->phase = PH_REPLAY;
-		replay_next(s); /* from the cursor: since */
-	} else if (s->pend_overflow) {
-		/* Live messages after the position were not all held: read
-		 * them from the feed, from the position on. */
-		s->last_ms = ms;
-		s->last_seq = seq;
-		s->phase = PH_REPLAY;
-		replay_next(s);
-	} else {
-		s->last_ms = ms;
-		s->last_seq = seq;
-		go_live(s);
-	}
+			  &h->top_ms, &h->top_seq);
+	if (!--s->waiting)
+		position_known(s);
 out:
 	sub_unref(s);
+}
+
+/* ---- replay over several feed shards ---------------------------------------
+ * A round asks every shard that may have more for its next page after its
+ * cursor; when all answered, the entries up to the smallest last id of a
+ * full page go out in id order (a shard whose page was full may hold
+ * earlier entries than another's beyond it), each shard's cursor moves to
+ * what went out of it, and the next round follows as the queue drains. */
+
+static int cmp_rent(const void *a, const void *b)
+{
+	const struct rent *x = a, *y = b;
+
+	if (x->ms != y->ms)
+		return x->ms < y->ms ? -1 : 1;
+	if (x->seq != y->seq)
+		return x->seq < y->seq ? -1 : 1;
+	return x->shard < y->shard ? -1 : x->shard > y->shard;
+}
+
+static void rents_clear(struct st_sub *s)
+{
+	for (size_t i = 0; i < s->nrents; i++)
+		free(s->rents[i].readings);
+	s->nrents = 0;
+}
+
+static void replay_merge(struct st_sub *s)
+{
+	uint64_t bms = UINT64_MAX, bseq = UINT64_MAX;
+	bool more = false;
+	size_t i;
+
+	for (unsigned k = 0; k < s->nsh; k++) {
+		struct sh_pos *h = &s->sh[k];
+		if (!h->more || !h->full)
+			continue;
+		if (h->top_ms < bms || (h->top_ms == bms && h->top_seq < bseq)) {
+			bms = h->top_ms;
+			bseq = h->top_seq;
+		}
+	}
+	/* a shard has more when its page was full, or when entries of it
+	 * beyond the bound are left for the next round; each resumes after
+	 * the last entry of it that went out */
+	for (unsigned k = 0; k < s->nsh; k++) {
+		s->sh[k].more = s->sh[k].more && s->sh[k].full;
+		more |= s->sh[k].more;
+	}
+	if (s->nrents)
+		qsort(s->rents, s->nrents, sizeof(*s->rents), cmp_rent);
+	for (i = 0; i < s->nrents && s->conn; i++) {
+		struct rent *e = &s->rents[i];
+		struct replay_ctx r = { .sub = s, .ms = e->ms, .seq = e->seq, .shard = e->shard };
+
+		if (e->ms > bms || (e->ms == bms && e->seq > bseq))
+			break;
+		s->sh[e->shard].last_ms = e->ms;
+		s->sh[e->shard].last_seq = e->seq;
+		hub_buf_puts(&r.tail, ",\"pos\":\"");
+		buf_token(&r.tail, s);
+		hub_buf_puts(&r.tail, "\"}");
+		for_lines(e->readings, e->readings + e->len, replay_line, &r);
+		hub_buf_free(&r.tail);
+	}
+	for (; i < s->nrents; i++) {
+		s->sh[s->rents[i].shard].more = true;
+		more = true;
+	}
+	rents_clear(s);
+	if (!s->conn || s->dead)
+		return;
+	if (more || s->pend_overflow) {
+		if (!more)
+			for (unsigned k = 0; k < s->nsh; k++)
+				s->sh[k].more = true;
+		s->replay_wait = true;
+		if (s->conn->qlen < (size_t)s->group->st->hub->cfg.stream_queue_max / 2)
+			replay_next(s);
+	} else {
+		go_live(s);
+	}
+}
+
+static void on_replay_shard(redisReply *reply, void *arg)
+{
+	struct shard_op *o = arg;
+	struct st_sub *s = o->sub;
+	bool stale = s->dead || o->gen != s->gen || !s->conn;
+	struct sh_pos *h = &s->sh[o->shard];
+	unsigned shard = o->shard;
+
+	free(o);
+	if (stale)
+		goto out;
+	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
+		s->gen++;
+		rents_clear(s);
+		(reply ? sub_fail : sub_lost)(s, "the telemetry feed is unavailable");
+		goto out;
+	}
+	for (size_t i = 0; i < reply->elements; i++) {
+		redisReply *e = reply->element[i], *f;
+		uint64_t ms, seq;
+
+		if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+		    e->element[0]->type != REDIS_REPLY_STRING ||
+		    parse_pos(e->element[0]->str, e->element[0]->len, &ms, &seq))
+			continue;
+		h->top_ms = ms;
+		h->top_seq = seq;
+		f = e->element[1];
+		for (size_t j = 0; f->type == REDIS_REPLY_ARRAY && j + 1 < f->elements; j += 2) {
+			struct rent *t;
+			if (f->element[j]->type != REDIS_REPLY_STRING ||
+			    strcmp(f->element[j]->str, "readings") ||
+			    f->element[j + 1]->type != REDIS_REPLY_STRING)
+				continue;
+			if (s->nrents == s->cap_rents) {
+				s->cap_rents = s->cap_rents ? s->cap_rents * 2 : 64;
+				s->rents = hub_xrealloc(s->rents, s->cap_rents * sizeof(*s->rents));
+			}
+			t = &s->rents[s->nrents++];
+			t->ms = ms;
+			t->seq = seq;
+			t->shard = shard;
+			t->len = f->element[j + 1]->len;
+			t->readings = hub_xmalloc(t->len + 1);
+			memcpy(t->readings, f->element[j + 1]->str, t->len + 1);
+		}
+	}
+	h->full = reply->elements >= (size_t)s->group->st->hub->cfg.stream_replay_page;
+	if (!--s->waiting)
+		replay_merge(s);
+out:
+	sub_unref(s);
+}
+
+static void replay_round(struct st_sub *s)
+{
+	struct stream *st = s->group->st;
+	char start[64], count[16];
+
+	pend_clear(s);
+	rents_clear(s);
+	s->gen++; /* a round's replies belong to it alone */
+	snprintf(count, sizeof(count), "%d", st->hub->cfg.stream_replay_page);
+	s->waiting = 0;
+	for (unsigned k = 0; k < s->nsh; k++) {
+		struct sh_pos *h = &s->sh[k];
+		h->full = false;
+		if (!h->more)
+			continue;
+		snprintf(start, sizeof(start), "(%" PRIu64 "-%" PRIu64, h->last_ms, h->last_seq);
+		const char *argv[6] = { "XRANGE", st->feed[k], start, "+", "COUNT", count };
+		struct shard_op *o = shard_op_new(s, k);
+		s->waiting++;
+		if (hub_redis_command_argv(st->hub->redis, on_replay_shard, o, 6, argv, NULL)) {
+			s->waiting--;
+			free(o);
+			s->gen++;
+			sub_unref(s);
+			sub_lost(s, "Redis is unavailable");
+			return;
+		}
+	}
+	if (!s->waiting)
+		go_live(s);
 }
 
 /* The group's channel is active: start delivering. */
@@ -1221,24 +1667,30 @@ static void sub_start(struct st_sub *s)
 	if (s->kind != K_RAW) {
 		s->phase = PH_LIVE;
 		if (!s->announced)
-			send_subscribed(s, false, 0, 0);
+			send_subscribed(s, false);
 		return;
 	}
 	if (s->resume) {
 		/* Back after a pub/sub loss: replay from the last position. */
 		s->resume = false;
 		s->phase = PH_REPLAY;
+		for (unsigned k = 0; k < s->nsh; k++)
+			s->sh[k].more = true;
 		replay_next(s);
 		return;
 	}
-	const char *argv[6] = { "XREVRANGE", HUB_KEY_FEED, "+", "-", "COUNT", "1" };
-	struct op *o = op_new(s);
 	s->phase = PH_POSITION;
-	if (hub_redis_command_argv(st->hub->redis, on_position, o, 6, argv, NULL)) {
-		bool stale;
-		op_take(o, &stale);
-		sub_unref(s);
-		sub_fail(s, "Redis is unavailable");
+	s->waiting = s->nsh;
+	for (unsigned k = 0; k < s->nsh; k++) {
+		const char *argv[6] = { "XREVRANGE", st->feed[k], "+", "-", "COUNT", "1" };
+		struct shard_op *o = shard_op_new(s, k);
+		if (hub_redis_command_argv(st->hub->redis, on_position, o, 6, argv, NULL)) {
+			free(o);
+			s->gen++;
+			sub_unref(s);
+			sub_lost(s, "Redis is unavailable");
+			return;
+		}
 	}
 }
 
@@ -1581,9 +2033,8 @@ static enum sub_refusal subscribe_options(struct st_sub *s, json_t *msg, char *e
 			return SUB_BAD_SINCE;
 		}
 		if (!json_is_string(jsince) ||
-		    parse_pos(json_string_value(jsince), json_string_length(jsince),
-			      &s->last_ms, &s->last_seq)) {
-			snprintf(err, errlen, "since must be a position \"<ms>-<n>\" as in pos");
+		    parse_token(json_string_value(jsince), json_string_length(jsince), s)) {
+			snprintf(err, errlen, "since must be a position as in pos");
 			return SUB_BAD_SINCE;
 		}
 		s->has_since = true;
@@ -1619,7 +2070,7 @@ static void sub_join(struct st_conn *c, struct st_sub *s, size_t entries)
 		agg_want(st->agg, (enum agg_window)(s->kind - K_1S), true);
 	group_acquire(s->group);
 	s->phase = PH_WAIT;
-	if (hub_redis_channel_active(s->group->ch))
+	if (group_active(s->group))
 		sub_start(s);
 }
 
@@ -1634,7 +2085,7 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 
 	if (kind < 0)
 		return;
-	if (!hub_redis_up(c->hub->redis)) {
+	if (!hub_redis_up(c->hub->redis) || !stream_shards(c->st)) {
 		send_error(c, id, "unavailable", "Redis is unavailable; subscribe again later");
 		return;
 	}
@@ -1649,6 +2100,8 @@ static void handle_subscribe(struct st_conn *c, json_t *msg)
 		return;
 	}
 	s = sub_new(c, id, (enum st_kind)kind);
+	s->nsh = c->st->shards;
+	s->sh = hub_xcalloc(s->nsh, sizeof(*s->sh));
 	r = parse_filter(c, s, json_object_get(msg, "filter"), err, sizeof(err));
 	if (r == SUB_OK)
 		r = subscribe_options(s, msg, err, sizeof(err));
@@ -2004,6 +2457,8 @@ static void group_free(struct st_group *g)
 	hub_strmap_foreach(&g->index, free_vec_cb, NULL);
 	hub_strmap_free(&g->index);
 	free(g->scan.v);
+	free(g->type);
+	free(g->chs);
 	free(g);
 }
 
@@ -2050,6 +2505,12 @@ static void stream_module_quiesce(struct hub *hub)
 	stream_close_all(hub->stream);
 }
 
+static void stream_module_stop(struct hub *hub)
+{
+	if (hub->stream)
+		lws_sul_cancel(&hub->stream->sul_retry);
+}
+
 static void stream_module_free(struct hub *hub)
 {
 	stream_free(hub->stream);
@@ -2061,5 +2522,6 @@ const struct hub_module stream_module = {
 	.protocol = stream_module_protocol,
 	.start = stream_module_start,
 	.quiesce = stream_module_quiesce,
+	.stop = stream_module_stop,
 	.free = stream_module_free,
 };

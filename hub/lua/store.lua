@@ -1,17 +1,23 @@
--- store: stores a batch of telemetry frames (the frames of one loop turn of
--- a hub, hub/registry.c) and publishes their readings live.
+-- store: stores a batch of telemetry frames of one ingest shard (the frames
+-- of one loop turn of a hub whose gateways fall in that shard,
+-- hub/registry.c) and publishes their readings live. Every key carries the
+-- shard's hash tag {i<k>} (one slot on a Redis Cluster).
 --
--- KEYS[1]      iot:feed                    HUB_KEY_FEED
+-- KEYS[1]      iot:feed:{i<k>}             hub_key_feed: the shard's feed
 -- then, per frame f in order, 1 + n_f keys:
---   seqs       iot:gw:{<gateway>}:seqs     hub_key_gw_seqs: the gateway's window of stored seqs
---   n_f x tm   iot:tm:{<device>}           hub_key_tm: each reading's stream, in reading order
+--   seqs       iot:seqs:{i<k>}:<gateway>   hub_key_seqs: the gateway's window of stored seqs
+--   n_f x tm   iot:tm:{i<k>}:<device>      hub_key_tm_shard: each reading's stream, in reading order
 -- ARGV[1] seq window (members kept in seqs), ARGV[2] device stream MAXLEN,
--- ARGV[3] feed MAXLEN (0: no feed entry), ARGV[4] number of frames, then per
--- frame: seq, gateway, lines, n, n x (ts, data), m, m x (channel, from, to).
--- lines holds one line per reading (the feed entry's `readings`); the
--- readings of a device type are lines[from..to] (1-based, inclusive),
--- published on channel iot:live:raw:<type> (hub_ch_raw) behind the frame's
--- feed id.
+-- ARGV[3] feed MAXLEN (0: no feed entry), ARGV[4] number of frames,
+-- ARGV[5] the publish command: PUBLISH (one Redis) or SPUBLISH (cluster),
+-- ARGV[6] what goes before the feed id in a live message: '' with one
+-- shard, '<k>/' with several; then per frame: seq, gateway, lines, n,
+-- n x (ts, data), m, m x (channel, from, to). lines holds one line per
+-- reading (the feed entry's `readings`); the readings of a device type are
+-- lines[from..to] (1-based, inclusive), published on the type's channel
+-- (iot:live:raw:<type>, hub_ch_raw, or on a cluster
+-- iot:live:{i<k>}:raw:<type>, hub_ch_raw_shard: the shard's slot) behind the
+-- frame's feed id.
 --
 -- Reply: one element per frame, in order: {1, feed id} stored ('0-0' without
 -- a feed entry), or {0}: the seq was in the gateway's window already (a
@@ -32,9 +38,10 @@ local TRIM_EVERY, TTL_EVERY, SEQS_TTL_S = 64, 256, 2592000
 
 local window, dmax, fmax = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local frames = tonumber(ARGV[4])
+local pub, head = ARGV[5], ARGV[6]
 
 -- The shape first: a malformed call writes nothing.
-local p, k, seen = 5, 2, 0
+local p, k, seen = 7, 2, 0
 for _ = 1, frames or 0 do
   local n = tonumber(ARGV[p + 3])
   local m = n and tonumber(ARGV[p + 4 + 2 * n])
@@ -43,12 +50,12 @@ for _ = 1, frames or 0 do
   p = p + 5 + 2 * n + 3 * m
   seen = seen + 1
 end
-if not (window and fmax) or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
+if not (window and fmax) or (pub ~= 'PUBLISH' and pub ~= 'SPUBLISH') or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
   return redis.error_reply('ERR store: KEYS and ARGV do not match')
 end
 
 local out = {}
-p, k = 5, 2
+p, k = 7, 2
 for f = 1, frames do
   local key, seq, gw, lines = KEYS[k], ARGV[p], ARGV[p + 1], ARGV[p + 2]
   local n = tonumber(ARGV[p + 3])
@@ -78,8 +85,8 @@ for f = 1, frames do
                       'gw', gw, 'seq', seq, 'readings', lines)
     end
     for g = b + 1, p - 1, 3 do
-      redis.call('PUBLISH', ARGV[g],
-                 id .. '\n' .. string.sub(lines, tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])))
+      redis.call(pub, ARGV[g],
+                 head .. id .. '\n' .. string.sub(lines, tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])))
     end
     if tonumber(seq) % TTL_EVERY == 0 or redis.call('TTL', key) < 0 then
       redis.call('EXPIRE', key, SEQS_TTL_S)

@@ -203,12 +203,36 @@ class rkeys:
     def cancels(device):
         return "iot:dev:{%s}:cancels" % device
 
+    # Ingest keys (layout 3): one shard (one Redis, feed-shards 0 or 1)
+    # unless shards is given; a gateway's shard is FNV-1a(id) % shards.
+    FEED = "iot:feed:{i0}"
+
     @staticmethod
-    def tm(device):
+    def shard_of(gateway, shards=1):
+        h = 2166136261
+        for b in gateway.encode():
+            h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+        return h % shards if shards > 1 else 0
+
+    @staticmethod
+    def tm(device, shard=0):
+        return "iot:tm:{i%d}:%s" % (shard, device)
+
+    @staticmethod
+    def gw_seqs(gateway, shards=1):
+        return "iot:seqs:{i%d}:%s" % (rkeys.shard_of(gateway, shards), gateway)
+
+    @staticmethod
+    def feed(shard=0):
+        return "iot:feed:{i%d}" % shard
+
+    # Layout 2's names of the same keys (the 2 -> 3 migration renames them).
+    @staticmethod
+    def tm2(device):
         return "iot:tm:{%s}" % device
 
     @staticmethod
-    def gw_seqs(gateway):
+    def gw_seqs2(gateway):
         return "iot:gw:{%s}:seqs" % gateway
 
     @staticmethod
@@ -469,13 +493,15 @@ class RedisCluster:
     (the first `primaries` are the primaries at creation). Every server is
     stopped by its PID in stop()."""
 
-    def __init__(self, primaries=3, replicas=0, node_timeout=2000, extra=()):
+    def __init__(self, primaries=3, replicas=0, node_timeout=2000, extra=(), ports=(41000, 41999)):
+        """ports: the (lo, hi) range the nodes' ports are drawn from."""
         self.nodes = []
+        lo, hi = ports
         ports = []
         try:
             for _ in range(primaries * (1 + replicas)):
                 for attempt in range(5):
-                    port = free_cluster_port(avoid=ports)
+                    port = free_cluster_port(avoid=ports, lo=lo, hi=hi)
                     try:
                         r = Redis(port=port, extra=[
                             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",

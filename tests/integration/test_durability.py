@@ -47,7 +47,7 @@ class Durability(HubTestCase):
 
     async def test_resend_of_acked_seq(self):
         gw, d = await self.gw_dev()
-        feed0 = self.redis.xlen("iot:feed")
+        feed0 = self.redis.xlen(rkeys.FEED)
         r = [reading(d, 21.0)]
         rep = await gw.telemetry(5, r)
         self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
@@ -57,7 +57,7 @@ class Durability(HubTestCase):
         self.assertEqual(self.xlen(d), 1, "resent frame stored twice")
         self.assertEqual([json.loads(f["data"])["temperature"] for _, f in self.redis.xrange(rkeys.tm(d))],
                          [21.0])
-        self.assertEqual(self.redis.xlen("iot:feed"), feed0 + 1, "resent frame added to iot:feed again")
+        self.assertEqual(self.redis.xlen(rkeys.FEED), feed0 + 1, "resent frame added to iot:feed again")
 
     async def test_resend_of_partly_rejected_frame(self):
         gw, d = await self.gw_dev()

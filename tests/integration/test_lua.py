@@ -190,7 +190,7 @@ class Lua(unittest.TestCase):
 
     def store_call(self, frames, window=4096, dmax=1000, fmax=1000):
         """frames: [(gateway, seq, [(device, ts, data)], [(type, from, to)], lines)]."""
-        keys, argv = ["iot:feed"], [window, dmax, fmax, len(frames)]
+        keys, argv = [rkeys.FEED], [window, dmax, fmax, len(frames), "PUBLISH", ""]
         for gw, seq, readings, groups, lines in frames:
             keys.append(rkeys.gw_seqs(gw))
             keys += [rkeys.tm(d) for d, _, _ in readings]
@@ -218,7 +218,7 @@ class Lua(unittest.TestCase):
                          ['{"t":1}', '{"t":3}'])
         tm2 = self.r.xrange(rkeys.tm("d2"))
         self.assertEqual(tm2[0][1], {"ts": "1001", "data": '{"t":2}', "gw": "g1", "seq": "7"})
-        feed = self.r.xrange("iot:feed")
+        feed = self.r.xrange(rkeys.FEED)
         self.assertEqual([(e[0], e[1]["gw"], e[1]["seq"]) for e in feed],
                          [(out[0][1], "g1", "7"), (out[1][1], "g2", "64")])
         self.assertEqual(feed[0][1]["readings"], lines)
@@ -233,7 +233,7 @@ class Lua(unittest.TestCase):
         keys, argv = self.store_call([("g3", 1, [("d3", "5", "{}")], [], "l")], fmax=0)
         self.assertEqual(self.run_script("store", keys, argv), [[1, "0-0"]])
         self.assertEqual(self.r.xlen(rkeys.tm("d3")), 1)
-        self.assertEqual(self.r.xlen("iot:feed"), 2)
+        self.assertEqual(self.r.xlen(rkeys.FEED), 2)
 
     def test_store_trims_the_window(self):
         for seq in range(1, 65):
@@ -251,6 +251,9 @@ class Lua(unittest.TestCase):
         bad[3] = 2                                               # two frames announced
         self.assert_refused("store", keys, bad, msg)
         bad[3] = "x"
+        self.assert_refused("store", keys, bad, msg)
+        bad = list(argv)
+        bad[4] = "EVAL"                                          # not a publish command
         self.assert_refused("store", keys, bad, msg)
 
     # ---- gateways: connect, limits, epoch ------------------------------------

@@ -60,13 +60,13 @@ def layout1(r):
     put("iot:type:thermostat", rkeys.type("thermostat"), "SADD", "kc-1", "m:x", "z:cmds")
     for d, seq0 in (("kc-1", 1), ("m:x", 1)):
         for i in range(2):
-            put("iot:tm:" + d, rkeys.tm(d), "XADD", "%d-0" % (now - 5000 + i), "ts", now - 5000 + i,
+            put("iot:tm:" + d, rkeys.tm2(d), "XADD", "%d-0" % (now - 5000 + i), "ts", now - 5000 + i,
                 "data", '{"temperature":%d}' % (20 + i), "gw", "gw-old", "seq", seq0 + i)
-    put("iot:gw:gw-old:seqs", rkeys.gw_seqs("gw-old"), "ZADD", 1, 1, 2, 2)
+    put("iot:gw:gw-old:seqs", rkeys.gw_seqs2("gw-old"), "ZADD", 1, 1, 2, 2)
     r.cmd("EXPIRE", "iot:gw:gw-old:seqs", 2592000)
     put("iot:gw:gw-old:epoch", rkeys.gw_epoch("gw-old"), "SET", 3)
     # gateway `gw:seqs`: its seqs key ends in :seqs:seqs, its epoch in :seqs:epoch
-    put("iot:gw:gw:seqs:seqs", rkeys.gw_seqs("gw:seqs"), "ZADD", 1, 1)
+    put("iot:gw:gw:seqs:seqs", rkeys.gw_seqs2("gw:seqs"), "ZADD", 1, 1)
     put("iot:gw:gw:seqs:epoch", rkeys.gw_epoch("gw:seqs"), "SET", 1)
     # commands of kc-1 (hub-generated names stay)
     r.cmd("HSET", "iot:cmd:" + C_QUEUED, *cmd_hash(C_QUEUED, "kc-1", "queued", "admin", now))
@@ -121,7 +121,7 @@ class Migrate(HubTestCase):
                          "--dry-run changed something")
 
         # interrupted earlier: one key already has its new name
-        redis.cmd("RENAME", "iot:tm:kc-1", rkeys.tm("kc-1"))
+        redis.cmd("RENAME", "iot:tm:kc-1", rkeys.tm2("kc-1"))
         ttl0 = redis.cmd("TTL", "iot:gw:gw-old:seqs")
         rc, out = migrate(redis, "--verbose")
         self.assertEqual(rc, 0, out)
@@ -130,7 +130,7 @@ class Migrate(HubTestCase):
         for old, new in renames.items():
             self.assertEqual((redis.cmd("EXISTS", old), redis.cmd("EXISTS", new)), (0, 1), "%s -> %s" % (old, new))
         self.assertEqual(redis.cmd("GET", "iot:layout"), "2")
-        self.assertGreater(redis.cmd("TTL", rkeys.gw_seqs("gw-old")), ttl0 - 60, "the TTL moved with the key")
+        self.assertGreater(redis.cmd("TTL", rkeys.gw_seqs2("gw-old")), ttl0 - 60, "the TTL moved with the key")
         self.assertGreater(redis.cmd("TTL", rkeys.idem("a:b", "c")), 0)
         self.assertEqual(redis.cmd("GET", "iot:idem:p:q:r"), C_GONE, "the ambiguous key is left")
         self.assertEqual(redis.xlen("iot:feed"), 1)
@@ -174,6 +174,12 @@ class Migrate(HubTestCase):
         rep = await gw.telemetry(3, [reading("kc-1", 31.0)])
         self.assertEqual((rep.get("type"), rep.get("accepted"), rep.get("duplicate")), ("ack", 1, None), rep)
         self.assertEqual(redis.xlen(rkeys.tm("kc-1")), 3)
+        # the hub moved layout 2's ingest keys to layout 3 (ingest_migrate_2to3)
+        self.assertEqual(redis.cmd("HGET", "iot:ingest", "migrated"), "1")
+        self.assertEqual(redis.cmd("KEYS", "iot:tm:{*}"), [])
+        self.assertEqual(redis.cmd("EXISTS", "iot:feed", rkeys.gw_seqs2("gw-old")), 0)
+        self.assertEqual(redis.xlen(rkeys.FEED), 2, "layout 2's feed entry, then seq 3's")
+        self.assertEqual(redis.cmd("ZRANGE", rkeys.gw_seqs("gw:seqs"), 0, -1), ["1"])
         self.assertEqual(redis.cmd("GET", rkeys.gw_epoch("gw-old")), "4", "the epoch counter went on")
         await gw.close()
         hub.stop()
@@ -182,17 +188,17 @@ class Migrate(HubTestCase):
         redis = self.select(self.start_redis())
         redis.cmd("SADD", "iot:devices", "c-1")
         redis.cmd("XADD", "iot:tm:c-1", "*", "ts", 1, "data", "{}")
-        redis.cmd("XADD", rkeys.tm("c-1"), "*", "ts", 2, "data", "{}")
+        redis.cmd("XADD", rkeys.tm2("c-1"), "*", "ts", 2, "data", "{}")
         redis.cmd("HSET", "iot:dev:c-2", "type", "thermostat")
         rc, out = migrate(redis)
         self.assertEqual(rc, 1, out)
-        self.assertIn("conflict: %s exists already; iot:tm:c-1 left" % rkeys.tm("c-1"), out)
-        self.assertEqual((redis.xlen("iot:tm:c-1"), redis.xlen(rkeys.tm("c-1"))), (1, 1))
+        self.assertIn("conflict: %s exists already; iot:tm:c-1 left" % rkeys.tm2("c-1"), out)
+        self.assertEqual((redis.xlen("iot:tm:c-1"), redis.xlen(rkeys.tm2("c-1"))), (1, 1))
         self.assertEqual(redis.cmd("GET", "iot:layout"), None)
         self.assertEqual(redis.cmd("EXISTS", rkeys.dev("c-2")), 1, "the rest is renamed")
         self.refused(redis)
         # resolved by hand: the next run finishes
-        redis.cmd("DEL", rkeys.tm("c-1"))
+        redis.cmd("DEL", rkeys.tm2("c-1"))
         rc, out = migrate(redis)
         self.assertEqual(rc, 0, out)
         self.assertEqual(redis.cmd("GET", "iot:layout"), "2")

@@ -91,7 +91,7 @@ class RedisOutage(HubTestCase):
         gw, d = await self.gw_dev(hub)
         rep = await gw.telemetry(1, [reading(d, 1.0)])
         self.assertEqual(rep.get("type"), "ack", rep)
-        feed0 = redis.xlen("iot:feed")
+        feed0 = redis.xlen(rkeys.FEED)
         r2 = [reading(d, 2.0)]
         redis.pause()
         try:
@@ -107,7 +107,7 @@ class RedisOutage(HubTestCase):
         rep = await self.resend_until_acked(gw, 2, r2)
         stored = [int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d))]
         self.assertEqual(stored, [1, 2], "frame stored %d times after a stall + resend" % stored.count(2))
-        self.assertEqual(redis.xlen("iot:feed"), feed0 + 1)
+        self.assertEqual(redis.xlen(rkeys.FEED), feed0 + 1)
         hub.stop()
 
     async def test_stalled_redis_is_not_ready_within_2s(self):

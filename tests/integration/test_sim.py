@@ -42,7 +42,7 @@ class Sim(HubTestCase):
         while True:
             cursor, found = self.redis.cmd("SCAN", cursor, "MATCH", rkeys.tm(prefix + "*"), "COUNT", 1000)
             for k in found:
-                out[k[len("iot:tm:{"):-1]] = self.redis.xlen(k)
+                out[k[len(rkeys.tm("")):]] = self.redis.xlen(k)
             if cursor == "0":
                 return out
 

@@ -67,7 +67,7 @@ def parse_feed_readings(text):
 def feed_entries(redis, start="-"):
     """iot:feed entries, oldest first: [(id, gw, seq, [reading dicts])]."""
     out = []
-    for eid, f in xrange_from(redis, "iot:feed", start):
+    for eid, f in xrange_from(redis, rkeys.FEED, start):
         out.append((eid, f.get("gw"), int(f.get("seq", -1)), parse_feed_readings(f.get("readings", ""))))
     return out
 
@@ -307,7 +307,7 @@ class StreamCase(HubTestCase):
         return gw.seq
 
     def feed_pos(self, redis, gw_sub, seq):
-        for eid, f in xrange_from(redis, "iot:feed"):
+        for eid, f in xrange_from(redis, rkeys.FEED):
             if f.get("gw") == gw_sub and f.get("seq") == str(seq):
                 return eid
         raise AssertionError("no iot:feed entry for gw %s seq %s" % (gw_sub, seq))
@@ -730,7 +730,7 @@ class StreamNoFeed(StreamCase):
         got += await d.collect(0.3)
         self.assertEqual(sorted((m["sub"], m["data"]["temperature"], m["pos"]) for m in got if m.get("type") == "reading"),
                          [("live", 2.0, "0-0"), ("since", 2.0, "0-0")], "without a feed `since` replays nothing")
-        self.assertEqual(redis.cmd("EXISTS", "iot:feed"), 0)
+        self.assertEqual(redis.cmd("EXISTS", rkeys.FEED), 0)
         hub.stop()
 
 

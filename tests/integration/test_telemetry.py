@@ -46,7 +46,7 @@ class Telemetry(HubTestCase):
 
     async def test_valid_reading_is_stored_before_ack(self):
         gw, (d,) = await self.gw_with()
-        feed0 = self.redis.xlen("iot:feed")
+        feed0 = self.redis.xlen(rkeys.FEED)
         ts = now_ms() - 1000
         rep = await gw.telemetry(1, [{"device": d, "ts": ts, "data": {"temperature": 21.5, "humidity": 40}}])
         self.assert_ack(rep, 1, 1)
@@ -58,7 +58,7 @@ class Telemetry(HubTestCase):
         self.assertEqual(json.loads(f.get("data", "null")), {"temperature": 21.5, "humidity": 40}, f)
         self.assertEqual(f.get("gw"), gw.sub, f)
         self.assertEqual(f.get("seq"), "1", f)
-        self.assertEqual(self.redis.xlen("iot:feed"), feed0 + 1, "iot:feed should get one entry per stored frame")
+        self.assertEqual(self.redis.xlen(rkeys.FEED), feed0 + 1, "iot:feed should get one entry per stored frame")
         seqs = self.redis.cmd("ZRANGE", rkeys.gw_seqs(gw.sub), 0, -1, "WITHSCORES")
         self.assertTrue("1" in seqs, "seq 1 not in %s: %r" % (rkeys.gw_seqs(gw.sub), seqs))
 

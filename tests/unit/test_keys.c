@@ -34,6 +34,36 @@ static void test_names(void **state)
 	assert_string_equal(k, "iot:ctl:cmd:hub-1");
 }
 
+/* Ingest shards: the tag first, the name last; the shard of a gateway is
+ * FNV-1a % n (the test harness's rkeys.shard_of computes the same). */
+static void test_ingest_shards(void **state)
+{
+	char k[HUB_KEY_MAX], name[HUB_ID_MAX + 2];
+
+	(void)state;
+	assert_int_equal(hub_key_tm_shard(k, sizeof(k), 3, "kc-1"), strlen("iot:tm:{i3}:kc-1"));
+	assert_string_equal(k, "iot:tm:{i3}:kc-1");
+	hub_key_seqs(k, sizeof(k), 15, "g:seqs");
+	assert_string_equal(k, "iot:seqs:{i15}:g:seqs");
+	assert_int_equal(hub_key_feed(k, sizeof(k), 0), strlen("iot:feed:{i0}"));
+	assert_string_equal(k, "iot:feed:{i0}");
+	hub_ch_raw_shard(k, sizeof(k), 7, "power-meter");
+	assert_string_equal(k, "iot:live:{i7}:raw:power-meter");
+	assert_int_equal(hub_key_feed(k, sizeof(k), HUB_FEED_SHARDS_MAX), 0);
+	assert_int_equal(hub_key_tm_shard(k, sizeof(k), 0, ""), 0);
+	memset(name, 'x', HUB_ID_MAX);
+	name[HUB_ID_MAX] = '\0';
+	assert_true(hub_key_tm_shard(k, sizeof(k), 63, name) > 0);
+	assert_true(hub_ch_raw_shard(k, sizeof(k), 63, name) > 0);
+	assert_true(hub_key_seqs(k, sizeof(k), 63, name) > 0);
+	name[HUB_ID_MAX] = 'x';
+	name[HUB_ID_MAX + 1] = '\0';
+	assert_int_equal(hub_key_tm_shard(k, sizeof(k), 0, name), 0);
+	assert_int_equal(hub_ingest_shard_of("anything", 1), 0);
+	assert_int_equal(hub_ingest_shard_of("", 16), 2166136261u % 16);
+	assert_int_equal(hub_ingest_shard_of("a", 16), ((2166136261u ^ 'a') * 16777619u) % 16);
+}
+
 /* The layout-1 collision: device kc-1:cmds's hash was device kc-1's queue. */
 static void test_no_collision(void **state)
 {
@@ -135,6 +165,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_names),
+		cmocka_unit_test(test_ingest_shards),
 		cmocka_unit_test(test_no_collision),
 		cmocka_unit_test(test_limits),
 		cmocka_unit_test(test_script_keys),
