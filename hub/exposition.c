@@ -222,8 +222,9 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	      (double)hub->metrics.stream_subscriptions);
 	counter(o, "iot_hub_stream_messages_total", "Messages written to dashboards.",
 		m->stream_messages_total);
-	counter(o, "iot_hub_stream_dropped_total", "Queued dashboard messages dropped (slow consumers).",
-		m->stream_dropped_total);
+	counters(o, "iot_hub_stream_dropped_total",
+		 "Queued dashboard messages dropped (slow consumers), by subscription stream.",
+		 "stream", hub_stream_kinds, m->stream_dropped, HUB_STREAM_KINDS);
 	counter(o, "iot_hub_stream_slow_closed_total", "Dashboards closed for reading too slowly.",
 		m->stream_slow_closed_total);
 	counter(o, "iot_hub_stream_replayed_total", "Readings replayed from the feed for since.",
@@ -284,6 +285,9 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	histogram(o, "iot_hub_redis_rtt_seconds", "Redis command round trip.", &m->redis_rtt);
 	histogram(o, "iot_hub_ack_latency_seconds", "Gateway frame received to ack queued.",
 		  &m->ack_latency);
+	histogram(o, "iot_hub_stream_delivery_seconds",
+		  "Raw reading stored in Redis (its feed id's time) to written to a dashboard.",
+		  &m->stream_delivery);
 	gauge(o, "iot_hub_devices_online", "Devices announced on this instance's gateway connections.",
 	      (double)m->devices_online);
 	counters(o, "iot_hub_gateway_disconnects_total", "Gateway connections ended, by reason.",

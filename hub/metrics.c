@@ -20,6 +20,10 @@ void hub_hist_observe(struct hub_histogram *h, double seconds)
 	h->sum += seconds;
 }
 
+const char *const hub_stream_kinds[HUB_STREAM_KINDS] = {
+	"raw", "1s", "10s", "1m", "presence", "commands",
+};
+
 const unsigned hub_http_codes[HUB_HTTP_CODES] = {
 	200, 201, 202, 204, 206, 304, 400, 401, 403, 404, 405, 409, 411, 413, 414, 422,
 	429, 500, 503,

@@ -44,6 +44,11 @@ struct hub_histogram {
 /* Upper bounds, seconds: 100us .. 5s. */
 extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
+/* The dashboard subscription kinds (docs/dashboard.md `stream`), in the
+ * order of protocols/stream.c's enum st_kind. */
+#define HUB_STREAM_KINDS 6
+extern const char *const hub_stream_kinds[HUB_STREAM_KINDS];
+
 /* HTTP requests of one route (hub/http.c keeps one per registered route,
  * one for the static files and one for requests no route took): answers
  * by status code, and the time from the request's head to its answer. */
@@ -101,7 +106,7 @@ struct hub_metrics {
 	uint64_t stream_connections_total; /* dashboard WebSockets established */
 	uint64_t stream_auth_failures_total;
 	uint64_t stream_messages_total;    /* messages written to dashboards */
-	uint64_t stream_dropped_total;     /* queued messages dropped (slow dashboards) */
+	uint64_t stream_dropped[HUB_STREAM_KINDS]; /* queued messages dropped (slow dashboards), by stream */
 	uint64_t stream_slow_closed_total; /* dashboards closed by stream-slow-policy close */
 	uint64_t stream_replayed_total;    /* readings sent from the feed for `since` */
 	uint64_t aggregate_late_readings_total; /* too old to aggregate */
@@ -117,6 +122,7 @@ struct hub_metrics {
 	uint64_t bytes_sent[HUB_WS__COUNT + 1];     /* ... http: whole answers */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */
+	struct hub_histogram stream_delivery; /* raw reading stored (feed id time) -> written to a dashboard */
 };
 
 void hub_hist_observe(struct hub_histogram *h, double seconds);

@@ -50,15 +50,15 @@
  */
 
 enum st_kind { K_RAW, K_1S, K_10S, K_1M, K_PRESENCE, K_COMMANDS, K__COUNT };
-static const char *const kind_names[K__COUNT] = {
-	"raw", "1s", "10s", "1m", "presence", "commands"
-};
+#define kind_names hub_stream_kinds
+_Static_assert(K__COUNT == HUB_STREAM_KINDS, "hub_stream_kinds names every kind");
 
 struct st_msg {
 	unsigned refs;
 	const char *type;          /* "reading", "aggregate", ... */
 	uint64_t pos_ms, pos_seq;  /* raw: feed position (in feed shard `shard`) */
 	unsigned shard;
+	bool live;                 /* from pub/sub as it was stored (not a replay) */
 	size_t len;
 	char body[];               /* `"device":…}` */
 };
@@ -229,6 +229,7 @@ static struct st_msg *msg_new(const char *type, const char *body, size_t len,
 	m->type = type;
 	m->pos_ms = m->pos_seq = 0;
 	m->shard = 0;
+	m->live = false;
 	memcpy(m->body, body, len);
 	if (tail_len) /* several shards: a raw body's tail is the subscriber's own */
 		memcpy(m->body + len, tail, tail_len);
@@ -381,7 +382,7 @@ static void q_drop_head(struct st_conn *c)
 	c->qbytes -= e->msg->len;
 	if (!e->sub->dead)
 		e->sub->dropped++;
-	c->hub->metrics.stream_dropped_total++;
+	c->hub->metrics.stream_dropped[e->sub->kind]++;
 	msg_unref(e->msg);
 	sub_unref(e->sub);
 	c->qhead = (c->qhead + 1) % c->qcap;
@@ -510,6 +511,7 @@ static int w_flush(struct st_conn *c, size_t msgs)
 static int conn_writeable(struct st_conn *c)
 {
 	int budget = WRITES_PER_TURN;
+	int64_t now_ms = hub_now_ms();
 
 	while (budget-- > 0 && !lws_partial_buffered(c->wsi)) {
 		size_t msgs = 0;
@@ -543,6 +545,10 @@ static int conn_writeable(struct st_conn *c)
 				}
 				frame_msg(&c->w, e.sub, e.msg);
 				msgs++;
+				if (e.msg->live) /* stored -> written, Redis's clock to ours */
+					hub_hist_observe(&c->hub->metrics.stream_delivery,
+							 now_ms > (int64_t)e.msg->pos_ms ?
+							 (double)(now_ms - (int64_t)e.msg->pos_ms) / 1e3 : 0);
 			}
 			msg_unref(e.msg);
 			sub_unref(e.sub);
@@ -998,6 +1004,7 @@ static void enqueue_token(struct st_sub *s, struct st_msg *m)
 	own->pos_ms = m->pos_ms;
 	own->pos_seq = m->pos_seq;
 	own->shard = m->shard;
+	own->live = m->live;
 	enqueue(s, own);
 	msg_unref(own);
 	hub_buf_free(&b);
@@ -1118,6 +1125,7 @@ static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
 			msg->pos_ms = f->pos_ms;
 			msg->pos_seq = f->pos_seq;
 			msg->shard = f->shard;
+			msg->live = f->has_pos && f->pos_ms;
 		}
 		deliver(s, msg, f->has_pos);
 	}
