@@ -10,6 +10,9 @@ pkgs=(
   redis-server redis-tools
   python3-websockets curl openssl
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
+  chromium                   # the browser tests (tests/web, ctest -L web; driven by
+                             # playwright-core from npm: Node.js >= 18 and npm must be
+                             # on PATH for the web build step and those tests)
 )
 
 missing=()
