@@ -141,10 +141,10 @@ async function start(key) {
   $('app').hidden = false;
   $('logout').hidden = false;
   applyRole();
-  loadDevices();
   connect();
   await Promise.all([loadTypes(), probeRole(), probeRolloutControls()]);
   applyRole();
+  loadDevices();
   pollMetrics();
 }
 
@@ -216,11 +216,21 @@ async function loadTypes() {
   if (state.page) renderPage();
 }
 
+// The hub lists at most 1000 devices per request, with no paging: when the
+// whole list is truncated, each device type is read too, online and offline
+// apart, so up to 2000 per type are known at once; the presence stream adds
+// every device announced later, and a filter naming an exact id looks it up.
 async function loadDevices() {
   $('devices-info').textContent = 'Loading…';
   try {
     const body = await api('/v1/devices?limit=1000');
-    for (const d of body.devices || []) {
+    let list = body.devices || [];
+    if (body.truncated) {
+      const more = await Promise.all([...state.types.keys()].flatMap((t) => ['true', 'false'].map((on) =>
+        api(`/v1/devices?limit=1000&device_type=${encodeURIComponent(t)}&online=${on}`).catch(() => ({ devices: [] })))));
+      for (const m of more) list = list.concat(m.devices || []);
+    }
+    for (const d of list) {
       const id = str(d.device), old = state.devices.get(id);
       // a presence event newer than the list wins
       if (old && (old.presenceAt || 0) > (d.last_seen || 0)) { d.online = old.online; d.presenceAt = old.presenceAt; }
@@ -239,6 +249,22 @@ async function loadDevices() {
 const labelText = (labels) => Object.entries(labels || {}).map(([k, v]) => `${k}=${str(v)}`);
 
 function markList() { state.listDirty = true; scheduleRender(); }
+
+// A filter term that is an exact id the console does not know: ask the hub.
+let lookupTimer = 0;
+function filterChanged() {
+  markList();
+  clearTimeout(lookupTimer);
+  lookupTimer = setTimeout(async () => {
+    for (const term of $('filter').value.trim().split(/\s+/)) {
+      if (!/^[A-Za-z0-9._:-]{1,128}$/.test(term) || state.devices.has(term)) continue;
+      try {
+        const d = await api(`/v1/devices/${encodeURIComponent(term)}`);
+        if (d?.device && !state.devices.has(str(d.device))) { state.devices.set(str(d.device), d); markList(); }
+      } catch { /* not a device: the filter just matches nothing */ }
+    }
+  }, 400);
+}
 function markRows() { state.rowsDirty = true; scheduleRender(); }
 
 let renderQueued = false;
@@ -282,33 +308,56 @@ function renderDevices() {
   if (state.rowsDirty || key !== state.windowKey) {
     state.windowKey = key;
     state.rowsDirty = false;
-    const rows = [];
-    if (first > 0) rows.push(el('tr', { class: 'spacer', 'aria-hidden': 'true' }, el('td', { colspan: 5 })));
-    for (let i = first; i < last; i++) rows.push(deviceRow(state.list[i]));
-    if (last < n) rows.push(el('tr', { class: 'spacer', 'aria-hidden': 'true' }, el('td', { colspan: 5 })));
-    $('devices').tBodies[0].replaceChildren(...rows);
-    // spacer heights through the CSSOM (the CSP forbids style attributes)
-    const sp = $('devices').tBodies[0].querySelectorAll('tr.spacer');
-    if (first > 0) sp[0].style.height = `${first * ROW_H}px`;
-    if (last < n) sp[sp.length - 1].style.height = `${(n - last) * ROW_H}px`;
+    // rows in view are kept (and updated in place) while they stay in view, so
+    // a focused checkbox or link survives the once-a-second refresh
+    const rows = [], cache = new Map();
+    for (let i = first; i < last; i++) {
+      const id = state.list[i];
+      const r = state.rowCache?.get(id) || deviceRow(id);
+      updateRow(id, r);
+      cache.set(id, r);
+      rows.push(r.tr);
+    }
+    state.rowCache = cache;
+    const tb = $('devices').tBodies[0];
+    state.topSpacer.style.height = `${first * ROW_H}px`;
+    state.bottomSpacer.style.height = `${(n - last) * ROW_H}px`;
+    const want = [state.topSpacer, ...rows, state.bottomSpacer];
+    if (want.length !== tb.children.length || want.some((r, i) => tb.children[i] !== r)) tb.replaceChildren(...want);
     watchVisible(state.list.slice(Math.max(first, Math.floor(box.scrollTop / ROW_H)), Math.min(last, first + 60)));
   }
   performance.measure('devices-render', { start: t0, end: performance.now() });
 }
 
+// spacer rows stand for the rows out of view (heights set through the CSSOM:
+// the CSP forbids style attributes)
+state.topSpacer = el('tr', { class: 'spacer', 'aria-hidden': 'true' }, el('td', { colspan: 5 }));
+state.bottomSpacer = el('tr', { class: 'spacer', 'aria-hidden': 'true' }, el('td', { colspan: 5 }));
+
 function deviceRow(id) {
-  const d = state.devices.get(id), cb = el('input', { type: 'checkbox', 'aria-label': `chart ${id}`, 'data-id': id });
-  cb.checked = state.selected.has(id);
-  const stale = !d.online;
-  return el('tr', { class: stale ? 'offline' : null },
-    el('td', { class: 'c-chk' }, cb),
-    el('td', { class: 'c-id' },
-      el('span', { class: `dot ${d.online ? 'on' : 'off'}`, title: d.online ? 'online' : 'offline' },
-        el('span', { class: 'sr-only' }, d.online ? 'online' : 'offline')), ' ',
-      el('button', { type: 'button', class: 'linkish', 'data-open': id, title: id }, id)),
-    el('td', { class: 'c-type', title: str(d.device_type) }, str(d.device_type)),
-    el('td', { class: 'c-labels', title: labelText(d.labels).join(' ') }, ...labelText(d.labels).map((t) => el('span', { class: 'chip' }, t))),
-    el('td', { class: 'c-seen', title: d.last_seen ? new Date(d.last_seen).toISOString() : null }, ago(d.last_seen)));
+  const cb = el('input', { type: 'checkbox', 'aria-label': `chart ${id}`, 'data-id': id });
+  const sr = el('span', { class: 'sr-only' });
+  const dot = el('span', { class: 'dot' }, sr);
+  const type = el('td', { class: 'c-type' }), labels = el('td', { class: 'c-labels' }), seen = el('td', { class: 'c-seen' });
+  const tr = el('tr', {}, el('td', { class: 'c-chk' }, cb),
+    el('td', { class: 'c-id' }, dot, ' ', el('button', { type: 'button', class: 'linkish', 'data-open': id, title: id }, id)),
+    type, labels, seen);
+  return { tr, cb, dot, sr, type, labels, seen, labelKey: null };
+}
+
+function updateRow(id, r) {
+  const d = state.devices.get(id);
+  r.cb.checked = state.selected.has(id);
+  r.tr.className = d.online ? '' : 'offline';
+  r.dot.className = `dot ${d.online ? 'on' : 'off'}`;
+  r.dot.title = d.online ? 'online' : 'offline';
+  r.sr.textContent = r.dot.title;
+  if (r.type.textContent !== str(d.device_type)) { r.type.textContent = str(d.device_type); r.type.title = r.type.textContent; }
+  const lt = labelText(d.labels), lk = lt.join(' ');
+  if (r.labelKey !== lk) { r.labelKey = lk; r.labels.title = lk; r.labels.replaceChildren(...lt.map((t) => el('span', { class: 'chip' }, t))); }
+  const a = ago(d.last_seen);
+  if (r.seen.textContent !== a) r.seen.textContent = a;
+  if (d.last_seen) r.seen.title = new Date(d.last_seen).toISOString();
 }
 
 function toggle(id, on) {
@@ -585,9 +634,18 @@ function onAggregate(m) {
   state.aggsDirty = true;
 }
 
+const AGG_ROWS = 200;
+
 function renderAggs() {
   state.aggsDirty = false;
-  const rows = [...state.aggs.values()].sort((a, b) => a.who.localeCompare(b.who) || a.field.localeCompare(b.field));
+  // at most AGG_ROWS rows in the DOM (a fleet of 10,000 devices has 20,000+):
+  // the first ones by device / group and field, the rest counted. The order
+  // is sorted again only when a row was added.
+  if (!state.aggOrder || state.aggOrder.length !== state.aggs.size) state.aggOrder = [...state.aggs.keys()].sort();
+  const rows = state.aggOrder.slice(0, AGG_ROWS).map((k) => state.aggs.get(k));
+  $('aggs-info').textContent = state.aggs.size > AGG_ROWS
+    ? `${AGG_ROWS} of ${state.aggs.size} rows shown: group by a label or tick "selected devices only" to see fewer`
+    : '';
   // a device that went offline keeps its last window, marked stale
   $('aggs').tBodies[0].replaceChildren(...rows.map((r) => {
     const off = r.device != null && state.devices.get(r.device)?.online === false;
@@ -620,6 +678,8 @@ function onGap(m) {
     $('dropped').textContent = `${state.dropped} messages dropped`;
   }
   note('warn', `gap on ${kind}: ${n} dropped${m.reason ? ` (${str(m.reason)})` : ''}`);
+  // presence events were lost: the device list is read again (online states)
+  if (kind === 'presence') { clearTimeout(state.gapReload); state.gapReload = setTimeout(loadDevices, 1000); }
 }
 
 function onError(m) {
@@ -848,9 +908,15 @@ function tick() {
   const t0 = performance.now();
   const css = cssColors(), now = Date.now();
   for (const ch of state.charts.values()) drawChart(ch, css, now);
+  const t1 = performance.now();
   if (state.page?.dirty) drawPageChart(css);
+  const t2 = performance.now();
   if (state.aggsDirty) renderAggs();
-  performance.measure('tick', { start: t0, end: performance.now() });
+  const t3 = performance.now();
+  performance.measure('tick', { start: t0, end: t3 });
+  performance.measure('tick-charts', { start: t0, end: t1 });
+  performance.measure('tick-page', { start: t1, end: t2 });
+  performance.measure('tick-aggs', { start: t2, end: t3 });
 }
 
 // ---- history ---------------------------------------------------------------
@@ -1128,14 +1194,17 @@ async function loadPageCommands() {
   }
 }
 
-function eventKey(ev) { return `${ev.status}|${ev.at}|${ev.attempt ?? ''}|${ev.progress ?? ''}`; }
+// one entry per transition: the stream event, the history entry and a cancel
+// answer of the same transition merge (status, time and progress)
+function eventKey(ev) { return `${ev.status}|${ev.at}|${ev.progress ?? ''}`; }
 
 function addTimelineEvent(ev) {
   const t = state.timeline, e = {
     status: str(ev.status), at: Number(ev.at), attempt: ev.attempt, progress: ev.progress,
     message: ev.message, result: ev.result, error: ev.error,
   };
-  t.events.set(eventKey(e), e);
+  const k = eventKey(e), had = t.events.get(k);
+  if (had) for (const [f, v] of Object.entries(e)) { if (v != null) had[f] = v; } else t.events.set(k, e);
   if (FINAL.has(e.status) || STATES.indexOf(e.status) > STATES.indexOf(t.cmd.status)) t.cmd.status = e.status;
   if (e.attempt != null) t.cmd.attempt = e.attempt;
   if (e.result !== undefined && e.result !== null) t.cmd.result = e.result;
@@ -1328,7 +1397,7 @@ $('login-form').addEventListener('submit', (e) => {
 });
 $('logout').addEventListener('click', () => logout());
 $('refresh').addEventListener('click', loadDevices);
-$('filter').addEventListener('input', markList);
+$('filter').addEventListener('input', filterChanged);
 $('online-only').addEventListener('change', markList);
 $('dev-scroll').addEventListener('scroll', scheduleRender, { passive: true });
 window.addEventListener('resize', () => { state.rowsDirty = true; scheduleRender(); });
