@@ -35,6 +35,7 @@ const state = {
   charts: new Map(),    // field -> {fig, plot|canvas, legend, series: Map(device -> [[ts, v]…])}
   spanMs: 120e3,
   aggs: new Map(),      // "key\0field" -> row data
+  aggOrder: [],         // its keys, sorted
   aggsDirty: false,
   ws: null, ready: false, upSince: 0, attempt: 0, retryTimer: 0, authTimer: 0,
   seq: 0, subs: new Map(), subIds: {}, // id -> kind, kind -> id
@@ -48,7 +49,9 @@ const state = {
   rollout: null,        // the rollout shown: its id
   rolloutTimer: 0,
   metrics: null,        // previous /metrics sample
+  msgCost: {},          // stream message type -> [count, ms handling them]
 };
+window.iotConsole = { msgCost: () => state.msgCost }; // read by tests/web
 // ---- small helpers ---------------------------------------------------------
 
 function el(tag, attrs = {}, ...kids) {
@@ -118,6 +121,7 @@ function logout(message = '') {
   state.selected.clear();
   state.lastPos = null;
   state.aggs.clear();
+  state.aggOrder = [];
   state.cmds.clear();
   state.dropped = 0;
   state.canWrite = false;
@@ -428,6 +432,8 @@ function renderCommandStates() {
     el('span', { class: `chip st-${s}` }, `${s} ${counts.get(s)}`)));
 }
 
+const fmtRate = (r) => (r >= 100 ? r.toFixed(0) : r.toFixed(1));
+
 // Prometheus text: the ingest and reject rates from two samples of /metrics
 // (a public route; a hub that refuses it leaves the tiles at "–").
 function parseProm(text) {
@@ -451,15 +457,15 @@ async function pollMetrics() {
       const now = performance.now(), cur = parseProm(await r.text()), prev = state.metrics;
       if (prev) {
         const dt = (now - prev.t) / 1000;
-        $('ov-ingest').textContent = fmtNum(Math.max(0, (cur.accepted - prev.accepted) / dt));
+        $('ov-ingest').textContent = fmtRate(Math.max(0, (cur.accepted - prev.accepted) / dt));
         let rej = 0;
         const chips = [];
         for (const [code, v] of cur.rejected) {
           const rate = Math.max(0, (v - (prev.rejected.get(code) || 0)) / dt);
           rej += rate;
-          if (v > 0) chips.push(el('span', { class: `chip${rate > 0 ? ' bad' : ''}` }, `${code} ${fmtNum(rate)}/s (${v} total)`));
+          if (v > 0) chips.push(el('span', { class: `chip${rate > 0 ? ' bad' : ''}` }, `${code} ${fmtRate(rate)}/s (${v} total)`));
         }
-        $('ov-reject').textContent = fmtNum(rej);
+        $('ov-reject').textContent = fmtRate(rej);
         if (chips.length) $('ov-reject-codes').replaceChildren(...chips); else $('ov-reject-codes').textContent = 'none';
         $('overview-info').textContent = `rates from this hub instance's /metrics over ${dt.toFixed(0)} s`;
       }
@@ -494,7 +500,14 @@ function connect() {
   ws.onmessage = (e) => {
     let m;
     try { m = JSON.parse(e.data); } catch { return note('error', 'unparsable message from the hub'); }
-    if (m && typeof m === 'object') handle(m);
+    if (m && typeof m === 'object') {
+      const t = performance.now();
+      handle(m);
+      // cost of stream messages by type (tests/web reports it)
+      const k = str(m.type), c = (state.msgCost[k] ||= [0, 0]);
+      c[0]++;
+      c[1] += performance.now() - t;
+    }
   };
   ws.onclose = (e) => {
     clearTimeout(state.authTimer);
@@ -629,6 +642,7 @@ function onAggregate(m) {
   for (const [field, s] of Object.entries(m.metrics || {})) {
     const k = `${who}\0${field}`, old = state.aggs.get(k);
     if (old && old.start > m.start) continue;
+    if (!old) insertSorted(state.aggOrder, k);
     state.aggs.set(k, { who, device: m.device != null ? str(m.device) : null, field, start: m.start, window: m.window, ...s });
   }
   state.aggsDirty = true;
@@ -636,25 +650,45 @@ function onAggregate(m) {
 
 const AGG_ROWS = 200;
 
+// keeps the aggregate rows' keys sorted as rows are added (no sort per frame)
+function insertSorted(arr, k) {
+  let lo = 0, hi = arr.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (arr[mid] < k) lo = mid + 1; else hi = mid; }
+  arr.splice(lo, 0, k);
+}
+
 function renderAggs() {
   state.aggsDirty = false;
   // at most AGG_ROWS rows in the DOM (a fleet of 10,000 devices has 20,000+):
-  // the first ones by device / group and field, the rest counted. The order
-  // is sorted again only when a row was added.
-  if (!state.aggOrder || state.aggOrder.length !== state.aggs.size) state.aggOrder = [...state.aggs.keys()].sort();
-  const rows = state.aggOrder.slice(0, AGG_ROWS).map((k) => state.aggs.get(k));
+  // the first ones by device / group and field (kept sorted as rows are
+  // added), the rest counted. Rows are kept per key and their cells updated
+  // in place: a frame touches only the text that changed.
+  if (state.aggOrder.length !== state.aggs.size) state.aggOrder = [...state.aggs.keys()].sort();
+  const keys = state.aggOrder.slice(0, AGG_ROWS);
   $('aggs-info').textContent = state.aggs.size > AGG_ROWS
     ? `${AGG_ROWS} of ${state.aggs.size} rows shown: group by a label or tick "selected devices only" to see fewer`
     : '';
-  // a device that went offline keeps its last window, marked stale
-  $('aggs').tBodies[0].replaceChildren(...rows.map((r) => {
+  const cache = new Map(), trs = [];
+  for (const k of keys) {
+    const r = state.aggs.get(k);
+    let row = state.aggRows?.get(k);
+    if (!row) {
+      const mark = el('span', { class: 'stale-mark', title: 'the device is offline: this window is its last' }, ' offline');
+      const cells = Array.from({ length: 6 }, (_, i) => el('td', { class: i ? 'num' : null }));
+      row = { tr: el('tr', {}, el('th', { scope: 'row' }, r.who, mark), el('td', {}, r.field), ...cells), mark, cells, text: [] };
+    }
+    // a device that went offline keeps its last window, marked stale
     const off = r.device != null && state.devices.get(r.device)?.online === false;
-    return el('tr', { class: off ? 'stale' : null },
-    el('th', { scope: 'row' }, r.who, off ? el('span', { class: 'stale-mark', title: 'the device is offline: this window is its last' }, ' offline') : null),
-    el('td', {}, r.field),
-    el('td', {}, `${timeOf(r.start)} (${str(r.window)})`),
-    ...[r.count, r.min, r.max, r.avg, r.last].map((v) => el('td', { class: 'num' }, fmtNum(v))));
-  }));
+    row.tr.className = off ? 'stale' : '';
+    row.mark.hidden = !off;
+    const text = [`${timeOf(r.start)} (${str(r.window)})`, ...[r.count, r.min, r.max, r.avg, r.last].map(fmtNum)];
+    text.forEach((t, i) => { if (row.text[i] !== t) { row.text[i] = t; row.cells[i].textContent = t; } });
+    cache.set(k, row);
+    trs.push(row.tr);
+  }
+  state.aggRows = cache;
+  const tb = $('aggs').tBodies[0];
+  if (trs.length !== tb.children.length || trs.some((tr, i) => tb.children[i] !== tr)) tb.replaceChildren(...trs);
 }
 
 function onCommand(m) {
@@ -663,6 +697,7 @@ function onCommand(m) {
   if (state.timeline?.id === id) { addTimelineEvent(m); renderTimeline(); }
   if (state.page?.id === str(m.device)) schedulePageCommands();
   if (state.rollout && id.startsWith(`c_${state.rollout.slice(2)}_`)) scheduleRollout(300);
+  if (!state.cmdStatesTimer) state.cmdStatesTimer = setTimeout(() => { state.cmdStatesTimer = 0; renderCommandStates(); }, 200);
   logTo($('commands'), `cmd ${/^[a-z_]+$/.test(st) ? `st-${st}` : ''}`,
     el('strong', {}, str(m.device)), ' ', el('code', {}, str(m.name)), ' ',
     el('span', { class: 'status' }, st), ' ', el('span', { class: 'hint' }, str(m.id)),
@@ -1089,8 +1124,10 @@ function drawPageChart(css) {
     p.shape = shape;
   }
   const data = joinSeries([pts], now - range, Math.max(10e3, range / 30));
+  // the range, or less when the readings cover less of it (at least 1 min)
+  const from = Math.min(now - 60e3, Math.max(now - range, (pts[0]?.[0] ?? now) - 5e3));
   if (p.zoomed) p.plot.setData(data, false);
-  else p.plot.batch(() => { p.plot.setData(data, false); p.plot.setScale('x', { min: now - range, max: now }); });
+  else p.plot.batch(() => { p.plot.setData(data, false); p.plot.setScale('x', { min: from, max: now }); });
   box.setAttribute('aria-label', `${label} history of ${p.id}`);
 }
 
@@ -1418,6 +1455,7 @@ $('clear-sel').addEventListener('click', () => {
 $('agg-form').addEventListener('submit', (e) => {
   e.preventDefault();
   state.aggs.clear();
+  state.aggOrder = [];
   renderAggs();
   subscribe('agg');
 });
