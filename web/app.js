@@ -542,6 +542,7 @@ function ready(name) {
   state.upSince = Date.now();
   setConn('on', name ? `live as ${name}` : 'live');
   for (const kind of ['presence', 'raw', 'seen', 'agg', 'commands']) subscribe(kind);
+  if (state.upSince && state.attempt) catchUpCommands(); // a reconnect: events may have been missed
 }
 
 function subscription(kind) {
@@ -715,6 +716,8 @@ function onGap(m) {
   note('warn', `gap on ${kind}: ${n} dropped${m.reason ? ` (${str(m.reason)})` : ''}`);
   // presence events were lost: the device list is read again (online states)
   if (kind === 'presence') { clearTimeout(state.gapReload); state.gapReload = setTimeout(loadDevices, 1000); }
+  // command events were lost: the open timeline and rollout are read again
+  if (kind === 'commands') catchUpCommands();
 }
 
 function onError(m) {
@@ -1302,6 +1305,13 @@ async function cancelCommand() {
   } catch (e) {
     $('tl-error').textContent = e.apiMessage || e.message;
   }
+}
+
+// After a gap or a reconnect: the GETs have what the stream lost.
+function catchUpCommands() {
+  if (state.timeline && !FINAL.has(state.timeline.cmd.status)) showTimeline(state.timeline.cmd.status ? { ...state.timeline.cmd, history: [...state.timeline.events.values()] } : state.timeline.id);
+  if (state.page) schedulePageCommands();
+  if (state.rollout) scheduleRollout(100);
 }
 
 // ---- rollouts ---------------------------------------------------------------------
