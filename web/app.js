@@ -377,7 +377,29 @@ function watchVisible(ids) {
   if (k === state.visibleKey) return;
   state.visibleKey = k;
   clearTimeout(visibleTimer);
-  visibleTimer = setTimeout(() => subscribe('seen'), 250);
+  visibleTimer = setTimeout(() => { subscribe('seen'); completeDevices(ids); }, 250);
+}
+
+// GET /v1/devices/{id} for devices in view known only from presence (labels,
+// last seen), six at a time.
+async function completeDevices(ids) {
+  const todo = ids.filter((id) => state.devices.get(id)?.partial);
+  for (const id of todo) state.devices.get(id).partial = false;
+  const worker = async () => {
+    for (let id; (id = todo.shift());) {
+      try {
+        const full = await api(`/v1/devices/${encodeURIComponent(id)}`);
+        const d = state.devices.get(id);
+        if (!d || !full) continue;
+        d.labels = full.labels || {};
+        d.gateway = full.gateway ?? d.gateway;
+        d.last_seen = Math.max(d.last_seen || 0, full.last_seen || 0);
+        d.hay = null;
+        markRows();
+      } catch { /* left as it is */ }
+    }
+  };
+  await Promise.all(Array.from({ length: 6 }, worker));
 }
 
 let resubTimer = 0;
@@ -629,7 +651,8 @@ function onReading(m) {
 function onPresence(m) {
   const id = str(m.device);
   let d = state.devices.get(id);
-  if (!d) state.devices.set(id, (d = { device: id, device_type: m.device_type, labels: {} }));
+  // presence events carry no labels: such a device is read in full once in view
+  if (!d) state.devices.set(id, (d = { device: id, device_type: m.device_type, labels: {}, partial: true }));
   d.online = !!m.online;
   if (m.gateway != null) d.gateway = m.gateway;
   if (Number.isFinite(m.at)) { d.last_seen = Math.max(d.last_seen || 0, m.at); d.presenceAt = m.at; }

@@ -238,7 +238,10 @@ async function main() {
   start('sim-fleet', SIM, ['--url', `ws://${addr}/v1/gateway`, '--jwt-secret', 'jwt.secret', '--gateway-prefix', 'fl',
     '--gateways', '20', '--devices', '500', '--rate', '5', '--connect-rate', '4', '--labels', 'site=b2']);
   await until(page, () => Number(document.getElementById('ov-online').textContent) >= 10010, 60000);
-  log('10,010 devices online in the console');
+  // devices known from presence only get their labels once in view
+  await until(page, () => [...document.querySelectorAll('#devices tbody tr:not(.spacer)')].some((r) =>
+    r.querySelector('[data-open^="fl-"]') && r.textContent.includes('site=b2')), 10000);
+  log('10,010 devices online in the console; rows in view completed with their labels');
   // a full re-render: filter, sort and draw the rows of 10k devices
   const render = await page.evaluate(async () => {
     const f = document.getElementById('filter');
