@@ -703,10 +703,12 @@ function renderAggs() {
     }
     // a device that went offline keeps its last window, marked stale
     const off = r.device != null && state.devices.get(r.device)?.online === false;
-    row.tr.className = off ? 'stale' : '';
-    row.mark.hidden = !off;
-    const text = [`${timeOf(r.start)} (${str(r.window)})`, ...[r.count, r.min, r.max, r.avg, r.last].map(fmtNum)];
-    text.forEach((t, i) => { if (row.text[i] !== t) { row.text[i] = t; row.cells[i].textContent = t; } });
+    if (row.off !== off) { row.off = off; row.tr.className = off ? 'stale' : ''; row.mark.hidden = !off; }
+    if (row.src !== r) { // a new window for this row
+      row.src = r;
+      const text = [`${timeOf(r.start)} (${str(r.window)})`, ...[r.count, r.min, r.max, r.avg, r.last].map(fmtNum)];
+      text.forEach((t, i) => { if (row.text[i] !== t) { row.text[i] = t; row.cells[i].textContent = t; } });
+    }
     cache.set(k, row);
     trs.push(row.tr);
   }
