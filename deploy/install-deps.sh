@@ -20,7 +20,12 @@ if [[ ${1:-} != --build ]]; then pkgs+=(
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
   python3-yaml prometheus    # ctest -L deploy: manifests, promtool, a real Prometheus
   strace                     # ctest -L package: the installed hub's calls against the unit's filter
+  chromium                   # the browser tests (tests/web, ctest -L web; driven by
+                             # playwright-core from npm)
 ); fi
+# The console's build step and the browser tests need Node.js >= 18 and npm:
+# Debian 12's, unless a node is on PATH already.
+if [[ ${1:-} != --build ]] && ! command -v node >/dev/null; then pkgs+=(nodejs npm); fi
 
 missing=()
 for p in "${pkgs[@]}"; do

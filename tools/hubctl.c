@@ -16,7 +16,8 @@
  * timed_out|expired|canceled (--wait), or a rollout aborted or with any
  * failed|rejected|timed_out|expired command (send-fleet --wait); 2 usage;
  * 3 HTTP 4xx (or a stream error answer); 4 hub unreachable, timed out or
- * 5xx; 5 --wait (or tail --count) timed out; 130 interrupted during --wait.
+ * 5xx; 5 --wait (or tail --count) timed out, or tail --timeout saw no message;
+ * 130 interrupted during --wait.
  */
 
 #define _GNU_SOURCE
@@ -1513,17 +1514,124 @@ static int cmd_devices(void)
 /* ------------------------------------------------------------------------ */
 /* tail                                                                       */
 
-static void print_stream_human(json_t *m)
+/*
+ * The text of a stream message, read without re-encoding it: jansson would
+ * print 21.55 back as 21.550000000000001, and tail promises what the hub sent.
+ * jraw_next walks the members of one JSON object's text (kept as the hub wrote
+ * it); the message was parsed by jansson first, so it is valid JSON.
+ */
+static const char *jraw_ws(const char *p, const char *e)
 {
-	const char *type = jstr(m, "type"), *k;
-	json_t *g = json_object_get(m, "group"), *mv;
+	while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+		p++;
+	return p;
+}
+
+/* the end of the JSON value that starts at p (p itself if none) */
+static const char *jraw_skip(const char *p, const char *e)
+{
+	int depth = 0;
+
+	do {
+		if (p >= e)
+			return e;
+		if (*p == '"') {
+			for (p++; p < e && *p != '"'; p++)
+				if (*p == '\\')
+					p++;
+			p++;
+		} else if (*p == '{' || *p == '[') {
+			depth++;
+			p++;
+		} else if (*p == '}' || *p == ']') {
+			depth--;
+			p++;
+		} else if (depth && (*p == ',' || *p == ':' || *p == ' ' || *p == '\t' ||
+				     *p == '\n' || *p == '\r')) {
+			p++;
+		} else {
+			while (p < e && !strchr(",:]} \t\n\r", *p))
+				p++;
+		}
+	} while (depth > 0);
+	return p;
+}
+
+/* Next member of the object text at *p (start: just after its '{'): 1 with
+ * the key (without quotes) and the value's text, 0 at the end. */
+static int jraw_next(const char **p, const char *e, const char **k, size_t *kl,
+		     const char **v, size_t *vl)
+{
+	const char *q = jraw_ws(*p, e);
+
+	if (q < e && *q == ',')
+		q = jraw_ws(q + 1, e);
+	if (q >= e || *q != '"')
+		return 0;
+	*k = q + 1;
+	q = jraw_skip(q, e);
+	*kl = (size_t)(q - 1 - *k);
+	q = jraw_ws(q, e);
+	if (q < e && *q == ':')
+		q = jraw_ws(q + 1, e);
+	*v = q;
+	q = jraw_skip(q, e);
+	*vl = (size_t)(q - *v);
+	*p = q;
+	return 1;
+}
+
+/* the text of member key of the object text [o, e), NULL when absent */
+static const char *jraw_get(const char *obj, const char *e, const char *key, size_t *vl)
+{
+	const char *p = jraw_ws(obj, e), *k, *v;
+	size_t kl;
+
+	if (p >= e || *p != '{')
+		return NULL;
+	p++;
+	while (jraw_next(&p, e, &k, &kl, &v, vl))
+		if (kl == strlen(key) && !memcmp(k, key, kl))
+			return v;
+	return NULL;
+}
+
+/* the message without its "sub" member, as the hub wrote the rest */
+static void print_raw_without_sub(const char *msg, size_t len)
+{
+	const char *e = msg + len, *p = jraw_ws(msg, e), *k, *v;
+	size_t kl, vl;
+	int n = 0;
+
+	if (p >= e || *p != '{') {
+		printf("%.*s\n", (int)len, msg);
+		return;
+	}
+	p++;
+	putchar('{');
+	while (jraw_next(&p, e, &k, &kl, &v, &vl)) {
+		if (kl == 3 && !memcmp(k, "sub", 3))
+			continue;
+		printf("%s\"%.*s\":%.*s", n++ ? "," : "", (int)kl, k, (int)vl, v);
+	}
+	puts("}");
+	fflush(stdout);
+}
+
+static void print_stream_human(json_t *m, const char *raw, size_t rawlen)
+{
+	const char *re = raw + rawlen, *rv, *k, *v, *mp, *me;
+	size_t rl, kl, vl;
+
+	const char *type = jstr(m, "type");
+	json_t *g = json_object_get(m, "group");
 	char t[32], *s;
 
 	if (!strcmp(type, "reading")) {
-		s = jdump(json_object_get(m, "data"));
+		rv = jraw_get(raw, re, "data", &rl);
 		fmt_ms(jint(m, "ts"), 0, t, sizeof(t));
-		printf("%s  %-20s %s  pos %s\n", t, jstr(m, "device"), s, jstr(m, "pos"));
-		free(s);
+		printf("%s  %-20s %.*s  pos %s\n", t, jstr(m, "device"), rv ? (int)rl : 4,
+		       rv ? rv : "null", jstr(m, "pos"));
 	} else if (!strcmp(type, "presence")) {
 		fmt_ms(jint(m, "at"), 0, t, sizeof(t));
 		printf("%s  %-20s %s", t, jstr(m, "device"),
@@ -1538,6 +1646,9 @@ static void print_stream_human(json_t *m)
 		printf("%s  %-20s %s %s %s", t, jstr(m, "device"), jstr(m, "id"),
 		       jstr(m, "name"), jstr(m, "status"));
 		print_status_details(m);
+		rv = jraw_get(raw, re, "result", &rl);
+		if (rv && !(rl == 4 && !memcmp(rv, "null", 4)))
+			printf(" %.*s", (int)rl, rv);
 		putchar('\n');
 	} else if (!strcmp(type, "aggregate")) {
 		fmt_ms(jint(m, "start"), 0, t, sizeof(t));
@@ -1547,12 +1658,23 @@ static void print_stream_human(json_t *m)
 			printf(" %s", s);
 			free(s);
 		}
-		json_object_foreach(json_object_get(m, "metrics"), k, mv)
-			printf("  %s n=%" PRId64 " min=%g max=%g avg=%g last=%g", k,
-			       jint(mv, "count"), json_number_value(json_object_get(mv, "min")),
-			       json_number_value(json_object_get(mv, "max")),
-			       json_number_value(json_object_get(mv, "avg")),
-			       json_number_value(json_object_get(mv, "last")));
+		mp = jraw_get(raw, re, "metrics", &rl);
+		if (mp && *mp == '{') {
+			me = mp + rl;
+			mp++;
+			while (jraw_next(&mp, me, &k, &kl, &v, &vl)) {
+				static const char *const st[] = { "count", "min", "max", "avg", "last" };
+				static const char *const lab[] = { " n=", " min=", " max=", " avg=", " last=" };
+
+				printf("  %.*s", (int)kl, k);
+				for (int i = 0; i < 5; i++) {
+					const char *sv = jraw_get(v, v + vl, st[i], &rl);
+
+					if (sv)
+						printf("%s%.*s", lab[i], (int)rl, sv);
+				}
+			}
+		}
 		putchar('\n');
 	} else if (!strcmp(type, "gap")) {
 		printf("-- gap: %" PRId64 " message(s) dropped%s%s\n", jint(m, "dropped"),
@@ -1614,7 +1736,7 @@ static int cmd_tail(void)
 		if (r == E_INTR)
 			break;   /* Ctrl-C: a normal end of tail */
 		if (r == E_TIMEOUT) {
-			if (o.count)
+			if (o.count || !seen)
 				ex = EX_WAIT_TIMEOUT;
 			break;
 		}
@@ -1629,24 +1751,27 @@ static int cmd_tail(void)
 			break;
 		}
 		m = json_loadb(msg, len, 0, NULL);
-		free(msg);
-		if (!m)
+		if (!m || !json_is_object(m)) {
+			json_decref(m);
+			free(msg);
 			continue;
+		}
 		type = jstr(m, "type");
 		if (!strcmp(type, "error"))
 			fprintf(stderr, "hubctl: stream error %s: %s\n", jstr(m, "code"),
 				jstr(m, "message"));
-		if (o.json) {
-			json_object_del(m, "sub");
-			print_json_line(m);
-		} else {
-			print_stream_human(m);
-		}
+		if (o.json)
+			print_raw_without_sub(msg, len);
+		else
+			print_stream_human(m, msg, len);
 		if (strcmp(type, "gap") && strcmp(type, "error"))
 			seen++;
 		json_decref(m);
+		free(msg);
 	}
-	if (ex == EX_WAIT_TIMEOUT)
+	if (ex == EX_WAIT_TIMEOUT && !o.count)
+		fprintf(stderr, "hubctl: no messages within the timeout\n");
+	else if (ex == EX_WAIT_TIMEOUT)
 		fprintf(stderr, "hubctl: %lld of %ld messages before the timeout\n", seen,
 			o.count);
 	ws_close(w);

@@ -1,32 +1,57 @@
-// iot-hub dashboard: device list (GET /v1/devices), live stream (/v1/stream,
-// docs/dashboard.md), hand-drawn charts, aggregates, command log.
+// iot-hub console: fleet overview (/metrics and the stream), device list
+// (GET /v1/devices + the presence stream; virtual scrolling), a device page
+// (labels, last reading, history chart with zoom and units, commands with a
+// form generated from the device type's schema and a live timeline), fleet
+// rollouts, live charts (uPlot when the build served it, else canvas),
+// aggregates, command and stream logs (docs/dashboard.md, docs/commands.md).
 // Device-provided strings only ever reach the page as text nodes or attributes.
+
+import { validate, paramsForm, unitOf } from './schema.js';
 
 const KEY_STORE = 'iot-hub.api-key'; // sessionStorage only
 const HOUR = 3600e3;
 const MAX_POINTS = 20000;            // per device and field
 const LOG_MAX = 200;
 const PALETTE = 8;                   // --c0 … --c7 in style.css
+const ROW_H = 34;                    // device table row height (px; style.css .vtable tr)
+const OVERSCAN = 8;                  // rows rendered above and below the viewport
+const DESTRUCTIVE = new Set(['reboot', 'firmware_update', 'reset_energy']);
+const FINAL = new Set(['succeeded', 'failed', 'rejected', 'timed_out', 'expired', 'canceled']);
+const FAILED = new Set(['failed', 'rejected', 'timed_out', 'expired']);
+const STATES = ['queued', 'sent', 'received', 'in_progress', 'succeeded', 'failed', 'rejected', 'timed_out', 'expired', 'canceled'];
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
   key: null,
+  canWrite: false,      // the key has commands:write (probed at login)
+  rolloutCtl: false,    // the hub has POST /v1/commands/{id}/pause|resume|cancel for rollouts
+  types: new Map(),     // device type -> its document (GET /v1/device-types)
   devices: new Map(),   // id -> {device, device_type, labels, gateway, online, last_seen}
-  rows: new Map(),      // id -> {tr, dot, seen}
+  list: [],             // ids shown (filtered, sorted)
+  listDirty: true, rowsDirty: true,
   selected: new Set(),
   colors: new Map(),    // device -> palette index
-  charts: new Map(),    // field -> {fig, canvas, legend, series: Map(device -> [[ts, v]…])}
+  charts: new Map(),    // field -> {fig, plot|canvas, legend, series: Map(device -> [[ts, v]…])}
   spanMs: 120e3,
   aggs: new Map(),      // "key\0field" -> row data
+  aggOrder: [],         // its keys, sorted
   aggsDirty: false,
   ws: null, ready: false, upSince: 0, attempt: 0, retryTimer: 0, authTimer: 0,
   seq: 0, subs: new Map(), subIds: {}, // id -> kind, kind -> id
   rawSince: null,       // the since sent with the current raw subscription
   lastPos: null,        // newest pos received on raw (resume point)
+  visibleKey: '',       // the visible devices the "seen" subscription covers
   dropped: 0,
+  page: null,           // the device page: {id, points: [[ts, data]…], last, plot}
+  cmds: new Map(),      // command id -> {id, device, name, status, at} (last hour, for the overview)
+  timeline: null,       // {id, cmd, events: Map(key -> event)}
+  rollout: null,        // the rollout shown: its id
+  rolloutTimer: 0,
+  metrics: null,        // previous /metrics sample
+  msgCost: {},          // stream message type -> [count, ms handling them]
 };
-
+window.iotConsole = { msgCost: () => state.msgCost }; // read by tests/web
 // ---- small helpers ---------------------------------------------------------
 
 function el(tag, attrs = {}, ...kids) {
@@ -81,6 +106,7 @@ function setConn(cls, text) {
 function showLogin(message = '') {
   $('app').hidden = true;
   $('logout').hidden = true;
+  $('role').hidden = true;
   $('login').hidden = false;
   $('login-error').textContent = message;
   $('key').focus();
@@ -90,100 +116,252 @@ function logout(message = '') {
   sessionStorage.removeItem(KEY_STORE);
   state.key = null;
   disconnect();
+  clearTimeout(state.rolloutTimer);
   state.devices.clear();
   state.selected.clear();
   state.lastPos = null;
   state.aggs.clear();
+  state.aggOrder = [];
+  state.cmds.clear();
   state.dropped = 0;
+  state.canWrite = false;
+  state.page = null;
+  state.timeline = null;
+  state.rollout = null;
   $('dropped').hidden = true;
-  renderDevices();
+  $('device-panel').hidden = true;
+  $('ro-view').hidden = true;
+  $('ro-list').replaceChildren();
+  markList();
   renderAggs();
   selectionChanged();
   setConn('', 'not connected');
   showLogin(message);
 }
 
-function start(key) {
+async function start(key) {
   state.key = key;
   $('login').hidden = true;
   $('app').hidden = false;
   $('logout').hidden = false;
-  loadDevices();
+  applyRole();
   connect();
+  await Promise.all([loadTypes(), probeRole(), probeRolloutControls()]);
+  applyRole();
+  loadDevices();
+  pollMetrics();
+}
+
+// The key's scopes are not readable from the API: commands:write is probed
+// with a cancel of a command id that cannot exist (403 without the scope,
+// 404 with it; nothing is changed either way).
+async function probeRole() {
+  const r = await apiRaw('POST', '/v1/commands/c_00000000000000000000000000000000/cancel').catch(() => null);
+  state.canWrite = r?.status === 404;
+}
+
+// Rollout pause/resume/cancel exist once the hub's API document lists them.
+async function probeRolloutControls() {
+  try {
+    const r = await fetch('/v1/openapi.json', { cache: 'no-store' });
+    const doc = await r.json();
+    const paths = Object.keys(doc.paths || {});
+    state.rolloutCtl = ['pause', 'resume'].every((v) => paths.some((p) => p.endsWith(`/${v}`) && p.startsWith('/v1/commands/')));
+  } catch { state.rolloutCtl = false; }
+}
+
+function applyRole() {
+  const w = state.canWrite;
+  $('role').hidden = !state.key;
+  $('role').textContent = w ? 'commands: read-write' : 'read-only';
+  $('role').className = `badge ${w ? 'on' : ''}`;
+  $('rollouts').hidden = !w;
+  $('cmd-form').hidden = !w || !state.page;
+  if (state.timeline) renderTimeline();
 }
 
 // ---- HTTP API --------------------------------------------------------------
 
-async function api(path) {
-  const r = await fetch(path, { headers: { Authorization: `Bearer ${state.key}` }, cache: 'no-store' });
-  const body = await r.json().catch(() => null);
+async function apiRaw(method, path, body, headers = {}) {
+  const init = { method, headers: { Authorization: `Bearer ${state.key}`, ...headers }, cache: 'no-store' };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const r = await fetch(path, init);
+  const json = await r.json().catch(() => null);
+  return { status: r.status, ok: r.ok, body: json };
+}
+
+// An API call; a refusal throws an Error whose message is the API's own
+// ("422 invalid: params.delay_s must be <= 3600").
+async function api(path, method = 'GET', body, headers) {
+  const r = await apiRaw(method, path, body, headers);
   if (r.status === 401) {
     logout('The hub rejected this API key.');
     throw new Error('unauthorized');
   }
-  if (!r.ok) throw new Error(`${r.status} ${str(body?.error?.code)}: ${str(body?.error?.message)}`);
-  return body;
+  if (!r.ok) {
+    const e = new Error(`${r.status} ${str(r.body?.error?.code)}: ${str(r.body?.error?.message)}`);
+    e.status = r.status;
+    e.code = r.body?.error?.code;
+    e.field = r.body?.error?.field;
+    e.apiMessage = str(r.body?.error?.message);
+    throw e;
+  }
+  return r.body;
 }
 
+async function loadTypes() {
+  try {
+    const body = await api('/v1/device-types');
+    state.types = new Map((body.device_types || []).map((t) => [str(t.device_type), t]));
+  } catch (e) {
+    if (state.key) note('error', `device types: ${e.message}`);
+  }
+  fillRolloutTypes();
+  if (state.page) renderPage();
+}
+
+// The hub lists at most 1000 devices per request, with no paging: when the
+// whole list is truncated, each device type is read too, online and offline
+// apart, so up to 2000 per type are known at once; the presence stream adds
+// every device announced later, and a filter naming an exact id looks it up.
 async function loadDevices() {
   $('devices-info').textContent = 'Loading…';
   try {
     const body = await api('/v1/devices?limit=1000');
-    state.devices = new Map(body.devices.map((d) => [str(d.device), d]));
-    renderDevices();
-    if (body.truncated) $('devices-info').textContent += ' (list truncated by the hub)';
+    let list = body.devices || [];
+    if (body.truncated) {
+      const more = await Promise.all([...state.types.keys()].flatMap((t) => ['true', 'false'].map((on) =>
+        api(`/v1/devices?limit=1000&device_type=${encodeURIComponent(t)}&online=${on}`).catch(() => ({ devices: [] })))));
+      for (const m of more) list = list.concat(m.devices || []);
+    }
+    for (const d of list) {
+      const id = str(d.device), old = state.devices.get(id);
+      // a presence event newer than the list wins
+      if (old && (old.presenceAt || 0) > (d.last_seen || 0)) { d.online = old.online; d.presenceAt = old.presenceAt; }
+      if (old) d.last_seen = Math.max(d.last_seen || 0, old.last_seen || 0);
+      state.devices.set(id, d);
+    }
+    state.truncated = !!body.truncated;
+    markList();
   } catch (e) {
     if (state.key) $('devices-info').textContent = `Could not load devices: ${e.message}`;
   }
 }
 
-// ---- device list -----------------------------------------------------------
+// ---- device list (virtual scrolling) ----------------------------------------
 
 const labelText = (labels) => Object.entries(labels || {}).map(([k, v]) => `${k}=${str(v)}`);
 
+function markList() { state.listDirty = true; scheduleRender(); }
+
+// A filter term that is an exact id the console does not know: ask the hub.
+let lookupTimer = 0;
+function filterChanged() {
+  markList();
+  clearTimeout(lookupTimer);
+  lookupTimer = setTimeout(async () => {
+    for (const term of $('filter').value.trim().split(/\s+/)) {
+      if (!/^[A-Za-z0-9._:-]{1,128}$/.test(term) || state.devices.has(term)) continue;
+      try {
+        const d = await api(`/v1/devices/${encodeURIComponent(term)}`);
+        if (d?.device && !state.devices.has(str(d.device))) { state.devices.set(str(d.device), d); markList(); }
+      } catch { /* not a device: the filter just matches nothing */ }
+    }
+  }, 400);
+}
+function markRows() { state.rowsDirty = true; scheduleRender(); }
+
+let renderQueued = false;
+function scheduleRender() {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => { renderQueued = false; renderDevices(); });
+}
+
+// Filters and sorts the ids (only when the set or the filter changed), then
+// renders the rows in view plus OVERSCAN: at most ~60 rows in the DOM whatever
+// the fleet size. performance.measure "devices-render" times each render.
 function renderDevices() {
-  state.rows.clear();
-  const ids = [...state.devices.keys()].sort();
-  $('devices').tBodies[0].replaceChildren(...ids.map((id, i) => {
-    const d = state.devices.get(id);
-    const cb = el('input', { type: 'checkbox', id: `dev-${i}`, onchange: (e) => toggle(id, e.target.checked) });
-    cb.checked = state.selected.has(id);
-    const dot = el('span', { class: 'dot' });
-    const seen = el('td', { class: 'seen' });
-    const tr = el('tr', {},
-      el('td', {}, cb),
-      el('td', {}, el('label', { for: `dev-${i}` }, dot, ' ', id)),
-      el('td', {}, str(d.device_type)),
-      el('td', {}, ...labelText(d.labels).map((t) => el('span', { class: 'chip' }, t))),
-      seen);
-    state.rows.set(id, { tr, dot, seen });
-    updateRow(id);
-    return tr;
-  }));
-  applyFilter();
-}
-
-function updateRow(id) {
-  const row = state.rows.get(id), d = state.devices.get(id);
-  if (!row) return;
-  row.dot.className = `dot ${d.online ? 'on' : 'off'}`;
-  row.dot.setAttribute('title', d.online ? 'online' : 'offline');
-  row.dot.replaceChildren(el('span', { class: 'sr-only' }, d.online ? 'online' : 'offline'));
-  row.seen.textContent = ago(d.last_seen);
-  if (d.last_seen) row.seen.setAttribute('title', new Date(d.last_seen).toISOString());
-}
-
-function applyFilter() {
-  const terms = $('filter').value.toLowerCase().split(/\s+/).filter(Boolean);
-  const onlineOnly = $('online-only').checked;
-  let shown = 0;
-  for (const [id, row] of state.rows) {
-    const d = state.devices.get(id);
-    const hay = [id, str(d.device_type), ...labelText(d.labels)].join(' ').toLowerCase();
-    row.tr.hidden = (onlineOnly && !d.online) || !terms.every((t) => hay.includes(t));
-    if (!row.tr.hidden) shown++;
+  const t0 = performance.now();
+  if (state.listDirty) {
+    const terms = $('filter').value.toLowerCase().split(/\s+/).filter(Boolean);
+    const onlineOnly = $('online-only').checked;
+    const ids = [];
+    for (const [id, d] of state.devices) {
+      if (onlineOnly && !d.online) continue;
+      if (terms.length) {
+        const hay = (d.hay ||= [id, str(d.device_type), ...labelText(d.labels)].join(' ').toLowerCase());
+        if (!terms.every((t) => hay.includes(t))) continue;
+      }
+      ids.push(id);
+    }
+    ids.sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+    state.list = ids;
+    state.listDirty = false;
+    state.rowsDirty = true;
+    let on = 0;
+    for (const d of state.devices.values()) if (d.online) on++;
+    $('devices-info').textContent = `${ids.length} of ${state.devices.size} devices shown (${on} online), ${state.selected.size} charted`
+      + (state.truncated ? '; the hub lists at most 1000: more appear as they announce' : '');
+    renderOverviewCounts();
   }
-  $('devices-info').textContent = `${shown} of ${state.devices.size} devices shown, ${state.selected.size} charted`;
+  const box = $('dev-scroll'), n = state.list.length;
+  const first = Math.max(0, Math.floor(box.scrollTop / ROW_H) - OVERSCAN);
+  const last = Math.min(n, Math.ceil((box.scrollTop + (box.clientHeight || 600)) / ROW_H) + OVERSCAN);
+  const key = `${first}:${last}:${n}`;
+  if (state.rowsDirty || key !== state.windowKey) {
+    state.windowKey = key;
+    state.rowsDirty = false;
+    // rows in view are kept (and updated in place) while they stay in view, so
+    // a focused checkbox or link survives the once-a-second refresh
+    const rows = [], cache = new Map();
+    for (let i = first; i < last; i++) {
+      const id = state.list[i];
+      const r = state.rowCache?.get(id) || deviceRow(id);
+      updateRow(id, r);
+      cache.set(id, r);
+      rows.push(r.tr);
+    }
+    state.rowCache = cache;
+    const tb = $('devices').tBodies[0];
+    state.topSpacer.style.height = `${first * ROW_H}px`;
+    state.bottomSpacer.style.height = `${(n - last) * ROW_H}px`;
+    const want = [state.topSpacer, ...rows, state.bottomSpacer];
+    if (want.length !== tb.children.length || want.some((r, i) => tb.children[i] !== r)) tb.replaceChildren(...want);
+    watchVisible(state.list.slice(Math.max(first, Math.floor(box.scrollTop / ROW_H)), Math.min(last, first + 60)));
+  }
+  performance.measure('devices-render', { start: t0, end: performance.now() });
+}
+
+// spacer rows stand for the rows out of view (heights set through the CSSOM:
+// the CSP forbids style attributes)
+state.topSpacer = el('tr', { class: 'spacer', 'aria-hidden': 'true' }, el('td', { colspan: 5 }));
+state.bottomSpacer = el('tr', { class: 'spacer', 'aria-hidden': 'true' }, el('td', { colspan: 5 }));
+
+function deviceRow(id) {
+  const cb = el('input', { type: 'checkbox', 'aria-label': `chart ${id}`, 'data-id': id });
+  const sr = el('span', { class: 'sr-only' });
+  const dot = el('span', { class: 'dot' }, sr);
+  const type = el('td', { class: 'c-type' }), labels = el('td', { class: 'c-labels' }), seen = el('td', { class: 'c-seen' });
+  const tr = el('tr', {}, el('td', { class: 'c-chk' }, cb),
+    el('td', { class: 'c-id' }, dot, ' ', el('button', { type: 'button', class: 'linkish', 'data-open': id, title: id }, id)),
+    type, labels, seen);
+  return { tr, cb, dot, sr, type, labels, seen, labelKey: null };
+}
+
+function updateRow(id, r) {
+  const d = state.devices.get(id);
+  r.cb.checked = state.selected.has(id);
+  r.tr.className = d.online ? '' : 'offline';
+  r.dot.className = `dot ${d.online ? 'on' : 'off'}`;
+  r.dot.title = d.online ? 'online' : 'offline';
+  r.sr.textContent = r.dot.title;
+  if (r.type.textContent !== str(d.device_type)) { r.type.textContent = str(d.device_type); r.type.title = r.type.textContent; }
+  const lt = labelText(d.labels), lk = lt.join(' ');
+  if (r.labelKey !== lk) { r.labelKey = lk; r.labels.title = lk; r.labels.replaceChildren(...lt.map((t) => el('span', { class: 'chip' }, t))); }
+  const a = ago(d.last_seen);
+  if (r.seen.textContent !== a) r.seen.textContent = a;
+  if (d.last_seen) r.seen.title = new Date(d.last_seen).toISOString();
 }
 
 function toggle(id, on) {
@@ -191,11 +369,45 @@ function toggle(id, on) {
   selectionChanged();
 }
 
+// Liveness for the rows in view: a raw subscription over the visible devices
+// (readings move their last seen) beside the presence stream (online state).
+let visibleTimer = 0;
+function watchVisible(ids) {
+  const k = ids.join('\n');
+  if (k === state.visibleKey) return;
+  state.visibleKey = k;
+  clearTimeout(visibleTimer);
+  visibleTimer = setTimeout(() => { subscribe('seen'); completeDevices(ids); }, 250);
+}
+
+// GET /v1/devices/{id} for devices in view known only from presence (labels,
+// last seen), six at a time.
+async function completeDevices(ids) {
+  const todo = ids.filter((id) => state.devices.get(id)?.partial);
+  for (const id of todo) state.devices.get(id).partial = false;
+  const worker = async () => {
+    for (let id; (id = todo.shift());) {
+      try {
+        const full = await api(`/v1/devices/${encodeURIComponent(id)}`);
+        const d = state.devices.get(id);
+        if (!d || !full) continue;
+        d.labels = full.labels || {};
+        d.gateway = full.gateway ?? d.gateway;
+        d.last_seen = Math.max(d.last_seen || 0, full.last_seen || 0);
+        d.hay = null;
+        markRows();
+      } catch { /* left as it is */ }
+    }
+  };
+  await Promise.all(Array.from({ length: 6 }, worker));
+}
+
 let resubTimer = 0;
 function selectionChanged() {
   for (const [field, ch] of state.charts) {
     for (const dev of ch.series.keys()) if (!state.selected.has(dev)) ch.series.delete(dev);
-    if (!ch.series.size) { ch.fig.remove(); state.charts.delete(field); }
+    if (!ch.series.size) { ch.plot?.destroy(); ch.fig.remove(); state.charts.delete(field); }
+    else ch.shape = '';
   }
   let i = 0;
   state.colors = new Map([...state.selected].map((d) => [d, i++ % PALETTE]));
@@ -204,7 +416,8 @@ function selectionChanged() {
   $('charts-info').textContent = state.selected.size
     ? `Charting ${state.selected.size} device(s); numeric fields appear as readings arrive.`
     : 'Tick devices in the list to chart their numeric fields.';
-  if (state.rows.size) applyFilter();
+  markRows();
+  state.listDirty = true;
   clearTimeout(resubTimer);
   resubTimer = setTimeout(() => {
     subscribe('raw');
@@ -212,6 +425,82 @@ function selectionChanged() {
   }, 300);
 }
 
+// ---- fleet overview ----------------------------------------------------------
+
+function renderOverviewCounts() {
+  let on = 0, off = 0;
+  const byType = new Map();
+  for (const d of state.devices.values()) {
+    const t = str(d.device_type) || '(unknown)';
+    const c = byType.get(t) || [0, 0];
+    if (d.online) { on++; c[0]++; } else { off++; c[1]++; }
+    byType.set(t, c);
+  }
+  $('ov-online').textContent = String(on);
+  $('ov-offline').textContent = String(off);
+  $('ov-types').tBodies[0].replaceChildren(...[...byType].sort((a, b) => a[0].localeCompare(b[0])).map(([t, [a, b]]) =>
+    el('tr', {}, el('th', { scope: 'row' }, t), el('td', { class: 'num' }, a), el('td', { class: 'num' }, b))));
+}
+
+function renderCommandStates() {
+  const cut = Date.now() - HOUR, counts = new Map();
+  for (const [id, c] of state.cmds) {
+    if (c.at < cut) { state.cmds.delete(id); continue; }
+    counts.set(c.status, (counts.get(c.status) || 0) + 1);
+  }
+  const box = $('ov-cmd-states');
+  if (!counts.size) { box.textContent = 'none yet'; return; }
+  box.replaceChildren(...STATES.filter((s) => counts.has(s)).map((s) =>
+    el('span', { class: `chip st-${s}` }, `${s} ${counts.get(s)}`)));
+}
+
+const fmtRate = (r) => (r >= 100 ? r.toFixed(0) : r.toFixed(1));
+
+// Prometheus text: the ingest and reject rates from two samples of /metrics
+// (a public route; a hub that refuses it leaves the tiles at "–").
+function parseProm(text) {
+  const out = { accepted: 0, rejected: new Map() };
+  for (const line of text.split('\n')) {
+    if (line.startsWith('iot_hub_readings_accepted_total ')) out.accepted = Number(line.split(' ')[1]);
+    else if (line.startsWith('iot_hub_readings_rejected_total{')) {
+      const m = /code="([^"]*)"\}\s+(\S+)/.exec(line);
+      if (m) out.rejected.set(m[1], Number(m[2]));
+    }
+  }
+  return out;
+}
+
+async function pollMetrics() {
+  clearTimeout(state.metricsTimer);
+  if (!state.key) return;
+  try {
+    const r = await fetch('/metrics', { cache: 'no-store' });
+    if (r.ok) {
+      const now = performance.now(), cur = parseProm(await r.text()), prev = state.metrics;
+      if (prev) {
+        const dt = (now - prev.t) / 1000;
+        $('ov-ingest').textContent = fmtRate(Math.max(0, (cur.accepted - prev.accepted) / dt));
+        let rej = 0;
+        const chips = [];
+        for (const [code, v] of cur.rejected) {
+          const rate = Math.max(0, (v - (prev.rejected.get(code) || 0)) / dt);
+          rej += rate;
+          if (v > 0) chips.push(el('span', { class: `chip${rate > 0 ? ' bad' : ''}` }, `${code} ${fmtRate(rate)}/s (${v} total)`));
+        }
+        $('ov-reject').textContent = fmtRate(rej);
+        if (chips.length) $('ov-reject-codes').replaceChildren(...chips); else $('ov-reject-codes').textContent = 'none';
+        $('overview-info').textContent = `rates from this hub instance's /metrics over ${dt.toFixed(0)} s`;
+      }
+      cur.t = now;
+      state.metrics = cur;
+    } else {
+      $('overview-info').textContent = `/metrics: ${r.status}`;
+    }
+  } catch (e) {
+    $('overview-info').textContent = `/metrics: ${e.message}`;
+  }
+  state.metricsTimer = setTimeout(pollMetrics, 5000);
+}
 // ---- WebSocket stream ------------------------------------------------------
 
 function send(msg) {
@@ -233,7 +522,14 @@ function connect() {
   ws.onmessage = (e) => {
     let m;
     try { m = JSON.parse(e.data); } catch { return note('error', 'unparsable message from the hub'); }
-    if (m && typeof m === 'object') handle(m);
+    if (m && typeof m === 'object') {
+      const t = performance.now();
+      handle(m);
+      // cost of stream messages by type (tests/web reports it)
+      const k = str(m.type), c = (state.msgCost[k] ||= [0, 0]);
+      c[0]++;
+      c[1] += performance.now() - t;
+    }
   };
   ws.onclose = (e) => {
     clearTimeout(state.authTimer);
@@ -267,13 +563,19 @@ function ready(name) {
   state.ready = true;
   state.upSince = Date.now();
   setConn('on', name ? `live as ${name}` : 'live');
-  for (const kind of ['presence', 'raw', 'agg', 'commands']) subscribe(kind);
+  for (const kind of ['presence', 'raw', 'seen', 'agg', 'commands']) subscribe(kind);
+  if (state.upSince && state.attempt) catchUpCommands(); // a reconnect: events may have been missed
 }
 
 function subscription(kind) {
   switch (kind) {
     case 'presence': case 'commands':
       return { stream: kind, filter: {} };
+    case 'seen': {
+      const ids = state.visibleKey ? state.visibleKey.split('\n') : [];
+      if (state.page && !ids.includes(state.page.id)) ids.push(state.page.id);
+      return ids.length ? { stream: 'raw', filter: { devices: ids } } : null;
+    }
     case 'raw': {
       if (!state.selected.size) return null;
       const m = { stream: 'raw', filter: { devices: [...state.selected] } };
@@ -332,23 +634,30 @@ function handle(m) {
 }
 
 function onReading(m) {
-  const dev = str(m.device), ts = Number(m.ts);
-  if (typeof m.pos === 'string' && posAfter(m.pos, state.lastPos)) state.lastPos = m.pos;
+  const dev = str(m.device), ts = Number(m.ts), kind = state.subs.get(m.sub);
   const d = state.devices.get(dev);
   if (d && ts > (d.last_seen || 0)) d.last_seen = ts;
-  if (!state.selected.has(dev) || !Number.isFinite(ts) || !m.data || typeof m.data !== 'object') return;
-  addReading(dev, ts, m.data);
+  if (!Number.isFinite(ts) || !m.data || typeof m.data !== 'object') return;
+  if (kind === 'seen') {
+    if (state.page?.id === dev) pageReading(ts, m.data);
+    return;
+  }
+  if (typeof m.pos === 'string' && posAfter(m.pos, state.lastPos)) state.lastPos = m.pos;
+  if (state.selected.has(dev)) addReading(dev, ts, m.data);
 }
 
+// Online state and last seen of every device come from the presence stream;
+// devices the list did not hold (the hub lists at most 1000) are added.
 function onPresence(m) {
   const id = str(m.device);
   let d = state.devices.get(id);
-  const isNew = !d;
-  if (isNew) state.devices.set(id, (d = { device: id, device_type: m.device_type, labels: {} }));
+  // presence events carry no labels: such a device is read in full once in view
+  if (!d) state.devices.set(id, (d = { device: id, device_type: m.device_type, labels: {}, partial: true }));
   d.online = !!m.online;
   if (m.gateway != null) d.gateway = m.gateway;
-  if (Number.isFinite(m.at)) d.last_seen = Math.max(d.last_seen || 0, m.at);
-  if (isNew) renderDevices(); else { updateRow(id); applyFilter(); }
+  if (Number.isFinite(m.at)) { d.last_seen = Math.max(d.last_seen || 0, m.at); d.presenceAt = m.at; }
+  markList();
+  if (state.page?.id === id) renderFacts();
 }
 
 function onAggregate(m) {
@@ -357,22 +666,64 @@ function onAggregate(m) {
   for (const [field, s] of Object.entries(m.metrics || {})) {
     const k = `${who}\0${field}`, old = state.aggs.get(k);
     if (old && old.start > m.start) continue;
-    state.aggs.set(k, { who, field, start: m.start, window: m.window, ...s });
+    if (!old) insertSorted(state.aggOrder, k);
+    state.aggs.set(k, { who, device: m.device != null ? str(m.device) : null, field, start: m.start, window: m.window, ...s });
   }
   state.aggsDirty = true;
 }
 
+const AGG_ROWS = 200;
+
+// keeps the aggregate rows' keys sorted as rows are added (no sort per frame)
+function insertSorted(arr, k) {
+  let lo = 0, hi = arr.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (arr[mid] < k) lo = mid + 1; else hi = mid; }
+  arr.splice(lo, 0, k);
+}
+
 function renderAggs() {
   state.aggsDirty = false;
-  const rows = [...state.aggs.values()].sort((a, b) => a.who.localeCompare(b.who) || a.field.localeCompare(b.field));
-  $('aggs').tBodies[0].replaceChildren(...rows.map((r) => el('tr', {},
-    el('th', { scope: 'row' }, r.who), el('td', {}, r.field),
-    el('td', {}, `${timeOf(r.start)} (${str(r.window)})`),
-    ...[r.count, r.min, r.max, r.avg, r.last].map((v) => el('td', { class: 'num' }, fmtNum(v))))));
+  // at most AGG_ROWS rows in the DOM (a fleet of 10,000 devices has 20,000+):
+  // the first ones by device / group and field (kept sorted as rows are
+  // added), the rest counted. Rows are kept per key and their cells updated
+  // in place: a frame touches only the text that changed.
+  if (state.aggOrder.length !== state.aggs.size) state.aggOrder = [...state.aggs.keys()].sort();
+  const keys = state.aggOrder.slice(0, AGG_ROWS);
+  $('aggs-info').textContent = state.aggs.size > AGG_ROWS
+    ? `${AGG_ROWS} of ${state.aggs.size} rows shown: group by a label or tick "selected devices only" to see fewer`
+    : '';
+  const cache = new Map(), trs = [];
+  for (const k of keys) {
+    const r = state.aggs.get(k);
+    let row = state.aggRows?.get(k);
+    if (!row) {
+      const mark = el('span', { class: 'stale-mark', title: 'the device is offline: this window is its last' }, ' offline');
+      const cells = Array.from({ length: 6 }, (_, i) => el('td', { class: i ? 'num' : null }));
+      row = { tr: el('tr', {}, el('th', { scope: 'row' }, r.who, mark), el('td', {}, r.field), ...cells), mark, cells, text: [] };
+    }
+    // a device that went offline keeps its last window, marked stale
+    const off = r.device != null && state.devices.get(r.device)?.online === false;
+    if (row.off !== off) { row.off = off; row.tr.className = off ? 'stale' : ''; row.mark.hidden = !off; }
+    if (row.src !== r) { // a new window for this row
+      row.src = r;
+      const text = [`${timeOf(r.start)} (${str(r.window)})`, ...[r.count, r.min, r.max, r.avg, r.last].map(fmtNum)];
+      text.forEach((t, i) => { if (row.text[i] !== t) { row.text[i] = t; row.cells[i].textContent = t; } });
+    }
+    cache.set(k, row);
+    trs.push(row.tr);
+  }
+  state.aggRows = cache;
+  const tb = $('aggs').tBodies[0];
+  if (trs.length !== tb.children.length || trs.some((tr, i) => tb.children[i] !== tr)) tb.replaceChildren(...trs);
 }
 
 function onCommand(m) {
-  const st = str(m.status);
+  const st = str(m.status), id = str(m.id);
+  state.cmds.set(id, { id, device: str(m.device), name: str(m.name), status: st, at: Number(m.at) || Date.now() });
+  if (state.timeline?.id === id) { addTimelineEvent(m); renderTimeline(); }
+  if (state.page?.id === str(m.device)) schedulePageCommands();
+  if (state.rollout && id.startsWith(`c_${state.rollout.slice(2)}_`)) scheduleRollout(300);
+  if (!state.cmdStatesTimer) state.cmdStatesTimer = setTimeout(() => { state.cmdStatesTimer = 0; renderCommandStates(); }, 200);
   logTo($('commands'), `cmd ${/^[a-z_]+$/.test(st) ? `st-${st}` : ''}`,
     el('strong', {}, str(m.device)), ' ', el('code', {}, str(m.name)), ' ',
     el('span', { class: 'status' }, st), ' ', el('span', { class: 'hint' }, str(m.id)),
@@ -388,6 +739,10 @@ function onGap(m) {
     $('dropped').textContent = `${state.dropped} messages dropped`;
   }
   note('warn', `gap on ${kind}: ${n} dropped${m.reason ? ` (${str(m.reason)})` : ''}`);
+  // presence events were lost: the device list is read again (online states)
+  if (kind === 'presence') { clearTimeout(state.gapReload); state.gapReload = setTimeout(loadDevices, 1000); }
+  // command events were lost: the open timeline and rollout are read again
+  if (kind === 'commands') catchUpCommands();
 }
 
 function onError(m) {
@@ -401,13 +756,26 @@ function onError(m) {
 
 // ---- charts ----------------------------------------------------------------
 
+// The unit of a field, from the schema of the charted devices' types.
+function unitFor(field, devs) {
+  for (const dev of devs) {
+    const t = state.types.get(str(state.devices.get(dev)?.device_type));
+    const u = unitOf(t?.telemetry?.properties?.[field], field);
+    if (u) return u;
+  }
+  return unitOf(null, field);
+}
+const axisLabel = (field, unit) => (unit ? `${field} (${unit})` : field);
+
 function chartFor(field) {
   let ch = state.charts.get(field);
   if (ch) return ch;
-  const canvas = el('canvas', { role: 'img', 'aria-label': `${field} over time` });
+  const canvas = window.uPlot ? null : el('canvas', { role: 'img', 'aria-label': `${field} over time` });
+  const box = el('div', { class: 'plot' }, canvas);
   const legend = el('figcaption', {});
-  const fig = el('figure', { class: 'chart' }, el('h3', {}, field), canvas, legend);
-  ch = { fig, canvas, legend, series: new Map() };
+  const title = el('h3', {}, field);
+  const fig = el('figure', { class: 'chart' }, title, box, legend);
+  ch = { fig, canvas, box, title, legend, field, series: new Map(), shape: '' };
   state.charts.set(field, ch);
   const list = $('chart-list'), after = [...state.charts.keys()].sort().find((f) => f > field);
   list.insertBefore(fig, after ? state.charts.get(after).fig : null);
@@ -441,7 +809,86 @@ function niceTicks(lo, hi, n) {
 
 const TIME_STEPS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800].map((s) => s * 1000);
 
+// uPlot data: one x array (ms) and one y array per series, the union of the
+// series' timestamps; a series without a point at some x has undefined there
+// (joined over), and null where its own readings paused longer than breakMs
+// (a gap in its line).
+function joinSeries(list, t0, breakMs) {
+  const xs = new Set();
+  for (const pts of list) for (const [t] of pts) if (t >= t0 - breakMs) xs.add(t);
+  const x = Float64Array.from(xs).sort();
+  const idx = new Map();
+  x.forEach((t, i) => idx.set(t, i));
+  const ys = list.map((pts) => {
+    const y = new Array(x.length).fill(undefined);
+    let prev = -Infinity;
+    for (const [t, v] of pts) {
+      if (t < t0 - breakMs) continue;
+      const i = idx.get(t);
+      if (t - prev > breakMs && i > 0 && y[i - 1] === undefined && prev > -Infinity) y[i - 1] = null;
+      y[i] = v;
+      prev = t;
+    }
+    return y;
+  });
+  return [Array.from(x), ...ys];
+}
+
+function uplotOpts(width, unit, label, series, css, extra = {}) {
+  return {
+    width, height: 200, ms: 1,
+    legend: { show: false },
+    cursor: { drag: { x: true, y: false } },
+    scales: { x: { time: true } },
+    axes: [
+      { stroke: css.muted, grid: { stroke: css.grid, width: 1 }, ticks: { stroke: css.grid } },
+      { stroke: css.muted, grid: { stroke: css.grid, width: 1 }, ticks: { stroke: css.grid }, label,
+        size: 60, values: (u, vals) => vals.map((v) => `${fmtNum(v)}${unit && unit.length <= 3 ? ` ${unit}` : ''}`) },
+    ],
+    series: [{}, ...series.map(([name, c]) => ({ label: name, stroke: css.colors[c], width: 1.75, spanGaps: false, points: { show: false } }))],
+    ...extra,
+  };
+}
+
+function drawUplot(ch, css, now) {
+  const devs = [...ch.series.keys()].sort();
+  const w = ch.box.clientWidth;
+  if (!w) return;
+  const unit = unitFor(ch.field, devs), label = axisLabel(ch.field, unit);
+  const shape = `${devs.join('\n')}|${label}|${w}|${css.colors.join()}`;
+  if (ch.shape !== shape) {
+    ch.plot?.destroy();
+    ch.title.textContent = label;
+    ch.plot = new window.uPlot(uplotOpts(w, unit, label, devs.map((d) => [d, state.colors.get(d) ?? 0]), css), [[]], ch.box);
+    ch.shape = shape;
+  }
+  for (const pts of ch.series.values()) trimPoints(pts, now);
+  const breakMs = Math.max(10e3, state.spanMs / 30);
+  ch.plot.batch(() => {
+    ch.plot.setData(joinSeries(devs.map((d) => ch.series.get(d)), now - state.spanMs, breakMs), false);
+    ch.plot.setScale('x', { min: now - state.spanMs, max: now });
+  });
+  ch.legend.replaceChildren(...devs.map((d) => {
+    const pts = ch.series.get(d), last = pts[pts.length - 1], c = state.colors.get(d) ?? 0;
+    return el('span', { class: 'key' }, el('span', { class: `swatch c${c}` }), `${d}: ${last ? fmtNum(last[1]) : '–'}${unit ? ` ${unit}` : ''}`);
+  }));
+  ch.box.setAttribute('aria-label', `${label}, latest: ${ch.legend.textContent}`);
+  ch.box.setAttribute('role', 'img');
+}
+
+function trimPoints(pts, now) {
+  const keep = now - Math.max(state.spanMs, HOUR);
+  let cut = Math.max(0, pts.length - MAX_POINTS);
+  while (cut < pts.length && pts[cut][0] < keep) cut++;
+  if (cut) pts.splice(0, cut);
+}
+
 function drawChart(ch, css, now) {
+  return window.uPlot ? drawUplot(ch, css, now) : drawChartCanvas(ch, css, now);
+}
+
+// The built-in chart, for a console served without uPlot (web/ itself).
+function drawChartCanvas(ch, css, now) {
   const { canvas, series } = ch;
   const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
   if (!w || !h) return;
@@ -456,10 +903,7 @@ function drawChart(ch, css, now) {
   const t1 = now, t0 = now - state.spanMs;
   let lo = Infinity, hi = -Infinity;
   for (const pts of series.values()) {
-    const keep = now - Math.max(state.spanMs, HOUR);
-    let cut = Math.max(0, pts.length - MAX_POINTS);
-    while (cut < pts.length && pts[cut][0] < keep) cut++;
-    if (cut) pts.splice(0, cut);
+    trimPoints(pts, now);
     for (const [t, v] of pts) if (t >= t0) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
   }
   ctx.fillStyle = css.muted;
@@ -510,7 +954,9 @@ function drawChart(ch, css, now) {
   }
   ctx.restore();
   ch.legend.replaceChildren(...legend);
-  ch.canvas.setAttribute('aria-label', `${ch.fig.firstChild.textContent}, latest: ${spoken.join(', ')}`);
+  const unit = unitFor(ch.field, [...series.keys()]);
+  ch.title.textContent = axisLabel(ch.field, unit);
+  ch.canvas.setAttribute('aria-label', `${ch.title.textContent}, latest: ${spoken.join(', ')}`);
 }
 
 function cssColors() {
@@ -518,11 +964,22 @@ function cssColors() {
   return { muted: v('--muted'), grid: v('--grid'), colors: Array.from({ length: PALETTE }, (_, i) => v(`--c${i}`)) };
 }
 
+// One frame of work: live charts, the device page's chart, aggregates.
+// performance.measure "tick" times it (tests/web reports it).
 function tick() {
   if (document.hidden || $('app').hidden) return;
+  const t0 = performance.now();
   const css = cssColors(), now = Date.now();
   for (const ch of state.charts.values()) drawChart(ch, css, now);
+  const t1 = performance.now();
+  if (state.page?.dirty) drawPageChart(css);
+  const t2 = performance.now();
   if (state.aggsDirty) renderAggs();
+  const t3 = performance.now();
+  performance.measure('tick', { start: t0, end: t3 });
+  performance.measure('tick-charts', { start: t0, end: t1 });
+  performance.measure('tick-page', { start: t1, end: t2 });
+  performance.measure('tick-aggs', { start: t2, end: t3 });
 }
 
 // ---- history ---------------------------------------------------------------
@@ -557,6 +1014,449 @@ async function loadHistory() {
   }
 }
 
+// ---- device page -------------------------------------------------------------
+
+function openDevice(id) {
+  state.page?.plot?.destroy();
+  state.page = { id, points: [], last: null, lastTs: 0, plot: null, zoomed: false, dirty: true, field: '' };
+  $('device-panel').hidden = false;
+  $('timeline').hidden = true;
+  state.timeline = null;
+  renderPage();
+  loadPageHistory();
+  loadPageCommands();
+  subscribe('seen');
+  $('device-panel').scrollIntoView({ block: 'nearest' });
+  $('dev-title').focus?.();
+}
+
+function closeDevice() {
+  state.page?.plot?.destroy();
+  state.page = null;
+  state.timeline = null;
+  $('device-panel').hidden = true;
+  subscribe('seen');
+}
+
+const pageType = () => state.types.get(str(state.devices.get(state.page?.id)?.device_type));
+
+function renderFacts() {
+  const id = state.page.id, d = state.devices.get(id) || { device: id };
+  const dd = (k, ...v) => [el('dt', {}, k), el('dd', {}, ...v)];
+  $('dev-title').textContent = id;
+  $('dev-facts').replaceChildren(
+    ...dd('Type', str(d.device_type) || '–'),
+    ...dd('State', el('span', { class: `dot ${d.online ? 'on' : 'off'}` }), ` ${d.online ? 'online' : 'offline'}`,
+      d.gateway ? ` via ${str(d.gateway)}` : ''),
+    ...dd('Last seen', d.last_seen ? `${ago(d.last_seen)} (${new Date(d.last_seen).toLocaleString()})` : 'never'),
+    ...dd('Labels', ...(labelText(d.labels).length ? labelText(d.labels).map((t) => el('span', { class: 'chip' }, t)) : ['none'])));
+}
+
+function renderPage() {
+  if (!state.page) return;
+  renderFacts();
+  const t = pageType();
+  const props = t?.telemetry?.properties || {};
+  // fields to chart: the schema's numeric ones, then any numeric seen
+  const fields = Object.entries(props).filter(([, s]) => s.type === 'number' || s.type === 'integer').map(([k]) => k);
+  for (const k of Object.keys(state.page.last || {})) if (typeof state.page.last[k] === 'number' && !fields.includes(k)) fields.push(k);
+  const sel = $('dev-field'), cur = sel.value;
+  sel.replaceChildren(...fields.map((f) => el('option', { value: f }, axisLabel(f, unitOf(props[f], f)))));
+  if (fields.includes(cur)) sel.value = cur;
+  state.page.field = sel.value;
+  renderLastReading();
+  // command form
+  const cmds = Object.keys(t?.commands || {});
+  const cn = $('cmd-name'), prev = cn.value;
+  cn.replaceChildren(...cmds.map((c) => el('option', { value: c }, c)));
+  if (cmds.includes(prev)) cn.value = prev;
+  $('cmd-idem').value ||= newIdemKey();
+  buildCmdParams();
+  applyRole();
+  state.page.dirty = true;
+}
+
+function renderLastReading() {
+  const p = state.page, props = pageType()?.telemetry?.properties || {};
+  if (!p.last) { $('dev-last').tBodies[0].replaceChildren(el('tr', {}, el('td', { class: 'hint' }, 'no reading in the loaded range'))); return; }
+  $('dev-last').tBodies[0].replaceChildren(
+    el('tr', {}, el('th', { scope: 'row' }, 'at'), el('td', {}, new Date(p.lastTs).toLocaleString())),
+    ...Object.entries(p.last).map(([k, v]) => {
+      const u = unitOf(props[k], k);
+      return el('tr', {}, el('th', { scope: 'row' }, k),
+        el('td', { class: typeof v === 'number' ? 'num' : null }, typeof v === 'number' ? `${fmtNum(v)}${u ? ` ${u}` : ''}` : JSON.stringify(v)));
+    }));
+}
+
+function pageReading(ts, data) {
+  const p = state.page;
+  const n = p.points.length;
+  if (n && p.points[n - 1][0] >= ts) {
+    if (p.points.some(([t]) => t === ts)) return;
+    p.points.push([ts, data]);
+    p.points.sort((a, b) => a[0] - b[0]);
+  } else p.points.push([ts, data]);
+  if (ts >= p.lastTs) { p.lastTs = ts; p.last = data; renderLastReading(); }
+  if (!p.field) renderPage();
+  p.dirty = true;
+}
+
+async function loadPageHistory() {
+  const p = state.page, id = p.id, to = Date.now(), from = to - Number($('dev-range').value);
+  let after = null;
+  try {
+    for (let page = 0; page < 10; page++) {
+      const q = new URLSearchParams({ from, to, limit: 10000, format: 'json' });
+      if (after) q.set('after', after);
+      const body = await api(`/v1/devices/${encodeURIComponent(id)}/telemetry?${q}`);
+      if (state.page !== p) return;
+      for (const r of body.readings || []) if (Number.isFinite(r.ts) && r.data && typeof r.data === 'object') pageReading(r.ts, r.data);
+      if (!(after = body.next)) break;
+    }
+    renderPage();
+  } catch (e) {
+    if (state.page === p) $('dev-chart').replaceChildren(el('p', { class: 'error' }, `History: ${e.message}`));
+  }
+}
+
+function drawPageChart(css) {
+  const p = state.page, box = $('dev-chart');
+  p.dirty = false;
+  const field = p.field, range = Number($('dev-range').value), now = Date.now();
+  const props = pageType()?.telemetry?.properties || {};
+  const unit = unitOf(props[field], field), label = axisLabel(field, unit);
+  const pts = p.points.filter(([t, d]) => t >= now - range && typeof d[field] === 'number').map(([t, d]) => [t, d[field]]);
+  if (!field) { box.replaceChildren(el('p', { class: 'hint' }, 'No numeric field to chart.')); return; }
+  if (!window.uPlot) {
+    if (!p.canvasCh) {
+      const canvas = el('canvas', { role: 'img', 'aria-label': label });
+      p.canvasCh = { canvas, legend: el('figcaption', {}), title: el('span', {}), field, series: new Map() };
+      box.replaceChildren(canvas, p.canvasCh.legend);
+    }
+    p.canvasCh.field = field;
+    p.canvasCh.series = new Map([[p.id, pts]]);
+    const span = state.spanMs;
+    state.spanMs = range;
+    drawChartCanvas(p.canvasCh, css, now);
+    state.spanMs = span;
+    return;
+  }
+  const w = box.clientWidth || 600, shape = `${label}|${w}|${css.colors[0]}`;
+  if (p.shape !== shape || !p.plot) {
+    p.plot?.destroy();
+    box.replaceChildren();
+    p.plot = new window.uPlot(uplotOpts(w, unit, label, [[p.id, 0]], css, {
+      hooks: { setSelect: [(u) => { if (u.select.width > 2) p.zoomed = true; }] },
+    }), [[], []], box);
+    p.plot.over.addEventListener('dblclick', () => { p.zoomed = false; p.dirty = true; });
+    p.shape = shape;
+  }
+  const data = joinSeries([pts], now - range, Math.max(10e3, range / 30));
+  // the range, or less when the readings cover less of it (at least 1 min)
+  const from = Math.min(now - 60e3, Math.max(now - range, (pts[0]?.[0] ?? now) - 5e3));
+  if (p.zoomed) p.plot.setData(data, false);
+  else p.plot.batch(() => { p.plot.setData(data, false); p.plot.setScale('x', { min: from, max: now }); });
+  box.setAttribute('aria-label', `${label} history of ${p.id}`);
+}
+
+// ---- commands: form, recent list, timeline -------------------------------------
+
+const newIdemKey = () => (crypto.randomUUID ? crypto.randomUUID() : `k-${Date.now()}-${Math.random().toString(16).slice(2)}`);
+
+let cmdParams = null;
+function buildCmdParams() {
+  const t = pageType(), name = $('cmd-name').value;
+  const box = $('cmd-params');
+  const legend = el('legend', {}, name ? `Parameters of ${name}` : 'Parameters');
+  const inner = el('div', { class: 'params-inner' });
+  box.replaceChildren(legend, inner);
+  cmdParams = paramsForm(inner, t?.commands?.[name] || {}, 'cmdp');
+}
+
+// The timing fields: the API's ranges and message ("ttl_s must be an integer from 1 to 2592000").
+const TIMING = [
+  ['cmd-ttl', 'ttl_s', 1, 2592000], ['cmd-timeout', 'timeout_s', 1, 604800],
+  ['cmd-ack', 'ack_timeout_s', 1, 3600], ['cmd-attempts', 'max_attempts', 1, 100],
+];
+
+function readTiming(body) {
+  let ok = true;
+  for (const [id, field, min, max] of TIMING) {
+    const raw = $(id).value.trim();
+    $(`${id}-err`).textContent = '';
+    $(id).removeAttribute('aria-invalid');
+    if (!raw) continue;
+    const v = Number(raw);
+    if (!/^-?[0-9]+$/.test(raw) || v < min || v > max) {
+      $(`${id}-err`).textContent = `${field} must be an integer from ${min} to ${max}`;
+      $(id).setAttribute('aria-invalid', 'true');
+      ok = false;
+    } else body[field] = v;
+  }
+  return ok;
+}
+
+async function sendCommand(e) {
+  e.preventDefault();
+  const p = state.page, name = $('cmd-name').value;
+  $('cmd-error').textContent = '';
+  if (!p || !name) return;
+  const body = { name };
+  const { params, errors } = cmdParams.read();
+  const timingOk = readTiming(body);
+  const idem = $('cmd-idem').value.trim();
+  $('cmd-idem-err').textContent = '';
+  if (idem && !/^[\x21-\x7e]{1,128}$/.test(idem)) {
+    $('cmd-idem-err').textContent = idem.length > 128 ? 'Idempotency-Key must be 1 to 128 characters' : 'Idempotency-Key must be printable ASCII without spaces';
+    return;
+  }
+  if (errors.length || !timingOk) {
+    $('cmd-error').textContent = errors.length ? `${errors[0].path} ${errors[0].message}` : 'Fix the delivery settings.';
+    (errors[0]?.input || null)?.focus();
+    return;
+  }
+  body.params = params;
+  if (DESTRUCTIVE.has(name) && !confirm(`Send ${name} to ${p.id}?\n\n${JSON.stringify(params)}`)) return;
+  $('cmd-send').disabled = true;
+  try {
+    const cmd = await api(`/v1/devices/${encodeURIComponent(p.id)}/commands`, 'POST', body, idem ? { 'Idempotency-Key': idem } : {});
+    $('cmd-idem').value = newIdemKey(); // the next send is a new command
+    showTimeline(cmd);
+    loadPageCommands();
+  } catch (err) {
+    $('cmd-error').textContent = err.apiMessage || err.message;
+    if (err.field) markServerField(err.field);
+  } finally {
+    $('cmd-send').disabled = false;
+  }
+}
+
+// A 422 names the field: show the API's message beside it too.
+function markServerField(field) {
+  const input = document.querySelector(`#cmd-params [name="${CSS.escape(field.replace(/^params\./, '').split(/[.[]/)[0])}"]`);
+  if (input) { input.setAttribute('aria-invalid', 'true'); $(`${input.id}-err`).textContent = $('cmd-error').textContent; }
+}
+
+let pageCmdTimer = 0;
+function schedulePageCommands() {
+  clearTimeout(pageCmdTimer);
+  pageCmdTimer = setTimeout(loadPageCommands, 400);
+}
+
+async function loadPageCommands() {
+  const p = state.page;
+  if (!p) return;
+  try {
+    const body = await api(`/v1/devices/${encodeURIComponent(p.id)}/commands?limit=20`);
+    if (state.page !== p) return;
+    const list = body.commands || [];
+    $('dev-cmds').replaceChildren(...(list.length ? list.map((c) => el('li', { class: `cmd st-${/^[a-z_]+$/.test(c.status) ? c.status : ''}` },
+      el('time', {}, timeOf(c.created_at)), ' ',
+      el('button', { type: 'button', class: 'linkish', 'data-cmd': str(c.id) }, str(c.name)), ' ',
+      el('span', { class: 'status' }, str(c.status)), ' ', el('span', { class: 'hint' }, str(c.id)))) : [el('li', { class: 'hint' }, 'none')]));
+  } catch (e) {
+    $('dev-cmds').replaceChildren(el('li', { class: 'error' }, e.message));
+  }
+}
+
+// one entry per transition: the stream event, the history entry and a cancel
+// answer of the same transition merge (status, time and progress)
+function eventKey(ev) { return `${ev.status}|${ev.at}|${ev.progress ?? ''}`; }
+
+function addTimelineEvent(ev) {
+  const t = state.timeline, e = {
+    status: str(ev.status), at: Number(ev.at), attempt: ev.attempt, progress: ev.progress,
+    message: ev.message, result: ev.result, error: ev.error,
+  };
+  const k = eventKey(e), had = t.events.get(k);
+  if (had) for (const [f, v] of Object.entries(e)) { if (v != null) had[f] = v; } else t.events.set(k, e);
+  if (FINAL.has(e.status) || STATES.indexOf(e.status) > STATES.indexOf(t.cmd.status)) t.cmd.status = e.status;
+  if (e.attempt != null) t.cmd.attempt = e.attempt;
+  if (e.result !== undefined && e.result !== null) t.cmd.result = e.result;
+  if (e.error) t.cmd.error = e.error;
+}
+
+async function showTimeline(cmdOrId) {
+  const id = typeof cmdOrId === 'string' ? cmdOrId : cmdOrId.id;
+  state.timeline = { id, cmd: typeof cmdOrId === 'string' ? { id, status: '' } : { ...cmdOrId }, events: new Map() };
+  if (typeof cmdOrId !== 'string') for (const h of cmdOrId.history || []) addTimelineEvent(h);
+  $('timeline').hidden = false;
+  $('tl-error').textContent = '';
+  renderTimeline();
+  // the GET has the history from before this page saw the command
+  try {
+    const full = await api(`/v1/commands/${encodeURIComponent(id)}`);
+    if (state.timeline?.id !== id) return;
+    Object.assign(state.timeline.cmd, full, { status: state.timeline.cmd.status && FINAL.has(state.timeline.cmd.status) ? state.timeline.cmd.status : full.status });
+    for (const h of full.history || []) addTimelineEvent(h);
+    renderTimeline();
+  } catch (e) {
+    $('tl-error').textContent = e.apiMessage || e.message;
+  }
+}
+
+function renderTimeline() {
+  const t = state.timeline;
+  if (!t) return;
+  const c = t.cmd, final = FINAL.has(c.status);
+  $('tl-title').textContent = `${str(c.name) || 'command'} ${c.id}`;
+  $('tl-summary').replaceChildren(
+    el('span', { class: `status st-${/^[a-z_]+$/.test(c.status) ? c.status : ''}`, 'data-status': c.status }, str(c.status)),
+    c.attempt != null ? ` attempt ${c.attempt}${c.max_attempts ? ` of ${c.max_attempts}` : ''}` : '',
+    c.params ? ` params ${JSON.stringify(c.params)}` : '',
+    c.result != null ? ` result ${JSON.stringify(c.result)}` : '',
+    c.error ? ` error: ${str(c.error)}` : '');
+  const evs = [...t.events.values()].sort((a, b) => a.at - b.at || STATES.indexOf(a.status) - STATES.indexOf(b.status));
+  $('tl-list').replaceChildren(...evs.map((e) => el('li', { class: `st-${/^[a-z_]+$/.test(e.status) ? e.status : ''}` },
+    el('time', { datetime: new Date(e.at).toISOString() }, `${timeOf(e.at)}.${String(e.at % 1000).padStart(3, '0')}`), ' ',
+    el('span', { class: 'status' }, e.status),
+    e.attempt != null ? el('span', { class: 'hint' }, ` attempt ${e.attempt}`) : null,
+    e.progress != null ? ` ${e.progress}%` : null,
+    e.message ? ` ${str(e.message)}` : null,
+    e.result != null ? el('code', {}, ` ${JSON.stringify(e.result)}`) : null,
+    e.error ? el('span', { class: 'error-text' }, ` ${str(e.error)}`) : null)));
+  $('tl-cancel').hidden = final || !state.canWrite || !c.status;
+}
+
+async function cancelCommand() {
+  const t = state.timeline;
+  if (!t) return;
+  $('tl-error').textContent = '';
+  try {
+    const c = await api(`/v1/commands/${encodeURIComponent(t.id)}/cancel`, 'POST');
+    Object.assign(t.cmd, c);
+    for (const h of c.history || []) addTimelineEvent(h);
+    renderTimeline();
+  } catch (e) {
+    $('tl-error').textContent = e.apiMessage || e.message;
+  }
+}
+
+// After a gap or a reconnect: the GETs have what the stream lost.
+function catchUpCommands() {
+  if (state.timeline && !FINAL.has(state.timeline.cmd.status)) showTimeline(state.timeline.cmd.status ? { ...state.timeline.cmd, history: [...state.timeline.events.values()] } : state.timeline.id);
+  if (state.page) schedulePageCommands();
+  if (state.rollout) scheduleRollout(100);
+}
+
+// ---- rollouts ---------------------------------------------------------------------
+
+let roParams = null;
+function fillRolloutTypes() {
+  const sel = $('ro-type'), cur = sel.value;
+  sel.replaceChildren(...[...state.types.keys()].sort().map((t) => el('option', { value: t }, t)));
+  if (state.types.has(cur)) sel.value = cur;
+  fillRolloutCommands();
+}
+
+function fillRolloutCommands() {
+  const t = state.types.get($('ro-type').value), sel = $('ro-name'), cur = sel.value;
+  const names = Object.keys(t?.commands || {});
+  sel.replaceChildren(...names.map((c) => el('option', { value: c }, c)));
+  if (names.includes(cur)) sel.value = cur;
+  const inner = el('div', { class: 'params-inner' });
+  $('ro-params').replaceChildren(el('legend', {}, sel.value ? `Parameters of ${sel.value}` : 'Parameters'), inner);
+  roParams = paramsForm(inner, t?.commands?.[sel.value] || {}, 'rop');
+}
+
+async function startRollout(e) {
+  e.preventDefault();
+  $('ro-error').textContent = '';
+  for (const id of ['ro-labels-err', 'ro-rate-err', 'ro-ratio-err']) $(id).textContent = '';
+  const type = $('ro-type').value, name = $('ro-name').value;
+  const labels = {};
+  for (const term of $('ro-labels').value.trim().split(/\s+/).filter(Boolean)) {
+    const i = term.indexOf('=');
+    if (i < 1) { $('ro-labels-err').textContent = `"${term}" is not label=value`; return; }
+    labels[term.slice(0, i)] = term.slice(i + 1);
+  }
+  const rateRaw = $('ro-rate').value.trim(), ratioRaw = $('ro-ratio').value.trim();
+  const rate = Number(rateRaw), ratio = Number(ratioRaw);
+  if (!/^[0-9]+$/.test(rateRaw) || rate < 1 || rate > 1000000) { $('ro-rate-err').textContent = 'rollout.max_per_minute must be an integer from 1 to 1000000'; return; }
+  if (ratioRaw === '' || !Number.isFinite(ratio) || ratio < 0 || ratio > 1) { $('ro-ratio-err').textContent = 'rollout.abort_failure_ratio must be a number from 0 to 1'; return; }
+  const { params, errors } = roParams.read();
+  if (errors.length) { $('ro-error').textContent = `${errors[0].path} ${errors[0].message}`; return; }
+  const body = { target: { device_type: type }, name, params, rollout: { max_per_minute: rate, abort_failure_ratio: ratio } };
+  if (Object.keys(labels).length) body.target.labels = labels;
+  const sel = Object.entries(labels).map(([k, v]) => `${k}=${v}`).join(' ') || 'all labels';
+  if (DESTRUCTIVE.has(name) && !confirm(`Start a rollout of ${name} to every ${type} device (${sel}) at ${rate}/min?`)) return;
+  $('ro-start').disabled = true;
+  try {
+    const r = await api('/v1/commands', 'POST', body);
+    $('ro-list').prepend(el('li', {}, el('time', {}, timeOf(Date.now())), ' ',
+      el('button', { type: 'button', class: 'linkish', 'data-rollout': str(r.id) }, str(r.id)), ` ${name} → ${type} (${sel}), ${r.total} device(s)`));
+    showRollout(r);
+  } catch (err) {
+    $('ro-error').textContent = err.apiMessage || err.message;
+  } finally {
+    $('ro-start').disabled = false;
+  }
+}
+
+function scheduleRollout(ms) {
+  clearTimeout(state.rolloutTimer);
+  state.rolloutTimer = setTimeout(refreshRollout, ms);
+}
+
+async function refreshRollout() {
+  const id = state.rollout;
+  if (!id) return;
+  try {
+    const r = await api(`/v1/commands/${encodeURIComponent(id)}`);
+    if (state.rollout === id) renderRollout(r);
+  } catch (e) {
+    $('ro-ctl-error').textContent = e.apiMessage || e.message;
+    scheduleRollout(3000);
+  }
+}
+
+function showRollout(r) {
+  state.rollout = r.id;
+  $('ro-view').hidden = false;
+  $('ro-ctl-error').textContent = '';
+  renderRollout(r);
+}
+
+// released / succeeded / failed / pending from GET /v1/commands/r_…; polled
+// once a second while the rollout runs (and sooner on its commands' events).
+function renderRollout(r) {
+  const c = r.counts || {}, total = Number(r.total) || 0;
+  const ok = c.succeeded || 0, failed = [...FAILED].reduce((n, s) => n + (c[s] || 0), 0), canceled = c.canceled || 0;
+  const released = Number(r.released) || 0, pending = Math.max(0, total - ok - failed - canceled);
+  const pct = (n) => (total ? (100 * n) / total : 0);
+  $('ro-view-title').textContent = `${str(r.name)} → ${str(r.device_type)} ${r.id}`;
+  $('ro-summary').replaceChildren(el('span', { class: `status st-${/^[a-z_]+$/.test(r.status) ? r.status : ''}`, 'data-status': str(r.status) }, str(r.status)),
+    ` · released ${released}/${total} · ${fmtNum(Number(r.max_per_minute))}/min · abort above ${fmtNum(Number(r.abort_failure_ratio))} failed`);
+  $('ro-bar-ok').style.width = `${pct(ok)}%`;
+  $('ro-bar-fail').style.width = `${pct(failed + canceled)}%`;
+  $('ro-bar-run').style.width = `${pct(Math.max(0, released - ok - failed - canceled))}%`;
+  $('ro-bar').setAttribute('aria-valuenow', String(Math.round(pct(ok + failed + canceled))));
+  const dd = (k, v) => [el('dt', {}, k), el('dd', { 'data-count': k }, String(v))];
+  $('ro-counts').replaceChildren(...dd('released', released), ...dd('succeeded', ok), ...dd('failed', failed),
+    ...dd('canceled', canceled), ...dd('pending', pending),
+    ...Object.entries(c).filter(([s]) => !['succeeded', 'canceled', ...FAILED].includes(s)).flatMap(([s, n]) => dd(s, n)));
+  const running = r.status === 'running' || r.status === 'paused';
+  $('ro-pause').hidden = !state.rolloutCtl || r.status !== 'running';
+  $('ro-resume').hidden = !state.rolloutCtl || r.status !== 'paused';
+  $('ro-cancel').hidden = !state.rolloutCtl || !running;
+  if (running) scheduleRollout(1000);
+}
+
+async function rolloutControl(verb) {
+  const id = state.rollout;
+  $('ro-ctl-error').textContent = '';
+  if (verb === 'cancel' && !confirm(`Cancel rollout ${id}? Commands not yet released are canceled.`)) return;
+  try {
+    renderRollout(await api(`/v1/commands/${encodeURIComponent(id)}/${verb}`, 'POST'));
+  } catch (e) {
+    // a hub without the rollout controls: hide them
+    if (e.status === 405 || (e.status === 404 && /no such route/.test(e.apiMessage || ''))) {
+      state.rolloutCtl = false;
+      for (const b of ['ro-pause', 'ro-resume', 'ro-cancel']) $(b).hidden = true;
+    }
+    $('ro-ctl-error').textContent = e.apiMessage || e.message;
+  }
+}
 // ---- wiring ----------------------------------------------------------------
 
 $('login-form').addEventListener('submit', (e) => {
@@ -569,24 +1469,58 @@ $('login-form').addEventListener('submit', (e) => {
 });
 $('logout').addEventListener('click', () => logout());
 $('refresh').addEventListener('click', loadDevices);
-$('filter').addEventListener('input', applyFilter);
-$('online-only').addEventListener('change', applyFilter);
+$('filter').addEventListener('input', filterChanged);
+$('online-only').addEventListener('change', markList);
+$('dev-scroll').addEventListener('scroll', scheduleRender, { passive: true });
+window.addEventListener('resize', () => { state.rowsDirty = true; scheduleRender(); });
+$('devices').addEventListener('change', (e) => {
+  const id = e.target.getAttribute?.('data-id');
+  if (id != null) toggle(id, e.target.checked);
+});
+$('devices').addEventListener('click', (e) => {
+  const id = e.target.closest?.('[data-open]')?.getAttribute('data-open');
+  if (id != null) openDevice(id);
+});
 $('span').addEventListener('change', (e) => { state.spanMs = Number(e.target.value); tick(); });
 $('history').addEventListener('click', loadHistory);
 $('clear-sel').addEventListener('click', () => {
   state.selected.clear();
-  for (const row of state.rows.values()) row.tr.querySelector('input').checked = false;
   selectionChanged();
 });
 $('agg-form').addEventListener('submit', (e) => {
   e.preventDefault();
   state.aggs.clear();
+  state.aggOrder = [];
   renderAggs();
   subscribe('agg');
 });
+$('dev-close').addEventListener('click', closeDevice);
+$('dev-field').addEventListener('change', (e) => { state.page.field = e.target.value; state.page.zoomed = false; state.page.dirty = true; tick(); });
+$('dev-range').addEventListener('change', () => { state.page.zoomed = false; state.page.dirty = true; loadPageHistory(); });
+$('dev-zoom-reset').addEventListener('click', () => { if (state.page) { state.page.zoomed = false; state.page.dirty = true; tick(); } });
+$('cmd-name').addEventListener('change', buildCmdParams);
+$('cmd-form').addEventListener('submit', sendCommand);
+$('dev-cmds').addEventListener('click', (e) => {
+  const id = e.target.closest?.('[data-cmd]')?.getAttribute('data-cmd');
+  if (id) showTimeline(id);
+});
+$('tl-cancel').addEventListener('click', cancelCommand);
+$('ro-type').addEventListener('change', fillRolloutCommands);
+$('ro-name').addEventListener('change', fillRolloutCommands);
+$('ro-form').addEventListener('submit', startRollout);
+$('ro-list').addEventListener('click', (e) => {
+  const id = e.target.closest?.('[data-rollout]')?.getAttribute('data-rollout');
+  if (id) { state.rollout = id; $('ro-view').hidden = false; refreshRollout(); }
+});
+for (const verb of ['pause', 'resume', 'cancel']) $(`ro-${verb}`).addEventListener('click', () => rolloutControl(verb));
 document.addEventListener('visibilitychange', tick);
 setInterval(tick, 500);
-setInterval(() => { for (const id of state.rows.keys()) updateRow(id); }, 5000);
+setInterval(() => {
+  markRows();                                   // last-seen times
+  if (state.page) renderFacts();
+  renderCommandStates();
+  if (state.aggs.size) state.aggsDirty = true;  // stale markers follow presence
+}, 1000);
 
 const saved = sessionStorage.getItem(KEY_STORE);
 if (saved) start(saved); else showLogin();

@@ -16,7 +16,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (BUILD_DIR, CommandResponder, HubTestCase, api_keys_file, free_port, main,  # noqa: E402
+from harness import (BUILD_DIR, CommandResponder, HubTestCase, api_keys_file, free_port, main, now_ms,  # noqa: E402
                      mkdtemp, require_bin, uniq, write_file)
 
 CTL_BIN = os.environ.get("HUB_CTL_BIN") or os.path.join(BUILD_DIR, "tools", "hubctl")
@@ -349,9 +349,36 @@ class HubctlTests(HubTestCase):
                                       "--count", "1", "--timeout", "1")
         self.assertEqual(rc, 5, err)
         self.assertEqual(out, "")
+        # --timeout with no message at all: exit 5 and say so (was 0, silently)
         rc, out, err = await self.ctl("tail", "--stream", "presence", "--device", uniq("t-quiet"),
                                       "--timeout", "0.5")
-        self.assertEqual(rc, 0, err)
+        self.assertEqual(rc, 5, err)
+        self.assertEqual(out, "")
+        self.assertIn("no messages within the timeout", err)
+
+    async def test_tail_numbers_as_sent(self):
+        """tail prints numbers exactly as the hub sent them (jansson would
+        print 21.55 back as 21.550000000000001), with and without --json."""
+        dev = uniq("t-num")
+        gw = await self.gateway(self.hub)
+        await gw.announce([(dev, "thermostat")])
+        outs = []
+        for json_flag in (["--json"], []):
+            p = await self.start("-v", *json_flag, "tail", "--device", dev, "--count", "1")
+            await self.wait_subscribed(p)
+            seq = len(outs) + 1
+            reply = await gw.telemetry(seq, [{"device": dev, "ts": now_ms(),
+                                              "data": {"temperature": 21.55, "humidity": 0.1}}])
+            self.assertEqual((reply.get("type"), reply.get("rejected") or []), ("ack", []), reply)
+            rc, out, err = await self.finish(p)
+            self.assertEqual(rc, 0, err)
+            outs.append(out)
+        doc = outs[0].strip()
+        self.assertIn('"data":{"temperature":21.55,"humidity":0.1}', doc)
+        self.assertNotIn('"sub"', doc)
+        self.assertEqual(json.loads(doc)["type"], "reading")
+        self.assertIn('{"temperature":21.55,"humidity":0.1}', outs[1])
+        self.assertNotIn("21.550000", outs[0] + outs[1])
 
     async def test_tail_stream_errors(self):
         rc, out, err = await self.ctl("tail", "--since", "garbage")
