@@ -12,6 +12,7 @@
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
+#include "hub/registry.h"
 #include "hub/util.h"
 #include "hub/module.h"
 #include "hub_lua.h"
@@ -235,6 +236,8 @@ static void on_renewed(redisReply *r, void *arg)
 			 had ? "had expired" : "was gone");
 		rebuild = true;
 	}
+	if (rebuild)
+		hub_registry_forget_slots(hub);
 	snprintf(L->epoch, sizeof(L->epoch), "%s", ep);
 	L->ever_registered = true;
 	/* Reaping waits until this hub has renewed without a gap for a whole

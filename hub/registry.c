@@ -22,6 +22,7 @@
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/module.h"
+#include "hub/slot.h"
 #include "hub/util.h"
 #include "hub_lua.h"
 
@@ -50,6 +51,7 @@ struct hub_registry {
 	int script_store, script_announce, script_detach, script_offline, script_seen,
 	    script_connect, script_limits, script_epoch_floor;
 	hub_buf resp;              /* the command being built */
+	unsigned char slots[HUB_SLOTS / 8]; /* slots marked in HUB_KEY_SLOTS by this process */
 	struct store_batch batch;
 };
 
@@ -175,7 +177,8 @@ static void detach(struct hub_registry *reg, const redisReply *moved)
 			continue;
 		if (t->type == REDIS_REPLY_STRING && t->len) {
 			resp_key(reg, key, hub_key_dev(key, sizeof(key), d->str));
-			resp_key(reg, key, hub_key_type(key, sizeof(key), t->str));
+			resp_key(reg, key, hub_key_idx_type(key, sizeof(key), hub_dev_slot(d->str),
+							    t->str));
 		}
 		if (c->type == REDIS_REPLY_STRING && hub_run_of_conn(run, sizeof(run), c->str)) {
 			resp_key(reg, key, hub_key_dev(key, sizeof(key), d->str));
@@ -199,6 +202,30 @@ static void detach(struct hub_registry *reg, const redisReply *moved)
 		}
 	}
 	resp_send(reg, NULL, NULL);
+}
+
+/* The slot directory (HUB_KEY_SLOTS, a bitmap): every slot that holds a
+ * device has its bit set before (on one Redis: in the same pipeline as)
+ * the first announce of this process into it, so that a walk over the
+ * slot-local indexes (the device list, the sweep of command timers) visits
+ * it. Once per slot per process; fire and forget (a bit lost with Redis is
+ * set again by the next process that announces there). */
+static void mark_slot(struct hub_registry *reg, unsigned slot)
+{
+	char s[16];
+	const char *argv[4] = { "SETBIT", HUB_KEY_SLOTS, s, "1" };
+
+	if (reg->slots[slot / 8] & (1u << (slot % 8)))
+		return;
+	snprintf(s, sizeof(s), "%u", slot);
+	if (!hub_redis_command_argv(reg->hub->redis, NULL, NULL, 4, argv, NULL))
+		reg->slots[slot / 8] |= (unsigned char)(1u << (slot % 8));
+}
+
+void hub_registry_forget_slots(struct hub *hub)
+{
+	if (hub->registry)
+		memset(hub->registry->slots, 0, sizeof(hub->registry->slots));
 }
 
 struct announce_call {
@@ -238,12 +265,15 @@ static int announce(struct hub *hub, const char *mode, const char *gateway, cons
 		hub_err("registry: connection id %s has no run id", conn);
 		return -1;
 	}
-	resp_eval(reg, reg->script_announce, 2 + 2 * n, 2 + 2 * n + 8 + 3 * n);
-	resp_arg(reg, HUB_KEY_DEVICES, sizeof(HUB_KEY_DEVICES) - 1);
+	for (size_t i = 0; i < n; i++)
+		mark_slot(reg, hub_dev_slot(items[i].device));
+	resp_eval(reg, reg->script_announce, 1 + 3 * n, 1 + 3 * n + 8 + 3 * n);
 	resp_key(reg, key, hub_key_run(key, sizeof(key), run));
 	for (size_t i = 0; i < n; i++) {
+		unsigned slot = hub_dev_slot(items[i].device);
 		resp_key(reg, key, hub_key_dev(key, sizeof(key), items[i].device));
-		resp_key(reg, key, hub_key_type(key, sizeof(key), items[i].type));
+		resp_key(reg, key, hub_key_idx_type(key, sizeof(key), slot, items[i].type));
+		resp_key(reg, key, hub_key_idx_devices(key, sizeof(key), slot));
 	}
 	resp_str(reg, gateway);
 	resp_str(reg, conn);
