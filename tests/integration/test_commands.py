@@ -129,7 +129,7 @@ class CommandCase(HubTestCase):
 
     async def wait_log(self, cid, n, what):
         """Waits (5 s) until the command's history log in Redis has n entries."""
-        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= n, 5, what)
+        await self.poll(lambda: len(self.redis.cmd("LRANGE", rkeys.cmd_log(cid), 0, -1)) >= n, 5, what)
 
     async def ack(self, gw, cid, status, **extra):
         await gw.send(dict({"type": "command_ack", "id": cid, "status": status}, **extra))
@@ -472,7 +472,7 @@ class Lifecycle(SharedHub):
         ats = [e["at"] for e in h]
         self.assertEqual(ats, sorted(ats), "history times go forward: %s" % h)
         self.assertEqual(doc["updated_at"], ats[-1], doc)
-        self.assertEqual(self.redis.cmd("ZSCORE", "iot:cmd:timers", cid), None, "final command left a timer")
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.timers(cid), cid), None, "final command left a timer")
         # final: cancel is 409
         st, err = await self.call("POST", "/v1/commands/%s/cancel" % cid)
         self.assert_error(st, err, 409, what="cancel after succeeded")
@@ -1033,7 +1033,7 @@ class Restart(CommandCase):
         await gw.wait_for(is_cmd(c_short), 5, "c_short")
         hub1.kill()
         for c, st in ((c_sent, "sent"), (c_short, "sent"), (c_queued, "queued")):
-            self.assertEqual(redis.hgetall("iot:cmd:" + c).get("status"), st, "%s right after SIGKILL" % c)
+            self.assertEqual(redis.hgetall(rkeys.cmd(c)).get("status"), st, "%s right after SIGKILL" % c)
         await gw.wait_closed(5)
 
         hub2 = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", id2])

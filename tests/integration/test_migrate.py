@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (SOURCE_DIR, Hub, HubTestCase, api_keys_file, hub_args, http_json, main, now_ms,  # noqa: E402
-                     reading, rkeys)
+                     reading, rkeys, rkeys2)
 
 TOOL = os.path.join(SOURCE_DIR, "tools", "migrate-layout")
 KEYS = {"admin": ("iotk_migrate_admin_01", ["admin"], None),
@@ -57,7 +57,7 @@ def layout1(r):
         put("iot:dev:" + d, rkeys.dev(d), "HSET", "type", "thermostat", "labels", "{}", "gateway", gw,
             "conn", "old:1", "instance", "old", "online", "0", "last_seen", now, "announced_at", now)
         r.cmd("SADD", "iot:devices", d)
-    put("iot:type:thermostat", rkeys.type("thermostat"), "SADD", "kc-1", "m:x", "z:cmds")
+    put("iot:type:thermostat", rkeys2.type("thermostat"), "SADD", "kc-1", "m:x", "z:cmds")
     for d, seq0 in (("kc-1", 1), ("m:x", 1)):
         for i in range(2):
             put("iot:tm:" + d, rkeys.tm(d), "XADD", "%d-0" % (now - 5000 + i), "ts", now - 5000 + i,
@@ -81,9 +81,9 @@ def layout1(r):
     put("iot:dev:kc-1:cancels", rkeys.cancels("kc-1"), "SADD", C_CANCELED)
     # idempotency keys: split at the command's owner; without a command only
     # a name with one ':' splits one way
-    put("iot:idem:a:b:c", rkeys.idem("a:b", "c"), "SET", C_IDEM)
+    put("iot:idem:a:b:c", rkeys2.idem("a:b", "c"), "SET", C_IDEM)
     r.cmd("EXPIRE", "iot:idem:a:b:c", 86400)
-    put("iot:idem:x:y", rkeys.idem("x", "y"), "SET", C_GONE)
+    put("iot:idem:x:y", rkeys2.idem("x", "y"), "SET", C_GONE)
     r.cmd("SET", "iot:idem:p:q:r", C_GONE)   # ambiguous: left, reported
     # hub-generated and fixed names a layout-1 hub wrote too (not renamed)
     r.cmd("XADD", "iot:feed", "*", "gw", "gw-old", "seq", 1, "readings", "")
@@ -131,7 +131,7 @@ class Migrate(HubTestCase):
             self.assertEqual((redis.cmd("EXISTS", old), redis.cmd("EXISTS", new)), (0, 1), "%s -> %s" % (old, new))
         self.assertEqual(redis.cmd("GET", "iot:layout"), "2")
         self.assertGreater(redis.cmd("TTL", rkeys.gw_seqs("gw-old")), ttl0 - 60, "the TTL moved with the key")
-        self.assertGreater(redis.cmd("TTL", rkeys.idem("a:b", "c")), 0)
+        self.assertGreater(redis.cmd("TTL", rkeys2.idem("a:b", "c")), 0)
         self.assertEqual(redis.cmd("GET", "iot:idem:p:q:r"), C_GONE, "the ambiguous key is left")
         self.assertEqual(redis.xlen("iot:feed"), 1)
 

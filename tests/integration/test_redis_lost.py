@@ -85,9 +85,9 @@ class RedisLost(HubTestCase):
         run = conn.rsplit(":", 1)[0]
         token = run.rsplit(":", 1)[1]
         self.assertIn(device, self.redis.cmd("SMEMBERS", "iot:inst:{%s}:%s" % (instance, token)))
-        self.assertIsNotNone(self.redis.cmd("ZSCORE", "iot:leases", run), run)
-        self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.type(typ), device), 1)
-        self.assertEqual(self.redis.cmd("SISMEMBER", "iot:devices", device), 1)
+        self.assertIsNotNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run), run)
+        self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.type_of(typ, device), device), 1)
+        self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.devices(device), device), 1)
 
     async def test_redis_restarted_empty_under_two_instances(self):
         a, b = self.hub("hub-a"), self.hub("hub-b")

@@ -270,7 +270,7 @@ class RolloutHTTP(SharedHub):
         doc = await self.fleet_create(self.body(uniq("nobody")))
         self.assertEqual((doc["total"], doc["released"], doc["counts"]), (0, 0, {}), doc)
         self.assertEqual(doc["status"], "completed", doc)
-        self.assertEqual(self.redis.cmd("ZSCORE", "iot:rollouts:active", doc["id"]), None)
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.ACTIVE, doc["id"]), None)
 
     async def test_401_403(self):
         body = self.body(uniq("b"))
@@ -427,7 +427,7 @@ class Release(SharedHub):
         doc = await self.wait_rollout(rid, lambda d: d["status"] != "running", 3, "finished")
         self.assertEqual((doc["status"], doc["released"], doc["counts"]),
                          ("completed", 8, {"succeeded": 8}), doc)
-        self.assertEqual(self.redis.cmd("ZSCORE", "iot:rollouts:active", rid), None)
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.ACTIVE, rid), None)
 
     async def test_completed_with_failures_under_the_ratio(self):
         batch = uniq("b")
@@ -551,7 +551,7 @@ class Restart(RolloutCase):
         await f.gw.wait_closed(5)
         await f.stop()
         before = f.ids()
-        rel = int(redis.hgetall("iot:rollout:" + rid)["released"])
+        rel = int(redis.hgetall(rkeys.rollout(rid))["released"])
         self.assertLess(rel, 6, "all released before the kill; the test proves nothing")
 
         hub2 = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "ro-k2"])
