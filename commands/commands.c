@@ -658,9 +658,14 @@ static void route_to(struct cmd_engine *E, const char *instance, const char *ver
 	if (!hub_ch_ctl_cmd(ch, sizeof(ch), instance))
 		return;
 	snprintf(msg, sizeof(msg), "%s %s %s", verb, id, device);
-	/* A sharded channel of the instance: reaches the one primary of its
-	 * slot on a cluster (a classic PUBLISH would reach every node). */
-	hub_redis_spublish(E->hub->redis, ch, msg, strlen(msg), NULL, NULL);
+	/* On a cluster, the instance's sharded channel: reaches the one
+	 * primary of its slot (a classic PUBLISH would reach every node). On
+	 * one Redis a classic PUBLISH on the same name, as before: the pub/sub
+	 * connection is up before the hub listens, the sharded one may not be. */
+	if (hub_redis_cluster(E->hub->redis))
+		hub_redis_spublish(E->hub->redis, ch, msg, strlen(msg), NULL, NULL);
+	else
+		hub_redis_publish(E->hub->redis, ch, msg, strlen(msg));
 }
 
 void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
@@ -1052,6 +1057,7 @@ void cmd_init(struct hub *hub)
 		E->scripts[i] = hub_redis_add_script(hub->redis, lua[i]);
 	hub->cmd = E;
 	hub_ch_ctl_cmd(E->ctl_channel, sizeof(E->ctl_channel), hub->instance_id);
+	hub_redis_subscribe(hub->redis, E->ctl_channel, on_ctl, E);
 	E->ctl = hub_redis_schannel_get(hub->redis, E->ctl_channel, on_ctl, NULL, E);
 	lws_sul_schedule(hub->ctx, 0, &E->sul_sweep, sweep_cb, SWEEP_US);
 }
