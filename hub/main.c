@@ -110,11 +110,20 @@ static bool layout_gate(redisReply *r, void *arg)
 	const redisReply *ok, *v;
 
 	if (r->type == REDIS_REPLY_ERROR && !strncmp(r->str, "CROSSSLOT", 9)) {
-		/* A Redis Cluster: the check reads the layout-1/2 keys beside
-		 * iot:{hub}:layout. A cluster never held layout 1 or 2 (they
-		 * refused clusters); lease_renew checks the version there. */
-		hub_emit(hub, HUB_EV_REDIS_READY, NULL);
-		return true;
+		/* A Redis Cluster (the check reads the layout-1/2 keys beside
+		 * iot:{hub}:layout). Layout 3 is not single-slot everywhere yet
+		 * (docs/streams.md "Redis Cluster": the store, announce's run
+		 * set, reap, cmd_owed, rollouts): still refused. When it is,
+		 * this passes (a cluster never held layout 1 or 2). */
+		if (!layout_refused) {
+			layout_refused = true;
+			hub_err("Redis at %s:%d is a Redis Cluster: key layout " HUB_LAYOUT_VERSION
+				" still puts keys of some calls in several hash slots, so it does not "
+				"run on a cluster yet; use one Redis (docs/streams.md \"Redis Cluster\")",
+				hub->cfg.redis_host, hub->cfg.redis_port);
+			redis_fatal(hub);
+		}
+		return false;
 	}
 	if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    (ok = r->element[0])->type != REDIS_REPLY_INTEGER ||
