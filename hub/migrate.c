@@ -262,9 +262,13 @@ static int timers(struct hub_migrate *m)
 				return -1;
 			}
 			if (d->type == REDIS_REPLY_STRING && hub_id_valid(d->str, d->len)) {
+				/* Timers live in the slot of the command's id (a
+				 * layout-2 id is not in its device's slot): that
+				 * slot is marked for the sweep. */
+				unsigned slot = hub_crc16(id, strlen(id)) & (HUB_SLOTS - 1);
 				const char *za[4] = { "ZADD", tk, score, id };
-				hub_key_idx_timers(tk, sizeof(tk), hub_dev_slot(d->str));
-				if (run(m, 4, za)) {
+				hub_key_idx_timers(tk, sizeof(tk), slot);
+				if (mark_slot(m, slot) || run(m, 4, za)) {
 					freeReplyObject(d);
 					freeReplyObject(r);
 					return -1;
