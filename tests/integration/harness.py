@@ -277,6 +277,10 @@ class rkeys:
         return "iot:rollout:{%s}" % rid
 
     @staticmethod
+    def rollout_cmds(rid):
+        return "iot:rollout:{%s}:cmds" % rid
+
+    @staticmethod
     def dev(device):
         return "iot:dev:{%s}" % device
 

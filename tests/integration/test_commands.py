@@ -389,6 +389,12 @@ class CommandsHTTP(SharedHub):
         # keys are per API key name: another key with the same header makes a new command
         mine = await self.create(d, {"name": "reboot"}, key="writer2", headers=k)
         self.assertNotEqual(mine["id"], first["id"])
+        # keys are per device (layout 3): the same header for another device makes a new command
+        d2 = uniq("t")
+        await self.known_offline(self.hub, d2, self.redis)
+        theirs = await self.create(d2, {"name": "reboot"}, headers=k, status=201)
+        self.assertNotEqual(theirs["id"], first["id"])
+        self.assertEqual(theirs["device"], d2, theirs)
         # and another header value makes a new one
         new = await self.create(d, {"name": "reboot"}, headers={"Idempotency-Key": uniq("idem")})
         self.assertNotEqual(new["id"], first["id"])
