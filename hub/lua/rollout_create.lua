@@ -5,7 +5,7 @@
 -- when it has any command.
 --
 -- The candidates are the members of the device type's set
--- (iot:type:{<type>}, hub_key_type), read by the caller first and passed
+-- (iot:idx:{<tag>}:type:<type> of every slot, hub_key_idx_type), read by the caller first and passed
 -- sorted: their keys cannot be derived here. A candidate matches when its
 -- id matches a device pattern ('*', an exact id, or a prefix ending in '*'),
 -- its registry says the rollout's type and its labels hold every wanted

@@ -8,7 +8,7 @@
 -- command is final.
 --
 -- The caller reads the rollout's command ids (LRANGE of
--- iot:rollout:<id>:cmds) and their devices (cmd_devices) first: their keys
+-- iot:rollout:{<id>}:cmds) and their devices (cmd_devices) first: their keys
 -- cannot be derived here. Both never change once the rollout exists.
 --
 -- KEYS[1]  iot:rollout:{<id>}        hub_key_rollout
