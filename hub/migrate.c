@@ -287,6 +287,58 @@ static int timers(struct hub_migrate *m)
 	return 0;
 }
 
+/* iot:idem:{<owner>}:<key> -> iot:idem:{<device>}:{<owner>}:<key>, the
+ * device read from the command the key names (its TTL moves with it); a key
+ * whose command is gone goes. A layout-3 key (the scan sees the ones it
+ * moved) parses as owner <device>, key "{<owner>}:<key>", and its command's
+ * device is that owner: left. (A layout-2 key of an API key named like the
+ * device, whose Idempotency-Key starts with '{', would be left as well.) */
+static int idem_batch(struct hub_migrate *m, char **keys, size_t n, void *arg)
+{
+	size_t plen = sizeof(HUB_KEY_IDEM) - 1;
+
+	(void)arg;
+	for (size_t i = 0; i < n; i++) {
+		const char *k = keys[i], *close, *ikey;
+		char owner[HUB_ID_MAX + 1], key[HUB_KEY_MAX], to[HUB_KEY_IDEM_MAX];
+		const char *get[2] = { "GET", k };
+		const char *hg[3] = { "HGET", key, "device" };
+		redisReply *id, *dev;
+		size_t olen;
+		int rc = 0;
+
+		if (strncmp(k, HUB_KEY_IDEM "{", plen + 1) || !(close = strchr(k + plen + 1, '}')) ||
+		    close[1] != ':' || !close[2])
+			continue;
+		olen = (size_t)(close - (k + plen + 1));
+		if (olen > HUB_ID_MAX)
+			continue;
+		memcpy(owner, k + plen + 1, olen);
+		owner[olen] = '\0';
+		ikey = close + 2;
+		if (!(id = hub_migrate_cmd(m, 2, get, NULL)))
+			return -1;
+		if (id->type != REDIS_REPLY_STRING || !hub_key_cmd(key, sizeof(key), id->str)) {
+			freeReplyObject(id);
+			continue;
+		}
+		freeReplyObject(id);
+		if (!(dev = hub_migrate_cmd(m, 3, hg, NULL)))
+			return -1;
+		if (dev->type != REDIS_REPLY_STRING || !hub_id_valid(dev->str, dev->len)) {
+			const char *del[2] = { "DEL", k };
+			rc = run(m, 2, del); /* its command is gone */
+		} else if (!(ikey[0] == '{' && !strcmp(dev->str, owner))) {
+			if (hub_key_idem(to, sizeof(to), dev->str, owner, ikey))
+				rc = hub_migrate_rename(m, k, to);
+		}
+		freeReplyObject(dev);
+		if (rc)
+			return -1;
+	}
+	return 0;
+}
+
 static int del_batch(struct hub_migrate *m, char **keys, size_t n, void *arg)
 {
 	(void)arg;
@@ -317,9 +369,10 @@ static int ctl_migrate_2to3(struct hub_migrate *m)
 		return -1;
 	if (timers(m))
 		return -1;
-	/* Idempotency keys guard repeats for 24 h and are scoped per device in
-	 * layout 3: the old ones are dropped (no layout-3 one exists yet). */
-	if (hub_migrate_scan(m, HUB_KEY_IDEM "*", del_batch, NULL))
+	/* Idempotency keys guard repeats for 24 h: scoped per device in layout
+	 * 3, each moves to its command's device (a retry across the upgrade
+	 * still gets the first command). */
+	if (hub_migrate_scan(m, HUB_KEY_IDEM "*", idem_batch, NULL))
 		return -1;
 	/* Each device's counter starts from its log's highest seq (cmd_create). */
 	return run(m, 2, del_seq);

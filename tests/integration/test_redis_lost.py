@@ -133,7 +133,12 @@ class RedisLost(HubTestCase):
         await self.wait_devices(a, {d1: ("thermostat", {"site": "f"})}, t0, "after FLUSHALL")
         got = await dash.until(lambda m: m.get("type") == "presence", 5, "presence after the rebuild")
         self.assertEqual((got[-1]["device"], got[-1]["online"]), (d1, True), got)
-        self.assertEqual(self.redis.cmd("GET", "iot:layout"), "2", "the layout version is put back")
+        self.assertEqual(self.redis.cmd("GET", rkeys.LAYOUT), rkeys.VERSION, "the layout version is put back")
+        deadline = time.monotonic() + 5
+        while self.redis.cmd("GET", "iot:layout") != rkeys.VERSION:
+            self.assertLess(time.monotonic(), deadline,
+                            "the layout-2 tombstone is put back (a layout-2 hub refuses this Redis)")
+            await asyncio.sleep(0.05)
         await self.command_delivered(a, ga, d1)
         a.stop()
 
