@@ -640,14 +640,20 @@ static void on_announced(struct hub *hub, enum hub_event ev, const void *payload
 	(void)ctx;
 	if (!n)
 		return;
-	call_begin(E, &b, S_OWED, 2 * n, n, false);
-	for (size_t i = 0; i < n; i++) {
-		call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), devices[i]));
-		call_key(&b, k, hub_key_dev_cmds(k, sizeof(k), devices[i]));
+	/* One call for the whole announce on one Redis; one per device (its
+	 * two keys share its slot) where calls must keep to one slot. */
+	size_t per = hub_redis_split(hub->redis) ? 1 : n;
+	for (size_t at = 0; at < n; at += per) {
+		size_t m = n - at < per ? n - at : per;
+		call_begin(E, &b, S_OWED, 2 * m, m, false);
+		for (size_t i = at; i < at + m; i++) {
+			call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), devices[i]));
+			call_key(&b, k, hub_key_dev_cmds(k, sizeof(k), devices[i]));
+		}
+		for (size_t i = at; i < at + m; i++)
+			call_arg(&b, devices[i]);
+		call_send(E, &b, on_owed, E);
 	}
-	for (size_t i = 0; i < n; i++)
-		call_arg(&b, devices[i]);
-	call_send(E, &b, on_owed, E);
 }
 
 static void route_to(struct cmd_engine *E, const char *instance, const char *verb, const char *id,

@@ -39,11 +39,11 @@ CROSS_SLOT = {
     "announce",       # the run's online set beside the devices' keys
     "detach",         # several devices, a run's set
     "offline",        # the run's online set beside the devices' keys
-    "seen",           # several devices
+    "seen",           # several devices (the hub calls it per slot on a cluster)
     "lease_release",  # iot:{hub}:leases beside the run's set
     "reap",           # iot:{hub}: keys beside the run's set and its devices
     "layout",         # iot:{hub}:layout beside the layout-2 names it looks for
-    "cmd_owed",       # several devices
+    "cmd_owed",       # several devices (the hub calls it per device on a cluster)
     "cmd_devices",    # commands of several devices (a rollout's)
     "rollout_create", "rollout_step", "rollout_get",  # every device of a rollout
 }
