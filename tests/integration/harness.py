@@ -558,13 +558,15 @@ class RedisCluster:
     (the first `primaries` are the primaries at creation). Every server is
     stopped by its PID in stop()."""
 
-    def __init__(self, primaries=3, replicas=0, node_timeout=2000, extra=()):
+    def __init__(self, primaries=3, replicas=0, node_timeout=2000, extra=(), ports=(41000, 41999)):
+        """ports: the (lo, hi) range the nodes' ports are drawn from."""
         self.nodes = []
+        lo, hi = ports
         ports = []
         try:
             for _ in range(primaries * (1 + replicas)):
                 for attempt in range(5):
-                    port = free_cluster_port(avoid=ports)
+                    port = free_cluster_port(avoid=ports, lo=lo, hi=hi)
                     try:
                         r = Redis(port=port, extra=[
                             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
