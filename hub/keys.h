@@ -73,7 +73,7 @@
 #define HUB_CH_COMMANDS          "iot:live:commands"
 #define HUB_CH_AGG               "iot:live:agg"
 #define HUB_CH_TAKEOVER          "iot:ctl:takeover"
-#define HUB_CH_DEVTAKE           "iot:ctl:devtake:" /* + {instance}: its devices taken (sharded) */
+#define HUB_CH_DEVTAKE           "iot:ctl:devtake:" /* devices taken: classic, every instance (below) */
 #define HUB_CH_CTL_CMD           "iot:ctl:cmd:"  /* + {instance}: command work (sharded) */
 
 /* A hub process's run token: this many lowercase hex digits, random per
@@ -231,7 +231,10 @@ static inline size_t hub_ch_ctl_cmd(char *buf, size_t n, const char *instance)
 }
 
 /* iot:ctl:devtake:{<instance>}: devices of that instance's connections
- * taken by another connection (sharded). */
+ * taken by another connection, as a sharded channel per instance. Not used
+ * yet: announce publishes every takeover on the one classic channel
+ * HUB_CH_DEVTAKE (as such, with its trailing ':'), which every instance
+ * subscribes to; the per-instance form needs announce split per owner. */
 static inline size_t hub_ch_devtake(char *buf, size_t n, const char *instance)
 {
 	return HUB_KEY_BRACED_(buf, n, HUB_CH_DEVTAKE, instance, "");
@@ -264,13 +267,6 @@ static inline size_t hub_key_dev_cmds(char *buf, size_t n, const char *device)
 static inline size_t hub_key_dev_cmdlog(char *buf, size_t n, const char *device)
 {
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cmdlog");
-}
-
-/* iot:dev:{<device>}:cmdseq: the device's command counter (orders its
- * queue and its log; layout 2 had one global iot:cmd:seq). */
-static inline size_t hub_key_dev_cmdseq(char *buf, size_t n, const char *device)
-{
-	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cmdseq");
 }
 
 /* iot:cmd:{<id>}: a command's hash (the id is drawn in its device's slot). */
