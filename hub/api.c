@@ -393,8 +393,55 @@ static bool slot_marked(const struct list_ctx *c, unsigned s)
 	return s / 8 < c->nslots_bytes && (c->slots[s / 8] & (0x80u >> (s % 8)));
 }
 
+/* The index of slot s (the type's, with a type filter) into key. */
+static void list_index_key(const struct list_ctx *c, unsigned s, char key[HUB_KEY_MAX])
+{
+	if (c->type)
+		hub_key_idx_type(key, HUB_KEY_MAX, s, c->type);
+	else
+		hub_key_idx_devices(key, HUB_KEY_MAX, s);
+}
+
+/* On one Redis the indexes of up to LIST_UNION marked slots are read by one
+ * SUNION (what one set gave before layout 3, in a few calls); where calls
+ * must keep to one slot (hub_redis_split), one SMEMBERS per slot. */
+#define LIST_UNION 1024
+
+static bool list_walk_union(struct hub_req *rq, struct list_ctx *c)
+{
+	char (*keys)[HUB_KEY_MAX] = hub_xmalloc(LIST_UNION * sizeof(*keys));
+	const char **argv = hub_xmalloc((1 + LIST_UNION) * sizeof(*argv));
+	int n = 0;
+
+	argv[0] = "SUNION";
+	while (n < LIST_UNION && c->next_slot < HUB_SLOTS) {
+		unsigned s = c->next_slot++;
+		if (!slot_marked(c, s))
+			continue;
+		list_index_key(c, s, keys[n]);
+		argv[1 + n] = keys[n];
+		n++;
+	}
+	bool ok = !n || !cmd(rq, list_on_members, 1 + n, argv);
+	if (ok && n)
+		c->inflight++;
+	free(argv);
+	free(keys);
+	return ok;
+}
+
 static void list_walk(struct hub_req *rq, struct list_ctx *c)
 {
+	if (!hub_redis_split(hub_req_hub(rq)->redis)) {
+		if (c->inflight < LIST_WALK && c->next_slot < HUB_SLOTS && !c->truncated &&
+		    !list_walk_union(rq, c)) {
+			list_fail(rq, c, NULL);
+			return;
+		}
+		if (!c->inflight)
+			list_sorted(rq, c);
+		return;
+	}
 	while (c->inflight < LIST_WALK && c->next_slot < HUB_SLOTS && !c->truncated) {
 		unsigned s = c->next_slot++;
 		char key[HUB_KEY_MAX];
