@@ -23,6 +23,7 @@
 #define SWEEP_US       (1000 * 1000)
 #define SWEEP_BATCH    "256"
 #define SWEEP_SLOTS    1024   /* slot timers read per sweep (rotating) */
+#define UNION_KEYS     1024   /* keys read by one call on one Redis */
 
 /* ---- the scripts ------------------------------------------------------------
  * hub/lua/cmd_*.lua and rollout_*.lua (each file's top comment is its
@@ -1197,19 +1198,34 @@ static void on_rwalk_slots(redisReply *r, void *arg)
 		return;
 	}
 	w->inflight = 1; /* held while the reads are sent */
-	for (unsigned s = 0; r->type == REDIS_REPLY_STRING && s < HUB_SLOTS; s++) {
-		char key[HUB_KEY_MAX];
-		const char *argv[2] = { "SMEMBERS", key };
+	/* On one Redis up to UNION_KEYS slots' sets per SUNION; where calls
+	 * keep to one slot, one SMEMBERS per slot. */
+	size_t per = hub_redis_split(w->t->E->hub->redis) ? 1 : UNION_KEYS;
+	char (*keys)[HUB_KEY_MAX] = hub_xmalloc(per * sizeof(*keys));
+	const char **argv = hub_xmalloc((1 + per) * sizeof(*argv));
+	size_t n = 0;
 
-		if (s / 8 >= r->len || !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+	argv[0] = per == 1 ? "SMEMBERS" : "SUNION";
+	for (unsigned s = 0; r->type == REDIS_REPLY_STRING && s <= HUB_SLOTS; s++) {
+		if (s < HUB_SLOTS) {
+			if (s / 8 >= r->len || !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+				continue;
+			hub_key_idx_type(keys[n], HUB_KEY_MAX, s, w->type);
+			argv[1 + n] = keys[n];
+			n++;
+		}
+		if (!n || (n < per && s < HUB_SLOTS))
 			continue;
-		hub_key_idx_type(key, sizeof(key), s, w->type);
-		if (hub_redis_command_argv(w->t->E->hub->redis, on_rwalk_members, w, 2, argv, NULL)) {
+		if (hub_redis_command_argv(w->t->E->hub->redis, on_rwalk_members, w, 1 + (int)n,
+					   argv, NULL)) {
 			w->failed = true;
 			break;
 		}
 		w->inflight++;
+		n = 0;
 	}
+	free(argv);
+	free(keys);
 	if (!--w->inflight)
 		rwalk_done(w);
 }
