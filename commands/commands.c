@@ -33,7 +33,7 @@
  * first and the script called with it. */
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
-       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S__COUNT };
+       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S_DUE, S__COUNT };
 
 /* ---- engine state ---------------------------------------------------------- */
 
@@ -505,6 +505,34 @@ static void on_sweep_slots(redisReply *r, void *arg)
 	if (!r || r->type != REDIS_REPLY_STRING)
 		return;
 	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
+	if (!hub_redis_split(E->hub->redis)) {
+		/* One Redis: every marked slot each second, the timers of up
+		 * to UNION_KEYS slots per cmd_due call. */
+		hub_buf b = { 0 };
+		char key[HUB_KEY_MAX];
+		unsigned marked[UNION_KEYS];
+		size_t n = 0;
+
+		for (s = 0; s <= HUB_SLOTS; s++) {
+			if (s < HUB_SLOTS) {
+				if (s / 8 >= r->len ||
+				    !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+					continue;
+				marked[n++] = s;
+			}
+			if (!n || (n < UNION_KEYS && s < HUB_SLOTS))
+				continue;
+			call_begin(E, &b, S_DUE, n, 2, false);
+			for (size_t i = 0; i < n; i++)
+				call_key(&b, key, hub_key_idx_timers(key, sizeof(key), marked[i]));
+			call_arg(&b, now);
+			call_arg(&b, SWEEP_BATCH);
+			if (call_send(E, &b, on_sweep, E))
+				break;
+			n = 0;
+		}
+		return;
+	}
 	for (; scanned < HUB_SLOTS && seen < SWEEP_SLOTS; scanned++, s = (s + 1) % HUB_SLOTS) {
 		char key[HUB_KEY_MAX];
 		const char *argv[7] = { "ZRANGEBYSCORE", key, "-inf", now, "LIMIT", "0",
@@ -522,7 +550,9 @@ static void on_sweep_slots(redisReply *r, void *arg)
 
 /* Overdue deadlines of any instance (a crashed one's, or ours before a
  * restart): the timers of every slot that holds devices (the slot
- * directory, HUB_KEY_SLOTS), one query per slot a second; and a release
+ * directory, HUB_KEY_SLOTS): on one Redis all of them each second, a few
+ * cmd_due calls; where calls keep to one slot, one query per slot, up to
+ * SWEEP_SLOTS slots a second (rotating); and a release
  * step for every running rollout (atomic: any instance may). */
 static void sweep_cb(lws_sorted_usec_list_t *sul)
 {
@@ -1055,6 +1085,7 @@ void cmd_init(struct hub *hub)
 		[S_LIST] = hub_lua_cmd_list, [S_RCREATE] = hub_lua_rollout_create,
 		[S_RSTEP] = hub_lua_rollout_step, [S_RGET] = hub_lua_rollout_get,
 		[S_OWED] = hub_lua_cmd_owed, [S_DEVICES] = hub_lua_cmd_devices,
+		[S_DUE] = hub_lua_cmd_due,
 	};
 	struct cmd_engine *E = hub_xcalloc(1, sizeof(*E));
 

@@ -45,6 +45,7 @@ CROSS_SLOT = {
     "layout",         # iot:{hub}:layout beside the layout-2 names it looks for
     "cmd_owed",       # several devices (the hub calls it per device on a cluster)
     "cmd_devices",    # commands of several devices (a rollout's)
+    "cmd_due",        # several slots' timers: the sweep on one Redis only
     "rollout_create", "rollout_step", "rollout_get",  # every device of a rollout
 }
 
@@ -710,6 +711,19 @@ class Lua(unittest.TestCase):
         self.assertEqual(out, ["d1", ["c_0"], [c1, c3]])
         self.assert_refused("cmd_owed", [rkeys.cancels("d1")], ["d1"], "cmd_owed: KEYS and ARGV do not match")
         self.assertEqual(self.run_script("cmd_devices", [k_cmd(c1), k_cmd(gone)], []), ["d1", None])
+
+    def test_cmd_due(self):
+        t0 = self.now()
+        self.r.cmd("ZADD", rkeys.timers(cid("d1", 1)), t0 - 10, cid("d1", 1), t0 + 60000, cid("d1", 2))
+        self.r.cmd("ZADD", rkeys.timers(cid("d2", 1)), t0 - 20, cid("d2", 1), t0 - 5, cid("d2", 2))
+        keys = [rkeys.timers(cid("d1", 1)), rkeys.timers(cid("d2", 1)), "iot:idx:{0}:timers"]
+        # one Redis only: the sweep reads many slots' timers in one call
+        out = self.r.cmd("EVAL", script_text("cmd_due"), len(keys), *keys, t0, 256)
+        self.assertEqual(out, [cid("d1", 1), cid("d2", 1), cid("d2", 2)])
+        out = self.r.cmd("EVAL", script_text("cmd_due"), len(keys), *keys, t0, 1)
+        self.assertEqual(out, [cid("d1", 1), cid("d2", 1)])
+        self.assertEqual(self.r.cmd("ZCARD", rkeys.timers(cid("d2", 1))), 2, "read only")
+        self.assert_refused("cmd_due", keys, [t0, "many"], "cmd_due: bad arguments")
 
     # ---- rollouts ------------------------------------------------------------------------
 
