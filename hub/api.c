@@ -403,9 +403,12 @@ static void list_index_key(const struct list_ctx *c, unsigned s, char key[HUB_KE
 }
 
 /* On one Redis the indexes of up to LIST_UNION marked slots are read by one
- * SUNION (what one set gave before layout 3, in a few calls); where calls
- * must keep to one slot (hub_redis_split), one SMEMBERS per slot. */
-#define LIST_UNION 1024
+ * SUNION (what one set gave before layout 3, in a few calls: at most 64),
+ * one after the other, so that a request capped at LIST_MAX_IDS reads
+ * little more than that (256 slots of a fleet of a million: ~16,000 ids);
+ * where calls must keep to one slot (hub_redis_split), one SMEMBERS per
+ * slot, LIST_WALK in flight. */
+#define LIST_UNION 256
 
 static bool list_walk_union(struct hub_req *rq, struct list_ctx *c)
 {
