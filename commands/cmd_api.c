@@ -334,7 +334,7 @@ static void on_device_type(redisReply *r, void *arg)
 	}
 	if (validate_params(rq, node, c))
 		goto out;
-	cmd_new_id(c->id, 'c');
+	cmd_new_id_for(c->id, c->device);
 	c->spec.id = c->id;
 	c->spec.device = c->device;
 	c->spec.type = schema_type_name(t);

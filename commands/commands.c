@@ -14,6 +14,7 @@
 #include "hub/log.h"
 #include "hub/module.h"
 #include "hub/redis.h"
+#include "hub/slot.h"
 #include "hub/util.h"
 #include "hub/link.h"
 #include "protocols/gw_codec.h"
@@ -21,6 +22,8 @@
 
 #define SWEEP_US       (1000 * 1000)
 #define SWEEP_BATCH    "256"
+#define SWEEP_SLOTS    1024   /* slot timers read per sweep (rotating) */
+#define UNION_KEYS     1024   /* keys read by one call on one Redis */
 
 /* ---- the scripts ------------------------------------------------------------
  * hub/lua/cmd_*.lua and rollout_*.lua (each file's top comment is its
@@ -30,7 +33,7 @@
  * first and the script called with it. */
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
-       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S__COUNT };
+       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S_DUE, S__COUNT };
 
 /* ---- engine state ---------------------------------------------------------- */
 
@@ -48,6 +51,8 @@ struct cmd_engine {
 	struct timer_ent *heap;      /* a min-heap of deadlines */
 	size_t n, cap;
 	char ctl_channel[HUB_KEY_MAX];
+	struct hub_redis_channel *ctl;
+	unsigned sweep_next;         /* the next slot the sweep reads */
 };
 
 static const char *const states[] = {
@@ -88,6 +93,13 @@ bool cmd_id_valid(const char *id)
 	return true;
 }
 
+void cmd_new_id_for(char out[35], const char *device)
+{
+	do
+		cmd_new_id(out, 'c');
+	while (!hub_slot_fit_id(out, 34, hub_dev_slot(device)));
+}
+
 void cmd_new_id(char out[35], char prefix)
 {
 	unsigned char b[16];
@@ -105,15 +117,20 @@ void cmd_new_id(char out[35], char prefix)
  * call_arg ...), then call_send. */
 
 /* Starts a call of script s with nkeys KEYS and nargs ARGV. A script of
- * hub/lua/_command.lua (with_now) has one key more first, the timers, and
- * two arguments more first, `now` and the commands channel (call_now). */
+ * hub/lua/_command.lua (with_now) has two arguments more first, `now` and
+ * the commands channel (call_now). */
 static void call_begin(struct cmd_engine *E, hub_buf *b, int s, size_t nkeys, size_t nargs, bool with_now)
 {
 	b->len = 0;
-	hub_resp_head(b, 3 + nkeys + nargs + (with_now ? 3 : 0));
-	hub_resp_evalsha(b, E->hub->redis, E->scripts[s], nkeys + (with_now ? 1 : 0));
-	if (with_now)
-		hub_resp_arg(b, HUB_KEY_CMD_TIMERS, sizeof(HUB_KEY_CMD_TIMERS) - 1);
+	hub_resp_head(b, 3 + nkeys + nargs + (with_now ? 2 : 0));
+	hub_resp_evalsha(b, E->hub->redis, E->scripts[s], nkeys);
+}
+
+/* The slot of a command's keys (iot:cmd:{<id>}): of its id, which is drawn
+ * in its device's slot. */
+static unsigned id_slot(const char *id)
+{
+	return hub_crc16(id, strlen(id)) & (HUB_SLOTS - 1);
 }
 
 /* A key from its builder's length (0, an invalid name, gives "": the script
@@ -128,11 +145,11 @@ static void call_arg(hub_buf *b, const char *s)
 	hub_resp_str(b, s);
 }
 
-/* How many keys a command's group has (hub/lua/_command.lua): cmd and log,
- * and dev and cmds when its device is known. */
+/* How many keys a command's group has (hub/lua/_command.lua): cmd, log
+ * and timers, and dev and cmds when its device is known. */
 static size_t group_len(const char *device)
 {
-	return device && *device ? 4 : 2;
+	return device && *device ? 5 : 3;
 }
 
 static void call_group(hub_buf *b, const char *id, const char *device)
@@ -141,7 +158,8 @@ static void call_group(hub_buf *b, const char *id, const char *device)
 
 	call_key(b, k, hub_key_cmd(k, sizeof(k), id));
 	call_key(b, k, hub_key_cmd_log(k, sizeof(k), id));
-	if (group_len(device) == 4) {
+	call_key(b, k, hub_key_idx_timers(k, sizeof(k), id_slot(id)));
+	if (group_len(device) == 5) {
 		call_key(b, k, hub_key_dev(k, sizeof(k), device));
 		call_key(b, k, hub_key_dev_cmds(k, sizeof(k), device));
 	}
@@ -328,7 +346,9 @@ static void tick(struct cmd_engine *E, const char *id)
 	if (strlen(id) < sizeof(t->id))
 		memcpy(t->id, id, strlen(id) + 1);
 	if (!*t->id || read_device(E, t->id, on_tick_device, t)) {
-		const char *argv[3] = { "ZREM", HUB_KEY_CMD_TIMERS, id };
+		char key[HUB_KEY_MAX];
+		const char *argv[3] = { "ZREM", key, id };
+		hub_key_idx_timers(key, sizeof(key), id_slot(id));
 		free(t); /* not a command id: it only leaves the timers */
 		hub_redis_command_argv(E->hub->redis, NULL, NULL, 3, argv, NULL);
 	}
@@ -403,7 +423,7 @@ static void on_step_devices(redisReply *r, void *arg)
 	struct cmd_engine *E = st->E;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX];
-	size_t nkeys = 4;
+	size_t nkeys = 3;
 	const char *id;
 
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != st->n) {
@@ -416,7 +436,6 @@ static void on_step_devices(redisReply *r, void *arg)
 	call_key(&b, k, hub_key_rollout(k, sizeof(k), st->rid));
 	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), st->rid));
 	call_key(&b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
-	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
 	id = st->ids.data;
 	for (size_t i = 0; i < st->n; i++, id += strlen(id) + 1)
 		call_group(&b, id, el_or_empty(r, i));
@@ -474,20 +493,75 @@ static void on_active_rollouts(redisReply *r, void *arg)
 			rollout_step(E, r->element[i]->str);
 }
 
+/* The slot directory was read: the timers of the next SWEEP_SLOTS slots
+ * that hold devices (all of them each second up to that many; beyond, a
+ * rotating share). */
+static void on_sweep_slots(redisReply *r, void *arg)
+{
+	struct cmd_engine *E = arg;
+	char now[24];
+	unsigned seen = 0, s = E->sweep_next, scanned = 0;
+
+	if (!r || r->type != REDIS_REPLY_STRING)
+		return;
+	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
+	if (!hub_redis_split(E->hub->redis)) {
+		/* One Redis: every marked slot each second, the timers of up
+		 * to UNION_KEYS slots per cmd_due call. */
+		hub_buf b = { 0 };
+		char key[HUB_KEY_MAX];
+		unsigned marked[UNION_KEYS];
+		size_t n = 0;
+
+		for (s = 0; s <= HUB_SLOTS; s++) {
+			if (s < HUB_SLOTS) {
+				if (s / 8 >= r->len ||
+				    !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+					continue;
+				marked[n++] = s;
+			}
+			if (!n || (n < UNION_KEYS && s < HUB_SLOTS))
+				continue;
+			call_begin(E, &b, S_DUE, n, 2, false);
+			for (size_t i = 0; i < n; i++)
+				call_key(&b, key, hub_key_idx_timers(key, sizeof(key), marked[i]));
+			call_arg(&b, now);
+			call_arg(&b, SWEEP_BATCH);
+			if (call_send(E, &b, on_sweep, E))
+				break;
+			n = 0;
+		}
+		return;
+	}
+	for (; scanned < HUB_SLOTS && seen < SWEEP_SLOTS; scanned++, s = (s + 1) % HUB_SLOTS) {
+		char key[HUB_KEY_MAX];
+		const char *argv[7] = { "ZRANGEBYSCORE", key, "-inf", now, "LIMIT", "0",
+					SWEEP_BATCH };
+
+		if (s / 8 >= r->len || !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+			continue;
+		seen++;
+		hub_key_idx_timers(key, sizeof(key), s);
+		if (hub_redis_command_argv(E->hub->redis, on_sweep, E, 7, argv, NULL))
+			break;
+	}
+	E->sweep_next = s;
+}
+
 /* Overdue deadlines of any instance (a crashed one's, or ours before a
- * restart): one query a second, whatever the number of pending commands;
- * and a release step for every running rollout (atomic: any instance may). */
+ * restart): the timers of every slot that holds devices (the slot
+ * directory, HUB_KEY_SLOTS): on one Redis all of them each second, a few
+ * cmd_due calls; where calls keep to one slot, one query per slot, up to
+ * SWEEP_SLOTS slots a second (rotating); and a release
+ * step for every running rollout (atomic: any instance may). */
 static void sweep_cb(lws_sorted_usec_list_t *sul)
 {
-	char now[24];
-	const char *argv[7] = { "ZRANGEBYSCORE", HUB_KEY_CMD_TIMERS, "-inf", now, "LIMIT", "0",
-				SWEEP_BATCH };
 	struct cmd_engine *E = lws_container_of(sul, struct cmd_engine, sul_sweep);
 
-	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
 	if (hub_redis_up(E->hub->redis)) {
 		const char *ra[4] = { "ZRANGE", HUB_KEY_ROLLOUTS_ACTIVE, "0", "-1" };
-		hub_redis_command_argv(E->hub->redis, on_sweep, E, 7, argv, NULL);
+		const char *sl[2] = { "GET", HUB_KEY_SLOTS };
+		hub_redis_command_argv(E->hub->redis, on_sweep_slots, E, 2, sl, NULL);
 		hub_redis_command_argv(E->hub->redis, on_active_rollouts, E, 4, ra, NULL);
 	}
 	lws_sul_schedule(E->hub->ctx, 0, &E->sul_sweep, sweep_cb, SWEEP_US);
@@ -597,14 +671,20 @@ static void on_announced(struct hub *hub, enum hub_event ev, const void *payload
 	(void)ctx;
 	if (!n)
 		return;
-	call_begin(E, &b, S_OWED, 2 * n, n, false);
-	for (size_t i = 0; i < n; i++) {
-		call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), devices[i]));
-		call_key(&b, k, hub_key_dev_cmds(k, sizeof(k), devices[i]));
+	/* One call for the whole announce on one Redis; one per device (its
+	 * two keys share its slot) where calls must keep to one slot. */
+	size_t per = hub_redis_split(hub->redis) ? 1 : n;
+	for (size_t at = 0; at < n; at += per) {
+		size_t m = n - at < per ? n - at : per;
+		call_begin(E, &b, S_OWED, 2 * m, m, false);
+		for (size_t i = at; i < at + m; i++) {
+			call_key(&b, k, hub_key_dev_cancels(k, sizeof(k), devices[i]));
+			call_key(&b, k, hub_key_dev_cmds(k, sizeof(k), devices[i]));
+		}
+		for (size_t i = at; i < at + m; i++)
+			call_arg(&b, devices[i]);
+		call_send(E, &b, on_owed, E);
 	}
-	for (size_t i = 0; i < n; i++)
-		call_arg(&b, devices[i]);
-	call_send(E, &b, on_owed, E);
 }
 
 static void route_to(struct cmd_engine *E, const char *instance, const char *verb, const char *id,
@@ -615,7 +695,14 @@ static void route_to(struct cmd_engine *E, const char *instance, const char *ver
 	if (!hub_ch_ctl_cmd(ch, sizeof(ch), instance))
 		return;
 	snprintf(msg, sizeof(msg), "%s %s %s", verb, id, device);
-	hub_redis_publish(E->hub->redis, ch, msg, strlen(msg));
+	/* On a cluster, the instance's sharded channel: reaches the one
+	 * primary of its slot (a classic PUBLISH would reach every node). On
+	 * one Redis a classic PUBLISH on the same name, as before: the pub/sub
+	 * connection is up before the hub listens, the sharded one may not be. */
+	if (hub_redis_cluster(E->hub->redis))
+		hub_redis_spublish(E->hub->redis, ch, msg, strlen(msg), NULL, NULL);
+	else
+		hub_redis_publish(E->hub->redis, ch, msg, strlen(msg));
 }
 
 void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
@@ -878,12 +965,12 @@ int cmd_create(struct hub *hub, const struct cmd_spec *sp, hub_redis_cb cb, void
 
 	if (!E)
 		return -1;
-	call_begin(E, &b, S_CREATE, 4 + 2 + idem, 11, true);
+	call_begin(E, &b, S_CREATE, 5 + 1 + idem, 11, true);
 	call_group(&b, sp->id, sp->device);
 	call_key(&b, k, hub_key_dev_cmdlog(k, sizeof(k), sp->device));
-	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
 	if (idem)
-		call_key(&b, k, hub_key_idem(k, sizeof(k), sp->owner ? sp->owner : "", sp->idem));
+		call_key(&b, k, hub_key_idem(k, sizeof(k), sp->device, sp->owner ? sp->owner : "",
+					     sp->idem));
 	call_now(&b);
 	call_arg(&b, sp->id);
 	call_arg(&b, sp->device);
@@ -998,6 +1085,7 @@ void cmd_init(struct hub *hub)
 		[S_LIST] = hub_lua_cmd_list, [S_RCREATE] = hub_lua_rollout_create,
 		[S_RSTEP] = hub_lua_rollout_step, [S_RGET] = hub_lua_rollout_get,
 		[S_OWED] = hub_lua_cmd_owed, [S_DEVICES] = hub_lua_cmd_devices,
+		[S_DUE] = hub_lua_cmd_due,
 	};
 	struct cmd_engine *E = hub_xcalloc(1, sizeof(*E));
 
@@ -1008,6 +1096,7 @@ void cmd_init(struct hub *hub)
 	hub->cmd = E;
 	hub_ch_ctl_cmd(E->ctl_channel, sizeof(E->ctl_channel), hub->instance_id);
 	hub_redis_subscribe(hub->redis, E->ctl_channel, on_ctl, E);
+	E->ctl = hub_redis_schannel_get(hub->redis, E->ctl_channel, on_ctl, NULL, E);
 	lws_sul_schedule(hub->ctx, 0, &E->sul_sweep, sweep_cb, SWEEP_US);
 }
 
@@ -1040,34 +1129,39 @@ static int cmp_str(const void *a, const void *b)
 	return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-/* The device type's devices were read: sorted, they are the candidates. */
-static void on_rollout_devices(redisReply *r, void *arg)
+/* The command id of candidate i (in device order) of rollout rid:
+ * c_<20 hex of the rollout id><i, 8 hex><4 hex>, the last 4 drawn so that
+ * the id is in the device's slot (hub_slot_fit_id); when no 4 digits do,
+ * the 20 are taken further along the rollout id's bits. Deterministic: the
+ * same rollout and candidate always give the same id. */
+static void rollout_cmd_id(char out[HUB_KEY_MAX], const char *rid, size_t i, const char *dev)
 {
-	struct then_ctx *t = arg;
+	const char *hex = strlen(rid) >= 34 ? rid + 2 : "00000000000000000000000000000000";
+
+	for (unsigned shift = 0;; shift++) {
+		snprintf(out, HUB_KEY_MAX, "c_%.*s%.*s%08zx0000", 20 - (int)(shift % 12), hex + shift % 12,
+			 (int)(shift % 12), "000000000000", i & 0xffffffffu);
+		if (hub_slot_fit_id(out, 34, hub_dev_slot(dev)) || shift > 64)
+			return;
+	}
+}
+
+/* The device type's devices were read (every slot's index): sorted, they
+ * are the candidates. */
+static void rollout_devices(struct then_ctx *t, char **devs, size_t n)
+{
 	struct cmd_engine *E = t->E;
 	const char *rid = t->name;
-	const char **devs;
 	hub_buf b = { 0 };
 	char k[HUB_KEY_MAX], id[HUB_KEY_MAX];
-	size_t n = 0;
 
-	if (!r || r->type != REDIS_REPLY_ARRAY) {
-		then_fail(t, r);
-		return;
-	}
-	devs = hub_xmalloc((r->elements + 1) * sizeof(*devs));
-	for (size_t i = 0; i < r->elements; i++)
-		if (r->element[i]->type == REDIS_REPLY_STRING)
-			devs[n++] = r->element[i]->str;
 	qsort(devs, n, sizeof(*devs), cmp_str);
-	call_begin(E, &b, S_RCREATE, 4 + 4 * n, RCREATE_ARGS + n, true);
+	call_begin(E, &b, S_RCREATE, 3 + 4 * n, RCREATE_ARGS + 2 * n, true);
 	call_key(&b, k, hub_key_rollout(k, sizeof(k), rid));
 	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), rid));
-	call_key(&b, HUB_KEY_CMD_SEQ, sizeof(HUB_KEY_CMD_SEQ) - 1);
 	call_key(&b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
 	for (size_t i = 0; i < n; i++) {
-		/* The (i+1)-th match's command: c_<rollout id without r_>_<i+1>. */
-		snprintf(id, sizeof(id), "c_%s_%zu", strlen(rid) > 2 ? rid + 2 : "", i + 1);
+		rollout_cmd_id(id, rid, i, devs[i]);
 		call_key(&b, k, hub_key_dev(k, sizeof(k), devs[i]));
 		call_key(&b, k, hub_key_dev_cmdlog(k, sizeof(k), devs[i]));
 		call_key(&b, k, hub_key_cmd(k, sizeof(k), id));
@@ -1075,10 +1169,96 @@ static void on_rollout_devices(redisReply *r, void *arg)
 	}
 	call_now(&b);
 	hub_buf_append(&b, t->args.data, t->args.len);
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
+		rollout_cmd_id(id, rid, i, devs[i]);
 		call_arg(&b, devs[i]);
-	free(devs);
+		call_arg(&b, id);
+	}
 	then_send(t, &b);
+}
+
+/* The walk over the type's slot-local indexes: the slot directory, then
+ * SMEMBERS of iot:idx:{<tag>}:type:<type> of every marked slot. */
+struct rwalk {
+	struct then_ctx *t;
+	char type[HUB_ID_MAX + 1];
+	size_t inflight;
+	bool failed;
+	char **devs;
+	size_t n, cap;
+};
+
+static void rwalk_done(struct rwalk *w)
+{
+	if (w->failed)
+		then_fail(w->t, NULL);
+	else
+		rollout_devices(w->t, w->devs, w->n);
+	for (size_t i = 0; i < w->n; i++)
+		free(w->devs[i]);
+	free(w->devs);
+	free(w);
+}
+
+static void on_rwalk_members(redisReply *r, void *arg)
+{
+	struct rwalk *w = arg;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY)
+		w->failed = true;
+	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+		if (r->element[i]->type != REDIS_REPLY_STRING)
+			continue;
+		if (w->n == w->cap) {
+			w->cap = w->cap ? 2 * w->cap : 64;
+			w->devs = hub_xrealloc(w->devs, w->cap * sizeof(*w->devs));
+		}
+		w->devs[w->n++] = hub_xstrdup(r->element[i]->str);
+	}
+	if (!--w->inflight)
+		rwalk_done(w);
+}
+
+static void on_rwalk_slots(redisReply *r, void *arg)
+{
+	struct rwalk *w = arg;
+
+	if (!r || (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_NIL)) {
+		w->failed = true;
+		rwalk_done(w);
+		return;
+	}
+	w->inflight = 1; /* held while the reads are sent */
+	/* On one Redis up to UNION_KEYS slots' sets per SUNION; where calls
+	 * keep to one slot, one SMEMBERS per slot. */
+	size_t per = hub_redis_split(w->t->E->hub->redis) ? 1 : UNION_KEYS;
+	char (*keys)[HUB_KEY_MAX] = hub_xmalloc(per * sizeof(*keys));
+	const char **argv = hub_xmalloc((1 + per) * sizeof(*argv));
+	size_t n = 0;
+
+	argv[0] = per == 1 ? "SMEMBERS" : "SUNION";
+	for (unsigned s = 0; r->type == REDIS_REPLY_STRING && s <= HUB_SLOTS; s++) {
+		if (s < HUB_SLOTS) {
+			if (s / 8 >= r->len || !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+				continue;
+			hub_key_idx_type(keys[n], HUB_KEY_MAX, s, w->type);
+			argv[1 + n] = keys[n];
+			n++;
+		}
+		if (!n || (n < per && s < HUB_SLOTS))
+			continue;
+		if (hub_redis_command_argv(w->t->E->hub->redis, on_rwalk_members, w, 1 + (int)n,
+					   argv, NULL)) {
+			w->failed = true;
+			break;
+		}
+		w->inflight++;
+		n = 0;
+	}
+	free(argv);
+	free(keys);
+	if (!--w->inflight)
+		rwalk_done(w);
 }
 
 int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *labels,
@@ -1087,12 +1267,13 @@ int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *l
 {
 	struct cmd_engine *E = hub->cmd;
 	struct then_ctx *t;
-	char key[HUB_KEY_MAX], num[32];
-	const char *argv[2] = { "SMEMBERS", key };
+	struct rwalk *w;
+	char num[32];
+	const char *argv[2] = { "GET", HUB_KEY_SLOTS };
 
 	if (!E)
 		return -1;
-	if (!hub_key_type(key, sizeof(key), sp->type))
+	if (!hub_id_valid(sp->type, strlen(sp->type)))
 		return -1;
 	t = then_new(E, cb, arg, sp->id);
 	call_arg(&t->args, sp->id);
@@ -1110,7 +1291,15 @@ int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *l
 	call_arg(&t->args, num);
 	call_arg(&t->args, sp->owner ? sp->owner : "");
 	hub_resp_int(&t->args, min_finished);
-	return then_read(t, on_rollout_devices, 2, argv);
+	w = hub_xcalloc(1, sizeof(*w));
+	w->t = t;
+	snprintf(w->type, sizeof(w->type), "%s", sp->type);
+	if (hub_redis_command_argv(E->hub->redis, on_rwalk_slots, w, 2, argv, NULL)) {
+		then_free(t);
+		free(w);
+		return -1;
+	}
+	return 0;
 }
 
 /* The rollout's command ids were read: the counts of their statuses. */

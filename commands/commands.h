@@ -81,8 +81,11 @@ int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 /* Runs a release step now (after create: the first command goes at once). */
 void cmd_rollout_kick(struct hub *hub, const char *id);
 
-/* A random command id "c_<32 hex>" into out[35]. */
+/* A random id "<prefix>_<32 hex>" into out[35]. With a device (a command's
+ * id), the id is drawn in the device's Redis Cluster slot: its keys
+ * (iot:cmd:{<id>}) share the slot of the device's keys (hub_slot_fit_id). */
 void cmd_new_id(char out[35], char prefix);
+void cmd_new_id_for(char out[35], const char *device);
 
 /* Tracks a deadline locally (the engine arms its timer). */
 void cmd_track(struct hub *hub, const char *id, int64_t deadline_ms);

@@ -21,10 +21,10 @@
 #include "hub/keys.h"
 #include "hub/module.h"
 #include "hub/redis.h"
+#include "hub/slot.h"
 #include "hub/util.h"
 
 #define LIST_MAX_IDS 10000    /* device ids considered by one list request */
-#define LIST_SCAN_COUNT "1000" /* SSCAN COUNT */
 #define LIST_BATCH 256        /* HGETALLs in flight per list request */
 #define LIST_LIMIT_DEFAULT 100
 #define LIST_LIMIT_MAX 1000
@@ -237,8 +237,10 @@ struct list_ctx {
 	size_t nlabels;
 	char *lk[LIST_MAX_LABELS], *lv[LIST_MAX_LABELS];
 	long long limit;
-	char set_key[HUB_KEY_MAX];
-	char cursor[32];
+	unsigned char *slots;          /* the slot directory (HUB_KEY_SLOTS) */
+	size_t nslots_bytes;
+	unsigned next_slot;            /* the next slot whose index is read */
+	size_t inflight;               /* index reads in flight */
 	size_t considered;
 	char **ids;
 	size_t nids, cap_ids, next;
@@ -254,6 +256,7 @@ static void list_free(void *p)
 	struct list_ctx *c = p;
 
 	free(c->type);
+	free(c->slots);
 	for (size_t i = 0; i < c->nlabels; i++) {
 		free(c->lk[i]);
 		free(c->lv[i]);
@@ -303,6 +306,13 @@ static void list_finish(struct hub_req *rq, struct list_ctx *c)
 
 static void list_on_hgetall(redisReply *r, void *arg);
 
+/* One HGETALL of a batch: its row (replies of a cluster's several
+ * primaries do not come in one order). */
+struct row_call {
+	struct hub_req *rq;
+	size_t idx;
+};
+
 static void list_next_batch(struct hub_req *rq, struct list_ctx *c)
 {
 	if (c->next >= c->nids) {
@@ -318,7 +328,14 @@ static void list_next_batch(struct hub_req *rq, struct list_ctx *c)
 		row->id = hub_xstrdup(c->ids[c->next + i]);
 		hub_key_dev(key, sizeof(key), row->id);   /* ids were checked when listed */
 		const char *argv[] = { "HGETALL", key };
-		if (cmd(rq, list_on_hgetall, 2, argv)) {
+		struct row_call *rc = hub_xmalloc(sizeof(*rc));
+		rc->rq = rq;
+		rc->idx = i;
+		hub_req_ref(rq);
+		if (hub_redis_command_argv(hub_req_hub(rq)->redis, list_on_hgetall, rc, 2, argv,
+					   NULL)) {
+			hub_req_unref(rq);
+			free(rc);
 			/* Earlier commands of this batch still answer (with NULL). */
 			list_fail(rq, c, NULL);
 			return;
@@ -329,17 +346,20 @@ static void list_next_batch(struct hub_req *rq, struct list_ctx *c)
 
 static void list_on_hgetall(redisReply *r, void *arg)
 {
-	struct hub_req *rq = arg;
+	struct row_call *rc = arg;
+	struct hub_req *rq = rc->rq;
 	struct list_ctx *c = hub_req_ctx(rq);
+	size_t idx = rc->idx;
 
+	free(rc);
 	if (hub_req_gone(rq) || c->failed)
 		goto out;
 	if (!r || (r->type != REDIS_REPLY_ARRAY)) {
 		list_fail(rq, c, r);
 		goto out;
 	}
-	row_fill(&c->rows[c->batch_got++], r); /* replies come in order */
-	if (c->batch_got < c->batch_n)
+	row_fill(&c->rows[idx], r);
+	if (++c->batch_got < c->batch_n)
 		goto out;
 	for (size_t i = 0; i < c->batch_n; i++) {
 		if (!list_match(c, &c->rows[i]))
@@ -358,32 +378,124 @@ out:
 	hub_req_unref(rq);
 }
 
-static void list_on_sscan(redisReply *r, void *arg);
+/* The walk over the slot-local indexes (docs/streams.md "Key names"):
+ * the slot directory (HUB_KEY_SLOTS) says which slots hold devices; the
+ * index of each (iot:idx:{<tag>}:devices, or :type:<type> with a type
+ * filter) is read with SMEMBERS, LIST_WALK at a time, until every marked
+ * slot was read or LIST_MAX_IDS ids were considered. */
+#define LIST_WALK 64
 
-static void list_scan(struct hub_req *rq, struct list_ctx *c)
+static void list_on_members(redisReply *r, void *arg);
+
+static void list_sorted(struct hub_req *rq, struct list_ctx *c)
 {
-	const char *argv[] = { "SSCAN", c->set_key, c->cursor, "COUNT", LIST_SCAN_COUNT };
-
-	if (cmd(rq, list_on_sscan, 5, argv))
-		list_fail(rq, c, NULL);
+	/* Sorted by id; the indexes do not overlap, but be safe. */
+	if (c->nids > 1)
+		qsort(c->ids, c->nids, sizeof(*c->ids), cmp_str);
+	size_t w = 0;
+	for (size_t i = 0; i < c->nids; i++) {
+		if (w && !strcmp(c->ids[w - 1], c->ids[i]))
+			free(c->ids[i]);
+		else
+			c->ids[w++] = c->ids[i];
+	}
+	c->nids = w;
+	list_next_batch(rq, c);
 }
 
-static void list_on_sscan(redisReply *r, void *arg)
+static bool slot_marked(const struct list_ctx *c, unsigned s)
+{
+	/* SETBIT numbers bits from the most significant of the first byte. */
+	return s / 8 < c->nslots_bytes && (c->slots[s / 8] & (0x80u >> (s % 8)));
+}
+
+/* The index of slot s (the type's, with a type filter) into key. */
+static void list_index_key(const struct list_ctx *c, unsigned s, char key[HUB_KEY_MAX])
+{
+	if (c->type)
+		hub_key_idx_type(key, HUB_KEY_MAX, s, c->type);
+	else
+		hub_key_idx_devices(key, HUB_KEY_MAX, s);
+}
+
+/* On one Redis the indexes of up to LIST_UNION marked slots are read by one
+ * SUNION (what one set gave before layout 3, in a few calls: at most 64),
+ * one after the other, so that a request capped at LIST_MAX_IDS reads
+ * little more than that (256 slots of a fleet of a million: ~16,000 ids);
+ * where calls must keep to one slot (hub_redis_split), one SMEMBERS per
+ * slot, LIST_WALK in flight. */
+#define LIST_UNION 256
+
+static bool list_walk_union(struct hub_req *rq, struct list_ctx *c)
+{
+	char (*keys)[HUB_KEY_MAX] = hub_xmalloc(LIST_UNION * sizeof(*keys));
+	const char **argv = hub_xmalloc((1 + LIST_UNION) * sizeof(*argv));
+	int n = 0;
+
+	argv[0] = "SUNION";
+	while (n < LIST_UNION && c->next_slot < HUB_SLOTS) {
+		unsigned s = c->next_slot++;
+		if (!slot_marked(c, s))
+			continue;
+		list_index_key(c, s, keys[n]);
+		argv[1 + n] = keys[n];
+		n++;
+	}
+	bool ok = !n || !cmd(rq, list_on_members, 1 + n, argv);
+	if (ok && n)
+		c->inflight++;
+	free(argv);
+	free(keys);
+	return ok;
+}
+
+static void list_walk(struct hub_req *rq, struct list_ctx *c)
+{
+	if (!hub_redis_split(hub_req_hub(rq)->redis)) {
+		if (c->inflight < LIST_WALK && c->next_slot < HUB_SLOTS && !c->truncated &&
+		    !list_walk_union(rq, c)) {
+			list_fail(rq, c, NULL);
+			return;
+		}
+		if (!c->inflight)
+			list_sorted(rq, c);
+		return;
+	}
+	while (c->inflight < LIST_WALK && c->next_slot < HUB_SLOTS && !c->truncated) {
+		unsigned s = c->next_slot++;
+		char key[HUB_KEY_MAX];
+
+		if (!slot_marked(c, s))
+			continue;
+		if (c->type)
+			hub_key_idx_type(key, sizeof(key), s, c->type);
+		else
+			hub_key_idx_devices(key, sizeof(key), s);
+		const char *argv[] = { "SMEMBERS", key };
+		if (cmd(rq, list_on_members, 2, argv)) {
+			list_fail(rq, c, NULL);
+			return;
+		}
+		c->inflight++;
+	}
+	if (!c->inflight)
+		list_sorted(rq, c);
+}
+
+static void list_on_members(redisReply *r, void *arg)
 {
 	struct hub_req *rq = arg;
 	struct list_ctx *c = hub_req_ctx(rq);
 
 	if (hub_req_gone(rq) || c->failed)
 		goto out;
-	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-	    r->element[0]->type != REDIS_REPLY_STRING ||
-	    r->element[1]->type != REDIS_REPLY_ARRAY) {
+	c->inflight--;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		list_fail(rq, c, r);
 		goto out;
 	}
-	const redisReply *m = r->element[1];
-	for (size_t i = 0; i < m->elements; i++) {
-		const redisReply *e = m->element[i];
+	for (size_t i = 0; i < r->elements; i++) {
+		const redisReply *e = r->element[i];
 		if (c->considered == LIST_MAX_IDS) {
 			c->truncated = true;
 			break;
@@ -398,25 +510,28 @@ static void list_on_sscan(redisReply *r, void *arg)
 		}
 		c->ids[c->nids++] = hub_xstrdup(e->str);
 	}
-	snprintf(c->cursor, sizeof(c->cursor), "%s", r->element[0]->str);
-	if (strcmp(c->cursor, "0") && !c->truncated) {
-		list_scan(rq, c);
+	list_walk(rq, c);
+out:
+	hub_req_unref(rq);
+}
+
+static void list_on_directory(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct list_ctx *c = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq) || c->failed)
+		goto out;
+	if (!r || (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_NIL)) {
+		list_fail(rq, c, r);
 		goto out;
 	}
-	if (strcmp(c->cursor, "0"))
-		c->truncated = true;
-	/* Sorted by id; SSCAN may repeat a member: drop duplicates. */
-	if (c->nids > 1)
-		qsort(c->ids, c->nids, sizeof(*c->ids), cmp_str);
-	size_t w = 0;
-	for (size_t i = 0; i < c->nids; i++) {
-		if (w && !strcmp(c->ids[w - 1], c->ids[i]))
-			free(c->ids[i]);
-		else
-			c->ids[w++] = c->ids[i];
+	if (r->type == REDIS_REPLY_STRING && r->len) {
+		c->slots = hub_xmalloc(r->len);
+		memcpy(c->slots, r->str, r->len);
+		c->nslots_bytes = r->len;
 	}
-	c->nids = w;
-	list_next_batch(rq, c);
+	list_walk(rq, c);
 out:
 	hub_req_unref(rq);
 }
@@ -467,13 +582,10 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 		c->lk[c->nlabels] = hub_xstrdup(k);
 		c->lv[c->nlabels++] = hub_xstrdup(q->value[i]);
 	}
-	if (c->type)
-		hub_key_type(c->set_key, sizeof(c->set_key), c->type);   /* checked above */
-	else
-		snprintf(c->set_key, sizeof(c->set_key), HUB_KEY_DEVICES);
-	strcpy(c->cursor, "0");
 	hub_buf_puts(&c->out, "{\"devices\":[");
-	list_scan(rq, c);
+	const char *argv[] = { "GET", HUB_KEY_SLOTS };
+	if (cmd(rq, list_on_directory, 2, argv))
+		unavailable(rq);
 }
 
 /* ---- GET /v1/devices/{device} --------------------------------------------- */

@@ -33,28 +33,35 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "hub/slot.h"
 #include "hub/util.h"
 
-/* The layout: SET NX by every hub once connected (main.c). */
-#define HUB_LAYOUT_KEY           "iot:layout"
-#define HUB_LAYOUT_VERSION       "2"
+/* The layout: set by the first hub on an empty Redis (main.c, hub/migrate.c).
+ * Layout 3 (Redis Cluster): the fixed global control keys that are read
+ * together (layout, epoch, leases, reaper claims, active rollouts, the slot
+ * directory) share the hash tag {hub}: they are low-rate, one slot is fine. */
+#define HUB_LAYOUT_KEY           "iot:{hub}:layout"
+#define HUB_LAYOUT_VERSION       "3"
 
 /* Fixed keys. */
 #define HUB_KEY_FEED             "iot:feed"
-#define HUB_KEY_DEVICES          "iot:devices"
-#define HUB_KEY_CMD_TIMERS       "iot:cmd:timers"
-#define HUB_KEY_CMD_SEQ          "iot:cmd:seq"
-#define HUB_KEY_ROLLOUTS_ACTIVE  "iot:rollouts:active"
 #define HUB_KEY_AGG_PARTIALS     "iot:agg:partials"
-#define HUB_KEY_LEASES           "iot:leases"    /* run id -> lease expiry (ms) */
-#define HUB_KEY_EPOCH            "iot:epoch"     /* this Redis's data generation */
-#define HUB_KEY_INGEST           "iot:ingest"    /* hash: shards (the feed-shards in use), migrated */
+#define HUB_KEY_LEASES           "iot:{hub}:leases"   /* run id -> lease expiry (ms) */
+#define HUB_KEY_EPOCH            "iot:{hub}:epoch"    /* this Redis's data generation */
+#define HUB_KEY_ROLLOUTS_ACTIVE  "iot:{hub}:rollouts" /* running rollout ids */
+#define HUB_KEY_SLOTS            "iot:{hub}:slots"    /* bitmap: slots that hold devices */
+#define HUB_KEY_INGEST           "iot:ingest"         /* hash: shards (the feed-shards in use), migrated */
+#define HUB_KEY_REAPER           "iot:{hub}:reaper:"  /* + run id: who reaps that run */
+
+/* Slot-local indexes (layout 3): iot:idx:{<slot tag>}:<what>, in the slot
+ * of the devices they index (hub_slot_tag), so that a device and its index
+ * entries change in one script call. */
+#define HUB_KEY_IDX              "iot:idx:"      /* {tag}:devices, :type:<type>, :timers */
 
 /* Prefixes of keys around a braced user-chosen name. */
 #define HUB_KEY_DEV              "iot:dev:"      /* {device}, {device}:cmds, :cmdlog, :cancels */
 #define HUB_KEY_TM               "iot:tm:"       /* {device} */
 #define HUB_KEY_GW               "iot:gw:"       /* {gateway}:seqs, :epoch, :limits */
-#define HUB_KEY_TYPE             "iot:type:"     /* {device type} */
 #define HUB_KEY_IDEM             "iot:idem:"     /* {owner}:<Idempotency-Key> */
 #define HUB_KEY_INST             "iot:inst:"     /* {instance}:<run>, :<run>:reaper */
 
@@ -69,9 +76,10 @@
 #define HUB_CH_LIVE              "iot:live:"     /* {i<k>}:raw:<type> (sharded, cluster) */
 #define HUB_FEED_SHARDS_MAX      64
 
-/* Prefixes of keys around a hub-generated id (never holds ':'). */
-#define HUB_KEY_CMD              "iot:cmd:"      /* <id>, <id>:log */
-#define HUB_KEY_ROLLOUT          "iot:rollout:"  /* <id>, <id>:cmds */
+/* Prefixes of keys around a hub-generated id (braced: the id is the hash
+ * tag; a command id is drawn in its device's slot, hub_slot_fit_id). */
+#define HUB_KEY_CMD              "iot:cmd:"      /* {<id>}, {<id>}:log */
+#define HUB_KEY_ROLLOUT          "iot:rollout:"  /* {<id>}, {<id>}:cmds */
 
 /* Pub/sub channels: a fixed name, or a prefix plus one name. */
 #define HUB_CH_RAW               "iot:live:raw:" /* + device type */
@@ -79,8 +87,8 @@
 #define HUB_CH_COMMANDS          "iot:live:commands"
 #define HUB_CH_AGG               "iot:live:agg"
 #define HUB_CH_TAKEOVER          "iot:ctl:takeover"
-#define HUB_CH_DEVTAKE           "iot:ctl:devtake"   /* devices that changed connection */
-#define HUB_CH_CTL_CMD           "iot:ctl:cmd:"  /* + instance id */
+#define HUB_CH_DEVTAKE           "iot:ctl:devtake:" /* devices taken: classic, every instance (below) */
+#define HUB_CH_CTL_CMD           "iot:ctl:cmd:"  /* + {instance}: command work (sharded) */
 
 /* A hub process's run token: this many lowercase hex digits, random per
  * process. Its run id is "<instance>:<token>", its connections are
@@ -231,10 +239,59 @@ static inline size_t hub_key_gw_limits(char *buf, size_t n, const char *gateway)
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_GW, gateway, ":limits");
 }
 
-/* iot:type:{<type>}: the devices of a type. */
-static inline size_t hub_key_type(char *buf, size_t n, const char *type)
+/* iot:idx:{<tag of slot>}<suffix><name>: a slot-local index (name may be
+ * "" for the fixed ones). 0 when it does not fit or name is too long. */
+static inline size_t hub_key_idx_(char *buf, size_t n, unsigned slot, const char *suffix,
+				  const char *name)
 {
-	return HUB_KEY_BRACED_(buf, n, HUB_KEY_TYPE, type, "");
+	char tag[HUB_SLOT_TAG_MAX];
+	size_t plen = sizeof(HUB_KEY_IDX) - 1, tlen = hub_slot_tag(slot, tag);
+	size_t slen = strlen(suffix), nlen = strlen(name), k = plen + tlen + 2 + slen + nlen;
+
+	if (nlen > HUB_ID_MAX || k + 1 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, HUB_KEY_IDX, plen);
+	buf[plen] = '{';
+	memcpy(buf + plen + 1, tag, tlen);
+	buf[plen + 1 + tlen] = '}';
+	memcpy(buf + plen + 2 + tlen, suffix, slen);
+	memcpy(buf + plen + 2 + tlen + slen, name, nlen + 1);
+	return k;
+}
+
+/* The slot of a device's keys (iot:dev:{<device>}, ...): of its id. */
+static inline unsigned hub_dev_slot(const char *device)
+{
+	return hub_crc16(device, strlen(device)) & (HUB_SLOTS - 1);
+}
+
+/* iot:idx:{<tag>}:devices: the devices of slot (every device ever announced
+ * lives in the index of its own slot). */
+static inline size_t hub_key_idx_devices(char *buf, size_t n, unsigned slot)
+{
+	return hub_key_idx_(buf, n, slot, ":devices", "");
+}
+
+/* iot:idx:{<tag>}:type:<type>: the devices of slot of a type. The type is
+ * the last part: no delimiter needed. */
+static inline size_t hub_key_idx_type(char *buf, size_t n, unsigned slot, const char *type)
+{
+	if (!*type) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	return hub_key_idx_(buf, n, slot, ":type:", type);
+}
+
+/* iot:idx:{<tag>}:timers: command id -> next deadline, for the commands of
+ * the devices of slot. */
+static inline size_t hub_key_idx_timers(char *buf, size_t n, unsigned slot)
+{
+	return hub_key_idx_(buf, n, slot, ":timers", "");
 }
 
 /* <prefix><name> (channels, hub-generated ids): as hub_key_braced. */
@@ -259,10 +316,21 @@ static inline size_t hub_ch_raw(char *buf, size_t n, const char *type)
 	return hub_key_plain(buf, n, HUB_CH_RAW, sizeof(HUB_CH_RAW) - 1, type);
 }
 
-/* iot:ctl:cmd:<instance>: command work routed to an instance. */
+/* iot:ctl:cmd:{<instance>}: command work routed to an instance (a sharded
+ * channel: SPUBLISH reaches the one primary of the instance's slot). */
 static inline size_t hub_ch_ctl_cmd(char *buf, size_t n, const char *instance)
 {
-	return hub_key_plain(buf, n, HUB_CH_CTL_CMD, sizeof(HUB_CH_CTL_CMD) - 1, instance);
+	return HUB_KEY_BRACED_(buf, n, HUB_CH_CTL_CMD, instance, "");
+}
+
+/* iot:ctl:devtake:{<instance>}: devices of that instance's connections
+ * taken by another connection, as a sharded channel per instance. Not used
+ * yet: announce publishes every takeover on the one classic channel
+ * HUB_CH_DEVTAKE (as such, with its trailing ':'), which every instance
+ * subscribes to; the per-instance form needs announce split per owner. */
+static inline size_t hub_ch_devtake(char *buf, size_t n, const char *instance)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_CH_DEVTAKE, instance, "");
 }
 
 /* <prefix><name><suffix> (hub-generated ids): as hub_key_braced, unbraced. */
@@ -294,53 +362,57 @@ static inline size_t hub_key_dev_cmdlog(char *buf, size_t n, const char *device)
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cmdlog");
 }
 
-/* iot:cmd:<id>: a command's hash. */
+/* iot:cmd:{<id>}: a command's hash (the id is drawn in its device's slot). */
 static inline size_t hub_key_cmd(char *buf, size_t n, const char *id)
 {
-	return hub_key_plain_sfx(buf, n, HUB_KEY_CMD, sizeof(HUB_KEY_CMD) - 1, id, "", 0);
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_CMD, id, "");
 }
 
-/* iot:cmd:<id>:log: a command's history. */
+/* iot:cmd:{<id>}:log: a command's history. */
 static inline size_t hub_key_cmd_log(char *buf, size_t n, const char *id)
 {
-	return hub_key_plain_sfx(buf, n, HUB_KEY_CMD, sizeof(HUB_KEY_CMD) - 1, id, ":log", 4);
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_CMD, id, ":log");
 }
 
-/* iot:rollout:<id>: a rollout's hash. */
+/* iot:rollout:{<id>}: a rollout's hash. */
 static inline size_t hub_key_rollout(char *buf, size_t n, const char *id)
 {
-	return hub_key_plain_sfx(buf, n, HUB_KEY_ROLLOUT, sizeof(HUB_KEY_ROLLOUT) - 1, id, "", 0);
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_ROLLOUT, id, "");
 }
 
-/* iot:rollout:<id>:cmds: a rollout's command ids, in release order. */
+/* iot:rollout:{<id>}:cmds: a rollout's command ids, in release order. */
 static inline size_t hub_key_rollout_cmds(char *buf, size_t n, const char *id)
 {
-	return hub_key_plain_sfx(buf, n, HUB_KEY_ROLLOUT, sizeof(HUB_KEY_ROLLOUT) - 1, id,
-				 ":cmds", 5);
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_ROLLOUT, id, ":cmds");
 }
 
-/* Longest idempotency key: "iot:idem:{" + owner + "}:" + key + NUL, both
- * at most HUB_ID_MAX bytes. */
-#define HUB_KEY_IDEM_MAX         (2 * HUB_ID_MAX + 16)
+/* Longest idempotency key: "iot:idem:{" + device + "}:{" + owner + "}:" +
+ * key + NUL, each at most HUB_ID_MAX bytes. */
+#define HUB_KEY_IDEM_MAX         (3 * HUB_ID_MAX + 24)
 
-/* iot:idem:{<owner>}:<key>: the first command created with an
- * Idempotency-Key; buf holds HUB_KEY_IDEM_MAX. As hub_key_braced, but for
- * an empty owner (a token without a subject): iot:idem:{}:<key>. */
-static inline size_t hub_key_idem(char *buf, size_t n, const char *owner, const char *key)
+/* iot:idem:{<device>}:{<owner>}:<key>: the first command created for the
+ * device with an Idempotency-Key (in the device's slot, beside the
+ * command it names); buf holds HUB_KEY_IDEM_MAX. The owner may be empty (a
+ * token without a subject): {}. */
+static inline size_t hub_key_idem(char *buf, size_t n, const char *device, const char *owner,
+				  const char *key)
 {
-	size_t olen = strlen(owner), len = strlen(key);
-	size_t plen = sizeof(HUB_KEY_IDEM) - 1, k = plen + olen + 3 + len;
+	size_t dlen = strlen(device), olen = strlen(owner), len = strlen(key);
+	size_t plen = sizeof(HUB_KEY_IDEM) - 1, k = plen + dlen + 6 + olen + len;
 
-	if (!len || len > HUB_ID_MAX || olen > HUB_ID_MAX || k + 1 > n) {
+	if (!dlen || dlen > HUB_ID_MAX || !len || len > HUB_ID_MAX || olen > HUB_ID_MAX ||
+	    k + 1 > n) {
 		if (n)
 			buf[0] = '\0';
 		return 0;
 	}
 	memcpy(buf, HUB_KEY_IDEM, plen);
 	buf[plen] = '{';
-	memcpy(buf + plen + 1, owner, olen);
-	memcpy(buf + plen + 1 + olen, "}:", 2);
-	memcpy(buf + plen + 3 + olen, key, len + 1);
+	memcpy(buf + plen + 1, device, dlen);
+	memcpy(buf + plen + 1 + dlen, "}:{", 3);
+	memcpy(buf + plen + 4 + dlen, owner, olen);
+	memcpy(buf + plen + 4 + dlen + olen, "}:", 2);
+	memcpy(buf + plen + 6 + dlen + olen, key, len + 1);
 	return k;
 }
 
@@ -406,10 +478,20 @@ static inline size_t hub_key_run(char *buf, size_t n, const char *run)
 	return hub_key_run_(buf, n, run, "", 0);
 }
 
-/* iot:inst:{<instance>}:<token>:reaper: which run reaps this (dead) run. */
+/* iot:{hub}:reaper:<instance>:<token>: which run reaps this (dead) run:
+ * beside the leases, so that claiming checks the lease in one call. */
 static inline size_t hub_key_run_reaper(char *buf, size_t n, const char *run)
 {
-	return hub_key_run_(buf, n, run, ":reaper", 7);
+	size_t len = strlen(run), plen = sizeof(HUB_KEY_REAPER) - 1;
+
+	if (!hub_run_instance_len(run, len) || plen + len + 1 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, HUB_KEY_REAPER, plen);
+	memcpy(buf + plen, run, len + 1);
+	return plen + len;
 }
 
 /* Operations (hub/audit.c, hub/revoke.c): low-rate keys of their own slot. */

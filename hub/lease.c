@@ -12,6 +12,7 @@
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/redis.h"
+#include "hub/registry.h"
 #include "hub/util.h"
 #include "hub/module.h"
 #include "hub_lua.h"
@@ -234,6 +235,15 @@ static void on_renewed(redisReply *r, void *arg)
 			 "hub stalled): re-announcing the devices of its connections",
 			 had ? "had expired" : "was gone");
 		rebuild = true;
+	}
+	if (rebuild)
+		hub_registry_forget_slots(hub);
+	if (L->epoch[0] && strcmp(L->epoch, ep) && !hub_redis_cluster(hub->redis)) {
+		/* lease_renew put HUB_LAYOUT_KEY back; on one Redis the layout-2
+		 * key goes back too, as the tombstone that keeps a hub of layout 2
+		 * off this Redis (layout.lua). A cluster never had one. */
+		const char *argv[4] = { "SET", "iot:layout", HUB_LAYOUT_VERSION, "NX" };
+		hub_redis_command_argv(hub->redis, NULL, NULL, 4, argv, NULL);
 	}
 	snprintf(L->epoch, sizeof(L->epoch), "%s", ep);
 	L->ever_registered = true;

@@ -3,8 +3,8 @@
  * and the rebuild of the registry after Redis lost it (docs/streams.md
  * "Instance leases" and "When Redis comes back empty").
  *
- * Every lease-renew-ms the hub renews its lease (iot:leases: run id ->
- * expiry, Redis's clock, lease-ttl-ms ahead) and checks iot:epoch, a token
+ * Every lease-renew-ms the hub renews its lease (iot:{hub}:leases: run id ->
+ * expiry, Redis's clock, lease-ttl-ms ahead) and checks iot:{hub}:epoch, a token
  * the first hub sets on an empty Redis. One script does both. When the
  * token is not the one this hub saw last (Redis restarted empty, was
  * flushed or replaced) or its own lease was gone or had expired (reaped by

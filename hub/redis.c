@@ -189,6 +189,7 @@ struct hub_redis {
 	/* The mode, learnt from the first seed that answered INFO cluster. */
 	bool mode_known;
 	bool cluster;
+	bool split_test;           /* IOT_HUB_TEST_PER_SLOT=1: hub_redis_split on one Redis */
 	/* Cluster mode: the primaries and the slot map (slot -> 1 + index in
 	 * nodes, 0 = not served). */
 	struct rnode *nodes[MAX_NODES];
@@ -1467,6 +1468,11 @@ struct hub_redis *hub_redis_new(struct hub *hub)
 	struct hub_redis *r = hub_xcalloc(1, sizeof(*r));
 
 	r->hub = hub;
+	const char *split = getenv("IOT_HUB_TEST_PER_SLOT");
+	r->split_test = split && !strcmp(split, "1");
+	if (r->split_test)
+		hub_warn("IOT_HUB_TEST_PER_SLOT=1: calls that would span hash slots go per slot "
+			 "(a Redis Cluster's paths, on one Redis; tests only)");
 	rconn_init(&r->cmd, r, "commands", ROLE_SEED, NULL);
 	rconn_init(&r->sub, r, "pubsub", ROLE_SUB, NULL);
 	rconn_init(&r->ssub, r, "sharded pubsub", ROLE_SSUB, NULL);
@@ -1605,6 +1611,11 @@ bool hub_redis_up(const struct hub_redis *r)
 bool hub_redis_cluster(const struct hub_redis *r)
 {
 	return r->cluster;
+}
+
+bool hub_redis_split(const struct hub_redis *r)
+{
+	return r->cluster || r->split_test;
 }
 
 bool hub_redis_slot_up(const struct hub_redis *r, int slot)

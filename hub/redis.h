@@ -112,6 +112,13 @@ size_t hub_redis_pending(const struct hub_redis *r);
  * SPUBLISH may depend on it; nothing else should. */
 bool hub_redis_cluster(const struct hub_redis *r);
 
+/* Whether calls whose keys would span hash slots go as one call per slot
+ * (or per device): on a cluster; on one Redis they stay one call, which
+ * is cheaper. IOT_HUB_TEST_PER_SLOT=1 in the environment (tests only,
+ * undocumented on purpose) takes the per-slot paths on one Redis too, so
+ * that the integration tests run them. */
+bool hub_redis_split(const struct hub_redis *r);
+
 /* Cluster mode: whether the primary of slot is connected and answering
  * (hub_redis_up for the whole bus; on one Redis the same as it). */
 bool hub_redis_slot_up(const struct hub_redis *r, int slot);

@@ -21,6 +21,7 @@
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/module.h"
+#include "hub/slot.h"
 #include "hub/util.h"
 #include "hub_lua.h"
 
@@ -31,6 +32,7 @@ struct hub_registry {
 	int script_announce, script_detach, script_offline, script_seen,
 	    script_connect, script_limits, script_epoch_floor;
 	hub_buf resp;              /* the command being built */
+	unsigned char slots[HUB_SLOTS / 8]; /* slots marked in HUB_KEY_SLOTS by this process */
 };
 
 /* Starts EVALSHA <script> <nkeys> followed by nargs more arguments. */
@@ -78,21 +80,141 @@ static int resp_send(struct hub_registry *reg, hub_redis_cb cb, void *arg)
 	return resp_send_as(reg, cb, arg, false);
 }
 
-int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_item *items,
-		      size_t n, hub_redis_cb cb, void *arg)
+/* One seen call over items idx[0..n) (indexes into items). */
+static int seen_call(struct hub_registry *reg, int64_t now_ms, const struct hub_seen_item *items,
+		     const size_t *idx, size_t n, hub_redis_cb cb, void *arg)
 {
-	struct hub_registry *reg = hub->registry;
 	char key[HUB_KEY_MAX];
 
 	resp_eval(reg, reg->script_seen, n, n + 1 + 2 * n);
 	for (size_t i = 0; i < n; i++)
-		resp_key(reg, key, hub_key_dev(key, sizeof(key), items[i].device));
+		resp_key(reg, key, hub_key_dev(key, sizeof(key), items[idx ? idx[i] : i].device));
 	resp_int(reg, now_ms);
 	for (size_t i = 0; i < n; i++) {
-		resp_str(reg, items[i].conn);
-		resp_int(reg, items[i].tat_ms);
+		resp_str(reg, items[idx ? idx[i] : i].conn);
+		resp_int(reg, items[idx ? idx[i] : i].tat_ms);
 	}
 	return resp_send(reg, cb, arg);
+}
+
+/* seen split per slot (hub_redis_split): the calls' replies (indexes of
+ * lost devices in each call) are gathered, as indexes into the caller's
+ * items, into one reply for the caller's callback. */
+struct seen_gather {
+	hub_redis_cb cb;
+	void *arg;
+	size_t pending;
+	bool answered;             /* at least one call answered */
+	size_t nlost;
+	size_t *lost;              /* n entries at most */
+};
+
+struct seen_part {
+	struct seen_gather *g;
+	size_t n;
+	size_t idx[];              /* the caller's index of each device of the call */
+};
+
+static void seen_finish(struct seen_gather *g);
+
+static void on_seen_part(redisReply *r, void *arg)
+{
+	struct seen_part *p = arg;
+	struct seen_gather *g = p->g;
+
+	if (r && r->type == REDIS_REPLY_ARRAY) {
+		g->answered = true;
+		for (size_t i = 0; i < r->elements; i++) {
+			const redisReply *x = r->element[i];
+			if (x->type == REDIS_REPLY_INTEGER && x->integer >= 0 && (size_t)x->integer < p->n)
+				g->lost[g->nlost++] = p->idx[x->integer];
+		}
+	}
+	free(p);
+	if (!--g->pending)
+		seen_finish(g);
+}
+
+static void seen_finish(struct seen_gather *g)
+{
+	if (g->answered) {
+		redisReply *el = hub_xcalloc(g->nlost ? g->nlost : 1, sizeof(*el));
+		redisReply **els = hub_xcalloc(g->nlost ? g->nlost : 1, sizeof(*els));
+		redisReply arr = { .type = REDIS_REPLY_ARRAY, .elements = g->nlost, .element = els };
+
+		for (size_t i = 0; i < g->nlost; i++) {
+			el[i].type = REDIS_REPLY_INTEGER;
+			el[i].integer = (long long)g->lost[i];
+			els[i] = &el[i];
+		}
+		g->cb(&arr, g->arg);
+		free(els);
+		free(el);
+	} else {
+		g->cb(NULL, g->arg);
+	}
+	free(g->lost);
+	free(g);
+}
+
+/* (slot << 32 | index) of each item, sorted: the items grouped by slot. */
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_item *items,
+		      size_t n, hub_redis_cb cb, void *arg)
+{
+	struct hub_registry *reg = hub->registry;
+
+	if (!hub_redis_split(hub->redis) || n < 2)
+		return seen_call(reg, now_ms, items, NULL, n, cb, arg);
+
+	/* One call per slot, the devices grouped by their slot. */
+	uint64_t *key = hub_xmalloc(n * sizeof(*key));
+	size_t *order = hub_xmalloc(n * sizeof(*order));
+	struct seen_gather *g = hub_xcalloc(1, sizeof(*g));
+	size_t sent = 0;
+
+	for (size_t i = 0; i < n; i++)
+		key[i] = (uint64_t)hub_dev_slot(items[i].device) << 32 | i;
+	qsort(key, n, sizeof(*key), cmp_u64);
+	for (size_t i = 0; i < n; i++)
+		order[i] = (size_t)(key[i] & 0xffffffffu);
+	free(key);
+	g->cb = cb;
+	g->arg = arg;
+	g->lost = hub_xmalloc(n * sizeof(*g->lost));
+	g->pending = 1; /* held until every call is sent */
+	for (size_t at = 0, end; at < n; at = end) {
+		unsigned slot = hub_dev_slot(items[order[at]].device);
+		for (end = at + 1; end < n && hub_dev_slot(items[order[end]].device) == slot; end++)
+			;
+		struct seen_part *p = hub_xmalloc(sizeof(*p) + (end - at) * sizeof(p->idx[0]));
+		p->g = g;
+		p->n = end - at;
+		memcpy(p->idx, order + at, p->n * sizeof(p->idx[0]));
+		g->pending++;
+		if (seen_call(reg, now_ms, items, p->idx, p->n, on_seen_part, p)) {
+			g->pending--;
+			free(p);
+			continue;
+		}
+		sent++;
+	}
+	free(order);
+	if (!sent) {
+		free(g->lost);
+		free(g);
+		return -1; /* nothing sent: the caller's callback is not called */
+	}
+	/* Release the hold: the last reply ends it (or this, had they all come). */
+	if (!--g->pending)
+		seen_finish(g);
+	return 0;
 }
 
 int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
@@ -155,7 +277,8 @@ static void detach(struct hub_registry *reg, const redisReply *moved)
 			continue;
 		if (t->type == REDIS_REPLY_STRING && t->len) {
 			resp_key(reg, key, hub_key_dev(key, sizeof(key), d->str));
-			resp_key(reg, key, hub_key_type(key, sizeof(key), t->str));
+			resp_key(reg, key, hub_key_idx_type(key, sizeof(key), hub_dev_slot(d->str),
+							    t->str));
 		}
 		if (c->type == REDIS_REPLY_STRING && hub_run_of_conn(run, sizeof(run), c->str)) {
 			resp_key(reg, key, hub_key_dev(key, sizeof(key), d->str));
@@ -179,6 +302,30 @@ static void detach(struct hub_registry *reg, const redisReply *moved)
 		}
 	}
 	resp_send(reg, NULL, NULL);
+}
+
+/* The slot directory (HUB_KEY_SLOTS, a bitmap): every slot that holds a
+ * device has its bit set before (on one Redis: in the same pipeline as)
+ * the first announce of this process into it, so that a walk over the
+ * slot-local indexes (the device list, the sweep of command timers) visits
+ * it. Once per slot per process; fire and forget (a bit lost with Redis is
+ * set again by the next process that announces there). */
+static void mark_slot(struct hub_registry *reg, unsigned slot)
+{
+	char s[16];
+	const char *argv[4] = { "SETBIT", HUB_KEY_SLOTS, s, "1" };
+
+	if (reg->slots[slot / 8] & (1u << (slot % 8)))
+		return;
+	snprintf(s, sizeof(s), "%u", slot);
+	if (!hub_redis_command_argv(reg->hub->redis, NULL, NULL, 4, argv, NULL))
+		reg->slots[slot / 8] |= (unsigned char)(1u << (slot % 8));
+}
+
+void hub_registry_forget_slots(struct hub *hub)
+{
+	if (hub->registry)
+		memset(hub->registry->slots, 0, sizeof(hub->registry->slots));
 }
 
 struct announce_call {
@@ -218,12 +365,15 @@ static int announce(struct hub *hub, const char *mode, const char *gateway, cons
 		hub_err("registry: connection id %s has no run id", conn);
 		return -1;
 	}
-	resp_eval(reg, reg->script_announce, 2 + 2 * n, 2 + 2 * n + 8 + 3 * n);
-	resp_arg(reg, HUB_KEY_DEVICES, sizeof(HUB_KEY_DEVICES) - 1);
+	for (size_t i = 0; i < n; i++)
+		mark_slot(reg, hub_dev_slot(items[i].device));
+	resp_eval(reg, reg->script_announce, 1 + 3 * n, 1 + 3 * n + 8 + 3 * n);
 	resp_key(reg, key, hub_key_run(key, sizeof(key), run));
 	for (size_t i = 0; i < n; i++) {
+		unsigned slot = hub_dev_slot(items[i].device);
 		resp_key(reg, key, hub_key_dev(key, sizeof(key), items[i].device));
-		resp_key(reg, key, hub_key_type(key, sizeof(key), items[i].type));
+		resp_key(reg, key, hub_key_idx_type(key, sizeof(key), slot, items[i].type));
+		resp_key(reg, key, hub_key_idx_devices(key, sizeof(key), slot));
 	}
 	resp_str(reg, gateway);
 	resp_str(reg, conn);

@@ -20,6 +20,10 @@ struct hub;
 struct hub_module;
 extern const struct hub_module hub_registry_module;
 
+/* Redis lost its data (hub/lease.c): the slot directory bits this process
+ * set are set again at the next announces. */
+void hub_registry_forget_slots(struct hub *hub);
+
 struct hub_announce_item {
 	const char *device;
 	const char *type;

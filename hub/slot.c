@@ -212,3 +212,82 @@ int hub_parse_redirect(const char *err, size_t len, int *slot, char *host, size_
 	*port = (int)v;
 	return kind;
 }
+
+/* ---- slot tags ------------------------------------------------------------ */
+
+/* tag_of[s]: the smallest n whose decimal digits hash to slot s (all below
+ * 110000: computed once, about 110,000 CRCs of at most 6 bytes). */
+static unsigned *tag_of;
+
+static void tags_build(void)
+{
+	unsigned left = HUB_SLOTS;
+	char d[12];
+
+	tag_of = malloc(HUB_SLOTS * sizeof(*tag_of));
+	if (!tag_of)
+		abort();
+	for (unsigned s = 0; s < HUB_SLOTS; s++)
+		tag_of[s] = ~0u;
+	for (unsigned n = 0; left; n++) {
+		size_t len = 0;
+		for (unsigned v = n;; v /= 10) {
+			d[len++] = (char)('0' + v % 10);
+			if (v < 10)
+				break;
+		}
+		for (size_t i = 0; i < len / 2; i++) {
+			char t = d[i];
+			d[i] = d[len - 1 - i];
+			d[len - 1 - i] = t;
+		}
+		unsigned s = hub_crc16(d, len) & (HUB_SLOTS - 1);
+		if (tag_of[s] == ~0u) {
+			tag_of[s] = n;
+			left--;
+		}
+	}
+}
+
+size_t hub_slot_tag(unsigned slot, char out[HUB_SLOT_TAG_MAX])
+{
+	unsigned v;
+	size_t len = 0;
+	char d[12];
+
+	if (!tag_of)
+		tags_build();
+	v = tag_of[slot & (HUB_SLOTS - 1)];
+	do {
+		d[len++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	for (size_t i = 0; i < len; i++)
+		out[i] = d[len - 1 - i];
+	out[len] = '\0';
+	return len;
+}
+
+bool hub_slot_fit_id(char *id, size_t len, unsigned slot)
+{
+	static const char hex[] = "0123456789abcdef";
+	unsigned base, crc;
+
+	if (len < 4)
+		return false;
+	base = hub_crc16(id, len - 4);
+	for (unsigned v = 0; v < 65536; v++) {
+		char t[4] = { hex[v >> 12], hex[(v >> 8) & 15], hex[(v >> 4) & 15], hex[v & 15] };
+		crc = base;
+		for (int i = 0; i < 4; i++) {
+			unsigned b = (unsigned char)t[i];
+			crc = ((crc << 4) & 0xffff) ^ crc_nibble[(crc >> 12) ^ (b >> 4)];
+			crc = ((crc << 4) & 0xffff) ^ crc_nibble[(crc >> 12) ^ (b & 15)];
+		}
+		if ((crc & (HUB_SLOTS - 1)) == (slot & (HUB_SLOTS - 1))) {
+			memcpy(id + len - 4, t, 4);
+			return true;
+		}
+	}
+	return false;
+}

@@ -50,4 +50,19 @@ bool hub_resp_cmd_key(const char *cmd, size_t len, const char **key, size_t *kle
 int hub_parse_redirect(const char *err, size_t len, int *slot, char *host, size_t hostlen,
 		       int *port);
 
+/* Slot tags (key layout 3, docs/streams.md "Key names"): the tag of slot s
+ * is the smallest decimal number whose digits hash to s, so a key
+ * "<prefix>{<tag>}<suffix>" lives in slot s: a device's slot-local index
+ * entries sit in the device's own slot. Writes it (NUL-terminated, at most
+ * 6 digits) into out and returns its length. */
+#define HUB_SLOT_TAG_MAX 8
+size_t hub_slot_tag(unsigned slot, char out[HUB_SLOT_TAG_MAX]);
+
+/* Rewrites the last 4 bytes of id (len bytes, len >= 4) as lowercase hex
+ * digits so that the whole id hashes to slot (hub_crc16(id) % 16384 ==
+ * slot): a command id whose hash tag shares its device's slot. False (id
+ * unchanged) when no 4 hex digits do (about 2% of prefixes): the caller
+ * draws another prefix. */
+bool hub_slot_fit_id(char *id, size_t len, unsigned slot);
+
 #endif

@@ -10,22 +10,42 @@
 -- What a script that includes it has:
 --   ARGV[1]  now (ms)
 --   ARGV[2]  the dashboards' commands channel (HUB_CH_COMMANDS)
---   KEYS[1]  iot:cmd:timers   HUB_KEY_CMD_TIMERS: command id -> next deadline
--- and a command's keys as a group from KEYS[i], read with ck(i):
---   cmd   iot:cmd:<id>              hub_key_cmd
---   log   iot:cmd:<id>:log          hub_key_cmd_log
---   dev   iot:dev:{<device>}        hub_key_dev (of the command's device)
---   cmds  iot:dev:{<device>}:cmds   hub_key_dev_cmds
+-- and a command's keys as a group from KEYS[i], read with ck(i), all in
+-- one slot (the command's id is drawn in its device's slot, layout 3):
+--   cmd    iot:cmd:{<id>}            hub_key_cmd
+--   log    iot:cmd:{<id>}:log        hub_key_cmd_log
+--   timers iot:idx:{<tag>}:timers    hub_key_idx_timers (of the id's slot):
+--                                    command id -> next deadline
+--   dev    iot:dev:{<device>}        hub_key_dev (of the command's device)
+--   cmds   iot:dev:{<device>}:cmds   hub_key_dev_cmds
+-- (dev and cmds are left out when the device is unknown: a group of 3).
+-- nextseq(k, log) draws the device's next command seq (field cmd_seq of its
+-- hash: orders its queue and its log; it starts above the highest seq its
+-- queue or log hold, which layout 2 drew from one global counter).
 local now = tonumber(ARGV[1])
 local CH_COMMANDS = ARGV[2]
-local K_TIMERS = KEYS[1]
 local HISTORY_MAX = 100
 local FINAL_TTL_S = 2592000
 local FINAL = {succeeded=true, failed=true, rejected=true, timed_out=true, expired=true,
                canceled=true}
 
 local function ck(i)
-  return {cmd = KEYS[i], log = KEYS[i + 1], dev = KEYS[i + 2], cmds = KEYS[i + 3]}
+  return {cmd = KEYS[i], log = KEYS[i + 1], timers = KEYS[i + 2], dev = KEYS[i + 3],
+          cmds = KEYS[i + 4]}
+end
+
+local function nextseq(k, log)
+  if redis.call('HEXISTS', k.dev, 'cmd_seq') == 0 then
+    local top = 0
+    for _, z in ipairs({k.cmds or false, log or false}) do
+      if z then
+        local a = redis.call('ZREVRANGE', z, 0, 0, 'WITHSCORES')
+        if a[2] and tonumber(a[2]) > top then top = tonumber(a[2]) end
+      end
+    end
+    redis.call('HSET', k.dev, 'cmd_seq', top)
+  end
+  return redis.call('HINCRBY', k.dev, 'cmd_seq', 1)
 end
 
 local function load(k)
@@ -66,7 +86,7 @@ local function set(c, k, status, fields, extra)
   hist(k, '{"status":"' .. status .. '","at":' .. now .. a .. (extra or '') .. '}')
   event(c, k, status, extra)
   if FINAL[status] then
-    redis.call('ZREM', K_TIMERS, c.id)
+    redis.call('ZREM', k.timers, c.id)
     redis.call('ZREM', k.cmds, c.id)
     redis.call('EXPIRE', k.cmd, FINAL_TTL_S)
     redis.call('EXPIRE', k.log, FINAL_TTL_S)

@@ -4,8 +4,7 @@
 -- that changes nothing is not history: it bumps `ignored_acks` and
 -- overwrites `last_ignored_ack` (nothing grows).
 --
--- KEYS[1]     iot:cmd:timers   HUB_KEY_CMD_TIMERS
--- KEYS[2..5]  the command's group (_command.lua); KEYS[4..5] may be left out
+-- KEYS[1..5]  the command's group (_command.lua); KEYS[4..5] may be left out
 --             when the command's device is unknown (no such command: the
 --             reply is then {-1} and nothing is written)
 -- ARGV[1] now, ARGV[2] commands channel, ARGV[3] id, ARGV[4] connection id,
@@ -20,7 +19,7 @@
 if (#KEYS ~= 5 and #KEYS ~= 3) or #ARGV ~= 10 or not now then
   return redis.error_reply('ERR cmd_ack: bad arguments')
 end
-local k = ck(2)
+local k = ck(1)
 local c = load(k)
 if not c or c.device ~= ARGV[10] or not k.dev then return {-1} end
 if redis.call('HGET', k.dev, 'conn') ~= ARGV[4] then return {-1} end
@@ -38,6 +37,6 @@ if not ok then
   redis.call('HSET', k.cmd, 'last_ignored_ack', '{"status":"' .. st .. '","at":' .. now .. '}')
   return {0, c.status}
 end
-if not FINAL[st] then redis.call('ZADD', K_TIMERS, c.deadline, c.id) end
+if not FINAL[st] then redis.call('ZADD', k.timers, c.deadline, c.id) end
 set(c, k, st, f, extra)
 return {1, st}

@@ -2,8 +2,7 @@
 -- is owed a cancel notice: its id goes into the device's cancels, sent to
 -- the device's gateway now or at its next announce (cmd_owed).
 --
--- KEYS[1]     iot:cmd:timers               HUB_KEY_CMD_TIMERS
--- KEYS[2..5]  the command's group (_command.lua)
+-- KEYS[1..5]  the command's group (_command.lua)
 -- KEYS[6]     iot:dev:{<device>}:cancels   hub_key_dev_cancels
 -- KEYS[4..6] may be left out when the command's device is unknown (no such
 -- command: the reply is then {-1}).
@@ -17,7 +16,7 @@
 if (#KEYS ~= 6 and #KEYS ~= 3) or #ARGV ~= 4 or not now then
   return redis.error_reply('ERR cmd_cancel: bad arguments')
 end
-local k = ck(2)
+local k = ck(1)
 local c = load(k)
 if not c or c.device ~= ARGV[4] or not k.dev then return {-1} end
 if FINAL[c.status] then return {0, c.status} end

@@ -2,7 +2,7 @@
 -- the device's keys (rollout_step): a command's device never changes once
 -- it is created, so what is read here still holds when that script runs.
 --
--- KEYS: iot:cmd:<id> (hub_key_cmd) per command.
+-- KEYS: iot:cmd:{<id>} (hub_key_cmd) per command.
 -- ARGV: none.
 --
 -- Reply: per command, in order, its device, or nil when the command is gone.

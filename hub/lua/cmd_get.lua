@@ -1,7 +1,7 @@
 -- cmd_get: a command and its history, read together.
 --
--- KEYS[1]  iot:cmd:<id>       hub_key_cmd
--- KEYS[2]  iot:cmd:<id>:log   hub_key_cmd_log
+-- KEYS[1]  iot:cmd:{<id>}     hub_key_cmd
+-- KEYS[2]  iot:cmd:{<id>}:log hub_key_cmd_log
 -- ARGV: none.
 --
 -- Reply: {HGETALL of the command (empty: none), its history entries (JSON

@@ -3,7 +3,7 @@
 -- iot:dev:{<device>}:cmdlog, hub_key_dev_cmdlog, newest first: a command's
 -- key cannot be derived here) and passes their keys.
 --
--- KEYS: iot:cmd:<id> (hub_key_cmd) per command, newest first.
+-- KEYS: iot:cmd:{<id>} (hub_key_cmd) per command, newest first.
 -- ARGV[1] status ('' = any), ARGV[2] limit (at most this many).
 --
 -- Reply: an array of HGETALL arrays, newest first (commands gone since are

@@ -3,8 +3,7 @@
 -- `sent` transition. Expires a queued command past its ttl, times out a
 -- sent one past its deadline or its attempts.
 --
--- KEYS[1]     iot:cmd:timers   HUB_KEY_CMD_TIMERS
--- KEYS[2..5]  the command's group (_command.lua)
+-- KEYS[1..5]  the command's group (_command.lua)
 -- ARGV[1] now, ARGV[2] commands channel, ARGV[3] id, ARGV[4] connection id,
 -- ARGV[5] the command's device (whose keys KEYS holds).
 --
@@ -18,7 +17,7 @@
 if #KEYS ~= 5 or #ARGV ~= 5 or not now then
   return redis.error_reply('ERR cmd_send: bad arguments')
 end
-local k = ck(2)
+local k = ck(1)
 local c = load(k)
 if not c or c.device ~= ARGV[5] then return {0, 'unknown'} end
 if c.status ~= 'queued' and c.status ~= 'sent' then return {0, c.status} end
@@ -51,6 +50,6 @@ local due = now + tonumber(c.ack_timeout_s) * 1000
 redis.call('HSET', k.cmd, 'attempt', attempt, 'sent_at', c.sent_at or now,
   'last_sent_at', now, 'sent_conn', ARGV[4], 'ack_due', due, 'deadline', deadline)
 local nxt = math.min(due, deadline)
-redis.call('ZADD', K_TIMERS, nxt, c.id)
+redis.call('ZADD', k.timers, nxt, c.id)
 set(c, k, 'sent')
 return {1, c.device, c.name, c.params, attempt, c.expires_at, nxt}

@@ -3,8 +3,7 @@
 -- one past its deadline or out of attempts, or asks for a resend when its
 -- ack is overdue; else puts its next deadline back in the timers.
 --
--- KEYS[1]     iot:cmd:timers   HUB_KEY_CMD_TIMERS
--- KEYS[2..5]  the command's group (_command.lua); KEYS[4..5] may be left out
+-- KEYS[1..5]  the command's group (_command.lua); KEYS[4..5] may be left out
 --             when the command's device is unknown (no such command: it
 --             only leaves the timers)
 -- ARGV[1] now, ARGV[2] commands channel, ARGV[3] id, ARGV[4] the command's
@@ -18,18 +17,18 @@
 if (#KEYS ~= 5 and #KEYS ~= 3) or #ARGV ~= 4 or not now then
   return redis.error_reply('ERR cmd_tick: bad arguments')
 end
-local k = ck(2)
+local k = ck(1)
 local c = load(k)
 if c and (c.device ~= ARGV[4] or not k.dev) then
   return redis.error_reply('ERR cmd_tick: KEYS are not those of the command\'s device')
 end
-if not c or FINAL[c.status] then redis.call('ZREM', K_TIMERS, ARGV[3]); return {0, 0} end
+if not c or FINAL[c.status] then redis.call('ZREM', k.timers, ARGV[3]); return {0, 0} end
 if c.status == 'queued' then
   if now >= tonumber(c.expires_at) then
     set(c, k, 'expired', {'error', 'ttl passed before the command could be sent'})
     return {1, 'expired'}
   end
-  redis.call('ZADD', K_TIMERS, c.expires_at, c.id)
+  redis.call('ZADD', k.timers, c.expires_at, c.id)
   return {0, tonumber(c.expires_at)}
 end
 local deadline = tonumber(c.deadline)
@@ -42,11 +41,11 @@ if c.status == 'sent' and now >= tonumber(c.ack_due) then
     set(c, k, 'timed_out', {'error', 'no received after max_attempts sends'})
     return {1, 'timed_out'}
   end
-  redis.call('ZADD', K_TIMERS, deadline, c.id)
+  redis.call('ZADD', k.timers, deadline, c.id)
   local d = redis.call('HMGET', k.dev, 'instance', 'online')
   return {2, c.device, d[1] or '', d[2] or '0', deadline}
 end
 local nxt = deadline
 if c.status == 'sent' then nxt = math.min(deadline, tonumber(c.ack_due)) end
-redis.call('ZADD', K_TIMERS, nxt, c.id)
+redis.call('ZADD', k.timers, nxt, c.id)
 return {0, nxt}

@@ -6,7 +6,8 @@
 --
 -- Per device i in ARGV order, 2 keys:
 --   KEYS[2i-1]  iot:dev:{<device>}                  hub_key_dev
---   KEYS[2i]    iot:type:{<type>}                   hub_key_type (how 'type'), or
+--   KEYS[2i]    iot:idx:{<tag>}:type:<type>         hub_key_idx_type (how 'type', the
+--                                                   device's slot), or
 --               iot:inst:{<instance>}:<token>        hub_key_run (how 'run')
 -- ARGV: per device: device, how ('type' or 'run'), the type or the run id.
 --

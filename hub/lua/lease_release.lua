@@ -2,7 +2,7 @@
 -- removed when the run holds no device online any more, else kept, expired
 -- (score 0), so that a reaper marks those devices offline.
 --
--- KEYS[1]  iot:leases                      HUB_KEY_LEASES
+-- KEYS[1]  iot:{hub}:leases                HUB_KEY_LEASES
 -- KEYS[2]  iot:inst:{<instance>}:<token>   hub_key_run: the run's online set
 -- ARGV[1] run id.
 --

@@ -6,9 +6,9 @@
 -- process (first = 1) the leases of earlier runs of the same instance id
 -- end now: the instance was restarted, they are dead.
 --
--- KEYS[1]  iot:leases   HUB_KEY_LEASES: run id -> lease expiry (Redis ms)
--- KEYS[2]  iot:epoch    HUB_KEY_EPOCH
--- KEYS[3]  iot:layout   HUB_LAYOUT_KEY
+-- KEYS[1]  iot:{hub}:leases HUB_KEY_LEASES: run id -> lease expiry (Redis ms)
+-- KEYS[2]  iot:{hub}:epoch HUB_KEY_EPOCH
+-- KEYS[3]  iot:{hub}:layout HUB_LAYOUT_KEY
 -- ARGV[1] instance id, ARGV[2] run id "<instance>:<token>", ARGV[3] ttl (ms),
 -- ARGV[4] first ('1' or '0'), ARGV[5] epoch candidate, ARGV[6] layout version.
 --

@@ -10,8 +10,8 @@
 -- alone. When the set is empty the lease and the claim go. last_seen stays
 -- what the dead run last flushed.
 --
--- KEYS[1]  iot:leases                             HUB_KEY_LEASES
--- KEYS[2]  iot:inst:{<instance>}:<token>:reaper   hub_key_run_reaper (of the dead run)
+-- KEYS[1]  iot:{hub}:leases                       HUB_KEY_LEASES
+-- KEYS[2]  iot:{hub}:reaper:<instance>:<token>     hub_key_run_reaper (of the dead run)
 -- KEYS[3]  iot:inst:{<instance>}:<token>          hub_key_run (of the dead run)
 -- then, per device in ARGV order: iot:dev:{<device>}   hub_key_dev
 -- ARGV[1] the caller's run id, ARGV[2] the dead run's id, ARGV[3] claim (ms),

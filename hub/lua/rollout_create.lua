@@ -5,29 +5,27 @@
 -- when it has any command.
 --
 -- The candidates are the members of the device type's set
--- (iot:type:{<type>}, hub_key_type), read by the caller first and passed
+-- (iot:idx:{<tag>}:type:<type> of every slot, hub_key_idx_type), read by the caller first and passed
 -- sorted: their keys cannot be derived here. A candidate matches when its
--- id matches a device pattern ('*', an exact id, or a prefix ending in '*')
--- and its labels hold every wanted label. The n-th match gets the command
--- id c_<rollout id without its 'r_'>_<n>, whose keys are those of the n-th
--- candidate's position.
+-- id matches a device pattern ('*', an exact id, or a prefix ending in '*'),
+-- its registry says the rollout's type and its labels hold every wanted
+-- label. A candidate's command id is drawn by the caller in the candidate's
+-- slot (derived from the rollout id and the candidate's position).
 --
--- KEYS[1]  iot:cmd:timers          HUB_KEY_CMD_TIMERS (the _command.lua convention)
--- KEYS[2]  iot:rollout:<id>        hub_key_rollout
--- KEYS[3]  iot:rollout:<id>:cmds   hub_key_rollout_cmds
--- KEYS[4]  iot:cmd:seq             HUB_KEY_CMD_SEQ
--- KEYS[5]  iot:rollouts:active     HUB_KEY_ROLLOUTS_ACTIVE
+-- KEYS[1]  iot:rollout:{<id>}        hub_key_rollout
+-- KEYS[2]  iot:rollout:{<id>}:cmds   hub_key_rollout_cmds
+-- KEYS[3]  iot:{hub}:rollouts        HUB_KEY_ROLLOUTS_ACTIVE
 -- then per candidate i in ARGV order, 4 keys:
 --   iot:dev:{<device i>}           hub_key_dev
 --   iot:dev:{<device i>}:cmdlog    hub_key_dev_cmdlog
---   iot:cmd:c_<..>_<i>             hub_key_cmd     (used by the i-th match)
---   iot:cmd:c_<..>_<i>:log         hub_key_cmd_log
+--   iot:cmd:{<id i>}               hub_key_cmd     (its command, if it matches)
+--   iot:cmd:{<id i>}:log           hub_key_cmd_log
 -- ARGV[1] now, ARGV[2] commands channel, ARGV[3] rollout id, ARGV[4] type,
 -- ARGV[5] wanted labels (JSON object, ''), ARGV[6] device patterns (JSON
 -- array, ''), ARGV[7] name, ARGV[8] params, ARGV[9] ack_timeout_s,
 -- ARGV[10] timeout_s, ARGV[11] ttl_s, ARGV[12] max_attempts, ARGV[13]
 -- max_per_minute, ARGV[14] abort_failure_ratio, ARGV[15] owner, ARGV[16]
--- min_finished, then the candidate devices, sorted.
+-- min_finished, then per candidate, sorted by device: device, command id.
 --
 -- Reply: the number of commands created.
 -- Errors: "ERR rollout_create: KEYS and ARGV do not match" (before any
@@ -35,7 +33,8 @@
 --#include _command.lua
 local FIRST = 17
 
-if #ARGV < FIRST - 1 or #KEYS ~= 5 + 4 * (#ARGV - FIRST + 1) then
+if #ARGV < FIRST - 1 or (#ARGV - FIRST + 1) % 2 ~= 0 or
+   #KEYS ~= 3 + 2 * (#ARGV - FIRST + 1) then
   return redis.error_reply('ERR rollout_create: KEYS and ARGV do not match')
 end
 local rid, typ = ARGV[3], ARGV[4]
@@ -52,10 +51,10 @@ local function allowed(dev)
   return false
 end
 local n = 0
-for i = FIRST, #ARGV do
-  local dev = ARGV[i]
-  local dk = 6 + 4 * (i - FIRST)
-  local ok = allowed(dev)
+for i = FIRST, #ARGV, 2 do
+  local dev, id = ARGV[i], ARGV[i + 1]
+  local dk = 4 + 2 * (i - FIRST)
+  local ok = allowed(dev) and redis.call('HGET', KEYS[dk], 'type') == typ
   if ok and want then
     local l = redis.call('HGET', KEYS[dk], 'labels')
     local have = l and cjson.decode(l) or {}
@@ -63,23 +62,21 @@ for i = FIRST, #ARGV do
   end
   if ok then
     n = n + 1
-    local ik = 6 + 4 * (n - 1)
-    local k = {cmd = KEYS[ik + 2], log = KEYS[ik + 3], dev = KEYS[dk]}
-    local id = 'c_' .. string.sub(rid, 3) .. '_' .. n
+    local k = {cmd = KEYS[dk + 2], log = KEYS[dk + 3], dev = KEYS[dk]}
     redis.call('HSET', k.cmd, 'id', id, 'device', dev, 'type', typ, 'name', ARGV[7],
       'params', ARGV[8], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[12],
       'ack_timeout_s', ARGV[9], 'timeout_s', ARGV[10], 'ttl_s', ARGV[11], 'created_at', now,
       'updated_at', now, 'owner', ARGV[15], 'rollout', rid, 'held', 1)
-    redis.call('RPUSH', KEYS[3], id)
-    redis.call('ZADD', KEYS[dk + 1], redis.call('INCR', KEYS[4]), id)
+    redis.call('RPUSH', KEYS[2], id)
+    redis.call('ZADD', KEYS[dk + 1], nextseq(k, KEYS[dk + 1]), id)
     local c = {id = id, device = dev, type = typ, name = ARGV[7], attempt = '0'}
     hist(k, '{"status":"queued","at":' .. now .. '}')
     event(c, k, 'queued')
   end
 end
-redis.call('HSET', KEYS[2], 'id', rid, 'device_type', typ, 'labels', ARGV[5],
+redis.call('HSET', KEYS[1], 'id', rid, 'device_type', typ, 'labels', ARGV[5],
   'name', ARGV[7], 'params', ARGV[8], 'max_per_minute', ARGV[13], 'abort_failure_ratio', ARGV[14],
   'min_finished', ARGV[16], 'total', n, 'released', 0, 'status', n > 0 and 'running' or 'completed',
   'created_at', now, 'updated_at', now, 'owner', ARGV[15])
-if n > 0 then redis.call('ZADD', KEYS[5], now, rid) end
+if n > 0 then redis.call('ZADD', KEYS[3], now, rid) end
 return n

@@ -1,9 +1,9 @@
 -- rollout_get: a rollout and how many of its commands are in each status.
 -- The caller reads the rollout's command ids first (LRANGE of
--- iot:rollout:<id>:cmds, hub_key_rollout_cmds).
+-- iot:rollout:{<id>}:cmds, hub_key_rollout_cmds).
 --
--- KEYS[1]  iot:rollout:<id>   hub_key_rollout
--- then iot:cmd:<id> (hub_key_cmd) per command of the rollout.
+-- KEYS[1]  iot:rollout:{<id>}   hub_key_rollout
+-- then iot:cmd:{<id>} (hub_key_cmd) per command of the rollout.
 -- ARGV: none.
 --
 -- Reply: {HGETALL of the rollout, flat {status, count, ...}} ({{}, {}}: no

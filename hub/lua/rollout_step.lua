@@ -8,16 +8,14 @@
 -- command is final.
 --
 -- The caller reads the rollout's command ids (LRANGE of
--- iot:rollout:<id>:cmds) and their devices (cmd_devices) first: their keys
+-- iot:rollout:{<id>}:cmds) and their devices (cmd_devices) first: their keys
 -- cannot be derived here. Both never change once the rollout exists.
 --
--- KEYS[1]  iot:cmd:timers          HUB_KEY_CMD_TIMERS
--- KEYS[2]  iot:rollout:<id>        hub_key_rollout
--- KEYS[3]  iot:rollout:<id>:cmds   hub_key_rollout_cmds
--- KEYS[4]  iot:rollouts:active     HUB_KEY_ROLLOUTS_ACTIVE
--- KEYS[5]  iot:cmd:seq             HUB_KEY_CMD_SEQ
--- then per command in the list's order, its group (_command.lua): 4 keys,
--- or only cmd and log when its device is '' (the command is gone).
+-- KEYS[1]  iot:rollout:{<id>}        hub_key_rollout
+-- KEYS[2]  iot:rollout:{<id>}:cmds   hub_key_rollout_cmds
+-- KEYS[3]  iot:{hub}:rollouts        HUB_KEY_ROLLOUTS_ACTIVE
+-- then per command in the list's order, its group (_command.lua): 5 keys,
+-- or only cmd, log and timers when its device is '' (the command is gone).
 -- ARGV[1] now, ARGV[2] commands channel, ARGV[3] rollout id, then per
 -- command in the list's order its device ('' = gone).
 --
@@ -28,26 +26,26 @@
 --#include _command.lua
 local FIRST, MAX_LAG_MS = 4, 1000
 
-local g, pos = {}, 6
+local g, pos = {}, 4
 for i = FIRST, #ARGV do
   if ARGV[i] ~= '' then
     g[#g + 1] = ck(pos)
-    pos = pos + 4
+    pos = pos + 5
   else
-    g[#g + 1] = {cmd = KEYS[pos], log = KEYS[pos + 1]}
-    pos = pos + 2
+    g[#g + 1] = {cmd = KEYS[pos], log = KEYS[pos + 1], timers = KEYS[pos + 2]}
+    pos = pos + 3
   end
 end
 if #ARGV < FIRST - 1 or pos ~= #KEYS + 1 then
   return redis.error_reply('ERR rollout_step: KEYS and ARGV do not match')
 end
 local rid = ARGV[3]
-local rk = KEYS[2]
+local rk = KEYS[1]
 local r = {}
 local a = redis.call('HGETALL', rk)
 for i = 1, #a, 2 do r[a[i]] = a[i + 1] end
-if r.status ~= 'running' then redis.call('ZREM', KEYS[4], rid); return {0} end
-local ids = redis.call('LRANGE', KEYS[3], 0, -1)
+if r.status ~= 'running' then redis.call('ZREM', KEYS[3], rid); return {0} end
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 if #ids ~= #g then
   return redis.error_reply("ERR rollout_step: not the rollout's commands")
 end
@@ -71,9 +69,9 @@ if finished >= tonumber(r.min_finished) and finished > 0 and
     end
   end
   redis.call('HSET', rk, 'status', 'aborted', 'updated_at', now)
-  redis.call('ZREM', KEYS[4], rid)
+  redis.call('ZREM', KEYS[3], rid)
   redis.call('EXPIRE', rk, FINAL_TTL_S)
-  redis.call('EXPIRE', KEYS[3], FINAL_TTL_S)
+  redis.call('EXPIRE', KEYS[2], FINAL_TTL_S)
   return {2}
 end
 -- The rate: release_clock advances by 60000/max_per_minute per release and
@@ -91,8 +89,8 @@ for i = released + 1, upto do
   if c and c.status == 'queued' then
     local exp = now + tonumber(c.ttl_s) * 1000
     redis.call('HSET', g[i].cmd, 'held', 0, 'expires_at', exp, 'released_at', now)
-    redis.call('ZADD', g[i].cmds, redis.call('INCR', KEYS[5]), c.id)
-    redis.call('ZADD', K_TIMERS, exp, c.id)
+    redis.call('ZADD', g[i].cmds, nextseq(g[i]), c.id)
+    redis.call('ZADD', g[i].timers, exp, c.id)
     local d = redis.call('HMGET', g[i].dev, 'instance', 'online')
     out[#out + 1] = c.id
     out[#out + 1] = c.device
@@ -111,9 +109,9 @@ if upto == #ids and open == 0 then
   end
   if done then
     redis.call('HSET', rk, 'status', 'completed', 'updated_at', now)
-    redis.call('ZREM', KEYS[4], rid)
+    redis.call('ZREM', KEYS[3], rid)
     redis.call('EXPIRE', rk, FINAL_TTL_S)
-    redis.call('EXPIRE', KEYS[3], FINAL_TTL_S)
+    redis.call('EXPIRE', KEYS[2], FINAL_TTL_S)
   end
 end
 return out

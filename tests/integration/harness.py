@@ -183,9 +183,102 @@ def pid_alive(pid):
 # of hub/keys.h so that a test catches a change of the layout: every
 # user-chosen name in a key is wrapped in braces.
 
-class rkeys:
+def crc16(data):
+    """CRC16/XMODEM, as Redis Cluster hashes keys."""
+    c = 0
+    for x in data:
+        c ^= x << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) & 0xffff if c & 0x8000 else (c << 1) & 0xffff
+    return c
+
+
+def key_slot(key):
+    """The Redis Cluster slot of key (hash tags included)."""
+    b = key.encode()
+    o = b.find(b"{")
+    if o >= 0:
+        e = b.find(b"}", o + 1)
+        if e > o + 1:
+            b = b[o + 1:e]
+    return crc16(b) % 16384
+
+
+_slot_tags = {}
+
+
+def slot_tag(slot):
+    """Key layout 3: the smallest decimal number whose digits hash to slot."""
+    if not _slot_tags:
+        n = 0
+        while len(_slot_tags) < 16384:
+            _slot_tags.setdefault(crc16(str(n).encode()) % 16384, str(n))
+            n += 1
+    return _slot_tags[slot]
+
+
+def index_device(r, device, device_type=None):
+    """Puts device in the layout-3 indexes by hand (a test that seeds the
+    registry without a hub): its slot's device index, its type's, and the
+    slot directory."""
+    slot = crc16(device.encode()) % 16384
+    r.cmd("SADD", rkeys.devices(device), device)
+    if device_type:
+        r.cmd("SADD", rkeys.type_of(device_type, device), device)
+    r.cmd("SETBIT", rkeys.SLOTS, slot, 1)
+
+
+class rkeys2:
+    """Layout-2 names (tools/migrate-layout's target; the hub migrates them)."""
     LAYOUT = "iot:layout"
     VERSION = "2"
+
+    @staticmethod
+    def type(device_type):
+        return "iot:type:{%s}" % device_type
+
+    @staticmethod
+    def idem(owner, idempotency_key):
+        return "iot:idem:{%s}:%s" % (owner, idempotency_key)
+
+
+class rkeys:
+    LAYOUT = "iot:{hub}:layout"
+    VERSION = "3"
+    LEASES = "iot:{hub}:leases"
+    EPOCH = "iot:{hub}:epoch"
+    ACTIVE = "iot:{hub}:rollouts"
+    SLOTS = "iot:{hub}:slots"
+
+    @staticmethod
+    def devices(device):
+        """The slot-local index that holds device."""
+        return "iot:idx:{%s}:devices" % slot_tag(crc16(device.encode()) % 16384)
+
+    @staticmethod
+    def type_of(device_type, device):
+        """The slot-local type index that holds device."""
+        return "iot:idx:{%s}:type:%s" % (slot_tag(crc16(device.encode()) % 16384), device_type)
+
+    @staticmethod
+    def timers(cid):
+        return "iot:idx:{%s}:timers" % slot_tag(crc16(cid.encode()) % 16384)
+
+    @staticmethod
+    def cmd(cid):
+        return "iot:cmd:{%s}" % cid
+
+    @staticmethod
+    def cmd_log(cid):
+        return "iot:cmd:{%s}:log" % cid
+
+    @staticmethod
+    def rollout(rid):
+        return "iot:rollout:{%s}" % rid
+
+    @staticmethod
+    def rollout_cmds(rid):
+        return "iot:rollout:{%s}:cmds" % rid
 
     @staticmethod
     def dev(device):
@@ -240,12 +333,8 @@ class rkeys:
         return "iot:gw:{%s}:epoch" % gateway
 
     @staticmethod
-    def type(device_type):
-        return "iot:type:{%s}" % device_type
-
-    @staticmethod
-    def idem(owner, idempotency_key):
-        return "iot:idem:{%s}:%s" % (owner, idempotency_key)
+    def idem(device, owner, idempotency_key):
+        return "iot:idem:{%s}:{%s}:%s" % (device, owner, idempotency_key)
 
 
 # --------------------------------------------------------------------------
@@ -674,6 +763,9 @@ def clean_env(extra=None):
     """The test's environment without any IOT_HUB_* variable, plus extra."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_HUB_")}
     env.setdefault("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1")
+    if os.environ.get("HUB_TEST_PER_SLOT") == "1":
+        # the hub takes its per-slot paths (those of a Redis Cluster) on one Redis
+        env["IOT_HUB_TEST_PER_SLOT"] = "1"
     if extra:
         env.update(extra)
     return env

@@ -54,7 +54,7 @@ class Announce(HubTestCase):
         self.assertIn("last_seen", h, h)
         ls = int(h["last_seen"])
         self.assertTrue(t0 - 1000 <= ls <= t1 + 1000, "last_seen %d not in [%d, %d]" % (ls, t0, t1))
-        self.assertEqual(self.redis.cmd("SISMEMBER", "iot:devices", d), 1, "device not in iot:devices")
+        self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.devices(d), d), 1, "device not in its index")
 
     async def test_several_types_and_no_labels(self):
         ds = [(self.dev(), "thermostat"), (self.dev(), "power-meter"), (self.dev(), "door-sensor")]
@@ -93,7 +93,7 @@ class Announce(HubTestCase):
             x: "unauthorized_device", "xt-1": "unauthorized_device",
             "e-10": "unauthorized_device", "T-1": "unauthorized_device"}, rep)
         self.assertEqual(self.redis.cmd("EXISTS", rkeys.dev(x)), 0)
-        self.assertEqual(self.redis.cmd("SISMEMBER", "iot:devices", x), 0)
+        self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.devices(x), x), 0)
 
     async def test_star_pattern_allows_all(self):
         gw = await self.gateway(self.hub, devices=["*"])
@@ -197,7 +197,7 @@ class Announce(HubTestCase):
         self.wait_online(d2, "0")
         h = self.redis.hgetall(rkeys.dev(d1))
         self.assertEqual(h.get("type"), "thermostat", "registry entry kept after disconnect: %r" % h)
-        self.assertEqual(self.redis.cmd("SISMEMBER", "iot:devices", d1), 1)
+        self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.devices(d1), d1), 1)
         self.assertGreaterEqual(int(h.get("last_seen", 0)), t0 - 5000, h)
 
     async def test_online_again_after_reconnect(self):

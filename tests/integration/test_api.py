@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HubTestCase, Resp, api_keys_file, http_get, main, now_ms, reading, rkeys,  # noqa: E402
-                     uniq)
+                     uniq, index_device)
 
 KEYS = {"reader": ("iotk_api_reader_0001", ["telemetry:read"], None),
         "writer": ("iotk_api_writer_0002", ["commands:write"], None),
@@ -85,10 +85,9 @@ class DevicesAndHistory(APIBase):
             r.cmd("HSET", rkeys.dev(d), "type", typ, "labels", json.dumps(labels, sort_keys=True),
                   "gateway", gw, "conn", "x:1", "instance", "x", "online", "1" if online else "0",
                   "last_seen", seen, "announced_at", seen)
-            r.cmd("SADD", "iot:devices", d)
-            r.cmd("SADD", rkeys.type(typ), d)
+            index_device(r, d, typ)
         # a member without a hash (e.g. deleted by hand) is not listed
-        r.cmd("SADD", "iot:devices", "ghost-1")
+        index_device(r, "ghost-1")
         # history of a-1: 30 readings 1 s apart (stream id = arrival = ts + 50 ms)
         cls.t0 = now_ms() - 60000
         cls.history = []
@@ -453,7 +452,7 @@ class BigExport(APIBase):
         cls.device = "big-1"
         r = cls.redis
         r.cmd("HSET", rkeys.dev("big-1"), "type", "thermostat", "labels", "{}", "online", "0")
-        r.cmd("SADD", "iot:devices", "big-1")
+        index_device(r, "big-1")
         cls.t0 = now_ms() - 2 * cls.ROWS
         c = Resp(r.port, timeout=60)
         try:

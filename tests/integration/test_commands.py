@@ -129,7 +129,7 @@ class CommandCase(HubTestCase):
 
     async def wait_log(self, cid, n, what):
         """Waits (5 s) until the command's history log in Redis has n entries."""
-        await self.poll(lambda: len(self.redis.cmd("LRANGE", "iot:cmd:%s:log" % cid, 0, -1)) >= n, 5, what)
+        await self.poll(lambda: len(self.redis.cmd("LRANGE", rkeys.cmd_log(cid), 0, -1)) >= n, 5, what)
 
     async def ack(self, gw, cid, status, **extra):
         await gw.send(dict({"type": "command_ack", "id": cid, "status": status}, **extra))
@@ -389,6 +389,12 @@ class CommandsHTTP(SharedHub):
         # keys are per API key name: another key with the same header makes a new command
         mine = await self.create(d, {"name": "reboot"}, key="writer2", headers=k)
         self.assertNotEqual(mine["id"], first["id"])
+        # keys are per device (layout 3): the same header for another device makes a new command
+        d2 = uniq("t")
+        await self.known_offline(self.hub, d2, self.redis)
+        theirs = await self.create(d2, {"name": "reboot"}, headers=k, status=201)
+        self.assertNotEqual(theirs["id"], first["id"])
+        self.assertEqual(theirs["device"], d2, theirs)
         # and another header value makes a new one
         new = await self.create(d, {"name": "reboot"}, headers={"Idempotency-Key": uniq("idem")})
         self.assertNotEqual(new["id"], first["id"])
@@ -472,7 +478,7 @@ class Lifecycle(SharedHub):
         ats = [e["at"] for e in h]
         self.assertEqual(ats, sorted(ats), "history times go forward: %s" % h)
         self.assertEqual(doc["updated_at"], ats[-1], doc)
-        self.assertEqual(self.redis.cmd("ZSCORE", "iot:cmd:timers", cid), None, "final command left a timer")
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.timers(cid), cid), None, "final command left a timer")
         # final: cancel is 409
         st, err = await self.call("POST", "/v1/commands/%s/cancel" % cid)
         self.assert_error(st, err, 409, what="cancel after succeeded")
@@ -1033,7 +1039,7 @@ class Restart(CommandCase):
         await gw.wait_for(is_cmd(c_short), 5, "c_short")
         hub1.kill()
         for c, st in ((c_sent, "sent"), (c_short, "sent"), (c_queued, "queued")):
-            self.assertEqual(redis.hgetall("iot:cmd:" + c).get("status"), st, "%s right after SIGKILL" % c)
+            self.assertEqual(redis.hgetall(rkeys.cmd(c)).get("status"), st, "%s right after SIGKILL" % c)
         await gw.wait_closed(5)
 
         hub2 = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", id2])

@@ -42,7 +42,7 @@ class Layout(HubTestCase):
         hub.stop()
         # and a hub starts again on what it wrote
         hub = self.start_hub(redis)
-        self.assertEqual(redis.cmd("SISMEMBER", "iot:devices", d), 1)
+        self.assertEqual(redis.cmd("SISMEMBER", rkeys.devices(d), d), 1)
         hub.stop()
 
     def test_layout_1_data_refused(self):
@@ -58,9 +58,9 @@ class Layout(HubTestCase):
 
     def test_other_version_refused(self):
         redis = self.start_redis()
-        redis.cmd("SET", rkeys.LAYOUT, "3")
-        self.refused(redis, r"holds key layout 3 \(iot:layout\), this hub writes layout 2")
-        self.assertEqual(redis.cmd("GET", rkeys.LAYOUT), "3")
+        redis.cmd("SET", rkeys.LAYOUT, "4")
+        self.refused(redis, r"holds key layout 4 \(iot:\{hub\}:layout\), this hub writes layout 3")
+        self.assertEqual(redis.cmd("GET", rkeys.LAYOUT), "4")
 
     async def test_refused_when_redis_comes_later(self):
         """Redis down at start-up: the hub serves (telemetry answers

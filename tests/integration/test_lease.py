@@ -107,7 +107,7 @@ class Lease(HubTestCase):
         st, doc = await self.call(b, "GET", "/v1/devices/%s" % d1)
         self.assertEqual((st, doc.get("online"), doc.get("labels")), (200, False, {"site": "s1"}), doc)
         # the lease and the dead run's device set are gone
-        self.assertEqual([m for m in self.redis.cmd("ZRANGE", "iot:leases", 0, -1) if m.startswith("hub-a:")], [])
+        self.assertEqual([m for m in self.redis.cmd("ZRANGE", rkeys.LEASES, 0, -1) if m.startswith("hub-a:")], [])
         self.assertEqual(self.redis.cmd("KEYS", "iot:inst:{hub-a}:*"), [])
 
         # a command created now waits queued: nothing is published to the
@@ -174,11 +174,11 @@ class Lease(HubTestCase):
         d = uniq("t-lg")
         await self.gw_with(a, [(d, "thermostat")])
         run = self.dev(d)["conn"].rsplit(":", 1)[0]
-        self.assertIsNotNone(self.redis.cmd("ZSCORE", "iot:leases", run))
+        self.assertIsNotNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run))
         self.assertEqual(self.redis.cmd("SMEMBERS", "iot:inst:{hub-g}:" + run.rsplit(":", 1)[1]), [d])
         a.stop()
         self.assertEqual(self.dev(d).get("online"), "0")
-        self.assertIsNone(self.redis.cmd("ZSCORE", "iot:leases", run), "lease left after SIGTERM")
+        self.assertIsNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run), "lease left after SIGTERM")
         self.assertEqual(self.redis.cmd("KEYS", "iot:inst:*"), [])
 
 

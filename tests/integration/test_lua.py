@@ -7,6 +7,7 @@ what it publishes, its reply, and the errors it returns for a call whose
 KEYS and ARGV do not match. Plus the rules every script keeps: a contract
 header, no key name built inside, registered by the hub."""
 
+import functools
 import glob
 import os
 import re
@@ -16,17 +17,37 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SOURCE_DIR, Redis, RedisError, Resp, rkeys  # noqa: E402
+from harness import SOURCE_DIR, Redis, RedisError, Resp, crc16, key_slot, rkeys  # noqa: E402
 
 LUA_DIR = os.path.join(SOURCE_DIR, "hub", "lua")
 CH_PRESENCE = "iot:live:presence"
-CH_DEVTAKE = "iot:ctl:devtake"
+CH_DEVTAKE = "iot:ctl:devtake:"
 CH_COMMANDS = "iot:live:commands"
-TIMERS = "iot:cmd:timers"
-CMD_SEQ = "iot:cmd:seq"
-LEASES = "iot:leases"
+LEASES = rkeys.LEASES
+EPOCH = rkeys.EPOCH
+LAYOUT = rkeys.LAYOUT
+ACTIVE = rkeys.ACTIVE
 RUN = "hub-a:0123456789ab"          # a run id: <instance>:<12 hex digits>
 OTHER_RUN = "hub-b:ba9876543210"
+
+# Key layout 3 promises that these scripts touch keys of one hash slot only
+# in every call (a Redis Cluster can run them): run_script checks each call.
+# The others still cross slots in some calls (docs/streams.md, "The
+# scripts", column "slots"): a cluster refuses layout 3 until none does.
+CROSS_SLOT = {
+    "store",          # ingest: the feed beside gateway and device keys
+    "announce",       # the run's online set beside the devices' keys
+    "detach",         # several devices, a run's set
+    "offline",        # the run's online set beside the devices' keys
+    "seen",           # several devices (the hub calls it per slot on a cluster)
+    "lease_release",  # iot:{hub}:leases beside the run's set
+    "reap",           # iot:{hub}: keys beside the run's set and its devices
+    "layout",         # iot:{hub}:layout beside the layout-2 names it looks for
+    "cmd_owed",       # several devices (the hub calls it per device on a cluster)
+    "cmd_devices",    # commands of several devices (a rollout's)
+    "cmd_due",        # several slots' timers: the sweep on one Redis only
+    "rollout_create", "rollout_step", "rollout_get",  # every device of a rollout
+}
 
 
 def k_limits(gw):
@@ -34,19 +55,19 @@ def k_limits(gw):
 
 
 def k_cmd(cid):
-    return "iot:cmd:%s" % cid
+    return rkeys.cmd(cid)
 
 
 def k_cmd_log(cid):
-    return "iot:cmd:%s:log" % cid
+    return rkeys.cmd_log(cid)
 
 
 def k_rollout(rid):
-    return "iot:rollout:%s" % rid
+    return rkeys.rollout(rid)
 
 
 def k_rollout_cmds(rid):
-    return "iot:rollout:%s:cmds" % rid
+    return rkeys.rollout_cmds(rid)
 
 
 def k_run(run):
@@ -54,9 +75,61 @@ def k_run(run):
     return "iot:inst:{%s}:%s" % (inst, token)
 
 
+def k_reaper(run):
+    return "iot:{hub}:reaper:%s" % run
+
+
+_CRC_TABLE = []
+for _i in range(256):
+    _c = _i << 8
+    for _ in range(8):
+        _c = ((_c << 1) ^ 0x1021) & 0xffff if _c & 0x8000 else (_c << 1) & 0xffff
+    _CRC_TABLE.append(_c)
+
+
+def _crc_more(c, data):
+    for x in data:
+        c = ((c << 8) & 0xffff) ^ _CRC_TABLE[((c >> 8) ^ x) & 0xff]
+    return c
+
+
+def fit_id(prefix28, device):
+    """A command id c_<28 hex><4 hex> in device's slot, as hub_slot_fit_id
+    draws it (the last 4 hex digits chosen): its keys iot:cmd:{<id>} share
+    the device's slot. None when no 4 digits do (about 2% of prefixes)."""
+    want = crc16(device.encode()) % 16384
+    head = ("c_" + prefix28).encode()
+    assert len(head) == 30, head
+    c0 = _crc_more(0, head)
+    for n in range(65536):
+        tail = b"%04x" % n
+        if _crc_more(c0, tail) % 16384 == want:
+            return (head + tail).decode()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cid(device, n, salt="0"):
+    """The n-th test command id of device (in its slot)."""
+    for i in range(16):
+        c = fit_id("%06d" % n + salt * 21 + "%x" % i, device)
+        if c:
+            return c
+    raise AssertionError("no id in %s's slot" % device)
+
+
 def group(cid, dev):
-    """A command's KEYS group (hub/lua/_command.lua)."""
-    return [k_cmd(cid), k_cmd_log(cid)] + ([rkeys.dev(dev), rkeys.cmds(dev)] if dev else [])
+    """A command's KEYS group (hub/lua/_command.lua): the command, its
+    history, its slot's timers, then its device's hash and queue."""
+    return [k_cmd(cid), k_cmd_log(cid), rkeys.timers(cid)] + ([rkeys.dev(dev), rkeys.cmds(dev)] if dev else [])
+
+
+def members(keyfn, devices):
+    """The union of the slot-local index sets keyfn(device) of devices."""
+    out = set()
+    for k in {keyfn(d) for d in devices}:
+        out |= set(Lua.redis.cmd("SMEMBERS", k))
+    return sorted(out)
 
 
 def script_text(name):
@@ -142,6 +215,9 @@ class Lua(unittest.TestCase):
         self.r.cmd("FLUSHALL")
 
     def run_script(self, name, keys, argv):
+        slots = {key_slot(k) for k in keys}
+        if name not in CROSS_SLOT:
+            self.assertLessEqual(len(slots), 1, "%s crosses slots: %s" % (name, keys))
         return self.r.cmd("EVAL", script_text(name), len(keys), *keys, *argv)
 
     def assert_refused(self, name, keys, argv, message):
@@ -293,10 +369,10 @@ class Lua(unittest.TestCase):
 
     def announce(self, conn, devices, mode="", run=None, gw="g1", inst="hub-a"):
         run = run or conn.rsplit(":", 1)[0]
-        keys = ["iot:devices", k_run(run)]
+        keys = [k_run(run)]
         argv = [gw, conn, run, inst, 1000, mode, CH_PRESENCE, CH_DEVTAKE]
         for d, t, labels in devices:
-            keys += [rkeys.dev(d), rkeys.type(t)]
+            keys += [rkeys.dev(d), rkeys.type_of(t, d), rkeys.devices(d)]
             argv += [d, t, labels]
         return self.run_script("announce", keys, argv)
 
@@ -310,8 +386,11 @@ class Lua(unittest.TestCase):
         self.assertEqual((h["conn"], h["online"], h["gateway"], h["instance"], h["type"]),
                          (c1, "1", "g1", "hub-a", "thermostat"))
         self.assertEqual(sorted(self.r.cmd("SMEMBERS", k_run(RUN))), ["d1", "d2"])
-        self.assertEqual(sorted(self.r.cmd("SMEMBERS", "iot:devices")), ["d1", "d2"])
-        self.assertEqual(sorted(self.r.cmd("SMEMBERS", rkeys.type("thermostat"))), ["d1", "d2"])
+        # each device in its own slot's indexes
+        for d in ("d1", "d2"):
+            self.assertEqual(self.r.cmd("SISMEMBER", rkeys.devices(d), d), 1, d)
+            self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("thermostat", d), d), 1, d)
+        self.assertEqual(members(rkeys.devices, ["d1", "d2"]), ["d1", "d2"])
         msgs = sub.messages()
         self.assertEqual(len(msgs), 1)
         self.assertEqual(msgs[0][0], CH_PRESENCE)
@@ -324,6 +403,7 @@ class Lua(unittest.TestCase):
         c2 = OTHER_RUN + ":5"
         out = self.announce(c2, [("d1", "power-meter", "{}")], inst="hub-b")
         self.assertEqual(out, [["0"], ["d1", "thermostat", c1]])
+        self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("power-meter", "d1"), "d1"), 1)
         msgs = dict(sub.messages())
         self.assertEqual(msgs.get(CH_DEVTAKE), "d1 %s\n" % c2)
         self.assertIn("power-meter", msgs.get(CH_PRESENCE, ""))
@@ -335,25 +415,26 @@ class Lua(unittest.TestCase):
 
     def test_announce_refuses_a_malformed_call(self):
         msg = "announce: KEYS and ARGV do not match"
-        keys = ["iot:devices", k_run(RUN), rkeys.dev("d1")]
+        keys = [k_run(RUN), rkeys.dev("d1"), rkeys.type_of("thermostat", "d1")]
         argv = ["g1", RUN + ":1", RUN, "hub-a", 1000, "", CH_PRESENCE, CH_DEVTAKE,
                 "d1", "thermostat", "{}"]
         self.assert_refused("announce", keys, argv, msg)
-        self.assert_refused("announce", keys + [rkeys.type("thermostat")], argv[:-1], msg)
+        self.assert_refused("announce", keys + [rkeys.devices("d1")], argv[:-1], msg)
 
     def test_detach(self):
         self.r.cmd("HSET", rkeys.dev("d1"), "type", "power-meter", "conn", RUN + ":2")
-        self.r.cmd("SADD", rkeys.type("thermostat"), "d1")
-        self.r.cmd("SADD", rkeys.type("power-meter"), "d1")
+        self.r.cmd("SADD", rkeys.type_of("thermostat", "d1"), "d1")
+        self.r.cmd("SADD", rkeys.type_of("power-meter", "d1"), "d1")
         self.r.cmd("SADD", k_run(RUN), "d1")
         self.r.cmd("SADD", k_run(OTHER_RUN), "d1")
-        keys = [rkeys.dev("d1"), rkeys.type("thermostat"), rkeys.dev("d1"), rkeys.type("power-meter"),
+        keys = [rkeys.dev("d1"), rkeys.type_of("thermostat", "d1"),
+                rkeys.dev("d1"), rkeys.type_of("power-meter", "d1"),
                 rkeys.dev("d1"), k_run(OTHER_RUN), rkeys.dev("d1"), k_run(RUN)]
         argv = ["d1", "type", "thermostat", "d1", "type", "power-meter",
                 "d1", "run", OTHER_RUN, "d1", "run", RUN]
         self.assertEqual(self.run_script("detach", keys, argv), 2)
-        self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type("thermostat"), "d1"), 0)
-        self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type("power-meter"), "d1"), 1)
+        self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("thermostat", "d1"), "d1"), 0)
+        self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("power-meter", "d1"), "d1"), 1)
         self.assertEqual(self.r.cmd("SISMEMBER", k_run(OTHER_RUN), "d1"), 0)
         self.assertEqual(self.r.cmd("SISMEMBER", k_run(RUN), "d1"), 1)
         self.assert_refused("detach", keys[:2], argv[:3] + ["x"], "detach: KEYS and ARGV do not match")
@@ -394,22 +475,22 @@ class Lua(unittest.TestCase):
     # ---- leases ------------------------------------------------------------------
 
     def renew(self, run, first="0", ttl=10000):
-        return self.run_script("lease_renew", [LEASES, "iot:epoch", "iot:layout"],
-                               [run.rsplit(":", 1)[0], run, ttl, first, "cafe", "2"])
+        return self.run_script("lease_renew", [LEASES, EPOCH, LAYOUT],
+                               [run.rsplit(":", 1)[0], run, ttl, first, "cafe", rkeys.VERSION])
 
     def test_lease_renew(self):
         self.r.cmd("ZADD", LEASES, 5, "hub-a:00000000000a", 5, "hub-c:00000000000c")
         out = self.renew(RUN, first="1")
         self.assertEqual(out[:4], ["cafe", 0, 0, 2])
         self.assertEqual(out[4], ["hub-a:00000000000a", "hub-c:00000000000c"])
-        self.assertEqual(self.r.cmd("GET", "iot:layout"), "2")
+        self.assertEqual(self.r.cmd("GET", LAYOUT), rkeys.VERSION)
         # The restarted instance's earlier run ended now (score 0).
         self.assertEqual(self.r.cmd("ZSCORE", LEASES, "hub-a:00000000000a"), "0")
         self.assertGreater(float(self.r.cmd("ZSCORE", LEASES, RUN)), time.time() * 1000)
-        self.r.cmd("SET", "iot:epoch", "beef")
+        self.r.cmd("SET", EPOCH, "beef")
         self.assertEqual(self.renew(RUN)[:3], ["beef", 1, 0])
-        self.assert_refused("lease_renew", [LEASES, "iot:epoch", "iot:layout"],
-                            ["hub-a", RUN, "x", "0", "c", "2"], "lease_renew: bad arguments")
+        self.assert_refused("lease_renew", [LEASES, EPOCH, LAYOUT],
+                            ["hub-a", RUN, "x", "0", "c", rkeys.VERSION], "lease_renew: bad arguments")
 
     def test_lease_release(self):
         self.renew(RUN)
@@ -421,7 +502,7 @@ class Lua(unittest.TestCase):
         self.assertEqual(self.r.cmd("ZSCORE", LEASES, RUN), "0")
 
     def reap(self, devices, me=OTHER_RUN, dead=RUN):
-        keys = [LEASES, k_run(dead) + ":reaper", k_run(dead)] + [rkeys.dev(d) for d in devices]
+        keys = [LEASES, k_reaper(dead), k_run(dead)] + [rkeys.dev(d) for d in devices]
         return self.run_script("reap", keys, [me, dead, 5000, CH_PRESENCE] + list(devices))
 
     def test_reap(self):
@@ -433,21 +514,21 @@ class Lua(unittest.TestCase):
         self.renew(RUN)
         self.assertEqual(self.reap(["d1"]), [0, "live"])
         self.r.cmd("ZADD", LEASES, 0, RUN)
-        self.r.cmd("SET", k_run(RUN) + ":reaper", "hub-z:000000000000")
+        self.r.cmd("SET", k_reaper(RUN), "hub-z:000000000000")
         self.assertEqual(self.reap(["d1"]), [0, "claimed"])
-        self.r.cmd("DEL", k_run(RUN) + ":reaper")
+        self.r.cmd("DEL", k_reaper(RUN))
         self.assertEqual(self.reap(["d1"], me=RUN), [0, "self"])
         self.assertEqual(self.reap(["d1", "d2"]), [1, RUN, 1, 1])
         self.assertEqual(self.r.cmd("HGET", rkeys.dev("d1"), "online"), "0")
         self.assertEqual(self.r.cmd("HMGET", rkeys.dev("d2"), "online", "conn"),
                          ["1", OTHER_RUN + ":1"])
-        self.assertEqual(self.r.cmd("GET", k_run(RUN) + ":reaper"), OTHER_RUN)
+        self.assertEqual(self.r.cmd("GET", k_reaper(RUN)), OTHER_RUN)
         msgs = sub.messages()
         self.assertEqual(len(msgs), 1)
         self.assertIn('"device":"d1","online":false', msgs[0][1])
         self.assertEqual(self.reap(["d3"]), [1, RUN, 1, 0])
         self.assertIsNone(self.r.cmd("ZSCORE", LEASES, RUN))
-        self.assertEqual(self.r.cmd("EXISTS", k_run(RUN) + ":reaper", k_run(RUN)), 0)
+        self.assertEqual(self.r.cmd("EXISTS", k_reaper(RUN), k_run(RUN)), 0)
         self.assert_refused("reap", [LEASES, "x", "y"], [OTHER_RUN, RUN, 1, CH_PRESENCE, "d1"],
                             "reap: KEYS and ARGV do not match")
 
@@ -462,13 +543,26 @@ class Lua(unittest.TestCase):
             self.run_script("agg_publish", ["iot:agg:partials"], ["iot:live:agg", "x-y-z", "{}"])
 
     def test_layout(self):
-        keys = ["iot:layout", "iot:devices", CMD_SEQ]
-        self.assertEqual(self.run_script("layout", keys, ["2"]), [1, "2"])
-        self.assertEqual(self.run_script("layout", keys, ["3"]), [0, "2"])
+        keys = [LAYOUT, "iot:layout", "iot:devices", "iot:cmd:seq"]
+        # An empty Redis: ours, with the layout-2 key as a tombstone.
+        self.assertEqual(self.run_script("layout", keys, ["3"]), [1, "3"])
+        self.assertEqual((self.r.cmd("GET", LAYOUT), self.r.cmd("GET", "iot:layout")), ("3", "3"))
+        self.assertEqual(self.run_script("layout", keys, ["4"]), [0, "3"])
+        # Layout 1 (hub data, no layout key): refused, nothing written.
         self.r.cmd("FLUSHALL")
-        self.r.cmd("SET", CMD_SEQ, 1)
-        self.assertEqual(self.run_script("layout", keys, ["2"]), [0, ""])
-        self.assertIsNone(self.r.cmd("GET", "iot:layout"))
+        self.r.cmd("SET", "iot:cmd:seq", 1)
+        self.assertEqual(self.run_script("layout", keys, ["3"]), [0, ""])
+        self.assertIsNone(self.r.cmd("GET", LAYOUT))
+        # Layout 2 (the hub migrates it at start, before the gate): refused.
+        self.r.cmd("FLUSHALL")
+        self.r.cmd("SET", "iot:layout", "2")
+        self.r.cmd("SADD", "iot:devices", "d1")
+        self.assertEqual(self.run_script("layout", keys, ["3"]), [0, "2"])
+        self.assertIsNone(self.r.cmd("GET", LAYOUT))
+        # Migrated: both keys say 3.
+        self.r.cmd("SET", LAYOUT, "3")
+        self.r.cmd("SET", "iot:layout", "3")
+        self.assertEqual(self.run_script("layout", keys, ["3"]), [1, "3"])
 
     # ---- commands ----------------------------------------------------------------------
 
@@ -476,9 +570,9 @@ class Lua(unittest.TestCase):
         return int(time.time() * 1000)
 
     def create(self, cid, dev, idem=None, owner="ops", ttl=60, attempts=3, now=None):
-        keys = [TIMERS] + group(cid, dev) + [rkeys.cmdlog(dev), CMD_SEQ]
+        keys = group(cid, dev) + [rkeys.cmdlog(dev)]
         if idem:
-            keys.append(rkeys.idem(owner, idem))
+            keys.append(rkeys.idem(dev, owner, idem))
         argv = [now or self.now(), CH_COMMANDS, cid, dev, "thermostat", "reboot", "{}",
                 10, 60, ttl, attempts, owner, ""]
         return self.run_script("cmd_create", keys, argv)
@@ -488,152 +582,200 @@ class Lua(unittest.TestCase):
                    "conn", conn, "instance", inst, "online", online)
 
     def send(self, cid, dev, conn="c1"):
-        return self.run_script("cmd_send", [TIMERS] + group(cid, dev),
+        return self.run_script("cmd_send", group(cid, dev),
                                [self.now(), CH_COMMANDS, cid, conn, dev])
 
     def ack(self, cid, dev, status, conn="c1", err=""):
-        return self.run_script("cmd_ack", [TIMERS] + group(cid, dev),
+        return self.run_script("cmd_ack", group(cid, dev),
                                [self.now(), CH_COMMANDS, cid, conn, status, "", "", "", err, dev or ""])
 
+    def test_ids_are_in_their_device_slot(self):
+        for d in ("d1", "kc-1:cmds", "x" * 128):
+            c = cid(d, 7)
+            self.assertRegex(c, r"^c_[0-9a-f]{32}$")
+            slots = {key_slot(k) for k in group(c, d) + [rkeys.cmdlog(d), rkeys.cancels(d),
+                                                           rkeys.idem(d, "ops", "k")]}
+            self.assertEqual(slots, {crc16(d.encode()) % 16384}, d)
+
     def test_cmd_create(self):
-        self.assertEqual(self.create("c_1", "nobody"), [-1])
+        self.assertEqual(self.create(cid("nobody", 1), "nobody"), [-1])
         self.register("d1")
+        self.register("d2")
+        c1, c2 = cid("d1", 1), cid("d1", 2)
         sub = self.subscribe(CH_COMMANDS)
-        out = self.create("c_1", "d1", idem="k1")
-        self.assertEqual((out[0], out[1], out[3], out[4]), (1, "c_1", "hub-a", "1"))
-        self.assertEqual(self.r.cmd("HMGET", k_cmd("c_1"), "status", "device", "owner"),
+        out = self.create(c1, "d1", idem="k1")
+        self.assertEqual((out[0], out[1], out[3], out[4]), (1, c1, "hub-a", "1"))
+        self.assertEqual(self.r.cmd("HMGET", k_cmd(c1), "status", "device", "owner"),
                          ["queued", "d1", "ops"])
-        self.assertEqual(self.r.cmd("ZRANGE", rkeys.cmds("d1"), 0, -1), ["c_1"])
-        self.assertEqual(self.r.cmd("ZRANGE", rkeys.cmdlog("d1"), 0, -1), ["c_1"])
-        self.assertEqual(self.r.cmd("ZSCORE", TIMERS, "c_1"), str(out[2]))
-        self.assertEqual(len(self.r.cmd("LRANGE", k_cmd_log("c_1"), 0, -1)), 1)
+        self.assertEqual(self.r.cmd("ZRANGE", rkeys.cmds("d1"), 0, -1), [c1])
+        self.assertEqual(self.r.cmd("ZRANGE", rkeys.cmdlog("d1"), 0, -1), [c1])
+        self.assertEqual(self.r.cmd("ZSCORE", rkeys.timers(c1), c1), str(out[2]))
+        self.assertEqual(self.r.cmd("HGET", rkeys.dev("d1"), "cmd_seq"), "1")
+        self.assertEqual(len(self.r.cmd("LRANGE", k_cmd_log(c1), 0, -1)), 1)
         self.assertIn('"status":"queued"', sub.messages()[0][1])
         # The same Idempotency-Key: the first command, nothing new.
-        self.assertEqual(self.create("c_2", "d1", idem="k1"), [0, "c_1"])
-        self.assertEqual(self.r.cmd("EXISTS", k_cmd("c_2")), 0)
-        self.assert_refused("cmd_create", [TIMERS] + group("c_3", "d1"),
-                            [1, CH_COMMANDS, "c_3"], "cmd_create: bad arguments")
+        self.assertEqual(self.create(c2, "d1", idem="k1"), [0, c1])
+        self.assertEqual(self.r.cmd("EXISTS", k_cmd(c2)), 0)
+        # The same key for another device: scoped per device, a new command.
+        o = cid("d2", 1)
+        self.assertEqual(self.create(o, "d2", idem="k1")[:2], [1, o])
+        self.assertEqual(self.r.cmd("GET", rkeys.idem("d2", "ops", "k1")), o)
+        # The device's seq numbers its queue, from its log's top when absent
+        # (a device of layout 2, whose seqs came from one global counter).
+        self.r.cmd("HDEL", rkeys.dev("d1"), "cmd_seq")
+        self.r.cmd("ZADD", rkeys.cmdlog("d1"), 41, "c_old")
+        self.create(c2, "d1")
+        self.assertEqual(self.r.cmd("ZSCORE", rkeys.cmds("d1"), c2), "42")
+        self.assert_refused("cmd_create", group(cid("d1", 3), "d1"),
+                            [1, CH_COMMANDS, cid("d1", 3)], "cmd_create: bad arguments")
 
     def test_cmd_send_and_ack(self):
         self.register("d1")
-        self.create("c_1", "d1")
-        self.assertEqual(self.send("c_1", "d1", conn="c2"), [0, "not_owner"])
-        self.assertEqual(self.send("c_1", "other"), [0, "unknown"])
-        out = self.send("c_1", "d1")
+        c1 = cid("d1", 1)
+        self.create(c1, "d1")
+        self.assertEqual(self.send(c1, "d1", conn="c2"), [0, "not_owner"])
+        self.r.cmd("HSET", rkeys.dev("other"), "conn", "c1", "online", "1")
+        self.assertEqual(self.run_script("cmd_send", [k_cmd(c1), k_cmd_log(c1), rkeys.timers(c1),
+                                                      rkeys.dev("d1"), rkeys.cmds("d1")],
+                                         [self.now(), CH_COMMANDS, c1, "c1", "other"]), [0, "unknown"])
+        out = self.send(c1, "d1")
         self.assertEqual(out[:5], [1, "d1", "reboot", "{}", 1])
-        self.assertEqual(self.send("c_1", "d1"), [0, "not_due"])
-        self.assertEqual(self.r.cmd("HMGET", k_cmd("c_1"), "status", "sent_conn"), ["sent", "c1"])
-        self.assertEqual(self.ack("c_1", "d1", "received", conn="c2"), [-1])
-        self.assertEqual(self.ack("c_1", None, "received"), [-1])
-        self.assertEqual(self.ack("c_1", "d1", "received"), [1, "received"])
-        self.assertEqual(self.ack("c_1", "d1", "received"), [0, "received"])
-        self.assertEqual(self.r.cmd("HGET", k_cmd("c_1"), "ignored_acks"), "1")
-        self.assertEqual(self.ack("c_1", "d1", "failed", err="boom"), [1, "failed"])
-        self.assertEqual(self.r.cmd("HMGET", k_cmd("c_1"), "status", "error"), ["failed", "boom"])
-        self.assertIsNone(self.r.cmd("ZSCORE", TIMERS, "c_1"))
+        self.assertEqual(self.send(c1, "d1"), [0, "not_due"])
+        self.assertEqual(self.r.cmd("HMGET", k_cmd(c1), "status", "sent_conn"), ["sent", "c1"])
+        self.assertEqual(self.ack(c1, "d1", "received", conn="c2"), [-1])
+        self.assertEqual(self.ack(c1, None, "received"), [-1])
+        self.assertEqual(self.ack(c1, "d1", "received"), [1, "received"])
+        self.assertEqual(self.ack(c1, "d1", "received"), [0, "received"])
+        self.assertEqual(self.r.cmd("HGET", k_cmd(c1), "ignored_acks"), "1")
+        self.assertEqual(self.ack(c1, "d1", "failed", err="boom"), [1, "failed"])
+        self.assertEqual(self.r.cmd("HMGET", k_cmd(c1), "status", "error"), ["failed", "boom"])
+        self.assertIsNone(self.r.cmd("ZSCORE", rkeys.timers(c1), c1))
         self.assertEqual(self.r.cmd("ZCARD", rkeys.cmds("d1")), 0)
-        self.assertGreater(self.r.cmd("TTL", k_cmd("c_1")), 0)
-        self.assert_refused("cmd_ack", [TIMERS] + group("c_1", "d1"), [1, CH_COMMANDS, "c_1"],
+        self.assertGreater(self.r.cmd("TTL", k_cmd(c1)), 0)
+        self.assert_refused("cmd_ack", group(c1, "d1"), [1, CH_COMMANDS, c1],
                             "cmd_ack: bad arguments")
-        self.assert_refused("cmd_send", [TIMERS], [1, CH_COMMANDS, "c_1", "c1", "d1"],
+        self.assert_refused("cmd_send", [rkeys.timers(c1)], [1, CH_COMMANDS, c1, "c1", "d1"],
                             "cmd_send: bad arguments")
 
     def cancel(self, cid, dev):
-        keys = [TIMERS] + group(cid, dev) + ([rkeys.cancels(dev)] if dev else [])
+        keys = group(cid, dev) + ([rkeys.cancels(dev)] if dev else [])
         return self.run_script("cmd_cancel", keys, [self.now(), CH_COMMANDS, cid, dev or ""])
 
     def test_cmd_cancel(self):
         self.register("d1")
-        self.create("c_1", "d1")
-        self.create("c_2", "d1")
-        self.send("c_2", "d1")
-        self.assertEqual(self.cancel("c_1", "d1"), [1, "queued", "d1"])
-        self.assertEqual(self.cancel("c_2", "d1"), [1, "sent", "d1"])
-        self.assertEqual(self.r.cmd("SMEMBERS", rkeys.cancels("d1")), ["c_2"])
-        self.assertEqual(self.cancel("c_1", "d1"), [0, "canceled"])
-        self.assertEqual(self.cancel("c_9", None), [-1])
-        self.assert_refused("cmd_cancel", [TIMERS] + group("c_1", "d1"),
-                            [1, CH_COMMANDS, "c_1", "d1"], "cmd_cancel: bad arguments")
+        c1, c2 = cid("d1", 1), cid("d1", 2)
+        self.create(c1, "d1")
+        self.create(c2, "d1")
+        self.send(c2, "d1")
+        self.assertEqual(self.cancel(c1, "d1"), [1, "queued", "d1"])
+        self.assertEqual(self.cancel(c2, "d1"), [1, "sent", "d1"])
+        self.assertEqual(self.r.cmd("SMEMBERS", rkeys.cancels("d1")), [c2])
+        self.assertEqual(self.cancel(c1, "d1"), [0, "canceled"])
+        self.assertEqual(self.cancel(cid("d9", 9), None), [-1])
+        self.assert_refused("cmd_cancel", group(c1, "d1"),
+                            [1, CH_COMMANDS, c1, "d1"], "cmd_cancel: bad arguments")
 
     def test_cmd_tick(self):
         self.register("d1")
         t0 = self.now()
-        self.create("c_1", "d1", ttl=1, now=t0 - 5000)
-        self.r.cmd("ZADD", TIMERS, 1, "c_gone")
-        out = self.run_script("cmd_tick", [TIMERS] + group("c_gone", None),
-                              [t0, CH_COMMANDS, "c_gone", ""])
+        c1, gone = cid("d1", 1), cid("d1", 99)
+        self.create(c1, "d1", ttl=1, now=t0 - 5000)
+        self.r.cmd("ZADD", rkeys.timers(gone), 1, gone)
+        out = self.run_script("cmd_tick", group(gone, None), [t0, CH_COMMANDS, gone, ""])
         self.assertEqual(out, [0, 0])
-        self.assertIsNone(self.r.cmd("ZSCORE", TIMERS, "c_gone"))
-        with self.assertRaises(RedisError):
-            self.run_script("cmd_tick", [TIMERS] + group("c_1", "d2"), [t0, CH_COMMANDS, "c_1", "d2"])
-        out = self.run_script("cmd_tick", [TIMERS] + group("c_1", "d1"), [t0, CH_COMMANDS, "c_1", "d1"])
+        self.assertIsNone(self.r.cmd("ZSCORE", rkeys.timers(gone), gone))
+        with self.assertRaises(RedisError):  # another device's keys (crosses slots: EVAL as is)
+            wrong = [k_cmd(c1), k_cmd_log(c1), rkeys.timers(c1), rkeys.dev("d2"), rkeys.cmds("d2")]
+            self.r.cmd("EVAL", script_text("cmd_tick"), 5, *wrong, t0, CH_COMMANDS, c1, "d2")
+        out = self.run_script("cmd_tick", group(c1, "d1"), [t0, CH_COMMANDS, c1, "d1"])
         self.assertEqual(out, [1, "expired"])
-        self.assertEqual(self.r.cmd("HGET", k_cmd("c_1"), "status"), "expired")
-        self.assert_refused("cmd_tick", [TIMERS], [t0, CH_COMMANDS, "c_1", "d1"], "cmd_tick: bad arguments")
+        self.assertEqual(self.r.cmd("HGET", k_cmd(c1), "status"), "expired")
+        self.assert_refused("cmd_tick", [rkeys.timers(c1)], [t0, CH_COMMANDS, c1, "d1"],
+                            "cmd_tick: bad arguments")
 
     def test_cmd_reads(self):
         self.register("d1")
-        for cid in ("c_1", "c_2", "c_3"):
-            self.create(cid, "d1")
-        self.cancel("c_2", "d1")
-        h, log = self.run_script("cmd_get", [k_cmd("c_2"), k_cmd_log("c_2")], [])
+        c1, c2, c3, gone = (cid("d1", n) for n in (1, 2, 3, 99))
+        for c in (c1, c2, c3):
+            self.create(c, "d1")
+        self.cancel(c2, "d1")
+        h, log = self.run_script("cmd_get", [k_cmd(c2), k_cmd_log(c2)], [])
         self.assertEqual(dict(zip(h[0::2], h[1::2]))["status"], "canceled")
         self.assertEqual(len(log), 2)
-        keys = [k_cmd(c) for c in ("c_3", "c_2", "c_1", "c_gone")]
+        keys = [k_cmd(c) for c in (c3, c2, c1, gone)]
         out = self.run_script("cmd_list", keys, ["", 10])
-        self.assertEqual([dict(zip(x[0::2], x[1::2]))["id"] for x in out], ["c_3", "c_2", "c_1"])
+        self.assertEqual([dict(zip(x[0::2], x[1::2]))["id"] for x in out], [c3, c2, c1])
         out = self.run_script("cmd_list", keys, ["queued", 1])
-        self.assertEqual([dict(zip(x[0::2], x[1::2]))["id"] for x in out], ["c_3"])
+        self.assertEqual([dict(zip(x[0::2], x[1::2]))["id"] for x in out], [c3])
         self.assert_refused("cmd_list", keys, ["", "many"], "cmd_list: bad arguments")
         self.r.cmd("SADD", rkeys.cancels("d1"), "c_0")
         out = self.run_script("cmd_owed", [rkeys.cancels("d1"), rkeys.cmds("d1"),
                                            rkeys.cancels("d9"), rkeys.cmds("d9")], ["d1", "d9"])
-        self.assertEqual(out, ["d1", ["c_0"], ["c_1", "c_3"]])
+        self.assertEqual(out, ["d1", ["c_0"], [c1, c3]])
         self.assert_refused("cmd_owed", [rkeys.cancels("d1")], ["d1"], "cmd_owed: KEYS and ARGV do not match")
-        self.assertEqual(self.run_script("cmd_devices", [k_cmd("c_1"), k_cmd("c_gone")], []), ["d1", None])
+        self.assertEqual(self.run_script("cmd_devices", [k_cmd(c1), k_cmd(gone)], []), ["d1", None])
+
+    def test_cmd_due(self):
+        t0 = self.now()
+        self.r.cmd("ZADD", rkeys.timers(cid("d1", 1)), t0 - 10, cid("d1", 1), t0 + 60000, cid("d1", 2))
+        self.r.cmd("ZADD", rkeys.timers(cid("d2", 1)), t0 - 20, cid("d2", 1), t0 - 5, cid("d2", 2))
+        keys = [rkeys.timers(cid("d1", 1)), rkeys.timers(cid("d2", 1)), "iot:idx:{0}:timers"]
+        # one Redis only: the sweep reads many slots' timers in one call
+        out = self.r.cmd("EVAL", script_text("cmd_due"), len(keys), *keys, t0, 256)
+        self.assertEqual(out, [cid("d1", 1), cid("d2", 1), cid("d2", 2)])
+        out = self.r.cmd("EVAL", script_text("cmd_due"), len(keys), *keys, t0, 1)
+        self.assertEqual(out, [cid("d1", 1), cid("d2", 1)])
+        self.assertEqual(self.r.cmd("ZCARD", rkeys.timers(cid("d2", 1))), 2, "read only")
+        self.assert_refused("cmd_due", keys, [t0, "many"], "cmd_due: bad arguments")
 
     # ---- rollouts ------------------------------------------------------------------------
 
     RID = "r_" + "ab" * 16
 
+    def rollout_ids(self, devices):
+        return [cid(d, i, salt="a") for i, d in enumerate(devices)]
+
     def rollout_create(self, devices, patterns="", labels="", mpm=60, ratio=0.5, min_finished=1):
         rid = self.RID
-        keys = [TIMERS, k_rollout(rid), k_rollout_cmds(rid), CMD_SEQ, "iot:rollouts:active"]
-        for i, d in enumerate(devices):
-            cid = "c_%s_%d" % (rid[2:], i + 1)
-            keys += [rkeys.dev(d), rkeys.cmdlog(d), k_cmd(cid), k_cmd_log(cid)]
+        keys = [k_rollout(rid), k_rollout_cmds(rid), ACTIVE]
         argv = [self.now(), CH_COMMANDS, rid, "thermostat", labels, patterns, "reboot", "{}",
-                10, 60, 60, 1, mpm, ratio, "ops", min_finished] + list(devices)
+                10, 60, 60, 1, mpm, ratio, "ops", min_finished]
+        for d, c in zip(devices, self.rollout_ids(devices)):
+            keys += [rkeys.dev(d), rkeys.cmdlog(d), k_cmd(c), k_cmd_log(c)]
+            argv += [d, c]
         return self.run_script("rollout_create", keys, argv)
 
     def rollout_step(self):
         rid = self.RID
         ids = self.r.cmd("LRANGE", k_rollout_cmds(rid), 0, -1)
         devs = self.run_script("cmd_devices", [k_cmd(i) for i in ids], [])
-        keys = [TIMERS, k_rollout(rid), k_rollout_cmds(rid), "iot:rollouts:active", CMD_SEQ]
+        keys = [k_rollout(rid), k_rollout_cmds(rid), ACTIVE]
         for i, d in zip(ids, devs):
             keys += group(i, d)
         return self.run_script("rollout_step", keys, [self.now(), CH_COMMANDS, rid] +
                                [d or "" for d in devs])
 
     def test_rollout(self):
-        for d, labels in (("a1", '{"site":"x"}'), ("a2", '{"site":"y"}'), ("a3", '{"site":"x"}'),
-                          ("b1", '{"site":"x"}')):
+        devices = ["a1", "a2", "a3", "b1"]
+        ids = self.rollout_ids(devices)  # drawn before the clock starts
+        for d, labels in zip(devices, ('{"site":"x"}', '{"site":"y"}', '{"site":"x"}', '{"site":"x"}')):
             self.register(d)
             self.r.cmd("HSET", rkeys.dev(d), "labels", labels)
-        n = self.rollout_create(["a1", "a2", "a3", "b1"], patterns='["a*"]', labels='{"site":"x"}')
+        n = self.rollout_create(devices, patterns='["a*"]', labels='{"site":"x"}')
         self.assertEqual(n, 2)
-        c1, c2 = "c_%s_1" % self.RID[2:], "c_%s_2" % self.RID[2:]
+        c1, c2 = ids[0], ids[2]
         self.assertEqual(self.r.cmd("LRANGE", k_rollout_cmds(self.RID), 0, -1), [c1, c2])
-        self.assertEqual(self.r.cmd("HMGET", k_cmd(c2), "device", "held"), ["a3", "1"])
+        self.assertEqual(self.r.cmd("HMGET", k_cmd(c2), "device", "held", "rollout"), ["a3", "1", self.RID])
+        self.assertEqual(self.r.cmd("EXISTS", k_cmd(ids[1]), k_cmd(ids[3])), 0)
         self.assertEqual(self.r.cmd("ZRANGE", rkeys.cmdlog("a3"), 0, -1), [c2])
-        self.assertEqual(self.r.cmd("ZRANGE", "iot:rollouts:active", 0, -1), [self.RID])
+        self.assertEqual(self.r.cmd("ZRANGE", ACTIVE, 0, -1), [self.RID])
         # 60 a minute from its creation: the first at once.
         out = self.rollout_step()
         self.assertEqual(out[:5], [1, c1, "a1", "hub-a", "1"])
         self.assertEqual(len(out), 6)
         self.assertEqual(self.r.cmd("ZRANGE", rkeys.cmds("a1"), 0, -1), [c1])
         self.assertEqual(self.r.cmd("HGET", k_cmd(c1), "held"), "0")
+        self.assertIsNotNone(self.r.cmd("ZSCORE", rkeys.timers(c1), c1))
         h, counts = self.run_script("rollout_get", [k_rollout(self.RID), k_cmd(c1), k_cmd(c2)], [])
         self.assertEqual(dict(zip(h[0::2], h[1::2]))["released"], "1")
         self.assertEqual(dict(zip(counts[0::2], counts[1::2])), {"queued": 2})
@@ -643,18 +785,18 @@ class Lua(unittest.TestCase):
         self.assertEqual(self.rollout_step(), [2])
         self.assertEqual(self.r.cmd("HGET", k_cmd(c2), "status"), "canceled")
         self.assertEqual(self.r.cmd("HGET", k_rollout(self.RID), "status"), "aborted")
-        self.assertEqual(self.r.cmd("ZCARD", "iot:rollouts:active"), 0)
+        self.assertEqual(self.r.cmd("ZCARD", ACTIVE), 0)
         self.assertEqual(self.rollout_step(), [0])
         self.assertEqual(self.run_script("rollout_get", [k_rollout("r_none")], []), [[], []])
 
     def test_rollout_refuses_a_malformed_call(self):
         self.register("a1")
-        self.assert_refused("rollout_create", [TIMERS, k_rollout(self.RID)],
+        self.assert_refused("rollout_create", [k_rollout(self.RID), k_rollout_cmds(self.RID)],
                             [1, CH_COMMANDS, self.RID] + [""] * 13 + ["a1"],
                             "rollout_create: KEYS and ARGV do not match")
         self.rollout_create(["a1"])
-        keys = [TIMERS, k_rollout(self.RID), k_rollout_cmds(self.RID), "iot:rollouts:active", CMD_SEQ]
-        self.assert_refused("rollout_step", keys + group("c_x", "a1"), [1, CH_COMMANDS, self.RID],
+        keys = [k_rollout(self.RID), k_rollout_cmds(self.RID), ACTIVE]
+        self.assert_refused("rollout_step", keys + group(cid("a1", 5), "a1"), [1, CH_COMMANDS, self.RID],
                             "rollout_step: KEYS and ARGV do not match")
         self.assert_refused("rollout_step", keys, [1, CH_COMMANDS, self.RID],
                             "rollout_step: not the rollout's commands")

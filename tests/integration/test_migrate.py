@@ -4,9 +4,19 @@ written by hand with RESP, as a layout-1 hub left it, is refused by the hub
 renames every layout-1 key (types and suffixes told apart, TTLs kept,
 idempotency keys split at their command's owner), resumes after an
 interruption, is a no-op when run again, sets iot:layout to 2; the hub then
-starts and serves the data: registry, history, type sets, queued commands
-and owed cancels delivered at the next announce, seq windows, idempotency.
-A conflict (both names present) is reported and left, iot:layout unset."""
+starts, migrates layout 2 to 3 itself and serves the data: registry,
+history, type sets, queued commands and owed cancels delivered at the next
+announce, seq windows, idempotency. A conflict (both names present) is
+reported and left, iot:layout unset.
+
+Layout 2 -> 3 (hub/migrate.c, at start): layout-2 data written by hand with
+layout 2's names (devices, types, commands with timers, owed cancels,
+idempotency keys, a running rollout, a dead run's lease and online set) is
+migrated by the hub before it serves: every layout-2 key is gone,
+iot:{hub}:layout is 3, and everything is reachable through the API and the
+gateway protocol (the dead run reaped, the expired command swept, the
+rollout stepped to completion, the idempotency key answering for its
+device); a restart migrates nothing again."""
 
 import asyncio
 import os
@@ -16,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (SOURCE_DIR, Hub, HubTestCase, api_keys_file, hub_args, http_json, main, now_ms,  # noqa: E402
-                     reading, rkeys)
+                     reading, rkeys, rkeys2)
 
 TOOL = os.path.join(SOURCE_DIR, "tools", "migrate-layout")
 KEYS = {"admin": ("iotk_migrate_admin_01", ["admin"], None),
@@ -57,7 +67,7 @@ def layout1(r):
         put("iot:dev:" + d, rkeys.dev(d), "HSET", "type", "thermostat", "labels", "{}", "gateway", gw,
             "conn", "old:1", "instance", "old", "online", "0", "last_seen", now, "announced_at", now)
         r.cmd("SADD", "iot:devices", d)
-    put("iot:type:thermostat", rkeys.type("thermostat"), "SADD", "kc-1", "m:x", "z:cmds")
+    put("iot:type:thermostat", rkeys2.type("thermostat"), "SADD", "kc-1", "m:x", "z:cmds")
     for d, seq0 in (("kc-1", 1), ("m:x", 1)):
         for i in range(2):
             put("iot:tm:" + d, rkeys.tm2(d), "XADD", "%d-0" % (now - 5000 + i), "ts", now - 5000 + i,
@@ -81,9 +91,9 @@ def layout1(r):
     put("iot:dev:kc-1:cancels", rkeys.cancels("kc-1"), "SADD", C_CANCELED)
     # idempotency keys: split at the command's owner; without a command only
     # a name with one ':' splits one way
-    put("iot:idem:a:b:c", rkeys.idem("a:b", "c"), "SET", C_IDEM)
+    put("iot:idem:a:b:c", rkeys2.idem("a:b", "c"), "SET", C_IDEM)
     r.cmd("EXPIRE", "iot:idem:a:b:c", 86400)
-    put("iot:idem:x:y", rkeys.idem("x", "y"), "SET", C_GONE)
+    put("iot:idem:x:y", rkeys2.idem("x", "y"), "SET", C_GONE)
     r.cmd("SET", "iot:idem:p:q:r", C_GONE)   # ambiguous: left, reported
     # hub-generated and fixed names a layout-1 hub wrote too (not renamed)
     r.cmd("XADD", "iot:feed", "*", "gw", "gw-old", "seq", 1, "readings", "")
@@ -131,7 +141,7 @@ class Migrate(HubTestCase):
             self.assertEqual((redis.cmd("EXISTS", old), redis.cmd("EXISTS", new)), (0, 1), "%s -> %s" % (old, new))
         self.assertEqual(redis.cmd("GET", "iot:layout"), "2")
         self.assertGreater(redis.cmd("TTL", rkeys.gw_seqs2("gw-old")), ttl0 - 60, "the TTL moved with the key")
-        self.assertGreater(redis.cmd("TTL", rkeys.idem("a:b", "c")), 0)
+        self.assertGreater(redis.cmd("TTL", rkeys2.idem("a:b", "c")), 0)
         self.assertEqual(redis.cmd("GET", "iot:idem:p:q:r"), C_GONE, "the ambiguous key is left")
         self.assertEqual(redis.xlen("iot:feed"), 1)
 
@@ -214,6 +224,188 @@ class Migrate(HubTestCase):
         p = subprocess.run([sys.executable, TOOL, "--redis", "http://x"], capture_output=True, text=True,
                            timeout=30)
         self.assertEqual(p.returncode, 2, p.stderr)
+
+
+# --------------------------------------------------------------------------
+# layout 2 -> 3, done by the hub itself at start (hub/migrate.c)
+
+RID2 = "r_" + "5" * 32
+RC1 = "c_%s_1" % ("5" * 32)      # the rollout's command of m:x: released, succeeded
+RC2 = "c_%s_2" % ("5" * 32)      # of z:cmds: held
+C_EXP = "c_" + "6" * 32          # kc-1's command whose ttl passed while no hub ran
+OLD_RUN = "hub-old:0123456789ab"  # a run that died under layout 2, its lease expired
+
+
+def layout2(r):
+    """What a layout-2 hub left, with layout 2's key names (main's
+    hub/keys.h before layout 3: no hash tags on the global keys, one
+    global device set, type sets, timers and command counter, unbraced
+    command and rollout ids, idempotency keys per API key name)."""
+    now = now_ms()
+    r.cmd("SET", "iot:layout", "2")
+    r.cmd("SET", "iot:epoch", "e0" * 8)
+    devs = {"kc-1": ("thermostat", "gw-old", "0"), "m:x": ("thermostat", "gw-old", "0"),
+            "z:cmds": ("thermostat", "gw-old", "0"), "d-on": ("power-meter", "gw-dead", "1")}
+    for d, (t, gw, online) in devs.items():
+        conn = OLD_RUN + ":1" if online == "1" else "old:1"
+        r.cmd("HSET", "iot:dev:{%s}" % d, "type", t, "labels", '{"site":"m"}', "gateway", gw,
+              "conn", conn, "instance", "hub-old", "online", online, "last_seen", now - 60000,
+              "announced_at", now - 60000)
+        r.cmd("SADD", "iot:devices", d)
+        r.cmd("SADD", "iot:type:{%s}" % t, d)
+    # the dead run: its lease expired, its online set, a stale reaper claim
+    r.cmd("ZADD", "iot:leases", 0, OLD_RUN)
+    r.cmd("SADD", "iot:inst:{hub-old}:0123456789ab", "d-on")
+    r.cmd("SET", "iot:inst:{hub-old}:0123456789ab:reaper", "hub-z:000000000000", "PX", 600000)
+    # kc-1's commands: queued (timer at its expiry), canceled after delivery
+    # (owed), succeeded (named by an idempotency key), queued past its ttl
+    cmds = ((C_QUEUED, "queued", now + 3600000, 1), (C_CANCELED, "canceled", None, 2),
+            (C_IDEM, "succeeded", None, 3), (C_EXP, "queued", now - 1000, 4))
+    for cid, status, timer, seq in cmds:
+        extra = {"expires_at": timer} if timer else {}
+        r.cmd("HSET", "iot:cmd:" + cid, *cmd_hash(cid, "kc-1", status, "a:b" if cid == C_IDEM else "admin",
+                                                 now - 10000, **extra))
+        r.cmd("RPUSH", "iot:cmd:%s:log" % cid, '{"status":"queued","at":%d}' % (now - 10000))
+        r.cmd("ZADD", "iot:dev:{kc-1}:cmdlog", seq, cid)
+        if timer:
+            r.cmd("ZADD", "iot:cmd:timers", timer, cid)
+            r.cmd("ZADD", "iot:dev:{kc-1}:cmds", seq, cid)
+    r.cmd("SADD", "iot:dev:{kc-1}:cancels", C_CANCELED)
+    r.cmd("SET", "iot:idem:{a:b}:c", C_IDEM, "EX", 86400)
+    r.cmd("SET", "iot:idem:{a:b}:gone", C_GONE, "EX", 86400)   # its command expired
+    # a running rollout over m:x (released, succeeded) and z:cmds (held)
+    r.cmd("HSET", "iot:cmd:" + RC1, *cmd_hash(RC1, "m:x", "succeeded", "admin", now - 10000,
+                                             rollout=RID2, held=0, released_at=now - 9000))
+    r.cmd("HSET", "iot:cmd:" + RC2, *cmd_hash(RC2, "z:cmds", "queued", "admin", now - 10000,
+                                             rollout=RID2, held=1))
+    for cid, d, seq in ((RC1, "m:x", 5), (RC2, "z:cmds", 6)):
+        r.cmd("RPUSH", "iot:cmd:%s:log" % cid, '{"status":"queued","at":%d}' % (now - 10000))
+        r.cmd("RPUSH", "iot:rollout:%s:cmds" % RID2, cid)
+        r.cmd("ZADD", "iot:dev:{%s}:cmdlog" % d, seq, cid)
+    r.cmd("HSET", "iot:rollout:" + RID2, "id", RID2, "device_type", "thermostat", "labels", "",
+          "name", "reboot", "params", "{}", "max_per_minute", 60, "abort_failure_ratio", 1,
+          "min_finished", 1, "total", 2, "released", 1, "status", "running", "created_at", now - 10000,
+          "updated_at", now - 9000, "owner", "admin", "release_clock", now - 9000)
+    r.cmd("ZADD", "iot:rollouts:active", now - 10000, RID2)
+    r.cmd("SET", "iot:cmd:seq", 6)
+
+
+LAYOUT2_LEFT = ["iot:devices", "iot:type:*", "iot:cmd:timers", "iot:cmd:seq", "iot:leases", "iot:epoch",
+                "iot:rollouts:active", "iot:cmd:c_*", "iot:rollout:r_*", "iot:idem:{a:b}:*",
+                "iot:inst:*:reaper"]
+
+
+class Migrate2to3(HubTestCase):
+    async def api(self, hub, method, path, body=None, key="admin", headers=None):
+        return await asyncio.to_thread(http_json, hub, method, path, body, KEYS[key][0], headers)
+
+    async def until(self, what, fn, timeout=8):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = await fn()
+            if got:
+                return got
+            self.assertLess(time.monotonic(), deadline, what)
+            await asyncio.sleep(0.1)
+
+    async def test_hub_migrates_layout2_at_start(self):
+        redis = self.start_redis()
+        layout2(redis)
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--instance-id", "hub-new",
+                                           "--lease-ttl-ms", "1000", "--lease-renew-ms", "300"])
+        self.assertIn("key layout migrated to 3", hub.stderr_text())
+        self.assertEqual((redis.cmd("GET", rkeys.LAYOUT), redis.cmd("GET", "iot:layout")), ("3", "3"))
+        for pat in LAYOUT2_LEFT:
+            self.assertEqual(redis.cmd("KEYS", pat), [], "layout-2 keys left: %s" % pat)
+        self.assertEqual(redis.cmd("GET", rkeys.EPOCH), "e0" * 8, "the data generation is kept")
+        self.assertIsNone(redis.cmd("EXISTS", "iot:{hub}:migrating") or None, "the migration lock is gone")
+
+        # the registry, through the slot-local indexes
+        st, doc = await self.api(hub, "GET", "/v1/devices")
+        self.assertEqual(st, 200, doc)
+        self.assertEqual(sorted(d["device"] for d in doc["devices"]), ["d-on", "kc-1", "m:x", "z:cmds"], doc)
+        st, doc = await self.api(hub, "GET", "/v1/devices?device_type=thermostat")
+        self.assertEqual(sorted(d["device"] for d in doc["devices"]), ["kc-1", "m:x", "z:cmds"], doc)
+        st, doc = await self.api(hub, "GET", "/v1/devices?device_type=power-meter")
+        self.assertEqual([d["device"] for d in doc["devices"]], ["d-on"], doc)
+
+        # the dead run's lease (layout 2's iot:leases) is reaped: d-on offline
+        async def d_on_offline():
+            st, doc = await self.api(hub, "GET", "/v1/devices/d-on")
+            return st == 200 and doc.get("online") is False
+        await self.until("d-on (the dead layout-2 run's device) reaped offline", d_on_offline)
+        self.assertIsNone(redis.cmd("ZSCORE", rkeys.LEASES, OLD_RUN))
+
+        # commands: listed, read; the one past its ttl expires (its timer moved to a swept slot)
+        st, doc = await self.api(hub, "GET", "/v1/devices/kc-1/commands")
+        self.assertEqual([c["id"] for c in doc["commands"]], [C_EXP, C_IDEM, C_CANCELED, C_QUEUED], doc)
+
+        async def expired():
+            return (await self.api(hub, "GET", "/v1/commands/" + C_EXP))[1].get("status") == "expired"
+        await self.until("the command past its ttl expired by the sweep", expired)
+        st, doc = await self.api(hub, "GET", "/v1/commands/" + C_QUEUED)
+        self.assertEqual((st, doc["status"], len(doc["history"])), (200, "queued", 1), doc)
+
+        # idempotency keys moved to their command's device
+        st, doc = await self.api(hub, "POST", "/v1/devices/kc-1/commands", {"name": "reboot"}, key="a:b",
+                                 headers={"Idempotency-Key": "c"})
+        self.assertEqual((st, doc.get("id")), (200, C_IDEM), doc)
+        st, doc = await self.api(hub, "POST", "/v1/devices/m:x/commands", {"name": "reboot"}, key="a:b",
+                                 headers={"Idempotency-Key": "c"})
+        self.assertEqual(st, 201, doc)
+        self.assertNotEqual(doc["id"], C_IDEM)
+        # a new command of kc-1 numbers after its layout-2 ones
+        st, new = await self.api(hub, "POST", "/v1/devices/kc-1/commands", {"name": "reboot"})
+        self.assertEqual(st, 201, new)
+        st, doc = await self.api(hub, "GET", "/v1/devices/kc-1/commands")
+        self.assertEqual([c["id"] for c in doc["commands"]][:2], [new["id"], C_EXP], doc)
+
+        # the rollout: read, stepped on (its held command released)
+        async def released():
+            st, doc = await self.api(hub, "GET", "/v1/commands/" + RID2)
+            self.assertEqual(st, 200, doc)
+            return doc if doc["released"] == 2 else None
+        doc = await self.until("the layout-2 rollout's held command released", released)
+        self.assertEqual((doc["total"], doc["status"]), (2, "running"), doc)
+
+        # the gateway comes back: kc-1's owed cancel and its queued commands, z:cmds's rollout command
+        gw = await self.gateway(hub, sub="gw-old", devices=("*",))
+        await gw.announce([("kc-1", "thermostat"), ("z:cmds", "thermostat")])
+        m = await gw.wait_for(lambda m: m.get("type") == "cancel", 5, "the owed cancel")
+        self.assertEqual(m.get("id"), C_CANCELED, m)
+        for cid in (C_QUEUED, new["id"], RC2):
+            m = await gw.wait_for(lambda m, c=cid: m.get("type") == "command" and m.get("id") == c, 5,
+                                  "command %s" % cid)
+            await gw.send({"type": "command_ack", "id": cid, "status": "succeeded"})
+
+        async def completed():
+            st, doc = await self.api(hub, "GET", "/v1/commands/" + RID2)
+            return doc if doc["status"] == "completed" else None
+        doc = await self.until("the rollout completed", completed)
+        self.assertEqual(doc["counts"], {"succeeded": 2}, doc)
+        for cid in (C_QUEUED, new["id"]):
+            st, doc = await self.api(hub, "GET", "/v1/commands/" + cid)
+            self.assertEqual(doc["status"], "succeeded", doc)
+        await gw.close()
+
+        # a restart finds layout 3: nothing migrated again
+        hub.stop()
+        hub2 = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--instance-id", "hub-new"])
+        self.assertNotIn("migrat", hub2.stderr_text())
+        st, doc = await self.api(hub2, "GET", "/v1/devices")
+        self.assertEqual(len(doc["devices"]), 4, doc)
+        hub2.stop()
+
+    def test_a_layout1_redis_is_not_migrated(self):
+        redis = self.start_redis()
+        redis.cmd("SADD", "iot:devices", "d-1")
+        redis.cmd("HSET", "iot:dev:d-1", "type", "thermostat")
+        h = Hub(hub_args("redis://127.0.0.1:%d" % redis.port, self.secret_file), wait=False)
+        self.addCleanup(h.cleanup)
+        self.assertEqual(h.wait_exit(15), 1, h.describe())
+        self.assertIn("tools/migrate-layout", h.stderr_text())
+        self.assertEqual(redis.cmd("SMEMBERS", "iot:devices"), ["d-1"], "layout-1 data left as it was")
+        self.assertIsNone(redis.cmd("GET", rkeys.LAYOUT))
 
 
 if __name__ == "__main__":

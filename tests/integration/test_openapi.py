@@ -17,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (SOURCE_DIR, HubTestCase, api_keys_file, http_get, http_request, main, now_ms,  # noqa: E402
-                     rkeys)
+                     index_device, rkeys)
 
 DOC_PATH = os.path.join(SOURCE_DIR, "docs", "openapi.json")
 
@@ -411,8 +411,7 @@ class Live(Checks, HubTestCase):
             r.cmd("HSET", rkeys.dev(d), "type", typ, "labels", json.dumps(labels), "gateway", "gw-1",
                   "conn", "x:1", "instance", "x", "online", "1" if online else "0",
                   "last_seen", seen, "announced_at", seen)
-            r.cmd("SADD", "iot:devices", d)
-            r.cmd("SADD", rkeys.type(typ), d)
+            index_device(r, d, typ)
         cls.t0 = now_ms() - 10000
         for i in range(3):
             r.cmd("XADD", rkeys.tm("t-1"), "%d-0" % (cls.t0 + 1000 * i), "ts", cls.t0 + 1000 * i,

@@ -177,9 +177,16 @@ class RolloutCase(HubTestCase):
             self.assertEqual(doc["error"].get("field"), field, "%s: %s" % (what, doc))
 
 
-def cmd_ids(rid, n):
-    """The ids of a rollout's commands, in release order."""
-    return ["c_%s_%d" % (rid[2:], i) for i in range(1, n + 1)]
+def cmd_ids(redis, rid, n):
+    """The ids of a rollout's commands, in release order (device-id order):
+    the rollout's command list, iot:rollout:{<rid>}:cmds. Since layout 3 a
+    rollout's command ids are c_<32 hex> drawn in each device's slot, not
+    c_<rid>_<n>: they can only be read."""
+    ids = redis.cmd("LRANGE", rkeys.rollout_cmds(rid), 0, -1)
+    assert len(ids) >= n, "rollout %s has %d commands, expected %d: %s" % (rid, len(ids), n, ids)
+    for i in ids:
+        assert re.match(r"^c_[0-9a-f]{32}$", i), "rollout command id %r" % i
+    return ids[:n]
 
 
 class SharedHub(RolloutCase):
@@ -226,13 +233,13 @@ class RolloutHTTP(SharedHub):
                                                    "labels": {"batch": batch, "site": "s2"}},
                                         "name": "reboot", "rollout": {"max_per_minute": 1}})
         self.assertEqual(doc2["total"], 1, doc2)
-        c = await self.command(cmd_ids(doc2["id"], 1)[0])
+        c = await self.command(cmd_ids(self.redis, doc2["id"], 1)[0])
         self.assertEqual((c["device"], c["rollout"]), (site2, doc2["id"]), c)
 
         # the first command is released at once, the rest held (1 a minute)
         doc = await self.wait_rollout(rid, lambda d: d["released"] >= 1, 3, "first released")
         self.assertEqual(doc["released"], 1, doc)
-        ids = cmd_ids(rid, 5)
+        ids = cmd_ids(self.redis, rid, 5)
         cmds = [await self.command(i) for i in ids]
         self.assertEqual([c["device"] for c in cmds], sorted(match + [site2]), "device-id order")
         for c in cmds:
@@ -270,7 +277,7 @@ class RolloutHTTP(SharedHub):
         doc = await self.fleet_create(self.body(uniq("nobody")))
         self.assertEqual((doc["total"], doc["released"], doc["counts"]), (0, 0, {}), doc)
         self.assertEqual(doc["status"], "completed", doc)
-        self.assertEqual(self.redis.cmd("ZSCORE", "iot:rollouts:active", doc["id"]), None)
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.ACTIVE, doc["id"]), None)
 
     async def test_401_403(self):
         body = self.body(uniq("b"))
@@ -360,7 +367,7 @@ class RolloutHTTP(SharedHub):
         self.assertEqual(rb["total"], 2, "narrowed to t-lb*: %s" % rb)
         rw = await self.fleet_create(body, key="writer")
         self.assertEqual(rw["total"], 5, "unrestricted: %s" % rw)
-        a_cmds = [await self.command(c) for c in cmd_ids(ra["id"], 3)]
+        a_cmds = [await self.command(c) for c in cmd_ids(self.redis, ra["id"], 3)]
         self.assertEqual(sorted(c["device"] for c in a_cmds), la)
 
         self.assertEqual((await self.rollout(ra["id"], key="lim_a"))["total"], 3)
@@ -371,11 +378,11 @@ class RolloutHTTP(SharedHub):
         for rid in (ra["id"], rb["id"]):
             self.assertEqual((await self.rollout(rid, key="writer"))["id"], rid)
         # commands of devices outside the key's patterns are 404 for it
-        st, e = await self.call("GET", "/v1/commands/" + cmd_ids(rb["id"], 1)[0], key="lim_a")
+        st, e = await self.call("GET", "/v1/commands/" + cmd_ids(self.redis, rb["id"], 1)[0], key="lim_a")
         self.assert_error(st, e, 404, what="t-lb command with the t-la key")
-        st, e = await self.call("POST", "/v1/commands/%s/cancel" % cmd_ids(rb["id"], 1)[0], key="lim_a")
+        st, e = await self.call("POST", "/v1/commands/%s/cancel" % cmd_ids(self.redis, rb["id"], 1)[0], key="lim_a")
         self.assert_error(st, e, 404, what="cancel a t-lb command with the t-la key")
-        st, c = await self.call("POST", "/v1/commands/%s/cancel" % cmd_ids(ra["id"], 2)[1], key="lim_a")
+        st, c = await self.call("POST", "/v1/commands/%s/cancel" % cmd_ids(self.redis, ra["id"], 2)[1], key="lim_a")
         self.assertEqual((st, c.get("status")), (200, "canceled"), c)
 
 
@@ -390,7 +397,7 @@ class Release(SharedHub):
         doc = await self.fleet_create(self.body(batch, mpm=120))
         rid, created = doc["id"], doc["created_at"]
         self.assertEqual(doc["total"], 8, doc)
-        ids = cmd_ids(rid, 8)
+        ids = cmd_ids(self.redis, rid, 8)
 
         # released never runs ahead of the rate
         polls = []
@@ -427,7 +434,7 @@ class Release(SharedHub):
         doc = await self.wait_rollout(rid, lambda d: d["status"] != "running", 3, "finished")
         self.assertEqual((doc["status"], doc["released"], doc["counts"]),
                          ("completed", 8, {"succeeded": 8}), doc)
-        self.assertEqual(self.redis.cmd("ZSCORE", "iot:rollouts:active", rid), None)
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.ACTIVE, rid), None)
 
     async def test_completed_with_failures_under_the_ratio(self):
         batch = uniq("b")
@@ -450,7 +457,7 @@ class Abort(SharedHub):
         batch = uniq("b")
         f = await self.fleet(self.hub, 6, {"batch": batch}, default="hold")
         rid = (await self.fleet_create(self.body(batch, mpm=120, abort_failure_ratio=0.2)))["id"]
-        ids = cmd_ids(rid, 6)
+        ids = cmd_ids(self.redis, rid, 6)
         await f.wait_count(2, 4, "first two releases")
         await self.wait_cmd_status(ids[1], "received")
         await f.ack(ids[0], "failed", error="bricked")
@@ -489,7 +496,7 @@ class Abort(SharedHub):
         devs = ["%s-%d" % (p, i) for i in range(4)]
         await self.offline(self.hub, self.redis, devs, {"batch": batch})
         doc = await self.fleet_create(dict(self.body(batch, mpm=30, abort_failure_ratio=0), ttl_s=1))
-        rid, ids = doc["id"], cmd_ids(doc["id"], 4)
+        rid, ids = doc["id"], cmd_ids(self.redis, doc["id"], 4)
         doc = await self.wait_rollout(rid, lambda d: d["status"] != "running", 6, "aborted")
         self.assertEqual(doc["status"], "aborted", doc)
         c = await self.command(ids[0])
@@ -505,7 +512,7 @@ class Abort(SharedHub):
         batch = uniq("b")
         f = await self.fleet(self.hub, 10, {"batch": batch}, default="hold")
         rid = (await self.fleet_create(self.body(batch, mpm=120, abort_failure_ratio=0.2, min_finished=3)))["id"]
-        ids = cmd_ids(rid, 10)
+        ids = cmd_ids(self.redis, rid, 10)
         await f.wait_count(3, 4, "first three releases")
         await f.ack(ids[0], "failed", error="bricked")
         await self.wait_cmd_status(ids[0], "failed")
@@ -544,14 +551,14 @@ class Restart(RolloutCase):
         f = await self.fleet(hub1, 6, {"batch": batch}, prefix=prefix)
         sub = f.gw.sub
         rid = (await self.fleet_create(self.body(batch, mpm=60)))["id"]
-        ids = cmd_ids(rid, 6)
+        ids = cmd_ids(redis, rid, 6)
         await f.wait_count(2, 4, "two releases on hub 1")
         await self.wait_cmd_status(ids[1], "succeeded")
         hub1.kill()
         await f.gw.wait_closed(5)
         await f.stop()
         before = f.ids()
-        rel = int(redis.hgetall("iot:rollout:" + rid)["released"])
+        rel = int(redis.hgetall(rkeys.rollout(rid))["released"])
         self.assertLess(rel, 6, "all released before the kill; the test proves nothing")
 
         hub2 = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "ro-k2"])
@@ -580,7 +587,7 @@ class TwoHubs(RolloutCase):
         fa = await self.fleet(a, 6, {"batch": batch}, prefix=p + "a")
         fb = await self.fleet(b, 6, {"batch": batch}, prefix=p + "b")
         rid = (await self.fleet_create(self.body(batch, mpm=360)))["id"]
-        ids = cmd_ids(rid, 12)
+        ids = cmd_ids(redis, rid, 12)
         deadline = time.monotonic() + 8
         while len(fa.got) + len(fb.got) < 12:
             if time.monotonic() > deadline:

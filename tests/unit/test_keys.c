@@ -26,12 +26,19 @@ static void test_names(void **state)
 	assert_string_equal(k, "iot:gw:{g}:seqs");
 	hub_key_gw_epoch(k, sizeof(k), "g:seqs");
 	assert_string_equal(k, "iot:gw:{g:seqs}:epoch");
-	hub_key_type(k, sizeof(k), "thermostat");
-	assert_string_equal(k, "iot:type:{thermostat}");
+	hub_key_idx_type(k, sizeof(k), 0, "thermostat");
+	assert_string_equal(k, "iot:idx:{3560}:type:thermostat");
+	assert_int_equal(hub_slot(k, strlen(k)), 0);
+	hub_key_idx_devices(k, sizeof(k), hub_dev_slot("kc-1"));
+	assert_int_equal(hub_slot(k, strlen(k)), hub_slot("iot:dev:{kc-1}", 14));
+	for (unsigned s = 0; s < HUB_SLOTS; s += 97) {
+		hub_key_idx_timers(k, sizeof(k), s);
+		assert_int_equal(hub_slot(k, strlen(k)), s);
+	}
 	assert_int_equal(hub_ch_raw(k, sizeof(k), "power-meter"), strlen("iot:live:raw:power-meter"));
 	assert_string_equal(k, "iot:live:raw:power-meter");
 	hub_ch_ctl_cmd(k, sizeof(k), "hub-1");
-	assert_string_equal(k, "iot:ctl:cmd:hub-1");
+	assert_string_equal(k, "iot:ctl:cmd:{hub-1}");
 }
 
 /* Ingest shards: the tag first, the name last; the shard of a gateway is
@@ -114,27 +121,27 @@ static void test_script_keys(void **state)
 	assert_string_equal(k, "iot:dev:{d:1}:cmds");
 	hub_key_dev_cmdlog(k, sizeof(k), "d");
 	assert_string_equal(k, "iot:dev:{d}:cmdlog");
-	assert_int_equal(hub_key_cmd(k, sizeof(k), "c_ab"), strlen("iot:cmd:c_ab"));
-	assert_string_equal(k, "iot:cmd:c_ab");
-	assert_int_equal(hub_key_cmd_log(k, sizeof(k), "c_ab"), strlen("iot:cmd:c_ab:log"));
-	assert_string_equal(k, "iot:cmd:c_ab:log");
+	assert_int_equal(hub_key_cmd(k, sizeof(k), "c_ab"), strlen("iot:cmd:{c_ab}"));
+	assert_string_equal(k, "iot:cmd:{c_ab}");
+	assert_int_equal(hub_key_cmd_log(k, sizeof(k), "c_ab"), strlen("iot:cmd:{c_ab}:log"));
+	assert_string_equal(k, "iot:cmd:{c_ab}:log");
 	hub_key_rollout(k, sizeof(k), "r_1");
-	assert_string_equal(k, "iot:rollout:r_1");
+	assert_string_equal(k, "iot:rollout:{r_1}");
 	hub_key_rollout_cmds(k, sizeof(k), "r_1");
-	assert_string_equal(k, "iot:rollout:r_1:cmds");
+	assert_string_equal(k, "iot:rollout:{r_1}:cmds");
 	assert_int_equal(hub_key_cmd(k, sizeof(k), ""), 0);
 	assert_string_equal(k, "");
 
-	assert_int_equal(hub_key_idem(idem, sizeof(idem), "ops", "k-1"),
-			 strlen("iot:idem:{ops}:k-1"));
-	assert_string_equal(idem, "iot:idem:{ops}:k-1");
-	hub_key_idem(idem, sizeof(idem), "", "k");
-	assert_string_equal(idem, "iot:idem:{}:k");
-	assert_int_equal(hub_key_idem(idem, sizeof(idem), "ops", ""), 0);
+	assert_int_equal(hub_key_idem(idem, sizeof(idem), "d-1", "ops", "k-1"),
+			 strlen("iot:idem:{d-1}:{ops}:k-1"));
+	assert_string_equal(idem, "iot:idem:{d-1}:{ops}:k-1");
+	hub_key_idem(idem, sizeof(idem), "d", "", "k");
+	assert_string_equal(idem, "iot:idem:{d}:{}:k");
+	assert_int_equal(hub_key_idem(idem, sizeof(idem), "d", "ops", ""), 0);
 	memset(id, 'a', HUB_ID_MAX);
 	id[HUB_ID_MAX] = '\0';
 	/* Both at their longest fit HUB_KEY_IDEM_MAX. */
-	assert_int_equal(hub_key_idem(idem, sizeof(idem), id, id), 2 * HUB_ID_MAX + 12);
+	assert_int_equal(hub_key_idem(idem, sizeof(idem), id, id, id), 3 * HUB_ID_MAX + 15);
 
 	/* A connection id's run, and the run's keys. */
 	assert_int_equal(hub_run_of_conn(run, sizeof(run), "hub-1:0123456789ab:42"),
@@ -151,14 +158,14 @@ static void test_script_keys(void **state)
 			 strlen("iot:inst:{a:b}:0123456789ab"));
 	assert_string_equal(k, "iot:inst:{a:b}:0123456789ab");
 	hub_key_run_reaper(k, sizeof(k), "hub-1:0123456789ab");
-	assert_string_equal(k, "iot:inst:{hub-1}:0123456789ab:reaper");
+	assert_string_equal(k, "iot:{hub}:reaper:hub-1:0123456789ab");
 	assert_int_equal(hub_key_run(k, sizeof(k), "hub-1"), 0);
 	assert_string_equal(k, "");
 	/* The longest: an instance id of HUB_ID_MAX, its reaper claim. */
 	memcpy(run, id, HUB_ID_MAX);
 	memcpy(run + HUB_ID_MAX, ":0123456789ab", 14);
-	assert_int_equal(hub_key_run_reaper(k, sizeof(k), run), HUB_KEY_MAX - 1);
-	assert_int_equal(hub_key_run_reaper(k, sizeof(k) - 1, run), 0);
+	assert_int_equal(hub_key_run_reaper(k, sizeof(k), run), HUB_KEY_MAX - 2);
+	assert_int_equal(hub_key_run_reaper(k, HUB_KEY_MAX - 2, run), 0);
 }
 
 int main(void)
