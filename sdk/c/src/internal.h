@@ -12,7 +12,7 @@
 
 #include <jansson.h>
 
-#include "iothub/gateway.h"
+#include "../include/iothub/gateway.h"
 
 #define GW_HIDDEN __attribute__((visibility("hidden")))
 

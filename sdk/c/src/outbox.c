@@ -331,8 +331,10 @@ static void settle(struct outbox *o, struct replay *r)
 {
 	size_t i, keep;
 
-	qsort(r->fr, r->nfr, sizeof(*r->fr), cmp_frame);
-	qsort(r->acked, r->nack, sizeof(*r->acked), cmp_u64);
+	if (r->nfr)
+		qsort(r->fr, r->nfr, sizeof(*r->fr), cmp_frame);
+	if (r->nack)
+		qsort(r->acked, r->nack, sizeof(*r->acked), cmp_u64);
 	o->framed_end = 0;
 	for (i = 0; i < r->nfr; i++) {
 		struct ob_frame *f = &r->fr[i];
@@ -342,7 +344,7 @@ static void settle(struct outbox *o, struct replay *r)
 			continue;
 		if (end > o->framed_end)
 			o->framed_end = end;
-		if (bsearch(&f->seq, r->acked, r->nack, sizeof(*r->acked), cmp_u64)) {
+		if (r->nack && bsearch(&f->seq, r->acked, r->nack, sizeof(*r->acked), cmp_u64)) {
 			for (size_t k = rd_find(o, f->first_rid); k < o->rd_len &&
 			     o->rd[k].rid < end; k++) {
 				free(o->rd[k].json);
@@ -403,7 +405,8 @@ int ob_open(struct outbox *o, const char *dir, size_t max_bytes, size_t seg_byte
 	}
 	closedir(d);
 	o->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	qsort(nos, nnos, sizeof(*nos), cmp_u64);
+	if (nnos)
+		qsort(nos, nnos, sizeof(*nos), cmp_u64);
 	for (size_t i = 0; i < nnos; i++) {
 		char path[4096], *buf = NULL;
 		size_t len = 0, valid;
