@@ -7,7 +7,9 @@ the last command_ack sent for each command id (duplicates run once, also
 across restarts). A frame is assigned in one transaction (its readings' seq
 column and next_seq), so after a crash every frame is resent with the seq and
 readings it had; an ack deletes its rows. The fsync policy maps to SQLite's
-`synchronous` in WAL mode: none = OFF, batch = NORMAL, always = FULL.
+`synchronous` in WAL mode: none = OFF, batch = NORMAL except for the
+commit that assigns a frame (FULL: it syncs the WAL, and every reading
+accepted before it, before the frame can be sent), always = FULL.
 Thread-safe: one lock around the connection.
 """
 
@@ -28,6 +30,7 @@ class Spool:
         if fsync not in SYNC:
             raise ValueError("fsync must be none, batch or always")
         self.max_bytes = max_bytes
+        self.fsync = fsync
         self.lock = threading.Lock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -88,6 +91,10 @@ class Spool:
                 take.append(rid)
                 size += n + 1
             seq = self.next_seq
+            if self.fsync == "batch":
+                # the frame's seq must be on disk before the hub may store it:
+                # this commit syncs the WAL, with every reading before it
+                self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 self.db.execute("UPDATE readings SET seq=? WHERE seq IS NULL AND rid BETWEEN ? AND ?",
@@ -97,6 +104,9 @@ class Spool:
             except Exception:
                 self.db.execute("ROLLBACK")
                 raise
+            finally:
+                if self.fsync == "batch":
+                    self.db.execute("PRAGMA synchronous=NORMAL")
             self.next_seq = seq + 1
             return seq
 
