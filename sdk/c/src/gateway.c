@@ -21,6 +21,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -94,6 +95,8 @@ struct iothub_gw {
 	int devs_new;               /* some device is not announced yet */
 	struct cmd_ent ring[CMD_RING];
 	size_t ring_next;
+	int cmd_fd;                 /* <spool>/commands.log, -1: none */
+	size_t cmd_lines;
 	struct out_msg *q, *q_tail; /* command acks to send */
 	int64_t q_not_before;       /* after a rate_limited (mono ms) */
 	int64_t batch_since;        /* mono ms the oldest unframed reading came, 0 none */
@@ -253,6 +256,103 @@ static struct cmd_ent *cmd_find(struct iothub_gw *gw, const char *id)
 		if (gw->ring[i].last_ack && !strcmp(gw->ring[i].id, id))
 			return &gw->ring[i];
 	return NULL;
+}
+
+/* The command table survives restarts in <spool>/commands.log: one line
+ * "<crc32> <command_ack json>" per status reported, the last line of an id
+ * winning; rewritten from the table when it grows past 4 x CMD_RING lines.
+ * Lock held (or start-up). */
+static void cmd_ent_set(struct iothub_gw *gw, const char *id, char *ack)
+{
+	struct cmd_ent *c = cmd_find(gw, id);
+
+	if (!c) {
+		c = &gw->ring[gw->ring_next];
+		gw->ring_next = (gw->ring_next + 1) % CMD_RING;
+		snprintf(c->id, sizeof(c->id), "%s", id);
+	}
+	free(c->last_ack);
+	c->last_ack = ack;
+}
+
+static int cmd_write_line(int fd, const char *ack)
+{
+	struct gbuf b = { 0 };
+	int rc;
+
+	gbuf_printf(&b, "%08x %s\n", gw_crc32(ack, strlen(ack)), ack);
+	rc = write(fd, b.data, b.len) == (ssize_t)b.len ? 0 : -1;
+	gbuf_free(&b);
+	return rc;
+}
+
+static void cmd_persist(struct iothub_gw *gw, const char *ack)
+{
+	if (gw->cmd_fd < 0)
+		return;
+	if (gw->cmd_lines >= 4 * CMD_RING) {
+		char path[4200], tmp[4210];
+		int fd;
+
+		snprintf(path, sizeof(path), "%s/commands.log", gw->ob.dir);
+		snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+		fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		if (fd >= 0) {
+			gw->cmd_lines = 0;
+			for (size_t i = 1; i <= CMD_RING; i++) {
+				struct cmd_ent *c = &gw->ring[(gw->ring_next + i) % CMD_RING];
+
+				if (c->last_ack && c->last_ack != ack && !cmd_write_line(fd, c->last_ack))
+					gw->cmd_lines++;
+			}
+			if (gw->fsync != IOTHUB_GW_FSYNC_NONE)
+				fdatasync(fd);
+			if (!rename(tmp, path)) {
+				close(gw->cmd_fd);
+				gw->cmd_fd = fd;
+			} else {
+				close(fd);
+			}
+		}
+	}
+	if (!cmd_write_line(gw->cmd_fd, ack))
+		gw->cmd_lines++;
+	if (gw->fsync != IOTHUB_GW_FSYNC_NONE)
+		fdatasync(gw->cmd_fd);
+}
+
+static void cmd_load(struct iothub_gw *gw)
+{
+	char path[4200];
+	FILE *f;
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "%s/commands.log", gw->ob.dir);
+	f = fopen(path, "re");
+	while (f && (n = getline(&line, &cap, f)) > 0) {
+		json_t *m, *id;
+		unsigned long crc;
+		char *end;
+
+		if (line[n - 1] != '\n' || n < 11 || line[8] != ' ')
+			break;
+		line[--n] = 0;
+		crc = strtoul(line, &end, 16);
+		if (end != line + 8 || gw_crc32(line + 9, (size_t)n - 9) != (uint32_t)crc)
+			break;
+		m = json_loads(line + 9, 0, NULL);
+		id = json_object_get(m, "id");
+		if (json_is_string(id) && strlen(json_string_value(id)) <= 64)
+			cmd_ent_set(gw, json_string_value(id), gw_xstrdup(line + 9));
+		json_decref(m);
+		gw->cmd_lines++;
+	}
+	free(line);
+	if (f)
+		fclose(f);
+	gw->cmd_fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
 }
 
 static void tx_begin(struct iothub_gw *gw)
@@ -681,11 +781,9 @@ static void on_command(struct iothub_gw *gw, struct gwm *m, struct laters *l)
 		q_push(gw, c->last_ack, strlen(c->last_ack));
 		return;
 	}
-	c = &gw->ring[gw->ring_next];
-	gw->ring_next = (gw->ring_next + 1) % CMD_RING;
-	free(c->last_ack);
-	snprintf(c->id, sizeof(c->id), "%s", m->id);
-	c->last_ack = ack_msg(m->id, "received", -1, NULL, NULL);
+	cmd_ent_set(gw, m->id, ack_msg(m->id, "received", -1, NULL, NULL));
+	c = cmd_find(gw, m->id);
+	cmd_persist(gw, c->last_ack);
 	q_push(gw, c->last_ack, strlen(c->last_ack));
 	x.s1 = gw_xstrdup(m->id);
 	x.s2 = gw_xstrdup(m->device);
@@ -1004,6 +1102,8 @@ struct iothub_gw *iothub_gw_new(const struct iothub_gw_opts *o, char *err, size_
 			return NULL;
 		}
 	gw = gw_xcalloc(1, sizeof(*gw));
+	gw->ob.fd = gw->ob.dirfd = gw->cmd_fd = -1;   /* iothub_gw_free() may close them */
+	pthread_mutex_init(&gw->mu, NULL);
 	if (parse_url(gw, o->url, err, errlen)) {
 		iothub_gw_free(gw);
 		return NULL;
@@ -1031,8 +1131,6 @@ struct iothub_gw *iothub_gw_new(const struct iothub_gw_opts *o, char *err, size_
 	gw->rng = (uint64_t)gw_now_ms() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)gw;
 	if (!gw->rng)
 		gw->rng = 88172645463325252ull;
-	pthread_mutex_init(&gw->mu, NULL);
-	gw->ob.fd = gw->ob.dirfd = -1;
 	max_spool = o->max_spool_bytes ? o->max_spool_bytes : (64u << 20);
 	rc = ob_open(&gw->ob, o->spool_dir, max_spool,
 		     o->segment_bytes ? o->segment_bytes :
@@ -1042,6 +1140,7 @@ struct iothub_gw *iothub_gw_new(const struct iothub_gw_opts *o, char *err, size_
 		iothub_gw_free(gw);
 		return NULL;
 	}
+	cmd_load(gw);
 	gw->protocols[0] = (struct lws_protocols){ "iothub-gw", callback, 0, 4096, 0, NULL, 0 };
 	memset(&info, 0, sizeof(info));
 	info.port = CONTEXT_PORT_NO_LISTEN;
@@ -1074,6 +1173,8 @@ void iothub_gw_free(struct iothub_gw *gw)
 		lws_context_destroy(gw->lws);
 	}
 	ob_close(&gw->ob);
+	if (gw->cmd_fd >= 0)
+		close(gw->cmd_fd);
 	for (size_t i = 0; i < gw->ndevs; i++) {
 		free(gw->devs[i].id);
 		free(gw->devs[i].type);
@@ -1269,6 +1370,7 @@ int iothub_gw_cmd_report(struct iothub_gw *gw, const char *id, const char *statu
 	}
 	free(c->last_ack);
 	c->last_ack = ack_msg(id, status, progress, message, result);
+	cmd_persist(gw, c->last_ack);
 	q_push(gw, c->last_ack, strlen(c->last_ack));
 	pthread_mutex_unlock(&gw->mu);
 	json_decref(result);

@@ -327,21 +327,29 @@ class SdkC(HubTestCase):
         self.addCleanup(server.close)
         port = server.sockets[0].getsockname()[1]
         cmdlog = os.path.join(self.dir, "cmds")
-        p = self.gw("ws://127.0.0.1:%d/v1/gateway" % port, uniq("gw"), [uniq("t")],
-                    os.path.join(self.dir, "spool"), ["--count", 0, "--serve-ms", 30000, "--commands", cmdlog])
+        url, sub, dev = "ws://127.0.0.1:%d/v1/gateway" % port, uniq("gw"), uniq("t")
+        spool = os.path.join(self.dir, "spool")
         acks = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                acks.append(await asyncio.wait_for(got.get(), 0.5))
-            except asyncio.TimeoutError:
-                pass
-            c2 = [a for n, a in acks if a.get("id") == "c2" and a.get("status") == "succeeded"]
-            c1_again = [a for n, a in acks if n == 2 and a.get("id") == "c1"]
-            if c2 and c1_again:
-                break
-        p.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(await asyncio.get_running_loop().run_in_executor(None, p.wait, 20), 0, p.describe())
+
+        async def session(want):
+            p = self.gw(url, sub, [dev], spool, ["--count", 0, "--serve-ms", 30000, "--commands", cmdlog])
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not want():
+                try:
+                    acks.append(await asyncio.wait_for(got.get(), 0.5))
+                except asyncio.TimeoutError:
+                    pass
+            p.proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.get_running_loop().run_in_executor(None, p.wait, 20)
+            self.assertEqual(rc, 0, p.describe())
+
+        def on(conn, cid):
+            return [a["status"] for n, a in acks if n == conn and a.get("id") == cid]
+        await session(lambda: "succeeded" in on(2, "c2") and on(2, "c1"))
+        # a new process on the same spool, and the scripted hub sends c1 and c2 again
+        await session(lambda: on(3, "c1") and on(3, "c2"))
+        self.assertEqual(on(3, "c1"), ["succeeded"], acks)
+        self.assertEqual(on(3, "c2"), ["succeeded"], acks)
         runs = [l.split()[1] for l in read_text(cmdlog).splitlines() if l.startswith("run ")]
         self.assertEqual(sorted(runs), ["c1", "c2"], acks)
         first = [a["status"] for n, a in acks if n == 1 and a.get("id") == "c1"]
@@ -349,8 +357,11 @@ class SdkC(HubTestCase):
         # succeeded, depending on whether the handler ran yet), never run again
         steps = [st for i, st in enumerate(first) if i == 0 or st != first[i - 1]]
         self.assertEqual(steps, ["received", "in_progress", "succeeded"], acks)
-        self.assertEqual(len(first), 4, acks)
-        self.assertEqual([a["status"] for n, a in acks if n == 2 and a.get("id") == "c1"], ["succeeded"], acks)
+        # on the new connection c1 is answered with its last status (a duplicate's
+        # answer queued while it was still "received" may go out there too)
+        c1_2 = set(a["status"] for n, a in acks if n == 2 and a.get("id") == "c1")
+        self.assertIn("succeeded", c1_2, acks)
+        self.assertLessEqual(c1_2, {"received", "succeeded"}, acks)
         self.assertEqual([a["status"] for n, a in acks if n == 2 and a.get("id") == "c2"],
                          ["received", "in_progress", "succeeded"], acks)
 
