@@ -44,6 +44,8 @@ class Examples(HubTestCase):
         flags = subprocess.run(["pkg-config", "--cflags", "--libs", "iothub-gw"], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
         out = os.path.join(self.dir, "sensor_gateway")
+        if os.environ.get("HUB_SANITIZE") == "1":   # the library is instrumented
+            flags += ["-fsanitize=address,undefined"]
         r = subprocess.run(["cc", "-Wall", "-Werror", os.path.join(SOURCE, "sdk", "c", "examples",
                             "sensor_gateway.c")] + flags + ["-o", out], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)

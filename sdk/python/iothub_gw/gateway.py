@@ -264,7 +264,8 @@ class Gateway:
     async def _session(self, ws):
         """One connection: announce, then frames and acks. Returns True once
         it was online."""
-        self._unannounced = set(self.devices)
+        with self._lock:
+            self._unannounced = set(self.devices)
         self._announce_wait = 0
         self._announce_retry = 0.0
         self._pause_until = 0.0
@@ -316,19 +317,21 @@ class Gateway:
             self.spool.make_frame(self.max_readings, self.max_frame_bytes)
             self._batch_since = now if self.spool.unframed() else None
         # announce
-        if self._unannounced and now >= self._announce_retry:
-            devs = sorted(self._unannounced)[:1000]
-            self._unannounced.difference_update(devs)
-            entries = []
-            for d in devs:
-                t, labels = self.devices[d]
-                e = {"device": d, "device_type": t}
-                if labels:
-                    e["labels"] = labels
-                entries.append(e)
+        entries = []
+        with self._lock:   # announce() may add devices from another thread
+            if self._unannounced and now >= self._announce_retry:
+                devs = sorted(self._unannounced)[:1000]
+                self._unannounced.difference_update(devs)
+                for d in devs:
+                    t, labels = self.devices[d]
+                    e = {"device": d, "device_type": t}
+                    if labels:
+                        e["labels"] = labels
+                    entries.append(e)
+        if entries:
             self._announce_wait += 1
             await ws.send(json.dumps({"type": "announce", "devices": entries}, separators=(",", ":")))
-        if not self._unannounced and not self._announce_wait and not self._online:
+        if not entries and not self._unannounced and not self._announce_wait and not self._online:
             self._online = True
             self._state("online")
         # command acks
@@ -393,7 +396,8 @@ class Gateway:
             self._announce_wait = max(0, self._announce_wait - 1)
             for e in m.get("rejected") or []:
                 if e.get("code") == "rate_limited" and e.get("device") in self.devices:
-                    self._unannounced.add(e["device"])
+                    with self._lock:
+                        self._unannounced.add(e["device"])
                     self._announce_retry = now + e.get("retry_after_ms", 1000) / 1000
                 elif self.on_reject:
                     self.on_reject(0, e, None)
@@ -421,7 +425,8 @@ class Gateway:
                     self._out_not_before = now + wait
             elif code == "unavailable" and self._announce_wait:
                 self._announce_wait -= 1
-                self._unannounced = set(self.devices)
+                with self._lock:
+                    self._unannounced = set(self.devices)
                 self._announce_retry = now + wait
         elif t == "command" and isinstance(m.get("id"), str):
             last = self.spool.command_ack(m["id"])
