@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include <libwebsockets.h>
+#include <openssl/x509.h>
 
 #define SUBPROTOCOL   "iot-gateway.v1"
 #define CMD_RING      1024
@@ -961,6 +962,13 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
 	}
 	case LWS_CALLBACK_ESTABLISHED_CLIENT_HTTP:
 		gw->http_status = lws_http_client_http_response(wsi);
+		return 0;
+	case LWS_CALLBACK_OPENSSL_PERFORM_SERVER_CERT_VERIFICATION:
+		/* user: the X509_STORE_CTX, len: OpenSSL's verdict; 0 keeps it */
+		if (!len && !gw->conn_error[0])
+			snprintf(gw->conn_error, sizeof(gw->conn_error),
+				 "TLS: the hub's certificate does not verify: %s",
+				 X509_verify_cert_error_string(X509_STORE_CTX_get_error(user)));
 		return 0;
 	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
 		if (gw && !gw->conn_error[0])

@@ -11,6 +11,8 @@
  *          [--count N --start I --ts-base MS --rate R --bad-every K]
  *          [--fsync none|batch|always --max-spool BYTES --segment BYTES]
  *          [--accepted FILE] [--commands FILE --serve-ms MS]
+ *          [--ca FILE --cert FILE --key FILE]   (wss://, mTLS)
+ *          [--token-file FILE] (the token, read again before every connect)
  *          [--until-full]      (stop at the first "spool full", exit 3)
  *          [--bench]           (no logs: print readings/s into the spool)
  * Exit: 0 done, 1 usage or setup, 2 not drained in time, 3 spool full.
@@ -33,6 +35,7 @@
 
 static struct {
 	const char *url, *token, *spool, *type, *accepted, *commands;
+	const char *ca, *cert, *key, *token_file;
 	char *devs[256];
 	int ndevs;
 	long long count, start, ts_base, bad_every, serve_ms, rate;
@@ -120,6 +123,17 @@ static void *sender(void *arg)
 	return NULL;
 }
 
+static int token_cb(struct iothub_gw *g, char *buf, size_t cap, void *user)
+{
+	FILE *f = fopen(a.token_file, "r");
+	int ok = f && fgets(buf, (int)cap, f);
+
+	if (f)
+		fclose(f);
+	buf[strcspn(buf, "\r\n")] = 0;
+	return ok && buf[0] ? 0 : -1;
+}
+
 static void on_reject(struct iothub_gw *g, const struct iothub_gw_reject *r, void *user)
 {
 	printf("reject %s %s\n", r->code, r->reading_json ? r->reading_json : r->detail_json);
@@ -179,6 +193,10 @@ int main(int argc, char **argv)
 		else if (ARG("--type")) a.type = v;
 		else if (ARG("--accepted")) a.accepted = v;
 		else if (ARG("--commands")) a.commands = v;
+		else if (ARG("--ca")) a.ca = v;
+		else if (ARG("--cert")) a.cert = v;
+		else if (ARG("--key")) a.key = v;
+		else if (ARG("--token-file")) a.token_file = v;
 		else if (ARG("--count")) a.count = atoll(v);
 		else if (ARG("--start")) a.start = atoll(v);
 		else if (ARG("--ts-base")) a.ts_base = atoll(v);
@@ -201,7 +219,7 @@ int main(int argc, char **argv)
 		else usage();
 #undef ARG
 	}
-	if (!a.url || !a.token || !a.spool || !a.ndevs)
+	if (!a.url || !(a.token || a.token_file) || !a.spool || !a.ndevs)
 		usage();
 	if (!a.ts_base)
 		a.ts_base = (long long)time(NULL) * 1000 - 3600 * 1000;
@@ -214,6 +232,11 @@ int main(int argc, char **argv)
 		return perror(a.commands), 1;
 	o.url = a.url;
 	o.token = a.token;
+	if (a.token_file)
+		o.token_cb = token_cb;
+	o.ca_file = a.ca;
+	o.cert_file = a.cert;
+	o.key_file = a.key;
 	o.spool_dir = a.spool;
 	o.fsync = a.fsync;
 	o.max_spool_bytes = a.max_spool;

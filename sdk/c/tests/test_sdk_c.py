@@ -257,6 +257,52 @@ class SdkC(HubTestCase):
         self.assert_once(self.stored(redis, sub, devs), accepted)
         self.assertLessEqual(len(os.listdir(spool)), self.SPOOL_FILES_MAX, os.listdir(spool))
 
+    def test_tls_verified_and_mtls(self):
+        """wss:// with the hub's certificate verified against the CA and a
+        client certificate whose CN is the sub: delivered once. Against a CA
+        that did not sign the hub's certificate: nothing is sent."""
+        certs = H.dev_certs()
+        redis = self.start_redis()
+        port = H.free_port()
+        args = H.hub_args(redis, self.secret_file, extra=list(NOLIMIT) + [
+            "--tls-cert", os.path.join(certs, "server.pem"), "--tls-key", os.path.join(certs, "server.key"),
+            "--tls-client-ca", os.path.join(certs, "ca.pem")])
+        args[args.index("127.0.0.1:0")] = "127.0.0.1:%d" % port
+        self.start_hub(redis, args=args, tls=True)
+        url = "wss://127.0.0.1:%d/v1/gateway" % port
+        sub, devs = uniq("gw"), [uniq("t")]
+        cert, key = H.client_cert(certs, sub)
+        acc = os.path.join(self.dir, "acc")
+        bad = self.gw(url, sub, devs, os.path.join(self.dir, "spool-bad"),
+                      ["--count", 10, "--ca", os.path.join(certs, "foreign-ca.pem"),
+                       "--cert", cert, "--key", key, "--serve-ms", 3000])
+        p = self.gw(url, sub, devs, os.path.join(self.dir, "spool"),
+                    ["--count", 500, "--ca", os.path.join(certs, "ca.pem"), "--cert", cert, "--key", key,
+                     "--accepted", acc])
+        self.assertEqual(p.wait(60), 0, p.describe())
+        self.assert_once(self.stored(redis, sub, devs), read_ints(acc))
+        self.assertEqual(bad.wait(30), 0, bad.describe())
+        self.assertIn("pending=10", bad.stdout(), bad.describe())   # never delivered
+        if self.GW_CMD == [SDK_GW]:
+            self.assertIn("certificate does not verify", read_text(bad.err_path))
+
+    def test_token_refresh(self):
+        """An expired token is refused (401, reported to on_state); the token
+        callback is asked again before every connect and the fresh token
+        gets everything delivered."""
+        redis = self.start_redis()
+        port = H.free_port()
+        self.fixed_hub(redis, port)
+        sub, devs = uniq("gw"), [uniq("t")]
+        tok = H.write_file(os.path.join(self.dir, "token"), self.token(sub, ttl=-600))
+        acc = os.path.join(self.dir, "acc")
+        p = self.gw("ws://127.0.0.1:%d/v1/gateway" % port, sub, devs, os.path.join(self.dir, "spool"),
+                    ["--count", 300, "--token-file", tok, "--accepted", acc])
+        wait_until(lambda: " 401 " in read_text(p.err_path), 20, what="a 401 reported")
+        H.write_file(tok, self.token(sub))
+        self.assertEqual(p.wait(60), 0, p.describe())
+        self.assert_once(self.stored(redis, sub, devs), read_ints(acc))
+
     def test_commands_real_hub(self):
         """Commands created through the API run once each and end in the
         status the handler reported, with its progress and result."""

@@ -18,7 +18,8 @@ from iothub_gw import Gateway, SpoolFull  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    for k in ("url", "token", "spool", "devices", "accepted", "commands"):
+    for k in ("url", "token", "spool", "devices", "accepted", "commands", "ca", "cert", "key",
+              "token-file"):
         ap.add_argument("--" + k)
     ap.add_argument("--type", default="thermostat")
     for k in ("count", "start", "ts-base", "rate", "bad-every", "serve-ms", "max-spool", "segment"):
@@ -41,7 +42,13 @@ def main():
     def on_state(state, code, reason):
         sys.stderr.write("py_gw: %s %s %s\n" % (state, code, reason))
 
-    gw = Gateway(a.url, os.path.join(a.spool, "spool.db"), token=a.token, fsync=a.fsync,
+    def token_cb():
+        with open(a.token_file) as f:
+            return f.read().strip() or None
+
+    gw = Gateway(a.url, os.path.join(a.spool, "spool.db"), token=a.token,
+                 token_cb=token_cb if a.token_file else None, fsync=a.fsync,
+                 ca_file=a.ca, cert_file=a.cert, key_file=a.key,
                  max_spool_bytes=a.max_spool or (64 << 20), backoff_min=0.1, backoff_max=2.0,
                  on_reject=on_reject, on_state=on_state)
 
