@@ -96,6 +96,7 @@ struct outbox {
 	enum iothub_gw_fsync fsync;
 	int dirty;              /* written since the last fsync */
 	uint64_t next_rid, next_seq;
+	uint64_t seq_limit;     /* seqs below it may have been used: S record */
 
 	struct ob_reading *rd;  /* unacked readings by rid: rd[rd_head..rd_len) */
 	size_t rd_head, rd_len, rd_cap;

@@ -10,10 +10,14 @@
  *   R <rid> <reading json>    an accepted reading
  *   F <seq> <first_rid> <n>   the frame seq holds n readings from first_rid
  *   A <seq>                   the hub acked frame seq
+ *   S <seq_limit>             frames may use seqs below seq_limit (fsynced
+ *                             under every policy before such a frame exists)
  * Replay reads the segments in order up to the first line that is torn or
  * fails its CRC (the tail of the last segment is cut there): frames with an
  * F and no A are resent with the same seq and readings, readings in no frame
- * are framed anew. A closed segment is deleted once every reading up to the
+ * are framed anew. A reopened spool continues at the last seq_limit, so a
+ * frame whose F record a power cut took (fsync none) never gives its seq to
+ * other readings: the hub would ack those as a duplicate and drop them. A closed segment is deleted once every reading up to the
  * point it was closed at is acked (nothing in it is needed any more); the
  * current segment always exists, so its H keeps seq increasing.
  * Not thread-safe: the gateway holds its mutex around every call.
@@ -98,10 +102,12 @@ static int open_segment(struct outbox *o, uint64_t no)
 		return -1;
 	o->cur_seg = no;
 	o->cur_bytes = 0;
-	n = snprintf(h, sizeof(h), "H %" PRIu64 " %" PRIu64, o->next_rid, o->next_seq);
-	if (write_rec(o, h, (size_t)n, o->fsync != IOTHUB_GW_FSYNC_NONE))
+	/* the seq floor must outlive the segments that held S records */
+	n = snprintf(h, sizeof(h), "H %" PRIu64 " %" PRIu64, o->next_rid,
+		     o->seq_limit > o->next_seq ? o->seq_limit : o->next_seq);
+	if (write_rec(o, h, (size_t)n, 1))
 		return -1;
-	if (o->fsync != IOTHUB_GW_FSYNC_NONE && o->dirfd >= 0)
+	if (o->dirfd >= 0)
 		fsync(o->dirfd);
 	return 0;
 }
@@ -277,6 +283,12 @@ static size_t replay_segment(struct outbox *o, struct replay *r, const char *buf
 			r->fr[r->nfr++] = (struct ob_frame){ a, b, (uint32_t)c, FR_UNSENT };
 			if (a + 1 > o->next_seq)
 				o->next_seq = a + 1;
+			break;
+		case 'S':
+			if (sscanf(body, "S %" SCNu64, &a) != 1)
+				goto out;
+			if (a > o->next_seq)
+				o->next_seq = a;
 			break;
 		case 'A':
 			if (sscanf(body, "A %" SCNu64, &a) != 1)
@@ -468,6 +480,7 @@ int ob_open(struct outbox *o, const char *dir, size_t max_bytes, size_t seg_byte
 		o->cur_bytes = last_valid;
 	}
 	free(nos);
+	o->seq_limit = o->next_seq;   /* the first frame takes a new lease */
 	compact(o);
 	return IOTHUB_GW_OK;
 }
@@ -539,6 +552,12 @@ int ob_make_frame(struct outbox *o, size_t max, size_t max_bytes)
 	}
 	if (o->cur_bytes >= o->seg_bytes && roll(o))
 		return -1;
+	if (o->next_seq >= o->seq_limit) {
+		len = snprintf(body, sizeof(body), "S %" PRIu64, o->next_seq + 1024);
+		if (write_rec(o, body, (size_t)len, 1))
+			return -1;
+		o->seq_limit = o->next_seq + 1024;
+	}
 	len = snprintf(body, sizeof(body), "F %" PRIu64 " %" PRIu64 " %zu", o->next_seq,
 		       o->rd[k].rid, n);
 	/* the seq of a frame must be on disk before the hub may store it */

@@ -48,6 +48,12 @@ class Spool:
             self.db.execute("INSERT INTO meta VALUES ('next_seq', ?)", (self.next_seq,))
         else:
             self.next_seq = row[0]
+        # seqs below seq_limit may have been used by frames whose commit a power
+        # cut took (synchronous OFF/NORMAL): start above them, never reuse one
+        row = self.db.execute("SELECT v FROM meta WHERE k='seq_limit'").fetchone()
+        if row is not None and row[0] > self.next_seq:
+            self.next_seq = row[0]
+        self.seq_limit = self.next_seq   # the first frame takes a new lease
         self.bytes = self.db.execute("SELECT COALESCE(SUM(LENGTH(json)), 0) FROM readings").fetchone()[0]
 
     def close(self):
@@ -91,7 +97,8 @@ class Spool:
                 take.append(rid)
                 size += n + 1
             seq = self.next_seq
-            if self.fsync == "batch":
+            lease = seq >= self.seq_limit
+            if self.fsync == "batch" or lease:
                 # the frame's seq must be on disk before the hub may store it:
                 # this commit syncs the WAL, with every reading before it
                 self.db.execute("PRAGMA synchronous=FULL")
@@ -100,13 +107,18 @@ class Spool:
                 self.db.execute("UPDATE readings SET seq=? WHERE seq IS NULL AND rid BETWEEN ? AND ?",
                                 (seq, take[0], take[-1]))
                 self.db.execute("UPDATE meta SET v=? WHERE k='next_seq'", (seq + 1,))
+                if lease:
+                    self.db.execute("INSERT INTO meta VALUES ('seq_limit', ?) ON CONFLICT(k)"
+                                    " DO UPDATE SET v=excluded.v", (seq + 1024,))
                 self.db.execute("COMMIT")
+                if lease:
+                    self.seq_limit = seq + 1024
             except Exception:
                 self.db.execute("ROLLBACK")
                 raise
             finally:
-                if self.fsync == "batch":
-                    self.db.execute("PRAGMA synchronous=NORMAL")
+                if self.fsync == "batch" or lease:
+                    self.db.execute("PRAGMA synchronous=%s" % SYNC[self.fsync])
             self.next_seq = seq + 1
             return seq
 
