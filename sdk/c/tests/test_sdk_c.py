@@ -210,6 +210,30 @@ class SdkC(HubTestCase):
         self.assertGreaterEqual(int(stats["reconnects"]), 1, out)
         hub2.check_alive()
 
+    def test_redis_killed_and_restarted(self):
+        """Redis (append-only, fsync always; the hub acks with
+        --ack-durability fsync) killed with -9 mid-stream and started again
+        on its port and data: the SDK waits out `unavailable`, resends, and
+        every accepted reading is stored once."""
+        redis = self.start_redis(extra=["--appendonly", "yes", "--appendfsync", "always"])
+        port = H.free_port()
+        hub = self.fixed_hub(redis, port, extra=["--ack-durability", "fsync"])
+        sub, devs = uniq("gw"), [uniq("t") for _ in range(3)]
+        spool, acc = os.path.join(self.dir, "spool"), os.path.join(self.dir, "acc")
+        p = self.gw("ws://127.0.0.1:%d/v1/gateway" % port, sub, devs, spool,
+                    ["--count", 8000, "--rate", 2000, "--accepted", acc])
+        wait_until(lambda: len(read_ints(acc)) >= 2500, 30, what="2500 accepted")
+        redis.kill()
+        time.sleep(1.5)
+        redis.restart()
+        rc = p.wait(120)
+        self.assertEqual(rc, 0, p.describe())
+        out = p.stdout()
+        self.assert_once(self.stored(redis, sub, devs), read_ints(acc))
+        stats = dict(kv.split("=") for kv in out.split("stats ")[1].split())
+        self.assertGreater(int(stats["unavailable"]), 0, out)
+        hub.check_alive()
+
     def test_rate_limits_and_rejects(self):
         """Per-device rate limits: rate_limited readings go again after
         retry_after_ms and end stored once; invalid ones reach on_reject."""
