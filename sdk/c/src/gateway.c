@@ -464,7 +464,7 @@ static int on_writeable(struct iothub_gw *gw)
 		rc = tx_write(gw);
 		wrote = 1;
 	}
-	if (!wrote && !gw->announce_wait && now >= gw->pause_until &&
+	if (!wrote && !gw->announce_wait && !gw->devs_new && now >= gw->pause_until &&
 	    gw->inflight < gw->max_inflight) {
 		struct ob_frame *f = build_frame(gw);
 
@@ -479,7 +479,7 @@ static int on_writeable(struct iothub_gw *gw)
 	/* more to write now? */
 	if ((gw->devs_new && now >= gw->announce_retry_at) || (gw->q && now >= gw->q_not_before))
 		more = 1;
-	if (!more && !gw->announce_wait && now >= gw->pause_until &&
+	if (!more && !gw->announce_wait && !gw->devs_new && now >= gw->pause_until &&
 	    gw->inflight < gw->max_inflight)
 		for (size_t i = gw->ob.fr_head; i < gw->ob.fr_len && !more; i++)
 			more = gw->ob.fr[i].state == FR_UNSENT;
@@ -525,7 +525,7 @@ static void pump(struct iothub_gw *gw)
 		if ((gw->devs_new && now >= gw->announce_retry_at) ||
 		    (gw->q && now >= gw->q_not_before))
 			want = 1;
-		if (!gw->announce_wait && now >= gw->pause_until && gw->inflight < gw->max_inflight)
+		if (!gw->announce_wait && !gw->devs_new && now >= gw->pause_until && gw->inflight < gw->max_inflight)
 			for (size_t i = gw->ob.fr_head; i < gw->ob.fr_len && !want; i++)
 				want = gw->ob.fr[i].state == FR_UNSENT;
 	}

@@ -338,7 +338,9 @@ class Gateway:
         while self._out and now >= self._out_not_before:
             await ws.send(self._out.pop(0))
         # telemetry
-        if self._announce_wait or now < self._pause_until:
+        # no frame before every device is announced (or refused for good): a
+        # reading of a device still waiting would be rejected unknown_device
+        if self._announce_wait or self._unannounced or now < self._pause_until:
             return
         for seq in self.spool.frames():
             if len(self._inflight) >= self.max_inflight:
