@@ -255,6 +255,21 @@ class SdkC(HubTestCase):
         bad = {i for i in range(1000) if i % 100 == 99}
         self.assert_once(self.stored(redis, sub, devs), [i for i in read_ints(acc) if i not in bad])
 
+    def test_announce_rate_limited(self):
+        """Five devices against an announce bucket of two (refilling at 2/s):
+        the refused entries are announced again after retry_after_ms and no
+        reading goes before, so none is rejected and all are stored once."""
+        redis = self.start_redis()
+        port = H.free_port()
+        self.fixed_hub(redis, port, extra=["--announce-rate", "2", "--announce-burst", "2"])
+        sub, devs = uniq("gw"), [uniq("t") for _ in range(5)]
+        acc = os.path.join(self.dir, "acc")
+        p = self.gw("ws://127.0.0.1:%d/v1/gateway" % port, sub, devs, os.path.join(self.dir, "spool"),
+                    ["--count", 500, "--accepted", acc])
+        self.assertEqual(p.wait(60), 0, p.describe())
+        self.assertNotIn("reject ", p.stdout())
+        self.assert_once(self.stored(redis, sub, devs), read_ints(acc))
+
     def test_spool_bound(self):
         """No hub: send() fills the spool to its bound and then refuses with
         "spool full" (ESPOOL_FULL); the spool stays within the bound; later,
