@@ -9,12 +9,14 @@
 #include "hub/audit.h"
 #include "hub/http.h"
 #include "hub/hub.h"
+#include "hub/ingest.h"
 #include "hub/keys.h"
 #include "hub/module.h"
 #include "hub/log.h"
 #include "hub/redis.h"
 #include "hub/util.h"
 #include "protocols/schema.h"
+#include "hub_lua.h"
 
 #define MAX_ERRS 4
 
@@ -777,23 +779,259 @@ static void on_cancel(struct hub_req *rq, const struct hub_route_args *a)
 #define READ (AUTH_SCOPE_TELEMETRY_READ | AUTH_SCOPE_COMMANDS_WRITE)
 #define WRITE AUTH_SCOPE_COMMANDS_WRITE
 
+/* ---- DELETE /v1/devices/{device}: decommission --------------------------------
+ * Reads the device's type, cancels its pending commands (as POST .../cancel
+ * does, the gateway told where it had them), then removes it from the
+ * registry in one call (hub/lua/decommission.lua), tells the instance that
+ * holds it to stop storing its readings (a devtake notice naming no
+ * connection), and with ?purge=true deletes its readings in every ingest
+ * shard and its command log. docs/admin-api.md. */
+
+struct cmd_api {
+	int script_decommission;
+};
+
+struct decom {
+	const struct cmd_api *ca;
+	char device[HUB_ID_MAX + 1];
+	char type[HUB_ID_MAX + 1];
+	bool purge;
+	unsigned pending;           /* cancels not answered yet */
+	int tries;                  /* a command created meanwhile: cancel again */
+};
+
+static void decom_remove(struct hub_req *rq);
+static void decom_cancel_pending(struct hub_req *rq);
+
+/* One pending command's cancel, on its way. */
+struct decom_cancel {
+	struct hub_req *rq;
+	char id[CMD_ID_MAX + 1];
+};
+
+static void on_decom_canceled(redisReply *r, void *arg)
+{
+	struct decom_cancel *dc = arg;
+	struct hub_req *rq = dc->rq;
+	struct decom *d = hub_req_ctx(rq);
+	const char *was = r && r->type == REDIS_REPLY_ARRAY && r->elements > 1 &&
+			  r->element[0]->type == REDIS_REPLY_INTEGER && r->element[0]->integer == 1 &&
+			  r->element[1]->type == REDIS_REPLY_STRING ? r->element[1]->str : NULL;
+
+	if (was && strcmp(was, "queued"))
+		cmd_route_cancel(hub_req_hub(rq), dc->id, d->device);
+	free(dc);
+	if (!--d->pending && !hub_req_gone(rq))
+		decom_remove(rq);
+	hub_req_unref(rq);
+}
+
+static void on_decom_pending(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct decom *d = hub_req_ctx(rq);
+	struct hub *hub = hub_req_hub(rq);
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		unavailable(rq);
+		goto out;
+	}
+	if (!r->elements) {
+		decom_remove(rq);
+		goto out;
+	}
+	d->pending = (unsigned)r->elements + 1; /* + this step's own hold */
+	for (size_t i = 0; i < r->elements; i++) {
+		struct decom_cancel *dc;
+
+		if (r->element[i]->type != REDIS_REPLY_STRING ||
+		    r->element[i]->len > CMD_ID_MAX) {
+			d->pending--;
+			continue;
+		}
+		dc = hub_xcalloc(1, sizeof(*dc));
+		dc->rq = rq;
+		memcpy(dc->id, r->element[i]->str, r->element[i]->len);
+		if (cmd_cancel(hub, dc->id, on_decom_canceled, dc)) {
+			free(dc);
+			d->pending--;
+			continue;
+		}
+		hub_req_ref(rq);
+	}
+	if (!--d->pending)
+		decom_remove(rq);
+out:
+	hub_req_unref(rq);
+}
+
+static void decom_cancel_pending(struct hub_req *rq)
+{
+	struct decom *d = hub_req_ctx(rq);
+	char key[HUB_KEY_MAX];
+	const char *argv[4] = { "ZRANGE", key, "0", "-1" };
+
+	hub_key_dev_cmds(key, sizeof(key), d->device);
+	await_reply(rq, hub_redis_command_argv(hub_req_hub(rq)->redis, on_decom_pending, rq, 4,
+					       argv, NULL));
+}
+
+static void on_decom_removed(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct decom *d = hub_req_ctx(rq);
+	struct hub *hub = hub_req_hub(rq);
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("decommission %s: %s", d->device, r->str);
+		unavailable(rq);
+		goto out;
+	}
+	if (r->integer == 0) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		goto out;
+	}
+	if (r->integer < 0) {          /* a command or a type change came between */
+		if (++d->tries > 3) {
+			hub_req_error(rq, 409, "conflict", NULL,
+				      "the device keeps getting new commands; try again");
+			goto out;
+		}
+		decom_cancel_pending(rq);
+		goto out;
+	}
+	{
+		char msg[HUB_ID_MAX + 4], key[HUB_KEY_MAX];
+		int n = snprintf(msg, sizeof(msg), "%s -\n", d->device);
+
+		/* "-" is no connection: whoever holds the device drops it. */
+		hub_redis_publish(hub->redis, HUB_CH_DEVTAKE, msg, (size_t)n);
+		if (d->purge) {
+			unsigned shards = hub_ingest_shards(hub);
+			for (unsigned k = 0; k < (shards ? shards : 1); k++) {
+				const char *argv[2] = { "DEL", key };
+				if (hub_key_tm_shard(key, sizeof(key), k, d->device))
+					hub_redis_command_argv(hub->redis, NULL, NULL, 2, argv, NULL);
+			}
+		}
+		hub_audit(hub, rq, "device.delete", d->device,
+			  d->purge ? "{\"purge\":true}" : "{\"purge\":false}");
+		hub_req_respond(rq, 204, "application/json", "", 0);
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static void decom_remove(struct hub_req *rq)
+{
+	struct decom *d = hub_req_ctx(rq);
+	struct hub *hub = hub_req_hub(rq);
+	const struct cmd_api *ca = d->ca;
+	unsigned slot = hub_dev_slot(d->device);
+	char k[6][HUB_KEY_MAX];
+	const char *argv[12];
+
+	hub_key_dev(k[0], sizeof(k[0]), d->device);
+	hub_key_idx_devices(k[1], sizeof(k[1]), slot);
+	if (!hub_key_idx_type(k[2], sizeof(k[2]), slot, d->type))
+		hub_key_idx_devices(k[2], sizeof(k[2]), slot); /* no type: a key of the slot */
+	hub_key_dev_cmds(k[3], sizeof(k[3]), d->device);
+	hub_key_dev_cancels(k[4], sizeof(k[4]), d->device);
+	hub_key_dev_cmdlog(k[5], sizeof(k[5]), d->device);
+	argv[0] = "EVALSHA";
+	argv[1] = hub_redis_script_sha(hub->redis, ca->script_decommission);
+	argv[2] = "6";
+	for (int i = 0; i < 6; i++)
+		argv[3 + i] = k[i];
+	argv[9] = d->device;
+	argv[10] = d->type;
+	argv[11] = d->purge ? "1" : "0";
+	await_reply(rq, hub_redis_command_argv(hub->redis, on_decom_removed, rq, 12, argv, NULL));
+}
+
+static void on_decom_type(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct decom *d = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type == REDIS_REPLY_ERROR) {
+		unavailable(rq);
+		goto out;
+	}
+	if (r->type != REDIS_REPLY_STRING) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		goto out;
+	}
+	snprintf(d->type, sizeof(d->type), "%s", r->str);
+	decom_cancel_pending(rq);
+out:
+	hub_req_unref(rq);
+}
+
+static void on_device_delete(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const char *dev = a->param[0], *purge = NULL;
+	struct decom *d;
+	char key[HUB_KEY_MAX];
+	const char *argv[3] = { "HGET", key, "type" };
+
+	for (size_t i = 0; a->query && i < a->query->n; i++)
+		if (!strcmp(a->query->name[i], "purge"))
+			purge = a->query->value[i];
+	if (purge && strcmp(purge, "true") && strcmp(purge, "false")) {
+		hub_req_error(rq, 422, "invalid", "purge", "purge must be true or false");
+		return;
+	}
+	if (!hub_id_valid(dev, strlen(dev)) || !visible(rq, dev) ||
+	    !hub_key_dev(key, sizeof(key), dev)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such device");
+		return;
+	}
+	d = hub_xcalloc(1, sizeof(*d));
+	d->ca = a->ctx;
+	snprintf(d->device, sizeof(d->device), "%s", dev);
+	d->purge = purge && !strcmp(purge, "true");
+	hub_req_set_ctx(rq, d, free);
+	await_reply(rq, hub_redis_command_argv(hub_req_hub(rq)->redis, on_decom_type, rq, 3, argv,
+					       NULL));
+}
+
 static const struct hub_route routes[] = {
 	{ "POST", "/v1/devices/{}/commands", HUB_ROUTE_KEY, WRITE, on_device_create },
 	{ "GET", "/v1/devices/{}/commands", HUB_ROUTE_KEY, READ, on_device_list },
 	{ "POST", "/v1/commands", HUB_ROUTE_KEY, WRITE, on_fleet_create },
 	{ "GET", "/v1/commands/{}", HUB_ROUTE_KEY, READ, on_get_one },
 	{ "POST", "/v1/commands/{}/cancel", HUB_ROUTE_KEY, WRITE, on_cancel },
+	{ "DELETE", "/v1/devices/{}", HUB_ROUTE_KEY, AUTH_SCOPE_ADMIN, on_device_delete },
 };
 
 static int cmd_api_start(struct hub *hub, char *err, size_t errlen)
 {
+	struct cmd_api *ca = hub_xcalloc(1, sizeof(*ca));
+
 	(void)err;
 	(void)errlen;
-	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), NULL);
+	ca->script_decommission = hub_redis_add_script(hub->redis, hub_lua_decommission);
+	hub->cmd_api = ca;
+	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), ca);
 	return 0;
+}
+
+static void cmd_api_free(struct hub *hub)
+{
+	free(hub->cmd_api);
+	hub->cmd_api = NULL;
 }
 
 const struct hub_module cmd_api_module = {
 	.name = "commands-api",
 	.start = cmd_api_start,
+	.free = cmd_api_free,
 };

@@ -25,6 +25,7 @@ struct hub_http;
 struct hub_lease;
 struct hub_durability;
 struct cmd_engine;
+struct cmd_api;
 struct hub_audit;
 struct hub_revocations;
 struct hub_registry;
@@ -66,6 +67,7 @@ struct hub {
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */
+	struct cmd_api *cmd_api;           /* commands/cmd_api.c */
 	struct hub_audit *audit;           /* hub/audit.c */
 	struct hub_revocations *revoked;   /* hub/revoke.c */
 	struct agg *agg;

@@ -33,6 +33,7 @@ OPERATIONS = [
     ("post", "/v1/revocations"), ("get", "/v1/revocations"),
     ("delete", "/v1/revocations/sub/{sub}"), ("delete", "/v1/revocations/jti/{jti}"),
     ("get", "/v1/audit"),
+    ("delete", "/v1/devices/{device}"),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
 STATES = ["queued", "sent", "received", "in_progress", "succeeded", "failed", "rejected",
@@ -387,8 +388,9 @@ class Checks:
             self.assertEqual(doc["error"].get("field"), field, where)
         return hdrs, doc
 
-    def sample_path(self, path):
-        return path.replace("{device}", "t-1").replace("{id}", "c_00000000000000000000000000000000") \
+    def sample_path(self, path, method="get"):
+        # A DELETE must not remove the seeded device the later tests read.
+        return path.replace("{device}", "t-gone" if method.lower() == "delete" else "t-1").replace("{id}", "c_00000000000000000000000000000000") \
             .replace("{sub}", "gw-1").replace("{jti}", "tok-1")
 
     async def wait_redis(self, hub, up):
@@ -440,7 +442,7 @@ class Live(Checks, HubTestCase):
             if path in PUBLIC:
                 continue
             body = {"name": "reboot"} if method == "post" else None
-            self.call(method.upper(), self.sample_path(path), 401, key=None, body=body,
+            self.call(method.upper(), self.sample_path(path, method), 401, key=None, body=body,
                       code="unauthorized")
 
     async def test_401_unknown_key(self):
@@ -462,12 +464,12 @@ class Live(Checks, HubTestCase):
                 keys += ["reader", "writer"]
             body = {"name": "reboot"} if method == "post" else None
             for key in keys:
-                self.call(method.upper(), self.sample_path(path), 403, key=key, body=body,
+                self.call(method.upper(), self.sample_path(path, method), 403, key=key, body=body,
                           code="forbidden")
             # any one of the listed scopes is enough (not 401/403)
             for scope in scopes:
                 key = {"telemetry:read": "reader", "commands:write": "writer", "admin": "admin"}[scope]
-                st, _, raw = request(self.hub, method.upper(), self.sample_path(path), key, body)
+                st, _, raw = request(self.hub, method.upper(), self.sample_path(path, method), key, body)
                 self.assertNotIn(st, (401, 403), "%s %s with %s: %s" % (method, path, key, raw[:200]))
 
     async def test_public_routes(self):

@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HubTestCase, api_keys_file, connect_gateway, http_json, main, reading,  # noqa: E402
-                     uniq, wait_until)
+                     rkeys, uniq, wait_until)
 
 KEYS = {"ops-admin": ("iotk_ops_admin_00000001", ["admin"]),
         "writer": ("iotk_ops_writer_0000002", ["commands:write", "telemetry:read"])}
@@ -156,6 +156,61 @@ class Operations(HubTestCase):
         self.assertEqual(http_json(self.a, "GET", "/v1/audit", key=WRITER)[0], 403)
         self.assertEqual(http_json(self.a, "GET", "/v1/audit?limit=0", key=ADMIN)[0], 422)
         self.assertEqual(http_json(self.a, "GET", "/v1/audit?before=x", key=ADMIN)[0], 422)
+
+
+class Decommission(HubTestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = cls.class_redis()
+        cls.hub = cls.class_hub(cls.redis, extra=["--api-keys", api_keys_file(KEYS)])
+
+    async def device_with_history(self):
+        gw = await self.gateway(self.hub)
+        d = uniq("t")
+        rep = await gw.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        for seq in (1, 2, 3):
+            rep = await gw.telemetry(seq, [reading(d, 20.0 + seq)])
+            self.assertEqual(rep.get("accepted"), 1, rep)
+        return gw, d
+
+    async def test_delete_cancels_commands_and_purges(self):
+        gw, d = await self.device_with_history()
+        ids = []
+        for name in ("reboot", "reboot"):
+            st, cmd = http_json(self.hub, "POST", "/v1/devices/%s/commands" % d, {"name": name}, key=WRITER)
+            self.assertEqual(st, 201, cmd)
+            ids.append(cmd["id"])
+        await gw.wait_for(lambda m: m.get("type") == "command" and m.get("id") == ids[-1], 5, "the command")
+        self.assertEqual(http_json(self.hub, "DELETE", "/v1/devices/%s" % d, key=WRITER)[0], 403)
+        st, body = http_json(self.hub, "DELETE", "/v1/devices/%s?purge=true" % d, key=ADMIN)
+        self.assertEqual(st, 204, body)
+        # The gateway that had them is told; the commands are canceled.
+        for cid in ids:
+            await gw.wait_for(lambda m, cid=cid: m.get("type") == "cancel" and m.get("id") == cid, 5,
+                              "the cancel of %s" % cid)
+        for cid in ids:
+            st, cmd = http_json(self.hub, "GET", "/v1/commands/%s" % cid, key=WRITER)
+            self.assertEqual((st, cmd.get("status")), (200, "canceled"), cmd)
+        self.assertEqual(http_json(self.hub, "GET", "/v1/devices/%s" % d, key=ADMIN)[0], 404)
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.tm(d)), 0, "history purged")
+        # Its gateway no longer stores its readings.
+        rep = await gw.telemetry(4, [reading(d, 30.0)])
+        self.assertEqual(rep.get("accepted"), 0, rep)
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.tm(d)), 0)
+        st, audit = http_json(self.hub, "GET", "/v1/audit", key=ADMIN)
+        self.assertIn(("device.delete", d, True),
+                      [(e["action"], e["target"], e["detail"].get("purge")) for e in audit["entries"]])
+        self.assertEqual(http_json(self.hub, "DELETE", "/v1/devices/%s" % d, key=ADMIN)[0], 404)
+
+    async def test_delete_keeps_history_without_purge(self):
+        _, d = await self.device_with_history()
+        st, _ = http_json(self.hub, "DELETE", "/v1/devices/%s" % d, key=ADMIN)
+        self.assertEqual(st, 204)
+        self.assertEqual(self.redis.xlen(rkeys.tm(d)), 3, "history kept")
+        self.assertEqual(http_json(self.hub, "DELETE", "/v1/devices/%s?purge=maybe" % uniq("t"), key=ADMIN)[0], 422)
+        self.assertEqual(http_json(self.hub, "DELETE", "/v1/devices/%s" % uniq("t"), key=ADMIN)[0], 404)
 
 
 if __name__ == "__main__":
