@@ -228,6 +228,7 @@ static void on_canceled(redisReply *r, void *arg)
 				  r->element[1]->str : "";
 		if (strcmp(was, "queued"))
 			cmd_route_cancel(hub_req_hub(rq), c->id, c->device);
+		hub_metrics_command_final(&hub_req_hub(rq)->metrics, "canceled");
 		audit_command(rq, "command.cancel", c);
 		get_and_answer(rq, c->id, 200);
 	}
@@ -820,6 +821,8 @@ static void on_decom_canceled(redisReply *r, void *arg)
 
 	if (was && strcmp(was, "queued"))
 		cmd_route_cancel(hub_req_hub(rq), dc->id, d->device);
+	if (was)
+		hub_metrics_command_final(&hub_req_hub(rq)->metrics, "canceled");
 	free(dc);
 	if (!--d->pending && !hub_req_gone(rq))
 		decom_remove(rq);

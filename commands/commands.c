@@ -305,6 +305,8 @@ static void on_tick(redisReply *r, void *arg)
 
 	if (kind == 0 && el_int(r, 1) > 0) {
 		cmd_track(E->hub, id, el_int(r, 1));
+	} else if (kind == 1) {
+		hub_metrics_command_final(&E->hub->metrics, el_str(r, 1));
 	} else if (kind == 2) {
 		const char *dev = el_str(r, 1), *inst = el_str(r, 2), *online = el_str(r, 3);
 		cmd_track(E->hub, id, el_int(r, 4));
@@ -488,6 +490,8 @@ static void on_active_rollouts(redisReply *r, void *arg)
 {
 	struct cmd_engine *E = arg;
 
+	if (r && r->type == REDIS_REPLY_ARRAY)
+		E->hub->metrics.rollouts_active = r->elements;
 	for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
 		if (r->element[i]->type == REDIS_REPLY_STRING)
 			rollout_step(E, r->element[i]->str);
@@ -826,6 +830,8 @@ static void on_acked(redisReply *r, void *arg)
 	}
 	if (r && r->type == REDIS_REPLY_ARRAY)
 		a->E->hub->metrics.command_acks_total++;
+	if (el_int(r, 0) == 1) /* applied: final when the status is one */
+		hub_metrics_command_final(&a->E->hub->metrics, el_str(r, 1));
 	hub_link_release(a->conn);
 	hub_buf_free(&a->args);
 	free(a);

@@ -288,6 +288,11 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	histogram(o, "iot_hub_stream_delivery_seconds",
 		  "Raw reading stored in Redis (its feed id's time) to written to a dashboard.",
 		  &m->stream_delivery);
+	counters(o, "iot_hub_commands_finished_total",
+		 "Commands that reached a final state through this instance, by state.", "state",
+		 hub_cmd_final_states, m->commands_finished, HUB_CMD_FINAL_STATES);
+	gauge(o, "iot_hub_rollouts_active", "Running rollouts (read by the sweep every second).",
+	      (double)m->rollouts_active);
 	gauge(o, "iot_hub_devices_online", "Devices announced on this instance's gateway connections.",
 	      (double)m->devices_online);
 	counters(o, "iot_hub_gateway_disconnects_total", "Gateway connections ended, by reason.",

@@ -47,6 +47,14 @@ extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 /* The dashboard subscription kinds (docs/dashboard.md `stream`), in the
  * order of protocols/stream.c's enum st_kind. */
 #define HUB_STREAM_KINDS 6
+
+/* The final states of a command (docs/commands.md), for
+ * iot_hub_commands_finished_total. */
+#define HUB_CMD_FINAL_STATES 6
+extern const char *const hub_cmd_final_states[HUB_CMD_FINAL_STATES];
+/* Counts a command that reached state on this instance (ignores others). */
+struct hub_metrics;
+void hub_metrics_command_final(struct hub_metrics *m, const char *state);
 extern const char *const hub_stream_kinds[HUB_STREAM_KINDS];
 
 /* HTTP requests of one route (hub/http.c keeps one per registered route,
@@ -81,6 +89,7 @@ struct hub_metrics {
 	size_t stream_connections;         /* dashboard WebSockets open */
 	size_t stream_subscriptions;       /* their live subscriptions */
 	size_t devices_online;             /* devices announced on this instance's connections */
+	size_t rollouts_active;            /* running rollouts, as the last sweep read them */
 	/* counters */
 	uint64_t connections_total;        /* gateway WebSockets established */
 	uint64_t auth_failures_total;      /* gateway upgrades refused with 401 */
@@ -118,6 +127,7 @@ struct hub_metrics {
 	uint64_t devices_taken_total;      /* local devices announced by another connection */
 	uint64_t aggregate_late_partials_total; /* partials after their window was emitted */
 	uint64_t gateway_disconnects[HUB_DISC__COUNT];
+	uint64_t commands_finished[HUB_CMD_FINAL_STATES]; /* final transitions made here */
 	uint64_t bytes_received[HUB_WS__COUNT + 1]; /* gateway, dashboard, http (bodies) */
 	uint64_t bytes_sent[HUB_WS__COUNT + 1];     /* ... http: whole answers */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
