@@ -875,6 +875,30 @@ class Metrics(SharedHub):
         self.assertGreaterEqual(delta("iot_hub_commands_sent_total"), 1)
         self.assertEqual(delta("iot_hub_command_acks_total"), 2)
 
+    async def test_finished_by_state(self):
+        """iot_hub_commands_finished_total counts each final transition once,
+        under its state; iot_hub_rollouts_active is exported."""
+        d = uniq("t")
+        gw = await self.gw_with(self.hub, [d])
+        m0 = self.metrics()
+        ok = (await self.create(d))["id"]
+        await gw.wait_for(is_cmd(ok), 5, "ok")
+        await self.ack_and_wait(gw, ok, "succeeded")
+        bad = (await self.create(d))["id"]
+        await gw.wait_for(is_cmd(bad), 5, "bad")
+        await self.ack_and_wait(gw, bad, "failed", error="no")
+        gone = (await self.create(d))["id"]
+        st, _ = await self.call("POST", "/v1/commands/%s/cancel" % gone)
+        self.assertEqual(st, 200)
+        await self.ack_and_wait(gw, ok, "succeeded")   # a duplicate: counts nothing
+        m1 = self.metrics()
+
+        def delta(state):
+            return (metric_value(m1, "iot_hub_commands_finished_total", state=state) or 0) - \
+                (metric_value(m0, "iot_hub_commands_finished_total", state=state) or 0)
+        self.assertEqual((delta("succeeded"), delta("failed"), delta("canceled")), (1, 1, 1))
+        self.assertIsNotNone(metric_value(m1, "iot_hub_rollouts_active"))
+
 
 # --------------------------------------------------------------------------
 # how POST bodies arrive (cancel takes none), on a hub of their own
