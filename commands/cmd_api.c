@@ -123,6 +123,7 @@ struct ctx {
 	char idem[160];
 	char owner[129];
 	bool want_cancel;
+	const char *rollout_action; /* pause, resume, cancel (a rollout) */
 };
 
 static void ctx_free(void *p)
@@ -525,6 +526,7 @@ static void on_rollout(redisReply *r, void *arg)
 		{ "name", 's' }, { "params", 'j' }, { "max_per_minute", 'n' },
 		{ "abort_failure_ratio", 'n' }, { "min_finished", 'n' }, { "total", 'n' },
 		{ "released", 'n' }, { "created_at", 'n' }, { "updated_at", 'n' },
+		{ "online_only", 'b' },
 	};
 
 	if (!pair_reply(rq, r))
@@ -541,7 +543,9 @@ static void on_rollout(redisReply *r, void *arg)
 		if (i)
 			hub_buf_puts(&o, ",");
 		hub_buf_printf(&o, "\"%s\":", fields[i].key);
-		if (!v || !v->len)
+		if (fields[i].kind == 'b')
+			hub_buf_puts(&o, v && v->len == 1 && v->str[0] == '1' ? "true" : "false");
+		else if (!v || !v->len)
 			hub_buf_puts(&o, "null");
 		else if (fields[i].kind == 's')
 			hub_buf_json_str(&o, v->str, v->len);
@@ -600,6 +604,7 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	const schema_node *node;
 	struct ctx *c;
 	int mpm = 60, min_finished = 1;
+	bool online_only = false;
 	double ratio = 1.0;
 	char *labels_s = NULL, *pats_s = NULL;
 
@@ -667,6 +672,16 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 			}
 			ratio = json_number_value(v);
 		}
+		v = json_object_get(ro, "online_only");
+		if (v && !json_is_null(v)) {
+			if (!json_is_boolean(v)) {
+				hub_req_error(rq, 422, "invalid", "rollout.online_only",
+					      "rollout.online_only must be true or false");
+				free(labels_s);
+				return;
+			}
+			online_only = json_is_true(v);
+		}
 	}
 	if (!who->devices.all) {
 		json_t *arr = json_array();
@@ -682,7 +697,7 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 	c->spec.params = c->params;
 	c->spec.owner = who->name;
 	await_reply(rq, cmd_rollout_create(hub, &c->spec, labels_s, pats_s, mpm, ratio, min_finished,
-			       on_rollout_created, rq));
+			       online_only, on_rollout_created, rq));
 	free(labels_s);
 	free(pats_s);
 }
@@ -763,6 +778,79 @@ static void on_get_one(struct hub_req *rq, const struct hub_route_args *a)
 		get_and_answer(rq, c->id, 200);
 }
 
+/* ---- pause, resume, cancel of a rollout ------------------------------------------ */
+
+static void on_rollout_ctl(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+	struct hub *hub = hub_req_hub(rq);
+	const char *action = c->rollout_action;
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY || !r->elements ||
+	    r->element[0]->type != REDIS_REPLY_INTEGER) {
+		unavailable(rq);
+		goto out;
+	}
+	if (r->element[0]->integer == -1) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such rollout");
+	} else if (r->element[0]->integer == 0) {
+		char msg[96];
+		snprintf(msg, sizeof(msg), "the rollout is %s: it cannot be %s",
+			 r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING ?
+			 r->element[1]->str : "finished",
+			 !strcmp(action, "pause") ? "paused" : !strcmp(action, "resume") ? "resumed" :
+			 "canceled");
+		hub_req_error(rq, 409, "conflict", NULL, msg);
+	} else {
+		char what[32];
+		snprintf(what, sizeof(what), "rollout.%s", action);
+		hub_audit(hub, rq, what, c->id, NULL);
+		cmd_rollout_kick(hub, c->id); /* a cancel finishes in this step */
+		rollout_answer(rq, 200);
+	}
+out:
+	hub_req_unref(rq);
+}
+
+static void on_rollout_owner(redisReply *r, void *arg)
+{
+	struct hub_req *rq = arg;
+	struct ctx *c = hub_req_ctx(rq);
+
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type == REDIS_REPLY_ERROR) {
+		unavailable(rq);
+		goto out;
+	}
+	if (r->type != REDIS_REPLY_STRING || !rollout_visible(rq, r)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such rollout");
+		goto out;
+	}
+	await_reply(rq, cmd_rollout_ctl(hub_req_hub(rq), c->id, c->rollout_action, on_rollout_ctl, rq));
+out:
+	hub_req_unref(rq);
+}
+
+/* Reads the rollout's owner (a key limited to device patterns acts only on
+ * its own rollouts), then changes its status. */
+static void rollout_control(struct hub_req *rq, struct ctx *c, const char *action)
+{
+	char key[HUB_KEY_MAX];
+	const char *argv[3] = { "HGET", key, "owner" };
+
+	c->rollout_action = action;
+	if (!hub_key_rollout(key, sizeof(key), c->id)) {
+		hub_req_error(rq, 404, "not_found", NULL, "no such rollout");
+		return;
+	}
+	await_reply(rq, hub_redis_command_argv(hub_req_hub(rq)->redis, on_rollout_owner, rq, 3,
+					       argv, NULL));
+}
+
 static void on_cancel(struct hub_req *rq, const struct hub_route_args *a)
 {
 	struct ctx *c = route_command(rq, a);
@@ -770,11 +858,34 @@ static void on_cancel(struct hub_req *rq, const struct hub_route_args *a)
 	if (!c)
 		return;
 	if (!strncmp(c->id, "r_", 2)) {
-		hub_req_error(rq, 404, "not_found", NULL, "cancel a rollout's commands one by one");
+		rollout_control(rq, c, "cancel");
 		return;
 	}
 	c->want_cancel = true;
 	get_and_answer(rq, c->id, 200);
+}
+
+static void rollout_only(struct hub_req *rq, const struct hub_route_args *a, const char *action)
+{
+	struct ctx *c = route_command(rq, a);
+
+	if (!c)
+		return;
+	if (strncmp(c->id, "r_", 2)) {
+		hub_req_error(rq, 404, "not_found", NULL, "only a rollout can be paused or resumed");
+		return;
+	}
+	rollout_control(rq, c, action);
+}
+
+static void on_pause(struct hub_req *rq, const struct hub_route_args *a)
+{
+	rollout_only(rq, a, "pause");
+}
+
+static void on_resume(struct hub_req *rq, const struct hub_route_args *a)
+{
+	rollout_only(rq, a, "resume");
 }
 
 #define READ (AUTH_SCOPE_TELEMETRY_READ | AUTH_SCOPE_COMMANDS_WRITE)
@@ -1012,6 +1123,8 @@ static const struct hub_route routes[] = {
 	{ "POST", "/v1/commands", HUB_ROUTE_KEY, WRITE, on_fleet_create },
 	{ "GET", "/v1/commands/{}", HUB_ROUTE_KEY, READ, on_get_one },
 	{ "POST", "/v1/commands/{}/cancel", HUB_ROUTE_KEY, WRITE, on_cancel },
+	{ "POST", "/v1/commands/{}/pause", HUB_ROUTE_KEY, WRITE, on_pause },
+	{ "POST", "/v1/commands/{}/resume", HUB_ROUTE_KEY, WRITE, on_resume },
 	{ "DELETE", "/v1/devices/{}", HUB_ROUTE_KEY, AUTH_SCOPE_ADMIN, on_device_delete },
 };
 

@@ -33,7 +33,7 @@
  * first and the script called with it. */
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
-       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S_DUE, S__COUNT };
+       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S_DUE, S_RCTL, S__COUNT };
 
 /* ---- engine state ---------------------------------------------------------- */
 
@@ -1091,7 +1091,7 @@ void cmd_init(struct hub *hub)
 		[S_LIST] = hub_lua_cmd_list, [S_RCREATE] = hub_lua_rollout_create,
 		[S_RSTEP] = hub_lua_rollout_step, [S_RGET] = hub_lua_rollout_get,
 		[S_OWED] = hub_lua_cmd_owed, [S_DEVICES] = hub_lua_cmd_devices,
-		[S_DUE] = hub_lua_cmd_due,
+		[S_DUE] = hub_lua_cmd_due, [S_RCTL] = hub_lua_rollout_ctl,
 	};
 	struct cmd_engine *E = hub_xcalloc(1, sizeof(*E));
 
@@ -1128,7 +1128,7 @@ void cmd_free(struct hub *hub)
 }
 
 /* Rollout arguments (ARGV[3..16] of hub/lua/rollout_create.lua). */
-#define RCREATE_ARGS 14
+#define RCREATE_ARGS 15
 
 static int cmp_str(const void *a, const void *b)
 {
@@ -1269,7 +1269,7 @@ static void on_rwalk_slots(redisReply *r, void *arg)
 
 int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *labels,
 		       const char *patterns, int max_per_minute, double ratio, int min_finished,
-		       hub_redis_cb cb, void *arg)
+		       bool online_only, hub_redis_cb cb, void *arg)
 {
 	struct cmd_engine *E = hub->cmd;
 	struct then_ctx *t;
@@ -1297,6 +1297,7 @@ int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *l
 	call_arg(&t->args, num);
 	call_arg(&t->args, sp->owner ? sp->owner : "");
 	hub_resp_int(&t->args, min_finished);
+	call_arg(&t->args, online_only ? "1" : "0");
 	w = hub_xcalloc(1, sizeof(*w));
 	w->t = t;
 	snprintf(w->type, sizeof(w->type), "%s", sp->type);
@@ -1325,6 +1326,22 @@ static void on_rollout_ids(redisReply *r, void *arg)
 	for (size_t i = 0; i < r->elements; i++)
 		call_key(&b, k, hub_key_cmd(k, sizeof(k), el_or_empty(r, i)));
 	then_send(t, &b);
+}
+
+int cmd_rollout_ctl(struct hub *hub, const char *id, const char *action, hub_redis_cb cb,
+		    void *arg)
+{
+	struct cmd_engine *E = hub->cmd;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	if (!E || !hub_key_rollout(k, sizeof(k), id))
+		return -1;
+	call_begin(E, &b, S_RCTL, 1, 2, false);
+	call_key(&b, k, strlen(k));
+	call_arg(&b, action);
+	hub_resp_int(&b, hub_now_ms());
+	return call_send(E, &b, cb, arg);
 }
 
 int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)

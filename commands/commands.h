@@ -75,7 +75,12 @@ int cmd_list(struct hub *hub, const char *device, const char *status, int limit,
  * Reply: integer, the number of commands created. */
 int cmd_rollout_create(struct hub *hub, const struct cmd_spec *sp, const char *labels,
 		       const char *patterns, int max_per_minute, double ratio, int min_finished,
-		       hub_redis_cb cb, void *arg);
+		       bool online_only, hub_redis_cb cb, void *arg);
+/* Pauses, resumes or cancels rollout id (action "pause", "resume",
+ * "cancel"; hub/lua/rollout_ctl.lua): reply {1, new status} | {0, status}
+ * | {-1}. After a cancel, cmd_rollout_kick finishes it. */
+int cmd_rollout_ctl(struct hub *hub, const char *id, const char *action, hub_redis_cb cb,
+		    void *arg);
 /* Reply: {hash, {status, count, ...}} ({}, {} when unknown). */
 int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg);
 /* Runs a release step now (after create: the first command goes at once). */

@@ -1394,6 +1394,42 @@ static int cmd_cancel(void)
 	return cmd_show_cancel(1);
 }
 
+/* POST /v1/commands/ID/ACTION (pause, resume: a rollout). */
+static int rollout_action(const char *action)
+{
+	const char *id = o.pos[0];
+	hub_buf p = { 0 };
+	json_t *r = NULL;
+	int ex;
+
+	if (!id || !*id)
+		opts_die("%s: expected a rollout ID", o.cmd);
+	hub_buf_puts(&p, "/v1/commands/");
+	urlenc(&p, id);
+	hub_buf_puts(&p, "/");
+	hub_buf_puts(&p, action);
+	ex = api("POST", p.data, "{}", NULL, &r, NULL);
+	hub_buf_free(&p);
+	if (ex)
+		return ex;
+	if (o.json)
+		print_json_line(r);
+	else
+		printf("%s %s\n", jstr(r, "id"), jstr(r, "status"));
+	json_decref(r);
+	return EX_OK;
+}
+
+static int cmd_pause(void)
+{
+	return rollout_action("pause");
+}
+
+static int cmd_resume(void)
+{
+	return rollout_action("resume");
+}
+
 static int cmd_show_rollout(void)
 {
 	if (!o.pos[0] || !*o.pos[0])
@@ -1965,7 +2001,10 @@ static const struct command {
 	  cmd_send_fleet },
 	{ "show", "show ID: a command (or a rollout) with its history", NULL, 0, 1, cmd_show },
 	{ "show-rollout", "show-rollout ID: a rollout", NULL, 0, 1, cmd_show_rollout },
-	{ "cancel", "cancel ID: cancel a command", NULL, 0, 1, cmd_cancel },
+	{ "cancel", "cancel ID: cancel a command, or a rollout (its unreleased commands)", NULL, 0, 1,
+	  cmd_cancel },
+	{ "pause", "pause ID: pause a rollout (no more releases)", NULL, 0, 1, cmd_pause },
+	{ "resume", "resume ID: resume a paused rollout", NULL, 0, 1, cmd_resume },
 	{ "list-commands", "list-commands DEVICE: a device's commands, newest first", N(list_opts),
 	  1, cmd_list },
 	{ "devices", "devices: the registered devices", N(devices_opts), 0, cmd_devices },

@@ -25,13 +25,15 @@
 -- array, ''), ARGV[7] name, ARGV[8] params, ARGV[9] ack_timeout_s,
 -- ARGV[10] timeout_s, ARGV[11] ttl_s, ARGV[12] max_attempts, ARGV[13]
 -- max_per_minute, ARGV[14] abort_failure_ratio, ARGV[15] owner, ARGV[16]
--- min_finished, then per candidate, sorted by device: device, command id.
+-- min_finished, ARGV[17] online_only ('1': a device offline when its
+-- command is due is skipped, its command canceled; '0'), then per
+-- candidate, sorted by device: device, command id.
 --
 -- Reply: the number of commands created.
 -- Errors: "ERR rollout_create: KEYS and ARGV do not match" (before any
 -- write); labels or patterns that are not JSON (cjson's error).
 --#include _command.lua
-local FIRST = 17
+local FIRST = 18
 
 if #ARGV < FIRST - 1 or (#ARGV - FIRST + 1) % 2 ~= 0 or
    #KEYS ~= 3 + 2 * (#ARGV - FIRST + 1) then
@@ -77,6 +79,6 @@ end
 redis.call('HSET', KEYS[1], 'id', rid, 'device_type', typ, 'labels', ARGV[5],
   'name', ARGV[7], 'params', ARGV[8], 'max_per_minute', ARGV[13], 'abort_failure_ratio', ARGV[14],
   'min_finished', ARGV[16], 'total', n, 'released', 0, 'status', n > 0 and 'running' or 'completed',
-  'created_at', now, 'updated_at', now, 'owner', ARGV[15])
+  'created_at', now, 'updated_at', now, 'owner', ARGV[15], 'online_only', ARGV[17])
 if n > 0 then redis.call('ZADD', KEYS[3], now, rid) end
 return n

@@ -5,7 +5,10 @@
 -- failures (failed, rejected, timed_out, expired) among its finished
 -- released commands exceed abort_failure_ratio once at least min_finished
 -- have finished (the held rest become canceled); completes it when every
--- command is final.
+-- command is final. A `paused` rollout releases nothing (it stays in the
+-- active set); a `canceling` one cancels its commands not yet released and
+-- becomes `canceled`. With online_only, a due command whose device is
+-- offline is canceled instead of released ("skipped: device offline").
 --
 -- The caller reads the rollout's command ids (LRANGE of
 -- iot:rollout:{<id>}:cmds) and their devices (cmd_devices) first: their keys
@@ -20,7 +23,8 @@
 -- command in the list's order its device ('' = gone).
 --
 -- Reply: {1, (id, device, instance, online, expires_at) per command released
--- now} | {0}: not running (it leaves the active set) | {2}: aborted.
+-- now} | {0}: finished (it leaves the active set) | {2}: aborted | {3}:
+-- canceled now | {4}: paused.
 -- Errors: "ERR rollout_step: KEYS and ARGV do not match", "ERR rollout_step:
 -- not the rollout's commands" (before any write).
 --#include _command.lua
@@ -44,12 +48,33 @@ local rk = KEYS[1]
 local r = {}
 local a = redis.call('HGETALL', rk)
 for i = 1, #a, 2 do r[a[i]] = a[i + 1] end
-if r.status ~= 'running' then redis.call('ZREM', KEYS[3], rid); return {0} end
+if r.status == 'paused' then return {4} end
+if r.status ~= 'running' and r.status ~= 'canceling' then
+  redis.call('ZREM', KEYS[3], rid)
+  return {0}
+end
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 if #ids ~= #g then
   return redis.error_reply("ERR rollout_step: not the rollout's commands")
 end
 local released = tonumber(r.released)
+local function finish(status)
+  redis.call('HSET', rk, 'status', status, 'updated_at', now)
+  redis.call('ZREM', KEYS[3], rid)
+  redis.call('EXPIRE', rk, FINAL_TTL_S)
+  redis.call('EXPIRE', KEYS[2], FINAL_TTL_S)
+end
+if r.status == 'canceling' then
+  for i = released + 1, #ids do
+    local c = g[i].dev and load(g[i])
+    if c and c.status == 'queued' then
+      set(c, g[i], 'canceled', {'error', 'rollout canceled'})
+    end
+  end
+  redis.call('HSET', rk, 'released', #ids)
+  finish('canceled')
+  return {3}
+end
 local fails, finished, open = 0, 0, 0
 for i = 1, released do
   local st = redis.call('HGET', g[i].cmd, 'status')
@@ -68,10 +93,7 @@ if finished >= tonumber(r.min_finished) and finished > 0 and
       set(c, g[i], 'canceled', {'error', 'rollout aborted: failure ratio crossed'})
     end
   end
-  redis.call('HSET', rk, 'status', 'aborted', 'updated_at', now)
-  redis.call('ZREM', KEYS[3], rid)
-  redis.call('EXPIRE', rk, FINAL_TTL_S)
-  redis.call('EXPIRE', KEYS[2], FINAL_TTL_S)
+  finish('aborted')
   return {2}
 end
 -- The rate: release_clock advances by 60000/max_per_minute per release and
@@ -86,12 +108,14 @@ redis.call('HSET', rk, 'release_clock', clock + (upto - released) * gap)
 local out = {1}
 for i = released + 1, upto do
   local c = g[i].dev and load(g[i])
-  if c and c.status == 'queued' then
+  local d = c and redis.call('HMGET', g[i].dev, 'instance', 'online')
+  if c and c.status == 'queued' and r.online_only == '1' and d[2] ~= '1' then
+    set(c, g[i], 'canceled', {'error', 'skipped: device offline at release (online_only)'})
+  elseif c and c.status == 'queued' then
     local exp = now + tonumber(c.ttl_s) * 1000
     redis.call('HSET', g[i].cmd, 'held', 0, 'expires_at', exp, 'released_at', now)
     redis.call('ZADD', g[i].cmds, nextseq(g[i]), c.id)
     redis.call('ZADD', g[i].timers, exp, c.id)
-    local d = redis.call('HMGET', g[i].dev, 'instance', 'online')
     out[#out + 1] = c.id
     out[#out + 1] = c.device
     out[#out + 1] = d[1] or ''
@@ -101,17 +125,15 @@ for i = released + 1, upto do
   end
 end
 if upto > released then redis.call('HSET', rk, 'released', upto, 'updated_at', now) end
-if upto == #ids and open == 0 then
-  local done = true
-  for i = released + 1, upto do
-    local st = redis.call('HGET', g[i].cmd, 'status')
-    if not (st and FINAL[st]) then done = false; break end
-  end
-  if done then
-    redis.call('HSET', rk, 'status', 'completed', 'updated_at', now)
-    redis.call('ZREM', KEYS[3], rid)
-    redis.call('EXPIRE', rk, FINAL_TTL_S)
-    redis.call('EXPIRE', KEYS[2], FINAL_TTL_S)
-  end
+-- Completed once every command is final, released or not (held ones
+-- canceled one by one, or skipped, count): at once, not when the release
+-- clock reaches them.
+local done = true
+for i = 1, #ids do
+  local st = redis.call('HGET', g[i].cmd, 'status')
+  if not (st and FINAL[st]) then done = false; break end
+end
+if done then
+  finish('completed')
 end
 return out

@@ -534,6 +534,17 @@ class HubctlTests(HubTestCase):
         rc, out, err = await self.ctl("show-rollout", "r_" + "0" * 32)
         self.assertEqual(rc, 3, err)
         self.assertIn("404 not_found", err)
+        # pause, resume, cancel of the rollout
+        rc, out, err = await self.ctl("pause", rid)
+        self.assertEqual((rc, out), (0, "%s paused\n" % rid), err)
+        rc, out, err = await self.ctl("pause", rid)
+        self.assertEqual(rc, 3, err)
+        self.assertIn("409 conflict", err)
+        rc, out, err = await self.ctl("resume", rid)
+        self.assertEqual((rc, out), (0, "%s running\n" % rid), err)
+        rc, out, err = await self.ctl("cancel", rid)
+        self.assertEqual(rc, 0, err)
+        self.assertRegex(out, r"^%s cancel(ing|ed)\n$" % rid)
 
     async def test_send_fleet_progress_in_place_on_a_terminal(self):
         label, devices, dev = await self.fleet(["succeed"] * 3)

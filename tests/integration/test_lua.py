@@ -735,11 +735,12 @@ class Lua(unittest.TestCase):
     def rollout_ids(self, devices):
         return [cid(d, i, salt="a") for i, d in enumerate(devices)]
 
-    def rollout_create(self, devices, patterns="", labels="", mpm=60, ratio=0.5, min_finished=1):
+    def rollout_create(self, devices, patterns="", labels="", mpm=60, ratio=0.5, min_finished=1,
+                       online_only="0"):
         rid = self.RID
         keys = [k_rollout(rid), k_rollout_cmds(rid), ACTIVE]
         argv = [self.now(), CH_COMMANDS, rid, "thermostat", labels, patterns, "reboot", "{}",
-                10, 60, 60, 1, mpm, ratio, "ops", min_finished]
+                10, 60, 60, 1, mpm, ratio, "ops", min_finished, online_only]
         for d, c in zip(devices, self.rollout_ids(devices)):
             keys += [rkeys.dev(d), rkeys.cmdlog(d), k_cmd(c), k_cmd_log(c)]
             argv += [d, c]
@@ -789,10 +790,34 @@ class Lua(unittest.TestCase):
         self.assertEqual(self.rollout_step(), [0])
         self.assertEqual(self.run_script("rollout_get", [k_rollout("r_none")], []), [[], []])
 
+    def test_rollout_ctl(self):
+        """pause/resume/cancel: the transitions allowed, the ones refused,
+        and the step's answer to each state."""
+        self.register("a1")
+        self.register("a2")
+        self.assertEqual(self.rollout_create(["a1", "a2"], mpm=1), 2)
+        ctl = lambda act: self.run_script("rollout_ctl", [k_rollout(self.RID)], [act, self.now()])
+        self.assertEqual(self.rollout_step()[0], 1)                 # a1 released
+        self.assertEqual(ctl("resume"), [0, "running"])
+        self.assertEqual(ctl("pause"), [1, "paused"])
+        self.assertEqual(ctl("pause"), [0, "paused"])
+        self.assertEqual(self.rollout_step(), [4])                  # paused: stays active
+        self.assertEqual(self.r.cmd("ZCARD", ACTIVE), 1)
+        self.assertEqual(ctl("resume"), [1, "running"])
+        self.assertEqual(ctl("cancel"), [1, "canceling"])
+        self.assertEqual(self.rollout_step(), [3])
+        ids = self.r.cmd("LRANGE", k_rollout_cmds(self.RID), 0, -1)
+        self.assertEqual(self.r.cmd("HGET", k_cmd(ids[1]), "status"), "canceled")
+        self.assertEqual(self.r.cmd("HGET", k_rollout(self.RID), "status"), "canceled")
+        self.assertEqual(self.r.cmd("ZCARD", ACTIVE), 0)
+        self.assertEqual(ctl("cancel"), [0, "canceled"])
+        self.assertEqual(self.run_script("rollout_ctl", [k_rollout("r_none")], ["pause", 1]), [-1])
+        self.assert_refused("rollout_ctl", [k_rollout(self.RID)], ["stop", 1], "rollout_ctl: bad arguments")
+
     def test_rollout_refuses_a_malformed_call(self):
         self.register("a1")
         self.assert_refused("rollout_create", [k_rollout(self.RID), k_rollout_cmds(self.RID)],
-                            [1, CH_COMMANDS, self.RID] + [""] * 13 + ["a1"],
+                            [1, CH_COMMANDS, self.RID] + [""] * 14 + ["a1"],
                             "rollout_create: KEYS and ARGV do not match")
         self.rollout_create(["a1"])
         keys = [k_rollout(self.RID), k_rollout_cmds(self.RID), ACTIVE]

@@ -34,6 +34,7 @@ OPERATIONS = [
     ("delete", "/v1/revocations/sub/{sub}"), ("delete", "/v1/revocations/jti/{jti}"),
     ("get", "/v1/audit"),
     ("delete", "/v1/devices/{device}"),
+    ("post", "/v1/commands/{id}/pause"), ("post", "/v1/commands/{id}/resume"),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
 STATES = ["queued", "sent", "received", "in_progress", "succeeded", "failed", "rejected",
@@ -562,7 +563,13 @@ class Live(Checks, HubTestCase):
         _, got = self.call("GET", "/v1/commands/" + ro["id"], 200, key="reader")
         self.assertEqual((got["id"], got["device_type"]), (ro["id"], "thermostat"))
         self.assertIn("counts", got)
-        self.call("POST", "/v1/commands/%s/cancel" % ro["id"], 404, key="writer")
+        _, p = self.call("POST", "/v1/commands/%s/pause" % ro["id"], 200, key="writer")
+        self.assertEqual(p["status"], "paused")
+        _, p = self.call("POST", "/v1/commands/%s/resume" % ro["id"], 200, key="writer")
+        self.assertEqual(p["status"], "running")
+        _, c = self.call("POST", "/v1/commands/%s/cancel" % ro["id"], 200, key="writer")
+        self.assertIn(c["status"], ("canceling", "canceled"))
+        self.call("POST", "/v1/commands/%s/resume" % ro["id"], 409, key="writer")
         self.call("GET", "/v1/commands/r_00000000000000000000000000000000", 404, key="reader")
         self.call("POST", "/v1/commands", 422, key="writer", body=dict(body, target={"device_type": "x"}),
                   field="target.device_type")

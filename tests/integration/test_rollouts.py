@@ -31,7 +31,7 @@ KEYS = {"writer": ("iotk_ro_writer_000001", ["commands:write"], None),
 FINAL = ("succeeded", "failed", "rejected", "timed_out", "expired", "canceled")
 ROLLOUT_FIELDS = ("id", "status", "device_type", "labels", "name", "params", "max_per_minute",
                   "abort_failure_ratio", "min_finished", "total", "released", "created_at",
-                  "updated_at", "counts")
+                  "updated_at", "online_only", "counts")
 RID = re.compile(r"^r_[0-9a-f]{32}$")
 
 
@@ -265,9 +265,7 @@ class RolloutHTTP(SharedHub):
         self.assertEqual(doc["counts"], {"queued": 3, "canceled": 2}, doc)
         self.assertEqual(doc["status"], "running", doc)
 
-        # the rollout is not canceled as a whole; GET only on /v1/commands
-        st, e = await self.call("POST", "/v1/commands/%s/cancel" % rid)
-        self.assert_error(st, e, 404, what="cancel a rollout")
+        # GET only on /v1/commands (a rollout's cancel: class Control)
         st, e = await self.call("GET", "/v1/commands")
         self.assert_error(st, e, 405, what="GET /v1/commands")
         st, e = await self.call("GET", "/v1/commands/r_" + "0" * 32)
@@ -384,6 +382,74 @@ class RolloutHTTP(SharedHub):
         self.assert_error(st, e, 404, what="cancel a t-lb command with the t-la key")
         st, c = await self.call("POST", "/v1/commands/%s/cancel" % cmd_ids(self.redis, ra["id"], 2)[1], key="lim_a")
         self.assertEqual((st, c.get("status")), (200, "canceled"), c)
+
+
+# --------------------------------------------------------------------------
+# pause, resume, cancel; online_only; completion as soon as all are final
+
+class Control(SharedHub):
+    async def test_pause_resume_cancel(self):
+        batch = uniq("b")
+        f = await self.fleet(self.hub, 6, {"batch": batch})
+        doc = await self.fleet_create(self.body(batch, mpm=60))
+        rid = doc["id"]
+        await f.wait_count(1, 3, "the first release")
+        st, doc = await self.call("POST", "/v1/commands/%s/pause" % rid)
+        self.assertEqual((st, doc.get("status")), (200, "paused"), doc)
+        st, doc = await self.call("POST", "/v1/commands/%s/pause" % rid)
+        self.assertEqual(st, 409, doc)
+        await asyncio.sleep(2.5)                  # at 60/min, 2 more would have gone
+        self.assertEqual(len(f.got), 1, "released while paused: %s" % f.ids())
+        self.assertEqual((await self.rollout(rid))["released"], 1)
+        st, doc = await self.call("POST", "/v1/commands/%s/resume" % rid)
+        self.assertEqual((st, doc.get("status")), (200, "running"), doc)
+        await f.wait_count(2, 3, "a release after resume")
+        st, doc = await self.call("POST", "/v1/commands/%s/cancel" % rid)
+        self.assertEqual(st, 200, doc)
+        self.assertIn(doc["status"], ("canceling", "canceled"), doc)
+        doc = await self.wait_rollout(rid, lambda d: d["status"] == "canceled", 3, "canceled")
+        self.assertEqual(doc["counts"].get("canceled"), 6 - len(f.got), doc)
+        await asyncio.sleep(1.5)
+        self.assertEqual(len(f.got), len(set(f.ids())), "a command twice")
+        self.assertLessEqual(len(f.got), 3, "released after the cancel: %s" % f.ids())
+        self.assertEqual(self.redis.cmd("ZSCORE", rkeys.ACTIVE, rid), None)
+        st, doc = await self.call("POST", "/v1/commands/%s/resume" % rid)
+        self.assertEqual(st, 409, doc)
+        for path in ("pause", "resume"):
+            st, _ = await self.call("POST", "/v1/commands/%s/%s" % (f.ids()[0], path))
+            self.assertEqual(st, 404, "a command cannot be %sd" % path)
+        st, _ = await self.call("POST", "/v1/commands/r_%s/pause" % ("0" * 32))
+        self.assertEqual(st, 404)
+        st, _ = await self.call("POST", "/v1/commands/%s/pause" % rid, key=None)
+        self.assertEqual(st, 401)
+
+    async def test_online_only_skips_offline_devices(self):
+        batch = uniq("b")
+        f = await self.fleet(self.hub, 2, {"batch": batch})
+        gone = ["t-%s-off%d" % (uniq("x"), i) for i in range(2)]
+        await self.offline(self.hub, self.redis, gone, {"batch": batch})
+        doc = await self.fleet_create(self.body(batch, mpm=6000, online_only=True))
+        rid = doc["id"]
+        self.assertEqual((doc["total"], doc["online_only"]), (4, True), doc)
+        doc = await self.wait_rollout(rid, lambda d: d["status"] != "running", 5, "finished")
+        self.assertEqual((doc["status"], doc["counts"]), ("completed", {"succeeded": 2, "canceled": 2}), doc)
+        self.assertEqual(sorted(m["device"] for m in f.got), sorted(f.devices))
+        st, body = await self.call("POST", "/v1/commands", self.body(batch, online_only="yes"))
+        self.assert_error(st, body, 422, "rollout.online_only")
+
+    async def test_completed_once_every_command_is_final(self):
+        """Held commands canceled one by one: the rollout is completed at
+        once, not when its release clock reaches them."""
+        batch = uniq("b")
+        f = await self.fleet(self.hub, 4, {"batch": batch})
+        doc = await self.fleet_create(self.body(batch, mpm=1))   # one a minute
+        rid = doc["id"]
+        await f.wait_count(1, 3, "the first release")
+        for cid in cmd_ids(self.redis, rid, 4)[1:]:
+            st, _ = await self.call("POST", "/v1/commands/%s/cancel" % cid)
+            self.assertEqual(st, 200)
+        doc = await self.wait_rollout(rid, lambda d: d["status"] != "running", 3, "completed")
+        self.assertEqual((doc["status"], doc["counts"]), ("completed", {"succeeded": 1, "canceled": 3}), doc)
 
 
 # --------------------------------------------------------------------------
