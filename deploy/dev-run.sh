@@ -26,7 +26,11 @@ if [[ ! -s .dev/dashboard.key || ! -s .dev/api-keys.json ]]; then
   echo "[$(cat .dev/api-key-entry.json)]" > .dev/api-keys.json
 fi
 echo "dev-run: dashboard at http://<listen address>/ - API key: $(cat .dev/dashboard.key)" >&2
-common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root web
+# The console as built (web/ plus uPlot, the `web` target); web/ itself
+# when npm was not available (canvas charts).
+web_root=build/web
+[[ -f build/web/index.html ]] || web_root=web
+common=(--schemas deploy/device-types --api-keys .dev/api-keys.json --web-root "$web_root"
         --data-dir .dev/iot-hub-data)
 
 if ((sim == 0)); then
