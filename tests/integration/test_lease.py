@@ -108,7 +108,8 @@ class Lease(HubTestCase):
         self.assertEqual((st, doc.get("online"), doc.get("labels")), (200, False, {"site": "s1"}), doc)
         # the lease and the dead run's device set are gone
         self.assertEqual([m for m in self.redis.cmd("ZRANGE", rkeys.LEASES, 0, -1) if m.startswith("hub-a:")], [])
-        self.assertEqual(self.redis.cmd("KEYS", "iot:inst:{hub-a}:*"), [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:idx:*:run:hub-a:*"), [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:{hub}:runslots:hub-a:*"), [])
 
         # a command created now waits queued: nothing is published to the
         # dead instance's control channel
@@ -175,11 +176,13 @@ class Lease(HubTestCase):
         await self.gw_with(a, [(d, "thermostat")])
         run = self.dev(d)["conn"].rsplit(":", 1)[0]
         self.assertIsNotNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run))
-        self.assertEqual(self.redis.cmd("SMEMBERS", "iot:inst:{hub-g}:" + run.rsplit(":", 1)[1]), [d])
+        self.assertEqual(self.redis.cmd("SMEMBERS", rkeys.run_set(run, d)), [d])
+        self.assertEqual(rkeys.run_members(self.redis, run), [d])
         a.stop()
         self.assertEqual(self.dev(d).get("online"), "0")
         self.assertIsNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run), "lease left after SIGTERM")
-        self.assertEqual(self.redis.cmd("KEYS", "iot:inst:*"), [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:idx:*:run:*"), [])
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.runslots(run)), 0)
 
 
 if __name__ == "__main__":
