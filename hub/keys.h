@@ -52,18 +52,19 @@
 #define HUB_KEY_SLOTS            "iot:{hub}:slots"    /* bitmap: slots that hold devices */
 #define HUB_KEY_INGEST           "iot:ingest"         /* hash: shards (the feed-shards in use), migrated */
 #define HUB_KEY_REAPER           "iot:{hub}:reaper:"  /* + run id: who reaps that run */
+#define HUB_KEY_RUNSLOTS         "iot:{hub}:runslots:" /* + run id: bitmap of the slots of its run sets */
 
 /* Slot-local indexes (layout 3): iot:idx:{<slot tag>}:<what>, in the slot
  * of the devices they index (hub_slot_tag), so that a device and its index
  * entries change in one script call. */
-#define HUB_KEY_IDX              "iot:idx:"      /* {tag}:devices, :type:<type>, :timers */
+#define HUB_KEY_IDX              "iot:idx:"      /* {tag}:devices, :type:<type>, :timers, :run:<run> */
 
 /* Prefixes of keys around a braced user-chosen name. */
 #define HUB_KEY_DEV              "iot:dev:"      /* {device}, {device}:cmds, :cmdlog, :cancels */
 #define HUB_KEY_TM               "iot:tm:"       /* {device} */
 #define HUB_KEY_GW               "iot:gw:"       /* {gateway}:seqs, :epoch, :limits */
 #define HUB_KEY_IDEM             "iot:idem:"     /* {owner}:<Idempotency-Key> */
-#define HUB_KEY_INST             "iot:inst:"     /* {instance}:<run>, :<run>:reaper */
+#define HUB_KEY_INST             "iot:inst:"     /* {instance}:<run>: layout 2's run sets (migrated) */
 
 /* Ingest shards (docs/streams.md "Ingest shards"): a gateway's frames go to
  * shard k = hub_ingest_shard_of(gateway, N); every key a frame touches
@@ -96,9 +97,10 @@
  * instance id never shares a connection id with its dead predecessor. */
 #define HUB_RUN_TOKEN_LEN        12
 
-/* Longest key or channel built from one id: a run's reaper claim,
- * "iot:inst:{" + 128 + "}:" + token + ":reaper" + NUL (160 bytes). */
-#define HUB_KEY_MAX              (HUB_ID_MAX + 32)
+/* Longest key or channel built from one id: a run's slot-local set,
+ * "iot:idx:{" + 6-digit tag + "}:run:" + 128 + ":" + token + NUL (163
+ * bytes), with room to spare. */
+#define HUB_KEY_MAX              (HUB_ID_MAX + 48)
 
 /* <prefix>{<name>}<suffix> into buf (n bytes); see the top of this file. */
 static inline size_t hub_key_braced(char *buf, size_t n, const char *prefix, size_t plen,
@@ -240,15 +242,16 @@ static inline size_t hub_key_gw_limits(char *buf, size_t n, const char *gateway)
 }
 
 /* iot:idx:{<tag of slot>}<suffix><name>: a slot-local index (name may be
- * "" for the fixed ones). 0 when it does not fit or name is too long. */
-static inline size_t hub_key_idx_(char *buf, size_t n, unsigned slot, const char *suffix,
-				  const char *name)
+ * "" for the fixed ones). 0 when it does not fit or name is longer than
+ * max. */
+static inline size_t hub_key_idx_n_(char *buf, size_t n, unsigned slot, const char *suffix,
+				    const char *name, size_t max)
 {
 	char tag[HUB_SLOT_TAG_MAX];
 	size_t plen = sizeof(HUB_KEY_IDX) - 1, tlen = hub_slot_tag(slot, tag);
 	size_t slen = strlen(suffix), nlen = strlen(name), k = plen + tlen + 2 + slen + nlen;
 
-	if (nlen > HUB_ID_MAX || k + 1 > n) {
+	if (nlen > max || k + 1 > n) {
 		if (n)
 			buf[0] = '\0';
 		return 0;
@@ -260,6 +263,12 @@ static inline size_t hub_key_idx_(char *buf, size_t n, unsigned slot, const char
 	memcpy(buf + plen + 2 + tlen, suffix, slen);
 	memcpy(buf + plen + 2 + tlen + slen, name, nlen + 1);
 	return k;
+}
+
+static inline size_t hub_key_idx_(char *buf, size_t n, unsigned slot, const char *suffix,
+				  const char *name)
+{
+	return hub_key_idx_n_(buf, n, slot, suffix, name, HUB_ID_MAX);
 }
 
 /* The slot of a device's keys (iot:dev:{<device>}, ...): of its id. */
@@ -472,7 +481,8 @@ static inline size_t hub_key_run_(char *buf, size_t n, const char *run, const ch
 	return k;
 }
 
-/* iot:inst:{<instance>}:<token>: the devices a run holds online. */
+/* iot:inst:{<instance>}:<token>: layout 2's set of the devices a run held
+ * online (the 2 -> 3 migration moves it to the slot-local run sets). */
 static inline size_t hub_key_run(char *buf, size_t n, const char *run)
 {
 	return hub_key_run_(buf, n, run, "", 0);
@@ -490,6 +500,37 @@ static inline size_t hub_key_run_reaper(char *buf, size_t n, const char *run)
 		return 0;
 	}
 	memcpy(buf, HUB_KEY_REAPER, plen);
+	memcpy(buf + plen, run, len + 1);
+	return plen + len;
+}
+
+/* iot:idx:{<tag of slot>}:run:<instance>:<token>: the devices of slot that
+ * run holds online (slot-local: a device, its registry hash and its entry
+ * here change in one script call). The run id is the last part: no
+ * delimiter needed. 0 when run is not a run id. */
+static inline size_t hub_key_idx_run(char *buf, size_t n, unsigned slot, const char *run)
+{
+	if (!hub_run_instance_len(run, strlen(run))) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	return hub_key_idx_n_(buf, n, slot, ":run:", run, HUB_ID_MAX + 1 + HUB_RUN_TOKEN_LEN);
+}
+
+/* iot:{hub}:runslots:<instance>:<token>: bitmap, bit s set (before the
+ * run's first write there) once the run's set of slot s may hold a device:
+ * the slots a reaper or the run's release walks. Beside the lease. */
+static inline size_t hub_key_runslots(char *buf, size_t n, const char *run)
+{
+	size_t len = strlen(run), plen = sizeof(HUB_KEY_RUNSLOTS) - 1;
+
+	if (!hub_run_instance_len(run, len) || plen + len + 1 > n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	memcpy(buf, HUB_KEY_RUNSLOTS, plen);
 	memcpy(buf + plen, run, len + 1);
 	return plen + len;
 }

@@ -17,32 +17,56 @@
 #include "hub/module.h"
 #include "hub_lua.h"
 
-#define REAP_BATCH  "500"      /* devices marked offline per reap script call */
+#define REAP_BATCH  500        /* devices marked offline per reap script call */
+#define REAP_CHUNK  1024       /* slots' run sets read per SUNION on one Redis */
 #define EPOCH_HEX   16
 #define MAX_DEAD    16         /* expired runs named per renewal (lease_renew.lua) */
 #define RUN_ID_MAX  (HUB_ID_MAX + 20)
 
-/* The scripts: hub/lua/lease_renew.lua, lease_release.lua, reap.lua. A
- * dead run is reaped in batches, each two calls: SRANDMEMBER of its online
- * set (a device key must be in the script's KEYS, so the script cannot pop
- * it), then reap.lua on those devices. */
+/* The scripts: hub/lua/lease_renew.lua, lease_release.lua, reap_claim.lua,
+ * reap.lua, reap_done.lua. A dead run is reaped slot by slot: the claim
+ * (in the {hub} slot, beside its lease) gives the bitmap of the slots its
+ * sets were written in (hub_key_runslots); the walk reads the run's sets
+ * of those slots (SUNION: up to REAP_CHUNK slots per read on one Redis,
+ * one slot per read where calls keep to one slot), then marks their
+ * devices offline, REAP_BATCH at a time, each batch after renewing the
+ * claim (which checks again that the lease is still expired); a chunk is
+ * read again until it is empty; then reap_done drops the lease, the claim
+ * and the bitmap. docs/streams.md "Instance leases". */
 struct hub_lease {
 	struct hub *hub;
-	int script_renew, script_release, script_reap;
+	int script_renew, script_release, script_reap, script_claim, script_done;
 	lws_sorted_usec_list_t sul_tick, sul_reap;
 	char run_id[RUN_ID_MAX];       /* "<instance>:<run token>" */
 	char epoch[EPOCH_HEX + 1];     /* the Redis epoch last seen; "" = none yet */
 	bool ever_registered;          /* this process's lease was written once */
 	bool renewing, reaping, stopped;
+	bool rebuild_owed;             /* re-announce once no reaper claims this run */
 	int64_t ok_since_us;           /* renewed without a gap since; 0 = not */
 	uint64_t reconnects;           /* metrics.redis_reconnects_total then */
 	char dead[MAX_DEAD][RUN_ID_MAX]; /* expired runs to reap, the last first */
 	int ndead;
 	char reaping_run[RUN_ID_MAX];
 	long long reaped;              /* devices of reaping_run marked offline */
+	/* the walk over reaping_run's slots */
+	bool have_bits;                /* bits holds reaping_run's bitmap */
+	unsigned char bits[HUB_SLOTS / 8];
+	unsigned next_slot;            /* the next slot to read */
+	unsigned chunk[REAP_CHUNK];    /* the marked slots being read */
+	size_t nchunk;
+	char **members;                /* the chunk's devices read, to reap */
+	size_t nmembers, at;
+	int64_t claimed_us;            /* the claim was last renewed then */
+	int claim_next;                /* what follows the claim in flight (enum reap_next) */
+	/* release */
+	size_t rel_pending, rel_held;
 };
 
+enum reap_next { REAP_READ, REAP_BATCH_NEXT };
+
 static void reap(lws_sorted_usec_list_t *sul);
+static void reap_read(struct hub_lease *L);
+static void reap_batch(struct hub_lease *L);
 
 static const char *el_str(const redisReply *r, size_t i)
 {
@@ -64,7 +88,7 @@ static long long el_int(const redisReply *r, size_t i)
 
 /* EVALSHA script with nkeys keys, then argc arguments (at most
  * EVAL_ARGS_MAX in all). */
-static int eval(struct hub_lease *L, int script, hub_redis_cb cb, int nkeys,
+static int eval(struct hub_lease *L, int script, hub_redis_cb cb, void *arg, int nkeys,
 		const char **keys, int argc, const char **argv)
 {
 	const char *av[3 + EVAL_ARGS_MAX];
@@ -80,7 +104,31 @@ static int eval(struct hub_lease *L, int script, hub_redis_cb cb, int nkeys,
 		av[3 + i] = keys[i];
 	for (int i = 0; i < argc; i++)
 		av[3 + nkeys + i] = argv[i];
-	return hub_redis_command_argv(L->hub->redis, cb, L, 3 + nkeys + argc, av, NULL);
+	return hub_redis_command_argv(L->hub->redis, cb, arg, 3 + nkeys + argc, av, NULL);
+}
+
+static bool bit_set(const unsigned char *bits, unsigned s)
+{
+	return bits[s / 8] & (0x80u >> (s % 8));
+}
+
+static void members_free(struct hub_lease *L)
+{
+	for (size_t i = 0; i < L->nmembers; i++)
+		free(L->members[i]);
+	free(L->members);
+	L->members = NULL;
+	L->nmembers = L->at = 0;
+}
+
+static void walk_reset(struct hub_lease *L)
+{
+	members_free(L);
+	L->have_bits = false;
+	L->next_slot = 0;
+	L->nchunk = 0;
+	L->reaping_run[0] = '\0';
+	L->reaped = 0;
 }
 
 /* The run being reaped is done with (reaped, or not to be reaped by us). */
@@ -88,100 +136,256 @@ static void dead_done(struct hub_lease *L, const char *run)
 {
 	if (L->ndead && !strcmp(L->dead[L->ndead - 1], run))
 		L->ndead--;
+	walk_reset(L);
 	lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1); /* the next one */
+}
+
+static const char *cur_dead(const struct hub_lease *L)
+{
+	return L->ndead ? L->dead[L->ndead - 1] : NULL;
+}
+
+static void on_done(redisReply *r, void *arg)
+{
+	struct hub_lease *L = arg;
+	char run[RUN_ID_MAX];
+
+	L->reaping = false;
+	if (L->stopped || !L->ndead)
+		return;
+	snprintf(run, sizeof(run), "%s", L->dead[L->ndead - 1]);
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("lease: reaping failed: %s", r->str);
+		walk_reset(L);
+		return; /* tried again after the next renewal */
+	}
+	if (L->have_bits && L->reaping_run[0])
+		hub_warn("hub run %s reaped: %lld devices marked offline", run, L->reaped);
+	dead_done(L, run);
+}
+
+/* reap_done: the walk found every marked slot's set empty (or the run
+ * turned out live: only the claim goes). */
+static void reap_finish(struct hub_lease *L)
+{
+	const char *run = cur_dead(L);
+	char claim[HUB_KEY_MAX], slots[HUB_KEY_MAX];
+	const char *keys[3] = { HUB_KEY_LEASES, claim, slots };
+	const char *argv[2] = { L->run_id, run };
+
+	if (!run || !hub_key_run_reaper(claim, sizeof(claim), run) ||
+	    !hub_key_runslots(slots, sizeof(slots), run))
+		return;
+	if (!eval(L, L->script_done, on_done, L, 3, keys, 2, argv))
+		L->reaping = true;
+}
+
+static void on_claim(redisReply *r, void *arg);
+
+/* Claims (or renews the claim on) the run being reaped, then goes on with
+ * next. */
+static void reap_claim(struct hub_lease *L, enum reap_next next)
+{
+	const char *run = cur_dead(L);
+	char claim[HUB_KEY_MAX], slots[HUB_KEY_MAX], ms[24];
+	const char *keys[3] = { HUB_KEY_LEASES, claim, slots };
+	const char *argv[4] = { L->run_id, run, ms, L->have_bits ? "0" : "1" };
+
+	if (!run || !hub_key_run_reaper(claim, sizeof(claim), run) ||
+	    !hub_key_runslots(slots, sizeof(slots), run)) {
+		if (run)
+			dead_done(L, run); /* not a run id: not ours to reap */
+		return;
+	}
+	snprintf(ms, sizeof(ms), "%d", L->hub->cfg.lease_ttl_ms);
+	L->claim_next = next;
+	if (!eval(L, L->script_claim, on_claim, L, 3, keys, 4, argv))
+		L->reaping = true;
+}
+
+static void on_claim(redisReply *r, void *arg)
+{
+	struct hub_lease *L = arg;
+	enum reap_next next = (enum reap_next)L->claim_next;
+	const char *run;
+
+	L->reaping = false;
+	if (L->stopped || !(run = cur_dead(L)))
+		return;
+	if (el_int(r, 0) == 0) {
+		/* Live again, or another reaps it. A walk we began drops our
+		 * claim: a late run waits for it to go before it re-announces. */
+		if (L->have_bits) {
+			L->have_bits = false;
+			reap_finish(L);
+		} else {
+			dead_done(L, run);
+		}
+		return;
+	}
+	if (el_int(r, 0) != 1) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("lease: reaping failed: %s", r->str);
+		walk_reset(L);
+		return; /* tried again after the next renewal */
+	}
+	L->claimed_us = hub_mono_us();
+	if (!L->have_bits) {
+		const redisReply *b = r->element[1];
+		memset(L->bits, 0, sizeof(L->bits));
+		if (b->type == REDIS_REPLY_STRING)
+			memcpy(L->bits, b->str, b->len < sizeof(L->bits) ? b->len : sizeof(L->bits));
+		L->have_bits = true;
+		L->next_slot = 0;
+		L->nchunk = 0;
+		snprintf(L->reaping_run, sizeof(L->reaping_run), "%s", run);
+		L->reaped = 0;
+		hub_warn("lease of hub run %s expired: marking its devices offline", run);
+	}
+	if (next == REAP_READ)
+		reap_read(L);
+	else
+		reap_batch(L);
 }
 
 static void on_reaped(redisReply *r, void *arg)
 {
 	struct hub_lease *L = arg;
-	const char *run = el_str(r, 1);
-	long long n = el_int(r, 2);
 
 	L->reaping = false;
 	if (L->stopped || !L->ndead)
 		return;
-	if (el_int(r, 0) == 0) {
-		dead_done(L, L->dead[L->ndead - 1]); /* live again, or another reaps it */
-		return;
-	}
-	if (el_int(r, 0) != 1 || !run) {
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("lease: reaping failed: %s", r->str);
+		walk_reset(L);
 		return; /* tried again after the next renewal */
 	}
-	if (strcmp(run, L->reaping_run)) {
-		snprintf(L->reaping_run, sizeof(L->reaping_run), "%s", run);
-		L->reaped = 0;
-		hub_warn("lease of hub run %s expired: marking its devices offline", run);
-	}
-	L->reaped += n > 0 ? n : 0;
-	if (el_int(r, 3) == 1) {
-		/* More of it: the next batch in the next loop turn, so gateways
-		 * and other Redis work go in between. */
-		lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1);
-		return;
-	}
-	hub_warn("hub run %s reaped: %lld devices marked offline", run, L->reaped);
-	L->reaping_run[0] = '\0';
-	L->reaped = 0;
-	dead_done(L, run);
+	L->reaped += r->integer > 0 ? r->integer : 0;
+	/* The next batch (or the chunk read again) in the next loop turn, so
+	 * gateways and other Redis work go in between. */
+	lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1);
 }
 
-/* A batch of the dead run's devices was read: mark them offline. */
-static void on_members(redisReply *r, void *arg)
+/* Marks offline the next REAP_BATCH devices read (the claim was just
+ * renewed). On a cluster they are all of one slot (a chunk is one slot). */
+static void reap_batch(struct hub_lease *L)
 {
-	struct hub_lease *L = arg;
-	const char *run = L->ndead ? L->dead[L->ndead - 1] : NULL;
-	char key[HUB_KEY_MAX], claim[24];
+	const char *run = cur_dead(L);
+	size_t n = L->nmembers - L->at;
+	char key[HUB_KEY_MAX];
 	hub_buf b = { 0 };
-	size_t n;
 
-	L->reaping = false;
-	if (L->stopped || !run || !r || r->type != REDIS_REPLY_ARRAY)
-		return; /* tried again after the next renewal */
-	n = r->elements;
-	hub_resp_head(&b, 3 + 3 + n + 4 + n);
-	hub_resp_evalsha(&b, L->hub->redis, L->script_reap, 3 + n);
-	hub_resp_arg(&b, HUB_KEY_LEASES, sizeof(HUB_KEY_LEASES) - 1);
-	hub_resp_arg(&b, key, hub_key_run_reaper(key, sizeof(key), run));
-	hub_resp_arg(&b, key, hub_key_run(key, sizeof(key), run));
+	if (n > REAP_BATCH)
+		n = REAP_BATCH;
+	hub_resp_head(&b, 3 + 2 * n + 2 + n);
+	hub_resp_evalsha(&b, L->hub->redis, L->script_reap, 2 * n);
 	for (size_t i = 0; i < n; i++) {
-		const redisReply *d = r->element[i];
-		hub_resp_arg(&b, key, d->type == REDIS_REPLY_STRING ?
-			     hub_key_dev(key, sizeof(key), d->str) : 0);
+		const char *d = L->members[L->at + i];
+		hub_resp_arg(&b, key, hub_key_dev(key, sizeof(key), d));
+		hub_resp_arg(&b, key, hub_key_idx_run(key, sizeof(key), hub_dev_slot(d), run));
 	}
-	hub_resp_str(&b, L->run_id);
 	hub_resp_str(&b, run);
-	snprintf(claim, sizeof(claim), "%d", L->hub->cfg.lease_ttl_ms);
-	hub_resp_str(&b, claim);
 	hub_resp_arg(&b, HUB_CH_PRESENCE, sizeof(HUB_CH_PRESENCE) - 1);
-	for (size_t i = 0; i < n; i++) {
-		const redisReply *d = r->element[i];
-		hub_resp_arg(&b, d->type == REDIS_REPLY_STRING ? d->str : "",
-			     d->type == REDIS_REPLY_STRING ? d->len : 0);
-	}
+	for (size_t i = 0; i < n; i++)
+		hub_resp_str(&b, L->members[L->at + i]);
+	L->at += n;
 	if (!hub_redis_command_formatted(L->hub->redis, on_reaped, L, b.data, b.len))
 		L->reaping = true;
+	else
+		walk_reset(L);
 	hub_buf_free(&b);
 }
 
-/* Reaps the last of the expired runs the renewal named: reads a batch of
- * the devices it held online, then on_members marks them offline. */
-static void reap(lws_sorted_usec_list_t *sul)
+/* The chunk's sets were read: reap what they hold, or go on past them. */
+static void on_members(redisReply *r, void *arg)
 {
-	struct hub_lease *L = lws_container_of(sul, struct hub_lease, sul_reap);
-	char key[HUB_KEY_MAX];
-	const char *argv[3] = { "SRANDMEMBER", key, REAP_BATCH };
+	struct hub_lease *L = arg;
 
-	if (L->reaping || L->stopped || !L->ndead)
+	L->reaping = false;
+	if (L->stopped || !L->ndead)
 		return;
-	if (!hub_key_run(key, sizeof(key), L->dead[L->ndead - 1])) {
-		L->ndead--; /* not a run id: not ours to reap */
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		walk_reset(L);
+		return; /* tried again after the next renewal */
+	}
+	members_free(L);
+	if (!r->elements) {
+		L->nchunk = 0; /* empty: on to the next slots */
 		lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1);
 		return;
 	}
-	if (!hub_redis_command_argv(L->hub->redis, on_members, L, 3, argv, NULL))
+	L->members = hub_xmalloc(r->elements * sizeof(*L->members));
+	for (size_t i = 0; i < r->elements; i++)
+		if (r->element[i]->type == REDIS_REPLY_STRING &&
+		    hub_id_valid(r->element[i]->str, r->element[i]->len))
+			L->members[L->nmembers++] = hub_xstrdup(r->element[i]->str);
+	if (!L->nmembers) {
+		L->nchunk = 0;
+		lws_sul_schedule(L->hub->ctx, 0, &L->sul_reap, reap, 1);
+		return;
+	}
+	reap_claim(L, REAP_BATCH_NEXT);
+}
+
+/* Reads the run's sets of the current chunk of marked slots (the next
+ * chunk when none is current); when no marked slot is left, finishes. */
+static void reap_read(struct hub_lease *L)
+{
+	const char *run = cur_dead(L);
+	size_t max = hub_redis_split(L->hub->redis) ? 1 : REAP_CHUNK;
+	char (*keys)[HUB_KEY_MAX];
+	const char **argv;
+
+	if (!L->nchunk) {
+		while (L->next_slot < HUB_SLOTS && L->nchunk < max) {
+			if (bit_set(L->bits, L->next_slot))
+				L->chunk[L->nchunk++] = L->next_slot;
+			L->next_slot++;
+		}
+		if (!L->nchunk) {
+			reap_finish(L);
+			return;
+		}
+	}
+	keys = hub_xmalloc(L->nchunk * sizeof(*keys));
+	argv = hub_xmalloc((1 + L->nchunk) * sizeof(*argv));
+	argv[0] = "SUNION";
+	for (size_t i = 0; i < L->nchunk; i++) {
+		hub_key_idx_run(keys[i], sizeof(keys[i]), L->chunk[i], run);
+		argv[1 + i] = keys[i];
+	}
+	if (!hub_redis_command_argv(L->hub->redis, on_members, L, (int)(1 + L->nchunk), argv, NULL))
 		L->reaping = true;
+	else
+		walk_reset(L);
+	free(argv);
+	free(keys);
+}
+
+/* Reaps the last of the expired runs the renewal named, a step at a time:
+ * the claim (with the run's slot bitmap), then per chunk of marked slots a
+ * read and batches of reap calls, then reap_done. */
+static void reap(lws_sorted_usec_list_t *sul)
+{
+	struct hub_lease *L = lws_container_of(sul, struct hub_lease, sul_reap);
+	const char *run;
+
+	if (L->reaping || L->stopped || !(run = cur_dead(L)))
+		return;
+	if (L->have_bits && strcmp(L->reaping_run, run))
+		walk_reset(L); /* another run came first */
+	if (!L->have_bits) {
+		reap_claim(L, REAP_READ);
+	} else if (L->at < L->nmembers) {
+		reap_claim(L, REAP_BATCH_NEXT);
+	} else if (hub_mono_us() - L->claimed_us > (int64_t)L->hub->cfg.lease_ttl_ms * 250) {
+		reap_claim(L, REAP_READ); /* keep the claim through empty slots */
+	} else {
+		members_free(L);
+		reap_read(L);
+	}
 }
 
 /* The expired runs the renewal named (oldest first), kept in reverse so
@@ -213,13 +417,14 @@ static void on_renewed(redisReply *r, void *arg)
 	struct hub *hub = L->hub;
 	const char *ep = el_str(r, 0);
 	long long had = el_int(r, 1), expired = el_int(r, 2), dead = el_int(r, 3);
+	long long claimed = el_int(r, 5);
 	int64_t now = hub_mono_us();
 	bool rebuild = false;
 
 	L->renewing = false;
 	if (L->stopped)
 		return;
-	if (!ep || had < 0 || expired < 0 || dead < 0 || r->elements < 5) {
+	if (!ep || had < 0 || expired < 0 || dead < 0 || claimed < 0 || r->elements < 6) {
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("lease: renewal failed: %s", r->str);
 		L->ok_since_us = 0;
@@ -236,8 +441,23 @@ static void on_renewed(redisReply *r, void *arg)
 			 had ? "had expired" : "was gone");
 		rebuild = true;
 	}
-	if (rebuild)
+	/* A reaper that claimed this run may still be marking its devices
+	 * offline, slot by slot: the re-announce waits until the claim is gone
+	 * (the reaper dropped it, or it expired), so that it comes after every
+	 * reap call (docs/streams.md "Instance leases"). */
+	if (rebuild && claimed) {
+		if (!L->rebuild_owed)
+			hub_warn("lease: a reaper is marking this hub's devices offline: "
+				 "re-announcing them once it is done");
+		L->rebuild_owed = true;
+		rebuild = false;
+	} else if (L->rebuild_owed && !claimed) {
+		rebuild = true;
+	}
+	if (rebuild) {
+		L->rebuild_owed = false;
 		hub_registry_forget_slots(hub);
+	}
 	if (L->epoch[0] && strcmp(L->epoch, ep) && !hub_redis_cluster(hub->redis)) {
 		/* lease_renew put HUB_LAYOUT_KEY back; on one Redis the layout-2
 		 * key goes back too, as the tombstone that keeps a hub of layout 2
@@ -263,8 +483,8 @@ static void on_renewed(redisReply *r, void *arg)
 static void renew(struct hub_lease *L)
 {
 	unsigned char raw[EPOCH_HEX / 2];
-	char ttl[24], cand[EPOCH_HEX + 1];
-	const char *keys[3] = { HUB_KEY_LEASES, HUB_KEY_EPOCH, HUB_LAYOUT_KEY };
+	char ttl[24], cand[EPOCH_HEX + 1], claim[HUB_KEY_MAX];
+	const char *keys[4] = { HUB_KEY_LEASES, HUB_KEY_EPOCH, HUB_LAYOUT_KEY, claim };
 	const char *argv[6] = { L->hub->instance_id, L->run_id, ttl,
 				L->ever_registered ? "0" : "1", cand, HUB_LAYOUT_VERSION };
 
@@ -281,7 +501,8 @@ static void renew(struct hub_lease *L)
 	for (size_t i = 0; i < sizeof(raw); i++)
 		snprintf(cand + 2 * i, 3, "%02x", raw[i]);
 	snprintf(ttl, sizeof(ttl), "%d", L->hub->cfg.lease_ttl_ms);
-	if (!eval(L, L->script_renew, on_renewed, 3, keys, 6, argv))
+	hub_key_run_reaper(claim, sizeof(claim), L->run_id);
+	if (!eval(L, L->script_renew, on_renewed, L, 4, keys, 6, argv))
 		L->renewing = true;
 	else
 		L->ok_since_us = 0;
@@ -325,21 +546,99 @@ static int lease_start(struct hub *hub, char *err, size_t errlen)
 	L->script_renew = hub_redis_add_script(hub->redis, hub_lua_lease_renew);
 	L->script_release = hub_redis_add_script(hub->redis, hub_lua_lease_release);
 	L->script_reap = hub_redis_add_script(hub->redis, hub_lua_reap);
+	L->script_claim = hub_redis_add_script(hub->redis, hub_lua_reap_claim);
+	L->script_done = hub_redis_add_script(hub->redis, hub_lua_reap_done);
 	hub_observe(hub, HUB_EV_REDIS_READY, on_redis_ready, L);
 	lws_sul_schedule(hub->ctx, 0, &L->sul_tick, tick,
 			 (lws_usec_t)hub->cfg.lease_renew_ms * 1000);
 	return 0;
 }
 
+/* ---- release ------------------------------------------------------------ */
+
+/* lease_release: with the count of the run's non-empty sets found slot by
+ * slot (a cluster), or with those sets in its KEYS (one Redis). */
+static void release_send(struct hub_lease *L, const unsigned char *bits, size_t nbits)
+{
+	char slots[HUB_KEY_MAX], key[HUB_KEY_MAX], held[24];
+	bool split = hub_redis_split(L->hub->redis);
+	size_t nk = 0;
+	hub_buf b = { 0 };
+
+	hub_key_runslots(slots, sizeof(slots), L->run_id);
+	for (unsigned s = 0; !split && s < nbits * 8 && s < HUB_SLOTS; s++)
+		nk += bit_set(bits, s);
+	hub_resp_head(&b, 3 + 2 + nk + 2);
+	hub_resp_evalsha(&b, L->hub->redis, L->script_release, 2 + nk);
+	hub_resp_arg(&b, HUB_KEY_LEASES, sizeof(HUB_KEY_LEASES) - 1);
+	hub_resp_str(&b, slots);
+	for (unsigned s = 0; !split && s < nbits * 8 && s < HUB_SLOTS; s++)
+		if (bit_set(bits, s))
+			hub_resp_arg(&b, key, hub_key_idx_run(key, sizeof(key), s, L->run_id));
+	hub_resp_str(&b, L->run_id);
+	snprintf(held, sizeof(held), "%zu", L->rel_held);
+	hub_resp_str(&b, held);
+	hub_redis_command_formatted(L->hub->redis, NULL, NULL, b.data, b.len);
+	hub_buf_free(&b);
+}
+
+static void on_rel_exists(redisReply *r, void *arg)
+{
+	struct hub_lease *L = arg;
+
+	/* An unanswered check counts as a set that holds devices: the lease
+	 * is then expired for a reaper, which finds out. */
+	if (!r || r->type != REDIS_REPLY_INTEGER || r->integer)
+		L->rel_held++;
+	if (!--L->rel_pending)
+		release_send(L, NULL, 0);
+}
+
+/* The run's bitmap was read: check its sets, then release. */
+static void on_rel_bits(redisReply *r, void *arg)
+{
+	struct hub_lease *L = arg;
+	const unsigned char *bits = NULL;
+	size_t nbits = 0;
+
+	if (!r || (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_NIL))
+		return; /* the lease expires by itself; a reaper finds the sets */
+	if (r->type == REDIS_REPLY_STRING) {
+		bits = (const unsigned char *)r->str;
+		nbits = r->len;
+	}
+	L->rel_held = 0;
+	if (!hub_redis_split(L->hub->redis)) {
+		release_send(L, bits, nbits);
+		return;
+	}
+	/* Slot by slot: an EXISTS per marked slot, the release after the last. */
+	L->rel_pending = 1;
+	for (unsigned s = 0; s < nbits * 8 && s < HUB_SLOTS; s++) {
+		char key[HUB_KEY_MAX];
+		const char *argv[2] = { "EXISTS", key };
+		if (!bit_set(bits, s))
+			continue;
+		hub_key_idx_run(key, sizeof(key), s, L->run_id);
+		if (!hub_redis_command_argv(L->hub->redis, on_rel_exists, L, 2, argv, NULL))
+			L->rel_pending++;
+		else
+			L->rel_held++;
+	}
+	if (!--L->rel_pending)
+		release_send(L, NULL, 0);
+}
+
 /* Shutdown, after the gateways were drained: gives the lease up (removed
  * when this run holds no device any more, else expired at once for a
- * reaper); the hub lets the loop write it before disconnecting Redis. */
+ * reaper): reads the run's slot bitmap, checks the run's sets of those
+ * slots, then lease_release; the hub lets the loop write it before
+ * disconnecting Redis (it waits while commands are pending). */
 static void lease_stop(struct hub *hub)
 {
 	struct hub_lease *L = hub->lease;
 	char key[HUB_KEY_MAX];
-	const char *keys[2] = { HUB_KEY_LEASES, key };
-	const char *argv[1] = { L ? L->run_id : "" };
+	const char *argv[2] = { "GET", key };
 
 	if (!L || L->stopped)
 		return;
@@ -347,12 +646,14 @@ static void lease_stop(struct hub *hub)
 	lws_sul_cancel(&L->sul_tick);
 	lws_sul_cancel(&L->sul_reap);
 	if (L->ever_registered && hub_redis_up(hub->redis) &&
-	    hub_key_run(key, sizeof(key), L->run_id))
-		eval(L, L->script_release, NULL, 2, keys, 1, argv);
+	    hub_key_runslots(key, sizeof(key), L->run_id))
+		hub_redis_command_argv(hub->redis, on_rel_bits, L, 2, argv, NULL);
 }
 
 static void lease_free(struct hub *hub)
 {
+	if (hub->lease)
+		members_free(hub->lease);
 	free(hub->lease);
 	hub->lease = NULL;
 }

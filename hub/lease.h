@@ -13,10 +13,12 @@
  * gateway module observes). When a lease has
  * expired, this hub (if it has renewed its own without a gap for a whole
  * lease-ttl-ms, so that an outage of its own is never taken for another
- * instance's death) claims the dead run and marks its devices offline in
- * batches: only those the dead run still owned, with the offline script's
- * presence event.
- *
+ * instance's death) claims the dead run (in the {hub} slot, with the
+ * bitmap of the slots its sets were written in), walks those slots and
+ * marks their devices offline in batches, one slot per call on a cluster:
+ * only those the dead run still owned, with the offline script's presence
+ * event. A hub whose own lease expired while a reaper claims it
+ * re-announces once the claim is gone.
  */
 #ifndef HUB_LEASE_H
 #define HUB_LEASE_H

@@ -333,6 +333,54 @@ static int idem_batch(struct hub_migrate *m, char **keys, size_t n, void *arg)
 	return 0;
 }
 
+static int device_to_run(struct hub_migrate *m, const char *dev, void *arg)
+{
+	const char *runid = arg;
+	char key[HUB_KEY_MAX], bits[HUB_KEY_MAX], s[16];
+	const char *sadd[3] = { "SADD", key, dev };
+	const char *setbit[4] = { "SETBIT", bits, s, "1" };
+	unsigned slot;
+
+	if (!hub_id_valid(dev, strlen(dev)))
+		return 0;
+	slot = hub_dev_slot(dev);
+	snprintf(s, sizeof(s), "%u", slot);
+	if (!hub_key_idx_run(key, sizeof(key), slot, runid) ||
+	    !hub_key_runslots(bits, sizeof(bits), runid))
+		return 0;
+	m->moved++;
+	/* The bit first: a set is never written where no reaper looks. */
+	return run(m, 4, setbit) || run(m, 3, sadd);
+}
+
+/* iot:inst:{<instance>}:<token> (a run's online devices) -> the run's
+ * slot-local sets iot:idx:{<tag>}:run:<instance>:<token>, each slot marked
+ * in iot:{hub}:runslots:<instance>:<token>: a reaper of the run finds them
+ * (its lease moved to iot:{hub}:leases). */
+static int runs_batch(struct hub_migrate *m, char **keys, size_t n, void *arg)
+{
+	size_t plen = sizeof(HUB_KEY_INST) - 1;
+
+	(void)arg;
+	for (size_t i = 0; i < n; i++) {
+		const char *k = keys[i], *close = strchr(k + plen, '}');
+		char runid[HUB_ID_MAX + 2 + HUB_RUN_TOKEN_LEN];
+		size_t ilen;
+
+		if (!close || close[1] != ':' || k[plen] != '{')
+			continue;
+		ilen = (size_t)(close - (k + plen + 1));
+		if (!ilen || ilen > HUB_ID_MAX || strlen(close + 2) != HUB_RUN_TOKEN_LEN)
+			continue;
+		snprintf(runid, sizeof(runid), "%.*s:%s", (int)ilen, k + plen + 1, close + 2);
+		if (!hub_run_instance_len(runid, strlen(runid)))
+			continue;
+		if (drain_set(m, k, device_to_run, runid))
+			return -1;
+	}
+	return 0;
+}
+
 static int del_batch(struct hub_migrate *m, char **keys, size_t n, void *arg)
 {
 	(void)arg;
@@ -354,6 +402,9 @@ static int ctl_migrate_2to3(struct hub_migrate *m)
 		return -1;
 	/* Reaper claims are transient (a lease-ttl-ms): dropped. */
 	if (hub_migrate_scan(m, "iot:inst:{*}:*:reaper", del_batch, NULL))
+		return -1;
+	/* Each run's online set -> its slot-local sets, the slots marked. */
+	if (hub_migrate_scan(m, HUB_KEY_INST "{*}:*", runs_batch, NULL))
 		return -1;
 	if (drain_set(m, L2_DEVICES, device_to_index, NULL) ||
 	    hub_migrate_scan(m, L2_TYPE "{*}", types_batch, NULL))

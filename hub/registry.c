@@ -30,9 +30,11 @@
 struct hub_registry {
 	struct hub *hub;
 	int script_announce, script_detach, script_offline, script_seen,
-	    script_connect, script_limits, script_epoch_floor;
+	    script_connect, script_limits, script_epoch_floor, script_slots_mark;
+	char run_id[HUB_KEY_MAX];  /* "<instance>:<run token>" */
 	hub_buf resp;              /* the command being built */
-	unsigned char slots[HUB_SLOTS / 8]; /* slots marked in HUB_KEY_SLOTS by this process */
+	unsigned char slots[HUB_SLOTS / 8]; /* slots marked in HUB_KEY_SLOTS and the
+					     * run's bitmap by this process */
 };
 
 /* Starts EVALSHA <script> <nkeys> followed by nargs more arguments. */
@@ -252,9 +254,40 @@ void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t tele
 
 /* ---- announce and the sets devices leave -------------------------------- */
 
+/* The caller's devices grouped by slot: order[] holds the indexes of the
+ * devices sorted by (slot, index), so each slot's devices are a run of it
+ * in their caller's order. dev(items, i) names device i. */
+static size_t *slot_order(const void *items, size_t n, const char *(*dev)(const void *, size_t))
+{
+	uint64_t *key = hub_xmalloc((n ? n : 1) * sizeof(*key));
+	size_t *order = hub_xmalloc((n ? n : 1) * sizeof(*order));
+
+	for (size_t i = 0; i < n; i++)
+		key[i] = (uint64_t)hub_dev_slot(dev(items, i)) << 32 | i;
+	qsort(key, n, sizeof(*key), cmp_u64);
+	for (size_t i = 0; i < n; i++)
+		order[i] = (size_t)(key[i] & 0xffffffffu);
+	free(key);
+	return order;
+}
+
+/* The end of the slot group that starts at order[at]. */
+static size_t slot_group_end(const void *items, const size_t *order, size_t at, size_t n,
+			     const char *(*dev)(const void *, size_t))
+{
+	unsigned slot = hub_dev_slot(dev(items, order[at]));
+	size_t end = at + 1;
+
+	while (end < n && hub_dev_slot(dev(items, order[end])) == slot)
+		end++;
+	return end;
+}
+
 /* moved: announce's (device, old type, old connection) triples: each device
- * leaves its old type's set and its old connection's run's set (the detach
- * script checks that it did not go back meanwhile). Fire and forget. */
+ * leaves its old type's set and its old connection's run's set of its slot
+ * (the detach script checks that it did not go back meanwhile). One call:
+ * every key is in its device's slot, so a reply of a call that kept to one
+ * slot gives a call that does. Fire and forget. */
 static void detach(struct hub_registry *reg, const redisReply *moved)
 {
 	char key[HUB_KEY_MAX], run[HUB_KEY_MAX];
@@ -282,7 +315,7 @@ static void detach(struct hub_registry *reg, const redisReply *moved)
 		}
 		if (c->type == REDIS_REPLY_STRING && hub_run_of_conn(run, sizeof(run), c->str)) {
 			resp_key(reg, key, hub_key_dev(key, sizeof(key), d->str));
-			resp_key(reg, key, hub_key_run(key, sizeof(key), run));
+			resp_key(reg, key, hub_key_idx_run(key, sizeof(key), hub_dev_slot(d->str), run));
 		}
 	}
 	for (size_t i = 0; i + 2 < moved->elements; i += 3) {
@@ -304,28 +337,99 @@ static void detach(struct hub_registry *reg, const redisReply *moved)
 	resp_send(reg, NULL, NULL);
 }
 
-/* The slot directory (HUB_KEY_SLOTS, a bitmap): every slot that holds a
- * device has its bit set before (on one Redis: in the same pipeline as)
- * the first announce of this process into it, so that a walk over the
- * slot-local indexes (the device list, the sweep of command timers) visits
- * it. Once per slot per process; fire and forget (a bit lost with Redis is
- * set again by the next process that announces there). */
-static void mark_slot(struct hub_registry *reg, unsigned slot)
+/* The slot directory (HUB_KEY_SLOTS) and the run's slot bitmap
+ * (hub_key_runslots): every slot a device is announced into has its bit
+ * set in both before the announce writes there (slots_mark.lua), so that a
+ * walk over the slot-local indexes (the device list, the sweep of command
+ * timers) visits it, and so does whoever reaps or releases the run. Once
+ * per slot per process (reg->slots). On one Redis the mark goes in the
+ * same pipeline, before the announce (order is kept); on a cluster the
+ * announce waits for its reply (two primaries keep no order between
+ * them). */
+static bool slot_marked(const struct hub_registry *reg, unsigned slot)
 {
-	char s[16];
-	const char *argv[4] = { "SETBIT", HUB_KEY_SLOTS, s, "1" };
+	return reg->slots[slot / 8] & (1u << (slot % 8));
+}
 
-	if (reg->slots[slot / 8] & (1u << (slot % 8)))
-		return;
-	snprintf(s, sizeof(s), "%u", slot);
-	if (!hub_redis_command_argv(reg->hub->redis, NULL, NULL, 4, argv, NULL))
-		reg->slots[slot / 8] |= (unsigned char)(1u << (slot % 8));
+static void slots_set(struct hub_registry *reg, const unsigned *slots, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		reg->slots[slots[i] / 8] |= (unsigned char)(1u << (slots[i] % 8));
+}
+
+/* slots_mark for n slots; cb as hub_redis_command_formatted. */
+static int mark_slots(struct hub_registry *reg, const unsigned *slots, size_t n,
+		      hub_redis_cb cb, void *arg)
+{
+	char key[HUB_KEY_MAX];
+
+	resp_eval(reg, reg->script_slots_mark, 2, 2 + n);
+	resp_arg(reg, HUB_KEY_SLOTS, sizeof(HUB_KEY_SLOTS) - 1);
+	resp_key(reg, key, hub_key_runslots(key, sizeof(key), reg->run_id));
+	for (size_t i = 0; i < n; i++)
+		resp_int(reg, slots[i]);
+	return resp_send(reg, cb, arg);
+}
+
+/* The slots of devices not marked yet by this process (each once), into
+ * out (n entries at most); their count. */
+static size_t new_slots(struct hub_registry *reg, const void *items, size_t n,
+			const char *(*dev)(const void *, size_t), unsigned *out)
+{
+	size_t k = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		unsigned slot = hub_dev_slot(dev(items, i));
+		bool dup = slot_marked(reg, slot);
+		for (size_t j = 0; !dup && j < k; j++)
+			dup = out[j] == slot;
+		if (!dup)
+			out[k++] = slot;
+	}
+	return k;
 }
 
 void hub_registry_forget_slots(struct hub *hub)
 {
 	if (hub->registry)
 		memset(hub->registry->slots, 0, sizeof(hub->registry->slots));
+}
+
+static const char *announce_dev(const void *items, size_t i)
+{
+	return ((const struct hub_announce_item *)items)[i].device;
+}
+
+/* One announce call over items idx[0..n) (NULL: all n), into reg->resp. */
+static void announce_build(struct hub_registry *reg, const char *mode, const char *gateway,
+			   const char *conn, const char *run,
+			   const struct hub_announce_item *items, const size_t *idx, size_t n)
+{
+	char key[HUB_KEY_MAX];
+
+	resp_eval(reg, reg->script_announce, 4 * n, 4 * n + 8 + 3 * n);
+	for (size_t j = 0; j < n; j++) {
+		const struct hub_announce_item *it = &items[idx ? idx[j] : j];
+		unsigned slot = hub_dev_slot(it->device);
+		resp_key(reg, key, hub_key_dev(key, sizeof(key), it->device));
+		resp_key(reg, key, hub_key_idx_type(key, sizeof(key), slot, it->type));
+		resp_key(reg, key, hub_key_idx_devices(key, sizeof(key), slot));
+		resp_key(reg, key, hub_key_idx_run(key, sizeof(key), slot, run));
+	}
+	resp_str(reg, gateway);
+	resp_str(reg, conn);
+	resp_str(reg, run);
+	resp_str(reg, reg->hub->instance_id);
+	resp_int(reg, hub_now_ms());
+	resp_str(reg, mode);
+	resp_arg(reg, HUB_CH_PRESENCE, sizeof(HUB_CH_PRESENCE) - 1);
+	resp_arg(reg, HUB_CH_DEVTAKE, sizeof(HUB_CH_DEVTAKE) - 1);
+	for (size_t j = 0; j < n; j++) {
+		const struct hub_announce_item *it = &items[idx ? idx[j] : j];
+		resp_str(reg, it->device);
+		resp_str(reg, it->type);
+		resp_arg(reg, it->labels, it->labels_len);
+	}
 }
 
 struct announce_call {
@@ -354,40 +458,189 @@ static void on_announce(redisReply *reply, void *arg)
 	free(ac);
 }
 
+/* announce split per slot (hub_redis_split): the calls are built at once
+ * and sent once the run's new slots are marked; their tats are gathered,
+ * in the caller's order, into one reply. A call that fails fails the whole
+ * announce for the caller (the gateway announces again; what the other
+ * calls wrote is what that announce writes again). */
+struct announce_gather {
+	struct hub_registry *reg;
+	hub_redis_cb cb;
+	void *arg;
+	size_t n, pending, nparts;
+	bool failed;
+	unsigned *slots;           /* the slots being marked, nslots */
+	size_t nslots;
+	char **tats;               /* per caller's item */
+	struct announce_part **parts;
+};
+
+struct announce_part {
+	struct announce_gather *g;
+	hub_buf cmd;               /* the call, until sent */
+	size_t n;
+	size_t idx[];
+};
+
+static void announce_finish(struct announce_gather *g)
+{
+	if (!g->failed) {
+		redisReply *el = hub_xcalloc(g->n ? g->n : 1, sizeof(*el));
+		redisReply **els = hub_xcalloc(g->n ? g->n : 1, sizeof(*els));
+		redisReply arr = { .type = REDIS_REPLY_ARRAY, .elements = g->n, .element = els };
+
+		for (size_t i = 0; i < g->n; i++) {
+			el[i].type = REDIS_REPLY_STRING;
+			el[i].str = g->tats[i] ? g->tats[i] : "0";
+			el[i].len = strlen(el[i].str);
+			els[i] = &el[i];
+		}
+		if (g->cb)
+			g->cb(&arr, g->arg);
+		free(els);
+		free(el);
+	} else if (g->cb) {
+		g->cb(NULL, g->arg);
+	}
+	for (size_t i = 0; i < g->n; i++)
+		free(g->tats[i]);
+	free(g->tats);
+	free(g->slots);
+	free(g->parts);
+	free(g);
+}
+
+static void on_announce_part(redisReply *reply, void *arg)
+{
+	struct announce_part *p = arg;
+	struct announce_gather *g = p->g;
+
+	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+	    reply->element[0]->type == REDIS_REPLY_ARRAY) {
+		const redisReply *tats = reply->element[0];
+		for (size_t i = 0; i < p->n && i < tats->elements; i++) {
+			const redisReply *t = tats->element[i];
+			if (t->type == REDIS_REPLY_STRING) {
+				free(g->tats[p->idx[i]]);
+				g->tats[p->idx[i]] = hub_xstrdup(t->str);
+			}
+		}
+		if (reply->element[1]->type == REDIS_REPLY_ARRAY && hub_redis_up(g->reg->hub->redis))
+			detach(g->reg, reply->element[1]);
+	} else {
+		if (reply && reply->type == REDIS_REPLY_ERROR)
+			hub_err("registry: announce failed: %s", reply->str);
+		g->failed = true;
+	}
+	free(p);
+	if (!--g->pending)
+		announce_finish(g);
+}
+
+/* Sends the built calls (the run's slots are marked). */
+static void announce_send_parts(struct announce_gather *g)
+{
+	g->pending++; /* held until every call is sent */
+	for (size_t i = 0; i < g->nparts; i++) {
+		struct announce_part *p = g->parts[i];
+		int rc = g->failed ? -1 :
+			 hub_redis_command_formatted(g->reg->hub->redis, on_announce_part, p,
+						     p->cmd.data, p->cmd.len);
+		hub_buf_free(&p->cmd);
+		if (rc) {
+			g->failed = true;
+			free(p);
+			continue;
+		}
+		g->pending++;
+	}
+	g->nparts = 0;
+	if (!--g->pending)
+		announce_finish(g);
+}
+
+static void on_marked(redisReply *reply, void *arg)
+{
+	struct announce_gather *g = arg;
+
+	if (reply && reply->type == REDIS_REPLY_INTEGER) {
+		slots_set(g->reg, g->slots, g->nslots);
+	} else {
+		if (reply && reply->type == REDIS_REPLY_ERROR)
+			hub_err("registry: marking the run's slots failed: %s", reply->str);
+		g->failed = true; /* nothing is written where no reaper would look */
+	}
+	announce_send_parts(g);
+}
+
+static int announce_split(struct hub_registry *reg, const char *mode, const char *gateway,
+			  const char *conn, const char *run,
+			  const struct hub_announce_item *items, size_t n,
+			  hub_redis_cb cb, void *arg)
+{
+	struct announce_gather *g = hub_xcalloc(1, sizeof(*g));
+	size_t *order = slot_order(items, n, announce_dev);
+
+	g->reg = reg;
+	g->cb = cb;
+	g->arg = arg;
+	g->n = n;
+	g->tats = hub_xcalloc(n ? n : 1, sizeof(*g->tats));
+	g->parts = hub_xcalloc(n ? n : 1, sizeof(*g->parts));
+	g->slots = hub_xmalloc((n ? n : 1) * sizeof(*g->slots));
+	for (size_t at = 0, end; at < n; at = end) {
+		end = slot_group_end(items, order, at, n, announce_dev);
+		struct announce_part *p = hub_xcalloc(1, sizeof(*p) + (end - at) * sizeof(p->idx[0]));
+		p->g = g;
+		p->n = end - at;
+		memcpy(p->idx, order + at, p->n * sizeof(p->idx[0]));
+		announce_build(reg, mode, gateway, conn, run, items, p->idx, p->n);
+		hub_buf_append(&p->cmd, reg->resp.data, reg->resp.len);
+		g->parts[g->nparts++] = p;
+	}
+	free(order);
+	if (reg->resp.cap > RESP_KEEP_MAX)
+		hub_buf_free(&reg->resp);
+	g->nslots = new_slots(reg, items, n, announce_dev, g->slots);
+	if (!g->nslots) {
+		announce_send_parts(g);
+		return 0;
+	}
+	if (mark_slots(reg, g->slots, g->nslots, on_marked, g)) {
+		for (size_t i = 0; i < g->nparts; i++) {
+			hub_buf_free(&g->parts[i]->cmd);
+			free(g->parts[i]);
+		}
+		free(g->tats);
+		free(g->slots);
+		free(g->parts);
+		free(g);
+		return -1; /* nothing sent: the caller's callback is not called */
+	}
+	return 0;
+}
+
 static int announce(struct hub *hub, const char *mode, const char *gateway, const char *conn,
 		    const struct hub_announce_item *items, size_t n, hub_redis_cb cb, void *arg)
 {
 	struct hub_registry *reg = hub->registry;
 	struct announce_call *ac;
-	char key[HUB_KEY_MAX], run[HUB_KEY_MAX];
+	char run[HUB_KEY_MAX];
 
 	if (!hub_run_of_conn(run, sizeof(run), conn)) {
 		hub_err("registry: connection id %s has no run id", conn);
 		return -1;
 	}
-	for (size_t i = 0; i < n; i++)
-		mark_slot(reg, hub_dev_slot(items[i].device));
-	resp_eval(reg, reg->script_announce, 1 + 3 * n, 1 + 3 * n + 8 + 3 * n);
-	resp_key(reg, key, hub_key_run(key, sizeof(key), run));
-	for (size_t i = 0; i < n; i++) {
-		unsigned slot = hub_dev_slot(items[i].device);
-		resp_key(reg, key, hub_key_dev(key, sizeof(key), items[i].device));
-		resp_key(reg, key, hub_key_idx_type(key, sizeof(key), slot, items[i].type));
-		resp_key(reg, key, hub_key_idx_devices(key, sizeof(key), slot));
-	}
-	resp_str(reg, gateway);
-	resp_str(reg, conn);
-	resp_str(reg, run);
-	resp_str(reg, hub->instance_id);
-	resp_int(reg, hub_now_ms());
-	resp_str(reg, mode);
-	resp_arg(reg, HUB_CH_PRESENCE, sizeof(HUB_CH_PRESENCE) - 1);
-	resp_arg(reg, HUB_CH_DEVTAKE, sizeof(HUB_CH_DEVTAKE) - 1);
-	for (size_t i = 0; i < n; i++) {
-		resp_str(reg, items[i].device);
-		resp_str(reg, items[i].type);
-		resp_arg(reg, items[i].labels, items[i].labels_len);
-	}
+	if (hub_redis_split(hub->redis) && n > 0)
+		return announce_split(reg, mode, gateway, conn, run, items, n, cb, arg);
+
+	/* One Redis: one call, after (in the same pipeline as) the marks. */
+	unsigned *slots = hub_xmalloc((n ? n : 1) * sizeof(*slots));
+	size_t ns = new_slots(reg, items, n, announce_dev, slots);
+	if (ns && !mark_slots(reg, slots, ns, NULL, NULL))
+		slots_set(reg, slots, ns);
+	free(slots);
+	announce_build(reg, mode, gateway, conn, run, items, NULL, n);
 	ac = hub_xmalloc(sizeof(*ac));
 	ac->reg = reg;
 	ac->cb = cb;
@@ -424,28 +677,56 @@ void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoc
 	resp_send(reg, NULL, NULL);
 }
 
+/* One offline call over devices idx[0..n) (NULL: all n). */
+static void offline_call(struct hub_registry *reg, const char *conn, const char *run,
+			 const char *const *devices, const int64_t *tats, const size_t *idx,
+			 size_t n)
+{
+	char key[HUB_KEY_MAX];
+
+	resp_eval(reg, reg->script_offline, 2 * n, 2 * n + 3 + 2 * n);
+	for (size_t j = 0; j < n; j++) {
+		const char *d = devices[idx ? idx[j] : j];
+		resp_key(reg, key, hub_key_dev(key, sizeof(key), d));
+		resp_key(reg, key, hub_key_idx_run(key, sizeof(key), hub_dev_slot(d), run));
+	}
+	resp_str(reg, conn);
+	resp_int(reg, hub_now_ms());
+	resp_arg(reg, HUB_CH_PRESENCE, sizeof(HUB_CH_PRESENCE) - 1);
+	for (size_t j = 0; j < n; j++) {
+		resp_str(reg, devices[idx ? idx[j] : j]);
+		resp_int(reg, tats[idx ? idx[j] : j]);
+	}
+	resp_send(reg, NULL, NULL);
+}
+
+static const char *offline_dev(const void *items, size_t i)
+{
+	return ((const char *const *)items)[i];
+}
+
 void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,
 			  const int64_t *tats, size_t n)
 {
 	struct hub_registry *reg = hub->registry;
-	char key[HUB_KEY_MAX], run[HUB_KEY_MAX];
+	char run[HUB_KEY_MAX];
 
 	if (!hub_run_of_conn(run, sizeof(run), conn)) {
 		hub_err("registry: connection id %s has no run id", conn);
 		return;
 	}
-	resp_eval(reg, reg->script_offline, 1 + n, 1 + n + 3 + 2 * n);
-	resp_key(reg, key, hub_key_run(key, sizeof(key), run));
-	for (size_t i = 0; i < n; i++)
-		resp_key(reg, key, hub_key_dev(key, sizeof(key), devices[i]));
-	resp_str(reg, conn);
-	resp_int(reg, hub_now_ms());
-	resp_arg(reg, HUB_CH_PRESENCE, sizeof(HUB_CH_PRESENCE) - 1);
-	for (size_t i = 0; i < n; i++) {
-		resp_str(reg, devices[i]);
-		resp_int(reg, tats[i]);
+	if (!hub_redis_split(hub->redis) || n < 2) {
+		offline_call(reg, conn, run, devices, tats, NULL, n);
+		return;
 	}
-	resp_send(reg, NULL, NULL);
+	/* One call per slot: each device goes offline and leaves its slot's
+	 * run set in one call, wherever the crash falls. */
+	size_t *order = slot_order(devices, n, offline_dev);
+	for (size_t at = 0, end; at < n; at = end) {
+		end = slot_group_end(devices, order, at, n, offline_dev);
+		offline_call(reg, conn, run, devices, tats, order + at, end - at);
+	}
+	free(order);
 }
 
 /* ---- the module ---------------------------------------------------------- */
@@ -465,6 +746,8 @@ static int registry_module_start(struct hub *hub, char *err, size_t errlen)
 	reg->script_connect = hub_redis_add_script(hub->redis, hub_lua_connect);
 	reg->script_limits = hub_redis_add_script(hub->redis, hub_lua_limits);
 	reg->script_epoch_floor = hub_redis_add_script(hub->redis, hub_lua_epoch_floor);
+	reg->script_slots_mark = hub_redis_add_script(hub->redis, hub_lua_slots_mark);
+	snprintf(reg->run_id, sizeof(reg->run_id), "%s:%s", hub->instance_id, hub->run_token);
 	return 0;
 }
 

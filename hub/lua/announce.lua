@@ -2,14 +2,18 @@
 -- gateway's announce, or the hub re-announcing its own connections' devices
 -- after Redis lost them, mode `rebuild`, hub/lease.c).
 --
--- KEYS[1]  iot:inst:{<instance>}:<token> hub_key_run: the set of the devices the
---                                       connection's run holds online
--- then, per device i in ARGV order, 3 keys (all in the device's slot):
+-- KEYS: per device i in ARGV order, 4 keys, all in the device's slot:
 --   dev    iot:dev:{<device>}           hub_key_dev: the registry hash
 --   type   iot:idx:{<tag>}:type:<type>  hub_key_idx_type: the announced type's
 --                                       devices of the device's slot
 --   all    iot:idx:{<tag>}:devices      hub_key_idx_devices: the devices of
 --                                       the device's slot
+--   run    iot:idx:{<tag>}:run:<run>    hub_key_idx_run: the devices of the
+--                                       device's slot the connection's run
+--                                       holds online
+-- A call is one slot when its devices are (the hub groups them by slot on
+-- a cluster); the caller marked each device's slot in the run's
+-- iot:{hub}:runslots:<run> before (docs/streams.md "Instance leases").
 -- ARGV[1] gateway, ARGV[2] connection id "<run id>:<serial>", ARGV[3] its run
 -- id, ARGV[4] instance, ARGV[5] now (ms), ARGV[6] mode ('' or 'rebuild'),
 -- ARGV[7] presence channel (HUB_CH_PRESENCE), ARGV[8] takeover channel
@@ -37,14 +41,14 @@
 -- Errors: "ERR announce: KEYS and ARGV do not match" (before any write).
 local conn, run, rebuild = ARGV[2], ARGV[3], ARGV[6] == 'rebuild'
 local n = (#ARGV - 8) / 3
-if n ~= math.floor(n) or n < 0 or #KEYS ~= 1 + 3 * n then
+if n ~= math.floor(n) or n < 0 or #KEYS ~= 4 * n then
   return redis.error_reply('ERR announce: KEYS and ARGV do not match')
 end
 local pre = run .. ':'
 local ev, taken, tats, moved = {}, {}, {}, {}
 for i = 0, n - 1 do
   local dev, typ, labels = ARGV[9 + 3 * i], ARGV[10 + 3 * i], ARGV[11 + 3 * i]
-  local key, tkey, akey = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local key, tkey, akey, rkey = KEYS[1 + 4 * i], KEYS[2 + 4 * i], KEYS[3 + 4 * i], KEYS[4 + 4 * i]
   local old = redis.call('HMGET', key, 'type', 'labels', 'conn', 'online', 'rl')
   if rebuild and old[3] and old[3] ~= conn and old[4] == '1' then
     tats[i + 1] = '-1'
@@ -60,7 +64,7 @@ for i = 0, n - 1 do
       moved[#moved + 1] = otype
       moved[#moved + 1] = oconn
     end
-    redis.call('SADD', KEYS[1], dev)
+    redis.call('SADD', rkey, dev)
     redis.call('HSET', key, 'type', typ, 'labels', labels,
                'gateway', ARGV[1], 'conn', conn, 'instance', ARGV[4],
                'online', '1', 'last_seen', ARGV[5], 'announced_at', ARGV[5])

@@ -4,11 +4,11 @@
 -- meanwhile (its registry hash says the type again, or a connection of
 -- that run again) stays.
 --
--- Per device i in ARGV order, 2 keys:
+-- Per device i in ARGV order, 2 keys, both in the device's slot:
 --   KEYS[2i-1]  iot:dev:{<device>}                  hub_key_dev
---   KEYS[2i]    iot:idx:{<tag>}:type:<type>         hub_key_idx_type (how 'type', the
---                                                   device's slot), or
---               iot:inst:{<instance>}:<token>        hub_key_run (how 'run')
+--   KEYS[2i]    iot:idx:{<tag>}:type:<type>         hub_key_idx_type (how 'type'), or
+--               iot:idx:{<tag>}:run:<run>           hub_key_idx_run (how 'run': the
+--                                                   old run's set of the device's slot)
 -- ARGV: per device: device, how ('type' or 'run'), the type or the run id.
 --
 -- Reply: how many devices were taken out.

@@ -9,11 +9,14 @@
 -- KEYS[1]  iot:{hub}:leases HUB_KEY_LEASES: run id -> lease expiry (Redis ms)
 -- KEYS[2]  iot:{hub}:epoch HUB_KEY_EPOCH
 -- KEYS[3]  iot:{hub}:layout HUB_LAYOUT_KEY
+-- KEYS[4]  iot:{hub}:reaper:<instance>:<token> hub_key_run_reaper of the
+--          caller's run: another run is reaping it (a caller whose lease
+--          had expired re-announces its devices only once that is gone)
 -- ARGV[1] instance id, ARGV[2] run id "<instance>:<token>", ARGV[3] ttl (ms),
 -- ARGV[4] first ('1' or '0'), ARGV[5] epoch candidate, ARGV[6] layout version.
 --
 -- Reply: {epoch, had a lease 1|0, it had expired 1|0, expired leases,
--- {up to MAX_DEAD expired run ids, oldest first}}.
+-- {up to MAX_DEAD expired run ids, oldest first}, being reaped 1|0}.
 -- Errors: "ERR lease_renew: bad arguments" (ttl not a number).
 --#include _now.lua
 local MAX_DEAD = 16
@@ -39,4 +42,5 @@ redis.call('ZADD', KEYS[1], now + ttl, me)
 local expired = 0
 if had and tonumber(had) < now then expired = 1 end
 return {ep, had and 1 or 0, expired, redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. now),
-        redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, MAX_DEAD)}
+        redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, MAX_DEAD),
+        redis.call('EXISTS', KEYS[4])}

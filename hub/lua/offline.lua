@@ -4,9 +4,10 @@
 -- another connection took meanwhile is left as it is, but for its TAT. The
 -- lease reaper (reap) publishes the same event for a dead run's devices.
 --
--- KEYS[1]  iot:inst:{<instance>}:<token>   hub_key_run: the connection's run's set
--- then, per device in ARGV order:
+-- KEYS: per device in ARGV order, 2 keys in the device's slot:
 --   iot:dev:{<device>}                     hub_key_dev
+--   iot:idx:{<tag>}:run:<run>              hub_key_idx_run: the set of the
+--                                          device's slot of the connection's run
 -- ARGV[1] connection id, ARGV[2] now (ms), ARGV[3] presence channel
 -- (HUB_CH_PRESENCE), then per device: device, TAT (ms, 0 = none).
 --
@@ -14,17 +15,17 @@
 -- Errors: "ERR offline: KEYS and ARGV do not match" (before any write).
 --#include _maxset.lua
 local conn = ARGV[1]
-if #ARGV < 3 or (#ARGV - 3) % 2 ~= 0 or #KEYS ~= 1 + (#ARGV - 3) / 2 then
+if #ARGV < 3 or (#ARGV - 3) % 2 ~= 0 or #KEYS ~= #ARGV - 3 then
   return redis.error_reply('ERR offline: KEYS and ARGV do not match')
 end
 local ev = {}
 for i = 4, #ARGV, 2 do
   local dev = ARGV[i]
-  local key = KEYS[(i - 4) / 2 + 2]
+  local key, rkey = KEYS[i - 3], KEYS[i - 2]
   local h = redis.call('HMGET', key, 'conn', 'type', 'labels', 'gateway')
   if h[1] == conn then
     redis.call('HSET', key, 'online', '0', 'last_seen', ARGV[2])
-    redis.call('SREM', KEYS[1], dev)
+    redis.call('SREM', rkey, dev)
     ev[#ev + 1] = dev .. '\t' .. h[2] .. '\t' .. h[3] ..
       '\t"device":"' .. dev .. '","online":false,"at":' .. ARGV[2] ..
       ',"gateway":"' .. h[4] .. '","device_type":"' .. h[2] .. '"\n'

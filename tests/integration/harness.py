@@ -265,6 +265,42 @@ class rkeys:
         return "iot:idx:{%s}:timers" % slot_tag(crc16(cid.encode()) % 16384)
 
     @staticmethod
+    def run_set(run, device):
+        """The slot-local set of the devices of device's slot that hub run
+        <instance>:<token> holds online."""
+        return "iot:idx:{%s}:run:%s" % (slot_tag(crc16(device.encode()) % 16384), run)
+
+    @staticmethod
+    def run_set_of_slot(run, slot):
+        return "iot:idx:{%s}:run:%s" % (slot_tag(slot), run)
+
+    @staticmethod
+    def runslots(run):
+        """The bitmap of the slots whose run sets hub run may have written."""
+        return "iot:{hub}:runslots:%s" % run
+
+    _BITS_LUA = ("local b = redis.call('GET', KEYS[1]) or '' local out = {} "
+                 "for i = 1, #b do local c = string.byte(b, i) for j = 0, 7 do "
+                 "if bit.band(c, bit.rshift(128, j)) ~= 0 then out[#out + 1] = (i - 1) * 8 + j end "
+                 "end end return out")
+
+    @staticmethod
+    def run_slots(r, run):
+        """The slots marked in run's bitmap (r: a Redis, or the cluster
+        node of {hub}, with cmd)."""
+        return r.cmd("EVAL", rkeys._BITS_LUA, 1, rkeys.runslots(run))
+
+    @staticmethod
+    def run_members(r, run, node_of=None):
+        """Every device of run's sets, found by its bitmap. node_of(key)
+        gives the node of a key on a cluster (default: r)."""
+        out = set()
+        for s in rkeys.run_slots(node_of(rkeys.runslots(run)) if node_of else r, run):
+            k = rkeys.run_set_of_slot(run, s)
+            out |= set((node_of(k) if node_of else r).cmd("SMEMBERS", k))
+        return sorted(out)
+
+    @staticmethod
     def cmd(cid):
         return "iot:cmd:{%s}" % cid
 

@@ -108,7 +108,8 @@ class Lease(HubTestCase):
         self.assertEqual((st, doc.get("online"), doc.get("labels")), (200, False, {"site": "s1"}), doc)
         # the lease and the dead run's device set are gone
         self.assertEqual([m for m in self.redis.cmd("ZRANGE", rkeys.LEASES, 0, -1) if m.startswith("hub-a:")], [])
-        self.assertEqual(self.redis.cmd("KEYS", "iot:inst:{hub-a}:*"), [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:idx:*:run:hub-a:*"), [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:{hub}:runslots:hub-a:*"), [])
 
         # a command created now waits queued: nothing is published to the
         # dead instance's control channel
@@ -169,17 +170,75 @@ class Lease(HubTestCase):
         self.assertEqual(self.dev(old).get("online"), "0")
         a2.stop()
 
+    async def test_a_dead_run_is_reaped_slot_by_slot(self):
+        """A killed run with devices in hundreds of slots: the reaper walks
+        its bitmap and marks every one offline; its sets, bitmap and lease
+        go (per slot with HUB_TEST_PER_SLOT=1, as on a cluster)."""
+        fast = ["--lease-ttl-ms", "1000", "--lease-renew-ms", "200"]
+        a = self.start_hub(self.redis, extra=["--api-keys", self.keys, "--instance-id", "hub-many"] + fast)
+        b = self.start_hub(self.redis, extra=["--api-keys", self.keys, "--instance-id", "hub-reaper"] + fast)
+        p = uniq("t-many")
+        devs = [p + "-%d" % i for i in range(600)]
+        gw = await self.gateway(a)
+        for i in range(0, len(devs), 100):
+            rep = await gw.announce([(d, "thermostat") for d in devs[i:i + 100]])
+            self.assertEqual(len(rep.get("accepted", [])), 100, rep)
+        run = self.dev(devs[0])["conn"].rsplit(":", 1)[0]
+        slots = rkeys.run_slots(self.redis, run)
+        self.assertGreater(len(slots), 300)
+        self.assertEqual(rkeys.run_members(self.redis, run), sorted(devs))
+        a.kill()
+        deadline = time.monotonic() + 15
+        while self.redis.cmd("ZSCORE", rkeys.LEASES, run) is not None:
+            self.assertLess(time.monotonic(), deadline, "the dead run reaped")
+            await asyncio.sleep(0.2)
+        self.assertEqual([d for d in devs if self.dev(d).get("online") != "0"], [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:idx:*:run:" + run), [])
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.runslots(run)), 0)
+        self.assertIn("devices marked offline", b.stderr_text())
+
+    async def test_a_late_run_waits_for_its_reaper(self):
+        """A run whose lease expired while a reaper claims it re-announces
+        only once the claim is gone: no reap call of that claim lands after
+        the re-announce (docs/streams.md "Instance leases")."""
+        a = self.start_hub(self.redis, extra=["--api-keys", self.keys, "--instance-id", "hub-late",
+                                              "--lease-ttl-ms", "1500", "--lease-renew-ms", "200"])
+        p = uniq("t-late")
+        devs = [p + str(i) for i in range(12)]   # several slots
+        await self.gw_with(a, [(d, "thermostat") for d in devs])
+        run = self.dev(devs[0])["conn"].rsplit(":", 1)[0]
+        self.assertEqual(rkeys.run_members(self.redis, run), sorted(devs))
+        # a reaper claims the run, the lease is found expired, the reaper
+        # marks the devices offline (here by hand: only the reaper's writes)
+        self.redis.cmd("SET", "iot:{hub}:reaper:" + run, "hub-z:000000000000", "PX", 60000)
+        self.redis.cmd("ZADD", rkeys.LEASES, 0, run)
+        for d in devs:
+            self.redis.cmd("HSET", rkeys.dev(d), "online", "0")
+        await asyncio.sleep(1.0)   # several renewals: the claim is there, no re-announce
+        self.assertEqual([self.dev(d).get("online") for d in devs], ["0"] * len(devs))
+        self.assertIn("re-announcing them once it is done", a.stderr_text())
+        # the reaper is done: its claim goes; the run re-announces at once
+        self.redis.cmd("DEL", "iot:{hub}:reaper:" + run)
+        deadline = time.monotonic() + 5
+        while any(self.dev(d).get("online") != "1" for d in devs):
+            self.assertLess(time.monotonic(), deadline, "devices re-announced after the claim went")
+            await asyncio.sleep(0.1)
+        self.assertEqual(rkeys.run_members(self.redis, run), sorted(devs))
+        a.stop()
+
     async def test_graceful_stop_gives_the_lease_up(self):
         a = self.hub("hub-g")
         d = uniq("t-lg")
         await self.gw_with(a, [(d, "thermostat")])
         run = self.dev(d)["conn"].rsplit(":", 1)[0]
         self.assertIsNotNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run))
-        self.assertEqual(self.redis.cmd("SMEMBERS", "iot:inst:{hub-g}:" + run.rsplit(":", 1)[1]), [d])
+        self.assertEqual(self.redis.cmd("SMEMBERS", rkeys.run_set(run, d)), [d])
+        self.assertEqual(rkeys.run_members(self.redis, run), [d])
         a.stop()
         self.assertEqual(self.dev(d).get("online"), "0")
         self.assertIsNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run), "lease left after SIGTERM")
-        self.assertEqual(self.redis.cmd("KEYS", "iot:inst:*"), [])
+        self.assertEqual(self.redis.cmd("KEYS", "iot:idx:*:run:*"), [])
+        self.assertEqual(self.redis.cmd("EXISTS", rkeys.runslots(run)), 0)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ OTHER_RUN = "hub-b:ba9876543210"
 # scripts", column "slots"): a cluster refuses layout 3 until none does.
 CROSS_SLOT = {
     "store",          # ingest: the feed beside gateway and device keys
-    "announce",       # the run's online set beside the devices' keys
-    "detach",         # several devices, a run's set
-    "offline",        # the run's online set beside the devices' keys
+    "announce",       # several devices (the hub calls it per slot on a cluster)
+    "detach",         # several devices (per slot on a cluster: announce's reply)
+    "offline",        # several devices (per slot on a cluster)
     "seen",           # several devices (the hub calls it per slot on a cluster)
-    "lease_release",  # iot:{hub}:leases beside the run's set
-    "reap",           # iot:{hub}: keys beside the run's set and its devices
+    "lease_release",  # on one Redis the run's sets beside iot:{hub}:leases (none on a cluster)
+    "reap",           # several devices (a batch is of one slot on a cluster)
     "layout",         # iot:{hub}:layout beside the layout-2 names it looks for
     "cmd_owed",       # several devices (the hub calls it per device on a cluster)
     "cmd_devices",    # commands of several devices (a rollout's)
@@ -70,9 +70,9 @@ def k_rollout_cmds(rid):
     return rkeys.rollout_cmds(rid)
 
 
-def k_run(run):
-    inst, token = run.rsplit(":", 1)
-    return "iot:inst:{%s}:%s" % (inst, token)
+def k_run(run, device):
+    """run's slot-local set of device's slot."""
+    return rkeys.run_set(run, device)
 
 
 def k_reaper(run):
@@ -369,10 +369,10 @@ class Lua(unittest.TestCase):
 
     def announce(self, conn, devices, mode="", run=None, gw="g1", inst="hub-a"):
         run = run or conn.rsplit(":", 1)[0]
-        keys = [k_run(run)]
+        keys = []
         argv = [gw, conn, run, inst, 1000, mode, CH_PRESENCE, CH_DEVTAKE]
         for d, t, labels in devices:
-            keys += [rkeys.dev(d), rkeys.type_of(t, d), rkeys.devices(d)]
+            keys += [rkeys.dev(d), rkeys.type_of(t, d), rkeys.devices(d), k_run(run, d)]
             argv += [d, t, labels]
         return self.run_script("announce", keys, argv)
 
@@ -385,9 +385,9 @@ class Lua(unittest.TestCase):
         h = self.r.hgetall(rkeys.dev("d1"))
         self.assertEqual((h["conn"], h["online"], h["gateway"], h["instance"], h["type"]),
                          (c1, "1", "g1", "hub-a", "thermostat"))
-        self.assertEqual(sorted(self.r.cmd("SMEMBERS", k_run(RUN))), ["d1", "d2"])
-        # each device in its own slot's indexes
+        # each device in its own slot's indexes and its slot's run set
         for d in ("d1", "d2"):
+            self.assertEqual(self.r.cmd("SMEMBERS", k_run(RUN, d)), [d], d)
             self.assertEqual(self.r.cmd("SISMEMBER", rkeys.devices(d), d), 1, d)
             self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("thermostat", d), d), 1, d)
         self.assertEqual(members(rkeys.devices, ["d1", "d2"]), ["d1", "d2"])
@@ -415,28 +415,28 @@ class Lua(unittest.TestCase):
 
     def test_announce_refuses_a_malformed_call(self):
         msg = "announce: KEYS and ARGV do not match"
-        keys = [k_run(RUN), rkeys.dev("d1"), rkeys.type_of("thermostat", "d1")]
+        keys = [rkeys.dev("d1"), rkeys.type_of("thermostat", "d1"), rkeys.devices("d1")]
         argv = ["g1", RUN + ":1", RUN, "hub-a", 1000, "", CH_PRESENCE, CH_DEVTAKE,
                 "d1", "thermostat", "{}"]
         self.assert_refused("announce", keys, argv, msg)
-        self.assert_refused("announce", keys + [rkeys.devices("d1")], argv[:-1], msg)
+        self.assert_refused("announce", keys + [k_run(RUN, "d1")], argv[:-1], msg)
 
     def test_detach(self):
         self.r.cmd("HSET", rkeys.dev("d1"), "type", "power-meter", "conn", RUN + ":2")
         self.r.cmd("SADD", rkeys.type_of("thermostat", "d1"), "d1")
         self.r.cmd("SADD", rkeys.type_of("power-meter", "d1"), "d1")
-        self.r.cmd("SADD", k_run(RUN), "d1")
-        self.r.cmd("SADD", k_run(OTHER_RUN), "d1")
+        self.r.cmd("SADD", k_run(RUN, "d1"), "d1")
+        self.r.cmd("SADD", k_run(OTHER_RUN, "d1"), "d1")
         keys = [rkeys.dev("d1"), rkeys.type_of("thermostat", "d1"),
                 rkeys.dev("d1"), rkeys.type_of("power-meter", "d1"),
-                rkeys.dev("d1"), k_run(OTHER_RUN), rkeys.dev("d1"), k_run(RUN)]
+                rkeys.dev("d1"), k_run(OTHER_RUN, "d1"), rkeys.dev("d1"), k_run(RUN, "d1")]
         argv = ["d1", "type", "thermostat", "d1", "type", "power-meter",
                 "d1", "run", OTHER_RUN, "d1", "run", RUN]
         self.assertEqual(self.run_script("detach", keys, argv), 2)
         self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("thermostat", "d1"), "d1"), 0)
         self.assertEqual(self.r.cmd("SISMEMBER", rkeys.type_of("power-meter", "d1"), "d1"), 1)
-        self.assertEqual(self.r.cmd("SISMEMBER", k_run(OTHER_RUN), "d1"), 0)
-        self.assertEqual(self.r.cmd("SISMEMBER", k_run(RUN), "d1"), 1)
+        self.assertEqual(self.r.cmd("SISMEMBER", k_run(OTHER_RUN, "d1"), "d1"), 0)
+        self.assertEqual(self.r.cmd("SISMEMBER", k_run(RUN, "d1"), "d1"), 1)
         self.assert_refused("detach", keys[:2], argv[:3] + ["x"], "detach: KEYS and ARGV do not match")
         self.assert_refused("detach", keys[:2], ["d1", "owner", "x"], "detach: how is 'type' or 'run'")
 
@@ -446,19 +446,21 @@ class Lua(unittest.TestCase):
         self.announce(c1, [("d1", "thermostat", "{}"), ("d2", "thermostat", "{}")])
         self.announce(c2, [("d2", "thermostat", "{}")])
         sub.messages()
-        out = self.run_script("offline", [k_run(RUN), rkeys.dev("d1"), rkeys.dev("d2")],
+        out = self.run_script("offline", [rkeys.dev("d1"), k_run(RUN, "d1"),
+                                          rkeys.dev("d2"), k_run(RUN, "d2")],
                               [c1, 2000, CH_PRESENCE, "d1", 5000, "d2", 6000])
         self.assertEqual(out, 1)
         self.assertEqual(self.r.cmd("HMGET", rkeys.dev("d1"), "online", "last_seen", "rl"),
                          ["0", "2000", "5000"])
         self.assertEqual(self.r.cmd("HMGET", rkeys.dev("d2"), "online", "conn", "rl"),
                          ["1", c2, "6000"])
-        self.assertEqual(self.r.cmd("SMEMBERS", k_run(RUN)), ["d2"])
+        self.assertEqual(self.r.cmd("EXISTS", k_run(RUN, "d1")), 0)
+        self.assertEqual(self.r.cmd("SMEMBERS", k_run(RUN, "d2")), ["d2"])
         msgs = sub.messages()
         self.assertEqual(len(msgs), 1)
         self.assertIn('"device":"d1","online":false,"at":2000', msgs[0][1])
         self.assertNotIn('"device":"d2"', msgs[0][1])
-        self.assert_refused("offline", [k_run(RUN)], [c1, 1, CH_PRESENCE, "d1", 1],
+        self.assert_refused("offline", [rkeys.dev("d1")], [c1, 1, CH_PRESENCE, "d1", 1],
                             "offline: KEYS and ARGV do not match")
 
     def test_seen(self):
@@ -475,7 +477,7 @@ class Lua(unittest.TestCase):
     # ---- leases ------------------------------------------------------------------
 
     def renew(self, run, first="0", ttl=10000):
-        return self.run_script("lease_renew", [LEASES, EPOCH, LAYOUT],
+        return self.run_script("lease_renew", [LEASES, EPOCH, LAYOUT, k_reaper(run)],
                                [run.rsplit(":", 1)[0], run, ttl, first, "cafe", rkeys.VERSION])
 
     def test_lease_renew(self):
@@ -483,54 +485,116 @@ class Lua(unittest.TestCase):
         out = self.renew(RUN, first="1")
         self.assertEqual(out[:4], ["cafe", 0, 0, 2])
         self.assertEqual(out[4], ["hub-a:00000000000a", "hub-c:00000000000c"])
+        self.assertEqual(out[5], 0)
         self.assertEqual(self.r.cmd("GET", LAYOUT), rkeys.VERSION)
         # The restarted instance's earlier run ended now (score 0).
         self.assertEqual(self.r.cmd("ZSCORE", LEASES, "hub-a:00000000000a"), "0")
         self.assertGreater(float(self.r.cmd("ZSCORE", LEASES, RUN)), time.time() * 1000)
         self.r.cmd("SET", EPOCH, "beef")
         self.assertEqual(self.renew(RUN)[:3], ["beef", 1, 0])
-        self.assert_refused("lease_renew", [LEASES, EPOCH, LAYOUT],
+        # Another run reaping this one: said, so that it waits to re-announce.
+        self.r.cmd("SET", k_reaper(RUN), OTHER_RUN)
+        self.assertEqual(self.renew(RUN)[5], 1)
+        self.assert_refused("lease_renew", [LEASES, EPOCH, LAYOUT, k_reaper(RUN)],
                             ["hub-a", RUN, "x", "0", "c", rkeys.VERSION], "lease_renew: bad arguments")
+
+    def test_slots_mark(self):
+        keys = [rkeys.SLOTS, rkeys.runslots(RUN)]
+        self.assertEqual(self.run_script("slots_mark", keys, [0, 9, 16383]), 3)
+        self.assertEqual(rkeys.run_slots(self.r, RUN), [0, 9, 16383])
+        self.assertEqual([self.r.cmd("GETBIT", rkeys.SLOTS, s) for s in (0, 1, 9, 16383)], [1, 0, 1, 1])
+        self.assert_refused("slots_mark", keys, [3, 16384], "slots_mark: bad arguments")
+
+    def release(self, devices=(), held=0):
+        slots = sorted({key_slot(rkeys.dev(d)) for d in devices})
+        keys = [LEASES, rkeys.runslots(RUN)] + [rkeys.run_set_of_slot(RUN, s) for s in slots]
+        return self.run_script("lease_release", keys, [RUN, held])
 
     def test_lease_release(self):
         self.renew(RUN)
-        self.assertEqual(self.run_script("lease_release", [LEASES, k_run(RUN)], [RUN]), 1)
+        self.r.cmd("SETBIT", rkeys.runslots(RUN), key_slot(rkeys.dev("d1")), 1)
+        self.assertEqual(self.release(["d1"]), 1)
         self.assertIsNone(self.r.cmd("ZSCORE", LEASES, RUN))
+        self.assertEqual(self.r.cmd("EXISTS", rkeys.runslots(RUN)), 0)
+        # a set that holds a device: the lease stays, expired, for a reaper
         self.renew(RUN)
-        self.r.cmd("SADD", k_run(RUN), "d1")
-        self.assertEqual(self.run_script("lease_release", [LEASES, k_run(RUN)], [RUN]), 0)
+        self.r.cmd("SETBIT", rkeys.runslots(RUN), key_slot(rkeys.dev("d1")), 1)
+        self.r.cmd("SADD", k_run(RUN, "d1"), "d1")
+        self.assertEqual(self.release(["d1"]), 0)
         self.assertEqual(self.r.cmd("ZSCORE", LEASES, RUN), "0")
+        self.assertEqual(self.r.cmd("EXISTS", rkeys.runslots(RUN)), 1)
+        # on a cluster the caller counted the sets that hold devices
+        self.r.cmd("SREM", k_run(RUN, "d1"), "d1")
+        self.renew(RUN)
+        self.assertEqual(self.release([], held=1), 0)
+        self.assertEqual(self.r.cmd("ZSCORE", LEASES, RUN), "0")
+        self.assertEqual(self.release([], held=0), 1)
 
-    def reap(self, devices, me=OTHER_RUN, dead=RUN):
-        keys = [LEASES, k_reaper(dead), k_run(dead)] + [rkeys.dev(d) for d in devices]
-        return self.run_script("reap", keys, [me, dead, 5000, CH_PRESENCE] + list(devices))
+    def claim(self, me=OTHER_RUN, dead=RUN, bits="1"):
+        return self.run_script("reap_claim", [LEASES, k_reaper(dead), rkeys.runslots(dead)],
+                               [me, dead, 5000, bits])
+
+    def reap(self, devices, dead=RUN):
+        keys = []
+        for d in devices:
+            keys += [rkeys.dev(d), k_run(dead, d)]
+        return self.run_script("reap", keys, [dead, CH_PRESENCE] + list(devices))
 
     def test_reap(self):
         sub = self.subscribe(CH_PRESENCE)
         self.announce(RUN + ":1", [("d1", "thermostat", "{}"), ("d2", "thermostat", "{}"),
                                    ("d3", "thermostat", "{}")])
         self.announce(OTHER_RUN + ":1", [("d2", "thermostat", "{}")])
+        for d in ("d1", "d2", "d3"):
+            self.r.cmd("SETBIT", rkeys.runslots(RUN), key_slot(rkeys.dev(d)), 1)
         sub.messages()
+        # the claim: only for an expired lease, one reaper, never oneself
         self.renew(RUN)
-        self.assertEqual(self.reap(["d1"]), [0, "live"])
+        self.assertEqual(self.claim(), [0, "live"])
         self.r.cmd("ZADD", LEASES, 0, RUN)
         self.r.cmd("SET", k_reaper(RUN), "hub-z:000000000000")
-        self.assertEqual(self.reap(["d1"]), [0, "claimed"])
+        self.assertEqual(self.claim(), [0, "claimed"])
         self.r.cmd("DEL", k_reaper(RUN))
-        self.assertEqual(self.reap(["d1"], me=RUN), [0, "self"])
-        self.assertEqual(self.reap(["d1", "d2"]), [1, RUN, 1, 1])
+        self.assertEqual(self.claim(me=RUN), [0, "self"])
+        out = self.claim()
+        self.assertEqual(out[0], 1)
+        self.assertEqual(self.r.cmd("GET", k_reaper(RUN)), OTHER_RUN)
+        self.assertGreater(self.r.cmd("PTTL", k_reaper(RUN)), 0)
+        self.assertEqual(self.claim(bits="0"), [1, ""])
+        self.assertEqual(rkeys.run_members(self.r, RUN), ["d1", "d2", "d3"])
+        # a batch of a slot's devices: d1 offline, d2 (taken) only leaves the set
+        self.assertEqual(self.reap(["d1"]), 1)
+        self.assertEqual(self.reap(["d2"]), 0)
         self.assertEqual(self.r.cmd("HGET", rkeys.dev("d1"), "online"), "0")
         self.assertEqual(self.r.cmd("HMGET", rkeys.dev("d2"), "online", "conn"),
                          ["1", OTHER_RUN + ":1"])
-        self.assertEqual(self.r.cmd("GET", k_reaper(RUN)), OTHER_RUN)
         msgs = sub.messages()
         self.assertEqual(len(msgs), 1)
         self.assertIn('"device":"d1","online":false', msgs[0][1])
-        self.assertEqual(self.reap(["d3"]), [1, RUN, 1, 0])
+        self.assertEqual(rkeys.run_members(self.r, RUN), ["d3"])
+        self.assertEqual(self.reap(["d3"]), 1)
+        self.assertEqual(rkeys.run_members(self.r, RUN), [])
+        # the end: the lease, the claim and the bitmap go
+        done = lambda me=OTHER_RUN: self.run_script(  # noqa: E731
+            "reap_done", [LEASES, k_reaper(RUN), rkeys.runslots(RUN)], [me, RUN])
+        self.assertEqual(done(me="hub-z:000000000000"), 0)  # not its claim
+        self.assertEqual(done(), 1)
         self.assertIsNone(self.r.cmd("ZSCORE", LEASES, RUN))
-        self.assertEqual(self.r.cmd("EXISTS", k_reaper(RUN), k_run(RUN)), 0)
-        self.assert_refused("reap", [LEASES, "x", "y"], [OTHER_RUN, RUN, 1, CH_PRESENCE, "d1"],
+        self.assertEqual(self.r.cmd("EXISTS", k_reaper(RUN), rkeys.runslots(RUN)), 0)
+        # a run that renewed meanwhile keeps its lease and bitmap; the claim goes
+        self.renew(RUN)
+        self.r.cmd("SET", k_reaper(RUN), OTHER_RUN)
+        self.r.cmd("SETBIT", rkeys.runslots(RUN), 5, 1)
+        self.assertEqual(done(), 0)
+        self.assertIsNotNone(self.r.cmd("ZSCORE", LEASES, RUN))
+        self.assertEqual(self.r.cmd("EXISTS", k_reaper(RUN)), 0)
+        self.assertEqual(self.r.cmd("EXISTS", rkeys.runslots(RUN)), 1)
+        self.assert_refused("reap", [rkeys.dev("d1")], [RUN, CH_PRESENCE, "d1"],
                             "reap: KEYS and ARGV do not match")
+        self.assert_refused("reap_claim", [LEASES, k_reaper(RUN)], [OTHER_RUN, RUN, 1, "1"],
+                            "reap_claim: KEYS and ARGV do not match")
+        self.assert_refused("reap_done", [LEASES, k_reaper(RUN)], [OTHER_RUN, RUN],
+                            "reap_done: KEYS and ARGV do not match")
 
     # ---- aggregates, layout ---------------------------------------------------------
 

@@ -83,8 +83,8 @@ class RedisLost(HubTestCase):
                          (typ, labels_json, "1", instance), h)
         conn = h["conn"]
         run = conn.rsplit(":", 1)[0]
-        token = run.rsplit(":", 1)[1]
-        self.assertIn(device, self.redis.cmd("SMEMBERS", "iot:inst:{%s}:%s" % (instance, token)))
+        self.assertIn(device, self.redis.cmd("SMEMBERS", rkeys.run_set(run, device)))
+        self.assertIn(device, rkeys.run_members(self.redis, run))
         self.assertIsNotNone(self.redis.cmd("ZSCORE", rkeys.LEASES, run), run)
         self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.type_of(typ, device), device), 1)
         self.assertEqual(self.redis.cmd("SISMEMBER", rkeys.devices(device), device), 1)

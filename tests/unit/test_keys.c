@@ -161,11 +161,28 @@ static void test_script_keys(void **state)
 	assert_string_equal(k, "iot:{hub}:reaper:hub-1:0123456789ab");
 	assert_int_equal(hub_key_run(k, sizeof(k), "hub-1"), 0);
 	assert_string_equal(k, "");
-	/* The longest: an instance id of HUB_ID_MAX, its reaper claim. */
+	/* A run's slot-local set and its slot bitmap. */
+	assert_int_equal(hub_key_idx_run(k, sizeof(k), 0, "a:b:0123456789ab"),
+			 strlen("iot:idx:{3560}:run:a:b:0123456789ab"));
+	assert_string_equal(k, "iot:idx:{3560}:run:a:b:0123456789ab");
+	assert_int_equal(hub_slot(k, strlen(k)), 0);
+	assert_int_equal(hub_key_idx_run(k, sizeof(k), 0, "hub-1"), 0);
+	assert_string_equal(k, "");
+	hub_key_runslots(k, sizeof(k), "hub-1:0123456789ab");
+	assert_string_equal(k, "iot:{hub}:runslots:hub-1:0123456789ab");
+	assert_int_equal(hub_key_runslots(k, sizeof(k), "hub-1"), 0);
+	/* The longest: an instance id of HUB_ID_MAX, its reaper claim, its
+	 * bitmap and its set of a slot with a 6-digit tag. */
 	memcpy(run, id, HUB_ID_MAX);
 	memcpy(run + HUB_ID_MAX, ":0123456789ab", 14);
-	assert_int_equal(hub_key_run_reaper(k, sizeof(k), run), HUB_KEY_MAX - 2);
-	assert_int_equal(hub_key_run_reaper(k, HUB_KEY_MAX - 2, run), 0);
+	assert_int_equal(hub_key_run_reaper(k, sizeof(k), run), HUB_ID_MAX + 13 + 17);
+	assert_int_equal(hub_key_run_reaper(k, HUB_ID_MAX + 13 + 17, run), 0);
+	assert_int_equal(hub_key_runslots(k, sizeof(k), run), HUB_ID_MAX + 13 + 19);
+	for (unsigned s = 0; s < HUB_SLOTS; s++) {
+		char tag[HUB_SLOT_TAG_MAX];
+		size_t tl = hub_slot_tag(s, tag);
+		assert_int_equal(hub_key_idx_run(k, sizeof(k), s, run), 8 + tl + 2 + 5 + HUB_ID_MAX + 13);
+	}
 }
 
 int main(void)
