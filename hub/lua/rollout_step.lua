@@ -64,14 +64,17 @@ local function finish(status)
   redis.call('EXPIRE', rk, FINAL_TTL_S)
   redis.call('EXPIRE', KEYS[2], FINAL_TTL_S)
 end
-if r.status == 'canceling' then
+-- The commands not yet released become canceled, with why.
+local function cancel_held(why)
   for i = released + 1, #ids do
     local c = g[i].dev and load(g[i])
     if c and c.status == 'queued' then
-      set(c, g[i], 'canceled', {'error', 'rollout canceled'})
+      set(c, g[i], 'canceled', {'error', why})
     end
   end
-  redis.call('HSET', rk, 'released', #ids)
+end
+if r.status == 'canceling' then
+  cancel_held('rollout canceled')
   finish('canceled')
   return {3}
 end
@@ -87,12 +90,7 @@ for i = 1, released do
 end
 if finished >= tonumber(r.min_finished) and finished > 0 and
    fails / finished > tonumber(r.abort_failure_ratio) then
-  for i = released + 1, #ids do
-    local c = g[i].dev and load(g[i])
-    if c and c.status == 'queued' then
-      set(c, g[i], 'canceled', {'error', 'rollout aborted: failure ratio crossed'})
-    end
-  end
+  cancel_held('rollout aborted: failure ratio crossed')
   finish('aborted')
   return {2}
 end
