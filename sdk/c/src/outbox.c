@@ -234,7 +234,7 @@ static size_t replay_segment(struct outbox *o, struct replay *r, const char *buf
 		const char *nl = memchr(buf + off, '\n', len - off), *body;
 		size_t blen;
 		unsigned long crc;
-		char *end;
+		char *end, line[128];
 		uint64_t a, b, c;
 
 		if (!nl || nl - (buf + off) < 11 || buf[off + 8] != ' ')
@@ -246,9 +246,17 @@ static size_t replay_segment(struct outbox *o, struct replay *r, const char *buf
 		blen = (size_t)(nl - body);
 		if (gw_crc32(body, blen) != (uint32_t)crc || blen < 3 || body[1] != ' ')
 			break;
+		/* The numeric records, NUL-terminated for sscanf (the segment
+		 * buffer is not: sscanf would read past it looking for one). */
+		if (body[0] != 'R') {
+			if (blen >= sizeof(line))
+				goto out;
+			memcpy(line, body, blen);
+			line[blen] = '\0';
+		}
 		switch (body[0]) {
 		case 'H':
-			if (sscanf(body, "H %" SCNu64 " %" SCNu64, &a, &b) != 2)
+			if (sscanf(line, "H %" SCNu64 " %" SCNu64, &a, &b) != 2)
 				goto out;
 			*hdr_rid = a;
 			if (a > o->next_rid)
@@ -273,7 +281,7 @@ static size_t replay_segment(struct outbox *o, struct replay *r, const char *buf
 			break;
 		}
 		case 'F':
-			if (sscanf(body, "F %" SCNu64 " %" SCNu64 " %" SCNu64, &a, &b, &c) != 3 ||
+			if (sscanf(line, "F %" SCNu64 " %" SCNu64 " %" SCNu64, &a, &b, &c) != 3 ||
 			    !c || c > 100000)
 				goto out;
 			if (r->nfr == r->capfr) {
@@ -285,13 +293,13 @@ static size_t replay_segment(struct outbox *o, struct replay *r, const char *buf
 				o->next_seq = a + 1;
 			break;
 		case 'S':
-			if (sscanf(body, "S %" SCNu64, &a) != 1)
+			if (sscanf(line, "S %" SCNu64, &a) != 1)
 				goto out;
 			if (a > o->next_seq)
 				o->next_seq = a;
 			break;
 		case 'A':
-			if (sscanf(body, "A %" SCNu64, &a) != 1)
+			if (sscanf(line, "A %" SCNu64, &a) != 1)
 				goto out;
 			if (r->nack == r->capack) {
 				r->capack = r->capack ? r->capack * 2 : 64;
