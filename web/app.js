@@ -1376,7 +1376,7 @@ async function startRollout(e) {
   if (ratioRaw === '' || !Number.isFinite(ratio) || ratio < 0 || ratio > 1) { $('ro-ratio-err').textContent = 'rollout.abort_failure_ratio must be a number from 0 to 1'; return; }
   const { params, errors } = roParams.read();
   if (errors.length) { $('ro-error').textContent = `${errors[0].path} ${errors[0].message}`; return; }
-  const body = { target: { device_type: type }, name, params, rollout: { max_per_minute: rate, abort_failure_ratio: ratio } };
+  const body = { target: { device_type: type }, name, params, rollout: { max_per_minute: rate, abort_failure_ratio: ratio, online_only: $('ro-online').checked } };
   if (Object.keys(labels).length) body.target.labels = labels;
   const sel = Object.entries(labels).map(([k, v]) => `${k}=${v}`).join(' ') || 'all labels';
   if (DESTRUCTIVE.has(name) && !confirm(`Start a rollout of ${name} to every ${type} device (${sel}) at ${rate}/min?`)) return;
@@ -1439,7 +1439,7 @@ function renderRollout(r) {
   $('ro-pause').hidden = !state.rolloutCtl || r.status !== 'running';
   $('ro-resume').hidden = !state.rolloutCtl || r.status !== 'paused';
   $('ro-cancel').hidden = !state.rolloutCtl || !running;
-  if (running) scheduleRollout(1000);
+  if (running || r.status === 'canceling') scheduleRollout(1000);
 }
 
 async function rolloutControl(verb) {

@@ -233,6 +233,25 @@ async function main() {
   await page.locator('#rollouts').scrollIntoViewIfNeeded();
   await shot(page, '3-rollout-completed');
   log(`rollout of 10: completed in ${results.rollout_10_devices_ms} ms; counts ${JSON.stringify(done)}; controls ${hasCtl ? 'offered' : 'hidden (hub has no pause/resume/cancel)'}`);
+  if (hasCtl) {
+    // a slow rollout, online devices only: paused, resumed, then canceled from the console
+    await page.fill('#ro-rate', '1');
+    await page.check('#ro-online');
+    await page.click('#ro-start');
+    await page.waitForSelector('#ro-summary [data-status="running"]', { timeout: 10000 });
+    const rid = await page.$eval('#ro-view-title', (e) => e.textContent.split(' ').pop());
+    await page.click('#ro-pause');
+    await page.waitForSelector('#ro-summary [data-status="paused"]', { timeout: 10000 });
+    await page.click('#ro-resume');
+    await page.waitForSelector('#ro-summary [data-status="running"]', { timeout: 10000 });
+    await page.click('#ro-cancel');   // confirmed by the dialog handler
+    await page.waitForSelector('#ro-summary [data-status="canceled"]', { timeout: 10000 });
+    const c = await page.$eval('#ro-counts', (e) => Object.fromEntries([...e.querySelectorAll('dd')].map((d) => [d.dataset.count, Number(d.textContent)])));
+    if (c.canceled < 1 || c.canceled + (c.released || 0) < 10) throw new Error(`canceled rollout counts ${JSON.stringify(c)}`);
+    if (!(await page.$$eval('#ro-pause, #ro-resume, #ro-cancel', (l) => l.every((b) => b.hidden)))) throw new Error('controls shown on a canceled rollout');
+    await shot(page, '3b-rollout-canceled');
+    log(`rollout ${rid}: paused, resumed and canceled from the console; counts ${JSON.stringify(c)}`);
+  }
 
   // ---- 10,000 devices, 100 readings/s --------------------------------------------
   start('sim-fleet', SIM, ['--url', `ws://${addr}/v1/gateway`, '--jwt-secret', 'jwt.secret', '--gateway-prefix', 'fl',
