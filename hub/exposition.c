@@ -56,38 +56,30 @@ static void gauge(hub_buf *o, const char *name, const char *help, double v)
 		       name, v);
 }
 
-static void histogram(hub_buf *o, const char *name, const char *help,
-		      const struct hub_histogram *h)
-{
-	uint64_t cum = 0;
-
-	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-	for (int i = 0; i < HUB_HIST_NBOUNDS; i++) {
-		cum += h->counts[i];
-		hub_buf_printf(o, "%s_bucket{le=\"%g\"} %llu\n", name, hub_hist_bounds[i],
-			       (unsigned long long)cum);
-	}
-	cum += h->counts[HUB_HIST_NBOUNDS];
-	hub_buf_printf(o, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n",
-		       name, (unsigned long long)cum, name, h->sum, name,
-		       (unsigned long long)h->count);
-}
-
-/* The buckets, sum and count of h under a label set (no HELP/TYPE). */
+/* The buckets, sum and count of h under a label set ("" for none; no
+ * HELP/TYPE). */
 static void histogram_samples(hub_buf *o, const char *name, const char *labels,
 			      const struct hub_histogram *h)
 {
+	const char *sep = *labels ? "," : "", *lo = *labels ? "{" : "", *lc = *labels ? "}" : "";
 	uint64_t cum = 0;
 
 	for (int i = 0; i < HUB_HIST_NBOUNDS; i++) {
 		cum += h->counts[i];
-		hub_buf_printf(o, "%s_bucket{%s,le=\"%g\"} %llu\n", name, labels, hub_hist_bounds[i],
-			       (unsigned long long)cum);
+		hub_buf_printf(o, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep,
+			       hub_hist_bounds[i], (unsigned long long)cum);
 	}
 	cum += h->counts[HUB_HIST_NBOUNDS];
-	hub_buf_printf(o, "%s_bucket{%s,le=\"+Inf\"} %llu\n%s_sum{%s} %.9g\n%s_count{%s} %llu\n",
-		       name, labels, (unsigned long long)cum, name, labels, h->sum, name, labels,
-		       (unsigned long long)h->count);
+	hub_buf_printf(o, "%s_bucket{%s%sle=\"+Inf\"} %llu\n%s_sum%s%s%s %.9g\n%s_count%s%s%s %llu\n",
+		       name, labels, sep, (unsigned long long)cum, name, lo, labels, lc, h->sum,
+		       name, lo, labels, lc, (unsigned long long)h->count);
+}
+
+static void histogram(hub_buf *o, const char *name, const char *help,
+		      const struct hub_histogram *h)
+{
+	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+	histogram_samples(o, name, "", h);
 }
 
 static void route_answers(const struct hub_route_stat *s, void *arg)
