@@ -11,6 +11,7 @@
 #include <openssl/ssl.h>
 
 #include "commands/cmd_api.h"
+#include "commands/commands.h"
 #include "hub/api.h"
 #include "hub/audit.h"
 #include "hub/revoke.h"
@@ -35,7 +36,6 @@
 #include "protocols/gateway.h"
 #include "protocols/agg.h"
 #include "protocols/stream.h"
-#include "commands/commands.h"
 #include "hub_lua.h"
 
 #define STARTUP_TICK_US (10 * 1000)
@@ -114,34 +114,12 @@ static bool layout_gate(redisReply *r, void *arg)
 	const redisReply *ok, *v;
 
 	if (r->type == REDIS_REPLY_ERROR && !strncmp(r->str, "CROSSSLOT", 9)) {
-		/* A Redis Cluster (the check reads the layout-1/2 keys beside
-		 * iot:{hub}:layout). Layout 3 is not single-slot everywhere yet
-		 * (docs/streams.md "Redis Cluster": the store, announce's run
-		 * set, reap, cmd_owed, rollouts): still refused. When it is,
-		 * this passes (a cluster never held layout 1 or 2).
-		 * IOT_HUB_ALLOW_CLUSTER_PARTIAL=1 (tests only, undocumented on
-		 * purpose): run anyway, for the flows that are single-slot
-		 * already (telemetry ingest, history, the dashboard stream). */
-		const char *partial = getenv("IOT_HUB_ALLOW_CLUSTER_PARTIAL");
-		if (partial && !strcmp(partial, "1")) {
-			static bool warned;
-			if (!warned) {
-				warned = true;
-				hub_warn("IOT_HUB_ALLOW_CLUSTER_PARTIAL=1: running on a Redis Cluster "
-					 "whose key layout is not all single-slot (tests only)");
-				hub_emit(hub, HUB_EV_REDIS_READY, NULL);
-			}
-			return true;
-		}
-		if (!layout_refused) {
-			layout_refused = true;
-			hub_err("Redis at %s:%d is a Redis Cluster: key layout " HUB_LAYOUT_VERSION
-				" still puts keys of some calls in several hash slots, so it does not "
-				"run on a cluster yet; use one Redis (docs/streams.md \"Redis Cluster\")",
-				hub->cfg.redis_host, hub->cfg.redis_port);
-			redis_fatal(hub);
-		}
-		return false;
+		/* A Redis Cluster: the check reads the layout-1/2 keys beside
+		 * iot:{hub}:layout, which a cluster never held (those layouts
+		 * did not run on one); lease_renew checks the version there
+		 * (docs/streams.md "Redis Cluster"). */
+		hub_emit(hub, HUB_EV_REDIS_READY, NULL);
+		return true;
 	}
 	if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    (ok = r->element[0])->type != REDIS_REPLY_INTEGER ||
@@ -186,11 +164,12 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 
 	if (hub->draining)
 		return; /* refused (key layout, durability) before it listened */
-	/* Up, told the ingest shard count (after the layout-2 migration), and
-	 * the revocation list read: gateways are accepted from the first
-	 * connection on. */
+	/* Up, told the ingest shard count (after the layout-2 migration), the
+	 * revocation list read, and (a cluster) the sharded channel that
+	 * commands are routed to this instance on subscribed: gateways are
+	 * accepted from the first connection on. */
 	if ((!hub_redis_up(hub->redis) || !hub_ingest_shards(hub) ||
-	     !hub_revocations_loaded(hub)) &&
+	     !hub_revocations_loaded(hub) || !cmd_routable(hub)) &&
 	    hub_mono_us() < startup_deadline_us) {
 		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
 		return;
