@@ -713,6 +713,8 @@ static void on_cache(redisReply *r, void *arg)
 			break;
 		}
 		hub_buf_append(&c->text, r->element[1]->str, r->element[1]->len);
+		if (c->cache != AQ_SHARED)
+			c->cache = AQ_HIT;
 		answer(c);
 		break;
 	case 2:
