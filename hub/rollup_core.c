@@ -202,8 +202,10 @@ int ru_tiers_parse(const char *spec, struct ru_tiers *out, char *err, size_t err
 		t->window_ms = win * 1000;
 		t->max_range_ms = range * 1000;
 		out->n++;
-		if (*p == ',')
-			p++;
+		if (*p == ',' && !*++p) {
+			snprintf(err, errlen, "a tier after the last ','");
+			return -1;
+		}
 	}
 	if (!out->n) {
 		snprintf(err, errlen, "no tier defined");
