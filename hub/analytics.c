@@ -285,7 +285,7 @@ static void drained(struct hub_req *rq)
 		const char *nl = memchr(line, '\n', c->text.len - c->pos);
 		const char *t1, *t2;
 		struct ru_part p;
-		long long bucket;
+		int64_t bucket;
 
 		if (!nl)
 			nl = c->text.data + c->text.len;
@@ -293,7 +293,7 @@ static void drained(struct hub_req *rq)
 		t1 = memchr(line, '\t', (size_t)(nl - line));
 		t2 = t1 ? memchr(t1 + 1, '\t', (size_t)(nl - t1 - 1)) : NULL;
 		if (!t2 || hub_parse_i64(line, (size_t)(t1 - line), INT64_MIN / 2, INT64_MAX / 2,
-					  (int64_t *)&bucket) ||
+					  &bucket) ||
 		    ru_part_parse(t2 + 1, (size_t)(nl - t2 - 1), &p))
 			continue;
 		render_row(c, bucket, t1 + 1, (size_t)(t2 - t1 - 1), &p);
@@ -397,6 +397,13 @@ static void build_text(struct aq_ctx *c)
 	free(tb.lines);
 }
 
+/* A computation goes on when its client left if it holds the single-flight
+ * lock: the others wait for its answer. */
+static bool abandoned(const struct aq_ctx *c)
+{
+	return c->failed || (hub_req_gone(c->rq) && !c->locked);
+}
+
 static void on_put(redisReply *r, void *arg)
 {
 	(void)r;
@@ -422,7 +429,8 @@ static void computed(struct aq_ctx *c)
 				  strlen(c->token) };
 		hub_redis_command_argv(hub->redis, on_put, NULL, 8, argv, lens);
 	}
-	answer(c);
+	if (!hub_req_gone(rq))
+		answer(c);
 }
 
 struct read_op {
@@ -438,7 +446,7 @@ static void on_read(redisReply *r, void *arg)
 	size_t base = op->base;
 
 	c->waiting--;
-	if (hub_req_gone(rq) || c->failed)
+	if (abandoned(c))
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		if (r && r->type == REDIS_REPLY_ERROR)
@@ -583,7 +591,7 @@ static void on_devs(redisReply *r, void *arg)
 	struct aq_ctx *c = hub_req_ctx(rq);
 
 	c->waiting--;
-	if (hub_req_gone(rq) || c->failed)
+	if (abandoned(c))
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->failed = true;

@@ -33,6 +33,7 @@
 #define RETRY_FOR_MS    (5 * 60 * 1000)   /* ... for at most this long */
 #define APPLIED_KEEP_MS (10 * 60 * 1000)  /* flush ids remembered by Redis */
 #define DIMS_REFRESH_MS (60 * 60 * 1000)  /* a device's type and labels rewritten */
+#define HELD_MAX        200000            /* entries kept while Redis is away */
 
 struct ru_field {
 	char *name;
@@ -312,6 +313,20 @@ static bool dims_due(struct hub_rollup *ru, const char *device, int64_t now)
 	return true;
 }
 
+static void drop_all(struct hub_rollup *ru)
+{
+	for (size_t i = 0; i < ru->nlist; i++)
+		entry_free(ru->list[i]);
+	ru->nlist = 0;
+	hub_strmap_free(&ru->cur);
+	memset(&ru->cur, 0, sizeof(ru->cur));
+	if (ru->caplist > 4096) {
+		free(ru->list);
+		ru->list = NULL;
+		ru->caplist = 0;
+	}
+}
+
 static void flush(struct hub_rollup *ru)
 {
 	struct hub *hub = ru->hub;
@@ -331,8 +346,16 @@ static void flush(struct hub_rollup *ru)
 		hub->metrics.analytics.rollup_retries++;
 		call_send(c);
 	}
-	if (!ru->nlist || !shards || !hub_redis_up(hub->redis))
-		return; /* kept in memory until Redis is back */
+	if (ru->nlist && (!shards || !hub_redis_up(hub->redis))) {
+		if (ru->nlist < HELD_MAX)
+			return; /* kept in memory until Redis is back */
+		hub->metrics.analytics.rollup_lost++;
+		hub_warn("rollup: %zu partials dropped (Redis away)", ru->nlist);
+		drop_all(ru);
+		return;
+	}
+	if (!ru->nlist)
+		return;
 	memset(&b, 0, sizeof(b));
 	for (unsigned k = 0; k < shards; k++) {
 		size_t entries = 0;
@@ -374,16 +397,7 @@ static void flush(struct hub_rollup *ru)
 	build_free(&b);
 	hub_buf_free(&part);
 	hub_buf_free(&hf);
-	for (size_t i = 0; i < ru->nlist; i++)
-		entry_free(ru->list[i]);
-	ru->nlist = 0;
-	hub_strmap_free(&ru->cur);
-	memset(&ru->cur, 0, sizeof(ru->cur));
-	if (ru->caplist > 4096) {
-		free(ru->list);
-		ru->list = NULL;
-		ru->caplist = 0;
-	}
+	drop_all(ru);
 }
 
 static void tick(lws_sorted_usec_list_t *sul)
