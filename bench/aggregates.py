@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """100 dashboards opening the same chart at once (docs/analytics.md "Cache and
-single-flight"): GET /v1/aggregates, 1m buckets over one day, 200 devices
+single-flight"): GET /v1/aggregates, 1m buckets over 6 hours, 50 devices
 grouped by site, sent by N clients at the same instant, against a hub with
 the cache and single-flight on (aggregates-cache-ttl-ms 5000) and off (0).
 Reports per round the Redis commands the round caused (INFO
@@ -11,7 +11,7 @@ The rollups are written straight into Redis in the layout hub/rollup.c
 writes (one shard): this measures the query side only. Each round asks a
 new `to` (a cold query, as when a dashboard opens). About 30 s.
 
-    bench/aggregates.py [--clients 100] [--rounds 5] [--devices 200] [--out FILE]
+    bench/aggregates.py [--clients 100] [--rounds 5] [--devices 50] [--hours 6] [--out FILE]
 """
 
 import argparse
@@ -37,7 +37,7 @@ for i = 0, ndev - 1 do
   redis.call('HSET', 'iot:ru:{i0}:devs', 'bd-' .. i,
              'thermostat\\t{"site":"s' .. (i % 10) .. '"}')
 end
-for b = 0, 1439 do
+for b = 0, tonumber(ARGV[3]) * 60 - 1 do
   local key = 'iot:ru:{i0}:1m:' .. (base + b * 60000)
   local args = {}
   for i = 0, ndev - 1 do
@@ -98,9 +98,7 @@ def round_trip(hub, path, n):
         t.join()
     for c in conns:
         c.close()
-    if bad:
-        raise RuntimeError("answers not 200: %r" % bad[:3])
-    return lat
+    return lat, bad
 
 
 def pct(v, p):
@@ -111,7 +109,7 @@ def pct(v, p):
 def run(mode, ttl, a, tmp, base):
     r = harness.Redis()
     try:
-        r.cmd("EVAL", FILL, "0", str(a.devices), str(base))
+        r.cmd("EVAL", FILL, "0", str(a.devices), str(base), str(a.hours))
         args = harness.hub_args(r, os.path.join(tmp, "secret"), extra=[
             "--api-keys", keys_file(tmp), "--aggregates-cache-ttl-ms", str(ttl),
             "--log-level", "warn", "--instance-id", "bench-agg"])
@@ -121,11 +119,11 @@ def run(mode, ttl, a, tmp, base):
             rows = []
             for k in range(a.rounds):
                 path = ("/v1/aggregates?field=temperature&granularity=1m&group_by=site"
-                        "&from=%d&to=%d" % (base, base + DAY - 1 - k))
+                        "&from=%d&to=%d" % (base, base + a.hours * 3600000 - 1 - k))
                 c0, m0 = commands(r), metric(hub, "iot_hub_aggregate_computations_total")
-                lat = round_trip(hub, path, a.clients)
+                lat, bad = round_trip(hub, path, a.clients)
                 c1, m1 = commands(r), metric(hub, "iot_hub_aggregate_computations_total")
-                rows.append({"commands": c1 - c0 - 1, "computations": m1 - m0,
+                rows.append({"commands": c1 - c0 - 1, "computations": m1 - m0, "failed": len(bad),
                              "p50": pct(lat, 50) * 1e3, "p99": pct(lat, 99) * 1e3,
                              "max": max(lat) * 1e3})
                 time.sleep(0.2)
@@ -141,7 +139,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--hours", type=int, default=6, help="range of the query (1m buckets), at most 24")
     ap.add_argument("--out")
     a = ap.parse_args()
     harness.require_hub()
@@ -149,18 +148,19 @@ def main():
     harness.write_file(os.path.join(tmp, "secret"), b"x" * 32)
     base = (int(time.time() * 1000) - 2 * DAY) // DAY * DAY
     out = ["# GET /v1/aggregates: %d dashboards open the same query at once" % a.clients, "",
-           "1m buckets over one day (1,440 keys), %d devices in 10 groups, %d rounds, each a new "
-           "(cold) query; Redis commands per round from INFO total_commands_processed. "
-           "Commit %s." % (a.devices, a.rounds, os.popen("git -C %s rev-parse --short HEAD" % HERE).read().strip()),
-           "", "| mode | Redis commands / round | computations / round | p50 ms | p99 ms | max ms |",
-           "|---|---|---|---|---|---|"]
+           "1m buckets over %d hours (%d keys), %d devices in 10 groups, %d rounds, each a new "
+           "(cold) query; Redis commands per round from INFO total_commands_processed; medians "
+           "over the rounds. Commit %s." % (a.hours, a.hours * 60, a.devices, a.rounds, os.popen("git -C %s rev-parse --short HEAD" % HERE).read().strip()),
+           "", "| mode | Redis commands / round | computations / round | not 200 | p50 ms | p99 ms | max ms |",
+           "|---|---|---|---|---|---|---|"]
     try:
         for mode, ttl in (("no cache (aggregates-cache-ttl-ms 0)", 0),
                           ("cache + single-flight (5000)", 5000)):
             rows = run(mode, ttl, a, tmp, base)
             med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
-            out.append("| %s | %d | %d | %.1f | %.1f | %.1f |" % (
-                mode, med["commands"], med["computations"], med["p50"], med["p99"], med["max"]))
+            out.append("| %s | %d | %d | %d | %.1f | %.1f | %.1f |" % (
+                mode, med["commands"], med["computations"], med["failed"], med["p50"], med["p99"],
+                med["max"]))
             print(mode, json.dumps(rows), file=sys.stderr)
     finally:
         harness.rmtree(tmp)
