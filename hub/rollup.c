@@ -294,7 +294,8 @@ static void build_send(struct hub_rollup *ru, struct call_build *b, unsigned sha
 	hub_resp_int(&c->cmd, (int64_t)b->nkeys);
 	hub_buf_append(&c->cmd, b->exp.data, b->exp.len);
 	hub_resp_int(&c->cmd, (int64_t)b->ndims);
-	hub_buf_append(&c->cmd, b->dims.data, b->dims.len);
+	if (b->ndims) /* hub_buf_append: never a NULL source, even for 0 bytes */
+		hub_buf_append(&c->cmd, b->dims.data, b->dims.len);
 	hub_buf_append(&c->cmd, b->ent.data, b->ent.len);
 	build_reset(b);
 	call_send(c);
