@@ -33,6 +33,8 @@ struct hub_ingest;
 struct agg;
 struct stream;
 struct gateways;
+struct hub_rollup;
+struct analytics;
 
 struct hub {
 	struct hub_config cfg;
@@ -73,6 +75,8 @@ struct hub {
 	struct agg *agg;
 	struct gateways *gw;
 	struct stream *stream;
+	struct hub_rollup *rollup;         /* hub/rollup.c (NULL with rollups 0) */
+	struct analytics *analytics;       /* hub/analytics.c */
 
 	struct hub_metrics metrics;
 

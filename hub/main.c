@@ -12,9 +12,11 @@
 
 #include "commands/cmd_api.h"
 #include "commands/commands.h"
+#include "hub/analytics.h"
 #include "hub/api.h"
 #include "hub/audit.h"
 #include "hub/revoke.h"
+#include "hub/rollup.h"
 #include "hub/durability.h"
 #include "hub/embedded_redis.h"
 #include "hub/http.h"
@@ -236,11 +238,13 @@ static const struct hub_module *const modules[] = {
 	&hub_ingest_module,    /* the reading store, in ingest shards */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
+	&hub_rollup_module,    /* 1m/1h/1d rollups of stored readings */
 	&gw_module,            /* gateways: /v1/gateway */
 	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
 	&cmd_module,           /* the command lifecycle */
 	&cmd_api_module,       /* its routes */
 	&hub_api_module,       /* device and telemetry routes */
+	&hub_analytics_module, /* GET /v1/aggregates: rollups, cache, tiers */
 	&hub_audit_module,     /* the audit log of operator actions */
 	&hub_revoke_module,    /* revoked gateway credentials */
 	&hub_ops_module,       /* health, readiness, metrics, API document, web-root */

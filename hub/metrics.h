@@ -41,6 +41,26 @@ struct hub_histogram {
 	double sum;
 };
 
+/* Rollups and the analytics API (docs/analytics.md, docs/metrics.md). The
+ * tier counters are indexed like api-tiers; tier_names holds its names. */
+#define HUB_TIERS_MAX 8
+struct hub_analytics_metrics {
+	uint64_t rollup_flushes;           /* rollup_apply calls answered */
+	uint64_t rollup_partials;          /* (device, field, bucket) partials merged */
+	uint64_t rollup_retries;           /* flushes sent again after a lost reply */
+	uint64_t rollup_lost;              /* flushes given up (Redis away too long) */
+	uint64_t queries;                  /* GET /v1/aggregates answered 200 */
+	uint64_t cache_hits;               /* ... from the cache */
+	uint64_t cache_shared;             /* ... computed by another request meanwhile */
+	uint64_t computations;             /* queries computed from the rollups here */
+	uint64_t tier_requests[HUB_TIERS_MAX];
+	uint64_t tier_refused_rate[HUB_TIERS_MAX];  /* 429 */
+	uint64_t tier_refused_range[HUB_TIERS_MAX]; /* 422: range over the tier's */
+	const char *tier_names[HUB_TIERS_MAX];
+	int ntiers;
+	struct hub_histogram query_latency; /* request -> answer started */
+};
+
 /* Upper bounds, seconds: 100us .. 5s. */
 extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
@@ -133,6 +153,7 @@ struct hub_metrics {
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */
 	struct hub_histogram stream_delivery; /* raw reading stored (feed id time) -> written to a dashboard */
+	struct hub_analytics_metrics analytics; /* hub/rollup.c, hub/analytics.c */
 };
 
 void hub_hist_observe(struct hub_histogram *h, double seconds);
