@@ -45,6 +45,8 @@
 
 enum aq_fmt { AQ_JSON, AQ_NDJSON, AQ_CSV };
 enum aq_cache { AQ_MISS, AQ_HIT, AQ_SHARED };
+#define AQ_MAX_COMPUTING 4  /* computations at once per instance */
+
 static const char *const cache_names[] = { "miss", "hit", "shared" };
 
 struct analytics {
@@ -52,6 +54,7 @@ struct analytics {
 	int script_read, script_get, script_put, script_tier;
 	struct ru_tiers tiers;
 	struct aq_ctx *waiting;    /* requests polling the cache */
+	unsigned computing;        /* computations in flight (AQ_MAX_COMPUTING) */
 	uint64_t token_seq;
 };
 
@@ -85,7 +88,7 @@ struct aq_ctx {
 	struct aq_ctx *next_wait, **prev_wait;
 	/* computation */
 	unsigned shards, waiting;
-	bool failed, too_many;
+	bool failed, too_many, computing;
 	struct aq_dev *devs;
 	size_t ndevs, capdevs;
 	int64_t b0;                /* first bucket */
@@ -155,6 +158,8 @@ static void ctx_free(void *p)
 	struct aq_ctx *c = p;
 
 	wait_unlink(c);
+	if (c->computing)
+		c->an->computing--;
 	free(c->device);
 	free(c->type);
 	free(c->group_by);
@@ -649,6 +654,18 @@ static void compute(struct aq_ctx *c)
 		unavailable(rq);
 		return;
 	}
+	/* A computation reads many rollup keys on the connection ingest uses:
+	 * a few at a time, so that distinct heavy queries cannot stall it
+	 * (identical ones share one computation already). */
+	if (c->an->computing >= AQ_MAX_COMPUTING) {
+		hub->metrics.analytics.busy++;
+		hub_req_add_header(rq, "retry-after:", "1");
+		hub_req_error(rq, 503, "busy", NULL,
+			      "too many aggregate queries computing on this instance; retry later");
+		return;
+	}
+	c->an->computing++;
+	c->computing = true;
 	for (unsigned k = 0; k < c->shards; k++) {
 		char key[HUB_KEY_MAX];
 		hub_key_ru_devs(key, sizeof(key), k);

@@ -102,6 +102,9 @@ static void analytics_metrics(hub_buf *o, const struct hub_analytics_metrics *a)
 	counter(o, "iot_hub_aggregate_computations_total",
 		"GET /v1/aggregates answers computed from the rollups by this instance.",
 		a->computations);
+	counter(o, "iot_hub_aggregate_busy_total",
+		"GET /v1/aggregates answered 503 because too many queries were computing here.",
+		a->busy);
 	if (a->ntiers) {
 		counters(o, "iot_hub_tier_requests_total",
 			 "GET /v1/aggregates requests by the tier of their API key.", "tier",

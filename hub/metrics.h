@@ -53,6 +53,7 @@ struct hub_analytics_metrics {
 	uint64_t cache_hits;               /* ... from the cache */
 	uint64_t cache_shared;             /* ... computed by another request meanwhile */
 	uint64_t computations;             /* queries computed from the rollups here */
+	uint64_t busy;                     /* 503: too many computing at once here */
 	uint64_t tier_requests[HUB_TIERS_MAX];
 	uint64_t tier_refused_rate[HUB_TIERS_MAX];  /* 429 */
 	uint64_t tier_refused_range[HUB_TIERS_MAX]; /* 422: range over the tier's */
