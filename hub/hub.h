@@ -73,6 +73,7 @@ struct hub {
 	struct agg *agg;
 	struct gateways *gw;
 	struct stream *stream;
+	struct anom *anom;                 /* protocols/anomaly.c */
 
 	struct hub_metrics metrics;
 

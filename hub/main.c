@@ -31,6 +31,7 @@
 #include "hub/ops.h"
 #include "hub/redis.h"
 #include "hub/ingest.h"
+#include "protocols/anomaly.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
 #include "protocols/agg.h"
@@ -257,6 +258,7 @@ static const struct hub_module *const modules[] = {
 	&hub_ingest_module,    /* the reading store, in ingest shards */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
+	&anom_module,          /* anomaly models (before gw: stopped after it) */
 	&gw_module,            /* gateways: /v1/gateway */
 	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
 	&cmd_module,           /* the command lifecycle */
