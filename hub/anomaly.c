@@ -164,6 +164,10 @@ static void learn(const struct anom_rule *r, struct anom_state *s, double x)
 {
 	double d = x - s->mean;
 
+	if (s->last_ts && s->n) {
+		double q = (x - s->last) * (x - s->last) / 2;
+		s->dvar += s->n < r->warmup ? (q - s->dvar) / s->n : r->alpha * (q - s->dvar);
+	}
 	s->n++;
 	if (s->n <= r->warmup) {
 		/* Welford: the plain mean and variance of the first values */
@@ -199,8 +203,13 @@ enum anom_kind anom_observe(const struct anom_rule *r, struct anom_state *s, dou
 	}
 	if (warm)
 		s->fast += r->drift_alpha * (x - s->fast);
-	if (warm && r->drift_sigma && fabs(s->fast - s->mean) / sd > r->drift_sigma) {
-		*score = fabs(s->fast - s->mean) / sd;
+	double dsd = sqrt(s->dvar > 0 ? s->dvar : 0);
+	if (dsd < r->min_sd)
+		dsd = r->min_sd;
+	if (dsd < SD_FLOOR)
+		dsd = SD_FLOOR;
+	if (warm && r->drift_sigma && fabs(s->fast - s->mean) / dsd > r->drift_sigma) {
+		*score = fabs(s->fast - s->mean) / dsd;
 		s->mean += r->alpha * (x - s->mean);   /* follow the level, keep the width */
 		s->last = x;
 		s->last_ts = ts;
@@ -228,8 +237,9 @@ enum anom_kind anom_observe(const struct anom_rule *r, struct anom_state *s, dou
 
 size_t anom_state_encode(const struct anom_state *s, char *buf, size_t n)
 {
-	int len = snprintf(buf, n, "1 %u %.17g %.17g %.17g %.17g %lld %.17g %u", s->n, s->mean,
-			   s->var, s->fast, s->last, (long long)s->last_ts, s->flat_val, s->flat_run);
+	int len = snprintf(buf, n, "1 %u %.17g %.17g %.17g %.17g %lld %.17g %u %.17g", s->n,
+			   s->mean, s->var, s->fast, s->last, (long long)s->last_ts, s->flat_val,
+			   s->flat_run, s->dvar);
 
 	return len < 0 ? 0 : (size_t)len < n ? (size_t)len : n ? n - 1 : 0;
 }
@@ -245,8 +255,9 @@ int anom_state_decode(const char *text, size_t len, struct anom_state *s)
 		return -1;
 	memcpy(buf, text, len);
 	buf[len] = '\0';
-	if (sscanf(buf, "1 %u %lf %lf %lf %lf %lld %lf %u%n", &t.n, &t.mean, &t.var, &t.fast,
-		   &t.last, &ts, &t.flat_val, &t.flat_run, &used) != 8 || (size_t)used != len ||
+	if (sscanf(buf, "1 %u %lf %lf %lf %lf %lld %lf %u %lf%n", &t.n, &t.mean, &t.var, &t.fast,
+		   &t.last, &ts, &t.flat_val, &t.flat_run, &t.dvar, &used) != 9 ||
+	    (size_t)used != len || !isfinite(t.dvar) || t.dvar < 0 ||
 	    !isfinite(t.mean) || !isfinite(t.var) || t.var < 0 || !isfinite(t.fast) ||
 	    !isfinite(t.last) || !isfinite(t.flat_val) || ts < 0)
 		return -1;

@@ -70,6 +70,8 @@ struct anom_state {
 	uint32_t n;               /* values learnt (not flagged as spike / flat-line) */
 	double mean, var;         /* slow EWMA (Welford's plain mean and variance in warm-up) */
 	double fast;              /* fast EWMA of the mean (drift) */
+	double dvar;              /* EWMA of (x - last)^2 / 2: the point-to-point noise,
+				   * which a slow drift does not widen (drift's unit) */
 	double last;              /* the last value not flagged spike or flat-line */
 	int64_t last_ts;          /* its ts, ms; 0: none */
 	double flat_val;          /* the value of the current run of identical values */
@@ -86,7 +88,7 @@ struct anom_state {
 enum anom_kind anom_observe(const struct anom_rule *r, struct anom_state *s, double x,
 			    int64_t ts, double *score);
 
-/* The state as text ("1 n mean var fast last last_ts flat_val flat_run"),
+/* The state as text ("1 n mean var fast last last_ts flat_val flat_run dvar"),
  * NUL-terminated in buf (ANOM_STATE_MAX bytes hold it). Returns its
  * length. */
 size_t anom_state_encode(const struct anom_state *s, char *buf, size_t n);
