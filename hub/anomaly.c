@@ -210,7 +210,8 @@ enum anom_kind anom_observe(const struct anom_rule *r, struct anom_state *s, dou
 		dsd = SD_FLOOR;
 	if (warm && r->drift_sigma && fabs(s->fast - s->mean) / dsd > r->drift_sigma) {
 		*score = fabs(s->fast - s->mean) / dsd;
-		s->mean += r->alpha * (x - s->mean);   /* follow the level, keep the width */
+		/* follow the level at the fast pace, keep the width */
+		s->mean += r->drift_alpha * (x - s->mean);
 		s->last = x;
 		s->last_ts = ts;
 		return ANOM_DRIFT;

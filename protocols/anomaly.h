@@ -21,6 +21,9 @@
 struct hub;
 struct hub_module;
 
+/* The length of `,"anomalies":`, before the array anom_check appends. */
+#define ANOM_PREFIX_LEN (sizeof(",\"anomalies\":") - 1)
+
 extern const struct hub_module anom_module;
 
 /* Scores the marked numeric fields of data (one accepted reading of device

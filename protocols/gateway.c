@@ -693,8 +693,8 @@ static void store_accepted(struct gw_conn *c, struct gw_reply *r, const hub_buf 
 		sr[i].data = vals->data + refs[i].data_off;
 		sr[i].data_len = refs[i].data_len;
 		/* the array alone: `,"anomalies":` left out */
-		sr[i].anom = refs[i].anom_len ? vals->data + refs[i].anom_off + 14 : NULL;
-		sr[i].anom_len = refs[i].anom_len ? refs[i].anom_len - 14 : 0;
+		sr[i].anom = refs[i].anom_len ? vals->data + refs[i].anom_off + ANOM_PREFIX_LEN : NULL;
+		sr[i].anom_len = refs[i].anom_len ? refs[i].anom_len - ANOM_PREFIX_LEN : 0;
 	}
 	size_t ng = feed_build(feed, vals, refs, nacc, gws->scratch.groups);
 	r->waiting = true;
