@@ -74,6 +74,8 @@ static const struct opt opts[] = {
 	O("stream-slow-policy", OPT_STR, stream_slow_policy, "drop", 0, 0, "a dashboard whose queue overflows: drop (oldest, with gap) or close (4008)"),
 	O("stream-replay-page", OPT_INT, stream_replay_page, "256", 1, 100000, "feed entries per XRANGE page of a since replay"),
 	O("aggregate-grace-ms", OPT_INT, aggregate_grace_ms, "1000", 0, 600000, "how long after a window ends partial aggregates are awaited"),
+	O("anomaly-flush-ms", OPT_INT, anomaly_flush_ms, "1000", 10, 600000, "how often changed anomaly models are written to Redis"),
+	O("anomaly-state-ttl-s", OPT_INT, anomaly_state_ttl_s, "604800", 60, 315360000, "how long a device's anomaly models stay in Redis after their last write"),
 	O("http-header-timeout-s", OPT_INT, http_header_timeout_s, "10", 1, 3600, "a connection must complete its request line and headers within this time"),
 	O("http-body-timeout-s", OPT_INT, http_body_timeout_s, "10", 1, 3600, "a request body must arrive completely within this time of its headers"),
 	O("http-keepalive-timeout-s", OPT_INT, http_keepalive_timeout_s, "5", 1, 3600, "an idle keep-alive HTTP connection is closed after this time"),

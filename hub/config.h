@@ -91,6 +91,8 @@ struct hub_config {
 	char *stream_slow_policy;
 	int stream_replay_page;
 	int aggregate_grace_ms;
+	int anomaly_flush_ms;
+	int anomaly_state_ttl_s;
 	int http_header_timeout_s;
 	int http_body_timeout_s;
 	long audit_max_entries;

@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <sys/resource.h>
 
+#include "hub/anomaly.h"
 #include "hub/durability.h"
 #include "hub/http.h"
 #include "hub/hub.h"
@@ -259,6 +260,9 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->stream_slow_closed_total);
 	counter(o, "iot_hub_stream_replayed_total", "Readings replayed from the feed for since.",
 		m->stream_replayed_total);
+	counters(o, "iot_hub_anomalies_total",
+		 "Fields of readings flagged by their anomaly model on this instance, by kind.",
+		 "kind", anom_kind_names + 1, m->anomalies + 1, HUB_ANOM_KINDS - 1);
 	counter(o, "iot_hub_aggregate_late_readings_total", "Readings too old to aggregate.",
 		m->aggregate_late_readings_total);
 	counter(o, "iot_hub_aggregate_late_partials_total", "Partial aggregates that came after their window was emitted.",
@@ -343,3 +347,4 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	hub_http_each_route_stat(hub, route_latency, o);
 	process_metrics(o);
 }
+_Static_assert(ANOM__COUNT == HUB_ANOM_KINDS, "HUB_ANOM_KINDS follows enum anom_kind");

@@ -77,6 +77,7 @@ struct hub {
 	struct stream *stream;
 	struct hub_rollup *rollup;         /* hub/rollup.c (NULL with rollups 0) */
 	struct analytics *analytics;       /* hub/analytics.c */
+	struct anom *anom;                 /* protocols/anomaly.c */
 
 	struct hub_metrics metrics;
 

@@ -137,6 +137,13 @@ static inline size_t hub_key_dev_cancels(char *buf, size_t n, const char *device
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cancels");
 }
 
+/* iot:dev:{<device>}:anom: the device's anomaly models, a field per marked
+ * telemetry field (protocols/anomaly.c). */
+static inline size_t hub_key_dev_anom(char *buf, size_t n, const char *device)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":anom");
+}
+
 /* iot:tm:{<device>}: the device's telemetry stream in layout 2 (renamed to
  * hub_key_tm_shard by the 2 -> 3 migration). */
 static inline size_t hub_key_tm(char *buf, size_t n, const char *device)

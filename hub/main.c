@@ -34,6 +34,7 @@
 #include "hub/ops.h"
 #include "hub/redis.h"
 #include "hub/ingest.h"
+#include "protocols/anomaly.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
 #include "protocols/agg.h"
@@ -239,6 +240,7 @@ static const struct hub_module *const modules[] = {
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&hub_rollup_module,    /* 1m/1h/1d rollups of stored readings */
+	&anom_module,          /* anomaly models (before gw: stopped after it) */
 	&gw_module,            /* gateways: /v1/gateway */
 	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
 	&cmd_module,           /* the command lifecycle */

@@ -67,7 +67,10 @@ extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
 /* The dashboard subscription kinds (docs/dashboard.md `stream`), in the
  * order of protocols/stream.c's enum st_kind. */
-#define HUB_STREAM_KINDS 6
+#define HUB_STREAM_KINDS 7
+
+/* enum anom_kind's size (hub/anomaly.h): iot_hub_anomalies_total{kind}. */
+#define HUB_ANOM_KINDS 5
 
 /* The final states of a command (docs/commands.md), for
  * iot_hub_commands_finished_total. */
@@ -139,6 +142,7 @@ struct hub_metrics {
 	uint64_t stream_dropped[HUB_STREAM_KINDS]; /* queued messages dropped (slow dashboards), by stream */
 	uint64_t stream_slow_closed_total; /* dashboards closed by stream-slow-policy close */
 	uint64_t stream_replayed_total;    /* readings sent from the feed for `since` */
+	uint64_t anomalies[HUB_ANOM_KINDS]; /* fields flagged on this instance, by kind; [0] unused */
 	uint64_t aggregate_late_readings_total; /* too old to aggregate */
 	uint64_t commands_created_total;
 	uint64_t commands_sent_total;      /* command messages written to gateways (with resends) */
