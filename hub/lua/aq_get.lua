@@ -8,6 +8,7 @@
 --
 -- Reply: {1, answer} cached; {2} the lock is now this request's: compute
 -- and store (aq_put); {0} another request holds the lock: ask again soon.
+-- Errors: none of its own (a key of the wrong type fails it).
 local v = redis.call('GET', KEYS[1])
 if v then
   return {1, v}

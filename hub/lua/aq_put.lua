@@ -6,6 +6,7 @@
 -- ARGV[1] the answer, ARGV[2] cache time (ms), ARGV[3] the token
 --
 -- Reply: 1.
+-- Errors: none of its own (a key of the wrong type fails it).
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])

@@ -7,6 +7,7 @@
 --
 -- Reply: a flat array of (key index, field index, partial) for the cells
 -- that exist; the missing ones are left out.
+-- Errors: none of its own (a key of the wrong type fails it).
 local out, n = {}, 0
 for i = 1, #KEYS do
   local v = redis.call('HMGET', KEYS[i], unpack(ARGV))

@@ -6,6 +6,7 @@
 -- ARGV[1] requests allowed per window (> 0), ARGV[2] window (ms)
 --
 -- Reply: {1, 0} allowed; {0, ms} refused: the window ends in ms.
+-- Errors: none of its own (a key of the wrong type fails it).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local win = tonumber(ARGV[2])
