@@ -602,6 +602,35 @@ static void pend_clear(struct st_sub *s)
 	s->pend_overflow = false;
 }
 
+/* Before a replay round: the held live messages of the shards the round
+ * reads again go (the round reads them from the feed); those of shards
+ * read to their end already stay, for go_live after the seam (dropping
+ * them too lost what was stored in such a shard after its last read). */
+static void pend_drop_reread(struct st_sub *s)
+{
+	size_t kept = 0, bytes = 0;
+
+	if (s->pend_overflow) {
+		pend_clear(s);
+		return;
+	}
+	for (size_t i = 0; i < s->npend; i++) {
+		struct st_msg *m = s->pend[i];
+		if (m->shard < s->nsh && !s->sh[m->shard].more) {
+			s->pend[kept++] = m;
+			bytes += m->len;
+			continue;
+		}
+		msg_unref(m);
+	}
+	if (s->conn) {
+		s->conn->npend -= s->npend - kept;
+		s->conn->pend_bytes -= s->pend_bytes - bytes;
+	}
+	s->npend = kept;
+	s->pend_bytes = bytes;
+}
+
 static void sub_unref(struct st_sub *s)
 {
 	if (--s->refs)
@@ -1490,11 +1519,11 @@ static void replay_next(struct st_sub *s)
 	s->replay_wait = false;
 	if (s->dead || !s->conn)
 		return;
-	pend_clear(s);
 	if (s->nsh > 1) {
-		replay_round(s);
+		replay_round(s); /* drops what it reads again (pend_drop_reread) */
 		return;
 	}
+	pend_clear(s);
 	snprintf(start, sizeof(start), "(%" PRIu64 "-%" PRIu64, s->sh[0].last_ms, s->sh[0].last_seq);
 	char count[16];
 	snprintf(count, sizeof(count), "%d", st->hub->cfg.stream_replay_page);
@@ -1723,7 +1752,7 @@ static void replay_round(struct st_sub *s)
 	struct stream *st = s->group->st;
 	char start[64], count[16];
 
-	pend_clear(s);
+	pend_drop_reread(s);
 	rents_clear(s);
 	s->gen++; /* a round's replies belong to it alone */
 	snprintf(count, sizeof(count), "%d", st->hub->cfg.stream_replay_page);

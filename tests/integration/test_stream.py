@@ -19,6 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from harness import (STREAM_PATH, STREAM_PROTO, HubTestCase, api_keys_file, connect_dashboard,  # noqa: E402
                      hs256, http_get, main, metric_value, now_ms, parse_metrics, reading, rkeys, try_upgrade,
                      uniq, upgrade_request, wait_until, websockets)
@@ -1152,6 +1153,57 @@ class StreamRecovery(StreamCase):
         have = [tuple_of(m) for m in got]
         self.assertTrue(have == want, "since-replay + live != stored after %s (replay pages of 16): %s"
                         % (since, diff_readings(have, want)))
+
+    async def test_since_replay_over_two_shards_keeps_live_of_the_short_one(self):
+        """Two ingest shards: a `since` replay pages through many entries of
+        shard 0 (pages of 16: many rounds) while frames keep arriving in
+        shard 1, read to its end in the first round. Its live readings held
+        meanwhile must survive the later rounds (they were dropped at every
+        round's start, and shard 1 was not read again: lost)."""
+        if harness.CLUSTER_MODE:
+            self.skipTest("its own Redis with two feed shards")
+        redis = self.start_redis()
+        hub = self.start_hub(redis, extra=["--api-keys", api_keys_file(KEYS), "--stream-replay-page", "16",
+                                           "--device-rate", "0", "--feed-shards", "2"])
+        subs = {}
+        i = 0
+        while len(subs) < 2:
+            g = uniq("gsh%d" % i)
+            i += 1
+            subs.setdefault(rkeys.shard_of(g, 2), g)
+        a, b = uniq("t-sa"), uniq("t-sb")
+        ga = await self.gw_with(hub, [(a, "thermostat")], sub=subs[0])
+        gb = await self.gw_with(hub, [(b, "thermostat")], sub=subs[1])
+        # shard 1: 5 old entries (read to the end in the first round);
+        # shard 0: many more after them (pages for many rounds)
+        for i in range(5):
+            await self.frame(gb, [thermo(b, 20.0, humidity=i / 10.0)])
+        na = 3000
+        pa = Pump(ga, na, 4000.0, lambda i, ts: [thermo(a, 20.0, ts=ts, humidity=(i % 1000) / 10.0)])
+        await pa.run(30)
+        pa.check(self)
+        # the replay of ~190 rounds starts; shard 1's new frames arrive live
+        # meanwhile (held), after its 5 old entries went out in round 1
+        d = await self.dashboard(hub)
+        await d.send({"type": "subscribe", "id": "r", "stream": "raw",
+                      "filter": {"devices": [a, b]}, "since": "0-0"})
+        nb, rate = 200, 400.0
+        pb = Pump(gb, nb, rate, lambda i, ts: [thermo(b, 20.0, ts=ts, humidity=(100 + i) / 10.0)],
+                  first_seq=6)
+        await pb.run(nb / rate + 15)
+        pb.check(self)
+        total = na + 5 + nb
+        got = await d.gather(lambda g: sum(m.get("type") == "reading" for m in g) >= total, 10, fail=False)
+        got += await d.collect(0.3)
+        self.assertEqual([m for m in got if m.get("type") not in ("reading", "subscribed")], [],
+                         "a gap in a replay")
+        per = {}
+        for m in got:
+            if m.get("type") == "reading":
+                per.setdefault(m["device"], []).append(round(m["data"]["humidity"] * 10))
+        self.assertEqual(per.get(a), [i % 1000 for i in range(na)], "shard 0: all, once, in order")
+        self.assertEqual(sorted(per.get(b, [])), list(range(5)) + list(range(100, 100 + nb)),
+                         "shard 1: every reading once (live ones held during the replay included)")
 
     async def test_reconnect_with_last_pos_loses_nothing(self):
         dev = uniq("t-rc")
