@@ -97,6 +97,10 @@ struct hub_config {
 	int audit_retention_days;
 	int http_keepalive_timeout_s;
 	char *web_root;
+	int provenance;            /* 1: readings chained (docs/provenance.md) */
+	int provenance_checkpoint_s;
+	char *provenance_key;
+	long provenance_checkpoints_max;
 
 	/* --dev (command line only): development settings are allowed. */
 	bool dev;
