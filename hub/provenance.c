@@ -144,26 +144,24 @@ struct pframe {
 	struct hub_store_group *g;
 	char **keys;               /* each reading's stream key */
 	char *lines;
+	char *end;                 /* the copy's strings go up to here */
 };
+
+/* Copies n bytes (and a NUL) into the frame's one allocation at *at. */
+static const char *put(char **at, const char *s, size_t n)
+{
+	char *d = *at;
+
+	if (n)
+		memcpy(d, s, n);
+	d[n] = '\0';
+	*at = d + n + 1;
+	return d;
+}
 
 static void pframe_free(struct pframe *f)
 {
-	for (size_t i = 0; i < f->n; i++) {
-		free((char *)f->r[i].device);
-		free((char *)f->r[i].ts);
-		free((char *)f->r[i].data);
-		free((char *)f->r[i].sig);
-		free(f->keys[i]);
-	}
-	for (size_t i = 0; i < f->ng; i++)
-		free((char *)f->g[i].type);
-	free(f->r);
-	free(f->ps);
-	free(f->g);
-	free(f->keys);
-	free(f->lines);
-	free(f->gateway);
-	free(f);
+	free(f); /* one allocation: the struct, its arrays and its strings */
 }
 
 static char *dupn(const char *s, size_t n)
@@ -274,43 +272,57 @@ int hub_prov_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 	struct hub_prov *p = P(hub);
 	unsigned shards = hub_ingest_shards(hub), k;
 	struct pframe *f;
-	char key[HUB_KEY_MAX];
 
 	if (!shards || !hub_redis_up(hub->redis))
 		return -1;
 	k = hub_ingest_shard_of(gateway, shards);
-	f = hub_xcalloc(1, sizeof(*f));
+	/* one allocation: the struct, its arrays, then every string */
+	size_t glen = strlen(gateway), need = sizeof(*f) + n * (sizeof(*f->r) + sizeof(*f->ps) +
+								sizeof(*f->keys)) +
+					   ng * sizeof(*f->g) + glen + 1 + lines_len + 1;
+	for (size_t i = 0; i < n; i++)
+		need += 2 * strlen(r[i].device) + r[i].ts_len + r[i].data_len +
+			(r[i].sig ? r[i].sig_len : 0) + 24 + 5;
+	for (size_t i = 0; i < ng; i++)
+		need += strlen(g[i].type) + 1;
+	f = hub_xmalloc(need);
+	memset(f, 0, sizeof(*f));
+	f->r = (struct hub_store_reading *)(f + 1);
+	f->ps = (struct hub_prov_stamp *)(f->r + n);
+	f->keys = (char **)(f->ps + n);
+	f->g = (struct hub_store_group *)(f->keys + n);
+	char *at = (char *)(f->g + ng);
 	f->hub = hub;
 	f->cb = cb;
 	f->arg = arg;
-	f->gateway = hub_xstrdup(gateway);
+	f->gateway = (char *)put(&at, gateway, glen);
 	f->seq = seq;
 	f->at = hub_now_ms();
 	f->n = n;
 	f->ng = ng;
-	f->r = hub_xcalloc(n ? n : 1, sizeof(*f->r));
-	f->ps = hub_xcalloc(n ? n : 1, sizeof(*f->ps));
-	f->keys = hub_xcalloc(n ? n : 1, sizeof(*f->keys));
-	f->g = hub_xcalloc(ng ? ng : 1, sizeof(*f->g));
 	for (size_t i = 0; i < n; i++) {
-		f->r[i].device = hub_xstrdup(r[i].device);
-		f->r[i].ts = dupn(r[i].ts, r[i].ts_len);
+		size_t dl = strlen(r[i].device);
+		f->r[i].device = put(&at, r[i].device, dl);
+		f->r[i].ts = put(&at, r[i].ts, r[i].ts_len);
 		f->r[i].ts_len = r[i].ts_len;
-		f->r[i].data = dupn(r[i].data, r[i].data_len);
+		f->r[i].data = put(&at, r[i].data, r[i].data_len);
 		f->r[i].data_len = r[i].data_len;
+		f->r[i].sig = NULL;
+		f->r[i].sig_len = 0;
 		if (r[i].sig) {
-			f->r[i].sig = dupn(r[i].sig, r[i].sig_len);
+			f->r[i].sig = put(&at, r[i].sig, r[i].sig_len);
 			f->r[i].sig_len = r[i].sig_len;
 		}
-		hub_key_tm_shard(key, sizeof(key), k, r[i].device);
-		f->keys[i] = hub_xstrdup(key);
+		f->keys[i] = at;
+		at += hub_key_tm_shard(at, dl + 24, k, r[i].device) + 1;
 	}
 	for (size_t i = 0; i < ng; i++) {
 		f->g[i] = g[i];
-		f->g[i].type = hub_xstrdup(g[i].type);
+		f->g[i].type = put(&at, g[i].type, strlen(g[i].type));
 	}
-	f->lines = dupn(lines, lines_len);
+	f->lines = (char *)put(&at, lines, lines_len);
 	f->lines_len = lines_len;
+	f->end = at;
 	stamp(p, f);
 	if (pframe_send(f)) {
 		unstamp(p, f);
