@@ -69,10 +69,15 @@ end
 -- new heads (stream key -> "<n> <h>") or nil and the stored heads.
 local heads, dirty = KEYS[#KEYS - 1], KEYS[#KEYS]
 local function chain_check(r, b, t)
-  local cur, stored, bad = {}, {}, false
+  local keys, seen = {}, {}
+  for j = t, t + (b - r) / w - 1 do
+    if not seen[KEYS[j]] then seen[KEYS[j]] = true; keys[#keys + 1] = KEYS[j] end
+  end
+  local got = redis.call('HMGET', heads, unpack(keys))
+  local stored, cur, bad = {}, {}, false
+  for j = 1, #keys do stored[keys[j]] = got[j] or '' end
   for i = r, b - 1, w do
     local sk = KEYS[t]
-    if stored[sk] == nil then stored[sk] = redis.call('HGET', heads, sk) or '' end
     local want = cur[sk] or stored[sk]
     local n = tonumber(ARGV[i + 3])
     if (n == 1 and want ~= '') or (n > 1 and want ~= (n - 1) .. ' ' .. ARGV[i + 4]) then bad = true end
@@ -81,10 +86,10 @@ local function chain_check(r, b, t)
   end
   if bad then
     local o = {2}
-    for sk, h in pairs(stored) do o[#o + 1] = sk; o[#o + 1] = h end
+    for j = 1, #keys do o[#o + 1] = keys[j]; o[#o + 1] = stored[keys[j]] end
     return nil, o
   end
-  return cur
+  return cur, keys
 end
 
 local out = {}
@@ -97,9 +102,12 @@ for f = 1, frames do
   local t = k + 1
   k = t + n
   p = b + 1 + 3 * tonumber(ARGV[b])
-  local cur, mismatch
+  local cur, mismatch, ckeys
   local added = redis.call('ZADD', key, 'NX', seq, seq) == 1
-  if added and pk > 0 and n > 0 then cur, mismatch = chain_check(r, b, t) end
+  if added and pk > 0 and n > 0 then
+    cur, mismatch = chain_check(r, b, t)
+    if cur then ckeys = mismatch; mismatch = nil end
+  end
   if not added then
     -- A write even so: a WAIT after this call (ack-durability replicated)
     -- then also covers the first copy's store, which may have been another
@@ -125,10 +133,10 @@ for f = 1, frames do
       t = t + 1
     end
     if cur then
-      for sk, h in pairs(cur) do
-        redis.call('HSET', heads, sk, h)
-        redis.call('SADD', dirty, sk)
-      end
+      local hv = {}
+      for j = 1, #ckeys do hv[2 * j - 1] = ckeys[j]; hv[2 * j] = cur[ckeys[j]] end
+      redis.call('HSET', heads, unpack(hv))
+      redis.call('SADD', dirty, unpack(ckeys))
     end
     local id = '0-0'
     if fmax > 0 then
