@@ -5,6 +5,7 @@
 -- ARGV[1] the key as 64 hex digits, or '' to remove it
 --
 -- Reply: 1 done, 0 no such device.
+-- Errors: "ERR prov_setkey: KEYS and ARGV do not match" (checked before any write).
 if #KEYS ~= 1 or #ARGV ~= 1 then
   return redis.error_reply('ERR prov_setkey: KEYS and ARGV do not match')
 end

@@ -8,6 +8,7 @@
 -- Reply: {stream key, head, ...}; fewer than ARGV[1] pairs: the set is
 -- empty now. A head that changes after this call is popped by the next
 -- checkpoint.
+-- Errors: "ERR prov_take: KEYS and ARGV do not match" (checked before any write).
 if #KEYS ~= 2 or not tonumber(ARGV[1]) then
   return redis.error_reply('ERR prov_take: KEYS and ARGV do not match')
 end

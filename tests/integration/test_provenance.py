@@ -32,9 +32,11 @@ KEYS = {"admin": (ADMIN, ["admin"]), "reader": (READER, ["telemetry:read"])}
 SIGNED_TYPE = {
     "device_type": "signed-meter",
     "signed_readings": True,
-    "telemetry": {"type": "object", "required": ["kwh"],
-                  "properties": {"kwh": {"type": "number"}}},
+    "telemetry": {"type": "object",
+                  "properties": {"kwh": {"type": "number"}, "temperature": {"type": "number"}}},
 }
+SDK_GW = os.environ.get("SDK_GW_BIN") or os.path.join(BUILD_DIR, "sdk", "sdk_gw")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sdk", "python"))
 
 
 def tm_key(device, shard=0):
@@ -308,6 +310,74 @@ class ProvenanceTests(HubTestCase):
         self.redis.cmd("HSET", "iot:ph:{i0}", tm_key(d), "1 " + h.hex())
         rc, doc, err = self.verify(d)
         self.assertEqual((rc, doc["fault"], doc["position"]), (1, "bad_signature", 0), (doc, err))
+
+
+    # ---- the SDKs' signing hooks -------------------------------------------------
+
+    async def signed_device(self):
+        """A signed-meter device announced once (so that it exists) with a
+        registered key. -> (device, private key)"""
+        gw = await self.gateway(self.hub, devices=("m-*",))
+        d = uniq("m")
+        rep = await gw.announce([(d, "signed-meter")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        await gw.close()
+        sk = Ed25519PrivateKey.generate()
+        pub = sk.public_key().public_bytes(serialization.Encoding.Raw,
+                                           serialization.PublicFormat.Raw).hex()
+        st, body = http_json(self.hub, "PUT", "/v1/devices/%s/key" % d, {"key": pub}, key=ADMIN)
+        self.assertEqual(st, 204, body)
+        return d, sk
+
+    async def test_python_sdk_signer(self):
+        from iothub_gw import Gateway
+        d, sk = await self.signed_device()
+        spool = os.path.join(mkdtemp("iot-hub-prov-spool-"), "spool.db")
+        gw = Gateway(self.hub.url(), spool=spool, token=self.token(uniq("gw"), ("m-*",)),
+                     signer=lambda device, msg: sk.sign(msg), backoff_min=0.1)
+        gw.announce(d, "signed-meter")
+        task = asyncio.ensure_future(gw.run())
+        try:
+            gw.send(d, now_ms(), {"kwh": 1.5})
+            gw.send(d, None, '{ "kwh" : 2.5 }')   # compacted and stamped before signing
+            await asyncio.to_thread(wait_until, lambda: self.redis.cmd("XLEN", tm_key(d)) == 2,
+                                    10, 0.05, "two signed readings stored")
+        finally:
+            gw.stop()
+            await asyncio.wait_for(task, 10)
+        self.assertEqual(gw.stats["rejected"], 0, gw.stats)
+        ents = self.entries(d)
+        self.assertEqual([field_map(e)["data"] for e in ents], ['{"kwh":1.5}', '{"kwh":2.5}'])
+        self.assertTrue(all(len(field_map(e)["sig"]) == 128 for e in ents))
+        rc, doc, err = self.verify(d)
+        self.assertEqual((rc, doc["readings"]), (0, 2), (doc, err))
+
+    async def test_c_sdk_sign_cb(self):
+        require_bin(SDK_GW, "SDK_GW_BIN")
+        d, sk = await self.signed_device()
+        seed = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption()).hex()
+        tmp = mkdtemp("iot-hub-prov-sdkgw-")
+        p = await asyncio.to_thread(
+            subprocess.run, [SDK_GW, "--url", self.hub.url(), "--token", self.token(uniq("gw"), ("m-*",)),
+                             "--spool", os.path.join(tmp, "spool"), "--type", "signed-meter",
+                             "--devices", d, "--count", "5", "--sign-seed", seed],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, (p.stdout, p.stderr[-2000:]))
+        self.assertIn("rejected=0", p.stdout)
+        ents = self.entries(d)
+        self.assertEqual(len(ents), 5)
+        rc, doc, err = self.verify(d)
+        self.assertEqual((rc, doc["readings"]), (0, 5), (doc, err))
+        # a wrong key: every reading refused bad_signature, none stored
+        d2, _ = await self.signed_device()
+        p = await asyncio.to_thread(
+            subprocess.run, [SDK_GW, "--url", self.hub.url(), "--token", self.token(uniq("gw"), ("m-*",)),
+                             "--spool", os.path.join(tmp, "spool2"), "--type", "signed-meter",
+                             "--devices", d2, "--count", "3", "--sign-seed", seed],
+            capture_output=True, text=True, timeout=60)
+        self.assertIn("rejected=3", p.stdout, p.stderr[-2000:])
+        self.assertEqual(self.redis.cmd("EXISTS", tm_key(d2)), 0)
 
 
 class ProvenanceInstancesTests(HubTestCase):
