@@ -91,6 +91,9 @@ void cmd_rollout_kick(struct hub *hub, const char *id);
  * (iot:cmd:{<id>}) share the slot of the device's keys (hub_slot_fit_id). */
 void cmd_new_id(char out[35], char prefix);
 void cmd_new_id_for(char out[35], const char *device);
+/* A rollout id "r_<32 hex>" drawn in the slot of {hub}: a rollout's keys
+ * (iot:rollout:{<id>}) share the slot of the active set on a cluster. */
+void cmd_new_rollout_id(char out[35]);
 
 /* Tracks a deadline locally (the engine arms its timer). */
 void cmd_track(struct hub *hub, const char *id, int64_t deadline_ms);
