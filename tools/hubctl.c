@@ -1937,6 +1937,7 @@ struct vchain {
 	size_t n, cap;
 	char *head;                    /* "<n> <hex>" as Redis holds it, or NULL */
 	char *sigkey;
+	size_t unchained;              /* entries stored with provenance off */
 };
 
 static int vx(int ex)                  /* an HTTP/transport exit -> verify's 2 */
@@ -2038,7 +2039,7 @@ static int vchain_fetch(const char *device, unsigned shard, struct vchain *c, un
 				c->v = hub_xrealloc(c->v, c->cap * sizeof(*c->v));
 			}
 			if (ventry_load(&c->v[c->n], j, device, have_sk ? sk : NULL)) {
-				/* no ph: stored with provenance off */
+				c->unchained++; /* no ph: stored with provenance off */
 				continue;
 			}
 			c->n++;
@@ -2105,7 +2106,7 @@ static int cmd_verify(void)
 	const char *device = o.pos[0];
 	struct vchain *ch = NULL;
 	unsigned shards = 1;
-	size_t total = 0, nck = 0;
+	size_t total = 0, nck = 0, unchained = 0;
 	json_t *kd = NULL, *trusted, *cks = NULL;
 	hub_buf p = { 0 };
 	int ex = VX_INTACT;
@@ -2143,6 +2144,7 @@ static int cmd_verify(void)
 		f = prov_walk(e, c->n, &at);
 		free(e);
 		total += c->n;
+		unchained += c->unchained;
 		if (f != PROV_OK) {
 			ex = report(device, c, prov_fault_name(f), at,
 				    "the chain of stored hashes breaks here", total, nck);
@@ -2239,14 +2241,17 @@ static int cmd_verify(void)
 		}
 	}
 	if (o.json) {
-		json_t *r = json_pack("{s:b,s:s,s:I,s:I,s:i}", "intact", 1, "device", device,
+		json_t *r = json_pack("{s:b,s:s,s:I,s:I,s:i,s:I}", "intact", 1, "device", device,
 				      "readings", (json_int_t)total, "checkpoints", (json_int_t)nck,
-				      "shards", (int)shards);
+				      "shards", (int)shards, "unchained", (json_int_t)unchained);
 		print_json_line(r);
 		json_decref(r);
 	} else {
 		printf("intact: %s: %zu readings chained, %zu signed checkpoints checked\n", device,
 		       total, nck);
+		if (unchained)
+			printf("note: %zu readings in the range were stored with provenance off "
+			       "(not chained, not checked)\n", unchained);
 	}
 out:
 	for (unsigned k = 0; ch && k < shards; k++)
