@@ -198,7 +198,7 @@ int hub_ingest_enqueue(struct hub *hub, const char *gateway, int64_t seq,
 			hub_resp_int(a, ps[i].n);
 			hub_resp_arg(a, ps[i].ph, PROV_HEX_LEN);
 			hub_resp_arg(a, ps[i].h, PROV_HEX_LEN);
-			hub_resp_arg(a, r[i].sig, r[i].sig_len);
+			hub_resp_arg(a, r[i].sig ? r[i].sig : "", r[i].sig ? r[i].sig_len : 0);
 		}
 	}
 	hub_resp_int(a, (int64_t)ng);
