@@ -85,7 +85,7 @@ class ProvenanceTests(HubTestCase):
         cls.keys = api_keys_file(KEYS)
         cls.redis = cls.class_redis()
         cls.hub = cls.class_hub(cls.redis, schemas=cls.schemas,
-                                extra=["--api-keys", cls.keys, "--provenance-checkpoint-s", "1"])
+                                extra=["--api-keys", cls.keys, "--provenance", "1", "--provenance-checkpoint-s", "1"])
 
     def verify(self, device, hub=None, frm=0, to=None, extra=()):
         hub = hub or self.hub
@@ -388,8 +388,8 @@ class ProvenanceInstancesTests(HubTestCase):
     async def test_takeover_resend_two_instances(self):
         keys = api_keys_file(KEYS)
         redis = self.start_redis()
-        a = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "prov-a"])
-        b = self.start_hub(redis, extra=["--api-keys", keys, "--instance-id", "prov-b"])
+        a = self.start_hub(redis, extra=["--api-keys", keys, "--provenance", "1", "--instance-id", "prov-a"])
+        b = self.start_hub(redis, extra=["--api-keys", keys, "--provenance", "1", "--instance-id", "prov-b"])
         sub, d = uniq("gw"), uniq("t")
         seq = 0
         for hub in (a, b, a, b):
@@ -420,7 +420,7 @@ class ProvenanceInstancesTests(HubTestCase):
     async def test_trimmed_stream_still_verifies(self):
         keys = api_keys_file(KEYS)
         redis = self.start_redis(extra=["--stream-node-max-entries", "4"])
-        hub = self.start_hub(redis, extra=["--api-keys", keys, "--device-stream-maxlen", "8"])
+        hub = self.start_hub(redis, extra=["--api-keys", keys, "--provenance", "1", "--device-stream-maxlen", "8"])
         gw, d = await self.gw_dev(hub)
         rep = await gw.telemetry(1, [reading(d, float(i)) for i in range(40)])
         self.assertEqual(rep.get("accepted"), 40, rep)
@@ -433,6 +433,16 @@ class ProvenanceInstancesTests(HubTestCase):
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(p.returncode, 0, (p.stdout, p.stderr))
         self.assertEqual(json.loads(p.stdout)["readings"], len(ents))
+
+    async def test_off_by_default(self):
+        """The default (docs/provenance.md "Cost"): no chain fields, no heads."""
+        redis = self.start_redis()
+        hub = self.start_hub(redis)
+        gw, d = await self.gw_dev(hub)
+        await send_n(gw, d, 2)
+        ents = redis.cmd("XRANGE", tm_key(d), "-", "+")
+        self.assertEqual(sorted(field_map(ents[0])), ["data", "gw", "seq", "ts"])
+        self.assertEqual(redis.cmd("EXISTS", "iot:ph:{i0}"), 0)
 
     async def test_verify_usage_errors_exit_2(self):
         for args in (["verify"], ["verify", "x", "--from", "5", "--to", "1"],
@@ -456,7 +466,8 @@ class ProvenanceClusterTests(HubTestCase):
         cluster = self.start_cluster(primaries=3)
         # the hub refuses a cluster until every flow keeps to one slot
         # (docs/streams.md "Redis Cluster"); the ingest path does
-        hub = self.start_hub(cluster.seeds, extra=["--api-keys", keys, "--provenance-checkpoint-s", "1"],
+        hub = self.start_hub(cluster.seeds, extra=["--api-keys", keys, "--provenance", "1",
+                                                    "--provenance-checkpoint-s", "1"],
                              env=clean_env({"IOT_HUB_ALLOW_CLUSTER_PARTIAL": "1"}))
         hub.wait_line(r"16 ingest shards", 15)
         d = uniq("t")
