@@ -723,6 +723,13 @@ static void route_to(struct cmd_engine *E, const char *instance, const char *ver
 		hub_redis_publish(E->hub->redis, ch, msg, strlen(msg));
 }
 
+bool cmd_routable(const struct hub *hub)
+{
+	const struct cmd_engine *E = hub->cmd;
+
+	return !E || !hub_redis_cluster(hub->redis) || hub_redis_channel_active(E->ctl);
+}
+
 void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
 	       bool online)
 {
@@ -1376,6 +1383,7 @@ int cmd_rollout_ctl(struct hub *hub, const char *id, const char *action, hub_red
 
 #define RADD_BATCH 256           /* candidates per rollout_add call */
 #define RCREATE_GRACE_MS "60000" /* `creating` for longer: its creator died */
+#define RRELEASE_GRACE_MS 5000   /* released, still held that long after: its step died */
 
 /* The value of field in a flat HGETALL reply, or NULL. */
 static const redisReply *hash_field(const redisReply *h, const char *field)
@@ -1393,17 +1401,19 @@ static const char *hash_str(const redisReply *h, const char *field)
 	return v && v->type == REDIS_REPLY_STRING ? v->str : "";
 }
 
-/* A rollout_state call: its three keys, then now, action and the rollout id;
- * nargs more ARGV follow (call_arg). */
+/* A rollout_state call: its keys (three, two for `read`), then now, action
+ * and the rollout id; nargs more ARGV follow (call_arg). */
 static void call_state(struct cmd_engine *E, hub_buf *b, const char *action, const char *rid,
 		       size_t nargs)
 {
 	char k[HUB_KEY_MAX];
+	bool read = !strcmp(action, "read"); /* any id: without the active set */
 
-	call_begin(E, b, S_RSTATE, 3, 3 + nargs, false);
+	call_begin(E, b, S_RSTATE, read ? 2 : 3, 3 + nargs, false);
 	call_key(b, k, hub_key_rollout(k, sizeof(k), rid));
 	call_key(b, k, hub_key_rollout_cmds(k, sizeof(k), rid));
-	call_key(b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
+	if (!read)
+		call_key(b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
 	hub_resp_int(b, hub_now_ms());
 	call_arg(b, action);
 	call_arg(b, rid);
@@ -1610,6 +1620,8 @@ struct rstep {
 	bool failed;
 	struct rcmd *cmd;
 	const char *fin_from, *fin_to; /* the finish once the cancels are done */
+	size_t next, upto;       /* the releases of this step */
+	int64_t updated_at;
 };
 
 struct rcmd_op {
@@ -1700,15 +1712,41 @@ static void rstep_cancel_rest(struct rstep *s, const char *why, const char *from
 	rstep_cancel_done(s);
 }
 
+/* Releases the due commands s->next .. s->upto - 1 one after the other
+ * (devices get them in the rollout's order, as on one Redis). Frees s at
+ * the end. */
+static void rstep_release_next(struct rstep *s);
+
+static void on_rstep_released(redisReply *r, void *arg)
+{
+	struct rstep *s = arg;
+
+	on_step(r, s->E);
+	if (!r)
+		s->next = s->upto; /* Redis went down: a later step goes on */
+	rstep_release_next(s);
+}
+
+static void rstep_release_next(struct rstep *s)
+{
+	while (s->next < s->upto) {
+		size_t i = s->next++;
+		if (rcmd_held(&s->cmd[i]) &&
+		    !rstep_one(s, i, "release", "", on_rstep_released, s))
+			return;
+	}
+	rstep_free(s);
+}
+
 static void on_rstep_advanced(redisReply *r, void *arg)
 {
 	struct rstep *s = arg;
 
-	if (el_int(r, 0) == 1)
-		for (long long i = el_int(r, 1); i < el_int(r, 2) && i < (long long)s->n; i++)
-			if (rcmd_held(&s->cmd[i]))
-				rstep_one(s, (size_t)i, "release", "", on_step, s->E);
-	rstep_free(s);
+	if (el_int(r, 0) == 1 && el_int(r, 1) >= 0 && el_int(r, 2) <= (long long)s->n) {
+		s->next = (size_t)el_int(r, 1);
+		s->upto = (size_t)el_int(r, 2);
+	}
+	rstep_release_next(s);
 }
 
 /* Every command's state is known: what rollout_step would do. */
@@ -1745,11 +1783,12 @@ static void rstep_decide(struct rstep *s)
 		rstep_free(s);
 		return;
 	}
-	/* Released but still held: a step that died between advance and
-	 * release (or lost the race to nobody). */
-	for (size_t i = 0; i < (size_t)s->released && i < s->n; i++)
-		if (rcmd_held(&s->cmd[i]))
-			rstep_one(s, i, "release", "", on_step, s->E);
+	/* Released but still held a while after the last advance: the step
+	 * that advanced died before it released them. */
+	if (hub_now_ms() - s->updated_at > RRELEASE_GRACE_MS)
+		for (size_t i = 0; i < (size_t)s->released && i < s->n; i++)
+			if (rcmd_held(&s->cmd[i]))
+				rstep_one(s, i, "release", "", on_step, s->E);
 	if (rstep_state(s, "advance", NULL, NULL, on_rstep_advanced, s))
 		rstep_free(s);
 }
@@ -1796,6 +1835,7 @@ static void on_rstep_read(redisReply *r, void *arg)
 		return;
 	}
 	s->released = strtoll(hash_str(h, "released"), NULL, 10);
+	s->updated_at = strtoll(hash_str(h, "updated_at"), NULL, 10);
 	s->min_finished = strtoll(hash_str(h, "min_finished"), NULL, 10);
 	s->ratio = strtod(hash_str(h, "abort_failure_ratio"), NULL);
 	s->online_only = !strcmp(hash_str(h, "online_only"), "1");

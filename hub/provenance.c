@@ -282,7 +282,7 @@ int hub_prov_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 					   ng * sizeof(*f->g) + glen + 1 + lines_len + 1;
 	for (size_t i = 0; i < n; i++)
 		need += 2 * strlen(r[i].device) + r[i].ts_len + r[i].data_len +
-			(r[i].sig ? r[i].sig_len : 0) + 24 + 5;
+			(r[i].sig ? r[i].sig_len : 0) + (r[i].anom ? r[i].anom_len : 0) + 24 + 6;
 	for (size_t i = 0; i < ng; i++)
 		need += strlen(g[i].type) + 1;
 	f = hub_xmalloc(need);
@@ -312,6 +312,12 @@ int hub_prov_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		if (r[i].sig) {
 			f->r[i].sig = put(&at, r[i].sig, r[i].sig_len);
 			f->r[i].sig_len = r[i].sig_len;
+		}
+		f->r[i].anom = NULL; /* anomaly flags (docs/anomalies.md): not chained */
+		f->r[i].anom_len = 0;
+		if (r[i].anom) {
+			f->r[i].anom = put(&at, r[i].anom, r[i].anom_len);
+			f->r[i].anom_len = r[i].anom_len;
 		}
 		f->keys[i] = at;
 		at += hub_key_tm_shard(at, dl + 24, k, r[i].device) + 1;

@@ -18,6 +18,7 @@
 #include "hub/revoke.h"
 #include "hub/util.h"
 #include "protocols/admit.h"
+#include "protocols/anomaly.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 #include "protocols/ws_rx.h"
@@ -109,6 +110,7 @@ struct stored_ref {
 	int64_t ts;
 	size_t ts_off, ts_len, data_off, data_len;
 	size_t sig_off, sig_len;   /* a signed type's signature (hex), in vals */
+	size_t anom_off, anom_len;   /* `,"anomalies":[…]` in vals, or 0 long */
 	bool grouped;
 };
 
@@ -581,6 +583,7 @@ static void feed_line(hub_buf *feed, const hub_buf *vals, const struct stored_re
 	hub_buf_append(feed, vals->data + s->ts_off, s->ts_len);
 	hub_buf_puts(feed, ",\"data\":");
 	hub_buf_append(feed, vals->data + s->data_off, s->data_len);
+	hub_buf_append(feed, vals->data + s->anom_off, s->anom_len);
 	hub_buf_append(feed, "\n", 1);
 }
 
@@ -693,6 +696,9 @@ static void store_accepted(struct gw_conn *c, struct gw_reply *r, const hub_buf 
 		sr[i].data_len = refs[i].data_len;
 		sr[i].sig = refs[i].sig_len ? vals->data + refs[i].sig_off : NULL;
 		sr[i].sig_len = refs[i].sig_len;
+		/* the array alone: `,"anomalies":` left out */
+		sr[i].anom = refs[i].anom_len ? vals->data + refs[i].anom_off + ANOM_PREFIX_LEN : NULL;
+		sr[i].anom_len = refs[i].anom_len ? refs[i].anom_len - ANOM_PREFIX_LEN : 0;
 	}
 	size_t ng = feed_build(feed, vals, refs, nacc, gws->scratch.groups);
 	r->waiting = true;
@@ -801,13 +807,16 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		}
 		mark_seen(c, d);
 		ts = rd.has_ts ? rd.ts : now_ms;
-		serialize_reading(&vals, &gws->scratch.refs[nacc++], &rd, d, ts, msg,
-				  raw ? &gws->scratch.spans[i] : NULL);
-		if (signature_refused(c, r, &vals, &gws->scratch.refs[nacc - 1], ad.type,
-				      json_array_get(msg->items, i), i, &rd, &sig_pending)) {
+		struct stored_ref *sref = &gws->scratch.refs[nacc++];
+		serialize_reading(&vals, sref, &rd, d, ts, msg, raw ? &gws->scratch.spans[i] : NULL);
+		if (signature_refused(c, r, &vals, sref, ad.type, json_array_get(msg->items, i), i,
+				      &rd, &sig_pending)) {
 			nacc--;
 			continue;
 		}
+		sref->anom_off = vals.len;
+		anom_check(hub, rd.device, rd.device_len, ad.type, ts, rd.data, &vals);
+		sref->anom_len = vals.len - sref->anom_off;
 		fields_record(&r->fields, d, ts, rd.data);
 	}
 	if (sig_pending) { /* a device key is being read: the whole frame later */
@@ -976,6 +985,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		d = announce_take(c, &a, t, lb);
 		if (hub_prov_type_signed(t))
 			hub_prov_warm(hub, a.device);
+		anom_prefetch(hub, d->id, t);
 		items[nacc] = (struct hub_announce_item){ a.device, schema_type_name(t), lb, strlen(lb) };
 		if (acc.len)
 			hub_buf_puts(&acc, ",");

@@ -49,7 +49,10 @@
  * first subscription it matches, and shared by reference between queues.
  */
 
-enum st_kind { K_RAW, K_1S, K_10S, K_1M, K_PRESENCE, K_COMMANDS, K__COUNT };
+enum st_kind { K_RAW, K_1S, K_10S, K_1M, K_PRESENCE, K_COMMANDS, K_ANOM, K__COUNT };
+/* `anomalies` (docs/anomalies.md) is raw readings narrowed to those that
+ * carry anomaly flags: the same groups, positions, `since` and replay. */
+#define RAWLIKE(k) ((k) == K_RAW || (k) == K_ANOM)
 #define kind_names hub_stream_kinds
 _Static_assert(K__COUNT == HUB_STREAM_KINDS, "hub_stream_kinds names every kind");
 
@@ -691,7 +694,7 @@ static void on_group_state(struct hub_redis_channel *ch, bool active, void *arg)
 		 * the feed); the others are told. */
 		pend_clear(s);
 		s->replay_wait = false;
-		if (s->kind == K_RAW) {
+		if (RAWLIKE(s->kind)) {
 			if (s->phase == PH_LIVE || s->phase == PH_REPLAY)
 				s->resume = true;
 		} else if (s->phase == PH_LIVE && s->conn) {
@@ -774,9 +777,9 @@ static void group_release(struct st_group *g)
 
 static struct st_group *group_for(struct stream *st, enum st_kind kind, const char *type)
 {
-	if (kind == K_RAW && !type)
+	if (RAWLIKE(kind) && !type)
 		return st->raw_all;
-	if (kind == K_RAW) {
+	if (RAWLIKE(kind)) {
 		struct st_group *g = hub_strmap_get(&st->raw_typed, type, strlen(type));
 		if (!g) {
 			/* A group (kept for the process's life) and a channel per
@@ -1109,27 +1112,39 @@ struct fanout {
 	size_t tail_len;
 };
 
+/* A raw line's body ends with `,"anomalies":[…]` when the reading was
+ * flagged, else with its data object's `}`. */
+static bool body_flagged(const char *body, size_t bl)
+{
+	return bl && body[bl - 1] == ']';
+}
+
 static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
 {
 	struct fanout *f = arg;
 	struct stream *st = f->g->st;
-	struct st_msg *msg = NULL;
+	struct st_msg *msgs[2] = { NULL, NULL };  /* reading, anomaly */
+	bool flagged = f->g->raw && body_flagged(body, bl);
 
 	candidates(f->g, m->device, m->device_len);
 	for (size_t i = 0; i < st->cand.n; i++) {
 		struct st_sub *s = st->cand.v[i];
-		if (s->phase == PH_WAIT || !sub_matches(s, m))
+		unsigned w = s->kind == K_ANOM;
+		if (s->phase == PH_WAIT || (w && !flagged) || !sub_matches(s, m))
 			continue;
-		if (!msg) {
-			msg = msg_new(f->msg_type, body, bl, f->tail, f->tail_len);
+		if (!msgs[w]) {
+			struct st_msg *msg = msg_new(w ? "anomaly" : f->msg_type, body, bl, f->tail,
+						     f->tail_len);
 			msg->pos_ms = f->pos_ms;
 			msg->pos_seq = f->pos_seq;
 			msg->shard = f->shard;
 			msg->live = f->has_pos && f->pos_ms;
+			msgs[w] = msg;
 		}
-		deliver(s, msg, f->has_pos);
+		deliver(s, msgs[w], f->has_pos);
 	}
-	msg_unref(msg);
+	msg_unref(msgs[0]);
+	msg_unref(msgs[1]);
 }
 
 static void on_group_message(const char *channel, const char *payload, size_t len, void *arg)
@@ -1260,7 +1275,7 @@ static void sub_lost(struct st_sub *s, const char *why)
 {
 	struct stream *st;
 
-	if (s->kind != K_RAW || !s->announced || !s->conn || s->dead) {
+	if (!RAWLIKE(s->kind) || !s->announced || !s->conn || s->dead) {
 		sub_fail(s, why);
 		return;
 	}
@@ -1334,9 +1349,10 @@ static void replay_line(struct meta *m, const char *body, size_t bl, void *arg)
 	struct replay_ctx *r = arg;
 	struct st_msg *msg;
 
-	if (!sub_matches(r->sub, m))
+	if ((r->sub->kind == K_ANOM && !body_flagged(body, bl)) || !sub_matches(r->sub, m))
 		return;
-	msg = msg_new("reading", body, bl, r->tail.data, r->tail.len);
+	msg = msg_new(r->sub->kind == K_ANOM ? "anomaly" : "reading", body, bl, r->tail.data,
+		      r->tail.len);
 	msg->pos_ms = r->ms;
 	msg->pos_seq = r->seq;
 	msg->shard = r->shard;
@@ -1672,7 +1688,7 @@ static void sub_start(struct st_sub *s)
 	struct stream *st = s->group->st;
 	if (!s->conn)
 		return;
-	if (s->kind != K_RAW) {
+	if (!RAWLIKE(s->kind)) {
 		s->phase = PH_LIVE;
 		if (!s->announced)
 			send_subscribed(s, false);
@@ -1994,7 +2010,8 @@ static int subscribe_kind(struct st_conn *c, json_t *msg, const char **idp)
 	for (kind = 0; kind < K__COUNT; kind++)
 		if (!strcmp(json_string_value(jstream), kind_names[kind]))
 			return kind;
-	send_error(c, id, "unknown_stream", "stream must be one of raw, 1s, 10s, 1m, presence, commands");
+	send_error(c, id, "unknown_stream",
+		   "stream must be one of raw, 1s, 10s, 1m, presence, commands, anomalies");
 	return -1;
 }
 
@@ -2036,8 +2053,8 @@ static enum sub_refusal subscribe_options(struct st_sub *s, json_t *msg, char *e
 		s->group_by = hub_xstrdup(json_string_value(jgb));
 	}
 	if (jsince && !json_is_null(jsince)) {
-		if (s->kind != K_RAW) {
-			snprintf(err, errlen, "since is only for the raw stream");
+		if (!RAWLIKE(s->kind)) {
+			snprintf(err, errlen, "since is only for the raw and anomalies streams");
 			return SUB_BAD_SINCE;
 		}
 		if (!json_is_string(jsince) ||

@@ -7,7 +7,9 @@
 --
 -- KEYS[1]  iot:rollout:{<id>}        hub_key_rollout
 -- KEYS[2]  iot:rollout:{<id>}:cmds   hub_key_rollout_cmds
--- KEYS[3]  iot:{hub}:rollouts        HUB_KEY_ROLLOUTS_ACTIVE
+-- KEYS[3]  iot:{hub}:rollouts        HUB_KEY_ROLLOUTS_ACTIVE (not for `read`:
+--          an id drawn elsewhere, e.g. one asked for by a client, is read
+--          alone)
 -- ARGV[1] now (ms), ARGV[2] action, ARGV[3] rollout id, then:
 --   begin  ARGV[4..17] as rollout_create's ARGV[4..17], then every
 --          candidate's command id: the rollout, `creating`, in the active
@@ -34,7 +36,7 @@
 local now, act, rid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local FINAL_TTL_S, MAX_LAG_MS = 2592000, 1000
 local rk, lk, ak = KEYS[1], KEYS[2], KEYS[3]
-if #KEYS ~= 3 or not now then
+if not now or not (#KEYS == 3 or (#KEYS == 2 and act == 'read')) then
   return redis.error_reply('ERR rollout_state: bad arguments')
 end
 

@@ -12,7 +12,9 @@
 -- ARGV[5] the publish command: PUBLISH (one Redis) or SPUBLISH (cluster),
 -- ARGV[6] what goes before the feed id in a live message: '' with one
 -- shard, '<k>/' with several; then per frame: seq, gateway, lines, n,
--- n x (ts, data), m, m x (channel, from, to). lines holds one line per
+-- n x (ts, data), m, m x (channel, from, to), a, a x (i, anomalies): the
+-- i-th reading (1-based) of the frame is stored with field 'anom' = that
+-- JSON array (docs/anomalies.md). lines holds one line per
 -- reading (the feed entry's `readings`); the readings of a device type are
 -- lines[from..to] (1-based, inclusive), published on the type's channel
 -- (iot:live:raw:<type>, hub_ch_raw, or on a cluster
@@ -56,9 +58,10 @@ local p, k, seen = 8, 2, 0
 for _ = 1, frames or 0 do
   local n = tonumber(ARGV[p + 3])
   local m = n and tonumber(ARGV[p + 4 + w * n])
-  if not m then break end
+  local a = m and tonumber(ARGV[p + 5 + w * n + 3 * m])
+  if not a then break end
   k = k + 1 + n
-  p = p + 5 + w * n + 3 * m
+  p = p + 6 + w * n + 3 * m + 2 * a
   seen = seen + 1
 end
 if not (window and fmax) or (q ~= 0 and q ~= 5) or (pub ~= 'PUBLISH' and pub ~= 'SPUBLISH') or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 - pk then
@@ -100,8 +103,9 @@ for f = 1, frames do
   local r = p + 4
   local b = r + w * n
   local t = k + 1
+  local g1 = b + 1 + 3 * tonumber(ARGV[b])
   k = t + n
-  p = b + 1 + 3 * tonumber(ARGV[b])
+  p = g1 + 1 + 2 * tonumber(ARGV[g1])
   local cur, mismatch, ckeys
   local added = redis.call('ZADD', key, 'NX', seq, seq) == 1
   if added and pk > 0 and n > 0 then
@@ -121,11 +125,25 @@ for f = 1, frames do
     if tonumber(seq) % TRIM_EVERY == 0 then
       redis.call('ZREMRANGEBYRANK', key, 0, -window - 1)
     end
+    local anom, j = {}, g1 + 1
+    while j < p do anom[tonumber(ARGV[j])] = ARGV[j + 1]; j = j + 2 end
     for i = r, b - 1, w do
+      local flags = anom[(i - r) / w + 1]
       if pk > 0 then
+        -- the chain fields (docs/provenance.md); 'anom' is derived, not chained
+        if flags then
+          redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                     'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq,
+                     'at', ARGV[i + 2], 'n', ARGV[i + 3], 'ph', ARGV[i + 4], 'sig', ARGV[i + 6],
+                     'anom', flags)
+        else
+          redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                     'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq,
+                     'at', ARGV[i + 2], 'n', ARGV[i + 3], 'ph', ARGV[i + 4], 'sig', ARGV[i + 6])
+        end
+      elseif flags then
         redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
-                   'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq,
-                   'at', ARGV[i + 2], 'n', ARGV[i + 3], 'ph', ARGV[i + 4], 'sig', ARGV[i + 6])
+                   'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq, 'anom', flags)
       else
         redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
                    'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq)
@@ -143,7 +161,7 @@ for f = 1, frames do
       id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
                       'gw', gw, 'seq', seq, 'readings', lines)
     end
-    for g = b + 1, p - 1, 3 do
+    for g = b + 1, g1 - 1, 3 do
       redis.call(pub, ARGV[g],
                  head .. id .. '\n' .. string.sub(lines, tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])))
     end
