@@ -99,6 +99,10 @@ struct hub_config {
 	int audit_retention_days;
 	int http_keepalive_timeout_s;
 	char *web_root;
+	int provenance;            /* 1: readings chained (docs/provenance.md) */
+	int provenance_checkpoint_s;
+	char *provenance_key;
+	long provenance_checkpoints_max;
 	int rollups;               /* 0: readings are not rolled up (docs/analytics.md) */
 	int rollup_flush_ms;
 	long rollup_retention_1m_s;

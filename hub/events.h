@@ -103,7 +103,7 @@ struct hub_ev_readings {
 typedef void (*hub_observer_fn)(struct hub *hub, enum hub_event ev, const void *payload,
 				void *ctx);
 
-#define HUB_OBSERVERS_MAX 4
+#define HUB_OBSERVERS_MAX 8
 
 struct hub_observers {
 	struct {

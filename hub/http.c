@@ -766,7 +766,7 @@ static void route(struct http_pss *pss, const char *path)
 	}
 	if (lws_hdr_custom_copy(pss->wsi, pss->idem, sizeof(pss->idem), "idempotency-key:", 16) < 0)
 		pss->idem[0] = '\0';
-	if (!strcmp(pss->method, "POST")) {
+	if (!strcmp(pss->method, "POST") || !strcmp(pss->method, "PUT")) {
 		pss->collecting = true;
 		/* With a Content-Length the body follows (on_body_completion);
 		 * without one it is empty (RFC 9112 6.3) and lws reports no
@@ -919,7 +919,7 @@ static void on_request(struct lws *wsi, struct hub *hub, struct http_pss *pss,
 	} else if (clen > HUB_HTTP_BODY_MAX) {
 		hub->metrics.http_refused[HUB_HTTP_BODY_TOO_LARGE]++;
 		hub_req_error(pss->rq, 413, "too_large", NULL, "request bodies are limited to 64 KiB");
-	} else if (clen && strcmp(pss->method, "POST")) {
+	} else if (clen && strcmp(pss->method, "POST") && strcmp(pss->method, "PUT")) {
 		hub_req_error(pss->rq, 400, "bad_request", NULL,
 			      "only POST requests may carry a body here");
 	} else {

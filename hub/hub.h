@@ -30,6 +30,7 @@ struct hub_audit;
 struct hub_revocations;
 struct hub_registry;
 struct hub_ingest;
+struct hub_prov;
 struct agg;
 struct stream;
 struct gateways;
@@ -66,6 +67,7 @@ struct hub {
 	struct hub_http *http;
 	struct hub_registry *registry;
 	struct hub_ingest *ingest;
+	struct hub_prov *prov;     /* hub/provenance.c */
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */

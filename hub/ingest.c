@@ -24,6 +24,7 @@
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/module.h"
+#include "hub/provenance.h"
 #include "hub/slot.h"
 #include "hub/registry.h"
 #include "hub/util.h"
@@ -94,6 +95,7 @@ static void batch_flush(struct hub_ingest *in, unsigned shard)
 	char key[HUB_KEY_MAX], head[16];
 	size_t klen = hub_key_feed(key, sizeof(key), shard);
 	int hlen = in->shards > 1 ? snprintf(head, sizeof(head), "%u/", shard) : 0;
+	bool prov = hub_prov_on(hub);
 	int rc;
 
 	if (!B->nframes)
@@ -102,10 +104,12 @@ static void batch_flush(struct hub_ingest *in, unsigned shard)
 	bs->n = B->nframes;
 	memcpy(bs->cbs, B->cbs, B->nframes * sizeof(bs->cbs[0]));
 	in->resp.len = 0;
-	hub_resp_head(&in->resp, 3 + 1 + B->nkeys + 6 + B->nargs);
-	hub_resp_evalsha(&in->resp, hub->redis, in->script_store, 1 + B->nkeys);
+	hub_resp_head(&in->resp, 3 + 1 + B->nkeys + (prov ? 2 : 0) + 7 + B->nargs);
+	hub_resp_evalsha(&in->resp, hub->redis, in->script_store, 1 + B->nkeys + (prov ? 2 : 0));
 	hub_resp_arg(&in->resp, key, klen);
 	hub_buf_append(&in->resp, B->keys.data, B->keys.len);
+	if (prov) /* the shard's chain heads and changed heads (docs/provenance.md) */
+		hub_prov_shard_keys(&in->resp, shard);
 	hub_resp_int(&in->resp, hub->cfg.seq_window);
 	hub_resp_int(&in->resp, hub->cfg.device_stream_maxlen);
 	hub_resp_int(&in->resp, hub->cfg.feed_stream_maxlen);
@@ -115,6 +119,7 @@ static void batch_flush(struct hub_ingest *in, unsigned shard)
 	else
 		hub_resp_arg(&in->resp, "PUBLISH", 7);
 	hub_resp_arg(&in->resp, head, (size_t)hlen);
+	hub_resp_int(&in->resp, prov ? 5 : 0);
 	hub_buf_append(&in->resp, B->args.data, B->args.len);
 	in->pending -= B->nframes;
 	B->nframes = B->nkeys = B->nargs = B->nreadings = 0;
@@ -168,6 +173,16 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_group *g, size_t ng,
 		    hub_redis_cb cb, void *arg)
 {
+	if (hub_prov_on(hub))
+		return hub_prov_store_frame(hub, gateway, seq, r, n, lines, lines_len, g, ng, cb, arg);
+	return hub_ingest_enqueue(hub, gateway, seq, r, NULL, n, lines, lines_len, g, ng, cb, arg);
+}
+
+int hub_ingest_enqueue(struct hub *hub, const char *gateway, int64_t seq,
+		       const struct hub_store_reading *r, const struct hub_prov_stamp *ps,
+		       size_t n, const char *lines, size_t lines_len,
+		       const struct hub_store_group *g, size_t ng, hub_redis_cb cb, void *arg)
+{
 	struct hub_ingest *in = hub->ingest;
 	unsigned shards = hub_ingest_shards(hub), k;
 	struct store_batch *B;
@@ -193,6 +208,13 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 	for (size_t i = 0; i < n; i++) {
 		hub_resp_arg(a, r[i].ts, r[i].ts_len);
 		hub_resp_arg(a, r[i].data, r[i].data_len);
+		if (ps) {
+			hub_resp_int(a, ps[i].at);
+			hub_resp_int(a, ps[i].n);
+			hub_resp_arg(a, ps[i].ph, PROV_HEX_LEN);
+			hub_resp_arg(a, ps[i].h, PROV_HEX_LEN);
+			hub_resp_arg(a, r[i].sig ? r[i].sig : "", r[i].sig ? r[i].sig_len : 0);
+		}
 	}
 	hub_resp_int(a, (int64_t)ng);
 	for (size_t i = 0; i < ng; i++) {
@@ -213,7 +235,7 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 			hub_resp_arg(a, r[i].anom, r[i].anom_len);
 		}
 	B->nkeys += 1 + n;
-	B->nargs += 4 + 2 * n + 1 + 3 * ng + 1 + 2 * na;
+	B->nargs += 4 + (ps ? 7 : 2) * n + 1 + 3 * ng + 1 + 2 * na;
 	if (B->nframes == B->cap) {
 		B->cap = B->cap ? B->cap * 2 : 16;
 		B->cbs = hub_xrealloc(B->cbs, B->cap * sizeof(*B->cbs));

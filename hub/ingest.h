@@ -9,9 +9,14 @@
 #define HUB_INGEST_H
 
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hub/registry.h"
 
 struct hub;
 struct hub_module;
+struct hub_prov_stamp;
 
 extern const struct hub_module hub_ingest_module;
 
@@ -45,5 +50,14 @@ bool hub_ingest_sharded_pubsub(struct hub *hub);
  * until it is done); the layout gate may call it too. */
 void ingest_migrate_2to3(struct hub *hub, unsigned shards, void (*done)(void *arg, bool ok),
 			 void *arg);
+
+/* hub_store_frame's queueing, with each reading's provenance stamp (ps:
+ * n entries; NULL only while provenance is off). hub/provenance.c calls it
+ * for a frame it stamped (and again after a chain-head mismatch). Same
+ * contract as hub_store_frame. */
+int hub_ingest_enqueue(struct hub *hub, const char *gateway, int64_t seq,
+		       const struct hub_store_reading *r, const struct hub_prov_stamp *ps,
+		       size_t n, const char *lines, size_t lines_len,
+		       const struct hub_store_group *g, size_t ng, hub_redis_cb cb, void *arg);
 
 #endif

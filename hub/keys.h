@@ -73,6 +73,11 @@
  * delimiter): iot:tm:{i3}:kc-1, iot:seqs:{i3}:gw-1, iot:feed:{i3}. */
 #define HUB_KEY_TM_SHARD         "iot:tm:"       /* {i<k>}:<device> */
 #define HUB_KEY_SEQS             "iot:seqs:"     /* {i<k>}:<gateway> */
+#define HUB_KEY_PROV_HEADS       "iot:ph:"       /* {i<k>}: stream key -> chain head (docs/provenance.md) */
+#define HUB_KEY_PROV_DIRTY       "iot:pd:"       /* {i<k>}: streams whose head changed since the last checkpoint */
+#define HUB_KEY_PROV_CKPTS       "iot:{hub}:prov:ckpts"  /* signed checkpoints (stream) */
+#define HUB_KEY_PROV_CLAIM       "iot:{hub}:prov:claim:" /* + period: the instance writing it */
+#define HUB_KEY_PROV_KEYS        "iot:{hub}:prov:keys"   /* every hub's checkpoint public key */
 #define HUB_KEY_FEED_SHARD       "iot:feed:"     /* {i<k>} */
 #define HUB_CH_LIVE              "iot:live:"     /* {i<k>}:raw:<type> (sharded, cluster) */
 #define HUB_FEED_SHARDS_MAX      64

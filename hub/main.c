@@ -34,6 +34,7 @@
 #include "hub/ops.h"
 #include "hub/redis.h"
 #include "hub/ingest.h"
+#include "hub/provenance.h"
 #include "protocols/anomaly.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
@@ -237,6 +238,7 @@ static const struct hub_module *const modules[] = {
 	&hub_http_module,      /* HTTP on the port; routes and upgrades register here */
 	&hub_registry_module,  /* the device registry */
 	&hub_ingest_module,    /* the reading store, in ingest shards */
+	&hub_prov_module,      /* chained readings, checkpoints, device signatures */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&hub_rollup_module,    /* 1m/1h/1d rollups of stored readings */

@@ -90,6 +90,8 @@ struct hub_store_reading {
 	size_t ts_len;
 	const char *data;      /* compact JSON object */
 	size_t data_len;
+	const char *sig;       /* the device's signature (128 hex digits) or NULL */
+	size_t sig_len;
 	const char *anom;      /* its anomaly flags, a JSON array (docs/anomalies.md), or NULL */
 	size_t anom_len;
 };

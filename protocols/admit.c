@@ -13,6 +13,7 @@ const char *const hub_reject_names[HUB_REJ__COUNT] = {
 	[HUB_REJ_UNAUTHORIZED_DEVICE] = "unauthorized_device",
 	[HUB_REJ_RATE_LIMITED] = "rate_limited",
 	[HUB_REJ_CLOCK_SKEW] = "clock_skew",
+	[HUB_REJ_BAD_SIGNATURE] = "bad_signature",
 };
 
 /* {"index":…,"device":…,"code":…,"message":…} */
@@ -86,4 +87,10 @@ void admit_reject_rate_limited(hub_buf *rejected, size_t index, const gw_reading
 {
 	gw_write_reading_reject(rejected, index, rd, hub_reject_names[HUB_REJ_RATE_LIMITED]);
 	hub_buf_printf(rejected, ",\"retry_after_ms\":%lld}", (long long)retry_after_ms);
+}
+
+void admit_reject(hub_buf *rejected, size_t index, const gw_reading *rd,
+		  enum hub_reject_code code, const char *message)
+{
+	refuse(rejected, index, rd, code, message);
 }

@@ -38,6 +38,7 @@ enum hub_reject_code {
 	HUB_REJ_UNAUTHORIZED_DEVICE,
 	HUB_REJ_RATE_LIMITED,
 	HUB_REJ_CLOCK_SKEW,
+	HUB_REJ_BAD_SIGNATURE,     /* a signed type's reading failed its check (docs/provenance.md) */
 	HUB_REJ__COUNT
 };
 
@@ -79,5 +80,10 @@ enum hub_reject_code admit_reading(const struct admit_rules *rules, json_t *item
  * retry_after_ms tells the gateway when to send it again. */
 void admit_reject_rate_limited(hub_buf *rejected, size_t index, const gw_reading *rd,
 			       int64_t retry_after_ms);
+
+/* The entry of a reading the caller refuses after admission with code and
+ * a message (bad_signature). */
+void admit_reject(hub_buf *rejected, size_t index, const gw_reading *rd,
+		  enum hub_reject_code code, const char *message);
 
 #endif

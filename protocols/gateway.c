@@ -9,6 +9,7 @@
 #include "hub/ingest.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
+#include "hub/provenance.h"
 #include "hub/link.h"
 #include "hub/log.h"
 #include "hub/module.h"
@@ -109,6 +110,7 @@ struct stored_ref {
 	struct gw_dev *dev;
 	int64_t ts;
 	size_t ts_off, ts_len, data_off, data_len;
+	size_t sig_off, sig_len;   /* a signed type's signature (hex), in vals */
 	size_t anom_off, anom_len;   /* `,"anomalies":[…]` in vals, or 0 long */
 	bool grouped;
 };
@@ -693,6 +695,8 @@ static void store_accepted(struct gw_conn *c, struct gw_reply *r, const hub_buf 
 		sr[i].ts_len = refs[i].ts_len;
 		sr[i].data = vals->data + refs[i].data_off;
 		sr[i].data_len = refs[i].data_len;
+		sr[i].sig = refs[i].sig_len ? vals->data + refs[i].sig_off : NULL;
+		sr[i].sig_len = refs[i].sig_len;
 		/* the array alone: `,"anomalies":` left out */
 		sr[i].anom = refs[i].anom_len ? vals->data + refs[i].anom_off + ANOM_PREFIX_LEN : NULL;
 		sr[i].anom_len = refs[i].anom_len ? refs[i].anom_len - ANOM_PREFIX_LEN : 0;
@@ -717,6 +721,44 @@ static void scratch_reserve(struct gateways *gws, size_t n)
 	gws->scratch.sr = hub_xrealloc(gws->scratch.sr, n * sizeof(*gws->scratch.sr));
 	gws->scratch.groups = hub_xrealloc(gws->scratch.groups, n * sizeof(*gws->scratch.groups));
 	gws->scratch.spans = hub_xrealloc(gws->scratch.spans, n * sizeof(*gws->scratch.spans));
+}
+
+#define SIG_PENDING_RETRY_MS 100
+
+/* A reading of a type that requires signatures (docs/provenance.md): its
+ * sig is checked over the ts and data as stored in vals, and kept in vals
+ * for the store. True when it is refused (the entry is written and vals
+ * rolled back) or must wait for the device's key (*pending). */
+static bool signature_refused(struct gw_conn *c, struct gw_reply *r, hub_buf *vals,
+			      struct stored_ref *s, const schema_type *type, json_t *item,
+			      size_t i, const gw_reading *rd, bool *pending)
+{
+	json_t *sj;
+	const char *why = "a signed reading needs its ts (the signature covers it)";
+	enum hub_prov_sig v = HUB_PROV_SIG_BAD;
+
+	s->sig_len = 0;
+	if (!type || !hub_prov_type_signed(type))
+		return false;
+	sj = json_object_get(item, "sig");
+	if (rd->has_ts)
+		v = hub_prov_check_sig(c->hub, rd->device, rd->device_len, vals->data + s->ts_off,
+				       s->ts_len, vals->data + s->data_off, s->data_len,
+				       json_string_value(sj), json_string_length(sj), &why);
+	if (v == HUB_PROV_SIG_OK) {
+		s->sig_off = vals->len;
+		hub_buf_append(vals, json_string_value(sj), json_string_length(sj));
+		s->sig_len = json_string_length(sj);
+		return false;
+	}
+	vals->len = s->ts_off;
+	if (v == HUB_PROV_SIG_PENDING) {
+		*pending = true;
+		return true;
+	}
+	admit_reject(&r->rejected, i, rd, HUB_REJ_BAD_SIGNATURE, why);
+	c->hub->metrics.readings_rejected[HUB_REJ_BAD_SIGNATURE]++;
+	return true;
 }
 
 /* A telemetry frame: each reading admitted (protocols/admit.h) and rate
@@ -746,7 +788,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 	}
 	scratch_reserve(gws, n);
 	vals.len = 0;
-	bool raw = n && !gw_data_spans(msg, gws->scratch.spans, n);
+	bool raw = n && !gw_data_spans(msg, gws->scratch.spans, n), sig_pending = false;
 	for (size_t i = 0; i < n; i++) {
 		struct admit_device ad;
 		gw_reading rd;
@@ -768,10 +810,24 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		ts = rd.has_ts ? rd.ts : now_ms;
 		struct stored_ref *sref = &gws->scratch.refs[nacc++];
 		serialize_reading(&vals, sref, &rd, d, ts, msg, raw ? &gws->scratch.spans[i] : NULL);
+		if (signature_refused(c, r, &vals, sref, ad.type, json_array_get(msg->items, i), i,
+				      &rd, &sig_pending)) {
+			nacc--;
+			continue;
+		}
 		sref->anom_off = vals.len;
 		anom_check(hub, rd.device, rd.device_len, ad.type, ts, rd.data, &vals);
 		sref->anom_len = vals.len - sref->anom_off;
 		fields_record(&r->fields, d, ts, rd.data);
+	}
+	if (sig_pending) { /* a device key is being read: the whole frame later */
+		hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
+		gw_write_error(&r->out, "unavailable", msg->seq, SIG_PENDING_RETRY_MS,
+			       "a device's signing key is being loaded; resend this frame");
+		enqueue(c, r);
+		gws->scratch.vals = vals;
+		gws->scratch.feed = feed;
+		return;
 	}
 	r->accepted = (unsigned)nacc;
 	if (nacc)
@@ -928,6 +984,8 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		labels[nacc] = a.labels ? json_dumps(a.labels, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
 		const char *lb = labels[nacc] ? labels[nacc] : "{}";
 		d = announce_take(c, &a, t, lb);
+		if (hub_prov_type_signed(t))
+			hub_prov_warm(hub, a.device);
 		anom_prefetch(hub, d->id, t);
 		items[nacc] = (struct hub_announce_item){ a.device, schema_type_name(t), lb, strlen(lb) };
 		if (acc.len)

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "hub/opts.h"
+#include "hub/prov_core.h"
 #include "hub/util.h"
 #include "tools/client.h"
 
@@ -75,6 +76,8 @@ static struct ctl {
 	int wait;
 	long n, limit, count;          /* n: scratch of the body's integer fields */
 	double ratio;
+	long vfrom, vto;               /* verify --from/--to (ms) */
+	char *vkey;                    /* verify --pubkey */
 	json_t *body, *ro, *labels, *devices;
 	const char *cmd, *pos[2];
 	int npos, maxpos;
@@ -1913,6 +1916,354 @@ static int printable(void *obj, const struct opt *op, const char *val, char *err
 	return 0;
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* verify: the provenance verifier (docs/provenance.md)                       */
+
+enum { VX_INTACT = 0, VX_TAMPERED = 1, VX_ERROR = 2 };
+
+struct ventry {
+	json_t *j;                     /* borrowed from the page array kept in vchain */
+	struct prov_entry e;
+	const char *id;
+	int64_t ts;
+	bool sig_bad;
+};
+
+struct vchain {
+	unsigned shard;
+	json_t *pages;                 /* the answers, kept for the entries' strings */
+	struct ventry *v;
+	size_t n, cap;
+	char *head;                    /* "<n> <hex>" as Redis holds it, or NULL */
+	char *sigkey;
+	size_t unchained;              /* entries stored with provenance off */
+};
+
+static int vx(int ex)                  /* an HTTP/transport exit -> verify's 2 */
+{
+	return ex == EX_OK ? EX_OK : VX_ERROR;
+}
+
+static const char *js(json_t *o2, const char *k, size_t *len)
+{
+	json_t *v = json_object_get(o2, k);
+
+	*len = json_is_string(v) ? json_string_length(v) : 0;
+	return json_is_string(v) ? json_string_value(v) : "";
+}
+
+static int64_t jnum(json_t *o2, const char *k)
+{
+	size_t l;
+	const char *s = js(o2, k, &l);
+	int64_t v = 0;
+
+	if (hub_parse_i64(s, l, INT64_MIN / 2, INT64_MAX / 2, &v))
+		return json_is_integer(json_object_get(o2, k)) ? json_integer_value(json_object_get(o2, k)) : 0;
+	return v;
+}
+
+/* Recomputes one entry's own hash from what it stores. -1: malformed. */
+static int ventry_load(struct ventry *ve, json_t *j, const char *device, const uint8_t *sigkey)
+{
+	struct prov_reading r;
+	size_t phl, sl;
+	const char *ph = js(j, "ph", &phl), *sig;
+
+	memset(ve, 0, sizeof(*ve));
+	ve->j = j;
+	ve->id = jstr(j, "id");
+	r.device = device;
+	r.device_len = strlen(device);
+	r.ts = js(j, "ts", &r.ts_len);
+	r.data = js(j, "data", &r.data_len);
+	r.gw = js(j, "gw", &r.gw_len);
+	r.seq = jnum(j, "seq");
+	r.at = jnum(j, "at");
+	r.n = jnum(j, "n");
+	sig = js(j, "sig", &sl);
+	r.sig = sig;
+	r.sig_len = sl;
+	ve->ts = jnum(j, "ts");
+	ve->e.n = r.n;
+	if (prov_unhex(ph, phl, ve->e.ph, PROV_HASH_LEN))
+		return -1;
+	prov_chain_hash(ve->e.ph, &r, ve->e.h);
+	if (sl) {
+		uint8_t sg[PROV_SIG_LEN], msg[4096];
+		size_t ml = prov_reading_message(device, r.device_len, r.ts, r.ts_len, r.data,
+						 r.data_len, msg, sizeof(msg));
+		ve->sig_bad = !sigkey || ml > sizeof(msg) || prov_unhex(sig, sl, sg, PROV_SIG_LEN) ||
+			      !prov_ed25519_verify(sigkey, msg, ml, sg);
+	}
+	return 0;
+}
+
+static int vchain_fetch(const char *device, unsigned shard, struct vchain *c, unsigned *shards)
+{
+	char after[64] = "";
+	hub_buf p = { 0 };
+	uint8_t sk[PROV_KEY_LEN];
+	bool have_sk = false;
+
+	c->shard = shard;
+	c->pages = json_array();
+	for (;;) {
+		json_t *doc, *ents;
+		int ex;
+
+		p.len = 0;
+		hub_buf_puts(&p, "/v1/provenance/chain/");
+		urlenc(&p, device);
+		hub_buf_printf(&p, "?shard=%u&from=%ld&to=%ld&limit=1000", shard, o.vfrom, o.vto);
+		if (after[0])
+			hub_buf_printf(&p, "&after=%s", after);
+		if ((ex = api("GET", p.data, NULL, NULL, &doc, NULL))) {
+			hub_buf_free(&p);
+			return vx(ex);
+		}
+		json_array_append_new(c->pages, doc);
+		*shards = (unsigned)jint(doc, "shards");
+		if (!c->head && json_is_string(json_object_get(doc, "head")))
+			c->head = hub_xstrdup(jstr(doc, "head"));
+		if (!c->sigkey && json_is_string(json_object_get(doc, "sigkey"))) {
+			c->sigkey = hub_xstrdup(jstr(doc, "sigkey"));
+			have_sk = !prov_unhex(c->sigkey, strlen(c->sigkey), sk, PROV_KEY_LEN);
+		}
+		ents = json_object_get(doc, "entries");
+		for (size_t i = 0; i < json_array_size(ents); i++) {
+			json_t *j = json_array_get(ents, i);
+			if (c->n == c->cap) {
+				c->cap = c->cap ? c->cap * 2 : 256;
+				c->v = hub_xrealloc(c->v, c->cap * sizeof(*c->v));
+			}
+			if (ventry_load(&c->v[c->n], j, device, have_sk ? sk : NULL)) {
+				c->unchained++; /* no ph: stored with provenance off */
+				continue;
+			}
+			c->n++;
+		}
+		if (!json_is_string(json_object_get(doc, "next")))
+			break;
+		snprintf(after, sizeof(after), "%s", jstr(doc, "next"));
+	}
+	hub_buf_free(&p);
+	return EX_OK;
+}
+
+static void vchain_free(struct vchain *c)
+{
+	json_decref(c->pages);
+	free(c->v);
+	free(c->head);
+	free(c->sigkey);
+}
+
+static int report(const char *device, struct vchain *c, const char *fault, size_t at,
+		  const char *why, size_t total, size_t nck)
+{
+	struct ventry *ve = at < c->n ? &c->v[at] : NULL;
+
+	if (o.json) {
+		json_t *r = json_pack("{s:b,s:s,s:s,s:i,s:I,s:s?,s:I,s:I,s:s,s:I,s:I}", "intact", 0,
+				      "device", device, "fault", fault, "shard", (int)c->shard,
+				      "position", (json_int_t)at, "id", ve ? ve->id : NULL,
+				      "ts", (json_int_t)(ve ? ve->ts : 0), "n",
+				      (json_int_t)(ve ? ve->e.n : 0), "detail", why,
+				      "readings", (json_int_t)total, "checkpoints", (json_int_t)nck);
+		print_json_line(r);
+		json_decref(r);
+	} else {
+		printf("TAMPERED: %s: %s reading at position %zu of shard %u (entry %s, ts %lld, "
+		       "n %lld): %s\n", device, fault, at, c->shard, ve ? ve->id : "-",
+		       (long long)(ve ? ve->ts : 0), (long long)(ve ? ve->e.n : 0), why);
+	}
+	return VX_TAMPERED;
+}
+
+/* The checkpoint's signature with one of the trusted keys. */
+static bool ck_signed(json_t *ck, json_t *trusted)
+{
+	uint8_t root[PROV_HASH_LEN], sig[PROV_SIG_LEN], key[PROV_KEY_LEN], msg[256];
+	size_t l1, l2, l3, ml;
+	const char *rs = js(ck, "root", &l1), *ss = js(ck, "sig", &l2), *ks = js(ck, "key", &l3);
+	bool known = false;
+
+	for (size_t i = 0; i < json_array_size(trusted); i++)
+		if (!strcmp(json_string_value(json_array_get(trusted, i)) ?: "", ks))
+			known = true;
+	if (!known || prov_unhex(rs, l1, root, PROV_HASH_LEN) ||
+	    prov_unhex(ss, l2, sig, PROV_SIG_LEN) || prov_unhex(ks, l3, key, PROV_KEY_LEN))
+		return false;
+	ml = prov_checkpoint_message(jint(ck, "period"), jint(ck, "from"), jint(ck, "to"),
+				     jint(ck, "count"), root, msg, sizeof(msg));
+	return prov_ed25519_verify(key, msg, ml, sig);
+}
+
+static int cmd_verify(void)
+{
+	const char *device = o.pos[0];
+	struct vchain *ch = NULL;
+	unsigned shards = 1;
+	size_t total = 0, nck = 0, unchained = 0;
+	json_t *kd = NULL, *trusted, *cks = NULL;
+	hub_buf p = { 0 };
+	int ex = VX_INTACT;
+
+	if (o.npos != 1 || !hub_id_valid(device, strlen(device)))
+		opts_die("verify: one DEVICE id, please");
+	if (o.vfrom < 0 || o.vto < 0 || o.vto < o.vfrom)
+		opts_die("verify: --from and --to (ms since the epoch, from <= to) are required");
+	/* the keys checkpoints may be signed with */
+	if (o.vkey) {
+		trusted = json_array();
+		json_array_append_new(trusted, json_string(o.vkey));
+	} else {
+		if ((ex = api("GET", "/v1/provenance/key", NULL, NULL, &kd, NULL)))
+			return vx(ex);
+		trusted = json_incref(json_object_get(kd, "keys"));
+	}
+	for (unsigned k = 0; k < shards; k++) {
+		ch = hub_xrealloc(ch, (k + 1) * sizeof(*ch));
+		memset(&ch[k], 0, sizeof(ch[k]));
+		if ((ex = vchain_fetch(device, k, &ch[k], &shards))) {
+			shards = k + 1;
+			goto out;
+		}
+	}
+	/* each stream's chain */
+	for (unsigned k = 0; k < shards; k++) {
+		struct vchain *c = &ch[k];
+		struct prov_entry *e = hub_xmalloc((c->n ? c->n : 1) * sizeof(*e));
+		size_t at;
+		enum prov_fault f;
+
+		for (size_t i = 0; i < c->n; i++)
+			e[i] = c->v[i].e;
+		f = prov_walk(e, c->n, &at);
+		free(e);
+		total += c->n;
+		unchained += c->unchained;
+		if (f != PROV_OK) {
+			ex = report(device, c, prov_fault_name(f), at,
+				    "the chain of stored hashes breaks here", total, nck);
+			goto out;
+		}
+		for (size_t i = 0; i < c->n; i++)
+			if (c->v[i].sig_bad) {
+				ex = report(device, c, "bad_signature", i,
+					    "the device's signature does not verify with its key",
+					    total, nck);
+				goto out;
+			}
+		/* the stored head, when the range reaches it */
+		if (c->head && c->n) {
+			struct prov_entry *last = &c->v[c->n - 1].e;
+			const char *sp = strchr(c->head, ' ');
+			int64_t hn = strtoll(c->head, NULL, 10);
+			uint8_t hh[PROV_HASH_LEN];
+			if (hn == last->n && sp && !prov_unhex(sp + 1, strlen(sp + 1), hh, PROV_HASH_LEN) &&
+			    memcmp(hh, last->h, PROV_HASH_LEN)) {
+				ex = report(device, c, "altered", c->n - 1,
+					    "the last reading does not hash to the stored chain head",
+					    total, nck);
+				goto out;
+			}
+		}
+	}
+	/* the checkpoints: signature, inclusion, and the chain at their heads */
+	hub_buf_puts(&p, "/v1/provenance/checkpoints?device=");
+	urlenc(&p, device);
+	hub_buf_printf(&p, "&from=%ld&to=%ld", o.vfrom, o.vto + 86400000L);
+	if ((ex = api("GET", p.data, NULL, NULL, &cks, NULL))) {
+		ex = vx(ex);
+		goto out;
+	}
+	json_t *arr = json_object_get(cks, "checkpoints");
+	for (size_t i = 0; i < json_array_size(arr); i++) {
+		json_t *ck = json_array_get(arr, i), *leaves = json_object_get(ck, "leaves");
+		uint8_t root[PROV_HASH_LEN];
+		size_t l;
+		const char *rs = js(ck, "root", &l);
+
+		if (!json_array_size(leaves))
+			continue; /* it does not name this device */
+		nck++;
+		if (!ck_signed(ck, trusted) || prov_unhex(rs, l, root, PROV_HASH_LEN)) {
+			if (o.json) {
+				json_t *r = json_pack("{s:b,s:s,s:s,s:I,s:s}", "intact", 0, "device",
+						      device, "fault", "checkpoint_signature", "period",
+						      (json_int_t)jint(ck, "period"), "id", jstr(ck, "id"));
+				print_json_line(r);
+				json_decref(r);
+			} else {
+				printf("TAMPERED: checkpoint %lld (%s): its signature does not verify "
+				       "with the hub's key\n", (long long)jint(ck, "period"),
+				       jstr(ck, "id"));
+			}
+			ex = VX_TAMPERED;
+			goto out;
+		}
+		for (size_t j = 0; j < json_array_size(leaves); j++) {
+			json_t *lf = json_array_get(leaves, j), *path = json_object_get(lf, "path");
+			struct prov_leaf leaf = { (unsigned)jint(lf, "shard"), device, jint(lf, "n") };
+			uint8_t lh[PROV_HASH_LEN], (*pp)[PROV_HASH_LEN];
+			size_t np = json_array_size(path), hl;
+			const char *hs = js(lf, "head", &hl);
+			bool ok = !prov_unhex(hs, hl, leaf.head, PROV_HASH_LEN);
+
+			pp = hub_xmalloc((np ? np : 1) * sizeof(*pp));
+			for (size_t q = 0; q < np && ok; q++) {
+				const char *x = json_string_value(json_array_get(path, q));
+				ok = x && !prov_unhex(x, strlen(x), pp[q], PROV_HASH_LEN);
+			}
+			prov_leaf_hash(&leaf, lh);
+			ok = ok && prov_merkle_check(lh, (size_t)jint(lf, "index"), (size_t)jint(ck, "count"),
+						     (const uint8_t (*)[PROV_HASH_LEN])pp, np, root);
+			free(pp);
+			if (!ok) {
+				printf("TAMPERED: checkpoint %lld: the device's head is not in its signed "
+				       "root\n", (long long)jint(ck, "period"));
+				ex = VX_TAMPERED;
+				goto out;
+			}
+			if (leaf.shard >= shards)
+				continue;
+			struct vchain *c = &ch[leaf.shard];
+			for (size_t q = 0; q < c->n; q++)
+				if (c->v[q].e.n == leaf.n && memcmp(c->v[q].e.h, leaf.head, PROV_HASH_LEN)) {
+					ex = report(device, c, "altered", q,
+						    "the stored history differs from a signed checkpoint",
+						    total, nck);
+					goto out;
+				}
+		}
+	}
+	if (o.json) {
+		json_t *r = json_pack("{s:b,s:s,s:I,s:I,s:i,s:I}", "intact", 1, "device", device,
+				      "readings", (json_int_t)total, "checkpoints", (json_int_t)nck,
+				      "shards", (int)shards, "unchained", (json_int_t)unchained);
+		print_json_line(r);
+		json_decref(r);
+	} else {
+		printf("intact: %s: %zu readings chained, %zu signed checkpoints checked\n", device,
+		       total, nck);
+		if (unchained)
+			printf("note: %zu readings in the range were stored with provenance off "
+			       "(not chained, not checked)\n", unchained);
+	}
+out:
+	for (unsigned k = 0; ch && k < shards; k++)
+		vchain_free(&ch[k]);
+	free(ch);
+	json_decref(trusted);
+	json_decref(kd);
+	json_decref(cks);
+	hub_buf_free(&p);
+	return ex;
+}
+
 static const struct opt global_opts[] = {
 	{ "url", OPT_STR, OFF(url_s), NULL, 0, 0, "hub address: http://HOST:PORT or https://HOST:PORT\n"
 	  "(a path is a prefix of every route; default $HUBCTL_URL or " CTL_DEFAULT_URL ")", "URL" },
@@ -1987,6 +2338,13 @@ static const struct opt tail_opts[] = {
 	{ "count", OPT_LONG, OFF(count), NULL, 1, INT64_MAX / 2, "stop after N data messages", "N" },
 };
 
+static const struct opt verify_opts[] = {
+	{ "from", OPT_LONG, OFF(vfrom), "-1", -1, INT64_MAX / 2, "first arrival time (ms since the epoch)", "MS" },
+	{ "to", OPT_LONG, OFF(vto), "-1", -1, INT64_MAX / 2, "last arrival time (ms since the epoch)", "MS" },
+	{ "pubkey", OPT_STR, OFF(vkey), NULL, 0, 0, "trust only this checkpoint key (64 hex digits; default:\n"
+	  "the keys the hub lists at /v1/provenance/key)", "HEX" },
+};
+
 #define N(t) t, sizeof(t) / sizeof(t[0])
 
 static const struct command {
@@ -2009,6 +2367,9 @@ static const struct command {
 	  1, cmd_list },
 	{ "devices", "devices: the registered devices", N(devices_opts), 0, cmd_devices },
 	{ "tail", "tail: print one dashboard stream until Ctrl-C", N(tail_opts), 0, cmd_tail },
+	{ "verify", "verify DEVICE --from MS --to MS: check the device's stored history against\n"
+	  "its hash chain and the signed checkpoints (exit 0 intact, 1 tampered, 2 error)",
+	  N(verify_opts), 1, cmd_verify },
 };
 
 static void usage(FILE *f)

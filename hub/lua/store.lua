@@ -20,10 +20,18 @@
 -- (iot:live:raw:<type>, hub_ch_raw, or on a cluster
 -- iot:live:{i<k>}:raw:<type>, hub_ch_raw_shard: the shard's slot) behind the
 -- frame's feed id.
+-- ARGV[7] provenance: 0 (off), or 5: then each reading carries 5 more
+-- values after (ts, data): at, n, ph, h, sig (docs/provenance.md), and
+-- the last two KEYS are the shard's chain heads iot:ph:{i<k>} (hash: stream
+-- key -> "<n> <hex>") and its changed-heads set iot:pd:{i<k>}.
 --
 -- Reply: one element per frame, in order: {1, feed id} stored ('0-0' without
 -- a feed entry), or {0}: the seq was in the gateway's window already (a
--- resend of a durable frame: nothing stored or published). A resend within
+-- resend of a durable frame: nothing stored or published), or, with
+-- provenance, {2, key, head, ...}: a reading's ph/n does not continue its
+-- stream's stored head (another hub wrote it meanwhile); nothing was
+-- written, the pairs are the frame's streams and their stored heads ('' for
+-- none): the hub recomputes and sends the frame again. A resend within
 -- the batch is a duplicate too: frames are stored one after the other.
 -- Errors: "ERR store: KEYS and ARGV do not match" (checked before any write);
 -- a key of the wrong type fails the script at that command, the frames
@@ -41,48 +49,99 @@ local TRIM_EVERY, TTL_EVERY, SEQS_TTL_S = 64, 256, 2592000
 local window, dmax, fmax = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local frames = tonumber(ARGV[4])
 local pub, head = ARGV[5], ARGV[6]
+local q = tonumber(ARGV[7])
+local w = 2 + (q or 0)       -- values per reading
+local pk = (q or 0) > 0 and 2 or 0
 
 -- The shape first: a malformed call writes nothing.
-local p, k, seen = 7, 2, 0
+local p, k, seen = 8, 2, 0
 for _ = 1, frames or 0 do
   local n = tonumber(ARGV[p + 3])
-  local m = n and tonumber(ARGV[p + 4 + 2 * n])
-  local a = m and tonumber(ARGV[p + 5 + 2 * n + 3 * m])
+  local m = n and tonumber(ARGV[p + 4 + w * n])
+  local a = m and tonumber(ARGV[p + 5 + w * n + 3 * m])
   if not a then break end
   k = k + 1 + n
-  p = p + 6 + 2 * n + 3 * m + 2 * a
+  p = p + 6 + w * n + 3 * m + 2 * a
   seen = seen + 1
 end
-if not (window and fmax) or (pub ~= 'PUBLISH' and pub ~= 'SPUBLISH') or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
+if not (window and fmax) or (q ~= 0 and q ~= 5) or (pub ~= 'PUBLISH' and pub ~= 'SPUBLISH') or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 - pk then
   return redis.error_reply('ERR store: KEYS and ARGV do not match')
 end
 
+-- Provenance: does every reading continue its stream's chain? Returns the
+-- new heads (stream key -> "<n> <h>") or nil and the stored heads.
+local heads, dirty = KEYS[#KEYS - 1], KEYS[#KEYS]
+local function chain_check(r, b, t)
+  local keys, seen = {}, {}
+  for j = t, t + (b - r) / w - 1 do
+    if not seen[KEYS[j]] then seen[KEYS[j]] = true; keys[#keys + 1] = KEYS[j] end
+  end
+  local got = redis.call('HMGET', heads, unpack(keys))
+  local stored, cur, bad = {}, {}, false
+  for j = 1, #keys do stored[keys[j]] = got[j] or '' end
+  for i = r, b - 1, w do
+    local sk = KEYS[t]
+    local want = cur[sk] or stored[sk]
+    local n = tonumber(ARGV[i + 3])
+    if (n == 1 and want ~= '') or (n > 1 and want ~= (n - 1) .. ' ' .. ARGV[i + 4]) then bad = true end
+    cur[sk] = ARGV[i + 3] .. ' ' .. ARGV[i + 5]
+    t = t + 1
+  end
+  if bad then
+    local o = {2}
+    for j = 1, #keys do o[#o + 1] = keys[j]; o[#o + 1] = stored[keys[j]] end
+    return nil, o
+  end
+  return cur, keys
+end
+
 local out = {}
-p, k = 7, 2
+p, k = 8, 2
 for f = 1, frames do
   local key, seq, gw, lines = KEYS[k], ARGV[p], ARGV[p + 1], ARGV[p + 2]
   local n = tonumber(ARGV[p + 3])
   local r = p + 4
-  local b = r + 2 * n
+  local b = r + w * n
   local t = k + 1
   local g1 = b + 1 + 3 * tonumber(ARGV[b])
   k = t + n
   p = g1 + 1 + 2 * tonumber(ARGV[g1])
-  if redis.call('ZADD', key, 'NX', seq, seq) == 0 then
+  local cur, mismatch, ckeys
+  local added = redis.call('ZADD', key, 'NX', seq, seq) == 1
+  if added and pk > 0 and n > 0 then
+    cur, mismatch = chain_check(r, b, t)
+    if cur then ckeys = mismatch; mismatch = nil end
+  end
+  if not added then
     -- A write even so: a WAIT after this call (ack-durability replicated)
     -- then also covers the first copy's store, which may have been another
     -- connection's (WAIT counts only its own connection's writes).
     redis.call('EXPIRE', key, SEQS_TTL_S)
     out[f] = {0}
+  elseif mismatch then
+    redis.call('ZREM', key, seq)
+    out[f] = mismatch
   else
     if tonumber(seq) % TRIM_EVERY == 0 then
       redis.call('ZREMRANGEBYRANK', key, 0, -window - 1)
     end
     local anom, j = {}, g1 + 1
     while j < p do anom[tonumber(ARGV[j])] = ARGV[j + 1]; j = j + 2 end
-    for i = r, b - 1, 2 do
-      local flags = anom[(i - r) / 2 + 1]
-      if flags then
+    for i = r, b - 1, w do
+      local flags = anom[(i - r) / w + 1]
+      if pk > 0 then
+        -- the chain fields (docs/provenance.md); 'anom' is derived, not chained
+        if flags then
+          redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                     'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq,
+                     'at', ARGV[i + 2], 'n', ARGV[i + 3], 'ph', ARGV[i + 4], 'sig', ARGV[i + 6],
+                     'anom', flags)
+        else
+          redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                     'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq,
+                     'at', ARGV[i + 2], 'n', ARGV[i + 3], 'ph', ARGV[i + 4], 'sig', ARGV[i + 6])
+        end
+      elseif flags then
         redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
                    'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq, 'anom', flags)
       else
@@ -90,6 +149,12 @@ for f = 1, frames do
                    'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq)
       end
       t = t + 1
+    end
+    if cur then
+      local hv = {}
+      for j = 1, #ckeys do hv[2 * j - 1] = ckeys[j]; hv[2 * j] = cur[ckeys[j]] end
+      redis.call('HSET', heads, unpack(hv))
+      redis.call('SADD', dirty, unpack(ckeys))
     end
     local id = '0-0'
     if fmax > 0 then

@@ -151,11 +151,10 @@ def store(client, gateway, seq, readings, wait_replicas=0):
     k = rkeys.shard_of(gateway, SHARDS)
     lines = "".join(line(d, ts, t) for d, ts, t in readings)
     keys = [rkeys.feed(k), rkeys.gw_seqs(gateway, SHARDS)] + [rkeys.tm(d, k) for d, _, _ in readings]
-    argv = [4096, 1000, 100000, 1, "SPUBLISH", "%d/" % k, seq, gateway, lines, len(readings)]
+    argv = [4096, 1000, 100000, 1, "SPUBLISH", "%d/" % k, 0, seq, gateway, lines, len(readings)]
     for d, ts, t in readings:
         argv += [ts, '{"temperature":%s}' % t]
-    argv += [1, "iot:live:{i%d}:raw:thermostat" % k, 1, len(lines.encode())]
-    argv += [0]  # no anomaly flags
+    argv += [1, "iot:live:{i%d}:raw:thermostat" % k, 1, len(lines.encode()), 0]  # no anomaly flags
     return client.call(keys[0], "EVAL", STORE, len(keys), *(keys + argv), wait_replicas=wait_replicas)
 
 

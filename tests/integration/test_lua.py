@@ -267,7 +267,7 @@ class Lua(unittest.TestCase):
     def store_call(self, frames, window=4096, dmax=1000, fmax=1000, anomalies=None):
         """frames: [(gateway, seq, [(device, ts, data)], [(type, from, to)], lines)];
         anomalies: per frame, {reading index (1-based): flags JSON}."""
-        keys, argv = [rkeys.FEED], [window, dmax, fmax, len(frames), "PUBLISH", ""]
+        keys, argv = [rkeys.FEED], [window, dmax, fmax, len(frames), "PUBLISH", "", 0]
         for f, (gw, seq, readings, groups, lines) in enumerate(frames):
             keys.append(rkeys.gw_seqs(gw))
             keys += [rkeys.tm(d) for d, _, _ in readings]
@@ -316,6 +316,36 @@ class Lua(unittest.TestCase):
         self.assertEqual(self.r.xlen(rkeys.tm("d3")), 1)
         self.assertEqual(self.r.xlen(rkeys.FEED), 2)
 
+    def test_store_chain_compare_and_set(self):
+        """Provenance (ARGV[7] = 5): a reading is stored only when it continues
+        its stream's head; otherwise {2, stream, head...} and nothing written
+        (the seq left out of the window); a duplicate is answered first."""
+        heads, dirty = "iot:ph:{i0}", "iot:pd:{i0}"
+        z, h1, h2, hx = "0" * 64, "1" * 64, "2" * 64, "f" * 64
+
+        def call(seq, readings):
+            keys = [rkeys.FEED, rkeys.gw_seqs("gp")] + [rkeys.tm(d) for d, *_ in readings] + [heads, dirty]
+            argv = [4096, 1000, 1000, 1, "PUBLISH", "", 5, seq, "gp", "l", len(readings)]
+            for d, n, ph, h in readings:
+                argv += ["1000", "{}", "77", n, ph, h, ""]
+            return self.run_script("store", keys, argv + [0, 0])[0]
+
+        self.assertEqual(call(1, [("pd1", 1, z, h1), ("pd1", 2, h1, h2)])[0], 1)
+        self.assertEqual(self.r.cmd("HGET", heads, rkeys.tm("pd1")), "2 " + h2)
+        self.assertEqual(self.r.cmd("SMEMBERS", dirty), [rkeys.tm("pd1")])
+        e = self.r.xrange(rkeys.tm("pd1"))
+        self.assertEqual([(x[1]["n"], x[1]["ph"], x[1]["at"]) for x in e], [("1", z, "77"), ("2", h1, "77")])
+        # a stale head: refused with the stored head, nothing written
+        self.assertEqual(call(2, [("pd1", 2, h1, hx)]), [2, rkeys.tm("pd1"), "2 " + h2])
+        self.assertEqual(self.r.xlen(rkeys.tm("pd1")), 2)
+        self.assertIsNone(self.r.cmd("ZSCORE", rkeys.gw_seqs("gp"), 2))
+        # the retry with the right head is stored
+        self.assertEqual(call(2, [("pd1", 3, h2, hx)])[0], 1)
+        # a duplicate is answered before the chain check: never chained twice
+        self.assertEqual(call(2, [("pd1", 4, hx, h1)]), [0])
+        self.assertEqual(self.r.xlen(rkeys.tm("pd1")), 3)
+        self.assertEqual(self.r.cmd("HGET", heads, rkeys.tm("pd1")), "3 " + hx)
+
     def test_store_keeps_anomaly_flags(self):
         # The second reading of the frame carries flags: stored as 'anom'
         # on its device stream entry; the first has none.
@@ -343,6 +373,9 @@ class Lua(unittest.TestCase):
         self.assert_refused("store", keys[:-1], argv, msg)       # a reading's key missing
         self.assert_refused("store", keys + ["x"], argv, msg)    # one key too many
         self.assert_refused("store", keys, argv[:-1], msg)       # ARGV cut short
+        bad = list(argv)
+        bad[6] = 3                                               # provenance stride not 0 or 5
+        self.assert_refused("store", keys, bad, msg)
         bad = list(argv)
         bad[3] = 2                                               # two frames announced
         self.assert_refused("store", keys, bad, msg)

@@ -35,6 +35,8 @@ OPERATIONS = [
     ("get", "/v1/audit"),
     ("delete", "/v1/devices/{device}"),
     ("post", "/v1/commands/{id}/pause"), ("post", "/v1/commands/{id}/resume"),
+    ("get", "/v1/provenance/key"), ("get", "/v1/provenance/checkpoints"),
+    ("get", "/v1/provenance/chain/{device}"), ("put", "/v1/devices/{device}/key"),
     ("get", "/v1/aggregates"),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}

@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <libwebsockets.h>
@@ -83,6 +84,8 @@ struct iothub_gw {
 	iothub_gw_token_cb token_cb;
 	void *token_user;
 	iothub_gw_reject_cb on_reject;
+	iothub_gw_sign_cb sign_cb;
+	void *sign_user;
 	iothub_gw_state_cb on_state;
 	void *user;
 	size_t max_readings, max_frame_bytes;
@@ -1122,6 +1125,8 @@ struct iothub_gw *iothub_gw_new(const struct iothub_gw_opts *o, char *err, size_
 	gw->token_user = o->token_user;
 	gw->insecure = o->tls_insecure;
 	gw->on_reject = o->on_reject;
+	gw->sign_cb = o->sign_cb;
+	gw->sign_user = o->sign_user;
 	gw->on_state = o->on_state;
 	gw->user = o->user;
 	gw->max_readings = o->max_readings > 0 ? (size_t)o->max_readings : 500;
@@ -1265,6 +1270,83 @@ int iothub_gw_announce(struct iothub_gw *gw, const char *device, const char *dev
 	return IOTHUB_GW_OK;
 }
 
+static void put_lp(unsigned char *out, size_t cap, size_t *at, const void *p, size_t n)
+{
+	unsigned char l[4] = { (unsigned char)(n >> 24), (unsigned char)(n >> 16),
+			       (unsigned char)(n >> 8), (unsigned char)n };
+
+	for (int i = 0; i < 4; i++, (*at)++)
+		if (*at < cap)
+			out[*at] = l[i];
+	if (*at + n <= cap && n)
+		memcpy(out + *at, p, n);
+	*at += n;
+}
+
+size_t iothub_gw_reading_message(const char *device, int64_t ts, const char *data,
+				 size_t data_len, unsigned char *out, size_t cap)
+{
+	static const char dom[] = "iot-hub.reading.v1";
+	char t[24];
+	int tl = snprintf(t, sizeof(t), "%" PRId64, ts);
+	size_t at = sizeof(dom);
+
+	if (cap >= sizeof(dom))
+		memcpy(out, dom, sizeof(dom));     /* with its NUL */
+	put_lp(out, cap, &at, device, strlen(device));
+	put_lp(out, cap, &at, t, (size_t)tl);
+	put_lp(out, cap, &at, data, data_len);
+	return at;
+}
+
+/* data_json without whitespace between tokens (what the hub stores). */
+static void compact_json(struct gbuf *b, const char *s)
+{
+	int in = 0, esc = 0;
+
+	for (; *s; s++) {
+		if (in) {
+			gbuf_add(b, s, 1);
+			if (esc)
+				esc = 0;
+			else if (*s == '\\')
+				esc = 1;
+			else if (*s == '"')
+				in = 0;
+		} else if (*s != ' ' && *s != '\t' && *s != '\n' && *s != '\r') {
+			gbuf_add(b, s, 1);
+			in = *s == '"';
+		}
+	}
+}
+
+/* Appends ,"sig":"<hex>" for a signed reading. 0 or IOTHUB_GW_EINVAL. */
+static int sign_reading(struct iothub_gw *gw, struct gbuf *b, const char *device, int64_t ts,
+			const char *data, size_t dl, char *err, size_t errlen)
+{
+	unsigned char sig[64], *msg;
+	size_t ml = iothub_gw_reading_message(device, ts, data, dl, NULL, 0);
+	int rc;
+
+	msg = malloc(ml);
+	if (!msg) {
+		set_err(err, errlen, "out of memory");
+		return IOTHUB_GW_EINVAL;
+	}
+	iothub_gw_reading_message(device, ts, data, dl, msg, ml);
+	rc = gw->sign_cb(gw, device, msg, ml, sig, gw->sign_user);
+	free(msg);
+	if (rc) {
+		set_err(err, errlen, "the signing hook refused the reading");
+		return IOTHUB_GW_EINVAL;
+	}
+	gbuf_puts(b, ",\"sig\":\"");
+	for (int i = 0; i < 64; i++)
+		gbuf_printf(b, "%02x", sig[i]);
+	gbuf_puts(b, "\"");
+	return 0;
+}
+
 int iothub_gw_send(struct iothub_gw *gw, const char *device, int64_t ts, const char *data_json,
 		   char *err, size_t errlen)
 {
@@ -1293,12 +1375,30 @@ int iothub_gw_send(struct iothub_gw *gw, const char *device, int64_t ts, const c
 		return IOTHUB_GW_EINVAL;
 	}
 	json_decref(d);
+	if (gw->sign_cb && ts < 0) {
+		struct timespec now;
+		clock_gettime(CLOCK_REALTIME, &now);
+		ts = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+	}
 	gbuf_printf(&b, "{\"device\":\"%s\",", device);
 	if (ts >= 0)
 		gbuf_printf(&b, "\"ts\":%" PRId64 ",", ts);
 	gbuf_puts(&b, "\"data\":");
-	for (const char *p = data_json; *p; p++)
-		gbuf_add(&b, *p == '\n' || *p == '\r' ? " " : p, 1);   /* whitespace only */
+	if (gw->sign_cb) {
+		size_t at = b.len;
+		compact_json(&b, data_json);
+		char *data = strndup(b.data + at, b.len - at);
+		rc = data ? sign_reading(gw, &b, device, ts, data, strlen(data), err, errlen)
+			  : IOTHUB_GW_EINVAL;
+		free(data);
+		if (rc) {
+			gbuf_free(&b);
+			return rc;
+		}
+	} else {
+		for (const char *p = data_json; *p; p++)
+			gbuf_add(&b, *p == '\n' || *p == '\r' ? " " : p, 1);   /* whitespace only */
+	}
 	gbuf_puts(&b, "}");
 	if (b.len + 64 > gw->max_frame_bytes) {
 		set_err(err, errlen, "reading of %zu bytes: a frame holds %zu", b.len,

@@ -31,11 +31,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+
 #include "iothub/gateway.h"
 
 static struct {
 	const char *url, *token, *spool, *type, *accepted, *commands;
-	const char *ca, *cert, *key, *token_file;
+	const char *ca, *cert, *key, *token_file, *sign_seed;
 	char *devs[256];
 	int ndevs;
 	long long count, start, ts_base, bad_every, serve_ms, rate;
@@ -45,6 +47,24 @@ static struct {
 } a = { .type = "thermostat", .count = 1000, .fsync = IOTHUB_GW_FSYNC_NONE };
 
 static struct iothub_gw *gw;
+static EVP_PKEY *sign_key;
+
+/* The signing hook (docs/sdk.md): every device signs with --sign-seed. */
+static int sign_cb(struct iothub_gw *g, const char *device, const unsigned char *msg, size_t len,
+		   unsigned char sig[64], void *user)
+{
+	EVP_MD_CTX *m = EVP_MD_CTX_new();
+	size_t sl = 64;
+	int ok;
+
+	(void)g;
+	(void)device;
+	(void)user;
+	ok = m && EVP_DigestSignInit(m, NULL, NULL, NULL, sign_key) == 1 &&
+	     EVP_DigestSign(m, sig, &sl, msg, len) == 1 && sl == 64;
+	EVP_MD_CTX_free(m);
+	return ok ? 0 : -1;
+}
 static int acc_fd = -1, cmd_fd = -1;
 static atomic_int sender_done, full_hit;
 static volatile sig_atomic_t got_term;
@@ -197,6 +217,7 @@ int main(int argc, char **argv)
 		else if (ARG("--cert")) a.cert = v;
 		else if (ARG("--key")) a.key = v;
 		else if (ARG("--token-file")) a.token_file = v;
+		else if (ARG("--sign-seed")) a.sign_seed = v;
 		else if (ARG("--count")) a.count = atoll(v);
 		else if (ARG("--start")) a.start = atoll(v);
 		else if (ARG("--ts-base")) a.ts_base = atoll(v);
@@ -243,6 +264,19 @@ int main(int argc, char **argv)
 	o.segment_bytes = a.segment;
 	o.on_reject = on_reject;
 	o.on_state = on_state;
+	if (a.sign_seed) { /* 64 hex digits: the Ed25519 private key's seed */
+		unsigned char seed[32];
+		for (int i = 0; i < 32; i++) {
+			unsigned x;
+			if (strlen(a.sign_seed) != 64 || sscanf(a.sign_seed + 2 * i, "%2x", &x) != 1)
+				usage();
+			seed[i] = (unsigned char)x;
+		}
+		sign_key = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, NULL, seed, 32);
+		if (!sign_key)
+			usage();
+		o.sign_cb = sign_cb;
+	}
 	o.backoff_min_ms = 100;
 	o.backoff_max_ms = 2000;
 	gw = iothub_gw_new(&o, err, sizeof(err));
@@ -300,5 +334,6 @@ int main(int argc, char **argv)
 	       st.frames_sent, st.reconnects, st.pending, st.spool_bytes);
 	fflush(stdout);
 	iothub_gw_free(gw);
+	EVP_PKEY_free(sign_key);
 	return rc;
 }

@@ -24,6 +24,7 @@ import json
 import random
 import re
 import ssl as _ssl
+import struct
 import threading
 import time
 
@@ -35,6 +36,35 @@ from .spool import Spool, SpoolFull
 SUBPROTOCOL = "iot-gateway.v1"
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 STATUSES = ("received", "in_progress", "succeeded", "failed", "rejected")
+
+
+def reading_message(device, ts, data):
+    """The bytes a device signs for one reading (docs/provenance.md "Device
+    signatures"): b"iot-hub.reading.v1\\0", then device, ts (decimal) and data
+    (compact JSON text), each as a 4-byte big-endian length and its bytes."""
+    out = b"iot-hub.reading.v1\0"
+    for part in (device, str(int(ts)), data):
+        b = part.encode()
+        out += struct.pack(">I", len(b)) + b
+    return out
+
+
+def compact_json(text):
+    """text without whitespace between tokens (what the hub stores)."""
+    out, in_str, esc = [], False, False
+    for ch in text:
+        if in_str:
+            out.append(ch)
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch not in " \t\r\n":
+            out.append(ch)
+            in_str = ch == '"'
+    return "".join(out)
 
 
 class Command:
@@ -66,7 +96,8 @@ class Gateway:
     def __init__(self, url, spool, token=None, token_cb=None, ssl=None, ca_file=None,
                  cert_file=None, key_file=None, max_spool_bytes=64 << 20, fsync="none",
                  max_readings=500, max_delay=0.05, max_frame_bytes=60000, max_inflight=16,
-                 backoff_min=0.5, backoff_max=30.0, on_reject=None, on_state=None):
+                 backoff_min=0.5, backoff_max=30.0, on_reject=None, on_state=None,
+                 signer=None):
         if not token and not token_cb:
             raise ValueError("a token or a token_cb is required")
         self.url = url
@@ -84,6 +115,9 @@ class Gateway:
         self.max_inflight = max_inflight
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.on_reject, self.on_state = on_reject, on_state
+        # signer(device, message bytes) -> the device's 64-byte Ed25519
+        # signature of them (or its hex); None: readings go unsigned
+        self.signer = signer
         self.devices = {}            # id -> (type, labels)
         self.handlers = {}           # name or None -> coroutine function
         self.on_cancel = None
@@ -131,7 +165,19 @@ class Gateway:
             text = json.dumps(data, separators=(",", ":"))
         else:
             raise ValueError("data: a dict or a JSON object text")
-        r = '{"device":"%s",%s"data":%s}' % (device, '"ts":%d,' % ts if ts is not None else "", text)
+        sig = ""
+        if self.signer is not None:
+            # the signature covers ts and the compact data the hub stores
+            if ts is None:
+                ts = int(time.time() * 1000)
+            text = compact_json(text)
+            s = self.signer(device, reading_message(device, ts, text))
+            s = s.hex() if isinstance(s, (bytes, bytearray)) else str(s)
+            if not re.match(r"^[0-9a-fA-F]{128}$", s):
+                raise ValueError("signer: not a 64-byte signature")
+            sig = ',"sig":"%s"' % s
+        r = '{"device":"%s",%s"data":%s%s}' % (device, '"ts":%d,' % ts if ts is not None else "",
+                                              text, sig)
         if len(r.encode()) + 64 > self.max_frame_bytes:
             raise ValueError("reading larger than a frame")
         self.spool.append(r)

@@ -96,6 +96,15 @@ typedef void (*iothub_gw_command_cb)(struct iothub_gw *gw, const struct iothub_g
 typedef void (*iothub_gw_cancel_cb)(struct iothub_gw *gw, const char *id, const char *device,
 				    void *user);
 
+/* Device signatures (docs/provenance.md "Device signatures"): signs one
+ * reading's canonical bytes msg[0..len) (iothub_gw_reading_message) with the
+ * device's Ed25519 key, writing the 64-byte signature to sig. Returns 0, or
+ * non-zero to refuse the reading (send() then answers IOTHUB_GW_EINVAL).
+ * Runs on the thread that called iothub_gw_send(). */
+typedef int (*iothub_gw_sign_cb)(struct iothub_gw *gw, const char *device,
+				 const unsigned char *msg, size_t len, unsigned char sig[64],
+				 void *user);
+
 struct iothub_gw_opts {
 	const char *url;            /* ws://host:port/v1/gateway or wss://... */
 	const char *token;          /* the JWT, or NULL with token_cb */
@@ -123,7 +132,20 @@ struct iothub_gw_opts {
 	iothub_gw_reject_cb on_reject;
 	iothub_gw_state_cb on_state;
 	void *user;                 /* for on_reject, on_state */
+
+	/* NULL: readings go unsigned. Set: every reading is signed (its type
+	 * must declare "signed_readings"); data is sent compact and a reading
+	 * without ts gets the gateway's clock (the signature covers ts). */
+	iothub_gw_sign_cb sign_cb;
+	void *sign_user;
 };
+
+/* The bytes a device signs for one reading: "iot-hub.reading.v1" NUL, then
+ * device, ts (decimal) and data (compact JSON), each as a 4-byte big-endian
+ * length and its bytes. Writes at most cap bytes to out; returns the length
+ * needed. */
+size_t iothub_gw_reading_message(const char *device, int64_t ts, const char *data,
+				 size_t data_len, unsigned char *out, size_t cap);
 
 /* Opens the spool (replaying what it holds) and creates the lws context; no
  * connection is made before the first service call. Returns the gateway, or
