@@ -188,6 +188,7 @@ struct stream {
 	uint64_t sub_seq, line_seq;
 	struct sub_vec cand;         /* fan-out scratch */
 	hub_strmap raw_typed;        /* type -> struct st_group * */
+	hub_strmap schans;           /* sharded raw channel -> struct st_schan * */
 	struct st_group *raw_all, *presence, *commands, *agg_group;
 	struct st_conn *conns;
 	lws_sorted_usec_list_t sul_retry; /* raw subscriptions waiting for Redis */
@@ -719,6 +720,41 @@ static struct st_group *group_new(struct stream *st, const char *channel, bool p
 	return g;
 }
 
+/* A sharded raw channel (one device type, one feed shard) is shared by
+ * the type's group and the all-types group, and the bus keeps one callback
+ * per channel name: the channel is taken once, for its first user, and its
+ * messages and state go to every group of the stream that uses it. */
+struct st_schan {
+	struct stream *st;
+	struct hub_redis_channel *ch;
+	unsigned users;
+	char type[];
+};
+
+static void on_schan_message(const char *channel, const char *payload, size_t len, void *arg)
+{
+	struct st_schan *sc = arg;
+	struct stream *st = sc->st;
+	struct st_group *g = hub_strmap_get(&st->raw_typed, sc->type, strlen(sc->type));
+
+	if (g && g->nch)
+		on_group_message(channel, payload, len, g);
+	if (st->raw_all && st->raw_all->nch)
+		on_group_message(channel, payload, len, st->raw_all);
+}
+
+static void on_schan_state(struct hub_redis_channel *ch, bool active, void *arg)
+{
+	struct st_schan *sc = arg;
+	struct stream *st = sc->st;
+	struct st_group *g = hub_strmap_get(&st->raw_typed, sc->type, strlen(sc->type));
+
+	if (g && g->nch)
+		on_group_state(ch, active, g);
+	if (st->raw_all && st->raw_all->nch)
+		on_group_state(ch, active, st->raw_all);
+}
+
 static void group_add_schannels(struct st_group *g, const char *type)
 {
 	struct stream *st = g->st;
@@ -726,10 +762,38 @@ static void group_add_schannels(struct st_group *g, const char *type)
 
 	g->chs = hub_xrealloc(g->chs, (g->nch + st->shards) * sizeof(*g->chs));
 	for (unsigned k = 0; k < st->shards; k++) {
-		hub_ch_raw_shard(ch, sizeof(ch), k, type);
-		g->chs[g->nch++] = hub_redis_schannel_get(st->hub->redis, ch, on_group_message,
-							  on_group_state, g);
+		size_t n = hub_ch_raw_shard(ch, sizeof(ch), k, type);
+		struct st_schan *sc = hub_strmap_get(&st->schans, ch, n);
+
+		if (!sc) {
+			sc = hub_xcalloc(1, sizeof(*sc) + strlen(type) + 1);
+			sc->st = st;
+			memcpy(sc->type, type, strlen(type) + 1);
+			hub_strmap_put(&st->schans, ch, n, sc);
+		}
+		if (!sc->users++)
+			sc->ch = hub_redis_schannel_get(st->hub->redis, ch, on_schan_message,
+							on_schan_state, sc);
+		g->chs[g->nch++] = sc->ch;
 	}
+}
+
+/* Drops a group's use of a sharded raw channel; the last user puts it.
+ * The entry stays for the process's life (one per loaded type and shard):
+ * the bus may still call back with it while the channel lingers. */
+static void schan_put(struct stream *st, struct hub_redis_channel *ch)
+{
+	const char *name = hub_redis_channel_name(ch);
+	struct st_schan *sc = hub_strmap_get(&st->schans, name, strlen(name));
+
+	if (!sc || !sc->users) {
+		hub_redis_channel_put(ch);
+		return;
+	}
+	if (--sc->users)
+		return;
+	sc->ch = NULL;
+	hub_redis_channel_put(ch);
 }
 
 /* The group's channels: its one channel (or pattern); on a cluster, raw
@@ -767,8 +831,12 @@ static bool group_active(const struct st_group *g)
 static void group_release(struct st_group *g)
 {
 	if (!g->nsubs && g->nch) {
-		for (unsigned i = 0; i < g->nch; i++)
-			hub_redis_channel_put(g->chs[i]);
+		for (unsigned i = 0; i < g->nch; i++) {
+			if (g->raw && g->st->sharded)
+				schan_put(g->st, g->chs[i]);
+			else
+				hub_redis_channel_put(g->chs[i]);
+		}
 		free(g->chs);
 		g->chs = NULL;
 		g->nch = 0;
@@ -2487,6 +2555,13 @@ static void group_free(struct st_group *g)
 	free(g);
 }
 
+static void free_schan_cb(const char *key, void *value, void *arg)
+{
+	(void)key;
+	(void)arg;
+	free(value);
+}
+
 static void free_group_cb(const char *key, void *value, void *arg)
 {
 	(void)key;
@@ -2500,6 +2575,8 @@ static void stream_free(struct stream *st)
 		return;
 	hub_strmap_foreach(&st->raw_typed, free_group_cb, NULL);
 	hub_strmap_free(&st->raw_typed);
+	hub_strmap_foreach(&st->schans, free_schan_cb, NULL);
+	hub_strmap_free(&st->schans);
 	group_free(st->raw_all);
 	group_free(st->presence);
 	group_free(st->commands);

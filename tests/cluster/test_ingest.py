@@ -155,6 +155,7 @@ def store(client, gateway, seq, readings, wait_replicas=0):
     for d, ts, t in readings:
         argv += [ts, '{"temperature":%s}' % t]
     argv += [1, "iot:live:{i%d}:raw:thermostat" % k, 1, len(lines.encode())]
+    argv += [0]  # no anomaly flags
     return client.call(keys[0], "EVAL", STORE, len(keys), *(keys + argv), wait_replicas=wait_replicas)
 
 
