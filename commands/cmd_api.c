@@ -5,6 +5,7 @@
 #include <string.h>
 #include <jansson.h>
 
+#include "commands/cmd_stats.h"
 #include "commands/commands.h"
 #include "hub/audit.h"
 #include "hub/http.h"
@@ -905,6 +906,7 @@ static void on_resume(struct hub_req *rq, const struct hub_route_args *a)
 
 struct cmd_api {
 	int script_decommission;
+	struct cmd_stats *stats;    /* commands/cmd_stats.h */
 };
 
 struct decom {
@@ -1121,10 +1123,19 @@ static void on_device_delete(struct hub_req *rq, const struct hub_route_args *a)
 					       NULL));
 }
 
+/* GET /v1/commands/stats: transitions per state over a window. */
+static void on_stats(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const struct cmd_api *ca = a->ctx;
+
+	cmd_stats_answer(ca->stats, rq, a->query);
+}
+
 static const struct hub_route routes[] = {
 	{ "POST", "/v1/devices/{}/commands", HUB_ROUTE_KEY, WRITE, on_device_create },
 	{ "GET", "/v1/devices/{}/commands", HUB_ROUTE_KEY, READ, on_device_list },
 	{ "POST", "/v1/commands", HUB_ROUTE_KEY, WRITE, on_fleet_create },
+	{ "GET", "/v1/commands/stats", HUB_ROUTE_KEY, READ, on_stats },
 	{ "GET", "/v1/commands/{}", HUB_ROUTE_KEY, READ, on_get_one },
 	{ "POST", "/v1/commands/{}/cancel", HUB_ROUTE_KEY, WRITE, on_cancel },
 	{ "POST", "/v1/commands/{}/pause", HUB_ROUTE_KEY, WRITE, on_pause },
@@ -1139,13 +1150,22 @@ static int cmd_api_start(struct hub *hub, char *err, size_t errlen)
 	(void)err;
 	(void)errlen;
 	ca->script_decommission = hub_redis_add_script(hub->redis, hub_lua_decommission);
+	ca->stats = cmd_stats_new(hub);
 	hub->cmd_api = ca;
 	hub_http_add_routes(hub, routes, sizeof(routes) / sizeof(routes[0]), ca);
 	return 0;
 }
 
+static void cmd_api_stop(struct hub *hub)
+{
+	if (hub->cmd_api)
+		cmd_stats_stop(hub->cmd_api->stats);
+}
+
 static void cmd_api_free(struct hub *hub)
 {
+	if (hub->cmd_api)
+		cmd_stats_free(hub->cmd_api->stats);
 	free(hub->cmd_api);
 	hub->cmd_api = NULL;
 }
@@ -1153,5 +1173,6 @@ static void cmd_api_free(struct hub *hub)
 const struct hub_module cmd_api_module = {
 	.name = "commands-api",
 	.start = cmd_api_start,
+	.stop = cmd_api_stop,
 	.free = cmd_api_free,
 };

@@ -255,6 +255,11 @@ struct list_ctx {
 	char **ids;
 	size_t nids, cap_ids, next;
 	bool truncated, failed;
+	/* paging (a cursor= parameter): the walk goes slot by slot, ids by id
+	 * within a slot, and resumes after the position (slot of after, after) */
+	bool paged, cap_hit;
+	char *after;                   /* the cursor's device id, NULL: the start */
+	char *last_out;                /* the last row answered */
 	size_t batch_n, batch_got;
 	struct dev_row rows[LIST_BATCH];
 	long long matched;
@@ -267,6 +272,8 @@ static void list_free(void *p)
 
 	free(c->type);
 	free(c->slots);
+	free(c->after);
+	free(c->last_out);
 	for (size_t i = 0; i < c->nlabels; i++) {
 		free(c->lk[i]);
 		free(c->lv[i]);
@@ -307,9 +314,66 @@ static bool list_match(const struct list_ctx *c, const struct dev_row *r)
 	return true;
 }
 
+/* A cursor is the hex of the device id a page ended with: opaque to
+ * clients, and stable (the position of that id, not an offset). */
+static void cursor_out(hub_buf *o, const char *id)
+{
+	static const char hex[] = "0123456789abcdef";
+
+	hub_buf_puts(o, "\"");
+	for (const unsigned char *p = (const unsigned char *)id; *p; p++) {
+		char two[2] = { hex[*p >> 4], hex[*p & 15] };
+		hub_buf_append(o, two, 2);
+	}
+	hub_buf_puts(o, "\"");
+}
+
+/* The device id of a cursor (malloc'd), or NULL when it is not one. */
+static char *cursor_in(const char *s)
+{
+	size_t n = strlen(s);
+	char *id;
+
+	if (!n || n % 2 || n > 2 * HUB_ID_MAX)
+		return NULL;
+	id = hub_xmalloc(n / 2 + 1);
+	for (size_t i = 0; i < n / 2; i++) {
+		int v = 0;
+		for (int j = 0; j < 2; j++) {
+			char ch = s[2 * i + (size_t)j];
+			int d = ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+			if (d < 0) {
+				free(id);
+				return NULL;
+			}
+			v = v * 16 + d;
+		}
+		id[i] = (char)v;
+	}
+	id[n / 2] = '\0';
+	if (!hub_id_valid(id, n / 2)) {
+		free(id);
+		return NULL;
+	}
+	return id;
+}
+
 static void list_finish(struct hub_req *rq, struct list_ctx *c)
 {
-	hub_buf_printf(&c->out, "],\"truncated\":%s}", c->truncated ? "true" : "false");
+	if (c->paged) {
+		/* more to read: after the last row answered (a full page), or
+		 * after the last id considered (the work cap came first) */
+		const char *next = c->truncated ? c->last_out :
+				   c->cap_hit && c->nids ? c->ids[c->nids - 1] : NULL;
+		hub_buf_printf(&c->out, "],\"truncated\":%s,\"next_cursor\":", next ? "true" : "false");
+		if (next)
+			cursor_out(&c->out, next);
+		else
+			hub_buf_puts(&c->out, "null");
+		hub_buf_puts(&c->out, "}");
+	} else {
+		hub_buf_printf(&c->out, "],\"truncated\":%s}", c->truncated ? "true" : "false");
+	}
 	hub_req_respond(rq, 200, "application/json", c->out.data, c->out.len);
 	hub_buf_free(&c->out);
 }
@@ -323,9 +387,19 @@ struct row_call {
 	size_t idx;
 };
 
+static void list_walk_paged(struct hub_req *rq, struct list_ctx *c);
+
 static void list_next_batch(struct hub_req *rq, struct list_ctx *c)
 {
 	if (c->next >= c->nids) {
+		if (c->paged && !c->cap_hit && c->next_slot < HUB_SLOTS) {
+			/* the page is not full: the next round of slots */
+			for (size_t i = 0; i < c->nids; i++)
+				free(c->ids[i]);
+			c->nids = c->next = 0;
+			list_walk_paged(rq, c);
+			return;
+		}
 		list_finish(rq, c);
 		return;
 	}
@@ -382,6 +456,10 @@ static void list_on_hgetall(redisReply *r, void *arg)
 		if (c->matched++)
 			hub_buf_puts(&c->out, ",");
 		row_json(&c->out, &c->rows[i]);
+		if (c->paged) {
+			free(c->last_out);
+			c->last_out = hub_xstrdup(c->rows[i].id);
+		}
 	}
 	list_next_batch(rq, c);
 out:
@@ -397,8 +475,63 @@ out:
 
 static void list_on_members(redisReply *r, void *arg);
 
+/* Paging: ids in walk order, (slot, id). */
+struct slot_id {
+	unsigned slot;
+	char *id;
+};
+
+static int cmp_slot_id(const void *a, const void *b)
+{
+	const struct slot_id *x = a, *y = b;
+
+	if (x->slot != y->slot)
+		return x->slot < y->slot ? -1 : 1;
+	return strcmp(x->id, y->id);
+}
+
+/* A round of the paged walk is in: its ids in (slot, id) order, those at
+ * or before the cursor dropped, at most what is left of LIST_MAX_IDS kept
+ * (a prefix: the next cursor is the last one kept). */
+static void list_sorted_paged(struct hub_req *rq, struct list_ctx *c)
+{
+	struct slot_id *v = hub_xmalloc((c->nids ? c->nids : 1) * sizeof(*v));
+	unsigned aslot = c->after ? hub_dev_slot(c->after) : 0;
+	size_t w = 0, room = LIST_MAX_IDS - c->considered;
+
+	for (size_t i = 0; i < c->nids; i++) {
+		v[i].slot = hub_dev_slot(c->ids[i]);
+		v[i].id = c->ids[i];
+	}
+	if (c->nids > 1)
+		qsort(v, c->nids, sizeof(*v), cmp_slot_id);
+	for (size_t i = 0; i < c->nids; i++) {
+		bool drop = (w && !strcmp(c->ids[w - 1], v[i].id)) ||
+			    (c->after && (v[i].slot < aslot ||
+					  (v[i].slot == aslot && strcmp(v[i].id, c->after) <= 0)));
+		if (!drop && w == room) {
+			c->cap_hit = true;
+			drop = true;
+		}
+		if (drop)
+			free(v[i].id);
+		else
+			c->ids[w++] = v[i].id;
+	}
+	free(v);
+	c->nids = w;
+	c->considered += w;
+	if (c->considered == LIST_MAX_IDS && c->next_slot < HUB_SLOTS)
+		c->cap_hit = true;
+	list_next_batch(rq, c);
+}
+
 static void list_sorted(struct hub_req *rq, struct list_ctx *c)
 {
+	if (c->paged) {
+		list_sorted_paged(rq, c);
+		return;
+	}
 	/* Sorted by id; the indexes do not overlap, but be safe. */
 	if (c->nids > 1)
 		qsort(c->ids, c->nids, sizeof(*c->ids), cmp_str);
@@ -492,6 +625,37 @@ static void list_walk(struct hub_req *rq, struct list_ctx *c)
 		list_sorted(rq, c);
 }
 
+/* One round of the paged walk: the indexes of the next LIST_UNION marked
+ * slots in one SUNION on one Redis, of the next LIST_WALK in one SMEMBERS
+ * each where calls keep to one slot; list_sorted_paged once all are in. */
+static void list_walk_paged(struct hub_req *rq, struct list_ctx *c)
+{
+	if (!hub_redis_split(hub_req_hub(rq)->redis)) {
+		if (!list_walk_union(rq, c)) {
+			list_fail(rq, c, NULL);
+			return;
+		}
+	} else {
+		for (int n = 0; n < LIST_WALK && c->next_slot < HUB_SLOTS;) {
+			unsigned s = c->next_slot++;
+			char key[HUB_KEY_MAX];
+
+			if (!slot_marked(c, s))
+				continue;
+			list_index_key(c, s, key);
+			const char *argv[] = { "SMEMBERS", key };
+			if (cmd(rq, list_on_members, 2, argv)) {
+				list_fail(rq, c, NULL);
+				return;
+			}
+			c->inflight++;
+			n++;
+		}
+	}
+	if (!c->inflight)
+		list_sorted(rq, c);
+}
+
 static void list_on_members(redisReply *r, void *arg)
 {
 	struct hub_req *rq = arg;
@@ -506,11 +670,12 @@ static void list_on_members(redisReply *r, void *arg)
 	}
 	for (size_t i = 0; i < r->elements; i++) {
 		const redisReply *e = r->element[i];
-		if (c->considered == LIST_MAX_IDS) {
+		if (!c->paged && c->considered == LIST_MAX_IDS) {
 			c->truncated = true;
 			break;
 		}
-		c->considered++;
+		if (!c->paged)
+			c->considered++;   /* paged: counted in walk order */
 		if (e->type != REDIS_REPLY_STRING || !hub_id_valid(e->str, e->len) ||
 		    !visible(rq, e->str))
 			continue;
@@ -520,7 +685,10 @@ static void list_on_members(redisReply *r, void *arg)
 		}
 		c->ids[c->nids++] = hub_xstrdup(e->str);
 	}
-	list_walk(rq, c);
+	if (!c->paged)
+		list_walk(rq, c);
+	else if (!c->inflight)
+		list_sorted(rq, c);
 out:
 	hub_req_unref(rq);
 }
@@ -541,7 +709,12 @@ static void list_on_directory(redisReply *r, void *arg)
 		memcpy(c->slots, r->str, r->len);
 		c->nslots_bytes = r->len;
 	}
-	list_walk(rq, c);
+	if (c->paged) {
+		c->next_slot = c->after ? hub_dev_slot(c->after) : 0;
+		list_walk_paged(rq, c);
+	} else {
+		list_walk(rq, c);
+	}
 out:
 	hub_req_unref(rq);
 }
@@ -557,6 +730,14 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 	if ((v = qget(q, "limit")) && parse_ll(v, 1, LIST_LIMIT_MAX, &c->limit)) {
 		hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
 		return;
+	}
+	if ((v = qget(q, "cursor"))) {
+		c->paged = true;
+		if (*v && !(c->after = cursor_in(v))) {
+			hub_req_error(rq, 422, "invalid", "cursor",
+				      "cursor must be empty or a next_cursor this route returned");
+			return;
+		}
 	}
 	if ((v = qget(q, "online"))) {
 		if (!strcmp(v, "true")) {
@@ -1236,7 +1417,62 @@ static void on_telemetry(struct hub_req *rq, const struct hub_route_args *a)
 		telemetry(rq, device, a->query);
 }
 
+/* GET /v1/whoami: what the calling key may do (docs/admin-api.md "Who am
+ * I"): its name, scopes, device patterns and analytics tier; never the key. */
+static void on_whoami(struct hub_req *rq, const struct hub_route_args *a)
+{
+	const auth_principal *p = hub_req_who(rq);
+	const struct hub *hub = hub_req_hub(rq);
+	static const struct { unsigned bit; const char *name; } scopes[] = {
+		{ AUTH_SCOPE_TELEMETRY_READ, "telemetry:read" },
+		{ AUTH_SCOPE_COMMANDS_WRITE, "commands:write" },
+		{ AUTH_SCOPE_ADMIN, "admin" },
+	};
+	hub_buf o = { 0 };
+	bool first = true;
+
+	(void)a;
+	hub_buf_puts(&o, "{\"name\":");
+	hub_buf_json_str(&o, p->name, strlen(p->name));
+	hub_buf_puts(&o, ",\"kind\":");
+	hub_buf_puts(&o, p->is_api_key ? "\"api_key\"" : "\"token\"");
+	hub_buf_puts(&o, ",\"scopes\":[");
+	for (size_t i = 0; i < sizeof(scopes) / sizeof(scopes[0]); i++) {
+		if (!(p->scopes & scopes[i].bit))
+			continue;
+		hub_buf_printf(&o, "%s\"%s\"", first ? "" : ",", scopes[i].name);
+		first = false;
+	}
+	/* what the scopes allow, admin implying every one */
+	hub_buf_printf(&o, "],\"can\":{\"read\":%s,\"commands\":%s,\"admin\":%s}",
+		       auth_has_scope(p, AUTH_SCOPE_TELEMETRY_READ) ? "true" : "false",
+		       auth_has_scope(p, AUTH_SCOPE_COMMANDS_WRITE) ? "true" : "false",
+		       auth_has_scope(p, AUTH_SCOPE_ADMIN) ? "true" : "false");
+	hub_buf_puts(&o, ",\"devices\":");
+	if (p->devices.all) {
+		hub_buf_puts(&o, "[\"*\"]");
+	} else {
+		hub_buf_puts(&o, "[");
+		for (size_t i = 0; i < p->devices.n; i++) {
+			if (i)
+				hub_buf_puts(&o, ",");
+			hub_buf_json_str(&o, p->devices.items[i], strlen(p->devices.items[i]));
+		}
+		hub_buf_puts(&o, "]");
+	}
+	const char *tier = *p->tier ? p->tier : hub->cfg.api_default_tier;
+	hub_buf_puts(&o, ",\"tier\":");
+	if (tier)
+		hub_buf_json_str(&o, tier, strlen(tier));
+	else
+		hub_buf_puts(&o, "null");
+	hub_buf_printf(&o, ",\"tier_default\":%s}", *p->tier ? "false" : "true");
+	hub_req_respond(rq, 200, "application/json", o.data, o.len);
+	hub_buf_free(&o);
+}
+
 static const struct hub_route routes[] = {
+	{ "GET", "/v1/whoami", HUB_ROUTE_KEY, 0, on_whoami },
 	{ "GET", "/v1/devices", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_list },
 	{ "GET", "/v1/devices/{}", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_one },
 	{ "GET", "/v1/devices/{}/telemetry", HUB_ROUTE_KEY, AUTH_SCOPE_TELEMETRY_READ, on_telemetry },

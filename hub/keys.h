@@ -602,4 +602,22 @@ static inline size_t hub_key_tier(char *buf, size_t n, const char *key_name)
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_TIER, key_name, "");
 }
 
+/* Command transition counts per minute (commands/cmd_stats.c,
+ * docs/commands.md "Commands by state"): a hash per minute, field "<state>"
+ * or "<device type>|<state>" -> count, expiring after ~65 min. One slot
+ * (the tag {cstats}): a window of 60 minutes is read in one call. */
+#define HUB_KEY_CSTATS           "iot:{cstats}:m:"  /* + minute start (ms) */
+
+static inline size_t hub_key_cstats(char *buf, size_t n, int64_t minute_ms)
+{
+	int k = snprintf(buf, n, HUB_KEY_CSTATS "%lld", (long long)minute_ms);
+
+	if (k < 0 || (size_t)k >= n) {
+		if (n)
+			buf[0] = '\0';
+		return 0;
+	}
+	return (size_t)k;
+}
+
 #endif

@@ -90,6 +90,7 @@ struct sim_cfg {
 	char *truth;
 	double noise_sigma, spikes, spike_sigma, drifts, drift_slope, stuck;
 	unsigned drift_len, stuck_len, ts_step_ms;
+	double truth_ago_ms;
 	int json_summary;
 	int idle;
 	int mqtt;            /* --mqtt: MQTT 3.1.1 over WebSocket (Mosquitto) */
@@ -2129,6 +2130,8 @@ static const struct opt sim_opts[] = {
 	{ "stuck-len", OPT_UINT, F(stuck_len), "40", 1, 1000000, "readings per stuck run", "N" },
 	{ "ts-step-ms", OPT_UINT, F(ts_step_ms), "1000", 1, 86400000, "ts of a device's readings: "
 	  "a day ago, then +MS each", "MS" },
+	{ "truth-ago-ms", OPT_DBL, F(truth_ago_ms), "86400000", 0, 864000000, "how long ago the "
+	  "first reading's ts is (live charts: a\nminute, with ts-step-ms under the reading period)", "MS" },
 	{ "seq-start", OPT_U64, F(seq_start), NULL, 0, 1ull << 52, "first seq of gateway 0; "
 	  "gateway i starts at N + i*1e9\n(default N: Unix time in microseconds, so a restarted\n"
 	  "simulator never reuses a seq the hub already stored)", "N", 0, seq_start_set },
@@ -2480,7 +2483,7 @@ static int setup_gateways(void)
 			return -1;
 		}
 		g.injs = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(*g.injs));
-		g.truth_ts0 = hub_now_ms() - 86400000;
+		g.truth_ts0 = hub_now_ms() - (int64_t)g.cfg.truth_ago_ms;
 	}
 	g.hums = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
 	g.connq = hub_xcalloc(c->gateways, sizeof(*g.connq));

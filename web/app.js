@@ -18,13 +18,18 @@ const OVERSCAN = 8;                  // rows rendered above and below the viewpo
 const DESTRUCTIVE = new Set(['reboot', 'firmware_update', 'reset_energy']);
 const FINAL = new Set(['succeeded', 'failed', 'rejected', 'timed_out', 'expired', 'canceled']);
 const FAILED = new Set(['failed', 'rejected', 'timed_out', 'expired']);
+const DEVICE_PAGES_MAX = 50;         // GET /v1/devices pages of 1000 read at login
+const STATS_POLL_MS = 10e3;          // GET /v1/commands/stats
 const STATES = ['queued', 'sent', 'received', 'in_progress', 'succeeded', 'failed', 'rejected', 'timed_out', 'expired', 'canceled'];
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
   key: null,
-  canWrite: false,      // the key has commands:write (probed at login)
+  canWrite: false,      // the key has commands:write (GET /v1/whoami at login)
+  whoami: null,         // GET /v1/whoami
+  cmdStats: null,       // GET /v1/commands/stats?window=1h, or null (local counts shown)
+  anoms: new Map(),     // device -> {n, last, what}: anomaly flags seen since login
   rolloutCtl: false,    // the hub has POST /v1/commands/{id}/pause|resume|cancel for rollouts
   types: new Map(),     // device type -> its document (GET /v1/device-types)
   devices: new Map(),   // id -> {device, device_type, labels, gateway, online, last_seen}
@@ -51,7 +56,11 @@ const state = {
   metrics: null,        // previous /metrics sample
   msgCost: {},          // stream message type -> [count, ms handling them]
 };
-window.iotConsole = { msgCost: () => state.msgCost }; // read by tests/web
+window.iotConsole = { // read by tests/web
+  msgCost: () => state.msgCost,
+  pageMarks: () => state.page?.markCount || 0,
+  devicePages: () => state.devicePages || 0,
+};
 // ---- small helpers ---------------------------------------------------------
 
 function el(tag, attrs = {}, ...kids) {
@@ -150,12 +159,19 @@ async function start(key) {
   applyRole();
   loadDevices();
   pollMetrics();
+  loadCommandStats();
 }
 
-// The key's scopes are not readable from the API: commands:write is probed
+// The key's scopes from GET /v1/whoami; a hub without that route is probed
 // with a cancel of a command id that cannot exist (403 without the scope,
 // 404 with it; nothing is changed either way).
 async function probeRole() {
+  const w = await apiRaw('GET', '/v1/whoami').catch(() => null);
+  if (w?.ok && w.body?.can) {
+    state.whoami = w.body;
+    state.canWrite = !!w.body.can.commands;
+    return;
+  }
   const r = await apiRaw('POST', '/v1/commands/c_00000000000000000000000000000000/cancel').catch(() => null);
   state.canWrite = r?.status === 404;
 }
@@ -175,6 +191,9 @@ function applyRole() {
   $('role').hidden = !state.key;
   $('role').textContent = w ? 'commands: read-write' : 'read-only';
   $('role').className = `badge ${w ? 'on' : ''}`;
+  const me = state.whoami;
+  $('role').title = me ? `key ${str(me.name)}: scopes ${(me.scopes || []).map(str).join(', ') || 'none'}; devices ${(me.devices || []).map(str).join(' ')}`
+    + (me.tier ? `; tier ${str(me.tier)}` : '') : '';
   $('rollouts').hidden = !w;
   $('cmd-form').hidden = !w || !state.page;
   if (state.timeline) renderTimeline();
@@ -220,26 +239,40 @@ async function loadTypes() {
   if (state.page) renderPage();
 }
 
-// The hub lists at most 1000 devices per request, with no paging: when the
-// whole list is truncated, each device type is read too, online and offline
-// apart, so up to 2000 per type are known at once; the presence stream adds
-// every device announced later, and a filter naming an exact id looks it up.
+// The device list is read in pages of 1000 (cursor paging, docs/protocol.md
+// "Devices and telemetry"), at most DEVICE_PAGES_MAX pages, each shown as it
+// arrives. A hub without paging answers one page: when it is truncated, each
+// device type is read too, online and offline apart. The presence stream
+// adds every device announced later, and a filter naming an exact id looks
+// it up.
+function mergeDevices(list) {
+  for (const d of list) {
+    const id = str(d.device), old = state.devices.get(id);
+    // a presence event newer than the list wins
+    if (old && (old.presenceAt || 0) > (d.last_seen || 0)) { d.online = old.online; d.presenceAt = old.presenceAt; }
+    if (old) d.last_seen = Math.max(d.last_seen || 0, old.last_seen || 0);
+    state.devices.set(id, d);
+  }
+  markList();
+}
+
 async function loadDevices() {
   $('devices-info').textContent = 'Loading…';
   try {
-    const body = await api('/v1/devices?limit=1000');
-    let list = body.devices || [];
-    if (body.truncated) {
+    let cursor = '', body;
+    state.devicePages = 0;
+    for (;;) {
+      body = await api(`/v1/devices?limit=1000&cursor=${encodeURIComponent(cursor)}`);
+      state.devicePages++;
+      mergeDevices(body.devices || []);
+      if (!('next_cursor' in body) || !body.next_cursor) break;
+      if (state.devicePages >= DEVICE_PAGES_MAX || !state.key) break;
+      cursor = body.next_cursor;
+    }
+    if (body.truncated && !('next_cursor' in body)) {
       const more = await Promise.all([...state.types.keys()].flatMap((t) => ['true', 'false'].map((on) =>
         api(`/v1/devices?limit=1000&device_type=${encodeURIComponent(t)}&online=${on}`).catch(() => ({ devices: [] })))));
-      for (const m of more) list = list.concat(m.devices || []);
-    }
-    for (const d of list) {
-      const id = str(d.device), old = state.devices.get(id);
-      // a presence event newer than the list wins
-      if (old && (old.presenceAt || 0) > (d.last_seen || 0)) { d.online = old.online; d.presenceAt = old.presenceAt; }
-      if (old) d.last_seen = Math.max(d.last_seen || 0, old.last_seen || 0);
-      state.devices.set(id, d);
+      for (const m of more) mergeDevices(m.devices || []);
     }
     state.truncated = !!body.truncated;
     markList();
@@ -302,7 +335,7 @@ function renderDevices() {
     let on = 0;
     for (const d of state.devices.values()) if (d.online) on++;
     $('devices-info').textContent = `${ids.length} of ${state.devices.size} devices shown (${on} online), ${state.selected.size} charted`
-      + (state.truncated ? '; the hub lists at most 1000: more appear as they announce' : '');
+      + (state.truncated ? `; more than ${state.devices.size} in the hub: the rest appear as they announce` : '');
     renderOverviewCounts();
   }
   const box = $('dev-scroll'), n = state.list.length;
@@ -343,10 +376,12 @@ function deviceRow(id) {
   const sr = el('span', { class: 'sr-only' });
   const dot = el('span', { class: 'dot' }, sr);
   const type = el('td', { class: 'c-type' }), labels = el('td', { class: 'c-labels' }), seen = el('td', { class: 'c-seen' });
+  const anom = el('span', { class: 'anom', 'data-anom': id });
+  anom.hidden = true;
   const tr = el('tr', {}, el('td', { class: 'c-chk' }, cb),
-    el('td', { class: 'c-id' }, dot, ' ', el('button', { type: 'button', class: 'linkish', 'data-open': id, title: id }, id)),
+    el('td', { class: 'c-id' }, dot, ' ', el('button', { type: 'button', class: 'linkish', 'data-open': id, title: id }, id), anom),
     type, labels, seen);
-  return { tr, cb, dot, sr, type, labels, seen, labelKey: null };
+  return { tr, cb, dot, sr, type, labels, seen, anom, labelKey: null, anomKey: '' };
 }
 
 function updateRow(id, r) {
@@ -359,6 +394,15 @@ function updateRow(id, r) {
   if (r.type.textContent !== str(d.device_type)) { r.type.textContent = str(d.device_type); r.type.title = r.type.textContent; }
   const lt = labelText(d.labels), lk = lt.join(' ');
   if (r.labelKey !== lk) { r.labelKey = lk; r.labels.title = lk; r.labels.replaceChildren(...lt.map((t) => el('span', { class: 'chip' }, t))); }
+  const an = state.anoms.get(id), ak = an ? `${an.n}|${an.last}` : '';
+  if (r.anomKey !== ak) {
+    r.anomKey = ak;
+    r.anom.hidden = !an;
+    if (an) {
+      r.anom.textContent = `⚠ ${an.n}`;
+      r.anom.title = `${an.n} anomal${an.n === 1 ? 'y' : 'ies'} flagged since login; last at ${new Date(an.last).toLocaleTimeString()}: ${an.what}`;
+    }
+  }
   const a = ago(d.last_seen);
   if (r.seen.textContent !== a) r.seen.textContent = a;
   if (d.last_seen) r.seen.title = new Date(d.last_seen).toISOString();
@@ -442,16 +486,52 @@ function renderOverviewCounts() {
     el('tr', {}, el('th', { scope: 'row' }, t), el('td', { class: 'num' }, a), el('td', { class: 'num' }, b))));
 }
 
+// Commands by state in the last hour: transitions into each state, by
+// device type too, from GET /v1/commands/stats (every hub counts them into
+// Redis); a hub without the route, or a key limited to some devices (403),
+// gets the commands seen live since login, by their latest state.
+let statsTimer = 0;
+async function loadCommandStats() {
+  clearTimeout(statsTimer);
+  statsTimer = 0;
+  if (!state.key) return;
+  try {
+    state.cmdStats = await api('/v1/commands/stats?window=1h');
+  } catch {
+    state.cmdStats = null;
+  }
+  renderCommandStates();
+  if (state.key) statsTimer = setTimeout(loadCommandStats, STATS_POLL_MS);
+}
+
+// after command events: the hubs write their counts every 2 s
+function scheduleStats() {
+  if (!state.cmdStats || state.statsSoon) return;
+  state.statsSoon = setTimeout(() => { state.statsSoon = 0; loadCommandStats(); }, 2500);
+}
+
 function renderCommandStates() {
   const cut = Date.now() - HOUR, counts = new Map();
   for (const [id, c] of state.cmds) {
     if (c.at < cut) { state.cmds.delete(id); continue; }
     counts.set(c.status, (counts.get(c.status) || 0) + 1);
   }
-  const box = $('ov-cmd-states');
+  const box = $('ov-cmd-states'), s = state.cmdStats;
+  $('ov-cmd-src').textContent = s ? '(last hour: transitions into each state, from the hub)' : '(last hour, seen live)';
+  if (s) {
+    const st = s.states || {};
+    const chips = STATES.filter((k) => Number(st[k]) > 0).map((k) =>
+      el('span', { class: `chip st-${k}`, 'data-state': k, 'data-count': String(Number(st[k])) }, `${k} ${Number(st[k])}`));
+    const types = Object.entries(s.by_type || {}).sort((a, b) => a[0].localeCompare(b[0])).map(([t, c]) =>
+      el('span', { class: 'chip hint', 'data-type': str(t) }, `${str(t)}: `
+        + STATES.filter((k) => Number(c[k]) > 0).map((k) => `${k} ${Number(c[k])}`).join(', ')));
+    if (!chips.length) { box.textContent = 'none in the last hour'; return; }
+    box.replaceChildren(...chips, el('span', { class: 'chip' }, `final ${Number(s.final) || 0} / not final ${Number(s.non_final) || 0}`), ...types);
+    return;
+  }
   if (!counts.size) { box.textContent = 'none yet'; return; }
-  box.replaceChildren(...STATES.filter((s) => counts.has(s)).map((s) =>
-    el('span', { class: `chip st-${s}` }, `${s} ${counts.get(s)}`)));
+  box.replaceChildren(...STATES.filter((k) => counts.has(k)).map((k) =>
+    el('span', { class: `chip st-${k}` }, `${k} ${counts.get(k)}`)));
 }
 
 const fmtRate = (r) => (r >= 100 ? r.toFixed(0) : r.toFixed(1));
@@ -563,13 +643,13 @@ function ready(name) {
   state.ready = true;
   state.upSince = Date.now();
   setConn('on', name ? `live as ${name}` : 'live');
-  for (const kind of ['presence', 'raw', 'seen', 'agg', 'commands']) subscribe(kind);
+  for (const kind of ['presence', 'raw', 'seen', 'agg', 'commands', 'anomalies']) subscribe(kind);
   if (state.upSince && state.attempt) catchUpCommands(); // a reconnect: events may have been missed
 }
 
 function subscription(kind) {
   switch (kind) {
-    case 'presence': case 'commands':
+    case 'presence': case 'commands': case 'anomalies':
       return { stream: kind, filter: {} };
     case 'seen': {
       const ids = state.visibleKey ? state.visibleKey.split('\n') : [];
@@ -624,6 +704,7 @@ function handle(m) {
       return;
     case 'unsubscribed': return;
     case 'reading': return onReading(m);
+    case 'anomaly': return onAnomaly(m);
     case 'presence': return onPresence(m);
     case 'aggregate': return onAggregate(m);
     case 'command_status': return onCommand(m);
@@ -639,11 +720,27 @@ function onReading(m) {
   if (d && ts > (d.last_seen || 0)) d.last_seen = ts;
   if (!Number.isFinite(ts) || !m.data || typeof m.data !== 'object') return;
   if (kind === 'seen') {
-    if (state.page?.id === dev) pageReading(ts, m.data);
+    if (state.page?.id === dev) pageReading(ts, m.data, m.anomalies);
     return;
   }
   if (typeof m.pos === 'string' && posAfter(m.pos, state.lastPos)) state.lastPos = m.pos;
   if (state.selected.has(dev)) addReading(dev, ts, m.data);
+}
+
+// A reading with anomaly flags (the `anomalies` stream, docs/anomalies.md):
+// counted per device for the device table, marked on the device page.
+const anomText = (flags) => flags.map((f) => `${str(f?.kind)} of ${str(f?.field)}`
+  + (Number.isFinite(f?.score) ? ` (score ${fmtNum(f.score)})` : '')).join(', ');
+
+function onAnomaly(m) {
+  const dev = str(m.device), ts = Number(m.ts);
+  if (!Number.isFinite(ts) || !Array.isArray(m.anomalies) || !m.anomalies.length) return;
+  const a = state.anoms.get(dev) || { n: 0, last: 0, what: '' };
+  a.n++;
+  if (ts >= a.last) { a.last = ts; a.what = anomText(m.anomalies); }
+  state.anoms.set(dev, a);
+  markRows();
+  if (state.page?.id === dev && m.data && typeof m.data === 'object') pageReading(ts, m.data, m.anomalies);
 }
 
 // Online state and last seen of every device come from the presence stream;
@@ -724,6 +821,7 @@ function onCommand(m) {
   if (state.page?.id === str(m.device)) schedulePageCommands();
   if (state.rollout && id.startsWith(`c_${state.rollout.slice(2)}_`)) scheduleRollout(300);
   if (!state.cmdStatesTimer) state.cmdStatesTimer = setTimeout(() => { state.cmdStatesTimer = 0; renderCommandStates(); }, 200);
+  scheduleStats();
   logTo($('commands'), `cmd ${/^[a-z_]+$/.test(st) ? `st-${st}` : ''}`,
     el('strong', {}, str(m.device)), ' ', el('code', {}, str(m.name)), ' ',
     el('span', { class: 'status' }, st), ' ', el('span', { class: 'hint' }, str(m.id)),
@@ -961,7 +1059,7 @@ function drawChartCanvas(ch, css, now) {
 
 function cssColors() {
   const cs = getComputedStyle(document.documentElement), v = (n) => cs.getPropertyValue(n).trim();
-  return { muted: v('--muted'), grid: v('--grid'), colors: Array.from({ length: PALETTE }, (_, i) => v(`--c${i}`)) };
+  return { muted: v('--muted'), grid: v('--grid'), err: v('--err'), colors: Array.from({ length: PALETTE }, (_, i) => v(`--c${i}`)) };
 }
 
 // One frame of work: live charts, the device page's chart, aggregates.
@@ -1018,7 +1116,7 @@ async function loadHistory() {
 
 function openDevice(id) {
   state.page?.plot?.destroy();
-  state.page = { id, points: [], last: null, lastTs: 0, plot: null, zoomed: false, dirty: true, field: '' };
+  state.page = { id, points: [], flags: new Map(), markCount: 0, last: null, lastTs: 0, plot: null, zoomed: false, dirty: true, field: '' };
   $('device-panel').hidden = false;
   $('timeline').hidden = true;
   state.timeline = null;
@@ -1088,9 +1186,13 @@ function renderLastReading() {
     }));
 }
 
-function pageReading(ts, data) {
+function pageReading(ts, data, anomalies) {
   const p = state.page;
   const n = p.points.length;
+  if (Array.isArray(anomalies) && anomalies.length && !p.flags.has(ts)) {
+    p.flags.set(ts, anomalies);
+    p.dirty = true;
+  }
   if (n && p.points[n - 1][0] >= ts) {
     if (p.points.some(([t]) => t === ts)) return;
     p.points.push([ts, data]);
@@ -1110,13 +1212,27 @@ async function loadPageHistory() {
       if (after) q.set('after', after);
       const body = await api(`/v1/devices/${encodeURIComponent(id)}/telemetry?${q}`);
       if (state.page !== p) return;
-      for (const r of body.readings || []) if (Number.isFinite(r.ts) && r.data && typeof r.data === 'object') pageReading(r.ts, r.data);
+      for (const r of body.readings || []) if (Number.isFinite(r.ts) && r.data && typeof r.data === 'object') pageReading(r.ts, r.data, r.anomalies);
       if (!(after = body.next)) break;
     }
     renderPage();
   } catch (e) {
     if (state.page === p) $('dev-chart').replaceChildren(el('p', { class: 'error' }, `History: ${e.message}`));
   }
+}
+
+// The anomalies of the device page's range, under its chart.
+function renderPageAnoms(field, range, now) {
+  const p = state.page, box = $('dev-anoms');
+  let n = 0, last = null;
+  for (const [t, flags] of p.flags) {
+    if (t < now - range) continue;
+    n++;
+    if (!last || t > last[0]) last = [t, flags];
+  }
+  box.hidden = !n;
+  const text = n ? `${n} flagged reading${n === 1 ? '' : 's'} in this range (${p.markCount} of ${field} marked on the chart); last at ${new Date(last[0]).toLocaleTimeString()}: ${anomText(last[1])}` : '';
+  if (box.textContent !== text) box.textContent = text;
 }
 
 function drawPageChart(css) {
@@ -1145,13 +1261,21 @@ function drawPageChart(css) {
   if (p.shape !== shape || !p.plot) {
     p.plot?.destroy();
     box.replaceChildren();
-    p.plot = new window.uPlot(uplotOpts(w, unit, label, [[p.id, 0]], css, {
+    const opts = uplotOpts(w, unit, label, [[p.id, 0]], css, {
       hooks: { setSelect: [(u) => { if (u.select.width > 2) p.zoomed = true; }] },
-    }), [[], []], box);
+    });
+    // anomaly marks: a series of points only where a reading was flagged
+    opts.series.push({ label: 'anomaly', stroke: css.err, width: 0, paths: () => null,
+      points: { show: true, size: 10, width: 2, stroke: css.err, fill: css.err } });
+    p.plot = new window.uPlot(opts, [[], [], []], box);
     p.plot.over.addEventListener('dblclick', () => { p.zoomed = false; p.dirty = true; });
     p.shape = shape;
   }
   const data = joinSeries([pts], now - range, Math.max(10e3, range / 30));
+  const flagged = (t) => p.flags.get(t)?.some((f) => str(f?.field) === field);
+  data.push(data[0].map((t, i) => (data[1][i] != null && flagged(t) ? data[1][i] : null)));
+  p.markCount = data[2].reduce((n, v) => n + (v != null), 0);
+  renderPageAnoms(field, range, now);
   // the range, or less when the readings cover less of it (at least 1 min)
   const from = Math.min(now - 60e3, Math.max(now - range, (pts[0]?.[0] ?? now) - 5e3));
   if (p.zoomed) p.plot.setData(data, false);

@@ -12,13 +12,17 @@
 //   4. 10,000 devices and 100 readings/s: the list renders in under 1 s, the
 //      page stays responsive (frame times reported);
 //   5. layout: no blank scroll below the content, ids on one line at 375 px;
-//   6. a read-only key sees no command or rollout controls;
-//   7. no console errors, no page errors (CSP violations included).
+//   6. a read-only key sees no command or rollout controls (GET /v1/whoami);
+//   7. no console errors, no page errors (CSP violations included);
+//   8. commands by state from GET /v1/commands/stats; anomaly marks: a
+//      simulator device of a type whose temperature is marked x-anomaly, with
+//      injected spikes, gets marks on its page's chart and a count in the
+//      device table; the device list is read in pages (cursor paging).
 // Screenshots: <build>/test-artifacts/web/*.png. ctest web.console (label web).
 // Exit 77 (skipped) when chromium or the npm packages are missing.
 import { createRequire } from 'node:module';
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
@@ -107,11 +111,22 @@ async function main() {
   const ro = keyPair('web-ro', 'telemetry:read');
   writeFileSync(path.join(dir, 'keys.json'), JSON.stringify([admin.entry, ro.entry]));
   writeFileSync(path.join(dir, 'jwt.secret'), `${'ab'.repeat(32)}\n`);
+  // the example device types, plus `probe`: a thermostat whose temperature
+  // is marked for anomaly flags (docs/anomalies.md)
+  const types = path.join(dir, 'types');
+  mkdirSync(types);
+  for (const f of readdirSync(path.join(SRC, 'deploy', 'device-types'))) {
+    writeFileSync(path.join(types, f), readFileSync(path.join(SRC, 'deploy', 'device-types', f)));
+  }
+  const probe = JSON.parse(readFileSync(path.join(types, 'thermostat.json'), 'utf8'));
+  probe.device_type = 'probe';
+  probe.telemetry.properties.temperature['x-anomaly'] = { zscore: 5, warmup: 10 };
+  writeFileSync(path.join(types, 'probe.json'), JSON.stringify(probe));
   const rport = await freePort();
   const redis = start('redis', 'redis-server', ['--port', String(rport), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no']);
   await waitFor(() => /Ready to accept connections/.test(redis.output()), 10000, 'redis-server');
   const hub = start('hub', HUB, ['--listen', '127.0.0.1:0', '--redis', `redis://127.0.0.1:${rport}`,
-    '--schemas', path.join(SRC, 'deploy', 'device-types'), '--api-keys', 'keys.json', '--jwt-key', 'jwt.secret',
+    '--schemas', types, '--api-keys', 'keys.json', '--jwt-key', 'jwt.secret',
     '--web-root', WEB_ROOT]);
   const addr = (await waitFor(() => /listening on (\S+)/.exec(hub.output()), 15000, 'the hub'))[1];
   const base = `http://${addr}`;
@@ -200,6 +215,13 @@ async function main() {
   await page.waitForSelector('#tl-cancel', { state: 'hidden' });
   log('firmware_update: canceled from the timeline');
 
+  // commands by state in the last hour, from the hub (GET /v1/commands/stats)
+  await until(page, () => document.getElementById('ov-cmd-src').textContent.includes('from the hub'), 5000);
+  await until(page, () => Number(document.querySelector('#ov-cmd-states [data-state="succeeded"]')?.dataset.count) >= 2
+    && Number(document.querySelector('#ov-cmd-states [data-state="canceled"]')?.dataset.count) >= 1, 15000);
+  const statesShown = await page.$$eval('#ov-cmd-states [data-state]', (l) => l.map((e) => e.textContent));
+  log(`commands by state (hub): ${statesShown.join(', ')}`);
+
   // a refusal shows the API's own message: an Idempotency-Key reused with the
   // same body returns the first command; a bad key is refused client-side
   await page.click('#cmd-form .timing summary');
@@ -252,6 +274,27 @@ async function main() {
     await shot(page, '3b-rollout-canceled');
     log(`rollout ${rid}: paused, resumed and canceled from the console; counts ${JSON.stringify(c)}`);
   }
+
+  // ---- anomaly marks ---------------------------------------------------------------
+  // one probe device, 20 readings/s, spikes of 20 sigmas, 1 in 20 readings (rarer or smaller spikes inflate the model's variance past a 5 sigma score) (ts from a
+  // minute ago, 20 ms apart: on the live chart)
+  const anSim = start('sim-anomaly', SIM, ['--url', `ws://${addr}/v1/gateway`, '--jwt-secret', 'jwt.secret', '--gateway-prefix', 'an',
+    '--gateways', '1', '--devices', '1', '--device-type', 'probe', '--rate', '20', '--truth', path.join(dir, 'truth.tsv'),
+    '--spikes', '0.05', '--spike-sigma', '20', '--truth-ago-ms', '60000', '--ts-step-ms', '20', '--labels', 'site=an']);
+  await page.waitForSelector('#devices button[data-open="an-0000-d0"]', { timeout: 10000 });
+  await page.click('#devices button[data-open="an-0000-d0"]');
+  await page.waitForSelector('#dev-chart .uplot', { timeout: 10000 });
+  await until(page, () => window.iotConsole.pageMarks() > 0, 15000);
+  await page.waitForSelector('#dev-anoms:not([hidden])', { timeout: 5000 });
+  await page.waitForSelector('#devices [data-anom="an-0000-d0"]:not([hidden])', { timeout: 5000 });
+  results.anomaly_marks = await page.evaluate(() => window.iotConsole.pageMarks());
+  const anomRow = await page.textContent('#devices [data-anom="an-0000-d0"]');
+  const anomText = await page.textContent('#dev-anoms');
+  if (!/spike of temperature/.test(anomText)) throw new Error(`anomaly summary: ${anomText}`);
+  await page.locator('#device-panel').scrollIntoViewIfNeeded();
+  await shot(page, '3c-anomaly-marks');
+  anSim.kill('SIGTERM');
+  log(`anomalies: ${results.anomaly_marks} marks on the chart; row ${anomRow}; ${anomText}`);
 
   // ---- 10,000 devices, 100 readings/s --------------------------------------------
   start('sim-fleet', SIM, ['--url', `ws://${addr}/v1/gateway`, '--jwt-secret', 'jwt.secret', '--gateway-prefix', 'fl',
@@ -343,6 +386,8 @@ async function main() {
   await narrow.fill('#key', admin.key);
   await narrow.click('#login-form button[type=submit]');
   await narrow.waitForSelector('#devices tbody button[data-open]');
+  // the list is read in pages of 1000 (cursor paging): 10,011 devices, 11 pages
+  await until(narrow, () => window.iotConsole.devicePages() >= 11, 15000);
   const wrapped = await narrow.$$eval('#devices tbody tr:not(.spacer)', (rows) => rows.filter((r) => r.getBoundingClientRect().height > 36).length);
   if (wrapped) throw new Error(`${wrapped} device rows wrap at 375 px`);
   const hscroll = await narrow.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
@@ -357,6 +402,8 @@ async function main() {
   await rop.fill('#key', ro.key);
   await rop.click('#login-form button[type=submit]');
   await rop.waitForSelector('#role:has-text("read-only")', { timeout: 10000 });
+  const roleTitle = await rop.getAttribute('#role', 'title');
+  if (!/key web-ro: scopes telemetry:read/.test(roleTitle || '')) throw new Error(`role title: ${roleTitle}`);
   await rop.fill('#filter', 'gw-0000-d1');
   await rop.click('#devices button[data-open="gw-0000-d1"]');
   await rop.waitForSelector('#dev-cmds li');
