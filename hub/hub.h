@@ -30,6 +30,7 @@ struct hub_audit;
 struct hub_revocations;
 struct hub_registry;
 struct hub_ingest;
+struct hub_feedtrim;
 struct agg;
 struct stream;
 struct gateways;
@@ -64,6 +65,7 @@ struct hub {
 	struct hub_http *http;
 	struct hub_registry *registry;
 	struct hub_ingest *ingest;
+	struct hub_feedtrim *feedtrim;   /* hub/feedtrim.c */
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */

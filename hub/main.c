@@ -31,6 +31,7 @@
 #include "hub/ops.h"
 #include "hub/redis.h"
 #include "hub/ingest.h"
+#include "hub/feedtrim.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
 #include "protocols/agg.h"
@@ -255,6 +256,7 @@ static const struct hub_module *const modules[] = {
 	&hub_http_module,      /* HTTP on the port; routes and upgrades register here */
 	&hub_registry_module,  /* the device registry */
 	&hub_ingest_module,    /* the reading store, in ingest shards */
+	&hub_feedtrim_module,  /* the feed follows its slowest sink */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&gw_module,            /* gateways: /v1/gateway */
