@@ -100,7 +100,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-from harness import BUILD_DIR, log_root, parse_metrics  # noqa: E402
+from harness import BUILD_DIR, SANITIZER_MARKERS, log_root, parse_metrics  # noqa: E402
 
 SINK_BIN = os.environ.get("HUB_SINK_BIN") or os.path.join(BUILD_DIR, "sink", "iot-sink")
 _sinks = iter(range(1, 1 << 30))
@@ -174,10 +174,20 @@ class Sink:
         return self.proc.wait(timeout)
 
     def stop(self, timeout=20):
-        """SIGTERM; returns the exit code."""
+        """SIGTERM; returns the exit code (after checking that no sanitizer
+        reported anything: an ASan build reports leaks at exit)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.wait_exit(timeout)
+        rc = self.wait_exit(timeout)
+        time.sleep(0.1)  # the reader thread takes the last lines
+        self.check_sanitizers()
+        return rc
+
+    def check_sanitizers(self):
+        text = self.text()
+        for m in SANITIZER_MARKERS:
+            if m in text:
+                raise AssertionError("iot-sink: sanitizer report:\n%s" % text[-4000:])
 
     def kill(self):
         if self.proc.poll() is None:
@@ -186,5 +196,6 @@ class Sink:
 
     def cleanup(self):
         self.kill()
+        self.check_sanitizers()
         self.proc.stderr.close()
         self.log.close()
