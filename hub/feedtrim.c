@@ -25,6 +25,7 @@
 #include "hub_lua.h"
 
 #define TICK_US      (1000 * 1000)
+#define FIRST_US     (50 * 1000)   /* until every shard was checked once */
 #define SAMPLES      128           /* history per shard; halved when full */
 #define ID_MAX       48            /* "<ms>-<seq>" */
 #define GROUP_MAX    64            /* a group name as reported (truncated) */
@@ -177,10 +178,16 @@ static void tick(lws_sorted_usec_list_t *sul)
 	struct hub_feedtrim *ft = lws_container_of(sul, struct hub_feedtrim, sul);
 	struct hub *hub = ft->hub;
 	unsigned n = hub_redis_up(hub->redis) ? hub_ingest_shards(hub) : 0;
+	bool all = n > 0;
 
-	for (unsigned k = 0; k < n; k++)
+	for (unsigned k = 0; k < n; k++) {
 		check_shard(ft, &ft->shard[k]);
-	lws_sul_schedule(hub->ctx, 0, &ft->sul, tick, TICK_US);
+		all = all && ft->shard[k].known;
+	}
+	/* Until a shard was checked, its store MAXLEN is the raised bound (a
+	 * sink may exist): check soon after start so that a feed without
+	 * sinks is trimmed as usual from the first frames on. */
+	lws_sul_schedule(hub->ctx, 0, &ft->sul, tick, all ? TICK_US : FIRST_US);
 }
 
 void hub_feedtrim_expose(const struct hub *hub, hub_buf *o)
@@ -230,7 +237,7 @@ static int feedtrim_start(struct hub *hub, char *err, size_t errlen)
 		ft->shard[k].k = k;
 	}
 	ft->script = hub_redis_add_script(hub->redis, hub_lua_feedtrim);
-	lws_sul_schedule(hub->ctx, 0, &ft->sul, tick, TICK_US);
+	lws_sul_schedule(hub->ctx, 0, &ft->sul, tick, FIRST_US);
 	return 0;
 }
 
