@@ -82,7 +82,7 @@ static int parse_url(struct rc *rc, const char *u, size_t n, struct node *out)
 	out->port = atoi(colon + 1);
 	if (out->port <= 0 || out->port > 65535)
 		return -1;
-	snprintf(out->host, HOST_MAX, "%s", p);
+	snprintf(out->host, HOST_MAX, "%.255s", p);
 	return 0;
 }
 

@@ -18,6 +18,8 @@
 -- Reply: {groups, length, entries-added, last-generated-id,
 --         name of the group with the most unread frames (or ''), its
 --         unread frames, entries trimmed now}
+-- Errors: none of its own; a key of the wrong type fails the script at
+-- XINFO (nothing trimmed).
 local key, dcut = KEYS[1], ARGV[1]
 
 if redis.call('EXISTS', key) == 0 then
