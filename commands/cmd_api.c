@@ -556,8 +556,12 @@ static void on_rollout(redisReply *r, void *arg)
 	for (size_t i = 0; counts->type == REDIS_REPLY_ARRAY && i + 1 < counts->elements; i += 2) {
 		if (i)
 			hub_buf_puts(&o, ",");
+		const redisReply *n = counts->element[i + 1];
 		hub_buf_json_str(&o, counts->element[i]->str, counts->element[i]->len);
-		hub_buf_printf(&o, ":%lld", counts->element[i + 1]->integer);
+		if (n->type == REDIS_REPLY_INTEGER)
+			hub_buf_printf(&o, ":%lld", n->integer);
+		else /* counted by the hub (a cluster: hub/lua/rollout_get.lua) */
+			hub_buf_printf(&o, ":%lld", strtoll(n->str ? n->str : "0", NULL, 10));
 	}
 	hub_buf_puts(&o, "}}");
 	hub_req_respond(rq, c->status ? c->status : 200, "application/json", o.data, o.len);
@@ -690,7 +694,7 @@ static void fleet_create(struct hub_req *rq, const char *body, size_t len)
 		pats_s = json_dumps(arr, JSON_COMPACT);
 		json_decref(arr);
 	}
-	cmd_new_id(c->id, 'r');
+	cmd_new_rollout_id(c->id);
 	c->spec.id = c->id;
 	c->spec.type = schema_type_name(t);
 	c->spec.name = c->name;

@@ -33,7 +33,8 @@
  * first and the script called with it. */
 
 enum { S_CREATE, S_SEND, S_ACK, S_CANCEL, S_TICK, S_GET, S_LIST,
-       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S_DUE, S_RCTL, S__COUNT };
+       S_RCREATE, S_RSTEP, S_RGET, S_OWED, S_DEVICES, S_DUE, S_RCTL,
+       S_RADD, S_RSTATE, S_RONE, S__COUNT };
 
 /* ---- engine state ---------------------------------------------------------- */
 
@@ -98,6 +99,13 @@ void cmd_new_id_for(char out[35], const char *device)
 	do
 		cmd_new_id(out, 'c');
 	while (!hub_slot_fit_id(out, 34, hub_dev_slot(device)));
+}
+
+void cmd_new_rollout_id(char out[35])
+{
+	do
+		cmd_new_id(out, 'r');
+	while (!hub_slot_fit_id(out, 34, hub_slot("hub", 3)));
 }
 
 void cmd_new_id(char out[35], char prefix)
@@ -471,6 +479,8 @@ static void on_step_ids(redisReply *r, void *arg)
 		step_free(st);
 }
 
+static void rollout_step_split(struct cmd_engine *E, const char *rid);
+
 static void rollout_step(struct cmd_engine *E, const char *rid)
 {
 	struct step_ctx *st;
@@ -479,6 +489,10 @@ static void rollout_step(struct cmd_engine *E, const char *rid)
 
 	if (!hub_key_rollout_cmds(key, sizeof(key), rid) || strlen(rid) > CMD_ID_MAX)
 		return;
+	if (hub_redis_split(E->hub->redis)) {
+		rollout_step_split(E, rid);
+		return;
+	}
 	st = hub_xcalloc(1, sizeof(*st));
 	st->E = E;
 	snprintf(st->rid, sizeof(st->rid), "%s", rid);
@@ -707,6 +721,13 @@ static void route_to(struct cmd_engine *E, const char *instance, const char *ver
 		hub_redis_spublish(E->hub->redis, ch, msg, strlen(msg), NULL, NULL);
 	else
 		hub_redis_publish(E->hub->redis, ch, msg, strlen(msg));
+}
+
+bool cmd_routable(const struct hub *hub)
+{
+	const struct cmd_engine *E = hub->cmd;
+
+	return !E || !hub_redis_cluster(hub->redis) || hub_redis_channel_active(E->ctl);
 }
 
 void cmd_route(struct hub *hub, const char *id, const char *device, const char *instance,
@@ -1091,6 +1112,8 @@ void cmd_init(struct hub *hub)
 		[S_LIST] = hub_lua_cmd_list, [S_RCREATE] = hub_lua_rollout_create,
 		[S_RSTEP] = hub_lua_rollout_step, [S_RGET] = hub_lua_rollout_get,
 		[S_OWED] = hub_lua_cmd_owed, [S_DEVICES] = hub_lua_cmd_devices,
+		[S_RADD] = hub_lua_rollout_add, [S_RSTATE] = hub_lua_rollout_state,
+		[S_RONE] = hub_lua_rollout_one,
 		[S_DUE] = hub_lua_cmd_due, [S_RCTL] = hub_lua_rollout_ctl,
 	};
 	struct cmd_engine *E = hub_xcalloc(1, sizeof(*E));
@@ -1154,6 +1177,8 @@ static void rollout_cmd_id(char out[HUB_KEY_MAX], const char *rid, size_t i, con
 
 /* The device type's devices were read (every slot's index): sorted, they
  * are the candidates. */
+static void rollout_create_split(struct then_ctx *t, char **devs, size_t n);
+
 static void rollout_devices(struct then_ctx *t, char **devs, size_t n)
 {
 	struct cmd_engine *E = t->E;
@@ -1162,6 +1187,10 @@ static void rollout_devices(struct then_ctx *t, char **devs, size_t n)
 	char k[HUB_KEY_MAX], id[HUB_KEY_MAX];
 
 	qsort(devs, n, sizeof(*devs), cmp_str);
+	if (hub_redis_split(E->hub->redis)) {
+		rollout_create_split(t, devs, n);
+		return;
+	}
 	call_begin(E, &b, S_RCREATE, 3 + 4 * n, RCREATE_ARGS + 2 * n, true);
 	call_key(&b, k, hub_key_rollout(k, sizeof(k), rid));
 	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), rid));
@@ -1344,6 +1373,601 @@ int cmd_rollout_ctl(struct hub *hub, const char *id, const char *action, hub_red
 	return call_send(E, &b, cb, arg);
 }
 
+/* ---- rollouts where calls keep to one slot (a Redis Cluster) ---------------
+ * The rollout's own keys are in the slot of {hub} (its id is drawn there,
+ * cmd_new_rollout_id), its commands in their devices' slots, so creation, a
+ * release step and a read go in several calls, each safe to repeat or to
+ * run on two instances at once (docs/commands.md "Rollouts on a Redis
+ * Cluster"): hub/lua/rollout_state.lua for the rollout, rollout_add.lua and
+ * rollout_one.lua for its commands. */
+
+#define RADD_BATCH 256           /* candidates per rollout_add call */
+#define RCREATE_GRACE_MS "60000" /* `creating` for longer: its creator died */
+#define RRELEASE_GRACE_MS 5000   /* released, still held that long after: its step died */
+
+/* The value of field in a flat HGETALL reply, or NULL. */
+static const redisReply *hash_field(const redisReply *h, const char *field)
+{
+	for (size_t i = 0; h && h->type == REDIS_REPLY_ARRAY && i + 1 < h->elements; i += 2)
+		if (h->element[i]->type == REDIS_REPLY_STRING && !strcmp(h->element[i]->str, field))
+			return h->element[i + 1];
+	return NULL;
+}
+
+static const char *hash_str(const redisReply *h, const char *field)
+{
+	const redisReply *v = hash_field(h, field);
+
+	return v && v->type == REDIS_REPLY_STRING ? v->str : "";
+}
+
+/* A rollout_state call: its keys (three, two for `read`), then now, action
+ * and the rollout id; nargs more ARGV follow (call_arg). */
+static void call_state(struct cmd_engine *E, hub_buf *b, const char *action, const char *rid,
+		       size_t nargs)
+{
+	char k[HUB_KEY_MAX];
+	bool read = !strcmp(action, "read"); /* any id: without the active set */
+
+	call_begin(E, b, S_RSTATE, read ? 2 : 3, 3 + nargs, false);
+	call_key(b, k, hub_key_rollout(k, sizeof(k), rid));
+	call_key(b, k, hub_key_rollout_cmds(k, sizeof(k), rid));
+	if (!read)
+		call_key(b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
+	hub_resp_int(b, hub_now_ms());
+	call_arg(b, action);
+	call_arg(b, rid);
+}
+
+static void on_ignore(redisReply *r, void *arg)
+{
+	(void)r;
+	(void)arg;
+}
+
+/* -- creation: begin (every candidate's id listed), rollout_add per slot,
+ * open (the list becomes the commands created). Interrupted, the rollout
+ * stays `creating` and a later step cancels what was created. */
+struct rsplit {
+	struct then_ctx *t;      /* the caller's cb; name: the rollout id */
+	size_t n;
+	char **devs;             /* the candidates, sorted */
+	char (*ids)[HUB_KEY_MAX];
+	struct rpos { unsigned slot; size_t i; } *order; /* by slot, then position */
+	bool *matched;
+	size_t pending;
+	bool failed;
+};
+
+struct radd_op {
+	struct rsplit *c;
+	size_t first, m;         /* c->order[first .. first + m) */
+};
+
+static void rsplit_free(struct rsplit *c)
+{
+	for (size_t i = 0; i < c->n; i++)
+		free(c->devs[i]);
+	free(c->devs);
+	free(c->ids);
+	free(c->order);
+	free(c->matched);
+	free(c);
+}
+
+static void rsplit_open(struct rsplit *c)
+{
+	struct cmd_engine *E = c->t->E;
+	hub_buf b = { 0 };
+	size_t m = 0;
+
+	if (c->failed) {
+		then_fail(c->t, NULL); /* 503; the rollout stays `creating` */
+		rsplit_free(c);
+		return;
+	}
+	for (size_t i = 0; i < c->n; i++)
+		m += c->matched[i];
+	call_state(E, &b, "open", c->t->name, m);
+	for (size_t i = 0; i < c->n; i++)
+		if (c->matched[i])
+			call_arg(&b, c->ids[i]);
+	then_send(c->t, &b);
+	rsplit_free(c);
+}
+
+static void on_radd(redisReply *r, void *arg)
+{
+	struct radd_op *o = arg;
+	struct rsplit *c = o->c;
+	size_t j = 0;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("rollout %s: rollout_add: %s", c->t->name, r->str);
+		c->failed = true;
+	}
+	/* The reply lists the matching ids in the call's order. */
+	for (size_t e = 0; r && r->type == REDIS_REPLY_ARRAY && e < r->elements; e++)
+		for (; j < o->m; j++) {
+			size_t i = c->order[o->first + j].i;
+			if (r->element[e]->type == REDIS_REPLY_STRING &&
+			    !strcmp(r->element[e]->str, c->ids[i])) {
+				c->matched[i] = true;
+				j++;
+				break;
+			}
+		}
+	free(o);
+	if (!--c->pending)
+		rsplit_open(c);
+}
+
+static int cmp_slot_pos(const void *a, const void *b)
+{
+	const struct rpos *x = a, *y = b;
+
+	if (x->slot != y->slot)
+		return x->slot < y->slot ? -1 : 1;
+	return x->i < y->i ? -1 : x->i > y->i;
+}
+
+static void rsplit_add(struct rsplit *c, size_t first, size_t m)
+{
+	struct cmd_engine *E = c->t->E;
+	struct radd_op *o = hub_xcalloc(1, sizeof(*o));
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	o->c = c;
+	o->first = first;
+	o->m = m;
+	call_begin(E, &b, S_RADD, 4 * m, RCREATE_ARGS + 2 * m, true);
+	for (size_t j = 0; j < m; j++) {
+		size_t i = c->order[first + j].i;
+		call_key(&b, k, hub_key_dev(k, sizeof(k), c->devs[i]));
+		call_key(&b, k, hub_key_dev_cmdlog(k, sizeof(k), c->devs[i]));
+		call_key(&b, k, hub_key_cmd(k, sizeof(k), c->ids[i]));
+		call_key(&b, k, hub_key_cmd_log(k, sizeof(k), c->ids[i]));
+	}
+	call_now(&b);
+	hub_buf_append(&b, c->t->args.data, c->t->args.len);
+	for (size_t j = 0; j < m; j++) {
+		size_t i = c->order[first + j].i;
+		call_arg(&b, c->devs[i]);
+		call_arg(&b, c->ids[i]);
+	}
+	c->pending++;
+	if (call_send(E, &b, on_radd, o)) {
+		c->pending--;
+		c->failed = true;
+		free(o);
+	}
+}
+
+static void on_rsplit_begun(redisReply *r, void *arg)
+{
+	struct rsplit *c = arg;
+	size_t first = 0;
+
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
+		then_fail(c->t, r);
+		rsplit_free(c);
+		return;
+	}
+	c->pending = 1; /* held while the calls are sent */
+	for (size_t j = 1; j <= c->n; j++)
+		if (j == c->n || j - first == RADD_BATCH || c->order[j].slot != c->order[first].slot) {
+			rsplit_add(c, first, j - first);
+			first = j;
+		}
+	if (!--c->pending)
+		rsplit_open(c);
+}
+
+static void rollout_create_split(struct then_ctx *t, char **devs, size_t n)
+{
+	struct cmd_engine *E = t->E;
+	struct rsplit *c = hub_xcalloc(1, sizeof(*c));
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	c->t = t;
+	c->n = n;
+	c->devs = hub_xcalloc(n ? n : 1, sizeof(*c->devs));
+	c->ids = hub_xcalloc(n ? n : 1, sizeof(*c->ids));
+	c->order = hub_xcalloc(n ? n : 1, sizeof(*c->order));
+	c->matched = hub_xcalloc(n ? n : 1, sizeof(*c->matched));
+	for (size_t i = 0; i < n; i++) {
+		c->devs[i] = hub_xstrdup(devs[i]);
+		rollout_cmd_id(c->ids[i], t->name, i, devs[i]);
+		c->order[i].slot = hub_dev_slot(devs[i]);
+		c->order[i].i = i;
+	}
+	qsort(c->order, n, sizeof(*c->order), cmp_slot_pos);
+	call_begin(E, &b, S_RSTATE, 3, 2 + RCREATE_ARGS + n, false);
+	call_key(&b, k, hub_key_rollout(k, sizeof(k), t->name));
+	call_key(&b, k, hub_key_rollout_cmds(k, sizeof(k), t->name));
+	call_key(&b, HUB_KEY_ROLLOUTS_ACTIVE, sizeof(HUB_KEY_ROLLOUTS_ACTIVE) - 1);
+	hub_resp_int(&b, hub_now_ms());
+	call_arg(&b, "begin");
+	hub_buf_append(&b, t->args.data, t->args.len); /* ARGV[3..17] */
+	for (size_t i = 0; i < n; i++)
+		call_arg(&b, c->ids[i]);
+	if (call_send(E, &b, on_rsplit_begun, c)) {
+		then_fail(t, NULL);
+		rsplit_free(c);
+	}
+}
+
+/* -- a release step: read the rollout and its commands' states, then what
+ * rollout_step decides, command by command (rollout_one) and on the
+ * rollout (rollout_state advance / finish). */
+struct rcmd {
+	char *id, *dev;          /* dev NULL: the command is gone */
+	char status[16];
+	bool held;
+};
+
+struct rstep {
+	struct cmd_engine *E;
+	char rid[CMD_ID_MAX + 1];
+	char status[16];
+	long long released, min_finished;
+	double ratio;
+	bool online_only;
+	size_t n, pending;
+	bool failed;
+	struct rcmd *cmd;
+	const char *fin_from, *fin_to; /* the finish once the cancels are done */
+	size_t next, upto;       /* the releases of this step */
+	int64_t updated_at;
+};
+
+struct rcmd_op {
+	struct rstep *s;
+	size_t i;
+};
+
+static void rstep_free(struct rstep *s)
+{
+	for (size_t i = 0; i < s->n; i++) {
+		free(s->cmd[i].id);
+		free(s->cmd[i].dev);
+	}
+	free(s->cmd);
+	free(s);
+}
+
+/* A rollout_state call with up to two more arguments: 0, or -1 (Redis is
+ * down: cb is not called). */
+static int rstep_state(struct rstep *s, const char *action, const char *a4, const char *a5,
+		       hub_redis_cb cb, void *arg)
+{
+	hub_buf b = { 0 };
+
+	call_state(s->E, &b, action, s->rid, (a4 != NULL) + (a5 != NULL));
+	if (a4)
+		call_arg(&b, a4);
+	if (a5)
+		call_arg(&b, a5);
+	return call_send(s->E, &b, cb, arg);
+}
+
+static bool rcmd_held(const struct rcmd *c)
+{
+	return c->dev && c->held && !strcmp(c->status, "queued");
+}
+
+/* A rollout_one call for command i (action release or cancel). */
+static int rstep_one(struct rstep *s, size_t i, const char *action, const char *why,
+		     hub_redis_cb cb, void *arg)
+{
+	hub_buf b = { 0 };
+
+	call_begin(s->E, &b, S_RONE, 5, 4, true);
+	call_group(&b, s->cmd[i].id, s->cmd[i].dev);
+	call_now(&b);
+	call_arg(&b, s->rid);
+	call_arg(&b, action);
+	call_arg(&b, s->online_only ? "1" : "0");
+	call_arg(&b, why);
+	return call_send(s->E, &b, cb, arg);
+}
+
+/* One cancel less to wait for; after the last, the finish (unless one
+ * failed: the next step cancels again). */
+static void rstep_cancel_done(struct rstep *s)
+{
+	if (--s->pending)
+		return;
+	if (!s->failed)
+		rstep_state(s, "finish", s->fin_from, s->fin_to, on_ignore, NULL);
+	rstep_free(s);
+}
+
+static void on_rstep_canceled(redisReply *r, void *arg)
+{
+	struct rstep *s = arg;
+
+	if (!r || r->type == REDIS_REPLY_ERROR)
+		s->failed = true;
+	rstep_cancel_done(s);
+}
+
+/* The commands not yet released are canceled, then the rollout goes from
+ * `from` to `to`. Frees s. */
+static void rstep_cancel_rest(struct rstep *s, const char *why, const char *from, const char *to)
+{
+	s->fin_from = from;
+	s->fin_to = to;
+	s->pending = 1; /* held while the calls are sent */
+	for (size_t i = (size_t)s->released; i < s->n; i++)
+		if (rcmd_held(&s->cmd[i])) {
+			if (rstep_one(s, i, "cancel", why, on_rstep_canceled, s))
+				s->failed = true;
+			else
+				s->pending++;
+		}
+	rstep_cancel_done(s);
+}
+
+/* Releases the due commands s->next .. s->upto - 1 one after the other
+ * (devices get them in the rollout's order, as on one Redis). Frees s at
+ * the end. */
+static void rstep_release_next(struct rstep *s);
+
+static void on_rstep_released(redisReply *r, void *arg)
+{
+	struct rstep *s = arg;
+
+	on_step(r, s->E);
+	if (!r)
+		s->next = s->upto; /* Redis went down: a later step goes on */
+	rstep_release_next(s);
+}
+
+static void rstep_release_next(struct rstep *s)
+{
+	while (s->next < s->upto) {
+		size_t i = s->next++;
+		if (rcmd_held(&s->cmd[i]) &&
+		    !rstep_one(s, i, "release", "", on_rstep_released, s))
+			return;
+	}
+	rstep_free(s);
+}
+
+static void on_rstep_advanced(redisReply *r, void *arg)
+{
+	struct rstep *s = arg;
+
+	if (el_int(r, 0) == 1 && el_int(r, 1) >= 0 && el_int(r, 2) <= (long long)s->n) {
+		s->next = (size_t)el_int(r, 1);
+		s->upto = (size_t)el_int(r, 2);
+	}
+	rstep_release_next(s);
+}
+
+/* Every command's state is known: what rollout_step would do. */
+static void rstep_decide(struct rstep *s)
+{
+	size_t finished = 0, fails = 0, open = 0;
+
+	if (s->failed) {
+		rstep_free(s); /* the next sweep steps it */
+		return;
+	}
+	if (!strcmp(s->status, "canceling")) {
+		rstep_cancel_rest(s, "rollout canceled", "canceling", "canceled");
+		return;
+	}
+	for (size_t i = 0; i < s->n; i++) {
+		bool final = s->cmd[i].dev && cmd_state_final(s->cmd[i].status);
+		if (!s->cmd[i].dev)
+			continue; /* gone: final */
+		if (!final)
+			open++;
+		else if (i < (size_t)s->released && strcmp(s->cmd[i].status, "canceled")) {
+			finished++;
+			fails += strcmp(s->cmd[i].status, "succeeded") != 0;
+		}
+	}
+	if ((long long)finished >= s->min_finished && finished > 0 &&
+	    (double)fails / (double)finished > s->ratio) {
+		rstep_cancel_rest(s, "rollout aborted: failure ratio crossed", "running", "aborted");
+		return;
+	}
+	if (!open) {
+		rstep_state(s, "finish", "running", "completed", on_ignore, NULL);
+		rstep_free(s);
+		return;
+	}
+	/* Released but still held a while after the last advance: the step
+	 * that advanced died before it released them. */
+	if (hub_now_ms() - s->updated_at > RRELEASE_GRACE_MS)
+		for (size_t i = 0; i < (size_t)s->released && i < s->n; i++)
+			if (rcmd_held(&s->cmd[i]))
+				rstep_one(s, i, "release", "", on_step, s->E);
+	if (rstep_state(s, "advance", NULL, NULL, on_rstep_advanced, s))
+		rstep_free(s);
+}
+
+static void on_rstep_cmd(redisReply *r, void *arg)
+{
+	struct rcmd_op *o = arg;
+	struct rstep *s = o->s;
+	struct rcmd *c = &s->cmd[o->i];
+
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3)
+		s->failed = true;
+	else if (r->element[0]->type == REDIS_REPLY_STRING) {
+		c->dev = hub_xstrdup(r->element[0]->str);
+		snprintf(c->status, sizeof(c->status), "%s", el_or_empty(r, 1));
+		c->held = !strcmp(el_or_empty(r, 2), "1");
+	}
+	free(o);
+	if (!--s->pending)
+		rstep_decide(s);
+}
+
+static void on_rstep_read(redisReply *r, void *arg)
+{
+	struct rstep *s = arg;
+	const redisReply *h, *ids;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+	    (h = r->element[0])->type != REDIS_REPLY_ARRAY ||
+	    (ids = r->element[1])->type != REDIS_REPLY_ARRAY) {
+		rstep_free(s);
+		return;
+	}
+	snprintf(s->status, sizeof(s->status), "%s", hash_str(h, "status"));
+	if (!strcmp(s->status, "creating")) {
+		rstep_state(s, "stale", RCREATE_GRACE_MS, NULL, on_ignore, NULL);
+		rstep_free(s);
+		return;
+	}
+	if (strcmp(s->status, "running") && strcmp(s->status, "canceling")) {
+		if (strcmp(s->status, "paused"))
+			rstep_state(s, "drop", NULL, NULL, on_ignore, NULL);
+		rstep_free(s);
+		return;
+	}
+	s->released = strtoll(hash_str(h, "released"), NULL, 10);
+	s->updated_at = strtoll(hash_str(h, "updated_at"), NULL, 10);
+	s->min_finished = strtoll(hash_str(h, "min_finished"), NULL, 10);
+	s->ratio = strtod(hash_str(h, "abort_failure_ratio"), NULL);
+	s->online_only = !strcmp(hash_str(h, "online_only"), "1");
+	s->n = ids->elements;
+	s->cmd = hub_xcalloc(s->n ? s->n : 1, sizeof(*s->cmd));
+	s->pending = 1; /* held while the reads are sent */
+	for (size_t i = 0; i < s->n; i++) {
+		char key[HUB_KEY_MAX];
+		const char *argv[5] = { "HMGET", key, "device", "status", "held" };
+		struct rcmd_op *o;
+
+		s->cmd[i].id = hub_xstrdup(el_or_empty(ids, i));
+		if (!hub_key_cmd(key, sizeof(key), s->cmd[i].id))
+			continue;
+		o = hub_xcalloc(1, sizeof(*o));
+		o->s = s;
+		o->i = i;
+		if (hub_redis_command_argv(s->E->hub->redis, on_rstep_cmd, o, 5, argv, NULL)) {
+			free(o);
+			s->failed = true;
+			break;
+		}
+		s->pending++;
+	}
+	if (!--s->pending)
+		rstep_decide(s);
+}
+
+static void rollout_step_split(struct cmd_engine *E, const char *rid)
+{
+	struct rstep *s = hub_xcalloc(1, sizeof(*s));
+
+	s->E = E;
+	snprintf(s->rid, sizeof(s->rid), "%s", rid);
+	if (rstep_state(s, "read", NULL, NULL, on_rstep_read, s))
+		rstep_free(s);
+}
+
+/* -- a read: the rollout, its commands' states counted here, then
+ * rollout_get with the counts. */
+struct rget {
+	struct then_ctx *t;
+	size_t pending;
+	bool failed;
+	size_t nst;
+	struct { char name[16]; long long n; } st[16];
+};
+
+static void rget_done(struct rget *g)
+{
+	struct cmd_engine *E = g->t->E;
+	hub_buf b = { 0 };
+	char k[HUB_KEY_MAX];
+
+	if (g->failed) {
+		then_fail(g->t, NULL);
+		free(g);
+		return;
+	}
+	call_begin(E, &b, S_RGET, 1, 2 * g->nst, false);
+	call_key(&b, k, hub_key_rollout(k, sizeof(k), g->t->name));
+	for (size_t i = 0; i < g->nst; i++) {
+		call_arg(&b, g->st[i].name);
+		hub_resp_int(&b, g->st[i].n);
+	}
+	then_send(g->t, &b);
+	free(g);
+}
+
+static void on_rget_status(redisReply *r, void *arg)
+{
+	struct rget *g = arg;
+	const char *st = r && r->type == REDIS_REPLY_STRING ? r->str : "unknown";
+	size_t i;
+
+	if (!r || r->type == REDIS_REPLY_ERROR)
+		g->failed = true;
+	for (i = 0; i < g->nst && strcmp(g->st[i].name, st); i++)
+		;
+	if (i == g->nst && i < sizeof(g->st) / sizeof(g->st[0])) {
+		snprintf(g->st[i].name, sizeof(g->st[i].name), "%s", st);
+		g->nst++;
+	}
+	if (i < g->nst)
+		g->st[i].n++;
+	if (!--g->pending)
+		rget_done(g);
+}
+
+static void on_rget_read(redisReply *r, void *arg)
+{
+	struct rget *g = arg;
+	const redisReply *ids;
+
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+	    (ids = r->element[1])->type != REDIS_REPLY_ARRAY) {
+		then_fail(g->t, r);
+		free(g);
+		return;
+	}
+	g->pending = 1; /* held while the reads are sent */
+	for (size_t i = 0; i < ids->elements; i++) {
+		char key[HUB_KEY_MAX];
+		const char *argv[3] = { "HGET", key, "status" };
+
+		if (!hub_key_cmd(key, sizeof(key), el_or_empty(ids, i)))
+			continue;
+		if (hub_redis_command_argv(g->t->E->hub->redis, on_rget_status, g, 3, argv, NULL)) {
+			g->failed = true;
+			break;
+		}
+		g->pending++;
+	}
+	if (!--g->pending)
+		rget_done(g);
+}
+
+static int rollout_get_split(struct cmd_engine *E, const char *id, hub_redis_cb cb, void *arg)
+{
+	struct rget *g = hub_xcalloc(1, sizeof(*g));
+	hub_buf b = { 0 };
+
+	g->t = then_new(E, cb, arg, id);
+	call_state(E, &b, "read", id, 0);
+	if (call_send(E, &b, on_rget_read, g)) {
+		then_free(g->t);
+		free(g);
+		return -1;
+	}
+	return 0;
+}
+
 int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 {
 	struct cmd_engine *E = hub->cmd;
@@ -1354,6 +1978,8 @@ int cmd_rollout_get(struct hub *hub, const char *id, hub_redis_cb cb, void *arg)
 		return -1;
 	if (!hub_key_rollout_cmds(key, sizeof(key), id))
 		return -1;
+	if (hub_redis_split(hub->redis))
+		return rollout_get_split(E, id, cb, arg);
 	return then_read(then_new(E, cb, arg, id), on_rollout_ids, 4, argv);
 }
 

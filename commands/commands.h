@@ -91,6 +91,14 @@ void cmd_rollout_kick(struct hub *hub, const char *id);
  * (iot:cmd:{<id>}) share the slot of the device's keys (hub_slot_fit_id). */
 void cmd_new_id(char out[35], char prefix);
 void cmd_new_id_for(char out[35], const char *device);
+/* A rollout id "r_<32 hex>" drawn in the slot of {hub}: a rollout's keys
+ * (iot:rollout:{<id>}) share the slot of the active set on a cluster. */
+void cmd_new_rollout_id(char out[35]);
+
+/* Whether commands routed to this instance by others reach it: on a Redis
+ * Cluster, once its sharded control channel is subscribed (the hub listens
+ * only then); on one Redis always (the pub/sub connection comes first). */
+bool cmd_routable(const struct hub *hub);
 
 /* Tracks a deadline locally (the engine arms its timer). */
 void cmd_track(struct hub *hub, const char *id, int64_t deadline_ms);

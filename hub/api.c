@@ -216,8 +216,18 @@ static bool entry_out(hub_buf *o, const redisReply *e, long long from, long long
 	    e->element[0]->type != REDIS_REPLY_STRING)
 		return false;
 	const redisReply *tsr = field(e->element[1], "ts"), *data = field(e->element[1], "data");
-	return entry_out_fields(o, e->element[0]->str, tsr ? tsr->str : NULL,
-				data ? data->str : NULL, data ? data->len : 0, from, to, csv);
+	const redisReply *anom = field(e->element[1], "anom");
+	if (!entry_out_fields(o, e->element[0]->str, tsr ? tsr->str : NULL,
+			      data ? data->str : NULL, data ? data->len : 0, from, to, csv))
+		return false;
+	if (anom && anom->type == REDIS_REPLY_STRING && !csv) {
+		/* the reading's anomaly flags (docs/anomalies.md), as stored */
+		o->len--;
+		hub_buf_puts(o, ",\"anomalies\":");
+		hub_buf_append(o, anom->str, anom->len);
+		hub_buf_puts(o, "}");
+	}
+	return true;
 }
 
 /* A stream entry's id "<ms>-<n>" as a pair (0-0 when it is not one). */

@@ -47,6 +47,7 @@ struct auth_api_key {
 	char name[AUTH_ID_MAX + 1];
 	unsigned scopes;
 	auth_patterns devices;
+	char tier[AUTH_TIER_MAX + 1];   /* "" when the key names none */
 };
 
 struct hub_auth {
@@ -547,10 +548,11 @@ static int auth_parse_api_key(const json_t *e, size_t idx, const char *path,
 	}
 	json_object_foreach((json_t *)e, field, v) {
 		if (strcmp(field, "name") && strcmp(field, "sha256") &&
-		    strcmp(field, "scopes") && strcmp(field, "devices")) {
+		    strcmp(field, "scopes") && strcmp(field, "devices") &&
+		    strcmp(field, "tier")) {
 			auth_seterr(err, errlen, "api keys file %s: entry %zu: "
 				    "unknown field \"%.32s\" (known: name, sha256, "
-				    "scopes, devices)", path, idx, field);
+				    "scopes, devices, tier)", path, idx, field);
 			return -1;
 		}
 	}
@@ -600,6 +602,17 @@ static int auth_parse_api_key(const json_t *e, size_t idx, const char *path,
 		}
 		k->scopes |= bit;
 	}
+
+	v = json_object_get(e, "tier");
+	if (v && (!json_is_string(v) || !json_string_length(v) ||
+		  json_string_length(v) > AUTH_TIER_MAX)) {
+		auth_seterr(err, errlen, "api keys file %s: entry %zu (%s): \"tier\" must be "
+			    "a string of 1-%d characters (a tier of api-tiers)", path, idx,
+			    k->name, AUTH_TIER_MAX);
+		return -1;
+	}
+	if (v)
+		memcpy(k->tier, json_string_value(v), json_string_length(v) + 1);
 
 	v = json_object_get(e, "devices");
 	if (!v) {
@@ -946,6 +959,7 @@ enum auth_result auth_check_api_key(const hub_auth *a, const char *key, size_t l
 	memcpy(out->name, k->name, sizeof(out->name));
 	out->scopes = k->scopes;
 	auth_patterns_copy(&out->devices, &k->devices);
+	memcpy(out->tier, k->tier, sizeof(out->tier));
 	out->exp = 0;
 	out->is_api_key = true;
 	return AUTH_OK;

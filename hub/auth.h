@@ -33,6 +33,8 @@ typedef struct auth_patterns {
 } auth_patterns;
 
 /* Who a verified token or key speaks for. Owns its strings. */
+#define AUTH_TIER_MAX 32          /* longest tier name of an API key */
+
 typedef struct auth_principal {
 	char name[129];         /* JWT sub, or the API key's name */
 	char jti[65];           /* JWT jti when a string of 1..64 bytes, else "" */
@@ -41,6 +43,7 @@ typedef struct auth_principal {
 	int64_t exp;            /* JWT exp (seconds), 0 for API keys */
 	bool has_devices_claim; /* JWT: the `devices` claim was present */
 	bool is_api_key;
+	char tier[AUTH_TIER_MAX + 1]; /* API key: its "tier" ("" = api-default-tier) */
 } auth_principal;
 
 typedef struct auth_config {

@@ -9,6 +9,7 @@
 
 #include "hub/log.h"
 #include "hub/opts.h"
+#include "hub/rollup_core.h"
 #include "hub/util.h"
 
 #define O(n, t, f, d, lo, hi, h) { n, t, offsetof(struct hub_config, f), d, lo, hi, h, NULL, 0, NULL, NULL }
@@ -74,12 +75,24 @@ static const struct opt opts[] = {
 	O("stream-slow-policy", OPT_STR, stream_slow_policy, "drop", 0, 0, "a dashboard whose queue overflows: drop (oldest, with gap) or close (4008)"),
 	O("stream-replay-page", OPT_INT, stream_replay_page, "256", 1, 100000, "feed entries per XRANGE page of a since replay"),
 	O("aggregate-grace-ms", OPT_INT, aggregate_grace_ms, "1000", 0, 600000, "how long after a window ends partial aggregates are awaited"),
+	O("anomaly-flush-ms", OPT_INT, anomaly_flush_ms, "1000", 10, 600000, "how often changed anomaly models are written to Redis"),
+	O("anomaly-state-ttl-s", OPT_INT, anomaly_state_ttl_s, "604800", 60, 315360000, "how long a device's anomaly models stay in Redis after their last write"),
 	O("http-header-timeout-s", OPT_INT, http_header_timeout_s, "10", 1, 3600, "a connection must complete its request line and headers within this time"),
 	O("http-body-timeout-s", OPT_INT, http_body_timeout_s, "10", 1, 3600, "a request body must arrive completely within this time of its headers"),
 	O("http-keepalive-timeout-s", OPT_INT, http_keepalive_timeout_s, "5", 1, 3600, "an idle keep-alive HTTP connection is closed after this time"),
 	O("audit-max-entries", OPT_LONG, audit_max_entries, "100000", 1000, 1e8, "operator actions kept in the audit log (oldest trimmed first)"),
 	O("audit-retention-days", OPT_INT, audit_retention_days, "90", 1, 36500, "audit entries older than this are trimmed (checked every minute)"),
 	O("web-root", OPT_STR, web_root, NULL, 0, 0, "directory of the browser dashboard served at / (unset: not served)"),
+	O("rollups", OPT_INT, rollups, "1", 0, 1, "1: every stored reading's numeric fields are rolled up into 1m/1h/1d buckets in Redis for GET /v1/aggregates; 0: off"),
+	O("rollup-flush-ms", OPT_INT, rollup_flush_ms, "1000", 50, 60000, "how often the hub merges its rollup partials into Redis"),
+	O("rollup-retention-1m-s", OPT_LONG, rollup_retention_1m_s, "604800", 3600, 315360000, "how long a 1-minute rollup bucket is kept after it ends"),
+	O("rollup-retention-1h-s", OPT_LONG, rollup_retention_1h_s, "7776000", 3600, 315360000, "how long a 1-hour rollup bucket is kept after it ends"),
+	O("rollup-retention-1d-s", OPT_LONG, rollup_retention_1d_s, "63072000", 86400, 315360000, "how long a 1-day rollup bucket is kept after it ends"),
+	O("aggregates-cache-ttl-ms", OPT_INT, aggregates_cache_ttl_ms, "5000", 0, 3600000, "identical GET /v1/aggregates queries within this time are answered from Redis (0: no cache and no single-flight)"),
+	O("aggregates-lock-ms", OPT_INT, aggregates_lock_ms, "5000", 100, 600000, "single-flight: how long the instance computing a query holds its lock before others may compute it too"),
+	O("aggregates-max-devices", OPT_INT, aggregates_max_devices, "1000", 1, 100000, "devices one GET /v1/aggregates query may select (422 beyond)"),
+	O("api-tiers", OPT_STR, api_tiers, "free:10/1:604800,standard:100/1:7776000,internal:0/1:94867200", 0, 0, "usage tiers of API keys for GET /v1/aggregates: name:requests/window_s:max_range_s, comma-separated (requests 0: unlimited)"),
+	O("api-default-tier", OPT_STR, api_default_tier, "standard", 0, 0, "the tier of an API key that names none (or names a tier api-tiers does not define)"),
 };
 
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))
@@ -403,6 +416,24 @@ static int parse_redis(struct hub_config *cfg, char *err, size_t errlen)
 	return 0;
 }
 
+/* api-tiers parses and names api-default-tier (docs/analytics.md). */
+static int validate_tiers(const struct hub_config *cfg, char *err, size_t errlen)
+{
+	struct ru_tiers t;
+	char why[160];
+
+	if (!cfg->api_tiers || ru_tiers_parse(cfg->api_tiers, &t, why, sizeof(why))) {
+		seterr(err, errlen, "api-tiers: %s", cfg->api_tiers ? why : "required");
+		return -1;
+	}
+	if (!cfg->api_default_tier || !ru_tiers_find(&t, cfg->api_default_tier)) {
+		seterr(err, errlen, "api-default-tier: \"%s\" is not a tier of api-tiers",
+		       cfg->api_default_tier ? cfg->api_default_tier : "");
+		return -1;
+	}
+	return 0;
+}
+
 int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 {
 	if (!cfg->listen || parse_hostport(cfg->listen, cfg->listen_host,
@@ -422,6 +453,8 @@ int hub_config_validate(struct hub_config *cfg, char *err, size_t errlen)
 		seterr(err, errlen, "data-dir: a directory is required with redis embedded");
 		return -1;
 	}
+	if (validate_tiers(cfg, err, errlen))
+		return -1;
 	if (cfg->ack_durability && !strcmp(cfg->ack_durability, "accepted")) {
 		cfg->ack_mode = HUB_ACK_ACCEPTED;
 	} else if (cfg->ack_durability && !strcmp(cfg->ack_durability, "fsync")) {

@@ -92,12 +92,24 @@ struct hub_config {
 	char *stream_slow_policy;
 	int stream_replay_page;
 	int aggregate_grace_ms;
+	int anomaly_flush_ms;
+	int anomaly_state_ttl_s;
 	int http_header_timeout_s;
 	int http_body_timeout_s;
 	long audit_max_entries;
 	int audit_retention_days;
 	int http_keepalive_timeout_s;
 	char *web_root;
+	int rollups;               /* 0: readings are not rolled up (docs/analytics.md) */
+	int rollup_flush_ms;
+	long rollup_retention_1m_s;
+	long rollup_retention_1h_s;
+	long rollup_retention_1d_s;
+	int aggregates_cache_ttl_ms;
+	int aggregates_lock_ms;
+	int aggregates_max_devices;
+	char *api_tiers;
+	char *api_default_tier;
 
 	/* --dev (command line only): development settings are allowed. */
 	bool dev;

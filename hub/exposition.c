@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <sys/resource.h>
 
+#include "hub/anomaly.h"
 #include "hub/durability.h"
 #include "hub/feedtrim.h"
 #include "hub/http.h"
@@ -81,6 +82,44 @@ static void histogram(hub_buf *o, const char *name, const char *help,
 {
 	hub_buf_printf(o, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
 	histogram_samples(o, name, "", h);
+}
+
+static void analytics_metrics(hub_buf *o, const struct hub_analytics_metrics *a)
+{
+	counter(o, "iot_hub_rollup_flushes_total", "Rollup flushes merged into Redis.",
+		a->rollup_flushes);
+	counter(o, "iot_hub_rollup_partials_total",
+		"Rollup partials (device, field, bucket) merged into Redis.", a->rollup_partials);
+	counter(o, "iot_hub_rollup_retries_total", "Rollup flushes sent again after a lost reply.",
+		a->rollup_retries);
+	counter(o, "iot_hub_rollup_lost_total", "Rollup flushes given up (Redis away too long).",
+		a->rollup_lost);
+	counter(o, "iot_hub_aggregate_queries_total", "GET /v1/aggregates answers (200).",
+		a->queries);
+	counter(o, "iot_hub_aggregate_cache_hits_total",
+		"GET /v1/aggregates answers found in the cache.", a->cache_hits);
+	counter(o, "iot_hub_aggregate_cache_shared_total",
+		"GET /v1/aggregates answers computed by another request while this one waited.",
+		a->cache_shared);
+	counter(o, "iot_hub_aggregate_computations_total",
+		"GET /v1/aggregates answers computed from the rollups by this instance.",
+		a->computations);
+	counter(o, "iot_hub_aggregate_busy_total",
+		"GET /v1/aggregates answered 503 because too many queries were computing here.",
+		a->busy);
+	if (a->ntiers) {
+		counters(o, "iot_hub_tier_requests_total",
+			 "GET /v1/aggregates requests by the tier of their API key.", "tier",
+			 a->tier_names, a->tier_requests, a->ntiers);
+		counters(o, "iot_hub_tier_rate_limited_total",
+			 "GET /v1/aggregates requests refused with 429 by the tier's request rate.",
+			 "tier", a->tier_names, a->tier_refused_rate, a->ntiers);
+		counters(o, "iot_hub_tier_range_refused_total",
+			 "GET /v1/aggregates requests refused with 422: range over the tier's.",
+			 "tier", a->tier_names, a->tier_refused_range, a->ntiers);
+	}
+	histogram(o, "iot_hub_aggregate_query_seconds",
+		  "GET /v1/aggregates: request to answer started.", &a->query_latency);
 }
 
 static void route_answers(const struct hub_route_stat *s, void *arg)
@@ -222,10 +261,14 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		m->stream_slow_closed_total);
 	counter(o, "iot_hub_stream_replayed_total", "Readings replayed from the feed for since.",
 		m->stream_replayed_total);
+	counters(o, "iot_hub_anomalies_total",
+		 "Fields of readings flagged by their anomaly model on this instance, by kind.",
+		 "kind", anom_kind_names + 1, m->anomalies + 1, HUB_ANOM_KINDS - 1);
 	counter(o, "iot_hub_aggregate_late_readings_total", "Readings too old to aggregate.",
 		m->aggregate_late_readings_total);
 	counter(o, "iot_hub_aggregate_late_partials_total", "Partial aggregates that came after their window was emitted.",
 		m->aggregate_late_partials_total);
+	analytics_metrics(o, &m->analytics);
 	counter(o, "iot_hub_commands_created_total", "Commands created over HTTP.",
 		m->commands_created_total);
 	counter(o, "iot_hub_commands_sent_total", "Command messages sent to gateways (resends included).",
@@ -306,3 +349,4 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	hub_feedtrim_expose(hub, o);
 	process_metrics(o);
 }
+_Static_assert(ANOM__COUNT == HUB_ANOM_KINDS, "HUB_ANOM_KINDS follows enum anom_kind");

@@ -109,6 +109,8 @@ void hub_http_add_upgrade(struct hub *hub, const char *path, const char *subprot
 
 /* ---- the request ------------------------------------------------------------- */
 
+#define HUB_REQ_EXTRA_MAX 256
+
 struct hub_req {
 	unsigned refs;
 	struct lws *wsi;            /* NULL once the client has gone */
@@ -126,6 +128,8 @@ struct hub_req {
 	hub_req_drained_cb drained;
 	void *ctx;
 	void (*ctx_free)(void *);
+	char extra[HUB_REQ_EXTRA_MAX]; /* hub_req_add_header: "name: value\0" pairs */
+	size_t extra_len;
 };
 
 /* Per request (lws frees and reallocates it for every keep-alive
@@ -236,6 +240,13 @@ static int build_head(struct http_pss *pss, const struct hub_req *rq, size_t len
 					(const unsigned char *)WWW_AUTHENTICATE,
 					sizeof(WWW_AUTHENTICATE) - 1, &p, end))
 		return -1;
+	for (size_t at = 0; at < rq->extra_len;) {
+		const char *name = rq->extra + at, *val = name + strlen(name) + 1;
+		if (lws_add_http_header_by_name(wsi, (const unsigned char *)name,
+						(const unsigned char *)val, (int)strlen(val), &p, end))
+			return -1;
+		at = (size_t)(val - rq->extra) + strlen(val) + 1;
+	}
 	if (pss->close_after &&
 	    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
 					(const unsigned char *)"close", 5, &p, end))
@@ -415,6 +426,18 @@ bool hub_req_gone(const struct hub_req *rq)
 {
 	return !rq->wsi || rq->aborted || (rq->answered && !rq->chunked) ||
 	       (rq->chunked && rq->final);
+}
+
+int hub_req_add_header(struct hub_req *rq, const char *name, const char *value)
+{
+	size_t nl = strlen(name), vl = strlen(value);
+
+	if (rq->answered || rq->extra_len + nl + vl + 2 > sizeof(rq->extra))
+		return -1;
+	memcpy(rq->extra + rq->extra_len, name, nl + 1);
+	memcpy(rq->extra + rq->extra_len + nl + 1, value, vl + 1);
+	rq->extra_len += nl + vl + 2;
+	return 0;
 }
 
 void hub_req_set_ctx(struct hub_req *rq, void *ctx, void (*ctx_free)(void *))

@@ -152,6 +152,11 @@ void hub_req_ref(struct hub_req *rq);
 /* Frees rq (and its ctx, with the ctx_free given) with the last reference. */
 void hub_req_unref(struct hub_req *rq);
 
+/* Adds a response header ("retry-after:", "x-cache:": lower case, with
+ * the colon) to the answer not yet started. At most 256 bytes of them per
+ * request; -1 beyond or once the answer has started. */
+int hub_req_add_header(struct hub_req *rq, const char *name, const char *value);
+
 /* Per-route state, freed with rq. */
 void hub_req_set_ctx(struct hub_req *rq, void *ctx, void (*ctx_free)(void *));
 void *hub_req_ctx(const struct hub_req *rq);

@@ -34,6 +34,8 @@ struct hub_feedtrim;
 struct agg;
 struct stream;
 struct gateways;
+struct hub_rollup;
+struct analytics;
 
 struct hub {
 	struct hub_config cfg;
@@ -75,6 +77,9 @@ struct hub {
 	struct agg *agg;
 	struct gateways *gw;
 	struct stream *stream;
+	struct hub_rollup *rollup;         /* hub/rollup.c (NULL with rollups 0) */
+	struct analytics *analytics;       /* hub/analytics.c */
+	struct anom *anom;                 /* protocols/anomaly.c */
 
 	struct hub_metrics metrics;
 

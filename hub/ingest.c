@@ -189,8 +189,17 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		hub_resp_int(a, (int64_t)g[i].off + 1);            /* Lua: 1-based, inclusive */
 		hub_resp_int(a, (int64_t)(g[i].off + g[i].len));
 	}
+	size_t na = 0;
+	for (size_t i = 0; i < n; i++)
+		na += r[i].anom_len > 0;
+	hub_resp_int(a, (int64_t)na);
+	for (size_t i = 0; i < n && na; i++)
+		if (r[i].anom_len) {
+			hub_resp_int(a, (int64_t)i + 1);        /* Lua: 1-based */
+			hub_resp_arg(a, r[i].anom, r[i].anom_len);
+		}
 	B->nkeys += 1 + n;
-	B->nargs += 4 + 2 * n + 1 + 3 * ng;
+	B->nargs += 4 + 2 * n + 1 + 3 * ng + 1 + 2 * na;
 	if (B->nframes == B->cap) {
 		B->cap = B->cap ? B->cap * 2 : 16;
 		B->cbs = hub_xrealloc(B->cbs, B->cap * sizeof(*B->cbs));

@@ -137,6 +137,13 @@ static inline size_t hub_key_dev_cancels(char *buf, size_t n, const char *device
 	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":cancels");
 }
 
+/* iot:dev:{<device>}:anom: the device's anomaly models, a field per marked
+ * telemetry field (protocols/anomaly.c). */
+static inline size_t hub_key_dev_anom(char *buf, size_t n, const char *device)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_DEV, device, ":anom");
+}
+
 /* iot:tm:{<device>}: the device's telemetry stream in layout 2 (renamed to
  * hub_key_tm_shard by the 2 -> 3 migration). */
 static inline size_t hub_key_tm(char *buf, size_t n, const char *device)
@@ -539,5 +546,55 @@ static inline size_t hub_key_runslots(char *buf, size_t n, const char *run)
 #define HUB_KEY_AUDIT            "iot:{ops}:audit"       /* stream of operator actions */
 #define HUB_KEY_REVOKED          "iot:{ops}:revoked"     /* "sub:<gateway>"/"jti:<id>" -> JSON */
 #define HUB_CH_REVOKED           "iot:{ops}:revocations" /* "add|lift <kind>:<value>" */
+
+/* Rollups and the analytics API (hub/rollup.c, hub/analytics.c,
+ * docs/analytics.md). Rollup keys carry the hash tag {i<k>} of rollup shard
+ * k = hub_ingest_shard_of(<device>, N) (N: the ingest shards), so one
+ * script call touches one slot; a query reads every shard and merges. */
+#define HUB_KEY_RU               "iot:ru:"       /* {i<k>}:applied, :devs, :<g>:<start> */
+#define HUB_KEY_AQ               "iot:aq:"       /* {<query hash>}, {<query hash>}:lock */
+#define HUB_KEY_TIER             "iot:tier:"     /* {<API key name>} */
+
+/* iot:ru:{i<k>}:applied: the flush ids merged lately (zset). */
+static inline size_t hub_key_ru_applied(char *buf, size_t n, unsigned shard)
+{
+	return hub_key_shard_(buf, n, HUB_KEY_RU, shard, "applied", "");
+}
+
+/* iot:ru:{i<k>}:devs: device -> "<type>\t<labels JSON>" of the devices
+ * with rollups in the shard. */
+static inline size_t hub_key_ru_devs(char *buf, size_t n, unsigned shard)
+{
+	return hub_key_shard_(buf, n, HUB_KEY_RU, shard, "devs", "");
+}
+
+/* iot:ru:{i<k>}:<g>:<start ms>: the bucket of granularity g ("1m", "1h",
+ * "1d") starting at start: field "<device>|<field>" -> partial. */
+static inline size_t hub_key_ru_bucket(char *buf, size_t n, unsigned shard, const char *g,
+				       int64_t start)
+{
+	char name[48];
+
+	snprintf(name, sizeof(name), "%s:%lld", g, (long long)start);
+	return hub_key_shard_(buf, n, HUB_KEY_RU, shard, name, "");
+}
+
+/* iot:aq:{<hash>}: a cached analytics answer; iot:aq:{<hash>}:lock: its
+ * single-flight lock (hash: hex digest of the normalized query). */
+static inline size_t hub_key_aq(char *buf, size_t n, const char *hash)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_AQ, hash, "");
+}
+
+static inline size_t hub_key_aq_lock(char *buf, size_t n, const char *hash)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_AQ, hash, ":lock");
+}
+
+/* iot:tier:{<key name>}: an API key's request count in its tier window. */
+static inline size_t hub_key_tier(char *buf, size_t n, const char *key_name)
+{
+	return HUB_KEY_BRACED_(buf, n, HUB_KEY_TIER, key_name, "");
+}
 
 #endif

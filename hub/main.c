@@ -11,9 +11,12 @@
 #include <openssl/ssl.h>
 
 #include "commands/cmd_api.h"
+#include "commands/commands.h"
+#include "hub/analytics.h"
 #include "hub/api.h"
 #include "hub/audit.h"
 #include "hub/revoke.h"
+#include "hub/rollup.h"
 #include "hub/durability.h"
 #include "hub/embedded_redis.h"
 #include "hub/http.h"
@@ -32,11 +35,11 @@
 #include "hub/redis.h"
 #include "hub/ingest.h"
 #include "hub/feedtrim.h"
+#include "protocols/anomaly.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
 #include "protocols/agg.h"
 #include "protocols/stream.h"
-#include "commands/commands.h"
 #include "hub_lua.h"
 
 #define STARTUP_TICK_US (10 * 1000)
@@ -115,34 +118,12 @@ static bool layout_gate(redisReply *r, void *arg)
 	const redisReply *ok, *v;
 
 	if (r->type == REDIS_REPLY_ERROR && !strncmp(r->str, "CROSSSLOT", 9)) {
-		/* A Redis Cluster (the check reads the layout-1/2 keys beside
-		 * iot:{hub}:layout). Layout 3 is not single-slot everywhere yet
-		 * (docs/streams.md "Redis Cluster": the store, announce's run
-		 * set, reap, cmd_owed, rollouts): still refused. When it is,
-		 * this passes (a cluster never held layout 1 or 2).
-		 * IOT_HUB_ALLOW_CLUSTER_PARTIAL=1 (tests only, undocumented on
-		 * purpose): run anyway, for the flows that are single-slot
-		 * already (telemetry ingest, history, the dashboard stream). */
-		const char *partial = getenv("IOT_HUB_ALLOW_CLUSTER_PARTIAL");
-		if (partial && !strcmp(partial, "1")) {
-			static bool warned;
-			if (!warned) {
-				warned = true;
-				hub_warn("IOT_HUB_ALLOW_CLUSTER_PARTIAL=1: running on a Redis Cluster "
-					 "whose key layout is not all single-slot (tests only)");
-				hub_emit(hub, HUB_EV_REDIS_READY, NULL);
-			}
-			return true;
-		}
-		if (!layout_refused) {
-			layout_refused = true;
-			hub_err("Redis at %s:%d is a Redis Cluster: key layout " HUB_LAYOUT_VERSION
-				" still puts keys of some calls in several hash slots, so it does not "
-				"run on a cluster yet; use one Redis (docs/streams.md \"Redis Cluster\")",
-				hub->cfg.redis_host, hub->cfg.redis_port);
-			redis_fatal(hub);
-		}
-		return false;
+		/* A Redis Cluster: the check reads the layout-1/2 keys beside
+		 * iot:{hub}:layout, which a cluster never held (those layouts
+		 * did not run on one); lease_renew checks the version there
+		 * (docs/streams.md "Redis Cluster"). */
+		hub_emit(hub, HUB_EV_REDIS_READY, NULL);
+		return true;
 	}
 	if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    (ok = r->element[0])->type != REDIS_REPLY_INTEGER ||
@@ -187,11 +168,12 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 
 	if (hub->draining)
 		return; /* refused (key layout, durability) before it listened */
-	/* Up, told the ingest shard count (after the layout-2 migration), and
-	 * the revocation list read: gateways are accepted from the first
-	 * connection on. */
+	/* Up, told the ingest shard count (after the layout-2 migration), the
+	 * revocation list read, and (a cluster) the sharded channel that
+	 * commands are routed to this instance on subscribed: gateways are
+	 * accepted from the first connection on. */
 	if ((!hub_redis_up(hub->redis) || !hub_ingest_shards(hub) ||
-	     !hub_revocations_loaded(hub)) &&
+	     !hub_revocations_loaded(hub) || !cmd_routable(hub)) &&
 	    hub_mono_us() < startup_deadline_us) {
 		lws_sul_schedule(hub->ctx, 0, sul, startup_tick, STARTUP_TICK_US);
 		return;
@@ -259,11 +241,14 @@ static const struct hub_module *const modules[] = {
 	&hub_feedtrim_module,  /* the feed follows its slowest sink */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
+	&hub_rollup_module,    /* 1m/1h/1d rollups of stored readings */
+	&anom_module,          /* anomaly models (before gw: stopped after it) */
 	&gw_module,            /* gateways: /v1/gateway */
 	&stream_module,        /* dashboards: /v1/stream (aggregates from agg) */
 	&cmd_module,           /* the command lifecycle */
 	&cmd_api_module,       /* its routes */
 	&hub_api_module,       /* device and telemetry routes */
+	&hub_analytics_module, /* GET /v1/aggregates: rollups, cache, tiers */
 	&hub_audit_module,     /* the audit log of operator actions */
 	&hub_revoke_module,    /* revoked gateway credentials */
 	&hub_ops_module,       /* health, readiness, metrics, API document, web-root */

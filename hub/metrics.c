@@ -23,7 +23,7 @@ void hub_hist_observe(struct hub_histogram *h, double seconds)
 }
 
 const char *const hub_stream_kinds[HUB_STREAM_KINDS] = {
-	"raw", "1s", "10s", "1m", "presence", "commands",
+	"raw", "1s", "10s", "1m", "presence", "commands", "anomalies",
 };
 
 const char *const hub_cmd_final_states[HUB_CMD_FINAL_STATES] = {

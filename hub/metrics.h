@@ -41,12 +41,36 @@ struct hub_histogram {
 	double sum;
 };
 
+/* Rollups and the analytics API (docs/analytics.md, docs/metrics.md). The
+ * tier counters are indexed like api-tiers; tier_names holds its names. */
+#define HUB_TIERS_MAX 8
+struct hub_analytics_metrics {
+	uint64_t rollup_flushes;           /* rollup_apply calls answered */
+	uint64_t rollup_partials;          /* (device, field, bucket) partials merged */
+	uint64_t rollup_retries;           /* flushes sent again after a lost reply */
+	uint64_t rollup_lost;              /* flushes given up (Redis away too long) */
+	uint64_t queries;                  /* GET /v1/aggregates answered 200 */
+	uint64_t cache_hits;               /* ... from the cache */
+	uint64_t cache_shared;             /* ... computed by another request meanwhile */
+	uint64_t computations;             /* queries computed from the rollups here */
+	uint64_t busy;                     /* 503: too many computing at once here */
+	uint64_t tier_requests[HUB_TIERS_MAX];
+	uint64_t tier_refused_rate[HUB_TIERS_MAX];  /* 429 */
+	uint64_t tier_refused_range[HUB_TIERS_MAX]; /* 422: range over the tier's */
+	const char *tier_names[HUB_TIERS_MAX];
+	int ntiers;
+	struct hub_histogram query_latency; /* request -> answer started */
+};
+
 /* Upper bounds, seconds: 100us .. 5s. */
 extern const double hub_hist_bounds[HUB_HIST_NBOUNDS];
 
 /* The dashboard subscription kinds (docs/dashboard.md `stream`), in the
  * order of protocols/stream.c's enum st_kind. */
-#define HUB_STREAM_KINDS 6
+#define HUB_STREAM_KINDS 7
+
+/* enum anom_kind's size (hub/anomaly.h): iot_hub_anomalies_total{kind}. */
+#define HUB_ANOM_KINDS 5
 
 /* The final states of a command (docs/commands.md), for
  * iot_hub_commands_finished_total. */
@@ -118,6 +142,7 @@ struct hub_metrics {
 	uint64_t stream_dropped[HUB_STREAM_KINDS]; /* queued messages dropped (slow dashboards), by stream */
 	uint64_t stream_slow_closed_total; /* dashboards closed by stream-slow-policy close */
 	uint64_t stream_replayed_total;    /* readings sent from the feed for `since` */
+	uint64_t anomalies[HUB_ANOM_KINDS]; /* fields flagged on this instance, by kind; [0] unused */
 	uint64_t aggregate_late_readings_total; /* too old to aggregate */
 	uint64_t commands_created_total;
 	uint64_t commands_sent_total;      /* command messages written to gateways (with resends) */
@@ -133,6 +158,7 @@ struct hub_metrics {
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */
 	struct hub_histogram stream_delivery; /* raw reading stored (feed id time) -> written to a dashboard */
+	struct hub_analytics_metrics analytics; /* hub/rollup.c, hub/analytics.c */
 };
 
 void hub_hist_observe(struct hub_histogram *h, double seconds);

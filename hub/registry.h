@@ -90,6 +90,8 @@ struct hub_store_reading {
 	size_t ts_len;
 	const char *data;      /* compact JSON object */
 	size_t data_len;
+	const char *anom;      /* its anomaly flags, a JSON array (docs/anomalies.md), or NULL */
+	size_t anom_len;
 };
 
 /* The readings of one device type: lines[off, off+len). */

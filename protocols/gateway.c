@@ -17,6 +17,7 @@
 #include "hub/revoke.h"
 #include "hub/util.h"
 #include "protocols/admit.h"
+#include "protocols/anomaly.h"
 #include "protocols/gw_codec.h"
 #include "protocols/schema.h"
 #include "protocols/ws_rx.h"
@@ -107,6 +108,7 @@ struct stored_ref {
 	struct gw_dev *dev;
 	int64_t ts;
 	size_t ts_off, ts_len, data_off, data_len;
+	size_t anom_off, anom_len;   /* `,"anomalies":[…]` in vals, or 0 long */
 	bool grouped;
 };
 
@@ -579,6 +581,7 @@ static void feed_line(hub_buf *feed, const hub_buf *vals, const struct stored_re
 	hub_buf_append(feed, vals->data + s->ts_off, s->ts_len);
 	hub_buf_puts(feed, ",\"data\":");
 	hub_buf_append(feed, vals->data + s->data_off, s->data_len);
+	hub_buf_append(feed, vals->data + s->anom_off, s->anom_len);
 	hub_buf_append(feed, "\n", 1);
 }
 
@@ -689,6 +692,9 @@ static void store_accepted(struct gw_conn *c, struct gw_reply *r, const hub_buf 
 		sr[i].ts_len = refs[i].ts_len;
 		sr[i].data = vals->data + refs[i].data_off;
 		sr[i].data_len = refs[i].data_len;
+		/* the array alone: `,"anomalies":` left out */
+		sr[i].anom = refs[i].anom_len ? vals->data + refs[i].anom_off + ANOM_PREFIX_LEN : NULL;
+		sr[i].anom_len = refs[i].anom_len ? refs[i].anom_len - ANOM_PREFIX_LEN : 0;
 	}
 	size_t ng = feed_build(feed, vals, refs, nacc, gws->scratch.groups);
 	r->waiting = true;
@@ -759,8 +765,11 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		}
 		mark_seen(c, d);
 		ts = rd.has_ts ? rd.ts : now_ms;
-		serialize_reading(&vals, &gws->scratch.refs[nacc++], &rd, d, ts, msg,
-				  raw ? &gws->scratch.spans[i] : NULL);
+		struct stored_ref *sref = &gws->scratch.refs[nacc++];
+		serialize_reading(&vals, sref, &rd, d, ts, msg, raw ? &gws->scratch.spans[i] : NULL);
+		sref->anom_off = vals.len;
+		anom_check(hub, rd.device, rd.device_len, ad.type, ts, rd.data, &vals);
+		sref->anom_len = vals.len - sref->anom_off;
 		fields_record(&r->fields, d, ts, rd.data);
 	}
 	r->accepted = (unsigned)nacc;
@@ -918,6 +927,7 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		labels[nacc] = a.labels ? json_dumps(a.labels, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
 		const char *lb = labels[nacc] ? labels[nacc] : "{}";
 		d = announce_take(c, &a, t, lb);
+		anom_prefetch(hub, d->id, t);
 		items[nacc] = (struct hub_announce_item){ a.device, schema_type_name(t), lb, strlen(lb) };
 		if (acc.len)
 			hub_buf_puts(&acc, ",");

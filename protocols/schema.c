@@ -15,6 +15,8 @@
  */
 #include "protocols/schema.h"
 
+#include "hub/anomaly.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -110,6 +112,7 @@ struct schema_type {
 	char *source;               /* file name (or "docs[i]") it came from */
 	json_t *doc;                /* one reference */
 	schema_node *telemetry;
+	anom_spec *anom;            /* x-anomaly rules; NULL: no field marked */
 	struct schema_cmd *cmds;    /* sorted by name */
 	size_t ncmds;
 };
@@ -810,6 +813,7 @@ static void type_clear(schema_type *t)
 	free(t->source);
 	json_decref(t->doc);
 	node_free(t->telemetry);
+	anom_spec_free(t->anom);
 	for (size_t i = 0; i < t->ncmds; i++) {
 		free(t->cmds[i].name);
 		node_free(t->cmds[i].node);
@@ -832,6 +836,7 @@ static int compile_type(struct loader *ld, json_t *doc, schema_type *t)
 	char *buf = ld->path;
 	const size_t cap = sizeof(ld->path);
 	struct ppos root = { 0, 0 }, at, sub;
+	char msg[192];
 	const json_t *v, *cmds;
 	const char *key;
 	size_t klen;
@@ -865,6 +870,10 @@ static int compile_type(struct loader *ld, json_t *doc, schema_type *t)
 	t->telemetry = compile_node(ld, v, at, 1);
 	if (!t->telemetry)
 		return -1;
+	if (anom_spec_parse(v, &t->anom, msg, sizeof(msg))) {
+		snprintf(ld->err, ld->errlen, "%s: %s", ld->file, msg);
+		return -1;
+	}
 	path_cut(buf, root);
 
 	at = path_str(buf, cap, root, "commands");
@@ -1174,6 +1183,11 @@ const char *schema_type_name(const schema_type *t)
 const json_t *schema_type_json(const schema_type *t)
 {
 	return t ? t->doc : NULL;
+}
+
+const struct anom_spec *schema_type_anomaly(const schema_type *t)
+{
+	return t ? t->anom : NULL;
 }
 
 const schema_node *schema_type_telemetry(const schema_type *t)

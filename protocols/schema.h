@@ -56,6 +56,11 @@ const char *schema_type_name(const schema_type *t);
 /* The device-type document as loaded (borrowed; lives as long as the set). */
 const json_t *schema_type_json(const schema_type *t);
 
+/* The anomaly rules of its telemetry fields (`x-anomaly`, hub/anomaly.h),
+ * or NULL when it marks no field; lives as long as the set. */
+struct anom_spec;
+const struct anom_spec *schema_type_anomaly(const schema_type *t);
+
 /* The compiled `telemetry` schema, never NULL. */
 const schema_node *schema_type_telemetry(const schema_type *t);
 

@@ -49,7 +49,10 @@
  * first subscription it matches, and shared by reference between queues.
  */
 
-enum st_kind { K_RAW, K_1S, K_10S, K_1M, K_PRESENCE, K_COMMANDS, K__COUNT };
+enum st_kind { K_RAW, K_1S, K_10S, K_1M, K_PRESENCE, K_COMMANDS, K_ANOM, K__COUNT };
+/* `anomalies` (docs/anomalies.md) is raw readings narrowed to those that
+ * carry anomaly flags: the same groups, positions, `since` and replay. */
+#define RAWLIKE(k) ((k) == K_RAW || (k) == K_ANOM)
 #define kind_names hub_stream_kinds
 _Static_assert(K__COUNT == HUB_STREAM_KINDS, "hub_stream_kinds names every kind");
 
@@ -185,6 +188,7 @@ struct stream {
 	uint64_t sub_seq, line_seq;
 	struct sub_vec cand;         /* fan-out scratch */
 	hub_strmap raw_typed;        /* type -> struct st_group * */
+	hub_strmap schans;           /* sharded raw channel -> struct st_schan * */
 	struct st_group *raw_all, *presence, *commands, *agg_group;
 	struct st_conn *conns;
 	lws_sorted_usec_list_t sul_retry; /* raw subscriptions waiting for Redis */
@@ -691,7 +695,7 @@ static void on_group_state(struct hub_redis_channel *ch, bool active, void *arg)
 		 * the feed); the others are told. */
 		pend_clear(s);
 		s->replay_wait = false;
-		if (s->kind == K_RAW) {
+		if (RAWLIKE(s->kind)) {
 			if (s->phase == PH_LIVE || s->phase == PH_REPLAY)
 				s->resume = true;
 		} else if (s->phase == PH_LIVE && s->conn) {
@@ -716,6 +720,41 @@ static struct st_group *group_new(struct stream *st, const char *channel, bool p
 	return g;
 }
 
+/* A sharded raw channel (one device type, one feed shard) is shared by
+ * the type's group and the all-types group, and the bus keeps one callback
+ * per channel name: the channel is taken once, for its first user, and its
+ * messages and state go to every group of the stream that uses it. */
+struct st_schan {
+	struct stream *st;
+	struct hub_redis_channel *ch;
+	unsigned users;
+	char type[];
+};
+
+static void on_schan_message(const char *channel, const char *payload, size_t len, void *arg)
+{
+	struct st_schan *sc = arg;
+	struct stream *st = sc->st;
+	struct st_group *g = hub_strmap_get(&st->raw_typed, sc->type, strlen(sc->type));
+
+	if (g && g->nch)
+		on_group_message(channel, payload, len, g);
+	if (st->raw_all && st->raw_all->nch)
+		on_group_message(channel, payload, len, st->raw_all);
+}
+
+static void on_schan_state(struct hub_redis_channel *ch, bool active, void *arg)
+{
+	struct st_schan *sc = arg;
+	struct stream *st = sc->st;
+	struct st_group *g = hub_strmap_get(&st->raw_typed, sc->type, strlen(sc->type));
+
+	if (g && g->nch)
+		on_group_state(ch, active, g);
+	if (st->raw_all && st->raw_all->nch)
+		on_group_state(ch, active, st->raw_all);
+}
+
 static void group_add_schannels(struct st_group *g, const char *type)
 {
 	struct stream *st = g->st;
@@ -723,10 +762,38 @@ static void group_add_schannels(struct st_group *g, const char *type)
 
 	g->chs = hub_xrealloc(g->chs, (g->nch + st->shards) * sizeof(*g->chs));
 	for (unsigned k = 0; k < st->shards; k++) {
-		hub_ch_raw_shard(ch, sizeof(ch), k, type);
-		g->chs[g->nch++] = hub_redis_schannel_get(st->hub->redis, ch, on_group_message,
-							  on_group_state, g);
+		size_t n = hub_ch_raw_shard(ch, sizeof(ch), k, type);
+		struct st_schan *sc = hub_strmap_get(&st->schans, ch, n);
+
+		if (!sc) {
+			sc = hub_xcalloc(1, sizeof(*sc) + strlen(type) + 1);
+			sc->st = st;
+			memcpy(sc->type, type, strlen(type) + 1);
+			hub_strmap_put(&st->schans, ch, n, sc);
+		}
+		if (!sc->users++)
+			sc->ch = hub_redis_schannel_get(st->hub->redis, ch, on_schan_message,
+							on_schan_state, sc);
+		g->chs[g->nch++] = sc->ch;
 	}
+}
+
+/* Drops a group's use of a sharded raw channel; the last user puts it.
+ * The entry stays for the process's life (one per loaded type and shard):
+ * the bus may still call back with it while the channel lingers. */
+static void schan_put(struct stream *st, struct hub_redis_channel *ch)
+{
+	const char *name = hub_redis_channel_name(ch);
+	struct st_schan *sc = hub_strmap_get(&st->schans, name, strlen(name));
+
+	if (!sc || !sc->users) {
+		hub_redis_channel_put(ch);
+		return;
+	}
+	if (--sc->users)
+		return;
+	sc->ch = NULL;
+	hub_redis_channel_put(ch);
 }
 
 /* The group's channels: its one channel (or pattern); on a cluster, raw
@@ -764,8 +831,12 @@ static bool group_active(const struct st_group *g)
 static void group_release(struct st_group *g)
 {
 	if (!g->nsubs && g->nch) {
-		for (unsigned i = 0; i < g->nch; i++)
-			hub_redis_channel_put(g->chs[i]);
+		for (unsigned i = 0; i < g->nch; i++) {
+			if (g->raw && g->st->sharded)
+				schan_put(g->st, g->chs[i]);
+			else
+				hub_redis_channel_put(g->chs[i]);
+		}
 		free(g->chs);
 		g->chs = NULL;
 		g->nch = 0;
@@ -774,9 +845,9 @@ static void group_release(struct st_group *g)
 
 static struct st_group *group_for(struct stream *st, enum st_kind kind, const char *type)
 {
-	if (kind == K_RAW && !type)
+	if (RAWLIKE(kind) && !type)
 		return st->raw_all;
-	if (kind == K_RAW) {
+	if (RAWLIKE(kind)) {
 		struct st_group *g = hub_strmap_get(&st->raw_typed, type, strlen(type));
 		if (!g) {
 			/* A group (kept for the process's life) and a channel per
@@ -1109,27 +1180,39 @@ struct fanout {
 	size_t tail_len;
 };
 
+/* A raw line's body ends with `,"anomalies":[…]` when the reading was
+ * flagged, else with its data object's `}`. */
+static bool body_flagged(const char *body, size_t bl)
+{
+	return bl && body[bl - 1] == ']';
+}
+
 static void fanout_line(struct meta *m, const char *body, size_t bl, void *arg)
 {
 	struct fanout *f = arg;
 	struct stream *st = f->g->st;
-	struct st_msg *msg = NULL;
+	struct st_msg *msgs[2] = { NULL, NULL };  /* reading, anomaly */
+	bool flagged = f->g->raw && body_flagged(body, bl);
 
 	candidates(f->g, m->device, m->device_len);
 	for (size_t i = 0; i < st->cand.n; i++) {
 		struct st_sub *s = st->cand.v[i];
-		if (s->phase == PH_WAIT || !sub_matches(s, m))
+		unsigned w = s->kind == K_ANOM;
+		if (s->phase == PH_WAIT || (w && !flagged) || !sub_matches(s, m))
 			continue;
-		if (!msg) {
-			msg = msg_new(f->msg_type, body, bl, f->tail, f->tail_len);
+		if (!msgs[w]) {
+			struct st_msg *msg = msg_new(w ? "anomaly" : f->msg_type, body, bl, f->tail,
+						     f->tail_len);
 			msg->pos_ms = f->pos_ms;
 			msg->pos_seq = f->pos_seq;
 			msg->shard = f->shard;
 			msg->live = f->has_pos && f->pos_ms;
+			msgs[w] = msg;
 		}
-		deliver(s, msg, f->has_pos);
+		deliver(s, msgs[w], f->has_pos);
 	}
-	msg_unref(msg);
+	msg_unref(msgs[0]);
+	msg_unref(msgs[1]);
 }
 
 static void on_group_message(const char *channel, const char *payload, size_t len, void *arg)
@@ -1260,7 +1343,7 @@ static void sub_lost(struct st_sub *s, const char *why)
 {
 	struct stream *st;
 
-	if (s->kind != K_RAW || !s->announced || !s->conn || s->dead) {
+	if (!RAWLIKE(s->kind) || !s->announced || !s->conn || s->dead) {
 		sub_fail(s, why);
 		return;
 	}
@@ -1334,9 +1417,10 @@ static void replay_line(struct meta *m, const char *body, size_t bl, void *arg)
 	struct replay_ctx *r = arg;
 	struct st_msg *msg;
 
-	if (!sub_matches(r->sub, m))
+	if ((r->sub->kind == K_ANOM && !body_flagged(body, bl)) || !sub_matches(r->sub, m))
 		return;
-	msg = msg_new("reading", body, bl, r->tail.data, r->tail.len);
+	msg = msg_new(r->sub->kind == K_ANOM ? "anomaly" : "reading", body, bl, r->tail.data,
+		      r->tail.len);
 	msg->pos_ms = r->ms;
 	msg->pos_seq = r->seq;
 	msg->shard = r->shard;
@@ -1672,7 +1756,7 @@ static void sub_start(struct st_sub *s)
 	struct stream *st = s->group->st;
 	if (!s->conn)
 		return;
-	if (s->kind != K_RAW) {
+	if (!RAWLIKE(s->kind)) {
 		s->phase = PH_LIVE;
 		if (!s->announced)
 			send_subscribed(s, false);
@@ -1994,7 +2078,8 @@ static int subscribe_kind(struct st_conn *c, json_t *msg, const char **idp)
 	for (kind = 0; kind < K__COUNT; kind++)
 		if (!strcmp(json_string_value(jstream), kind_names[kind]))
 			return kind;
-	send_error(c, id, "unknown_stream", "stream must be one of raw, 1s, 10s, 1m, presence, commands");
+	send_error(c, id, "unknown_stream",
+		   "stream must be one of raw, 1s, 10s, 1m, presence, commands, anomalies");
 	return -1;
 }
 
@@ -2036,8 +2121,8 @@ static enum sub_refusal subscribe_options(struct st_sub *s, json_t *msg, char *e
 		s->group_by = hub_xstrdup(json_string_value(jgb));
 	}
 	if (jsince && !json_is_null(jsince)) {
-		if (s->kind != K_RAW) {
-			snprintf(err, errlen, "since is only for the raw stream");
+		if (!RAWLIKE(s->kind)) {
+			snprintf(err, errlen, "since is only for the raw and anomalies streams");
 			return SUB_BAD_SINCE;
 		}
 		if (!json_is_string(jsince) ||
@@ -2470,6 +2555,13 @@ static void group_free(struct st_group *g)
 	free(g);
 }
 
+static void free_schan_cb(const char *key, void *value, void *arg)
+{
+	(void)key;
+	(void)arg;
+	free(value);
+}
+
 static void free_group_cb(const char *key, void *value, void *arg)
 {
 	(void)key;
@@ -2483,6 +2575,8 @@ static void stream_free(struct stream *st)
 		return;
 	hub_strmap_foreach(&st->raw_typed, free_group_cb, NULL);
 	hub_strmap_free(&st->raw_typed);
+	hub_strmap_foreach(&st->schans, free_schan_cb, NULL);
+	hub_strmap_free(&st->schans);
 	group_free(st->raw_all);
 	group_free(st->presence);
 	group_free(st->commands);

@@ -86,6 +86,10 @@ struct sim_cfg {
 	double ack_timeout;  /* s; 0 = wait for acks forever */
 	double warmup;       /* s; frames sent earlier stay out of latency_us */
 	char *stamp_field;   /* data field set to wall-clock µs at generation */
+	/* --truth: an anomaly test set (docs/simulator.md "Anomaly test sets") */
+	char *truth;
+	double noise_sigma, spikes, spike_sigma, drifts, drift_slope, stuck;
+	unsigned drift_len, stuck_len, ts_step_ms;
 	int json_summary;
 	int idle;
 	int mqtt;            /* --mqtt: MQTT 3.1.1 over WebSocket (Mosquitto) */
@@ -197,6 +201,7 @@ struct gw {
 	unsigned n_cmds;
 
 	float *temp, *hum;     /* per-device random walk */
+	struct inj *inj;       /* per-device injection state (--truth) */
 	uint8_t in_connq;
 	uint8_t mqtt_ping;     /* --mqtt: a PINGREQ is owed */
 };
@@ -267,6 +272,9 @@ static struct {
 	struct lws_context *ctx;   /* x's, for timers */
 	struct gw *gws;
 	float *temps, *hums;
+	struct inj *injs;
+	FILE *truth;
+	int64_t truth_ts0;
 	char *shared_auth;
 	char *dev_type_json;
 	char *labels_json;
@@ -514,6 +522,67 @@ static size_t frame_bound(void)
 	return 64 + (size_t)g.cfg.batch * (SIM_READING_MAX + stamp);
 }
 
+/* --truth: one device's place in its injected anomalies. */
+struct inj {
+	uint64_t k;            /* readings generated */
+	int mode;              /* 0 none, 1 drift, 2 stuck */
+	unsigned left;         /* readings of the injection still to come */
+	double off, stuck;
+};
+
+static double rng_gauss(void)
+{
+	double u = rng_unit();
+
+	return sqrt(-2.0 * log(u > 0 ? u : 1e-300)) * cos(2 * M_PI * rng_unit());
+}
+
+/* The next temperature of device d of gw in an anomaly test set: 21 +
+ * N(0, noise-sigma), with spikes (21 +- spike-sigma x sigma, the noise left
+ * out), drifts (a ramp of drift-slope x sigma per reading for drift-len
+ * readings, then back) and stuck runs (the value frozen for stuck-len
+ * readings) started at random; each injected reading is written to the
+ * truth file as `device TAB ts TAB spike|drift|stuck`. ts: a day ago plus
+ * ts-step-ms per reading of the device. */
+static double inject_next(struct gw *gw, unsigned d, int64_t *ts)
+{
+	const struct sim_cfg *c = &g.cfg;
+	struct inj *in = &gw->inj[d];
+	double base = 21.0, x = base + c->noise_sigma * rng_gauss();
+	const char *kind = NULL;
+
+	*ts = g.truth_ts0 + (int64_t)in->k++ * c->ts_step_ms;
+	if (!in->left) {
+		double u = rng_unit();
+		if (u < c->spikes) {
+			kind = "spike";
+			x = base + (rng_unit() < 0.5 ? -1 : 1) * c->spike_sigma * c->noise_sigma;
+		} else if (u < c->spikes + c->drifts) {
+			in->mode = 1;
+			in->left = c->drift_len;
+			in->off = 0;
+		} else if (u < c->spikes + c->drifts + c->stuck) {
+			in->mode = 2;
+			in->left = c->stuck_len;
+			in->stuck = x;
+		}
+	}
+	if (in->left) {
+		in->left--;
+		if (in->mode == 1) {
+			in->off += c->drift_slope * c->noise_sigma;
+			x += in->off;
+			kind = "drift";
+		} else {
+			x = in->stuck;
+			kind = "stuck";
+		}
+	}
+	if (kind)
+		fprintf(g.truth, "%s-d%u\t%" PRId64 "\t%s\n", gw->id, d, *ts, kind);
+	return x;
+}
+
 /* build the next telemetry frame into a free slot: random-walk thermostat data */
 static void gw_generate(struct gw *gw)
 {
@@ -547,6 +616,9 @@ static void gw_generate(struct gw *gw)
 		if (*h > 100.f)
 			*h = 100.f;
 		temp = *t;
+		int64_t rts = ts;
+		if (g.truth)
+			temp = inject_next(gw, d, &rts);
 		if (g.cfg.bad_ratio > 0 && rng_unit() < g.cfg.bad_ratio) {
 			temp = 500.0;   /* over the schema's maximum 125 */
 			CNT(readings_bad, 1);
@@ -554,7 +626,7 @@ static void gw_generate(struct gw *gw)
 		off += (size_t)snprintf(fs->buf + off, cap - off,
 			"%s{\"device\":\"%s-d%u\",\"ts\":%" PRId64 ",\"data\":"
 			"{\"temperature\":%.2f,\"humidity\":%.2f",
-			r ? "," : "", gw->id, d, ts, temp, (double)*h);
+			r ? "," : "", gw->id, d, rts, temp, (double)*h);
 		if (g.cfg.stamp_field)   /* the same instant as ts, in µs */
 			off += (size_t)snprintf(fs->buf + off, cap - off,
 				",\"%s\":%" PRId64, g.cfg.stamp_field, now_us);
@@ -2042,6 +2114,21 @@ static const struct opt sim_opts[] = {
 	  "microseconds at generation\nin every reading's data (the device type must allow it,\n"
 	  "e.g. bench/device-types/bench.json: sent_us)", "NAME" },
 	{ "idle", OPT_FLAG, F(idle), NULL, 0, 0, "connect and announce, then send no telemetry" },
+	HEADING("Anomaly test sets (docs/simulator.md)"),
+	{ "truth", OPT_STR, F(truth), NULL, 0, 0, "temperature becomes 21 + N(0, noise-sigma) with "
+	  "the\ninjections below; each injected reading is written to\nFILE as "
+	  "`device TAB ts TAB spike|drift|stuck`", "FILE" },
+	{ "noise-sigma", OPT_DBL, F(noise_sigma), "0.5", 0, 1000, "noise of the test set", "S" },
+	{ "spikes", OPT_DBL, F(spikes), "0", 0, 1, "probability of a spike per reading", "P" },
+	{ "spike-sigma", OPT_DBL, F(spike_sigma), "5", 0, 1000, "spike height in noise sigmas", "K" },
+	{ "drifts", OPT_DBL, F(drifts), "0", 0, 1, "probability that a drift starts", "P" },
+	{ "drift-len", OPT_UINT, F(drift_len), "80", 1, 1000000, "readings per drift", "N" },
+	{ "drift-slope", OPT_DBL, F(drift_slope), "0.25", 0, 1000, "drift per reading in noise "
+	  "sigmas", "K" },
+	{ "stuck", OPT_DBL, F(stuck), "0", 0, 1, "probability that a stuck run starts", "P" },
+	{ "stuck-len", OPT_UINT, F(stuck_len), "40", 1, 1000000, "readings per stuck run", "N" },
+	{ "ts-step-ms", OPT_UINT, F(ts_step_ms), "1000", 1, 86400000, "ts of a device's readings: "
+	  "a day ago, then +MS each", "MS" },
 	{ "seq-start", OPT_U64, F(seq_start), NULL, 0, 1ull << 52, "first seq of gateway 0; "
 	  "gateway i starts at N + i*1e9\n(default N: Unix time in microseconds, so a restarted\n"
 	  "simulator never reuses a seq the hub already stored)", "N", 0, seq_start_set },
@@ -2386,6 +2473,15 @@ static int setup_gateways(void)
 
 	g.gws = hub_xcalloc(c->gateways, sizeof(*g.gws));
 	g.temps = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
+	if (c->truth) {
+		g.truth = fopen(c->truth, "w");
+		if (!g.truth) {
+			LOG(LOG_ERR, "--truth %s: %s", c->truth, strerror(errno));
+			return -1;
+		}
+		g.injs = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(*g.injs));
+		g.truth_ts0 = hub_now_ms() - 86400000;
+	}
 	g.hums = hub_xcalloc((size_t)c->gateways * c->devices + 1, sizeof(float));
 	g.connq = hub_xcalloc(c->gateways, sizeof(*g.connq));
 	g.heap = hub_xcalloc(c->gateways, sizeof(*g.heap));
@@ -2406,6 +2502,8 @@ static int setup_gateways(void)
 			seq0 + (uint64_t)i * SIM_SEQ_STRIDE;
 		gw->temp = g.temps + (size_t)i * c->devices;
 		gw->hum = g.hums + (size_t)i * c->devices;
+		if (g.injs)
+			gw->inj = g.injs + (size_t)i * c->devices;
 		gw->dev_cursor = c->devices ? (unsigned)(rng_next() % c->devices)
 					    : 0;
 		for (d = 0; d < c->devices; d++) {
@@ -2448,6 +2546,9 @@ static void free_all(void)
 	}
 	free(g.gws);
 	free(g.temps);
+	free(g.injs);
+	if (g.truth)
+		fclose(g.truth);
 	free(g.hums);
 	free(g.connq);
 	free(g.heap);

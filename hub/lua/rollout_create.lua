@@ -5,12 +5,12 @@
 -- when it has any command.
 --
 -- The candidates are the members of the device type's set
--- (iot:idx:{<tag>}:type:<type> of every slot, hub_key_idx_type), read by the caller first and passed
--- sorted: their keys cannot be derived here. A candidate matches when its
--- id matches a device pattern ('*', an exact id, or a prefix ending in '*'),
--- its registry says the rollout's type and its labels hold every wanted
--- label. A candidate's command id is drawn by the caller in the candidate's
--- slot (derived from the rollout id and the candidate's position).
+-- (iot:idx:{<tag>}:type:<type> of every slot, hub_key_idx_type), read by the
+-- caller first and passed sorted: their keys cannot be derived here. Which
+-- match: _rollout.lua. A candidate's command id is drawn by the caller in
+-- the candidate's slot (derived from the rollout id and the candidate's
+-- position). On a Redis Cluster the same is done in steps (rollout_open,
+-- rollout_add).
 --
 -- KEYS[1]  iot:rollout:{<id>}        hub_key_rollout
 -- KEYS[2]  iot:rollout:{<id>}:cmds   hub_key_rollout_cmds
@@ -33,52 +33,19 @@
 -- Errors: "ERR rollout_create: KEYS and ARGV do not match" (before any
 -- write); labels or patterns that are not JSON (cjson's error).
 --#include _command.lua
+--#include _rollout.lua
 local FIRST = 18
 
 if #ARGV < FIRST - 1 or (#ARGV - FIRST + 1) % 2 ~= 0 or
    #KEYS ~= 3 + 2 * (#ARGV - FIRST + 1) then
   return redis.error_reply('ERR rollout_create: KEYS and ARGV do not match')
 end
-local rid, typ = ARGV[3], ARGV[4]
-local want = nil
-if ARGV[5] ~= '' then want = cjson.decode(ARGV[5]) end
-local pats = nil
-if ARGV[6] ~= '' then pats = cjson.decode(ARGV[6]) end
-local function allowed(dev)
-  if not pats then return true end
-  for _, p in ipairs(pats) do
-    if p == '*' or p == dev then return true end
-    if string.sub(p, -1) == '*' and string.sub(dev, 1, #p - 1) == string.sub(p, 1, -2) then return true end
-  end
-  return false
-end
-local n = 0
-for i = FIRST, #ARGV, 2 do
-  local dev, id = ARGV[i], ARGV[i + 1]
-  local dk = 4 + 2 * (i - FIRST)
-  local ok = allowed(dev) and redis.call('HGET', KEYS[dk], 'type') == typ
-  if ok and want then
-    local l = redis.call('HGET', KEYS[dk], 'labels')
-    local have = l and cjson.decode(l) or {}
-    for lk, v in pairs(want) do if have[lk] ~= v then ok = false; break end end
-  end
-  if ok then
-    n = n + 1
-    local k = {cmd = KEYS[dk + 2], log = KEYS[dk + 3], dev = KEYS[dk]}
-    redis.call('HSET', k.cmd, 'id', id, 'device', dev, 'type', typ, 'name', ARGV[7],
-      'params', ARGV[8], 'status', 'queued', 'attempt', 0, 'max_attempts', ARGV[12],
-      'ack_timeout_s', ARGV[9], 'timeout_s', ARGV[10], 'ttl_s', ARGV[11], 'created_at', now,
-      'updated_at', now, 'owner', ARGV[15], 'rollout', rid, 'held', 1)
-    redis.call('RPUSH', KEYS[2], id)
-    redis.call('ZADD', KEYS[dk + 1], nextseq(k, KEYS[dk + 1]), id)
-    local c = {id = id, device = dev, type = typ, name = ARGV[7], attempt = '0'}
-    hist(k, '{"status":"queued","at":' .. now .. '}')
-    event(c, k, 'queued')
-  end
-end
-redis.call('HSET', KEYS[1], 'id', rid, 'device_type', typ, 'labels', ARGV[5],
+local ids = add_candidates(4, FIRST)
+local n = #ids
+for _, id in ipairs(ids) do redis.call('RPUSH', KEYS[2], id) end
+redis.call('HSET', KEYS[1], 'id', ARGV[3], 'device_type', ARGV[4], 'labels', ARGV[5],
   'name', ARGV[7], 'params', ARGV[8], 'max_per_minute', ARGV[13], 'abort_failure_ratio', ARGV[14],
   'min_finished', ARGV[16], 'total', n, 'released', 0, 'status', n > 0 and 'running' or 'completed',
   'created_at', now, 'updated_at', now, 'owner', ARGV[15], 'online_only', ARGV[17])
-if n > 0 then redis.call('ZADD', KEYS[3], now, rid) end
+if n > 0 then redis.call('ZADD', KEYS[3], now, ARGV[3]) end
 return n

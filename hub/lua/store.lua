@@ -12,7 +12,9 @@
 -- ARGV[5] the publish command: PUBLISH (one Redis) or SPUBLISH (cluster),
 -- ARGV[6] what goes before the feed id in a live message: '' with one
 -- shard, '<k>/' with several; then per frame: seq, gateway, lines, n,
--- n x (ts, data), m, m x (channel, from, to). lines holds one line per
+-- n x (ts, data), m, m x (channel, from, to), a, a x (i, anomalies): the
+-- i-th reading (1-based) of the frame is stored with field 'anom' = that
+-- JSON array (docs/anomalies.md). lines holds one line per
 -- reading (the feed entry's `readings`); the readings of a device type are
 -- lines[from..to] (1-based, inclusive), published on the type's channel
 -- (iot:live:raw:<type>, hub_ch_raw, or on a cluster
@@ -45,9 +47,10 @@ local p, k, seen = 7, 2, 0
 for _ = 1, frames or 0 do
   local n = tonumber(ARGV[p + 3])
   local m = n and tonumber(ARGV[p + 4 + 2 * n])
-  if not m then break end
+  local a = m and tonumber(ARGV[p + 5 + 2 * n + 3 * m])
+  if not a then break end
   k = k + 1 + n
-  p = p + 5 + 2 * n + 3 * m
+  p = p + 6 + 2 * n + 3 * m + 2 * a
   seen = seen + 1
 end
 if not (window and fmax) or (pub ~= 'PUBLISH' and pub ~= 'SPUBLISH') or seen ~= frames or p ~= #ARGV + 1 or k ~= #KEYS + 1 then
@@ -62,8 +65,9 @@ for f = 1, frames do
   local r = p + 4
   local b = r + 2 * n
   local t = k + 1
+  local g1 = b + 1 + 3 * tonumber(ARGV[b])
   k = t + n
-  p = b + 1 + 3 * tonumber(ARGV[b])
+  p = g1 + 1 + 2 * tonumber(ARGV[g1])
   if redis.call('ZADD', key, 'NX', seq, seq) == 0 then
     -- A write even so: a WAIT after this call (ack-durability replicated)
     -- then also covers the first copy's store, which may have been another
@@ -74,9 +78,17 @@ for f = 1, frames do
     if tonumber(seq) % TRIM_EVERY == 0 then
       redis.call('ZREMRANGEBYRANK', key, 0, -window - 1)
     end
+    local anom, j = {}, g1 + 1
+    while j < p do anom[tonumber(ARGV[j])] = ARGV[j + 1]; j = j + 2 end
     for i = r, b - 1, 2 do
-      redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
-                 'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq)
+      local flags = anom[(i - r) / 2 + 1]
+      if flags then
+        redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                   'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq, 'anom', flags)
+      else
+        redis.call('XADD', KEYS[t], 'MAXLEN', '~', dmax, '*',
+                   'ts', ARGV[i], 'data', ARGV[i + 1], 'gw', gw, 'seq', seq)
+      end
       t = t + 1
     end
     local id = '0-0'
@@ -84,7 +96,7 @@ for f = 1, frames do
       id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
                       'gw', gw, 'seq', seq, 'readings', lines)
     end
-    for g = b + 1, p - 1, 3 do
+    for g = b + 1, g1 - 1, 3 do
       redis.call(pub, ARGV[g],
                  head .. id .. '\n' .. string.sub(lines, tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])))
     end

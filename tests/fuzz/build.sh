@@ -11,7 +11,7 @@
 # Run one for S seconds on its seeds (what CTest's fuzz.<name> tests do):
 #   tests/fuzz/run.sh fuzz_schema 60
 HARNESSES='
-fuzz_schema | protocols/schema.c | jansson
+fuzz_schema | protocols/schema.c hub/anomaly.c hub/util.c | jansson
 fuzz_codec  | protocols/gw_codec.c protocols/jparse.c hub/util.c | jansson
 fuzz_auth   | hub/auth.c | jansson libjwt openssl
 fuzz_jparse | protocols/jparse.c | jansson
@@ -71,7 +71,7 @@ for name in $names; do
 		files="$files $root/$s"
 	done
 	echo "CC $name"
-	$CC -std=gnu11 $CFLAGS $SAN -I"$root" $files $flags -o "$out/$name" &
+	$CC -std=gnu11 $CFLAGS $SAN -I"$root" $files $flags -lm -o "$out/$name" &
 	pids="$pids $!"
 	mkdir -p "$out/corpus/$name"
 done

@@ -792,6 +792,67 @@ class RedisCluster:
             n.stop()
 
 
+CLUSTER_MODE = os.environ.get("HUB_TEST_CLUSTER") == "1"
+CLUSTER_PORTS = (42500, 42999)   # the parametrised suites' share of the cluster ports
+
+
+class ClusterRedis(Redis):
+    """The suites' Redis as a 3-primary Redis Cluster (HUB_TEST_CLUSTER=1,
+    ctest label `cluster`: the same tests, every flow on a cluster). .url
+    is the seed list; cmd() sends a command to the primary of its key (the
+    argument after the command name; KEYS goes to every primary), following
+    MOVED. Killing or restarting "the" Redis has no meaning here: those
+    tests are skipped."""
+
+    def __init__(self, port=None, extra=()):
+        if port is not None or extra:
+            raise unittest.SkipTest("a Redis with its own port or arguments: not on a cluster")
+        self.cluster = RedisCluster(primaries=3, ports=CLUSTER_PORTS)
+        self.port = self.cluster.nodes[0].port
+        self.paused = False
+        self._client = None
+
+    @property
+    def url(self):
+        return self.cluster.seeds
+
+    def cmd(self, *args):
+        name = str(args[0]).upper()
+        if name == "KEYS":
+            out = []
+            for p in self.cluster.primaries():
+                out += self.cluster.node(p).cmd(*args)
+            return out
+        if len(args) < 2 or name in ("INFO", "PING", "CONFIG", "CLIENT", "DBSIZE"):
+            return self.cluster.nodes[0].cmd(*args)
+        node = self.cluster.node(self.cluster.owner(key_slot(str(args[1]))))
+        for _ in range(5):
+            try:
+                return node.cmd(*args)
+            except RedisError as e:
+                if not str(e).startswith("MOVED"):
+                    raise
+                node = self.cluster.node(int(str(e).split()[2].rsplit(":", 1)[1]))
+        raise AssertionError("MOVED five times: %r" % (args,))
+
+    def cli(self, *args):
+        raise unittest.SkipTest("redis-cli on one node: not on a cluster")
+
+    def pause(self):
+        raise unittest.SkipTest("pausing the Redis: not on a cluster")
+
+    resume = kill = restart = pause
+
+    def stop(self):
+        self.cluster.stop()
+
+
+def new_redis(extra=()):
+    """The Redis of an integration test: one redis-server, or with
+    HUB_TEST_CLUSTER=1 a 3-primary cluster (ClusterRedis)."""
+    return ClusterRedis(extra=extra) if CLUSTER_MODE else Redis(extra=extra)
+
+
 # --------------------------------------------------------------------------
 # the hub process
 
@@ -982,6 +1043,10 @@ def hub_args(redis, jwt_key_file, schemas=SCHEMAS_DIR, alg="HS256", extra=()):
             "--jwt-alg", alg, "--jwt-key", jwt_key_file]
     if r is not None:
         args += ["--redis", r]
+    if isinstance(redis, ClusterRedis) and "--feed-shards" not in extra:
+        # the suites read each device's stream by its one-shard name; the
+        # 16 shards of a cluster's default: tests/cluster/test_ingest.py
+        args += ["--feed-shards", "1"]
     return args + [str(a) for a in extra]
 
 
@@ -1599,7 +1664,7 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
 
     @classmethod
     def class_redis(cls):
-        r = Redis()
+        r = new_redis()
         cls._class_cleanups_list.append(r.stop)
         return r
 
@@ -1633,7 +1698,7 @@ class HubTestCase(unittest.IsolatedAsyncioTestCase):
         return c
 
     def start_redis(self, extra=()):
-        r = Redis(extra=extra)
+        r = new_redis(extra=extra)
         self.addCleanup(r.stop)
         return r
 

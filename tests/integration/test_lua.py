@@ -264,10 +264,11 @@ class Lua(unittest.TestCase):
 
     # ---- the store -----------------------------------------------------------
 
-    def store_call(self, frames, window=4096, dmax=1000, fmax=1000):
-        """frames: [(gateway, seq, [(device, ts, data)], [(type, from, to)], lines)]."""
+    def store_call(self, frames, window=4096, dmax=1000, fmax=1000, anomalies=None):
+        """frames: [(gateway, seq, [(device, ts, data)], [(type, from, to)], lines)];
+        anomalies: per frame, {reading index (1-based): flags JSON}."""
         keys, argv = [rkeys.FEED], [window, dmax, fmax, len(frames), "PUBLISH", ""]
-        for gw, seq, readings, groups, lines in frames:
+        for f, (gw, seq, readings, groups, lines) in enumerate(frames):
             keys.append(rkeys.gw_seqs(gw))
             keys += [rkeys.tm(d) for d, _, _ in readings]
             argv += [seq, gw, lines, len(readings)]
@@ -276,6 +277,10 @@ class Lua(unittest.TestCase):
             argv.append(len(groups))
             for t, a, b in groups:
                 argv += ["iot:live:raw:" + t, a, b]
+            flags = (anomalies or {}).get(f, {})
+            argv.append(len(flags))
+            for i, v in sorted(flags.items()):
+                argv += [i, v]
         return keys, argv
 
     def test_store(self):
@@ -310,6 +315,21 @@ class Lua(unittest.TestCase):
         self.assertEqual(self.run_script("store", keys, argv), [[1, "0-0"]])
         self.assertEqual(self.r.xlen(rkeys.tm("d3")), 1)
         self.assertEqual(self.r.xlen(rkeys.FEED), 2)
+
+    def test_store_keeps_anomaly_flags(self):
+        # The second reading of the frame carries flags: stored as 'anom'
+        # on its device stream entry; the first has none.
+        flags = '[{"field":"t","kind":"spike","score":7}]'
+        f1 = ("g9", 1, [("d9", "1000", '{"t":1}'), ("d9", "1001", '{"t":99}')], [], "l\n")
+        keys, argv = self.store_call([f1], anomalies={0: {2: flags}})
+        self.assertEqual(self.run_script("store", keys, argv)[0][0], 1)
+        entries = [e[1] for e in self.r.xrange(rkeys.tm("d9"))]
+        self.assertNotIn("anom", entries[0])
+        self.assertEqual(entries[1]["anom"], flags)
+        self.assertEqual(entries[1]["data"], '{"t":99}')
+        # An anomaly section that does not add up is refused, nothing written.
+        bad = argv[:-1]
+        self.assert_refused("store", keys, bad, "store: KEYS and ARGV do not match")
 
     def test_store_trims_the_window(self):
         for seq in range(1, 65):

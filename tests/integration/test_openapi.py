@@ -35,6 +35,7 @@ OPERATIONS = [
     ("get", "/v1/audit"),
     ("delete", "/v1/devices/{device}"),
     ("post", "/v1/commands/{id}/pause"), ("post", "/v1/commands/{id}/resume"),
+    ("get", "/v1/aggregates"),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
 STATES = ["queued", "sent", "received", "in_progress", "succeeded", "failed", "rejected",
