@@ -70,11 +70,37 @@ static bool all_digits(const char *s, size_t n)
 	return true;
 }
 
-/* The ts (ms) and data of `"device":"…","ts":N,"data":{…}`: 0 or -1. */
-static int body_parse(const char *s, size_t n, int64_t *ts, const char **data, size_t *dlen)
+/* The end of the JSON object or array that starts at p (its closing
+ * bracket + 1), or NULL. Strings are skipped with their escapes. */
+static const char *json_end(const char *p, const char *end)
 {
-	static const char tsk[] = ",\"ts\":", dk[] = ",\"data\":";
-	const char *p = memmem(s, n, tsk, sizeof(tsk) - 1), *end = s + n, *d;
+	int depth = 0;
+
+	for (; p < end; p++) {
+		char c = *p;
+		if (c == '"') {
+			for (p++; p < end && *p != '"'; p++)
+				if (*p == '\\')
+					p++;
+			if (p >= end)
+				return NULL;
+		} else if (c == '{' || c == '[') {
+			depth++;
+		} else if (c == '}' || c == ']') {
+			if (--depth == 0)
+				return p + 1;
+		}
+	}
+	return NULL;
+}
+
+/* `"device":"…","ts":N,"data":{…}[,"anomalies":[…]]`: the ts (ms), the
+ * data object and the anomalies array (NULL, 0 when absent). 0 or -1. */
+static int body_parse(const char *s, size_t n, int64_t *ts, const char **data, size_t *dlen,
+		      const char **anom, size_t *alen)
+{
+	static const char tsk[] = ",\"ts\":", dk[] = ",\"data\":", ak[] = ",\"anomalies\":";
+	const char *p = memmem(s, n, tsk, sizeof(tsk) - 1), *end = s + n, *d, *de;
 	int64_t v = 0;
 	bool neg = false;
 	int digits = 0;
@@ -93,11 +119,21 @@ static int body_parse(const char *s, size_t n, int64_t *ts, const char **data, s
 	if (!digits || (size_t)(end - p) < sizeof(dk) - 1 || memcmp(p, dk, sizeof(dk) - 1))
 		return -1;
 	d = p + sizeof(dk) - 1;
-	if (d >= end || *d != '{' || end[-1] != '}')
+	if (d >= end || *d != '{' || !(de = json_end(d, end)))
 		return -1;
+	*anom = NULL;
+	*alen = 0;
+	if (de < end) {
+		const char *a = de + sizeof(ak) - 1;
+		if ((size_t)(end - de) < sizeof(ak) - 1 || memcmp(de, ak, sizeof(ak) - 1) ||
+		    a >= end || *a != '[' || json_end(a, end) != end)
+			return -1;
+		*anom = a;
+		*alen = (size_t)(end - a);
+	}
 	*ts = neg ? -v : v;
 	*data = d;
-	*dlen = (size_t)(end - d);
+	*dlen = (size_t)(de - d);
 	return 0;
 }
 
@@ -144,9 +180,9 @@ size_t sink_batch_add(struct sink_batch *b, unsigned shard, const char *id, cons
 	if (!gw || !gwlen || gwlen > HUB_ID_MAX || !all_digits(seq, seqlen) || !readings)
 		goto bad;
 	while (p < end) {
-		const char *nl = memchr(p, '\n', (size_t)(end - p)), *f[4], *data;
+		const char *nl = memchr(p, '\n', (size_t)(end - p)), *f[4], *data, *anom;
 		const char *le = nl ? nl : end;
-		size_t flen[4], dlen;
+		size_t flen[4], dlen, alen;
 		int64_t ts;
 		int nf = 0;
 		const char *q = p;
@@ -164,7 +200,7 @@ size_t sink_batch_add(struct sink_batch *b, unsigned shard, const char *id, cons
 			goto bad;
 		f[3] = q;
 		flen[3] = (size_t)(le - q);
-		if (body_parse(f[3], flen[3], &ts, &data, &dlen))
+		if (body_parse(f[3], flen[3], &ts, &data, &dlen, &anom, &alen))
 			goto bad;
 		size_t off = b->copy_len;
 		int il = snprintf(idx, sizeof(idx), "%zu", added);
@@ -184,6 +220,11 @@ size_t sink_batch_add(struct sink_batch *b, unsigned shard, const char *id, cons
 		put(&b->copy, &b->copy_len, &b->copy_cap, tsb, (size_t)tl);
 		put(&b->copy, &b->copy_len, &b->copy_cap, "\t", 1);
 		sink_copy_escape(&b->copy, &b->copy_len, &b->copy_cap, data, dlen);
+		put(&b->copy, &b->copy_len, &b->copy_cap, "\t", 1);
+		if (anom)
+			sink_copy_escape(&b->copy, &b->copy_len, &b->copy_cap, anom, alen);
+		else
+			put(&b->copy, &b->copy_len, &b->copy_cap, "\\N", 2);
 		put(&b->copy, &b->copy_len, &b->copy_cap, "\n", 1);
 		row_add(b, off, ts);
 		added++;

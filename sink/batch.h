@@ -5,9 +5,9 @@
  *
  * A feed entry (docs/streams.md) has fields gw, seq and readings: one line
  * per reading, `device TAB type TAB labels-JSON TAB "device":"…","ts":N,
- * "data":{…} LF`. Reading i of the entry (0-based, in line order, which the
- * hub fixes when it stores the frame) becomes the row
- *   gateway, seq, i, device, type, labels, ts (ms), data
+ * "data":{…}[,"anomalies":[…]] LF`. Reading i of the entry (0-based, in line
+ * order, which the hub fixes when it stores the frame) becomes the row
+ *   gateway, seq, i, device, type, labels, ts (ms), data, anomalies (\N: none)
  * whose key (gateway, seq, i, ts) is the same however often the entry is
  * read again.
  *

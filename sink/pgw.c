@@ -17,6 +17,7 @@
 #define DAY_MS         86400000LL
 #define PAST_DAYS      3660      /* older readings go to the default partition */
 #define FUTURE_DAYS    366
+#define NFIELDS        9         /* a COPY row: sink/batch.h */
 #define SCHEMA_LOCK    "7309113117"  /* pg_advisory_lock key of the schema setup */
 
 struct pgw {
@@ -194,7 +195,7 @@ static int schema(struct pgw *w)
 		snprintf(sql, sizeof(sql),
 			 "CREATE TABLE %s (ts timestamptz NOT NULL, device text NOT NULL, "
 			 "gateway text NOT NULL, seq bigint NOT NULL, idx integer NOT NULL, "
-			 "type text NOT NULL, labels jsonb, data jsonb NOT NULL, "
+			 "type text NOT NULL, labels jsonb, data jsonb NOT NULL, anomalies jsonb, "
 			 "PRIMARY KEY (gateway, seq, idx, ts))%s", w->table,
 			 w->timescale ? "" : " PARTITION BY RANGE (ts)");
 		if (run(w, "creating the table", sql, NULL))
@@ -242,16 +243,17 @@ static int session(struct pgw *w)
 
 	if (run(w, "creating the staging table",
 		"CREATE TEMP TABLE IF NOT EXISTS sink_stage (gateway text, seq bigint, idx integer, "
-		"device text, type text, labels text, ts_ms bigint, data text) ON COMMIT DELETE ROWS",
+		"device text, type text, labels text, ts_ms bigint, data text, anomalies text) "
+		"ON COMMIT DELETE ROWS",
 		NULL))
 		return -1;
 	if (w->insert_mode) {
 		snprintf(sql, sizeof(sql),
-			 "INSERT INTO %s (ts, device, gateway, seq, idx, type, labels, data) VALUES "
-			 "(timestamptz 'epoch' + $7::bigint * interval '1 millisecond', $4, $1, "
-			 "$2::bigint, $3::integer, $5, $6::jsonb, $8::jsonb) ON CONFLICT DO NOTHING",
-			 w->table);
-		PGresult *r = PQprepare(w->conn, "ins", sql, 8, NULL);
+			 "INSERT INTO %s (ts, device, gateway, seq, idx, type, labels, data, anomalies) "
+			 "VALUES (timestamptz 'epoch' + $7::bigint * interval '1 millisecond', $4, $1, "
+			 "$2::bigint, $3::integer, $5, $6::jsonb, $8::jsonb, $9::jsonb) "
+			 "ON CONFLICT DO NOTHING", w->table);
+		PGresult *r = PQprepare(w->conn, "ins", sql, NFIELDS, NULL);
 		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 			set_err(w, "preparing the insert: %s", PQresultErrorMessage(r));
 			PQclear(r);
@@ -285,9 +287,9 @@ fail:
 	return -1;
 }
 
-/* One COPY line back into its 8 fields, unescaped into buf (for the
- * insert mode). */
-static int split_row(const char *s, size_t n, char *buf, const char *f[8])
+/* One COPY line back into its NFIELDS fields, unescaped into buf (for the
+ * insert mode); \N is NULL. */
+static int split_row(const char *s, size_t n, char *buf, const char *f[NFIELDS])
 {
 	int nf = 0;
 	char *o = buf;
@@ -299,9 +301,15 @@ static int split_row(const char *s, size_t n, char *buf, const char *f[8])
 			break;
 		if (c == '\t') {
 			*o++ = '\0';
-			if (nf == 8)
+			if (nf == NFIELDS)
 				return -1;
 			f[nf++] = o;
+			continue;
+		}
+		if (c == '\\' && i + 1 < n && s[i + 1] == 'N' && f[nf - 1] == o &&
+		    (i + 2 == n || s[i + 2] == '\t' || s[i + 2] == '\n')) {
+			f[nf - 1] = NULL;
+			i++;
 			continue;
 		}
 		if (c == '\\' && i + 1 < n) {
@@ -311,7 +319,7 @@ static int split_row(const char *s, size_t n, char *buf, const char *f[8])
 		*o++ = c;
 	}
 	*o = '\0';
-	return nf == 8 ? 0 : -1;
+	return nf == NFIELDS ? 0 : -1;
 }
 
 static int write_insert(struct pgw *w, const struct sink_batch *b, long long *inserted)
@@ -322,7 +330,7 @@ static int write_insert(struct pgw *w, const struct sink_batch *b, long long *in
 
 	for (size_t i = 0; i < b->nrows && !rc; i++) {
 		const struct sink_row *row = &b->rows[i];
-		const char *f[8];
+		const char *f[NFIELDS];
 		if (row->len + 1 > cap) {
 			cap = row->len + 1;
 			free(buf);
@@ -334,7 +342,7 @@ static int write_insert(struct pgw *w, const struct sink_batch *b, long long *in
 			rc = -1;
 			break;
 		}
-		PGresult *r = PQexecPrepared(w->conn, "ins", 8, f, NULL, NULL, 0);
+		PGresult *r = PQexecPrepared(w->conn, "ins", NFIELDS, f, NULL, NULL, 0);
 		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 			set_err(w, "insert: %s", PQresultErrorMessage(r));
 			rc = -1;
@@ -374,9 +382,10 @@ static int write_copy(struct pgw *w, const struct sink_batch *b, long long *inse
 	if (hook && !strcmp(hook, "after-copy") && b->nrows)
 		raise(SIGKILL); /* tests only: a crash mid-batch */
 	snprintf(sql, sizeof(sql),
-		 "INSERT INTO %s (ts, device, gateway, seq, idx, type, labels, data) "
+		 "INSERT INTO %s (ts, device, gateway, seq, idx, type, labels, data, anomalies) "
 		 "SELECT timestamptz 'epoch' + ts_ms * interval '1 millisecond', device, gateway, seq, "
-		 "idx, type, labels::jsonb, data::jsonb FROM sink_stage ON CONFLICT DO NOTHING",
+		 "idx, type, labels::jsonb, data::jsonb, anomalies::jsonb FROM sink_stage "
+		 "ON CONFLICT DO NOTHING",
 		 w->table);
 	if (run(w, "insert from staging", sql, &r))
 		return -1;

@@ -69,6 +69,12 @@ class SinkTest(HubTestCase):
                 n += per_frame
         return n
 
+    def wait_hub_sees_groups(self, hub):
+        """The hub noticed the group on every shard (within a second)."""
+        wait_until(lambda: len([k for k in parse_metrics(http_get(hub, "/metrics")[2])
+                                if k[0] == "iot_hub_feed_sink_lag_frames"]) == SHARDS, 5,
+                   what="the hub's iot_hub_feed_sink_lag_frames for every shard")
+
     def counts(self, table):
         rows = self.pg.sql("SELECT count(*), count(DISTINCT (gateway, seq, idx)) FROM %s" % table)
         return int(rows[0][0]), int(rows[0][1])
@@ -215,6 +221,7 @@ class SinkTest(HubTestCase):
         s = self.sink(redis.url, t)
         gws = await self.gateways(hub, 2)
         self.assertEqual(s.stop(), 0)  # registered, then stopped
+        self.wait_hub_sees_groups(hub)
         n = await self.send(gws, 200, per_frame=1)
         self.assertEqual(sum(redis.xlen(rkeys.feed(k)) for k in range(SHARDS)), 400)
         wait_until(lambda: metric_value(parse_metrics(http_get(hub, "/metrics")[2]),
@@ -240,6 +247,7 @@ class SinkTest(HubTestCase):
         s2 = self.sink(redis2.url, t2)
         gws = await self.gateways(hub2, 2)
         self.assertEqual(s2.stop(), 0)
+        self.wait_hub_sees_groups(hub2)
         await self.send(gws, 500, per_frame=1)
         hub2.wait_line("beyond feed-sink-max-lag 100", 5)
         self.assertEqual(metric_value(parse_metrics(http_get(hub2, "/metrics")[2]),

@@ -38,16 +38,34 @@ static void test_entry_rows(void **state)
 	assert_string_equal(b.acks[3].ids[0], "1-0");
 	assert_int_equal(b.rows[0].ts_ms, 1700000000123LL);
 	r = row(&b, 0);
-	assert_string_equal(r, "gw-1\t42\t0\tt-1\tthermostat\t{\"site\":\"a\"}\t1700000000123\t{\"temperature\":21.5}\n");
+	assert_string_equal(r, "gw-1\t42\t0\tt-1\tthermostat\t{\"site\":\"a\"}\t1700000000123\t{\"temperature\":21.5}\t\\N\n");
 	free(r);
 	/* a JSON escape's backslash doubled for COPY */
 	r = row(&b, 1);
-	assert_string_equal(r, "gw-1\t42\t1\tt-2\tthermostat\t{}\t1700000000999\t{\"note\":\"a\\\\\\\\b\\\\tc\"}\n");
+	assert_string_equal(r, "gw-1\t42\t1\tt-2\tthermostat\t{}\t1700000000999\t{\"note\":\"a\\\\\\\\b\\\\tc\"}\t\\N\n");
 	free(r);
 	sink_batch_reset(&b);
 	assert_int_equal(b.nrows, 0);
 	assert_int_equal(b.acks[3].n, 0);
 	assert_int_equal(b.started_ms, 0);
+	sink_batch_free(&b);
+}
+
+static void test_anomalies(void **state)
+{
+	struct sink_batch b = { 0 };
+	const char *rd = "t-1\tthermostat\t{}\t\"device\":\"t-1\",\"ts\":5,\"data\":{\"s\":\"}]\"},"
+			 "\"anomalies\":[{\"field\":\"temperature\"}]\n";
+	const char *junk = "t-1\tthermostat\t{}\t\"device\":\"t-1\",\"ts\":5,\"data\":{},\"x\":1\n";
+	char *r;
+
+	(void)state;
+	assert_int_equal(sink_batch_add(&b, 0, "1-0", "g", 1, "7", 1, rd, strlen(rd), 1), 1);
+	r = row(&b, 0);
+	assert_string_equal(r, "g\t7\t0\tt-1\tthermostat\t{}\t5\t{\"s\":\"}]\"}\t[{\"field\":\"temperature\"}]\n");
+	free(r);
+	assert_int_equal(sink_batch_add(&b, 0, "2-0", "g", 1, "8", 1, junk, strlen(junk), 1), 0);
+	assert_int_equal(b.bad_entries, 1);
 	sink_batch_free(&b);
 }
 
@@ -88,6 +106,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_entry_rows),
+		cmocka_unit_test(test_anomalies),
 		cmocka_unit_test(test_bad_entries),
 		cmocka_unit_test(test_escape),
 	};
