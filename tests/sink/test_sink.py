@@ -260,6 +260,17 @@ class SinkTest(HubTestCase):
                    what="the gap reported: %d frames" % (1000 - kept))
         s2.wait_line("a gap", 1)
         hub2.wait_line("within feed-sink-max-lag again", 5)
+        self.assertEqual(s2.stop(), 0)
+        # --unregister: the groups go, and the hub trims at feed-stream-maxlen again
+        u = Sink(redis2.url, self.pg.conninfo, extra=["--table", t2, "--group", t2, "--unregister"], wait=False)
+        self.addCleanup(u.cleanup)
+        self.assertEqual(u.wait_exit(20), 0, u.text())
+        self.assertEqual([redis2.cmd("XINFO", "GROUPS", rkeys.feed(k)) for k in range(SHARDS)], [[]] * SHARDS)
+        wait_until(lambda: metric_value(parse_metrics(http_get(hub2, "/metrics")[2]),
+                                        "iot_hub_feed_sink_lag_frames") is None, 5,
+                   what="the hub no longer reporting sink groups")
+        await self.send(gws, 100, per_frame=1)
+        self.assertLess(sum(redis2.xlen(rkeys.feed(k)) for k in range(SHARDS)), 400)
 
 
 if __name__ == "__main__":
