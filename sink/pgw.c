@@ -241,6 +241,10 @@ static int session(struct pgw *w)
 {
 	char sql[768];
 
+	/* a PostgreSQL that stops answering fails the batch (retried) instead
+	 * of holding the sink forever */
+	if (run(w, "setting statement_timeout", "SET statement_timeout = 60000", NULL))
+		return -1;
 	if (run(w, "creating the staging table",
 		"CREATE TEMP TABLE IF NOT EXISTS sink_stage (gateway text, seq bigint, idx integer, "
 		"device text, type text, labels text, ts_ms bigint, data text, anomalies text) "

@@ -155,6 +155,7 @@ struct sink {
 	int interval_ms, max_rows, read_count, claim_ms;
 	int metrics_fd;
 	bool redis_up, pg_up;
+	bool redis_seen;           /* redis_up has a value (logged on changes) */
 	int64_t next_stats, next_claim, retry_at;
 	int backoff_ms;
 };
@@ -368,14 +369,16 @@ static redisReply *cmd(struct sink *s, const char *key, int argc, const char **a
 
 	if (!r) {
 		s->st.errors_redis++;
-		if (s->redis_up)
+		if (s->redis_up || !s->redis_seen)
 			sink_log("error", "redis: %s", rc_error(s->rc));
 		s->redis_up = false;
+		s->redis_seen = true;
 		return NULL;
 	}
 	if (!s->redis_up)
 		sink_log("info", "redis: connected%s", rc_is_cluster(s->rc) ? " (cluster)" : "");
 	s->redis_up = true;
+	s->redis_seen = true;
 	return r;
 }
 
