@@ -25,6 +25,7 @@
 #include "hub/keys.h"
 #include "hub/log.h"
 #include "hub/module.h"
+#include "hub/slot.h"
 #include "hub/registry.h"
 #include "hub/util.h"
 #include "hub_lua.h"
@@ -148,6 +149,20 @@ static void store_flush_late(lws_sorted_usec_list_t *sul)
 	store_flush(lws_container_of(sul, struct hub_ingest, sul_late));
 }
 
+bool hub_ingest_up(struct hub *hub, const char *gateway)
+{
+	unsigned shards = hub_ingest_shards(hub);
+	char key[HUB_KEY_MAX];
+	size_t n;
+
+	if (!shards)
+		return false;
+	if (!hub_redis_cluster(hub->redis))
+		return hub_redis_up(hub->redis);
+	n = hub_key_feed(key, sizeof(key), hub_ingest_shard_of(gateway, shards));
+	return n && hub_redis_slot_up(hub->redis, (int)hub_slot(key, n));
+}
+
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *lines, size_t lines_len,
@@ -161,7 +176,7 @@ int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 	char key[HUB_KEY_MAX];
 	size_t klen;
 
-	if (!shards || !hub_redis_up(hub->redis))
+	if (!hub_ingest_up(hub, gateway))
 		return -1;
 	k = hub_ingest_shard_of(gateway, shards);
 	if (!(klen = hub_key_seqs(key, sizeof(key), k, gateway)))

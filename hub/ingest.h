@@ -21,6 +21,11 @@ extern const struct hub_module hub_ingest_module;
  * the life of the process. Callers answer `unavailable` on 0. */
 unsigned hub_ingest_shards(struct hub *hub);
 
+/* Whether the frames of gateway can be stored now: its ingest shard is
+ * known and Redis answers for it (on a cluster, the primary of the
+ * shard's slot: a failed primary makes only its shards unavailable). */
+bool hub_ingest_up(struct hub *hub, const char *gateway);
+
 /* True when live readings go out on sharded channels (SPUBLISH of
  * iot:live:{i<k>}:raw:<type>: a Redis Cluster); false: classic PUBLISH of
  * iot:live:raw:<type> (one Redis). */

@@ -6,6 +6,7 @@
 #include "hub/http.h"
 #include "hub/events.h"
 #include "hub/hub.h"
+#include "hub/ingest.h"
 #include "hub/jarena.h"
 #include "hub/keys.h"
 #include "hub/link.h"
@@ -736,7 +737,7 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 	};
 
 	r->seq = msg->seq;
-	if (!hub_redis_up(hub->redis)) {
+	if (!hub_ingest_up(hub, c->gw)) {
 		hub->metrics.frames[HUB_FRAME_UNAVAILABLE]++;
 		gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
 			       "telemetry store unavailable; resend this frame later");
