@@ -1,13 +1,8 @@
-"""iot-sink on a Redis Cluster (docs/sink.md): the feed is spread over 16
-ingest shards, each feed key on the primary owning its slot; the sink reads
-every shard from its node (routing by slot, MOVED followed) and writes every
-reading once.
-
-The gateway-facing half of the hub does not run on a cluster yet (see
-tests/cluster/test_ingest.py), so the frames are stored the way that suite
-stores them: hub/lua/store.lua called exactly as the hub calls it, by a
-slot-routing client; a hub runs beside it (IOT_HUB_ALLOW_CLUSTER_PARTIAL=1)
-and records the shard count and keeps the feed for the sink's group."""
+"""iot-sink on a Redis Cluster (docs/sink.md): the hub, on 3 primaries,
+spreads the feed over 16 ingest shards, each feed key on the primary owning
+its slot; real gateways over WebSocket in every shard; the sink reads every
+shard from its node (routing by slot, MOVED followed when a shard's slot
+moves mid-run) and writes every reading once."""
 
 import os
 import sys
@@ -16,10 +11,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "integration"))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "cluster"))
-from harness import HubTestCase, clean_env, main, now_ms, rkeys, uniq, wait_until  # noqa: E402
+from harness import HubTestCase, main, reading, rkeys, uniq, wait_until  # noqa: E402
 from pg import Postgres, Sink  # noqa: E402
-from test_ingest import Client, store  # noqa: E402
 
 SHARDS = 16
 
@@ -29,30 +22,29 @@ class SinkCluster(HubTestCase):
         pg = Postgres()
         self.addCleanup(pg.cleanup)
         cluster = self.start_cluster(primaries=3, ports=(42000, 42499))
-        hub = self.start_hub(cluster.seeds, extra=["--device-rate", "0"],
-                             env=clean_env({"IOT_HUB_ALLOW_CLUSTER_PARTIAL": "1"}))
-        client = Client(cluster)
-        self.addCleanup(client.close)
-        wait_until(lambda: client.call("iot:ingest", "HGET", "iot:ingest", "shards") == str(SHARDS), 10,
-                   what="the hub recorded 16 ingest shards")
+        hub = self.start_hub(cluster.seeds, extra=["--device-rate", "0"])
         t = "r_cluster"
         sink = Sink(cluster.seeds, pg.conninfo, extra=["--table", t, "--group", t])
         self.addCleanup(sink.cleanup)
         sink.wait_line("16 feed shards .*Redis Cluster", 1)
-        # frames of gateways in every shard
-        seen, i, prefix, n, t0, gws = set(), 0, uniq("gc"), 0, now_ms(), {}
+        # a gateway in every shard, 5 frames of 2 readings each
+        seen, i, prefix, n, gws = set(), 0, uniq("gc"), 0, {}
         while len(seen) < SHARDS:
-            gw = "%s-%d" % (prefix, i)
+            sub = "%s-%d" % (prefix, i)
             i += 1
-            k = rkeys.shard_of(gw, SHARDS)
+            k = rkeys.shard_of(sub, SHARDS)
             if k in seen:
                 continue
             seen.add(k)
-            dev = uniq("t-c")
-            gws[k] = (gw, dev)
-            for seq in range(1, 6):
-                rep = store(client, gw, seq, [(dev, t0 + seq, 20.0 + seq), (dev, t0 + seq, 21.5)])
-                self.assertEqual(rep[0][0], 1, rep)
+            g = await self.gateway(hub, sub=sub)
+            g.dev, g.seq = uniq("t-c"), 0
+            rep = await g.announce([(g.dev, "thermostat")])
+            self.assertEqual(rep.get("accepted"), [g.dev], rep)
+            gws[k] = g
+            for _ in range(5):
+                g.seq += 1
+                rep = await g.telemetry(g.seq, [reading(g.dev, 20.0 + g.seq), reading(g.dev, 21.5)])
+                self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 2), rep)
                 n += 2
         # the feed keys live on every primary
         owners = {cluster.owner_of(rkeys.feed(k)).port for k in range(SHARDS)}
@@ -74,10 +66,11 @@ class SinkCluster(HubTestCase):
         src = cluster.owner_of(rkeys.feed(0))
         dst = next(nd for nd in cluster.nodes if nd.port != src.port)
         cluster.reshard([slot], src, dst)
-        gw, dev = gws[0]
-        for seq in range(6, 11):
-            rep = store(client, gw, seq, [(dev, t0 + seq, 20.0 + seq)])
-            self.assertEqual(rep[0][0], 1, rep)
+        g = gws[0]
+        for _ in range(5):
+            g.seq += 1
+            rep = await self.resend_until_acked(g, g.seq, [reading(g.dev, 30.0 + g.seq)])
+            self.assertEqual(rep.get("accepted"), 1, rep)
             n += 1
         wait_until(lambda: count()[0] >= n, 30, interval=0.2, what="%d rows after the move (have %s)" % (n, count()))
         time.sleep(0.5)
