@@ -5,7 +5,7 @@
 #
 # Where things go (GNUInstallDirs; with the prefix /usr the config goes to
 # /etc):
-#   bin/                      iot-hub, iot-token, hubctl, gw-sim, dash-sub,
+#   bin/                      iot-hub, iot-token, hubctl, gw-sim, dash-sub, iot-sink,
 #                             iot-hub-migrate-layout
 #   share/iot-hub/web         the browser dashboard
 #   share/iot-hub/device-types  the example device types
@@ -35,6 +35,7 @@ function(hub_install_rewrite src dst)
   file(READ ${src} text)
   string(REPLACE "/usr/share/iot-hub" "${HUB_INSTALL_DATA}" text "${text}")
   string(REPLACE "/usr/bin/iot-hub" "${CMAKE_INSTALL_FULL_BINDIR}/iot-hub" text "${text}")
+  string(REPLACE "/usr/bin/iot-sink" "${CMAKE_INSTALL_FULL_BINDIR}/iot-sink" text "${text}")
   string(REPLACE "/etc/iot-hub" "${HUB_INSTALL_ETC}" text "${text}")
   string(REPLACE "/var/lib/iot-hub" "${HUB_INSTALL_STATE}" text "${text}")
   file(WRITE ${dst} "${text}")
@@ -45,6 +46,7 @@ set(HUB_GEN ${PROJECT_BINARY_DIR}/install)
 hub_install_rewrite(${PROJECT_SOURCE_DIR}/deploy/iot-hub.conf ${HUB_GEN}/iot-hub.conf)
 hub_install_rewrite(${PROJECT_SOURCE_DIR}/deploy/iot-hub.service ${HUB_GEN}/iot-hub.service)
 hub_install_rewrite(${PROJECT_SOURCE_DIR}/deploy/iot-hub@.service ${HUB_GEN}/iot-hub@.service)
+hub_install_rewrite(${PROJECT_SOURCE_DIR}/deploy/iot-sink.service ${HUB_GEN}/iot-sink.service)
 
 install(TARGETS iot-hub iot-token hubctl gw-sim dash-sub
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
@@ -57,6 +59,13 @@ install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/device-types/
 install(FILES ${HUB_GEN}/iot-hub.conf DESTINATION ${HUB_ETC_DEST})
 install(FILES ${HUB_GEN}/iot-hub.service ${HUB_GEN}/iot-hub@.service
         DESTINATION lib/systemd/system)
+# iot-sink (sink/, built when libpq is found): its unit and environment file.
+if(TARGET iot-sink)
+  install(TARGETS iot-sink RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+  install(FILES ${HUB_GEN}/iot-sink.service DESTINATION lib/systemd/system)
+  install(FILES ${PROJECT_SOURCE_DIR}/deploy/iot-sink.env DESTINATION ${HUB_ETC_DEST})
+  install(FILES ${PROJECT_SOURCE_DIR}/docs/sink.md DESTINATION ${CMAKE_INSTALL_DOCDIR})
+endif()
 install(FILES ${PROJECT_SOURCE_DIR}/docs/operations.md ${PROJECT_SOURCE_DIR}/docs/configuration.md
         DESTINATION ${CMAKE_INSTALL_DOCDIR})
 
@@ -77,7 +86,7 @@ set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
 # shlibdeps sees it.
 set(CPACK_DEBIAN_PACKAGE_DEPENDS "adduser, libwebsockets-evlib-ev")
 set(CPACK_DEBIAN_PACKAGE_RECOMMENDS "redis-server (>= 5:7.0)")
-set(CPACK_DEBIAN_PACKAGE_SUGGESTS "python3")
+set(CPACK_DEBIAN_PACKAGE_SUGGESTS "python3, postgresql")
 set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
 configure_file(${PROJECT_SOURCE_DIR}/deploy/debian/conffiles.in ${HUB_GEN}/debian/conffiles @ONLY)
 foreach(s postinst prerm postrm)

@@ -11,11 +11,13 @@ pkgs=(
   build-essential cmake pkg-config
   libwebsockets-dev libwebsockets-evlib-ev libjansson-dev libhiredis-dev
   libjwt-dev libssl-dev
+  libpq-dev                  # iot-sink (sink/): PostgreSQL's client library
   dpkg-dev file              # tools/make-deb (dpkg-shlibdeps; CPack's DEB generator runs file)
 )
 if [[ ${1:-} != --build ]]; then pkgs+=(
   libcmocka-dev
   redis-server redis-tools
+  postgresql-15              # ctest -L sink: a real PostgreSQL (initdb, pg_ctl)
   python3-websockets curl openssl
   clang libclang-rt-14-dev   # the fuzz tests (tests/fuzz, ctest -L fuzz)
   python3-yaml prometheus    # ctest -L deploy: manifests, promtool, a real Prometheus

@@ -53,6 +53,7 @@ static const struct opt opts[] = {
 	O("clock-skew-past-s", OPT_INT, clock_skew_past_s, "604800", 0, 315360000, "how old a reading ts may be"),
 	O("device-stream-maxlen", OPT_LONG, device_stream_maxlen, "100000", 1, 1e12, "approximate entries kept per device stream (XADD MAXLEN ~)"),
 	O("feed-stream-maxlen", OPT_LONG, feed_stream_maxlen, "1000000", 0, 1e12, "approximate frames kept in each feed shard stream (0 = no feed)"),
+	O("feed-sink-max-lag", OPT_LONG, feed_sink_max_lag, "1000000", 0, 1e12, "frames a sink (a consumer group on the feed) may fall behind: the feed keeps them beyond feed-stream-maxlen; past it the hub alerts and trims anyway (0 = the feed ignores sinks)"),
 	O("feed-shards", OPT_INT, feed_shards, "0", 0, 64, "ingest shards (feeds) the telemetry is spread over: 0 = 1 on one Redis, 16 on a Redis Cluster; the first hub on an empty Redis records it, later hubs use the recorded value"),
 	O("seq-window", OPT_INT, seq_window, "4096", 16, 1000000, "stored seqs remembered per gateway for idempotent resends"),
 	O("redis-timeout-ms", OPT_INT, redis_timeout_ms, "2000", 100, 600000, "a Redis reply later than this marks Redis down"),

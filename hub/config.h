@@ -70,6 +70,7 @@ struct hub_config {
 	int clock_skew_past_s;
 	long device_stream_maxlen;
 	long feed_stream_maxlen;
+	long feed_sink_max_lag;
 	int feed_shards;           /* 0: auto (1 on one Redis, 16 on a cluster) */
 	int seq_window;
 	int redis_timeout_ms;

@@ -13,6 +13,7 @@
 
 #include "hub/anomaly.h"
 #include "hub/durability.h"
+#include "hub/feedtrim.h"
 #include "hub/http.h"
 #include "hub/hub.h"
 #include "hub/redis.h"
@@ -345,6 +346,7 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 		     "answer started, by route.\n# TYPE iot_hub_http_request_duration_seconds "
 		     "histogram\n");
 	hub_http_each_route_stat(hub, route_latency, o);
+	hub_feedtrim_expose(hub, o);
 	process_metrics(o);
 }
 _Static_assert(ANOM__COUNT == HUB_ANOM_KINDS, "HUB_ANOM_KINDS follows enum anom_kind");

@@ -31,6 +31,7 @@ struct hub_revocations;
 struct hub_registry;
 struct hub_ingest;
 struct hub_prov;
+struct hub_feedtrim;
 struct agg;
 struct stream;
 struct gateways;
@@ -68,6 +69,7 @@ struct hub {
 	struct hub_registry *registry;
 	struct hub_ingest *ingest;
 	struct hub_prov *prov;     /* hub/provenance.c */
+	struct hub_feedtrim *feedtrim;   /* hub/feedtrim.c */
 	struct hub_lease *lease;
 	struct hub_durability *durability; /* hub/durability.c */
 	struct cmd_engine *cmd;            /* commands/commands.c */

@@ -20,6 +20,7 @@
 #include <libwebsockets.h>
 
 #include "hub/events.h"
+#include "hub/feedtrim.h"
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
@@ -112,7 +113,7 @@ static void batch_flush(struct hub_ingest *in, unsigned shard)
 		hub_prov_shard_keys(&in->resp, shard);
 	hub_resp_int(&in->resp, hub->cfg.seq_window);
 	hub_resp_int(&in->resp, hub->cfg.device_stream_maxlen);
-	hub_resp_int(&in->resp, hub->cfg.feed_stream_maxlen);
+	hub_resp_int(&in->resp, hub_feedtrim_store_maxlen(hub, shard));
 	hub_resp_int(&in->resp, (int64_t)B->nframes);
 	if (in->sharded_pubsub)
 		hub_resp_arg(&in->resp, "SPUBLISH", 8);

@@ -35,6 +35,7 @@
 #include "hub/redis.h"
 #include "hub/ingest.h"
 #include "hub/provenance.h"
+#include "hub/feedtrim.h"
 #include "protocols/anomaly.h"
 #include "hub/registry.h"
 #include "protocols/gateway.h"
@@ -239,6 +240,7 @@ static const struct hub_module *const modules[] = {
 	&hub_registry_module,  /* the device registry */
 	&hub_ingest_module,    /* the reading store, in ingest shards */
 	&hub_prov_module,      /* chained readings, checkpoints, device signatures */
+	&hub_feedtrim_module,  /* the feed follows its slowest sink */
 	&hub_lease_module,     /* this run's lease; dead runs' devices go offline */
 	&agg_module,           /* 1 s partials out, merged windows in */
 	&hub_rollup_module,    /* 1m/1h/1d rollups of stored readings */

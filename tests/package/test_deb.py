@@ -33,7 +33,7 @@ from harness import Redis, free_port, wait_until  # noqa: E402
 SKIP = 77
 MAX_EXPOSURE = 2.0
 PKG = "iot-hub"
-UNITS = ("iot-hub.service", "iot-hub@.service")
+UNITS = ("iot-hub.service", "iot-hub@.service", "iot-sink.service")
 
 
 def skip(why):
@@ -156,13 +156,13 @@ class Package(unittest.TestCase):
         # the control data: Depends from shlibdeps, the conffile, scripts
         info = run("dpkg-deb", "-f", self.deb, "Depends").stdout
         for lib in ("libwebsockets17", "libhiredis0.14", "libjansson4", "libjwt0", "libssl3", "adduser",
-                    "libwebsockets-evlib-ev"):
+                    "libwebsockets-evlib-ev", "libpq5"):
             self.assertIn(lib, info, "Depends")
         ctl = os.path.join(BUILD, "deb", "control")
         shutil.rmtree(ctl, ignore_errors=True)
         run("dpkg-deb", "-e", self.deb, ctl)
         with open(os.path.join(ctl, "conffiles")) as f:
-            self.assertEqual(f.read().split(), ["/etc/iot-hub/iot-hub.conf"])
+            self.assertEqual(f.read().split(), ["/etc/iot-hub/iot-hub.conf", "/etc/iot-hub/iot-sink.env"])
 
         run("dpkg", "-i", self.deb)
         self.assertEqual(pkg_status(), "install ok installed")
@@ -171,7 +171,8 @@ class Package(unittest.TestCase):
                   "/etc/iot-hub/jwt.secret", "/etc/iot-hub/api-keys.json",
                   "/usr/share/iot-hub/device-types/thermostat.json",
                   "/usr/share/iot-hub/web/index.html",
-                  "/lib/systemd/system/iot-hub.service", "/lib/systemd/system/iot-hub@.service"):
+                  "/lib/systemd/system/iot-hub.service", "/lib/systemd/system/iot-hub@.service",
+                  "/usr/bin/iot-sink", "/lib/systemd/system/iot-sink.service", "/etc/iot-hub/iot-sink.env"):
             self.assertTrue(os.path.exists(f), f)
         self.assertTrue(user_exists("iot-hub"))
         st = os.stat("/var/lib/iot-hub")
