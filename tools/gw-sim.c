@@ -205,6 +205,7 @@ struct gw {
 	struct inj *inj;       /* per-device injection state (--truth) */
 	uint8_t in_connq;
 	uint8_t mqtt_ping;     /* --mqtt: a PINGREQ is owed */
+	uint8_t streaming;     /* a frame was acked on this connection */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -303,6 +304,7 @@ static struct {
 	const char *stop_reason;
 
 	unsigned n_live, n_connected, n_ready, n_done;
+	unsigned n_streaming;   /* connections with a frame acked */
 
 	struct counters tot, iv;
 	struct lg_codes errcodes;   /* hub errors by code */
@@ -959,6 +961,16 @@ static void retry_cb(lws_sorted_usec_list_t *sul)
 	gw_request_write(gw);
 }
 
+/* The stats line's `streaming`: connections whose first frame was acked
+ * (a reconnect storm is over when every gateway streams again). */
+static void gw_mark_streaming(struct gw *gw)
+{
+	if (!gw->streaming) {
+		gw->streaming = 1;
+		g.n_streaming++;
+	}
+}
+
 static void gw_become_ready(struct gw *gw)
 {
 	gw->state = GW_READY;
@@ -1087,6 +1099,7 @@ static void gw_on_ack(struct gw *gw, json_t *root)
 	}
 	if (json_is_true(json_object_get(root, "duplicate")))
 		CNT(duplicate_acks, 1);   /* a resend the hub had already stored */
+	gw_mark_streaming(gw);
 	CNT(frames_acked, 1);
 	CNT(readings_acked, accepted);
 	CNT(readings_rejected, nrej);
@@ -1289,6 +1302,10 @@ static void gw_lost(struct gw *gw, const char *why)
 		return;
 	if (gw->state == GW_READY)
 		g.n_ready--;
+	if (gw->streaming) {
+		g.n_streaming--;
+		gw->streaming = 0;
+	}
 	if (gw->state != GW_CONNECTING) {
 		g.n_connected--;
 		if (!g.stopping)   /* closes we start at stop are not disconnects */
@@ -1492,6 +1509,7 @@ static void mqtt_on_puback(struct gw *gw, unsigned pid)
 			lg_hist_add(&g.h_tot, lat);
 		lg_hist_add(&g.h_iv, lat);
 	}
+	gw_mark_streaming(gw);
 	CNT(frames_acked, 1);
 	CNT(readings_acked, fs->nreadings);
 	gw_slot_release(gw, fs);
@@ -1756,13 +1774,13 @@ static void print_stats_line(int64_t now)
 	if (dt <= 0)
 		dt = 1e-9;
 	fprintf(stderr,
-		"[%7.1fs] conn %u/%u ready %u | sent %.0f f/s (resent %" PRIu64
+		"[%7.1fs] conn %u/%u ready %u streaming %u | sent %.0f f/s (resent %" PRIu64
 		") | acked %.0f r/s | unacked %" PRIu64 " | rej %" PRIu64
 		" | err %" PRIu64
 		" | unavail %" PRIu64 " | cfail %" PRIu64 " disc %" PRIu64
 		" | p50 %.2f p99 %.2f ms\n",
 		(double)(now - g.start_us) / 1e6, g.n_connected, g.cfg.gateways,
-		g.n_ready, (double)g.iv.frames_sent / dt, g.iv.frames_resent,
+		g.n_ready, g.n_streaming, (double)g.iv.frames_sent / dt, g.iv.frames_resent,
 		(double)g.iv.readings_acked / dt, unacked, g.iv.readings_rejected,
 		g.iv.hub_errors + g.iv.proto_errors, g.iv.unavailable,
 		g.iv.connect_failures, g.iv.disconnects,
