@@ -82,6 +82,7 @@ struct sim_cfg {
 	uint64_t frames;
 	double bad_ratio;
 	double connect_rate;
+	unsigned max_connecting;     /* 0: no limit */
 	double stats_interval;
 	double ack_timeout;  /* s; 0 = wait for acks forever */
 	double warmup;       /* s; frames sent earlier stay out of latency_us */
@@ -1261,7 +1262,11 @@ static void connect_pump_cb(lws_sorted_usec_list_t *sul)
 	if (g.stopping)
 		return;
 	lg_bucket_refill(&g.conn_bucket, hub_mono_us());
-	while (g.cq_count && lg_bucket_take(&g.conn_bucket)) {
+	/* --max-connecting: lws keeps each opening connection's timeout in one
+	 * sorted list and every new one walks it (all of them at 1e6/s) */
+	while (g.cq_count && (!g.cfg.max_connecting ||
+			      g.n_live - g.n_connected < g.cfg.max_connecting) &&
+	       lg_bucket_take(&g.conn_bucket)) {
 		struct gw *gw = &g.gws[g.connq[g.cq_head]];
 
 		g.cq_head = (g.cq_head + 1) % g.cfg.gateways;
@@ -2103,6 +2108,9 @@ static const struct opt sim_opts[] = {
 	  "local addresses", "A,B,.." },
 	{ "connect-rate", OPT_DBL, F(connect_rate), "1000", 0.01, 1e6, "new connections per "
 	  "second, also reconnects", "C" },
+	{ "max-connecting", OPT_UINT, F(max_connecting), "0", 0, 1000000, "at most K connections "
+	  "opening at once (TCP and\nupgrade), 0 = no limit: a reconnect storm from one\n"
+	  "process without lws's per-connect timer walk", "K" },
 	{ "mqtt", OPT_FLAG, F(mqtt), NULL, 0, 0, "speak MQTT 3.1.1 over WebSocket (subprotocol mqtt, "
 	  "binary\nframes) to a broker such as Mosquitto instead: CONNECT\n(client id = gateway "
 	  "id, clean session, keepalive 60),\nthen each frame's JSON as one PUBLISH QoS 1 to\n"
