@@ -12,6 +12,7 @@
 
 #include "hub/auth.h"
 #include "hub/config.h"
+#include "hub/keepalive.h"
 #include "hub/metrics.h"
 #include "hub/strmap.h"
 #include "protocols/schema.h"
@@ -88,6 +89,10 @@ struct hub {
 	volatile sig_atomic_t sig_term, sig_hup;
 	lws_sorted_usec_list_t sul_signal;
 	lws_sorted_usec_list_t sul_drain;
+	/* WebSocket liveness of every gateway and dashboard (hub/loop.c) */
+	struct hub_ka ka;
+	lws_sorted_usec_list_t sul_keepalive;
+	int64_t ka_armed_us;       /* deadline the keepalive timer is set for, 0 none */
 	bool draining;
 	bool modules_stopped;
 	int64_t drain_deadline_us;

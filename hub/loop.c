@@ -6,11 +6,13 @@
 
 #include "hub/hub.h"
 #include "hub/http.h"
+#include "hub/keepalive.h"
 #include "hub/listener.h"
 #include "hub/log.h"
 #include "hub/lws_quirks.h"
 #include "hub/module.h"
 #include "hub/redis.h"
+#include "hub/util.h"
 
 /* lws 4.1.6's libev backend arms its timer for lws_sul only from its own
  * idle and timer callbacks: a sul scheduled while no I/O happens never fires,
@@ -111,11 +113,15 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	info.protocols = protocols;
 	info.vhost_name = "iot-hub";
 	/* Dead peers (no FIN: power loss, NAT expiry) are found by PING/PONG:
-	 * lws pings ping-interval-s after the last PONG and hangs up when none
-	 * came for ping-timeout-s, so their devices go offline. */
-	idle_policy.secs_since_valid_ping = (uint16_t)hub->cfg.ping_interval_s;
-	idle_policy.secs_since_valid_hangup = (uint16_t)hub->cfg.ping_timeout_s;
+	 * the hub pings ping-interval-s after the last PONG and hangs up when
+	 * none came for ping-timeout-s, so their devices go offline. Not lws's
+	 * own validity timer (its default is on, 300 s): a policy without
+	 * hangup turns it off, hub/keepalive.h says why. */
+	idle_policy.secs_since_valid_ping = 0;
+	idle_policy.secs_since_valid_hangup = 0;
 	info.retry_and_idle_policy = &idle_policy;
+	hub_ka_init(&hub->ka, (int64_t)hub->cfg.ping_interval_s * 1000000,
+		    ((int64_t)hub->cfg.ping_timeout_s - hub->cfg.ping_interval_s) * 1000000);
 	/* Every connection that has not been upgraded has a deadline: its
 	 * request line and headers (slowloris), an idle keep-alive, a body
 	 * (hub/http.c). */
@@ -160,6 +166,95 @@ static void heartbeat(lws_sorted_usec_list_t *sul)
 	lws_sul_schedule(signal_ctx, 0, sul, heartbeat, HEARTBEAT_US);
 }
 
+/* ---- keepalive: one timer for every WebSocket (hub/keepalive.h) ---------- */
+
+/* Connections handled per timer run: a storm's worth of PINGs falls due
+ * together 30 s later, and is spread over loop turns. */
+#define KA_BATCH 512
+
+static void ka_fire(lws_sorted_usec_list_t *sul);
+
+static void ka_arm(struct hub *hub)
+{
+	int64_t due = hub_ka_next_due(&hub->ka), now;
+
+	/* an armed timer that is not later is kept (one that finds nothing due
+	 * arms itself again) */
+	if (!due || (hub->ka_armed_us && hub->ka_armed_us <= due))
+		return;
+	now = hub_mono_us();
+	hub->ka_armed_us = due;
+	lws_sul_schedule(hub->ctx, 0, &hub->sul_keepalive, ka_fire,
+			 due > now ? (lws_usec_t)(due - now) : 1);
+}
+
+static void ka_ping(struct hub_ka_entry *e, void *arg)
+{
+	(void)arg;
+	lws_callback_on_writable(e->owner);
+}
+
+static void ka_hangup(struct hub_ka_entry *e, void *arg)
+{
+	(void)arg;
+	/* closed on the next loop turn: CLOSED reaches its protocol */
+	lws_set_timeout(e->owner, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
+}
+
+static void ka_fire(lws_sorted_usec_list_t *sul)
+{
+	struct hub *hub = lws_container_of(sul, struct hub, sul_keepalive);
+	int64_t now = hub_mono_us();
+
+	hub->ka_armed_us = 0;
+	if (hub->exiting)
+		return;
+	if (hub_ka_expire(&hub->ka, now, KA_BATCH, ka_ping, ka_hangup, hub) == KA_BATCH) {
+		hub->ka_armed_us = now;
+		lws_sul_schedule(hub->ctx, 0, &hub->sul_keepalive, ka_fire, 1);
+		return;
+	}
+	ka_arm(hub);
+}
+
+void hub_keepalive_start(struct hub *hub, struct hub_ka_entry *e, struct lws *wsi)
+{
+	e->owner = wsi;
+	hub_ka_valid(&hub->ka, e, hub_mono_us());
+	ka_arm(hub);
+}
+
+void hub_keepalive_pong(struct hub *hub, struct hub_ka_entry *e)
+{
+	if (e->where == HUB_KA_NONE)
+		return;
+	hub_ka_valid(&hub->ka, e, hub_mono_us());
+	ka_arm(hub);
+}
+
+void hub_keepalive_stop(struct hub *hub, struct hub_ka_entry *e)
+{
+	hub_ka_remove(&hub->ka, e);
+}
+
+int hub_keepalive_writeable(struct hub *hub, struct hub_ka_entry *e)
+{
+	unsigned char buf[LWS_PRE + 8];
+	int64_t now = hub_mono_us();
+
+	(void)hub;
+	if (!e->ping_owed)
+		return 0;
+	e->ping_owed = 0;
+	/* with a payload (the clock, as lws's own): lws 4.1.6 gives the
+	 * protocol no RECEIVE_PONG for an empty PONG */
+	memcpy(buf + LWS_PRE, &now, sizeof(now));
+	if (lws_write(e->owner, buf + LWS_PRE, sizeof(now), LWS_WRITE_PING) < 0)
+		return -1;
+	lws_callback_on_writable(e->owner);
+	return 1;
+}
+
 void hub_loop_run(struct hub *hub)
 {
 	heartbeat(&sul_heartbeat);
@@ -173,6 +268,7 @@ void hub_loop_stop(struct hub *hub)
 {
 	hub->exiting = true;
 	lws_sul_cancel(&sul_heartbeat);
+	lws_sul_cancel(&hub->sul_keepalive);
 	/* With an event library the first destroy only breaks the loop. */
 	lws_context_destroy(hub->ctx);
 }

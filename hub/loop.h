@@ -23,6 +23,21 @@ void hub_loop_run(struct hub *hub);
 /* Ends the loop; call from a timer callback, never from a hiredis callback. */
 void hub_loop_stop(struct hub *hub);
 
+/* WebSocket liveness (hub/keepalive.h) for a connection's entry e (in
+ * its per-session data, zeroed by lws): start at ESTABLISHED, pong at each
+ * PONG, stop at CLOSED (a no-op when not started). A connection silent past
+ * ping-interval-s is asked for writeable, and hub_keepalive_writeable(),
+ * called first in its SERVER_WRITEABLE, writes the PING: it returns 1 when
+ * it wrote one (return 0 from the callback; the next writeable is asked
+ * for), -1 when the write failed (close), 0 when none was owed. No PONG
+ * ping-timeout-s after the last: the connection is closed. */
+struct hub_ka_entry;
+struct lws;
+void hub_keepalive_start(struct hub *hub, struct hub_ka_entry *e, struct lws *wsi);
+void hub_keepalive_pong(struct hub *hub, struct hub_ka_entry *e);
+void hub_keepalive_stop(struct hub *hub, struct hub_ka_entry *e);
+int hub_keepalive_writeable(struct hub *hub, struct hub_ka_entry *e);
+
 /* Finishes destroying the context after hub_loop_run() returned. */
 void hub_loop_destroy(struct hub *hub);
 

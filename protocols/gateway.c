@@ -12,6 +12,7 @@
 #include "hub/provenance.h"
 #include "hub/link.h"
 #include "hub/log.h"
+#include "hub/loop.h"
 #include "hub/module.h"
 #include "hub/ratelimit.h"
 #include "hub/redis.h"
@@ -102,6 +103,7 @@ struct gw_conn {
 
 struct gw_pss {
 	struct gw_conn *conn;
+	struct hub_ka_entry ka;   /* liveness (hub/loop.h) */
 };
 
 struct stored_ref {
@@ -1671,15 +1673,23 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_ESTABLISHED:
 		if (!pss)
 			return -1;
-		return on_established(wsi, pss, hub);
+		if (on_established(wsi, pss, hub))
+			return -1;
+		hub_keepalive_start(hub, &pss->ka, wsi);
+		return 0;
 	case LWS_CALLBACK_RECEIVE:
 		if (!pss->conn)
 			return -1;
 		return on_receive(pss->conn, in, len);
-	case LWS_CALLBACK_SERVER_WRITEABLE:
+	case LWS_CALLBACK_SERVER_WRITEABLE: {
+		int k;
+
 		if (!pss->conn)
 			return -1;
+		if ((k = hub_keepalive_writeable(hub, &pss->ka)))
+			return k < 0 ? -1 : 0;
 		return on_writeable(pss->conn);
+	}
 	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
 		if (pss && pss->conn)
 			pss->conn->peer_closed = true;
@@ -1687,14 +1697,15 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_RECEIVE_PONG:
 		if (pss && pss->conn)
 			pss->conn->rx_us = hub_mono_us();
+		if (pss)
+			hub_keepalive_pong(hub, &pss->ka);
 		break;
 	case LWS_CALLBACK_CLOSED:
-		if (pss)
-			on_closed(pss);
-		break;
 	case LWS_CALLBACK_WSI_DESTROY:
-		if (pss)
+		if (pss) {
+			hub_keepalive_stop(hub, &pss->ka);
 			on_closed(pss);
+		}
 		break;
 	default:
 		break;

@@ -12,6 +12,7 @@
 #include "hub/ingest.h"
 #include "hub/keys.h"
 #include "hub/log.h"
+#include "hub/loop.h"
 #include "hub/module.h"
 #include "hub/redis.h"
 #include "hub/strmap.h"
@@ -179,6 +180,7 @@ struct st_conn {
 
 struct st_pss {
 	struct st_conn *conn;
+	struct hub_ka_entry ka;   /* liveness (hub/loop.h) */
 };
 
 /* The module: its groups, its connections, the fan-out scratch. */
@@ -2507,6 +2509,7 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		pss->conn = c;
 		hub->metrics.stream_connections++;
 		hub->metrics.stream_connections_total++;
+		hub_keepalive_start(hub, &pss->ka, wsi);
 		return 0;
 	}
 	case LWS_CALLBACK_RECEIVE:
@@ -2515,11 +2518,22 @@ static int stream_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		c->hub->metrics.bytes_received[HUB_WS_DASHBOARD] += len;
 		on_receive(c, in, len);
 		return 0;
-	case LWS_CALLBACK_SERVER_WRITEABLE:
+	case LWS_CALLBACK_SERVER_WRITEABLE: {
+		int k;
+
 		if (!c)
 			return 0;
+		if ((k = hub_keepalive_writeable(c->hub, &pss->ka)))
+			return k < 0 ? -1 : 0;
 		return conn_writeable(c);
+	}
+	case LWS_CALLBACK_RECEIVE_PONG:
+		if (c)
+			hub_keepalive_pong(c->hub, &pss->ka);
+		return 0;
 	case LWS_CALLBACK_CLOSED:
+		if (c)
+			hub_keepalive_stop(c->hub, &pss->ka);
 		if (c) {
 			pss->conn = NULL;
 			c->wsi = NULL;

@@ -1,7 +1,8 @@
 """Dead gateways are found: a peer that vanishes without closing (power loss,
 NAT expiry) answers no WebSocket PING, so the hub hangs up after
 ping-timeout-s and its devices go offline; a live client that answers PINGs
-stays connected."""
+stays connected. The same for dashboards (/v1/stream). The hub's own
+keepalive (hub/keepalive.h), not lws's validity timer."""
 
 import asyncio
 import json
@@ -12,10 +13,43 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (HubTestCase, http_get, main, metric_value, parse_metrics, rkeys, upgrade_request,  # noqa: E402
-                     uniq, wait_until)
+from harness import (STREAM_PATH, STREAM_PROTO, HubTestCase, api_keys_file, connect_dashboard,  # noqa: E402
+                     http_get, main, metric_value, parse_metrics, rkeys, upgrade_request, uniq, wait_until)
 
 ARGS = ["--ping-interval-s", "1", "--ping-timeout-s", "3"]
+KEY = "iotk_liveness_reader_0001"
+
+
+def open_raw(port, req):
+    """A raw socket after a 101 to req."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(req)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise AssertionError("hub closed during the upgrade")
+        head += chunk
+    if b" 101 " not in head.split(b"\r\n")[0]:
+        raise AssertionError("upgrade refused: %r" % head[:80])
+    return s
+
+
+def silent_until_closed(s, limit):
+    """Reads (never answers) until the hub hangs up or limit s pass.
+    Returns (seconds, pings seen)."""
+    t0 = time.monotonic()
+    pings = 0
+    s.settimeout(0.5)
+    while time.monotonic() - t0 < limit:
+        try:
+            chunk = s.recv(4096)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        pings += chunk.count(b"\x89")
+    return time.monotonic() - t0, pings
 
 
 def masked_text(payload):
@@ -33,7 +67,8 @@ class Liveness(HubTestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        cls.hub = cls.class_hub(cls.redis, extra=ARGS)
+        cls.hub = cls.class_hub(cls.redis, extra=ARGS + ["--api-keys", api_keys_file(
+            {"reader": (KEY, ["telemetry:read"])})])
 
     async def test_silent_peer_is_dropped_and_its_devices_go_offline(self):
         sub, d = uniq("gw"), uniq("t")
@@ -79,6 +114,21 @@ class Liveness(HubTestCase):
         d = uniq("t")
         rep = await gw.announce([(d, "thermostat")])
         self.assertEqual(rep.get("accepted"), [d], rep)
+
+
+    async def test_silent_dashboard_is_dropped(self):
+        req, _ = upgrade_request(self.hub.port, KEY, path=STREAM_PATH, subprotocol=STREAM_PROTO)
+        s = open_raw(self.hub.port, req)
+        self.addCleanup(s.close)
+        elapsed, pings = silent_until_closed(s, 8)
+        self.assertGreaterEqual(pings, 1, "the hub sent no PING to an idle dashboard")
+        self.assertLess(elapsed, 7.5, "a dashboard answering no PING was still connected after %.1f s" % elapsed)
+
+    async def test_live_dashboard_stays(self):
+        d = await connect_dashboard(self.hub, KEY)
+        self.addAsyncCleanup(d.close)
+        await asyncio.sleep(4.5)  # longer than ping-timeout-s: websockets answers PINGs
+        self.assertIsNone(d.close_code, "a dashboard answering PINGs was disconnected")
 
 
 if __name__ == "__main__":
