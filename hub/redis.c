@@ -1332,6 +1332,15 @@ static void sul_drop_cb(lws_sorted_usec_list_t *sul)
 	rconn_drop(rc, why);
 }
 
+/* Silent, or is it the hub that was not scheduled (replies waiting in the
+ * socket, unread)? One poll(), only on the paths that suspect Redis. */
+static bool replies_unread(const struct rconn *rc)
+{
+	struct pollfd pfd = { rc->ac ? rc->ac->c.fd : -1, POLLIN, 0 };
+
+	return pfd.fd >= 0 && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN);
+}
+
 /* Up means answering: see hub_redis_up(). */
 static bool rconn_answering(const struct rconn *rc, int64_t now)
 {
@@ -1346,10 +1355,7 @@ static bool rconn_answering(const struct rconn *rc, int64_t now)
 		allow += IDLE_PING_US + WATCHDOG_US;
 	if (silence_us(rc, now) <= allow)
 		return true;
-	/* Silent, or is it the hub that was not scheduled (replies waiting in
-	 * the socket, unread)? One poll(), only on this path. */
-	struct pollfd pfd = { rc->ac ? rc->ac->c.fd : -1, POLLIN, 0 };
-	return pfd.fd >= 0 && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN);
+	return replies_unread(rc);
 }
 
 /* The watchdog's work on a command connection (the seed connection, a
@@ -1365,8 +1371,14 @@ static void watch_cmd(struct rconn *rc, int64_t now)
 		rconn_drop(rc, "connect timed out");
 		if (pair)
 			rconn_drop(&r->sub, "command connection timed out");
-	} else if (rc->state == RC_UP && rc->ring_len &&
-		   now - rc->ring[rc->ring_head].t0 > timeout) {
+	} else if (rc->state == RC_UP && rc->ring_len && silence_us(rc, now) > timeout &&
+		   !replies_unread(rc)) {
+		/* No reply to anything for redis-timeout-ms. Not the age of the
+		 * oldest command: a Redis working through a deep queue (a
+		 * reconnect storm: thousands of connect and announce scripts)
+		 * keeps replying, and dropping it failed every pending command,
+		 * whose gateways resent them: a collapse, not a recovery
+		 * (bench/results/2026-12-06-w1-100k.md). */
 		char why[96];
 		snprintf(why, sizeof(why), "no reply for %d ms (%zu commands pending)",
 			 r->hub->cfg.redis_timeout_ms, rc->ring_len);
