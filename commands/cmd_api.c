@@ -477,17 +477,9 @@ out:
 	hub_req_unref(rq);
 }
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; q && i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
 static void list(struct hub_req *rq, const char *device, const struct hub_query *q)
 {
-	const char *status = qget(q, "status"), *lim = qget(q, "limit");
+	const char *status = hub_query_get(q, "status"), *lim = hub_query_get(q, "limit");
 	int64_t limit = 100;
 
 	if (!visible(rq, device)) {

@@ -104,24 +104,6 @@ struct aq_ctx {
 
 /* ---- helpers -------------------------------------------------------------- */
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
-static int parse_ll(const char *s, long long min, long long max, long long *out)
-{
-	int64_t v;
-
-	if (!s || hub_parse_i64(s, strlen(s), min, max, &v))
-		return -1;
-	*out = v;
-	return 0;
-}
-
 static void unavailable(struct hub_req *rq)
 {
 	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
@@ -871,7 +853,7 @@ static int parse_query(struct aq_ctx *c, const struct hub_query *q)
 	long long from, to;
 	int g;
 
-	if ((v = qget(q, "format"))) {
+	if ((v = hub_query_get(q, "format"))) {
 		if (!strcmp(v, "json"))
 			c->fmt = AQ_JSON;
 		else if (!strcmp(v, "ndjson"))
@@ -881,23 +863,23 @@ static int parse_query(struct aq_ctx *c, const struct hub_query *q)
 		else
 			return invalid(rq, "format", "format must be json, ndjson or csv");
 	}
-	if (!(v = qget(q, "field")) || !*v)
+	if (!(v = hub_query_get(q, "field")) || !*v)
 		return invalid(rq, "field", "field (a numeric field of the readings) is required");
 	if (strlen(v) > FIELD_MAX)
 		return invalid(rq, "field", "field must be at most 255 bytes");
 	snprintf(c->field, sizeof(c->field), "%s", v);
-	if (!(v = qget(q, "granularity")))
+	if (!(v = hub_query_get(q, "granularity")))
 		return invalid(rq, "granularity", "granularity (1m, 1h or 1d) is required");
 	if ((g = ru_gran_parse(v)) < 0)
 		return invalid(rq, "granularity", "granularity must be 1m, 1h or 1d");
 	c->g = (enum ru_gran)g;
-	if (!(v = qget(q, "from")))
+	if (!(v = hub_query_get(q, "from")))
 		return invalid(rq, "from", "from (ms since the epoch) is required");
-	if (parse_ll(v, 0, INT64_MAX / 4, &from))
+	if (hub_parse_ll(v, 0, INT64_MAX / 4, &from))
 		return invalid(rq, "from", "from must be an integer (ms since the epoch)");
-	if (!(v = qget(q, "to")))
+	if (!(v = hub_query_get(q, "to")))
 		return invalid(rq, "to", "to (ms since the epoch) is required");
-	if (parse_ll(v, 0, INT64_MAX / 4, &to))
+	if (hub_parse_ll(v, 0, INT64_MAX / 4, &to))
 		return invalid(rq, "to", "to must be an integer (ms since the epoch)");
 	if (to < from)
 		return invalid(rq, "to", "to must not be before from");
@@ -909,17 +891,17 @@ static int parse_query(struct aq_ctx *c, const struct hub_query *q)
 			 (long long)ru_gran_max_range_ms[c->g], ru_gran_names[c->g]);
 		return invalid(rq, "to", msg);
 	}
-	if ((v = qget(q, "device"))) {
+	if ((v = hub_query_get(q, "device"))) {
 		if (!hub_id_valid(v, strlen(v)))
 			return invalid(rq, "device", "device must match [A-Za-z0-9._:-]{1,128}");
 		c->device = hub_xstrdup(v);
 	}
-	if ((v = qget(q, "device_type"))) {
+	if ((v = hub_query_get(q, "device_type"))) {
 		if (!hub_id_valid(v, strlen(v)))
 			return invalid(rq, "device_type", "device_type must match [A-Za-z0-9._:-]{1,128}");
 		c->type = hub_xstrdup(v);
 	}
-	if ((v = qget(q, "group_by"))) {
+	if ((v = hub_query_get(q, "group_by"))) {
 		if (!*v || strlen(v) > 128)
 			return invalid(rq, "group_by", "group_by must be a label name of 1 to 128 bytes");
 		c->group_by = hub_xstrdup(v);

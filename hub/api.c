@@ -39,26 +39,8 @@
 
 /* ---- helpers -------------------------------------------------------------- */
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
 /* Strict decimal integer in [min, max] (hub_parse_i64: no sign '+', no
  * spaces, no overflow). Returns 0 or -1. */
-static int parse_ll(const char *s, long long min, long long max, long long *out)
-{
-	int64_t v;
-
-	if (!s || hub_parse_i64(s, strlen(s), min, max, &v))
-		return -1;
-	*out = v;
-	return 0;
-}
-
 static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv)
 {
 	hub_req_ref(rq);
@@ -147,7 +129,7 @@ static void row_fill(struct dev_row *r, const redisReply *h)
 	v = field(h, "online");
 	r->online = v && !strcmp(v->str, "1");
 	v = field(h, "last_seen");
-	r->has_last_seen = v && !parse_ll(v->str, 0, INT64_MAX, &r->last_seen);
+	r->has_last_seen = v && !hub_parse_ll(v->str, 0, INT64_MAX, &r->last_seen);
 }
 
 static void row_json(hub_buf *o, const struct dev_row *r)
@@ -182,7 +164,7 @@ static bool entry_out_fields(hub_buf *o, const char *pos, const char *tss, const
 			     size_t data_len, long long from, long long to, bool csv)
 {
 	long long ts;
-	if (!tss || parse_ll(tss, 0, INT64_MAX, &ts) || ts < from || ts > to)
+	if (!tss || hub_parse_ll(tss, 0, INT64_MAX, &ts) || ts < from || ts > to)
 		return false;
 	if (csv) {
 		hub_buf_printf(o, "%lld,%s,\"", ts, pos);
@@ -727,11 +709,11 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 	hub_req_set_ctx(rq, c, list_free);
 	c->online = -1;
 	c->limit = LIST_LIMIT_DEFAULT;
-	if ((v = qget(q, "limit")) && parse_ll(v, 1, LIST_LIMIT_MAX, &c->limit)) {
+	if ((v = hub_query_get(q, "limit")) && hub_parse_ll(v, 1, LIST_LIMIT_MAX, &c->limit)) {
 		hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
 		return;
 	}
-	if ((v = qget(q, "cursor"))) {
+	if ((v = hub_query_get(q, "cursor"))) {
 		c->paged = true;
 		if (*v && !(c->after = cursor_in(v))) {
 			hub_req_error(rq, 422, "invalid", "cursor",
@@ -739,7 +721,7 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 			return;
 		}
 	}
-	if ((v = qget(q, "online"))) {
+	if ((v = hub_query_get(q, "online"))) {
 		if (!strcmp(v, "true")) {
 			c->online = 1;
 		} else if (!strcmp(v, "false")) {
@@ -749,7 +731,7 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 			return;
 		}
 	}
-	if ((v = qget(q, "device_type"))) {
+	if ((v = hub_query_get(q, "device_type"))) {
 		if (!hub_id_valid(v, strlen(v))) {
 			hub_req_error(rq, 422, "invalid", "device_type",
 				      "device_type must match [A-Za-z0-9._:-]{1,128}");
@@ -1287,7 +1269,7 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	hub_key_tm_shard(c->key, sizeof(c->key), 0, device);   /* the route checked the id */
 	c->fmt = TM_JSON;
 	c->page = TM_PAGE;
-	if ((v = qget(q, "format"))) {
+	if ((v = hub_query_get(q, "format"))) {
 		if (!strcmp(v, "json")) {
 			c->fmt = TM_JSON;
 		} else if (!strcmp(v, "ndjson")) {
@@ -1299,19 +1281,19 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 			return;
 		}
 	}
-	if (!(v = qget(q, "from"))) {
+	if (!(v = hub_query_get(q, "from"))) {
 		hub_req_error(rq, 422, "invalid", "from", "from (ms since the epoch) is required");
 		return;
 	}
-	if (parse_ll(v, 0, INT64_MAX / 2, &c->from)) {
+	if (hub_parse_ll(v, 0, INT64_MAX / 2, &c->from)) {
 		hub_req_error(rq, 422, "invalid", "from", "from must be an integer (ms since the epoch)");
 		return;
 	}
-	if (!(v = qget(q, "to"))) {
+	if (!(v = hub_query_get(q, "to"))) {
 		hub_req_error(rq, 422, "invalid", "to", "to (ms since the epoch) is required");
 		return;
 	}
-	if (parse_ll(v, 0, INT64_MAX / 2, &c->to)) {
+	if (hub_parse_ll(v, 0, INT64_MAX / 2, &c->to)) {
 		hub_req_error(rq, 422, "invalid", "to", "to must be an integer (ms since the epoch)");
 		return;
 	}
@@ -1328,15 +1310,15 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 		return;
 	}
 	c->limit = c->fmt == TM_JSON ? TM_JSON_LIMIT_DEFAULT : -1;
-	if ((v = qget(q, "limit")) &&
-	    parse_ll(v, 1, c->fmt == TM_JSON ? TM_JSON_LIMIT_MAX : INT64_MAX / 2, &c->limit)) {
+	if ((v = hub_query_get(q, "limit")) &&
+	    hub_parse_ll(v, 1, c->fmt == TM_JSON ? TM_JSON_LIMIT_MAX : INT64_MAX / 2, &c->limit)) {
 		hub_req_error(rq, 422, "invalid", "limit",
 			      c->fmt == TM_JSON ? "limit must be an integer from 1 to 100000"
 						: "limit must be a positive integer");
 		return;
 	}
 	uint64_t ams = 0, aseq = 0;
-	if ((after = qget(q, "after")) &&
+	if ((after = hub_query_get(q, "after")) &&
 	    hub_parse_pos(after, strlen(after), true, &ams, &aseq)) {
 		hub_req_error(rq, 422, "invalid", "after",
 			      "after must be a position (\"<ms>-<n>\") from a previous answer's next");

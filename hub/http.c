@@ -417,6 +417,14 @@ static struct hub_req *req_new(struct lws *wsi, struct hub *hub)
 	return rq;
 }
 
+const char *hub_query_get(const struct hub_query *q, const char *name)
+{
+	for (size_t i = 0; q && i < q->n; i++)
+		if (!strcmp(q->name[i], name))
+			return q->value[i];
+	return NULL;
+}
+
 struct hub *hub_req_hub(const struct hub_req *rq) { return rq->hub; }
 const auth_principal *hub_req_who(const struct hub_req *rq) { return &rq->who; }
 const char *hub_req_peer(const struct hub_req *rq) { return rq->peer; }

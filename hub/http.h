@@ -55,6 +55,9 @@ struct hub_query {
 	const char *value[HUB_QUERY_MAX]; /* "" for `name` without `=` */
 };
 
+/* The value of the first argument called name, or NULL (also for q NULL). */
+const char *hub_query_get(const struct hub_query *q, const char *name);
+
 /* What a handler gets, borrowed for the call (copy what is needed later). */
 #define HUB_ROUTE_PARAMS 2
 struct hub_route_args {
