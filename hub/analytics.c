@@ -104,19 +104,6 @@ struct aq_ctx {
 
 /* ---- helpers -------------------------------------------------------------- */
 
-static void unavailable(struct hub_req *rq)
-{
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
-}
-
-static void redis_failed(struct hub_req *rq, const redisReply *r)
-{
-	if (!r)
-		unavailable(rq);
-	else
-		hub_req_error(rq, 500, "internal", NULL, "unexpected answer from Redis");
-}
-
 static void cell_free(const char *key, void *v, void *arg)
 {
 	(void)key;
@@ -439,7 +426,7 @@ static void on_read(redisReply *r, void *arg)
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("aggregates: rollup_read failed: %s", r->str);
 		c->failed = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	/* The call's devices are c->devs[base..]: ARGV index j is base + j - 1. */
@@ -526,7 +513,7 @@ static void read_cells(struct aq_ctx *c)
 	hub_buf_free(&cmdb);
 	free(keys);
 	if (c->failed)
-		unavailable(rq); /* the calls sent see the request answered */
+		hub_req_unavailable(rq); /* the calls sent see the request answered */
 }
 
 static int cmp_dev(const void *a, const void *b)
@@ -582,7 +569,7 @@ static void on_devs(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->failed = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	for (size_t i = 0; i + 1 < r->elements && !c->too_many; i += 2) {
@@ -633,7 +620,7 @@ static void compute(struct aq_ctx *c)
 
 	c->shards = hub_ingest_shards(hub);
 	if (!c->shards) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	/* A computation reads many rollup keys on the connection ingest uses:
@@ -656,7 +643,7 @@ static void compute(struct aq_ctx *c)
 		if (hub_redis_command_argv(hub->redis, on_devs, rq, 2, argv, NULL)) {
 			hub_req_unref(rq);
 			c->failed = true;
-			unavailable(rq);
+			hub_req_unavailable(rq);
 			return;
 		}
 		c->waiting++;
@@ -710,13 +697,13 @@ static void on_cache(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	switch (r->element[0]->integer) {
 	case 1:
 		if (r->elements != 2 || r->element[1]->type != REDIS_REPLY_STRING) {
-			redis_failed(rq, r);
+			hub_req_redis_failed(rq, r);
 			break;
 		}
 		hub_buf_append(&c->text, r->element[1]->str, r->element[1]->len);
@@ -755,7 +742,7 @@ static void cache_ask(struct aq_ctx *c)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub->redis, on_cache, rq, 7, argv, NULL)) {
 		hub_req_unref(rq);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 
@@ -818,7 +805,7 @@ static void on_tier(redisReply *r, void *arg)
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER ||
 	    r->element[1]->type != REDIS_REPLY_INTEGER) {
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	if (!r->element[0]->integer) {
@@ -964,7 +951,7 @@ static void on_aggregates(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub->redis, on_tier, rq, 6, argv, NULL)) {
 		hub_req_unref(rq);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 

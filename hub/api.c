@@ -51,19 +51,6 @@ static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv)
 	return 0;
 }
 
-static void unavailable(struct hub_req *rq)
-{
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
-}
-
-static void redis_failed(struct hub_req *rq, const redisReply *r)
-{
-	if (!r)
-		unavailable(rq);
-	else
-		hub_req_error(rq, 500, "internal", NULL, "unexpected answer from Redis");
-}
-
 static bool visible(struct hub_req *rq, const char *device)
 {
 	return auth_patterns_match(&hub_req_who(rq)->devices, device);
@@ -277,7 +264,7 @@ static int cmp_str(const void *a, const void *b)
 static void list_fail(struct hub_req *rq, struct list_ctx *c, const redisReply *r)
 {
 	c->failed = true;
-	redis_failed(rq, r);
+	hub_req_redis_failed(rq, r);
 }
 
 static bool list_match(const struct list_ctx *c, const struct dev_row *r)
@@ -758,7 +745,7 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 	hub_buf_puts(&c->out, "{\"devices\":[");
 	const char *argv[] = { "GET", HUB_KEY_SLOTS };
 	if (cmd(rq, list_on_directory, 2, argv))
-		unavailable(rq);
+		hub_req_unavailable(rq);
 }
 
 /* ---- GET /v1/devices/{device} --------------------------------------------- */
@@ -811,7 +798,7 @@ static void one_on_hgetall(redisReply *r, void *arg)
 	c->waiting--;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->done = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	row_fill(&c->row, r);
@@ -838,7 +825,7 @@ static void one_on_last(redisReply *r, void *arg)
 	c->waiting--;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->done = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	if (r->elements) {
@@ -866,7 +853,7 @@ static void device_one(struct hub_req *rq, const char *device)
 
 	hub_req_set_ctx(rq, c, one_free);
 	if (!shards) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	c->row.id = hub_xstrdup(device);
@@ -875,7 +862,7 @@ static void device_one(struct hub_req *rq, const char *device)
 	c->waiting = 1 + shards;
 	if (cmd(rq, one_on_hgetall, 2, a1)) {
 		c->done = true;
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	/* The device's readings are in the stream of each shard it sent
@@ -885,7 +872,7 @@ static void device_one(struct hub_req *rq, const char *device)
 		const char *a2[] = { "XREVRANGE", skey, "+", "-", "COUNT", "1" };
 		if (cmd(rq, one_on_last, 6, a2)) {
 			c->done = true;
-			unavailable(rq);
+			hub_req_unavailable(rq);
 			return;
 		}
 	}
@@ -1011,7 +998,7 @@ static void tm_on_exists(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
 		c->done = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 	} else if (!r->integer) {
 		c->done = true;
 		hub_req_error(rq, 404, "not_found", NULL, "no such device");
@@ -1033,7 +1020,7 @@ static void tm_on_page(redisReply *r, void *arg)
 		if (c->begun) /* headers are out */
 			hub_req_abort(rq);
 		else
-			redis_failed(rq, r);
+			hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	if (streaming && !c->begun) { /* the first page */
@@ -1093,7 +1080,7 @@ static void tm_page_done(struct hub_req *rq, struct tm_ctx *c, size_t page_start
 		if (more) {
 			if (tm_fetch(rq, c)) {
 				c->done = true;
-				unavailable(rq);
+				hub_req_unavailable(rq);
 			}
 			return;
 		}
@@ -1218,7 +1205,7 @@ static void tm_on_shard_page(redisReply *r, void *arg)
 		if (c->begun)
 			hub_req_abort(rq);
 		else
-			redis_failed(rq, r);
+			hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	for (size_t i = 0; i < r->elements; i++) {
@@ -1263,7 +1250,7 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	hub_req_set_ctx(rq, c, tm_free);
 	snprintf(c->device, sizeof(c->device), "%s", device);
 	if (!(c->nsh = hub_ingest_shards(hub_req_hub(rq)))) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	hub_key_tm_shard(c->key, sizeof(c->key), 0, device);   /* the route checked the id */
@@ -1353,12 +1340,12 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	hub_key_dev(hkey, sizeof(hkey), device);
 	const char *argv[] = { "EXISTS", hkey };
 	if (cmd(rq, tm_on_exists, 2, argv)) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	if (tm_fetch(rq, c)) {
 		c->done = true;
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 

@@ -137,7 +137,7 @@ static void on_list(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto done;
 	if (!r) {
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 		goto done;
 	}
 	if (r->type != REDIS_REPLY_ARRAY) {
@@ -194,7 +194,7 @@ static void route_audit(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub->redis, on_list, rq, 6, argv, NULL)) {
 		hub_req_unref(rq);
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 	}
 }
 

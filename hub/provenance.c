@@ -786,7 +786,7 @@ static void failed(struct hub_req *rq, redisReply *r)
 {
 	if (r && r->type == REDIS_REPLY_ERROR)
 		hub_err("provenance: Redis: %s", r->str);
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+	hub_req_unavailable(rq);
 }
 
 static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv,
@@ -795,7 +795,7 @@ static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv,
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub_req_hub(rq)->redis, cb, rq, argc, argv, lens)) {
 		hub_req_unref(rq);
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 		return -1;
 	}
 	return 0;
@@ -1080,7 +1080,7 @@ static void chain_maybe_done(struct hub_req *rq, struct chain_ctx *c)
 	if (c->waiting || hub_req_gone(rq))
 		return;
 	if (c->failed)
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 	else
 		chain_respond(rq, c);
 }
@@ -1161,7 +1161,7 @@ static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
 		return;
 	}
 	if (!shards) {
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 		return;
 	}
 	c = hub_xcalloc(1, sizeof(*c));
@@ -1257,7 +1257,7 @@ static void route_setkey(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_formatted(hub->redis, on_setkey, rq, b.data, b.len)) {
 		hub_req_unref(rq);
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 	}
 	hub_buf_free(&b);
 	/* this hub reads it again at once; others within SIGKEY_TTL_US */
