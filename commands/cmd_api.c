@@ -28,18 +28,13 @@ static bool visible(struct hub_req *rq, const char *device)
 	return auth_patterns_match(&hub_req_who(rq)->devices, device);
 }
 
-static void unavailable(struct hub_req *rq)
-{
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
-}
-
 /* The tail of every asynchronous step: the reply callback owns a reference on
  * rq (taken here, after the call: callbacks never run before the loop does),
  * or Redis refused the command and the client hears 503 now. */
 static void await_reply(struct hub_req *rq, int rc)
 {
 	if (rc)
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	else
 		hub_req_ref(rq);
 }
@@ -51,7 +46,7 @@ static const redisReply *pair_reply(struct hub_req *rq, const redisReply *r)
 	if (hub_req_gone(rq))
 		return NULL;
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return NULL;
 	}
 	return r;
@@ -214,7 +209,7 @@ static void on_canceled(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY || !r->elements ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	kind = r->element[0]->integer;
@@ -256,7 +251,7 @@ static void on_created(redisReply *r, void *arg)
 	if (!r || r->type != REDIS_REPLY_ARRAY || !r->elements ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
 		if (!hub_req_gone(rq))
-			unavailable(rq);
+			hub_req_unavailable(rq);
 		goto out;
 	}
 	kind = r->element[0]->integer;
@@ -316,7 +311,7 @@ static void on_device_type(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto out;
 	if (!r) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	if (r->type != REDIS_REPLY_STRING) {
@@ -461,7 +456,7 @@ static void on_list(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	hub_buf_puts(&o, "{\"commands\":[");
@@ -477,17 +472,9 @@ out:
 	hub_req_unref(rq);
 }
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; q && i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
 static void list(struct hub_req *rq, const char *device, const struct hub_query *q)
 {
-	const char *status = qget(q, "status"), *lim = qget(q, "limit");
+	const char *status = hub_query_get(q, "status"), *lim = hub_query_get(q, "limit");
 	int64_t limit = 100;
 
 	if (!visible(rq, device)) {
@@ -588,7 +575,7 @@ static void on_rollout_created(redisReply *r, void *arg)
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("rollout create failed: %s", r->str);
 		if (!hub_req_gone(rq))
-			unavailable(rq);
+			hub_req_unavailable(rq);
 		goto out;
 	}
 	hub_req_hub(rq)->metrics.commands_created_total += (uint64_t)r->integer;
@@ -716,7 +703,7 @@ static bool redis_up(struct hub_req *rq)
 {
 	if (hub_redis_up(hub_req_hub(rq)->redis))
 		return true;
-	unavailable(rq);
+	hub_req_unavailable(rq);
 	return false;
 }
 
@@ -796,7 +783,7 @@ static void on_rollout_ctl(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY || !r->elements ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	if (r->element[0]->integer == -1) {
@@ -828,7 +815,7 @@ static void on_rollout_owner(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto out;
 	if (!r || r->type == REDIS_REPLY_ERROR) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	if (r->type != REDIS_REPLY_STRING || !rollout_visible(rq, r)) {
@@ -955,7 +942,7 @@ static void on_decom_pending(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	if (!r->elements) {
@@ -1009,7 +996,7 @@ static void on_decom_removed(redisReply *r, void *arg)
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("decommission %s: %s", d->device, r->str);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	if (r->integer == 0) {
@@ -1082,7 +1069,7 @@ static void on_decom_type(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto out;
 	if (!r || r->type == REDIS_REPLY_ERROR) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto out;
 	}
 	if (r->type != REDIS_REPLY_STRING) {

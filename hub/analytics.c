@@ -104,37 +104,6 @@ struct aq_ctx {
 
 /* ---- helpers -------------------------------------------------------------- */
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
-static int parse_ll(const char *s, long long min, long long max, long long *out)
-{
-	int64_t v;
-
-	if (!s || hub_parse_i64(s, strlen(s), min, max, &v))
-		return -1;
-	*out = v;
-	return 0;
-}
-
-static void unavailable(struct hub_req *rq)
-{
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
-}
-
-static void redis_failed(struct hub_req *rq, const redisReply *r)
-{
-	if (!r)
-		unavailable(rq);
-	else
-		hub_req_error(rq, 500, "internal", NULL, "unexpected answer from Redis");
-}
-
 static void cell_free(const char *key, void *v, void *arg)
 {
 	(void)key;
@@ -457,7 +426,7 @@ static void on_read(redisReply *r, void *arg)
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("aggregates: rollup_read failed: %s", r->str);
 		c->failed = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	/* The call's devices are c->devs[base..]: ARGV index j is base + j - 1. */
@@ -544,7 +513,7 @@ static void read_cells(struct aq_ctx *c)
 	hub_buf_free(&cmdb);
 	free(keys);
 	if (c->failed)
-		unavailable(rq); /* the calls sent see the request answered */
+		hub_req_unavailable(rq); /* the calls sent see the request answered */
 }
 
 static int cmp_dev(const void *a, const void *b)
@@ -600,7 +569,7 @@ static void on_devs(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->failed = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	for (size_t i = 0; i + 1 < r->elements && !c->too_many; i += 2) {
@@ -651,7 +620,7 @@ static void compute(struct aq_ctx *c)
 
 	c->shards = hub_ingest_shards(hub);
 	if (!c->shards) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	/* A computation reads many rollup keys on the connection ingest uses:
@@ -674,7 +643,7 @@ static void compute(struct aq_ctx *c)
 		if (hub_redis_command_argv(hub->redis, on_devs, rq, 2, argv, NULL)) {
 			hub_req_unref(rq);
 			c->failed = true;
-			unavailable(rq);
+			hub_req_unavailable(rq);
 			return;
 		}
 		c->waiting++;
@@ -728,13 +697,13 @@ static void on_cache(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	switch (r->element[0]->integer) {
 	case 1:
 		if (r->elements != 2 || r->element[1]->type != REDIS_REPLY_STRING) {
-			redis_failed(rq, r);
+			hub_req_redis_failed(rq, r);
 			break;
 		}
 		hub_buf_append(&c->text, r->element[1]->str, r->element[1]->len);
@@ -773,7 +742,7 @@ static void cache_ask(struct aq_ctx *c)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub->redis, on_cache, rq, 7, argv, NULL)) {
 		hub_req_unref(rq);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 
@@ -836,7 +805,7 @@ static void on_tier(redisReply *r, void *arg)
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER ||
 	    r->element[1]->type != REDIS_REPLY_INTEGER) {
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	if (!r->element[0]->integer) {
@@ -871,7 +840,7 @@ static int parse_query(struct aq_ctx *c, const struct hub_query *q)
 	long long from, to;
 	int g;
 
-	if ((v = qget(q, "format"))) {
+	if ((v = hub_query_get(q, "format"))) {
 		if (!strcmp(v, "json"))
 			c->fmt = AQ_JSON;
 		else if (!strcmp(v, "ndjson"))
@@ -881,23 +850,23 @@ static int parse_query(struct aq_ctx *c, const struct hub_query *q)
 		else
 			return invalid(rq, "format", "format must be json, ndjson or csv");
 	}
-	if (!(v = qget(q, "field")) || !*v)
+	if (!(v = hub_query_get(q, "field")) || !*v)
 		return invalid(rq, "field", "field (a numeric field of the readings) is required");
 	if (strlen(v) > FIELD_MAX)
 		return invalid(rq, "field", "field must be at most 255 bytes");
 	snprintf(c->field, sizeof(c->field), "%s", v);
-	if (!(v = qget(q, "granularity")))
+	if (!(v = hub_query_get(q, "granularity")))
 		return invalid(rq, "granularity", "granularity (1m, 1h or 1d) is required");
 	if ((g = ru_gran_parse(v)) < 0)
 		return invalid(rq, "granularity", "granularity must be 1m, 1h or 1d");
 	c->g = (enum ru_gran)g;
-	if (!(v = qget(q, "from")))
+	if (!(v = hub_query_get(q, "from")))
 		return invalid(rq, "from", "from (ms since the epoch) is required");
-	if (parse_ll(v, 0, INT64_MAX / 4, &from))
+	if (hub_parse_ll(v, 0, INT64_MAX / 4, &from))
 		return invalid(rq, "from", "from must be an integer (ms since the epoch)");
-	if (!(v = qget(q, "to")))
+	if (!(v = hub_query_get(q, "to")))
 		return invalid(rq, "to", "to (ms since the epoch) is required");
-	if (parse_ll(v, 0, INT64_MAX / 4, &to))
+	if (hub_parse_ll(v, 0, INT64_MAX / 4, &to))
 		return invalid(rq, "to", "to must be an integer (ms since the epoch)");
 	if (to < from)
 		return invalid(rq, "to", "to must not be before from");
@@ -909,17 +878,17 @@ static int parse_query(struct aq_ctx *c, const struct hub_query *q)
 			 (long long)ru_gran_max_range_ms[c->g], ru_gran_names[c->g]);
 		return invalid(rq, "to", msg);
 	}
-	if ((v = qget(q, "device"))) {
+	if ((v = hub_query_get(q, "device"))) {
 		if (!hub_id_valid(v, strlen(v)))
 			return invalid(rq, "device", "device must match [A-Za-z0-9._:-]{1,128}");
 		c->device = hub_xstrdup(v);
 	}
-	if ((v = qget(q, "device_type"))) {
+	if ((v = hub_query_get(q, "device_type"))) {
 		if (!hub_id_valid(v, strlen(v)))
 			return invalid(rq, "device_type", "device_type must match [A-Za-z0-9._:-]{1,128}");
 		c->type = hub_xstrdup(v);
 	}
-	if ((v = qget(q, "group_by"))) {
+	if ((v = hub_query_get(q, "group_by"))) {
 		if (!*v || strlen(v) > 128)
 			return invalid(rq, "group_by", "group_by must be a label name of 1 to 128 bytes");
 		c->group_by = hub_xstrdup(v);
@@ -982,7 +951,7 @@ static void on_aggregates(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub->redis, on_tier, rq, 6, argv, NULL)) {
 		hub_req_unref(rq);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 

@@ -39,26 +39,8 @@
 
 /* ---- helpers -------------------------------------------------------------- */
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
 /* Strict decimal integer in [min, max] (hub_parse_i64: no sign '+', no
  * spaces, no overflow). Returns 0 or -1. */
-static int parse_ll(const char *s, long long min, long long max, long long *out)
-{
-	int64_t v;
-
-	if (!s || hub_parse_i64(s, strlen(s), min, max, &v))
-		return -1;
-	*out = v;
-	return 0;
-}
-
 static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv)
 {
 	hub_req_ref(rq);
@@ -67,19 +49,6 @@ static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv)
 		return -1;
 	}
 	return 0;
-}
-
-static void unavailable(struct hub_req *rq)
-{
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
-}
-
-static void redis_failed(struct hub_req *rq, const redisReply *r)
-{
-	if (!r)
-		unavailable(rq);
-	else
-		hub_req_error(rq, 500, "internal", NULL, "unexpected answer from Redis");
 }
 
 static bool visible(struct hub_req *rq, const char *device)
@@ -147,7 +116,7 @@ static void row_fill(struct dev_row *r, const redisReply *h)
 	v = field(h, "online");
 	r->online = v && !strcmp(v->str, "1");
 	v = field(h, "last_seen");
-	r->has_last_seen = v && !parse_ll(v->str, 0, INT64_MAX, &r->last_seen);
+	r->has_last_seen = v && !hub_parse_ll(v->str, 0, INT64_MAX, &r->last_seen);
 }
 
 static void row_json(hub_buf *o, const struct dev_row *r)
@@ -182,7 +151,7 @@ static bool entry_out_fields(hub_buf *o, const char *pos, const char *tss, const
 			     size_t data_len, long long from, long long to, bool csv)
 {
 	long long ts;
-	if (!tss || parse_ll(tss, 0, INT64_MAX, &ts) || ts < from || ts > to)
+	if (!tss || hub_parse_ll(tss, 0, INT64_MAX, &ts) || ts < from || ts > to)
 		return false;
 	if (csv) {
 		hub_buf_printf(o, "%lld,%s,\"", ts, pos);
@@ -295,7 +264,7 @@ static int cmp_str(const void *a, const void *b)
 static void list_fail(struct hub_req *rq, struct list_ctx *c, const redisReply *r)
 {
 	c->failed = true;
-	redis_failed(rq, r);
+	hub_req_redis_failed(rq, r);
 }
 
 static bool list_match(const struct list_ctx *c, const struct dev_row *r)
@@ -727,11 +696,11 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 	hub_req_set_ctx(rq, c, list_free);
 	c->online = -1;
 	c->limit = LIST_LIMIT_DEFAULT;
-	if ((v = qget(q, "limit")) && parse_ll(v, 1, LIST_LIMIT_MAX, &c->limit)) {
+	if ((v = hub_query_get(q, "limit")) && hub_parse_ll(v, 1, LIST_LIMIT_MAX, &c->limit)) {
 		hub_req_error(rq, 422, "invalid", "limit", "limit must be an integer from 1 to 1000");
 		return;
 	}
-	if ((v = qget(q, "cursor"))) {
+	if ((v = hub_query_get(q, "cursor"))) {
 		c->paged = true;
 		if (*v && !(c->after = cursor_in(v))) {
 			hub_req_error(rq, 422, "invalid", "cursor",
@@ -739,7 +708,7 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 			return;
 		}
 	}
-	if ((v = qget(q, "online"))) {
+	if ((v = hub_query_get(q, "online"))) {
 		if (!strcmp(v, "true")) {
 			c->online = 1;
 		} else if (!strcmp(v, "false")) {
@@ -749,7 +718,7 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 			return;
 		}
 	}
-	if ((v = qget(q, "device_type"))) {
+	if ((v = hub_query_get(q, "device_type"))) {
 		if (!hub_id_valid(v, strlen(v))) {
 			hub_req_error(rq, 422, "invalid", "device_type",
 				      "device_type must match [A-Za-z0-9._:-]{1,128}");
@@ -776,7 +745,7 @@ static void devices_list(struct hub_req *rq, const struct hub_query *q)
 	hub_buf_puts(&c->out, "{\"devices\":[");
 	const char *argv[] = { "GET", HUB_KEY_SLOTS };
 	if (cmd(rq, list_on_directory, 2, argv))
-		unavailable(rq);
+		hub_req_unavailable(rq);
 }
 
 /* ---- GET /v1/devices/{device} --------------------------------------------- */
@@ -829,7 +798,7 @@ static void one_on_hgetall(redisReply *r, void *arg)
 	c->waiting--;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->done = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	row_fill(&c->row, r);
@@ -856,7 +825,7 @@ static void one_on_last(redisReply *r, void *arg)
 	c->waiting--;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
 		c->done = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	if (r->elements) {
@@ -884,7 +853,7 @@ static void device_one(struct hub_req *rq, const char *device)
 
 	hub_req_set_ctx(rq, c, one_free);
 	if (!shards) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	c->row.id = hub_xstrdup(device);
@@ -893,7 +862,7 @@ static void device_one(struct hub_req *rq, const char *device)
 	c->waiting = 1 + shards;
 	if (cmd(rq, one_on_hgetall, 2, a1)) {
 		c->done = true;
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	/* The device's readings are in the stream of each shard it sent
@@ -903,7 +872,7 @@ static void device_one(struct hub_req *rq, const char *device)
 		const char *a2[] = { "XREVRANGE", skey, "+", "-", "COUNT", "1" };
 		if (cmd(rq, one_on_last, 6, a2)) {
 			c->done = true;
-			unavailable(rq);
+			hub_req_unavailable(rq);
 			return;
 		}
 	}
@@ -1029,7 +998,7 @@ static void tm_on_exists(redisReply *r, void *arg)
 		goto out;
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
 		c->done = true;
-		redis_failed(rq, r);
+		hub_req_redis_failed(rq, r);
 	} else if (!r->integer) {
 		c->done = true;
 		hub_req_error(rq, 404, "not_found", NULL, "no such device");
@@ -1051,7 +1020,7 @@ static void tm_on_page(redisReply *r, void *arg)
 		if (c->begun) /* headers are out */
 			hub_req_abort(rq);
 		else
-			redis_failed(rq, r);
+			hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	if (streaming && !c->begun) { /* the first page */
@@ -1111,7 +1080,7 @@ static void tm_page_done(struct hub_req *rq, struct tm_ctx *c, size_t page_start
 		if (more) {
 			if (tm_fetch(rq, c)) {
 				c->done = true;
-				unavailable(rq);
+				hub_req_unavailable(rq);
 			}
 			return;
 		}
@@ -1236,7 +1205,7 @@ static void tm_on_shard_page(redisReply *r, void *arg)
 		if (c->begun)
 			hub_req_abort(rq);
 		else
-			redis_failed(rq, r);
+			hub_req_redis_failed(rq, r);
 		goto out;
 	}
 	for (size_t i = 0; i < r->elements; i++) {
@@ -1281,13 +1250,13 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	hub_req_set_ctx(rq, c, tm_free);
 	snprintf(c->device, sizeof(c->device), "%s", device);
 	if (!(c->nsh = hub_ingest_shards(hub_req_hub(rq)))) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	hub_key_tm_shard(c->key, sizeof(c->key), 0, device);   /* the route checked the id */
 	c->fmt = TM_JSON;
 	c->page = TM_PAGE;
-	if ((v = qget(q, "format"))) {
+	if ((v = hub_query_get(q, "format"))) {
 		if (!strcmp(v, "json")) {
 			c->fmt = TM_JSON;
 		} else if (!strcmp(v, "ndjson")) {
@@ -1299,19 +1268,19 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 			return;
 		}
 	}
-	if (!(v = qget(q, "from"))) {
+	if (!(v = hub_query_get(q, "from"))) {
 		hub_req_error(rq, 422, "invalid", "from", "from (ms since the epoch) is required");
 		return;
 	}
-	if (parse_ll(v, 0, INT64_MAX / 2, &c->from)) {
+	if (hub_parse_ll(v, 0, INT64_MAX / 2, &c->from)) {
 		hub_req_error(rq, 422, "invalid", "from", "from must be an integer (ms since the epoch)");
 		return;
 	}
-	if (!(v = qget(q, "to"))) {
+	if (!(v = hub_query_get(q, "to"))) {
 		hub_req_error(rq, 422, "invalid", "to", "to (ms since the epoch) is required");
 		return;
 	}
-	if (parse_ll(v, 0, INT64_MAX / 2, &c->to)) {
+	if (hub_parse_ll(v, 0, INT64_MAX / 2, &c->to)) {
 		hub_req_error(rq, 422, "invalid", "to", "to must be an integer (ms since the epoch)");
 		return;
 	}
@@ -1328,15 +1297,15 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 		return;
 	}
 	c->limit = c->fmt == TM_JSON ? TM_JSON_LIMIT_DEFAULT : -1;
-	if ((v = qget(q, "limit")) &&
-	    parse_ll(v, 1, c->fmt == TM_JSON ? TM_JSON_LIMIT_MAX : INT64_MAX / 2, &c->limit)) {
+	if ((v = hub_query_get(q, "limit")) &&
+	    hub_parse_ll(v, 1, c->fmt == TM_JSON ? TM_JSON_LIMIT_MAX : INT64_MAX / 2, &c->limit)) {
 		hub_req_error(rq, 422, "invalid", "limit",
 			      c->fmt == TM_JSON ? "limit must be an integer from 1 to 100000"
 						: "limit must be a positive integer");
 		return;
 	}
 	uint64_t ams = 0, aseq = 0;
-	if ((after = qget(q, "after")) &&
+	if ((after = hub_query_get(q, "after")) &&
 	    hub_parse_pos(after, strlen(after), true, &ams, &aseq)) {
 		hub_req_error(rq, 422, "invalid", "after",
 			      "after must be a position (\"<ms>-<n>\") from a previous answer's next");
@@ -1371,12 +1340,12 @@ static void telemetry(struct hub_req *rq, const char *device, const struct hub_q
 	hub_key_dev(hkey, sizeof(hkey), device);
 	const char *argv[] = { "EXISTS", hkey };
 	if (cmd(rq, tm_on_exists, 2, argv)) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		return;
 	}
 	if (tm_fetch(rq, c)) {
 		c->done = true;
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 

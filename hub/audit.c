@@ -82,14 +82,6 @@ static void trim_cb(lws_sorted_usec_list_t *sul)
 
 /* ---- GET /v1/audit ----------------------------------------------------------- */
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; q && i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
 /* A stream id: <ms>-<seq>, digits only. */
 static bool stream_id_valid(const char *s)
 {
@@ -145,7 +137,7 @@ static void on_list(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto done;
 	if (!r) {
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 		goto done;
 	}
 	if (r->type != REDIS_REPLY_ARRAY) {
@@ -179,7 +171,7 @@ done:
 static void route_audit(struct hub_req *rq, const struct hub_route_args *a)
 {
 	struct hub *hub = hub_req_hub(rq);
-	const char *limit = qget(a->query, "limit"), *before = qget(a->query, "before");
+	const char *limit = hub_query_get(a->query, "limit"), *before = hub_query_get(a->query, "before");
 	struct list_ctx *c;
 	char end[48], count[24];
 	int64_t v = LIST_DEFAULT;
@@ -202,7 +194,7 @@ static void route_audit(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub->redis, on_list, rq, 6, argv, NULL)) {
 		hub_req_unref(rq);
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 	}
 }
 

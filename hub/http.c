@@ -417,6 +417,27 @@ static struct hub_req *req_new(struct lws *wsi, struct hub *hub)
 	return rq;
 }
 
+const char *hub_query_get(const struct hub_query *q, const char *name)
+{
+	for (size_t i = 0; q && i < q->n; i++)
+		if (!strcmp(q->name[i], name))
+			return q->value[i];
+	return NULL;
+}
+
+void hub_req_unavailable(struct hub_req *rq)
+{
+	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+}
+
+void hub_req_redis_failed(struct hub_req *rq, const struct redisReply *r)
+{
+	if (!r)
+		hub_req_unavailable(rq);
+	else
+		hub_req_error(rq, 500, "internal", NULL, "unexpected answer from Redis");
+}
+
 struct hub *hub_req_hub(const struct hub_req *rq) { return rq->hub; }
 const auth_principal *hub_req_who(const struct hub_req *rq) { return &rq->who; }
 const char *hub_req_peer(const struct hub_req *rq) { return rq->peer; }

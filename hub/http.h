@@ -33,6 +33,7 @@
 struct hub;
 struct hub_module;
 struct hub_req;
+struct redisReply;
 
 /* The module (hub/module.h): first in the table, protocols[0]. */
 extern const struct hub_module hub_http_module;
@@ -54,6 +55,9 @@ struct hub_query {
 	const char *name[HUB_QUERY_MAX];
 	const char *value[HUB_QUERY_MAX]; /* "" for `name` without `=` */
 };
+
+/* The value of the first argument called name, or NULL (also for q NULL). */
+const char *hub_query_get(const struct hub_query *q, const char *name);
 
 /* What a handler gets, borrowed for the call (copy what is needed later). */
 #define HUB_ROUTE_PARAMS 2
@@ -167,6 +171,10 @@ void hub_req_respond(struct hub_req *rq, unsigned status, const char *ctype,
 /* {"error":{"code","message"[,"field"]}} with status. field may be NULL. */
 void hub_req_error(struct hub_req *rq, unsigned status, const char *code,
 		   const char *field, const char *message);
+/* 503 `unavailable`: Redis did not answer (or the command could not go). */
+void hub_req_unavailable(struct hub_req *rq);
+/* A reply a handler cannot use: 503 when r is NULL (Redis lost), else 500. */
+void hub_req_redis_failed(struct hub_req *rq, const struct redisReply *r);
 
 /* A streamed response (chunked transfer encoding). `drained` is called each
  * time everything queued so far has been written to the socket and the stream

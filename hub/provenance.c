@@ -764,18 +764,10 @@ static void on_redis_ready(struct hub *hub, enum hub_event ev, const void *paylo
 
 /* ---- routes ------------------------------------------------------------------------ */
 
-static const char *qget(const struct hub_query *q, const char *name)
-{
-	for (size_t i = 0; i < q->n; i++)
-		if (!strcmp(q->name[i], name))
-			return q->value[i];
-	return NULL;
-}
-
 static int qint(struct hub_req *rq, const struct hub_query *q, const char *name, int64_t min,
 		int64_t max, int64_t def, int64_t *out)
 {
-	const char *v = qget(q, name);
+	const char *v = hub_query_get(q, name);
 	char msg[96];
 
 	*out = def;
@@ -794,7 +786,7 @@ static void failed(struct hub_req *rq, redisReply *r)
 {
 	if (r && r->type == REDIS_REPLY_ERROR)
 		hub_err("provenance: Redis: %s", r->str);
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+	hub_req_unavailable(rq);
 }
 
 static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv,
@@ -803,7 +795,7 @@ static int cmd(struct hub_req *rq, hub_redis_cb cb, int argc, const char **argv,
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub_req_hub(rq)->redis, cb, rq, argc, argv, lens)) {
 		hub_req_unref(rq);
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 		return -1;
 	}
 	return 0;
@@ -987,7 +979,7 @@ static void route_checkpoints(struct hub_req *rq, const struct hub_route_args *a
 {
 	struct ck_ctx *c = hub_xcalloc(1, sizeof(*c));
 	int64_t from, to, limit;
-	const char *dev = qget(a->query, "device");
+	const char *dev = hub_query_get(a->query, "device");
 	char s[24], e[24], l[24];
 
 	hub_req_set_ctx(rq, c, free);
@@ -1088,7 +1080,7 @@ static void chain_maybe_done(struct hub_req *rq, struct chain_ctx *c)
 	if (c->waiting || hub_req_gone(rq))
 		return;
 	if (c->failed)
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 	else
 		chain_respond(rq, c);
 }
@@ -1158,7 +1150,7 @@ static redisReply *copy_reply(const redisReply *r)
 static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
 {
 	struct hub *hub = hub_req_hub(rq);
-	const char *device = a->param[0], *after = qget(a->query, "after");
+	const char *device = a->param[0], *after = hub_query_get(a->query, "after");
 	struct chain_ctx *c;
 	int64_t shard, from, to, limit;
 	char key[HUB_KEY_MAX], hk[HUB_KEY_MAX], dk[HUB_KEY_MAX], s[48], e[24], cnt[24];
@@ -1169,7 +1161,7 @@ static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
 		return;
 	}
 	if (!shards) {
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 		return;
 	}
 	c = hub_xcalloc(1, sizeof(*c));
@@ -1265,7 +1257,7 @@ static void route_setkey(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_formatted(hub->redis, on_setkey, rq, b.data, b.len)) {
 		hub_req_unref(rq);
-		hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
+		hub_req_unavailable(rq);
 	}
 	hub_buf_free(&b);
 	/* this hub reads it again at once; others within SIGKEY_TTL_US */

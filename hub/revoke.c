@@ -171,11 +171,6 @@ static void on_message(const char *channel, const char *payload, size_t len, voi
 
 /* ---- the routes ---------------------------------------------------------------- */
 
-static void unavailable(struct hub_req *rq)
-{
-	hub_req_error(rq, 503, "unavailable", NULL, "Redis is unavailable; retry later");
-}
-
 /* A token id: 1..64 printable ASCII bytes without spaces. */
 static bool jti_valid(const char *s, size_t n)
 {
@@ -217,7 +212,7 @@ static void on_added(redisReply *r, void *arg)
 
 	if (!r || r->type == REDIS_REPLY_ERROR) {
 		if (!hub_req_gone(rq))
-			unavailable(rq);
+			hub_req_unavailable(rq);
 		goto done;
 	}
 	publish(hub, "add", c->field);
@@ -291,7 +286,7 @@ static void route_add(struct hub_req *rq, const struct hub_route_args *a)
 		hub_req_ref(rq);
 		if (hub_redis_command_argv(hub->redis, on_added, rq, 4, argv, NULL)) {
 			hub_req_unref(rq);
-			unavailable(rq);
+			hub_req_unavailable(rq);
 		}
 	}
 out:
@@ -307,7 +302,7 @@ static void on_list(redisReply *r, void *arg)
 	if (hub_req_gone(rq))
 		goto done;
 	if (!r || r->type != REDIS_REPLY_ARRAY) {
-		unavailable(rq);
+		hub_req_unavailable(rq);
 		goto done;
 	}
 	arr = json_array();
@@ -336,7 +331,7 @@ static void route_list(struct hub_req *rq, const struct hub_route_args *a)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub_req_hub(rq)->redis, on_list, rq, 2, argv, NULL)) {
 		hub_req_unref(rq);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 
@@ -348,7 +343,7 @@ static void on_lifted(redisReply *r, void *arg)
 
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
 		if (!hub_req_gone(rq))
-			unavailable(rq);
+			hub_req_unavailable(rq);
 	} else if (!r->integer) {
 		if (!hub_req_gone(rq))
 			hub_req_error(rq, 404, "not_found", NULL, "no such revocation");
@@ -379,7 +374,7 @@ static void lift(struct hub_req *rq, const char *kind, const char *value)
 	hub_req_ref(rq);
 	if (hub_redis_command_argv(hub_req_hub(rq)->redis, on_lifted, rq, 3, argv, NULL)) {
 		hub_req_unref(rq);
-		unavailable(rq);
+		hub_req_unavailable(rq);
 	}
 }
 

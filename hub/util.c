@@ -66,6 +66,16 @@ int hub_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *
 	return 0;
 }
 
+int hub_parse_ll(const char *s, long long min, long long max, long long *out)
+{
+	int64_t v;
+
+	if (!s || hub_parse_i64(s, strlen(s), min, max, &v))
+		return -1;
+	*out = v;
+	return 0;
+}
+
 int hub_parse_pos(const char *s, size_t len, bool need_seq, uint64_t *ms, uint64_t *seq)
 {
 	const char *d = s ? memchr(s, '-', len) : NULL;

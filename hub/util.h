@@ -26,6 +26,8 @@ bool hub_id_valid(const char *s, size_t len);
  * sets *out, or -1 (empty, junk, overflow, out of range); *out is then left
  * alone. For numbers from a peer (query parameters). */
 int hub_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *out);
+/* The same for a NUL-terminated s (NULL: -1). */
+int hub_parse_ll(const char *s, long long min, long long max, long long *out);
 
 /* A Redis stream position "<ms>-<seq>" (or "<ms>" alone unless need_seq):
  * parts of decimal digits only, each at most UINT64_MAX, as Redis reads

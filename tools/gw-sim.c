@@ -19,6 +19,7 @@
 #define _GNU_SOURCE
 #include "tools/loadgen.h"
 
+#include <iothub/gateway.h>
 #include <jansson.h>
 
 #include <jwt.h>
@@ -28,12 +29,14 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -95,6 +98,7 @@ struct sim_cfg {
 	int json_summary;
 	int idle;
 	int mqtt;            /* --mqtt: MQTT 3.1.1 over WebSocket (Mosquitto) */
+	char *sdk;           /* --sdk DIR: each gateway is a libiothub-gw gateway */
 
 	unsigned cmd_delay_ms;       /* before each step after `received` */
 	unsigned cmd_ack_delay_ms;   /* before `received` */
@@ -2001,6 +2005,7 @@ static void print_summary(void)
 			"inflight", (int)g.cfg.inflight);
 		/* headline numbers first: acks (frames acked) and errors (hub
 		 * errors other than unavailable, protocol errors, ack mismatches) */
+		json_object_set_new(o, "client", json_string(g.cfg.sdk ? "libiothub-gw" : "gw-sim"));
 		json_object_set_new(o, "acks", JI(g.tot.frames_acked));
 		json_object_set_new(o, "errors", JI(g.tot.hub_errors +
 			g.tot.proto_errors + g.tot.ack_mismatch));
@@ -2046,6 +2051,237 @@ static void print_summary(void)
 		fflush(stdout);
 		json_decref(o);
 	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* --sdk: the gateways are libiothub-gw's (docs/sdk.md), one poll() loop      */
+
+/* The library does what the code above does by hand (announce, seq, resend,
+ * back-off, command acks) plus the on-disk spool, so this mode exercises it
+ * under the simulator's fleets and suites. One thread: every gateway's
+ * descriptor (iothub_gw_fd()) in one poll(), readings generated between
+ * turns; the summary's counters come from the library's statistics. */
+
+struct sdk_sim {
+	struct iothub_gw *h;
+	uint64_t sent;           /* readings send() accepted */
+	unsigned dev;            /* next device, round robin */
+};
+
+static volatile sig_atomic_t sdk_stop;
+
+static void sdk_on_signal(int sig)
+{
+	(void)sig;
+	sdk_stop = sdk_stop + 1;   /* the second one: stop without draining */
+}
+
+static void sdk_on_reject(struct iothub_gw *h, const struct iothub_gw_reject *r, void *user)
+{
+	int k;
+
+	for (k = 0; k < RJ_OTHER; k++)
+		if (r->code && !strcmp(r->code, rj_names[k]))
+			break;
+	g.tot.rejected[k]++;
+}
+
+static void sdk_on_state(struct iothub_gw *h, enum iothub_gw_state st, int code,
+			 const char *why, void *user)
+{
+	struct gw *gw = user;
+
+	if (st == IOTHUB_GW_ONLINE)
+		g.tot.connects++;
+	if (st == IOTHUB_GW_DISCONNECTED) {
+		if (code == 401 || code == 4401)
+			g.tot.auth_failures++;
+		else if (code == 4001)
+			g.tot.takeovers++;
+		LOG(LOG_INFO, "%s: disconnected %d %s", gw->id, code, why);
+	}
+}
+
+static void sdk_on_command(struct iothub_gw *h, const struct iothub_gw_command *c, void *user)
+{
+	g.tot.cmds_received++;
+	if (!iothub_gw_cmd_succeeded(h, c->id, NULL))
+		g.tot.cmd_acks_sent += 2;   /* received (by the library) and this */
+}
+
+/* One reading of gateway i into its spool. Returns 0, or -1 when refused. */
+static int sdk_send(struct sdk_sim *s, unsigned i)
+{
+	char dev[SIM_ID_MAX + 16], data[64], err[256];
+	int bad = g.cfg.bad_ratio > 0 && rng_unit() < g.cfg.bad_ratio;
+	int rc;
+
+	snprintf(dev, sizeof(dev), "%s-d%u", g.gws[i].id, s->dev);
+	s->dev = (s->dev + 1) % g.cfg.devices;
+	if (bad)
+		snprintf(data, sizeof(data), "{\"temperature\":500}");
+	else
+		snprintf(data, sizeof(data), "{\"temperature\":%.2f}", 18.0 + 8.0 * rng_unit());
+	rc = iothub_gw_send(s->h, dev, (int64_t)(hub_now_us() / 1000), data, err, sizeof(err));
+	if (rc) {
+		if (rc != IOTHUB_GW_ESPOOL_FULL)
+			LOG(LOG_WARN, "%s: send: %s", g.gws[i].id, err);
+		return -1;
+	}
+	s->sent++;
+	g.tot.readings_sent++;
+	g.tot.readings_bad += (uint64_t)bad;
+	return 0;
+}
+
+/* Readings due now: open loop by the clock, closed loop up to a full
+ * window (batch x inflight readings not yet acked). */
+static void sdk_generate(struct sdk_sim *sims, int64_t now_us, int *more)
+{
+	uint64_t cap = g.cfg.frames ? g.cfg.frames * g.cfg.batch : UINT64_MAX;
+
+	*more = 0;
+	if (g.cfg.idle || !g.cfg.devices)
+		return;
+	for (unsigned i = 0; i < g.cfg.gateways; i++) {
+		struct sdk_sim *s = &sims[i];
+		uint64_t want;
+
+		if (g.cfg.rate > 0) {
+			want = (uint64_t)((double)(now_us - g.start_us) / 1e6 * g.cfg.rate);
+		} else {
+			struct iothub_gw_stats st;
+
+			iothub_gw_stats(s->h, &st);
+			want = s->sent + ((uint64_t)g.cfg.batch * g.cfg.inflight > st.pending ?
+					  (uint64_t)g.cfg.batch * g.cfg.inflight - st.pending : 0);
+		}
+		if (want > cap)
+			want = cap;
+		while (s->sent < want && !sdk_send(s, i))
+			;
+		if (s->sent < cap)
+			*more = 1;
+	}
+}
+
+static int sdk_run(void)
+{
+	struct sdk_sim *sims = calloc(g.cfg.gateways, sizeof(*sims));
+	struct pollfd *pfd = calloc(g.cfg.gateways, sizeof(*pfd));
+	int64_t end_us, drain_end = 0;
+	unsigned i, d;
+	int rc = 0, more = 1;
+
+	if (!sims || !pfd)
+		abort();
+	if (mkdir(g.cfg.sdk, 0700) && errno != EEXIST) {
+		fprintf(stderr, "gw-sim: --sdk %s: %s\n", g.cfg.sdk, strerror(errno));
+		free(sims);
+		free(pfd);
+		return 1;
+	}
+	signal(SIGINT, sdk_on_signal);
+	signal(SIGTERM, sdk_on_signal);
+	for (i = 0; i < g.cfg.gateways && !rc; i++) {
+		struct iothub_gw_opts o = { 0 };
+		char dir[4096], err[256];
+		short ev;
+
+		snprintf(dir, sizeof(dir), "%s/%s", g.cfg.sdk, g.gws[i].id);
+		o.url = g.cfg.url;
+		o.token = g.gws[i].auth + strlen("Bearer ");
+		o.ca_file = g.cfg.ca;
+		o.cert_file = g.cfg.cert;
+		o.key_file = g.cfg.key;
+		o.tls_insecure = g.cfg.insecure;
+		o.spool_dir = dir;
+		o.max_readings = (int)(g.cfg.batch > 1000 ? 1000 : g.cfg.batch);
+		o.max_inflight = (int)(g.cfg.inflight > 1024 ? 1024 : g.cfg.inflight);
+		o.ack_timeout_ms = g.cfg.ack_timeout > 0 ? (int)(g.cfg.ack_timeout * 1000) : -1;
+		o.backoff_min_ms = SIM_BACKOFF_MIN_MS;
+		o.backoff_max_ms = SIM_BACKOFF_MAX_MS;
+		o.on_reject = sdk_on_reject;
+		o.on_state = sdk_on_state;
+		o.user = &g.gws[i];
+		sims[i].h = iothub_gw_new(&o, err, sizeof(err));
+		if (!sims[i].h) {
+			fprintf(stderr, "gw-sim: %s: %s\n", g.gws[i].id, err);
+			rc = 1;
+			break;
+		}
+		iothub_gw_on_command(sims[i].h, NULL, sdk_on_command, NULL);
+		for (d = 0; d < g.cfg.devices && !rc; d++) {
+			char dev[SIM_ID_MAX + 16];
+
+			snprintf(dev, sizeof(dev), "%s-d%u", g.gws[i].id, d);
+			if (iothub_gw_announce(sims[i].h, dev, g.cfg.device_type, g.labels_json,
+					       err, sizeof(err))) {
+				fprintf(stderr, "gw-sim: %s: %s\n", dev, err);
+				rc = 1;
+			}
+		}
+		pfd[i].fd = iothub_gw_fd(sims[i].h, &ev);
+		pfd[i].events = ev;
+	}
+	LOG(LOG_INFO, "%u libiothub-gw gateway(s) x %u device(s) -> %s (%s loop)",
+	    g.cfg.gateways, g.cfg.devices, g.cfg.url,
+	    g.cfg.idle ? "idle" : g.cfg.rate > 0 ? "open" : "closed");
+	g.start_us = hub_mono_us();
+	end_us = g.cfg.duration > 0 ? g.start_us + (int64_t)(g.cfg.duration * 1e6) : 0;
+	while (!rc) {
+		int64_t now = hub_mono_us();
+		int wait = 1000;
+		uint64_t pending = 0;
+
+		if (!drain_end && (sdk_stop || (end_us && now >= end_us) ||
+				   (g.cfg.frames && !more))) {
+			g.stop_reason = sdk_stop ? "signal" : end_us && now >= end_us ?
+					"duration" : "frames";
+			g.stop_us = now;
+			drain_end = now + (int64_t)SIM_DRAIN_MS * 1000;
+		}
+		if (!drain_end)
+			sdk_generate(sims, now, &more);
+		for (i = 0; i < g.cfg.gateways; i++) {
+			struct iothub_gw_stats st;
+			int t = iothub_gw_next_timeout(sims[i].h);
+
+			if (t < wait)
+				wait = t;
+			iothub_gw_stats(sims[i].h, &st);
+			pending += st.pending;
+		}
+		if (drain_end && (!pending || now >= drain_end || sdk_stop > 1))
+			break;
+		if (!drain_end && g.cfg.rate > 0 && wait > 5)
+			wait = 5;   /* the open loop's clock */
+		poll(pfd, g.cfg.gateways, wait);
+		for (i = 0; i < g.cfg.gateways; i++)
+			iothub_gw_service(sims[i].h, 0);
+	}
+	for (i = 0; i < g.cfg.gateways; i++) {
+		struct iothub_gw_stats st;
+
+		if (!sims[i].h)
+			continue;
+		iothub_gw_stats(sims[i].h, &st);
+		g.tot.frames_sent += st.frames_sent;
+		g.tot.frames_acked += st.frames_acked;
+		g.tot.readings_acked += st.acked;
+		g.tot.readings_rejected += st.rejected;
+		g.tot.unavailable += st.unavailable;
+		g.tot.disconnects += st.reconnects;
+		g.tot.ack_timeouts += st.ack_timeouts;
+		g.tot.duplicate_acks += st.duplicates;
+		g.gws[i].n_used = (unsigned)st.pending;   /* readings left in the spool */
+		iothub_gw_free(sims[i].h);
+	}
+	if (!g.stop_us)
+		g.stop_us = hub_mono_us();
+	free(sims);
+	free(pfd);
+	return rc;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -2141,6 +2377,10 @@ static const struct opt sim_opts[] = {
 	  "microseconds at generation\nin every reading's data (the device type must allow it,\n"
 	  "e.g. bench/device-types/bench.json: sent_us)", "NAME" },
 	{ "idle", OPT_FLAG, F(idle), NULL, 0, 0, "connect and announce, then send no telemetry" },
+	{ "sdk", OPT_STR, F(sdk), NULL, 0, 0, "each gateway is a libiothub-gw gateway (docs/sdk.md) "
+	  "with its\nspool in DIR/<gateway id>, all driven from one poll() loop;\n--batch is "
+	  "its max_readings, --inflight its max_inflight,\n--ack-timeout its ack_timeout_ms; "
+	  "commands succeed\n(docs/simulator.md)", "DIR" },
 	HEADING("Anomaly test sets (docs/simulator.md)"),
 	{ "truth", OPT_STR, F(truth), NULL, 0, 0, "temperature becomes 21 + N(0, noise-sigma) with "
 	  "the\ninjections below; each injected reading is written to\nFILE as "
@@ -2239,6 +2479,8 @@ static void check_args(void)
 		    "same kind of token");
 	if (!c->cert != !c->key)
 		opts_die("--cert and --key go together");
+	if (c->sdk && (c->mqtt || c->src || c->truth || c->stamp_field))
+		opts_die("--sdk does not go with --mqtt, --source-ips, --truth or --stamp-field");
 	if ((c->ca || c->cert || c->insecure) && !c->u.tls)
 		opts_die("--ca, --cert, --key and --insecure need a wss:// --url");
 	if (strlen(c->gw_prefix) > SIM_ID_MAX - 24 ||
@@ -2619,6 +2861,13 @@ int main(int argc, char **argv)
 	if (g.cfg.rate > 0 && g.interval_ns < 1)
 		g.interval_ns = 1;
 
+	if (g.cfg.sdk) {
+		int rc = sdk_run();
+
+		print_summary();
+		free_all();
+		return rc;
+	}
 	lg_lws_logs();
 	xo.tls = g.cfg.u.tls;
 	xo.ca_file = g.cfg.ca;

@@ -19,6 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from harness import (CommandResponder, HubTestCase, api_keys_file, http_json, main, now_ms, rkeys,  # noqa: E402
                      uniq)
 
@@ -108,6 +109,17 @@ class RolloutCase(HubTestCase):
         st, doc = await self.call("GET", "/v1/commands/" + cid, key=key, hub=hub)
         self.assertEqual(st, 200, "GET %s: %s" % (cid, doc))
         return doc
+
+    def assert_arrival_order(self, got, want, msg):
+        """Commands reach the gateways in release order. On a Redis Cluster
+        the commands of one release step are released in order but
+        delivered through their devices' primaries, so two released a few
+        ms apart may arrive swapped: there, each once (the release times are
+        checked against the rate separately)."""
+        if harness.CLUSTER_MODE:
+            self.assertEqual(sorted(got), sorted(want), msg)
+        else:
+            self.assertEqual(got, want, msg)
 
     def assert_counts(self, doc):
         counts = doc.get("counts")
@@ -477,8 +489,8 @@ class Release(SharedHub):
                 self.fail("8 deliveries not within 8 s at 120/min: %s" % [m["device"] for m in f.got])
             await asyncio.sleep(0.15)
         got = f.got[:8]
-        self.assertEqual([m["id"] for m in got], ids, "release order = device-id order, once each")
-        self.assertEqual([m["device"] for m in got], f.devices)
+        self.assert_arrival_order([m["id"] for m in got], ids, "release order = device-id order, once each")
+        self.assert_arrival_order([m["device"] for m in got], f.devices, "devices")
         self.assertEqual({m["attempt"] for m in got}, {1})
         times = [m["t"] - t0 for m in got]
         self.assertLess(times[0], 1.0, "the first goes out at once: %s" % times)
@@ -662,8 +674,8 @@ class TwoHubs(RolloutCase):
         doc = await self.wait_rollout(rid, lambda d: d["status"] != "running", 4, "completed", hub=b)
         self.assertEqual((doc["status"], doc["counts"]), ("completed", {"succeeded": 12}), doc)
         await asyncio.sleep(1.2)  # a few more steps on both hubs
-        self.assertEqual(fa.ids(), ids[:6], "A's devices, once each")
-        self.assertEqual(fb.ids(), ids[6:], "B's devices, once each")
+        self.assert_arrival_order(fa.ids(), ids[:6], "A's devices, once each")
+        self.assert_arrival_order(fb.ids(), ids[6:], "B's devices, once each")
         for cid in ids:
             c = await self.command(cid, hub=b)
             self.assertEqual([h["status"] for h in c["history"]], ["queued", "sent", "received", "succeeded"], c)

@@ -97,5 +97,32 @@ class Sim(HubTestCase):
         self.assertEqual(s["readings_bad_generated"], s["readings_rejected"], json.dumps(s))
         self.assertEqual(sum(self.stored(prefix).values()), s["readings_acked"])
 
+    async def test_sdk_mode(self):
+        """--sdk: the gateways are libiothub-gw's, driven from one poll()
+        loop; the summary's counters come from the library and match what
+        Redis holds, the rejects are the bad readings, and each gateway's
+        spool is left with nothing unacked."""
+        import shutil
+        import tempfile
+        prefix = uniq("simS")
+        spools = tempfile.mkdtemp(prefix="iot-hub-sim-sdk-")
+        self.addCleanup(shutil.rmtree, spools, True)
+        s = self.run_sim("--token-cmd", self.token_cmd(prefix), "--gateway-prefix", prefix,
+                         "--gateways", 3, "--devices", 3, "--rate", 150, "--batch", 20,
+                         "--inflight", 4, "--bad-ratio", 0.1, "--duration", 2,
+                         "--sdk", os.path.join(spools, "s"))
+        self.assertEqual(s.get("client"), "libiothub-gw", json.dumps(s))
+        self.assert_clean(s, expect_rejected=True)
+        self.assertEqual(s["rejected_by_code"].get("invalid"), s["readings_rejected"], json.dumps(s))
+        self.assertEqual(s["readings_bad_generated"], s["readings_rejected"], json.dumps(s))
+        self.assertEqual(s["readings_acked"] + s["readings_rejected"], s["readings_sent"], json.dumps(s))
+        self.assertGreaterEqual(s["readings_sent"], 3 * 150 * 2 * 3 // 4, json.dumps(s))
+        stored = self.stored(prefix)
+        self.assertEqual(len(stored), 9, stored)
+        self.assertEqual(sum(stored.values()), s["readings_acked"], stored)
+        self.assertEqual(sorted(os.listdir(os.path.join(spools, "s"))),
+                         ["%s-%04d" % (prefix, i) for i in range(3)])
+
+
 if __name__ == "__main__":
     main()

@@ -29,6 +29,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -89,7 +92,7 @@ struct iothub_gw {
 	iothub_gw_state_cb on_state;
 	void *user;
 	size_t max_readings, max_frame_bytes;
-	int max_delay_ms, max_inflight, fsync_ms, bo_min, bo_max;
+	int max_delay_ms, max_inflight, fsync_ms, bo_min, bo_max, ack_timeout_ms;
 	enum iothub_gw_fsync fsync;
 
 	pthread_mutex_t mu;
@@ -106,7 +109,7 @@ struct iothub_gw {
 	int64_t batch_since;        /* mono ms the oldest unframed reading came, 0 none */
 	int wake_pending;
 	uint64_t st_accepted, st_acked, st_dups, st_rejected, st_rl, st_unavail, st_frames,
-		 st_reconnects;
+		 st_reconnects, st_ack_timeouts, st_frames_acked;
 
 	/* service thread only */
 	struct handler *h;
@@ -118,6 +121,7 @@ struct iothub_gw {
 	struct lws *wsi;
 	int connecting, opened, online, closing, destroying, started;
 	int announce_wait;          /* announces not answered yet */
+	int64_t announce_sent_at;   /* mono ms the oldest unanswered one went */
 	int64_t announce_retry_at;
 	int64_t reconnect_at;       /* mono ms, 0: not scheduled */
 	int64_t pause_until;        /* telemetry held until (mono ms) */
@@ -133,6 +137,11 @@ struct iothub_gw {
 	uint64_t rng;
 	atomic_int stopped;
 	lws_sorted_usec_list_t sul_tick, sul_wake;
+	int64_t tick_at;            /* mono ms sul_tick is due */
+	int epfd;                   /* iothub_gw_fd(): the socket and wakefd */
+	int wakefd;                 /* in epfd: wake() from other threads */
+	int sockfd;                 /* the socket last added to epfd, -1 none */
+	int want_write;             /* WRITEABLE asked for, not yet had */
 };
 
 static void schedule(struct iothub_gw *gw);
@@ -450,7 +459,8 @@ static int on_writeable(struct iothub_gw *gw)
 	pthread_mutex_lock(&gw->mu);
 	if (gw->devs_new && now >= gw->announce_retry_at) {
 		if (build_announce(gw)) {
-			gw->announce_wait++;
+			if (!gw->announce_wait++)
+				gw->announce_sent_at = now;
 			rc = tx_write(gw);
 			wrote = 1;
 		}
@@ -473,6 +483,7 @@ static int on_writeable(struct iothub_gw *gw)
 
 		if (f) {
 			f->state = FR_INFLIGHT;
+			f->sent_at = now;
 			gw->inflight++;
 			gw->st_frames++;
 			rc = tx_write(gw);
@@ -489,15 +500,69 @@ static int on_writeable(struct iothub_gw *gw)
 	pthread_mutex_unlock(&gw->mu);
 	if (rc)
 		return -1;
-	if (more)
+	if (more) {
+		gw->want_write = 1;
 		lws_callback_on_writable(gw->wsi);
+	}
 	return 0;
+}
+
+/* The mono ms by which the oldest answer the connection waits for (an ack
+ * or an announced) is overdue, 0 when it waits for none; lock held. */
+static int64_t answer_due(struct iothub_gw *gw, uint64_t *seq)
+{
+	int64_t due = 0;
+	int seen = 0;
+
+	*seq = 0;
+	if (gw->ack_timeout_ms < 0 || !gw->opened)
+		return 0;
+	if (gw->announce_wait)
+		due = gw->announce_sent_at + gw->ack_timeout_ms;
+	/* frames go out in seq order: the first in flight is the oldest */
+	for (size_t i = gw->ob.fr_head; i < gw->ob.fr_len && seen < gw->inflight; i++) {
+		struct ob_frame *f = &gw->ob.fr[i];
+
+		if (f->state != FR_INFLIGHT)
+			continue;
+		seen++;
+		if (!due || f->sent_at + gw->ack_timeout_ms < due) {
+			due = f->sent_at + gw->ack_timeout_ms;
+			*seq = f->seq;
+		}
+	}
+	return due;
+}
+
+/* The hub did not answer in time: a stopped hub, a black-holed path, a
+ * half-open socket all look like this one, and the protocol has no other
+ * remedy for them than the one for a lost connection (a resend on the same
+ * socket would queue behind what the hub has not read): give the connection
+ * up, so the unacked frames go again with their seq on a new one (the hub
+ * acks a frame it did store "duplicate":true). Not from lws's callback for
+ * this wsi: the close is asynchronous. */
+static void give_up(struct iothub_gw *gw, uint64_t seq)
+{
+	if (seq)
+		snprintf(gw->conn_error, sizeof(gw->conn_error),
+			 "no ack for seq %" PRIu64 " within %d ms: connection given up", seq,
+			 gw->ack_timeout_ms);
+	else
+		snprintf(gw->conn_error, sizeof(gw->conn_error),
+			 "no answer to the announce within %d ms: connection given up",
+			 gw->ack_timeout_ms);
+	gw->closing = 1;
+	pthread_mutex_lock(&gw->mu);
+	gw->st_ack_timeouts++;
+	pthread_mutex_unlock(&gw->mu);
+	lws_set_timeout(gw->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
 }
 
 /* Frames what is due and asks for WRITEABLE when something can go. */
 static void pump(struct iothub_gw *gw)
 {
-	int64_t now = now_mono();
+	int64_t now = now_mono(), due;
+	uint64_t late_seq;
 	int want = 0;
 
 	pthread_mutex_lock(&gw->mu);
@@ -524,6 +589,7 @@ static void pump(struct iothub_gw *gw)
 		ob_sync(&gw->ob);
 		gw->fsync_at = now + gw->fsync_ms;
 	}
+	due = gw->opened && !gw->closing ? answer_due(gw, &late_seq) : 0;
 	if (gw->opened && !gw->closing) {
 		if ((gw->devs_new && now >= gw->announce_retry_at) ||
 		    (gw->q && now >= gw->q_not_before))
@@ -533,8 +599,12 @@ static void pump(struct iothub_gw *gw)
 				want = gw->ob.fr[i].state == FR_UNSENT;
 	}
 	pthread_mutex_unlock(&gw->mu);
-	if (want)
+	if (due && now >= due)
+		give_up(gw, late_seq);
+	else if (want) {
+		gw->want_write = 1;
 		lws_callback_on_writable(gw->wsi);
+	}
 	schedule(gw);
 }
 
@@ -635,7 +705,7 @@ static void conn_gone(struct iothub_gw *gw)
 	if (gw->destroying)
 		return;
 	delay = backoff_ms(gw);
-	code = gw->close_code ? gw->close_code : gw->http_status;
+	code = gw->close_code ? gw->close_code : gw->http_status != 101 ? gw->http_status : 0;
 	why = gw->close_reason[0] ? gw->close_reason : gw->conn_error;
 	if (gw->close_code == 4029) {
 		/* "reconnecting faster than gateway-connect-rate; retry after N ms" */
@@ -698,10 +768,19 @@ static void on_ack(struct iothub_gw *gw, struct gwm *m, struct laters *l)
 			int64_t w = json_is_integer(ra) ? json_integer_value(ra) : 1000;
 			char *copy = gw_xstrdup(r->json);
 
-			/* not stored: it goes again, as a new reading, after the wait */
-			ob_append(&gw->ob, copy, strlen(copy), 0, NULL, 0);
-			free(copy);
+			/* not stored: it goes again, as a new reading, after the wait;
+			 * appended before the frame's A record, or reported when the
+			 * disk refuses, never dropped in silence */
+			int lost = ob_append(&gw->ob, copy, strlen(copy), 0, NULL, 0);
+
 			first = ob_frame_first(&gw->ob, ob_frame(&gw->ob, m->seq));
+			if (lost) {
+				gw->st_rejected++;
+				reject_later(l, m->seq, e, copy);
+				free(copy);
+				continue;
+			}
+			free(copy);
 			gw->st_rl++;
 			if (w > rl_retry)
 				rl_retry = w;
@@ -717,6 +796,7 @@ static void on_ack(struct iothub_gw *gw, struct gwm *m, struct laters *l)
 			gw->pause_until = until;
 	}
 	gw->st_acked += (uint64_t)(m->accepted > 0 ? m->accepted : 0);
+	gw->st_frames_acked++;
 	if (m->duplicate)
 		gw->st_dups++;
 	ob_acked(&gw->ob, m->seq);
@@ -865,8 +945,8 @@ static void on_message(struct iothub_gw *gw, const char *buf, size_t len)
 		size_t i;
 		json_t *e;
 
-		if (gw->announce_wait > 0)
-			gw->announce_wait--;
+		if (gw->announce_wait > 0 && --gw->announce_wait)
+			gw->announce_sent_at = now_mono();   /* the next one's clock */
 		json_array_foreach(m.rejected, i, e) {
 			json_t *code = json_object_get(e, "code"), *dv = json_object_get(e, "device");
 
@@ -904,7 +984,8 @@ static void on_message(struct iothub_gw *gw, const char *buf, size_t len)
 			/* unknown_command, bad_message: dropped */
 		} else if (!strcmp(m.code, "unavailable") && gw->announce_wait > 0) {
 			/* the answer to an announce: all of it again, later */
-			gw->announce_wait--;
+			if (--gw->announce_wait)
+				gw->announce_sent_at = now_mono();
 			for (size_t k = 0; k < gw->ndevs; k++)
 				gw->devs[k].announced = 0;
 			gw->devs_new = gw->ndevs > 0;
@@ -1012,6 +1093,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
 		}
 		return 0;
 	case LWS_CALLBACK_CLIENT_WRITEABLE:
+		gw->want_write = 0;
 		return on_writeable(gw);
 	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
 		if (len >= 2) {
@@ -1076,10 +1158,18 @@ static void schedule(struct iothub_gw *gw)
 			next = gw->announce_retry_at;
 		if (gw->q && gw->q_not_before > now && gw->q_not_before < next)
 			next = gw->q_not_before;
+		if (!gw->closing) {
+			uint64_t seq;
+			int64_t due = answer_due(gw, &seq);
+
+			if (due && due < next)
+				next = due;
+		}
 	}
 	if (gw->fsync == IOTHUB_GW_FSYNC_BATCH && gw->ob.dirty && gw->fsync_at < next)
 		next = gw->fsync_at;
 	pthread_mutex_unlock(&gw->mu);
+	gw->tick_at = next;
 	lws_sul_schedule(gw->lws, 0, &gw->sul_tick, tick_cb,
 			 next > now ? (lws_usec_t)(next - now) * 1000 : 1);
 }
@@ -1114,7 +1204,21 @@ struct iothub_gw *iothub_gw_new(const struct iothub_gw_opts *o, char *err, size_
 		}
 	gw = gw_xcalloc(1, sizeof(*gw));
 	gw->ob.fd = gw->ob.dirfd = gw->cmd_fd = -1;   /* iothub_gw_free() may close them */
+	gw->epfd = gw->wakefd = gw->sockfd = -1;
 	pthread_mutex_init(&gw->mu, NULL);
+	/* iothub_gw_fd(): lws's poll backend keeps its descriptors to itself
+	 * (this lws has no external-poll callbacks), so epfd holds the ones
+	 * the library knows: the connection's socket (sync_fd()) and wakefd,
+	 * written by wake() next to lws_cancel_service() */
+	gw->epfd = epoll_create1(EPOLL_CLOEXEC);
+	gw->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (gw->epfd < 0 || gw->wakefd < 0 ||
+	    epoll_ctl(gw->epfd, EPOLL_CTL_ADD, gw->wakefd,
+		      &(struct epoll_event){ .events = EPOLLIN, .data.fd = gw->wakefd })) {
+		set_err(err, errlen, "epoll/eventfd: %s", strerror(errno));
+		iothub_gw_free(gw);
+		return NULL;
+	}
 	if (parse_url(gw, o->url, err, errlen)) {
 		iothub_gw_free(gw);
 		return NULL;
@@ -1135,6 +1239,8 @@ struct iothub_gw *iothub_gw_new(const struct iothub_gw_opts *o, char *err, size_
 	gw->max_delay_ms = o->max_delay_ms > 0 ? o->max_delay_ms : 50;
 	gw->max_frame_bytes = o->max_frame_bytes ? o->max_frame_bytes : 60000;
 	gw->max_inflight = o->max_inflight > 0 ? o->max_inflight : 16;
+	gw->ack_timeout_ms = o->ack_timeout_ms < 0 ? -1 :
+			     o->ack_timeout_ms > 0 ? o->ack_timeout_ms : 10000;
 	gw->fsync = o->fsync;
 	gw->fsync_ms = o->fsync_ms > 0 ? o->fsync_ms : 200;
 	gw->bo_min = o->backoff_min_ms > 0 ? o->backoff_min_ms : 500;
@@ -1188,6 +1294,10 @@ void iothub_gw_free(struct iothub_gw *gw)
 	ob_close(&gw->ob);
 	if (gw->cmd_fd >= 0)
 		close(gw->cmd_fd);
+	if (gw->epfd >= 0)
+		close(gw->epfd);
+	if (gw->wakefd >= 0)
+		close(gw->wakefd);
 	for (size_t i = 0; i < gw->ndevs; i++) {
 		free(gw->devs[i].id);
 		free(gw->devs[i].type);
@@ -1216,8 +1326,13 @@ void iothub_gw_free(struct iothub_gw *gw)
 
 static void wake(struct iothub_gw *gw)
 {
+	uint64_t one = 1;
+
 	if (gw->lws)
 		lws_cancel_service(gw->lws);
+	if (gw->wakefd >= 0 && write(gw->wakefd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: the counter is full, so the fd is readable anyway */
+	}
 }
 
 int iothub_gw_announce(struct iothub_gw *gw, const char *device, const char *device_type,
@@ -1507,10 +1622,45 @@ int iothub_gw_cmd_rejected(struct iothub_gw *gw, const char *id, const char *err
 	return iothub_gw_cmd_report(gw, id, "rejected", -1, error, NULL, NULL, 0);
 }
 
+/* Keeps the connection's socket in epfd, edge-triggered for input and
+ * output: lws's poll() wants POLLOUT only at times (connecting, a
+ * WRITEABLE asked for, a send buffer full) that this side does not see,
+ * and a level-triggered EPOLLOUT would keep an idle writable socket
+ * "ready" for ever. An edge comes when the connect completes, data
+ * arrives or a full send buffer drains; a WRITEABLE the library asked for
+ * on a socket already writable is iothub_gw_next_timeout()'s 0. ADD fails
+ * with EEXIST for a live registration (which it leaves alone: a MOD would
+ * re-arm the edge); a closed socket left epfd by itself. */
+static void sync_fd(struct iothub_gw *gw)
+{
+	int fd = gw->wsi && gw->wsi != (struct lws *)1 ? lws_get_socket_fd(gw->wsi) : -1;
+	struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET };
+
+	if (fd != gw->sockfd && gw->sockfd >= 0)
+		epoll_ctl(gw->epfd, EPOLL_CTL_DEL, gw->sockfd, NULL);
+	gw->sockfd = fd;
+	if (fd < 0)
+		return;
+	ev.data.fd = fd;
+	epoll_ctl(gw->epfd, EPOLL_CTL_ADD, fd, &ev);
+}
+
 int iothub_gw_service(struct iothub_gw *gw, int timeout_ms)
 {
+	struct epoll_event evs[4];
+
+	uint64_t n;
+
 	if (atomic_load(&gw->stopped))
 		return IOTHUB_GW_ESTOPPED;
+	/* take the edges now: what happens from here on makes epfd ready
+	 * again; the wake is lws's too (lws_cancel_service): lws_service() runs
+	 * it */
+	while (epoll_wait(gw->epfd, evs, 4, 0) == 4)
+		;
+	if (read(gw->wakefd, &n, sizeof(n)) < 0) {
+		/* EAGAIN: no wake pending */
+	}
 	if (!gw->started) {
 		gw->started = 1;
 		connect_now(gw);
@@ -1521,7 +1671,38 @@ int iothub_gw_service(struct iothub_gw *gw, int timeout_ms)
 				 (lws_usec_t)timeout_ms * 1000);
 	lws_service(gw->lws, timeout_ms > 0 ? 0 : -1);
 	lws_sul_cancel(&gw->sul_wake);
+	sync_fd(gw);
 	return atomic_load(&gw->stopped) ? IOTHUB_GW_ESTOPPED : IOTHUB_GW_OK;
+}
+
+int iothub_gw_fd(struct iothub_gw *gw, short *events)
+{
+	if (events)
+		*events = POLLIN;
+	return gw->epfd;
+}
+
+int iothub_gw_next_timeout(struct iothub_gw *gw)
+{
+	int64_t d;
+
+	if (!gw->started)
+		return 0;   /* the first service call connects */
+	if (gw->want_write && gw->sockfd >= 0) {
+		struct pollfd p = { .fd = gw->sockfd, .events = POLLOUT };
+
+		if (poll(&p, 1, 0) == 1)
+			return 0;   /* no edge will say so: it is writable already */
+	}
+	d = gw->tick_at - now_mono();
+	if (d < 0)
+		d = 0;
+	/* lws's own timers (connect and close timeouts, PINGs) are not ours to
+	 * see: they count in seconds, so waking once a second runs them */
+	if (d > 1000)
+		d = 1000;
+	/* 0 when lws holds data it must process without a poll event */
+	return lws_service_adjust_timeout(gw->lws, (int)d, 0);
 }
 
 void iothub_gw_run(struct iothub_gw *gw)
@@ -1570,5 +1751,7 @@ void iothub_gw_stats(struct iothub_gw *gw, struct iothub_gw_stats *s)
 	s->spool_bytes = gw->ob.total_bytes;
 	s->next_seq = gw->ob.next_seq;
 	s->online = gw->online;
+	s->ack_timeouts = gw->st_ack_timeouts;
+	s->frames_acked = gw->st_frames_acked;
 	pthread_mutex_unlock(&gw->mu);
 }

@@ -82,6 +82,7 @@ struct ob_frame {
 	uint64_t first_rid;
 	uint32_t n;
 	int state;
+	int64_t sent_at;        /* mono ms it went out (FR_INFLIGHT), else 0 */
 };
 
 struct outbox {

@@ -10,17 +10,20 @@
  *   sdk_gw --url U --token T --spool DIR --devices a,b [--type thermostat]
  *          [--count N --start I --ts-base MS --rate R --bad-every K]
  *          [--fsync none|batch|always --max-spool BYTES --segment BYTES]
- *          [--accepted FILE] [--commands FILE --serve-ms MS]
+ *          [--accepted FILE] [--commands FILE --serve-ms MS] [--ack-timeout MS]
  *          [--ca FILE --cert FILE --key FILE]   (wss://, mTLS)
  *          [--token-file FILE] (the token, read again before every connect)
  *          [--until-full]      (stop at the first "spool full", exit 3)
  *          [--bench]           (no logs: print readings/s into the spool)
+ *          [--poll]            (the main loop is poll() on iothub_gw_fd(), as
+ *                               a foreign event loop; stats count its turns)
  * Exit: 0 done, 1 usage or setup, 2 not drained in time, 3 spool full.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -40,10 +43,10 @@ static struct {
 	const char *ca, *cert, *key, *token_file, *sign_seed;
 	char *devs[256];
 	int ndevs;
-	long long count, start, ts_base, bad_every, serve_ms, rate;
+	long long count, start, ts_base, bad_every, serve_ms, rate, ack_timeout;
 	size_t max_spool, segment;
 	enum iothub_gw_fsync fsync;
-	int until_full, bench;
+	int until_full, bench, poll;
 } a = { .type = "thermostat", .count = 1000, .fsync = IOTHUB_GW_FSYNC_NONE };
 
 static struct iothub_gw *gw;
@@ -224,6 +227,7 @@ int main(int argc, char **argv)
 		else if (ARG("--rate")) a.rate = atoll(v);
 		else if (ARG("--bad-every")) a.bad_every = atoll(v);
 		else if (ARG("--serve-ms")) a.serve_ms = atoll(v);
+		else if (ARG("--ack-timeout")) a.ack_timeout = atoll(v);
 		else if (ARG("--max-spool")) a.max_spool = (size_t)atoll(v);
 		else if (ARG("--segment")) a.segment = (size_t)atoll(v);
 		else if (ARG("--fsync"))
@@ -237,6 +241,7 @@ int main(int argc, char **argv)
 				a.devs[a.ndevs++] = t;
 		} else if (!strcmp(k, "--until-full")) a.until_full = 1;
 		else if (!strcmp(k, "--bench")) a.bench = 1;
+		else if (!strcmp(k, "--poll")) a.poll = 1;
 		else usage();
 #undef ARG
 	}
@@ -264,6 +269,7 @@ int main(int argc, char **argv)
 	o.segment_bytes = a.segment;
 	o.on_reject = on_reject;
 	o.on_state = on_state;
+	o.ack_timeout_ms = (int)a.ack_timeout;
 	if (a.sign_seed) { /* 64 hex digits: the Ed25519 private key's seed */
 		unsigned char seed[32];
 		for (int i = 0; i < 32; i++) {
@@ -299,8 +305,20 @@ int main(int argc, char **argv)
 	/* serve while sending, then until everything is acked (or serve_ms) */
 	int64_t serve_end = a.serve_ms ? mono_ms() + a.serve_ms : 0;
 	int64_t drain_end = 0;
+	long long turns = 0;
 	while (!got_term) {
-		iothub_gw_service(gw, 100);
+		if (a.poll) {
+			short ev;
+			struct pollfd pfd = { .fd = iothub_gw_fd(gw, &ev) };
+			int t = iothub_gw_next_timeout(gw);
+
+			pfd.events = ev;
+			poll(&pfd, 1, t > 100 ? 100 : t);
+			iothub_gw_service(gw, 0);
+			turns++;
+		} else {
+			iothub_gw_service(gw, 100);
+		}
 		if (serve_end) {
 			if (mono_ms() >= serve_end)
 				break;
@@ -329,9 +347,11 @@ int main(int argc, char **argv)
 	printf("stats accepted=%" PRIu64 " acked=%" PRIu64 " duplicates=%" PRIu64
 	       " rejected=%" PRIu64 " rate_limited=%" PRIu64 " unavailable=%" PRIu64
 	       " frames=%" PRIu64 " reconnects=%" PRIu64 " pending=%" PRIu64
-	       " spool_bytes=%" PRIu64 "\n",
+	       " spool_bytes=%" PRIu64 " ack_timeouts=%" PRIu64 "\n",
 	       st.accepted, st.acked, st.duplicates, st.rejected, st.rate_limited, st.unavailable,
-	       st.frames_sent, st.reconnects, st.pending, st.spool_bytes);
+	       st.frames_sent, st.reconnects, st.pending, st.spool_bytes, st.ack_timeouts);
+	if (a.poll)
+		printf("poll turns=%lld\n", turns);
 	fflush(stdout);
 	iothub_gw_free(gw);
 	EVP_PKEY_free(sign_key);

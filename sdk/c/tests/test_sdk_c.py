@@ -210,6 +210,118 @@ class SdkC(HubTestCase):
         self.assertGreaterEqual(int(stats["reconnects"]), 1, out)
         hub2.check_alive()
 
+    def stats_of(self, p):
+        out = p.stdout()
+        self.assertIn("stats ", out, p.describe())
+        return dict(kv.split("=") for kv in out.split("stats ")[1].split("\n")[0].split())
+
+    def test_ack_timeout_hub_stopped(self):
+        """The hub process frozen (SIGSTOP) mid-stream: no ack comes within
+        --ack-timeout, the SDK gives the connection up and connects again
+        (the new upgrade waits in the frozen hub's backlog); after SIGCONT
+        the unacked frames go again with their seq and every accepted
+        reading is stored once (the hub acks what it stored from the old
+        socket's buffer as a duplicate)."""
+        redis = self.start_redis()
+        port = H.free_port()
+        hub = self.fixed_hub(redis, port)
+        sub, devs = uniq("gw"), [uniq("t") for _ in range(3)]
+        spool, acc = os.path.join(self.dir, "spool"), os.path.join(self.dir, "acc")
+        p = self.gw("ws://127.0.0.1:%d/v1/gateway" % port, sub, devs, spool,
+                    ["--count", 6000, "--rate", 2000, "--accepted", acc, "--ack-timeout", 1000])
+        wait_until(lambda: len(read_ints(acc)) >= 1500, 30, what="1500 accepted")
+        hub.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: "connection given up" in read_text(p.err_path), 10,
+                       what="the connection given up for a missing ack")
+            time.sleep(0.5)
+        finally:
+            hub.proc.send_signal(signal.SIGCONT)
+        self.assertEqual(p.wait(60), 0, p.describe())
+        stats = self.stats_of(p)
+        self.assertGreaterEqual(int(stats["ack_timeouts"]), 1, stats)
+        self.assertGreaterEqual(int(stats["reconnects"]), 1, stats)
+        self.assertRegex(read_text(p.err_path), r"no ack for seq \d+ within 1000 ms")
+        self.assert_once(self.stored(redis, sub, devs), read_ints(acc))
+        hub.check_alive()
+
+    def test_kill9_repeatedly_with_unacked_frames(self):
+        """The gateway killed with -9 three times: mid-stream, while the hub
+        is frozen (frames sent and unacked, only in the spool), and mid-replay
+        right after the hub thawed. Each restart on the same spool resends by
+        seq; at the end every accepted reading is stored exactly once, and no
+        (gateway, seq) holds a reading twice."""
+        redis = self.start_redis()
+        port = H.free_port()
+        hub = self.fixed_hub(redis, port)
+        sub, devs = uniq("gw"), [uniq("t") for _ in range(3)]
+        spool, acc = os.path.join(self.dir, "spool"), os.path.join(self.dir, "acc")
+        url = "ws://127.0.0.1:%d/v1/gateway" % port
+        n, start, gaps = 9000, 0, set()
+
+        def run(more, before_kill=None):
+            nonlocal start
+            until = len(read_ints(acc)) + more
+            p = self.gw(url, sub, devs, spool, ["--count", n, "--start", start, "--rate", 3000,
+                                                 "--accepted", acc, "--ack-timeout", 2000])
+            wait_until(lambda: len(read_ints(acc)) >= until, 30, what="%d accepted" % until)
+            if before_kill:
+                before_kill(p)
+            p.kill9()
+            got = read_ints(acc)
+            self.assertEqual(got, sorted(got))
+            gaps.add(got[-1] + 1)   # may have been accepted, not logged: not sent again
+            start = got[-1] + 2
+            return p
+
+        run(2000)
+
+        def frozen(p):
+            hub.proc.send_signal(signal.SIGSTOP)
+            time.sleep(1.0)   # frames go out and wait for acks that do not come
+        try:
+            run(1500, frozen)
+        finally:
+            hub.proc.send_signal(signal.SIGCONT)
+        p = run(600)
+        self.assertRegex(read_text(p.err_path), r"replayed [1-9]\d* pending")
+        last = self.gw(url, sub, devs, spool, ["--count", n, "--start", start, "--accepted", acc])
+        self.assertEqual(last.wait(90), 0, last.describe())
+        accepted = read_ints(acc)
+        self.assertEqual(sorted(set(accepted) | gaps), list(range(n)))
+        self.assert_once(self.stored(redis, sub, devs), accepted, allowed_extra=gaps)
+        hub.check_alive()
+
+    def test_foreign_poll_loop(self):
+        """sdk_gw --poll drives the library from a plain poll() loop on
+        iothub_gw_fd() and iothub_gw_next_timeout(), no thread of the
+        library's own: readings sent from another thread wake it, the hub
+        killed and started again is reconnected to on the loop's timeouts,
+        every accepted reading is stored once, and the loop does not spin
+        (its turns are counted)."""
+        if self.GW_CMD != [SDK_GW]:
+            self.skipTest("C API")
+        redis = self.start_redis()
+        port = H.free_port()
+        hub = self.fixed_hub(redis, port)
+        sub, devs = uniq("gw"), [uniq("t") for _ in range(2)]
+        acc = os.path.join(self.dir, "acc")
+        p = self.gw("ws://127.0.0.1:%d/v1/gateway" % port, sub, devs, os.path.join(self.dir, "spool"),
+                    ["--count", 4000, "--rate", 2000, "--accepted", acc, "--poll"])
+        wait_until(lambda: len(read_ints(acc)) >= 1000, 30, what="1000 accepted")
+        hub.kill()
+        time.sleep(0.5)
+        hub2 = self.fixed_hub(redis, port)
+        self.assertEqual(p.wait(60), 0, p.describe())
+        stats = self.stats_of(p)
+        self.assertGreaterEqual(int(stats["reconnects"]), 1, stats)
+        self.assert_once(self.stored(redis, sub, devs), read_ints(acc))
+        turns = int(p.stdout().split("poll turns=")[1].split()[0])
+        # ~3 s of sending and reconnecting: tens of turns a second, not a spin
+        self.assertLess(turns, 5000, p.stdout())
+        self.assertGreater(turns, 10, p.stdout())
+        hub2.check_alive()
+
     def test_redis_killed_and_restarted(self):
         """Redis (append-only, fsync always; the hub acks with
         --ack-durability fsync) killed with -9 mid-stream and started again

@@ -33,7 +33,7 @@ class Examples(HubTestCase):
         self.addCleanup(H.rmtree, self.dir)
         self.sensor = H.write_file(os.path.join(self.dir, "temp"), "23500\n")
 
-    def installed_example(self):
+    def installed_example(self, name="sensor_gateway"):
         prefix = os.path.join(self.dir, "prefix")
         r = subprocess.run(["cmake", "--install", os.path.join(H.BUILD_DIR, "sdk"), "--prefix", prefix],
                            capture_output=True, text=True)
@@ -43,11 +43,11 @@ class Examples(HubTestCase):
         env = dict(os.environ, PKG_CONFIG_PATH=os.path.join(prefix, libdir, "pkgconfig"))
         flags = subprocess.run(["pkg-config", "--cflags", "--libs", "iothub-gw"], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
-        out = os.path.join(self.dir, "sensor_gateway")
+        out = os.path.join(self.dir, name)
         if os.environ.get("HUB_SANITIZE") == "1":   # the library is instrumented
             flags += ["-fsanitize=address,undefined"]
         r = subprocess.run(["cc", "-Wall", "-Werror", os.path.join(SOURCE, "sdk", "c", "examples",
-                            "sensor_gateway.c")] + flags + ["-o", out], capture_output=True, text=True)
+                            name + ".c")] + flags + ["-o", out], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         return [out], {"LD_LIBRARY_PATH": os.path.join(prefix, libdir)}
 
@@ -87,6 +87,32 @@ class Examples(HubTestCase):
             self.fail("cc and pkg-config are needed")
         cmd, env = self.installed_example()
         self.run_example(cmd, env, os.path.join(self.dir, "spool"))
+
+    def test_c_poll_example_installed(self):
+        """poll_gateway: the application's own poll() loop on stdin and the
+        gateway's descriptor, no library thread; 300 lines in, each stored
+        once, and at the end of input it exits once everything is acked."""
+        if not shutil.which("cc") or not shutil.which("pkg-config"):
+            self.fail("cc and pkg-config are needed")
+        cmd, env = self.installed_example("poll_gateway")
+        sub, devs = uniq("gw"), [uniq("t"), uniq("t")]
+        lines = "".join("%s %d.5\n" % (devs[i % 2], i % 40) for i in range(300))
+        p = subprocess.Popen(cmd + [self.hub.url(), self.token(sub, devices=("t-*",)),
+                                    os.path.join(self.dir, "spool")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=H.clean_env(env))
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        # in two parts, the second after a pause: the loop waits on stdin too
+        p.stdin.write(lines[:len(lines) // 2])
+        p.stdin.flush()
+        wait_until(lambda: self.redis.xlen(rkeys.tm(devs[0])) >= 50, 20, what="first half stored")
+        out, err = p.communicate(lines[len(lines) // 2:], timeout=40)
+        self.assertEqual(p.returncode, 0, out + err)
+        self.assertIn("accepted 300 acked 300 pending 0", out, err)
+        for d in devs:
+            entries = self.redis.xrange(rkeys.tm(d))
+            self.assertEqual(len(entries), 150)
+            self.assertEqual({f["gw"] for _, f in entries}, {sub})
 
     def test_python_example(self):
         env = {"PYTHONPATH": os.path.join(SOURCE, "sdk", "python")}

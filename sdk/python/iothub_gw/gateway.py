@@ -96,8 +96,8 @@ class Gateway:
     def __init__(self, url, spool, token=None, token_cb=None, ssl=None, ca_file=None,
                  cert_file=None, key_file=None, max_spool_bytes=64 << 20, fsync="none",
                  max_readings=500, max_delay=0.05, max_frame_bytes=60000, max_inflight=16,
-                 backoff_min=0.5, backoff_max=30.0, on_reject=None, on_state=None,
-                 signer=None):
+                 ack_timeout=10.0, backoff_min=0.5, backoff_max=30.0, on_reject=None,
+                 on_state=None, signer=None):
         if not token and not token_cb:
             raise ValueError("a token or a token_cb is required")
         self.url = url
@@ -113,6 +113,9 @@ class Gateway:
         self.max_delay = max_delay
         self.max_frame_bytes = max_frame_bytes
         self.max_inflight = max_inflight
+        # a frame or announce unanswered this long (s) gives the connection
+        # up, as the C library's ack_timeout_ms (None or <= 0: never)
+        self.ack_timeout = ack_timeout if ack_timeout and ack_timeout > 0 else None
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.on_reject, self.on_state = on_reject, on_state
         # signer(device, message bytes) -> the device's 64-byte Ed25519
@@ -122,7 +125,7 @@ class Gateway:
         self.handlers = {}           # name or None -> coroutine function
         self.on_cancel = None
         self.stats = dict(accepted=0, acked=0, duplicates=0, rejected=0, rate_limited=0,
-                          unavailable=0, frames=0, reconnects=0)
+                          unavailable=0, frames=0, reconnects=0, ack_timeouts=0)
         self._lock = threading.Lock()
         self._loop = None
         self._wake = None
@@ -313,11 +316,14 @@ class Gateway:
         with self._lock:
             self._unannounced = set(self.devices)
         self._announce_wait = 0
+        self._announce_sent = 0.0     # when the oldest unanswered announce went
         self._announce_retry = 0.0
         self._pause_until = 0.0
-        self._inflight = {}           # seq -> sent
+        self._inflight = {}           # seq -> sent readings
+        self._sent_at = {}            # seq -> monotonic time it went
         self._online = False
         self._close = None
+        given_up = None
         reader = asyncio.ensure_future(self._reader(ws))
         try:
             while not self._stopped and not reader.done():
@@ -325,6 +331,12 @@ class Gateway:
                 self._wake.clear()
                 waits = [0.5]
                 now = time.monotonic()
+                due, late = self._answer_due()
+                if due is not None and now >= due:
+                    given_up = self._give_up(ws, late)
+                    break
+                if due is not None:
+                    waits.append(due - now)
                 if self._batch_since is not None:
                     waits.append(self._batch_since + self.max_delay - now)
                 for t in (self._pause_until, self._announce_retry, self._out_not_before):
@@ -344,9 +356,39 @@ class Gateway:
                 await reader
             except (asyncio.CancelledError, Exception):
                 pass
-        if ws.close_code:
+        if given_up:
+            self._close = (0, given_up)
+        elif ws.close_code:
             self._close = (ws.close_code, ws.close_reason)
         return self._online
+
+    def _answer_due(self):
+        """(monotonic time the oldest awaited answer is overdue, its seq or
+        None for an announce), or (None, None) when nothing is awaited."""
+        if self.ack_timeout is None:
+            return None, None
+        due, late = None, None
+        if self._announce_wait:
+            due = self._announce_sent + self.ack_timeout
+        for seq, t in self._sent_at.items():
+            if due is None or t + self.ack_timeout < due:
+                due, late = t + self.ack_timeout, seq
+        return due, late
+
+    def _give_up(self, ws, seq):
+        """No answer in time: a frozen hub, a black-holed path, a half-open
+        socket. The protocol's remedy is the one for a lost connection (a
+        resend on this socket would queue behind what the hub has not read):
+        drop it at once, without a closing handshake the hub would not
+        answer either; the unacked frames go again with their seq on the
+        next connection. Returns the reason."""
+        ms = int(self.ack_timeout * 1000)
+        self.stats["ack_timeouts"] += 1
+        if ws.transport is not None:
+            ws.transport.abort()
+        if seq is None:
+            return "no answer to the announce within %d ms: connection given up" % ms
+        return "no ack for seq %d within %d ms: connection given up" % (seq, ms)
 
     async def _pump(self, ws):
         now = time.monotonic()
@@ -375,6 +417,8 @@ class Gateway:
                         e["labels"] = labels
                     entries.append(e)
         if entries:
+            if not self._announce_wait:
+                self._announce_sent = now
             self._announce_wait += 1
             await ws.send(json.dumps({"type": "announce", "devices": entries}, separators=(",", ":")))
         if not entries and not self._unannounced and not self._announce_wait and not self._online:
@@ -397,6 +441,7 @@ class Gateway:
             if not readings:
                 continue
             self._inflight[seq] = readings
+            self._sent_at[seq] = time.monotonic()
             self.stats["frames"] += 1
             await ws.send('{"type":"telemetry","seq":%d,"readings":[%s]}' % (seq, ",".join(readings)))
 
@@ -421,6 +466,7 @@ class Gateway:
         if t == "ack" and isinstance(m.get("seq"), int):
             seq = m["seq"]
             readings = self._inflight.pop(seq, None)
+            self._sent_at.pop(seq, None)
             if readings is None:
                 return
             again = []
@@ -442,6 +488,7 @@ class Gateway:
                 self.stats["duplicates"] += 1
         elif t == "announced":
             self._announce_wait = max(0, self._announce_wait - 1)
+            self._announce_sent = now   # the next one's clock
             for e in m.get("rejected") or []:
                 if e.get("code") == "rate_limited" and e.get("device") in self.devices:
                     with self._lock:
@@ -454,6 +501,7 @@ class Gateway:
             if isinstance(m.get("seq"), int):
                 seq = m["seq"]
                 readings = self._inflight.pop(seq, None)
+                self._sent_at.pop(seq, None)
                 if readings is None:
                     return
                 if code in ("unavailable", "rate_limited"):
@@ -473,6 +521,7 @@ class Gateway:
                     self._out_not_before = now + wait
             elif code == "unavailable" and self._announce_wait:
                 self._announce_wait -= 1
+                self._announce_sent = now
                 with self._lock:
                     self._unannounced = set(self.devices)
                 self._announce_retry = now + wait

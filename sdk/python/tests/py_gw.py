@@ -22,7 +22,8 @@ def main():
               "token-file"):
         ap.add_argument("--" + k)
     ap.add_argument("--type", default="thermostat")
-    for k in ("count", "start", "ts-base", "rate", "bad-every", "serve-ms", "max-spool", "segment"):
+    for k in ("count", "start", "ts-base", "rate", "bad-every", "serve-ms", "max-spool", "segment",
+              "ack-timeout"):
         ap.add_argument("--" + k, type=int, default=0)
     ap.add_argument("--fsync", default="none")
     ap.add_argument("--until-full", action="store_true")
@@ -50,6 +51,7 @@ def main():
                  token_cb=token_cb if a.token_file else None, fsync=a.fsync,
                  ca_file=a.ca, cert_file=a.cert, key_file=a.key,
                  max_spool_bytes=a.max_spool or (64 << 20), backoff_min=0.1, backoff_max=2.0,
+                 ack_timeout=a.ack_timeout / 1000 if a.ack_timeout else 10.0,
                  on_reject=on_reject, on_state=on_state)
 
     @gw.command(None)

@@ -125,6 +125,11 @@ struct iothub_gw_opts {
 	int max_delay_ms;           /* a reading waits at most this for a frame (0: 50) */
 	size_t max_frame_bytes;     /* 0: 60000 (the hub's max-frame-bytes is 65536) */
 	int max_inflight;           /* frames sent and not acked (0: 16) */
+	int ack_timeout_ms;         /* a frame or announce unanswered this long
+	                             * gives the connection up: it is closed and
+	                             * made again after the back-off, and unacked
+	                             * frames go again with their seq
+	                             * (0: 10000; < 0: never) */
 
 	int backoff_min_ms;         /* reconnect back-off (0: 500) */
 	int backoff_max_ms;         /* (0: 30000); each delay has +-50 % jitter */
@@ -196,6 +201,28 @@ int iothub_gw_cmd_rejected(struct iothub_gw *gw, const char *id, const char *err
  * 0, or IOTHUB_GW_ESTOPPED after iothub_gw_stop(). Service thread only. */
 int iothub_gw_service(struct iothub_gw *gw, int timeout_ms);
 
+/* A foreign event loop (poll, epoll, libuv, ...) drives the gateway without
+ * a thread of its own through one descriptor:
+ *
+ *	short ev;
+ *	struct pollfd p = { .fd = iothub_gw_fd(gw, &ev), .events = ev };
+ *	for (;;) {
+ *		poll(&p, 1, iothub_gw_next_timeout(gw));   (with the loop's own fds)
+ *		iothub_gw_service(gw, 0);                  (ready or timed out)
+ *	}
+ *
+ * iothub_gw_fd() returns a descriptor that stays the same for the life of
+ * gw (an epoll set of the library's sockets and its wake pipe) and sets
+ * *events (may be NULL) to the poll() events to wait for (POLLIN). It is
+ * level-triggered: readable while the library has something to do; sends
+ * from other threads make it readable too. Do not read it or close it.
+ * iothub_gw_next_timeout() is the wait in ms (0..1000) until
+ * iothub_gw_service(gw, 0) is due even when the fd stays quiet: 0 before the
+ * first service call, when a timer is due, or when lws holds buffered data.
+ * Both from the service thread (the loop's thread) only. */
+int iothub_gw_fd(struct iothub_gw *gw, short *events);
+int iothub_gw_next_timeout(struct iothub_gw *gw);
+
 /* Services until iothub_gw_stop(). Service thread only. */
 void iothub_gw_run(struct iothub_gw *gw);
 
@@ -220,6 +247,8 @@ struct iothub_gw_stats {
 	uint64_t spool_bytes;      /* the spool's size on disk */
 	uint64_t next_seq;
 	int online;
+	uint64_t ack_timeouts;     /* connections given up for a missing answer */
+	uint64_t frames_acked;     /* frames the hub acked (duplicates too) */
 };
 void iothub_gw_stats(struct iothub_gw *gw, struct iothub_gw_stats *s);
 
