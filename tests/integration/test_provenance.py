@@ -409,7 +409,10 @@ class ProvenanceInstancesTests(HubTestCase):
             await gw.close()
         ents = redis.cmd("XRANGE", tm_key(d), "-", "+")
         self.assertEqual([field_map(e)["n"] for e in ents], [str(i) for i in range(1, 13)])
-        self.assertEqual([field_map(e)["seq"] for e in ents], [str(i) for i in range(1, 13)])
+        # every frame once; frames in flight together right after a takeover
+        # may be stored out of seq order when a re-stamp sends one again
+        # (docs/provenance.md): the chain's order is the stored order
+        self.assertEqual(sorted(int(field_map(e)["seq"]) for e in ents), list(range(1, 13)))
         for hub in (a, b):
             p = subprocess.run([CTL_BIN, "--url", "http://127.0.0.1:%d" % hub.port, "--key", READER,
                                 "--json", "verify", d, "--from", "0", "--to", str(now_ms() + 1000)],
