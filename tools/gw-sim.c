@@ -93,7 +93,7 @@ struct sim_cfg {
 	/* --truth: an anomaly test set (docs/simulator.md "Anomaly test sets") */
 	char *truth;
 	double noise_sigma, spikes, spike_sigma, drifts, drift_slope, stuck;
-	unsigned drift_len, stuck_len, ts_step_ms;
+	unsigned drift_len, stuck_len, ts_step_ms, clean_first;
 	double truth_ago_ms;
 	int json_summary;
 	int idle;
@@ -550,7 +550,8 @@ static double rng_gauss(void)
  * out), drifts (a ramp of drift-slope x sigma per reading for drift-len
  * readings, then back) and stuck runs (the value frozen for stuck-len
  * readings) started at random; each injected reading is written to the
- * truth file as `device TAB ts TAB spike|drift|stuck`. ts: a day ago plus
+ * truth file as `device TAB ts TAB spike|drift|stuck`; the first clean-first
+ * readings of a device carry none. ts: a day ago plus
  * ts-step-ms per reading of the device. */
 static double inject_next(struct gw *gw, unsigned d, int64_t *ts)
 {
@@ -560,7 +561,7 @@ static double inject_next(struct gw *gw, unsigned d, int64_t *ts)
 	const char *kind = NULL;
 
 	*ts = g.truth_ts0 + (int64_t)in->k++ * c->ts_step_ms;
-	if (!in->left) {
+	if (!in->left && in->k > c->clean_first) {
 		double u = rng_unit();
 		if (u < c->spikes) {
 			kind = "spike";
@@ -2394,6 +2395,8 @@ static const struct opt sim_opts[] = {
 	  "sigmas", "K" },
 	{ "stuck", OPT_DBL, F(stuck), "0", 0, 1, "probability that a stuck run starts", "P" },
 	{ "stuck-len", OPT_UINT, F(stuck_len), "40", 1, 1000000, "readings per stuck run", "N" },
+	{ "clean-first", OPT_UINT, F(clean_first), "0", 0, 1000000, "readings of each device "
+	  "before the first injection\n(a detector's warm-up learns clean data)", "N" },
 	{ "ts-step-ms", OPT_UINT, F(ts_step_ms), "1000", 1, 86400000, "ts of a device's readings: "
 	  "a day ago, then +MS each", "MS" },
 	{ "truth-ago-ms", OPT_DBL, F(truth_ago_ms), "86400000", 0, 864000000, "how long ago the "
