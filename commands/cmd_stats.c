@@ -338,7 +338,9 @@ void cmd_stats_answer(struct cmd_stats *s, struct hub_req *rq, const struct hub_
 	if (strcmp(w, "1h")) {
 		int64_t n;
 		size_t len = strlen(w);
-		if (len < 2 || w[len - 1] != 'm' || hub_parse_i64(w, len - 1, 1, CST_MINUTES, &n)) {
+		/* no leading zero: "05m" is not a window (the documented pattern) */
+		if (len < 2 || w[len - 1] != 'm' || w[0] == '0' ||
+		    hub_parse_i64(w, len - 1, 1, CST_MINUTES, &n)) {
 			hub_req_error(rq, 422, "invalid", "window",
 				      "window must be 1h or 1m to 60m");
 			return;

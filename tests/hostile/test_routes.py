@@ -344,6 +344,17 @@ class HostileRoutes(HostileCase):
         self.quick_normal()
         await self.assert_unharmed(self.hub, self.redis, base)
 
+    async def test_window_with_leading_zero_is_refused(self):
+        """The window pattern is ^(1h|[1-9]m|[1-5][0-9]m|60m)$: "05m" and
+        "060m" are not windows (the hub took them and echoed them back)."""
+        for w in ("05m", "060m", "00001m", "01h"):
+            with self.subTest(window=w):
+                self.assert_error(req("GET", "/v1/commands/stats?window=" + w, key=ADMIN), 422,
+                                  "invalid", "window")
+        for w in ("1m", "9m", "10m", "60m", "1h"):
+            st, _, doc = self.ask(req("GET", "/v1/commands/stats?window=" + w, key=ADMIN))
+            self.assertEqual((st, doc["window"]), (200, w))
+
     # ---- malformed paths ----------------------------------------------------------
 
     async def test_malformed_paths(self):
