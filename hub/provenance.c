@@ -26,6 +26,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include "hub/auth.h"
 #include "hub/events.h"
 #include "hub/hub.h"
 #include "hub/http.h"
@@ -871,7 +872,15 @@ static void route_key(struct hub_req *rq, const struct hub_route_args *a)
 /* GET /v1/provenance/checkpoints?from&to[&device][&limit] */
 struct ck_ctx {
 	char device[HUB_ID_MAX + 1];
+	bool hidden;    /* outside the key's patterns: answered as having no leaves */
 };
+
+/* True if the request's API key may see device (its `devices` patterns). A
+ * device it may not see is answered exactly like one that does not exist. */
+static bool visible(struct hub_req *rq, const char *device)
+{
+	return auth_patterns_match(&hub_req_who(rq)->devices, device);
+}
 
 static void ck_device_leaves(hub_buf *b, const redisReply *leaves, const char *device)
 {
@@ -965,7 +974,7 @@ static void on_ckpts(redisReply *r, void *arg)
 		hub_buf_puts(&b, ",");
 		put_str(&b, "key", field(kv, "key"));
 		if (c->device[0])
-			ck_device_leaves(&b, field(kv, "leaves"), c->device);
+			ck_device_leaves(&b, c->hidden ? NULL : field(kv, "leaves"), c->device);
 		hub_buf_puts(&b, "}");
 	}
 	hub_buf_puts(&b, "]}");
@@ -997,6 +1006,7 @@ static void route_checkpoints(struct hub_req *rq, const struct hub_route_args *a
 			return;
 		}
 		snprintf(c->device, sizeof(c->device), "%s", dev);
+		c->hidden = !visible(rq, dev);
 	}
 	snprintf(s, sizeof(s), "%" PRId64, from);
 	snprintf(e, sizeof(e), "%" PRId64, to);
@@ -1156,7 +1166,7 @@ static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
 	char key[HUB_KEY_MAX], hk[HUB_KEY_MAX], dk[HUB_KEY_MAX], s[48], e[24], cnt[24];
 	unsigned shards = hub_ingest_shards(hub);
 
-	if (!hub_id_valid(device, strlen(device))) {
+	if (!hub_id_valid(device, strlen(device)) || !visible(rq, device)) {
 		hub_req_error(rq, 404, "not_found", NULL, "no such device");
 		return;
 	}
@@ -1233,7 +1243,7 @@ static void route_setkey(struct hub_req *rq, const struct hub_route_args *a)
 	char dk[HUB_KEY_MAX], hex[2 * PROV_KEY_LEN + 1] = "";
 	hub_buf b = { 0 };
 
-	if (!hub_id_valid(device, strlen(device))) {
+	if (!hub_id_valid(device, strlen(device)) || !visible(rq, device)) {
 		hub_req_error(rq, 404, "not_found", NULL, "no such device");
 		return;
 	}

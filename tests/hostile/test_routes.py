@@ -249,6 +249,50 @@ class HostileRoutes(HostileCase):
             self.assertNotIn(key[-20:], json.dumps(doc))
         self.assertEqual(self.ask(req("GET", "/v1/whoami", key=SREADER))[2]["devices"], ["t-*"])
 
+    async def test_device_patterns_bind_provenance_routes(self):
+        """A key limited to t-* learns nothing of another device through the
+        provenance routes: its chain (the readings as stored) is 404 as for
+        a device that does not exist, its checkpoint leaves are empty, and an
+        admin key limited to t-* cannot set its signing key (404, the stored
+        key unchanged). Before the fix the chain answered 200 with every
+        reading, and the PUT replaced the key."""
+        gw = await connect_gateway(self.hub, self.token(uniq("gw"), ("x-*", "t-*")))
+        try:
+            xdev, tdev = uniq("x"), uniq("t")
+            rep = await gw.announce([(xdev, "thermostat"), (tdev, "thermostat")])
+            self.assertEqual(sorted(rep.get("accepted", [])), sorted([xdev, tdev]), rep)
+            for seq in (1, 2):
+                rep = await gw.telemetry(seq, [{"device": d, "ts": now_ms(), "data": {"temperature": 20}}
+                                               for d in (xdev, tdev)])
+                self.assertEqual(rep.get("accepted"), 2, rep)
+        finally:
+            await gw.close()
+        ck = "/v1/provenance/checkpoints?device=%s" % xdev
+
+        def leaves(key):
+            st, _, doc = self.ask(req("GET", ck, key=key))
+            self.assertEqual(st, 200, doc)
+            return [lf for c in doc["checkpoints"] for lf in c.get("leaves", [])]
+        wait_until(lambda: leaves(READER), 10, 0.2, "a checkpoint holding the device's leaf")
+        self.assertEqual(leaves(SREADER), [], "a key limited to t-* sees another device's leaves")
+        st, _, doc = self.ask(req("GET", "/v1/provenance/chain/%s" % xdev, key=READER))
+        self.assertEqual((st, len(doc["entries"])), (200, 2))
+        nobody = self.ask(req("GET", "/v1/provenance/chain/%s" % uniq("x"), key=SREADER))
+        hidden = self.ask(req("GET", "/v1/provenance/chain/%s" % xdev, key=SREADER))
+        self.assertEqual(hidden[0], 404, hidden)
+        self.assertEqual(hidden[2], nobody[2], "a hidden device must answer like a missing one")
+        st, _, doc = self.ask(req("GET", "/v1/provenance/chain/%s" % tdev, key=SREADER))
+        self.assertEqual((st, len(doc["entries"])), (200, 2))
+        # the PUT
+        self.redis.cmd("HSET", rkeys.dev(xdev), "sigkey", KEY_A)
+        body = json.dumps({"key": KEY_B}).encode()
+        self.assert_error(req("PUT", "/v1/devices/%s/key" % xdev, body, key=SADMIN), 404, "not_found")
+        self.assertEqual(self.sigkey(xdev), KEY_A, "a key limited to t-* replaced x's key")
+        self.assert_error(req("PUT", "/v1/devices/%s/key" % xdev, b'{"key":null}', key=SADMIN), 404)
+        self.assertEqual(self.sigkey(xdev), KEY_A)
+        self.assertEqual(self.ask(req("PUT", "/v1/devices/%s/key" % tdev, body, key=SADMIN))[0], 204)
+        self.assertEqual(self.sigkey(tdev), KEY_B)
+
     # ---- malformed queries --------------------------------------------------------
 
     async def test_malformed_queries(self):
