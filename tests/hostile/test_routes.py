@@ -731,12 +731,11 @@ class HostileRoutes(HostileCase):
                        1, rkeys.tm(dev), str(now), str(n))
         return "/v1/provenance/chain/%s?limit=%d" % (dev, n), n
 
-    def stall_then_close(self, path, total_check, read_first=16384, stall_s=3.0, rst=False):
+    def stall_then_close(self, path, read_first=16384, stall_s=2.0, rst=False):
         """A client with a tiny receive buffer that reads read_first bytes of
         the answer, stops reading for stall_s while normal requests are
-        measured, then closes (RST with rst). Returns (slowest normal,
-        bytes read). total_check(body) checks a full answer on another
-        connection first."""
+        measured (the hub must not spin meanwhile), then closes (RST with
+        rst). Returns (slowest normal, bytes read)."""
         s = raw_connect(self.hub.port, rcvbuf=4096)
         try:
             s.sendall(req("GET", path, key=READER))
@@ -748,7 +747,7 @@ class HostileRoutes(HostileCase):
                 got += c
             self.assertTrue(got.startswith(b"HTTP/1.1 200"), got[:200])
             _, worst = self.concurrently(lambda: time.sleep(stall_s), 0)
-            self.assert_not_spinning(self.hub, 1.0, 0.3)
+            self.assert_not_spinning(self.hub, 0.5, 0.3)
         finally:
             if rst:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -778,7 +777,7 @@ class HostileRoutes(HostileCase):
                      agg_path.replace("ndjson", "csv")):
             for rst in (False, True):
                 with self.subTest(path=path[:50], rst=rst):
-                    worst, read = self.stall_then_close(path, None, rst=rst)
+                    worst, read = self.stall_then_close(path, rst=rst)
                     sys.stderr.write("%s: client stalled after %d bytes then %s: slowest "
                                      "concurrent request %.0f ms\n"
                                      % (path[:40], read, "reset" if rst else "closed", worst * 1000))
