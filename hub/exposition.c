@@ -319,6 +319,8 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	gauge(o, "iot_hub_device_types", "Device types loaded.",
 	      hub->schemas ? (double)schema_set_count(hub->schemas) : 0);
 	histogram(o, "iot_hub_redis_rtt_seconds", "Redis command round trip.", &m->redis_rtt);
+	histogram(o, "iot_hub_loop_lag_seconds",
+		  "How late the event loop ran a 20 ms timer (time spent in other work).", &m->loop_lag);
 	histogram(o, "iot_hub_ack_latency_seconds", "Gateway frame received to ack queued.",
 		  &m->ack_latency);
 	histogram(o, "iot_hub_stream_delivery_seconds",

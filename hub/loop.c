@@ -22,6 +22,7 @@
 #define HEARTBEAT_US (20 * 1000)
 
 static lws_sorted_usec_list_t sul_heartbeat;
+static lws_usec_t heartbeat_due;     /* when it should run next (0: first run) */
 static struct lws_context *signal_ctx;
 static struct hub *signal_hub;
 #define MAX_PROTOCOLS 16
@@ -160,8 +161,16 @@ int hub_loop_create(struct hub *hub, char *err, size_t errlen)
 	return 0;
 }
 
+/* Also the loop's lag: how late the heartbeat runs is how long the loop
+ * was busy with other work (iot_hub_loop_lag_seconds). */
 static void heartbeat(lws_sorted_usec_list_t *sul)
 {
+	lws_usec_t now = lws_now_usecs();
+
+	if (heartbeat_due && signal_hub)
+		hub_hist_observe(&signal_hub->metrics.loop_lag,
+				 now > heartbeat_due ? (double)(now - heartbeat_due) / 1e6 : 0);
+	heartbeat_due = now + HEARTBEAT_US;
 	hub_quirk_disarm();
 	lws_sul_schedule(signal_ctx, 0, sul, heartbeat, HEARTBEAT_US);
 }

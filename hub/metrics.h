@@ -156,6 +156,7 @@ struct hub_metrics {
 	uint64_t bytes_received[HUB_WS__COUNT + 1]; /* gateway, dashboard, http (bodies) */
 	uint64_t bytes_sent[HUB_WS__COUNT + 1];     /* ... http: whole answers */
 	struct hub_histogram redis_rtt;    /* command sent -> reply */
+	struct hub_histogram loop_lag;     /* how late a 20 ms timer ran (hub/loop.c) */
 	struct hub_histogram ack_latency;  /* frame received -> ack queued */
 	struct hub_histogram stream_delivery; /* raw reading stored (feed id time) -> written to a dashboard */
 	struct hub_analytics_metrics analytics; /* hub/rollup.c, hub/analytics.c */

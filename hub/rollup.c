@@ -1,14 +1,29 @@
 /*
  * rollup.c - rollups at ingest (hub/rollup.h, docs/analytics.md).
  *
- * In memory: one entry per (minute, device) holding a partial per numeric
- * field (struct ru_part). A flush takes every entry, groups them by rollup
- * shard (hub_ingest_shard_of(device, N)), and sends per shard one script
- * call that merges each field's partial into the 1m bucket of its minute
- * and the 1h and 1d buckets that hold that minute. A call that got no
- * reply (Redis lost, timeout) is kept and sent again with the same flush
- * id on the next flush, RETRY_MAX calls and RETRY_FOR_MS at most; the
- * script merges an id once.
+ * In memory, one struct ru_dev per device with readings in the last 10
+ * minutes, holding a partial per numeric field (struct ru_part) for two
+ * tables:
+ *   fine    its current minute, merged into the 1m buckets every
+ *           rollup-flush-ms;
+ *   coarse  its current hour, merged into the 1h bucket and the 1d bucket
+ *           that holds the hour every rollup-coarse-flush-ms.
+ * Each reading is folded into both with one hash lookup (the device); a
+ * reading of another minute or hour than the device's current one (a late
+ * ts, a rollover before the flush) goes to a partial kept aside until the
+ * flush. The devices' partials are zeroed by a flush, not freed. Holding
+ * the hour's partials for a minute instead of merging them every second
+ * divides the script's work (an HGET, a parse and an HSET per partial) by
+ * about three.
+ *
+ * A flush groups a table's partials by rollup shard (hub_ingest_shard_of(
+ * device, N)) into script calls of at most CALL_PARTIALS partials each
+ * (one call holds Redis for a few ms, not tens) and queues them; at most
+ * INFLIGHT_MAX calls are in flight, so the store calls of the readings
+ * interleave with them. While the queue is not empty no new flush is built:
+ * the tables keep folding. A call that got no reply (Redis lost, timeout)
+ * is kept and sent again with the same flush id on the next flush,
+ * RETRY_MAX calls and RETRY_FOR_MS at most; the script merges an id once.
  */
 #include "hub/rollup.h"
 
@@ -28,71 +43,123 @@
 #include "hub/strmap.h"
 #include "hub_lua.h"
 
-#define CALL_ENTRIES    1000              /* (device, minute) entries per script call */
+#define CALL_PARTIALS   1000              /* (device, field, bucket) partials per script call */
+#define INFLIGHT_MAX    2                 /* script calls sent and not answered */
 #define RETRY_MAX       64                /* unanswered calls kept for a resend */
 #define RETRY_FOR_MS    (5 * 60 * 1000)   /* ... for at most this long */
 #define APPLIED_KEEP_MS (10 * 60 * 1000)  /* flush ids remembered by Redis */
 #define DIMS_REFRESH_MS (60 * 60 * 1000)  /* a device's type and labels rewritten */
-#define HELD_MAX        200000            /* entries kept while Redis is away */
+#define HELD_MAX        200000            /* partials kept while Redis is away */
+#define DEV_IDLE_MS     (10 * 60 * 1000)  /* a device without readings this long is forgotten */
+
+enum { T_FINE, T_COARSE, T__COUNT };
 
 struct ru_field {
 	char *name;
-	struct ru_part p;
+	struct ru_part p;          /* count 0: nothing since the last flush */
 };
 
-/* One device's partials of one minute. */
-struct ru_entry {
-	char *device;
-	char *dims;                /* "<type>\t<labels JSON>" */
-	int64_t minute;
+/* The partials of one device in one bucket (a minute or an hour). */
+struct ru_acc {
+	int64_t start;             /* the bucket's start, ms */
 	size_t nf, cap;
 	struct ru_field *f;
+	bool dirty;                /* holds readings not flushed yet */
 };
 
-/* A call sent and not answered yet, or kept for a resend. */
+/* A device with readings in the last DEV_IDLE_MS: its current minute and
+ * hour, kept from flush to flush (no allocation per flush). */
+struct ru_dev {
+	char *device;
+	char *dims;                /* "<type>\t<labels JSON>" */
+	unsigned shard;            /* its rollup shard (0 until shards are known) */
+	int64_t used_ms;           /* the flush tick of its last reading */
+	int64_t dims_ms;           /* when its dims went to Redis (0: not yet) */
+	struct ru_acc acc[T__COUNT];
+};
+
+/* A reading for another bucket than the device's current one (late ts, a
+ * minute rolled over before the flush): kept aside until the next flush. */
+struct ru_over {
+	struct ru_dev *dev;
+	struct ru_acc acc;
+};
+
+/* The partials of one bucket size, merged into the buckets of grans [lo, hi]. */
+struct ru_table {
+	enum ru_gran key, lo, hi;
+	struct ru_dev **dirty;     /* devices whose acc of this table is dirty */
+	size_t ndirty, capdirty;
+	hub_strmap over;           /* "<start>|<device>" -> struct ru_over */
+	struct ru_over **overs;    /* the same, in creation order */
+	size_t nover, capover;
+};
+
+/* A call queued, sent and not answered yet, or kept for a resend. */
 struct ru_call {
 	struct hub_rollup *ru;
-	int64_t first_ms;          /* first sent */
+	int64_t first_ms;          /* first queued */
 	size_t partials;
 	hub_buf cmd;               /* RESP */
-	struct ru_call *next;      /* in the retry list */
+	struct ru_call *next;      /* in the queue or the retry list */
+};
+
+struct ru_list {
+	struct ru_call *head, **tail;
+	size_t n;
 };
 
 struct hub_rollup {
 	struct hub *hub;
 	int script_apply;
-	hub_strmap cur;            /* "<minute>|<device>" -> struct ru_entry */
-	struct ru_entry **list;    /* the same, in creation order */
-	size_t nlist, caplist;
-	hub_strmap dims_sent;      /* device -> (void *)(when written, ms) */
-	struct ru_call *retry, **retry_tail;
-	size_t nretry;
+	struct ru_table t[T__COUNT];
+	int64_t coarse_due;        /* ms: the coarse table's next flush */
+	int64_t now_ms;            /* the last flush tick */
+	hub_strmap devs;           /* device -> struct ru_dev */
+	struct ru_dev **devlist;   /* the same */
+	size_t ndevs, capdevs;
+	struct ru_list queue;      /* built, not sent yet */
+	struct ru_list retry;      /* sent, no reply: sent again at the next flush */
 	size_t inflight;           /* calls sent, not answered */
 	uint64_t flush_seq;
 	lws_sorted_usec_list_t sul;
 	bool stopped;
 };
 
-static void entry_free(struct ru_entry *e)
+#define GROW(arr, n, cap)                                                  \
+	do {                                                               \
+		if ((n) == (cap)) {                                        \
+			(cap) = (cap) ? 2 * (cap) : 64;                    \
+			(arr) = hub_xrealloc((arr), (cap) * sizeof(*(arr))); \
+		}                                                          \
+	} while (0)
+
+static void acc_free(struct ru_acc *a)
 {
-	for (size_t i = 0; i < e->nf; i++)
-		free(e->f[i].name);
-	free(e->f);
-	free(e->device);
-	free(e->dims);
-	free(e);
+	for (size_t i = 0; i < a->nf; i++)
+		free(a->f[i].name);
+	free(a->f);
 }
 
-static struct ru_part *entry_field(struct ru_entry *e, const char *name, size_t len)
+static void dev_free(struct ru_dev *d)
 {
-	for (size_t i = 0; i < e->nf; i++)
-		if (!strncmp(e->f[i].name, name, len) && !e->f[i].name[len])
-			return &e->f[i].p;
-	if (e->nf == e->cap) {
-		e->cap = e->cap ? 2 * e->cap : 4;
-		e->f = hub_xrealloc(e->f, e->cap * sizeof(*e->f));
+	for (int k = 0; k < T__COUNT; k++)
+		acc_free(&d->acc[k]);
+	free(d->device);
+	free(d->dims);
+	free(d);
+}
+
+static struct ru_part *acc_field(struct ru_acc *a, const char *name, size_t len)
+{
+	for (size_t i = 0; i < a->nf; i++)
+		if (!strncmp(a->f[i].name, name, len) && !a->f[i].name[len])
+			return &a->f[i].p;
+	if (a->nf == a->cap) {
+		a->cap = a->cap ? 2 * a->cap : 4;
+		a->f = hub_xrealloc(a->f, a->cap * sizeof(*a->f));
 	}
-	struct ru_field *f = &e->f[e->nf++];
+	struct ru_field *f = &a->f[a->nf++];
 	memset(f, 0, sizeof(*f));
 	f->name = hub_xmalloc(len + 1);
 	memcpy(f->name, name, len);
@@ -100,58 +167,135 @@ static struct ru_part *entry_field(struct ru_entry *e, const char *name, size_t 
 	return &f->p;
 }
 
+/* The partials flushed: names kept for the next bucket, counts zeroed. */
+static void acc_reset(struct ru_acc *a)
+{
+	for (size_t i = 0; i < a->nf; i++)
+		memset(&a->f[i].p, 0, sizeof(a->f[i].p));
+	a->dirty = false;
+}
+
 /* ---- ingest ----------------------------------------------------------------- */
+
+/* "<type>\t<labels JSON>" of r, into d->dims when it changed. */
+static void dev_dims(struct ru_dev *d, const struct hub_ev_reading *r)
+{
+	size_t tl = strlen(r->type), ll = r->labels_len ? r->labels_len : 2;
+	const char *labels = r->labels_len ? r->labels : "{}";
+
+	if (d->dims && !strncmp(d->dims, r->type, tl) && d->dims[tl] == '\t' &&
+	    !strncmp(d->dims + tl + 1, labels, ll) && !d->dims[tl + 1 + ll])
+		return;
+	free(d->dims);
+	d->dims = hub_xmalloc(tl + 1 + ll + 1);
+	memcpy(d->dims, r->type, tl);
+	d->dims[tl] = '\t';
+	memcpy(d->dims + tl + 1, labels, ll);
+	d->dims[tl + 1 + ll] = '\0';
+	d->dims_ms = 0;            /* changed: written with the next flush */
+}
+
+static struct ru_dev *dev_get(struct hub_rollup *ru, const struct hub_ev_reading *r, size_t dl)
+{
+	struct ru_dev *d = hub_strmap_get(&ru->devs, r->device, dl);
+
+	if (d)
+		return d;
+	d = hub_xcalloc(1, sizeof(*d));
+	d->device = hub_xstrdup(r->device);
+	dev_dims(d, r);
+	hub_strmap_put(&ru->devs, r->device, dl, d);
+	GROW(ru->devlist, ru->ndevs, ru->capdevs);
+	ru->devlist[ru->ndevs++] = d;
+	return d;
+}
+
+/* The acc of table k that takes d's reading of bucket start: d's own, or,
+ * when d's own holds another bucket, one kept aside until the flush. */
+static struct ru_acc *table_acc(struct hub_rollup *ru, int k, struct ru_dev *d, int64_t start)
+{
+	struct ru_table *t = &ru->t[k];
+	struct ru_acc *a = &d->acc[k];
+	char key[HUB_ID_MAX + 32];
+	struct ru_over *o;
+	size_t kl, dl;
+
+	if (!a->dirty) {
+		a->start = start;
+		a->dirty = true;
+		GROW(t->dirty, t->ndirty, t->capdirty);
+		t->dirty[t->ndirty++] = d;
+		return a;
+	}
+	if (a->start == start)
+		return a;
+	kl = hub_fmt_i64(key, start);
+	key[kl++] = '|';
+	dl = strlen(d->device);
+	memcpy(key + kl, d->device, dl);
+	kl += dl;
+	if (!(o = hub_strmap_get(&t->over, key, kl))) {
+		o = hub_xcalloc(1, sizeof(*o));
+		o->dev = d;
+		o->acc.start = start;
+		o->acc.dirty = true;
+		hub_strmap_put(&t->over, key, kl, o);
+		GROW(t->overs, t->nover, t->capover);
+		t->overs[t->nover++] = o;
+	}
+	return &o->acc;
+}
 
 static void on_stored(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
 {
 	struct hub_rollup *ru = ctx;
 	const struct hub_ev_readings *rs = payload;
-	char key[HUB_ID_MAX + 32];
 
 	(void)hub;
 	(void)ev;
 	for (size_t i = 0; i < rs->n; i++) {
 		const struct hub_ev_reading *r = &rs->v[i];
-		int64_t minute = ru_bucket(r->ts, RU_1M);
-		struct ru_entry *e;
-		size_t kl;
-
-		if (!r->nfields)
-			continue;
-		kl = hub_fmt_i64(key, minute);
-		key[kl++] = '|';
 		size_t dl = strlen(r->device);
-		if (dl > HUB_ID_MAX)
+		struct ru_dev *d;
+
+		if (!r->nfields || dl > HUB_ID_MAX)
 			continue;
-		memcpy(key + kl, r->device, dl);
-		kl += dl;
-		if (!(e = hub_strmap_get(&ru->cur, key, kl))) {
-			size_t tl = strlen(r->type);
-			e = hub_xcalloc(1, sizeof(*e));
-			e->device = hub_xstrdup(r->device);
-			e->minute = minute;
-			e->dims = hub_xmalloc(tl + 1 + r->labels_len + 3);
-			memcpy(e->dims, r->type, tl);
-			e->dims[tl] = '\t';
-			if (r->labels_len)
-				memcpy(e->dims + tl + 1, r->labels, r->labels_len);
-			else
-				memcpy(e->dims + tl + 1, "{}", 2);
-			e->dims[tl + 1 + (r->labels_len ? r->labels_len : 2)] = '\0';
-			hub_strmap_put(&ru->cur, key, kl, e);
-			if (ru->nlist == ru->caplist) {
-				ru->caplist = ru->caplist ? 2 * ru->caplist : 64;
-				ru->list = hub_xrealloc(ru->list, ru->caplist * sizeof(*ru->list));
-			}
-			ru->list[ru->nlist++] = e;
+		d = dev_get(ru, r, dl);
+		if (d->used_ms != ru->now_ms) {   /* once per device and tick */
+			d->used_ms = ru->now_ms;
+			dev_dims(d, r);
 		}
-		for (size_t j = 0; j < r->nfields; j++)
-			ru_part_add(entry_field(e, r->fields[j].name, r->fields[j].len),
-				    r->fields[j].value, r->ts);
+		for (int k = 0; k < T__COUNT; k++) {
+			struct ru_acc *a = table_acc(ru, k, d, ru_bucket(r->ts, ru->t[k].key));
+
+			for (size_t j = 0; j < r->nfields; j++)
+				ru_part_add(acc_field(a, r->fields[j].name, r->fields[j].len),
+					    r->fields[j].value, r->ts);
+		}
 	}
 }
 
-/* ---- flush -------------------------------------------------------------------- */
+/* ---- calls: queue, send, retry -------------------------------------------- */
+
+static void list_push(struct ru_list *l, struct ru_call *c)
+{
+	c->next = NULL;
+	*l->tail = c;
+	l->tail = &c->next;
+	l->n++;
+}
+
+static struct ru_call *list_pop(struct ru_list *l)
+{
+	struct ru_call *c = l->head;
+
+	if (!c)
+		return NULL;
+	if (!(l->head = c->next))
+		l->tail = &l->head;
+	l->n--;
+	return c;
+}
 
 static void call_free(struct ru_call *c)
 {
@@ -159,34 +303,33 @@ static void call_free(struct ru_call *c)
 	free(c);
 }
 
-static void call_send(struct ru_call *c);
+static void list_free(struct ru_list *l)
+{
+	struct ru_call *c;
+
+	while ((c = list_pop(l)))
+		call_free(c);
+}
+
+static void given_up(struct hub_rollup *ru, struct ru_call *c, const char *why)
+{
+	ru->hub->metrics.analytics.rollup_lost++;
+	hub_warn("rollup: a flush of %zu partials was given up (%s)", c->partials, why);
+	call_free(c);
+}
 
 static void retry_push(struct hub_rollup *ru, struct ru_call *c)
 {
-	struct hub *hub = ru->hub;
-
 	if (ru->stopped || hub_now_ms() - c->first_ms > RETRY_FOR_MS) {
-		hub->metrics.analytics.rollup_lost++;
-		hub_warn("rollup: a flush of %zu partials was given up (Redis away)", c->partials);
-		call_free(c);
+		given_up(ru, c, "Redis away");
 		return;
 	}
-	if (ru->nretry == RETRY_MAX) {
-		struct ru_call *old = ru->retry;
-		ru->retry = old->next;
-		if (!ru->retry)
-			ru->retry_tail = &ru->retry;
-		ru->nretry--;
-		hub->metrics.analytics.rollup_lost++;
-		hub_warn("rollup: a flush of %zu partials was given up (too many unanswered)",
-			 old->partials);
-		call_free(old);
-	}
-	c->next = NULL;
-	*ru->retry_tail = c;
-	ru->retry_tail = &c->next;
-	ru->nretry++;
+	if (ru->retry.n == RETRY_MAX)
+		given_up(ru, list_pop(&ru->retry), "too many unanswered");
+	list_push(&ru->retry, c);
 }
+
+static void pump(struct hub_rollup *ru, size_t max_inflight);
 
 static void on_applied(redisReply *reply, void *arg)
 {
@@ -206,18 +349,26 @@ static void on_applied(redisReply *reply, void *arg)
 			ru->hub->metrics.analytics.rollup_partials += c->partials;
 	}
 	call_free(c);
+	if (!ru->stopped)
+		pump(ru, INFLIGHT_MAX);
 }
 
-static void call_send(struct ru_call *c)
+/* Send queued calls while fewer than max_inflight are unanswered. */
+static void pump(struct hub_rollup *ru, size_t max_inflight)
 {
-	struct hub_rollup *ru = c->ru;
+	while (ru->queue.head && ru->inflight < max_inflight && hub_redis_up(ru->hub->redis)) {
+		struct ru_call *c = list_pop(&ru->queue);
 
-	ru->inflight++;
-	if (hub_redis_command_formatted(ru->hub->redis, on_applied, c, c->cmd.data, c->cmd.len)) {
-		ru->inflight--;
-		retry_push(ru, c);
+		ru->inflight++;
+		if (hub_redis_command_formatted(ru->hub->redis, on_applied, c, c->cmd.data,
+						c->cmd.len)) {
+			ru->inflight--;
+			retry_push(ru, c);
+		}
 	}
 }
+
+/* ---- flush -------------------------------------------------------------------- */
 
 /* Bucket keys of one call: key -> index (1-based) and their expiry. */
 struct call_build {
@@ -226,6 +377,7 @@ struct call_build {
 	hub_buf exp;               /* RESP of their PEXPIREAT times */
 	hub_buf dims;              /* RESP of (device, dims) pairs */
 	hub_buf ent;               /* RESP of the (index, field, partial) triples */
+	hub_buf hf, part;          /* scratch: one hash field, one partial */
 	size_t nkeys, ndims, nent;
 };
 
@@ -264,9 +416,12 @@ static void build_free(struct call_build *b)
 	hub_buf_free(&b->exp);
 	hub_buf_free(&b->dims);
 	hub_buf_free(&b->ent);
+	hub_buf_free(&b->hf);
+	hub_buf_free(&b->part);
 }
 
-static void build_send(struct hub_rollup *ru, struct call_build *b, unsigned shard)
+/* The call built so far, onto the queue. */
+static void build_queue(struct hub_rollup *ru, struct call_build *b, unsigned shard)
 {
 	struct hub *hub = ru->hub;
 	struct ru_call *c;
@@ -298,114 +453,166 @@ static void build_send(struct hub_rollup *ru, struct call_build *b, unsigned sha
 		hub_buf_append(&c->cmd, b->dims.data, b->dims.len);
 	hub_buf_append(&c->cmd, b->ent.data, b->ent.len);
 	build_reset(b);
-	call_send(c);
+	list_push(&ru->queue, c);
 }
 
-/* Whether the device's type and labels go into this flush (first time, or
- * an hour since). */
-static bool dims_due(struct hub_rollup *ru, const char *device, int64_t now)
+/* Table k's partials gone (flushed or dropped): the devices' accs reset,
+ * the ones kept aside freed. */
+static void table_clear(struct hub_rollup *ru, int k)
+{
+	struct ru_table *t = &ru->t[k];
+
+	for (size_t i = 0; i < t->ndirty; i++)
+		acc_reset(&t->dirty[i]->acc[k]);
+	t->ndirty = 0;
+	for (size_t i = 0; i < t->nover; i++) {
+		acc_free(&t->overs[i]->acc);
+		free(t->overs[i]);
+	}
+	t->nover = 0;
+	hub_strmap_free(&t->over);
+	memset(&t->over, 0, sizeof(t->over));
+}
+
+/* One acc's partials, a triple per (field with readings, granularity of t). */
+static void build_acc(struct hub_rollup *ru, const struct ru_table *t, struct call_build *b,
+		      unsigned shard, const char *device, const struct ru_acc *a)
 {
 	size_t dl = strlen(device);
-	void *v = hub_strmap_get(&ru->dims_sent, device, dl);
 
-	if (v && now - (int64_t)(uintptr_t)v < DIMS_REFRESH_MS)
-		return false;
-	hub_strmap_put(&ru->dims_sent, device, dl, (void *)(uintptr_t)now);
-	return true;
-}
-
-static void drop_all(struct hub_rollup *ru)
-{
-	for (size_t i = 0; i < ru->nlist; i++)
-		entry_free(ru->list[i]);
-	ru->nlist = 0;
-	hub_strmap_free(&ru->cur);
-	memset(&ru->cur, 0, sizeof(ru->cur));
-	if (ru->caplist > 4096) {
-		free(ru->list);
-		ru->list = NULL;
-		ru->caplist = 0;
+	for (int g = (int)t->lo; g <= (int)t->hi; g++) {
+		size_t bi = bucket_index(ru, b, shard, (enum ru_gran)g,
+					 ru_bucket(a->start, (enum ru_gran)g));
+		for (size_t j = 0; j < a->nf; j++) {
+			if (!a->f[j].p.count)
+				continue;
+			b->hf.len = 0;
+			hub_buf_append(&b->hf, device, dl);
+			hub_buf_puts(&b->hf, "|");
+			hub_buf_puts(&b->hf, a->f[j].name);
+			b->part.len = 0;
+			ru_part_format(&a->f[j].p, &b->part);
+			hub_resp_int(&b->ent, (int64_t)bi);
+			hub_resp_arg(&b->ent, b->hf.data, b->hf.len);
+			hub_resp_arg(&b->ent, b->part.data, b->part.len);
+			b->nent++;
+		}
 	}
 }
 
-static void flush(struct hub_rollup *ru)
+/* d's type and labels into the call, the first time, when they changed,
+ * or an hour since. */
+static void build_dims(struct call_build *b, struct ru_dev *d, int64_t now)
+{
+	if (d->dims_ms && now - d->dims_ms < DIMS_REFRESH_MS)
+		return;
+	d->dims_ms = now;
+	hub_resp_arg(&b->dims, d->device, strlen(d->device));
+	hub_resp_str(&b->dims, d->dims);
+	b->ndims++;
+}
+
+/* Table k's partials into queued calls, per shard; then cleared. */
+static void table_flush(struct hub_rollup *ru, int k, unsigned shards, int64_t now)
+{
+	struct ru_table *t = &ru->t[k];
+	struct call_build b;
+
+	memset(&b, 0, sizeof(b));
+	for (size_t i = 0; i < t->ndirty; i++)
+		if (!t->dirty[i]->shard && shards > 1)
+			t->dirty[i]->shard = hub_ingest_shard_of(t->dirty[i]->device, shards) + 1;
+	for (size_t i = 0; i < t->nover; i++)
+		if (!t->overs[i]->dev->shard && shards > 1)
+			t->overs[i]->dev->shard = hub_ingest_shard_of(t->overs[i]->dev->device, shards) + 1;
+	for (unsigned s = 0; s < shards; s++) {
+		for (size_t i = 0; i < t->ndirty + t->nover; i++) {
+			bool own = i < t->ndirty;
+			struct ru_dev *d = own ? t->dirty[i] : t->overs[i - t->ndirty]->dev;
+			const struct ru_acc *a = own ? &d->acc[k] : &t->overs[i - t->ndirty]->acc;
+
+			if ((d->shard ? d->shard - 1 : 0) != s)
+				continue;
+			build_dims(&b, d, now);
+			build_acc(ru, t, &b, s, d->device, a);
+			if (b.nent >= CALL_PARTIALS)
+				build_queue(ru, &b, s);
+		}
+		build_queue(ru, &b, s);
+	}
+	build_free(&b);
+	table_clear(ru, k);
+}
+
+/* Devices without readings for DEV_IDLE_MS forgotten (none holds partials). */
+static void devs_expire(struct hub_rollup *ru, int64_t now)
+{
+	for (size_t i = 0; i < ru->ndevs;) {
+		struct ru_dev *d = ru->devlist[i];
+
+		if (now - d->used_ms < DEV_IDLE_MS || d->acc[T_FINE].dirty || d->acc[T_COARSE].dirty) {
+			i++;
+			continue;
+		}
+		hub_strmap_del(&ru->devs, d->device, strlen(d->device));
+		ru->devlist[i] = ru->devlist[--ru->ndevs];
+		dev_free(d);
+	}
+}
+
+/* Redis away: the partials are kept while they are not too many. */
+static void hold(struct hub_rollup *ru)
+{
+	for (int k = 0; k < T__COUNT; k++) {
+		struct ru_table *t = &ru->t[k];
+
+		if (t->ndirty + t->nover < HELD_MAX)
+			continue;
+		ru->hub->metrics.analytics.rollup_lost++;
+		hub_warn("rollup: the %s partials of %zu devices dropped (Redis away)",
+			 ru_gran_names[t->key], t->ndirty + t->nover);
+		table_clear(ru, k);
+	}
+}
+
+/* all: every table now (a stop), else the fine one and the coarse one when due. */
+static void flush(struct hub_rollup *ru, bool all)
 {
 	struct hub *hub = ru->hub;
 	unsigned shards = hub_ingest_shards(hub);
-	struct call_build b;
-	hub_buf part = { 0 }, hf = { 0 };
 	int64_t now = hub_now_ms();
-	size_t nretry = ru->nretry;
+	struct ru_call *c;
 
+	ru->now_ms = now;
+	if (!shards || !hub_redis_up(hub->redis)) {
+		hold(ru);
+		return;
+	}
 	/* Unanswered calls first, each once per flush. */
-	for (size_t i = 0; i < nretry && hub_redis_up(hub->redis); i++) {
-		struct ru_call *c = ru->retry;
-		ru->retry = c->next;
-		if (!ru->retry)
-			ru->retry_tail = &ru->retry;
-		ru->nretry--;
+	while ((c = list_pop(&ru->retry))) {
 		hub->metrics.analytics.rollup_retries++;
-		call_send(c);
+		list_push(&ru->queue, c);
 	}
-	if (ru->nlist && (!shards || !hub_redis_up(hub->redis))) {
-		if (ru->nlist < HELD_MAX)
-			return; /* kept in memory until Redis is back */
-		hub->metrics.analytics.rollup_lost++;
-		hub_warn("rollup: %zu partials dropped (Redis away)", ru->nlist);
-		drop_all(ru);
+	/* The last flush is still being sent: the tables keep folding. */
+	if (!all && ru->queue.head) {
+		hold(ru);
+		pump(ru, INFLIGHT_MAX);
 		return;
 	}
-	if (!ru->nlist)
-		return;
-	memset(&b, 0, sizeof(b));
-	for (unsigned k = 0; k < shards; k++) {
-		size_t entries = 0;
-
-		for (size_t i = 0; i < ru->nlist; i++) {
-			struct ru_entry *e = ru->list[i];
-			size_t dl = strlen(e->device);
-
-			if (hub_ingest_shard_of(e->device, shards) != k)
-				continue;
-			if (dims_due(ru, e->device, now)) {
-				hub_resp_arg(&b.dims, e->device, dl);
-				hub_resp_str(&b.dims, e->dims);
-				b.ndims++;
-			}
-			for (int g = 0; g < RU__COUNT; g++) {
-				size_t bi = bucket_index(ru, &b, k, (enum ru_gran)g,
-							 ru_bucket(e->minute, (enum ru_gran)g));
-				for (size_t j = 0; j < e->nf; j++) {
-					hf.len = 0;
-					hub_buf_append(&hf, e->device, dl);
-					hub_buf_puts(&hf, "|");
-					hub_buf_puts(&hf, e->f[j].name);
-					part.len = 0;
-					ru_part_format(&e->f[j].p, &part);
-					hub_resp_int(&b.ent, (int64_t)bi);
-					hub_resp_arg(&b.ent, hf.data, hf.len);
-					hub_resp_arg(&b.ent, part.data, part.len);
-					b.nent++;
-				}
-			}
-			if (++entries == CALL_ENTRIES) {
-				build_send(ru, &b, k);
-				entries = 0;
-			}
-		}
-		build_send(ru, &b, k);
+	table_flush(ru, T_FINE, shards, now);
+	if (all || now >= ru->coarse_due) {
+		table_flush(ru, T_COARSE, shards, now);
+		ru->coarse_due = now + hub->cfg.rollup_coarse_flush_ms;
+		devs_expire(ru, now);
 	}
-	build_free(&b);
-	hub_buf_free(&part);
-	hub_buf_free(&hf);
-	drop_all(ru);
+	pump(ru, all ? SIZE_MAX : INFLIGHT_MAX);
 }
 
 static void tick(lws_sorted_usec_list_t *sul)
 {
 	struct hub_rollup *ru = lws_container_of(sul, struct hub_rollup, sul);
 
-	flush(ru);
+	flush(ru, false);
 	lws_sul_schedule(ru->hub->ctx, 0, &ru->sul, tick,
 			 (lws_usec_t)ru->hub->cfg.rollup_flush_ms * 1000);
 }
@@ -422,7 +629,12 @@ static int rollup_start(struct hub *hub, char *err, size_t errlen)
 		return 0;
 	ru = hub_xcalloc(1, sizeof(*ru));
 	ru->hub = hub;
-	ru->retry_tail = &ru->retry;
+	ru->queue.tail = &ru->queue.head;
+	ru->retry.tail = &ru->retry.head;
+	ru->t[T_FINE] = (struct ru_table){ .key = RU_1M, .lo = RU_1M, .hi = RU_1M };
+	ru->t[T_COARSE] = (struct ru_table){ .key = RU_1H, .lo = RU_1H, .hi = RU_1D };
+	ru->now_ms = hub_now_ms();
+	ru->coarse_due = ru->now_ms + hub->cfg.rollup_coarse_flush_ms;
 	ru->script_apply = hub_redis_add_script(hub->redis, hub_lua_rollup_apply);
 	hub->rollup = ru;
 	hub_observe(hub, HUB_EV_READINGS_STORED, on_stored, ru);
@@ -437,7 +649,7 @@ static void rollup_stop(struct hub *hub)
 	if (!ru)
 		return;
 	lws_sul_cancel(&ru->sul);
-	flush(ru);              /* the last partials; replies may come as NULL */
+	flush(ru, true);        /* the last partials; replies may come as NULL */
 	ru->stopped = true;
 }
 
@@ -447,16 +659,17 @@ static void rollup_free(struct hub *hub)
 
 	if (!ru)
 		return;
-	for (size_t i = 0; i < ru->nlist; i++)
-		entry_free(ru->list[i]);
-	free(ru->list);
-	hub_strmap_free(&ru->cur);
-	hub_strmap_free(&ru->dims_sent);
-	while (ru->retry) {
-		struct ru_call *c = ru->retry;
-		ru->retry = c->next;
-		call_free(c);
+	for (int k = 0; k < T__COUNT; k++) {
+		table_clear(ru, k);
+		free(ru->t[k].dirty);
+		free(ru->t[k].overs);
 	}
+	for (size_t i = 0; i < ru->ndevs; i++)
+		dev_free(ru->devlist[i]);
+	free(ru->devlist);
+	hub_strmap_free(&ru->devs);
+	list_free(&ru->queue);
+	list_free(&ru->retry);
 	free(ru);
 	hub->rollup = NULL;
 }

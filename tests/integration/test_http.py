@@ -14,7 +14,8 @@ from harness import (SOURCE_DIR, HubTestCase, api_keys_file, http_get, main, met
                      parse_metrics, raw_http, reading, uniq, write_file)
 
 METRICS = ("iot_hub_connections", "iot_hub_frames_total", "iot_hub_readings_accepted_total",
-           "iot_hub_readings_rejected_total", "iot_hub_acks_total", "iot_hub_redis_rtt_seconds_bucket")
+           "iot_hub_readings_rejected_total", "iot_hub_acks_total", "iot_hub_redis_rtt_seconds_bucket",
+           "iot_hub_loop_lag_seconds_bucket")
 
 
 class HTTP(HubTestCase):
