@@ -1016,14 +1016,25 @@ static void route_checkpoints(struct hub_req *rq, const struct hub_route_args *a
 }
 
 /* GET /v1/provenance/chain/{device}?shard&from&to[&after][&limit]: the
- * stream's entries as stored (the verifier's input) and its stored head. */
+ * stream's entries as stored (the verifier's input) and its stored head.
+ * The page is read from Redis CHAIN_BATCH entries at a time, each batch
+ * once the client has taken the one before (streamed, chunked): a page of
+ * 10,000 entries costs the hub one batch per client, however slowly the
+ * client reads, never the whole page (12 MB and more) held for it. */
+#define CHAIN_BATCH 256
+
 struct chain_ctx {
-	redisReply *range;      /* NULL until answered */
 	char *head, *sigkey;
-	unsigned waiting;
+	unsigned waiting;       /* answers before the first batch can go */
 	bool failed;
 	unsigned shard, shards;
-	int64_t limit;
+	int64_t left;           /* entries still to send */
+	size_t sent;            /* entries sent */
+	bool done;              /* no batch to read any more */
+	char *next;             /* the page's `next`, NULL: none */
+	hub_buf batch;          /* the batch read ahead of the answer's start */
+	char key[HUB_KEY_MAX];  /* the stream */
+	char start[48], end[24];/* the next XRANGE's bounds */
 	char device[HUB_ID_MAX + 1];
 };
 
@@ -1031,20 +1042,93 @@ static void chain_ctx_free(void *v)
 {
 	struct chain_ctx *c = v;
 
-	if (c->range)
-		freeReplyObject(c->range);
+	hub_buf_free(&c->batch);
+	free(c->next);
 	free(c->head);
 	free(c->sigkey);
 	free(c);
 }
 
-static redisReply *copy_reply(const redisReply *r);
+static void on_chain_range(redisReply *r, void *arg);
 
-static void chain_respond(struct hub_req *rq, struct chain_ctx *c)
+/* Asks for the next batch: at most `left` entries, plus one to see
+ * whether the stream goes on past the page. */
+static int chain_ask(struct hub_req *rq, struct chain_ctx *c)
 {
-	const redisReply *r = c->range;
+	char cnt[24];
+	int64_t n = c->left < CHAIN_BATCH ? c->left : CHAIN_BATCH;
+
+	snprintf(cnt, sizeof(cnt), "%" PRId64, n + 1);
+	const char *argv[] = { "XRANGE", c->key, c->start, c->end, "COUNT", cnt };
+	return cmd(rq, on_chain_range, 6, argv, NULL);
+}
+
+/* One XRANGE answer as JSON objects appended to b; moves the cursor on and
+ * decides whether the page is done (and its `next`). */
+static void chain_render(struct chain_ctx *c, const redisReply *r, hub_buf *b)
+{
+	static const char *const names[] = { "ts", "data", "gw", "seq", "at", "n", "ph", "sig" };
+	int64_t want = c->left < CHAIN_BATCH ? c->left : CHAIN_BATCH;
+	size_t n = r->elements < (size_t)want ? r->elements : (size_t)want;
+	const redisReply *last = NULL;
+
+	for (size_t i = 0; i < n; i++) {
+		const redisReply *e = r->element[i], *kv;
+		if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+		    e->element[0]->type != REDIS_REPLY_STRING)
+			continue;
+		kv = e->element[1];
+		hub_buf_puts(b, c->sent++ ? ",{" : "{");
+		put_str(b, "id", e->element[0]);
+		for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
+			hub_buf_puts(b, ",");
+			put_str(b, names[k], field(kv, names[k]));
+		}
+		hub_buf_puts(b, "}");
+		last = e->element[0];
+	}
+	c->left -= (int64_t)n;
+	if (r->elements <= n || !last) {
+		c->done = true;         /* the stream ends within the page */
+	} else if (!c->left) {
+		c->done = true;         /* the page is full; the stream goes on */
+		c->next = dupn(last->str, last->len);
+	} else {
+		snprintf(c->start, sizeof(c->start), "(%.*s", (int)last->len, last->str);
+	}
+}
+
+static void chain_end(struct hub_req *rq, struct chain_ctx *c)
+{
 	hub_buf b = { 0 };
-	size_t n = r->elements < (size_t)c->limit ? r->elements : (size_t)c->limit;
+
+	hub_buf_puts(&b, "],\"next\":");
+	if (c->next)
+		hub_buf_json_str(&b, c->next, strlen(c->next));
+	else
+		hub_buf_puts(&b, "null");
+	hub_buf_puts(&b, "}");
+	hub_req_stream_write(rq, b.data, b.len);
+	hub_req_stream_end(rq);
+	hub_buf_free(&b);
+}
+
+/* The client has taken everything queued: the next batch, or the end. */
+static void chain_drained(struct hub_req *rq)
+{
+	struct chain_ctx *c = hub_req_ctx(rq);
+
+	if (c->done) {
+		chain_end(rq, c);
+		return;
+	}
+	if (chain_ask(rq, c))
+		hub_req_abort(rq); /* the answer has started: cut it (not valid JSON) */
+}
+
+static void chain_begin(struct hub_req *rq, struct chain_ctx *c)
+{
+	hub_buf b = { 0 };
 
 	hub_buf_puts(&b, "{\"device\":");
 	hub_buf_json_str(&b, c->device, strlen(c->device));
@@ -1059,40 +1143,21 @@ static void chain_respond(struct hub_req *rq, struct chain_ctx *c)
 	else
 		hub_buf_puts(&b, "null");
 	hub_buf_puts(&b, ",\"entries\":[");
-	for (size_t i = 0; i < n; i++) {
-		const redisReply *e = r->element[i], *kv;
-		if (e->type != REDIS_REPLY_ARRAY || e->elements != 2)
-			continue;
-		kv = e->element[1];
-		hub_buf_puts(&b, i ? ",{" : "{");
-		put_str(&b, "id", e->element[0]);
-		static const char *const names[] = { "ts", "data", "gw", "seq", "at", "n", "ph",
-						     "sig" };
-		for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
-			hub_buf_puts(&b, ",");
-			put_str(&b, names[k], field(kv, names[k]));
-		}
-		hub_buf_puts(&b, "}");
-	}
-	hub_buf_puts(&b, "],\"next\":");
-	if (r->elements > n && n && r->element[n - 1]->elements == 2)
-		hub_buf_json_str(&b, r->element[n - 1]->element[0]->str,
-				 r->element[n - 1]->element[0]->len);
-	else
-		hub_buf_puts(&b, "null");
-	hub_buf_puts(&b, "}");
-	hub_req_respond(rq, 200, "application/json", b.data, b.len);
+	hub_buf_append(&b, c->batch.data ? c->batch.data : "", c->batch.len);
+	hub_buf_free(&c->batch);
+	hub_req_stream_begin(rq, 200, "application/json", chain_drained);
+	hub_req_stream_write(rq, b.data, b.len);
 	hub_buf_free(&b);
 }
 
-static void chain_maybe_done(struct hub_req *rq, struct chain_ctx *c)
+static void chain_maybe_begin(struct hub_req *rq, struct chain_ctx *c)
 {
 	if (c->waiting || hub_req_gone(rq))
 		return;
 	if (c->failed)
 		hub_req_unavailable(rq);
 	else
-		chain_respond(rq, c);
+		chain_begin(rq, c);
 }
 
 static void on_chain_head(redisReply *r, void *arg)
@@ -1105,7 +1170,7 @@ static void on_chain_head(redisReply *r, void *arg)
 		c->failed = true;
 	else if (r->type == REDIS_REPLY_STRING)
 		c->head = dupn(r->str, r->len);
-	chain_maybe_done(rq, c);
+	chain_maybe_begin(rq, c);
 	hub_req_unref(rq);
 }
 
@@ -1119,42 +1184,42 @@ static void on_chain_sigkey(redisReply *r, void *arg)
 		c->failed = true;
 	else if (r->type == REDIS_REPLY_STRING)
 		c->sigkey = dupn(r->str, r->len);
-	chain_maybe_done(rq, c);
+	chain_maybe_begin(rq, c);
 	hub_req_unref(rq);
 }
 
+/* A batch: the first one waits for the head and the key (chain_begin sends
+ * it with them); a later one goes out as the next chunk. */
 static void on_chain_range(redisReply *r, void *arg)
 {
 	struct hub_req *rq = arg;
 	struct chain_ctx *c = hub_req_ctx(rq);
+	bool first = c->waiting > 0;
+	hub_buf b = { 0 };
 
-	c->waiting--;
-	if (!r || r->type != REDIS_REPLY_ARRAY)
+	if (first)
+		c->waiting--;
+	if (hub_req_gone(rq))
+		goto out;
+	if (!r || r->type != REDIS_REPLY_ARRAY) {
+		if (r && r->type == REDIS_REPLY_ERROR)
+			hub_err("provenance: Redis: %s", r->str);
+		if (!first) {
+			hub_req_abort(rq); /* mid-answer: cut it */
+			goto out;
+		}
 		c->failed = true;
-	else
-		c->range = copy_reply(r);
-	chain_maybe_done(rq, c);
+	} else if (first) {
+		chain_render(c, r, &c->batch);
+	} else {
+		chain_render(c, r, &b);
+		hub_req_stream_write(rq, b.data, b.len); /* drained asks for more */
+	}
+	if (first)
+		chain_maybe_begin(rq, c);
+out:
+	hub_buf_free(&b);
 	hub_req_unref(rq);
-}
-
-/* A deep copy of an XRANGE reply (hiredis replies are borrowed). */
-static redisReply *copy_reply(const redisReply *r)
-{
-	redisReply *c = hub_xcalloc(1, sizeof(*c));
-
-	c->type = r->type;
-	c->integer = r->integer;
-	if (r->str) {
-		c->str = dupn(r->str, r->len);
-		c->len = r->len;
-	}
-	if (r->elements) {
-		c->elements = r->elements;
-		c->element = hub_xcalloc(r->elements, sizeof(*c->element));
-		for (size_t i = 0; i < r->elements; i++)
-			c->element[i] = copy_reply(r->element[i]);
-	}
-	return c;
 }
 
 static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
@@ -1163,7 +1228,7 @@ static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
 	const char *device = a->param[0], *after = hub_query_get(a->query, "after");
 	struct chain_ctx *c;
 	int64_t shard, from, to, limit;
-	char key[HUB_KEY_MAX], hk[HUB_KEY_MAX], dk[HUB_KEY_MAX], s[48], e[24], cnt[24];
+	char hk[HUB_KEY_MAX], dk[HUB_KEY_MAX];
 	unsigned shards = hub_ingest_shards(hub);
 
 	if (!hub_id_valid(device, strlen(device)) || !visible(rq, device)) {
@@ -1188,28 +1253,26 @@ static void route_chain(struct hub_req *rq, const struct hub_route_args *a)
 	snprintf(c->device, sizeof(c->device), "%s", device);
 	c->shard = (unsigned)shard;
 	c->shards = shards;
-	c->limit = limit;
+	c->left = limit;
 	if (after) {
 		uint64_t ms, sq;
 		if (hub_parse_pos(after, strlen(after), true, &ms, &sq)) {
 			hub_req_error(rq, 422, "invalid", "after", "after must be an entry id (<ms>-<n>)");
 			return;
 		}
-		snprintf(s, sizeof(s), "(%" PRIu64 "-%" PRIu64, ms, sq);
+		snprintf(c->start, sizeof(c->start), "(%" PRIu64 "-%" PRIu64, ms, sq);
 	} else {
-		snprintf(s, sizeof(s), "%" PRId64, from);
+		snprintf(c->start, sizeof(c->start), "%" PRId64, from);
 	}
-	snprintf(e, sizeof(e), "%" PRId64, to);
-	snprintf(cnt, sizeof(cnt), "%" PRId64, limit + 1);
-	hub_key_tm_shard(key, sizeof(key), c->shard, device);
+	snprintf(c->end, sizeof(c->end), "%" PRId64, to);
+	hub_key_tm_shard(c->key, sizeof(c->key), c->shard, device);
 	hub_key_shard_(hk, sizeof(hk), HUB_KEY_PROV_HEADS, c->shard, NULL, "");
 	hub_key_dev(dk, sizeof(dk), device);
-	const char *a1[] = { "HGET", hk, key };
-	const char *a2[] = { "XRANGE", key, s, e, "COUNT", cnt };
+	const char *a1[] = { "HGET", hk, c->key };
 	const char *a3[] = { "HGET", dk, "sigkey" };
 	/* three answers; a refused one counts as failed (cmd answered 503) */
 	c->waiting = 3;
-	if (cmd(rq, on_chain_head, 3, a1, NULL) || cmd(rq, on_chain_range, 6, a2, NULL) ||
+	if (cmd(rq, on_chain_head, 3, a1, NULL) || chain_ask(rq, c) ||
 	    cmd(rq, on_chain_sigkey, 3, a3, NULL)) {
 		c->failed = true;
 		c->waiting = 100; /* answered already: never again */

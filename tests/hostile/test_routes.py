@@ -33,8 +33,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostile import (HostileCase, main, now_ms, open_fds, raw_connect,  # noqa: E402
-                     recv_until_closed, split_responses, uniq, wait_until)
+from hostile import (SAN_FACTOR, HostileCase, cpu_seconds, main, now_ms, open_fds, raw_connect,  # noqa: E402
+                     recv_until_closed, rss_kib, split_responses, uniq, wait_until)
 from harness import api_keys_file, connect_gateway, http_request, rkeys  # noqa: E402
 
 ADMIN = "hr-admin-" + "a" * 24
@@ -55,6 +55,10 @@ BODY_TIMEOUT_S = 3
 # event loop: a blocked loop shows here). Generous for the ASan build on a
 # shared 2-core machine; an unblocked hub answers in a few ms.
 CONCURRENT_BOUND_S = 1.0
+# Clients that ask for a large chain page and read nothing, and the RSS each
+# may cost (the page is 12 MB; normal build, scaled under ASan).
+STALLED = 10
+STALLED_MIB = 3
 KEY_A = "11" * 32
 KEY_B = "22" * 32
 # Keys the hub writes on its own while idle (leases, checkpoint claims, the
@@ -720,13 +724,13 @@ class HostileRoutes(HostileCase):
         wait_until(rolled, 20, 0.3, "the last device's readings to be rolled up")
         return path, want
 
-    def fill_chain(self, n=10000):
+    def fill_chain(self, n=10000, pad=150):
         dev = uniq("t")
         now = now_ms()
         self.redis.cmd("HSET", rkeys.dev(dev), "type", "thermostat", "labels", "{}",
                        "gateway", "g", "conn", "x", "online", "0")
         self.redis.cmd("EVAL", "for i = 1, tonumber(ARGV[2]) do redis.call('XADD', KEYS[1], '*', "
-                       "'ts', ARGV[1], 'data', '{\"temperature\":21.5,\"pad\":\"" + "p" * 150 + "\"}', "
+                       "'ts', ARGV[1], 'data', '{\"temperature\":21.5,\"pad\":\"" + "p" * pad + "\"}', "
                        "'gw', 'g', 'seq', i, 'at', ARGV[1], 'n', i, 'ph', '" + "0" * 64 + "', 'sig', '') end",
                        1, rkeys.tm(dev), str(now), str(n))
         return "/v1/provenance/chain/%s?limit=%d" % (dev, n), n
@@ -786,6 +790,54 @@ class HostileRoutes(HostileCase):
                    "the hub's fds to come back after the clients left")
         self.assert_not_spinning(self.hub, 1.0, 0.3)
         await self.assert_unharmed(self.hub, self.redis, base, rss_mib=160, redis_mib=64)
+
+
+    async def test_stalled_chain_readers_hold_bounded_memory(self):
+        """Clients ask for a 10,000-entry chain page (12 MB, three times
+        what the kernel buffers for a socket) and read nothing: each costs
+        the hub one batch of 256 entries (the page is read from Redis batch
+        by batch as the client takes it), not the whole page: before the
+        fix the hub held a deep copy of the Redis reply and a second copy of
+        the answer for each reader, 32 MiB each (RSS +323 MiB for 10), and
+        a normal request is still answered at once."""
+        path, n = self.fill_chain(pad=1000)
+        st, _, body = http_request(self.hub, "GET", path, key=READER, timeout=30)
+        self.assertEqual((st, len(json.loads(body)["entries"])), (200, n))
+        fds0 = open_fds(self.hub.pid)
+        rss0 = rss_kib(self.hub.pid)
+        socks = []
+        try:
+            for _ in range(STALLED):
+                sk = raw_connect(self.hub.port, rcvbuf=4096)
+                sk.sendall(req("GET", path, key=READER))
+                socks.append(sk)
+                self.quick_normal()
+            # every reader has its answer started, then the hub idles
+            # while they read nothing
+            for sk in socks:
+                sk.settimeout(20)
+                self.assertTrue(sk.recv(16, socket.MSG_PEEK).startswith(b"HTTP/1.1 200"))
+            wait_until(lambda: idle(self.hub), 15, 0, "the hub to idle with %d stalled readers"
+                       % STALLED)
+            worst = max(self.quick_normal() for _ in range(5))
+            grown = (rss_kib(self.hub.pid) - rss0) / 1024
+            sys.stderr.write("%d stalled chain readers of %.1f MB: RSS +%.0f MiB, slowest "
+                             "concurrent request %.0f ms\n"
+                             % (STALLED, len(body) / 1e6, grown, worst * 1000))
+            self.assertLess(grown, STALLED * STALLED_MIB * SAN_FACTOR,
+                            "RSS grew %.0f MiB for %d stalled readers" % (grown, STALLED))
+        finally:
+            for sk in socks:
+                sk.close()
+        wait_until(lambda: open_fds(self.hub.pid) <= fds0 + 2, 10, 0.1,
+                   "the hub's fds to come back after the readers left")
+        await self.assert_unharmed(self.hub, self.redis, None, rss_mib=200)
+
+def idle(hub, seconds=0.5, share=0.2):
+    """True if hub used under `share` of a core over the next `seconds`."""
+    a = cpu_seconds(hub.pid)
+    time.sleep(seconds)
+    return (cpu_seconds(hub.pid) - a) / seconds < share
 
 
 if __name__ == "__main__":
