@@ -816,7 +816,8 @@ class HostileRoutes(HostileCase):
             # while they read nothing
             for sk in socks:
                 sk.settimeout(20)
-                self.assertTrue(sk.recv(16, socket.MSG_PEEK).startswith(b"HTTP/1.1 200"))
+                got = sk.recv(16, socket.MSG_PEEK)
+                self.assertTrue(got.startswith(b"HTTP/1.1 200"), "a stalled reader got %r" % got)
             wait_until(lambda: idle(self.hub), 15, 0, "the hub to idle with %d stalled readers"
                        % STALLED)
             worst = max(self.quick_normal() for _ in range(5))
