@@ -1085,32 +1085,32 @@ static void chain_maybe_done(struct hub_req *rq, struct chain_ctx *c)
 		chain_respond(rq, c);
 }
 
-static void on_chain_head(redisReply *r, void *arg)
+/* A GET of the chain's head or signing key: the string (nil: none) into *slot. */
+static void chain_take_string(redisReply *r, struct hub_req *rq, char **slot)
 {
-	struct hub_req *rq = arg;
 	struct chain_ctx *c = hub_req_ctx(rq);
 
 	c->waiting--;
 	if (!r || r->type == REDIS_REPLY_ERROR)
 		c->failed = true;
 	else if (r->type == REDIS_REPLY_STRING)
-		c->head = dupn(r->str, r->len);
+		*slot = dupn(r->str, r->len);
 	chain_maybe_done(rq, c);
 	hub_req_unref(rq);
 }
 
+static void on_chain_head(redisReply *r, void *arg)
+{
+	struct chain_ctx *c = hub_req_ctx(arg);
+
+	chain_take_string(r, arg, &c->head);
+}
+
 static void on_chain_sigkey(redisReply *r, void *arg)
 {
-	struct hub_req *rq = arg;
-	struct chain_ctx *c = hub_req_ctx(rq);
+	struct chain_ctx *c = hub_req_ctx(arg);
 
-	c->waiting--;
-	if (!r || r->type == REDIS_REPLY_ERROR)
-		c->failed = true;
-	else if (r->type == REDIS_REPLY_STRING)
-		c->sigkey = dupn(r->str, r->len);
-	chain_maybe_done(rq, c);
-	hub_req_unref(rq);
+	chain_take_string(r, arg, &c->sigkey);
 }
 
 static void on_chain_range(redisReply *r, void *arg)
