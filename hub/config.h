@@ -106,6 +106,7 @@ struct hub_config {
 	long provenance_checkpoints_max;
 	int rollups;               /* 0: readings are not rolled up (docs/analytics.md) */
 	int rollup_flush_ms;
+	int rollup_coarse_flush_ms;
 	long rollup_retention_1m_s;
 	long rollup_retention_1h_s;
 	long rollup_retention_1d_s;

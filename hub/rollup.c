@@ -1,14 +1,24 @@
 /*
  * rollup.c - rollups at ingest (hub/rollup.h, docs/analytics.md).
  *
- * In memory: one entry per (minute, device) holding a partial per numeric
- * field (struct ru_part). A flush takes every entry, groups them by rollup
- * shard (hub_ingest_shard_of(device, N)), and sends per shard one script
- * call that merges each field's partial into the 1m bucket of its minute
- * and the 1h and 1d buckets that hold that minute. A call that got no
- * reply (Redis lost, timeout) is kept and sent again with the same flush
- * id on the next flush, RETRY_MAX calls and RETRY_FOR_MS at most; the
- * script merges an id once.
+ * In memory, two tables of entries, each entry a partial per numeric field
+ * (struct ru_part) of one device in one bucket:
+ *   fine    one entry per (minute, device), merged into the 1m buckets every
+ *           rollup-flush-ms;
+ *   coarse  one entry per (hour, device), merged into the 1h bucket and the
+ *           1d bucket that holds the hour every rollup-coarse-flush-ms.
+ * Each reading is folded into both. Holding the hour's partials for a
+ * minute instead of merging them every second divides the script's work
+ * (an HGET, a parse and an HSET per partial) by about three.
+ *
+ * A flush groups a table's entries by rollup shard (hub_ingest_shard_of(
+ * device, N)) into script calls of at most CALL_PARTIALS partials each
+ * (one call holds Redis for a few ms, not tens) and queues them; at most
+ * INFLIGHT_MAX calls are in flight, so the store calls of the readings
+ * interleave with them. While the queue is not empty no new flush is built:
+ * the tables keep folding. A call that got no reply (Redis lost, timeout)
+ * is kept and sent again with the same flush id on the next flush,
+ * RETRY_MAX calls and RETRY_FOR_MS at most; the script merges an id once.
  */
 #include "hub/rollup.h"
 
@@ -28,7 +38,8 @@
 #include "hub/strmap.h"
 #include "hub_lua.h"
 
-#define CALL_ENTRIES    1000              /* (device, minute) entries per script call */
+#define CALL_PARTIALS   1000              /* (device, field, bucket) partials per script call */
+#define INFLIGHT_MAX    2                 /* script calls sent and not answered */
 #define RETRY_MAX       64                /* unanswered calls kept for a resend */
 #define RETRY_FOR_MS    (5 * 60 * 1000)   /* ... for at most this long */
 #define APPLIED_KEEP_MS (10 * 60 * 1000)  /* flush ids remembered by Redis */
@@ -40,33 +51,47 @@ struct ru_field {
 	struct ru_part p;
 };
 
-/* One device's partials of one minute. */
+/* One device's partials of one bucket (a minute or an hour). */
 struct ru_entry {
 	char *device;
 	char *dims;                /* "<type>\t<labels JSON>" */
-	int64_t minute;
+	int64_t start;             /* the bucket's start, ms */
 	size_t nf, cap;
 	struct ru_field *f;
 };
 
-/* A call sent and not answered yet, or kept for a resend. */
+/* The entries of one bucket size: merged into the buckets of grans [lo, hi]. */
+struct ru_table {
+	enum ru_gran key, lo, hi;
+	hub_strmap cur;            /* "<start>|<device>" -> struct ru_entry */
+	struct ru_entry **list;    /* the same, in creation order */
+	size_t nlist, caplist;
+};
+
+/* A call queued, sent and not answered yet, or kept for a resend. */
 struct ru_call {
 	struct hub_rollup *ru;
-	int64_t first_ms;          /* first sent */
+	int64_t first_ms;          /* first queued */
 	size_t partials;
 	hub_buf cmd;               /* RESP */
-	struct ru_call *next;      /* in the retry list */
+	struct ru_call *next;      /* in the queue or the retry list */
 };
+
+struct ru_list {
+	struct ru_call *head, **tail;
+	size_t n;
+};
+
+enum { T_FINE, T_COARSE, T__COUNT };
 
 struct hub_rollup {
 	struct hub *hub;
 	int script_apply;
-	hub_strmap cur;            /* "<minute>|<device>" -> struct ru_entry */
-	struct ru_entry **list;    /* the same, in creation order */
-	size_t nlist, caplist;
+	struct ru_table t[T__COUNT];
+	int64_t coarse_due;        /* ms: the coarse table's next flush */
 	hub_strmap dims_sent;      /* device -> (void *)(when written, ms) */
-	struct ru_call *retry, **retry_tail;
-	size_t nretry;
+	struct ru_list queue;      /* built, not sent yet */
+	struct ru_list retry;      /* sent, no reply: sent again at the next flush */
 	size_t inflight;           /* calls sent, not answered */
 	uint64_t flush_seq;
 	lws_sorted_usec_list_t sul;
@@ -102,56 +127,80 @@ static struct ru_part *entry_field(struct ru_entry *e, const char *name, size_t 
 
 /* ---- ingest ----------------------------------------------------------------- */
 
+static struct ru_entry *table_entry(struct ru_table *t, const struct hub_ev_reading *r)
+{
+	char key[HUB_ID_MAX + 32];
+	int64_t start = ru_bucket(r->ts, t->key);
+	size_t kl = hub_fmt_i64(key, start), dl = strlen(r->device), tl, ll;
+	struct ru_entry *e;
+
+	key[kl++] = '|';
+	memcpy(key + kl, r->device, dl);
+	kl += dl;
+	if ((e = hub_strmap_get(&t->cur, key, kl)))
+		return e;
+	tl = strlen(r->type);
+	ll = r->labels_len ? r->labels_len : 2;
+	e = hub_xcalloc(1, sizeof(*e));
+	e->device = hub_xstrdup(r->device);
+	e->start = start;
+	e->dims = hub_xmalloc(tl + 1 + ll + 1);
+	memcpy(e->dims, r->type, tl);
+	e->dims[tl] = '\t';
+	memcpy(e->dims + tl + 1, r->labels_len ? r->labels : "{}", ll);
+	e->dims[tl + 1 + ll] = '\0';
+	hub_strmap_put(&t->cur, key, kl, e);
+	if (t->nlist == t->caplist) {
+		t->caplist = t->caplist ? 2 * t->caplist : 64;
+		t->list = hub_xrealloc(t->list, t->caplist * sizeof(*t->list));
+	}
+	t->list[t->nlist++] = e;
+	return e;
+}
+
 static void on_stored(struct hub *hub, enum hub_event ev, const void *payload, void *ctx)
 {
 	struct hub_rollup *ru = ctx;
 	const struct hub_ev_readings *rs = payload;
-	char key[HUB_ID_MAX + 32];
 
 	(void)hub;
 	(void)ev;
 	for (size_t i = 0; i < rs->n; i++) {
 		const struct hub_ev_reading *r = &rs->v[i];
-		int64_t minute = ru_bucket(r->ts, RU_1M);
-		struct ru_entry *e;
-		size_t kl;
 
-		if (!r->nfields)
+		if (!r->nfields || strlen(r->device) > HUB_ID_MAX)
 			continue;
-		kl = hub_fmt_i64(key, minute);
-		key[kl++] = '|';
-		size_t dl = strlen(r->device);
-		if (dl > HUB_ID_MAX)
-			continue;
-		memcpy(key + kl, r->device, dl);
-		kl += dl;
-		if (!(e = hub_strmap_get(&ru->cur, key, kl))) {
-			size_t tl = strlen(r->type);
-			e = hub_xcalloc(1, sizeof(*e));
-			e->device = hub_xstrdup(r->device);
-			e->minute = minute;
-			e->dims = hub_xmalloc(tl + 1 + r->labels_len + 3);
-			memcpy(e->dims, r->type, tl);
-			e->dims[tl] = '\t';
-			if (r->labels_len)
-				memcpy(e->dims + tl + 1, r->labels, r->labels_len);
-			else
-				memcpy(e->dims + tl + 1, "{}", 2);
-			e->dims[tl + 1 + (r->labels_len ? r->labels_len : 2)] = '\0';
-			hub_strmap_put(&ru->cur, key, kl, e);
-			if (ru->nlist == ru->caplist) {
-				ru->caplist = ru->caplist ? 2 * ru->caplist : 64;
-				ru->list = hub_xrealloc(ru->list, ru->caplist * sizeof(*ru->list));
-			}
-			ru->list[ru->nlist++] = e;
+		for (int k = 0; k < T__COUNT; k++) {
+			struct ru_entry *e = table_entry(&ru->t[k], r);
+
+			for (size_t j = 0; j < r->nfields; j++)
+				ru_part_add(entry_field(e, r->fields[j].name, r->fields[j].len),
+					    r->fields[j].value, r->ts);
 		}
-		for (size_t j = 0; j < r->nfields; j++)
-			ru_part_add(entry_field(e, r->fields[j].name, r->fields[j].len),
-				    r->fields[j].value, r->ts);
 	}
 }
 
-/* ---- flush -------------------------------------------------------------------- */
+/* ---- calls: queue, send, retry -------------------------------------------- */
+
+static void list_push(struct ru_list *l, struct ru_call *c)
+{
+	c->next = NULL;
+	*l->tail = c;
+	l->tail = &c->next;
+	l->n++;
+}
+
+static struct ru_call *list_pop(struct ru_list *l)
+{
+	struct ru_call *c = l->head;
+
+	if (!c)
+		return NULL;
+	if (!(l->head = c->next))
+		l->tail = &l->head;
+	l->n--;
+	return c;
+}
 
 static void call_free(struct ru_call *c)
 {
@@ -159,34 +208,33 @@ static void call_free(struct ru_call *c)
 	free(c);
 }
 
-static void call_send(struct ru_call *c);
+static void list_free(struct ru_list *l)
+{
+	struct ru_call *c;
+
+	while ((c = list_pop(l)))
+		call_free(c);
+}
+
+static void given_up(struct hub_rollup *ru, struct ru_call *c, const char *why)
+{
+	ru->hub->metrics.analytics.rollup_lost++;
+	hub_warn("rollup: a flush of %zu partials was given up (%s)", c->partials, why);
+	call_free(c);
+}
 
 static void retry_push(struct hub_rollup *ru, struct ru_call *c)
 {
-	struct hub *hub = ru->hub;
-
 	if (ru->stopped || hub_now_ms() - c->first_ms > RETRY_FOR_MS) {
-		hub->metrics.analytics.rollup_lost++;
-		hub_warn("rollup: a flush of %zu partials was given up (Redis away)", c->partials);
-		call_free(c);
+		given_up(ru, c, "Redis away");
 		return;
 	}
-	if (ru->nretry == RETRY_MAX) {
-		struct ru_call *old = ru->retry;
-		ru->retry = old->next;
-		if (!ru->retry)
-			ru->retry_tail = &ru->retry;
-		ru->nretry--;
-		hub->metrics.analytics.rollup_lost++;
-		hub_warn("rollup: a flush of %zu partials was given up (too many unanswered)",
-			 old->partials);
-		call_free(old);
-	}
-	c->next = NULL;
-	*ru->retry_tail = c;
-	ru->retry_tail = &c->next;
-	ru->nretry++;
+	if (ru->retry.n == RETRY_MAX)
+		given_up(ru, list_pop(&ru->retry), "too many unanswered");
+	list_push(&ru->retry, c);
 }
+
+static void pump(struct hub_rollup *ru, size_t max_inflight);
 
 static void on_applied(redisReply *reply, void *arg)
 {
@@ -206,18 +254,26 @@ static void on_applied(redisReply *reply, void *arg)
 			ru->hub->metrics.analytics.rollup_partials += c->partials;
 	}
 	call_free(c);
+	if (!ru->stopped)
+		pump(ru, INFLIGHT_MAX);
 }
 
-static void call_send(struct ru_call *c)
+/* Send queued calls while fewer than max_inflight are unanswered. */
+static void pump(struct hub_rollup *ru, size_t max_inflight)
 {
-	struct hub_rollup *ru = c->ru;
+	while (ru->queue.head && ru->inflight < max_inflight && hub_redis_up(ru->hub->redis)) {
+		struct ru_call *c = list_pop(&ru->queue);
 
-	ru->inflight++;
-	if (hub_redis_command_formatted(ru->hub->redis, on_applied, c, c->cmd.data, c->cmd.len)) {
-		ru->inflight--;
-		retry_push(ru, c);
+		ru->inflight++;
+		if (hub_redis_command_formatted(ru->hub->redis, on_applied, c, c->cmd.data,
+						c->cmd.len)) {
+			ru->inflight--;
+			retry_push(ru, c);
+		}
 	}
 }
+
+/* ---- flush -------------------------------------------------------------------- */
 
 /* Bucket keys of one call: key -> index (1-based) and their expiry. */
 struct call_build {
@@ -226,6 +282,7 @@ struct call_build {
 	hub_buf exp;               /* RESP of their PEXPIREAT times */
 	hub_buf dims;              /* RESP of (device, dims) pairs */
 	hub_buf ent;               /* RESP of the (index, field, partial) triples */
+	hub_buf hf, part;          /* scratch: one hash field, one partial */
 	size_t nkeys, ndims, nent;
 };
 
@@ -264,9 +321,12 @@ static void build_free(struct call_build *b)
 	hub_buf_free(&b->exp);
 	hub_buf_free(&b->dims);
 	hub_buf_free(&b->ent);
+	hub_buf_free(&b->hf);
+	hub_buf_free(&b->part);
 }
 
-static void build_send(struct hub_rollup *ru, struct call_build *b, unsigned shard)
+/* The call built so far, onto the queue. */
+static void build_queue(struct hub_rollup *ru, struct call_build *b, unsigned shard)
 {
 	struct hub *hub = ru->hub;
 	struct ru_call *c;
@@ -298,7 +358,7 @@ static void build_send(struct hub_rollup *ru, struct call_build *b, unsigned sha
 		hub_buf_append(&c->cmd, b->dims.data, b->dims.len);
 	hub_buf_append(&c->cmd, b->ent.data, b->ent.len);
 	build_reset(b);
-	call_send(c);
+	list_push(&ru->queue, c);
 }
 
 /* Whether the device's type and labels go into this flush (first time, or
@@ -314,98 +374,122 @@ static bool dims_due(struct hub_rollup *ru, const char *device, int64_t now)
 	return true;
 }
 
-static void drop_all(struct hub_rollup *ru)
+static void table_drop(struct ru_table *t)
 {
-	for (size_t i = 0; i < ru->nlist; i++)
-		entry_free(ru->list[i]);
-	ru->nlist = 0;
-	hub_strmap_free(&ru->cur);
-	memset(&ru->cur, 0, sizeof(ru->cur));
-	if (ru->caplist > 4096) {
-		free(ru->list);
-		ru->list = NULL;
-		ru->caplist = 0;
+	for (size_t i = 0; i < t->nlist; i++)
+		entry_free(t->list[i]);
+	t->nlist = 0;
+	hub_strmap_free(&t->cur);
+	memset(&t->cur, 0, sizeof(t->cur));
+	if (t->caplist > 4096) {
+		free(t->list);
+		t->list = NULL;
+		t->caplist = 0;
 	}
 }
 
-static void flush(struct hub_rollup *ru)
+/* One entry's partials, one triple per (field, granularity of the table). */
+static void build_entry(struct hub_rollup *ru, const struct ru_table *t, struct call_build *b,
+			unsigned shard, const struct ru_entry *e)
 {
-	struct hub *hub = ru->hub;
-	unsigned shards = hub_ingest_shards(hub);
-	struct call_build b;
-	hub_buf part = { 0 }, hf = { 0 };
-	int64_t now = hub_now_ms();
-	size_t nretry = ru->nretry;
+	size_t dl = strlen(e->device);
 
-	/* Unanswered calls first, each once per flush. */
-	for (size_t i = 0; i < nretry && hub_redis_up(hub->redis); i++) {
-		struct ru_call *c = ru->retry;
-		ru->retry = c->next;
-		if (!ru->retry)
-			ru->retry_tail = &ru->retry;
-		ru->nretry--;
-		hub->metrics.analytics.rollup_retries++;
-		call_send(c);
+	for (int g = (int)t->lo; g <= (int)t->hi; g++) {
+		size_t bi = bucket_index(ru, b, shard, (enum ru_gran)g,
+					 ru_bucket(e->start, (enum ru_gran)g));
+		for (size_t j = 0; j < e->nf; j++) {
+			b->hf.len = 0;
+			hub_buf_append(&b->hf, e->device, dl);
+			hub_buf_puts(&b->hf, "|");
+			hub_buf_puts(&b->hf, e->f[j].name);
+			b->part.len = 0;
+			ru_part_format(&e->f[j].p, &b->part);
+			hub_resp_int(&b->ent, (int64_t)bi);
+			hub_resp_arg(&b->ent, b->hf.data, b->hf.len);
+			hub_resp_arg(&b->ent, b->part.data, b->part.len);
+			b->nent++;
+		}
 	}
-	if (ru->nlist && (!shards || !hub_redis_up(hub->redis))) {
-		if (ru->nlist < HELD_MAX)
-			return; /* kept in memory until Redis is back */
-		hub->metrics.analytics.rollup_lost++;
-		hub_warn("rollup: %zu partials dropped (Redis away)", ru->nlist);
-		drop_all(ru);
-		return;
-	}
-	if (!ru->nlist)
-		return;
+}
+
+/* A table's entries into queued calls, per shard; the table is emptied. */
+static void table_flush(struct hub_rollup *ru, struct ru_table *t, unsigned shards, int64_t now)
+{
+	struct call_build b;
+
 	memset(&b, 0, sizeof(b));
 	for (unsigned k = 0; k < shards; k++) {
-		size_t entries = 0;
-
-		for (size_t i = 0; i < ru->nlist; i++) {
-			struct ru_entry *e = ru->list[i];
-			size_t dl = strlen(e->device);
+		for (size_t i = 0; i < t->nlist; i++) {
+			struct ru_entry *e = t->list[i];
 
 			if (hub_ingest_shard_of(e->device, shards) != k)
 				continue;
 			if (dims_due(ru, e->device, now)) {
-				hub_resp_arg(&b.dims, e->device, dl);
+				hub_resp_arg(&b.dims, e->device, strlen(e->device));
 				hub_resp_str(&b.dims, e->dims);
 				b.ndims++;
 			}
-			for (int g = 0; g < RU__COUNT; g++) {
-				size_t bi = bucket_index(ru, &b, k, (enum ru_gran)g,
-							 ru_bucket(e->minute, (enum ru_gran)g));
-				for (size_t j = 0; j < e->nf; j++) {
-					hf.len = 0;
-					hub_buf_append(&hf, e->device, dl);
-					hub_buf_puts(&hf, "|");
-					hub_buf_puts(&hf, e->f[j].name);
-					part.len = 0;
-					ru_part_format(&e->f[j].p, &part);
-					hub_resp_int(&b.ent, (int64_t)bi);
-					hub_resp_arg(&b.ent, hf.data, hf.len);
-					hub_resp_arg(&b.ent, part.data, part.len);
-					b.nent++;
-				}
-			}
-			if (++entries == CALL_ENTRIES) {
-				build_send(ru, &b, k);
-				entries = 0;
-			}
+			build_entry(ru, t, &b, k, e);
+			if (b.nent >= CALL_PARTIALS)
+				build_queue(ru, &b, k);
 		}
-		build_send(ru, &b, k);
+		build_queue(ru, &b, k);
 	}
 	build_free(&b);
-	hub_buf_free(&part);
-	hub_buf_free(&hf);
-	drop_all(ru);
+	table_drop(t);
+}
+
+/* Redis away: the tables are kept while they are small. */
+static void hold(struct hub_rollup *ru)
+{
+	for (int k = 0; k < T__COUNT; k++) {
+		struct ru_table *t = &ru->t[k];
+
+		if (t->nlist < HELD_MAX)
+			continue;
+		ru->hub->metrics.analytics.rollup_lost++;
+		hub_warn("rollup: %zu %s partials dropped (Redis away)", t->nlist,
+			 ru_gran_names[t->key]);
+		table_drop(t);
+	}
+}
+
+/* all: every table now (a stop), else the fine one and the coarse one when due. */
+static void flush(struct hub_rollup *ru, bool all)
+{
+	struct hub *hub = ru->hub;
+	unsigned shards = hub_ingest_shards(hub);
+	int64_t now = hub_now_ms();
+	struct ru_call *c;
+
+	if (!shards || !hub_redis_up(hub->redis)) {
+		hold(ru);
+		return;
+	}
+	/* Unanswered calls first, each once per flush. */
+	while ((c = list_pop(&ru->retry))) {
+		hub->metrics.analytics.rollup_retries++;
+		list_push(&ru->queue, c);
+	}
+	/* The last flush is still being sent: the tables keep folding. */
+	if (!all && ru->queue.head) {
+		hold(ru);
+		pump(ru, INFLIGHT_MAX);
+		return;
+	}
+	table_flush(ru, &ru->t[T_FINE], shards, now);
+	if (all || now >= ru->coarse_due) {
+		table_flush(ru, &ru->t[T_COARSE], shards, now);
+		ru->coarse_due = now + hub->cfg.rollup_coarse_flush_ms;
+	}
+	pump(ru, all ? SIZE_MAX : INFLIGHT_MAX);
 }
 
 static void tick(lws_sorted_usec_list_t *sul)
 {
 	struct hub_rollup *ru = lws_container_of(sul, struct hub_rollup, sul);
 
-	flush(ru);
+	flush(ru, false);
 	lws_sul_schedule(ru->hub->ctx, 0, &ru->sul, tick,
 			 (lws_usec_t)ru->hub->cfg.rollup_flush_ms * 1000);
 }
@@ -422,7 +506,11 @@ static int rollup_start(struct hub *hub, char *err, size_t errlen)
 		return 0;
 	ru = hub_xcalloc(1, sizeof(*ru));
 	ru->hub = hub;
-	ru->retry_tail = &ru->retry;
+	ru->queue.tail = &ru->queue.head;
+	ru->retry.tail = &ru->retry.head;
+	ru->t[T_FINE] = (struct ru_table){ .key = RU_1M, .lo = RU_1M, .hi = RU_1M };
+	ru->t[T_COARSE] = (struct ru_table){ .key = RU_1H, .lo = RU_1H, .hi = RU_1D };
+	ru->coarse_due = hub_now_ms() + hub->cfg.rollup_coarse_flush_ms;
 	ru->script_apply = hub_redis_add_script(hub->redis, hub_lua_rollup_apply);
 	hub->rollup = ru;
 	hub_observe(hub, HUB_EV_READINGS_STORED, on_stored, ru);
@@ -437,7 +525,7 @@ static void rollup_stop(struct hub *hub)
 	if (!ru)
 		return;
 	lws_sul_cancel(&ru->sul);
-	flush(ru);              /* the last partials; replies may come as NULL */
+	flush(ru, true);        /* the last partials; replies may come as NULL */
 	ru->stopped = true;
 }
 
@@ -447,16 +535,13 @@ static void rollup_free(struct hub *hub)
 
 	if (!ru)
 		return;
-	for (size_t i = 0; i < ru->nlist; i++)
-		entry_free(ru->list[i]);
-	free(ru->list);
-	hub_strmap_free(&ru->cur);
-	hub_strmap_free(&ru->dims_sent);
-	while (ru->retry) {
-		struct ru_call *c = ru->retry;
-		ru->retry = c->next;
-		call_free(c);
+	for (int k = 0; k < T__COUNT; k++) {
+		table_drop(&ru->t[k]);
+		free(ru->t[k].list);
 	}
+	hub_strmap_free(&ru->dims_sent);
+	list_free(&ru->queue);
+	list_free(&ru->retry);
 	free(ru);
 	hub->rollup = NULL;
 }

@@ -75,7 +75,8 @@ class Aggregates(HubTestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.redis = cls.class_redis()
-        extra = ["--api-keys", keys_file(), "--rollup-flush-ms", "100", "--api-tiers", TIERS,
+        extra = ["--api-keys", keys_file(), "--rollup-flush-ms", "100",
+                 "--rollup-coarse-flush-ms", "150", "--api-tiers", TIERS,
                  "--aggregates-cache-ttl-ms", "3000"]
         cls.hub = cls.class_hub(cls.redis, extra=extra + ["--instance-id", "agg-a"])
         cls.hub2 = cls.class_hub(cls.redis, extra=extra + ["--instance-id", "agg-b"])
@@ -192,6 +193,33 @@ class Aggregates(HubTestCase):
         _, doc = self.query(who="inside", field="temperature", granularity="1m", device=d,
                             **{"from": ts - MIN, "to": ts + MIN})
         self.assertEqual([(r["count"], r["sum"]) for r in doc["rows"]], [(2, 30)], doc)
+
+    # ---- 1h and 1d trail 1m by rollup-coarse-flush-ms; a stop flushes them ---------
+
+    async def test_coarse_buckets_trail_and_a_stop_flushes_them(self):
+        hub = self.start_hub(self.redis, extra=["--api-keys", keys_file(), "--api-tiers", TIERS,
+                                                "--rollup-flush-ms", "100",
+                                                "--rollup-coarse-flush-ms", "600000",
+                                                "--aggregates-cache-ttl-ms", "0",
+                                                "--instance-id", "agg-c"])
+        gw, (d,) = await self.fleet(hub, 1, lambda i: "s-c")
+        ts = (now_ms() - 2 * HOUR) // MIN * MIN + 1000
+        await self.send(gw, 1, [{"device": d, "ts": ts, "data": {"temperature": 3}},
+                                {"device": d, "ts": ts + 5, "data": {"temperature": 5}}])
+
+        asked = [0]
+
+        def rows(g):
+            asked[0] += 1  # a new `to` each time: self.hub caches answers for 3 s
+            _, doc = self.query(who="inside", field="temperature", granularity=g, device=d,
+                                **{"from": ts - HOUR, "to": ts + HOUR + asked[0]})
+            return [(r["count"], r["sum"]) for r in doc["rows"]]
+        wait_until(lambda: rows("1m") == [(2, 8)], 10, interval=0.1, what="the 1m rollup")
+        time.sleep(0.5)  # five more fine flushes: the hour and the day wait
+        self.assertEqual((rows("1h"), rows("1d")), ([], []))
+        await gw.close()
+        hub.stop()       # SIGTERM merges what the hub held
+        self.assertEqual((rows("1m"), rows("1h"), rows("1d")), ([(2, 8)], [(2, 8)], [(2, 8)]))
 
     # ---- two instances merge ---------------------------------------------------
 
