@@ -84,6 +84,7 @@ struct gw_conn {
 	struct ws_rx rx;           /* message reassembly, capped */
 	const char **seen;         /* devices with readings since the last flush */
 	size_t nseen, seen_cap;
+	struct gw_conn *dnext, **dprev; /* in gws->dirty[slice] (dprev NULL: not) */
 	struct gw_reply *head, *tail;
 	unsigned queued, waiting;
 	unsigned refs;             /* the wsi + replies awaiting Redis */
@@ -167,6 +168,9 @@ struct gateways {
 		int64_t now_ms, now_us;
 		unsigned slice;
 	} seen;
+	/* Per slice, the connections with something to flush (devices seen,
+	 * limits changed): a tick walks those, not every connection. */
+	struct gw_conn *dirty[SEEN_SLICES];
 	lws_sorted_usec_list_t sul_seen;
 
 	/* The re-announce after Redis lost the registry. */
@@ -225,10 +229,43 @@ static void free_dev(const char *key, void *value, void *arg)
 	free(d);
 }
 
+/* c has something for the next last_seen flush of its slice. */
+static void dirty_add(struct gw_conn *c)
+{
+	struct gw_conn **head;
+
+	if (c->dprev)
+		return;
+	head = &c->hub->gw->dirty[c->serial % SEEN_SLICES];
+	c->dnext = *head;
+	if (*head)
+		(*head)->dprev = &c->dnext;
+	*head = c;
+	c->dprev = head;
+}
+
+static void dirty_del(struct gw_conn *c)
+{
+	if (!c->dprev)
+		return;
+	*c->dprev = c->dnext;
+	if (c->dnext)
+		c->dnext->dprev = c->dprev;
+	c->dnext = NULL;
+	c->dprev = NULL;
+}
+
+static void limits_changed(struct gw_conn *c)
+{
+	c->limits_dirty = true;
+	dirty_add(c);
+}
+
 static void conn_unref(struct gw_conn *c)
 {
 	if (--c->refs)
 		return;
+	dirty_del(c);
 	hub_strmap_foreach(&c->devices, free_dev, NULL);
 	hub_strmap_free(&c->devices);
 	ws_rx_free(&c->rx);
@@ -633,7 +670,7 @@ static int64_t take_tokens(struct gw_conn *c, struct gw_dev *d, int64_t now_us)
 					  now_us);
 		if (wait_ms)
 			d->bucket.tokens += 1; /* refund: the gateway bucket said no */
-		c->limits_dirty = true;
+		limits_changed(c);
 	}
 	return wait_ms;
 }
@@ -643,6 +680,7 @@ static void mark_seen(struct gw_conn *c, struct gw_dev *d)
 	if (d->seen)
 		return;
 	d->seen = true;
+	dirty_add(c);
 	if (c->nseen == c->seen_cap) {
 		c->seen_cap = c->seen_cap ? c->seen_cap * 2 : 8;
 		c->seen = hub_xrealloc(c->seen, c->seen_cap * sizeof(*c->seen));
@@ -921,7 +959,7 @@ static const schema_type *announce_check(struct gw_conn *c, const gw_announce *a
 	 * dashboards' presence streams. */
 	wait_ms = hub_bucket_take(&c->announce_bucket, hub->cfg.announce_rate,
 				  hub->cfg.announce_burst, 1, now_us);
-	c->limits_dirty = true;
+	limits_changed(c);
 	if (wait_ms) {
 		gw_write_announce_reject(rej, a, "rate_limited", "announcing faster than announce-rate");
 		rej->len--; /* its closing brace */
@@ -1074,13 +1112,13 @@ static void handle_message(struct gw_conn *c, const char *buf, size_t len)
 			queue_ack_error(c, "bad_message", ack.id, 0, bad);
 		else if ((wait_ms = hub_bucket_take(&c->ack_bucket, hub->cfg.command_ack_rate,
 						    hub->cfg.command_ack_burst, 1, hub_mono_us()))) {
-			c->limits_dirty = true;
+			limits_changed(c);
 			hub->metrics.command_acks_limited_total++;
 			queue_ack_error(c, "rate_limited", ack.id, wait_ms,
 					"command_acks faster than command-ack-rate; send this one again later");
 		} else {
 			struct hub_ev_command_ack ev = { &c->link, &ack };
-			c->limits_dirty = true;
+			limits_changed(c);
 			hub_emit(hub, HUB_EV_COMMAND_ACK, &ev);
 		}
 	}
@@ -1435,15 +1473,6 @@ static void flush_seen_conn(struct gw_conn *c, int64_t now_ms)
 	c->nseen = 0;
 }
 
-static void flush_seen_one(const char *key, void *value, void *arg)
-{
-	struct gw_conn *c = value;
-
-	(void)key;
-	if (c->serial % SEEN_SLICES == c->hub->gw->seen.slice)
-		flush_seen_conn(c, *(int64_t *)arg);
-}
-
 /* last_seen of devices with readings, once a second per connection, instead
  * of a Redis write per frame. */
 static void flush_seen(lws_sorted_usec_list_t *sul)
@@ -1455,7 +1484,14 @@ static void flush_seen(lws_sorted_usec_list_t *sul)
 	gws->seen.slice = (gws->seen.slice + 1) % SEEN_SLICES;
 	gws->seen.now_us = hub_mono_us();
 	if (hub_redis_up(hub->redis)) {
-		hub_strmap_foreach(&gws->conns, flush_seen_one, &now);
+		struct gw_conn *c;
+
+		while ((c = gws->dirty[gws->seen.slice])) {
+			dirty_del(c);
+			/* a connection replaced or closed meanwhile is not flushed */
+			if (hub_strmap_get(&gws->conns, c->gw, strlen(c->gw)) == c)
+				flush_seen_conn(c, now);
+		}
 		seen_batch_send(hub);
 	}
 	lws_sul_schedule(hub->ctx, 0, sul, flush_seen, 1000 * 1000 / SEEN_SLICES);
