@@ -145,7 +145,7 @@ static bool auth_valid_pattern(const char *s, size_t n)
 	return auth_valid_id(s, n);
 }
 
-static void auth_patterns_free(auth_patterns *p)
+void auth_patterns_free(auth_patterns *p)
 {
 	if (!p)
 		return;
