@@ -169,83 +169,82 @@ static void put_num(hub_buf *b, double v)
 	hub_buf_append(b, num, n);
 }
 
-/* Writes one row (bucket, group JSON, partial) in the request's format. */
+/* The CSV field of a group: a JSON string decoded (the few escapes labels
+ * hold) and quoted for CSV; anything else is left empty. */
+static void put_csv_group(hub_buf *o, const char *group, size_t gl)
+{
+	json_t *s;
+	const char *v;
+
+	if (!gl || group[0] != '"')
+		return;
+	s = json_loadb(group, gl, JSON_DECODE_ANY, NULL);
+	v = json_string_value(s);
+	hub_buf_puts(o, "\"");
+	for (const char *q = v ? v : ""; *q; q++) {
+		if (*q == '"')
+			hub_buf_puts(o, "\"\"");
+		else
+			hub_buf_append(o, q, 1);
+	}
+	hub_buf_puts(o, "\"");
+	json_decref(s);
+}
+
+/* What goes before a field after the first: "," in CSV, else json_key
+ * (",\"name\":"). */
+static void put_key(struct aq_ctx *c, const char *json_key)
+{
+	hub_buf_puts(&c->out, c->fmt == AQ_CSV ? "," : json_key);
+}
+
+/* Writes one row (bucket, group JSON, partial) in the request's format: the
+ * same fields in the same order, named in JSON; CSV has no sum_squares. */
 static void render_row(struct aq_ctx *c, int64_t bucket, const char *group, size_t gl,
 		       const struct ru_part *p)
 {
 	hub_buf *o = &c->out;
+	bool csv = c->fmt == AQ_CSV;
 
-	if (c->fmt == AQ_CSV) {
+	if (csv) {
 		hub_buf_i64(o, bucket);
 		hub_buf_puts(o, ",");
-		if (gl && group[0] == '"') {
-			/* JSON string -> CSV field: decode the few escapes labels hold */
-			json_t *s = json_loadb(group, gl, JSON_DECODE_ANY, NULL);
-			const char *v = json_string_value(s);
-			hub_buf_puts(o, "\"");
-			for (const char *q = v ? v : ""; *q; q++) {
-				if (*q == '"')
-					hub_buf_puts(o, "\"\"");
-				else
-					hub_buf_append(o, q, 1);
-			}
-			hub_buf_puts(o, "\"");
-			json_decref(s);
+		put_csv_group(o, group, gl);
+	} else {
+		if (c->fmt == AQ_JSON && c->rows)
+			hub_buf_puts(o, ",");
+		hub_buf_puts(o, "{\"bucket\":");
+		hub_buf_i64(o, bucket);
+		if (c->group_by) {
+			hub_buf_puts(o, ",\"group\":");
+			hub_buf_append(o, group, gl);
 		}
-		hub_buf_puts(o, ",");
-		hub_buf_i64(o, p->count);
-		hub_buf_puts(o, ",");
-		put_num(o, p->sum);
-		hub_buf_puts(o, ",");
-		put_num(o, p->min);
-		hub_buf_puts(o, ",");
-		put_num(o, p->max);
-		hub_buf_puts(o, ",");
-		put_num(o, ru_part_mean(p));
-		hub_buf_puts(o, ",");
-		put_num(o, ru_part_stddev(p));
-		hub_buf_puts(o, ",");
-		put_num(o, p->first);
-		hub_buf_puts(o, ",");
-		hub_buf_i64(o, p->first_ts);
-		hub_buf_puts(o, ",");
-		put_num(o, p->last);
-		hub_buf_puts(o, ",");
-		hub_buf_i64(o, p->last_ts);
-		hub_buf_puts(o, "\r\n");
-		return;
 	}
-	if (c->fmt == AQ_JSON && c->rows)
-		hub_buf_puts(o, ",");
-	hub_buf_puts(o, "{\"bucket\":");
-	hub_buf_i64(o, bucket);
-	if (c->group_by) {
-		hub_buf_puts(o, ",\"group\":");
-		hub_buf_append(o, group, gl);
-	}
-	hub_buf_puts(o, ",\"count\":");
+	put_key(c, ",\"count\":");
 	hub_buf_i64(o, p->count);
-	hub_buf_puts(o, ",\"sum\":");
+	put_key(c, ",\"sum\":");
 	put_num(o, p->sum);
-	hub_buf_puts(o, ",\"sum_squares\":");
-	put_num(o, p->sumsq);
-	hub_buf_puts(o, ",\"min\":");
+	if (!csv) {
+		hub_buf_puts(o, ",\"sum_squares\":");
+		put_num(o, p->sumsq);
+	}
+	put_key(c, ",\"min\":");
 	put_num(o, p->min);
-	hub_buf_puts(o, ",\"max\":");
+	put_key(c, ",\"max\":");
 	put_num(o, p->max);
-	hub_buf_puts(o, ",\"mean\":");
+	put_key(c, ",\"mean\":");
 	put_num(o, ru_part_mean(p));
-	hub_buf_puts(o, ",\"stddev\":");
+	put_key(c, ",\"stddev\":");
 	put_num(o, ru_part_stddev(p));
-	hub_buf_puts(o, ",\"first\":");
+	put_key(c, ",\"first\":");
 	put_num(o, p->first);
-	hub_buf_puts(o, ",\"first_ts\":");
+	put_key(c, ",\"first_ts\":");
 	hub_buf_i64(o, p->first_ts);
-	hub_buf_puts(o, ",\"last\":");
+	put_key(c, ",\"last\":");
 	put_num(o, p->last);
-	hub_buf_puts(o, ",\"last_ts\":");
+	put_key(c, ",\"last_ts\":");
 	hub_buf_i64(o, p->last_ts);
-	hub_buf_puts(o, c->fmt == AQ_NDJSON ? "}\n" : "}");
+	hub_buf_puts(o, csv ? "\r\n" : c->fmt == AQ_NDJSON ? "}\n" : "}");
 }
 
 static void drained(struct hub_req *rq)

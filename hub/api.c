@@ -303,24 +303,12 @@ static char *cursor_in(const char *s)
 	size_t n = strlen(s);
 	char *id;
 
-	if (!n || n % 2 || n > 2 * HUB_ID_MAX)
+	/* lower case only, as cursor_out writes it */
+	if (!n || n % 2 || n > 2 * HUB_ID_MAX || strspn(s, "0123456789abcdef") != n)
 		return NULL;
 	id = hub_xmalloc(n / 2 + 1);
-	for (size_t i = 0; i < n / 2; i++) {
-		int v = 0;
-		for (int j = 0; j < 2; j++) {
-			char ch = s[2 * i + (size_t)j];
-			int d = ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
-			if (d < 0) {
-				free(id);
-				return NULL;
-			}
-			v = v * 16 + d;
-		}
-		id[i] = (char)v;
-	}
 	id[n / 2] = '\0';
-	if (!hub_id_valid(id, n / 2)) {
+	if (hub_unhex(s, n, (uint8_t *)id, n / 2) || !hub_id_valid(id, n / 2)) {
 		free(id);
 		return NULL;
 	}

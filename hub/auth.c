@@ -31,6 +31,8 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include "hub/util.h"
+
 #define AUTH_JWT_MAX_LEN	8192		/* whole compact token */
 #define AUTH_JWT_MAX_HEADER	1024		/* encoded header segment */
 #define AUTH_ID_MAX		128
@@ -143,7 +145,7 @@ static bool auth_valid_pattern(const char *s, size_t n)
 	return auth_valid_id(s, n);
 }
 
-static void auth_patterns_free(auth_patterns *p)
+void auth_patterns_free(auth_patterns *p)
 {
 	if (!p)
 		return;
@@ -305,33 +307,6 @@ static long auth_b64url_decode(const char *in, size_t len, unsigned char *out,
 	if (acc)
 		return -1;
 	return (long)o;
-}
-
-static int auth_hex_val(unsigned char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-static int auth_hex_decode32(const char *s, size_t n,
-			     unsigned char out[AUTH_SHA256_LEN])
-{
-	if (n != 2 * AUTH_SHA256_LEN)
-		return -1;
-	for (size_t i = 0; i < AUTH_SHA256_LEN; i++) {
-		int hi = auth_hex_val((unsigned char)s[2 * i]);
-		int lo = auth_hex_val((unsigned char)s[2 * i + 1]);
-
-		if (hi < 0 || lo < 0)
-			return -1;
-		out[i] = (unsigned char)(hi << 4 | lo);
-	}
-	return 0;
 }
 
 static void auth_sha256(const void *data, size_t len,
@@ -568,8 +543,8 @@ static int auth_parse_api_key(const json_t *e, size_t idx, const char *path,
 
 	v = json_object_get(e, "sha256");
 	if (!json_is_string(v) ||
-	    auth_hex_decode32(json_string_value(v), json_string_length(v),
-			      k->hash)) {
+	    hub_unhex(json_string_value(v), json_string_length(v), k->hash,
+		      AUTH_SHA256_LEN)) {
 		auth_seterr(err, errlen, "api keys file %s: entry %zu (%s): "
 			    "\"sha256\" must be 64 hex digits, the SHA-256 of "
 			    "the key (iot-token hash-key)", path, idx, k->name);

@@ -108,6 +108,9 @@ bool auth_has_scope(const auth_principal *p, unsigned scope);
 /* True if device (NUL-terminated) matches one of the patterns. */
 bool auth_patterns_match(const auth_patterns *pats, const char *device);
 
+/* Frees the patterns' strings (a principal's devices moved out of it). */
+void auth_patterns_free(auth_patterns *p);
+
 /* Lower-case hex SHA-256 of data into out[65]. */
 void auth_sha256_hex(const void *data, size_t len, char out[65]);
 

@@ -50,6 +50,7 @@
 #define HUB_KEY_EPOCH            "iot:{hub}:epoch"    /* this Redis's data generation */
 #define HUB_KEY_ROLLOUTS_ACTIVE  "iot:{hub}:rollouts" /* running rollout ids */
 #define HUB_KEY_SLOTS            "iot:{hub}:slots"    /* bitmap: slots that hold devices */
+#define HUB_KEY_SWEEP            "iot:{hub}:sweep"    /* run id of the hub sweeping command timers this second */
 #define HUB_KEY_INGEST           "iot:ingest"         /* hash: shards (the feed-shards in use), migrated */
 #define HUB_KEY_REAPER           "iot:{hub}:reaper:"  /* + run id: who reaps that run */
 #define HUB_KEY_RUNSLOTS         "iot:{hub}:runslots:" /* + run id: bitmap of the slots of its run sets */

@@ -166,30 +166,6 @@ void prov_hex(const uint8_t *in, size_t n, char *out)
 	out[2 * n] = '\0';
 }
 
-static int nib(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-int prov_unhex(const char *hex, size_t len, uint8_t *out, size_t n)
-{
-	if (!hex || len != 2 * n)
-		return -1;
-	for (size_t i = 0; i < n; i++) {
-		int a = nib(hex[2 * i]), b = nib(hex[2 * i + 1]);
-		if (a < 0 || b < 0)
-			return -1;
-		out[i] = (uint8_t)(a << 4 | b);
-	}
-	return 0;
-}
-
 /* ---- the Merkle tree ------------------------------------------------------- */
 
 static int leaf_cmp(const void *a, const void *b)

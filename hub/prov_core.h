@@ -47,10 +47,8 @@ void prov_chain_hash(const uint8_t prev[PROV_HASH_LEN], const struct prov_readin
 size_t prov_reading_message(const char *device, size_t dl, const char *ts, size_t tl,
 			    const char *data, size_t datal, uint8_t *out, size_t cap);
 
-/* Hex: lower case; prov_unhex accepts either case. prov_unhex returns 0, or
- * -1 unless hex is exactly 2 * n hex digits. */
+/* Hex in lower case, NUL-terminated (hub_unhex in hub/util.h reads it back). */
 void prov_hex(const uint8_t *in, size_t n, char *out /* 2n + 1 */);
-int prov_unhex(const char *hex, size_t len, uint8_t *out, size_t n);
 
 /* ---- checkpoints: the Merkle tree ----------------------------------------
  * A leaf is one chain's head: its ingest shard, device, position n and

@@ -124,7 +124,7 @@ static int head_parse(const char *s, size_t len, struct head *h)
 		return 0;
 	}
 	if (!sp || hub_parse_i64(s, (size_t)(sp - s), 1, INT64_MAX, &n) ||
-	    prov_unhex(sp + 1, len - (size_t)(sp - s) - 1, h->h, PROV_HASH_LEN))
+	    hub_unhex(sp + 1, len - (size_t)(sp - s) - 1, h->h, PROV_HASH_LEN))
 		return -1;
 	h->n = n;
 	return 0;
@@ -205,12 +205,12 @@ static void unstamp(struct hub_prov *p, struct pframe *f)
 		struct head *h = hub_strmap_get(&p->heads, f->keys[i], strlen(f->keys[i]));
 		uint8_t mine[PROV_HASH_LEN];
 
-		if (!h || h->n != f->ps[i].n || prov_unhex(f->ps[i].h, PROV_HEX_LEN, mine,
+		if (!h || h->n != f->ps[i].n || hub_unhex(f->ps[i].h, PROV_HEX_LEN, mine,
 							   PROV_HASH_LEN) ||
 		    memcmp(mine, h->h, PROV_HASH_LEN))
 			continue;
 		h->n = f->ps[i].n - 1;
-		prov_unhex(f->ps[i].ph, PROV_HEX_LEN, h->h, PROV_HASH_LEN);
+		hub_unhex(f->ps[i].ph, PROV_HEX_LEN, h->h, PROV_HASH_LEN);
 	}
 }
 
@@ -365,7 +365,7 @@ static void on_sigkey(redisReply *reply, void *arg)
 			k->has = false;
 			k->fetched_us = hub_mono_us();
 		} else if (reply && reply->type == REDIS_REPLY_STRING) {
-			k->has = !prov_unhex(reply->str, reply->len, k->key, PROV_KEY_LEN);
+			k->has = !hub_unhex(reply->str, reply->len, k->key, PROV_KEY_LEN);
 			k->fetched_us = hub_mono_us();
 		} /* else: fetched_us stays; asked again next time */
 	}
@@ -426,7 +426,7 @@ enum hub_prov_sig hub_prov_check_sig(struct hub *hub, const char *device, size_t
 		       "for it (PUT /v1/devices/{device}/key)";
 		return HUB_PROV_SIG_BAD;
 	}
-	if (!sig || prov_unhex(sig, sl, s, PROV_SIG_LEN)) {
+	if (!sig || hub_unhex(sig, sl, s, PROV_SIG_LEN)) {
 		*why = "sig (128 hex digits: the Ed25519 signature of the reading) is required";
 		return HUB_PROV_SIG_BAD;
 	}
@@ -908,7 +908,7 @@ static void ck_device_leaves(hub_buf *b, const redisReply *leaves, const char *d
 		l[n].shard = (unsigned)strtoul(f[0], NULL, 10);
 		l[n].device = f[1];
 		l[n].n = strtoll(f[2], NULL, 10);
-		if (prov_unhex(f[3], strlen(f[3]), l[n].head, PROV_HASH_LEN))
+		if (hub_unhex(f[3], strlen(f[3]), l[n].head, PROV_HASH_LEN))
 			continue;
 		n++;
 	}
@@ -1160,32 +1160,32 @@ static void chain_maybe_begin(struct hub_req *rq, struct chain_ctx *c)
 		chain_begin(rq, c);
 }
 
-static void on_chain_head(redisReply *r, void *arg)
+/* A GET of the chain's head or signing key: the string (nil: none) into *slot. */
+static void chain_take_string(redisReply *r, struct hub_req *rq, char **slot)
 {
-	struct hub_req *rq = arg;
 	struct chain_ctx *c = hub_req_ctx(rq);
 
 	c->waiting--;
 	if (!r || r->type == REDIS_REPLY_ERROR)
 		c->failed = true;
 	else if (r->type == REDIS_REPLY_STRING)
-		c->head = dupn(r->str, r->len);
+		*slot = dupn(r->str, r->len);
 	chain_maybe_begin(rq, c);
 	hub_req_unref(rq);
 }
 
+static void on_chain_head(redisReply *r, void *arg)
+{
+	struct chain_ctx *c = hub_req_ctx(arg);
+
+	chain_take_string(r, arg, &c->head);
+}
+
 static void on_chain_sigkey(redisReply *r, void *arg)
 {
-	struct hub_req *rq = arg;
-	struct chain_ctx *c = hub_req_ctx(rq);
+	struct chain_ctx *c = hub_req_ctx(arg);
 
-	c->waiting--;
-	if (!r || r->type == REDIS_REPLY_ERROR)
-		c->failed = true;
-	else if (r->type == REDIS_REPLY_STRING)
-		c->sigkey = dupn(r->str, r->len);
-	chain_maybe_begin(rq, c);
-	hub_req_unref(rq);
+	chain_take_string(r, arg, &c->sigkey);
 }
 
 /* A batch: the first one waits for the head and the key (chain_begin sends
@@ -1313,7 +1313,7 @@ static void route_setkey(struct hub_req *rq, const struct hub_route_args *a)
 	body = json_loadb(a->body, a->body_len, JSON_REJECT_DUPLICATES, &je);
 	k = body ? json_object_get(body, "key") : NULL;
 	if (!json_is_object(body) || !k || (!json_is_null(k) && (!json_is_string(k) ||
-	    prov_unhex(json_string_value(k), json_string_length(k), raw, PROV_KEY_LEN)))) {
+	    hub_unhex(json_string_value(k), json_string_length(k), raw, PROV_KEY_LEN)))) {
 		json_decref(body);
 		hub_req_error(rq, 422, "invalid", "key",
 			      "key must be the device's Ed25519 public key as 64 hex digits, or null");

@@ -95,6 +95,32 @@ int hub_parse_pos(const char *s, size_t len, bool need_seq, uint64_t *ms, uint64
 	return 0;
 }
 
+int hub_hex_val(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+int hub_unhex(const char *hex, size_t len, uint8_t *out, size_t n)
+{
+	if (!hex || len != 2 * n)
+		return -1;
+	for (size_t i = 0; i < n; i++) {
+		int hi = hub_hex_val((unsigned char)hex[2 * i]);
+		int lo = hub_hex_val((unsigned char)hex[2 * i + 1]);
+
+		if (hi < 0 || lo < 0)
+			return -1;
+		out[i] = (uint8_t)(hi << 4 | lo);
+	}
+	return 0;
+}
+
 bool hub_id_valid(const char *s, size_t len)
 {
 	if (!s || !len || len > HUB_ID_MAX)

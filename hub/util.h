@@ -1,5 +1,5 @@
 /*
- * util.h - small helpers shared by the hub's modules: clocks, id checks,
+ * util.h - small helpers shared by the hub's modules: clocks, id checks, hex,
  * JSON string escaping, a growable byte buffer. No libwebsockets here.
  */
 #ifndef HUB_UTIL_H
@@ -33,6 +33,13 @@ int hub_parse_ll(const char *s, long long min, long long max, long long *out);
  * parts of decimal digits only, each at most UINT64_MAX, as Redis reads
  * stream ids. Returns 0 and sets *ms, *seq (0 when absent), or -1. */
 int hub_parse_pos(const char *s, size_t len, bool need_seq, uint64_t *ms, uint64_t *seq);
+
+/* The value of hex digit c (0-9, a-f, A-F), or -1. */
+int hub_hex_val(int c);
+/* Decodes hex[0..len), exactly 2 * n hex digits of either case, into
+ * out[0..n). Returns 0, or -1 (wrong length, NULL hex, a non-hex digit; out
+ * may then be partly written). */
+int hub_unhex(const char *hex, size_t len, uint8_t *out, size_t n);
 
 /* Growable byte buffer. Aborts with a message on OOM (internal failure). */
 typedef struct hub_buf {

@@ -26,6 +26,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "hub/util.h"
+
 /*
  * jansson's JSON_PARSER_MAX_DEPTH. jansson counts every value, scalars too:
  * 2048 nested empty arrays parse, a scalar inside 2048 arrays does not.
@@ -249,15 +251,11 @@ static long jp_hex4(const unsigned char *p)
 	int i;
 
 	for (i = 0; i < 4; i++) {
-		unsigned c = p[i];
+		int d = hub_hex_val(p[i]);
 
-		if (c >= '0' && c <= '9')
-			c -= '0';
-		else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f')
-			c = (c | 0x20) - 'a' + 10;
-		else
+		if (d < 0)
 			return -1;
-		v = v << 4 | c;
+		v = v << 4 | d;
 	}
 	return v;
 }

@@ -176,6 +176,7 @@ struct st_conn {
 	size_t ctrl_bytes;
 	struct ws_rx rx;             /* message reassembly, capped */
 	hub_buf w;
+	bool kicked;                 /* in st->kick: written when the fan-out ends */
 };
 
 struct st_pss {
@@ -193,6 +194,9 @@ struct stream {
 	hub_strmap schans;           /* sharded raw channel -> struct st_schan * */
 	struct st_group *raw_all, *presence, *commands, *agg_group;
 	struct st_conn *conns;
+	struct st_conn **kick;       /* connections a live message went to ... */
+	size_t nkick, capkick;
+	bool fanning;                /* ... while on_group_message fans it out */
 	lws_sorted_usec_list_t sul_retry; /* raw subscriptions waiting for Redis */
 	bool retry_armed;
 	unsigned shards;             /* feed shards (0: not known yet) */
@@ -395,6 +399,54 @@ static void q_drop_head(struct st_conn *c)
 	c->qlen--;
 }
 
+static int conn_writeable(struct st_conn *c);
+
+/* c's queue has something. During a live fan-out a connection with nothing
+ * pending in lws is written when the fan-out ends (kick_flush), from the
+ * pub/sub callback: no lws_callback_on_writable, so no epoll_ctl to arm
+ * POLLOUT and another to disarm it per delivery. Otherwise, or if the
+ * socket is full, the WRITEABLE callback writes it. */
+static void conn_wake(struct st_conn *c)
+{
+	struct stream *st = c->st;
+
+	if (!st->fanning || c->kicked || c->ctrl_head || lws_partial_buffered(c->wsi)) {
+		lws_callback_on_writable(c->wsi);
+		return;
+	}
+	if (st->nkick == st->capkick) {
+		st->capkick = st->capkick ? 2 * st->capkick : 64;
+		st->kick = hub_xrealloc(st->kick, st->capkick * sizeof(*st->kick));
+	}
+	c->kicked = true;
+	st->kick[st->nkick++] = c;
+}
+
+/* The end of a live fan-out: the connections it queued to, written now
+ * (conn_writeable asks for WRITEABLE itself when the socket takes less). */
+static void kick_flush(struct stream *st)
+{
+	for (size_t i = 0; i < st->nkick; i++) {
+		struct st_conn *c = st->kick[i];
+
+		c->kicked = false;
+		if (!c->wsi)
+			continue;
+		if (c->closing || c->ctrl_head) {
+			lws_callback_on_writable(c->wsi);
+			continue;
+		}
+		if (conn_writeable(c) < 0) /* not in its callback: lws closes it next turn */
+			lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+	}
+	st->nkick = 0;
+	if (st->capkick > 4096) {
+		free(st->kick);
+		st->kick = NULL;
+		st->capkick = 0;
+	}
+}
+
 /* Queues msg for sub on its connection; the oldest go when it is full. */
 static void enqueue(struct st_sub *s, struct st_msg *m)
 {
@@ -429,7 +481,7 @@ static void enqueue(struct st_sub *s, struct st_msg *m)
 	m->refs++;
 	s->refs++;
 	if (c->qlen == 1)
-		lws_callback_on_writable(c->wsi);
+		conn_wake(c);
 }
 
 static void w_begin(hub_buf *w)
@@ -1290,7 +1342,10 @@ static void on_group_message(const char *channel, const char *payload, size_t le
 	}
 	f.tail = tail.data;
 	f.tail_len = tail.len;
+	g->st->fanning = true;
 	for_lines(nl + 1, end, fanout_line, &f);
+	g->st->fanning = false;
+	kick_flush(g->st);
 	hub_buf_free(&tail);
 }
 
@@ -2625,6 +2680,7 @@ static void stream_free(struct stream *st)
 	group_free(st->commands);
 	group_free(st->agg_group);
 	free(st->cand.v);
+	free(st->kick);
 	free(st);
 }
 

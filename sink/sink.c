@@ -541,74 +541,103 @@ static int read_shard(struct sink *s, unsigned k)
 	return n;
 }
 
-/* Takes over entries pending too long with other (dead) members. */
-static void claim_round(struct sink *s)
+/* One command to every shard in turn: send issues it for a shard, take reads
+ * each reply that is not an error. An error reply is counted and logged as
+ * "<what> <key>: <error>"; Redis down ends the round (the next one retries). */
+static void shard_round(struct sink *s, const char *what,
+			redisReply *(*send)(struct sink *s, struct shard *sh),
+			void (*take)(struct sink *s, unsigned k, const redisReply *r))
 {
-	char idle[16], count[16];
-
-	snprintf(idle, sizeof(idle), "%d", s->claim_ms);
-	snprintf(count, sizeof(count), "%d", s->read_count);
 	for (unsigned k = 0; k < s->nshards; k++) {
 		struct shard *sh = &s->shard[k];
-		const char *av[] = { "XAUTOCLAIM", sh->key, s->group, s->consumer, idle,
-				     sh->claim_from, "COUNT", count };
-		redisReply *r = cmd(s, sh->key, 8, av);
+		redisReply *r = send(s, sh);
+
 		if (!r)
 			return;
-		if (r->type == REDIS_REPLY_ARRAY && r->elements >= 2 &&
-		    r->element[0]->type == REDIS_REPLY_STRING) {
-			const redisReply *list = r->element[1];
-			snprintf(sh->claim_from, ID_MAX, "%s", r->element[0]->str);
-			for (size_t i = 0; list->type == REDIS_REPLY_ARRAY && i < list->elements; i++) {
-				take_entry(s, k, list->element[i]);
-				s->st.claimed++;
-			}
-			if (r->elements >= 3 && r->element[2]->type == REDIS_REPLY_ARRAY &&
-			    r->element[2]->elements) {
-				/* pending entries trimmed from the feed: dropped by Redis */
-				s->st.gap_frames += r->element[2]->elements;
-				sink_log("warn", "%s: %zu pending frames were trimmed from the feed before "
-					 "they were written (a gap)", sh->key, r->element[2]->elements);
-			}
-			if (list->type == REDIS_REPLY_ARRAY && list->elements)
-				sink_log("info", "%s: took over %zu entries pending with another member",
-					 sh->key, list->elements);
-		} else if (r->type == REDIS_REPLY_ERROR) {
+		if (r->type == REDIS_REPLY_ERROR) {
 			s->st.errors_redis++;
-			sink_log("error", "XAUTOCLAIM %s: %s", sh->key, r->str);
+			sink_log("error", "%s %s: %s", what, sh->key, r->str);
+		} else {
+			take(s, k, r);
 		}
 		freeReplyObject(r);
 	}
 }
 
+static redisReply *claim_send(struct sink *s, struct shard *sh)
+{
+	char idle[16], count[16];
+
+	snprintf(idle, sizeof(idle), "%d", s->claim_ms);
+	snprintf(count, sizeof(count), "%d", s->read_count);
+	const char *av[] = { "XAUTOCLAIM", sh->key, s->group, s->consumer, idle,
+			     sh->claim_from, "COUNT", count };
+	return cmd(s, sh->key, 8, av);
+}
+
+static void claim_take(struct sink *s, unsigned k, const redisReply *r)
+{
+	struct shard *sh = &s->shard[k];
+	const redisReply *list;
+
+	if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 ||
+	    r->element[0]->type != REDIS_REPLY_STRING)
+		return;
+	list = r->element[1];
+	snprintf(sh->claim_from, ID_MAX, "%s", r->element[0]->str);
+	for (size_t i = 0; list->type == REDIS_REPLY_ARRAY && i < list->elements; i++) {
+		take_entry(s, k, list->element[i]);
+		s->st.claimed++;
+	}
+	if (r->elements >= 3 && r->element[2]->type == REDIS_REPLY_ARRAY &&
+	    r->element[2]->elements) {
+		/* pending entries trimmed from the feed: dropped by Redis */
+		s->st.gap_frames += r->element[2]->elements;
+		sink_log("warn", "%s: %zu pending frames were trimmed from the feed before "
+			 "they were written (a gap)", sh->key, r->element[2]->elements);
+	}
+	if (list->type == REDIS_REPLY_ARRAY && list->elements)
+		sink_log("info", "%s: took over %zu entries pending with another member",
+			 sh->key, list->elements);
+}
+
+/* Takes over entries pending too long with other (dead) members. */
+static void claim_round(struct sink *s)
+{
+	shard_round(s, "XAUTOCLAIM", claim_send, claim_take);
+}
+
+static redisReply *stats_send(struct sink *s, struct shard *sh)
+{
+	const char *av[] = { "EVAL", stats_lua, "1", sh->key, s->group };
+
+	return cmd(s, sh->key, 5, av);
+}
+
+static void stats_take(struct sink *s, unsigned k, const redisReply *r)
+{
+	struct shard *sh = &s->shard[k];
+
+	if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+		return;
+	sh->lag = r->element[0]->integer;
+	if (sh->lag == -2) {
+		sink_log("warn", "%s: group %s is gone: registering it again", sh->key, s->group);
+		register_group(s, "first");
+		sh->lag = -1;
+	}
+	if (r->element[1]->integer > 0) {
+		s->st.gap_frames += (uint64_t)r->element[1]->integer;
+		sink_log("warn", "%s: %lld frames were trimmed from the feed before group %s "
+			 "read them (a gap: the hub's feed-sink-max-lag was exceeded)",
+			 sh->key, r->element[1]->integer, s->group);
+	}
+}
+
+/* Each shard's lag and gap (stats_lua); registers a group that is gone again. */
 static void stats_round(struct sink *s)
 {
-	for (unsigned k = 0; k < s->nshards; k++) {
-		struct shard *sh = &s->shard[k];
-		const char *av[] = { "EVAL", stats_lua, "1", sh->key, s->group };
-		redisReply *r = cmd(s, sh->key, 5, av);
-		if (!r)
-			return;
-		if (r->type == REDIS_REPLY_ARRAY && r->elements == 2) {
-			sh->lag = r->element[0]->integer;
-			if (sh->lag == -2) {
-				sink_log("warn", "%s: group %s is gone: registering it again", sh->key,
-					 s->group);
-				register_group(s, "first");
-				sh->lag = -1;
-			}
-			if (r->element[1]->integer > 0) {
-				s->st.gap_frames += (uint64_t)r->element[1]->integer;
-				sink_log("warn", "%s: %lld frames were trimmed from the feed before group %s "
-					 "read them (a gap: the hub's feed-sink-max-lag was exceeded)",
-					 sh->key, r->element[1]->integer, s->group);
-			}
-		} else if (r->type == REDIS_REPLY_ERROR) {
-			s->st.errors_redis++;
-			sink_log("error", "stats of %s: %s", sh->key, r->str);
-		}
-		freeReplyObject(r);
-	}
+	shard_round(s, "stats of", stats_send, stats_take);
 }
 
 static void ack(struct sink *s)

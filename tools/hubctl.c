@@ -1987,14 +1987,14 @@ static int ventry_load(struct ventry *ve, json_t *j, const char *device, const u
 	r.sig_len = sl;
 	ve->ts = jnum(j, "ts");
 	ve->e.n = r.n;
-	if (prov_unhex(ph, phl, ve->e.ph, PROV_HASH_LEN))
+	if (hub_unhex(ph, phl, ve->e.ph, PROV_HASH_LEN))
 		return -1;
 	prov_chain_hash(ve->e.ph, &r, ve->e.h);
 	if (sl) {
 		uint8_t sg[PROV_SIG_LEN], msg[4096];
 		size_t ml = prov_reading_message(device, r.device_len, r.ts, r.ts_len, r.data,
 						 r.data_len, msg, sizeof(msg));
-		ve->sig_bad = !sigkey || ml > sizeof(msg) || prov_unhex(sig, sl, sg, PROV_SIG_LEN) ||
+		ve->sig_bad = !sigkey || ml > sizeof(msg) || hub_unhex(sig, sl, sg, PROV_SIG_LEN) ||
 			      !prov_ed25519_verify(sigkey, msg, ml, sg);
 	}
 	return 0;
@@ -2029,7 +2029,7 @@ static int vchain_fetch(const char *device, unsigned shard, struct vchain *c, un
 			c->head = hub_xstrdup(jstr(doc, "head"));
 		if (!c->sigkey && json_is_string(json_object_get(doc, "sigkey"))) {
 			c->sigkey = hub_xstrdup(jstr(doc, "sigkey"));
-			have_sk = !prov_unhex(c->sigkey, strlen(c->sigkey), sk, PROV_KEY_LEN);
+			have_sk = !hub_unhex(c->sigkey, strlen(c->sigkey), sk, PROV_KEY_LEN);
 		}
 		ents = json_object_get(doc, "entries");
 		for (size_t i = 0; i < json_array_size(ents); i++) {
@@ -2093,8 +2093,8 @@ static bool ck_signed(json_t *ck, json_t *trusted)
 	for (size_t i = 0; i < json_array_size(trusted); i++)
 		if (!strcmp(json_string_value(json_array_get(trusted, i)) ?: "", ks))
 			known = true;
-	if (!known || prov_unhex(rs, l1, root, PROV_HASH_LEN) ||
-	    prov_unhex(ss, l2, sig, PROV_SIG_LEN) || prov_unhex(ks, l3, key, PROV_KEY_LEN))
+	if (!known || hub_unhex(rs, l1, root, PROV_HASH_LEN) ||
+	    hub_unhex(ss, l2, sig, PROV_SIG_LEN) || hub_unhex(ks, l3, key, PROV_KEY_LEN))
 		return false;
 	ml = prov_checkpoint_message(jint(ck, "period"), jint(ck, "from"), jint(ck, "to"),
 				     jint(ck, "count"), root, msg, sizeof(msg));
@@ -2163,7 +2163,7 @@ static int cmd_verify(void)
 			const char *sp = strchr(c->head, ' ');
 			int64_t hn = strtoll(c->head, NULL, 10);
 			uint8_t hh[PROV_HASH_LEN];
-			if (hn == last->n && sp && !prov_unhex(sp + 1, strlen(sp + 1), hh, PROV_HASH_LEN) &&
+			if (hn == last->n && sp && !hub_unhex(sp + 1, strlen(sp + 1), hh, PROV_HASH_LEN) &&
 			    memcmp(hh, last->h, PROV_HASH_LEN)) {
 				ex = report(device, c, "altered", c->n - 1,
 					    "the last reading does not hash to the stored chain head",
@@ -2190,7 +2190,7 @@ static int cmd_verify(void)
 		if (!json_array_size(leaves))
 			continue; /* it does not name this device */
 		nck++;
-		if (!ck_signed(ck, trusted) || prov_unhex(rs, l, root, PROV_HASH_LEN)) {
+		if (!ck_signed(ck, trusted) || hub_unhex(rs, l, root, PROV_HASH_LEN)) {
 			if (o.json) {
 				json_t *r = json_pack("{s:b,s:s,s:s,s:I,s:s}", "intact", 0, "device",
 						      device, "fault", "checkpoint_signature", "period",
@@ -2211,12 +2211,12 @@ static int cmd_verify(void)
 			uint8_t lh[PROV_HASH_LEN], (*pp)[PROV_HASH_LEN];
 			size_t np = json_array_size(path), hl;
 			const char *hs = js(lf, "head", &hl);
-			bool ok = !prov_unhex(hs, hl, leaf.head, PROV_HASH_LEN);
+			bool ok = !hub_unhex(hs, hl, leaf.head, PROV_HASH_LEN);
 
 			pp = hub_xmalloc((np ? np : 1) * sizeof(*pp));
 			for (size_t q = 0; q < np && ok; q++) {
 				const char *x = json_string_value(json_array_get(path, q));
-				ok = x && !prov_unhex(x, strlen(x), pp[q], PROV_HASH_LEN);
+				ok = x && !hub_unhex(x, strlen(x), pp[q], PROV_HASH_LEN);
 			}
 			prov_leaf_hash(&leaf, lh);
 			ok = ok && prov_merkle_check(lh, (size_t)jint(lf, "index"), (size_t)jint(ck, "count"),

@@ -13,8 +13,8 @@
 HARNESSES='
 fuzz_schema | protocols/schema.c hub/anomaly.c hub/util.c | jansson
 fuzz_codec  | protocols/gw_codec.c protocols/jparse.c hub/util.c | jansson
-fuzz_auth   | hub/auth.c | jansson libjwt openssl
-fuzz_jparse | protocols/jparse.c | jansson
+fuzz_auth   | hub/auth.c hub/util.c | jansson libjwt openssl
+fuzz_jparse | protocols/jparse.c hub/util.c | jansson
 fuzz_sdk_msg   | sdk/c/src/msg.c sdk/c/src/util.c | jansson
 fuzz_sdk_spool | sdk/c/src/outbox.c sdk/c/src/util.c | jansson
 '

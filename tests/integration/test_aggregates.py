@@ -286,6 +286,11 @@ class Aggregates(HubTestCase):
         rows = [json.loads(line) for line in body.splitlines()]
         self.assertEqual([(r["bucket"], r["count"], r["sum"]) for r in rows],
                          [(base + i * MIN, 1, i) for i in range(5)], body)
+        # every field, in order, to the byte
+        self.assertEqual(body.splitlines()[2],
+                         '{"bucket":%d,"count":1,"sum":2,"sum_squares":4,"min":2,"max":2,"mean":2,'
+                         '"stddev":0,"first":2,"first_ts":%d,"last":2,"last_ts":%d}'
+                         % ((base + 2 * MIN,) * 3), body)
         st, hdrs, body = get(self.hub, agg_path(format="csv", **q))
         self.assertEqual(st, 200, body)
         self.assertTrue(hdrs["content-type"].startswith("text/csv"), hdrs)
@@ -293,9 +298,18 @@ class Aggregates(HubTestCase):
         self.assertEqual(lines[0], "bucket,group,count,sum,min,max,mean,stddev,first,first_ts,last,last_ts")
         self.assertEqual(lines[1].split(",")[:4], [str(base), "", "1", "0"], body)
         self.assertEqual(len([x for x in lines[1:] if x]), 5, body)
+        self.assertEqual(lines[3], "%d,,1,2,2,2,2,0,2,%d,2,%d" % ((base + 2 * MIN,) * 3), body)
         # grouped csv quotes the group
         st, _, body = get(self.hub, agg_path(format="csv", group_by="site", **q))
         self.assertEqual(body.split("\r\n")[1].split(",")[1], '"s-f"', body)
+        self.assertEqual(body.split("\r\n")[3], '%d,"s-f",1,2,2,2,2,0,2,%d,2,%d' % ((base + 2 * MIN,) * 3),
+                         body)
+        # grouped json: the group after the bucket
+        st, _, body = get(self.hub, agg_path(format="json", group_by="site", **q))
+        self.assertEqual(st, 200, body)
+        self.assertIn('"rows":[{"bucket":%d,"group":"s-f","count":1,"sum":0,"sum_squares":0,"min":0,'
+                      '"max":0,"mean":0,"stddev":0,"first":0,"first_ts":%d,"last":0,"last_ts":%d},'
+                      '{"bucket":%d,"group":"s-f","count":1,' % ((base,) * 3 + (base + MIN,)), body)
 
     # ---- cache and single-flight -------------------------------------------------
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import subprocess
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -996,6 +997,21 @@ class TwoInstances(CommandCase):
         # acks on B move the commands; both instances read the same state
         await self.ack_and_wait(gw, ids[0], "succeeded", hub=self.b)
         self.assertEqual((await self.get(ids[0], hub=self.a))["status"], "succeeded")
+
+    async def test_one_timer_sweep_a_second_for_both(self):
+        # The overdue-timer sweep reads the timers of every slot that holds
+        # devices; each hub used to do it every second (16,384 slots at
+        # 100,000 devices, times the hubs). One hub a second takes the
+        # sweep token now.
+        self.redis.cli("GET", "x")  # on a cluster: SkipTest (each hub sweeps its share there)
+        await self.gw_with(self.a, [uniq("t")])
+        await asyncio.sleep(1.2)    # both hubs' sweeps running
+        out = subprocess.run(["timeout", "4", "redis-cli", "-p", str(self.redis.port), "monitor"],
+                             capture_output=True, text=True).stdout
+        sweeps = [ln for ln in out.splitlines() if '"EVALSHA"' in ln.upper() and ":timers" in ln]
+        tokens = [ln for ln in out.splitlines() if "iot:{hub}:sweep" in ln]
+        self.assertGreaterEqual(len(tokens), 6, "both hubs ask for the token each second")
+        self.assertTrue(2 <= len(sweeps) <= 5, "%d sweeps in 4 s for two hubs: %s" % (len(sweeps), sweeps))
 
     async def test_created_on_a_delivered_by_b_once(self):
         d = uniq("t")

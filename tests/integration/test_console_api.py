@@ -144,7 +144,7 @@ class ConsoleAPI(HubTestCase):
         self.assertTrue(set(ids) <= set(seen), "a device present throughout was skipped")
 
     def test_paging_refusals_and_the_old_form(self):
-        for bad in ("zz", "abc", "7b7d", "00" * 200):
+        for bad in ("zz", "abc", "7b7d", "6A", "00" * 200):
             st, doc = http(self.hub, "/v1/devices?cursor=%s" % bad)
             self.assertEqual((st, doc["error"]["field"]), (422, "cursor"), (bad, doc))
         # without cursor=: no next_cursor, sorted by id as before

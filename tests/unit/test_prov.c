@@ -32,17 +32,6 @@ static void test_chain_hash_vector(void **state)
 	assert_string_not_equal(hex, "1704d88a4ced1daff52e3f49c165c290fd65a86e2463af1193c0c3355d750c09");
 }
 
-static void test_hex(void **state)
-{
-	uint8_t b[2];
-
-	(void)state;
-	assert_int_equal(prov_unhex("aBff", 4, b, 2), 0);
-	assert_int_equal(b[0], 0xab);
-	assert_int_equal(prov_unhex("abf", 3, b, 2), -1);
-	assert_int_equal(prov_unhex("zzzz", 4, b, 2), -1);
-}
-
 static void test_merkle_vector_and_paths(void **state)
 {
 	struct prov_leaf l[3] = { { 1, "b", 3 }, { 0, "a", 1 }, { 0, "b", 2 } };
@@ -183,7 +172,6 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_chain_hash_vector),
-		cmocka_unit_test(test_hex),
 		cmocka_unit_test(test_merkle_vector_and_paths),
 		cmocka_unit_test(test_ed25519),
 		cmocka_unit_test(test_walk),

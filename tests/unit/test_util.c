@@ -81,11 +81,36 @@ static void test_parse_pos(void **state)
 	assert_true(ms == 7 && seq == 7);
 }
 
+static void test_hex(void **state)
+{
+	uint8_t b[3] = { 0, 0, 0 };
+
+	(void)state;
+	assert_int_equal(hub_hex_val('0'), 0);
+	assert_int_equal(hub_hex_val('9'), 9);
+	assert_int_equal(hub_hex_val('a'), 10);
+	assert_int_equal(hub_hex_val('F'), 15);
+	assert_int_equal(hub_hex_val('g'), -1);
+	assert_int_equal(hub_hex_val('/'), -1);
+	assert_int_equal(hub_hex_val(0xe9), -1);
+	assert_int_equal(hub_unhex("aBff", 4, b, 2), 0);
+	assert_int_equal(b[0], 0xab);
+	assert_int_equal(b[1], 0xff);
+	assert_int_equal(b[2], 0);
+	assert_int_equal(hub_unhex("abf", 3, b, 2), -1);
+	assert_int_equal(hub_unhex("abff00", 6, b, 2), -1);
+	assert_int_equal(hub_unhex("zzzz", 4, b, 2), -1);
+	assert_int_equal(hub_unhex("0\xe9", 2, b, 1), -1);
+	assert_int_equal(hub_unhex(NULL, 0, b, 0), -1);
+	assert_int_equal(hub_unhex("", 0, b, 0), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_parse_i64),
 		cmocka_unit_test(test_parse_pos),
+		cmocka_unit_test(test_hex),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
