@@ -62,10 +62,11 @@ STALLED_MIB = 3
 KEY_A = "11" * 32
 KEY_B = "22" * 32
 # Keys the hub writes on its own while idle (leases, checkpoint claims, the
-# rollup flush): not evidence of a refused request having written anything.
+# rollup flush, the command timer sweep token): not evidence of a refused
+# request having written anything. A new idle writer belongs here.
 BACKGROUND = ("iot:{hub}:leases", "iot:{hub}:prov:claim:", "iot:{hub}:prov:ckpts",
               "iot:agg:partials", "iot:{hub}:runslots:", "iot:pd:", "iot:{hub}:prov:keys",
-              "iot:ru:")
+              "iot:ru:", "iot:{hub}:sweep")
 
 
 def req(method, path, body=None, key=None, headers=(), length=True):
