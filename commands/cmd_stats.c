@@ -329,12 +329,11 @@ out:
 
 void cmd_stats_answer(struct cmd_stats *s, struct hub_req *rq, const struct hub_query *q)
 {
-	const char *w = "1h";
+	const char *w = hub_query_get(q, "window");
 	int minutes = CST_MINUTES;
 
-	for (size_t i = 0; q && i < q->n; i++)
-		if (!strcmp(q->name[i], "window"))
-			w = q->value[i];
+	if (!w)   /* the first of repeated parameters, as every route reads them */
+		w = "1h";
 	if (strcmp(w, "1h")) {
 		int64_t n;
 		size_t len = strlen(w);

@@ -702,21 +702,33 @@ static bool match(const char *pattern, const char *path, size_t params[][2], siz
 	return !*p && !*s;
 }
 
+/* Adds method to allow ("GET, PUT"), once. */
+static void allow_add(char *allow, size_t n, const char *method)
+{
+	size_t ml = strlen(method), al = strlen(allow);
+
+	for (const char *p = allow; (p = strstr(p, method)); p += ml)
+		if ((p == allow || p[-1] == ' ') && (!p[ml] || p[ml] == ','))
+			return;
+	if (al + ml + 3 < n)
+		snprintf(allow + al, n - al, "%s%s", al ? ", " : "", method);
+}
+
 /* The route for method and path, with its table's ctx; NULL when none.
- * *path_known is true when a route has this path with another method. */
+ * allow gets the methods the path's routes take (for a 405's Allow). */
 static const struct hub_route *find_route(const struct hub_http *h, const char *method,
 					  const char *path,
 					  void **ctx, size_t params[][2], size_t *np,
-					  bool *path_known, struct hub_route_stat **stat)
+					  char *allow, size_t allowlen, struct hub_route_stat **stat)
 {
-	*path_known = false;
+	allow[0] = '\0';
 	for (size_t t = 0; t < h->ntables; t++) {
 		for (size_t i = 0; i < h->tables[t].n; i++) {
 			const struct hub_route *r = &h->tables[t].routes[i];
 			if (!match(r->pattern, path, params, np))
 				continue;
 			if (strcmp(r->method, method)) {
-				*path_known = true;
+				allow_add(allow, allowlen, r->method);
 				continue;
 			}
 			*ctx = h->tables[t].ctx;
@@ -751,7 +763,7 @@ static void route(struct http_pss *pss, const char *path)
 {
 	struct hub_req *rq = pss->rq;
 	size_t params[HUB_ROUTE_PARAMS][2], np;
-	bool path_known;
+	char allow[64];
 	const struct hub_route *r;
 
 	if (strlen(path) >= sizeof(pss->path)) {
@@ -759,12 +771,14 @@ static void route(struct http_pss *pss, const char *path)
 		return;
 	}
 	snprintf(pss->path, sizeof(pss->path), "%s", path);
-	r = find_route(pss->h, pss->method, path, &pss->route_ctx, params, &np, &path_known,
-		       &rq->stat);
+	r = find_route(pss->h, pss->method, path, &pss->route_ctx, params, &np, allow,
+		       sizeof(allow), &rq->stat);
 	if (!r) {
-		if (path_known)
+		if (allow[0]) {
+			hub_req_add_header(rq, "allow:", allow);
 			hub_req_error(rq, 405, "method_not_allowed", NULL,
-				      "this route does not take that method");
+				      "this route does not take that method (see Allow)");
+		}
 		else if (pss->h->fallback && !strcmp(pss->method, "GET")) {
 			struct hub_route_args a = { { path, NULL }, NULL, "", 0, NULL,
 						    pss->h->fallback_ctx };

@@ -176,6 +176,37 @@ def split_responses(data):
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 
 
+def http_exchange(port, data, writes=1, pause=0.05, timeout=5, expect=None, poll=0.1):
+    """Sends data on a fresh connection to port, in `writes` pieces `pause`
+    apart; reads until the close, `expect` complete responses or timeout.
+    Returns (responses, closed, seconds from the first byte sent)."""
+    s = raw_connect(port)
+    got, closed = b"", False
+    t0 = time.monotonic()
+    try:
+        step = max(1, len(data) // writes)
+        for i in range(0, len(data), step):
+            try:
+                s.sendall(data[i:i + step])
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the hub closed: read what it answered
+            if writes > 1:
+                time.sleep(pause)
+        deadline = time.monotonic() + timeout
+        while not closed and time.monotonic() < deadline:
+            d, closed = recv_until_closed(s, min(poll, deadline - time.monotonic()))
+            got += d
+            if expect is not None and not closed:
+                try:
+                    if len(split_responses(got)) >= expect:
+                        break
+                except (AssertionError, ValueError, IndexError):
+                    pass
+    finally:
+        s.close()
+    return split_responses(got), closed, time.monotonic() - t0
+
+
 def ws_frame(opcode, payload=b"", fin=True, mask=True):
     """One WebSocket frame as bytes. mask=False sends it unmasked, which RFC
     6455 forbids a client to do."""

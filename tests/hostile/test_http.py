@@ -13,8 +13,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostile import (HostileCase, main, open_fds, raw_connect, recv_until_closed,  # noqa: E402
-                     split_responses, uniq, wait_until)
+from hostile import (HostileCase, http_exchange, main, open_fds, raw_connect,  # noqa: E402
+                     recv_until_closed, split_responses, uniq, wait_until)
 from harness import (api_keys_file, client_ssl_ctx, dev_certs, http_get, metric_value,  # noqa: E402
                      parse_metrics, upgrade_request)
 
@@ -47,30 +47,9 @@ class HostileHTTP(HostileCase):
         """Sends data (in `writes` pieces) on one connection; returns
         (responses, closed). Stops reading at the close, at `expect`
         complete responses, or after timeout."""
-        s = raw_connect((hub or self.hub).port)
-        got, closed = b"", False
-        try:
-            step = max(1, len(data) // writes)
-            for i in range(0, len(data), step):
-                try:
-                    s.sendall(data[i:i + step])
-                except (BrokenPipeError, ConnectionResetError):
-                    break  # the hub closed: read what it answered
-                if writes > 1:
-                    time.sleep(pause)
-            deadline = time.monotonic() + timeout
-            while not closed and time.monotonic() < deadline:
-                d, closed = recv_until_closed(s, min(0.1, deadline - time.monotonic()))
-                got += d
-                if expect is not None and not closed:
-                    try:
-                        if len(split_responses(got)) >= expect:
-                            break
-                    except (AssertionError, ValueError, IndexError):
-                        pass
-        finally:
-            s.close()
-        return split_responses(got), closed
+        got, closed, _ = http_exchange((hub or self.hub).port, data, writes=writes, pause=pause,
+                                       timeout=timeout, expect=expect)
+        return got, closed
 
     # ---- pipelining -------------------------------------------------------
 

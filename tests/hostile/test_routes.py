@@ -30,11 +30,10 @@ import struct
 import sys
 import threading
 import time
-import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostile import (SAN_FACTOR, HostileCase, cpu_seconds, main, now_ms, open_fds, raw_connect,  # noqa: E402
-                     recv_until_closed, rss_kib, split_responses, uniq, wait_until)
+from hostile import (SAN_FACTOR, HostileCase, cpu_seconds, http_exchange, main, now_ms, open_fds,  # noqa: E402
+                     raw_connect, recv_until_closed, rss_kib, split_responses, uniq, wait_until)
 from harness import api_keys_file, connect_gateway, http_request, rkeys  # noqa: E402
 
 ADMIN = "hr-admin-" + "a" * 24
@@ -120,26 +119,7 @@ class HostileRoutes(HostileCase):
     def exchange(self, data, timeout=5, expect=1, hub=None):
         """Sends data on a fresh connection; returns (responses, closed,
         seconds until the answer or the close)."""
-        s = raw_connect((hub or self.hub).port)
-        got, closed = b"", False
-        t0 = time.monotonic()
-        try:
-            try:
-                s.sendall(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            deadline = t0 + timeout
-            while not closed and time.monotonic() < deadline:
-                d, closed = recv_until_closed(s, min(0.05, deadline - time.monotonic()))
-                got += d
-                try:
-                    if len(split_responses(got)) >= expect:
-                        break
-                except (AssertionError, ValueError, IndexError):
-                    pass
-        finally:
-            s.close()
-        return split_responses(got), closed, time.monotonic() - t0
+        return http_exchange((hub or self.hub).port, data, timeout=timeout, expect=expect, poll=0.05)
 
     def ask(self, data, what=None):
         """One request; returns (status, headers, parsed JSON body or None
@@ -390,6 +370,9 @@ class HostileRoutes(HostileCase):
             with self.subTest(dup=path):
                 st, _, _ = self.ask(req("GET", path, key=ADMIN))
                 self.assertIn(st, (200, 422), path)
+        # every route takes the first of repeated parameters
+        st, _, doc = self.ask(req("GET", "/v1/commands/stats?window=5m&window=bogus", key=ADMIN))
+        self.assertEqual((st, doc.get("window")), (200, "5m"), doc)
         self.quick_normal()
         await self.assert_unharmed(self.hub, self.redis, base)
 
@@ -538,9 +521,14 @@ class HostileRoutes(HostileCase):
         self.assertIsNone(self.sigkey(dev))
         await self.assert_unharmed(self.hub, self.redis, base)
 
+    def assert_405(self, data, allow):
+        st, hdrs, doc = self.ask(data)
+        self.assertEqual((st, (doc or {}).get("error", {}).get("code"), hdrs.get("allow")),
+                         (405, "method_not_allowed", allow), (data[:120], hdrs, doc))
+
     async def test_wrong_methods(self):
-        """Every other method on these paths: 405 JSON (no Allow header: the
-        hub sends none on any route), nothing written."""
+        """Every other method on these paths: 405 JSON with an Allow header
+        naming the path's methods, nothing written."""
         dev = self.device()
         before = redis_state(self.redis)
         gets = ["/v1/whoami", "/v1/commands/stats", "/v1/aggregates", "/v1/provenance/key",
@@ -549,12 +537,11 @@ class HostileRoutes(HostileCase):
             for m in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"):
                 with self.subTest(path=path, method=m):
                     body = b'{"key":null}' if m in ("POST", "PUT") else None
-                    self.assert_error(req(m, path, body, key=ADMIN), 405, "method_not_allowed")
+                    self.assert_405(req(m, path, body, key=ADMIN), "GET")
         for m in ("GET", "POST", "DELETE", "PATCH", "OPTIONS", "HEAD"):
             with self.subTest(path="key", method=m):
                 body = b'{"key":null}' if m == "POST" else None
-                self.assert_error(req(m, "/v1/devices/%s/key" % dev, body, key=ADMIN), 405,
-                                  "method_not_allowed")
+                self.assert_405(req(m, "/v1/devices/%s/key" % dev, body, key=ADMIN), "PUT")
         # a 405 needs no key, and a body on a GET is refused before routing
         self.assert_error(req("DELETE", "/v1/whoami"), 405)
         resps, closed, _ = self.exchange(req("GET", "/v1/whoami", b"{}", key=ADMIN), timeout=3)
