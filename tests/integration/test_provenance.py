@@ -191,19 +191,22 @@ class ProvenanceTests(HubTestCase):
 
     # ---- checkpoints ---------------------------------------------------------
 
-    async def wait_checkpoint(self, device):
+    async def wait_checkpoint(self, device, n=None):
+        """The checkpoints naming device (with n: whose leaf for it has
+        reached n readings; a checkpoint may fall between two frames)."""
         def got():
             st, doc = http_json(self.hub, "GET", "/v1/provenance/checkpoints?device=%s" % device,
                                 key=READER)
             self.assertEqual(st, 200, doc)
-            return [c for c in doc["checkpoints"] if c["leaves"]]
+            return [c for c in doc["checkpoints"]
+                    if c["leaves"] and (n is None or c["leaves"][0]["n"] == n)]
         await asyncio.to_thread(wait_until, got, 10, 0.2, "a checkpoint naming %s" % device)
         return got()
 
     async def test_checkpoints_signed_and_forgery_caught(self):
         gw, d = await self.gw_dev(self.hub)
         await send_n(gw, d, 4)
-        cks = await self.wait_checkpoint(d)
+        cks = await self.wait_checkpoint(d, n=4)
         leaf = cks[0]["leaves"][0]
         self.assertEqual((leaf["shard"], leaf["n"]), (0, 4), leaf)
         st, kd = http_json(self.hub, "GET", "/v1/provenance/key", key=READER)
