@@ -72,7 +72,8 @@ struct ru_acc {
 struct ru_dev {
 	char *device;
 	char *dims;                /* "<type>\t<labels JSON>" */
-	unsigned shard;            /* its rollup shard (0 until shards are known) */
+	unsigned shard;            /* its rollup shard, once shard_known */
+	bool shard_known;
 	int64_t used_ms;           /* the flush tick of its last reading */
 	int64_t dims_ms;           /* when its dims went to Redis (0: not yet) */
 	struct ru_acc acc[T__COUNT];
@@ -512,6 +513,16 @@ static void build_dims(struct call_build *b, struct ru_dev *d, int64_t now)
 	b->ndims++;
 }
 
+/* d's rollup shard: hashed once (the shard count never changes once known). */
+static unsigned dev_shard(struct ru_dev *d, unsigned shards)
+{
+	if (!d->shard_known) {
+		d->shard = hub_ingest_shard_of(d->device, shards);
+		d->shard_known = true;
+	}
+	return d->shard;
+}
+
 /* Table k's partials into queued calls, per shard; then cleared. */
 static void table_flush(struct hub_rollup *ru, int k, unsigned shards, int64_t now)
 {
@@ -519,19 +530,13 @@ static void table_flush(struct hub_rollup *ru, int k, unsigned shards, int64_t n
 	struct call_build b;
 
 	memset(&b, 0, sizeof(b));
-	for (size_t i = 0; i < t->ndirty; i++)
-		if (!t->dirty[i]->shard && shards > 1)
-			t->dirty[i]->shard = hub_ingest_shard_of(t->dirty[i]->device, shards) + 1;
-	for (size_t i = 0; i < t->nover; i++)
-		if (!t->overs[i]->dev->shard && shards > 1)
-			t->overs[i]->dev->shard = hub_ingest_shard_of(t->overs[i]->dev->device, shards) + 1;
 	for (unsigned s = 0; s < shards; s++) {
 		for (size_t i = 0; i < t->ndirty + t->nover; i++) {
 			bool own = i < t->ndirty;
 			struct ru_dev *d = own ? t->dirty[i] : t->overs[i - t->ndirty]->dev;
 			const struct ru_acc *a = own ? &d->acc[k] : &t->overs[i - t->ndirty]->acc;
 
-			if ((d->shard ? d->shard - 1 : 0) != s)
+			if (dev_shard(d, shards) != s)
 				continue;
 			build_dims(&b, d, now);
 			build_acc(ru, t, &b, s, d->device, a);
