@@ -37,6 +37,7 @@ static const struct opt opts[] = {
 	O("max-frame-bytes", OPT_INT, max_frame_bytes, "65536", 256, 16777216, "largest gateway message; over it the hub closes with 1009"),
 	O("max-readings-per-frame", OPT_INT, max_readings_per_frame, "1000", 1, 100000, "readings per telemetry frame; more is a bad_message"),
 	O("max-inflight-frames", OPT_INT, max_inflight_frames, "32", 1, 4096, "frames awaiting Redis per connection before the hub stops reading it"),
+	O("registry-inflight", OPT_INT, registry_inflight, "128", 1, 100000, "connect and announce calls this hub has at Redis at once; more wait in a queue in the hub (a reconnect storm cannot bury its lease renewals)"),
 	O("max-devices-per-gateway", OPT_INT, max_devices_per_gateway, "10000", 1, 1000000, "devices one gateway connection may announce"),
 	O("device-rate", OPT_DBL, device_rate, "100", 0, 1e9, "readings/s per device (token bucket rate; 0 = unlimited)"),
 	O("device-burst", OPT_DBL, device_burst, "200", 1, 1e9, "per-device bucket size"),

@@ -55,6 +55,7 @@ struct hub_config {
 	int max_readings_per_frame;
 	int max_inflight_frames;
 	int max_devices_per_gateway;
+	int registry_inflight;
 	double device_rate;
 	double device_burst;
 	double gateway_rate;

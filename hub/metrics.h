@@ -114,6 +114,9 @@ struct hub_metrics {
 	size_t stream_subscriptions;       /* their live subscriptions */
 	size_t devices_online;             /* devices announced on this instance's connections */
 	size_t rollouts_active;            /* running rollouts, as the last sweep read them */
+	size_t registry_inflight;          /* connect/announce calls at Redis (hub/registry.c) */
+	size_t registry_inflight_max;      /* ... the most at once since start */
+	size_t registry_queued;            /* ... waiting in the hub for room */
 	/* counters */
 	uint64_t connections_total;        /* gateway WebSockets established */
 	uint64_t auth_failures_total;      /* gateway upgrades refused with 401 */
@@ -125,6 +128,8 @@ struct hub_metrics {
 	uint64_t acks_total;
 	uint64_t announces_total;
 	uint64_t devices_rejected_total;   /* announce entries refused */
+	uint64_t registry_queued_total;    /* connect/announce calls that had to wait */
+	uint64_t registry_cancelled_total; /* ... dropped while waiting (connection closed) */
 	uint64_t takeovers_total;
 	uint64_t frames_too_large_total;
 	uint64_t binary_closed[HUB_WS__COUNT]; /* connections closed with 1003 */

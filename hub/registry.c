@@ -35,6 +35,10 @@ struct hub_registry {
 	hub_buf resp;              /* the command being built */
 	unsigned char slots[HUB_SLOTS / 8]; /* slots marked in HUB_KEY_SLOTS and the
 					     * run's bitmap by this process */
+	/* Admission of the connect-storm calls (registry.h). */
+	struct hub_registry_call *head, **tailp; /* the FIFO */
+	size_t inflight, queued;
+	bool pumping;
 };
 
 /* Starts EVALSHA <script> <nkeys> followed by nargs more arguments. */
@@ -219,10 +223,9 @@ int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_ite
 	return 0;
 }
 
-int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
-			 hub_redis_cb cb, void *arg)
+static int connect_send(struct hub_registry *reg, const char *gateway, double rate, double burst,
+			hub_redis_cb cb, void *arg)
 {
-	struct hub_registry *reg = hub->registry;
 	char num[32], key[HUB_KEY_MAX];
 	int n;
 
@@ -652,18 +655,240 @@ static int announce(struct hub *hub, const char *mode, const char *gateway, cons
 	return 0;
 }
 
+/* ---- admission ------------------------------------------------------------
+ * A reconnect storm hands the hub thousands of connects and announces in a
+ * few loop turns. Pipelined at once they make Redis's queue seconds deep,
+ * and the lease renewal (hub/lease.c) waits behind them until the lease
+ * expires: the hub then re-announces every device and the other hubs reap
+ * it, more work on a Redis already behind. So these calls are admitted a
+ * bounded number at a time (registry-inflight); the others wait here, in
+ * order, with a copy of their arguments, and go as replies come back. A
+ * call counts as in flight from its sending until its caller's cb ran (an
+ * announce split per slot is one call however many commands it takes). */
+
+enum call_kind { CALL_CONNECT, CALL_ANNOUNCE };
+
+struct hub_registry_call {
+	struct hub_registry_call *next, **prev; /* in the FIFO while waiting */
+	struct hub_registry *reg;
+	struct hub_registry_call **wait;        /* the caller's handle, or NULL */
+	enum call_kind kind;
+	hub_redis_cb cb;
+	void *arg;
+	const char *mode;                       /* announce: "" or "rebuild" (static) */
+	char *gateway, *conn;                   /* in the call's block */
+	double rate, burst;                     /* connect */
+	size_t n;
+	struct hub_announce_item items[];       /* announce; then the strings */
+};
+
+static void admit_stats(struct hub_registry *reg)
+{
+	struct hub_metrics *m = &reg->hub->metrics;
+
+	m->registry_inflight = reg->inflight;
+	m->registry_queued = reg->queued;
+	if (reg->inflight > m->registry_inflight_max)
+		m->registry_inflight_max = reg->inflight;
+}
+
+/* Copies s into the block at *at; returns the copy. */
+static char *call_str(char **at, const char *s, size_t len)
+{
+	char *d = *at;
+
+	memcpy(d, s, len);
+	d[len] = '\0';
+	*at += len + 1;
+	return d;
+}
+
+/* One allocation: the call, its items and every string they point to. */
+static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_kind kind,
+					  const char *gateway, const char *conn,
+					  const struct hub_announce_item *items, size_t n,
+					  hub_redis_cb cb, void *arg)
+{
+	size_t size = sizeof(struct hub_registry_call) + n * sizeof(items[0]);
+	struct hub_registry_call *k;
+	char *at;
+
+	size += strlen(gateway) + 1 + (conn ? strlen(conn) + 1 : 0);
+	for (size_t i = 0; i < n; i++)
+		size += strlen(items[i].device) + 1 + strlen(items[i].type) + 1 +
+			items[i].labels_len + 1;
+	k = hub_xcalloc(1, size);
+	at = (char *)&k->items[n];
+	k->reg = reg;
+	k->kind = kind;
+	k->cb = cb;
+	k->arg = arg;
+	k->n = n;
+	k->gateway = call_str(&at, gateway, strlen(gateway));
+	if (conn)
+		k->conn = call_str(&at, conn, strlen(conn));
+	for (size_t i = 0; i < n; i++) {
+		k->items[i].device = call_str(&at, items[i].device, strlen(items[i].device));
+		k->items[i].type = call_str(&at, items[i].type, strlen(items[i].type));
+		k->items[i].labels = call_str(&at, items[i].labels, items[i].labels_len);
+		k->items[i].labels_len = items[i].labels_len;
+	}
+	return k;
+}
+
+static void admit_pump(struct hub_registry *reg);
+
+/* The call's command(s) answered: its caller's cb, then room for the next. */
+static void on_call_reply(redisReply *reply, void *arg)
+{
+	struct hub_registry_call *k = arg;
+	struct hub_registry *reg = k->reg;
+
+	reg->inflight--;
+	if (k->cb)
+		k->cb(reply, k->arg);
+	free(k);
+	admit_stats(reg);
+	admit_pump(reg);
+}
+
+/* Sends k (counted in flight first: on a cluster a split announce may
+ * answer before this returns, freeing k). 0, or -1: not sent, k is the
+ * caller's. */
+static int call_send(struct hub_registry *reg, struct hub_registry_call *k)
+{
+	int rc;
+
+	reg->inflight++;
+	admit_stats(reg);
+	if (k->kind == CALL_CONNECT)
+		rc = connect_send(reg, k->gateway, k->rate, k->burst, on_call_reply, k);
+	else
+		rc = announce(reg->hub, k->mode, k->gateway, k->conn, k->items, k->n,
+			      on_call_reply, k);
+	if (rc) {
+		reg->inflight--;
+		admit_stats(reg);
+	}
+	return rc;
+}
+
+static size_t admit_limit(const struct hub_registry *reg)
+{
+	int v = reg->hub->cfg.registry_inflight;
+
+	return v > 0 ? (size_t)v : 1;
+}
+
+/* Takes the FIFO's k out; its caller's handle is cleared. */
+static void queue_del(struct hub_registry *reg, struct hub_registry_call *k)
+{
+	*k->prev = k->next;
+	if (k->next)
+		k->next->prev = k->prev;
+	else
+		reg->tailp = k->prev;
+	if (k->wait)
+		*k->wait = NULL;
+	reg->queued--;
+	admit_stats(reg);
+}
+
+/* Sends waiting calls while there is room. A call that cannot be sent
+ * (Redis went away meanwhile) is answered NULL at once. */
+static void admit_pump(struct hub_registry *reg)
+{
+	if (reg->pumping)
+		return;
+	reg->pumping = true;
+	while (reg->head && reg->inflight < admit_limit(reg)) {
+		struct hub_registry_call *k = reg->head;
+
+		queue_del(reg, k);
+		if (call_send(reg, k)) {
+			if (k->cb)
+				k->cb(NULL, k->arg);
+			free(k);
+		}
+	}
+	reg->pumping = false;
+}
+
+/* Sends k now, or queues it behind the calls already waiting. */
+static int admit(struct hub_registry *reg, struct hub_registry_call *k,
+		 struct hub_registry_call **wait)
+{
+	if (!reg->head && reg->inflight < admit_limit(reg)) {
+		if (call_send(reg, k)) {
+			free(k);
+			return -1;
+		}
+		return 0;
+	}
+	if (!hub_redis_up(reg->hub->redis)) {
+		free(k);
+		return -1;
+	}
+	k->wait = wait;
+	if (wait)
+		*wait = k;
+	k->next = NULL;
+	k->prev = reg->tailp;
+	*reg->tailp = k;
+	reg->tailp = &k->next;
+	reg->queued++;
+	reg->hub->metrics.registry_queued_total++;
+	admit_stats(reg);
+	return 0;
+}
+
+void hub_registry_cancel(struct hub *hub, struct hub_registry_call **wait)
+{
+	struct hub_registry_call *k = wait ? *wait : NULL;
+
+	if (!k || !hub->registry)
+		return;
+	queue_del(hub->registry, k);
+	hub->metrics.registry_cancelled_total++;
+	if (k->cb)
+		k->cb(NULL, k->arg);
+	free(k);
+}
+
+int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
+			 hub_redis_cb cb, void *arg, struct hub_registry_call **wait)
+{
+	struct hub_registry *reg = hub->registry;
+	struct hub_registry_call *k = call_new(reg, CALL_CONNECT, gateway, NULL, NULL, 0, cb, arg);
+
+	k->rate = rate;
+	k->burst = burst;
+	return admit(reg, k, wait);
+}
+
+static int announce_admit(struct hub *hub, const char *mode, const char *gateway,
+			  const char *conn, const struct hub_announce_item *items, size_t n,
+			  hub_redis_cb cb, void *arg, struct hub_registry_call **wait)
+{
+	struct hub_registry *reg = hub->registry;
+	struct hub_registry_call *k = call_new(reg, CALL_ANNOUNCE, gateway, conn, items, n, cb, arg);
+
+	k->mode = mode;
+	return admit(reg, k, wait);
+}
+
 int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
 			  const struct hub_announce_item *items, size_t n,
-			  hub_redis_cb cb, void *arg)
+			  hub_redis_cb cb, void *arg, struct hub_registry_call **wait)
 {
-	return announce(hub, "", gateway, conn, items, n, cb, arg);
+	return announce_admit(hub, "", gateway, conn, items, n, cb, arg, wait);
 }
 
 int hub_registry_reannounce(struct hub *hub, const char *gateway, const char *conn,
 			    const struct hub_announce_item *items, size_t n,
-			    hub_redis_cb cb, void *arg)
+			    hub_redis_cb cb, void *arg, struct hub_registry_call **wait)
 {
-	return announce(hub, "rebuild", gateway, conn, items, n, cb, arg);
+	return announce_admit(hub, "rebuild", gateway, conn, items, n, cb, arg, wait);
 }
 
 void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoch)
@@ -748,6 +973,7 @@ static int registry_module_start(struct hub *hub, char *err, size_t errlen)
 	reg->script_epoch_floor = hub_redis_add_script(hub->redis, hub_lua_epoch_floor);
 	reg->script_slots_mark = hub_redis_add_script(hub->redis, hub_lua_slots_mark);
 	snprintf(reg->run_id, sizeof(reg->run_id), "%s:%s", hub->instance_id, hub->run_token);
+	reg->tailp = &reg->head;
 	return 0;
 }
 
@@ -757,6 +983,13 @@ static void registry_module_free(struct hub *hub)
 
 	if (!reg)
 		return;
+	/* Normally empty by now: the bus answered every pending command NULL
+	 * when it disconnected, and each answer failed the waiting calls. */
+	while (reg->head) {
+		struct hub_registry_call *k = reg->head;
+		queue_del(reg, k);
+		free(k);
+	}
 	hub_buf_free(&reg->resp);
 	free(reg);
 	hub->registry = NULL;

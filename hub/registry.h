@@ -5,6 +5,14 @@
  * frame's feed entry, and records the seq). Key layout: docs/streams.md.
  * Each call queues one command on the bus and returns 0 (cb runs once) or -1
  * when Redis is down (cb does not run).
+ *
+ * Admission: connect, announce and reannounce calls (the connect-storm path)
+ * share a bound, registry-inflight calls at Redis at once. A call over it
+ * waits in a FIFO in the hub, a copy of its arguments, and is sent when an
+ * earlier one is answered; its cb runs then, later, never from inside the
+ * call itself. The FIFO holds at most one call per gateway connection (a
+ * connection is not read while its connect or announce is pending) plus the
+ * re-announce's paced share. While Redis is down nothing is queued (-1).
  */
 #ifndef HUB_REGISTRY_H
 #define HUB_REGISTRY_H
@@ -24,6 +32,18 @@ extern const struct hub_module hub_registry_module;
  * set are set again at the next announces. */
 void hub_registry_forget_slots(struct hub *hub);
 
+/* A call waiting for room (opaque). A caller that may go away while its
+ * call waits passes wait: *wait is set while the call is in the FIFO and
+ * NULL once it left it (sent, failed or cancelled); it must stay valid
+ * until then. */
+struct hub_registry_call;
+
+/* Takes a waiting call out of the FIFO: nothing is sent, and its cb runs
+ * now with reply NULL (as for a failed command). No-op when *wait is NULL.
+ * For a connection that closes: what it queued must not reach Redis after
+ * its devices went offline. */
+void hub_registry_cancel(struct hub *hub, struct hub_registry_call **wait);
+
 struct hub_announce_item {
 	const char *device;
 	const char *type;
@@ -39,7 +59,7 @@ struct hub_announce_item {
  * Reply: an array with each device's stored rate-limit TAT (ms, "0": none). */
 int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn,
 			  const struct hub_announce_item *items, size_t n,
-			  hub_redis_cb cb, void *arg);
+			  hub_redis_cb cb, void *arg, struct hub_registry_call **wait);
 
 /* The same for devices this hub already holds (hub/lease.c rebuilds the
  * registry after Redis lost it, or after this instance's lease was reaped):
@@ -47,7 +67,7 @@ int hub_registry_announce(struct hub *hub, const char *gateway, const char *conn
  * element is "-1" (it moved meanwhile; the local connection drops it). */
 int hub_registry_reannounce(struct hub *hub, const char *gateway, const char *conn,
 			    const struct hub_announce_item *items, size_t n,
-			    hub_redis_cb cb, void *arg);
+			    hub_redis_cb cb, void *arg, struct hub_registry_call **wait);
 
 /* Raises iot:gw:{gateway}:epoch to at least epoch (a live connection's,
  * after Redis lost it). Fire and forget. */
@@ -77,7 +97,7 @@ int hub_registry_seen(struct hub *hub, int64_t now_ms, const struct hub_seen_ite
  * Reply: {epoch, allowed 1|0, retry ms, telemetry TAT, announce TAT, ack
  * TAT} (TATs as strings, "0" = none). */
 int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
-			 hub_redis_cb cb, void *arg);
+			 hub_redis_cb cb, void *arg, struct hub_registry_call **wait);
 
 /* Keeps the gateway's rate-limit TATs (ms; 0 = none): a later stored value
  * wins. Fire and forget. */

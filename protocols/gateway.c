@@ -58,6 +58,7 @@ struct gw_reply {
 	bool waiting;
 	bool is_announce;
 	bool holds;                /* the connection is not read until it is ready */
+	struct hub_registry_call *regq; /* its announce, while it waits for room (registry.h) */
 	char **announced;          /* accepted devices: their commands go out once registered */
 	size_t nannounced;
 	int64_t seq;
@@ -82,6 +83,8 @@ struct gw_conn {
 	hub_bucket announce_bucket, ack_bucket;
 	struct gw_conn *displaced; /* the local connection of the gateway this one
 				    * replaces once its connect is allowed */
+	struct hub_registry_call *connect_q, *rebuild_q; /* its connect, its
+				    * re-announce, while they wait for room */
 	struct ws_rx rx;           /* message reassembly, capped */
 	const char **seen;         /* devices with readings since the last flush */
 	size_t nseen, seen_cap;
@@ -1056,7 +1059,8 @@ static void handle_announce(struct gw_conn *c, gw_msg *msg)
 		 * in before any of their readings is counted. */
 		r->holds = true;
 		c->holds++;
-		if (hub_registry_announce(hub, c->gw, c->conn_id, items, nacc, on_announced, r)) {
+		if (hub_registry_announce(hub, c->gw, c->conn_id, items, nacc, on_announced, r,
+					  &r->regq)) {
 			r->waiting = false;
 			r->holds = false;
 			c->holds--;
@@ -1594,7 +1598,7 @@ static int on_established(struct lws *wsi, struct gw_pss *pss, struct hub *hub)
 	conns_changed(hub->gw);
 	c->holds++;
 	if (!hub_registry_connect(hub, c->gw, hub->cfg.gateway_connect_rate,
-				  hub->cfg.gateway_connect_burst, on_connect, c)) {
+				  hub->cfg.gateway_connect_burst, on_connect, c, &c->connect_q)) {
 		c->refs++;
 	} else {
 		c->holds--;
@@ -1688,13 +1692,22 @@ static void on_closed(struct gw_pss *pss)
 		free(o.tats);
 	}
 	c->wsi = NULL;
-	/* Ready replies die now; waiting ones when Redis answers. */
+	/* What still waits for room at the registry (hub/registry.h) never
+	 * goes: sent after the offline above, it would register devices of a
+	 * connection that is gone. Each is answered NULL now. */
+	hub_registry_cancel(hub, &c->connect_q);
+	hub_registry_cancel(hub, &c->rebuild_q);
+	/* Ready replies die now; waiting ones when Redis answers (or now, for
+	 * an announce that had not left the hub yet). */
 	struct gw_reply **pp = &c->head;
 	while (*pp) {
 		struct gw_reply *r = *pp;
-		if (!r->waiting) {
+		if (!r->waiting || r->regq) {
 			*pp = r->next;
-			reply_free(r);
+			if (r->waiting)
+				hub_registry_cancel(hub, &r->regq); /* on_announced frees it */
+			else
+				reply_free(r);
 		} else {
 			pp = &r->next;
 		}
@@ -1873,7 +1886,8 @@ static void on_reannounced(redisReply *reply, void *arg)
 	if (!reply || reply->type != REDIS_REPLY_ARRAY) {
 		if (reply && reply->type == REDIS_REPLY_ERROR)
 			hub_err("gateway %s: re-announce failed: %s", c->gw, reply->str);
-		gws->rb.failed = true;
+		if (c->wsi && !c->closing)
+			gws->rb.failed = true; /* a closed one has nothing to re-announce */
 	} else {
 		for (size_t i = 0; i < ra->n; i++) {
 			const redisReply *t = i < reply->elements ? reply->element[i] : NULL;
@@ -1935,7 +1949,8 @@ static void reannounce_conn(struct gw_conn *c)
 	struct rebuild_items ri;
 	size_t n = c->devices.count;
 
-	if (!c->wsi || c->closing || !n) {
+	if (!c->wsi || c->closing || !n || c->rebuild_q) {
+		/* (an earlier round's re-announce of it still waits: it goes) */
 		conn_unref(c);
 		return;
 	}
@@ -1952,7 +1967,7 @@ static void reannounce_conn(struct gw_conn *c)
 		return;
 	}
 	if (hub_registry_reannounce(hub, c->gw, c->conn_id, ri.items, ri.ra->n,
-				    on_reannounced, ri.ra)) {
+				    on_reannounced, ri.ra, &c->rebuild_q)) {
 		hub->gw->rb.failed = true;
 		for (size_t i = 0; i < ri.ra->n; i++)
 			free(ri.ra->ids[i]);
