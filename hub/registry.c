@@ -983,6 +983,10 @@ static void registry_module_free(struct hub *hub)
 
 	if (!reg)
 		return;
+	if (hub->metrics.registry_cancelled_total)
+		hub_info("registry: %llu connect/announce calls dropped unsent (their connections "
+			 "closed while they waited)",
+			 (unsigned long long)hub->metrics.registry_cancelled_total);
 	/* Normally empty by now: the bus answered every pending command NULL
 	 * when it disconnected, and each answer failed the waiting calls. */
 	while (reg->head) {
