@@ -317,19 +317,19 @@ void hub_metrics_render(const struct hub *hub, hub_buf *o)
 	gauge(o, "iot_hub_redis_pending", "Redis commands awaiting a reply.",
 	      hub->redis ? (double)hub_redis_pending(hub->redis) : 0);
 	gauge(o, "iot_hub_registry_inflight",
-	      "Gateway connect and announce calls at Redis (at most registry-inflight).",
+	      "Gateway connection registry calls (connect, announce, offline) at Redis (at most registry-inflight).",
 	      (double)hub->metrics.registry_inflight);
 	gauge(o, "iot_hub_registry_inflight_max",
-	      "The most gateway connect and announce calls at Redis at once since start.",
+	      "The most gateway connection registry calls at Redis at once since start.",
 	      (double)hub->metrics.registry_inflight_max);
 	gauge(o, "iot_hub_registry_queued",
-	      "Gateway connect and announce calls waiting in the hub for room at Redis.",
+	      "Gateway connection registry calls waiting in the hub for room at Redis.",
 	      (double)hub->metrics.registry_queued);
 	counter(o, "iot_hub_registry_queued_total",
-		"Gateway connect and announce calls that waited for room at Redis.",
+		"Gateway connection registry calls that waited for room at Redis.",
 		hub->metrics.registry_queued_total);
 	counter(o, "iot_hub_registry_cancelled_total",
-		"Waiting connect and announce calls dropped because their connection closed.",
+		"Waiting connect and announce calls dropped unsent because their connection closed.",
 		hub->metrics.registry_cancelled_total);
 	gauge(o, "iot_hub_device_types", "Device types loaded.",
 	      hub->schemas ? (double)schema_set_count(hub->schemas) : 0);

@@ -240,10 +240,9 @@ static int connect_send(struct hub_registry *reg, const char *gateway, double ra
 	return resp_send(reg, cb, arg);
 }
 
-void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t telemetry_tat,
-			      int64_t announce_tat, int64_t ack_tat)
+static int limits_send(struct hub_registry *reg, const char *gateway, int64_t telemetry_tat,
+		       int64_t announce_tat, int64_t ack_tat, hub_redis_cb cb, void *arg)
 {
-	struct hub_registry *reg = hub->registry;
 	char key[HUB_KEY_MAX];
 
 	resp_eval(reg, reg->script_limits, 1, 1 + 4);
@@ -252,7 +251,7 @@ void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t tele
 	resp_int(reg, telemetry_tat);
 	resp_int(reg, announce_tat);
 	resp_int(reg, ack_tat);
-	resp_send(reg, NULL, NULL);
+	return resp_send(reg, cb, arg);
 }
 
 /* ---- announce and the sets devices leave -------------------------------- */
@@ -666,7 +665,11 @@ static int announce(struct hub *hub, const char *mode, const char *gateway, cons
  * call counts as in flight from its sending until its caller's cb ran (an
  * announce split per slot is one call however many commands it takes). */
 
-enum call_kind { CALL_CONNECT, CALL_ANNOUNCE };
+static size_t offline_send(struct hub_registry *reg, const char *conn,
+			   const char *const *devices, const int64_t *tats, size_t n,
+			   hub_redis_cb cb, void *arg);
+
+enum call_kind { CALL_CONNECT, CALL_ANNOUNCE, CALL_OFFLINE, CALL_LIMITS };
 
 struct hub_registry_call {
 	struct hub_registry_call *next, **prev; /* in the FIFO while waiting */
@@ -678,6 +681,10 @@ struct hub_registry_call {
 	const char *mode;                       /* announce: "" or "rebuild" (static) */
 	char *gateway, *conn;                   /* in the call's block */
 	double rate, burst;                     /* connect */
+	int64_t tats3[3];                       /* limits */
+	size_t parts;                           /* offline: its calls awaiting a reply */
+	const char **devices;                   /* offline: n, in the call's block */
+	int64_t *tats;                          /* offline: n */
 	size_t n;
 	struct hub_announce_item items[];       /* announce; then the strings */
 };
@@ -713,7 +720,7 @@ static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_ki
 	struct hub_registry_call *k;
 	char *at;
 
-	size += strlen(gateway) + 1 + (conn ? strlen(conn) + 1 : 0);
+	size += (gateway ? strlen(gateway) + 1 : 0) + (conn ? strlen(conn) + 1 : 0);
 	for (size_t i = 0; i < n; i++)
 		size += strlen(items[i].device) + 1 + strlen(items[i].type) + 1 +
 			items[i].labels_len + 1;
@@ -724,7 +731,8 @@ static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_ki
 	k->cb = cb;
 	k->arg = arg;
 	k->n = n;
-	k->gateway = call_str(&at, gateway, strlen(gateway));
+	if (gateway)
+		k->gateway = call_str(&at, gateway, strlen(gateway));
 	if (conn)
 		k->conn = call_str(&at, conn, strlen(conn));
 	for (size_t i = 0; i < n; i++) {
@@ -738,6 +746,28 @@ static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_ki
 
 static void admit_pump(struct hub_registry *reg);
 
+static void call_free(struct hub_registry_call *k)
+{
+	if (k->kind == CALL_OFFLINE) {
+		for (size_t i = 0; i < k->n; i++)
+			free((char *)k->devices[i]);
+		free(k->devices);
+		free(k->tats);
+	}
+	free(k);
+}
+
+static void on_call_reply(redisReply *reply, void *arg);
+
+/* One of an offline's per-slot calls answered; the last ends it. */
+static void on_call_part(redisReply *reply, void *arg)
+{
+	struct hub_registry_call *k = arg;
+
+	if (!--k->parts)
+		on_call_reply(reply, k);
+}
+
 /* The call's command(s) answered: its caller's cb, then room for the next. */
 static void on_call_reply(redisReply *reply, void *arg)
 {
@@ -747,7 +777,7 @@ static void on_call_reply(redisReply *reply, void *arg)
 	reg->inflight--;
 	if (k->cb)
 		k->cb(reply, k->arg);
-	free(k);
+	call_free(k);
 	admit_stats(reg);
 	admit_pump(reg);
 }
@@ -761,11 +791,23 @@ static int call_send(struct hub_registry *reg, struct hub_registry_call *k)
 
 	reg->inflight++;
 	admit_stats(reg);
-	if (k->kind == CALL_CONNECT)
+	switch (k->kind) {
+	case CALL_CONNECT:
 		rc = connect_send(reg, k->gateway, k->rate, k->burst, on_call_reply, k);
-	else
+		break;
+	case CALL_ANNOUNCE:
 		rc = announce(reg->hub, k->mode, k->gateway, k->conn, k->items, k->n,
 			      on_call_reply, k);
+		break;
+	case CALL_LIMITS:
+		rc = limits_send(reg, k->gateway, k->tats3[0], k->tats3[1], k->tats3[2],
+				 on_call_reply, k);
+		break;
+	default: /* CALL_OFFLINE: its replies cannot come before this returns */
+		k->parts = offline_send(reg, k->conn, k->devices, k->tats, k->n, on_call_part, k);
+		rc = k->parts ? 0 : -1;
+		break;
+	}
 	if (rc) {
 		reg->inflight--;
 		admit_stats(reg);
@@ -808,7 +850,7 @@ static void admit_pump(struct hub_registry *reg)
 		if (call_send(reg, k)) {
 			if (k->cb)
 				k->cb(NULL, k->arg);
-			free(k);
+			call_free(k);
 		}
 	}
 	reg->pumping = false;
@@ -820,13 +862,13 @@ static int admit(struct hub_registry *reg, struct hub_registry_call *k,
 {
 	if (!reg->head && reg->inflight < admit_limit(reg)) {
 		if (call_send(reg, k)) {
-			free(k);
+			call_free(k);
 			return -1;
 		}
 		return 0;
 	}
 	if (!hub_redis_up(reg->hub->redis)) {
-		free(k);
+		call_free(k);
 		return -1;
 	}
 	k->wait = wait;
@@ -852,7 +894,7 @@ void hub_registry_cancel(struct hub *hub, struct hub_registry_call **wait)
 	hub->metrics.registry_cancelled_total++;
 	if (k->cb)
 		k->cb(NULL, k->arg);
-	free(k);
+	call_free(k);
 }
 
 int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
@@ -864,6 +906,42 @@ int hub_registry_connect(struct hub *hub, const char *gateway, double rate, doub
 	k->rate = rate;
 	k->burst = burst;
 	return admit(reg, k, wait);
+}
+
+void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t telemetry_tat,
+			      int64_t announce_tat, int64_t ack_tat, bool paced)
+{
+	struct hub_registry *reg = hub->registry;
+	struct hub_registry_call *k;
+
+	if (!paced) {
+		limits_send(reg, gateway, telemetry_tat, announce_tat, ack_tat, NULL, NULL);
+		return;
+	}
+	k = call_new(reg, CALL_LIMITS, gateway, NULL, NULL, 0, NULL, NULL);
+	k->tats3[0] = telemetry_tat;
+	k->tats3[1] = announce_tat;
+	k->tats3[2] = ack_tat;
+	admit(reg, k, NULL);
+}
+
+void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,
+			  const int64_t *tats, size_t n)
+{
+	struct hub_registry *reg = hub->registry;
+	struct hub_registry_call *k;
+
+	if (!n)
+		return;
+	k = call_new(reg, CALL_OFFLINE, NULL, conn, NULL, 0, NULL, NULL);
+	k->n = n;
+	k->devices = hub_xmalloc(n * sizeof(*k->devices));
+	k->tats = hub_xmalloc(n * sizeof(*k->tats));
+	for (size_t i = 0; i < n; i++) {
+		k->devices[i] = hub_xstrdup(devices[i]);
+		k->tats[i] = tats[i];
+	}
+	admit(reg, k, NULL);
 }
 
 static int announce_admit(struct hub *hub, const char *mode, const char *gateway,
@@ -903,9 +981,9 @@ void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoc
 }
 
 /* One offline call over devices idx[0..n) (NULL: all n). */
-static void offline_call(struct hub_registry *reg, const char *conn, const char *run,
-			 const char *const *devices, const int64_t *tats, const size_t *idx,
-			 size_t n)
+static int offline_call(struct hub_registry *reg, const char *conn, const char *run,
+			const char *const *devices, const int64_t *tats, const size_t *idx,
+			size_t n, hub_redis_cb cb, void *arg)
 {
 	char key[HUB_KEY_MAX];
 
@@ -922,7 +1000,7 @@ static void offline_call(struct hub_registry *reg, const char *conn, const char 
 		resp_str(reg, devices[idx ? idx[j] : j]);
 		resp_int(reg, tats[idx ? idx[j] : j]);
 	}
-	resp_send(reg, NULL, NULL);
+	return resp_send(reg, cb, arg);
 }
 
 static const char *offline_dev(const void *items, size_t i)
@@ -930,28 +1008,30 @@ static const char *offline_dev(const void *items, size_t i)
 	return ((const char *const *)items)[i];
 }
 
-void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,
-			  const int64_t *tats, size_t n)
+/* The offline calls of devices (one, or one per slot); cb(arg) once per
+ * call sent. Returns how many were sent. */
+static size_t offline_send(struct hub_registry *reg, const char *conn,
+			   const char *const *devices, const int64_t *tats, size_t n,
+			   hub_redis_cb cb, void *arg)
 {
-	struct hub_registry *reg = hub->registry;
 	char run[HUB_KEY_MAX];
+	size_t sent = 0;
 
 	if (!hub_run_of_conn(run, sizeof(run), conn)) {
 		hub_err("registry: connection id %s has no run id", conn);
-		return;
+		return 0;
 	}
-	if (!hub_redis_split(hub->redis) || n < 2) {
-		offline_call(reg, conn, run, devices, tats, NULL, n);
-		return;
-	}
+	if (!hub_redis_split(reg->hub->redis) || n < 2)
+		return offline_call(reg, conn, run, devices, tats, NULL, n, cb, arg) ? 0 : 1;
 	/* One call per slot: each device goes offline and leaves its slot's
 	 * run set in one call, wherever the crash falls. */
 	size_t *order = slot_order(devices, n, offline_dev);
 	for (size_t at = 0, end; at < n; at = end) {
 		end = slot_group_end(devices, order, at, n, offline_dev);
-		offline_call(reg, conn, run, devices, tats, order + at, end - at);
+		sent += !offline_call(reg, conn, run, devices, tats, order + at, end - at, cb, arg);
 	}
 	free(order);
+	return sent;
 }
 
 /* ---- the module ---------------------------------------------------------- */
@@ -992,7 +1072,7 @@ static void registry_module_free(struct hub *hub)
 	while (reg->head) {
 		struct hub_registry_call *k = reg->head;
 		queue_del(reg, k);
-		free(k);
+		call_free(k);
 	}
 	hub_buf_free(&reg->resp);
 	free(reg);

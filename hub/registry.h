@@ -6,7 +6,8 @@
  * Each call queues one command on the bus and returns 0 (cb runs once) or -1
  * when Redis is down (cb does not run).
  *
- * Admission: connect, announce and reannounce calls (the connect-storm path)
+ * Admission: connect, announce and reannounce calls (the connect-storm path),
+ * and the offline and limits of closing connections (the drop before it),
  * share a bound, registry-inflight calls at Redis at once. A call over it
  * waits in a FIFO in the hub, a copy of its arguments, and is sent when an
  * earlier one is answered; its cb runs then, later, never from inside the
@@ -17,6 +18,7 @@
 #ifndef HUB_REGISTRY_H
 #define HUB_REGISTRY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -75,7 +77,8 @@ void hub_registry_epoch_floor(struct hub *hub, const char *gateway, int64_t epoc
 
 /* Marks devices offline, but only those still owned by conn (a takeover on any
  * instance moved the others), and keeps each device's rate-limit TAT (tats[i],
- * ms; 0 = none). Fire and forget. */
+ * ms; 0 = none). Fire and forget, paced with the connects and announces (a
+ * closing connection's call: the burst of a fleet that drops at once). */
 void hub_registry_offline(struct hub *hub, const char *conn, const char *const *devices,
 			  const int64_t *tats, size_t n);
 
@@ -100,9 +103,10 @@ int hub_registry_connect(struct hub *hub, const char *gateway, double rate, doub
 			 hub_redis_cb cb, void *arg, struct hub_registry_call **wait);
 
 /* Keeps the gateway's rate-limit TATs (ms; 0 = none): a later stored value
- * wins. Fire and forget. */
+ * wins. Fire and forget; paced (a closing connection's) waits its turn with
+ * the connects and announces, else it is sent now. */
 void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t telemetry_tat,
-			      int64_t announce_tat, int64_t ack_tat);
+			      int64_t announce_tat, int64_t ack_tat, bool paced);
 
 struct hub_store_reading {
 	const char *device;

@@ -1441,7 +1441,7 @@ static void seen_batch_send(struct hub *hub)
 		on_seen(NULL, ss);
 }
 
-static void save_limits(struct gw_conn *c, int64_t now_us, int64_t now_ms)
+static void save_limits(struct gw_conn *c, int64_t now_us, int64_t now_ms, bool closing)
 {
 	struct hub_config *cfg = &c->hub->cfg;
 
@@ -1453,7 +1453,7 @@ static void save_limits(struct gw_conn *c, int64_t now_us, int64_t now_ms)
 		hub_bucket_tat_ms(&c->announce_bucket, cfg->announce_rate, cfg->announce_burst,
 				  now_us, now_ms),
 		hub_bucket_tat_ms(&c->ack_bucket, cfg->command_ack_rate, cfg->command_ack_burst,
-				  now_us, now_ms));
+				  now_us, now_ms), closing);
 }
 
 static void flush_seen_conn(struct gw_conn *c, int64_t now_ms)
@@ -1462,7 +1462,7 @@ static void flush_seen_conn(struct gw_conn *c, int64_t now_ms)
 	struct hub_config *cfg = &c->hub->cfg;
 
 	gws->seen.now_ms = now_ms;
-	save_limits(c, gws->seen.now_us, now_ms);
+	save_limits(c, gws->seen.now_us, now_ms, false);
 	for (size_t i = 0; i < c->nseen; i++) {
 		struct gw_dev *d = hub_strmap_get(&c->devices, c->seen[i], strlen(c->seen[i]));
 		if (!d)
@@ -1677,7 +1677,7 @@ static void on_closed(struct gw_pss *pss)
 		hub_strmap_del(&hub->gw->conns, c->gw, strlen(c->gw));
 	conns_changed(hub->gw);
 	int64_t now_us = hub_mono_us(), now_ms = hub_now_ms();
-	save_limits(c, now_us, now_ms);
+	save_limits(c, now_us, now_ms, true);
 	if (c->devices.count) {
 		struct offline_ctx o = {
 			hub_xmalloc(c->devices.count * sizeof(char *)),

@@ -1,7 +1,8 @@
 """A reconnect storm against a hub with a small registry-inflight: thousands
 of gateways connect and announce at once; the hub keeps at most that many
 connect/announce calls at Redis (the rest wait in the hub), every gateway
-still gets its `announced`, and every device is online in Redis. The hostile
+still gets its `announced`, every device is online in Redis, and all go
+offline when the fleet drops (those calls are paced too). The hostile
 half: connections that close while their calls wait must not crash the hub,
 leave entries in its queue, or come back online in Redis."""
 
@@ -98,6 +99,10 @@ class Storm(HubTestCase):
                    what="the registry queue empty after the storm")
         wait_until(lambda: metric_value(self.metrics(hub), "iot_hub_registry_inflight") == 0, 10,
                    what="no registry call in flight after the storm")
+        # gw-sim is gone: the closes' offline calls (paced the same way) all went.
+        wait_until(lambda: self.online(redis, devices) == 0, 20, interval=0.5,
+                   what="every device offline once gw-sim has gone")
+        self.assertLessEqual(metric_value(self.metrics(hub), "iot_hub_registry_inflight_max"), BOUND)
         print("storm of %d gateways (bound %d): all announced in %.1f s" % (STORM, BOUND, storm_s))
 
     async def test_closed_while_queued(self):
