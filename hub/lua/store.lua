@@ -122,13 +122,17 @@ for f = 1, frames do
     redis.call('ZREM', key, seq)
     out[f] = mismatch
   else
-    if tonumber(seq) % TRIM_EVERY == 0 then
+    local sn = tonumber(seq)
+    if sn % TRIM_EVERY == 0 then
       redis.call('ZREMRANGEBYRANK', key, 0, -window - 1)
     end
-    local anom, j = {}, g1 + 1
-    while j < p do anom[tonumber(ARGV[j])] = ARGV[j + 1]; j = j + 2 end
+    local anom, j = nil, g1 + 1
+    if j < p then
+      anom = {}
+      while j < p do anom[tonumber(ARGV[j])] = ARGV[j + 1]; j = j + 2 end
+    end
     for i = r, b - 1, w do
-      local flags = anom[(i - r) / w + 1]
+      local flags = anom and anom[(i - r) / w + 1]
       if pk > 0 then
         -- the chain fields (docs/provenance.md); 'anom' is derived, not chained
         if flags then
@@ -162,10 +166,11 @@ for f = 1, frames do
                       'gw', gw, 'seq', seq, 'readings', lines)
     end
     for g = b + 1, g1 - 1, 3 do
-      redis.call(pub, ARGV[g],
-                 head .. id .. '\n' .. string.sub(lines, tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])))
+      local from, to = tonumber(ARGV[g + 1]), tonumber(ARGV[g + 2])
+      redis.call(pub, ARGV[g], head .. id .. '\n' ..
+                 ((from == 1 and to == #lines) and lines or string.sub(lines, from, to)))
     end
-    if tonumber(seq) % TTL_EVERY == 0 or redis.call('TTL', key) < 0 then
+    if sn % TTL_EVERY == 0 or redis.call('TTL', key) < 0 then
       redis.call('EXPIRE', key, SEQS_TTL_S)
     end
     out[f] = {1, id}
