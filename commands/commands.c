@@ -25,6 +25,7 @@
 #define SWEEP_BATCH    "256"
 #define SWEEP_SLOTS    1024   /* slot timers read per sweep (rotating) */
 #define UNION_KEYS     1024   /* keys read by one call on one Redis */
+#define DUE_KEYS       128    /* slots' timers read by one cmd_due call (one Redis) */
 
 /* ---- the scripts ------------------------------------------------------------
  * hub/lua/cmd_*.lua and rollout_*.lua (each file's top comment is its
@@ -55,6 +56,11 @@ struct cmd_engine {
 	char ctl_channel[HUB_KEY_MAX];
 	struct hub_redis_channel *ctl;
 	unsigned sweep_next;         /* the next slot the sweep reads */
+	/* On one Redis, a sweep walks the marked slots DUE_KEYS at a time,
+	 * one call in flight: due[due_at..due_n) are still to read. */
+	uint16_t *due;
+	size_t due_n, due_at;
+	bool due_walking, stopped;
 };
 
 static const char *const states[] = {
@@ -512,52 +518,85 @@ static void on_active_rollouts(redisReply *r, void *arg)
 			rollout_step(E, r->element[i]->str);
 }
 
-/* The slot directory was read: the timers of the next SWEEP_SLOTS slots
- * that hold devices (all of them each second up to that many; beyond, a
- * rotating share). */
+static void due_next(struct cmd_engine *E);
+
+static void on_due(redisReply *r, void *arg)
+{
+	struct cmd_engine *E = arg;
+
+	on_sweep(r, arg);
+	if (!r || E->stopped) {
+		E->due_walking = false; /* Redis lost or stopping: the next sweep starts over */
+		return;
+	}
+	due_next(E);
+}
+
+/* The next DUE_KEYS marked slots' timers, or the walk's end. One call at a
+ * time: a call of 1,024 keys held Redis for 2-8 ms, sixteen of them each
+ * second once every slot held devices, and the store calls queued behind
+ * them set W3's p99; one of 128 holds it for a few hundred us. */
+static void due_next(struct cmd_engine *E)
+{
+	size_t n = E->due_n - E->due_at;
+	char key[HUB_KEY_MAX], now[24];
+	hub_buf b = { 0 };
+
+	if (n > DUE_KEYS)
+		n = DUE_KEYS;
+	if (!n) {
+		E->due_walking = false;
+		return;
+	}
+	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
+	call_begin(E, &b, S_DUE, n, 2, false);
+	for (size_t i = 0; i < n; i++)
+		call_key(&b, key, hub_key_idx_timers(key, sizeof(key), E->due[E->due_at + i]));
+	call_arg(&b, now);
+	call_arg(&b, SWEEP_BATCH);
+	E->due_at += n;
+	if (call_send(E, &b, on_due, E))
+		E->due_walking = false;
+}
+
+static bool slot_is_marked(const redisReply *dir, unsigned s)
+{
+	return s / 8 < dir->len && (((unsigned char)dir->str[s / 8]) & (0x80u >> (s % 8)));
+}
+
+/* The slot directory was read. On one Redis: the timers of every marked
+ * slot, walked DUE_KEYS slots a call (a walk still going when the next
+ * second comes is left to finish). Where calls keep to one slot: the
+ * timers of the next SWEEP_SLOTS slots that hold devices (all of them each
+ * second up to that many; beyond, a rotating share). */
 static void on_sweep_slots(redisReply *r, void *arg)
 {
 	struct cmd_engine *E = arg;
 	char now[24];
 	unsigned seen = 0, s = E->sweep_next, scanned = 0;
 
-	if (!r || r->type != REDIS_REPLY_STRING)
+	if (!r || r->type != REDIS_REPLY_STRING || E->stopped)
 		return;
-	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
 	if (!hub_redis_split(E->hub->redis)) {
-		/* One Redis: every marked slot each second, the timers of up
-		 * to UNION_KEYS slots per cmd_due call. */
-		hub_buf b = { 0 };
-		char key[HUB_KEY_MAX];
-		unsigned marked[UNION_KEYS];
-		size_t n = 0;
-
-		for (s = 0; s <= HUB_SLOTS; s++) {
-			if (s < HUB_SLOTS) {
-				if (s / 8 >= r->len ||
-				    !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
-					continue;
-				marked[n++] = s;
-			}
-			if (!n || (n < UNION_KEYS && s < HUB_SLOTS))
-				continue;
-			call_begin(E, &b, S_DUE, n, 2, false);
-			for (size_t i = 0; i < n; i++)
-				call_key(&b, key, hub_key_idx_timers(key, sizeof(key), marked[i]));
-			call_arg(&b, now);
-			call_arg(&b, SWEEP_BATCH);
-			if (call_send(E, &b, on_sweep, E))
-				break;
-			n = 0;
-		}
+		if (E->due_walking)
+			return;
+		if (!E->due)
+			E->due = hub_xmalloc(HUB_SLOTS * sizeof(*E->due));
+		E->due_n = E->due_at = 0;
+		for (unsigned k = 0; k < HUB_SLOTS; k++)
+			if (slot_is_marked(r, k))
+				E->due[E->due_n++] = (uint16_t)k;
+		E->due_walking = true;
+		due_next(E);
 		return;
 	}
+	snprintf(now, sizeof(now), "%" PRId64, hub_now_ms());
 	for (; scanned < HUB_SLOTS && seen < SWEEP_SLOTS; scanned++, s = (s + 1) % HUB_SLOTS) {
 		char key[HUB_KEY_MAX];
 		const char *argv[7] = { "ZRANGEBYSCORE", key, "-inf", now, "LIMIT", "0",
 					SWEEP_BATCH };
 
-		if (s / 8 >= r->len || !(((unsigned char)r->str[s / 8]) & (0x80u >> (s % 8))))
+		if (!slot_is_marked(r, s))
 			continue;
 		seen++;
 		hub_key_idx_timers(key, sizeof(key), s);
@@ -1166,6 +1205,7 @@ void cmd_stop(struct hub *hub)
 
 	if (!E)
 		return;
+	E->stopped = true;
 	lws_sul_cancel(&E->sul_sweep);
 	lws_sul_cancel(&E->sul_timer);
 }
@@ -1177,6 +1217,7 @@ void cmd_free(struct hub *hub)
 	if (!E)
 		return;
 	free(E->heap);
+	free(E->due);
 	free(E);
 	hub->cmd = NULL;
 }

@@ -56,7 +56,7 @@ static const struct opt opts[] = {
 	O("feed-stream-maxlen", OPT_LONG, feed_stream_maxlen, "1000000", 0, 1e12, "approximate frames kept in each feed shard stream (0 = no feed)"),
 	O("feed-sink-max-lag", OPT_LONG, feed_sink_max_lag, "1000000", 0, 1e12, "frames a sink (a consumer group on the feed) may fall behind: the feed keeps them beyond feed-stream-maxlen; past it the hub alerts and trims anyway (0 = the feed ignores sinks)"),
 	O("feed-shards", OPT_INT, feed_shards, "0", 0, 64, "ingest shards (feeds) the telemetry is spread over: 0 = 1 on one Redis, 16 on a Redis Cluster; the first hub on an empty Redis records it, later hubs use the recorded value"),
-	O("seq-window", OPT_INT, seq_window, "4096", 16, 1000000, "stored seqs remembered per gateway for idempotent resends"),
+	O("seq-window", OPT_INT, seq_window, "96", 16, 1000000, "stored seqs remembered per gateway for idempotent resends (at least max-inflight-frames + 16)"),
 	O("redis-timeout-ms", OPT_INT, redis_timeout_ms, "2000", 100, 600000, "no Redis reply for this long while commands are pending marks Redis down"),
 	O("redis-backoff-max-ms", OPT_INT, redis_backoff_max_ms, "2000", 50, 600000, "longest wait between Redis reconnect attempts"),
 	O("lease-ttl-ms", OPT_INT, lease_ttl_ms, "8000", 1000, 600000, "an instance whose lease in Redis was not renewed for this long is dead: another marks its devices offline"),

@@ -195,6 +195,10 @@ static void startup_tick(lws_sorted_usec_list_t *sul)
 		 hub->embedded ? ")" : "", hub->cfg.ack_durability);
 	if (hub->jwt_ephemeral)
 		hub_warn("no jwt-key configured: using an ephemeral dev secret (dev only)");
+	if (hub->cfg.seq_window < hub->cfg.max_inflight_frames + 16)
+		hub_warn("seq-window %d is under max-inflight-frames + 16 (%d): a frame stored but "
+			 "not acked when its connection dropped can be stored twice when resent",
+			 hub->cfg.seq_window, hub->cfg.max_inflight_frames + 16);
 	fprintf(stderr, "listening on %s:%d\n", hub->cfg.listen_host,
 		hub_listener_port(hub->listener));
 	fflush(stderr);

@@ -18,7 +18,10 @@
  *
  * A flush groups a table's partials by rollup shard (hub_ingest_shard_of(
  * device, N)) into script calls of at most CALL_PARTIALS partials each
- * (one call holds Redis for a few ms, not tens) and queues them; at most
+ * (the script spends about 17 us a partial that merges into an existing
+ * one, so a call holds Redis for about 2 ms, and a store call queued
+ * behind two of them waits that long, not the 15-20 ms a call of 1000 took
+ * in W3) and queues them; at most
  * INFLIGHT_MAX calls are in flight, so the store calls of the readings
  * interleave with them. While the queue is not empty no new flush is built:
  * the tables keep folding. A call that got no reply (Redis lost, timeout)
@@ -43,7 +46,7 @@
 #include "hub/strmap.h"
 #include "hub_lua.h"
 
-#define CALL_PARTIALS   1000              /* (device, field, bucket) partials per script call */
+#define CALL_PARTIALS   64                /* (device, field, bucket) partials per script call */
 #define INFLIGHT_MAX    2                 /* script calls sent and not answered */
 #define RETRY_MAX       64                /* unanswered calls kept for a resend */
 #define RETRY_FOR_MS    (5 * 60 * 1000)   /* ... for at most this long */
