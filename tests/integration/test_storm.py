@@ -106,7 +106,7 @@ class Storm(HubTestCase):
         print("storm of %d gateways (bound %d): all announced in %.1f s" % (STORM, BOUND, storm_s))
 
     async def test_closed_while_queued(self):
-        """500 gateways against a bound of 2, Redis stopped for a moment
+        """300 gateways against a bound of 2, Redis stopped for a moment
         (SIGSTOP) so that their connects wait in the hub; half hang up
         (RST) meanwhile. The hub lives, its queue empties, the other half
         get `announced`, and no device of a closed connection stays
@@ -114,7 +114,7 @@ class Storm(HubTestCase):
         redis = self.start_redis()
         hub = self.start_hub(redis, extra=("--registry-inflight", "2", "--log-level", "warn"))
         prefix = uniq("cq")
-        n = 500
+        n = 300
         subs = ["%s-%03d" % (prefix, i) for i in range(n)]
         reqs = [("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
