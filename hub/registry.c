@@ -659,11 +659,14 @@ static int announce(struct hub *hub, const char *mode, const char *gateway, cons
  * few loop turns. Pipelined at once they make Redis's queue seconds deep,
  * and the lease renewal (hub/lease.c) waits behind them until the lease
  * expires: the hub then re-announces every device and the other hubs reap
- * it, more work on a Redis already behind. So these calls are admitted a
- * bounded number at a time (registry-inflight); the others wait here, in
- * order, with a copy of their arguments, and go as replies come back. A
- * call counts as in flight from its sending until its caller's cb ran (an
- * announce split per slot is one call however many commands it takes). */
+ * it, more work on a Redis already behind. The fleet's drop just before
+ * is a burst too: an offline and a limits call per closed connection. So
+ * these calls are admitted a bounded number at a time (registry-inflight);
+ * the others wait here, in order (a connection's offline never overtakes
+ * its announce), with a copy of their arguments, and go as replies come
+ * back. A call counts as in flight from its sending until its caller's cb
+ * ran (an announce or offline split per slot is one call however many
+ * commands it takes). */
 
 static size_t offline_send(struct hub_registry *reg, const char *conn,
 			   const char *const *devices, const int64_t *tats, size_t n,

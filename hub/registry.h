@@ -11,9 +11,11 @@
  * share a bound, registry-inflight calls at Redis at once. A call over it
  * waits in a FIFO in the hub, a copy of its arguments, and is sent when an
  * earlier one is answered; its cb runs then, later, never from inside the
- * call itself. The FIFO holds at most one call per gateway connection (a
- * connection is not read while its connect or announce is pending) plus the
- * re-announce's paced share. While Redis is down nothing is queued (-1).
+ * call itself. The FIFO holds at most one connect or announce per gateway
+ * connection (a connection is not read while one is pending), the offline
+ * and limits of each connection that closed, and the re-announce's paced
+ * share (REBUILD_INFLIGHT devices). While Redis is down nothing is queued
+ * (-1; a fire-and-forget call is then dropped, as it always was).
  */
 #ifndef HUB_REGISTRY_H
 #define HUB_REGISTRY_H
