@@ -121,6 +121,21 @@ class Durability(HubTestCase):
 
 
 
+async def send_frames(tc, n):
+    """A new gateway with one device sends frames seq 1..n of one reading,
+    each acked as stored. Returns (gateway, device, its seqs key, the key's
+    ZCARD)."""
+    gw = await tc.gateway(tc.hub)
+    d = uniq("t")
+    rep = await gw.announce([(d, "thermostat")])
+    tc.assertEqual(rep.get("accepted"), [d], rep)
+    for seq in range(1, n + 1):
+        rep = await gw.telemetry(seq, [reading(d, 20.0)])
+        tc.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
+    key = rkeys.gw_seqs(gw.sub)
+    return gw, d, key, int(tc.redis.cmd("ZCARD", key))
+
+
 class SeqWindow(HubTestCase):
     """The seq window holds seq-window..seq-window+32 seqs (trimmed when a seq
     is a multiple of 32): resends inside it are duplicates, a seq older than
@@ -133,15 +148,7 @@ class SeqWindow(HubTestCase):
         cls.hub = cls.class_hub(cls.redis, extra=["--seq-window", "16"])
 
     async def test_window_bounds_and_old_resend(self):
-        gw = await self.gateway(self.hub)
-        d = uniq("t")
-        rep = await gw.announce([(d, "thermostat")])
-        self.assertEqual(rep.get("accepted"), [d], rep)
-        for seq in range(1, 201):
-            rep = await gw.telemetry(seq, [reading(d, 20.0)])
-            self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
-        key = rkeys.gw_seqs(gw.sub)
-        card = int(self.redis.cmd("ZCARD", key))
+        gw, d, key, card = await send_frames(self, 200)
         self.assertTrue(16 <= card <= 16 + 32, "window of %d seqs" % card)
         self.assertEqual(self.redis.xlen(rkeys.tm(d)), 200)
         for seq in (200, 190, 185):  # inside the last 16: acked again, not stored
@@ -168,15 +175,7 @@ class SeqWindowDefault(HubTestCase):
         cls.hub = cls.class_hub(cls.redis, extra=["--device-rate", "0", "--gateway-rate", "0"])
 
     async def test_window_is_small_and_compact(self):
-        gw = await self.gateway(self.hub)
-        d = uniq("t")
-        rep = await gw.announce([(d, "thermostat")])
-        self.assertEqual(rep.get("accepted"), [d], rep)
-        for seq in range(1, 301):
-            rep = await gw.telemetry(seq, [reading(d, 20.0)])
-            self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
-        key = rkeys.gw_seqs(gw.sub)
-        card = int(self.redis.cmd("ZCARD", key))
+        gw, d, key, card = await send_frames(self, 300)
         self.assertTrue(96 <= card <= 128, "window of %d seqs" % card)
         self.assertEqual(self.redis.cmd("OBJECT", "ENCODING", key), "listpack")
         self.assertLess(int(self.redis.cmd("MEMORY", "USAGE", key)), 2048)
