@@ -36,8 +36,8 @@ struct hub_registry {
 	unsigned char slots[HUB_SLOTS / 8]; /* slots marked in HUB_KEY_SLOTS and the
 					     * run's bitmap by this process */
 	/* Admission of the connect-storm calls (registry.h). */
-	struct hub_registry_call *head, **tailp; /* the FIFO */
-	size_t inflight, queued;
+	lws_dll2_owner_t fifo;     /* the calls waiting (count: how many) */
+	size_t inflight;
 	bool pumping;
 };
 
@@ -675,7 +675,7 @@ static size_t offline_send(struct hub_registry *reg, const char *conn,
 enum call_kind { CALL_CONNECT, CALL_ANNOUNCE, CALL_OFFLINE, CALL_LIMITS };
 
 struct hub_registry_call {
-	struct hub_registry_call *next, **prev; /* in the FIFO while waiting */
+	struct lws_dll2 list;                   /* in the FIFO while waiting */
 	struct hub_registry *reg;
 	struct hub_registry_call **wait;        /* the caller's handle, or NULL */
 	enum call_kind kind;
@@ -687,7 +687,7 @@ struct hub_registry_call {
 	int64_t tats3[3];                       /* limits */
 	size_t parts;                           /* offline: its calls awaiting a reply */
 	const char **devices;                   /* offline: n, in the call's block */
-	int64_t *tats;                          /* offline: n */
+	int64_t *tats;                          /* offline: n, in the call's block */
 	size_t n;
 	struct hub_announce_item items[];       /* announce; then the strings */
 };
@@ -697,7 +697,7 @@ static void admit_stats(struct hub_registry *reg)
 	struct hub_metrics *m = &reg->hub->metrics;
 
 	m->registry_inflight = reg->inflight;
-	m->registry_queued = reg->queued;
+	m->registry_queued = (size_t)reg->fifo.count;
 	if (reg->inflight > m->registry_inflight_max)
 		m->registry_inflight_max = reg->inflight;
 }
@@ -713,22 +713,35 @@ static char *call_str(char **at, const char *s, size_t len)
 	return d;
 }
 
-/* One allocation: the call, its items and every string they point to. */
+/* One allocation: the call, its n items (announce) or n devices and their
+ * TATs (offline), and every string they point to. */
 static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_kind kind,
 					  const char *gateway, const char *conn,
-					  const struct hub_announce_item *items, size_t n,
+					  const struct hub_announce_item *items,
+					  const char *const *devices, size_t n,
 					  hub_redis_cb cb, void *arg)
 {
-	size_t size = sizeof(struct hub_registry_call) + n * sizeof(items[0]);
+	size_t nitems = items ? n : 0;
+	size_t size = sizeof(struct hub_registry_call) + nitems * sizeof(items[0]);
 	struct hub_registry_call *k;
 	char *at;
 
 	size += (gateway ? strlen(gateway) + 1 : 0) + (conn ? strlen(conn) + 1 : 0);
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < nitems; i++)
 		size += strlen(items[i].device) + 1 + strlen(items[i].type) + 1 +
 			items[i].labels_len + 1;
+	for (size_t i = 0; devices && i < n; i++)
+		size += sizeof(int64_t) + sizeof(char *) + strlen(devices[i]) + 1;
 	k = hub_xcalloc(1, size);
-	at = (char *)&k->items[n];
+	at = (char *)&k->items[nitems];
+	if (devices) { /* the arrays first: they keep the block's alignment */
+		k->tats = (int64_t *)(void *)at;
+		at += n * sizeof(int64_t);
+		k->devices = (const char **)(void *)at;
+		at += n * sizeof(char *);
+		for (size_t i = 0; i < n; i++)
+			k->devices[i] = call_str(&at, devices[i], strlen(devices[i]));
+	}
 	k->reg = reg;
 	k->kind = kind;
 	k->cb = cb;
@@ -738,7 +751,7 @@ static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_ki
 		k->gateway = call_str(&at, gateway, strlen(gateway));
 	if (conn)
 		k->conn = call_str(&at, conn, strlen(conn));
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < nitems; i++) {
 		k->items[i].device = call_str(&at, items[i].device, strlen(items[i].device));
 		k->items[i].type = call_str(&at, items[i].type, strlen(items[i].type));
 		k->items[i].labels = call_str(&at, items[i].labels, items[i].labels_len);
@@ -748,17 +761,6 @@ static struct hub_registry_call *call_new(struct hub_registry *reg, enum call_ki
 }
 
 static void admit_pump(struct hub_registry *reg);
-
-static void call_free(struct hub_registry_call *k)
-{
-	if (k->kind == CALL_OFFLINE) {
-		for (size_t i = 0; i < k->n; i++)
-			free((char *)k->devices[i]);
-		free(k->devices);
-		free(k->tats);
-	}
-	free(k);
-}
 
 static void on_call_reply(redisReply *reply, void *arg);
 
@@ -780,7 +782,7 @@ static void on_call_reply(redisReply *reply, void *arg)
 	reg->inflight--;
 	if (k->cb)
 		k->cb(reply, k->arg);
-	call_free(k);
+	free(k);
 	admit_stats(reg);
 	admit_pump(reg);
 }
@@ -828,15 +830,17 @@ static size_t admit_limit(const struct hub_registry *reg)
 /* Takes the FIFO's k out; its caller's handle is cleared. */
 static void queue_del(struct hub_registry *reg, struct hub_registry_call *k)
 {
-	*k->prev = k->next;
-	if (k->next)
-		k->next->prev = k->prev;
-	else
-		reg->tailp = k->prev;
+	lws_dll2_remove(&k->list);
 	if (k->wait)
 		*k->wait = NULL;
-	reg->queued--;
 	admit_stats(reg);
+}
+
+static struct hub_registry_call *queue_head(struct hub_registry *reg)
+{
+	struct lws_dll2 *d = lws_dll2_get_head(&reg->fifo);
+
+	return d ? lws_container_of(d, struct hub_registry_call, list) : NULL;
 }
 
 /* Sends waiting calls while there is room. A call that cannot be sent
@@ -846,14 +850,14 @@ static void admit_pump(struct hub_registry *reg)
 	if (reg->pumping)
 		return;
 	reg->pumping = true;
-	while (reg->head && reg->inflight < admit_limit(reg)) {
-		struct hub_registry_call *k = reg->head;
+	while (reg->fifo.count && reg->inflight < admit_limit(reg)) {
+		struct hub_registry_call *k = queue_head(reg);
 
 		queue_del(reg, k);
 		if (call_send(reg, k)) {
 			if (k->cb)
 				k->cb(NULL, k->arg);
-			call_free(k);
+			free(k);
 		}
 	}
 	reg->pumping = false;
@@ -863,25 +867,21 @@ static void admit_pump(struct hub_registry *reg)
 static int admit(struct hub_registry *reg, struct hub_registry_call *k,
 		 struct hub_registry_call **wait)
 {
-	if (!reg->head && reg->inflight < admit_limit(reg)) {
+	if (!reg->fifo.count && reg->inflight < admit_limit(reg)) {
 		if (call_send(reg, k)) {
-			call_free(k);
+			free(k);
 			return -1;
 		}
 		return 0;
 	}
 	if (!hub_redis_up(reg->hub->redis)) {
-		call_free(k);
+		free(k);
 		return -1;
 	}
 	k->wait = wait;
 	if (wait)
 		*wait = k;
-	k->next = NULL;
-	k->prev = reg->tailp;
-	*reg->tailp = k;
-	reg->tailp = &k->next;
-	reg->queued++;
+	lws_dll2_add_tail(&k->list, &reg->fifo);
 	reg->hub->metrics.registry_queued_total++;
 	admit_stats(reg);
 	return 0;
@@ -897,14 +897,15 @@ void hub_registry_cancel(struct hub *hub, struct hub_registry_call **wait)
 	hub->metrics.registry_cancelled_total++;
 	if (k->cb)
 		k->cb(NULL, k->arg);
-	call_free(k);
+	free(k);
 }
 
 int hub_registry_connect(struct hub *hub, const char *gateway, double rate, double burst,
 			 hub_redis_cb cb, void *arg, struct hub_registry_call **wait)
 {
 	struct hub_registry *reg = hub->registry;
-	struct hub_registry_call *k = call_new(reg, CALL_CONNECT, gateway, NULL, NULL, 0, cb, arg);
+	struct hub_registry_call *k = call_new(reg, CALL_CONNECT, gateway, NULL, NULL, NULL, 0,
+					       cb, arg);
 
 	k->rate = rate;
 	k->burst = burst;
@@ -921,7 +922,7 @@ void hub_registry_save_limits(struct hub *hub, const char *gateway, int64_t tele
 		limits_send(reg, gateway, telemetry_tat, announce_tat, ack_tat, NULL, NULL);
 		return;
 	}
-	k = call_new(reg, CALL_LIMITS, gateway, NULL, NULL, 0, NULL, NULL);
+	k = call_new(reg, CALL_LIMITS, gateway, NULL, NULL, NULL, 0, NULL, NULL);
 	k->tats3[0] = telemetry_tat;
 	k->tats3[1] = announce_tat;
 	k->tats3[2] = ack_tat;
@@ -936,14 +937,8 @@ void hub_registry_offline(struct hub *hub, const char *conn, const char *const *
 
 	if (!n)
 		return;
-	k = call_new(reg, CALL_OFFLINE, NULL, conn, NULL, 0, NULL, NULL);
-	k->n = n;
-	k->devices = hub_xmalloc(n * sizeof(*k->devices));
-	k->tats = hub_xmalloc(n * sizeof(*k->tats));
-	for (size_t i = 0; i < n; i++) {
-		k->devices[i] = hub_xstrdup(devices[i]);
-		k->tats[i] = tats[i];
-	}
+	k = call_new(reg, CALL_OFFLINE, NULL, conn, NULL, devices, n, NULL, NULL);
+	memcpy(k->tats, tats, n * sizeof(*tats));
 	admit(reg, k, NULL);
 }
 
@@ -952,7 +947,8 @@ static int announce_admit(struct hub *hub, const char *mode, const char *gateway
 			  hub_redis_cb cb, void *arg, struct hub_registry_call **wait)
 {
 	struct hub_registry *reg = hub->registry;
-	struct hub_registry_call *k = call_new(reg, CALL_ANNOUNCE, gateway, conn, items, n, cb, arg);
+	struct hub_registry_call *k = call_new(reg, CALL_ANNOUNCE, gateway, conn, items, NULL, n,
+					       cb, arg);
 
 	k->mode = mode;
 	return admit(reg, k, wait);
@@ -1056,7 +1052,6 @@ static int registry_module_start(struct hub *hub, char *err, size_t errlen)
 	reg->script_epoch_floor = hub_redis_add_script(hub->redis, hub_lua_epoch_floor);
 	reg->script_slots_mark = hub_redis_add_script(hub->redis, hub_lua_slots_mark);
 	snprintf(reg->run_id, sizeof(reg->run_id), "%s:%s", hub->instance_id, hub->run_token);
-	reg->tailp = &reg->head;
 	return 0;
 }
 
@@ -1072,10 +1067,10 @@ static void registry_module_free(struct hub *hub)
 			 (unsigned long long)hub->metrics.registry_cancelled_total);
 	/* Normally empty by now: the bus answered every pending command NULL
 	 * when it disconnected, and each answer failed the waiting calls. */
-	while (reg->head) {
-		struct hub_registry_call *k = reg->head;
+	while (reg->fifo.count) {
+		struct hub_registry_call *k = queue_head(reg);
 		queue_del(reg, k);
-		call_free(k);
+		free(k);
 	}
 	hub_buf_free(&reg->resp);
 	free(reg);
