@@ -18,10 +18,10 @@
  *
  * A flush groups a table's partials by rollup shard (hub_ingest_shard_of(
  * device, N)) into script calls of at most CALL_PARTIALS partials each
- * (the script spends about 17 us a partial that merges into an existing
- * one, so a call holds Redis for about 2 ms, and a store call queued
- * behind two of them waits that long, not the 15-20 ms a call of 1000 took
- * in W3) and queues them; at most
+ * (the script spends about 10 us on a partial that merges into an
+ * existing one, so a call holds Redis for under 1 ms, and a store call
+ * queued behind two of them waits that long, not the 15-20 ms a call of
+ * 1000 took in W3) and queues them; at most
  * INFLIGHT_MAX calls are in flight, so the store calls of the readings
  * interleave with them. While the queue is not empty no new flush is built:
  * the tables keep folding. A call that got no reply (Redis lost, timeout)
