@@ -52,10 +52,11 @@ for i = p, #ARGV, 3 do
   else
     local a1, a2, a3, a4, a5, a6, a7, a8, a9 = match(old, PAT)
     local b1, b2, b3, b4, b5, b6, b7, b8, b9 = match(part, PAT)
-    if a1 and b1 then
+    a1, b1 = tonum(a1), tonum(b1)
+    if a1 and b1 then -- a stored count that is not a number: left as it is
       a4, a5, a6, a8, b4, b5, b6, b8 = tonum(a4), tonum(a5), tonum(a6), tonum(a8),
                                        tonum(b4), tonum(b5), tonum(b6), tonum(b8)
-      local c1, c2, c3 = tonum(a1) + tonum(b1), tonum(a2) + tonum(b2), tonum(a3) + tonum(b3)
+      local c1, c2, c3 = a1 + b1, tonum(a2) + tonum(b2), tonum(a3) + tonum(b3)
       if b4 < a4 then a4 = b4 end
       if b5 > a5 then a5 = b5 end
       if b6 < a6 or (b6 == a6 and tonum(b7) < tonum(a7)) then a6, a7 = b6, b7 end
