@@ -306,6 +306,25 @@ static void reply_free(struct gw_reply *r)
 	free(r);
 }
 
+/* The keepalive runs only while the hub reads the connection. One the hub
+ * stopped reading (a connect or announce waiting in the registry, frames
+ * waiting on Redis) may hold the gateway's PONG unread: hanging it up for
+ * that blamed the gateway for the hub's wait, and in a reconnect storm
+ * dropped every gateway still queued after ping-timeout-s, each of which
+ * came back into the same queue. Reading again starts the clock afresh; a
+ * peer can extend its life this way only by what it sent before. */
+static void conn_keepalive(struct gw_conn *c, bool on)
+{
+	struct gw_pss *pss = lws_wsi_user(c->wsi);
+
+	if (!pss || pss->conn != c)
+		return;
+	if (on)
+		hub_keepalive_start(c->hub, &pss->ka, c->wsi);
+	else
+		hub_keepalive_stop(c->hub, &pss->ka);
+}
+
 static void conn_update_flow(struct gw_conn *c)
 {
 	struct hub_config *cfg = &c->hub->cfg;
@@ -319,9 +338,11 @@ static void conn_update_flow(struct gw_conn *c)
 		if (!c->holds)
 			c->hub->metrics.flow_paused_total++;
 		lws_rx_flow_control(c->wsi, 0);
+		conn_keepalive(c, false);
 	} else if (!over && c->paused) {
 		c->paused = false;
 		lws_rx_flow_control(c->wsi, 1);
+		conn_keepalive(c, true);
 	}
 }
 
@@ -1732,7 +1753,8 @@ static int gw_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return -1;
 		if (on_established(wsi, pss, hub))
 			return -1;
-		hub_keepalive_start(hub, &pss->ka, wsi);
+		if (!pss->conn->paused)   /* else started once it is read */
+			hub_keepalive_start(hub, &pss->ka, wsi);
 		return 0;
 	case LWS_CALLBACK_RECEIVE:
 		if (!pss->conn)

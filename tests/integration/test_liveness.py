@@ -14,7 +14,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (STREAM_PATH, STREAM_PROTO, HubTestCase, api_keys_file, connect_dashboard,  # noqa: E402
-                     http_get, main, metric_value, parse_metrics, rkeys, upgrade_request, uniq, wait_until)
+                     http_get, main, metric_value, parse_metrics, reading, rkeys, upgrade_request, uniq,
+                     wait_until)
 
 ARGS = ["--ping-interval-s", "1", "--ping-timeout-s", "3"]
 KEY = "iotk_liveness_reader_0001"
@@ -115,6 +116,48 @@ class Liveness(HubTestCase):
         rep = await gw.announce([(d, "thermostat")])
         self.assertEqual(rep.get("accepted"), [d], rep)
 
+
+    async def test_connection_the_hub_does_not_read_is_kept(self):
+        """A connection the hub has stopped reading (flow control: its
+        connect waits in the registry, or max-inflight-frames wait on Redis)
+        may hold the gateway's PONG unread: the hub must not hang it up for
+        a PONG it did not read. Redis is stopped for twice ping-timeout-s
+        while one gateway's connect and another's frames wait; both stay
+        connected and both are answered once Redis is back. (A reconnect
+        storm queues connects for longer than ping-timeout-s: the hub used
+        to drop every gateway still queued, which then reconnected into the
+        same queue.)"""
+        redis = self.start_redis()
+        hub = self.start_hub(redis, extra=ARGS + ["--redis-timeout-ms", "30000",
+                                                  "--max-inflight-frames", "2"])
+        busy = await self.gateway(hub)
+        d = uniq("t")
+        rep = await busy.announce([(d, "thermostat")])
+        self.assertEqual(rep.get("accepted"), [d], rep)
+        redis.pause()
+        try:
+            # within the hub's stall detection (750 ms): these wait on Redis
+            # instead of being answered `unavailable`
+            await busy.send({"type": "telemetry", "seq": 1, "readings": [reading(d)]})
+            await busy.send({"type": "telemetry", "seq": 2, "readings": [reading(d)]})
+            held = await self.gateway(hub)
+            await asyncio.sleep(6.5)  # PINGs every 1 s, ping-timeout-s 3
+            self.assertIsNone(busy.ws.close_code, "a gateway whose frames wait on Redis was hung up")
+            self.assertIsNone(held.ws.close_code, "a gateway whose connect waits on Redis was hung up")
+        finally:
+            redis.resume()
+        for seq in (1, 2):
+            rep = await busy.reply_for(seq, timeout=10)
+            self.assertEqual(rep.get("type"), "ack", rep)
+        d2 = uniq("t")
+        rep = await held.announce([(d2, "thermostat")], timeout=10)
+        self.assertEqual(rep.get("accepted"), [d2], rep)
+        # read again, the keepalive runs again: a peer gone silent now is
+        # still found (its PINGs are answered by websockets here, so: stays)
+        await asyncio.sleep(4)
+        self.assertIsNone(held.ws.close_code)
+        m = parse_metrics(http_get(hub, "/metrics")[2])
+        self.assertEqual(metric_value(m, "iot_hub_gateway_disconnects_total", reason="ping_timeout"), 0)
 
     async def test_silent_dashboard_is_dropped(self):
         req, _ = upgrade_request(self.hub.port, KEY, path=STREAM_PATH, subprotocol=STREAM_PROTO)
