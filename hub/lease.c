@@ -43,6 +43,9 @@ struct hub_lease {
 	bool renewing, reaping, stopped;
 	bool rebuild_owed;             /* re-announce once no reaper claims this run */
 	int64_t ok_since_us;           /* renewed without a gap since; 0 = not */
+	int64_t next_due_us;           /* when the next tick is due */
+	int64_t due_us, sent_us;       /* the renewal in flight: due, sent */
+	int64_t slow_logged_us;        /* a slow renewal was last logged then */
 	uint64_t reconnects;           /* metrics.redis_reconnects_total then */
 	char dead[MAX_DEAD][RUN_ID_MAX]; /* expired runs to reap, the last first */
 	int ndead;
@@ -411,6 +414,23 @@ static void take_dead(struct hub_lease *L, const redisReply *runs)
 	reap(&L->sul_reap);
 }
 
+/* A renewal that took a quarter of the lease (sent late by a busy loop, or
+ * answered late behind this hub's queue at Redis) is a lease close to
+ * expiring: said, at most every 10 s, with where the time went. */
+static void renew_timing(struct hub_lease *L, int64_t now)
+{
+	int64_t late = L->sent_us - L->due_us, rtt = now - L->sent_us;
+	int64_t quarter = (int64_t)L->hub->cfg.lease_ttl_ms * 250;
+
+	if (late + rtt < quarter || now - L->slow_logged_us < 10 * 1000000)
+		return;
+	L->slow_logged_us = now;
+	hub_warn("lease: a renewal took %lld ms of the %d ms lease (sent %lld ms late: the "
+		 "loop was busy; answered %lld ms after: queued at Redis)",
+		 (long long)(late + rtt) / 1000, L->hub->cfg.lease_ttl_ms,
+		 (long long)late / 1000, (long long)rtt / 1000);
+}
+
 static void on_renewed(redisReply *r, void *arg)
 {
 	struct hub_lease *L = arg;
@@ -424,6 +444,7 @@ static void on_renewed(redisReply *r, void *arg)
 	L->renewing = false;
 	if (L->stopped)
 		return;
+	renew_timing(L, now);
 	if (!ep || had < 0 || expired < 0 || dead < 0 || claimed < 0 || r->elements < 6) {
 		if (r && r->type == REDIS_REPLY_ERROR)
 			hub_err("lease: renewal failed: %s", r->str);
@@ -502,6 +523,7 @@ static void renew(struct hub_lease *L)
 		snprintf(cand + 2 * i, 3, "%02x", raw[i]);
 	snprintf(ttl, sizeof(ttl), "%d", L->hub->cfg.lease_ttl_ms);
 	hub_key_run_reaper(claim, sizeof(claim), L->run_id);
+	L->sent_us = hub_mono_us();
 	if (!eval(L, L->script_renew, on_renewed, L, 4, keys, 6, argv))
 		L->renewing = true;
 	else
@@ -511,10 +533,14 @@ static void renew(struct hub_lease *L)
 static void tick(lws_sorted_usec_list_t *sul)
 {
 	struct hub_lease *L = lws_container_of(sul, struct hub_lease, sul_tick);
+	int64_t now = hub_mono_us();
 
+	if (!L->renewing)
+		L->due_us = L->next_due_us && L->next_due_us < now ? L->next_due_us : now;
 	renew(L);
 	lws_sul_schedule(L->hub->ctx, 0, &L->sul_tick, tick,
 			 (lws_usec_t)L->hub->cfg.lease_renew_ms * 1000);
+	L->next_due_us = now + (int64_t)L->hub->cfg.lease_renew_ms * 1000;
 }
 
 /* The command connection is (again) up: renew and check the epoch now, and
