@@ -9,6 +9,7 @@ is not its dead predecessor. Default lease settings: the documented bound
 is 15 s from the kill to the offline presence."""
 
 import asyncio
+import re
 import json
 import os
 import socket
@@ -224,6 +225,34 @@ class Lease(HubTestCase):
             self.assertLess(time.monotonic(), deadline, "devices re-announced after the claim went")
             await asyncio.sleep(0.1)
         self.assertEqual(rkeys.run_members(self.redis, run), sorted(devs))
+        a.stop()
+
+    async def test_a_slow_renewal_is_logged_with_where_its_time_went(self):
+        """A renewal that takes a quarter of the lease is a lease close to
+        expiring: the hub says so, and whether its loop sent it late or it
+        waited on Redis. Redis is stopped for 800 ms, more than a quarter
+        of a 2 s lease, less than the lease itself."""
+        redis = self.start_redis()
+        a = self.start_hub(redis, extra=["--instance-id", "hub-slow", "--lease-ttl-ms", "2000",
+                                         "--lease-renew-ms", "200", "--log-level", "warn"])
+        await asyncio.sleep(0.5)   # renewed a few times, promptly
+        self.assertNotIn("lease: a renewal took", a.stderr_text())
+        redis.pause()
+        try:
+            await asyncio.sleep(0.8)
+        finally:
+            redis.resume()
+        deadline = time.monotonic() + 5
+        while "lease: a renewal took" not in a.stderr_text():
+            self.assertLess(time.monotonic(), deadline, "no slow-renewal line: %s" % a.stderr_text()[-800:])
+            await asyncio.sleep(0.1)
+        line = [ln for ln in a.stderr_text().splitlines() if "lease: a renewal took" in ln][0]
+        m = re.search(r"took (\d+) ms of the 2000 ms lease \(sent (\d+) ms late.*answered (\d+) ms after", line)
+        self.assertIsNotNone(m, line)
+        took, late, rtt = (int(x) for x in m.groups())
+        self.assertGreaterEqual(took, 500, line)
+        self.assertGreater(rtt, late, "the wait was at Redis, not in the loop: " + line)
+        self.assertNotIn("had expired", a.stderr_text())
         a.stop()
 
     async def test_graceful_stop_gives_the_lease_up(self):
