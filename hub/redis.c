@@ -216,6 +216,13 @@ static void ssub_lost(struct rconn *rc);
 static int rconn_send(struct rconn *rc, hub_redis_cb cb, void *arg, int argc,
 		      const char **argv, const size_t *argvlen);
 
+/* since, or the end of the hub's last loop stall if that is later
+ * (watchdog_cb sets it): the time before is not Redis's (silence_us). */
+static int64_t past_stall(const struct hub_redis *r, int64_t since)
+{
+	return since > r->loop_resumed_us ? since : r->loop_resumed_us;
+}
+
 /* How long a command connection has been silent while it owes a reply
  * (since the last reply, or since the oldest pending command was sent if
  * that is later), or while idle since the last reply. Not counted: the time
@@ -230,9 +237,7 @@ static int64_t silence_us(const struct rconn *rc, int64_t now)
 
 	if (rc->ring_len && rc->ring[rc->ring_head].t0 > since)
 		since = rc->ring[rc->ring_head].t0;
-	if (rc->r->loop_resumed_us > since)
-		since = rc->r->loop_resumed_us;
-	return now - since;
+	return now - past_stall(rc->r, since);
 }
 
 /* ---- the pending ring ---------------------------------------------------- */
@@ -1376,10 +1381,7 @@ static void watch_cmd(struct rconn *rc, int64_t now)
 	int64_t timeout = (int64_t)r->hub->cfg.redis_timeout_ms * 1000;
 	bool pair = rc->role == ROLE_SEED && !r->cluster; /* the pub/sub goes with it */
 
-	int64_t connecting_since = rc->state_since_us > r->loop_resumed_us ? rc->state_since_us :
-				   r->loop_resumed_us;   /* as silence_us */
-
-	if (rc->state == RC_CONNECTING && now - connecting_since > timeout) {
+	if (rc->state == RC_CONNECTING && now - past_stall(r, rc->state_since_us) > timeout) {
 		rconn_drop(rc, "connect timed out");
 		if (pair)
 			rconn_drop(&r->sub, "command connection timed out");
