@@ -90,9 +90,9 @@ static long long el_int(const redisReply *r, size_t i)
 #define EVAL_ARGS_MAX 12
 
 /* EVALSHA script with nkeys keys, then argc arguments (at most
- * EVAL_ARGS_MAX in all). */
-static int eval(struct hub_lease *L, int script, hub_redis_cb cb, void *arg, int nkeys,
-		const char **keys, int argc, const char **argv)
+ * EVAL_ARGS_MAX in all); on the priority connection if prio. */
+static int eval(struct hub_lease *L, bool prio, int script, hub_redis_cb cb, void *arg,
+		int nkeys, const char **keys, int argc, const char **argv)
 {
 	const char *av[3 + EVAL_ARGS_MAX];
 	char nk[8];
@@ -107,6 +107,9 @@ static int eval(struct hub_lease *L, int script, hub_redis_cb cb, void *arg, int
 		av[3 + i] = keys[i];
 	for (int i = 0; i < argc; i++)
 		av[3 + nkeys + i] = argv[i];
+	if (prio)
+		return hub_redis_command_argv_priority(L->hub->redis, cb, arg, 3 + nkeys + argc,
+						       av, NULL);
 	return hub_redis_command_argv(L->hub->redis, cb, arg, 3 + nkeys + argc, av, NULL);
 }
 
@@ -180,7 +183,7 @@ static void reap_finish(struct hub_lease *L)
 	if (!run || !hub_key_run_reaper(claim, sizeof(claim), run) ||
 	    !hub_key_runslots(slots, sizeof(slots), run))
 		return;
-	if (!eval(L, L->script_done, on_done, L, 3, keys, 2, argv))
+	if (!eval(L, false, L->script_done, on_done, L, 3, keys, 2, argv))
 		L->reaping = true;
 }
 
@@ -203,7 +206,7 @@ static void reap_claim(struct hub_lease *L, enum reap_next next)
 	}
 	snprintf(ms, sizeof(ms), "%d", L->hub->cfg.lease_ttl_ms);
 	L->claim_next = next;
-	if (!eval(L, L->script_claim, on_claim, L, 3, keys, 4, argv))
+	if (!eval(L, false, L->script_claim, on_claim, L, 3, keys, 4, argv))
 		L->reaping = true;
 }
 
@@ -524,7 +527,7 @@ static void renew(struct hub_lease *L)
 	snprintf(ttl, sizeof(ttl), "%d", L->hub->cfg.lease_ttl_ms);
 	hub_key_run_reaper(claim, sizeof(claim), L->run_id);
 	L->sent_us = hub_mono_us();
-	if (!eval(L, L->script_renew, on_renewed, L, 4, keys, 6, argv))
+	if (!eval(L, true, L->script_renew, on_renewed, L, 4, keys, 6, argv))
 		L->renewing = true;
 	else
 		L->ok_since_us = 0;

@@ -208,6 +208,34 @@ class Replicated(AckCase):
         self.assertIsNone(gw.close_code)
         hub.stop()
 
+    async def test_waits_that_hold_the_connection_do_not_expire_the_lease(self):
+        """A WAIT holds the command connection for up to ack-wait-ms, and
+        everything queued behind it waits as long. The lease renewal must
+        not be among them (it goes on the priority connection): here every
+        WAIT waits its full 1500 ms (2 replicas asked for, 1 there) while
+        frames keep coming, on a lease of 1000 ms renewed every 250 ms."""
+        primary, _ = self.primary_and_replica()
+        hub = self.start_hub(primary, extra=["--ack-durability", "replicated", "--ack-replicas", 2,
+                                             "--ack-wait-ms", 1500, "--redis-timeout-ms", 4000,
+                                             "--lease-ttl-ms", 1000, "--lease-renew-ms", 250,
+                                             "--instance-id", "hub-wait"])
+        gw, d = await self.gw_dev(hub)
+        t_end = time.monotonic() + 6
+        seq = 0
+        while time.monotonic() < t_end:
+            seq += 1
+            await gw.send({"type": "telemetry", "seq": seq, "readings": [reading(d, float(seq))]})
+            await asyncio.sleep(0.1)
+        for s in range(1, seq + 1):
+            self.assert_unavailable(await gw.reply_for(s, 10), s)
+        self.assertGreaterEqual(self.metric(hub, "iot_hub_redis_waits_short_total"), 3,
+                                "the WAITs held the connection")
+        log = hub.stderr_text()
+        self.assertNotIn("had expired", log, "the lease expired behind the WAITs")
+        self.assertNotIn("lease: a renewal took", log)
+        self.assertIsNone(gw.close_code)
+        hub.stop()
+
     async def test_more_replicas_than_there_are_never_acks(self):
         primary, _ = self.primary_and_replica()
         hub = self.hub(primary, replicas=2)
