@@ -1,10 +1,13 @@
 #include "hub/lease.h"
 
+#include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <libwebsockets.h>
+#include <hiredis/hiredis.h>
 #include <openssl/rand.h>
 
 #include "hub/events.h"
@@ -22,6 +25,69 @@
 #define EPOCH_HEX   16
 #define MAX_DEAD    16         /* expired runs named per renewal (lease_renew.lua) */
 #define RUN_ID_MAX  (HUB_ID_MAX + 20)
+#define POLL_US     (100 * 1000) /* the loop takes the renewer's results */
+#define STUCK_TTLS  4          /* a loop that has not turned for this many leases is stuck */
+
+/* What one renewal found (the renewer thread's, handed to the loop). */
+enum renew_status {
+	RENEW_OK,       /* lease_renew answered */
+	RENEW_FAILED,   /* no answer: no connection, a timeout, an error reply */
+	RENEW_DOWN,     /* not sent: the command connection is down */
+	RENEW_STUCK,    /* not sent: the event loop has not turned for STUCK_TTLS leases */
+};
+
+struct renew_result {
+	enum renew_status status;
+	char err[HUB_REDIS_HOST_MAX + 256]; /* RENEW_FAILED: why */
+	char epoch[EPOCH_HEX + 1];
+	long long had, expired, dead, claimed;
+	char runs[MAX_DEAD][RUN_ID_MAX]; /* expired runs, oldest first */
+	int nruns;
+	int64_t took_us;               /* connect (if it had to) and answer */
+};
+
+/* The renewals since the loop last took them, folded (a busy loop may miss
+ * several): the last answered one, and what any of them said that the loop
+ * must not miss. */
+struct renew_batch {
+	bool answered;                 /* ok holds the last answered renewal */
+	struct renew_result ok;
+	bool gone, expired;            /* an answered one found the lease gone, expired */
+	bool gap;                      /* one was not answered (or not sent) */
+	bool last_ok;                  /* the latest was answered */
+	int64_t took_max_us;
+	int failed;                    /* RENEW_FAILED among them */
+	char err[HUB_REDIS_HOST_MAX + 256]; /* the last failure's why */
+};
+
+/* The lease is renewed by a thread of its own, on a blocking connection
+ * of its own, so that a busy event loop does not let it expire: in a
+ * 100,000-gateway reconnect storm a hub's loop took turns of seconds (its
+ * share of a core spread over thousands of connections), and renewals
+ * sent from it were answered 2-15 s late, past an 8 s lease, which turned
+ * the storm into a cascade of reaps and re-announces. A live but busy hub
+ * is not a dead one. A stuck one is: the thread renews only while the loop
+ * keeps turning (loop_us, set by the loop's own timer) within STUCK_TTLS
+ * leases, and only while the loop says the command connection is up. What
+ * a renewal finds (another data generation, an expired lease, dead runs
+ * to reap) is acted on by the loop. Everything under mu. */
+struct renewer {
+	pthread_t tid;
+	bool running;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	bool stop, kick, may_renew;
+	int64_t loop_us;
+	bool unseen;                   /* batch holds renewals the loop has not taken */
+	struct renew_batch batch;
+	/* the thread's own */
+	redisContext *c;
+	int seed;
+	bool moved;                    /* a MOVED named host:port (a cluster) */
+	char host[HUB_REDIS_HOST_MAX];
+	int port;
+	bool registered, stuck_said;
+};
 
 /* The scripts: hub/lua/lease_renew.lua, lease_release.lua, reap_claim.lua,
  * reap.lua, reap_done.lua. A dead run is reaped slot by slot: the claim
@@ -35,17 +101,17 @@
  * and the bitmap. docs/streams.md "Instance leases". */
 struct hub_lease {
 	struct hub *hub;
-	int script_renew, script_release, script_reap, script_claim, script_done;
-	lws_sorted_usec_list_t sul_tick, sul_reap;
+	int script_release, script_reap, script_claim, script_done;
+	lws_sorted_usec_list_t sul_poll, sul_reap;
+	struct renewer w;
 	char run_id[RUN_ID_MAX];       /* "<instance>:<run token>" */
 	char epoch[EPOCH_HEX + 1];     /* the Redis epoch last seen; "" = none yet */
 	bool ever_registered;          /* this process's lease was written once */
-	bool renewing, reaping, stopped;
+	bool reaping, stopped;
 	bool rebuild_owed;             /* re-announce once no reaper claims this run */
 	int64_t ok_since_us;           /* renewed without a gap since; 0 = not */
-	int64_t next_due_us;           /* when the next tick is due */
-	int64_t due_us, sent_us;       /* the renewal in flight: due, sent */
 	int64_t slow_logged_us;        /* a slow renewal was last logged then */
+	int64_t failed_logged_us;      /* a failed one */
 	uint64_t reconnects;           /* metrics.redis_reconnects_total then */
 	char dead[MAX_DEAD][RUN_ID_MAX]; /* expired runs to reap, the last first */
 	int ndead;
@@ -90,9 +156,9 @@ static long long el_int(const redisReply *r, size_t i)
 #define EVAL_ARGS_MAX 12
 
 /* EVALSHA script with nkeys keys, then argc arguments (at most
- * EVAL_ARGS_MAX in all); on the priority connection if prio. */
-static int eval(struct hub_lease *L, bool prio, int script, hub_redis_cb cb, void *arg,
-		int nkeys, const char **keys, int argc, const char **argv)
+ * EVAL_ARGS_MAX in all). */
+static int eval(struct hub_lease *L, int script, hub_redis_cb cb, void *arg, int nkeys,
+		const char **keys, int argc, const char **argv)
 {
 	const char *av[3 + EVAL_ARGS_MAX];
 	char nk[8];
@@ -107,9 +173,6 @@ static int eval(struct hub_lease *L, bool prio, int script, hub_redis_cb cb, voi
 		av[3 + i] = keys[i];
 	for (int i = 0; i < argc; i++)
 		av[3 + nkeys + i] = argv[i];
-	if (prio)
-		return hub_redis_command_argv_priority(L->hub->redis, cb, arg, 3 + nkeys + argc,
-						       av, NULL);
 	return hub_redis_command_argv(L->hub->redis, cb, arg, 3 + nkeys + argc, av, NULL);
 }
 
@@ -183,7 +246,7 @@ static void reap_finish(struct hub_lease *L)
 	if (!run || !hub_key_run_reaper(claim, sizeof(claim), run) ||
 	    !hub_key_runslots(slots, sizeof(slots), run))
 		return;
-	if (!eval(L, false, L->script_done, on_done, L, 3, keys, 2, argv))
+	if (!eval(L, L->script_done, on_done, L, 3, keys, 2, argv))
 		L->reaping = true;
 }
 
@@ -206,7 +269,7 @@ static void reap_claim(struct hub_lease *L, enum reap_next next)
 	}
 	snprintf(ms, sizeof(ms), "%d", L->hub->cfg.lease_ttl_ms);
 	L->claim_next = next;
-	if (!eval(L, false, L->script_claim, on_claim, L, 3, keys, 4, argv))
+	if (!eval(L, L->script_claim, on_claim, L, 3, keys, 4, argv))
 		L->reaping = true;
 }
 
@@ -397,153 +460,357 @@ static void reap(lws_sorted_usec_list_t *sul)
 /* The expired runs the renewal named (oldest first), kept in reverse so
  * that the oldest is reaped first; a run being reaped now stays the one
  * reaped next. */
-static void take_dead(struct hub_lease *L, const redisReply *runs)
+static void take_dead(struct hub_lease *L, const struct renew_result *res)
 {
 	char cur[RUN_ID_MAX] = "";
 
 	if (L->ndead)
 		snprintf(cur, sizeof(cur), "%s", L->dead[L->ndead - 1]);
 	L->ndead = 0;
-	for (size_t i = runs->type == REDIS_REPLY_ARRAY ? runs->elements : 0;
-	     i > 0 && L->ndead < MAX_DEAD; i--) {
-		const redisReply *e = runs->element[i - 1];
-		if (e->type != REDIS_REPLY_STRING || e->len >= RUN_ID_MAX || !strcmp(e->str, cur) ||
-		    !strcmp(e->str, L->run_id))
+	for (int i = res->nruns; i > 0 && L->ndead < MAX_DEAD; i--) {
+		const char *run = res->runs[i - 1];
+		if (!strcmp(run, cur) || !strcmp(run, L->run_id))
 			continue;
-		memcpy(L->dead[L->ndead++], e->str, e->len + 1);
+		snprintf(L->dead[L->ndead++], RUN_ID_MAX, "%s", run);
 	}
 	if (cur[0] && L->ndead < MAX_DEAD)
 		snprintf(L->dead[L->ndead++], RUN_ID_MAX, "%s", cur);
 	reap(&L->sul_reap);
 }
 
-/* A renewal that took a quarter of the lease (sent late by a busy loop, or
- * answered late behind this hub's queue at Redis) is a lease close to
- * expiring: said, at most every 10 s, with where the time went. */
-static void renew_timing(struct hub_lease *L, int64_t now)
-{
-	int64_t late = L->sent_us - L->due_us, rtt = now - L->sent_us;
-	int64_t quarter = (int64_t)L->hub->cfg.lease_ttl_ms * 250;
+/* ---- the renewer thread ---------------------------------------------------
+ * Blocking hiredis on a connection of its own: the seeds in turn, or where
+ * a MOVED pointed (a cluster: the primary of {hub}). Only this thread
+ * touches w->c, seed, moved, host, port, registered, stuck_said; it reads
+ * the hub's configuration, which does not change while it runs. */
 
-	if (late + rtt < quarter || now - L->slow_logged_us < 10 * 1000000)
-		return;
-	L->slow_logged_us = now;
-	hub_warn("lease: a renewal took %lld ms of the %d ms lease (sent %lld ms late: the "
-		 "loop was busy; answered %lld ms after: queued at Redis)",
-		 (long long)(late + rtt) / 1000, L->hub->cfg.lease_ttl_ms,
-		 (long long)late / 1000, (long long)rtt / 1000);
+static void renewer_drop(struct renewer *w)
+{
+	if (w->c)
+		redisFree(w->c);
+	w->c = NULL;
+	if (w->moved)
+		w->moved = false;
+	else
+		w->seed++;
 }
 
-static void on_renewed(redisReply *r, void *arg)
+/* Connects (AUTH, SELECT) within redis-timeout-ms. 0, or -1 with err. */
+static int renewer_connect(struct hub_lease *L, char *err, size_t errlen)
 {
-	struct hub_lease *L = arg;
-	struct hub *hub = L->hub;
+	const struct hub_config *cfg = &L->hub->cfg;
+	struct renewer *w = &L->w;
+	const struct hub_redis_seed *seed = &cfg->redis_seeds[w->seed % cfg->redis_nseeds];
+	const char *host = w->moved ? w->host : seed->host;
+	int port = w->moved ? w->port : seed->port;
+	struct timeval tv = { cfg->redis_timeout_ms / 1000, (cfg->redis_timeout_ms % 1000) * 1000 };
+	redisReply *r;
+
+	w->c = redisConnectWithTimeout(host, port, tv);
+	if (!w->c || w->c->err) {
+		snprintf(err, errlen, "connect to %s:%d: %s", host, port,
+			 w->c ? w->c->errstr : "out of memory");
+		renewer_drop(w);
+		return -1;
+	}
+	redisSetTimeout(w->c, tv);
+	for (int i = 0; i < 2; i++) {
+		char db[16];
+		const char *auth[2] = { "AUTH", cfg->redis_password };
+		const char *sel[2] = { "SELECT", db };
+
+		if (i == 0 && !cfg->redis_password)
+			continue;
+		if (i == 1 && !cfg->redis_db)
+			continue;
+		snprintf(db, sizeof(db), "%d", cfg->redis_db);
+		r = redisCommandArgv(w->c, 2, i ? sel : auth, NULL);
+		if (!r || r->type == REDIS_REPLY_ERROR) {
+			snprintf(err, errlen, "%s on %s:%d: %s", i ? "SELECT" : "AUTH", host, port,
+				 r ? r->str : w->c->errstr);
+			if (r)
+				freeReplyObject(r);
+			renewer_drop(w);
+			return -1;
+		}
+		freeReplyObject(r);
+	}
+	return 0;
+}
+
+static void renew_parse(const redisReply *r, struct renew_result *res)
+{
 	const char *ep = el_str(r, 0);
-	long long had = el_int(r, 1), expired = el_int(r, 2), dead = el_int(r, 3);
-	long long claimed = el_int(r, 5);
-	int64_t now = hub_mono_us();
-	bool rebuild = false;
+	const redisReply *runs;
 
-	L->renewing = false;
-	if (L->stopped)
+	res->had = el_int(r, 1);
+	res->expired = el_int(r, 2);
+	res->dead = el_int(r, 3);
+	res->claimed = el_int(r, 5);
+	if (!ep || strlen(ep) > EPOCH_HEX || res->had < 0 || res->expired < 0 || res->dead < 0 ||
+	    res->claimed < 0 || r->elements < 6) {
+		res->status = RENEW_FAILED;
+		snprintf(res->err, sizeof(res->err), "%s",
+			 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
 		return;
-	renew_timing(L, now);
-	if (!ep || had < 0 || expired < 0 || dead < 0 || claimed < 0 || r->elements < 6) {
-		if (r && r->type == REDIS_REPLY_ERROR)
-			hub_err("lease: renewal failed: %s", r->str);
-		L->ok_since_us = 0;
-		return;
 	}
-	if (L->epoch[0] && strcmp(L->epoch, ep)) {
-		hub_warn("Redis holds another data generation (" HUB_KEY_EPOCH " %.16s, was %s): "
-			 "it restarted empty or was flushed or replaced; re-announcing the devices "
-			 "of this hub's connections", ep, L->epoch);
-		rebuild = true;
-	} else if (L->ever_registered && (!had || expired)) {
-		hub_warn("lease: this hub's lease %s in Redis (missed renewals: Redis or the "
-			 "hub stalled): re-announcing the devices of its connections",
-			 had ? "had expired" : "was gone");
-		rebuild = true;
+	res->status = RENEW_OK;
+	snprintf(res->epoch, sizeof(res->epoch), "%s", ep);
+	runs = r->element[4];
+	for (size_t i = 0; runs->type == REDIS_REPLY_ARRAY && i < runs->elements &&
+	     res->nruns < MAX_DEAD; i++) {
+		const redisReply *e = runs->element[i];
+		if (e->type == REDIS_REPLY_STRING && e->len < RUN_ID_MAX)
+			memcpy(res->runs[res->nruns++], e->str, e->len + 1);
 	}
-	/* A reaper that claimed this run may still be marking its devices
-	 * offline, slot by slot: the re-announce waits until the claim is gone
-	 * (the reaper dropped it, or it expired), so that it comes after every
-	 * reap call (docs/streams.md "Instance leases"). */
-	if (rebuild && claimed) {
-		if (!L->rebuild_owed)
-			hub_warn("lease: a reaper is marking this hub's devices offline: "
-				 "re-announcing them once it is done");
-		L->rebuild_owed = true;
-		rebuild = false;
-	} else if (L->rebuild_owed && !claimed) {
-		rebuild = true;
-	}
-	if (rebuild) {
-		L->rebuild_owed = false;
-		hub_registry_forget_slots(hub);
-	}
-	if (L->epoch[0] && strcmp(L->epoch, ep) && !hub_redis_cluster(hub->redis)) {
-		/* lease_renew put HUB_LAYOUT_KEY back; on one Redis the layout-2
-		 * key goes back too, as the tombstone that keeps a hub of layout 2
-		 * off this Redis (layout.lua). A cluster never had one. */
-		const char *argv[4] = { "SET", "iot:layout", HUB_LAYOUT_VERSION, "NX" };
-		hub_redis_command_argv(hub->redis, NULL, NULL, 4, argv, NULL);
-	}
-	snprintf(L->epoch, sizeof(L->epoch), "%s", ep);
-	L->ever_registered = true;
-	/* Reaping waits until this hub has renewed without a gap for a whole
-	 * ttl: after an outage of its own, the others need that long to renew
-	 * theirs. */
-	if (!had || expired || L->reconnects != hub->metrics.redis_reconnects_total ||
-	    !L->ok_since_us)
-		L->ok_since_us = now;
-	L->reconnects = hub->metrics.redis_reconnects_total;
-	struct hub_ev_lease ev = { rebuild };
-	hub_emit(hub, HUB_EV_LEASE_RENEWED, &ev);
-	if (dead > 0 && now - L->ok_since_us >= (int64_t)hub->cfg.lease_ttl_ms * 1000)
-		take_dead(L, r->element[4]);
 }
 
-static void renew(struct hub_lease *L)
+/* One renewal: lease_renew (EVAL: nothing to load first), following a
+ * MOVED on a cluster (the {hub} slot moved, or a seed that is not its
+ * primary). */
+static void renew_once(struct hub_lease *L, struct renew_result *res)
 {
+	struct renewer *w = &L->w;
+	const struct hub_config *cfg = &L->hub->cfg;
 	unsigned char raw[EPOCH_HEX / 2];
 	char ttl[24], cand[EPOCH_HEX + 1], claim[HUB_KEY_MAX];
-	const char *keys[4] = { HUB_KEY_LEASES, HUB_KEY_EPOCH, HUB_LAYOUT_KEY, claim };
-	const char *argv[6] = { L->hub->instance_id, L->run_id, ttl,
-				L->ever_registered ? "0" : "1", cand, HUB_LAYOUT_VERSION };
+	const char *argv[] = { "EVAL", hub_lua_lease_renew, "4", HUB_KEY_LEASES, HUB_KEY_EPOCH,
+			       HUB_LAYOUT_KEY, claim, L->hub->instance_id, L->run_id, ttl,
+			       w->registered ? "0" : "1", cand, HUB_LAYOUT_VERSION };
+	int64_t t0 = hub_mono_us();
 
-	if (L->renewing || L->stopped)
-		return;
-	if (!hub_redis_up(L->hub->redis)) {
-		L->ok_since_us = 0;
-		return;
-	}
 	/* A fresh candidate each time: the same one set again after a second
 	 * empty restart would hide that restart. */
 	if (RAND_bytes(raw, sizeof(raw)) != 1)
 		abort();
 	for (size_t i = 0; i < sizeof(raw); i++)
 		snprintf(cand + 2 * i, 3, "%02x", raw[i]);
-	snprintf(ttl, sizeof(ttl), "%d", L->hub->cfg.lease_ttl_ms);
+	snprintf(ttl, sizeof(ttl), "%d", cfg->lease_ttl_ms);
 	hub_key_run_reaper(claim, sizeof(claim), L->run_id);
-	L->sent_us = hub_mono_us();
-	if (!eval(L, true, L->script_renew, on_renewed, L, 4, keys, 6, argv))
-		L->renewing = true;
-	else
-		L->ok_since_us = 0;
+	res->status = RENEW_FAILED;
+	for (int hop = 0; hop < 3; hop++) {
+		redisReply *r;
+		int port;
+
+		if (!w->c && renewer_connect(L, res->err, sizeof(res->err)))
+			break;
+		r = redisCommandArgv(w->c, (int)(sizeof(argv) / sizeof(*argv)), argv, NULL);
+		if (!r) {
+			snprintf(res->err, sizeof(res->err), "%s", w->c->errstr);
+			renewer_drop(w);
+			break;
+		}
+		if (r->type == REDIS_REPLY_ERROR && !strncmp(r->str, "MOVED ", 6) &&
+		    sscanf(r->str + 6, "%*d %255[^:]:%d", w->host, &port) == 2) {
+			/* The seed is not the primary of {hub}: go there, and keep
+			 * going there until it fails. */
+			redisFree(w->c);
+			w->c = NULL;
+			w->moved = true;
+			w->port = port;
+			freeReplyObject(r);
+			continue;
+		}
+		renew_parse(r, res);
+		freeReplyObject(r);
+		if (res->status == RENEW_OK)
+			w->registered = true;
+		break;
+	}
+	res->took_us = hub_mono_us() - t0;
 }
 
-static void tick(lws_sorted_usec_list_t *sul)
+static void batch_add(struct renew_batch *b, const struct renew_result *res)
 {
-	struct hub_lease *L = lws_container_of(sul, struct hub_lease, sul_tick);
-	int64_t now = hub_mono_us();
+	if (res->took_us > b->took_max_us)
+		b->took_max_us = res->took_us;
+	b->last_ok = res->status == RENEW_OK;
+	if (res->status == RENEW_OK) {
+		b->answered = true;
+		b->ok = *res;
+		b->gone |= !res->had;
+		b->expired |= res->expired != 0;
+		return;
+	}
+	b->gap = true;
+	if (res->status == RENEW_FAILED) {
+		b->failed++;
+		snprintf(b->err, sizeof(b->err), "%s", res->err);
+	}
+}
 
-	if (!L->renewing)
-		L->due_us = L->next_due_us && L->next_due_us < now ? L->next_due_us : now;
-	renew(L);
-	lws_sul_schedule(L->hub->ctx, 0, &L->sul_tick, tick,
-			 (lws_usec_t)L->hub->cfg.lease_renew_ms * 1000);
-	L->next_due_us = now + (int64_t)L->hub->cfg.lease_renew_ms * 1000;
+static void *renewer_main(void *arg)
+{
+	struct hub_lease *L = arg;
+	struct renewer *w = &L->w;
+	int64_t every = (int64_t)L->hub->cfg.lease_renew_ms * 1000;
+	int64_t stuck = (int64_t)L->hub->cfg.lease_ttl_ms * 1000 * STUCK_TTLS;
+	int64_t next = hub_mono_us() + every;
+	struct renew_result *res = hub_xmalloc(sizeof(*res));
+
+	pthread_mutex_lock(&w->mu);
+	while (!w->stop) {
+		int64_t now = hub_mono_us();
+		if (!w->kick && now < next) {
+			struct timespec ts;
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			ts.tv_sec += (time_t)((next - now) / 1000000);
+			ts.tv_nsec += (long)((next - now) % 1000000) * 1000;
+			if (ts.tv_nsec >= 1000000000) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000;
+			}
+			pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+			continue;
+		}
+		w->kick = false;
+		next = now + every;
+		bool may = w->may_renew;
+		int64_t loop_age = now - w->loop_us;
+		pthread_mutex_unlock(&w->mu);
+
+		memset(res, 0, sizeof(*res));
+		if (!may) {
+			res->status = RENEW_DOWN;
+		} else if (loop_age > stuck) {
+			res->status = RENEW_STUCK;
+			if (!w->stuck_said)
+				hub_warn("lease: the event loop has not turned for %lld ms: not renewing "
+					 "this hub's lease (it is stuck, not busy: another hub will mark "
+					 "its devices offline)", (long long)loop_age / 1000);
+			w->stuck_said = true;
+		} else {
+			w->stuck_said = false;
+			renew_once(L, res);
+		}
+
+		pthread_mutex_lock(&w->mu);
+		if (!w->unseen)
+			memset(&w->batch, 0, sizeof(w->batch));
+		batch_add(&w->batch, res);
+		w->unseen = true;
+	}
+	pthread_mutex_unlock(&w->mu);
+	free(res);
+	if (w->c)
+		redisFree(w->c);
+	w->c = NULL;
+	return NULL;
+}
+
+/* ---- the loop's side ------------------------------------------------------ */
+
+/* A renewal that took a quarter of the lease is a lease close to expiring:
+ * said, at most every 10 s. The loop's business does not count (the
+ * thread does not wait for it): this is Redis's (and the network's). */
+static void renew_slow(struct hub_lease *L, int64_t took_us, int64_t now)
+{
+	if (took_us < (int64_t)L->hub->cfg.lease_ttl_ms * 250 ||
+	    now - L->slow_logged_us < 10 * 1000000)
+		return;
+	L->slow_logged_us = now;
+	hub_warn("lease: a renewal took %lld ms of the %d ms lease, waiting for Redis",
+		 (long long)took_us / 1000, L->hub->cfg.lease_ttl_ms);
+}
+
+/* What the renewals found, acted on in the loop. */
+static void renewed(struct hub_lease *L, const struct renew_batch *b, int64_t now)
+{
+	struct hub *hub = L->hub;
+	const struct renew_result *res = &b->ok;
+	bool rebuild = false;
+
+	if (b->failed && now - L->failed_logged_us >= 10 * 1000000) {
+		L->failed_logged_us = now;
+		hub_err("lease: renewal failed: %s", b->err);
+	}
+	if (b->gap)
+		L->ok_since_us = 0;
+	if (!b->answered)
+		return;
+	renew_slow(L, b->took_max_us, now);
+	if (L->epoch[0] && strcmp(L->epoch, res->epoch)) {
+		hub_warn("Redis holds another data generation (" HUB_KEY_EPOCH " %.16s, was %s): "
+			 "it restarted empty or was flushed or replaced; re-announcing the devices "
+			 "of this hub's connections", res->epoch, L->epoch);
+		rebuild = true;
+	} else if (L->ever_registered && (b->gone || b->expired)) {
+		hub_warn("lease: this hub's lease %s in Redis (missed renewals: Redis or the "
+			 "hub stalled): re-announcing the devices of its connections",
+			 b->gone ? "was gone" : "had expired");
+		rebuild = true;
+	}
+	/* A reaper that claimed this run may still be marking its devices
+	 * offline, slot by slot: the re-announce waits until the claim is gone
+	 * (the reaper dropped it, or it expired), so that it comes after every
+	 * reap call (docs/streams.md "Instance leases"). */
+	if (rebuild && res->claimed) {
+		if (!L->rebuild_owed)
+			hub_warn("lease: a reaper is marking this hub's devices offline: "
+				 "re-announcing them once it is done");
+		L->rebuild_owed = true;
+		rebuild = false;
+	} else if (L->rebuild_owed && !res->claimed) {
+		rebuild = true;
+	}
+	if (rebuild) {
+		L->rebuild_owed = false;
+		hub_registry_forget_slots(hub);
+	}
+	if (L->epoch[0] && strcmp(L->epoch, res->epoch) && !hub_redis_cluster(hub->redis)) {
+		/* lease_renew put HUB_LAYOUT_KEY back; on one Redis the layout-2
+		 * key goes back too, as the tombstone that keeps a hub of layout 2
+		 * off this Redis (layout.lua). A cluster never had one. */
+		const char *argv[4] = { "SET", "iot:layout", HUB_LAYOUT_VERSION, "NX" };
+		hub_redis_command_argv(hub->redis, NULL, NULL, 4, argv, NULL);
+	}
+	snprintf(L->epoch, sizeof(L->epoch), "%s", res->epoch);
+	L->ever_registered = true;
+	/* Reaping waits until this hub has renewed without a gap for a whole
+	 * ttl: after an outage of its own, the others need that long to renew
+	 * theirs. */
+	if (b->gone || b->expired || L->reconnects != hub->metrics.redis_reconnects_total ||
+	    !L->ok_since_us)
+		L->ok_since_us = now;
+	L->reconnects = hub->metrics.redis_reconnects_total;
+	struct hub_ev_lease ev = { rebuild };
+	hub_emit(hub, HUB_EV_LEASE_RENEWED, &ev);
+	if (!b->last_ok) {
+		L->ok_since_us = 0; /* the latest one was not answered */
+		return;
+	}
+	if (res->dead > 0 && now - L->ok_since_us >= (int64_t)hub->cfg.lease_ttl_ms * 1000)
+		take_dead(L, res);
+}
+
+/* Every POLL_US: tells the renewer that the loop turns and whether the
+ * command connection is up, and takes what it found. */
+static void poll_cb(lws_sorted_usec_list_t *sul)
+{
+	struct hub_lease *L = lws_container_of(sul, struct hub_lease, sul_poll);
+	struct renewer *w = &L->w;
+	struct renew_batch *b = NULL;
+	int64_t now = hub_mono_us();
+	bool up = hub_redis_up(L->hub->redis);
+
+	pthread_mutex_lock(&w->mu);
+	w->loop_us = now;
+	if (up && !w->may_renew) {
+		w->kick = true; /* up again: renew and check the epoch now */
+		pthread_cond_signal(&w->cv);
+	}
+	w->may_renew = up;
+	if (w->unseen) {
+		w->unseen = false;
+		b = hub_xmalloc(sizeof(*b));
+		*b = w->batch;
+	}
+	pthread_mutex_unlock(&w->mu);
+	if (b && !L->stopped)
+		renewed(L, b, now);
+	free(b);
+	if (!L->stopped)
+		lws_sul_schedule(L->hub->ctx, 0, &L->sul_poll, poll_cb, POLL_US);
 }
 
 /* The command connection is (again) up: renew and check the epoch now, and
@@ -559,27 +826,53 @@ static void on_redis_ready(struct hub *hub, enum hub_event ev, const void *paylo
 		return;
 	L->ok_since_us = 0;
 	/* From the gate's reply callback: the connection counts as up once it
-	 * returns, so renew from a timer. */
-	lws_sul_schedule(L->hub->ctx, 0, &L->sul_tick, tick, 1);
+	 * returns, so from a timer. */
+	pthread_mutex_lock(&L->w.mu);
+	L->w.may_renew = false; /* the poll sees it up and kicks the renewer */
+	pthread_mutex_unlock(&L->w.mu);
+	lws_sul_schedule(L->hub->ctx, 0, &L->sul_poll, poll_cb, 1);
+}
+
+static void renewer_stop(struct hub_lease *L)
+{
+	if (!L->w.running)
+		return;
+	pthread_mutex_lock(&L->w.mu);
+	L->w.stop = true;
+	pthread_cond_signal(&L->w.cv);
+	pthread_mutex_unlock(&L->w.mu);
+	/* At most one renewal in flight: redis-timeout-ms per step. */
+	pthread_join(L->w.tid, NULL);
+	L->w.running = false;
 }
 
 static int lease_start(struct hub *hub, char *err, size_t errlen)
 {
 	struct hub_lease *L = hub_xcalloc(1, sizeof(*L));
+	pthread_condattr_t ca;
+	int rc;
 
-	(void)err;
-	(void)errlen;
 	hub->lease = L;
 	L->hub = hub;
 	snprintf(L->run_id, sizeof(L->run_id), "%s:%s", hub->instance_id, hub->run_token);
-	L->script_renew = hub_redis_add_script(hub->redis, hub_lua_lease_renew);
 	L->script_release = hub_redis_add_script(hub->redis, hub_lua_lease_release);
 	L->script_reap = hub_redis_add_script(hub->redis, hub_lua_reap);
 	L->script_claim = hub_redis_add_script(hub->redis, hub_lua_reap_claim);
 	L->script_done = hub_redis_add_script(hub->redis, hub_lua_reap_done);
 	hub_observe(hub, HUB_EV_REDIS_READY, on_redis_ready, L);
-	lws_sul_schedule(hub->ctx, 0, &L->sul_tick, tick,
-			 (lws_usec_t)hub->cfg.lease_renew_ms * 1000);
+	pthread_mutex_init(&L->w.mu, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&L->w.cv, &ca);
+	pthread_condattr_destroy(&ca);
+	L->w.loop_us = hub_mono_us();
+	rc = pthread_create(&L->w.tid, NULL, renewer_main, L);
+	if (rc) {
+		snprintf(err, errlen, "lease: cannot start the renewer thread: %s", strerror(rc));
+		return -1;
+	}
+	L->w.running = true;
+	lws_sul_schedule(hub->ctx, 0, &L->sul_poll, poll_cb, POLL_US);
 	return 0;
 }
 
@@ -672,17 +965,23 @@ static void lease_stop(struct hub *hub)
 	if (!L || L->stopped)
 		return;
 	L->stopped = true;
-	lws_sul_cancel(&L->sul_tick);
+	renewer_stop(L); /* before the release: no renewal after it */
+	lws_sul_cancel(&L->sul_poll);
 	lws_sul_cancel(&L->sul_reap);
-	if (L->ever_registered && hub_redis_up(hub->redis) &&
+	/* The thread may have written it before the loop took its answer. */
+	if ((L->ever_registered || L->w.registered) && hub_redis_up(hub->redis) &&
 	    hub_key_runslots(key, sizeof(key), L->run_id))
 		hub_redis_command_argv(hub->redis, on_rel_bits, L, 2, argv, NULL);
 }
 
 static void lease_free(struct hub *hub)
 {
-	if (hub->lease)
+	if (hub->lease) {
+		renewer_stop(hub->lease); /* a start that failed later on */
 		members_free(hub->lease);
+		pthread_mutex_destroy(&hub->lease->w.mu);
+		pthread_cond_destroy(&hub->lease->w.cv);
+	}
 	free(hub->lease);
 	hub->lease = NULL;
 }

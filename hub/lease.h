@@ -5,7 +5,10 @@
  *
  * Every lease-renew-ms the hub renews its lease (iot:{hub}:leases: run id ->
  * expiry, Redis's clock, lease-ttl-ms ahead) and checks iot:{hub}:epoch, a token
- * the first hub sets on an empty Redis. One script does both. When the
+ * the first hub sets on an empty Redis. One script does both, run by a
+ * thread of its own on a blocking connection of its own while the event
+ * loop keeps turning (a busy loop keeps its lease, a stuck one does not:
+ * hub/lease.c "the renewer thread"); the loop acts on what it found. When the
  * token is not the one this hub saw last (Redis restarted empty, was
  * flushed or replaced) or its own lease was gone or had expired (reaped by
  * another instance after missed renewals), the hub re-announces the devices

@@ -1,10 +1,12 @@
 /*
  * iot-hub: a WebSocket gateway hub. See README.md and docs/.
  */
+#include <errno.h>
 #include <jwt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
@@ -49,6 +51,25 @@ static lws_sorted_usec_list_t sul_startup;
 static int64_t startup_deadline_us;
 static struct hub *the_hub;
 
+/* Tests only, undocumented on purpose: with IOT_HUB_TEST_STALL_MS=N in the
+ * environment each SIGHUP also holds the event loop for N ms, as a hub
+ * swamped with work would (tests/integration/test_lease.py: a busy loop
+ * keeps its lease, a stuck one loses it). */
+static void test_stall(void)
+{
+	const char *v = getenv("IOT_HUB_TEST_STALL_MS");
+	long ms = v ? strtol(v, NULL, 10) : 0;
+	struct timespec ts;
+
+	if (ms <= 0 || ms > 600000)
+		return;
+	hub_warn("IOT_HUB_TEST_STALL_MS: holding the event loop for %ld ms (tests only)", ms);
+	ts.tv_sec = ms / 1000;
+	ts.tv_nsec = (ms % 1000) * 1000000;
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
+}
+
 static void on_signal_timer(lws_sorted_usec_list_t *sul)
 {
 	struct hub *hub = lws_container_of(sul, struct hub, sul_signal);
@@ -58,6 +79,7 @@ static void on_signal_timer(lws_sorted_usec_list_t *sul)
 		hub_info("SIGHUP: reloading device types and keys");
 		hub_audit(hub, NULL, "reload", "",
 			  hub_reload(hub, false) ? "{\"ok\":false}" : "{\"ok\":true}");
+		test_stall();
 	}
 	if (hub->sig_term) {
 		hub->sig_term = 0;

@@ -65,12 +65,8 @@ enum rc_state { RC_DOWN, RC_CONNECTING, RC_UP };
  * SSUB: sharded pub/sub (SSUBSCRIBE), one per primary that carries
  *   subscribed channels (on one Redis, one to the seed). hiredis 0.14 knows
  *   nothing of smessage (its async reader asserts on a push it cannot
- *   place), so the bus reads these replies itself (ssub_read).
- * PRIO: one Redis, a second command connection for the few calls that must
- *   not wait behind the bulk of the hub's traffic (the lease renewal:
- *   hub_redis_command_argv_priority). Opened once the command connection
- *   is up, to the same server; SELECT and the scripts, no gates. */
-enum rc_role { ROLE_SEED, ROLE_SUB, ROLE_NODE, ROLE_SSUB, ROLE_PRIO };
+ *   place), so the bus reads these replies itself (ssub_read). */
+enum rc_role { ROLE_SEED, ROLE_SUB, ROLE_NODE, ROLE_SSUB };
 
 struct rnode;
 struct durable;
@@ -186,7 +182,6 @@ struct hub_redis {
 	int ngates;
 	struct gate gates[MAX_GATES];
 	struct rconn ssub;         /* one Redis: the sharded pub/sub connection */
-	struct rconn prio;         /* one Redis: the priority connection (ROLE_PRIO) */
 	int64_t wait_warned_us;
 	void (*fatal)(void *);     /* hub_redis_set_fatal */
 	void *fatal_arg;
@@ -842,8 +837,6 @@ static bool rconn_wanted(const struct rconn *rc)
 				return true;
 		return false;
 	}
-	if (rc->role == ROLE_PRIO)
-		return r->mode_known && !r->cluster;
 	return true;
 }
 
@@ -944,7 +937,7 @@ static void cmd_setup(struct rconn *rc)
 	struct hub_redis *r = rc->r;
 	struct hub_config *cfg = &r->hub->cfg;
 
-	if ((rc->role == ROLE_SEED || rc->role == ROLE_PRIO) && cfg->redis_db) {
+	if (rc->role == ROLE_SEED && cfg->redis_db) {
 		char db[16];
 		snprintf(db, sizeof(db), "%d", cfg->redis_db);
 		const char *argv[2] = { "SELECT", db };
@@ -954,7 +947,7 @@ static void cmd_setup(struct rconn *rc)
 		const char *argv[3] = { "SCRIPT", "LOAD", r->scripts[i] };
 		rconn_send(rc, on_setup_reply, rc, 3, argv, NULL);
 	}
-	if (r->ngates && rc->role != ROLE_PRIO) {
+	if (r->ngates) {
 		rc->gate_idx = 0;
 		rc->gate_last_us[0] = hub_mono_us();
 		rconn_send(rc, on_gate_reply, rc, r->gates[0].argc,
@@ -1032,10 +1025,8 @@ static void on_connect(const redisAsyncContext *ac, int status)
 	else
 		hub_info("redis %s: connected to %s:%d", rc->name, rc->host, rc->port);
 	rc->last_reply_us = hub_mono_us();
-	if (rc->role == ROLE_SEED || rc->role == ROLE_PRIO ||
-	    (rc->role == ROLE_NODE && rc->r->ngates))
-		return; /* up after INFO cluster (on_probe_reply), the gates, or
-			 * at once (cmd_setup: a priority connection) */
+	if (rc->role == ROLE_SEED || (rc->role == ROLE_NODE && rc->r->ngates))
+		return; /* up after INFO cluster (on_probe_reply) or the gates */
 	set_state(rc, RC_UP);
 	rc->backoff_ms = 0;
 	for (struct hub_redis_channel *ch = rc->r->channels; ch; ch = ch->next)
@@ -1210,9 +1201,6 @@ static void rconn_target(struct rconn *rc)
 	if (rc->node) {
 		snprintf(rc->host, sizeof(rc->host), "%s", rc->node->host);
 		rc->port = rc->node->port;
-	} else if (rc->role == ROLE_PRIO) {
-		snprintf(rc->host, sizeof(rc->host), "%s", r->cmd.host);
-		rc->port = r->cmd.port;
 	} else if (i < cfg->redis_nseeds) {
 		snprintf(rc->host, sizeof(rc->host), "%s", cfg->redis_seeds[i].host);
 		rc->port = cfg->redis_seeds[i].port;
@@ -1306,7 +1294,7 @@ static void rconn_connect(struct rconn *rc)
 	if (rc->role == ROLE_SEED) {
 		const char *argv[2] = { "INFO", "cluster" };
 		rconn_send(rc, on_probe_reply, rc, 2, argv, NULL);
-	} else if (rc->role == ROLE_NODE || rc->role == ROLE_PRIO) {
+	} else if (rc->role == ROLE_NODE) {
 		cmd_setup(rc);
 	}
 }
@@ -1416,9 +1404,9 @@ static void watch_cmd(struct rconn *rc, int64_t now)
 		const char *argv[1] = { "PING" };
 		rconn_send(rc, NULL, NULL, 1, argv, NULL);
 	}
-	if (rc->state != RC_UP || rc->role == ROLE_PRIO) {
+	if (rc->state != RC_UP) {
 		rc->stalled = false;
-		return; /* the priority connection says nothing of readiness */
+		return;
 	}
 	bool up = rconn_answering(rc, now);
 	if (!up && !rc->stalled)
@@ -1492,10 +1480,6 @@ static void watchdog_cb(lws_sorted_usec_list_t *sul)
 		r->loop_resumed_us = now;
 	r->watch_last_us = now;
 	watch_cmd(&r->cmd, now);
-	if (r->prio.ac)
-		watch_cmd(&r->prio, now);
-	else if (r->cmd.state == RC_UP && !r->prio.reconnect_pending)
-		rconn_connect(&r->prio); /* first, or after the command connection came back */
 	for (int i = 0; r->cluster && i < r->nnodes; i++)
 		if (r->nodes[i]->cmd.ac)
 			watch_cmd(&r->nodes[i]->cmd, now);
@@ -1522,7 +1506,6 @@ struct hub_redis *hub_redis_new(struct hub *hub)
 	rconn_init(&r->cmd, r, "commands", ROLE_SEED, NULL);
 	rconn_init(&r->sub, r, "pubsub", ROLE_SUB, NULL);
 	rconn_init(&r->ssub, r, "sharded pubsub", ROLE_SSUB, NULL);
-	rconn_init(&r->prio, r, "priority", ROLE_PRIO, NULL);
 	return r;
 }
 
@@ -1720,15 +1703,6 @@ int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
 			   int argc, const char **argv, const size_t *argvlen)
 {
 	return hub_redis_command_argv_slot(r, HUB_REDIS_SLOT_AUTO, cb, arg, argc, argv, argvlen);
-}
-
-int hub_redis_command_argv_priority(struct hub_redis *r, hub_redis_cb cb, void *arg,
-				    int argc, const char **argv, const size_t *argvlen)
-{
-	if (!r->cluster && r->prio.state == RC_UP &&
-	    !rconn_send(&r->prio, cb, arg, argc, argv, argvlen))
-		return 0;
-	return hub_redis_command_argv(r, cb, arg, argc, argv, argvlen);
 }
 
 int hub_redis_command_argv_shard(struct hub_redis *r, int shard, hub_redis_cb cb, void *arg,
@@ -2059,7 +2033,6 @@ void hub_redis_stop(struct hub_redis *r)
 	rconn_stop(&r->cmd);
 	rconn_stop(&r->sub);
 	rconn_stop(&r->ssub);
-	rconn_stop(&r->prio);
 	for (int i = 0; i < r->nnodes; i++) {
 		rconn_stop(&r->nodes[i]->cmd);
 		rconn_stop(&r->nodes[i]->sub);
@@ -2089,6 +2062,5 @@ void hub_redis_free(struct hub_redis *r)
 	free(r->cmd.ring);
 	free(r->sub.ring);
 	free(r->ssub.ring);
-	free(r->prio.ring);
 	free(r);
 }

@@ -1,10 +1,8 @@
 /*
  * redis.h - the hub's Redis bus: one connection for commands, one that only
  * subscribes (a subscribed hiredis context takes nothing else:
- * docs/pitfalls.md), and on one Redis a second command connection for the
- * calls that must not queue behind the rest (hub_redis_command_argv_priority);
- * on a Redis Cluster, one command connection per primary (docs/streams.md
- * "Redis Cluster").
+ * docs/pitfalls.md); on a Redis Cluster, one command connection per primary
+ * (docs/streams.md "Redis Cluster").
  *
  * The mode is learnt, not configured: the first seed URL that answers
  * INFO cluster says whether it is a cluster node. On one Redis everything
@@ -136,19 +134,6 @@ int hub_redis_shards(const struct hub_redis *r);
  * callback. argvlen may be NULL for NUL-terminated arguments. */
 int hub_redis_command_argv(struct hub_redis *r, hub_redis_cb cb, void *arg,
 			   int argc, const char **argv, const size_t *argvlen);
-
-/* The same, for the few calls that must not wait behind the hub's bulk
- * traffic (the lease renewal: hub/lease.c). On one Redis it goes on a
- * command connection of its own, the priority connection, so that it is
- * neither queued behind what this hub has not written yet nor read by
- * Redis after the commands already in this hub's socket: Redis serves its
- * clients in turn, so it runs within one of Redis's event-loop rounds.
- * Only the caller's own calls are ordered on it; nothing orders them
- * against the command connection's. While that connection is down (it
- * opens once the command connection passed its gates, and reconnects on
- * its own), and on a cluster, it is hub_redis_command_argv. */
-int hub_redis_command_argv_priority(struct hub_redis *r, hub_redis_cb cb, void *arg,
-				    int argc, const char **argv, const size_t *argvlen);
 
 /* As hub_redis_command_argv, for a command already in RESP form (an array of
  * bulk strings; hiredis copies it). Saves hiredis's formatting, which

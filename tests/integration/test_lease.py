@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (HubTestCase, Resp, api_keys_file, connect_dashboard, http_json, main,  # noqa: E402
-                     rkeys, uniq)
+                     reading, rkeys, uniq)
 
 KEYS = {"admin": ("iotk_lease_admin_00001", ["admin"], None)}
 BOUND_S = 15.0   # docs/streams.md: offline within 15 s of a kill -9 (defaults)
@@ -227,11 +227,10 @@ class Lease(HubTestCase):
         self.assertEqual(rkeys.run_members(self.redis, run), sorted(devs))
         a.stop()
 
-    async def test_a_slow_renewal_is_logged_with_where_its_time_went(self):
+    async def test_a_slow_renewal_is_logged(self):
         """A renewal that takes a quarter of the lease is a lease close to
-        expiring: the hub says so, and whether its loop sent it late or it
-        waited on Redis. Redis is stopped for 800 ms, more than a quarter
-        of a 2 s lease, less than the lease itself."""
+        expiring: the hub says so. Redis is stopped for 800 ms, more than a
+        quarter of a 2 s lease, less than the lease itself."""
         redis = self.start_redis()
         a = self.start_hub(redis, extra=["--instance-id", "hub-slow", "--lease-ttl-ms", "2000",
                                          "--lease-renew-ms", "200", "--log-level", "warn"])
@@ -247,13 +246,67 @@ class Lease(HubTestCase):
             self.assertLess(time.monotonic(), deadline, "no slow-renewal line: %s" % a.stderr_text()[-800:])
             await asyncio.sleep(0.1)
         line = [ln for ln in a.stderr_text().splitlines() if "lease: a renewal took" in ln][0]
-        m = re.search(r"took (\d+) ms of the 2000 ms lease \(sent (\d+) ms late.*answered (\d+) ms after", line)
+        m = re.search(r"lease: a renewal took (\d+) ms of the 2000 ms lease, waiting for Redis$", line)
         self.assertIsNotNone(m, line)
-        took, late, rtt = (int(x) for x in m.groups())
-        self.assertGreaterEqual(took, 500, line)
-        self.assertGreater(rtt, late, "the wait was at Redis, not in the loop: " + line)
+        self.assertGreaterEqual(int(m.group(1)), 500, line)
         self.assertNotIn("had expired", a.stderr_text())
         a.stop()
+
+    def held_pair(self, name, hold_ms):
+        """Hub `name` (whose loop a SIGHUP holds for hold_ms) and a peer
+        that would reap it, both on a 1 s lease; a device on the first."""
+        fast = ["--lease-ttl-ms", "1000", "--lease-renew-ms", "250"]
+        a = self.start_hub(self.redis, extra=["--api-keys", self.keys, "--instance-id", name] + fast,
+                           env={"IOT_HUB_TEST_STALL_MS": str(hold_ms)})
+        b = self.start_hub(self.redis, extra=["--api-keys", self.keys, "--instance-id", name + "-peer"] + fast)
+        return a, b
+
+    async def test_a_busy_loop_keeps_its_lease(self):
+        """A hub whose event loop is held for three leases is busy, not
+        dead (in a 100,000-gateway storm a hub's loop took turns of
+        seconds): its lease is renewed from a thread of its own, so the
+        peer reaps nothing and the device stays online throughout."""
+        a, b = self.held_pair("hub-busy", 3000)
+        d = uniq("t-busy")
+        gw = await self.gw_with(a, [(d, "thermostat")])
+        run = self.dev(d)["conn"].rsplit(":", 1)[0]
+        await asyncio.sleep(1.5)   # both renewed without a gap for a lease: b would reap
+        a.sighup()
+        a.wait_line(r"IOT_HUB_TEST_STALL_MS: holding the event loop for 3000 ms", 5)
+        t_end = time.monotonic() + 4
+        while time.monotonic() < t_end:
+            self.assertEqual(self.dev(d).get("online"), "1", "device marked offline while its hub was busy")
+            now_ms = int(self.redis.cmd("TIME")[0]) * 1000
+            self.assertGreater(int(float(self.redis.cmd("ZSCORE", rkeys.LEASES, run))), now_ms - 1000,
+                               "the lease lapsed")
+            await asyncio.sleep(0.1)
+        rep = await gw.telemetry(1, [reading(d)])   # the loop is back
+        self.assertEqual((rep.get("type"), rep.get("accepted")), ("ack", 1), rep)
+        self.assertNotIn("lease of hub run", b.stderr_text())
+        self.assertNotRegex(a.stderr_text(), "had expired|was gone|has not turned")
+        a.stop()
+        b.stop()
+
+    async def test_a_stuck_loop_loses_its_lease(self):
+        """A loop held for more than four leases is stuck, not busy: the
+        renewer stops, the peer marks the device offline, and once the loop
+        turns again the hub re-announces it."""
+        a, b = self.held_pair("hub-stuck", 6500)
+        d = uniq("t-stuck")
+        await self.gw_with(a, [(d, "thermostat")])
+        await asyncio.sleep(1.5)
+        a.sighup()
+        a.wait_line(r"IOT_HUB_TEST_STALL_MS: holding the event loop", 5)
+        a.wait_line(r"W .*lease: the event loop has not turned for \d+ ms: not renewing", 6)
+        b.wait_line(r"hub run hub-stuck:\w+ reaped: 1 devices marked offline", 5)
+        self.assertEqual(self.dev(d).get("online"), "0")
+        a.wait_line(r"lease: this hub's lease (was gone|had expired) in Redis", 10)
+        deadline = time.monotonic() + 10
+        while self.dev(d).get("online") != "1":
+            self.assertLess(time.monotonic(), deadline, "device re-announced once the loop turned again")
+            await asyncio.sleep(0.1)
+        a.stop()
+        b.stop()
 
     async def test_graceful_stop_gives_the_lease_up(self):
         a = self.hub("hub-g")
