@@ -62,6 +62,7 @@ static const struct opt opts[] = {
 	O("lease-ttl-ms", OPT_INT, lease_ttl_ms, "8000", 1000, 600000, "an instance whose lease in Redis was not renewed for this long is dead: another marks its devices offline"),
 	O("lease-renew-ms", OPT_INT, lease_renew_ms, "2000", 100, 300000, "how often the hub renews its lease (and checks that Redis still holds its data); at most lease-ttl-ms / 2"),
 	O("retry-after-ms", OPT_INT, retry_after_ms, "1000", 1, 600000, "retry_after_ms told to gateways while Redis is down"),
+	O("redis-shed-ms", OPT_INT, redis_shed_ms, "5000", 0, 600000, "a telemetry frame that arrives while the hub's oldest command at Redis has waited this long is answered unavailable at once, not queued behind it (0 = never)"),
 	O("rx-buffer-bytes", OPT_INT, rx_buffer_bytes, "512", 128, 65536, "lws receive buffer per connection (memory per connection; larger frames are reassembled)"),
 	O("history-max-range-s", OPT_LONG, history_max_range_s, "2678400", 1, 315360000, "longest from..to span of one telemetry history request (422 beyond)"),
 	O("ping-interval-s", OPT_INT, ping_interval_s, "30", 1, 3600, "WebSocket PING sent to a gateway this long after its last PONG"),

@@ -79,6 +79,7 @@ struct hub_config {
 	int lease_ttl_ms;
 	int lease_renew_ms;
 	int retry_after_ms;
+	int redis_shed_ms;
 	int rx_buffer_bytes;
 	int ping_interval_s;
 	long history_max_range_s;

@@ -33,7 +33,7 @@ static const char *const disconnect_reasons[HUB_DISC__COUNT] = {
 };
 
 static const char *const frame_results[HUB_FRAME__COUNT] = {
-	"acked", "duplicate", "bad_json", "bad_message", "unavailable",
+	"acked", "duplicate", "bad_json", "bad_message", "unavailable", "shed",
 };
 
 static void counter(hub_buf *o, const char *name, const char *help, uint64_t v)

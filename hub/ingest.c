@@ -168,6 +168,18 @@ bool hub_ingest_up(struct hub *hub, const char *gateway)
 	return n && hub_redis_slot_up(hub->redis, (int)hub_slot(key, n));
 }
 
+int64_t hub_ingest_backlog_us(struct hub *hub, const char *gateway, int64_t now_us)
+{
+	unsigned shards = hub_ingest_shards(hub);
+	char key[HUB_KEY_MAX];
+	size_t n;
+
+	if (!shards || !hub_redis_cluster(hub->redis))
+		return hub_redis_backlog_us(hub->redis, -1, now_us);
+	n = hub_key_feed(key, sizeof(key), hub_ingest_shard_of(gateway, shards));
+	return hub_redis_backlog_us(hub->redis, n ? (int)hub_slot(key, n) : -1, now_us);
+}
+
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,
 		    const struct hub_store_reading *r, size_t n,
 		    const char *lines, size_t lines_len,

@@ -31,6 +31,11 @@ unsigned hub_ingest_shards(struct hub *hub);
  * shard's slot: a failed primary makes only its shards unavailable). */
 bool hub_ingest_up(struct hub *hub, const char *gateway);
 
+/* How far behind Redis is for gateway's frames (hub_redis_backlog_us of
+ * its shard's primary on a cluster): past redis-shed-ms, new frames are
+ * answered `unavailable` rather than queued behind the backlog. */
+int64_t hub_ingest_backlog_us(struct hub *hub, const char *gateway, int64_t now_us);
+
 /* True when live readings go out on sharded channels (SPUBLISH of
  * iot:live:{i<k>}:raw:<type>: a Redis Cluster); false: classic PUBLISH of
  * iot:live:raw:<type> (one Redis). */

@@ -16,6 +16,7 @@ enum hub_frame_result {
 	HUB_FRAME_BAD_JSON,
 	HUB_FRAME_BAD_MESSAGE,
 	HUB_FRAME_UNAVAILABLE,  /* Redis down: error sent, nothing acked */
+	HUB_FRAME_SHED,         /* Redis behind (redis-shed-ms): unavailable, not queued */
 	HUB_FRAME__COUNT
 };
 

@@ -1667,6 +1667,34 @@ size_t hub_redis_pending(const struct hub_redis *r)
 	return n;
 }
 
+static int64_t rconn_backlog_us(const struct rconn *rc, int64_t now)
+{
+	int64_t age;
+
+	if (!rc->ring_len)
+		return 0;
+	age = now - rc->ring[rc->ring_head].t0;
+	if (rc->wait_inflight)
+		age -= (int64_t)rc->r->hub->cfg.ack_wait_ms * 1000;
+	return age > 0 ? age : 0;
+}
+
+int64_t hub_redis_backlog_us(const struct hub_redis *r, int slot, int64_t now_us)
+{
+	const struct rnode *n;
+	int64_t worst = 0;
+
+	if (!r->cluster)
+		return rconn_backlog_us(&r->cmd, now_us);
+	if (slot >= 0)
+		return (n = slot_owner(r, (unsigned)slot)) ? rconn_backlog_us(&n->cmd, now_us) : 0;
+	for (int i = 0; i < r->nnodes; i++) {
+		int64_t b = rconn_backlog_us(&r->nodes[i]->cmd, now_us);
+		worst = b > worst ? b : worst;
+	}
+	return worst;
+}
+
 int hub_redis_shards(const struct hub_redis *r)
 {
 	int n = 0;

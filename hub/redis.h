@@ -107,6 +107,13 @@ void hub_redis_want_flush(struct hub_redis *r);
 /* Commands in flight on the command connection(s). */
 size_t hub_redis_pending(const struct hub_redis *r);
 
+/* How far behind Redis is for this hub: how long the oldest command still
+ * unanswered on the command connection (on a cluster, that of slot's
+ * primary; any slot < 0: the most behind) has waited, less the ack-wait-ms
+ * a WAIT in flight may hold it. 0 when nothing is pending. A Redis that is
+ * down is not "behind": ask hub_redis_up(). */
+int64_t hub_redis_backlog_us(const struct hub_redis *r, int slot, int64_t now_us);
+
 /* True once the seed said it is a Redis Cluster node (false before any
  * seed answered). The key layout and the scripts' choice of PUBLISH or
  * SPUBLISH may depend on it; nothing else should. */

@@ -853,6 +853,18 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 		enqueue(c, r);
 		return;
 	}
+	/* Redis (or this hub's loop) is seconds behind: a frame queued now
+	 * would be answered later still, past the gateway's ack timeout, and
+	 * its reconnect would add to the load (a storm that collapses instead
+	 * of finishing). Answered at once; the gateway resends it later. */
+	if (cfg->redis_shed_ms &&
+	    hub_ingest_backlog_us(hub, c->gw, now_us) > (int64_t)cfg->redis_shed_ms * 1000) {
+		hub->metrics.frames[HUB_FRAME_SHED]++;
+		gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
+			       "telemetry store behind; resend this frame later");
+		enqueue(c, r);
+		return;
+	}
 	scratch_reserve(gws, n);
 	vals.len = 0;
 	bool raw = n && !gw_data_spans(msg, gws->scratch.spans, n), sig_pending = false;

@@ -6,11 +6,17 @@ exactly once."""
 import asyncio
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (HubTestCase, Redis, free_port, http_get, main, metric_value, parse_metrics,  # noqa: E402
+from harness import (HubTestCase, Redis, Resp, free_port, http_get, main, metric_value, parse_metrics,  # noqa: E402
                      reading, rkeys, uniq)
+
+# Keeps Redis busy for ARGV[1] ms (it answers nobody meanwhile).
+BUSY = ("local t0 = redis.call('TIME') local us = tonumber(ARGV[1]) * 1000 "
+        "repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) >= us "
+        "return 1")
 
 
 class RedisOutage(HubTestCase):
@@ -79,6 +85,51 @@ class RedisOutage(HubTestCase):
             self.assertEqual(rep.get("type"), "ack", rep)
         stored = sorted(int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d)))
         self.assertEqual(stored, unavailable, "resent frames should be stored exactly once")
+        hub.stop()
+
+    async def test_frames_are_not_queued_behind_a_backlog(self):
+        """Redis answers, but only between scripts of 400 ms that another
+        client keeps running: each command waits up to 400 ms. With
+        redis-shed-ms 150 a frame that arrives while the hub's oldest
+        command has waited longer is answered `unavailable` (counted as
+        shed), not queued behind it; Redis still counts as up, and every
+        frame, resent, is stored exactly once."""
+        redis = self.start_redis()
+        hub = self.start_hub(redis, extra=["--redis-shed-ms", "150"])
+        gw, d = await self.gw_dev(hub)
+        stop = threading.Event()
+
+        def busy():
+            c = Resp(redis.port)
+            try:
+                while not stop.is_set():
+                    c.cmd("EVAL", BUSY, "0", "400")
+            finally:
+                c.close()
+        t = threading.Thread(target=busy)
+        t.start()
+        try:
+            await asyncio.sleep(0.2)
+            frames = {seq: [reading(d, float(seq))] for seq in range(1, 31)}
+            for seq, r in frames.items():
+                await gw.send({"type": "telemetry", "seq": seq, "readings": r})
+                await asyncio.sleep(0.05)
+            replies = {seq: await gw.reply_for(seq, 10) for seq in frames}
+            self.assertEqual(self.readyz(hub), 200, "Redis answers: the hub stays ready")
+        finally:
+            stop.set()
+            t.join(10)
+        shed = [seq for seq, m in replies.items() if m.get("type") == "error"]
+        for seq in shed:
+            self.assert_unavailable(replies[seq], seq)
+            self.assertIn("behind", replies[seq].get("message", ""), replies[seq])
+        self.assertGreater(len(shed), 0, "no frame was shed: %s" % replies)
+        m = parse_metrics(http_get(hub, "/metrics")[2])
+        self.assertEqual(metric_value(m, "iot_hub_frames_total", result="shed"), len(shed))
+        for seq in shed:
+            await self.resend_until_acked(gw, seq, frames[seq])
+        self.assertEqual(sorted(int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d))), list(frames),
+                         "each frame stored exactly once")
         hub.stop()
 
     async def test_stall_timeout_then_resend_stored_once(self):
