@@ -856,11 +856,15 @@ static void handle_telemetry(struct gw_conn *c, gw_msg *msg)
 	/* Redis (or this hub's loop) is seconds behind: a frame queued now
 	 * would be answered later still, past the gateway's ack timeout, and
 	 * its reconnect would add to the load (a storm that collapses instead
-	 * of finishing). Answered at once; the gateway resends it later. */
-	if (cfg->redis_shed_ms &&
-	    hub_ingest_backlog_us(hub, c->gw, now_us) > (int64_t)cfg->redis_shed_ms * 1000) {
+	 * of finishing). Answered at once; the gateway resends it once that
+	 * backlog may be gone (a retry sooner would only be shed again, and a
+	 * fleet retrying every second spent the hubs' CPU on answering them). */
+	int64_t behind_ms = cfg->redis_shed_ms ? hub_ingest_backlog_us(hub, c->gw, now_us) / 1000 : 0;
+	if (cfg->redis_shed_ms && behind_ms > cfg->redis_shed_ms) {
 		hub->metrics.frames[HUB_FRAME_SHED]++;
-		gw_write_error(&r->out, "unavailable", msg->seq, cfg->retry_after_ms,
+		gw_write_error(&r->out, "unavailable", msg->seq,
+			       behind_ms > cfg->retry_after_ms ? (int)(behind_ms < 60000 ? behind_ms : 60000)
+							       : cfg->retry_after_ms,
 			       "telemetry store behind; resend this frame later");
 		enqueue(c, r);
 		return;

@@ -92,10 +92,12 @@ class RedisOutage(HubTestCase):
         client keeps running: each command waits up to 400 ms. With
         redis-shed-ms 150 a frame that arrives while the hub's oldest
         command has waited longer is answered `unavailable` (counted as
-        shed), not queued behind it; Redis still counts as up, and every
+        shed), not queued behind it, and told to come back once that
+        backlog may be gone (retry_after_ms at least the wait, here more
+        than the 1 ms configured); Redis still counts as up, and every
         frame, resent, is stored exactly once."""
         redis = self.start_redis()
-        hub = self.start_hub(redis, extra=["--redis-shed-ms", "150"])
+        hub = self.start_hub(redis, extra=["--redis-shed-ms", "150", "--retry-after-ms", "1"])
         gw, d = await self.gw_dev(hub)
         stop = threading.Event()
 
@@ -123,6 +125,7 @@ class RedisOutage(HubTestCase):
         for seq in shed:
             self.assert_unavailable(replies[seq], seq)
             self.assertIn("behind", replies[seq].get("message", ""), replies[seq])
+            self.assertGreater(replies[seq]["retry_after_ms"], 150, replies[seq])
         self.assertGreater(len(shed), 0, "no frame was shed: %s" % replies)
         m = parse_metrics(http_get(hub, "/metrics")[2])
         self.assertEqual(metric_value(m, "iot_hub_frames_total", result="shed"), len(shed))
