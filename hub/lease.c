@@ -14,6 +14,7 @@
 #include "hub/hub.h"
 #include "hub/keys.h"
 #include "hub/log.h"
+#include "hub/rc.h"
 #include "hub/redis.h"
 #include "hub/registry.h"
 #include "hub/util.h"
@@ -81,11 +82,7 @@ struct renewer {
 	bool unseen;                   /* batch holds renewals the loop has not taken */
 	struct renew_batch batch;
 	/* the thread's own */
-	redisContext *c;
-	int seed;
-	bool moved;                    /* a MOVED named host:port (a cluster) */
-	char host[HUB_REDIS_HOST_MAX];
-	int port;
+	struct rc *rc;
 	bool registered, stuck_said;
 };
 
@@ -479,64 +476,10 @@ static void take_dead(struct hub_lease *L, const struct renew_result *res)
 }
 
 /* ---- the renewer thread ---------------------------------------------------
- * Blocking hiredis on a connection of its own: the seeds in turn, or where
- * a MOVED pointed (a cluster: the primary of {hub}). Only this thread
- * touches w->c, seed, moved, host, port, registered, stuck_said; it reads
- * the hub's configuration, which does not change while it runs. */
-
-static void renewer_drop(struct renewer *w)
-{
-	if (w->c)
-		redisFree(w->c);
-	w->c = NULL;
-	if (w->moved)
-		w->moved = false;
-	else
-		w->seed++;
-}
-
-/* Connects (AUTH, SELECT) within redis-timeout-ms. 0, or -1 with err. */
-static int renewer_connect(struct hub_lease *L, char *err, size_t errlen)
-{
-	const struct hub_config *cfg = &L->hub->cfg;
-	struct renewer *w = &L->w;
-	const struct hub_redis_seed *seed = &cfg->redis_seeds[w->seed % cfg->redis_nseeds];
-	const char *host = w->moved ? w->host : seed->host;
-	int port = w->moved ? w->port : seed->port;
-	struct timeval tv = { cfg->redis_timeout_ms / 1000, (cfg->redis_timeout_ms % 1000) * 1000 };
-	redisReply *r;
-
-	w->c = redisConnectWithTimeout(host, port, tv);
-	if (!w->c || w->c->err) {
-		snprintf(err, errlen, "connect to %s:%d: %s", host, port,
-			 w->c ? w->c->errstr : "out of memory");
-		renewer_drop(w);
-		return -1;
-	}
-	redisSetTimeout(w->c, tv);
-	for (int i = 0; i < 2; i++) {
-		char db[16];
-		const char *auth[2] = { "AUTH", cfg->redis_password };
-		const char *sel[2] = { "SELECT", db };
-
-		if (i == 0 && !cfg->redis_password)
-			continue;
-		if (i == 1 && !cfg->redis_db)
-			continue;
-		snprintf(db, sizeof(db), "%d", cfg->redis_db);
-		r = redisCommandArgv(w->c, 2, i ? sel : auth, NULL);
-		if (!r || r->type == REDIS_REPLY_ERROR) {
-			snprintf(err, errlen, "%s on %s:%d: %s", i ? "SELECT" : "AUTH", host, port,
-				 r ? r->str : w->c->errstr);
-			if (r)
-				freeReplyObject(r);
-			renewer_drop(w);
-			return -1;
-		}
-		freeReplyObject(r);
-	}
-	return 0;
-}
+ * Blocking Redis (hub/rc.h: the seeds in turn; on a cluster, the primary
+ * of {hub}, MOVED and ASK followed) on connections of its own. Only this
+ * thread touches w->rc, registered and stuck_said; it reads the hub's
+ * configuration, which does not change while it runs. */
 
 static void renew_parse(const redisReply *r, struct renew_result *res)
 {
@@ -565,9 +508,7 @@ static void renew_parse(const redisReply *r, struct renew_result *res)
 	}
 }
 
-/* One renewal: lease_renew (EVAL: nothing to load first), following a
- * MOVED on a cluster (the {hub} slot moved, or a seed that is not its
- * primary). */
+/* One renewal: lease_renew (EVAL: nothing to load first). */
 static void renew_once(struct hub_lease *L, struct renew_result *res)
 {
 	struct renewer *w = &L->w;
@@ -578,6 +519,7 @@ static void renew_once(struct hub_lease *L, struct renew_result *res)
 			       HUB_LAYOUT_KEY, claim, L->hub->instance_id, L->run_id, ttl,
 			       w->registered ? "0" : "1", cand, HUB_LAYOUT_VERSION };
 	int64_t t0 = hub_mono_us();
+	redisReply *r;
 
 	/* A fresh candidate each time: the same one set again after a second
 	 * empty restart would hide that restart. */
@@ -587,35 +529,15 @@ static void renew_once(struct hub_lease *L, struct renew_result *res)
 		snprintf(cand + 2 * i, 3, "%02x", raw[i]);
 	snprintf(ttl, sizeof(ttl), "%d", cfg->lease_ttl_ms);
 	hub_key_run_reaper(claim, sizeof(claim), L->run_id);
-	res->status = RENEW_FAILED;
-	for (int hop = 0; hop < 3; hop++) {
-		redisReply *r;
-		int port;
-
-		if (!w->c && renewer_connect(L, res->err, sizeof(res->err)))
-			break;
-		r = redisCommandArgv(w->c, (int)(sizeof(argv) / sizeof(*argv)), argv, NULL);
-		if (!r) {
-			snprintf(res->err, sizeof(res->err), "%s", w->c->errstr);
-			renewer_drop(w);
-			break;
-		}
-		if (r->type == REDIS_REPLY_ERROR && !strncmp(r->str, "MOVED ", 6) &&
-		    sscanf(r->str + 6, "%*d %255[^:]:%d", w->host, &port) == 2) {
-			/* The seed is not the primary of {hub}: go there, and keep
-			 * going there until it fails. */
-			redisFree(w->c);
-			w->c = NULL;
-			w->moved = true;
-			w->port = port;
-			freeReplyObject(r);
-			continue;
-		}
+	r = rc_cmd(w->rc, HUB_KEY_LEASES, (int)(sizeof(argv) / sizeof(*argv)), argv, NULL);
+	if (!r) {
+		res->status = RENEW_FAILED;
+		snprintf(res->err, sizeof(res->err), "%s", rc_error(w->rc));
+	} else {
 		renew_parse(r, res);
 		freeReplyObject(r);
 		if (res->status == RENEW_OK)
 			w->registered = true;
-		break;
 	}
 	res->took_us = hub_mono_us() - t0;
 }
@@ -692,9 +614,6 @@ static void *renewer_main(void *arg)
 	}
 	pthread_mutex_unlock(&w->mu);
 	free(res);
-	if (w->c)
-		redisFree(w->c);
-	w->c = NULL;
 	return NULL;
 }
 
@@ -850,6 +769,8 @@ static int lease_start(struct hub *hub, char *err, size_t errlen)
 {
 	struct hub_lease *L = hub_xcalloc(1, sizeof(*L));
 	pthread_condattr_t ca;
+	const char *hosts[HUB_REDIS_SEEDS_MAX];
+	int ports[HUB_REDIS_SEEDS_MAX];
 	int rc;
 
 	hub->lease = L;
@@ -865,6 +786,16 @@ static int lease_start(struct hub *hub, char *err, size_t errlen)
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&L->w.cv, &ca);
 	pthread_condattr_destroy(&ca);
+	for (int i = 0; i < hub->cfg.redis_nseeds; i++) {
+		hosts[i] = hub->cfg.redis_seeds[i].host;
+		ports[i] = hub->cfg.redis_seeds[i].port;
+	}
+	L->w.rc = rc_new_seeds(hosts, ports, hub->cfg.redis_nseeds, hub->cfg.redis_password,
+			       hub->cfg.redis_db, hub->cfg.redis_timeout_ms);
+	if (!L->w.rc) {
+		snprintf(err, errlen, "lease: no Redis seed to renew on");
+		return -1;
+	}
 	L->w.loop_us = hub_mono_us();
 	rc = pthread_create(&L->w.tid, NULL, renewer_main, L);
 	if (rc) {
@@ -978,6 +909,7 @@ static void lease_free(struct hub *hub)
 {
 	if (hub->lease) {
 		renewer_stop(hub->lease); /* a start that failed later on */
+		rc_free(hub->lease->w.rc);
 		members_free(hub->lease);
 		pthread_mutex_destroy(&hub->lease->w.mu);
 		pthread_cond_destroy(&hub->lease->w.cv);

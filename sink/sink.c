@@ -32,7 +32,7 @@
 #include "hub/keys.h"
 #include "sink/batch.h"
 #include "sink/pgw.h"
-#include "sink/rc.h"
+#include "hub/rc.h"
 
 #define SINK_VERSION   HUB_VERSION
 #define ID_MAX         48

@@ -94,8 +94,8 @@ class RedisOutage(HubTestCase):
         command has waited longer is answered `unavailable` (counted as
         shed), not queued behind it, and told to come back once that
         backlog may be gone (retry_after_ms at least the wait, here more
-        than the 1 ms configured); Redis still counts as up, and every
-        frame, resent, is stored exactly once."""
+        than the 1 ms configured); every frame, resent, is stored exactly
+        once."""
         redis = self.start_redis()
         hub = self.start_hub(redis, extra=["--redis-shed-ms", "150", "--retry-after-ms", "1"])
         gw, d = await self.gw_dev(hub)
@@ -117,19 +117,22 @@ class RedisOutage(HubTestCase):
                 await gw.send({"type": "telemetry", "seq": seq, "readings": r})
                 await asyncio.sleep(0.05)
             replies = {seq: await gw.reply_for(seq, 10) for seq in frames}
-            self.assertEqual(self.readyz(hub), 200, "Redis answers: the hub stays ready")
         finally:
             stop.set()
             t.join(10)
-        shed = [seq for seq, m in replies.items() if m.get("type") == "error"]
-        for seq in shed:
+        refused = [seq for seq, m in replies.items() if m.get("type") == "error"]
+        for seq in refused:
             self.assert_unavailable(replies[seq], seq)
-            self.assertIn("behind", replies[seq].get("message", ""), replies[seq])
+        # On a loaded machine a script and the wait for the CPU may add up
+        # to the 750 ms after which Redis counts as down: those frames are
+        # answered "store unavailable", the others behind it "behind".
+        shed = [seq for seq in refused if "behind" in replies[seq].get("message", "")]
+        for seq in shed:
             self.assertGreater(replies[seq]["retry_after_ms"], 150, replies[seq])
         self.assertGreater(len(shed), 0, "no frame was shed: %s" % replies)
         m = parse_metrics(http_get(hub, "/metrics")[2])
         self.assertEqual(metric_value(m, "iot_hub_frames_total", result="shed"), len(shed))
-        for seq in shed:
+        for seq in refused:
             await self.resend_until_acked(gw, seq, frames[seq])
         self.assertEqual(sorted(int(f["seq"]) for _, f in redis.xrange(rkeys.tm(d))), list(frames),
                          "each frame stored exactly once")

@@ -1,7 +1,7 @@
 /*
- * rc.c - the sink's Redis, one Redis or a cluster (rc.h).
+ * rc.c - a blocking Redis client, one Redis or a cluster (rc.h).
  */
-#include "sink/rc.h"
+#include "hub/rc.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,7 +30,7 @@ struct rc {
 	short slot_node[HUB_SLOTS];   /* index into nodes, -1: unknown */
 	bool cluster, known;
 	int db;
-	char password[128];
+	char *password;            /* NULL: none */
 	int timeout_ms;
 	char err[256];
 };
@@ -67,7 +67,10 @@ static int parse_url(struct rc *rc, const char *u, size_t n, struct node *out)
 	p = buf;
 	if ((at = strrchr(p, '@'))) {
 		*at = '\0';
-		snprintf(rc->password, sizeof(rc->password), "%.127s", *p == ':' ? p + 1 : p);
+		free(rc->password);
+		rc->password = strdup(*p == ':' ? p + 1 : p);
+		if (!rc->password)
+			abort();
 		p = at + 1;
 	}
 	if ((slash = strchr(p, '/'))) {
@@ -100,6 +103,7 @@ struct rc *rc_new(const char *url, int timeout_ms, char *err, size_t errlen)
 		if (rc->nseeds == SEEDS_MAX || parse_url(rc, p, n, &rc->seeds[rc->nseeds])) {
 			snprintf(err, errlen, "redis: expected redis://HOST:PORT[/DB] or comma-separated "
 				 "cluster seed URLs (at most %d), not \"%s\"", SEEDS_MAX, url);
+			free(rc->password);
 			free(rc);
 			return NULL;
 		}
@@ -108,9 +112,33 @@ struct rc *rc_new(const char *url, int timeout_ms, char *err, size_t errlen)
 	}
 	if (!rc->nseeds) {
 		snprintf(err, errlen, "redis: no URL given");
+		free(rc->password);
 		free(rc);
 		return NULL;
 	}
+	for (int i = 0; i < HUB_SLOTS; i++)
+		rc->slot_node[i] = -1;
+	return rc;
+}
+
+struct rc *rc_new_seeds(const char *const *hosts, const int *ports, int n,
+			const char *password, int db, int timeout_ms)
+{
+	struct rc *rc;
+
+	if (n <= 0 || n > SEEDS_MAX)
+		return NULL;
+	if (!(rc = calloc(1, sizeof(*rc))))
+		abort();
+	rc->timeout_ms = timeout_ms;
+	rc->db = db;
+	if (password && !(rc->password = strdup(password)))
+		abort();
+	for (int i = 0; i < n; i++) {
+		snprintf(rc->seeds[i].host, HOST_MAX, "%s", hosts[i]);
+		rc->seeds[i].port = ports[i];
+	}
+	rc->nseeds = n;
 	for (int i = 0; i < HUB_SLOTS; i++)
 		rc->slot_node[i] = -1;
 	return rc;
@@ -131,6 +159,7 @@ void rc_free(struct rc *rc)
 		node_close(&rc->seeds[i]);
 	for (int i = 0; i < rc->nnodes; i++)
 		node_close(&rc->nodes[i]);
+	free(rc->password);
 	free(rc);
 }
 
@@ -149,7 +178,7 @@ static int node_open(struct rc *rc, struct node *n)
 		return -1;
 	}
 	redisSetTimeout(n->c, tv);
-	if (rc->password[0]) {
+	if (rc->password && rc->password[0]) {
 		r = redisCommand(n->c, "AUTH %s", rc->password);
 		if (!r || r->type == REDIS_REPLY_ERROR) {
 			set_err(rc, "%s:%d: AUTH: %s", n->host, n->port, r ? r->str : n->c->errstr);
