@@ -154,30 +154,35 @@ static void store_flush_late(lws_sorted_usec_list_t *sul)
 	store_flush(lws_container_of(sul, struct hub_ingest, sul_late));
 }
 
+/* The slot of gateway's feed shard (of shards), -1 when its key does not fit. */
+static int feed_slot(const char *gateway, unsigned shards)
+{
+	char key[HUB_KEY_MAX];
+	size_t n = hub_key_feed(key, sizeof(key), hub_ingest_shard_of(gateway, shards));
+
+	return n ? (int)hub_slot(key, n) : -1;
+}
+
 bool hub_ingest_up(struct hub *hub, const char *gateway)
 {
 	unsigned shards = hub_ingest_shards(hub);
-	char key[HUB_KEY_MAX];
-	size_t n;
+	int slot;
 
 	if (!shards)
 		return false;
 	if (!hub_redis_cluster(hub->redis))
 		return hub_redis_up(hub->redis);
-	n = hub_key_feed(key, sizeof(key), hub_ingest_shard_of(gateway, shards));
-	return n && hub_redis_slot_up(hub->redis, (int)hub_slot(key, n));
+	slot = feed_slot(gateway, shards);
+	return slot >= 0 && hub_redis_slot_up(hub->redis, slot);
 }
 
 int64_t hub_ingest_backlog_us(struct hub *hub, const char *gateway, int64_t now_us)
 {
 	unsigned shards = hub_ingest_shards(hub);
-	char key[HUB_KEY_MAX];
-	size_t n;
 
 	if (!shards || !hub_redis_cluster(hub->redis))
 		return hub_redis_backlog_us(hub->redis, -1, now_us);
-	n = hub_key_feed(key, sizeof(key), hub_ingest_shard_of(gateway, shards));
-	return hub_redis_backlog_us(hub->redis, n ? (int)hub_slot(key, n) : -1, now_us);
+	return hub_redis_backlog_us(hub->redis, feed_slot(gateway, shards), now_us);
 }
 
 int hub_store_frame(struct hub *hub, const char *gateway, int64_t seq,

@@ -1,6 +1,5 @@
 #include "hub/lease.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>

@@ -1355,6 +1355,13 @@ static bool replies_unread(const struct rconn *rc)
 	return pfd.fd >= 0 && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN);
 }
 
+/* How long a WAIT in flight (ack-durability replicated) may hold rc, and
+ * what is queued behind it, without Redis being stalled or behind. */
+static int64_t wait_allow_us(const struct rconn *rc)
+{
+	return rc->wait_inflight ? (int64_t)rc->r->hub->cfg.ack_wait_ms * 1000 : 0;
+}
+
 /* Up means answering: see hub_redis_up(). */
 static bool rconn_answering(const struct rconn *rc, int64_t now)
 {
@@ -1364,7 +1371,7 @@ static bool rconn_answering(const struct rconn *rc, int64_t now)
 		return false;
 	/* A WAIT may hold the connection (and what is queued behind it) for
 	 * up to ack-wait-ms without Redis being stalled. */
-	allow = STALL_US + (rc->wait_inflight ? (int64_t)rc->r->hub->cfg.ack_wait_ms * 1000 : 0);
+	allow = STALL_US + wait_allow_us(rc);
 	if (!rc->ring_len)
 		allow += IDLE_PING_US + WATCHDOG_US;
 	if (silence_us(rc, now) <= allow)
@@ -1673,9 +1680,7 @@ static int64_t rconn_backlog_us(const struct rconn *rc, int64_t now)
 
 	if (!rc->ring_len)
 		return 0;
-	age = now - rc->ring[rc->ring_head].t0;
-	if (rc->wait_inflight)
-		age -= (int64_t)rc->r->hub->cfg.ack_wait_ms * 1000;
+	age = now - rc->ring[rc->ring_head].t0 - wait_allow_us(rc);
 	return age > 0 ? age : 0;
 }
 
